@@ -1,0 +1,1 @@
+//! vmr-capture: see ARCHITECTURE.md.

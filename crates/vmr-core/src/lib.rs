@@ -1,0 +1,1 @@
+//! vmr-core: see ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! vmr-nbd: see ARCHITECTURE.md.

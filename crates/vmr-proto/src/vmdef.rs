@@ -1,0 +1,143 @@
+//! The VM definition (`--launch FILE`, TOML): identity, disks, and how to start the VM with QEMU.
+//! It is replicated with the disks so that the replica can start the VM on failover.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A VM definition as written by the admin in TOML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VmDefinition {
+    /// Human name (may collide across primaries; the UUID does not).
+    pub name: String,
+    /// Stable identity of the VM.
+    pub uuid: Uuid,
+    /// The QEMU program to run (`qemu-system-x86_64`, `qemu-storage-daemon`, ...).
+    pub program: String,
+    /// Arguments; placeholders `{disk:NODE}` (path of that disk's image), `{qmp}` (QMP socket
+    /// path), `{name}`, `{uuid}` and `{accel}` (`kvm` or `tcg`) are substituted at start.
+    pub args: Vec<String>,
+    /// Arguments added only when the VM is started for a test failover (e.g. an isolated NIC);
+    /// every argument listed in `network-args` is dropped for a test failover.
+    #[serde(default)]
+    pub test_args: Vec<String>,
+    /// Arguments that attach the VM to production networks; removed for test failover.
+    #[serde(default)]
+    pub network_args: Vec<String>,
+    /// The disks: block node name and image path on the primary.
+    pub disks: Vec<DiskDef>,
+}
+
+/// One disk of a VM definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskDef {
+    /// The block node name QEMU knows the disk's format node by (e.g. `disk0`).
+    pub node: String,
+    /// Path of the image on the primary host.
+    pub path: String,
+}
+
+/// Why a VM definition is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum VmDefinitionError {
+    /// Not valid TOML or not the expected shape.
+    #[error("VM definition is not valid TOML")]
+    Parse(#[from] toml::de::Error),
+    /// Semantically wrong.
+    #[error("VM definition is invalid: {0}")]
+    Invalid(String),
+}
+
+impl VmDefinition {
+    /// Parse and validate a definition.
+    pub fn from_toml(text: &str) -> Result<Self, VmDefinitionError> {
+        let def: VmDefinition = toml::from_str(text)?;
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// Render as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Check names, disks and placeholders.
+    pub fn validate(&self) -> Result<(), VmDefinitionError> {
+        let bad = |m: String| Err(VmDefinitionError::Invalid(m));
+        if self.name.is_empty() || self.name.contains('/') {
+            return bad(format!("bad VM name {:?}", self.name));
+        }
+        if self.program.is_empty() {
+            return bad("program is empty".into());
+        }
+        if self.disks.is_empty() {
+            return bad("a VM needs at least one disk".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &self.disks {
+            if d.node.is_empty() || !seen.insert(d.node.as_str()) {
+                return bad(format!("disk node {:?} empty or repeated", d.node));
+            }
+        }
+        for a in self.args.iter().chain(&self.test_args) {
+            for ph in placeholders(a) {
+                let ok = matches!(ph, "qmp" | "name" | "uuid" | "accel")
+                    || ph
+                        .strip_prefix("disk:")
+                        .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
+                if !ok {
+                    return bad(format!("unknown placeholder {{{ph}}} in argument {a:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `{...}` placeholders in one argument.
+pub fn placeholders(arg: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else { break };
+        out.push(&rest[start + 1..start + len]);
+        rest = &rest[start + len + 1..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QSD: &str = r#"
+name = "web1"
+uuid = "6c1f6d7e-5a8b-4d67-9d3e-2b1f1c0a9e01"
+program = "qemu-storage-daemon"
+args = ["--blockdev", "file,node-name=f0,filename={disk:disk0}", "--chardev", "socket,path={qmp},server=on,wait=off,id=m"]
+[[disks]]
+node = "disk0"
+path = "/var/lib/vm/web1.qcow2"
+"#;
+
+    #[test]
+    fn parses_and_validates() {
+        let d = VmDefinition::from_toml(QSD).expect("valid");
+        assert_eq!(d.disks[0].node, "disk0");
+        let again = VmDefinition::from_toml(&d.to_toml()).expect("round trip");
+        assert_eq!(again, d);
+    }
+
+    #[test]
+    fn rejects_unknown_placeholder() {
+        let bad = QSD.replace("{disk:disk0}", "{disk:disk9}");
+        assert!(matches!(VmDefinition::from_toml(&bad), Err(VmDefinitionError::Invalid(_))));
+    }
+
+    #[test]
+    fn rejects_unknown_field() {
+        let bad = format!("{QSD}\nbogus = 1\n");
+        assert!(matches!(VmDefinition::from_toml(&bad), Err(VmDefinitionError::Parse(_))));
+    }
+}

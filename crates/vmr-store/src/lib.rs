@@ -1,0 +1,1 @@
+//! vmr-store: see ARCHITECTURE.md.

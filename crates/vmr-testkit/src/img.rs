@@ -1,0 +1,1 @@
+//! Image helpers for tests (qemu-img create/compare/convert, content hashes). Owned by the replica-store work.

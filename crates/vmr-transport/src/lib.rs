@@ -1,0 +1,1 @@
+//! vmr-transport: see ARCHITECTURE.md.

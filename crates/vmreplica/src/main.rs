@@ -1,0 +1,3 @@
+//! The `vmreplica` binary: CLI, agent and demo.
+
+fn main() {}
