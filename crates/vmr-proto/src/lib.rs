@@ -3,8 +3,11 @@
 //! Architecture Invariant: this is the only crate that derives `Serialize`/`Deserialize`;
 //! everything that crosses a process, host or disk boundary is described here.
 
+pub mod api;
 pub mod cycle;
+pub mod store;
 pub mod vmdef;
+pub mod wire;
 
 pub use cycle::{
     CycleConsistency, CycleHeader, CycleId, CycleKind, DiskInfo, Extent, ExtentData, checksum,
