@@ -1,1 +1,360 @@
-//! Types of the local control API between the CLI and the agent, and of agent-to-agent control requests.
+//! Types of the local control API between the CLI and the agent (JSON lines over a Unix
+//! socket), of agent-to-agent control requests, and the replication state, health and
+//! statistics records that both show to the admin.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Hyper-V's replication states (`VMReplicationState`), by their PowerShell names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationState {
+    /// Replication is not enabled.
+    Disabled,
+    /// Enabled; initial replication has not started (scheduled or manual).
+    ReadyForInitialReplication,
+    /// The primary is sending the initial copy.
+    InitialReplicationInProgress,
+    /// The replica waits for (or receives) the initial copy.
+    WaitingForInitialReplication,
+    /// Cycles are being shipped.
+    Replicating,
+    /// Paused by the admin.
+    Suspended,
+    /// A non-recoverable error stopped replication.
+    Error,
+    /// Change tracking was lost or the replica refused the base: a resync must be started.
+    WaitingForStartResynchronize,
+    /// A resync is running.
+    Resynchronizing,
+    /// A resync was paused.
+    ResynchronizeSuspended,
+    /// Planned failover: the primary shipped its final cycle and is locked.
+    PreparedForFailover,
+    /// The replica runs the VM from a point; not yet completed or cancelled.
+    FailedOverWaitingCompletion,
+    /// Failover completed.
+    FailedOver,
+}
+
+impl std::fmt::Display for ReplicationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Replication health, Hyper-V's three levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Health {
+    /// All good.
+    Normal,
+    /// Needs attention soon.
+    Warning,
+    /// Replication is not protecting the VM.
+    Critical,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Which side of a replication relationship this host is for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationMode {
+    /// This host runs the VM and ships cycles.
+    Primary,
+    /// This host receives cycles.
+    Replica,
+}
+
+/// Per-VM statistics over a monitoring window (`Measure-VMReplication`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationStats {
+    /// Start of the monitoring window, ms since the epoch.
+    pub window_start_ms: u64,
+    /// Cycles that completed.
+    pub successful_cycles: u64,
+    /// Cycles not completed within their interval.
+    pub missed_cycles: u64,
+    /// Bytes shipped by successful cycles.
+    pub total_bytes: u64,
+    /// Largest single cycle, bytes.
+    pub max_bytes: u64,
+    /// Sum of cycle latencies, ms.
+    pub total_latency_ms: u64,
+    /// Longest cycle, ms.
+    pub max_latency_ms: u64,
+    /// Failed cycle attempts.
+    pub errors: u64,
+    /// Bytes tracked but not yet shipped, as last measured.
+    pub pending_bytes: u64,
+    /// Last successful cycle, ms since the epoch.
+    pub last_replication_ms: Option<u64>,
+    /// Last app-consistent cycle, ms since the epoch.
+    pub last_app_consistent_ms: Option<u64>,
+}
+
+impl ReplicationStats {
+    /// Average cycle size in bytes (0 when none).
+    pub fn average_bytes(&self) -> u64 {
+        self.total_bytes.checked_div(self.successful_cycles).unwrap_or(0)
+    }
+    /// Average cycle latency in ms (0 when none).
+    pub fn average_latency_ms(&self) -> u64 {
+        self.total_latency_ms.checked_div(self.successful_cycles).unwrap_or(0)
+    }
+}
+
+/// One row of `vmreplica status`, the `Get-VMReplication` view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// Replication state.
+    pub state: ReplicationState,
+    /// Health.
+    pub health: Health,
+    /// Why the health is not Normal ("" when Normal).
+    pub health_reason: String,
+    /// Primary or replica.
+    pub mode: ReplicationMode,
+    /// Cycle interval in seconds.
+    pub frequency_secs: u64,
+    /// Name of the primary agent.
+    pub primary: String,
+    /// Address of the replica agent.
+    pub replica: String,
+    /// Last successful cycle, ms since the epoch.
+    pub last_replication_ms: Option<u64>,
+    /// Id of the last shipped (primary) or applied (replica) cycle.
+    pub last_cycle: Option<u64>,
+    /// Statistics over the monitoring window.
+    pub stats: ReplicationStats,
+    /// Progress of a running cycle: bytes done, bytes total (if known).
+    pub progress: Option<(u64, u64)>,
+}
+
+/// A request from the CLI to the local agent (one JSON line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Add an authorization entry for a primary.
+    ServerAllow {
+        /// Primary's name.
+        primary: String,
+        /// Primary's certificate fingerprint.
+        fingerprint: String,
+        /// Storage directory for its VMs (default: the agent's).
+        storage: Option<String>,
+        /// Trust group.
+        trust_group: Option<String>,
+    },
+    /// Show the replica server configuration.
+    ServerShow,
+    /// Register a running VM on its primary.
+    VmAdd {
+        /// VM name.
+        name: String,
+        /// QMP socket path.
+        qmp: String,
+        /// VM definition TOML text.
+        launch_toml: String,
+        /// Disks to replicate (node names); empty = all of the definition's.
+        disks: Vec<String>,
+    },
+    /// List registered VMs.
+    VmList,
+    /// Enable replication of a VM.
+    Enable(EnableArgs),
+    /// Start initial replication now.
+    StartInitial {
+        /// VM name.
+        name: String,
+    },
+    /// Status of one or all VMs.
+    Status {
+        /// VM name; all when `None`.
+        name: Option<String>,
+    },
+    /// Statistics of one or all VMs.
+    Measure {
+        /// VM name; all when `None`.
+        name: Option<String>,
+        /// Reset the monitoring window after reading.
+        reset: bool,
+    },
+    /// Pause replication.
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Resume replication.
+    Resume {
+        /// VM name.
+        name: String,
+    },
+    /// Disable replication.
+    Disable {
+        /// VM name.
+        name: String,
+    },
+    /// Recovery points of a replica VM.
+    Points {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// Arguments of `vmreplica enable`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnableArgs {
+    /// VM name.
+    pub name: String,
+    /// Replica agent address HOST:PORT.
+    pub replica: String,
+    /// Replica agent certificate fingerprint.
+    pub replica_fingerprint: String,
+    /// Cycle interval in seconds (>= 5).
+    pub frequency_secs: u64,
+    /// Additional hourly recovery points to keep.
+    pub recovery_points: u32,
+    /// Take an app-consistent point every this many hours (0 = never).
+    pub app_consistent_every_hours: u32,
+    /// Disks not to replicate.
+    pub exclude_disks: Vec<String>,
+    /// Compress cycles on the wire.
+    pub compression: bool,
+    /// Start initial replication at this time (ms since the epoch); `None` = now.
+    pub initial_at_ms: Option<u64>,
+}
+
+/// The agent's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    /// Success, with a request-specific JSON value.
+    Ok {
+        /// The value.
+        value: serde_json::Value,
+    },
+    /// Failure, with the error chain (outermost first) and an exit code for the CLI.
+    Err {
+        /// Each error of the chain.
+        chain: Vec<String>,
+        /// Exit code the CLI should use.
+        code: i32,
+    },
+}
+
+/// A recovery point as shown by `vmreplica points`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointInfo {
+    /// Point id (the cycle id).
+    pub id: u64,
+    /// Time of the cut, ms since the epoch.
+    pub time_ms: u64,
+    /// crash-consistent, app-consistent or planned.
+    pub kind: String,
+    /// Bytes on disk of the point's own layers.
+    pub size_bytes: u64,
+}
+
+/// One authorization entry of the replica server (`server allow`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowEntry {
+    /// Primary's name.
+    pub primary: String,
+    /// Primary's certificate fingerprint.
+    pub fingerprint: String,
+    /// Storage directory for this primary's VMs.
+    pub storage: String,
+    /// Trust group (defaults to the primary's name).
+    pub trust_group: String,
+}
+
+/// Agent-to-agent control request: the primary asks the replica to create the replica VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateReplica {
+    /// VM definition TOML text.
+    pub launch_toml: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// VM name.
+    pub name: String,
+    /// Disks (id and size).
+    pub disks: Vec<crate::DiskInfo>,
+    /// Cycle interval.
+    pub frequency_secs: u64,
+    /// Hourly recovery points to keep.
+    pub recovery_points: u32,
+}
+
+/// Agent-to-agent: the replica's view of one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaVmInfo {
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// Latest applied cycle.
+    pub latest: Option<u64>,
+    /// Replica-side state.
+    pub state: ReplicationState,
+}
+
+/// The agent's configuration file (`DIR/config.toml`), written by `vmreplica init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentConfig {
+    /// This agent's name (the primary name replicas authorize).
+    pub name: String,
+    /// HOST:PORT the replication listener binds.
+    pub listen: String,
+    /// Default storage directory for replica VMs.
+    pub storage: String,
+    /// How many VMs may run a cycle at the same time.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent_cycles: usize,
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+
+/// The persisted replication settings and progress of one VM on this host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// Primary or replica on this host.
+    pub mode: ReplicationMode,
+    /// QMP socket (primary).
+    pub qmp: String,
+    /// VM definition TOML text.
+    pub launch_toml: String,
+    /// Replicated disks (node names).
+    pub disks: Vec<String>,
+    /// Replication settings (primary), once enabled.
+    pub enable: Option<EnableArgs>,
+    /// Current state.
+    pub state: ReplicationState,
+    /// State to return to on resume.
+    pub paused_from: Option<ReplicationState>,
+    /// Last cycle committed (primary) or applied (replica).
+    pub last_cycle: Option<u64>,
+    /// Disk sizes at the last committed cycle.
+    pub disk_sizes: Option<Vec<u64>>,
+    /// Statistics.
+    pub stats: ReplicationStats,
+    /// Initial replication due time.
+    pub initial_at_ms: Option<u64>,
+    /// Name of the primary (replica side) or this agent (primary side).
+    pub primary: String,
+    /// Trust group that created the replica VM (replica side).
+    pub trust_group: Option<String>,
+    /// Last error.
+    pub last_error: Option<String>,
+}

@@ -1,0 +1,213 @@
+//! Hyper-V's health rules as pure functions of state, statistics and time.
+//!
+//! Critical: replication cannot proceed (error, resync required, failing attempts), or it is
+//! paused on the replica. Warning: more than 20 % of cycles missed in the monitoring window,
+//! more than an hour since the last replication, initial replication not done, paused on the
+//! primary, failed over without reverse replication. Normal otherwise.
+
+use vmr_proto::api::{Health, ReplicationState, ReplicationStats};
+
+/// A health level with the reasons that led to it (empty when Normal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    /// The level.
+    pub health: Health,
+    /// Human reasons, most severe first.
+    pub reasons: Vec<String>,
+}
+
+impl HealthReport {
+    fn from(mut items: Vec<(Health, String)>) -> Self {
+        items.sort_by(|a, b| b.0.cmp(&a.0));
+        let health = items.first().map_or(Health::Normal, |i| i.0);
+        Self {
+            health,
+            reasons: items.into_iter().map(|i| i.1).collect(),
+        }
+    }
+
+    /// The reasons joined for one line.
+    pub fn reason(&self) -> String {
+        self.reasons.join("; ")
+    }
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+fn common(
+    state: ReplicationState,
+    stats: &ReplicationStats,
+    now_ms: u64,
+    items: &mut Vec<(Health, String)>,
+) {
+    use ReplicationState as S;
+    let attempted = stats.successful_cycles + stats.missed_cycles;
+    if attempted > 0 && stats.missed_cycles * 5 > attempted {
+        items.push((
+            Health::Warning,
+            format!(
+                "more than 20 percent of replication cycles were missed ({} of {})",
+                stats.missed_cycles, attempted
+            ),
+        ));
+    }
+    if state == S::Replicating {
+        let last = stats.last_replication_ms.unwrap_or(stats.window_start_ms);
+        if now_ms.saturating_sub(last) > HOUR_MS {
+            items.push((
+                Health::Warning,
+                "the replica is behind the primary by more than an hour".into(),
+            ));
+        }
+    }
+    match state {
+        S::Error => items.push((Health::Critical, "replication is in error".into())),
+        S::WaitingForStartResynchronize => {
+            items.push((Health::Critical, "resynchronization required".into()))
+        }
+        S::ReadyForInitialReplication
+        | S::InitialReplicationInProgress
+        | S::WaitingForInitialReplication => items.push((
+            Health::Warning,
+            "initial replication is not complete".into(),
+        )),
+        S::FailedOverWaitingCompletion | S::FailedOver => items.push((
+            Health::Warning,
+            "failed over; reverse replication is not set up".into(),
+        )),
+        S::ResynchronizeSuspended => {
+            items.push((Health::Warning, "resynchronization is paused".into()))
+        }
+        _ => {}
+    }
+}
+
+/// Health of a VM on its primary.
+pub fn primary_health(
+    state: ReplicationState,
+    stats: &ReplicationStats,
+    consecutive_failures: u32,
+    last_error: Option<&str>,
+    now_ms: u64,
+) -> HealthReport {
+    let mut items = Vec::new();
+    common(state, stats, now_ms, &mut items);
+    if state == ReplicationState::Suspended {
+        items.push((
+            Health::Warning,
+            "replication is paused on the primary".into(),
+        ));
+    }
+    if consecutive_failures > 0 {
+        items.push((
+            Health::Critical,
+            format!(
+                "cannot replicate ({consecutive_failures} failed attempts, retrying): {}",
+                last_error.unwrap_or("unknown error")
+            ),
+        ));
+    }
+    HealthReport::from(items)
+}
+
+/// Health of a VM on its replica.
+pub fn replica_health(
+    state: ReplicationState,
+    stats: &ReplicationStats,
+    now_ms: u64,
+) -> HealthReport {
+    let mut items = Vec::new();
+    common(state, stats, now_ms, &mut items);
+    if state == ReplicationState::Suspended {
+        items.push((
+            Health::Critical,
+            "replication is paused on the replica".into(),
+        ));
+    }
+    HealthReport::from(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicationState as S;
+
+    fn stats(ok: u64, missed: u64, last: Option<u64>) -> ReplicationStats {
+        ReplicationStats {
+            successful_cycles: ok,
+            missed_cycles: missed,
+            last_replication_ms: last,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn primary_table() {
+        let now = 10 * HOUR_MS;
+        let recent = Some(now - 1_000);
+        let table: Vec<(S, ReplicationStats, u32, Health, &str)> = vec![
+            (S::Replicating, stats(10, 0, recent), 0, Health::Normal, ""),
+            (S::Replicating, stats(8, 2, recent), 0, Health::Normal, ""),
+            (
+                S::Replicating,
+                stats(7, 3, recent),
+                0,
+                Health::Warning,
+                "20 percent",
+            ),
+            (
+                S::Replicating,
+                stats(10, 0, Some(now - 2 * HOUR_MS)),
+                0,
+                Health::Warning,
+                "more than an hour",
+            ),
+            (
+                S::Replicating,
+                stats(10, 0, recent),
+                2,
+                Health::Critical,
+                "cannot replicate",
+            ),
+            (
+                S::Suspended,
+                stats(10, 0, recent),
+                0,
+                Health::Warning,
+                "paused on the primary",
+            ),
+            (
+                S::InitialReplicationInProgress,
+                stats(0, 0, None),
+                0,
+                Health::Warning,
+                "initial",
+            ),
+            (
+                S::WaitingForStartResynchronize,
+                stats(1, 0, recent),
+                0,
+                Health::Critical,
+                "resynchronization",
+            ),
+            (S::Error, stats(1, 0, recent), 0, Health::Critical, "error"),
+        ];
+        for (state, st, fails, want, why) in table {
+            let r = primary_health(state, &st, fails, Some("boom"), now);
+            assert_eq!(r.health, want, "{state:?} {st:?}");
+            assert!(
+                r.reason().contains(why),
+                "{state:?}: {:?} lacks {why:?}",
+                r.reason()
+            );
+        }
+    }
+
+    #[test]
+    fn replica_pause_is_critical() {
+        let r = replica_health(S::Suspended, &stats(1, 0, Some(0)), 1);
+        assert_eq!(r.health, Health::Critical);
+        let r = replica_health(S::FailedOverWaitingCompletion, &stats(1, 0, Some(0)), 1);
+        assert_eq!(r.health, Health::Warning);
+    }
+}

@@ -1,0 +1,810 @@
+//! The primary side of one VM's replication: when to run a cycle, of which kind, what a
+//! success or failure does to the state, retry with backoff, missed-cycle accounting, pause,
+//! resume and disable.
+
+use vmr_proto::api::{ReplicationState, ReplicationStats};
+use vmr_proto::{CycleId, CycleKind};
+
+/// Scheduling parameters of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// Cycle interval in ms (>= 5000).
+    pub frequency_ms: u64,
+    /// Take an app-consistent cycle this often (ms); 0 = never.
+    pub app_consistent_every_ms: u64,
+    /// First retry delay after a recoverable failure.
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+}
+
+impl Schedule {
+    /// A schedule with the given frequency and default retry policy (1 s doubling to 60 s, but
+    /// never longer than the frequency).
+    pub fn every(frequency_ms: u64) -> Self {
+        Self {
+            frequency_ms,
+            app_consistent_every_ms: 0,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000.min(frequency_ms.max(1_000)),
+        }
+    }
+}
+
+/// Why a cycle failed, as classified by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Network, peer restart, temporary storage problem: retry with backoff.
+    Retryable(String),
+    /// Change tracking was lost (capture said `ResyncRequired`).
+    ResyncRequired(String),
+    /// The replica refused the cycle's base.
+    WrongBase(String),
+    /// Not recoverable by retrying (unauthorized, trust group, VM unknown on the replica).
+    Fatal(String),
+}
+
+impl Failure {
+    fn message(&self) -> &str {
+        match self {
+            Failure::Retryable(m) | Failure::ResyncRequired(m) | Failure::WrongBase(m) => m,
+            Failure::Fatal(m) => m,
+        }
+    }
+}
+
+/// An input to the machine. Every event carries the current time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Replication enabled; initial replication now or at a time.
+    Enable {
+        /// Now, ms since the epoch.
+        now_ms: u64,
+        /// Start initial replication at this time; `None` = at once.
+        initial_at_ms: Option<u64>,
+    },
+    /// `start-initial`: begin initial replication now.
+    StartInitial {
+        /// Now.
+        now_ms: u64,
+    },
+    /// Time passes.
+    Tick {
+        /// Now.
+        now_ms: u64,
+    },
+    /// The running cycle was acknowledged by the replica and committed on the primary.
+    CycleSucceeded {
+        /// Now.
+        now_ms: u64,
+        /// Bytes shipped.
+        bytes: u64,
+        /// Whether it was app-consistent.
+        app_consistent: bool,
+    },
+    /// The running cycle failed (and was aborted, its changes merged back).
+    CycleFailed {
+        /// Now.
+        now_ms: u64,
+        /// Classified cause.
+        failure: Failure,
+    },
+    /// Admin pause.
+    Pause {
+        /// Now.
+        now_ms: u64,
+    },
+    /// Admin resume.
+    Resume {
+        /// Now.
+        now_ms: u64,
+    },
+    /// Admin disable.
+    Disable,
+    /// Reset the statistics window.
+    ResetStats {
+        /// Now.
+        now_ms: u64,
+    },
+    /// The replica reported the latest cycle it holds (acknowledged, staged or applied).
+    /// Reconciles a lost acknowledgement: if the replica holds exactly the next cycle, the
+    /// primary adopts it (the capture merged that cycle's changes back, so the next cycle
+    /// carries a superset of what is needed). Any other mismatch needs a resync.
+    ReplicaHas {
+        /// Now.
+        now_ms: u64,
+        /// The replica's latest cycle.
+        latest: Option<CycleId>,
+    },
+    /// The agent restarted: whatever was running is gone (the driver aborted it).
+    Restarted {
+        /// Now.
+        now_ms: u64,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run one cycle.
+    StartCycle {
+        /// Cycle id to use.
+        id: CycleId,
+        /// The cycle it builds on (`None` for a full copy).
+        base: Option<CycleId>,
+        /// Full copy or incremental.
+        kind: CycleKind,
+        /// Freeze the guest's file systems around the cut.
+        app_consistent: bool,
+    },
+    /// Abort the running cycle (merging its changes back).
+    AbortCycle,
+    /// Stop change tracking (replication disabled).
+    StopTracking,
+    /// The persistent part of the machine changed: save it.
+    Persist,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Running {
+    id: CycleId,
+    kind: CycleKind,
+    started_ms: u64,
+    missed_counted: u64,
+}
+
+/// The primary-side machine of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryMachine {
+    /// Current state.
+    pub state: ReplicationState,
+    /// Last cycle acknowledged by the replica and committed.
+    pub last_cycle: Option<CycleId>,
+    /// Statistics.
+    pub stats: ReplicationStats,
+    /// Last error message, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Consecutive failed attempts.
+    pub consecutive_failures: u32,
+    /// Scheduling.
+    pub schedule: Schedule,
+    /// When initial replication is due (ReadyForInitialReplication).
+    pub initial_at_ms: Option<u64>,
+    /// State to return to on resume.
+    pub paused_from: Option<ReplicationState>,
+    next_due_ms: u64,
+    running: Option<Running>,
+}
+
+impl PrimaryMachine {
+    /// A VM with replication disabled.
+    pub fn new(schedule: Schedule) -> Self {
+        Self {
+            state: ReplicationState::Disabled,
+            last_cycle: None,
+            stats: ReplicationStats::default(),
+            last_error: None,
+            consecutive_failures: 0,
+            schedule,
+            initial_at_ms: None,
+            paused_from: None,
+            next_due_ms: 0,
+            running: None,
+        }
+    }
+
+    /// Rebuild from persisted parts after an agent restart. A cycle that was running is gone.
+    pub fn restore(
+        schedule: Schedule,
+        state: ReplicationState,
+        last_cycle: Option<CycleId>,
+        stats: ReplicationStats,
+        initial_at_ms: Option<u64>,
+        paused_from: Option<ReplicationState>,
+    ) -> Self {
+        Self {
+            state,
+            last_cycle,
+            stats,
+            last_error: None,
+            consecutive_failures: 0,
+            schedule,
+            initial_at_ms,
+            paused_from,
+            next_due_ms: 0,
+            running: None,
+        }
+    }
+
+    /// Whether a cycle is running, and since when.
+    pub fn running_since(&self) -> Option<u64> {
+        self.running.map(|r| r.started_ms)
+    }
+
+    /// Kind of the running cycle.
+    pub fn running_kind(&self) -> Option<CycleKind> {
+        self.running.map(|r| r.kind)
+    }
+
+    /// When the next cycle is due (ms since the epoch), when one is scheduled.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        match self.state {
+            ReplicationState::Replicating | ReplicationState::InitialReplicationInProgress
+                if self.running.is_none() =>
+            {
+                Some(self.next_due_ms)
+            }
+            ReplicationState::ReadyForInitialReplication => self.initial_at_ms,
+            _ => None,
+        }
+    }
+
+    /// Feed one event; returns the actions to carry out, in order.
+    pub fn step(&mut self, event: Event) -> Vec<Action> {
+        use ReplicationState as S;
+        let mut out = Vec::new();
+        match event {
+            Event::Enable {
+                now_ms,
+                initial_at_ms,
+            } => {
+                if self.state != S::Disabled {
+                    return out;
+                }
+                self.stats = ReplicationStats {
+                    window_start_ms: now_ms,
+                    ..Default::default()
+                };
+                self.last_cycle = None;
+                self.initial_at_ms = Some(initial_at_ms.unwrap_or(now_ms));
+                self.state = S::ReadyForInitialReplication;
+                out.push(Action::Persist);
+                self.tick(now_ms, &mut out);
+            }
+            Event::StartInitial { now_ms } => {
+                if self.state == S::ReadyForInitialReplication {
+                    self.initial_at_ms = Some(now_ms);
+                    self.tick(now_ms, &mut out);
+                }
+            }
+            Event::Tick { now_ms } => self.tick(now_ms, &mut out),
+            Event::CycleSucceeded {
+                now_ms,
+                bytes,
+                app_consistent,
+            } => {
+                let Some(run) = self.running.take() else {
+                    return out;
+                };
+                self.count_missed(run, now_ms);
+                let latency = now_ms.saturating_sub(run.started_ms);
+                let st = &mut self.stats;
+                st.successful_cycles += 1;
+                st.total_bytes += bytes;
+                st.max_bytes = st.max_bytes.max(bytes);
+                st.total_latency_ms += latency;
+                st.max_latency_ms = st.max_latency_ms.max(latency);
+                st.last_replication_ms = Some(now_ms);
+                if app_consistent {
+                    st.last_app_consistent_ms = Some(now_ms);
+                }
+                self.last_cycle = Some(run.id);
+                self.last_error = None;
+                self.consecutive_failures = 0;
+                if matches!(
+                    self.state,
+                    S::InitialReplicationInProgress | S::Resynchronizing
+                ) {
+                    self.state = S::Replicating;
+                }
+                self.next_due_ms = (run.started_ms + self.schedule.frequency_ms).max(now_ms);
+                out.push(Action::Persist);
+            }
+            Event::CycleFailed { now_ms, failure } => {
+                let Some(run) = self.running.take() else {
+                    return out;
+                };
+                self.count_missed(run, now_ms);
+                self.stats.errors += 1;
+                self.consecutive_failures += 1;
+                self.last_error = Some(failure.message().to_owned());
+                match failure {
+                    Failure::Retryable(_) => {
+                        let shift = self.consecutive_failures.saturating_sub(1).min(16);
+                        let delay = self
+                            .schedule
+                            .retry_base_ms
+                            .saturating_mul(1u64 << shift)
+                            .min(self.schedule.retry_max_ms);
+                        self.next_due_ms = now_ms + delay;
+                    }
+                    Failure::ResyncRequired(_) | Failure::WrongBase(_) => {
+                        self.state = S::WaitingForStartResynchronize;
+                    }
+                    Failure::Fatal(_) => self.state = S::Error,
+                }
+                out.push(Action::Persist);
+            }
+            Event::Pause { now_ms } => {
+                if matches!(
+                    self.state,
+                    S::Replicating
+                        | S::InitialReplicationInProgress
+                        | S::ReadyForInitialReplication
+                        | S::Error
+                ) {
+                    self.paused_from = Some(self.state);
+                    self.state = S::Suspended;
+                    if let Some(run) = self.running.take() {
+                        self.count_missed(run, now_ms);
+                        out.push(Action::AbortCycle);
+                    }
+                    out.push(Action::Persist);
+                }
+            }
+            Event::Resume { now_ms } => match self.state {
+                S::Suspended => {
+                    self.state = match self.paused_from.take() {
+                        Some(S::Error) | None => {
+                            if self.last_cycle.is_some() {
+                                S::Replicating
+                            } else {
+                                S::ReadyForInitialReplication
+                            }
+                        }
+                        Some(s) => s,
+                    };
+                    self.next_due_ms = now_ms;
+                    self.consecutive_failures = 0;
+                    out.push(Action::Persist);
+                    self.tick(now_ms, &mut out);
+                }
+                S::Error => {
+                    self.state = if self.last_cycle.is_some() {
+                        S::Replicating
+                    } else {
+                        S::ReadyForInitialReplication
+                    };
+                    self.next_due_ms = now_ms;
+                    self.last_error = None;
+                    self.consecutive_failures = 0;
+                    out.push(Action::Persist);
+                    self.tick(now_ms, &mut out);
+                }
+                _ => {}
+            },
+            Event::Disable => {
+                if self.running.take().is_some() {
+                    out.push(Action::AbortCycle);
+                }
+                if self.state != S::Disabled {
+                    self.state = S::Disabled;
+                    self.last_cycle = None;
+                    out.push(Action::StopTracking);
+                    out.push(Action::Persist);
+                }
+            }
+            Event::ResetStats { now_ms } => {
+                self.stats = ReplicationStats {
+                    window_start_ms: now_ms,
+                    last_replication_ms: self.stats.last_replication_ms,
+                    last_app_consistent_ms: self.stats.last_app_consistent_ms,
+                    ..Default::default()
+                };
+                out.push(Action::Persist);
+            }
+            Event::ReplicaHas { now_ms, latest } => {
+                if self.running.is_some() || latest == self.last_cycle {
+                    return out;
+                }
+                let next = self.last_cycle.map_or(1, |c| c + 1);
+                if latest == Some(next) {
+                    self.last_cycle = latest;
+                    if self.state == S::InitialReplicationInProgress {
+                        self.state = S::Replicating;
+                        self.next_due_ms = now_ms;
+                    }
+                    out.push(Action::Persist);
+                } else if matches!(self.state, S::Replicating | S::Suspended) {
+                    self.state = S::WaitingForStartResynchronize;
+                    self.last_error = Some(format!(
+                        "the replica holds cycle {latest:?} but the primary's last cycle is {:?}",
+                        self.last_cycle
+                    ));
+                    out.push(Action::Persist);
+                }
+            }
+            Event::Restarted { now_ms } => {
+                self.running = None;
+                self.next_due_ms = now_ms;
+                if self.state == S::InitialReplicationInProgress && self.last_cycle.is_none() {
+                    // The full copy restarts from the beginning.
+                    self.initial_at_ms = Some(now_ms);
+                }
+                self.tick(now_ms, &mut out);
+            }
+        }
+        out
+    }
+
+    fn count_missed(&mut self, run: Running, now_ms: u64) {
+        if run.kind != CycleKind::Incremental {
+            return;
+        }
+        let slots = now_ms.saturating_sub(run.started_ms) / self.schedule.frequency_ms.max(1);
+        if slots > run.missed_counted {
+            self.stats.missed_cycles += slots - run.missed_counted;
+        }
+    }
+
+    fn tick(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        use ReplicationState as S;
+        if let Some(run) = self.running.as_mut() {
+            if run.kind == CycleKind::Incremental {
+                let slots =
+                    now_ms.saturating_sub(run.started_ms) / self.schedule.frequency_ms.max(1);
+                if slots > run.missed_counted {
+                    self.stats.missed_cycles += slots - run.missed_counted;
+                    run.missed_counted = slots;
+                }
+            }
+            return;
+        }
+        match self.state {
+            S::ReadyForInitialReplication => {
+                if self.initial_at_ms.is_some_and(|t| t <= now_ms) {
+                    self.state = S::InitialReplicationInProgress;
+                    self.next_due_ms = now_ms;
+                    out.push(Action::Persist);
+                    self.start(now_ms, CycleKind::Full, out);
+                }
+            }
+            S::InitialReplicationInProgress => {
+                if self.next_due_ms <= now_ms {
+                    self.start(now_ms, CycleKind::Full, out);
+                }
+            }
+            S::Replicating => {
+                if self.next_due_ms <= now_ms {
+                    self.start(now_ms, CycleKind::Incremental, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn start(&mut self, now_ms: u64, kind: CycleKind, out: &mut Vec<Action>) {
+        let id = self.last_cycle.map_or(1, |c| c + 1);
+        let base = if kind == CycleKind::Full {
+            None
+        } else {
+            self.last_cycle
+        };
+        let every = self.schedule.app_consistent_every_ms;
+        let app_consistent = every > 0
+            && kind == CycleKind::Incremental
+            && self
+                .stats
+                .last_app_consistent_ms
+                .is_none_or(|t| now_ms.saturating_sub(t) >= every);
+        self.running = Some(Running {
+            id,
+            kind,
+            started_ms: now_ms,
+            missed_counted: 0,
+        });
+        out.push(Action::StartCycle {
+            id,
+            base,
+            kind,
+            app_consistent,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicationState as S;
+
+    const F: u64 = 30_000;
+
+    fn enabled() -> PrimaryMachine {
+        let mut m = PrimaryMachine::new(Schedule::every(F));
+        let a = m.step(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: None,
+        });
+        assert_eq!(
+            a.last(),
+            Some(&Action::StartCycle {
+                id: 1,
+                base: None,
+                kind: CycleKind::Full,
+                app_consistent: false
+            })
+        );
+        assert_eq!(m.state, S::InitialReplicationInProgress);
+        m
+    }
+
+    fn start_of(a: &[Action]) -> Option<(CycleId, Option<CycleId>, CycleKind)> {
+        a.iter().find_map(|x| match x {
+            Action::StartCycle { id, base, kind, .. } => Some((*id, *base, *kind)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn initial_then_incremental_on_schedule() {
+        let mut m = enabled();
+        m.step(Event::CycleSucceeded {
+            now_ms: 10_000,
+            bytes: 100,
+            app_consistent: false,
+        });
+        assert_eq!(m.state, S::Replicating);
+        assert_eq!(m.last_cycle, Some(1));
+        assert!(start_of(&m.step(Event::Tick { now_ms: 29_999 })).is_none());
+        assert_eq!(
+            start_of(&m.step(Event::Tick { now_ms: 30_000 })),
+            Some((2, Some(1), CycleKind::Incremental))
+        );
+        // While running, no second cycle starts.
+        assert!(start_of(&m.step(Event::Tick { now_ms: 45_000 })).is_none());
+        m.step(Event::CycleSucceeded {
+            now_ms: 31_000,
+            bytes: 50,
+            app_consistent: false,
+        });
+        assert_eq!(m.stats.successful_cycles, 2);
+        assert_eq!(m.stats.max_bytes, 100);
+        assert_eq!(m.next_due_ms(), Some(60_000));
+    }
+
+    #[test]
+    fn scheduled_initial_replication_waits() {
+        let mut m = PrimaryMachine::new(Schedule::every(F));
+        let a = m.step(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: Some(100_000),
+        });
+        assert!(start_of(&a).is_none());
+        assert_eq!(m.state, S::ReadyForInitialReplication);
+        assert!(start_of(&m.step(Event::Tick { now_ms: 99_999 })).is_none());
+        assert_eq!(
+            start_of(&m.step(Event::Tick { now_ms: 100_000 })).map(|s| s.2),
+            Some(CycleKind::Full)
+        );
+    }
+
+    #[test]
+    fn start_initial_overrides_schedule() {
+        let mut m = PrimaryMachine::new(Schedule::every(F));
+        m.step(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: Some(1_000_000),
+        });
+        assert!(start_of(&m.step(Event::StartInitial { now_ms: 5 })).is_some());
+    }
+
+    #[test]
+    fn slow_cycle_counts_missed_slots() {
+        let mut m = enabled();
+        m.step(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+        });
+        m.step(Event::Tick { now_ms: 30_000 });
+        m.step(Event::Tick { now_ms: 60_000 }); // one interval late
+        m.step(Event::Tick { now_ms: 95_000 }); // two
+        m.step(Event::CycleSucceeded {
+            now_ms: 100_000,
+            bytes: 1,
+            app_consistent: false,
+        });
+        assert_eq!(m.stats.missed_cycles, 2);
+        // Next cycle starts at once: the schedule slipped.
+        assert!(start_of(&m.step(Event::Tick { now_ms: 100_000 })).is_some());
+    }
+
+    #[test]
+    fn retryable_failure_backs_off_and_keeps_ids() {
+        let mut m = enabled();
+        m.step(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+        });
+        assert_eq!(
+            start_of(&m.step(Event::Tick { now_ms: 30_000 })),
+            Some((2, Some(1), CycleKind::Incremental))
+        );
+        m.step(Event::CycleFailed {
+            now_ms: 30_100,
+            failure: Failure::Retryable("net".into()),
+        });
+        assert_eq!(m.state, S::Replicating);
+        assert_eq!(m.consecutive_failures, 1);
+        assert!(start_of(&m.step(Event::Tick { now_ms: 31_000 })).is_none());
+        assert_eq!(
+            start_of(&m.step(Event::Tick { now_ms: 31_100 })),
+            Some((2, Some(1), CycleKind::Incremental))
+        );
+        m.step(Event::CycleFailed {
+            now_ms: 31_200,
+            failure: Failure::Retryable("net".into()),
+        });
+        // Second failure: 2 s.
+        assert!(start_of(&m.step(Event::Tick { now_ms: 33_100 })).is_none());
+        assert!(start_of(&m.step(Event::Tick { now_ms: 33_200 })).is_some());
+        m.step(Event::CycleSucceeded {
+            now_ms: 34_000,
+            bytes: 1,
+            app_consistent: false,
+        });
+        assert_eq!(m.consecutive_failures, 0);
+        assert_eq!(m.stats.errors, 2);
+        assert_eq!(m.last_cycle, Some(2));
+    }
+
+    #[test]
+    fn failures_by_class() {
+        let table = [
+            (
+                Failure::ResyncRequired("bitmap inconsistent".into()),
+                S::WaitingForStartResynchronize,
+            ),
+            (
+                Failure::WrongBase("base 3 != 4".into()),
+                S::WaitingForStartResynchronize,
+            ),
+            (Failure::Fatal("unauthorized".into()), S::Error),
+        ];
+        for (failure, want) in table {
+            let mut m = enabled();
+            m.step(Event::CycleSucceeded {
+                now_ms: 1_000,
+                bytes: 1,
+                app_consistent: false,
+            });
+            m.step(Event::Tick { now_ms: 30_000 });
+            m.step(Event::CycleFailed {
+                now_ms: 30_001,
+                failure,
+            });
+            assert_eq!(m.state, want);
+            assert!(
+                start_of(&m.step(Event::Tick { now_ms: 1_000_000 })).is_none(),
+                "{want:?} must not retry"
+            );
+        }
+    }
+
+    #[test]
+    fn pause_aborts_and_resume_continues() {
+        let mut m = enabled();
+        m.step(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+        });
+        m.step(Event::Tick { now_ms: 30_000 });
+        let a = m.step(Event::Pause { now_ms: 30_500 });
+        assert!(a.contains(&Action::AbortCycle));
+        assert_eq!(m.state, S::Suspended);
+        assert!(start_of(&m.step(Event::Tick { now_ms: 90_000 })).is_none());
+        let a = m.step(Event::Resume { now_ms: 100_000 });
+        assert_eq!(m.state, S::Replicating);
+        assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Incremental)));
+    }
+
+    #[test]
+    fn disable_stops_tracking() {
+        let mut m = enabled();
+        let a = m.step(Event::Disable);
+        assert_eq!(
+            a,
+            vec![Action::AbortCycle, Action::StopTracking, Action::Persist]
+        );
+        assert_eq!(m.state, S::Disabled);
+        assert!(m.step(Event::Tick { now_ms: 1_000_000 }).is_empty());
+    }
+
+    #[test]
+    fn restart_mid_initial_restarts_full_copy() {
+        let mut m = enabled();
+        let mut r = PrimaryMachine::restore(
+            m.schedule,
+            m.state,
+            m.last_cycle,
+            m.stats.clone(),
+            None,
+            None,
+        );
+        let a = r.step(Event::Restarted { now_ms: 5_000 });
+        assert_eq!(start_of(&a), Some((1, None, CycleKind::Full)));
+        // The original machine is unaffected.
+        assert!(m.step(Event::Tick { now_ms: 5_000 }).is_empty());
+    }
+
+    #[test]
+    fn lost_ack_is_adopted_and_divergence_needs_resync() {
+        let mut m = enabled();
+        m.step(Event::CycleFailed {
+            now_ms: 10,
+            failure: Failure::Retryable("ack lost".into()),
+        });
+        // The replica did receive the full copy.
+        let a = m.step(Event::ReplicaHas {
+            now_ms: 20,
+            latest: Some(1),
+        });
+        assert_eq!(a, vec![Action::Persist]);
+        assert_eq!(m.state, S::Replicating);
+        assert_eq!(m.last_cycle, Some(1));
+        assert_eq!(
+            start_of(&m.step(Event::Tick { now_ms: 20 })),
+            Some((2, Some(1), CycleKind::Incremental))
+        );
+        m.step(Event::CycleSucceeded {
+            now_ms: 30,
+            bytes: 1,
+            app_consistent: false,
+        });
+        // Same view: nothing to do.
+        assert!(
+            m.step(Event::ReplicaHas {
+                now_ms: 40,
+                latest: Some(2)
+            })
+            .is_empty()
+        );
+        // The replica lost data: resync.
+        m.step(Event::ReplicaHas {
+            now_ms: 50,
+            latest: Some(1),
+        });
+        assert_eq!(m.state, S::WaitingForStartResynchronize);
+    }
+
+    #[test]
+    fn app_consistent_every_interval() {
+        let mut s = Schedule::every(F);
+        s.app_consistent_every_ms = 3_600_000;
+        let mut m = PrimaryMachine::new(s);
+        m.step(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: None,
+        });
+        m.step(Event::CycleSucceeded {
+            now_ms: 1,
+            bytes: 1,
+            app_consistent: false,
+        });
+        let a = m.step(Event::Tick { now_ms: 30_000 });
+        assert!(matches!(
+            a.last(),
+            Some(Action::StartCycle {
+                app_consistent: true,
+                ..
+            })
+        ));
+        m.step(Event::CycleSucceeded {
+            now_ms: 30_001,
+            bytes: 1,
+            app_consistent: true,
+        });
+        let a = m.step(Event::Tick { now_ms: 60_000 });
+        assert!(matches!(
+            a.last(),
+            Some(Action::StartCycle {
+                app_consistent: false,
+                ..
+            })
+        ));
+        let a = m.step(Event::Tick { now_ms: 0 });
+        assert!(a.is_empty());
+    }
+}
