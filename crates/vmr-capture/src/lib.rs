@@ -1,1 +1,31 @@
-//! vmr-capture: see ARCHITECTURE.md.
+//! vmr-capture: the primary side of vmreplica. Reads, at one consistent instant across all of a
+//! running VM's disks, exactly the blocks that changed since the last cycle, while the VM keeps
+//! writing, and never loses a change on any failure path.
+//!
+//! How (see `docs/capture.md`): a persistent dirty bitmap per disk (`vmr-<tag>-<gen>`) tracks
+//! writes; [`VmCapture::begin_cycle`] issues one QMP `transaction` that starts the next bitmap,
+//! freezes the current one and starts a `blockdev-backup sync=none` job per disk whose
+//! copy-before-write filter gives a point-in-time view; a `snapshot-access` node on that filter
+//! is exported over NBD together with the frozen bitmap, and [`CaptureCycle::next_extent`]
+//! reads the dirty ranges (pipelined, bounded memory). [`CaptureCycle::commit`] drops the frozen
+//! bitmap; [`CaptureCycle::abort`] (or the next [`VmCapture::open`] after a crash) merges it
+//! back into the active one.
+
+mod capture;
+mod error;
+mod graph;
+mod names;
+pub mod qmp;
+mod reader;
+
+pub use capture::{CaptureConfig, CaptureCycle, CycleMode, Tracking, VmCapture};
+pub use error::{CaptureError, ResyncReason};
+pub use names::Names;
+pub use qmp::Endpoint;
+
+/// Dirty bitmap granularity (= the default qcow2 cluster size).
+pub const BITMAP_GRANULARITY: u32 = 64 * 1024;
+/// Largest data extent handed out by [`CaptureCycle::next_extent`].
+pub const PIECE_SIZE: u32 = 4 << 20;
+/// Default number of NBD reads in flight per cycle (memory bound = this × [`PIECE_SIZE`]).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;

@@ -18,7 +18,10 @@ impl ChildGuard {
         let child = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {what}: {e}"))?;
-        Ok(Self { child: Some(child), what: what.to_owned() })
+        Ok(Self {
+            child: Some(child),
+            what: what.to_owned(),
+        })
     }
 
     /// The child's pid.
@@ -36,7 +39,9 @@ impl ChildGuard {
 
     /// Send SIGTERM and wait up to `timeout` for a clean exit, then SIGKILL.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let Some(mut c) = self.child.take() else { return Ok(()) };
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
         // SAFETY-free: libc::kill is safe to call with any pid; we own this child.
         let pid = c.id() as libc::pid_t;
         signal(pid, libc::SIGTERM);

@@ -1,0 +1,397 @@
+//! The read pipeline of one cycle: walks NBD block status of each disk's point-in-time export
+//! window by window, reads the wanted ranges in pieces of at most [`PIECE_SIZE`] with up to
+//! `max_in_flight` reads outstanding, hands out extents in disk/offset order, and TRIMs what
+//! was read (and, in the background, what will never be read) so the copy-before-write filter
+//! stops copying those clusters and frees their temp space.
+//!
+//! Memory is bounded by `max_in_flight × PIECE_SIZE` plus one block-status window's extent list,
+//! however large the delta.
+
+use std::collections::VecDeque;
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::task::JoinHandle;
+use vmr_nbd::{NbdClient, ReadChunk, StatusExtent};
+use vmr_proto::{Extent, ExtentData};
+
+use crate::{CaptureError, PIECE_SIZE};
+
+/// Length asked for in one block-status request.
+const STATUS_WINDOW: u64 = 1 << 30;
+/// Largest single TRIM request.
+const TRIM_MAX: u64 = 1 << 30;
+/// TRIMs outstanding at once in the background pass.
+const TRIM_IN_FLIGHT: usize = 8;
+
+/// Which ranges of a disk a cycle reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// Ranges with the dirty flag of a `qemu:dirty-bitmap:` context.
+    Dirty,
+    /// Everything; ranges with `NBD_STATE_ZERO` in `base:allocation` become zero extents.
+    Allocated,
+}
+
+impl Want {
+    fn classify(self, flags: u32) -> Class {
+        match self {
+            Want::Dirty if flags & vmr_nbd::DIRTY != 0 => Class::Read,
+            Want::Dirty => Class::Skip,
+            Want::Allocated if flags & vmr_nbd::STATE_ZERO != 0 => Class::Zero,
+            Want::Allocated => Class::Read,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Read,
+    Zero,
+    Skip,
+}
+
+/// One disk's point-in-time export.
+pub(crate) struct DiskSource {
+    pub index: u32,
+    pub client: NbdClient,
+    pub context: String,
+    pub want: Want,
+    pub size: u64,
+}
+
+struct DiskCursor {
+    src: DiskSource,
+    status_pos: u64,
+    planned: VecDeque<(Class, u64, u64)>,
+}
+
+type Pending = BoxFuture<'static, Result<Vec<Extent>, CaptureError>>;
+
+/// Ordered, bounded, pipelined extent reader over all disks of a cycle.
+pub(crate) struct Pipeline {
+    disks: Vec<DiskCursor>,
+    current: usize,
+    inflight: FuturesOrdered<Pending>,
+    ready: VecDeque<Extent>,
+    max_in_flight: usize,
+    bytes_read: u64,
+    finished: bool,
+}
+
+impl Pipeline {
+    pub fn new(disks: Vec<DiskSource>, max_in_flight: usize) -> Pipeline {
+        Pipeline {
+            disks: disks
+                .into_iter()
+                .map(|src| DiskCursor {
+                    src,
+                    status_pos: 0,
+                    planned: VecDeque::new(),
+                })
+                .collect(),
+            current: 0,
+            inflight: FuturesOrdered::new(),
+            ready: VecDeque::new(),
+            max_in_flight: max_in_flight.max(1),
+            bytes_read: 0,
+            finished: false,
+        }
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Drop every outstanding request (before tearing the exports down).
+    pub fn clear(&mut self) {
+        self.inflight = FuturesOrdered::new();
+        self.ready.clear();
+    }
+
+    pub async fn next(&mut self) -> Result<Option<Extent>, CaptureError> {
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                if let ExtentData::Data(b) = &e.data {
+                    self.bytes_read += b.len() as u64;
+                }
+                return Ok(Some(e));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            while self.inflight.len() < self.max_in_flight {
+                match self.plan_next().await? {
+                    Some(f) => self.inflight.push_back(f),
+                    None => break,
+                }
+            }
+            match self.inflight.next().await {
+                Some(r) => self.ready.extend(r?),
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// The next piece of work, in order; `None` when all disks are planned.
+    async fn plan_next(&mut self) -> Result<Option<Pending>, CaptureError> {
+        loop {
+            let Some(d) = self.disks.get_mut(self.current) else {
+                return Ok(None);
+            };
+            if let Some((class, off, len)) = d.planned.pop_front() {
+                let piece = match class {
+                    Class::Read => len.min(u64::from(PIECE_SIZE)),
+                    _ => len,
+                };
+                if piece < len {
+                    d.planned.push_front((class, off + piece, len - piece));
+                }
+                let client = d.src.client.clone();
+                let disk = d.src.index;
+                return Ok(Some(match class {
+                    Class::Read => Box::pin(read_piece(client, disk, off, piece as u32)),
+                    _ => Box::pin(zero_piece(client, disk, off, piece)),
+                }));
+            }
+            if d.status_pos >= d.src.size {
+                self.current += 1;
+                continue;
+            }
+            let ask = (d.src.size - d.status_pos).min(STATUS_WINDOW) as u32;
+            let got = d
+                .src
+                .client
+                .block_status(&d.src.context, d.status_pos, ask)
+                .await?;
+            let before = d.status_pos;
+            for StatusExtent {
+                offset,
+                length,
+                flags,
+            } in got
+            {
+                let end = offset.saturating_add(length).min(d.src.size);
+                if end <= d.status_pos {
+                    continue;
+                }
+                if offset > d.status_pos {
+                    return Err(CaptureError::Protocol(format!(
+                        "block status extent at {offset} leaves a gap after {}",
+                        d.status_pos
+                    )));
+                }
+                let start = d.status_pos;
+                let class = d.src.want.classify(flags);
+                if class != Class::Skip {
+                    match d.planned.back_mut() {
+                        Some((c, o, l)) if *c == class && *o + *l == start => *l += end - start,
+                        _ => d.planned.push_back((class, start, end - start)),
+                    }
+                }
+                d.status_pos = end;
+            }
+            if d.status_pos == before {
+                return Err(CaptureError::Protocol(format!(
+                    "empty block status reply at {before}"
+                )));
+            }
+        }
+    }
+}
+
+async fn read_piece(
+    client: NbdClient,
+    disk: u32,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<Extent>, CaptureError> {
+    let chunks = client.read_chunks(offset, len).await?;
+    let out = chunks_to_extents(disk, offset, len, chunks)?;
+    // the data is in memory now: drop it from the snapshot so guest writes stop copying it
+    if let Err(e) = client.trim(offset, len).await {
+        tracing::debug!(disk, offset, len, error = %e, "trim after read failed");
+    }
+    Ok(out)
+}
+
+async fn zero_piece(
+    client: NbdClient,
+    disk: u32,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<Extent>, CaptureError> {
+    trim_range(&client, offset, len).await;
+    Ok(vec![Extent {
+        disk,
+        offset,
+        data: ExtentData::Zero(len),
+    }])
+}
+
+async fn trim_range(client: &NbdClient, offset: u64, len: u64) {
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(TRIM_MAX);
+        if let Err(e) = client.trim(pos, n as u32).await {
+            tracing::debug!(offset = pos, len = n, error = %e, "trim failed");
+            return;
+        }
+        pos += n;
+    }
+}
+
+/// Turn a structured read reply into extents, checking it covers exactly `[offset, offset+len)`.
+fn chunks_to_extents(
+    disk: u32,
+    offset: u64,
+    len: u32,
+    mut chunks: Vec<ReadChunk>,
+) -> Result<Vec<Extent>, CaptureError> {
+    chunks.sort_by_key(ReadChunk::offset);
+    let mut pos = offset;
+    let mut out: Vec<Extent> = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        if c.offset() != pos {
+            return Err(CaptureError::Protocol(format!(
+                "read chunk at {} where {pos} was expected",
+                c.offset()
+            )));
+        }
+        pos += c.len();
+        let data = match c {
+            ReadChunk::Data { data, .. } => ExtentData::Data(data),
+            ReadChunk::Hole { len, .. } => ExtentData::Zero(u64::from(len)),
+        };
+        if data_len(&data) == 0 {
+            continue;
+        }
+        // merge adjacent holes
+        if let (
+            Some(Extent {
+                data: ExtentData::Zero(n),
+                ..
+            }),
+            ExtentData::Zero(m),
+        ) = (out.last_mut(), &data)
+        {
+            *n += m;
+            continue;
+        }
+        out.push(Extent {
+            disk,
+            offset: pos - data_len(&data),
+            data,
+        });
+    }
+    if pos != offset + u64::from(len) {
+        return Err(CaptureError::Protocol(format!(
+            "read of {len} bytes at {offset} returned {} bytes",
+            pos - offset
+        )));
+    }
+    Ok(out)
+}
+
+fn data_len(d: &ExtentData) -> u64 {
+    match d {
+        ExtentData::Data(b) => b.len() as u64,
+        ExtentData::Zero(n) => *n,
+    }
+}
+
+/// Background pass TRIMming every range of a disk that the cycle will not read (non-dirty
+/// ranges of an incremental cycle), so that guest writes there cost no copy-before-write.
+/// Only for `Want::Dirty`: the dirty-bitmap context does not change when the snapshot is
+/// trimmed, whereas `base:allocation` of trimmed ranges becomes unreadable.
+pub(crate) fn spawn_trim_unread(src: &DiskSource) -> JoinHandle<()> {
+    let client = src.client.clone();
+    let context = src.context.clone();
+    let size = src.size;
+    let want = src.want;
+    tokio::spawn(async move {
+        let mut pos = 0u64;
+        while pos < size {
+            let ask = (size - pos).min(STATUS_WINDOW) as u32;
+            let got = match client.block_status(&context, pos, ask).await {
+                Ok(g) if !g.is_empty() => g,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "block status for trim pass failed");
+                    return;
+                }
+            };
+            let mut skips = Vec::new();
+            for x in got {
+                let end = x.offset.saturating_add(x.length).min(size);
+                if end <= pos {
+                    continue;
+                }
+                if want.classify(x.flags) == Class::Skip {
+                    skips.push((x.offset.max(pos), end - x.offset.max(pos)));
+                }
+                pos = end;
+            }
+            futures::stream::iter(skips)
+                .for_each_concurrent(TRIM_IN_FLIGHT, |(o, l)| {
+                    let c = client.clone();
+                    async move { trim_range(&c, o, l).await }
+                })
+                .await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn chunks_cover_exactly() {
+        let c = vec![
+            ReadChunk::Hole { offset: 8, len: 4 },
+            ReadChunk::Data {
+                offset: 0,
+                data: Bytes::from_static(&[1; 8]),
+            },
+            ReadChunk::Hole { offset: 12, len: 4 },
+        ];
+        let e = chunks_to_extents(1, 0, 16, c).expect("cover");
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].offset, 0);
+        assert_eq!(
+            e[1],
+            Extent {
+                disk: 1,
+                offset: 8,
+                data: ExtentData::Zero(8)
+            }
+        );
+        let gap = vec![ReadChunk::Data {
+            offset: 4,
+            data: Bytes::from_static(&[1; 4]),
+        }];
+        assert!(chunks_to_extents(0, 0, 8, gap).is_err());
+        let short = vec![ReadChunk::Data {
+            offset: 0,
+            data: Bytes::from_static(&[1; 4]),
+        }];
+        assert!(chunks_to_extents(0, 0, 8, short).is_err());
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(Want::Dirty.classify(1), Class::Read);
+        assert_eq!(Want::Dirty.classify(0), Class::Skip);
+        assert_eq!(
+            Want::Allocated.classify(vmr_nbd::STATE_ZERO | vmr_nbd::STATE_HOLE),
+            Class::Zero
+        );
+        assert_eq!(Want::Allocated.classify(0), Class::Read);
+    }
+}
