@@ -1,0 +1,85 @@
+//! Durable file-system primitives: atomic replace (temp + fsync + rename + directory fsync),
+//! directory fsync, allocated-size accounting, and the test pause hook.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::error::StoreError;
+
+/// Suffix of every temporary file the store writes; `recover` deletes leftovers.
+pub(crate) const TMP_SUFFIX: &str = ".tmp";
+
+/// fsync a directory so that renames/creations/unlinks inside it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    let f = std::fs::File::open(dir).map_err(|e| StoreError::io("open directory", dir, e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io("fsync directory", dir, e))
+}
+
+/// fsync a file's data and metadata.
+pub(crate) fn fsync_file(path: &Path) -> Result<(), StoreError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .open(path)
+        .map_err(|e| StoreError::io("open", path, e))?;
+    f.sync_all().map_err(|e| StoreError::io("fsync", path, e))
+}
+
+/// Replace `path` with `bytes` atomically and durably: write `path.tmp`, fsync it, rename it
+/// over `path`, fsync the directory. A crash leaves either the old or the new content.
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| StoreError::corrupt(path, "path has no parent directory"))?;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(TMP_SUFFIX);
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| StoreError::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", &tmp, e))?;
+        fsync_dir(dir)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Bytes actually allocated by a file (0 when it does not exist).
+pub(crate) fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Allocated bytes of every file under `dir`, recursively.
+pub(crate) fn allocated_tree(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => allocated_tree(&e.path()),
+            Ok(_) => allocated_bytes(&e.path()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Test hook: when the environment variable `VMR_STORE_TEST_PAUSE` names `step`, print
+/// `PAUSED <step>` on stderr and sleep forever so that a crash test can SIGKILL the process at
+/// exactly that step. Does nothing otherwise.
+pub(crate) fn pause_point(step: &str) {
+    static WANT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let want = WANT.get_or_init(|| std::env::var("VMR_STORE_TEST_PAUSE").ok());
+    if want.as_deref() == Some(step) {
+        eprintln!("PAUSED {step}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Thin wrappers around the QEMU tools the store drives: `qemu-img` (create, info, map,
+//! rebase) and `qemu-nbd` exports reached with the vmr-nbd client.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
+
+use crate::error::StoreError;
+
+/// Run `qemu-img` with `args` in `cwd`; returns stdout.
+pub(crate) async fn qemu_img(cwd: &Path, args: &[&str]) -> Result<String, StoreError> {
+    let mut cmd = Command::new("qemu-img");
+    die_with_parent(&mut cmd);
+    let out = cmd
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| StoreError::tool("qemu-img", format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(StoreError::tool(
+            "qemu-img",
+            format!("{} ({})", msg, args.join(" ")),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Create a qcow2 layer `file` in `dir`, on top of `backing` (a file name in the same
+/// directory, stored relative) when given. `unsafe_backing` skips opening the backing file.
+pub(crate) async fn create_layer(
+    dir: &Path,
+    file: &str,
+    size: u64,
+    backing: Option<&str>,
+    unsafe_backing: bool,
+) -> Result<(), StoreError> {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"];
+    if let Some(b) = backing {
+        args.extend(["-b", b, "-F", "qcow2"]);
+        if unsafe_backing {
+            args.push("-u");
+        }
+    }
+    args.extend([file, size.as_str()]);
+    qemu_img(dir, &args).await.map(|_| ())
+}
+
+/// The backing file name recorded in a qcow2 header (`None` for no backing).
+pub(crate) async fn backing_of(dir: &Path, file: &str) -> Result<Option<String>, StoreError> {
+    let out = qemu_img(dir, &["info", "--output=json", "-f", "qcow2", file]).await?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| StoreError::tool("qemu-img", format!("bad info json: {e}")))?;
+    Ok(v.get("backing-filename")
+        .and_then(|b| b.as_str())
+        .map(str::to_owned))
+}
+
+/// Ranges `(offset, len)` of `file` that are allocated in its direct backing layer and not in
+/// `file` itself (`qemu-img map` depth 1, present).
+pub(crate) async fn ranges_in_backing(
+    dir: &Path,
+    file: &str,
+) -> Result<Vec<(u64, u64)>, StoreError> {
+    let out = qemu_img(dir, &["map", "--output=json", "-f", "qcow2", file]).await?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| StoreError::tool("qemu-img", format!("bad map json: {e}")))?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let depth = e.get("depth").and_then(|d| d.as_u64());
+        let present = e.get("present").and_then(|d| d.as_bool()).unwrap_or(false);
+        let (Some(start), Some(len)) = (
+            e.get("start").and_then(|d| d.as_u64()),
+            e.get("length").and_then(|d| d.as_u64()),
+        ) else {
+            return Err(StoreError::tool(
+                "qemu-img",
+                "map entry without start/length".into(),
+            ));
+        };
+        if depth == Some(1) && present {
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 == start => last.1 += len,
+                _ => ranges.push((start, len)),
+            }
+        }
+    }
+    Ok(ranges)
+}
+
+/// Rewrite the backing file name of `file` without touching data (`rebase -u`).
+pub(crate) async fn rebase_unsafe(
+    dir: &Path,
+    file: &str,
+    backing: Option<&str>,
+) -> Result<(), StoreError> {
+    match backing {
+        Some(b) => {
+            qemu_img(
+                dir,
+                &[
+                    "rebase", "-q", "-u", "-f", "qcow2", "-b", b, "-F", "qcow2", file,
+                ],
+            )
+            .await
+        }
+        None => qemu_img(dir, &["rebase", "-q", "-u", "-f", "qcow2", "-b", "", file]).await,
+    }
+    .map(|_| ())
+}
+
+/// Make the tool die (SIGKILL) when the store process dies, so that a crashed store never
+/// leaves a qemu-nbd behind that waits forever for its first client while holding the image
+/// lock. (The death signal follows the spawning thread; tokio spawns from runtime worker
+/// threads, which live as long as the runtime.)
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+static SOCK_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A writable `qemu-nbd` export of one image and a connected client.
+pub(crate) struct Export {
+    child: Child,
+    sock: PathBuf,
+    /// The connected client.
+    pub client: NbdClient,
+    what: String,
+}
+
+impl Export {
+    /// Export `image` (qcow2) writable on a fresh unix socket and connect to it.
+    pub(crate) async fn start(image: &Path) -> Result<Export, StoreError> {
+        let sock = std::env::temp_dir().join(format!(
+            "vmr-store-{}-{}.sock",
+            std::process::id(),
+            SOCK_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&sock);
+        let what = image.display().to_string();
+        let mut cmd = Command::new("qemu-nbd");
+        die_with_parent(&mut cmd);
+        let mut child = cmd
+            .arg("--format=qcow2")
+            .arg("--cache=writeback")
+            .arg("--aio=threads")
+            .arg("--discard=unmap")
+            .arg("--socket")
+            .arg(&sock)
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| StoreError::tool("qemu-nbd", format!("cannot run qemu-nbd: {e}")))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            if let Ok(Some(_)) = child.try_wait() {
+                let msg = stderr_of(&mut child).await;
+                return Err(StoreError::tool(
+                    "qemu-nbd",
+                    format!("{msg} (exporting {what})"),
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.kill().await;
+                return Err(StoreError::tool(
+                    "qemu-nbd",
+                    format!("socket did not appear for {what}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let opts = ConnectOptions {
+            max_in_flight: 32,
+            ..ConnectOptions::default()
+        };
+        let ep = Endpoint::Unix(sock.clone());
+        let connected = loop {
+            // The socket file appears at bind(), just before listen(): retry a refusal.
+            match NbdClient::connect(&ep, opts.clone()).await {
+                Err(vmr_nbd::NbdError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                other => break other,
+            }
+        };
+        let client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill().await;
+                let _ = std::fs::remove_file(&sock);
+                return Err(StoreError::nbd(what, e));
+            }
+        };
+        Ok(Export {
+            child,
+            sock,
+            client,
+            what,
+        })
+    }
+
+    /// Largest request length to use.
+    pub(crate) fn chunk(&self) -> u64 {
+        u64::from(self.client.max_request().clamp(4096, 32 << 20))
+    }
+
+    /// FLUSH, disconnect and wait for qemu-nbd to exit cleanly.
+    pub(crate) async fn finish(mut self) -> Result<(), StoreError> {
+        let res = async {
+            self.client
+                .flush()
+                .await
+                .map_err(|e| StoreError::nbd(self.what.clone(), e))?;
+            self.client
+                .clone()
+                .disconnect()
+                .await
+                .map_err(|e| StoreError::nbd(self.what.clone(), e))?;
+            let st = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+                .await
+                .map_err(|_| {
+                    StoreError::tool("qemu-nbd", format!("did not exit for {}", self.what))
+                })?
+                .map_err(|e| StoreError::tool("qemu-nbd", format!("wait: {e}")))?;
+            if !st.success() {
+                let msg = stderr_of(&mut self.child).await;
+                return Err(StoreError::tool(
+                    "qemu-nbd",
+                    format!("{msg} ({st}, {})", self.what),
+                ));
+            }
+            Ok(())
+        }
+        .await;
+        let _ = std::fs::remove_file(&self.sock);
+        if res.is_err() {
+            let _ = self.child.kill().await;
+        }
+        res
+    }
+
+    /// Kill qemu-nbd without flushing (error path).
+    pub(crate) async fn abort(mut self) {
+        let _ = self.child.kill().await;
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+async fn stderr_of(child: &mut Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), e.read_to_string(&mut s)).await;
+    }
+    s.trim().to_owned()
+}

@@ -1,0 +1,1299 @@
+//! The replica store: per-VM directories, receive/stage, apply through qemu-nbd into a new
+//! qcow2 layer per cycle, the catalog commit, recovery, pruning and failover views.
+//!
+//! Locking: a store-wide `std` mutex guards only the VM table. Per VM, `st` (a `std` mutex,
+//! never held across `.await`) guards the in-memory catalog and staging state and serialises
+//! catalog writes; `chain` (a tokio mutex) serialises the operations that open the VM's qcow2
+//! chain with QEMU (apply, one prune step, recovery), because QEMU's image locking forbids
+//! writing a layer that another qemu-nbd holds as a backing file. Receiving never waits for
+//! `chain`, and different VMs never wait for each other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use uuid::Uuid;
+use vmr_proto::store::{
+    Catalog, LayerRecord, PointKind, PointRecord, RecoveryPoint, RetentionPolicy, ViewRecord,
+};
+use vmr_proto::{CycleHeader, CycleId, CycleKind, Extent, ExtentData};
+
+use crate::error::StoreError;
+use crate::fsio::{self, pause_point};
+use crate::pipeline::Pipeline;
+use crate::qemu::{self, Export};
+use crate::retention::{PointMeta, retention};
+use crate::staging::{self, StageFileWriter, StageReader};
+use crate::{catalog, fsio::TMP_SUFFIX};
+
+/// Name of the VM definition file.
+const DEFINITION: &str = "vm.toml";
+/// Name of the catalog file.
+const CATALOG: &str = "catalog.json";
+
+/// A replica store rooted at one directory. Cheap to clone; usable from many tasks.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.inner.root)
+            .finish()
+    }
+}
+
+struct Inner {
+    root: PathBuf,
+    vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
+}
+
+struct Vm {
+    id: Uuid,
+    dir: PathBuf,
+    chain: tokio::sync::Mutex<()>,
+    st: Mutex<VmState>,
+}
+
+struct VmState {
+    catalog: Catalog,
+    staged: BTreeMap<CycleId, CycleHeader>,
+    receiving: Option<CycleId>,
+}
+
+impl VmState {
+    fn latest_point(&self) -> Option<CycleId> {
+        self.catalog.points.last().map(|p| p.id)
+    }
+    fn latest_known(&self) -> Option<CycleId> {
+        self.staged
+            .keys()
+            .next_back()
+            .copied()
+            .max(self.latest_point())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A failover view: qcow2 overlays on top of one point's layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// View id (for [`Store::remove_view`]).
+    pub id: Uuid,
+    /// The VM.
+    pub vm: Uuid,
+    /// The pinned point.
+    pub point: CycleId,
+    /// Overlay path per disk id.
+    pub disks: Vec<(String, PathBuf)>,
+}
+
+/// Space used by one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmUsage {
+    /// Allocated bytes per point (its own layer files).
+    pub points: Vec<(CycleId, u64)>,
+    /// Allocated bytes of staged (received, not yet applied) cycles.
+    pub staging_bytes: u64,
+    /// Everything under the VM's directory.
+    pub total_bytes: u64,
+}
+
+/// Receives one cycle into a staging file. Dropping it without [`StagingWriter::finish`]
+/// discards the staging.
+pub struct StagingWriter {
+    vm: Arc<Vm>,
+    header: CycleHeader,
+    file: Option<StageFileWriter>,
+    tmp: PathBuf,
+    duplicate: bool,
+    puts: u64,
+}
+
+impl std::fmt::Debug for StagingWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagingWriter")
+            .field("vm", &self.vm.id)
+            .field("cycle", &self.header.id)
+            .field("duplicate", &self.duplicate)
+            .finish()
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn layer_name(id: CycleId) -> String {
+    format!("c{id:06}.qcow2")
+}
+
+fn stage_name(id: CycleId) -> String {
+    format!("c{id:06}.stage")
+}
+
+fn validate_header(h: &CycleHeader) -> Result<(), StoreError> {
+    let bad = |m: String| Err(StoreError::InvalidCycle(m));
+    if h.disks.is_empty() {
+        return bad("cycle has no disks".into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &h.disks {
+        if !valid_name(&d.id) || !seen.insert(d.id.as_str()) {
+            return bad(format!("disk id {:?} invalid or repeated", d.id));
+        }
+        if d.size == 0 {
+            return bad(format!("disk {:?} has size 0", d.id));
+        }
+    }
+    match (h.kind, h.base) {
+        (CycleKind::Full, None) => Ok(()),
+        (CycleKind::Full, Some(_)) => bad("a full cycle has no base".into()),
+        (_, None) => bad("an incremental cycle needs a base".into()),
+        (_, Some(b)) if b >= h.id => bad(format!("base {b} is not older than cycle {}", h.id)),
+        _ => Ok(()),
+    }
+}
+
+fn check_extent(h: &CycleHeader, e: &Extent) -> Result<(), StoreError> {
+    let d = h
+        .disks
+        .get(e.disk as usize)
+        .ok_or_else(|| StoreError::InvalidCycle(format!("extent names disk index {}", e.disk)))?;
+    if matches!(e.data, ExtentData::Data(ref b) if b.len() as u64 > staging::MAX_EXTENT_BYTES) {
+        return Err(StoreError::InvalidCycle(format!(
+            "data extent of {} bytes is too large",
+            e.len()
+        )));
+    }
+    match e.offset.checked_add(e.len()) {
+        Some(end) if end <= d.size => Ok(()),
+        _ => Err(StoreError::InvalidCycle(format!(
+            "extent {}+{} beyond disk {:?} of {} bytes",
+            e.offset,
+            e.len(),
+            d.id,
+            d.size
+        ))),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Vm {
+    fn catalog_path(&self) -> PathBuf {
+        self.dir.join(CATALOG)
+    }
+    fn staging_dir(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+    fn disk_dir(&self, disk: &str) -> PathBuf {
+        self.dir.join("disks").join(disk)
+    }
+
+    /// Write `new` durably and make it the in-memory catalog (generation bumped).
+    fn commit(&self, st: &mut VmState, mut new: Catalog) -> Result<(), StoreError> {
+        new.generation = st.catalog.generation + 1;
+        catalog::write(&self.catalog_path(), &new)?;
+        st.catalog = new;
+        Ok(())
+    }
+
+    fn point_info(&self, c: &Catalog, p: &PointRecord) -> RecoveryPoint {
+        RecoveryPoint {
+            id: p.id,
+            taken_at_ms: p.taken_at_ms,
+            kind: p.kind,
+            size_on_disk: p
+                .layers
+                .iter()
+                .map(|l| fsio::allocated_bytes(&self.disk_dir(&l.disk).join(&l.file)))
+                .sum(),
+            views: c.views.iter().filter(|v| v.point == p.id).count() as u32,
+            disks: p.layers.iter().map(|l| (l.disk.clone(), l.size)).collect(),
+        }
+    }
+
+    fn load(id: Uuid, dir: PathBuf) -> Result<Vm, StoreError> {
+        let cat = catalog::read(&dir.join(CATALOG))?;
+        if cat.vm != id {
+            return Err(StoreError::corrupt(
+                dir.join(CATALOG),
+                "catalog names another VM",
+            ));
+        }
+        let latest = cat.points.last().map(|p| p.id);
+        let mut staged = BTreeMap::new();
+        let sdir = dir.join("staging");
+        if let Ok(rd) = std::fs::read_dir(&sdir) {
+            for e in rd.flatten() {
+                let path = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".stage") {
+                    continue;
+                }
+                match staging::looks_complete(&path) {
+                    Ok(h) if h.vm == id && Some(h.id) > latest && name == stage_name(h.id) => {
+                        staged.insert(h.id, h);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "ignoring bad staging file")
+                    }
+                }
+            }
+        }
+        Ok(Vm {
+            id,
+            dir,
+            chain: tokio::sync::Mutex::new(()),
+            st: Mutex::new(VmState {
+                catalog: cat,
+                staged,
+                receiving: None,
+            }),
+        })
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) a store rooted at `root` and load every VM's catalog and
+    /// staged cycles. Nothing is applied or deleted; call [`Store::recover`] next. One process
+    /// owns a store root at a time.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let vms_dir = root.join("vms");
+        std::fs::create_dir_all(&vms_dir).map_err(|e| StoreError::io("create", &vms_dir, e))?;
+        let mut vms = HashMap::new();
+        let rd = std::fs::read_dir(&vms_dir)
+            .map_err(|e| StoreError::io("read directory", &vms_dir, e))?;
+        for e in rd.flatten() {
+            let Ok(id) = Uuid::parse_str(&e.file_name().to_string_lossy()) else {
+                continue;
+            };
+            if !e.path().join(CATALOG).exists() {
+                continue; // registration never completed
+            }
+            vms.insert(id, Arc::new(Vm::load(id, e.path())?));
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                root: root.to_owned(),
+                vms: Mutex::new(vms),
+            }),
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn vm(&self, id: Uuid) -> Result<Arc<Vm>, StoreError> {
+        lock(&self.inner.vms)
+            .get(&id)
+            .cloned()
+            .ok_or(StoreError::UnknownVm(id))
+    }
+
+    /// Registered VMs.
+    pub fn vms(&self) -> Vec<Uuid> {
+        let mut v: Vec<Uuid> = lock(&self.inner.vms).keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Register a VM with its definition (TOML text, stored as given) and retention policy.
+    pub fn add_vm(
+        &self,
+        vm: Uuid,
+        definition_toml: &str,
+        policy: RetentionPolicy,
+    ) -> Result<(), StoreError> {
+        check_definition(vm, definition_toml)?;
+        let mut vms = lock(&self.inner.vms);
+        if vms.contains_key(&vm) {
+            return Err(StoreError::VmExists(vm));
+        }
+        let dir = self.inner.root.join("vms").join(vm.to_string());
+        for d in [dir.join("staging"), dir.join("disks")] {
+            std::fs::create_dir_all(&d).map_err(|e| StoreError::io("create", &d, e))?;
+        }
+        fsio::atomic_write(&dir.join(DEFINITION), definition_toml.as_bytes())?;
+        let cat = Catalog {
+            vm,
+            generation: 1,
+            retention: policy,
+            points: vec![],
+            views: vec![],
+        };
+        catalog::write(&dir.join(CATALOG), &cat)?;
+        fsio::fsync_dir(&self.inner.root.join("vms"))?;
+        vms.insert(
+            vm,
+            Arc::new(Vm {
+                id: vm,
+                dir,
+                chain: tokio::sync::Mutex::new(()),
+                st: Mutex::new(VmState {
+                    catalog: cat,
+                    staged: BTreeMap::new(),
+                    receiving: None,
+                }),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Replace a VM's definition (TOML text).
+    pub fn set_definition(&self, vm: Uuid, definition_toml: &str) -> Result<(), StoreError> {
+        check_definition(vm, definition_toml)?;
+        let v = self.vm(vm)?;
+        let _st = lock(&v.st);
+        fsio::atomic_write(&v.dir.join(DEFINITION), definition_toml.as_bytes())
+    }
+
+    /// A VM's definition as stored (TOML text).
+    pub fn definition(&self, vm: Uuid) -> Result<String, StoreError> {
+        let v = self.vm(vm)?;
+        let p = v.dir.join(DEFINITION);
+        std::fs::read_to_string(&p).map_err(|e| StoreError::io("read", &p, e))
+    }
+
+    /// Change a VM's retention policy (takes effect at the next prune).
+    pub fn set_retention(&self, vm: Uuid, policy: RetentionPolicy) -> Result<(), StoreError> {
+        let v = self.vm(vm)?;
+        let mut st = lock(&v.st);
+        let mut c = st.catalog.clone();
+        c.retention = policy;
+        v.commit(&mut st, c)
+    }
+
+    /// The VM's retention policy.
+    pub fn retention_policy(&self, vm: Uuid) -> Result<RetentionPolicy, StoreError> {
+        Ok(lock(&self.vm(vm)?.st).catalog.retention)
+    }
+
+    /// Committed recovery points, oldest first.
+    pub fn points(&self, vm: Uuid) -> Result<Vec<RecoveryPoint>, StoreError> {
+        let v = self.vm(vm)?;
+        let c = lock(&v.st).catalog.clone();
+        Ok(c.points
+            .iter()
+            .filter(|p| !p.pruning)
+            .map(|p| v.point_info(&c, p))
+            .collect())
+    }
+
+    /// The latest committed point's id.
+    pub fn latest_point(&self, vm: Uuid) -> Result<Option<CycleId>, StoreError> {
+        Ok(lock(&self.vm(vm)?.st).latest_point())
+    }
+
+    /// The latest cycle the replica has durably (applied or staged): the base the next
+    /// incremental cycle must name.
+    pub fn latest_cycle(&self, vm: Uuid) -> Result<Option<CycleId>, StoreError> {
+        Ok(lock(&self.vm(vm)?.st).latest_known())
+    }
+
+    /// Ids of cycles staged but not yet applied.
+    pub fn staged(&self, vm: Uuid) -> Result<Vec<CycleId>, StoreError> {
+        Ok(lock(&self.vm(vm)?.st).staged.keys().copied().collect())
+    }
+
+    /// The layer file of each disk at `point` (None = latest): open these read-only, or
+    /// better, make a view.
+    pub fn point_layers(
+        &self,
+        vm: Uuid,
+        point: Option<CycleId>,
+    ) -> Result<Vec<(String, PathBuf)>, StoreError> {
+        let v = self.vm(vm)?;
+        let st = lock(&v.st);
+        let p = find_point(&st.catalog, point)?;
+        Ok(p.layers
+            .iter()
+            .map(|l| (l.disk.clone(), v.disk_dir(&l.disk).join(&l.file)))
+            .collect())
+    }
+
+    /// Space accounting for one VM.
+    pub fn usage(&self, vm: Uuid) -> Result<VmUsage, StoreError> {
+        let v = self.vm(vm)?;
+        let c = lock(&v.st).catalog.clone();
+        Ok(VmUsage {
+            points: c
+                .points
+                .iter()
+                .map(|p| (p.id, v.point_info(&c, p).size_on_disk))
+                .collect(),
+            staging_bytes: fsio::allocated_tree(&v.staging_dir()),
+            total_bytes: fsio::allocated_tree(&v.dir),
+        })
+    }
+
+    // ---------------------------------------------------------------- receive
+
+    /// Start receiving one cycle. Refuses a cycle whose base is not the latest cycle the
+    /// replica has ([`StoreError::WrongBase`]); accepts a cycle it already has as a duplicate
+    /// (the writer then stores nothing and [`StagingWriter::is_duplicate`] is true).
+    pub fn begin_receive(&self, header: CycleHeader) -> Result<StagingWriter, StoreError> {
+        let v = self.vm(header.vm)?;
+        validate_header(&header)?;
+        let mut st = lock(&v.st);
+        let latest = st.latest_known();
+        let tmp = v
+            .staging_dir()
+            .join(format!("{}{TMP_SUFFIX}", stage_name(header.id)));
+        if latest.is_some_and(|l| header.id <= l) {
+            return Ok(StagingWriter {
+                vm: v.clone(),
+                header,
+                file: None,
+                tmp,
+                duplicate: true,
+                puts: 0,
+            });
+        }
+        if header.kind != CycleKind::Full && header.base != latest {
+            return Err(StoreError::WrongBase {
+                expected: latest,
+                got: header.base,
+            });
+        }
+        if let Some(r) = st.receiving {
+            return Err(StoreError::ReceiveInProgress(r));
+        }
+        let file = StageFileWriter::create(&tmp, &header)?;
+        st.receiving = Some(header.id);
+        Ok(StagingWriter {
+            vm: v.clone(),
+            header,
+            file: Some(file),
+            tmp,
+            duplicate: false,
+            puts: 0,
+        })
+    }
+
+    // ---------------------------------------------------------------- apply
+
+    /// Apply every staged cycle of `vm`, oldest first; returns the points committed.
+    pub async fn apply_pending(&self, vm: Uuid) -> Result<Vec<RecoveryPoint>, StoreError> {
+        let v = self.vm(vm)?;
+        let _chain = v.chain.lock().await;
+        let mut done = Vec::new();
+        loop {
+            let next = lock(&v.st)
+                .staged
+                .iter()
+                .next()
+                .map(|(k, h)| (*k, h.clone()));
+            let Some((id, header)) = next else { break };
+            match apply_one(&v, &header).await {
+                Ok(p) => done.push(p),
+                Err(
+                    e @ (StoreError::CorruptFile { .. }
+                    | StoreError::CorruptExtent { .. }
+                    | StoreError::WrongBase { .. }),
+                ) => {
+                    // The staged cycle is unusable: drop it and everything built on it.
+                    tracing::error!(vm = %vm, cycle = id, error = %e, "discarding staged cycles");
+                    discard_staged_from(&v, id);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Startup recovery: finish interrupted prunes, delete half-written layers and stray
+    /// temporary files, drop staged cycles already applied, then apply everything staged.
+    pub async fn recover(&self) -> Result<(), StoreError> {
+        for vm in self.vms() {
+            let v = self.vm(vm)?;
+            {
+                let _chain = v.chain.lock().await;
+                let pruning: Vec<CycleId> = lock(&v.st)
+                    .catalog
+                    .points
+                    .iter()
+                    .filter(|p| p.pruning)
+                    .map(|p| p.id)
+                    .collect();
+                for id in pruning {
+                    prune_one(&v, id, true).await?;
+                }
+                remove_strays(&v)?;
+            }
+            self.apply_pending(vm).await?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- prune
+
+    /// Apply the retention policy now; returns the ids of the points merged away.
+    pub async fn prune(&self, vm: Uuid) -> Result<Vec<CycleId>, StoreError> {
+        self.prune_at(vm, now_ms()).await
+    }
+
+    /// [`Store::prune`] with an explicit clock (ms since the Unix epoch).
+    pub async fn prune_at(&self, vm: Uuid, now_ms: u64) -> Result<Vec<CycleId>, StoreError> {
+        let v = self.vm(vm)?;
+        let candidates = {
+            let st = lock(&v.st);
+            let c = &st.catalog;
+            let metas: Vec<PointMeta> = c
+                .points
+                .iter()
+                .filter(|p| !p.pruning)
+                .map(|p| PointMeta {
+                    id: p.id,
+                    taken_at_ms: p.taken_at_ms,
+                    kind: p.kind,
+                })
+                .collect();
+            let mut d = retention(&metas, &c.retention, now_ms);
+            d.extend(c.points.iter().filter(|p| p.pruning).map(|p| p.id));
+            d.sort_unstable();
+            d
+        };
+        let mut dropped = Vec::new();
+        for id in candidates {
+            // One point per chain-lock hold: an apply waits for at most one merge.
+            let _chain = v.chain.lock().await;
+            if prune_one(&v, id, false).await? {
+                dropped.push(id);
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Failover "complete": keep only point `keep` (None = latest), drop every other point and
+    /// every staged cycle. Points pinned by views other than `keep` make this fail.
+    pub async fn discard_points_except(
+        &self,
+        vm: Uuid,
+        keep: Option<CycleId>,
+    ) -> Result<(), StoreError> {
+        let v = self.vm(vm)?;
+        let _chain = v.chain.lock().await;
+        let (keep, ids) = {
+            let st = lock(&v.st);
+            let keep = find_point(&st.catalog, keep)?.id;
+            if let Some(view) = st.catalog.views.iter().find(|w| w.point != keep) {
+                return Err(StoreError::InvalidCycle(format!(
+                    "point {} is pinned by view {}",
+                    view.point, view.id
+                )));
+            }
+            (
+                keep,
+                st.catalog.points.iter().map(|p| p.id).collect::<Vec<_>>(),
+            )
+        };
+        if let Some(first) = lock(&v.st).staged.keys().next().copied() {
+            discard_staged_from(&v, first);
+        }
+        for id in ids.iter().rev().filter(|i| **i > keep) {
+            prune_one(&v, *id, true).await?;
+        }
+        for id in ids.iter().filter(|i| **i < keep) {
+            prune_one(&v, *id, true).await?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- views
+
+    /// Create a failover view of `point` (None = latest) in `dest`: one qcow2 overlay per
+    /// disk on top of the point's layer. Instant whatever the disk size; the point is pinned
+    /// (never pruned) until [`Store::remove_view`].
+    pub async fn create_view(
+        &self,
+        vm: Uuid,
+        point: Option<CycleId>,
+        dest: &Path,
+    ) -> Result<View, StoreError> {
+        let v = self.vm(vm)?;
+        std::fs::create_dir_all(dest).map_err(|e| StoreError::io("create", dest, e))?;
+        let dest = dest
+            .canonicalize()
+            .map_err(|e| StoreError::io("resolve", dest, e))?;
+        let id = Uuid::new_v4();
+        let (p, rec) = {
+            let mut st = lock(&v.st);
+            let p = find_point(&st.catalog, point)?.clone();
+            let disks: Vec<(String, String)> = p
+                .layers
+                .iter()
+                .map(|l| {
+                    (
+                        l.disk.clone(),
+                        dest.join(format!("{}.qcow2", l.disk)).display().to_string(),
+                    )
+                })
+                .collect();
+            if let Some((_, clash)) = disks.iter().find(|(_, path)| Path::new(path).exists()) {
+                return Err(StoreError::io(
+                    "create view",
+                    clash,
+                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                ));
+            }
+            let rec = ViewRecord {
+                id,
+                point: p.id,
+                disks,
+            };
+            let mut c = st.catalog.clone();
+            c.views.push(rec.clone());
+            v.commit(&mut st, c)?;
+            (p, rec)
+        };
+        let made = async {
+            for (l, (_, path)) in p.layers.iter().zip(&rec.disks) {
+                let backing = v.disk_dir(&l.disk).join(&l.file);
+                let backing = backing.display().to_string();
+                qemu::create_layer(&dest, path, l.size, Some(&backing), true).await?;
+                fsio::fsync_file(Path::new(path))?;
+            }
+            fsio::fsync_dir(&dest)
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = self.remove_view(vm, id);
+            return Err(e);
+        }
+        Ok(View {
+            id,
+            vm,
+            point: p.id,
+            disks: rec
+                .disks
+                .iter()
+                .map(|(d, p)| (d.clone(), PathBuf::from(p)))
+                .collect(),
+        })
+    }
+
+    /// Delete a view's overlay files and unpin its point.
+    pub fn remove_view(&self, vm: Uuid, view: Uuid) -> Result<(), StoreError> {
+        let v = self.vm(vm)?;
+        let mut st = lock(&v.st);
+        let rec = st
+            .catalog
+            .views
+            .iter()
+            .find(|w| w.id == view)
+            .cloned()
+            .ok_or(StoreError::NoSuchView(view))?;
+        for (_, p) in &rec.disks {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", p, e)),
+            }
+        }
+        let mut c = st.catalog.clone();
+        c.views.retain(|w| w.id != view);
+        v.commit(&mut st, c)
+    }
+
+    /// Views of a VM.
+    pub fn views(&self, vm: Uuid) -> Result<Vec<View>, StoreError> {
+        let v = self.vm(vm)?;
+        let st = lock(&v.st);
+        Ok(st
+            .catalog
+            .views
+            .iter()
+            .map(|w| View {
+                id: w.id,
+                vm,
+                point: w.point,
+                disks: w
+                    .disks
+                    .iter()
+                    .map(|(d, p)| (d.clone(), PathBuf::from(p)))
+                    .collect(),
+            })
+            .collect())
+    }
+}
+
+fn check_definition(vm: Uuid, text: &str) -> Result<(), StoreError> {
+    let def = vmr_proto::VmDefinition::from_toml(text)
+        .map_err(|e| StoreError::InvalidDefinition(e.to_string()))?;
+    if def.uuid != vm {
+        return Err(StoreError::InvalidDefinition(format!(
+            "definition is for VM {}, not {vm}",
+            def.uuid
+        )));
+    }
+    Ok(())
+}
+
+fn find_point(c: &Catalog, point: Option<CycleId>) -> Result<&PointRecord, StoreError> {
+    let live = c.points.iter().filter(|p| !p.pruning);
+    match point {
+        None => live.max_by_key(|p| p.id),
+        Some(id) => live.into_iter().find(|p| p.id == id),
+    }
+    .ok_or(StoreError::NoSuchPoint(point))
+}
+
+/// Delete staged cycle `from` and every later one (they build on it).
+fn discard_staged_from(v: &Vm, from: CycleId) {
+    let mut st = lock(&v.st);
+    let ids: Vec<CycleId> = st.staged.range(from..).map(|(k, _)| *k).collect();
+    for id in ids {
+        st.staged.remove(&id);
+        let _ = std::fs::remove_file(v.staging_dir().join(stage_name(id)));
+    }
+    let _ = fsio::fsync_dir(&v.staging_dir());
+}
+
+/// Delete every file the catalog does not reference: half-written layers, merged-away layers,
+/// temporary files, staged cycles already applied. Caller holds `chain`.
+fn remove_strays(v: &Vm) -> Result<(), StoreError> {
+    let st = lock(&v.st);
+    let mut keep: std::collections::BTreeSet<PathBuf> = Default::default();
+    for p in &st.catalog.points {
+        for l in &p.layers {
+            keep.insert(v.disk_dir(&l.disk).join(&l.file));
+        }
+    }
+    let disks = v.dir.join("disks");
+    if let Ok(rd) = std::fs::read_dir(&disks) {
+        for d in rd.flatten() {
+            let Ok(files) = std::fs::read_dir(d.path()) else {
+                continue;
+            };
+            let mut removed = false;
+            for f in files.flatten() {
+                if !keep.contains(&f.path()) {
+                    tracing::info!(path = %f.path().display(), "removing stray layer");
+                    std::fs::remove_file(f.path())
+                        .map_err(|e| StoreError::io("remove", f.path(), e))?;
+                    removed = true;
+                }
+            }
+            if removed {
+                fsio::fsync_dir(&d.path())?;
+            }
+        }
+    }
+    let sdir = v.staging_dir();
+    if let Ok(rd) = std::fs::read_dir(&sdir) {
+        for f in rd.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let receiving = st
+                .receiving
+                .map(|r| format!("{}{TMP_SUFFIX}", stage_name(r)));
+            let staged = st.staged.keys().any(|id| stage_name(*id) == name);
+            if !staged && receiving.as_deref() != Some(name.as_str()) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(v.dir.join(format!("{CATALOG}{TMP_SUFFIX}")));
+    fsio::fsync_dir(&sdir)
+}
+
+// -------------------------------------------------------------------- staging writer
+
+impl StagingWriter {
+    /// True when the replica already had this cycle (a re-send after a lost ack): nothing is
+    /// stored and [`StagingWriter::finish`] succeeds at once.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+
+    /// The cycle being received.
+    pub fn header(&self) -> &CycleHeader {
+        &self.header
+    }
+
+    /// Stage one extent after verifying `checksum` against it. A bad checksum or extent
+    /// discards the whole staging ([`StoreError::CorruptExtent`] / `InvalidCycle`).
+    pub async fn put(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+        if !self.duplicate && self.file.is_none() {
+            return Err(StoreError::WriterClosed);
+        }
+        let res = check_extent(&self.header, extent).and_then(|()| {
+            if vmr_proto::checksum(extent.disk, extent.offset, &extent.data) != checksum {
+                Err(StoreError::CorruptExtent {
+                    disk: extent.disk,
+                    offset: extent.offset,
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = res {
+            self.discard();
+            return Err(e);
+        }
+        if self.duplicate {
+            return Ok(());
+        }
+        let res = match self.file.as_mut() {
+            Some(f) => f.put(extent, &checksum),
+            None => Err(StoreError::WriterClosed),
+        };
+        if let Err(e) = res {
+            self.discard();
+            return Err(e);
+        }
+        self.puts += 1;
+        if self.puts == 2 {
+            pause_point("stage-write");
+        }
+        Ok(())
+    }
+
+    /// Make the cycle durable: trailer, fsync, rename into place, directory fsync. Only
+    /// after this returns may the cycle be acknowledged to the primary.
+    pub async fn finish(mut self) -> Result<(), StoreError> {
+        if self.duplicate {
+            return Ok(());
+        }
+        let file = self.file.take().ok_or(StoreError::WriterClosed)?;
+        let res = (|| {
+            file.finish()?;
+            pause_point("stage-fsynced");
+            let dest = self.vm.staging_dir().join(stage_name(self.header.id));
+            std::fs::rename(&self.tmp, &dest)
+                .map_err(|e| StoreError::io("rename", &self.tmp, e))?;
+            pause_point("stage-renamed");
+            fsio::fsync_dir(&self.vm.staging_dir())
+        })();
+        let mut st = lock(&self.vm.st);
+        st.receiving = None;
+        match res {
+            Ok(()) => {
+                st.staged.insert(self.header.id, self.header.clone());
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.tmp);
+                let _ =
+                    std::fs::remove_file(self.vm.staging_dir().join(stage_name(self.header.id)));
+                Err(e)
+            }
+        }
+    }
+
+    fn discard(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+            let mut st = lock(&self.vm.st);
+            if st.receiving == Some(self.header.id) {
+                st.receiving = None;
+            }
+        }
+    }
+}
+
+impl Drop for StagingWriter {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+// -------------------------------------------------------------------- apply
+
+struct NewLayer {
+    dir: PathBuf,
+    rec: LayerRecord,
+}
+
+/// Apply one staged cycle into new layers and commit it. Caller holds `chain`.
+async fn apply_one(v: &Arc<Vm>, header: &CycleHeader) -> Result<RecoveryPoint, StoreError> {
+    let stage = v.staging_dir().join(stage_name(header.id));
+    let (latest, referenced) = {
+        let st = lock(&v.st);
+        let refs: std::collections::BTreeSet<(String, String)> = st
+            .catalog
+            .points
+            .iter()
+            .flat_map(|p| p.layers.iter().map(|l| (l.disk.clone(), l.file.clone())))
+            .collect();
+        (st.catalog.points.last().cloned(), refs)
+    };
+    let latest_id = latest.as_ref().map(|p| p.id);
+    if header.kind != CycleKind::Full && header.base != latest_id {
+        return Err(StoreError::WrongBase {
+            expected: latest_id,
+            got: header.base,
+        });
+    }
+    // 1. Create the new layers (replacing any half-written leftovers).
+    let mut layers = Vec::new();
+    for d in &header.disks {
+        let dir = v.disk_dir(&d.id);
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+        let prev = match (&latest, header.kind) {
+            (Some(p), k) if k != CycleKind::Full => p
+                .layers
+                .iter()
+                .find(|l| l.disk == d.id)
+                .map(|l| l.file.clone()),
+            _ => None,
+        };
+        let file = match (&prev, &latest) {
+            (Some(_), _) => layer_name(header.id),
+            (None, None) => "base.qcow2".to_owned(),
+            (None, Some(_)) => format!("base-{}", layer_name(header.id)),
+        };
+        if referenced.contains(&(d.id.clone(), file.clone())) {
+            return Err(StoreError::corrupt(
+                dir.join(&file),
+                "layer to create is already committed",
+            ));
+        }
+        layers.push(NewLayer {
+            dir,
+            rec: LayerRecord {
+                disk: d.id.clone(),
+                size: d.size,
+                file,
+                backing: prev,
+            },
+        });
+    }
+    let created = create_layers(&layers).await;
+    let res = match created {
+        Ok(()) => write_cycle(&stage, header, &layers).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = res {
+        for l in &layers {
+            let _ = std::fs::remove_file(l.dir.join(&l.rec.file));
+        }
+        return Err(e);
+    }
+    pause_point("apply-flushed");
+    // 2. Commit: the catalog write is the instant the point exists.
+    let point = PointRecord {
+        id: header.id,
+        taken_at_ms: header.taken_at_ms,
+        kind: PointKind::from(header.consistency),
+        layers: layers.into_iter().map(|l| l.rec).collect(),
+        pruning: false,
+    };
+    let info = {
+        let mut st = lock(&v.st);
+        let mut c = st.catalog.clone();
+        c.points.push(point.clone());
+        v.commit(&mut st, c)?;
+        st.staged.remove(&header.id);
+        v.point_info(&st.catalog, &point)
+    };
+    pause_point("apply-committed");
+    // 3. The staging file is no longer needed.
+    let _ = std::fs::remove_file(&stage);
+    fsio::fsync_dir(&v.staging_dir())?;
+    Ok(info)
+}
+
+async fn create_layers(layers: &[NewLayer]) -> Result<(), StoreError> {
+    for l in layers {
+        let path = l.dir.join(&l.rec.file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove", &path, e)),
+        }
+        qemu::create_layer(
+            &l.dir,
+            &l.rec.file,
+            l.rec.size,
+            l.rec.backing.as_deref(),
+            false,
+        )
+        .await?;
+    }
+    pause_point("apply-layers-created");
+    Ok(())
+}
+
+/// Stream the staging file into the layers through qemu-nbd, flush, disconnect, fsync.
+async fn write_cycle(
+    stage: &Path,
+    header: &CycleHeader,
+    layers: &[NewLayer],
+) -> Result<(), StoreError> {
+    let mut exports = Vec::new();
+    for l in layers {
+        match Export::start(&l.dir.join(&l.rec.file)).await {
+            Ok(e) => exports.push(e),
+            Err(e) => {
+                for x in exports {
+                    x.abort().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let res = stream_into(stage, header, layers, &exports).await;
+    let res = match res {
+        Ok(()) => {
+            let mut r = Ok(());
+            for x in exports {
+                if r.is_ok() {
+                    r = x.finish().await;
+                } else {
+                    x.abort().await;
+                }
+            }
+            r
+        }
+        Err(e) => {
+            for x in exports {
+                x.abort().await;
+            }
+            Err(e)
+        }
+    };
+    res?;
+    for l in layers {
+        fsio::fsync_file(&l.dir.join(&l.rec.file))?;
+        fsio::fsync_dir(&l.dir)?;
+    }
+    Ok(())
+}
+
+async fn stream_into(
+    stage: &Path,
+    header: &CycleHeader,
+    layers: &[NewLayer],
+    exports: &[Export],
+) -> Result<(), StoreError> {
+    // A blocking reader thread feeds verified extents through a small bounded channel.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent, StoreError>>(4);
+    let path = stage.to_owned();
+    let want = header.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut r = match StageReader::open(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        if r.header() != &want {
+            let _ = tx.blocking_send(Err(StoreError::corrupt(
+                &path,
+                "staging header does not match",
+            )));
+            return;
+        }
+        loop {
+            match r.next_extent() {
+                Ok(Some(e)) => {
+                    if tx.blocking_send(Ok(e)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let mut pipe = Pipeline::default();
+    let mut n = 0u64;
+    let res = async {
+        while let Some(item) = rx.recv().await {
+            let e = item?;
+            check_extent(header, &e)?;
+            let i = e.disk as usize;
+            let (Some(l), Some(x)) = (layers.get(i), exports.get(i)) else {
+                return Err(StoreError::InvalidCycle(format!("disk index {i}")));
+            };
+            let what = l.rec.file.as_str();
+            pipe.order(e.disk, e.offset, e.len()).await?;
+            match e.data {
+                ExtentData::Data(b) => pipe.write(&x.client, what, e.offset, b, x.chunk()).await?,
+                // A fresh base layer already reads as zeros.
+                ExtentData::Zero(len) if l.rec.backing.is_some() => {
+                    pipe.zero(&x.client, what, e.offset, len, x.chunk()).await?
+                }
+                ExtentData::Zero(_) => {}
+            }
+            n += 1;
+            if n == 2 {
+                pause_point("apply-writing");
+            }
+        }
+        pipe.drain().await
+    }
+    .await;
+    if res.is_err() {
+        let _ = pipe.drain().await;
+    }
+    drop(rx);
+    let _ = reader.await;
+    res
+}
+
+// -------------------------------------------------------------------- prune
+
+/// Merge point `id` away. Returns false when it is (now) not eligible. With `force`, pinned
+/// and latest checks are skipped except that pinned points are never dropped. Caller holds
+/// `chain`.
+async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreError> {
+    // 1. Eligibility and the prune intent, under the state lock.
+    let (point, upper) = {
+        let mut st = lock(&v.st);
+        let c = &st.catalog;
+        let Some(i) = c.points.iter().position(|p| p.id == id) else {
+            return Ok(false);
+        };
+        let is_latest = i + 1 == c.points.len();
+        let pinned_here = c.views.iter().any(|w| w.point == id);
+        let pinned_above = c.views.iter().any(|w| w.point > id);
+        if pinned_here || (!force && (is_latest || pinned_above)) {
+            return Ok(false);
+        }
+        let point = c.points[i].clone();
+        let upper = c.points.get(i + 1).cloned();
+        if !point.pruning {
+            let mut nc = c.clone();
+            nc.points[i].pruning = true;
+            v.commit(&mut st, nc)?;
+        }
+        (point, upper)
+    };
+    pause_point("prune-intent");
+    // 2. Per disk: copy the dropped layer's clusters up into the layer above, then rebase the
+    //    upper layer onto the dropped layer's backing.
+    let mut rebased = Vec::new();
+    for l in &point.layers {
+        let Some(u) = upper.as_ref().and_then(|u| {
+            u.layers
+                .iter()
+                .find(|ul| ul.disk == l.disk && ul.backing.as_deref() == Some(&l.file))
+        }) else {
+            continue;
+        };
+        let dir = v.disk_dir(&l.disk);
+        let actual = qemu::backing_of(&dir, &u.file).await?;
+        if actual.as_deref() == Some(l.file.as_str()) {
+            copy_up(&dir, &u.file).await?;
+            pause_point("prune-copied");
+            qemu::rebase_unsafe(&dir, &u.file, l.backing.as_deref()).await?;
+            fsio::fsync_file(&dir.join(&u.file))?;
+        } else if actual != l.backing {
+            return Err(StoreError::corrupt(
+                dir.join(&u.file),
+                format!(
+                    "backing {actual:?} is neither {:?} nor {:?}",
+                    l.file, l.backing
+                ),
+            ));
+        }
+        rebased.push((u.disk.clone(), l.backing.clone()));
+    }
+    pause_point("prune-rebased");
+    // 3. Commit: drop the point, record the new backings.
+    {
+        let mut st = lock(&v.st);
+        let mut c = st.catalog.clone();
+        c.points.retain(|p| p.id != id);
+        if let Some(up) = upper
+            .as_ref()
+            .and_then(|u| c.points.iter_mut().find(|p| p.id == u.id))
+        {
+            for (disk, backing) in &rebased {
+                if let Some(l) = up.layers.iter_mut().find(|l| &l.disk == disk) {
+                    l.backing = backing.clone();
+                }
+            }
+        }
+        v.commit(&mut st, c)?;
+    }
+    pause_point("prune-committed");
+    // 4. Delete the merged layers.
+    for l in &point.layers {
+        let dir = v.disk_dir(&l.disk);
+        match std::fs::remove_file(dir.join(&l.file)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove", dir.join(&l.file), e)),
+        }
+        fsio::fsync_dir(&dir)?;
+    }
+    Ok(true)
+}
+
+/// Copy into `file` every cluster that its direct backing layer has and it lacks, reading it
+/// through `file` itself (so the visible content never changes), then flush.
+async fn copy_up(dir: &Path, file: &str) -> Result<(), StoreError> {
+    let ranges = qemu::ranges_in_backing(dir, file).await?;
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let x = Export::start(&dir.join(file)).await?;
+    let res = async {
+        let mut pipe = Pipeline::default();
+        let chunk = x.chunk().min(4 << 20);
+        let r = async {
+            for (off, len) in ranges {
+                let mut pos = 0;
+                while pos < len {
+                    let n = (len - pos).min(chunk);
+                    let chunks = x
+                        .client
+                        .read_chunks(off + pos, n as u32)
+                        .await
+                        .map_err(|e| StoreError::nbd(file, e))?;
+                    for c in chunks {
+                        match c {
+                            vmr_nbd::ReadChunk::Data { offset, data } => {
+                                pipe.write(&x.client, file, offset, data, chunk).await?
+                            }
+                            vmr_nbd::ReadChunk::Hole { offset, len } => {
+                                pipe.zero(&x.client, file, offset, u64::from(len), chunk)
+                                    .await?
+                            }
+                        }
+                    }
+                    pos += n;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let d = pipe.drain().await;
+        r.and(d)
+    }
+    .await;
+    match res {
+        Ok(()) => x.finish().await,
+        Err(e) => {
+            x.abort().await;
+            Err(e)
+        }
+    }?;
+    fsio::fsync_file(&dir.join(file))
+}

@@ -1,0 +1,275 @@
+//! Integration tests of the replica store against real qemu-img / qemu-nbd.
+
+mod common;
+
+use common::*;
+use vmr_proto::{CycleKind, Extent, ExtentData};
+use vmr_store::{RetentionPolicy, Store, StoreError};
+
+fn new_store(dir: &std::path::Path, hourly: u32) -> Store {
+    let store = Store::open(dir).expect("open");
+    let vm = vm_uuid();
+    store
+        .add_vm(
+            vm,
+            &definition(vm),
+            RetentionPolicy {
+                hourly,
+                app_consistent_every_hours: None,
+            },
+        )
+        .expect("add vm");
+    store
+}
+
+#[tokio::test]
+async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vm = vm_uuid();
+    let store = new_store(dir.path(), 24);
+    assert_eq!(store.definition(vm)?, definition(vm));
+    for id in 1..=4 {
+        assert!(!send(&store, vm, id).await?);
+        let pts = store.apply_pending(vm).await?;
+        assert_eq!(pts.len(), 1);
+        assert_eq!(pts[0].id, id);
+        assert_eq!(
+            point_content(&store, vm, None)?,
+            model(vm, id),
+            "content after cycle {id}"
+        );
+    }
+    // Every point still holds its own cycle's content.
+    for id in 1..=4 {
+        assert_eq!(
+            point_content(&store, vm, Some(id))?,
+            model(vm, id),
+            "point {id}"
+        );
+    }
+    let pts = store.points(vm)?;
+    assert_eq!(
+        pts.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(pts[3].kind, vmr_store::PointKind::AppConsistent);
+    assert!(pts.iter().all(|p| p.size_on_disk > 0));
+    // The chain reads sensibly to an admin: relative names, qcow2 backing format.
+    let layers = store.point_layers(vm, None)?;
+    let chain = vmr_testkit::img::backing_chain_text(&layers[0].1)?;
+    assert!(chain.contains("backing file: c000003.qcow2"), "{chain}");
+    assert!(chain.contains("backing file format: qcow2"), "{chain}");
+    assert!(
+        chain.contains("image: base.qcow2") || chain.contains("/base.qcow2"),
+        "{chain}"
+    );
+    for (_, p) in &layers {
+        vmr_testkit::img::check(p)?;
+    }
+
+    // Re-sent cycle: accepted idempotently.
+    assert!(send(&store, vm, 3).await?);
+    assert!(send(&store, vm, 4).await?);
+    assert!(store.apply_pending(vm).await?.is_empty());
+    // Wrong base.
+    let (mut h, _) = cycle(vm, 6);
+    h.base = Some(5);
+    match store.begin_receive(h) {
+        Err(StoreError::WrongBase {
+            expected: Some(4),
+            got: Some(5),
+        }) => {}
+        other => panic!("expected WrongBase, got {other:?}"),
+    }
+    // Unknown VM.
+    let (mut h, _) = cycle(vm, 5);
+    h.vm = uuid::Uuid::new_v4();
+    assert!(matches!(
+        store.begin_receive(h),
+        Err(StoreError::UnknownVm(_))
+    ));
+    // Corrupt extent: refused, staging discarded, a retry works.
+    let (h, ex) = cycle(vm, 5);
+    let mut w = store.begin_receive(h.clone())?;
+    w.put(&ex[0], ex[0].checksum()).await?;
+    let mut bad = ex[1].checksum();
+    bad[0] ^= 1;
+    assert!(matches!(
+        w.put(&ex[1], bad).await,
+        Err(StoreError::CorruptExtent { .. })
+    ));
+    assert!(matches!(w.finish().await, Err(StoreError::WriterClosed)));
+    assert!(store.staged(vm)?.is_empty());
+    // Out-of-range extent.
+    let mut w = store.begin_receive(h.clone())?;
+    let e = Extent {
+        disk: 0,
+        offset: DISK_SIZES[0] - 10,
+        data: ExtentData::Zero(20),
+    };
+    assert!(matches!(
+        w.put(&e, e.checksum()).await,
+        Err(StoreError::InvalidCycle(_))
+    ));
+    drop(w);
+    let e = Extent {
+        disk: 7,
+        offset: 0,
+        data: ExtentData::Zero(20),
+    };
+    let mut w = store.begin_receive(h.clone())?;
+    assert!(matches!(
+        w.put(&e, e.checksum()).await,
+        Err(StoreError::InvalidCycle(_))
+    ));
+    drop(w);
+    assert!(!send(&store, vm, 5).await?);
+    // Staged-not-applied counts as latest for the next base; a second receive while one runs
+    // is refused.
+    assert_eq!(store.latest_cycle(vm)?, Some(5));
+    assert_eq!(store.latest_point(vm)?, Some(4));
+    let w6 = store.begin_receive(cycle(vm, 6).0)?;
+    assert!(matches!(
+        store.begin_receive(cycle(vm, 6).0),
+        Err(StoreError::ReceiveInProgress(6))
+    ));
+    drop(w6);
+    // Reopen: staged cycle 5 survives and is applied by recover.
+    drop(store);
+    let store = Store::open(dir.path())?;
+    assert_eq!(store.staged(vm)?, vec![5]);
+    store.recover().await?;
+    assert_eq!(store.latest_point(vm)?, Some(5));
+    assert_eq!(point_content(&store, vm, None)?, model(vm, 5));
+
+    // Views: instant overlays, pinned, never see later cycles.
+    let vdir = tempfile::tempdir()?;
+    let view = store.create_view(vm, Some(3), vdir.path()).await?;
+    assert_eq!(view.point, 3);
+    send(&store, vm, 6).await?;
+    store.apply_pending(vm).await?;
+    let got: Vec<Vec<u8>> = view
+        .disks
+        .iter()
+        .map(|(_, p)| vmr_testkit::img::raw_content(p))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(got, model(vm, 3));
+    assert!(matches!(
+        store.create_view(vm, Some(99), vdir.path()).await,
+        Err(StoreError::NoSuchPoint(Some(99)))
+    ));
+    // Pinned: history 0 would drop everything but 6; 3 and below stay.
+    store.set_retention(vm, RetentionPolicy::default())?;
+    let dropped = store.prune(vm).await?;
+    assert!(
+        !dropped.contains(&3) && !dropped.contains(&1),
+        "{dropped:?}"
+    );
+    assert!(dropped.contains(&4) && dropped.contains(&5), "{dropped:?}");
+    assert_eq!(point_content(&store, vm, Some(3))?, model(vm, 3));
+    assert_eq!(point_content(&store, vm, None)?, model(vm, 6));
+    store.remove_view(vm, view.id)?;
+    assert!(!view.disks[0].1.exists());
+    store.prune(vm).await?;
+    assert_eq!(
+        store.points(vm)?.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![6]
+    );
+    assert_eq!(point_content(&store, vm, None)?, model(vm, 6));
+    let u = store.usage(vm)?;
+    assert_eq!(u.points.len(), 1);
+    assert!(u.total_bytes >= u.points[0].1);
+    // Only the live files remain.
+    let files: Vec<_> =
+        std::fs::read_dir(store.point_layers(vm, None)?[0].1.parent().expect("dir"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+    assert_eq!(files, vec!["c000006.qcow2".to_owned()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn prune_keeps_every_remaining_point_identical() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vm = vm_uuid();
+    let store = new_store(dir.path(), 2);
+    for id in 1..=10 {
+        send(&store, vm, id).await?;
+        store.apply_pending(vm).await?;
+    }
+    let before: Vec<(u64, [u8; 32])> = store
+        .points(vm)?
+        .iter()
+        .map(|p| Ok((p.id, hash_disks(&point_content(&store, vm, Some(p.id))?))))
+        .collect::<anyhow::Result<_>>()?;
+    // Points are 20 minutes apart; with 2 hourly slots and "now" just after the latest point,
+    // only a few points remain.
+    let now = T0 + 10 * STEP_MS + 1000;
+    let dropped = match store.prune_at(vm, now).await {
+        Ok(d) => d,
+        Err(e) => panic!("{e:?}"),
+    };
+    assert!(!dropped.is_empty());
+    assert!(!dropped.contains(&10));
+    let after = store.points(vm)?;
+    assert!(after.len() < 10);
+    for p in &after {
+        let want = before
+            .iter()
+            .find(|(id, _)| *id == p.id)
+            .expect("point existed")
+            .1;
+        assert_eq!(
+            hash_disks(&point_content(&store, vm, Some(p.id))?),
+            want,
+            "point {} changed",
+            p.id
+        );
+        assert_eq!(
+            hash_disks(&point_content(&store, vm, Some(p.id))?),
+            hash_disks(&model(vm, p.id))
+        );
+        for (_, l) in store.point_layers(vm, Some(p.id))? {
+            vmr_testkit::img::check(&l)?;
+        }
+    }
+    // Failover complete: keep one older point only.
+    let keep = after[0].id;
+    store.discard_points_except(vm, Some(keep)).await?;
+    assert_eq!(
+        store.points(vm)?.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![keep]
+    );
+    assert_eq!(point_content(&store, vm, None)?, model(vm, keep));
+    Ok(())
+}
+
+#[tokio::test]
+async fn full_resync_starts_a_new_chain() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vm = vm_uuid();
+    let store = new_store(dir.path(), 0);
+    for id in 1..=2 {
+        send(&store, vm, id).await?;
+        store.apply_pending(vm).await?;
+    }
+    // A full cycle (resync) with a later id is accepted without a base.
+    let (mut h, ex) = cycle(vm, 1);
+    h.id = 3;
+    h.kind = CycleKind::Full;
+    let mut w = store.begin_receive(h)?;
+    for e in &ex {
+        w.put(e, e.checksum()).await?;
+    }
+    w.finish().await?;
+    store.apply_pending(vm).await?;
+    assert_eq!(point_content(&store, vm, None)?, model(vm, 1));
+    store.prune(vm).await?;
+    assert_eq!(
+        store.points(vm)?.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(point_content(&store, vm, None)?, model(vm, 1));
+    Ok(())
+}
