@@ -1,1 +1,33 @@
-//! vmr-transport: see ARCHITECTURE.md.
+//! Mutual-TLS HTTP/2 transport between vmreplica agents.
+//!
+//! Owns everything between two agents' sockets: agent identities (self-signed certificates pinned
+//! by fingerprint), the TLS verifiers, the HTTP/2 server and client, and the binary cycle framing
+//! (optionally zstd-compressed, per-extent BLAKE3 checksums). The wire format is specified in
+//! `docs/protocol.md`; the JSON types it carries live in `vmr_proto::wire`.
+//!
+//! Checksum policy: the transport verifies every extent's checksum and the end-of-stream summary
+//! while decoding, and still hands each checksum to the handler (so the store can persist it).
+//! An [`ExtentStream`] yields `None` only after the End frame verified; a handler must commit a
+//! cycle only then and discard its staging on any `Err` item.
+
+mod client;
+mod error;
+mod frame;
+mod identity;
+mod server;
+mod tls;
+
+pub use client::{Client, ClientOptions};
+pub use error::{IdentityError, TransportError};
+pub use frame::{
+    ExtentStream, FLAG_ZSTD, MAX_EXTENT_DATA, MAX_HEADER_JSON, STREAM_MAGIC, STREAM_VERSION,
+};
+pub use identity::{CERT_FILE, Identity, KEY_FILE, fingerprint};
+pub use server::{Authorize, Handler, Peer, PeerList, Server};
+pub use vmr_proto::wire::{CycleAck, Hello, PROTOCOL_VERSION, RemoteError};
+
+/// Helpers for tests and tools; not a stable API.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::frame::encode_cycle;
+}

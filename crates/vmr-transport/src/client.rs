@@ -1,0 +1,357 @@
+//! The HTTP/2 client side: one pinned mutual-TLS connection to a peer agent, over which cycles
+//! are streamed and JSON control calls are made, several at a time.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::channel::mpsc;
+use futures::{Stream, StreamExt};
+use http::{Method, Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use vmr_proto::wire::{CycleAck, Hello, PROTOCOL_VERSION, RemoteError};
+use vmr_proto::{CycleHeader, Extent};
+
+use crate::error::TransportError;
+use crate::frame::FrameEncoder;
+use crate::identity::Identity;
+use crate::server::{
+    CONN_WINDOW, MAX_FRAME, MAX_JSON_BODY, PATH_CALL, PATH_CYCLE, PATH_HELLO, STREAM_WINDOW,
+    valid_method,
+};
+use crate::tls;
+
+/// Content type of cycle bodies.
+const CYCLE_CONTENT_TYPE: &str = "application/vnd.vmreplica.cycle";
+/// Chunks queued between the encoder and HTTP/2 (each at most 256 KiB).
+const BODY_QUEUE: usize = 4;
+
+/// Client tuning.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Bound on TCP connect + TLS handshake + hello.
+    pub connect_timeout: Duration,
+    /// Bound on one JSON [`Client::call`].
+    pub call_timeout: Duration,
+    /// HTTP/2 ping interval; a peer silent for as long again is considered gone.
+    pub keepalive: Duration,
+    /// zstd level used when a cycle is sent compressed.
+    pub zstd_level: i32,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(60),
+            keepalive: Duration::from_secs(15),
+            zstd_level: 1,
+        }
+    }
+}
+
+type ReqBody = UnsyncBoxBody<Bytes, Infallible>;
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A connection to one peer agent. Cheap to clone; clones share the connection and may run
+/// requests concurrently (one HTTP/2 stream each). The connection closes when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct Client {
+    sender: http2::SendRequest<ReqBody>,
+    authority: String,
+    opts: ClientOptions,
+    hello: Hello,
+    _conn: Arc<AbortOnDrop>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_hyper(e: hyper::Error) -> TransportError {
+    if e.is_timeout() {
+        return TransportError::Timeout("http/2 keepalive");
+    }
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    TransportError::Interrupted(msg)
+}
+
+fn map_tls(
+    e: std::io::Error,
+    addr: &str,
+    verifier: &tls::PinnedServerVerifier,
+    expected: &str,
+) -> TransportError {
+    let seen = verifier.seen.lock().ok().and_then(|s| s.clone());
+    if let Some(got) = seen
+        && got != expected
+    {
+        return TransportError::PeerFingerprint {
+            expected: expected.into(),
+            got,
+        };
+    }
+    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+        if let Some(inner) = e.into_inner()
+            && let Ok(r) = inner.downcast::<rustls::Error>()
+        {
+            return TransportError::Tls(*r);
+        }
+        return TransportError::Protocol("tls handshake failed".into());
+    }
+    TransportError::Connect {
+        addr: addr.into(),
+        source: e,
+    }
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port`), presenting `identity` and accepting only a server whose
+    /// certificate has `expected_fingerprint`, then exchanges hellos (which also checks that the
+    /// server authorizes us: otherwise `Remote(Unauthorized)`).
+    pub async fn connect(
+        addr: &str,
+        identity: &Identity,
+        expected_fingerprint: &str,
+        opts: ClientOptions,
+    ) -> Result<Client, TransportError> {
+        let (cfg, verifier) = tls::client_config(identity, expected_fingerprint)?;
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_string())
+            .or_else(|_| ServerName::try_from("vmreplica".to_string()))
+            .map_err(|e| TransportError::Protocol(format!("bad host {host:?}: {e}")))?;
+        let keepalive = opts.keepalive;
+        let setup = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|source| TransportError::Connect {
+                    addr: addr.into(),
+                    source,
+                })?;
+            let _ = tcp.set_nodelay(true);
+            let tls = TlsConnector::from(Arc::new(cfg))
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| map_tls(e, addr, &verifier, expected_fingerprint))?;
+            if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+                return Err(TransportError::Protocol(
+                    "server did not negotiate h2".into(),
+                ));
+            }
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(keepalive))
+                .keep_alive_timeout(keepalive)
+                .keep_alive_while_idle(true)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONN_WINDOW)
+                .max_frame_size(MAX_FRAME);
+            let (sender, conn) = builder
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(map_hyper)?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "peer connection ended");
+                }
+            });
+            Ok::<_, TransportError>((sender, AbortOnDrop(task)))
+        };
+        let (sender, conn) = tokio::time::timeout(opts.connect_timeout, setup)
+            .await
+            .map_err(|_| TransportError::Timeout("connect"))??;
+        let mut client = Client {
+            sender,
+            authority: addr.to_string(),
+            opts,
+            hello: Hello {
+                protocol: PROTOCOL_VERSION,
+                software: String::new(),
+                peer_name: String::new(),
+                trust_group: None,
+            },
+            _conn: Arc::new(conn),
+        };
+        let req = client
+            .request_builder(Method::GET, PATH_HELLO)
+            .body(empty_body());
+        let req = req.map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+        let hello = tokio::time::timeout(client.opts.connect_timeout, async {
+            let resp = client.send(req).await?;
+            read_json::<Hello>(resp).await
+        })
+        .await
+        .map_err(|_| TransportError::Timeout("hello"))??;
+        if hello.protocol != PROTOCOL_VERSION {
+            return Err(TransportError::Protocol(format!(
+                "peer speaks protocol {}, we speak {PROTOCOL_VERSION}",
+                hello.protocol
+            )));
+        }
+        client.hello = hello;
+        Ok(client)
+    }
+
+    /// The server's hello: protocol version and the name/trust group it knows us by.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// True once the connection is closed (then reconnect).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    fn request_builder(&self, method: Method, path: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", self.authority))
+            .header("vmr-protocol", PROTOCOL_VERSION.to_string())
+    }
+
+    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, TransportError> {
+        let mut sender = self.sender.clone();
+        sender.ready().await.map_err(map_hyper)?;
+        sender.send_request(req).await.map_err(map_hyper)
+    }
+
+    /// Streams one cycle to the peer: the body is produced from `extents` as HTTP/2 flow control
+    /// allows (a few 256 KiB chunks queued at most), zstd-compressed when `compress`. Returns the
+    /// peer's acknowledgement once it verified and staged the whole cycle.
+    pub async fn send_cycle<S, E>(
+        &self,
+        header: &CycleHeader,
+        extents: S,
+        compress: bool,
+    ) -> Result<CycleAck, TransportError>
+    where
+        S: Stream<Item = Result<Extent, E>> + Send,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
+        let body = StreamBody::new(rx.map(|b| Ok::<_, Infallible>(Frame::data(b)))).boxed_unsync();
+        let req = self
+            .request_builder(Method::POST, PATH_CYCLE)
+            .header(http::header::CONTENT_TYPE, CYCLE_CONTENT_TYPE)
+            .body(body)
+            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+        let level = compress.then_some(self.opts.zstd_level);
+        let producer = async move {
+            let mut enc = FrameEncoder::start(tx, header, level).await?;
+            futures::pin_mut!(extents);
+            while let Some(e) = extents.next().await {
+                enc.extent(e.map_err(|e| TransportError::Source(e.into()))?)
+                    .await?;
+            }
+            enc.finish().await
+        };
+        let response = self.send(req);
+        futures::pin_mut!(producer, response);
+        let resp = tokio::select! {
+            r = &mut producer => match r {
+                // Body closed under us: the peer answered early or the connection died; the
+                // response says which.
+                Ok(()) | Err(TransportError::Interrupted(_)) => response.await,
+                // Our side failed: dropping the request abandons the stream, which the peer sees
+                // as a body without End frame.
+                Err(e) => return Err(e),
+            },
+            r = &mut response => r,
+        }?;
+        read_json::<CycleAck>(resp).await
+    }
+
+    /// Sends a pre-encoded cycle body as is (tests of the receiver's checks).
+    #[doc(hidden)]
+    pub async fn send_raw_cycle(&self, body: Bytes) -> Result<CycleAck, TransportError> {
+        let req = self
+            .request_builder(Method::POST, PATH_CYCLE)
+            .header(http::header::CONTENT_TYPE, CYCLE_CONTENT_TYPE)
+            .body(Full::new(body).boxed_unsync())
+            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+        let resp = self.send(req).await?;
+        read_json(resp).await
+    }
+
+    /// Makes a JSON control call `method` (`[A-Za-z0-9._-]{1,64}`) with `body`.
+    pub async fn call(
+        &self,
+        method: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, TransportError> {
+        if !valid_method(method) {
+            return Err(TransportError::Protocol(format!(
+                "invalid method name {method:?}"
+            )));
+        }
+        let json = serde_json::to_vec(body)
+            .map_err(|e| TransportError::Local(format!("cannot encode call body: {e}")))?;
+        let req = self
+            .request_builder(Method::POST, &format!("{PATH_CALL}{method}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(json)).boxed_unsync())
+            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+        tokio::time::timeout(self.opts.call_timeout, async {
+            let resp = self.send(req).await?;
+            read_json(resp).await
+        })
+        .await
+        .map_err(|_| TransportError::Timeout("call"))?
+    }
+}
+
+fn empty_body() -> ReqBody {
+    Full::new(Bytes::new()).boxed_unsync()
+}
+
+/// Reads a JSON response: `T` on success, the typed [`RemoteError`] otherwise.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    resp: Response<Incoming>,
+) -> Result<T, TransportError> {
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|e| TransportError::Interrupted(format!("response body: {e}")))?
+        .to_bytes();
+    if status.is_success() {
+        serde_json::from_slice(&body)
+            .map_err(|e| TransportError::Protocol(format!("bad response json: {e}")))
+    } else {
+        match serde_json::from_slice::<RemoteError>(&body) {
+            Ok(e) => Err(TransportError::Remote(e)),
+            Err(_) => Err(TransportError::Protocol(format!(
+                "http {status} without a typed error: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ))),
+        }
+    }
+}

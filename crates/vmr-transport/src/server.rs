@@ -1,0 +1,375 @@
+//! The HTTP/2 server side: accepting mutual-TLS connections, authorizing the client certificate
+//! by fingerprint, routing requests to the agent's [`Handler`] and mapping its typed errors to
+//! HTTP responses.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use vmr_proto::CycleHeader;
+use vmr_proto::wire::{CycleAck, Hello, PROTOCOL_VERSION, RemoteError};
+
+use crate::error::TransportError;
+use crate::frame::{CycleDecoder, ExtentStream};
+use crate::identity::{Identity, fingerprint};
+use crate::tls;
+
+/// Route of cycle uploads.
+pub(crate) const PATH_CYCLE: &str = "/v1/cycle";
+/// Prefix of JSON control calls; the method name follows.
+pub(crate) const PATH_CALL: &str = "/v1/call/";
+/// Route of the hello exchange.
+pub(crate) const PATH_HELLO: &str = "/v1/hello";
+/// Largest JSON request or response body.
+pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
+/// HTTP/2 flow-control windows: how much of a stream may be in flight unconsumed.
+pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
+pub(crate) const CONN_WINDOW: u32 = 16 << 20;
+pub(crate) const MAX_FRAME: u32 = 256 << 10;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// An authorized peer agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's configured name.
+    pub name: String,
+    /// Its pinned certificate fingerprint.
+    pub fingerprint: String,
+    /// Its trust group, if any.
+    pub trust_group: Option<String>,
+}
+
+/// Decides whether a client certificate fingerprint belongs to a known peer.
+pub trait Authorize: Send + Sync + 'static {
+    /// The peer owning `fingerprint`, or `None` to refuse it.
+    fn authorize(&self, fingerprint: &str) -> Option<Peer>;
+}
+
+/// A fixed list of peers, authorized by exact fingerprint.
+#[derive(Debug, Clone, Default)]
+pub struct PeerList(pub Vec<Peer>);
+
+impl Authorize for PeerList {
+    fn authorize(&self, fingerprint: &str) -> Option<Peer> {
+        self.0
+            .iter()
+            .find(|p| p.fingerprint == fingerprint)
+            .cloned()
+    }
+}
+
+/// What the agent does with authorized requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Receives one cycle. `extents` yields verified extents lazily as the body arrives; it
+    /// yields `None` only after the End frame verified. On any `Err` item the handler must
+    /// discard what it staged and return an error (see [`TransportError::to_remote`]).
+    fn receive_cycle(
+        &self,
+        peer: &Peer,
+        header: CycleHeader,
+        extents: ExtentStream,
+    ) -> impl Future<Output = Result<CycleAck, RemoteError>> + Send;
+
+    /// Answers a small JSON control request.
+    fn call(
+        &self,
+        peer: &Peer,
+        method: &str,
+        body: serde_json::Value,
+    ) -> impl Future<Output = Result<serde_json::Value, RemoteError>> + Send;
+}
+
+/// A bound, not yet running agent server.
+pub struct Server<H: Handler> {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    authorizer: Arc<dyn Authorize>,
+    handler: Arc<H>,
+    local_addr: SocketAddr,
+}
+
+impl<H: Handler> std::fmt::Debug for Server<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> Server<H> {
+    /// Binds `addr` (port 0 picks a free port) with `identity` as server certificate.
+    pub async fn bind(
+        addr: SocketAddr,
+        identity: &Identity,
+        authorizer: Arc<dyn Authorize>,
+        handler: Arc<H>,
+    ) -> Result<Server<H>, TransportError> {
+        let cfg = tls::server_config(identity)?;
+        let connect_err = |source| TransportError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let listener = TcpListener::bind(addr).await.map_err(connect_err)?;
+        let local_addr = listener.local_addr().map_err(connect_err)?;
+        Ok(Server {
+            listener,
+            acceptor: TlsAcceptor::from(Arc::new(cfg)),
+            authorizer,
+            handler,
+            local_addr,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves connections until `shutdown` completes, then stops accepting, lets running
+    /// requests finish for a short grace period and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TransportError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok((tcp, remote)) => {
+                        let _ = tcp.set_nodelay(true);
+                        conns.spawn(serve_conn(
+                            tcp,
+                            remote,
+                            self.acceptor.clone(),
+                            self.authorizer.clone(),
+                            self.handler.clone(),
+                            stop_rx.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        let _ = stop_tx.send(true);
+        let drain = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            conns.abort_all();
+        }
+        Ok(())
+    }
+}
+
+async fn serve_conn<H: Handler>(
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    authorizer: Arc<dyn Authorize>,
+    handler: Arc<H>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(%remote, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "tls handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(tls::ALPN_H2) {
+        tracing::warn!(%remote, "client did not negotiate h2");
+        return;
+    }
+    let fp = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| fingerprint(c));
+    let peer = fp.as_deref().and_then(|f| authorizer.authorize(f));
+    match &peer {
+        Some(p) => tracing::debug!(%remote, peer = %p.name, "peer connected"),
+        None => tracing::warn!(
+            %remote,
+            fingerprint = fp.as_deref().unwrap_or("-"),
+            "unknown client certificate refused"
+        ),
+    }
+    let peer = Arc::new(peer);
+    let svc = service_fn(move |req| {
+        let peer = peer.clone();
+        let handler = handler.clone();
+        async move {
+            // The request runs in its own task: if the client resets the stream, hyper drops
+            // this future, but the handler still runs to completion and sees its extent stream
+            // fail (Interrupted) instead of being cancelled mid-way.
+            let task =
+                tokio::spawn(
+                    async move { route(req, peer.as_ref().as_ref(), handler.as_ref()).await },
+                );
+            let resp = task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "request handler failed");
+                error_response(&RemoteError::Internal {
+                    message: "handler panicked".into(),
+                })
+            });
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEPALIVE))
+        .keep_alive_timeout(KEEPALIVE)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(64);
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%remote, error = %e, "connection ended");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+type RespBody = Full<Bytes>;
+
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<RespBody> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error_response(e: &RemoteError) -> Response<RespBody> {
+    let status = StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(status, e)
+}
+
+fn bad_request(message: impl Into<String>) -> Response<RespBody> {
+    error_response(&RemoteError::BadRequest {
+        message: message.into(),
+    })
+}
+
+async fn route<H: Handler>(
+    req: Request<Incoming>,
+    peer: Option<&Peer>,
+    handler: &H,
+) -> Response<RespBody> {
+    let Some(peer) = peer else {
+        return error_response(&RemoteError::Unauthorized);
+    };
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, PATH_HELLO) => json_response(
+            StatusCode::OK,
+            &Hello {
+                protocol: PROTOCOL_VERSION,
+                software: env!("CARGO_PKG_VERSION").to_string(),
+                peer_name: peer.name.clone(),
+                trust_group: peer.trust_group.clone(),
+            },
+        ),
+        (&Method::POST, PATH_CYCLE) => receive_cycle(req, peer, handler).await,
+        (&Method::POST, p) if p.starts_with(PATH_CALL) => {
+            let method = &p[PATH_CALL.len()..];
+            if !valid_method(method) {
+                return bad_request(format!("invalid method name {method:?}"));
+            }
+            let body = match Limited::new(req.into_body(), MAX_JSON_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return bad_request(format!("cannot read call body: {e}")),
+            };
+            let value: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return bad_request(format!("call body is not json: {e}")),
+            };
+            match handler.call(peer, method, value).await {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => error_response(&e),
+            }
+        }
+        _ => {
+            let mut r = bad_request(format!("no route {} {path}", req.method()));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        }
+    }
+}
+
+/// Method names: 1..=64 chars of `[A-Za-z0-9._-]`.
+pub(crate) fn valid_method(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= 64
+        && m.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+async fn receive_cycle<H: Handler>(
+    req: Request<Incoming>,
+    peer: &Peer,
+    handler: &H,
+) -> Response<RespBody> {
+    let chunks = req
+        .into_body()
+        .into_data_stream()
+        .map(|r| r.map_err(|e| TransportError::Interrupted(format!("request body: {e}"))))
+        .boxed();
+    let (header, dec) = match CycleDecoder::start(chunks).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(peer = %peer.name, error = %e, "cycle refused before its header");
+            return error_response(&e.to_remote());
+        }
+    };
+    let (vm, id) = (header.vm, header.id);
+    let (extents, verified) = ExtentStream::from_decoder(dec);
+    match handler.receive_cycle(peer, header, extents).await {
+        Ok(ack) if verified.load(Ordering::SeqCst) => json_response(StatusCode::OK, &ack),
+        Ok(_) => {
+            tracing::error!(peer = %peer.name, %vm, cycle = id, "handler acknowledged an unverified cycle");
+            error_response(&RemoteError::Internal {
+                message: "handler acknowledged a cycle before its end frame verified".into(),
+            })
+        }
+        Err(e) => {
+            tracing::warn!(peer = %peer.name, %vm, cycle = id, error = %e, "cycle rejected");
+            error_response(&e)
+        }
+    }
+}

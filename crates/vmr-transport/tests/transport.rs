@@ -1,0 +1,720 @@
+//! End-to-end tests over real sockets on 127.0.0.1 with real mutual TLS and generated identities.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tempfile::TempDir;
+use tokio::sync::{Barrier, mpsc, oneshot};
+use uuid::Uuid;
+use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, ExtentData};
+use vmr_transport::{
+    Client, ClientOptions, CycleAck, ExtentStream, Handler, Identity, Peer, PeerList, RemoteError,
+    Server, TransportError,
+};
+
+/// What the handler saw of one cycle.
+#[derive(Debug)]
+enum Outcome {
+    Done {
+        header: CycleHeader,
+        extents: Vec<Extent>,
+        count: u64,
+    },
+    Failed(TransportError),
+}
+
+struct TestHandler {
+    cycles: AtomicU64,
+    calls: AtomicU64,
+    /// Number of extents the handler has pulled so far, over all cycles.
+    seen: Arc<AtomicU64>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    barrier: Barrier,
+}
+
+impl Handler for TestHandler {
+    async fn receive_cycle(
+        &self,
+        peer: &Peer,
+        header: CycleHeader,
+        mut extents: ExtentStream,
+    ) -> Result<CycleAck, RemoteError> {
+        assert_eq!(peer.name, "primary");
+        self.cycles.fetch_add(1, Ordering::SeqCst);
+        if header.base == Some(999) {
+            return Err(RemoteError::WrongBase {
+                expected: Some(1),
+                got: header.base,
+            });
+        }
+        if (100..103).contains(&header.id) {
+            self.barrier.wait().await;
+        }
+        let keep = header.id != 64;
+        let mut kept = Vec::new();
+        let (mut count, mut bytes) = (0u64, 0u64);
+        while let Some(item) = extents.next().await {
+            match item {
+                Ok((e, cs)) => {
+                    assert_eq!(e.checksum(), cs);
+                    self.seen.fetch_add(1, Ordering::SeqCst);
+                    count += 1;
+                    bytes += e.len();
+                    if keep {
+                        kept.push(e);
+                    }
+                }
+                Err(e) => {
+                    let remote = e.to_remote();
+                    let _ = self.outcomes.send(Outcome::Failed(e));
+                    return Err(remote);
+                }
+            }
+        }
+        let ack = CycleAck {
+            vm: header.vm,
+            cycle: header.id,
+            extents: count,
+            bytes,
+        };
+        let _ = self.outcomes.send(Outcome::Done {
+            header,
+            extents: kept,
+            count,
+        });
+        Ok(ack)
+    }
+
+    async fn call(
+        &self,
+        peer: &Peer,
+        method: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, RemoteError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match method {
+            "echo" => Ok(serde_json::json!({ "method": method, "peer": peer.name, "body": body })),
+            "status.get" => Err(RemoteError::UnknownVm { vm: Uuid::nil() }),
+            "panic" => panic!("handler bug"),
+            _ => Err(RemoteError::BadRequest {
+                message: format!("unknown method {method}"),
+            }),
+        }
+    }
+}
+
+struct Setup {
+    _dirs: Vec<TempDir>,
+    server_id: Identity,
+    client_id: Identity,
+    addr: SocketAddr,
+    handler: Arc<TestHandler>,
+    outcomes: mpsc::UnboundedReceiver<Outcome>,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), TransportError>>,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        Setup::with_authorized(true).await
+    }
+
+    async fn with_authorized(authorize_client: bool) -> Setup {
+        let sd = tempfile::tempdir().expect("tempdir");
+        let cd = tempfile::tempdir().expect("tempdir");
+        let server_id = Identity::generate(sd.path(), "replica").expect("server identity");
+        let client_id = Identity::generate(cd.path(), "primary").expect("client identity");
+        let mut peers = vec![Peer {
+            name: "someone-else".into(),
+            fingerprint: "SHA256:00".into(),
+            trust_group: None,
+        }];
+        if authorize_client {
+            peers.push(Peer {
+                name: "primary".into(),
+                fingerprint: client_id.fingerprint().into(),
+                trust_group: Some("tg1".into()),
+            });
+        }
+        let (tx, outcomes) = mpsc::unbounded_channel();
+        let handler = Arc::new(TestHandler {
+            cycles: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            seen: Arc::new(AtomicU64::new(0)),
+            outcomes: tx,
+            barrier: Barrier::new(3),
+        });
+        let server = Server::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &server_id,
+            Arc::new(PeerList(peers)),
+            handler.clone(),
+        )
+        .await
+        .expect("bind");
+        let addr = server.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Setup {
+            _dirs: vec![sd, cd],
+            server_id,
+            client_id,
+            addr,
+            handler,
+            outcomes,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(
+            &self.addr.to_string(),
+            &self.client_id,
+            self.server_id.fingerprint(),
+            ClientOptions::default(),
+        )
+        .await
+        .expect("connect")
+    }
+
+    async fn outcome(&mut self) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(30), self.outcomes.recv())
+            .await
+            .expect("handler outcome in time")
+            .expect("handler outcome")
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.server)
+            .await
+            .expect("server stops")
+            .expect("server task")
+            .expect("server run");
+    }
+}
+
+fn header(id: u64, base: Option<u64>) -> CycleHeader {
+    CycleHeader {
+        vm: Uuid::from_u128(0x1234),
+        id,
+        base,
+        kind: if base.is_some() {
+            CycleKind::Incremental
+        } else {
+            CycleKind::Full
+        },
+        consistency: CycleConsistency::CrashConsistent,
+        taken_at_ms: 1_700_000_000_000,
+        disks: vec![
+            DiskInfo {
+                id: "vda".into(),
+                size: 1 << 30,
+            },
+            DiskInfo {
+                id: "vdb".into(),
+                size: 8 << 20,
+            },
+            DiskInfo {
+                id: "vdc".into(),
+                size: 1 << 40,
+            },
+        ],
+    }
+}
+
+/// Pseudo-random but compressible: first half zeros, second half xorshift noise.
+fn data(len: usize, seed: u64) -> Bytes {
+    let mut v = vec![0u8; len];
+    let mut x = seed | 1;
+    for chunk in v[len / 2..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    Bytes::from(v)
+}
+
+fn mixed_extents() -> Vec<Extent> {
+    vec![
+        Extent {
+            disk: 0,
+            offset: 0,
+            data: ExtentData::Data(data(1 << 20, 1)),
+        },
+        Extent {
+            disk: 1,
+            offset: 4096,
+            data: ExtentData::Zero(1 << 20),
+        },
+        Extent {
+            disk: 2,
+            offset: 1 << 39,
+            data: ExtentData::Zero(1 << 30),
+        },
+        Extent {
+            disk: 1,
+            offset: 2 << 20,
+            data: ExtentData::Data(data(3 << 20, 2)),
+        },
+        Extent {
+            disk: 0,
+            offset: 512 << 20,
+            data: ExtentData::Data(Bytes::from_static(b"x")),
+        },
+        Extent {
+            disk: 2,
+            offset: 0,
+            data: ExtentData::Data(data(65536, 3)),
+        },
+    ]
+}
+
+fn ok_stream(v: Vec<Extent>) -> impl futures::Stream<Item = Result<Extent, std::io::Error>> {
+    futures::stream::iter(v.into_iter().map(Ok))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cycle_round_trip_compressed_and_plain() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    assert_eq!(client.hello().peer_name, "primary");
+    assert_eq!(client.hello().trust_group.as_deref(), Some("tg1"));
+    for (id, compress) in [(1u64, true), (2, false)] {
+        let h = header(id, if id == 1 { None } else { Some(1) });
+        let ack = client
+            .send_cycle(&h, ok_stream(mixed_extents()), compress)
+            .await
+            .expect("send");
+        let total: u64 = mixed_extents().iter().map(Extent::len).sum();
+        assert_eq!(
+            ack,
+            CycleAck {
+                vm: h.vm,
+                cycle: id,
+                extents: 6,
+                bytes: total
+            }
+        );
+        match s.outcome().await {
+            Outcome::Done {
+                header,
+                extents,
+                count,
+            } => {
+                assert_eq!(header, h);
+                assert_eq!(count, 6);
+                assert_eq!(extents, mixed_extents());
+            }
+            Outcome::Failed(e) => panic!("cycle {id} failed: {e}"),
+        }
+    }
+    s.shutdown().await;
+}
+
+/// 64 MiB of 4 MiB extents from a generator: the receiver sees extents while the sender is
+/// still producing, proving the body streams instead of being buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_cycle_streams() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    for compress in [false, true] {
+        let seen = s.handler.seen.clone();
+        let start = seen.load(Ordering::SeqCst);
+        let seen_when_producing_last = Arc::new(AtomicU64::new(0));
+        let at_last = seen_when_producing_last.clone();
+        let produced_all = Arc::new(AtomicBool::new(false));
+        let produced = produced_all.clone();
+        let source = futures::stream::iter(0..16u64).then(move |i| {
+            let seen = seen.clone();
+            let at_last = at_last.clone();
+            let produced = produced.clone();
+            async move {
+                if i == 15 {
+                    // Give the receiver a moment; flow control must already have made it
+                    // consume most of the body.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    at_last.store(seen.load(Ordering::SeqCst) - start, Ordering::SeqCst);
+                    produced.store(true, Ordering::SeqCst);
+                }
+                let d = tokio::task::spawn_blocking(move || data(4 << 20, i + 10))
+                    .await
+                    .expect("source");
+                Ok::<_, std::io::Error>(Extent {
+                    disk: 0,
+                    offset: i * (4 << 20),
+                    data: ExtentData::Data(d),
+                })
+            }
+        });
+        let mut h = header(64, None);
+        h.disks[0].size = 64 << 20;
+        let ack = client.send_cycle(&h, source, compress).await.expect("send");
+        assert_eq!(ack.extents, 16);
+        assert_eq!(ack.bytes, 64 << 20);
+        assert!(produced_all.load(Ordering::SeqCst));
+        let seen_at_last = seen_when_producing_last.load(Ordering::SeqCst);
+        assert!(
+            seen_at_last >= 10,
+            "receiver had only seen {seen_at_last} extents when the sender produced the last"
+        );
+        assert!(matches!(s.outcome().await, Outcome::Done { count: 16, .. }));
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_server_fingerprint_is_refused() {
+    let s = Setup::new().await;
+    let other = tempfile::tempdir().expect("tempdir");
+    let impostor = Identity::generate(other.path(), "impostor").expect("identity");
+    let r = Client::connect(
+        &s.addr.to_string(),
+        &s.client_id,
+        impostor.fingerprint(),
+        ClientOptions::default(),
+    )
+    .await;
+    match r {
+        Err(TransportError::PeerFingerprint { expected, got }) => {
+            assert_eq!(expected, impostor.fingerprint());
+            assert_eq!(got, s.server_id.fingerprint());
+        }
+        other => panic!("expected PeerFingerprint, got {other:?}"),
+    }
+    assert!(
+        !TransportError::PeerFingerprint {
+            expected: String::new(),
+            got: String::new()
+        }
+        .is_retryable()
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_client_certificate_is_refused() {
+    let s = Setup::with_authorized(false).await;
+    let r = Client::connect(
+        &s.addr.to_string(),
+        &s.client_id,
+        s.server_id.fingerprint(),
+        ClientOptions::default(),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(TransportError::Remote(RemoteError::Unauthorized))),
+        "expected Unauthorized, got {r:?}"
+    );
+    assert_eq!(s.handler.cycles.load(Ordering::SeqCst), 0);
+    assert_eq!(s.handler.calls.load(Ordering::SeqCst), 0);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_frames_are_rejected() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    let h = header(5, Some(4));
+    let body = vmr_transport::testing::encode_cycle(&h, mixed_extents(), None)
+        .await
+        .expect("encode");
+    // The untouched body is accepted.
+    client
+        .send_raw_cycle(Bytes::from(body.clone()))
+        .await
+        .expect("clean body");
+    assert!(matches!(s.outcome().await, Outcome::Done { count: 6, .. }));
+
+    // A flipped data byte in the first extent: checksum mismatch, typed.
+    let mut bad = body.clone();
+    let pos = body.len() / 8;
+    bad[pos] ^= 0x01;
+    let r = client.send_raw_cycle(Bytes::from(bad)).await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::CorruptExtent {
+                index: 0
+            }))
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(
+        s.outcome().await,
+        Outcome::Failed(TransportError::CorruptExtent { index: 0 })
+    ));
+
+    // A flipped length byte in the End frame: protocol error after all extents.
+    let mut bad = body.clone();
+    let n = bad.len();
+    bad[n - 40] ^= 0x01;
+    let r = client.send_raw_cycle(Bytes::from(bad)).await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(
+        s.outcome().await,
+        Outcome::Failed(TransportError::Protocol(_))
+    ));
+
+    // Garbage before the header never reaches the handler.
+    let cycles = s.handler.cycles.load(Ordering::SeqCst);
+    let r = client
+        .send_raw_cycle(Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"))
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(s.handler.cycles.load(Ordering::SeqCst), cycles);
+
+    // Compressed stream with a flipped byte: corrupt extent or protocol error, never accepted.
+    let zbody = vmr_transport::testing::encode_cycle(&h, mixed_extents(), Some(3))
+        .await
+        .expect("encode");
+    let mut bad = zbody.clone();
+    let pos = zbody.len() / 2;
+    bad[pos] ^= 0x20;
+    let r = client.send_raw_cycle(Bytes::from(bad)).await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(
+                RemoteError::CorruptExtent { .. } | RemoteError::BadRequest { .. }
+            ))
+        ),
+        "{r:?}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_vanishing_mid_transfer_interrupts_the_handler() {
+    let mut s = Setup::new().await;
+    // (1) The sending side disappears entirely (task aborted, connection dropped).
+    let client = s.client().await;
+    let (half_tx, half_rx) = oneshot::channel::<()>();
+    let mut half_tx = Some(half_tx);
+    let source = futures::stream::iter(0..32u64).then(move |i| {
+        let signal = if i == 8 { half_tx.take() } else { None };
+        async move {
+            if let Some(tx) = signal {
+                let _ = tx.send(());
+                futures::future::pending::<()>().await;
+            }
+            Ok::<_, std::io::Error>(Extent {
+                disk: 0,
+                offset: i << 20,
+                data: ExtentData::Data(data(1 << 20, i)),
+            })
+        }
+    });
+    let task = tokio::spawn(async move {
+        let h = header(7, Some(6));
+        client.send_cycle(&h, source, true).await
+    });
+    half_rx.await.expect("half way");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task.abort();
+    match s.outcome().await {
+        Outcome::Failed(TransportError::Interrupted(_)) => {}
+        other => panic!("expected Interrupted, got {other:?}"),
+    }
+
+    // (2) The extent source fails: the client reports it, the receiver discards.
+    let client = s.client().await;
+    let source = futures::stream::iter(0..4u64).map(|i| {
+        if i == 2 {
+            Err(std::io::Error::other("disk read failed"))
+        } else {
+            Ok(Extent {
+                disk: 0,
+                offset: i << 20,
+                data: ExtentData::Data(data(1 << 20, i)),
+            })
+        }
+    });
+    let r = client.send_cycle(&header(8, Some(7)), source, false).await;
+    assert!(matches!(r, Err(TransportError::Source(_))), "{r:?}");
+    match s.outcome().await {
+        Outcome::Failed(TransportError::Interrupted(_)) => {}
+        other => panic!("expected Interrupted, got {other:?}"),
+    }
+    // The connection is still usable.
+    client
+        .call("echo", &serde_json::json!(1))
+        .await
+        .expect("call after abort");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_typed_error_arrives_typed() {
+    let s = Setup::new().await;
+    let client = s.client().await;
+    // The handler refuses before reading the (8 MiB) body.
+    let extents: Vec<Extent> = (0..8u64)
+        .map(|i| Extent {
+            disk: 0,
+            offset: i << 20,
+            data: ExtentData::Data(data(1 << 20, i)),
+        })
+        .collect();
+    let r = client
+        .send_cycle(&header(1000, Some(999)), ok_stream(extents), true)
+        .await;
+    match r {
+        Err(TransportError::Remote(RemoteError::WrongBase { expected, got })) => {
+            assert_eq!((expected, got), (Some(1), Some(999)));
+        }
+        other => panic!("expected WrongBase, got {other:?}"),
+    }
+    let e = TransportError::Remote(RemoteError::WrongBase {
+        expected: None,
+        got: None,
+    });
+    assert!(!e.is_retryable());
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_round_trip() {
+    let s = Setup::new().await;
+    let client = s.client().await;
+    let body = serde_json::json!({ "vm": "x", "disks": [1, 2, 3] });
+    let v = client.call("echo", &body).await.expect("echo");
+    assert_eq!(
+        v,
+        serde_json::json!({ "method": "echo", "peer": "primary", "body": body })
+    );
+    let r = client.call("status.get", &serde_json::Value::Null).await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::UnknownVm { .. }))
+        ),
+        "{r:?}"
+    );
+    let r = client.call("nope", &serde_json::Value::Null).await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+        ),
+        "{r:?}"
+    );
+    let r = client.call("panic", &serde_json::Value::Null).await;
+    assert!(
+        matches!(r, Err(TransportError::Remote(RemoteError::Internal { .. }))),
+        "{r:?}"
+    );
+    // The connection survives a panicking handler.
+    client
+        .call("echo", &serde_json::Value::Null)
+        .await
+        .expect("echo after panic");
+    let r = client.call("../etc", &serde_json::Value::Null).await;
+    assert!(matches!(r, Err(TransportError::Protocol(_))), "{r:?}");
+    s.shutdown().await;
+}
+
+/// Three cycles whose handlers wait for each other, plus calls, all on one connection: this
+/// only completes if the streams really run concurrently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_on_one_connection() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    let mut tasks = Vec::new();
+    for id in 100..103u64 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            c.send_cycle(
+                &header(id, Some(id - 1)),
+                ok_stream(mixed_extents()),
+                id % 2 == 0,
+            )
+            .await
+            .map(|a| a.cycle)
+        }));
+    }
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.call("echo", &serde_json::json!(i)).await })
+        })
+        .collect();
+    let results = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks))
+        .await
+        .expect("concurrent cycles finish");
+    let mut ids: Vec<u64> = results
+        .into_iter()
+        .map(|r| r.expect("task").expect("cycle"))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![100, 101, 102]);
+    for c in calls {
+        c.await.expect("task").expect("call");
+    }
+    for _ in 0..3 {
+        assert!(matches!(s.outcome().await, Outcome::Done { count: 6, .. }));
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_are_typed_and_retryable() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let id = Identity::generate(d.path(), "primary").expect("identity");
+    // Nobody listening.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let r = Client::connect(
+        &addr.to_string(),
+        &id,
+        id.fingerprint(),
+        ClientOptions::default(),
+    )
+    .await;
+    match r {
+        Err(e @ TransportError::Connect { .. }) => assert!(e.is_retryable()),
+        other => panic!("expected Connect, got {other:?}"),
+    }
+    // A listener that never speaks TLS.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let opts = ClientOptions {
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let r = Client::connect(
+        &silent.local_addr().expect("addr").to_string(),
+        &id,
+        id.fingerprint(),
+        opts,
+    )
+    .await;
+    match r {
+        Err(e @ TransportError::Timeout(_)) => assert!(e.is_retryable()),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
