@@ -18,7 +18,7 @@ pub struct HealthReport {
 
 impl HealthReport {
     fn from(mut items: Vec<(Health, String)>) -> Self {
-        items.sort_by(|a, b| b.0.cmp(&a.0));
+        items.sort_by_key(|i| std::cmp::Reverse(i.0));
         let health = items.first().map_or(Health::Normal, |i| i.0);
         Self {
             health,

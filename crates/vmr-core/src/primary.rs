@@ -451,23 +451,17 @@ impl PrimaryMachine {
             return;
         }
         match self.state {
-            S::ReadyForInitialReplication => {
-                if self.initial_at_ms.is_some_and(|t| t <= now_ms) {
-                    self.state = S::InitialReplicationInProgress;
-                    self.next_due_ms = now_ms;
-                    out.push(Action::Persist);
-                    self.start(now_ms, CycleKind::Full, out);
-                }
+            S::ReadyForInitialReplication if self.initial_at_ms.is_some_and(|t| t <= now_ms) => {
+                self.state = S::InitialReplicationInProgress;
+                self.next_due_ms = now_ms;
+                out.push(Action::Persist);
+                self.start(now_ms, CycleKind::Full, out);
             }
-            S::InitialReplicationInProgress => {
-                if self.next_due_ms <= now_ms {
-                    self.start(now_ms, CycleKind::Full, out);
-                }
+            S::InitialReplicationInProgress if self.next_due_ms <= now_ms => {
+                self.start(now_ms, CycleKind::Full, out);
             }
-            S::Replicating => {
-                if self.next_due_ms <= now_ms {
-                    self.start(now_ms, CycleKind::Incremental, out);
-                }
+            S::Replicating if self.next_due_ms <= now_ms => {
+                self.start(now_ms, CycleKind::Incremental, out);
             }
             _ => {}
         }

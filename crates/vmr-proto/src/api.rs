@@ -98,11 +98,15 @@ pub struct ReplicationStats {
 impl ReplicationStats {
     /// Average cycle size in bytes (0 when none).
     pub fn average_bytes(&self) -> u64 {
-        self.total_bytes.checked_div(self.successful_cycles).unwrap_or(0)
+        self.total_bytes
+            .checked_div(self.successful_cycles)
+            .unwrap_or(0)
     }
     /// Average cycle latency in ms (0 when none).
     pub fn average_latency_ms(&self) -> u64 {
-        self.total_latency_ms.checked_div(self.successful_cycles).unwrap_or(0)
+        self.total_latency_ms
+            .checked_div(self.successful_cycles)
+            .unwrap_or(0)
     }
 }
 

@@ -131,7 +131,10 @@ mod tests {
         assert_ne!(checksum(0, 0, &d), checksum(0, 0, &z));
         assert_ne!(checksum(0, 0, &d), checksum(0, 8, &d));
         assert_ne!(checksum(0, 0, &d), checksum(1, 0, &d));
-        assert_eq!(checksum(2, 4096, &z), checksum(2, 4096, &ExtentData::Zero(8)));
+        assert_eq!(
+            checksum(2, 4096, &z),
+            checksum(2, 4096, &ExtentData::Zero(8))
+        );
     }
 
     #[test]
@@ -143,7 +146,10 @@ mod tests {
             kind: CycleKind::Incremental,
             consistency: CycleConsistency::AppConsistent,
             taken_at_ms: 1,
-            disks: vec![DiskInfo { id: "disk0".into(), size: 1 << 30 }],
+            disks: vec![DiskInfo {
+                id: "disk0".into(),
+                size: 1 << 30,
+            }],
         };
         let s = serde_json::to_string(&h).expect("serialize");
         assert!(s.contains("\"app-consistent\""));

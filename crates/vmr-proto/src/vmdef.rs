@@ -15,7 +15,10 @@ pub struct VmDefinition {
     /// The QEMU program to run (`qemu-system-x86_64`, `qemu-storage-daemon`, ...).
     pub program: String,
     /// Arguments; placeholders `{disk:NODE}` (path of that disk's image), `{qmp}` (QMP socket
-    /// path), `{name}`, `{uuid}` and `{accel}` (`kvm` or `tcg`) are substituted at start.
+    /// path), `{nbd}` (the NBD server socket vmreplica reads the VM's disks through: only a
+    /// qemu-storage-daemon stand-in, which serves its "guest" I/O over NBD, starts that server
+    /// itself; a real VM leaves it out and vmreplica starts it), `{name}`, `{uuid}` and
+    /// `{accel}` (`kvm` or `tcg`) are substituted at start.
     pub args: Vec<String>,
     /// Arguments added only when the VM is started for a test failover (e.g. an isolated NIC);
     /// every argument listed in `network-args` is dropped for a test failover.
@@ -82,7 +85,7 @@ impl VmDefinition {
         }
         for a in self.args.iter().chain(&self.test_args) {
             for ph in placeholders(a) {
-                let ok = matches!(ph, "qmp" | "name" | "uuid" | "accel")
+                let ok = matches!(ph, "qmp" | "nbd" | "name" | "uuid" | "accel")
                     || ph
                         .strip_prefix("disk:")
                         .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
@@ -95,12 +98,51 @@ impl VmDefinition {
     }
 }
 
+impl VmDefinition {
+    /// Substitute placeholders in every argument. `disk` maps a node name to its image path.
+    pub fn render_args(
+        &self,
+        qmp: &str,
+        nbd: &str,
+        accel: &str,
+        test: bool,
+        disk: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, VmDefinitionError> {
+        let mut out = Vec::new();
+        let args = self
+            .args
+            .iter()
+            .filter(|a| !(test && self.network_args.contains(a)));
+        let extra = if test { self.test_args.as_slice() } else { &[] };
+        for a in args.chain(extra) {
+            let mut r = a.clone();
+            for ph in placeholders(a) {
+                let val = match ph {
+                    "qmp" => qmp.to_owned(),
+                    "nbd" => nbd.to_owned(),
+                    "accel" => accel.to_owned(),
+                    "name" => self.name.clone(),
+                    "uuid" => self.uuid.to_string(),
+                    other => other.strip_prefix("disk:").and_then(disk).ok_or_else(|| {
+                        VmDefinitionError::Invalid(format!("no path for {{{other}}}"))
+                    })?,
+                };
+                r = r.replace(&format!("{{{ph}}}"), &val);
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+}
+
 /// The `{...}` placeholders in one argument.
 pub fn placeholders(arg: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = arg;
     while let Some(start) = rest.find('{') {
-        let Some(len) = rest[start..].find('}') else { break };
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
         out.push(&rest[start + 1..start + len]);
         rest = &rest[start + len + 1..];
     }
@@ -132,12 +174,38 @@ path = "/var/lib/vm/web1.qcow2"
     #[test]
     fn rejects_unknown_placeholder() {
         let bad = QSD.replace("{disk:disk0}", "{disk:disk9}");
-        assert!(matches!(VmDefinition::from_toml(&bad), Err(VmDefinitionError::Invalid(_))));
+        assert!(matches!(
+            VmDefinition::from_toml(&bad),
+            Err(VmDefinitionError::Invalid(_))
+        ));
     }
 
     #[test]
     fn rejects_unknown_field() {
         let bad = format!("{QSD}\nbogus = 1\n");
-        assert!(matches!(VmDefinition::from_toml(&bad), Err(VmDefinitionError::Parse(_))));
+        assert!(matches!(
+            VmDefinition::from_toml(&bad),
+            Err(VmDefinitionError::Parse(_))
+        ));
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        for text in [
+            include_str!("../../../examples/standin-vm.toml"),
+            include_str!("../../../examples/kvm-vm.toml"),
+        ] {
+            let def = VmDefinition::from_toml(text).expect("example must parse");
+            let args = def
+                .render_args("/q", "/n", "kvm", true, &|n| Some(format!("/d/{n}")))
+                .expect("render");
+            assert!(args.iter().all(|a| !a.contains('{')), "{args:?}");
+            assert!(!args.iter().any(|a| a.contains("br=br0")));
+        }
     }
 }

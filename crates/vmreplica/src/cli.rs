@@ -1,0 +1,237 @@
+//! Command-line grammar (clap). The names are the interface scripts rely on.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Hyper-V Replica for KVM/QEMU hosts.
+#[derive(Debug, Parser)]
+#[command(name = "vmreplica", version, about)]
+pub struct Cli {
+    /// The agent's directory (config, keys, state, control socket).
+    #[arg(
+        long,
+        global = true,
+        env = "VMREPLICA_DIR",
+        default_value = "/var/lib/vmreplica"
+    )]
+    pub dir: PathBuf,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the agent's config and TLS identity in DIR; prints the certificate fingerprint.
+    Init {
+        /// This agent's name.
+        #[arg(long)]
+        name: String,
+        /// HOST:PORT for the replication listener.
+        #[arg(long)]
+        listen: String,
+        /// Default storage directory for replica VMs (default DIR/replicas).
+        #[arg(long)]
+        storage: Option<PathBuf>,
+    },
+    /// Run the agent daemon in the foreground.
+    Agent,
+    /// Replica server authorization entries.
+    #[command(subcommand)]
+    Server(ServerCmd),
+    /// VMs registered on this (primary) host.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Enable replication of a VM to a replica agent.
+    Enable(EnableCmd),
+    /// Start initial replication over the network now.
+    StartInitial {
+        /// VM name.
+        name: String,
+    },
+    /// Replication state and health (Get-VMReplication).
+    Status {
+        /// VM name; all VMs when omitted.
+        name: Option<String>,
+    },
+    /// Replication statistics (Measure-VMReplication).
+    Measure {
+        /// VM name; all VMs when omitted.
+        name: Option<String>,
+        /// Reset the monitoring window after reading.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Pause replication.
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Resume replication.
+    Resume {
+        /// VM name.
+        name: String,
+    },
+    /// Disable replication (keeps the replica's data).
+    Disable {
+        /// VM name.
+        name: String,
+    },
+    /// Recovery points of a replica VM.
+    Points {
+        /// VM name.
+        name: String,
+    },
+    /// Self-contained demonstration on this machine (two agents, a stand-in VM, a writer).
+    Demo(DemoOpts),
+}
+
+/// `server` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServerCmd {
+    /// Authorize a primary (Hyper-V authorization entry).
+    Allow {
+        /// Primary's name.
+        #[arg(long)]
+        primary: String,
+        /// Primary's certificate fingerprint (from its `vmreplica init`).
+        #[arg(long)]
+        fingerprint: String,
+        /// Where this primary's replica VMs are stored.
+        #[arg(long)]
+        storage: Option<PathBuf>,
+        /// Trust group (default: the primary's name).
+        #[arg(long)]
+        trust_group: Option<String>,
+    },
+    /// Show this agent's identity and authorization entries.
+    Show,
+}
+
+/// `vm` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Register a running VM on its primary.
+    Add {
+        /// VM name (must match the definition's name).
+        name: String,
+        /// The VM's QMP socket reserved for vmreplica.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The VM definition (TOML).
+        #[arg(long)]
+        launch: PathBuf,
+        /// Disk node to replicate (repeat); default all disks of the definition.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+    },
+    /// List registered VMs.
+    List,
+}
+
+/// `enable` arguments.
+#[derive(Debug, Args)]
+pub struct EnableCmd {
+    /// VM name.
+    pub name: String,
+    /// Replica agent HOST:PORT.
+    #[arg(long)]
+    pub replica: String,
+    /// Replica agent's certificate fingerprint.
+    #[arg(long)]
+    pub replica_fingerprint: String,
+    /// Cycle interval: 30s, 5m, 15m or <N>s (N >= 5).
+    #[arg(long, default_value = "5m")]
+    pub frequency: String,
+    /// Additional hourly recovery points to keep (0-24 like Hyper-V; more allowed).
+    #[arg(long, default_value_t = 0)]
+    pub recovery_points: u32,
+    /// Take an app-consistent point every <H>h.
+    #[arg(long)]
+    pub app_consistent_every: Option<String>,
+    /// Disk node not to replicate (repeat).
+    #[arg(long = "exclude-disk")]
+    pub exclude_disks: Vec<String>,
+    /// Send cycles uncompressed.
+    #[arg(long)]
+    pub no_compression: bool,
+    /// Start initial replication at TIME (RFC 3339, e.g. 2026-11-25T22:00:00Z) instead of now.
+    #[arg(long)]
+    pub initial_at: Option<String>,
+}
+
+/// `demo` options.
+#[derive(Debug, Args)]
+pub struct DemoOpts {
+    /// Number of incremental cycles to watch before verifying.
+    #[arg(long, default_value_t = 4)]
+    pub cycles: u32,
+    /// Cycle interval in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub frequency: u64,
+    /// Size of each stand-in disk in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub disk_mib: u64,
+    /// Keep the demo directory instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Parse a frequency: `30s`, `5m`, `15m`, `<N>s`, `<N>m`; at least 5 s.
+pub fn parse_frequency(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix('s') {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600)
+    } else {
+        (t, 1)
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad frequency {s:?}: expected 30s, 5m, 15m or <N>s"))?;
+    let secs = n.saturating_mul(mult);
+    if secs < 5 {
+        return Err(format!("frequency {s:?} is below the 5 s minimum"));
+    }
+    Ok(secs)
+}
+
+/// Parse `<H>h` (hours).
+pub fn parse_hours(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let n = t.strip_suffix('h').unwrap_or(t);
+    n.parse()
+        .map_err(|_| format!("bad interval {s:?}: expected <H>h, e.g. 4h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frequencies() {
+        assert_eq!(parse_frequency("30s"), Ok(30));
+        assert_eq!(parse_frequency("5m"), Ok(300));
+        assert_eq!(parse_frequency("15m"), Ok(900));
+        assert_eq!(parse_frequency("7"), Ok(7));
+        assert!(parse_frequency("4s").is_err());
+        assert!(parse_frequency("fast").is_err());
+        assert!(parse_frequency("").is_err());
+        assert_eq!(parse_hours("4h"), Ok(4));
+        assert!(parse_hours("x").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

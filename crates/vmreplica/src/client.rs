@@ -1,0 +1,137 @@
+//! The CLI side of the control API: turns a subcommand into a [`Request`], sends it to the
+//! local agent over `DIR/agent.sock` (one JSON line each way) and prints the answer.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use anyhow::Context;
+use vmr_proto::api::{EnableArgs, Request, Response};
+
+use crate::cli::{Command, ServerCmd, VmCmd, parse_frequency, parse_hours};
+use crate::exit;
+use crate::util::{coded, parse_time};
+
+/// The control socket of the agent owning `dir`.
+pub fn socket_path(dir: &Path) -> std::path::PathBuf {
+    dir.join("agent.sock")
+}
+
+/// Send one request and return the agent's value, or its error as an anyhow chain.
+pub fn call(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let path = socket_path(dir);
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        coded(
+            exit::NO_AGENT,
+            format!("cannot reach the vmreplica agent at {} ({e}); is `vmreplica agent --dir {}` running?", path.display(), dir.display()),
+        )
+    })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .context("sending request to the agent")?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .context("reading the agent's answer")?;
+    if answer.is_empty() {
+        return Err(coded(
+            exit::NO_AGENT,
+            "the agent closed the connection without answering",
+        ));
+    }
+    match serde_json::from_str::<Response>(&answer).context("the agent's answer is not valid")? {
+        Response::Ok { value } => Ok(value),
+        Response::Err { chain, code } => {
+            let mut it = chain.into_iter().rev();
+            let mut err = coded(code, it.next().unwrap_or_else(|| "unknown error".into()));
+            // Rebuild the chain outermost-first: wrap the innermost with each outer message.
+            for outer in it {
+                err = err.context(outer);
+            }
+            // Keep the code of the innermost coded error reachable through downcast.
+            Err(err)
+        }
+    }
+}
+
+fn request_of(cmd: Command) -> anyhow::Result<Request> {
+    Ok(match cmd {
+        Command::Server(ServerCmd::Allow {
+            primary,
+            fingerprint,
+            storage,
+            trust_group,
+        }) => Request::ServerAllow {
+            primary,
+            fingerprint,
+            storage: storage.map(|p| absolute(&p)),
+            trust_group,
+        },
+        Command::Server(ServerCmd::Show) => Request::ServerShow,
+        Command::Vm(VmCmd::Add {
+            name,
+            qmp,
+            launch,
+            disks,
+        }) => {
+            let launch_toml = std::fs::read_to_string(&launch)
+                .with_context(|| format!("reading VM definition {}", launch.display()))?;
+            Request::VmAdd {
+                name,
+                qmp: absolute(&qmp),
+                launch_toml,
+                disks,
+            }
+        }
+        Command::Vm(VmCmd::List) => Request::VmList,
+        Command::Enable(e) => {
+            let frequency_secs =
+                parse_frequency(&e.frequency).map_err(|m| coded(exit::USAGE, m))?;
+            let app_consistent_every_hours = match &e.app_consistent_every {
+                Some(h) => parse_hours(h).map_err(|m| coded(exit::USAGE, m))?,
+                None => 0,
+            };
+            let initial_at_ms = e.initial_at.as_deref().map(parse_time).transpose()?;
+            Request::Enable(EnableArgs {
+                name: e.name,
+                replica: e.replica,
+                replica_fingerprint: e.replica_fingerprint,
+                frequency_secs,
+                recovery_points: e.recovery_points,
+                app_consistent_every_hours,
+                exclude_disks: e.exclude_disks,
+                compression: !e.no_compression,
+                initial_at_ms,
+            })
+        }
+        Command::StartInitial { name } => Request::StartInitial { name },
+        Command::Status { name } => Request::Status { name },
+        Command::Measure { name, reset } => Request::Measure { name, reset },
+        Command::Pause { name } => Request::Pause { name },
+        Command::Resume { name } => Request::Resume { name },
+        Command::Disable { name } => Request::Disable { name },
+        Command::Points { name } => Request::Points { name },
+        Command::Init { .. } | Command::Agent | Command::Demo(_) => {
+            return Err(coded(exit::USAGE, "not a control command"));
+        }
+    })
+}
+
+fn absolute(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Run a control subcommand and print its result.
+pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
+    let kind = crate::output::Kind::of(&cmd);
+    let req = request_of(cmd)?;
+    let value = call(dir, &req)?;
+    crate::output::print(kind, &value, json);
+    Ok(())
+}

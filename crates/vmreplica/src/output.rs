@@ -1,0 +1,169 @@
+//! How the CLI prints answers: tables for people, the agent's JSON with `--json`.
+
+use serde_json::Value;
+use vmr_proto::api::{AllowEntry, PointInfo, VmStatus};
+
+use crate::cli::Command;
+use crate::util::{fmt_bytes, fmt_time};
+
+/// What kind of answer is being printed.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// A list of [`VmStatus`] shown as Get-VMReplication.
+    Status,
+    /// A list of [`VmStatus`] shown as Measure-VMReplication.
+    Measure,
+    /// A list of [`PointInfo`].
+    Points,
+    /// Server identity and entries.
+    Server,
+    /// Anything else: a message or raw JSON.
+    Plain,
+}
+
+impl Kind {
+    /// The kind for a command.
+    pub fn of(cmd: &Command) -> Self {
+        match cmd {
+            Command::Status { .. } | Command::Vm(crate::cli::VmCmd::List) => Kind::Status,
+            Command::Measure { .. } => Kind::Measure,
+            Command::Points { .. } => Kind::Points,
+            Command::Server(crate::cli::ServerCmd::Show) => Kind::Server,
+            _ => Kind::Plain,
+        }
+    }
+}
+
+fn opt_time(t: Option<u64>) -> String {
+    t.map_or_else(|| "-".into(), fmt_time)
+}
+
+/// Print `value` as `kind`.
+pub fn print(kind: Kind, value: &Value, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+        return;
+    }
+    match kind {
+        Kind::Status => match serde_json::from_value::<Vec<VmStatus>>(value.clone()) {
+            Ok(rows) => print_status(&rows),
+            Err(_) => print_plain(value),
+        },
+        Kind::Measure => match serde_json::from_value::<Vec<VmStatus>>(value.clone()) {
+            Ok(rows) => print_measure(&rows),
+            Err(_) => print_plain(value),
+        },
+        Kind::Points => match serde_json::from_value::<Vec<PointInfo>>(value.clone()) {
+            Ok(rows) => {
+                println!("{:<8} {:<22} {:<17} {:>12}", "ID", "TIME", "TYPE", "SIZE");
+                for p in rows {
+                    println!(
+                        "{:<8} {:<22} {:<17} {:>12}",
+                        p.id,
+                        fmt_time(p.time_ms),
+                        p.kind,
+                        fmt_bytes(p.size_bytes)
+                    );
+                }
+            }
+            Err(_) => print_plain(value),
+        },
+        Kind::Server => {
+            if let Some(fp) = value.get("fingerprint").and_then(Value::as_str) {
+                println!(
+                    "name:        {}",
+                    value.get("name").and_then(Value::as_str).unwrap_or("")
+                );
+                println!(
+                    "listen:      {}",
+                    value.get("listen").and_then(Value::as_str).unwrap_or("")
+                );
+                println!("fingerprint: {fp}");
+            }
+            let entries: Vec<AllowEntry> = value
+                .get("allowed")
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default();
+            println!(
+                "{:<16} {:<16} {:<40} FINGERPRINT",
+                "PRIMARY", "TRUST GROUP", "STORAGE"
+            );
+            for e in entries {
+                println!(
+                    "{:<16} {:<16} {:<40} {}",
+                    e.primary, e.trust_group, e.storage, e.fingerprint
+                );
+            }
+        }
+        Kind::Plain => print_plain(value),
+    }
+}
+
+fn print_plain(value: &Value) {
+    match value {
+        Value::String(s) => println!("{s}"),
+        Value::Null => {}
+        v => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+    }
+}
+
+fn print_status(rows: &[VmStatus]) {
+    println!(
+        "{:<14} {:<30} {:<9} {:<8} {:>6} {:<14} {:<22} {:<21} HEALTH REASON",
+        "NAME", "STATE", "HEALTH", "MODE", "FREQ", "PRIMARY", "REPLICA", "LAST REPLICATION"
+    );
+    for r in rows {
+        println!(
+            "{:<14} {:<30} {:<9} {:<8} {:>5}s {:<14} {:<22} {:<21} {}",
+            r.name,
+            r.state.to_string(),
+            r.health.to_string(),
+            format!("{:?}", r.mode),
+            r.frequency_secs,
+            r.primary,
+            r.replica,
+            opt_time(r.last_replication_ms),
+            r.health_reason
+        );
+    }
+}
+
+fn print_measure(rows: &[VmStatus]) {
+    for r in rows {
+        let s = &r.stats;
+        println!("Name                      : {}", r.name);
+        println!("State                     : {}", r.state);
+        println!(
+            "Health                    : {} {}",
+            r.health, r.health_reason
+        );
+        println!("Mode                      : {:?}", r.mode);
+        println!(
+            "MonitoringStartTime       : {}",
+            fmt_time(s.window_start_ms)
+        );
+        println!(
+            "LastReplicationTime       : {}",
+            opt_time(s.last_replication_ms)
+        );
+        println!(
+            "LastAppConsistentTime     : {}",
+            opt_time(s.last_app_consistent_ms)
+        );
+        println!("SuccessfulReplicationCount: {}", s.successful_cycles);
+        println!("MissedReplicationCount    : {}", s.missed_cycles);
+        println!(
+            "AverageReplicationSize    : {}",
+            fmt_bytes(s.average_bytes())
+        );
+        println!("MaximumReplicationSize    : {}", fmt_bytes(s.max_bytes));
+        println!("AverageReplicationLatency : {} ms", s.average_latency_ms());
+        println!("MaximumReplicationLatency : {} ms", s.max_latency_ms);
+        println!("PendingReplicationSize    : {}", fmt_bytes(s.pending_bytes));
+        println!("ReplicationErrors         : {}", s.errors);
+        println!();
+    }
+}
