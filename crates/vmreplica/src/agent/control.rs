@@ -197,9 +197,10 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
                 .filter(|s| name.as_ref().is_none_or(|n| &s.name == n))
                 .collect();
             if let Some(n) = &name
-                && rows.is_empty() {
-                    return Err(unknown_vm(n));
-                }
+                && rows.is_empty()
+            {
+                return Err(unknown_vm(n));
+            }
             if reset {
                 for r in &rows {
                     super::primary::reset_stats(agent, &r.name)?;
@@ -305,7 +306,8 @@ async fn pause_resume(agent: &Arc<Agent>, name: &str, pause: bool) -> anyhow::Re
 pub fn all_status(agent: &Arc<Agent>) -> anyhow::Result<Vec<VmStatus>> {
     let now = now_ms();
     let mut out = Vec::new();
-    for rec in agent.db().vms()? {
+    let records = agent.db().vms()?;
+    for rec in records {
         out.push(match rec.mode {
             ReplicationMode::Primary => super::primary::status(agent, &rec, now),
             ReplicationMode::Replica => super::replica::status(agent, &rec, now),

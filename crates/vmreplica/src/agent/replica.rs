@@ -73,16 +73,18 @@ pub async fn recover_all(agent: &Arc<Agent>) -> anyhow::Result<()> {
             .with_context(|| format!("recovering replica store {}", root.display()))?;
     }
     // Bring records in line with what the stores hold.
-    for mut rec in agent.db().vms()? {
+    let records = agent.db().vms()?;
+    for mut rec in records {
         if rec.mode != ReplicationMode::Replica {
             continue;
         }
         if let Ok(store) = store_of(agent, &rec)
             && let Ok(latest) = store.latest_point(rec.uuid)
-                && latest != rec.last_cycle {
-                    rec.last_cycle = latest;
-                    agent.db().put_vm(&rec)?;
-                }
+            && latest != rec.last_cycle
+        {
+            rec.last_cycle = latest;
+            agent.db().put_vm(&rec)?;
+        }
     }
     Ok(())
 }
@@ -408,15 +410,16 @@ pub fn set_state(
 /// Reset a replica VM's statistics window.
 pub fn reset_stats(agent: &Arc<Agent>, uuid: uuid::Uuid) -> anyhow::Result<()> {
     if let Some(mut rec) = agent.vm_by_uuid(uuid)?
-        && rec.mode == ReplicationMode::Replica {
-            rec.stats = ReplicationStats {
-                window_start_ms: now_ms(),
-                last_replication_ms: rec.stats.last_replication_ms,
-                last_app_consistent_ms: rec.stats.last_app_consistent_ms,
-                ..Default::default()
-            };
-            agent.db().put_vm(&rec)?;
-        }
+        && rec.mode == ReplicationMode::Replica
+    {
+        rec.stats = ReplicationStats {
+            window_start_ms: now_ms(),
+            last_replication_ms: rec.stats.last_replication_ms,
+            last_app_consistent_ms: rec.stats.last_app_consistent_ms,
+            ..Default::default()
+        };
+        agent.db().put_vm(&rec)?;
+    }
     Ok(())
 }
 
