@@ -444,10 +444,11 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if std::thread::panicking() && std::env::var_os("VMR_E2E_KEEP").is_some() {
-            if let Some(t) = self.0.take() {
-                eprintln!("kept {}", t.keep().display());
-            }
+        if std::thread::panicking()
+            && std::env::var_os("VMR_E2E_KEEP").is_some()
+            && let Some(t) = self.0.take()
+        {
+            eprintln!("kept {}", t.keep().display());
         }
     }
 }
