@@ -660,16 +660,17 @@ async fn cycle_with(
     };
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    if app_consistent {
+        // Quiescing through the guest agent (guest-fsfreeze) is not built yet: like Hyper-V
+        // when VSS fails, take a crash-consistent point and say so.
+        tracing::warn!(vm = %rec.name, "app-consistent point requested; guest-agent quiescing is not supported yet, taking a crash-consistent point");
+    }
     let header = CycleHeader {
         vm: rec.uuid,
         id,
         base,
         kind,
-        consistency: if app_consistent {
-            CycleConsistency::AppConsistent
-        } else {
-            CycleConsistency::CrashConsistent
-        },
+        consistency: CycleConsistency::CrashConsistent,
         taken_at_ms,
         disks,
     };
@@ -710,7 +711,7 @@ async fn cycle_with(
                 Outcome::Done {
                     bytes,
                     sizes,
-                    app: app_consistent,
+                    app: false,
                 },
                 false,
                 false,
