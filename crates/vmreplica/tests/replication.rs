@@ -257,3 +257,71 @@ fn pause_resume_disable_and_bad_input() {
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(p.a.status("ops1").last_cycle, last);
 }
+
+#[test]
+fn scheduled_initial_replication_and_start_initial() {
+    let p = Pair::new();
+    let vm = StandIn::create(p.root.path(), &p.a, "later1", &["disk0"], 16);
+    vm.register(&p.a);
+    p.enable(
+        "later1",
+        &["--frequency", "5s", "--initial-at", "2099-01-01T00:00:00Z"],
+    );
+    let st = p.a.status("later1");
+    assert_eq!(st.state, ReplicationState::ReadyForInitialReplication);
+    assert_eq!(st.health, Health::Warning, "{}", st.health_reason);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(p.a.status("later1").last_cycle, None);
+    p.a.ok(&["start-initial", "later1"]);
+    p.wait_cycle("later1", 2, LONG);
+    let st = p.a.status("later1");
+    assert_eq!(st.state, ReplicationState::Replicating);
+    assert_eq!(st.health, Health::Normal, "{}", st.health_reason);
+}
+
+#[test]
+fn replica_vm_accepts_only_its_trust_group() {
+    let p = Pair::new();
+    let vm = StandIn::create(p.root.path(), &p.a, "tg1", &["disk0"], 16);
+    vm.register(&p.a);
+    p.enable("tg1", &["--frequency", "5s"]);
+    p.wait_cycle("tg1", 1, LONG);
+
+    // A second primary, authorized on the replica but in another trust group, claims the same VM.
+    let c = Agent::start(p.root.path(), "host-c");
+    p.b.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-c",
+        "--fingerprint",
+        &c.fingerprint,
+        "--trust-group",
+        "other",
+    ]);
+    let launch = p.root.path().join("tg1-copy.toml");
+    std::fs::write(&launch, vm.def.to_toml()).expect("write");
+    c.ok(&[
+        "vm",
+        "add",
+        "tg1",
+        "--qmp",
+        "/nonexistent/qmp.sock",
+        "--launch",
+        &launch.display().to_string(),
+    ]);
+    let out = c.cli(&[
+        "enable",
+        "tg1",
+        "--replica",
+        &p.b.addr,
+        "--replica-fingerprint",
+        &p.b.fingerprint,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("trust group"), "{err}");
+    // The rightful primary goes on.
+    let last = p.a.status("tg1").last_cycle.unwrap_or(0);
+    p.wait_cycle("tg1", last + 1, LONG);
+}
