@@ -312,12 +312,13 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let deadline = Instant::now()
         + Duration::from_secs(60 + opts.frequency * (u64::from(opts.cycles) + 4) * 3);
     let mut last = None;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
         let s = status_of(&a, &def.name)?;
         let done = s.last_cycle.unwrap_or(0);
         let (p_done, _) = s.progress.unwrap_or((0, 0));
-        print!(
-            "\r{} cycles {done}/{target}  {:<28} {:<8} sent {:>10}  in flight {:>10}  guest wrote {:>10} ",
+        let line = format!(
+            "{} cycles {done}/{target}  {:<28} {:<8} sent {:>10}  in flight {:>10}  guest wrote {:>10} ",
             bar(done, target, 20),
             s.state.to_string(),
             s.health.to_string(),
@@ -325,7 +326,13 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             fmt_bytes(p_done),
             fmt_bytes(writer.bytes.load(Ordering::Relaxed)),
         );
-        std::io::stdout().flush().ok();
+        // A live line on a terminal; one line per finished cycle in a log.
+        if tty {
+            print!("\r{line}");
+            std::io::stdout().flush().ok();
+        } else if last != s.last_cycle {
+            println!("{line}");
+        }
         if last != s.last_cycle {
             last = s.last_cycle;
         }

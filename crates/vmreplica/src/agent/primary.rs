@@ -682,7 +682,10 @@ async fn cycle_with(
         loop {
             match cycle.next_extent().await {
                 Ok(Some(e)) => {
-                    sent += e.len();
+                    // Bytes of data shipped; zero extents cost a few bytes on the wire.
+                    if let vmr_proto::ExtentData::Data(b) = &e.data {
+                        sent += b.len() as u64;
+                    }
                     if let Ok(mut i) = vm.inner.lock() {
                         i.progress = Some((sent, 0));
                     }
