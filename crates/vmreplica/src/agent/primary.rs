@@ -567,6 +567,11 @@ fn classify_transport(e: TransportError) -> Failure {
     let msg = crate::util::chain(&e);
     match &e {
         TransportError::Remote(R::WrongBase { .. }) => Failure::WrongBase(msg),
+        // A full replica disk or a pause on the replica: keep retrying (health is Critical
+        // meanwhile) so that replication resumes by itself once the admin fixed it.
+        TransportError::Remote(R::DiskFull { .. } | R::Unavailable { .. }) => {
+            Failure::Retryable(msg)
+        }
         _ if e.is_retryable() => Failure::Retryable(msg),
         _ => Failure::Fatal(msg),
     }

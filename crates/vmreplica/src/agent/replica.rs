@@ -270,7 +270,7 @@ impl Handler for ReplicaHandler {
         let agent = self.0.clone();
         let rec = self.authorized_vm(peer, header.vm)?;
         if rec.state == ReplicationState::Suspended {
-            return Err(RemoteError::BadRequest {
+            return Err(RemoteError::Unavailable {
                 message: "replication is paused on the replica".into(),
             });
         }
