@@ -136,26 +136,7 @@ pub async fn enable(
     // Check the replica answers and accepts us before anything changes here.
     let client = connect(agent, &args).await?;
     let def = VmDefinition::from_toml(&rec.launch_toml)?;
-    let disks: Vec<String> = rec
-        .disks
-        .iter()
-        .filter(|d| !args.exclude_disks.contains(d))
-        .cloned()
-        .collect();
-    let create = CreateReplica {
-        launch_toml: rec.launch_toml.clone(),
-        uuid: rec.uuid,
-        name: def.name.clone(),
-        disks: disks
-            .iter()
-            .map(|d| DiskInfo {
-                id: d.clone(),
-                size: 0,
-            })
-            .collect(),
-        frequency_secs: args.frequency_secs,
-        recovery_points: args.recovery_points,
-    };
+    let create = create_request(&rec, &def, &args);
     client
         .call("create-replica", &serde_json::to_value(&create)?)
         .await
@@ -186,6 +167,26 @@ pub async fn enable(
             "; initial replication started"
         }
     )))
+}
+
+/// The `create-replica` request for a VM: its definition and replicated disks.
+fn create_request(rec: &VmRecord, def: &VmDefinition, args: &EnableArgs) -> CreateReplica {
+    CreateReplica {
+        launch_toml: rec.launch_toml.clone(),
+        uuid: rec.uuid,
+        name: def.name.clone(),
+        disks: rec
+            .disks
+            .iter()
+            .filter(|d| !args.exclude_disks.contains(d))
+            .map(|d| DiskInfo {
+                id: d.clone(),
+                size: 0,
+            })
+            .collect(),
+        frequency_secs: args.frequency_secs,
+        recovery_points: args.recovery_points,
+    }
 }
 
 /// Run an admin command on a primary VM.
@@ -765,22 +766,7 @@ async fn create_replica(
         .ok_or_else(|| Failure::Fatal("not enabled".into()))?;
     let def =
         VmDefinition::from_toml(&rec.launch_toml).map_err(|e| Failure::Fatal(e.to_string()))?;
-    let create = CreateReplica {
-        launch_toml: rec.launch_toml.clone(),
-        uuid: rec.uuid,
-        name: def.name,
-        disks: rec
-            .disks
-            .iter()
-            .filter(|d| !args.exclude_disks.contains(d))
-            .map(|d| DiskInfo {
-                id: d.clone(),
-                size: 0,
-            })
-            .collect(),
-        frequency_secs: args.frequency_secs,
-        recovery_points: args.recovery_points,
-    };
+    let create = create_request(rec, &def, &args);
     let c = client(agent, rec, session).await?;
     let body = serde_json::to_value(&create).map_err(|e| Failure::Fatal(e.to_string()))?;
     c.call("create-replica", &body).await.map_err(|e| {
