@@ -189,6 +189,21 @@ impl VmCapture {
         Ok(self.query_disks().await?.iter().map(|d| d.size).collect())
     }
 
+    /// Bytes recorded as changed and not yet shipped: the dirty count of every vmreplica
+    /// tracking bitmap of every disk (QEMU counts in bytes, at bitmap granularity).
+    pub async fn pending_bytes(&mut self) -> Result<u64, CaptureError> {
+        let disks = self.query_disks().await?;
+        Ok(disks
+            .iter()
+            .map(|d| {
+                graph::tracking_bitmaps(&self.names, d)
+                    .iter()
+                    .map(|(_, b)| b.count)
+                    .sum::<u64>()
+            })
+            .sum())
+    }
+
     /// Remove every vmreplica bitmap (replication disabled); the next cycle must be full.
     pub async fn stop_tracking(&mut self) -> Result<(), CaptureError> {
         self.recover().await?;

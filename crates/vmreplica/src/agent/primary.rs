@@ -375,6 +375,7 @@ enum Outcome {
         bytes: u64,
         sizes: Vec<u64>,
         app: bool,
+        pending: Option<u64>,
     },
     Failed(Failure),
     Cancelled,
@@ -475,14 +476,23 @@ async fn drive(agent: Arc<Agent>, vm: Arc<PrimaryVm>, restarted: bool) {
                     inner.progress = None;
                     let now = now_ms();
                     pending = match outcome {
-                        Outcome::Done { bytes, sizes, app } => {
+                        Outcome::Done {
+                            bytes,
+                            sizes,
+                            app,
+                            pending,
+                        } => {
                             inner.rec.disk_sizes = Some(sizes);
                             tracing::info!(vm = %inner.rec.name, cycle = id, bytes, "cycle replicated");
-                            inner.machine.step(Event::CycleSucceeded {
+                            let acts = inner.machine.step(Event::CycleSucceeded {
                                 now_ms: now,
                                 bytes,
                                 app_consistent: app,
-                            })
+                            });
+                            if let Some(p) = pending {
+                                inner.machine.stats.pending_bytes = p;
+                            }
+                            acts
                         }
                         Outcome::Failed(failure) => {
                             tracing::warn!(vm = %inner.rec.name, cycle = id, "cycle failed: {failure:?}");
@@ -716,15 +726,19 @@ async fn cycle_with(
     let (produced, sent) = tokio::join!(producer, consumer);
     match (produced, sent) {
         (Ok(bytes), Ok(_ack)) => match cycle.commit().await {
-            Ok(()) => (
-                Outcome::Done {
-                    bytes,
-                    sizes,
-                    app: false,
-                },
-                false,
-                false,
-            ),
+            Ok(()) => {
+                let pending = capture.pending_bytes().await.ok();
+                (
+                    Outcome::Done {
+                        bytes,
+                        sizes,
+                        app: false,
+                        pending,
+                    },
+                    false,
+                    false,
+                )
+            }
             // The replica has the cycle; the primary could not drop the frozen bitmap. The next
             // open merges it back, and reconciliation adopts the acknowledged cycle.
             Err(e) => (
