@@ -9,8 +9,10 @@
 
 mod control;
 pub mod db;
+mod failover;
 mod primary;
 mod replica;
+mod resync;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,8 +88,10 @@ impl Agent {
 pub fn run_blocking(dir: &Path) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMREPLICA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: journald and log files get plain text.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // Structured logs: VMREPLICA_LOG_FORMAT=json gives one JSON object per event (for journald
     // or a log shipper); the default is human-readable text.
