@@ -86,6 +86,12 @@ pub enum CycleMode {
     Incremental,
     /// Every allocated block (initial replication or resync); starts tracking anew.
     Full,
+    /// Like [`CycleMode::Full`] (same transaction: tracking starts anew at the cut, marker
+    /// bitmap until committed, every allocated and zero range handed out), for a
+    /// block-hash resynchronisation: the caller compares the blocks with the replica's and
+    /// ships only those that differ. An interrupted resync leaves
+    /// [`ResyncReason::InitialCopyIncomplete`] like an interrupted full cycle.
+    Resync,
 }
 
 /// One VM's capture side: its QMP connection, naming and recovery.
@@ -239,7 +245,7 @@ impl VmCapture {
             (CycleMode::Incremental, Tracking::Lost(reason)) => {
                 return Err(CaptureError::ResyncRequired { reason });
             }
-            (CycleMode::Full, _) => {
+            (CycleMode::Full | CycleMode::Resync, _) => {
                 let max = disks
                     .iter()
                     .flat_map(|d| graph::tracking_bitmaps(&self.names, d))
@@ -325,7 +331,7 @@ impl VmCapture {
         // THE CYCLE POINT: one transaction over all disks.
         let mut actions = Vec::new();
         for (i, d) in disks.iter().enumerate() {
-            if mode == CycleMode::Full {
+            if mode != CycleMode::Incremental {
                 for b in d.bitmaps.iter().filter(|b| self.names.owns(&b.name)) {
                     actions.push(remove_action(&d.name, &b.name));
                 }

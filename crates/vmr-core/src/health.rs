@@ -98,7 +98,11 @@ pub fn primary_health(
             "replication is paused on the primary".into(),
         ));
     }
-    if consecutive_failures > 0 {
+    if state == ReplicationState::WaitingForStartResynchronize {
+        if let Some(e) = last_error {
+            items.push((Health::Critical, format!("cause: {e}")));
+        }
+    } else if consecutive_failures > 0 {
         items.push((
             Health::Critical,
             format!(

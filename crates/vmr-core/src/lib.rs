@@ -5,8 +5,10 @@
 //! Architecture Invariant: nothing in this crate does I/O, reads the clock or spawns tasks;
 //! time comes in with every event, so every decision is reproducible in a test.
 
+pub mod failover;
 pub mod health;
 pub mod primary;
 
+pub use failover::{FailoverOp, FailoverRefusal, failover_transition};
 pub use health::{HealthReport, primary_health, replica_health};
 pub use primary::{Action, Event, Failure, PrimaryMachine, Schedule};

@@ -99,6 +99,15 @@ pub enum Event {
         /// Now.
         now_ms: u64,
     },
+    /// Admin `resume --resync [--at]`: start (or schedule) resynchronization. Accepted when
+    /// waiting for it, suspended, resync-suspended, or replicating between cycles (a forced
+    /// resync).
+    ResumeResync {
+        /// Now.
+        now_ms: u64,
+        /// Start at this time instead of now.
+        at_ms: Option<u64>,
+    },
     /// Admin disable.
     Disable,
     /// Reset the statistics window.
@@ -168,7 +177,8 @@ pub struct PrimaryMachine {
     pub consecutive_failures: u32,
     /// Scheduling.
     pub schedule: Schedule,
-    /// When initial replication is due (ReadyForInitialReplication).
+    /// When initial replication is due (ReadyForInitialReplication), or when a scheduled
+    /// resynchronization is due (WaitingForStartResynchronize).
     pub initial_at_ms: Option<u64>,
     /// State to return to on resume.
     pub paused_from: Option<ReplicationState>,
@@ -216,6 +226,14 @@ impl PrimaryMachine {
         }
     }
 
+    /// The driver chose another id for the running cycle (a resync numbers its cycle after
+    /// the replica's latest, which it learns only when it starts); success records this id.
+    pub fn retarget_running(&mut self, id: CycleId) {
+        if let Some(r) = self.running.as_mut() {
+            r.id = id;
+        }
+    }
+
     /// Whether a cycle is running, and since when.
     pub fn running_since(&self) -> Option<u64> {
         self.running.map(|r| r.started_ms)
@@ -229,12 +247,15 @@ impl PrimaryMachine {
     /// When the next cycle is due (ms since the epoch), when one is scheduled.
     pub fn next_due_ms(&self) -> Option<u64> {
         match self.state {
-            ReplicationState::Replicating | ReplicationState::InitialReplicationInProgress
+            ReplicationState::Replicating
+            | ReplicationState::InitialReplicationInProgress
+            | ReplicationState::Resynchronizing
                 if self.running.is_none() =>
             {
                 Some(self.next_due_ms)
             }
-            ReplicationState::ReadyForInitialReplication => self.initial_at_ms,
+            ReplicationState::ReadyForInitialReplication
+            | ReplicationState::WaitingForStartResynchronize => self.initial_at_ms,
             _ => None,
         }
     }
@@ -308,6 +329,16 @@ impl PrimaryMachine {
                 self.stats.errors += 1;
                 self.consecutive_failures += 1;
                 self.last_error = Some(failure.message().to_owned());
+                // A resync compares against whatever the replica holds: a refused base or
+                // lost tracking just means comparing again.
+                let failure = match failure {
+                    Failure::ResyncRequired(m) | Failure::WrongBase(m)
+                        if self.state == S::Resynchronizing =>
+                    {
+                        Failure::Retryable(m)
+                    }
+                    f => f,
+                };
                 match failure {
                     Failure::Retryable(_) => {
                         let shift = self.consecutive_failures.saturating_sub(1).min(16);
@@ -320,13 +351,21 @@ impl PrimaryMachine {
                     }
                     Failure::ResyncRequired(_) | Failure::WrongBase(_) => {
                         self.state = S::WaitingForStartResynchronize;
+                        self.initial_at_ms = None;
                     }
                     Failure::Fatal(_) => self.state = S::Error,
                 }
                 out.push(Action::Persist);
             }
             Event::Pause { now_ms } => {
-                if matches!(
+                if self.state == S::Resynchronizing {
+                    self.state = S::ResynchronizeSuspended;
+                    if let Some(run) = self.running.take() {
+                        self.count_missed(run, now_ms);
+                        out.push(Action::AbortCycle);
+                    }
+                    out.push(Action::Persist);
+                } else if matches!(
                     self.state,
                     S::Replicating
                         | S::InitialReplicationInProgress
@@ -343,6 +382,13 @@ impl PrimaryMachine {
                 }
             }
             Event::Resume { now_ms } => match self.state {
+                S::ResynchronizeSuspended => {
+                    self.state = S::Resynchronizing;
+                    self.next_due_ms = now_ms;
+                    self.consecutive_failures = 0;
+                    out.push(Action::Persist);
+                    self.tick(now_ms, &mut out);
+                }
                 S::Suspended => {
                     self.state = match self.paused_from.take() {
                         Some(S::Error) | None => {
@@ -373,6 +419,34 @@ impl PrimaryMachine {
                 }
                 _ => {}
             },
+            Event::ResumeResync { now_ms, at_ms } => {
+                let accepted = match self.state {
+                    S::WaitingForStartResynchronize
+                    | S::Suspended
+                    | S::ResynchronizeSuspended
+                    | S::Error => self.last_cycle.is_some(),
+                    S::Replicating => self.running.is_none(),
+                    _ => false,
+                };
+                if !accepted {
+                    return out;
+                }
+                self.paused_from = None;
+                self.consecutive_failures = 0;
+                match at_ms.filter(|t| *t > now_ms) {
+                    Some(t) => {
+                        self.state = S::WaitingForStartResynchronize;
+                        self.initial_at_ms = Some(t);
+                    }
+                    None => {
+                        self.state = S::Resynchronizing;
+                        self.initial_at_ms = None;
+                        self.next_due_ms = now_ms;
+                    }
+                }
+                out.push(Action::Persist);
+                self.tick(now_ms, &mut out);
+            }
             Event::Disable => {
                 if self.running.take().is_some() {
                     out.push(Action::AbortCycle);
@@ -407,6 +481,7 @@ impl PrimaryMachine {
                     out.push(Action::Persist);
                 } else if matches!(self.state, S::Replicating | S::Suspended) {
                     self.state = S::WaitingForStartResynchronize;
+                    self.initial_at_ms = None;
                     self.last_error = Some(format!(
                         "the replica holds cycle {latest:?} but the primary's last cycle is {:?}",
                         self.last_cycle
@@ -462,6 +537,16 @@ impl PrimaryMachine {
             }
             S::Replicating if self.next_due_ms <= now_ms => {
                 self.start(now_ms, CycleKind::Incremental, out);
+            }
+            S::WaitingForStartResynchronize if self.initial_at_ms.is_some_and(|t| t <= now_ms) => {
+                self.state = S::Resynchronizing;
+                self.initial_at_ms = None;
+                self.next_due_ms = now_ms;
+                out.push(Action::Persist);
+                self.start(now_ms, CycleKind::Resync, out);
+            }
+            S::Resynchronizing if self.next_due_ms <= now_ms => {
+                self.start(now_ms, CycleKind::Resync, out);
             }
             _ => {}
         }
@@ -761,6 +846,193 @@ mod tests {
             latest: Some(1),
         });
         assert_eq!(m.state, S::WaitingForStartResynchronize);
+    }
+
+    /// Replicating, then tracking lost at t=30 001: waiting for a resync.
+    fn needs_resync() -> PrimaryMachine {
+        let mut m = enabled();
+        m.step(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+        });
+        m.step(Event::Tick { now_ms: 30_000 });
+        m.step(Event::CycleFailed {
+            now_ms: 30_001,
+            failure: Failure::ResyncRequired("bitmap missing".into()),
+        });
+        assert_eq!(m.state, S::WaitingForStartResynchronize);
+        m
+    }
+
+    #[test]
+    fn resync_table() {
+        // (events after needs_resync, expected state, expected start kind of the last event)
+        type Case = (&'static str, Vec<Event>, S, Option<CycleKind>);
+        let cases: Vec<Case> = vec![
+            (
+                "waits without a command",
+                vec![Event::Tick { now_ms: 10_000_000 }],
+                S::WaitingForStartResynchronize,
+                None,
+            ),
+            (
+                "resume --resync starts at once",
+                vec![Event::ResumeResync {
+                    now_ms: 40_000,
+                    at_ms: None,
+                }],
+                S::Resynchronizing,
+                Some(CycleKind::Resync),
+            ),
+            (
+                "scheduled resync waits for its time",
+                vec![
+                    Event::ResumeResync {
+                        now_ms: 40_000,
+                        at_ms: Some(100_000),
+                    },
+                    Event::Tick { now_ms: 99_999 },
+                ],
+                S::WaitingForStartResynchronize,
+                None,
+            ),
+            (
+                "scheduled resync starts when due",
+                vec![
+                    Event::ResumeResync {
+                        now_ms: 40_000,
+                        at_ms: Some(100_000),
+                    },
+                    Event::Tick { now_ms: 100_000 },
+                ],
+                S::Resynchronizing,
+                Some(CycleKind::Resync),
+            ),
+            (
+                "pause suspends the resync",
+                vec![
+                    Event::ResumeResync {
+                        now_ms: 40_000,
+                        at_ms: None,
+                    },
+                    Event::Pause { now_ms: 41_000 },
+                    Event::Tick { now_ms: 10_000_000 },
+                ],
+                S::ResynchronizeSuspended,
+                None,
+            ),
+            (
+                "resume continues the resync",
+                vec![
+                    Event::ResumeResync {
+                        now_ms: 40_000,
+                        at_ms: None,
+                    },
+                    Event::Pause { now_ms: 41_000 },
+                    Event::Resume { now_ms: 50_000 },
+                ],
+                S::Resynchronizing,
+                Some(CycleKind::Resync),
+            ),
+            (
+                "a failed resync is retried, not abandoned",
+                vec![
+                    Event::ResumeResync {
+                        now_ms: 40_000,
+                        at_ms: None,
+                    },
+                    Event::CycleFailed {
+                        now_ms: 40_100,
+                        failure: Failure::WrongBase("base moved".into()),
+                    },
+                    Event::Tick { now_ms: 41_100 },
+                ],
+                S::Resynchronizing,
+                Some(CycleKind::Resync),
+            ),
+            (
+                "a successful resync returns to replicating",
+                vec![
+                    Event::ResumeResync {
+                        now_ms: 40_000,
+                        at_ms: None,
+                    },
+                    Event::CycleSucceeded {
+                        now_ms: 45_000,
+                        bytes: 10,
+                        app_consistent: false,
+                    },
+                    Event::Tick { now_ms: 75_000 },
+                ],
+                S::Replicating,
+                Some(CycleKind::Incremental),
+            ),
+            (
+                "restart mid-resync restarts it",
+                vec![
+                    Event::ResumeResync {
+                        now_ms: 40_000,
+                        at_ms: None,
+                    },
+                    Event::Restarted { now_ms: 60_000 },
+                ],
+                S::Resynchronizing,
+                Some(CycleKind::Resync),
+            ),
+        ];
+        for (what, events, state, kind) in cases {
+            let mut m = needs_resync();
+            let mut last = Vec::new();
+            for e in events {
+                last = m.step(e);
+            }
+            assert_eq!(m.state, state, "{what}");
+            assert_eq!(start_of(&last).map(|s| s.2), kind, "{what}");
+        }
+    }
+
+    #[test]
+    fn resync_cycle_numbering_and_forced_resync() {
+        let mut m = needs_resync();
+        let a = m.step(Event::ResumeResync {
+            now_ms: 40_000,
+            at_ms: None,
+        });
+        assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Resync)));
+        // The replica held cycle 4 already: the driver numbers the resync 5.
+        m.retarget_running(5);
+        m.step(Event::CycleSucceeded {
+            now_ms: 41_000,
+            bytes: 10,
+            app_consistent: false,
+        });
+        assert_eq!(m.last_cycle, Some(5));
+        assert_eq!(m.stats.total_bytes, 11);
+        // A forced resync while replicating between cycles.
+        let a = m.step(Event::ResumeResync {
+            now_ms: 41_500,
+            at_ms: None,
+        });
+        assert_eq!(start_of(&a), Some((6, Some(5), CycleKind::Resync)));
+        // Not accepted before initial replication or while a cycle runs.
+        let mut fresh = PrimaryMachine::new(Schedule::every(F));
+        assert!(
+            fresh
+                .step(Event::ResumeResync {
+                    now_ms: 1,
+                    at_ms: None
+                })
+                .is_empty()
+        );
+        let mut busy = enabled();
+        assert!(
+            busy.step(Event::ResumeResync {
+                now_ms: 1,
+                at_ms: None
+            })
+            .is_empty()
+        );
     }
 
     #[test]

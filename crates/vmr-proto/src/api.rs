@@ -200,6 +200,13 @@ pub enum Request {
         /// VM name.
         name: String,
     },
+    /// Start (or schedule) resynchronization of a VM waiting for it (`resume --resync`).
+    ResumeResync {
+        /// VM name.
+        name: String,
+        /// Start at this time (ms since the epoch); `None` = now.
+        at_ms: Option<u64>,
+    },
     /// Disable replication.
     Disable {
         /// VM name.
@@ -210,6 +217,132 @@ pub enum Request {
         /// VM name.
         name: String,
     },
+    /// Planned failover, first half (on the primary): ship the final cycle and lock the VM.
+    FailoverPrepare {
+        /// VM name.
+        name: String,
+    },
+    /// Failover (on the replica): start the VM from a recovery point.
+    FailoverStart {
+        /// VM name.
+        name: String,
+        /// Recovery point id; `None` = latest.
+        point: Option<u64>,
+        /// Prepare the disks only; do not start QEMU.
+        no_start: bool,
+        /// Skip the split-brain guard (the primary still answers and its VM runs).
+        force: bool,
+    },
+    /// Test failover (on the replica): an isolated copy `NAME-test`; replication goes on.
+    FailoverTest {
+        /// VM name.
+        name: String,
+        /// Recovery point id; `None` = latest.
+        point: Option<u64>,
+    },
+    /// Remove a test failover copy.
+    FailoverStopTest {
+        /// VM name.
+        name: String,
+        /// Which copy; `None` = all of the VM's test copies.
+        test_id: Option<Uuid>,
+    },
+    /// Undo a failover not yet completed.
+    FailoverCancel {
+        /// VM name.
+        name: String,
+    },
+    /// Commit a failover: keep the chosen point, drop the others.
+    FailoverComplete {
+        /// VM name.
+        name: String,
+    },
+    /// Reverse replication: the failed-over VM becomes the primary, the old primary its replica.
+    Reverse {
+        /// VM name.
+        name: String,
+        /// The old primary's agent HOST:PORT (default: the address it reported).
+        replica: Option<String>,
+        /// The old primary's certificate fingerprint (default: its authorization entry's).
+        replica_fingerprint: Option<String>,
+        /// Cycle interval of the reversed replication, seconds (default 300).
+        frequency_secs: Option<u64>,
+    },
+}
+
+/// One VM process (or prepared disk set) a failover created on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverVm {
+    /// Name the VM runs as (`NAME`, or `NAME-test`).
+    pub name: String,
+    /// The store view holding its overlays (also the test copy's id).
+    pub view: Uuid,
+    /// The recovery point it started from.
+    pub point: u64,
+    /// Disk node and overlay path.
+    pub disks: Vec<(String, String)>,
+    /// QMP socket, when started.
+    pub qmp: Option<String>,
+    /// QEMU process id, when started.
+    pub pid: Option<u32>,
+    /// A test failover copy.
+    pub test: bool,
+}
+
+/// Failover bookkeeping of one VM on a replica host (`DIR/failover/<uuid>.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    /// The VM.
+    pub vm: Uuid,
+    /// State before the failover (restored by cancel).
+    pub before: Option<ReplicationState>,
+    /// The failed-over VM (live failover).
+    pub live: Option<FailoverVm>,
+    /// Test failover copies.
+    pub tests: Vec<FailoverVm>,
+    /// The primary agent's replication listener, as it last reported it.
+    pub primary_listen: Option<String>,
+    /// The failover was a planned one (the latest point is the primary's final cycle).
+    pub planned: bool,
+}
+
+/// What a failover command reached (`--json` output of `failover ...` and `reverse`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverResult {
+    /// VM name (the test copy's name for `failover test`).
+    pub name: String,
+    /// Replication state of the VM on this host afterwards.
+    pub state: ReplicationState,
+    /// Chosen recovery point (or the final cycle for `prepare`).
+    pub point: Option<u64>,
+    /// Disks the VM runs on (overlay paths), node name and path.
+    pub disks: Vec<(String, String)>,
+    /// QMP socket of the started VM.
+    pub qmp: Option<String>,
+    /// QEMU process id of the started VM.
+    pub pid: Option<u32>,
+    /// Test copy id (`failover test`), for `stop-test --test-id`.
+    pub test_id: Option<Uuid>,
+    /// Milliseconds from the command to the started VM's QMP answering.
+    pub elapsed_ms: u64,
+    /// Human summary.
+    pub message: String,
+}
+
+/// Agent-to-agent: the new primary asks the old primary to become the replica of a VM whose
+/// disks are identical to recovery point `point` (reverse replication after a planned failover).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BecomeReplica {
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// The cut both sides hold.
+    pub point: u64,
+    /// Time of that cut, ms since the epoch.
+    pub taken_at_ms: u64,
+    /// VM definition TOML text.
+    pub launch_toml: String,
+    /// Replicated disks (node names) and sizes.
+    pub disks: Vec<crate::DiskInfo>,
 }
 
 /// Arguments of `vmreplica enable`.
@@ -305,6 +438,37 @@ pub struct ReplicaVmInfo {
     pub latest: Option<u64>,
     /// Replica-side state.
     pub state: ReplicationState,
+}
+
+/// Agent-to-agent (`resync-hashes`): the primary asks the replica for the block hashes of one
+/// disk of its latest recovery point (resynchronization).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockHashesRequest {
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// Disk id.
+    pub disk: String,
+    /// The disk's size on the primary (blocks beyond the replica's size hash as zeros).
+    pub disk_size: u64,
+    /// Block size in bytes (a power of two, 4 KiB to 4 MiB).
+    pub block_size: u64,
+    /// First block.
+    pub first_block: u64,
+    /// Number of blocks (at most 16384 per call).
+    pub count: u64,
+    /// The point the earlier calls of this resync used; refused if it is no longer the latest.
+    pub point: Option<u64>,
+}
+
+/// Answer to [`BlockHashesRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockHashesReply {
+    /// The recovery point hashed (the replica's latest): the resync cycle's base.
+    pub point: u64,
+    /// The replica's size of the disk (0 if the point has no such disk).
+    pub point_disk_size: u64,
+    /// Lowercase hex of the concatenated 32-byte BLAKE3 hashes, one per block.
+    pub hashes: String,
 }
 
 /// The agent's configuration file (`DIR/config.toml`), written by `vmreplica init`.

@@ -9,6 +9,7 @@
 pub mod catalog;
 mod error;
 mod fsio;
+pub mod hashes;
 mod pipeline;
 mod qemu;
 pub mod retention;
@@ -17,5 +18,5 @@ mod store;
 
 pub use error::StoreError;
 pub use retention::{PointMeta, retention};
-pub use store::{StagingWriter, Store, View, VmUsage};
+pub use store::{ResyncWriter, StagingWriter, Store, View, VmUsage};
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

@@ -148,6 +148,24 @@ pub(crate) struct Export {
 impl Export {
     /// Export `image` (qcow2) writable on a fresh unix socket and connect to it.
     pub(crate) async fn start(image: &Path) -> Result<Export, StoreError> {
+        Export::start_with(image, false, Vec::new()).await
+    }
+
+    /// Export `image` (qcow2) read-only without taking image locks (`--force-share`: for
+    /// reading committed layers, whose content never changes, while the store may copy up
+    /// into them), with the given meta contexts.
+    pub(crate) async fn start_read_only(
+        image: &Path,
+        meta_contexts: Vec<String>,
+    ) -> Result<Export, StoreError> {
+        Export::start_with(image, true, meta_contexts).await
+    }
+
+    async fn start_with(
+        image: &Path,
+        read_only: bool,
+        meta_contexts: Vec<String>,
+    ) -> Result<Export, StoreError> {
         let sock = std::env::temp_dir().join(format!(
             "vmr-store-{}-{}.sock",
             std::process::id(),
@@ -157,14 +175,29 @@ impl Export {
         let what = image.display().to_string();
         let mut cmd = Command::new("qemu-nbd");
         die_with_parent(&mut cmd);
+        if read_only {
+            // force-share: no image locks, so the store may still copy up into the layer
+            // (its content does not change) while it is being read.
+            let escaped = image.display().to_string().replace(',', ",,");
+            cmd.arg("--read-only")
+                .arg("--shared=2")
+                .arg("--image-opts")
+                .arg("--aio=threads")
+                .arg("--socket")
+                .arg(&sock)
+                .arg(format!(
+                    "driver=qcow2,force-share=on,file.driver=file,file.filename={escaped}"
+                ));
+        } else {
+            cmd.arg("--cache=writeback")
+                .arg("--discard=unmap")
+                .arg("--format=qcow2")
+                .arg("--aio=threads")
+                .arg("--socket")
+                .arg(&sock)
+                .arg(image);
+        }
         let mut child = cmd
-            .arg("--format=qcow2")
-            .arg("--cache=writeback")
-            .arg("--aio=threads")
-            .arg("--discard=unmap")
-            .arg("--socket")
-            .arg(&sock)
-            .arg(image)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -191,6 +224,7 @@ impl Export {
         }
         let opts = ConnectOptions {
             max_in_flight: 32,
+            meta_contexts,
             ..ConnectOptions::default()
         };
         let ep = Endpoint::Unix(sock.clone());

@@ -26,6 +26,9 @@ use crate::retention::{PointMeta, retention};
 use crate::staging::{self, StageFileWriter, StageReader};
 use crate::{catalog, fsio::TMP_SUFFIX};
 
+mod resync;
+pub use resync::ResyncWriter;
+
 /// Name of the VM definition file.
 const DEFINITION: &str = "vm.toml";
 /// Name of the catalog file.
@@ -619,6 +622,97 @@ impl Store {
         Ok(())
     }
 
+    /// Failover "complete" while the failed-over VM runs on a view of `keep`: discard staged
+    /// cycles and drop every point above `keep` (newest first; nothing backs onto them). The
+    /// points below `keep` are its backing chain; a running VM holds `keep`'s layers, so they
+    /// cannot be merged now ([`Store::discard_points_except`] does that when nothing runs).
+    pub async fn discard_points_above(&self, vm: Uuid, keep: CycleId) -> Result<(), StoreError> {
+        let v = self.vm(vm)?;
+        let _chain = v.chain.lock().await;
+        let ids = {
+            let st = lock(&v.st);
+            let keep = find_point(&st.catalog, Some(keep))?.id;
+            if let Some(view) = st.catalog.views.iter().find(|w| w.point > keep) {
+                return Err(StoreError::InvalidCycle(format!(
+                    "point {} is pinned by view {}",
+                    view.point, view.id
+                )));
+            }
+            st.catalog
+                .points
+                .iter()
+                .map(|p| p.id)
+                .filter(|i| *i > keep)
+                .collect::<Vec<_>>()
+        };
+        if let Some(first) = lock(&v.st).staged.keys().next().copied() {
+            discard_staged_from(&v, first);
+        }
+        for id in ids.iter().rev() {
+            prune_one(&v, *id, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Reverse replication: make existing qcow2 images (the old primary's disks, identical to
+    /// the new primary's point `id`) the VM's first point without copying them. Each disk gets
+    /// a layer `base-c<id>.qcow2` backed by the image's absolute path (recorded as the layer's
+    /// backing, so pruning rebases onto it). The VM must have no point yet.
+    pub async fn import_point(
+        &self,
+        vm: Uuid,
+        id: CycleId,
+        taken_at_ms: u64,
+        disks: &[(String, PathBuf, u64)],
+    ) -> Result<RecoveryPoint, StoreError> {
+        let v = self.vm(vm)?;
+        let _chain = v.chain.lock().await;
+        if !lock(&v.st).catalog.points.is_empty() {
+            return Err(StoreError::InvalidCycle(
+                "import needs a VM without recovery points".into(),
+            ));
+        }
+        let mut layers = Vec::new();
+        for (disk, image, size) in disks {
+            if !valid_name(disk) || *size == 0 {
+                return Err(StoreError::InvalidCycle(format!(
+                    "disk id {disk:?} invalid or size 0"
+                )));
+            }
+            let dir = v.disk_dir(disk);
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+            let image = image
+                .canonicalize()
+                .map_err(|e| StoreError::io("resolve", image, e))?
+                .display()
+                .to_string();
+            let file = format!("base-c{id:06}.qcow2");
+            let _ = std::fs::remove_file(dir.join(&file));
+            qemu::create_layer(&dir, &file, *size, Some(&image), false).await?;
+            fsio::fsync_file(&dir.join(&file))?;
+            fsio::fsync_dir(&dir)?;
+            layers.push(LayerRecord {
+                disk: disk.clone(),
+                size: *size,
+                file,
+                backing: Some(image),
+            });
+        }
+        let mut st = lock(&v.st);
+        let mut c = st.catalog.clone();
+        c.points.push(PointRecord {
+            id,
+            taken_at_ms,
+            kind: PointKind::Planned,
+            layers,
+            pruning: false,
+        });
+        v.commit(&mut st, c)?;
+        let c = st.catalog.clone();
+        let p = find_point(&c, Some(id))?;
+        Ok(v.point_info(&c, p))
+    }
+
     // ---------------------------------------------------------------- views
 
     /// Create a failover view of `point` (None = latest) in `dest`: one qcow2 overlay per
@@ -779,6 +873,7 @@ fn remove_strays(v: &Vm) -> Result<(), StoreError> {
             keep.insert(v.disk_dir(&l.disk).join(&l.file));
         }
     }
+    keep.extend(v.pending_files());
     let disks = v.dir.join("disks");
     if let Ok(rd) = std::fs::read_dir(&disks) {
         for d in rd.flatten() {

@@ -76,6 +76,13 @@ pub enum Command {
     Resume {
         /// VM name.
         name: String,
+        /// Start resynchronization (after lost change tracking, or to force one): only the
+        /// blocks that differ from the replica's latest point are sent.
+        #[arg(long)]
+        resync: bool,
+        /// With --resync: start at TIME (RFC 3339) instead of now.
+        #[arg(long, requires = "resync")]
+        at: Option<String>,
     },
     /// Disable replication (keeps the replica's data).
     Disable {
@@ -89,6 +96,83 @@ pub enum Command {
     },
     /// Self-contained demonstration on this machine (two agents, a stand-in VM, a writer).
     Demo(DemoOpts),
+    /// Failover: planned (prepare, start), unplanned (start, cancel, complete) and test.
+    #[command(subcommand)]
+    Failover(FailoverCmd),
+    /// Reverse replication: the failed-over VM becomes the primary, the old primary its replica.
+    Reverse {
+        /// VM name.
+        name: String,
+        /// The old primary's agent HOST:PORT (default: the address it last reported).
+        #[arg(long)]
+        replica: Option<String>,
+        /// The old primary's certificate fingerprint (default: its authorization entry's).
+        #[arg(long)]
+        replica_fingerprint: Option<String>,
+        /// Cycle interval of the reversed replication: 30s, 5m, 15m or <N>s.
+        #[arg(long, default_value = "5m")]
+        frequency: String,
+    },
+}
+
+/// `failover` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FailoverCmd {
+    /// On the primary: the VM must be shut down; ship the final cycle; lock the primary copy.
+    Prepare {
+        /// VM name.
+        name: String,
+    },
+    /// On the replica: start the VM from a recovery point (unplanned, or planned's second half).
+    Start {
+        /// VM name.
+        name: String,
+        /// Recovery point id, or `latest`.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Prepare the disks only; do not start the VM.
+        #[arg(long)]
+        no_start: bool,
+        /// Fail over even though the primary answers and its VM runs (split brain risk).
+        #[arg(long)]
+        force: bool,
+    },
+    /// On the replica: start an isolated copy NAME-test; replication goes on.
+    Test {
+        /// VM name.
+        name: String,
+        /// Recovery point id, or `latest`.
+        #[arg(long, default_value = "latest")]
+        point: String,
+    },
+    /// Remove test copies (all of the VM's, or one).
+    StopTest {
+        /// VM name.
+        name: String,
+        /// The test copy id printed by `failover test`.
+        #[arg(long)]
+        test_id: Option<uuid::Uuid>,
+    },
+    /// Undo a failover not yet completed: discard what the failed-over VM wrote.
+    Cancel {
+        /// VM name.
+        name: String,
+    },
+    /// Commit: keep the chosen point, drop the other recovery points.
+    Complete {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// Parse `--point`: a point id or `latest`.
+pub fn parse_point(s: &str) -> Result<Option<u64>, String> {
+    if s == "latest" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| format!("bad point {s:?}: expected a point id or `latest`"))
 }
 
 /// `server` subcommands.
@@ -227,6 +311,9 @@ mod tests {
         assert!(parse_frequency("").is_err());
         assert_eq!(parse_hours("4h"), Ok(4));
         assert!(parse_hours("x").is_err());
+        assert_eq!(parse_point("latest"), Ok(None));
+        assert_eq!(parse_point("12"), Ok(Some(12)));
+        assert!(parse_point("-1").is_err());
     }
 
     #[test]

@@ -111,9 +111,53 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Status { name } => Request::Status { name },
         Command::Measure { name, reset } => Request::Measure { name, reset },
         Command::Pause { name } => Request::Pause { name },
-        Command::Resume { name } => Request::Resume { name },
+        Command::Resume {
+            name,
+            resync: true,
+            at,
+        } => Request::ResumeResync {
+            name,
+            at_ms: at.as_deref().map(parse_time).transpose()?,
+        },
+        Command::Resume { name, .. } => Request::Resume { name },
         Command::Disable { name } => Request::Disable { name },
         Command::Points { name } => Request::Points { name },
+        Command::Failover(f) => {
+            use crate::cli::{FailoverCmd as F, parse_point};
+            let point = |s: &str| parse_point(s).map_err(|m| coded(exit::USAGE, m));
+            match f {
+                F::Prepare { name } => Request::FailoverPrepare { name },
+                F::Start {
+                    name,
+                    point: p,
+                    no_start,
+                    force,
+                } => Request::FailoverStart {
+                    name,
+                    point: point(&p)?,
+                    no_start,
+                    force,
+                },
+                F::Test { name, point: p } => Request::FailoverTest {
+                    name,
+                    point: point(&p)?,
+                },
+                F::StopTest { name, test_id } => Request::FailoverStopTest { name, test_id },
+                F::Cancel { name } => Request::FailoverCancel { name },
+                F::Complete { name } => Request::FailoverComplete { name },
+            }
+        }
+        Command::Reverse {
+            name,
+            replica,
+            replica_fingerprint,
+            frequency,
+        } => Request::Reverse {
+            name,
+            replica,
+            replica_fingerprint,
+            frequency_secs: Some(parse_frequency(&frequency).map_err(|m| coded(exit::USAGE, m))?),
+        },
         Command::Init { .. } | Command::Agent | Command::Demo(_) => {
             return Err(coded(exit::USAGE, "not a control command"));
         }

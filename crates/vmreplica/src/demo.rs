@@ -451,8 +451,234 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     if !all_ok {
         bail!("the replica's latest point differs from the primary");
     }
-    println!("demo passed: the replica equals the primary at the cut");
+    println!("the replica equals the primary at the cut");
+    failover_demo(opts, &a, &b, &def, &nbd, pa).await?;
+    println!(
+        "demo passed: the replica equals the primary at the cut; test and planned failover work"
+    );
     Ok(())
+}
+
+/// Ends the VM processes the failover part started (they outlive the agents on purpose).
+#[derive(Default)]
+struct Pids(Vec<u32>);
+
+impl Drop for Pids {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn failover_call(dir: &Path, req: &Request) -> anyhow::Result<vmr_proto::api::FailoverResult> {
+    Ok(serde_json::from_value(call(dir, req)?)?)
+}
+
+/// After the hash check: a test failover on host-b (its content checked against the primary),
+/// then a planned failover (prepare on host-a, start on host-b, hashes), reverse replication
+/// and one cycle back to host-a.
+async fn failover_demo(
+    opts: &DemoOpts,
+    a: &Path,
+    b: &Path,
+    def: &VmDefinition,
+    nbd: &Path,
+    port_a: u16,
+) -> anyhow::Result<()> {
+    let name = def.name.clone();
+    let mut pids = Pids::default();
+    let primary: Vec<[u8; 32]> = {
+        let mut v = Vec::new();
+        for d in DISKS {
+            v.push(hash_export(&Endpoint::Unix(nbd.to_path_buf()), d).await?);
+        }
+        v
+    };
+    let check = |label: &str, got: &[[u8; 32]]| -> anyhow::Result<()> {
+        let ok = got == primary.as_slice();
+        println!(
+            "  {label}: {}",
+            if ok {
+                "MATCH (every disk)"
+            } else {
+                "DIFFERENT"
+            }
+        );
+        if !ok {
+            bail!("{label} differs from the primary");
+        }
+        Ok(())
+    };
+
+    println!("\ntest failover on host-b (isolated copy, replication goes on):");
+    let t = failover_call(
+        b,
+        &Request::FailoverTest {
+            name: name.clone(),
+            point: None,
+        },
+    )?;
+    pids.0.extend(t.pid);
+    println!(
+        "  {} started from point {} in {} ms",
+        t.name,
+        t.point.unwrap_or(0),
+        t.elapsed_ms
+    );
+    let tnbd = t
+        .disks
+        .first()
+        .and_then(|(_, p)| Path::new(p).parent())
+        .context("test copy has no disks")?
+        .join("nbd.sock");
+    let mut got = Vec::new();
+    for d in DISKS {
+        got.push(hash_export(&Endpoint::Unix(tnbd.clone()), d).await?);
+    }
+    check("test copy vs primary", &got)?;
+    call(
+        b,
+        &Request::FailoverStopTest {
+            name: name.clone(),
+            test_id: t.test_id,
+        },
+    )?;
+    println!("  test copy removed");
+
+    println!("\nplanned failover host-a -> host-b:");
+    call(
+        a,
+        &Request::ServerAllow {
+            primary: "host-b".into(),
+            fingerprint: server_fingerprint(b)?,
+            storage: None,
+            trust_group: None,
+        },
+    )?;
+    call(a, &Request::Resume { name: name.clone() })?;
+    let prep = failover_call(a, &Request::FailoverPrepare { name: name.clone() })?;
+    println!(
+        "  prepare on host-a: final cycle {} shipped, {} ({} ms)",
+        prep.point.unwrap_or(0),
+        prep.state,
+        prep.elapsed_ms
+    );
+    let live = failover_call(
+        b,
+        &Request::FailoverStart {
+            name: name.clone(),
+            point: None,
+            no_start: false,
+            force: false,
+        },
+    )?;
+    pids.0.extend(live.pid);
+    println!(
+        "  start on host-b: {} from point {}, {}; QMP answered {} ms after the command",
+        live.name,
+        live.point.unwrap_or(0),
+        live.state,
+        live.elapsed_ms
+    );
+    let bnbd = crate::launch::nbd_socket(b, def.uuid);
+    let mut got = Vec::new();
+    for d in DISKS {
+        got.push(hash_export(&Endpoint::Unix(bnbd.clone()), d).await?);
+    }
+    check(
+        "failed-over VM vs primary's last content (zero data loss)",
+        &got,
+    )?;
+    // The failed-over VM's guest writes 1 MiB: that, and only that, must travel back.
+    {
+        let c = NbdClient::connect(
+            &Endpoint::Unix(bnbd.clone()),
+            ConnectOptions {
+                export: DISKS[0].into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        for i in 0..16u64 {
+            c.write(i * 3 * 65536, vec![0xa5u8; 65536].into(), false)
+                .await?;
+        }
+        c.flush().await?;
+        c.disconnect().await?;
+    }
+    let rev = failover_call(
+        b,
+        &Request::Reverse {
+            name: name.clone(),
+            replica: Some(format!("127.0.0.1:{port_a}")),
+            replica_fingerprint: None,
+            frequency_secs: Some(opts.frequency),
+        },
+    )?;
+    println!("  reverse: {}", rev.message);
+    let k = live.point.unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(opts.frequency * 6 + 60);
+    loop {
+        let sb = status_of(b, &name)?;
+        let sa = status_of(a, &name)?;
+        if sb.last_cycle.unwrap_or(0) > k && sa.last_cycle.unwrap_or(0) > k {
+            println!(
+                "  cycle {} replicated back host-b -> host-a ({} sent); host-b {:?} {}, host-a {:?} {}",
+                sb.last_cycle.unwrap_or(0),
+                fmt_bytes(sb.stats.total_bytes),
+                sb.mode,
+                sb.state,
+                sa.mode,
+                sa.state
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no cycle back after reverse: host-b {} {}",
+                sb.state,
+                sb.health_reason
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let store = vmr_store::Store::open(&a.join("replicas"))?;
+    let layers = store.point_layers(def.uuid, None)?;
+    let mut back = Vec::new();
+    let mut now = Vec::new();
+    for (i, d) in DISKS.iter().enumerate() {
+        let (_, layer) = layers
+            .iter()
+            .find(|(id, _)| id == d)
+            .with_context(|| format!("host-a has no {d}"))?;
+        back.push(hash_image(layer, &a.join(format!("back{i}.sock"))).await?);
+        now.push(hash_export(&Endpoint::Unix(bnbd.clone()), d).await?);
+    }
+    let ok = back == now;
+    println!(
+        "  host-a's latest point vs the VM on host-b: {}",
+        if ok {
+            "MATCH (every disk)"
+        } else {
+            "DIFFERENT"
+        }
+    );
+    if !ok {
+        bail!("after reverse, host-a's replica differs from host-b");
+    }
+    Ok(())
+}
+
+fn server_fingerprint(dir: &Path) -> anyhow::Result<String> {
+    let v = call(dir, &Request::ServerShow)?;
+    v.get("fingerprint")
+        .and_then(|f| f.as_str())
+        .map(str::to_owned)
+        .context("no fingerprint")
 }
 
 fn hex(b: &[u8; 32]) -> String {

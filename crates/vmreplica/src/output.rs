@@ -17,6 +17,8 @@ pub enum Kind {
     Points,
     /// Server identity and entries.
     Server,
+    /// A [`vmr_proto::api::FailoverResult`] (`failover ...`, `reverse`).
+    Failover,
     /// Anything else: a message or raw JSON.
     Plain,
 }
@@ -29,6 +31,7 @@ impl Kind {
             Command::Measure { .. } => Kind::Measure,
             Command::Points { .. } => Kind::Points,
             Command::Server(crate::cli::ServerCmd::Show) => Kind::Server,
+            Command::Failover(_) | Command::Reverse { .. } => Kind::Failover,
             _ => Kind::Plain,
         }
     }
@@ -98,8 +101,33 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
                 );
             }
         }
+        Kind::Failover => {
+            match serde_json::from_value::<vmr_proto::api::FailoverResult>(value.clone()) {
+                Ok(r) => print_failover(&r),
+                Err(_) => print_plain(value),
+            }
+        }
         Kind::Plain => print_plain(value),
     }
+}
+
+fn print_failover(r: &vmr_proto::api::FailoverResult) {
+    println!("{}", r.message);
+    println!("name:   {}", r.name);
+    println!("state:  {}", r.state);
+    if let Some(p) = r.point {
+        println!("point:  {p}");
+    }
+    if let Some(t) = r.test_id {
+        println!("test id: {t}");
+    }
+    if let Some(q) = &r.qmp {
+        println!("qmp:    {q} (pid {})", r.pid.unwrap_or(0));
+    }
+    for (d, p) in &r.disks {
+        println!("disk:   {d} {p}");
+    }
+    println!("took:   {} ms", r.elapsed_ms);
 }
 
 fn print_plain(value: &Value) {

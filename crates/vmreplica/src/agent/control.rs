@@ -252,6 +252,18 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
         }
         Request::Pause { name } => pause_resume(agent, &name, true).await,
         Request::Resume { name } => pause_resume(agent, &name, false).await,
+        Request::ResumeResync { name, at_ms } => {
+            let rec = agent.vm_record(&name)?.ok_or_else(|| unknown_vm(&name))?;
+            if rec.mode != ReplicationMode::Primary {
+                return Err(coded(
+                    exit::INVALID_STATE,
+                    format!(
+                        "{name:?} is a replica VM on this host; resynchronize from its primary"
+                    ),
+                ));
+            }
+            super::primary::command(agent, &name, super::primary::Cmd::ResumeResync(at_ms)).await
+        }
         Request::Disable { name } => {
             let rec = agent.vm_record(&name)?.ok_or_else(|| unknown_vm(&name))?;
             match rec.mode {
@@ -275,6 +287,13 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
             }
             Ok(serde_json::to_value(super::replica::points(agent, &rec)?)?)
         }
+        req @ (Request::FailoverPrepare { .. }
+        | Request::FailoverStart { .. }
+        | Request::FailoverTest { .. }
+        | Request::FailoverStopTest { .. }
+        | Request::FailoverCancel { .. }
+        | Request::FailoverComplete { .. }
+        | Request::Reverse { .. }) => super::failover::handle(agent, req).await,
     }
 }
 

@@ -33,6 +33,8 @@ pub enum Cmd {
     Resume,
     /// Disable.
     Disable,
+    /// Start (or schedule, at ms since the epoch) resynchronization.
+    ResumeResync(Option<u64>),
 }
 
 /// Mutable part of a primary VM, behind one lock.
@@ -47,6 +49,8 @@ pub struct Inner {
     pub cancel: CancellationToken,
     /// Actions produced outside the driver (admin commands) for the driver to carry out.
     pub pending: Vec<Action>,
+    /// The next cycle is a planned failover's final cycle (consistency `Planned`).
+    pub planned: bool,
 }
 
 /// A replicating primary VM and its driver task.
@@ -61,7 +65,7 @@ pub struct PrimaryVm {
 }
 
 impl PrimaryVm {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -111,6 +115,7 @@ pub fn spawn(agent: &Arc<Agent>, rec: VmRecord, restarted: bool) -> anyhow::Resu
             progress: None,
             cancel: CancellationToken::new(),
             pending: Vec::new(),
+            planned: false,
         }),
         wake: Notify::new(),
         stop: CancellationToken::new(),
@@ -215,6 +220,7 @@ pub async fn command(agent: &Arc<Agent>, name: &str, cmd: Cmd) -> anyhow::Result
             Cmd::Pause => Event::Pause { now_ms: now },
             Cmd::Resume => Event::Resume { now_ms: now },
             Cmd::Disable => Event::Disable,
+            Cmd::ResumeResync(at_ms) => Event::ResumeResync { now_ms: now, at_ms },
         };
         let actions = inner.machine.step(ev);
         if actions.contains(&Action::AbortCycle) {
@@ -230,7 +236,9 @@ pub async fn command(agent: &Arc<Agent>, name: &str, cmd: Cmd) -> anyhow::Result
         (before, inner.machine.state, actions)
     };
     vm.wake.notify_one();
+    let scheduled = matches!(cmd, Cmd::ResumeResync(Some(_))) && actions.contains(&Action::Persist);
     if before == after
+        && !scheduled
         && !actions
             .iter()
             .any(|a| matches!(a, Action::StartCycle { .. }))
@@ -337,7 +345,7 @@ async fn connect(agent: &Agent, args: &EnableArgs) -> anyhow::Result<Client> {
     .with_context(|| format!("connecting to the replica {}", args.replica))
 }
 
-fn capture_config(agent: &Agent, rec: &VmRecord) -> CaptureConfig {
+pub(super) fn capture_config(agent: &Agent, rec: &VmRecord) -> CaptureConfig {
     let args = rec.enable.clone().unwrap_or_else(|| EnableArgs {
         name: rec.name.clone(),
         replica: String::new(),
@@ -370,7 +378,7 @@ async fn stop_tracking(agent: &Agent, rec: &VmRecord) -> anyhow::Result<()> {
 }
 
 /// What one attempted cycle came to.
-enum Outcome {
+pub(super) enum Outcome {
     Done {
         bytes: u64,
         sizes: Vec<u64>,
@@ -381,9 +389,9 @@ enum Outcome {
     Cancelled,
 }
 
-struct Session {
-    capture: Option<VmCapture>,
-    client: Option<Client>,
+pub(super) struct Session {
+    pub(super) capture: Option<VmCapture>,
+    pub(super) client: Option<Client>,
 }
 
 async fn drive(agent: Arc<Agent>, vm: Arc<PrimaryVm>, restarted: bool) {
@@ -433,7 +441,7 @@ async fn drive(agent: Arc<Agent>, vm: Arc<PrimaryVm>, restarted: bool) {
                         inner.cancel.clone()
                     };
                     // Reconcile with the replica first (a lost acknowledgement, a restart).
-                    if !synced || base.is_some() {
+                    if kind != CycleKind::Resync && (!synced || base.is_some()) {
                         match sync_with_replica(&agent, &vm, &mut session).await {
                             Ok(Some(follow)) => {
                                 // The machine changed its view: abandon this start and re-plan.
@@ -468,7 +476,13 @@ async fn drive(agent: Arc<Agent>, vm: Arc<PrimaryVm>, restarted: bool) {
                     }
                     let permit = agent.cycle_slots.clone().acquire_owned().await;
                     let outcome = tokio::select! {
-                        o = run_cycle(&agent, &vm, &mut session, id, base, kind, app_consistent) => o,
+                        o = async {
+                            if kind == CycleKind::Resync {
+                                super::resync::run(&agent, &vm, &mut session, id).await
+                            } else {
+                                run_cycle(&agent, &vm, &mut session, id, base, kind, app_consistent).await
+                            }
+                        } => o,
                         _ = cancel.cancelled() => Outcome::Cancelled,
                     };
                     drop(permit);
@@ -530,7 +544,10 @@ async fn sync_with_replica(
     };
     let client = client(agent, &rec, session).await?;
     let info = client
-        .call("replica-info", &json!({ "uuid": rec.uuid }))
+        .call(
+            "replica-info",
+            &json!({ "uuid": rec.uuid, "listen": agent.config.listen }),
+        )
         .await
         .map_err(|e| {
             session.client = None;
@@ -547,7 +564,7 @@ async fn sync_with_replica(
     }))
 }
 
-async fn client<'a>(
+pub(super) async fn client<'a>(
     agent: &Agent,
     rec: &VmRecord,
     session: &'a mut Session,
@@ -573,7 +590,7 @@ async fn client<'a>(
         .ok_or_else(|| Failure::Retryable("no connection".into()))
 }
 
-fn classify_transport(e: TransportError) -> Failure {
+pub(super) fn classify_transport(e: TransportError) -> Failure {
     use vmr_proto::wire::RemoteError as R;
     let msg = crate::util::chain(&e);
     match &e {
@@ -588,7 +605,7 @@ fn classify_transport(e: TransportError) -> Failure {
     }
 }
 
-fn classify_capture(e: &CaptureError) -> Failure {
+pub(super) fn classify_capture(e: &CaptureError) -> Failure {
     let msg = crate::util::chain(e);
     match e {
         CaptureError::ResyncRequired { .. } => Failure::ResyncRequired(msg),
@@ -686,7 +703,11 @@ async fn cycle_with(
         id,
         base,
         kind,
-        consistency: CycleConsistency::CrashConsistent,
+        consistency: if vm.lock().planned {
+            CycleConsistency::Planned
+        } else {
+            CycleConsistency::CrashConsistent
+        },
         taken_at_ms,
         disks,
     };
@@ -788,4 +809,101 @@ async fn create_replica(
         classify_transport(e)
     })?;
     Ok(())
+}
+
+/// The machine's current state of a primary VM.
+pub fn state_of(vm: &PrimaryVm) -> ReplicationState {
+    vm.lock().machine.state
+}
+
+/// Planned failover: stop a VM's driver (a running cycle is aborted and merged back) so that
+/// its QMP monitor is free; [`restart_driver`] undoes it.
+pub async fn stop_driver(agent: &Arc<Agent>, name: &str) -> anyhow::Result<Arc<PrimaryVm>> {
+    let vm = agent
+        .primaries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .cloned()
+        .ok_or_else(|| {
+            coded(
+                exit::INVALID_STATE,
+                format!("replication of {name:?} is not enabled"),
+            )
+        })?;
+    vm.stop().await;
+    Ok(vm)
+}
+
+/// Start the driver of a VM stopped by [`stop_driver`] again.
+pub fn restart_driver(agent: &Arc<Agent>, vm: &PrimaryVm) -> anyhow::Result<()> {
+    let rec = vm.lock().rec.clone();
+    spawn(agent, rec, true)?;
+    Ok(())
+}
+
+/// Planned failover, first half, on a VM stopped by [`stop_driver`]: ship one final
+/// incremental cycle with consistency `Planned` and leave the VM `PreparedForFailover` (no
+/// more cycles). On failure the driver is started again. Returns the final cycle's id.
+pub async fn prepare_failover(agent: &Arc<Agent>, vm: Arc<PrimaryVm>) -> anyhow::Result<u64> {
+    let name = vm.lock().rec.name.clone();
+    let name = name.as_str();
+    let last = vm.lock().machine.last_cycle;
+    let mut session = Session {
+        capture: None,
+        client: None,
+    };
+    let shipped = async {
+        let Some(base) = last else {
+            anyhow::bail!("initial replication has not completed");
+        };
+        if let Some(ev) = sync_with_replica(agent, &vm, &mut session)
+            .await
+            .map_err(|f| anyhow::anyhow!("reaching the replica: {f:?}"))?
+        {
+            anyhow::bail!("the replica does not hold this primary's last cycle ({ev:?})");
+        }
+        let id = base + 1;
+        vm.lock().planned = true;
+        let out = run_cycle(
+            agent,
+            &vm,
+            &mut session,
+            id,
+            Some(base),
+            CycleKind::Incremental,
+            false,
+        )
+        .await;
+        vm.lock().planned = false;
+        match out {
+            Outcome::Done { bytes, sizes, .. } => Ok((id, bytes, sizes)),
+            Outcome::Failed(f) => Err(anyhow::anyhow!("the final cycle failed: {f:?}")),
+            Outcome::Cancelled => Err(anyhow::anyhow!("the final cycle was cancelled")),
+        }
+    }
+    .await;
+    drop(session);
+    match shipped {
+        Ok((id, bytes, sizes)) => {
+            let mut inner = vm.lock();
+            let now = now_ms();
+            inner.rec.disk_sizes = Some(sizes);
+            let m = &mut inner.machine;
+            m.last_cycle = Some(id);
+            m.stats.successful_cycles += 1;
+            m.stats.total_bytes += bytes;
+            m.stats.max_bytes = m.stats.max_bytes.max(bytes);
+            m.stats.last_replication_ms = Some(now);
+            m.state = ReplicationState::PreparedForFailover;
+            m.last_error = None;
+            save(agent, &mut inner)?;
+            tracing::info!(vm = %name, cycle = id, bytes, "final planned cycle replicated; prepared for failover");
+            Ok(id)
+        }
+        Err(e) => {
+            restart_driver(agent, &vm)?;
+            Err(e)
+        }
+    }
 }

@@ -47,7 +47,7 @@ fn storage_of(agent: &Agent, rec: &VmRecord) -> anyhow::Result<PathBuf> {
     ))
 }
 
-fn store_of(agent: &Agent, rec: &VmRecord) -> anyhow::Result<Store> {
+pub(super) fn store_of(agent: &Agent, rec: &VmRecord) -> anyhow::Result<Store> {
     agent.store(&storage_of(agent, rec)?)
 }
 
@@ -134,13 +134,13 @@ pub async fn start_server(agent: &Arc<Agent>) -> anyhow::Result<SocketAddr> {
     Ok(local)
 }
 
-fn internal(e: impl std::fmt::Display) -> RemoteError {
+pub(super) fn internal(e: impl std::fmt::Display) -> RemoteError {
     RemoteError::Internal {
         message: e.to_string(),
     }
 }
 
-fn store_err(e: StoreError) -> RemoteError {
+pub(super) fn store_err(e: StoreError) -> RemoteError {
     match e {
         StoreError::WrongBase { expected, got, .. } => RemoteError::WrongBase { expected, got },
         StoreError::UnknownVm(vm) => RemoteError::UnknownVm { vm },
@@ -283,6 +283,9 @@ impl Handler for ReplicaHandler {
             });
         }
         let store = store_of(&agent, &rec).map_err(internal)?;
+        if header.kind == vmr_proto::CycleKind::Resync {
+            return super::resync::receive(&agent, &store, header, extents).await;
+        }
         let (vm, id) = (header.vm, header.id);
         let mut writer = store.begin_receive(header).map_err(store_err)?;
         if writer.is_duplicate() {
@@ -333,6 +336,9 @@ impl Handler for ReplicaHandler {
                         message: "replica-info needs a uuid".into(),
                     })?;
                 let rec = self.authorized_vm(peer, uuid)?;
+                if let Some(listen) = body.get("listen").and_then(Value::as_str) {
+                    super::failover::remember_primary(&self.0, uuid, listen);
+                }
                 let store = store_of(&self.0, &rec).map_err(internal)?;
                 let latest = store.latest_cycle(uuid).map_err(store_err)?;
                 serde_json::to_value(ReplicaVmInfo {
@@ -342,6 +348,27 @@ impl Handler for ReplicaHandler {
                 })
                 .map_err(internal)
             }
+            "primary-vm-state" => {
+                let uuid: uuid::Uuid = body
+                    .get("uuid")
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| RemoteError::BadRequest {
+                        message: "primary-vm-state needs a uuid".into(),
+                    })?;
+                super::failover::primary_vm_state(&self.0, uuid).await
+            }
+            "become-replica" => {
+                let req: vmr_proto::api::BecomeReplica =
+                    serde_json::from_value(body).map_err(|e| RemoteError::BadRequest {
+                        message: format!("become-replica: {e}"),
+                    })?;
+                super::failover::become_replica(&self.0, peer, req).await
+            }
+            "resync-hashes" => {
+                super::resync::hashes_call(&self.0, |uuid| self.authorized_vm(peer, uuid), body)
+                    .await
+            }
             other => Err(RemoteError::BadRequest {
                 message: format!("unknown method {other:?}"),
             }),
@@ -349,7 +376,7 @@ impl Handler for ReplicaHandler {
     }
 }
 
-async fn apply(agent: &Arc<Agent>, vm: uuid::Uuid, bytes: u64) {
+pub(super) async fn apply(agent: &Arc<Agent>, vm: uuid::Uuid, bytes: u64) {
     let rv = replica_vm(agent, vm);
     let _guard = rv.apply.lock().await;
     let Ok(Some(mut rec)) = agent.vm_by_uuid(vm) else {

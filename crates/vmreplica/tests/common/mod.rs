@@ -496,3 +496,26 @@ impl Pair {
         );
     }
 }
+
+/// Write `count` consecutive 64 KiB blocks from block `first` of `disk` (content from `seed`)
+/// through the stand-in's live export: exactly `count` blocks differ afterwards.
+pub fn write_seq(vm: &StandIn, disk: &str, first: u64, count: u64, seed: u64) {
+    rt().block_on(async {
+        let c = NbdClient::connect(
+            &Endpoint::Unix(vm.nbd.clone()),
+            ConnectOptions {
+                export: disk.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("connect");
+        for i in first..first + count {
+            let mut data = vec![(seed as u8) ^ (i as u8) | 1; 65536];
+            data[..16].copy_from_slice(&[seed.to_le_bytes(), i.to_le_bytes()].concat());
+            c.write(i * 65536, data.into(), false).await.expect("write");
+        }
+        c.flush().await.expect("flush");
+        c.disconnect().await.expect("disconnect");
+    });
+}

@@ -1,0 +1,317 @@
+//! Block hashes of a recovery point, for resynchronisation: BLAKE3 of each fixed-size block of
+//! one disk as the point shows it (through its qcow2 chain), computed by reading the point's
+//! layer through a read-only, lock-free `qemu-nbd`. The primary computes the same hashes over
+//! its point-in-time view and ships only the blocks whose hashes differ.
+//!
+//! A block is `[i × block_size, min((i + 1) × block_size, disk_size))` where `disk_size` is the
+//! size the *caller* names (the primary's current size): bytes beyond the point's own disk size,
+//! and every byte of a disk the point does not have, read as zeros. Ranges that block status
+//! reports as zero are hashed without being read. Reads are pipelined (up to
+//! [`READS_IN_FLIGHT`] pieces of at most [`PIECE`] bytes), so memory stays bounded.
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use uuid::Uuid;
+use vmr_proto::CycleId;
+
+use crate::error::StoreError;
+use crate::qemu::Export;
+use crate::store::Store;
+
+/// Smallest block size accepted.
+pub const MIN_BLOCK: u64 = 4 << 10;
+/// Largest block size accepted.
+pub const MAX_BLOCK: u64 = 4 << 20;
+/// Most hashes returned by one [`Store::block_hashes`] call.
+pub const MAX_BLOCKS_PER_CALL: u64 = 16384;
+/// Bytes read per NBD request.
+pub const PIECE: u64 = 4 << 20;
+/// NBD reads outstanding at once.
+pub const READS_IN_FLIGHT: usize = 8;
+
+/// The hashes of a run of blocks of one disk of a point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashes {
+    /// The point they describe.
+    pub point: CycleId,
+    /// The point's size of this disk (0 when the point has no such disk).
+    pub point_disk_size: u64,
+    /// One BLAKE3 hash per block, from the first block asked for.
+    pub hashes: Vec<[u8; 32]>,
+}
+
+/// BLAKE3 of `len` zero bytes.
+pub fn zero_hash(len: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    let zeros = [0u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        h.update(&zeros[..n]);
+        left -= n as u64;
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Hash `data` (which starts at block `first`'s start) block by block; the last block may be
+/// short (end of disk).
+pub fn hash_blocks(data: &[u8], block_size: u64) -> Vec<[u8; 32]> {
+    data.chunks(block_size.max(1) as usize)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect()
+}
+
+/// Check a hash request's shape; returns the number of blocks it covers.
+pub fn check_request(
+    disk_size: u64,
+    block_size: u64,
+    first_block: u64,
+    count: u64,
+) -> Result<u64, StoreError> {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
+        return Err(StoreError::InvalidCycle(format!(
+            "block size {block_size} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
+        )));
+    }
+    if count == 0 || count > MAX_BLOCKS_PER_CALL {
+        return Err(StoreError::InvalidCycle(format!(
+            "{count} blocks asked for; 1 to {MAX_BLOCKS_PER_CALL} per call"
+        )));
+    }
+    let blocks = disk_size.div_ceil(block_size);
+    match first_block.checked_add(count) {
+        Some(end) if end <= blocks => Ok(count),
+        _ => Err(StoreError::InvalidCycle(format!(
+            "blocks {first_block}+{count} beyond a disk of {blocks} blocks"
+        ))),
+    }
+}
+
+impl Store {
+    /// Hashes of `count` blocks of `block_size` bytes of disk `disk` at `point` (`None` =
+    /// the latest point), starting at block `first_block`, for a disk of `disk_size` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn block_hashes(
+        &self,
+        vm: Uuid,
+        point: Option<CycleId>,
+        disk: &str,
+        disk_size: u64,
+        block_size: u64,
+        first_block: u64,
+        count: u64,
+    ) -> Result<BlockHashes, StoreError> {
+        check_request(disk_size, block_size, first_block, count)?;
+        let points = self.points(vm)?;
+        let p = match point {
+            Some(id) => points.iter().find(|p| p.id == id),
+            None => points.last(),
+        }
+        .ok_or(StoreError::NoSuchPoint(point))?;
+        let point_disk_size = p
+            .disks
+            .iter()
+            .find(|(d, _)| d == disk)
+            .map_or(0, |(_, s)| *s);
+        let layer = if point_disk_size > 0 {
+            let layers = self.point_layers(vm, Some(p.id))?;
+            layers.into_iter().find(|(d, _)| d == disk).map(|(_, l)| l)
+        } else {
+            None
+        };
+        let hashes = hash_layer(
+            layer.as_deref(),
+            point_disk_size,
+            disk_size,
+            block_size,
+            first_block,
+            count,
+        )
+        .await?;
+        Ok(BlockHashes {
+            point: p.id,
+            point_disk_size,
+            hashes,
+        })
+    }
+
+    /// Like [`Store::block_hashes`] of the latest point, for a resync: when a pending resync
+    /// on top of the latest point holds the disk, its layer is hashed instead, so blocks an
+    /// interrupted attempt already delivered compare equal.
+    pub async fn resync_hashes(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        disk_size: u64,
+        block_size: u64,
+        first_block: u64,
+        count: u64,
+    ) -> Result<BlockHashes, StoreError> {
+        check_request(disk_size, block_size, first_block, count)?;
+        let (point, layer) = self.resync_layer(vm, disk)?;
+        let point_disk_size = layer.as_ref().map_or(0, |(_, s)| *s);
+        let hashes = hash_layer(
+            layer.as_ref().map(|(p, _)| p.as_path()),
+            point_disk_size,
+            disk_size,
+            block_size,
+            first_block,
+            count,
+        )
+        .await?;
+        Ok(BlockHashes {
+            point,
+            point_disk_size,
+            hashes,
+        })
+    }
+}
+
+/// Hash `count` blocks from `first_block` of a disk of `disk_size` bytes whose content is
+/// `layer` (of `layer_size` bytes; zeros beyond it, all zeros without a layer).
+async fn hash_layer(
+    layer: Option<&std::path::Path>,
+    layer_size: u64,
+    disk_size: u64,
+    block_size: u64,
+    first_block: u64,
+    count: u64,
+) -> Result<Vec<[u8; 32]>, StoreError> {
+    let start = first_block * block_size;
+    let end = ((first_block + count) * block_size).min(disk_size);
+    // The part of the range the point has data for; the rest is zeros.
+    let data_end = end.min(layer_size);
+    // Blocks overlapping the point's disk are read (a block the point's disk ends inside
+    // gets a zero tail); blocks wholly beyond it read as zeros.
+    let read_end = end.min(data_end.div_ceil(block_size) * block_size);
+    let mut hashes = Vec::with_capacity(count as usize);
+    if start < read_end {
+        let Some(layer) = layer else {
+            return Err(StoreError::InvalidCycle("no layer to hash".into()));
+        };
+        let x = Export::start_read_only(layer, vec![vmr_nbd::BASE_ALLOCATION.to_owned()]).await?;
+        let span = Span {
+            start,
+            end: read_end,
+            data_end,
+            block_size,
+        };
+        let r = read_hashes(&x, layer, span, &mut hashes).await;
+        x.abort().await;
+        r?;
+    }
+    let mut pos = start + hashes.len() as u64 * block_size;
+    while pos < end {
+        let n = (end - pos).min(block_size);
+        hashes.push(zero_hash(n));
+        pos += n;
+    }
+    Ok(hashes)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    /// First byte (block aligned).
+    start: u64,
+    /// End of the hashed range (block aligned, or the caller's disk end).
+    end: u64,
+    /// End of the point's data; bytes from here to `end` are zeros.
+    data_end: u64,
+    block_size: u64,
+}
+
+/// Hash the blocks of `span` of an export, appending to `out`.
+async fn read_hashes(
+    x: &Export,
+    layer: &std::path::Path,
+    span: Span,
+    out: &mut Vec<[u8; 32]>,
+) -> Result<(), StoreError> {
+    let what = layer.display().to_string();
+    let bs = span.block_size;
+    let piece = PIECE.max(bs);
+    let mut next = span.start;
+    let mut inflight = FuturesOrdered::new();
+    loop {
+        while inflight.len() < READS_IN_FLIGHT && next < span.end {
+            let (off, len) = (next, (span.end - next).min(piece));
+            next += len;
+            let read_len = (off + len).min(span.data_end).saturating_sub(off);
+            let c = x.client.clone();
+            let what = what.clone();
+            inflight.push_back(async move {
+                let nbd = |e| StoreError::nbd(what.clone(), e);
+                let zero_hashes = || {
+                    let mut v = Vec::new();
+                    let mut p = off;
+                    while p < off + len {
+                        let n = (off + len - p).min(bs);
+                        v.push(zero_hash(n));
+                        p += n;
+                    }
+                    v
+                };
+                if read_len == 0 {
+                    return Ok(zero_hashes());
+                }
+                let st = c
+                    .block_status(vmr_nbd::BASE_ALLOCATION, off, read_len as u32)
+                    .await
+                    .map_err(nbd)?;
+                let mut zero_to = off;
+                for e in &st {
+                    if e.flags & vmr_nbd::STATE_ZERO == 0 || e.offset > zero_to {
+                        break;
+                    }
+                    zero_to = e.offset + e.length;
+                }
+                if zero_to >= off + read_len {
+                    return Ok(zero_hashes());
+                }
+                let data = c.read(off, read_len as u32).await.map_err(nbd)?;
+                let mut buf = data.to_vec();
+                buf.resize(len as usize, 0);
+                Ok::<_, StoreError>(hash_blocks(&buf, bs))
+            });
+        }
+        match inflight.next().await {
+            Some(r) => out.extend(r?),
+            None => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_hash_matches_hashing_zeros() {
+        assert_eq!(zero_hash(65536), *blake3::hash(&[0u8; 65536]).as_bytes());
+        assert_eq!(
+            zero_hash(100_000),
+            *blake3::hash(&vec![0u8; 100_000]).as_bytes()
+        );
+        assert_eq!(zero_hash(0), *blake3::hash(&[]).as_bytes());
+    }
+
+    #[test]
+    fn blocks_split_with_short_tail() {
+        let data = vec![7u8; 10_000];
+        let h = hash_blocks(&data, 4096);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h[2], *blake3::hash(&data[8192..]).as_bytes());
+    }
+
+    #[test]
+    fn requests_are_bounded() {
+        assert_eq!(check_request(1 << 20, 65536, 0, 16).ok(), Some(16));
+        assert_eq!(check_request((1 << 20) + 1, 65536, 16, 1).ok(), Some(1));
+        assert!(check_request(1 << 20, 65536, 15, 2).is_err());
+        assert!(check_request(1 << 20, 65536, u64::MAX, 2).is_err());
+        assert!(check_request(1 << 20, 65537, 0, 1).is_err());
+        assert!(check_request(1 << 20, 1024, 0, 1).is_err());
+        assert!(check_request(1 << 40, 65536, 0, MAX_BLOCKS_PER_CALL + 1).is_err());
+        assert!(check_request(1 << 20, 65536, 0, 0).is_err());
+    }
+}

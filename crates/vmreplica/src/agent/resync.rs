@@ -1,0 +1,612 @@
+//! Resynchronization (`docs/resync.md`): after change tracking was lost (or the replica refused
+//! a cycle's base), the primary cuts a point-in-time view with a new tracking generation
+//! (`CycleMode::Resync`), hashes every block of it with BLAKE3, compares each hash with the
+//! replica's hash of the same block of its latest recovery point, and ships only the blocks
+//! that differ, as one `CycleKind::Resync` cycle based on that point. The replica applies it
+//! into a new layer like any cycle, so every earlier point stays, and a resync that does not
+//! finish changes nothing on the replica.
+//!
+//! Both sides work at once and in bounded memory: a fetcher task asks the replica for the
+//! hashes of [`CHUNK_BLOCKS`] blocks at a time (`resync-hashes` call) while the primary reads
+//! and hashes its own blocks, up to two chunks ahead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use vmr_capture::{CaptureError, CycleMode};
+use vmr_core::Failure;
+use vmr_proto::api::{BlockHashesReply, BlockHashesRequest, VmRecord};
+use vmr_proto::wire::RemoteError;
+use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, ExtentData};
+use vmr_store::hashes::zero_hash;
+use vmr_transport::Client;
+
+use super::Agent;
+use super::primary::{Outcome, PrimaryVm, Session};
+use crate::util::now_ms;
+
+/// Block size compared (bytes): the dirty-bitmap granularity and qcow2 cluster size, so a
+/// guest write of one cluster costs one block.
+pub const BLOCK_SIZE: u64 = 64 << 10;
+/// Hashes asked for per `resync-hashes` call (4096 × 64 KiB = 256 MiB of disk, 256 KiB of hex).
+pub const CHUNK_BLOCKS: u64 = 4096;
+/// Test hook: a file of this name in the agent directory holding a number of ms makes the
+/// resync sleep that long after each differing block it sends (so a test can pause it mid-way).
+const SLOW_HOOK: &str = "test-resync-slow-ms";
+
+/// What one resync sent.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    scanned: u64,
+    blocks_sent: u64,
+    data_bytes: u64,
+}
+
+fn hex(h: &[u8; 32], out: &mut String) {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    for b in h {
+        out.push(D[(b >> 4) as usize] as char);
+        out.push(D[(b & 15) as usize] as char);
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<[u8; 32]>> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(64) {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    b.chunks(64)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            for (i, p) in c.chunks(2).enumerate() {
+                h[i] = (nib(p[0])? << 4) | nib(p[1])?;
+            }
+            Some(h)
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------- replica side
+
+/// The `resync-hashes` call on the replica: apply what is staged, then hash the asked blocks
+/// of the latest point.
+pub async fn hashes_call(
+    agent: &Arc<Agent>,
+    authorize: impl FnOnce(uuid::Uuid) -> Result<VmRecord, RemoteError>,
+    body: Value,
+) -> Result<Value, RemoteError> {
+    let req: BlockHashesRequest =
+        serde_json::from_value(body).map_err(|e| RemoteError::BadRequest {
+            message: format!("resync-hashes: {e}"),
+        })?;
+    let rec = authorize(req.uuid)?;
+    let store = super::replica::store_of(agent, &rec).map_err(super::replica::internal)?;
+    if !store
+        .staged(req.uuid)
+        .map_err(super::replica::store_err)?
+        .is_empty()
+    {
+        super::replica::apply(agent, req.uuid, 0).await;
+    }
+    let latest = store
+        .latest_point(req.uuid)
+        .map_err(super::replica::store_err)?;
+    if req.point.is_some() && req.point != latest {
+        return Err(RemoteError::WrongBase {
+            expected: latest,
+            got: req.point,
+        });
+    }
+    let h = store
+        .resync_hashes(
+            req.uuid,
+            &req.disk,
+            req.disk_size,
+            req.block_size,
+            req.first_block,
+            req.count,
+        )
+        .await
+        .map_err(|e| match e {
+            vmr_store::StoreError::InvalidCycle(m) => RemoteError::BadRequest { message: m },
+            other => super::replica::store_err(other),
+        })?;
+    let mut s = String::with_capacity(h.hashes.len() * 64);
+    for x in &h.hashes {
+        hex(x, &mut s);
+    }
+    serde_json::to_value(BlockHashesReply {
+        point: h.point,
+        point_disk_size: h.point_disk_size,
+        hashes: s,
+    })
+    .map_err(super::replica::internal)
+}
+
+/// A resync cycle on the replica: written into the pending resync layers as it arrives and
+/// committed as one recovery point when the whole stream verified
+/// ([`vmr_store::ResyncWriter`]); a stream cut short keeps the layers for the next attempt.
+pub(super) async fn receive(
+    agent: &Arc<Agent>,
+    store: &vmr_store::Store,
+    header: CycleHeader,
+    mut extents: vmr_transport::ExtentStream,
+) -> Result<vmr_proto::wire::CycleAck, RemoteError> {
+    let (vm, id) = (header.vm, header.id);
+    let mut writer = store
+        .begin_resync(header)
+        .await
+        .map_err(super::replica::store_err)?;
+    tracing::info!(%vm, cycle = id, resumed = writer.resumed(), "receiving a resync");
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while let Some(item) = extents.next().await {
+        let put = match item {
+            Ok((extent, sum)) => {
+                bytes += extent.len();
+                count += 1;
+                writer
+                    .put(&extent, sum)
+                    .await
+                    .map_err(super::replica::store_err)
+            }
+            Err(e) => Err(e.to_remote()),
+        };
+        if let Err(e) = put {
+            // Keep what arrived: the next attempt continues from it.
+            writer.suspend().await;
+            return Err(e);
+        }
+    }
+    let point = writer.finish().await.map_err(super::replica::store_err)?;
+    if let Ok(Some(mut rec)) = agent.vm_by_uuid(vm) {
+        let now = now_ms();
+        rec.last_cycle = Some(point.id);
+        rec.stats.successful_cycles += 1;
+        rec.stats.total_bytes += bytes;
+        rec.stats.max_bytes = rec.stats.max_bytes.max(bytes);
+        rec.stats.last_replication_ms = Some(now);
+        rec.last_error = None;
+        if let Err(e) = agent.db().put_vm(&rec) {
+            tracing::error!(%vm, "saving replica state: {e:#}");
+        }
+    }
+    if let Err(e) = store.prune(vm).await {
+        tracing::warn!(%vm, "pruning failed (retried after the next cycle): {e}");
+    }
+    tracing::info!(%vm, cycle = id, bytes, "resync committed");
+    Ok(vmr_proto::wire::CycleAck {
+        vm,
+        cycle: id,
+        extents: count,
+        bytes,
+    })
+}
+
+// ------------------------------------------------------------------------- primary side
+
+async fn fetch(
+    client: &Client,
+    uuid: uuid::Uuid,
+    disk: &DiskInfo,
+    first_block: u64,
+    point: Option<u64>,
+) -> Result<(u64, Vec<[u8; 32]>), Failure> {
+    let blocks = disk.size.div_ceil(BLOCK_SIZE);
+    let req = BlockHashesRequest {
+        uuid,
+        disk: disk.id.clone(),
+        disk_size: disk.size,
+        block_size: BLOCK_SIZE,
+        first_block,
+        count: CHUNK_BLOCKS.min(blocks - first_block),
+        point,
+    };
+    let body = serde_json::to_value(&req).map_err(|e| Failure::Fatal(e.to_string()))?;
+    let v = client
+        .call("resync-hashes", &body)
+        .await
+        .map_err(super::primary::classify_transport)?;
+    let r: BlockHashesReply = serde_json::from_value(v)
+        .map_err(|e| Failure::Retryable(format!("bad resync-hashes answer: {e}")))?;
+    let hashes = unhex(&r.hashes)
+        .filter(|h| h.len() as u64 == req.count)
+        .ok_or_else(|| Failure::Retryable("resync-hashes answer has the wrong length".into()))?;
+    Ok((r.point, hashes))
+}
+
+/// One block of the primary's view.
+enum Block {
+    Zero(u64),
+    Data(Bytes),
+}
+
+/// Turns the capture's extents of one disk (in order, tiling the disk) into whole blocks.
+struct Assembler {
+    disk: u32,
+    size: u64,
+    pos: u64,
+    buf: Option<Vec<u8>>,
+}
+
+impl Assembler {
+    fn new(disk: u32, size: u64) -> Self {
+        Assembler {
+            disk,
+            size,
+            pos: 0,
+            buf: None,
+        }
+    }
+
+    fn block_len(&self, start: u64) -> u64 {
+        BLOCK_SIZE.min(self.size - start)
+    }
+
+    /// Feed one extent; returns the blocks it completed as (block index, block).
+    fn push(&mut self, e: Extent) -> Result<Vec<(u64, Block)>, Failure> {
+        if e.disk != self.disk || e.offset != self.pos || e.offset + e.len() > self.size {
+            return Err(Failure::Retryable(format!(
+                "capture extent {}+{} of disk {} out of order (expected disk {} at {})",
+                e.offset,
+                e.len(),
+                e.disk,
+                self.disk,
+                self.pos
+            )));
+        }
+        let mut out = Vec::new();
+        let mut off = 0u64;
+        let total = e.len();
+        while off < total {
+            let start = self.pos - self.pos % BLOCK_SIZE;
+            let blen = self.block_len(start);
+            let in_block = self.pos - start;
+            let n = (blen - in_block).min(total - off);
+            match &e.data {
+                ExtentData::Data(b) => {
+                    let piece = b.slice(off as usize..(off + n) as usize);
+                    if in_block == 0 && n == blen && self.buf.is_none() {
+                        out.push((start / BLOCK_SIZE, Block::Data(piece)));
+                        self.pos += n;
+                        off += n;
+                        continue;
+                    }
+                    let buf = self.buf.get_or_insert_with(|| vec![0u8; blen as usize]);
+                    buf[in_block as usize..(in_block + n) as usize].copy_from_slice(&piece);
+                }
+                ExtentData::Zero(_) => {}
+            }
+            self.pos += n;
+            off += n;
+            if self.pos == start + blen {
+                let b = match self.buf.take() {
+                    Some(v) => Block::Data(Bytes::from(v)),
+                    None => Block::Zero(blen),
+                };
+                out.push((start / BLOCK_SIZE, b));
+            }
+        }
+        Ok(out)
+    }
+
+    fn done(&self) -> bool {
+        self.pos == self.size
+    }
+}
+
+/// Run one resync cycle. `id` is the machine's id; the cycle is renumbered after the replica's
+/// latest point when needed.
+pub(super) async fn run(agent: &Agent, vm: &PrimaryVm, session: &mut Session, id: u64) -> Outcome {
+    let rec = vm.lock().rec.clone();
+    let Some(args) = rec.enable.clone() else {
+        return Outcome::Failed(Failure::Fatal("not enabled".into()));
+    };
+    if session.capture.is_none() {
+        // Tracking is being restarted: do not insist on the old sizes.
+        let mut cfg = super::primary::capture_config(agent, &rec);
+        cfg.expected_sizes = None;
+        match vmr_capture::VmCapture::open(cfg).await {
+            Ok(c) => session.capture = Some(c),
+            Err(e) => return Outcome::Failed(super::primary::classify_capture(&e)),
+        }
+    }
+    let client = match super::primary::client(agent, &rec, session).await {
+        Ok(c) => c.clone(),
+        Err(f) => return Outcome::Failed(f),
+    };
+    let Some(capture) = session.capture.as_mut() else {
+        return Outcome::Failed(Failure::Retryable("no capture".into()));
+    };
+    let slow = std::fs::read_to_string(agent.dir.join(SLOW_HOOK))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0);
+    let (outcome, reset_capture, reset_client) =
+        resync_with(vm, capture, &client, &rec, &args, id, slow).await;
+    if reset_capture {
+        session.capture = None;
+    }
+    if reset_client {
+        session.client = None;
+    }
+    outcome
+}
+
+/// The resync on an open capture and connection; also says whether the capture and the
+/// connection must be reopened.
+async fn resync_with(
+    vm: &PrimaryVm,
+    capture: &mut vmr_capture::VmCapture,
+    client: &Client,
+    rec: &VmRecord,
+    args: &vmr_proto::api::EnableArgs,
+    id: u64,
+    slow: Option<u64>,
+) -> (Outcome, bool, bool) {
+    let taken_at_ms = now_ms();
+    let mut cycle = match capture.begin_cycle(CycleMode::Resync).await {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                Outcome::Failed(super::primary::classify_capture(&e)),
+                true,
+                false,
+            );
+        }
+    };
+    let disks = cycle.disks().to_vec();
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    let total: u64 = sizes.iter().sum();
+    // The base: the replica's latest point, learned with the first chunk of hashes.
+    let first = match fetch(client, rec.uuid, &disks[0], 0, None).await {
+        Ok(f) => f,
+        Err(f) => {
+            let reset = cycle.abort().await.is_err();
+            return (Outcome::Failed(f), reset, true);
+        }
+    };
+    let base = first.0;
+    let id = id.max(base + 1);
+    {
+        let mut i = vm.lock();
+        i.machine.retarget_running(id);
+        i.progress = Some((0, total));
+    }
+    let header = CycleHeader {
+        vm: rec.uuid,
+        id,
+        base: Some(base),
+        kind: CycleKind::Resync,
+        consistency: CycleConsistency::CrashConsistent,
+        taken_at_ms,
+        disks: disks.clone(),
+    };
+    tracing::info!(vm = %rec.name, cycle = id, base, bytes = total, "resynchronization started");
+
+    // Replica hashes, fetched ahead of the comparison.
+    let (htx, mut hrx) = tokio::sync::mpsc::channel::<Result<Vec<[u8; 32]>, Failure>>(2);
+    let fetcher = {
+        let client = client.clone();
+        let disks = disks.clone();
+        let uuid = rec.uuid;
+        tokio::spawn(async move {
+            let mut first = Some(first.1);
+            for d in &disks {
+                let blocks = d.size.div_ceil(BLOCK_SIZE);
+                let mut b = 0;
+                while b < blocks {
+                    let r = match first.take() {
+                        Some(h) => Ok(h),
+                        None => fetch(&client, uuid, d, b, Some(base)).await.map(|x| x.1),
+                    };
+                    let failed = r.is_err();
+                    let n = r.as_ref().map_or(0, |h| h.len() as u64);
+                    if htx.send(r).await.is_err() || failed {
+                        return;
+                    }
+                    b += n;
+                }
+            }
+        })
+    };
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
+    let zero_full = zero_hash(BLOCK_SIZE);
+    let producer = async {
+        let tx = tx;
+        let mut counts = Counts::default();
+        let mut theirs: std::collections::VecDeque<[u8; 32]> = Default::default();
+        let mut asm: Vec<Assembler> = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Assembler::new(i as u32, d.size))
+            .collect();
+        loop {
+            let e = match cycle.next_extent().await {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(e) => {
+                    let f = super::primary::classify_capture(&e);
+                    let _ = tx.send(Err(e)).await;
+                    return Err(Some(f));
+                }
+            };
+            let disk = e.disk;
+            let Some(a) = asm.get_mut(disk as usize) else {
+                return Err(Some(Failure::Retryable("extent of an unknown disk".into())));
+            };
+            for (index, block) in a.push(e).map_err(Some)? {
+                if theirs.is_empty() {
+                    match hrx.recv().await {
+                        Some(Ok(h)) => theirs.extend(h),
+                        Some(Err(f)) => return Err(Some(f)),
+                        None => {
+                            return Err(Some(Failure::Retryable(
+                                "replica hashes ended early".into(),
+                            )));
+                        }
+                    }
+                }
+                let Some(their) = theirs.pop_front() else {
+                    return Err(Some(Failure::Retryable("no replica hash".into())));
+                };
+                let offset = index * BLOCK_SIZE;
+                let (ours, len) = match &block {
+                    Block::Zero(n) if *n == BLOCK_SIZE => (zero_full, *n),
+                    Block::Zero(n) => (zero_hash(*n), *n),
+                    Block::Data(b) => (*blake3::hash(b).as_bytes(), b.len() as u64),
+                };
+                counts.scanned += len;
+                if ours != their {
+                    counts.blocks_sent += 1;
+                    let data = match block {
+                        Block::Zero(n) => ExtentData::Zero(n),
+                        Block::Data(b) => {
+                            counts.data_bytes += b.len() as u64;
+                            ExtentData::Data(b)
+                        }
+                    };
+                    if tx.send(Ok(Extent { disk, offset, data })).await.is_err() {
+                        return Err(None);
+                    }
+                    if let Some(ms) = slow {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                }
+                if let Ok(mut i) = vm.inner.lock() {
+                    i.progress = Some((counts.scanned, total));
+                }
+            }
+        }
+        if !asm.iter().all(Assembler::done) || !theirs.is_empty() {
+            return Err(Some(Failure::Retryable(
+                "the view and the replica's hashes do not cover the same blocks".into(),
+            )));
+        }
+        Ok(counts)
+    };
+    let consumer = client.send_cycle(
+        &header,
+        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        args.compression,
+    );
+    let (produced, sent) = tokio::join!(producer, consumer);
+    fetcher.abort();
+    match (produced, sent) {
+        (Ok(c), Ok(_ack)) => match cycle.commit().await {
+            Ok(()) => {
+                tracing::info!(
+                    vm = %rec.name, cycle = id, scanned = c.scanned, blocks_sent = c.blocks_sent,
+                    data_bytes = c.data_bytes, "resynchronization done"
+                );
+                let done = Outcome::Done {
+                    bytes: c.data_bytes,
+                    sizes,
+                    app: false,
+                    pending: None,
+                };
+                (done, false, false)
+            }
+            Err(e) => (
+                Outcome::Failed(Failure::Retryable(format!(
+                    "commit after acknowledgement failed: {e}"
+                ))),
+                true,
+                false,
+            ),
+        },
+        (p, s) => {
+            let mut reset_client = false;
+            let failure = match (p, s) {
+                (Err(Some(f)), _) => f,
+                (_, Err(e)) => {
+                    reset_client = true;
+                    super::primary::classify_transport(e)
+                }
+                _ => Failure::Retryable("resync ended early".into()),
+            };
+            let mut reset_capture = false;
+            if let Err(e) = cycle.abort().await {
+                tracing::warn!("abort failed (the next open cleans up): {e}");
+                reset_capture = true;
+            }
+            (Outcome::Failed(failure), reset_capture, reset_client)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let hs = vec![[0u8; 32], [0xab; 32], *blake3::hash(b"x").as_bytes()];
+        let mut s = String::new();
+        for h in &hs {
+            hex(h, &mut s);
+        }
+        assert_eq!(unhex(&s), Some(hs));
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex(&"g".repeat(64)), None);
+        assert_eq!(unhex(""), Some(vec![]));
+    }
+
+    fn data(off: u64, len: usize, v: u8) -> Extent {
+        Extent {
+            disk: 0,
+            offset: off,
+            data: ExtentData::Data(Bytes::from(vec![v; len])),
+        }
+    }
+
+    #[test]
+    fn assembler_makes_whole_blocks() {
+        let size = 3 * BLOCK_SIZE + 100;
+        let mut a = Assembler::new(0, size);
+        // a whole block, zero-copy
+        let out = a.push(data(0, BLOCK_SIZE as usize, 1)).expect("push");
+        assert!(matches!(out.as_slice(), [(0, Block::Data(b))] if b.len() as u64 == BLOCK_SIZE));
+        // half zeros, half data inside block 1, then zeros to the end of block 2
+        let z = Extent {
+            disk: 0,
+            offset: BLOCK_SIZE,
+            data: ExtentData::Zero(BLOCK_SIZE / 2),
+        };
+        assert!(a.push(z).expect("push").is_empty());
+        let out = a
+            .push(data(BLOCK_SIZE + BLOCK_SIZE / 2, 10, 7))
+            .expect("push");
+        assert!(out.is_empty());
+        let z = Extent {
+            disk: 0,
+            offset: BLOCK_SIZE + BLOCK_SIZE / 2 + 10,
+            data: ExtentData::Zero(BLOCK_SIZE + BLOCK_SIZE / 2 - 10),
+        };
+        let out = a.push(z).expect("push");
+        assert_eq!(out.len(), 2);
+        match &out[0] {
+            (1, Block::Data(b)) => {
+                assert_eq!(b.len() as u64, BLOCK_SIZE);
+                assert_eq!(b[(BLOCK_SIZE / 2) as usize], 7);
+                assert_eq!(b[0], 0);
+            }
+            _ => panic!("block 1 should be data"),
+        }
+        assert!(matches!(out[1], (2, Block::Zero(n)) if n == BLOCK_SIZE));
+        // the short tail block
+        let out = a.push(data(3 * BLOCK_SIZE, 100, 9)).expect("push");
+        assert!(matches!(out.as_slice(), [(3, Block::Data(b))] if b.len() == 100));
+        assert!(a.done());
+        // out of order is refused
+        assert!(a.push(data(0, 1, 1)).is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! End-to-end resynchronization with real agents and a qemu-storage-daemon stand-in VM: the
+//! stand-in is killed with SIGKILL (change tracking lost), the primary waits in
+//! WaitingForStartResynchronize, `resume --resync` makes the replica equal to the primary while
+//! sending only the differing blocks, a resync paused mid-way leaves the replica's points
+//! untouched and completes after `resume`, and the recovery points from before stay readable
+//! with their old content.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Pair, StandIn, replica_hashes, wait_until};
+use vmr_proto::api::{Health, ReplicationState};
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn state(p: &Pair, vm: &str) -> ReplicationState {
+    p.a.status(vm).state
+}
+
+/// Wait for a cycle cut after the last write, pause, and compare the replica's latest point
+/// with the primary's disks.
+fn assert_equal_at_cut(p: &Pair, vm: &StandIn) {
+    let name = &vm.def.name;
+    let cut = p.a.status(name).last_cycle.unwrap_or(0) + 1;
+    p.wait_cycle(name, cut, LONG);
+    p.a.ok(&["pause", name]);
+    let last = p.a.status(name).last_cycle.unwrap_or(0);
+    wait_until(LONG, "the replica to apply the last cycle", || {
+        p.b.status(name).last_cycle.unwrap_or(0) >= last
+    });
+    for (disk, h) in replica_hashes(&p.b, vm.def.uuid, None) {
+        assert_eq!(h, vm.hash(&disk), "disk {disk} differs after the resync");
+    }
+}
+
+/// Kills the test-failover copy (a process of the replica agent) when dropped.
+struct Pid(Option<u32>);
+
+impl Drop for Pid {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn lost_tracking_resync_sends_only_differences_resumes_and_keeps_old_points() {
+    let p = Pair::new();
+    // Slow the resync down (ms per differing block) so that it can be paused mid-way.
+    std::fs::write(p.a.dir.join("test-resync-slow-ms"), "40").expect("test hook");
+    let disks = ["disk0", "disk1"];
+    let mut vm = StandIn::create(p.root.path(), &p.a, "rs-vm", &disks, 64);
+    let name = vm.def.name.clone();
+    for (i, d) in disks.iter().enumerate() {
+        vm.write_random(d, 400, 100 + i as u64);
+    }
+    vm.register(&p.a);
+    p.enable(&name, &["--frequency", "5s", "--recovery-points", "2"]);
+    p.wait_cycle(&name, 2, LONG);
+
+    // Pin an older point with a test failover copy (a view): retention keeps a pinned point,
+    // and the resync must leave it readable with its content.
+    p.a.ok(&["pause", &name]);
+    let old = p.b.status(&name).last_cycle.expect("a point");
+    let out = p.b.ok(&[
+        "failover",
+        "test",
+        &name,
+        "--point",
+        &old.to_string(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("failover json");
+    let _copy = Pid(v["pid"].as_u64().map(|p| p as u32));
+    let old_hashes = replica_hashes(&p.b, vm.def.uuid, Some(old));
+    p.a.ok(&["resume", &name]);
+    vm.write_random("disk0", 50, 7);
+    p.wait_cycle(&name, old + 1, LONG);
+
+    // QEMU dies uncleanly and comes back: tracking is lost. Then exactly 2 × 160 blocks
+    // change: disk0's at its start, disk1's near its end.
+    vm.kill9();
+    vm.start();
+    common::write_seq(&vm, "disk0", 0, 160, 9);
+    common::write_seq(&vm, "disk1", 800, 160, 9);
+    let differing = 2 * 160 * 64 * 1024;
+    wait_until(LONG, "WaitingForStartResynchronize", || {
+        state(&p, &name) == ReplicationState::WaitingForStartResynchronize
+    });
+    let s = p.a.status(&name);
+    assert_eq!(s.health, Health::Critical);
+    assert!(
+        s.health_reason.contains("resynchronization required"),
+        "{}",
+        s.health_reason
+    );
+    assert!(
+        s.health_reason.contains("tracking"),
+        "reason names the cause: {}",
+        s.health_reason
+    );
+    // Nothing is replicated meanwhile.
+    let replica_latest = p.b.status(&name).last_cycle;
+    let before = replica_hashes(&p.b, vm.def.uuid, replica_latest);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        state(&p, &name),
+        ReplicationState::WaitingForStartResynchronize
+    );
+    // A plain resume does not start it; a replica-side resync is refused.
+    assert!(!p.a.cli(&["resume", &name]).status.success());
+    assert!(!p.b.cli(&["resume", &name, "--resync"]).status.success());
+
+    // Start it, pause it once disk0 has been compared: the replica's points are untouched.
+    let bytes_before = p.a.status(&name).stats.total_bytes;
+    p.a.ok(&["resume", &name, "--resync"]);
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let s = p.a.status(&name);
+        if s.state == ReplicationState::Resynchronizing
+            && s.progress.is_some_and(|(d, t)| t > 0 && d * 10 > t * 6)
+        {
+            break;
+        }
+        assert!(
+            s.state == ReplicationState::Resynchronizing && std::time::Instant::now() < deadline,
+            "resync did not run or ended too early: {s:?}\n{}\n---replica---\n{}",
+            common::tail(&p.a.log(), 40),
+            common::tail(&p.b.log(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p.a.ok(&["pause", &name]);
+    assert_eq!(state(&p, &name), ReplicationState::ResynchronizeSuspended);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        p.b.status(&name).last_cycle,
+        replica_latest,
+        "a paused resync committed nothing"
+    );
+    assert_eq!(replica_hashes(&p.b, vm.def.uuid, replica_latest), before);
+
+    // Resume: it continues from what the replica already received (disk0's blocks are not
+    // sent again) and completes.
+    p.a.ok(&["resume", &name]);
+    wait_until(LONG, "the resync to finish", || {
+        state(&p, &name) == ReplicationState::Replicating
+    });
+    let sent = p.a.status(&name).stats.total_bytes - bytes_before;
+    eprintln!("resumed resync sent {sent} data bytes; {differing} bytes differed");
+    assert!(
+        p.b.log().contains("resumed=true"),
+        "the replica continued the pending resync:\n{}",
+        common::tail(&p.b.log(), 30)
+    );
+    assert!(
+        sent > 0 && sent * 10 < differing * 6,
+        "the resumed resync sent {sent} bytes; a full comparison sends {differing}"
+    );
+    assert_equal_at_cut(&p, &vm);
+
+    // The point from before the resync is still there, with its old content.
+    assert_eq!(
+        replica_hashes(&p.b, vm.def.uuid, Some(old)),
+        old_hashes,
+        "the pinned point from before the resync changed"
+    );
+    assert_ne!(replica_hashes(&p.b, vm.def.uuid, None), old_hashes);
+    p.b.ok(&["failover", "stop-test", &name]);
+}
