@@ -1,0 +1,197 @@
+//! The guest side of a benchmark, through the stand-in VM's live NBD exports (vmr-nbd client):
+//! random 64 KiB writers (free-running or rate-limited), filling a disk, dirtying a set of
+//! blocks, and the "physical limit" baseline: a plain copy of given ranges to a file.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
+
+/// Block size of the guest writes.
+pub const BLOCK: u64 = 64 * 1024;
+const POOL: usize = 16 << 20;
+
+/// Incompressible data to slice writes from (so zstd on the wire gains nothing, like
+/// encrypted or already compressed guest data).
+pub fn pool(seed: u64) -> Bytes {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; POOL + (4 << 20)];
+    rng.fill(&mut v[..]);
+    Bytes::from(v)
+}
+
+fn slice(pool: &Bytes, rng: &mut impl Rng, len: u64) -> Bytes {
+    let at = rng.gen_range(0..POOL / 4096) * 4096;
+    pool.slice(at..at + len as usize)
+}
+
+/// Connect to export `export` of the NBD socket `nbd`.
+pub async fn connect(nbd: &Path, export: &str) -> anyhow::Result<NbdClient> {
+    NbdClient::connect(
+        &Endpoint::Unix(nbd.to_path_buf()),
+        ConnectOptions {
+            export: export.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("connecting to export {export} at {}", nbd.display()))
+}
+
+/// A running guest writer.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Writer {
+    /// Random 64 KiB writes over the whole disk, `depth` in flight, at most `rate` bytes/s.
+    pub fn spawn(c: NbdClient, pool: Bytes, rate: Option<f64>, depth: usize, seed: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (s, b) = (stop.clone(), bytes.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let blocks = c.size() / BLOCK;
+            let t0 = Instant::now();
+            let mut done = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let batch: Vec<_> = (0..depth)
+                    .map(|_| {
+                        let off = rng.gen_range(0..blocks) * BLOCK;
+                        c.write(off, slice(&pool, &mut rng, BLOCK), false)
+                    })
+                    .collect();
+                futures::future::try_join_all(batch).await?;
+                done += depth as u64 * BLOCK;
+                b.fetch_add(depth as u64 * BLOCK, Ordering::Relaxed);
+                if let Some(r) = rate {
+                    let due = Duration::from_secs_f64(done as f64 / r);
+                    let el = t0.elapsed();
+                    if due > el {
+                        tokio::time::sleep(due - el).await;
+                    }
+                }
+            }
+            c.flush().await?;
+            c.disconnect().await?;
+            Ok(())
+        });
+        Writer { stop, bytes, task }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Stop, flush and disconnect.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.context("writer task")?
+    }
+}
+
+/// Write `data` bytes of incompressible data in 4 MiB chunks: the whole disk from offset 0 when
+/// `data >= size`, else at random distinct 4 MiB-aligned slots (a sparse disk holding data).
+pub async fn fill(c: &NbdClient, pool: &Bytes, data: u64, seed: u64) -> anyhow::Result<()> {
+    let chunk = 4u64 << 20;
+    let size = c.size();
+    let slots = size / chunk;
+    let want = data.min(size) / chunk;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let offs: Vec<u64> = if want >= slots {
+        (0..slots).map(|i| i * chunk).collect()
+    } else {
+        let mut set = std::collections::BTreeSet::new();
+        while (set.len() as u64) < want {
+            set.insert(rng.gen_range(0..slots) * chunk);
+        }
+        set.into_iter().collect()
+    };
+    let datas: Vec<Bytes> = offs.iter().map(|_| slice(pool, &mut rng, chunk)).collect();
+    futures::stream::iter(offs.into_iter().zip(datas))
+        .map(|(o, d)| {
+            let c = c.clone();
+            async move { c.write(o, d, false).await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    c.flush().await?;
+    Ok(())
+}
+
+/// Overwrite `count` distinct random 64 KiB blocks with new data and flush; their offsets.
+pub async fn dirty(c: &NbdClient, pool: &Bytes, count: u64, seed: u64) -> anyhow::Result<Vec<u64>> {
+    let blocks = c.size() / BLOCK;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut set = std::collections::BTreeSet::new();
+    while (set.len() as u64) < count.min(blocks) {
+        set.insert(rng.gen_range(0..blocks) * BLOCK);
+    }
+    let offs: Vec<u64> = set.into_iter().collect();
+    let datas: Vec<Bytes> = offs.iter().map(|_| slice(pool, &mut rng, BLOCK)).collect();
+    futures::stream::iter(offs.iter().copied().zip(datas))
+        .map(|(o, d)| {
+            let c = c.clone();
+            async move { c.write(o, d, false).await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    c.flush().await?;
+    Ok(offs)
+}
+
+/// Coalesce sorted 64 KiB block offsets into ranges of at most 4 MiB.
+pub fn ranges(blocks: &[u64]) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == b && *l < (4 << 20) => *l += BLOCK,
+            _ => out.push((b, BLOCK)),
+        }
+    }
+    out.into_iter().map(|(o, l)| (o, l as u32)).collect()
+}
+
+/// The physical limit: read `blocks` at their offsets from the live export (16 reads in
+/// flight) and write them one after another into `out`, then fsync. Time of all of it.
+pub async fn plain_copy(
+    nbd: &Path,
+    export: &str,
+    blocks: &[u64],
+    out: &Path,
+) -> anyhow::Result<Duration> {
+    use tokio::io::AsyncWriteExt;
+    let t = Instant::now();
+    let c = connect(nbd, export).await?;
+    let mut f = tokio::fs::File::create(out).await?;
+    let r = ranges(blocks);
+    let mut s = futures::stream::iter(r)
+        .map(|(o, l)| {
+            let c = c.clone();
+            async move { c.read(o, l).await }
+        })
+        .buffered(16);
+    while let Some(d) = s.next().await {
+        f.write_all(&d?).await?;
+    }
+    f.sync_all().await?;
+    let el = t.elapsed();
+    drop(s);
+    c.disconnect().await?;
+    Ok(el)
+}

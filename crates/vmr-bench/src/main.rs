@@ -1,0 +1,279 @@
+//! `vmr-bench`: the vmreplica benchmark runner (issue 7). Builds the release `vmreplica`,
+//! runs the seven scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
+//! the same run, and rewrites the results section of BENCHMARKS.md.
+//!
+//! `cargo run --release -p vmr-bench -- [--quick] [--profile] [--only 1,2] [--no-write]`
+
+mod harness;
+mod load;
+mod profile;
+mod report;
+mod scenarios;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+use report::{Outcome, Verdict};
+use scenarios::Ctx;
+
+/// vmreplica benchmark runner.
+#[derive(Debug, Parser)]
+#[command(name = "vmr-bench", about)]
+struct Args {
+    /// Sanity check in under 5 minutes (smaller disks, fewer repeats, 10 VMs).
+    #[arg(long)]
+    quick: bool,
+    /// Also perf-profile one extra repeat of each scenario's hot side.
+    #[arg(long)]
+    profile: bool,
+    /// Run only these scenarios (comma separated numbers 1-7).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Print the results instead of rewriting BENCHMARKS.md.
+    #[arg(long)]
+    no_write: bool,
+    /// The file to rewrite (default: BENCHMARKS.md at the workspace root).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Use this vmreplica binary instead of building one.
+    #[arg(long)]
+    vmreplica: Option<PathBuf>,
+    /// Keep the run's directory (agent logs) instead of deleting it.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Build (or find) the release vmreplica binary next to this executable.
+fn vmreplica_binary(repo: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("vmr-bench: cargo build --release -p vmreplica");
+    let st = Command::new(&cargo)
+        .args(["build", "--release", "-p", "vmreplica"])
+        .current_dir(repo)
+        .status();
+    let exe = std::env::current_exe()?
+        .parent()
+        .context("no directory of the runner")?
+        .join("vmreplica");
+    match st {
+        Ok(s) if s.success() => {}
+        Ok(s) if exe.exists() => {
+            eprintln!(
+                "vmr-bench: building vmreplica failed ({s}); using the existing {}",
+                exe.display()
+            )
+        }
+        Ok(s) => bail!("cargo build --release -p vmreplica failed ({s})"),
+        Err(e) if exe.exists() => {
+            eprintln!(
+                "vmr-bench: cannot run cargo ({e}); using the existing {}",
+                exe.display()
+            )
+        }
+        Err(e) => bail!("cannot run cargo to build vmreplica: {e}"),
+    }
+    if !exe.exists() {
+        bail!(
+            "{} does not exist after the build; pass --vmreplica PATH",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
+/// rsync, installing it with scripts/install-deps.sh full when missing; the reason when absent.
+fn ensure_rsync(repo: &Path) -> Option<String> {
+    let have = || {
+        Command::new("rsync")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if have() {
+        return None;
+    }
+    eprintln!("vmr-bench: rsync is missing; running scripts/install-deps.sh full");
+    let st = Command::new("bash")
+        .arg(repo.join("scripts/install-deps.sh"))
+        .arg("full")
+        .status();
+    if have() {
+        None
+    } else {
+        Some(format!(
+            "rsync is not installed and `scripts/install-deps.sh full` did not install it ({st:?})"
+        ))
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("vmr-bench: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let repo = std::path::absolute(repo_root())?;
+    let exe = match &args.vmreplica {
+        Some(p) => std::path::absolute(p)?,
+        None => vmreplica_binary(&repo)?,
+    };
+    // qemu-storage-daemon and friends (QEMU 10) are needed by every scenario.
+    if Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let _ = Command::new("bash")
+            .arg(repo.join("scripts/install-deps.sh"))
+            .status();
+    }
+    let want = |n: u8| args.only.is_empty() || args.only.contains(&n);
+    let rsync_missing = if want(2) { ensure_rsync(&repo) } else { None };
+    let tmp = tempfile::Builder::new()
+        .prefix("vmr-bench-")
+        .tempdir_in("/var/tmp")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let ctx = Ctx {
+        exe,
+        root: tmp.path().to_path_buf(),
+        quick: args.quick,
+        profile: args.profile,
+        rt,
+    };
+    let mode = if args.quick { "quick" } else { "full" };
+    let mut cmdline = String::from("cargo run --release -p vmr-bench --");
+    if args.quick {
+        cmdline.push_str(" --quick");
+    }
+    if args.profile {
+        cmdline.push_str(" --profile");
+    }
+    if !args.only.is_empty() {
+        let s: Vec<String> = args.only.iter().map(u8::to_string).collect();
+        cmdline.push_str(&format!(" --only {}", s.join(",")));
+    }
+    let mut info = report::run_info(&repo, mode, &cmdline);
+    eprintln!(
+        "vmr-bench: {mode} run in {} with {}",
+        ctx.root.display(),
+        ctx.exe.display()
+    );
+
+    // Every process started is a ChildGuard (killed when its scenario ends, also on errors).
+    // Ctrl-C reaches the whole foreground process group: agents, QEMU and perf stop with us.
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let skipped = |n: u8, title: &str, goal: &str| {
+        let mut o = Outcome::new(n, title, goal);
+        o.verdict = Verdict::Skipped("not selected with --only".into());
+        o
+    };
+    let t = Instant::now();
+    outcomes.push(if want(1) {
+        scenarios::primary_overhead(&ctx)
+    } else {
+        skipped(1, "Primary overhead", "≥ 0.97")
+    });
+    eprintln!(
+        "vmr-bench: scenario 1 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    if want(2) || want(3) {
+        let (o2, o3) = scenarios::delta_cycle(&ctx, rsync_missing.as_deref());
+        outcomes.push(if want(2) {
+            o2
+        } else {
+            skipped(2, "Delta cycle versus rsync", "≥ 20× faster")
+        });
+        outcomes.push(if want(3) {
+            o3
+        } else {
+            skipped(3, "Delta cycle versus the physical limit", "≥ 0.8")
+        });
+    } else {
+        outcomes.push(skipped(2, "Delta cycle versus rsync", "≥ 20× faster"));
+        outcomes.push(skipped(3, "Delta cycle versus the physical limit", "≥ 0.8"));
+    }
+    eprintln!(
+        "vmr-bench: scenarios 2-3 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    outcomes.push(if want(4) {
+        scenarios::initial(&ctx)
+    } else {
+        skipped(4, "Initial replication", "≥ 0.9 of its speed")
+    });
+    eprintln!(
+        "vmr-bench: scenario 4 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    outcomes.push(if want(5) {
+        scenarios::churn(&ctx)
+    } else {
+        skipped(5, "Sustained churn", "≥ 100 MB/s per VM")
+    });
+    eprintln!(
+        "vmr-bench: scenario 5 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    outcomes.push(if want(6) {
+        scenarios::failover(&ctx)
+    } else {
+        skipped(6, "Failover time", "≤ 5 s")
+    });
+    eprintln!(
+        "vmr-bench: scenario 6 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    outcomes.push(if want(7) {
+        scenarios::scale(&ctx)
+    } else {
+        skipped(7, "Scale", "at 100 VMs: ≤ 1 core, ≤ 100 MB RSS, 0 missed")
+    });
+    eprintln!(
+        "vmr-bench: scenario 7 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    info.wall_secs = started.elapsed().as_secs_f64();
+    let section = report::render(&info, &outcomes);
+    if args.no_write {
+        println!("{section}");
+    } else {
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| repo.join("BENCHMARKS.md"));
+        report::write_section(&out, &section)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("{section}");
+        eprintln!("vmr-bench: wrote {}", out.display());
+    }
+    if args.keep {
+        let kept = tmp.keep();
+        eprintln!("vmr-bench: run directory kept in {}", kept.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `--profile`: `perf record -g` of given processes (the agents, the stand-in VM) over the hot
+//! side of one extra repeat of a scenario, summarised as the top cost centres
+//! (`perf report --no-children --sort comm,dso,symbol`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vmr_testkit::ChildGuard;
+
+/// A running `perf record`.
+pub struct Perf {
+    guard: ChildGuard,
+    out: PathBuf,
+}
+
+/// Start `perf record` on `pids`, writing into `dir`; `None` when perf is not available.
+pub fn start(dir: &Path, label: &str, pids: &[u32]) -> Option<Perf> {
+    let out = dir.join(format!("perf-{label}.data"));
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let mut cmd = Command::new("perf");
+    cmd.args(["record", "-q", "-F", "499", "-g", "-o"])
+        .arg(&out)
+        .arg("-p")
+        .arg(pids.join(","))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let guard = ChildGuard::spawn(cmd, "perf record").ok()?;
+    // Let perf attach before the measured work starts.
+    std::thread::sleep(Duration::from_millis(300));
+    Some(Perf { guard, out })
+}
+
+impl Perf {
+    /// Stop recording and return the top cost centres as a markdown block.
+    pub fn finish(mut self, what: &str) -> String {
+        let _ = self.guard.terminate_int(Duration::from_secs(30));
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "comm,dso,symbol",
+                "--percent-limit",
+                "1.5",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&self.out)
+            .stderr(Stdio::null())
+            .output();
+        let text = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) => return format!("Profile of {what}: perf report failed ({})", o.status),
+            Err(e) => return format!("Profile of {what}: perf report could not run ({e})"),
+        };
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(14)
+            .collect();
+        let _ = std::fs::remove_file(&self.out);
+        format!(
+            "Profile of {what} (`perf record -g -F 499` on the listed processes, `perf report --no-children --sort comm,dso,symbol`, top entries ≥ 1.5 % of samples):\n\n```\n{}\n```",
+            rows.join("\n")
+        )
+    }
+}
+
+/// SIGINT so perf writes its data file, then wait.
+trait TerminateInt {
+    fn terminate_int(&mut self, timeout: Duration) -> anyhow::Result<()>;
+}
+
+impl TerminateInt for ChildGuard {
+    fn terminate_int(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let pid = self.pid().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let deadline = std::time::Instant::now() + timeout;
+        while self.is_running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
