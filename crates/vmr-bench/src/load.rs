@@ -132,7 +132,7 @@ pub async fn fill(c: &NbdClient, pool: &Bytes, data: u64, seed: u64) -> anyhow::
 }
 
 /// Overwrite `count` distinct random 64 KiB blocks with new data and flush; their offsets.
-pub async fn dirty(c: &NbdClient, pool: &Bytes, count: u64, seed: u64) -> anyhow::Result<Vec<u64>> {
+pub async fn dirty(c: &NbdClient, count: u64, seed: u64) -> anyhow::Result<Vec<u64>> {
     let blocks = c.size() / BLOCK;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut set = std::collections::BTreeSet::new();
@@ -140,7 +140,16 @@ pub async fn dirty(c: &NbdClient, pool: &Bytes, count: u64, seed: u64) -> anyhow
         set.insert(rng.gen_range(0..blocks) * BLOCK);
     }
     let offs: Vec<u64> = set.into_iter().collect();
-    let datas: Vec<Bytes> = offs.iter().map(|_| slice(pool, &mut rng, BLOCK)).collect();
+    // Fresh random data, not slices of the pool: content that already occurs somewhere in the
+    // image would let rsync's rolling checksum match it at another offset and send nothing.
+    let datas: Vec<Bytes> = offs
+        .iter()
+        .map(|_| {
+            let mut v = vec![0u8; BLOCK as usize];
+            rng.fill(&mut v[..]);
+            Bytes::from(v)
+        })
+        .collect();
     futures::stream::iter(offs.iter().copied().zip(datas))
         .map(|(o, d)| {
             let c = c.clone();
