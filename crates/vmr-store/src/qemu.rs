@@ -116,6 +116,18 @@ pub(crate) async fn rebase_unsafe(
     .map(|_| ())
 }
 
+/// Write every cluster `file` has (data and zeros) into its direct backing layer
+/// (`qemu-img commit -d`: `file` keeps its clusters). The chain seen through `file` does not
+/// change; afterwards the backing layer alone reads as `file` did. Idempotent.
+pub(crate) async fn commit_into_backing(dir: &Path, file: &str) -> Result<(), StoreError> {
+    qemu_img(
+        dir,
+        &["commit", "-q", "-d", "-f", "qcow2", "-t", "writeback", file],
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Make the tool die (SIGKILL) when the store process dies, so that a crashed store never
 /// leaves a qemu-nbd behind that waits forever for its first client while holding the image
 /// lock. (The death signal follows the spawning thread; tokio spawns from runtime worker

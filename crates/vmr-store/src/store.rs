@@ -1258,7 +1258,7 @@ async fn stream_into(
 /// `chain`.
 async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreError> {
     // 1. Eligibility and the prune intent, under the state lock.
-    let (point, upper) = {
+    let (point, upper, above, merge_down) = {
         let mut st = lock(&v.st);
         let c = &st.catalog;
         let Some(i) = c.points.iter().position(|p| p.id == id) else {
@@ -1272,17 +1272,31 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         }
         let point = c.points[i].clone();
         let upper = c.points.get(i + 1).cloned();
+        let above: Vec<PointRecord> = c.points.iter().skip(i + 2).cloned().collect();
+        // A base layer (no backing) holds the whole disk: rather than copying all of it up
+        // into the (small) layer above, that layer is merged down into it, and the base file
+        // becomes the upper point's layer. Only when nothing outside the catalog refers to the
+        // upper layer's file: no view on the upper point or above it (overlays back onto it by
+        // path) and no pending resync (its layers back onto the latest point's). The rule
+        // reads only the catalog and the pending record, so a restarted prune picks the same
+        // way; both ways keep the chain's content, so even a mix stays correct.
+        let merge_down = upper
+            .as_ref()
+            .is_some_and(|u| !c.views.iter().any(|w| w.point >= u.id))
+            && v.pending().is_none();
         if !point.pruning {
             let mut nc = c.clone();
             nc.points[i].pruning = true;
             v.commit(&mut st, nc)?;
         }
-        (point, upper)
+        (point, upper, above, merge_down)
     };
     pause_point("prune-intent");
     // 2. Per disk: copy the dropped layer's clusters up into the layer above, then rebase the
     //    upper layer onto the dropped layer's backing.
     let mut rebased = Vec::new();
+    // (disk, base file that becomes the upper point's layer, upper layer file to delete)
+    let mut merged_down: Vec<(String, String, String)> = Vec::new();
     for l in &point.layers {
         let Some(u) = upper.as_ref().and_then(|u| {
             u.layers
@@ -1293,6 +1307,36 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         };
         let dir = v.disk_dir(&l.disk);
         let actual = qemu::backing_of(&dir, &u.file).await?;
+        if merge_down && l.backing.is_none() {
+            if actual.as_deref() != Some(l.file.as_str()) {
+                return Err(StoreError::corrupt(
+                    dir.join(&u.file),
+                    format!("backing {actual:?} is not {:?}", l.file),
+                ));
+            }
+            qemu::commit_into_backing(&dir, &u.file).await?;
+            fsio::fsync_file(&dir.join(&l.file))?;
+            pause_point("prune-copied");
+            // The layer that sat on the upper one now sits on the base file (same content).
+            if let Some(w) = above
+                .iter()
+                .flat_map(|p| &p.layers)
+                .find(|w| w.disk == l.disk && w.backing.as_deref() == Some(&u.file))
+            {
+                let wa = qemu::backing_of(&dir, &w.file).await?;
+                if wa.as_deref() == Some(u.file.as_str()) {
+                    qemu::rebase_unsafe(&dir, &w.file, Some(&l.file)).await?;
+                    fsio::fsync_file(&dir.join(&w.file))?;
+                } else if wa.as_deref() != Some(l.file.as_str()) {
+                    return Err(StoreError::corrupt(
+                        dir.join(&w.file),
+                        format!("backing {wa:?} is neither {:?} nor {:?}", u.file, l.file),
+                    ));
+                }
+            }
+            merged_down.push((u.disk.clone(), l.file.clone(), u.file.clone()));
+            continue;
+        }
         if actual.as_deref() == Some(l.file.as_str()) {
             copy_up(&dir, &u.file).await?;
             pause_point("prune-copied");
@@ -1324,17 +1368,37 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                     l.backing = backing.clone();
                 }
             }
+            for (disk, base, _) in &merged_down {
+                if let Some(l) = up.layers.iter_mut().find(|l| &l.disk == disk) {
+                    l.file = base.clone();
+                    l.backing = None;
+                }
+            }
+        }
+        for (disk, base, old) in &merged_down {
+            for l in c.points.iter_mut().flat_map(|p| p.layers.iter_mut()) {
+                if &l.disk == disk && l.backing.as_deref() == Some(old.as_str()) {
+                    l.backing = Some(base.clone());
+                }
+            }
         }
         v.commit(&mut st, c)?;
     }
     pause_point("prune-committed");
-    // 4. Delete the merged layers.
+    // 4. Delete the merged layers: the dropped point's, or the upper layer merged down.
+    let mut gone: Vec<(&str, &str)> = Vec::new();
     for l in &point.layers {
-        let dir = v.disk_dir(&l.disk);
-        match std::fs::remove_file(dir.join(&l.file)) {
+        match merged_down.iter().find(|(d, _, _)| *d == l.disk) {
+            Some((_, _, old)) => gone.push((&l.disk, old)),
+            None => gone.push((&l.disk, &l.file)),
+        }
+    }
+    for (disk, file) in gone {
+        let dir = v.disk_dir(disk);
+        match std::fs::remove_file(dir.join(file)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("remove", dir.join(&l.file), e)),
+            Err(e) => return Err(StoreError::io("remove", dir.join(file), e)),
         }
         fsio::fsync_dir(&dir)?;
     }
