@@ -901,7 +901,7 @@ fn find_qmp(v: &Value) -> Option<String> {
     }
 }
 
-/// Connect to a QMP socket, negotiate and run `query-status`; true when it answered.
+/// Connect to a QMP socket, negotiate and run a command; true when it answered.
 fn qmp_answers(path: &Path, cmd: &str) -> bool {
     use std::io::{BufRead, BufReader, Write};
     let Ok(s) = std::os::unix::net::UnixStream::connect(path) else {
@@ -952,7 +952,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          5 s with recovery points kept, until at least two cycles are applied; then the primary \
          VMs and the primary agent are stopped (unplanned failover: the primary host is gone) and `vmreplica failover start NAME --point ID` is run on the replica, for \
          the latest point and for the oldest one; time from the command until the started VM's \
-         QMP socket (named in the command's JSON output) answers `query-status`. Median of {reps}.",
+         QMP socket (named in the command's JSON output) answers `query-version` (a stand-in, qemu-storage-daemon, has no `query-status`). Median of {reps}.",
         size(large.0),
         size(large.1)
     );
@@ -1012,7 +1012,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
                     format!("`failover start` output names no QMP socket: {out}")
                 })?;
                 let deadline = Instant::now() + Duration::from_secs(120);
-                while !qmp_answers(Path::new(&qmp), "query-status") {
+                while !qmp_answers(Path::new(&qmp), "query-version") {
                     if Instant::now() > deadline {
                         bail!("the failed-over VM's QMP {qmp} did not answer within 120 s");
                     }
