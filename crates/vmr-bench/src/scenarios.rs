@@ -949,7 +949,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let reps = if ctx.quick { 1 } else { 3 };
     o.method = format!(
         "a small (64 MiB holding 32 MiB) and a large ({} holding {}) stand-in VM replicated at \
-         5 s with recovery points kept, until at least two cycles are applied; then the primary \
+         5 s, the first point pinned by a test-failover copy (all cycles fall into one hour, so retention would keep only the latest), until two more cycles are applied; then the primary \
          VMs and the primary agent are stopped (unplanned failover: the primary host is gone) and `vmreplica failover start NAME --point ID` is run on the replica, for \
          the latest point and for the oldest one; time from the command until the started VM's \
          QMP socket (named in the command's JSON output) answers `query-version` (a stand-in, qemu-storage-daemon, has no `query-status`). Median of {reps}.",
@@ -972,9 +972,17 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         ctx.block(load::fill(&c, &load::pool(61), data, 61))?;
         pair.add(&vm)?;
         enable_and_wait(&pair, &name, "5s", 4, Duration::from_secs(1800))?;
-        ctx.block(load::dirty(&c, 64, 62))?;
+        // Keep an older point: all cycles fall into one hour, so retention would keep only the
+        // latest; a test-failover copy pins the first one (as an admin's test would).
         let l = last_cycle(&pair, &name)?;
+        let test = pair.on_b(&["failover", "test", &name, "--point", &l.to_string()])?;
+        let test_qmp = find_qmp(&serde_json::from_str(&test).unwrap_or(Value::Null));
+        ctx.block(load::dirty(&c, 64, 62))?;
         pair.wait_applied(&name, l + 2, Duration::from_secs(300))?;
+        // The copy itself is not needed: end its VM, its view keeps the point pinned.
+        if let Some(q) = test_qmp {
+            qmp_answers(Path::new(&q), "quit");
+        }
         ctx.block(c.disconnect())?;
         pause(&pair, &name)?;
         vm.stop();
@@ -982,6 +990,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     }
     // Unplanned failover: the primary host is gone (its agent stopped).
     pair.a.stop();
+    let cleanup: Vec<String> = ready.iter().map(|(_, n, _)| n.clone()).collect();
     for (label, name, vsize) in ready {
         let pts: Vec<PointInfo> = serde_json::from_str(&pair.on_b(&["points", &name])?)?;
         let latest = pts
@@ -1036,6 +1045,9 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
                 samples(&t, secs),
             );
         }
+    }
+    for name in &cleanup {
+        let _ = pair.on_b(&["failover", "stop-test", name]);
     }
     o.ours = figures.join(", ");
     o.ratio = format!("{} (slowest median)", secs(worst));
