@@ -1,5 +1,5 @@
 //! `vmr-bench`: the vmreplica benchmark runner (issue 7). Builds the release `vmreplica`,
-//! runs the seven scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
+//! runs the eight scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
 //! the same run, and rewrites the results section of BENCHMARKS.md.
 //!
 //! `cargo run --release -p vmr-bench -- [--quick] [--profile] [--only 1,2] [--no-write]`
@@ -30,7 +30,7 @@ struct Args {
     /// Also perf-profile one extra repeat of each scenario's hot side.
     #[arg(long)]
     profile: bool,
-    /// Run only these scenarios (comma separated numbers 1-7).
+    /// Run only these scenarios (comma separated numbers 1-8).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Print the results instead of rewriting BENCHMARKS.md.
@@ -143,7 +143,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .status();
     }
     let want = |n: u8| args.only.is_empty() || args.only.contains(&n);
-    let rsync_missing = if want(2) { ensure_rsync(&repo) } else { None };
+    let rsync_missing = if want(2) || want(8) {
+        ensure_rsync(&repo)
+    } else {
+        None
+    };
     let tmp = tempfile::Builder::new()
         .prefix("vmr-bench-")
         .tempdir_in("/var/tmp")?;
@@ -254,6 +258,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     });
     eprintln!(
         "vmr-bench: scenario 7 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    outcomes.push(if want(8) {
+        scenarios::resync_vs_rsync(&ctx, rsync_missing.as_deref())
+    } else {
+        skipped(
+            8,
+            "Resync versus rsync",
+            "faster than rsync, and fewer bytes sent",
+        )
+    });
+    eprintln!(
+        "vmr-bench: scenario 8 took {:.0} s",
         t.elapsed().as_secs_f64()
     );
 

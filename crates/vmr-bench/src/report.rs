@@ -37,7 +37,7 @@ impl Verdict {
 /// One scenario's outcome.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    /// Scenario number (1-7).
+    /// Scenario number (1-8).
     pub id: u8,
     /// Title.
     pub title: String,

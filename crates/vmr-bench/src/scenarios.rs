@@ -1,7 +1,8 @@
-//! The seven scenarios of issue 7. Each sets up its own pair of agents and stand-in VMs under
-//! the run's directory, runs vmreplica and its baseline side by side (alternating their order
-//! between repeats), and returns an [`Outcome`]; an error becomes an `Error` verdict, a missing
-//! capability a `Skipped` one. No figure is ever filled in without having been measured.
+//! The seven scenarios of issue 7 and the resync comparison of issue 6 (`resync.rs`). Each
+//! sets up its own pair of agents and stand-in VMs under the run's directory, runs vmreplica
+//! and its baseline side by side (alternating their order between repeats), and returns an
+//! [`Outcome`]; an error becomes an `Error` verdict, a missing capability a `Skipped` one. No
+//! figure is ever filled in without having been measured.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,9 @@ use crate::harness::{self, DiskSpec, Pair, Vm, start_vm};
 use crate::load::{self, BLOCK, Writer};
 use crate::profile;
 use crate::report::{Outcome, Verdict, median, samples, secs, size};
+
+mod resync;
+pub use resync::resync_vs_rsync;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
