@@ -144,7 +144,10 @@ pub(crate) fn analyse(
     }
     if let Some(exp) = expected_sizes {
         for (d, &was) in disks.iter().zip(exp) {
-            if d.size != was {
+            // A grown disk keeps its tracking (QEMU grows the bitmaps with the disk; the new
+            // area reads as zeros, which is what the replica's larger layer shows); only a
+            // shrink loses it.
+            if d.size < was {
                 return Tracking::Lost(ResyncReason::DiskSizeChanged {
                     disk: d.name.clone(),
                     was,
@@ -275,13 +278,18 @@ mod tests {
             Tracking::Active { generation: 3 }
         );
         assert!(matches!(
-            analyse(&n, &[ok(3)], Some(&[99])),
+            analyse(&n, &[ok(3)], Some(&[101])),
             Tracking::Lost(ResyncReason::DiskSizeChanged {
-                was: 99,
+                was: 101,
                 now: 100,
                 ..
             })
         ));
+        // Grown: tracking goes on.
+        assert_eq!(
+            analyse(&n, &[ok(3)], Some(&[99])),
+            Tracking::Active { generation: 3 }
+        );
         assert!(matches!(
             analyse(&n, &[ok(3), node("d1", "raw", vec![])], None),
             Tracking::Lost(ResyncReason::RawDiskRestarted { .. })

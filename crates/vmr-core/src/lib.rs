@@ -11,4 +11,4 @@ pub mod primary;
 
 pub use failover::{FailoverOp, FailoverRefusal, failover_transition};
 pub use health::{HealthReport, primary_health, replica_health};
-pub use primary::{Action, Event, Failure, PrimaryMachine, Schedule};
+pub use primary::{Action, Event, Failure, InitialKind, PrimaryMachine, Schedule};

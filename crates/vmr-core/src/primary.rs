@@ -2,7 +2,7 @@
 //! success or failure does to the state, retry with backoff, missed-cycle accounting, pause,
 //! resume and disable.
 
-use vmr_proto::api::{ReplicationState, ReplicationStats};
+use vmr_proto::api::{ReplicationState, ReplicationStats, ResyncWindow};
 use vmr_proto::{CycleId, CycleKind};
 
 /// Scheduling parameters of one VM.
@@ -16,6 +16,22 @@ pub struct Schedule {
     pub retry_base_ms: u64,
     /// Longest retry delay.
     pub retry_max_ms: u64,
+    /// Start a required resynchronization by itself inside this daily window.
+    pub auto_resync: Option<ResyncWindow>,
+    /// How initial replication gets the first copy across.
+    pub initial: InitialKind,
+}
+
+/// How initial replication gets the first copy across (`enable --initial`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InitialKind {
+    /// A full cycle over the network.
+    #[default]
+    Network,
+    /// The replica holds a copy already: a resync cycle (block-hash comparison).
+    Existing,
+    /// A full cycle written to a directory; then wait until the replica imported it.
+    Export,
 }
 
 impl Schedule {
@@ -27,6 +43,8 @@ impl Schedule {
             app_consistent_every_ms: 0,
             retry_base_ms: 1_000,
             retry_max_ms: 60_000.min(frequency_ms.max(1_000)),
+            auto_resync: None,
+            initial: InitialKind::Network,
         }
     }
 }
@@ -152,6 +170,9 @@ pub enum Action {
     StopTracking,
     /// The persistent part of the machine changed: save it.
     Persist,
+    /// Ask the replica which cycle it holds and report it with [`Event::ReplicaHas`] (an
+    /// exported initial copy waiting to be imported there).
+    QueryReplica,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,6 +333,15 @@ impl PrimaryMachine {
                 self.last_cycle = Some(run.id);
                 self.last_error = None;
                 self.consecutive_failures = 0;
+                let exported = self.state == S::InitialReplicationInProgress
+                    && run.kind == CycleKind::Full
+                    && self.schedule.initial == InitialKind::Export;
+                if exported {
+                    // The copy is on its way by other means: wait for the replica's import.
+                    self.next_due_ms = now_ms;
+                    out.push(Action::Persist);
+                    return out;
+                }
                 if matches!(
                     self.state,
                     S::InitialReplicationInProgress | S::Resynchronizing
@@ -333,7 +363,7 @@ impl PrimaryMachine {
                 // lost tracking just means comparing again.
                 let failure = match failure {
                     Failure::ResyncRequired(m) | Failure::WrongBase(m)
-                        if self.state == S::Resynchronizing =>
+                        if run.kind == CycleKind::Resync =>
                     {
                         Failure::Retryable(m)
                     }
@@ -468,6 +498,16 @@ impl PrimaryMachine {
                 out.push(Action::Persist);
             }
             Event::ReplicaHas { now_ms, latest } => {
+                if self.awaiting_import() {
+                    if latest.is_some() && latest >= self.last_cycle {
+                        // Imported (or the replica moved past it: the next cycle resyncs).
+                        self.state = S::Replicating;
+                        self.next_due_ms = now_ms;
+                        out.push(Action::Persist);
+                        self.tick(now_ms, &mut out);
+                    }
+                    return out;
+                }
                 if self.running.is_some() || latest == self.last_cycle {
                     return out;
                 }
@@ -502,6 +542,20 @@ impl PrimaryMachine {
         out
     }
 
+    /// An exported initial copy waits to be imported on the replica.
+    pub fn awaiting_import(&self) -> bool {
+        self.state == ReplicationState::InitialReplicationInProgress
+            && self.schedule.initial == InitialKind::Export
+            && self.last_cycle.is_some()
+    }
+
+    fn initial_cycle_kind(&self) -> CycleKind {
+        match self.schedule.initial {
+            InitialKind::Existing => CycleKind::Resync,
+            InitialKind::Network | InitialKind::Export => CycleKind::Full,
+        }
+    }
+
     fn count_missed(&mut self, run: Running, now_ms: u64) {
         if run.kind != CycleKind::Incremental {
             return;
@@ -530,15 +584,28 @@ impl PrimaryMachine {
                 self.state = S::InitialReplicationInProgress;
                 self.next_due_ms = now_ms;
                 out.push(Action::Persist);
-                self.start(now_ms, CycleKind::Full, out);
+                self.start(now_ms, self.initial_cycle_kind(), out);
             }
             S::InitialReplicationInProgress if self.next_due_ms <= now_ms => {
-                self.start(now_ms, CycleKind::Full, out);
+                if self.awaiting_import() {
+                    self.next_due_ms = now_ms + self.schedule.frequency_ms.clamp(5_000, 60_000);
+                    out.push(Action::QueryReplica);
+                } else {
+                    self.start(now_ms, self.initial_cycle_kind(), out);
+                }
             }
             S::Replicating if self.next_due_ms <= now_ms => {
                 self.start(now_ms, CycleKind::Incremental, out);
             }
-            S::WaitingForStartResynchronize if self.initial_at_ms.is_some_and(|t| t <= now_ms) => {
+            S::WaitingForStartResynchronize
+                if self.initial_at_ms.is_some_and(|t| t <= now_ms)
+                    || (self.initial_at_ms.is_none()
+                        && self.last_cycle.is_some()
+                        && self
+                            .schedule
+                            .auto_resync
+                            .is_some_and(|w| w.contains(now_ms))) =>
+            {
                 self.state = S::Resynchronizing;
                 self.initial_at_ms = None;
                 self.next_due_ms = now_ms;
@@ -990,6 +1057,154 @@ mod tests {
             assert_eq!(m.state, state, "{what}");
             assert_eq!(start_of(&last).map(|s| s.2), kind, "{what}");
         }
+    }
+
+    #[test]
+    fn initial_from_an_existing_copy_is_a_resync() {
+        let mut sched = Schedule::every(F);
+        sched.initial = InitialKind::Existing;
+        let mut m = PrimaryMachine::new(sched);
+        let a = m.step(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: None,
+        });
+        assert_eq!(m.state, S::InitialReplicationInProgress);
+        assert_eq!(start_of(&a), Some((1, None, CycleKind::Resync)));
+        // The replica's point moved meanwhile: compare again, do not give up.
+        m.step(Event::CycleFailed {
+            now_ms: 100,
+            failure: Failure::WrongBase("base moved".into()),
+        });
+        assert_eq!(m.state, S::InitialReplicationInProgress);
+        let a = m.step(Event::Tick { now_ms: 1_100 });
+        assert_eq!(start_of(&a).map(|s| s.2), Some(CycleKind::Resync));
+        // No copy on the replica at all: a clear error, then resume tries again.
+        m.step(Event::CycleFailed {
+            now_ms: 1_200,
+            failure: Failure::Fatal("the replica holds no copy".into()),
+        });
+        assert_eq!(m.state, S::Error);
+        let a = m.step(Event::Resume { now_ms: 2_000 });
+        assert_eq!(start_of(&a).map(|s| s.2), Some(CycleKind::Resync));
+        m.retarget_running(7);
+        m.step(Event::CycleSucceeded {
+            now_ms: 3_000,
+            bytes: 10,
+            app_consistent: false,
+        });
+        assert_eq!((m.state, m.last_cycle), (S::Replicating, Some(7)));
+        let a = m.step(Event::Tick { now_ms: 3_000 + F });
+        assert_eq!(start_of(&a), Some((8, Some(7), CycleKind::Incremental)));
+    }
+
+    #[test]
+    fn exported_initial_copy_waits_for_the_import() {
+        let mut sched = Schedule::every(F);
+        sched.initial = InitialKind::Export;
+        let mut m = PrimaryMachine::new(sched);
+        let a = m.step(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: None,
+        });
+        assert_eq!(start_of(&a), Some((1, None, CycleKind::Full)));
+        m.step(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 10,
+            app_consistent: false,
+        });
+        assert_eq!(m.state, S::InitialReplicationInProgress);
+        assert!(m.awaiting_import());
+        // No cycle is started while waiting; the replica is asked now and then.
+        let a = m.step(Event::Tick { now_ms: 1_000 });
+        assert_eq!(a, vec![Action::QueryReplica]);
+        assert!(m.step(Event::Tick { now_ms: 1_500 }).is_empty());
+        let a = m.step(Event::ReplicaHas {
+            now_ms: 2_000,
+            latest: None,
+        });
+        assert!(a.is_empty());
+        assert_eq!(m.state, S::InitialReplicationInProgress);
+        // A restart keeps waiting (the copy is not exported again).
+        let a = m.step(Event::Restarted { now_ms: 3_000 });
+        assert_eq!(a, vec![Action::QueryReplica]);
+        // Imported: incremental cycles from the exported one, carrying what changed meanwhile.
+        let a = m.step(Event::ReplicaHas {
+            now_ms: 4_000,
+            latest: Some(1),
+        });
+        assert_eq!(m.state, S::Replicating);
+        assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Incremental)));
+    }
+
+    #[test]
+    fn auto_resync_window_table() {
+        const H: u64 = 3_600_000;
+        // Cycles at 00:00:01 UTC of a day; the window is Hyper-V's 18:30-06:00.
+        let day = 20_000 * 24 * H;
+        // (what, window, tick time after the failure, expected state)
+        type Case = (&'static str, Option<ResyncWindow>, u64, S);
+        let cases: Vec<Case> = vec![
+            (
+                "no window: waits for the admin",
+                None,
+                day + 20 * H,
+                S::WaitingForStartResynchronize,
+            ),
+            (
+                "outside the window: waits",
+                Some(ResyncWindow::HYPERV_DEFAULT),
+                day + 12 * H,
+                S::WaitingForStartResynchronize,
+            ),
+            (
+                "inside the window (evening): starts",
+                Some(ResyncWindow::HYPERV_DEFAULT),
+                day + 19 * H,
+                S::Resynchronizing,
+            ),
+            (
+                "inside the window (after midnight): starts",
+                Some(ResyncWindow::HYPERV_DEFAULT),
+                day + 24 * H + 2 * H,
+                S::Resynchronizing,
+            ),
+        ];
+        for (what, window, at, state) in cases {
+            let mut sched = Schedule::every(30_000);
+            sched.auto_resync = window;
+            let mut m = PrimaryMachine::new(sched);
+            m.step(Event::Enable {
+                now_ms: day,
+                initial_at_ms: None,
+            });
+            m.step(Event::CycleSucceeded {
+                now_ms: day + 1_000,
+                bytes: 1,
+                app_consistent: false,
+            });
+            m.step(Event::Tick {
+                now_ms: day + 30_000,
+            });
+            m.step(Event::CycleFailed {
+                now_ms: day + 30_001,
+                failure: Failure::ResyncRequired("bitmap missing".into()),
+            });
+            assert_eq!(m.state, S::WaitingForStartResynchronize, "{what}");
+            let acts = m.step(Event::Tick { now_ms: at });
+            assert_eq!(m.state, state, "{what}");
+            let kind = (state == S::Resynchronizing).then_some(CycleKind::Resync);
+            assert_eq!(start_of(&acts).map(|s| s.2), kind, "{what}");
+        }
+        // A paused resync is not restarted by the window; nor is a VM never replicated.
+        let mut sched = Schedule::every(30_000);
+        sched.auto_resync = Some(ResyncWindow::parse("00:00-00:00").expect("window"));
+        let mut m = PrimaryMachine::new(sched);
+        m.step(Event::Enable {
+            now_ms: day,
+            initial_at_ms: Some(day + 10 * H),
+        });
+        m.step(Event::Tick { now_ms: day + H });
+        assert_eq!(m.state, S::ReadyForInitialReplication);
     }
 
     #[test]

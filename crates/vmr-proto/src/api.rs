@@ -178,6 +178,15 @@ pub enum Request {
         /// VM name.
         name: String,
     },
+    /// On the replica: load a copy of a replica VM's disks from a directory, either an
+    /// initial copy exported by the primary (`enable --initial export:DIR`) or disk images
+    /// (`<disk>.qcow2|raw|img`) for `enable --initial existing`.
+    Import {
+        /// Replica VM name.
+        name: String,
+        /// Directory holding the copy (absolute).
+        dir: String,
+    },
     /// Status of one or all VMs.
     Status {
         /// VM name; all when `None`.
@@ -366,6 +375,138 @@ pub struct EnableArgs {
     pub compression: bool,
     /// Start initial replication at this time (ms since the epoch); `None` = now.
     pub initial_at_ms: Option<u64>,
+    /// Start a required resynchronization by itself inside this daily window (Hyper-V's
+    /// automatic resynchronization); `None` = only on `resume --resync`.
+    #[serde(default)]
+    pub auto_resync: Option<ResyncWindow>,
+    /// How the first copy reaches the replica.
+    #[serde(default)]
+    pub initial: InitialMode,
+}
+
+/// How initial replication gets the first copy to the replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum InitialMode {
+    /// A full copy over the network (allocated data only).
+    #[default]
+    Network,
+    /// The replica already holds a copy (kept from earlier replication, or imported from disk
+    /// images with `vmreplica import`): compare block hashes and send only what differs.
+    Existing,
+    /// Write the initial copy to this directory on the primary (external media); the replica
+    /// loads it with `vmreplica import`, then the changes tracked meanwhile follow.
+    Export {
+        /// Directory to write the copy to.
+        dir: String,
+    },
+}
+
+impl InitialMode {
+    /// Parse the `--initial` argument: `network`, `existing` or `export:DIR`.
+    pub fn parse(s: &str) -> Result<InitialMode, String> {
+        match s {
+            "network" => Ok(InitialMode::Network),
+            "existing" => Ok(InitialMode::Existing),
+            _ => match s.strip_prefix("export:") {
+                Some(dir) if !dir.is_empty() => Ok(InitialMode::Export {
+                    dir: dir.to_owned(),
+                }),
+                _ => Err(format!(
+                    "bad --initial {s:?}: expected network, existing or export:DIR"
+                )),
+            },
+        }
+    }
+}
+
+/// File name of the manifest of an exported initial copy.
+pub const EXPORT_MANIFEST: &str = "vmreplica-export.json";
+
+/// Whether `name` is a plain file name (no path separators, not `.`/`..`, not hidden).
+pub fn valid_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 255
+        && !name.contains(['/', '\\', '\0'])
+}
+
+/// Manifest of an initial copy exported to a directory (`vmreplica-export.json`, format 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ExportManifest {
+    /// Format version, 1.
+    pub format: u32,
+    /// The VM.
+    pub vm: Uuid,
+    /// Its name on the primary.
+    pub name: String,
+    /// The exported (full) cycle's id.
+    pub cycle: u64,
+    /// The cycle file in the directory (staging format 1, checksummed).
+    pub file: String,
+    /// Hex BLAKE3 of the whole cycle file.
+    pub file_blake3: String,
+    /// Data bytes in it.
+    pub bytes: u64,
+}
+
+/// A daily time window in UTC, `start` inclusive, `end` exclusive, in minutes after midnight.
+/// `start > end` wraps over midnight (Hyper-V's default 18:30-06:00); `start == end` is the
+/// whole day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncWindow {
+    /// Minutes after midnight UTC at which the window opens (0-1439).
+    pub start_min: u16,
+    /// Minutes after midnight UTC at which it closes (0-1439).
+    pub end_min: u16,
+}
+
+impl ResyncWindow {
+    /// Hyper-V's default automatic resynchronization window, 18:30-06:00.
+    pub const HYPERV_DEFAULT: ResyncWindow = ResyncWindow {
+        start_min: 18 * 60 + 30,
+        end_min: 6 * 60,
+    };
+
+    /// Parse `HH:MM-HH:MM` (24-hour clock, UTC).
+    pub fn parse(s: &str) -> Result<ResyncWindow, String> {
+        let bad = || format!("bad time window {s:?}: expected HH:MM-HH:MM (UTC), e.g. 18:30-06:00");
+        let (a, b) = s.trim().split_once('-').ok_or_else(bad)?;
+        let hm = |t: &str| -> Option<u16> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        Ok(ResyncWindow {
+            start_min: hm(a).ok_or_else(bad)?,
+            end_min: hm(b).ok_or_else(bad)?,
+        })
+    }
+
+    /// Whether `now_ms` (ms since the Unix epoch) falls inside the window.
+    pub fn contains(&self, now_ms: u64) -> bool {
+        let m = ((now_ms / 60_000) % 1440) as u16;
+        let (a, b) = (self.start_min, self.end_min);
+        match a.cmp(&b) {
+            std::cmp::Ordering::Equal => true,
+            std::cmp::Ordering::Less => a <= m && m < b,
+            std::cmp::Ordering::Greater => m >= a || m < b,
+        }
+    }
+}
+
+impl std::fmt::Display for ResyncWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02} UTC",
+            self.start_min / 60,
+            self.start_min % 60,
+            self.end_min / 60,
+            self.end_min % 60
+        )
+    }
 }
 
 /// The agent's answer to a [`Request`].
@@ -525,4 +666,62 @@ pub struct VmRecord {
     pub trust_group: Option<String>,
     /// Last error.
     pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = 60_000;
+    const DAY: u64 = 1440 * MIN;
+
+    #[test]
+    fn resync_window_parse_and_contains() {
+        let w = ResyncWindow::parse("18:30-06:00").expect("parse");
+        assert_eq!(w, ResyncWindow::HYPERV_DEFAULT);
+        assert_eq!(w.to_string(), "18:30-06:00 UTC");
+        let day = 20_000 * DAY;
+        // (window, minute of day, inside)
+        let table: &[(&str, u64, bool)] = &[
+            ("18:30-06:00", 18 * 60 + 29, false),
+            ("18:30-06:00", 18 * 60 + 30, true),
+            ("18:30-06:00", 23 * 60 + 59, true),
+            ("18:30-06:00", 0, true),
+            ("18:30-06:00", 5 * 60 + 59, true),
+            ("18:30-06:00", 6 * 60, false),
+            ("18:30-06:00", 12 * 60, false),
+            ("01:00-03:00", 60, true),
+            ("01:00-03:00", 180, false),
+            ("01:00-03:00", 59, false),
+            ("00:00-00:00", 0, true),
+            ("00:00-00:00", 777, true),
+        ];
+        for &(text, minute, inside) in table {
+            let w = ResyncWindow::parse(text).expect("parse");
+            assert_eq!(
+                w.contains(day + minute * MIN + 59_999),
+                inside,
+                "{text} at minute {minute}"
+            );
+        }
+        for bad in [
+            "",
+            "18:30",
+            "24:00-01:00",
+            "10:60-11:00",
+            "a:b-c:d",
+            "18:30-6",
+        ] {
+            assert!(ResyncWindow::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn enable_args_without_auto_resync_still_parse() {
+        let old = r#"{"name":"a","replica":"h:1","replica_fingerprint":"f","frequency_secs":30,
+            "recovery_points":0,"app_consistent_every_hours":0,"exclude_disks":[],
+            "compression":true,"initial_at_ms":null}"#;
+        let a: EnableArgs = serde_json::from_str(old).expect("old record");
+        assert_eq!(a.auto_resync, None);
+    }
 }

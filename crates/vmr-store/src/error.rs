@@ -23,6 +23,21 @@ pub enum StoreError {
         /// The base the cycle names.
         got: Option<CycleId>,
     },
+    /// The cycle makes a disk smaller than the replica holds it: refused, replica disks only
+    /// grow.
+    #[error(
+        "disk {disk} shrank from {was} to {now} bytes on the primary; a replica disk is never \
+         shrunk: grow the disk back on the primary, or disable and re-enable replication for a \
+         new initial copy"
+    )]
+    DiskShrunk {
+        /// Disk id.
+        disk: String,
+        /// Size the replica holds.
+        was: u64,
+        /// Size the cycle names.
+        now: u64,
+    },
     /// An extent's checksum did not verify; the staging was discarded.
     #[error("extent at disk {disk} offset {offset} failed its checksum")]
     CorruptExtent {

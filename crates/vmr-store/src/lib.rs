@@ -18,5 +18,7 @@ mod store;
 
 pub use error::StoreError;
 pub use retention::{PointMeta, retention};
-pub use store::{ResyncWriter, StagingWriter, Store, View, VmUsage};
+pub use store::{
+    ImageFormat, ImportImage, ResyncWriter, StagingWriter, Store, View, VmUsage, find_images,
+};
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

@@ -11,8 +11,25 @@ use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
 
 use crate::error::StoreError;
 
-/// Run `qemu-img` with `args` in `cwd`; returns stdout.
+/// Run `qemu-img` with `args` in `cwd`; returns stdout. An image lock held by another process
+/// is waited for (up to 10 s): after a crash, the tools the previous store process started die
+/// with it (`PR_SET_PDEATHSIG`), but not always before the restarted store's recovery runs.
 pub(crate) async fn qemu_img(cwd: &Path, args: &[&str]) -> Result<String, StoreError> {
+    let mut tries = 0;
+    loop {
+        match qemu_img_once(cwd, args).await {
+            Err(StoreError::Tool { ref message, .. })
+                if tries < 100 && message.contains("Failed to get") && message.contains("lock") =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn qemu_img_once(cwd: &Path, args: &[&str]) -> Result<String, StoreError> {
     let mut cmd = Command::new("qemu-img");
     die_with_parent(&mut cmd);
     let out = cmd
@@ -148,6 +165,17 @@ fn die_with_parent(cmd: &mut Command) {
 
 static SOCK_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// How an export opens its image.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// A store layer, writable.
+    Writable,
+    /// A committed store layer, read-only without image locks.
+    SharedLayer,
+    /// An outside image of this format, read-only with image locks.
+    Image(&'a str),
+}
+
 /// A writable `qemu-nbd` export of one image and a connected client.
 pub(crate) struct Export {
     child: Child,
@@ -173,9 +201,32 @@ impl Export {
         Export::start_with(image, true, meta_contexts).await
     }
 
+    /// Export an image from outside the store (`format` `qcow2` or `raw`) read-only, with
+    /// image locking (nobody may write it meanwhile), for importing it.
+    pub(crate) async fn start_image(
+        image: &Path,
+        format: &str,
+        meta_contexts: Vec<String>,
+    ) -> Result<Export, StoreError> {
+        Export::start_inner(image, Mode::Image(format), meta_contexts).await
+    }
+
     async fn start_with(
         image: &Path,
         read_only: bool,
+        meta_contexts: Vec<String>,
+    ) -> Result<Export, StoreError> {
+        let mode = if read_only {
+            Mode::SharedLayer
+        } else {
+            Mode::Writable
+        };
+        Export::start_inner(image, mode, meta_contexts).await
+    }
+
+    async fn start_inner(
+        image: &Path,
+        mode: Mode<'_>,
         meta_contexts: Vec<String>,
     ) -> Result<Export, StoreError> {
         let sock = std::env::temp_dir().join(format!(
@@ -187,27 +238,38 @@ impl Export {
         let what = image.display().to_string();
         let mut cmd = Command::new("qemu-nbd");
         die_with_parent(&mut cmd);
-        if read_only {
-            // force-share: no image locks, so the store may still copy up into the layer
-            // (its content does not change) while it is being read.
-            let escaped = image.display().to_string().replace(',', ",,");
-            cmd.arg("--read-only")
-                .arg("--shared=2")
-                .arg("--image-opts")
-                .arg("--aio=threads")
-                .arg("--socket")
-                .arg(&sock)
-                .arg(format!(
-                    "driver=qcow2,force-share=on,file.driver=file,file.filename={escaped}"
-                ));
-        } else {
-            cmd.arg("--cache=writeback")
-                .arg("--discard=unmap")
-                .arg("--format=qcow2")
-                .arg("--aio=threads")
-                .arg("--socket")
-                .arg(&sock)
-                .arg(image);
+        match mode {
+            Mode::SharedLayer => {
+                // force-share: no image locks, so the store may still copy up into the layer
+                // (its content does not change) while it is being read.
+                let escaped = image.display().to_string().replace(',', ",,");
+                cmd.arg("--read-only")
+                    .arg("--shared=2")
+                    .arg("--image-opts")
+                    .arg("--aio=threads")
+                    .arg("--socket")
+                    .arg(&sock)
+                    .arg(format!(
+                        "driver=qcow2,force-share=on,file.driver=file,file.filename={escaped}"
+                    ));
+            }
+            Mode::Image(format) => {
+                cmd.arg("--read-only")
+                    .arg(format!("--format={format}"))
+                    .arg("--aio=threads")
+                    .arg("--socket")
+                    .arg(&sock)
+                    .arg(image);
+            }
+            Mode::Writable => {
+                cmd.arg("--cache=writeback")
+                    .arg("--discard=unmap")
+                    .arg("--format=qcow2")
+                    .arg("--aio=threads")
+                    .arg("--socket")
+                    .arg(&sock)
+                    .arg(image);
+            }
         }
         let mut child = cmd
             .stdin(Stdio::null())

@@ -26,7 +26,9 @@ use crate::retention::{PointMeta, retention};
 use crate::staging::{self, StageFileWriter, StageReader};
 use crate::{catalog, fsio::TMP_SUFFIX};
 
+mod import;
 mod resync;
+pub use import::{ImageFormat, ImportImage, find_images};
 pub use resync::ResyncWriter;
 
 /// Name of the VM definition file.
@@ -76,6 +78,39 @@ impl VmState {
             .next_back()
             .copied()
             .max(self.latest_point())
+    }
+
+    /// Refuse a cycle that would shrink a disk: replica disks only ever grow (a grown disk
+    /// needs no resync: its new layer is simply larger than the one below).
+    fn check_no_shrink(&self, h: &CycleHeader) -> Result<(), StoreError> {
+        if h.kind == CycleKind::Full {
+            return Ok(());
+        }
+        let sizes: Vec<(&str, u64)> = match self.staged.values().next_back() {
+            Some(staged) => staged
+                .disks
+                .iter()
+                .map(|d| (d.id.as_str(), d.size))
+                .collect(),
+            None => self
+                .catalog
+                .points
+                .last()
+                .map(|p| p.layers.iter().map(|l| (l.disk.as_str(), l.size)).collect())
+                .unwrap_or_default(),
+        };
+        for d in &h.disks {
+            if let Some(&(_, was)) = sizes.iter().find(|(id, _)| *id == d.id)
+                && d.size < was
+            {
+                return Err(StoreError::DiskShrunk {
+                    disk: d.id.clone(),
+                    was,
+                    now: d.size,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -477,6 +512,7 @@ impl Store {
                 got: header.base,
             });
         }
+        st.check_no_shrink(&header)?;
         if let Some(r) = st.receiving {
             return Err(StoreError::ReceiveInProgress(r));
         }

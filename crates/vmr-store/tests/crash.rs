@@ -77,16 +77,21 @@ impl Drop for Kill {
     }
 }
 
-fn wait_orphans_gone(pid: u32) {
-    // qemu-nbd children exit on their own once the killed child's sockets close.
+fn wait_orphans_gone(pid: u32, root: &std::path::Path) {
+    // qemu-nbd children exit on their own once the killed child's sockets close; qemu-img
+    // children (working in a disk directory of the store) get SIGKILL with their parent.
     let tag = format!("vmr-store-{pid}-");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let busy = std::fs::read_dir("/proc").map(|rd| {
             rd.flatten().any(|e| {
-                std::fs::read(e.path().join("cmdline"))
+                let by_tag = std::fs::read(e.path().join("cmdline"))
                     .map(|c| String::from_utf8_lossy(&c).contains(&tag))
-                    .unwrap_or(false)
+                    .unwrap_or(false);
+                let by_cwd = std::fs::read_link(e.path().join("cwd"))
+                    .map(|c| c.starts_with(root))
+                    .unwrap_or(false);
+                by_tag || by_cwd
             })
         });
         if !busy.unwrap_or(false) {
@@ -158,7 +163,7 @@ fn run_child(root: &std::path::Path, step: Option<&str>, delay: Duration) -> (Ve
         }
         assert!(!l.contains("panicked"), "child panicked: {l}");
     }
-    wait_orphans_gone(pid);
+    wait_orphans_gone(pid, root);
     (acks, done)
 }
 

@@ -211,7 +211,9 @@ async fn main() {
     .expect("connect");
 
     let mb = (EXTENT * EXTENTS) as f64 / MIB;
-    println!("| data | TLS + zstd | TLS, no compression | plain TCP copy | TCP / TLS-plain | TLS-plain / TLS+zstd |");
+    println!(
+        "| data | TLS + zstd | TLS, no compression | plain TCP copy | TCP / TLS-plain | TLS-plain / TLS+zstd |"
+    );
     println!("|---|---|---|---|---|---|");
     let mut id = 1;
     for (label, compressible) in [("incompressible", false), ("compressible", true)] {

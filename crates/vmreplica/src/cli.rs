@@ -94,6 +94,16 @@ pub enum Command {
         /// VM name.
         name: String,
     },
+    /// On the replica: load a copy of a replica VM's disks from DIR: an initial copy exported
+    /// by the primary (`enable --initial export:DIR`), or disk images `<disk>.qcow2|raw|img`
+    /// for `enable --initial existing`.
+    Import {
+        /// Replica VM name.
+        name: String,
+        /// Directory holding the copy.
+        #[arg(value_name = "DIR")]
+        from: std::path::PathBuf,
+    },
     /// Self-contained demonstration on this machine (two agents, a stand-in VM, a writer).
     Demo(DemoOpts),
     /// Failover: planned (prepare, start), unplanned (start, cancel, complete) and test.
@@ -247,6 +257,15 @@ pub struct EnableCmd {
     /// Start initial replication at TIME (RFC 3339, e.g. 2026-11-25T22:00:00Z) instead of now.
     #[arg(long)]
     pub initial_at: Option<String>,
+    /// Start a required resynchronization by itself inside the daily window HH:MM-HH:MM (UTC;
+    /// without a value Hyper-V's 18:30-06:00).
+    #[arg(long, value_name = "WINDOW", num_args = 0..=1, default_missing_value = "18:30-06:00")]
+    pub auto_resync: Option<String>,
+    /// How the first copy reaches the replica: `network` (a full copy, the default),
+    /// `existing` (the replica already holds a copy: only differing blocks are sent) or
+    /// `export:DIR` (written to DIR here, loaded on the replica with `vmreplica import`).
+    #[arg(long, value_name = "MODE", default_value = "network")]
+    pub initial: String,
 }
 
 /// `demo` options.

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use anyhow::Context;
-use vmr_proto::api::{EnableArgs, Request, Response};
+use vmr_proto::api::{EnableArgs, InitialMode, Request, Response, ResyncWindow};
 
 use crate::cli::{Command, ServerCmd, VmCmd, parse_frequency, parse_hours};
 use crate::exit;
@@ -95,6 +95,18 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 None => 0,
             };
             let initial_at_ms = e.initial_at.as_deref().map(parse_time).transpose()?;
+            let auto_resync = e
+                .auto_resync
+                .as_deref()
+                .map(ResyncWindow::parse)
+                .transpose()
+                .map_err(|m| coded(exit::USAGE, m))?;
+            let initial = match InitialMode::parse(&e.initial).map_err(|m| coded(exit::USAGE, m))? {
+                InitialMode::Export { dir } => InitialMode::Export {
+                    dir: absolute(Path::new(&dir)),
+                },
+                other => other,
+            };
             Request::Enable(EnableArgs {
                 name: e.name,
                 replica: e.replica,
@@ -105,6 +117,8 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 exclude_disks: e.exclude_disks,
                 compression: !e.no_compression,
                 initial_at_ms,
+                auto_resync,
+                initial,
             })
         }
         Command::StartInitial { name } => Request::StartInitial { name },
@@ -122,6 +136,10 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Resume { name, .. } => Request::Resume { name },
         Command::Disable { name } => Request::Disable { name },
         Command::Points { name } => Request::Points { name },
+        Command::Import { name, from } => Request::Import {
+            name,
+            dir: absolute(&from),
+        },
         Command::Failover(f) => {
             use crate::cli::{FailoverCmd as F, parse_point};
             let point = |s: &str| parse_point(s).map_err(|m| coded(exit::USAGE, m));

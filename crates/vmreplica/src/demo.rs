@@ -300,6 +300,8 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             exclude_disks: vec![],
             compression: true,
             initial_at_ms: None,
+            auto_resync: None,
+            initial: Default::default(),
         }),
     )?;
     println!(

@@ -173,3 +173,131 @@ fn lost_tracking_resync_sends_only_differences_resumes_and_keeps_old_points() {
     assert_ne!(replica_hashes(&p.b, vm.def.uuid, None), old_hashes);
     p.b.ok(&["failover", "stop-test", &name]);
 }
+
+#[test]
+fn auto_resync_starts_by_itself_inside_its_window() {
+    let p = Pair::new();
+    let mut vm = StandIn::create(p.root.path(), &p.a, "auto-vm", &["disk0"], 32);
+    let name = vm.def.name.clone();
+    vm.write_random("disk0", 100, 3);
+    vm.register(&p.a);
+    // A bad window is refused before anything is enabled.
+    let bad = p.a.cli(&[
+        "enable",
+        &name,
+        "--replica",
+        &p.b.addr,
+        "--replica-fingerprint",
+        &p.b.fingerprint,
+        "--auto-resync",
+        "25:00-01:00",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("HH:MM-HH:MM"));
+    assert_eq!(p.a.status(&name).state, ReplicationState::Disabled);
+    // 00:00-00:00 is the whole day: the resync starts as soon as it is required.
+    p.enable(
+        &name,
+        &["--frequency", "5s", "--auto-resync", "00:00-00:00"],
+    );
+    p.wait_cycle(&name, 2, LONG);
+    vm.kill9();
+    vm.start();
+    common::write_seq(&vm, "disk0", 0, 16, 4);
+    // WaitingForStartResynchronize is passed through without a command; the copy converges.
+    wait_until(LONG, "the automatic resync to be committed", || {
+        p.b.log().contains("resync committed")
+    });
+    wait_until(LONG, "replicating again", || {
+        state(&p, &name) == ReplicationState::Replicating
+    });
+    assert!(
+        p.a.log().contains("resynchronization started"),
+        "{}",
+        common::tail(&p.a.log(), 30)
+    );
+    assert_equal_at_cut(&p, &vm);
+}
+
+/// Resize disk `disk` of a stopped stand-in with `qemu-img resize` (as an admin would with the
+/// VM shut down), then start it again.
+fn resize_offline(vm: &mut StandIn, disk: &str, mib: u64) {
+    vm.stop();
+    let path = &vm
+        .def
+        .disks
+        .iter()
+        .find(|d| d.node == disk)
+        .expect("disk")
+        .path;
+    let st = std::process::Command::new("qemu-img")
+        .args([
+            "resize",
+            "-q",
+            "--shrink",
+            "-f",
+            "qcow2",
+            path,
+            &format!("{mib}M"),
+        ])
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    vm.start();
+}
+
+#[test]
+fn grown_disk_replicates_without_resync_and_shrink_is_refused() {
+    let p = Pair::new();
+    let mut vm = StandIn::create(p.root.path(), &p.a, "grow-vm", &["disk0"], 32);
+    let name = vm.def.name.clone();
+    vm.write_random("disk0", 100, 5);
+    vm.register(&p.a);
+    p.enable(&name, &["--frequency", "5s"]);
+    p.wait_cycle(&name, 2, LONG);
+
+    // Grow 32 -> 48 MiB and write into the new area (blocks 600.. are beyond 32 MiB).
+    resize_offline(&mut vm, "disk0", 48);
+    common::write_seq(&vm, "disk0", 600, 16, 6);
+    assert_equal_at_cut(&p, &vm);
+    p.a.ok(&["resume", &name]);
+    assert_eq!(state(&p, &name), ReplicationState::Replicating);
+    assert!(
+        !p.a.log().contains("resynchronization started"),
+        "a grown disk must not need a resync:\n{}",
+        common::tail(&p.a.log(), 30)
+    );
+    let layers = vmr_store::Store::open(&p.b.dir.join("replicas"))
+        .expect("store")
+        .point_layers(vm.def.uuid, None)
+        .expect("layers");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(&layers[0].1)
+        .output()
+        .expect("qemu-img info");
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(v["virtual-size"].as_u64(), Some(48 << 20));
+
+    // Shrink 48 -> 40 MiB: tracking is lost, and the replica refuses to shrink its copy with
+    // a clear error; its points stay as they were.
+    let before = replica_hashes(&p.b, vm.def.uuid, None);
+    resize_offline(&mut vm, "disk0", 40);
+    wait_until(
+        LONG,
+        "WaitingForStartResynchronize after the shrink",
+        || state(&p, &name) == ReplicationState::WaitingForStartResynchronize,
+    );
+    assert!(p.a.status(&name).health_reason.contains("size"));
+    p.a.ok(&["resume", &name, "--resync"]);
+    wait_until(LONG, "the shrink to be refused", || {
+        state(&p, &name) == ReplicationState::Error
+    });
+    let s = p.a.status(&name);
+    assert!(
+        s.health_reason.contains("shrank from 50331648 to 41943040"),
+        "{}",
+        s.health_reason
+    );
+    assert_eq!(replica_hashes(&p.b, vm.def.uuid, None), before);
+}

@@ -148,6 +148,7 @@ impl Store {
                     got: header.base,
                 });
             }
+            st.check_no_shrink(&header)?;
             if let Some(r) = st.receiving {
                 return Err(StoreError::ReceiveInProgress(r));
             }

@@ -287,6 +287,19 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
             }
             Ok(serde_json::to_value(super::replica::points(agent, &rec)?)?)
         }
+        Request::Import { name, dir } => {
+            let rec = agent.vm_record(&name)?.ok_or_else(|| unknown_vm(&name))?;
+            if rec.mode != ReplicationMode::Replica {
+                return Err(coded(
+                    exit::INVALID_STATE,
+                    format!(
+                        "{name:?} is not a replica VM on this host; enable replication on its \
+                         primary first (the replica VM is created then), and import here"
+                    ),
+                ));
+            }
+            super::replica::import(agent, rec, std::path::Path::new(&dir)).await
+        }
         req @ (Request::FailoverPrepare { .. }
         | Request::FailoverStart { .. }
         | Request::FailoverTest { .. }

@@ -822,6 +822,8 @@ async fn reverse(
         exclude_disks: vec![],
         compression: true,
         initial_at_ms: None,
+        auto_resync: None,
+        initial: Default::default(),
     };
     rec.mode = ReplicationMode::Primary;
     rec.qmp = qmp;

@@ -9,6 +9,7 @@
 
 mod control;
 pub mod db;
+mod export;
 mod failover;
 mod primary;
 mod replica;

@@ -11,9 +11,10 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use vmr_capture::{CaptureConfig, CaptureError, CycleMode, VmCapture};
-use vmr_core::{Action, Event, Failure, PrimaryMachine, Schedule, primary_health};
+use vmr_core::{Action, Event, Failure, InitialKind, PrimaryMachine, Schedule, primary_health};
 use vmr_proto::api::{
-    CreateReplica, EnableArgs, ReplicaVmInfo, ReplicationMode, ReplicationState, VmRecord, VmStatus,
+    CreateReplica, EnableArgs, InitialMode, ReplicaVmInfo, ReplicationMode, ReplicationState,
+    VmRecord, VmStatus,
 };
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
 use vmr_transport::{Client, TransportError};
@@ -83,6 +84,12 @@ impl PrimaryVm {
 fn schedule_of(args: &EnableArgs) -> Schedule {
     let mut s = Schedule::every(args.frequency_secs * 1000);
     s.app_consistent_every_ms = u64::from(args.app_consistent_every_hours) * 3_600_000;
+    s.auto_resync = args.auto_resync;
+    s.initial = match args.initial {
+        InitialMode::Network => InitialKind::Network,
+        InitialMode::Existing => InitialKind::Existing,
+        InitialMode::Export { .. } => InitialKind::Export,
+    };
     s
 }
 
@@ -314,12 +321,29 @@ pub fn status(agent: &Arc<Agent>, rec: &VmRecord, now: u64) -> VmStatus {
         ),
     };
     let health = primary_health(state, &stats, fails, err.as_deref(), now);
+    let mut health_reason = health.reason();
+    if state == ReplicationState::WaitingForStartResynchronize
+        && rec.initial_at_ms.is_none()
+        && let Some(w) = rec.enable.as_ref().and_then(|e| e.auto_resync)
+    {
+        health_reason.push_str(&format!("; starts by itself in the window {w}"));
+    }
+    if state == ReplicationState::InitialReplicationInProgress
+        && last.is_some()
+        && let Some(InitialMode::Export { dir }) = rec.enable.as_ref().map(|e| &e.initial)
+    {
+        health_reason.push_str(&format!(
+            "; initial copy exported to {dir}: load it on the replica with `vmreplica import {} \
+             DIR`",
+            rec.name
+        ));
+    }
     VmStatus {
         name: rec.name.clone(),
         uuid: rec.uuid,
         state,
         health: health.health,
-        health_reason: health.reason(),
+        health_reason,
         mode: ReplicationMode::Primary,
         frequency_secs: rec.enable.as_ref().map_or(0, |e| e.frequency_secs),
         primary: agent.config.name.clone(),
@@ -356,6 +380,8 @@ pub(super) fn capture_config(agent: &Agent, rec: &VmRecord) -> CaptureConfig {
         exclude_disks: vec![],
         compression: true,
         initial_at_ms: None,
+        auto_resync: None,
+        initial: Default::default(),
     });
     let mut cfg = CaptureConfig::new(
         vmr_capture::Endpoint::Unix(rec.qmp.clone().into()),
@@ -428,6 +454,20 @@ async fn drive(agent: Arc<Agent>, vm: Arc<PrimaryVm>, restarted: bool) {
                     }
                 }
                 Action::AbortCycle | Action::StopTracking => {}
+                Action::QueryReplica => match replica_latest(&agent, &vm, &mut session).await {
+                    Ok(latest) => {
+                        let mut inner = vm.lock();
+                        let acts = inner.machine.step(Event::ReplicaHas {
+                            now_ms: now_ms(),
+                            latest,
+                        });
+                        if inner.machine.state == ReplicationState::Replicating {
+                            tracing::info!(vm = %inner.rec.name, "the replica imported the initial copy");
+                        }
+                        pending.extend(acts);
+                    }
+                    Err(f) => tracing::warn!("asking the replica for its latest cycle: {f:?}"),
+                },
                 Action::StartCycle {
                     id,
                     base,
@@ -477,8 +517,14 @@ async fn drive(agent: Arc<Agent>, vm: Arc<PrimaryVm>, restarted: bool) {
                     let permit = agent.cycle_slots.clone().acquire_owned().await;
                     let outcome = tokio::select! {
                         o = async {
+                            let export = vm.lock().rec.enable.as_ref().and_then(|e| match &e.initial {
+                                InitialMode::Export { dir } if kind == CycleKind::Full => Some(dir.clone()),
+                                _ => None,
+                            });
                             if kind == CycleKind::Resync {
                                 super::resync::run(&agent, &vm, &mut session, id).await
+                            } else if let Some(dir) = export {
+                                super::export::run(&agent, &vm, &mut session, id, std::path::Path::new(&dir)).await
                             } else {
                                 run_cycle(&agent, &vm, &mut session, id, base, kind, app_consistent).await
                             }
@@ -538,10 +584,24 @@ async fn sync_with_replica(
     vm: &PrimaryVm,
     session: &mut Session,
 ) -> Result<Option<Event>, Failure> {
-    let (rec, last) = {
-        let i = vm.lock();
-        (i.rec.clone(), i.machine.last_cycle)
-    };
+    let last = vm.lock().machine.last_cycle;
+    let latest = replica_latest(agent, vm, session).await?;
+    if latest == last {
+        return Ok(None);
+    }
+    Ok(Some(Event::ReplicaHas {
+        now_ms: now_ms(),
+        latest,
+    }))
+}
+
+/// The latest cycle the replica holds of this VM (`replica-info`).
+async fn replica_latest(
+    agent: &Agent,
+    vm: &PrimaryVm,
+    session: &mut Session,
+) -> Result<Option<u64>, Failure> {
+    let rec = vm.lock().rec.clone();
     let client = client(agent, &rec, session).await?;
     let info = client
         .call(
@@ -555,13 +615,7 @@ async fn sync_with_replica(
         })?;
     let info: ReplicaVmInfo = serde_json::from_value(info)
         .map_err(|e| Failure::Retryable(format!("bad replica-info answer: {e}")))?;
-    if info.latest == last {
-        return Ok(None);
-    }
-    Ok(Some(Event::ReplicaHas {
-        now_ms: now_ms(),
-        latest: info.latest,
-    }))
+    Ok(info.latest)
 }
 
 pub(super) async fn client<'a>(
@@ -790,7 +844,7 @@ async fn cycle_with(
     }
 }
 
-async fn create_replica(
+pub(super) async fn create_replica(
     agent: &Agent,
     rec: &VmRecord,
     session: &mut Session,

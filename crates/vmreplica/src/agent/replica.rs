@@ -148,6 +148,10 @@ pub(super) fn store_err(e: StoreError) -> RemoteError {
             message: crate::util::chain(err),
         },
         StoreError::CorruptExtent { .. } => RemoteError::CorruptExtent { index: 0 },
+        // Not retryable: the primary stops in Error with this message.
+        ref err @ StoreError::DiskShrunk { .. } => RemoteError::BadRequest {
+            message: err.to_string(),
+        },
         other => RemoteError::Internal {
             message: crate::util::chain(&other),
         },
@@ -420,6 +424,91 @@ pub(super) async fn apply(agent: &Arc<Agent>, vm: uuid::Uuid, bytes: u64) {
             let _ = agent.db().put_vm(&rec);
         }
     }
+}
+
+/// `vmreplica import NAME DIR` on the replica: load an exported initial copy (its manifest
+/// names the cycle file; the VM must match and the file's BLAKE3 must verify) or disk images
+/// (`<disk>.qcow2|raw|img`) as a new recovery point. Serialised with applies of the VM.
+pub async fn import(
+    agent: &Arc<Agent>,
+    mut rec: VmRecord,
+    dir: &std::path::Path,
+) -> anyhow::Result<Value> {
+    let rv = replica_vm(agent, rec.uuid);
+    let _guard = rv.apply.lock().await;
+    let store = store_of(agent, &rec)?;
+    let manifest_path = dir.join(vmr_proto::api::EXPORT_MANIFEST);
+    let (point, what) = if manifest_path.exists() {
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?;
+        let m: vmr_proto::api::ExportManifest = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", manifest_path.display()))?;
+        if m.format != 1 {
+            anyhow::bail!(
+                "{}: unsupported format {}",
+                manifest_path.display(),
+                m.format
+            );
+        }
+        if m.vm != rec.uuid {
+            return Err(crate::util::coded(
+                crate::exit::INVALID_STATE,
+                format!(
+                    "the copy in {} is of VM {} ({:?}), not of {:?} ({})",
+                    dir.display(),
+                    m.vm,
+                    m.name,
+                    rec.name,
+                    rec.uuid
+                ),
+            ));
+        }
+        if !vmr_proto::api::valid_file_name(&m.file) {
+            anyhow::bail!("{}: bad file name {:?}", manifest_path.display(), m.file);
+        }
+        let file = dir.join(&m.file);
+        let sum = blake3_file(&file)?;
+        if sum != m.file_blake3 {
+            anyhow::bail!(
+                "{} is damaged: its BLAKE3 is {sum}, the manifest says {}",
+                file.display(),
+                m.file_blake3
+            );
+        }
+        let p = store
+            .import_cycle_file(&file)
+            .await
+            .with_context(|| format!("importing {}", file.display()))?;
+        (p, format!("the initial copy exported by {:?}", m.name))
+    } else {
+        let images = vmr_store::find_images(dir, &rec.disks)?;
+        let p = store
+            .import_images(rec.uuid, &images)
+            .await
+            .with_context(|| format!("importing disk images from {}", dir.display()))?;
+        (p, format!("{} disk image(s)", images.len()))
+    };
+    rec.last_cycle = Some(point.id);
+    if rec.state == ReplicationState::WaitingForInitialReplication {
+        rec.state = ReplicationState::Replicating;
+    }
+    rec.stats.last_replication_ms = Some(now_ms());
+    agent.db().put_vm(&rec)?;
+    tracing::info!(vm = %rec.name, point = point.id, dir = %dir.display(), "imported {what}");
+    Ok(json!(format!(
+        "imported {what} from {} as recovery point {} of {}",
+        dir.display(),
+        point.id,
+        rec.name
+    )))
+}
+
+/// Hex BLAKE3 of a file, streamed.
+pub fn blake3_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    Ok(h.finalize().to_hex().to_string())
 }
 
 /// Set a replica VM's state (pause/resume/disable on the replica).

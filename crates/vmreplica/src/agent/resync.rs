@@ -99,6 +99,16 @@ pub async fn hashes_call(
     let latest = store
         .latest_point(req.uuid)
         .map_err(super::replica::store_err)?;
+    if latest.is_none() {
+        return Err(RemoteError::BadRequest {
+            message: format!(
+                "the replica holds no copy of VM {} to compare with: load one with `vmreplica \
+                 import {} DIR` on the replica (disk images or an exported initial copy), or \
+                 enable replication with --initial network",
+                rec.uuid, rec.name
+            ),
+        });
+    }
     if req.point.is_some() && req.point != latest {
         return Err(RemoteError::WrongBase {
             expected: latest,
@@ -169,6 +179,10 @@ pub(super) async fn receive(
     if let Ok(Some(mut rec)) = agent.vm_by_uuid(vm) {
         let now = now_ms();
         rec.last_cycle = Some(point.id);
+        if rec.state == vmr_proto::api::ReplicationState::WaitingForInitialReplication {
+            // Initial replication from an existing copy is done.
+            rec.state = vmr_proto::api::ReplicationState::Replicating;
+        }
         rec.stats.successful_cycles += 1;
         rec.stats.total_bytes += bytes;
         rec.stats.max_bytes = rec.stats.max_bytes.max(bytes);
@@ -309,6 +323,12 @@ pub(super) async fn run(agent: &Agent, vm: &PrimaryVm, session: &mut Session, id
     let Some(args) = rec.enable.clone() else {
         return Outcome::Failed(Failure::Fatal("not enabled".into()));
     };
+    if vm.lock().machine.last_cycle.is_none() {
+        // Initial replication from an existing copy: make sure the replica VM exists.
+        if let Err(f) = super::primary::create_replica(agent, &rec, session).await {
+            return Outcome::Failed(f);
+        }
+    }
     if session.capture.is_none() {
         // Tracking is being restarted: do not insist on the old sizes.
         let mut cfg = super::primary::capture_config(agent, &rec);

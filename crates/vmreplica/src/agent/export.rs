@@ -1,0 +1,203 @@
+//! Initial replication by external media, primary side: the initial (full) cycle is written to
+//! a directory instead of the network: `c<id>.stage` in the staging format the replica store
+//! uses (every extent with its BLAKE3, a whole-file chain in the trailer) and a manifest
+//! `vmreplica-export.json` naming the VM, the cycle and the file's BLAKE3. The frozen bitmap
+//! is dropped only once both are fsynced; changes made meanwhile are in the next bitmap and
+//! travel as the first incremental cycle after `vmreplica import` on the replica.
+
+use std::path::Path;
+
+use vmr_capture::{CycleMode, VmCapture};
+use vmr_proto::api::{EXPORT_MANIFEST, ExportManifest, VmRecord};
+use vmr_proto::{CycleConsistency, CycleHeader, CycleKind};
+use vmr_store::staging::StageFileWriter;
+
+use super::Agent;
+use super::primary::{Outcome, PrimaryVm, Session, classify_capture};
+use crate::util::now_ms;
+use vmr_core::Failure;
+
+/// Write the initial cycle `id` of `vm` to `dir`.
+pub(super) async fn run(
+    agent: &Agent,
+    vm: &PrimaryVm,
+    session: &mut Session,
+    id: u64,
+    dir: &Path,
+) -> Outcome {
+    let rec = vm.lock().rec.clone();
+    // The replica VM exists before its copy arrives (the import needs it).
+    if let Err(f) = super::primary::create_replica(agent, &rec, session).await {
+        return Outcome::Failed(f);
+    }
+    if let Err(f) = check_dir(dir, &rec) {
+        return Outcome::Failed(f);
+    }
+    if session.capture.is_none() {
+        match VmCapture::open(super::primary::capture_config(agent, &rec)).await {
+            Ok(c) => session.capture = Some(c),
+            Err(e) => return Outcome::Failed(classify_capture(&e)),
+        }
+    }
+    let Some(capture) = session.capture.as_mut() else {
+        return Outcome::Failed(Failure::Retryable("no capture".into()));
+    };
+    let (outcome, reset) = export_with(vm, capture, &rec, id, dir).await;
+    if reset {
+        session.capture = None;
+    }
+    outcome
+}
+
+/// The directory must exist (or be creatable) and hold no export of another VM.
+fn check_dir(dir: &Path, rec: &VmRecord) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::Fatal(format!("cannot create {}: {e}", dir.display())))?;
+    let m = dir.join(EXPORT_MANIFEST);
+    if let Ok(text) = std::fs::read_to_string(&m) {
+        match serde_json::from_str::<ExportManifest>(&text) {
+            Ok(old) if old.vm != rec.uuid => {
+                return Err(Failure::Fatal(format!(
+                    "{} already holds the initial copy of another VM ({:?}); choose another \
+                     directory",
+                    dir.display(),
+                    old.name
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn export_with(
+    vm: &PrimaryVm,
+    capture: &mut VmCapture,
+    rec: &VmRecord,
+    id: u64,
+    dir: &Path,
+) -> (Outcome, bool) {
+    let taken_at_ms = now_ms();
+    let mut cycle = match capture.begin_cycle(CycleMode::Full).await {
+        Ok(c) => c,
+        Err(e) => return (Outcome::Failed(classify_capture(&e)), true),
+    };
+    let disks = cycle.disks().to_vec();
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    let header = CycleHeader {
+        vm: rec.uuid,
+        id,
+        base: None,
+        kind: CycleKind::Full,
+        consistency: CycleConsistency::CrashConsistent,
+        taken_at_ms,
+        disks,
+    };
+    let file = format!("c{id:06}.stage");
+    let tmp = dir.join(format!("{file}.tmp"));
+    let written = async {
+        let mut w = StageFileWriter::create(&tmp, &header).map_err(|e| io_failure(&tmp, e))?;
+        let mut bytes = 0u64;
+        loop {
+            match cycle.next_extent().await {
+                Ok(Some(e)) => {
+                    if let vmr_proto::ExtentData::Data(b) = &e.data {
+                        bytes += b.len() as u64;
+                    }
+                    let sum = e.checksum();
+                    tokio::task::block_in_place(|| w.put(&e, &sum))
+                        .map_err(|e| io_failure(&tmp, e))?;
+                    if let Ok(mut i) = vm.inner.lock() {
+                        i.progress = Some((bytes, 0));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(classify_capture(&e)),
+            }
+        }
+        tokio::task::block_in_place(|| w.finish()).map_err(|e| io_failure(&tmp, e))?;
+        Ok(bytes)
+    }
+    .await;
+    let bytes = match written {
+        Ok(b) => b,
+        Err(f) => {
+            let _ = std::fs::remove_file(&tmp);
+            let reset = cycle.abort().await.is_err();
+            return (Outcome::Failed(f), reset);
+        }
+    };
+    let published = tokio::task::block_in_place(|| publish(dir, &tmp, &file, rec, id, bytes));
+    if let Err(f) = published {
+        let _ = std::fs::remove_file(&tmp);
+        let reset = cycle.abort().await.is_err();
+        return (Outcome::Failed(f), reset);
+    }
+    match cycle.commit().await {
+        Ok(()) => {
+            tracing::info!(vm = %rec.name, cycle = id, bytes, dir = %dir.display(), "initial copy exported; load it on the replica with `vmreplica import`");
+            (
+                Outcome::Done {
+                    bytes,
+                    sizes,
+                    app: false,
+                    pending: capture.pending_bytes().await.ok(),
+                },
+                false,
+            )
+        }
+        Err(e) => (
+            Outcome::Failed(Failure::Retryable(format!(
+                "commit after the export failed: {e}"
+            ))),
+            true,
+        ),
+    }
+}
+
+/// Rename the fsynced cycle file into place and write the manifest (temp, fsync, rename,
+/// directory fsync).
+fn publish(
+    dir: &Path,
+    tmp: &Path,
+    file: &str,
+    rec: &VmRecord,
+    id: u64,
+    bytes: u64,
+) -> Result<(), Failure> {
+    let io = |what: &str, e: std::io::Error| Failure::Retryable(format!("{what}: {e}"));
+    let dest = dir.join(file);
+    std::fs::rename(tmp, &dest).map_err(|e| io("renaming the export", e))?;
+    let sum =
+        super::replica::blake3_file(&dest).map_err(|e| Failure::Retryable(format!("{e:#}")))?;
+    let m = ExportManifest {
+        format: 1,
+        vm: rec.uuid,
+        name: rec.name.clone(),
+        cycle: id,
+        file: file.to_owned(),
+        file_blake3: sum,
+        bytes,
+    };
+    let text = serde_json::to_string_pretty(&m).map_err(|e| Failure::Fatal(e.to_string()))?;
+    let mtmp = dir.join(format!("{EXPORT_MANIFEST}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&mtmp).map_err(|e| io("writing the manifest", e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io("writing the manifest", e))?;
+    }
+    std::fs::rename(&mtmp, dir.join(EXPORT_MANIFEST))
+        .map_err(|e| io("renaming the manifest", e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing the export directory", e))?;
+    Ok(())
+}
+
+/// A write failure (a full disk included) is retried: the export resumes once the admin made
+/// room.
+fn io_failure(path: &Path, e: vmr_store::StoreError) -> Failure {
+    Failure::Retryable(format!("writing {}: {e}", path.display()))
+}
