@@ -761,6 +761,10 @@ impl Store {
         dest: &Path,
     ) -> Result<View, StoreError> {
         let v = self.vm(vm)?;
+        // Not while a prune step runs: a prune that merges a layer down into the base deletes
+        // the upper layer's file, which the overlays would back onto. Waits for at most one
+        // merge step (the prune releases the lock between dropped points).
+        let _chain = v.chain.lock().await;
         std::fs::create_dir_all(dest).map_err(|e| StoreError::io("create", dest, e))?;
         let dest = dest
             .canonicalize()

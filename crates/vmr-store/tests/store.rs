@@ -278,3 +278,36 @@ async fn full_resync_starts_a_new_chain() -> anyhow::Result<()> {
     assert_eq!(point_content(&store, vm, None)?, model(vm, 1));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_view_made_while_pruning_keeps_its_content() -> anyhow::Result<()> {
+    // A prune that merges the layer above the base down into it deletes that layer's file; a
+    // view created meanwhile of the latest point must not back onto it.
+    for round in 0..6u64 {
+        let dir = tempfile::tempdir()?;
+        let vm = vm_uuid();
+        let store = new_store(dir.path(), 0);
+        for id in 1..=2 {
+            send(&store, vm, id).await?;
+            store.apply_pending(vm).await?;
+        }
+        let vdir = tempfile::tempdir()?;
+        // Let the prune start first in some rounds, the view in others.
+        let delay = std::time::Duration::from_millis(round * 4);
+        let view_later = async {
+            tokio::time::sleep(delay).await;
+            store.create_view(vm, None, vdir.path()).await
+        };
+        let (pruned, view) = tokio::join!(store.prune(vm), view_later);
+        pruned?;
+        let view = view?;
+        let got: Vec<Vec<u8>> = view
+            .disks
+            .iter()
+            .map(|(_, p)| vmr_testkit::img::raw_content(p))
+            .collect::<anyhow::Result<_>>()?;
+        assert_eq!(got, model(vm, 2), "round {round}");
+        store.remove_view(vm, view.id)?;
+    }
+    Ok(())
+}
