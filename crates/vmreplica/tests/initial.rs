@@ -9,32 +9,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Pair, StandIn, replica_hashes, wait_until};
+use common::{Pair, StandIn, assert_equal_at_cut, state, wait_until};
 use vmr_proto::api::ReplicationState;
 
 const LONG: Duration = Duration::from_secs(90);
 const BLOCK: u64 = 64 * 1024;
-
-fn state(p: &Pair, vm: &str) -> ReplicationState {
-    p.a.status(vm).state
-}
-
-/// Wait for a cycle cut after the last write, pause, and compare the replica's latest point
-/// with the primary's disks; then resume.
-fn assert_equal_at_cut(p: &Pair, vm: &StandIn) {
-    let name = &vm.def.name;
-    let cut = p.a.status(name).last_cycle.unwrap_or(0) + 1;
-    p.wait_cycle(name, cut, LONG);
-    p.a.ok(&["pause", name]);
-    let last = p.a.status(name).last_cycle.unwrap_or(0);
-    wait_until(LONG, "the replica to apply the last cycle", || {
-        p.b.status(name).last_cycle.unwrap_or(0) >= last
-    });
-    for (disk, h) in replica_hashes(&p.b, vm.def.uuid, None) {
-        assert_eq!(h, vm.hash(&disk), "disk {disk} differs");
-    }
-    p.a.ok(&["resume", name]);
-}
 
 fn copy_images(vm: &StandIn, to: &Path) {
     std::fs::create_dir_all(to).expect("backup dir");

@@ -9,30 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pair, StandIn, replica_hashes, wait_until};
+use common::{Pair, StandIn, assert_equal_at_cut, replica_hashes, state, wait_until};
 use vmr_proto::api::{Health, ReplicationState};
 
 const LONG: Duration = Duration::from_secs(90);
-
-fn state(p: &Pair, vm: &str) -> ReplicationState {
-    p.a.status(vm).state
-}
-
-/// Wait for a cycle cut after the last write, pause, and compare the replica's latest point
-/// with the primary's disks.
-fn assert_equal_at_cut(p: &Pair, vm: &StandIn) {
-    let name = &vm.def.name;
-    let cut = p.a.status(name).last_cycle.unwrap_or(0) + 1;
-    p.wait_cycle(name, cut, LONG);
-    p.a.ok(&["pause", name]);
-    let last = p.a.status(name).last_cycle.unwrap_or(0);
-    wait_until(LONG, "the replica to apply the last cycle", || {
-        p.b.status(name).last_cycle.unwrap_or(0) >= last
-    });
-    for (disk, h) in replica_hashes(&p.b, vm.def.uuid, None) {
-        assert_eq!(h, vm.hash(&disk), "disk {disk} differs after the resync");
-    }
-}
 
 /// Kills the test-failover copy (a process of the replica agent) when dropped.
 struct Pid(Option<u32>);

@@ -19,10 +19,25 @@ pub fn resync_vs_rsync(ctx: &Ctx, rsync_missing: Option<&str>) -> Outcome {
 }
 
 /// rsync --stats figures of one run.
-struct RsyncRun {
-    secs: f64,
+pub(super) struct RsyncRun {
+    pub(super) secs: f64,
     /// "Total bytes sent" (sender to receiver, including its checksums and literal data).
-    sent: u64,
+    pub(super) sent: u64,
+    /// "Literal data": bytes of the file sent as such.
+    pub(super) literal: u64,
+}
+
+/// The rsync baseline's starting point: a sparse copy of `img` in `dst`.
+pub(super) fn copy_for_rsync(img: &Path, dst: &Path) -> anyhow::Result<()> {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(img)
+        .arg(dst)
+        .status()?;
+    if !st.success() {
+        bail!("copying the image for rsync failed");
+    }
+    Ok(())
 }
 
 fn stat_number(stats: &str, label: &str) -> Option<u64> {
@@ -35,7 +50,11 @@ fn stat_number(stats: &str, label: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn rsync_once(img: &Path, dst: &Path) -> anyhow::Result<RsyncRun> {
+/// One `rsync --inplace --no-whole-file --ignore-times` of `img` into `dst` (which holds its
+/// previous version), fsynced. `--ignore-times` makes rsync always run its delta algorithm:
+/// its quick check (same size, same modification second) would skip an image the guest wrote
+/// within the second of the previous run.
+pub(super) fn rsync_once(img: &Path, dst: &Path) -> anyhow::Result<RsyncRun> {
     let t = Instant::now();
     let out = Command::new("rsync")
         .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
@@ -53,10 +72,15 @@ fn rsync_once(img: &Path, dst: &Path) -> anyhow::Result<RsyncRun> {
     let secs = t.elapsed().as_secs_f64();
     let stats = String::from_utf8_lossy(&out.stdout);
     let sent = stat_number(&stats, "Total bytes sent:").context("rsync --stats: bytes sent")?;
-    if stat_number(&stats, "Literal data:") == Some(0) {
+    let literal = stat_number(&stats, "Literal data:").context("rsync --stats: literal data")?;
+    if literal == 0 {
         bail!("rsync sent no literal data although 1 % of the disk changed");
     }
-    Ok(RsyncRun { secs, sent })
+    Ok(RsyncRun {
+        secs,
+        sent,
+        literal,
+    })
 }
 
 fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
@@ -98,14 +122,7 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let img = vm.disks[0].1.clone();
     let dst = pair.root.join("rsync-dst");
     std::fs::create_dir_all(&dst)?;
-    let st = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&img)
-        .arg(&dst)
-        .status()?;
-    if !st.success() {
-        bail!("copying the image for rsync failed");
-    }
+    copy_for_rsync(&img, &dst)?;
     pair.add(&vm)?;
     enable_and_wait(&pair, &vm.name, "60m", 0, Duration::from_secs(1800))?;
     let (mut ours, mut ours_bytes, mut theirs, mut theirs_bytes) =

@@ -519,3 +519,25 @@ pub fn write_seq(vm: &StandIn, disk: &str, first: u64, count: u64, seed: u64) {
         c.disconnect().await.expect("disconnect");
     });
 }
+
+/// The primary's replication state of `vm`.
+pub fn state(p: &Pair, vm: &str) -> vmr_proto::api::ReplicationState {
+    p.a.status(vm).state
+}
+
+/// Wait for a cycle cut after the last write, pause replication (it stays paused), and compare
+/// the replica's latest point with the primary's disks.
+pub fn assert_equal_at_cut(p: &Pair, vm: &StandIn) {
+    const LONG: Duration = Duration::from_secs(90);
+    let name = &vm.def.name;
+    let cut = p.a.status(name).last_cycle.unwrap_or(0) + 1;
+    p.wait_cycle(name, cut, LONG);
+    p.a.ok(&["pause", name]);
+    let last = p.a.status(name).last_cycle.unwrap_or(0);
+    wait_until(LONG, "the replica to apply the last cycle", || {
+        p.b.status(name).last_cycle.unwrap_or(0) >= last
+    });
+    for (disk, h) in replica_hashes(&p.b, vm.def.uuid, None) {
+        assert_eq!(h, vm.hash(&disk), "disk {disk} differs at the cut");
+    }
+}
