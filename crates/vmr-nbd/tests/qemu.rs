@@ -13,7 +13,7 @@ use futures::future::join_all;
 use vmr_nbd::{
     BASE_ALLOCATION, ConnectOptions, DIRTY, Endpoint, NbdClient, NbdError, STATE_ZERO, StatusExtent,
 };
-use vmr_testkit::{ChildGuard, wait_for_path};
+use vmr_testkit::ChildGuard;
 
 const MIB: u64 = 1 << 20;
 
@@ -68,14 +68,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_for_tcp(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 enum Net {
@@ -151,10 +143,32 @@ fn qsd(dir: &Path, img: &Path, net: Net, bitmap: Option<&str>) -> (ChildGuard, E
     (guard, ep)
 }
 
+/// Wait until the NBD server at `ep` greets, not only until its socket exists or accepts: a
+/// Unix socket file appears at bind(), before listen(), and clients connecting that early were
+/// refused (or reset) when the tests ran in parallel.
 fn wait_ready(ep: &Endpoint) {
-    match ep {
-        Endpoint::Unix(p) => wait_for_path(p, Duration::from_secs(10)).unwrap(),
-        Endpoint::Tcp(a) => wait_for_tcp(a.rsplit(':').next().unwrap().parse().unwrap()),
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stream: Option<Box<dyn Read>> = match ep {
+            Endpoint::Unix(p) => std::os::unix::net::UnixStream::connect(p).ok().map(|s| {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                Box::new(s) as Box<dyn Read>
+            }),
+            Endpoint::Tcp(a) => std::net::TcpStream::connect(a.as_str()).ok().map(|s| {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                Box::new(s) as Box<dyn Read>
+            }),
+        };
+        let mut greeting = [0u8; 8];
+        if let Some(mut s) = stream
+            && s.read_exact(&mut greeting).is_ok()
+            && &greeting == b"NBDMAGIC"
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no NBD server greets at {ep:?}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
