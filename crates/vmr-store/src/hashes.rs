@@ -22,7 +22,7 @@ use crate::store::Store;
 pub const MIN_BLOCK: u64 = 4 << 10;
 /// Largest block size accepted.
 pub const MAX_BLOCK: u64 = 4 << 20;
-/// Most hashes returned by one [`Store::block_hashes`] call.
+/// Most hashes returned by one [`Store::resync_hashes`] call.
 pub const MAX_BLOCKS_PER_CALL: u64 = 16384;
 /// Bytes read per NBD request.
 pub const PIECE: u64 = 4 << 20;
@@ -88,55 +88,9 @@ pub fn check_request(
 }
 
 impl Store {
-    /// Hashes of `count` blocks of `block_size` bytes of disk `disk` at `point` (`None` =
-    /// the latest point), starting at block `first_block`, for a disk of `disk_size` bytes.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn block_hashes(
-        &self,
-        vm: Uuid,
-        point: Option<CycleId>,
-        disk: &str,
-        disk_size: u64,
-        block_size: u64,
-        first_block: u64,
-        count: u64,
-    ) -> Result<BlockHashes, StoreError> {
-        check_request(disk_size, block_size, first_block, count)?;
-        let points = self.points(vm)?;
-        let p = match point {
-            Some(id) => points.iter().find(|p| p.id == id),
-            None => points.last(),
-        }
-        .ok_or(StoreError::NoSuchPoint(point))?;
-        let point_disk_size = p
-            .disks
-            .iter()
-            .find(|(d, _)| d == disk)
-            .map_or(0, |(_, s)| *s);
-        let layer = if point_disk_size > 0 {
-            let layers = self.point_layers(vm, Some(p.id))?;
-            layers.into_iter().find(|(d, _)| d == disk).map(|(_, l)| l)
-        } else {
-            None
-        };
-        let hashes = hash_layer(
-            layer.as_deref(),
-            point_disk_size,
-            disk_size,
-            block_size,
-            first_block,
-            count,
-        )
-        .await?;
-        Ok(BlockHashes {
-            point: p.id,
-            point_disk_size,
-            hashes,
-        })
-    }
-
-    /// Like [`Store::block_hashes`] of the latest point, for a resync: when a pending resync
-    /// on top of the latest point holds the disk, its layer is hashed instead, so blocks an
+    /// Hashes of `count` blocks of `block_size` bytes of disk `disk` (of `disk_size` bytes)
+    /// of the latest point, from block `first_block`, for a resync. When a pending resync on
+    /// top of the latest point holds the disk, its layer is hashed instead, so blocks an
     /// interrupted attempt already delivered compare equal.
     pub async fn resync_hashes(
         &self,

@@ -370,24 +370,15 @@ async fn connect(agent: &Agent, args: &EnableArgs) -> anyhow::Result<Client> {
 }
 
 pub(super) fn capture_config(agent: &Agent, rec: &VmRecord) -> CaptureConfig {
-    let args = rec.enable.clone().unwrap_or_else(|| EnableArgs {
-        name: rec.name.clone(),
-        replica: String::new(),
-        replica_fingerprint: String::new(),
-        frequency_secs: 300,
-        recovery_points: 0,
-        app_consistent_every_hours: 0,
-        exclude_disks: vec![],
-        compression: true,
-        initial_at_ms: None,
-        auto_resync: None,
-        initial: Default::default(),
-    });
+    let excluded: &[String] = rec
+        .enable
+        .as_ref()
+        .map_or(&[], |e| e.exclude_disks.as_slice());
     let mut cfg = CaptureConfig::new(
         vmr_capture::Endpoint::Unix(rec.qmp.clone().into()),
         rec.disks
             .iter()
-            .filter(|d| !args.exclude_disks.contains(d))
+            .filter(|d| !excluded.contains(d))
             .cloned()
             .collect(),
         crate::launch::work_dir(&agent.dir, rec.uuid),
