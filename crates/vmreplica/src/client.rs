@@ -10,16 +10,12 @@ use vmr_proto::api::{EnableArgs, InitialMode, Request, Response, ResyncWindow};
 
 use crate::cli::{Command, ServerCmd, VmCmd, parse_frequency, parse_hours};
 use crate::exit;
-use crate::util::{coded, parse_time};
-
-/// The control socket of the agent owning `dir`.
-pub fn socket_path(dir: &Path) -> std::path::PathBuf {
-    dir.join("agent.sock")
-}
+use crate::util::parse_time;
+use vmr_agent::util::coded;
 
 /// Send one request and return the agent's value, or its error as an anyhow chain.
 pub fn call(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
-    let path = socket_path(dir);
+    let path = vmr_agent::config::socket_path(dir);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
         coded(
             exit::NO_AGENT,

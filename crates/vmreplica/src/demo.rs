@@ -67,7 +67,7 @@ fn spawn_agent(exe: &Path, dir: &Path) -> anyhow::Result<ChildGuard> {
         .stdout(log.try_clone()?)
         .stderr(log);
     let mut g = ChildGuard::spawn(cmd, "vmreplica agent")?;
-    let sock = crate::client::socket_path(dir);
+    let sock = vmr_agent::config::socket_path(dir);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         if !g.is_running() || Instant::now() > deadline {
@@ -223,8 +223,8 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
 
     // Two agents on 127.0.0.1.
     let (pa, pb) = (free_port()?, free_port()?);
-    let fa = crate::init::create(&a, "host-a", &format!("127.0.0.1:{pa}"), None)?;
-    let fb = crate::init::create(&b, "host-b", &format!("127.0.0.1:{pb}"), None)?;
+    let fa = vmr_agent::config::create(&a, "host-a", &format!("127.0.0.1:{pa}"), None)?;
+    let fb = vmr_agent::config::create(&b, "host-b", &format!("127.0.0.1:{pb}"), None)?;
     let _agent_a = spawn_agent(exe, &a)?;
     let _agent_b = spawn_agent(exe, &b)?;
     println!("agents: host-a 127.0.0.1:{pa} ({fa})\n        host-b 127.0.0.1:{pb} ({fb})");
@@ -257,9 +257,9 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let launch = vmdir.join("demo-vm.toml");
     std::fs::write(&launch, def.to_toml())?;
     let qmp = vmdir.join("qmp.sock");
-    let nbd = crate::launch::nbd_socket(&a, def.uuid);
+    let nbd = vmr_agent::launch::nbd_socket(&a, def.uuid);
     let paths = def.disks.clone();
-    let cmd = crate::launch::command(
+    let cmd = vmr_agent::launch::command(
         &def,
         &|n| paths.iter().find(|d| d.node == n).map(|d| d.path.clone()),
         &qmp,
@@ -586,7 +586,7 @@ async fn failover_demo(
         live.state,
         live.elapsed_ms
     );
-    let bnbd = crate::launch::nbd_socket(b, def.uuid);
+    let bnbd = vmr_agent::launch::nbd_socket(b, def.uuid);
     let mut got = Vec::new();
     for d in DISKS {
         got.push(hash_export(&Endpoint::Unix(bnbd.clone()), d).await?);

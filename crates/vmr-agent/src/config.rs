@@ -1,4 +1,5 @@
-//! `vmreplica init`: create an agent directory with its config and TLS identity.
+//! An agent directory: its config file, creating it with a TLS identity (`vmreplica init`),
+//! and the control socket's path.
 
 use std::path::{Path, PathBuf};
 
@@ -25,12 +26,6 @@ pub fn load_config(dir: &Path) -> anyhow::Result<AgentConfig> {
         )
     })?;
     toml::from_str(&text).with_context(|| format!("{} is not a valid agent config", path.display()))
-}
-
-/// Create the directory, config and identity; print the fingerprint.
-pub fn run(dir: &Path, name: &str, listen: &str, storage: Option<PathBuf>) -> anyhow::Result<()> {
-    println!("{}", create(dir, name, listen, storage)?);
-    Ok(())
 }
 
 /// Create the directory, config and identity; return the certificate fingerprint.
@@ -75,4 +70,9 @@ pub fn create(
     let text = toml::to_string_pretty(&cfg)?;
     std::fs::write(dir.join(CONFIG_FILE), text).context("writing config.toml")?;
     Ok(identity.fingerprint().to_owned())
+}
+
+/// The control socket of the agent owning `dir`.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
 }

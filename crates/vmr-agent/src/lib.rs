@@ -1,4 +1,4 @@
-//! The agent daemon: one per host, primary for some VMs and replica for others.
+//! The agent (a library under the `vmreplica` binary): one per host, primary for some VMs and replica for others.
 //!
 //! It owns the state database, the control socket the CLI talks to, the mutual-TLS listener
 //! other agents send cycles to, one driver task per replicating primary VM, and the replica
@@ -7,13 +7,33 @@
 //! Architecture Invariant: a primary VM's machine is only stepped while holding its lock, and
 //! every `Persist` action is written to SQLite before the next cycle starts.
 
+pub mod config;
 mod control;
 pub mod db;
 mod export;
 mod failover;
+pub mod launch;
 mod primary;
 mod replica;
 mod resync;
+pub mod util;
+
+/// Exit codes of the `vmreplica` command (see README.md, "Exit codes"). The agent attaches
+/// them to its errors so that the CLI exits with the code the control API answered.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// The operation failed.
+    pub const FAILURE: i32 = 1;
+    /// Bad command line (clap uses 2 as well).
+    pub const USAGE: i32 = 2;
+    /// The local agent is not running or not reachable.
+    pub const NO_AGENT: i32 = 3;
+    /// The named VM (or entry) does not exist.
+    pub const NOT_FOUND: i32 = 4;
+    /// The operation is not allowed in the current state.
+    pub const INVALID_STATE: i32 = 5;
+}
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +43,7 @@ use anyhow::Context;
 use tokio::sync::Notify;
 use vmr_proto::api::{AgentConfig, AllowEntry, ReplicationMode, VmRecord};
 
-use crate::init::load_config;
+use crate::config::load_config;
 
 /// Shared agent state.
 pub struct Agent {

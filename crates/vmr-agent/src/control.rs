@@ -21,7 +21,7 @@ use crate::util::{Coded, coded, now_ms};
 
 /// Bind the control socket and serve it in the background; returns its path.
 pub async fn start(agent: &Arc<Agent>) -> anyhow::Result<PathBuf> {
-    let path = crate::client::socket_path(&agent.dir);
+    let path = crate::config::socket_path(&agent.dir);
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
             anyhow::bail!("another agent is already serving {}", path.display());
