@@ -15,13 +15,22 @@ use vmr_proto::api::{
     VmStatus,
 };
 
-use super::Agent;
 use crate::exit;
-use crate::util::{Coded, coded, now_ms};
+use crate::host::Host;
+use crate::util::{Coded, coded};
+use crate::vm::{Command, FailoverCmd, Registry, VmHandle};
+
+/// What the control API serves from.
+pub struct Control {
+    /// Host resources.
+    pub host: Arc<Host>,
+    /// Every VM's owner.
+    pub vms: Arc<Registry>,
+}
 
 /// Bind the control socket and serve it in the background; returns its path.
-pub async fn start(agent: &Arc<Agent>) -> anyhow::Result<PathBuf> {
-    let path = crate::config::socket_path(&agent.dir);
+pub async fn start(agent: Arc<Control>) -> anyhow::Result<PathBuf> {
+    let path = crate::config::socket_path(&agent.host.dir);
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
             anyhow::bail!("another agent is already serving {}", path.display());
@@ -31,7 +40,6 @@ pub async fn start(agent: &Arc<Agent>) -> anyhow::Result<PathBuf> {
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    let agent = agent.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -52,7 +60,12 @@ pub async fn start(agent: &Arc<Agent>) -> anyhow::Result<PathBuf> {
                             code: exit::USAGE,
                         },
                     };
-                    let mut out = serde_json::to_string(&resp).unwrap_or_default();
+                    let mut out = match serde_json::to_string(&resp) {
+                        Ok(s) => s,
+                        Err(e) => format!(
+                            "{{\"Err\":{{\"chain\":[\"encoding the answer: {e}\"],\"code\":1}}}}"
+                        ),
+                    };
                     out.push('\n');
                     if w.write_all(out.as_bytes()).await.is_err() {
                         break;
@@ -82,7 +95,12 @@ fn unknown_vm(name: &str) -> anyhow::Error {
     )
 }
 
-async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
+fn vm(agent: &Control, name: &str) -> anyhow::Result<VmHandle> {
+    agent.vms.get(name).ok_or_else(|| unknown_vm(name))
+}
+
+async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
+    let host = &agent.host;
     match req {
         Request::ServerAllow {
             primary,
@@ -96,7 +114,7 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
                     format!("{fingerprint:?} is not a certificate fingerprint (SHA256:<64 hex>)"),
                 ));
             }
-            let storage = storage.unwrap_or_else(|| agent.config.storage.clone());
+            let storage = storage.unwrap_or_else(|| host.config.storage.clone());
             std::fs::create_dir_all(&storage)
                 .with_context(|| format!("creating storage {storage}"))?;
             let entry = AllowEntry {
@@ -105,17 +123,18 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
                 fingerprint,
                 storage,
             };
-            agent.db().put_allow(&entry)?;
-            Ok(json!(format!(
+            let msg = format!(
                 "primary {:?} authorized (trust group {:?})",
                 entry.primary, entry.trust_group
-            )))
+            );
+            host.put_allow(entry)?;
+            Ok(json!(msg))
         }
         Request::ServerShow => Ok(json!({
-            "name": agent.config.name,
-            "listen": agent.config.listen,
-            "fingerprint": agent.identity.fingerprint(),
-            "allowed": agent.db().allowed()?,
+            "name": host.config.name,
+            "listen": host.config.listen,
+            "fingerprint": host.identity.fingerprint(),
+            "allowed": host.allowed(),
         })),
         Request::VmAdd {
             name,
@@ -139,10 +158,9 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
                 }
             }
             if let Some(existing) = agent
-                .db()
-                .vms()?
-                .into_iter()
-                .find(|r| r.name == name || r.uuid == def.uuid)
+                .vms
+                .get(&name)
+                .or_else(|| agent.vms.by_uuid(def.uuid))
             {
                 return Err(coded(
                     exit::INVALID_STATE,
@@ -171,179 +189,119 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
                 disk_sizes: None,
                 stats: ReplicationStats::default(),
                 initial_at_ms: None,
-                primary: agent.config.name.clone(),
+                primary: host.config.name.clone(),
                 trust_group: None,
                 last_error: None,
             };
-            agent.db().put_vm(&rec)?;
+            host.save_vm(&rec)?;
+            agent.vms.spawn(host, rec, false)?;
             Ok(json!(format!("VM {name:?} ({}) registered", def.uuid)))
         }
         Request::VmList | Request::Status { name: None } => {
-            Ok(serde_json::to_value(all_status(agent)?)?)
+            Ok(serde_json::to_value(all_status(agent).await?)?)
         }
         Request::Status { name: Some(name) } => {
-            let rows: Vec<_> = all_status(agent)?
-                .into_iter()
-                .filter(|s| s.name == name)
-                .collect();
-            if rows.is_empty() {
-                return Err(unknown_vm(&name));
-            }
-            Ok(serde_json::to_value(rows)?)
+            let st = vm(agent, &name)?.ask(Command::Status).await?;
+            Ok(serde_json::to_value(vec![st])?)
         }
         Request::Measure { name, reset } => {
-            let rows: Vec<_> = all_status(agent)?
-                .into_iter()
-                .filter(|s| name.as_ref().is_none_or(|n| &s.name == n))
-                .collect();
-            if let Some(n) = &name
-                && rows.is_empty()
-            {
-                return Err(unknown_vm(n));
-            }
-            if reset {
-                for r in &rows {
-                    super::primary::reset_stats(agent, &r.name)?;
-                    super::replica::reset_stats(agent, r.uuid)?;
+            let handles = match &name {
+                Some(n) => vec![vm(agent, n)?],
+                None => agent.vms.all(),
+            };
+            let mut rows: Vec<VmStatus> = Vec::new();
+            for h in &handles {
+                rows.push(h.ask(Command::Status).await?);
+                if reset {
+                    h.ask(Command::ResetStats).await?;
                 }
             }
             Ok(serde_json::to_value(rows)?)
         }
         Request::Enable(args) => {
-            let rec = agent
-                .vm_record(&args.name)?
-                .ok_or_else(|| unknown_vm(&args.name))?;
-            if rec.mode != ReplicationMode::Primary {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!("{:?} is a replica VM on this host", args.name),
-                ));
-            }
-            if rec.enable.is_some() && rec.state != ReplicationState::Disabled {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "replication of {:?} is already enabled ({})",
-                        args.name, rec.state
-                    ),
-                ));
-            }
+            let h = vm(agent, &args.name)?;
             if args.frequency_secs < 5 {
                 return Err(coded(exit::USAGE, "frequency must be at least 5 s"));
             }
-            for d in &args.exclude_disks {
-                if !rec.disks.contains(d) {
-                    return Err(coded(
-                        exit::USAGE,
-                        format!("--exclude-disk {d:?} is not a disk of {:?}", args.name),
-                    ));
-                }
-            }
-            if rec.disks.iter().all(|d| args.exclude_disks.contains(d)) {
-                return Err(coded(
-                    exit::USAGE,
-                    "every disk is excluded; nothing to replicate",
-                ));
-            }
-            super::primary::enable(agent, rec, args).await
+            Ok(json!(h.ask(|r| Command::Enable(Box::new(args), r)).await?))
         }
-        Request::StartInitial { name } => {
-            super::primary::command(agent, &name, super::primary::Cmd::StartInitial).await
+        Request::StartInitial { name } => Ok(json!(vm(agent, &name)?.ask(Command::StartInitial).await?)),
+        Request::Pause { name } => Ok(json!(vm(agent, &name)?.ask(Command::Pause).await?)),
+        Request::Resume { name } => Ok(json!(vm(agent, &name)?.ask(Command::Resume).await?)),
+        Request::ResumeResync { name, at_ms } => Ok(json!(
+            vm(agent, &name)?
+                .ask(|r| Command::ResumeResync(at_ms, r))
+                .await?
+        )),
+        Request::Disable { name } => Ok(json!(vm(agent, &name)?.ask(Command::Disable).await?)),
+        Request::Points { name } => Ok(serde_json::to_value(
+            vm(agent, &name)?.ask(Command::Points).await?,
+        )?),
+        Request::Import { name, dir } => Ok(json!(
+            vm(agent, &name)?
+                .ask(|r| Command::Import(dir.into(), r))
+                .await?
+        )),
+        Request::FailoverPrepare { name } => failover(agent, &name, FailoverCmd::Prepare).await,
+        Request::FailoverStart {
+            name,
+            point,
+            no_start,
+            force,
+        } => {
+            failover(
+                agent,
+                &name,
+                FailoverCmd::Start {
+                    point,
+                    no_start,
+                    force,
+                },
+            )
+            .await
         }
-        Request::Pause { name } => pause_resume(agent, &name, true).await,
-        Request::Resume { name } => pause_resume(agent, &name, false).await,
-        Request::ResumeResync { name, at_ms } => {
-            let rec = agent.vm_record(&name)?.ok_or_else(|| unknown_vm(&name))?;
-            if rec.mode != ReplicationMode::Primary {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "{name:?} is a replica VM on this host; resynchronize from its primary"
-                    ),
-                ));
-            }
-            super::primary::command(agent, &name, super::primary::Cmd::ResumeResync(at_ms)).await
+        Request::FailoverTest { name, point } => {
+            failover(agent, &name, FailoverCmd::Test { point }).await
         }
-        Request::Disable { name } => {
-            let rec = agent.vm_record(&name)?.ok_or_else(|| unknown_vm(&name))?;
-            match rec.mode {
-                ReplicationMode::Primary => {
-                    super::primary::command(agent, &name, super::primary::Cmd::Disable).await
-                }
-                ReplicationMode::Replica => {
-                    super::replica::set_state(agent, rec, ReplicationState::Disabled)
-                }
-            }
+        Request::FailoverStopTest { name, test_id } => {
+            failover(agent, &name, FailoverCmd::StopTest { test_id }).await
         }
-        Request::Points { name } => {
-            let rec = agent.vm_record(&name)?.ok_or_else(|| unknown_vm(&name))?;
-            if rec.mode != ReplicationMode::Replica {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "{name:?} is not a replica VM on this host; run `points` on its replica"
-                    ),
-                ));
-            }
-            Ok(serde_json::to_value(super::replica::points(agent, &rec)?)?)
+        Request::FailoverCancel { name } => failover(agent, &name, FailoverCmd::Cancel).await,
+        Request::FailoverComplete { name } => {
+            failover(agent, &name, FailoverCmd::Complete).await
         }
-        Request::Import { name, dir } => {
-            let rec = agent.vm_record(&name)?.ok_or_else(|| unknown_vm(&name))?;
-            if rec.mode != ReplicationMode::Replica {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "{name:?} is not a replica VM on this host; enable replication on its \
-                         primary first (the replica VM is created then), and import here"
-                    ),
-                ));
-            }
-            super::replica::import(agent, rec, std::path::Path::new(&dir)).await
+        Request::Reverse {
+            name,
+            replica,
+            replica_fingerprint,
+            frequency_secs,
+        } => {
+            failover(
+                agent,
+                &name,
+                FailoverCmd::Reverse {
+                    replica,
+                    replica_fingerprint,
+                    frequency_secs,
+                },
+            )
+            .await
         }
-        req @ (Request::FailoverPrepare { .. }
-        | Request::FailoverStart { .. }
-        | Request::FailoverTest { .. }
-        | Request::FailoverStopTest { .. }
-        | Request::FailoverCancel { .. }
-        | Request::FailoverComplete { .. }
-        | Request::Reverse { .. }) => super::failover::handle(agent, req).await,
     }
 }
 
-async fn pause_resume(agent: &Arc<Agent>, name: &str, pause: bool) -> anyhow::Result<Value> {
-    let rec = agent.vm_record(name)?.ok_or_else(|| unknown_vm(name))?;
-    match rec.mode {
-        ReplicationMode::Primary => {
-            let cmd = if pause {
-                super::primary::Cmd::Pause
-            } else {
-                super::primary::Cmd::Resume
-            };
-            super::primary::command(agent, name, cmd).await
-        }
-        ReplicationMode::Replica => {
-            let target = if pause {
-                ReplicationState::Suspended
-            } else if rec.last_cycle.is_some() {
-                ReplicationState::Replicating
-            } else {
-                ReplicationState::WaitingForInitialReplication
-            };
-            super::replica::set_state(agent, rec, target)
-        }
-    }
+async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> anyhow::Result<Value> {
+    let r = vm(agent, name)?
+        .ask(|r| Command::Failover(cmd, r))
+        .await?;
+    Ok(serde_json::to_value(r)?)
 }
 
 /// Status rows of every VM on this host.
-pub fn all_status(agent: &Arc<Agent>) -> anyhow::Result<Vec<VmStatus>> {
-    let now = now_ms();
+pub async fn all_status(agent: &Control) -> anyhow::Result<Vec<VmStatus>> {
     let mut out = Vec::new();
-    let records = agent.db().vms()?;
-    for rec in records {
-        out.push(match rec.mode {
-            ReplicationMode::Primary => super::primary::status(agent, &rec, now),
-            ReplicationMode::Replica => super::replica::status(agent, &rec, now),
-        });
+    for h in agent.vms.all() {
+        out.push(h.ask(Command::Status).await?);
     }
     Ok(out)
 }

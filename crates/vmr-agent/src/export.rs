@@ -12,29 +12,22 @@ use vmr_proto::api::{EXPORT_MANIFEST, ExportManifest, VmRecord};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind};
 use vmr_store::staging::StageFileWriter;
 
-use super::Agent;
-use super::primary::{Outcome, PrimaryVm, Session, classify_capture};
+use crate::cycle::{CycleCtx, Outcome, Session, classify_capture};
 use crate::util::now_ms;
 use vmr_core::Failure;
 
 /// Write the initial cycle `id` of `vm` to `dir`.
-pub(super) async fn run(
-    agent: &Agent,
-    vm: &PrimaryVm,
-    session: &mut Session,
-    id: u64,
-    dir: &Path,
-) -> Outcome {
-    let rec = vm.lock().rec.clone();
+pub(crate) async fn run(ctx: &CycleCtx, session: &mut Session, id: u64, dir: &Path) -> Outcome {
+    let rec = &ctx.rec;
     // The replica VM exists before its copy arrives (the import needs it).
-    if let Err(f) = super::primary::create_replica(agent, &rec, session).await {
+    if let Err(f) = crate::cycle::create_replica(&ctx.host, rec, session).await {
         return Outcome::Failed(f);
     }
-    if let Err(f) = check_dir(dir, &rec) {
+    if let Err(f) = check_dir(dir, rec) {
         return Outcome::Failed(f);
     }
     if session.capture.is_none() {
-        match VmCapture::open(super::primary::capture_config(agent, &rec)).await {
+        match VmCapture::open(crate::cycle::capture_config(&ctx.host, rec)).await {
             Ok(c) => session.capture = Some(c),
             Err(e) => return Outcome::Failed(classify_capture(&e)),
         }
@@ -42,7 +35,7 @@ pub(super) async fn run(
     let Some(capture) = session.capture.as_mut() else {
         return Outcome::Failed(Failure::Retryable("no capture".into()));
     };
-    let (outcome, reset) = export_with(vm, capture, &rec, id, dir).await;
+    let (outcome, reset) = export_with(ctx, capture, rec, id, dir).await;
     if reset {
         session.capture = None;
     }
@@ -71,7 +64,7 @@ fn check_dir(dir: &Path, rec: &VmRecord) -> Result<(), Failure> {
 }
 
 async fn export_with(
-    vm: &PrimaryVm,
+    ctx: &CycleCtx,
     capture: &mut VmCapture,
     rec: &VmRecord,
     id: u64,
@@ -107,9 +100,7 @@ async fn export_with(
                     let sum = e.checksum();
                     tokio::task::block_in_place(|| w.put(&e, &sum))
                         .map_err(|e| io_failure(&tmp, e))?;
-                    if let Ok(mut i) = vm.inner.lock() {
-                        i.progress = Some((bytes, 0));
-                    }
+                    ctx.progress.set(bytes, 0);
                 }
                 Ok(None) => break,
                 Err(e) => return Err(classify_capture(&e)),
@@ -138,6 +129,7 @@ async fn export_with(
             tracing::info!(vm = %rec.name, cycle = id, bytes, dir = %dir.display(), "initial copy exported; load it on the replica with `vmreplica import`");
             (
                 Outcome::Done {
+                    id,
                     bytes,
                     sizes,
                     app: false,

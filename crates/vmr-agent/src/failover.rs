@@ -9,10 +9,7 @@
 //! processes this agent started are kept in a process table so that cancel and stop-test can
 //! end them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -23,100 +20,33 @@ use vmr_core::{FailoverOp, failover_transition};
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{
     BecomeReplica, EnableArgs, FailoverRecord, FailoverResult, FailoverVm, ReplicationMode,
-    ReplicationState, ReplicationStats, Request, VmRecord,
+    ReplicationState, ReplicationStats, VmRecord,
 };
 use vmr_proto::wire::RemoteError;
 use vmr_store::RetentionPolicy;
 use vmr_transport::{Client, Peer};
 
-use super::Agent;
 use crate::exit;
+use crate::host::Host;
+use crate::owned::Vm;
 use crate::util::{coded, now_ms};
-
-/// VM processes started by this agent, by pid (reaped when ended).
-static CHILDREN: Mutex<BTreeMap<u32, Child>> = Mutex::new(BTreeMap::new());
 
 /// How long a started VM's QMP socket may take to answer.
 const QMP_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn record_path(agent: &Agent, vm: uuid::Uuid) -> PathBuf {
-    agent.dir.join("failover").join(format!("{vm}.json"))
-}
-
-/// The failover bookkeeping of a VM (empty when none).
-pub fn load(agent: &Agent, vm: uuid::Uuid) -> anyhow::Result<FailoverRecord> {
-    let p = record_path(agent, vm);
-    match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FailoverRecord {
-            vm,
-            ..Default::default()
-        }),
-        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-    }
-}
-
-fn save(agent: &Agent, fr: &FailoverRecord) -> anyhow::Result<()> {
-    let p = record_path(agent, fr.vm);
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = p.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(fr)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
-    Ok(())
-}
-
 /// Remember the primary agent's listener (reported with each `replica-info` call).
-pub fn remember_primary(agent: &Agent, vm: uuid::Uuid, listen: &str) {
+pub fn remember_primary(vm: &Vm, listen: &str) {
     let r = (|| -> anyhow::Result<()> {
-        let mut fr = load(agent, vm)?;
+        let mut fr = vm.failover()?;
         if fr.primary_listen.as_deref() != Some(listen) {
             fr.primary_listen = Some(listen.to_owned());
-            save(agent, &fr)?;
+            vm.save_failover(&fr)?;
         }
         Ok(())
     })();
     if let Err(e) = r {
-        tracing::warn!(%vm, "cannot record the primary's address: {e:#}");
+        tracing::warn!(vm = %vm.rec.uuid, "cannot record the primary's address: {e:#}");
     }
-}
-
-/// Dispatch a failover control request.
-pub async fn handle(agent: &Arc<Agent>, req: Request) -> anyhow::Result<Value> {
-    let r = match req {
-        Request::FailoverPrepare { name } => prepare(agent, &name).await?,
-        Request::FailoverStart {
-            name,
-            point,
-            no_start,
-            force,
-        } => start(agent, &name, point, no_start, force, false).await?,
-        Request::FailoverTest { name, point } => {
-            start(agent, &name, point, false, true, true).await?
-        }
-        Request::FailoverStopTest { name, test_id } => stop_test(agent, &name, test_id).await?,
-        Request::FailoverCancel { name } => cancel(agent, &name).await?,
-        Request::FailoverComplete { name } => complete(agent, &name).await?,
-        Request::Reverse {
-            name,
-            replica,
-            replica_fingerprint,
-            frequency_secs,
-        } => reverse(agent, &name, replica, replica_fingerprint, frequency_secs).await?,
-        other => bail!("not a failover request: {other:?}"),
-    };
-    Ok(serde_json::to_value(r)?)
-}
-
-fn record(agent: &Agent, name: &str) -> anyhow::Result<VmRecord> {
-    agent.vm_record(name)?.ok_or_else(|| {
-        coded(
-            exit::NOT_FOUND,
-            format!("unknown VM {name:?} (see `vmreplica vm list`)"),
-        )
-    })
 }
 
 fn refused(e: impl std::fmt::Display) -> anyhow::Error {
@@ -132,19 +62,18 @@ fn proc_matches(pid: u32, qmp: &str) -> bool {
 }
 
 /// Is the VM process started for `f` alive?
-fn running(f: &FailoverVm) -> bool {
+fn running(vm: &mut Vm, f: &FailoverVm) -> bool {
     let (Some(pid), Some(qmp)) = (f.pid, f.qmp.as_deref()) else {
         return false;
     };
-    let mut kids = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(c) = kids.get_mut(&pid) {
+    if let Some(c) = vm.children.get_mut(&pid) {
         return matches!(c.try_wait(), Ok(None));
     }
     proc_matches(pid, qmp)
 }
 
 /// End the VM process of `f` (QMP `quit`, then SIGKILL) and wait for it.
-async fn kill_vm(f: &FailoverVm) {
+async fn kill_vm(vm: &mut Vm, f: &FailoverVm) {
     let (Some(pid), Some(qmp)) = (f.pid, f.qmp.clone()) else {
         return;
     };
@@ -153,10 +82,7 @@ async fn kill_vm(f: &FailoverVm) {
     {
         let _ = q.execute_value("quit", None).await;
     }
-    let child = CHILDREN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&pid);
+    let child = vm.children.remove(&pid);
     match child {
         Some(mut c) => {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -171,10 +97,13 @@ async fn kill_vm(f: &FailoverVm) {
             while proc_matches(pid, &qmp) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if proc_matches(pid, &qmp) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
+            if proc_matches(pid, &qmp)
+                && let Ok(raw) = i32::try_from(pid)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(raw),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -185,7 +114,7 @@ async fn kill_vm(f: &FailoverVm) {
 /// with change tracking (`vmr-<tag>-1` on every disk) added before the guest runs unless
 /// `test`.
 async fn launch_vm(
-    agent: &Agent,
+    vm: &mut Vm,
     def: &VmDefinition,
     disks: &[(String, PathBuf)],
     dest: &Path,
@@ -195,7 +124,7 @@ async fn launch_vm(
     let nbd = if test {
         dest.join("nbd.sock")
     } else {
-        crate::launch::nbd_socket(&agent.dir, def.uuid)
+        crate::launch::nbd_socket(&vm.host.dir, def.uuid)
     };
     for s in [&qmp, &nbd] {
         let _ = std::fs::remove_file(s);
@@ -274,10 +203,7 @@ async fn launch_vm(
         let _ = child.wait();
         return Err(e);
     }
-    CHILDREN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(pid, child);
+    vm.children.insert(pid, child);
     Ok((pid, qmp))
 }
 
@@ -303,8 +229,9 @@ fn result(
     }
 }
 
-fn replica_record(agent: &Agent, name: &str) -> anyhow::Result<VmRecord> {
-    let rec = record(agent, name)?;
+fn replica_record(vm: &Vm) -> anyhow::Result<VmRecord> {
+    let rec = vm.rec.clone();
+    let name = &rec.name;
     if rec.mode != ReplicationMode::Replica {
         return Err(refused(format!(
             "{name:?} is a primary VM on this host; run this on its replica"
@@ -314,17 +241,18 @@ fn replica_record(agent: &Agent, name: &str) -> anyhow::Result<VmRecord> {
 }
 
 /// `failover start` (live) and `failover test`.
-async fn start(
-    agent: &Arc<Agent>,
-    name: &str,
+pub async fn start(
+    vm: &mut Vm,
     point: Option<u64>,
     no_start: bool,
     force: bool,
     test: bool,
 ) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let mut rec = replica_record(agent, name)?;
-    let store = super::replica::store_of(agent, &rec)?;
+    let mut rec = replica_record(vm)?;
+    let name = rec.name.clone();
+    let name = name.as_str();
+    let store = vm.host.store_of(&rec)?;
     // What was acknowledged must be a point before "latest" is chosen (planned failover).
     store.apply_pending(rec.uuid).await?;
     let has_point = store.latest_point(rec.uuid)?.is_some();
@@ -335,15 +263,18 @@ async fn start(
     };
     let next =
         failover_transition(ReplicationMode::Replica, rec.state, op, has_point).map_err(refused)?;
-    let mut fr = load(agent, rec.uuid)?;
+    let mut fr = vm.failover()?;
     if !test && !force {
-        split_brain_guard(agent, &rec, &fr).await?;
+        split_brain_guard(&vm.host, &rec, &fr).await?;
     }
     let before = rec.state;
     if !test {
         // From now on cycles from the old primary are refused.
         rec.state = next;
-        agent.db().put_vm(&rec)?;
+        {
+        vm.rec = rec.clone();
+        vm.save()?;
+    }
     }
     let made = async {
         let slot = if test {
@@ -351,7 +282,8 @@ async fn start(
         } else {
             "live".to_owned()
         };
-        let dest = agent
+        let dest = vm
+            .host
             .dir
             .join("fo")
             .join(crate::launch::tag(rec.uuid))
@@ -385,7 +317,7 @@ async fn start(
             test,
         };
         if !no_start {
-            match launch_vm(agent, &def, &view.disks, &dest, test).await {
+            match launch_vm(vm, &def, &view.disks, &dest, test).await {
                 Ok((pid, qmp)) => {
                     f.pid = Some(pid);
                     f.qmp = Some(qmp.display().to_string());
@@ -404,7 +336,10 @@ async fn start(
         Err(e) => {
             if !test {
                 rec.state = before;
-                agent.db().put_vm(&rec)?;
+                {
+        vm.rec = rec.clone();
+        vm.save()?;
+    }
             }
             return Err(e);
         }
@@ -421,10 +356,13 @@ async fn start(
         fr.planned = planned;
         if let Some(q) = &f.qmp {
             rec.qmp = q.clone();
-            agent.db().put_vm(&rec)?;
+            {
+        vm.rec = rec.clone();
+        vm.save()?;
+    }
         }
     }
-    save(agent, &fr)?;
+    vm.save_failover(&fr)?;
     let what = match (test, no_start) {
         (true, _) => format!("test copy {:?} started", f.name),
         (false, true) => "disks prepared (not started)".to_owned(),
@@ -442,7 +380,7 @@ async fn start(
 
 /// Refuse an unplanned failover while the primary answers and its VM runs.
 async fn split_brain_guard(
-    agent: &Agent,
+    host: &Host,
     rec: &VmRecord,
     fr: &FailoverRecord,
 ) -> anyhow::Result<()> {
@@ -450,9 +388,8 @@ async fn split_brain_guard(
         tracing::warn!(vm = %rec.name, "the primary's address is unknown; split-brain check skipped");
         return Ok(());
     };
-    let fp = agent
-        .db()
-        .allowed()?
+    let fp = host
+        .allowed()
         .into_iter()
         .find(|e| e.primary == rec.primary)
         .map(|e| e.fingerprint);
@@ -460,7 +397,7 @@ async fn split_brain_guard(
         return Ok(());
     };
     let probe = async {
-        let c = Client::connect(&addr, &agent.identity, &fp, Default::default()).await?;
+        let c = Client::connect(&addr, &host.identity, &fp, Default::default()).await?;
         c.call("primary-vm-state", &json!({ "uuid": rec.uuid }))
             .await
     };
@@ -488,15 +425,16 @@ async fn split_brain_guard(
     }
 }
 
-async fn stop_test(
-    agent: &Arc<Agent>,
-    name: &str,
+pub async fn stop_test(
+    vm: &mut Vm,
     test_id: Option<uuid::Uuid>,
 ) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let rec = replica_record(agent, name)?;
-    let store = super::replica::store_of(agent, &rec)?;
-    let mut fr = load(agent, rec.uuid)?;
+    let rec = replica_record(vm)?;
+    let name = rec.name.clone();
+    let name = name.as_str();
+    let store = vm.host.store_of(&rec)?;
+    let mut fr = vm.failover()?;
     let (gone, keep): (Vec<_>, Vec<_>) = fr
         .tests
         .drain(..)
@@ -515,13 +453,13 @@ async fn stop_test(
     }
     fr.tests = keep;
     for t in &gone {
-        kill_vm(t).await;
+        kill_vm(vm, t).await;
         store.remove_view(rec.uuid, t.view)?;
         if let Some(dir) = t.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-    save(agent, &fr)?;
+    vm.save_failover(&fr)?;
     Ok(result(
         name,
         rec.state,
@@ -535,9 +473,11 @@ async fn stop_test(
     ))
 }
 
-async fn cancel(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResult> {
+pub async fn cancel(vm: &mut Vm) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let mut rec = replica_record(agent, name)?;
+    let mut rec = replica_record(vm)?;
+    let name = rec.name.clone();
+    let name = name.as_str();
     let next = failover_transition(
         ReplicationMode::Replica,
         rec.state,
@@ -545,10 +485,10 @@ async fn cancel(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResult
         true,
     )
     .map_err(refused)?;
-    let store = super::replica::store_of(agent, &rec)?;
-    let mut fr = load(agent, rec.uuid)?;
+    let store = vm.host.store_of(&rec)?;
+    let mut fr = vm.failover()?;
     if let Some(live) = fr.live.take() {
-        kill_vm(&live).await;
+        kill_vm(vm, &live).await;
         match store.remove_view(rec.uuid, live.view) {
             Ok(()) | Err(vmr_store::StoreError::NoSuchView(_)) => {}
             Err(e) => return Err(e.into()),
@@ -563,8 +503,11 @@ async fn cancel(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResult
     };
     rec.qmp = String::new();
     fr.planned = false;
-    save(agent, &fr)?;
-    agent.db().put_vm(&rec)?;
+    vm.save_failover(&fr)?;
+    {
+        vm.rec = rec.clone();
+        vm.save()?;
+    }
     Ok(result(
         name,
         rec.state,
@@ -577,9 +520,11 @@ async fn cancel(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResult
     ))
 }
 
-async fn complete(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResult> {
+pub async fn complete(vm: &mut Vm) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let mut rec = replica_record(agent, name)?;
+    let mut rec = replica_record(vm)?;
+    let name = rec.name.clone();
+    let name = name.as_str();
     let next = failover_transition(
         ReplicationMode::Replica,
         rec.state,
@@ -587,8 +532,8 @@ async fn complete(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResu
         true,
     )
     .map_err(refused)?;
-    let store = super::replica::store_of(agent, &rec)?;
-    let fr = load(agent, rec.uuid)?;
+    let store = vm.host.store_of(&rec)?;
+    let fr = vm.failover()?;
     let live = fr
         .live
         .clone()
@@ -599,7 +544,7 @@ async fn complete(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResu
             t.view, t.point
         )));
     }
-    if running(&live) {
+    if running(vm, &live) {
         store.discard_points_above(rec.uuid, live.point).await?;
     } else {
         store
@@ -608,7 +553,10 @@ async fn complete(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResu
     }
     rec.state = next;
     rec.last_cycle = Some(live.point);
-    agent.db().put_vm(&rec)?;
+    {
+        vm.rec = rec.clone();
+        vm.save()?;
+    }
     Ok(result(
         name,
         rec.state,
@@ -644,42 +592,26 @@ async fn vm_runs(rec: &VmRecord, state: ReplicationState) -> bool {
     }
 }
 
-/// Agent-to-agent `primary-vm-state`: the split-brain probe of a replica.
-pub async fn primary_vm_state(agent: &Arc<Agent>, uuid: uuid::Uuid) -> Result<Value, RemoteError> {
-    let rec = agent
-        .vm_by_uuid(uuid)
-        .map_err(|e| RemoteError::Internal {
-            message: e.to_string(),
-        })?
-        .ok_or(RemoteError::UnknownVm { vm: uuid })?;
-    let state = current_state(agent, &rec);
-    let running = rec.mode == ReplicationMode::Primary && vm_runs(&rec, state).await;
-    Ok(json!({ "state": state, "running": running }))
-}
-
-fn current_state(agent: &Agent, rec: &VmRecord) -> ReplicationState {
-    let vm = agent
-        .primaries
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&rec.name)
-        .cloned();
-    vm.map_or(rec.state, |v| super::primary::state_of(&v))
+/// Agent-to-agent `primary-vm-state`: the split-brain probe of a replica. `state`: the
+/// machine's state of the VM on this host.
+pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> Value {
+    let running = vm.rec.mode == ReplicationMode::Primary && vm_runs(&vm.rec, state).await;
+    json!({ "state": state, "running": running })
 }
 
 /// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock.
-async fn prepare(agent: &Arc<Agent>, name: &str) -> anyhow::Result<FailoverResult> {
+pub async fn prepare(
+    vm: &mut Vm,
+    side: &mut crate::primary::PrimarySide,
+) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let rec = record(agent, name)?;
-    let state = current_state(agent, &rec);
-    failover_transition(rec.mode, state, FailoverOp::Prepare, true).map_err(refused)?;
-    // The driver holds the VM's (single-client) QMP monitor: stop it first.
-    let vm = super::primary::stop_driver(agent, name).await?;
-    if let Err(e) = check_shut_down(&rec).await {
-        super::primary::restart_driver(agent, &vm)?;
-        return Err(e);
-    }
-    let id = super::primary::prepare_failover(agent, vm).await?;
+    let name = vm.rec.name.clone();
+    let name = name.as_str();
+    failover_transition(vm.rec.mode, side.state(), FailoverOp::Prepare, true).map_err(refused)?;
+    // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
+    side.stop().await;
+    check_shut_down(&vm.rec).await?;
+    let id = side.prepare_failover(vm).await?;
     Ok(result(
         name,
         ReplicationState::PreparedForFailover,
@@ -727,15 +659,16 @@ async fn check_shut_down(rec: &VmRecord) -> anyhow::Result<()> {
 // ------------------------------------------------------------------ reverse
 
 /// `reverse` on the failed-over side.
-async fn reverse(
-    agent: &Arc<Agent>,
-    name: &str,
+pub async fn reverse(
+    vm: &mut Vm,
     replica: Option<String>,
     replica_fingerprint: Option<String>,
     frequency_secs: Option<u64>,
 ) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let mut rec = replica_record(agent, name)?;
+    let mut rec = replica_record(vm)?;
+    let name = rec.name.clone();
+    let name = name.as_str();
     failover_transition(
         ReplicationMode::Replica,
         rec.state,
@@ -747,12 +680,12 @@ async fn reverse(
     if frequency_secs < 5 {
         return Err(coded(exit::USAGE, "frequency must be at least 5 s"));
     }
-    let mut fr = load(agent, rec.uuid)?;
+    let mut fr = vm.failover()?;
     let live = fr
         .live
         .clone()
         .ok_or_else(|| refused(format!("{name:?} has no failed-over VM")))?;
-    let qmp = live.qmp.clone().filter(|_| running(&live)).ok_or_else(|| {
+    let qmp = live.qmp.clone().filter(|_| running(vm, &live)).ok_or_else(|| {
         refused(format!(
             "the failed-over VM {name:?} is not running; reverse needs it running with change \
              tracking (failover start without --no-start)"
@@ -766,15 +699,15 @@ async fn reverse(
     })?;
     let fp = match replica_fingerprint {
         Some(f) => f,
-        None => agent
-            .db()
-            .allowed()?
+        None => vm
+            .host
+            .allowed()
             .into_iter()
             .find(|e| e.primary == rec.primary)
             .map(|e| e.fingerprint)
             .ok_or_else(|| coded(exit::USAGE, "pass --replica-fingerprint"))?,
     };
-    let store = super::replica::store_of(agent, &rec)?;
+    let store = vm.host.store_of(&rec)?;
     let point = store
         .points(rec.uuid)?
         .into_iter()
@@ -801,7 +734,7 @@ async fn reverse(
             })
             .collect(),
     };
-    let client = Client::connect(&addr, &agent.identity, &fp, Default::default())
+    let client = Client::connect(&addr, &vm.host.identity, &fp, Default::default())
         .await
         .with_context(|| format!("connecting to the old primary {addr}"))?;
     let answer = client
@@ -844,13 +777,15 @@ async fn reverse(
         ..Default::default()
     };
     rec.initial_at_ms = resync.then(now_ms);
-    rec.primary = agent.config.name.clone();
+    rec.primary = vm.host.config.name.clone();
     rec.trust_group = None;
     rec.last_error = None;
-    agent.db().put_vm(&rec)?;
+    {
+        vm.rec = rec.clone();
+        vm.save()?;
+    }
     fr.before = None;
-    save(agent, &fr)?;
-    super::primary::spawn(agent, rec.clone(), true)?;
+    vm.save_failover(&fr)?;
     Ok(result(
         name,
         rec.state,
@@ -871,9 +806,10 @@ async fn reverse(
 
 /// Agent-to-agent `become-replica` on the old primary (reverse after a planned failover): the
 /// prepared VM's own disks become the first recovery point of a new replica VM, nothing is
-/// copied.
+/// copied. `side`: the VM's primary side (stopped here; the caller drops it on success).
 pub async fn become_replica(
-    agent: &Arc<Agent>,
+    vm: &mut Vm,
+    side: Option<&mut crate::primary::PrimarySide>,
     peer: &Peer,
     req: BecomeReplica,
 ) -> Result<Value, RemoteError> {
@@ -881,10 +817,7 @@ pub async fn become_replica(
         message: format!("{e:#}"),
     };
     let bad = |m: String| RemoteError::BadRequest { message: m };
-    let rec = agent
-        .vm_by_uuid(req.uuid)
-        .map_err(internal)?
-        .ok_or(RemoteError::UnknownVm { vm: req.uuid })?;
+    let rec = vm.rec.clone();
     let args = rec
         .enable
         .clone()
@@ -895,39 +828,30 @@ pub async fn become_replica(
             rec.name, peer.name
         )));
     }
-    let state = current_state(agent, &rec);
+    let state = side.as_ref().map_or(rec.state, |s| s.state());
+    let last_cycle = side.as_ref().map_or(rec.last_cycle, |s| s.last_cycle());
     // Planned: both sides hold exactly the final cycle. Otherwise (unplanned failover, or a
     // failover to an older point) this host's disks differ: the new primary resynchronises
     // them (only differing blocks travel; this host's writes after the cut are overwritten).
-    let planned =
-        state == ReplicationState::PreparedForFailover && rec.last_cycle == Some(req.point);
+    let planned = state == ReplicationState::PreparedForFailover && last_cycle == Some(req.point);
+    let ep = Endpoint::Unix(rec.qmp.clone().into());
+    if !planned
+        && !matches!(
+            QmpClient::connect(&ep, Duration::from_secs(3)).await,
+            Err(QmpError::Connect { .. })
+        )
+    {
+        return Err(bad(format!(
+            "the old primary's VM {:?} still runs here ({}); shut it down first: its writes \
+             after the failover are discarded by the reverse resync",
+            rec.name, rec.qmp
+        )));
+    }
+    // Stop the cycles and the (shut down) VM process: its images become the replica's.
+    if let Some(side) = side {
+        side.stop().await;
+    }
     let became = async {
-        // Stop the driver and the (shut down) VM process: its images become the replica's.
-        let vm = agent
-            .primaries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.name);
-        if let Some(vm) = &vm {
-            vm.stop().await;
-        }
-        let ep = Endpoint::Unix(rec.qmp.clone().into());
-        if !planned
-            && !matches!(
-                QmpClient::connect(&ep, Duration::from_secs(3)).await,
-                Err(QmpError::Connect { .. })
-            )
-        {
-            if let Some(vm) = &vm {
-                super::primary::restart_driver(agent, vm)?;
-            }
-            bail!(
-                "the old primary's VM {:?} still runs here ({}); shut it down first: its \
-                 writes after the failover are discarded by the reverse resync",
-                rec.name,
-                rec.qmp
-            );
-        }
         if let Ok(mut q) = QmpClient::connect(&ep, Duration::from_secs(3)).await {
             let _ = q.execute_value("quit", None).await;
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -949,18 +873,16 @@ pub async fn become_replica(
                 .with_context(|| format!("disk {} is not in the old definition", d.id))?;
             disks.push((d.id.clone(), PathBuf::from(&img.path), d.size));
         }
-        let entry = agent
-            .db()
-            .allowed()?
-            .into_iter()
-            .find(|e| e.fingerprint == peer.fingerprint)
+        let entry = vm
+            .host
+            .allow_entry(&peer.fingerprint)
             .context("the new primary is not authorized on this host (`server allow`)")?;
-        let store = agent.store(Path::new(&entry.storage))?;
+        let store = vm.host.store(Path::new(&entry.storage))?;
         store.add_vm(req.uuid, &req.launch_toml, RetentionPolicy::default())?;
         store
             .import_point(req.uuid, req.point, req.taken_at_ms, &disks)
             .await?;
-        let new = VmRecord {
+        vm.rec = VmRecord {
             name: rec.name.clone(),
             uuid: rec.uuid,
             mode: ReplicationMode::Replica,
@@ -981,7 +903,7 @@ pub async fn become_replica(
             trust_group: peer.trust_group.clone(),
             last_error: None,
         };
-        agent.db().put_vm(&new)?;
+        vm.save()?;
         anyhow::Ok(())
     }
     .await;

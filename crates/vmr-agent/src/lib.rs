@@ -1,22 +1,32 @@
 //! The agent (a library under the `vmreplica` binary): one per host, primary for some VMs and replica for others.
 //!
 //! It owns the state database, the control socket the CLI talks to, the mutual-TLS listener
-//! other agents send cycles to, one driver task per replicating primary VM, and the replica
-//! stores. Decisions are made by `vmr-core`'s machines; this module only carries them out.
+//! other agents send cycles to, and one owner task per VM (`vm.rs`) that holds the VM's
+//! record, its decision machine and its capture session or store. Decisions are made by
+//! `vmr-core`'s machines; this crate carries them out.
 //!
-//! Architecture Invariant: a primary VM's machine is only stepped while holding its lock, and
-//! every `Persist` action is written to SQLite before the next cycle starts.
+//! Layers, lowest first (a module imports only modules below it): `util`, `config`, `launch`,
+//! `db` → `host` → `owned`, `cycle` → `resync`, `export`, `replica` → `primary` → `failover`
+//! → `vm` → `server`, `control` → this file.
+//!
+//! Architecture Invariant: a VM's record is written only by its owner task, and every
+//! `Persist` action is written to SQLite before the next cycle starts.
 
 pub mod config;
 mod control;
+mod cycle;
 pub mod db;
 mod export;
 mod failover;
+mod host;
 pub mod launch;
+mod owned;
 mod primary;
 mod replica;
 mod resync;
+mod server;
 pub mod util;
+mod vm;
 
 /// Exit codes of the `vmreplica` command (see README.md, "Exit codes"). The agent attaches
 /// them to its errors so that the CLI exits with the code the control API answered.
@@ -35,75 +45,14 @@ pub mod exit {
     pub const INVALID_STATE: i32 = 5;
 }
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::Notify;
-use vmr_proto::api::{AgentConfig, AllowEntry, ReplicationMode, VmRecord};
 
 use crate::config::load_config;
-
-/// Shared agent state.
-pub struct Agent {
-    /// The agent directory.
-    pub dir: PathBuf,
-    /// Loaded config.
-    pub config: AgentConfig,
-    /// TLS identity.
-    pub identity: vmr_transport::Identity,
-    /// State database.
-    pub db: Mutex<db::Db>,
-    /// Primary VMs with replication enabled: their driver handles.
-    pub primaries: Mutex<BTreeMap<String, Arc<primary::PrimaryVm>>>,
-    /// Replica stores by storage directory.
-    pub stores: Mutex<BTreeMap<PathBuf, vmr_store::Store>>,
-    /// Limits how many cycles run at once.
-    pub cycle_slots: Arc<tokio::sync::Semaphore>,
-    /// Signalled on shutdown.
-    pub shutdown: Arc<Notify>,
-    /// Per replica VM apply serialisation and statistics.
-    pub replica_vms: Mutex<BTreeMap<uuid::Uuid, Arc<replica::ReplicaVm>>>,
-}
-
-impl Agent {
-    /// Lock the database (poisoning is not recoverable state corruption: the data is in SQLite).
-    pub fn db(&self) -> std::sync::MutexGuard<'_, db::Db> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Find a VM record by name.
-    pub fn vm_record(&self, name: &str) -> anyhow::Result<Option<VmRecord>> {
-        Ok(self.db().vms()?.into_iter().find(|r| r.name == name))
-    }
-
-    /// Find a VM record by UUID.
-    pub fn vm_by_uuid(&self, uuid: uuid::Uuid) -> anyhow::Result<Option<VmRecord>> {
-        Ok(self.db().vms()?.into_iter().find(|r| r.uuid == uuid))
-    }
-
-    /// The authorization entry for a fingerprint.
-    pub fn allow_entry(&self, fingerprint: &str) -> anyhow::Result<Option<AllowEntry>> {
-        Ok(self
-            .db()
-            .allowed()?
-            .into_iter()
-            .find(|e| e.fingerprint == fingerprint))
-    }
-
-    /// The replica store at `root`, opened once.
-    pub fn store(&self, root: &Path) -> anyhow::Result<vmr_store::Store> {
-        let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = stores.get(root) {
-            return Ok(s.clone());
-        }
-        let s = vmr_store::Store::open(root)
-            .with_context(|| format!("opening replica store {}", root.display()))?;
-        stores.insert(root.to_path_buf(), s.clone());
-        Ok(s)
-    }
-}
+use crate::host::Host;
+use crate::vm::{Command, Registry};
 
 /// Run the agent until SIGINT/SIGTERM.
 pub fn run_blocking(dir: &Path) -> anyhow::Result<()> {
@@ -134,33 +83,31 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
     let config = load_config(&dir)?;
     let identity = vmr_transport::Identity::load(&dir).context("loading the TLS identity")?;
     let db = db::Db::open(&dir.join("state.db"))?;
-    let agent = Arc::new(Agent {
-        dir: dir.clone(),
-        cycle_slots: Arc::new(tokio::sync::Semaphore::new(
-            config.max_concurrent_cycles.max(1),
-        )),
-        config,
-        identity,
-        db: Mutex::new(db),
-        primaries: Mutex::new(BTreeMap::new()),
-        stores: Mutex::new(BTreeMap::new()),
-        shutdown: Arc::new(Notify::new()),
-        replica_vms: Mutex::new(BTreeMap::new()),
-    });
+    let host = Arc::new(Host::open(dir.clone(), config, identity, db)?);
+    let vms = Arc::new(Registry::default());
 
     // Replica side first: replay staged cycles so that what was acknowledged is applied.
-    replica::recover_all(&agent).await?;
-    let server = replica::start_server(&agent).await?;
-    let control = control::start(&agent).await?;
-
-    // Primary side: resume every enabled VM (an in-flight cycle was merged back by capture).
-    let records = agent.db().vms()?;
-    for rec in records {
-        if rec.mode == ReplicationMode::Primary && rec.enable.is_some() {
-            primary::spawn(&agent, rec, true)?;
+    for root in host.storage_roots() {
+        if !root.exists() {
+            continue;
         }
+        let store = host.store(&root)?;
+        store
+            .recover()
+            .await
+            .with_context(|| format!("recovering replica store {}", root.display()))?;
     }
-    tracing::info!(name = %agent.config.name, listen = %server, control = %control.display(), "agent ready");
+    // One owner per VM; a primary resumes its cycles (an in-flight one was merged back).
+    for rec in host.load_vms()? {
+        vms.spawn(&host, rec, true)?;
+    }
+    let server = server::start(&host, &vms).await?;
+    let control = control::start(Arc::new(control::Control {
+        host: host.clone(),
+        vms: vms.clone(),
+    }))
+    .await?;
+    tracing::info!(name = %host.config.name, listen = %server, control = %control.display(), "agent ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -168,13 +115,12 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
-    agent.shutdown.notify_waiters();
-    let handles: Vec<_> = {
-        let p = agent.primaries.lock().unwrap_or_else(|p| p.into_inner());
-        p.values().cloned().collect()
-    };
-    for vm in handles {
-        vm.stop().await;
+    host.shutdown.cancel();
+    for h in vms.all() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if h.ask_raw(Command::Shutdown(tx)).await {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(20), rx).await;
+        }
     }
     let _ = std::fs::remove_file(control);
     Ok(())

@@ -10,12 +10,10 @@
 //! hashes of [`CHUNK_BLOCKS`] blocks at a time (`resync-hashes` call) while the primary reads
 //! and hashes its own blocks, up to two chunks ahead.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use serde_json::Value;
 use vmr_capture::{CaptureError, CycleMode};
 use vmr_core::Failure;
 use vmr_proto::api::{BlockHashesReply, BlockHashesRequest, VmRecord};
@@ -24,8 +22,7 @@ use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, Exte
 use vmr_store::hashes::zero_hash;
 use vmr_transport::Client;
 
-use super::Agent;
-use super::primary::{Outcome, PrimaryVm, Session};
+use crate::cycle::{CycleCtx, Outcome, Session, classify_capture, classify_transport};
 use crate::util::now_ms;
 
 /// Block size compared (bytes): the dirty-bitmap granularity and qcow2 cluster size, so a
@@ -33,9 +30,24 @@ use crate::util::now_ms;
 pub const BLOCK_SIZE: u64 = 64 << 10;
 /// Hashes asked for per `resync-hashes` call (4096 × 64 KiB = 256 MiB of disk, 256 KiB of hex).
 pub const CHUNK_BLOCKS: u64 = 4096;
-/// Test hook: a file of this name in the agent directory holding a number of ms makes the
-/// resync sleep that long after each differing block it sends (so a test can pause it mid-way).
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a number of ms makes the resync sleep that long after each differing block it sends
+/// (so a test can stop it mid-way).
+#[cfg(feature = "test-hooks")]
 const SLOW_HOOK: &str = "test-resync-slow-ms";
+
+#[cfg(feature = "test-hooks")]
+fn slow_hook(dir: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(SLOW_HOOK))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn slow_hook(_dir: &std::path::Path) -> Option<u64> {
+    None
+}
 
 /// What one resync sent.
 #[derive(Debug, Default, Clone, Copy)]
@@ -76,29 +88,16 @@ fn unhex(s: &str) -> Option<Vec<[u8; 32]>> {
 
 // ------------------------------------------------------------------------- replica side
 
-/// The `resync-hashes` call on the replica: apply what is staged, then hash the asked blocks
-/// of the latest point.
-pub async fn hashes_call(
-    agent: &Arc<Agent>,
-    authorize: impl FnOnce(uuid::Uuid) -> Result<VmRecord, RemoteError>,
-    body: Value,
-) -> Result<Value, RemoteError> {
-    let req: BlockHashesRequest =
-        serde_json::from_value(body).map_err(|e| RemoteError::BadRequest {
-            message: format!("resync-hashes: {e}"),
-        })?;
-    let rec = authorize(req.uuid)?;
-    let store = super::replica::store_of(agent, &rec).map_err(super::replica::internal)?;
-    if !store
-        .staged(req.uuid)
-        .map_err(super::replica::store_err)?
-        .is_empty()
-    {
-        super::replica::apply(agent, req.uuid, 0).await;
-    }
+/// The `resync-hashes` call on the replica: hash the asked blocks of the latest point of
+/// replica VM `rec` (its owner has applied every acknowledged cycle first).
+pub(crate) async fn hashes(
+    store: &vmr_store::Store,
+    rec: &VmRecord,
+    req: BlockHashesRequest,
+) -> Result<BlockHashesReply, RemoteError> {
     let latest = store
         .latest_point(req.uuid)
-        .map_err(super::replica::store_err)?;
+        .map_err(crate::replica::store_err)?;
     if latest.is_none() {
         return Err(RemoteError::BadRequest {
             message: format!(
@@ -127,81 +126,37 @@ pub async fn hashes_call(
         .await
         .map_err(|e| match e {
             vmr_store::StoreError::InvalidCycle(m) => RemoteError::BadRequest { message: m },
-            other => super::replica::store_err(other),
+            other => crate::replica::store_err(other),
         })?;
     let mut s = String::with_capacity(h.hashes.len() * 64);
     for x in &h.hashes {
         hex(x, &mut s);
     }
-    serde_json::to_value(BlockHashesReply {
+    Ok(BlockHashesReply {
         point: h.point,
         point_disk_size: h.point_disk_size,
         hashes: s,
     })
-    .map_err(super::replica::internal)
 }
 
-/// A resync cycle on the replica: written into the pending resync layers as it arrives and
-/// committed as one recovery point when the whole stream verified
-/// ([`vmr_store::ResyncWriter`]); a stream cut short keeps the layers for the next attempt.
-pub(super) async fn receive(
-    agent: &Arc<Agent>,
-    store: &vmr_store::Store,
-    header: CycleHeader,
-    mut extents: vmr_transport::ExtentStream,
-) -> Result<vmr_proto::wire::CycleAck, RemoteError> {
-    let (vm, id) = (header.vm, header.id);
-    let mut writer = store
-        .begin_resync(header)
-        .await
-        .map_err(super::replica::store_err)?;
-    tracing::info!(%vm, cycle = id, resumed = writer.resumed(), "receiving a resync");
+/// Stream a resync cycle into its pending layers ([`vmr_store::ResyncWriter`]); a stream cut
+/// short keeps the layers for the next attempt. Returns the extents and bytes received; the
+/// VM's owner commits the writer.
+pub(crate) async fn receive(
+    writer: &mut vmr_store::ResyncWriter,
+    extents: &mut vmr_transport::ExtentStream,
+) -> Result<(u64, u64), RemoteError> {
     let (mut count, mut bytes) = (0u64, 0u64);
     while let Some(item) = extents.next().await {
-        let put = match item {
-            Ok((extent, sum)) => {
-                bytes += extent.len();
-                count += 1;
-                writer
-                    .put(&extent, sum)
-                    .await
-                    .map_err(super::replica::store_err)
-            }
-            Err(e) => Err(e.to_remote()),
-        };
-        if let Err(e) = put {
-            // Keep what arrived: the next attempt continues from it.
-            writer.suspend().await;
-            return Err(e);
-        }
+        let (extent, sum) = item.map_err(|e| e.to_remote())?;
+        bytes += extent.len();
+        count += 1;
+        writer
+            .put(&extent, sum)
+            .await
+            .map_err(crate::replica::store_err)?;
     }
-    let point = writer.finish().await.map_err(super::replica::store_err)?;
-    if let Ok(Some(mut rec)) = agent.vm_by_uuid(vm) {
-        let now = now_ms();
-        rec.last_cycle = Some(point.id);
-        if rec.state == vmr_proto::api::ReplicationState::WaitingForInitialReplication {
-            // Initial replication from an existing copy is done.
-            rec.state = vmr_proto::api::ReplicationState::Replicating;
-        }
-        rec.stats.successful_cycles += 1;
-        rec.stats.total_bytes += bytes;
-        rec.stats.max_bytes = rec.stats.max_bytes.max(bytes);
-        rec.stats.last_replication_ms = Some(now);
-        rec.last_error = None;
-        if let Err(e) = agent.db().put_vm(&rec) {
-            tracing::error!(%vm, "saving replica state: {e:#}");
-        }
-    }
-    if let Err(e) = store.prune(vm).await {
-        tracing::warn!(%vm, "pruning failed (retried after the next cycle): {e}");
-    }
-    tracing::info!(%vm, cycle = id, bytes, "resync committed");
-    Ok(vmr_proto::wire::CycleAck {
-        vm,
-        cycle: id,
-        extents: count,
-        bytes,
-    })
+    Ok((count, bytes))
 }
 
 // ------------------------------------------------------------------------- primary side
@@ -227,7 +182,7 @@ async fn fetch(
     let v = client
         .call("resync-hashes", &body)
         .await
-        .map_err(super::primary::classify_transport)?;
+        .map_err(classify_transport)?;
     let r: BlockHashesReply = serde_json::from_value(v)
         .map_err(|e| Failure::Retryable(format!("bad resync-hashes answer: {e}")))?;
     let hashes = unhex(&r.hashes)
@@ -318,39 +273,36 @@ impl Assembler {
 
 /// Run one resync cycle. `id` is the machine's id; the cycle is renumbered after the replica's
 /// latest point when needed.
-pub(super) async fn run(agent: &Agent, vm: &PrimaryVm, session: &mut Session, id: u64) -> Outcome {
-    let rec = vm.lock().rec.clone();
+pub(crate) async fn run(ctx: &CycleCtx, session: &mut Session, id: u64) -> Outcome {
+    let rec = &ctx.rec;
     let Some(args) = rec.enable.clone() else {
         return Outcome::Failed(Failure::Fatal("not enabled".into()));
     };
-    if vm.lock().machine.last_cycle.is_none() {
+    if ctx.last_cycle.is_none() {
         // Initial replication from an existing copy: make sure the replica VM exists.
-        if let Err(f) = super::primary::create_replica(agent, &rec, session).await {
+        if let Err(f) = crate::cycle::create_replica(&ctx.host, rec, session).await {
             return Outcome::Failed(f);
         }
     }
     if session.capture.is_none() {
         // Tracking is being restarted: do not insist on the old sizes.
-        let mut cfg = super::primary::capture_config(agent, &rec);
+        let mut cfg = crate::cycle::capture_config(&ctx.host, rec);
         cfg.expected_sizes = None;
         match vmr_capture::VmCapture::open(cfg).await {
             Ok(c) => session.capture = Some(c),
-            Err(e) => return Outcome::Failed(super::primary::classify_capture(&e)),
+            Err(e) => return Outcome::Failed(classify_capture(&e)),
         }
     }
-    let client = match super::primary::client(agent, &rec, session).await {
+    let client = match crate::cycle::client(&ctx.host, rec, session).await {
         Ok(c) => c.clone(),
         Err(f) => return Outcome::Failed(f),
     };
     let Some(capture) = session.capture.as_mut() else {
         return Outcome::Failed(Failure::Retryable("no capture".into()));
     };
-    let slow = std::fs::read_to_string(agent.dir.join(SLOW_HOOK))
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .filter(|ms| *ms > 0);
+    let slow = slow_hook(&ctx.host.dir);
     let (outcome, reset_capture, reset_client) =
-        resync_with(vm, capture, &client, &rec, &args, id, slow).await;
+        resync_with(ctx, capture, &client, rec, &args, id, slow).await;
     if reset_capture {
         session.capture = None;
     }
@@ -363,7 +315,7 @@ pub(super) async fn run(agent: &Agent, vm: &PrimaryVm, session: &mut Session, id
 /// The resync on an open capture and connection; also says whether the capture and the
 /// connection must be reopened.
 async fn resync_with(
-    vm: &PrimaryVm,
+    ctx: &CycleCtx,
     capture: &mut vmr_capture::VmCapture,
     client: &Client,
     rec: &VmRecord,
@@ -376,7 +328,7 @@ async fn resync_with(
         Ok(c) => c,
         Err(e) => {
             return (
-                Outcome::Failed(super::primary::classify_capture(&e)),
+                Outcome::Failed(classify_capture(&e)),
                 true,
                 false,
             );
@@ -395,11 +347,7 @@ async fn resync_with(
     };
     let base = first.0;
     let id = id.max(base + 1);
-    {
-        let mut i = vm.lock();
-        i.machine.retarget_running(id);
-        i.progress = Some((0, total));
-    }
+    ctx.progress.set(0, total);
     let header = CycleHeader {
         vm: rec.uuid,
         id,
@@ -454,7 +402,7 @@ async fn resync_with(
                 Ok(Some(e)) => e,
                 Ok(None) => break,
                 Err(e) => {
-                    let f = super::primary::classify_capture(&e);
+                    let f = classify_capture(&e);
                     let _ = tx.send(Err(e)).await;
                     return Err(Some(f));
                 }
@@ -501,9 +449,7 @@ async fn resync_with(
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
                 }
-                if let Ok(mut i) = vm.inner.lock() {
-                    i.progress = Some((counts.scanned, total));
-                }
+                ctx.progress.set(counts.scanned, total);
             }
         }
         if !asm.iter().all(Assembler::done) || !theirs.is_empty() {
@@ -528,6 +474,7 @@ async fn resync_with(
                     data_bytes = c.data_bytes, "resynchronization done"
                 );
                 let done = Outcome::Done {
+                    id,
                     bytes: c.data_bytes,
                     sizes,
                     app: false,
@@ -549,7 +496,7 @@ async fn resync_with(
                 (Err(Some(f)), _) => f,
                 (_, Err(e)) => {
                     reset_client = true;
-                    super::primary::classify_transport(e)
+                    classify_transport(e)
                 }
                 _ => Failure::Retryable("resync ended early".into()),
             };

@@ -1,0 +1,445 @@
+//! One primary cycle's I/O, run in a task of its own while the VM's owner keeps serving
+//! commands: open the capture and the connection (a [`Session`] the owner lends to the task
+//! and gets back), reconcile with the replica, take the point-in-time view, stream the dirty
+//! extents, commit or abort. The task reports an [`Outcome`]; it never touches the VM's state.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use vmr_capture::{CaptureConfig, CaptureError, CycleMode, VmCapture};
+use vmr_core::Failure;
+use vmr_proto::api::{CreateReplica, EnableArgs, InitialMode, ReplicaVmInfo, VmRecord};
+use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
+use vmr_transport::{Client, TransportError};
+
+use crate::host::Host;
+use crate::util::now_ms;
+
+/// What a cycle task keeps between cycles: the open capture and the replica connection.
+#[derive(Default)]
+pub struct Session {
+    /// The VM's capture (QMP + NBD), opened on first use.
+    pub capture: Option<VmCapture>,
+    /// The connection to the replica, opened on first use.
+    pub client: Option<Client>,
+}
+
+/// Progress of the running cycle, written by its task and read by `status`.
+#[derive(Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Progress {
+    /// Bytes done and bytes expected (0 when unknown).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Set bytes done and expected.
+    pub fn set(&self, done: u64, total: u64) {
+        self.done.store(done, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+    }
+}
+
+/// What a cycle task needs to know: a copy of the VM's record as the owner had it when the
+/// cycle started.
+pub struct CycleCtx {
+    /// Host resources.
+    pub host: Arc<Host>,
+    /// The VM's record at the start of the cycle.
+    pub rec: VmRecord,
+    /// The last cycle the machine holds as replicated.
+    pub last_cycle: Option<u64>,
+    /// The cycle is a planned failover's final cycle (consistency `Planned`).
+    pub planned: bool,
+    /// Reconcile with the replica before the cycle.
+    pub reconcile: bool,
+    /// Where the task reports progress.
+    pub progress: Arc<Progress>,
+}
+
+/// What one attempted cycle came to.
+pub enum Outcome {
+    /// Acknowledged by the replica and committed here.
+    Done {
+        /// The cycle's id (a resync renumbers its cycle after the replica's latest point).
+        id: u64,
+        /// Data bytes shipped.
+        bytes: u64,
+        /// Disk sizes at the cut.
+        sizes: Vec<u64>,
+        /// App-consistent.
+        app: bool,
+        /// Bytes changed since the cut (from the tracking bitmaps).
+        pending: Option<u64>,
+    },
+    /// Reconciliation found the replica holding another cycle than the machine thinks
+    /// (a lost acknowledgement, a restart): the machine must re-plan.
+    Reconciled {
+        /// The replica's latest cycle.
+        latest: Option<u64>,
+    },
+    /// Failed (and aborted: its changes are merged back).
+    Failed(Failure),
+    /// Cancelled by the owner (pause, disable, shutdown).
+    Cancelled,
+}
+
+/// The `create-replica` request for a VM: its definition and replicated disks.
+pub fn create_request(rec: &VmRecord, def: &VmDefinition, args: &EnableArgs) -> CreateReplica {
+    CreateReplica {
+        launch_toml: rec.launch_toml.clone(),
+        uuid: rec.uuid,
+        name: def.name.clone(),
+        disks: rec
+            .disks
+            .iter()
+            .filter(|d| !args.exclude_disks.contains(d))
+            .map(|d| DiskInfo {
+                id: d.clone(),
+                size: 0,
+            })
+            .collect(),
+        frequency_secs: args.frequency_secs,
+        recovery_points: args.recovery_points,
+    }
+}
+
+/// Connect to the replica named in `args`.
+pub async fn connect(host: &Host, args: &EnableArgs) -> Result<Client, TransportError> {
+    Client::connect(
+        &args.replica,
+        &host.identity,
+        &args.replica_fingerprint,
+        Default::default(),
+    )
+    .await
+}
+
+/// The capture configuration of a primary VM.
+pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
+    let excluded: &[String] = rec
+        .enable
+        .as_ref()
+        .map_or(&[], |e| e.exclude_disks.as_slice());
+    let mut cfg = CaptureConfig::new(
+        vmr_capture::Endpoint::Unix(rec.qmp.clone().into()),
+        rec.disks
+            .iter()
+            .filter(|d| !excluded.contains(d))
+            .cloned()
+            .collect(),
+        crate::launch::work_dir(&host.dir, rec.uuid),
+        crate::launch::tag(rec.uuid),
+    );
+    cfg.expected_sizes = rec.disk_sizes.clone();
+    cfg
+}
+
+/// Remove the VM's tracking bitmaps (replication disabled).
+pub async fn stop_tracking(host: &Host, rec: &VmRecord) -> Result<(), CaptureError> {
+    let mut cap = VmCapture::open(capture_config(host, rec)).await?;
+    cap.stop_tracking().await
+}
+
+/// How a transport error bears on the machine.
+pub fn classify_transport(e: TransportError) -> Failure {
+    use vmr_proto::wire::RemoteError as R;
+    let msg = crate::util::chain(&e);
+    match &e {
+        TransportError::Remote(R::WrongBase { .. }) => Failure::WrongBase(msg),
+        // A full replica disk or a pause on the replica: keep retrying (health is Critical
+        // meanwhile) so that replication resumes by itself once the admin fixed it.
+        TransportError::Remote(R::DiskFull { .. } | R::Unavailable { .. }) => {
+            Failure::Retryable(msg)
+        }
+        _ if e.is_retryable() => Failure::Retryable(msg),
+        _ => Failure::Fatal(msg),
+    }
+}
+
+/// How a capture error bears on the machine.
+pub fn classify_capture(e: &CaptureError) -> Failure {
+    let msg = crate::util::chain(e);
+    match e {
+        CaptureError::ResyncRequired { .. } => Failure::ResyncRequired(msg),
+        _ => Failure::Retryable(msg),
+    }
+}
+
+/// The session's connection to the replica, opened if needed.
+pub async fn client<'a>(
+    host: &Host,
+    rec: &VmRecord,
+    session: &'a mut Session,
+) -> Result<&'a Client, Failure> {
+    if session.client.is_none() {
+        let args = rec
+            .enable
+            .as_ref()
+            .ok_or_else(|| Failure::Fatal("replication not enabled".into()))?;
+        let c = connect(host, args).await.map_err(classify_transport)?;
+        session.client = Some(c);
+    }
+    session
+        .client
+        .as_ref()
+        .ok_or_else(|| Failure::Retryable("no connection".into()))
+}
+
+/// The latest cycle the replica holds of this VM (`replica-info`).
+pub async fn replica_latest(
+    host: &Host,
+    rec: &VmRecord,
+    session: &mut Session,
+) -> Result<Option<u64>, Failure> {
+    let c = client(host, rec, session).await?;
+    let info = c
+        .call(
+            "replica-info",
+            &serde_json::json!({ "uuid": rec.uuid, "listen": host.config.listen }),
+        )
+        .await;
+    let info = match info {
+        Ok(v) => v,
+        Err(e) => {
+            session.client = None;
+            return Err(classify_transport(e));
+        }
+    };
+    let info: ReplicaVmInfo = serde_json::from_value(info)
+        .map_err(|e| Failure::Retryable(format!("bad replica-info answer: {e}")))?;
+    Ok(info.latest)
+}
+
+/// Make sure the replica VM exists with this VM's disks (idempotent on the replica).
+pub async fn create_replica(
+    host: &Host,
+    rec: &VmRecord,
+    session: &mut Session,
+) -> Result<(), Failure> {
+    let args = rec
+        .enable
+        .clone()
+        .ok_or_else(|| Failure::Fatal("not enabled".into()))?;
+    let def =
+        VmDefinition::from_toml(&rec.launch_toml).map_err(|e| Failure::Fatal(e.to_string()))?;
+    let create = create_request(rec, &def, &args);
+    let c = client(host, rec, session).await?;
+    let body = serde_json::to_value(&create).map_err(|e| Failure::Fatal(e.to_string()))?;
+    if let Err(e) = c.call("create-replica", &body).await {
+        session.client = None;
+        return Err(classify_transport(e));
+    }
+    Ok(())
+}
+
+/// Run the cycle the machine asked for. Resync and export cycles go to their modules.
+pub async fn run(
+    ctx: &CycleCtx,
+    session: &mut Session,
+    id: u64,
+    base: Option<u64>,
+    kind: CycleKind,
+    app_consistent: bool,
+) -> Outcome {
+    // Reconcile with the replica first (a lost acknowledgement, a restart).
+    if ctx.reconcile && kind != CycleKind::Resync {
+        match replica_latest(&ctx.host, &ctx.rec, session).await {
+            Ok(latest) if latest != ctx.last_cycle => return Outcome::Reconciled { latest },
+            Ok(_) => {}
+            Err(f) => return Outcome::Failed(f),
+        }
+    }
+    let export = ctx.rec.enable.as_ref().and_then(|e| match &e.initial {
+        InitialMode::Export { dir } if kind == CycleKind::Full => Some(dir.clone()),
+        _ => None,
+    });
+    if kind == CycleKind::Resync {
+        crate::resync::run(ctx, session, id).await
+    } else if let Some(dir) = export {
+        crate::export::run(ctx, session, id, std::path::Path::new(&dir)).await
+    } else {
+        run_incremental(ctx, session, id, base, kind, app_consistent).await
+    }
+}
+
+async fn run_incremental(
+    ctx: &CycleCtx,
+    session: &mut Session,
+    id: u64,
+    base: Option<u64>,
+    kind: CycleKind,
+    app_consistent: bool,
+) -> Outcome {
+    let rec = &ctx.rec;
+    let Some(args) = rec.enable.clone() else {
+        return Outcome::Failed(Failure::Fatal("not enabled".into()));
+    };
+    if kind == CycleKind::Full {
+        // Idempotent on the replica; makes sure the replica VM exists with our disks.
+        if let Err(f) = create_replica(&ctx.host, rec, session).await {
+            return Outcome::Failed(f);
+        }
+    }
+    if session.capture.is_none() {
+        match VmCapture::open(capture_config(&ctx.host, rec)).await {
+            Ok(c) => session.capture = Some(c),
+            Err(e) => return Outcome::Failed(classify_capture(&e)),
+        }
+    }
+    let client = match client(&ctx.host, rec, session).await {
+        Ok(c) => c.clone(),
+        Err(f) => return Outcome::Failed(f),
+    };
+    let Some(capture) = session.capture.as_mut() else {
+        return Outcome::Failed(Failure::Retryable("no capture".into()));
+    };
+    let (outcome, reset_capture, reset_client) = cycle_with(
+        ctx,
+        capture,
+        &client,
+        &args,
+        id,
+        base,
+        kind,
+        app_consistent,
+    )
+    .await;
+    if reset_capture {
+        session.capture = None;
+    }
+    if reset_client {
+        session.client = None;
+    }
+    outcome
+}
+
+/// One cycle on an open capture and connection. Returns the outcome and whether the capture
+/// and the connection must be reopened.
+#[allow(clippy::too_many_arguments)]
+async fn cycle_with(
+    ctx: &CycleCtx,
+    capture: &mut VmCapture,
+    client: &Client,
+    args: &EnableArgs,
+    id: u64,
+    base: Option<u64>,
+    kind: CycleKind,
+    app_consistent: bool,
+) -> (Outcome, bool, bool) {
+    let rec = &ctx.rec;
+    let mode = if kind == CycleKind::Full {
+        CycleMode::Full
+    } else {
+        CycleMode::Incremental
+    };
+    let taken_at_ms = now_ms();
+    let mut cycle = match capture.begin_cycle(mode).await {
+        Ok(c) => c,
+        Err(e) => return (Outcome::Failed(classify_capture(&e)), true, false),
+    };
+    let disks = cycle.disks().to_vec();
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    if app_consistent {
+        // Quiescing through the guest agent (guest-fsfreeze) is not built yet: like Hyper-V
+        // when VSS fails, take a crash-consistent point and say so.
+        tracing::warn!(vm = %rec.name, "app-consistent point requested; guest-agent quiescing is not supported yet, taking a crash-consistent point");
+    }
+    let header = CycleHeader {
+        vm: rec.uuid,
+        id,
+        base,
+        kind,
+        consistency: if ctx.planned {
+            CycleConsistency::Planned
+        } else {
+            CycleConsistency::CrashConsistent
+        },
+        taken_at_ms,
+        disks,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
+    let producer = async {
+        // Owning the sender here ends the stream when the producer finishes.
+        let tx = tx;
+        let mut sent = 0u64;
+        loop {
+            match cycle.next_extent().await {
+                Ok(Some(e)) => {
+                    // Bytes of data shipped; zero extents cost a few bytes on the wire.
+                    if let vmr_proto::ExtentData::Data(b) = &e.data {
+                        sent += b.len() as u64;
+                    }
+                    ctx.progress.set(sent, 0);
+                    if tx.send(Ok(e)).await.is_err() {
+                        return Err(None);
+                    }
+                }
+                Ok(None) => return Ok(sent),
+                Err(e) => {
+                    let f = classify_capture(&e);
+                    let _ = tx.send(Err(e)).await;
+                    return Err(Some(f));
+                }
+            }
+        }
+    };
+    let consumer = client.send_cycle(
+        &header,
+        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        args.compression,
+    );
+    let (produced, sent) = tokio::join!(producer, consumer);
+    match (produced, sent) {
+        (Ok(bytes), Ok(_ack)) => match cycle.commit().await {
+            Ok(()) => {
+                let pending = capture.pending_bytes().await.ok();
+                (
+                    Outcome::Done {
+                        id,
+                        bytes,
+                        sizes,
+                        app: false,
+                        pending,
+                    },
+                    false,
+                    false,
+                )
+            }
+            // The replica has the cycle; the primary could not drop the frozen bitmap. The next
+            // open merges it back, and reconciliation adopts the acknowledged cycle.
+            Err(e) => (
+                Outcome::Failed(Failure::Retryable(format!(
+                    "commit after acknowledgement failed: {e}"
+                ))),
+                true,
+                false,
+            ),
+        },
+        (p, s) => {
+            let mut reset_client = false;
+            let failure = match (p, s) {
+                (Err(Some(f)), _) => f,
+                (_, Err(e)) => {
+                    reset_client = true;
+                    classify_transport(e)
+                }
+                _ => Failure::Retryable("cycle ended early".into()),
+            };
+            let mut reset_capture = false;
+            if let Err(e) = cycle.abort().await {
+                tracing::warn!("abort failed (the next open merges back): {e}");
+                reset_capture = true;
+            }
+            (Outcome::Failed(failure), reset_capture, reset_client)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! What every VM's owner shares on one host: the agent directory, its config and TLS identity,
+//! the state database, the in-memory authorization entries, the opened replica stores and the
+//! limit on concurrent cycles. Nothing here holds a VM's state: that is owned by the VM's
+//! task (`vm.rs`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use vmr_proto::api::{AgentConfig, AllowEntry, VmRecord};
+
+use crate::db::Db;
+
+/// Host-wide resources of the agent.
+pub struct Host {
+    /// The agent directory.
+    pub dir: PathBuf,
+    /// Loaded config.
+    pub config: AgentConfig,
+    /// TLS identity.
+    pub identity: vmr_transport::Identity,
+    /// State database. Each VM's record is written only by that VM's owner task; the
+    /// authorization entries only by the control API.
+    db: Mutex<Db>,
+    /// Authorization entries, loaded once and kept in step with the database, so that the
+    /// authorization of a request never reads SQLite.
+    allow: RwLock<Vec<AllowEntry>>,
+    /// Replica stores by storage directory.
+    stores: Mutex<BTreeMap<PathBuf, vmr_store::Store>>,
+    /// Limits how many cycles run at once.
+    pub cycle_slots: Arc<tokio::sync::Semaphore>,
+    /// Cancelled on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+impl Host {
+    /// Open the host's resources.
+    pub fn open(
+        dir: PathBuf,
+        config: AgentConfig,
+        identity: vmr_transport::Identity,
+        db: Db,
+    ) -> anyhow::Result<Host> {
+        let allow = db.allowed()?;
+        Ok(Host {
+            dir,
+            cycle_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_cycles.max(1),
+            )),
+            config,
+            identity,
+            db: Mutex::new(db),
+            allow: RwLock::new(allow),
+            stores: Mutex::new(BTreeMap::new()),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+        // A poisoned lock holds no half-written state: every write is one SQLite transaction.
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Save a VM record. Called only by the VM's owner (and by the registry when it creates
+    /// or removes the VM).
+    pub fn save_vm(&self, rec: &VmRecord) -> anyhow::Result<()> {
+        self.db().put_vm(rec)
+    }
+
+    /// Every VM record (agent start).
+    pub fn load_vms(&self) -> anyhow::Result<Vec<VmRecord>> {
+        self.db().vms()
+    }
+
+    /// Add or replace an authorization entry (database first, then the in-memory copy).
+    pub fn put_allow(&self, entry: AllowEntry) -> anyhow::Result<()> {
+        self.db().put_allow(&entry)?;
+        let mut allow = self.allow.write().unwrap_or_else(|p| p.into_inner());
+        allow.retain(|e| e.primary != entry.primary);
+        allow.push(entry);
+        allow.sort_by(|a, b| a.primary.cmp(&b.primary));
+        Ok(())
+    }
+
+    /// All authorization entries.
+    pub fn allowed(&self) -> Vec<AllowEntry> {
+        self.allow
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The authorization entry for a certificate fingerprint.
+    pub fn allow_entry(&self, fingerprint: &str) -> Option<AllowEntry> {
+        self.allow
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|e| e.fingerprint == fingerprint)
+            .cloned()
+    }
+
+    /// The storage directory of replica VMs of `primary` (its `server allow` entry, or the
+    /// agent's default storage).
+    pub fn storage_of(&self, primary: &str) -> PathBuf {
+        self.allow
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|e| e.primary == primary)
+            .map_or_else(
+                || PathBuf::from(&self.config.storage),
+                |e| PathBuf::from(&e.storage),
+            )
+    }
+
+    /// The replica store at `root`, opened once.
+    pub fn store(&self, root: &Path) -> anyhow::Result<vmr_store::Store> {
+        let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = stores.get(root) {
+            return Ok(s.clone());
+        }
+        let s = vmr_store::Store::open(root)
+            .with_context(|| format!("opening replica store {}", root.display()))?;
+        stores.insert(root.to_path_buf(), s.clone());
+        Ok(s)
+    }
+
+    /// The store holding replica VM `rec`.
+    pub fn store_of(&self, rec: &VmRecord) -> anyhow::Result<vmr_store::Store> {
+        self.store(&self.storage_of(&rec.primary))
+    }
+
+    /// Every storage directory replica VMs can live in.
+    pub fn storage_roots(&self) -> Vec<PathBuf> {
+        let mut roots: Vec<PathBuf> = self
+            .allowed()
+            .into_iter()
+            .map(|e| PathBuf::from(e.storage))
+            .collect();
+        roots.push(PathBuf::from(&self.config.storage));
+        roots.sort();
+        roots.dedup();
+        roots
+    }
+}

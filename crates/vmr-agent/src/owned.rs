@@ -1,0 +1,73 @@
+//! What one VM's owner holds besides its decision machine: the VM's record (persisted in the
+//! state database), its failover bookkeeping (`DIR/failover/<uuid>.json`) and the VM processes
+//! it started (failed-over VMs and test copies). Only the owner task of the VM has a `Vm`, so
+//! nothing else can write its state.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::Arc;
+
+use anyhow::Context;
+use vmr_proto::api::{FailoverRecord, VmRecord};
+
+use crate::host::Host;
+
+/// One VM's owned state.
+pub struct Vm {
+    /// Host resources.
+    pub host: Arc<Host>,
+    /// The persisted record.
+    pub rec: VmRecord,
+    /// VM processes this owner started, by pid (reaped when ended).
+    pub children: BTreeMap<u32, Child>,
+}
+
+impl Vm {
+    /// Own `rec`.
+    pub fn new(host: Arc<Host>, rec: VmRecord) -> Vm {
+        Vm {
+            host,
+            rec,
+            children: BTreeMap::new(),
+        }
+    }
+
+    /// Write the record to the state database.
+    pub fn save(&self) -> anyhow::Result<()> {
+        self.host.save_vm(&self.rec)
+    }
+
+    fn failover_path(&self) -> PathBuf {
+        self.host
+            .dir
+            .join("failover")
+            .join(format!("{}.json", self.rec.uuid))
+    }
+
+    /// The failover bookkeeping of the VM (empty when none).
+    pub fn failover(&self) -> anyhow::Result<FailoverRecord> {
+        let p = self.failover_path();
+        match std::fs::read(&p) {
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FailoverRecord {
+                vm: self.rec.uuid,
+                ..Default::default()
+            }),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    /// Save the failover bookkeeping durably.
+    pub fn save_failover(&self, fr: &FailoverRecord) -> anyhow::Result<()> {
+        let p = self.failover_path();
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let bytes = serde_json::to_vec_pretty(fr).context("encoding the failover record")?;
+        vmr_durable::write_atomic(&p, &bytes)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! The mutual-TLS listener other agents call: authorization by the `server allow` entries
+//! (kept in memory), creation of new replica VMs, and routing of every call and cycle to the
+//! owner of its VM. A cycle is admitted by the owner, streamed here into the writer the owner
+//! handed out, and made durable and recorded by the owner before it is acknowledged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use vmr_proto::CycleHeader;
+use vmr_proto::api::{
+    BecomeReplica, BlockHashesRequest, CreateReplica, ReplicationMode, ReplicationState,
+    ReplicationStats, VmRecord,
+};
+use vmr_proto::wire::{CycleAck, RemoteError};
+use vmr_store::RetentionPolicy;
+use vmr_transport::{Authorize, ExtentStream, Handler, Peer, Server};
+
+use crate::host::Host;
+use crate::replica::{internal, store_err};
+use crate::util::now_ms;
+use crate::vm::{Command, Registry, VmHandle, Writer};
+
+struct Auth(Arc<Host>);
+
+impl Authorize for Auth {
+    fn authorize(&self, fingerprint: &str) -> Option<Peer> {
+        self.0.allow_entry(fingerprint).map(|e| Peer {
+            name: e.primary,
+            fingerprint: e.fingerprint,
+            trust_group: Some(e.trust_group),
+        })
+    }
+}
+
+struct PeerHandler {
+    host: Arc<Host>,
+    vms: Arc<Registry>,
+    /// Serialises creating new replica VMs.
+    creating: tokio::sync::Mutex<()>,
+}
+
+/// Bind the replication listener from the config and serve it in the background.
+pub async fn start(host: &Arc<Host>, vms: &Arc<Registry>) -> anyhow::Result<SocketAddr> {
+    let addr: SocketAddr =
+        host.config.listen.parse().with_context(|| {
+            format!("listen address {:?} is not HOST:PORT", host.config.listen)
+        })?;
+    let server = Server::bind(
+        addr,
+        &host.identity,
+        Arc::new(Auth(host.clone())),
+        Arc::new(PeerHandler {
+            host: host.clone(),
+            vms: vms.clone(),
+            creating: tokio::sync::Mutex::new(()),
+        }),
+    )
+    .await
+    .with_context(|| format!("binding the replication listener {addr}"))?;
+    let local = server.local_addr();
+    let shutdown = host.shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = server.run(async move { shutdown.cancelled().await }).await {
+            tracing::error!("replication listener stopped: {e}");
+        }
+    });
+    Ok(local)
+}
+
+fn bad(m: impl Into<String>) -> RemoteError {
+    RemoteError::BadRequest { message: m.into() }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(method: &str, body: Value) -> Result<T, RemoteError> {
+    serde_json::from_value(body).map_err(|e| bad(format!("{method}: {e}")))
+}
+
+fn uuid_of(method: &str, body: &Value) -> Result<uuid::Uuid, RemoteError> {
+    body.get("uuid")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("{method} needs a uuid")))
+}
+
+impl PeerHandler {
+    fn vm(&self, uuid: uuid::Uuid) -> Result<VmHandle, RemoteError> {
+        self.vms
+            .by_uuid(uuid)
+            .ok_or(RemoteError::UnknownVm { vm: uuid })
+    }
+
+    async fn create(&self, peer: &Peer, req: CreateReplica) -> Result<Value, RemoteError> {
+        let _one = self.creating.lock().await;
+        if let Some(h) = self.vms.by_uuid(req.uuid) {
+            h.ask_peer(|r| Command::Refresh(peer.clone(), Box::new(req), r))
+                .await?;
+            return Ok(json!({ "created": false }));
+        }
+        if self.vms.get(&req.name).is_some() {
+            return Err(bad(format!(
+                "a different VM named {:?} already exists on this replica",
+                req.name
+            )));
+        }
+        let entry = self
+            .host
+            .allow_entry(&peer.fingerprint)
+            .ok_or(RemoteError::Unauthorized)?;
+        let store = self
+            .host
+            .store(std::path::Path::new(&entry.storage))
+            .map_err(internal)?;
+        store
+            .add_vm(
+                req.uuid,
+                &req.launch_toml,
+                RetentionPolicy {
+                    hourly: req.recovery_points,
+                    app_consistent_every_hours: None,
+                },
+            )
+            .map_err(store_err)?;
+        let rec = VmRecord {
+            name: req.name.clone(),
+            uuid: req.uuid,
+            mode: ReplicationMode::Replica,
+            qmp: String::new(),
+            launch_toml: req.launch_toml,
+            disks: req.disks.iter().map(|d| d.id.clone()).collect(),
+            enable: None,
+            state: ReplicationState::WaitingForInitialReplication,
+            paused_from: None,
+            last_cycle: None,
+            disk_sizes: None,
+            stats: ReplicationStats {
+                window_start_ms: now_ms(),
+                ..Default::default()
+            },
+            initial_at_ms: None,
+            primary: peer.name.clone(),
+            trust_group: peer.trust_group.clone(),
+            last_error: None,
+        };
+        self.host.save_vm(&rec).map_err(internal)?;
+        self.vms
+            .spawn(&self.host, rec, false)
+            .map_err(|e| internal(format!("{e:#}")))?;
+        tracing::info!(vm = %req.name, uuid = %req.uuid, primary = %peer.name, "replica VM created");
+        Ok(json!({ "created": true }))
+    }
+}
+
+impl Handler for PeerHandler {
+    async fn receive_cycle(
+        &self,
+        peer: &Peer,
+        header: CycleHeader,
+        mut extents: ExtentStream,
+    ) -> Result<CycleAck, RemoteError> {
+        let (vm, id) = (header.vm, header.id);
+        let h = self.vm(vm)?;
+        let mut writer = h
+            .ask_peer(|r| Command::BeginCycle(peer.clone(), Box::new(header), r))
+            .await?;
+        let streamed = match &mut writer {
+            Writer::Staged(w) => {
+                let (mut count, mut bytes) = (0u64, 0u64);
+                let mut res = Ok(());
+                while let Some(item) = extents.next().await {
+                    let put = match item {
+                        Ok((extent, sum)) => {
+                            bytes += extent.len();
+                            count += 1;
+                            w.put(&extent, sum).await.map_err(store_err)
+                        }
+                        Err(e) => Err(e.to_remote()),
+                    };
+                    if let Err(e) = put {
+                        res = Err(e);
+                        break;
+                    }
+                }
+                res.map(|()| (count, bytes))
+            }
+            Writer::Resync(w) => crate::resync::receive(w, &mut extents).await,
+        };
+        let (count, bytes) = match streamed {
+            Ok(c) => c,
+            Err(e) => {
+                if let Writer::Resync(w) = writer {
+                    // Keep what arrived: the next attempt continues from it.
+                    w.suspend().await;
+                }
+                return Err(e);
+            }
+        };
+        h.ask_peer(|r| Command::FinishCycle(writer, bytes, r))
+            .await?;
+        Ok(CycleAck {
+            vm,
+            cycle: id,
+            extents: count,
+            bytes,
+        })
+    }
+
+    async fn call(&self, peer: &Peer, method: &str, body: Value) -> Result<Value, RemoteError> {
+        match method {
+            "create-replica" => {
+                let req: CreateReplica = parse(method, body)?;
+                self.create(peer, req).await
+            }
+            "replica-info" => {
+                let uuid = uuid_of(method, &body)?;
+                let listen = body
+                    .get("listen")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let info = self
+                    .vm(uuid)?
+                    .ask_peer(|r| Command::ReplicaInfo(peer.clone(), listen, r))
+                    .await?;
+                serde_json::to_value(info).map_err(internal)
+            }
+            "primary-vm-state" => {
+                let uuid = uuid_of(method, &body)?;
+                self.vm(uuid)?
+                    .ask_peer(Command::PrimaryState)
+                    .await
+            }
+            "become-replica" => {
+                let req: BecomeReplica = parse(method, body)?;
+                self.vm(req.uuid)?
+                    .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))
+                    .await
+            }
+            "resync-hashes" => {
+                let req: BlockHashesRequest = parse(method, body)?;
+                let reply = self
+                    .vm(req.uuid)?
+                    .ask_peer(|r| Command::Hashes(peer.clone(), req, r))
+                    .await?;
+                serde_json::to_value(reply).map_err(internal)
+            }
+            other => Err(bad(format!("unknown method {other:?}"))),
+        }
+    }
+}

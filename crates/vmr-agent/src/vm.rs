@@ -1,0 +1,733 @@
+//! One owner task per VM. The task holds the VM's record, its side (primary machine with its
+//! capture session, or replica side with its store) and the VM processes it started;
+//! everything else (control socket, peer API) sends it a [`Command`] and awaits the reply on
+//! a oneshot channel. Nothing outside the task writes the VM's state, so a command can never
+//! overwrite what another command did meanwhile.
+//!
+//! Architecture Invariant: a VM's record is written only by its owner task.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+use vmr_proto::CycleHeader;
+use vmr_proto::api::{
+    BecomeReplica, BlockHashesReply, BlockHashesRequest, CreateReplica, EnableArgs,
+    FailoverResult, PointInfo, ReplicaVmInfo, ReplicationMode, ReplicationState, VmRecord,
+    VmStatus,
+};
+use vmr_proto::wire::RemoteError;
+use vmr_transport::Peer;
+
+use crate::exit;
+use crate::host::Host;
+use crate::owned::Vm;
+use crate::primary::{Cmd, CycleDone, PrimarySide};
+use crate::replica::{Applied, ReplicaCmd, ReplicaSide, internal, store_err};
+use crate::util::{coded, now_ms};
+
+/// A reply channel.
+pub type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
+/// A reply channel of a peer call.
+pub type PeerReply<T> = oneshot::Sender<Result<T, RemoteError>>;
+
+/// A failover command of the control API.
+#[derive(Debug, Clone)]
+pub enum FailoverCmd {
+    /// `failover prepare` (primary).
+    Prepare,
+    /// `failover start` (replica).
+    Start {
+        /// Recovery point; latest when `None`.
+        point: Option<u64>,
+        /// Prepare the disks only.
+        no_start: bool,
+        /// Skip the split-brain guard.
+        force: bool,
+    },
+    /// `failover test` (replica).
+    Test {
+        /// Recovery point; latest when `None`.
+        point: Option<u64>,
+    },
+    /// `failover stop-test` (replica).
+    StopTest {
+        /// One test copy, or all.
+        test_id: Option<Uuid>,
+    },
+    /// `failover cancel` (replica).
+    Cancel,
+    /// `failover complete` (replica).
+    Complete,
+    /// `reverse` (the failed-over replica).
+    Reverse {
+        /// The old primary's replication address.
+        replica: Option<String>,
+        /// Its certificate fingerprint.
+        replica_fingerprint: Option<String>,
+        /// Cycle frequency of the reversed replication.
+        frequency_secs: Option<u64>,
+    },
+}
+
+/// A durable cycle's writer, handed from the owner to the transport handler and back.
+pub enum Writer {
+    /// An initial or incremental cycle, staged.
+    Staged(vmr_store::StagingWriter),
+    /// A resync cycle, written into its pending layers.
+    Resync(vmr_store::ResyncWriter),
+}
+
+/// What the owner of a VM can be asked.
+pub enum Command {
+    /// The status row.
+    Status(Reply<VmStatus>),
+    /// Pause replication.
+    Pause(Reply<String>),
+    /// Resume replication.
+    Resume(Reply<String>),
+    /// Disable replication.
+    Disable(Reply<String>),
+    /// Reset the statistics window.
+    ResetStats(Reply<()>),
+    /// Enable replication (primary); the replica accepted the VM already.
+    Enable(Box<EnableArgs>, Reply<String>),
+    /// Start initial replication now (primary).
+    StartInitial(Reply<String>),
+    /// Start or schedule a resynchronization (primary).
+    ResumeResync(Option<u64>, Reply<String>),
+    /// Recovery points (replica).
+    Points(Reply<Vec<PointInfo>>),
+    /// `vmreplica import` (replica).
+    Import(PathBuf, Reply<String>),
+    /// A failover command.
+    Failover(FailoverCmd, Reply<FailoverResult>),
+    /// Peer: refresh an existing replica VM (`create-replica`).
+    Refresh(Peer, Box<CreateReplica>, PeerReply<()>),
+    /// Peer: the latest cycle held (`replica-info`), remembering the primary's address.
+    ReplicaInfo(Peer, Option<String>, PeerReply<ReplicaVmInfo>),
+    /// Peer: admit a cycle; the reply is the writer to stream it into.
+    BeginCycle(Peer, Box<CycleHeader>, PeerReply<Writer>),
+    /// Peer: the cycle was streamed into the writer; make it durable and record it.
+    FinishCycle(Writer, u64, PeerReply<()>),
+    /// Peer: block hashes of the latest point (resync).
+    Hashes(Peer, BlockHashesRequest, PeerReply<BlockHashesReply>),
+    /// Peer: is the VM running here (split-brain probe)?
+    PrimaryState(PeerReply<serde_json::Value>),
+    /// Peer: become the replica of the VM (reverse after a failover).
+    BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<serde_json::Value>),
+    /// Stop the owner (agent shutdown).
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The handle of a VM's owner task.
+#[derive(Clone)]
+pub struct VmHandle {
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    tx: mpsc::Sender<Command>,
+}
+
+impl VmHandle {
+    /// Send a command built around a reply channel and wait for the reply.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("the owner of VM {:?} has stopped", self.name))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the owner of VM {:?} has stopped", self.name))?
+    }
+
+    /// Send a command without waiting for a reply; false when the owner has stopped.
+    pub async fn ask_raw(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).await.is_ok()
+    }
+
+    /// Send a peer command and wait for the reply.
+    pub async fn ask_peer<T>(
+        &self,
+        make: impl FnOnce(PeerReply<T>) -> Command,
+    ) -> Result<T, RemoteError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || RemoteError::Unavailable {
+            message: format!("the agent is stopping VM {}", self.uuid),
+        };
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// Every VM's handle, by name and by UUID.
+#[derive(Default)]
+pub struct Registry {
+    by_name: Mutex<BTreeMap<String, VmHandle>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VmHandle>> {
+        self.by_name.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handle of VM `name`.
+    pub fn get(&self, name: &str) -> Option<VmHandle> {
+        self.lock().get(name).cloned()
+    }
+
+    /// The handle of VM `uuid`.
+    pub fn by_uuid(&self, uuid: Uuid) -> Option<VmHandle> {
+        self.lock().values().find(|h| h.uuid == uuid).cloned()
+    }
+
+    /// Every handle, by name.
+    pub fn all(&self) -> Vec<VmHandle> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Start the owner of `rec` (which the caller saved) and register it. Fails when a VM of
+    /// that name or UUID is registered.
+    pub fn spawn(&self, host: &Arc<Host>, rec: VmRecord, restarted: bool) -> anyhow::Result<VmHandle> {
+        let mut map = self.lock();
+        if let Some(h) = map.values().find(|h| h.name == rec.name || h.uuid == rec.uuid) {
+            return Err(coded(
+                exit::INVALID_STATE,
+                format!("VM {:?} ({}) is already registered", h.name, h.uuid),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let handle = VmHandle {
+            name: rec.name.clone(),
+            uuid: rec.uuid,
+            tx,
+        };
+        let vm = Vm::new(host.clone(), rec);
+        let side = match vm.rec.mode {
+            ReplicationMode::Primary => Side::Primary(PrimarySide::restore(&vm, restarted)),
+            ReplicationMode::Replica => Side::Replica(ReplicaSide::default()),
+        };
+        let (done_tx, done_rx) = mpsc::channel(4);
+        let owner = Owner {
+            vm,
+            side,
+            rx,
+            done_tx,
+            done_rx,
+        };
+        tokio::spawn(owner.run());
+        map.insert(handle.name.clone(), handle.clone());
+        Ok(handle)
+    }
+}
+
+enum Side {
+    /// Primary; `None` while replication is not enabled.
+    Primary(Option<PrimarySide>),
+    Replica(ReplicaSide),
+}
+
+/// Internal completions the owner's own tasks report.
+enum Done {
+    Applied(Applied),
+}
+
+struct Owner {
+    vm: Vm,
+    side: Side,
+    rx: mpsc::Receiver<Command>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+}
+
+async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError> {
+    match side {
+        Side::Primary(Some(p)) => match p.running() {
+            Some(h) => h.await,
+            None => std::future::pending().await,
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+impl Owner {
+    async fn run(mut self) {
+        if self.vm.rec.mode == ReplicationMode::Replica {
+            self.reconcile_replica();
+        }
+        loop {
+            let wake = match &self.side {
+                Side::Primary(Some(p)) => p.next_wake(),
+                _ => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    None => break,
+                    Some(Command::Shutdown(ack)) => {
+                        if let Side::Primary(Some(p)) = &mut self.side {
+                            p.stop().await;
+                        }
+                        let _ = ack.send(());
+                        break;
+                    }
+                    Some(cmd) => self.handle(cmd).await,
+                },
+                done = wait_cycle(&mut self.side) => {
+                    if let Side::Primary(Some(p)) = &mut self.side {
+                        p.cycle_done(&mut self.vm, done);
+                    }
+                }
+                Some(done) = self.done_rx.recv() => self.internal(done),
+                _ = tokio::time::sleep(wake) => {
+                    if let Side::Primary(Some(p)) = &mut self.side {
+                        p.tick(&mut self.vm);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A replica VM's record follows what its store holds (agent start: applied staged
+    /// cycles may have made new points).
+    fn reconcile_replica(&mut self) {
+        let Ok(store) = self.vm.host.store_of(&self.vm.rec) else {
+            return;
+        };
+        if let Ok(latest) = store.latest_point(self.vm.rec.uuid)
+            && latest != self.vm.rec.last_cycle
+        {
+            self.vm.rec.last_cycle = latest;
+            if let Err(e) = self.vm.save() {
+                tracing::error!(vm = %self.vm.rec.name, "saving replica state: {e:#}");
+            }
+        }
+    }
+
+    fn internal(&mut self, done: Done) {
+        match done {
+            Done::Applied(a) => {
+                if let Side::Replica(r) = &mut self.side
+                    && r.applied(&mut self.vm, a)
+                {
+                    self.start_apply();
+                }
+            }
+        }
+    }
+
+    /// Apply staged cycles in a task of the owner's; it reports back with `Done::Applied`.
+    fn start_apply(&mut self) {
+        let Side::Replica(r) = &mut self.side else {
+            return;
+        };
+        let bytes = r.take_staged_bytes();
+        let store = match self.vm.host.store_of(&self.vm.rec) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(vm = %self.vm.rec.name, "no store: {e:#}");
+                r.applying = false;
+                return;
+            }
+        };
+        let uuid = self.vm.rec.uuid;
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let result = store.apply_pending(uuid).await;
+            if result.is_ok()
+                && let Err(e) = store.prune(uuid).await
+            {
+                tracing::warn!(%uuid, "pruning failed (retried after the next cycle): {e}");
+            }
+            let _ = tx.send(Done::Applied(Applied { result, bytes })).await;
+        });
+    }
+
+    /// Wait until no apply task runs (failover, import and hashes need applied points).
+    async fn settle(&mut self) {
+        while matches!(&self.side, Side::Replica(r) if r.applying) {
+            match self.done_rx.recv().await {
+                Some(d) => self.internal(d),
+                None => return,
+            }
+        }
+    }
+
+    fn not_enabled(&self) -> anyhow::Error {
+        coded(
+            exit::INVALID_STATE,
+            format!("replication of {:?} is not enabled", self.vm.rec.name),
+        )
+    }
+
+    fn wrong_mode(&self, what: &str) -> anyhow::Error {
+        let name = &self.vm.rec.name;
+        let msg = match self.vm.rec.mode {
+            ReplicationMode::Primary => {
+                format!("{name:?} is a primary VM on this host; run {what} on its replica")
+            }
+            ReplicationMode::Replica => {
+                format!("{name:?} is a replica VM on this host; run {what} on its primary")
+            }
+        };
+        coded(exit::INVALID_STATE, msg)
+    }
+
+    fn trust(&self, peer: &Peer) -> Result<(), RemoteError> {
+        if self.vm.rec.mode != ReplicationMode::Replica {
+            return Err(RemoteError::UnknownVm {
+                vm: self.vm.rec.uuid,
+            });
+        }
+        if self.vm.rec.trust_group != peer.trust_group {
+            tracing::warn!(peer = %peer.name, vm = %self.vm.rec.uuid, "refused: peer is not in the VM's trust group");
+            return Err(RemoteError::TrustGroup {
+                message: format!(
+                    "replica VM {} belongs to trust group {:?}; primary {:?} is in {:?}",
+                    self.vm.rec.uuid, self.vm.rec.trust_group, peer.name, peer.trust_group
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        let primary_name = self.vm.host.config.name.clone();
+        match cmd {
+            Command::Status(reply) => {
+                let now = now_ms();
+                let st = match &self.side {
+                    Side::Primary(Some(p)) => p.status(&self.vm, &primary_name, now),
+                    Side::Primary(None) => {
+                        crate::primary::disabled_status(&self.vm, &primary_name, now)
+                    }
+                    Side::Replica(r) => r.status(&self.vm, &primary_name, now),
+                };
+                let _ = reply.send(Ok(st));
+            }
+            Command::Pause(reply) => {
+                let r = self.admin(Cmd::Pause, ReplicaCmd::Pause).await;
+                let _ = reply.send(r);
+            }
+            Command::Resume(reply) => {
+                let r = self.admin(Cmd::Resume, ReplicaCmd::Resume).await;
+                let _ = reply.send(r);
+            }
+            Command::Disable(reply) => {
+                let r = self.admin(Cmd::Disable, ReplicaCmd::Disable).await;
+                if r.is_ok()
+                    && let Side::Primary(p) = &mut self.side
+                {
+                    *p = None;
+                }
+                let _ = reply.send(r);
+            }
+            Command::ResetStats(reply) => {
+                let r = match &mut self.side {
+                    Side::Primary(Some(p)) => p.reset_stats(&mut self.vm),
+                    Side::Primary(None) => Ok(()),
+                    Side::Replica(r) => r.reset_stats(&mut self.vm),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Enable(args, reply) => {
+                let r = self.enable(*args).await;
+                let _ = reply.send(r);
+            }
+            Command::StartInitial(reply) => {
+                let r = self.primary_cmd(Cmd::StartInitial).await;
+                let _ = reply.send(r);
+            }
+            Command::ResumeResync(at, reply) => {
+                let r = match self.vm.rec.mode {
+                    ReplicationMode::Replica => Err(coded(
+                        exit::INVALID_STATE,
+                        format!(
+                            "{:?} is a replica VM on this host; resynchronize from its primary",
+                            self.vm.rec.name
+                        ),
+                    )),
+                    ReplicationMode::Primary => self.primary_cmd(Cmd::ResumeResync(at)).await,
+                };
+                let _ = reply.send(r);
+            }
+            Command::Points(reply) => {
+                let r = match &self.side {
+                    Side::Replica(r) => r.points(&self.vm),
+                    Side::Primary(_) => Err(coded(
+                        exit::INVALID_STATE,
+                        format!(
+                            "{:?} is not a replica VM on this host; run `points` on its replica",
+                            self.vm.rec.name
+                        ),
+                    )),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Import(dir, reply) => {
+                self.settle().await;
+                let r = match &mut self.side {
+                    Side::Replica(r) => r.import(&mut self.vm, &dir).await,
+                    Side::Primary(_) => Err(coded(
+                        exit::INVALID_STATE,
+                        format!(
+                            "{:?} is not a replica VM on this host; enable replication on its \
+                             primary first (the replica VM is created then), and import here",
+                            self.vm.rec.name
+                        ),
+                    )),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Failover(f, reply) => {
+                let r = self.failover(f).await;
+                let _ = reply.send(r);
+            }
+            Command::Refresh(peer, req, reply) => {
+                let r = match self.trust(&peer) {
+                    Err(e) => Err(e),
+                    Ok(()) => match &mut self.side {
+                        Side::Replica(r) => r.refresh(&mut self.vm, *req),
+                        Side::Primary(_) => Err(RemoteError::UnknownVm {
+                            vm: self.vm.rec.uuid,
+                        }),
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Command::ReplicaInfo(peer, listen, reply) => {
+                let r = self.trust(&peer).and_then(|()| {
+                    if let Some(l) = &listen {
+                        crate::failover::remember_primary(&self.vm, l);
+                    }
+                    let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
+                    let latest = store.latest_cycle(self.vm.rec.uuid).map_err(store_err)?;
+                    Ok(ReplicaVmInfo {
+                        uuid: self.vm.rec.uuid,
+                        latest,
+                        state: self.vm.rec.state,
+                    })
+                });
+                let _ = reply.send(r);
+            }
+            Command::BeginCycle(peer, header, reply) => {
+                let r = self.begin_cycle(&peer, *header).await;
+                let _ = reply.send(r);
+            }
+            Command::FinishCycle(writer, bytes, reply) => {
+                let r = self.finish_cycle(writer, bytes).await;
+                let _ = reply.send(r);
+            }
+            Command::Hashes(peer, req, reply) => {
+                let r = match self.trust(&peer) {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        self.settle().await;
+                        match self.vm.host.store_of(&self.vm.rec) {
+                            Ok(store) => {
+                                if store.staged(self.vm.rec.uuid).is_ok_and(|s| !s.is_empty())
+                                    && let Side::Replica(r) = &mut self.side
+                                    && r.staged(0)
+                                {
+                                    self.start_apply();
+                                    self.settle().await;
+                                }
+                                crate::resync::hashes(&store, &self.vm.rec, req).await
+                            }
+                            Err(e) => Err(internal(e)),
+                        }
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::PrimaryState(reply) => {
+                let state = match &self.side {
+                    Side::Primary(Some(p)) => p.state(),
+                    _ => self.vm.rec.state,
+                };
+                let v = crate::failover::primary_vm_state(&self.vm, state).await;
+                let _ = reply.send(Ok(v));
+            }
+            Command::BecomeReplica(peer, req, reply) => {
+                let side = match &mut self.side {
+                    Side::Primary(p) => p.as_mut(),
+                    Side::Replica(_) => None,
+                };
+                let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
+                if r.is_ok() {
+                    self.side = Side::Replica(ReplicaSide::default());
+                }
+                let _ = reply.send(r);
+            }
+            Command::Shutdown(ack) => {
+                let _ = ack.send(());
+            }
+        }
+    }
+
+    async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> anyhow::Result<String> {
+        match &mut self.side {
+            Side::Primary(_) => self.primary_cmd(p).await,
+            Side::Replica(side) => side.set(&mut self.vm, r),
+        }
+    }
+
+    async fn primary_cmd(&mut self, cmd: Cmd) -> anyhow::Result<String> {
+        match &mut self.side {
+            Side::Primary(Some(p)) => p.command(&mut self.vm, cmd).await,
+            Side::Primary(None) => Err(self.not_enabled()),
+            Side::Replica(_) => Err(self.wrong_mode(&format!("{cmd:?}"))),
+        }
+    }
+
+    async fn enable(&mut self, args: EnableArgs) -> anyhow::Result<String> {
+        match &self.side {
+            Side::Replica(_) => {
+                return Err(coded(
+                    exit::INVALID_STATE,
+                    format!("{:?} is a replica VM on this host", self.vm.rec.name),
+                ));
+            }
+            Side::Primary(Some(p)) if p.state() != ReplicationState::Disabled => {
+                return Err(coded(
+                    exit::INVALID_STATE,
+                    format!(
+                        "replication of {:?} is already enabled ({})",
+                        self.vm.rec.name,
+                        p.state()
+                    ),
+                ));
+            }
+            Side::Primary(_) => {}
+        }
+        // Check the replica answers and accepts us before anything changes here.
+        let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
+        let client = crate::cycle::connect(&self.vm.host, &args)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .map_err(|e| e.context(format!("connecting to the replica {}", args.replica)))?;
+        let create = crate::cycle::create_request(&self.vm.rec, &def, &args);
+        client
+            .call("create-replica", &serde_json::to_value(&create)?)
+            .await
+            .map_err(|e| anyhow::anyhow!(e).context("the replica refused to create the replica VM"))?;
+        let side = PrimarySide::enable(&mut self.vm, args.clone())?;
+        self.side = Side::Primary(Some(side));
+        Ok(format!(
+            "replication of {:?} enabled to {} every {} s{}",
+            def.name,
+            args.replica,
+            args.frequency_secs,
+            if args.initial_at_ms.is_some() {
+                "; initial replication scheduled"
+            } else {
+                "; initial replication started"
+            }
+        ))
+    }
+
+    async fn failover(&mut self, f: FailoverCmd) -> anyhow::Result<FailoverResult> {
+        if !matches!(f, FailoverCmd::Prepare) {
+            if self.vm.rec.mode != ReplicationMode::Replica {
+                return Err(self.wrong_mode("this"));
+            }
+            // What was acknowledged must be a point before a point is chosen.
+            self.settle().await;
+        }
+        match f {
+            FailoverCmd::Prepare => match &mut self.side {
+                Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p).await,
+                Side::Primary(None) => Err(self.not_enabled()),
+                Side::Replica(_) => Err(self.wrong_mode("`failover prepare`")),
+            },
+            FailoverCmd::Start {
+                point,
+                no_start,
+                force,
+            } => crate::failover::start(&mut self.vm, point, no_start, force, false).await,
+            FailoverCmd::Test { point } => {
+                crate::failover::start(&mut self.vm, point, false, true, true).await
+            }
+            FailoverCmd::StopTest { test_id } => {
+                crate::failover::stop_test(&mut self.vm, test_id).await
+            }
+            FailoverCmd::Cancel => crate::failover::cancel(&mut self.vm).await,
+            FailoverCmd::Complete => crate::failover::complete(&mut self.vm).await,
+            FailoverCmd::Reverse {
+                replica,
+                replica_fingerprint,
+                frequency_secs,
+            } => {
+                let r = crate::failover::reverse(
+                    &mut self.vm,
+                    replica,
+                    replica_fingerprint,
+                    frequency_secs,
+                )
+                .await?;
+                self.side = Side::Primary(PrimarySide::restore(&self.vm, true));
+                Ok(r)
+            }
+        }
+    }
+
+    async fn begin_cycle(&mut self, peer: &Peer, header: CycleHeader) -> Result<Writer, RemoteError> {
+        self.trust(peer)?;
+        let Side::Replica(r) = &self.side else {
+            return Err(RemoteError::UnknownVm { vm: header.vm });
+        };
+        r.admit(&self.vm)?;
+        let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
+        if header.kind == vmr_proto::CycleKind::Resync {
+            self.settle().await;
+            let w = store.begin_resync(header).await.map_err(store_err)?;
+            tracing::info!(vm = %self.vm.rec.name, cycle = w.header().id, resumed = w.resumed(), "receiving a resync");
+            return Ok(Writer::Resync(w));
+        }
+        let (vm, id) = (header.vm, header.id);
+        let writer = store.begin_receive(header).map_err(store_err)?;
+        if writer.is_duplicate() {
+            // The replica already holds this cycle id: the primary's reconciliation
+            // (replica-info) prevents sending one, so this is a stale retry. Refuse it rather
+            // than acknowledge content we did not store.
+            return Err(RemoteError::WrongBase {
+                expected: store.latest_cycle(vm).ok().flatten(),
+                got: Some(id),
+            });
+        }
+        Ok(Writer::Staged(writer))
+    }
+
+    async fn finish_cycle(&mut self, writer: Writer, bytes: u64) -> Result<(), RemoteError> {
+        match writer {
+            Writer::Staged(w) => {
+                w.finish().await.map_err(store_err)?;
+                if let Side::Replica(r) = &mut self.side
+                    && r.staged(bytes)
+                {
+                    self.start_apply();
+                }
+                Ok(())
+            }
+            Writer::Resync(w) => {
+                let id = w.header().id;
+                let point = w.finish().await.map_err(store_err)?;
+                if let Side::Replica(r) = &mut self.side {
+                    r.record_point(&mut self.vm, &point, 1, bytes);
+                }
+                let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
+                if let Err(e) = store.prune(self.vm.rec.uuid).await {
+                    tracing::warn!(vm = %self.vm.rec.name, "pruning failed (retried after the next cycle): {e}");
+                }
+                tracing::info!(vm = %self.vm.rec.name, cycle = id, bytes, "resync committed");
+                Ok(())
+            }
+        }
+    }
+}
