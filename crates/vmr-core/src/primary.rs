@@ -861,6 +861,7 @@ mod tests {
     use super::*;
     use ReplicationState as S;
     use vmr_proto::api::ResyncWindow;
+    use vmr_proto::machine::PrimarySnapshot;
 
     const F: u64 = 30_000;
 
@@ -1541,5 +1542,497 @@ mod tests {
         ));
         let a = m.run(Event::Tick { now_ms: 0 });
         assert!(a.is_empty());
+    }
+
+    /// A machine restored in `state` between cycles (last cycle 3 once initial replication is
+    /// done; paused from Replicating).
+    fn in_state(state: S) -> PrimaryMachine {
+        let done = !matches!(
+            state,
+            S::Disabled | S::ReadyForInitialReplication | S::InitialReplicationInProgress
+        );
+        PrimaryMachine::restore(
+            Schedule::every(F),
+            PrimarySnapshot {
+                state,
+                last_cycle: done.then_some(3),
+                initial_at_ms: (state == S::ReadyForInitialReplication).then_some(u64::MAX),
+                paused_from: (state == S::Suspended).then_some(S::Replicating),
+                ..Default::default()
+            },
+        )
+    }
+
+    const COMMANDS: [Op; 8] = [
+        Op::Enable,
+        Op::StartInitial,
+        Op::Pause,
+        Op::Resume,
+        Op::ResumeResync,
+        Op::Disable,
+        Op::Prepare,
+        Op::CycleOutcome, // stands for ResetStats in the table
+    ];
+
+    fn command(op: Op, now_ms: u64) -> Event {
+        match op {
+            Op::Enable => Event::Enable {
+                now_ms,
+                initial_at_ms: None,
+            },
+            Op::StartInitial => Event::StartInitial { now_ms },
+            Op::Pause => Event::Pause { now_ms },
+            Op::Resume => Event::Resume { now_ms },
+            Op::ResumeResync => Event::ResumeResync {
+                now_ms,
+                at_ms: None,
+            },
+            Op::Disable => Event::Disable { now_ms },
+            Op::Prepare => Event::PrepareFailover { now_ms },
+            _ => Event::ResetStats { now_ms },
+        }
+    }
+
+    #[test]
+    fn state_command_table() {
+        type Want = Result<S, Refusal>;
+        let st = |op, state| Err(Refusal::State { op, state });
+        let ne = |op| Err(Refusal::NotEnabled { op });
+        let ae = |state| Err(Refusal::AlreadyEnabled { state });
+        let nic = |op| Err(Refusal::NoInitialCopy { op });
+        use Op as O;
+        // Columns: Enable, StartInitial, Pause, Resume, ResumeResync, Disable, PrepareFailover,
+        // ResetStats.
+        let table: Vec<(S, [Want; 8])> = vec![
+            (
+                S::Disabled,
+                [
+                    Ok(S::InitialReplicationInProgress),
+                    ne(O::StartInitial),
+                    ne(O::Pause),
+                    ne(O::Resume),
+                    ne(O::ResumeResync),
+                    ne(O::Disable),
+                    ne(O::Prepare),
+                    Ok(S::Disabled),
+                ],
+            ),
+            (
+                S::ReadyForInitialReplication,
+                [
+                    ae(S::ReadyForInitialReplication),
+                    Ok(S::InitialReplicationInProgress),
+                    Ok(S::Suspended),
+                    st(O::Resume, S::ReadyForInitialReplication),
+                    nic(O::ResumeResync),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::ReadyForInitialReplication),
+                    Ok(S::ReadyForInitialReplication),
+                ],
+            ),
+            (
+                S::InitialReplicationInProgress,
+                [
+                    ae(S::InitialReplicationInProgress),
+                    st(O::StartInitial, S::InitialReplicationInProgress),
+                    Ok(S::Suspended),
+                    st(O::Resume, S::InitialReplicationInProgress),
+                    nic(O::ResumeResync),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::InitialReplicationInProgress),
+                    Ok(S::InitialReplicationInProgress),
+                ],
+            ),
+            (
+                S::Replicating,
+                [
+                    ae(S::Replicating),
+                    st(O::StartInitial, S::Replicating),
+                    Ok(S::Suspended),
+                    st(O::Resume, S::Replicating),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    Ok(S::Replicating), // the final cycle runs
+                    Ok(S::Replicating),
+                ],
+            ),
+            (
+                S::Suspended,
+                [
+                    ae(S::Suspended),
+                    st(O::StartInitial, S::Suspended),
+                    st(O::Pause, S::Suspended),
+                    Ok(S::Replicating),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::Suspended),
+                    Ok(S::Suspended),
+                ],
+            ),
+            (
+                S::Error,
+                [
+                    ae(S::Error),
+                    st(O::StartInitial, S::Error),
+                    Ok(S::Suspended),
+                    Ok(S::Replicating),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::Error),
+                    Ok(S::Error),
+                ],
+            ),
+            (
+                S::WaitingForStartResynchronize,
+                [
+                    ae(S::WaitingForStartResynchronize),
+                    st(O::StartInitial, S::WaitingForStartResynchronize),
+                    st(O::Pause, S::WaitingForStartResynchronize),
+                    st(O::Resume, S::WaitingForStartResynchronize),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::WaitingForStartResynchronize),
+                    Ok(S::WaitingForStartResynchronize),
+                ],
+            ),
+            (
+                S::Resynchronizing,
+                [
+                    ae(S::Resynchronizing),
+                    st(O::StartInitial, S::Resynchronizing),
+                    Ok(S::ResynchronizeSuspended),
+                    st(O::Resume, S::Resynchronizing),
+                    st(O::ResumeResync, S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::Resynchronizing),
+                    Ok(S::Resynchronizing),
+                ],
+            ),
+            (
+                S::ResynchronizeSuspended,
+                [
+                    ae(S::ResynchronizeSuspended),
+                    st(O::StartInitial, S::ResynchronizeSuspended),
+                    st(O::Pause, S::ResynchronizeSuspended),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::ResynchronizeSuspended),
+                    Ok(S::ResynchronizeSuspended),
+                ],
+            ),
+            (
+                S::PreparedForFailover,
+                [
+                    ae(S::PreparedForFailover),
+                    st(O::StartInitial, S::PreparedForFailover),
+                    st(O::Pause, S::PreparedForFailover),
+                    st(O::Resume, S::PreparedForFailover),
+                    st(O::ResumeResync, S::PreparedForFailover),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::PreparedForFailover),
+                    Ok(S::PreparedForFailover),
+                ],
+            ),
+        ];
+        let mut checked = 0;
+        for (state, wants) in table {
+            for (op, want) in COMMANDS.into_iter().zip(wants) {
+                let mut m = in_state(state);
+                let before = m.clone();
+                let got = m.step(command(op, 1_000)).map(|_| m.state());
+                assert_eq!(got, want, "{state} x {op:?}");
+                if got.is_err() {
+                    assert_eq!(m, before, "{state} x {op:?}: a refusal changed the machine");
+                    // The message names the state or the missing precondition.
+                    let msg = got.expect_err("refused").to_string();
+                    assert!(!msg.is_empty());
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 80);
+    }
+
+    #[test]
+    fn commands_while_a_cycle_runs() {
+        let mut m = in_state(S::Replicating);
+        assert!(start_of(&m.run(Event::Tick { now_ms: 1 })).is_some());
+        let before = m.clone();
+        assert_eq!(
+            m.step(Event::ResumeResync {
+                now_ms: 2,
+                at_ms: None
+            }),
+            Err(Refusal::CycleRunning {
+                op: Op::ResumeResync
+            })
+        );
+        assert_eq!(m, before);
+        let a = m.run(Event::Pause { now_ms: 3 });
+        assert_eq!(a, vec![Action::AbortCycle, Action::Persist]);
+        assert_eq!(m.state(), S::Suspended);
+        assert_eq!(m.running_since(), None);
+    }
+
+    #[test]
+    fn refusal_messages_name_the_state() {
+        let mut m = in_state(S::PreparedForFailover);
+        let e = m.step(Event::Pause { now_ms: 1 }).expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "pause is not allowed while the VM is PreparedForFailover"
+        );
+        let mut m = in_state(S::Replicating);
+        let e = m
+            .step(Event::Enable {
+                now_ms: 1,
+                initial_at_ms: None,
+            })
+            .expect_err("refused");
+        assert!(
+            e.to_string().contains("already enabled (Replicating)"),
+            "{e}"
+        );
+    }
+
+    fn replicating() -> PrimaryMachine {
+        let mut m = enabled();
+        m.run(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 10,
+            app_consistent: false,
+            pending_bytes: Some(7),
+            disk_sizes: Some(vec![100, 200]),
+        });
+        assert_eq!(m.state(), S::Replicating);
+        m
+    }
+
+    #[test]
+    fn cycle_success_records_pending_bytes_and_disk_sizes() {
+        let mut m = replicating();
+        assert_eq!(m.stats().pending_bytes, 7);
+        assert_eq!(m.disk_sizes(), Some(&[100, 200][..]));
+        m.run(Event::Tick { now_ms: 30_000 });
+        m.run(Event::CycleSucceeded {
+            now_ms: 31_000,
+            bytes: 5,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        // Unknown figures keep the last ones.
+        assert_eq!(m.stats().pending_bytes, 7);
+        assert_eq!(m.disk_sizes(), Some(&[100, 200][..]));
+        assert_eq!(m.stats().total_bytes, 15);
+        assert_eq!(m.snapshot().disk_sizes, Some(vec![100, 200]));
+        // A stale outcome is refused and changes nothing.
+        let before = m.clone();
+        assert!(matches!(
+            m.step(Event::CycleSucceeded {
+                now_ms: 32_000,
+                bytes: 5,
+                app_consistent: false,
+                pending_bytes: Some(1),
+                disk_sizes: None,
+            }),
+            Err(Refusal::NoCycleRunning { .. })
+        ));
+        assert_eq!(m, before);
+    }
+
+    fn planned_of(a: &[Action]) -> Option<(CycleId, Option<CycleId>, bool)> {
+        a.iter().find_map(|x| match x {
+            Action::StartCycle {
+                id, base, planned, ..
+            } => Some((*id, *base, *planned)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn planned_failover_ships_a_final_cycle_then_locks() {
+        let mut m = replicating();
+        // A regular cycle is running: it is aborted, the final cycle takes its place.
+        m.run(Event::Tick { now_ms: 30_000 });
+        let a = m.run(Event::PrepareFailover { now_ms: 30_500 });
+        assert_eq!(a.first(), Some(&Action::AbortCycle));
+        assert_eq!(planned_of(&a), Some((2, Some(1), true)));
+        assert!(m.preparing_failover());
+        // A second prepare waits for the first.
+        assert_eq!(
+            m.step(Event::PrepareFailover { now_ms: 30_600 }),
+            Err(Refusal::CycleRunning { op: Op::Prepare })
+        );
+        // Ticks do not start anything else.
+        assert!(m.run(Event::Tick { now_ms: 90_000 }).is_empty());
+        let a = m.run(Event::CycleSucceeded {
+            now_ms: 91_000,
+            bytes: 3,
+            app_consistent: false,
+            pending_bytes: Some(0),
+            disk_sizes: None,
+        });
+        assert_eq!(a, vec![Action::Persist]);
+        assert_eq!(m.state(), S::PreparedForFailover);
+        assert_eq!(m.last_cycle(), Some(2));
+        assert_eq!(m.stats().successful_cycles, 2);
+        // No more cycles.
+        assert!(m.run(Event::Tick { now_ms: 10_000_000 }).is_empty());
+        assert!(m.run(Event::Restarted { now_ms: 10_000_001 }).is_empty());
+        // The new primary's handover is planned only for exactly this point.
+        assert!(m.become_replica(1, 2).expect("handover").planned);
+        assert!(!m.become_replica(1, 1).expect("handover").planned);
+        let h = m.become_replica(5, 2).expect("handover");
+        assert_eq!(h.replica.state(), S::Replicating);
+        assert_eq!(h.replica.last_cycle(), Some(2));
+    }
+
+    #[test]
+    fn planned_failover_failure_returns_to_replicating() {
+        let mut m = replicating();
+        let a = m.run(Event::PrepareFailover { now_ms: 2_000 });
+        assert_eq!(planned_of(&a), Some((2, Some(1), true)));
+        m.run(Event::CycleFailed {
+            now_ms: 2_500,
+            failure: Failure::Retryable("replica unreachable".into()),
+        });
+        assert_eq!(m.state(), S::Replicating);
+        assert!(!m.preparing_failover());
+        assert!(
+            m.last_error()
+                .is_some_and(|e| e.contains("final cycle") && e.contains("unreachable")),
+            "{:?}",
+            m.last_error()
+        );
+        // Regular cycles resume (not planned ones).
+        let a = m.run(Event::Tick { now_ms: 60_000 });
+        assert_eq!(planned_of(&a), Some((2, Some(1), false)));
+        // Not before initial replication.
+        let mut fresh = enabled();
+        assert_eq!(
+            fresh.step(Event::PrepareFailover { now_ms: 1 }),
+            Err(Refusal::State {
+                op: Op::Prepare,
+                state: S::InitialReplicationInProgress
+            })
+        );
+    }
+
+    #[test]
+    fn reconciled_replans_without_counting_a_failure() {
+        let mut m = replicating();
+        let a = m.run(Event::Tick { now_ms: 30_000 });
+        assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Incremental)));
+        // Same view: carry on with the started cycle.
+        assert!(
+            m.run(Event::Reconciled {
+                now_ms: 30_001,
+                latest: Some(1)
+            })
+            .is_empty()
+        );
+        assert_eq!(m.running_id(), Some(2));
+        // The replica holds cycle 2 already (a lost acknowledgement): adopt, start 3 at once.
+        let a = m.run(Event::Reconciled {
+            now_ms: 30_002,
+            latest: Some(2),
+        });
+        assert_eq!(start_of(&a), Some((3, Some(2), CycleKind::Incremental)));
+        assert_eq!(m.last_cycle(), Some(2));
+        assert_eq!(m.stats().errors, 0);
+        assert_eq!(m.consecutive_failures(), 0);
+        assert_eq!(m.last_error(), None);
+        // The replica lost data: resync required, nothing started.
+        let a = m.run(Event::Reconciled {
+            now_ms: 30_003,
+            latest: Some(1),
+        });
+        assert_eq!(start_of(&a), None);
+        assert_eq!(m.state(), S::WaitingForStartResynchronize);
+        assert_eq!(m.running_since(), None);
+        assert_eq!(m.stats().errors, 0);
+    }
+
+    #[test]
+    fn reconciled_during_prepare_keeps_preparing() {
+        let mut m = replicating();
+        m.run(Event::PrepareFailover { now_ms: 2_000 });
+        let a = m.run(Event::Reconciled {
+            now_ms: 2_001,
+            latest: Some(2),
+        });
+        assert_eq!(planned_of(&a), Some((3, Some(2), true)));
+        assert!(m.preparing_failover());
+    }
+
+    #[test]
+    fn retarget_only_renumbers_a_running_resync() {
+        let mut m = replicating();
+        assert!(matches!(
+            m.step(Event::RetargetRunning { now_ms: 1, id: 9 }),
+            Err(Refusal::NoCycleRunning { .. })
+        ));
+        m.run(Event::Tick { now_ms: 30_000 });
+        let before = m.clone();
+        assert_eq!(
+            m.step(Event::RetargetRunning { now_ms: 1, id: 9 }),
+            Err(Refusal::NotResync)
+        );
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn disable_twice_is_refused_and_reenable_starts_over() {
+        let mut m = replicating();
+        m.run(Event::Disable { now_ms: 5_000 });
+        assert_eq!(m.snapshot().last_cycle, None);
+        assert_eq!(m.disk_sizes(), None);
+        assert_eq!(
+            m.step(Event::Disable { now_ms: 5_001 }),
+            Err(Refusal::NotEnabled { op: Op::Disable })
+        );
+        let a = m.run(Event::Enable {
+            now_ms: 6_000,
+            initial_at_ms: None,
+        });
+        assert_eq!(start_of(&a), Some((1, None, CycleKind::Full)));
+    }
+
+    #[test]
+    fn snapshot_round_trip_drops_the_running_cycle() {
+        let mut m = replicating();
+        m.run(Event::Tick { now_ms: 30_000 });
+        m.run(Event::Pause { now_ms: 31_000 });
+        m.run(Event::Resume { now_ms: 32_000 });
+        assert!(m.running_since().is_some());
+        let snap = m.snapshot();
+        let r = PrimaryMachine::restore(*m.schedule(), snap.clone());
+        assert_eq!(r.running_since(), None);
+        assert_eq!(r.snapshot(), snap);
+        assert_eq!(r.state(), S::Replicating);
+        assert_eq!(r.last_cycle(), Some(1));
+    }
+
+    #[test]
+    fn reversed_primary_continues_or_resyncs() {
+        let mut m = PrimaryMachine::reversed(Schedule::every(F), 1_000, 7, vec![10], false);
+        assert_eq!(m.state(), S::Replicating);
+        let a = m.run(Event::Restarted { now_ms: 1_000 });
+        assert_eq!(start_of(&a), Some((8, Some(7), CycleKind::Incremental)));
+        let mut m = PrimaryMachine::reversed(Schedule::every(F), 1_000, 7, vec![10], true);
+        assert_eq!(m.state(), S::WaitingForStartResynchronize);
+        let a = m.run(Event::Restarted { now_ms: 1_000 });
+        assert_eq!(start_of(&a), Some((8, Some(7), CycleKind::Resync)));
+        assert_eq!(m.state(), S::Resynchronizing);
+        // A disabled primary cannot hand over.
+        let d = PrimaryMachine::new(Schedule::every(F));
+        assert_eq!(
+            d.become_replica(1, 1),
+            Err(Refusal::NotEnabled {
+                op: Op::BecomeReplica
+            })
+        );
     }
 }
