@@ -493,3 +493,522 @@ impl ReplicaMachine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicaEvent as E;
+    use ReplicationState as S;
+
+    /// A replica restored in `state`: point 3 unless waiting for initial replication; paused
+    /// from Replicating; failed over from Replicating.
+    fn in_state(state: S) -> ReplicaMachine {
+        ReplicaMachine::restore(ReplicaSnapshot {
+            state,
+            last_cycle: (state != S::WaitingForInitialReplication).then_some(3),
+            paused_from: (state == S::Suspended).then_some(S::Replicating),
+            before_failover: (state == S::FailedOverWaitingCompletion).then_some(S::Replicating),
+            ..Default::default()
+        })
+    }
+
+    /// The commands of the table, in column order; `None` = `reverse` (checked, not stepped).
+    fn commands(now_ms: u64) -> Vec<(&'static str, Option<ReplicaEvent>)> {
+        vec![
+            ("recreate", Some(E::Recreate { now_ms })),
+            (
+                "offer incremental",
+                Some(E::OfferCycle {
+                    now_ms,
+                    kind: CycleKind::Incremental,
+                    id: 4,
+                    base: Some(3),
+                }),
+            ),
+            (
+                "offer resync",
+                Some(E::OfferCycle {
+                    now_ms,
+                    kind: CycleKind::Resync,
+                    id: 4,
+                    base: Some(3),
+                }),
+            ),
+            (
+                "applied",
+                Some(E::CycleApplied {
+                    now_ms,
+                    id: 4,
+                    bytes: 10,
+                    app_consistent: false,
+                }),
+            ),
+            (
+                "apply failed",
+                Some(E::ApplyFailed {
+                    now_ms,
+                    message: "boom".into(),
+                }),
+            ),
+            ("imported", Some(E::Imported { now_ms, id: 4 })),
+            ("pause", Some(E::Pause { now_ms })),
+            ("resume", Some(E::Resume { now_ms })),
+            ("disable", Some(E::Disable { now_ms })),
+            ("failover start", Some(E::FailoverStart { now_ms })),
+            ("failover test", Some(E::FailoverTest { now_ms })),
+            ("failover cancel", Some(E::FailoverCancel { now_ms })),
+            (
+                "failover complete",
+                Some(E::FailoverComplete { now_ms, point: 3 }),
+            ),
+            (
+                "recovered",
+                Some(E::Recovered {
+                    now_ms,
+                    latest: Some(3),
+                }),
+            ),
+            ("reset stats", Some(E::ResetStats { now_ms })),
+            ("reverse", None),
+        ]
+    }
+
+    #[test]
+    fn state_command_table() {
+        type Want = Result<S, Refusal>;
+        use Op as O;
+        let st = |op, state| Err(Refusal::State { op, state });
+        let paused = |op| {
+            Err(Refusal::Paused {
+                op,
+                state: S::Suspended,
+            })
+        };
+        let dis = |op| Err(Refusal::Disabled { op });
+        let fo = |op, state| Err(Refusal::FailedOver { op, state });
+        let nic = |op| Err(Refusal::NoInitialCopy { op });
+        let (w, r, rs, p, d, fw, f) = (
+            S::WaitingForInitialReplication,
+            S::Replicating,
+            S::Resynchronizing,
+            S::Suspended,
+            S::Disabled,
+            S::FailedOverWaitingCompletion,
+            S::FailedOver,
+        );
+        // Columns as in `commands`.
+        let table: Vec<(S, [Want; 16])> = vec![
+            (
+                w,
+                [
+                    Ok(w),
+                    Ok(w),
+                    Ok(w),
+                    Ok(r),
+                    Ok(w),
+                    Ok(r),
+                    Ok(p),
+                    st(O::Resume, w),
+                    Ok(d),
+                    nic(O::Start),
+                    nic(O::Test),
+                    st(O::Cancel, w),
+                    st(O::Complete, w),
+                    Ok(w),
+                    Ok(w),
+                    st(O::Reverse, w),
+                ],
+            ),
+            (
+                r,
+                [
+                    Ok(r),
+                    Ok(r),
+                    Ok(rs),
+                    Ok(r),
+                    Ok(r),
+                    Ok(r),
+                    Ok(p),
+                    st(O::Resume, r),
+                    Ok(d),
+                    Ok(fw),
+                    Ok(r),
+                    st(O::Cancel, r),
+                    st(O::Complete, r),
+                    Ok(r),
+                    Ok(r),
+                    st(O::Reverse, r),
+                ],
+            ),
+            (
+                rs,
+                [
+                    Ok(rs),
+                    Ok(rs),
+                    Ok(rs),
+                    Ok(r),
+                    Ok(rs),
+                    st(O::Import, rs),
+                    Ok(p),
+                    st(O::Resume, rs),
+                    Ok(d),
+                    Ok(fw),
+                    Ok(rs),
+                    st(O::Cancel, rs),
+                    st(O::Complete, rs),
+                    Ok(rs),
+                    Ok(rs),
+                    st(O::Reverse, rs),
+                ],
+            ),
+            (
+                p,
+                [
+                    Ok(p),
+                    paused(O::ReceiveCycle),
+                    paused(O::ReceiveCycle),
+                    Ok(p),
+                    Ok(p),
+                    Ok(p),
+                    st(O::Pause, p),
+                    Ok(r),
+                    Ok(d),
+                    Ok(fw),
+                    Ok(p),
+                    st(O::Cancel, p),
+                    st(O::Complete, p),
+                    Ok(p),
+                    Ok(p),
+                    st(O::Reverse, p),
+                ],
+            ),
+            (
+                d,
+                [
+                    Ok(r),
+                    dis(O::ReceiveCycle),
+                    dis(O::ReceiveCycle),
+                    Ok(d),
+                    Ok(d),
+                    dis(O::Import),
+                    dis(O::Pause),
+                    dis(O::Resume),
+                    dis(O::Disable),
+                    dis(O::Start),
+                    dis(O::Test),
+                    st(O::Cancel, d),
+                    st(O::Complete, d),
+                    Ok(d),
+                    Ok(d),
+                    st(O::Reverse, d),
+                ],
+            ),
+            (
+                fw,
+                [
+                    fo(O::CreateReplica, fw),
+                    fo(O::ReceiveCycle, fw),
+                    fo(O::ReceiveCycle, fw),
+                    Ok(fw),
+                    Ok(fw),
+                    fo(O::Import, fw),
+                    fo(O::Pause, fw),
+                    fo(O::Resume, fw),
+                    fo(O::Disable, fw),
+                    st(O::Start, fw),
+                    st(O::Test, fw),
+                    Ok(r),
+                    Ok(f),
+                    Ok(fw),
+                    Ok(fw),
+                    Ok(fw),
+                ],
+            ),
+            (
+                f,
+                [
+                    fo(O::CreateReplica, f),
+                    fo(O::ReceiveCycle, f),
+                    fo(O::ReceiveCycle, f),
+                    Ok(f),
+                    Ok(f),
+                    fo(O::Import, f),
+                    fo(O::Pause, f),
+                    fo(O::Resume, f),
+                    Ok(d),
+                    st(O::Start, f),
+                    st(O::Test, f),
+                    st(O::Cancel, f),
+                    st(O::Complete, f),
+                    Ok(f),
+                    Ok(f),
+                    Ok(f),
+                ],
+            ),
+            (
+                // A primary-only state restored by mistake: commands are refused.
+                S::Error,
+                [
+                    st(O::CreateReplica, S::Error),
+                    st(O::ReceiveCycle, S::Error),
+                    st(O::ReceiveCycle, S::Error),
+                    Ok(S::Error),
+                    Ok(S::Error),
+                    st(O::Import, S::Error),
+                    st(O::Pause, S::Error),
+                    st(O::Resume, S::Error),
+                    st(O::Disable, S::Error),
+                    st(O::Start, S::Error),
+                    st(O::Test, S::Error),
+                    st(O::Cancel, S::Error),
+                    st(O::Complete, S::Error),
+                    Ok(S::Error),
+                    Ok(S::Error),
+                    st(O::Reverse, S::Error),
+                ],
+            ),
+        ];
+        let mut checked = 0;
+        for (state, wants) in table {
+            for ((what, event), want) in commands(1_000).into_iter().zip(wants) {
+                let mut m = in_state(state);
+                let before = m.clone();
+                let got = match event {
+                    Some(e) => m.step(e).map(|_| m.state()),
+                    None => m
+                        .reverse(1_000, Schedule::every(30_000), 3, vec![], false)
+                        .map(|_| m.state()),
+                };
+                assert_eq!(got, want, "{state} x {what}");
+                if got.is_err() {
+                    assert_eq!(m, before, "{state} x {what}: a refusal changed the machine");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 8 * 16);
+    }
+
+    /// Bug (a): `resume` on a failed-over replica used to put it back to Replicating, so the
+    /// old primary's cycles were accepted over the failed-over VM's point.
+    #[test]
+    fn regression_a_resume_during_failover_is_refused() {
+        let mut m = in_state(S::Replicating);
+        m.step(E::FailoverStart { now_ms: 1 }).expect("failover");
+        assert_eq!(m.state(), S::FailedOverWaitingCompletion);
+        let e = m.step(E::Resume { now_ms: 2 }).expect_err("refused");
+        assert_eq!(
+            e,
+            Refusal::FailedOver {
+                op: Op::Resume,
+                state: S::FailedOverWaitingCompletion
+            }
+        );
+        assert!(e.to_string().contains("FailedOverWaitingCompletion"), "{e}");
+        assert_eq!(m.state(), S::FailedOverWaitingCompletion);
+        assert!(m.accepts_cycles().is_err());
+    }
+
+    /// Bug (b): a disabled replica used to accept (and apply) cycles.
+    #[test]
+    fn regression_b_disabled_replica_refuses_cycles() {
+        let mut m = in_state(S::Replicating);
+        m.step(E::Disable { now_ms: 1 }).expect("disable");
+        for kind in [CycleKind::Full, CycleKind::Incremental, CycleKind::Resync] {
+            let e = m
+                .step(E::OfferCycle {
+                    now_ms: 2,
+                    kind,
+                    id: 4,
+                    base: Some(3),
+                })
+                .expect_err("refused");
+            assert_eq!(
+                e,
+                Refusal::Disabled {
+                    op: Op::ReceiveCycle
+                }
+            );
+            assert!(!e.is_retryable());
+        }
+        assert!(m.accepts_cycles().is_err());
+        // Enabling again from the primary re-creates it with its point.
+        m.step(E::Recreate { now_ms: 3 }).expect("recreate");
+        assert_eq!(m.state(), S::Replicating);
+        assert!(m.accepts_cycles().is_ok());
+    }
+
+    /// Bug (c): an apply finishing after a pause (or a failover start) used to overwrite the
+    /// state with Replicating.
+    #[test]
+    fn regression_c_applied_cycle_keeps_pause_and_failover() {
+        let applied = |id| E::CycleApplied {
+            now_ms: 10,
+            id,
+            bytes: 5,
+            app_consistent: true,
+        };
+        // Initial copy staged, then paused before its apply finished.
+        let mut m = ReplicaMachine::new(0);
+        m.step(E::OfferCycle {
+            now_ms: 1,
+            kind: CycleKind::Full,
+            id: 1,
+            base: None,
+        })
+        .expect("accepted");
+        m.step(E::Pause { now_ms: 2 }).expect("pause");
+        m.step(applied(1)).expect("applied");
+        assert_eq!(m.state(), S::Suspended);
+        assert_eq!(m.last_cycle(), Some(1));
+        assert_eq!(m.stats().successful_cycles, 1);
+        assert_eq!(m.stats().last_app_consistent_ms, Some(10));
+        // Resume goes where the applied point leads, not back to waiting.
+        m.step(E::Resume { now_ms: 11 }).expect("resume");
+        assert_eq!(m.state(), S::Replicating);
+        // A failover started while a cycle was applying.
+        m.step(E::FailoverStart { now_ms: 12 }).expect("failover");
+        m.step(applied(2)).expect("applied");
+        assert_eq!(m.state(), S::FailedOverWaitingCompletion);
+        assert_eq!(m.last_cycle(), Some(2));
+        // Resync finished during a failover: cancel returns to Replicating.
+        let mut m = in_state(S::Replicating);
+        m.step(E::OfferCycle {
+            now_ms: 1,
+            kind: CycleKind::Resync,
+            id: 4,
+            base: Some(3),
+        })
+        .expect("resync");
+        assert_eq!(m.state(), S::Resynchronizing);
+        m.step(E::FailoverStart { now_ms: 2 }).expect("failover");
+        m.step(applied(4)).expect("applied");
+        assert_eq!(m.state(), S::FailedOverWaitingCompletion);
+        m.step(E::FailoverCancel { now_ms: 3 }).expect("cancel");
+        assert_eq!(m.state(), S::Replicating);
+    }
+
+    #[test]
+    fn cancel_restores_the_state_before_the_failover() {
+        let mut m = in_state(S::Suspended);
+        m.step(E::FailoverStart { now_ms: 1 }).expect("failover");
+        assert_eq!(m.before_failover(), Some(S::Suspended));
+        m.step(E::FailoverCancel { now_ms: 2 }).expect("cancel");
+        assert_eq!(m.state(), S::Suspended);
+        // Still paused: resume returns to what was paused.
+        m.step(E::Resume { now_ms: 3 }).expect("resume");
+        assert_eq!(m.state(), S::Replicating);
+    }
+
+    #[test]
+    fn complete_keeps_only_the_failover_point_then_reverse() {
+        let mut m = in_state(S::Replicating);
+        m.step(E::CycleApplied {
+            now_ms: 1,
+            id: 5,
+            bytes: 1,
+            app_consistent: false,
+        })
+        .expect("applied");
+        m.step(E::FailoverStart { now_ms: 2 }).expect("failover");
+        m.step(E::FailoverComplete {
+            now_ms: 3,
+            point: 4,
+        })
+        .expect("complete");
+        assert_eq!(m.state(), S::FailedOver);
+        assert_eq!(m.last_cycle(), Some(4));
+        assert_eq!(m.before_failover(), None);
+        let p = m
+            .reverse(4, Schedule::every(30_000), 4, vec![1, 2], true)
+            .expect("reverse");
+        assert_eq!(p.state(), S::WaitingForStartResynchronize);
+        assert_eq!(p.last_cycle(), Some(4));
+        assert_eq!(p.disk_sizes(), Some(&[1, 2][..]));
+        assert!(m.check_reverse().is_ok());
+    }
+
+    #[test]
+    fn stale_or_baseless_incrementals_are_refused() {
+        let mut m = in_state(S::Replicating);
+        for base in [None, Some(2)] {
+            assert_eq!(
+                m.step(E::OfferCycle {
+                    now_ms: 1,
+                    kind: CycleKind::Incremental,
+                    id: 4,
+                    base,
+                }),
+                Err(Refusal::WrongBase {
+                    expected: Some(3),
+                    got: base
+                })
+            );
+        }
+        // A base ahead of the applied point: staged cycles may still be applying.
+        assert!(
+            m.step(E::OfferCycle {
+                now_ms: 1,
+                kind: CycleKind::Incremental,
+                id: 6,
+                base: Some(5),
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn paused_replica_refusal_is_retryable_and_says_so() {
+        let mut m = in_state(S::Replicating);
+        m.step(E::Pause { now_ms: 1 }).expect("pause");
+        let e = m.accepts_cycles().expect_err("paused");
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("paused on the replica"), "{e}");
+    }
+
+    #[test]
+    fn statistics_and_snapshot() {
+        let mut m = ReplicaMachine::new(100);
+        for (id, bytes) in [(1, 50), (2, 10)] {
+            m.step(E::CycleApplied {
+                now_ms: 200 + id,
+                id,
+                bytes,
+                app_consistent: false,
+            })
+            .expect("applied");
+        }
+        m.step(E::ApplyFailed {
+            now_ms: 300,
+            message: "no space".into(),
+        })
+        .expect("failed");
+        let st = m.stats();
+        assert_eq!(
+            (
+                st.successful_cycles,
+                st.total_bytes,
+                st.max_bytes,
+                st.errors
+            ),
+            (2, 60, 50, 1)
+        );
+        assert_eq!(st.last_replication_ms, Some(202));
+        assert_eq!(m.last_error(), Some("no space"));
+        let r = ReplicaMachine::restore(m.snapshot());
+        assert_eq!(r, m);
+        m.step(E::ResetStats { now_ms: 400 }).expect("reset");
+        assert_eq!(m.stats().successful_cycles, 0);
+        assert_eq!(m.stats().window_start_ms, 400);
+        assert_eq!(m.stats().last_replication_ms, Some(202));
+        // The next applied cycle clears the error.
+        m.step(E::CycleApplied {
+            now_ms: 500,
+            id: 3,
+            bytes: 1,
+            app_consistent: false,
+        })
+        .expect("applied");
+        assert_eq!(m.last_error(), None);
+    }
+}
