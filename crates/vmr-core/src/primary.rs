@@ -1563,33 +1563,46 @@ mod tests {
         )
     }
 
-    const COMMANDS: [Op; 8] = [
-        Op::Enable,
-        Op::StartInitial,
-        Op::Pause,
-        Op::Resume,
-        Op::ResumeResync,
-        Op::Disable,
-        Op::Prepare,
-        Op::CycleOutcome, // stands for ResetStats in the table
+    /// The admin commands of the table, in column order.
+    #[derive(Debug, Clone, Copy)]
+    enum Cmd {
+        Enable,
+        StartInitial,
+        Pause,
+        Resume,
+        ResumeResync,
+        Disable,
+        PrepareFailover,
+        ResetStats,
+    }
+
+    const COMMANDS: [Cmd; 8] = [
+        Cmd::Enable,
+        Cmd::StartInitial,
+        Cmd::Pause,
+        Cmd::Resume,
+        Cmd::ResumeResync,
+        Cmd::Disable,
+        Cmd::PrepareFailover,
+        Cmd::ResetStats,
     ];
 
-    fn command(op: Op, now_ms: u64) -> Event {
-        match op {
-            Op::Enable => Event::Enable {
+    fn command(cmd: Cmd, now_ms: u64) -> Event {
+        match cmd {
+            Cmd::Enable => Event::Enable {
                 now_ms,
                 initial_at_ms: None,
             },
-            Op::StartInitial => Event::StartInitial { now_ms },
-            Op::Pause => Event::Pause { now_ms },
-            Op::Resume => Event::Resume { now_ms },
-            Op::ResumeResync => Event::ResumeResync {
+            Cmd::StartInitial => Event::StartInitial { now_ms },
+            Cmd::Pause => Event::Pause { now_ms },
+            Cmd::Resume => Event::Resume { now_ms },
+            Cmd::ResumeResync => Event::ResumeResync {
                 now_ms,
                 at_ms: None,
             },
-            Op::Disable => Event::Disable { now_ms },
-            Op::Prepare => Event::PrepareFailover { now_ms },
-            _ => Event::ResetStats { now_ms },
+            Cmd::Disable => Event::Disable { now_ms },
+            Cmd::PrepareFailover => Event::PrepareFailover { now_ms },
+            Cmd::ResetStats => Event::ResetStats { now_ms },
         }
     }
 
