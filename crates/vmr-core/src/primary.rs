@@ -150,7 +150,8 @@ pub enum Event {
     /// it equals the machine's last cycle nothing changes (carry on with the cycle, no
     /// actions). Otherwise the started cycle is dropped (not counted as a failure), the
     /// replica's answer is applied as with [`Event::ReplicaHas`], and the machine re-plans
-    /// (the returned actions may start another cycle).
+    /// (the returned actions may start another cycle). The driver runs the cycle it started
+    /// only if [`PrimaryMachine::running_id`] is still that cycle's id.
     Reconciled {
         /// Now.
         now_ms: u64,
@@ -159,7 +160,7 @@ pub enum Event {
     },
     /// The driver numbers the running resynchronization cycle after the replica's latest
     /// point, which it learns only once the cycle runs; success records this id. Refused
-    /// unless a resynchronization cycle is running.
+    /// unless a resynchronization cycle is running, or for id 0.
     RetargetRunning {
         /// Now.
         now_ms: u64,
@@ -646,6 +647,9 @@ impl PrimaryMachine {
                         self.tick(now_ms, &mut out);
                     }
                 }
+            }
+            Event::RetargetRunning { now_ms: _, id: 0 } => {
+                return Err(Refusal::BadCycleId { id: 0 });
             }
             Event::RetargetRunning { now_ms: _, id } => match self.running.as_mut() {
                 Some(r) if r.kind == CycleKind::Resync => r.id = id,
@@ -1471,12 +1475,29 @@ mod tests {
         });
         assert_eq!(m.last_cycle(), Some(5));
         assert_eq!(m.stats().total_bytes, 11);
+        // Id 0 is refused.
+        m.run(Event::ResumeResync {
+            now_ms: 41_100,
+            at_ms: None,
+        });
+        assert_eq!(
+            m.step(Event::RetargetRunning { now_ms: 0, id: 0 }),
+            Err(Refusal::BadCycleId { id: 0 })
+        );
+        m.run(Event::CycleSucceeded {
+            now_ms: 41_200,
+            bytes: 0,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        assert_eq!(m.last_cycle(), Some(6));
         // A forced resync while replicating between cycles.
         let a = m.run(Event::ResumeResync {
             now_ms: 41_500,
             at_ms: None,
         });
-        assert_eq!(start_of(&a), Some((6, Some(5), CycleKind::Resync)));
+        assert_eq!(start_of(&a), Some((7, Some(6), CycleKind::Resync)));
         // Not accepted before initial replication or while a cycle runs.
         let mut fresh = PrimaryMachine::new(Schedule::every(F));
         assert_eq!(

@@ -161,6 +161,12 @@ pub enum Refusal {
         /// The current state.
         state: ReplicationState,
     },
+    /// Cycle ids start at 1.
+    #[error("cycle id {id} is not valid (cycle ids start at 1)")]
+    BadCycleId {
+        /// The id given.
+        id: CycleId,
+    },
     /// The running cycle cannot be renumbered (only a resynchronization can).
     #[error("only a running resynchronization cycle can be renumbered")]
     NotResync,
