@@ -1,83 +1,47 @@
 //! Failover decisions as a pure function: which replication state a failover operation
 //! (prepare, start, test, cancel, complete, reverse) leads to from the current state and
-//! mode, following Hyper-V's rules, or why it is refused. The agent carries them out.
+//! mode, following Hyper-V's rules, or why it is refused. The primary and replica machines
+//! apply them; the agent carries out what they decide.
 
 use vmr_proto::api::{ReplicationMode, ReplicationState};
 
-/// A failover operation asked by the admin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailoverOp {
-    /// Planned failover, first half (primary).
-    Prepare,
-    /// Start the VM from a point (replica).
-    Start,
-    /// Test failover (replica): the state does not change.
-    Test,
-    /// Undo a started, not completed failover (replica).
-    Cancel,
-    /// Commit a failover (replica).
-    Complete,
-    /// Reverse replication (the failed-over side becomes the primary).
-    Reverse,
-}
+use crate::refusal::{Op, Refusal};
 
-/// Why an operation is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FailoverRefusal {
-    /// Run on the other host.
-    #[error("{op:?} runs on the {wanted:?}; this host is the VM's {actual:?}")]
-    WrongSide {
-        /// The operation.
-        op: FailoverOp,
-        /// The side it must run on.
-        wanted: ReplicationMode,
-        /// This host's side.
-        actual: ReplicationMode,
-    },
-    /// Not allowed in the current state.
-    #[error("{op:?} is not allowed while the VM is {state}")]
-    State {
-        /// The operation.
-        op: FailoverOp,
-        /// The current state.
-        state: ReplicationState,
-    },
-    /// Initial replication has not completed: no point to start from.
-    #[error("initial replication has not completed; there is no recovery point yet")]
-    NoInitialCopy,
-}
-
-/// The state `op` leads to (for `Test`: the unchanged state), or why it is refused.
-/// `has_point`: the replica holds at least one recovery point.
+/// The state `op` (one of [`Op::Prepare`], [`Op::Start`], [`Op::Test`], [`Op::Cancel`],
+/// [`Op::Complete`], [`Op::Reverse`]) leads to (for `Test`: the unchanged state; for `Cancel`:
+/// `Replicating`, which the replica machine replaces by the state before the failover), or
+/// why it is refused. `has_point`: the replica holds at least one recovery point.
 pub fn failover_transition(
     mode: ReplicationMode,
     state: ReplicationState,
-    op: FailoverOp,
+    op: Op,
     has_point: bool,
-) -> Result<ReplicationState, FailoverRefusal> {
+) -> Result<ReplicationState, Refusal> {
     use ReplicationMode as M;
     use ReplicationState as S;
     let side = |wanted: M| {
         if mode == wanted {
             Ok(())
         } else {
-            Err(FailoverRefusal::WrongSide {
+            Err(Refusal::WrongSide {
                 op,
                 wanted,
                 actual: mode,
             })
         }
     };
-    let refuse = || Err(FailoverRefusal::State { op, state });
+    let refuse = || Err(Refusal::State { op, state });
     match op {
-        FailoverOp::Prepare => {
+        Op::Prepare => {
             side(M::Primary)?;
             match state {
-                S::Replicating => Ok(S::PreparedForFailover),
+                S::Replicating if has_point => Ok(S::PreparedForFailover),
+                S::Replicating => Err(Refusal::NoInitialCopy { op }),
+                S::Disabled => Err(Refusal::NotEnabled { op }),
                 _ => refuse(),
             }
         }
-        FailoverOp::Start | FailoverOp::Test => {
+        Op::Start | Op::Test => {
             side(M::Replica)?;
             match state {
                 S::Replicating
@@ -86,45 +50,47 @@ pub fn failover_transition(
                 | S::ResynchronizeSuspended
                 | S::WaitingForInitialReplication => {
                     if !has_point {
-                        return Err(FailoverRefusal::NoInitialCopy);
+                        return Err(Refusal::NoInitialCopy { op });
                     }
-                    Ok(if op == FailoverOp::Start {
+                    Ok(if op == Op::Start {
                         S::FailedOverWaitingCompletion
                     } else {
                         state
                     })
                 }
+                S::Disabled => Err(Refusal::Disabled { op }),
                 _ => refuse(),
             }
         }
-        FailoverOp::Cancel => {
+        Op::Cancel => {
             side(M::Replica)?;
             match state {
                 S::FailedOverWaitingCompletion => Ok(S::Replicating),
                 _ => refuse(),
             }
         }
-        FailoverOp::Complete => {
+        Op::Complete => {
             side(M::Replica)?;
             match state {
                 S::FailedOverWaitingCompletion => Ok(S::FailedOver),
                 _ => refuse(),
             }
         }
-        FailoverOp::Reverse => {
+        Op::Reverse => {
             side(M::Replica)?;
             match state {
                 S::FailedOverWaitingCompletion | S::FailedOver => Ok(S::Replicating),
                 _ => refuse(),
             }
         }
+        _ => refuse(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use FailoverOp as O;
+    use Op as O;
     use ReplicationMode as M;
     use ReplicationState as S;
 
@@ -240,6 +206,7 @@ mod tests {
         assert!(e.to_string().contains("Replica"), "{e}");
         let e = failover_transition(M::Replica, S::WaitingForInitialReplication, O::Start, false)
             .expect_err("refused");
-        assert_eq!(e, FailoverRefusal::NoInitialCopy);
+        assert_eq!(e, Refusal::NoInitialCopy { op: O::Start });
+        assert!(e.to_string().contains("initial replication"), "{e}");
     }
 }

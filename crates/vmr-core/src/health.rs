@@ -7,6 +7,9 @@
 
 use vmr_proto::api::{Health, ReplicationState, ReplicationStats};
 
+use crate::primary::PrimaryMachine;
+use crate::replica::ReplicaMachine;
+
 /// A health level with the reasons that led to it (empty when Normal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthReport {
@@ -131,6 +134,37 @@ pub fn replica_health(
     HealthReport::from(items)
 }
 
+impl PrimaryMachine {
+    /// Health of this primary VM now.
+    pub fn health(&self, now_ms: u64) -> HealthReport {
+        primary_health(
+            self.state(),
+            self.stats(),
+            self.consecutive_failures(),
+            self.last_error(),
+            now_ms,
+        )
+    }
+}
+
+impl ReplicaMachine {
+    /// Health of this replica VM now; a failing apply is Critical.
+    pub fn health(&self, now_ms: u64) -> HealthReport {
+        let mut items = Vec::new();
+        common(self.state(), self.stats(), now_ms, &mut items);
+        if self.state() == ReplicationState::Suspended {
+            items.push((
+                Health::Critical,
+                "replication is paused on the replica".into(),
+            ));
+        }
+        if let Some(e) = self.last_error() {
+            items.push((Health::Critical, format!("last apply failed: {e}")));
+        }
+        HealthReport::from(items)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +239,35 @@ mod tests {
                 r.reason()
             );
         }
+    }
+
+    #[test]
+    fn machine_health() {
+        let mut r = ReplicaMachine::new(0);
+        assert_eq!(r.health(1).health, Health::Warning, "initial not done");
+        r.step(crate::ReplicaEvent::CycleApplied {
+            now_ms: 1,
+            id: 1,
+            bytes: 1,
+            app_consistent: false,
+        })
+        .expect("applied");
+        assert_eq!(r.health(2).health, Health::Normal);
+        r.step(crate::ReplicaEvent::ApplyFailed {
+            now_ms: 3,
+            message: "disk full".into(),
+        })
+        .expect("recorded");
+        let h = r.health(4);
+        assert_eq!(h.health, Health::Critical);
+        assert!(h.reason().contains("disk full"), "{}", h.reason());
+        let mut p = PrimaryMachine::new(crate::Schedule::every(30_000));
+        p.step(crate::Event::Enable {
+            now_ms: 0,
+            initial_at_ms: None,
+        })
+        .expect("enabled");
+        assert_eq!(p.health(1).health, Health::Warning);
     }
 
     #[test]

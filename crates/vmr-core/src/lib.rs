@@ -1,6 +1,9 @@
-//! Sans-IO replication decisions: per-VM state machines that take events (ticks, cycle
-//! results, admin commands) and return actions for an I/O driver to carry out, plus Hyper-V's
-//! health rules as a pure function.
+//! Sans-IO replication decisions: the per-VM primary machine ([`PrimaryMachine`]) and replica
+//! machine ([`ReplicaMachine`]) that take events (ticks, cycle results, admin commands, each
+//! with the current time) and return the actions for an I/O driver to carry out or a typed
+//! [`Refusal`]; the validation of `enable` arguments ([`Schedule::from_enable`]); the failover
+//! rules; and Hyper-V's health rules as pure functions. The machines' persisted snapshots are
+//! `vmr_proto::machine` types.
 //!
 //! Architecture Invariant: nothing in this crate does I/O, reads the clock or spawns tasks;
 //! time comes in with every event, so every decision is reproducible in a test.
@@ -8,7 +11,13 @@
 pub mod failover;
 pub mod health;
 pub mod primary;
+pub mod refusal;
+pub mod replica;
+pub mod schedule;
 
-pub use failover::{FailoverOp, FailoverRefusal, failover_transition};
+pub use failover::failover_transition;
 pub use health::{HealthReport, primary_health, replica_health};
-pub use primary::{Action, Event, Failure, InitialKind, PrimaryMachine, Schedule};
+pub use primary::{Action, Event, Failure, Handover, PrimaryMachine};
+pub use refusal::{Op, Refusal};
+pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
+pub use schedule::{InitialKind, InvalidEnable, Schedule};

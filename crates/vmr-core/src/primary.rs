@@ -1,53 +1,41 @@
 //! The primary side of one VM's replication: when to run a cycle, of which kind, what a
 //! success or failure does to the state, retry with backoff, missed-cycle accounting, pause,
-//! resume and disable.
+//! resume, disable, resynchronization, reconciliation with what the replica holds, and the
+//! planned failover's final cycle. Every command returns the actions to carry out or a typed
+//! [`Refusal`]; the fields are private, so a driver can only change the machine through events.
+//!
+//! # States and commands (primary)
+//!
+//! `-` = refused with [`Refusal::State`] (or the more specific refusal named).
+//!
+//! | state \ command              | Enable          | StartInitial    | Pause                   | Resume                     | ResumeResync            | Disable  | PrepareFailover             |
+//! |------------------------------|-----------------|-----------------|-------------------------|----------------------------|-------------------------|----------|-----------------------------|
+//! | Disabled                     | ReadyFor.. (*)  | NotEnabled      | NotEnabled              | NotEnabled                 | NotEnabled              | NotEnabled | NotEnabled                |
+//! | ReadyForInitialReplication   | AlreadyEnabled  | InitialInProg.. | Suspended               | -                          | NoInitialCopy           | Disabled | -                           |
+//! | InitialReplicationInProgress | AlreadyEnabled  | -               | Suspended (abort cycle) | -                          | NoInitialCopy           | Disabled | -                           |
+//! | Replicating                  | AlreadyEnabled  | -               | Suspended (abort cycle) | -                          | Resynchronizing / CycleRunning | Disabled | final cycle, then PreparedForFailover |
+//! | Suspended                    | AlreadyEnabled  | -               | -                       | state before the pause     | Resynchronizing         | Disabled | -                           |
+//! | Error                        | AlreadyEnabled  | -               | Suspended               | Replicating / ReadyFor..   | Resynchronizing         | Disabled | -                           |
+//! | WaitingForStartResynchronize | AlreadyEnabled  | -               | -                       | -                          | Resynchronizing (or at a time) | Disabled | -                     |
+//! | Resynchronizing              | AlreadyEnabled  | -               | ResynchronizeSuspended  | -                          | -                       | Disabled | -                           |
+//! | ResynchronizeSuspended       | AlreadyEnabled  | -               | -                       | Resynchronizing            | Resynchronizing         | Disabled | -                           |
+//! | PreparedForFailover          | AlreadyEnabled  | -               | -                       | -                          | -                       | Disabled | -                           |
+//!
+//! (*) `Enable` starts initial replication at once (or at `initial_at_ms`). `ResetStats` is
+//! accepted in every state. A planned failover's final cycle (`PrepareFailover`) aborts a
+//! running cycle first; its success leads to `PreparedForFailover` (no more cycles), its failure
+//! is handled like any failed cycle (a retryable one returns to `Replicating` with the error).
+//! Driver events (`Tick`, `CycleSucceeded`, `CycleFailed`, `Reconciled`, `ReplicaHas`,
+//! `RetargetRunning`, `Restarted`) are never refused for the state; a cycle outcome without
+//! a running cycle is refused with [`Refusal::NoCycleRunning`].
 
-use vmr_proto::api::{ReplicationState, ReplicationStats, ResyncWindow};
+use vmr_proto::api::{ReplicationState, ReplicationStats};
+use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::{CycleId, CycleKind};
 
-/// Scheduling parameters of one VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Schedule {
-    /// Cycle interval in ms (>= 5000).
-    pub frequency_ms: u64,
-    /// Take an app-consistent cycle this often (ms); 0 = never.
-    pub app_consistent_every_ms: u64,
-    /// First retry delay after a recoverable failure.
-    pub retry_base_ms: u64,
-    /// Longest retry delay.
-    pub retry_max_ms: u64,
-    /// Start a required resynchronization by itself inside this daily window.
-    pub auto_resync: Option<ResyncWindow>,
-    /// How initial replication gets the first copy across.
-    pub initial: InitialKind,
-}
-
-/// How initial replication gets the first copy across (`enable --initial`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum InitialKind {
-    /// A full cycle over the network.
-    #[default]
-    Network,
-    /// The replica holds a copy already: a resync cycle (block-hash comparison).
-    Existing,
-    /// A full cycle written to a directory; then wait until the replica imported it.
-    Export,
-}
-
-impl Schedule {
-    /// A schedule with the given frequency and default retry policy (1 s doubling to 60 s, but
-    /// never longer than the frequency).
-    pub fn every(frequency_ms: u64) -> Self {
-        Self {
-            frequency_ms,
-            app_consistent_every_ms: 0,
-            retry_base_ms: 1_000,
-            retry_max_ms: 60_000.min(frequency_ms.max(1_000)),
-            auto_resync: None,
-            initial: InitialKind::Network,
-        }
-    }
-}
+use crate::refusal::{Op, Refusal};
+use crate::replica::ReplicaMachine;
+pub use crate::schedule::{InitialKind, Schedule};
 
 /// Why a cycle failed, as classified by the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +87,11 @@ pub enum Event {
         bytes: u64,
         /// Whether it was app-consistent.
         app_consistent: bool,
+        /// Bytes tracked but not shipped yet, as measured after the commit (`None`: unknown,
+        /// the last figure stays).
+        pending_bytes: Option<u64>,
+        /// The disks' sizes at the cycle's cut (`None`: unchanged).
+        disk_sizes: Option<Vec<u64>>,
     },
     /// The running cycle failed (and was aborted, its changes merged back).
     CycleFailed {
@@ -118,18 +111,28 @@ pub enum Event {
         now_ms: u64,
     },
     /// Admin `resume --resync [--at]`: start (or schedule) resynchronization. Accepted when
-    /// waiting for it, suspended, resync-suspended, or replicating between cycles (a forced
-    /// resync).
+    /// waiting for it, suspended, resync-suspended, in error, or replicating between cycles
+    /// (a forced resync).
     ResumeResync {
         /// Now.
         now_ms: u64,
         /// Start at this time instead of now.
         at_ms: Option<u64>,
     },
-    /// Admin disable.
-    Disable,
+    /// Admin disable: a running cycle is aborted and change tracking stops.
+    Disable {
+        /// Now.
+        now_ms: u64,
+    },
     /// Reset the statistics window.
     ResetStats {
+        /// Now.
+        now_ms: u64,
+    },
+    /// Planned failover, first half: ship one final incremental cycle (consistency
+    /// `Planned`, [`Action::StartCycle`] with `planned: true`) after aborting a running one;
+    /// its success leads to `PreparedForFailover`.
+    PrepareFailover {
         /// Now.
         now_ms: u64,
     },
@@ -142,6 +145,27 @@ pub enum Event {
         now_ms: u64,
         /// The replica's latest cycle.
         latest: Option<CycleId>,
+    },
+    /// Before running a started cycle the driver asked the replica and learnt `latest`. When
+    /// it equals the machine's last cycle nothing changes (carry on with the cycle, no
+    /// actions). Otherwise the started cycle is dropped (not counted as a failure), the
+    /// replica's answer is applied as with [`Event::ReplicaHas`], and the machine re-plans
+    /// (the returned actions may start another cycle). The driver runs the cycle it started
+    /// only if [`PrimaryMachine::running_id`] is still that cycle's id.
+    Reconciled {
+        /// Now.
+        now_ms: u64,
+        /// The replica's latest cycle.
+        latest: Option<CycleId>,
+    },
+    /// The driver numbers the running resynchronization cycle after the replica's latest
+    /// point, which it learns only once the cycle runs; success records this id. Refused
+    /// unless a resynchronization cycle is running, or for id 0.
+    RetargetRunning {
+        /// Now.
+        now_ms: u64,
+        /// The cycle id to use.
+        id: CycleId,
     },
     /// The agent restarted: whatever was running is gone (the driver aborted it).
     Restarted {
@@ -159,16 +183,18 @@ pub enum Action {
         id: CycleId,
         /// The cycle it builds on (`None` for a full copy).
         base: Option<CycleId>,
-        /// Full copy or incremental.
+        /// Full copy, incremental or resynchronization.
         kind: CycleKind,
         /// Freeze the guest's file systems around the cut.
         app_consistent: bool,
+        /// A planned failover's final cycle (consistency `Planned`).
+        planned: bool,
     },
     /// Abort the running cycle (merging its changes back).
     AbortCycle,
     /// Stop change tracking (replication disabled).
     StopTracking,
-    /// The persistent part of the machine changed: save it.
+    /// The persistent part of the machine changed: save [`PrimaryMachine::snapshot`].
     Persist,
     /// Ask the replica which cycle it holds and report it with [`Event::ReplicaHas`] (an
     /// exported initial copy waiting to be imported there).
@@ -181,78 +207,157 @@ struct Running {
     kind: CycleKind,
     started_ms: u64,
     missed_counted: u64,
+    planned: bool,
 }
 
 /// The primary-side machine of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrimaryMachine {
-    /// Current state.
-    pub state: ReplicationState,
-    /// Last cycle acknowledged by the replica and committed.
-    pub last_cycle: Option<CycleId>,
-    /// Statistics.
-    pub stats: ReplicationStats,
-    /// Last error message, if the last attempt failed.
-    pub last_error: Option<String>,
-    /// Consecutive failed attempts.
-    pub consecutive_failures: u32,
-    /// Scheduling.
-    pub schedule: Schedule,
-    /// When initial replication is due (ReadyForInitialReplication), or when a scheduled
-    /// resynchronization is due (WaitingForStartResynchronize).
-    pub initial_at_ms: Option<u64>,
-    /// State to return to on resume.
-    pub paused_from: Option<ReplicationState>,
+    state: ReplicationState,
+    last_cycle: Option<CycleId>,
+    disk_sizes: Option<Vec<u64>>,
+    stats: ReplicationStats,
+    last_error: Option<String>,
+    consecutive_failures: u32,
+    schedule: Schedule,
+    initial_at_ms: Option<u64>,
+    paused_from: Option<ReplicationState>,
     next_due_ms: u64,
     running: Option<Running>,
+}
+
+/// Outcome of [`PrimaryMachine::become_replica`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    /// The replica machine this host runs from now on.
+    pub replica: ReplicaMachine,
+    /// A planned failover's handover: this primary shipped exactly the point the new primary
+    /// runs from, so its disks need no resynchronization.
+    pub planned: bool,
 }
 
 impl PrimaryMachine {
     /// A VM with replication disabled.
     pub fn new(schedule: Schedule) -> Self {
+        Self::restore(schedule, PrimarySnapshot::default())
+    }
+
+    /// Rebuild from a persisted snapshot after an agent restart. A cycle that was running is
+    /// gone (feed [`Event::Restarted`] to plan again).
+    pub fn restore(schedule: Schedule, snapshot: PrimarySnapshot) -> Self {
         Self {
-            state: ReplicationState::Disabled,
-            last_cycle: None,
-            stats: ReplicationStats::default(),
-            last_error: None,
+            state: snapshot.state,
+            last_cycle: snapshot.last_cycle,
+            disk_sizes: snapshot.disk_sizes,
+            stats: snapshot.stats,
+            last_error: snapshot.last_error,
             consecutive_failures: 0,
             schedule,
-            initial_at_ms: None,
-            paused_from: None,
+            initial_at_ms: snapshot.initial_at_ms,
+            paused_from: snapshot.paused_from,
             next_due_ms: 0,
             running: None,
         }
     }
 
-    /// Rebuild from persisted parts after an agent restart. A cycle that was running is gone.
-    pub fn restore(
+    /// The persistent part, to save on [`Action::Persist`].
+    pub fn snapshot(&self) -> PrimarySnapshot {
+        PrimarySnapshot {
+            state: self.state,
+            last_cycle: self.last_cycle,
+            disk_sizes: self.disk_sizes.clone(),
+            stats: self.stats.clone(),
+            last_error: self.last_error.clone(),
+            initial_at_ms: self.initial_at_ms,
+            paused_from: self.paused_from,
+        }
+    }
+
+    /// Reverse replication: this host's failed-over VM becomes the primary, its disks
+    /// identical to recovery point `point`. With `resync` (the old primary's disks may differ:
+    /// an unplanned failover) a resynchronization starts at once; otherwise incremental
+    /// cycles follow `point`.
+    pub fn reversed(
         schedule: Schedule,
-        state: ReplicationState,
-        last_cycle: Option<CycleId>,
-        stats: ReplicationStats,
-        initial_at_ms: Option<u64>,
-        paused_from: Option<ReplicationState>,
+        now_ms: u64,
+        point: CycleId,
+        disk_sizes: Vec<u64>,
+        resync: bool,
     ) -> Self {
-        Self {
-            state,
-            last_cycle,
-            stats,
-            last_error: None,
-            consecutive_failures: 0,
-            schedule,
-            initial_at_ms,
-            paused_from,
-            next_due_ms: 0,
-            running: None,
-        }
+        let mut m = Self::new(schedule);
+        m.state = if resync {
+            ReplicationState::WaitingForStartResynchronize
+        } else {
+            ReplicationState::Replicating
+        };
+        m.last_cycle = Some(point);
+        m.disk_sizes = Some(disk_sizes);
+        m.stats.window_start_ms = now_ms;
+        m.initial_at_ms = resync.then_some(now_ms);
+        m.next_due_ms = now_ms;
+        m
     }
 
-    /// The driver chose another id for the running cycle (a resync numbers its cycle after
-    /// the replica's latest, which it learns only when it starts); success records this id.
-    pub fn retarget_running(&mut self, id: CycleId) {
-        if let Some(r) = self.running.as_mut() {
-            r.id = id;
+    /// The new primary (after a failover on the replica) asks this one to become its replica
+    /// from recovery point `point`. Refused when replication is not enabled here. The caller
+    /// stops this VM's driver and replaces the machine by the returned replica machine.
+    pub fn become_replica(&self, now_ms: u64, point: CycleId) -> Result<Handover, Refusal> {
+        if self.state == ReplicationState::Disabled {
+            return Err(Refusal::NotEnabled {
+                op: Op::BecomeReplica,
+            });
         }
+        Ok(Handover {
+            replica: ReplicaMachine::from_point(now_ms, point),
+            planned: self.state == ReplicationState::PreparedForFailover
+                && self.last_cycle == Some(point),
+        })
+    }
+
+    /// Current state.
+    pub fn state(&self) -> ReplicationState {
+        self.state
+    }
+
+    /// Last cycle acknowledged by the replica and committed.
+    pub fn last_cycle(&self) -> Option<CycleId> {
+        self.last_cycle
+    }
+
+    /// Disk sizes at the last committed cycle.
+    pub fn disk_sizes(&self) -> Option<&[u64]> {
+        self.disk_sizes.as_deref()
+    }
+
+    /// Statistics.
+    pub fn stats(&self) -> &ReplicationStats {
+        &self.stats
+    }
+
+    /// Last error message, if the last attempt failed.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// Consecutive failed attempts.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    /// Scheduling.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// When initial replication is due (ReadyForInitialReplication), or when a scheduled
+    /// resynchronization is due (WaitingForStartResynchronize).
+    pub fn initial_at_ms(&self) -> Option<u64> {
+        self.initial_at_ms
+    }
+
+    /// State to return to on resume.
+    pub fn paused_from(&self) -> Option<ReplicationState> {
+        self.paused_from
     }
 
     /// Whether a cycle is running, and since when.
@@ -263,6 +368,16 @@ impl PrimaryMachine {
     /// Kind of the running cycle.
     pub fn running_kind(&self) -> Option<CycleKind> {
         self.running.map(|r| r.kind)
+    }
+
+    /// Id of the running cycle.
+    pub fn running_id(&self) -> Option<CycleId> {
+        self.running.map(|r| r.id)
+    }
+
+    /// Whether the running cycle is a planned failover's final cycle.
+    pub fn preparing_failover(&self) -> bool {
+        self.running.is_some_and(|r| r.planned)
     }
 
     /// When the next cycle is due (ms since the epoch), when one is scheduled.
@@ -281,42 +396,67 @@ impl PrimaryMachine {
         }
     }
 
-    /// Feed one event; returns the actions to carry out, in order.
-    pub fn step(&mut self, event: Event) -> Vec<Action> {
+    /// An exported initial copy waits to be imported on the replica.
+    pub fn awaiting_import(&self) -> bool {
+        self.state == ReplicationState::InitialReplicationInProgress
+            && self.schedule.initial == InitialKind::Export
+            && self.last_cycle.is_some()
+    }
+
+    /// Feed one event; returns the actions to carry out, in order, or why the command is
+    /// refused (a refused command changes nothing).
+    pub fn step(&mut self, event: Event) -> Result<Vec<Action>, Refusal> {
         use ReplicationState as S;
         let mut out = Vec::new();
+        let state = self.state;
+        let refuse = |op| Err(Refusal::State { op, state });
         match event {
             Event::Enable {
                 now_ms,
                 initial_at_ms,
             } => {
-                if self.state != S::Disabled {
-                    return out;
+                if state != S::Disabled {
+                    return Err(Refusal::AlreadyEnabled { state });
                 }
                 self.stats = ReplicationStats {
                     window_start_ms: now_ms,
                     ..Default::default()
                 };
                 self.last_cycle = None;
+                self.disk_sizes = None;
+                self.last_error = None;
+                self.consecutive_failures = 0;
+                self.paused_from = None;
                 self.initial_at_ms = Some(initial_at_ms.unwrap_or(now_ms));
                 self.state = S::ReadyForInitialReplication;
                 out.push(Action::Persist);
                 self.tick(now_ms, &mut out);
             }
-            Event::StartInitial { now_ms } => {
-                if self.state == S::ReadyForInitialReplication {
+            Event::StartInitial { now_ms } => match state {
+                S::ReadyForInitialReplication => {
                     self.initial_at_ms = Some(now_ms);
                     self.tick(now_ms, &mut out);
                 }
-            }
+                S::Disabled => {
+                    return Err(Refusal::NotEnabled {
+                        op: Op::StartInitial,
+                    });
+                }
+                _ => return refuse(Op::StartInitial),
+            },
             Event::Tick { now_ms } => self.tick(now_ms, &mut out),
             Event::CycleSucceeded {
                 now_ms,
                 bytes,
                 app_consistent,
+                pending_bytes,
+                disk_sizes,
             } => {
                 let Some(run) = self.running.take() else {
-                    return out;
+                    return Err(Refusal::NoCycleRunning {
+                        op: Op::CycleOutcome,
+                        state,
+                    });
                 };
                 self.count_missed(run, now_ms);
                 let latency = now_ms.saturating_sub(run.started_ms);
@@ -330,22 +470,31 @@ impl PrimaryMachine {
                 if app_consistent {
                     st.last_app_consistent_ms = Some(now_ms);
                 }
+                if let Some(p) = pending_bytes {
+                    st.pending_bytes = p;
+                }
+                if disk_sizes.is_some() {
+                    self.disk_sizes = disk_sizes;
+                }
                 self.last_cycle = Some(run.id);
                 self.last_error = None;
                 self.consecutive_failures = 0;
-                let exported = self.state == S::InitialReplicationInProgress
+                if run.planned {
+                    // The final cycle of a planned failover: the primary copy is locked.
+                    self.state = S::PreparedForFailover;
+                    out.push(Action::Persist);
+                    return Ok(out);
+                }
+                let exported = state == S::InitialReplicationInProgress
                     && run.kind == CycleKind::Full
                     && self.schedule.initial == InitialKind::Export;
                 if exported {
                     // The copy is on its way by other means: wait for the replica's import.
                     self.next_due_ms = now_ms;
                     out.push(Action::Persist);
-                    return out;
+                    return Ok(out);
                 }
-                if matches!(
-                    self.state,
-                    S::InitialReplicationInProgress | S::Resynchronizing
-                ) {
+                if matches!(state, S::InitialReplicationInProgress | S::Resynchronizing) {
                     self.state = S::Replicating;
                 }
                 self.next_due_ms = (run.started_ms + self.schedule.frequency_ms).max(now_ms);
@@ -353,113 +502,75 @@ impl PrimaryMachine {
             }
             Event::CycleFailed { now_ms, failure } => {
                 let Some(run) = self.running.take() else {
-                    return out;
+                    return Err(Refusal::NoCycleRunning {
+                        op: Op::CycleOutcome,
+                        state,
+                    });
                 };
-                self.count_missed(run, now_ms);
-                self.stats.errors += 1;
-                self.consecutive_failures += 1;
-                self.last_error = Some(failure.message().to_owned());
-                // A resync compares against whatever the replica holds: a refused base or
-                // lost tracking just means comparing again.
-                let failure = match failure {
-                    Failure::ResyncRequired(m) | Failure::WrongBase(m)
-                        if run.kind == CycleKind::Resync =>
-                    {
-                        Failure::Retryable(m)
-                    }
-                    f => f,
-                };
-                match failure {
-                    Failure::Retryable(_) => {
-                        let shift = self.consecutive_failures.saturating_sub(1).min(16);
-                        let delay = self
-                            .schedule
-                            .retry_base_ms
-                            .saturating_mul(1u64 << shift)
-                            .min(self.schedule.retry_max_ms);
-                        self.next_due_ms = now_ms + delay;
-                    }
-                    Failure::ResyncRequired(_) | Failure::WrongBase(_) => {
-                        self.state = S::WaitingForStartResynchronize;
-                        self.initial_at_ms = None;
-                    }
-                    Failure::Fatal(_) => self.state = S::Error,
-                }
+                self.fail(run, now_ms, failure);
                 out.push(Action::Persist);
             }
             Event::Pause { now_ms } => {
-                if self.state == S::Resynchronizing {
-                    self.state = S::ResynchronizeSuspended;
-                    if let Some(run) = self.running.take() {
-                        self.count_missed(run, now_ms);
-                        out.push(Action::AbortCycle);
-                    }
-                    out.push(Action::Persist);
-                } else if matches!(
-                    self.state,
+                let next = match state {
+                    S::Resynchronizing => S::ResynchronizeSuspended,
                     S::Replicating
-                        | S::InitialReplicationInProgress
-                        | S::ReadyForInitialReplication
-                        | S::Error
-                ) {
-                    self.paused_from = Some(self.state);
-                    self.state = S::Suspended;
-                    if let Some(run) = self.running.take() {
-                        self.count_missed(run, now_ms);
-                        out.push(Action::AbortCycle);
+                    | S::InitialReplicationInProgress
+                    | S::ReadyForInitialReplication
+                    | S::Error => {
+                        self.paused_from = Some(state);
+                        S::Suspended
                     }
-                    out.push(Action::Persist);
+                    S::Disabled => return Err(Refusal::NotEnabled { op: Op::Pause }),
+                    _ => return refuse(Op::Pause),
+                };
+                self.state = next;
+                if let Some(run) = self.running.take() {
+                    self.count_missed(run, now_ms);
+                    out.push(Action::AbortCycle);
                 }
+                out.push(Action::Persist);
             }
-            Event::Resume { now_ms } => match self.state {
-                S::ResynchronizeSuspended => {
-                    self.state = S::Resynchronizing;
-                    self.next_due_ms = now_ms;
-                    self.consecutive_failures = 0;
-                    out.push(Action::Persist);
-                    self.tick(now_ms, &mut out);
+            Event::Resume { now_ms } => {
+                match state {
+                    S::ResynchronizeSuspended => self.state = S::Resynchronizing,
+                    S::Suspended => {
+                        self.state = match self.paused_from.take() {
+                            Some(S::Error) | None => self.after_error(),
+                            Some(s) => s,
+                        };
+                    }
+                    S::Error => {
+                        self.state = self.after_error();
+                        self.last_error = None;
+                    }
+                    S::Disabled => return Err(Refusal::NotEnabled { op: Op::Resume }),
+                    _ => return refuse(Op::Resume),
                 }
-                S::Suspended => {
-                    self.state = match self.paused_from.take() {
-                        Some(S::Error) | None => {
-                            if self.last_cycle.is_some() {
-                                S::Replicating
-                            } else {
-                                S::ReadyForInitialReplication
-                            }
-                        }
-                        Some(s) => s,
-                    };
-                    self.next_due_ms = now_ms;
-                    self.consecutive_failures = 0;
-                    out.push(Action::Persist);
-                    self.tick(now_ms, &mut out);
-                }
-                S::Error => {
-                    self.state = if self.last_cycle.is_some() {
-                        S::Replicating
-                    } else {
-                        S::ReadyForInitialReplication
-                    };
-                    self.next_due_ms = now_ms;
-                    self.last_error = None;
-                    self.consecutive_failures = 0;
-                    out.push(Action::Persist);
-                    self.tick(now_ms, &mut out);
-                }
-                _ => {}
-            },
+                self.next_due_ms = now_ms;
+                self.consecutive_failures = 0;
+                out.push(Action::Persist);
+                self.tick(now_ms, &mut out);
+            }
             Event::ResumeResync { now_ms, at_ms } => {
-                let accepted = match self.state {
+                let op = Op::ResumeResync;
+                match state {
                     S::WaitingForStartResynchronize
                     | S::Suspended
                     | S::ResynchronizeSuspended
-                    | S::Error => self.last_cycle.is_some(),
-                    S::Replicating => self.running.is_none(),
-                    _ => false,
-                };
-                if !accepted {
-                    return out;
+                    | S::Error => {
+                        if self.last_cycle.is_none() {
+                            return Err(Refusal::NoInitialCopy { op });
+                        }
+                    }
+                    S::Replicating if self.running.is_some() => {
+                        return Err(Refusal::CycleRunning { op });
+                    }
+                    S::Replicating => {}
+                    S::ReadyForInitialReplication | S::InitialReplicationInProgress => {
+                        return Err(Refusal::NoInitialCopy { op });
+                    }
+                    S::Disabled => return Err(Refusal::NotEnabled { op }),
+                    _ => return refuse(op),
                 }
                 self.paused_from = None;
                 self.consecutive_failures = 0;
@@ -477,76 +588,174 @@ impl PrimaryMachine {
                 out.push(Action::Persist);
                 self.tick(now_ms, &mut out);
             }
-            Event::Disable => {
-                if self.running.take().is_some() {
+            Event::Disable { now_ms } => {
+                if state == S::Disabled {
+                    return Err(Refusal::NotEnabled { op: Op::Disable });
+                }
+                if let Some(run) = self.running.take() {
+                    self.count_missed(run, now_ms);
                     out.push(Action::AbortCycle);
                 }
-                if self.state != S::Disabled {
-                    self.state = S::Disabled;
-                    self.last_cycle = None;
-                    out.push(Action::StopTracking);
-                    out.push(Action::Persist);
-                }
+                self.state = S::Disabled;
+                self.last_cycle = None;
+                self.disk_sizes = None;
+                self.paused_from = None;
+                self.initial_at_ms = None;
+                self.last_error = None;
+                self.consecutive_failures = 0;
+                out.push(Action::StopTracking);
+                out.push(Action::Persist);
             }
             Event::ResetStats { now_ms } => {
                 self.stats = ReplicationStats {
                     window_start_ms: now_ms,
                     last_replication_ms: self.stats.last_replication_ms,
                     last_app_consistent_ms: self.stats.last_app_consistent_ms,
+                    pending_bytes: self.stats.pending_bytes,
                     ..Default::default()
                 };
                 out.push(Action::Persist);
             }
-            Event::ReplicaHas { now_ms, latest } => {
-                if self.awaiting_import() {
-                    if latest.is_some() && latest >= self.last_cycle {
-                        // Imported (or the replica moved past it: the next cycle resyncs).
-                        self.state = S::Replicating;
-                        self.next_due_ms = now_ms;
-                        out.push(Action::Persist);
+            Event::PrepareFailover { now_ms } => {
+                crate::failover::failover_transition(
+                    vmr_proto::api::ReplicationMode::Primary,
+                    state,
+                    Op::Prepare,
+                    self.last_cycle.is_some(),
+                )?;
+                if let Some(run) = self.running {
+                    if run.planned {
+                        return Err(Refusal::CycleRunning { op: Op::Prepare });
+                    }
+                    self.running = None;
+                    self.count_missed(run, now_ms);
+                    out.push(Action::AbortCycle);
+                }
+                self.start(now_ms, CycleKind::Incremental, true, &mut out);
+            }
+            Event::ReplicaHas { now_ms, latest } => self.replica_has(now_ms, latest, &mut out),
+            Event::Reconciled { now_ms, latest } => {
+                if latest == self.last_cycle && !self.awaiting_import() {
+                    return Ok(out);
+                }
+                let planned = self.running.take().is_some_and(|r| r.planned);
+                self.replica_has(now_ms, latest, &mut out);
+                if self.running.is_none() {
+                    if planned && self.state == S::Replicating {
+                        self.start(now_ms, CycleKind::Incremental, true, &mut out);
+                    } else {
                         self.tick(now_ms, &mut out);
                     }
-                    return out;
-                }
-                if self.running.is_some() || latest == self.last_cycle {
-                    return out;
-                }
-                let next = self.last_cycle.map_or(1, |c| c + 1);
-                if latest == Some(next) {
-                    self.last_cycle = latest;
-                    if self.state == S::InitialReplicationInProgress {
-                        self.state = S::Replicating;
-                        self.next_due_ms = now_ms;
-                    }
-                    out.push(Action::Persist);
-                } else if matches!(self.state, S::Replicating | S::Suspended) {
-                    self.state = S::WaitingForStartResynchronize;
-                    self.initial_at_ms = None;
-                    self.last_error = Some(format!(
-                        "the replica holds cycle {latest:?} but the primary's last cycle is {:?}",
-                        self.last_cycle
-                    ));
-                    out.push(Action::Persist);
                 }
             }
+            Event::RetargetRunning { now_ms: _, id: 0 } => {
+                return Err(Refusal::BadCycleId { id: 0 });
+            }
+            Event::RetargetRunning { now_ms: _, id } => match self.running.as_mut() {
+                Some(r) if r.kind == CycleKind::Resync => r.id = id,
+                Some(_) => return Err(Refusal::NotResync),
+                None => {
+                    return Err(Refusal::NoCycleRunning {
+                        op: Op::CycleOutcome,
+                        state,
+                    });
+                }
+            },
             Event::Restarted { now_ms } => {
                 self.running = None;
                 self.next_due_ms = now_ms;
-                if self.state == S::InitialReplicationInProgress && self.last_cycle.is_none() {
+                if state == S::InitialReplicationInProgress && self.last_cycle.is_none() {
                     // The full copy restarts from the beginning.
                     self.initial_at_ms = Some(now_ms);
                 }
                 self.tick(now_ms, &mut out);
             }
         }
-        out
+        Ok(out)
     }
 
-    /// An exported initial copy waits to be imported on the replica.
-    pub fn awaiting_import(&self) -> bool {
-        self.state == ReplicationState::InitialReplicationInProgress
-            && self.schedule.initial == InitialKind::Export
-            && self.last_cycle.is_some()
+    /// Where `resume` leads from an error: replicating if a copy exists, else initial
+    /// replication again.
+    fn after_error(&self) -> ReplicationState {
+        if self.last_cycle.is_some() {
+            ReplicationState::Replicating
+        } else {
+            ReplicationState::ReadyForInitialReplication
+        }
+    }
+
+    fn fail(&mut self, run: Running, now_ms: u64, failure: Failure) {
+        use ReplicationState as S;
+        self.count_missed(run, now_ms);
+        self.stats.errors += 1;
+        self.consecutive_failures += 1;
+        self.last_error = Some(if run.planned {
+            format!(
+                "the planned failover's final cycle failed: {}",
+                failure.message()
+            )
+        } else {
+            failure.message().to_owned()
+        });
+        // A resync compares against whatever the replica holds: a refused base or lost
+        // tracking just means comparing again.
+        let failure = match failure {
+            Failure::ResyncRequired(m) | Failure::WrongBase(m) if run.kind == CycleKind::Resync => {
+                Failure::Retryable(m)
+            }
+            f => f,
+        };
+        match failure {
+            Failure::Retryable(_) => {
+                let shift = self.consecutive_failures.saturating_sub(1).min(16);
+                let delay = self
+                    .schedule
+                    .retry_base_ms
+                    .saturating_mul(1u64 << shift)
+                    .min(self.schedule.retry_max_ms);
+                self.next_due_ms = now_ms + delay;
+            }
+            Failure::ResyncRequired(_) | Failure::WrongBase(_) => {
+                self.state = S::WaitingForStartResynchronize;
+                self.initial_at_ms = None;
+            }
+            Failure::Fatal(_) => self.state = S::Error,
+        }
+    }
+
+    fn replica_has(&mut self, now_ms: u64, latest: Option<CycleId>, out: &mut Vec<Action>) {
+        use ReplicationState as S;
+        if self.awaiting_import() {
+            if latest.is_some() && latest >= self.last_cycle {
+                // Imported (or the replica moved past it: the next cycle resyncs).
+                self.state = S::Replicating;
+                self.next_due_ms = now_ms;
+                out.push(Action::Persist);
+                self.tick(now_ms, out);
+            }
+            return;
+        }
+        if self.running.is_some() || latest == self.last_cycle {
+            return;
+        }
+        let next = self.last_cycle.map_or(1, |c| c + 1);
+        if latest == Some(next) {
+            self.last_cycle = latest;
+            if self.state == S::InitialReplicationInProgress {
+                self.state = S::Replicating;
+                self.next_due_ms = now_ms;
+            }
+            out.push(Action::Persist);
+        } else if matches!(self.state, S::Replicating | S::Suspended) {
+            self.state = S::WaitingForStartResynchronize;
+            self.paused_from = None;
+            self.initial_at_ms = None;
+            self.last_error = Some(format!(
+                "the replica holds cycle {latest:?} but the primary's last cycle is {:?}",
+                self.last_cycle
+            ));
+            out.push(Action::Persist);
+        }
     }
 
     fn initial_cycle_kind(&self) -> CycleKind {
@@ -584,18 +793,18 @@ impl PrimaryMachine {
                 self.state = S::InitialReplicationInProgress;
                 self.next_due_ms = now_ms;
                 out.push(Action::Persist);
-                self.start(now_ms, self.initial_cycle_kind(), out);
+                self.start(now_ms, self.initial_cycle_kind(), false, out);
             }
             S::InitialReplicationInProgress if self.next_due_ms <= now_ms => {
                 if self.awaiting_import() {
                     self.next_due_ms = now_ms + self.schedule.frequency_ms.clamp(5_000, 60_000);
                     out.push(Action::QueryReplica);
                 } else {
-                    self.start(now_ms, self.initial_cycle_kind(), out);
+                    self.start(now_ms, self.initial_cycle_kind(), false, out);
                 }
             }
             S::Replicating if self.next_due_ms <= now_ms => {
-                self.start(now_ms, CycleKind::Incremental, out);
+                self.start(now_ms, CycleKind::Incremental, false, out);
             }
             S::WaitingForStartResynchronize
                 if self.initial_at_ms.is_some_and(|t| t <= now_ms)
@@ -610,16 +819,16 @@ impl PrimaryMachine {
                 self.initial_at_ms = None;
                 self.next_due_ms = now_ms;
                 out.push(Action::Persist);
-                self.start(now_ms, CycleKind::Resync, out);
+                self.start(now_ms, CycleKind::Resync, false, out);
             }
             S::Resynchronizing if self.next_due_ms <= now_ms => {
-                self.start(now_ms, CycleKind::Resync, out);
+                self.start(now_ms, CycleKind::Resync, false, out);
             }
             _ => {}
         }
     }
 
-    fn start(&mut self, now_ms: u64, kind: CycleKind, out: &mut Vec<Action>) {
+    fn start(&mut self, now_ms: u64, kind: CycleKind, planned: bool, out: &mut Vec<Action>) {
         let id = self.last_cycle.map_or(1, |c| c + 1);
         let base = if kind == CycleKind::Full {
             None
@@ -628,6 +837,7 @@ impl PrimaryMachine {
         };
         let every = self.schedule.app_consistent_every_ms;
         let app_consistent = every > 0
+            && !planned
             && kind == CycleKind::Incremental
             && self
                 .stats
@@ -638,12 +848,14 @@ impl PrimaryMachine {
             kind,
             started_ms: now_ms,
             missed_counted: 0,
+            planned,
         });
         out.push(Action::StartCycle {
             id,
             base,
             kind,
             app_consistent,
+            planned,
         });
     }
 }
@@ -652,12 +864,27 @@ impl PrimaryMachine {
 mod tests {
     use super::*;
     use ReplicationState as S;
+    use vmr_proto::api::ResyncWindow;
+    use vmr_proto::machine::PrimarySnapshot;
 
     const F: u64 = 30_000;
 
+    /// Feed an event that must be accepted.
+    trait Run {
+        fn run(&mut self, e: Event) -> Vec<Action>;
+    }
+
+    impl Run for PrimaryMachine {
+        fn run(&mut self, e: Event) -> Vec<Action> {
+            let what = format!("{e:?} in {}", self.state());
+            self.step(e)
+                .unwrap_or_else(|r| panic!("{what} refused: {r}"))
+        }
+    }
+
     fn enabled() -> PrimaryMachine {
         let mut m = PrimaryMachine::new(Schedule::every(F));
-        let a = m.step(Event::Enable {
+        let a = m.run(Event::Enable {
             now_ms: 0,
             initial_at_ms: None,
         });
@@ -667,10 +894,11 @@ mod tests {
                 id: 1,
                 base: None,
                 kind: CycleKind::Full,
-                app_consistent: false
+                app_consistent: false,
+                planned: false,
             })
         );
-        assert_eq!(m.state, S::InitialReplicationInProgress);
+        assert_eq!(m.state(), S::InitialReplicationInProgress);
         m
     }
 
@@ -684,42 +912,46 @@ mod tests {
     #[test]
     fn initial_then_incremental_on_schedule() {
         let mut m = enabled();
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 10_000,
             bytes: 100,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        assert_eq!(m.state, S::Replicating);
-        assert_eq!(m.last_cycle, Some(1));
-        assert!(start_of(&m.step(Event::Tick { now_ms: 29_999 })).is_none());
+        assert_eq!(m.state(), S::Replicating);
+        assert_eq!(m.last_cycle(), Some(1));
+        assert!(start_of(&m.run(Event::Tick { now_ms: 29_999 })).is_none());
         assert_eq!(
-            start_of(&m.step(Event::Tick { now_ms: 30_000 })),
+            start_of(&m.run(Event::Tick { now_ms: 30_000 })),
             Some((2, Some(1), CycleKind::Incremental))
         );
         // While running, no second cycle starts.
-        assert!(start_of(&m.step(Event::Tick { now_ms: 45_000 })).is_none());
-        m.step(Event::CycleSucceeded {
+        assert!(start_of(&m.run(Event::Tick { now_ms: 45_000 })).is_none());
+        m.run(Event::CycleSucceeded {
             now_ms: 31_000,
             bytes: 50,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        assert_eq!(m.stats.successful_cycles, 2);
-        assert_eq!(m.stats.max_bytes, 100);
+        assert_eq!(m.stats().successful_cycles, 2);
+        assert_eq!(m.stats().max_bytes, 100);
         assert_eq!(m.next_due_ms(), Some(60_000));
     }
 
     #[test]
     fn scheduled_initial_replication_waits() {
         let mut m = PrimaryMachine::new(Schedule::every(F));
-        let a = m.step(Event::Enable {
+        let a = m.run(Event::Enable {
             now_ms: 0,
             initial_at_ms: Some(100_000),
         });
         assert!(start_of(&a).is_none());
-        assert_eq!(m.state, S::ReadyForInitialReplication);
-        assert!(start_of(&m.step(Event::Tick { now_ms: 99_999 })).is_none());
+        assert_eq!(m.state(), S::ReadyForInitialReplication);
+        assert!(start_of(&m.run(Event::Tick { now_ms: 99_999 })).is_none());
         assert_eq!(
-            start_of(&m.step(Event::Tick { now_ms: 100_000 })).map(|s| s.2),
+            start_of(&m.run(Event::Tick { now_ms: 100_000 })).map(|s| s.2),
             Some(CycleKind::Full)
         );
     }
@@ -727,72 +959,80 @@ mod tests {
     #[test]
     fn start_initial_overrides_schedule() {
         let mut m = PrimaryMachine::new(Schedule::every(F));
-        m.step(Event::Enable {
+        m.run(Event::Enable {
             now_ms: 0,
             initial_at_ms: Some(1_000_000),
         });
-        assert!(start_of(&m.step(Event::StartInitial { now_ms: 5 })).is_some());
+        assert!(start_of(&m.run(Event::StartInitial { now_ms: 5 })).is_some());
     }
 
     #[test]
     fn slow_cycle_counts_missed_slots() {
         let mut m = enabled();
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 1_000,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        m.step(Event::Tick { now_ms: 30_000 });
-        m.step(Event::Tick { now_ms: 60_000 }); // one interval late
-        m.step(Event::Tick { now_ms: 95_000 }); // two
-        m.step(Event::CycleSucceeded {
+        m.run(Event::Tick { now_ms: 30_000 });
+        m.run(Event::Tick { now_ms: 60_000 }); // one interval late
+        m.run(Event::Tick { now_ms: 95_000 }); // two
+        m.run(Event::CycleSucceeded {
             now_ms: 100_000,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        assert_eq!(m.stats.missed_cycles, 2);
+        assert_eq!(m.stats().missed_cycles, 2);
         // Next cycle starts at once: the schedule slipped.
-        assert!(start_of(&m.step(Event::Tick { now_ms: 100_000 })).is_some());
+        assert!(start_of(&m.run(Event::Tick { now_ms: 100_000 })).is_some());
     }
 
     #[test]
     fn retryable_failure_backs_off_and_keeps_ids() {
         let mut m = enabled();
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 1_000,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
         assert_eq!(
-            start_of(&m.step(Event::Tick { now_ms: 30_000 })),
+            start_of(&m.run(Event::Tick { now_ms: 30_000 })),
             Some((2, Some(1), CycleKind::Incremental))
         );
-        m.step(Event::CycleFailed {
+        m.run(Event::CycleFailed {
             now_ms: 30_100,
             failure: Failure::Retryable("net".into()),
         });
-        assert_eq!(m.state, S::Replicating);
-        assert_eq!(m.consecutive_failures, 1);
-        assert!(start_of(&m.step(Event::Tick { now_ms: 31_000 })).is_none());
+        assert_eq!(m.state(), S::Replicating);
+        assert_eq!(m.consecutive_failures(), 1);
+        assert!(start_of(&m.run(Event::Tick { now_ms: 31_000 })).is_none());
         assert_eq!(
-            start_of(&m.step(Event::Tick { now_ms: 31_100 })),
+            start_of(&m.run(Event::Tick { now_ms: 31_100 })),
             Some((2, Some(1), CycleKind::Incremental))
         );
-        m.step(Event::CycleFailed {
+        m.run(Event::CycleFailed {
             now_ms: 31_200,
             failure: Failure::Retryable("net".into()),
         });
         // Second failure: 2 s.
-        assert!(start_of(&m.step(Event::Tick { now_ms: 33_100 })).is_none());
-        assert!(start_of(&m.step(Event::Tick { now_ms: 33_200 })).is_some());
-        m.step(Event::CycleSucceeded {
+        assert!(start_of(&m.run(Event::Tick { now_ms: 33_100 })).is_none());
+        assert!(start_of(&m.run(Event::Tick { now_ms: 33_200 })).is_some());
+        m.run(Event::CycleSucceeded {
             now_ms: 34_000,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        assert_eq!(m.consecutive_failures, 0);
-        assert_eq!(m.stats.errors, 2);
-        assert_eq!(m.last_cycle, Some(2));
+        assert_eq!(m.consecutive_failures(), 0);
+        assert_eq!(m.stats().errors, 2);
+        assert_eq!(m.last_cycle(), Some(2));
     }
 
     #[test]
@@ -810,19 +1050,21 @@ mod tests {
         ];
         for (failure, want) in table {
             let mut m = enabled();
-            m.step(Event::CycleSucceeded {
+            m.run(Event::CycleSucceeded {
                 now_ms: 1_000,
                 bytes: 1,
                 app_consistent: false,
+                pending_bytes: None,
+                disk_sizes: None,
             });
-            m.step(Event::Tick { now_ms: 30_000 });
-            m.step(Event::CycleFailed {
+            m.run(Event::Tick { now_ms: 30_000 });
+            m.run(Event::CycleFailed {
                 now_ms: 30_001,
                 failure,
             });
-            assert_eq!(m.state, want);
+            assert_eq!(m.state(), want);
             assert!(
-                start_of(&m.step(Event::Tick { now_ms: 1_000_000 })).is_none(),
+                start_of(&m.run(Event::Tick { now_ms: 1_000_000 })).is_none(),
                 "{want:?} must not retry"
             );
         }
@@ -831,104 +1073,103 @@ mod tests {
     #[test]
     fn pause_aborts_and_resume_continues() {
         let mut m = enabled();
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 1_000,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        m.step(Event::Tick { now_ms: 30_000 });
-        let a = m.step(Event::Pause { now_ms: 30_500 });
+        m.run(Event::Tick { now_ms: 30_000 });
+        let a = m.run(Event::Pause { now_ms: 30_500 });
         assert!(a.contains(&Action::AbortCycle));
-        assert_eq!(m.state, S::Suspended);
-        assert!(start_of(&m.step(Event::Tick { now_ms: 90_000 })).is_none());
-        let a = m.step(Event::Resume { now_ms: 100_000 });
-        assert_eq!(m.state, S::Replicating);
+        assert_eq!(m.state(), S::Suspended);
+        assert!(start_of(&m.run(Event::Tick { now_ms: 90_000 })).is_none());
+        let a = m.run(Event::Resume { now_ms: 100_000 });
+        assert_eq!(m.state(), S::Replicating);
         assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Incremental)));
     }
 
     #[test]
     fn disable_stops_tracking() {
         let mut m = enabled();
-        let a = m.step(Event::Disable);
+        let a = m.run(Event::Disable { now_ms: 0 });
         assert_eq!(
             a,
             vec![Action::AbortCycle, Action::StopTracking, Action::Persist]
         );
-        assert_eq!(m.state, S::Disabled);
-        assert!(m.step(Event::Tick { now_ms: 1_000_000 }).is_empty());
+        assert_eq!(m.state(), S::Disabled);
+        assert!(m.run(Event::Tick { now_ms: 1_000_000 }).is_empty());
     }
 
     #[test]
     fn restart_mid_initial_restarts_full_copy() {
         let mut m = enabled();
-        let mut r = PrimaryMachine::restore(
-            m.schedule,
-            m.state,
-            m.last_cycle,
-            m.stats.clone(),
-            None,
-            None,
-        );
-        let a = r.step(Event::Restarted { now_ms: 5_000 });
+        let mut r = PrimaryMachine::restore(*m.schedule(), m.snapshot());
+        let a = r.run(Event::Restarted { now_ms: 5_000 });
         assert_eq!(start_of(&a), Some((1, None, CycleKind::Full)));
         // The original machine is unaffected.
-        assert!(m.step(Event::Tick { now_ms: 5_000 }).is_empty());
+        assert!(m.run(Event::Tick { now_ms: 5_000 }).is_empty());
     }
 
     #[test]
     fn lost_ack_is_adopted_and_divergence_needs_resync() {
         let mut m = enabled();
-        m.step(Event::CycleFailed {
+        m.run(Event::CycleFailed {
             now_ms: 10,
             failure: Failure::Retryable("ack lost".into()),
         });
         // The replica did receive the full copy.
-        let a = m.step(Event::ReplicaHas {
+        let a = m.run(Event::ReplicaHas {
             now_ms: 20,
             latest: Some(1),
         });
         assert_eq!(a, vec![Action::Persist]);
-        assert_eq!(m.state, S::Replicating);
-        assert_eq!(m.last_cycle, Some(1));
+        assert_eq!(m.state(), S::Replicating);
+        assert_eq!(m.last_cycle(), Some(1));
         assert_eq!(
-            start_of(&m.step(Event::Tick { now_ms: 20 })),
+            start_of(&m.run(Event::Tick { now_ms: 20 })),
             Some((2, Some(1), CycleKind::Incremental))
         );
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 30,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
         // Same view: nothing to do.
         assert!(
-            m.step(Event::ReplicaHas {
+            m.run(Event::ReplicaHas {
                 now_ms: 40,
                 latest: Some(2)
             })
             .is_empty()
         );
         // The replica lost data: resync.
-        m.step(Event::ReplicaHas {
+        m.run(Event::ReplicaHas {
             now_ms: 50,
             latest: Some(1),
         });
-        assert_eq!(m.state, S::WaitingForStartResynchronize);
+        assert_eq!(m.state(), S::WaitingForStartResynchronize);
     }
 
     /// Replicating, then tracking lost at t=30 001: waiting for a resync.
     fn needs_resync() -> PrimaryMachine {
         let mut m = enabled();
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 1_000,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        m.step(Event::Tick { now_ms: 30_000 });
-        m.step(Event::CycleFailed {
+        m.run(Event::Tick { now_ms: 30_000 });
+        m.run(Event::CycleFailed {
             now_ms: 30_001,
             failure: Failure::ResyncRequired("bitmap missing".into()),
         });
-        assert_eq!(m.state, S::WaitingForStartResynchronize);
+        assert_eq!(m.state(), S::WaitingForStartResynchronize);
         m
     }
 
@@ -1029,6 +1270,8 @@ mod tests {
                         now_ms: 45_000,
                         bytes: 10,
                         app_consistent: false,
+                        pending_bytes: None,
+                        disk_sizes: None,
                     },
                     Event::Tick { now_ms: 75_000 },
                 ],
@@ -1052,9 +1295,9 @@ mod tests {
             let mut m = needs_resync();
             let mut last = Vec::new();
             for e in events {
-                last = m.step(e);
+                last = m.run(e);
             }
-            assert_eq!(m.state, state, "{what}");
+            assert_eq!(m.state(), state, "{what}");
             assert_eq!(start_of(&last).map(|s| s.2), kind, "{what}");
         }
     }
@@ -1064,36 +1307,38 @@ mod tests {
         let mut sched = Schedule::every(F);
         sched.initial = InitialKind::Existing;
         let mut m = PrimaryMachine::new(sched);
-        let a = m.step(Event::Enable {
+        let a = m.run(Event::Enable {
             now_ms: 0,
             initial_at_ms: None,
         });
-        assert_eq!(m.state, S::InitialReplicationInProgress);
+        assert_eq!(m.state(), S::InitialReplicationInProgress);
         assert_eq!(start_of(&a), Some((1, None, CycleKind::Resync)));
         // The replica's point moved meanwhile: compare again, do not give up.
-        m.step(Event::CycleFailed {
+        m.run(Event::CycleFailed {
             now_ms: 100,
             failure: Failure::WrongBase("base moved".into()),
         });
-        assert_eq!(m.state, S::InitialReplicationInProgress);
-        let a = m.step(Event::Tick { now_ms: 1_100 });
+        assert_eq!(m.state(), S::InitialReplicationInProgress);
+        let a = m.run(Event::Tick { now_ms: 1_100 });
         assert_eq!(start_of(&a).map(|s| s.2), Some(CycleKind::Resync));
         // No copy on the replica at all: a clear error, then resume tries again.
-        m.step(Event::CycleFailed {
+        m.run(Event::CycleFailed {
             now_ms: 1_200,
             failure: Failure::Fatal("the replica holds no copy".into()),
         });
-        assert_eq!(m.state, S::Error);
-        let a = m.step(Event::Resume { now_ms: 2_000 });
+        assert_eq!(m.state(), S::Error);
+        let a = m.run(Event::Resume { now_ms: 2_000 });
         assert_eq!(start_of(&a).map(|s| s.2), Some(CycleKind::Resync));
-        m.retarget_running(7);
-        m.step(Event::CycleSucceeded {
+        m.run(Event::RetargetRunning { now_ms: 0, id: 7 });
+        m.run(Event::CycleSucceeded {
             now_ms: 3_000,
             bytes: 10,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        assert_eq!((m.state, m.last_cycle), (S::Replicating, Some(7)));
-        let a = m.step(Event::Tick { now_ms: 3_000 + F });
+        assert_eq!((m.state(), m.last_cycle()), (S::Replicating, Some(7)));
+        let a = m.run(Event::Tick { now_ms: 3_000 + F });
         assert_eq!(start_of(&a), Some((8, Some(7), CycleKind::Incremental)));
     }
 
@@ -1102,37 +1347,39 @@ mod tests {
         let mut sched = Schedule::every(F);
         sched.initial = InitialKind::Export;
         let mut m = PrimaryMachine::new(sched);
-        let a = m.step(Event::Enable {
+        let a = m.run(Event::Enable {
             now_ms: 0,
             initial_at_ms: None,
         });
         assert_eq!(start_of(&a), Some((1, None, CycleKind::Full)));
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 1_000,
             bytes: 10,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        assert_eq!(m.state, S::InitialReplicationInProgress);
+        assert_eq!(m.state(), S::InitialReplicationInProgress);
         assert!(m.awaiting_import());
         // No cycle is started while waiting; the replica is asked now and then.
-        let a = m.step(Event::Tick { now_ms: 1_000 });
+        let a = m.run(Event::Tick { now_ms: 1_000 });
         assert_eq!(a, vec![Action::QueryReplica]);
-        assert!(m.step(Event::Tick { now_ms: 1_500 }).is_empty());
-        let a = m.step(Event::ReplicaHas {
+        assert!(m.run(Event::Tick { now_ms: 1_500 }).is_empty());
+        let a = m.run(Event::ReplicaHas {
             now_ms: 2_000,
             latest: None,
         });
         assert!(a.is_empty());
-        assert_eq!(m.state, S::InitialReplicationInProgress);
+        assert_eq!(m.state(), S::InitialReplicationInProgress);
         // A restart keeps waiting (the copy is not exported again).
-        let a = m.step(Event::Restarted { now_ms: 3_000 });
+        let a = m.run(Event::Restarted { now_ms: 3_000 });
         assert_eq!(a, vec![Action::QueryReplica]);
         // Imported: incremental cycles from the exported one, carrying what changed meanwhile.
-        let a = m.step(Event::ReplicaHas {
+        let a = m.run(Event::ReplicaHas {
             now_ms: 4_000,
             latest: Some(1),
         });
-        assert_eq!(m.state, S::Replicating);
+        assert_eq!(m.state(), S::Replicating);
         assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Incremental)));
     }
 
@@ -1173,25 +1420,27 @@ mod tests {
             let mut sched = Schedule::every(30_000);
             sched.auto_resync = window;
             let mut m = PrimaryMachine::new(sched);
-            m.step(Event::Enable {
+            m.run(Event::Enable {
                 now_ms: day,
                 initial_at_ms: None,
             });
-            m.step(Event::CycleSucceeded {
+            m.run(Event::CycleSucceeded {
                 now_ms: day + 1_000,
                 bytes: 1,
                 app_consistent: false,
+                pending_bytes: None,
+                disk_sizes: None,
             });
-            m.step(Event::Tick {
+            m.run(Event::Tick {
                 now_ms: day + 30_000,
             });
-            m.step(Event::CycleFailed {
+            m.run(Event::CycleFailed {
                 now_ms: day + 30_001,
                 failure: Failure::ResyncRequired("bitmap missing".into()),
             });
-            assert_eq!(m.state, S::WaitingForStartResynchronize, "{what}");
-            let acts = m.step(Event::Tick { now_ms: at });
-            assert_eq!(m.state, state, "{what}");
+            assert_eq!(m.state(), S::WaitingForStartResynchronize, "{what}");
+            let acts = m.run(Event::Tick { now_ms: at });
+            assert_eq!(m.state(), state, "{what}");
             let kind = (state == S::Resynchronizing).then_some(CycleKind::Resync);
             assert_eq!(start_of(&acts).map(|s| s.2), kind, "{what}");
         }
@@ -1199,55 +1448,78 @@ mod tests {
         let mut sched = Schedule::every(30_000);
         sched.auto_resync = Some(ResyncWindow::parse("00:00-00:00").expect("window"));
         let mut m = PrimaryMachine::new(sched);
-        m.step(Event::Enable {
+        m.run(Event::Enable {
             now_ms: day,
             initial_at_ms: Some(day + 10 * H),
         });
-        m.step(Event::Tick { now_ms: day + H });
-        assert_eq!(m.state, S::ReadyForInitialReplication);
+        m.run(Event::Tick { now_ms: day + H });
+        assert_eq!(m.state(), S::ReadyForInitialReplication);
     }
 
     #[test]
     fn resync_cycle_numbering_and_forced_resync() {
         let mut m = needs_resync();
-        let a = m.step(Event::ResumeResync {
+        let a = m.run(Event::ResumeResync {
             now_ms: 40_000,
             at_ms: None,
         });
         assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Resync)));
         // The replica held cycle 4 already: the driver numbers the resync 5.
-        m.retarget_running(5);
-        m.step(Event::CycleSucceeded {
+        m.run(Event::RetargetRunning { now_ms: 0, id: 5 });
+        m.run(Event::CycleSucceeded {
             now_ms: 41_000,
             bytes: 10,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        assert_eq!(m.last_cycle, Some(5));
-        assert_eq!(m.stats.total_bytes, 11);
+        assert_eq!(m.last_cycle(), Some(5));
+        assert_eq!(m.stats().total_bytes, 11);
+        // Id 0 is refused.
+        m.run(Event::ResumeResync {
+            now_ms: 41_100,
+            at_ms: None,
+        });
+        assert_eq!(
+            m.step(Event::RetargetRunning { now_ms: 0, id: 0 }),
+            Err(Refusal::BadCycleId { id: 0 })
+        );
+        m.run(Event::CycleSucceeded {
+            now_ms: 41_200,
+            bytes: 0,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        assert_eq!(m.last_cycle(), Some(6));
         // A forced resync while replicating between cycles.
-        let a = m.step(Event::ResumeResync {
+        let a = m.run(Event::ResumeResync {
             now_ms: 41_500,
             at_ms: None,
         });
-        assert_eq!(start_of(&a), Some((6, Some(5), CycleKind::Resync)));
+        assert_eq!(start_of(&a), Some((7, Some(6), CycleKind::Resync)));
         // Not accepted before initial replication or while a cycle runs.
         let mut fresh = PrimaryMachine::new(Schedule::every(F));
-        assert!(
-            fresh
-                .step(Event::ResumeResync {
-                    now_ms: 1,
-                    at_ms: None
-                })
-                .is_empty()
+        assert_eq!(
+            fresh.step(Event::ResumeResync {
+                now_ms: 1,
+                at_ms: None
+            }),
+            Err(Refusal::NotEnabled {
+                op: Op::ResumeResync
+            })
         );
         let mut busy = enabled();
-        assert!(
+        assert_eq!(
             busy.step(Event::ResumeResync {
                 now_ms: 1,
                 at_ms: None
+            }),
+            Err(Refusal::NoInitialCopy {
+                op: Op::ResumeResync
             })
-            .is_empty()
         );
+        assert_eq!(busy.state(), S::InitialReplicationInProgress);
     }
 
     #[test]
@@ -1255,16 +1527,18 @@ mod tests {
         let mut s = Schedule::every(F);
         s.app_consistent_every_ms = 3_600_000;
         let mut m = PrimaryMachine::new(s);
-        m.step(Event::Enable {
+        m.run(Event::Enable {
             now_ms: 0,
             initial_at_ms: None,
         });
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 1,
             bytes: 1,
             app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        let a = m.step(Event::Tick { now_ms: 30_000 });
+        let a = m.run(Event::Tick { now_ms: 30_000 });
         assert!(matches!(
             a.last(),
             Some(Action::StartCycle {
@@ -1272,12 +1546,14 @@ mod tests {
                 ..
             })
         ));
-        m.step(Event::CycleSucceeded {
+        m.run(Event::CycleSucceeded {
             now_ms: 30_001,
             bytes: 1,
             app_consistent: true,
+            pending_bytes: None,
+            disk_sizes: None,
         });
-        let a = m.step(Event::Tick { now_ms: 60_000 });
+        let a = m.run(Event::Tick { now_ms: 60_000 });
         assert!(matches!(
             a.last(),
             Some(Action::StartCycle {
@@ -1285,7 +1561,512 @@ mod tests {
                 ..
             })
         ));
-        let a = m.step(Event::Tick { now_ms: 0 });
+        let a = m.run(Event::Tick { now_ms: 0 });
         assert!(a.is_empty());
+    }
+
+    /// A machine restored in `state` between cycles (last cycle 3 once initial replication is
+    /// done; paused from Replicating).
+    fn in_state(state: S) -> PrimaryMachine {
+        let done = !matches!(
+            state,
+            S::Disabled | S::ReadyForInitialReplication | S::InitialReplicationInProgress
+        );
+        PrimaryMachine::restore(
+            Schedule::every(F),
+            PrimarySnapshot {
+                state,
+                last_cycle: done.then_some(3),
+                initial_at_ms: (state == S::ReadyForInitialReplication).then_some(u64::MAX),
+                paused_from: (state == S::Suspended).then_some(S::Replicating),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The admin commands of the table, in column order.
+    #[derive(Debug, Clone, Copy)]
+    enum Cmd {
+        Enable,
+        StartInitial,
+        Pause,
+        Resume,
+        ResumeResync,
+        Disable,
+        PrepareFailover,
+        ResetStats,
+    }
+
+    const COMMANDS: [Cmd; 8] = [
+        Cmd::Enable,
+        Cmd::StartInitial,
+        Cmd::Pause,
+        Cmd::Resume,
+        Cmd::ResumeResync,
+        Cmd::Disable,
+        Cmd::PrepareFailover,
+        Cmd::ResetStats,
+    ];
+
+    fn command(cmd: Cmd, now_ms: u64) -> Event {
+        match cmd {
+            Cmd::Enable => Event::Enable {
+                now_ms,
+                initial_at_ms: None,
+            },
+            Cmd::StartInitial => Event::StartInitial { now_ms },
+            Cmd::Pause => Event::Pause { now_ms },
+            Cmd::Resume => Event::Resume { now_ms },
+            Cmd::ResumeResync => Event::ResumeResync {
+                now_ms,
+                at_ms: None,
+            },
+            Cmd::Disable => Event::Disable { now_ms },
+            Cmd::PrepareFailover => Event::PrepareFailover { now_ms },
+            Cmd::ResetStats => Event::ResetStats { now_ms },
+        }
+    }
+
+    #[test]
+    fn state_command_table() {
+        type Want = Result<S, Refusal>;
+        let st = |op, state| Err(Refusal::State { op, state });
+        let ne = |op| Err(Refusal::NotEnabled { op });
+        let ae = |state| Err(Refusal::AlreadyEnabled { state });
+        let nic = |op| Err(Refusal::NoInitialCopy { op });
+        use Op as O;
+        // Columns: Enable, StartInitial, Pause, Resume, ResumeResync, Disable, PrepareFailover,
+        // ResetStats.
+        let table: Vec<(S, [Want; 8])> = vec![
+            (
+                S::Disabled,
+                [
+                    Ok(S::InitialReplicationInProgress),
+                    ne(O::StartInitial),
+                    ne(O::Pause),
+                    ne(O::Resume),
+                    ne(O::ResumeResync),
+                    ne(O::Disable),
+                    ne(O::Prepare),
+                    Ok(S::Disabled),
+                ],
+            ),
+            (
+                S::ReadyForInitialReplication,
+                [
+                    ae(S::ReadyForInitialReplication),
+                    Ok(S::InitialReplicationInProgress),
+                    Ok(S::Suspended),
+                    st(O::Resume, S::ReadyForInitialReplication),
+                    nic(O::ResumeResync),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::ReadyForInitialReplication),
+                    Ok(S::ReadyForInitialReplication),
+                ],
+            ),
+            (
+                S::InitialReplicationInProgress,
+                [
+                    ae(S::InitialReplicationInProgress),
+                    st(O::StartInitial, S::InitialReplicationInProgress),
+                    Ok(S::Suspended),
+                    st(O::Resume, S::InitialReplicationInProgress),
+                    nic(O::ResumeResync),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::InitialReplicationInProgress),
+                    Ok(S::InitialReplicationInProgress),
+                ],
+            ),
+            (
+                S::Replicating,
+                [
+                    ae(S::Replicating),
+                    st(O::StartInitial, S::Replicating),
+                    Ok(S::Suspended),
+                    st(O::Resume, S::Replicating),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    Ok(S::Replicating), // the final cycle runs
+                    Ok(S::Replicating),
+                ],
+            ),
+            (
+                S::Suspended,
+                [
+                    ae(S::Suspended),
+                    st(O::StartInitial, S::Suspended),
+                    st(O::Pause, S::Suspended),
+                    Ok(S::Replicating),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::Suspended),
+                    Ok(S::Suspended),
+                ],
+            ),
+            (
+                S::Error,
+                [
+                    ae(S::Error),
+                    st(O::StartInitial, S::Error),
+                    Ok(S::Suspended),
+                    Ok(S::Replicating),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::Error),
+                    Ok(S::Error),
+                ],
+            ),
+            (
+                S::WaitingForStartResynchronize,
+                [
+                    ae(S::WaitingForStartResynchronize),
+                    st(O::StartInitial, S::WaitingForStartResynchronize),
+                    st(O::Pause, S::WaitingForStartResynchronize),
+                    st(O::Resume, S::WaitingForStartResynchronize),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::WaitingForStartResynchronize),
+                    Ok(S::WaitingForStartResynchronize),
+                ],
+            ),
+            (
+                S::Resynchronizing,
+                [
+                    ae(S::Resynchronizing),
+                    st(O::StartInitial, S::Resynchronizing),
+                    Ok(S::ResynchronizeSuspended),
+                    st(O::Resume, S::Resynchronizing),
+                    st(O::ResumeResync, S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::Resynchronizing),
+                    Ok(S::Resynchronizing),
+                ],
+            ),
+            (
+                S::ResynchronizeSuspended,
+                [
+                    ae(S::ResynchronizeSuspended),
+                    st(O::StartInitial, S::ResynchronizeSuspended),
+                    st(O::Pause, S::ResynchronizeSuspended),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Resynchronizing),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::ResynchronizeSuspended),
+                    Ok(S::ResynchronizeSuspended),
+                ],
+            ),
+            (
+                S::PreparedForFailover,
+                [
+                    ae(S::PreparedForFailover),
+                    st(O::StartInitial, S::PreparedForFailover),
+                    st(O::Pause, S::PreparedForFailover),
+                    st(O::Resume, S::PreparedForFailover),
+                    st(O::ResumeResync, S::PreparedForFailover),
+                    Ok(S::Disabled),
+                    st(O::Prepare, S::PreparedForFailover),
+                    Ok(S::PreparedForFailover),
+                ],
+            ),
+        ];
+        let mut checked = 0;
+        for (state, wants) in table {
+            for (op, want) in COMMANDS.into_iter().zip(wants) {
+                let mut m = in_state(state);
+                let before = m.clone();
+                let got = m.step(command(op, 1_000)).map(|_| m.state());
+                assert_eq!(got, want, "{state} x {op:?}");
+                if got.is_err() {
+                    assert_eq!(m, before, "{state} x {op:?}: a refusal changed the machine");
+                    // The message names the state or the missing precondition.
+                    let msg = got.expect_err("refused").to_string();
+                    assert!(!msg.is_empty());
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 80);
+    }
+
+    #[test]
+    fn commands_while_a_cycle_runs() {
+        let mut m = in_state(S::Replicating);
+        assert!(start_of(&m.run(Event::Tick { now_ms: 1 })).is_some());
+        let before = m.clone();
+        assert_eq!(
+            m.step(Event::ResumeResync {
+                now_ms: 2,
+                at_ms: None
+            }),
+            Err(Refusal::CycleRunning {
+                op: Op::ResumeResync
+            })
+        );
+        assert_eq!(m, before);
+        let a = m.run(Event::Pause { now_ms: 3 });
+        assert_eq!(a, vec![Action::AbortCycle, Action::Persist]);
+        assert_eq!(m.state(), S::Suspended);
+        assert_eq!(m.running_since(), None);
+    }
+
+    #[test]
+    fn refusal_messages_name_the_state() {
+        let mut m = in_state(S::PreparedForFailover);
+        let e = m.step(Event::Pause { now_ms: 1 }).expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "pause is not allowed while the VM is PreparedForFailover"
+        );
+        let mut m = in_state(S::Replicating);
+        let e = m
+            .step(Event::Enable {
+                now_ms: 1,
+                initial_at_ms: None,
+            })
+            .expect_err("refused");
+        assert!(
+            e.to_string().contains("already enabled (Replicating)"),
+            "{e}"
+        );
+    }
+
+    fn replicating() -> PrimaryMachine {
+        let mut m = enabled();
+        m.run(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 10,
+            app_consistent: false,
+            pending_bytes: Some(7),
+            disk_sizes: Some(vec![100, 200]),
+        });
+        assert_eq!(m.state(), S::Replicating);
+        m
+    }
+
+    #[test]
+    fn cycle_success_records_pending_bytes_and_disk_sizes() {
+        let mut m = replicating();
+        assert_eq!(m.stats().pending_bytes, 7);
+        assert_eq!(m.disk_sizes(), Some(&[100, 200][..]));
+        m.run(Event::Tick { now_ms: 30_000 });
+        m.run(Event::CycleSucceeded {
+            now_ms: 31_000,
+            bytes: 5,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        // Unknown figures keep the last ones.
+        assert_eq!(m.stats().pending_bytes, 7);
+        assert_eq!(m.disk_sizes(), Some(&[100, 200][..]));
+        assert_eq!(m.stats().total_bytes, 15);
+        assert_eq!(m.snapshot().disk_sizes, Some(vec![100, 200]));
+        // A stale outcome is refused and changes nothing.
+        let before = m.clone();
+        assert!(matches!(
+            m.step(Event::CycleSucceeded {
+                now_ms: 32_000,
+                bytes: 5,
+                app_consistent: false,
+                pending_bytes: Some(1),
+                disk_sizes: None,
+            }),
+            Err(Refusal::NoCycleRunning { .. })
+        ));
+        assert_eq!(m, before);
+    }
+
+    fn planned_of(a: &[Action]) -> Option<(CycleId, Option<CycleId>, bool)> {
+        a.iter().find_map(|x| match x {
+            Action::StartCycle {
+                id, base, planned, ..
+            } => Some((*id, *base, *planned)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn planned_failover_ships_a_final_cycle_then_locks() {
+        let mut m = replicating();
+        // A regular cycle is running: it is aborted, the final cycle takes its place.
+        m.run(Event::Tick { now_ms: 30_000 });
+        let a = m.run(Event::PrepareFailover { now_ms: 30_500 });
+        assert_eq!(a.first(), Some(&Action::AbortCycle));
+        assert_eq!(planned_of(&a), Some((2, Some(1), true)));
+        assert!(m.preparing_failover());
+        // A second prepare waits for the first.
+        assert_eq!(
+            m.step(Event::PrepareFailover { now_ms: 30_600 }),
+            Err(Refusal::CycleRunning { op: Op::Prepare })
+        );
+        // Ticks do not start anything else.
+        assert!(m.run(Event::Tick { now_ms: 90_000 }).is_empty());
+        let a = m.run(Event::CycleSucceeded {
+            now_ms: 91_000,
+            bytes: 3,
+            app_consistent: false,
+            pending_bytes: Some(0),
+            disk_sizes: None,
+        });
+        assert_eq!(a, vec![Action::Persist]);
+        assert_eq!(m.state(), S::PreparedForFailover);
+        assert_eq!(m.last_cycle(), Some(2));
+        assert_eq!(m.stats().successful_cycles, 2);
+        // No more cycles.
+        assert!(m.run(Event::Tick { now_ms: 10_000_000 }).is_empty());
+        assert!(m.run(Event::Restarted { now_ms: 10_000_001 }).is_empty());
+        // The new primary's handover is planned only for exactly this point.
+        assert!(m.become_replica(1, 2).expect("handover").planned);
+        assert!(!m.become_replica(1, 1).expect("handover").planned);
+        let h = m.become_replica(5, 2).expect("handover");
+        assert_eq!(h.replica.state(), S::Replicating);
+        assert_eq!(h.replica.last_cycle(), Some(2));
+    }
+
+    #[test]
+    fn planned_failover_failure_returns_to_replicating() {
+        let mut m = replicating();
+        let a = m.run(Event::PrepareFailover { now_ms: 2_000 });
+        assert_eq!(planned_of(&a), Some((2, Some(1), true)));
+        m.run(Event::CycleFailed {
+            now_ms: 2_500,
+            failure: Failure::Retryable("replica unreachable".into()),
+        });
+        assert_eq!(m.state(), S::Replicating);
+        assert!(!m.preparing_failover());
+        assert!(
+            m.last_error()
+                .is_some_and(|e| e.contains("final cycle") && e.contains("unreachable")),
+            "{:?}",
+            m.last_error()
+        );
+        // Regular cycles resume (not planned ones).
+        let a = m.run(Event::Tick { now_ms: 60_000 });
+        assert_eq!(planned_of(&a), Some((2, Some(1), false)));
+        // Not before initial replication.
+        let mut fresh = enabled();
+        assert_eq!(
+            fresh.step(Event::PrepareFailover { now_ms: 1 }),
+            Err(Refusal::State {
+                op: Op::Prepare,
+                state: S::InitialReplicationInProgress
+            })
+        );
+    }
+
+    #[test]
+    fn reconciled_replans_without_counting_a_failure() {
+        let mut m = replicating();
+        let a = m.run(Event::Tick { now_ms: 30_000 });
+        assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Incremental)));
+        // Same view: carry on with the started cycle.
+        assert!(
+            m.run(Event::Reconciled {
+                now_ms: 30_001,
+                latest: Some(1)
+            })
+            .is_empty()
+        );
+        assert_eq!(m.running_id(), Some(2));
+        // The replica holds cycle 2 already (a lost acknowledgement): adopt, start 3 at once.
+        let a = m.run(Event::Reconciled {
+            now_ms: 30_002,
+            latest: Some(2),
+        });
+        assert_eq!(start_of(&a), Some((3, Some(2), CycleKind::Incremental)));
+        assert_eq!(m.last_cycle(), Some(2));
+        assert_eq!(m.stats().errors, 0);
+        assert_eq!(m.consecutive_failures(), 0);
+        assert_eq!(m.last_error(), None);
+        // The replica lost data: resync required, nothing started.
+        let a = m.run(Event::Reconciled {
+            now_ms: 30_003,
+            latest: Some(1),
+        });
+        assert_eq!(start_of(&a), None);
+        assert_eq!(m.state(), S::WaitingForStartResynchronize);
+        assert_eq!(m.running_since(), None);
+        assert_eq!(m.stats().errors, 0);
+    }
+
+    #[test]
+    fn reconciled_during_prepare_keeps_preparing() {
+        let mut m = replicating();
+        m.run(Event::PrepareFailover { now_ms: 2_000 });
+        let a = m.run(Event::Reconciled {
+            now_ms: 2_001,
+            latest: Some(2),
+        });
+        assert_eq!(planned_of(&a), Some((3, Some(2), true)));
+        assert!(m.preparing_failover());
+    }
+
+    #[test]
+    fn retarget_only_renumbers_a_running_resync() {
+        let mut m = replicating();
+        assert!(matches!(
+            m.step(Event::RetargetRunning { now_ms: 1, id: 9 }),
+            Err(Refusal::NoCycleRunning { .. })
+        ));
+        m.run(Event::Tick { now_ms: 30_000 });
+        let before = m.clone();
+        assert_eq!(
+            m.step(Event::RetargetRunning { now_ms: 1, id: 9 }),
+            Err(Refusal::NotResync)
+        );
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn disable_twice_is_refused_and_reenable_starts_over() {
+        let mut m = replicating();
+        m.run(Event::Disable { now_ms: 5_000 });
+        assert_eq!(m.snapshot().last_cycle, None);
+        assert_eq!(m.disk_sizes(), None);
+        assert_eq!(
+            m.step(Event::Disable { now_ms: 5_001 }),
+            Err(Refusal::NotEnabled { op: Op::Disable })
+        );
+        let a = m.run(Event::Enable {
+            now_ms: 6_000,
+            initial_at_ms: None,
+        });
+        assert_eq!(start_of(&a), Some((1, None, CycleKind::Full)));
+    }
+
+    #[test]
+    fn snapshot_round_trip_drops_the_running_cycle() {
+        let mut m = replicating();
+        m.run(Event::Tick { now_ms: 30_000 });
+        m.run(Event::Pause { now_ms: 31_000 });
+        m.run(Event::Resume { now_ms: 32_000 });
+        assert!(m.running_since().is_some());
+        let snap = m.snapshot();
+        let r = PrimaryMachine::restore(*m.schedule(), snap.clone());
+        assert_eq!(r.running_since(), None);
+        assert_eq!(r.snapshot(), snap);
+        assert_eq!(r.state(), S::Replicating);
+        assert_eq!(r.last_cycle(), Some(1));
+    }
+
+    #[test]
+    fn reversed_primary_continues_or_resyncs() {
+        let mut m = PrimaryMachine::reversed(Schedule::every(F), 1_000, 7, vec![10], false);
+        assert_eq!(m.state(), S::Replicating);
+        let a = m.run(Event::Restarted { now_ms: 1_000 });
+        assert_eq!(start_of(&a), Some((8, Some(7), CycleKind::Incremental)));
+        let mut m = PrimaryMachine::reversed(Schedule::every(F), 1_000, 7, vec![10], true);
+        assert_eq!(m.state(), S::WaitingForStartResynchronize);
+        let a = m.run(Event::Restarted { now_ms: 1_000 });
+        assert_eq!(start_of(&a), Some((8, Some(7), CycleKind::Resync)));
+        assert_eq!(m.state(), S::Resynchronizing);
+        // A disabled primary cannot hand over.
+        let d = PrimaryMachine::new(Schedule::every(F));
+        assert_eq!(
+            d.become_replica(1, 1),
+            Err(Refusal::NotEnabled {
+                op: Op::BecomeReplica
+            })
+        );
     }
 }

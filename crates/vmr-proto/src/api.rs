@@ -70,6 +70,7 @@ pub enum ReplicationMode {
 
 /// Per-VM statistics over a monitoring window (`Measure-VMReplication`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReplicationStats {
     /// Start of the monitoring window, ms since the epoch.
     pub window_start_ms: u64,

@@ -1,0 +1,181 @@
+//! Why a replication machine refused a command: one typed error shared by the primary and the
+//! replica machine (and the failover rules), each variant naming the command and the state so
+//! that the message alone tells the admin what to do. The agent maps every refusal to exit
+//! code 5 ("not allowed in the current state").
+
+use vmr_proto::CycleId;
+use vmr_proto::api::{ReplicationMode, ReplicationState};
+
+/// A command or event a machine can refuse, named as the admin (or the peer) asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `enable`.
+    Enable,
+    /// `start-initial`.
+    StartInitial,
+    /// `pause`.
+    Pause,
+    /// `resume`.
+    Resume,
+    /// `resume --resync`.
+    ResumeResync,
+    /// `disable`.
+    Disable,
+    /// `failover prepare` (planned failover, primary).
+    Prepare,
+    /// `failover start` (replica).
+    Start,
+    /// `failover test` (replica).
+    Test,
+    /// `failover cancel` (replica).
+    Cancel,
+    /// `failover complete` (replica).
+    Complete,
+    /// `reverse` (replica).
+    Reverse,
+    /// `become-replica` (the old primary, asked by the new one).
+    BecomeReplica,
+    /// `create-replica` (the primary asks the replica).
+    CreateReplica,
+    /// A cycle offered by the primary (replica).
+    ReceiveCycle,
+    /// `import` of an initial copy or disk images (replica).
+    Import,
+    /// A cycle outcome or re-numbering reported by the driver.
+    CycleOutcome,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Enable => "enable",
+            Op::StartInitial => "start-initial",
+            Op::Pause => "pause",
+            Op::Resume => "resume",
+            Op::ResumeResync => "resume --resync",
+            Op::Disable => "disable",
+            Op::Prepare => "failover prepare",
+            Op::Start => "failover start",
+            Op::Test => "failover test",
+            Op::Cancel => "failover cancel",
+            Op::Complete => "failover complete",
+            Op::Reverse => "reverse",
+            Op::BecomeReplica => "become-replica",
+            Op::CreateReplica => "create-replica",
+            Op::ReceiveCycle => "receiving a cycle",
+            Op::Import => "import",
+            Op::CycleOutcome => "a cycle outcome",
+        })
+    }
+}
+
+/// Why a command is not allowed now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The command does not apply in this state.
+    #[error("{op} is not allowed while the VM is {state}")]
+    State {
+        /// The command.
+        op: Op,
+        /// The current state.
+        state: ReplicationState,
+    },
+    /// The command runs on the other host.
+    #[error("{op} runs on the VM's {wanted:?} host; this host is its {actual:?}")]
+    WrongSide {
+        /// The command.
+        op: Op,
+        /// The side it must run on.
+        wanted: ReplicationMode,
+        /// This host's side.
+        actual: ReplicationMode,
+    },
+    /// No recovery point exists yet.
+    #[error("{op} needs a recovery point, but initial replication has not completed yet")]
+    NoInitialCopy {
+        /// The command.
+        op: Op,
+    },
+    /// Replication is not enabled (primary).
+    #[error("{op}: replication of this VM is not enabled (enable it first)")]
+    NotEnabled {
+        /// The command.
+        op: Op,
+    },
+    /// Replication is enabled already (primary).
+    #[error("replication of this VM is already enabled ({state}); disable it first")]
+    AlreadyEnabled {
+        /// The current state.
+        state: ReplicationState,
+    },
+    /// Replication of the VM was disabled on the replica.
+    #[error(
+        "{op}: replication of this VM is disabled on the replica; enabling it again on the \
+         primary re-creates it"
+    )]
+    Disabled {
+        /// The command.
+        op: Op,
+    },
+    /// Paused (on the replica, for cycles; or on the side the command ran on).
+    #[error(
+        "{op}: replication is paused on the replica ({state}); it continues after `vmreplica \
+         resume` there"
+    )]
+    Paused {
+        /// The command.
+        op: Op,
+        /// The paused state.
+        state: ReplicationState,
+    },
+    /// The replica VM is failed over: the old primary's cycles are refused.
+    #[error(
+        "{op}: the replica VM is failed over ({state}); complete or cancel the failover, or \
+         reverse replication"
+    )]
+    FailedOver {
+        /// The command.
+        op: Op,
+        /// The failover state.
+        state: ReplicationState,
+    },
+    /// A cycle's base is not what the replica holds.
+    #[error("the cycle builds on {got:?} but the replica's latest applied point is {expected:?}")]
+    WrongBase {
+        /// The replica's latest applied point.
+        expected: Option<CycleId>,
+        /// The cycle's base.
+        got: Option<CycleId>,
+    },
+    /// A cycle is running; the command must wait for it.
+    #[error("{op} is not allowed while a replication cycle is running; try again after it")]
+    CycleRunning {
+        /// The command.
+        op: Op,
+    },
+    /// No cycle is running (a stale outcome from the driver).
+    #[error("{op}: no replication cycle is running (the state is {state})")]
+    NoCycleRunning {
+        /// The command.
+        op: Op,
+        /// The current state.
+        state: ReplicationState,
+    },
+    /// Cycle ids start at 1.
+    #[error("cycle id {id} is not valid (cycle ids start at 1)")]
+    BadCycleId {
+        /// The id given.
+        id: CycleId,
+    },
+    /// The running cycle cannot be renumbered (only a resynchronization can).
+    #[error("only a running resynchronization cycle can be renumbered")]
+    NotResync,
+}
+
+impl Refusal {
+    /// Whether the sender should simply retry later (the replica is paused): the primary keeps
+    /// retrying with backoff, health is Critical meanwhile.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Refusal::Paused { .. })
+    }
+}

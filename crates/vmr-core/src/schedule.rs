@@ -1,0 +1,258 @@
+//! A primary VM's scheduling parameters and the one validation of `enable` arguments
+//! ([`Schedule::from_enable`]): frequency, recovery points, app-consistent interval, automatic
+//! resynchronization window and initial replication mode.
+
+use vmr_proto::api::{EnableArgs, InitialMode, ResyncWindow};
+
+/// Shortest cycle interval, seconds.
+pub const MIN_FREQUENCY_SECS: u64 = 5;
+/// Longest cycle interval, seconds (one day).
+pub const MAX_FREQUENCY_SECS: u64 = 86_400;
+/// Most additional hourly recovery points (Hyper-V's limit).
+pub const MAX_RECOVERY_POINTS: u32 = 24;
+/// Longest app-consistent interval, hours (Hyper-V's limit).
+pub const MAX_APP_CONSISTENT_HOURS: u32 = 12;
+
+/// Scheduling parameters of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// Cycle interval in ms (>= 5000).
+    pub frequency_ms: u64,
+    /// Take an app-consistent cycle this often (ms); 0 = never.
+    pub app_consistent_every_ms: u64,
+    /// First retry delay after a recoverable failure.
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+    /// Start a required resynchronization by itself inside this daily window.
+    pub auto_resync: Option<ResyncWindow>,
+    /// How initial replication gets the first copy across.
+    pub initial: InitialKind,
+}
+
+/// How initial replication gets the first copy across (`enable --initial`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InitialKind {
+    /// A full cycle over the network.
+    #[default]
+    Network,
+    /// The replica holds a copy already: a resync cycle (block-hash comparison).
+    Existing,
+    /// A full cycle written to a directory; then wait until the replica imported it.
+    Export,
+}
+
+/// Why `enable` arguments are invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEnable {
+    /// Frequency below the minimum.
+    #[error("frequency {secs} s is below the {MIN_FREQUENCY_SECS} s minimum")]
+    FrequencyTooShort {
+        /// The asked frequency.
+        secs: u64,
+    },
+    /// Frequency above the maximum.
+    #[error("frequency {secs} s is above the {MAX_FREQUENCY_SECS} s (one day) maximum")]
+    FrequencyTooLong {
+        /// The asked frequency.
+        secs: u64,
+    },
+    /// Too many recovery points.
+    #[error("{count} additional recovery points asked; at most {MAX_RECOVERY_POINTS} are kept")]
+    TooManyRecoveryPoints {
+        /// The asked count.
+        count: u32,
+    },
+    /// App-consistent interval out of range.
+    #[error(
+        "an app-consistent point every {hours} h: the interval must be 1 to \
+         {MAX_APP_CONSISTENT_HOURS} hours (or 0 for never)"
+    )]
+    AppConsistentInterval {
+        /// The asked interval.
+        hours: u32,
+    },
+    /// The automatic resynchronization window is out of range.
+    #[error("automatic resynchronization window {window}: times must be 00:00 to 23:59")]
+    ResyncWindow {
+        /// The window.
+        window: ResyncWindow,
+    },
+    /// The export directory is not an absolute path.
+    #[error("--initial export:{dir}: the directory must be an absolute path")]
+    ExportDir {
+        /// The directory given.
+        dir: String,
+    },
+}
+
+impl Schedule {
+    /// A schedule with the given frequency and default retry policy (1 s doubling to 60 s, but
+    /// never longer than the frequency).
+    pub fn every(frequency_ms: u64) -> Self {
+        Self {
+            frequency_ms,
+            app_consistent_every_ms: 0,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000.min(frequency_ms.max(1_000)),
+            auto_resync: None,
+            initial: InitialKind::Network,
+        }
+    }
+
+    /// Validate `enable` arguments (the only place they are checked) and build the schedule.
+    pub fn from_enable(args: &EnableArgs) -> Result<Schedule, InvalidEnable> {
+        let secs = args.frequency_secs;
+        if secs < MIN_FREQUENCY_SECS {
+            return Err(InvalidEnable::FrequencyTooShort { secs });
+        }
+        if secs > MAX_FREQUENCY_SECS {
+            return Err(InvalidEnable::FrequencyTooLong { secs });
+        }
+        if args.recovery_points > MAX_RECOVERY_POINTS {
+            return Err(InvalidEnable::TooManyRecoveryPoints {
+                count: args.recovery_points,
+            });
+        }
+        let hours = args.app_consistent_every_hours;
+        if hours > MAX_APP_CONSISTENT_HOURS {
+            return Err(InvalidEnable::AppConsistentInterval { hours });
+        }
+        if let Some(w) = args.auto_resync
+            && (w.start_min >= 1440 || w.end_min >= 1440)
+        {
+            return Err(InvalidEnable::ResyncWindow { window: w });
+        }
+        let initial = match &args.initial {
+            InitialMode::Network => InitialKind::Network,
+            InitialMode::Existing => InitialKind::Existing,
+            InitialMode::Export { dir } => {
+                if !std::path::Path::new(dir).is_absolute() {
+                    return Err(InvalidEnable::ExportDir { dir: dir.clone() });
+                }
+                InitialKind::Export
+            }
+        };
+        let mut s = Schedule::every(secs * 1000);
+        s.app_consistent_every_ms = u64::from(hours) * 3_600_000;
+        s.auto_resync = args.auto_resync;
+        s.initial = initial;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> EnableArgs {
+        EnableArgs {
+            name: "vm".into(),
+            replica: "127.0.0.1:1".into(),
+            replica_fingerprint: "fp".into(),
+            frequency_secs: 30,
+            recovery_points: 0,
+            app_consistent_every_hours: 0,
+            exclude_disks: vec![],
+            compression: true,
+            initial_at_ms: None,
+            auto_resync: None,
+            initial: InitialMode::Network,
+        }
+    }
+
+    #[test]
+    fn enable_table() {
+        type Case = (&'static str, fn(&mut EnableArgs), Option<InvalidEnable>);
+        let cases: Vec<Case> = vec![
+            ("defaults", |_| {}, None),
+            ("5 s is the minimum", |a| a.frequency_secs = 5, None),
+            (
+                "4 s is too short",
+                |a| a.frequency_secs = 4,
+                Some(InvalidEnable::FrequencyTooShort { secs: 4 }),
+            ),
+            (
+                "0 s is too short",
+                |a| a.frequency_secs = 0,
+                Some(InvalidEnable::FrequencyTooShort { secs: 0 }),
+            ),
+            ("one day", |a| a.frequency_secs = 86_400, None),
+            (
+                "more than a day",
+                |a| a.frequency_secs = u64::MAX,
+                Some(InvalidEnable::FrequencyTooLong { secs: u64::MAX }),
+            ),
+            ("24 points", |a| a.recovery_points = 24, None),
+            (
+                "25 points",
+                |a| a.recovery_points = 25,
+                Some(InvalidEnable::TooManyRecoveryPoints { count: 25 }),
+            ),
+            (
+                "app every 12 h",
+                |a| a.app_consistent_every_hours = 12,
+                None,
+            ),
+            (
+                "app every 13 h",
+                |a| a.app_consistent_every_hours = 13,
+                Some(InvalidEnable::AppConsistentInterval { hours: 13 }),
+            ),
+            (
+                "window",
+                |a| a.auto_resync = Some(ResyncWindow::HYPERV_DEFAULT),
+                None,
+            ),
+            (
+                "window out of range",
+                |a| {
+                    a.auto_resync = Some(ResyncWindow {
+                        start_min: 1440,
+                        end_min: 0,
+                    })
+                },
+                Some(InvalidEnable::ResyncWindow {
+                    window: ResyncWindow {
+                        start_min: 1440,
+                        end_min: 0,
+                    },
+                }),
+            ),
+            (
+                "absolute export dir",
+                |a| {
+                    a.initial = InitialMode::Export {
+                        dir: "/media/usb".into(),
+                    }
+                },
+                None,
+            ),
+            (
+                "relative export dir",
+                |a| a.initial = InitialMode::Export { dir: "usb".into() },
+                Some(InvalidEnable::ExportDir { dir: "usb".into() }),
+            ),
+        ];
+        for (what, edit, want) in cases {
+            let mut a = args();
+            edit(&mut a);
+            assert_eq!(Schedule::from_enable(&a).err(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn schedule_fields() {
+        let mut a = args();
+        a.frequency_secs = 300;
+        a.app_consistent_every_hours = 4;
+        a.auto_resync = Some(ResyncWindow::HYPERV_DEFAULT);
+        a.initial = InitialMode::Existing;
+        let s = Schedule::from_enable(&a).expect("valid");
+        assert_eq!(s.frequency_ms, 300_000);
+        assert_eq!(s.app_consistent_every_ms, 4 * 3_600_000);
+        assert_eq!(s.auto_resync, Some(ResyncWindow::HYPERV_DEFAULT));
+        assert_eq!(s.initial, InitialKind::Existing);
+        assert_eq!(s.retry_max_ms, 60_000);
+    }
+}
