@@ -157,11 +157,7 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
                     ));
                 }
             }
-            if let Some(existing) = agent
-                .vms
-                .get(&name)
-                .or_else(|| agent.vms.by_uuid(def.uuid))
-            {
+            if let Some(existing) = agent.vms.get(&name).or_else(|| agent.vms.by_uuid(def.uuid)) {
                 return Err(coded(
                     exit::INVALID_STATE,
                     format!(
@@ -192,6 +188,7 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
                 primary: host.config.name.clone(),
                 trust_group: None,
                 last_error: None,
+                before_failover: None,
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -220,12 +217,11 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
         }
         Request::Enable(args) => {
             let h = vm(agent, &args.name)?;
-            if args.frequency_secs < 5 {
-                return Err(coded(exit::USAGE, "frequency must be at least 5 s"));
-            }
             Ok(json!(h.ask(|r| Command::Enable(Box::new(args), r)).await?))
         }
-        Request::StartInitial { name } => Ok(json!(vm(agent, &name)?.ask(Command::StartInitial).await?)),
+        Request::StartInitial { name } => {
+            Ok(json!(vm(agent, &name)?.ask(Command::StartInitial).await?))
+        }
         Request::Pause { name } => Ok(json!(vm(agent, &name)?.ask(Command::Pause).await?)),
         Request::Resume { name } => Ok(json!(vm(agent, &name)?.ask(Command::Resume).await?)),
         Request::ResumeResync { name, at_ms } => Ok(json!(
@@ -267,9 +263,7 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
             failover(agent, &name, FailoverCmd::StopTest { test_id }).await
         }
         Request::FailoverCancel { name } => failover(agent, &name, FailoverCmd::Cancel).await,
-        Request::FailoverComplete { name } => {
-            failover(agent, &name, FailoverCmd::Complete).await
-        }
+        Request::FailoverComplete { name } => failover(agent, &name, FailoverCmd::Complete).await,
         Request::Reverse {
             name,
             replica,
@@ -291,9 +285,7 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
 }
 
 async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> anyhow::Result<Value> {
-    let r = vm(agent, name)?
-        .ask(|r| Command::Failover(cmd, r))
-        .await?;
+    let r = vm(agent, name)?.ask(|r| Command::Failover(cmd, r)).await?;
     Ok(serde_json::to_value(r)?)
 }
 

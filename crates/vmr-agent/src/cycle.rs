@@ -86,6 +86,11 @@ pub enum Outcome {
         /// The replica's latest cycle.
         latest: Option<u64>,
     },
+    /// The replica's latest cycle, asked for by the machine (`QueryReplica`).
+    ReplicaHas {
+        /// The replica's latest cycle.
+        latest: Option<u64>,
+    },
     /// Failed (and aborted: its changes are merged back).
     Failed(Failure),
     /// Cancelled by the owner (pause, disable, shutdown).
@@ -302,17 +307,8 @@ async fn run_incremental(
     let Some(capture) = session.capture.as_mut() else {
         return Outcome::Failed(Failure::Retryable("no capture".into()));
     };
-    let (outcome, reset_capture, reset_client) = cycle_with(
-        ctx,
-        capture,
-        &client,
-        &args,
-        id,
-        base,
-        kind,
-        app_consistent,
-    )
-    .await;
+    let (outcome, reset_capture, reset_client) =
+        cycle_with(ctx, capture, &client, &args, id, base, kind, app_consistent).await;
     if reset_capture {
         session.capture = None;
     }

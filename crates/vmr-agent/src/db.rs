@@ -124,6 +124,7 @@ mod tests {
             primary: "a".into(),
             trust_group: None,
             last_error: None,
+            before_failover: None,
         };
         {
             let db = Db::open(&path).expect("open");

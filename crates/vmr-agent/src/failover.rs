@@ -16,7 +16,10 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use vmr_capture::qmp::{QmpClient, QmpError};
 use vmr_capture::{Endpoint, Names};
-use vmr_core::{FailoverOp, failover_transition};
+use vmr_core::{Op, ReplicaEvent, failover_transition};
+
+use crate::primary::PrimarySide;
+use crate::replica::ReplicaSide;
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{
     BecomeReplica, EnableArgs, FailoverRecord, FailoverResult, FailoverVm, ReplicationMode,
@@ -243,39 +246,41 @@ fn replica_record(vm: &Vm) -> anyhow::Result<VmRecord> {
 /// `failover start` (live) and `failover test`.
 pub async fn start(
     vm: &mut Vm,
+    side: &mut ReplicaSide,
     point: Option<u64>,
     no_start: bool,
     force: bool,
     test: bool,
 ) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let mut rec = replica_record(vm)?;
+    let rec = replica_record(vm)?;
     let name = rec.name.clone();
     let name = name.as_str();
     let store = vm.host.store_of(&rec)?;
     // What was acknowledged must be a point before "latest" is chosen (planned failover).
     store.apply_pending(rec.uuid).await?;
     let has_point = store.latest_point(rec.uuid)?.is_some();
-    let op = if test {
-        FailoverOp::Test
-    } else {
-        FailoverOp::Start
-    };
-    let next =
-        failover_transition(ReplicationMode::Replica, rec.state, op, has_point).map_err(refused)?;
+    let op = if test { Op::Test } else { Op::Start };
+    // Checked before anything is done; the machine decides again below.
+    failover_transition(
+        ReplicationMode::Replica,
+        side.machine().state(),
+        op,
+        has_point,
+    )
+    .map_err(crate::primary::refused)?;
     let mut fr = vm.failover()?;
     if !test && !force {
         split_brain_guard(&vm.host, &rec, &fr).await?;
     }
-    let before = rec.state;
-    if !test {
-        // From now on cycles from the old primary are refused.
-        rec.state = next;
-        {
-        vm.rec = rec.clone();
-        vm.save()?;
-    }
-    }
+    let now = now_ms();
+    // From now on cycles from the old primary are refused (a test changes nothing).
+    let ev = if test {
+        ReplicaEvent::FailoverTest { now_ms: now }
+    } else {
+        ReplicaEvent::FailoverStart { now_ms: now }
+    };
+    side.step(vm, ev).map_err(crate::primary::refused)?;
     let made = async {
         let slot = if test {
             format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -335,11 +340,8 @@ pub async fn start(
         Ok(f) => f,
         Err(e) => {
             if !test {
-                rec.state = before;
-                {
-        vm.rec = rec.clone();
-        vm.save()?;
-    }
+                side.step(vm, ReplicaEvent::FailoverCancel { now_ms: now_ms() })
+                    .map_err(crate::primary::refused)?;
             }
             return Err(e);
         }
@@ -351,15 +353,11 @@ pub async fn start(
     if test {
         fr.tests.push(f.clone());
     } else {
-        fr.before = Some(before);
         fr.live = Some(f.clone());
         fr.planned = planned;
         if let Some(q) = &f.qmp {
-            rec.qmp = q.clone();
-            {
-        vm.rec = rec.clone();
-        vm.save()?;
-    }
+            vm.rec.qmp = q.clone();
+            vm.save()?;
         }
     }
     vm.save_failover(&fr)?;
@@ -372,18 +370,14 @@ pub async fn start(
         "{what} from recovery point {}{}; state {}",
         f.point,
         if planned && !test { " (planned)" } else { "" },
-        rec.state
+        side.machine().state()
     );
     tracing::info!(vm = %name, point = f.point, test, "failover: {msg}");
-    Ok(result(name, rec.state, Some(&f), t0, msg))
+    Ok(result(name, side.machine().state(), Some(&f), t0, msg))
 }
 
 /// Refuse an unplanned failover while the primary answers and its VM runs.
-async fn split_brain_guard(
-    host: &Host,
-    rec: &VmRecord,
-    fr: &FailoverRecord,
-) -> anyhow::Result<()> {
+async fn split_brain_guard(host: &Host, rec: &VmRecord, fr: &FailoverRecord) -> anyhow::Result<()> {
     let Some(addr) = fr.primary_listen.clone() else {
         tracing::warn!(vm = %rec.name, "the primary's address is unknown; split-brain check skipped");
         return Ok(());
@@ -425,10 +419,7 @@ async fn split_brain_guard(
     }
 }
 
-pub async fn stop_test(
-    vm: &mut Vm,
-    test_id: Option<uuid::Uuid>,
-) -> anyhow::Result<FailoverResult> {
+pub async fn stop_test(vm: &mut Vm, test_id: Option<uuid::Uuid>) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
     let rec = replica_record(vm)?;
     let name = rec.name.clone();
@@ -473,18 +464,18 @@ pub async fn stop_test(
     ))
 }
 
-pub async fn cancel(vm: &mut Vm) -> anyhow::Result<FailoverResult> {
+pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let mut rec = replica_record(vm)?;
+    let rec = replica_record(vm)?;
     let name = rec.name.clone();
     let name = name.as_str();
-    let next = failover_transition(
+    failover_transition(
         ReplicationMode::Replica,
-        rec.state,
-        FailoverOp::Cancel,
+        side.machine().state(),
+        Op::Cancel,
         true,
     )
-    .map_err(refused)?;
+    .map_err(crate::primary::refused)?;
     let store = vm.host.store_of(&rec)?;
     let mut fr = vm.failover()?;
     if let Some(live) = fr.live.take() {
@@ -497,41 +488,34 @@ pub async fn cancel(vm: &mut Vm) -> anyhow::Result<FailoverResult> {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-    rec.state = match fr.before.take() {
-        Some(ReplicationState::Suspended) => ReplicationState::Suspended,
-        _ => next,
-    };
-    rec.qmp = String::new();
+    fr.before = None;
     fr.planned = false;
     vm.save_failover(&fr)?;
-    {
-        vm.rec = rec.clone();
-        vm.save()?;
-    }
+    vm.rec.qmp = String::new();
+    side.step(vm, ReplicaEvent::FailoverCancel { now_ms: now_ms() })
+        .map_err(crate::primary::refused)?;
+    let state = side.machine().state();
     Ok(result(
         name,
-        rec.state,
+        state,
         None,
         t0,
-        format!(
-            "failover cancelled: what the failed-over VM wrote is discarded; state {}",
-            rec.state
-        ),
+        format!("failover cancelled: what the failed-over VM wrote is discarded; state {state}"),
     ))
 }
 
-pub async fn complete(vm: &mut Vm) -> anyhow::Result<FailoverResult> {
+pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
-    let mut rec = replica_record(vm)?;
+    let rec = replica_record(vm)?;
     let name = rec.name.clone();
     let name = name.as_str();
-    let next = failover_transition(
+    failover_transition(
         ReplicationMode::Replica,
-        rec.state,
-        FailoverOp::Complete,
+        side.machine().state(),
+        Op::Complete,
         true,
     )
-    .map_err(refused)?;
+    .map_err(crate::primary::refused)?;
     let store = vm.host.store_of(&rec)?;
     let fr = vm.failover()?;
     let live = fr
@@ -551,15 +535,17 @@ pub async fn complete(vm: &mut Vm) -> anyhow::Result<FailoverResult> {
             .discard_points_except(rec.uuid, Some(live.point))
             .await?;
     }
-    rec.state = next;
-    rec.last_cycle = Some(live.point);
-    {
-        vm.rec = rec.clone();
-        vm.save()?;
-    }
+    side.step(
+        vm,
+        ReplicaEvent::FailoverComplete {
+            now_ms: now_ms(),
+            point: live.point,
+        },
+    )
+    .map_err(crate::primary::refused)?;
     Ok(result(
         name,
-        rec.state,
+        side.machine().state(),
         Some(&live),
         t0,
         format!(
@@ -600,14 +586,12 @@ pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> Value {
 }
 
 /// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock.
-pub async fn prepare(
-    vm: &mut Vm,
-    side: &mut crate::primary::PrimarySide,
-) -> anyhow::Result<FailoverResult> {
+pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> anyhow::Result<FailoverResult> {
     let t0 = Instant::now();
     let name = vm.rec.name.clone();
     let name = name.as_str();
-    failover_transition(vm.rec.mode, side.state(), FailoverOp::Prepare, true).map_err(refused)?;
+    failover_transition(vm.rec.mode, side.state(), Op::Prepare, true)
+        .map_err(crate::primary::refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
     check_shut_down(&vm.rec).await?;
@@ -661,36 +645,34 @@ async fn check_shut_down(rec: &VmRecord) -> anyhow::Result<()> {
 /// `reverse` on the failed-over side.
 pub async fn reverse(
     vm: &mut Vm,
+    side: &ReplicaSide,
     replica: Option<String>,
     replica_fingerprint: Option<String>,
     frequency_secs: Option<u64>,
-) -> anyhow::Result<FailoverResult> {
+) -> anyhow::Result<(FailoverResult, vmr_core::PrimaryMachine)> {
     let t0 = Instant::now();
     let mut rec = replica_record(vm)?;
     let name = rec.name.clone();
     let name = name.as_str();
-    failover_transition(
-        ReplicationMode::Replica,
-        rec.state,
-        FailoverOp::Reverse,
-        true,
-    )
-    .map_err(refused)?;
+    side.machine()
+        .check_reverse()
+        .map_err(crate::primary::refused)?;
     let frequency_secs = frequency_secs.unwrap_or(300);
-    if frequency_secs < 5 {
-        return Err(coded(exit::USAGE, "frequency must be at least 5 s"));
-    }
     let mut fr = vm.failover()?;
     let live = fr
         .live
         .clone()
         .ok_or_else(|| refused(format!("{name:?} has no failed-over VM")))?;
-    let qmp = live.qmp.clone().filter(|_| running(vm, &live)).ok_or_else(|| {
-        refused(format!(
-            "the failed-over VM {name:?} is not running; reverse needs it running with change \
+    let qmp = live
+        .qmp
+        .clone()
+        .filter(|_| running(vm, &live))
+        .ok_or_else(|| {
+            refused(format!(
+                "the failed-over VM {name:?} is not running; reverse needs it running with change \
              tracking (failover start without --no-start)"
-        ))
-    })?;
+            ))
+        })?;
     let addr = replica.or(fr.primary_listen.clone()).ok_or_else(|| {
         coded(
             exit::USAGE,
@@ -707,6 +689,20 @@ pub async fn reverse(
             .map(|e| e.fingerprint)
             .ok_or_else(|| coded(exit::USAGE, "pass --replica-fingerprint"))?,
     };
+    let args = EnableArgs {
+        name: rec.name.clone(),
+        replica: addr.clone(),
+        replica_fingerprint: fp.clone(),
+        frequency_secs,
+        recovery_points: 0,
+        app_consistent_every_hours: 0,
+        exclude_disks: vec![],
+        compression: true,
+        initial_at_ms: None,
+        auto_resync: None,
+        initial: Default::default(),
+    };
+    let schedule = crate::primary::schedule_of(&args)?;
     let store = vm.host.store_of(&rec)?;
     let point = store
         .points(rec.uuid)?
@@ -745,62 +741,43 @@ pub async fn reverse(
         .get("resync")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let args = EnableArgs {
-        name: rec.name.clone(),
-        replica: addr.clone(),
-        replica_fingerprint: fp,
-        frequency_secs,
-        recovery_points: 0,
-        app_consistent_every_hours: 0,
-        exclude_disks: vec![],
-        compression: true,
-        initial_at_ms: None,
-        auto_resync: None,
-        initial: Default::default(),
-    };
+    let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
+    // After an unplanned failover the old primary's disks differ from the point: resync now.
+    let machine = side
+        .machine()
+        .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
+        .map_err(crate::primary::refused)?;
     rec.mode = ReplicationMode::Primary;
     rec.qmp = qmp;
     rec.launch_toml = def.to_toml();
     rec.disks = point.disks.iter().map(|(d, _)| d.clone()).collect();
     rec.enable = Some(args);
-    // After an unplanned failover the old primary's disks differ from the point: resync now.
-    rec.state = if resync {
-        ReplicationState::WaitingForStartResynchronize
-    } else {
-        ReplicationState::Replicating
-    };
-    rec.paused_from = None;
-    rec.last_cycle = Some(live.point);
-    rec.disk_sizes = Some(point.disks.iter().map(|(_, s)| *s).collect());
-    rec.stats = ReplicationStats {
-        window_start_ms: now_ms(),
-        ..Default::default()
-    };
-    rec.initial_at_ms = resync.then(now_ms);
     rec.primary = vm.host.config.name.clone();
     rec.trust_group = None;
-    rec.last_error = None;
-    {
-        vm.rec = rec.clone();
-        vm.save()?;
-    }
+    rec.before_failover = None;
+    vm.rec = rec;
+    crate::primary::save_snapshot(vm, machine.snapshot())?;
     fr.before = None;
     vm.save_failover(&fr)?;
-    Ok(result(
-        name,
-        rec.state,
-        Some(&live),
-        t0,
-        format!(
-            "replication reversed: {name:?} now replicates from here to {addr} every \
+    let state = machine.state();
+    Ok((
+        result(
+            name,
+            state,
+            Some(&live),
+            t0,
+            format!(
+                "replication reversed: {name:?} now replicates from here to {addr} every \
              {frequency_secs} s, starting after point {}{}",
-            live.point,
-            if resync {
-                "; the old primary's disks are resynchronised first (only differing blocks)"
-            } else {
-                ""
-            }
+                live.point,
+                if resync {
+                    "; the old primary's disks are resynchronised first (only differing blocks)"
+                } else {
+                    ""
+                }
+            ),
         ),
+        machine,
     ))
 }
 
@@ -809,10 +786,10 @@ pub async fn reverse(
 /// copied. `side`: the VM's primary side (stopped here; the caller drops it on success).
 pub async fn become_replica(
     vm: &mut Vm,
-    side: Option<&mut crate::primary::PrimarySide>,
+    side: Option<&mut PrimarySide>,
     peer: &Peer,
     req: BecomeReplica,
-) -> Result<Value, RemoteError> {
+) -> Result<(Value, vmr_core::ReplicaMachine), RemoteError> {
     let internal = |e: anyhow::Error| RemoteError::Internal {
         message: format!("{e:#}"),
     };
@@ -828,12 +805,17 @@ pub async fn become_replica(
             rec.name, peer.name
         )));
     }
-    let state = side.as_ref().map_or(rec.state, |s| s.state());
-    let last_cycle = side.as_ref().map_or(rec.last_cycle, |s| s.last_cycle());
+    let Some(side) = side else {
+        return Err(bad("replication is not enabled".into()));
+    };
     // Planned: both sides hold exactly the final cycle. Otherwise (unplanned failover, or a
     // failover to an older point) this host's disks differ: the new primary resynchronises
     // them (only differing blocks travel; this host's writes after the cut are overwritten).
-    let planned = state == ReplicationState::PreparedForFailover && last_cycle == Some(req.point);
+    let handover = side
+        .machine()
+        .become_replica(now_ms(), req.point)
+        .map_err(|r| bad(r.to_string()))?;
+    let planned = handover.planned;
     let ep = Endpoint::Unix(rec.qmp.clone().into());
     if !planned
         && !matches!(
@@ -848,9 +830,7 @@ pub async fn become_replica(
         )));
     }
     // Stop the cycles and the (shut down) VM process: its images become the replica's.
-    if let Some(side) = side {
-        side.stop().await;
-    }
+    side.stop().await;
     let became = async {
         if let Ok(mut q) = QmpClient::connect(&ep, Duration::from_secs(3)).await {
             let _ = q.execute_value("quit", None).await;
@@ -882,7 +862,7 @@ pub async fn become_replica(
         store
             .import_point(req.uuid, req.point, req.taken_at_ms, &disks)
             .await?;
-        vm.rec = VmRecord {
+        let mut new = VmRecord {
             name: rec.name.clone(),
             uuid: rec.uuid,
             mode: ReplicationMode::Replica,
@@ -902,12 +882,18 @@ pub async fn become_replica(
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
             last_error: None,
+            before_failover: None,
         };
+        new.set_replica_snapshot(handover.replica.snapshot());
+        vm.rec = new;
         vm.save()?;
         anyhow::Ok(())
     }
     .await;
     became.map_err(internal)?;
     tracing::info!(vm = %rec.name, new_primary = %peer.name, point = req.point, planned, "reverse: this host is now the replica");
-    Ok(json!({ "state": ReplicationState::Replicating, "point": req.point, "resync": !planned }))
+    Ok((
+        json!({ "state": ReplicationState::Replicating, "point": req.point, "resync": !planned }),
+        handover.replica,
+    ))
 }

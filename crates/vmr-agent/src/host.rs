@@ -86,10 +86,7 @@ impl Host {
 
     /// All authorization entries.
     pub fn allowed(&self) -> Vec<AllowEntry> {
-        self.allow
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.allow.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The authorization entry for a certificate fingerprint.

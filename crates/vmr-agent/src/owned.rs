@@ -49,9 +49,7 @@ impl Vm {
     pub fn failover(&self) -> anyhow::Result<FailoverRecord> {
         let p = self.failover_path();
         match std::fs::read(&p) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display()))
-            }
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FailoverRecord {
                 vm: self.rec.uuid,
                 ..Default::default()

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use vmr_core::{Action, Event, Failure, InitialKind, PrimaryMachine, Schedule, primary_health};
+use vmr_core::{Action, Event, Failure, PrimaryMachine, Refusal, Schedule, primary_health};
 use vmr_proto::CycleKind;
 use vmr_proto::api::{EnableArgs, InitialMode, ReplicationMode, ReplicationState, VmStatus};
+use vmr_proto::machine::PrimarySnapshot;
 
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
 use crate::exit;
@@ -47,6 +48,8 @@ pub struct PrimarySide {
     /// `None` while a cycle task has it.
     session: Option<Session>,
     running: Option<(CancellationToken, JoinHandle<CycleDone>)>,
+    /// The cycle the running task runs.
+    started: Option<Started>,
     progress: Arc<Progress>,
     /// Reconciled with the replica since the owner started.
     synced: bool,
@@ -54,88 +57,92 @@ pub struct PrimarySide {
     pending: Vec<Action>,
 }
 
-fn schedule_of(args: &EnableArgs) -> Schedule {
-    let mut s = Schedule::every(args.frequency_secs * 1000);
-    s.app_consistent_every_ms = u64::from(args.app_consistent_every_hours) * 3_600_000;
-    s.auto_resync = args.auto_resync;
-    s.initial = match args.initial {
-        InitialMode::Network => InitialKind::Network,
-        InitialMode::Existing => InitialKind::Existing,
-        InitialMode::Export { .. } => InitialKind::Export,
-    };
-    s
+/// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
+pub fn schedule_of(args: &EnableArgs) -> anyhow::Result<Schedule> {
+    Schedule::from_enable(args).map_err(|e| coded(exit::USAGE, e.to_string()))
+}
+
+/// A refusal of the machine, as the CLI reports it.
+pub fn refused(r: Refusal) -> anyhow::Error {
+    coded(exit::INVALID_STATE, r.to_string())
+}
+
+/// A started cycle, remembered so that it can be run after a reconciliation kept it.
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    id: u64,
+    base: Option<u64>,
+    kind: CycleKind,
+    app_consistent: bool,
+    planned: bool,
 }
 
 impl PrimarySide {
+    fn with(machine: PrimaryMachine, pending: Vec<Action>) -> PrimarySide {
+        PrimarySide {
+            machine,
+            session: Some(Session::default()),
+            running: None,
+            started: None,
+            progress: Arc::new(Progress::default()),
+            synced: false,
+            pending,
+        }
+    }
+
     /// The primary side of `vm` as persisted, when replication is enabled. `restarted`: the
     /// agent came back up (whatever was running is gone).
     pub fn restore(vm: &Vm, restarted: bool) -> Option<PrimarySide> {
         let args = vm.rec.enable.as_ref()?;
-        let rec = &vm.rec;
-        let mut machine = PrimaryMachine::restore(
-            schedule_of(args),
-            rec.state,
-            rec.last_cycle,
-            rec.stats.clone(),
-            rec.initial_at_ms,
-            rec.paused_from,
-        );
+        let schedule = match schedule_of(args) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(vm = %vm.rec.name, "the stored replication settings are invalid: {e:#}");
+                return None;
+            }
+        };
+        let mut machine = PrimaryMachine::restore(schedule, vm.rec.primary_snapshot());
         let pending = if restarted {
-            machine.step(Event::Restarted { now_ms: now_ms() })
+            machine
+                .step(Event::Restarted { now_ms: now_ms() })
+                .unwrap_or_default()
         } else {
             Vec::new()
         };
-        Some(PrimarySide {
-            machine,
-            session: Some(Session::default()),
-            running: None,
-            progress: Arc::new(Progress::default()),
-            synced: false,
-            pending,
-        })
+        Some(Self::with(machine, pending))
+    }
+
+    /// The primary side of a VM whose replication was just reversed onto this host.
+    pub fn reversed(machine: PrimaryMachine) -> PrimarySide {
+        Self::with(machine, vec![Action::Persist])
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &PrimaryMachine {
+        &self.machine
     }
 
     /// The machine's state.
     pub fn state(&self) -> ReplicationState {
-        self.machine.state
+        self.machine.state()
     }
 
-    /// The last cycle acknowledged and committed.
-    pub fn last_cycle(&self) -> Option<u64> {
-        self.machine.last_cycle
-    }
-
-    /// Copy the machine's persistent part into the record and save it.
+    /// Save the machine's snapshot in the record.
     fn save(&self, vm: &mut Vm) -> anyhow::Result<()> {
-        let m = &self.machine;
-        vm.rec.state = m.state;
-        vm.rec.last_cycle = m.last_cycle;
-        vm.rec.stats = m.stats.clone();
-        vm.rec.paused_from = m.paused_from;
-        vm.rec.initial_at_ms = m.initial_at_ms;
-        vm.rec.last_error = m.last_error.clone();
-        vm.save()
+        save_snapshot(vm, self.machine.snapshot())
     }
 
     /// Enable replication (the replica accepted the VM already).
     pub fn enable(vm: &mut Vm, args: EnableArgs) -> anyhow::Result<PrimarySide> {
-        vm.rec.enable = Some(args.clone());
-        vm.rec.state = ReplicationState::Disabled;
-        vm.rec.last_cycle = None;
-        vm.rec.disk_sizes = None;
-        let mut side = PrimarySide {
-            machine: PrimaryMachine::new(schedule_of(&args)),
-            session: Some(Session::default()),
-            running: None,
-            progress: Arc::new(Progress::default()),
-            synced: false,
-            pending: Vec::new(),
-        };
-        let acts = side.machine.step(Event::Enable {
-            now_ms: now_ms(),
-            initial_at_ms: args.initial_at_ms,
-        });
-        side.pending.extend(acts);
+        let mut machine = PrimaryMachine::new(schedule_of(&args)?);
+        let acts = machine
+            .step(Event::Enable {
+                now_ms: now_ms(),
+                initial_at_ms: args.initial_at_ms,
+            })
+            .map_err(refused)?;
+        vm.rec.enable = Some(args);
+        let side = Self::with(machine, acts);
         side.save(vm)?;
         Ok(side)
     }
@@ -149,11 +156,17 @@ impl PrimarySide {
         Duration::from_millis(200)
     }
 
+    fn step(&mut self, vm: &Vm, ev: Event) {
+        match self.machine.step(ev) {
+            Ok(acts) => self.pending.extend(acts),
+            Err(r) => tracing::debug!(vm = %vm.rec.name, "machine refused: {r}"),
+        }
+    }
+
     /// Time passed: feed a tick and carry out what the machine asks.
     pub fn tick(&mut self, vm: &mut Vm) {
         if self.pending.is_empty() && self.running.is_none() {
-            let acts = self.machine.step(Event::Tick { now_ms: now_ms() });
-            self.pending.extend(acts);
+            self.step(vm, Event::Tick { now_ms: now_ms() });
         }
         self.carry_out(vm);
     }
@@ -163,7 +176,7 @@ impl PrimarySide {
         self.running.as_mut().map(|(_, h)| h)
     }
 
-    /// Carry out the pending actions, up to the first cycle start.
+    /// Carry out the pending actions.
     fn carry_out(&mut self, vm: &mut Vm) {
         while !self.pending.is_empty() {
             let action = self.pending.remove(0);
@@ -179,14 +192,23 @@ impl PrimarySide {
                     }
                 }
                 Action::StopTracking => {}
-                Action::QueryReplica => self.start_task(vm, None),
+                Action::QueryReplica => self.start_task(vm, None, true),
                 Action::StartCycle {
                     id,
                     base,
                     kind,
                     app_consistent,
+                    planned,
                 } => {
-                    self.start_task(vm, Some((id, base, kind, app_consistent)));
+                    let s = Started {
+                        id,
+                        base,
+                        kind,
+                        app_consistent,
+                        planned,
+                    };
+                    let reconcile = !self.synced || base.is_some();
+                    self.start_task(vm, Some(s), reconcile);
                 }
             }
         }
@@ -194,34 +216,35 @@ impl PrimarySide {
 
     /// Lend the session to a task running one cycle (or, with `None`, asking the replica
     /// which cycle it holds).
-    fn start_task(&mut self, vm: &Vm, cycle: Option<(u64, Option<u64>, CycleKind, bool)>) {
-        let Some(mut session) = self.session.take() else {
+    fn start_task(&mut self, vm: &Vm, cycle: Option<Started>, reconcile: bool) {
+        if self.running.is_some() {
             tracing::error!(vm = %vm.rec.name, "a cycle was asked for while one runs");
             return;
-        };
+        }
+        let mut session = self.session.take().unwrap_or_default();
         let cancel = CancellationToken::new();
         self.progress.set(0, 0);
+        self.started = cycle;
         let ctx = CycleCtx {
             host: vm.host.clone(),
             rec: vm.rec.clone(),
-            last_cycle: self.machine.last_cycle,
-            planned: false,
-            reconcile: !self.synced || cycle.is_some_and(|(_, base, _, _)| base.is_some()),
+            last_cycle: self.machine.last_cycle(),
+            planned: cycle.is_some_and(|c| c.planned),
+            reconcile,
             progress: self.progress.clone(),
         };
         let token = cancel.clone();
         let handle = tokio::spawn(async move {
             let outcome = match cycle {
-                None => match crate::cycle::replica_latest(&ctx.host, &ctx.rec, &mut session)
-                    .await
+                None => match crate::cycle::replica_latest(&ctx.host, &ctx.rec, &mut session).await
                 {
-                    Ok(latest) => Outcome::Reconciled { latest },
+                    Ok(latest) => Outcome::ReplicaHas { latest },
                     Err(f) => Outcome::Failed(f),
                 },
-                Some((id, base, kind, app)) => {
+                Some(c) => {
                     let permit = ctx.host.cycle_slots.clone().acquire_owned().await;
                     let o = tokio::select! {
-                        o = crate::cycle::run(&ctx, &mut session, id, base, kind, app) => o,
+                        o = crate::cycle::run(&ctx, &mut session, c.id, c.base, c.kind, c.app_consistent) => o,
                         _ = token.cancelled() => Outcome::Cancelled,
                     };
                     drop(permit);
@@ -240,23 +263,26 @@ impl PrimarySide {
     /// A cycle task finished.
     pub fn cycle_done(&mut self, vm: &mut Vm, done: Result<CycleDone, tokio::task::JoinError>) {
         self.running = None;
+        let started = self.started.take();
         let now = now_ms();
         let done = match done {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(vm = %vm.rec.name, "cycle task ended abnormally: {e}");
                 self.session = Some(Session::default());
-                let acts = self.machine.step(Event::CycleFailed {
-                    now_ms: now,
-                    failure: Failure::Retryable(format!("cycle task ended abnormally: {e}")),
-                });
-                self.pending.extend(acts);
+                self.step(
+                    vm,
+                    Event::CycleFailed {
+                        now_ms: now,
+                        failure: Failure::Retryable(format!("cycle task ended abnormally: {e}")),
+                    },
+                );
                 self.carry_out(vm);
                 return;
             }
         };
         self.session = Some(done.session);
-        let acts = match done.outcome {
+        match done.outcome {
             Outcome::Done {
                 id,
                 bytes,
@@ -264,90 +290,88 @@ impl PrimarySide {
                 app,
                 pending,
             } => {
-                vm.rec.disk_sizes = Some(sizes);
                 self.synced = true;
-                self.machine.retarget_running(id);
-                tracing::info!(vm = %vm.rec.name, cycle = id, bytes, "cycle replicated");
-                let acts = self.machine.step(Event::CycleSucceeded {
-                    now_ms: now,
-                    bytes,
-                    app_consistent: app,
-                });
-                if let Some(p) = pending {
-                    self.machine.stats.pending_bytes = p;
+                if self.machine.running_id().is_some_and(|r| r != id) {
+                    self.step(vm, Event::RetargetRunning { now_ms: now, id });
                 }
-                acts
+                tracing::info!(vm = %vm.rec.name, cycle = id, bytes, "cycle replicated");
+                self.step(
+                    vm,
+                    Event::CycleSucceeded {
+                        now_ms: now,
+                        bytes,
+                        app_consistent: app,
+                        pending_bytes: pending,
+                        disk_sizes: Some(sizes),
+                    },
+                );
             }
             Outcome::Reconciled { latest } => {
                 self.synced = true;
-                if self.machine.running_since().is_some() {
-                    // The machine changed its view: abandon this start and re-plan.
-                    let mut acts = self.machine.step(Event::CycleFailed {
-                        now_ms: now,
-                        failure: Failure::Retryable(
-                            "re-planning after reconciling with the replica".into(),
-                        ),
-                    });
-                    acts.extend(self.machine.step(Event::ReplicaHas {
+                self.step(
+                    vm,
+                    Event::Reconciled {
                         now_ms: now,
                         latest,
-                    }));
-                    self.machine.consecutive_failures = 0;
-                    self.machine.last_error = None;
-                    acts
-                } else {
-                    let acts = self.machine.step(Event::ReplicaHas {
+                    },
+                );
+                // The machine kept the started cycle: run it now.
+                if let Some(s) = started
+                    && self.machine.running_id() == Some(s.id)
+                {
+                    self.carry_out(vm);
+                    self.start_task(vm, Some(s), false);
+                    return;
+                }
+            }
+            Outcome::ReplicaHas { latest } => {
+                self.step(
+                    vm,
+                    Event::ReplicaHas {
                         now_ms: now,
                         latest,
-                    });
-                    if self.machine.state == ReplicationState::Replicating {
-                        tracing::info!(vm = %vm.rec.name, "the replica holds the initial copy");
-                    }
-                    acts
+                    },
+                );
+                if self.machine.state() == ReplicationState::Replicating {
+                    tracing::info!(vm = %vm.rec.name, "the replica holds the initial copy");
                 }
             }
             Outcome::Failed(failure) => {
                 tracing::warn!(vm = %vm.rec.name, "cycle failed: {failure:?}");
-                self.machine.step(Event::CycleFailed {
-                    now_ms: now,
-                    failure,
-                })
+                self.step(
+                    vm,
+                    Event::CycleFailed {
+                        now_ms: now,
+                        failure,
+                    },
+                );
             }
-            Outcome::Cancelled => Vec::new(),
-        };
-        self.pending.extend(acts);
+            Outcome::Cancelled => {
+                if self.machine.running_id().is_some() {
+                    // Cancelled without the machine asking (shutdown, prepare): gone.
+                    self.step(vm, Event::Restarted { now_ms: now });
+                }
+            }
+        }
         self.carry_out(vm);
     }
 
-    /// Run an admin command. A command the machine does not take in this state is refused.
+    /// Run an admin command; the machine refuses what does not apply in its state.
     pub async fn command(&mut self, vm: &mut Vm, cmd: Cmd) -> anyhow::Result<String> {
         let name = vm.rec.name.clone();
         let now = now_ms();
-        let before = self.machine.state;
+        let before = self.machine.state();
         let ev = match cmd {
             Cmd::StartInitial => Event::StartInitial { now_ms: now },
             Cmd::Pause => Event::Pause { now_ms: now },
             Cmd::Resume => Event::Resume { now_ms: now },
-            Cmd::Disable => Event::Disable,
+            Cmd::Disable => Event::Disable { now_ms: now },
             Cmd::ResumeResync(at_ms) => Event::ResumeResync { now_ms: now, at_ms },
         };
-        let actions = self.machine.step(ev);
-        let after = self.machine.state;
-        let scheduled =
-            matches!(cmd, Cmd::ResumeResync(Some(_))) && actions.contains(&Action::Persist);
-        let took = before != after
-            || scheduled
-            || actions
-                .iter()
-                .any(|a| matches!(a, Action::StartCycle { .. }));
+        let actions = self.machine.step(ev).map_err(refused)?;
+        let after = self.machine.state();
         self.pending.extend(actions);
         self.carry_out(vm);
-        if !took {
-            return Err(coded(
-                exit::INVALID_STATE,
-                format!("{name:?} is {before}; {cmd:?} does not apply"),
-            ));
-        }
         if cmd == Cmd::Disable {
             self.stop().await;
             // Remove tracking bitmaps: replication is off, nothing should be recorded any more.
@@ -355,108 +379,81 @@ impl PrimarySide {
                 tracing::warn!(vm = %name, "could not remove tracking bitmaps: {e:#}");
             }
             vm.rec.enable = None;
-            vm.rec.state = ReplicationState::Disabled;
-            vm.save()?;
+            self.save(vm)?;
         }
         Ok(format!("{name}: {before} -> {after}"))
     }
 
     /// Reset the statistics window.
     pub fn reset_stats(&mut self, vm: &mut Vm) -> anyhow::Result<()> {
-        self.machine.step(Event::ResetStats { now_ms: now_ms() });
+        self.machine
+            .step(Event::ResetStats { now_ms: now_ms() })
+            .map_err(refused)?;
         self.save(vm)
     }
 
-    /// Stop: a running cycle is cancelled (its changes merged back) and waited for.
+    /// Stop: a running cycle is cancelled (its changes merged back) and waited for; the
+    /// capture is closed so that its QMP monitor is free.
     pub async fn stop(&mut self) {
         self.pending.clear();
         if let Some((cancel, handle)) = self.running.take() {
             cancel.cancel();
-            match tokio::time::timeout(Duration::from_secs(20), handle).await {
-                Ok(Ok(done)) => self.session = Some(done.session),
-                _ => self.session = Some(Session::default()),
+            let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
+            self.started = None;
+            if self.machine.running_id().is_some()
+                && let Ok(acts) = self.machine.step(Event::Restarted { now_ms: now_ms() })
+            {
+                self.pending.extend(acts);
             }
         }
-        // Close the capture so that its QMP monitor is free.
         self.session = Some(Session::default());
     }
 
-    /// Planned failover, first half (the VM is shut down and no cycle runs): ship one final
-    /// incremental cycle with consistency `Planned` and leave the VM `PreparedForFailover`.
-    /// Returns the final cycle's id. On failure the machine is as before.
+    /// Planned failover, first half (the VM is shut down): the machine asks for one final
+    /// incremental cycle with consistency `Planned`; it is run here and waited for. Returns
+    /// the final cycle's id once the VM is `PreparedForFailover`.
     pub async fn prepare_failover(&mut self, vm: &mut Vm) -> anyhow::Result<u64> {
-        self.stop().await;
-        let Some(base) = self.machine.last_cycle else {
-            anyhow::bail!("initial replication has not completed");
-        };
-        let mut session = Session::default();
-        let latest = crate::cycle::replica_latest(&vm.host, &vm.rec, &mut session)
-            .await
-            .map_err(|f| anyhow::anyhow!("reaching the replica: {f:?}"))?;
-        if latest != Some(base) {
-            anyhow::bail!(
-                "the replica holds cycle {latest:?}, not this primary's last cycle {base}; \
-                 let replication catch up first"
-            );
-        }
-        let id = base + 1;
-        let ctx = CycleCtx {
-            host: vm.host.clone(),
-            rec: vm.rec.clone(),
-            last_cycle: Some(base),
-            planned: true,
-            reconcile: false,
-            progress: self.progress.clone(),
-        };
-        let out =
-            crate::cycle::run(&ctx, &mut session, id, Some(base), CycleKind::Incremental, false)
-                .await;
-        drop(session);
-        match out {
-            Outcome::Done { bytes, sizes, .. } => {
-                vm.rec.disk_sizes = Some(sizes);
-                let now = now_ms();
-                let m = &mut self.machine;
-                m.last_cycle = Some(id);
-                m.stats.successful_cycles += 1;
-                m.stats.total_bytes += bytes;
-                m.stats.max_bytes = m.stats.max_bytes.max(bytes);
-                m.stats.last_replication_ms = Some(now);
-                m.state = ReplicationState::PreparedForFailover;
-                m.last_error = None;
-                self.save(vm)?;
-                tracing::info!(vm = %vm.rec.name, cycle = id, bytes, "final planned cycle replicated; prepared for failover");
-                Ok(id)
-            }
-            Outcome::Failed(f) => Err(anyhow::anyhow!("the final cycle failed: {f:?}")),
-            Outcome::Reconciled { .. } | Outcome::Cancelled => {
-                Err(anyhow::anyhow!("the final cycle was cancelled"))
+        let acts = self
+            .machine
+            .step(Event::PrepareFailover { now_ms: now_ms() })
+            .map_err(refused)?;
+        self.pending.extend(acts);
+        self.carry_out(vm);
+        while let Some((_, handle)) = self.running.as_mut() {
+            let done = handle.await;
+            self.cycle_done(vm, done);
+            if !self.machine.preparing_failover() {
+                break;
             }
         }
+        if self.machine.state() == ReplicationState::PreparedForFailover
+            && let Some(id) = self.machine.last_cycle()
+        {
+            tracing::info!(vm = %vm.rec.name, cycle = id, "final planned cycle replicated; prepared for failover");
+            return Ok(id);
+        }
+        Err(anyhow::anyhow!(
+            "the final cycle failed: {}",
+            self.machine.last_error().unwrap_or("unknown error")
+        ))
     }
 
     /// The status row.
     pub fn status(&self, vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         let rec = &vm.rec;
         let m = &self.machine;
-        let state = m.state;
-        let stats = m.stats.clone();
-        let health = primary_health(
-            state,
-            &stats,
-            m.consecutive_failures,
-            m.last_error.as_deref(),
-            now,
-        );
+        let state = m.state();
+        let stats = m.stats().clone();
+        let health = primary_health(state, &stats, m.consecutive_failures(), m.last_error(), now);
         let mut health_reason = health.reason();
         if state == ReplicationState::WaitingForStartResynchronize
-            && m.initial_at_ms.is_none()
+            && m.initial_at_ms().is_none()
             && let Some(w) = rec.enable.as_ref().and_then(|e| e.auto_resync)
         {
             health_reason.push_str(&format!("; starts by itself in the window {w}"));
         }
         if state == ReplicationState::InitialReplicationInProgress
-            && m.last_cycle.is_some()
+            && m.last_cycle().is_some()
             && let Some(InitialMode::Export { dir }) = rec.enable.as_ref().map(|e| &e.initial)
         {
             health_reason.push_str(&format!(
@@ -484,11 +481,17 @@ impl PrimarySide {
                 .as_ref()
                 .map_or_else(String::new, |e| e.replica.clone()),
             last_replication_ms: stats.last_replication_ms,
-            last_cycle: m.last_cycle,
+            last_cycle: m.last_cycle(),
             stats,
             progress,
         }
     }
+}
+
+/// Save a primary machine's snapshot in the VM's record.
+pub fn save_snapshot(vm: &mut Vm, snap: PrimarySnapshot) -> anyhow::Result<()> {
+    vm.rec.set_primary_snapshot(snap);
+    vm.save()
 }
 
 /// The status row of a primary VM whose replication is not enabled.

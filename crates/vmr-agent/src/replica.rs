@@ -6,10 +6,9 @@
 use std::path::Path;
 
 use anyhow::Context;
-use vmr_core::replica_health;
-use vmr_proto::api::{
-    CreateReplica, PointInfo, ReplicationMode, ReplicationState, ReplicationStats, VmStatus,
-};
+use vmr_core::{Refusal, ReplicaEvent, ReplicaMachine, replica_health};
+use vmr_proto::CycleHeader;
+use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, VmStatus};
 use vmr_proto::wire::RemoteError;
 use vmr_store::{RecoveryPoint, RetentionPolicy, StoreError};
 
@@ -43,9 +42,22 @@ pub fn internal(e: impl std::fmt::Display) -> RemoteError {
     }
 }
 
+/// What the primary is told when the replica's machine refuses a cycle or call.
+pub fn refusal_err(r: Refusal) -> RemoteError {
+    match r {
+        Refusal::Paused { .. } => RemoteError::Unavailable {
+            message: r.to_string(),
+        },
+        Refusal::WrongBase { expected, got } => RemoteError::WrongBase { expected, got },
+        other => RemoteError::BadRequest {
+            message: other.to_string(),
+        },
+    }
+}
+
 /// The replica side of a VM.
-#[derive(Default)]
 pub struct ReplicaSide {
+    machine: ReplicaMachine,
     /// An apply task runs.
     pub applying: bool,
     /// Another cycle was staged while the apply ran: apply again when it ends.
@@ -63,9 +75,43 @@ pub struct Applied {
 }
 
 impl ReplicaSide {
+    /// The replica side of `vm` as persisted.
+    pub fn restore(vm: &Vm) -> ReplicaSide {
+        Self::with(ReplicaMachine::restore(vm.rec.replica_snapshot()))
+    }
+
+    /// A replica side around `machine` (a new replica VM, or one taken over from a primary).
+    pub fn with(machine: ReplicaMachine) -> ReplicaSide {
+        ReplicaSide {
+            machine,
+            applying: false,
+            apply_again: false,
+            staged_bytes: 0,
+        }
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &ReplicaMachine {
+        &self.machine
+    }
+
+    /// Feed an event; persist the snapshot when the machine asks.
+    pub fn step(&mut self, vm: &mut Vm, ev: ReplicaEvent) -> Result<(), Refusal> {
+        let acts = self.machine.step(ev)?;
+        if !acts.is_empty() {
+            vm.rec.set_replica_snapshot(self.machine.snapshot());
+            if let Err(e) = vm.save() {
+                tracing::error!(vm = %vm.rec.name, "saving replica state: {e:#}");
+            }
+        }
+        Ok(())
+    }
+
     /// Refresh the definition and policy of an existing replica VM (`create-replica` is
     /// idempotent) and take a Disabled replica back.
     pub fn refresh(&mut self, vm: &mut Vm, req: CreateReplica) -> Result<(), RemoteError> {
+        self.step(vm, ReplicaEvent::Recreate { now_ms: now_ms() })
+            .map_err(refusal_err)?;
         let store = vm.host.store_of(&vm.rec).map_err(internal)?;
         store
             .set_definition(vm.rec.uuid, &req.launch_toml)
@@ -79,35 +125,28 @@ impl ReplicaSide {
                 },
             )
             .map_err(store_err)?;
-        if vm.rec.state == ReplicationState::Disabled {
-            vm.rec.state = if vm.rec.last_cycle.is_some() {
-                ReplicationState::Replicating
-            } else {
-                ReplicationState::WaitingForInitialReplication
-            };
-        }
         vm.rec.launch_toml = req.launch_toml;
         vm.save().map_err(internal)
     }
 
-    /// May a cycle be received now?
-    pub fn admit(&self, vm: &Vm) -> Result<(), RemoteError> {
-        match vm.rec.state {
-            ReplicationState::Suspended => Err(RemoteError::Unavailable {
-                message: "replication is paused on the replica".into(),
-            }),
-            ReplicationState::Disabled => Err(RemoteError::BadRequest {
-                message: format!(
-                    "replication of {:?} is disabled on the replica",
-                    vm.rec.name
-                ),
-            }),
-            s @ (ReplicationState::FailedOverWaitingCompletion
-            | ReplicationState::FailedOver) => Err(RemoteError::BadRequest {
-                message: format!("the replica VM is {s}"),
-            }),
-            _ => Ok(()),
-        }
+    /// May this cycle be received now? (The machine decides; the store checks the exact base
+    /// when it opens the cycle.)
+    pub fn admit(&mut self, vm: &mut Vm, header: &CycleHeader) -> Result<(), RemoteError> {
+        self.step(
+            vm,
+            ReplicaEvent::OfferCycle {
+                now_ms: now_ms(),
+                kind: header.kind,
+                id: header.id,
+                base: header.base,
+            },
+        )
+        .map_err(refusal_err)
+    }
+
+    /// Whether block hashes may be served now (a resynchronization is accepted).
+    pub fn accepts_cycles(&self) -> Result<(), RemoteError> {
+        self.machine.accepts_cycles().map_err(refusal_err)
     }
 
     /// A cycle of `bytes` data bytes is staged (durable): the caller acknowledges it; it is
@@ -133,16 +172,21 @@ impl ReplicaSide {
         self.applying = false;
         match a.result {
             Ok(points) => {
-                if let Some(p) = points.last() {
-                    self.record_point(vm, p, points.len() as u64, a.bytes);
+                let n = points.len() as u64;
+                for (i, p) in points.iter().enumerate() {
+                    // The bytes of the batch count once, with its last point.
+                    let bytes = if i as u64 + 1 == n { a.bytes } else { 0 };
+                    self.record_point(vm, p, bytes);
                 }
             }
             Err(e) => {
                 tracing::error!(vm = %vm.rec.name, "apply failed (the staged cycle is kept and retried): {}", crate::util::chain(&e));
-                vm.rec.stats.errors += 1;
-                vm.rec.last_error = Some(crate::util::chain(&e));
-                if let Err(e) = vm.save() {
-                    tracing::error!(vm = %vm.rec.name, "saving replica state: {e:#}");
+                let ev = ReplicaEvent::ApplyFailed {
+                    now_ms: now_ms(),
+                    message: crate::util::chain(&e),
+                };
+                if let Err(r) = self.step(vm, ev) {
+                    tracing::debug!(vm = %vm.rec.name, "machine refused: {r}");
                 }
             }
         }
@@ -154,79 +198,54 @@ impl ReplicaSide {
         }
     }
 
-    /// Record a committed point (applied cycles, a resync, an import). Never changes a
-    /// state set meanwhile by pause, disable or failover.
-    pub fn record_point(&mut self, vm: &mut Vm, p: &RecoveryPoint, cycles: u64, bytes: u64) {
-        let now = now_ms();
-        let rec = &mut vm.rec;
-        rec.last_cycle = Some(p.id);
-        if rec.state == ReplicationState::WaitingForInitialReplication {
-            rec.state = ReplicationState::Replicating;
+    /// Record a committed point (an applied cycle or a resync). The machine never changes
+    /// a state set meanwhile by pause, disable or failover.
+    pub fn record_point(&mut self, vm: &mut Vm, p: &RecoveryPoint, bytes: u64) {
+        let ev = ReplicaEvent::CycleApplied {
+            now_ms: now_ms(),
+            id: p.id,
+            bytes,
+            app_consistent: p.kind == vmr_store::PointKind::AppConsistent,
+        };
+        if let Err(r) = self.step(vm, ev) {
+            tracing::debug!(vm = %vm.rec.name, "machine refused: {r}");
         }
-        rec.stats.successful_cycles += cycles;
-        rec.stats.total_bytes += bytes;
-        rec.stats.max_bytes = rec.stats.max_bytes.max(bytes);
-        rec.stats.last_replication_ms = Some(now);
-        if p.kind == vmr_store::PointKind::AppConsistent {
-            rec.stats.last_app_consistent_ms = Some(now);
-        }
-        rec.last_error = None;
-        if let Err(e) = vm.save() {
-            tracing::error!(vm = %vm.rec.name, "saving replica state: {e:#}");
+    }
+
+    /// The store's latest point after an agent restart.
+    pub fn recovered(&mut self, vm: &mut Vm, latest: Option<u64>) {
+        if let Err(r) = self.step(
+            vm,
+            ReplicaEvent::Recovered {
+                now_ms: now_ms(),
+                latest,
+            },
+        ) {
+            tracing::debug!(vm = %vm.rec.name, "machine refused: {r}");
         }
     }
 
     /// Pause, resume or disable on the replica.
     pub fn set(&mut self, vm: &mut Vm, cmd: ReplicaCmd) -> anyhow::Result<String> {
-        use ReplicationState as S;
-        let before = vm.rec.state;
-        let after = match (cmd, before) {
-            (ReplicaCmd::Pause, S::Replicating | S::WaitingForInitialReplication) => {
-                vm.rec.paused_from = Some(before);
-                S::Suspended
-            }
-            (ReplicaCmd::Resume, S::Suspended) => {
-                vm.rec.paused_from.take();
-                if vm.rec.last_cycle.is_some() {
-                    S::Replicating
-                } else {
-                    S::WaitingForInitialReplication
-                }
-            }
-            (
-                ReplicaCmd::Disable,
-                S::Replicating | S::WaitingForInitialReplication | S::Suspended,
-            ) => S::Disabled,
-            _ => {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "{:?} is {before} on this replica; {cmd:?} does not apply{}",
-                        vm.rec.name,
-                        match before {
-                            S::FailedOverWaitingCompletion =>
-                                " (complete or cancel the failover first)",
-                            _ => "",
-                        }
-                    ),
-                ));
-            }
+        let before = self.machine.state();
+        let now = now_ms();
+        let ev = match cmd {
+            ReplicaCmd::Pause => ReplicaEvent::Pause { now_ms: now },
+            ReplicaCmd::Resume => ReplicaEvent::Resume { now_ms: now },
+            ReplicaCmd::Disable => ReplicaEvent::Disable { now_ms: now },
         };
-        vm.rec.state = after;
-        vm.save()?;
-        Ok(format!("{}: {before} -> {after}", vm.rec.name))
+        self.step(vm, ev).map_err(crate::primary::refused)?;
+        Ok(format!(
+            "{}: {before} -> {}",
+            vm.rec.name,
+            self.machine.state()
+        ))
     }
 
     /// Reset the statistics window.
     pub fn reset_stats(&mut self, vm: &mut Vm) -> anyhow::Result<()> {
-        let s = &vm.rec.stats;
-        vm.rec.stats = ReplicationStats {
-            window_start_ms: now_ms(),
-            last_replication_ms: s.last_replication_ms,
-            last_app_consistent_ms: s.last_app_consistent_ms,
-            ..Default::default()
-        };
-        vm.save()
+        self.step(vm, ReplicaEvent::ResetStats { now_ms: now_ms() })
+            .map_err(crate::primary::refused)
     }
 
     /// Recovery points.
@@ -305,7 +324,14 @@ impl ReplicaSide {
                 .with_context(|| format!("importing disk images from {}", dir.display()))?;
             (p, format!("{} disk image(s)", images.len()))
         };
-        self.record_point(vm, &point, 0, 0);
+        self.step(
+            vm,
+            ReplicaEvent::Imported {
+                now_ms: now_ms(),
+                id: point.id,
+            },
+        )
+        .map_err(crate::primary::refused)?;
         tracing::info!(vm = %vm.rec.name, point = point.id, dir = %dir.display(), "imported {what}");
         Ok(format!(
             "imported {what} from {} as recovery point {} of {}",
@@ -318,9 +344,10 @@ impl ReplicaSide {
     /// The status row.
     pub fn status(&self, vm: &Vm, replica_name: &str, now: u64) -> VmStatus {
         let rec = &vm.rec;
-        let h = replica_health(rec.state, &rec.stats, now);
+        let m = &self.machine;
+        let h = replica_health(m.state(), m.stats(), now);
         let mut reason = h.reason();
-        if let Some(e) = &rec.last_error {
+        if let Some(e) = m.last_error() {
             if !reason.is_empty() {
                 reason.push_str("; ");
             }
@@ -329,8 +356,8 @@ impl ReplicaSide {
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
-            state: rec.state,
-            health: if rec.last_error.is_some() {
+            state: m.state(),
+            health: if m.last_error().is_some() {
                 vmr_proto::api::Health::Critical
             } else {
                 h.health
@@ -340,9 +367,9 @@ impl ReplicaSide {
             frequency_secs: 0,
             primary: rec.primary.clone(),
             replica: replica_name.to_owned(),
-            last_replication_ms: rec.stats.last_replication_ms,
-            last_cycle: rec.last_cycle,
-            stats: rec.stats.clone(),
+            last_replication_ms: m.stats().last_replication_ms,
+            last_cycle: m.last_cycle(),
+            stats: m.stats().clone(),
             progress: None,
         }
     }

@@ -327,11 +327,7 @@ async fn resync_with(
     let mut cycle = match capture.begin_cycle(CycleMode::Resync).await {
         Ok(c) => c,
         Err(e) => {
-            return (
-                Outcome::Failed(classify_capture(&e)),
-                true,
-                false,
-            );
+            return (Outcome::Failed(classify_capture(&e)), true, false);
         }
     };
     let disks = cycle.disks().to_vec();

@@ -44,10 +44,11 @@ struct PeerHandler {
 
 /// Bind the replication listener from the config and serve it in the background.
 pub async fn start(host: &Arc<Host>, vms: &Arc<Registry>) -> anyhow::Result<SocketAddr> {
-    let addr: SocketAddr =
-        host.config.listen.parse().with_context(|| {
-            format!("listen address {:?} is not HOST:PORT", host.config.listen)
-        })?;
+    let addr: SocketAddr = host
+        .config
+        .listen
+        .parse()
+        .with_context(|| format!("listen address {:?} is not HOST:PORT", host.config.listen))?;
     let server = Server::bind(
         addr,
         &host.identity,
@@ -143,6 +144,7 @@ impl PeerHandler {
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
             last_error: None,
+            before_failover: None,
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms
@@ -227,9 +229,7 @@ impl Handler for PeerHandler {
             }
             "primary-vm-state" => {
                 let uuid = uuid_of(method, &body)?;
-                self.vm(uuid)?
-                    .ask_peer(Command::PrimaryState)
-                    .await
+                self.vm(uuid)?.ask_peer(Command::PrimaryState).await
             }
             "become-replica" => {
                 let req: BecomeReplica = parse(method, body)?;

@@ -15,9 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{
-    BecomeReplica, BlockHashesReply, BlockHashesRequest, CreateReplica, EnableArgs,
-    FailoverResult, PointInfo, ReplicaVmInfo, ReplicationMode, ReplicationState, VmRecord,
-    VmStatus,
+    BecomeReplica, BlockHashesReply, BlockHashesRequest, CreateReplica, EnableArgs, FailoverResult,
+    PointInfo, ReplicaVmInfo, ReplicationMode, ReplicationState, VmRecord, VmStatus,
 };
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
@@ -76,7 +75,7 @@ pub enum FailoverCmd {
 /// A durable cycle's writer, handed from the owner to the transport handler and back.
 pub enum Writer {
     /// An initial or incremental cycle, staged.
-    Staged(vmr_store::StagingWriter),
+    Staged(Box<vmr_store::StagingWriter>),
     /// A resync cycle, written into its pending layers.
     Resync(vmr_store::ResyncWriter),
 }
@@ -135,10 +134,7 @@ pub struct VmHandle {
 
 impl VmHandle {
     /// Send a command built around a reply channel and wait for the reply.
-    pub async fn ask<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Command,
-    ) -> anyhow::Result<T> {
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> anyhow::Result<T> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
@@ -195,9 +191,17 @@ impl Registry {
 
     /// Start the owner of `rec` (which the caller saved) and register it. Fails when a VM of
     /// that name or UUID is registered.
-    pub fn spawn(&self, host: &Arc<Host>, rec: VmRecord, restarted: bool) -> anyhow::Result<VmHandle> {
+    pub fn spawn(
+        &self,
+        host: &Arc<Host>,
+        rec: VmRecord,
+        restarted: bool,
+    ) -> anyhow::Result<VmHandle> {
         let mut map = self.lock();
-        if let Some(h) = map.values().find(|h| h.name == rec.name || h.uuid == rec.uuid) {
+        if let Some(h) = map
+            .values()
+            .find(|h| h.name == rec.name || h.uuid == rec.uuid)
+        {
             return Err(coded(
                 exit::INVALID_STATE,
                 format!("VM {:?} ({}) is already registered", h.name, h.uuid),
@@ -211,8 +215,10 @@ impl Registry {
         };
         let vm = Vm::new(host.clone(), rec);
         let side = match vm.rec.mode {
-            ReplicationMode::Primary => Side::Primary(PrimarySide::restore(&vm, restarted)),
-            ReplicationMode::Replica => Side::Replica(ReplicaSide::default()),
+            ReplicationMode::Primary => {
+                Side::Primary(PrimarySide::restore(&vm, restarted).map(Box::new))
+            }
+            ReplicationMode::Replica => Side::Replica(ReplicaSide::restore(&vm)),
         };
         let (done_tx, done_rx) = mpsc::channel(4);
         let owner = Owner {
@@ -230,7 +236,7 @@ impl Registry {
 
 enum Side {
     /// Primary; `None` while replication is not enabled.
-    Primary(Option<PrimarySide>),
+    Primary(Option<Box<PrimarySide>>),
     Replica(ReplicaSide),
 }
 
@@ -301,12 +307,9 @@ impl Owner {
             return;
         };
         if let Ok(latest) = store.latest_point(self.vm.rec.uuid)
-            && latest != self.vm.rec.last_cycle
+            && let Side::Replica(r) = &mut self.side
         {
-            self.vm.rec.last_cycle = latest;
-            if let Err(e) = self.vm.save() {
-                tracing::error!(vm = %self.vm.rec.name, "saving replica state: {e:#}");
-            }
+            r.recovered(&mut self.vm, latest);
         }
     }
 
@@ -508,10 +511,14 @@ impl Owner {
                     }
                     let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
                     let latest = store.latest_cycle(self.vm.rec.uuid).map_err(store_err)?;
+                    let state = match &self.side {
+                        Side::Replica(r) => r.machine().state(),
+                        Side::Primary(_) => self.vm.rec.state,
+                    };
                     Ok(ReplicaVmInfo {
                         uuid: self.vm.rec.uuid,
                         latest,
-                        state: self.vm.rec.state,
+                        state,
                     })
                 });
                 let _ = reply.send(r);
@@ -529,7 +536,13 @@ impl Owner {
                     Err(e) => Err(e),
                     Ok(()) => {
                         self.settle().await;
-                        match self.vm.host.store_of(&self.vm.rec) {
+                        let accepts = match &self.side {
+                            Side::Replica(r) => r.accepts_cycles(),
+                            Side::Primary(_) => Err(RemoteError::UnknownVm { vm: req.uuid }),
+                        };
+                        match accepts
+                            .and_then(|()| self.vm.host.store_of(&self.vm.rec).map_err(internal))
+                        {
                             Ok(store) => {
                                 if store.staged(self.vm.rec.uuid).is_ok_and(|s| !s.is_empty())
                                     && let Side::Replica(r) = &mut self.side
@@ -540,7 +553,7 @@ impl Owner {
                                 }
                                 crate::resync::hashes(&store, &self.vm.rec, req).await
                             }
-                            Err(e) => Err(internal(e)),
+                            Err(e) => Err(e),
                         }
                     }
                 };
@@ -556,13 +569,14 @@ impl Owner {
             }
             Command::BecomeReplica(peer, req, reply) => {
                 let side = match &mut self.side {
-                    Side::Primary(p) => p.as_mut(),
+                    Side::Primary(p) => p.as_deref_mut(),
                     Side::Replica(_) => None,
                 };
                 let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
-                if r.is_ok() {
-                    self.side = Side::Replica(ReplicaSide::default());
-                }
+                let r = r.map(|(v, machine)| {
+                    self.side = Side::Replica(ReplicaSide::with(machine));
+                    v
+                });
                 let _ = reply.send(r);
             }
             Command::Shutdown(ack) => {
@@ -606,6 +620,7 @@ impl Owner {
             }
             Side::Primary(_) => {}
         }
+        crate::primary::schedule_of(&args)?;
         // Check the replica answers and accepts us before anything changes here.
         let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
         let client = crate::cycle::connect(&self.vm.host, &args)
@@ -616,9 +631,11 @@ impl Owner {
         client
             .call("create-replica", &serde_json::to_value(&create)?)
             .await
-            .map_err(|e| anyhow::anyhow!(e).context("the replica refused to create the replica VM"))?;
+            .map_err(|e| {
+                anyhow::anyhow!(e).context("the replica refused to create the replica VM")
+            })?;
         let side = PrimarySide::enable(&mut self.vm, args.clone())?;
-        self.side = Side::Primary(Some(side));
+        self.side = Side::Primary(Some(Box::new(side)));
         Ok(format!(
             "replication of {:?} enabled to {} every {} s{}",
             def.name,
@@ -640,49 +657,60 @@ impl Owner {
             // What was acknowledged must be a point before a point is chosen.
             self.settle().await;
         }
-        match f {
-            FailoverCmd::Prepare => match &mut self.side {
+        if let FailoverCmd::Prepare = f {
+            return match &mut self.side {
                 Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p).await,
                 Side::Primary(None) => Err(self.not_enabled()),
                 Side::Replica(_) => Err(self.wrong_mode("`failover prepare`")),
-            },
+            };
+        }
+        let Side::Replica(side) = &mut self.side else {
+            return Err(self.wrong_mode("this"));
+        };
+        match f {
+            FailoverCmd::Prepare => Err(anyhow::anyhow!("handled above")),
             FailoverCmd::Start {
                 point,
                 no_start,
                 force,
-            } => crate::failover::start(&mut self.vm, point, no_start, force, false).await,
+            } => crate::failover::start(&mut self.vm, side, point, no_start, force, false).await,
             FailoverCmd::Test { point } => {
-                crate::failover::start(&mut self.vm, point, false, true, true).await
+                crate::failover::start(&mut self.vm, side, point, false, true, true).await
             }
             FailoverCmd::StopTest { test_id } => {
                 crate::failover::stop_test(&mut self.vm, test_id).await
             }
-            FailoverCmd::Cancel => crate::failover::cancel(&mut self.vm).await,
-            FailoverCmd::Complete => crate::failover::complete(&mut self.vm).await,
+            FailoverCmd::Cancel => crate::failover::cancel(&mut self.vm, side).await,
+            FailoverCmd::Complete => crate::failover::complete(&mut self.vm, side).await,
             FailoverCmd::Reverse {
                 replica,
                 replica_fingerprint,
                 frequency_secs,
             } => {
-                let r = crate::failover::reverse(
+                let (r, machine) = crate::failover::reverse(
                     &mut self.vm,
+                    side,
                     replica,
                     replica_fingerprint,
                     frequency_secs,
                 )
                 .await?;
-                self.side = Side::Primary(PrimarySide::restore(&self.vm, true));
+                self.side = Side::Primary(Some(Box::new(PrimarySide::reversed(machine))));
                 Ok(r)
             }
         }
     }
 
-    async fn begin_cycle(&mut self, peer: &Peer, header: CycleHeader) -> Result<Writer, RemoteError> {
+    async fn begin_cycle(
+        &mut self,
+        peer: &Peer,
+        header: CycleHeader,
+    ) -> Result<Writer, RemoteError> {
         self.trust(peer)?;
-        let Side::Replica(r) = &self.side else {
+        let Side::Replica(r) = &mut self.side else {
             return Err(RemoteError::UnknownVm { vm: header.vm });
         };
-        r.admit(&self.vm)?;
+        r.admit(&mut self.vm, &header)?;
         let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
         if header.kind == vmr_proto::CycleKind::Resync {
             self.settle().await;
@@ -701,13 +729,13 @@ impl Owner {
                 got: Some(id),
             });
         }
-        Ok(Writer::Staged(writer))
+        Ok(Writer::Staged(Box::new(writer)))
     }
 
     async fn finish_cycle(&mut self, writer: Writer, bytes: u64) -> Result<(), RemoteError> {
         match writer {
             Writer::Staged(w) => {
-                w.finish().await.map_err(store_err)?;
+                (*w).finish().await.map_err(store_err)?;
                 if let Side::Replica(r) = &mut self.side
                     && r.staged(bytes)
                 {
@@ -719,7 +747,7 @@ impl Owner {
                 let id = w.header().id;
                 let point = w.finish().await.map_err(store_err)?;
                 if let Side::Replica(r) = &mut self.side {
-                    r.record_point(&mut self.vm, &point, 1, bytes);
+                    r.record_point(&mut self.vm, &point, bytes);
                 }
                 let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
                 if let Err(e) = store.prune(self.vm.rec.uuid).await {
