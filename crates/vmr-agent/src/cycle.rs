@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::StreamExt;
 use vmr_capture::{CaptureConfig, CaptureError, CycleMode, VmCapture};
 use vmr_core::Failure;
-use vmr_proto::api::{CreateReplica, EnableArgs, InitialMode, ReplicaVmInfo, VmRecord};
+use vmr_proto::api::{CreateReplica, EnableArgs, ReplicaVmInfo, VmRecord};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
 use vmr_transport::{Client, TransportError};
 
@@ -246,37 +246,18 @@ pub async fn create_replica(
     Ok(())
 }
 
-/// Run the cycle the machine asked for. Resync and export cycles go to their modules.
-pub async fn run(
-    ctx: &CycleCtx,
-    session: &mut Session,
-    id: u64,
-    base: Option<u64>,
-    kind: CycleKind,
-    app_consistent: bool,
-) -> Outcome {
-    // Reconcile with the replica first (a lost acknowledgement, a restart).
-    if ctx.reconcile && kind != CycleKind::Resync {
-        match replica_latest(&ctx.host, &ctx.rec, session).await {
-            Ok(latest) if latest != ctx.last_cycle => return Outcome::Reconciled { latest },
-            Ok(_) => {}
-            Err(f) => return Outcome::Failed(f),
-        }
-    }
-    let export = ctx.rec.enable.as_ref().and_then(|e| match &e.initial {
-        InitialMode::Export { dir } if kind == CycleKind::Full => Some(dir.clone()),
-        _ => None,
-    });
-    if kind == CycleKind::Resync {
-        crate::resync::run(ctx, session, id).await
-    } else if let Some(dir) = export {
-        crate::export::run(ctx, session, id, std::path::Path::new(&dir)).await
-    } else {
-        run_incremental(ctx, session, id, base, kind, app_consistent).await
+/// Before a cycle on `ctx.last_cycle`: ask the replica what it holds. `Some` when the
+/// machine must re-plan (a lost acknowledgement, a restart) or the replica cannot be asked.
+pub async fn reconcile(ctx: &CycleCtx, session: &mut Session) -> Option<Outcome> {
+    match replica_latest(&ctx.host, &ctx.rec, session).await {
+        Ok(latest) if latest != ctx.last_cycle => Some(Outcome::Reconciled { latest }),
+        Ok(_) => None,
+        Err(f) => Some(Outcome::Failed(f)),
     }
 }
 
-async fn run_incremental(
+/// Run a full or incremental cycle over the network.
+pub async fn run_incremental(
     ctx: &CycleCtx,
     session: &mut Session,
     id: u64,

@@ -268,7 +268,7 @@ pub async fn start(
         op,
         has_point,
     )
-    .map_err(crate::primary::refused)?;
+    .map_err(crate::errors::refused)?;
     let mut fr = vm.failover()?;
     if !test && !force {
         split_brain_guard(&vm.host, &rec, &fr).await?;
@@ -280,7 +280,7 @@ pub async fn start(
     } else {
         ReplicaEvent::FailoverStart { now_ms: now }
     };
-    side.step(vm, ev).map_err(crate::primary::refused)?;
+    side.step(vm, ev).map_err(crate::errors::refused)?;
     let made = async {
         let slot = if test {
             format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -341,7 +341,7 @@ pub async fn start(
         Err(e) => {
             if !test {
                 side.step(vm, ReplicaEvent::FailoverCancel { now_ms: now_ms() })
-                    .map_err(crate::primary::refused)?;
+                    .map_err(crate::errors::refused)?;
             }
             return Err(e);
         }
@@ -475,7 +475,7 @@ pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Failo
         Op::Cancel,
         true,
     )
-    .map_err(crate::primary::refused)?;
+    .map_err(crate::errors::refused)?;
     let store = vm.host.store_of(&rec)?;
     let mut fr = vm.failover()?;
     if let Some(live) = fr.live.take() {
@@ -493,7 +493,7 @@ pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Failo
     vm.save_failover(&fr)?;
     vm.rec.qmp = String::new();
     side.step(vm, ReplicaEvent::FailoverCancel { now_ms: now_ms() })
-        .map_err(crate::primary::refused)?;
+        .map_err(crate::errors::refused)?;
     let state = side.machine().state();
     Ok(result(
         name,
@@ -515,7 +515,7 @@ pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Fai
         Op::Complete,
         true,
     )
-    .map_err(crate::primary::refused)?;
+    .map_err(crate::errors::refused)?;
     let store = vm.host.store_of(&rec)?;
     let fr = vm.failover()?;
     let live = fr
@@ -542,7 +542,7 @@ pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Fai
             point: live.point,
         },
     )
-    .map_err(crate::primary::refused)?;
+    .map_err(crate::errors::refused)?;
     Ok(result(
         name,
         side.machine().state(),
@@ -591,7 +591,7 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> anyhow::Result<Fail
     let name = vm.rec.name.clone();
     let name = name.as_str();
     failover_transition(vm.rec.mode, side.state(), Op::Prepare, true)
-        .map_err(crate::primary::refused)?;
+        .map_err(crate::errors::refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
     check_shut_down(&vm.rec).await?;
@@ -656,7 +656,7 @@ pub async fn reverse(
     let name = name.as_str();
     side.machine()
         .check_reverse()
-        .map_err(crate::primary::refused)?;
+        .map_err(crate::errors::refused)?;
     let frequency_secs = frequency_secs.unwrap_or(300);
     let mut fr = vm.failover()?;
     let live = fr
@@ -746,7 +746,7 @@ pub async fn reverse(
     let machine = side
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
-        .map_err(crate::primary::refused)?;
+        .map_err(crate::errors::refused)?;
     rec.mode = ReplicationMode::Primary;
     rec.qmp = qmp;
     rec.launch_toml = def.to_toml();

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use vmr_core::{Action, Event, Failure, PrimaryMachine, Refusal, Schedule, primary_health};
+use vmr_core::{Action, Event, Failure, PrimaryMachine, Schedule, primary_health};
 use vmr_proto::CycleKind;
 use vmr_proto::api::{EnableArgs, InitialMode, ReplicationMode, ReplicationState, VmStatus};
 use vmr_proto::machine::PrimarySnapshot;
 
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
+use crate::errors::refused;
 use crate::exit;
 use crate::owned::Vm;
 use crate::util::{coded, now_ms};
@@ -60,11 +61,6 @@ pub struct PrimarySide {
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
 pub fn schedule_of(args: &EnableArgs) -> anyhow::Result<Schedule> {
     Schedule::from_enable(args).map_err(|e| coded(exit::USAGE, e.to_string()))
-}
-
-/// A refusal of the machine, as the CLI reports it.
-pub fn refused(r: Refusal) -> anyhow::Error {
-    coded(exit::INVALID_STATE, r.to_string())
 }
 
 /// A started cycle, remembered so that it can be run after a reconciliation kept it.
@@ -244,7 +240,7 @@ impl PrimarySide {
                 Some(c) => {
                     let permit = ctx.host.cycle_slots.clone().acquire_owned().await;
                     let o = tokio::select! {
-                        o = crate::cycle::run(&ctx, &mut session, c.id, c.base, c.kind, c.app_consistent) => o,
+                        o = run_cycle(&ctx, &mut session, c) => o,
                         _ = token.cancelled() => Outcome::Cancelled,
                     };
                     drop(permit);
@@ -485,6 +481,28 @@ impl PrimarySide {
             stats,
             progress,
         }
+    }
+}
+
+/// Run the cycle the machine asked for: reconcile first when asked, then a resync, an
+/// export to a directory, or a cycle over the network.
+async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome {
+    if ctx.reconcile
+        && c.kind != CycleKind::Resync
+        && let Some(o) = crate::cycle::reconcile(ctx, session).await
+    {
+        return o;
+    }
+    let export = ctx.rec.enable.as_ref().and_then(|e| match &e.initial {
+        InitialMode::Export { dir } if c.kind == CycleKind::Full => Some(dir.clone()),
+        _ => None,
+    });
+    if c.kind == CycleKind::Resync {
+        crate::resync::run(ctx, session, c.id).await
+    } else if let Some(dir) = export {
+        crate::export::run(ctx, session, c.id, std::path::Path::new(&dir)).await
+    } else {
+        crate::cycle::run_incremental(ctx, session, c.id, c.base, c.kind, c.app_consistent).await
     }
 }
 

@@ -12,48 +12,10 @@ use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, VmStatus};
 use vmr_proto::wire::RemoteError;
 use vmr_store::{RecoveryPoint, RetentionPolicy, StoreError};
 
+use crate::errors::{internal, refusal_err, store_err};
 use crate::exit;
 use crate::owned::Vm;
 use crate::util::{coded, now_ms};
-
-/// Map a store error onto what the primary is told.
-pub fn store_err(e: StoreError) -> RemoteError {
-    match e {
-        StoreError::WrongBase { expected, got, .. } => RemoteError::WrongBase { expected, got },
-        StoreError::UnknownVm(vm) => RemoteError::UnknownVm { vm },
-        ref err if err.is_disk_full() => RemoteError::DiskFull {
-            message: crate::util::chain(err),
-        },
-        StoreError::CorruptExtent { .. } => RemoteError::CorruptExtent { index: 0 },
-        // Not retryable: the primary stops in Error with this message.
-        ref err @ StoreError::DiskShrunk { .. } => RemoteError::BadRequest {
-            message: err.to_string(),
-        },
-        other => RemoteError::Internal {
-            message: crate::util::chain(&other),
-        },
-    }
-}
-
-/// An internal failure, as the primary is told.
-pub fn internal(e: impl std::fmt::Display) -> RemoteError {
-    RemoteError::Internal {
-        message: e.to_string(),
-    }
-}
-
-/// What the primary is told when the replica's machine refuses a cycle or call.
-pub fn refusal_err(r: Refusal) -> RemoteError {
-    match r {
-        Refusal::Paused { .. } => RemoteError::Unavailable {
-            message: r.to_string(),
-        },
-        Refusal::WrongBase { expected, got } => RemoteError::WrongBase { expected, got },
-        other => RemoteError::BadRequest {
-            message: other.to_string(),
-        },
-    }
-}
 
 /// The replica side of a VM.
 pub struct ReplicaSide {
@@ -234,7 +196,7 @@ impl ReplicaSide {
             ReplicaCmd::Resume => ReplicaEvent::Resume { now_ms: now },
             ReplicaCmd::Disable => ReplicaEvent::Disable { now_ms: now },
         };
-        self.step(vm, ev).map_err(crate::primary::refused)?;
+        self.step(vm, ev).map_err(crate::errors::refused)?;
         Ok(format!(
             "{}: {before} -> {}",
             vm.rec.name,
@@ -245,7 +207,7 @@ impl ReplicaSide {
     /// Reset the statistics window.
     pub fn reset_stats(&mut self, vm: &mut Vm) -> anyhow::Result<()> {
         self.step(vm, ReplicaEvent::ResetStats { now_ms: now_ms() })
-            .map_err(crate::primary::refused)
+            .map_err(crate::errors::refused)
     }
 
     /// Recovery points.
@@ -303,7 +265,7 @@ impl ReplicaSide {
             }
             let file = dir.join(&m.file);
             let f2 = file.clone();
-            let sum = tokio::task::spawn_blocking(move || blake3_file(&f2)).await??;
+            let sum = tokio::task::spawn_blocking(move || crate::util::blake3_file(&f2)).await??;
             if sum != m.file_blake3 {
                 anyhow::bail!(
                     "{} is damaged: its BLAKE3 is {sum}, the manifest says {}",
@@ -331,7 +293,7 @@ impl ReplicaSide {
                 id: point.id,
             },
         )
-        .map_err(crate::primary::refused)?;
+        .map_err(crate::errors::refused)?;
         tracing::info!(vm = %vm.rec.name, point = point.id, dir = %dir.display(), "imported {what}");
         Ok(format!(
             "imported {what} from {} as recovery point {} of {}",
@@ -384,12 +346,4 @@ pub enum ReplicaCmd {
     Resume,
     /// Stop replicating: cycles are refused; the copy stays.
     Disable,
-}
-
-/// Hex BLAKE3 of a file, streamed.
-pub fn blake3_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = blake3::Hasher::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
-    Ok(h.finalize().to_hex().to_string())
 }

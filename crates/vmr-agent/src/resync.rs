@@ -97,7 +97,7 @@ pub(crate) async fn hashes(
 ) -> Result<BlockHashesReply, RemoteError> {
     let latest = store
         .latest_point(req.uuid)
-        .map_err(crate::replica::store_err)?;
+        .map_err(crate::errors::store_err)?;
     if latest.is_none() {
         return Err(RemoteError::BadRequest {
             message: format!(
@@ -126,7 +126,7 @@ pub(crate) async fn hashes(
         .await
         .map_err(|e| match e {
             vmr_store::StoreError::InvalidCycle(m) => RemoteError::BadRequest { message: m },
-            other => crate::replica::store_err(other),
+            other => crate::errors::store_err(other),
         })?;
     let mut s = String::with_capacity(h.hashes.len() * 64);
     for x in &h.hashes {
@@ -154,7 +154,7 @@ pub(crate) async fn receive(
         writer
             .put(&extent, sum)
             .await
-            .map_err(crate::replica::store_err)?;
+            .map_err(crate::errors::store_err)?;
     }
     Ok((count, bytes))
 }

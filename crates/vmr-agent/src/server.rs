@@ -18,8 +18,8 @@ use vmr_proto::wire::{CycleAck, RemoteError};
 use vmr_store::RetentionPolicy;
 use vmr_transport::{Authorize, ExtentStream, Handler, Peer, Server};
 
+use crate::errors::{internal, store_err};
 use crate::host::Host;
-use crate::replica::{internal, store_err};
 use crate::util::now_ms;
 use crate::vm::{Command, Registry, VmHandle, Writer};
 

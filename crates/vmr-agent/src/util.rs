@@ -2,6 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
+
 /// An error carrying the CLI exit code to use.
 #[derive(Debug)]
 pub struct Coded {
@@ -45,4 +47,12 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
+}
+
+/// Hex BLAKE3 of a file, streamed.
+pub fn blake3_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    Ok(h.finalize().to_hex().to_string())
 }

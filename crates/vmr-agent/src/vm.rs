@@ -21,11 +21,12 @@ use vmr_proto::api::{
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
 
+use crate::errors::{internal, store_err};
 use crate::exit;
 use crate::host::Host;
 use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
-use crate::replica::{Applied, ReplicaCmd, ReplicaSide, internal, store_err};
+use crate::replica::{Applied, ReplicaCmd, ReplicaSide};
 use crate::util::{coded, now_ms};
 
 /// A reply channel.

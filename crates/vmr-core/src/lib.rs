@@ -9,6 +9,7 @@
 //! time comes in with every event, so every decision is reproducible in a test.
 
 pub mod failover;
+pub mod handover;
 pub mod health;
 pub mod primary;
 pub mod refusal;
@@ -16,8 +17,9 @@ pub mod replica;
 pub mod schedule;
 
 pub use failover::failover_transition;
+pub use handover::Handover;
 pub use health::{HealthReport, primary_health, replica_health};
-pub use primary::{Action, Event, Failure, Handover, PrimaryMachine};
+pub use primary::{Action, Event, Failure, PrimaryMachine};
 pub use refusal::{Op, Refusal};
 pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{InitialKind, InvalidEnable, Schedule};

@@ -34,7 +34,6 @@ use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::{CycleId, CycleKind};
 
 use crate::refusal::{Op, Refusal};
-use crate::replica::ReplicaMachine;
 pub use crate::schedule::{InitialKind, Schedule};
 
 /// Why a cycle failed, as classified by the driver.
@@ -226,16 +225,6 @@ pub struct PrimaryMachine {
     running: Option<Running>,
 }
 
-/// Outcome of [`PrimaryMachine::become_replica`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Handover {
-    /// The replica machine this host runs from now on.
-    pub replica: ReplicaMachine,
-    /// A planned failover's handover: this primary shipped exactly the point the new primary
-    /// runs from, so its disks need no resynchronization.
-    pub planned: bool,
-}
-
 impl PrimaryMachine {
     /// A VM with replication disabled.
     pub fn new(schedule: Schedule) -> Self {
@@ -296,22 +285,6 @@ impl PrimaryMachine {
         m.initial_at_ms = resync.then_some(now_ms);
         m.next_due_ms = now_ms;
         m
-    }
-
-    /// The new primary (after a failover on the replica) asks this one to become its replica
-    /// from recovery point `point`. Refused when replication is not enabled here. The caller
-    /// stops this VM's driver and replaces the machine by the returned replica machine.
-    pub fn become_replica(&self, now_ms: u64, point: CycleId) -> Result<Handover, Refusal> {
-        if self.state == ReplicationState::Disabled {
-            return Err(Refusal::NotEnabled {
-                op: Op::BecomeReplica,
-            });
-        }
-        Ok(Handover {
-            replica: ReplicaMachine::from_point(now_ms, point),
-            planned: self.state == ReplicationState::PreparedForFailover
-                && self.last_cycle == Some(point),
-        })
     }
 
     /// Current state.

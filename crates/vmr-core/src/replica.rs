@@ -41,9 +41,7 @@ use vmr_proto::machine::ReplicaSnapshot;
 use vmr_proto::{CycleId, CycleKind};
 
 use crate::failover::failover_transition;
-use crate::primary::PrimaryMachine;
 use crate::refusal::{Op, Refusal};
-use crate::schedule::Schedule;
 
 /// An input to the replica machine. Every event carries the current time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,23 +265,6 @@ impl ReplicaMachine {
         }
     }
 
-    /// Reverse replication: this host's failed-over VM becomes the primary, its disks
-    /// identical to `point`; `resync` when the old primary's disks may differ. Refused unless
-    /// failed over. The caller replaces this machine by the returned one.
-    pub fn reverse(
-        &self,
-        now_ms: u64,
-        schedule: Schedule,
-        point: CycleId,
-        disk_sizes: Vec<u64>,
-        resync: bool,
-    ) -> Result<PrimaryMachine, Refusal> {
-        self.check_reverse()?;
-        Ok(PrimaryMachine::reversed(
-            schedule, now_ms, point, disk_sizes, resync,
-        ))
-    }
-
     /// Whether `reverse` is allowed now (checked before any I/O).
     pub fn check_reverse(&self) -> Result<(), Refusal> {
         failover_transition(ReplicationMode::Replica, self.state, Op::Reverse, true).map(|_| ())
@@ -497,6 +478,7 @@ impl ReplicaMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::Schedule;
     use ReplicaEvent as E;
     use ReplicationState as S;
 
