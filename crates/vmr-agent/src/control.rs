@@ -10,15 +10,14 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use vmr_proto::VmDefinition;
-use vmr_proto::api::{
-    AllowEntry, ReplicationMode, ReplicationState, ReplicationStats, Request, Response, VmRecord,
-    VmStatus,
-};
+use vmr_proto::api::{AllowEntry, Request, Response, VmStatus};
 
 use crate::exit;
 use crate::host::Host;
 use crate::util::{Coded, coded};
 use crate::vm::{Command, FailoverCmd, Registry, VmHandle};
+use vmr_proto::machine::PrimarySnapshot;
+use vmr_proto::record::{MachineSnapshot, VmRecord};
 
 /// What the control API serves from.
 pub struct Control {
@@ -174,21 +173,13 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
             let rec = VmRecord {
                 name: name.clone(),
                 uuid: def.uuid,
-                mode: ReplicationMode::Primary,
                 qmp,
                 launch_toml,
                 disks,
                 enable: None,
-                state: ReplicationState::Disabled,
-                paused_from: None,
-                last_cycle: None,
-                disk_sizes: None,
-                stats: ReplicationStats::default(),
-                initial_at_ms: None,
                 primary: host.config.name.clone(),
                 trust_group: None,
-                last_error: None,
-                before_failover: None,
+                machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;

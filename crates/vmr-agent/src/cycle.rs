@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::StreamExt;
 use vmr_capture::{CaptureConfig, CaptureError, CycleMode, VmCapture};
 use vmr_core::Failure;
-use vmr_proto::api::{CreateReplica, EnableArgs, ReplicaVmInfo, VmRecord};
+use vmr_proto::api::{CreateReplica, EnableArgs, ReplicaVmInfo};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
 use vmr_transport::{Client, TransportError};
 
 use crate::host::Host;
 use crate::util::now_ms;
+use vmr_proto::record::VmRecord;
 
 /// What a cycle task keeps between cycles: the open capture and the replica connection.
 #[derive(Default)]
@@ -144,7 +145,7 @@ pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
         crate::launch::work_dir(&host.dir, rec.uuid),
         crate::launch::tag(rec.uuid),
     );
-    cfg.expected_sizes = rec.disk_sizes.clone();
+    cfg.expected_sizes = rec.disk_sizes().map(<[u64]>::to_vec);
     cfg
 }
 

@@ -1,25 +1,84 @@
-//! The agent's state in SQLite (`DIR/state.db`): authorization entries and one record per VM.
-//! Every change is one transaction; the file survives `kill -9` (WAL, synchronous=FULL).
+//! The agent's state in SQLite (`DIR/state.db`): authorization entries and one record per VM
+//! (the VM's settings and its machine's snapshot, `vmr_proto::record`). Every change is one
+//! transaction; the file survives `kill -9` (WAL, synchronous=FULL). A schema-1 database
+//! (machine fields loose in the record) is migrated to schema 2 in one transaction on open.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
-use vmr_proto::api::{AllowEntry, VmRecord};
+use vmr_proto::api::AllowEntry;
+use vmr_proto::record::{VmRecord, VmRecordV1};
 
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this agent writes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// What went wrong with the state database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite failed.
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A newer (or unknown) schema.
+    #[error("{path} has schema version {found}; this vmreplica understands up to {SCHEMA_VERSION}")]
+    Schema {
+        /// The database file.
+        path: PathBuf,
+        /// The version found.
+        found: i64,
+    },
+    /// A VM record does not parse.
+    #[error("corrupt VM record {name:?} in {path}: {source}")]
+    CorruptRecord {
+        /// The database file.
+        path: PathBuf,
+        /// The record's VM name.
+        name: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A VM record does not encode.
+    #[error("encoding the record of VM {name:?}: {source}")]
+    Encode {
+        /// The VM name.
+        name: String,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// An open state database.
 pub struct Db {
     conn: Connection,
+    path: PathBuf,
 }
 
 impl Db {
-    /// Open (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+    fn sql(&self, source: rusqlite::Error) -> DbError {
+        DbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Open (creating if needed, migrating if old) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let sql = |source| DbError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS allow (
@@ -27,72 +86,146 @@ impl Db {
                  storage TEXT NOT NULL, trust_group TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS vms (
                  name TEXT PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, record TEXT NOT NULL);",
-        )?;
-        let v: Option<i64> = conn
+        )
+        .map_err(sql)?;
+        let mut db = Self {
+            conn,
+            path: path.to_path_buf(),
+        };
+        let v: Option<i64> = db
+            .conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
                 r.get(0)
             })
-            .optional()?;
+            .optional()
+            .map_err(sql)?;
         match v {
             None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
-                    [SCHEMA_VERSION],
-                )?;
+                db.conn
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                        [SCHEMA_VERSION],
+                    )
+                    .map_err(sql)?;
             }
+            Some(1) => db.migrate_v1()?,
             Some(SCHEMA_VERSION) => {}
-            Some(other) => anyhow::bail!(
-                "{} has schema version {other}; this vmreplica understands {SCHEMA_VERSION}",
-                path.display()
-            ),
+            Some(found) => {
+                return Err(DbError::Schema {
+                    path: path.to_path_buf(),
+                    found,
+                });
+            }
         }
-        Ok(Self { conn })
+        Ok(db)
+    }
+
+    /// Schema 1 to 2: each record's loose machine fields become the machine's snapshot.
+    fn migrate_v1(&mut self) -> Result<(), DbError> {
+        let path = self.path.clone();
+        let sql = |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let rows: Vec<(String, String)> = {
+            let mut st = tx.prepare("SELECT name, record FROM vms").map_err(sql)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)?
+        };
+        for (name, json) in rows {
+            let old: VmRecordV1 =
+                serde_json::from_str(&json).map_err(|source| DbError::CorruptRecord {
+                    path: path.clone(),
+                    name: name.clone(),
+                    source,
+                })?;
+            let rec = VmRecord::from(old);
+            let json = serde_json::to_string(&rec).map_err(|source| DbError::Encode {
+                name: name.clone(),
+                source,
+            })?;
+            tx.execute(
+                "UPDATE vms SET record = ?2 WHERE name = ?1",
+                params![name, json],
+            )
+            .map_err(sql)?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+            [SCHEMA_VERSION],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
     }
 
     /// Add or replace an authorization entry.
-    pub fn put_allow(&self, e: &AllowEntry) -> anyhow::Result<()> {
+    pub fn put_allow(&self, e: &AllowEntry) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO allow (primary_name, fingerprint, storage, trust_group) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(primary_name) DO UPDATE SET fingerprint = ?2, storage = ?3, trust_group = ?4",
             params![e.primary, e.fingerprint, e.storage, e.trust_group],
-        )?;
+        )
+        .map_err(|e| self.sql(e))?;
         Ok(())
     }
 
     /// All authorization entries.
-    pub fn allowed(&self) -> anyhow::Result<Vec<AllowEntry>> {
+    pub fn allowed(&self) -> Result<Vec<AllowEntry>, DbError> {
         let mut st = self
             .conn
-            .prepare("SELECT primary_name, fingerprint, storage, trust_group FROM allow ORDER BY primary_name")?;
-        let rows = st.query_map([], |r| {
-            Ok(AllowEntry {
-                primary: r.get(0)?,
-                fingerprint: r.get(1)?,
-                storage: r.get(2)?,
-                trust_group: r.get(3)?,
+            .prepare("SELECT primary_name, fingerprint, storage, trust_group FROM allow ORDER BY primary_name")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(AllowEntry {
+                    primary: r.get(0)?,
+                    fingerprint: r.get(1)?,
+                    storage: r.get(2)?,
+                    trust_group: r.get(3)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
     /// Insert or update a VM record.
-    pub fn put_vm(&self, rec: &VmRecord) -> anyhow::Result<()> {
-        let json = serde_json::to_string(rec)?;
-        self.conn.execute(
-            "INSERT INTO vms (name, uuid, record) VALUES (?1, ?2, ?3)
-             ON CONFLICT(name) DO UPDATE SET uuid = ?2, record = ?3",
-            params![rec.name, rec.uuid.to_string(), json],
-        )?;
+    pub fn put_vm(&self, rec: &VmRecord) -> Result<(), DbError> {
+        let json = serde_json::to_string(rec).map_err(|source| DbError::Encode {
+            name: rec.name.clone(),
+            source,
+        })?;
+        self.conn
+            .execute(
+                "INSERT INTO vms (name, uuid, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET uuid = ?2, record = ?3",
+                params![rec.name, rec.uuid.to_string(), json],
+            )
+            .map_err(|e| self.sql(e))?;
         Ok(())
     }
 
     /// All VM records.
-    pub fn vms(&self) -> anyhow::Result<Vec<VmRecord>> {
-        let mut st = self.conn.prepare("SELECT record FROM vms ORDER BY name")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    pub fn vms(&self) -> Result<Vec<VmRecord>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, record FROM vms ORDER BY name")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(serde_json::from_str(&row?).context("corrupt VM record in state.db")?);
+            let (name, json) = row.map_err(|e| self.sql(e))?;
+            out.push(
+                serde_json::from_str(&json).map_err(|source| DbError::CorruptRecord {
+                    path: self.path.clone(),
+                    name,
+                    source,
+                })?,
+            );
         }
         Ok(out)
     }
@@ -102,30 +235,36 @@ impl Db {
 mod tests {
     use super::*;
     use vmr_proto::api::{ReplicationMode, ReplicationState, ReplicationStats};
+    use vmr_proto::machine::PrimarySnapshot;
+    use vmr_proto::record::MachineSnapshot;
+
+    fn record() -> VmRecord {
+        VmRecord {
+            name: "web1".into(),
+            uuid: uuid::Uuid::new_v4(),
+            qmp: "/run/q.sock".into(),
+            launch_toml: String::new(),
+            disks: vec!["disk0".into()],
+            enable: None,
+            primary: "a".into(),
+            trust_group: None,
+            machine: MachineSnapshot::Primary(PrimarySnapshot {
+                state: ReplicationState::Replicating,
+                last_cycle: Some(4),
+                disk_sizes: Some(vec![1 << 20]),
+                stats: ReplicationStats::default(),
+                last_error: None,
+                initial_at_ms: None,
+                paused_from: None,
+            }),
+        }
+    }
 
     #[test]
     fn round_trip_on_a_real_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.db");
-        let rec = VmRecord {
-            name: "web1".into(),
-            uuid: uuid::Uuid::new_v4(),
-            mode: ReplicationMode::Primary,
-            qmp: "/run/q.sock".into(),
-            launch_toml: String::new(),
-            disks: vec!["disk0".into()],
-            enable: None,
-            state: ReplicationState::Replicating,
-            paused_from: None,
-            last_cycle: Some(4),
-            disk_sizes: Some(vec![1 << 20]),
-            stats: ReplicationStats::default(),
-            initial_at_ms: None,
-            primary: "a".into(),
-            trust_group: None,
-            last_error: None,
-            before_failover: None,
-        };
+        let rec = record();
         {
             let db = Db::open(&path).expect("open");
             db.put_vm(&rec).expect("put");
@@ -140,5 +279,52 @@ mod tests {
         let db = Db::open(&path).expect("reopen");
         assert_eq!(db.vms().expect("vms"), vec![rec]);
         assert_eq!(db.allowed().expect("allowed").len(), 1);
+    }
+
+    #[test]
+    fn a_schema_1_database_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let uuid = uuid::Uuid::new_v4();
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('schema', 1);
+                 CREATE TABLE vms (
+                     name TEXT PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, record TEXT NOT NULL);",
+            )
+            .expect("schema 1");
+            let old = serde_json::json!({
+                "name": "db1", "uuid": uuid, "mode": "Replica", "qmp": "",
+                "launch_toml": "", "disks": ["disk0"], "enable": null,
+                "state": "Suspended", "paused_from": "Replicating", "last_cycle": 7,
+                "disk_sizes": null, "stats": { "window_start_ms": 5 }, "initial_at_ms": null,
+                "primary": "host-a", "trust_group": "g", "last_error": "boom"
+            });
+            conn.execute(
+                "INSERT INTO vms VALUES ('db1', ?1, ?2)",
+                params![uuid.to_string(), old.to_string()],
+            )
+            .expect("old row");
+        }
+        let db = Db::open(&path).expect("migrate");
+        let recs = db.vms().expect("vms");
+        assert_eq!(recs.len(), 1);
+        let r = &recs[0];
+        assert_eq!(r.mode(), ReplicationMode::Replica);
+        assert_eq!(r.state(), ReplicationState::Suspended);
+        assert_eq!(r.last_cycle(), Some(7));
+        match &r.machine {
+            MachineSnapshot::Replica(s) => {
+                assert_eq!(s.paused_from, Some(ReplicationState::Replicating));
+                assert_eq!(s.last_error.as_deref(), Some("boom"));
+            }
+            other => panic!("not a replica snapshot: {other:?}"),
+        }
+        drop(db);
+        // Migrated once: the schema is 2 now and opening again changes nothing.
+        let again = Db::open(&path).expect("reopen");
+        assert_eq!(again.vms().expect("vms"), recs);
     }
 }

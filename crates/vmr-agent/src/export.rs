@@ -8,13 +8,14 @@
 use std::path::Path;
 
 use vmr_capture::{CycleMode, VmCapture};
-use vmr_proto::api::{EXPORT_MANIFEST, ExportManifest, VmRecord};
+use vmr_proto::api::{EXPORT_MANIFEST, ExportManifest};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind};
 use vmr_store::staging::StageFileWriter;
 
 use crate::cycle::{CycleCtx, Outcome, Session, classify_capture};
 use crate::util::now_ms;
 use vmr_core::Failure;
+use vmr_proto::record::VmRecord;
 
 /// Write the initial cycle `id` of `vm` to `dir`.
 pub(crate) async fn run(ctx: &CycleCtx, session: &mut Session, id: u64, dir: &Path) -> Outcome {

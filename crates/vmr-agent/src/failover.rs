@@ -23,8 +23,9 @@ use crate::replica::ReplicaSide;
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{
     BecomeReplica, EnableArgs, FailoverRecord, FailoverResult, FailoverVm, ReplicationMode,
-    ReplicationState, ReplicationStats, VmRecord,
+    ReplicationState,
 };
+use vmr_proto::record::{MachineSnapshot, VmRecord};
 use vmr_proto::wire::RemoteError;
 use vmr_store::RetentionPolicy;
 use vmr_transport::{Client, Peer};
@@ -235,7 +236,7 @@ fn result(
 fn replica_record(vm: &Vm) -> anyhow::Result<VmRecord> {
     let rec = vm.rec.clone();
     let name = &rec.name;
-    if rec.mode != ReplicationMode::Replica {
+    if rec.mode() != ReplicationMode::Replica {
         return Err(refused(format!(
             "{name:?} is a primary VM on this host; run this on its replica"
         )));
@@ -453,7 +454,7 @@ pub async fn stop_test(vm: &mut Vm, test_id: Option<uuid::Uuid>) -> anyhow::Resu
     vm.save_failover(&fr)?;
     Ok(result(
         name,
-        rec.state,
+        rec.state(),
         gone.first(),
         t0,
         format!(
@@ -581,7 +582,7 @@ async fn vm_runs(rec: &VmRecord, state: ReplicationState) -> bool {
 /// Agent-to-agent `primary-vm-state`: the split-brain probe of a replica. `state`: the
 /// machine's state of the VM on this host.
 pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> Value {
-    let running = vm.rec.mode == ReplicationMode::Primary && vm_runs(&vm.rec, state).await;
+    let running = vm.rec.mode() == ReplicationMode::Primary && vm_runs(&vm.rec, state).await;
     json!({ "state": state, "running": running })
 }
 
@@ -590,7 +591,7 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> anyhow::Result<Fail
     let t0 = Instant::now();
     let name = vm.rec.name.clone();
     let name = name.as_str();
-    failover_transition(vm.rec.mode, side.state(), Op::Prepare, true)
+    failover_transition(vm.rec.mode(), side.state(), Op::Prepare, true)
         .map_err(crate::errors::refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
@@ -747,14 +748,12 @@ pub async fn reverse(
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
         .map_err(crate::errors::refused)?;
-    rec.mode = ReplicationMode::Primary;
     rec.qmp = qmp;
     rec.launch_toml = def.to_toml();
     rec.disks = point.disks.iter().map(|(d, _)| d.clone()).collect();
     rec.enable = Some(args);
     rec.primary = vm.host.config.name.clone();
     rec.trust_group = None;
-    rec.before_failover = None;
     vm.rec = rec;
     crate::primary::save_snapshot(vm, machine.snapshot())?;
     fr.before = None;
@@ -799,7 +798,7 @@ pub async fn become_replica(
         .enable
         .clone()
         .ok_or_else(|| bad("replication is not enabled".into()))?;
-    if rec.mode != ReplicationMode::Primary || args.replica_fingerprint != peer.fingerprint {
+    if rec.mode() != ReplicationMode::Primary || args.replica_fingerprint != peer.fingerprint {
         return Err(bad(format!(
             "{} is not replicating to {} from this host",
             rec.name, peer.name
@@ -862,29 +861,17 @@ pub async fn become_replica(
         store
             .import_point(req.uuid, req.point, req.taken_at_ms, &disks)
             .await?;
-        let mut new = VmRecord {
+        let new = VmRecord {
             name: rec.name.clone(),
             uuid: rec.uuid,
-            mode: ReplicationMode::Replica,
             qmp: String::new(),
             launch_toml: req.launch_toml.clone(),
             disks: req.disks.iter().map(|d| d.id.clone()).collect(),
             enable: None,
-            state: ReplicationState::Replicating,
-            paused_from: None,
-            last_cycle: Some(req.point),
-            disk_sizes: Some(req.disks.iter().map(|d| d.size).collect()),
-            stats: ReplicationStats {
-                window_start_ms: now_ms(),
-                ..Default::default()
-            },
-            initial_at_ms: None,
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
-            last_error: None,
-            before_failover: None,
+            machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
-        new.set_replica_snapshot(handover.replica.snapshot());
         vm.rec = new;
         vm.save()?;
         anyhow::Ok(())

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use vmr_proto::api::{AgentConfig, AllowEntry, VmRecord};
+use vmr_proto::api::{AgentConfig, AllowEntry};
 
 use crate::db::Db;
+use vmr_proto::record::VmRecord;
 
 /// Host-wide resources of the agent.
 pub struct Host {
@@ -66,12 +67,12 @@ impl Host {
     /// Save a VM record. Called only by the VM's owner (and by the registry when it creates
     /// or removes the VM).
     pub fn save_vm(&self, rec: &VmRecord) -> anyhow::Result<()> {
-        self.db().put_vm(rec)
+        Ok(self.db().put_vm(rec)?)
     }
 
     /// Every VM record (agent start).
     pub fn load_vms(&self) -> anyhow::Result<Vec<VmRecord>> {
-        self.db().vms()
+        Ok(self.db().vms()?)
     }
 
     /// Add or replace an authorization entry (database first, then the in-memory copy).

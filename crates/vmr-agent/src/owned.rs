@@ -9,9 +9,10 @@ use std::process::Child;
 use std::sync::Arc;
 
 use anyhow::Context;
-use vmr_proto::api::{FailoverRecord, VmRecord};
+use vmr_proto::api::FailoverRecord;
 
 use crate::host::Host;
+use vmr_proto::record::VmRecord;
 
 /// One VM's owned state.
 pub struct Vm {

@@ -13,6 +13,7 @@ use vmr_core::{Action, Event, Failure, PrimaryMachine, Schedule, primary_health}
 use vmr_proto::CycleKind;
 use vmr_proto::api::{EnableArgs, InitialMode, ReplicationMode, ReplicationState, VmStatus};
 use vmr_proto::machine::PrimarySnapshot;
+use vmr_proto::record::MachineSnapshot;
 
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
 use crate::errors::refused;
@@ -97,7 +98,11 @@ impl PrimarySide {
                 return None;
             }
         };
-        let mut machine = PrimaryMachine::restore(schedule, vm.rec.primary_snapshot());
+        let snap = match &vm.rec.machine {
+            MachineSnapshot::Primary(s) => s.clone(),
+            MachineSnapshot::Replica(_) => PrimarySnapshot::default(),
+        };
+        let mut machine = PrimaryMachine::restore(schedule, snap);
         let pending = if restarted {
             machine
                 .step(Event::Restarted { now_ms: now_ms() })
@@ -508,27 +513,31 @@ async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome
 
 /// Save a primary machine's snapshot in the VM's record.
 pub fn save_snapshot(vm: &mut Vm, snap: PrimarySnapshot) -> anyhow::Result<()> {
-    vm.rec.set_primary_snapshot(snap);
+    vm.rec.machine = MachineSnapshot::Primary(snap);
     vm.save()
 }
 
 /// The status row of a primary VM whose replication is not enabled.
 pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
     let rec = &vm.rec;
-    let health = primary_health(rec.state, &rec.stats, 0, rec.last_error.as_deref(), now);
+    let snap = match &rec.machine {
+        MachineSnapshot::Primary(s) => s.clone(),
+        MachineSnapshot::Replica(_) => PrimarySnapshot::default(),
+    };
+    let health = primary_health(snap.state, &snap.stats, 0, snap.last_error.as_deref(), now);
     VmStatus {
         name: rec.name.clone(),
         uuid: rec.uuid,
-        state: rec.state,
+        state: snap.state,
         health: health.health,
         health_reason: health.reason(),
         mode: ReplicationMode::Primary,
         frequency_secs: 0,
         primary: primary_name.to_owned(),
         replica: String::new(),
-        last_replication_ms: rec.stats.last_replication_ms,
-        last_cycle: rec.last_cycle,
-        stats: rec.stats.clone(),
+        last_replication_ms: snap.stats.last_replication_ms,
+        last_cycle: snap.last_cycle,
+        stats: snap.stats,
         progress: None,
     }
 }

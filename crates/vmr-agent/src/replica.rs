@@ -12,6 +12,9 @@ use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, VmStatus};
 use vmr_proto::wire::RemoteError;
 use vmr_store::{RecoveryPoint, RetentionPolicy, StoreError};
 
+use vmr_proto::machine::ReplicaSnapshot;
+use vmr_proto::record::MachineSnapshot;
+
 use crate::errors::{internal, refusal_err, store_err};
 use crate::exit;
 use crate::owned::Vm;
@@ -39,7 +42,11 @@ pub struct Applied {
 impl ReplicaSide {
     /// The replica side of `vm` as persisted.
     pub fn restore(vm: &Vm) -> ReplicaSide {
-        Self::with(ReplicaMachine::restore(vm.rec.replica_snapshot()))
+        let snap = match &vm.rec.machine {
+            MachineSnapshot::Replica(s) => s.clone(),
+            MachineSnapshot::Primary(_) => ReplicaSnapshot::default(),
+        };
+        Self::with(ReplicaMachine::restore(snap))
     }
 
     /// A replica side around `machine` (a new replica VM, or one taken over from a primary).
@@ -61,7 +68,7 @@ impl ReplicaSide {
     pub fn step(&mut self, vm: &mut Vm, ev: ReplicaEvent) -> Result<(), Refusal> {
         let acts = self.machine.step(ev)?;
         if !acts.is_empty() {
-            vm.rec.set_replica_snapshot(self.machine.snapshot());
+            vm.rec.machine = MachineSnapshot::Replica(self.machine.snapshot());
             if let Err(e) = vm.save() {
                 tracing::error!(vm = %vm.rec.name, "saving replica state: {e:#}");
             }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use vmr_capture::{CaptureError, CycleMode};
 use vmr_core::Failure;
-use vmr_proto::api::{BlockHashesReply, BlockHashesRequest, VmRecord};
+use vmr_proto::api::{BlockHashesReply, BlockHashesRequest};
 use vmr_proto::wire::RemoteError;
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, ExtentData};
 use vmr_store::hashes::zero_hash;
@@ -24,6 +24,7 @@ use vmr_transport::Client;
 
 use crate::cycle::{CycleCtx, Outcome, Session, classify_capture, classify_transport};
 use crate::util::now_ms;
+use vmr_proto::record::VmRecord;
 
 /// Block size compared (bytes): the dirty-bitmap granularity and qcow2 cluster size, so a
 /// guest write of one cluster costs one block.

@@ -10,10 +10,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use vmr_proto::CycleHeader;
-use vmr_proto::api::{
-    BecomeReplica, BlockHashesRequest, CreateReplica, ReplicationMode, ReplicationState,
-    ReplicationStats, VmRecord,
-};
+use vmr_proto::api::{BecomeReplica, BlockHashesRequest, CreateReplica};
 use vmr_proto::wire::{CycleAck, RemoteError};
 use vmr_store::RetentionPolicy;
 use vmr_transport::{Authorize, ExtentStream, Handler, Peer, Server};
@@ -22,6 +19,8 @@ use crate::errors::{internal, store_err};
 use crate::host::Host;
 use crate::util::now_ms;
 use crate::vm::{Command, Registry, VmHandle, Writer};
+use vmr_core::ReplicaMachine;
+use vmr_proto::record::{MachineSnapshot, VmRecord};
 
 struct Auth(Arc<Host>);
 
@@ -127,24 +126,13 @@ impl PeerHandler {
         let rec = VmRecord {
             name: req.name.clone(),
             uuid: req.uuid,
-            mode: ReplicationMode::Replica,
             qmp: String::new(),
             launch_toml: req.launch_toml,
             disks: req.disks.iter().map(|d| d.id.clone()).collect(),
             enable: None,
-            state: ReplicationState::WaitingForInitialReplication,
-            paused_from: None,
-            last_cycle: None,
-            disk_sizes: None,
-            stats: ReplicationStats {
-                window_start_ms: now_ms(),
-                ..Default::default()
-            },
-            initial_at_ms: None,
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
-            last_error: None,
-            before_failover: None,
+            machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{
     BecomeReplica, BlockHashesReply, BlockHashesRequest, CreateReplica, EnableArgs, FailoverResult,
-    PointInfo, ReplicaVmInfo, ReplicationMode, ReplicationState, VmRecord, VmStatus,
+    PointInfo, ReplicaVmInfo, ReplicationMode, ReplicationState, VmStatus,
 };
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
@@ -28,6 +28,7 @@ use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
 use crate::replica::{Applied, ReplicaCmd, ReplicaSide};
 use crate::util::{coded, now_ms};
+use vmr_proto::record::VmRecord;
 
 /// A reply channel.
 pub type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
@@ -215,7 +216,7 @@ impl Registry {
             tx,
         };
         let vm = Vm::new(host.clone(), rec);
-        let side = match vm.rec.mode {
+        let side = match vm.rec.mode() {
             ReplicationMode::Primary => {
                 Side::Primary(PrimarySide::restore(&vm, restarted).map(Box::new))
             }
@@ -266,7 +267,7 @@ async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError
 
 impl Owner {
     async fn run(mut self) {
-        if self.vm.rec.mode == ReplicationMode::Replica {
+        if self.vm.rec.mode() == ReplicationMode::Replica {
             self.reconcile_replica();
         }
         loop {
@@ -372,7 +373,7 @@ impl Owner {
 
     fn wrong_mode(&self, what: &str) -> anyhow::Error {
         let name = &self.vm.rec.name;
-        let msg = match self.vm.rec.mode {
+        let msg = match self.vm.rec.mode() {
             ReplicationMode::Primary => {
                 format!("{name:?} is a primary VM on this host; run {what} on its replica")
             }
@@ -384,7 +385,7 @@ impl Owner {
     }
 
     fn trust(&self, peer: &Peer) -> Result<(), RemoteError> {
-        if self.vm.rec.mode != ReplicationMode::Replica {
+        if self.vm.rec.mode() != ReplicationMode::Replica {
             return Err(RemoteError::UnknownVm {
                 vm: self.vm.rec.uuid,
             });
@@ -449,7 +450,7 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::ResumeResync(at, reply) => {
-                let r = match self.vm.rec.mode {
+                let r = match self.vm.rec.mode() {
                     ReplicationMode::Replica => Err(coded(
                         exit::INVALID_STATE,
                         format!(
@@ -514,7 +515,7 @@ impl Owner {
                     let latest = store.latest_cycle(self.vm.rec.uuid).map_err(store_err)?;
                     let state = match &self.side {
                         Side::Replica(r) => r.machine().state(),
-                        Side::Primary(_) => self.vm.rec.state,
+                        Side::Primary(_) => self.vm.rec.state(),
                     };
                     Ok(ReplicaVmInfo {
                         uuid: self.vm.rec.uuid,
@@ -563,7 +564,7 @@ impl Owner {
             Command::PrimaryState(reply) => {
                 let state = match &self.side {
                     Side::Primary(Some(p)) => p.state(),
-                    _ => self.vm.rec.state,
+                    _ => self.vm.rec.state(),
                 };
                 let v = crate::failover::primary_vm_state(&self.vm, state).await;
                 let _ = reply.send(Ok(v));
@@ -652,7 +653,7 @@ impl Owner {
 
     async fn failover(&mut self, f: FailoverCmd) -> anyhow::Result<FailoverResult> {
         if !matches!(f, FailoverCmd::Prepare) {
-            if self.vm.rec.mode != ReplicationMode::Replica {
+            if self.vm.rec.mode() != ReplicationMode::Replica {
                 return Err(self.wrong_mode("this"));
             }
             // What was acknowledged must be a point before a point is chosen.

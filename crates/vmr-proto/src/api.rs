@@ -632,46 +632,6 @@ fn default_concurrency() -> usize {
     8
 }
 
-/// The persisted replication settings and progress of one VM on this host.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmRecord {
-    /// VM name.
-    pub name: String,
-    /// VM UUID.
-    pub uuid: Uuid,
-    /// Primary or replica on this host.
-    pub mode: ReplicationMode,
-    /// QMP socket (primary).
-    pub qmp: String,
-    /// VM definition TOML text.
-    pub launch_toml: String,
-    /// Replicated disks (node names).
-    pub disks: Vec<String>,
-    /// Replication settings (primary), once enabled.
-    pub enable: Option<EnableArgs>,
-    /// Current state.
-    pub state: ReplicationState,
-    /// State to return to on resume.
-    pub paused_from: Option<ReplicationState>,
-    /// Last cycle committed (primary) or applied (replica).
-    pub last_cycle: Option<u64>,
-    /// Disk sizes at the last committed cycle.
-    pub disk_sizes: Option<Vec<u64>>,
-    /// Statistics.
-    pub stats: ReplicationStats,
-    /// Initial replication due time.
-    pub initial_at_ms: Option<u64>,
-    /// Name of the primary (replica side) or this agent (primary side).
-    pub primary: String,
-    /// Trust group that created the replica VM (replica side).
-    pub trust_group: Option<String>,
-    /// Last error.
-    pub last_error: Option<String>,
-    /// Replica: the state before a started failover (restored by cancel).
-    #[serde(default)]
-    pub before_failover: Option<ReplicationState>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ReplicationState, ReplicationStats, VmRecord};
+use crate::api::{ReplicationState, ReplicationStats};
 
 fn disabled() -> ReplicationState {
     ReplicationState::Disabled
@@ -81,54 +81,6 @@ impl Default for ReplicaSnapshot {
             paused_from: None,
             before_failover: None,
         }
-    }
-}
-
-impl VmRecord {
-    /// The primary machine's persisted part, as this record holds it.
-    pub fn primary_snapshot(&self) -> PrimarySnapshot {
-        PrimarySnapshot {
-            state: self.state,
-            last_cycle: self.last_cycle,
-            disk_sizes: self.disk_sizes.clone(),
-            stats: self.stats.clone(),
-            last_error: self.last_error.clone(),
-            initial_at_ms: self.initial_at_ms,
-            paused_from: self.paused_from,
-        }
-    }
-
-    /// Hold the primary machine's persisted part (the one place it is mapped).
-    pub fn set_primary_snapshot(&mut self, s: PrimarySnapshot) {
-        self.state = s.state;
-        self.last_cycle = s.last_cycle;
-        self.disk_sizes = s.disk_sizes;
-        self.stats = s.stats;
-        self.last_error = s.last_error;
-        self.initial_at_ms = s.initial_at_ms;
-        self.paused_from = s.paused_from;
-    }
-
-    /// The replica machine's persisted part, as this record holds it.
-    pub fn replica_snapshot(&self) -> ReplicaSnapshot {
-        ReplicaSnapshot {
-            state: self.state,
-            last_cycle: self.last_cycle,
-            stats: self.stats.clone(),
-            last_error: self.last_error.clone(),
-            paused_from: self.paused_from,
-            before_failover: self.before_failover,
-        }
-    }
-
-    /// Hold the replica machine's persisted part (the one place it is mapped).
-    pub fn set_replica_snapshot(&mut self, s: ReplicaSnapshot) {
-        self.state = s.state;
-        self.last_cycle = s.last_cycle;
-        self.stats = s.stats;
-        self.last_error = s.last_error;
-        self.paused_from = s.paused_from;
-        self.before_failover = s.before_failover;
     }
 }
 

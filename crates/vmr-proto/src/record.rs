@@ -1,0 +1,134 @@
+//! The agent's persisted record of one VM (`state.db`): what the VM is, its replication
+//! settings, and its decision machine as that machine's own snapshot; and the schema-1 record
+//! it migrates from.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::api::{EnableArgs, ReplicationMode, ReplicationState, ReplicationStats};
+use crate::machine::{PrimarySnapshot, ReplicaSnapshot};
+
+/// The persisted record of one VM on this host (`state.db` schema 2): what it is, its
+/// replication settings, and its decision machine as the machine's own snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// QMP socket (primary).
+    pub qmp: String,
+    /// VM definition TOML text.
+    pub launch_toml: String,
+    /// Replicated disks (node names).
+    pub disks: Vec<String>,
+    /// Replication settings (primary), once enabled.
+    pub enable: Option<EnableArgs>,
+    /// Name of the primary (replica side) or this agent (primary side).
+    pub primary: String,
+    /// Trust group that created the replica VM (replica side).
+    pub trust_group: Option<String>,
+    /// The VM's machine; its side is the VM's mode on this host.
+    pub machine: MachineSnapshot,
+}
+
+impl VmRecord {
+    /// The machine's state.
+    pub fn state(&self) -> ReplicationState {
+        match &self.machine {
+            MachineSnapshot::Primary(s) => s.state,
+            MachineSnapshot::Replica(s) => s.state,
+        }
+    }
+
+    /// The machine's last replicated cycle.
+    pub fn last_cycle(&self) -> Option<u64> {
+        match &self.machine {
+            MachineSnapshot::Primary(s) => s.last_cycle,
+            MachineSnapshot::Replica(s) => s.last_cycle,
+        }
+    }
+
+    /// Disk sizes at the last committed cycle (primary).
+    pub fn disk_sizes(&self) -> Option<&[u64]> {
+        match &self.machine {
+            MachineSnapshot::Primary(s) => s.disk_sizes.as_deref(),
+            MachineSnapshot::Replica(_) => None,
+        }
+    }
+
+    /// Primary or replica on this host.
+    pub fn mode(&self) -> ReplicationMode {
+        match self.machine {
+            MachineSnapshot::Primary(_) => ReplicationMode::Primary,
+            MachineSnapshot::Replica(_) => ReplicationMode::Replica,
+        }
+    }
+}
+
+/// A VM's machine as persisted: which side this host is on, and that side's snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "side", rename_all = "snake_case")]
+pub enum MachineSnapshot {
+    /// This host is the VM's primary.
+    Primary(PrimarySnapshot),
+    /// This host holds the VM's replica.
+    Replica(ReplicaSnapshot),
+}
+
+/// A VM record as `state.db` schema 1 stored it (the machine's fields loose in the record);
+/// read only to migrate a schema-1 database to schema 2.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VmRecordV1 {
+    name: String,
+    uuid: Uuid,
+    mode: ReplicationMode,
+    qmp: String,
+    launch_toml: String,
+    disks: Vec<String>,
+    enable: Option<EnableArgs>,
+    state: ReplicationState,
+    paused_from: Option<ReplicationState>,
+    last_cycle: Option<u64>,
+    disk_sizes: Option<Vec<u64>>,
+    stats: ReplicationStats,
+    initial_at_ms: Option<u64>,
+    primary: String,
+    trust_group: Option<String>,
+    last_error: Option<String>,
+}
+
+impl From<VmRecordV1> for VmRecord {
+    fn from(r: VmRecordV1) -> VmRecord {
+        let machine = match r.mode {
+            ReplicationMode::Primary => MachineSnapshot::Primary(PrimarySnapshot {
+                state: r.state,
+                last_cycle: r.last_cycle,
+                disk_sizes: r.disk_sizes,
+                stats: r.stats,
+                last_error: r.last_error,
+                initial_at_ms: r.initial_at_ms,
+                paused_from: r.paused_from,
+            }),
+            ReplicationMode::Replica => MachineSnapshot::Replica(ReplicaSnapshot {
+                state: r.state,
+                last_cycle: r.last_cycle,
+                stats: r.stats,
+                last_error: r.last_error,
+                paused_from: r.paused_from,
+                before_failover: None,
+            }),
+        };
+        VmRecord {
+            name: r.name,
+            uuid: r.uuid,
+            qmp: r.qmp,
+            launch_toml: r.launch_toml,
+            disks: r.disks,
+            enable: r.enable,
+            primary: r.primary,
+            trust_group: r.trust_group,
+            machine,
+        }
+    }
+}
