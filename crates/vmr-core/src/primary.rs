@@ -882,6 +882,58 @@ mod tests {
         })
     }
 
+    /// States in which time passing must start no cycle (what end-to-end tests used to check
+    /// by sleeping): paused, locked for a planned failover, disabled, in a fatal error,
+    /// initial replication scheduled for later, a resynchronization waiting for the admin.
+    #[test]
+    fn idle_states_start_nothing_as_time_passes() {
+        use vmr_proto::machine::PrimarySnapshot;
+        let later = 10 * 3_600_000;
+        let table: &[(S, Option<u64>, &str)] = &[
+            (S::Suspended, None, "paused"),
+            (
+                S::PreparedForFailover,
+                None,
+                "locked after the planned failover's final cycle",
+            ),
+            (S::Disabled, None, "disabled"),
+            (S::Error, None, "stopped by a fatal error"),
+            (
+                S::ReadyForInitialReplication,
+                Some(later),
+                "initial replication scheduled later",
+            ),
+            (
+                S::WaitingForStartResynchronize,
+                None,
+                "waiting for `resume --resync`",
+            ),
+        ];
+        for &(state, initial_at_ms, what) in table {
+            let mut m = PrimaryMachine::restore(
+                Schedule::every(F),
+                PrimarySnapshot {
+                    state,
+                    last_cycle: Some(3),
+                    initial_at_ms,
+                    ..Default::default()
+                },
+            );
+            let mut now = 1_000;
+            while now < later - F {
+                let acts = m
+                    .step(Event::Tick { now_ms: now })
+                    .expect("a tick is never refused");
+                assert!(
+                    start_of(&acts).is_none(),
+                    "{what}: a tick at {now} ms started a cycle: {acts:?}"
+                );
+                assert_eq!(m.state(), state, "{what}: a tick changed the state");
+                now += F / 3;
+            }
+        }
+    }
+
     #[test]
     fn initial_then_incremental_on_schedule() {
         let mut m = enabled();
