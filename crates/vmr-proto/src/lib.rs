@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cycle;
+pub mod peer;
 pub mod store;
 pub mod vmdef;
 pub mod wire;
