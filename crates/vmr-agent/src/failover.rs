@@ -25,9 +25,10 @@ use vmr_proto::api::{
     BecomeReplica, EnableArgs, FailoverRecord, FailoverResult, FailoverVm, ReplicationMode,
     ReplicationState, ReplicationStats, Request, VmRecord,
 };
+use vmr_proto::peer::{BecameReplica, PrimaryVmState};
 use vmr_proto::wire::RemoteError;
 use vmr_store::RetentionPolicy;
-use vmr_transport::{Client, Peer};
+use vmr_transport::{Client, Peer, PeerResponse};
 
 use super::Agent;
 use crate::exit;
@@ -461,18 +462,15 @@ async fn split_brain_guard(
     };
     let probe = async {
         let c = Client::connect(&addr, &agent.identity, &fp, Default::default()).await?;
-        c.call("primary-vm-state", &json!({ "uuid": rec.uuid }))
-            .await
+        c.primary_vm_state(rec.uuid).await
     };
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(v)) => {
-            if v.get("running").and_then(Value::as_bool).unwrap_or(true) {
+            if v.running {
                 return Err(refused(format!(
                     "the primary {} ({addr}) still answers and its VM {:?} runs ({}); shut it \
                      down (or `failover prepare` it) first, or pass --force",
-                    rec.primary,
-                    rec.name,
-                    v.get("state").and_then(Value::as_str).unwrap_or("?")
+                    rec.primary, rec.name, v.state
                 )));
             }
             Ok(())
@@ -645,7 +643,10 @@ async fn vm_runs(rec: &VmRecord, state: ReplicationState) -> bool {
 }
 
 /// Agent-to-agent `primary-vm-state`: the split-brain probe of a replica.
-pub async fn primary_vm_state(agent: &Arc<Agent>, uuid: uuid::Uuid) -> Result<Value, RemoteError> {
+pub async fn primary_vm_state(
+    agent: &Arc<Agent>,
+    uuid: uuid::Uuid,
+) -> Result<PeerResponse, RemoteError> {
     let rec = agent
         .vm_by_uuid(uuid)
         .map_err(|e| RemoteError::Internal {
@@ -654,7 +655,10 @@ pub async fn primary_vm_state(agent: &Arc<Agent>, uuid: uuid::Uuid) -> Result<Va
         .ok_or(RemoteError::UnknownVm { vm: uuid })?;
     let state = current_state(agent, &rec);
     let running = rec.mode == ReplicationMode::Primary && vm_runs(&rec, state).await;
-    Ok(json!({ "state": state, "running": running }))
+    Ok(PeerResponse::PrimaryVmState(PrimaryVmState {
+        state,
+        running,
+    }))
 }
 
 fn current_state(agent: &Agent, rec: &VmRecord) -> ReplicationState {
@@ -805,13 +809,10 @@ async fn reverse(
         .await
         .with_context(|| format!("connecting to the old primary {addr}"))?;
     let answer = client
-        .call("become-replica", &serde_json::to_value(&req)?)
+        .become_replica(req)
         .await
         .context("the old primary refused to become the replica")?;
-    let resync = answer
-        .get("resync")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let resync = answer.resync;
     let args = EnableArgs {
         name: rec.name.clone(),
         replica: addr.clone(),
@@ -876,7 +877,7 @@ pub async fn become_replica(
     agent: &Arc<Agent>,
     peer: &Peer,
     req: BecomeReplica,
-) -> Result<Value, RemoteError> {
+) -> Result<PeerResponse, RemoteError> {
     let internal = |e: anyhow::Error| RemoteError::Internal {
         message: format!("{e:#}"),
     };
@@ -987,5 +988,9 @@ pub async fn become_replica(
     .await;
     became.map_err(internal)?;
     tracing::info!(vm = %rec.name, new_primary = %peer.name, point = req.point, planned, "reverse: this host is now the replica");
-    Ok(json!({ "state": ReplicationState::Replicating, "point": req.point, "resync": !planned }))
+    Ok(PeerResponse::BecomeReplica(BecameReplica {
+        state: ReplicationState::Replicating,
+        point: req.point,
+        resync: !planned,
+    }))
 }

@@ -13,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 use vmr_capture::{CaptureConfig, CaptureError, CycleMode, VmCapture};
 use vmr_core::{Action, Event, Failure, InitialKind, PrimaryMachine, Schedule, primary_health};
 use vmr_proto::api::{
-    CreateReplica, EnableArgs, InitialMode, ReplicaVmInfo, ReplicationMode, ReplicationState,
-    VmRecord, VmStatus,
+    CreateReplica, EnableArgs, InitialMode, ReplicationMode, ReplicationState, VmRecord, VmStatus,
 };
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
 use vmr_transport::{Client, TransportError};
@@ -150,7 +149,7 @@ pub async fn enable(
     let def = VmDefinition::from_toml(&rec.launch_toml)?;
     let create = create_request(&rec, &def, &args);
     client
-        .call("create-replica", &serde_json::to_value(&create)?)
+        .create_replica(create)
         .await
         .context("the replica refused to create the replica VM")?;
     rec.enable = Some(args.clone());
@@ -595,17 +594,12 @@ async fn replica_latest(
     let rec = vm.lock().rec.clone();
     let client = client(agent, &rec, session).await?;
     let info = client
-        .call(
-            "replica-info",
-            &json!({ "uuid": rec.uuid, "listen": agent.config.listen }),
-        )
+        .replica_info(rec.uuid, Some(agent.config.listen.clone()))
         .await
         .map_err(|e| {
             session.client = None;
             classify_transport(e)
         })?;
-    let info: ReplicaVmInfo = serde_json::from_value(info)
-        .map_err(|e| Failure::Retryable(format!("bad replica-info answer: {e}")))?;
     Ok(info.latest)
 }
 
@@ -848,8 +842,7 @@ pub(super) async fn create_replica(
         VmDefinition::from_toml(&rec.launch_toml).map_err(|e| Failure::Fatal(e.to_string()))?;
     let create = create_request(rec, &def, &args);
     let c = client(agent, rec, session).await?;
-    let body = serde_json::to_value(&create).map_err(|e| Failure::Fatal(e.to_string()))?;
-    c.call("create-replica", &body).await.map_err(|e| {
+    c.create_replica(create).await.map_err(|e| {
         session.client = None;
         classify_transport(e)
     })?;

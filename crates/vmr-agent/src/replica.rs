@@ -18,7 +18,7 @@ use vmr_proto::api::{
 };
 use vmr_proto::wire::{CycleAck, RemoteError};
 use vmr_store::{RetentionPolicy, Store, StoreError};
-use vmr_transport::{Authorize, ExtentStream, Handler, Peer, Server};
+use vmr_transport::{Authorize, ExtentStream, Handler, Peer, PeerRequest, PeerResponse, Server};
 
 use super::Agent;
 use crate::util::now_ms;
@@ -179,7 +179,7 @@ impl ReplicaHandler {
         Ok(rec)
     }
 
-    async fn create(&self, peer: &Peer, req: CreateReplica) -> Result<Value, RemoteError> {
+    async fn create(&self, peer: &Peer, req: CreateReplica) -> Result<PeerResponse, RemoteError> {
         let agent = &self.0;
         if let Some(rec) = agent.vm_by_uuid(req.uuid).map_err(internal)? {
             let rec = self.authorized_vm(peer, rec.uuid)?;
@@ -207,7 +207,7 @@ impl ReplicaHandler {
             }
             rec.launch_toml = req.launch_toml;
             agent.db().put_vm(&rec).map_err(internal)?;
-            return Ok(json!({ "created": false }));
+            return Ok(PeerResponse::CreateReplica { created: false });
         }
         if agent.vm_record(&req.name).map_err(internal)?.is_some() {
             return Err(RemoteError::BadRequest {
@@ -260,7 +260,7 @@ impl ReplicaHandler {
         };
         agent.db().put_vm(&rec).map_err(internal)?;
         tracing::info!(vm = %req.name, uuid = %req.uuid, primary = %peer.name, "replica VM created");
-        Ok(json!({ "created": true }))
+        Ok(PeerResponse::CreateReplica { created: true })
     }
 }
 
@@ -322,60 +322,33 @@ impl Handler for ReplicaHandler {
         })
     }
 
-    async fn call(&self, peer: &Peer, method: &str, body: Value) -> Result<Value, RemoteError> {
-        match method {
-            "create-replica" => {
-                let req: CreateReplica =
-                    serde_json::from_value(body).map_err(|e| RemoteError::BadRequest {
-                        message: format!("create-replica: {e}"),
-                    })?;
-                self.create(peer, req).await
-            }
-            "replica-info" => {
-                let uuid: uuid::Uuid = body
-                    .get("uuid")
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| RemoteError::BadRequest {
-                        message: "replica-info needs a uuid".into(),
-                    })?;
+    async fn call(&self, peer: &Peer, req: PeerRequest) -> Result<PeerResponse, RemoteError> {
+        match req {
+            PeerRequest::CreateReplica(req) => self.create(peer, req).await,
+            PeerRequest::ReplicaInfo(req) => {
+                let uuid = req.uuid;
                 let rec = self.authorized_vm(peer, uuid)?;
-                if let Some(listen) = body.get("listen").and_then(Value::as_str) {
+                if let Some(listen) = req.listen.as_deref() {
                     super::failover::remember_primary(&self.0, uuid, listen);
                 }
                 let store = store_of(&self.0, &rec).map_err(internal)?;
                 let latest = store.latest_cycle(uuid).map_err(store_err)?;
-                serde_json::to_value(ReplicaVmInfo {
+                Ok(PeerResponse::ReplicaInfo(ReplicaVmInfo {
                     uuid,
                     latest,
                     state: rec.state,
-                })
-                .map_err(internal)
+                }))
             }
-            "primary-vm-state" => {
-                let uuid: uuid::Uuid = body
-                    .get("uuid")
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| RemoteError::BadRequest {
-                        message: "primary-vm-state needs a uuid".into(),
-                    })?;
+            PeerRequest::PrimaryVmState { uuid } => {
                 super::failover::primary_vm_state(&self.0, uuid).await
             }
-            "become-replica" => {
-                let req: vmr_proto::api::BecomeReplica =
-                    serde_json::from_value(body).map_err(|e| RemoteError::BadRequest {
-                        message: format!("become-replica: {e}"),
-                    })?;
+            PeerRequest::BecomeReplica(req) => {
                 super::failover::become_replica(&self.0, peer, req).await
             }
-            "resync-hashes" => {
-                super::resync::hashes_call(&self.0, |uuid| self.authorized_vm(peer, uuid), body)
+            PeerRequest::ResyncHashes(req) => {
+                super::resync::hashes_call(&self.0, |uuid| self.authorized_vm(peer, uuid), req)
                     .await
             }
-            other => Err(RemoteError::BadRequest {
-                message: format!("unknown method {other:?}"),
-            }),
         }
     }
 }
