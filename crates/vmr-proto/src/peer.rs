@@ -535,6 +535,20 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_of_hashes_is_half_the_size_of_its_hex() {
+        // One `resync-hashes` chunk of the agent: 4096 blocks.
+        let r = PeerResponse::ResyncHashes(BlockHashes {
+            point: 12345,
+            point_disk_size: 8 << 30,
+            hashes: (0..4096u32).map(|i| [i.to_le_bytes()[0]; 32]).collect(),
+        });
+        let v2 = r.encode().len();
+        let v1 = serde_json::to_vec(&r.to_v1()).expect("json").len();
+        assert!(v2 > 4096 * 32 && v2 < 4096 * 32 + 128, "{v2}");
+        assert!(v1 > 4096 * 64, "{v1}");
+    }
+
+    #[test]
     fn the_protocol_1_wire_form_is_unchanged() {
         // What a version-1 agent sends and expects, byte for byte in meaning.
         let uuid = Uuid::from_u128(9);
