@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::StreamExt;
 use vmr_capture::{CaptureConfig, CaptureError, CycleMode, VmCapture};
 use vmr_core::Failure;
-use vmr_proto::api::{CreateReplica, EnableArgs, ReplicaVmInfo};
+use vmr_proto::api::{CreateReplica, EnableArgs};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
 use vmr_transport::{Client, TransportError};
 
@@ -207,22 +207,16 @@ pub async fn replica_latest(
     session: &mut Session,
 ) -> Result<Option<u64>, Failure> {
     let c = client(host, rec, session).await?;
-    let info = c
-        .call(
-            "replica-info",
-            &serde_json::json!({ "uuid": rec.uuid, "listen": host.config.listen }),
-        )
-        .await;
-    let info = match info {
-        Ok(v) => v,
+    match c
+        .replica_info(rec.uuid, Some(host.config.listen.clone()))
+        .await
+    {
+        Ok(info) => Ok(info.latest),
         Err(e) => {
             session.client = None;
-            return Err(classify_transport(e));
+            Err(classify_transport(e))
         }
-    };
-    let info: ReplicaVmInfo = serde_json::from_value(info)
-        .map_err(|e| Failure::Retryable(format!("bad replica-info answer: {e}")))?;
-    Ok(info.latest)
+    }
 }
 
 /// Make sure the replica VM exists with this VM's disks (idempotent on the replica).
@@ -239,8 +233,7 @@ pub async fn create_replica(
         VmDefinition::from_toml(&rec.launch_toml).map_err(|e| Failure::Fatal(e.to_string()))?;
     let create = create_request(rec, &def, &args);
     let c = client(host, rec, session).await?;
-    let body = serde_json::to_value(&create).map_err(|e| Failure::Fatal(e.to_string()))?;
-    if let Err(e) = c.call("create-replica", &body).await {
+    if let Err(e) = c.create_replica(create).await {
         session.client = None;
         return Err(classify_transport(e));
     }

@@ -25,6 +25,7 @@ use vmr_proto::api::{
     BecomeReplica, EnableArgs, FailoverRecord, FailoverResult, FailoverVm, ReplicationMode,
     ReplicationState,
 };
+use vmr_proto::peer::{BecameReplica, PrimaryVmState};
 use vmr_proto::record::{MachineSnapshot, VmRecord};
 use vmr_proto::wire::RemoteError;
 use vmr_store::RetentionPolicy;
@@ -393,18 +394,15 @@ async fn split_brain_guard(host: &Host, rec: &VmRecord, fr: &FailoverRecord) -> 
     };
     let probe = async {
         let c = Client::connect(&addr, &host.identity, &fp, Default::default()).await?;
-        c.call("primary-vm-state", &json!({ "uuid": rec.uuid }))
-            .await
+        c.primary_vm_state(rec.uuid).await
     };
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(v)) => {
-            if v.get("running").and_then(Value::as_bool).unwrap_or(true) {
+            if v.running {
                 return Err(refused(format!(
                     "the primary {} ({addr}) still answers and its VM {:?} runs ({}); shut it \
                      down (or `failover prepare` it) first, or pass --force",
-                    rec.primary,
-                    rec.name,
-                    v.get("state").and_then(Value::as_str).unwrap_or("?")
+                    rec.primary, rec.name, v.state
                 )));
             }
             Ok(())
@@ -581,9 +579,9 @@ async fn vm_runs(rec: &VmRecord, state: ReplicationState) -> bool {
 
 /// Agent-to-agent `primary-vm-state`: the split-brain probe of a replica. `state`: the
 /// machine's state of the VM on this host.
-pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> Value {
+pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> PrimaryVmState {
     let running = vm.rec.mode() == ReplicationMode::Primary && vm_runs(&vm.rec, state).await;
-    json!({ "state": state, "running": running })
+    PrimaryVmState { state, running }
 }
 
 /// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock.
@@ -735,13 +733,10 @@ pub async fn reverse(
         .await
         .with_context(|| format!("connecting to the old primary {addr}"))?;
     let answer = client
-        .call("become-replica", &serde_json::to_value(&req)?)
+        .become_replica(req)
         .await
         .context("the old primary refused to become the replica")?;
-    let resync = answer
-        .get("resync")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let resync = answer.resync;
     let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
     // After an unplanned failover the old primary's disks differ from the point: resync now.
     let machine = side
@@ -788,7 +783,7 @@ pub async fn become_replica(
     side: Option<&mut PrimarySide>,
     peer: &Peer,
     req: BecomeReplica,
-) -> Result<(Value, vmr_core::ReplicaMachine), RemoteError> {
+) -> Result<(BecameReplica, vmr_core::ReplicaMachine), RemoteError> {
     let internal = |e: anyhow::Error| RemoteError::Internal {
         message: format!("{e:#}"),
     };
@@ -880,7 +875,11 @@ pub async fn become_replica(
     became.map_err(internal)?;
     tracing::info!(vm = %rec.name, new_primary = %peer.name, point = req.point, planned, "reverse: this host is now the replica");
     Ok((
-        json!({ "state": ReplicationState::Replicating, "point": req.point, "resync": !planned }),
+        BecameReplica {
+            state: handover.replica.state(),
+            point: req.point,
+            resync: !planned,
+        },
         handover.replica,
     ))
 }

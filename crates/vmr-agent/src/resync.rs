@@ -16,7 +16,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use vmr_capture::{CaptureError, CycleMode};
 use vmr_core::Failure;
-use vmr_proto::api::{BlockHashesReply, BlockHashesRequest};
+use vmr_proto::api::BlockHashesRequest;
+use vmr_proto::peer::BlockHashes;
 use vmr_proto::wire::RemoteError;
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, ExtentData};
 use vmr_store::hashes::zero_hash;
@@ -29,7 +30,7 @@ use vmr_proto::record::VmRecord;
 /// Block size compared (bytes): the dirty-bitmap granularity and qcow2 cluster size, so a
 /// guest write of one cluster costs one block.
 pub const BLOCK_SIZE: u64 = 64 << 10;
-/// Hashes asked for per `resync-hashes` call (4096 × 64 KiB = 256 MiB of disk, 256 KiB of hex).
+/// Hashes asked for per `resync-hashes` call (4096 × 64 KiB = 256 MiB of disk, 128 KiB of hashes).
 pub const CHUNK_BLOCKS: u64 = 4096;
 /// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
 /// holding a number of ms makes the resync sleep that long after each differing block it sends
@@ -58,35 +59,6 @@ struct Counts {
     data_bytes: u64,
 }
 
-fn hex(h: &[u8; 32], out: &mut String) {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    for b in h {
-        out.push(D[(b >> 4) as usize] as char);
-        out.push(D[(b & 15) as usize] as char);
-    }
-}
-
-fn unhex(s: &str) -> Option<Vec<[u8; 32]>> {
-    let b = s.as_bytes();
-    if !b.len().is_multiple_of(64) {
-        return None;
-    }
-    let nib = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    b.chunks(64)
-        .map(|c| {
-            let mut h = [0u8; 32];
-            for (i, p) in c.chunks(2).enumerate() {
-                h[i] = (nib(p[0])? << 4) | nib(p[1])?;
-            }
-            Some(h)
-        })
-        .collect()
-}
-
 // ------------------------------------------------------------------------- replica side
 
 /// The `resync-hashes` call on the replica: hash the asked blocks of the latest point of
@@ -95,7 +67,7 @@ pub(crate) async fn hashes(
     store: &vmr_store::Store,
     rec: &VmRecord,
     req: BlockHashesRequest,
-) -> Result<BlockHashesReply, RemoteError> {
+) -> Result<BlockHashes, RemoteError> {
     let latest = store
         .latest_point(req.uuid)
         .map_err(crate::errors::store_err)?;
@@ -129,14 +101,10 @@ pub(crate) async fn hashes(
             vmr_store::StoreError::InvalidCycle(m) => RemoteError::BadRequest { message: m },
             other => crate::errors::store_err(other),
         })?;
-    let mut s = String::with_capacity(h.hashes.len() * 64);
-    for x in &h.hashes {
-        hex(x, &mut s);
-    }
-    Ok(BlockHashesReply {
+    Ok(BlockHashes {
         point: h.point,
         point_disk_size: h.point_disk_size,
-        hashes: s,
+        hashes: h.hashes,
     })
 }
 
@@ -179,17 +147,11 @@ async fn fetch(
         count: CHUNK_BLOCKS.min(blocks - first_block),
         point,
     };
-    let body = serde_json::to_value(&req).map_err(|e| Failure::Fatal(e.to_string()))?;
-    let v = client
-        .call("resync-hashes", &body)
+    let r = client
+        .resync_hashes(req)
         .await
         .map_err(classify_transport)?;
-    let r: BlockHashesReply = serde_json::from_value(v)
-        .map_err(|e| Failure::Retryable(format!("bad resync-hashes answer: {e}")))?;
-    let hashes = unhex(&r.hashes)
-        .filter(|h| h.len() as u64 == req.count)
-        .ok_or_else(|| Failure::Retryable("resync-hashes answer has the wrong length".into()))?;
-    Ok((r.point, hashes))
+    Ok((r.point, r.hashes))
 }
 
 /// One block of the primary's view.
@@ -510,19 +472,6 @@ async fn resync_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_round_trips() {
-        let hs = vec![[0u8; 32], [0xab; 32], *blake3::hash(b"x").as_bytes()];
-        let mut s = String::new();
-        for h in &hs {
-            hex(h, &mut s);
-        }
-        assert_eq!(unhex(&s), Some(hs));
-        assert_eq!(unhex("zz"), None);
-        assert_eq!(unhex(&"g".repeat(64)), None);
-        assert_eq!(unhex(""), Some(vec![]));
-    }
 
     fn data(off: u64, len: usize, v: u8) -> Extent {
         Extent {

@@ -8,12 +8,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures::StreamExt;
-use serde_json::{Value, json};
 use vmr_proto::CycleHeader;
-use vmr_proto::api::{BecomeReplica, BlockHashesRequest, CreateReplica};
+use vmr_proto::api::CreateReplica;
 use vmr_proto::wire::{CycleAck, RemoteError};
 use vmr_store::RetentionPolicy;
-use vmr_transport::{Authorize, ExtentStream, Handler, Peer, Server};
+use vmr_transport::{Authorize, ExtentStream, Handler, Peer, PeerRequest, PeerResponse, Server};
 
 use crate::errors::{internal, store_err};
 use crate::host::Host;
@@ -74,17 +73,6 @@ fn bad(m: impl Into<String>) -> RemoteError {
     RemoteError::BadRequest { message: m.into() }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(method: &str, body: Value) -> Result<T, RemoteError> {
-    serde_json::from_value(body).map_err(|e| bad(format!("{method}: {e}")))
-}
-
-fn uuid_of(method: &str, body: &Value) -> Result<uuid::Uuid, RemoteError> {
-    body.get("uuid")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad(format!("{method} needs a uuid")))
-}
-
 impl PeerHandler {
     fn vm(&self, uuid: uuid::Uuid) -> Result<VmHandle, RemoteError> {
         self.vms
@@ -92,12 +80,13 @@ impl PeerHandler {
             .ok_or(RemoteError::UnknownVm { vm: uuid })
     }
 
-    async fn create(&self, peer: &Peer, req: CreateReplica) -> Result<Value, RemoteError> {
+    /// Create the replica VM, or refresh it when it exists; true when it was created.
+    async fn create(&self, peer: &Peer, req: CreateReplica) -> Result<bool, RemoteError> {
         let _one = self.creating.lock().await;
         if let Some(h) = self.vms.by_uuid(req.uuid) {
             h.ask_peer(|r| Command::Refresh(peer.clone(), Box::new(req), r))
                 .await?;
-            return Ok(json!({ "created": false }));
+            return Ok(false);
         }
         if self.vms.get(&req.name).is_some() {
             return Err(bad(format!(
@@ -139,7 +128,7 @@ impl PeerHandler {
             .spawn(&self.host, rec, false)
             .map_err(|e| internal(format!("{e:#}")))?;
         tracing::info!(vm = %req.name, uuid = %req.uuid, primary = %peer.name, "replica VM created");
-        Ok(json!({ "created": true }))
+        Ok(true)
     }
 }
 
@@ -197,43 +186,29 @@ impl Handler for PeerHandler {
         })
     }
 
-    async fn call(&self, peer: &Peer, method: &str, body: Value) -> Result<Value, RemoteError> {
-        match method {
-            "create-replica" => {
-                let req: CreateReplica = parse(method, body)?;
-                self.create(peer, req).await
+    async fn call(&self, peer: &Peer, req: PeerRequest) -> Result<PeerResponse, RemoteError> {
+        Ok(match req {
+            PeerRequest::CreateReplica(req) => PeerResponse::CreateReplica {
+                created: self.create(peer, req).await?,
+            },
+            PeerRequest::ReplicaInfo(r) => PeerResponse::ReplicaInfo(
+                self.vm(r.uuid)?
+                    .ask_peer(|reply| Command::ReplicaInfo(peer.clone(), r.listen, reply))
+                    .await?,
+            ),
+            PeerRequest::PrimaryVmState { uuid } => {
+                PeerResponse::PrimaryVmState(self.vm(uuid)?.ask_peer(Command::PrimaryState).await?)
             }
-            "replica-info" => {
-                let uuid = uuid_of(method, &body)?;
-                let listen = body
-                    .get("listen")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                let info = self
-                    .vm(uuid)?
-                    .ask_peer(|r| Command::ReplicaInfo(peer.clone(), listen, r))
-                    .await?;
-                serde_json::to_value(info).map_err(internal)
-            }
-            "primary-vm-state" => {
-                let uuid = uuid_of(method, &body)?;
-                self.vm(uuid)?.ask_peer(Command::PrimaryState).await
-            }
-            "become-replica" => {
-                let req: BecomeReplica = parse(method, body)?;
+            PeerRequest::BecomeReplica(req) => PeerResponse::BecomeReplica(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))
-                    .await
-            }
-            "resync-hashes" => {
-                let req: BlockHashesRequest = parse(method, body)?;
-                let reply = self
-                    .vm(req.uuid)?
+                    .await?,
+            ),
+            PeerRequest::ResyncHashes(req) => PeerResponse::ResyncHashes(
+                self.vm(req.uuid)?
                     .ask_peer(|r| Command::Hashes(peer.clone(), req, r))
-                    .await?;
-                serde_json::to_value(reply).map_err(internal)
-            }
-            other => Err(bad(format!("unknown method {other:?}"))),
-        }
+                    .await?,
+            ),
+        })
     }
 }

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{
-    BecomeReplica, BlockHashesReply, BlockHashesRequest, CreateReplica, EnableArgs, FailoverResult,
-    PointInfo, ReplicaVmInfo, ReplicationMode, ReplicationState, VmStatus,
+    BecomeReplica, BlockHashesRequest, CreateReplica, EnableArgs, FailoverResult, PointInfo,
+    ReplicaVmInfo, ReplicationMode, ReplicationState, VmStatus,
 };
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
@@ -28,6 +28,7 @@ use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
 use crate::replica::{Applied, ReplicaCmd, ReplicaSide};
 use crate::util::{coded, now_ms};
+use vmr_proto::peer::{BecameReplica, BlockHashes, PrimaryVmState};
 use vmr_proto::record::VmRecord;
 
 /// A reply channel.
@@ -115,11 +116,11 @@ pub enum Command {
     /// Peer: the cycle was streamed into the writer; make it durable and record it.
     FinishCycle(Writer, u64, PeerReply<()>),
     /// Peer: block hashes of the latest point (resync).
-    Hashes(Peer, BlockHashesRequest, PeerReply<BlockHashesReply>),
+    Hashes(Peer, BlockHashesRequest, PeerReply<BlockHashes>),
     /// Peer: is the VM running here (split-brain probe)?
-    PrimaryState(PeerReply<serde_json::Value>),
+    PrimaryState(PeerReply<PrimaryVmState>),
     /// Peer: become the replica of the VM (reverse after a failover).
-    BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<serde_json::Value>),
+    BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<BecameReplica>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -630,12 +631,9 @@ impl Owner {
             .map_err(|e| anyhow::anyhow!(e))
             .map_err(|e| e.context(format!("connecting to the replica {}", args.replica)))?;
         let create = crate::cycle::create_request(&self.vm.rec, &def, &args);
-        client
-            .call("create-replica", &serde_json::to_value(&create)?)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(e).context("the replica refused to create the replica VM")
-            })?;
+        client.create_replica(create).await.map_err(|e| {
+            anyhow::anyhow!(e).context("the replica refused to create the replica VM")
+        })?;
         let side = PrimarySide::enable(&mut self.vm, args.clone())?;
         self.side = Side::Primary(Some(Box::new(side)));
         Ok(format!(

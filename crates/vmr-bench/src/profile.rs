@@ -76,8 +76,12 @@ trait TerminateInt {
 
 impl TerminateInt for ChildGuard {
     fn terminate_int(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let pid = self.pid().to_string();
-        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        if let Ok(pid) = i32::try_from(self.pid()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
         let deadline = std::time::Instant::now() + timeout;
         while self.is_running() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cycle;
 pub mod machine;
+pub mod peer;
 pub mod record;
 pub mod store;
 pub mod vmdef;

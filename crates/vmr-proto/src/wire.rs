@@ -8,13 +8,22 @@ use uuid::Uuid;
 
 use crate::cycle::CycleId;
 
-/// Version of the agent-to-agent protocol (HTTP routes, JSON types and cycle framing).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the agent-to-agent protocol (HTTP routes, call encoding and cycle framing) this
+/// build speaks: 2 = typed calls (`vmr_proto::peer`), 1 = JSON calls by method name.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Oldest protocol version this build still serves and speaks (the previous one), so that a
+/// rolling upgrade of two hosts never stops replication.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// HTTP header carrying the sender's protocol version on every request.
+pub const PROTOCOL_HEADER: &str = "vmr-protocol";
 
 /// Sent by the server in answer to a client's hello: who the server thinks the client is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// The server's [`PROTOCOL_VERSION`].
+    /// The protocol version the server speaks with this client: the client's own version when
+    /// the server supports it (a server of version 1 always answers 1).
     pub protocol: u16,
     /// The server's software version (crate version).
     pub software: String,
@@ -88,6 +97,20 @@ pub enum RemoteError {
         /// Details.
         message: String,
     },
+    /// The request's protocol version (header `vmr-protocol`) is missing or outside what the
+    /// remote agent speaks.
+    #[error(
+        "protocol version {} not supported: the remote agent speaks versions {min} to {max}",
+        got.map_or_else(|| "(none)".to_string(), |v| v.to_string())
+    )]
+    ProtocolVersion {
+        /// The version the request carried, `None` if missing or unparseable.
+        got: Option<u16>,
+        /// The oldest version the remote agent speaks.
+        min: u16,
+        /// The newest version the remote agent speaks.
+        max: u16,
+    },
     /// Anything else that went wrong on the remote side.
     #[error("remote internal error: {message}")]
     Internal {
@@ -107,6 +130,7 @@ impl RemoteError {
             RemoteError::DiskFull { .. } => 507,
             RemoteError::TrustGroup { .. } => 403,
             RemoteError::BadRequest { .. } => 400,
+            RemoteError::ProtocolVersion { .. } => 400,
             RemoteError::Unavailable { .. } => 503,
             RemoteError::Internal { .. } => 500,
         }
@@ -148,6 +172,11 @@ mod tests {
             },
             RemoteError::Unavailable {
                 message: "u".into(),
+            },
+            RemoteError::ProtocolVersion {
+                got: Some(9),
+                min: 1,
+                max: 2,
             },
             RemoteError::Internal {
                 message: "w".into(),

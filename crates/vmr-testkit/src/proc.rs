@@ -42,9 +42,12 @@ impl ChildGuard {
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
-        // SAFETY-free: libc::kill is safe to call with any pid; we own this child.
-        let pid = c.id() as libc::pid_t;
-        signal(pid, libc::SIGTERM);
+        if let Ok(pid) = i32::try_from(c.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if c.try_wait()?.is_some() {
@@ -68,14 +71,6 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill9();
-    }
-}
-
-#[allow(unsafe_code)]
-fn signal(pid: libc::pid_t, sig: libc::c_int) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
     }
 }
 

@@ -59,11 +59,10 @@ impl Handler for Drain {
     async fn call(
         &self,
         _peer: &Peer,
-        method: &str,
-        _body: serde_json::Value,
-    ) -> Result<serde_json::Value, RemoteError> {
+        req: vmr_transport::PeerRequest,
+    ) -> Result<vmr_transport::PeerResponse, RemoteError> {
         Err(RemoteError::BadRequest {
-            message: format!("unknown method {method}"),
+            message: format!("{} is not served by this benchmark", req.method()),
         })
     }
 }

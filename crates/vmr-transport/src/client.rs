@@ -17,15 +17,23 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use vmr_proto::wire::{CycleAck, Hello, PROTOCOL_VERSION, RemoteError};
+use uuid::Uuid;
+use vmr_proto::api::{BecomeReplica, BlockHashesRequest, CreateReplica, ReplicaVmInfo};
+use vmr_proto::peer::{
+    BecameReplica, BlockHashes, PEER_CONTENT_TYPE, PeerRequest, PeerResponse, PrimaryVmState,
+    ReplicaInfoRequest,
+};
+use vmr_proto::wire::{
+    CycleAck, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION, RemoteError,
+};
 use vmr_proto::{CycleHeader, Extent};
 
 use crate::error::TransportError;
 use crate::frame::FrameEncoder;
 use crate::identity::Identity;
 use crate::server::{
-    CONN_WINDOW, MAX_FRAME, MAX_JSON_BODY, PATH_CALL, PATH_CYCLE, PATH_HELLO, STREAM_WINDOW,
-    valid_method,
+    CONN_WINDOW, MAX_FRAME, MAX_JSON_BODY, PATH_CALL, PATH_CALL_V2, PATH_CYCLE, PATH_HELLO,
+    STREAM_WINDOW,
 };
 use crate::tls;
 
@@ -39,12 +47,16 @@ const BODY_QUEUE: usize = 4;
 pub struct ClientOptions {
     /// Bound on TCP connect + TLS handshake + hello.
     pub connect_timeout: Duration,
-    /// Bound on one JSON [`Client::call`].
+    /// Bound on one [`Client::call`].
     pub call_timeout: Duration,
     /// HTTP/2 ping interval; a peer silent for as long again is considered gone.
     pub keepalive: Duration,
     /// zstd level used when a cycle is sent compressed.
     pub zstd_level: i32,
+    /// The protocol version offered in the hello (default [`PROTOCOL_VERSION`]); the connection
+    /// speaks the version the server answers, which must lie between [`MIN_PROTOCOL_VERSION`]
+    /// and this one. Lower it to talk like an older agent.
+    pub protocol: u16,
 }
 
 impl Default for ClientOptions {
@@ -54,6 +66,7 @@ impl Default for ClientOptions {
             call_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(15),
             zstd_level: 1,
+            protocol: PROTOCOL_VERSION,
         }
     }
 }
@@ -185,6 +198,7 @@ impl Client {
             });
             Ok::<_, TransportError>((sender, AbortOnDrop(task)))
         };
+        let offered = opts.protocol;
         let (sender, conn) = tokio::time::timeout(opts.connect_timeout, setup)
             .await
             .map_err(|_| TransportError::Timeout("connect"))??;
@@ -193,7 +207,7 @@ impl Client {
             authority: addr.to_string(),
             opts,
             hello: Hello {
-                protocol: PROTOCOL_VERSION,
+                protocol: offered,
                 software: String::new(),
                 peer_name: String::new(),
                 trust_group: None,
@@ -210,9 +224,9 @@ impl Client {
         })
         .await
         .map_err(|_| TransportError::Timeout("hello"))??;
-        if hello.protocol != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=offered).contains(&hello.protocol) {
             return Err(TransportError::Protocol(format!(
-                "peer speaks protocol {}, we speak {PROTOCOL_VERSION}",
+                "peer answered protocol {}; we speak {MIN_PROTOCOL_VERSION} to {offered}",
                 hello.protocol
             )));
         }
@@ -220,7 +234,8 @@ impl Client {
         Ok(client)
     }
 
-    /// The server's hello: protocol version and the name/trust group it knows us by.
+    /// The server's hello: the protocol version this connection speaks and the name/trust group
+    /// the server knows us by.
     pub fn hello(&self) -> &Hello {
         &self.hello
     }
@@ -234,7 +249,7 @@ impl Client {
         Request::builder()
             .method(method)
             .uri(format!("https://{}{path}", self.authority))
-            .header("vmr-protocol", PROTOCOL_VERSION.to_string())
+            .header(PROTOCOL_HEADER, self.hello.protocol.to_string())
     }
 
     async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, TransportError> {
@@ -301,31 +316,126 @@ impl Client {
         read_json(resp).await
     }
 
-    /// Makes a JSON control call `method` (`[A-Za-z0-9._-]{1,64}`) with `body`.
-    pub async fn call(
+    /// Posts `body` to `path` with the given protocol header (none if `None`) and returns the
+    /// success body (tests of the server's checks and of protocol-1 callers).
+    #[doc(hidden)]
+    pub async fn send_raw_call(
         &self,
-        method: &str,
-        body: &serde_json::Value,
-    ) -> Result<serde_json::Value, TransportError> {
-        if !valid_method(method) {
-            return Err(TransportError::Protocol(format!(
-                "invalid method name {method:?}"
-            )));
+        path: &str,
+        version: Option<u16>,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<Bytes, TransportError> {
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://{}{path}", self.authority))
+            .header(http::header::CONTENT_TYPE, content_type);
+        if let Some(v) = version {
+            b = b.header(PROTOCOL_HEADER, v.to_string());
         }
-        let json = serde_json::to_vec(body)
-            .map_err(|e| TransportError::Local(format!("cannot encode call body: {e}")))?;
-        let req = self
-            .request_builder(Method::POST, &format!("{PATH_CALL}{method}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(json)).boxed_unsync())
+        let req = b
+            .body(Full::new(body).boxed_unsync())
             .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+        read_body(self.send(req).await?).await
+    }
+
+    /// Makes a control call and returns the peer's answer (of the request's variant). Speaks the
+    /// connection's protocol version: typed bodies on `/v2/call`, or the version-1 JSON call
+    /// `/v1/call/{method}` to an older peer.
+    pub async fn call(&self, req: PeerRequest) -> Result<PeerResponse, TransportError> {
+        let (path, content_type, body) = if self.hello.protocol >= 2 {
+            (PATH_CALL_V2.to_string(), PEER_CONTENT_TYPE, req.encode())
+        } else {
+            let (method, value) = req.to_v1();
+            let json = serde_json::to_vec(&value)
+                .map_err(|e| TransportError::Local(format!("cannot encode call body: {e}")))?;
+            (format!("{PATH_CALL}{method}"), "application/json", json)
+        };
+        let http_req = self
+            .request_builder(Method::POST, &path)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)).boxed_unsync())
+            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+        let bad = |e: vmr_proto::peer::PeerCodecError| {
+            TransportError::Protocol(format!("bad {} answer: {e}", req.method()))
+        };
         tokio::time::timeout(self.opts.call_timeout, async {
-            let resp = self.send(req).await?;
-            read_json(resp).await
+            let resp = self.send(http_req).await?;
+            let body = read_body(resp).await?;
+            let answer = if self.hello.protocol >= 2 {
+                PeerResponse::decode(&body).map_err(bad)?
+            } else {
+                let v = serde_json::from_slice(&body)
+                    .map_err(|e| TransportError::Protocol(format!("bad response json: {e}")))?;
+                PeerResponse::from_v1(&req, v).map_err(bad)?
+            };
+            answer.answering(&req).map_err(bad)
         })
         .await
         .map_err(|_| TransportError::Timeout("call"))?
     }
+
+    /// `create-replica`: true if the replica VM was created, false if it existed (refreshed).
+    pub async fn create_replica(&self, req: CreateReplica) -> Result<bool, TransportError> {
+        match self.call(PeerRequest::CreateReplica(req)).await? {
+            PeerResponse::CreateReplica { created } => Ok(created),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `replica-info`: the replica's view of VM `uuid`; `listen` is our listen address, which
+    /// the replica remembers for its split-brain probe.
+    pub async fn replica_info(
+        &self,
+        uuid: Uuid,
+        listen: Option<String>,
+    ) -> Result<ReplicaVmInfo, TransportError> {
+        let req = PeerRequest::ReplicaInfo(ReplicaInfoRequest { uuid, listen });
+        match self.call(req).await? {
+            PeerResponse::ReplicaInfo(i) => Ok(i),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `primary-vm-state`: the split-brain probe of VM `uuid` on its primary.
+    pub async fn primary_vm_state(&self, uuid: Uuid) -> Result<PrimaryVmState, TransportError> {
+        match self.call(PeerRequest::PrimaryVmState { uuid }).await? {
+            PeerResponse::PrimaryVmState(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `become-replica`: asks the old primary to become the replica.
+    pub async fn become_replica(
+        &self,
+        req: BecomeReplica,
+    ) -> Result<BecameReplica, TransportError> {
+        match self.call(PeerRequest::BecomeReplica(req)).await? {
+            PeerResponse::BecomeReplica(b) => Ok(b),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `resync-hashes`: the replica's block hashes; their number is checked against `req.count`.
+    pub async fn resync_hashes(
+        &self,
+        req: BlockHashesRequest,
+    ) -> Result<BlockHashes, TransportError> {
+        let count = req.count;
+        match self.call(PeerRequest::ResyncHashes(req)).await? {
+            PeerResponse::ResyncHashes(h) if h.hashes.len() as u64 == count => Ok(h),
+            PeerResponse::ResyncHashes(h) => Err(TransportError::Protocol(format!(
+                "resync-hashes answered {} hashes for {count} blocks",
+                h.hashes.len()
+            ))),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// [`Client::call`] already checks the answer's variant; this is the typed helpers' fallback.
+fn unexpected(answer: &PeerResponse) -> TransportError {
+    TransportError::Protocol(format!("unexpected {} answer", answer.method()))
 }
 
 fn empty_body() -> ReqBody {
@@ -336,6 +446,13 @@ fn empty_body() -> ReqBody {
 async fn read_json<T: serde::de::DeserializeOwned>(
     resp: Response<Incoming>,
 ) -> Result<T, TransportError> {
+    let body = read_body(resp).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| TransportError::Protocol(format!("bad response json: {e}")))
+}
+
+/// Reads a response body: the bytes on success, the typed [`RemoteError`] otherwise.
+async fn read_body(resp: Response<Incoming>) -> Result<Bytes, TransportError> {
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_JSON_BODY)
         .collect()
@@ -343,8 +460,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| TransportError::Interrupted(format!("response body: {e}")))?
         .to_bytes();
     if status.is_success() {
-        serde_json::from_slice(&body)
-            .map_err(|e| TransportError::Protocol(format!("bad response json: {e}")))
+        Ok(body)
     } else {
         match serde_json::from_slice::<RemoteError>(&body) {
             Ok(e) => Err(TransportError::Remote(e)),

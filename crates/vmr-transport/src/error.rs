@@ -16,6 +16,9 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing an identity file atomically failed.
+    #[error("writing identity file")]
+    Write(#[source] vmr_durable::DurableError),
     /// An identity file does not hold what it should.
     #[error("invalid identity file {path}: {message}")]
     Invalid {

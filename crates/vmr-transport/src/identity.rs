@@ -2,10 +2,9 @@
 //! fingerprint by which peers pin each other.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
@@ -75,13 +74,11 @@ impl Identity {
         let key_path = dir.join(KEY_FILE);
         let cert_pem = read_file(&cert_path)?;
         let key_pem = read_file(&key_path)?;
-        let cert = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .next()
-            .ok_or_else(|| invalid(&cert_path, "no certificate"))?
+        // The first certificate and the first private key (PKCS#8, PKCS#1 or SEC1) of the files.
+        let cert = CertificateDer::from_pem_slice(&cert_pem)
             .map_err(|e| invalid(&cert_path, &e.to_string()))?;
-        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| invalid(&key_path, &e.to_string()))?
-            .ok_or_else(|| invalid(&key_path, "no private key"))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| invalid(&key_path, &e.to_string()))?;
         Ok(Identity::from_der(cert, key))
     }
 
@@ -124,22 +121,12 @@ fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
     })
 }
 
+/// Writes `data` to `path` atomically and durably with file mode `mode`.
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let tmp: PathBuf = path.with_extension("tmp");
-    let io = |source| IdentityError::Io {
-        path: path.into(),
-        source,
-    };
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    // The mode applies when the temporary file is created: drop one a crash left behind, so a
+    // key is never written into a file that is readable by others.
+    let _ = fs::remove_file(vmr_durable::tmp_path(path));
+    vmr_durable::write_atomic_mode(path, data, mode).map_err(IdentityError::Write)
 }
 
 #[cfg(test)]
@@ -163,6 +150,22 @@ mod tests {
         let other = tempfile::tempdir().expect("tempdir");
         let c = Identity::generate(other.path(), "agent-a").expect("generate");
         assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn key_is_private_even_over_a_stale_temporary_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tmp = vmr_durable::tmp_path(&dir.path().join(KEY_FILE));
+        fs::write(&tmp, b"left by a crash").expect("write");
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).expect("chmod");
+        Identity::generate(dir.path(), "agent-a").expect("generate");
+        let mode = fs::metadata(dir.path().join(KEY_FILE))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!tmp.exists());
+        Identity::load(dir.path()).expect("load");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Owns everything between two agents' sockets: agent identities (self-signed certificates pinned
 //! by fingerprint), the TLS verifiers, the HTTP/2 server and client, and the binary cycle framing
 //! (optionally zstd-compressed, per-extent BLAKE3 checksums). The wire format is specified in
-//! `docs/protocol.md`; the JSON types it carries live in `vmr_proto::wire`.
+//! `docs/protocol.md`; the types it carries live in `vmr_proto::wire` and `vmr_proto::peer`
+//! (typed control calls, served to protocol-1 callers through their JSON mapping).
 //!
 //! Checksum policy: the transport verifies every extent's checksum and the end-of-stream summary
 //! while decoding, and still hands each checksum to the handler (so the store can persist it).
@@ -24,7 +25,10 @@ pub use frame::{
 };
 pub use identity::{CERT_FILE, Identity, KEY_FILE, fingerprint};
 pub use server::{Authorize, Handler, Peer, PeerList, Server};
-pub use vmr_proto::wire::{CycleAck, Hello, PROTOCOL_VERSION, RemoteError};
+pub use vmr_proto::peer::{PeerRequest, PeerResponse};
+pub use vmr_proto::wire::{
+    CycleAck, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION, RemoteError,
+};
 
 /// Helpers for tests and tools; not a stable API.
 #[doc(hidden)]

@@ -22,7 +22,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use vmr_proto::CycleHeader;
-use vmr_proto::wire::{CycleAck, Hello, PROTOCOL_VERSION, RemoteError};
+use vmr_proto::peer::{PEER_CONTENT_TYPE, PeerRequest, PeerResponse};
+use vmr_proto::wire::{
+    CycleAck, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION, RemoteError,
+};
 
 use crate::error::TransportError;
 use crate::frame::{CycleDecoder, ExtentStream};
@@ -31,8 +34,10 @@ use crate::tls;
 
 /// Route of cycle uploads.
 pub(crate) const PATH_CYCLE: &str = "/v1/cycle";
-/// Prefix of JSON control calls; the method name follows.
+/// Prefix of protocol-1 JSON control calls; the method name follows.
 pub(crate) const PATH_CALL: &str = "/v1/call/";
+/// Route of protocol-2 typed control calls.
+pub(crate) const PATH_CALL_V2: &str = "/v2/call";
 /// Route of the hello exchange.
 pub(crate) const PATH_HELLO: &str = "/v1/hello";
 /// Largest JSON request or response body.
@@ -87,13 +92,14 @@ pub trait Handler: Send + Sync + 'static {
         extents: ExtentStream,
     ) -> impl Future<Output = Result<CycleAck, RemoteError>> + Send;
 
-    /// Answers a small JSON control request.
+    /// Answers a control call. The answer must be of the request's variant (the server refuses
+    /// anything else with an `internal` error). Calls of protocol-1 callers arrive here already
+    /// mapped onto the typed request.
     fn call(
         &self,
         peer: &Peer,
-        method: &str,
-        body: serde_json::Value,
-    ) -> impl Future<Output = Result<serde_json::Value, RemoteError>> + Send;
+        req: PeerRequest,
+    ) -> impl Future<Output = Result<PeerResponse, RemoteError>> + Send;
 }
 
 /// A bound, not yet running agent server.
@@ -286,6 +292,23 @@ fn bad_request(message: impl Into<String>) -> Response<RespBody> {
     })
 }
 
+/// The protocol version a request carries, if it is one this build speaks.
+fn request_version(req: &Request<Incoming>) -> Result<u16, RemoteError> {
+    let got = req
+        .headers()
+        .get(PROTOCOL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u16>().ok());
+    match got {
+        Some(v) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) => Ok(v),
+        got => Err(RemoteError::ProtocolVersion {
+            got,
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+        }),
+    }
+}
+
 async fn route<H: Handler>(
     req: Request<Incoming>,
     peer: Option<&Peer>,
@@ -294,33 +317,67 @@ async fn route<H: Handler>(
     let Some(peer) = peer else {
         return error_response(&RemoteError::Unauthorized);
     };
+    let version = match request_version(&req) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(peer = %peer.name, error = %e, "request refused");
+            return error_response(&e);
+        }
+    };
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, PATH_HELLO) => json_response(
             StatusCode::OK,
             &Hello {
-                protocol: PROTOCOL_VERSION,
+                protocol: version,
                 software: env!("CARGO_PKG_VERSION").to_string(),
                 peer_name: peer.name.clone(),
                 trust_group: peer.trust_group.clone(),
             },
         ),
         (&Method::POST, PATH_CYCLE) => receive_cycle(req, peer, handler).await,
+        (&Method::POST, PATH_CALL_V2) => {
+            let body = match read_call_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let call = match PeerRequest::decode(&body) {
+                Ok(c) => c,
+                Err(e) => return bad_request(format!("bad call body: {}", chain(&e))),
+            };
+            match answer(handler, peer, call).await {
+                Ok(resp) => {
+                    let mut r = Response::new(Full::new(Bytes::from(resp.encode())));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(PEER_CONTENT_TYPE),
+                    );
+                    r
+                }
+                Err(e) => error_response(&e),
+            }
+        }
         (&Method::POST, p) if p.starts_with(PATH_CALL) => {
-            let method = &p[PATH_CALL.len()..];
-            if !valid_method(method) {
+            // A protocol-1 caller: its JSON call is mapped onto the typed request and the
+            // typed answer back onto the JSON it expects.
+            let method = p[PATH_CALL.len()..].to_string();
+            if !valid_method(&method) {
                 return bad_request(format!("invalid method name {method:?}"));
             }
-            let body = match Limited::new(req.into_body(), MAX_JSON_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return bad_request(format!("cannot read call body: {e}")),
+            let body = match read_call_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
             };
             let value: serde_json::Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
                 Err(e) => return bad_request(format!("call body is not json: {e}")),
             };
-            match handler.call(peer, method, value).await {
-                Ok(v) => json_response(StatusCode::OK, &v),
+            let call = match PeerRequest::from_v1(&method, value) {
+                Ok(c) => c,
+                Err(e) => return bad_request(format!("{method}: {}", chain(&e))),
+            };
+            match answer(handler, peer, call).await {
+                Ok(resp) => json_response(StatusCode::OK, &resp.to_v1()),
                 Err(e) => error_response(&e),
             }
         }
@@ -330,6 +387,42 @@ async fn route<H: Handler>(
             r
         }
     }
+}
+
+async fn read_call_body(req: Request<Incoming>) -> Result<Bytes, Response<RespBody>> {
+    match Limited::new(req.into_body(), MAX_JSON_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(bad_request(format!("cannot read call body: {e}"))),
+    }
+}
+
+/// Runs the handler and checks that its answer is of the request's variant.
+async fn answer<H: Handler>(
+    handler: &H,
+    peer: &Peer,
+    call: PeerRequest,
+) -> Result<PeerResponse, RemoteError> {
+    let method = call.method();
+    let resp = handler.call(peer, call).await?;
+    if resp.method() != method {
+        tracing::error!(peer = %peer.name, method, answer = resp.method(), "handler answered another call");
+        return Err(RemoteError::Internal {
+            message: format!("the handler answered {} to {method}", resp.method()),
+        });
+    }
+    Ok(resp)
+}
+
+/// `e` and its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Method names: 1..=64 chars of `[A-Za-z0-9._-]`.

@@ -10,11 +10,19 @@ use futures::StreamExt;
 use tempfile::TempDir;
 use tokio::sync::{Barrier, mpsc, oneshot};
 use uuid::Uuid;
+use vmr_proto::api::{BlockHashesRequest, CreateReplica, ReplicaVmInfo, ReplicationState};
+use vmr_proto::peer::{BlockHashes, PrimaryVmState};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, ExtentData};
 use vmr_transport::{
-    Client, ClientOptions, CycleAck, ExtentStream, Handler, Identity, Peer, PeerList, RemoteError,
-    Server, TransportError,
+    Client, ClientOptions, CycleAck, ExtentStream, Handler, Identity, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, Peer, PeerList, PeerRequest, PeerResponse, RemoteError, Server,
+    TransportError,
 };
+
+/// The VM uuid the test handler does not know.
+const UNKNOWN_VM: Uuid = Uuid::nil();
+/// The VM uuid whose calls make the test handler panic.
+const PANIC_VM: Uuid = Uuid::from_u128(0xdead);
 
 /// What the handler saw of one cycle.
 #[derive(Debug)]
@@ -89,20 +97,38 @@ impl Handler for TestHandler {
         Ok(ack)
     }
 
-    async fn call(
-        &self,
-        peer: &Peer,
-        method: &str,
-        body: serde_json::Value,
-    ) -> Result<serde_json::Value, RemoteError> {
+    async fn call(&self, peer: &Peer, req: PeerRequest) -> Result<PeerResponse, RemoteError> {
+        assert_eq!(peer.name, "primary");
         self.calls.fetch_add(1, Ordering::SeqCst);
-        match method {
-            "echo" => Ok(serde_json::json!({ "method": method, "peer": peer.name, "body": body })),
-            "status.get" => Err(RemoteError::UnknownVm { vm: Uuid::nil() }),
-            "panic" => panic!("handler bug"),
-            _ => Err(RemoteError::BadRequest {
-                message: format!("unknown method {method}"),
+        match req {
+            PeerRequest::PrimaryVmState { uuid } if uuid == UNKNOWN_VM => {
+                Err(RemoteError::UnknownVm { vm: uuid })
+            }
+            PeerRequest::PrimaryVmState { uuid } if uuid == PANIC_VM => panic!("handler bug"),
+            PeerRequest::PrimaryVmState { .. } => {
+                Ok(PeerResponse::PrimaryVmState(PrimaryVmState {
+                    state: ReplicationState::Replicating,
+                    running: true,
+                }))
+            }
+            // Echoes what arrived: the listen address's length as `latest`.
+            PeerRequest::ReplicaInfo(r) => Ok(PeerResponse::ReplicaInfo(ReplicaVmInfo {
+                uuid: r.uuid,
+                latest: r.listen.map(|l| l.len() as u64),
+                state: ReplicationState::Replicating,
+            })),
+            PeerRequest::CreateReplica(c) => Ok(PeerResponse::CreateReplica {
+                created: c.name == "new",
             }),
+            PeerRequest::ResyncHashes(r) => Ok(PeerResponse::ResyncHashes(BlockHashes {
+                point: r.point.unwrap_or(5),
+                point_disk_size: r.disk_size,
+                hashes: (r.first_block..r.first_block + r.count)
+                    .map(|b| *blake3::hash(&b.to_le_bytes()).as_bytes())
+                    .collect(),
+            })),
+            // A handler bug: the answer of another call.
+            PeerRequest::BecomeReplica(_) => Ok(PeerResponse::CreateReplica { created: true }),
         }
     }
 }
@@ -174,14 +200,23 @@ impl Setup {
     }
 
     async fn client(&self) -> Client {
+        self.client_speaking(PROTOCOL_VERSION)
+            .await
+            .expect("connect")
+    }
+
+    /// A client offering protocol `version`.
+    async fn client_speaking(&self, version: u16) -> Result<Client, TransportError> {
         Client::connect(
             &self.addr.to_string(),
             &self.client_id,
             self.server_id.fingerprint(),
-            ClientOptions::default(),
+            ClientOptions {
+                protocol: version,
+                ..Default::default()
+            },
         )
         .await
-        .expect("connect")
     }
 
     async fn outcome(&mut self) -> Outcome {
@@ -561,7 +596,7 @@ async fn peer_vanishing_mid_transfer_interrupts_the_handler() {
     }
     // The connection is still usable.
     client
-        .call("echo", &serde_json::json!(1))
+        .primary_vm_state(Uuid::from_u128(1))
         .await
         .expect("call after abort");
     s.shutdown().await;
@@ -596,44 +631,249 @@ async fn remote_typed_error_arrives_typed() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn call_round_trip() {
-    let s = Setup::new().await;
-    let client = s.client().await;
-    let body = serde_json::json!({ "vm": "x", "disks": [1, 2, 3] });
-    let v = client.call("echo", &body).await.expect("echo");
+fn hashes_request(first_block: u64, count: u64) -> BlockHashesRequest {
+    BlockHashesRequest {
+        uuid: Uuid::from_u128(1),
+        disk: "d0".into(),
+        disk_size: 1 << 30,
+        block_size: 1 << 16,
+        first_block,
+        count,
+        point: Some(7),
+    }
+}
+
+fn create_request(name: &str) -> CreateReplica {
+    CreateReplica {
+        launch_toml: "x = 1".into(),
+        uuid: Uuid::from_u128(1),
+        name: name.into(),
+        disks: vec![DiskInfo {
+            id: "d0".into(),
+            size: 1 << 30,
+        }],
+        frequency_secs: 30,
+        recovery_points: 0,
+    }
+}
+
+/// Every typed call and helper, its typed errors, and a handler that panics or answers the wrong
+/// call; run by a client of each supported version (the version-1 client goes through the JSON
+/// mapping on both sides).
+async fn typed_calls(client: &Client) {
+    let vm = Uuid::from_u128(1);
+    let s = client.primary_vm_state(vm).await.expect("primary-vm-state");
+    assert!(s.running);
+    let info = client
+        .replica_info(vm, Some("10.0.0.1:7000".into()))
+        .await
+        .expect("replica-info");
+    assert_eq!((info.uuid, info.latest), (vm, Some(13)));
+    let info = client.replica_info(vm, None).await.expect("replica-info");
+    assert_eq!(info.latest, None);
+    assert!(
+        client
+            .create_replica(create_request("new"))
+            .await
+            .expect("create")
+    );
+    assert!(
+        !client
+            .create_replica(create_request("old"))
+            .await
+            .expect("create")
+    );
+    let h = client
+        .resync_hashes(hashes_request(100, 4096))
+        .await
+        .expect("resync-hashes");
     assert_eq!(
-        v,
-        serde_json::json!({ "method": "echo", "peer": "primary", "body": body })
+        (h.point, h.point_disk_size, h.hashes.len()),
+        (7, 1 << 30, 4096)
     );
-    let r = client.call("status.get", &serde_json::Value::Null).await;
+    assert_eq!(h.hashes[3], *blake3::hash(&103u64.to_le_bytes()).as_bytes());
+    let r = client.primary_vm_state(UNKNOWN_VM).await;
     assert!(
-        matches!(
-            r,
-            Err(TransportError::Remote(RemoteError::UnknownVm { .. }))
-        ),
+        matches!(r, Err(TransportError::Remote(RemoteError::UnknownVm { vm })) if vm == UNKNOWN_VM),
         "{r:?}"
     );
-    let r = client.call("nope", &serde_json::Value::Null).await;
-    assert!(
-        matches!(
-            r,
-            Err(TransportError::Remote(RemoteError::BadRequest { .. }))
-        ),
-        "{r:?}"
-    );
-    let r = client.call("panic", &serde_json::Value::Null).await;
+    let r = client.primary_vm_state(PANIC_VM).await;
     assert!(
         matches!(r, Err(TransportError::Remote(RemoteError::Internal { .. }))),
         "{r:?}"
     );
+    // The server refuses a handler answer of another call.
+    let r = client
+        .become_replica(vmr_proto::api::BecomeReplica {
+            uuid: vm,
+            point: 1,
+            taken_at_ms: 2,
+            launch_toml: String::new(),
+            disks: vec![],
+        })
+        .await;
+    assert!(
+        matches!(r, Err(TransportError::Remote(RemoteError::Internal { ref message })) if message.contains("create-replica")),
+        "{r:?}"
+    );
     // The connection survives a panicking handler.
-    client
-        .call("echo", &serde_json::Value::Null)
+    client.primary_vm_state(vm).await.expect("call after panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_call_round_trip() {
+    let s = Setup::new().await;
+    let client = s.client().await;
+    assert_eq!(client.hello().protocol, PROTOCOL_VERSION);
+    typed_calls(&client).await;
+    // A body that does not parse is a typed bad request.
+    for body in [&b"\x05\0\0\0{}"[..], b"{\"method\":\"replica-info\"}", b""] {
+        let r = client
+            .send_raw_call(
+                "/v2/call",
+                Some(PROTOCOL_VERSION),
+                "application/vnd.vmreplica.peer",
+                Bytes::copy_from_slice(body),
+            )
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+            ),
+            "{r:?}"
+        );
+    }
+    s.shutdown().await;
+}
+
+/// A version-1 agent (old primary) calling a version-2 agent (upgraded replica) during a rolling
+/// upgrade: hello, the JSON calls by method name with hex hashes, and the typed client pinned to
+/// version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_client_and_v2_server() {
+    let s = Setup::new().await;
+    let client = s.client_speaking(1).await.expect("a v1 client connects");
+    assert_eq!(client.hello().protocol, 1);
+    typed_calls(&client).await;
+    // The exact JSON a version-1 agent sends and reads.
+    let vm = Uuid::from_u128(1);
+    let raw = |method: &str, body: serde_json::Value| {
+        let path = format!("/v1/call/{method}");
+        let c = client.clone();
+        async move {
+            let b = c
+                .send_raw_call(&path, Some(1), "application/json", body.to_string().into())
+                .await?;
+            Ok::<serde_json::Value, TransportError>(
+                serde_json::from_slice(&b).expect("json answer"),
+            )
+        }
+    };
+    let v = raw(
+        "replica-info",
+        serde_json::json!({ "uuid": vm, "listen": "h:1" }),
+    )
+    .await
+    .expect("replica-info");
+    assert_eq!(
+        v,
+        serde_json::json!({ "uuid": vm, "latest": 3, "state": "Replicating" })
+    );
+    let v = raw("primary-vm-state", serde_json::json!({ "uuid": vm }))
         .await
-        .expect("echo after panic");
-    let r = client.call("../etc", &serde_json::Value::Null).await;
-    assert!(matches!(r, Err(TransportError::Protocol(_))), "{r:?}");
+        .expect("primary-vm-state");
+    assert_eq!(
+        v,
+        serde_json::json!({ "state": "Replicating", "running": true })
+    );
+    let v = raw(
+        "resync-hashes",
+        serde_json::to_value(hashes_request(0, 2)).expect("json"),
+    )
+    .await
+    .expect("resync-hashes");
+    let hex: String = blake3::hash(&0u64.to_le_bytes()).to_hex().to_string()
+        + blake3::hash(&1u64.to_le_bytes()).to_hex().as_str();
+    assert_eq!(
+        v,
+        serde_json::json!({ "point": 7, "point_disk_size": 1u64 << 30, "hashes": hex })
+    );
+    for (method, body) in [
+        ("nope", serde_json::json!({})),
+        ("replica-info", serde_json::json!({ "uuid": "not-a-uuid" })),
+        ("primary-vm-state", serde_json::json!(null)),
+    ] {
+        let r = raw(method, body).await;
+        assert!(
+            matches!(
+                r,
+                Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+            ),
+            "{method}: {r:?}"
+        );
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_protocol_versions_are_refused() {
+    let s = Setup::new().await;
+    for v in [MIN_PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        match s.client_speaking(v).await {
+            Err(TransportError::Remote(e @ RemoteError::ProtocolVersion { got, min, max })) => {
+                assert_eq!(
+                    (got, min, max),
+                    (Some(v), MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+                );
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "protocol version {v} not supported: the remote agent speaks versions 1 to 2"
+                    )
+                );
+            }
+            other => panic!("version {v}: expected ProtocolVersion, got {other:?}"),
+        }
+    }
+    // A call without (or with a garbled) version header is refused too, and reaches no handler.
+    let client = s.client().await;
+    let before = s.handler.calls.load(Ordering::SeqCst);
+    let body = PeerRequest::PrimaryVmState {
+        uuid: Uuid::from_u128(1),
+    }
+    .encode();
+    for version in [None, Some(PROTOCOL_VERSION + 1)] {
+        let r = client
+            .send_raw_call(
+                "/v2/call",
+                version,
+                "application/vnd.vmreplica.peer",
+                body.clone().into(),
+            )
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(TransportError::Remote(RemoteError::ProtocolVersion { got, .. })) if got == version
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(s.handler.calls.load(Ordering::SeqCst), before);
+    let ok = client
+        .send_raw_call(
+            "/v2/call",
+            Some(PROTOCOL_VERSION),
+            "application/vnd.vmreplica.peer",
+            body.into(),
+        )
+        .await
+        .expect("the same call with the version header");
+    assert!(matches!(
+        PeerResponse::decode(&ok),
+        Ok(PeerResponse::PrimaryVmState(_))
+    ));
     s.shutdown().await;
 }
 
@@ -659,7 +899,7 @@ async fn concurrent_streams_on_one_connection() {
     let calls: Vec<_> = (0..8)
         .map(|i| {
             let c = client.clone();
-            tokio::spawn(async move { c.call("echo", &serde_json::json!(i)).await })
+            tokio::spawn(async move { c.primary_vm_state(Uuid::from_u128(i + 1)).await })
         })
         .collect();
     let results = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks))

@@ -468,10 +468,12 @@ struct Pids(Vec<u32>);
 impl Drop for Pids {
     fn drop(&mut self) {
         for pid in &self.0 {
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status();
+            if let Ok(pid) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
     }
 }

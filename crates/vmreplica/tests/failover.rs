@@ -30,10 +30,12 @@ impl Procs {
 impl Drop for Procs {
     fn drop(&mut self) {
         for pid in &self.0 {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status();
+            if let Ok(pid) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
     }
 }
