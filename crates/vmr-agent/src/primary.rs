@@ -36,6 +36,9 @@ pub enum Cmd {
     ResumeResync(Option<u64>),
 }
 
+/// How often time passes for a primary machine (retries and schedules are this precise).
+pub const TICK: Duration = Duration::from_millis(200);
+
 /// A finished cycle task: its outcome and the session it borrowed.
 pub struct CycleDone {
     /// What the cycle came to.
@@ -148,13 +151,10 @@ impl PrimarySide {
         Ok(side)
     }
 
-    /// When the owner should wake up next for this side.
-    pub fn next_wake(&self) -> Duration {
-        if !self.pending.is_empty() {
-            return Duration::ZERO;
-        }
-        // A tick at least every 200 ms keeps retries and schedules on time.
-        Duration::from_millis(200)
+    /// Carry out what the machine asked for and is not done yet (after an event the owner
+    /// fed outside this side, e.g. enable).
+    pub fn flush(&mut self, vm: &mut Vm) {
+        self.carry_out(vm);
     }
 
     fn step(&mut self, vm: &Vm, ev: Event) {

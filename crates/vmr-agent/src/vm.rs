@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -271,11 +270,14 @@ impl Owner {
         if self.vm.rec.mode() == ReplicationMode::Replica {
             self.reconcile_replica();
         }
+        // Time passes for the machine on a steady beat that commands cannot postpone.
+        let mut beat = tokio::time::interval(crate::primary::TICK);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake = match &self.side {
-                Side::Primary(Some(p)) => p.next_wake(),
-                _ => Duration::from_secs(3600),
-            };
+            // Whatever the last event asked for is carried out before the next one.
+            if let Side::Primary(Some(p)) = &mut self.side {
+                p.flush(&mut self.vm);
+            }
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
@@ -294,7 +296,7 @@ impl Owner {
                     }
                 }
                 Some(done) = self.done_rx.recv() => self.internal(done),
-                _ = tokio::time::sleep(wake) => {
+                _ = beat.tick() => {
                     if let Side::Primary(Some(p)) = &mut self.side {
                         p.tick(&mut self.vm);
                     }

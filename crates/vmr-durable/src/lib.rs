@@ -59,7 +59,7 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 /// Replace `path` with `bytes` atomically and durably, with file mode `mode` (e.g. 0o600 for
 /// a private key; the mode is set before any byte is written).
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -73,6 +73,10 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Dur
             .mode(mode)
             .open(&tmp)
             .map_err(|e| DurableError::new("create", &tmp, e))?;
+        // A temporary file left by a crash keeps its old mode through `open`: set it here,
+        // before any byte is written.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| DurableError::new("chmod", &tmp, e))?;
         f.write_all(bytes)
             .map_err(|e| DurableError::new("write", &tmp, e))?;
         f.sync_all()
@@ -113,6 +117,19 @@ mod tests {
         write_atomic_mode(&p, b"secret", 0o600).expect("write");
         let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_stale_temp_file_does_not_keep_its_mode() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("key.pem");
+        std::fs::write(tmp_path(&p), b"left by a crash").expect("stale temp");
+        std::fs::set_permissions(tmp_path(&p), std::fs::Permissions::from_mode(0o666))
+            .expect("chmod");
+        write_atomic_mode(&p, b"secret", 0o600).expect("write");
+        let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&p).expect("read"), b"secret");
     }
 
     #[test]

@@ -123,9 +123,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
 
 /// Writes `data` to `path` atomically and durably with file mode `mode`.
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
-    // The mode applies when the temporary file is created: drop one a crash left behind, so a
-    // key is never written into a file that is readable by others.
-    let _ = fs::remove_file(vmr_durable::tmp_path(path));
+    // `write_atomic_mode` sets the mode before writing, also on a temporary file a crash left.
     vmr_durable::write_atomic_mode(path, data, mode).map_err(IdentityError::Write)
 }
 
