@@ -5,6 +5,17 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// A child process could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {what}")]
+pub struct SpawnError {
+    /// What was being started.
+    pub what: String,
+    /// Why `spawn` failed.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// A running child process, killed and reaped when dropped.
 #[derive(Debug)]
 pub struct ChildGuard {
@@ -14,10 +25,11 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Spawn `cmd`; `what` names it in errors.
-    pub fn spawn(mut cmd: Command, what: &str) -> anyhow::Result<Self> {
-        let child = cmd
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {what}: {e}"))?;
+    pub fn spawn(mut cmd: Command, what: &str) -> Result<Self, SpawnError> {
+        let child = cmd.spawn().map_err(|source| SpawnError {
+            what: what.to_owned(),
+            source,
+        })?;
         Ok(Self {
             child: Some(child),
             what: what.to_owned(),
@@ -89,4 +101,11 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+/// SIGKILL `pid` (any process, not only a child; a pid that is gone is ignored).
+pub fn sigkill(pid: u32) {
+    if let Ok(p) = libc::pid_t::try_from(pid) {
+        signal(p, libc::SIGKILL);
+    }
 }
