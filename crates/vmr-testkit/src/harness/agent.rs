@@ -182,8 +182,8 @@ impl Agent {
     /// One request over the control socket (`DIR/agent.sock`), as the CLI sends it.
     pub fn ctl(&self, req: &Request) -> Result<Value> {
         let path = self.dir.join("agent.sock");
-        let mut s = UnixStream::connect(&path)
-            .map_err(io_err(format!("connect to {}", path.display())))?;
+        let mut s =
+            UnixStream::connect(&path).map_err(io_err(format!("connect to {}", path.display())))?;
         let json = |source| HarnessError::Json {
             what: format!("the control socket of {}", self.name),
             source,

@@ -141,12 +141,8 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
 /// Poll `f` every 100 ms until it returns `Ok(true)` or `timeout` passes. An `Err` from `f`
 /// counts as "not yet" (an agent restarting, a socket not yet there) and is reported with the
 /// timeout if it was the last answer.
-pub fn wait_until(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Result<bool>,
-) -> Result<()> {
-    wait_every(timeout, Duration::from_millis(100), what, || f())
+pub fn wait_until(timeout: Duration, what: &str, f: impl FnMut() -> Result<bool>) -> Result<()> {
+    wait_every(timeout, Duration::from_millis(100), what, f)
 }
 
 /// [`wait_until`] with a chosen polling interval; returns when the condition was seen.

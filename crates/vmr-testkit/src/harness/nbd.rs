@@ -77,7 +77,10 @@ pub async fn hash_export_async(ep: &Endpoint, export: &str) -> Result<[u8; 32]> 
 
 /// [`hash_export_async`] on its own runtime (not from inside a Tokio runtime).
 pub fn hash_export(sock: &Path, export: &str) -> Result<[u8; 32]> {
-    rt()?.block_on(hash_export_async(&Endpoint::Unix(sock.to_path_buf()), export))
+    rt()?.block_on(hash_export_async(
+        &Endpoint::Unix(sock.to_path_buf()),
+        export,
+    ))
 }
 
 /// BLAKE3 of a qcow2 image's guest-visible content (through its backing chain), served by a

@@ -266,10 +266,7 @@ impl StandIn {
             .map_err(io_err("open the stand-in's log"))?;
         let log2 = log.try_clone().map_err(io_err("open the stand-in's log"))?;
         let mut cmd = Command::new(&def.program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log2)
-            .stderr(log);
+        cmd.args(args).stdin(Stdio::null()).stdout(log2).stderr(log);
         let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon stand-in VM")?;
         if let Err(e) = self.wait_ready() {
             let what = if child.is_running() {
