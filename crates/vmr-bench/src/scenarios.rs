@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use vmr_proto::api::{PointInfo, ReplicationState, Request, VmStatus};
 
-use vmr_testkit::harness::{BLOCK, Pair, StandIn, StandInDisk, TestDir, Writer};
+use vmr_testkit::harness::{BLOCK, Pair, StandIn, StandInDisk, TestDir, Writer, WriterStats};
 
 use crate::load;
 use crate::profile;
@@ -164,6 +164,99 @@ fn enable_and_wait(
 // ---------------------------------------------------------------------------------------------
 // 1. Primary overhead
 
+/// Guest churn of scenario 1's latency windows, bytes/s.
+const CHURN: f64 = 100e6;
+
+/// Window order of repeat `i`: off then on, then on then off (ABBA).
+fn abba(i: usize) -> [bool; 2] {
+    if i % 2 == 1 {
+        [true, false]
+    } else {
+        [false, true]
+    }
+}
+
+/// CPU affinity of scenario 1: primary side (VM, agent, this process's writer) on CPU 0,
+/// replica side on CPU 1; this process's affinity is restored on drop.
+struct Pinning {
+    /// Pinned as intended (at least 2 CPUs and taskset worked), or why not.
+    result: Result<(), String>,
+    all: String,
+}
+
+impl Pinning {
+    fn split(pair: &Pair, vm: &StandIn) -> anyhow::Result<Pinning> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let all = format!("0-{}", n.saturating_sub(1));
+        if n < 2 {
+            return Ok(Pinning {
+                result: Err(format!("not pinned: {n} CPU")),
+                all,
+            });
+        }
+        let result = [
+            (std::process::id(), "0"),
+            (pair.a.pid(), "0"),
+            (vm.pid(), "0"),
+            (pair.b.pid(), "1"),
+        ]
+        .into_iter()
+        .try_for_each(|(pid, cpus)| taskset_tree(pid, cpus));
+        Ok(Pinning { result, all })
+    }
+
+    /// Pin the replica agent's current children too (they inherit it; this catches any that
+    /// were started before the agent was pinned).
+    fn repin_replica(&self, pair: &Pair) {
+        if self.result.is_ok() {
+            let _ = taskset_tree(pair.b.pid(), "1");
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.result {
+            Ok(()) => "primary VM, primary agent and guest writer on CPU 0; replica agent and \
+                       its qemu-nbd on CPU 1"
+                .to_owned(),
+            Err(e) => e.clone(),
+        }
+    }
+}
+
+impl Drop for Pinning {
+    fn drop(&mut self) {
+        let _ = taskset_tree(std::process::id(), &self.all);
+    }
+}
+
+/// `taskset -a -p -c CPUS` on `pid` and every descendant of it.
+fn taskset_tree(pid: u32, cpus: &str) -> Result<(), String> {
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let out = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &p.to_string()])
+            .output()
+            .map_err(|e| format!("not pinned: taskset: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "not pinned: taskset {p}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+            .map_err(|e| format!("not pinned: /proc/{p}/task: {e}"))?;
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Scenario 1: the guest writer's throughput with replication running versus off.
 pub fn primary_overhead(ctx: &Ctx) -> Outcome {
     let mut o = Outcome::new(
@@ -189,7 +282,11 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          (enabled at {freq}{}; `vmreplica resume`) and **off** (`vmreplica pause`: no cycles run; \
          QEMU's dirty bitmap keeps recording, so its cost is in both sides) in ABBA order, {pairs} \
          windows each, after the initial replication finished. Ratio = median on / median off. \
-         A window before replication was ever enabled (no bitmap at all) is shown for reference.",
+         A window before replication was ever enabled (no bitmap at all) is shown for reference. \
+         The replica side runs on its own core (`taskset`: primary VM, primary agent and writer on \
+         CPU 0, replica agent and its qemu-nbd on CPU 1), so the ratio is the primary's own cost. \
+         Then guest write latency (each 64 KiB write, 4 in flight) at a fixed 100 MB/s churn, \
+         replication on versus off, in the same ABBA windows.",
         size(disk),
         if ctx.quick {
             "; quick mode uses 5 s cycles, six times as many as 30 s, so each window holds about two cycles"
@@ -206,36 +303,41 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         "bench-s1",
         &[spec],
     )?;
+    // The replica side on its own core, so that the figure is the primary's own cost: the
+    // primary VM, the primary agent and the guest writer (this process) on CPU 0, the replica
+    // agent (and the qemu-nbd it starts, which inherit its affinity) on CPU 1.
+    let pinned = Pinning::split(&pair, &vm)?;
+    o.detail("CPU pinning (taskset)", pinned.describe());
     pair.a.add(&vm)?;
     let w = ctx.writer(&vm, None, 4, 11)?;
-    let rate = |secs: u64| {
+    let rate = |w: &Writer, secs: u64| {
         let b0 = w.bytes();
         let t = Instant::now();
         std::thread::sleep(Duration::from_secs(secs));
         (w.bytes() - b0) as f64 / t.elapsed().as_secs_f64() / MB
     };
     std::thread::sleep(Duration::from_secs(2));
-    let never = rate(window);
+    let never = rate(&w, window);
     log(format!("s1: before enable {never:.0} MB/s"));
     let (_, init) = enable_and_wait(&pair, &vm.def.name, freq, 0, Duration::from_secs(600))?;
     let (mut on, mut off) = (Vec::new(), Vec::new());
     let mut running = true;
-    for i in 0..pairs {
-        let order = if i % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for want in order {
-            if want != running {
-                if want {
-                    resume(&pair, &vm.def.name)?;
-                } else {
-                    pause(&pair, &vm.def.name)?;
-                }
-                running = want;
+    let set = |want: bool, running: &mut bool| -> anyhow::Result<()> {
+        pinned.repin_replica(&pair);
+        if want != *running {
+            if want {
+                resume(&pair, &vm.def.name)?;
+            } else {
+                pause(&pair, &vm.def.name)?;
             }
-            let r = rate(window);
+            *running = want;
+        }
+        Ok(())
+    };
+    for i in 0..pairs {
+        for want in abba(i) {
+            set(want, &mut running)?;
+            let r = rate(&w, window);
             log(format!(
                 "s1: replication {} {r:.0} MB/s",
                 if want { "on" } else { "off" }
@@ -243,24 +345,80 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             if want { on.push(r) } else { off.push(r) }
         }
     }
-    if !running {
-        resume(&pair, &vm.def.name)?;
-    }
     if ctx.profile {
+        set(true, &mut running)?;
         let p = profile::start(
             pair.root.path(),
             "s1",
             &[pair.a.pid(), pair.b.pid(), vm.pid()],
         );
-        let r = rate(window);
+        let r = rate(&w, window);
         if let Some(p) = p {
             o.notes.push(p.finish(&format!(
                 "one extra {window} s window with replication on (agent host-a, agent host-b, qemu-storage-daemon; writer at {r:.0} MB/s; not counted in the median)"
             )));
         }
     }
-    let st = pair.a.status(&vm.def.name)?;
     stop_writer(w, ctx)?;
+
+    // Guest write latency at a fixed churn of 100 MB/s (4 writes in flight), on versus off,
+    // in the same ABBA order; every write of a window is a sample.
+    let lw = ctx.writer(&vm, Some(CHURN), 4, 12)?;
+    let (mut lat_on, mut lat_off) = (WriterStats::default(), WriterStats::default());
+    let (mut mb_on, mut mb_off) = (Vec::new(), Vec::new());
+    for i in 0..pairs {
+        for want in abba(i) {
+            set(want, &mut running)?;
+            std::thread::sleep(Duration::from_secs(1));
+            lw.take_stats();
+            let r = rate(&lw, window);
+            let st = lw.take_stats();
+            log(format!(
+                "s1: at {:.0} MB/s churn, replication {}: p50 {} µs, p99 {} µs ({r:.0} MB/s)",
+                CHURN / MB,
+                if want { "on" } else { "off" },
+                st.quantile_us(0.5).unwrap_or(0),
+                st.quantile_us(0.99).unwrap_or(0)
+            ));
+            let (all, mbs) = if want {
+                (&mut lat_on, &mut mb_on)
+            } else {
+                (&mut lat_off, &mut mb_off)
+            };
+            all.latencies_us.extend(st.latencies_us);
+            mbs.push(r);
+        }
+    }
+    stop_writer(lw, ctx)?;
+    if !running {
+        set(true, &mut running)?;
+    }
+    let q = |s: &WriterStats, q: f64| {
+        s.quantile_us(q)
+            .map_or_else(|| "no samples".to_owned(), |v| format!("{v} µs"))
+    };
+    o.detail(
+        "guest write latency at 100 MB/s churn, replication on (p50 / p99)",
+        format!(
+            "{} / {} ({} writes; achieved {:.0} MB/s)",
+            q(&lat_on, 0.5),
+            q(&lat_on, 0.99),
+            lat_on.latencies_us.len(),
+            median(&mb_on)
+        ),
+    );
+    o.detail(
+        "guest write latency at 100 MB/s churn, replication off (p50 / p99)",
+        format!(
+            "{} / {} ({} writes; achieved {:.0} MB/s)",
+            q(&lat_off, 0.5),
+            q(&lat_off, 0.99),
+            lat_off.latencies_us.len(),
+            median(&mb_off)
+        ),
+    );
+    drop(pinned);
+    let st = pair.a.status(&vm.def.name)?;
     let (mon, moff) = (median(&on), median(&off));
     let ratio = mon / moff;
     o.ours = format!("{mon:.0} MB/s with replication on");
