@@ -448,3 +448,42 @@ impl Pair {
         a.and(b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_the_dir_kills_processes_that_name_it_and_only_those() {
+        let dir = TestDir::temp("vmr-kill-").expect("dir");
+        let marker = dir.path().join("marker");
+        let spawn = |arg: &Path| {
+            Command::new("sh")
+                .args(["-c", "sleep 60; true"])
+                .arg(arg)
+                .spawn()
+                .expect("sh")
+        };
+        let mut inside = spawn(&marker);
+        let other = tempfile::tempdir().expect("other");
+        let mut outside = spawn(other.path());
+        // /proc shows the new command line once exec is done.
+        wait_every(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            "sh to exec",
+            || {
+                let cmd = std::fs::read(format!("/proc/{}/cmdline", inside.id()))
+                    .map_err(io_err("read cmdline"))?;
+                Ok(String::from_utf8_lossy(&cmd).contains("marker"))
+            },
+        )
+        .expect("exec");
+        drop(dir);
+        let st = inside.wait().expect("wait");
+        assert!(!st.success(), "killed: {st:?}");
+        assert!(outside.try_wait().expect("try_wait").is_none(), "untouched");
+        outside.kill().expect("kill");
+        outside.wait().expect("reap");
+    }
+}

@@ -339,3 +339,30 @@ impl StandIn {
         hash_export(&self.nbd, disk)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stand_in_greets_when_started_and_keeps_its_content_across_restarts() {
+        let root = tempfile::tempdir().expect("root");
+        let agent_dir = root.path().join("host-a");
+        let mut vm = StandIn::start_in(
+            &root.path().join("vms"),
+            &agent_dir,
+            "t1",
+            &[StandInDisk::new("disk0", 4 << 20)],
+        )
+        .expect("start");
+        assert!(vm.nbd.starts_with(&agent_dir));
+        vm.write_seq("disk0", 2, 3, 5).expect("write");
+        let h = vm.hash("disk0").expect("hash");
+        assert_ne!(h, *blake3::hash(&vec![0u8; 4 << 20]).as_bytes());
+        for _ in 0..3 {
+            vm.stop().expect("clean stop");
+            vm.start().expect("restart");
+            assert_eq!(vm.hash("disk0").expect("hash"), h);
+        }
+    }
+}
