@@ -91,7 +91,9 @@ fn signal(pid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
-/// Wait until `path` exists (a socket a child creates), up to `timeout`.
+/// Wait until `path` exists, up to `timeout`. Not a readiness check for a server socket: its
+/// file exists from bind(), before listen(), and a connect in between is refused; wait for
+/// the server's greeting instead (`harness::connect_nbd`, `harness::wait_qmp_greeting`).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
