@@ -14,30 +14,6 @@ use vmr_proto::api::{FailoverResult, PointInfo, ReplicationState};
 
 const LONG: Duration = Duration::from_secs(90);
 
-/// Kills the VM processes an agent started for a failover when the test ends (they run in
-/// their own process group and outlive the agent on purpose).
-#[derive(Default)]
-struct Procs(Vec<u32>);
-
-impl Procs {
-    fn add(&mut self, r: &FailoverResult) {
-        if let Some(pid) = r.pid {
-            self.0.push(pid);
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-}
-
 fn failover(agent: &Agent, args: &[&str]) -> TestResult<FailoverResult> {
     let mut a = vec!["failover"];
     a.extend_from_slice(args);
@@ -86,7 +62,6 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
     let vm = StandIn::create(p.root.path(), &p.a, "fo1", &["disk0"], 16)?;
     vm.register(&p.a)?;
     p.enable("fo1", &["--frequency", "5s"])?;
-    let mut procs = Procs::default();
 
     // Nothing to fail over to before initial replication completed.
     let out = p.b.cli(&["failover", "test", "fo1"])?;
@@ -102,7 +77,6 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
     let (pa, ha) = write_and_cut(&p, &vm, 11)?;
     // Test failover on the latest point: an isolated copy NAME-test.
     let t = failover(&p.b, &["test", "fo1"])?;
-    procs.add(&t);
     assert_eq!(t.name, "fo1-test");
     assert_eq!(t.point, Some(pa));
     assert!(t.test_id.is_some() && t.qmp.is_some());
@@ -116,7 +90,6 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
     // The copy is writable and isolated; a second copy may run at the same time.
     copy.write_random("disk0", 5, 999)?;
     let t2 = failover(&p.b, &["test", "fo1", "--point", &pa.to_string()])?;
-    procs.add(&t2);
     assert_eq!(started(&vm, test_nbd(&t2)).hash("disk0")?, ha);
     let tested = copy.hash("disk0")?;
 
@@ -155,7 +128,6 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
     let t0 = Instant::now();
     let live = failover(&p.b, &["start", "fo1", "--point", "latest"])?;
     let took = t0.elapsed();
-    procs.add(&live);
     assert_eq!(live.state, ReplicationState::FailedOverWaitingCompletion);
     assert_eq!(live.point, Some(pb));
     eprintln!(
@@ -178,7 +150,6 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
         &p.b,
         &["start", "fo1", "--point", &pa.to_string(), "--force"],
     )?;
-    procs.add(&old);
     assert_eq!(old.point, Some(pa));
     assert_eq!(
         started(&vm, live_nbd(&p.b, vm.def.uuid)).hash("disk0")?,
@@ -222,7 +193,6 @@ fn planned_failover_loses_nothing_and_reverses() -> TestResult {
     vm.write_random("disk0", 200, 5)?;
     vm.register(&p.a)?;
     p.enable("pf1", &["--frequency", "5s"])?;
-    let mut procs = Procs::default();
     p.wait_cycle("pf1", 1, LONG)?;
     // Bad input and wrong side.
     assert_eq!(
@@ -261,7 +231,6 @@ fn planned_failover_loses_nothing_and_reverses() -> TestResult {
     let t0 = Instant::now();
     let live = failover(&p.b, &["start", "pf1"])?;
     let took = t0.elapsed();
-    procs.add(&live);
     eprintln!(
         "planned failover start: {took:?} (agent-side {} ms)",
         live.elapsed_ms
@@ -316,7 +285,6 @@ fn reverse_after_unplanned_failover_sends_only_differences() -> TestResult {
     vm.write_random("disk0", 100, 3)?;
     vm.register(&p.a)?;
     p.enable("uf1", &["--frequency", "5s"])?;
-    let mut procs = Procs::default();
     let (k, hk) = write_and_cut(&p, &vm, 4)?;
 
     // The primary host is lost; its VM wrote more that never left.
@@ -324,7 +292,6 @@ fn reverse_after_unplanned_failover_sends_only_differences() -> TestResult {
     vm.write_random("disk0", 20, 5)?;
     assert_ne!(vm.hash("disk0")?, hk);
     let live = failover(&p.b, &["start", "uf1"])?;
-    procs.add(&live);
     assert_eq!(live.point, Some(k));
     let vm_b = started(&vm, live_nbd(&p.b, vm.def.uuid));
     assert_eq!(vm_b.hash("disk0")?, hk);
@@ -383,10 +350,8 @@ fn bench_failover_time() -> TestResult {
         vm.write_random("disk0", 64, 1)?;
         vm.register(&p.a)?;
         p.enable("bench", &["--frequency", "5s"])?;
-        let mut procs = Procs::default();
         let (older, _) = write_and_cut(&p, &vm, 2)?;
-        let pin = failover(&p.b, &["test", "bench", "--point", &older.to_string()])?;
-        procs.add(&pin);
+        let _pin = failover(&p.b, &["test", "bench", "--point", &older.to_string()])?;
         let (latest, _) = write_and_cut(&p, &vm, 3)?;
         assert!(latest > older);
         for (which, point) in [
@@ -397,7 +362,6 @@ fn bench_failover_time() -> TestResult {
             for _ in 0..3 {
                 let t0 = Instant::now();
                 let r = failover(&p.b, &["start", "bench", "--point", &point, "--force"])?;
-                procs.add(&r);
                 let qmp = PathBuf::from(r.qmp.clone().expect("qmp"));
                 let mut s = std::os::unix::net::UnixStream::connect(&qmp).expect("qmp connect");
                 let mut buf = [0u8; 64];
