@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked --features vmreplica/test-hooks -- --test-threads=2
+cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks -- --test-threads=2

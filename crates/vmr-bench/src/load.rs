@@ -3,100 +3,20 @@
 //! blocks, and the "physical limit" baseline: a plain copy of given ranges to a file.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
-use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
+use vmr_nbd::{Endpoint, NbdClient};
+use vmr_testkit::harness::{BLOCK, READY_TIMEOUT, connect_nbd, slice};
 
-/// Block size of the guest writes.
-pub const BLOCK: u64 = 64 * 1024;
-const POOL: usize = 16 << 20;
-
-/// Incompressible data to slice writes from (so zstd on the wire gains nothing, like
-/// encrypted or already compressed guest data).
-pub fn pool(seed: u64) -> Bytes {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = vec![0u8; POOL + (4 << 20)];
-    rng.fill(&mut v[..]);
-    Bytes::from(v)
-}
-
-fn slice(pool: &Bytes, rng: &mut impl Rng, len: u64) -> Bytes {
-    let at = rng.gen_range(0..POOL / 4096) * 4096;
-    pool.slice(at..at + len as usize)
-}
-
-/// Connect to export `export` of the NBD socket `nbd`.
+/// Connect to export `export` of the NBD socket `nbd` (once its server greets).
 pub async fn connect(nbd: &Path, export: &str) -> anyhow::Result<NbdClient> {
-    NbdClient::connect(
-        &Endpoint::Unix(nbd.to_path_buf()),
-        ConnectOptions {
-            export: export.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .with_context(|| format!("connecting to export {export} at {}", nbd.display()))
-}
-
-/// A running guest writer.
-pub struct Writer {
-    stop: Arc<AtomicBool>,
-    bytes: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Writer {
-    /// Random 64 KiB writes over the whole disk, `depth` in flight, at most `rate` bytes/s.
-    pub fn spawn(c: NbdClient, pool: Bytes, rate: Option<f64>, depth: usize, seed: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let bytes = Arc::new(AtomicU64::new(0));
-        let (s, b) = (stop.clone(), bytes.clone());
-        let task = tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let blocks = c.size() / BLOCK;
-            let t0 = Instant::now();
-            let mut done = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                let batch: Vec<_> = (0..depth)
-                    .map(|_| {
-                        let off = rng.gen_range(0..blocks) * BLOCK;
-                        c.write(off, slice(&pool, &mut rng, BLOCK), false)
-                    })
-                    .collect();
-                futures::future::try_join_all(batch).await?;
-                done += depth as u64 * BLOCK;
-                b.fetch_add(depth as u64 * BLOCK, Ordering::Relaxed);
-                if let Some(r) = rate {
-                    let due = Duration::from_secs_f64(done as f64 / r);
-                    let el = t0.elapsed();
-                    if due > el {
-                        tokio::time::sleep(due - el).await;
-                    }
-                }
-            }
-            c.flush().await?;
-            c.disconnect().await?;
-            Ok(())
-        });
-        Writer { stop, bytes, task }
-    }
-
-    /// Bytes written so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Stop, flush and disconnect.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.context("writer task")?
-    }
+    connect_nbd(&Endpoint::Unix(nbd.to_path_buf()), export, READY_TIMEOUT)
+        .await
+        .with_context(|| format!("connecting to export {export} at {}", nbd.display()))
 }
 
 /// Write `data` bytes of incompressible data in 4 MiB chunks: the whole disk from offset 0 when

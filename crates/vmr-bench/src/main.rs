@@ -4,7 +4,6 @@
 //!
 //! `cargo run --release -p vmr-bench -- [--quick] [--profile] [--only 1,2] [--no-write]`
 
-mod harness;
 mod load;
 mod profile;
 mod report;

@@ -1,10 +1,13 @@
 //! `--profile`: `perf record -g` of given processes (the agents, the stand-in VM) over the hot
 //! side of one extra repeat of a scenario, summarised as the top cost centres
-//! (`perf report --no-children --sort comm,dso,symbol`).
+//! (`perf report --no-children --sort comm,dso,symbol`); and the CPU time and peak memory of a
+//! process from `/proc`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use anyhow::Context;
 
 use vmr_testkit::ChildGuard;
 
@@ -88,4 +91,43 @@ impl TerminateInt for ChildGuard {
         }
         Ok(())
     }
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime field 15.
+    let ut: f64 = f.get(11).context("no utime")?.parse()?;
+    let st: f64 = f.get(12).context("no stime")?.parse()?;
+    Ok((ut + st) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak resident set size (VmHWM) of a process, bytes.
+pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("bad VmHWM")?
+        .parse()?;
+    Ok(kb * 1024)
 }

@@ -12,9 +12,11 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use vmr_proto::api::{PointInfo, ReplicationState, Request, VmStatus};
 
-use crate::harness::{self, DiskSpec, Pair, Vm, start_vm};
-use crate::load::{self, BLOCK, Writer};
+use vmr_testkit::harness::{BLOCK, Pair, StandIn, StandInDisk, TestDir, Writer, WriterStats};
+
+use crate::load;
 use crate::profile;
+use crate::profile::{cpu_seconds, peak_rss};
 use crate::report::{Outcome, Verdict, median, samples, secs, size};
 
 mod resync;
@@ -49,14 +51,20 @@ impl Ctx {
 
     fn writer(
         &self,
-        vm: &Vm,
+        vm: &StandIn,
         rate: Option<f64>,
         depth: usize,
         seed: u64,
     ) -> anyhow::Result<Writer> {
         let c = self.block(load::connect(&vm.nbd, "disk0"))?;
         let _g = self.rt.enter();
-        Ok(Writer::spawn(c, load::pool(seed), rate, depth, seed))
+        Ok(Writer::spawn(
+            c,
+            vmr_testkit::harness::pool(seed),
+            rate,
+            depth,
+            seed,
+        ))
     }
 }
 
@@ -96,17 +104,43 @@ fn fsync(p: &Path) -> anyhow::Result<()> {
 }
 
 fn pause(pair: &Pair, name: &str) -> anyhow::Result<()> {
-    pair.on_a(&["pause", name])?;
+    pair.a.json(&["pause", name])?;
     Ok(())
 }
 
 fn resume(pair: &Pair, name: &str) -> anyhow::Result<()> {
-    pair.on_a(&["resume", name])?;
+    pair.a.json(&["resume", name])?;
+    Ok(())
+}
+
+/// `vmreplica enable NAME --frequency F --recovery-points N` towards host-b.
+fn enable(pair: &Pair, name: &str, frequency: &str, points: u32) -> anyhow::Result<()> {
+    let points = points.to_string();
+    pair.enable(
+        name,
+        &["--frequency", frequency, "--recovery-points", &points],
+    )?;
+    Ok(())
+}
+
+/// `qemu-img ARGS`, failing with its stderr.
+fn qemu_img(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .context("running qemu-img")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     Ok(())
 }
 
 fn last_cycle(pair: &Pair, name: &str) -> anyhow::Result<u64> {
-    Ok(harness::status(&pair.a.dir, name)?.last_cycle.unwrap_or(0))
+    Ok(pair.a.status(name)?.last_cycle.unwrap_or(0))
 }
 
 /// Enable and wait until the replica applied the initial cycle; (ack, applied) seconds.
@@ -118,9 +152,9 @@ fn enable_and_wait(
     timeout: Duration,
 ) -> anyhow::Result<(f64, f64)> {
     let t = Instant::now();
-    pair.enable(name, freq, points)?;
-    let (_, ack) = pair.wait_committed(name, 1, timeout)?;
-    let applied = pair.wait_applied(name, 1, timeout)?;
+    enable(pair, name, freq, points)?;
+    let (_, ack) = pair.a.wait_cycle(name, 1, timeout)?;
+    let applied = pair.b.wait_cycle(name, 1, timeout)?.1;
     Ok((
         ack.duration_since(t).as_secs_f64(),
         applied.duration_since(t).as_secs_f64(),
@@ -129,6 +163,99 @@ fn enable_and_wait(
 
 // ---------------------------------------------------------------------------------------------
 // 1. Primary overhead
+
+/// Guest churn of scenario 1's latency windows, bytes/s.
+const CHURN: f64 = 100e6;
+
+/// Window order of repeat `i`: off then on, then on then off (ABBA).
+fn abba(i: usize) -> [bool; 2] {
+    if i % 2 == 1 {
+        [true, false]
+    } else {
+        [false, true]
+    }
+}
+
+/// CPU affinity of scenario 1: primary side (VM, agent, this process's writer) on CPU 0,
+/// replica side on CPU 1; this process's affinity is restored on drop.
+struct Pinning {
+    /// Pinned as intended (at least 2 CPUs and taskset worked), or why not.
+    result: Result<(), String>,
+    all: String,
+}
+
+impl Pinning {
+    fn split(pair: &Pair, vm: &StandIn) -> anyhow::Result<Pinning> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let all = format!("0-{}", n.saturating_sub(1));
+        if n < 2 {
+            return Ok(Pinning {
+                result: Err(format!("not pinned: {n} CPU")),
+                all,
+            });
+        }
+        let result = [
+            (std::process::id(), "0"),
+            (pair.a.pid(), "0"),
+            (vm.pid(), "0"),
+            (pair.b.pid(), "1"),
+        ]
+        .into_iter()
+        .try_for_each(|(pid, cpus)| taskset_tree(pid, cpus));
+        Ok(Pinning { result, all })
+    }
+
+    /// Pin the replica agent's current children too (they inherit it; this catches any that
+    /// were started before the agent was pinned).
+    fn repin_replica(&self, pair: &Pair) {
+        if self.result.is_ok() {
+            let _ = taskset_tree(pair.b.pid(), "1");
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.result {
+            Ok(()) => "primary VM, primary agent and guest writer on CPU 0; replica agent and \
+                       its qemu-nbd on CPU 1"
+                .to_owned(),
+            Err(e) => e.clone(),
+        }
+    }
+}
+
+impl Drop for Pinning {
+    fn drop(&mut self) {
+        let _ = taskset_tree(std::process::id(), &self.all);
+    }
+}
+
+/// `taskset -a -p -c CPUS` on `pid` and every descendant of it.
+fn taskset_tree(pid: u32, cpus: &str) -> Result<(), String> {
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let out = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &p.to_string()])
+            .output()
+            .map_err(|e| format!("not pinned: taskset: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "not pinned: taskset {p}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+            .map_err(|e| format!("not pinned: /proc/{p}/task: {e}"))?;
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Scenario 1: the guest writer's throughput with replication running versus off.
 pub fn primary_overhead(ctx: &Ctx) -> Outcome {
@@ -155,7 +282,11 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          (enabled at {freq}{}; `vmreplica resume`) and **off** (`vmreplica pause`: no cycles run; \
          QEMU's dirty bitmap keeps recording, so its cost is in both sides) in ABBA order, {pairs} \
          windows each, after the initial replication finished. Ratio = median on / median off. \
-         A window before replication was ever enabled (no bitmap at all) is shown for reference.",
+         A window before replication was ever enabled (no bitmap at all) is shown for reference. \
+         The replica side runs on its own core (`taskset`: primary VM, primary agent and writer on \
+         CPU 0, replica agent and its qemu-nbd on CPU 1), so the ratio is the primary's own cost. \
+         Then guest write latency (each 64 KiB write, 4 in flight) at a fixed 100 MB/s churn, \
+         replication on versus off, in the same ABBA windows.",
         size(disk),
         if ctx.quick {
             "; quick mode uses 5 s cycles, six times as many as 30 s, so each window holds about two cycles"
@@ -163,40 +294,50 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             "; each window holds about one cycle"
         }
     );
-    let pair = Pair::new(&ctx.exe, &ctx.dir("s1"))?;
-    let mut spec = DiskSpec::new("disk0", disk);
+    let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s1"))?)?;
+    let mut spec = StandInDisk::new("disk0", disk);
     spec.prealloc = true;
-    let vm = start_vm(&pair.a.dir, &pair.root.join("vm"), "bench-s1", &[spec])?;
-    pair.add(&vm)?;
+    let vm = StandIn::start_in(
+        &pair.root.path().join("vm"),
+        &pair.a.dir,
+        "bench-s1",
+        &[spec],
+    )?;
+    // The replica side on its own core, so that the figure is the primary's own cost: the
+    // primary VM, the primary agent and the guest writer (this process) on CPU 0, the replica
+    // agent (and the qemu-nbd it starts, which inherit its affinity) on CPU 1.
+    let pinned = Pinning::split(&pair, &vm)?;
+    o.detail("CPU pinning (taskset)", pinned.describe());
+    pair.a.add(&vm)?;
     let w = ctx.writer(&vm, None, 4, 11)?;
-    let rate = |secs: u64| {
+    let rate = |w: &Writer, secs: u64| {
         let b0 = w.bytes();
         let t = Instant::now();
         std::thread::sleep(Duration::from_secs(secs));
         (w.bytes() - b0) as f64 / t.elapsed().as_secs_f64() / MB
     };
     std::thread::sleep(Duration::from_secs(2));
-    let never = rate(window);
+    let never = rate(&w, window);
     log(format!("s1: before enable {never:.0} MB/s"));
-    let (_, init) = enable_and_wait(&pair, &vm.name, freq, 0, Duration::from_secs(600))?;
+    let (_, init) = enable_and_wait(&pair, &vm.def.name, freq, 0, Duration::from_secs(600))?;
     let (mut on, mut off) = (Vec::new(), Vec::new());
     let mut running = true;
-    for i in 0..pairs {
-        let order = if i % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for want in order {
-            if want != running {
-                if want {
-                    resume(&pair, &vm.name)?;
-                } else {
-                    pause(&pair, &vm.name)?;
-                }
-                running = want;
+    let set = |want: bool, running: &mut bool| -> anyhow::Result<()> {
+        pinned.repin_replica(&pair);
+        if want != *running {
+            if want {
+                resume(&pair, &vm.def.name)?;
+            } else {
+                pause(&pair, &vm.def.name)?;
             }
-            let r = rate(window);
+            *running = want;
+        }
+        Ok(())
+    };
+    for i in 0..pairs {
+        for want in abba(i) {
+            set(want, &mut running)?;
+            let r = rate(&w, window);
             log(format!(
                 "s1: replication {} {r:.0} MB/s",
                 if want { "on" } else { "off" }
@@ -204,20 +345,80 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             if want { on.push(r) } else { off.push(r) }
         }
     }
-    if !running {
-        resume(&pair, &vm.name)?;
-    }
     if ctx.profile {
-        let p = profile::start(&pair.root, "s1", &[pair.a.pid(), pair.b.pid(), vm.pid()]);
-        let r = rate(window);
+        set(true, &mut running)?;
+        let p = profile::start(
+            pair.root.path(),
+            "s1",
+            &[pair.a.pid(), pair.b.pid(), vm.pid()],
+        );
+        let r = rate(&w, window);
         if let Some(p) = p {
             o.notes.push(p.finish(&format!(
                 "one extra {window} s window with replication on (agent host-a, agent host-b, qemu-storage-daemon; writer at {r:.0} MB/s; not counted in the median)"
             )));
         }
     }
-    let st = harness::status(&pair.a.dir, &vm.name)?;
-    w.stop_blocking(ctx)?;
+    stop_writer(w, ctx)?;
+
+    // Guest write latency at a fixed churn of 100 MB/s (4 writes in flight), on versus off,
+    // in the same ABBA order; every write of a window is a sample.
+    let lw = ctx.writer(&vm, Some(CHURN), 4, 12)?;
+    let (mut lat_on, mut lat_off) = (WriterStats::default(), WriterStats::default());
+    let (mut mb_on, mut mb_off) = (Vec::new(), Vec::new());
+    for i in 0..pairs {
+        for want in abba(i) {
+            set(want, &mut running)?;
+            std::thread::sleep(Duration::from_secs(1));
+            lw.take_stats();
+            let r = rate(&lw, window);
+            let st = lw.take_stats();
+            log(format!(
+                "s1: at {:.0} MB/s churn, replication {}: p50 {} µs, p99 {} µs ({r:.0} MB/s)",
+                CHURN / MB,
+                if want { "on" } else { "off" },
+                st.quantile_us(0.5).unwrap_or(0),
+                st.quantile_us(0.99).unwrap_or(0)
+            ));
+            let (all, mbs) = if want {
+                (&mut lat_on, &mut mb_on)
+            } else {
+                (&mut lat_off, &mut mb_off)
+            };
+            all.latencies_us.extend(st.latencies_us);
+            mbs.push(r);
+        }
+    }
+    stop_writer(lw, ctx)?;
+    if !running {
+        set(true, &mut running)?;
+    }
+    let q = |s: &WriterStats, q: f64| {
+        s.quantile_us(q)
+            .map_or_else(|| "no samples".to_owned(), |v| format!("{v} µs"))
+    };
+    o.detail(
+        "guest write latency at 100 MB/s churn, replication on (p50 / p99)",
+        format!(
+            "{} / {} ({} writes; achieved {:.0} MB/s)",
+            q(&lat_on, 0.5),
+            q(&lat_on, 0.99),
+            lat_on.latencies_us.len(),
+            median(&mb_on)
+        ),
+    );
+    o.detail(
+        "guest write latency at 100 MB/s churn, replication off (p50 / p99)",
+        format!(
+            "{} / {} ({} writes; achieved {:.0} MB/s)",
+            q(&lat_off, 0.5),
+            q(&lat_off, 0.99),
+            lat_off.latencies_us.len(),
+            median(&mb_off)
+        ),
+    );
+    drop(pinned);
+    let st = pair.a.status(&vm.def.name)?;
     let (mon, moff) = (median(&on), median(&off));
     let ratio = mon / moff;
     o.ours = format!("{mon:.0} MB/s with replication on");
@@ -258,15 +459,14 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     };
     drop(vm);
     let mut pair = pair;
-    pair.stop();
-    remove_dir(&pair.root);
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
     Ok(())
 }
 
-impl Writer {
-    fn stop_blocking(self, ctx: &Ctx) -> anyhow::Result<()> {
-        ctx.block(self.stop())
-    }
+/// Stop a guest writer (flush, disconnect); its error, if it failed.
+fn stop_writer(w: Writer, ctx: &Ctx) -> anyhow::Result<()> {
+    Ok(ctx.block(w.stop())?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,37 +542,38 @@ fn delta_run(
     if let Some(why) = rsync_missing {
         o2.verdict = Verdict::Skipped(why.to_owned());
     }
-    let pair = Pair::new(&ctx.exe, &ctx.dir("s2"))?;
-    let vm = start_vm(
+    let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s2"))?)?;
+    let vm = StandIn::start_in(
+        &pair.root.path().join("vm"),
         &pair.a.dir,
-        &pair.root.join("vm"),
         "bench-s2",
-        &[DiskSpec::new("disk0", disk)],
+        &[StandInDisk::new("disk0", disk)],
     )?;
-    let pool = load::pool(21);
+    let pool = vmr_testkit::harness::pool(21);
     let c = ctx.block(load::connect(&vm.nbd, "disk0"))?;
     let t = Instant::now();
     ctx.block(load::fill(&c, &pool, disk, 1))?;
     let fill_s = t.elapsed().as_secs_f64();
     log(format!("s2: filled {} in {fill_s:.1} s", size(disk)));
-    let img = vm.disks[0].1.clone();
-    let dst = pair.root.join("rsync-dst");
+    let img = vm.disks()[0].1.clone();
+    let dst = pair.root.path().join("rsync-dst");
     std::fs::create_dir_all(&dst)?;
     if rsync_missing.is_none() {
         resync::copy_for_rsync(&img, &dst)?;
     }
-    pair.add(&vm)?;
-    let (init_ack, init) = enable_and_wait(&pair, &vm.name, "60m", 0, Duration::from_secs(1800))?;
+    pair.a.add(&vm)?;
+    let (init_ack, init) =
+        enable_and_wait(&pair, &vm.def.name, "60m", 0, Duration::from_secs(1800))?;
     log(format!("s2: initial replication {init:.1} s"));
 
     let (mut cyc, mut ack, mut rs, mut cp, mut sent) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let copy_out = pair.root.join("dirty-copy.bin");
+    let copy_out = pair.root.path().join("dirty-copy.bin");
     let rsync_literal = std::cell::RefCell::new(Vec::<String>::new());
     let extra = usize::from(ctx.profile);
     for r in 0..reps + extra {
         let profiled = r == reps;
-        pause(&pair, &vm.name)?;
+        pause(&pair, &vm.def.name)?;
         let blocks = ctx.block(load::dirty(&c, count, 100 + r as u64))?;
         let run_rsync = |rs: &mut Vec<f64>| -> anyhow::Result<()> {
             if rsync_missing.is_some() {
@@ -389,17 +590,26 @@ fn delta_run(
                              ack: &mut Vec<f64>,
                              sent: &mut Vec<f64>|
          -> anyhow::Result<()> {
-            let last = last_cycle(&pair, &vm.name)?;
-            let b = harness::status(&pair.a.dir, &vm.name)?.stats;
+            let last = last_cycle(&pair, &vm.def.name)?;
+            let b = pair.a.status(&vm.def.name)?.stats;
             let perf = if profiled {
-                profile::start(&pair.root, "s2", &[pair.a.pid(), pair.b.pid(), vm.pid()])
+                profile::start(
+                    pair.root.path(),
+                    "s2",
+                    &[pair.a.pid(), pair.b.pid(), vm.pid()],
+                )
             } else {
                 None
             };
             let t = Instant::now();
-            resume(&pair, &vm.name)?;
-            let (st, _) = pair.wait_committed(&vm.name, last + 1, Duration::from_secs(600))?;
-            let applied = pair.wait_applied(&vm.name, last + 1, Duration::from_secs(600))?;
+            resume(&pair, &vm.def.name)?;
+            let (st, _) = pair
+                .a
+                .wait_cycle(&vm.def.name, last + 1, Duration::from_secs(600))?;
+            let applied = pair
+                .b
+                .wait_cycle(&vm.def.name, last + 1, Duration::from_secs(600))?
+                .1;
             let el = applied.duration_since(t).as_secs_f64();
             if let Some(p) = perf {
                 o2.notes.push(p.finish(&format!(
@@ -507,8 +717,8 @@ fn delta_run(
     ctx.block(c.disconnect())?;
     drop(vm);
     let mut pair = pair;
-    pair.stop();
-    remove_dir(&pair.root);
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
     Ok(())
 }
 
@@ -534,21 +744,26 @@ fn make_source(
     data: u64,
     seed: u64,
 ) -> anyhow::Result<PathBuf> {
-    let mut vm = start_vm(
+    let mut vm = StandIn::start_in(
+        &pair.root.path().join("src"),
         &pair.a.dir,
-        &pair.root.join("src"),
         name,
-        &[DiskSpec::new("disk0", vsize)],
+        &[StandInDisk::new("disk0", vsize)],
     )?;
     let c = ctx.block(load::connect(&vm.nbd, "disk0"))?;
-    ctx.block(load::fill(&c, &load::pool(seed), data, seed))?;
+    ctx.block(load::fill(
+        &c,
+        &vmr_testkit::harness::pool(seed),
+        data,
+        seed,
+    ))?;
     ctx.block(c.disconnect())?;
-    vm.stop();
-    Ok(vm.disks[0].1.clone())
+    let _ = vm.stop();
+    Ok(vm.disks()[0].1.clone())
 }
 
 fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Result<(f64, f64)> {
-    let vmdir = pair.root.join(name);
+    let vmdir = pair.root.path().join(name);
     std::fs::create_dir_all(&vmdir)?;
     let img = vmdir.join("disk0.qcow2");
     let st = Command::new("cp")
@@ -559,20 +774,20 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
     if !st.success() {
         bail!("copying the source image failed");
     }
-    let mut spec = DiskSpec::new("disk0", 0);
+    let mut spec = StandInDisk::new("disk0", 0);
     spec.existing = Some(img);
-    let mut vm = start_vm(&pair.a.dir, &vmdir, name, &[spec])?;
-    pair.add(&vm)?;
+    let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
+    pair.a.add(&vm)?;
     let r = enable_and_wait(pair, name, "60m", 0, Duration::from_secs(1800));
     let _ = ctx;
     pause(pair, name).ok();
-    vm.stop();
+    let _ = vm.stop();
     r
 }
 
 fn convert_once(src: &Path, dst: &Path) -> anyhow::Result<f64> {
     let t = Instant::now();
-    harness::qemu_img(&[
+    qemu_img(&[
         "convert",
         "-f",
         "qcow2",
@@ -612,11 +827,11 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             ""
         }
     );
-    let pair = Pair::new(&ctx.exe, &ctx.dir("s4"))?;
+    let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s4"))?)?;
     let src = make_source(ctx, &pair, "bench-s4-src", vsize, data, 41)?;
     let (mut ours, mut ack, mut conv) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..reps {
-        let dst = pair.root.join("converted.qcow2");
+        let dst = pair.root.path().join("converted.qcow2");
         let name = format!("bench-s4-{r}");
         if r % 2 == 0 {
             conv.push(convert_once(&src, &dst)?);
@@ -636,7 +851,7 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     }
     if ctx.profile {
         let name = "bench-s4-prof";
-        let vmdir = pair.root.join(name);
+        let vmdir = pair.root.path().join(name);
         std::fs::create_dir_all(&vmdir)?;
         let img = vmdir.join("disk0.qcow2");
         Command::new("cp")
@@ -644,11 +859,15 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             .arg(&src)
             .arg(&img)
             .status()?;
-        let mut spec = DiskSpec::new("disk0", 0);
+        let mut spec = StandInDisk::new("disk0", 0);
         spec.existing = Some(img);
-        let mut vm = start_vm(&pair.a.dir, &vmdir, name, &[spec])?;
-        pair.add(&vm)?;
-        let p = profile::start(&pair.root, "s4", &[pair.a.pid(), pair.b.pid(), vm.pid()]);
+        let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
+        pair.a.add(&vm)?;
+        let p = profile::start(
+            pair.root.path(),
+            "s4",
+            &[pair.a.pid(), pair.b.pid(), vm.pid()],
+        );
         let r = enable_and_wait(&pair, name, "60m", 0, Duration::from_secs(1800));
         if let Some(p) = p {
             o.notes.push(p.finish(&format!(
@@ -656,7 +875,7 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
                 r.as_ref().map_or("failed".into(), |x| secs(x.1))
             )));
         }
-        vm.stop();
+        let _ = vm.stop();
     }
     let half = make_source(ctx, &pair, "bench-s4-half", vsize, data / 2, 43)?;
     let (_, half_t) = initial_once(ctx, &pair, &half, "bench-s4-h")?;
@@ -689,8 +908,8 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         Verdict::Miss(miss_by(ratio, 0.9, true))
     };
     let mut pair = pair;
-    pair.stop();
-    remove_dir(&pair.root);
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
     Ok(())
 }
 
@@ -741,27 +960,27 @@ fn churn_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             ""
         }
     );
-    let pair = Pair::new(&ctx.exe, &ctx.dir("s5"))?;
+    let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s5"))?)?;
     let mut best_all: Option<f64> = None;
     let mut summary = Vec::new();
     for (fi, &f) in freqs.iter().enumerate() {
         let name = format!("bench-s5-{f}s");
-        let mut spec = DiskSpec::new("disk0", disk);
+        let mut spec = StandInDisk::new("disk0", disk);
         spec.prealloc = true;
-        let mut vm = start_vm(&pair.a.dir, &pair.root.join(&name), &name, &[spec])?;
-        pair.add(&vm)?;
+        let mut vm = StandIn::start_in(&pair.root.path().join(&name), &pair.a.dir, &name, &[spec])?;
+        pair.a.add(&vm)?;
         enable_and_wait(&pair, &name, &format!("{f}s"), 0, Duration::from_secs(600))?;
         let mut best = None;
         for &rate in rates {
             let w = ctx.writer(&vm, Some(rate * MB), 4, 50 + fi as u64)?;
             std::thread::sleep(Duration::from_secs(f));
-            pair.on_a(&["measure", &name, "--reset"])?;
+            pair.a.json(&["measure", &name, "--reset"])?;
             let b0 = w.bytes();
             let t = Instant::now();
             std::thread::sleep(Duration::from_secs(f * k) + Duration::from_millis(500));
-            let st: VmStatus = harness::status(&pair.a.dir, &name)?;
+            let st: VmStatus = pair.a.status(&name)?;
             let achieved = (w.bytes() - b0) as f64 / t.elapsed().as_secs_f64() / MB;
-            w.stop_blocking(ctx)?;
+            stop_writer(w, ctx)?;
             let s = &st.stats;
             let ok = s.missed_cycles == 0
                 && s.errors == 0
@@ -791,7 +1010,11 @@ fn churn_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         if ctx.profile {
             let rate = best.unwrap_or(rates[0]);
             let w = ctx.writer(&vm, Some(rate * MB), 4, 99)?;
-            let p = profile::start(&pair.root, "s5", &[pair.a.pid(), pair.b.pid(), vm.pid()]);
+            let p = profile::start(
+                pair.root.path(),
+                "s5",
+                &[pair.a.pid(), pair.b.pid(), vm.pid()],
+            );
             std::thread::sleep(Duration::from_secs(f * 2));
             if let Some(p) = p {
                 o.notes.push(p.finish(&format!(
@@ -799,10 +1022,10 @@ fn churn_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
                     f * 2
                 )));
             }
-            w.stop_blocking(ctx)?;
+            stop_writer(w, ctx)?;
         }
         pause(&pair, &name).ok();
-        vm.stop();
+        let _ = vm.stop();
         summary.push(format!(
             "{f} s: {}",
             best.map_or("none of the rates".into(), |b| format!("{b:.0} MB/s"))
@@ -822,8 +1045,8 @@ fn churn_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         ))
     };
     let mut pair = pair;
-    pair.stop();
-    remove_dir(&pair.root);
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
     Ok(())
 }
 
@@ -929,43 +1152,45 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         size(large.0),
         size(large.1)
     );
-    let mut pair = Pair::new(&ctx.exe, &ctx.dir("s6"))?;
+    let mut pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s6"))?)?;
     let mut worst: f64 = 0.0;
     let mut figures = Vec::new();
     let mut ready = Vec::new();
     for (label, vsize, data) in [("small", 64 * MIB, 32 * MIB), ("large", large.0, large.1)] {
         let name = format!("bench-s6-{label}");
-        let mut vm = start_vm(
+        let mut vm = StandIn::start_in(
+            &pair.root.path().join(&name),
             &pair.a.dir,
-            &pair.root.join(&name),
             &name,
-            &[DiskSpec::new("disk0", vsize)],
+            &[StandInDisk::new("disk0", vsize)],
         )?;
         let c = ctx.block(load::connect(&vm.nbd, "disk0"))?;
-        ctx.block(load::fill(&c, &load::pool(61), data, 61))?;
-        pair.add(&vm)?;
+        ctx.block(load::fill(&c, &vmr_testkit::harness::pool(61), data, 61))?;
+        pair.a.add(&vm)?;
         enable_and_wait(&pair, &name, "5s", 4, Duration::from_secs(1800))?;
         // Keep an older point: all cycles fall into one hour, so retention would keep only the
         // latest; a test-failover copy pins the first one (as an admin's test would).
         let l = last_cycle(&pair, &name)?;
-        let test = pair.on_b(&["failover", "test", &name, "--point", &l.to_string()])?;
+        let test = pair
+            .b
+            .json(&["failover", "test", &name, "--point", &l.to_string()])?;
         let test_qmp = find_qmp(&serde_json::from_str(&test).unwrap_or(Value::Null));
         ctx.block(load::dirty(&c, 64, 62))?;
-        pair.wait_applied(&name, l + 2, Duration::from_secs(300))?;
+        pair.b.wait_cycle(&name, l + 2, Duration::from_secs(300))?;
         // The copy itself is not needed: end its VM, its view keeps the point pinned.
         if let Some(q) = test_qmp {
             qmp_answers(Path::new(&q), "quit");
         }
         ctx.block(c.disconnect())?;
         pause(&pair, &name)?;
-        vm.stop();
+        let _ = vm.stop();
         ready.push((label, name, vsize));
     }
     // Unplanned failover: the primary host is gone (its agent stopped).
-    pair.a.stop();
+    let _ = pair.a.stop();
     let cleanup: Vec<String> = ready.iter().map(|(_, n, _)| n.clone()).collect();
     for (label, name, vsize) in ready {
-        let pts: Vec<PointInfo> = serde_json::from_str(&pair.on_b(&["points", &name])?)?;
+        let pts: Vec<PointInfo> = serde_json::from_str(&pair.b.json(&["points", &name])?)?;
         let latest = pts
             .iter()
             .map(|p| p.id)
@@ -987,7 +1212,9 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             let mut t = Vec::new();
             for _ in 0..reps {
                 let t0 = Instant::now();
-                let out = pair.on_b(&["failover", "start", &name, "--point", &id.to_string()])?;
+                let out = pair
+                    .b
+                    .json(&["failover", "start", &name, "--point", &id.to_string()])?;
                 let cmd_s = t0.elapsed().as_secs_f64();
                 let v: Value = serde_json::from_str(&out).unwrap_or(Value::String(out.clone()));
                 let qmp = find_qmp(&v).with_context(|| {
@@ -1007,7 +1234,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
                 ));
                 // Stop the started VM and undo the failover for the next repeat.
                 qmp_answers(Path::new(&qmp), "quit");
-                let _ = pair.on_b(&["failover", "cancel", &name]);
+                let _ = pair.b.json(&["failover", "cancel", &name]);
                 std::thread::sleep(Duration::from_millis(500));
             }
             let m = median(&t);
@@ -1020,7 +1247,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         }
     }
     for name in &cleanup {
-        let _ = pair.on_b(&["failover", "stop-test", name]);
+        let _ = pair.b.json(&["failover", "stop-test", name]);
     }
     o.ours = figures.join(", ");
     o.ratio = format!("{} (slowest median)", secs(worst));
@@ -1029,8 +1256,8 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     } else {
         Verdict::Miss(miss_by(worst, 5.0, false))
     };
-    pair.stop();
-    remove_dir(&pair.root);
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
     Ok(())
 }
 
@@ -1066,17 +1293,17 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
             ""
         }
     );
-    let pair = Pair::new(&ctx.exe, &ctx.dir("s7"))?;
+    let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s7"))?)?;
     let mut vms = Vec::new();
     for i in 0..n {
         let name = format!("bench-s7-{i:03}");
-        let vm = start_vm(
+        let vm = StandIn::start_in(
+            &pair.root.path().join("vms"),
             &pair.a.dir,
-            &pair.root.join("vms"),
             &name,
-            &[DiskSpec::new("disk0", 64 * MIB)],
+            &[StandInDisk::new("disk0", 64 * MIB)],
         )?;
-        pair.add(&vm)?;
+        pair.a.add(&vm)?;
         vms.push(vm);
     }
     let mut writers = Vec::new();
@@ -1085,11 +1312,11 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
     }
     let t_enable = Instant::now();
     for vm in &vms {
-        pair.enable(&vm.name, "30s", 0)?;
+        enable(&pair, &vm.def.name, "30s", 0)?;
     }
     let deadline = Instant::now() + Duration::from_secs(if ctx.quick { 300 } else { 900 });
     loop {
-        let rows = harness::statuses(&pair.b.dir, None)?;
+        let rows = pair.b.statuses(None)?;
         let applied = rows
             .iter()
             .filter(|r| r.last_cycle.unwrap_or(0) >= 1)
@@ -1104,29 +1331,17 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
     }
     let init = t_enable.elapsed().as_secs_f64();
     log(format!("s7: {n} VMs initially replicated in {init:.1} s"));
-    harness::ctl(
-        &pair.a.dir,
-        &Request::Measure {
-            name: None,
-            reset: true,
-        },
-    )?;
-    let (a0, b0) = (
-        harness::cpu_seconds(pair.a.pid())?,
-        harness::cpu_seconds(pair.b.pid())?,
-    );
+    pair.a.ctl(&Request::Measure {
+        name: None,
+        reset: true,
+    })?;
+    let (a0, b0) = (cpu_seconds(pair.a.pid())?, cpu_seconds(pair.b.pid())?);
     let t = Instant::now();
     std::thread::sleep(Duration::from_secs(window));
     let el = t.elapsed().as_secs_f64();
-    let (a1, b1) = (
-        harness::cpu_seconds(pair.a.pid())?,
-        harness::cpu_seconds(pair.b.pid())?,
-    );
-    let (rss_a, rss_b) = (
-        harness::peak_rss(pair.a.pid())?,
-        harness::peak_rss(pair.b.pid())?,
-    );
-    let rows = harness::statuses(&pair.a.dir, None)?;
+    let (a1, b1) = (cpu_seconds(pair.a.pid())?, cpu_seconds(pair.b.pid())?);
+    let (rss_a, rss_b) = (peak_rss(pair.a.pid())?, peak_rss(pair.b.pid())?);
+    let rows = pair.a.statuses(None)?;
     let missed: u64 = rows.iter().map(|r| r.stats.missed_cycles).sum();
     let errors: u64 = rows.iter().map(|r| r.stats.errors).sum();
     let cycles: u64 = rows.iter().map(|r| r.stats.successful_cycles).sum();
@@ -1140,7 +1355,7 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
         .max()
         .unwrap_or(0);
     if ctx.profile {
-        let p = profile::start(&pair.root, "s7", &[pair.a.pid()]);
+        let p = profile::start(pair.root.path(), "s7", &[pair.a.pid()]);
         std::thread::sleep(Duration::from_secs(35));
         if let Some(p) = p {
             o.notes.push(p.finish(&format!(
@@ -1149,7 +1364,7 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
         }
     }
     for w in writers {
-        w.stop_blocking(ctx)?;
+        stop_writer(w, ctx)?;
     }
     let cores = (a1 - a0) / el;
     o.ours = format!(
@@ -1205,7 +1420,7 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
     };
     drop(vms);
     let mut pair = pair;
-    pair.stop();
-    remove_dir(&pair.root);
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
     Ok(())
 }

@@ -5,6 +5,17 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// A child process could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {what}")]
+pub struct SpawnError {
+    /// What was being started.
+    pub what: String,
+    /// Why `spawn` failed.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// A running child process, killed and reaped when dropped.
 #[derive(Debug)]
 pub struct ChildGuard {
@@ -14,10 +25,11 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Spawn `cmd`; `what` names it in errors.
-    pub fn spawn(mut cmd: Command, what: &str) -> anyhow::Result<Self> {
-        let child = cmd
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {what}: {e}"))?;
+    pub fn spawn(mut cmd: Command, what: &str) -> Result<Self, SpawnError> {
+        let child = cmd.spawn().map_err(|source| SpawnError {
+            what: what.to_owned(),
+            source,
+        })?;
         Ok(Self {
             child: Some(child),
             what: what.to_owned(),
@@ -42,12 +54,7 @@ impl ChildGuard {
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
-        if let Ok(pid) = i32::try_from(c.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+        signal(c.id(), nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + timeout;
         loop {
             if c.try_wait()?.is_some() {
@@ -74,7 +81,15 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Wait until `path` exists (a socket a child creates), up to `timeout`.
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    if let Ok(p) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+    }
+}
+
+/// Wait until `path` exists, up to `timeout`. Not a readiness check for a server socket: its
+/// file exists from bind(), before listen(), and a connect in between is refused; wait for
+/// the server's greeting instead (`harness::connect_nbd`, `harness::wait_qmp_greeting`).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
@@ -84,4 +99,9 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+/// SIGKILL `pid` (any process, not only a child; a pid that is gone is ignored).
+pub fn sigkill(pid: u32) {
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::proc::{ChildGuard, wait_for_path};
+use crate::harness::{HarnessError, READY_TIMEOUT, connect_nbd, wait_qmp_greeting};
+use crate::proc::ChildGuard;
 
 /// Image format of a stand-in disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,15 +207,37 @@ impl QsdVm {
             .stdout(log.try_clone()?)
             .stderr(log);
         let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon")?;
-        let mut wait = vec![self.qmp_socket(), self.test_qmp_socket()];
-        wait.extend(self.nbd_socket.clone());
-        for p in wait {
-            if let Err(e) = wait_for_path(&p, Duration::from_secs(10)) {
-                child.kill9();
-                bail!("{e}; log: {}", self.log());
-            }
+        if let Err(e) = self.wait_ready() {
+            child.kill9();
+            bail!("{e}; log: {}", self.log());
         }
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Wait until both QMP servers and the NBD server greet (their socket files exist from
+    /// bind(), before listen(): a connect in between is refused).
+    fn wait_ready(&self) -> Result<(), HarnessError> {
+        for p in [self.qmp_socket(), self.test_qmp_socket()] {
+            wait_qmp_greeting(&p, READY_TIMEOUT)?;
+        }
+        if let (Some(s), Some(d)) = (&self.nbd_socket, self.disks.first()) {
+            let ep = vmr_nbd::Endpoint::Unix(s.clone());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| HarnessError::Io {
+                    what: "build a tokio runtime".into(),
+                    source,
+                })?;
+            rt.block_on(async {
+                let c = connect_nbd(&ep, &d.node, READY_TIMEOUT).await?;
+                c.disconnect().await.map_err(|source| HarnessError::Nbd {
+                    what: "disconnect".into(),
+                    source,
+                })
+            })?;
+        }
         Ok(())
     }
 

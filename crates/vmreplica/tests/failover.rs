@@ -9,46 +9,20 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Agent, Pair, StandIn, replica_hashes, wait_until};
+use common::*;
 use vmr_proto::api::{FailoverResult, PointInfo, ReplicationState};
 
 const LONG: Duration = Duration::from_secs(90);
 
-/// Kills the VM processes an agent started for a failover when the test ends (they run in
-/// their own process group and outlive the agent on purpose).
-#[derive(Default)]
-struct Procs(Vec<u32>);
-
-impl Procs {
-    fn add(&mut self, r: &FailoverResult) {
-        if let Some(pid) = r.pid {
-            self.0.push(pid);
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            if let Ok(pid) = i32::try_from(*pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-}
-
-fn failover(agent: &Agent, args: &[&str]) -> FailoverResult {
+fn failover(agent: &Agent, args: &[&str]) -> TestResult<FailoverResult> {
     let mut a = vec!["failover"];
     a.extend_from_slice(args);
     a.push("--json");
-    serde_json::from_str(&agent.ok(&a)).expect("failover json")
+    Ok(serde_json::from_str(&agent.ok(&a)?)?)
 }
 
-fn points(agent: &Agent, vm: &str) -> Vec<PointInfo> {
-    serde_json::from_str(&agent.ok(&["points", vm, "--json"])).expect("points json")
+fn points(agent: &Agent, vm: &str) -> TestResult<Vec<PointInfo>> {
+    Ok(serde_json::from_str(&agent.ok(&["points", vm, "--json"])?)?)
 }
 
 /// A handle to write to / hash a VM started by a failover (its NBD socket).
@@ -58,12 +32,7 @@ fn started(vm: &StandIn, nbd: PathBuf) -> StandIn {
 
 /// The NBD socket of the live failed-over stand-in (the new primary's capture socket).
 fn live_nbd(agent: &Agent, uuid: uuid::Uuid) -> PathBuf {
-    let tag = &uuid.simple().to_string()[..8];
-    agent
-        .dir
-        .join("work")
-        .join(tag)
-        .join(format!("vmr-{tag}-nbd.sock"))
+    nbd_socket(&agent.dir, uuid)
 }
 
 /// The NBD socket of a test copy: next to its overlays.
@@ -75,29 +44,28 @@ fn test_nbd(r: &FailoverResult) -> PathBuf {
 }
 
 /// Write, then wait for a cycle cut after the write to be applied; returns (point, hash).
-fn write_and_cut(p: &Pair, vm: &StandIn, seed: u64) -> (u64, [u8; 32]) {
+fn write_and_cut(p: &Pair, vm: &StandIn, seed: u64) -> TestResult<(u64, [u8; 32])> {
     let name = &vm.def.name;
-    vm.write_random("disk0", 40, seed);
-    let cut = p.a.status(name).last_cycle.unwrap_or(0) + 2;
-    p.wait_cycle(name, cut, LONG);
-    let h = vm.hash("disk0");
-    let latest = p.b.status(name).last_cycle.expect("applied");
+    vm.write_random("disk0", 40, seed)?;
+    let cut = p.a.status(name)?.last_cycle.unwrap_or(0) + 2;
+    p.wait_cycle(name, cut, LONG)?;
+    let h = vm.hash("disk0")?;
+    let latest = p.b.status(name)?.last_cycle.expect("applied");
     // Nothing was written after the write above: every later point has the same content.
-    (latest, h)
+    Ok((latest, h))
 }
 
 #[test]
-fn test_failover_then_unplanned_with_guard_cancel_and_complete() {
-    let p = Pair::new();
-    p.a.allow(&p.b); // lets the replica probe the primary (split-brain guard)
-    let vm = StandIn::create(p.root.path(), &p.a, "fo1", &["disk0"], 16);
-    vm.register(&p.a);
-    p.enable("fo1", &["--frequency", "5s"]);
-    let mut procs = Procs::default();
+fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
+    let p = Pair::new(exe())?;
+    p.a.allow(&p.b)?; // lets the replica probe the primary (split-brain guard)
+    let vm = StandIn::create(p.root.path(), &p.a, "fo1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
+    p.enable("fo1", &["--frequency", "5s"])?;
 
     // Nothing to fail over to before initial replication completed.
-    let out = p.b.cli(&["failover", "test", "fo1"]);
-    if p.b.status("fo1").last_cycle.is_none() {
+    let out = p.b.cli(&["failover", "test", "fo1"])?;
+    if p.b.status("fo1")?.last_cycle.is_none() {
         assert_eq!(
             out.status.code(),
             Some(5),
@@ -106,36 +74,34 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() {
         );
     }
 
-    let (pa, ha) = write_and_cut(&p, &vm, 11);
+    let (pa, ha) = write_and_cut(&p, &vm, 11)?;
     // Test failover on the latest point: an isolated copy NAME-test.
-    let t = failover(&p.b, &["test", "fo1"]);
-    procs.add(&t);
+    let t = failover(&p.b, &["test", "fo1"])?;
     assert_eq!(t.name, "fo1-test");
     assert_eq!(t.point, Some(pa));
     assert!(t.test_id.is_some() && t.qmp.is_some());
-    assert_eq!(p.b.status("fo1").state, ReplicationState::Replicating);
+    assert_eq!(p.b.status("fo1")?.state, ReplicationState::Replicating);
     let copy = started(&vm, test_nbd(&t));
     assert_eq!(
-        copy.hash("disk0"),
+        copy.hash("disk0")?,
         ha,
         "the test copy differs from its point"
     );
     // The copy is writable and isolated; a second copy may run at the same time.
-    copy.write_random("disk0", 5, 999);
-    let t2 = failover(&p.b, &["test", "fo1", "--point", &pa.to_string()]);
-    procs.add(&t2);
-    assert_eq!(started(&vm, test_nbd(&t2)).hash("disk0"), ha);
-    let tested = copy.hash("disk0");
+    copy.write_random("disk0", 5, 999)?;
+    let t2 = failover(&p.b, &["test", "fo1", "--point", &pa.to_string()])?;
+    assert_eq!(started(&vm, test_nbd(&t2)).hash("disk0")?, ha);
+    let tested = copy.hash("disk0")?;
 
     // Replication and applies go on; the copy never changes.
-    let (pb, hb) = write_and_cut(&p, &vm, 22);
+    let (pb, hb) = write_and_cut(&p, &vm, 22)?;
     assert!(pb > pa && hb != ha);
     assert_eq!(
-        copy.hash("disk0"),
+        copy.hash("disk0")?,
         tested,
         "a cycle changed what the test copy sees"
     );
-    let ids: Vec<u64> = points(&p.b, "fo1").iter().map(|x| x.id).collect();
+    let ids: Vec<u64> = points(&p.b, "fo1")?.iter().map(|x| x.id).collect();
     assert!(ids.contains(&pa) && ids.contains(&pb), "{ids:?}");
     p.b.ok(&[
         "failover",
@@ -143,10 +109,10 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() {
         "fo1",
         "--test-id",
         &t2.test_id.expect("id").to_string(),
-    ]);
+    ])?;
 
     // Split-brain guard: the primary answers and its VM runs.
-    let out = p.b.cli(&["failover", "start", "fo1"]);
+    let out = p.b.cli(&["failover", "start", "fo1"])?;
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -154,15 +120,14 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
-    assert_eq!(p.b.status("fo1").state, ReplicationState::Replicating);
+    assert_eq!(p.b.status("fo1")?.state, ReplicationState::Replicating);
 
     // The primary is lost.
     let mut a = p.a;
     a.kill9();
     let t0 = Instant::now();
-    let live = failover(&p.b, &["start", "fo1", "--point", "latest"]);
+    let live = failover(&p.b, &["start", "fo1", "--point", "latest"])?;
     let took = t0.elapsed();
-    procs.add(&live);
     assert_eq!(live.state, ReplicationState::FailedOverWaitingCompletion);
     assert_eq!(live.point, Some(pb));
     eprintln!(
@@ -170,37 +135,36 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() {
         live.elapsed_ms
     );
     let vm_b = started(&vm, live_nbd(&p.b, vm.def.uuid));
-    assert_eq!(vm_b.hash("disk0"), hb, "latest point content");
-    vm_b.write_random("disk0", 10, 33);
-    let st = p.b.status("fo1");
+    assert_eq!(vm_b.hash("disk0")?, hb, "latest point content");
+    vm_b.write_random("disk0", 10, 33)?;
+    let st = p.b.status("fo1")?;
     assert_eq!(st.state, ReplicationState::FailedOverWaitingCompletion);
 
     // Cancel: what the failed-over VM wrote is discarded; the replica is untouched.
-    let c = failover(&p.b, &["cancel", "fo1"]);
+    let c = failover(&p.b, &["cancel", "fo1"])?;
     assert_eq!(c.state, ReplicationState::Replicating);
-    assert_eq!(replica_hashes(&p.b, vm.def.uuid, Some(pb))[0].1, hb);
+    assert_eq!(replica_hashes(&p.b, vm.def.uuid, Some(pb))?[0].1, hb);
 
     // Fail over to the older point instead.
     let old = failover(
         &p.b,
         &["start", "fo1", "--point", &pa.to_string(), "--force"],
-    );
-    procs.add(&old);
+    )?;
     assert_eq!(old.point, Some(pa));
     assert_eq!(
-        started(&vm, live_nbd(&p.b, vm.def.uuid)).hash("disk0"),
+        started(&vm, live_nbd(&p.b, vm.def.uuid)).hash("disk0")?,
         ha,
         "older point content"
     );
     // The test copy still sees its own content.
-    assert_eq!(copy.hash("disk0"), tested);
+    assert_eq!(copy.hash("disk0")?, tested);
 
     // Complete: the chosen point stays, later ones go.
-    let done = failover(&p.b, &["complete", "fo1"]);
+    let done = failover(&p.b, &["complete", "fo1"])?;
     assert_eq!(done.state, ReplicationState::FailedOver);
-    let ids: Vec<u64> = points(&p.b, "fo1").iter().map(|x| x.id).collect();
+    let ids: Vec<u64> = points(&p.b, "fo1")?.iter().map(|x| x.id).collect();
     assert!(ids.iter().all(|i| *i <= pa) && ids.contains(&pa), "{ids:?}");
-    let st = p.b.status("fo1");
+    let st = p.b.status("fo1")?;
     assert_eq!(st.state, ReplicationState::FailedOver);
     assert_ne!(
         st.health,
@@ -209,91 +173,92 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() {
     );
     // Nothing left to cancel.
     assert_eq!(
-        p.b.cli(&["failover", "cancel", "fo1"]).status.code(),
+        p.b.cli(&["failover", "cancel", "fo1"])?.status.code(),
         Some(5)
     );
-    p.b.ok(&["failover", "stop-test", "fo1"]);
+    p.b.ok(&["failover", "stop-test", "fo1"])?;
     assert_eq!(
-        p.b.cli(&["failover", "stop-test", "fo1"]).status.code(),
+        p.b.cli(&["failover", "stop-test", "fo1"])?.status.code(),
         Some(4)
     );
     drop(a);
+    Ok(())
 }
 
 #[test]
-fn planned_failover_loses_nothing_and_reverses() {
-    let p = Pair::new();
-    p.a.allow(&p.b); // the old primary must accept the new primary (Hyper-V's prerequisite)
-    let vm = StandIn::create(p.root.path(), &p.a, "pf1", &["disk0"], 64);
-    vm.write_random("disk0", 200, 5);
-    vm.register(&p.a);
-    p.enable("pf1", &["--frequency", "5s"]);
-    let mut procs = Procs::default();
-    p.wait_cycle("pf1", 1, LONG);
+fn planned_failover_loses_nothing_and_reverses() -> TestResult {
+    let p = Pair::new(exe())?;
+    p.a.allow(&p.b)?; // the old primary must accept the new primary (Hyper-V's prerequisite)
+    let vm = StandIn::create(p.root.path(), &p.a, "pf1", &["disk0"], 64)?;
+    vm.write_random("disk0", 200, 5)?;
+    vm.register(&p.a)?;
+    p.enable("pf1", &["--frequency", "5s"])?;
+    p.wait_cycle("pf1", 1, LONG)?;
     // Bad input and wrong side.
     assert_eq!(
-        p.a.cli(&["failover", "start", "pf1"]).status.code(),
+        p.a.cli(&["failover", "start", "pf1"])?.status.code(),
         Some(5)
     );
     assert_eq!(
-        p.b.cli(&["failover", "prepare", "pf1"]).status.code(),
+        p.b.cli(&["failover", "prepare", "pf1"])?.status.code(),
         Some(5)
     );
     assert_eq!(
-        p.b.cli(&["failover", "start", "nope"]).status.code(),
+        p.b.cli(&["failover", "start", "nope"])?.status.code(),
         Some(4)
     );
     assert_eq!(
-        p.b.cli(&["failover", "start", "pf1", "--point", "x"])
+        p.b.cli(&["failover", "start", "pf1", "--point", "x"])?
             .status
             .code(),
         Some(2)
     );
 
     // The guest writes until it is shut down; the last writes are not in any cycle yet.
-    vm.write_random("disk0", 30, 6);
-    let final_hash = vm.hash("disk0");
-    let prep = failover(&p.a, &["prepare", "pf1"]);
+    vm.write_random("disk0", 30, 6)?;
+    let final_hash = vm.hash("disk0")?;
+    let prep = failover(&p.a, &["prepare", "pf1"])?;
     assert_eq!(prep.state, ReplicationState::PreparedForFailover);
     let k = prep.point.expect("final cycle");
     assert_eq!(
-        p.a.status("pf1").state,
+        p.a.status("pf1")?.state,
         ReplicationState::PreparedForFailover
     );
     // Locked: no further cycles.
     std::thread::sleep(Duration::from_secs(6));
-    assert_eq!(p.a.status("pf1").last_cycle, Some(k));
+    assert_eq!(p.a.status("pf1")?.last_cycle, Some(k));
 
     let t0 = Instant::now();
-    let live = failover(&p.b, &["start", "pf1"]);
+    let live = failover(&p.b, &["start", "pf1"])?;
     let took = t0.elapsed();
-    procs.add(&live);
     eprintln!(
         "planned failover start: {took:?} (agent-side {} ms)",
         live.elapsed_ms
     );
     assert_eq!(live.point, Some(k));
-    let pts = points(&p.b, "pf1");
+    let pts = points(&p.b, "pf1")?;
     assert_eq!(pts.last().map(|x| x.kind.as_str()), Some("planned"));
     let vm_b = started(&vm, live_nbd(&p.b, vm.def.uuid));
     assert_eq!(
-        vm_b.hash("disk0"),
+        vm_b.hash("disk0")?,
         final_hash,
         "planned failover lost writes"
     );
 
     // Reverse: b becomes the primary, a its replica; only new changes travel.
     let r: FailoverResult =
-        serde_json::from_str(&p.b.ok(&["reverse", "pf1", "--frequency", "5s", "--json"]))
+        serde_json::from_str(&p.b.ok(&["reverse", "pf1", "--frequency", "5s", "--json"])?)
             .expect("reverse json");
     assert_eq!(r.state, ReplicationState::Replicating);
-    vm_b.write_random("disk0", 8, 77);
-    let new_hash = vm_b.hash("disk0");
+    vm_b.write_random("disk0", 8, 77)?;
+    let new_hash = vm_b.hash("disk0")?;
     wait_until(LONG, "a cycle back to the old primary", || {
-        p.b.status("pf1").last_cycle.unwrap_or(0) >= k + 2
-            && p.a.status("pf1").last_cycle.unwrap_or(0) >= k + 2
-    });
-    let sb = p.b.status("pf1");
+        Ok({
+            p.b.status("pf1")?.last_cycle.unwrap_or(0) >= k + 2
+                && p.a.status("pf1")?.last_cycle.unwrap_or(0) >= k + 2
+        })
+    })?;
+    let sb = p.b.status("pf1")?;
     assert_eq!(sb.mode, vmr_proto::api::ReplicationMode::Primary);
     assert_eq!(sb.state, ReplicationState::Replicating);
     assert!(
@@ -301,49 +266,48 @@ fn planned_failover_loses_nothing_and_reverses() {
         "reverse sent more than the new changes: {}",
         sb.stats.total_bytes
     );
-    let sa = p.a.status("pf1");
+    let sa = p.a.status("pf1")?;
     assert_eq!(sa.mode, vmr_proto::api::ReplicationMode::Replica);
-    p.b.ok(&["pause", "pf1"]);
-    let back = replica_hashes(&p.a, vm.def.uuid, None);
+    p.b.ok(&["pause", "pf1"])?;
+    let back = replica_hashes(&p.a, vm.def.uuid, None)?;
     assert_eq!(
         back[0].1, new_hash,
         "the old primary's replica differs from the new primary"
     );
+    Ok(())
 }
 
 #[test]
-fn reverse_after_unplanned_failover_sends_only_differences() {
-    let mut p = Pair::new();
-    p.a.allow(&p.b);
-    let mut vm = StandIn::create(p.root.path(), &p.a, "uf1", &["disk0"], 32);
-    vm.write_random("disk0", 100, 3);
-    vm.register(&p.a);
-    p.enable("uf1", &["--frequency", "5s"]);
-    let mut procs = Procs::default();
-    let (k, hk) = write_and_cut(&p, &vm, 4);
+fn reverse_after_unplanned_failover_sends_only_differences() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    p.a.allow(&p.b)?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "uf1", &["disk0"], 32)?;
+    vm.write_random("disk0", 100, 3)?;
+    vm.register(&p.a)?;
+    p.enable("uf1", &["--frequency", "5s"])?;
+    let (k, hk) = write_and_cut(&p, &vm, 4)?;
 
     // The primary host is lost; its VM wrote more that never left.
     p.a.kill9();
-    vm.write_random("disk0", 20, 5);
-    assert_ne!(vm.hash("disk0"), hk);
-    let live = failover(&p.b, &["start", "uf1"]);
-    procs.add(&live);
+    vm.write_random("disk0", 20, 5)?;
+    assert_ne!(vm.hash("disk0")?, hk);
+    let live = failover(&p.b, &["start", "uf1"])?;
     assert_eq!(live.point, Some(k));
     let vm_b = started(&vm, live_nbd(&p.b, vm.def.uuid));
-    assert_eq!(vm_b.hash("disk0"), hk);
-    vm_b.write_random("disk0", 8, 6);
-    let h_new = vm_b.hash("disk0");
+    assert_eq!(vm_b.hash("disk0")?, hk);
+    vm_b.write_random("disk0", 8, 6)?;
+    let h_new = vm_b.hash("disk0")?;
 
     // The old primary comes back with its VM off; reverse resyncs it from the new primary.
-    vm.stop();
-    p.a.restart();
+    vm.stop()?;
+    p.a.restart()?;
     let r: FailoverResult =
-        serde_json::from_str(&p.b.ok(&["reverse", "uf1", "--frequency", "5s", "--json"]))
+        serde_json::from_str(&p.b.ok(&["reverse", "uf1", "--frequency", "5s", "--json"])?)
             .expect("reverse json");
     assert!(r.message.contains("resynchronised"), "{}", r.message);
     let deadline = Instant::now() + LONG;
     loop {
-        let (sb, sa) = (p.b.status("uf1"), p.a.status("uf1"));
+        let (sb, sa) = (p.b.status("uf1")?, p.a.status("uf1")?);
         if sb.state == ReplicationState::Replicating
             && sb.last_cycle.unwrap_or(0) >= k + 2
             && sa.last_cycle.unwrap_or(0) >= k + 2
@@ -353,23 +317,24 @@ fn reverse_after_unplanned_failover_sends_only_differences() {
         assert!(
             Instant::now() < deadline,
             "no resync and cycle back: new primary {sb:?}\nold primary {sa:?}\n--- b log ---\n{}\n--- a log ---\n{}",
-            common::tail(&p.b.log(), 30),
-            common::tail(&p.a.log(), 30)
+            tail(&p.b.log(), 30),
+            tail(&p.a.log(), 30)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let sb = p.b.status("uf1");
+    let sb = p.b.status("uf1")?;
     assert!(
         sb.stats.total_bytes <= (20 + 8) * 65536 * 2,
         "reverse sent more than the differing blocks: {}",
         sb.stats.total_bytes
     );
-    p.b.ok(&["pause", "uf1"]);
+    p.b.ok(&["pause", "uf1"])?;
     assert_eq!(
-        replica_hashes(&p.a, vm.def.uuid, None)[0].1,
+        replica_hashes(&p.a, vm.def.uuid, None)?[0].1,
         h_new,
         "old primary differs after reverse"
     );
+    Ok(())
 }
 
 /// Failover time, command → the started VM's QMP answers, for a small and a large (sparse)
@@ -377,19 +342,17 @@ fn reverse_after_unplanned_failover_sends_only_differences() {
 /// --ignored --nocapture bench_`.
 #[test]
 #[ignore]
-fn bench_failover_time() {
+fn bench_failover_time() -> TestResult {
     for (label, mib) in [("64 MiB", 64u64), ("8 GiB sparse", 8192)] {
-        let p = Pair::new();
-        p.a.allow(&p.b);
-        let vm = StandIn::create(p.root.path(), &p.a, "bench", &["disk0"], mib);
-        vm.write_random("disk0", 64, 1);
-        vm.register(&p.a);
-        p.enable("bench", &["--frequency", "5s"]);
-        let mut procs = Procs::default();
-        let (older, _) = write_and_cut(&p, &vm, 2);
-        let pin = failover(&p.b, &["test", "bench", "--point", &older.to_string()]);
-        procs.add(&pin);
-        let (latest, _) = write_and_cut(&p, &vm, 3);
+        let p = Pair::new(exe())?;
+        p.a.allow(&p.b)?;
+        let vm = StandIn::create(p.root.path(), &p.a, "bench", &["disk0"], mib)?;
+        vm.write_random("disk0", 64, 1)?;
+        vm.register(&p.a)?;
+        p.enable("bench", &["--frequency", "5s"])?;
+        let (older, _) = write_and_cut(&p, &vm, 2)?;
+        let _pin = failover(&p.b, &["test", "bench", "--point", &older.to_string()])?;
+        let (latest, _) = write_and_cut(&p, &vm, 3)?;
         assert!(latest > older);
         for (which, point) in [
             ("latest", "latest".to_owned()),
@@ -398,8 +361,7 @@ fn bench_failover_time() {
             let mut times = Vec::new();
             for _ in 0..3 {
                 let t0 = Instant::now();
-                let r = failover(&p.b, &["start", "bench", "--point", &point, "--force"]);
-                procs.add(&r);
+                let r = failover(&p.b, &["start", "bench", "--point", &point, "--force"])?;
                 let qmp = PathBuf::from(r.qmp.clone().expect("qmp"));
                 let mut s = std::os::unix::net::UnixStream::connect(&qmp).expect("qmp connect");
                 let mut buf = [0u8; 64];
@@ -407,11 +369,12 @@ fn bench_failover_time() {
                 assert!(n > 0);
                 times.push(t0.elapsed().as_millis());
                 drop(s);
-                failover(&p.b, &["cancel", "bench"]);
+                failover(&p.b, &["cancel", "bench"])?;
             }
             eprintln!(
                 "BENCH failover {label:<13} {which:<6} point: {times:?} ms (command → QMP greeting)"
             );
         }
     }
+    Ok(())
 }

@@ -9,49 +9,50 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Pair, StandIn, assert_equal_at_cut, state, wait_until};
+use common::*;
 use vmr_proto::api::ReplicationState;
 
 const LONG: Duration = Duration::from_secs(90);
 const BLOCK: u64 = 64 * 1024;
 
-fn copy_images(vm: &StandIn, to: &Path) {
+fn copy_images(vm: &StandIn, to: &Path) -> TestResult {
     std::fs::create_dir_all(to).expect("backup dir");
     for d in &vm.def.disks {
         std::fs::copy(&d.path, to.join(format!("{}.qcow2", d.node))).expect("copy image");
     }
+    Ok(())
 }
 
 #[test]
-fn initial_replication_from_an_existing_copy_sends_only_differences() {
-    let p = Pair::new();
+fn initial_replication_from_an_existing_copy_sends_only_differences() -> TestResult {
+    let p = Pair::new(exe())?;
     let disks = ["disk0", "disk1"];
-    let mut vm = StandIn::create(p.root.path(), &p.a, "ex-vm", &disks, 64);
+    let mut vm = StandIn::create(p.root.path(), &p.a, "ex-vm", &disks, 64)?;
     let name = vm.def.name.clone();
     for (i, d) in disks.iter().enumerate() {
-        vm.write_random(d, 300, 40 + i as u64);
+        vm.write_random(d, 300, 40 + i as u64)?;
     }
     // The admin's earlier copy (VM shut down), carried to the replica host.
-    vm.stop();
+    vm.stop()?;
     let backup = p.root.path().join("backup");
-    copy_images(&vm, &backup);
-    vm.start();
+    copy_images(&vm, &backup)?;
+    vm.start()?;
     // The VM went on writing since: 2 × 24 blocks differ from the copy.
-    common::write_seq(&vm, "disk0", 10, 24, 41);
-    common::write_seq(&vm, "disk1", 900, 24, 42);
+    vm.write_seq("disk0", 10, 24, 41)?;
+    vm.write_seq("disk1", 900, 24, 42)?;
     let differing = 2 * 24 * BLOCK;
-    vm.register(&p.a);
+    vm.register(&p.a)?;
 
     // Importing before replication is enabled: the replica does not know the VM yet.
-    let early = p.b.cli(&["import", &name, &backup.display().to_string()]);
+    let early = p.b.cli(&["import", &name, &backup.display().to_string()])?;
     assert_eq!(early.status.code(), Some(4), "{early:?}");
 
     // Enabled with --initial existing before the copy is loaded: a clear error, no full copy.
-    p.enable(&name, &["--frequency", "5s", "--initial", "existing"]);
+    p.enable(&name, &["--frequency", "5s", "--initial", "existing"])?;
     wait_until(LONG, "the missing copy to be reported", || {
-        state(&p, &name) == ReplicationState::Error
-    });
-    let s = p.a.status(&name);
+        Ok(p.state(&name)? == ReplicationState::Error)
+    })?;
+    let s = p.a.status(&name)?;
     assert!(
         s.health_reason.contains("vmreplica import"),
         "{}",
@@ -59,54 +60,57 @@ fn initial_replication_from_an_existing_copy_sends_only_differences() {
     );
     assert_eq!(s.stats.total_bytes, 0);
     // Import on the primary is refused: it is not the replica.
-    let wrong = p.a.cli(&["import", &name, &backup.display().to_string()]);
+    let wrong = p.a.cli(&["import", &name, &backup.display().to_string()])?;
     assert_eq!(wrong.status.code(), Some(5), "{wrong:?}");
     // A directory without the images says what it expected.
     let empty = p.root.path().join("empty");
     std::fs::create_dir_all(&empty).expect("dir");
-    let none = p.b.cli(&["import", &name, &empty.display().to_string()]);
+    let none = p.b.cli(&["import", &name, &empty.display().to_string()])?;
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("disk0.qcow2"));
 
-    let out = p.b.ok(&["import", &name, &backup.display().to_string()]);
+    let out = p.b.ok(&["import", &name, &backup.display().to_string()])?;
     assert!(out.contains("recovery point 1"), "{out}");
-    p.a.ok(&["resume", &name]);
+    p.a.ok(&["resume", &name])?;
     wait_until(LONG, "initial replication from the existing copy", || {
-        state(&p, &name) == ReplicationState::Replicating
-    });
-    let sent = p.a.status(&name).stats.total_bytes;
+        Ok(p.state(&name)? == ReplicationState::Replicating)
+    })?;
+    let sent = p.a.status(&name)?.stats.total_bytes;
     eprintln!("existing copy: {sent} data bytes sent; {differing} bytes differed");
     assert!(
         (differing..2 * differing).contains(&sent),
         "sent {sent} bytes for {differing} differing"
     );
-    assert_eq!(p.b.status(&name).state, ReplicationState::Replicating);
-    assert_equal_at_cut(&p, &vm);
+    assert_eq!(p.b.status(&name)?.state, ReplicationState::Replicating);
+    assert_equal_at_cut(&p, &vm)?;
 
     // Disabled and enabled again later: the copy the replica kept is the existing copy.
-    p.a.ok(&["disable", &name]);
-    common::write_seq(&vm, "disk1", 100, 8, 43);
-    p.enable(&name, &["--frequency", "5s", "--initial", "existing"]);
+    p.a.ok(&["disable", &name])?;
+    vm.write_seq("disk1", 100, 8, 43)?;
+    p.enable(&name, &["--frequency", "5s", "--initial", "existing"])?;
     wait_until(LONG, "re-enabled replication from the kept copy", || {
-        let s = p.a.status(&name);
-        s.state == ReplicationState::Replicating && s.last_cycle.is_some()
-    });
+        Ok({
+            let s = p.a.status(&name)?;
+            s.state == ReplicationState::Replicating && s.last_cycle.is_some()
+        })
+    })?;
     // (enable starts a new statistics window)
-    let sent = p.a.status(&name).stats.total_bytes;
+    let sent = p.a.status(&name)?.stats.total_bytes;
     assert!(
         sent < 2 * 8 * BLOCK,
         "re-enable sent {sent} bytes for 8 changed blocks"
     );
-    assert_equal_at_cut(&p, &vm);
+    assert_equal_at_cut(&p, &vm)?;
+    Ok(())
 }
 
 #[test]
-fn exported_initial_copy_is_imported_and_the_changes_follow() {
-    let p = Pair::new();
-    let mut vm = StandIn::create(p.root.path(), &p.a, "media-vm", &["disk0"], 64);
+fn exported_initial_copy_is_imported_and_the_changes_follow() -> TestResult {
+    let p = Pair::new(exe())?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "media-vm", &["disk0"], 64)?;
     let name = vm.def.name.clone();
-    vm.write_random("disk0", 400, 50);
-    vm.register(&p.a);
+    vm.write_random("disk0", 400, 50)?;
+    vm.register(&p.a)?;
     let media = p.root.path().join("media");
     let media_arg = format!("export:{}", media.display());
     let bad = p.a.cli(&[
@@ -118,29 +122,31 @@ fn exported_initial_copy_is_imported_and_the_changes_follow() {
         &p.b.fingerprint,
         "--initial",
         "export",
-    ]);
+    ])?;
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
-    p.enable(&name, &["--frequency", "5s", "--initial", &media_arg]);
+    p.enable(&name, &["--frequency", "5s", "--initial", &media_arg])?;
     let manifest = media.join("vmreplica-export.json");
-    wait_until(LONG, "the export", || manifest.exists());
+    wait_until(LONG, "the export", || Ok(manifest.exists()))?;
     wait_until(LONG, "the primary to wait for the import", || {
-        let s = p.a.status(&name);
-        s.last_cycle == Some(1) && s.health_reason.contains("vmreplica import")
-    });
-    let s = p.a.status(&name);
+        Ok({
+            let s = p.a.status(&name)?;
+            s.last_cycle == Some(1) && s.health_reason.contains("vmreplica import")
+        })
+    })?;
+    let s = p.a.status(&name)?;
     assert_eq!(s.state, ReplicationState::InitialReplicationInProgress);
     // Nothing went over the network, and nothing goes while the copy travels.
-    let on_replica = p.b.status(&name);
+    let on_replica = p.b.status(&name)?;
     assert_eq!(
         on_replica.state,
         ReplicationState::WaitingForInitialReplication
     );
     assert_eq!(on_replica.last_cycle, None);
     // The guest writes on meanwhile.
-    common::write_seq(&vm, "disk0", 600, 20, 51);
+    vm.write_seq("disk0", 600, 20, 51)?;
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(
-        state(&p, &name),
+        p.state(&name)?,
         ReplicationState::InitialReplicationInProgress
     );
 
@@ -160,26 +166,30 @@ fn exported_initial_copy_is_imported_and_the_changes_follow() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x40;
     std::fs::write(&stage, bytes).expect("write");
-    let r = p.b.cli(&["import", &name, &damaged.display().to_string()]);
+    let r =
+        p.b.cli(&["import", &name, &damaged.display().to_string()])?;
     assert!(!r.status.success());
     assert!(
         String::from_utf8_lossy(&r.stderr).contains("damaged"),
         "{r:?}"
     );
-    assert_eq!(p.b.status(&name).last_cycle, None);
+    assert_eq!(p.b.status(&name)?.last_cycle, None);
 
-    let out = p.b.ok(&["import", &name, &media.display().to_string()]);
+    let out = p.b.ok(&["import", &name, &media.display().to_string()])?;
     assert!(out.contains("recovery point 1"), "{out}");
-    let before = p.a.status(&name).stats.total_bytes;
+    let before = p.a.status(&name)?.stats.total_bytes;
     wait_until(LONG, "replication after the import", || {
-        let s = p.a.status(&name);
-        s.state == ReplicationState::Replicating && s.last_cycle.unwrap_or(0) >= 2
-    });
-    let sent = p.a.status(&name).stats.total_bytes - before;
+        Ok({
+            let s = p.a.status(&name)?;
+            s.state == ReplicationState::Replicating && s.last_cycle.unwrap_or(0) >= 2
+        })
+    })?;
+    let sent = p.a.status(&name)?.stats.total_bytes - before;
     assert!(
         (20 * BLOCK..2 * 20 * BLOCK).contains(&sent),
         "the first cycle after the import sent {sent} bytes; 20 blocks changed"
     );
-    assert_equal_at_cut(&p, &vm);
-    vm.stop();
+    assert_equal_at_cut(&p, &vm)?;
+    vm.stop()?;
+    Ok(())
 }

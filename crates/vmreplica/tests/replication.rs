@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Agent, Pair, StandIn, replica_hashes, wait_until};
+use common::*;
 use vmr_proto::api::{Health, ReplicationState};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -32,7 +32,8 @@ impl Writer {
             let mut seed = 1;
             while !s.load(Ordering::SeqCst) {
                 for d in &disks {
-                    vm.write_random(d, blocks_per_round, seed);
+                    vm.write_random(d, blocks_per_round, seed)
+                        .expect("guest write");
                     seed += 1;
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -54,43 +55,44 @@ impl Writer {
 
 /// With the writer stopped: wait for a cycle cut after the last write, pause, and compare every
 /// disk of the replica's latest point with the primary.
-fn verify_at_cut(p: &Pair, vm: &StandIn) {
+fn verify_at_cut(p: &Pair, vm: &StandIn) -> TestResult {
     let name = &vm.def.name;
-    let cut = p.a.status(name).last_cycle.unwrap_or(0) + 2;
-    p.wait_cycle(name, cut, LONG);
-    p.a.ok(&["pause", name]);
-    let replica = replica_hashes(&p.b, vm.def.uuid, None);
+    let cut = p.a.status(name)?.last_cycle.unwrap_or(0) + 2;
+    p.wait_cycle(name, cut, LONG)?;
+    p.a.ok(&["pause", name])?;
+    let replica = replica_hashes(&p.b, vm.def.uuid, None)?;
     assert_eq!(replica.len(), vm.def.disks.len());
     for (disk, h) in replica {
         assert_eq!(
             h,
-            vm.hash(&disk),
+            vm.hash(&disk)?,
             "disk {disk}: replica's latest point differs from the primary"
         );
     }
+    Ok(())
 }
 
 #[test]
-fn replicates_two_disks_under_a_writer() {
-    let p = Pair::new();
-    let vm = StandIn::create(p.root.path(), &p.a, "web1", &["disk0", "disk1"], 64);
-    vm.write_random("disk0", 200, 99);
-    vm.register(&p.a);
+fn replicates_two_disks_under_a_writer() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "web1", &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 200, 99)?;
+    vm.register(&p.a)?;
     let w = Writer::start(&vm, &["disk0", "disk1"], 32);
-    p.enable("web1", &["--frequency", "5s", "--recovery-points", "2"]);
-    let st = p.a.status("web1");
+    p.enable("web1", &["--frequency", "5s", "--recovery-points", "2"])?;
+    let st = p.a.status("web1")?;
     assert!(matches!(
         st.state,
         ReplicationState::InitialReplicationInProgress | ReplicationState::Replicating
     ));
-    p.wait_cycle("web1", 3, LONG);
-    assert_eq!(p.a.status("web1").state, ReplicationState::Replicating);
+    p.wait_cycle("web1", 3, LONG)?;
+    assert_eq!(p.a.status("web1")?.state, ReplicationState::Replicating);
     w.stop();
-    verify_at_cut(&p, &vm);
+    verify_at_cut(&p, &vm)?;
 
     // Statistics and points are visible to the admin.
     let m: serde_json::Value =
-        serde_json::from_str(&p.a.ok(&["measure", "web1", "--json"])).expect("json");
+        serde_json::from_str(&p.a.ok(&["measure", "web1", "--json"])?).expect("json");
     assert!(
         m[0]["stats"]["successful_cycles"].as_u64().unwrap_or(0) >= 3,
         "{m}"
@@ -100,58 +102,62 @@ fn replicates_two_disks_under_a_writer() {
         "{m}"
     );
     let pts: serde_json::Value =
-        serde_json::from_str(&p.b.ok(&["points", "web1", "--json"])).expect("json");
+        serde_json::from_str(&p.b.ok(&["points", "web1", "--json"])?).expect("json");
     assert!(!pts.as_array().expect("array").is_empty());
-    let text = p.b.ok(&["status"]);
+    let text = p.b.ok(&["status"])?;
     assert!(text.contains("web1") && text.contains("Replica"), "{text}");
+    Ok(())
 }
 
-fn kill_mid_cycle(p: &mut Pair, replica_side: bool) {
-    let vm = StandIn::create(p.root.path(), &p.a, "db1", &["disk0"], 128);
-    vm.register(&p.a);
-    p.enable("db1", &["--frequency", "5s"]);
-    p.wait_cycle("db1", 1, LONG);
+fn kill_mid_cycle(p: &mut Pair, replica_side: bool) -> TestResult {
+    let vm = StandIn::create(p.root.path(), &p.a, "db1", &["disk0"], 128)?;
+    vm.register(&p.a)?;
+    p.enable("db1", &["--frequency", "5s"])?;
+    p.wait_cycle("db1", 1, LONG)?;
     // A large change set, so that the next cycle takes a while to ship.
-    vm.write_random("disk0", 1200, 7);
+    vm.write_random("disk0", 1200, 7)?;
     let w = Writer::start(&vm, &["disk0"], 16);
     wait_until(LONG, "a cycle in flight", || {
-        p.a.status("db1").progress.is_some_and(|(d, _)| d > 0)
-    });
-    let before = p.a.status("db1").last_cycle.unwrap_or(0);
+        Ok(p.a.status("db1")?.progress.is_some_and(|(d, _)| d > 0))
+    })?;
+    let before = p.a.status("db1")?.last_cycle.unwrap_or(0);
     if replica_side {
         p.b.kill9();
         std::thread::sleep(Duration::from_millis(500));
-        p.b.restart();
+        p.b.restart()?;
     } else {
         p.a.kill9();
         std::thread::sleep(Duration::from_millis(500));
-        p.a.restart();
+        p.a.restart()?;
     }
     // Replication resumes by itself and moves on.
-    p.wait_cycle("db1", before + 2, LONG);
+    p.wait_cycle("db1", before + 2, LONG)?;
     w.stop();
-    verify_at_cut(p, &vm);
-    let st = p.a.status("db1");
+    verify_at_cut(p, &vm)?;
+    let st = p.a.status("db1")?;
     assert!(st.stats.successful_cycles >= 1);
+    Ok(())
 }
 
 #[test]
-fn replica_agent_killed_mid_cycle_loses_nothing() {
-    let mut p = Pair::new();
-    kill_mid_cycle(&mut p, true);
+fn replica_agent_killed_mid_cycle_loses_nothing() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    kill_mid_cycle(&mut p, true)?;
+    Ok(())
 }
 
 #[test]
-fn primary_agent_killed_mid_cycle_resumes() {
-    let mut p = Pair::new();
-    kill_mid_cycle(&mut p, false);
+fn primary_agent_killed_mid_cycle_resumes() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    kill_mid_cycle(&mut p, false)?;
+    Ok(())
 }
 
 #[test]
-fn refuses_wrong_fingerprint_and_unauthorized_primary() {
-    let p = Pair::new();
-    let vm = StandIn::create(p.root.path(), &p.a, "app1", &["disk0"], 16);
-    vm.register(&p.a);
+fn refuses_wrong_fingerprint_and_unauthorized_primary() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "app1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
     // Wrong replica fingerprint: the primary refuses the replica's certificate.
     let out = p.a.cli(&[
         "enable",
@@ -160,16 +166,16 @@ fn refuses_wrong_fingerprint_and_unauthorized_primary() {
         &p.b.addr,
         "--replica-fingerprint",
         &p.a.fingerprint,
-    ]);
+    ])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fingerprint"), "{err}");
-    assert_eq!(p.a.status("app1").state, ReplicationState::Disabled);
+    assert_eq!(p.a.status("app1")?.state, ReplicationState::Disabled);
 
     // A primary the replica did not authorize is refused by the replica.
-    let c = Agent::start(p.root.path(), "host-c");
-    let vm_c = StandIn::create(p.root.path(), &c, "app2", &["disk0"], 16);
-    vm_c.register(&c);
+    let c = Agent::start(exe(), p.root.path(), "host-c")?;
+    let vm_c = StandIn::create(p.root.path(), &c, "app2", &["disk0"], 16)?;
+    vm_c.register(&c)?;
     let out = c.cli(&[
         "enable",
         "app2",
@@ -177,7 +183,7 @@ fn refuses_wrong_fingerprint_and_unauthorized_primary() {
         &p.b.addr,
         "--replica-fingerprint",
         &p.b.fingerprint,
-    ]);
+    ])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(
@@ -189,16 +195,17 @@ fn refuses_wrong_fingerprint_and_unauthorized_primary() {
             || p.b.log().to_lowercase().contains("unauthorized")
             || p.b.log().contains("refused")
     );
+    Ok(())
 }
 
 #[test]
-fn pause_resume_disable_and_bad_input() {
-    let p = Pair::new();
-    let vm = StandIn::create(p.root.path(), &p.a, "ops1", &["disk0"], 16);
-    vm.register(&p.a);
+fn pause_resume_disable_and_bad_input() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "ops1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
 
     // Bad input: clear errors with documented exit codes, nothing changes.
-    let out = p.a.cli(&["status", "nosuch"]);
+    let out = p.a.cli(&["status", "nosuch"])?;
     assert_eq!(
         out.status.code(),
         Some(4),
@@ -214,81 +221,83 @@ fn pause_resume_disable_and_bad_input() {
         &p.b.fingerprint,
         "--frequency",
         "3s",
-    ]);
+    ])?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("5 s"));
-    let out = p.a.cli(&["pause", "nosuch"]);
+    let out = p.a.cli(&["pause", "nosuch"])?;
     assert_eq!(out.status.code(), Some(4));
 
-    p.enable("ops1", &["--frequency", "5s"]);
-    p.wait_cycle("ops1", 2, LONG);
+    p.enable("ops1", &["--frequency", "5s"])?;
+    p.wait_cycle("ops1", 2, LONG)?;
 
     // Pause on the primary: Suspended, Warning, no cycles.
-    p.a.ok(&["pause", "ops1"]);
-    let st = p.a.status("ops1");
+    p.a.ok(&["pause", "ops1"])?;
+    let st = p.a.status("ops1")?;
     assert_eq!(st.state, ReplicationState::Suspended);
     assert_eq!(st.health, Health::Warning);
     let paused_at = st.last_cycle;
     std::thread::sleep(Duration::from_secs(7));
-    assert_eq!(p.a.status("ops1").last_cycle, paused_at);
+    assert_eq!(p.a.status("ops1")?.last_cycle, paused_at);
     assert_eq!(
-        p.a.cli(&["pause", "ops1"]).status.code(),
+        p.a.cli(&["pause", "ops1"])?.status.code(),
         Some(5),
         "pausing twice is an invalid state"
     );
 
     // Resume: cycles continue and carry what was written meanwhile.
-    vm.write_random("disk0", 20, 5);
-    p.a.ok(&["resume", "ops1"]);
-    p.wait_cycle("ops1", paused_at.unwrap_or(0) + 1, LONG);
+    vm.write_random("disk0", 20, 5)?;
+    p.a.ok(&["resume", "ops1"])?;
+    p.wait_cycle("ops1", paused_at.unwrap_or(0) + 1, LONG)?;
 
     // Pause on the replica is Critical there.
-    p.b.ok(&["pause", "ops1"]);
-    let st = p.b.status("ops1");
+    p.b.ok(&["pause", "ops1"])?;
+    let st = p.b.status("ops1")?;
     assert_eq!(st.state, ReplicationState::Suspended);
     assert_eq!(st.health, Health::Critical);
-    p.b.ok(&["resume", "ops1"]);
+    p.b.ok(&["resume", "ops1"])?;
 
     // Disable: the primary stops and says so.
-    p.a.ok(&["disable", "ops1"]);
-    let st = p.a.status("ops1");
+    p.a.ok(&["disable", "ops1"])?;
+    let st = p.a.status("ops1")?;
     assert_eq!(st.state, ReplicationState::Disabled);
     let last = st.last_cycle;
     std::thread::sleep(Duration::from_secs(6));
-    assert_eq!(p.a.status("ops1").last_cycle, last);
+    assert_eq!(p.a.status("ops1")?.last_cycle, last);
+    Ok(())
 }
 
 #[test]
-fn scheduled_initial_replication_and_start_initial() {
-    let p = Pair::new();
-    let vm = StandIn::create(p.root.path(), &p.a, "later1", &["disk0"], 16);
-    vm.register(&p.a);
+fn scheduled_initial_replication_and_start_initial() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "later1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
     p.enable(
         "later1",
         &["--frequency", "5s", "--initial-at", "2099-01-01T00:00:00Z"],
-    );
-    let st = p.a.status("later1");
+    )?;
+    let st = p.a.status("later1")?;
     assert_eq!(st.state, ReplicationState::ReadyForInitialReplication);
     assert_eq!(st.health, Health::Warning, "{}", st.health_reason);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(p.a.status("later1").last_cycle, None);
-    p.a.ok(&["start-initial", "later1"]);
-    p.wait_cycle("later1", 2, LONG);
-    let st = p.a.status("later1");
+    assert_eq!(p.a.status("later1")?.last_cycle, None);
+    p.a.ok(&["start-initial", "later1"])?;
+    p.wait_cycle("later1", 2, LONG)?;
+    let st = p.a.status("later1")?;
     assert_eq!(st.state, ReplicationState::Replicating);
     assert_eq!(st.health, Health::Normal, "{}", st.health_reason);
+    Ok(())
 }
 
 #[test]
-fn replica_vm_accepts_only_its_trust_group() {
-    let p = Pair::new();
-    let vm = StandIn::create(p.root.path(), &p.a, "tg1", &["disk0"], 16);
-    vm.register(&p.a);
-    p.enable("tg1", &["--frequency", "5s"]);
-    p.wait_cycle("tg1", 1, LONG);
+fn replica_vm_accepts_only_its_trust_group() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "tg1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
+    p.enable("tg1", &["--frequency", "5s"])?;
+    p.wait_cycle("tg1", 1, LONG)?;
 
     // A second primary, authorized on the replica but in another trust group, claims the same VM.
-    let c = Agent::start(p.root.path(), "host-c");
+    let c = Agent::start(exe(), p.root.path(), "host-c")?;
     p.b.ok(&[
         "server",
         "allow",
@@ -298,7 +307,7 @@ fn replica_vm_accepts_only_its_trust_group() {
         &c.fingerprint,
         "--trust-group",
         "other",
-    ]);
+    ])?;
     let launch = p.root.path().join("tg1-copy.toml");
     std::fs::write(&launch, vm.def.to_toml()).expect("write");
     c.ok(&[
@@ -309,7 +318,7 @@ fn replica_vm_accepts_only_its_trust_group() {
         "/nonexistent/qmp.sock",
         "--launch",
         &launch.display().to_string(),
-    ]);
+    ])?;
     let out = c.cli(&[
         "enable",
         "tg1",
@@ -317,11 +326,12 @@ fn replica_vm_accepts_only_its_trust_group() {
         &p.b.addr,
         "--replica-fingerprint",
         &p.b.fingerprint,
-    ]);
+    ])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("trust group"), "{err}");
     // The rightful primary goes on.
-    let last = p.a.status("tg1").last_cycle.unwrap_or(0);
-    p.wait_cycle("tg1", last + 1, LONG);
+    let last = p.a.status("tg1")?.last_cycle.unwrap_or(0);
+    p.wait_cycle("tg1", last + 1, LONG)?;
+    Ok(())
 }

@@ -110,33 +110,38 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             ""
         }
     );
-    let pair = Pair::new(&ctx.exe, &ctx.dir("s8"))?;
-    let vm = start_vm(
+    let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s8"))?)?;
+    let vm = StandIn::start_in(
+        &pair.root.path().join("vm"),
         &pair.a.dir,
-        &pair.root.join("vm"),
         "bench-s8",
-        &[DiskSpec::new("disk0", disk)],
+        &[StandInDisk::new("disk0", disk)],
     )?;
     let c = ctx.block(load::connect(&vm.nbd, "disk0"))?;
-    ctx.block(load::fill(&c, &load::pool(81), disk, 81))?;
-    let img = vm.disks[0].1.clone();
-    let dst = pair.root.join("rsync-dst");
+    ctx.block(load::fill(&c, &vmr_testkit::harness::pool(81), disk, 81))?;
+    let img = vm.disks()[0].1.clone();
+    let dst = pair.root.path().join("rsync-dst");
     std::fs::create_dir_all(&dst)?;
     copy_for_rsync(&img, &dst)?;
-    pair.add(&vm)?;
-    enable_and_wait(&pair, &vm.name, "60m", 0, Duration::from_secs(1800))?;
+    pair.a.add(&vm)?;
+    enable_and_wait(&pair, &vm.def.name, "60m", 0, Duration::from_secs(1800))?;
     let (mut ours, mut ours_bytes, mut theirs, mut theirs_bytes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..reps {
-        pause(&pair, &vm.name)?;
+        pause(&pair, &vm.def.name)?;
         ctx.block(load::dirty(&c, count, 800 + r as u64))?;
         let run_resync = |ours: &mut Vec<f64>, bytes: &mut Vec<f64>| -> anyhow::Result<()> {
-            let before = harness::status(&pair.a.dir, &vm.name)?;
+            let before = pair.a.status(&vm.def.name)?;
             let last = before.last_cycle.unwrap_or(0);
             let t = Instant::now();
-            pair.on_a(&["resume", &vm.name, "--resync"])?;
-            let (st, _) = pair.wait_committed(&vm.name, last + 1, Duration::from_secs(1800))?;
-            let applied = pair.wait_applied(&vm.name, last + 1, Duration::from_secs(1800))?;
+            pair.a.json(&["resume", &vm.def.name, "--resync"])?;
+            let (st, _) = pair
+                .a
+                .wait_cycle(&vm.def.name, last + 1, Duration::from_secs(1800))?;
+            let applied = pair
+                .b
+                .wait_cycle(&vm.def.name, last + 1, Duration::from_secs(1800))?
+                .1;
             if st.state != ReplicationState::Replicating {
                 bail!("after the resync the primary is {:?}", st.state);
             }
@@ -199,8 +204,8 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     ctx.block(c.disconnect())?;
     drop(vm);
     let mut pair = pair;
-    pair.stop();
-    remove_dir(&pair.root);
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
     Ok(())
 }
 

@@ -1,0 +1,489 @@
+//! Agents as child processes: `vmreplica init` + `vmreplica agent` in a directory, driven
+//! through the CLI and the control socket; a primary/replica [`Pair`]; the [`TestDir`] that
+//! holds them and kills whatever still runs from it when dropped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmr_proto::api::{Request, Response, VmStatus};
+
+use super::standin::StandIn;
+use super::{HarnessError, Result, io_err, wait_every};
+use crate::proc::ChildGuard;
+
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io_err("find a free port on 127.0.0.1"))
+}
+
+/// Last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One agent: its directory, address, fingerprint and process.
+#[derive(Debug)]
+pub struct Agent {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its name (`init --name`).
+    pub name: String,
+    /// Its replication listener, `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The listener's port.
+    pub port: u16,
+    /// Its certificate fingerprint.
+    pub fingerprint: String,
+    exe: PathBuf,
+    child: Option<ChildGuard>,
+}
+
+impl Agent {
+    /// `vmreplica init` in `root/name` (listening on a free port of 127.0.0.1) and start the
+    /// agent; returns once its control socket answers.
+    pub fn start(exe: &Path, root: &Path, name: &str) -> Result<Agent> {
+        let dir = root.join(name);
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let mut a = Agent {
+            dir,
+            name: name.to_owned(),
+            addr,
+            port,
+            fingerprint: String::new(),
+            exe: exe.to_path_buf(),
+            child: None,
+        };
+        let out = a.ok(&["init", "--name", name, "--listen", &a.addr.clone()])?;
+        a.fingerprint = out.trim().to_owned();
+        a.restart()?;
+        Ok(a)
+    }
+
+    /// (Re)start the agent process and wait until its control socket answers a status request.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill9();
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io_err("open the agent log"))?;
+        let log2 = log.try_clone().map_err(io_err("open the agent log"))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--dir").arg(&self.dir).arg("agent");
+        cmd.env("VMREPLICA_LOG", "info,vmreplica=debug,vmr_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log2)
+            .stderr(log);
+        let mut child = ChildGuard::spawn(cmd, "vmreplica agent")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.ctl(&Request::Status { name: None }).is_ok() {
+                break;
+            }
+            let reason = if !child.is_running() {
+                "it exited"
+            } else if Instant::now() > deadline {
+                "its control socket did not answer within 30 s"
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            return Err(HarnessError::AgentStart {
+                dir: self.dir.clone(),
+                reason: reason.to_owned(),
+                log: self.log(),
+            });
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The agent's pid (0 when not running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, ChildGuard::pid)
+    }
+
+    /// SIGKILL the agent (an unclean exit).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill9();
+        }
+    }
+
+    /// Stop the agent cleanly (SIGTERM; SIGKILL after 20 s, reported as an error).
+    pub fn stop(&mut self) -> Result<()> {
+        match self.child.take() {
+            Some(mut c) => c
+                .terminate(Duration::from_secs(20))
+                .map_err(|e| HarnessError::Exited {
+                    what: format!("agent {} ({e})", self.name),
+                    log: tail(&self.log(), 40),
+                }),
+            None => Ok(()),
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The storage directory of its replica VMs (the default of `server allow`).
+    pub fn storage(&self) -> PathBuf {
+        self.dir.join("replicas")
+    }
+
+    /// Run `vmreplica --dir DIR ARGS...`, whatever its exit status.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.exe)
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err(format!("run {}", self.exe.display())))
+    }
+
+    /// Run a CLI command that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            return Err(HarnessError::Cli {
+                args: args.join(" "),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                log: tail(&self.log(), 40),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// [`Self::ok`] with the global `--json` flag: machine-readable output.
+    pub fn json(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        self.ok(&a)
+    }
+
+    /// One request over the control socket (`DIR/agent.sock`), as the CLI sends it.
+    pub fn ctl(&self, req: &Request) -> Result<Value> {
+        let path = self.dir.join("agent.sock");
+        let mut s =
+            UnixStream::connect(&path).map_err(io_err(format!("connect to {}", path.display())))?;
+        let json = |source| HarnessError::Json {
+            what: format!("the control socket of {}", self.name),
+            source,
+        };
+        let mut line = serde_json::to_string(req).map_err(json)?;
+        line.push('\n');
+        s.write_all(line.as_bytes())
+            .map_err(io_err("send a control request"))?;
+        let mut answer = String::new();
+        BufReader::new(s)
+            .read_line(&mut answer)
+            .map_err(io_err("read a control answer"))?;
+        match serde_json::from_str::<Response>(&answer).map_err(json)? {
+            Response::Ok { value } => Ok(value),
+            Response::Err { chain, .. } => Err(HarnessError::Agent {
+                chain: chain.join(": "),
+            }),
+        }
+    }
+
+    /// Status rows of every VM (`None`) or of one.
+    pub fn statuses(&self, vm: Option<&str>) -> Result<Vec<VmStatus>> {
+        let v = self.ctl(&Request::Status {
+            name: vm.map(str::to_owned),
+        })?;
+        serde_json::from_value(v).map_err(|source| HarnessError::Json {
+            what: format!("the status of {}", self.name),
+            source,
+        })
+    }
+
+    /// The status row of `vm`.
+    pub fn status(&self, vm: &str) -> Result<VmStatus> {
+        self.statuses(Some(vm))?
+            .pop()
+            .ok_or_else(|| HarnessError::NoStatusRow { vm: vm.to_owned() })
+    }
+
+    /// Allow `primary` to replicate to this agent (`server allow`).
+    pub fn allow(&self, primary: &Agent) -> Result<()> {
+        self.ok(&[
+            "server",
+            "allow",
+            "--primary",
+            &primary.name,
+            "--fingerprint",
+            &primary.fingerprint,
+        ])
+        .map(drop)
+    }
+
+    /// Register `vm` on this (primary) agent (`vm add`).
+    pub fn add(&self, vm: &StandIn) -> Result<()> {
+        self.ok(&[
+            "vm",
+            "add",
+            &vm.def.name,
+            "--qmp",
+            &vm.qmp.display().to_string(),
+            "--launch",
+            &vm.launch.display().to_string(),
+        ])
+        .map(drop)
+    }
+
+    /// Poll this agent's status of `vm` every `every` until `pred` holds; the row and when it
+    /// was read.
+    pub fn wait_status(
+        &self,
+        vm: &str,
+        timeout: Duration,
+        every: Duration,
+        what: &str,
+        pred: impl Fn(&VmStatus) -> bool,
+    ) -> Result<(VmStatus, Instant)> {
+        let mut seen = None;
+        let r = wait_every(timeout, every, what, || {
+            let now = Instant::now();
+            let s = self.status(vm)?;
+            let ok = pred(&s);
+            seen = Some((s, now));
+            Ok(ok)
+        });
+        match (r, seen) {
+            (Ok(()), Some(s)) => Ok(s),
+            (Ok(()), None) => Err(HarnessError::NoStatusRow { vm: vm.to_owned() }),
+            (Err(HarnessError::Timeout { what, after, last }), Some((s, _))) => {
+                Err(HarnessError::Timeout {
+                    what: format!(
+                        "{what} (last seen: {} {}, last cycle {:?}, {})",
+                        s.state, s.health, s.last_cycle, s.health_reason
+                    ),
+                    after,
+                    last,
+                })
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Wait until this agent reports cycle `id` (or later) of `vm` done (committed on a
+    /// primary, applied on a replica); the row and when it was read (polled every 10 ms).
+    pub fn wait_cycle(&self, vm: &str, id: u64, timeout: Duration) -> Result<(VmStatus, Instant)> {
+        self.wait_status(
+            vm,
+            timeout,
+            Duration::from_millis(10),
+            &format!("cycle {id} of {vm} on {}", self.name),
+            |s| s.last_cycle.unwrap_or(0) >= id,
+        )
+    }
+}
+
+/// The directory a harness run lives in: a temp dir (removed on drop; kept after a panic when
+/// `VMR_E2E_KEEP` is set) or a given one (left in place). On drop, every process whose command
+/// line names the directory is killed first: VMs an agent started for a failover outlive the
+/// agent on purpose, and a test may panic before it learnt their pids.
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+    temp: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    /// A new temp dir named `prefix…`.
+    pub fn temp(prefix: &str) -> Result<TestDir> {
+        let t = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .map_err(io_err("create a temp dir"))?;
+        Ok(TestDir {
+            path: t.path().to_path_buf(),
+            temp: Some(t),
+        })
+    }
+
+    /// A given directory (created if missing), not removed on drop.
+    pub fn given(path: &Path) -> Result<TestDir> {
+        std::fs::create_dir_all(path).map_err(io_err(format!("create {}", path.display())))?;
+        Ok(TestDir {
+            path: path.to_path_buf(),
+            temp: None,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Keep the temp dir after drop; its path.
+    pub fn keep(mut self) -> PathBuf {
+        if let Some(t) = self.temp.take() {
+            // The TempDir no longer deletes; `self` still kills leftovers on drop.
+            let _ = t.keep();
+        }
+        self.path.clone()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        kill_processes_under(&self.path);
+        if std::thread::panicking()
+            && std::env::var_os("VMR_E2E_KEEP").is_some()
+            && let Some(t) = self.temp.take()
+        {
+            eprintln!("kept {}", t.keep().display());
+        }
+    }
+}
+
+/// SIGKILL every process (but this one) whose command line names `dir` or a path under it;
+/// how many. Reads `/proc`, so it finds processes whatever started them.
+pub fn kill_processes_under(dir: &Path) -> usize {
+    let Some(d) = dir.to_str() else {
+        return 0;
+    };
+    let under = format!("{}/", d.trim_end_matches('/'));
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let names_dir = cmdline.split(|b| *b == 0).any(|arg| {
+            let arg = String::from_utf8_lossy(arg);
+            arg == d || arg.contains(&under)
+        });
+        if names_dir {
+            crate::proc::sigkill(pid);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Two agents in one directory: `a` (primary) and `b` (replica, allowing `a`).
+#[derive(Debug)]
+pub struct Pair {
+    /// The primary, `host-a`.
+    pub a: Agent,
+    /// The replica, `host-b`.
+    pub b: Agent,
+    /// Their directory (dropped last: kills leftovers).
+    pub root: TestDir,
+}
+
+impl Pair {
+    /// Start both agents in a new temp dir and authorize a on b.
+    pub fn new(exe: &Path) -> Result<Pair> {
+        Self::in_dir(exe, TestDir::temp("vmr-e2e-")?)
+    }
+
+    /// Start both agents in `root` and authorize a on b.
+    pub fn in_dir(exe: &Path, root: TestDir) -> Result<Pair> {
+        let a = Agent::start(exe, root.path(), "host-a")?;
+        let b = Agent::start(exe, root.path(), "host-b")?;
+        b.allow(&a)?;
+        Ok(Pair { a, b, root })
+    }
+
+    /// `enable VM` from a to b with extra arguments.
+    pub fn enable(&self, vm: &str, extra: &[&str]) -> Result<()> {
+        let mut args = vec![
+            "enable",
+            vm,
+            "--replica",
+            &self.b.addr,
+            "--replica-fingerprint",
+            &self.b.fingerprint,
+        ];
+        args.extend_from_slice(extra);
+        self.a.ok(&args).map(drop)
+    }
+
+    /// Wait until the primary reports cycle `id` committed and the replica applied it.
+    pub fn wait_cycle(&self, vm: &str, id: u64, timeout: Duration) -> Result<()> {
+        self.a.wait_cycle(vm, id, timeout)?;
+        self.b.wait_cycle(vm, id, timeout)?;
+        Ok(())
+    }
+
+    /// The primary's replication state of `vm`.
+    pub fn state(&self, vm: &str) -> Result<vmr_proto::api::ReplicationState> {
+        Ok(self.a.status(vm)?.state)
+    }
+
+    /// Stop both agents cleanly.
+    pub fn stop(&mut self) -> Result<()> {
+        let a = self.a.stop();
+        let b = self.b.stop();
+        a.and(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_the_dir_kills_processes_that_name_it_and_only_those() {
+        let dir = TestDir::temp("vmr-kill-").expect("dir");
+        let marker = dir.path().join("marker");
+        let spawn = |arg: &Path| {
+            Command::new("sh")
+                .args(["-c", "sleep 60; true"])
+                .arg(arg)
+                .spawn()
+                .expect("sh")
+        };
+        let mut inside = spawn(&marker);
+        let other = tempfile::tempdir().expect("other");
+        let mut outside = spawn(other.path());
+        // /proc shows the new command line once exec is done.
+        wait_every(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            "sh to exec",
+            || {
+                let cmd = std::fs::read(format!("/proc/{}/cmdline", inside.id()))
+                    .map_err(io_err("read cmdline"))?;
+                Ok(String::from_utf8_lossy(&cmd).contains("marker"))
+            },
+        )
+        .expect("exec");
+        drop(dir);
+        let st = inside.wait().expect("wait");
+        assert!(!st.success(), "killed: {st:?}");
+        assert!(outside.try_wait().expect("try_wait").is_none(), "untouched");
+        outside.kill().expect("kill");
+        outside.wait().expect("reap");
+    }
+}
