@@ -144,7 +144,8 @@ fn exported_initial_copy_is_imported_and_the_changes_follow() -> TestResult {
     assert_eq!(on_replica.last_cycle, None);
     // The guest writes on meanwhile.
     vm.write_seq("disk0", 600, 20, 51)?;
-    std::thread::sleep(Duration::from_secs(6));
+    // Until the import, the machine only asks the replica (vmr-core's
+    // `exported_initial_copy_waits_for_the_import`); no sleep needed.
     assert_eq!(
         p.state(&name)?,
         ReplicationState::InitialReplicationInProgress

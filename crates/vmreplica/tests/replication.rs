@@ -236,7 +236,8 @@ fn pause_resume_disable_and_bad_input() -> TestResult {
     assert_eq!(st.state, ReplicationState::Suspended);
     assert_eq!(st.health, Health::Warning);
     let paused_at = st.last_cycle;
-    std::thread::sleep(Duration::from_secs(7));
+    // That time passing starts no cycle here is vmr-core's table test
+    // `idle_states_start_nothing_as_time_passes`; no sleep needed.
     assert_eq!(p.a.status("ops1")?.last_cycle, paused_at);
     assert_eq!(
         p.a.cli(&["pause", "ops1"])?.status.code(),
@@ -261,7 +262,8 @@ fn pause_resume_disable_and_bad_input() -> TestResult {
     let st = p.a.status("ops1")?;
     assert_eq!(st.state, ReplicationState::Disabled);
     let last = st.last_cycle;
-    std::thread::sleep(Duration::from_secs(6));
+    // That time passing starts no cycle here is vmr-core's table test
+    // `idle_states_start_nothing_as_time_passes`; no sleep needed.
     assert_eq!(p.a.status("ops1")?.last_cycle, last);
     Ok(())
 }
@@ -278,7 +280,8 @@ fn scheduled_initial_replication_and_start_initial() -> TestResult {
     let st = p.a.status("later1")?;
     assert_eq!(st.state, ReplicationState::ReadyForInitialReplication);
     assert_eq!(st.health, Health::Warning, "{}", st.health_reason);
-    std::thread::sleep(Duration::from_secs(2));
+    // That time passing starts no cycle here is vmr-core's table test
+    // `idle_states_start_nothing_as_time_passes`; no sleep needed.
     assert_eq!(p.a.status("later1")?.last_cycle, None);
     p.a.ok(&["start-initial", "later1"])?;
     p.wait_cycle("later1", 2, LONG)?;
