@@ -223,20 +223,38 @@ impl QsdVm {
         }
         if let (Some(s), Some(d)) = (&self.nbd_socket, self.disks.first()) {
             let ep = vmr_nbd::Endpoint::Unix(s.clone());
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|source| HarnessError::Io {
-                    what: "build a tokio runtime".into(),
-                    source,
-                })?;
-            rt.block_on(async {
-                let c = connect_nbd(&ep, &d.node, READY_TIMEOUT).await?;
-                c.disconnect().await.map_err(|source| HarnessError::Nbd {
-                    what: "disconnect".into(),
-                    source,
-                })
-            })?;
+            let node = d.node.clone();
+            // A thread of its own: the caller may be a task of a runtime already (the capture
+            // tests are async), where a nested `block_on` panics.
+            let waited = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(|source| HarnessError::Io {
+                                what: "build a tokio runtime".into(),
+                                source,
+                            })?;
+                        rt.block_on(async {
+                            let c = connect_nbd(&ep, &node, READY_TIMEOUT).await?;
+                            c.disconnect().await.map_err(|source| HarnessError::Nbd {
+                                what: "disconnect".into(),
+                                source,
+                            })
+                        })
+                    })
+                    .join()
+            });
+            match waited {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(HarnessError::Io {
+                        what: "wait for the NBD greeting".into(),
+                        source: std::io::Error::other("the waiting thread panicked"),
+                    });
+                }
+            }
         }
         Ok(())
     }
