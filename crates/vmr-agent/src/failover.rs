@@ -325,8 +325,6 @@ async fn start(
     let t0 = Instant::now();
     let mut rec = replica_record(agent, name)?;
     let store = super::replica::store_of(agent, &rec)?;
-    // What was acknowledged must be a point before "latest" is chosen (planned failover).
-    store.apply_pending(rec.uuid).await?;
     let has_point = store.latest_point(rec.uuid)?.is_some();
     let op = if test {
         FailoverOp::Test
@@ -363,9 +361,6 @@ async fn start(
             .create_view(rec.uuid, point, &dest)
             .await
             .context("creating the failover overlays")?;
-        // The view pins its point from now on; a merge that started before may still be
-        // copying into the point's layer: wait for it (it holds the VM's chain lock).
-        store.apply_pending(rec.uuid).await?;
         let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
             .context("the replicated VM definition is invalid")?;
         if test {

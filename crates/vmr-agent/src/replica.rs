@@ -291,7 +291,7 @@ impl Handler for ReplicaHandler {
             return super::resync::receive(&agent, &store, header, extents).await;
         }
         let (vm, id) = (header.vm, header.id);
-        let mut writer = store.begin_receive(header).map_err(store_err)?;
+        let mut writer = store.begin_cycle(header).await.map_err(store_err)?;
         if writer.is_duplicate() {
             // The replica already holds this cycle id: the primary's reconciliation
             // (replica-info) prevents sending one, so this is a stale retry. Refuse it rather
@@ -308,11 +308,12 @@ impl Handler for ReplicaHandler {
             count += 1;
             writer.put(&extent, sum).await.map_err(store_err)?;
         }
-        writer.finish().await.map_err(store_err)?;
-        // Durable: acknowledge now, apply in the background.
+        let point = writer.finish().await.map_err(store_err)?;
+        // Committed as a recovery point: acknowledge now, bookkeeping and pruning in the
+        // background.
         let agent2 = agent.clone();
         tokio::spawn(async move {
-            apply(&agent2, vm, bytes).await;
+            committed(&agent2, vm, point, bytes).await;
         });
         Ok(CycleAck {
             vm,
@@ -380,7 +381,14 @@ impl Handler for ReplicaHandler {
     }
 }
 
-pub(super) async fn apply(agent: &Arc<Agent>, vm: uuid::Uuid, bytes: u64) {
+/// Bookkeeping after a cycle was committed as `point` (and acknowledged): statistics, state,
+/// then pruning by the retention policy. Serialised per VM.
+pub(super) async fn committed(
+    agent: &Arc<Agent>,
+    vm: uuid::Uuid,
+    point: vmr_store::RecoveryPoint,
+    bytes: u64,
+) {
     let rv = replica_vm(agent, vm);
     let _guard = rv.apply.lock().await;
     let Ok(Some(mut rec)) = agent.vm_by_uuid(vm) else {
@@ -393,36 +401,24 @@ pub(super) async fn apply(agent: &Arc<Agent>, vm: uuid::Uuid, bytes: u64) {
             return;
         }
     };
-    match store.apply_pending(vm).await {
-        Ok(points) => {
-            let now = now_ms();
-            if let Some(p) = points.last() {
-                rec.last_cycle = Some(p.id);
-                if rec.state == ReplicationState::WaitingForInitialReplication {
-                    rec.state = ReplicationState::Replicating;
-                }
-                rec.stats.successful_cycles += points.len() as u64;
-                rec.stats.total_bytes += bytes;
-                rec.stats.max_bytes = rec.stats.max_bytes.max(bytes);
-                rec.stats.last_replication_ms = Some(now);
-                if p.kind == vmr_store::PointKind::AppConsistent {
-                    rec.stats.last_app_consistent_ms = Some(now);
-                }
-                rec.last_error = None;
-            }
-            if let Err(e) = store.prune(vm).await {
-                tracing::warn!(%vm, "pruning failed (retried after the next cycle): {e}");
-            }
-            if let Err(e) = agent.db().put_vm(&rec) {
-                tracing::error!(%vm, "saving replica state: {e:#}");
-            }
-        }
-        Err(e) => {
-            tracing::error!(%vm, "apply failed (the staged cycle is kept and retried): {}", crate::util::chain(&e));
-            rec.stats.errors += 1;
-            rec.last_error = Some(crate::util::chain(&e));
-            let _ = agent.db().put_vm(&rec);
-        }
+    let now = now_ms();
+    rec.last_cycle = rec.last_cycle.max(Some(point.id));
+    if rec.state == ReplicationState::WaitingForInitialReplication {
+        rec.state = ReplicationState::Replicating;
+    }
+    rec.stats.successful_cycles += 1;
+    rec.stats.total_bytes += bytes;
+    rec.stats.max_bytes = rec.stats.max_bytes.max(bytes);
+    rec.stats.last_replication_ms = Some(now);
+    if point.kind == vmr_store::PointKind::AppConsistent {
+        rec.stats.last_app_consistent_ms = Some(now);
+    }
+    rec.last_error = None;
+    if let Err(e) = store.prune(vm).await {
+        tracing::warn!(%vm, "pruning failed (retried after the next cycle): {e}");
+    }
+    if let Err(e) = agent.db().put_vm(&rec) {
+        tracing::error!(%vm, "saving replica state: {e:#}");
     }
 }
 

@@ -89,13 +89,6 @@ pub async fn hashes_call(
         })?;
     let rec = authorize(req.uuid)?;
     let store = super::replica::store_of(agent, &rec).map_err(super::replica::internal)?;
-    if !store
-        .staged(req.uuid)
-        .map_err(super::replica::store_err)?
-        .is_empty()
-    {
-        super::replica::apply(agent, req.uuid, 0).await;
-    }
     let latest = store
         .latest_point(req.uuid)
         .map_err(super::replica::store_err)?;
@@ -143,7 +136,7 @@ pub async fn hashes_call(
 
 /// A resync cycle on the replica: written into the pending resync layers as it arrives and
 /// committed as one recovery point when the whole stream verified
-/// ([`vmr_store::ResyncWriter`]); a stream cut short keeps the layers for the next attempt.
+/// ([`vmr_store::LayerWriter`]); a stream cut short keeps the layers for the next attempt.
 pub(super) async fn receive(
     agent: &Arc<Agent>,
     store: &vmr_store::Store,
@@ -152,7 +145,7 @@ pub(super) async fn receive(
 ) -> Result<vmr_proto::wire::CycleAck, RemoteError> {
     let (vm, id) = (header.vm, header.id);
     let mut writer = store
-        .begin_resync(header)
+        .begin_cycle(header)
         .await
         .map_err(super::replica::store_err)?;
     tracing::info!(%vm, cycle = id, resumed = writer.resumed(), "receiving a resync");
@@ -171,7 +164,7 @@ pub(super) async fn receive(
         };
         if let Err(e) = put {
             // Keep what arrived: the next attempt continues from it.
-            writer.suspend().await;
+            writer.abort().await;
             return Err(e);
         }
     }

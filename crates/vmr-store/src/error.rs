@@ -94,6 +94,12 @@ pub enum StoreError {
         /// Its stderr or exit status.
         message: String,
     },
+    /// A catalog could not be serialized (nothing was written).
+    #[error("cannot encode the catalog")]
+    Encode(#[source] serde_json::Error),
+    /// A blocking task the store ran off the async runtime panicked or was cancelled.
+    #[error("background task of the store failed")]
+    Background(#[source] tokio::task::JoinError),
     /// Talking to qemu-nbd failed.
     #[error("nbd i/o on {what}")]
     Nbd {
@@ -135,6 +141,11 @@ impl StoreError {
             what: what.into(),
             source,
         }
+    }
+
+    /// A durable-write failure from `vmr-durable` (ENOSPC becomes [`StoreError::DiskFull`]).
+    pub(crate) fn durable(e: vmr_durable::DurableError) -> Self {
+        StoreError::io(e.op, e.path, e.source)
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
