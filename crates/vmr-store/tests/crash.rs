@@ -97,9 +97,13 @@ fn wait_orphans_gone(pid: u32, root: &std::path::Path) {
     }
 }
 
-/// Run one child; kill it at `step` (or after `delay`). Returns the acked ids and whether the
-/// child finished the whole series.
-fn run_child(root: &std::path::Path, step: Option<&str>, delay: Duration) -> (Vec<u64>, bool) {
+/// Run one child; kill it at `step` (or after `delay`). Returns the acked ids, whether the
+/// child finished the whole series and whether it paused at `step`.
+fn run_child(
+    root: &std::path::Path,
+    step: Option<&str>,
+    delay: Duration,
+) -> (Vec<u64>, bool, bool) {
     // Owned directly to read its pipes; `Kill` SIGKILLs and reaps it on every path.
     let exe = std::env::current_exe().expect("exe");
     let mut cmd = Command::new(exe);
@@ -135,12 +139,16 @@ fn run_child(root: &std::path::Path, step: Option<&str>, delay: Duration) -> (Ve
         };
     let mut acks = Vec::new();
     let mut done = false;
+    let mut paused = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) if l.contains("ACK ") => acks.push(ack_id(&l)),
             Ok(l) if l.contains("DONE") => done = true,
-            Ok(l) if l.contains("PAUSED") => break,
+            Ok(l) if l.contains("PAUSED") => {
+                paused = true;
+                break;
+            }
             Ok(l) if l.contains("panicked") => panic!("child panicked: {l}"),
             Ok(_) => {}
             Err(_) => break,
@@ -160,7 +168,7 @@ fn run_child(root: &std::path::Path, step: Option<&str>, delay: Duration) -> (Ve
         assert!(!l.contains("panicked"), "child panicked: {l}");
     }
     wait_orphans_gone(pid, root);
-    (acks, done)
+    (acks, done, paused)
 }
 
 async fn verify(
@@ -247,7 +255,10 @@ async fn crash_trials() -> anyhow::Result<()> {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407 + round);
             let delay = Duration::from_millis(50 + (seed >> 33) % 900);
-            let (acks, _done) = run_child(&root, step, delay);
+            let (acks, done, paused) = run_child(&root, step, delay);
+            if let Some(s) = step {
+                assert!(paused || done, "the child never reached step {s}");
+            }
             if let Some(a) = acks.iter().max() {
                 last_acked = last_acked.max(*a);
             }
