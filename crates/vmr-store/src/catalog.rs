@@ -77,7 +77,8 @@ pub fn read(path: &Path) -> Result<Catalog, StoreError> {
     decode(&bytes, path)
 }
 
-/// Write a catalog durably (temp + fsync + rename + directory fsync).
+/// Write a catalog durably (temp + fsync + rename + directory fsync). The store itself writes
+/// through its storage seam (`storage.rs`); this is the same with the real backend.
 pub fn write(path: &Path, c: &Catalog) -> Result<(), StoreError> {
     fsio::atomic_write(path, &encode(c)?)
 }

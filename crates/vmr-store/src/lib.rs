@@ -15,9 +15,12 @@ mod pipeline;
 mod qemu;
 pub mod retention;
 pub mod staging;
+mod storage;
 mod store;
 
 pub use error::StoreError;
 pub use retention::{PointMeta, retention};
+#[cfg(feature = "failpoints")]
+pub use storage::FaultStorage;
 pub use store::{ImageFormat, ImportImage, LayerWriter, Store, View, VmUsage, find_images};
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

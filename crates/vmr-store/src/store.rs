@@ -25,6 +25,7 @@ use crate::pipeline::Pipeline;
 use crate::qemu::{self, Export};
 use crate::retention::{PointMeta, retention};
 use crate::staging::{self, StageReader};
+use crate::storage::{RealStorage, Storage};
 use crate::{catalog, fsio::TMP_SUFFIX};
 
 mod cycle;
@@ -54,12 +55,15 @@ impl std::fmt::Debug for Store {
 
 struct Inner {
     root: PathBuf,
+    fs: Arc<dyn Storage>,
     vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
 }
 
 struct Vm {
     id: Uuid,
     dir: PathBuf,
+    /// The storage seam every durable write and fsync of the store goes through.
+    fs: Arc<dyn Storage>,
     chain: Arc<tokio::sync::Mutex<()>>,
     st: Mutex<VmState>,
 }
@@ -212,7 +216,8 @@ impl Vm {
     /// Write `new` durably and make it the in-memory catalog (generation bumped).
     fn commit(&self, st: &mut VmState, mut new: Catalog) -> Result<(), StoreError> {
         new.generation = st.catalog.generation + 1;
-        catalog::write(&self.catalog_path(), &new)?;
+        self.fs
+            .write_atomic(&self.catalog_path(), &catalog::encode(&new)?)?;
         st.catalog = new;
         Ok(())
     }
@@ -232,7 +237,7 @@ impl Vm {
         }
     }
 
-    fn load(id: Uuid, dir: PathBuf) -> Result<Vm, StoreError> {
+    fn load(id: Uuid, dir: PathBuf, fs: Arc<dyn Storage>) -> Result<Vm, StoreError> {
         let cat = catalog::read(&dir.join(CATALOG))?;
         if cat.vm != id {
             return Err(StoreError::corrupt(
@@ -243,6 +248,7 @@ impl Vm {
         Ok(Vm {
             id,
             dir,
+            fs,
             chain: Arc::new(tokio::sync::Mutex::new(())),
             st: Mutex::new(VmState {
                 catalog: cat,
@@ -257,6 +263,21 @@ impl Store {
     /// staged cycles. Nothing is applied or deleted; call [`Store::recover`] next. One process
     /// owns a store root at a time.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_with(root, Arc::new(RealStorage))
+    }
+
+    /// [`Store::open`] on the fault-injecting storage backend (tests only: feature
+    /// `failpoints`, never in release builds).
+    #[cfg(feature = "failpoints")]
+    pub fn open_with_faults(
+        root: &Path,
+        fs: Arc<crate::storage::FaultStorage>,
+    ) -> Result<Store, StoreError> {
+        Store::open_with(root, fs)
+    }
+
+    /// [`Store::open`] with another storage backend.
+    pub(crate) fn open_with(root: &Path, fs: Arc<dyn Storage>) -> Result<Store, StoreError> {
         let vms_dir = root.join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(|e| StoreError::io("create", &vms_dir, e))?;
         let mut vms = HashMap::new();
@@ -269,11 +290,12 @@ impl Store {
             if !e.path().join(CATALOG).exists() {
                 continue; // registration never completed
             }
-            vms.insert(id, Arc::new(Vm::load(id, e.path())?));
+            vms.insert(id, Arc::new(Vm::load(id, e.path(), fs.clone())?));
         }
         Ok(Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
+                fs,
                 vms: Mutex::new(vms),
             }),
         })
@@ -314,7 +336,8 @@ impl Store {
         for d in [dir.join("staging"), dir.join("disks")] {
             std::fs::create_dir_all(&d).map_err(|e| StoreError::io("create", &d, e))?;
         }
-        fsio::atomic_write(&dir.join(DEFINITION), definition_toml.as_bytes())?;
+        let fs = &self.inner.fs;
+        fs.write_atomic(&dir.join(DEFINITION), definition_toml.as_bytes())?;
         let cat = Catalog {
             vm,
             generation: 1,
@@ -322,13 +345,14 @@ impl Store {
             points: vec![],
             views: vec![],
         };
-        catalog::write(&dir.join(CATALOG), &cat)?;
-        fsio::fsync_dir(&self.inner.root.join("vms"))?;
+        fs.write_atomic(&dir.join(CATALOG), &catalog::encode(&cat)?)?;
+        fs.fsync_dir(&self.inner.root.join("vms"))?;
         vms.insert(
             vm,
             Arc::new(Vm {
                 id: vm,
                 dir,
+                fs: fs.clone(),
                 chain: Arc::new(tokio::sync::Mutex::new(())),
                 st: Mutex::new(VmState {
                     catalog: cat,
@@ -344,7 +368,7 @@ impl Store {
         check_definition(vm, definition_toml)?;
         let v = self.vm(vm)?;
         let _st = lock(&v.st);
-        fsio::atomic_write(&v.dir.join(DEFINITION), definition_toml.as_bytes())
+        v.fs.write_atomic(&v.dir.join(DEFINITION), definition_toml.as_bytes())
     }
 
     /// A VM's definition as stored (TOML text).
@@ -472,7 +496,7 @@ impl Store {
                 }
             }
             let _ = std::fs::remove_file(&path);
-            fsio::fsync_dir(&sdir)?;
+            v.fs.fsync_dir(&sdir)?;
         }
         Ok(())
     }
@@ -611,8 +635,8 @@ impl Store {
             let file = format!("base-c{id:06}.qcow2");
             let _ = std::fs::remove_file(dir.join(&file));
             qemu::create_layer(&dir, &file, *size, Some(&image), false).await?;
-            fsio::fsync_file(&dir.join(&file))?;
-            fsio::fsync_dir(&dir)?;
+            v.fs.fsync_file(&dir.join(&file))?;
+            v.fs.fsync_dir(&dir)?;
             layers.push(LayerRecord {
                 disk: disk.clone(),
                 size: *size,
@@ -691,9 +715,9 @@ impl Store {
                 let backing = v.disk_dir(&l.disk).join(&l.file);
                 let backing = backing.display().to_string();
                 qemu::create_layer(&dest, path, l.size, Some(&backing), true).await?;
-                fsio::fsync_file(Path::new(path))?;
+                v.fs.fsync_file(Path::new(path))?;
             }
-            fsio::fsync_dir(&dest)
+            v.fs.fsync_dir(&dest)
         }
         .await;
         if let Err(e) = made {
@@ -805,7 +829,7 @@ fn remove_strays(v: &Vm) -> Result<(), StoreError> {
                 }
             }
             if removed {
-                fsio::fsync_dir(&d.path())?;
+                v.fs.fsync_dir(&d.path())?;
             }
         }
     }
@@ -820,7 +844,7 @@ fn remove_strays(v: &Vm) -> Result<(), StoreError> {
         }
     }
     let _ = std::fs::remove_file(v.dir.join(format!("{CATALOG}{TMP_SUFFIX}")));
-    fsio::fsync_dir(&sdir)
+    v.fs.fsync_dir(&sdir)
 }
 
 // -------------------------------------------------------------------- prune
@@ -887,7 +911,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 ));
             }
             qemu::commit_into_backing(&dir, &u.file).await?;
-            fsio::fsync_file(&dir.join(&l.file))?;
+            v.fs.fsync_file(&dir.join(&l.file))?;
             pause_point("prune-copied");
             // The layer that sat on the upper one now sits on the base file (same content).
             if let Some(w) = above
@@ -898,7 +922,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 let wa = qemu::backing_of(&dir, &w.file).await?;
                 if wa.as_deref() == Some(u.file.as_str()) {
                     qemu::rebase_unsafe(&dir, &w.file, Some(&l.file)).await?;
-                    fsio::fsync_file(&dir.join(&w.file))?;
+                    v.fs.fsync_file(&dir.join(&w.file))?;
                 } else if wa.as_deref() != Some(l.file.as_str()) {
                     return Err(StoreError::corrupt(
                         dir.join(&w.file),
@@ -910,10 +934,10 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             continue;
         }
         if actual.as_deref() == Some(l.file.as_str()) {
-            copy_up(&dir, &u.file).await?;
+            copy_up(&*v.fs, &dir, &u.file).await?;
             pause_point("prune-copied");
             qemu::rebase_unsafe(&dir, &u.file, l.backing.as_deref()).await?;
-            fsio::fsync_file(&dir.join(&u.file))?;
+            v.fs.fsync_file(&dir.join(&u.file))?;
         } else if actual != l.backing {
             return Err(StoreError::corrupt(
                 dir.join(&u.file),
@@ -972,14 +996,14 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::io("remove", dir.join(file), e)),
         }
-        fsio::fsync_dir(&dir)?;
+        v.fs.fsync_dir(&dir)?;
     }
     Ok(true)
 }
 
 /// Copy into `file` every cluster that its direct backing layer has and it lacks, reading it
 /// through `file` itself (so the visible content never changes), then flush.
-async fn copy_up(dir: &Path, file: &str) -> Result<(), StoreError> {
+async fn copy_up(fs: &dyn Storage, dir: &Path, file: &str) -> Result<(), StoreError> {
     let ranges = qemu::ranges_in_backing(dir, file).await?;
     if ranges.is_empty() {
         return Ok(());
@@ -1026,5 +1050,5 @@ async fn copy_up(dir: &Path, file: &str) -> Result<(), StoreError> {
             Err(e)
         }
     }?;
-    fsio::fsync_file(&dir.join(file))
+    fs.fsync_file(&dir.join(file))
 }

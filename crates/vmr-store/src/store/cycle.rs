@@ -273,10 +273,11 @@ async fn open_layers(
                 .iter()
                 .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
                 .collect();
+            let fs = v.fs.clone();
             blocking(move || {
                 for (f, d) in dirs {
-                    fsio::fsync_file(&f)?;
-                    fsio::fsync_dir(&d)?;
+                    fs.fsync_file(&f)?;
+                    fs.fsync_dir(&d)?;
                 }
                 Ok(())
             })
@@ -452,10 +453,11 @@ async fn commit(
         .iter()
         .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
         .collect();
+    let fs = vm.fs.clone();
     blocking(move || {
         for (f, d) in files {
-            fsio::fsync_file(&f)?;
-            fsio::fsync_dir(&d)?;
+            fs.fsync_file(&f)?;
+            fs.fsync_dir(&d)?;
         }
         Ok(())
     })
@@ -488,8 +490,8 @@ async fn commit(
         c.points.push(point.clone());
         v.commit(&mut st, c)?;
         if resync {
-            let _ = std::fs::remove_file(v.pending_path());
-            let _ = fsio::fsync_dir(&v.dir);
+            let _ = v.fs.remove_file(&v.pending_path());
+            let _ = v.fs.fsync_dir(&v.dir);
         }
         Ok(v.point_info(&st.catalog, &point))
     })

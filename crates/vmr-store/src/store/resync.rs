@@ -92,7 +92,7 @@ impl Vm {
 
     pub(super) fn write_pending(&self, p: &Pending) -> Result<(), StoreError> {
         let path = self.pending_path();
-        fsio::atomic_write(&path, pending_text(p).as_bytes())
+        self.fs.write_atomic(&path, pending_text(p).as_bytes())
     }
 
     /// Forget the pending resync and delete its layers (never one the catalog references).
@@ -109,8 +109,8 @@ impl Vm {
                 }
             }
         }
-        let _ = std::fs::remove_file(self.pending_path());
-        let _ = fsio::fsync_dir(&self.dir);
+        let _ = self.fs.remove_file(&self.pending_path());
+        let _ = self.fs.fsync_dir(&self.dir);
     }
 }
 
