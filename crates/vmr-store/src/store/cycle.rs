@@ -555,3 +555,178 @@ impl Drop for LayerWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmr_proto::{CycleConsistency, DiskInfo};
+
+    fn header(
+        id: CycleId,
+        base: Option<CycleId>,
+        kind: CycleKind,
+        disks: &[(&str, u64)],
+    ) -> CycleHeader {
+        CycleHeader {
+            vm: Uuid::nil(),
+            id,
+            base,
+            kind,
+            consistency: CycleConsistency::CrashConsistent,
+            taken_at_ms: 0,
+            disks: disks
+                .iter()
+                .map(|(d, s)| DiskInfo {
+                    id: (*d).to_owned(),
+                    size: *s,
+                })
+                .collect(),
+        }
+    }
+
+    fn vm(dir: &Path, points: &[(CycleId, &str)]) -> Vm {
+        let points = points
+            .iter()
+            .map(|(id, file)| PointRecord {
+                id: *id,
+                taken_at_ms: 0,
+                kind: PointKind::CrashConsistent,
+                layers: vec![LayerRecord {
+                    disk: "d0".into(),
+                    size: 1 << 20,
+                    file: (*file).to_owned(),
+                    backing: None,
+                }],
+                pruning: false,
+            })
+            .collect();
+        Vm {
+            id: Uuid::nil(),
+            dir: dir.to_owned(),
+            fs: Arc::new(crate::storage::RealStorage),
+            chain: Arc::new(tokio::sync::Mutex::new(())),
+            st: Mutex::new(VmState {
+                catalog: Catalog {
+                    vm: Uuid::nil(),
+                    generation: 1,
+                    retention: RetentionPolicy::default(),
+                    points,
+                    views: vec![],
+                },
+                receiving: None,
+            }),
+        }
+    }
+
+    fn layers(a: Result<Admit, StoreError>) -> Vec<(String, String, Option<String>)> {
+        match a {
+            Ok(Admit::Write { layers, .. }) => layers
+                .into_iter()
+                .map(|l| (l.disk, l.file, l.backing))
+                .collect(),
+            Ok(Admit::Duplicate) => panic!("unexpected duplicate"),
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+
+    fn s(x: &str) -> String {
+        x.to_owned()
+    }
+
+    #[test]
+    fn admission_is_one_table_for_every_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = vm(dir.path(), &[]);
+        let v = vm(dir.path(), &[(1, "base.qcow2"), (2, "c000002.qcow2")]);
+        let admit = |v: &Vm, h: CycleHeader| lock(&v.st).admit(v, &h, None);
+        let one = [("d0", 1 << 20)];
+        use CycleKind::*;
+        // First full cycle: base.qcow2 without backing.
+        assert_eq!(
+            layers(admit(&empty, header(1, None, Full, &one))),
+            vec![(s("d0"), s("base.qcow2"), None)]
+        );
+        // An incremental on an empty replica has the wrong base.
+        assert!(matches!(
+            admit(&empty, header(2, Some(1), Incremental, &one)),
+            Err(StoreError::WrongBase {
+                expected: None,
+                got: Some(1)
+            })
+        ));
+        // Duplicates, whatever the kind.
+        for (id, base, kind) in [
+            (2, Some(1), Incremental),
+            (1, None, Full),
+            (2, Some(1), Resync),
+        ] {
+            assert!(matches!(
+                admit(&v, header(id, base, kind, &one)),
+                Ok(Admit::Duplicate)
+            ));
+        }
+        // Wrong base for incremental and resync alike.
+        for kind in [Incremental, Resync] {
+            assert!(matches!(
+                admit(&v, header(5, Some(1), kind, &one)),
+                Err(StoreError::WrongBase {
+                    expected: Some(2),
+                    got: Some(1)
+                })
+            ));
+        }
+        // Incremental: on top of the latest layer; a new disk starts its own chain.
+        assert_eq!(
+            layers(admit(
+                &v,
+                header(3, Some(2), Incremental, &[("d0", 1 << 20), ("d1", 4096)])
+            )),
+            vec![
+                (s("d0"), s("c000003.qcow2"), Some(s("c000002.qcow2"))),
+                (s("d1"), s("base-c000003.qcow2"), None)
+            ]
+        );
+        // A later full cycle starts a new chain; a resync writes rs<base>.
+        assert_eq!(
+            layers(admit(&v, header(7, None, Full, &one))),
+            vec![(s("d0"), s("base-c000007.qcow2"), None)]
+        );
+        assert_eq!(
+            layers(admit(&v, header(3, Some(2), Resync, &one))),
+            vec![(s("d0"), s("rs000002.qcow2"), Some(s("c000002.qcow2")))]
+        );
+        // Shrinking a disk is refused; a second receive is refused.
+        assert!(matches!(
+            admit(&v, header(3, Some(2), Incremental, &[("d0", 4096)])),
+            Err(StoreError::DiskShrunk { .. })
+        ));
+        lock(&v.st).receiving = Some(3);
+        assert!(matches!(
+            admit(&v, header(3, Some(2), Incremental, &one)),
+            Err(StoreError::ReceiveInProgress(3))
+        ));
+        lock(&v.st).receiving = None;
+        // A pending resync on the same base with its files present is resumed.
+        let rs = LayerRecord {
+            disk: s("d0"),
+            size: 1 << 20,
+            file: s("rs000002.qcow2"),
+            backing: Some(s("c000002.qcow2")),
+        };
+        let pending = resync::Pending {
+            base: 2,
+            layers: vec![rs],
+        };
+        let h = header(3, Some(2), Resync, &one);
+        let resumed = |v: &Vm| {
+            matches!(
+                lock(&v.st).admit(v, &h, Some(&pending)),
+                Ok(Admit::Write { resume: true, .. })
+            )
+        };
+        assert!(!resumed(&v), "layer file missing: not resumed");
+        std::fs::create_dir_all(dir.path().join("disks/d0")).expect("mkdir");
+        std::fs::write(dir.path().join("disks/d0/rs000002.qcow2"), b"x").expect("write");
+        assert!(resumed(&v));
+    }
+}
