@@ -148,7 +148,7 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
         replica_vms: Mutex::new(BTreeMap::new()),
     });
 
-    // Replica side first: replay staged cycles so that what was acknowledged is applied.
+    // Replica side first: recover the stores (interrupted cycles, prunes, old staged cycles).
     replica::recover_all(&agent).await?;
     let server = replica::start_server(&agent).await?;
     let control = control::start(&agent).await?;

@@ -1,7 +1,7 @@
 //! Replica side of the agent: the mutual-TLS server other agents send to, authorization by the
-//! `server allow` entries and trust groups, staging received cycles into the replica store
-//! (acknowledged only once durable), applying them in the background, and the replica VMs'
-//! state, status and recovery points.
+//! `server allow` entries and trust groups, writing received cycles into the replica store
+//! (acknowledged only once committed as a recovery point), bookkeeping and pruning in the
+//! background, and the replica VMs' state, status and recovery points.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,7 +51,8 @@ pub(super) fn store_of(agent: &Agent, rec: &VmRecord) -> anyhow::Result<Store> {
     agent.store(&storage_of(agent, rec)?)
 }
 
-/// Replay every staged cycle of every store (agent start).
+/// Recover every store (agent start): interrupted cycles' pending layers deleted, interrupted
+/// prunes completed, cycles an older version staged replayed.
 pub async fn recover_all(agent: &Arc<Agent>) -> anyhow::Result<()> {
     let mut roots: Vec<PathBuf> = agent
         .db()

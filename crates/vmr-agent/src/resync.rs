@@ -76,8 +76,7 @@ fn unhex(s: &str) -> Option<Vec<[u8; 32]>> {
 
 // ------------------------------------------------------------------------- replica side
 
-/// The `resync-hashes` call on the replica: apply what is staged, then hash the asked blocks
-/// of the latest point.
+/// The `resync-hashes` call on the replica: hash the asked blocks of the latest point.
 pub async fn hashes_call(
     agent: &Arc<Agent>,
     authorize: impl FnOnce(uuid::Uuid) -> Result<VmRecord, RemoteError>,
