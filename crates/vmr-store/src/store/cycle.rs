@@ -249,7 +249,8 @@ async fn open_layers(
     resume: bool,
 ) -> Result<Vec<Export>, StoreError> {
     if !resume {
-        for l in layers {
+        // The disks' layers are created concurrently (one qemu-img each).
+        futures::future::try_join_all(layers.iter().map(|l| async move {
             let path = l.dir.join(&l.rec.file);
             std::fs::create_dir_all(&l.dir).map_err(|e| StoreError::io("create", &l.dir, e))?;
             // Not referenced by the catalog (checked): a leftover of an interrupted cycle.
@@ -265,8 +266,9 @@ async fn open_layers(
                 l.rec.backing.as_deref(),
                 false,
             )
-            .await?;
-        }
+            .await
+        }))
+        .await?;
         if header.kind == CycleKind::Resync {
             // A resync's layers survive an interruption for the next attempt: durable now.
             let dirs: Vec<(PathBuf, PathBuf)> = layers
@@ -291,16 +293,27 @@ async fn open_layers(
     }
     pause_point("cycle-layers-created");
     let mut exports = Vec::new();
-    for l in layers {
-        match Export::start(&l.dir.join(&l.rec.file)).await {
+    let mut first_err = None;
+    // One qemu-nbd per disk, started concurrently.
+    let started = futures::future::join_all(
+        layers
+            .iter()
+            .map(|l| Export::start_owned(l.dir.join(&l.rec.file))),
+    )
+    .await;
+    for r in started {
+        match r {
             Ok(x) => exports.push(x),
             Err(e) => {
-                for x in exports {
-                    x.abort().await;
-                }
-                return Err(e);
+                first_err.get_or_insert(e);
             }
         }
+    }
+    if let Some(e) = first_err {
+        for x in exports {
+            x.abort().await;
+        }
+        return Err(e);
     }
     Ok(exports)
 }
@@ -439,15 +452,18 @@ async fn commit(
     header: &CycleHeader,
     o: &mut Open,
 ) -> Result<RecoveryPoint, StoreError> {
-    let mut res = o.pipe.drain().await;
-    for x in std::mem::take(&mut o.exports) {
-        if res.is_ok() {
-            res = x.finish().await;
-        } else {
+    let drained = o.pipe.drain().await;
+    let exports = std::mem::take(&mut o.exports);
+    if let Err(e) = drained {
+        for x in exports {
             x.abort().await;
         }
+        return Err(e);
     }
-    res?;
+    // FLUSH, disconnect and exit of every disk's qemu-nbd, concurrently.
+    for r in futures::future::join_all(exports.into_iter().map(Export::finish)).await {
+        r?;
+    }
     let files: Vec<(PathBuf, PathBuf)> = o
         .layers
         .iter()
