@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks -- --test-threads=2
+# Test hooks and failpoints (the agent's slowed resync, the store's crash pauses and fault
+# injection) are compiled for the tests only, never into release builds.
+cargo clippy --workspace --all-targets --locked --features vmreplica/test-hooks,vmr-store/failpoints -- -D warnings
+cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks,vmr-store/failpoints -- --test-threads=2

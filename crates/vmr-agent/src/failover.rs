@@ -259,8 +259,6 @@ pub async fn start(
     let name = rec.name.clone();
     let name = name.as_str();
     let store = vm.host.store_of(&rec)?;
-    // What was acknowledged must be a point before "latest" is chosen (planned failover).
-    store.apply_pending(rec.uuid).await?;
     let has_point = store.latest_point(rec.uuid)?.is_some();
     let op = if test { Op::Test } else { Op::Start };
     // Checked before anything is done; the machine decides again below.
@@ -302,9 +300,6 @@ pub async fn start(
             .create_view(rec.uuid, point, &dest)
             .await
             .context("creating the failover overlays")?;
-        // The view pins its point from now on; a merge that started before may still be
-        // copying into the point's layer: wait for it (it holds the VM's chain lock).
-        store.apply_pending(rec.uuid).await?;
         let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
             .context("the replicated VM definition is invalid")?;
         if test {

@@ -10,7 +10,7 @@ use vmr_core::{Refusal, ReplicaEvent, ReplicaMachine, replica_health};
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, VmStatus};
 use vmr_proto::wire::RemoteError;
-use vmr_store::{RecoveryPoint, RetentionPolicy, StoreError};
+use vmr_store::{RecoveryPoint, RetentionPolicy};
 
 use vmr_proto::machine::ReplicaSnapshot;
 use vmr_proto::record::MachineSnapshot;
@@ -23,20 +23,6 @@ use crate::util::{coded, now_ms};
 /// The replica side of a VM.
 pub struct ReplicaSide {
     machine: ReplicaMachine,
-    /// An apply task runs.
-    pub applying: bool,
-    /// Another cycle was staged while the apply ran: apply again when it ends.
-    apply_again: bool,
-    /// Data bytes of staged cycles not yet applied.
-    staged_bytes: u64,
-}
-
-/// A finished apply task.
-pub struct Applied {
-    /// The points it made visible, or why it failed.
-    pub result: Result<Vec<RecoveryPoint>, StoreError>,
-    /// Data bytes of the cycles it applied.
-    pub bytes: u64,
 }
 
 impl ReplicaSide {
@@ -51,12 +37,7 @@ impl ReplicaSide {
 
     /// A replica side around `machine` (a new replica VM, or one taken over from a primary).
     pub fn with(machine: ReplicaMachine) -> ReplicaSide {
-        ReplicaSide {
-            machine,
-            applying: false,
-            apply_again: false,
-            staged_bytes: 0,
-        }
+        ReplicaSide { machine }
     }
 
     /// The machine.
@@ -118,57 +99,19 @@ impl ReplicaSide {
         self.machine.accepts_cycles().map_err(refusal_err)
     }
 
-    /// A cycle of `bytes` data bytes is staged (durable): the caller acknowledges it; it is
-    /// applied by the apply task. Returns whether an apply task must be started.
-    pub fn staged(&mut self, bytes: u64) -> bool {
-        self.staged_bytes += bytes;
-        if self.applying {
-            self.apply_again = true;
-            false
-        } else {
-            self.applying = true;
-            true
+    /// Committing a cycle failed (it is not acknowledged; the primary sends it again).
+    pub fn commit_failed(&mut self, vm: &mut Vm, message: String) {
+        let ev = ReplicaEvent::ApplyFailed {
+            now_ms: now_ms(),
+            message,
+        };
+        if let Err(r) = self.step(vm, ev) {
+            tracing::debug!(vm = %vm.rec.name, "machine refused: {r}");
         }
     }
 
-    /// Bytes to account to the next apply task.
-    pub fn take_staged_bytes(&mut self) -> u64 {
-        std::mem::take(&mut self.staged_bytes)
-    }
-
-    /// An apply task ended. Returns whether to start another.
-    pub fn applied(&mut self, vm: &mut Vm, a: Applied) -> bool {
-        self.applying = false;
-        match a.result {
-            Ok(points) => {
-                let n = points.len() as u64;
-                for (i, p) in points.iter().enumerate() {
-                    // The bytes of the batch count once, with its last point.
-                    let bytes = if i as u64 + 1 == n { a.bytes } else { 0 };
-                    self.record_point(vm, p, bytes);
-                }
-            }
-            Err(e) => {
-                tracing::error!(vm = %vm.rec.name, "apply failed (the staged cycle is kept and retried): {}", crate::util::chain(&e));
-                let ev = ReplicaEvent::ApplyFailed {
-                    now_ms: now_ms(),
-                    message: crate::util::chain(&e),
-                };
-                if let Err(r) = self.step(vm, ev) {
-                    tracing::debug!(vm = %vm.rec.name, "machine refused: {r}");
-                }
-            }
-        }
-        if std::mem::take(&mut self.apply_again) {
-            self.applying = true;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Record a committed point (an applied cycle or a resync). The machine never changes
-    /// a state set meanwhile by pause, disable or failover.
+    /// Record a committed point (a cycle of any kind). The machine never changes a state set
+    /// meanwhile by pause, disable or failover.
     pub fn record_point(&mut self, vm: &mut Vm, p: &RecoveryPoint, bytes: u64) {
         let ev = ReplicaEvent::CycleApplied {
             now_ms: now_ms(),

@@ -62,7 +62,7 @@ struct Counts {
 // ------------------------------------------------------------------------- replica side
 
 /// The `resync-hashes` call on the replica: hash the asked blocks of the latest point of
-/// replica VM `rec` (its owner has applied every acknowledged cycle first).
+/// replica VM `rec` (every acknowledged cycle is a point already).
 pub(crate) async fn hashes(
     store: &vmr_store::Store,
     rec: &VmRecord,
@@ -106,26 +106,6 @@ pub(crate) async fn hashes(
         point_disk_size: h.point_disk_size,
         hashes: h.hashes,
     })
-}
-
-/// Stream a resync cycle into its pending layers ([`vmr_store::ResyncWriter`]); a stream cut
-/// short keeps the layers for the next attempt. Returns the extents and bytes received; the
-/// VM's owner commits the writer.
-pub(crate) async fn receive(
-    writer: &mut vmr_store::ResyncWriter,
-    extents: &mut vmr_transport::ExtentStream,
-) -> Result<(u64, u64), RemoteError> {
-    let (mut count, mut bytes) = (0u64, 0u64);
-    while let Some(item) = extents.next().await {
-        let (extent, sum) = item.map_err(|e| e.to_remote())?;
-        bytes += extent.len();
-        count += 1;
-        writer
-            .put(&extent, sum)
-            .await
-            .map_err(crate::errors::store_err)?;
-    }
-    Ok((count, bytes))
 }
 
 // ------------------------------------------------------------------------- primary side

@@ -17,7 +17,7 @@ use vmr_transport::{Authorize, ExtentStream, Handler, Peer, PeerRequest, PeerRes
 use crate::errors::{internal, store_err};
 use crate::host::Host;
 use crate::util::now_ms;
-use crate::vm::{Command, Registry, VmHandle, Writer};
+use crate::vm::{Command, Registry, VmHandle};
 use vmr_core::ReplicaMachine;
 use vmr_proto::record::{MachineSnapshot, VmRecord};
 
@@ -71,6 +71,25 @@ pub async fn start(host: &Arc<Host>, vms: &Arc<Registry>) -> anyhow::Result<Sock
 
 fn bad(m: impl Into<String>) -> RemoteError {
     RemoteError::BadRequest { message: m.into() }
+}
+
+/// Stream a cycle into its pending layers ([`vmr_store::LayerWriter`]). Returns the extents
+/// and data bytes received; the VM's owner commits the writer.
+async fn stream_into(
+    writer: &mut vmr_store::LayerWriter,
+    extents: &mut vmr_transport::ExtentStream,
+) -> Result<(u64, u64), RemoteError> {
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while let Some(item) = extents.next().await {
+        let (extent, sum) = item.map_err(|e| e.to_remote())?;
+        bytes += extent.len();
+        count += 1;
+        writer
+            .put(&extent, sum)
+            .await
+            .map_err(crate::errors::store_err)?;
+    }
+    Ok((count, bytes))
 }
 
 impl PeerHandler {
@@ -144,35 +163,11 @@ impl Handler for PeerHandler {
         let mut writer = h
             .ask_peer(|r| Command::BeginCycle(peer.clone(), Box::new(header), r))
             .await?;
-        let streamed = match &mut writer {
-            Writer::Staged(w) => {
-                let (mut count, mut bytes) = (0u64, 0u64);
-                let mut res = Ok(());
-                while let Some(item) = extents.next().await {
-                    let put = match item {
-                        Ok((extent, sum)) => {
-                            bytes += extent.len();
-                            count += 1;
-                            w.put(&extent, sum).await.map_err(store_err)
-                        }
-                        Err(e) => Err(e.to_remote()),
-                    };
-                    if let Err(e) = put {
-                        res = Err(e);
-                        break;
-                    }
-                }
-                res.map(|()| (count, bytes))
-            }
-            Writer::Resync(w) => crate::resync::receive(w, &mut extents).await,
-        };
-        let (count, bytes) = match streamed {
+        let (count, bytes) = match stream_into(&mut writer, &mut extents).await {
             Ok(c) => c,
             Err(e) => {
-                if let Writer::Resync(w) = writer {
-                    // Keep what arrived: the next attempt continues from it.
-                    w.suspend().await;
-                }
+                // A resync keeps what arrived for the next attempt; other kinds are dropped.
+                writer.abort().await;
                 return Err(e);
             }
         };

@@ -25,7 +25,7 @@ use crate::exit;
 use crate::host::Host;
 use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
-use crate::replica::{Applied, ReplicaCmd, ReplicaSide};
+use crate::replica::{ReplicaCmd, ReplicaSide};
 use crate::util::{coded, now_ms};
 use vmr_proto::peer::{BecameReplica, BlockHashes, PrimaryVmState};
 use vmr_proto::record::VmRecord;
@@ -74,13 +74,9 @@ pub enum FailoverCmd {
     },
 }
 
-/// A durable cycle's writer, handed from the owner to the transport handler and back.
-pub enum Writer {
-    /// An initial or incremental cycle, staged.
-    Staged(Box<vmr_store::StagingWriter>),
-    /// A resync cycle, written into its pending layers.
-    Resync(vmr_store::ResyncWriter),
-}
+/// A cycle's writer into its pending layers, handed from the owner to the transport handler
+/// (which streams the extents into it) and back (the owner commits it).
+pub type Writer = Box<vmr_store::LayerWriter>;
 
 /// What the owner of a VM can be asked.
 pub enum Command {
@@ -222,14 +218,7 @@ impl Registry {
             }
             ReplicationMode::Replica => Side::Replica(ReplicaSide::restore(&vm)),
         };
-        let (done_tx, done_rx) = mpsc::channel(4);
-        let owner = Owner {
-            vm,
-            side,
-            rx,
-            done_tx,
-            done_rx,
-        };
+        let owner = Owner { vm, side, rx };
         tokio::spawn(owner.run());
         map.insert(handle.name.clone(), handle.clone());
         Ok(handle)
@@ -242,17 +231,10 @@ enum Side {
     Replica(ReplicaSide),
 }
 
-/// Internal completions the owner's own tasks report.
-enum Done {
-    Applied(Applied),
-}
-
 struct Owner {
     vm: Vm,
     side: Side,
     rx: mpsc::Receiver<Command>,
-    done_tx: mpsc::Sender<Done>,
-    done_rx: mpsc::Receiver<Done>,
 }
 
 async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError> {
@@ -295,7 +277,6 @@ impl Owner {
                         p.cycle_done(&mut self.vm, done);
                     }
                 }
-                Some(done) = self.done_rx.recv() => self.internal(done),
                 _ = beat.tick() => {
                     if let Side::Primary(Some(p)) = &mut self.side {
                         p.tick(&mut self.vm);
@@ -315,55 +296,6 @@ impl Owner {
             && let Side::Replica(r) = &mut self.side
         {
             r.recovered(&mut self.vm, latest);
-        }
-    }
-
-    fn internal(&mut self, done: Done) {
-        match done {
-            Done::Applied(a) => {
-                if let Side::Replica(r) = &mut self.side
-                    && r.applied(&mut self.vm, a)
-                {
-                    self.start_apply();
-                }
-            }
-        }
-    }
-
-    /// Apply staged cycles in a task of the owner's; it reports back with `Done::Applied`.
-    fn start_apply(&mut self) {
-        let Side::Replica(r) = &mut self.side else {
-            return;
-        };
-        let bytes = r.take_staged_bytes();
-        let store = match self.vm.host.store_of(&self.vm.rec) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(vm = %self.vm.rec.name, "no store: {e:#}");
-                r.applying = false;
-                return;
-            }
-        };
-        let uuid = self.vm.rec.uuid;
-        let tx = self.done_tx.clone();
-        tokio::spawn(async move {
-            let result = store.apply_pending(uuid).await;
-            if result.is_ok()
-                && let Err(e) = store.prune(uuid).await
-            {
-                tracing::warn!(%uuid, "pruning failed (retried after the next cycle): {e}");
-            }
-            let _ = tx.send(Done::Applied(Applied { result, bytes })).await;
-        });
-    }
-
-    /// Wait until no apply task runs (failover, import and hashes need applied points).
-    async fn settle(&mut self) {
-        while matches!(&self.side, Side::Replica(r) if r.applying) {
-            match self.done_rx.recv().await {
-                Some(d) => self.internal(d),
-                None => return,
-            }
         }
     }
 
@@ -479,7 +411,6 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::Import(dir, reply) => {
-                self.settle().await;
                 let r = match &mut self.side {
                     Side::Replica(r) => r.import(&mut self.vm, &dir).await,
                     Side::Primary(_) => Err(coded(
@@ -540,7 +471,6 @@ impl Owner {
                 let r = match self.trust(&peer) {
                     Err(e) => Err(e),
                     Ok(()) => {
-                        self.settle().await;
                         let accepts = match &self.side {
                             Side::Replica(r) => r.accepts_cycles(),
                             Side::Primary(_) => Err(RemoteError::UnknownVm { vm: req.uuid }),
@@ -548,16 +478,7 @@ impl Owner {
                         match accepts
                             .and_then(|()| self.vm.host.store_of(&self.vm.rec).map_err(internal))
                         {
-                            Ok(store) => {
-                                if store.staged(self.vm.rec.uuid).is_ok_and(|s| !s.is_empty())
-                                    && let Side::Replica(r) = &mut self.side
-                                    && r.staged(0)
-                                {
-                                    self.start_apply();
-                                    self.settle().await;
-                                }
-                                crate::resync::hashes(&store, &self.vm.rec, req).await
-                            }
+                            Ok(store) => crate::resync::hashes(&store, &self.vm.rec, req).await,
                             Err(e) => Err(e),
                         }
                     }
@@ -652,13 +573,6 @@ impl Owner {
     }
 
     async fn failover(&mut self, f: FailoverCmd) -> anyhow::Result<FailoverResult> {
-        if !matches!(f, FailoverCmd::Prepare) {
-            if self.vm.rec.mode() != ReplicationMode::Replica {
-                return Err(self.wrong_mode("this"));
-            }
-            // What was acknowledged must be a point before a point is chosen.
-            self.settle().await;
-        }
         if let FailoverCmd::Prepare = f {
             return match &mut self.side {
                 Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p).await,
@@ -714,50 +628,52 @@ impl Owner {
         };
         r.admit(&mut self.vm, &header)?;
         let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
-        if header.kind == vmr_proto::CycleKind::Resync {
-            self.settle().await;
-            let w = store.begin_resync(header).await.map_err(store_err)?;
-            tracing::info!(vm = %self.vm.rec.name, cycle = w.header().id, resumed = w.resumed(), "receiving a resync");
-            return Ok(Writer::Resync(w));
-        }
-        let (vm, id) = (header.vm, header.id);
-        let writer = store.begin_receive(header).map_err(store_err)?;
+        let (vm, id, kind) = (header.vm, header.id, header.kind);
+        let writer = store.begin_cycle(header).await.map_err(store_err)?;
         if writer.is_duplicate() {
             // The replica already holds this cycle id: the primary's reconciliation
             // (replica-info) prevents sending one, so this is a stale retry. Refuse it rather
-            // than acknowledge content we did not store.
+            // than acknowledge content this attempt did not store.
+            writer.abort().await;
             return Err(RemoteError::WrongBase {
                 expected: store.latest_cycle(vm).ok().flatten(),
                 got: Some(id),
             });
         }
-        Ok(Writer::Staged(Box::new(writer)))
+        if kind == vmr_proto::CycleKind::Resync {
+            tracing::info!(vm = %self.vm.rec.name, cycle = id, resumed = writer.resumed(), "receiving a resync");
+        }
+        Ok(Box::new(writer))
     }
 
+    /// Commit a streamed cycle (flush, fsync, catalog rename: the point exists from here),
+    /// record it, then prune in the background. The caller acknowledges after this returns.
     async fn finish_cycle(&mut self, writer: Writer, bytes: u64) -> Result<(), RemoteError> {
-        match writer {
-            Writer::Staged(w) => {
-                (*w).finish().await.map_err(store_err)?;
-                if let Side::Replica(r) = &mut self.side
-                    && r.staged(bytes)
-                {
-                    self.start_apply();
-                }
-                Ok(())
-            }
-            Writer::Resync(w) => {
-                let id = w.header().id;
-                let point = w.finish().await.map_err(store_err)?;
+        let (id, kind) = (writer.header().id, writer.header().kind);
+        let point = match writer.finish().await {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = crate::util::chain(&e);
+                tracing::error!(vm = %self.vm.rec.name, cycle = id, "committing the cycle failed: {msg}");
                 if let Side::Replica(r) = &mut self.side {
-                    r.record_point(&mut self.vm, &point, bytes);
+                    r.commit_failed(&mut self.vm, msg);
                 }
-                let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
-                if let Err(e) = store.prune(self.vm.rec.uuid).await {
-                    tracing::warn!(vm = %self.vm.rec.name, "pruning failed (retried after the next cycle): {e}");
-                }
-                tracing::info!(vm = %self.vm.rec.name, cycle = id, bytes, "resync committed");
-                Ok(())
+                return Err(store_err(e));
             }
+        };
+        if let Side::Replica(r) = &mut self.side {
+            r.record_point(&mut self.vm, &point, bytes);
         }
+        if kind == vmr_proto::CycleKind::Resync {
+            tracing::info!(vm = %self.vm.rec.name, cycle = id, bytes, "resync committed");
+        }
+        let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
+        let uuid = self.vm.rec.uuid;
+        tokio::spawn(async move {
+            if let Err(e) = store.prune(uuid).await {
+                tracing::warn!(%uuid, "pruning failed (retried after the next cycle): {e}");
+            }
+        });
+        Ok(())
     }
 }

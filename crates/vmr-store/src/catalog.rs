@@ -20,17 +20,18 @@ fn body_checksum(c: &Catalog) -> Result<String, serde_json::Error> {
     Ok(blake3::hash(&body).to_hex().to_string())
 }
 
-/// Encode a catalog as the bytes of `catalog.json`.
-pub fn encode(c: &Catalog) -> Vec<u8> {
-    let checksum = body_checksum(c).unwrap_or_default();
+/// Encode a catalog as the bytes of `catalog.json`. A serialization failure is an error (never
+/// empty bytes, which would replace the commit point with an unreadable file).
+pub fn encode(c: &Catalog) -> Result<Vec<u8>, StoreError> {
+    let checksum = body_checksum(c).map_err(StoreError::Encode)?;
     let file = CatalogFile {
         format: CATALOG_FORMAT,
         checksum,
         catalog: c.clone(),
     };
-    let mut out = serde_json::to_vec_pretty(&file).unwrap_or_default();
+    let mut out = serde_json::to_vec_pretty(&file).map_err(StoreError::Encode)?;
     out.push(b'\n');
-    out
+    Ok(out)
 }
 
 /// Decode and verify `catalog.json` bytes; `path` only names the file in errors.
@@ -76,9 +77,10 @@ pub fn read(path: &Path) -> Result<Catalog, StoreError> {
     decode(&bytes, path)
 }
 
-/// Write a catalog durably (temp + fsync + rename + directory fsync).
+/// Write a catalog durably (temp + fsync + rename + directory fsync). The store itself writes
+/// through its storage seam (`storage.rs`); this is the same with the real backend.
 pub fn write(path: &Path, c: &Catalog) -> Result<(), StoreError> {
-    fsio::atomic_write(path, &encode(c))
+    fsio::atomic_write(path, &encode(c)?)
 }
 
 #[cfg(test)]
@@ -113,13 +115,13 @@ mod tests {
     #[test]
     fn round_trip() {
         let c = sample();
-        let bytes = encode(&c);
+        let bytes = encode(&c).expect("encode");
         assert_eq!(decode(&bytes, Path::new("x")).expect("decode"), c);
     }
 
     #[test]
     fn checksum_detects_edit() {
-        let bytes = encode(&sample());
+        let bytes = encode(&sample()).expect("encode");
         let text = String::from_utf8(bytes)
             .expect("utf8")
             .replace("1000", "1001");
@@ -131,7 +133,7 @@ mod tests {
 
     #[test]
     fn rejects_other_version_and_garbage() {
-        let text = String::from_utf8(encode(&sample()))
+        let text = String::from_utf8(encode(&sample()).expect("encode"))
             .expect("utf8")
             .replace("\"format\": 1", "\"format\": 9");
         assert!(matches!(
@@ -142,7 +144,7 @@ mod tests {
             decode(b"{\"format\":", Path::new("x")),
             Err(StoreError::CorruptFile { .. })
         ));
-        let half = encode(&sample());
+        let half = encode(&sample()).expect("encode");
         assert!(decode(&half[..half.len() / 2], Path::new("x")).is_err());
     }
 

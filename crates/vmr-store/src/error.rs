@@ -18,7 +18,7 @@ pub enum StoreError {
     /// The cycle does not build on the replica's latest cycle: the primary must resync.
     #[error("cycle base {got:?} is not the replica's latest cycle {expected:?}")]
     WrongBase {
-        /// The replica's latest cycle (applied or staged).
+        /// The replica's latest cycle (its latest recovery point).
         expected: Option<CycleId>,
         /// The base the cycle names.
         got: Option<CycleId>,
@@ -38,7 +38,7 @@ pub enum StoreError {
         /// Size the cycle names.
         now: u64,
     },
-    /// An extent's checksum did not verify; the staging was discarded.
+    /// An extent's checksum did not verify; the cycle's pending layers were discarded.
     #[error("extent at disk {disk} offset {offset} failed its checksum")]
     CorruptExtent {
         /// Disk index.
@@ -52,10 +52,10 @@ pub enum StoreError {
     /// Another receive of this VM is in progress.
     #[error("a receive of cycle {0} is already in progress for this VM")]
     ReceiveInProgress(CycleId),
-    /// The staging writer was already failed or finished.
-    #[error("staging writer is no longer usable")]
+    /// The cycle writer was already failed or finished.
+    #[error("cycle writer is no longer usable")]
     WriterClosed,
-    /// No space left on the store's file system; nothing staged or applied was lost.
+    /// No space left on the store's file system; no committed point was lost.
     #[error("no space left on the replica store")]
     DiskFull(#[source] std::io::Error),
     /// A file of the store is damaged (bad magic, version, checksum, truncation).
@@ -94,6 +94,12 @@ pub enum StoreError {
         /// Its stderr or exit status.
         message: String,
     },
+    /// A catalog could not be serialized (nothing was written).
+    #[error("cannot encode the catalog")]
+    Encode(#[source] serde_json::Error),
+    /// A blocking task the store ran off the async runtime panicked or was cancelled.
+    #[error("background task of the store failed")]
+    Background(#[source] tokio::task::JoinError),
     /// Talking to qemu-nbd failed.
     #[error("nbd i/o on {what}")]
     Nbd {
@@ -135,6 +141,11 @@ impl StoreError {
             what: what.into(),
             source,
         }
+    }
+
+    /// A durable-write failure from `vmr-durable` (ENOSPC becomes [`StoreError::DiskFull`]).
+    pub(crate) fn durable(e: vmr_durable::DurableError) -> Self {
+        StoreError::io(e.op, e.path, e.source)
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

@@ -1,20 +1,18 @@
 //! Durable file-system primitives: atomic replace (temp + fsync + rename + directory fsync),
-//! directory fsync, allocated-size accounting, and the test pause hook.
+//! directory fsync (both through `vmr-durable`), allocated-size accounting, and the test pause
+//! hook (`failpoints` feature only).
 
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::error::StoreError;
 
 /// Suffix of every temporary file the store writes; `recover` deletes leftovers.
-pub(crate) const TMP_SUFFIX: &str = ".tmp";
+pub(crate) const TMP_SUFFIX: &str = vmr_durable::TMP_SUFFIX;
 
 /// fsync a directory so that renames/creations/unlinks inside it are durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    let f = std::fs::File::open(dir).map_err(|e| StoreError::io("open directory", dir, e))?;
-    f.sync_all()
-        .map_err(|e| StoreError::io("fsync directory", dir, e))
+    vmr_durable::fsync_dir(dir).map_err(StoreError::durable)
 }
 
 /// fsync a file's data and metadata.
@@ -26,27 +24,10 @@ pub(crate) fn fsync_file(path: &Path) -> Result<(), StoreError> {
     f.sync_all().map_err(|e| StoreError::io("fsync", path, e))
 }
 
-/// Replace `path` with `bytes` atomically and durably: write `path.tmp`, fsync it, rename it
-/// over `path`, fsync the directory. A crash leaves either the old or the new content.
+/// Replace `path` with `bytes` atomically and durably (`vmr_durable::write_atomic`: temp, fsync,
+/// rename, directory fsync). A crash leaves either the old or the new content.
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| StoreError::corrupt(path, "path has no parent directory"))?;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(TMP_SUFFIX);
-    let tmp = std::path::PathBuf::from(tmp_name);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| StoreError::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", &tmp, e))?;
-        fsync_dir(dir)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    vmr_durable::write_atomic(path, bytes).map_err(StoreError::durable)
 }
 
 /// Bytes actually allocated by a file (0 when it does not exist).
@@ -70,9 +51,11 @@ pub(crate) fn allocated_tree(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Test hook: when the environment variable `VMR_STORE_TEST_PAUSE` names `step`, print
+/// Test hook (only with the `failpoints` feature, never in release builds): when the
+/// environment variable `VMR_STORE_TEST_PAUSE` names `step`, print
 /// `PAUSED <step>` on stderr and sleep forever so that a crash test can SIGKILL the process at
 /// exactly that step. Does nothing otherwise.
+#[cfg(feature = "failpoints")]
 pub(crate) fn pause_point(step: &str) {
     static WANT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let want = WANT.get_or_init(|| std::env::var("VMR_STORE_TEST_PAUSE").ok());
@@ -83,3 +66,8 @@ pub(crate) fn pause_point(step: &str) {
         }
     }
 }
+
+/// Without the `failpoints` feature the pause hook compiles to nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn pause_point(_step: &str) {}

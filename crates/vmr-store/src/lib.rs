@@ -1,7 +1,8 @@
-//! vmr-store: the replica side of vmreplica. It receives one cycle of a VM's changes into a
-//! durable staging file, applies it through QEMU (`qemu-img` + `qemu-nbd` + the vmr-nbd
-//! client) into a new qcow2 layer per disk, commits the recovery point in a checksummed
-//! catalog, prunes old points by merging layers, and makes instant failover views.
+//! vmr-store: the replica side of vmreplica. It writes each incoming cycle of a VM's changes
+//! straight into a new qcow2 layer per disk through QEMU (`qemu-img` + `qemu-nbd` + the vmr-nbd
+//! client), commits the recovery point in a checksummed catalog before the cycle is
+//! acknowledged, prunes old points by merging layers, and makes instant failover views. The
+//! staging format survives only as the container of an initial copy on external media.
 //!
 //! See `docs/replica-store.md` for the on-disk layout, the file formats and the crash-safety
 //! argument.
@@ -14,11 +15,12 @@ mod pipeline;
 mod qemu;
 pub mod retention;
 pub mod staging;
+mod storage;
 mod store;
 
 pub use error::StoreError;
 pub use retention::{PointMeta, retention};
-pub use store::{
-    ImageFormat, ImportImage, ResyncWriter, StagingWriter, Store, View, VmUsage, find_images,
-};
+#[cfg(feature = "failpoints")]
+pub use storage::FaultStorage;
+pub use store::{ImageFormat, ImportImage, LayerWriter, Store, View, VmUsage, find_images};
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

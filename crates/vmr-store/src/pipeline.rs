@@ -24,7 +24,7 @@ pub(crate) struct Pipeline {
     pending: FuturesUnordered<Pending>,
     bytes: u64,
     /// Ranges written since the last full drain, per disk: `(disk, start) -> end`. Kept
-    /// disjoint, so that overlapping extents of one cycle land in staging order.
+    /// disjoint, so that overlapping extents of one cycle land in arrival order.
     ranges: std::collections::BTreeMap<(u32, u64), u64>,
 }
 

@@ -191,6 +191,11 @@ impl Export {
         Export::start_with(image, false, Vec::new()).await
     }
 
+    /// [`Export::start`] taking the path by value (a `'static` future, to start several at once).
+    pub(crate) async fn start_owned(image: PathBuf) -> Result<Export, StoreError> {
+        Export::start(&image).await
+    }
+
     /// Export `image` (qcow2) read-only without taking image locks (`--force-share`: for
     /// reading committed layers, whose content never changes, while the store may copy up
     /// into them), with the given meta contexts.

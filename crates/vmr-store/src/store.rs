@@ -1,14 +1,15 @@
-//! The replica store: per-VM directories, receive/stage, apply through qemu-nbd into a new
-//! qcow2 layer per cycle, the catalog commit, recovery, pruning and failover views.
+//! The replica store: per-VM directories, the catalog commit, recovery, pruning and failover
+//! views; cycles are written by the one layer writer (`store/cycle.rs`) straight into a new
+//! qcow2 layer per disk per cycle.
 //!
 //! Locking: a store-wide `std` mutex guards only the VM table. Per VM, `st` (a `std` mutex,
 //! never held across `.await`) guards the in-memory catalog and staging state and serialises
 //! catalog writes; `chain` (a tokio mutex) serialises the operations that open the VM's qcow2
-//! chain with QEMU (apply, one prune step, recovery), because QEMU's image locking forbids
-//! writing a layer that another qemu-nbd holds as a backing file. Receiving never waits for
-//! `chain`, and different VMs never wait for each other.
+//! chain with QEMU (a cycle being written, one prune step, recovery, view creation), because
+//! QEMU's image locking forbids writing a layer that another qemu-nbd holds as a backing file.
+//! Different VMs never wait for each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,13 +24,15 @@ use crate::fsio::{self, pause_point};
 use crate::pipeline::Pipeline;
 use crate::qemu::{self, Export};
 use crate::retention::{PointMeta, retention};
-use crate::staging::{self, StageFileWriter, StageReader};
+use crate::staging::{self, StageReader};
+use crate::storage::{RealStorage, Storage};
 use crate::{catalog, fsio::TMP_SUFFIX};
 
+mod cycle;
 mod import;
 mod resync;
+pub use cycle::LayerWriter;
 pub use import::{ImageFormat, ImportImage, find_images};
-pub use resync::ResyncWriter;
 
 /// Name of the VM definition file.
 const DEFINITION: &str = "vm.toml";
@@ -52,32 +55,27 @@ impl std::fmt::Debug for Store {
 
 struct Inner {
     root: PathBuf,
+    fs: Arc<dyn Storage>,
     vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
 }
 
 struct Vm {
     id: Uuid,
     dir: PathBuf,
-    chain: tokio::sync::Mutex<()>,
+    /// The storage seam every durable write and fsync of the store goes through.
+    fs: Arc<dyn Storage>,
+    chain: Arc<tokio::sync::Mutex<()>>,
     st: Mutex<VmState>,
 }
 
 struct VmState {
     catalog: Catalog,
-    staged: BTreeMap<CycleId, CycleHeader>,
     receiving: Option<CycleId>,
 }
 
 impl VmState {
     fn latest_point(&self) -> Option<CycleId> {
         self.catalog.points.last().map(|p| p.id)
-    }
-    fn latest_known(&self) -> Option<CycleId> {
-        self.staged
-            .keys()
-            .next_back()
-            .copied()
-            .max(self.latest_point())
     }
 
     /// Refuse a cycle that would shrink a disk: replica disks only ever grow (a grown disk
@@ -86,19 +84,12 @@ impl VmState {
         if h.kind == CycleKind::Full {
             return Ok(());
         }
-        let sizes: Vec<(&str, u64)> = match self.staged.values().next_back() {
-            Some(staged) => staged
-                .disks
-                .iter()
-                .map(|d| (d.id.as_str(), d.size))
-                .collect(),
-            None => self
-                .catalog
-                .points
-                .last()
-                .map(|p| p.layers.iter().map(|l| (l.disk.as_str(), l.size)).collect())
-                .unwrap_or_default(),
-        };
+        let sizes: Vec<(&str, u64)> = self
+            .catalog
+            .points
+            .last()
+            .map(|p| p.layers.iter().map(|l| (l.disk.as_str(), l.size)).collect())
+            .unwrap_or_default();
         for d in &h.disks {
             if let Some(&(_, was)) = sizes.iter().find(|(id, _)| *id == d.id)
                 && d.size < was
@@ -136,31 +127,10 @@ pub struct View {
 pub struct VmUsage {
     /// Allocated bytes per point (its own layer files).
     pub points: Vec<(CycleId, u64)>,
-    /// Allocated bytes of staged (received, not yet applied) cycles.
+    /// Allocated bytes of `staging/` (cycle files of an older version not yet replayed).
     pub staging_bytes: u64,
     /// Everything under the VM's directory.
     pub total_bytes: u64,
-}
-
-/// Receives one cycle into a staging file. Dropping it without [`StagingWriter::finish`]
-/// discards the staging.
-pub struct StagingWriter {
-    vm: Arc<Vm>,
-    header: CycleHeader,
-    file: Option<StageFileWriter>,
-    tmp: PathBuf,
-    duplicate: bool,
-    puts: u64,
-}
-
-impl std::fmt::Debug for StagingWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StagingWriter")
-            .field("vm", &self.vm.id)
-            .field("cycle", &self.header.id)
-            .field("duplicate", &self.duplicate)
-            .finish()
-    }
 }
 
 fn valid_name(s: &str) -> bool {
@@ -175,8 +145,8 @@ fn layer_name(id: CycleId) -> String {
     format!("c{id:06}.qcow2")
 }
 
-fn stage_name(id: CycleId) -> String {
-    format!("c{id:06}.stage")
+fn stage_id(name: &str) -> Option<CycleId> {
+    name.strip_prefix('c')?.strip_suffix(".stage")?.parse().ok()
 }
 
 fn validate_header(h: &CycleHeader) -> Result<(), StoreError> {
@@ -246,7 +216,8 @@ impl Vm {
     /// Write `new` durably and make it the in-memory catalog (generation bumped).
     fn commit(&self, st: &mut VmState, mut new: Catalog) -> Result<(), StoreError> {
         new.generation = st.catalog.generation + 1;
-        catalog::write(&self.catalog_path(), &new)?;
+        self.fs
+            .write_atomic(&self.catalog_path(), &catalog::encode(&new)?)?;
         st.catalog = new;
         Ok(())
     }
@@ -266,7 +237,7 @@ impl Vm {
         }
     }
 
-    fn load(id: Uuid, dir: PathBuf) -> Result<Vm, StoreError> {
+    fn load(id: Uuid, dir: PathBuf, fs: Arc<dyn Storage>) -> Result<Vm, StoreError> {
         let cat = catalog::read(&dir.join(CATALOG))?;
         if cat.vm != id {
             return Err(StoreError::corrupt(
@@ -274,34 +245,13 @@ impl Vm {
                 "catalog names another VM",
             ));
         }
-        let latest = cat.points.last().map(|p| p.id);
-        let mut staged = BTreeMap::new();
-        let sdir = dir.join("staging");
-        if let Ok(rd) = std::fs::read_dir(&sdir) {
-            for e in rd.flatten() {
-                let path = e.path();
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(".stage") {
-                    continue;
-                }
-                match staging::looks_complete(&path) {
-                    Ok(h) if h.vm == id && Some(h.id) > latest && name == stage_name(h.id) => {
-                        staged.insert(h.id, h);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "ignoring bad staging file")
-                    }
-                }
-            }
-        }
         Ok(Vm {
             id,
             dir,
-            chain: tokio::sync::Mutex::new(()),
+            fs,
+            chain: Arc::new(tokio::sync::Mutex::new(())),
             st: Mutex::new(VmState {
                 catalog: cat,
-                staged,
                 receiving: None,
             }),
         })
@@ -313,6 +263,21 @@ impl Store {
     /// staged cycles. Nothing is applied or deleted; call [`Store::recover`] next. One process
     /// owns a store root at a time.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_with(root, Arc::new(RealStorage))
+    }
+
+    /// [`Store::open`] on the fault-injecting storage backend (tests only: feature
+    /// `failpoints`, never in release builds).
+    #[cfg(feature = "failpoints")]
+    pub fn open_with_faults(
+        root: &Path,
+        fs: Arc<crate::storage::FaultStorage>,
+    ) -> Result<Store, StoreError> {
+        Store::open_with(root, fs)
+    }
+
+    /// [`Store::open`] with another storage backend.
+    pub(crate) fn open_with(root: &Path, fs: Arc<dyn Storage>) -> Result<Store, StoreError> {
         let vms_dir = root.join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(|e| StoreError::io("create", &vms_dir, e))?;
         let mut vms = HashMap::new();
@@ -325,11 +290,12 @@ impl Store {
             if !e.path().join(CATALOG).exists() {
                 continue; // registration never completed
             }
-            vms.insert(id, Arc::new(Vm::load(id, e.path())?));
+            vms.insert(id, Arc::new(Vm::load(id, e.path(), fs.clone())?));
         }
         Ok(Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
+                fs,
                 vms: Mutex::new(vms),
             }),
         })
@@ -370,7 +336,8 @@ impl Store {
         for d in [dir.join("staging"), dir.join("disks")] {
             std::fs::create_dir_all(&d).map_err(|e| StoreError::io("create", &d, e))?;
         }
-        fsio::atomic_write(&dir.join(DEFINITION), definition_toml.as_bytes())?;
+        let fs = &self.inner.fs;
+        fs.write_atomic(&dir.join(DEFINITION), definition_toml.as_bytes())?;
         let cat = Catalog {
             vm,
             generation: 1,
@@ -378,17 +345,17 @@ impl Store {
             points: vec![],
             views: vec![],
         };
-        catalog::write(&dir.join(CATALOG), &cat)?;
-        fsio::fsync_dir(&self.inner.root.join("vms"))?;
+        fs.write_atomic(&dir.join(CATALOG), &catalog::encode(&cat)?)?;
+        fs.fsync_dir(&self.inner.root.join("vms"))?;
         vms.insert(
             vm,
             Arc::new(Vm {
                 id: vm,
                 dir,
-                chain: tokio::sync::Mutex::new(()),
+                fs: fs.clone(),
+                chain: Arc::new(tokio::sync::Mutex::new(())),
                 st: Mutex::new(VmState {
                     catalog: cat,
-                    staged: BTreeMap::new(),
                     receiving: None,
                 }),
             }),
@@ -401,7 +368,7 @@ impl Store {
         check_definition(vm, definition_toml)?;
         let v = self.vm(vm)?;
         let _st = lock(&v.st);
-        fsio::atomic_write(&v.dir.join(DEFINITION), definition_toml.as_bytes())
+        v.fs.write_atomic(&v.dir.join(DEFINITION), definition_toml.as_bytes())
     }
 
     /// A VM's definition as stored (TOML text).
@@ -441,15 +408,10 @@ impl Store {
         Ok(lock(&self.vm(vm)?.st).latest_point())
     }
 
-    /// The latest cycle the replica has durably (applied or staged): the base the next
-    /// incremental cycle must name.
+    /// The latest cycle the replica has (its latest point): the base the next incremental
+    /// cycle must name.
     pub fn latest_cycle(&self, vm: Uuid) -> Result<Option<CycleId>, StoreError> {
-        Ok(lock(&self.vm(vm)?.st).latest_known())
-    }
-
-    /// Ids of cycles staged but not yet applied.
-    pub fn staged(&self, vm: Uuid) -> Result<Vec<CycleId>, StoreError> {
-        Ok(lock(&self.vm(vm)?.st).staged.keys().copied().collect())
+        Ok(lock(&self.vm(vm)?.st).latest_point())
     }
 
     /// The layer file of each disk at `point` (None = latest): open these read-only, or
@@ -483,85 +445,9 @@ impl Store {
         })
     }
 
-    // ---------------------------------------------------------------- receive
-
-    /// Start receiving one cycle. Refuses a cycle whose base is not the latest cycle the
-    /// replica has ([`StoreError::WrongBase`]); accepts a cycle it already has as a duplicate
-    /// (the writer then stores nothing and [`StagingWriter::is_duplicate`] is true).
-    pub fn begin_receive(&self, header: CycleHeader) -> Result<StagingWriter, StoreError> {
-        let v = self.vm(header.vm)?;
-        validate_header(&header)?;
-        let mut st = lock(&v.st);
-        let latest = st.latest_known();
-        let tmp = v
-            .staging_dir()
-            .join(format!("{}{TMP_SUFFIX}", stage_name(header.id)));
-        if latest.is_some_and(|l| header.id <= l) {
-            return Ok(StagingWriter {
-                vm: v.clone(),
-                header,
-                file: None,
-                tmp,
-                duplicate: true,
-                puts: 0,
-            });
-        }
-        if header.kind != CycleKind::Full && header.base != latest {
-            return Err(StoreError::WrongBase {
-                expected: latest,
-                got: header.base,
-            });
-        }
-        st.check_no_shrink(&header)?;
-        if let Some(r) = st.receiving {
-            return Err(StoreError::ReceiveInProgress(r));
-        }
-        let file = StageFileWriter::create(&tmp, &header)?;
-        st.receiving = Some(header.id);
-        Ok(StagingWriter {
-            vm: v.clone(),
-            header,
-            file: Some(file),
-            tmp,
-            duplicate: false,
-            puts: 0,
-        })
-    }
-
-    // ---------------------------------------------------------------- apply
-
-    /// Apply every staged cycle of `vm`, oldest first; returns the points committed.
-    pub async fn apply_pending(&self, vm: Uuid) -> Result<Vec<RecoveryPoint>, StoreError> {
-        let v = self.vm(vm)?;
-        let _chain = v.chain.lock().await;
-        let mut done = Vec::new();
-        loop {
-            let next = lock(&v.st)
-                .staged
-                .iter()
-                .next()
-                .map(|(k, h)| (*k, h.clone()));
-            let Some((id, header)) = next else { break };
-            match apply_one(&v, &header).await {
-                Ok(p) => done.push(p),
-                Err(
-                    e @ (StoreError::CorruptFile { .. }
-                    | StoreError::CorruptExtent { .. }
-                    | StoreError::WrongBase { .. }),
-                ) => {
-                    // The staged cycle is unusable: drop it and everything built on it.
-                    tracing::error!(vm = %vm, cycle = id, error = %e, "discarding staged cycles");
-                    discard_staged_from(&v, id);
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
-    }
-
-    /// Startup recovery: finish interrupted prunes, delete half-written layers and stray
-    /// temporary files, drop staged cycles already applied, then apply everything staged.
+    /// Startup recovery: finish interrupted prunes, delete the pending layers of interrupted
+    /// cycles (a pending resync's are kept for resuming) and stray temporary files, then
+    /// replay cycle files staged by an older version of the store.
     pub async fn recover(&self) -> Result<(), StoreError> {
         for vm in self.vms() {
             let v = self.vm(vm)?;
@@ -579,7 +465,38 @@ impl Store {
                 }
                 remove_strays(&v)?;
             }
-            self.apply_pending(vm).await?;
+            self.replay_staged(&v).await?;
+        }
+        Ok(())
+    }
+
+    /// Cycles an older version of the store staged (`staging/c<id>.stage`, acknowledged but
+    /// not applied) go through the layer writer like any cycle, oldest first, then are deleted.
+    /// One that is unreadable or no longer fits is dropped (the primary then gets `WrongBase`
+    /// and resyncs).
+    async fn replay_staged(&self, v: &Arc<Vm>) -> Result<(), StoreError> {
+        let sdir = v.staging_dir();
+        let mut files: Vec<(CycleId, PathBuf)> = match std::fs::read_dir(&sdir) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    stage_id(&name).map(|id| (id, e.path()))
+                })
+                .collect(),
+            Err(_) => return Ok(()),
+        };
+        files.sort();
+        for (id, path) in files {
+            match self.stream_stage_file(&path, Some(v.id)).await {
+                Ok(_) => {}
+                Err(e) if e.is_disk_full() => return Err(e),
+                Err(e) => {
+                    tracing::error!(vm = %v.id, cycle = id, error = %e, "dropping a staged cycle");
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+            v.fs.fsync_dir(&sdir)?;
         }
         Ok(())
     }
@@ -623,8 +540,7 @@ impl Store {
         Ok(dropped)
     }
 
-    /// Failover "complete": keep only point `keep` (None = latest), drop every other point and
-    /// every staged cycle. Points pinned by views other than `keep` make this fail.
+    /// Failover "complete": keep only point `keep` (None = latest), drop every other point. Points pinned by views other than `keep` make this fail.
     pub async fn discard_points_except(
         &self,
         vm: Uuid,
@@ -646,9 +562,6 @@ impl Store {
                 st.catalog.points.iter().map(|p| p.id).collect::<Vec<_>>(),
             )
         };
-        if let Some(first) = lock(&v.st).staged.keys().next().copied() {
-            discard_staged_from(&v, first);
-        }
         for id in ids.iter().rev().filter(|i| **i > keep) {
             prune_one(&v, *id, true).await?;
         }
@@ -658,8 +571,8 @@ impl Store {
         Ok(())
     }
 
-    /// Failover "complete" while the failed-over VM runs on a view of `keep`: discard staged
-    /// cycles and drop every point above `keep` (newest first; nothing backs onto them). The
+    /// Failover "complete" while the failed-over VM runs on a view of `keep`: drop every point
+    /// above `keep` (newest first; nothing backs onto them). The
     /// points below `keep` are its backing chain; a running VM holds `keep`'s layers, so they
     /// cannot be merged now ([`Store::discard_points_except`] does that when nothing runs).
     pub async fn discard_points_above(&self, vm: Uuid, keep: CycleId) -> Result<(), StoreError> {
@@ -681,9 +594,6 @@ impl Store {
                 .filter(|i| *i > keep)
                 .collect::<Vec<_>>()
         };
-        if let Some(first) = lock(&v.st).staged.keys().next().copied() {
-            discard_staged_from(&v, first);
-        }
         for id in ids.iter().rev() {
             prune_one(&v, *id, true).await?;
         }
@@ -725,8 +635,8 @@ impl Store {
             let file = format!("base-c{id:06}.qcow2");
             let _ = std::fs::remove_file(dir.join(&file));
             qemu::create_layer(&dir, &file, *size, Some(&image), false).await?;
-            fsio::fsync_file(&dir.join(&file))?;
-            fsio::fsync_dir(&dir)?;
+            v.fs.fsync_file(&dir.join(&file))?;
+            v.fs.fsync_dir(&dir)?;
             layers.push(LayerRecord {
                 disk: disk.clone(),
                 size: *size,
@@ -805,9 +715,9 @@ impl Store {
                 let backing = v.disk_dir(&l.disk).join(&l.file);
                 let backing = backing.display().to_string();
                 qemu::create_layer(&dest, path, l.size, Some(&backing), true).await?;
-                fsio::fsync_file(Path::new(path))?;
+                v.fs.fsync_file(Path::new(path))?;
             }
-            fsio::fsync_dir(&dest)
+            v.fs.fsync_dir(&dest)
         }
         .await;
         if let Err(e) = made {
@@ -892,17 +802,6 @@ fn find_point(c: &Catalog, point: Option<CycleId>) -> Result<&PointRecord, Store
     .ok_or(StoreError::NoSuchPoint(point))
 }
 
-/// Delete staged cycle `from` and every later one (they build on it).
-fn discard_staged_from(v: &Vm, from: CycleId) {
-    let mut st = lock(&v.st);
-    let ids: Vec<CycleId> = st.staged.range(from..).map(|(k, _)| *k).collect();
-    for id in ids {
-        st.staged.remove(&id);
-        let _ = std::fs::remove_file(v.staging_dir().join(stage_name(id)));
-    }
-    let _ = fsio::fsync_dir(&v.staging_dir());
-}
-
 /// Delete every file the catalog does not reference: half-written layers, merged-away layers,
 /// temporary files, staged cycles already applied. Caller holds `chain`.
 fn remove_strays(v: &Vm) -> Result<(), StoreError> {
@@ -930,365 +829,22 @@ fn remove_strays(v: &Vm) -> Result<(), StoreError> {
                 }
             }
             if removed {
-                fsio::fsync_dir(&d.path())?;
+                v.fs.fsync_dir(&d.path())?;
             }
         }
     }
+    // In `staging/` only complete cycle files of an older version are kept (replayed next).
     let sdir = v.staging_dir();
     if let Ok(rd) = std::fs::read_dir(&sdir) {
         for f in rd.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
-            let receiving = st
-                .receiving
-                .map(|r| format!("{}{TMP_SUFFIX}", stage_name(r)));
-            let staged = st.staged.keys().any(|id| stage_name(*id) == name);
-            if !staged && receiving.as_deref() != Some(name.as_str()) {
+            if stage_id(&name).is_none() {
                 let _ = std::fs::remove_file(f.path());
             }
         }
     }
     let _ = std::fs::remove_file(v.dir.join(format!("{CATALOG}{TMP_SUFFIX}")));
-    fsio::fsync_dir(&sdir)
-}
-
-// -------------------------------------------------------------------- staging writer
-
-impl StagingWriter {
-    /// True when the replica already had this cycle (a re-send after a lost ack): nothing is
-    /// stored and [`StagingWriter::finish`] succeeds at once.
-    pub fn is_duplicate(&self) -> bool {
-        self.duplicate
-    }
-
-    /// The cycle being received.
-    pub fn header(&self) -> &CycleHeader {
-        &self.header
-    }
-
-    /// Stage one extent after verifying `checksum` against it. A bad checksum or extent
-    /// discards the whole staging ([`StoreError::CorruptExtent`] / `InvalidCycle`).
-    pub async fn put(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
-        if !self.duplicate && self.file.is_none() {
-            return Err(StoreError::WriterClosed);
-        }
-        let res = check_extent(&self.header, extent).and_then(|()| {
-            if vmr_proto::checksum(extent.disk, extent.offset, &extent.data) != checksum {
-                Err(StoreError::CorruptExtent {
-                    disk: extent.disk,
-                    offset: extent.offset,
-                })
-            } else {
-                Ok(())
-            }
-        });
-        if let Err(e) = res {
-            self.discard();
-            return Err(e);
-        }
-        if self.duplicate {
-            return Ok(());
-        }
-        let res = match self.file.as_mut() {
-            Some(f) => f.put(extent, &checksum),
-            None => Err(StoreError::WriterClosed),
-        };
-        if let Err(e) = res {
-            self.discard();
-            return Err(e);
-        }
-        self.puts += 1;
-        if self.puts == 2 {
-            pause_point("stage-write");
-        }
-        Ok(())
-    }
-
-    /// Make the cycle durable: trailer, fsync, rename into place, directory fsync. Only
-    /// after this returns may the cycle be acknowledged to the primary.
-    pub async fn finish(mut self) -> Result<(), StoreError> {
-        if self.duplicate {
-            return Ok(());
-        }
-        let file = self.file.take().ok_or(StoreError::WriterClosed)?;
-        let res = (|| {
-            file.finish()?;
-            pause_point("stage-fsynced");
-            let dest = self.vm.staging_dir().join(stage_name(self.header.id));
-            std::fs::rename(&self.tmp, &dest)
-                .map_err(|e| StoreError::io("rename", &self.tmp, e))?;
-            pause_point("stage-renamed");
-            fsio::fsync_dir(&self.vm.staging_dir())
-        })();
-        let mut st = lock(&self.vm.st);
-        st.receiving = None;
-        match res {
-            Ok(()) => {
-                st.staged.insert(self.header.id, self.header.clone());
-                Ok(())
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&self.tmp);
-                let _ =
-                    std::fs::remove_file(self.vm.staging_dir().join(stage_name(self.header.id)));
-                Err(e)
-            }
-        }
-    }
-
-    fn discard(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-            let mut st = lock(&self.vm.st);
-            if st.receiving == Some(self.header.id) {
-                st.receiving = None;
-            }
-        }
-    }
-}
-
-impl Drop for StagingWriter {
-    fn drop(&mut self) {
-        self.discard();
-    }
-}
-
-// -------------------------------------------------------------------- apply
-
-struct NewLayer {
-    dir: PathBuf,
-    rec: LayerRecord,
-}
-
-/// Apply one staged cycle into new layers and commit it. Caller holds `chain`.
-async fn apply_one(v: &Arc<Vm>, header: &CycleHeader) -> Result<RecoveryPoint, StoreError> {
-    let stage = v.staging_dir().join(stage_name(header.id));
-    let (latest, referenced) = {
-        let st = lock(&v.st);
-        let refs: std::collections::BTreeSet<(String, String)> = st
-            .catalog
-            .points
-            .iter()
-            .flat_map(|p| p.layers.iter().map(|l| (l.disk.clone(), l.file.clone())))
-            .collect();
-        (st.catalog.points.last().cloned(), refs)
-    };
-    let latest_id = latest.as_ref().map(|p| p.id);
-    if header.kind != CycleKind::Full && header.base != latest_id {
-        return Err(StoreError::WrongBase {
-            expected: latest_id,
-            got: header.base,
-        });
-    }
-    // 1. Create the new layers (replacing any half-written leftovers).
-    let mut layers = Vec::new();
-    for d in &header.disks {
-        let dir = v.disk_dir(&d.id);
-        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
-        let prev = match (&latest, header.kind) {
-            (Some(p), k) if k != CycleKind::Full => p
-                .layers
-                .iter()
-                .find(|l| l.disk == d.id)
-                .map(|l| l.file.clone()),
-            _ => None,
-        };
-        let file = match (&prev, &latest) {
-            (Some(_), _) => layer_name(header.id),
-            (None, None) => "base.qcow2".to_owned(),
-            (None, Some(_)) => format!("base-{}", layer_name(header.id)),
-        };
-        if referenced.contains(&(d.id.clone(), file.clone())) {
-            return Err(StoreError::corrupt(
-                dir.join(&file),
-                "layer to create is already committed",
-            ));
-        }
-        layers.push(NewLayer {
-            dir,
-            rec: LayerRecord {
-                disk: d.id.clone(),
-                size: d.size,
-                file,
-                backing: prev,
-            },
-        });
-    }
-    let created = create_layers(&layers).await;
-    let res = match created {
-        Ok(()) => write_cycle(&stage, header, &layers).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = res {
-        for l in &layers {
-            let _ = std::fs::remove_file(l.dir.join(&l.rec.file));
-        }
-        return Err(e);
-    }
-    pause_point("apply-flushed");
-    // 2. Commit: the catalog write is the instant the point exists.
-    let point = PointRecord {
-        id: header.id,
-        taken_at_ms: header.taken_at_ms,
-        kind: PointKind::from(header.consistency),
-        layers: layers.into_iter().map(|l| l.rec).collect(),
-        pruning: false,
-    };
-    let info = {
-        let mut st = lock(&v.st);
-        let mut c = st.catalog.clone();
-        c.points.push(point.clone());
-        v.commit(&mut st, c)?;
-        st.staged.remove(&header.id);
-        v.point_info(&st.catalog, &point)
-    };
-    pause_point("apply-committed");
-    // 3. The staging file is no longer needed.
-    let _ = std::fs::remove_file(&stage);
-    fsio::fsync_dir(&v.staging_dir())?;
-    Ok(info)
-}
-
-async fn create_layers(layers: &[NewLayer]) -> Result<(), StoreError> {
-    for l in layers {
-        let path = l.dir.join(&l.rec.file);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("remove", &path, e)),
-        }
-        qemu::create_layer(
-            &l.dir,
-            &l.rec.file,
-            l.rec.size,
-            l.rec.backing.as_deref(),
-            false,
-        )
-        .await?;
-    }
-    pause_point("apply-layers-created");
-    Ok(())
-}
-
-/// Stream the staging file into the layers through qemu-nbd, flush, disconnect, fsync.
-async fn write_cycle(
-    stage: &Path,
-    header: &CycleHeader,
-    layers: &[NewLayer],
-) -> Result<(), StoreError> {
-    let mut exports = Vec::new();
-    for l in layers {
-        match Export::start(&l.dir.join(&l.rec.file)).await {
-            Ok(e) => exports.push(e),
-            Err(e) => {
-                for x in exports {
-                    x.abort().await;
-                }
-                return Err(e);
-            }
-        }
-    }
-    let res = stream_into(stage, header, layers, &exports).await;
-    let res = match res {
-        Ok(()) => {
-            let mut r = Ok(());
-            for x in exports {
-                if r.is_ok() {
-                    r = x.finish().await;
-                } else {
-                    x.abort().await;
-                }
-            }
-            r
-        }
-        Err(e) => {
-            for x in exports {
-                x.abort().await;
-            }
-            Err(e)
-        }
-    };
-    res?;
-    for l in layers {
-        fsio::fsync_file(&l.dir.join(&l.rec.file))?;
-        fsio::fsync_dir(&l.dir)?;
-    }
-    Ok(())
-}
-
-async fn stream_into(
-    stage: &Path,
-    header: &CycleHeader,
-    layers: &[NewLayer],
-    exports: &[Export],
-) -> Result<(), StoreError> {
-    // A blocking reader thread feeds verified extents through a small bounded channel.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent, StoreError>>(4);
-    let path = stage.to_owned();
-    let want = header.clone();
-    let reader = tokio::task::spawn_blocking(move || {
-        let mut r = match StageReader::open(&path) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-        };
-        if r.header() != &want {
-            let _ = tx.blocking_send(Err(StoreError::corrupt(
-                &path,
-                "staging header does not match",
-            )));
-            return;
-        }
-        loop {
-            match r.next_extent() {
-                Ok(Some(e)) => {
-                    if tx.blocking_send(Ok(e)).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    let mut pipe = Pipeline::default();
-    let mut n = 0u64;
-    let res = async {
-        while let Some(item) = rx.recv().await {
-            let e = item?;
-            check_extent(header, &e)?;
-            let i = e.disk as usize;
-            let (Some(l), Some(x)) = (layers.get(i), exports.get(i)) else {
-                return Err(StoreError::InvalidCycle(format!("disk index {i}")));
-            };
-            let what = l.rec.file.as_str();
-            pipe.order(e.disk, e.offset, e.len()).await?;
-            match e.data {
-                ExtentData::Data(b) => pipe.write(&x.client, what, e.offset, b, x.chunk()).await?,
-                // A fresh base layer already reads as zeros.
-                ExtentData::Zero(len) if l.rec.backing.is_some() => {
-                    pipe.zero(&x.client, what, e.offset, len, x.chunk()).await?
-                }
-                ExtentData::Zero(_) => {}
-            }
-            n += 1;
-            if n == 2 {
-                pause_point("apply-writing");
-            }
-        }
-        pipe.drain().await
-    }
-    .await;
-    if res.is_err() {
-        let _ = pipe.drain().await;
-    }
-    drop(rx);
-    let _ = reader.await;
-    res
+    v.fs.fsync_dir(&sdir)
 }
 
 // -------------------------------------------------------------------- prune
@@ -1355,7 +911,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 ));
             }
             qemu::commit_into_backing(&dir, &u.file).await?;
-            fsio::fsync_file(&dir.join(&l.file))?;
+            v.fs.fsync_file(&dir.join(&l.file))?;
             pause_point("prune-copied");
             // The layer that sat on the upper one now sits on the base file (same content).
             if let Some(w) = above
@@ -1366,7 +922,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 let wa = qemu::backing_of(&dir, &w.file).await?;
                 if wa.as_deref() == Some(u.file.as_str()) {
                     qemu::rebase_unsafe(&dir, &w.file, Some(&l.file)).await?;
-                    fsio::fsync_file(&dir.join(&w.file))?;
+                    v.fs.fsync_file(&dir.join(&w.file))?;
                 } else if wa.as_deref() != Some(l.file.as_str()) {
                     return Err(StoreError::corrupt(
                         dir.join(&w.file),
@@ -1378,10 +934,10 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             continue;
         }
         if actual.as_deref() == Some(l.file.as_str()) {
-            copy_up(&dir, &u.file).await?;
+            copy_up(&*v.fs, &dir, &u.file).await?;
             pause_point("prune-copied");
             qemu::rebase_unsafe(&dir, &u.file, l.backing.as_deref()).await?;
-            fsio::fsync_file(&dir.join(&u.file))?;
+            v.fs.fsync_file(&dir.join(&u.file))?;
         } else if actual != l.backing {
             return Err(StoreError::corrupt(
                 dir.join(&u.file),
@@ -1440,14 +996,14 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::io("remove", dir.join(file), e)),
         }
-        fsio::fsync_dir(&dir)?;
+        v.fs.fsync_dir(&dir)?;
     }
     Ok(true)
 }
 
 /// Copy into `file` every cluster that its direct backing layer has and it lacks, reading it
 /// through `file` itself (so the visible content never changes), then flush.
-async fn copy_up(dir: &Path, file: &str) -> Result<(), StoreError> {
+async fn copy_up(fs: &dyn Storage, dir: &Path, file: &str) -> Result<(), StoreError> {
     let ranges = qemu::ranges_in_backing(dir, file).await?;
     if ranges.is_empty() {
         return Ok(());
@@ -1494,5 +1050,5 @@ async fn copy_up(dir: &Path, file: &str) -> Result<(), StoreError> {
             Err(e)
         }
     }?;
-    fsio::fsync_file(&dir.join(file))
+    fs.fsync_file(&dir.join(file))
 }

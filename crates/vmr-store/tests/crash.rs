@@ -1,5 +1,5 @@
-//! Crash tests: a child process (this test binary re-executed) receives, stages, applies and
-//! prunes a scripted series of cycles; the parent SIGKILLs it at named steps (the child pauses
+//! Crash tests: a child process (this test binary re-executed) receives (straight into the
+//! pending layers, committed before the acknowledgement) and prunes a scripted series of cycles; the parent SIGKILLs it at named steps (the child pauses
 //! there, see `VMR_STORE_TEST_PAUSE`) and at random moments, then recovers the store and checks
 //! that every point holds exactly one cycle's content and nothing acknowledged was lost.
 
@@ -16,14 +16,11 @@ use vmr_store::{RetentionPolicy, Store};
 
 const CHILD_ENV: &str = "VMR_STORE_CRASH_CHILD_ROOT";
 const TOTAL_CYCLES: u64 = 60;
-const STEPS: [&str; 11] = [
-    "stage-write",
-    "stage-fsynced",
-    "stage-renamed",
-    "apply-layers-created",
-    "apply-writing",
-    "apply-flushed",
-    "apply-committed",
+const STEPS: [&str; 8] = [
+    "cycle-layers-created",
+    "cycle-writing",
+    "cycle-flushed",
+    "cycle-committed",
     "prune-intent",
     "prune-copied",
     "prune-rebased",
@@ -55,7 +52,6 @@ async fn crash_child() {
     for id in start..=TOTAL_CYCLES.min(start + 5) {
         send(&store, vm, id).await.expect("send");
         println!("ACK {id}");
-        store.apply_pending(vm).await.expect("apply");
         store
             .prune_at(vm, T0 + id * STEP_MS + 1000)
             .await
@@ -101,9 +97,13 @@ fn wait_orphans_gone(pid: u32, root: &std::path::Path) {
     }
 }
 
-/// Run one child; kill it at `step` (or after `delay`). Returns the acked ids and whether the
-/// child finished the whole series.
-fn run_child(root: &std::path::Path, step: Option<&str>, delay: Duration) -> (Vec<u64>, bool) {
+/// Run one child; kill it at `step` (or after `delay`). Returns the acked ids, whether the
+/// child finished the whole series and whether it paused at `step`.
+fn run_child(
+    root: &std::path::Path,
+    step: Option<&str>,
+    delay: Duration,
+) -> (Vec<u64>, bool, bool) {
     // Owned directly to read its pipes; `Kill` SIGKILLs and reaps it on every path.
     let exe = std::env::current_exe().expect("exe");
     let mut cmd = Command::new(exe);
@@ -139,12 +139,16 @@ fn run_child(root: &std::path::Path, step: Option<&str>, delay: Duration) -> (Ve
         };
     let mut acks = Vec::new();
     let mut done = false;
+    let mut paused = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) if l.contains("ACK ") => acks.push(ack_id(&l)),
             Ok(l) if l.contains("DONE") => done = true,
-            Ok(l) if l.contains("PAUSED") => break,
+            Ok(l) if l.contains("PAUSED") => {
+                paused = true;
+                break;
+            }
             Ok(l) if l.contains("panicked") => panic!("child panicked: {l}"),
             Ok(_) => {}
             Err(_) => break,
@@ -164,7 +168,7 @@ fn run_child(root: &std::path::Path, step: Option<&str>, delay: Duration) -> (Ve
         assert!(!l.contains("panicked"), "child panicked: {l}");
     }
     wait_orphans_gone(pid, root);
-    (acks, done)
+    (acks, done, paused)
 }
 
 async fn verify(
@@ -218,7 +222,17 @@ async fn verify(
             vmr_testkit::img::check(&l)?;
         }
     }
-    assert!(store.staged(vm)?.is_empty());
+    // No pending layer of an interrupted cycle survived recovery.
+    let mut files = 0;
+    for d in std::fs::read_dir(root.join("vms").join(vm.to_string()).join("disks"))?.flatten() {
+        files += std::fs::read_dir(d.path())?.count();
+    }
+    let layers: usize = store
+        .points(vm)?
+        .iter()
+        .map(|p| store.point_layers(vm, Some(p.id)).map(|l| l.len()))
+        .sum::<Result<usize, _>>()?;
+    assert!(files <= layers, "{files} layer files for {layers} layers");
     Ok(latest)
 }
 
@@ -241,7 +255,10 @@ async fn crash_trials() -> anyhow::Result<()> {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407 + round);
             let delay = Duration::from_millis(50 + (seed >> 33) % 900);
-            let (acks, _done) = run_child(&root, step, delay);
+            let (acks, done, paused) = run_child(&root, step, delay);
+            if let Some(s) = step {
+                assert!(paused || done, "the child never reached step {s}");
+            }
             if let Some(a) = acks.iter().max() {
                 last_acked = last_acked.max(*a);
             }

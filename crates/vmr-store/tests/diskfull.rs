@@ -1,5 +1,5 @@
-//! A full file system stops an apply with `StoreError::DiskFull`, loses nothing staged or
-//! applied, and the apply resumes once space is freed. Uses a small tmpfs (needs root; skipped
+//! A full file system stops a cycle with `StoreError::DiskFull`, loses nothing committed,
+//! deletes the cycle's pending layers, and a resend succeeds once space is freed. Uses a small tmpfs (needs root; skipped
 //! with a printed reason otherwise).
 
 mod common;
@@ -62,11 +62,6 @@ async fn disk_full_apply_resumes_after_space_is_freed() -> anyhow::Result<()> {
             data: ExtentData::Data(Bytes::from(vec![(i as u8) | 0x40; 1 << 20])),
         })
         .collect();
-    let mut w = store.begin_receive(header)?;
-    for e in &extents {
-        w.put(e, e.checksum()).await?;
-    }
-    w.finish().await?;
     // Fill the file system, then leave ~3 MiB: not enough for the 12 MiB layer.
     let ballast_path = mnt.join("ballast");
     let mut ballast = std::fs::File::create(&ballast_path)?;
@@ -77,21 +72,34 @@ async fn disk_full_apply_resumes_after_space_is_freed() -> anyhow::Result<()> {
     }
     ballast.set_len(written.saturating_sub(3 << 20))?;
     ballast.sync_all()?;
-    let err = store
-        .apply_pending(vm)
-        .await
-        .expect_err("apply must fail on a full disk");
+    let res = async {
+        let mut w = store.begin_cycle(header.clone()).await?;
+        for e in &extents {
+            w.put(e, e.checksum()).await?;
+        }
+        w.finish().await
+    }
+    .await;
+    let err = res.expect_err("the cycle must fail on a full disk");
     assert!(err.is_disk_full(), "expected DiskFull, got {err:?}");
-    // Nothing lost: the cycle is still staged, the store still reads.
-    assert_eq!(store.staged(vm)?, vec![1]);
+    // Nothing committed, nothing acknowledged, the pending layer deleted; the store still reads.
+    assert!(
+        !mnt.join(format!("store/vms/{vm}/disks/disk0/base.qcow2"))
+            .exists()
+    );
     assert_eq!(store.latest_point(vm)?, None);
     assert!(store.points(vm)?.is_empty());
-    // Free space; a reopen + recover resumes the apply.
+    // Free space; a reopen + recover + resend commits it.
     drop(ballast);
     std::fs::remove_file(&ballast_path)?;
     drop(store);
     let store = Store::open(&mnt.join("store"))?;
     store.recover().await?;
+    let mut w = store.begin_cycle(header).await?;
+    for e in &extents {
+        w.put(e, e.checksum()).await?;
+    }
+    assert_eq!(w.finish().await?.id, 1);
     assert_eq!(store.latest_point(vm)?, Some(1));
     let content = point_content(&store, vm, None)?;
     for e in &extents {

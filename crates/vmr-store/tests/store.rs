@@ -30,9 +30,7 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
     assert_eq!(store.definition(vm)?, definition(vm));
     for id in 1..=4 {
         assert!(!send(&store, vm, id).await?);
-        let pts = store.apply_pending(vm).await?;
-        assert_eq!(pts.len(), 1);
-        assert_eq!(pts[0].id, id);
+        assert_eq!(store.latest_point(vm)?, Some(id));
         assert_eq!(
             point_content(&store, vm, None)?,
             model(vm, id),
@@ -70,11 +68,11 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
     // Re-sent cycle: accepted idempotently.
     assert!(send(&store, vm, 3).await?);
     assert!(send(&store, vm, 4).await?);
-    assert!(store.apply_pending(vm).await?.is_empty());
+    assert_eq!(store.points(vm)?.len(), 4);
     // Wrong base.
     let (mut h, _) = cycle(vm, 6);
     h.base = Some(5);
-    match store.begin_receive(h) {
+    match store.begin_cycle(h).await {
         Err(StoreError::WrongBase {
             expected: Some(4),
             got: Some(5),
@@ -85,12 +83,12 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
     let (mut h, _) = cycle(vm, 5);
     h.vm = uuid::Uuid::new_v4();
     assert!(matches!(
-        store.begin_receive(h),
+        store.begin_cycle(h).await,
         Err(StoreError::UnknownVm(_))
     ));
-    // Corrupt extent: refused, staging discarded, a retry works.
+    // Corrupt extent: refused, pending layers discarded, a retry works.
     let (h, ex) = cycle(vm, 5);
-    let mut w = store.begin_receive(h.clone())?;
+    let mut w = store.begin_cycle(h.clone()).await?;
     w.put(&ex[0], ex[0].checksum()).await?;
     let mut bad = ex[1].checksum();
     bad[0] ^= 1;
@@ -99,9 +97,14 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
         Err(StoreError::CorruptExtent { .. })
     ));
     assert!(matches!(w.finish().await, Err(StoreError::WriterClosed)));
-    assert!(store.staged(vm)?.is_empty());
+    assert!(
+        !dir.path()
+            .join(format!("vms/{vm}/disks/disk0/c000005.qcow2"))
+            .exists(),
+        "pending layer of the failed cycle deleted"
+    );
     // Out-of-range extent.
-    let mut w = store.begin_receive(h.clone())?;
+    let mut w = store.begin_cycle(h.clone()).await?;
     let e = Extent {
         disk: 0,
         offset: DISK_SIZES[0] - 10,
@@ -117,27 +120,31 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
         offset: 0,
         data: ExtentData::Zero(20),
     };
-    let mut w = store.begin_receive(h.clone())?;
+    let mut w = store.begin_cycle(h.clone()).await?;
     assert!(matches!(
         w.put(&e, e.checksum()).await,
         Err(StoreError::InvalidCycle(_))
     ));
     drop(w);
+    // A cycle interrupted after some writes (the writer dropped) leaves nothing behind.
+    let mut w = store.begin_cycle(h.clone()).await?;
+    w.put(&ex[0], ex[0].checksum()).await?;
+    drop(w);
     assert!(!send(&store, vm, 5).await?);
-    // Staged-not-applied counts as latest for the next base; a second receive while one runs
-    // is refused.
     assert_eq!(store.latest_cycle(vm)?, Some(5));
-    assert_eq!(store.latest_point(vm)?, Some(4));
-    let w6 = store.begin_receive(cycle(vm, 6).0)?;
-    assert!(matches!(
-        store.begin_receive(cycle(vm, 6).0),
-        Err(StoreError::ReceiveInProgress(6))
-    ));
-    drop(w6);
-    // Reopen: staged cycle 5 survives and is applied by recover.
+    assert_eq!(store.latest_point(vm)?, Some(5));
+    // A second receive while one runs waits for it (the chain lock), then is a duplicate.
+    let w6 = store.begin_cycle(cycle(vm, 6).0).await?;
+    let second = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        store.begin_cycle(cycle(vm, 6).0),
+    )
+    .await;
+    assert!(second.is_err(), "second writer must wait");
+    w6.abort().await;
+    // Reopen: the point survives.
     drop(store);
     let store = Store::open(dir.path())?;
-    assert_eq!(store.staged(vm)?, vec![5]);
     store.recover().await?;
     assert_eq!(store.latest_point(vm)?, Some(5));
     assert_eq!(point_content(&store, vm, None)?, model(vm, 5));
@@ -147,7 +154,6 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
     let view = store.create_view(vm, Some(3), vdir.path()).await?;
     assert_eq!(view.point, 3);
     send(&store, vm, 6).await?;
-    store.apply_pending(vm).await?;
     let got: Vec<Vec<u8>> = view
         .disks
         .iter()
@@ -201,7 +207,6 @@ async fn prune_keeps_every_remaining_point_identical() -> anyhow::Result<()> {
     let store = new_store(dir.path(), 2);
     for id in 1..=10 {
         send(&store, vm, id).await?;
-        store.apply_pending(vm).await?;
     }
     let before: Vec<(u64, [u8; 32])> = store
         .points(vm)?
@@ -257,18 +262,16 @@ async fn full_resync_starts_a_new_chain() -> anyhow::Result<()> {
     let store = new_store(dir.path(), 0);
     for id in 1..=2 {
         send(&store, vm, id).await?;
-        store.apply_pending(vm).await?;
     }
     // A full cycle (resync) with a later id is accepted without a base.
     let (mut h, ex) = cycle(vm, 1);
     h.id = 3;
     h.kind = CycleKind::Full;
-    let mut w = store.begin_receive(h)?;
+    let mut w = store.begin_cycle(h).await?;
     for e in &ex {
         w.put(e, e.checksum()).await?;
     }
-    w.finish().await?;
-    store.apply_pending(vm).await?;
+    assert_eq!(w.finish().await?.id, 3);
     assert_eq!(point_content(&store, vm, None)?, model(vm, 1));
     store.prune(vm).await?;
     assert_eq!(
@@ -289,7 +292,6 @@ async fn a_view_made_while_pruning_keeps_its_content() -> anyhow::Result<()> {
         let store = new_store(dir.path(), 0);
         for id in 1..=2 {
             send(&store, vm, id).await?;
-            store.apply_pending(vm).await?;
         }
         let vdir = tempfile::tempdir()?;
         // Let the prune start first in some rounds, the view in others.

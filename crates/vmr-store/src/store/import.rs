@@ -2,10 +2,10 @@
 //! copied onto the replica host (the "existing copy" a later comparison starts from), and an
 //! initial copy exported by a primary to a directory and carried over ("external media").
 //!
-//! Both become an ordinary full cycle: its extents go through the same durable staging (each
-//! extent checksummed, the file fsynced and renamed into place) and the same apply as a cycle
-//! received from a primary, so the crash argument of the store holds unchanged: a crash
-//! before the staging rename leaves nothing, after it the cycle is applied on the next open.
+//! Both become an ordinary full cycle written by the same layer writer as a cycle received from
+//! a primary (each extent checksummed once, written into the pending layers, flushed, committed
+//! by the catalog rename), so the crash argument of the store holds unchanged: a crash before
+//! the commit leaves pending layers that recovery deletes, after it the point exists.
 
 use std::path::{Path, PathBuf};
 
@@ -113,12 +113,7 @@ impl Store {
         for x in exports {
             x.abort().await;
         }
-        let id = res?;
-        self.apply_pending(vm).await?;
-        self.points(vm)?
-            .into_iter()
-            .find(|p| p.id == id)
-            .ok_or(StoreError::NoSuchPoint(Some(id)))
+        res
     }
 
     async fn import_exports(
@@ -126,9 +121,9 @@ impl Store {
         vm: Uuid,
         images: &[ImportImage],
         exports: &[Export],
-    ) -> Result<CycleId, StoreError> {
+    ) -> Result<RecoveryPoint, StoreError> {
         let v = self.vm(vm)?;
-        let id = lock(&v.st).latest_known().map_or(1, |l| l + 1);
+        let id = lock(&v.st).latest_point().map_or(1, |l| l + 1);
         let header = CycleHeader {
             vm,
             id,
@@ -145,7 +140,7 @@ impl Store {
                 })
                 .collect(),
         };
-        let mut w = self.begin_receive(header)?;
+        let mut w = self.begin_cycle(header).await?;
         for (index, (img, x)) in images.iter().zip(exports).enumerate() {
             let what = img.path.display().to_string();
             let nbd = |e| StoreError::nbd(what.clone(), e);
@@ -180,40 +175,81 @@ impl Store {
                 pos += len;
             }
         }
-        w.finish().await?;
-        Ok(id)
+        w.finish().await
     }
 
-    /// Import a cycle file exported by a primary (`c<id>.stage`, staging format 1): every
-    /// extent's checksum and the whole-file chain are verified while it is staged anew; then
-    /// it is applied. The cycle keeps the primary's id so that the primary's next cycle,
-    /// built on it, is accepted.
+    /// Import a cycle file exported by a primary (`c<id>.stage`, staging format 1): streamed
+    /// through the layer writer, every extent's checksum and the whole-file chain verified on
+    /// the way; the point is committed only when the file's trailer verified. The cycle keeps
+    /// the primary's id so that the primary's next cycle, built on it, is accepted.
     pub async fn import_cycle_file(&self, path: &Path) -> Result<RecoveryPoint, StoreError> {
-        let mut r = StageReader::open(path)?;
-        let header = r.header().clone();
-        if header.kind != CycleKind::Full {
-            return Err(StoreError::InvalidCycle(format!(
-                "{} holds a {:?} cycle; only a full initial copy can be imported",
-                path.display(),
-                header.kind
-            )));
+        self.stream_stage_file(path, None).await
+    }
+
+    /// Stream a staging-format cycle file into a new point. Without `vm` (an import) only a
+    /// full cycle is accepted and a duplicate is refused; with `vm` (replaying a cycle an older
+    /// version staged) any kind is, and the file must be of that VM.
+    pub(super) async fn stream_stage_file(
+        &self,
+        path: &Path,
+        vm: Option<Uuid>,
+    ) -> Result<RecoveryPoint, StoreError> {
+        let p = path.to_owned();
+        let (mut r, header) = cycle::blocking(move || {
+            let r = StageReader::open(&p)?;
+            let h = r.header().clone();
+            Ok((r, h))
+        })
+        .await?;
+        match vm {
+            None if header.kind != CycleKind::Full => {
+                return Err(StoreError::InvalidCycle(format!(
+                    "{} holds a {:?} cycle; only a full initial copy can be imported",
+                    path.display(),
+                    header.kind
+                )));
+            }
+            Some(vm) if vm != header.vm => {
+                return Err(StoreError::corrupt(path, "staged cycle of another VM"));
+            }
+            _ => {}
         }
-        let (vm, id) = (header.vm, header.id);
-        let mut w = self.begin_receive(header)?;
+        let id = header.id;
+        let mut w = self.begin_cycle(header).await?;
         if w.is_duplicate() {
             return Err(StoreError::InvalidCycle(format!(
                 "the replica already holds cycle {id} or a newer one; nothing to import"
             )));
         }
-        while let Some(e) = r.next_extent()? {
-            let sum = e.checksum();
-            w.put(&e, sum).await?;
+        // A blocking reader thread feeds the extents through a small bounded channel.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent, StoreError>>(4);
+        let reader = tokio::task::spawn_blocking(move || {
+            loop {
+                let item = r.next_extent().transpose();
+                let Some(item) = item else { return };
+                let stop = item.is_err();
+                if tx.blocking_send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let res = async {
+            while let Some(item) = rx.recv().await {
+                let e = item?;
+                let sum = e.checksum();
+                w.put(&e, sum).await?;
+            }
+            Ok(())
         }
-        w.finish().await?;
-        self.apply_pending(vm).await?;
-        self.points(vm)?
-            .into_iter()
-            .find(|p| p.id == id)
-            .ok_or(StoreError::NoSuchPoint(Some(id)))
+        .await;
+        drop(rx);
+        reader.await.map_err(StoreError::Background)?;
+        match res {
+            Ok(()) => w.finish().await,
+            Err(e) => {
+                w.abort().await;
+                Err(e)
+            }
+        }
     }
 }

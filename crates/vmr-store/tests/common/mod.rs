@@ -114,14 +114,14 @@ pub fn hash_disks(disks: &[Vec<u8>]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// Receive and stage cycle `id`; returns whether it was a duplicate.
+/// Receive cycle `id` and commit it; returns whether it was a duplicate.
 pub async fn send(
     store: &vmr_store::Store,
     vm: Uuid,
     id: CycleId,
 ) -> Result<bool, vmr_store::StoreError> {
     let (h, ex) = cycle(vm, id);
-    let mut w = store.begin_receive(h)?;
+    let mut w = store.begin_cycle(h).await?;
     let dup = w.is_duplicate();
     for e in &ex {
         w.put(e, e.checksum()).await?;

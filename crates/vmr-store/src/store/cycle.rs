@@ -1,0 +1,748 @@
+//! The one layer writer for every kind of cycle (full/initial, incremental, resync, import):
+//! admission (duplicate, wrong base, shrink, one receive at a time) in one place, the pending
+//! qcow2 layer per disk created when the cycle begins, each extent verified once against its
+//! BLAKE3 checksum on arrival and written into the pending layer through qemu-nbd as it
+//! arrives (pipelined), and at the end NBD flush, fsync and the catalog rename that commits the
+//! point. [`LayerWriter::finish`] returns only after that commit, so the caller acknowledges a
+//! cycle only once it is a recovery point.
+//!
+//! A writer holds the VM's `chain` lock from `begin_cycle` to its end: its layers back onto the
+//! latest point's, which a prune step must not merge or delete meanwhile (and QEMU's image locks
+//! would refuse it anyway).
+
+use tokio::sync::OwnedMutexGuard;
+
+use super::*;
+
+/// Flush the pending layers of a resync after this many bytes written, so that an interrupted
+/// resync that is resumed later loses little.
+const RESYNC_FLUSH_EVERY: u64 = 32 << 20;
+/// Extents at least this large are hashed on a blocking thread, off the async runtime.
+const HASH_OFF_RUNTIME: usize = 256 << 10;
+
+/// What admission decided for a cycle header.
+enum Admit {
+    /// The replica already has this cycle (or a newer one).
+    Duplicate,
+    /// New layers are to be written; for a resync `resume` holds the pending layers to continue.
+    Write {
+        layers: Vec<LayerRecord>,
+        resume: bool,
+    },
+}
+
+/// Writes one cycle straight into its pending qcow2 layers ([`Store::begin_cycle`]).
+pub struct LayerWriter {
+    vm: Arc<Vm>,
+    header: CycleHeader,
+    open: Option<Open>,
+    duplicate: bool,
+    resumed: bool,
+    puts: u64,
+}
+
+struct Open {
+    layers: Vec<NewLayer>,
+    exports: Vec<Export>,
+    pipe: Pipeline,
+    since_flush: u64,
+    chain: OwnedMutexGuard<()>,
+}
+
+struct NewLayer {
+    dir: PathBuf,
+    rec: LayerRecord,
+    /// A layer created empty without backing reads as zeros: zero extents are skipped.
+    reads_zero: bool,
+}
+
+impl std::fmt::Debug for LayerWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerWriter")
+            .field("vm", &self.vm.id)
+            .field("cycle", &self.header.id)
+            .field("duplicate", &self.duplicate)
+            .field("resumed", &self.resumed)
+            .finish()
+    }
+}
+
+/// Run blocking file-system work (fsync) off the async runtime.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(StoreError::Background)?
+}
+
+/// Verify an extent's checksum; large buffers are hashed on a blocking thread.
+async fn verify(e: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+    let big = matches!(&e.data, ExtentData::Data(b) if b.len() >= HASH_OFF_RUNTIME);
+    let ok = if big {
+        let e2 = e.clone();
+        tokio::task::spawn_blocking(move || e2.checksum() == checksum)
+            .await
+            .map_err(StoreError::Background)?
+    } else {
+        e.checksum() == checksum
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::CorruptExtent {
+            disk: e.disk,
+            offset: e.offset,
+        })
+    }
+}
+
+impl VmState {
+    /// The admission rules of every kind of cycle, in one place. `pending` is the VM's pending
+    /// resync record (for resuming it).
+    fn admit(
+        &self,
+        v: &Vm,
+        h: &CycleHeader,
+        pending: Option<&resync::Pending>,
+    ) -> Result<Admit, StoreError> {
+        let latest = self.latest_point();
+        if latest.is_some_and(|l| h.id <= l) {
+            return Ok(Admit::Duplicate);
+        }
+        if h.kind != CycleKind::Full && h.base != latest {
+            return Err(StoreError::WrongBase {
+                expected: latest,
+                got: h.base,
+            });
+        }
+        self.check_no_shrink(h)?;
+        if let Some(r) = self.receiving {
+            return Err(StoreError::ReceiveInProgress(r));
+        }
+        let top = self.catalog.points.last();
+        let referenced: std::collections::BTreeSet<(&str, &str)> = self
+            .catalog
+            .points
+            .iter()
+            .flat_map(|p| p.layers.iter().map(|l| (l.disk.as_str(), l.file.as_str())))
+            .collect();
+        let mut layers = Vec::new();
+        for d in &h.disks {
+            let prev = match (top, h.kind) {
+                (Some(p), k) if k != CycleKind::Full => p
+                    .layers
+                    .iter()
+                    .find(|l| l.disk == d.id)
+                    .map(|l| l.file.clone()),
+                _ => None,
+            };
+            let file = match (h.kind, &prev, top) {
+                (CycleKind::Resync, _, Some(t)) => format!("rs{:06}.qcow2", t.id),
+                (_, Some(_), _) => layer_name(h.id),
+                (_, None, None) => "base.qcow2".to_owned(),
+                (_, None, Some(_)) => format!("base-{}", layer_name(h.id)),
+            };
+            if referenced.contains(&(d.id.as_str(), file.as_str())) {
+                return Err(StoreError::corrupt(
+                    v.disk_dir(&d.id).join(&file),
+                    "layer to create is already committed",
+                ));
+            }
+            layers.push(LayerRecord {
+                disk: d.id.clone(),
+                size: d.size,
+                file,
+                backing: prev,
+            });
+        }
+        let resume = h.kind == CycleKind::Resync
+            && pending.is_some_and(|p| {
+                Some(p.base) == latest
+                    && p.layers == layers
+                    && p.layers
+                        .iter()
+                        .all(|l| v.disk_dir(&l.disk).join(&l.file).is_file())
+            });
+        Ok(Admit::Write { layers, resume })
+    }
+}
+
+impl Store {
+    /// Start a cycle of any kind: admit it (a cycle the replica already has is a
+    /// duplicate: [`LayerWriter::is_duplicate`], nothing is written and `finish` returns the
+    /// latest point; an incremental or resync cycle whose base is not the latest point is
+    /// [`StoreError::WrongBase`]), create the pending qcow2 layer of each disk on top of the
+    /// chain's top and open it for writing. A resync on the same base as an interrupted one
+    /// continues in its layers ([`LayerWriter::resumed`]).
+    pub async fn begin_cycle(&self, header: CycleHeader) -> Result<LayerWriter, StoreError> {
+        let v = self.vm(header.vm)?;
+        validate_header(&header)?;
+        let chain = v.chain.clone().lock_owned().await;
+        let pending = v.pending();
+        let admitted = {
+            let mut st = lock(&v.st);
+            let a = st.admit(&v, &header, pending.as_ref())?;
+            if let Admit::Write { resume, .. } = &a {
+                if !resume && pending.is_some() {
+                    v.drop_pending(&st);
+                }
+                st.receiving = Some(header.id);
+            }
+            a
+        };
+        let (records, resume) = match admitted {
+            Admit::Duplicate => {
+                return Ok(LayerWriter {
+                    vm: v,
+                    header,
+                    open: None,
+                    duplicate: true,
+                    resumed: false,
+                    puts: 0,
+                });
+            }
+            Admit::Write { layers, resume } => (layers, resume),
+        };
+        let layers: Vec<NewLayer> = records
+            .into_iter()
+            .map(|rec| NewLayer {
+                dir: v.disk_dir(&rec.disk),
+                reads_zero: rec.backing.is_none() && !resume,
+                rec,
+            })
+            .collect();
+        match open_layers(&v, &header, &layers, resume).await {
+            Ok(exports) => Ok(LayerWriter {
+                vm: v,
+                header,
+                open: Some(Open {
+                    layers,
+                    exports,
+                    pipe: Pipeline::default(),
+                    since_flush: 0,
+                    chain,
+                }),
+                duplicate: false,
+                resumed: resume,
+                puts: 0,
+            }),
+            Err(e) => {
+                let mut st = lock(&v.st);
+                st.receiving = None;
+                if header.kind == CycleKind::Resync {
+                    v.drop_pending(&st);
+                } else {
+                    remove_layers(&layers);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Create (unless resuming) and export the pending layers.
+async fn open_layers(
+    v: &Arc<Vm>,
+    header: &CycleHeader,
+    layers: &[NewLayer],
+    resume: bool,
+) -> Result<Vec<Export>, StoreError> {
+    if !resume {
+        // The disks' layers are created concurrently (one qemu-img each).
+        futures::future::try_join_all(layers.iter().map(|l| async move {
+            let path = l.dir.join(&l.rec.file);
+            std::fs::create_dir_all(&l.dir).map_err(|e| StoreError::io("create", &l.dir, e))?;
+            // Not referenced by the catalog (checked): a leftover of an interrupted cycle.
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &path, e)),
+            }
+            qemu::create_layer(
+                &l.dir,
+                &l.rec.file,
+                l.rec.size,
+                l.rec.backing.as_deref(),
+                false,
+            )
+            .await
+        }))
+        .await?;
+        if header.kind == CycleKind::Resync {
+            // A resync's layers survive an interruption for the next attempt: durable now.
+            let dirs: Vec<(PathBuf, PathBuf)> = layers
+                .iter()
+                .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
+                .collect();
+            let fs = v.fs.clone();
+            blocking(move || {
+                for (f, d) in dirs {
+                    fs.fsync_file(&f)?;
+                    fs.fsync_dir(&d)?;
+                }
+                Ok(())
+            })
+            .await?;
+            let base = header.base.ok_or(StoreError::NoSuchPoint(None))?;
+            v.write_pending(&resync::Pending {
+                base,
+                layers: layers.iter().map(|l| l.rec.clone()).collect(),
+            })?;
+        }
+    }
+    pause_point("cycle-layers-created");
+    let mut exports = Vec::new();
+    let mut first_err = None;
+    // One qemu-nbd per disk, started concurrently.
+    let started = futures::future::join_all(
+        layers
+            .iter()
+            .map(|l| Export::start_owned(l.dir.join(&l.rec.file))),
+    )
+    .await;
+    for r in started {
+        match r {
+            Ok(x) => exports.push(x),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        for x in exports {
+            x.abort().await;
+        }
+        return Err(e);
+    }
+    Ok(exports)
+}
+
+fn remove_layers(layers: &[NewLayer]) {
+    for l in layers {
+        let _ = std::fs::remove_file(l.dir.join(&l.rec.file));
+    }
+}
+
+impl LayerWriter {
+    /// True when the replica already had this cycle: nothing is written.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+
+    /// True when this resync continues an earlier, interrupted attempt's layers.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The cycle being received.
+    pub fn header(&self) -> &CycleHeader {
+        &self.header
+    }
+
+    /// Verify `checksum` against the extent (once, here) and write it into its disk's
+    /// pending layer (pipelined: returns once the write is queued). Any failure ends the
+    /// writer like [`LayerWriter::abort`].
+    pub async fn put(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+        if self.duplicate {
+            check_extent(&self.header, extent)?;
+            return verify(extent, checksum).await;
+        }
+        if self.open.is_none() {
+            return Err(StoreError::WriterClosed);
+        }
+        let res = self.put_inner(extent, checksum).await;
+        if res.is_err() {
+            self.close_failed().await;
+        }
+        res
+    }
+
+    async fn put_inner(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+        check_extent(&self.header, extent)?;
+        verify(extent, checksum).await?;
+        let resync = self.header.kind == CycleKind::Resync;
+        let o = self.open.as_mut().ok_or(StoreError::WriterClosed)?;
+        let i = extent.disk as usize;
+        let (Some(l), Some(x)) = (o.layers.get(i), o.exports.get(i)) else {
+            return Err(StoreError::InvalidCycle(format!("disk index {i}")));
+        };
+        o.pipe
+            .order(extent.disk, extent.offset, extent.len())
+            .await?;
+        match &extent.data {
+            ExtentData::Data(b) => {
+                o.pipe
+                    .write(&x.client, &l.rec.file, extent.offset, b.clone(), x.chunk())
+                    .await?
+            }
+            ExtentData::Zero(_) if l.reads_zero => {}
+            ExtentData::Zero(n) => {
+                o.pipe
+                    .zero(&x.client, &l.rec.file, extent.offset, *n, x.chunk())
+                    .await?
+            }
+        }
+        if resync {
+            o.since_flush += extent.len();
+            if o.since_flush >= RESYNC_FLUSH_EVERY {
+                o.pipe.drain().await?;
+                for (x, l) in o.exports.iter().zip(&o.layers) {
+                    x.client
+                        .flush()
+                        .await
+                        .map_err(|e| StoreError::nbd(l.rec.file.clone(), e))?;
+                }
+                o.since_flush = 0;
+            }
+        }
+        self.puts += 1;
+        if self.puts == 2 {
+            pause_point("cycle-writing");
+        }
+        Ok(())
+    }
+
+    /// The whole cycle arrived: wait for every write, NBD FLUSH each layer, fsync the layers
+    /// and their directories, then commit the point with the catalog rename. Returns the
+    /// committed point: only now may the cycle be acknowledged. For a duplicate, the latest
+    /// point.
+    pub async fn finish(mut self) -> Result<RecoveryPoint, StoreError> {
+        if self.duplicate {
+            let st = lock(&self.vm.st);
+            let p = find_point(&st.catalog, None)?;
+            return Ok(self.vm.point_info(&st.catalog, p));
+        }
+        let Some(mut o) = self.open.take() else {
+            return Err(StoreError::WriterClosed);
+        };
+        match commit(&self.vm, &self.header, &mut o).await {
+            Ok(p) => {
+                lock(&self.vm.st).receiving = None;
+                Ok(p)
+            }
+            Err(e) => {
+                let resync = self.header.kind == CycleKind::Resync;
+                abort_open(&self.vm, self.header.id, o, resync).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// End the cycle without committing it. A resync keeps (flushes) its layers for the next
+    /// attempt on the same base; every other kind deletes its pending layers.
+    pub async fn abort(mut self) {
+        if let Some(o) = self.open.take() {
+            let resync = self.header.kind == CycleKind::Resync;
+            abort_open(&self.vm, self.header.id, o, resync).await;
+        }
+    }
+
+    async fn close_failed(&mut self) {
+        if let Some(o) = self.open.take() {
+            let resync = self.header.kind == CycleKind::Resync;
+            abort_open(&self.vm, self.header.id, o, resync).await;
+        }
+    }
+}
+
+/// Flush, fsync and commit an open cycle (see [`LayerWriter::finish`]).
+async fn commit(
+    vm: &Arc<Vm>,
+    header: &CycleHeader,
+    o: &mut Open,
+) -> Result<RecoveryPoint, StoreError> {
+    let drained = o.pipe.drain().await;
+    let exports = std::mem::take(&mut o.exports);
+    if let Err(e) = drained {
+        for x in exports {
+            x.abort().await;
+        }
+        return Err(e);
+    }
+    // FLUSH, disconnect and exit of every disk's qemu-nbd, concurrently.
+    for r in futures::future::join_all(exports.into_iter().map(Export::finish)).await {
+        r?;
+    }
+    let files: Vec<(PathBuf, PathBuf)> = o
+        .layers
+        .iter()
+        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
+        .collect();
+    let fs = vm.fs.clone();
+    blocking(move || {
+        for (f, d) in files {
+            fs.fsync_file(&f)?;
+            fs.fsync_dir(&d)?;
+        }
+        Ok(())
+    })
+    .await?;
+    pause_point("cycle-flushed");
+    let v = vm.clone();
+    let point = PointRecord {
+        id: header.id,
+        taken_at_ms: header.taken_at_ms,
+        kind: PointKind::from(header.consistency),
+        layers: o.layers.iter().map(|l| l.rec.clone()).collect(),
+        pruning: false,
+    };
+    let header = header.clone();
+    let resync = header.kind == CycleKind::Resync;
+    let info = blocking(move || {
+        let mut st = lock(&v.st);
+        let latest = st.latest_point();
+        let fits = match header.kind {
+            CycleKind::Full => latest < Some(header.id),
+            _ => latest == header.base,
+        };
+        if !fits {
+            return Err(StoreError::WrongBase {
+                expected: latest,
+                got: header.base,
+            });
+        }
+        let mut c = st.catalog.clone();
+        c.points.push(point.clone());
+        v.commit(&mut st, c)?;
+        if resync {
+            let _ = v.fs.remove_file(&v.pending_path());
+            let _ = v.fs.fsync_dir(&v.dir);
+        }
+        Ok(v.point_info(&st.catalog, &point))
+    })
+    .await?;
+    pause_point("cycle-committed");
+    Ok(info)
+}
+
+/// Close an unfinished cycle: a resync's layers are flushed and kept, others' exports killed
+/// and layers deleted. Releases the receive slot, then the chain lock.
+async fn abort_open(vm: &Vm, id: CycleId, mut o: Open, keep: bool) {
+    let _ = o.pipe.drain().await;
+    for x in std::mem::take(&mut o.exports) {
+        if keep {
+            if let Err(e) = x.finish().await {
+                tracing::warn!(vm = %vm.id, "closing the pending resync layers: {e}");
+            }
+        } else {
+            x.abort().await;
+        }
+    }
+    if !keep {
+        remove_layers(&o.layers);
+    }
+    let mut st = lock(&vm.st);
+    if st.receiving == Some(id) {
+        st.receiving = None;
+    }
+    drop(st);
+    drop(o.chain);
+}
+
+impl Drop for LayerWriter {
+    fn drop(&mut self) {
+        let Some(o) = self.open.take() else {
+            return;
+        };
+        let vm = self.vm.clone();
+        let id = self.header.id;
+        let keep = self.header.kind == CycleKind::Resync;
+        // Dropped mid-stream (the connection went away): close in the background; the VM
+        // counts as receiving (and the chain stays locked) until then, so the next attempt
+        // does not open the layers while qemu-nbd still holds them.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move { abort_open(&vm, id, o, keep).await });
+            }
+            Err(_) => {
+                // No runtime: the exports' qemu-nbd are killed as they drop.
+                let Open { layers, chain, .. } = o;
+                if !keep {
+                    remove_layers(&layers);
+                }
+                let mut st = lock(&vm.st);
+                if st.receiving == Some(id) {
+                    st.receiving = None;
+                }
+                drop(st);
+                drop(chain);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmr_proto::{CycleConsistency, DiskInfo};
+
+    fn header(
+        id: CycleId,
+        base: Option<CycleId>,
+        kind: CycleKind,
+        disks: &[(&str, u64)],
+    ) -> CycleHeader {
+        CycleHeader {
+            vm: Uuid::nil(),
+            id,
+            base,
+            kind,
+            consistency: CycleConsistency::CrashConsistent,
+            taken_at_ms: 0,
+            disks: disks
+                .iter()
+                .map(|(d, s)| DiskInfo {
+                    id: (*d).to_owned(),
+                    size: *s,
+                })
+                .collect(),
+        }
+    }
+
+    fn vm(dir: &Path, points: &[(CycleId, &str)]) -> Vm {
+        let points = points
+            .iter()
+            .map(|(id, file)| PointRecord {
+                id: *id,
+                taken_at_ms: 0,
+                kind: PointKind::CrashConsistent,
+                layers: vec![LayerRecord {
+                    disk: "d0".into(),
+                    size: 1 << 20,
+                    file: (*file).to_owned(),
+                    backing: None,
+                }],
+                pruning: false,
+            })
+            .collect();
+        Vm {
+            id: Uuid::nil(),
+            dir: dir.to_owned(),
+            fs: Arc::new(crate::storage::RealStorage),
+            chain: Arc::new(tokio::sync::Mutex::new(())),
+            st: Mutex::new(VmState {
+                catalog: Catalog {
+                    vm: Uuid::nil(),
+                    generation: 1,
+                    retention: RetentionPolicy::default(),
+                    points,
+                    views: vec![],
+                },
+                receiving: None,
+            }),
+        }
+    }
+
+    fn layers(a: Result<Admit, StoreError>) -> Vec<(String, String, Option<String>)> {
+        match a {
+            Ok(Admit::Write { layers, .. }) => layers
+                .into_iter()
+                .map(|l| (l.disk, l.file, l.backing))
+                .collect(),
+            Ok(Admit::Duplicate) => panic!("unexpected duplicate"),
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+
+    fn s(x: &str) -> String {
+        x.to_owned()
+    }
+
+    #[test]
+    fn admission_is_one_table_for_every_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = vm(dir.path(), &[]);
+        let v = vm(dir.path(), &[(1, "base.qcow2"), (2, "c000002.qcow2")]);
+        let admit = |v: &Vm, h: CycleHeader| lock(&v.st).admit(v, &h, None);
+        let one = [("d0", 1 << 20)];
+        use CycleKind::*;
+        // First full cycle: base.qcow2 without backing.
+        assert_eq!(
+            layers(admit(&empty, header(1, None, Full, &one))),
+            vec![(s("d0"), s("base.qcow2"), None)]
+        );
+        // An incremental on an empty replica has the wrong base.
+        assert!(matches!(
+            admit(&empty, header(2, Some(1), Incremental, &one)),
+            Err(StoreError::WrongBase {
+                expected: None,
+                got: Some(1)
+            })
+        ));
+        // Duplicates, whatever the kind.
+        for (id, base, kind) in [
+            (2, Some(1), Incremental),
+            (1, None, Full),
+            (2, Some(1), Resync),
+        ] {
+            assert!(matches!(
+                admit(&v, header(id, base, kind, &one)),
+                Ok(Admit::Duplicate)
+            ));
+        }
+        // Wrong base for incremental and resync alike.
+        for kind in [Incremental, Resync] {
+            assert!(matches!(
+                admit(&v, header(5, Some(1), kind, &one)),
+                Err(StoreError::WrongBase {
+                    expected: Some(2),
+                    got: Some(1)
+                })
+            ));
+        }
+        // Incremental: on top of the latest layer; a new disk starts its own chain.
+        assert_eq!(
+            layers(admit(
+                &v,
+                header(3, Some(2), Incremental, &[("d0", 1 << 20), ("d1", 4096)])
+            )),
+            vec![
+                (s("d0"), s("c000003.qcow2"), Some(s("c000002.qcow2"))),
+                (s("d1"), s("base-c000003.qcow2"), None)
+            ]
+        );
+        // A later full cycle starts a new chain; a resync writes rs<base>.
+        assert_eq!(
+            layers(admit(&v, header(7, None, Full, &one))),
+            vec![(s("d0"), s("base-c000007.qcow2"), None)]
+        );
+        assert_eq!(
+            layers(admit(&v, header(3, Some(2), Resync, &one))),
+            vec![(s("d0"), s("rs000002.qcow2"), Some(s("c000002.qcow2")))]
+        );
+        // Shrinking a disk is refused; a second receive is refused.
+        assert!(matches!(
+            admit(&v, header(3, Some(2), Incremental, &[("d0", 4096)])),
+            Err(StoreError::DiskShrunk { .. })
+        ));
+        lock(&v.st).receiving = Some(3);
+        assert!(matches!(
+            admit(&v, header(3, Some(2), Incremental, &one)),
+            Err(StoreError::ReceiveInProgress(3))
+        ));
+        lock(&v.st).receiving = None;
+        // A pending resync on the same base with its files present is resumed.
+        let rs = LayerRecord {
+            disk: s("d0"),
+            size: 1 << 20,
+            file: s("rs000002.qcow2"),
+            backing: Some(s("c000002.qcow2")),
+        };
+        let pending = resync::Pending {
+            base: 2,
+            layers: vec![rs],
+        };
+        let h = header(3, Some(2), Resync, &one);
+        let resumed = |v: &Vm| {
+            matches!(
+                lock(&v.st).admit(v, &h, Some(&pending)),
+                Ok(Admit::Write { resume: true, .. })
+            )
+        };
+        assert!(!resumed(&v), "layer file missing: not resumed");
+        std::fs::create_dir_all(dir.path().join("disks/d0")).expect("mkdir");
+        std::fs::write(dir.path().join("disks/d0/rs000002.qcow2"), b"x").expect("write");
+        assert!(resumed(&v));
+    }
+}
