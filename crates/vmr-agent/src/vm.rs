@@ -464,8 +464,23 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::FinishCycle(writer, bytes, reply) => {
-                let r = self.finish_cycle(writer, bytes).await;
-                let _ = reply.send(r);
+                match self.commit_cycle(writer).await {
+                    Ok(point) => {
+                        // Durable: acknowledge at once; prune, then record the point (status
+                        // shows it once the chain is in its final shape for this cycle).
+                        let _ = reply.send(Ok(()));
+                        self.prune().await;
+                        if let Side::Replica(r) = &mut self.side {
+                            r.record_point(&mut self.vm, &point, bytes);
+                        }
+                        if point.kind == vmr_store::PointKind::Planned {
+                            tracing::info!(vm = %self.vm.rec.name, point = point.id, "the planned failover's final cycle is committed");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::Hashes(peer, req, reply) => {
                 let r = match self.trust(&peer) {
@@ -646,34 +661,41 @@ impl Owner {
         Ok(Box::new(writer))
     }
 
-    /// Commit a streamed cycle (flush, fsync, catalog rename: the point exists from here),
-    /// record it, then prune in the background. The caller acknowledges after this returns.
-    async fn finish_cycle(&mut self, writer: Writer, bytes: u64) -> Result<(), RemoteError> {
+    /// Commit a streamed cycle: flush, fsync, catalog rename; the point exists from here on and
+    /// the caller acknowledges it.
+    async fn commit_cycle(
+        &mut self,
+        writer: Writer,
+    ) -> Result<vmr_store::RecoveryPoint, RemoteError> {
         let (id, kind) = (writer.header().id, writer.header().kind);
-        let point = match writer.finish().await {
-            Ok(p) => p,
+        match writer.finish().await {
+            Ok(p) => {
+                if kind == vmr_proto::CycleKind::Resync {
+                    tracing::info!(vm = %self.vm.rec.name, cycle = id, "resync committed");
+                }
+                Ok(p)
+            }
             Err(e) => {
                 let msg = crate::util::chain(&e);
                 tracing::error!(vm = %self.vm.rec.name, cycle = id, "committing the cycle failed: {msg}");
                 if let Side::Replica(r) = &mut self.side {
                     r.commit_failed(&mut self.vm, msg);
                 }
-                return Err(store_err(e));
+                Err(store_err(e))
             }
-        };
-        if let Side::Replica(r) = &mut self.side {
-            r.record_point(&mut self.vm, &point, bytes);
         }
-        if kind == vmr_proto::CycleKind::Resync {
-            tracing::info!(vm = %self.vm.rec.name, cycle = id, bytes, "resync committed");
-        }
-        let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
-        let uuid = self.vm.rec.uuid;
-        tokio::spawn(async move {
-            if let Err(e) = store.prune(uuid).await {
-                tracing::warn!(%uuid, "pruning failed (retried after the next cycle): {e}");
+    }
+
+    /// Drop the points the retention policy no longer keeps (a failure is retried after the
+    /// next cycle).
+    async fn prune(&mut self) {
+        match self.vm.host.store_of(&self.vm.rec) {
+            Ok(store) => {
+                if let Err(e) = store.prune(self.vm.rec.uuid).await {
+                    tracing::warn!(vm = %self.vm.rec.name, "pruning failed (retried after the next cycle): {e}");
+                }
             }
-        });
-        Ok(())
+            Err(e) => tracing::warn!(vm = %self.vm.rec.name, "no store to prune: {e:#}"),
+        }
     }
 }
