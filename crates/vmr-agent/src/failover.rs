@@ -586,9 +586,12 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> anyhow::Result<Fail
     let name = name.as_str();
     failover_transition(vm.rec.mode(), side.state(), Op::Prepare, true)
         .map_err(crate::errors::refused)?;
-    // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
+    // The capture holds the VM's (single-client) QMP monitor: stop the cycle task first.
     side.stop().await;
-    check_shut_down(&vm.rec).await?;
+    if let Err(e) = check_shut_down(&vm.rec).await {
+        side.resume_after_stop(vm);
+        return Err(e);
+    }
     let id = side.prepare_failover(vm).await?;
     Ok(result(
         name,

@@ -194,6 +194,12 @@ impl PrimarySide {
                 }
                 Action::StopTracking => {}
                 Action::QueryReplica => self.start_task(vm, None, true),
+                Action::StartCycle { .. } if self.running.is_some() => {
+                    // The machine aborted the running cycle: start this one when that task
+                    // has ended (`cycle_done` carries on).
+                    self.pending.insert(0, action);
+                    break;
+                }
                 Action::StartCycle {
                     id,
                     base,
@@ -347,12 +353,8 @@ impl PrimarySide {
                     },
                 );
             }
-            Outcome::Cancelled => {
-                if self.machine.running_id().is_some() {
-                    // Cancelled without the machine asking (shutdown, prepare): gone.
-                    self.step(vm, Event::Restarted { now_ms: now });
-                }
-            }
+            // The machine asked for the abort (`AbortCycle`): it has moved on already.
+            Outcome::Cancelled => {}
         }
         self.carry_out(vm);
     }
@@ -393,31 +395,43 @@ impl PrimarySide {
         self.save(vm)
     }
 
-    /// Stop: a running cycle is cancelled (its changes merged back) and waited for; the
-    /// capture is closed so that its QMP monitor is free.
+    /// Stop (disable, shutdown, hand-over): a running cycle task is cancelled (its changes
+    /// merged back) and waited for, the capture is closed so that its QMP monitor is free, and
+    /// nothing pending is carried out. The machine is not told: the caller replaces it, or
+    /// feeds it what follows ([`PrimarySide::resume_after_stop`]).
     pub async fn stop(&mut self) {
         self.pending.clear();
         if let Some((cancel, handle)) = self.running.take() {
             cancel.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
             self.started = None;
-            if self.machine.running_id().is_some()
-                && let Ok(acts) = self.machine.step(Event::Restarted { now_ms: now_ms() })
-            {
-                self.pending.extend(acts);
-            }
         }
         self.session = Some(Session::default());
+    }
+
+    /// After [`PrimarySide::stop`] when the side carries on: a cycle the machine thought
+    /// running is gone, so it plans again.
+    pub fn resume_after_stop(&mut self, vm: &mut Vm) {
+        if self.machine.running_id().is_some() {
+            self.step(vm, Event::Restarted { now_ms: now_ms() });
+        }
+        self.carry_out(vm);
     }
 
     /// Planned failover, first half (the VM is shut down): the machine asks for one final
     /// incremental cycle with consistency `Planned`; it is run here and waited for. Returns
     /// the final cycle's id once the VM is `PreparedForFailover`.
     pub async fn prepare_failover(&mut self, vm: &mut Vm) -> anyhow::Result<u64> {
-        let acts = self
+        let acts = match self
             .machine
             .step(Event::PrepareFailover { now_ms: now_ms() })
-            .map_err(refused)?;
+        {
+            Ok(a) => a,
+            Err(r) => {
+                self.resume_after_stop(vm);
+                return Err(refused(r));
+            }
+        };
         self.pending.extend(acts);
         self.carry_out(vm);
         while let Some((_, handle)) = self.running.as_mut() {
