@@ -1,4 +1,5 @@
-//! The seven scenarios of issue 7 and the resync comparison of issue 6 (`resync.rs`). Each
+//! The seven scenarios of issue 7 and the resync comparison of issue 6 (`resync.rs`), judged
+//! against issue 10's goals ([`goal`] and the verdict functions beside it). Each
 //! sets up its own pair of agents and stand-in VMs under the run's directory, runs vmreplica
 //! and its baseline side by side (alternating their order between repeats), and returns an
 //! [`Outcome`]; an error becomes an `Error` verdict, a missing capability a `Skipped` one. No
