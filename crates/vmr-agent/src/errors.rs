@@ -643,3 +643,90 @@ impl AgentError {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io_err() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::PermissionDenied)
+    }
+
+    #[test]
+    fn exit_codes_follow_the_readme() {
+        let name = || "web".to_owned();
+        assert_eq!(AgentError::UnknownVm { name: name() }.exit_code(), 4);
+        assert_eq!(
+            AgentError::NoTestCopy {
+                name: name(),
+                id: None
+            }
+            .exit_code(),
+            4
+        );
+        let refusal = Refusal::State {
+            op: vmr_core::Op::Complete,
+            state: ReplicationState::Replicating,
+        };
+        assert_eq!(AgentError::from(refusal).exit_code(), 5);
+        assert_eq!(
+            AgentError::OnReplica {
+                name: name(),
+                what: "Pause".into()
+            }
+            .exit_code(),
+            5
+        );
+        assert_eq!(AgentError::NotEnabled { name: name() }.exit_code(), 5);
+        assert_eq!(
+            AgentError::from(InvalidEnable::FrequencyTooShort { secs: 1 }).exit_code(),
+            2
+        );
+        assert_eq!(
+            AgentError::BadFingerprint {
+                fingerprint: "x".into()
+            }
+            .exit_code(),
+            2
+        );
+        assert_eq!(AgentError::OldPrimaryAddressUnknown.exit_code(), 2);
+        assert_eq!(
+            AgentError::io("reading", "/nowhere")(io_err()).exit_code(),
+            1
+        );
+        assert_eq!(AgentError::OwnerStopped { name: name() }.exit_code(), 1);
+    }
+
+    #[test]
+    fn messages_keep_their_wording_and_chain() {
+        let e = AgentError::BadFingerprint {
+            fingerprint: "abc".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "\"abc\" is not a certificate fingerprint (SHA256:<64 hex>)"
+        );
+        let e = AgentError::OnReplica {
+            name: "web".into(),
+            what: "`failover prepare`".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "\"web\" is a replica VM on this host; run `failover prepare` on its primary"
+        );
+        // The io error is the second link of the chain the control API answers.
+        let e = AgentError::io("reading", "/x/manifest.json")(io_err());
+        let chain = e.chain();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0], "reading /x/manifest.json");
+        assert_eq!(chain[1], io_err().to_string());
+        assert_eq!(
+            AgentError::NoTestCopy {
+                name: "web".into(),
+                id: None
+            }
+            .to_string(),
+            "\"web\" has no test failover copy"
+        );
+    }
+}

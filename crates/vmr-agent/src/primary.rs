@@ -96,7 +96,7 @@ impl PrimarySide {
         let schedule = match schedule_of(args) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(vm = %vm.rec.name, "the stored replication settings are invalid: {e:#}");
+                tracing::error!(vm = %vm.rec.name, "the stored replication settings are invalid: {}", crate::util::chain(&e));
                 return None;
             }
         };
@@ -181,7 +181,7 @@ impl PrimarySide {
             match action {
                 Action::Persist => {
                     if let Err(e) = self.save(vm) {
-                        tracing::error!(vm = %vm.rec.name, "saving state: {e:#}");
+                        tracing::error!(vm = %vm.rec.name, "saving state: {}", crate::util::chain(&e));
                     }
                 }
                 Action::AbortCycle => {

@@ -49,7 +49,7 @@ impl ReplicaSide {
         if !acts.is_empty() {
             vm.rec.machine = MachineSnapshot::Replica(self.machine.snapshot());
             if let Err(e) = vm.save() {
-                tracing::error!(vm = %vm.rec.name, "saving replica state: {e:#}");
+                tracing::error!(vm = %vm.rec.name, "saving replica state: {}", crate::util::chain(&e));
             }
         }
         Ok(())
