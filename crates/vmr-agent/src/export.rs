@@ -161,7 +161,8 @@ fn publish(
     let io = |what: &str, e: std::io::Error| Failure::Retryable(format!("{what}: {e}"));
     let dest = dir.join(file);
     std::fs::rename(tmp, &dest).map_err(|e| io("renaming the export", e))?;
-    let sum = crate::util::blake3_file(&dest).map_err(|e| Failure::Retryable(format!("{e:#}")))?;
+    let sum =
+        crate::util::blake3_file(&dest).map_err(|e| Failure::Retryable(crate::util::chain(&e)))?;
     let m = ExportManifest {
         format: 1,
         vm: rec.uuid,

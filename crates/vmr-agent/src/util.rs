@@ -1,33 +1,8 @@
-//! Small shared helpers of the agent: errors that carry an exit code, the clock, error chains.
+//! Small shared helpers of the agent: the clock, error chains, file hashes.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
-
-/// An error carrying the CLI exit code to use.
-#[derive(Debug)]
-pub struct Coded {
-    /// Exit code.
-    pub code: i32,
-    /// Message.
-    pub message: String,
-}
-
-impl std::fmt::Display for Coded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Coded {}
-
-/// Build an error with an exit code.
-pub fn coded(code: i32, message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Coded {
-        code,
-        message: message.into(),
-    })
-}
+use crate::errors::AgentError;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -50,9 +25,9 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Hex BLAKE3 of a file, streamed.
-pub fn blake3_file(path: &std::path::Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+pub fn blake3_file(path: &std::path::Path) -> Result<String, AgentError> {
+    let mut f = std::fs::File::open(path).map_err(AgentError::io("opening", path))?;
     let mut h = blake3::Hasher::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    std::io::copy(&mut f, &mut h).map_err(AgentError::io("reading", path))?;
     Ok(h.finalize().to_hex().to_string())
 }
