@@ -148,8 +148,7 @@ async fn export_with(
     }
 }
 
-/// Rename the fsynced cycle file into place and write the manifest (temp, fsync, rename,
-/// directory fsync).
+/// Move the cycle file into place and write the manifest, both durably (`vmr-durable`).
 fn publish(
     dir: &Path,
     tmp: &Path,
@@ -158,9 +157,9 @@ fn publish(
     id: u64,
     bytes: u64,
 ) -> Result<(), Failure> {
-    let io = |what: &str, e: std::io::Error| Failure::Retryable(format!("{what}: {e}"));
+    let durable = |e: vmr_durable::DurableError| Failure::Retryable(e.to_string());
     let dest = dir.join(file);
-    std::fs::rename(tmp, &dest).map_err(|e| io("renaming the export", e))?;
+    vmr_durable::persist(tmp, &dest).map_err(durable)?;
     let sum =
         crate::util::blake3_file(&dest).map_err(|e| Failure::Retryable(crate::util::chain(&e)))?;
     let m = ExportManifest {
@@ -173,19 +172,7 @@ fn publish(
         bytes,
     };
     let text = serde_json::to_string_pretty(&m).map_err(|e| Failure::Fatal(e.to_string()))?;
-    let mtmp = dir.join(format!("{EXPORT_MANIFEST}.tmp"));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&mtmp).map_err(|e| io("writing the manifest", e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io("writing the manifest", e))?;
-    }
-    std::fs::rename(&mtmp, dir.join(EXPORT_MANIFEST))
-        .map_err(|e| io("renaming the manifest", e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing the export directory", e))?;
+    vmr_durable::write_atomic(&dir.join(EXPORT_MANIFEST), text.as_bytes()).map_err(durable)?;
     Ok(())
 }
 
