@@ -457,11 +457,7 @@ pub async fn stop_test(
     }
     fr.tests = keep;
     for t in &gone {
-        kill_vm(vm, t).await;
-        store.remove_view(rec.uuid, t.view)?;
-        if let Some(dir) = t.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        end_failover_vm(vm, &store, t, false).await?;
     }
     vm.save_failover(&fr)?;
     Ok(result(
@@ -475,6 +471,26 @@ pub async fn stop_test(
             if gone.len() == 1 { "y" } else { "ies" }
         ),
     ))
+}
+
+/// End a failed-over VM or test copy: its process, its view in the store (`missing_ok`: a view
+/// already gone is fine), and its directory of overlays.
+async fn end_failover_vm(
+    vm: &mut Vm,
+    store: &vmr_store::Store,
+    f: &FailoverVm,
+    missing_ok: bool,
+) -> Result<(), AgentError> {
+    kill_vm(vm, f).await;
+    match store.remove_view(vm.rec.uuid, f.view) {
+        Ok(()) => {}
+        Err(vmr_store::StoreError::NoSuchView(_)) if missing_ok => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(dir) = f.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
 }
 
 pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> Result<FailoverResult, AgentError> {
@@ -492,14 +508,7 @@ pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> Result<FailoverResul
     let store = vm.host.store_of(&rec)?;
     let mut fr = vm.failover()?;
     if let Some(live) = fr.live.take() {
-        kill_vm(vm, &live).await;
-        match store.remove_view(rec.uuid, live.view) {
-            Ok(()) | Err(vmr_store::StoreError::NoSuchView(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if let Some(dir) = live.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        end_failover_vm(vm, &store, &live, true).await?;
     }
     fr.before = None;
     fr.planned = false;
