@@ -13,6 +13,7 @@ use vmr_proto::{CycleConsistency, CycleHeader, CycleKind};
 use vmr_store::staging::StageFileWriter;
 
 use crate::cycle::{CycleCtx, Outcome, Session, classify_capture};
+use crate::errors::AgentError;
 use crate::util::now_ms;
 use vmr_core::Failure;
 use vmr_proto::record::VmRecord;
@@ -160,8 +161,7 @@ fn publish(
     let durable = |e: vmr_durable::DurableError| Failure::Retryable(e.to_string());
     let dest = dir.join(file);
     vmr_durable::persist(tmp, &dest).map_err(durable)?;
-    let sum =
-        crate::util::blake3_file(&dest).map_err(|e| Failure::Retryable(crate::util::chain(&e)))?;
+    let sum = blake3_file(&dest).map_err(|e| Failure::Retryable(crate::util::chain(&e)))?;
     let m = ExportManifest {
         format: 1,
         vm: rec.uuid,
@@ -180,4 +180,12 @@ fn publish(
 /// room.
 fn io_failure(path: &Path, e: vmr_store::StoreError) -> Failure {
     Failure::Retryable(format!("writing {}: {e}", path.display()))
+}
+
+/// Hex BLAKE3 of a file, streamed (the export manifest's checksum; `import` checks it).
+pub(crate) fn blake3_file(path: &std::path::Path) -> Result<String, AgentError> {
+    let mut f = std::fs::File::open(path).map_err(AgentError::io("opening", path))?;
+    let mut h = blake3::Hasher::new();
+    std::io::copy(&mut f, &mut h).map_err(AgentError::io("reading", path))?;
+    Ok(h.finalize().to_hex().to_string())
 }

@@ -215,7 +215,7 @@ impl ReplicaSide {
             }
             let file = dir.join(&m.file);
             let f2 = file.clone();
-            let sum = tokio::task::spawn_blocking(move || crate::util::blake3_file(&f2))
+            let sum = tokio::task::spawn_blocking(move || crate::export::blake3_file(&f2))
                 .await
                 .map_err(AgentError::Task)??;
             if sum != m.file_blake3 {

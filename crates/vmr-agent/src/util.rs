@@ -1,8 +1,6 @@
-//! Small shared helpers of the agent: the clock, error chains, file hashes.
+//! Small shared helpers of the agent: the clock and error chains.
 
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use crate::errors::AgentError;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -22,12 +20,4 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
-}
-
-/// Hex BLAKE3 of a file, streamed.
-pub fn blake3_file(path: &std::path::Path) -> Result<String, AgentError> {
-    let mut f = std::fs::File::open(path).map_err(AgentError::io("opening", path))?;
-    let mut h = blake3::Hasher::new();
-    std::io::copy(&mut f, &mut h).map_err(AgentError::io("reading", path))?;
-    Ok(h.finalize().to_hex().to_string())
 }

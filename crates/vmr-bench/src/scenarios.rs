@@ -349,7 +349,7 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     // agent (and the qemu-nbd it starts, which inherit its affinity) on CPU 1.
     let pinned = Pinning::split(&pair, &vm)?;
     o.detail("CPU pinning (taskset)", pinned.describe());
-    pair.a.add(&vm)?;
+    vm.register(&pair.a)?;
     let w = ctx.writer(&vm, None, 4, 11)?;
     let rate = |w: &Writer, secs: u64| {
         let b0 = w.bytes();
@@ -601,7 +601,7 @@ fn delta_run(
     if rsync_missing.is_none() {
         resync::copy_for_rsync(&img, &dst)?;
     }
-    pair.a.add(&vm)?;
+    vm.register(&pair.a)?;
     let (init_ack, init) =
         enable_and_wait(&pair, &vm.def.name, "60m", 0, Duration::from_secs(1800))?;
     log(format!("s2: initial replication {init:.1} s"));
@@ -819,7 +819,7 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
     let mut spec = StandInDisk::new("disk0", 0);
     spec.existing = Some(img);
     let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
-    pair.a.add(&vm)?;
+    vm.register(&pair.a)?;
     let r = enable_and_wait(pair, name, "60m", 0, Duration::from_secs(1800));
     let _ = ctx;
     pause(pair, name).ok();
@@ -907,7 +907,7 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         let mut spec = StandInDisk::new("disk0", 0);
         spec.existing = Some(img);
         let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
-        pair.a.add(&vm)?;
+        vm.register(&pair.a)?;
         let p = profile::start(
             pair.root.path(),
             "s4",
@@ -1024,7 +1024,7 @@ fn churn_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         let mut spec = StandInDisk::new("disk0", disk);
         spec.prealloc = true;
         let mut vm = StandIn::start_in(&pair.root.path().join(&name), &pair.a.dir, &name, &[spec])?;
-        pair.a.add(&vm)?;
+        vm.register(&pair.a)?;
         enable_and_wait(&pair, &name, &format!("{f}s"), 0, Duration::from_secs(600))?;
         let mut best = None;
         for &rate in rates {
@@ -1222,7 +1222,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         )?;
         let c = ctx.block(load::connect(&vm.nbd, "disk0"))?;
         ctx.block(load::fill(&c, &vmr_testkit::harness::pool(61), data, 61))?;
-        pair.a.add(&vm)?;
+        vm.register(&pair.a)?;
         enable_and_wait(&pair, &name, "5s", 4, Duration::from_secs(1800))?;
         // Keep an older point: all cycles fall into one hour, so retention would keep only the
         // latest; a test-failover copy pins the first one (as an admin's test would).
@@ -1359,7 +1359,7 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
             &name,
             &[StandInDisk::new("disk0", 64 * MIB)],
         )?;
-        pair.a.add(&vm)?;
+        vm.register(&pair.a)?;
         vms.push(vm);
     }
     let mut writers = Vec::new();

@@ -133,7 +133,7 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let dst = pair.root.path().join("rsync-dst");
     std::fs::create_dir_all(&dst)?;
     copy_for_rsync(&img, &dst)?;
-    pair.a.add(&vm)?;
+    vm.register(&pair.a)?;
     enable_and_wait(&pair, &vm.def.name, "60m", 0, Duration::from_secs(1800))?;
     let (mut ours, mut ours_bytes, mut theirs, mut theirs_bytes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
