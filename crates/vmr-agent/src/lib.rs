@@ -5,9 +5,9 @@
 //! record, its decision machine and its capture session or store. Decisions are made by
 //! `vmr-core`'s machines; this crate carries them out.
 //!
-//! Layers, lowest first (a module imports only modules below it): `util`, `config`, `launch`,
-//! `db` → `host` → `owned`, `cycle` → `resync`, `export`, `replica` → `primary` → `failover`
-//! → `vm` → `server`, `control` → this file.
+//! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
+//! `errors` → `config`, `launch`, `host` → `owned`, `cycle` → `resync`, `export` → `replica`
+//! → `primary` → `failover` → `vm` → `server`, `control` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
 //! `Persist` action is written to SQLite before the next cycle starts.
