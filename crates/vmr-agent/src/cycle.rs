@@ -313,10 +313,12 @@ async fn cycle_with(
         CycleMode::Incremental
     };
     let taken_at_ms = now_ms();
+    let started = std::time::Instant::now();
     let mut cycle = match capture.begin_cycle(mode).await {
         Ok(c) => c,
         Err(e) => return (Outcome::Failed(classify_capture(&e)), true, false),
     };
+    let view_ready = started.elapsed();
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
     if app_consistent {
@@ -354,7 +356,7 @@ async fn cycle_with(
                         return Err(None);
                     }
                 }
-                Ok(None) => return Ok(sent),
+                Ok(None) => return Ok((sent, started.elapsed())),
                 Err(e) => {
                     let f = classify_capture(&e);
                     let _ = tx.send(Err(e)).await;
@@ -369,9 +371,20 @@ async fn cycle_with(
         args.compression,
     );
     let (produced, sent) = tokio::join!(producer, consumer);
+    let acked = started.elapsed();
     match (produced, sent) {
-        (Ok(bytes), Ok(_ack)) => match cycle.commit().await {
+        (Ok((bytes, read_done)), Ok(_ack)) => match cycle.commit().await {
             Ok(()) => {
+                tracing::debug!(
+                    vm = %rec.name,
+                    cycle = id,
+                    bytes,
+                    view_ms = view_ready.as_millis() as u64,
+                    read_ms = read_done.as_millis() as u64,
+                    ack_ms = acked.as_millis() as u64,
+                    commit_ms = started.elapsed().as_millis() as u64,
+                    "cycle phases (ms since the cycle started)"
+                );
                 let pending = capture.pending_bytes().await.ok();
                 (
                     Outcome::Done {

@@ -161,6 +161,7 @@ impl Handler for PeerHandler {
         mut extents: ExtentStream,
     ) -> Result<CycleAck, RemoteError> {
         let (vm, id) = (header.vm, header.id);
+        let t = std::time::Instant::now();
         let h = self.vm(vm)?;
         let mut writer = h
             .ask_peer(|r| Command::BeginCycle(peer.clone(), Box::new(header), r))
@@ -173,8 +174,10 @@ impl Handler for PeerHandler {
                 return Err(e);
             }
         };
+        let streamed = t.elapsed();
         h.ask_peer(|r| Command::FinishCycle(writer, bytes, r))
             .await?;
+        tracing::debug!(%vm, cycle = id, extents = count, bytes, streamed_ms = streamed.as_millis() as u64, acked_ms = t.elapsed().as_millis() as u64, "cycle received (ms since its request arrived)");
         Ok(CycleAck {
             vm,
             cycle: id,

@@ -440,19 +440,24 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::BeginCycle(peer, header, reply) => {
+                let t = std::time::Instant::now();
                 let r = self.begin_cycle(&peer, *header).await;
+                tracing::debug!(vm = %self.vm.rec.name, ms = t.elapsed().as_millis() as u64, "cycle admitted, layers open");
                 let _ = reply.send(r);
             }
             Command::FinishCycle(writer, bytes, reply) => {
+                let t = std::time::Instant::now();
                 match self.commit_cycle(writer).await {
                     Ok(point) => {
-                        // Durable: acknowledge at once; prune, then record the point (status
-                        // shows it once the chain is in its final shape for this cycle).
+                        // Durable: acknowledge at once and record the point (status shows it
+                        // from here on), then prune what retention no longer keeps.
                         let _ = reply.send(Ok(()));
-                        self.prune().await;
+                        let committed = t.elapsed();
                         if let Side::Replica(r) = &mut self.side {
                             r.record_point(&mut self.vm, &point, bytes);
                         }
+                        self.prune().await;
+                        tracing::debug!(vm = %self.vm.rec.name, cycle = point.id, commit_ms = committed.as_millis() as u64, prune_ms = (t.elapsed() - committed).as_millis() as u64, "cycle committed and pruned");
                         if point.kind == vmr_store::PointKind::Planned {
                             tracing::info!(vm = %self.vm.rec.name, point = point.id, "the planned failover's final cycle is committed");
                         }
