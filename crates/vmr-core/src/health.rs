@@ -106,10 +106,15 @@ pub fn primary_health(
             items.push((Health::Critical, format!("cause: {e}")));
         }
     } else if consecutive_failures > 0 {
+        let attempts = if consecutive_failures == 1 {
+            "1 failed attempt".to_owned()
+        } else {
+            format!("{consecutive_failures} failed attempts")
+        };
         items.push((
             Health::Critical,
             format!(
-                "cannot replicate ({consecutive_failures} failed attempts, retrying): {}",
+                "cannot replicate ({attempts}, retrying): {}",
                 last_error.unwrap_or("unknown error")
             ),
         ));

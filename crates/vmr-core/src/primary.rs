@@ -205,7 +205,6 @@ struct Running {
     id: CycleId,
     kind: CycleKind,
     started_ms: u64,
-    missed_counted: u64,
     planned: bool,
 }
 
@@ -222,6 +221,11 @@ pub struct PrimaryMachine {
     initial_at_ms: Option<u64>,
     paused_from: Option<ReplicationState>,
     next_due_ms: u64,
+    /// While replicating on schedule: the start of the oldest interval that no successful
+    /// cycle has met and that is not yet counted as missed. Every whole interval that passes
+    /// from here without a success counts one missed cycle at that moment, whether a cycle
+    /// runs, fails, waits for a retry or cannot start (not persisted, like `next_due_ms`).
+    unmet_since_ms: Option<u64>,
     running: Option<Running>,
 }
 
@@ -245,6 +249,7 @@ impl PrimaryMachine {
             initial_at_ms: snapshot.initial_at_ms,
             paused_from: snapshot.paused_from,
             next_due_ms: 0,
+            unmet_since_ms: None,
             running: None,
         }
     }
@@ -431,7 +436,7 @@ impl PrimaryMachine {
                         state,
                     });
                 };
-                self.count_missed(run, now_ms);
+                self.account_missed(now_ms);
                 let latency = now_ms.saturating_sub(run.started_ms);
                 let st = &mut self.stats;
                 st.successful_cycles += 1;
@@ -471,6 +476,9 @@ impl PrimaryMachine {
                     self.state = S::Replicating;
                 }
                 self.next_due_ms = (run.started_ms + self.schedule.frequency_ms).max(now_ms);
+                // This cycle met the current interval: the next one starts when it is due.
+                self.unmet_since_ms = None;
+                self.account_missed(now_ms);
                 out.push(Action::Persist);
             }
             Event::CycleFailed { now_ms, failure } => {
@@ -496,9 +504,10 @@ impl PrimaryMachine {
                     S::Disabled => return Err(Refusal::NotEnabled { op: Op::Pause }),
                     _ => return refuse(Op::Pause),
                 };
+                self.account_missed(now_ms);
                 self.state = next;
-                if let Some(run) = self.running.take() {
-                    self.count_missed(run, now_ms);
+                self.account_missed(now_ms);
+                if self.running.take().is_some() {
                     out.push(Action::AbortCycle);
                 }
                 out.push(Action::Persist);
@@ -565,11 +574,12 @@ impl PrimaryMachine {
                 if state == S::Disabled {
                     return Err(Refusal::NotEnabled { op: Op::Disable });
                 }
-                if let Some(run) = self.running.take() {
-                    self.count_missed(run, now_ms);
+                self.account_missed(now_ms);
+                if self.running.take().is_some() {
                     out.push(Action::AbortCycle);
                 }
                 self.state = S::Disabled;
+                self.unmet_since_ms = None;
                 self.last_cycle = None;
                 self.disk_sizes = None;
                 self.paused_from = None;
@@ -601,7 +611,7 @@ impl PrimaryMachine {
                         return Err(Refusal::CycleRunning { op: Op::Prepare });
                     }
                     self.running = None;
-                    self.count_missed(run, now_ms);
+                    self.account_missed(now_ms);
                     out.push(Action::AbortCycle);
                 }
                 self.start(now_ms, CycleKind::Incremental, true, &mut out);
@@ -659,7 +669,7 @@ impl PrimaryMachine {
 
     fn fail(&mut self, run: Running, now_ms: u64, failure: Failure) {
         use ReplicationState as S;
-        self.count_missed(run, now_ms);
+        self.account_missed(now_ms);
         self.stats.errors += 1;
         self.consecutive_failures += 1;
         self.last_error = Some(if run.planned {
@@ -738,27 +748,29 @@ impl PrimaryMachine {
         }
     }
 
-    fn count_missed(&mut self, run: Running, now_ms: u64) {
-        if run.kind != CycleKind::Incremental {
+    /// Count the intervals missed up to `now_ms` (see `unmet_since_ms`). Only the incremental
+    /// cadence of a replicating VM has intervals to miss: in any other state nothing is counted
+    /// and the count starts afresh when the VM replicates again.
+    fn account_missed(&mut self, now_ms: u64) {
+        if self.state != ReplicationState::Replicating {
+            self.unmet_since_ms = None;
             return;
         }
-        let slots = now_ms.saturating_sub(run.started_ms) / self.schedule.frequency_ms.max(1);
-        if slots > run.missed_counted {
-            self.stats.missed_cycles += slots - run.missed_counted;
+        let every = self.schedule.frequency_ms.max(1);
+        let since = self
+            .unmet_since_ms
+            .get_or_insert(self.next_due_ms.max(now_ms));
+        if now_ms >= *since + every {
+            let n = (now_ms - *since) / every;
+            self.stats.missed_cycles += n;
+            *since += n * every;
         }
     }
 
     fn tick(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         use ReplicationState as S;
-        if let Some(run) = self.running.as_mut() {
-            if run.kind == CycleKind::Incremental {
-                let slots =
-                    now_ms.saturating_sub(run.started_ms) / self.schedule.frequency_ms.max(1);
-                if slots > run.missed_counted {
-                    self.stats.missed_cycles += slots - run.missed_counted;
-                    run.missed_counted = slots;
-                }
-            }
+        self.account_missed(now_ms);
+        if self.running.is_some() {
             return;
         }
         match self.state {
@@ -820,7 +832,6 @@ impl PrimaryMachine {
             id,
             kind,
             started_ms: now_ms,
-            missed_counted: 0,
             planned,
         });
         out.push(Action::StartCycle {
@@ -1014,6 +1025,78 @@ mod tests {
         assert_eq!(m.stats().missed_cycles, 2);
         // Next cycle starts at once: the schedule slipped.
         assert!(start_of(&m.run(Event::Tick { now_ms: 100_000 })).is_some());
+    }
+
+    /// A link that stays cut: every attempt fails and waits for its retry, and each interval
+    /// that passes without a success is counted missed when it ends, not when the link heals.
+    #[test]
+    fn an_outage_counts_each_missed_interval_as_it_passes() {
+        let mut m = enabled();
+        m.run(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        let mut now = 30_000; // the next cycle is due
+        let mut missed_seen = Vec::new();
+        while now < 30_000 + 270_000 {
+            if start_of(&m.run(Event::Tick { now_ms: now })).is_some() {
+                m.run(Event::CycleFailed {
+                    now_ms: now + 100,
+                    failure: Failure::Retryable("connection refused".into()),
+                });
+            }
+            if now % F == 0 {
+                missed_seen.push(m.stats().missed_cycles);
+            }
+            now += 200;
+        }
+        // 4.5 minutes at 30 s: the eight whole intervals that ended without a success, counted
+        // one by one as each ended.
+        assert_eq!(m.stats().missed_cycles, 8);
+        assert_eq!(missed_seen[..4], [0, 1, 2, 3]);
+        let h = m.health(now);
+        assert_eq!(h.health, vmr_proto::api::Health::Critical);
+        assert!(h.reason().contains("missed"), "{}", h.reason());
+    }
+
+    /// A cycle that hangs (a cut link not yet noticed) counts its missed intervals while it runs.
+    #[test]
+    fn a_hung_cycle_counts_missed_intervals_while_it_runs() {
+        let mut m = enabled();
+        m.run(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        assert!(start_of(&m.run(Event::Tick { now_ms: 30_000 })).is_some());
+        m.run(Event::Tick { now_ms: 59_999 });
+        assert_eq!(m.stats().missed_cycles, 0);
+        m.run(Event::Tick { now_ms: 60_000 });
+        assert_eq!(m.stats().missed_cycles, 1);
+        m.run(Event::Tick { now_ms: 95_000 });
+        assert_eq!(m.stats().missed_cycles, 2);
+    }
+
+    /// After an agent restart nothing of the time it was down is counted as missed at once
+    /// (the schedule restarts from the moment the agent runs again).
+    #[test]
+    fn a_restored_machine_counts_from_now() {
+        let mut m = enabled();
+        m.run(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        let mut r = PrimaryMachine::restore(Schedule::every(F), m.snapshot());
+        r.run(Event::Tick { now_ms: 10_000_000 });
+        assert_eq!(r.stats().missed_cycles, 0);
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl Default for ClientOptions {
         ClientOptions {
             connect_timeout: Duration::from_secs(10),
             call_timeout: Duration::from_secs(60),
-            keepalive: Duration::from_secs(15),
+            keepalive: Duration::from_secs(5),
             zstd_level: 1,
             protocol: PROTOCOL_VERSION,
         }

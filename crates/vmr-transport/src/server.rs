@@ -47,7 +47,7 @@ pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
 pub(crate) const CONN_WINDOW: u32 = 16 << 20;
 pub(crate) const MAX_FRAME: u32 = 256 << 10;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// An authorized peer agent.
