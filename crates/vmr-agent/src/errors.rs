@@ -27,8 +27,11 @@ pub fn store_err(e: StoreError) -> RemoteError {
             message: crate::util::chain(err),
         },
         StoreError::CorruptExtent { .. } => RemoteError::CorruptExtent { index: 0 },
-        // Not retryable: the primary stops in Error with this message.
-        ref err @ StoreError::DiskShrunk { .. } => RemoteError::BadRequest {
+        // Not retryable: the primary stops in Error with this message. An invalid cycle or
+        // definition is the sender's error (400), never worth a retry.
+        ref err @ (StoreError::DiskShrunk { .. }
+        | StoreError::InvalidCycle(_)
+        | StoreError::InvalidDefinition(_)) => RemoteError::BadRequest {
             message: err.to_string(),
         },
         other => RemoteError::Internal {
@@ -695,6 +698,23 @@ mod tests {
             1
         );
         assert_eq!(AgentError::OwnerStopped { name: name() }.exit_code(), 1);
+    }
+
+    #[test]
+    fn invalid_cycles_and_definitions_are_client_errors() {
+        for e in [
+            StoreError::InvalidCycle("cycle has no disks".into()),
+            StoreError::InvalidDefinition("definition is for VM x".into()),
+        ] {
+            let r = store_err(e);
+            assert_eq!(r.status_code(), 400, "{r:?}");
+            assert!(!r.is_retryable());
+        }
+        assert_eq!(
+            store_err(StoreError::WriterClosed).status_code(),
+            500,
+            "a local failure stays an internal error"
+        );
     }
 
     #[test]

@@ -101,8 +101,12 @@ impl PeerHandler {
             .ok_or(RemoteError::UnknownVm { vm: uuid })
     }
 
-    /// Create the replica VM, or refresh it when it exists; true when it was created.
+    /// Create the replica VM, or refresh it when it exists; true when it was created. Disk ids
+    /// are checked first (sizes arrive with each cycle); a definition the store refuses is a
+    /// 400 as well.
     async fn create(&self, peer: &Peer, req: CreateReplica) -> Result<bool, RemoteError> {
+        vmr_proto::check_disk_ids(req.disks.iter().map(|d| d.id.as_str()))
+            .map_err(|e| bad(format!("create-replica {}: {e}", req.uuid)))?;
         let _one = self.creating.lock().await;
         if let Some(h) = self.vms.by_uuid(req.uuid) {
             h.ask_peer(|r| Command::Refresh(peer.clone(), Box::new(req), r))

@@ -958,3 +958,116 @@ async fn connect_failures_are_typed_and_retryable() {
         other => panic!("expected Timeout, got {other:?}"),
     }
 }
+
+/// Headers that can never be applied are refused with a 400 (not retryable) before the handler
+/// sees them; a correct cycle afterwards is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unapplicable_headers_are_refused_before_the_handler() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    let mut huge_disk = header(5, Some(4));
+    huge_disk.disks[0].size = 1 << 63;
+    let max_id = header(u64::MAX, Some(4));
+    let mut no_disks = header(5, Some(4));
+    no_disks.disks.clear();
+    let mut bad_disk_id = header(5, Some(4));
+    bad_disk_id.disks[1].id = "../../etc".into();
+    let mut repeated = header(5, Some(4));
+    repeated.disks[1].id = "vda".into();
+    let base_not_older = header(5, Some(5));
+    let cycles = s.handler.cycles.load(Ordering::SeqCst);
+    for h in [
+        huge_disk,
+        max_id,
+        no_disks,
+        bad_disk_id,
+        repeated,
+        base_not_older,
+    ] {
+        let body = vmr_transport::testing::encode_cycle(&h, Vec::new(), None)
+            .await
+            .expect("encode");
+        let r = client.send_raw_cycle(Bytes::from(body)).await;
+        match r {
+            Err(TransportError::Remote(e @ RemoteError::BadRequest { .. })) => {
+                assert_eq!(e.status_code(), 400);
+                assert!(!e.is_retryable());
+            }
+            other => panic!("{h:?}: expected BadRequest, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        s.handler.cycles.load(Ordering::SeqCst),
+        cycles,
+        "the handler never saw them"
+    );
+    // An extent beyond its disk (the encoder refuses one, so the header is edited after
+    // encoding: same length, smaller disk): 400 as well.
+    let e = Extent {
+        disk: 1,
+        offset: (8 << 20) - 512,
+        data: ExtentData::Zero(512),
+    };
+    let body = vmr_transport::testing::encode_cycle(&header(5, Some(4)), vec![e], None)
+        .await
+        .expect("encode");
+    let (from, to) = (&b"\"size\":8388608"[..], &b"\"size\":8388000"[..]);
+    let at = body
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("disk 1's size in the header");
+    let mut body = body;
+    body[at..at + to.len()].copy_from_slice(to);
+    let r = client.send_raw_cycle(Bytes::from(body)).await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(
+        s.outcome().await,
+        Outcome::Failed(TransportError::Protocol(_))
+    ));
+    // The next correct cycle goes through.
+    client
+        .send_cycle(&header(5, Some(4)), ok_stream(mixed_extents()), false)
+        .await
+        .expect("a correct cycle afterwards");
+    assert!(matches!(s.outcome().await, Outcome::Done { count: 6, .. }));
+    s.shutdown().await;
+}
+
+/// A body that ends cleanly before its End frame is the sender's error (400, not retryable);
+/// a transfer cut by the network stays retryable (see
+/// `peer_vanishing_mid_transfer_interrupts_the_handler`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_ending_before_its_end_frame_is_a_client_error() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    let body = vmr_transport::testing::encode_cycle(&header(5, Some(4)), mixed_extents(), None)
+        .await
+        .expect("encode");
+    // Cut inside the stream header, inside the header frame, inside an extent, before End.
+    for cut in [3, 9, body.len() / 2, body.len() - 50] {
+        let r = client
+            .send_raw_cycle(Bytes::copy_from_slice(&body[..cut]))
+            .await;
+        match r {
+            Err(TransportError::Remote(e @ RemoteError::BadRequest { .. })) => {
+                assert_eq!(e.status_code(), 400);
+                assert!(!TransportError::Remote(e).is_retryable());
+            }
+            other => panic!("cut at {cut}: expected BadRequest, got {other:?}"),
+        }
+    }
+    // The two cuts after the header reached the handler, which saw the truncation.
+    for _ in 0..2 {
+        match s.outcome().await {
+            Outcome::Failed(e @ TransportError::Truncated(_)) => assert!(!e.is_retryable()),
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+    }
+    s.shutdown().await;
+}
