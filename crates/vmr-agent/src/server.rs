@@ -197,9 +197,11 @@ impl Handler for PeerHandler {
                     .ask_peer(|reply| Command::ReplicaInfo(peer.clone(), r.listen, reply))
                     .await?,
             ),
-            PeerRequest::PrimaryVmState { uuid } => {
-                PeerResponse::PrimaryVmState(self.vm(uuid)?.ask_peer(Command::PrimaryState).await?)
-            }
+            PeerRequest::PrimaryVmState { uuid } => PeerResponse::PrimaryVmState(
+                self.vm(uuid)?
+                    .ask_peer(|r| Command::PrimaryState(peer.clone(), r))
+                    .await?,
+            ),
             PeerRequest::BecomeReplica(req) => PeerResponse::BecomeReplica(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))

@@ -168,3 +168,33 @@ fn unapplicable_cycles_and_invalid_calls_are_400_and_nothing_sticks() -> TestRes
     assert!(st.last_cycle.unwrap_or(0) > last, "{st:?}");
     Ok(())
 }
+
+#[test]
+fn primary_vm_state_answers_only_the_vms_replica() -> TestResult {
+    let p = Pair::new(exe())?;
+    p.a.allow(&p.b)?; // the replica may probe the primary (split-brain guard)
+    let vm = StandIn::create(p.root.path(), &p.a, "h2", &["disk0"], 16)?;
+    vm.register(&p.a)?;
+    p.enable("h2", &["--frequency", "30s"])?;
+    let keys = p.root.path().join("intruder");
+    // Another agent, authorized on the primary but in another trust group.
+    let id = intruder(&p.a, &keys, "host-x", "other");
+    let replica_id = Identity::load(&p.b.dir)?;
+    runtime().block_on(async {
+        let c = connect(&p.a, &id).await;
+        match c.primary_vm_state(vm.def.uuid).await {
+            Err(TransportError::Remote(e @ RemoteError::TrustGroup { .. })) => {
+                assert_eq!(e.status_code(), 403);
+            }
+            other => panic!("expected 403, got {other:?}"),
+        }
+        // The VM's replica is answered.
+        let c = connect(&p.a, &replica_id).await;
+        let st = c
+            .primary_vm_state(vm.def.uuid)
+            .await
+            .expect("the replica's probe");
+        assert!(st.running, "{st:?}");
+    });
+    Ok(())
+}
