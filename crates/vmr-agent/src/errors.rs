@@ -196,19 +196,19 @@ pub enum AgentError {
         /// The replication state.
         state: ReplicationState,
     },
-    /// Split-brain guard: the primary answers but the VM's state cannot be checked.
+    /// Split-brain guard: the primary's VM state cannot be checked, for another reason than
+    /// the primary being unreachable.
     #[error(
-        "the primary {primary} ({addr}) answers but the VM's state cannot be checked ({}); pass \
-         --force to fail over anyway",
-        crate::util::chain(.err)
+        "cannot check whether the primary {primary} ({addr}) still runs the VM: {reason}; make \
+         sure it does not (shut it down, or `failover prepare` it), then pass --force"
     )]
     PrimaryUnchecked {
         /// The primary agent's name.
         primary: String,
-        /// The primary agent's address.
+        /// The address probed.
         addr: String,
-        /// The error.
-        err: TransportError,
+        /// Why the probe failed.
+        reason: String,
     },
     /// `failover prepare` while the guest runs.
     #[error(
@@ -276,6 +276,14 @@ pub enum AgentError {
         listen: String,
         /// The error.
         err: std::net::AddrParseError,
+    },
+    /// `init --advertise` with an address peers cannot reach.
+    #[error("--advertise {advertise:?} cannot be advertised: {reason}")]
+    BadAdvertise {
+        /// What was given.
+        advertise: String,
+        /// Why not.
+        reason: vmr_core::UnusableProbe,
     },
     /// `reverse` without a known address of the old primary.
     #[error("the old primary's address is unknown: pass --replica HOST:PORT")]
@@ -576,6 +584,7 @@ impl AgentError {
             | DiskNotInDefinition { .. }
             | BadAgentName { .. }
             | BadListen { .. }
+            | BadAdvertise { .. }
             | OldPrimaryAddressUnknown
             | OldPrimaryFingerprintUnknown => exit::USAGE,
             ConfigUnreadable { .. }

@@ -28,6 +28,7 @@ impl Authorize for Auth {
             name: e.primary,
             fingerprint: e.fingerprint,
             trust_group: Some(e.trust_group),
+            remote: None,
         })
     }
 }

@@ -445,8 +445,9 @@ impl Owner {
             }
             Command::ReplicaInfo(peer, listen, reply) => {
                 let r = self.trust(&peer).and_then(|()| {
-                    if let Some(l) = &listen {
-                        crate::failover::remember_primary(&self.vm, l);
+                    let seen = peer.remote.map(|a| a.ip());
+                    if let Some(a) = vmr_core::probe_address(listen.as_deref(), seen) {
+                        crate::failover::remember_primary(&self.vm, &a);
                     }
                     let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
                     let latest = store.latest_cycle(self.vm.rec.uuid).map_err(store_err)?;

@@ -59,6 +59,9 @@ pub struct Peer {
     pub fingerprint: String,
     /// Its trust group, if any.
     pub trust_group: Option<String>,
+    /// The address its connection comes from (set by the server for every request; `None`
+    /// in what an [`Authorize`] returns).
+    pub remote: Option<SocketAddr>,
 }
 
 /// Decides whether a client certificate fingerprint belongs to a known peer.
@@ -214,7 +217,13 @@ async fn serve_conn<H: Handler>(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| fingerprint(c));
-    let peer = fp.as_deref().and_then(|f| authorizer.authorize(f));
+    let peer = fp
+        .as_deref()
+        .and_then(|f| authorizer.authorize(f))
+        .map(|p| Peer {
+            remote: Some(SocketAddr::new(remote.ip().to_canonical(), remote.port())),
+            ..p
+        });
     match &peer {
         Some(p) => tracing::debug!(%remote, peer = %p.name, "peer connected"),
         None => tracing::warn!(

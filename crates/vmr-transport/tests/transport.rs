@@ -111,6 +111,18 @@ impl Handler for TestHandler {
                     running: true,
                 }))
             }
+            // Where the connection came from: the last byte of the peer's IPv4 address.
+            PeerRequest::ReplicaInfo(r) if r.listen.as_deref() == Some("whoami") => {
+                let last = match peer.remote.map(|a| a.ip()) {
+                    Some(std::net::IpAddr::V4(ip)) => u64::from(ip.octets()[3]),
+                    other => panic!("peer address {other:?}"),
+                };
+                Ok(PeerResponse::ReplicaInfo(ReplicaVmInfo {
+                    uuid: r.uuid,
+                    latest: Some(last),
+                    state: ReplicationState::Replicating,
+                }))
+            }
             // Echoes what arrived: the listen address's length as `latest`.
             PeerRequest::ReplicaInfo(r) => Ok(PeerResponse::ReplicaInfo(ReplicaVmInfo {
                 uuid: r.uuid,
@@ -158,12 +170,14 @@ impl Setup {
             name: "someone-else".into(),
             fingerprint: "SHA256:00".into(),
             trust_group: None,
+            remote: None,
         }];
         if authorize_client {
             peers.push(Peer {
                 name: "primary".into(),
                 fingerprint: client_id.fingerprint().into(),
                 trust_group: Some("tg1".into()),
+                remote: None,
             });
         }
         let (tx, outcomes) = mpsc::unbounded_channel();
@@ -1069,5 +1083,32 @@ async fn body_ending_before_its_end_frame_is_a_client_error() {
             other => panic!("expected Truncated, got {other:?}"),
         }
     }
+    s.shutdown().await;
+}
+
+/// The handler learns the address a peer's connection comes from; a client bound to a local
+/// address (as an agent listening on a specific address is) comes from that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_sees_the_peers_address_and_clients_bind() {
+    let s = Setup::new().await;
+    let whoami = |c: Client| async move {
+        c.replica_info(Uuid::from_u128(1), Some("whoami".into()))
+            .await
+            .expect("replica-info")
+            .latest
+    };
+    assert_eq!(whoami(s.client().await).await, Some(1));
+    let bound = Client::connect(
+        &s.addr.to_string(),
+        &s.client_id,
+        s.server_id.fingerprint(),
+        ClientOptions {
+            bind: Some("127.0.0.2".parse().expect("ip")),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect from 127.0.0.2");
+    assert_eq!(whoami(bound).await, Some(2));
     s.shutdown().await;
 }
