@@ -1,13 +1,16 @@
-//! The HTTP/2 server side: accepting mutual-TLS connections, authorizing the client certificate
-//! by fingerprint, routing requests to the agent's [`Handler`] and mapping its typed errors to
+//! The HTTP/2 server side: accepting mutual-TLS connections within limits ([`ConnLimits`]:
+//! connections per source address and in all, handshake and unauthorized-connection
+//! deadlines, warnings rate-limited per source), authorizing the client certificate by
+//! fingerprint, routing requests to the agent's [`Handler`] and mapping its typed errors to
 //! HTTP responses.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -46,9 +49,144 @@ pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
 pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
 pub(crate) const CONN_WINDOW: u32 = 16 << 20;
 pub(crate) const MAX_FRAME: u32 = 256 << 10;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE: Duration = Duration::from_secs(15);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Bounds on the connections a server holds, so that clients without an authorized
+/// certificate cannot exhaust its file descriptors or its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections held at the same time from one source address (more are closed at once).
+    pub per_source: usize,
+    /// Connections held at the same time in all.
+    pub total: usize,
+    /// A client must complete the TLS handshake within this time.
+    pub handshake_timeout: Duration,
+    /// A connection whose certificate is not authorized is answered `403` and closed after
+    /// this time.
+    pub unauthorized_linger: Duration,
+    /// Warnings about one source address (refused connections, failed handshakes, unknown
+    /// certificates) are logged at most once per this period, with the number suppressed.
+    pub warn_every: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            per_source: 64,
+            total: 512,
+            handshake_timeout: Duration::from_secs(10),
+            unauthorized_linger: Duration::from_secs(5),
+            warn_every: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counts of the connections held, by source address.
+#[derive(Debug, Default)]
+struct ConnCounts {
+    by_source: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// A held connection's place in [`ConnCounts`], given back when dropped.
+struct ConnSlot {
+    counts: Arc<Mutex<ConnCounts>>,
+    source: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Takes a slot for a connection from `source`, or says which limit is reached.
+fn take_slot(
+    counts: &Arc<Mutex<ConnCounts>>,
+    limits: &ConnLimits,
+    source: IpAddr,
+) -> Result<ConnSlot, &'static str> {
+    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+    if c.total >= limits.total {
+        return Err("too many connections");
+    }
+    let n = c.by_source.entry(source).or_insert(0);
+    if *n >= limits.per_source {
+        return Err("too many connections from this address");
+    }
+    *n += 1;
+    c.total += 1;
+    Ok(ConnSlot {
+        counts: counts.clone(),
+        source,
+    })
+}
+
+/// Rate limit of warnings per source address: the first of a period is logged, the rest are
+/// counted and reported with the next one logged.
+#[derive(Debug)]
+struct WarnLimiter {
+    every: Duration,
+    seen: Mutex<HashMap<IpAddr, (Instant, u64)>>,
+}
+
+/// Most sources the limiter remembers; older entries are forgotten first.
+const WARN_SOURCES: usize = 4096;
+
+impl WarnLimiter {
+    fn new(every: Duration) -> WarnLimiter {
+        WarnLimiter {
+            every,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed)` when a warning about `source` at `now` is to be logged (with the
+    /// number of warnings suppressed since the last one logged), `None` to suppress it.
+    fn check(&self, source: IpAddr, now: Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= WARN_SOURCES && !seen.contains_key(&source) {
+            let every = self.every;
+            seen.retain(|_, (at, _)| now.saturating_duration_since(*at) < every);
+            if seen.len() >= WARN_SOURCES {
+                return None;
+            }
+        }
+        match seen.get_mut(&source) {
+            Some((at, n)) if now.saturating_duration_since(*at) < self.every => {
+                *n += 1;
+                None
+            }
+            Some((at, n)) => {
+                let suppressed = *n;
+                *at = now;
+                *n = 0;
+                Some(suppressed)
+            }
+            None => {
+                seen.insert(source, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Logs a warning about `remote` unless its source was warned about within the period.
+macro_rules! warn_limited {
+    ($limiter:expr, $remote:expr, $($rest:tt)+) => {
+        if let Some(suppressed) = $limiter.check($remote.ip(), Instant::now()) {
+            tracing::warn!(remote = %$remote, suppressed, $($rest)+);
+        }
+    };
+}
 
 /// An authorized peer agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +250,7 @@ pub struct Server<H: Handler> {
     authorizer: Arc<dyn Authorize>,
     handler: Arc<H>,
     local_addr: SocketAddr,
+    limits: ConnLimits,
 }
 
 impl<H: Handler> std::fmt::Debug for Server<H> {
@@ -143,7 +282,14 @@ impl<H: Handler> Server<H> {
             authorizer,
             handler,
             local_addr,
+            limits: ConnLimits::default(),
         })
+    }
+
+    /// Replaces the connection limits (default [`ConnLimits::default`]).
+    pub fn with_limits(mut self, limits: ConnLimits) -> Server<H> {
+        self.limits = limits;
+        self
     }
 
     /// The bound address.
@@ -156,18 +302,35 @@ impl<H: Handler> Server<H> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TransportError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
+        let counts = Arc::new(Mutex::new(ConnCounts::default()));
+        let warn = Arc::new(WarnLimiter::new(self.limits.warn_every));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 r = self.listener.accept() => match r {
                     Ok((tcp, remote)) => {
+                        let source = remote.ip().to_canonical();
+                        let slot = match take_slot(&counts, &self.limits, source) {
+                            Ok(s) => s,
+                            Err(why) => {
+                                // Closed at once: no handshake, no task.
+                                drop(tcp);
+                                warn_limited!(warn, remote, "connection refused: {why}");
+                                continue;
+                            }
+                        };
                         let _ = tcp.set_nodelay(true);
                         conns.spawn(serve_conn(
                             tcp,
                             remote,
-                            self.acceptor.clone(),
-                            self.authorizer.clone(),
+                            Conn {
+                                acceptor: self.acceptor.clone(),
+                                authorizer: self.authorizer.clone(),
+                                limits: self.limits.clone(),
+                                warn: warn.clone(),
+                                _slot: slot,
+                            },
                             self.handler.clone(),
                             stop_rx.clone(),
                         ));
@@ -189,30 +352,40 @@ impl<H: Handler> Server<H> {
     }
 }
 
+/// What a connection's task needs besides the socket and handler; holds its slot.
+struct Conn {
+    acceptor: TlsAcceptor,
+    authorizer: Arc<dyn Authorize>,
+    limits: ConnLimits,
+    warn: Arc<WarnLimiter>,
+    _slot: ConnSlot,
+}
+
 async fn serve_conn<H: Handler>(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
-    authorizer: Arc<dyn Authorize>,
+    c: Conn,
     handler: Arc<H>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let accept = tokio::time::timeout(c.limits.handshake_timeout, c.acceptor.accept(tcp));
+    let tls = match accept.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::warn!(%remote, error = %e, "tls handshake failed");
+            warn_limited!(c.warn, remote, error = %e, "tls handshake failed");
             return;
         }
         Err(_) => {
-            tracing::warn!(%remote, "tls handshake timed out");
+            warn_limited!(c.warn, remote, "tls handshake timed out");
             return;
         }
     };
     let (_, conn) = tls.get_ref();
     if conn.alpn_protocol() != Some(tls::ALPN_H2) {
-        tracing::warn!(%remote, "client did not negotiate h2");
+        warn_limited!(c.warn, remote, "client did not negotiate h2");
         return;
     }
+    let authorizer = &c.authorizer;
     let fp = conn
         .peer_certificates()
         .and_then(|c| c.first())
@@ -226,12 +399,18 @@ async fn serve_conn<H: Handler>(
         });
     match &peer {
         Some(p) => tracing::debug!(%remote, peer = %p.name, "peer connected"),
-        None => tracing::warn!(
-            %remote,
+        None => warn_limited!(
+            c.warn,
+            remote,
             fingerprint = fp.as_deref().unwrap_or("-"),
             "unknown client certificate refused"
         ),
     }
+    // An unauthorized client is answered 403 (so that it learns why) for a short while only.
+    let linger = match &peer {
+        Some(_) => None,
+        None => Some(c.limits.unauthorized_linger),
+    };
     let peer = Arc::new(peer);
     let svc = service_fn(move |req| {
         let peer = peer.clone();
@@ -264,6 +443,12 @@ async fn serve_conn<H: Handler>(
         .max_concurrent_streams(64);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
+    let expired = async {
+        match linger {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -273,6 +458,11 @@ async fn serve_conn<H: Handler>(
         _ = stop.changed() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
+        }
+        () = expired => {
+            tracing::debug!(%remote, "unauthorized connection closed");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
     }
 }
@@ -473,5 +663,75 @@ async fn receive_cycle<H: Handler>(
             tracing::warn!(peer = %peer.name, %vm, cycle = id, error = %e, "cycle rejected");
             error_response(&e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn slots_are_capped_per_source_and_in_all_and_given_back() {
+        let limits = ConnLimits {
+            per_source: 2,
+            total: 3,
+            ..ConnLimits::default()
+        };
+        let counts = Arc::new(Mutex::new(ConnCounts::default()));
+        let a1 = take_slot(&counts, &limits, ip("10.0.0.1")).expect("a1");
+        let a2 = take_slot(&counts, &limits, ip("10.0.0.1")).expect("a2");
+        assert!(
+            take_slot(&counts, &limits, ip("10.0.0.1")).is_err(),
+            "per source"
+        );
+        let b1 = take_slot(&counts, &limits, ip("10.0.0.2")).expect("b1");
+        assert!(
+            take_slot(&counts, &limits, ip("10.0.0.3")).is_err(),
+            "in all"
+        );
+        drop(a1);
+        let a3 = take_slot(&counts, &limits, ip("10.0.0.1")).expect("a slot given back");
+        drop((a2, a3, b1));
+        let c = counts.lock().expect("lock");
+        assert_eq!(c.total, 0);
+        assert!(c.by_source.is_empty());
+    }
+
+    #[test]
+    fn warnings_are_limited_per_source_with_a_count() {
+        let w = WarnLimiter::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert_eq!(w.check(a, t0), Some(0));
+        for i in 1..=499u64 {
+            assert_eq!(w.check(a, t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(w.check(b, t0), Some(0), "another source is logged");
+        assert_eq!(
+            w.check(a, t0 + Duration::from_secs(61)),
+            Some(499),
+            "the next period logs the count suppressed"
+        );
+        assert_eq!(w.check(a, t0 + Duration::from_secs(62)), None);
+    }
+
+    #[test]
+    fn the_limiter_forgets_old_sources_first() {
+        let w = WarnLimiter::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..WARN_SOURCES as u32 {
+            assert_eq!(w.check(IpAddr::from(i.to_be_bytes()), t0), Some(0));
+        }
+        // Full of recent sources: a new one is suppressed; once they are old, it is logged.
+        assert_eq!(w.check(ip("192.0.2.1"), t0), None);
+        assert_eq!(
+            w.check(ip("192.0.2.1"), t0 + Duration::from_secs(61)),
+            Some(0)
+        );
+        assert!(w.seen.lock().expect("lock").len() < 10);
     }
 }

@@ -14,9 +14,9 @@ use vmr_proto::api::{BlockHashesRequest, CreateReplica, ReplicaVmInfo, Replicati
 use vmr_proto::peer::{BlockHashes, PrimaryVmState};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, ExtentData};
 use vmr_transport::{
-    Client, ClientOptions, CycleAck, ExtentStream, Handler, Identity, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, Peer, PeerList, PeerRequest, PeerResponse, RemoteError, Server,
-    TransportError,
+    Client, ClientOptions, ConnLimits, CycleAck, ExtentStream, Handler, Identity,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Peer, PeerList, PeerRequest, PeerResponse, RemoteError,
+    Server, TransportError,
 };
 
 /// The VM uuid the test handler does not know.
@@ -162,6 +162,10 @@ impl Setup {
     }
 
     async fn with_authorized(authorize_client: bool) -> Setup {
+        Setup::build(authorize_client, ConnLimits::default()).await
+    }
+
+    async fn build(authorize_client: bool, limits: ConnLimits) -> Setup {
         let sd = tempfile::tempdir().expect("tempdir");
         let cd = tempfile::tempdir().expect("tempdir");
         let server_id = Identity::generate(sd.path(), "replica").expect("server identity");
@@ -195,7 +199,8 @@ impl Setup {
             handler.clone(),
         )
         .await
-        .expect("bind");
+        .expect("bind")
+        .with_limits(limits);
         let addr = server.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server.run(async move {
@@ -1110,5 +1115,84 @@ async fn handler_sees_the_peers_address_and_clients_bind() {
     .await
     .expect("connect from 127.0.0.2");
     assert_eq!(whoami(bound).await, Some(2));
+    s.shutdown().await;
+}
+
+/// How many of `socks` the server has closed (a read sees end of file or a reset).
+async fn closed_by_server(socks: &mut [tokio::net::TcpStream]) -> usize {
+    let mut n = 0;
+    for s in socks.iter_mut() {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(1), s.peek(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => n += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Raw TCP connections from 127.0.0.9 to `addr`.
+async fn flood(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut socks = Vec::new();
+    for _ in 0..n {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind("127.0.0.9:0".parse().expect("addr"))
+            .expect("bind 127.0.0.9");
+        socks.push(sock.connect(addr).await.expect("connect"));
+    }
+    socks
+}
+
+/// Connections that never complete a handshake are capped per source and closed after the
+/// handshake timeout; an unauthorized certificate is answered and then closed; a legitimate
+/// peer from another address gets through meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_capped_and_closed() {
+    let limits = ConnLimits {
+        per_source: 8,
+        total: 64,
+        handshake_timeout: Duration::from_millis(1500),
+        unauthorized_linger: Duration::from_millis(300),
+        ..ConnLimits::default()
+    };
+    let s = Setup::build(true, limits).await;
+    let t0 = tokio::time::Instant::now();
+    let mut socks = flood(s.addr, 100).await;
+    // All but 8 are closed at once.
+    let closed = loop {
+        let closed = closed_by_server(&mut socks).await;
+        if closed >= 92 || t0.elapsed() > Duration::from_millis(1200) {
+            break closed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(closed, 92, "closed within {:?}", t0.elapsed());
+    // A legitimate peer (from 127.0.0.1) gets through meanwhile.
+    let c = s.client().await;
+    c.primary_vm_state(Uuid::from_u128(1)).await.expect("call");
+    // The 8 held ones are closed once the handshake timeout passed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while closed_by_server(&mut socks).await < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle handshakes stay open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(socks);
+    // An unknown certificate: answered 403, then the connection is closed.
+    let d = tempfile::tempdir().expect("tempdir");
+    let stranger = Identity::generate(d.path(), "stranger").expect("identity");
+    let r = Client::connect(
+        &s.addr.to_string(),
+        &stranger,
+        s.server_id.fingerprint(),
+        ClientOptions::default(),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(TransportError::Remote(RemoteError::Unauthorized))),
+        "{r:?}"
+    );
     s.shutdown().await;
 }
