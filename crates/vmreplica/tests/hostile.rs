@@ -156,6 +156,14 @@ fn unapplicable_cycles_and_invalid_calls_are_400_and_nothing_sticks() -> TestRes
             "definition of another VM",
             c.create_replica(create(&["disk0"], vm.def.to_toml())).await,
         );
+        // The same for the existing VM (a refresh): refused before anything changes.
+        let mut refresh = create(&["disk0"], "[broken".into());
+        refresh.uuid = uuid;
+        refresh.name = "h1".into();
+        expect_400(
+            "refresh with an invalid definition",
+            c.create_replica(refresh).await,
+        );
     });
     // Nothing was acknowledged or recorded, and the VM goes on.
     assert_eq!(p.b.status("h1")?.last_cycle, Some(last));
