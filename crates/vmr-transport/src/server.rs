@@ -65,8 +65,9 @@ pub struct ConnLimits {
     /// A connection whose certificate is not authorized is answered `403` and closed after
     /// this time.
     pub unauthorized_linger: Duration,
-    /// Warnings about one source address (refused connections, failed handshakes, unknown
-    /// certificates) are logged at most once per this period, with the number suppressed.
+    /// Warnings of one kind (refused connection, failed handshake, unknown certificate) about
+    /// one source address are logged at most once per this period, with the number
+    /// suppressed.
     pub warn_every: Duration,
 }
 
@@ -130,13 +131,16 @@ fn take_slot(
     })
 }
 
-/// Rate limit of warnings per source address: the first of a period is logged, the rest are
-/// counted and reported with the next one logged.
+/// Rate limit of warnings per source address and kind of warning: the first of a period is
+/// logged, the rest are counted and reported with the next one logged.
 #[derive(Debug)]
 struct WarnLimiter {
     every: Duration,
-    seen: Mutex<HashMap<IpAddr, (Instant, u64)>>,
+    seen: Mutex<HashMap<WarnKey, (Instant, u64)>>,
 }
+
+/// A source address and the kind of warning (its message).
+type WarnKey = (IpAddr, &'static str);
 
 /// Most sources the limiter remembers; older entries are forgotten first.
 const WARN_SOURCES: usize = 4096;
@@ -149,9 +153,11 @@ impl WarnLimiter {
         }
     }
 
-    /// `Some(suppressed)` when a warning about `source` at `now` is to be logged (with the
-    /// number of warnings suppressed since the last one logged), `None` to suppress it.
-    fn check(&self, source: IpAddr, now: Instant) -> Option<u64> {
+    /// `Some(suppressed)` when a warning of `kind` about `source` at `now` is to be logged
+    /// (with the number of such warnings suppressed since the last one logged), `None` to
+    /// suppress it.
+    fn check(&self, source: IpAddr, kind: &'static str, now: Instant) -> Option<u64> {
+        let source = (source, kind);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= WARN_SOURCES && !seen.contains_key(&source) {
             let every = self.every;
@@ -179,11 +185,12 @@ impl WarnLimiter {
     }
 }
 
-/// Logs a warning about `remote` unless its source was warned about within the period.
+/// Logs the warning `msg` about `remote` unless one of the same kind (`msg`'s text) about its
+/// source was logged within the period.
 macro_rules! warn_limited {
-    ($limiter:expr, $remote:expr, $($rest:tt)+) => {
-        if let Some(suppressed) = $limiter.check($remote.ip(), Instant::now()) {
-            tracing::warn!(remote = %$remote, suppressed, $($rest)+);
+    ($limiter:expr, $remote:expr, $($field:ident = $value:expr,)* $msg:literal) => {
+        if let Some(suppressed) = $limiter.check($remote.ip(), $msg, Instant::now()) {
+            tracing::warn!(remote = %$remote, suppressed, $($field = $value,)* $msg);
         }
     };
 }
@@ -372,7 +379,12 @@ async fn serve_conn<H: Handler>(
     let tls = match accept.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            warn_limited!(c.warn, remote, error = %e, "tls handshake failed");
+            warn_limited!(
+                c.warn,
+                remote,
+                error = tracing::field::display(&e),
+                "tls handshake failed"
+            );
             return;
         }
         Err(_) => {
@@ -702,21 +714,22 @@ mod tests {
     }
 
     #[test]
-    fn warnings_are_limited_per_source_with_a_count() {
+    fn warnings_are_limited_per_source_and_kind_with_a_count() {
         let w = WarnLimiter::new(Duration::from_secs(60));
         let t0 = Instant::now();
         let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
-        assert_eq!(w.check(a, t0), Some(0));
+        assert_eq!(w.check(a, "k", t0), Some(0));
         for i in 1..=499u64 {
-            assert_eq!(w.check(a, t0 + Duration::from_millis(i)), None);
+            assert_eq!(w.check(a, "k", t0 + Duration::from_millis(i)), None);
         }
-        assert_eq!(w.check(b, t0), Some(0), "another source is logged");
+        assert_eq!(w.check(b, "k", t0), Some(0), "another source is logged");
+        assert_eq!(w.check(a, "other", t0), Some(0), "another kind is logged");
         assert_eq!(
-            w.check(a, t0 + Duration::from_secs(61)),
+            w.check(a, "k", t0 + Duration::from_secs(61)),
             Some(499),
             "the next period logs the count suppressed"
         );
-        assert_eq!(w.check(a, t0 + Duration::from_secs(62)), None);
+        assert_eq!(w.check(a, "k", t0 + Duration::from_secs(62)), None);
     }
 
     #[test]
@@ -724,12 +737,12 @@ mod tests {
         let w = WarnLimiter::new(Duration::from_secs(60));
         let t0 = Instant::now();
         for i in 0..WARN_SOURCES as u32 {
-            assert_eq!(w.check(IpAddr::from(i.to_be_bytes()), t0), Some(0));
+            assert_eq!(w.check(IpAddr::from(i.to_be_bytes()), "k", t0), Some(0));
         }
         // Full of recent sources: a new one is suppressed; once they are old, it is logged.
-        assert_eq!(w.check(ip("192.0.2.1"), t0), None);
+        assert_eq!(w.check(ip("192.0.2.1"), "k", t0), None);
         assert_eq!(
-            w.check(ip("192.0.2.1"), t0 + Duration::from_secs(61)),
+            w.check(ip("192.0.2.1"), "k", t0 + Duration::from_secs(61)),
             Some(0)
         );
         assert!(w.seen.lock().expect("lock").len() < 10);
