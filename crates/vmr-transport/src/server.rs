@@ -52,13 +52,15 @@ pub(crate) const MAX_FRAME: u32 = 256 << 10;
 const KEEPALIVE: Duration = Duration::from_secs(15);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Bounds on the connections a server holds, so that clients without an authorized
-/// certificate cannot exhaust its file descriptors or its log.
+/// Bounds on the connections a server holds before their certificate is authorized, so that
+/// clients without an authorized certificate cannot exhaust its file descriptors or its log.
+/// Authorized connections (a primary keeps one per replicated VM) do not count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnLimits {
-    /// Connections held at the same time from one source address (more are closed at once).
+    /// Connections not (yet) authorized held at the same time from one source address (more
+    /// are closed at once, before TLS).
     pub per_source: usize,
-    /// Connections held at the same time in all.
+    /// Connections not (yet) authorized held at the same time in all.
     pub total: usize,
     /// A client must complete the TLS handshake within this time.
     pub handshake_timeout: Duration,
@@ -83,14 +85,14 @@ impl Default for ConnLimits {
     }
 }
 
-/// Counts of the connections held, by source address.
+/// Counts of the connections held before authorization, by source address.
 #[derive(Debug, Default)]
 struct ConnCounts {
     by_source: HashMap<IpAddr, usize>,
     total: usize,
 }
 
-/// A held connection's place in [`ConnCounts`], given back when dropped.
+/// A connection's place in [`ConnCounts`] until it is authorized, given back when dropped.
 struct ConnSlot {
     counts: Arc<Mutex<ConnCounts>>,
     source: IpAddr,
@@ -336,7 +338,7 @@ impl<H: Handler> Server<H> {
                                 authorizer: self.authorizer.clone(),
                                 limits: self.limits.clone(),
                                 warn: warn.clone(),
-                                _slot: slot,
+                                slot: Some(slot),
                             },
                             self.handler.clone(),
                             stop_rx.clone(),
@@ -359,19 +361,20 @@ impl<H: Handler> Server<H> {
     }
 }
 
-/// What a connection's task needs besides the socket and handler; holds its slot.
+/// What a connection's task needs besides the socket and handler; holds its slot until the
+/// connection is authorized.
 struct Conn {
     acceptor: TlsAcceptor,
     authorizer: Arc<dyn Authorize>,
     limits: ConnLimits,
     warn: Arc<WarnLimiter>,
-    _slot: ConnSlot,
+    slot: Option<ConnSlot>,
 }
 
 async fn serve_conn<H: Handler>(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
-    c: Conn,
+    mut c: Conn,
     handler: Arc<H>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -410,7 +413,11 @@ async fn serve_conn<H: Handler>(
             ..p
         });
     match &peer {
-        Some(p) => tracing::debug!(%remote, peer = %p.name, "peer connected"),
+        Some(p) => {
+            tracing::debug!(%remote, peer = %p.name, "peer connected");
+            // Authorized: no longer counted against the limits.
+            c.slot = None;
+        }
         None => warn_limited!(
             c.warn,
             remote,

@@ -1167,9 +1167,15 @@ async fn unauthenticated_connections_are_capped_and_closed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(closed, 92, "closed within {:?}", t0.elapsed());
-    // A legitimate peer (from 127.0.0.1) gets through meanwhile.
-    let c = s.client().await;
-    c.primary_vm_state(Uuid::from_u128(1)).await.expect("call");
+    // A legitimate peer (from 127.0.0.1) gets through meanwhile, with more connections than
+    // the per-source limit (authorized connections do not count: a primary keeps one per VM).
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(s.client().await);
+    }
+    for c in &clients {
+        c.primary_vm_state(Uuid::from_u128(1)).await.expect("call");
+    }
     // The 8 held ones are closed once the handshake timeout passed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while closed_by_server(&mut socks).await < 100 {
