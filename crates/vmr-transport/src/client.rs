@@ -164,26 +164,26 @@ fn map_tls(
 }
 
 /// TCP connection to `addr` (`host:port`; every address it resolves to is tried in turn),
-/// from `bind` when given (a socket of the address's family bound to it first).
+/// from `bind` when given and usable for that target: a loopback source is used only towards
+/// loopback targets, one of the other family not at all, and a source that is no longer an
+/// address of this host (bind fails) falls back to the system's choice.
 async fn connect_tcp(addr: &str, bind: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
     let Some(local) = bind.filter(|ip| !ip.is_unspecified()) else {
         return TcpStream::connect(addr).await;
     };
     let mut last = None;
     for target in tokio::net::lookup_host(addr).await? {
+        let usable = target.is_ipv4() == local.is_ipv4()
+            && (!local.is_loopback() || target.ip().is_loopback());
         let socket = if target.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        if target.is_ipv4() != local.is_ipv4() {
-            last = Some(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("cannot reach {target} from {local}"),
-            ));
-            continue;
+        if usable && let Err(e) = socket.bind(std::net::SocketAddr::new(local, 0)) {
+            tracing::debug!(%local, error = %e, "cannot connect from the listen address");
+            return TcpStream::connect(target).await;
         }
-        socket.bind(std::net::SocketAddr::new(local, 0))?;
         match socket.connect(target).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),

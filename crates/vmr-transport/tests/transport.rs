@@ -1115,6 +1115,19 @@ async fn handler_sees_the_peers_address_and_clients_bind() {
     .await
     .expect("connect from 127.0.0.2");
     assert_eq!(whoami(bound).await, Some(2));
+    // A source address that is not (or no longer) this host's: the system's choice instead.
+    let fallback = Client::connect(
+        &s.addr.to_string(),
+        &s.client_id,
+        s.server_id.fingerprint(),
+        ClientOptions {
+            bind: Some("192.0.2.1".parse().expect("ip")),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect despite an unusable source address");
+    assert_eq!(whoami(fallback).await, Some(1));
     s.shutdown().await;
 }
 
