@@ -95,13 +95,16 @@ pub fn failover_transition(
 /// The address the replica probes the primary at, from what the primary reports with each
 /// `replica-info` call (`reported`: its advertised address, else its listen address) and the
 /// address its authenticated connection came from (`seen`). A reported wildcard host
-/// (`0.0.0.0`, `::`) is replaced by the seen address with the reported port; a reported
-/// specific address (or host name) is used as is; without a report there is nothing to probe.
+/// (`0.0.0.0`, `::`), or a loopback host while the connection came from elsewhere (it would
+/// name this host here), is replaced by the seen address with the reported port; another
+/// reported address (or host name) is used as is; without a report there is nothing to probe.
 pub fn probe_address(reported: Option<&str>, seen: Option<IpAddr>) -> Option<String> {
     let reported = reported?.trim();
+    let seen = seen.map(|ip| ip.to_canonical());
+    let from_elsewhere = seen.is_some_and(|ip| !ip.is_loopback());
     match reported.parse::<SocketAddr>() {
-        Ok(a) if a.ip().is_unspecified() => {
-            let ip = seen?.to_canonical();
+        Ok(a) if a.ip().is_unspecified() || (a.ip().is_loopback() && from_elsewhere) => {
+            let ip = seen?;
             (!ip.is_unspecified()).then(|| SocketAddr::new(ip, a.port()).to_string())
         }
         Ok(a) => Some(a.to_string()),
@@ -366,6 +369,18 @@ mod tests {
                 seen("10.0.0.5"),
                 Some("primary.example:7000"),
             ),
+            (
+                Some("10.0.0.7:7000"),
+                seen("10.0.0.5"),
+                Some("10.0.0.7:7000"),
+            ),
+            // A loopback listener of a primary on another host would name this host here.
+            (
+                Some("127.0.0.1:7000"),
+                seen("10.0.0.5"),
+                Some("10.0.0.5:7000"),
+            ),
+            (Some("[::1]:7000"), seen("10.0.0.5"), Some("10.0.0.5:7000")),
             (None, seen("10.0.0.5"), None),
             (Some(""), seen("10.0.0.5"), None),
         ];
