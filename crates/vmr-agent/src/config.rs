@@ -1,5 +1,6 @@
 //! An agent directory: its config file, creating it with a TLS identity (`vmreplica init`),
-//! and the control socket's path.
+//! the control socket's path, and what the config says about reaching this agent (the address
+//! reported to replicas, the local address of outgoing connections).
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,7 @@ pub fn create(
     dir: &Path,
     name: &str,
     listen: &str,
+    advertise: Option<&str>,
     storage: Option<PathBuf>,
 ) -> Result<String, AgentError> {
     if dir.join(CONFIG_FILE).exists() {
@@ -49,6 +51,12 @@ pub fn create(
             listen: listen.to_owned(),
             err,
         })?;
+    if let Some(a) = advertise {
+        vmr_core::check_probe_target(Some(a), None).map_err(|reason| AgentError::BadAdvertise {
+            advertise: a.to_owned(),
+            reason,
+        })?;
+    }
     std::fs::create_dir_all(dir).map_err(AgentError::io("creating", dir))?;
     let dir = std::path::absolute(dir).map_err(AgentError::io("resolving", dir))?;
     let storage = storage.map_or_else(
@@ -63,6 +71,7 @@ pub fn create(
     let cfg = AgentConfig {
         name: name.to_owned(),
         listen: listen.to_owned(),
+        advertise: advertise.map(str::to_owned),
         storage: storage.display().to_string(),
         max_concurrent_cycles: 8,
     };
@@ -75,4 +84,62 @@ pub fn create(
 /// The control socket of the agent owning `dir`.
 pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
+}
+
+/// The address this agent reports to its replicas (`replica-info`): the advertised address,
+/// else the listen address (a replica replaces a wildcard host by the address the
+/// connection came from).
+pub fn reported_address(cfg: &AgentConfig) -> String {
+    cfg.advertise.clone().unwrap_or_else(|| cfg.listen.clone())
+}
+
+/// Client options of this agent's outgoing connections: from its listen address when that
+/// is a specific one, so that peers see the address this agent listens on.
+pub fn client_options(cfg: &AgentConfig) -> vmr_transport::ClientOptions {
+    let bind = cfg
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified());
+    vmr_transport::ClientOptions {
+        bind,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertise_is_validated_and_reported() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for bad in [
+            "0.0.0.0:7000",
+            "[::]:7000",
+            "host-without-port",
+            "10.0.0.1:0",
+        ] {
+            let e = create(&root.path().join("x"), "a", "0.0.0.0:7000", Some(bad), None)
+                .expect_err(bad);
+            assert!(matches!(e, AgentError::BadAdvertise { .. }), "{bad}: {e}");
+            assert_eq!(e.exit_code(), crate::exit::USAGE);
+            assert!(!root.path().join("x").exists(), "nothing created for {bad}");
+        }
+        let dir = root.path().join("a");
+        create(&dir, "a", "0.0.0.0:7000", Some("10.0.0.5:7000"), None).expect("create");
+        let cfg = load_config(&dir).expect("load");
+        assert_eq!(reported_address(&cfg), "10.0.0.5:7000");
+        assert_eq!(
+            client_options(&cfg).bind,
+            None,
+            "a wildcard listener binds nothing"
+        );
+        let dir = root.path().join("b");
+        create(&dir, "b", "127.0.0.2:7000", None, None).expect("create");
+        let cfg = load_config(&dir).expect("load");
+        assert_eq!(reported_address(&cfg), "127.0.0.2:7000");
+        assert_eq!(client_options(&cfg).bind, "127.0.0.2".parse().ok());
+    }
 }

@@ -124,7 +124,7 @@ pub async fn connect(host: &Host, args: &EnableArgs) -> Result<Client, Transport
         &args.replica,
         &host.identity,
         &args.replica_fingerprint,
-        Default::default(),
+        crate::config::client_options(&host.config),
     )
     .await
 }
@@ -208,7 +208,10 @@ pub async fn replica_latest(
 ) -> Result<Option<u64>, Failure> {
     let c = client(host, rec, session).await?;
     match c
-        .replica_info(rec.uuid, Some(host.config.listen.clone()))
+        .replica_info(
+            rec.uuid,
+            Some(crate::config::reported_address(&host.config)),
+        )
         .await
     {
         Ok(info) => Ok(info.latest),

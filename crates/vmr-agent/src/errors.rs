@@ -27,8 +27,11 @@ pub fn store_err(e: StoreError) -> RemoteError {
             message: crate::util::chain(err),
         },
         StoreError::CorruptExtent { .. } => RemoteError::CorruptExtent { index: 0 },
-        // Not retryable: the primary stops in Error with this message.
-        ref err @ StoreError::DiskShrunk { .. } => RemoteError::BadRequest {
+        // Not retryable: the primary stops in Error with this message. An invalid cycle or
+        // definition is the sender's error (400), never worth a retry.
+        ref err @ (StoreError::DiskShrunk { .. }
+        | StoreError::InvalidCycle(_)
+        | StoreError::InvalidDefinition(_)) => RemoteError::BadRequest {
             message: err.to_string(),
         },
         other => RemoteError::Internal {
@@ -193,19 +196,19 @@ pub enum AgentError {
         /// The replication state.
         state: ReplicationState,
     },
-    /// Split-brain guard: the primary answers but the VM's state cannot be checked.
+    /// Split-brain guard: the primary's VM state cannot be checked, for another reason than
+    /// the primary being unreachable.
     #[error(
-        "the primary {primary} ({addr}) answers but the VM's state cannot be checked ({}); pass \
-         --force to fail over anyway",
-        crate::util::chain(.err)
+        "cannot check whether the primary {primary} ({addr}) still runs the VM: {reason}; make \
+         sure it does not (shut it down, or `failover prepare` it), then pass --force"
     )]
     PrimaryUnchecked {
         /// The primary agent's name.
         primary: String,
-        /// The primary agent's address.
+        /// The address probed.
         addr: String,
-        /// The error.
-        err: TransportError,
+        /// Why the probe failed.
+        reason: String,
     },
     /// `failover prepare` while the guest runs.
     #[error(
@@ -273,6 +276,14 @@ pub enum AgentError {
         listen: String,
         /// The error.
         err: std::net::AddrParseError,
+    },
+    /// `init --advertise` with an address peers cannot reach.
+    #[error("--advertise {advertise:?} cannot be advertised: {reason}")]
+    BadAdvertise {
+        /// What was given.
+        advertise: String,
+        /// Why not.
+        reason: vmr_core::UnusableProbe,
     },
     /// `reverse` without a known address of the old primary.
     #[error("the old primary's address is unknown: pass --replica HOST:PORT")]
@@ -573,6 +584,7 @@ impl AgentError {
             | DiskNotInDefinition { .. }
             | BadAgentName { .. }
             | BadListen { .. }
+            | BadAdvertise { .. }
             | OldPrimaryAddressUnknown
             | OldPrimaryFingerprintUnknown => exit::USAGE,
             ConfigUnreadable { .. }
@@ -695,6 +707,23 @@ mod tests {
             1
         );
         assert_eq!(AgentError::OwnerStopped { name: name() }.exit_code(), 1);
+    }
+
+    #[test]
+    fn invalid_cycles_and_definitions_are_client_errors() {
+        for e in [
+            StoreError::InvalidCycle("cycle has no disks".into()),
+            StoreError::InvalidDefinition("definition is for VM x".into()),
+        ] {
+            let r = store_err(e);
+            assert_eq!(r.status_code(), 400, "{r:?}");
+            assert!(!r.is_retryable());
+        }
+        assert_eq!(
+            store_err(StoreError::WriterClosed).status_code(),
+            500,
+            "a local failure stays an internal error"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use vmr_proto::peer::{BecameReplica, PrimaryVmState};
 use vmr_proto::record::{MachineSnapshot, VmRecord};
 use vmr_proto::wire::RemoteError;
 use vmr_store::RetentionPolicy;
-use vmr_transport::{Client, Peer};
+use vmr_transport::{Client, Peer, TransportError};
 
 use crate::errors::AgentError;
 use crate::host::Host;
@@ -53,7 +53,8 @@ enum BecomeError {
 /// How long a started VM's QMP socket may take to answer.
 const QMP_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Remember the primary agent's listener (reported with each `replica-info` call).
+/// Remember the address to probe the primary agent at ([`vmr_core::probe_address`]: what it
+/// reports with each `replica-info` call, a wildcard replaced by where the call came from).
 pub fn remember_primary(vm: &Vm, listen: &str) {
     let r = (|| -> Result<(), AgentError> {
         let mut fr = vm.failover()?;
@@ -391,15 +392,49 @@ pub async fn start(
     Ok(result(name, side.machine().state(), Some(&f), t0, msg))
 }
 
-/// Refuse an unplanned failover while the primary answers and its VM runs.
+/// The split-brain guard of an unplanned failover: probe the primary (`primary-vm-state`,
+/// pinned to its authorization entry's fingerprint) at the address recorded from its calls,
+/// never a wildcard or this agent's own listener; what the result means is
+/// [`vmr_core::split_brain_verdict`]'s decision.
 async fn split_brain_guard(
     host: &Host,
     rec: &VmRecord,
     fr: &FailoverRecord,
 ) -> Result<(), AgentError> {
-    let Some(addr) = fr.primary_listen.clone() else {
-        tracing::warn!(vm = %rec.name, "the primary's address is unknown; split-brain check skipped");
-        return Ok(());
+    let addr = fr.primary_listen.clone();
+    let probe = probe_primary(host, rec, addr.as_deref()).await;
+    tracing::info!(vm = %rec.name, addr = addr.as_deref().unwrap_or("-"), ?probe, "split-brain probe");
+    let addr = addr.unwrap_or_else(|| "unknown address".to_owned());
+    match vmr_core::split_brain_verdict(probe.0, false) {
+        vmr_core::SplitBrain::Proceed => Ok(()),
+        vmr_core::SplitBrain::PrimaryRuns => Err(AgentError::PrimaryRuns {
+            primary: rec.primary.clone(),
+            addr,
+            name: rec.name.clone(),
+            state: probe.1.unwrap_or(ReplicationState::Replicating),
+        }),
+        vmr_core::SplitBrain::Unchecked { reason } => Err(AgentError::PrimaryUnchecked {
+            primary: rec.primary.clone(),
+            addr,
+            reason,
+        }),
+    }
+}
+
+/// Probe the primary at `addr`: what was found, and the state it answered.
+async fn probe_primary(
+    host: &Host,
+    rec: &VmRecord,
+    addr: Option<&str>,
+) -> (vmr_core::PrimaryProbe, Option<ReplicationState>) {
+    use vmr_core::PrimaryProbe as P;
+    let failed = |reason: String| (P::Failed { reason }, None);
+    let own = host.config.listen.parse().ok();
+    if let Err(e) = vmr_core::check_probe_target(addr, own) {
+        return failed(e.to_string());
+    }
+    let Some(addr) = addr else {
+        return failed(vmr_core::UnusableProbe::Unknown.to_string());
     };
     let fp = host
         .allowed()
@@ -407,31 +442,40 @@ async fn split_brain_guard(
         .find(|e| e.primary == rec.primary)
         .map(|e| e.fingerprint);
     let Some(fp) = fp else {
-        return Ok(());
+        return failed(format!(
+            "no authorization entry names the primary {:?}",
+            rec.primary
+        ));
     };
     let probe = async {
-        let c = Client::connect(&addr, &host.identity, &fp, Default::default()).await?;
+        let c = Client::connect(
+            addr,
+            &host.identity,
+            &fp,
+            crate::config::client_options(&host.config),
+        )
+        .await?;
         c.primary_vm_state(rec.uuid).await
     };
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(v)) => {
-            if v.running {
-                return Err(AgentError::PrimaryRuns {
-                    primary: rec.primary.clone(),
-                    addr,
-                    name: rec.name.clone(),
-                    state: v.state,
-                });
-            }
-            Ok(())
-        }
-        Ok(Err(err)) if !err.is_retryable() => Err(AgentError::PrimaryUnchecked {
-            primary: rec.primary.clone(),
-            addr,
-            err,
-        }),
-        // Unreachable or timed out: the primary is lost.
-        _ => Ok(()),
+        Ok(Ok(v)) => (P::Answered { running: v.running }, Some(v.state)),
+        Ok(Err(e)) if primary_lost(&e) => (P::Lost, None),
+        Ok(Err(e)) => failed(crate::util::chain(&e)),
+        Err(_) => (P::Lost, None),
+    }
+}
+
+/// Nobody answers at the primary's address: refused (no agent listens), unreachable, or no
+/// answer in time. Anything else (TLS, identity, the primary refusing) is not "lost".
+fn primary_lost(e: &TransportError) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        TransportError::Connect { source, .. } => matches!(
+            source.kind(),
+            K::ConnectionRefused | K::HostUnreachable | K::NetworkUnreachable | K::TimedOut
+        ),
+        TransportError::Timeout(_) => true,
+        _ => false,
     }
 }
 
@@ -748,12 +792,17 @@ pub async fn reverse(
             })
             .collect(),
     };
-    let client = Client::connect(&addr, &vm.host.identity, &fp, Default::default())
-        .await
-        .map_err(|source| AgentError::ConnectOldPrimary {
-            addr: addr.clone(),
-            source,
-        })?;
+    let client = Client::connect(
+        &addr,
+        &vm.host.identity,
+        &fp,
+        crate::config::client_options(&vm.host.config),
+    )
+    .await
+    .map_err(|source| AgentError::ConnectOldPrimary {
+        addr: addr.clone(),
+        source,
+    })?;
     let answer = client
         .become_replica(req)
         .await

@@ -58,6 +58,16 @@ impl ReplicaSide {
     /// Refresh the definition and policy of an existing replica VM (`create-replica` is
     /// idempotent) and take a Disabled replica back.
     pub fn refresh(&mut self, vm: &mut Vm, req: CreateReplica) -> Result<(), RemoteError> {
+        // A definition that cannot be used is refused (400) before anything changes.
+        let bad = |message: String| RemoteError::BadRequest { message };
+        let def = vmr_proto::VmDefinition::from_toml(&req.launch_toml)
+            .map_err(|e| bad(format!("invalid VM definition: {}", crate::util::chain(&e))))?;
+        if def.uuid != vm.rec.uuid {
+            return Err(bad(format!(
+                "the definition is of VM {}, not {}",
+                def.uuid, vm.rec.uuid
+            )));
+        }
         self.step(vm, ReplicaEvent::Recreate { now_ms: now_ms() })
             .map_err(refusal_err)?;
         let store = vm.host.store_of(&vm.rec).map_err(internal)?;

@@ -28,6 +28,7 @@ impl Authorize for Auth {
             name: e.primary,
             fingerprint: e.fingerprint,
             trust_group: Some(e.trust_group),
+            remote: None,
         })
     }
 }
@@ -101,8 +102,12 @@ impl PeerHandler {
             .ok_or(RemoteError::UnknownVm { vm: uuid })
     }
 
-    /// Create the replica VM, or refresh it when it exists; true when it was created.
+    /// Create the replica VM, or refresh it when it exists; true when it was created. Disk ids
+    /// are checked first (sizes arrive with each cycle); a definition the store refuses is a
+    /// 400 as well.
     async fn create(&self, peer: &Peer, req: CreateReplica) -> Result<bool, RemoteError> {
+        vmr_proto::check_disk_ids(req.disks.iter().map(|d| d.id.as_str()))
+            .map_err(|e| bad(format!("create-replica {}: {e}", req.uuid)))?;
         let _one = self.creating.lock().await;
         if let Some(h) = self.vms.by_uuid(req.uuid) {
             h.ask_peer(|r| Command::Refresh(peer.clone(), Box::new(req), r))
@@ -196,9 +201,11 @@ impl Handler for PeerHandler {
                     .ask_peer(|reply| Command::ReplicaInfo(peer.clone(), r.listen, reply))
                     .await?,
             ),
-            PeerRequest::PrimaryVmState { uuid } => {
-                PeerResponse::PrimaryVmState(self.vm(uuid)?.ask_peer(Command::PrimaryState).await?)
-            }
+            PeerRequest::PrimaryVmState { uuid } => PeerResponse::PrimaryVmState(
+                self.vm(uuid)?
+                    .ask_peer(|r| Command::PrimaryState(peer.clone(), r))
+                    .await?,
+            ),
             PeerRequest::BecomeReplica(req) => PeerResponse::BecomeReplica(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))

@@ -112,7 +112,7 @@ pub enum Command {
     /// Peer: block hashes of the latest point (resync).
     Hashes(Peer, BlockHashesRequest, PeerReply<BlockHashes>),
     /// Peer: is the VM running here (split-brain probe)?
-    PrimaryState(PeerReply<PrimaryVmState>),
+    PrimaryState(Peer, PeerReply<PrimaryVmState>),
     /// Peer: become the replica of the VM (reverse after a failover).
     BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<BecameReplica>),
     /// Stop the owner (agent shutdown).
@@ -312,22 +312,45 @@ impl Owner {
         }
     }
 
+    /// The one authorization of every peer call on this VM (the transport authorized the
+    /// caller's certificate already). Calls addressed to the replica side (cycles,
+    /// `create-replica` refresh, `replica-info`, `resync-hashes`) need a replica VM here and a
+    /// caller of the trust group that created it. Calls addressed to the primary side
+    /// (`primary-vm-state`, `become-replica`) of a primary VM are answered only to its own
+    /// replica (the fingerprint it replicates to); on a replica VM, only to its trust group.
+    /// Anything else is 403 (`TrustGroup`).
+    fn authorize(&self, peer: &Peer, to: ReplicationMode) -> Result<(), RemoteError> {
+        let rec = &self.vm.rec;
+        let mode = rec.mode();
+        if to == ReplicationMode::Replica && mode != ReplicationMode::Replica {
+            return Err(RemoteError::UnknownVm { vm: rec.uuid });
+        }
+        let (allowed, whose) = match mode {
+            ReplicationMode::Replica => (
+                rec.trust_group == peer.trust_group,
+                format!("belongs to trust group {:?}", rec.trust_group),
+            ),
+            ReplicationMode::Primary => (
+                rec.enable
+                    .as_ref()
+                    .is_some_and(|a| a.replica_fingerprint == peer.fingerprint),
+                "answers only its own replica".to_owned(),
+            ),
+        };
+        if allowed {
+            return Ok(());
+        }
+        tracing::warn!(peer = %peer.name, vm = %rec.uuid, ?mode, "refused: peer is not in the VM's trust group");
+        Err(RemoteError::TrustGroup {
+            message: format!(
+                "{mode:?} VM {} {whose}; peer {:?} is in {:?}",
+                rec.uuid, peer.name, peer.trust_group
+            ),
+        })
+    }
+
     fn trust(&self, peer: &Peer) -> Result<(), RemoteError> {
-        if self.vm.rec.mode() != ReplicationMode::Replica {
-            return Err(RemoteError::UnknownVm {
-                vm: self.vm.rec.uuid,
-            });
-        }
-        if self.vm.rec.trust_group != peer.trust_group {
-            tracing::warn!(peer = %peer.name, vm = %self.vm.rec.uuid, "refused: peer is not in the VM's trust group");
-            return Err(RemoteError::TrustGroup {
-                message: format!(
-                    "replica VM {} belongs to trust group {:?}; primary {:?} is in {:?}",
-                    self.vm.rec.uuid, self.vm.rec.trust_group, peer.name, peer.trust_group
-                ),
-            });
-        }
-        Ok(())
+        self.authorize(peer, ReplicationMode::Replica)
     }
 
     async fn handle(&mut self, cmd: Command) {
@@ -422,8 +445,9 @@ impl Owner {
             }
             Command::ReplicaInfo(peer, listen, reply) => {
                 let r = self.trust(&peer).and_then(|()| {
-                    if let Some(l) = &listen {
-                        crate::failover::remember_primary(&self.vm, l);
+                    let seen = peer.remote.map(|a| a.ip());
+                    if let Some(a) = vmr_core::probe_address(listen.as_deref(), seen) {
+                        crate::failover::remember_primary(&self.vm, &a);
                     }
                     let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
                     let latest = store.latest_cycle(self.vm.rec.uuid).map_err(store_err)?;
@@ -485,7 +509,11 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
-            Command::PrimaryState(reply) => {
+            Command::PrimaryState(peer, reply) => {
+                if let Err(e) = self.authorize(&peer, ReplicationMode::Primary) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 let state = match &self.side {
                     Side::Primary(Some(p)) => p.state(),
                     _ => self.vm.rec.state(),
@@ -494,6 +522,10 @@ impl Owner {
                 let _ = reply.send(Ok(v));
             }
             Command::BecomeReplica(peer, req, reply) => {
+                if let Err(e) = self.authorize(&peer, ReplicationMode::Primary) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 let side = match &mut self.side {
                     Side::Primary(p) => p.as_deref_mut(),
                     Side::Replica(_) => None,

@@ -1,7 +1,12 @@
-//! Failover decisions as a pure function: which replication state a failover operation
+//! Failover decisions as pure functions: which replication state a failover operation
 //! (prepare, start, test, cancel, complete, reverse) leads to from the current state and
-//! mode, following Hyper-V's rules, or why it is refused. The primary and replica machines
-//! apply them; the agent carries out what they decide.
+//! mode, following Hyper-V's rules, or why it is refused; and the split-brain guard of an
+//! unplanned failover: which address the replica probes the primary at
+//! ([`probe_address`], [`check_probe_target`]) and what the probe's result means
+//! ([`split_brain_verdict`]). The primary and replica machines apply them; the agent carries
+//! out what they decide.
+
+use std::net::{IpAddr, SocketAddr};
 
 use vmr_proto::api::{ReplicationMode, ReplicationState};
 
@@ -84,6 +89,141 @@ pub fn failover_transition(
             }
         }
         _ => refuse(),
+    }
+}
+
+/// The address the replica probes the primary at, from what the primary reports with each
+/// `replica-info` call (`reported`: its advertised address, else its listen address) and the
+/// address its authenticated connection came from (`seen`). A reported wildcard host
+/// (`0.0.0.0`, `::`), or a loopback host while the connection came from elsewhere (it would
+/// name this host here), is replaced by the seen address with the reported port; another
+/// reported address (or host name) is used as is; without a report there is nothing to probe.
+pub fn probe_address(reported: Option<&str>, seen: Option<IpAddr>) -> Option<String> {
+    let reported = reported?.trim();
+    let seen = seen.map(|ip| ip.to_canonical());
+    let from_elsewhere = seen.is_some_and(|ip| !ip.is_loopback());
+    match reported.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() || (a.ip().is_loopback() && from_elsewhere) => {
+            let ip = seen?;
+            (!ip.is_unspecified()).then(|| SocketAddr::new(ip, a.port()).to_string())
+        }
+        Ok(a) => Some(a.to_string()),
+        Err(_) => (!reported.is_empty()).then(|| reported.to_owned()),
+    }
+}
+
+/// Why an address cannot be probed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnusableProbe {
+    /// The primary's address is not known (no `replica-info` call since the agent started
+    /// recording it).
+    #[error("the primary's address is unknown (it has not called since)")]
+    Unknown,
+    /// A wildcard address names no host.
+    #[error("{addr} is a wildcard address")]
+    Wildcard {
+        /// The address.
+        addr: String,
+    },
+    /// Port 0 or no port.
+    #[error("{addr} has no port")]
+    NoPort {
+        /// The address.
+        addr: String,
+    },
+    /// The address is this agent's own listener.
+    #[error("{addr} is this agent's own listener")]
+    OwnListener {
+        /// The address.
+        addr: String,
+    },
+}
+
+/// Checks that `addr` can be probed: known, not a wildcard, with a port, and not this agent's
+/// own listener `own` (the same address, or the same port on a loopback address while `own`
+/// is a wildcard). Host names pass (the pinned fingerprint refuses a wrong host).
+pub fn check_probe_target(
+    addr: Option<&str>,
+    own: Option<SocketAddr>,
+) -> Result<(), UnusableProbe> {
+    let addr = addr.ok_or(UnusableProbe::Unknown)?;
+    let Ok(a) = addr.parse::<SocketAddr>() else {
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        return match port {
+            Some(p) if p != 0 => Ok(()),
+            _ => Err(UnusableProbe::NoPort {
+                addr: addr.to_owned(),
+            }),
+        };
+    };
+    let ip = a.ip().to_canonical();
+    if ip.is_unspecified() {
+        return Err(UnusableProbe::Wildcard {
+            addr: addr.to_owned(),
+        });
+    }
+    if a.port() == 0 {
+        return Err(UnusableProbe::NoPort {
+            addr: addr.to_owned(),
+        });
+    }
+    if let Some(own) = own {
+        let own_ip = own.ip().to_canonical();
+        let same_host = own_ip == ip || (own_ip.is_unspecified() && ip.is_loopback());
+        if own.port() == a.port() && same_host {
+            return Err(UnusableProbe::OwnListener {
+                addr: addr.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What the replica's split-brain probe of the primary found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrimaryProbe {
+    /// The primary answered `primary-vm-state`.
+    Answered {
+        /// Its VM runs (a `PreparedForFailover` VM counts as not running).
+        running: bool,
+    },
+    /// Nobody answers at the primary's address: connection refused (no agent listens), host
+    /// or network unreachable, or no answer in time. The primary is lost.
+    Lost,
+    /// The probe could not be made or its answer cannot be trusted: no usable address, a TLS
+    /// failure, another identity answering, or the primary refusing the call.
+    Failed {
+        /// Why, for the message.
+        reason: String,
+    },
+}
+
+/// What the split-brain guard decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitBrain {
+    /// Fail over.
+    Proceed,
+    /// Refuse: the primary's VM runs.
+    PrimaryRuns,
+    /// Refuse: the primary's state cannot be checked (`--force` overrides).
+    Unchecked {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The split-brain guard of an unplanned `failover start`: proceed when forced, when the
+/// primary is lost, or when it answers that its VM does not run; refuse otherwise.
+pub fn split_brain_verdict(probe: PrimaryProbe, force: bool) -> SplitBrain {
+    if force {
+        return SplitBrain::Proceed;
+    }
+    match probe {
+        PrimaryProbe::Answered { running: false } | PrimaryProbe::Lost => SplitBrain::Proceed,
+        PrimaryProbe::Answered { running: true } => SplitBrain::PrimaryRuns,
+        PrimaryProbe::Failed { reason } => SplitBrain::Unchecked { reason },
     }
 }
 
@@ -196,6 +336,121 @@ mod tests {
         for (mode, state, op, has, want) in rows {
             let got = failover_transition(*mode, *state, *op, *has).ok();
             assert_eq!(got, *want, "{mode:?} {state} {op:?} has_point={has}");
+        }
+    }
+
+    #[test]
+    fn probe_address_table() {
+        let seen = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        let rows: &[(Option<&str>, Option<IpAddr>, Option<&str>)] = &[
+            // A wildcard listener: the address the connection came from, the reported port.
+            (
+                Some("0.0.0.0:7000"),
+                seen("10.0.0.5"),
+                Some("10.0.0.5:7000"),
+            ),
+            (Some("[::]:7000"), seen("10.0.0.5"), Some("10.0.0.5:7000")),
+            (
+                Some("[::]:7000"),
+                seen("::ffff:10.0.0.5"),
+                Some("10.0.0.5:7000"),
+            ),
+            (Some("[::]:7000"), seen("fd00::5"), Some("[fd00::5]:7000")),
+            (Some("0.0.0.0:7000"), None, None),
+            (Some("0.0.0.0:7000"), seen("0.0.0.0"), None),
+            // A specific listener or an advertised address: as reported.
+            (
+                Some("127.0.0.2:7000"),
+                seen("127.0.0.1"),
+                Some("127.0.0.2:7000"),
+            ),
+            (
+                Some("primary.example:7000"),
+                seen("10.0.0.5"),
+                Some("primary.example:7000"),
+            ),
+            (
+                Some("10.0.0.7:7000"),
+                seen("10.0.0.5"),
+                Some("10.0.0.7:7000"),
+            ),
+            // A loopback listener of a primary on another host would name this host here.
+            (
+                Some("127.0.0.1:7000"),
+                seen("10.0.0.5"),
+                Some("10.0.0.5:7000"),
+            ),
+            (Some("[::1]:7000"), seen("10.0.0.5"), Some("10.0.0.5:7000")),
+            (None, seen("10.0.0.5"), None),
+            (Some(""), seen("10.0.0.5"), None),
+        ];
+        for (reported, seen, want) in rows {
+            assert_eq!(
+                probe_address(*reported, *seen).as_deref(),
+                *want,
+                "{reported:?} seen {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn probe_targets_table() {
+        let own = |s: &str| Some(s.parse::<SocketAddr>().expect("addr"));
+        let rows: &[(Option<&str>, Option<SocketAddr>, bool)] = &[
+            (Some("127.0.0.2:7000"), own("127.0.0.3:7000"), true),
+            (Some("127.0.0.1:7001"), own("127.0.0.1:7000"), true),
+            (Some("10.0.0.5:7000"), own("0.0.0.0:7000"), true),
+            (Some("primary.example:7000"), own("0.0.0.0:7000"), true),
+            (None, own("127.0.0.3:7000"), false),
+            (Some("0.0.0.0:7000"), own("127.0.0.3:7000"), false),
+            (Some("[::]:7000"), own("127.0.0.3:7000"), false),
+            (Some("127.0.0.2:0"), own("127.0.0.3:7000"), false),
+            (Some("primary.example"), None, false),
+            (Some("127.0.0.3:7000"), own("127.0.0.3:7000"), false),
+            (Some("127.0.0.1:7000"), own("0.0.0.0:7000"), false),
+            (
+                Some("[::ffff:127.0.0.3]:7000"),
+                own("127.0.0.3:7000"),
+                false,
+            ),
+        ];
+        for (addr, own, ok) in rows {
+            assert_eq!(
+                check_probe_target(*addr, *own).is_ok(),
+                *ok,
+                "{addr:?} own {own:?}: {:?}",
+                check_probe_target(*addr, *own)
+            );
+        }
+    }
+
+    #[test]
+    fn split_brain_table() {
+        use PrimaryProbe as P;
+        use SplitBrain as V;
+        let failed = || P::Failed {
+            reason: "tls".into(),
+        };
+        let rows: &[(P, bool, V)] = &[
+            (P::Answered { running: true }, false, V::PrimaryRuns),
+            (P::Answered { running: false }, false, V::Proceed),
+            (P::Lost, false, V::Proceed),
+            (
+                failed(),
+                false,
+                V::Unchecked {
+                    reason: "tls".into(),
+                },
+            ),
+            (P::Answered { running: true }, true, V::Proceed),
+            (failed(), true, V::Proceed),
+        ];
+        for (probe, force, want) in rows {
+            assert_eq!(
+                split_brain_verdict(probe.clone(), *force),
+                *want,
+                "{probe:?} force={force}"
+            );
         }
     }
 

@@ -16,7 +16,10 @@ pub mod refusal;
 pub mod replica;
 pub mod schedule;
 
-pub use failover::failover_transition;
+pub use failover::{
+    PrimaryProbe, SplitBrain, UnusableProbe, check_probe_target, failover_transition,
+    probe_address, split_brain_verdict,
+};
 pub use handover::Handover;
 pub use health::{HealthReport, primary_health, replica_health};
 pub use primary::{Action, Event, Failure, PrimaryMachine};

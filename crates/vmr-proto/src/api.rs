@@ -621,6 +621,10 @@ pub struct AgentConfig {
     pub name: String,
     /// HOST:PORT the replication listener binds.
     pub listen: String,
+    /// HOST:PORT peers reach this agent at, when it differs from `listen` (`init --advertise`;
+    /// never a wildcard). Reported to replicas for their split-brain probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     /// Default storage directory for replica VMs.
     pub storage: String,
     /// How many VMs may run a cycle at the same time.

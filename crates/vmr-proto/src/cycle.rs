@@ -60,6 +60,140 @@ pub struct CycleHeader {
     pub disks: Vec<DiskInfo>,
 }
 
+/// Largest cycle id a replica accepts: ids stay exact as JSON numbers in every parser and as
+/// SQLite integers, and a primary counting up one per cycle never reaches it.
+pub const MAX_CYCLE_ID: CycleId = (1 << 53) - 1;
+/// Most disks one cycle may describe.
+pub const MAX_DISKS: usize = 64;
+/// Largest virtual disk size a replica accepts: 2 PiB, the largest qcow2 image with the
+/// default 64 KiB clusters (the replica's layers are qcow2).
+pub const MAX_DISK_SIZE: u64 = 1 << 51;
+/// Longest disk id, in bytes.
+pub const MAX_DISK_ID_LEN: usize = 128;
+
+/// Why a cycle header can never be applied (checked before anything is admitted or written).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// The header lists no disk.
+    #[error("the cycle has no disks")]
+    NoDisks,
+    /// More disks than [`MAX_DISKS`].
+    #[error("the cycle has {count} disks; at most {MAX_DISKS} are accepted")]
+    TooManyDisks {
+        /// How many the header lists.
+        count: usize,
+    },
+    /// A disk id that is empty, too long, starts with a dot or has characters other than
+    /// `[A-Za-z0-9._-]`.
+    #[error("disk id {id:?} is invalid (1 to 128 of [A-Za-z0-9._-], not starting with '.')")]
+    BadDiskId {
+        /// The id.
+        id: String,
+    },
+    /// The same disk id twice.
+    #[error("disk id {id:?} is repeated")]
+    RepeatedDisk {
+        /// The id.
+        id: String,
+    },
+    /// A disk of size 0 or above [`MAX_DISK_SIZE`].
+    #[error("disk {id:?} has size {size}; sizes from 1 to {MAX_DISK_SIZE} bytes are accepted")]
+    DiskSize {
+        /// The disk id.
+        id: String,
+        /// The size given.
+        size: u64,
+    },
+    /// A cycle id of 0 or above [`MAX_CYCLE_ID`].
+    #[error("cycle id {id} is out of range (1 to {MAX_CYCLE_ID})")]
+    CycleId {
+        /// The id given.
+        id: CycleId,
+    },
+    /// A full cycle with a base, or another kind without one.
+    #[error("a {kind:?} cycle {} a base", if *.kind == CycleKind::Full { "has no" } else { "needs" })]
+    BaseKind {
+        /// The cycle's kind.
+        kind: CycleKind,
+    },
+    /// A base that is not older than the cycle.
+    #[error("base {base} is not older than cycle {id}")]
+    BaseNotOlder {
+        /// The cycle's id.
+        id: CycleId,
+        /// Its base.
+        base: CycleId,
+    },
+}
+
+/// True when `id` is an acceptable disk id (see [`HeaderError::BadDiskId`]).
+pub fn valid_disk_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DISK_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Checks a VM's list of disk ids (of a cycle header or a `create-replica` call): 1 to
+/// [`MAX_DISKS`] valid, distinct ids.
+pub fn check_disk_ids<'a>(ids: impl ExactSizeIterator<Item = &'a str>) -> Result<(), HeaderError> {
+    let count = ids.len();
+    if count == 0 {
+        return Err(HeaderError::NoDisks);
+    }
+    if count > MAX_DISKS {
+        return Err(HeaderError::TooManyDisks { count });
+    }
+    let mut seen = Vec::with_capacity(count);
+    for id in ids {
+        if !valid_disk_id(id) {
+            return Err(HeaderError::BadDiskId { id: id.to_owned() });
+        }
+        if seen.contains(&id) {
+            return Err(HeaderError::RepeatedDisk { id: id.to_owned() });
+        }
+        seen.push(id);
+    }
+    Ok(())
+}
+
+/// Checks a cycle's disks: [`check_disk_ids`], and sizes from 1 to [`MAX_DISK_SIZE`].
+pub fn check_disks(disks: &[DiskInfo]) -> Result<(), HeaderError> {
+    check_disk_ids(disks.iter().map(|d| d.id.as_str()))?;
+    match disks.iter().find(|d| d.size == 0 || d.size > MAX_DISK_SIZE) {
+        Some(d) => Err(HeaderError::DiskSize {
+            id: d.id.clone(),
+            size: d.size,
+        }),
+        None => Ok(()),
+    }
+}
+
+impl CycleHeader {
+    /// Checks the bounds every applicable header keeps: 1 to [`MAX_DISKS`] disks with valid,
+    /// distinct ids and sizes from 1 to [`MAX_DISK_SIZE`]; an id from 1 to [`MAX_CYCLE_ID`];
+    /// a base exactly when the kind needs one, older than the cycle. (Extents are checked
+    /// against these disk sizes as they arrive.)
+    pub fn check(&self) -> Result<(), HeaderError> {
+        check_disks(&self.disks)?;
+        if self.id == 0 || self.id > MAX_CYCLE_ID {
+            return Err(HeaderError::CycleId { id: self.id });
+        }
+        match (self.kind, self.base) {
+            (CycleKind::Full, None) => Ok(()),
+            (CycleKind::Full, Some(_)) | (_, None) => {
+                Err(HeaderError::BaseKind { kind: self.kind })
+            }
+            (_, Some(base)) if base >= self.id => {
+                Err(HeaderError::BaseNotOlder { id: self.id, base })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The payload of one extent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExtentData {
@@ -134,6 +268,84 @@ mod tests {
         assert_eq!(
             checksum(2, 4096, &z),
             checksum(2, 4096, &ExtentData::Zero(8))
+        );
+    }
+
+    fn hdr(
+        id: CycleId,
+        base: Option<CycleId>,
+        kind: CycleKind,
+        disks: &[(&str, u64)],
+    ) -> CycleHeader {
+        CycleHeader {
+            vm: Uuid::nil(),
+            id,
+            base,
+            kind,
+            consistency: CycleConsistency::CrashConsistent,
+            taken_at_ms: 1,
+            disks: disks
+                .iter()
+                .map(|(id, size)| DiskInfo {
+                    id: (*id).into(),
+                    size: *size,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn header_bounds_table() {
+        use CycleKind::{Full, Incremental as Inc, Resync};
+        let d0 = [("disk0", 1u64 << 30)];
+        let many: Vec<(String, u64)> = (0..=MAX_DISKS).map(|i| (format!("d{i}"), 512)).collect();
+        let many: Vec<(&str, u64)> = many.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        let long = "x".repeat(MAX_DISK_ID_LEN + 1);
+        let ok = |r: Result<(), HeaderError>| r.is_ok();
+        // (header, accepted)
+        let rows: Vec<(CycleHeader, bool)> = vec![
+            (hdr(1, None, Full, &d0), true),
+            (hdr(2, Some(1), Inc, &d0), true),
+            (hdr(9, Some(3), Resync, &d0), true),
+            (hdr(MAX_CYCLE_ID, Some(MAX_CYCLE_ID - 1), Inc, &d0), true),
+            (hdr(MAX_CYCLE_ID + 1, Some(1), Inc, &d0), false),
+            (hdr(u64::MAX, Some(1), Inc, &d0), false),
+            (hdr(u64::MAX, None, Full, &d0), false),
+            (hdr(0, None, Full, &d0), false),
+            (hdr(2, Some(2), Inc, &d0), false),
+            (hdr(2, Some(3), Inc, &d0), false),
+            (hdr(2, None, Inc, &d0), false),
+            (hdr(2, None, Resync, &d0), false),
+            (hdr(2, Some(1), Full, &d0), false),
+            (hdr(1, None, Full, &[]), false),
+            (hdr(1, None, Full, &many[..MAX_DISKS]), true),
+            (hdr(1, None, Full, &many), false),
+            (hdr(1, None, Full, &[("disk0", MAX_DISK_SIZE)]), true),
+            (hdr(1, None, Full, &[("disk0", MAX_DISK_SIZE + 1)]), false),
+            (hdr(1, None, Full, &[("disk0", 1 << 63)]), false),
+            (hdr(1, None, Full, &[("disk0", u64::MAX)]), false),
+            (hdr(1, None, Full, &[("disk0", 0)]), false),
+            (hdr(1, None, Full, &[("", 512)]), false),
+            (hdr(1, None, Full, &[("../etc", 512)]), false),
+            (hdr(1, None, Full, &[(".hidden", 512)]), false),
+            (hdr(1, None, Full, &[("a/b", 512)]), false),
+            (hdr(1, None, Full, &[(long.as_str(), 512)]), false),
+            (hdr(1, None, Full, &[("a", 512), ("a", 512)]), false),
+        ];
+        for (h, want) in &rows {
+            assert_eq!(ok(h.check()), *want, "{h:?}: {:?}", h.check());
+        }
+        assert_eq!(
+            hdr(1, None, Full, &[("disk0", 1 << 63)]).check(),
+            Err(HeaderError::DiskSize {
+                id: "disk0".into(),
+                size: 1 << 63
+            })
+        );
+        assert!(
+            HeaderError::CycleId { id: u64::MAX }
+                .to_string()
+                .contains("out of range")
         );
     }
 

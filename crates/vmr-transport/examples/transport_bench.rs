@@ -186,6 +186,7 @@ async fn main() {
         name: "primary".into(),
         fingerprint: client_id.fingerprint().into(),
         trust_group: None,
+        remote: None,
     }]);
     let server = Server::bind(
         "127.0.0.1:0".parse().expect("addr"),

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +58,10 @@ pub struct ClientOptions {
     /// speaks the version the server answers, which must lie between [`MIN_PROTOCOL_VERSION`]
     /// and this one. Lower it to talk like an older agent.
     pub protocol: u16,
+    /// The local address outgoing connections come from (`None`: the system's choice). An
+    /// agent listening on a specific address binds to it, so that its peers see the address
+    /// it listens on.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientOptions {
@@ -67,11 +72,25 @@ impl Default for ClientOptions {
             keepalive: Duration::from_secs(5),
             zstd_level: 1,
             protocol: PROTOCOL_VERSION,
+            bind: None,
         }
     }
 }
 
-type ReqBody = UnsyncBoxBody<Bytes, Infallible>;
+type ReqBody = UnsyncBoxBody<Bytes, BodyAborted>;
+
+/// A cycle body whose producer failed: the request stream is reset, so that the peer sees an
+/// interrupted transfer (retryable) rather than a body its sender ended early (a 400).
+#[derive(Debug, thiserror::Error)]
+#[error("the cycle's producer failed")]
+struct BodyAborted;
+
+/// A complete body.
+fn full_body(b: Bytes) -> ReqBody {
+    Full::new(b)
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -144,6 +163,40 @@ fn map_tls(
     }
 }
 
+/// TCP connection to `addr` (`host:port`; every address it resolves to is tried in turn),
+/// from `bind` when given and usable for that target: a loopback source is used only towards
+/// loopback targets, one of the other family not at all, and a source that is no longer an
+/// address of this host (bind fails) falls back to the system's choice.
+async fn connect_tcp(addr: &str, bind: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = bind.filter(|ip| !ip.is_unspecified()) else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        let usable = target.is_ipv4() == local.is_ipv4()
+            && (!local.is_loopback() || target.ip().is_loopback());
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if usable && let Err(e) = socket.bind(std::net::SocketAddr::new(local, 0)) {
+            tracing::debug!(%local, error = %e, "cannot connect from the listen address");
+            return TcpStream::connect(target).await;
+        }
+        match socket.connect(target).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 impl Client {
     /// Connects to `addr` (`host:port`), presenting `identity` and accepting only a server whose
     /// certificate has `expected_fingerprint`, then exchanges hellos (which also checks that the
@@ -161,8 +214,9 @@ impl Client {
             .or_else(|_| ServerName::try_from("vmreplica".to_string()))
             .map_err(|e| TransportError::Protocol(format!("bad host {host:?}: {e}")))?;
         let keepalive = opts.keepalive;
+        let bind = opts.bind;
         let setup = async {
-            let tcp = TcpStream::connect(addr)
+            let tcp = connect_tcp(addr, bind)
                 .await
                 .map_err(|source| TransportError::Connect {
                     addr: addr.into(),
@@ -272,7 +326,17 @@ impl Client {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
-        let body = StreamBody::new(rx.map(|b| Ok::<_, Infallible>(Frame::data(b)))).boxed_unsync();
+        // The body ends cleanly only after the End frame was queued; when the producer fails,
+        // it ends with an error instead (the stream is reset). `hold` keeps the channel open
+        // until the producer decided which.
+        let hold = tx.clone();
+        let finished = Arc::new(AtomicBool::new(false));
+        let seen = finished.clone();
+        let tail = futures::stream::once(async move {
+            (!seen.load(Ordering::SeqCst)).then_some(Err(BodyAborted))
+        })
+        .filter_map(futures::future::ready);
+        let body = StreamBody::new(rx.map(|b| Ok(Frame::data(b))).chain(tail)).boxed_unsync();
         let req = self
             .request_builder(Method::POST, PATH_CYCLE)
             .header(http::header::CONTENT_TYPE, CYCLE_CONTENT_TYPE)
@@ -286,7 +350,10 @@ impl Client {
                 enc.extent(e.map_err(|e| TransportError::Source(e.into()))?)
                     .await?;
             }
-            enc.finish().await
+            enc.finish().await?;
+            finished.store(true, Ordering::SeqCst);
+            drop(hold);
+            Ok(())
         };
         let response = self.send(req);
         futures::pin_mut!(producer, response);
@@ -295,8 +362,8 @@ impl Client {
                 // Body closed under us: the peer answered early or the connection died; the
                 // response says which.
                 Ok(()) | Err(TransportError::Interrupted(_)) => response.await,
-                // Our side failed: dropping the request abandons the stream, which the peer sees
-                // as a body without End frame.
+                // Our side failed: the body ends with an error (the stream is reset), which
+                // the peer sees as an interrupted transfer.
                 Err(e) => return Err(e),
             },
             r = &mut response => r,
@@ -310,7 +377,7 @@ impl Client {
         let req = self
             .request_builder(Method::POST, PATH_CYCLE)
             .header(http::header::CONTENT_TYPE, CYCLE_CONTENT_TYPE)
-            .body(Full::new(body).boxed_unsync())
+            .body(full_body(body))
             .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
         let resp = self.send(req).await?;
         read_json(resp).await
@@ -334,7 +401,7 @@ impl Client {
             b = b.header(PROTOCOL_HEADER, v.to_string());
         }
         let req = b
-            .body(Full::new(body).boxed_unsync())
+            .body(full_body(body))
             .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
         read_body(self.send(req).await?).await
     }
@@ -354,7 +421,7 @@ impl Client {
         let http_req = self
             .request_builder(Method::POST, &path)
             .header(http::header::CONTENT_TYPE, content_type)
-            .body(Full::new(Bytes::from(body)).boxed_unsync())
+            .body(full_body(Bytes::from(body)))
             .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
         let bad = |e: vmr_proto::peer::PeerCodecError| {
             TransportError::Protocol(format!("bad {} answer: {e}", req.method()))
@@ -439,7 +506,7 @@ fn unexpected(answer: &PeerResponse) -> TransportError {
 }
 
 fn empty_body() -> ReqBody {
-    Full::new(Bytes::new()).boxed_unsync()
+    full_body(Bytes::new())
 }
 
 /// Reads a JSON response: `T` on success, the typed [`RemoteError`] otherwise.

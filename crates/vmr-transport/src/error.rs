@@ -70,6 +70,9 @@ pub enum TransportError {
     /// The peer vanished or the stream ended before it was complete.
     #[error("transfer interrupted: {0}")]
     Interrupted(String),
+    /// The sender ended the body cleanly before it was complete (no End frame): its error.
+    #[error("body ended before it was complete: {0}")]
+    Truncated(String),
     /// An operation did not finish in time.
     #[error("timed out: {0}")]
     Timeout(&'static str),
@@ -93,6 +96,7 @@ impl TransportError {
             TransportError::Tls(_)
             | TransportError::PeerFingerprint { .. }
             | TransportError::Protocol(_)
+            | TransportError::Truncated(_)
             | TransportError::Source(_)
             | TransportError::Local(_) => false,
         }
@@ -104,6 +108,9 @@ impl TransportError {
             TransportError::Remote(e) => e.clone(),
             TransportError::CorruptExtent { index } => RemoteError::CorruptExtent { index: *index },
             TransportError::Protocol(m) => RemoteError::BadRequest { message: m.clone() },
+            e @ TransportError::Truncated(_) => RemoteError::BadRequest {
+                message: e.to_string(),
+            },
             other => RemoteError::Internal {
                 message: other.to_string(),
             },
@@ -139,5 +146,14 @@ mod tests {
             TransportError::Interrupted("gone".into()).to_remote(),
             RemoteError::Internal { .. }
         ));
+        // A body the sender ended early is its error; a cut transfer is retryable.
+        let cut = TransportError::Truncated("no end frame".into());
+        assert!(!cut.is_retryable());
+        assert_eq!(cut.to_remote().status_code(), 400);
+        assert!(
+            TransportError::Interrupted("reset".into())
+                .to_remote()
+                .is_retryable()
+        );
     }
 }

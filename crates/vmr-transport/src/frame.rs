@@ -322,8 +322,10 @@ pub(crate) struct CycleDecoder {
     digest: blake3::Hasher,
 }
 
+/// The body ended cleanly (the sender closed it) before the stream was complete: the sender's
+/// error, not a network failure (a cut connection fails the body with `Interrupted` instead).
 fn interrupted(what: &str) -> TransportError {
-    TransportError::Interrupted(format!("cycle stream ended {what}"))
+    TransportError::Truncated(format!("cycle stream ended {what}"))
 }
 
 impl CycleDecoder {
@@ -383,6 +385,9 @@ impl CycleDecoder {
         let json = src.buf.split_to(len as usize);
         let header: CycleHeader = serde_json::from_slice(&json)
             .map_err(|e| protocol(format!("bad cycle header json: {e}")))?;
+        header
+            .check()
+            .map_err(|e| protocol(format!("cycle header refused: {e}")))?;
         let disks = header.disks.iter().map(|d| d.size).collect();
         let dec = CycleDecoder {
             src,
@@ -687,13 +692,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn truncation_is_interrupted() {
+    async fn truncation_is_the_senders_error() {
         for level in [None, Some(1)] {
             let body = encode(level).await;
             for cut in [3, 8, 20, body.len() / 2, body.len() - 1] {
                 let r = decode(body[..cut].to_vec(), 1000).await;
                 assert!(
-                    matches!(r, Err(TransportError::Interrupted(_))),
+                    matches!(r, Err(TransportError::Truncated(_))),
                     "cut {cut}: {r:?}"
                 );
             }

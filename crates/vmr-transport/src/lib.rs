@@ -24,7 +24,7 @@ pub use frame::{
     ExtentStream, FLAG_ZSTD, MAX_EXTENT_DATA, MAX_HEADER_JSON, STREAM_MAGIC, STREAM_VERSION,
 };
 pub use identity::{CERT_FILE, Identity, KEY_FILE, fingerprint};
-pub use server::{Authorize, Handler, Peer, PeerList, Server};
+pub use server::{Authorize, ConnLimits, Handler, Peer, PeerList, Server};
 pub use vmr_proto::peer::{PeerRequest, PeerResponse};
 pub use vmr_proto::wire::{
     CycleAck, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION, RemoteError,

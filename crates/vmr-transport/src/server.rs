@@ -1,13 +1,16 @@
-//! The HTTP/2 server side: accepting mutual-TLS connections, authorizing the client certificate
-//! by fingerprint, routing requests to the agent's [`Handler`] and mapping its typed errors to
+//! The HTTP/2 server side: accepting mutual-TLS connections within limits ([`ConnLimits`]:
+//! connections per source address and in all, handshake and unauthorized-connection
+//! deadlines, warnings rate-limited per source), authorizing the client certificate by
+//! fingerprint, routing requests to the agent's [`Handler`] and mapping its typed errors to
 //! HTTP responses.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -46,9 +49,153 @@ pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
 pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
 pub(crate) const CONN_WINDOW: u32 = 16 << 20;
 pub(crate) const MAX_FRAME: u32 = 256 << 10;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Bounds on the connections a server holds before their certificate is authorized, so that
+/// clients without an authorized certificate cannot exhaust its file descriptors or its log.
+/// Authorized connections (a primary keeps one per replicated VM) do not count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections not (yet) authorized held at the same time from one source address (more
+    /// are closed at once, before TLS).
+    pub per_source: usize,
+    /// Connections not (yet) authorized held at the same time in all.
+    pub total: usize,
+    /// A client must complete the TLS handshake within this time.
+    pub handshake_timeout: Duration,
+    /// A connection whose certificate is not authorized is answered `403` and closed after
+    /// this time.
+    pub unauthorized_linger: Duration,
+    /// Warnings of one kind (refused connection, failed handshake, unknown certificate) about
+    /// one source address are logged at most once per this period, with the number
+    /// suppressed.
+    pub warn_every: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            per_source: 64,
+            total: 512,
+            handshake_timeout: Duration::from_secs(10),
+            unauthorized_linger: Duration::from_secs(5),
+            warn_every: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counts of the connections held before authorization, by source address.
+#[derive(Debug, Default)]
+struct ConnCounts {
+    by_source: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// A connection's place in [`ConnCounts`] until it is authorized, given back when dropped.
+struct ConnSlot {
+    counts: Arc<Mutex<ConnCounts>>,
+    source: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Takes a slot for a connection from `source`, or says which limit is reached.
+fn take_slot(
+    counts: &Arc<Mutex<ConnCounts>>,
+    limits: &ConnLimits,
+    source: IpAddr,
+) -> Result<ConnSlot, &'static str> {
+    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+    if c.total >= limits.total {
+        return Err("too many connections");
+    }
+    let n = c.by_source.entry(source).or_insert(0);
+    if *n >= limits.per_source {
+        return Err("too many connections from this address");
+    }
+    *n += 1;
+    c.total += 1;
+    Ok(ConnSlot {
+        counts: counts.clone(),
+        source,
+    })
+}
+
+/// Rate limit of warnings per source address and kind of warning: the first of a period is
+/// logged, the rest are counted and reported with the next one logged.
+#[derive(Debug)]
+struct WarnLimiter {
+    every: Duration,
+    seen: Mutex<HashMap<WarnKey, (Instant, u64)>>,
+}
+
+/// A source address and the kind of warning (its message).
+type WarnKey = (IpAddr, &'static str);
+
+/// Most sources the limiter remembers; older entries are forgotten first.
+const WARN_SOURCES: usize = 4096;
+
+impl WarnLimiter {
+    fn new(every: Duration) -> WarnLimiter {
+        WarnLimiter {
+            every,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed)` when a warning of `kind` about `source` at `now` is to be logged
+    /// (with the number of such warnings suppressed since the last one logged), `None` to
+    /// suppress it.
+    fn check(&self, source: IpAddr, kind: &'static str, now: Instant) -> Option<u64> {
+        let source = (source, kind);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= WARN_SOURCES && !seen.contains_key(&source) {
+            let every = self.every;
+            seen.retain(|_, (at, _)| now.saturating_duration_since(*at) < every);
+            if seen.len() >= WARN_SOURCES {
+                return None;
+            }
+        }
+        match seen.get_mut(&source) {
+            Some((at, n)) if now.saturating_duration_since(*at) < self.every => {
+                *n += 1;
+                None
+            }
+            Some((at, n)) => {
+                let suppressed = *n;
+                *at = now;
+                *n = 0;
+                Some(suppressed)
+            }
+            None => {
+                seen.insert(source, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Logs the warning `msg` about `remote` unless one of the same kind (`msg`'s text) about its
+/// source was logged within the period.
+macro_rules! warn_limited {
+    ($limiter:expr, $remote:expr, $($field:ident = $value:expr,)* $msg:literal) => {
+        if let Some(suppressed) = $limiter.check($remote.ip(), $msg, Instant::now()) {
+            tracing::warn!(remote = %$remote, suppressed, $($field = $value,)* $msg);
+        }
+    };
+}
 
 /// An authorized peer agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +206,9 @@ pub struct Peer {
     pub fingerprint: String,
     /// Its trust group, if any.
     pub trust_group: Option<String>,
+    /// The address its connection comes from (set by the server for every request; `None`
+    /// in what an [`Authorize`] returns).
+    pub remote: Option<SocketAddr>,
 }
 
 /// Decides whether a client certificate fingerprint belongs to a known peer.
@@ -109,6 +259,7 @@ pub struct Server<H: Handler> {
     authorizer: Arc<dyn Authorize>,
     handler: Arc<H>,
     local_addr: SocketAddr,
+    limits: ConnLimits,
 }
 
 impl<H: Handler> std::fmt::Debug for Server<H> {
@@ -140,7 +291,14 @@ impl<H: Handler> Server<H> {
             authorizer,
             handler,
             local_addr,
+            limits: ConnLimits::default(),
         })
+    }
+
+    /// Replaces the connection limits (default [`ConnLimits::default`]).
+    pub fn with_limits(mut self, limits: ConnLimits) -> Server<H> {
+        self.limits = limits;
+        self
     }
 
     /// The bound address.
@@ -153,18 +311,35 @@ impl<H: Handler> Server<H> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TransportError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
+        let counts = Arc::new(Mutex::new(ConnCounts::default()));
+        let warn = Arc::new(WarnLimiter::new(self.limits.warn_every));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 r = self.listener.accept() => match r {
                     Ok((tcp, remote)) => {
+                        let source = remote.ip().to_canonical();
+                        let slot = match take_slot(&counts, &self.limits, source) {
+                            Ok(s) => s,
+                            Err(why) => {
+                                // Closed at once: no handshake, no task.
+                                drop(tcp);
+                                warn_limited!(warn, remote, "connection refused: {why}");
+                                continue;
+                            }
+                        };
                         let _ = tcp.set_nodelay(true);
                         conns.spawn(serve_conn(
                             tcp,
                             remote,
-                            self.acceptor.clone(),
-                            self.authorizer.clone(),
+                            Conn {
+                                acceptor: self.acceptor.clone(),
+                                authorizer: self.authorizer.clone(),
+                                limits: self.limits.clone(),
+                                warn: warn.clone(),
+                                slot: Some(slot),
+                            },
                             self.handler.clone(),
                             stop_rx.clone(),
                         ));
@@ -186,43 +361,75 @@ impl<H: Handler> Server<H> {
     }
 }
 
+/// What a connection's task needs besides the socket and handler; holds its slot until the
+/// connection is authorized.
+struct Conn {
+    acceptor: TlsAcceptor,
+    authorizer: Arc<dyn Authorize>,
+    limits: ConnLimits,
+    warn: Arc<WarnLimiter>,
+    slot: Option<ConnSlot>,
+}
+
 async fn serve_conn<H: Handler>(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
-    authorizer: Arc<dyn Authorize>,
+    mut c: Conn,
     handler: Arc<H>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let accept = tokio::time::timeout(c.limits.handshake_timeout, c.acceptor.accept(tcp));
+    let tls = match accept.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::warn!(%remote, error = %e, "tls handshake failed");
+            warn_limited!(
+                c.warn,
+                remote,
+                error = tracing::field::display(&e),
+                "tls handshake failed"
+            );
             return;
         }
         Err(_) => {
-            tracing::warn!(%remote, "tls handshake timed out");
+            warn_limited!(c.warn, remote, "tls handshake timed out");
             return;
         }
     };
     let (_, conn) = tls.get_ref();
     if conn.alpn_protocol() != Some(tls::ALPN_H2) {
-        tracing::warn!(%remote, "client did not negotiate h2");
+        warn_limited!(c.warn, remote, "client did not negotiate h2");
         return;
     }
+    let authorizer = &c.authorizer;
     let fp = conn
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| fingerprint(c));
-    let peer = fp.as_deref().and_then(|f| authorizer.authorize(f));
+    let peer = fp
+        .as_deref()
+        .and_then(|f| authorizer.authorize(f))
+        .map(|p| Peer {
+            remote: Some(SocketAddr::new(remote.ip().to_canonical(), remote.port())),
+            ..p
+        });
     match &peer {
-        Some(p) => tracing::debug!(%remote, peer = %p.name, "peer connected"),
-        None => tracing::warn!(
-            %remote,
+        Some(p) => {
+            tracing::debug!(%remote, peer = %p.name, "peer connected");
+            // Authorized: no longer counted against the limits.
+            c.slot = None;
+        }
+        None => warn_limited!(
+            c.warn,
+            remote,
             fingerprint = fp.as_deref().unwrap_or("-"),
             "unknown client certificate refused"
         ),
     }
+    // An unauthorized client is answered 403 (so that it learns why) for a short while only.
+    let linger = match &peer {
+        Some(_) => None,
+        None => Some(c.limits.unauthorized_linger),
+    };
     let peer = Arc::new(peer);
     let svc = service_fn(move |req| {
         let peer = peer.clone();
@@ -255,6 +462,12 @@ async fn serve_conn<H: Handler>(
         .max_concurrent_streams(64);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
+    let expired = async {
+        match linger {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -264,6 +477,11 @@ async fn serve_conn<H: Handler>(
         _ = stop.changed() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
+        }
+        () = expired => {
+            tracing::debug!(%remote, "unauthorized connection closed");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
     }
 }
@@ -464,5 +682,76 @@ async fn receive_cycle<H: Handler>(
             tracing::warn!(peer = %peer.name, %vm, cycle = id, error = %e, "cycle rejected");
             error_response(&e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn slots_are_capped_per_source_and_in_all_and_given_back() {
+        let limits = ConnLimits {
+            per_source: 2,
+            total: 3,
+            ..ConnLimits::default()
+        };
+        let counts = Arc::new(Mutex::new(ConnCounts::default()));
+        let a1 = take_slot(&counts, &limits, ip("10.0.0.1")).expect("a1");
+        let a2 = take_slot(&counts, &limits, ip("10.0.0.1")).expect("a2");
+        assert!(
+            take_slot(&counts, &limits, ip("10.0.0.1")).is_err(),
+            "per source"
+        );
+        let b1 = take_slot(&counts, &limits, ip("10.0.0.2")).expect("b1");
+        assert!(
+            take_slot(&counts, &limits, ip("10.0.0.3")).is_err(),
+            "in all"
+        );
+        drop(a1);
+        let a3 = take_slot(&counts, &limits, ip("10.0.0.1")).expect("a slot given back");
+        drop((a2, a3, b1));
+        let c = counts.lock().expect("lock");
+        assert_eq!(c.total, 0);
+        assert!(c.by_source.is_empty());
+    }
+
+    #[test]
+    fn warnings_are_limited_per_source_and_kind_with_a_count() {
+        let w = WarnLimiter::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert_eq!(w.check(a, "k", t0), Some(0));
+        for i in 1..=499u64 {
+            assert_eq!(w.check(a, "k", t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(w.check(b, "k", t0), Some(0), "another source is logged");
+        assert_eq!(w.check(a, "other", t0), Some(0), "another kind is logged");
+        assert_eq!(
+            w.check(a, "k", t0 + Duration::from_secs(61)),
+            Some(499),
+            "the next period logs the count suppressed"
+        );
+        assert_eq!(w.check(a, "k", t0 + Duration::from_secs(62)), None);
+    }
+
+    #[test]
+    fn the_limiter_forgets_old_sources_first() {
+        let w = WarnLimiter::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..WARN_SOURCES as u32 {
+            assert_eq!(w.check(IpAddr::from(i.to_be_bytes()), "k", t0), Some(0));
+        }
+        // Full of recent sources: a new one is suppressed; once they are old, it is logged.
+        assert_eq!(w.check(ip("192.0.2.1"), "k", t0), None);
+        assert_eq!(
+            w.check(ip("192.0.2.1"), "k", t0 + Duration::from_secs(61)),
+            Some(0)
+        );
+        assert!(w.seen.lock().expect("lock").len() < 10);
     }
 }

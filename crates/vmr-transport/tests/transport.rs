@@ -14,9 +14,9 @@ use vmr_proto::api::{BlockHashesRequest, CreateReplica, ReplicaVmInfo, Replicati
 use vmr_proto::peer::{BlockHashes, PrimaryVmState};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, ExtentData};
 use vmr_transport::{
-    Client, ClientOptions, CycleAck, ExtentStream, Handler, Identity, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, Peer, PeerList, PeerRequest, PeerResponse, RemoteError, Server,
-    TransportError,
+    Client, ClientOptions, ConnLimits, CycleAck, ExtentStream, Handler, Identity,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Peer, PeerList, PeerRequest, PeerResponse, RemoteError,
+    Server, TransportError,
 };
 
 /// The VM uuid the test handler does not know.
@@ -111,6 +111,18 @@ impl Handler for TestHandler {
                     running: true,
                 }))
             }
+            // Where the connection came from: the last byte of the peer's IPv4 address.
+            PeerRequest::ReplicaInfo(r) if r.listen.as_deref() == Some("whoami") => {
+                let last = match peer.remote.map(|a| a.ip()) {
+                    Some(std::net::IpAddr::V4(ip)) => u64::from(ip.octets()[3]),
+                    other => panic!("peer address {other:?}"),
+                };
+                Ok(PeerResponse::ReplicaInfo(ReplicaVmInfo {
+                    uuid: r.uuid,
+                    latest: Some(last),
+                    state: ReplicationState::Replicating,
+                }))
+            }
             // Echoes what arrived: the listen address's length as `latest`.
             PeerRequest::ReplicaInfo(r) => Ok(PeerResponse::ReplicaInfo(ReplicaVmInfo {
                 uuid: r.uuid,
@@ -150,6 +162,10 @@ impl Setup {
     }
 
     async fn with_authorized(authorize_client: bool) -> Setup {
+        Setup::build(authorize_client, ConnLimits::default()).await
+    }
+
+    async fn build(authorize_client: bool, limits: ConnLimits) -> Setup {
         let sd = tempfile::tempdir().expect("tempdir");
         let cd = tempfile::tempdir().expect("tempdir");
         let server_id = Identity::generate(sd.path(), "replica").expect("server identity");
@@ -158,12 +174,14 @@ impl Setup {
             name: "someone-else".into(),
             fingerprint: "SHA256:00".into(),
             trust_group: None,
+            remote: None,
         }];
         if authorize_client {
             peers.push(Peer {
                 name: "primary".into(),
                 fingerprint: client_id.fingerprint().into(),
                 trust_group: Some("tg1".into()),
+                remote: None,
             });
         }
         let (tx, outcomes) = mpsc::unbounded_channel();
@@ -181,7 +199,8 @@ impl Setup {
             handler.clone(),
         )
         .await
-        .expect("bind");
+        .expect("bind")
+        .with_limits(limits);
         let addr = server.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server.run(async move {
@@ -957,4 +976,242 @@ async fn connect_failures_are_typed_and_retryable() {
         Err(e @ TransportError::Timeout(_)) => assert!(e.is_retryable()),
         other => panic!("expected Timeout, got {other:?}"),
     }
+}
+
+/// Headers that can never be applied are refused with a 400 (not retryable) before the handler
+/// sees them; a correct cycle afterwards is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unapplicable_headers_are_refused_before_the_handler() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    let mut huge_disk = header(5, Some(4));
+    huge_disk.disks[0].size = 1 << 63;
+    let max_id = header(u64::MAX, Some(4));
+    let mut no_disks = header(5, Some(4));
+    no_disks.disks.clear();
+    let mut bad_disk_id = header(5, Some(4));
+    bad_disk_id.disks[1].id = "../../etc".into();
+    let mut repeated = header(5, Some(4));
+    repeated.disks[1].id = "vda".into();
+    let base_not_older = header(5, Some(5));
+    let cycles = s.handler.cycles.load(Ordering::SeqCst);
+    for h in [
+        huge_disk,
+        max_id,
+        no_disks,
+        bad_disk_id,
+        repeated,
+        base_not_older,
+    ] {
+        let body = vmr_transport::testing::encode_cycle(&h, Vec::new(), None)
+            .await
+            .expect("encode");
+        let r = client.send_raw_cycle(Bytes::from(body)).await;
+        match r {
+            Err(TransportError::Remote(e @ RemoteError::BadRequest { .. })) => {
+                assert_eq!(e.status_code(), 400);
+                assert!(!e.is_retryable());
+            }
+            other => panic!("{h:?}: expected BadRequest, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        s.handler.cycles.load(Ordering::SeqCst),
+        cycles,
+        "the handler never saw them"
+    );
+    // An extent beyond its disk (the encoder refuses one, so the header is edited after
+    // encoding: same length, smaller disk): 400 as well.
+    let e = Extent {
+        disk: 1,
+        offset: (8 << 20) - 512,
+        data: ExtentData::Zero(512),
+    };
+    let body = vmr_transport::testing::encode_cycle(&header(5, Some(4)), vec![e], None)
+        .await
+        .expect("encode");
+    let (from, to) = (&b"\"size\":8388608"[..], &b"\"size\":8388000"[..]);
+    let at = body
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("disk 1's size in the header");
+    let mut body = body;
+    body[at..at + to.len()].copy_from_slice(to);
+    let r = client.send_raw_cycle(Bytes::from(body)).await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(
+        s.outcome().await,
+        Outcome::Failed(TransportError::Protocol(_))
+    ));
+    // The next correct cycle goes through.
+    client
+        .send_cycle(&header(5, Some(4)), ok_stream(mixed_extents()), false)
+        .await
+        .expect("a correct cycle afterwards");
+    assert!(matches!(s.outcome().await, Outcome::Done { count: 6, .. }));
+    s.shutdown().await;
+}
+
+/// A body that ends cleanly before its End frame is the sender's error (400, not retryable);
+/// a transfer cut by the network stays retryable (see
+/// `peer_vanishing_mid_transfer_interrupts_the_handler`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_ending_before_its_end_frame_is_a_client_error() {
+    let mut s = Setup::new().await;
+    let client = s.client().await;
+    let body = vmr_transport::testing::encode_cycle(&header(5, Some(4)), mixed_extents(), None)
+        .await
+        .expect("encode");
+    // Cut inside the stream header, inside the header frame, inside an extent, before End.
+    for cut in [3, 9, body.len() / 2, body.len() - 50] {
+        let r = client
+            .send_raw_cycle(Bytes::copy_from_slice(&body[..cut]))
+            .await;
+        match r {
+            Err(TransportError::Remote(e @ RemoteError::BadRequest { .. })) => {
+                assert_eq!(e.status_code(), 400);
+                assert!(!TransportError::Remote(e).is_retryable());
+            }
+            other => panic!("cut at {cut}: expected BadRequest, got {other:?}"),
+        }
+    }
+    // The two cuts after the header reached the handler, which saw the truncation.
+    for _ in 0..2 {
+        match s.outcome().await {
+            Outcome::Failed(e @ TransportError::Truncated(_)) => assert!(!e.is_retryable()),
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+    }
+    s.shutdown().await;
+}
+
+/// The handler learns the address a peer's connection comes from; a client bound to a local
+/// address (as an agent listening on a specific address is) comes from that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_sees_the_peers_address_and_clients_bind() {
+    let s = Setup::new().await;
+    let whoami = |c: Client| async move {
+        c.replica_info(Uuid::from_u128(1), Some("whoami".into()))
+            .await
+            .expect("replica-info")
+            .latest
+    };
+    assert_eq!(whoami(s.client().await).await, Some(1));
+    let bound = Client::connect(
+        &s.addr.to_string(),
+        &s.client_id,
+        s.server_id.fingerprint(),
+        ClientOptions {
+            bind: Some("127.0.0.2".parse().expect("ip")),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect from 127.0.0.2");
+    assert_eq!(whoami(bound).await, Some(2));
+    // A source address that is not (or no longer) this host's: the system's choice instead.
+    let fallback = Client::connect(
+        &s.addr.to_string(),
+        &s.client_id,
+        s.server_id.fingerprint(),
+        ClientOptions {
+            bind: Some("192.0.2.1".parse().expect("ip")),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect despite an unusable source address");
+    assert_eq!(whoami(fallback).await, Some(1));
+    s.shutdown().await;
+}
+
+/// How many of `socks` the server has closed (a read sees end of file or a reset).
+async fn closed_by_server(socks: &mut [tokio::net::TcpStream]) -> usize {
+    let mut n = 0;
+    for s in socks.iter_mut() {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(1), s.peek(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => n += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Raw TCP connections from 127.0.0.9 to `addr`.
+async fn flood(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut socks = Vec::new();
+    for _ in 0..n {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind("127.0.0.9:0".parse().expect("addr"))
+            .expect("bind 127.0.0.9");
+        socks.push(sock.connect(addr).await.expect("connect"));
+    }
+    socks
+}
+
+/// Connections that never complete a handshake are capped per source and closed after the
+/// handshake timeout; an unauthorized certificate is answered and then closed; a legitimate
+/// peer from another address gets through meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_capped_and_closed() {
+    let limits = ConnLimits {
+        per_source: 8,
+        total: 64,
+        handshake_timeout: Duration::from_millis(1500),
+        unauthorized_linger: Duration::from_millis(300),
+        ..ConnLimits::default()
+    };
+    let s = Setup::build(true, limits).await;
+    let t0 = tokio::time::Instant::now();
+    let mut socks = flood(s.addr, 100).await;
+    // All but 8 are closed at once.
+    let closed = loop {
+        let closed = closed_by_server(&mut socks).await;
+        if closed >= 92 || t0.elapsed() > Duration::from_millis(1200) {
+            break closed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(closed, 92, "closed within {:?}", t0.elapsed());
+    // A legitimate peer (from 127.0.0.1) gets through meanwhile, with more connections than
+    // the per-source limit (authorized connections do not count: a primary keeps one per VM).
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(s.client().await);
+    }
+    for c in &clients {
+        c.primary_vm_state(Uuid::from_u128(1)).await.expect("call");
+    }
+    // The 8 held ones are closed once the handshake timeout passed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while closed_by_server(&mut socks).await < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle handshakes stay open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(socks);
+    // An unknown certificate: answered 403, then the connection is closed.
+    let d = tempfile::tempdir().expect("tempdir");
+    let stranger = Identity::generate(d.path(), "stranger").expect("identity");
+    let r = Client::connect(
+        &s.addr.to_string(),
+        &stranger,
+        s.server_id.fingerprint(),
+        ClientOptions::default(),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(TransportError::Remote(RemoteError::Unauthorized))),
+        "{r:?}"
+    );
+    s.shutdown().await;
 }

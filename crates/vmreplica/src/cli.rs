@@ -35,6 +35,10 @@ pub enum Command {
         /// HOST:PORT for the replication listener.
         #[arg(long)]
         listen: String,
+        /// HOST:PORT peers reach this agent at, when not the listen address (e.g. with
+        /// `--listen 0.0.0.0:PORT`); not a wildcard. Replicas probe it before a failover.
+        #[arg(long)]
+        advertise: Option<String>,
         /// Default storage directory for replica VMs (default DIR/replicas).
         #[arg(long)]
         storage: Option<PathBuf>,

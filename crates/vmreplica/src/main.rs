@@ -33,11 +33,12 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Init {
             name,
             listen,
+            advertise,
             storage,
         } => {
             println!(
                 "{}",
-                vmr_agent::config::create(&dir, &name, &listen, storage)?
+                vmr_agent::config::create(&dir, &name, &listen, advertise.as_deref(), storage)?
             );
             Ok(())
         }

@@ -34,7 +34,8 @@ pub struct Agent {
     pub dir: PathBuf,
     /// Its name (`init --name`).
     pub name: String,
-    /// Its replication listener, `127.0.0.1:PORT`.
+    /// The address to reach its replication listener at (`127.0.0.1:PORT` unless started with
+    /// [`Agent::start_on`]).
     pub addr: String,
     /// The listener's port.
     pub port: u16,
@@ -48,9 +49,26 @@ impl Agent {
     /// `vmreplica init` in `root/name` (listening on a free port of 127.0.0.1) and start the
     /// agent; returns once its control socket answers.
     pub fn start(exe: &Path, root: &Path, name: &str) -> Result<Agent> {
+        Self::start_on(exe, root, name, "127.0.0.1", None)
+    }
+
+    /// Like [`Agent::start`], listening on `ip` (a loopback address such as `127.0.0.2`, or
+    /// the wildcard `0.0.0.0`, then reached at 127.0.0.1) and `port` (a free one when `None`).
+    pub fn start_on(
+        exe: &Path,
+        root: &Path,
+        name: &str,
+        ip: &str,
+        port: Option<u16>,
+    ) -> Result<Agent> {
         let dir = root.join(name);
-        let port = free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        let port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let listen = format!("{ip}:{port}");
+        let reach = if ip == "0.0.0.0" { "127.0.0.1" } else { ip };
+        let addr = format!("{reach}:{port}");
         let mut a = Agent {
             dir,
             name: name.to_owned(),
@@ -60,7 +78,7 @@ impl Agent {
             exe: exe.to_path_buf(),
             child: None,
         };
-        let out = a.ok(&["init", "--name", name, "--listen", &a.addr.clone()])?;
+        let out = a.ok(&["init", "--name", name, "--listen", &listen])?;
         a.fingerprint = out.trim().to_owned();
         a.restart()?;
         Ok(a)
