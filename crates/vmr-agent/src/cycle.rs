@@ -296,6 +296,25 @@ pub async fn run_incremental(
     outcome
 }
 
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a number of ms keeps each incremental or full cycle's point-in-time view open that
+/// long before it is read.
+#[cfg(feature = "test-hooks")]
+const HOLD_HOOK: &str = "test-cycle-hold-ms";
+
+#[cfg(feature = "test-hooks")]
+fn hold_hook(dir: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(HOLD_HOOK))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn hold_hook(_dir: &std::path::Path) -> Option<u64> {
+    None
+}
+
 /// One cycle on an open capture and connection. Returns the outcome and whether the capture
 /// and the connection must be reopened.
 #[allow(clippy::too_many_arguments)]
@@ -322,6 +341,10 @@ async fn cycle_with(
         Err(e) => return (Outcome::Failed(classify_capture(&e)), true, false),
     };
     let view_ready = started.elapsed();
+    if let Some(ms) = hold_hook(&ctx.host.dir) {
+        // Test hook: keep the point-in-time view open (a test fills the fleecing file system).
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
     if app_consistent {

@@ -2,7 +2,7 @@
 //! (one point-in-time view being read). The QMP sequence and the failure matrix are described
 //! in `docs/capture.md`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qapi::qmp;
@@ -104,6 +104,8 @@ pub struct VmCapture {
     /// A cycle may have left objects behind: recover before the next one.
     needs_recover: bool,
     sizes: Option<Vec<u64>>,
+    /// The work directory's file system could not reserve a fleecing file (warned once).
+    sparse_warned: bool,
 }
 
 fn not_found(e: &QmpError) -> bool {
@@ -164,6 +166,7 @@ impl VmCapture {
             nbd_socket,
             needs_recover: true,
             sizes,
+            sparse_warned: false,
         };
         vm.ensure_nbd_server().await?;
         vm.recover().await?;
@@ -304,11 +307,7 @@ impl VmCapture {
                 path: path.display().to_string(),
                 source,
             })?;
-            f.set_len(d.size).map_err(|source| CaptureError::Io {
-                what: "cannot size fleecing file",
-                path: path.display().to_string(),
-                source,
-            })?;
+            self.reserve(&f, &path, d.size)?;
             let add = qmp::blockdev_add(qmp::BlockdevOptions::raw {
                 base: node_base(&self.names.tmp_node(i)),
                 raw: qmp::BlockdevOptionsRaw {
@@ -439,6 +438,59 @@ impl VmCapture {
             });
         }
         Ok((sources, infos))
+    }
+
+    /// Reserve the whole of a fleecing file (`fallocate`), so that copy-before-write into it can
+    /// never meet a full file system while the view is open: a guest write must never fail
+    /// because of replication, and other VMs' views or other files cannot take the space once
+    /// the cycle has begun. Where it cannot be reserved the cycle does not start (the tracked
+    /// changes stay for the next attempt). A file system without `fallocate` gets a sparse file
+    /// (as before) and one warning.
+    fn reserve(&mut self, f: &std::fs::File, path: &Path, size: u64) -> Result<(), CaptureError> {
+        use nix::errno::Errno;
+        use nix::fcntl::{FallocateFlags, fallocate};
+        let len = i64::try_from(size).map_err(|_| {
+            CaptureError::Unexpected(format!("disk size {size} does not fit a file length"))
+        })?;
+        match fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            FallocateFlags::empty(),
+            0,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(Errno::ENOSPC) => {
+                let available = nix::sys::statvfs::statvfs(&self.cfg.work_dir)
+                    .map(|st| {
+                        #[allow(clippy::unnecessary_cast)]
+                        let a = (st.blocks_available() as u64)
+                            .saturating_mul(st.fragment_size() as u64);
+                        a
+                    })
+                    .unwrap_or(0);
+                Err(CaptureError::InsufficientSpace {
+                    dir: self.cfg.work_dir.display().to_string(),
+                    needed: size,
+                    available,
+                })
+            }
+            Err(Errno::EOPNOTSUPP) => {
+                if !self.sparse_warned {
+                    self.sparse_warned = true;
+                    tracing::warn!(dir = %self.cfg.work_dir.display(), "the file system of the work directory cannot reserve space (fallocate); fleecing files are sparse, so a full file system during a cycle would fail guest writes");
+                }
+                f.set_len(size).map_err(|source| CaptureError::Io {
+                    what: "cannot size fleecing file",
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+            Err(e) => Err(CaptureError::Io {
+                what: "cannot reserve space for the fleecing file",
+                path: path.display().to_string(),
+                source: std::io::Error::from(e),
+            }),
+        }
     }
 
     fn check_free_space(&self, disks: &[NodeInfo]) -> Result<(), CaptureError> {
