@@ -311,6 +311,17 @@ pub enum AgentError {
         /// The cause.
         source: std::net::AddrParseError,
     },
+    /// Another agent holds the agent directory's lock (`DIR/agent.lock`).
+    #[error(
+        "another vmreplica agent{} already serves {}; stop it first (its lock is {}/agent.lock)",
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(), .dir.display(), .dir.display()
+    )]
+    AgentRunning {
+        /// The agent directory.
+        dir: PathBuf,
+        /// The running agent's pid, as its lock file names it.
+        pid: Option<u32>,
+    },
     /// Another agent serves the control socket.
     #[error("another agent is already serving {}", .path.display())]
     ControlSocketBusy {
@@ -579,7 +590,6 @@ impl AgentError {
             | ConfigInvalid { .. }
             | ConfigEncode(_)
             | ListenAddress { .. }
-            | ControlSocketBusy { .. }
             | Io { .. }
             | System { .. }
             | Json { .. }
@@ -616,6 +626,7 @@ impl AgentError {
             | Import { .. }
             | ImportImages { .. }
             | Task(_) => exit::FAILURE,
+            AgentRunning { .. } | ControlSocketBusy { .. } => exit::AGENT_RUNNING,
         }
     }
 

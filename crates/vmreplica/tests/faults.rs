@@ -1,0 +1,77 @@
+//! End-to-end checks of hostile or mistaken local use (issue 11): a second agent on a running
+//! agent's directory, VMs whose UUIDs share a prefix, the replica's program allow-list, and
+//! the authorization entries' revocation.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// Every file under `dir` (but the agent's log, which the test does not own) with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                todo.push(p);
+            } else if ft.is_file() && p.file_name().is_some_and(|n| n != "agent.log") {
+                out.insert(p.clone(), std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_second_agent_on_the_same_dir_fails_fast_and_changes_nothing() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "web1", &["disk0"], 32)?;
+    vm.register(&p.a)?;
+    p.enable("web1", &["--frequency", "5s"])?;
+    p.wait_cycle("web1", 2, LONG)?;
+    p.a.ok(&["pause", "web1"])?;
+    let last = p.a.status("web1")?.last_cycle.unwrap_or(0);
+    p.b.wait_cycle("web1", last, LONG)?;
+
+    // A layer the replica's recovery would delete as a stray (as it deleted a running
+    // agent's in-progress layers): a second agent must not get that far.
+    let disk_dir =
+        p.b.storage()
+            .join("vms")
+            .join(vm.def.uuid.to_string())
+            .join("disks")
+            .join("disk0");
+    assert!(disk_dir.is_dir(), "{}", disk_dir.display());
+    let pending = disk_dir.join("c999999.qcow2");
+    std::fs::write(&pending, b"in progress")?;
+    let before = snapshot(&p.b.dir);
+
+    let started = Instant::now();
+    let out = p.b.cli(&["agent"])?;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "exit code; stderr: {stderr}");
+    assert!(
+        stderr.contains("already serves") && stderr.contains(&format!("pid {}", p.b.pid())),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(snapshot(&p.b.dir), before, "the second agent changed files");
+    assert!(pending.exists());
+
+    // The first agent keeps replicating.
+    std::fs::remove_file(&pending)?;
+    vm.write_random("disk0", 50, 3)?;
+    p.a.ok(&["resume", "web1"])?;
+    p.wait_cycle("web1", last + 2, LONG)?;
+    assert_equal_at_cut(&p, &vm)?;
+    Ok(())
+}
