@@ -300,17 +300,21 @@ pub async fn start(
     };
     side.step(vm, ev).map_err(AgentError::Refused)?;
     let made = async {
-        let slot = if test {
-            format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+        let fo = crate::launch::failover_dir(&vm.host.dir, rec.uuid);
+        let dest = if test {
+            // A fresh slot: an existing test copy's directory is never reused.
+            loop {
+                let d = fo.join(format!(
+                    "t{}",
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                ));
+                if !d.exists() {
+                    break d;
+                }
+            }
         } else {
-            "live".to_owned()
+            fo.join("live")
         };
-        let dest = vm
-            .host
-            .dir
-            .join("fo")
-            .join(crate::launch::tag(rec.uuid))
-            .join(slot);
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(AgentError::io("removing", &dest))?;
         }

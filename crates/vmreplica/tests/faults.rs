@@ -75,3 +75,42 @@ fn a_second_agent_on_the_same_dir_fails_fast_and_changes_nothing() -> TestResult
     assert_equal_at_cut(&p, &vm)?;
     Ok(())
 }
+
+#[test]
+fn two_vms_whose_uuids_share_their_first_8_hex_digits_replicate_side_by_side() -> TestResult {
+    let p = Pair::new(exe())?;
+    let u1 = uuid::Uuid::new_v4();
+    let mut bytes = *u1.as_bytes();
+    bytes[15] ^= 0xff;
+    let u2 = uuid::Uuid::from_bytes(bytes);
+    assert_eq!(u1.simple().to_string()[..8], u2.simple().to_string()[..8]);
+    let disks = [StandInDisk::new("disk0", 32 << 20)];
+    let root = p.root.path();
+    let vms = [
+        StandIn::start_with_uuid(&root.join("vm-a"), &p.a.dir, "vma", &disks, u1)?,
+        StandIn::start_with_uuid(&root.join("vm-b"), &p.a.dir, "vmb", &disks, u2)?,
+    ];
+    for (i, vm) in vms.iter().enumerate() {
+        vm.write_random("disk0", 100, i as u64 + 1)?;
+        vm.register(&p.a)?;
+    }
+    for vm in &vms {
+        p.enable(vm.name(), &["--frequency", "5s"])?;
+    }
+    // Both change and ship at once, cycle after cycle.
+    for round in 0..3u64 {
+        for (i, vm) in vms.iter().enumerate() {
+            vm.write_random("disk0", 40, 10 * round + i as u64)?;
+        }
+        for vm in &vms {
+            let next = p.a.status(vm.name())?.last_cycle.unwrap_or(0) + 1;
+            p.wait_cycle(vm.name(), next, LONG)?;
+        }
+    }
+    for vm in &vms {
+        assert_equal_at_cut(&p, vm)?;
+        let st = p.a.status(vm.name())?;
+        assert_eq!(st.stats.errors, 0, "{}: {st:?}", vm.name());
+    }
+    Ok(())
+}

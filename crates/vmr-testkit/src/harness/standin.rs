@@ -18,14 +18,14 @@ use super::{HarnessError, READY_TIMEOUT, Result, io_err, rt};
 use crate::proc::ChildGuard;
 
 /// The NBD socket a primary agent in `agent_dir` expects VM `uuid`'s QEMU to serve
-/// (`work/<tag>/vmr-<tag>-nbd.sock`, tag = the UUID's first 8 hex digits): the agent's
-/// documented layout, restated here because the harness does not link the agent.
+/// (`work/<uuid>/vmr-<tag>-nbd.sock`, uuid = all 32 hex digits, tag = the first 8): the
+/// agent's documented layout, restated here because the harness does not link the agent.
 pub fn nbd_socket(agent_dir: &Path, uuid: Uuid) -> PathBuf {
-    let tag = &uuid.simple().to_string()[..8];
+    let id = uuid.simple().to_string();
     agent_dir
         .join("work")
-        .join(tag)
-        .join(format!("vmr-{tag}-nbd.sock"))
+        .join(&id)
+        .join(format!("vmr-{}-nbd.sock", &id[..8]))
 }
 
 /// A disk of a stand-in VM.
@@ -109,8 +109,18 @@ impl StandIn {
         name: &str,
         disks: &[StandInDisk],
     ) -> Result<StandIn> {
+        Self::start_with_uuid(vmdir, agent_dir, name, disks, Uuid::new_v4())
+    }
+
+    /// [`Self::start_in`] with a chosen VM UUID.
+    pub fn start_with_uuid(
+        vmdir: &Path,
+        agent_dir: &Path,
+        name: &str,
+        disks: &[StandInDisk],
+        uuid: Uuid,
+    ) -> Result<StandIn> {
         std::fs::create_dir_all(vmdir).map_err(io_err(format!("create {}", vmdir.display())))?;
-        let uuid = Uuid::new_v4();
         let mut args: Vec<String> = Vec::new();
         let mut defs = Vec::new();
         for d in disks {
