@@ -468,6 +468,29 @@ pub enum AgentError {
     /// Failover: the VM command cannot be built.
     #[error("building the VM command from the replicated definition")]
     LaunchCommand(#[source] Box<AgentError>),
+    /// Failover: the replicated definition names a program this host does not allow.
+    #[error(
+        "the replicated definition's program {program:?} is not allowed on this host: its file \
+         name matches none of `allowed-programs` = {allowed:?} in {}",
+        .config.display()
+    )]
+    ProgramNotAllowed {
+        /// The program the definition names.
+        program: String,
+        /// The allowed patterns.
+        allowed: Vec<String>,
+        /// The config file holding them.
+        config: PathBuf,
+    },
+    /// Failover: the allowed program does not exist.
+    #[error(
+        "the replicated definition's program {program:?} cannot be found (an absolute path \
+         that exists, or a name on the agent's PATH)"
+    )]
+    ProgramNotFound {
+        /// The program the definition names.
+        program: String,
+    },
     /// Failover: the VM program cannot be started.
     #[error("starting {program}")]
     SpawnVm {
@@ -614,6 +637,8 @@ impl AgentError {
             | QmpUnreachable { .. }
             | QueryStatus(_)
             | LaunchCommand(_)
+            | ProgramNotAllowed { .. }
+            | ProgramNotFound { .. }
             | SpawnVm { .. }
             | VmExited { .. }
             | QmpTimeout { .. }

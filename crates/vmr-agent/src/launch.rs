@@ -51,9 +51,85 @@ pub fn accel() -> &'static str {
     }
 }
 
-/// The command that starts `def` with the given disk paths and sockets.
+/// Does file name `name` match `pattern` (`*` matches any run of characters, every other
+/// character itself)?
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let middle: Vec<&str> = parts.collect();
+    let Some((last, middle)) = middle.split_last() else {
+        // No `*`: the whole name.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// The program a replicated definition may start on this host: its file name must match one
+/// of `allowed` (the `allowed-programs` key of `config`), and it must exist (an absolute path,
+/// or a bare name found on the agent's `PATH`). Returns the resolved path.
+pub fn allowed_program(
+    program: &str,
+    allowed: &[String],
+    config: &Path,
+) -> Result<PathBuf, AgentError> {
+    let file = Path::new(program)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or("");
+    if !allowed.iter().any(|p| glob_match(p, file)) {
+        return Err(AgentError::ProgramNotAllowed {
+            program: program.to_owned(),
+            allowed: allowed.to_vec(),
+            config: config.to_path_buf(),
+        });
+    }
+    let resolved = if program.contains('/') {
+        Some(PathBuf::from(program)).filter(|p| p.is_absolute())
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(program))
+                .find(|c| c.is_file())
+        })
+    };
+    match resolved {
+        Some(p) if p.is_file() => Ok(p),
+        _ => Err(AgentError::ProgramNotFound {
+            program: program.to_owned(),
+        }),
+    }
+}
+
+/// The command line a [`Command`] runs, for the admin to read (arguments with spaces quoted).
+pub fn display_command(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                format!("{a:?}")
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The command that starts `def`'s `program` (resolved by [`allowed_program`]) with the
+/// given disk paths and sockets.
 pub fn command(
     def: &VmDefinition,
+    program: &Path,
     disks: &dyn Fn(&str) -> Option<String>,
     qmp: &Path,
     nbd: &Path,
@@ -75,7 +151,7 @@ pub fn command(
         .append(true)
         .open(log)
         .map_err(AgentError::io("opening", log))?;
-    let mut cmd = Command::new(&def.program);
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(
@@ -89,6 +165,52 @@ pub fn command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn program_patterns() {
+        for (pat, name, ok) in [
+            ("qemu-system-*", "qemu-system-x86_64", true),
+            ("qemu-system-*", "qemu-system-", true),
+            ("qemu-system-*", "qemu-img", false),
+            ("qemu-storage-daemon", "qemu-storage-daemon", true),
+            ("qemu-storage-daemon", "qemu-storage-daemon2", false),
+            ("qemu-storage-daemon", "sh", false),
+            ("*", "sh", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "acb", false),
+            ("ab*ba", "aba", false),
+        ] {
+            assert_eq!(glob_match(pat, name), ok, "{pat} ~ {name}");
+        }
+    }
+
+    #[test]
+    fn only_allowed_programs_that_exist_are_started() {
+        let allowed = vmr_proto::api::default_allowed_programs();
+        let cfg = Path::new("/v/config.toml");
+        let e = allowed_program("/bin/sh", &allowed, cfg).expect_err("sh");
+        let text = e.to_string();
+        assert!(
+            text.contains("\"/bin/sh\"")
+                && text.contains("allowed-programs")
+                && text.contains("/v/config.toml"),
+            "{text}"
+        );
+        // Matched on the file name: a directory named like QEMU does not help.
+        assert!(allowed_program("/tmp/qemu-system-x/sh", &allowed, cfg).is_err());
+        assert!(matches!(
+            allowed_program("/nonexistent/qemu-system-x86_64", &allowed, cfg),
+            Err(AgentError::ProgramNotFound { .. })
+        ));
+        assert!(matches!(
+            allowed_program("./qemu-storage-daemon", &allowed, cfg),
+            Err(AgentError::ProgramNotFound { .. })
+        ));
+        // Installed here (the tests run qemu-storage-daemon): found on PATH.
+        let p = allowed_program("qemu-storage-daemon", &allowed, cfg).expect("on PATH");
+        assert!(p.is_absolute() && p.is_file(), "{}", p.display());
+        assert!(allowed_program("sh", &["s*".to_owned()], cfg).is_ok());
+    }
 
     #[test]
     fn vms_sharing_a_uuid_prefix_get_their_own_paths() {

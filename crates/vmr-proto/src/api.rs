@@ -626,10 +626,21 @@ pub struct AgentConfig {
     /// How many VMs may run a cycle at the same time.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_cycles: usize,
+    /// The programs this agent may start for a failed-over or test VM, as patterns on the
+    /// program's file name (`*` matches any run of characters). A replicated definition naming
+    /// any other program is refused.
+    #[serde(default = "default_allowed_programs")]
+    pub allowed_programs: Vec<String>,
 }
 
 fn default_concurrency() -> usize {
     8
+}
+
+/// The default of [`AgentConfig::allowed_programs`]: QEMU's system emulators and
+/// `qemu-storage-daemon`.
+pub fn default_allowed_programs() -> Vec<String> {
+    vec!["qemu-system-*".to_owned(), "qemu-storage-daemon".to_owned()]
 }
 
 #[cfg(test)]

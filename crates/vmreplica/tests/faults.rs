@@ -114,3 +114,51 @@ fn two_vms_whose_uuids_share_their_first_8_hex_digits_replicate_side_by_side() -
     }
     Ok(())
 }
+
+#[test]
+fn the_replica_starts_only_programs_on_its_allow_list() -> TestResult {
+    let p = Pair::new(exe())?;
+    let root = p.root.path();
+    // A primary (or its stolen key) registers a VM whose definition runs a shell.
+    let mut evil = StandIn::create(root, &p.a, "evil", &["disk0"], 16)?;
+    let marker = root.join("ran");
+    evil.def.program = "/bin/sh".to_owned();
+    evil.def.args = vec![
+        "-c".to_owned(),
+        format!("touch {}", marker.display()),
+        "{qmp}".to_owned(),
+    ];
+    std::fs::write(&evil.launch, evil.def.to_toml())?;
+    evil.register(&p.a)?;
+    let good = StandIn::create(root, &p.a, "good", &["disk0"], 16)?;
+    good.register(&p.a)?;
+    for vm in [&evil, &good] {
+        p.enable(vm.name(), &["--frequency", "5s"])?;
+        p.wait_cycle(vm.name(), 1, LONG)?;
+    }
+
+    for op in ["test", "start"] {
+        let before = p.b.status("evil")?.state;
+        let out =
+            p.b.cli(&["failover", op, "evil", "--force"][..if op == "start" { 4 } else { 3 }])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{op}: {stderr}");
+        assert!(
+            stderr.contains("\"/bin/sh\"")
+                && stderr.contains("allowed-programs")
+                && stderr.contains("config.toml"),
+            "{op}: {stderr}"
+        );
+        assert!(!marker.exists(), "{op}: the shell ran");
+        assert_eq!(p.b.status("evil")?.state, before, "{op} changed the state");
+    }
+
+    // An allowed program runs, and the output shows what runs.
+    let out = p.b.ok(&["failover", "test", "good"])?;
+    assert!(
+        out.contains("runs: ") && out.contains("qemu-storage-daemon"),
+        "{out}"
+    );
+    p.b.ok(&["failover", "stop-test", "good"])?;
+    Ok(())
+}
