@@ -104,9 +104,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             storage,
             trust_group,
         } => {
-            if !fingerprint.starts_with("SHA256:") || fingerprint.len() != 7 + 64 {
-                return Err(AgentError::BadFingerprint { fingerprint });
-            }
+            let fingerprint = normalize_fingerprint(&fingerprint)?;
             let storage = storage.unwrap_or_else(|| host.config.storage.clone());
             std::fs::create_dir_all(&storage)
                 .map_err(AgentError::io("creating storage", &storage))?;
@@ -115,6 +113,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 primary,
                 fingerprint,
                 storage,
+                revoked: false,
             };
             let msg = format!(
                 "primary {:?} authorized (trust group {:?})",
@@ -122,6 +121,31 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             );
             host.put_allow(entry)?;
             Ok(json!(msg))
+        }
+        Request::ServerDeny { primary } => {
+            let e = host.revoke_allow(&primary)?;
+            Ok(json!(format!(
+                "primary {:?} revoked: its certificate {} authorizes nothing from now on (the \
+                 entry and its storage {} stay; `server allow` restores it)",
+                e.primary, e.fingerprint, e.storage
+            )))
+        }
+        Request::ServerRemove { primary } => {
+            let vms: Vec<String> = all_status(agent)
+                .await?
+                .into_iter()
+                .filter(|s| {
+                    s.mode == vmr_proto::api::ReplicationMode::Replica && s.primary == primary
+                })
+                .map(|s| s.name)
+                .collect();
+            if !vms.is_empty() {
+                return Err(AgentError::AllowEntryInUse { primary, vms });
+            }
+            host.remove_allow(&primary)?;
+            Ok(json!(format!(
+                "authorization entry of primary {primary:?} removed"
+            )))
         }
         Request::ServerShow => Ok(json!({
             "name": host.config.name,
@@ -264,6 +288,34 @@ async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> Result<Value
     to_value(r)
 }
 
+/// A certificate fingerprint as `server allow` takes it: 64 hex digits, upper or lower case,
+/// optionally `:`-separated in pairs (as `openssl x509 -fingerprint -sha256` prints them), with
+/// or without the `SHA256:` prefix; normalised to `SHA256:<64 lower-case hex>`, the form the
+/// agent compares.
+pub fn normalize_fingerprint(given: &str) -> Result<String, AgentError> {
+    let bad = || AgentError::BadFingerprint {
+        fingerprint: given.to_owned(),
+    };
+    let s = given.trim();
+    let hex = match s.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("sha256:") => &s[7..],
+        _ => s,
+    };
+    let hex: String = if hex.contains(':') {
+        let pairs: Vec<&str> = hex.split(':').collect();
+        if pairs.iter().any(|p| p.len() != 2) {
+            return Err(bad());
+        }
+        pairs.concat()
+    } else {
+        hex.to_owned()
+    };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok(format!("SHA256:{}", hex.to_ascii_lowercase()))
+}
+
 /// Status rows of every VM on this host.
 pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
     let mut out = Vec::new();
@@ -271,4 +323,46 @@ pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
         out.push(h.ask(Command::Status).await?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_normalised_or_refused() {
+        let hex = "0123456789abcdef".repeat(4);
+        let want = format!("SHA256:{hex}");
+        let upper = hex.to_ascii_uppercase();
+        let colons = upper
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        for ok in [
+            want.clone(),
+            format!("sha256:{upper}"),
+            upper.clone(),
+            format!("SHA256:{colons}"),
+            colons.clone(),
+            format!("  {want}\n"),
+        ] {
+            assert_eq!(normalize_fingerprint(&ok).expect(&ok), want, "{ok}");
+        }
+        for bad in [
+            String::new(),
+            "SHA256:".to_owned(),
+            format!("SHA256:{}", &hex[..63]),
+            format!("SHA256:{hex}0"),
+            format!("SHA256:{}g", &hex[..63]),
+            format!("SHA1:{hex}"),
+            format!("{}:{}", &hex[..3], &hex[3..]),
+            "SHA256:xyz".to_owned(),
+        ] {
+            let e = normalize_fingerprint(&bad).expect_err(&bad);
+            assert!(matches!(e, AgentError::BadFingerprint { .. }), "{bad}");
+            assert_eq!(e.exit_code(), exit::USAGE);
+        }
+    }
 }

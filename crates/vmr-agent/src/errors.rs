@@ -78,7 +78,37 @@ pub enum AgentError {
         id: Option<Uuid>,
     },
 
+    /// `server deny`/`server remove` of a primary without an authorization entry.
+    #[error("no authorization entry for primary {primary:?} (see `vmreplica server show`)")]
+    UnknownAllowEntry {
+        /// The primary's name.
+        primary: String,
+    },
+
     // ------------------------------------------------------------ invalid state (5)
+    /// `server allow` with a fingerprint another primary's entry holds.
+    #[error(
+        "fingerprint {fingerprint} is already authorized for primary {primary:?}; one \
+         certificate authorizes one primary (`server remove --primary {primary}` first)"
+    )]
+    DuplicateFingerprint {
+        /// The fingerprint (normalised).
+        fingerprint: String,
+        /// The primary whose entry holds it.
+        primary: String,
+    },
+    /// `server remove` while replica VMs of that primary are registered.
+    #[error(
+        "replica VMs of primary {primary:?} are registered here ({}); their storage is the \
+         entry's: revoke it with `server deny --primary {primary}` instead",
+        .vms.join(", ")
+    )]
+    AllowEntryInUse {
+        /// The primary's name.
+        primary: String,
+        /// Its replica VMs on this host.
+        vms: Vec<String>,
+    },
     /// The VM's decision machine refused the operation.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -581,8 +611,10 @@ impl AgentError {
     pub fn exit_code(&self) -> i32 {
         use AgentError::*;
         match self {
-            UnknownVm { .. } | NoTestCopy { .. } => exit::NOT_FOUND,
+            UnknownVm { .. } | NoTestCopy { .. } | UnknownAllowEntry { .. } => exit::NOT_FOUND,
             Refused(_)
+            | DuplicateFingerprint { .. }
+            | AllowEntryInUse { .. }
             | OnReplica { .. }
             | OnPrimary { .. }
             | ResyncOnReplica { .. }

@@ -157,6 +157,17 @@ pub enum Request {
         /// Trust group.
         trust_group: Option<String>,
     },
+    /// Revoke an authorization entry (`server deny`): kept, but authorizing nothing.
+    ServerDeny {
+        /// Primary's name.
+        primary: String,
+    },
+    /// Delete an authorization entry (`server remove`); refused while replica VMs of that
+    /// primary are registered.
+    ServerRemove {
+        /// Primary's name.
+        primary: String,
+    },
     /// Show the replica server configuration.
     ServerShow,
     /// Register a running VM on its primary.
@@ -552,6 +563,11 @@ pub struct AllowEntry {
     pub storage: String,
     /// Trust group (defaults to the primary's name).
     pub trust_group: String,
+    /// Revoked (`server deny`): the fingerprint authorizes nothing; the entry stays so that
+    /// the primary's replica VMs keep their storage (failover, recovery). `server allow`
+    /// restores it.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// Agent-to-agent control request: the primary asks the replica to create the replica VM.

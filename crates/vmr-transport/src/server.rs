@@ -223,9 +223,11 @@ async fn serve_conn<H: Handler>(
             "unknown client certificate refused"
         ),
     }
-    let peer = Arc::new(peer);
+    // Authorized again for every request, so that a revoked entry (`server deny`) stops the
+    // next request of a connection already open, not only new connections.
+    let fp: Arc<Option<String>> = Arc::new(fp);
     let svc = service_fn(move |req| {
-        let peer = peer.clone();
+        let peer = Arc::new((*fp).as_deref().and_then(|f| authorizer.authorize(f)));
         let handler = handler.clone();
         async move {
             // The request runs in its own task: if the client resets the stream, hyper drops

@@ -96,8 +96,12 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
             );
             for e in entries {
                 println!(
-                    "{:<16} {:<16} {:<40} {}",
-                    e.primary, e.trust_group, e.storage, e.fingerprint
+                    "{:<16} {:<16} {:<40} {}{}",
+                    e.primary,
+                    e.trust_group,
+                    e.storage,
+                    e.fingerprint,
+                    if e.revoked { " (revoked)" } else { "" }
                 );
             }
         }

@@ -162,3 +162,120 @@ fn the_replica_starts_only_programs_on_its_allow_list() -> TestResult {
     p.b.ok(&["failover", "stop-test", "good"])?;
     Ok(())
 }
+
+/// `fp` (`SHA256:<hex>`) as `openssl x509 -fingerprint -sha256` prints it: upper case, pairs
+/// separated by `:`.
+fn openssl_style(fp: &str) -> String {
+    let hex = fp.trim_start_matches("SHA256:").to_ascii_uppercase();
+    hex.as_bytes()
+        .chunks(2)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[test]
+fn authorization_entries_are_validated_revoked_and_removed() -> TestResult {
+    let p = Pair::new(exe())?;
+    let code = |out: &std::process::Output| out.status.code();
+    let err = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // Fingerprints that can never match are refused (exit 2).
+    for bad in ["abc", "SHA256:xyz", &format!("{}0", p.a.fingerprint)] {
+        let out =
+            p.b.cli(&["server", "allow", "--primary", "x", "--fingerprint", bad])?;
+        assert_eq!(code(&out), Some(2), "{bad}: {}", err(&out));
+        assert!(
+            err(&out).contains("is not a certificate fingerprint"),
+            "{}",
+            err(&out)
+        );
+    }
+    // A duplicate (the same certificate in another spelling) is a clear error (exit 5).
+    let out = p.b.cli(&[
+        "server",
+        "allow",
+        "--primary",
+        "other",
+        "--fingerprint",
+        &openssl_style(&p.a.fingerprint),
+    ])?;
+    assert_eq!(code(&out), Some(5), "{}", err(&out));
+    assert!(
+        err(&out).contains("already authorized for primary \"host-a\"")
+            && !err(&out).contains("UNIQUE"),
+        "{}",
+        err(&out)
+    );
+
+    let vm = StandIn::create(p.root.path(), &p.a, "web1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
+    p.enable("web1", &["--frequency", "5s"])?;
+    p.wait_cycle("web1", 2, LONG)?;
+
+    // Revoked: effective at once, on the connection the primary already holds.
+    let errors = p.a.status("web1")?.stats.errors;
+    let msg = p.b.ok(&["server", "deny", "--primary", "host-a"])?;
+    assert!(msg.contains("revoked"), "{msg}");
+    assert!(p.b.ok(&["server", "show"])?.contains("(revoked)"));
+    vm.write_random("disk0", 20, 5)?;
+    p.a.wait_status(
+        "web1",
+        LONG,
+        Duration::from_millis(100),
+        "a refused cycle",
+        |s| s.stats.errors > errors,
+    )?;
+    let held = p.b.status("web1")?.last_cycle;
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        p.b.status("web1")?.last_cycle,
+        held,
+        "a revoked primary's cycle applied"
+    );
+
+    // Its replica VM keeps the entry's storage: removing the entry is refused (exit 5).
+    let out = p.b.cli(&["server", "remove", "--primary", "host-a"])?;
+    assert_eq!(code(&out), Some(5), "{}", err(&out));
+    assert!(
+        err(&out).contains("web1") && err(&out).contains("server deny"),
+        "{}",
+        err(&out)
+    );
+    let out = p.b.cli(&["server", "deny", "--primary", "nobody"])?;
+    assert_eq!(code(&out), Some(4), "{}", err(&out));
+
+    // Allowed again (in openssl's spelling, normalised): replication resumes.
+    p.b.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-a",
+        "--fingerprint",
+        &openssl_style(&p.a.fingerprint),
+    ])?;
+    let show = p.b.ok(&["server", "show"])?;
+    assert!(
+        show.contains(&p.a.fingerprint) && !show.contains("(revoked)"),
+        "{show}"
+    );
+    let _ = p.a.cli(&["resume", "web1"])?;
+    let next = held.unwrap_or(0) + 1;
+    p.b.wait_cycle("web1", next, LONG)?;
+
+    // An entry no VM needs is deleted.
+    let other = format!("SHA256:{}", "ab".repeat(32));
+    p.b.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-c",
+        "--fingerprint",
+        &other,
+    ])?;
+    p.b.ok(&["server", "remove", "--primary", "host-c"])?;
+    assert!(!p.b.ok(&["server", "show"])?.contains("host-c"));
+    let out = p.b.cli(&["server", "remove", "--primary", "host-c"])?;
+    assert_eq!(code(&out), Some(4), "{}", err(&out));
+    Ok(())
+}
