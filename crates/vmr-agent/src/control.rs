@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{AllowEntry, Request, Response, VmStatus};
@@ -17,6 +17,37 @@ use crate::host::Host;
 use crate::vm::{Command, FailoverCmd, Registry, VmHandle};
 use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::record::{MachineSnapshot, VmRecord};
+
+/// Longest request line the control socket reads (1 MiB; a VM definition is a few KiB).
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+
+/// One request line read from the control socket.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line (without its newline; the last one may lack it).
+    Text(Vec<u8>),
+    /// More than `max` bytes without a newline: answered with an error, then the connection
+    /// is closed (what follows is the rest of that line).
+    TooLong,
+    /// End of input.
+    End,
+}
+
+/// Read one line of at most `max` bytes (the newline not counted) from `r`, never buffering
+/// more than `max + 1` bytes.
+async fn read_line(r: &mut (impl AsyncBufRead + Unpin), max: usize) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = r.take(max as u64 + 1).read_until(b'\n', &mut buf).await?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > max {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Text(buf))
+}
 
 /// What the control API serves from.
 pub struct Control {
@@ -46,9 +77,27 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
             let agent = agent.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let resp = match serde_json::from_str::<Request>(&line) {
+                let mut r = BufReader::new(r);
+                loop {
+                    let line = match read_line(&mut r, MAX_REQUEST_LINE).await {
+                        Ok(Line::Text(l)) => l,
+                        Ok(Line::TooLong) => {
+                            let resp = Response::Err {
+                                chain: vec![format!(
+                                    "bad request: the request line is longer than {} bytes",
+                                    MAX_REQUEST_LINE
+                                )],
+                                code: exit::USAGE,
+                            };
+                            if let Ok(mut out) = serde_json::to_string(&resp) {
+                                out.push('\n');
+                                let _ = w.write_all(out.as_bytes()).await;
+                            }
+                            break;
+                        }
+                        Ok(Line::End) | Err(_) => break,
+                    };
+                    let resp = match serde_json::from_slice::<Request>(&line) {
                         Ok(req) => match handle(&agent, req).await {
                             Ok(value) => Response::Ok { value },
                             Err(e) => to_response(&e),
@@ -159,6 +208,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             launch_toml,
             disks,
         } => {
+            crate::config::validate_vm_name(&name)?;
             let def = VmDefinition::from_toml(&launch_toml).map_err(AgentError::BadDefinition)?;
             if def.name != name {
                 return Err(AgentError::DefinitionName {
@@ -328,6 +378,31 @@ pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn request_lines_are_bounded() {
+        let input = b"{\"op\":\"vm-list\"}\nlast".to_vec();
+        let mut r = BufReader::new(&input[..]);
+        assert_eq!(
+            read_line(&mut r, 64).await.expect("read"),
+            Line::Text(b"{\"op\":\"vm-list\"}".to_vec())
+        );
+        assert_eq!(
+            read_line(&mut r, 64).await.expect("read"),
+            Line::Text(b"last".to_vec())
+        );
+        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::End);
+        // Exactly max bytes is a line; one more without a newline is refused.
+        let mut fits = vec![b'x'; 64];
+        fits.push(b'\n');
+        let mut r = BufReader::new(&fits[..]);
+        assert!(
+            matches!(read_line(&mut r, 64).await.expect("read"), Line::Text(l) if l.len() == 64)
+        );
+        let long = vec![b'x'; 10_000];
+        let mut r = BufReader::new(&long[..]);
+        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::TooLong);
+    }
 
     #[test]
     fn fingerprints_are_normalised_or_refused() {

@@ -290,6 +290,14 @@ pub enum AgentError {
         /// The disk id.
         disk: String,
     },
+    /// `vm add` with an unusable VM name.
+    #[error("bad VM name {name:?}: {reason} (1 to 64 printable characters, no '/')")]
+    BadVmName {
+        /// The name (its first 64 characters).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// `init` with an unusable agent name.
     #[error("bad agent name {name:?}")]
     BadAgentName {
@@ -329,6 +337,28 @@ pub enum AgentError {
         path: PathBuf,
         /// The cause.
         source: toml::de::Error,
+    },
+    /// A config value is out of range.
+    #[error("{}: `{key}` {reason}", .path.display())]
+    ConfigValue {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The TLS key is readable or writable by group or others.
+    #[error(
+        "{} has mode {mode:o}: group or others can read the agent's private key; `chmod 600 {}` \
+         (and replace the identity if others may have read it)",
+        .path.display(), .path.display()
+    )]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The config cannot be encoded.
     #[error("encoding the agent config")]
@@ -443,9 +473,17 @@ pub enum AgentError {
         name: String,
     },
     /// Binding the replication listener failed.
-    #[error("binding the replication listener {addr}")]
+    #[error("cannot bind {addr}: {err}")]
     BindListener {
-        /// The primary agent's address.
+        /// The listen address.
+        addr: std::net::SocketAddr,
+        /// The reason.
+        err: std::io::Error,
+    },
+    /// Setting up the replication listener failed (other than binding).
+    #[error("setting up the replication listener {addr}")]
+    ListenerSetup {
+        /// The listen address.
         addr: std::net::SocketAddr,
         /// The cause.
         source: TransportError,
@@ -638,12 +676,16 @@ impl AgentError {
             | DefinitionName { .. }
             | DiskNotInDefinition { .. }
             | BadAgentName { .. }
+            | BadVmName { .. }
             | BadListen { .. }
             | OldPrimaryAddressUnknown
             | OldPrimaryFingerprintUnknown => exit::USAGE,
             ConfigUnreadable { .. }
             | ConfigInvalid { .. }
             | ConfigEncode(_)
+            | ConfigValue { .. }
+            | KeyExposed { .. }
+            | ListenerSetup { .. }
             | ListenAddress { .. }
             | Io { .. }
             | System { .. }
@@ -684,6 +726,16 @@ impl AgentError {
             | ImportImages { .. }
             | Task(_) => exit::FAILURE,
             AgentRunning { .. } | ControlSocketBusy { .. } => exit::AGENT_RUNNING,
+        }
+    }
+
+    /// A failure of the replication listener's `bind`: "cannot bind ADDR: reason".
+    pub fn bind(addr: std::net::SocketAddr, e: TransportError) -> AgentError {
+        match e {
+            TransportError::Connect { source, .. } => {
+                AgentError::BindListener { addr, err: source }
+            }
+            source => AgentError::ListenerSetup { addr, source },
         }
     }
 

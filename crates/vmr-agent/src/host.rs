@@ -47,9 +47,8 @@ impl Host {
         let allow = db.allowed()?;
         Ok(Host {
             dir,
-            cycle_slots: Arc::new(tokio::sync::Semaphore::new(
-                config.max_concurrent_cycles.max(1),
-            )),
+            // At least 1: `load_config` refuses 0.
+            cycle_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_cycles)),
             config,
             identity,
             db: Mutex::new(db),

@@ -77,6 +77,7 @@ pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {
 async fn run(dir: &Path) -> Result<(), AgentError> {
     let dir = std::path::absolute(dir).map_err(AgentError::io("resolving", dir))?;
     let config = load_config(&dir)?;
+    config::check_key_mode(&dir)?;
     let identity = vmr_transport::Identity::load(&dir).map_err(|source| AgentError::Identity {
         doing: "loading",
         source,

@@ -279,3 +279,80 @@ fn authorization_entries_are_validated_revoked_and_removed() -> TestResult {
     assert_eq!(code(&out), Some(4), "{}", err(&out));
     Ok(())
 }
+
+#[test]
+fn private_files_bounded_requests_and_clear_start_errors() -> TestResult {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let root = TestDir::temp("vmr-e2e-")?;
+    let a = Agent::start(exe(), root.path(), "host-a")?;
+    let mode =
+        |p: PathBuf| -> TestResult<u32> { Ok(std::fs::metadata(&p)?.permissions().mode() & 0o777) };
+    for f in ["config.toml", "state.db", "agent.key"] {
+        assert_eq!(mode(a.dir.join(f))?, 0o600, "{f}");
+    }
+
+    // A 2 MiB control line without a newline: a clear error, and the agent keeps serving.
+    let mut s = std::os::unix::net::UnixStream::connect(a.dir.join("agent.sock"))?;
+    let junk = vec![b'x'; 2 << 20];
+    // The agent may close the socket before the whole line is written.
+    let _ = s.write_all(&junk);
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer)?;
+    assert!(
+        answer.contains("longer than 1048576 bytes") && answer.contains("\"code\":2"),
+        "{answer}"
+    );
+    a.statuses(None)?;
+
+    // VM names that would break the status table are refused at `vm add` (exit 2).
+    let launch = a.dir.join("config.toml").display().to_string();
+    for bad in ["two\nlines", &"n".repeat(4096), "bell\u{7}"] {
+        let out = a.cli(&[
+            "vm",
+            "add",
+            bad,
+            "--qmp",
+            "/nowhere.qmp",
+            "--launch",
+            &launch,
+        ])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("bad VM name"), "{stderr}");
+    }
+
+    // A second agent directory: an exposed key is refused, a taken port is named.
+    let dir = root.path().join("host-c");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(exe())
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
+            .output()
+    };
+    assert!(
+        run(&["init", "--name", "host-c", "--listen", &addr])?
+            .status
+            .success()
+    );
+    let key = dir.join("agent.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
+    let out = run(&["agent"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    let out = run(&["agent"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind {addr}: ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("connection to"), "{stderr}");
+    drop(taken);
+    Ok(())
+}
