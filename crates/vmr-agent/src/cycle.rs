@@ -145,6 +145,7 @@ pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
         crate::launch::work_dir(&host.dir, rec.uuid),
         crate::launch::tag(rec.uuid),
     );
+    cfg.nbd_socket = Some(crate::launch::nbd_socket(&host.dir, rec.uuid));
     cfg.expected_sizes = rec.disk_sizes().map(<[u64]>::to_vec);
     cfg
 }

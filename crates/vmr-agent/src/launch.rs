@@ -32,9 +32,35 @@ pub fn failover_dir(agent_dir: &Path, uuid: uuid::Uuid) -> PathBuf {
     agent_dir.join("fo").join(ident(uuid))
 }
 
-/// The NBD server socket the capture uses for a VM (the `{nbd}` placeholder).
+/// Longest Unix socket path (`sun_path` has 108 bytes with the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The NBD server socket the capture uses for a VM (the `{nbd}` placeholder):
+/// `work/<uuid>/vmr-<tag>-nbd.sock`. When that path exceeds [`MAX_SOCKET_PATH`] (an agent
+/// directory longer than 47 bytes), the directory part is shortened, never the identity:
+/// `<runtime>/vmreplica/<agent>/vmr-<uuid>.sock`, where `<runtime>` is `$XDG_RUNTIME_DIR`, or
+/// `/run` when the agent may write there (root), or the temp dir, and `<agent>` the first 16 hex digits of the BLAKE3 of
+/// the agent directory's path (two agents on one host never share it).
 pub fn nbd_socket(agent_dir: &Path, uuid: uuid::Uuid) -> PathBuf {
-    work_dir(agent_dir, uuid).join(format!("vmr-{}-nbd.sock", tag(uuid)))
+    let p = work_dir(agent_dir, uuid).join(format!("vmr-{}-nbd.sock", tag(uuid)));
+    if p.as_os_str().len() <= MAX_SOCKET_PATH {
+        return p;
+    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| {
+            if nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK).is_ok() {
+                PathBuf::from("/run")
+            } else {
+                std::env::temp_dir()
+            }
+        });
+    let agent = blake3::hash(agent_dir.as_os_str().as_encoded_bytes()).to_hex();
+    runtime
+        .join("vmreplica")
+        .join(&agent.as_str()[..16])
+        .join(format!("vmr-{}.sock", ident(uuid)))
 }
 
 /// `kvm` when /dev/kvm can be opened, `tcg` otherwise.
@@ -210,6 +236,23 @@ mod tests {
         let p = allowed_program("qemu-storage-daemon", &allowed, cfg).expect("on PATH");
         assert!(p.is_absolute() && p.is_file(), "{}", p.display());
         assert!(allowed_program("sh", &["s*".to_owned()], cfg).is_ok());
+    }
+
+    #[test]
+    fn a_too_long_socket_path_shortens_the_directory_not_the_identity() {
+        let u = uuid::Uuid::new_v4();
+        let fits = Path::new("/x").join("a".repeat(44));
+        assert_eq!(fits.as_os_str().len(), 47);
+        assert!(nbd_socket(&fits, u).starts_with(&fits));
+        let long = Path::new("/x").join("a".repeat(45));
+        let long2 = Path::new("/y").join("a".repeat(45));
+        let s = nbd_socket(&long, u);
+        assert!(!s.starts_with(&long), "{}", s.display());
+        assert!(s.as_os_str().len() <= MAX_SOCKET_PATH, "{}", s.display());
+        assert!(s.display().to_string().contains(&ident(u)));
+        assert_ne!(s, nbd_socket(&long2, u), "two agents share a socket");
+        let very = Path::new("/x").join("b".repeat(300));
+        assert!(nbd_socket(&very, u).as_os_str().len() <= MAX_SOCKET_PATH);
     }
 
     #[test]

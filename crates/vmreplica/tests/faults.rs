@@ -356,3 +356,20 @@ fn private_files_bounded_requests_and_clear_start_errors() -> TestResult {
     drop(taken);
     Ok(())
 }
+
+#[test]
+fn an_agent_dir_too_long_for_the_nbd_socket_still_replicates() -> TestResult {
+    let tmp = TestDir::temp("vmr-e2e-")?;
+    // work/<32 hex>/vmr-<8 hex>-nbd.sock under this directory exceeds 107 bytes.
+    let root = TestDir::given(&tmp.path().join("d".repeat(60)))?;
+    let p = Pair::in_dir(exe(), root)?;
+    let sock = nbd_socket(&p.a.dir, uuid::Uuid::nil());
+    assert!(!sock.starts_with(&p.a.dir) && sock.as_os_str().len() <= 107);
+    let vm = StandIn::create(p.root.path(), &p.a, "long1", &["disk0"], 16)?;
+    vm.write_random("disk0", 50, 1)?;
+    vm.register(&p.a)?;
+    p.enable("long1", &["--frequency", "5s"])?;
+    p.wait_cycle("long1", 2, LONG)?;
+    assert_equal_at_cut(&p, &vm)?;
+    Ok(())
+}

@@ -18,14 +18,34 @@ use super::{HarnessError, READY_TIMEOUT, Result, io_err, rt};
 use crate::proc::ChildGuard;
 
 /// The NBD socket a primary agent in `agent_dir` expects VM `uuid`'s QEMU to serve
-/// (`work/<uuid>/vmr-<tag>-nbd.sock`, uuid = all 32 hex digits, tag = the first 8): the
-/// agent's documented layout, restated here because the harness does not link the agent.
+/// (`work/<uuid>/vmr-<tag>-nbd.sock`, uuid = all 32 hex digits, tag = the first 8; when that
+/// exceeds 107 bytes, `<runtime>/vmreplica/<blake3(agent dir)[..16]>/vmr-<uuid>.sock`): the
+/// agent's documented layout (`vmr_agent::launch::nbd_socket`), restated here because the
+/// harness does not link the agent.
 pub fn nbd_socket(agent_dir: &Path, uuid: Uuid) -> PathBuf {
     let id = uuid.simple().to_string();
-    agent_dir
+    let p = agent_dir
         .join("work")
         .join(&id)
-        .join(format!("vmr-{}-nbd.sock", &id[..8]))
+        .join(format!("vmr-{}-nbd.sock", &id[..8]));
+    if p.as_os_str().len() <= 107 {
+        return p;
+    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| {
+            if nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK).is_ok() {
+                PathBuf::from("/run")
+            } else {
+                std::env::temp_dir()
+            }
+        });
+    let agent = blake3::hash(agent_dir.as_os_str().as_encoded_bytes()).to_hex();
+    runtime
+        .join("vmreplica")
+        .join(&agent.as_str()[..16])
+        .join(format!("vmr-{id}.sock"))
 }
 
 /// A disk of a stand-in VM.
