@@ -140,6 +140,19 @@ pub struct VmStatus {
     pub stats: ReplicationStats,
     /// Progress of a running cycle: bytes done, bytes total (if known).
     pub progress: Option<(u64, u64)>,
+    /// Replica VMs: the program `failover start`/`test` would run (the replicated
+    /// definition's), and whether this host's `allowed-programs` lets it run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_program: Option<FailoverProgram>,
+}
+
+/// The program a replica VM's failover would run ([`VmStatus::failover_program`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverProgram {
+    /// The program the replicated definition names.
+    pub program: String,
+    /// `None` when it may run; otherwise why it would be refused.
+    pub refused: Option<String>,
 }
 
 /// A request from the CLI to the local agent (one JSON line).

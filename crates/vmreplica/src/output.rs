@@ -196,6 +196,12 @@ fn print_measure(rows: &[VmStatus]) {
         println!("MaximumReplicationLatency : {} ms", s.max_latency_ms);
         println!("PendingReplicationSize    : {}", fmt_bytes(s.pending_bytes));
         println!("ReplicationErrors         : {}", s.errors);
+        if let Some(f) = &r.failover_program {
+            match &f.refused {
+                None => println!("FailoverProgram           : {} (allowed)", f.program),
+                Some(why) => println!("FailoverProgram           : {} (REFUSED: {why})", f.program),
+            }
+        }
         println!();
     }
 }

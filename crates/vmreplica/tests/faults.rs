@@ -137,6 +137,23 @@ fn the_replica_starts_only_programs_on_its_allow_list() -> TestResult {
         p.wait_cycle(vm.name(), 1, LONG)?;
     }
 
+    // The replica shows what a failover would run, and whether it may.
+    let st = p.b.status("evil")?;
+    let f = st.failover_program.expect("replica VM");
+    assert_eq!(f.program, "/bin/sh");
+    assert!(f.refused.is_some_and(|r| r.contains("allowed-programs")));
+    assert!(p.b.ok(&["measure", "evil"])?.contains("/bin/sh (REFUSED"));
+    let f = p.b.status("good")?.failover_program.expect("replica VM");
+    assert_eq!(
+        (f.program.as_str(), f.refused),
+        ("qemu-storage-daemon", None)
+    );
+    assert!(
+        p.b.ok(&["measure", "good"])?
+            .contains("qemu-storage-daemon (allowed)")
+    );
+    assert!(p.a.status("good")?.failover_program.is_none());
+
     for op in ["test", "start"] {
         let before = p.b.status("evil")?.state;
         let out =
