@@ -32,6 +32,16 @@ pub fn failover_dir(agent_dir: &Path, uuid: uuid::Uuid) -> PathBuf {
     agent_dir.join("fo").join(ident(uuid))
 }
 
+/// Where agents before issue 11 put a VM's NBD socket: `work/<tag>/vmr-<tag>-nbd.sock`. A VM
+/// whose QEMU still runs the NBD server such an agent started keeps using it (it cannot be
+/// started a second time elsewhere).
+pub fn legacy_nbd_socket(agent_dir: &Path, uuid: uuid::Uuid) -> PathBuf {
+    agent_dir
+        .join("work")
+        .join(tag(uuid))
+        .join(format!("vmr-{}-nbd.sock", tag(uuid)))
+}
+
 /// Longest Unix socket path (`sun_path` has 108 bytes with the terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 

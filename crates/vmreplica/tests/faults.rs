@@ -390,3 +390,24 @@ fn an_agent_dir_too_long_for_the_nbd_socket_still_replicates() -> TestResult {
     assert_equal_at_cut(&p, &vm)?;
     Ok(())
 }
+
+#[test]
+fn a_vm_whose_qemu_serves_nbd_at_the_old_path_keeps_replicating() -> TestResult {
+    let p = Pair::new(exe())?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "old1", &["disk0"], 16)?;
+    // As an agent before issue 11 left it: the NBD server in the VM's QEMU at
+    // work/<first 8 hex>/vmr-<first 8 hex>-nbd.sock (QEMU runs one NBD server only).
+    let tag = &vm.def.uuid.simple().to_string()[..8];
+    vm.nbd =
+        p.a.dir
+            .join("work")
+            .join(tag)
+            .join(format!("vmr-{tag}-nbd.sock"));
+    vm.start()?;
+    vm.write_random("disk0", 50, 1)?;
+    vm.register(&p.a)?;
+    p.enable("old1", &["--frequency", "5s"])?;
+    p.wait_cycle("old1", 2, LONG)?;
+    assert_equal_at_cut(&p, &vm)?;
+    Ok(())
+}
