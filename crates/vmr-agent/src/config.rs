@@ -24,8 +24,61 @@ pub fn load_config(dir: &Path) -> Result<AgentConfig, AgentError> {
             });
         }
     };
-    toml::from_str(&text).map_err(|source| AgentError::ConfigInvalid { path, source })
+    let cfg: AgentConfig = toml::from_str(&text).map_err(|source| AgentError::ConfigInvalid {
+        path: path.clone(),
+        source,
+    })?;
+    if cfg.max_concurrent_cycles == 0 {
+        return Err(AgentError::ConfigValue {
+            path,
+            key: "max-concurrent-cycles",
+            reason: "must be at least 1",
+        });
+    }
+    Ok(cfg)
 }
+
+/// Refuse a TLS key that group or others can read (or write): whoever reads it can act as
+/// this agent towards every peer that trusts it.
+pub fn check_key_mode(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(vmr_transport::KEY_FILE);
+    let mode = std::fs::metadata(&path)
+        .map_err(AgentError::io("reading the mode of", &path))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(AgentError::KeyExposed { path, mode });
+    }
+    Ok(())
+}
+
+/// A VM name as `vm add` accepts it: 1 to [`MAX_VM_NAME`] characters, none of them a control
+/// character (a newline would break the status table and the logs) or `/`.
+pub fn validate_vm_name(name: &str) -> Result<(), AgentError> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name.chars().count() > MAX_VM_NAME {
+        "it is longer than 64 characters"
+    } else if name.chars().any(char::is_control) {
+        "it contains a control character"
+    } else if name.contains('/') {
+        "it contains '/'"
+    } else if name.trim() != name {
+        "it starts or ends with white space"
+    } else {
+        return Ok(());
+    };
+    let shown: String = name.chars().take(MAX_VM_NAME).collect();
+    Err(AgentError::BadVmName {
+        name: shown,
+        reason,
+    })
+}
+
+/// Longest VM name (characters).
+pub const MAX_VM_NAME: usize = 64;
 
 /// Create the directory, config and identity; return the certificate fingerprint.
 pub fn create(
@@ -74,10 +127,11 @@ pub fn create(
         advertise: advertise.map(str::to_owned),
         storage: storage.display().to_string(),
         max_concurrent_cycles: 8,
+        allowed_programs: vmr_proto::api::default_allowed_programs(),
     };
     let text = toml::to_string_pretty(&cfg).map_err(AgentError::ConfigEncode)?;
     let path = dir.join(CONFIG_FILE);
-    std::fs::write(&path, text).map_err(AgentError::io("writing", &path))?;
+    vmr_durable::write_atomic_mode(&path, text.as_bytes(), 0o600)?;
     Ok(identity.fingerprint().to_owned())
 }
 
@@ -111,6 +165,75 @@ pub fn client_options(cfg: &AgentConfig) -> vmr_transport::ClientOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_writes_private_files_and_a_loadable_config() {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = dir.path().join("agent");
+        create(&d, "host-a", "127.0.0.1:9443", None).expect("init");
+        assert_eq!(mode(&d.join(CONFIG_FILE)), 0o600);
+        assert_eq!(mode(&d.join(vmr_transport::KEY_FILE)), 0o600);
+        let cfg = load_config(&d).expect("load");
+        assert_eq!(
+            cfg.allowed_programs,
+            vmr_proto::api::default_allowed_programs()
+        );
+        check_key_mode(&d).expect("0600 key");
+        for bad in [0o640, 0o604, 0o666] {
+            std::fs::set_permissions(
+                d.join(vmr_transport::KEY_FILE),
+                std::fs::Permissions::from_mode(bad),
+            )
+            .expect("chmod");
+            let e = check_key_mode(&d).expect_err("exposed key");
+            assert!(
+                e.to_string().contains(&format!("{bad:o}")) && e.to_string().contains("chmod 600"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_concurrent_cycles_is_a_config_error() {
+        let dir = tempfile::tempdir().expect("dir");
+        let text =
+            "name = \"a\"\nlisten = \"127.0.0.1:1\"\nstorage = \"/s\"\nmax-concurrent-cycles = 0\n";
+        std::fs::write(dir.path().join(CONFIG_FILE), text).expect("write");
+        let e = load_config(dir.path()).expect_err("0");
+        let text = e.to_string();
+        assert!(
+            text.contains("max-concurrent-cycles") && text.contains("config.toml"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn vm_names_are_validated() {
+        for ok in ["web1", "db server", "ünïcode-vm", &"x".repeat(64)] {
+            validate_vm_name(ok).expect(ok);
+        }
+        for bad in [
+            "",
+            "a\nb",
+            "tab\there",
+            "esc\u{1b}[31m",
+            "a/b",
+            " lead",
+            &"x".repeat(65),
+            &"y".repeat(4096),
+        ] {
+            let e = validate_vm_name(bad).expect_err(bad);
+            assert_eq!(e.exit_code(), crate::exit::USAGE, "{bad:?}");
+            // The message never carries the raw control characters or the whole name.
+            let text = e.to_string();
+            assert!(!text.contains('\n') && text.len() < 300, "{text}");
+        }
+    }
 
     #[test]
     fn advertise_is_validated_and_reported() {

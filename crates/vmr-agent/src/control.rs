@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{AllowEntry, Request, Response, VmStatus};
@@ -17,6 +17,37 @@ use crate::host::Host;
 use crate::vm::{Command, FailoverCmd, Registry, VmHandle};
 use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::record::{MachineSnapshot, VmRecord};
+
+/// Longest request line the control socket reads (1 MiB; a VM definition is a few KiB).
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+
+/// One request line read from the control socket.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line (without its newline; the last one may lack it).
+    Text(Vec<u8>),
+    /// More than `max` bytes without a newline: answered with an error, then the connection
+    /// is closed (what follows is the rest of that line).
+    TooLong,
+    /// End of input.
+    End,
+}
+
+/// Read one line of at most `max` bytes (the newline not counted) from `r`, never buffering
+/// more than `max + 1` bytes.
+async fn read_line(r: &mut (impl AsyncBufRead + Unpin), max: usize) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = r.take(max as u64 + 1).read_until(b'\n', &mut buf).await?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > max {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Text(buf))
+}
 
 /// What the control API serves from.
 pub struct Control {
@@ -46,9 +77,27 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
             let agent = agent.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let resp = match serde_json::from_str::<Request>(&line) {
+                let mut r = BufReader::new(r);
+                loop {
+                    let line = match read_line(&mut r, MAX_REQUEST_LINE).await {
+                        Ok(Line::Text(l)) => l,
+                        Ok(Line::TooLong) => {
+                            let resp = Response::Err {
+                                chain: vec![format!(
+                                    "bad request: the request line is longer than {} bytes",
+                                    MAX_REQUEST_LINE
+                                )],
+                                code: exit::USAGE,
+                            };
+                            if let Ok(mut out) = serde_json::to_string(&resp) {
+                                out.push('\n');
+                                let _ = w.write_all(out.as_bytes()).await;
+                            }
+                            break;
+                        }
+                        Ok(Line::End) | Err(_) => break,
+                    };
+                    let resp = match serde_json::from_slice::<Request>(&line) {
                         Ok(req) => match handle(&agent, req).await {
                             Ok(value) => Response::Ok { value },
                             Err(e) => to_response(&e),
@@ -104,9 +153,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             storage,
             trust_group,
         } => {
-            if !fingerprint.starts_with("SHA256:") || fingerprint.len() != 7 + 64 {
-                return Err(AgentError::BadFingerprint { fingerprint });
-            }
+            let fingerprint = normalize_fingerprint(&fingerprint)?;
             let storage = storage.unwrap_or_else(|| host.config.storage.clone());
             std::fs::create_dir_all(&storage)
                 .map_err(AgentError::io("creating storage", &storage))?;
@@ -115,6 +162,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 primary,
                 fingerprint,
                 storage,
+                revoked: false,
             };
             let msg = format!(
                 "primary {:?} authorized (trust group {:?})",
@@ -122,6 +170,31 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             );
             host.put_allow(entry)?;
             Ok(json!(msg))
+        }
+        Request::ServerDeny { primary } => {
+            let e = host.revoke_allow(&primary)?;
+            Ok(json!(format!(
+                "primary {:?} revoked: its certificate {} authorizes nothing from now on (the \
+                 entry and its storage {} stay; `server allow` restores it)",
+                e.primary, e.fingerprint, e.storage
+            )))
+        }
+        Request::ServerRemove { primary } => {
+            let vms: Vec<String> = all_status(agent)
+                .await?
+                .into_iter()
+                .filter(|s| {
+                    s.mode == vmr_proto::api::ReplicationMode::Replica && s.primary == primary
+                })
+                .map(|s| s.name)
+                .collect();
+            if !vms.is_empty() {
+                return Err(AgentError::AllowEntryInUse { primary, vms });
+            }
+            host.remove_allow(&primary)?;
+            Ok(json!(format!(
+                "authorization entry of primary {primary:?} removed"
+            )))
         }
         Request::ServerShow => Ok(json!({
             "name": host.config.name,
@@ -135,6 +208,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             launch_toml,
             disks,
         } => {
+            crate::config::validate_vm_name(&name)?;
             let def = VmDefinition::from_toml(&launch_toml).map_err(AgentError::BadDefinition)?;
             if def.name != name {
                 return Err(AgentError::DefinitionName {
@@ -264,6 +338,34 @@ async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> Result<Value
     to_value(r)
 }
 
+/// A certificate fingerprint as `server allow` takes it: 64 hex digits, upper or lower case,
+/// optionally `:`-separated in pairs (as `openssl x509 -fingerprint -sha256` prints them), with
+/// or without the `SHA256:` prefix; normalised to `SHA256:<64 lower-case hex>`, the form the
+/// agent compares.
+pub fn normalize_fingerprint(given: &str) -> Result<String, AgentError> {
+    let bad = || AgentError::BadFingerprint {
+        fingerprint: given.to_owned(),
+    };
+    let s = given.trim();
+    let hex = match s.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("sha256:") => &s[7..],
+        _ => s,
+    };
+    let hex: String = if hex.contains(':') {
+        let pairs: Vec<&str> = hex.split(':').collect();
+        if pairs.iter().any(|p| p.len() != 2) {
+            return Err(bad());
+        }
+        pairs.concat()
+    } else {
+        hex.to_owned()
+    };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok(format!("SHA256:{}", hex.to_ascii_lowercase()))
+}
+
 /// Status rows of every VM on this host.
 pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
     let mut out = Vec::new();
@@ -271,4 +373,71 @@ pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
         out.push(h.ask(Command::Status).await?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn request_lines_are_bounded() {
+        let input = b"{\"op\":\"vm-list\"}\nlast".to_vec();
+        let mut r = BufReader::new(&input[..]);
+        assert_eq!(
+            read_line(&mut r, 64).await.expect("read"),
+            Line::Text(b"{\"op\":\"vm-list\"}".to_vec())
+        );
+        assert_eq!(
+            read_line(&mut r, 64).await.expect("read"),
+            Line::Text(b"last".to_vec())
+        );
+        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::End);
+        // Exactly max bytes is a line; one more without a newline is refused.
+        let mut fits = vec![b'x'; 64];
+        fits.push(b'\n');
+        let mut r = BufReader::new(&fits[..]);
+        assert!(
+            matches!(read_line(&mut r, 64).await.expect("read"), Line::Text(l) if l.len() == 64)
+        );
+        let long = vec![b'x'; 10_000];
+        let mut r = BufReader::new(&long[..]);
+        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::TooLong);
+    }
+
+    #[test]
+    fn fingerprints_are_normalised_or_refused() {
+        let hex = "0123456789abcdef".repeat(4);
+        let want = format!("SHA256:{hex}");
+        let upper = hex.to_ascii_uppercase();
+        let colons = upper
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        for ok in [
+            want.clone(),
+            format!("sha256:{upper}"),
+            upper.clone(),
+            format!("SHA256:{colons}"),
+            colons.clone(),
+            format!("  {want}\n"),
+        ] {
+            assert_eq!(normalize_fingerprint(&ok).expect(&ok), want, "{ok}");
+        }
+        for bad in [
+            String::new(),
+            "SHA256:".to_owned(),
+            format!("SHA256:{}", &hex[..63]),
+            format!("SHA256:{hex}0"),
+            format!("SHA256:{}g", &hex[..63]),
+            format!("SHA1:{hex}"),
+            format!("{}:{}", &hex[..3], &hex[3..]),
+            "SHA256:xyz".to_owned(),
+        ] {
+            let e = normalize_fingerprint(&bad).expect_err(&bad);
+            assert!(matches!(e, AgentError::BadFingerprint { .. }), "{bad}");
+            assert_eq!(e.exit_code(), exit::USAGE);
+        }
+    }
 }

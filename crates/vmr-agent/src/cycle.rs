@@ -129,6 +129,31 @@ pub async fn connect(host: &Host, args: &EnableArgs) -> Result<Client, Transport
     .await
 }
 
+/// The NBD socket of a primary VM's capture: the one `launch::nbd_socket` names, or, after an
+/// upgrade from an agent that named work directories by the UUID's first 8 hex digits, the
+/// NBD server that agent started in the VM's QEMU (`work/<tag>/vmr-<tag>-nbd.sock`) while it
+/// answers and the new one does not, unless another VM registered here shares the tag (then
+/// that server may be the other VM's).
+fn nbd_socket_of(host: &Host, rec: &VmRecord) -> std::path::PathBuf {
+    use std::os::unix::net::UnixStream;
+    let new = crate::launch::nbd_socket(&host.dir, rec.uuid);
+    let legacy = crate::launch::legacy_nbd_socket(&host.dir, rec.uuid);
+    if UnixStream::connect(&new).is_ok() || UnixStream::connect(&legacy).is_err() {
+        return new;
+    }
+    let tag = crate::launch::tag(rec.uuid);
+    let shared = host.load_vms().map_or(true, |vms| {
+        vms.iter()
+            .any(|v| v.uuid != rec.uuid && crate::launch::tag(v.uuid) == tag)
+    });
+    if shared {
+        tracing::warn!(vm = %rec.name, socket = %legacy.display(), "an NBD server answers at the old socket path, which another VM's tag shares; not using it");
+        return new;
+    }
+    tracing::info!(vm = %rec.name, socket = %legacy.display(), "using the NBD server an older agent started");
+    legacy
+}
+
 /// The capture configuration of a primary VM.
 pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
     let excluded: &[String] = rec
@@ -145,6 +170,7 @@ pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
         crate::launch::work_dir(&host.dir, rec.uuid),
         crate::launch::tag(rec.uuid),
     );
+    cfg.nbd_socket = Some(nbd_socket_of(host, rec));
     cfg.expected_sizes = rec.disk_sizes().map(<[u64]>::to_vec);
     cfg
 }

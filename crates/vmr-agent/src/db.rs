@@ -24,6 +24,15 @@ pub enum DbError {
         #[source]
         source: rusqlite::Error,
     },
+    /// Creating the file or setting its mode failed.
+    #[error("state database {path}: {source}")]
+    Io {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A newer (or unknown) schema.
     #[error("{path} has schema version {found}; this vmreplica understands up to {SCHEMA_VERSION}")]
     Schema {
@@ -74,6 +83,28 @@ impl Db {
             path: path.to_path_buf(),
             source,
         };
+        // Mode 0600: the file holds the authorization entries and every VM's definition.
+        // SQLite gives its -wal and -shm files the database file's mode.
+        let io = |source| DbError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(io)?;
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
         let conn = Connection::open(path).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
@@ -83,11 +114,24 @@ impl Db {
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS allow (
                  primary_name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,
-                 storage TEXT NOT NULL, trust_group TEXT NOT NULL);
+                 storage TEXT NOT NULL, trust_group TEXT NOT NULL,
+                 revoked INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS vms (
                  name TEXT PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, record TEXT NOT NULL);",
         )
         .map_err(sql)?;
+        // `revoked` came after schema 2's first release; older files gain it (default 0).
+        let has_revoked: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('allow') WHERE name = 'revoked'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
+        if has_revoked == 0 {
+            conn.execute_batch("ALTER TABLE allow ADD COLUMN revoked INTEGER NOT NULL DEFAULT 0")
+                .map_err(sql)?;
+        }
         let mut db = Self {
             conn,
             path: path.to_path_buf(),
@@ -164,19 +208,28 @@ impl Db {
     /// Add or replace an authorization entry.
     pub fn put_allow(&self, e: &AllowEntry) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT INTO allow (primary_name, fingerprint, storage, trust_group) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(primary_name) DO UPDATE SET fingerprint = ?2, storage = ?3, trust_group = ?4",
-            params![e.primary, e.fingerprint, e.storage, e.trust_group],
+            "INSERT INTO allow (primary_name, fingerprint, storage, trust_group, revoked) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(primary_name) DO UPDATE SET fingerprint = ?2, storage = ?3, trust_group = ?4, revoked = ?5",
+            params![e.primary, e.fingerprint, e.storage, e.trust_group, e.revoked],
         )
         .map_err(|e| self.sql(e))?;
         Ok(())
+    }
+
+    /// Delete the authorization entry of `primary`; whether there was one.
+    pub fn remove_allow(&self, primary: &str) -> Result<bool, DbError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM allow WHERE primary_name = ?1", [primary])
+            .map_err(|e| self.sql(e))?;
+        Ok(n > 0)
     }
 
     /// All authorization entries.
     pub fn allowed(&self) -> Result<Vec<AllowEntry>, DbError> {
         let mut st = self
             .conn
-            .prepare("SELECT primary_name, fingerprint, storage, trust_group FROM allow ORDER BY primary_name")
+            .prepare("SELECT primary_name, fingerprint, storage, trust_group, revoked FROM allow ORDER BY primary_name")
             .map_err(|e| self.sql(e))?;
         let rows = st
             .query_map([], |r| {
@@ -185,6 +238,7 @@ impl Db {
                     fingerprint: r.get(1)?,
                     storage: r.get(2)?,
                     trust_group: r.get(3)?,
+                    revoked: r.get(4)?,
                 })
             })
             .map_err(|e| self.sql(e))?;
@@ -273,12 +327,58 @@ mod tests {
                 fingerprint: "SHA256:00".into(),
                 storage: "/s".into(),
                 trust_group: "g".into(),
+                revoked: false,
             })
             .expect("allow");
         }
         let db = Db::open(&path).expect("reopen");
         assert_eq!(db.vms().expect("vms"), vec![rec]);
         assert_eq!(db.allowed().expect("allowed").len(), 1);
+        let mut e = db.allowed().expect("allowed").remove(0);
+        e.revoked = true;
+        db.put_allow(&e).expect("revoke");
+        assert!(db.allowed().expect("allowed")[0].revoked);
+        assert!(db.remove_allow("a").expect("remove"));
+        assert!(!db.remove_allow("a").expect("remove again"));
+        assert!(db.allowed().expect("allowed").is_empty());
+    }
+
+    #[test]
+    fn the_file_is_private_and_a_corrupt_one_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        drop(Db::open(&path).expect("open"));
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        // An existing world-readable one is tightened.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        drop(Db::open(&path).expect("reopen"));
+        assert_eq!(mode(&path), 0o600);
+        // Garbage: the error names the file.
+        let bad = dir.path().join("bad.db");
+        std::fs::write(&bad, vec![0x5a; 8192]).expect("write");
+        let e = Db::open(&bad).err().expect("corrupt");
+        assert!(e.to_string().contains(&*bad.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn an_allow_table_without_revoked_gains_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE allow (primary_name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,
+                     storage TEXT NOT NULL, trust_group TEXT NOT NULL);
+                 INSERT INTO allow VALUES ('a', 'SHA256:00', '/s', 'g');",
+            )
+            .expect("old table");
+        }
+        let db = Db::open(&path).expect("open");
+        let all = db.allowed().expect("allowed");
+        assert_eq!(all.len(), 1);
+        assert!(!all[0].revoked);
     }
 
     #[test]

@@ -81,7 +81,37 @@ pub enum AgentError {
         id: Option<Uuid>,
     },
 
+    /// `server deny`/`server remove` of a primary without an authorization entry.
+    #[error("no authorization entry for primary {primary:?} (see `vmreplica server show`)")]
+    UnknownAllowEntry {
+        /// The primary's name.
+        primary: String,
+    },
+
     // ------------------------------------------------------------ invalid state (5)
+    /// `server allow` with a fingerprint another primary's entry holds.
+    #[error(
+        "fingerprint {fingerprint} is already authorized for primary {primary:?}; one \
+         certificate authorizes one primary (`server remove --primary {primary}` first)"
+    )]
+    DuplicateFingerprint {
+        /// The fingerprint (normalised).
+        fingerprint: String,
+        /// The primary whose entry holds it.
+        primary: String,
+    },
+    /// `server remove` while replica VMs of that primary are registered.
+    #[error(
+        "replica VMs of primary {primary:?} are registered here ({}); their storage is the \
+         entry's: revoke it with `server deny --primary {primary}` instead",
+        .vms.join(", ")
+    )]
+    AllowEntryInUse {
+        /// The primary's name.
+        primary: String,
+        /// Its replica VMs on this host.
+        vms: Vec<String>,
+    },
     /// The VM's decision machine refused the operation.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -263,6 +293,14 @@ pub enum AgentError {
         /// The disk id.
         disk: String,
     },
+    /// `vm add` with an unusable VM name.
+    #[error("bad VM name {name:?}: {reason} (1 to 64 printable characters, no '/')")]
+    BadVmName {
+        /// The name (its first 64 characters).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// `init` with an unusable agent name.
     #[error("bad agent name {name:?}")]
     BadAgentName {
@@ -311,6 +349,28 @@ pub enum AgentError {
         /// The cause.
         source: toml::de::Error,
     },
+    /// A config value is out of range.
+    #[error("{}: `{key}` {reason}", .path.display())]
+    ConfigValue {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The TLS key is readable or writable by group or others.
+    #[error(
+        "{} has mode {mode:o}: group or others can read the agent's private key; `chmod 600 {}` \
+         (and replace the identity if others may have read it)",
+        .path.display(), .path.display()
+    )]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The config cannot be encoded.
     #[error("encoding the agent config")]
     ConfigEncode(#[source] toml::ser::Error),
@@ -321,6 +381,17 @@ pub enum AgentError {
         listen: String,
         /// The cause.
         source: std::net::AddrParseError,
+    },
+    /// Another agent holds the agent directory's lock (`DIR/agent.lock`).
+    #[error(
+        "another vmreplica agent{} already serves {}; stop it first (its lock is {}/agent.lock)",
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(), .dir.display(), .dir.display()
+    )]
+    AgentRunning {
+        /// The agent directory.
+        dir: PathBuf,
+        /// The running agent's pid, as its lock file names it.
+        pid: Option<u32>,
     },
     /// Another agent serves the control socket.
     #[error("another agent is already serving {}", .path.display())]
@@ -413,9 +484,17 @@ pub enum AgentError {
         name: String,
     },
     /// Binding the replication listener failed.
-    #[error("binding the replication listener {addr}")]
+    #[error("cannot bind {addr}: {err}")]
     BindListener {
-        /// The primary agent's address.
+        /// The listen address.
+        addr: std::net::SocketAddr,
+        /// The reason.
+        err: std::io::Error,
+    },
+    /// Setting up the replication listener failed (other than binding).
+    #[error("setting up the replication listener {addr}")]
+    ListenerSetup {
+        /// The listen address.
         addr: std::net::SocketAddr,
         /// The cause.
         source: TransportError,
@@ -468,6 +547,29 @@ pub enum AgentError {
     /// Failover: the VM command cannot be built.
     #[error("building the VM command from the replicated definition")]
     LaunchCommand(#[source] Box<AgentError>),
+    /// Failover: the replicated definition names a program this host does not allow.
+    #[error(
+        "the replicated definition's program {program:?} is not allowed on this host: its file \
+         name matches none of `allowed-programs` = {allowed:?} in {}",
+        .config.display()
+    )]
+    ProgramNotAllowed {
+        /// The program the definition names.
+        program: String,
+        /// The allowed patterns.
+        allowed: Vec<String>,
+        /// The config file holding them.
+        config: PathBuf,
+    },
+    /// Failover: the allowed program does not exist.
+    #[error(
+        "the replicated definition's program {program:?} cannot be found (an absolute path \
+         that exists, or a name on the agent's PATH)"
+    )]
+    ProgramNotFound {
+        /// The program the definition names.
+        program: String,
+    },
     /// Failover: the VM program cannot be started.
     #[error("starting {program}")]
     SpawnVm {
@@ -558,8 +660,10 @@ impl AgentError {
     pub fn exit_code(&self) -> i32 {
         use AgentError::*;
         match self {
-            UnknownVm { .. } | NoTestCopy { .. } => exit::NOT_FOUND,
+            UnknownVm { .. } | NoTestCopy { .. } | UnknownAllowEntry { .. } => exit::NOT_FOUND,
             Refused(_)
+            | DuplicateFingerprint { .. }
+            | AllowEntryInUse { .. }
             | OnReplica { .. }
             | OnPrimary { .. }
             | ResyncOnReplica { .. }
@@ -583,6 +687,7 @@ impl AgentError {
             | DefinitionName { .. }
             | DiskNotInDefinition { .. }
             | BadAgentName { .. }
+            | BadVmName { .. }
             | BadListen { .. }
             | BadAdvertise { .. }
             | OldPrimaryAddressUnknown
@@ -590,8 +695,10 @@ impl AgentError {
             ConfigUnreadable { .. }
             | ConfigInvalid { .. }
             | ConfigEncode(_)
+            | ConfigValue { .. }
+            | KeyExposed { .. }
+            | ListenerSetup { .. }
             | ListenAddress { .. }
-            | ControlSocketBusy { .. }
             | Io { .. }
             | System { .. }
             | Json { .. }
@@ -616,6 +723,8 @@ impl AgentError {
             | QmpUnreachable { .. }
             | QueryStatus(_)
             | LaunchCommand(_)
+            | ProgramNotAllowed { .. }
+            | ProgramNotFound { .. }
             | SpawnVm { .. }
             | VmExited { .. }
             | QmpTimeout { .. }
@@ -628,6 +737,17 @@ impl AgentError {
             | Import { .. }
             | ImportImages { .. }
             | Task(_) => exit::FAILURE,
+            AgentRunning { .. } | ControlSocketBusy { .. } => exit::AGENT_RUNNING,
+        }
+    }
+
+    /// A failure of the replication listener's `bind`: "cannot bind ADDR: reason".
+    pub fn bind(addr: std::net::SocketAddr, e: TransportError) -> AgentError {
+        match e {
+            TransportError::Connect { source, .. } => {
+                AgentError::BindListener { addr, err: source }
+            }
+            source => AgentError::ListenerSetup { addr, source },
         }
     }
 

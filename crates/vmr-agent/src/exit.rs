@@ -13,3 +13,5 @@ pub const NO_AGENT: i32 = 3;
 pub const NOT_FOUND: i32 = 4;
 /// The operation is not allowed in the current state.
 pub const INVALID_STATE: i32 = 5;
+/// Another agent already serves this agent directory (`vmreplica agent`).
+pub const AGENT_RUNNING: i32 = 6;

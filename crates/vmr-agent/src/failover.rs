@@ -132,10 +132,11 @@ async fn kill_vm(vm: &mut Vm, f: &FailoverVm) {
 async fn launch_vm(
     vm: &mut Vm,
     def: &VmDefinition,
+    program: &Path,
     disks: &[(String, PathBuf)],
     dest: &Path,
     test: bool,
-) -> Result<(u32, PathBuf), AgentError> {
+) -> Result<(u32, PathBuf, String), AgentError> {
     let qmp = dest.join("qmp.sock");
     let nbd = if test {
         dest.join("nbd.sock")
@@ -147,6 +148,7 @@ async fn launch_vm(
     }
     let mut cmd = crate::launch::command(
         def,
+        program,
         &|n| {
             disks
                 .iter()
@@ -164,6 +166,8 @@ async fn launch_vm(
     if paused {
         cmd.arg("-S");
     }
+    let line = crate::launch::display_command(&cmd);
+    tracing::info!(vm = %def.name, command = %line, "starting the VM");
     // Its own process group: a signal to the agent does not reach the VM.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|source| AgentError::SpawnVm {
@@ -228,7 +232,7 @@ async fn launch_vm(
         return Err(e);
     }
     vm.children.insert(pid, child);
-    Ok((pid, qmp))
+    Ok((pid, qmp, line))
 }
 
 // ------------------------------------------------------------------ replica side
@@ -288,6 +292,19 @@ pub async fn start(
         has_point,
     )
     .map_err(AgentError::Refused)?;
+    // The definition and its program are checked before anything changes: a program this
+    // host does not allow is refused here, whoever registered the VM.
+    let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
+        .map_err(AgentError::ReplicatedDefinition)?;
+    let program = if no_start {
+        None
+    } else {
+        Some(crate::launch::allowed_program(
+            &def.program,
+            &vm.host.config.allowed_programs,
+            &vm.host.dir.join(crate::config::CONFIG_FILE),
+        )?)
+    };
     let mut fr = vm.failover()?;
     if !test && !force {
         split_brain_guard(&vm.host, &rec, &fr).await?;
@@ -301,17 +318,21 @@ pub async fn start(
     };
     side.step(vm, ev).map_err(AgentError::Refused)?;
     let made = async {
-        let slot = if test {
-            format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+        let fo = crate::launch::failover_dir(&vm.host.dir, rec.uuid);
+        let dest = if test {
+            // A fresh slot: an existing test copy's directory is never reused.
+            loop {
+                let d = fo.join(format!(
+                    "t{}",
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                ));
+                if !d.exists() {
+                    break d;
+                }
+            }
         } else {
-            "live".to_owned()
+            fo.join("live")
         };
-        let dest = vm
-            .host
-            .dir
-            .join("fo")
-            .join(crate::launch::tag(rec.uuid))
-            .join(slot);
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(AgentError::io("removing", &dest))?;
         }
@@ -319,8 +340,6 @@ pub async fn start(
             .create_view(rec.uuid, point, &dest)
             .await
             .map_err(AgentError::CreateOverlays)?;
-        let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
-            .map_err(AgentError::ReplicatedDefinition)?;
         if test {
             def.name = format!("{}-test", def.name);
         }
@@ -337,11 +356,13 @@ pub async fn start(
             pid: None,
             test,
         };
-        if !no_start {
-            match launch_vm(vm, &def, &view.disks, &dest, test).await {
-                Ok((pid, qmp)) => {
+        let mut line = None;
+        if let Some(program) = &program {
+            match launch_vm(vm, &def, program, &view.disks, &dest, test).await {
+                Ok((pid, qmp, l)) => {
                     f.pid = Some(pid);
                     f.qmp = Some(qmp.display().to_string());
+                    line = Some(l);
                 }
                 Err(e) => {
                     let _ = store.remove_view(rec.uuid, view.id);
@@ -349,10 +370,10 @@ pub async fn start(
                 }
             }
         }
-        Ok::<_, AgentError>(f)
+        Ok::<_, AgentError>((f, line))
     }
     .await;
-    let f = match made {
+    let (f, line) = match made {
         Ok(f) => f,
         Err(e) => {
             if !test {
@@ -383,10 +404,11 @@ pub async fn start(
         (false, false) => format!("VM {:?} started", f.name),
     };
     let msg = format!(
-        "{what} from recovery point {}{}; state {}",
+        "{what} from recovery point {}{}; state {}{}",
         f.point,
         if planned && !test { " (planned)" } else { "" },
-        side.machine().state()
+        side.machine().state(),
+        line.map(|l| format!("\nruns: {l}")).unwrap_or_default()
     );
     tracing::info!(vm = %name, point = f.point, test, "failover: {msg}");
     Ok(result(name, side.machine().state(), Some(&f), t0, msg))

@@ -47,9 +47,8 @@ impl Host {
         let allow = db.allowed()?;
         Ok(Host {
             dir,
-            cycle_slots: Arc::new(tokio::sync::Semaphore::new(
-                config.max_concurrent_cycles.max(1),
-            )),
+            // At least 1: `load_config` refuses 0.
+            cycle_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_cycles)),
             config,
             identity,
             db: Mutex::new(db),
@@ -75,8 +74,19 @@ impl Host {
         Ok(self.db().vms()?)
     }
 
-    /// Add or replace an authorization entry (database first, then the in-memory copy).
+    /// Add or replace an authorization entry (database first, then the in-memory copy); a
+    /// fingerprint another primary's entry holds is refused.
     pub fn put_allow(&self, entry: AllowEntry) -> Result<(), AgentError> {
+        if let Some(other) = self
+            .allowed()
+            .into_iter()
+            .find(|e| e.fingerprint == entry.fingerprint && e.primary != entry.primary)
+        {
+            return Err(AgentError::DuplicateFingerprint {
+                fingerprint: entry.fingerprint,
+                primary: other.primary,
+            });
+        }
         self.db().put_allow(&entry)?;
         let mut allow = self.allow.write().unwrap_or_else(|p| p.into_inner());
         allow.retain(|e| e.primary != entry.primary);
@@ -85,18 +95,48 @@ impl Host {
         Ok(())
     }
 
+    /// Revoke the entry of `primary` (`server deny`): from now on its fingerprint authorizes
+    /// nothing, also on connections already open; the entry (its storage) stays.
+    pub fn revoke_allow(&self, primary: &str) -> Result<AllowEntry, AgentError> {
+        let mut entry = self
+            .allowed()
+            .into_iter()
+            .find(|e| e.primary == primary)
+            .ok_or_else(|| AgentError::UnknownAllowEntry {
+                primary: primary.to_owned(),
+            })?;
+        entry.revoked = true;
+        self.put_allow(entry.clone())?;
+        Ok(entry)
+    }
+
+    /// Delete the entry of `primary` (`server remove`; the caller checks that no replica VM
+    /// needs it).
+    pub fn remove_allow(&self, primary: &str) -> Result<(), AgentError> {
+        if !self.db().remove_allow(primary)? {
+            return Err(AgentError::UnknownAllowEntry {
+                primary: primary.to_owned(),
+            });
+        }
+        self.allow
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|e| e.primary != primary);
+        Ok(())
+    }
+
     /// All authorization entries.
     pub fn allowed(&self) -> Vec<AllowEntry> {
         self.allow.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The authorization entry for a certificate fingerprint.
+    /// The authorization entry for a certificate fingerprint (never a revoked one).
     pub fn allow_entry(&self, fingerprint: &str) -> Option<AllowEntry> {
         self.allow
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .find(|e| e.fingerprint == fingerprint)
+            .find(|e| e.fingerprint == fingerprint && !e.revoked)
             .cloned()
     }
 

@@ -6,7 +6,7 @@
 //! `vmr-core`'s machines; this crate carries them out.
 //!
 //! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
-//! `errors` → `config`, `launch`, `host` → `owned`, `cycle` → `resync`, `export` → `replica`
+//! `errors` → `config`, `launch`, `lock`, `host` → `owned`, `cycle` → `resync`, `export` → `replica`
 //! → `primary` → `failover` → `vm` → `server`, `control` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
@@ -22,6 +22,7 @@ mod export;
 mod failover;
 mod host;
 pub mod launch;
+mod lock;
 mod owned;
 mod primary;
 mod replica;
@@ -41,6 +42,13 @@ use crate::vm::{Command, Registry};
 
 /// Run the agent until SIGINT/SIGTERM.
 pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {
+    // Before anything else (recovery, state.db, binding): one agent per directory. A missing
+    // directory is reported by the config loader below ("run `vmreplica init` first").
+    let _lock = if dir.is_dir() {
+        Some(lock::DirLock::acquire(dir)?)
+    } else {
+        None
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMREPLICA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: journald and log files get plain text.
@@ -69,6 +77,7 @@ pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {
 async fn run(dir: &Path) -> Result<(), AgentError> {
     let dir = std::path::absolute(dir).map_err(AgentError::io("resolving", dir))?;
     let config = load_config(&dir)?;
+    config::check_key_mode(&dir)?;
     let identity = vmr_transport::Identity::load(&dir).map_err(|source| AgentError::Identity {
         doing: "loading",
         source,

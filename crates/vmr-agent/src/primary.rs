@@ -497,6 +497,7 @@ impl PrimarySide {
             last_cycle: m.last_cycle(),
             stats,
             progress,
+            failover_program: None,
         }
     }
 }
@@ -551,5 +552,6 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         last_cycle: snap.last_cycle,
         stats: snap.stats,
         progress: None,
+        failover_program: None,
     }
 }

@@ -300,6 +300,18 @@ impl ReplicaSide {
             last_cycle: m.last_cycle(),
             stats: m.stats().clone(),
             progress: None,
+            failover_program: vmr_proto::VmDefinition::from_toml(&rec.launch_toml)
+                .ok()
+                .map(|def| vmr_proto::api::FailoverProgram {
+                    refused: crate::launch::allowed_program(
+                        &def.program,
+                        &vm.host.config.allowed_programs,
+                        &vm.host.dir.join(crate::config::CONFIG_FILE),
+                    )
+                    .err()
+                    .map(|e| e.to_string()),
+                    program: def.program,
+                }),
         }
     }
 }

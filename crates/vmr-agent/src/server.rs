@@ -61,7 +61,7 @@ pub async fn start(host: &Arc<Host>, vms: &Arc<Registry>) -> Result<SocketAddr, 
         }),
     )
     .await
-    .map_err(|source| AgentError::BindListener { addr, source })?;
+    .map_err(|e| AgentError::bind(addr, e))?;
     let local = server.local_addr();
     let shutdown = host.shutdown.clone();
     tokio::spawn(async move {

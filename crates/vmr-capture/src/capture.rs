@@ -34,6 +34,10 @@ pub struct CaptureConfig {
     pub work_dir: PathBuf,
     /// Short id making QEMU names unique per VM (1-16 of `[A-Za-z0-9_]`).
     pub tag: String,
+    /// The NBD server socket, when not the default `work_dir/vmr-<tag>-nbd.sock` (e.g. a
+    /// shorter path when that one exceeds a Unix socket path's 107 bytes); its directory is
+    /// created like the work dir.
+    pub nbd_socket: Option<PathBuf>,
     /// Disk sizes at the last committed cycle (from the agent's state); `None` = unknown
     /// (never replicated). `Some` also means replication was running, so missing bitmaps are
     /// reported as lost tracking rather than "not started".
@@ -57,6 +61,7 @@ impl CaptureConfig {
             disks,
             work_dir,
             tag: tag.into(),
+            nbd_socket: None,
             expected_sizes: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             qmp_timeout: Duration::from_secs(30),
@@ -148,7 +153,19 @@ impl VmCapture {
             path: cfg.work_dir.display().to_string(),
             source,
         })?;
-        let nbd_socket = names.nbd_socket(&cfg.work_dir);
+        let nbd_socket = match &cfg.nbd_socket {
+            Some(s) => {
+                if let Some(parent) = s.parent() {
+                    std::fs::create_dir_all(parent).map_err(|source| CaptureError::Io {
+                        what: "cannot create the NBD socket's directory",
+                        path: parent.display().to_string(),
+                        source,
+                    })?;
+                }
+                s.clone()
+            }
+            None => names.nbd_socket(&cfg.work_dir),
+        };
         if nbd_socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(CaptureError::Config(format!(
                 "work dir path too long for a unix socket: {}",

@@ -140,6 +140,19 @@ pub struct VmStatus {
     pub stats: ReplicationStats,
     /// Progress of a running cycle: bytes done, bytes total (if known).
     pub progress: Option<(u64, u64)>,
+    /// Replica VMs: the program `failover start`/`test` would run (the replicated
+    /// definition's), and whether this host's `allowed-programs` lets it run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_program: Option<FailoverProgram>,
+}
+
+/// The program a replica VM's failover would run ([`VmStatus::failover_program`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverProgram {
+    /// The program the replicated definition names.
+    pub program: String,
+    /// `None` when it may run; otherwise why it would be refused.
+    pub refused: Option<String>,
 }
 
 /// A request from the CLI to the local agent (one JSON line).
@@ -156,6 +169,17 @@ pub enum Request {
         storage: Option<String>,
         /// Trust group.
         trust_group: Option<String>,
+    },
+    /// Revoke an authorization entry (`server deny`): kept, but authorizing nothing.
+    ServerDeny {
+        /// Primary's name.
+        primary: String,
+    },
+    /// Delete an authorization entry (`server remove`); refused while replica VMs of that
+    /// primary are registered.
+    ServerRemove {
+        /// Primary's name.
+        primary: String,
     },
     /// Show the replica server configuration.
     ServerShow,
@@ -552,6 +576,11 @@ pub struct AllowEntry {
     pub storage: String,
     /// Trust group (defaults to the primary's name).
     pub trust_group: String,
+    /// Revoked (`server deny`): the fingerprint authorizes nothing; the entry stays so that
+    /// the primary's replica VMs keep their storage (failover, recovery). `server allow`
+    /// restores it.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// Agent-to-agent control request: the primary asks the replica to create the replica VM.
@@ -630,10 +659,21 @@ pub struct AgentConfig {
     /// How many VMs may run a cycle at the same time.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_cycles: usize,
+    /// The programs this agent may start for a failed-over or test VM, as patterns on the
+    /// program's file name (`*` matches any run of characters). A replicated definition naming
+    /// any other program is refused.
+    #[serde(default = "default_allowed_programs")]
+    pub allowed_programs: Vec<String>,
 }
 
 fn default_concurrency() -> usize {
     8
+}
+
+/// The default of [`AgentConfig::allowed_programs`]: QEMU's system emulators and
+/// `qemu-storage-daemon`.
+pub fn default_allowed_programs() -> Vec<String> {
+    vec!["qemu-system-*".to_owned(), "qemu-storage-daemon".to_owned()]
 }
 
 #[cfg(test)]

@@ -68,8 +68,17 @@ impl VmDefinition {
     /// Check names, disks and placeholders.
     pub fn validate(&self) -> Result<(), VmDefinitionError> {
         let bad = |m: String| Err(VmDefinitionError::Invalid(m));
-        if self.name.is_empty() || self.name.contains('/') {
-            return bad(format!("bad VM name {:?}", self.name));
+        // Also what a replica accepts from a primary: 1 to 64 characters, no control
+        // character (a newline would break the status table and the logs), no '/'.
+        if self.name.is_empty()
+            || self.name.contains('/')
+            || self.name.chars().count() > 64
+            || self.name.chars().any(char::is_control)
+        {
+            let shown: String = self.name.chars().take(64).collect();
+            return bad(format!(
+                "bad VM name {shown:?} (1 to 64 characters, no control characters or '/')"
+            ));
         }
         if self.program.is_empty() {
             return bad("program is empty".into());
@@ -178,6 +187,19 @@ path = "/var/lib/vm/web1.qcow2"
             VmDefinition::from_toml(&bad),
             Err(VmDefinitionError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn rejects_names_that_break_tables() {
+        for name in ["a\nb", "esc\u{1b}", &"n".repeat(65)] {
+            let mut d = VmDefinition::from_toml(QSD).expect("valid");
+            d.name = name.to_owned();
+            let e = d.validate().expect_err(name);
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        let mut d = VmDefinition::from_toml(QSD).expect("valid");
+        d.name = "n".repeat(64);
+        d.validate().expect("64 characters");
     }
 
     #[test]

@@ -430,9 +430,21 @@ async fn serve_conn<H: Handler>(
         Some(_) => None,
         None => Some(c.limits.unauthorized_linger),
     };
-    let peer = Arc::new(peer);
+    // Authorized again for every request, so that a revoked entry (`server deny`) stops the
+    // next request of a connection already open, not only new connections.
+    let fp: Arc<Option<String>> = Arc::new(fp);
+    let authorizer = c.authorizer.clone();
+    let from = SocketAddr::new(remote.ip().to_canonical(), remote.port());
     let svc = service_fn(move |req| {
-        let peer = peer.clone();
+        let peer = Arc::new(
+            (*fp)
+                .as_deref()
+                .and_then(|f| authorizer.authorize(f))
+                .map(|p| Peer {
+                    remote: Some(from),
+                    ..p
+                }),
+        );
         let handler = handler.clone();
         async move {
             // The request runs in its own task: if the client resets the stream, hyper drops

@@ -192,12 +192,15 @@ pub fn parse_point(s: &str) -> Result<Option<u64>, String> {
 /// `server` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ServerCmd {
-    /// Authorize a primary (Hyper-V authorization entry).
+    /// Authorize a primary (Hyper-V authorization entry). Allowing a primary again updates its
+    /// entry (and restores a revoked one).
     Allow {
         /// Primary's name.
         #[arg(long)]
         primary: String,
-        /// Primary's certificate fingerprint (from its `vmreplica init`).
+        /// Primary's certificate fingerprint (from its `vmreplica init`): `SHA256:` and 64 hex
+        /// digits; upper case and `:`-separated pairs are accepted and normalised. One
+        /// fingerprint authorizes one primary.
         #[arg(long)]
         fingerprint: String,
         /// Where this primary's replica VMs are stored.
@@ -206,6 +209,21 @@ pub enum ServerCmd {
         /// Trust group (default: the primary's name).
         #[arg(long)]
         trust_group: Option<String>,
+    },
+    /// Revoke a primary's authorization at once (new connections and requests on open ones):
+    /// the entry stays, authorizing nothing, so that the primary's replica VMs keep their
+    /// storage for failover; `server allow` restores it.
+    Deny {
+        /// Primary's name.
+        #[arg(long)]
+        primary: String,
+    },
+    /// Delete a primary's authorization entry (refused while replica VMs of that primary are
+    /// registered here: use `server deny`).
+    Remove {
+        /// Primary's name.
+        #[arg(long)]
+        primary: String,
     },
     /// Show this agent's identity and authorization entries.
     Show,

@@ -65,6 +65,8 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             storage: storage.map(|p| absolute(&p)),
             trust_group,
         },
+        Command::Server(ServerCmd::Deny { primary }) => Request::ServerDeny { primary },
+        Command::Server(ServerCmd::Remove { primary }) => Request::ServerRemove { primary },
         Command::Server(ServerCmd::Show) => Request::ServerShow,
         Command::Vm(VmCmd::Add {
             name,

@@ -96,8 +96,12 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
             );
             for e in entries {
                 println!(
-                    "{:<16} {:<16} {:<40} {}",
-                    e.primary, e.trust_group, e.storage, e.fingerprint
+                    "{:<16} {:<16} {:<40} {}{}",
+                    e.primary,
+                    e.trust_group,
+                    e.storage,
+                    e.fingerprint,
+                    if e.revoked { " (revoked)" } else { "" }
                 );
             }
         }
@@ -192,6 +196,12 @@ fn print_measure(rows: &[VmStatus]) {
         println!("MaximumReplicationLatency : {} ms", s.max_latency_ms);
         println!("PendingReplicationSize    : {}", fmt_bytes(s.pending_bytes));
         println!("ReplicationErrors         : {}", s.errors);
+        if let Some(f) = &r.failover_program {
+            match &f.refused {
+                None => println!("FailoverProgram           : {} (allowed)", f.program),
+                Some(why) => println!("FailoverProgram           : {} (REFUSED: {why})", f.program),
+            }
+        }
         println!();
     }
 }

@@ -18,14 +18,34 @@ use super::{HarnessError, READY_TIMEOUT, Result, io_err, rt};
 use crate::proc::ChildGuard;
 
 /// The NBD socket a primary agent in `agent_dir` expects VM `uuid`'s QEMU to serve
-/// (`work/<tag>/vmr-<tag>-nbd.sock`, tag = the UUID's first 8 hex digits): the agent's
-/// documented layout, restated here because the harness does not link the agent.
+/// (`work/<uuid>/vmr-<tag>-nbd.sock`, uuid = all 32 hex digits, tag = the first 8; when that
+/// exceeds 107 bytes, `<runtime>/vmreplica/<blake3(agent dir)[..16]>/vmr-<uuid>.sock`): the
+/// agent's documented layout (`vmr_agent::launch::nbd_socket`), restated here because the
+/// harness does not link the agent.
 pub fn nbd_socket(agent_dir: &Path, uuid: Uuid) -> PathBuf {
-    let tag = &uuid.simple().to_string()[..8];
-    agent_dir
+    let id = uuid.simple().to_string();
+    let p = agent_dir
         .join("work")
-        .join(tag)
-        .join(format!("vmr-{tag}-nbd.sock"))
+        .join(&id)
+        .join(format!("vmr-{}-nbd.sock", &id[..8]));
+    if p.as_os_str().len() <= 107 {
+        return p;
+    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| {
+            if nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK).is_ok() {
+                PathBuf::from("/run")
+            } else {
+                std::env::temp_dir()
+            }
+        });
+    let agent = blake3::hash(agent_dir.as_os_str().as_encoded_bytes()).to_hex();
+    runtime
+        .join("vmreplica")
+        .join(&agent.as_str()[..16])
+        .join(format!("vmr-{id}.sock"))
 }
 
 /// A disk of a stand-in VM.
@@ -109,8 +129,18 @@ impl StandIn {
         name: &str,
         disks: &[StandInDisk],
     ) -> Result<StandIn> {
+        Self::start_with_uuid(vmdir, agent_dir, name, disks, Uuid::new_v4())
+    }
+
+    /// [`Self::start_in`] with a chosen VM UUID.
+    pub fn start_with_uuid(
+        vmdir: &Path,
+        agent_dir: &Path,
+        name: &str,
+        disks: &[StandInDisk],
+        uuid: Uuid,
+    ) -> Result<StandIn> {
         std::fs::create_dir_all(vmdir).map_err(io_err(format!("create {}", vmdir.display())))?;
-        let uuid = Uuid::new_v4();
         let mut args: Vec<String> = Vec::new();
         let mut defs = Vec::new();
         for d in disks {
