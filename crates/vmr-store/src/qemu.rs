@@ -1,5 +1,6 @@
 //! Thin wrappers around the QEMU tools the store drives: `qemu-img` (create, info, map,
-//! rebase) and `qemu-nbd` exports reached with the vmr-nbd client.
+//! rebase) and `qemu-nbd` exports reached with the vmr-nbd client (for pruning's copy-up,
+//! block hashes and imports; cycles are written through the daemon of `daemon.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -189,11 +190,6 @@ impl Export {
     /// Export `image` (qcow2) writable on a fresh unix socket and connect to it.
     pub(crate) async fn start(image: &Path) -> Result<Export, StoreError> {
         Export::start_with(image, false, Vec::new()).await
-    }
-
-    /// [`Export::start`] taking the path by value (a `'static` future, to start several at once).
-    pub(crate) async fn start_owned(image: PathBuf) -> Result<Export, StoreError> {
-        Export::start(&image).await
     }
 
     /// Export `image` (qcow2) read-only without taking image locks (`--force-share`: for

@@ -1,8 +1,8 @@
 //! The one layer writer for every kind of cycle (full/initial, incremental, resync, import):
 //! admission (duplicate, wrong base, shrink, one receive at a time) in one place, the pending
 //! qcow2 layer per disk created when the cycle begins, each extent verified once against its
-//! BLAKE3 checksum on arrival and written into the pending layer through qemu-nbd as it
-//! arrives (pipelined), and at the end NBD flush, fsync and the catalog rename that commits the
+//! BLAKE3 checksum on arrival and written into the pending layer as it arrives (pipelined)
+//! through an NBD export of the store's long-lived qemu-storage-daemon (`daemon.rs`), and at the end NBD flush, fsync and the catalog rename that commits the
 //! point. [`LayerWriter::finish`] returns only after that commit, so the caller acknowledges a
 //! cycle only once it is a recovery point.
 //!
@@ -13,6 +13,7 @@
 use tokio::sync::OwnedMutexGuard;
 
 use super::*;
+use crate::daemon::DaemonExport;
 
 /// Flush the pending layers of a resync after this many bytes written, so that an interrupted
 /// resync that is resumed later loses little.
@@ -43,7 +44,7 @@ pub struct LayerWriter {
 
 struct Open {
     layers: Vec<NewLayer>,
-    exports: Vec<Export>,
+    exports: Vec<DaemonExport>,
     pipe: Pipeline,
     since_flush: u64,
     chain: OwnedMutexGuard<()>,
@@ -247,7 +248,7 @@ async fn open_layers(
     header: &CycleHeader,
     layers: &[NewLayer],
     resume: bool,
-) -> Result<Vec<Export>, StoreError> {
+) -> Result<Vec<DaemonExport>, StoreError> {
     if !resume {
         // The disks' layers are created concurrently (one qemu-img each).
         futures::future::try_join_all(layers.iter().map(|l| async move {
@@ -294,11 +295,11 @@ async fn open_layers(
     pause_point("cycle-layers-created");
     let mut exports = Vec::new();
     let mut first_err = None;
-    // One qemu-nbd per disk, started concurrently.
+    // Each disk's layer opened and exported by the daemon, concurrently.
     let started = futures::future::join_all(
         layers
             .iter()
-            .map(|l| Export::start_owned(l.dir.join(&l.rec.file))),
+            .map(|l| async move { v.qsd.export(&l.dir.join(&l.rec.file)).await }),
     )
     .await;
     for r in started {
@@ -311,7 +312,7 @@ async fn open_layers(
     }
     if let Some(e) = first_err {
         for x in exports {
-            x.abort().await;
+            v.qsd.abort(x).await;
         }
         return Err(e);
     }
@@ -456,12 +457,12 @@ async fn commit(
     let exports = std::mem::take(&mut o.exports);
     if let Err(e) = drained {
         for x in exports {
-            x.abort().await;
+            vm.qsd.abort(x).await;
         }
         return Err(e);
     }
-    // FLUSH, disconnect and exit of every disk's qemu-nbd, concurrently.
-    for r in futures::future::join_all(exports.into_iter().map(Export::finish)).await {
+    // FLUSH, disconnect and close of every disk's layer in the daemon, concurrently.
+    for r in futures::future::join_all(exports.into_iter().map(|x| vm.qsd.finish(x))).await {
         r?;
     }
     let files: Vec<(PathBuf, PathBuf)> = o
@@ -522,11 +523,11 @@ async fn abort_open(vm: &Vm, id: CycleId, mut o: Open, keep: bool) {
     let _ = o.pipe.drain().await;
     for x in std::mem::take(&mut o.exports) {
         if keep {
-            if let Err(e) = x.finish().await {
+            if let Err(e) = vm.qsd.finish(x).await {
                 tracing::warn!(vm = %vm.id, "closing the pending resync layers: {e}");
             }
         } else {
-            x.abort().await;
+            vm.qsd.abort(x).await;
         }
     }
     if !keep {
@@ -556,7 +557,9 @@ impl Drop for LayerWriter {
                 h.spawn(async move { abort_open(&vm, id, o, keep).await });
             }
             Err(_) => {
-                // No runtime: the exports' qemu-nbd are killed as they drop.
+                // No runtime to close the nodes over QMP: stop the daemon (a new one starts
+                // on next use), so that it holds no image lock.
+                vm.qsd.stop();
                 let Open { layers, chain, .. } = o;
                 if !keep {
                     remove_layers(&layers);
@@ -620,6 +623,7 @@ mod tests {
             id: Uuid::nil(),
             dir: dir.to_owned(),
             fs: Arc::new(crate::storage::RealStorage),
+            qsd: Arc::new(crate::daemon::Daemon::new(dir)),
             chain: Arc::new(tokio::sync::Mutex::new(())),
             st: Mutex::new(VmState {
                 catalog: Catalog {

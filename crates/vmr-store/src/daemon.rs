@@ -1,0 +1,424 @@
+//! The store's long-lived `qemu-storage-daemon`: started on first use, driven over QMP, it
+//! opens each pending layer of a cycle as a block node (`blockdev-add`, its backing chain
+//! opened read-only by QEMU from the header) and exports it writable over NBD on the daemon's
+//! unix socket (`block-export-add`); when the cycle ends the export and the node are removed
+//! again (`block-export-del`, `blockdev-del`), so between cycles the daemon holds no image and
+//! no image lock (a prune's `qemu-img` never fights it).
+//!
+//! The daemon dies with the store process (`PR_SET_PDEATHSIG`) and is killed when the store is
+//! dropped; its pid and QMP socket are recorded in `<root>/qemu-storage-daemon.pid`, so that
+//! [`Daemon::kill_leftover`] (run by `recover`) kills one a crashed store left behind.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vmr_capture::qmp::QmpClient;
+use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
+
+use crate::error::StoreError;
+
+/// Name of the file in the store root recording the running daemon.
+const PID_FILE: &str = "qemu-storage-daemon.pid";
+/// Limit for one QMP command and for the daemon's start.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// One store's daemon (not running until first used).
+pub(crate) struct Daemon {
+    root: PathBuf,
+    running: tokio::sync::Mutex<Option<Running>>,
+    /// The running daemon's process, also for the paths that have no runtime.
+    pid: std::sync::Mutex<Option<Proc>>,
+}
+
+struct Running {
+    qmp: QmpClient,
+    nbd_sock: PathBuf,
+    qmp_sock: PathBuf,
+    pid: u32,
+}
+
+/// One pending layer opened in the daemon and exported writable, with a connected client.
+pub(crate) struct DaemonExport {
+    node: String,
+    /// The connected client.
+    pub client: NbdClient,
+    what: String,
+}
+
+fn qmp_err(what: &str, e: vmr_capture::qmp::QmpError) -> StoreError {
+    StoreError::tool("qemu-storage-daemon", format!("{what}: {e}"))
+}
+
+impl Daemon {
+    /// A daemon for the store rooted at `root`, started on first use.
+    pub(crate) fn new(root: &Path) -> Daemon {
+        Daemon {
+            root: root.to_owned(),
+            running: tokio::sync::Mutex::new(None),
+            pid: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<Proc>> {
+        self.pid.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Kill a daemon a crashed store left (recorded in the pid file and still running with
+    /// the recorded QMP socket on its command line), and remove its sockets. The daemon this
+    /// store runs itself is left alone.
+    pub(crate) fn kill_leftover(&self) {
+        let path = self.root.join(PID_FILE);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let mut lines = text.lines();
+        let (Some(pid), Some(qmp), nbd) = (
+            lines.next().and_then(|p| p.trim().parse::<i32>().ok()),
+            lines.next(),
+            lines.next(),
+        ) else {
+            let _ = std::fs::remove_file(&path);
+            return;
+        };
+        if self.child().as_ref().map(|c| c.pid as i32) == Some(pid) {
+            return;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("qemu-storage-daemon") && cmdline.contains(qmp) {
+            kill(pid);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let _ = std::fs::remove_file(qmp);
+        if let Some(n) = nbd {
+            let _ = std::fs::remove_file(n);
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    async fn start(&self) -> Result<Running, StoreError> {
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let qmp_sock = std::env::temp_dir().join(format!("vmr-qsd-{tag}.qmp"));
+        let nbd_sock = std::env::temp_dir().join(format!("vmr-qsd-{tag}.nbd"));
+        let _ = std::fs::remove_file(&qmp_sock);
+        let _ = std::fs::remove_file(&nbd_sock);
+        let mut cmd = std::process::Command::new("qemu-storage-daemon");
+        cmd.arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                qmp_sock.display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=qmp0")
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd_sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = Proc::spawn(cmd)?;
+        let pid = child.pid;
+        let _ = std::fs::write(
+            self.root.join(PID_FILE),
+            format!("{pid}\n{}\n{}\n", qmp_sock.display(), nbd_sock.display()),
+        );
+        let deadline = tokio::time::Instant::now() + QMP_TIMEOUT;
+        let ep = Endpoint::Unix(qmp_sock.clone());
+        let qmp = loop {
+            if child.exited() {
+                return Err(StoreError::tool(
+                    "qemu-storage-daemon",
+                    "exited at start".into(),
+                ));
+            }
+            if qmp_sock.exists() && nbd_sock.exists() {
+                match QmpClient::connect(&ep, QMP_TIMEOUT).await {
+                    Ok(c) => break c,
+                    Err(e) if tokio::time::Instant::now() > deadline => {
+                        child.kill_and_wait();
+                        return Err(qmp_err("connect", e));
+                    }
+                    Err(_) => {}
+                }
+            } else if tokio::time::Instant::now() > deadline {
+                child.kill_and_wait();
+                return Err(StoreError::tool(
+                    "qemu-storage-daemon",
+                    "sockets did not appear".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        };
+        *self.child() = Some(child);
+        Ok(Running {
+            qmp,
+            nbd_sock,
+            qmp_sock,
+            pid,
+        })
+    }
+
+    /// Stop the daemon (it holds no node once every writer has ended); the next use starts a
+    /// new one.
+    pub(crate) fn stop(&self) {
+        if let Some(c) = self.child().take() {
+            c.kill_and_wait();
+        }
+        if let Ok(mut r) = self.running.try_lock()
+            && let Some(r) = r.take()
+        {
+            let _ = std::fs::remove_file(&r.qmp_sock);
+            let _ = std::fs::remove_file(&r.nbd_sock);
+        }
+        let _ = std::fs::remove_file(self.root.join(PID_FILE));
+    }
+
+    /// Run a QMP command, starting the daemon first if needed. A daemon that stopped
+    /// answering is killed (the next command starts a new one).
+    async fn execute(&self, name: &str, args: Value) -> Result<Value, StoreError> {
+        let mut g = self.running.lock().await;
+        if g.is_none() {
+            *g = Some(self.start().await?);
+        }
+        let Some(r) = g.as_mut() else {
+            return Err(StoreError::tool(
+                "qemu-storage-daemon",
+                "not running".into(),
+            ));
+        };
+        r.qmp.discard_events(|_| true);
+        match r.qmp.execute_value(name, Some(args)).await {
+            Ok(v) => Ok(v),
+            Err(e @ vmr_capture::qmp::QmpError::Command { .. }) => Err(qmp_err(name, e)),
+            Err(e) => {
+                let pid = r.pid;
+                let _ = std::fs::remove_file(&r.qmp_sock);
+                let _ = std::fs::remove_file(&r.nbd_sock);
+                *g = None;
+                let mut c = self.child();
+                if c.as_ref().map(|c| c.pid) == Some(pid)
+                    && let Some(c) = c.take()
+                {
+                    c.kill_and_wait();
+                }
+                Err(qmp_err(name, e))
+            }
+        }
+    }
+
+    async fn nbd_sock(&self) -> Option<PathBuf> {
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .map(|r| r.nbd_sock.clone())
+    }
+
+    /// Open the qcow2 layer `image` (its backing chain read-only) and export it writable;
+    /// returns a connected client.
+    pub(crate) async fn export(&self, image: &Path) -> Result<DaemonExport, StoreError> {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let node = format!("vmr{n}");
+        let what = image.display().to_string();
+        self.execute(
+            "blockdev-add",
+            json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "discard": "unmap",
+                "cache": { "direct": false, "no-flush": false },
+                "file": { "driver": "file", "filename": what, "aio": "threads" },
+            }),
+        )
+        .await?;
+        let res = async {
+            self.execute(
+                "block-export-add",
+                json!({ "type": "nbd", "id": node, "node-name": node, "name": node,
+                        "writable": true }),
+            )
+            .await?;
+            let sock = self.nbd_sock().await.ok_or_else(|| {
+                StoreError::tool("qemu-storage-daemon", "stopped while exporting".into())
+            })?;
+            let opts = ConnectOptions {
+                export: node.clone(),
+                max_in_flight: 32,
+                ..ConnectOptions::default()
+            };
+            NbdClient::connect(&Endpoint::Unix(sock), opts)
+                .await
+                .map_err(|e| StoreError::nbd(what.clone(), e))
+        }
+        .await;
+        match res {
+            Ok(client) => Ok(DaemonExport { node, client, what }),
+            Err(e) => {
+                self.release(&node).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Remove the export (dropping any connection) and close the node; errors are logged: a
+    /// node that cannot be closed makes the daemon be stopped, so that no image stays open.
+    async fn release(&self, node: &str) {
+        let _ = self
+            .execute("block-export-del", json!({ "id": node, "mode": "hard" }))
+            .await;
+        // The export lets go of the node once its connections have closed: retry briefly.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .execute("blockdev-del", json!({ "node-name": node }))
+                .await
+            {
+                Ok(_) => return,
+                Err(StoreError::Tool { message, .. })
+                    if message.contains("in use") && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(StoreError::Tool { message, .. }) if message.contains("Failed to find") => {
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(node, "closing a layer in qemu-storage-daemon: {e}");
+                    self.stop();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// FLUSH, disconnect, remove the export and close the node (the layer's data is on disk
+    /// and the daemon holds no lock on it or its backing chain any more).
+    pub(crate) async fn finish(&self, x: DaemonExport) -> Result<(), StoreError> {
+        let flushed = x
+            .client
+            .flush()
+            .await
+            .map_err(|e| StoreError::nbd(x.what.clone(), e));
+        let _ = x.client.clone().disconnect().await;
+        self.release(&x.node).await;
+        flushed
+    }
+
+    /// Drop the export and close the node without flushing (error path).
+    pub(crate) async fn abort(&self, x: DaemonExport) {
+        let _ = x.client.clone().disconnect().await;
+        self.release(&x.node).await;
+    }
+}
+
+impl DaemonExport {
+    /// Largest request length to use.
+    pub(crate) fn chunk(&self) -> u64 {
+        u64::from(self.client.max_request().clamp(4096, 32 << 20))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[allow(unsafe_code)]
+fn kill(pid: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// The daemon process, spawned and reaped by a thread of its own: `PR_SET_PDEATHSIG` follows
+/// the spawning thread, so that thread lives exactly as long as the daemon (a runtime worker
+/// could end earlier and take the daemon with it).
+struct Proc {
+    pid: u32,
+    exited: Arc<AtomicBool>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: std::process::Command) -> Result<Proc, StoreError> {
+        die_with_parent(&mut cmd);
+        let exited = Arc::new(AtomicBool::new(false));
+        let done = exited.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("vmr-qsd".into())
+            .spawn(move || match cmd.spawn() {
+                Ok(mut child) => {
+                    let _ = tx.send(Ok(child.id()));
+                    let _ = child.wait();
+                    done.store(true, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    done.store(true, Ordering::SeqCst);
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(|e| {
+                StoreError::tool("qemu-storage-daemon", format!("cannot start a thread: {e}"))
+            })?;
+        let pid = rx
+            .recv()
+            .map_err(|_| StoreError::tool("qemu-storage-daemon", "spawn thread ended".into()))?
+            .map_err(|e| {
+                StoreError::tool(
+                    "qemu-storage-daemon",
+                    format!("cannot run qemu-storage-daemon: {e}"),
+                )
+            })?;
+        Ok(Proc { pid, exited })
+    }
+
+    fn exited(&self) -> bool {
+        self.exited.load(Ordering::SeqCst)
+    }
+
+    /// SIGKILL and wait (up to 10 s) until it has been reaped.
+    fn kill_and_wait(&self) {
+        if self.exited() {
+            return;
+        }
+        // The reaper thread has not reaped it yet, so the pid is still ours.
+        kill(self.pid as i32);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.exited() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The daemon dies (SIGKILL) with the store process, so a crashed store never leaves it
+/// holding image locks.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut std::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
