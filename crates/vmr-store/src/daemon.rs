@@ -47,6 +47,9 @@ struct Running {
 /// One pending layer opened in the daemon and exported writable, with a connected client.
 pub(crate) struct DaemonExport {
     node: String,
+    /// The protocol node under `node` when the daemon created the layer (added explicitly,
+    /// so it is deleted explicitly too).
+    file_node: Option<String>,
     /// The connected client.
     pub client: NbdClient,
     what: String,
@@ -232,20 +235,121 @@ impl Daemon {
     /// Open the qcow2 layer `image` (its backing chain read-only) and export it writable;
     /// returns a connected client.
     pub(crate) async fn export(&self, image: &Path) -> Result<DaemonExport, StoreError> {
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let node = format!("vmr{n}");
         let what = image.display().to_string();
-        self.execute(
-            "blockdev-add",
-            json!({
-                "driver": "qcow2",
-                "node-name": node,
-                "discard": "unmap",
-                "cache": { "direct": false, "no-flush": false },
-                "file": { "driver": "file", "filename": what, "aio": "threads" },
-            }),
+        self.export_node(
+            json!({ "driver": "file", "filename": what, "aio": "threads" }),
+            None,
+            what,
+        )
+        .await
+    }
+
+    /// Create the qcow2 layer `image` of `size` bytes on top of `backing` (a file name in the
+    /// same directory, recorded relative) with `blockdev-create` jobs (no process start), open
+    /// it and export it writable.
+    pub(crate) async fn create_and_export(
+        &self,
+        image: &Path,
+        size: u64,
+        backing: Option<&str>,
+    ) -> Result<DaemonExport, StoreError> {
+        let what = image.display().to_string();
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let file_node = format!("vmrf{n}");
+        self.run_job(
+            &format!("vmrc{n}"),
+            json!({ "driver": "file", "filename": what, "size": 0 }),
         )
         .await?;
+        self.execute(
+            "blockdev-add",
+            json!({ "driver": "file", "node-name": file_node, "filename": what,
+                    "aio": "threads" }),
+        )
+        .await?;
+        let mut opts = json!({ "driver": "qcow2", "file": file_node, "size": size,
+                               "cluster-size": 65536 });
+        if let (Some(b), Some(o)) = (backing, opts.as_object_mut()) {
+            o.insert("backing-file".into(), json!(b));
+            o.insert("backing-fmt".into(), json!("qcow2"));
+        }
+        if let Err(e) = self.run_job(&format!("vmrq{n}"), opts).await {
+            self.del_node(&file_node).await;
+            return Err(e);
+        }
+        self.export_node(json!(file_node), Some(file_node.clone()), what)
+            .await
+    }
+
+    /// Run a `blockdev-create` job to its end and dismiss it.
+    async fn run_job(&self, id: &str, options: Value) -> Result<(), StoreError> {
+        self.execute(
+            "blockdev-create",
+            json!({ "job-id": id, "options": options }),
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + QMP_TIMEOUT;
+        loop {
+            let jobs = self.execute("query-jobs", json!({})).await?;
+            let job = jobs
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j.get("id") == Some(&json!(id))))
+                .cloned();
+            let Some(job) = job else {
+                return Err(StoreError::tool(
+                    "qemu-storage-daemon",
+                    format!("job {id} vanished"),
+                ));
+            };
+            if job.get("status") == Some(&json!("concluded")) {
+                self.execute("job-dismiss", json!({ "id": id })).await?;
+                return match job.get("error").and_then(Value::as_str) {
+                    None => Ok(()),
+                    Some(e) => Err(StoreError::tool(
+                        "qemu-storage-daemon",
+                        format!("creating a layer: {e}"),
+                    )),
+                };
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = self
+                    .execute("job-cancel", json!({ "id": id, "force": true }))
+                    .await;
+                return Err(StoreError::tool(
+                    "qemu-storage-daemon",
+                    format!("job {id} did not end"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn export_node(
+        &self,
+        file: Value,
+        file_node: Option<String>,
+        what: String,
+    ) -> Result<DaemonExport, StoreError> {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let node = format!("vmr{n}");
+        let added = self
+            .execute(
+                "blockdev-add",
+                json!({
+                    "driver": "qcow2",
+                    "node-name": node,
+                    "discard": "unmap",
+                    "cache": { "direct": false, "no-flush": false },
+                    "file": file,
+                }),
+            )
+            .await;
+        if let Err(e) = added {
+            if let Some(f) = &file_node {
+                self.del_node(f).await;
+            }
+            return Err(e);
+        }
         let res = async {
             self.execute(
                 "block-export-add",
@@ -267,21 +371,35 @@ impl Daemon {
         }
         .await;
         match res {
-            Ok(client) => Ok(DaemonExport { node, client, what }),
+            Ok(client) => Ok(DaemonExport {
+                node,
+                file_node,
+                client,
+                what,
+            }),
             Err(e) => {
-                self.release(&node).await;
+                self.release(&node, file_node.as_deref()).await;
                 Err(e)
             }
         }
     }
 
-    /// Remove the export (dropping any connection) and close the node; errors are logged: a
-    /// node that cannot be closed makes the daemon be stopped, so that no image stays open.
-    async fn release(&self, node: &str) {
+    /// Remove the export (dropping any connection) and close the node (and the protocol node
+    /// the daemon created it on). A node that cannot be closed makes the daemon be stopped,
+    /// so that no image stays open.
+    async fn release(&self, node: &str, file_node: Option<&str>) {
         let _ = self
             .execute("block-export-del", json!({ "id": node, "mode": "hard" }))
             .await;
-        // The export lets go of the node once its connections have closed: retry briefly.
+        self.del_node(node).await;
+        if let Some(f) = file_node {
+            self.del_node(f).await;
+        }
+    }
+
+    /// `blockdev-del`, retried while the node is still in use (an export lets go of its node
+    /// once its connections have closed).
+    async fn del_node(&self, node: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             match self
@@ -315,14 +433,14 @@ impl Daemon {
             .await
             .map_err(|e| StoreError::nbd(x.what.clone(), e));
         let _ = x.client.clone().disconnect().await;
-        self.release(&x.node).await;
+        self.release(&x.node, x.file_node.as_deref()).await;
         flushed
     }
 
     /// Drop the export and close the node without flushing (error path).
     pub(crate) async fn abort(&self, x: DaemonExport) {
         let _ = x.client.clone().disconnect().await;
-        self.release(&x.node).await;
+        self.release(&x.node, x.file_node.as_deref()).await;
     }
 }
 
@@ -420,5 +538,147 @@ fn die_with_parent(cmd: &mut std::process::Command) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn qemu_img(dir: &Path, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("qemu-img")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run qemu-img")
+    }
+
+    #[tokio::test]
+    async fn a_finished_export_holds_its_data_and_no_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        for args in [
+            &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"][..],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                "1M",
+            ][..],
+        ] {
+            assert!(qemu_img(d, args).status.success());
+        }
+        let qsd = Daemon::new(d);
+        for round in 0..2u8 {
+            let x = qsd.export(&d.join("top.qcow2")).await.expect("export");
+            // While exported, the layer is locked for writing by the daemon.
+            let busy = qemu_img(d, &["rebase", "-q", "-u", "-b", "", "top.qcow2"]);
+            assert!(!busy.status.success(), "layer not locked while exported");
+            x.client
+                .write(
+                    65536 * u64::from(round),
+                    Bytes::from(vec![round + 1; 65536]),
+                    false,
+                )
+                .await
+                .expect("write");
+            qsd.finish(x).await.expect("finish");
+        }
+        // Released: another process may write it (and its backing) now.
+        let raw = d.join("out.raw");
+        let out = qemu_img(
+            d,
+            &[
+                "convert",
+                "-O",
+                "raw",
+                "top.qcow2",
+                raw.to_str().expect("utf8"),
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let bytes = std::fs::read(&raw).expect("read");
+        assert!(bytes[..65536].iter().all(|b| *b == 1));
+        assert!(bytes[65536..131072].iter().all(|b| *b == 2));
+        assert!(bytes[131072..].iter().all(|b| *b == 0));
+        let free = qemu_img(d, &["commit", "-q", "-d", "top.qcow2"]);
+        assert!(free.status.success(), "{free:?}");
+    }
+
+    #[tokio::test]
+    async fn a_created_layer_has_the_header_qemu_img_would_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        assert!(
+            qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "2M"])
+                .status
+                .success()
+        );
+        let qsd = Daemon::new(d);
+        let x = qsd
+            .create_and_export(&d.join("c000002.qcow2"), 4 << 20, Some("base.qcow2"))
+            .await
+            .expect("create");
+        assert_eq!(x.client.size(), 4 << 20);
+        x.client
+            .write(3 << 20, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .expect("write");
+        qsd.finish(x).await.expect("finish");
+        let out = qemu_img(d, &["info", "--output=json", "c000002.qcow2"]);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(v["format"], "qcow2");
+        assert_eq!(v["virtual-size"], 4 << 20);
+        assert_eq!(v["cluster-size"], 65536);
+        assert_eq!(v["backing-filename"], "base.qcow2");
+        assert_eq!(v["backing-filename-format"], "qcow2");
+        let check = qemu_img(d, &["check", "c000002.qcow2"]);
+        assert!(check.status.success(), "{check:?}");
+        // Create another, abort it: the daemon keeps serving.
+        std::fs::remove_file(d.join("c000002.qcow2")).expect("remove");
+        let y = qsd
+            .create_and_export(&d.join("c000002.qcow2"), 4 << 20, None)
+            .await
+            .expect("create again");
+        qsd.abort(y).await;
+        assert!(qsd.running.lock().await.is_some(), "daemon still serves");
+    }
+
+    #[tokio::test]
+    async fn a_daemon_left_behind_is_killed_and_cleaned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let left = Daemon::new(dir.path());
+        left.execute("query-version", json!({}))
+            .await
+            .expect("start");
+        let pid = left.child().as_ref().map(|c| c.pid).expect("running");
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        let next = Daemon::new(dir.path());
+        next.kill_leftover();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !left.child().as_ref().is_some_and(Proc::exited)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let gone = left.child().as_ref().is_some_and(Proc::exited);
+        assert!(gone, "the leftover daemon still runs");
+        assert!(!dir.path().join(PID_FILE).exists());
+        // A pid file naming another process is not followed.
+        std::fs::write(
+            dir.path().join(PID_FILE),
+            format!("{}\n/nonexistent.qmp\n", std::process::id()),
+        )
+        .expect("write");
+        next.kill_leftover();
+        assert!(!dir.path().join(PID_FILE).exists());
     }
 }

@@ -249,59 +249,27 @@ async fn open_layers(
     layers: &[NewLayer],
     resume: bool,
 ) -> Result<Vec<DaemonExport>, StoreError> {
-    if !resume {
-        // The disks' layers are created concurrently (one qemu-img each).
-        futures::future::try_join_all(layers.iter().map(|l| async move {
-            let path = l.dir.join(&l.rec.file);
-            std::fs::create_dir_all(&l.dir).map_err(|e| StoreError::io("create", &l.dir, e))?;
-            // Not referenced by the catalog (checked): a leftover of an interrupted cycle.
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io("remove", &path, e)),
-            }
-            qemu::create_layer(
-                &l.dir,
-                &l.rec.file,
-                l.rec.size,
-                l.rec.backing.as_deref(),
-                false,
-            )
-            .await
-        }))
-        .await?;
-        if header.kind == CycleKind::Resync {
-            // A resync's layers survive an interruption for the next attempt: durable now.
-            let dirs: Vec<(PathBuf, PathBuf)> = layers
-                .iter()
-                .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
-                .collect();
-            let fs = v.fs.clone();
-            blocking(move || {
-                for (f, d) in dirs {
-                    fs.fsync_file(&f)?;
-                    fs.fsync_dir(&d)?;
-                }
-                Ok(())
-            })
-            .await?;
-            let base = header.base.ok_or(StoreError::NoSuchPoint(None))?;
-            v.write_pending(&resync::Pending {
-                base,
-                layers: layers.iter().map(|l| l.rec.clone()).collect(),
-            })?;
+    // Each disk's layer created (`blockdev-create`, unless resuming), opened and exported by
+    // the daemon, concurrently.
+    let started = futures::future::join_all(layers.iter().map(|l| async move {
+        let path = l.dir.join(&l.rec.file);
+        if resume {
+            return v.qsd.export(&path).await;
         }
-    }
-    pause_point("cycle-layers-created");
+        std::fs::create_dir_all(&l.dir).map_err(|e| StoreError::io("create", &l.dir, e))?;
+        // Not referenced by the catalog (checked): a leftover of an interrupted cycle.
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove", &path, e)),
+        }
+        v.qsd
+            .create_and_export(&path, l.rec.size, l.rec.backing.as_deref())
+            .await
+    }))
+    .await;
     let mut exports = Vec::new();
     let mut first_err = None;
-    // Each disk's layer opened and exported by the daemon, concurrently.
-    let started = futures::future::join_all(
-        layers
-            .iter()
-            .map(|l| async move { v.qsd.export(&l.dir.join(&l.rec.file)).await }),
-    )
-    .await;
     for r in started {
         match r {
             Ok(x) => exports.push(x),
@@ -310,13 +278,46 @@ async fn open_layers(
             }
         }
     }
+    if first_err.is_none() && !resume && header.kind == CycleKind::Resync {
+        // A resync's layers survive an interruption for the next attempt: durable now.
+        if let Err(e) = record_resync_layers(v, header, layers).await {
+            first_err = Some(e);
+        }
+    }
     if let Some(e) = first_err {
         for x in exports {
             v.qsd.abort(x).await;
         }
         return Err(e);
     }
+    pause_point("cycle-layers-created");
     Ok(exports)
+}
+
+/// Make a new resync's (empty) layers durable and record them in `resync-pending`.
+async fn record_resync_layers(
+    v: &Arc<Vm>,
+    header: &CycleHeader,
+    layers: &[NewLayer],
+) -> Result<(), StoreError> {
+    let dirs: Vec<(PathBuf, PathBuf)> = layers
+        .iter()
+        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
+        .collect();
+    let fs = v.fs.clone();
+    blocking(move || {
+        for (f, d) in dirs {
+            fs.fsync_file(&f)?;
+            fs.fsync_dir(&d)?;
+        }
+        Ok(())
+    })
+    .await?;
+    let base = header.base.ok_or(StoreError::NoSuchPoint(None))?;
+    v.write_pending(&resync::Pending {
+        base,
+        layers: layers.iter().map(|l| l.rec.clone()).collect(),
+    })
 }
 
 fn remove_layers(layers: &[NewLayer]) {
