@@ -6,7 +6,8 @@
 //! never held across `.await`) guards the in-memory catalog and staging state and serialises
 //! catalog writes; `chain` (a tokio mutex) serialises the operations that open the VM's qcow2
 //! chain with QEMU (a cycle being written, one prune step, recovery, view creation), because
-//! QEMU's image locking forbids writing a layer that another qemu-nbd holds as a backing file.
+//! QEMU's image locking forbids writing a layer that another QEMU process (the store's daemon,
+//! a qemu-nbd) holds as a backing file.
 //! Different VMs never wait for each other.
 
 use std::collections::HashMap;
