@@ -187,8 +187,10 @@ impl Daemon {
         {
             let _ = std::fs::remove_file(&r.qmp_sock);
             let _ = std::fs::remove_file(&r.nbd_sock);
+            // Only the store that started a daemon removes the record (another process may
+            // have opened the same root only to read it).
+            let _ = std::fs::remove_file(self.root.join(PID_FILE));
         }
-        let _ = std::fs::remove_file(self.root.join(PID_FILE));
     }
 
     /// Run a QMP command, starting the daemon first if needed. A daemon that stopped
