@@ -53,6 +53,38 @@ pub(crate) struct DaemonExport {
     /// The connected client.
     pub client: NbdClient,
     what: String,
+    /// The daemon, to release the nodes if the export is dropped without `finish`/`abort`
+    /// (a cancelled future): the daemon must not keep the layer and its chain open.
+    daemon: Option<Arc<Daemon>>,
+}
+
+impl Drop for DaemonExport {
+    fn drop(&mut self) {
+        let Some(daemon) = self.daemon.take() else {
+            return;
+        };
+        let node = std::mem::take(&mut self.node);
+        let file_node = self.file_node.take();
+        /// Stops the daemon if the release below never completes (its runtime shut down).
+        struct Unfinished(Option<Arc<Daemon>>);
+        impl Drop for Unfinished {
+            fn drop(&mut self) {
+                if let Some(d) = self.0.take() {
+                    d.stop();
+                }
+            }
+        }
+        let mut guard = Unfinished(Some(daemon.clone()));
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move {
+                    daemon.release(&node, file_node.as_deref()).await;
+                    guard.0 = None;
+                });
+            }
+            Err(_) => drop(guard),
+        }
+    }
 }
 
 fn qmp_err(what: &str, e: vmr_capture::qmp::QmpError) -> StoreError {
@@ -236,7 +268,7 @@ impl Daemon {
 
     /// Open the qcow2 layer `image` (its backing chain read-only) and export it writable;
     /// returns a connected client.
-    pub(crate) async fn export(&self, image: &Path) -> Result<DaemonExport, StoreError> {
+    pub(crate) async fn export(self: &Arc<Self>, image: &Path) -> Result<DaemonExport, StoreError> {
         let what = image.display().to_string();
         self.export_node(
             json!({ "driver": "file", "filename": what, "aio": "threads" }),
@@ -250,7 +282,7 @@ impl Daemon {
     /// same directory, recorded relative) with `blockdev-create` jobs (no process start), open
     /// it and export it writable.
     pub(crate) async fn create_and_export(
-        &self,
+        self: &Arc<Self>,
         image: &Path,
         size: u64,
         backing: Option<&str>,
@@ -327,7 +359,7 @@ impl Daemon {
     }
 
     async fn export_node(
-        &self,
+        self: &Arc<Self>,
         file: Value,
         file_node: Option<String>,
         what: String,
@@ -378,6 +410,7 @@ impl Daemon {
                 file_node,
                 client,
                 what,
+                daemon: Some(self.clone()),
             }),
             Err(e) => {
                 self.release(&node, file_node.as_deref()).await;
@@ -428,7 +461,8 @@ impl Daemon {
 
     /// FLUSH, disconnect, remove the export and close the node (the layer's data is on disk
     /// and the daemon holds no lock on it or its backing chain any more).
-    pub(crate) async fn finish(&self, x: DaemonExport) -> Result<(), StoreError> {
+    pub(crate) async fn finish(&self, mut x: DaemonExport) -> Result<(), StoreError> {
+        // Released below; if this future is dropped first, the export's drop releases it.
         let flushed = x
             .client
             .flush()
@@ -436,13 +470,15 @@ impl Daemon {
             .map_err(|e| StoreError::nbd(x.what.clone(), e));
         let _ = x.client.clone().disconnect().await;
         self.release(&x.node, x.file_node.as_deref()).await;
+        x.daemon = None;
         flushed
     }
 
     /// Drop the export and close the node without flushing (error path).
-    pub(crate) async fn abort(&self, x: DaemonExport) {
+    pub(crate) async fn abort(&self, mut x: DaemonExport) {
         let _ = x.client.clone().disconnect().await;
         self.release(&x.node, x.file_node.as_deref()).await;
+        x.daemon = None;
     }
 }
 
@@ -577,7 +613,7 @@ mod tests {
         ] {
             assert!(qemu_img(d, args).status.success());
         }
-        let qsd = Daemon::new(d);
+        let qsd = Arc::new(Daemon::new(d));
         for round in 0..2u8 {
             let x = qsd.export(&d.join("top.qcow2")).await.expect("export");
             // While exported, the layer is locked for writing by the daemon.
@@ -592,6 +628,31 @@ mod tests {
                 .await
                 .expect("write");
             qsd.finish(x).await.expect("finish");
+        }
+        // An export dropped without finish or abort (a cancelled future) is released too.
+        drop(qsd.export(&d.join("top.qcow2")).await.expect("export"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !qemu_img(
+            d,
+            &[
+                "rebase",
+                "-q",
+                "-u",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        )
+        .status
+        .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dropped export kept the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Released: another process may write it (and its backing) now.
         let raw = d.join("out.raw");
@@ -623,7 +684,7 @@ mod tests {
                 .status
                 .success()
         );
-        let qsd = Daemon::new(d);
+        let qsd = Arc::new(Daemon::new(d));
         let x = qsd
             .create_and_export(&d.join("c000002.qcow2"), 4 << 20, Some("base.qcow2"))
             .await
