@@ -79,7 +79,7 @@ impl Drop for DaemonExport {
             Ok(h) => {
                 h.spawn(async move {
                     daemon.release(&node, file_node.as_deref()).await;
-                    guard.0 = None;
+                    let _disarmed = guard.0.take();
                 });
             }
             Err(_) => drop(guard),
