@@ -3,29 +3,27 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use vmr_proto::api::AgentConfig;
 
-use crate::exit;
-use crate::util::coded;
+use crate::errors::AgentError;
 
 /// Name of the config file in the agent directory.
 pub const CONFIG_FILE: &str = "config.toml";
 
 /// Load `DIR/config.toml`.
-pub fn load_config(dir: &Path) -> anyhow::Result<AgentConfig> {
+pub fn load_config(dir: &Path) -> Result<AgentConfig, AgentError> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        coded(
-            exit::FAILURE,
-            format!(
-                "cannot read {} ({e}); run `vmreplica init --dir {}` first",
-                path.display(),
-                dir.display()
-            ),
-        )
-    })?;
-    toml::from_str(&text).with_context(|| format!("{} is not a valid agent config", path.display()))
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(err) => {
+            return Err(AgentError::ConfigUnreadable {
+                path,
+                dir: dir.to_path_buf(),
+                err,
+            });
+        }
+    };
+    toml::from_str(&text).map_err(|source| AgentError::ConfigInvalid { path, source })
 }
 
 /// Create the directory, config and identity; return the certificate fingerprint.
@@ -34,41 +32,43 @@ pub fn create(
     name: &str,
     listen: &str,
     storage: Option<PathBuf>,
-) -> anyhow::Result<String> {
+) -> Result<String, AgentError> {
     if dir.join(CONFIG_FILE).exists() {
-        return Err(coded(
-            exit::INVALID_STATE,
-            format!(
-                "{} already holds an agent (config.toml exists)",
-                dir.display()
-            ),
-        ));
+        return Err(AgentError::AgentExists {
+            dir: dir.to_path_buf(),
+        });
     }
     if name.is_empty() || name.contains(char::is_whitespace) {
-        return Err(coded(exit::USAGE, format!("bad agent name {name:?}")));
+        return Err(AgentError::BadAgentName {
+            name: name.to_owned(),
+        });
     }
-    listen.parse::<std::net::SocketAddr>().map_err(|e| {
-        coded(
-            exit::USAGE,
-            format!("--listen {listen:?} is not HOST:PORT ({e})"),
-        )
-    })?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = std::path::absolute(dir)?;
+    listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|err| AgentError::BadListen {
+            listen: listen.to_owned(),
+            err,
+        })?;
+    std::fs::create_dir_all(dir).map_err(AgentError::io("creating", dir))?;
+    let dir = std::path::absolute(dir).map_err(AgentError::io("resolving", dir))?;
     let storage = storage.map_or_else(
         || dir.join("replicas"),
         |s| std::path::absolute(&s).unwrap_or(s),
     );
     let identity =
-        vmr_transport::Identity::generate(&dir, name).context("generating the TLS identity")?;
+        vmr_transport::Identity::generate(&dir, name).map_err(|source| AgentError::Identity {
+            doing: "generating",
+            source,
+        })?;
     let cfg = AgentConfig {
         name: name.to_owned(),
         listen: listen.to_owned(),
         storage: storage.display().to_string(),
         max_concurrent_cycles: 8,
     };
-    let text = toml::to_string_pretty(&cfg)?;
-    std::fs::write(dir.join(CONFIG_FILE), text).context("writing config.toml")?;
+    let text = toml::to_string_pretty(&cfg).map_err(AgentError::ConfigEncode)?;
+    let path = dir.join(CONFIG_FILE);
+    std::fs::write(&path, text).map_err(AgentError::io("writing", &path))?;
     Ok(identity.fingerprint().to_owned())
 }
 

@@ -5,16 +5,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{AllowEntry, Request, Response, VmStatus};
 
+use crate::errors::AgentError;
 use crate::exit;
 use crate::host::Host;
-use crate::util::{Coded, coded};
 use crate::vm::{Command, FailoverCmd, Registry, VmHandle};
 use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::record::{MachineSnapshot, VmRecord};
@@ -28,17 +27,17 @@ pub struct Control {
 }
 
 /// Bind the control socket and serve it in the background; returns its path.
-pub async fn start(agent: Arc<Control>) -> anyhow::Result<PathBuf> {
+pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
     let path = crate::config::socket_path(&agent.host.dir);
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            anyhow::bail!("another agent is already serving {}", path.display());
+            return Err(AgentError::ControlSocketBusy { path });
         }
         std::fs::remove_file(&path).ok();
     }
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = UnixListener::bind(&path).map_err(AgentError::io("binding", &path))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(AgentError::io("setting the mode of", &path))?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -76,29 +75,27 @@ pub async fn start(agent: Arc<Control>) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn to_response(e: &anyhow::Error) -> Response {
-    let code = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<Coded>())
-        .map_or(exit::FAILURE, |c| c.code);
+fn to_response(e: &AgentError) -> Response {
     Response::Err {
-        chain: e.chain().map(|c| c.to_string()).collect(),
-        code,
+        chain: e.chain(),
+        code: e.exit_code(),
     }
 }
 
-fn unknown_vm(name: &str) -> anyhow::Error {
-    coded(
-        exit::NOT_FOUND,
-        format!("unknown VM {name:?} (see `vmreplica vm list`)"),
-    )
+fn vm(agent: &Control, name: &str) -> Result<VmHandle, AgentError> {
+    agent.vms.get(name).ok_or_else(|| AgentError::UnknownVm {
+        name: name.to_owned(),
+    })
 }
 
-fn vm(agent: &Control, name: &str) -> anyhow::Result<VmHandle> {
-    agent.vms.get(name).ok_or_else(|| unknown_vm(name))
+fn to_value(v: impl serde::Serialize) -> Result<Value, AgentError> {
+    serde_json::to_value(v).map_err(|source| AgentError::JsonEncode {
+        what: "the answer",
+        source,
+    })
 }
 
-async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
+async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
     let host = &agent.host;
     match req {
         Request::ServerAllow {
@@ -108,14 +105,11 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
             trust_group,
         } => {
             if !fingerprint.starts_with("SHA256:") || fingerprint.len() != 7 + 64 {
-                return Err(coded(
-                    exit::USAGE,
-                    format!("{fingerprint:?} is not a certificate fingerprint (SHA256:<64 hex>)"),
-                ));
+                return Err(AgentError::BadFingerprint { fingerprint });
             }
             let storage = storage.unwrap_or_else(|| host.config.storage.clone());
             std::fs::create_dir_all(&storage)
-                .with_context(|| format!("creating storage {storage}"))?;
+                .map_err(AgentError::io("creating storage", &storage))?;
             let entry = AllowEntry {
                 trust_group: trust_group.unwrap_or_else(|| primary.clone()),
                 primary,
@@ -141,29 +135,23 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
             launch_toml,
             disks,
         } => {
-            let def = VmDefinition::from_toml(&launch_toml).context("invalid --launch file")?;
+            let def = VmDefinition::from_toml(&launch_toml).map_err(AgentError::BadDefinition)?;
             if def.name != name {
-                return Err(coded(
-                    exit::USAGE,
-                    format!("the definition names the VM {:?}, not {name:?}", def.name),
-                ));
+                return Err(AgentError::DefinitionName {
+                    def_name: def.name,
+                    name,
+                });
             }
             for d in &disks {
                 if !def.disks.iter().any(|x| &x.node == d) {
-                    return Err(coded(
-                        exit::USAGE,
-                        format!("--disk {d:?} is not a disk of the definition"),
-                    ));
+                    return Err(AgentError::DiskNotInDefinition { disk: d.clone() });
                 }
             }
             if let Some(existing) = agent.vms.get(&name).or_else(|| agent.vms.by_uuid(def.uuid)) {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "VM {:?} ({}) is already registered",
-                        existing.name, existing.uuid
-                    ),
-                ));
+                return Err(AgentError::AlreadyRegistered {
+                    name: existing.name,
+                    uuid: existing.uuid,
+                });
             }
             let disks = if disks.is_empty() {
                 def.disks.iter().map(|d| d.node.clone()).collect()
@@ -185,12 +173,10 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
             agent.vms.spawn(host, rec, false)?;
             Ok(json!(format!("VM {name:?} ({}) registered", def.uuid)))
         }
-        Request::VmList | Request::Status { name: None } => {
-            Ok(serde_json::to_value(all_status(agent).await?)?)
-        }
+        Request::VmList | Request::Status { name: None } => to_value(all_status(agent).await?),
         Request::Status { name: Some(name) } => {
             let st = vm(agent, &name)?.ask(Command::Status).await?;
-            Ok(serde_json::to_value(vec![st])?)
+            to_value(vec![st])
         }
         Request::Measure { name, reset } => {
             let handles = match &name {
@@ -204,7 +190,7 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
                     h.ask(Command::ResetStats).await?;
                 }
             }
-            Ok(serde_json::to_value(rows)?)
+            to_value(rows)
         }
         Request::Enable(args) => {
             let h = vm(agent, &args.name)?;
@@ -221,9 +207,7 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
                 .await?
         )),
         Request::Disable { name } => Ok(json!(vm(agent, &name)?.ask(Command::Disable).await?)),
-        Request::Points { name } => Ok(serde_json::to_value(
-            vm(agent, &name)?.ask(Command::Points).await?,
-        )?),
+        Request::Points { name } => to_value(vm(agent, &name)?.ask(Command::Points).await?),
         Request::Import { name, dir } => Ok(json!(
             vm(agent, &name)?
                 .ask(|r| Command::Import(dir.into(), r))
@@ -275,13 +259,13 @@ async fn handle(agent: &Control, req: Request) -> anyhow::Result<Value> {
     }
 }
 
-async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> anyhow::Result<Value> {
+async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> Result<Value, AgentError> {
     let r = vm(agent, name)?.ask(|r| Command::Failover(cmd, r)).await?;
-    Ok(serde_json::to_value(r)?)
+    to_value(r)
 }
 
 /// Status rows of every VM on this host.
-pub async fn all_status(agent: &Control) -> anyhow::Result<Vec<VmStatus>> {
+pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
     let mut out = Vec::new();
     for h in agent.vms.all() {
         out.push(h.ask(Command::Status).await?);

@@ -387,30 +387,47 @@ async fn cycle_with(
             }
             // The replica has the cycle; the primary could not drop the frozen bitmap. The next
             // open merges it back, and reconciliation adopts the acknowledged cycle.
-            Err(e) => (
-                Outcome::Failed(Failure::Retryable(format!(
-                    "commit after acknowledgement failed: {e}"
-                ))),
-                true,
-                false,
-            ),
+            Err(e) => commit_failed(&e),
         },
-        (p, s) => {
-            let mut reset_client = false;
-            let failure = match (p, s) {
-                (Err(Some(f)), _) => f,
-                (_, Err(e)) => {
-                    reset_client = true;
-                    classify_transport(e)
-                }
-                _ => Failure::Retryable("cycle ended early".into()),
-            };
-            let mut reset_capture = false;
-            if let Err(e) = cycle.abort().await {
-                tracing::warn!("abort failed (the next open merges back): {e}");
-                reset_capture = true;
-            }
-            (Outcome::Failed(failure), reset_capture, reset_client)
-        }
+        (p, s) => failed(p, s, cycle, "cycle").await,
     }
+}
+
+/// A cycle acknowledged by the replica whose frozen bitmap could not be dropped here: the next
+/// open of the capture merges it back, and reconciliation adopts the acknowledged cycle.
+/// Returns the outcome and whether the capture and the connection must be reopened.
+pub fn commit_failed(e: &CaptureError) -> (Outcome, bool, bool) {
+    (
+        Outcome::Failed(Failure::Retryable(format!(
+            "commit after acknowledgement failed: {e}"
+        ))),
+        true,
+        false,
+    )
+}
+
+/// A cycle (of any kind) whose producer or transfer failed: classify the failure, abort the
+/// cycle (its changes are merged back), and say whether the capture and the connection must be
+/// reopened.
+pub async fn failed<T, A>(
+    produced: Result<T, Option<Failure>>,
+    sent: Result<A, TransportError>,
+    cycle: vmr_capture::CaptureCycle<'_>,
+    what: &str,
+) -> (Outcome, bool, bool) {
+    let mut reset_client = false;
+    let failure = match (produced, sent) {
+        (Err(Some(f)), _) => f,
+        (_, Err(e)) => {
+            reset_client = true;
+            classify_transport(e)
+        }
+        _ => Failure::Retryable(format!("{what} ended early")),
+    };
+    let mut reset_capture = false;
+    if let Err(e) = cycle.abort().await {
+        tracing::warn!("abort failed (the next open merges back): {e}");
+        reset_capture = true;
+    }
+    (Outcome::Failed(failure), reset_capture, reset_client)
 }

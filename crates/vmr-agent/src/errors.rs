@@ -1,12 +1,22 @@
-//! How the agent's errors reach their callers: a store error or a machine's refusal as the
-//! remote primary is told it (`RemoteError`), and a refusal as the CLI reports it (exit code 5).
+//! The agent's errors: [`AgentError`] (every situation the CLI hears of, each with its exit
+//! code) and how a store error or a machine's refusal reaches the remote primary
+//! (`RemoteError`).
 
-use vmr_core::Refusal;
+use std::path::PathBuf;
+
+use uuid::Uuid;
+use vmr_capture::CaptureError;
+use vmr_capture::qmp::QmpError;
+use vmr_core::{InvalidEnable, Refusal};
+use vmr_durable::DurableError;
+use vmr_proto::VmDefinitionError;
+use vmr_proto::api::ReplicationState;
 use vmr_proto::wire::RemoteError;
 use vmr_store::StoreError;
+use vmr_transport::{IdentityError, TransportError};
 
+use crate::db::DbError;
 use crate::exit;
-use crate::util::coded;
 
 /// Map a store error onto what the primary is told.
 pub fn store_err(e: StoreError) -> RemoteError {
@@ -47,7 +57,676 @@ pub fn refusal_err(r: Refusal) -> RemoteError {
     }
 }
 
-/// A refusal of the machine, as the CLI reports it.
-pub fn refused(r: Refusal) -> anyhow::Error {
-    coded(exit::INVALID_STATE, r.to_string())
+/// Every error the agent reports to the CLI (through the control API) or to its binary. Each
+/// variant is one situation; [`AgentError::exit_code`] gives the documented exit code (README.md,
+/// "Exit codes").
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    // ------------------------------------------------------------ not found (4)
+    /// No VM of that name on this host.
+    #[error("unknown VM {name:?} (see `vmreplica vm list`)")]
+    UnknownVm {
+        /// The VM name.
+        name: String,
+    },
+    /// `failover stop-test` without a test copy (of that id).
+    #[error("{name:?} has no test failover copy{}", .id.map(|i| format!(" {i}")).unwrap_or_default())]
+    NoTestCopy {
+        /// The VM name.
+        name: String,
+        /// The test copy asked for (all when none).
+        id: Option<Uuid>,
+    },
+
+    // ------------------------------------------------------------ invalid state (5)
+    /// The VM's decision machine refused the operation.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// A primary-side operation asked on the replica.
+    #[error("{name:?} is a replica VM on this host; run {what} on its primary")]
+    OnReplica {
+        /// The VM name.
+        name: String,
+        /// The command, as the user names it.
+        what: String,
+    },
+    /// A replica-side operation asked on the primary.
+    #[error("{name:?} is a primary VM on this host; run {what} on its replica")]
+    OnPrimary {
+        /// The VM name.
+        name: String,
+        /// The command, as the user names it.
+        what: String,
+    },
+    /// `resync` asked on the replica.
+    #[error("{name:?} is a replica VM on this host; resynchronize from its primary")]
+    ResyncOnReplica {
+        /// The VM name.
+        name: String,
+    },
+    /// `enable` asked on the replica.
+    #[error("{name:?} is a replica VM on this host")]
+    EnableOnReplica {
+        /// The VM name.
+        name: String,
+    },
+    /// `points` asked where the VM is not a replica.
+    #[error("{name:?} is not a replica VM on this host; run `points` on its replica")]
+    PointsNotReplica {
+        /// The VM name.
+        name: String,
+    },
+    /// `import` asked where the VM is not a replica.
+    #[error(
+        "{name:?} is not a replica VM on this host; enable replication on its primary first (the \
+         replica VM is created then), and import here"
+    )]
+    ImportNotReplica {
+        /// The VM name.
+        name: String,
+    },
+    /// Replication of the VM is not enabled.
+    #[error("replication of {name:?} is not enabled")]
+    NotEnabled {
+        /// The VM name.
+        name: String,
+    },
+    /// `enable` on a VM that replicates already.
+    #[error("replication of {name:?} is already enabled ({state})")]
+    AlreadyEnabled {
+        /// The VM name.
+        name: String,
+        /// The replication state.
+        state: ReplicationState,
+    },
+    /// A VM of that name or UUID is registered.
+    #[error("VM {name:?} ({uuid}) is already registered")]
+    AlreadyRegistered {
+        /// The VM name.
+        name: String,
+        /// The VM UUID.
+        uuid: Uuid,
+    },
+    /// `init` on a directory that holds an agent.
+    #[error("{} already holds an agent (config.toml exists)", .dir.display())]
+    AgentExists {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Failover: there is no failed-over VM.
+    #[error("{name:?} has no failed-over VM")]
+    NoFailedOverVm {
+        /// The VM name.
+        name: String,
+    },
+    /// `failover complete` while a test copy pins another recovery point.
+    #[error(
+        "test copy {view} (point {point}) pins another recovery point; `failover stop-test` it first"
+    )]
+    TestPinsPoint {
+        /// The test copy (its view id).
+        view: Uuid,
+        /// The recovery point.
+        point: u64,
+    },
+    /// `reverse` while the failed-over VM does not run.
+    #[error(
+        "the failed-over VM {name:?} is not running; reverse needs it running with change \
+         tracking (failover start without --no-start)"
+    )]
+    FailedOverNotRunning {
+        /// The VM name.
+        name: String,
+    },
+    /// Split-brain guard: the primary answers and its VM runs.
+    #[error(
+        "the primary {primary} ({addr}) still answers and its VM {name:?} runs ({state}); shut it \
+         down (or `failover prepare` it) first, or pass --force"
+    )]
+    PrimaryRuns {
+        /// The primary agent's name.
+        primary: String,
+        /// The primary agent's address.
+        addr: String,
+        /// The VM name.
+        name: String,
+        /// The replication state.
+        state: ReplicationState,
+    },
+    /// Split-brain guard: the primary answers but the VM's state cannot be checked.
+    #[error(
+        "the primary {primary} ({addr}) answers but the VM's state cannot be checked ({}); pass \
+         --force to fail over anyway",
+        crate::util::chain(.err)
+    )]
+    PrimaryUnchecked {
+        /// The primary agent's name.
+        primary: String,
+        /// The primary agent's address.
+        addr: String,
+        /// The error.
+        err: TransportError,
+    },
+    /// `failover prepare` while the guest runs.
+    #[error(
+        "{name:?} is running ({status}); shut the guest down first (e.g. `system_powerdown` with \
+         QEMU's -no-shutdown, or `stop`)"
+    )]
+    VmStillRunning {
+        /// The VM name.
+        name: String,
+        /// The status QEMU reports.
+        status: String,
+    },
+    /// `import` of a copy of another VM.
+    #[error("the copy in {} is of VM {vm} ({vm_name:?}), not of {name:?} ({uuid})", .dir.display())]
+    ImportOtherVm {
+        /// The directory.
+        dir: PathBuf,
+        /// The VM the copy is of.
+        vm: Uuid,
+        /// The name of the VM the copy is of.
+        vm_name: String,
+        /// The VM name.
+        name: String,
+        /// The VM UUID.
+        uuid: Uuid,
+    },
+
+    // ------------------------------------------------------------ usage (2)
+    /// The enable arguments are invalid.
+    #[error(transparent)]
+    InvalidEnable(#[from] InvalidEnable),
+    /// `server allow` with something that is not a fingerprint.
+    #[error("{fingerprint:?} is not a certificate fingerprint (SHA256:<64 hex>)")]
+    BadFingerprint {
+        /// What was given.
+        fingerprint: String,
+    },
+    /// `vm add` with an invalid definition.
+    #[error("invalid --launch file")]
+    BadDefinition(#[source] VmDefinitionError),
+    /// `vm add NAME` with a definition of another name.
+    #[error("the definition names the VM {def_name:?}, not {name:?}")]
+    DefinitionName {
+        /// The name in the definition.
+        def_name: String,
+        /// The VM name.
+        name: String,
+    },
+    /// `vm add --disk` naming a disk the definition lacks.
+    #[error("--disk {disk:?} is not a disk of the definition")]
+    DiskNotInDefinition {
+        /// The disk id.
+        disk: String,
+    },
+    /// `init` with an unusable agent name.
+    #[error("bad agent name {name:?}")]
+    BadAgentName {
+        /// The VM name.
+        name: String,
+    },
+    /// `init --listen` that is not HOST:PORT.
+    #[error("--listen {listen:?} is not HOST:PORT ({err})")]
+    BadListen {
+        /// What was given.
+        listen: String,
+        /// The error.
+        err: std::net::AddrParseError,
+    },
+    /// `reverse` without a known address of the old primary.
+    #[error("the old primary's address is unknown: pass --replica HOST:PORT")]
+    OldPrimaryAddressUnknown,
+    /// `reverse` without a known fingerprint of the old primary.
+    #[error("pass --replica-fingerprint")]
+    OldPrimaryFingerprintUnknown,
+
+    // ------------------------------------------------------------ failure (1)
+    /// The config file cannot be read.
+    #[error("cannot read {} ({err}); run `vmreplica init --dir {}` first", .path.display(), .dir.display())]
+    ConfigUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// The directory.
+        dir: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// The config file does not parse.
+    #[error("{} is not a valid agent config", .path.display())]
+    ConfigInvalid {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: toml::de::Error,
+    },
+    /// The config cannot be encoded.
+    #[error("encoding the agent config")]
+    ConfigEncode(#[source] toml::ser::Error),
+    /// The config's listen address is not HOST:PORT.
+    #[error("listen address {listen:?} is not HOST:PORT")]
+    ListenAddress {
+        /// What was given.
+        listen: String,
+        /// The cause.
+        source: std::net::AddrParseError,
+    },
+    /// Another agent serves the control socket.
+    #[error("another agent is already serving {}", .path.display())]
+    ControlSocketBusy {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file system operation failed.
+    #[error("{doing} {}", .path.display())]
+    Io {
+        /// What was being done.
+        doing: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A system facility (runtime, signal handler) could not be set up.
+    #[error("{doing}")]
+    System {
+        /// What was being done.
+        doing: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A JSON file does not parse.
+    #[error("{doing} {}", .path.display())]
+    Json {
+        /// What was being done.
+        doing: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// Encoding a JSON value failed.
+    #[error("encoding {what}")]
+    JsonEncode {
+        /// The command, as the user names it.
+        what: &'static str,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// The state database.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A replica store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Opening a replica store failed.
+    #[error("opening replica store {}", .root.display())]
+    OpenStore {
+        /// The storage directory.
+        root: PathBuf,
+        /// The cause.
+        source: StoreError,
+    },
+    /// Recovering a replica store failed.
+    #[error("recovering replica store {}", .root.display())]
+    RecoverStore {
+        /// The storage directory.
+        root: PathBuf,
+        /// The cause.
+        source: StoreError,
+    },
+    /// Durable file writes.
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+    /// Capture (QEMU block jobs, NBD).
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// The TLS identity.
+    #[error("{doing} the TLS identity")]
+    Identity {
+        /// What was being done.
+        doing: &'static str,
+        /// The cause.
+        source: IdentityError,
+    },
+    /// The replicated VM definition (stored on the replica) is invalid.
+    #[error("the replicated VM definition is invalid")]
+    ReplicatedDefinition(#[source] VmDefinitionError),
+    /// The VM's own definition does not parse or render.
+    #[error(transparent)]
+    Definition(#[from] VmDefinitionError),
+    /// The VM's owner task has stopped.
+    #[error("the owner of VM {name:?} has stopped")]
+    OwnerStopped {
+        /// The VM name.
+        name: String,
+    },
+    /// Binding the replication listener failed.
+    #[error("binding the replication listener {addr}")]
+    BindListener {
+        /// The primary agent's address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: TransportError,
+    },
+    /// `enable`: the replica cannot be reached.
+    #[error("connecting to the replica {replica}")]
+    ConnectReplica {
+        /// The replica agent's address.
+        replica: String,
+        /// The cause.
+        source: TransportError,
+    },
+    /// `enable`: the replica refused the replica VM.
+    #[error("the replica refused to create the replica VM")]
+    CreateReplica(#[source] TransportError),
+    /// `reverse`: the old primary cannot be reached.
+    #[error("connecting to the old primary {addr}")]
+    ConnectOldPrimary {
+        /// The primary agent's address.
+        addr: String,
+        /// The cause.
+        source: TransportError,
+    },
+    /// `reverse`: the old primary refused.
+    #[error("the old primary refused to become the replica")]
+    BecomeReplica(#[source] TransportError),
+    /// `reverse`: the failover point is gone.
+    #[error("the failover point is gone from the store")]
+    FailoverPointGone {
+        /// The recovery point.
+        point: u64,
+    },
+    /// `failover prepare`: the final planned cycle failed.
+    #[error("the final cycle failed: {reason}")]
+    FinalCycleFailed {
+        /// The machine's last error.
+        reason: String,
+    },
+    /// `failover prepare`: the VM's QMP monitor does not answer.
+    #[error("the VM's QMP monitor {qmp} must answer to ship the final cycle")]
+    QmpUnreachable {
+        /// The QMP socket.
+        qmp: String,
+        /// The cause.
+        source: QmpError,
+    },
+    /// `failover prepare`: `query-status` failed.
+    #[error("querying the VM's status")]
+    QueryStatus(#[source] QmpError),
+    /// Failover: the VM command cannot be built.
+    #[error("building the VM command from the replicated definition")]
+    LaunchCommand(#[source] Box<AgentError>),
+    /// Failover: the VM program cannot be started.
+    #[error("starting {program}")]
+    SpawnVm {
+        /// The VM program.
+        program: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Failover: the VM exited at start.
+    #[error("{program} exited ({status}) at start:\n{log}")]
+    VmExited {
+        /// The VM program.
+        program: String,
+        /// The status QEMU reports.
+        status: std::process::ExitStatus,
+        /// The end of the VM's log.
+        log: String,
+    },
+    /// Failover: the VM's QMP socket did not answer in time.
+    #[error("the VM's QMP socket {} did not answer", .path.display())]
+    QmpTimeout {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Failover: adding the change-tracking bitmap failed.
+    #[error("starting change tracking on {node}")]
+    StartTracking {
+        /// The disk node.
+        node: String,
+        /// The cause.
+        source: QmpError,
+    },
+    /// Failover: `cont` failed.
+    #[error("resuming the VM")]
+    ResumeVm(#[source] QmpError),
+    /// Failover: creating the overlays failed.
+    #[error("creating the failover overlays")]
+    CreateOverlays(#[source] StoreError),
+    /// Import: the manifest's format is not supported.
+    #[error("{}: unsupported format {format}", .path.display())]
+    ManifestFormat {
+        /// The file.
+        path: PathBuf,
+        /// The format the manifest names.
+        format: u32,
+    },
+    /// Import: the manifest names a file that is not a plain file name.
+    #[error("{}: bad file name {file:?}", .path.display())]
+    ManifestFileName {
+        /// The file.
+        path: PathBuf,
+        /// The file name the manifest names.
+        file: String,
+    },
+    /// Import: the copy's checksum does not match its manifest.
+    #[error("{} is damaged: its BLAKE3 is {got}, the manifest says {expected}", .path.display())]
+    CopyDamaged {
+        /// The file.
+        path: PathBuf,
+        /// The BLAKE3 of the file.
+        got: String,
+        /// The BLAKE3 the manifest names.
+        expected: String,
+    },
+    /// Import: the store refused the copy.
+    #[error("importing {}", .path.display())]
+    Import {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: StoreError,
+    },
+    /// Import: the store refused the disk images.
+    #[error("importing disk images from {}", .dir.display())]
+    ImportImages {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        source: StoreError,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("a background task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl AgentError {
+    /// The CLI exit code of this error (README.md, "Exit codes").
+    pub fn exit_code(&self) -> i32 {
+        use AgentError::*;
+        match self {
+            UnknownVm { .. } | NoTestCopy { .. } => exit::NOT_FOUND,
+            Refused(_)
+            | OnReplica { .. }
+            | OnPrimary { .. }
+            | ResyncOnReplica { .. }
+            | EnableOnReplica { .. }
+            | PointsNotReplica { .. }
+            | ImportNotReplica { .. }
+            | NotEnabled { .. }
+            | AlreadyEnabled { .. }
+            | AlreadyRegistered { .. }
+            | AgentExists { .. }
+            | NoFailedOverVm { .. }
+            | TestPinsPoint { .. }
+            | FailedOverNotRunning { .. }
+            | PrimaryRuns { .. }
+            | PrimaryUnchecked { .. }
+            | VmStillRunning { .. }
+            | ImportOtherVm { .. } => exit::INVALID_STATE,
+            InvalidEnable(_)
+            | BadFingerprint { .. }
+            | BadDefinition(_)
+            | DefinitionName { .. }
+            | DiskNotInDefinition { .. }
+            | BadAgentName { .. }
+            | BadListen { .. }
+            | OldPrimaryAddressUnknown
+            | OldPrimaryFingerprintUnknown => exit::USAGE,
+            ConfigUnreadable { .. }
+            | ConfigInvalid { .. }
+            | ConfigEncode(_)
+            | ListenAddress { .. }
+            | ControlSocketBusy { .. }
+            | Io { .. }
+            | System { .. }
+            | Json { .. }
+            | JsonEncode { .. }
+            | Db(_)
+            | Store(_)
+            | OpenStore { .. }
+            | RecoverStore { .. }
+            | Durable(_)
+            | Capture(_)
+            | Identity { .. }
+            | ReplicatedDefinition(_)
+            | Definition(_)
+            | OwnerStopped { .. }
+            | BindListener { .. }
+            | ConnectReplica { .. }
+            | CreateReplica(_)
+            | ConnectOldPrimary { .. }
+            | BecomeReplica(_)
+            | FailoverPointGone { .. }
+            | FinalCycleFailed { .. }
+            | QmpUnreachable { .. }
+            | QueryStatus(_)
+            | LaunchCommand(_)
+            | SpawnVm { .. }
+            | VmExited { .. }
+            | QmpTimeout { .. }
+            | StartTracking { .. }
+            | ResumeVm(_)
+            | CreateOverlays(_)
+            | ManifestFormat { .. }
+            | ManifestFileName { .. }
+            | CopyDamaged { .. }
+            | Import { .. }
+            | ImportImages { .. }
+            | Task(_) => exit::FAILURE,
+        }
+    }
+
+    /// An io error with the path and what was being done.
+    pub fn io(
+        doing: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> AgentError {
+        let path = path.into();
+        move |source| AgentError::Io {
+            doing,
+            path,
+            source,
+        }
+    }
+
+    /// The error and its sources, outermost first (what the control API answers).
+    pub fn chain(&self) -> Vec<String> {
+        let mut out = vec![self.to_string()];
+        let mut src = std::error::Error::source(self);
+        while let Some(e) = src {
+            out.push(e.to_string());
+            src = e.source();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io_err() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::PermissionDenied)
+    }
+
+    #[test]
+    fn exit_codes_follow_the_readme() {
+        let name = || "web".to_owned();
+        assert_eq!(AgentError::UnknownVm { name: name() }.exit_code(), 4);
+        assert_eq!(
+            AgentError::NoTestCopy {
+                name: name(),
+                id: None
+            }
+            .exit_code(),
+            4
+        );
+        let refusal = Refusal::State {
+            op: vmr_core::Op::Complete,
+            state: ReplicationState::Replicating,
+        };
+        assert_eq!(AgentError::from(refusal).exit_code(), 5);
+        assert_eq!(
+            AgentError::OnReplica {
+                name: name(),
+                what: "Pause".into()
+            }
+            .exit_code(),
+            5
+        );
+        assert_eq!(AgentError::NotEnabled { name: name() }.exit_code(), 5);
+        assert_eq!(
+            AgentError::from(InvalidEnable::FrequencyTooShort { secs: 1 }).exit_code(),
+            2
+        );
+        assert_eq!(
+            AgentError::BadFingerprint {
+                fingerprint: "x".into()
+            }
+            .exit_code(),
+            2
+        );
+        assert_eq!(AgentError::OldPrimaryAddressUnknown.exit_code(), 2);
+        assert_eq!(
+            AgentError::io("reading", "/nowhere")(io_err()).exit_code(),
+            1
+        );
+        assert_eq!(AgentError::OwnerStopped { name: name() }.exit_code(), 1);
+    }
+
+    #[test]
+    fn messages_keep_their_wording_and_chain() {
+        let e = AgentError::BadFingerprint {
+            fingerprint: "abc".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "\"abc\" is not a certificate fingerprint (SHA256:<64 hex>)"
+        );
+        let e = AgentError::OnReplica {
+            name: "web".into(),
+            what: "`failover prepare`".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "\"web\" is a replica VM on this host; run `failover prepare` on its primary"
+        );
+        // The io error is the second link of the chain the control API answers.
+        let e = AgentError::io("reading", "/x/manifest.json")(io_err());
+        let chain = e.chain();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0], "reading /x/manifest.json");
+        assert_eq!(chain[1], io_err().to_string());
+        assert_eq!(
+            AgentError::NoTestCopy {
+                name: "web".into(),
+                id: None
+            }
+            .to_string(),
+            "\"web\" has no test failover copy"
+        );
+    }
 }

@@ -13,6 +13,7 @@ use vmr_proto::{CycleConsistency, CycleHeader, CycleKind};
 use vmr_store::staging::StageFileWriter;
 
 use crate::cycle::{CycleCtx, Outcome, Session, classify_capture};
+use crate::errors::AgentError;
 use crate::util::now_ms;
 use vmr_core::Failure;
 use vmr_proto::record::VmRecord;
@@ -148,8 +149,7 @@ async fn export_with(
     }
 }
 
-/// Rename the fsynced cycle file into place and write the manifest (temp, fsync, rename,
-/// directory fsync).
+/// Move the cycle file into place and write the manifest, both durably (`vmr-durable`).
 fn publish(
     dir: &Path,
     tmp: &Path,
@@ -158,10 +158,10 @@ fn publish(
     id: u64,
     bytes: u64,
 ) -> Result<(), Failure> {
-    let io = |what: &str, e: std::io::Error| Failure::Retryable(format!("{what}: {e}"));
+    let durable = |e: vmr_durable::DurableError| Failure::Retryable(e.to_string());
     let dest = dir.join(file);
-    std::fs::rename(tmp, &dest).map_err(|e| io("renaming the export", e))?;
-    let sum = crate::util::blake3_file(&dest).map_err(|e| Failure::Retryable(format!("{e:#}")))?;
+    vmr_durable::persist(tmp, &dest).map_err(durable)?;
+    let sum = blake3_file(&dest).map_err(|e| Failure::Retryable(crate::util::chain(&e)))?;
     let m = ExportManifest {
         format: 1,
         vm: rec.uuid,
@@ -172,19 +172,7 @@ fn publish(
         bytes,
     };
     let text = serde_json::to_string_pretty(&m).map_err(|e| Failure::Fatal(e.to_string()))?;
-    let mtmp = dir.join(format!("{EXPORT_MANIFEST}.tmp"));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&mtmp).map_err(|e| io("writing the manifest", e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io("writing the manifest", e))?;
-    }
-    std::fs::rename(&mtmp, dir.join(EXPORT_MANIFEST))
-        .map_err(|e| io("renaming the manifest", e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing the export directory", e))?;
+    vmr_durable::write_atomic(&dir.join(EXPORT_MANIFEST), text.as_bytes()).map_err(durable)?;
     Ok(())
 }
 
@@ -192,4 +180,12 @@ fn publish(
 /// room.
 fn io_failure(path: &Path, e: vmr_store::StoreError) -> Failure {
     Failure::Retryable(format!("writing {}: {e}", path.display()))
+}
+
+/// Hex BLAKE3 of a file, streamed (the export manifest's checksum; `import` checks it).
+pub(crate) fn blake3_file(path: &std::path::Path) -> Result<String, AgentError> {
+    let mut f = std::fs::File::open(path).map_err(AgentError::io("opening", path))?;
+    let mut h = blake3::Hasher::new();
+    std::io::copy(&mut f, &mut h).map_err(AgentError::io("reading", path))?;
+    Ok(h.finalize().to_hex().to_string())
 }

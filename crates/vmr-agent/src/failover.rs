@@ -12,7 +12,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use vmr_capture::qmp::{QmpClient, QmpError};
 use vmr_capture::{Endpoint, Names};
@@ -31,17 +30,32 @@ use vmr_proto::wire::RemoteError;
 use vmr_store::RetentionPolicy;
 use vmr_transport::{Client, Peer};
 
-use crate::exit;
+use crate::errors::AgentError;
 use crate::host::Host;
 use crate::owned::Vm;
-use crate::util::{coded, now_ms};
+use crate::util::now_ms;
+
+/// Why the old primary could not become the replica (`become-replica`, told to the new
+/// primary as an internal error).
+#[derive(Debug, thiserror::Error)]
+enum BecomeError {
+    /// A disk of the point is not in the old definition.
+    #[error("disk {disk} is not in the old definition")]
+    DiskNotInOldDefinition { disk: String },
+    /// The new primary has no `server allow` entry here.
+    #[error("the new primary is not authorized on this host (`server allow`)")]
+    NotAuthorized,
+    /// Anything the agent reports otherwise.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
 
 /// How long a started VM's QMP socket may take to answer.
 const QMP_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Remember the primary agent's listener (reported with each `replica-info` call).
 pub fn remember_primary(vm: &Vm, listen: &str) {
-    let r = (|| -> anyhow::Result<()> {
+    let r = (|| -> Result<(), AgentError> {
         let mut fr = vm.failover()?;
         if fr.primary_listen.as_deref() != Some(listen) {
             fr.primary_listen = Some(listen.to_owned());
@@ -50,12 +64,8 @@ pub fn remember_primary(vm: &Vm, listen: &str) {
         Ok(())
     })();
     if let Err(e) = r {
-        tracing::warn!(vm = %vm.rec.uuid, "cannot record the primary's address: {e:#}");
+        tracing::warn!(vm = %vm.rec.uuid, "cannot record the primary's address: {}", crate::util::chain(&e));
     }
-}
-
-fn refused(e: impl std::fmt::Display) -> anyhow::Error {
-    coded(exit::INVALID_STATE, e.to_string())
 }
 
 // ------------------------------------------------------------------ processes
@@ -124,7 +134,7 @@ async fn launch_vm(
     disks: &[(String, PathBuf)],
     dest: &Path,
     test: bool,
-) -> anyhow::Result<(u32, PathBuf)> {
+) -> Result<(u32, PathBuf), AgentError> {
     let qmp = dest.join("qmp.sock");
     let nbd = if test {
         dest.join("nbd.sock")
@@ -147,7 +157,7 @@ async fn launch_vm(
         test,
         &dest.join("vm.log"),
     )
-    .context("building the VM command from the replicated definition")?;
+    .map_err(|e| AgentError::LaunchCommand(Box::new(e)))?;
     // A real VM starts paused so that tracking exists before the guest's first write.
     let paused = def.program.contains("qemu-system");
     if paused {
@@ -155,16 +165,21 @@ async fn launch_vm(
     }
     // Its own process group: a signal to the agent does not reach the VM.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", def.program))?;
+    let mut child = cmd.spawn().map_err(|source| AgentError::SpawnVm {
+        program: def.program.clone(),
+        source,
+    })?;
     let pid = child.id();
     let started = async {
         let deadline = Instant::now() + QMP_START_TIMEOUT;
         let mut q = loop {
             if let Ok(Some(st)) = child.try_wait() {
                 let log = std::fs::read_to_string(dest.join("vm.log")).unwrap_or_default();
-                bail!("{} exited ({st}) at start:\n{}", def.program, log.trim());
+                return Err(AgentError::VmExited {
+                    program: def.program.clone(),
+                    status: st,
+                    log: log.trim().to_owned(),
+                });
             }
             if qmp.exists()
                 && let Ok(q) =
@@ -173,7 +188,7 @@ async fn launch_vm(
                 break q;
             }
             if Instant::now() > deadline {
-                bail!("the VM's QMP socket {} did not answer", qmp.display());
+                return Err(AgentError::QmpTimeout { path: qmp.clone() });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
@@ -191,14 +206,17 @@ async fn launch_vm(
                     args["persistent"] = json!(false);
                     q.execute_value("block-dirty-bitmap-add", Some(args))
                         .await
-                        .with_context(|| format!("starting change tracking on {node}"))?;
+                        .map_err(|source| AgentError::StartTracking {
+                            node: node.clone(),
+                            source,
+                        })?;
                 }
             }
         }
         if paused {
             q.execute_value("cont", None)
                 .await
-                .context("resuming the VM")?;
+                .map_err(AgentError::ResumeVm)?;
         }
         Ok(())
     }
@@ -234,13 +252,13 @@ fn result(
     }
 }
 
-fn replica_record(vm: &Vm) -> anyhow::Result<VmRecord> {
+fn replica_record(vm: &Vm) -> Result<VmRecord, AgentError> {
     let rec = vm.rec.clone();
-    let name = &rec.name;
     if rec.mode() != ReplicationMode::Replica {
-        return Err(refused(format!(
-            "{name:?} is a primary VM on this host; run this on its replica"
-        )));
+        return Err(AgentError::OnPrimary {
+            name: rec.name,
+            what: "this".to_owned(),
+        });
     }
     Ok(rec)
 }
@@ -253,7 +271,7 @@ pub async fn start(
     no_start: bool,
     force: bool,
     test: bool,
-) -> anyhow::Result<FailoverResult> {
+) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let rec = replica_record(vm)?;
     let name = rec.name.clone();
@@ -268,7 +286,7 @@ pub async fn start(
         op,
         has_point,
     )
-    .map_err(crate::errors::refused)?;
+    .map_err(AgentError::Refused)?;
     let mut fr = vm.failover()?;
     if !test && !force {
         split_brain_guard(&vm.host, &rec, &fr).await?;
@@ -280,7 +298,7 @@ pub async fn start(
     } else {
         ReplicaEvent::FailoverStart { now_ms: now }
     };
-    side.step(vm, ev).map_err(crate::errors::refused)?;
+    side.step(vm, ev).map_err(AgentError::Refused)?;
     let made = async {
         let slot = if test {
             format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -294,14 +312,14 @@ pub async fn start(
             .join(crate::launch::tag(rec.uuid))
             .join(slot);
         if dest.exists() {
-            std::fs::remove_dir_all(&dest)?;
+            std::fs::remove_dir_all(&dest).map_err(AgentError::io("removing", &dest))?;
         }
         let view = store
             .create_view(rec.uuid, point, &dest)
             .await
-            .context("creating the failover overlays")?;
+            .map_err(AgentError::CreateOverlays)?;
         let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
-            .context("the replicated VM definition is invalid")?;
+            .map_err(AgentError::ReplicatedDefinition)?;
         if test {
             def.name = format!("{}-test", def.name);
         }
@@ -330,7 +348,7 @@ pub async fn start(
                 }
             }
         }
-        anyhow::Ok(f)
+        Ok::<_, AgentError>(f)
     }
     .await;
     let f = match made {
@@ -338,7 +356,7 @@ pub async fn start(
         Err(e) => {
             if !test {
                 side.step(vm, ReplicaEvent::FailoverCancel { now_ms: now_ms() })
-                    .map_err(crate::errors::refused)?;
+                    .map_err(AgentError::Refused)?;
             }
             return Err(e);
         }
@@ -374,7 +392,11 @@ pub async fn start(
 }
 
 /// Refuse an unplanned failover while the primary answers and its VM runs.
-async fn split_brain_guard(host: &Host, rec: &VmRecord, fr: &FailoverRecord) -> anyhow::Result<()> {
+async fn split_brain_guard(
+    host: &Host,
+    rec: &VmRecord,
+    fr: &FailoverRecord,
+) -> Result<(), AgentError> {
     let Some(addr) = fr.primary_listen.clone() else {
         tracing::warn!(vm = %rec.name, "the primary's address is unknown; split-brain check skipped");
         return Ok(());
@@ -394,26 +416,29 @@ async fn split_brain_guard(host: &Host, rec: &VmRecord, fr: &FailoverRecord) -> 
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(v)) => {
             if v.running {
-                return Err(refused(format!(
-                    "the primary {} ({addr}) still answers and its VM {:?} runs ({}); shut it \
-                     down (or `failover prepare` it) first, or pass --force",
-                    rec.primary, rec.name, v.state
-                )));
+                return Err(AgentError::PrimaryRuns {
+                    primary: rec.primary.clone(),
+                    addr,
+                    name: rec.name.clone(),
+                    state: v.state,
+                });
             }
             Ok(())
         }
-        Ok(Err(e)) if !e.is_retryable() => Err(refused(format!(
-            "the primary {} ({addr}) answers but the VM's state cannot be checked ({}); pass \
-             --force to fail over anyway",
-            rec.primary,
-            crate::util::chain(&e)
-        ))),
+        Ok(Err(err)) if !err.is_retryable() => Err(AgentError::PrimaryUnchecked {
+            primary: rec.primary.clone(),
+            addr,
+            err,
+        }),
         // Unreachable or timed out: the primary is lost.
         _ => Ok(()),
     }
 }
 
-pub async fn stop_test(vm: &mut Vm, test_id: Option<uuid::Uuid>) -> anyhow::Result<FailoverResult> {
+pub async fn stop_test(
+    vm: &mut Vm,
+    test_id: Option<uuid::Uuid>,
+) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let rec = replica_record(vm)?;
     let name = rec.name.clone();
@@ -425,24 +450,14 @@ pub async fn stop_test(vm: &mut Vm, test_id: Option<uuid::Uuid>) -> anyhow::Resu
         .drain(..)
         .partition(|t| test_id.is_none_or(|id| id == t.view));
     if gone.is_empty() {
-        return Err(coded(
-            exit::NOT_FOUND,
-            format!(
-                "{name:?} has no test failover copy{}",
-                match test_id {
-                    Some(id) => format!(" {id}"),
-                    None => String::new(),
-                }
-            ),
-        ));
+        return Err(AgentError::NoTestCopy {
+            name: name.to_owned(),
+            id: test_id,
+        });
     }
     fr.tests = keep;
     for t in &gone {
-        kill_vm(vm, t).await;
-        store.remove_view(rec.uuid, t.view)?;
-        if let Some(dir) = t.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        end_failover_vm(vm, &store, t, false).await?;
     }
     vm.save_failover(&fr)?;
     Ok(result(
@@ -458,7 +473,27 @@ pub async fn stop_test(vm: &mut Vm, test_id: Option<uuid::Uuid>) -> anyhow::Resu
     ))
 }
 
-pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<FailoverResult> {
+/// End a failed-over VM or test copy: its process, its view in the store (`missing_ok`: a view
+/// already gone is fine), and its directory of overlays.
+async fn end_failover_vm(
+    vm: &mut Vm,
+    store: &vmr_store::Store,
+    f: &FailoverVm,
+    missing_ok: bool,
+) -> Result<(), AgentError> {
+    kill_vm(vm, f).await;
+    match store.remove_view(vm.rec.uuid, f.view) {
+        Ok(()) => {}
+        Err(vmr_store::StoreError::NoSuchView(_)) if missing_ok => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(dir) = f.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let rec = replica_record(vm)?;
     let name = rec.name.clone();
@@ -469,25 +504,18 @@ pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Failo
         Op::Cancel,
         true,
     )
-    .map_err(crate::errors::refused)?;
+    .map_err(AgentError::Refused)?;
     let store = vm.host.store_of(&rec)?;
     let mut fr = vm.failover()?;
     if let Some(live) = fr.live.take() {
-        kill_vm(vm, &live).await;
-        match store.remove_view(rec.uuid, live.view) {
-            Ok(()) | Err(vmr_store::StoreError::NoSuchView(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if let Some(dir) = live.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        end_failover_vm(vm, &store, &live, true).await?;
     }
     fr.before = None;
     fr.planned = false;
     vm.save_failover(&fr)?;
     vm.rec.qmp = String::new();
     side.step(vm, ReplicaEvent::FailoverCancel { now_ms: now_ms() })
-        .map_err(crate::errors::refused)?;
+        .map_err(AgentError::Refused)?;
     let state = side.machine().state();
     Ok(result(
         name,
@@ -498,7 +526,7 @@ pub async fn cancel(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Failo
     ))
 }
 
-pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<FailoverResult> {
+pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let rec = replica_record(vm)?;
     let name = rec.name.clone();
@@ -509,18 +537,17 @@ pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Fai
         Op::Complete,
         true,
     )
-    .map_err(crate::errors::refused)?;
+    .map_err(AgentError::Refused)?;
     let store = vm.host.store_of(&rec)?;
     let fr = vm.failover()?;
-    let live = fr
-        .live
-        .clone()
-        .ok_or_else(|| refused(format!("{name:?} has no failed-over VM")))?;
+    let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
+        name: name.to_owned(),
+    })?;
     if let Some(t) = fr.tests.iter().find(|t| t.point != live.point) {
-        return Err(refused(format!(
-            "test copy {} (point {}) pins another recovery point; `failover stop-test` it first",
-            t.view, t.point
-        )));
+        return Err(AgentError::TestPinsPoint {
+            view: t.view,
+            point: t.point,
+        });
     }
     if running(vm, &live) {
         store.discard_points_above(rec.uuid, live.point).await?;
@@ -536,7 +563,7 @@ pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> anyhow::Result<Fai
             point: live.point,
         },
     )
-    .map_err(crate::errors::refused)?;
+    .map_err(AgentError::Refused)?;
     Ok(result(
         name,
         side.machine().state(),
@@ -580,15 +607,18 @@ pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> PrimaryVmStat
 }
 
 /// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock.
-pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> anyhow::Result<FailoverResult> {
+pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let name = vm.rec.name.clone();
     let name = name.as_str();
     failover_transition(vm.rec.mode(), side.state(), Op::Prepare, true)
-        .map_err(crate::errors::refused)?;
+        .map_err(AgentError::Refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
-    check_shut_down(&vm.rec).await?;
+    if let Err(e) = check_shut_down(&vm.rec).await {
+        side.resume_after_stop(vm);
+        return Err(e);
+    }
     let id = side.prepare_failover(vm).await?;
     Ok(result(
         name,
@@ -608,28 +638,28 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> anyhow::Result<Fail
 
 /// "Shut down": a real VM reports a non-running status (shutdown with -no-shutdown, or
 /// paused); a stand-in has no guest (no query-status): its writers are the admin's to stop.
-async fn check_shut_down(rec: &VmRecord) -> anyhow::Result<()> {
-    let name = &rec.name;
+async fn check_shut_down(rec: &VmRecord) -> Result<(), AgentError> {
     let ep = Endpoint::Unix(rec.qmp.clone().into());
     let mut q = QmpClient::connect(&ep, Duration::from_secs(5))
         .await
-        .with_context(|| {
-            format!(
-                "the VM's QMP monitor {} must answer to ship the final cycle",
-                rec.qmp
-            )
+        .map_err(|source| AgentError::QmpUnreachable {
+            qmp: rec.qmp.clone(),
+            source,
         })?;
     match q.execute_value("query-status", None).await {
         Ok(v) if v.get("running").and_then(Value::as_bool) == Some(true) => {
-            return Err(refused(format!(
-                "{name:?} is running ({}); shut the guest down first (e.g. `system_powerdown` \
-                 with QEMU's -no-shutdown, or `stop`)",
-                v.get("status").and_then(Value::as_str).unwrap_or("running")
-            )));
+            return Err(AgentError::VmStillRunning {
+                name: rec.name.clone(),
+                status: v
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .unwrap_or("running")
+                    .to_owned(),
+            });
         }
         Ok(_) => {}
         Err(QmpError::Command { class, .. }) if class == "CommandNotFound" => {}
-        Err(e) => return Err(e).context("querying the VM's status"),
+        Err(e) => return Err(AgentError::QueryStatus(e)),
     }
     Ok(())
 }
@@ -643,36 +673,29 @@ pub async fn reverse(
     replica: Option<String>,
     replica_fingerprint: Option<String>,
     frequency_secs: Option<u64>,
-) -> anyhow::Result<(FailoverResult, vmr_core::PrimaryMachine)> {
+) -> Result<(FailoverResult, vmr_core::PrimaryMachine), AgentError> {
     let t0 = Instant::now();
     let mut rec = replica_record(vm)?;
     let name = rec.name.clone();
     let name = name.as_str();
     side.machine()
         .check_reverse()
-        .map_err(crate::errors::refused)?;
+        .map_err(AgentError::Refused)?;
     let frequency_secs = frequency_secs.unwrap_or(300);
     let mut fr = vm.failover()?;
-    let live = fr
-        .live
-        .clone()
-        .ok_or_else(|| refused(format!("{name:?} has no failed-over VM")))?;
+    let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
+        name: name.to_owned(),
+    })?;
     let qmp = live
         .qmp
         .clone()
         .filter(|_| running(vm, &live))
-        .ok_or_else(|| {
-            refused(format!(
-                "the failed-over VM {name:?} is not running; reverse needs it running with change \
-             tracking (failover start without --no-start)"
-            ))
+        .ok_or_else(|| AgentError::FailedOverNotRunning {
+            name: name.to_owned(),
         })?;
-    let addr = replica.or(fr.primary_listen.clone()).ok_or_else(|| {
-        coded(
-            exit::USAGE,
-            "the old primary's address is unknown: pass --replica HOST:PORT",
-        )
-    })?;
+    let addr = replica
+        .or(fr.primary_listen.clone())
+        .ok_or(AgentError::OldPrimaryAddressUnknown)?;
     let fp = match replica_fingerprint {
         Some(f) => f,
         None => vm
@@ -681,7 +704,7 @@ pub async fn reverse(
             .into_iter()
             .find(|e| e.primary == rec.primary)
             .map(|e| e.fingerprint)
-            .ok_or_else(|| coded(exit::USAGE, "pass --replica-fingerprint"))?,
+            .ok_or(AgentError::OldPrimaryFingerprintUnknown)?,
     };
     let args = EnableArgs {
         name: rec.name.clone(),
@@ -702,9 +725,10 @@ pub async fn reverse(
         .points(rec.uuid)?
         .into_iter()
         .find(|p| p.id == live.point)
-        .context("the failover point is gone from the store")?;
+        .ok_or(AgentError::FailoverPointGone { point: live.point })?;
     // The new definition: same VM, its disks are now the failover overlays.
-    let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)?;
+    let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
+        .map_err(AgentError::ReplicatedDefinition)?;
     for d in &mut def.disks {
         if let Some((_, p)) = live.disks.iter().find(|(n, _)| n == &d.node) {
             d.path = p.clone();
@@ -726,18 +750,21 @@ pub async fn reverse(
     };
     let client = Client::connect(&addr, &vm.host.identity, &fp, Default::default())
         .await
-        .with_context(|| format!("connecting to the old primary {addr}"))?;
+        .map_err(|source| AgentError::ConnectOldPrimary {
+            addr: addr.clone(),
+            source,
+        })?;
     let answer = client
         .become_replica(req)
         .await
-        .context("the old primary refused to become the replica")?;
+        .map_err(AgentError::BecomeReplica)?;
     let resync = answer.resync;
     let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
     // After an unplanned failover the old primary's disks differ from the point: resync now.
     let machine = side
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
-        .map_err(crate::errors::refused)?;
+        .map_err(AgentError::Refused)?;
     rec.qmp = qmp;
     rec.launch_toml = def.to_toml();
     rec.disks = point.disks.iter().map(|(d, _)| d.clone()).collect();
@@ -779,8 +806,8 @@ pub async fn become_replica(
     peer: &Peer,
     req: BecomeReplica,
 ) -> Result<(BecameReplica, vmr_core::ReplicaMachine), RemoteError> {
-    let internal = |e: anyhow::Error| RemoteError::Internal {
-        message: format!("{e:#}"),
+    let internal = |e: BecomeError| RemoteError::Internal {
+        message: crate::util::chain(&e),
     };
     let bad = |m: String| RemoteError::BadRequest { message: m };
     let rec = vm.rec.clone();
@@ -832,25 +859,28 @@ pub async fn become_replica(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        let old = VmDefinition::from_toml(&rec.launch_toml)?;
+        let old = VmDefinition::from_toml(&rec.launch_toml).map_err(AgentError::Definition)?;
         let mut disks = Vec::new();
         for d in &req.disks {
             let img = old
                 .disks
                 .iter()
                 .find(|x| x.node == d.id)
-                .with_context(|| format!("disk {} is not in the old definition", d.id))?;
+                .ok_or_else(|| BecomeError::DiskNotInOldDefinition { disk: d.id.clone() })?;
             disks.push((d.id.clone(), PathBuf::from(&img.path), d.size));
         }
         let entry = vm
             .host
             .allow_entry(&peer.fingerprint)
-            .context("the new primary is not authorized on this host (`server allow`)")?;
+            .ok_or(BecomeError::NotAuthorized)?;
         let store = vm.host.store(Path::new(&entry.storage))?;
-        store.add_vm(req.uuid, &req.launch_toml, RetentionPolicy::default())?;
+        store
+            .add_vm(req.uuid, &req.launch_toml, RetentionPolicy::default())
+            .map_err(AgentError::Store)?;
         store
             .import_point(req.uuid, req.point, req.taken_at_ms, &disks)
-            .await?;
+            .await
+            .map_err(AgentError::Store)?;
         let new = VmRecord {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -864,7 +894,7 @@ pub async fn become_replica(
         };
         vm.rec = new;
         vm.save()?;
-        anyhow::Ok(())
+        Ok::<_, BecomeError>(())
     }
     .await;
     became.map_err(internal)?;

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use vmr_proto::api::{AgentConfig, AllowEntry};
 
 use crate::db::Db;
+use crate::errors::AgentError;
 use vmr_proto::record::VmRecord;
 
 /// Host-wide resources of the agent.
@@ -43,7 +43,7 @@ impl Host {
         config: AgentConfig,
         identity: vmr_transport::Identity,
         db: Db,
-    ) -> anyhow::Result<Host> {
+    ) -> Result<Host, AgentError> {
         let allow = db.allowed()?;
         Ok(Host {
             dir,
@@ -66,17 +66,17 @@ impl Host {
 
     /// Save a VM record. Called only by the VM's owner (and by the registry when it creates
     /// or removes the VM).
-    pub fn save_vm(&self, rec: &VmRecord) -> anyhow::Result<()> {
+    pub fn save_vm(&self, rec: &VmRecord) -> Result<(), AgentError> {
         Ok(self.db().put_vm(rec)?)
     }
 
     /// Every VM record (agent start).
-    pub fn load_vms(&self) -> anyhow::Result<Vec<VmRecord>> {
+    pub fn load_vms(&self) -> Result<Vec<VmRecord>, AgentError> {
         Ok(self.db().vms()?)
     }
 
     /// Add or replace an authorization entry (database first, then the in-memory copy).
-    pub fn put_allow(&self, entry: AllowEntry) -> anyhow::Result<()> {
+    pub fn put_allow(&self, entry: AllowEntry) -> Result<(), AgentError> {
         self.db().put_allow(&entry)?;
         let mut allow = self.allow.write().unwrap_or_else(|p| p.into_inner());
         allow.retain(|e| e.primary != entry.primary);
@@ -115,19 +115,21 @@ impl Host {
     }
 
     /// The replica store at `root`, opened once.
-    pub fn store(&self, root: &Path) -> anyhow::Result<vmr_store::Store> {
+    pub fn store(&self, root: &Path) -> Result<vmr_store::Store, AgentError> {
         let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = stores.get(root) {
             return Ok(s.clone());
         }
-        let s = vmr_store::Store::open(root)
-            .with_context(|| format!("opening replica store {}", root.display()))?;
+        let s = vmr_store::Store::open(root).map_err(|source| AgentError::OpenStore {
+            root: root.to_path_buf(),
+            source,
+        })?;
         stores.insert(root.to_path_buf(), s.clone());
         Ok(s)
     }
 
     /// The store holding replica VM `rec`.
-    pub fn store_of(&self, rec: &VmRecord) -> anyhow::Result<vmr_store::Store> {
+    pub fn store_of(&self, rec: &VmRecord) -> Result<vmr_store::Store, AgentError> {
         self.store(&self.storage_of(&rec.primary))
     }
 

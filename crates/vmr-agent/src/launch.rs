@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::Context;
 use vmr_proto::VmDefinition;
+
+use crate::errors::AgentError;
 
 /// The short tag naming a VM's QEMU objects (`vmr-<tag>-*`): the first 8 hex digits of its UUID.
 pub fn tag(uuid: uuid::Uuid) -> String {
@@ -43,7 +44,7 @@ pub fn command(
     nbd: &Path,
     test: bool,
     log: &Path,
-) -> anyhow::Result<Command> {
+) -> Result<Command, AgentError> {
     let args = def.render_args(
         &qmp.display().to_string(),
         &nbd.display().to_string(),
@@ -52,16 +53,20 @@ pub fn command(
         disks,
     )?;
     if let Some(p) = nbd.parent() {
-        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+        std::fs::create_dir_all(p).map_err(AgentError::io("creating", p))?;
     }
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log)?;
+        .open(log)
+        .map_err(AgentError::io("opening", log))?;
     let mut cmd = Command::new(&def.program);
     cmd.args(args)
         .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
+        .stdout(
+            out.try_clone()
+                .map_err(AgentError::io("duplicating", log))?,
+        )
         .stderr(out);
     Ok(cmd)
 }

@@ -5,9 +5,9 @@
 //! record, its decision machine and its capture session or store. Decisions are made by
 //! `vmr-core`'s machines; this crate carries them out.
 //!
-//! Layers, lowest first (a module imports only modules below it): `util`, `config`, `launch`,
-//! `db` → `host` → `owned`, `cycle` → `resync`, `export`, `replica` → `primary` → `failover`
-//! → `vm` → `server`, `control` → this file.
+//! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
+//! `errors` → `config`, `launch`, `host` → `owned`, `cycle` → `resync`, `export` → `replica`
+//! → `primary` → `failover` → `vm` → `server`, `control` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
 //! `Persist` action is written to SQLite before the next cycle starts.
@@ -33,14 +33,14 @@ mod vm;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
+pub use crate::errors::AgentError;
 
 use crate::config::load_config;
 use crate::host::Host;
 use crate::vm::{Command, Registry};
 
 /// Run the agent until SIGINT/SIGTERM.
-pub fn run_blocking(dir: &Path) -> anyhow::Result<()> {
+pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMREPLICA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: journald and log files get plain text.
@@ -59,14 +59,20 @@ pub fn run_blocking(dir: &Path) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
+        .map_err(|source| AgentError::System {
+            doing: "starting the async runtime",
+            source,
+        })?;
     rt.block_on(run(dir))
 }
 
-async fn run(dir: &Path) -> anyhow::Result<()> {
-    let dir = std::path::absolute(dir)?;
+async fn run(dir: &Path) -> Result<(), AgentError> {
+    let dir = std::path::absolute(dir).map_err(AgentError::io("resolving", dir))?;
     let config = load_config(&dir)?;
-    let identity = vmr_transport::Identity::load(&dir).context("loading the TLS identity")?;
+    let identity = vmr_transport::Identity::load(&dir).map_err(|source| AgentError::Identity {
+        doing: "loading",
+        source,
+    })?;
     let db = db::Db::open(&dir.join("state.db"))?;
     let host = Arc::new(Host::open(dir.clone(), config, identity, db)?);
     let vms = Arc::new(Registry::default());
@@ -80,7 +86,10 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
         store
             .recover()
             .await
-            .with_context(|| format!("recovering replica store {}", root.display()))?;
+            .map_err(|source| AgentError::RecoverStore {
+                root: root.clone(),
+                source,
+            })?;
     }
     // One owner per VM; a primary resumes its cycles (an in-flight one was merged back).
     for rec in host.load_vms()? {
@@ -94,7 +103,11 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
     .await?;
     tracing::info!(name = %host.config.name, listen = %server, control = %control.display(), "agent ready");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| AgentError::System {
+            doing: "listening for SIGTERM",
+            source,
+        })?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

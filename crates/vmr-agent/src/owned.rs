@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::Child;
 use std::sync::Arc;
 
-use anyhow::Context;
 use vmr_proto::api::FailoverRecord;
 
+use crate::errors::AgentError;
 use crate::host::Host;
 use vmr_proto::record::VmRecord;
 
@@ -35,7 +35,7 @@ impl Vm {
     }
 
     /// Write the record to the state database.
-    pub fn save(&self) -> anyhow::Result<()> {
+    pub fn save(&self) -> Result<(), AgentError> {
         self.host.save_vm(&self.rec)
     }
 
@@ -47,25 +47,32 @@ impl Vm {
     }
 
     /// The failover bookkeeping of the VM (empty when none).
-    pub fn failover(&self) -> anyhow::Result<FailoverRecord> {
+    pub fn failover(&self) -> Result<FailoverRecord, AgentError> {
         let p = self.failover_path();
         match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", p.display())),
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| AgentError::Json {
+                doing: "reading",
+                path: p,
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FailoverRecord {
                 vm: self.rec.uuid,
                 ..Default::default()
             }),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+            Err(e) => Err(AgentError::io("reading", p)(e)),
         }
     }
 
     /// Save the failover bookkeeping durably.
-    pub fn save_failover(&self, fr: &FailoverRecord) -> anyhow::Result<()> {
+    pub fn save_failover(&self, fr: &FailoverRecord) -> Result<(), AgentError> {
         let p = self.failover_path();
         if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(AgentError::io("creating", d))?;
         }
-        let bytes = serde_json::to_vec_pretty(fr).context("encoding the failover record")?;
+        let bytes = serde_json::to_vec_pretty(fr).map_err(|source| AgentError::JsonEncode {
+            what: "the failover record",
+            source,
+        })?;
         vmr_durable::write_atomic(&p, &bytes)?;
         Ok(())
     }

@@ -16,10 +16,9 @@ use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::record::MachineSnapshot;
 
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
-use crate::errors::refused;
-use crate::exit;
+use crate::errors::AgentError;
 use crate::owned::Vm;
-use crate::util::{coded, now_ms};
+use crate::util::now_ms;
 
 /// An admin command for a primary VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +62,8 @@ pub struct PrimarySide {
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
-pub fn schedule_of(args: &EnableArgs) -> anyhow::Result<Schedule> {
-    Schedule::from_enable(args).map_err(|e| coded(exit::USAGE, e.to_string()))
+pub fn schedule_of(args: &EnableArgs) -> Result<Schedule, AgentError> {
+    Ok(Schedule::from_enable(args)?)
 }
 
 /// A started cycle, remembered so that it can be run after a reconciliation kept it.
@@ -97,7 +96,7 @@ impl PrimarySide {
         let schedule = match schedule_of(args) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(vm = %vm.rec.name, "the stored replication settings are invalid: {e:#}");
+                tracing::error!(vm = %vm.rec.name, "the stored replication settings are invalid: {}", crate::util::chain(&e));
                 return None;
             }
         };
@@ -132,19 +131,17 @@ impl PrimarySide {
     }
 
     /// Save the machine's snapshot in the record.
-    fn save(&self, vm: &mut Vm) -> anyhow::Result<()> {
+    fn save(&self, vm: &mut Vm) -> Result<(), AgentError> {
         save_snapshot(vm, self.machine.snapshot())
     }
 
     /// Enable replication (the replica accepted the VM already).
-    pub fn enable(vm: &mut Vm, args: EnableArgs) -> anyhow::Result<PrimarySide> {
+    pub fn enable(vm: &mut Vm, args: EnableArgs) -> Result<PrimarySide, AgentError> {
         let mut machine = PrimaryMachine::new(schedule_of(&args)?);
-        let acts = machine
-            .step(Event::Enable {
-                now_ms: now_ms(),
-                initial_at_ms: args.initial_at_ms,
-            })
-            .map_err(refused)?;
+        let acts = machine.step(Event::Enable {
+            now_ms: now_ms(),
+            initial_at_ms: args.initial_at_ms,
+        })?;
         vm.rec.enable = Some(args);
         let side = Self::with(machine, acts);
         side.save(vm)?;
@@ -184,7 +181,7 @@ impl PrimarySide {
             match action {
                 Action::Persist => {
                     if let Err(e) = self.save(vm) {
-                        tracing::error!(vm = %vm.rec.name, "saving state: {e:#}");
+                        tracing::error!(vm = %vm.rec.name, "saving state: {}", crate::util::chain(&e));
                     }
                 }
                 Action::AbortCycle => {
@@ -194,6 +191,12 @@ impl PrimarySide {
                 }
                 Action::StopTracking => {}
                 Action::QueryReplica => self.start_task(vm, None, true),
+                Action::StartCycle { .. } if self.running.is_some() => {
+                    // The machine aborted the running cycle: start this one when that task
+                    // has ended (`cycle_done` carries on).
+                    self.pending.insert(0, action);
+                    break;
+                }
                 Action::StartCycle {
                     id,
                     base,
@@ -347,18 +350,14 @@ impl PrimarySide {
                     },
                 );
             }
-            Outcome::Cancelled => {
-                if self.machine.running_id().is_some() {
-                    // Cancelled without the machine asking (shutdown, prepare): gone.
-                    self.step(vm, Event::Restarted { now_ms: now });
-                }
-            }
+            // The machine asked for the abort (`AbortCycle`): it has moved on already.
+            Outcome::Cancelled => {}
         }
         self.carry_out(vm);
     }
 
     /// Run an admin command; the machine refuses what does not apply in its state.
-    pub async fn command(&mut self, vm: &mut Vm, cmd: Cmd) -> anyhow::Result<String> {
+    pub async fn command(&mut self, vm: &mut Vm, cmd: Cmd) -> Result<String, AgentError> {
         let name = vm.rec.name.clone();
         let now = now_ms();
         let before = self.machine.state();
@@ -369,7 +368,7 @@ impl PrimarySide {
             Cmd::Disable => Event::Disable { now_ms: now },
             Cmd::ResumeResync(at_ms) => Event::ResumeResync { now_ms: now, at_ms },
         };
-        let actions = self.machine.step(ev).map_err(refused)?;
+        let actions = self.machine.step(ev)?;
         let after = self.machine.state();
         self.pending.extend(actions);
         self.carry_out(vm);
@@ -386,38 +385,48 @@ impl PrimarySide {
     }
 
     /// Reset the statistics window.
-    pub fn reset_stats(&mut self, vm: &mut Vm) -> anyhow::Result<()> {
-        self.machine
-            .step(Event::ResetStats { now_ms: now_ms() })
-            .map_err(refused)?;
+    pub fn reset_stats(&mut self, vm: &mut Vm) -> Result<(), AgentError> {
+        self.machine.step(Event::ResetStats { now_ms: now_ms() })?;
         self.save(vm)
     }
 
-    /// Stop: a running cycle is cancelled (its changes merged back) and waited for; the
-    /// capture is closed so that its QMP monitor is free.
+    /// Stop (disable, shutdown, hand-over): a running cycle task is cancelled (its changes
+    /// merged back) and waited for, the capture is closed so that its QMP monitor is free, and
+    /// nothing pending is carried out. The machine is not told: the caller replaces it, or
+    /// feeds it what follows ([`PrimarySide::resume_after_stop`]).
     pub async fn stop(&mut self) {
         self.pending.clear();
         if let Some((cancel, handle)) = self.running.take() {
             cancel.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
             self.started = None;
-            if self.machine.running_id().is_some()
-                && let Ok(acts) = self.machine.step(Event::Restarted { now_ms: now_ms() })
-            {
-                self.pending.extend(acts);
-            }
         }
         self.session = Some(Session::default());
+    }
+
+    /// After [`PrimarySide::stop`] when the side carries on: a cycle the machine thought
+    /// running is gone, so it plans again.
+    pub fn resume_after_stop(&mut self, vm: &mut Vm) {
+        if self.machine.running_id().is_some() {
+            self.step(vm, Event::Restarted { now_ms: now_ms() });
+        }
+        self.carry_out(vm);
     }
 
     /// Planned failover, first half (the VM is shut down): the machine asks for one final
     /// incremental cycle with consistency `Planned`; it is run here and waited for. Returns
     /// the final cycle's id once the VM is `PreparedForFailover`.
-    pub async fn prepare_failover(&mut self, vm: &mut Vm) -> anyhow::Result<u64> {
-        let acts = self
+    pub async fn prepare_failover(&mut self, vm: &mut Vm) -> Result<u64, AgentError> {
+        let acts = match self
             .machine
             .step(Event::PrepareFailover { now_ms: now_ms() })
-            .map_err(refused)?;
+        {
+            Ok(a) => a,
+            Err(r) => {
+                self.resume_after_stop(vm);
+                return Err(AgentError::Refused(r));
+            }
+        };
         self.pending.extend(acts);
         self.carry_out(vm);
         while let Some((_, handle)) = self.running.as_mut() {
@@ -433,10 +442,13 @@ impl PrimarySide {
             tracing::info!(vm = %vm.rec.name, cycle = id, "final planned cycle replicated; prepared for failover");
             return Ok(id);
         }
-        Err(anyhow::anyhow!(
-            "the final cycle failed: {}",
-            self.machine.last_error().unwrap_or("unknown error")
-        ))
+        Err(AgentError::FinalCycleFailed {
+            reason: self
+                .machine
+                .last_error()
+                .unwrap_or("unknown error")
+                .to_owned(),
+        })
     }
 
     /// The status row.
@@ -512,7 +524,7 @@ async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome
 }
 
 /// Save a primary machine's snapshot in the VM's record.
-pub fn save_snapshot(vm: &mut Vm, snap: PrimarySnapshot) -> anyhow::Result<()> {
+pub fn save_snapshot(vm: &mut Vm, snap: PrimarySnapshot) -> Result<(), AgentError> {
     vm.rec.machine = MachineSnapshot::Primary(snap);
     vm.save()
 }

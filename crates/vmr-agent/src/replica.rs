@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use vmr_core::{Refusal, ReplicaEvent, ReplicaMachine, replica_health};
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, VmStatus};
@@ -15,10 +14,9 @@ use vmr_store::{RecoveryPoint, RetentionPolicy};
 use vmr_proto::machine::ReplicaSnapshot;
 use vmr_proto::record::MachineSnapshot;
 
-use crate::errors::{internal, refusal_err, store_err};
-use crate::exit;
+use crate::errors::{AgentError, internal, refusal_err, store_err};
 use crate::owned::Vm;
-use crate::util::{coded, now_ms};
+use crate::util::now_ms;
 
 /// The replica side of a VM.
 pub struct ReplicaSide {
@@ -51,7 +49,7 @@ impl ReplicaSide {
         if !acts.is_empty() {
             vm.rec.machine = MachineSnapshot::Replica(self.machine.snapshot());
             if let Err(e) = vm.save() {
-                tracing::error!(vm = %vm.rec.name, "saving replica state: {e:#}");
+                tracing::error!(vm = %vm.rec.name, "saving replica state: {}", crate::util::chain(&e));
             }
         }
         Ok(())
@@ -138,7 +136,7 @@ impl ReplicaSide {
     }
 
     /// Pause, resume or disable on the replica.
-    pub fn set(&mut self, vm: &mut Vm, cmd: ReplicaCmd) -> anyhow::Result<String> {
+    pub fn set(&mut self, vm: &mut Vm, cmd: ReplicaCmd) -> Result<String, AgentError> {
         let before = self.machine.state();
         let now = now_ms();
         let ev = match cmd {
@@ -146,7 +144,7 @@ impl ReplicaSide {
             ReplicaCmd::Resume => ReplicaEvent::Resume { now_ms: now },
             ReplicaCmd::Disable => ReplicaEvent::Disable { now_ms: now },
         };
-        self.step(vm, ev).map_err(crate::errors::refused)?;
+        self.step(vm, ev)?;
         Ok(format!(
             "{}: {before} -> {}",
             vm.rec.name,
@@ -155,13 +153,13 @@ impl ReplicaSide {
     }
 
     /// Reset the statistics window.
-    pub fn reset_stats(&mut self, vm: &mut Vm) -> anyhow::Result<()> {
+    pub fn reset_stats(&mut self, vm: &mut Vm) -> Result<(), AgentError> {
         self.step(vm, ReplicaEvent::ResetStats { now_ms: now_ms() })
-            .map_err(crate::errors::refused)
+            .map_err(AgentError::Refused)
     }
 
     /// Recovery points.
-    pub fn points(&self, vm: &Vm) -> anyhow::Result<Vec<PointInfo>> {
+    pub fn points(&self, vm: &Vm) -> Result<Vec<PointInfo>, AgentError> {
         let store = vm.host.store_of(&vm.rec)?;
         Ok(store
             .points(vm.rec.uuid)?
@@ -181,59 +179,69 @@ impl ReplicaSide {
     /// `vmreplica import NAME DIR`: load an exported initial copy (its manifest names the
     /// cycle file; the VM must match and the file's BLAKE3 must verify) or disk images
     /// (`<disk>.qcow2|raw|img`) as a new recovery point.
-    pub async fn import(&mut self, vm: &mut Vm, dir: &Path) -> anyhow::Result<String> {
+    pub async fn import(&mut self, vm: &mut Vm, dir: &Path) -> Result<String, AgentError> {
         let store = vm.host.store_of(&vm.rec)?;
         let rec = &vm.rec;
         let manifest_path = dir.join(vmr_proto::api::EXPORT_MANIFEST);
         let (point, what) = if manifest_path.exists() {
             let text = std::fs::read_to_string(&manifest_path)
-                .with_context(|| format!("reading {}", manifest_path.display()))?;
-            let m: vmr_proto::api::ExportManifest = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", manifest_path.display()))?;
+                .map_err(AgentError::io("reading", &manifest_path))?;
+            let m: vmr_proto::api::ExportManifest =
+                serde_json::from_str(&text).map_err(|source| AgentError::Json {
+                    doing: "parsing",
+                    path: manifest_path.clone(),
+                    source,
+                })?;
             if m.format != 1 {
-                anyhow::bail!(
-                    "{}: unsupported format {}",
-                    manifest_path.display(),
-                    m.format
-                );
+                return Err(AgentError::ManifestFormat {
+                    path: manifest_path,
+                    format: m.format,
+                });
             }
             if m.vm != rec.uuid {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "the copy in {} is of VM {} ({:?}), not of {:?} ({})",
-                        dir.display(),
-                        m.vm,
-                        m.name,
-                        rec.name,
-                        rec.uuid
-                    ),
-                ));
+                return Err(AgentError::ImportOtherVm {
+                    dir: dir.to_path_buf(),
+                    vm: m.vm,
+                    vm_name: m.name,
+                    name: rec.name.clone(),
+                    uuid: rec.uuid,
+                });
             }
             if !vmr_proto::api::valid_file_name(&m.file) {
-                anyhow::bail!("{}: bad file name {:?}", manifest_path.display(), m.file);
+                return Err(AgentError::ManifestFileName {
+                    path: manifest_path,
+                    file: m.file,
+                });
             }
             let file = dir.join(&m.file);
             let f2 = file.clone();
-            let sum = tokio::task::spawn_blocking(move || crate::util::blake3_file(&f2)).await??;
+            let sum = tokio::task::spawn_blocking(move || crate::export::blake3_file(&f2))
+                .await
+                .map_err(AgentError::Task)??;
             if sum != m.file_blake3 {
-                anyhow::bail!(
-                    "{} is damaged: its BLAKE3 is {sum}, the manifest says {}",
-                    file.display(),
-                    m.file_blake3
-                );
+                return Err(AgentError::CopyDamaged {
+                    path: file,
+                    got: sum,
+                    expected: m.file_blake3,
+                });
             }
             let p = store
                 .import_cycle_file(&file)
                 .await
-                .with_context(|| format!("importing {}", file.display()))?;
+                .map_err(|source| AgentError::Import {
+                    path: file.clone(),
+                    source,
+                })?;
             (p, format!("the initial copy exported by {:?}", m.name))
         } else {
             let images = vmr_store::find_images(dir, &rec.disks)?;
             let p = store
                 .import_images(rec.uuid, &images)
                 .await
-                .with_context(|| format!("importing disk images from {}", dir.display()))?;
+                .map_err(|source| AgentError::ImportImages {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
             (p, format!("{} disk image(s)", images.len()))
         };
         self.step(
@@ -242,8 +250,7 @@ impl ReplicaSide {
                 now_ms: now_ms(),
                 id: point.id,
             },
-        )
-        .map_err(crate::errors::refused)?;
+        )?;
         tracing::info!(vm = %vm.rec.name, point = point.id, dir = %dir.display(), "imported {what}");
         Ok(format!(
             "imported {what} from {} as recovery point {} of {}",

@@ -421,31 +421,9 @@ async fn resync_with(
                 };
                 (done, false, false)
             }
-            Err(e) => (
-                Outcome::Failed(Failure::Retryable(format!(
-                    "commit after acknowledgement failed: {e}"
-                ))),
-                true,
-                false,
-            ),
+            Err(e) => crate::cycle::commit_failed(&e),
         },
-        (p, s) => {
-            let mut reset_client = false;
-            let failure = match (p, s) {
-                (Err(Some(f)), _) => f,
-                (_, Err(e)) => {
-                    reset_client = true;
-                    classify_transport(e)
-                }
-                _ => Failure::Retryable("resync ended early".into()),
-            };
-            let mut reset_capture = false;
-            if let Err(e) = cycle.abort().await {
-                tracing::warn!("abort failed (the next open cleans up): {e}");
-                reset_capture = true;
-            }
-            (Outcome::Failed(failure), reset_capture, reset_client)
-        }
+        (p, s) => crate::cycle::failed(p, s, cycle, "resync").await,
     }
 }
 

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use futures::StreamExt;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::CreateReplica;
@@ -14,7 +13,7 @@ use vmr_proto::wire::{CycleAck, RemoteError};
 use vmr_store::RetentionPolicy;
 use vmr_transport::{Authorize, ExtentStream, Handler, Peer, PeerRequest, PeerResponse, Server};
 
-use crate::errors::{internal, store_err};
+use crate::errors::{AgentError, internal, store_err};
 use crate::host::Host;
 use crate::util::now_ms;
 use crate::vm::{Command, Registry, VmHandle};
@@ -41,12 +40,15 @@ struct PeerHandler {
 }
 
 /// Bind the replication listener from the config and serve it in the background.
-pub async fn start(host: &Arc<Host>, vms: &Arc<Registry>) -> anyhow::Result<SocketAddr> {
-    let addr: SocketAddr = host
-        .config
-        .listen
-        .parse()
-        .with_context(|| format!("listen address {:?} is not HOST:PORT", host.config.listen))?;
+pub async fn start(host: &Arc<Host>, vms: &Arc<Registry>) -> Result<SocketAddr, AgentError> {
+    let addr: SocketAddr =
+        host.config
+            .listen
+            .parse()
+            .map_err(|source| AgentError::ListenAddress {
+                listen: host.config.listen.clone(),
+                source,
+            })?;
     let server = Server::bind(
         addr,
         &host.identity,
@@ -58,7 +60,7 @@ pub async fn start(host: &Arc<Host>, vms: &Arc<Registry>) -> anyhow::Result<Sock
         }),
     )
     .await
-    .with_context(|| format!("binding the replication listener {addr}"))?;
+    .map_err(|source| AgentError::BindListener { addr, source })?;
     let local = server.local_addr();
     let shutdown = host.shutdown.clone();
     tokio::spawn(async move {
@@ -145,7 +147,7 @@ impl PeerHandler {
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms
             .spawn(&self.host, rec, false)
-            .map_err(|e| internal(format!("{e:#}")))?;
+            .map_err(|e| internal(crate::util::chain(&e)))?;
         tracing::info!(vm = %req.name, uuid = %req.uuid, primary = %peer.name, "replica VM created");
         Ok(true)
     }

@@ -20,18 +20,17 @@ use vmr_proto::api::{
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
 
-use crate::errors::{internal, store_err};
-use crate::exit;
+use crate::errors::{AgentError, internal, store_err};
 use crate::host::Host;
 use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
 use crate::replica::{ReplicaCmd, ReplicaSide};
-use crate::util::{coded, now_ms};
+use crate::util::now_ms;
 use vmr_proto::peer::{BecameReplica, BlockHashes, PrimaryVmState};
 use vmr_proto::record::VmRecord;
 
 /// A reply channel.
-pub type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
+pub type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
 /// A reply channel of a peer call.
 pub type PeerReply<T> = oneshot::Sender<Result<T, RemoteError>>;
 
@@ -132,14 +131,13 @@ pub struct VmHandle {
 
 impl VmHandle {
     /// Send a command built around a reply channel and wait for the reply.
-    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> anyhow::Result<T> {
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, AgentError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| anyhow::anyhow!("the owner of VM {:?} has stopped", self.name))?;
-        rx.await
-            .map_err(|_| anyhow::anyhow!("the owner of VM {:?} has stopped", self.name))?
+        let stopped = || AgentError::OwnerStopped {
+            name: self.name.clone(),
+        };
+        self.tx.send(make(tx)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Send a command without waiting for a reply; false when the owner has stopped.
@@ -194,16 +192,16 @@ impl Registry {
         host: &Arc<Host>,
         rec: VmRecord,
         restarted: bool,
-    ) -> anyhow::Result<VmHandle> {
+    ) -> Result<VmHandle, AgentError> {
         let mut map = self.lock();
         if let Some(h) = map
             .values()
             .find(|h| h.name == rec.name || h.uuid == rec.uuid)
         {
-            return Err(coded(
-                exit::INVALID_STATE,
-                format!("VM {:?} ({}) is already registered", h.name, h.uuid),
-            ));
+            return Err(AgentError::AlreadyRegistered {
+                name: h.name.clone(),
+                uuid: h.uuid,
+            });
         }
         let (tx, rx) = mpsc::channel(64);
         let handle = VmHandle {
@@ -299,24 +297,19 @@ impl Owner {
         }
     }
 
-    fn not_enabled(&self) -> anyhow::Error {
-        coded(
-            exit::INVALID_STATE,
-            format!("replication of {:?} is not enabled", self.vm.rec.name),
-        )
+    fn not_enabled(&self) -> AgentError {
+        AgentError::NotEnabled {
+            name: self.vm.rec.name.clone(),
+        }
     }
 
-    fn wrong_mode(&self, what: &str) -> anyhow::Error {
-        let name = &self.vm.rec.name;
-        let msg = match self.vm.rec.mode() {
-            ReplicationMode::Primary => {
-                format!("{name:?} is a primary VM on this host; run {what} on its replica")
-            }
-            ReplicationMode::Replica => {
-                format!("{name:?} is a replica VM on this host; run {what} on its primary")
-            }
-        };
-        coded(exit::INVALID_STATE, msg)
+    fn wrong_mode(&self, what: &str) -> AgentError {
+        let name = self.vm.rec.name.clone();
+        let what = what.to_owned();
+        match self.vm.rec.mode() {
+            ReplicationMode::Primary => AgentError::OnPrimary { name, what },
+            ReplicationMode::Replica => AgentError::OnReplica { name, what },
+        }
     }
 
     fn trust(&self, peer: &Peer) -> Result<(), RemoteError> {
@@ -386,13 +379,9 @@ impl Owner {
             }
             Command::ResumeResync(at, reply) => {
                 let r = match self.vm.rec.mode() {
-                    ReplicationMode::Replica => Err(coded(
-                        exit::INVALID_STATE,
-                        format!(
-                            "{:?} is a replica VM on this host; resynchronize from its primary",
-                            self.vm.rec.name
-                        ),
-                    )),
+                    ReplicationMode::Replica => Err(AgentError::ResyncOnReplica {
+                        name: self.vm.rec.name.clone(),
+                    }),
                     ReplicationMode::Primary => self.primary_cmd(Cmd::ResumeResync(at)).await,
                 };
                 let _ = reply.send(r);
@@ -400,27 +389,18 @@ impl Owner {
             Command::Points(reply) => {
                 let r = match &self.side {
                     Side::Replica(r) => r.points(&self.vm),
-                    Side::Primary(_) => Err(coded(
-                        exit::INVALID_STATE,
-                        format!(
-                            "{:?} is not a replica VM on this host; run `points` on its replica",
-                            self.vm.rec.name
-                        ),
-                    )),
+                    Side::Primary(_) => Err(AgentError::PointsNotReplica {
+                        name: self.vm.rec.name.clone(),
+                    }),
                 };
                 let _ = reply.send(r);
             }
             Command::Import(dir, reply) => {
                 let r = match &mut self.side {
                     Side::Replica(r) => r.import(&mut self.vm, &dir).await,
-                    Side::Primary(_) => Err(coded(
-                        exit::INVALID_STATE,
-                        format!(
-                            "{:?} is not a replica VM on this host; enable replication on its \
-                             primary first (the replica VM is created then), and import here",
-                            self.vm.rec.name
-                        ),
-                    )),
+                    Side::Primary(_) => Err(AgentError::ImportNotReplica {
+                        name: self.vm.rec.name.clone(),
+                    }),
                 };
                 let _ = reply.send(r);
             }
@@ -464,8 +444,23 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::FinishCycle(writer, bytes, reply) => {
-                let r = self.finish_cycle(writer, bytes).await;
-                let _ = reply.send(r);
+                match self.commit_cycle(writer).await {
+                    Ok(point) => {
+                        // Durable: acknowledge at once; prune, then record the point (status
+                        // shows it once the chain is in its final shape for this cycle).
+                        let _ = reply.send(Ok(()));
+                        self.prune().await;
+                        if let Side::Replica(r) = &mut self.side {
+                            r.record_point(&mut self.vm, &point, bytes);
+                        }
+                        if point.kind == vmr_store::PointKind::Planned {
+                            tracing::info!(vm = %self.vm.rec.name, point = point.id, "the planned failover's final cycle is committed");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::Hashes(peer, req, reply) => {
                 let r = match self.trust(&peer) {
@@ -511,14 +506,14 @@ impl Owner {
         }
     }
 
-    async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> anyhow::Result<String> {
+    async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> Result<String, AgentError> {
         match &mut self.side {
             Side::Primary(_) => self.primary_cmd(p).await,
             Side::Replica(side) => side.set(&mut self.vm, r),
         }
     }
 
-    async fn primary_cmd(&mut self, cmd: Cmd) -> anyhow::Result<String> {
+    async fn primary_cmd(&mut self, cmd: Cmd) -> Result<String, AgentError> {
         match &mut self.side {
             Side::Primary(Some(p)) => p.command(&mut self.vm, cmd).await,
             Side::Primary(None) => Err(self.not_enabled()),
@@ -526,23 +521,18 @@ impl Owner {
         }
     }
 
-    async fn enable(&mut self, args: EnableArgs) -> anyhow::Result<String> {
+    async fn enable(&mut self, args: EnableArgs) -> Result<String, AgentError> {
         match &self.side {
             Side::Replica(_) => {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!("{:?} is a replica VM on this host", self.vm.rec.name),
-                ));
+                return Err(AgentError::EnableOnReplica {
+                    name: self.vm.rec.name.clone(),
+                });
             }
             Side::Primary(Some(p)) if p.state() != ReplicationState::Disabled => {
-                return Err(coded(
-                    exit::INVALID_STATE,
-                    format!(
-                        "replication of {:?} is already enabled ({})",
-                        self.vm.rec.name,
-                        p.state()
-                    ),
-                ));
+                return Err(AgentError::AlreadyEnabled {
+                    name: self.vm.rec.name.clone(),
+                    state: p.state(),
+                });
             }
             Side::Primary(_) => {}
         }
@@ -551,12 +541,15 @@ impl Owner {
         let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
         let client = crate::cycle::connect(&self.vm.host, &args)
             .await
-            .map_err(|e| anyhow::anyhow!(e))
-            .map_err(|e| e.context(format!("connecting to the replica {}", args.replica)))?;
+            .map_err(|source| AgentError::ConnectReplica {
+                replica: args.replica.clone(),
+                source,
+            })?;
         let create = crate::cycle::create_request(&self.vm.rec, &def, &args);
-        client.create_replica(create).await.map_err(|e| {
-            anyhow::anyhow!(e).context("the replica refused to create the replica VM")
-        })?;
+        client
+            .create_replica(create)
+            .await
+            .map_err(AgentError::CreateReplica)?;
         let side = PrimarySide::enable(&mut self.vm, args.clone())?;
         self.side = Side::Primary(Some(Box::new(side)));
         Ok(format!(
@@ -572,7 +565,7 @@ impl Owner {
         ))
     }
 
-    async fn failover(&mut self, f: FailoverCmd) -> anyhow::Result<FailoverResult> {
+    async fn failover(&mut self, f: FailoverCmd) -> Result<FailoverResult, AgentError> {
         if let FailoverCmd::Prepare = f {
             return match &mut self.side {
                 Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p).await,
@@ -584,7 +577,11 @@ impl Owner {
             return Err(self.wrong_mode("this"));
         };
         match f {
-            FailoverCmd::Prepare => Err(anyhow::anyhow!("handled above")),
+            // Answered above; on a replica it is the wrong side.
+            FailoverCmd::Prepare => Err(AgentError::OnReplica {
+                name: self.vm.rec.name.clone(),
+                what: "`failover prepare`".to_owned(),
+            }),
             FailoverCmd::Start {
                 point,
                 no_start,
@@ -646,34 +643,41 @@ impl Owner {
         Ok(Box::new(writer))
     }
 
-    /// Commit a streamed cycle (flush, fsync, catalog rename: the point exists from here),
-    /// record it, then prune in the background. The caller acknowledges after this returns.
-    async fn finish_cycle(&mut self, writer: Writer, bytes: u64) -> Result<(), RemoteError> {
+    /// Commit a streamed cycle: flush, fsync, catalog rename; the point exists from here on and
+    /// the caller acknowledges it.
+    async fn commit_cycle(
+        &mut self,
+        writer: Writer,
+    ) -> Result<vmr_store::RecoveryPoint, RemoteError> {
         let (id, kind) = (writer.header().id, writer.header().kind);
-        let point = match writer.finish().await {
-            Ok(p) => p,
+        match writer.finish().await {
+            Ok(p) => {
+                if kind == vmr_proto::CycleKind::Resync {
+                    tracing::info!(vm = %self.vm.rec.name, cycle = id, "resync committed");
+                }
+                Ok(p)
+            }
             Err(e) => {
                 let msg = crate::util::chain(&e);
                 tracing::error!(vm = %self.vm.rec.name, cycle = id, "committing the cycle failed: {msg}");
                 if let Side::Replica(r) = &mut self.side {
                     r.commit_failed(&mut self.vm, msg);
                 }
-                return Err(store_err(e));
+                Err(store_err(e))
             }
-        };
-        if let Side::Replica(r) = &mut self.side {
-            r.record_point(&mut self.vm, &point, bytes);
         }
-        if kind == vmr_proto::CycleKind::Resync {
-            tracing::info!(vm = %self.vm.rec.name, cycle = id, bytes, "resync committed");
-        }
-        let store = self.vm.host.store_of(&self.vm.rec).map_err(internal)?;
-        let uuid = self.vm.rec.uuid;
-        tokio::spawn(async move {
-            if let Err(e) = store.prune(uuid).await {
-                tracing::warn!(%uuid, "pruning failed (retried after the next cycle): {e}");
+    }
+
+    /// Drop the points the retention policy no longer keeps (a failure is retried after the
+    /// next cycle).
+    async fn prune(&mut self) {
+        match self.vm.host.store_of(&self.vm.rec) {
+            Ok(store) => {
+                if let Err(e) = store.prune(self.vm.rec.uuid).await {
+                    tracing::warn!(vm = %self.vm.rec.name, "pruning failed (retried after the next cycle): {e}");
+                }
             }
-        });
-        Ok(())
+            Err(e) => tracing::warn!(vm = %self.vm.rec.name, "no store to prune: {e:#}"),
+        }
     }
 }

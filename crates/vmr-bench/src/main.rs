@@ -192,7 +192,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     outcomes.push(if want(1) {
         scenarios::primary_overhead(&ctx)
     } else {
-        skipped(1, "Primary overhead", "≥ 0.97")
+        skipped(1, "Primary overhead", scenarios::goal(1))
     });
     eprintln!(
         "vmr-bench: scenario 1 took {:.0} s",
@@ -204,16 +204,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         outcomes.push(if want(2) {
             o2
         } else {
-            skipped(2, "Delta cycle versus rsync", "≥ 20× faster")
+            skipped(2, "Delta cycle versus rsync", scenarios::goal(2))
         });
         outcomes.push(if want(3) {
             o3
         } else {
-            skipped(3, "Delta cycle versus the physical limit", "≥ 0.8")
+            skipped(
+                3,
+                "Delta cycle versus the physical limit",
+                scenarios::goal(3),
+            )
         });
     } else {
-        outcomes.push(skipped(2, "Delta cycle versus rsync", "≥ 20× faster"));
-        outcomes.push(skipped(3, "Delta cycle versus the physical limit", "≥ 0.8"));
+        outcomes.push(skipped(2, "Delta cycle versus rsync", scenarios::goal(2)));
+        outcomes.push(skipped(
+            3,
+            "Delta cycle versus the physical limit",
+            scenarios::goal(3),
+        ));
     }
     eprintln!(
         "vmr-bench: scenarios 2-3 took {:.0} s",
@@ -223,7 +231,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     outcomes.push(if want(4) {
         scenarios::initial(&ctx)
     } else {
-        skipped(4, "Initial replication", "≥ 0.9 of its speed")
+        skipped(4, "Initial replication", scenarios::goal(4))
     });
     eprintln!(
         "vmr-bench: scenario 4 took {:.0} s",
@@ -233,7 +241,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     outcomes.push(if want(5) {
         scenarios::churn(&ctx)
     } else {
-        skipped(5, "Sustained churn", "≥ 100 MB/s per VM")
+        skipped(5, "Sustained churn", scenarios::goal(5))
     });
     eprintln!(
         "vmr-bench: scenario 5 took {:.0} s",
@@ -243,7 +251,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     outcomes.push(if want(6) {
         scenarios::failover(&ctx)
     } else {
-        skipped(6, "Failover time", "≤ 5 s")
+        skipped(6, "Failover time", scenarios::goal(6))
     });
     eprintln!(
         "vmr-bench: scenario 6 took {:.0} s",
@@ -253,7 +261,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     outcomes.push(if want(7) {
         scenarios::scale(&ctx)
     } else {
-        skipped(7, "Scale", "at 100 VMs: ≤ 1 core, ≤ 100 MB RSS, 0 missed")
+        skipped(7, "Scale", scenarios::goal(7))
     });
     eprintln!(
         "vmr-bench: scenario 7 took {:.0} s",
@@ -264,11 +272,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     outcomes.push(if want(8) {
         scenarios::resync_vs_rsync(&ctx, rsync_missing.as_deref())
     } else {
-        skipped(
-            8,
-            "Resync versus rsync",
-            "faster than rsync, and fewer bytes sent",
-        )
+        skipped(8, "Resync versus rsync", scenarios::goal(8))
     });
     eprintln!(
         "vmr-bench: scenario 8 took {:.0} s",

@@ -15,6 +15,8 @@ pub const END: &str = "<!-- vmr-bench:end -->";
 pub enum Verdict {
     /// The goal is met.
     Pass,
+    /// The must-reach bar is met, the further goal beyond it not; by how much.
+    PassBelowGoal(String),
     /// The goal is missed by the given amount.
     Miss(String),
     /// Not run; why.
@@ -27,6 +29,7 @@ impl Verdict {
     fn short(&self) -> String {
         match self {
             Verdict::Pass => "PASS".into(),
+            Verdict::PassBelowGoal(by) => format!("PASS (goal not reached: {by})"),
             Verdict::Miss(by) => format!("MISS ({by})"),
             Verdict::Skipped(_) => "SKIPPED".into(),
             Verdict::Error(_) => "ERROR".into(),
@@ -194,6 +197,9 @@ pub fn render(info: &RunInfo, outcomes: &[Outcome]) -> String {
                 "**Error:** the scenario could not complete: {e}\n\n"
             )),
             Verdict::Miss(by) => m.push_str(&format!("**Goal missed:** {by}.\n\n")),
+            Verdict::PassBelowGoal(by) => m.push_str(&format!(
+                "**Passed** the must-reach bar; **goal not reached:** {by}.\n\n"
+            )),
             Verdict::Pass => {}
         }
         if !o.method.is_empty() {
@@ -258,6 +264,80 @@ pub fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How far `value` is from `limit`: `0.50 against ≥ 0.6: 17 % short` (higher is better) or
+/// `0.70 against ≤ 0.6: 17 % over` (lower is better).
+pub fn miss_by(value: f64, limit: f64, higher_is_better: bool) -> String {
+    if higher_is_better {
+        format!(
+            "{value:.2} against ≥ {limit}: {:.0} % short",
+            (1.0 - value / limit) * 100.0
+        )
+    } else {
+        format!(
+            "{value:.2} against ≤ {limit}: {:.0} % over",
+            (value / limit - 1.0) * 100.0
+        )
+    }
+}
+
+/// Judge a higher-is-better `value` against the bar it must reach and, when given, a further
+/// goal: `Pass` at or above the goal (or the bar when there is none), `PassBelowGoal` between
+/// them, `Miss` below the bar (also for a value that is not a number).
+pub fn at_least(value: f64, must: f64, goal: Option<f64>) -> Verdict {
+    if value.is_nan() || value < must {
+        return Verdict::Miss(miss_by(value, must, true));
+    }
+    match goal {
+        Some(g) if value < g => Verdict::PassBelowGoal(miss_by(value, g, true)),
+        _ => Verdict::Pass,
+    }
+}
+
+/// Judge a lower-is-better `value` against the limit it must not exceed (`Miss` also for a
+/// value that is not a number).
+pub fn at_most(value: f64, limit: f64) -> Verdict {
+    if value.is_nan() || value > limit {
+        Verdict::Miss(miss_by(value, limit, false))
+    } else {
+        Verdict::Pass
+    }
+}
+
+/// Combine the verdicts of conditions that must all hold, each named: `Miss` naming every
+/// condition that failed when any did, else `PassBelowGoal` naming every goal not reached when
+/// any was not, else `Pass`. An `Error` or `Skipped` condition makes the whole so.
+pub fn all_of(conditions: &[(&str, Verdict)]) -> Verdict {
+    let named = |pick: fn(&Verdict) -> Option<&String>| -> Vec<String> {
+        conditions
+            .iter()
+            .filter_map(|(name, v)| pick(v).map(|why| format!("{name}: {why}")))
+            .collect()
+    };
+    for (name, v) in conditions {
+        match v {
+            Verdict::Error(e) => return Verdict::Error(format!("{name}: {e}")),
+            Verdict::Skipped(w) => return Verdict::Skipped(format!("{name}: {w}")),
+            _ => {}
+        }
+    }
+    let missed = named(|v| match v {
+        Verdict::Miss(w) => Some(w),
+        _ => None,
+    });
+    if !missed.is_empty() {
+        return Verdict::Miss(missed.join("; "));
+    }
+    let short = named(|v| match v {
+        Verdict::PassBelowGoal(w) => Some(w),
+        _ => None,
+    });
+    if short.is_empty() {
+        Verdict::Pass
+    } else {
+        Verdict::PassBelowGoal(short.join("; "))
+    }
+}
+
 /// Median of samples (upper middle for even counts); `NaN` when empty.
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
@@ -304,6 +384,91 @@ mod tests {
         assert!(median(&[]).is_nan());
     }
 
+    fn is_pass(v: &Verdict) -> bool {
+        matches!(v, Verdict::Pass)
+    }
+
+    #[test]
+    fn at_least_has_a_bar_and_a_goal() {
+        assert!(is_pass(&at_least(0.85, 0.6, Some(0.8))));
+        assert!(is_pass(&at_least(0.8, 0.6, Some(0.8))));
+        match at_least(0.72, 0.6, Some(0.8)) {
+            Verdict::PassBelowGoal(w) => assert_eq!(w, "0.72 against ≥ 0.8: 10 % short"),
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(
+            at_least(0.6, 0.6, Some(0.8)),
+            Verdict::PassBelowGoal(_)
+        ));
+        match at_least(0.3, 0.6, Some(0.8)) {
+            Verdict::Miss(w) => assert_eq!(w, "0.30 against ≥ 0.6: 50 % short"),
+            v => panic!("{v:?}"),
+        }
+        assert!(is_pass(&at_least(31.0, 30.0, None)));
+        assert!(matches!(at_least(29.9, 30.0, None), Verdict::Miss(_)));
+        assert!(matches!(at_least(f64::NAN, 0.6, None), Verdict::Miss(_)));
+    }
+
+    #[test]
+    fn at_most_is_a_limit() {
+        assert!(is_pass(&at_most(0.5, 0.5)));
+        assert!(is_pass(&at_most(0.45, 0.6)));
+        match at_most(0.75, 0.6) {
+            Verdict::Miss(w) => assert_eq!(w, "0.75 against ≤ 0.6: 25 % over"),
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(at_most(f64::NAN, 0.6), Verdict::Miss(_)));
+    }
+
+    #[test]
+    fn all_of_names_what_failed() {
+        let both = all_of(&[
+            ("speed", at_least(2.0, 1.5, None)),
+            ("bytes", at_most(0.4, 0.5)),
+        ]);
+        assert!(is_pass(&both));
+        match all_of(&[
+            ("speed", at_least(1.2, 1.5, None)),
+            ("bytes", at_most(0.4, 0.5)),
+        ]) {
+            Verdict::Miss(w) => assert_eq!(w, "speed: 1.20 against ≥ 1.5: 20 % short"),
+            v => panic!("{v:?}"),
+        }
+        match all_of(&[
+            ("speed", at_least(2.0, 1.5, None)),
+            ("bytes", at_most(0.6, 0.5)),
+        ]) {
+            Verdict::Miss(w) => assert_eq!(w, "bytes: 0.60 against ≤ 0.5: 20 % over"),
+            v => panic!("{v:?}"),
+        }
+        match all_of(&[
+            ("speed", at_least(1.0, 1.5, None)),
+            ("bytes", at_most(0.6, 0.5)),
+        ]) {
+            Verdict::Miss(w) => {
+                assert!(w.starts_with("speed: 1.00 against ≥ 1.5"), "{w}");
+                assert!(w.contains("; bytes: 0.60 against ≤ 0.5"), "{w}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // A goal not reached stays a pass, named; a miss elsewhere wins over it.
+        match all_of(&[
+            ("ratio", at_least(0.75, 0.7, Some(0.9))),
+            ("half", at_most(0.55, 0.6)),
+        ]) {
+            Verdict::PassBelowGoal(w) => assert!(w.starts_with("ratio: 0.75 against ≥ 0.9"), "{w}"),
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(
+            all_of(&[("ratio", at_least(0.75, 0.7, Some(0.9))), ("half", at_most(0.65, 0.6))]),
+            Verdict::Miss(w) if w.starts_with("half: ")
+        ));
+        assert!(matches!(
+            all_of(&[("a", Verdict::Pass), ("b", Verdict::Error("x".into()))]),
+            Verdict::Error(e) if e == "b: x"
+        ));
+    }
+
     #[test]
     fn section_is_replaced_and_the_rest_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -334,9 +499,13 @@ mod tests {
         let mut a = Outcome::new(1, "one", "goal");
         a.verdict = Verdict::Miss("by 5 %".into());
         let b = Outcome::new(2, "two", "goal");
-        let md = render(&info, &[a, b]);
+        let mut c = Outcome::new(3, "three", "≥ 0.6 (goal 0.8)");
+        c.verdict = at_least(0.72, 0.6, Some(0.8));
+        let md = render(&info, &[a, b, c]);
         assert!(md.contains("| 1 | one |"));
         assert!(md.contains("MISS (by 5 %)"));
         assert!(md.contains("**Skipped:** not run"));
+        assert!(md.contains("| PASS (goal not reached: 0.72 against ≥ 0.8: 10 % short) |"));
+        assert!(md.contains("**goal not reached:** 0.72 against ≥ 0.8"));
     }
 }

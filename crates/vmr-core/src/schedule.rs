@@ -86,6 +86,18 @@ pub enum InvalidEnable {
     },
 }
 
+/// The one rule for a replication frequency (`enable`, `reverse`, the CLI's parser, the demo):
+/// at least [`MIN_FREQUENCY_SECS`], at most [`MAX_FREQUENCY_SECS`].
+pub fn check_frequency(secs: u64) -> Result<(), InvalidEnable> {
+    if secs < MIN_FREQUENCY_SECS {
+        return Err(InvalidEnable::FrequencyTooShort { secs });
+    }
+    if secs > MAX_FREQUENCY_SECS {
+        return Err(InvalidEnable::FrequencyTooLong { secs });
+    }
+    Ok(())
+}
+
 impl Schedule {
     /// A schedule with the given frequency and default retry policy (1 s doubling to 60 s, but
     /// never longer than the frequency).
@@ -103,12 +115,7 @@ impl Schedule {
     /// Validate `enable` arguments (the only place they are checked) and build the schedule.
     pub fn from_enable(args: &EnableArgs) -> Result<Schedule, InvalidEnable> {
         let secs = args.frequency_secs;
-        if secs < MIN_FREQUENCY_SECS {
-            return Err(InvalidEnable::FrequencyTooShort { secs });
-        }
-        if secs > MAX_FREQUENCY_SECS {
-            return Err(InvalidEnable::FrequencyTooLong { secs });
-        }
+        check_frequency(secs)?;
         if args.recovery_points > MAX_RECOVERY_POINTS {
             return Err(InvalidEnable::TooManyRecoveryPoints {
                 count: args.recovery_points,

@@ -1,8 +1,9 @@
 //! The one way vmreplica makes a file durable: [`write_atomic`] writes a temporary file beside
 //! the target, fsyncs it, renames it over the target and fsyncs the directory, so that after a
 //! crash at any instant the target holds either its old or its new content, never a mix, and
-//! a completed call survives a power loss. [`fsync_dir`] makes a rename, creation or unlink
-//! inside a directory durable.
+//! a completed call survives a power loss. [`persist`] does the same for a large file streamed
+//! to a temporary name. [`fsync_dir`] makes a rename, creation or unlink inside a directory
+//! durable.
 //!
 //! Architecture Invariant: every durable file of every crate (catalogs, configs, identities,
 //! manifests, definitions) is written through [`write_atomic`].
@@ -90,6 +91,24 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Dur
     res
 }
 
+/// Move a file written elsewhere (a large file streamed to `tmp`) into place durably: fsync
+/// `tmp`, rename it over `dest`, fsync `dest`'s directory. A crash leaves either the old
+/// `dest` (and maybe `tmp`) or the new one, complete.
+pub fn persist(tmp: &Path, dest: &Path) -> Result<(), DurableError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .open(tmp)
+        .map_err(|e| DurableError::new("open", tmp, e))?;
+    f.sync_all()
+        .map_err(|e| DurableError::new("fsync", tmp, e))?;
+    std::fs::rename(tmp, dest).map_err(|e| DurableError::new("rename", tmp, e))?;
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fsync_dir(dir)
+}
+
 /// Replace `path` with `bytes` atomically and durably (mode 0644).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
     write_atomic_mode(path, bytes, 0o644)
@@ -130,6 +149,19 @@ mod tests {
         let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(std::fs::read(&p).expect("read"), b"secret");
+    }
+
+    #[test]
+    fn persist_moves_a_streamed_file_into_place() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let tmp = d.path().join("big.tmp");
+        let dest = d.path().join("big");
+        std::fs::write(&tmp, vec![7u8; 1 << 20]).expect("write");
+        persist(&tmp, &dest).expect("persist");
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read(&dest).expect("read").len(), 1 << 20);
+        let e = persist(&tmp, &dest).expect_err("the temp file is gone");
+        assert_eq!(e.op, "open");
     }
 
     #[test]

@@ -285,7 +285,8 @@ pub struct DemoOpts {
     pub keep: bool,
 }
 
-/// Parse a frequency: `30s`, `5m`, `15m`, `<N>s`, `<N>m`; at least 5 s.
+/// Parse a frequency: `30s`, `5m`, `15m`, `<N>s`, `<N>m`, checked by `vmr-core`'s one rule
+/// (at least 5 s, at most a day).
 pub fn parse_frequency(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = if let Some(n) = t.strip_suffix('s') {
@@ -301,9 +302,7 @@ pub fn parse_frequency(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("bad frequency {s:?}: expected 30s, 5m, 15m or <N>s"))?;
     let secs = n.saturating_mul(mult);
-    if secs < 5 {
-        return Err(format!("frequency {s:?} is below the 5 s minimum"));
-    }
+    vmr_core::schedule::check_frequency(secs).map_err(|e| format!("{s:?}: {e}"))?;
     Ok(secs)
 }
 

@@ -10,8 +10,7 @@ use vmr_proto::api::{EnableArgs, InitialMode, Request, Response, ResyncWindow};
 
 use crate::cli::{Command, ServerCmd, VmCmd, parse_frequency, parse_hours};
 use crate::exit;
-use crate::util::parse_time;
-use vmr_agent::util::coded;
+use crate::util::{coded, parse_time};
 
 /// Send one request and return the agent's value, or its error as an anyhow chain.
 pub fn call(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {

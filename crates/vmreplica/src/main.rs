@@ -16,9 +16,7 @@ fn main() {
     let code = match run(args) {
         Ok(()) => exit::OK,
         Err(err) => {
-            let code = err
-                .downcast_ref::<vmr_agent::util::Coded>()
-                .map_or(exit::FAILURE, |c| c.code);
+            let code = util::exit_code(&err);
             eprintln!("error: {err}");
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
@@ -43,7 +41,7 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        cli::Command::Agent => vmr_agent::run_blocking(&dir),
+        cli::Command::Agent => Ok(vmr_agent::run_blocking(&dir)?),
         cli::Command::Demo(opts) => demo::run(opts),
         other => client::run(&dir, other, args.json),
     }

@@ -1,9 +1,45 @@
-//! Formatting and parsing helpers of the CLI: times and sizes.
+//! Helpers of the CLI: an error carrying its exit code, formatting and parsing of times and
+//! sizes.
 
 use std::time::UNIX_EPOCH;
 
 use vmr_agent::exit;
-use vmr_agent::util::coded;
+
+/// An error of the CLI carrying the exit code to use (a usage error, an unreachable agent, or
+/// an error the agent answered with its code).
+#[derive(Debug)]
+pub struct Coded {
+    /// Exit code.
+    pub code: i32,
+    /// Message.
+    pub message: String,
+}
+
+impl std::fmt::Display for Coded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Coded {}
+
+/// Build an error with an exit code.
+pub fn coded(code: i32, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Coded {
+        code,
+        message: message.into(),
+    })
+}
+
+/// The exit code of an error of the CLI: its [`Coded`] code, the code of an agent error it
+/// carries (`init`, `agent`), or 1.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if let Some(c) = err.downcast_ref::<Coded>() {
+        return c.code;
+    }
+    err.downcast_ref::<vmr_agent::AgentError>()
+        .map_or(exit::FAILURE, vmr_agent::AgentError::exit_code)
+}
 
 /// Format ms-since-epoch as RFC 3339 UTC (second precision).
 pub fn fmt_time(ms: u64) -> String {

@@ -379,3 +379,32 @@ fn bench_failover_time() -> TestResult {
     }
     Ok(())
 }
+
+/// `failover prepare` while a cycle is in flight: the machine aborts that cycle (its changes are
+/// merged back) and ships the final, planned cycle, which carries everything (the demo found a
+/// prepare that refused to start the planned cycle while the aborted one was still ending).
+#[test]
+fn prepare_while_a_cycle_runs_ships_everything() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "busy1", &["disk0"], 128)?;
+    vm.register(&p.a)?;
+    p.enable("busy1", &["--frequency", "5s"])?;
+    p.wait_cycle("busy1", 1, LONG)?;
+    // A large change set, so that the next cycle takes a while to ship.
+    vm.write_random("disk0", 1500, 21)?;
+    let final_hash = vm.hash("disk0")?;
+    wait_until(LONG, "a cycle in flight", || {
+        Ok(p.a.status("busy1")?.progress.is_some())
+    })?;
+    let prep = failover(&p.a, &["prepare", "busy1"])?;
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    let k = prep.point.expect("final cycle");
+    p.b.wait_cycle("busy1", k, LONG)?;
+    // The replica's split-brain probe reaches the prepared primary (it is not running).
+    p.a.allow(&p.b)?;
+    let live = failover(&p.b, &["start", "busy1", "--no-start"])?;
+    assert_eq!(live.point, Some(k));
+    let on_b = replica_hashes(&p.b, vm.def.uuid, Some(k))?;
+    assert_eq!(on_b, vec![("disk0".to_owned(), final_hash)]);
+    Ok(())
+}

@@ -8,7 +8,7 @@ pub fn resync_vs_rsync(ctx: &Ctx, rsync_missing: Option<&str>) -> Outcome {
     let mut o = Outcome::new(
         8,
         "Resync (block-hash comparison) versus rsync, 1 % of blocks differing",
-        "faster than rsync, and fewer bytes sent",
+        goal(8),
     );
     if let Some(why) = rsync_missing {
         o.verdict = Verdict::Skipped(why.to_owned());
@@ -83,6 +83,15 @@ pub(super) fn rsync_once(img: &Path, dst: &Path) -> anyhow::Result<RsyncRun> {
     })
 }
 
+/// Scenario 8's verdict: `speed` (rsync time / resync time) ≥ 1.5 and `bytes` (resync bytes /
+/// rsync bytes) ≤ 0.5 must both hold; the miss names the one (or both) that failed.
+pub(super) fn s8_verdict(speed: f64, bytes: f64) -> Verdict {
+    all_of(&[
+        ("speed versus rsync", at_least(speed, S8_SPEED, None)),
+        ("bytes as a fraction of rsync's", at_most(bytes, S8_BYTES)),
+    ])
+}
+
 fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let (disk, reps) = if ctx.quick {
         (GIB, 1usize)
@@ -101,7 +110,8 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          blocks travel (zstd), into a new layer. Bytes = data bytes the agent counted. Baseline: \
          `rsync --inplace --no-whole-file --ignore-times --stats` of the image file into a \
          directory holding its previous version (same file system); bytes = rsync's \"Total \
-         bytes sent\". Median of {reps}{}.",
+         bytes sent\". Median of {reps}{}. Both must hold: speed = rsync time / resync time \
+         ≥ {S8_SPEED}, and bytes = resync bytes / rsync bytes ≤ {S8_BYTES}.",
         size(disk),
         size(count * BLOCK),
         if ctx.quick {
@@ -123,7 +133,7 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let dst = pair.root.path().join("rsync-dst");
     std::fs::create_dir_all(&dst)?;
     copy_for_rsync(&img, &dst)?;
-    pair.a.add(&vm)?;
+    vm.register(&pair.a)?;
     enable_and_wait(&pair, &vm.def.name, "60m", 0, Duration::from_secs(1800))?;
     let (mut ours, mut ours_bytes, mut theirs, mut theirs_bytes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -181,8 +191,8 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     o.ours = format!("{} per resync, {} sent", secs(mt), size(mb as u64));
     o.baseline = format!("{} per rsync, {} sent", secs(rt), size(rb as u64));
     let speed = rt / mt;
-    let bytes = rb / mb.max(1.0);
-    o.ratio = format!("{speed:.1}× faster, {bytes:.2}× fewer bytes");
+    let bytes = mb / rb.max(1.0);
+    o.ratio = format!("{speed:.2}× faster, {bytes:.2}× rsync's bytes");
     o.detail("resync to applied (repeats)", samples(&ours, secs));
     o.detail(
         "resync data bytes sent (repeats)",
@@ -194,13 +204,7 @@ fn resync_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         samples(&theirs_bytes, |b| size(b as u64)),
     );
     o.detail("blocks changed per repeat", format!("{count} of 64 KiB"));
-    o.verdict = if speed >= 1.0 && bytes >= 1.0 {
-        Verdict::Pass
-    } else if speed < 1.0 {
-        Verdict::Miss(miss_by(speed, 1.0, true))
-    } else {
-        Verdict::Miss(format!("sent {bytes:.2}× rsync's bytes"))
-    };
+    o.verdict = s8_verdict(speed, bytes);
     ctx.block(c.disconnect())?;
     drop(vm);
     let mut pair = pair;
@@ -220,5 +224,33 @@ mod tests {
         assert_eq!(stat_number(s, "Total bytes sent:"), Some(12_001_234));
         assert_eq!(stat_number(s, "Literal data:"), Some(10_485_760));
         assert_eq!(stat_number(s, "Matched data:"), None);
+    }
+
+    #[test]
+    fn resync_needs_both_speed_and_bytes() {
+        assert!(matches!(s8_verdict(1.5, 0.5), Verdict::Pass));
+        assert!(matches!(s8_verdict(2.0, 0.3), Verdict::Pass));
+        // Faster but too many bytes, and the other way round: each names what failed.
+        match s8_verdict(2.0, 0.6) {
+            Verdict::Miss(w) => {
+                assert!(w.starts_with("bytes as a fraction of rsync's: 0.60"), "{w}");
+                assert!(!w.contains("speed"), "{w}");
+            }
+            v => panic!("{v:?}"),
+        }
+        match s8_verdict(1.1, 0.46) {
+            Verdict::Miss(w) => {
+                assert!(
+                    w.starts_with("speed versus rsync: 1.10 against ≥ 1.5"),
+                    "{w}"
+                );
+                assert!(!w.contains("bytes"), "{w}");
+            }
+            v => panic!("{v:?}"),
+        }
+        match s8_verdict(0.9, 0.9) {
+            Verdict::Miss(w) => assert!(w.contains("speed") && w.contains("bytes"), "{w}"),
+            v => panic!("{v:?}"),
+        }
     }
 }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmr_proto::api::{Request, Response, VmStatus};
 
-use super::standin::StandIn;
 use super::{HarnessError, Result, io_err, wait_every};
 use crate::proc::ChildGuard;
 
@@ -231,20 +230,6 @@ impl Agent {
             &primary.name,
             "--fingerprint",
             &primary.fingerprint,
-        ])
-        .map(drop)
-    }
-
-    /// Register `vm` on this (primary) agent (`vm add`).
-    pub fn add(&self, vm: &StandIn) -> Result<()> {
-        self.ok(&[
-            "vm",
-            "add",
-            &vm.def.name,
-            "--qmp",
-            &vm.qmp.display().to_string(),
-            "--launch",
-            &vm.launch.display().to_string(),
         ])
         .map(drop)
     }

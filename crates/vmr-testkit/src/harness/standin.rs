@@ -321,7 +321,17 @@ impl StandIn {
 
     /// `vm add` on `primary`.
     pub fn register(&self, primary: &Agent) -> Result<()> {
-        primary.add(self)
+        primary
+            .ok(&[
+                "vm",
+                "add",
+                &self.def.name,
+                "--qmp",
+                &self.qmp.display().to_string(),
+                "--launch",
+                &self.launch.display().to_string(),
+            ])
+            .map(drop)
     }
 
     /// Write `blocks` random 64 KiB blocks (contents from `seed`) to `disk` (live export).
