@@ -5,10 +5,16 @@
 //! again (`block-export-del`, `blockdev-del`), so between cycles the daemon holds no image and
 //! no image lock (a prune's `qemu-img` never fights it).
 //!
-//! The daemon dies with the store process (`PR_SET_PDEATHSIG`) and is killed when the store is
-//! dropped; its pid and QMP socket are recorded in `<root>/qemu-storage-daemon.pid`, so that
-//! [`Daemon::kill_leftover`] (run by `recover`) kills one a crashed store left behind.
+//! The daemon dies with the store process (`PR_SET_PDEATHSIG`, set by the thread that spawns
+//! and reaps it, which lives as long as the daemon) and is killed when the store is dropped.
+//! Every daemon of a store root holds an exclusive `flock` on `<root>/daemon.lock` through an
+//! inherited descriptor, taken before it is spawned: so at most one runs per root, and once
+//! [`Daemon::kill_leftover`] (run by `recover`) has killed the daemons it finds (the pid in
+//! `<root>/qemu-storage-daemon.pid` and every process holding the lock file) and then holds
+//! the lock itself and has seen them exit, no daemon of a crashed store is alive, so none can
+//! hold an image lock, whatever moment the crash hit (even before the pid was recorded).
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,11 +27,17 @@ use vmr_capture::qmp::QmpClient;
 use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
 
 use crate::error::StoreError;
+use crate::fsio::pause_point;
 
 /// Name of the file in the store root recording the running daemon.
 const PID_FILE: &str = "qemu-storage-daemon.pid";
+/// Name of the file in the store root every daemon of the store holds an exclusive `flock` on
+/// while it runs (an inherited descriptor, so it is released when the daemon exits).
+const LOCK_FILE: &str = "daemon.lock";
 /// Limit for one QMP command and for the daemon's start.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limit for a previous daemon of the root to exit (SIGKILLed, it normally takes milliseconds).
+pub(crate) const EXIT_WAIT: Duration = Duration::from_secs(60);
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -35,6 +47,9 @@ pub(crate) struct Daemon {
     running: tokio::sync::Mutex<Option<Running>>,
     /// The running daemon's process, also for the paths that have no runtime.
     pid: std::sync::Mutex<Option<Proc>>,
+    /// A pidfd of the last daemon this store spawned: the next start waits for it to have
+    /// exited (a stop gives up waiting after a while).
+    last: std::sync::Mutex<Option<Arc<OwnedFd>>>,
 }
 
 struct Running {
@@ -98,6 +113,7 @@ impl Daemon {
             root: root.to_owned(),
             running: tokio::sync::Mutex::new(None),
             pid: std::sync::Mutex::new(None),
+            last: std::sync::Mutex::new(None),
         }
     }
 
@@ -105,42 +121,59 @@ impl Daemon {
         self.pid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Kill a daemon a crashed store left (recorded in the pid file and still running with
-    /// the recorded QMP socket on its command line), and remove its sockets. The daemon this
-    /// store runs itself is left alone.
-    pub(crate) fn kill_leftover(&self) {
+    /// Kill every daemon a crashed store of this root left and wait until they have exited:
+    /// the one the pid file records (if that pid still has the recorded start time) and every
+    /// process holding `<root>/daemon.lock`; then take that lock (blocking, at most
+    /// [`EXIT_WAIT`]) and wait for the killed processes' exit. Once the lock is ours no daemon
+    /// spawned by an earlier store of the root is alive (each held the lock from before its
+    /// exec), so none holds an image lock. Removes the recorded sockets and the pid file.
+    /// A daemon this store runs itself is left alone.
+    pub(crate) async fn kill_leftover(&self) -> Result<(), StoreError> {
+        let running = self.running.lock().await;
+        if running.is_some() {
+            // Our own daemon holds the lock: no other daemon of the root can run.
+            return Ok(());
+        }
         let path = self.root.join(PID_FILE);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        let mut lines = text.lines();
-        let (Some(pid), Some(qmp), nbd) = (
+        let record = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lines = record.lines();
+        let (pid, qmp, nbd, started) = (
             lines.next().and_then(|p| p.trim().parse::<i32>().ok()),
             lines.next(),
             lines.next(),
-        ) else {
-            let _ = std::fs::remove_file(&path);
-            return;
-        };
-        if self.child().as_ref().map(|c| c.pid as i32) == Some(pid) {
-            return;
+            lines.next().and_then(|p| p.trim().parse::<u64>().ok()),
+        );
+        let lock = self.root.join(LOCK_FILE);
+        let mut found = lock_holders(&lock);
+        if let (Some(pid), Some(started)) = (pid, started) {
+            found.push((pid, started));
         }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("qemu-storage-daemon") && cmdline.contains(qmp) {
-            kill(pid);
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while Path::new(&format!("/proc/{pid}")).exists()
-                && std::time::Instant::now() < deadline
+        found.sort_unstable();
+        found.dedup();
+        let mut killed = Vec::new();
+        for (pid, started) in found {
+            if let Some(fd) = pidfd_open(pid)
+                // The pidfd names the process we found, not a later one with its pid.
+                && start_time(pid) == Some(started)
             {
-                std::thread::sleep(Duration::from_millis(5));
+                pidfd_kill(&fd);
+                killed.push(Arc::new(fd));
             }
         }
-        let _ = std::fs::remove_file(qmp);
-        if let Some(n) = nbd {
-            let _ = std::fs::remove_file(n);
+        if let Some(last) = self.last_spawned() {
+            killed.push(last);
+        }
+        drop(take_lock(lock, killed).await?);
+        drop(running);
+        for sock in [qmp, nbd].into_iter().flatten() {
+            let _ = std::fs::remove_file(sock);
         }
         let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+
+    fn last_spawned(&self) -> Option<Arc<OwnedFd>> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     async fn start(&self) -> Result<Running, StoreError> {
@@ -153,6 +186,12 @@ impl Daemon {
         let nbd_sock = std::env::temp_dir().join(format!("vmr-qsd-{tag}.nbd"));
         let _ = std::fs::remove_file(&qmp_sock);
         let _ = std::fs::remove_file(&nbd_sock);
+        // Wait for the previous daemon of the root to be gone, and hold the lock for the next.
+        let lock = take_lock(
+            self.root.join(LOCK_FILE),
+            self.last_spawned().into_iter().collect(),
+        )
+        .await?;
         let mut cmd = std::process::Command::new("qemu-storage-daemon");
         cmd.arg("--chardev")
             .arg(format!(
@@ -166,11 +205,18 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = Proc::spawn(cmd)?;
+        let child = Proc::spawn(cmd, lock)?;
         let pid = child.pid;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = child.pidfd.clone();
+        pause_point("daemon-spawned");
+        let started = start_time(pid as i32).unwrap_or_default();
         let _ = std::fs::write(
             self.root.join(PID_FILE),
-            format!("{pid}\n{}\n{}\n", qmp_sock.display(), nbd_sock.display()),
+            format!(
+                "{pid}\n{}\n{}\n{started}\n",
+                qmp_sock.display(),
+                nbd_sock.display()
+            ),
         );
         let deadline = tokio::time::Instant::now() + QMP_TIMEOUT;
         let ep = Endpoint::Unix(qmp_sock.clone());
@@ -509,11 +555,14 @@ fn kill(pid: i32) {
 struct Proc {
     pid: u32,
     exited: Arc<AtomicBool>,
+    /// A pidfd of the process (readable once it has exited).
+    pidfd: Option<Arc<OwnedFd>>,
 }
 
 impl Proc {
-    fn spawn(mut cmd: std::process::Command) -> Result<Proc, StoreError> {
-        die_with_parent(&mut cmd);
+    /// Spawn `cmd` holding the locked `lock` (the parent's descriptor is closed once spawned).
+    fn spawn(mut cmd: std::process::Command, lock: std::fs::File) -> Result<Proc, StoreError> {
+        die_with_parent(&mut cmd, lock.as_raw_fd());
         let exited = Arc::new(AtomicBool::new(false));
         let done = exited.clone();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -521,11 +570,15 @@ impl Proc {
             .name("vmr-qsd".into())
             .spawn(move || match cmd.spawn() {
                 Ok(mut child) => {
-                    let _ = tx.send(Ok(child.id()));
+                    drop(lock);
+                    // Not reaped before the wait below, so the pid is still this child's.
+                    let pidfd = pidfd_open(child.id() as i32).map(Arc::new);
+                    let _ = tx.send(Ok((child.id(), pidfd)));
                     let _ = child.wait();
                     done.store(true, Ordering::SeqCst);
                 }
                 Err(e) => {
+                    drop(lock);
                     done.store(true, Ordering::SeqCst);
                     let _ = tx.send(Err(e));
                 }
@@ -533,7 +586,7 @@ impl Proc {
             .map_err(|e| {
                 StoreError::tool("qemu-storage-daemon", format!("cannot start a thread: {e}"))
             })?;
-        let pid = rx
+        let (pid, pidfd) = rx
             .recv()
             .map_err(|_| StoreError::tool("qemu-storage-daemon", "spawn thread ended".into()))?
             .map_err(|e| {
@@ -542,7 +595,7 @@ impl Proc {
                     format!("cannot run qemu-storage-daemon: {e}"),
                 )
             })?;
-        Ok(Proc { pid, exited })
+        Ok(Proc { pid, exited, pidfd })
     }
 
     fn exited(&self) -> bool {
@@ -563,20 +616,170 @@ impl Proc {
     }
 }
 
-/// The daemon dies (SIGKILL) with the store process, so a crashed store never leaves it
-/// holding image locks.
+/// In the child before exec: keep the locked `lock_fd` open across exec (the daemon holds the
+/// root's lock until it exits), and make the daemon die (SIGKILL) with the thread that spawns
+/// it, which lives as long as the daemon or the store process; if the store process already
+/// died before that was set up (the child was reparented), do not exec at all.
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut std::process::Command) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-    // is async-signal-safe and touches no memory shared with the parent.
+fn die_with_parent(cmd: &mut std::process::Command, lock_fd: i32) {
+    let parent = std::process::id() as i32;
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2),
+    // prctl(2) and getppid(2), which are async-signal-safe and touch no memory shared with the
+    // parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(lock_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(lock_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
     }
+}
+
+/// Open (creating it) the lock file `path`, take its exclusive `flock` (blocking, in a thread
+/// of its own) and wait until every process in `exited` (pidfds) has exited, at most
+/// [`EXIT_WAIT`] in all. If that elapses the thread lets go of the lock once it gets it.
+async fn take_lock(path: PathBuf, exited: Vec<Arc<OwnedFd>>) -> Result<std::fs::File, StoreError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StoreError::io("open", &path, e))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vmr-qsd-lock".into())
+        .spawn(move || {
+            let got = flock_exclusive(&file).map(|()| {
+                for fd in &exited {
+                    wait_exited(fd);
+                }
+                file
+            });
+            // Dropped (unlocked) here if the caller stopped waiting.
+            let _ = tx.send(got);
+        })
+        .map_err(|e| StoreError::io("start a thread to lock", &path, e))?;
+    match tokio::time::timeout(EXIT_WAIT, rx).await {
+        Ok(Ok(Ok(file))) => Ok(file),
+        Ok(Ok(Err(e))) => Err(StoreError::io("lock", path, e)),
+        Ok(Err(_)) => Err(StoreError::io(
+            "lock",
+            path,
+            std::io::Error::other("the locking thread ended"),
+        )),
+        Err(_) => Err(StoreError::DaemonStillRunning {
+            lock: path,
+            waited: EXIT_WAIT,
+        }),
+    }
+}
+
+#[allow(unsafe_code)]
+fn flock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    loop {
+        // SAFETY: flock(2) on a descriptor this function borrows; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Block until the process of `pidfd` has exited (its pidfd polls readable).
+#[allow(unsafe_code)]
+fn wait_exited(pidfd: &OwnedFd) {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `p` is a valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, -1) };
+        if n > 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// A pidfd of `pid`, if that process exists.
+#[allow(unsafe_code)]
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes two integers; a non-negative result is a new descriptor
+    // owned by nobody else.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new descriptor this process owns and nothing else closes.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// SIGKILL the process of `pidfd` (no pid reuse can redirect it).
+#[allow(unsafe_code)]
+fn pidfd_kill(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) with a null siginfo reads no memory.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
+/// A process's start time (clock ticks after boot, `/proc/<pid>/stat` field 22): with the pid
+/// it names one process, not a later one given the same pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Processes other than this one that hold the file `lock` open, with their start times.
+fn lock_holders(lock: &Path) -> Vec<(i32, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(lock) else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::metadata(fd.path())
+                .is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino())
+        });
+        if holds && let Some(t) = start_time(pid) {
+            found.push((pid, t));
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -724,24 +927,59 @@ mod tests {
             .expect("start");
         let pid = left.child().as_ref().map(|c| c.pid).expect("running");
         assert!(Path::new(&format!("/proc/{pid}")).exists());
+        // The daemon (and only it) holds the root's lock.
+        let lock = dir.path().join(LOCK_FILE);
+        let holders: Vec<i32> = lock_holders(&lock).into_iter().map(|h| h.0).collect();
+        assert_eq!(holders, vec![pid as i32]);
         let next = Daemon::new(dir.path());
-        next.kill_leftover();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !left.child().as_ref().is_some_and(Proc::exited)
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let gone = left.child().as_ref().is_some_and(Proc::exited);
-        assert!(gone, "the leftover daemon still runs");
+        next.kill_leftover().await.expect("kill leftover");
+        // Returned only once the daemon has exited: reaped, or a zombie not yet reaped.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z"),
+            "the leftover daemon still runs: {state}"
+        );
+        assert!(lock_holders(&lock).is_empty());
         assert!(!dir.path().join(PID_FILE).exists());
-        // A pid file naming another process is not followed.
+        // The next daemon starts at once (the lock is free).
+        next.execute("query-version", json!({}))
+            .await
+            .expect("start next");
+        next.stop();
+        // A pid file naming another process (its start time differs) is not followed.
         std::fs::write(
             dir.path().join(PID_FILE),
-            format!("{}\n/nonexistent.qmp\n", std::process::id()),
+            format!(
+                "{}\n/nonexistent.qmp\n/nonexistent.nbd\n1\n",
+                std::process::id()
+            ),
         )
         .expect("write");
-        next.kill_leftover();
+        Daemon::new(dir.path())
+            .kill_leftover()
+            .await
+            .expect("kill leftover");
         assert!(!dir.path().join(PID_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_second_daemon_of_the_root_waits_for_the_first_to_exit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Daemon::new(dir.path());
+        first
+            .execute("query-version", json!({}))
+            .await
+            .expect("start");
+        let second = Arc::new(Daemon::new(dir.path()));
+        let s2 = second.clone();
+        let waiting =
+            tokio::spawn(async move { s2.execute("query-version", json!({})).await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "two daemons ran for one root");
+        first.stop();
+        assert!(
+            waiting.await.expect("join"),
+            "the second daemon did not start"
+        );
     }
 }

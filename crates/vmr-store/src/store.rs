@@ -468,7 +468,7 @@ impl Store {
     /// replay cycle files staged by an older version of the store.
     pub async fn recover(&self) -> Result<(), StoreError> {
         // A qemu-storage-daemon a crashed store left would hold its layers' image locks.
-        self.inner.qsd.kill_leftover();
+        self.inner.qsd.kill_leftover().await?;
         for vm in self.vms() {
             let v = self.vm(vm)?;
             {
