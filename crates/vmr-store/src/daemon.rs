@@ -7,12 +7,15 @@
 //!
 //! The daemon dies with the store process (`PR_SET_PDEATHSIG`, set by the thread that spawns
 //! and reaps it, which lives as long as the daemon) and is killed when the store is dropped.
-//! Every daemon of a store root holds an exclusive `flock` on `<root>/daemon.lock` through an
-//! inherited descriptor, taken before it is spawned: so at most one runs per root, and once
-//! [`Daemon::kill_leftover`] (run by `recover`) has killed the daemons it finds (the pid in
-//! `<root>/qemu-storage-daemon.pid` and every process holding the lock file) and then holds
-//! the lock itself and has seen them exit, no daemon of a crashed store is alive, so none can
-//! hold an image lock, whatever moment the crash hit (even before the pid was recorded).
+//! Also owns the root's QEMU lock: the store takes an exclusive `flock` on `<root>/qemu.lock`
+//! before it starts any QEMU process, and every QEMU process it starts (this daemon,
+//! `qemu-img`, `qemu-nbd`: [`child_setup`]) inherits that locked descriptor, so the lock is
+//! free only once the store and every QEMU process it started have exited. Once
+//! [`Daemon::kill_leftover`] (run by `recover`) has killed what a crashed store left (the pid
+//! in `<root>/qemu-storage-daemon.pid` and every process holding the lock file) and then holds
+//! the lock itself and has seen them exit, no QEMU process of a crashed store is alive, so
+//! none can hold an image lock, whatever moment the crash hit (even before the pid was
+//! recorded).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -31,9 +34,9 @@ use crate::fsio::pause_point;
 
 /// Name of the file in the store root recording the running daemon.
 const PID_FILE: &str = "qemu-storage-daemon.pid";
-/// Name of the file in the store root every daemon of the store holds an exclusive `flock` on
-/// while it runs (an inherited descriptor, so it is released when the daemon exits).
-const LOCK_FILE: &str = "daemon.lock";
+/// Name of the file in the store root the store holds an exclusive `flock` on, through one
+/// descriptor every QEMU process it starts inherits (released when the last of them exits).
+const LOCK_FILE: &str = "qemu.lock";
 /// Limit for one QMP command and for the daemon's start.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Limit for a previous daemon of the root to exit (SIGKILLed, it normally takes milliseconds).
@@ -50,6 +53,45 @@ pub(crate) struct Daemon {
     /// A pidfd of the last daemon this store spawned: the next start waits for it to have
     /// exited (a stop gives up waiting after a while).
     last: std::sync::Mutex<Option<Arc<OwnedFd>>>,
+    /// The root's QEMU lock, once taken (kept until the store is dropped).
+    lock: std::sync::Mutex<Option<Arc<std::fs::File>>>,
+}
+
+/// The QEMU locks this process holds, by store root (for the tools' spawns).
+static HELD: std::sync::Mutex<Vec<(PathBuf, std::sync::Weak<std::fs::File>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The held QEMU lock of the store whose root contains `path` (a tool's image or working
+/// directory), if this process holds it.
+pub(crate) fn held_lock_for(path: &Path) -> Option<Arc<std::fs::File>> {
+    let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    held.iter()
+        .filter(|(root, _)| path.starts_with(root))
+        .find_map(|(_, l)| l.upgrade())
+}
+
+/// In a child the store forks, before exec (async-signal-safe calls only): keep `lock_fd`
+/// (the root's locked QEMU lock) open across exec, make the child die (SIGKILL) with the
+/// thread that spawns it, and refuse to exec if the store process `parent` already died
+/// (the death signal would never come).
+#[allow(unsafe_code)]
+pub(crate) fn child_setup(parent: i32, lock_fd: Option<i32>) -> std::io::Result<()> {
+    // SAFETY: fcntl(2), prctl(2) and getppid(2) are async-signal-safe and pass no memory.
+    unsafe {
+        if let Some(fd) = lock_fd {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
 }
 
 struct Running {
@@ -114,7 +156,31 @@ impl Daemon {
             running: tokio::sync::Mutex::new(None),
             pid: std::sync::Mutex::new(None),
             last: std::sync::Mutex::new(None),
+            lock: std::sync::Mutex::new(None),
         }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Arc<std::fs::File>>> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The root's QEMU lock, taken first if not held yet: waits (at most [`EXIT_WAIT`]) for
+    /// every QEMU process of an earlier store of the root (and those in `exited`, and the
+    /// last daemon this store spawned) to have exited. Call with `running` locked.
+    async fn hold_lock(
+        &self,
+        mut exited: Vec<Arc<OwnedFd>>,
+    ) -> Result<Arc<std::fs::File>, StoreError> {
+        if let Some(l) = self.held().clone() {
+            return Ok(l);
+        }
+        exited.extend(self.last_spawned());
+        let file = Arc::new(take_lock(self.root.join(LOCK_FILE), exited).await?);
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|(_, l)| l.strong_count() > 0);
+        held.push((self.root.clone(), Arc::downgrade(&file)));
+        *self.held() = Some(file.clone());
+        Ok(file)
     }
 
     fn child(&self) -> std::sync::MutexGuard<'_, Option<Proc>> {
@@ -130,8 +196,8 @@ impl Daemon {
     /// A daemon this store runs itself is left alone.
     pub(crate) async fn kill_leftover(&self) -> Result<(), StoreError> {
         let running = self.running.lock().await;
-        if running.is_some() {
-            // Our own daemon holds the lock: no other daemon of the root can run.
+        if self.held().is_some() {
+            // Ours: no QEMU process of another store of the root can run.
             return Ok(());
         }
         let path = self.root.join(PID_FILE);
@@ -160,10 +226,7 @@ impl Daemon {
                 killed.push(Arc::new(fd));
             }
         }
-        if let Some(last) = self.last_spawned() {
-            killed.push(last);
-        }
-        drop(take_lock(lock, killed).await?);
+        self.hold_lock(killed).await?;
         drop(running);
         for sock in [qmp, nbd].into_iter().flatten() {
             let _ = std::fs::remove_file(sock);
@@ -186,12 +249,8 @@ impl Daemon {
         let nbd_sock = std::env::temp_dir().join(format!("vmr-qsd-{tag}.nbd"));
         let _ = std::fs::remove_file(&qmp_sock);
         let _ = std::fs::remove_file(&nbd_sock);
-        // Wait for the previous daemon of the root to be gone, and hold the lock for the next.
-        let lock = take_lock(
-            self.root.join(LOCK_FILE),
-            self.last_spawned().into_iter().collect(),
-        )
-        .await?;
+        // Wait for the previous daemon of the root to be gone; the daemon holds the lock too.
+        let lock = self.hold_lock(Vec::new()).await?;
         let mut cmd = std::process::Command::new("qemu-storage-daemon");
         cmd.arg("--chardev")
             .arg(format!(
@@ -210,14 +269,19 @@ impl Daemon {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = child.pidfd.clone();
         pause_point("daemon-spawned");
         let started = start_time(pid as i32).unwrap_or_default();
-        let _ = std::fs::write(
-            self.root.join(PID_FILE),
+        // Recorded before any QMP command: a daemon that opens an image is always recorded.
+        let record = self.root.join(PID_FILE);
+        if let Err(e) = std::fs::write(
+            &record,
             format!(
                 "{pid}\n{}\n{}\n{started}\n",
                 qmp_sock.display(),
                 nbd_sock.display()
             ),
-        );
+        ) {
+            child.kill_and_wait();
+            return Err(StoreError::io("write", record, e));
+        }
         let deadline = tokio::time::Instant::now() + QMP_TIMEOUT;
         let ep = Endpoint::Unix(qmp_sock.clone());
         let qmp = loop {
@@ -560,8 +624,8 @@ struct Proc {
 }
 
 impl Proc {
-    /// Spawn `cmd` holding the locked `lock` (the parent's descriptor is closed once spawned).
-    fn spawn(mut cmd: std::process::Command, lock: std::fs::File) -> Result<Proc, StoreError> {
+    /// Spawn `cmd`, inheriting the locked `lock`.
+    fn spawn(mut cmd: std::process::Command, lock: Arc<std::fs::File>) -> Result<Proc, StoreError> {
         die_with_parent(&mut cmd, lock.as_raw_fd());
         let exited = Arc::new(AtomicBool::new(false));
         let done = exited.clone();
@@ -616,30 +680,14 @@ impl Proc {
     }
 }
 
-/// In the child before exec: keep the locked `lock_fd` open across exec (the daemon holds the
-/// root's lock until it exits), and make the daemon die (SIGKILL) with the thread that spawns
-/// it, which lives as long as the daemon or the store process; if the store process already
-/// died before that was set up (the child was reparented), do not exec at all.
+/// The daemon keeps the root's QEMU lock and dies with its spawning thread ([`child_setup`]).
 #[allow(unsafe_code)]
 fn die_with_parent(cmd: &mut std::process::Command, lock_fd: i32) {
     let parent = std::process::id() as i32;
-    // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2),
-    // prctl(2) and getppid(2), which are async-signal-safe and touch no memory shared with the
-    // parent.
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (`child_setup`), touching no memory shared with the parent.
     unsafe {
-        cmd.pre_exec(move || {
-            let flags = libc::fcntl(lock_fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(lock_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || child_setup(parent, Some(lock_fd)));
     }
 }
 
@@ -931,6 +979,8 @@ mod tests {
         let lock = dir.path().join(LOCK_FILE);
         let holders: Vec<i32> = lock_holders(&lock).into_iter().map(|h| h.0).collect();
         assert_eq!(holders, vec![pid as i32]);
+        // The store process "dies": its own descriptor of the lock is gone, the daemon runs on.
+        *left.held() = None;
         let next = Daemon::new(dir.path());
         next.kill_leftover().await.expect("kill leftover");
         // Returned only once the daemon has exited: reaped, or a zombie not yet reaped.
@@ -945,7 +995,7 @@ mod tests {
         next.execute("query-version", json!({}))
             .await
             .expect("start next");
-        next.stop();
+        drop(next);
         // A pid file naming another process (its start time differs) is not followed.
         std::fs::write(
             dir.path().join(PID_FILE),
@@ -976,7 +1026,7 @@ mod tests {
             tokio::spawn(async move { s2.execute("query-version", json!({})).await.is_ok() });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiting.is_finished(), "two daemons ran for one root");
-        first.stop();
+        drop(first);
         assert!(
             waiting.await.expect("join"),
             "the second daemon did not start"

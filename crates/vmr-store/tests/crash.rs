@@ -194,6 +194,14 @@ async fn verify(
         return Ok(0);
     }
     store.recover().await?;
+    // Nothing the killed store started (daemon, qemu-img, qemu-nbd) is alive any more: only
+    // this process holds the root's QEMU lock now.
+    let me = std::process::id();
+    let left: Vec<_> = lock_holders(root)
+        .into_iter()
+        .filter(|h| h.0 != me)
+        .collect();
+    assert!(left.is_empty(), "left after recover: {left:?}");
     let Some(latest) = store.latest_point(vm)? else {
         assert_eq!(last_acked, 0, "acked cycles lost");
         return Ok(0);
@@ -285,10 +293,10 @@ async fn crash_trials() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Processes holding `<root>/daemon.lock` open (by device and inode), with their `comm`.
+/// Processes holding `<root>/qemu.lock` open (by device and inode), with their `comm`.
 fn lock_holders(root: &std::path::Path) -> Vec<(u32, String)> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(want) = std::fs::metadata(root.join("daemon.lock")) else {
+    let Ok(want) = std::fs::metadata(root.join("qemu.lock")) else {
         return Vec::new();
     };
     let mut found = Vec::new();
@@ -325,9 +333,14 @@ async fn a_store_killed_before_recording_its_daemon() -> anyhow::Result<()> {
     });
     assert!(paused, "the child never reached daemon-spawned");
     assert!(acks.is_empty());
-    let daemons = daemons.into_inner().expect("lock");
-    assert_eq!(daemons.len(), 1, "{daemons:?}");
-    assert!(daemons[0].1.starts_with("qemu-storage"), "{daemons:?}");
+    // The store process and its daemon hold the lock.
+    let holders = daemons.into_inner().expect("lock");
+    let daemons: Vec<_> = holders
+        .iter()
+        .filter(|h| h.1.starts_with("qemu-storage"))
+        .collect();
+    assert_eq!(daemons.len(), 1, "{holders:?}");
+    assert_eq!(holders.len(), 2, "{holders:?}");
     assert!(
         !root.join("qemu-storage-daemon.pid").exists(),
         "the pid was recorded before the pause"
