@@ -187,13 +187,13 @@ impl Daemon {
         self.pid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Kill every daemon a crashed store of this root left and wait until they have exited:
-    /// the one the pid file records (if that pid still has the recorded start time) and every
-    /// process holding `<root>/daemon.lock`; then take that lock (blocking, at most
-    /// [`EXIT_WAIT`]) and wait for the killed processes' exit. Once the lock is ours no daemon
-    /// spawned by an earlier store of the root is alive (each held the lock from before its
-    /// exec), so none holds an image lock. Removes the recorded sockets and the pid file.
-    /// A daemon this store runs itself is left alone.
+    /// Kill every QEMU process a crashed store of this root left and wait until they have
+    /// exited: the daemon the pid file records (if that pid still has the recorded start time)
+    /// and every process holding `<root>/qemu.lock`; then take that lock (blocking, at most
+    /// [`EXIT_WAIT`]) and wait for the killed processes' exit. Once the lock is ours no QEMU
+    /// process started by an earlier store of the root is alive (each held the lock from
+    /// before its exec), so none holds an image lock. Removes the recorded sockets and the pid
+    /// file. Nothing happens when this store holds the lock already.
     pub(crate) async fn kill_leftover(&self) -> Result<(), StoreError> {
         let running = self.running.lock().await;
         if self.held().is_some() {

@@ -194,13 +194,10 @@ async fn verify(
         return Ok(0);
     }
     store.recover().await?;
-    // Nothing the killed store started (daemon, qemu-img, qemu-nbd) is alive any more: only
-    // this process holds the root's QEMU lock now.
-    let me = std::process::id();
-    let left: Vec<_> = lock_holders(root)
-        .into_iter()
-        .filter(|h| h.0 != me)
-        .collect();
+    // Nothing the killed store started (daemon, qemu-img, qemu-nbd) is alive any more: no
+    // QEMU process holds the root's QEMU lock now. (A fork of this test process not yet
+    // exec'd, started by the test running beside, holds a copy for a moment: not counted.)
+    let left = qemu_holders(root);
     assert!(left.is_empty(), "left after recover: {left:?}");
     let Some(latest) = store.latest_point(vm)? else {
         assert_eq!(last_acked, 0, "acked cycles lost");
@@ -293,8 +290,8 @@ async fn crash_trials() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Processes holding `<root>/qemu.lock` open (by device and inode), with their `comm`.
-fn lock_holders(root: &std::path::Path) -> Vec<(u32, String)> {
+/// QEMU processes holding `<root>/qemu.lock` open (by device and inode), with their `comm`.
+fn qemu_holders(root: &std::path::Path) -> Vec<(u32, String)> {
     use std::os::unix::fs::MetadataExt;
     let Ok(want) = std::fs::metadata(root.join("qemu.lock")) else {
         return Vec::new();
@@ -312,7 +309,9 @@ fn lock_holders(root: &std::path::Path) -> Vec<(u32, String)> {
                 .is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino())
         }) {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            found.push((pid, comm.trim().to_owned()));
+            if comm.starts_with("qemu") {
+                found.push((pid, comm.trim().to_owned()));
+            }
         }
     }
     found
@@ -329,18 +328,14 @@ async fn a_store_killed_before_recording_its_daemon() -> anyhow::Result<()> {
     let root = dir.path().join("store");
     let daemons = std::sync::Mutex::new(Vec::new());
     let (acks, _, paused) = run_child_with(&root, Some("daemon-spawned"), Duration::ZERO, &|| {
-        *daemons.lock().expect("lock") = lock_holders(&root)
+        *daemons.lock().expect("lock") = qemu_holders(&root)
     });
     assert!(paused, "the child never reached daemon-spawned");
     assert!(acks.is_empty());
-    // The store process and its daemon hold the lock.
-    let holders = daemons.into_inner().expect("lock");
-    let daemons: Vec<_> = holders
-        .iter()
-        .filter(|h| h.1.starts_with("qemu-storage"))
-        .collect();
-    assert_eq!(daemons.len(), 1, "{holders:?}");
-    assert_eq!(holders.len(), 2, "{holders:?}");
+    // The store's daemon holds the lock (with the store process).
+    let daemons = daemons.into_inner().expect("lock");
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    assert!(daemons[0].1.starts_with("qemu-storage"), "{daemons:?}");
     assert!(
         !root.join("qemu-storage-daemon.pid").exists(),
         "the pid was recorded before the pause"
@@ -349,7 +344,7 @@ async fn a_store_killed_before_recording_its_daemon() -> anyhow::Result<()> {
     let started = Instant::now();
     assert_eq!(verify(&root, 0, &mut models).await?, 0);
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(lock_holders(&root).is_empty(), "{:?}", lock_holders(&root));
+    assert!(qemu_holders(&root).is_empty(), "{:?}", qemu_holders(&root));
     // The next store writes (and acknowledges) its cycles.
     let (acks, _, _) = run_child(&root, None, Duration::from_secs(120));
     assert_eq!(acks, (1..=6).collect::<Vec<u64>>());
