@@ -1,6 +1,6 @@
 //! Benchmark (run with `--release`): the replica-side time of one cycle, from `begin_cycle`
 //! until `finish` returned the committed point (every extent verified, written into the new
-//! qcow2 layer through qemu-nbd, flushed, fsynced, catalog committed), against a plain copy of
+//! qcow2 layer through the store's qemu-storage-daemon, flushed, fsynced, catalog committed), against a plain copy of
 //! the same dirty bytes into a file (pwrite at their offsets, then fsync) and against
 //! `qemu-img convert` of an image holding them into a new qcow2 (then fsync). Cases: a 1 %
 //! cycle of an 8 GiB disk (64 KiB random extents), 256 MiB on a 2 GiB disk (64 KiB random and
@@ -257,8 +257,8 @@ async fn main() -> anyhow::Result<()> {
             c.as_secs_f64() / a.as_secs_f64(),
         );
     }
-    // The fixed cost of a cycle: an empty incremental cycle of one disk (qemu-img create,
-    // qemu-nbd start and exit, flush, fsyncs, catalog commit).
+    // The fixed cost of a cycle: an empty incremental cycle of one disk (blockdev-create,
+    // daemon node and export set-up and teardown, flush, fsyncs, catalog commit).
     let mut f = Vec::new();
     for _ in 0..5 {
         f.push(cycle_once(2 << 30, &[], false).await?);

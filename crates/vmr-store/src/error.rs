@@ -100,6 +100,15 @@ pub enum StoreError {
     /// A blocking task the store ran off the async runtime panicked or was cancelled.
     #[error("background task of the store failed")]
     Background(#[source] tokio::task::JoinError),
+    /// A QEMU process of this store root (one a crashed store left, or one another store of
+    /// the same root runs) still held the root's QEMU lock after `waited`.
+    #[error("a QEMU process of another store of this root still holds {lock} after {waited:?}")]
+    DaemonStillRunning {
+        /// The lock file (`<root>/qemu.lock`).
+        lock: PathBuf,
+        /// How long the store waited.
+        waited: std::time::Duration,
+    },
     /// Talking to qemu-nbd failed.
     #[error("nbd i/o on {what}")]
     Nbd {

@@ -1,6 +1,6 @@
 //! vmr-store: the replica side of vmreplica. It writes each incoming cycle of a VM's changes
-//! straight into a new qcow2 layer per disk through QEMU (`qemu-img` + `qemu-nbd` + the vmr-nbd
-//! client), commits the recovery point in a checksummed catalog before the cycle is
+//! straight into a new qcow2 layer per disk through QEMU (`qemu-img` + a long-lived
+//! `qemu-storage-daemon` driven over QMP + the vmr-nbd client), commits the recovery point in a checksummed catalog before the cycle is
 //! acknowledged, prunes old points by merging layers, and makes instant failover views. The
 //! staging format survives only as the container of an initial copy on external media.
 //!
@@ -8,6 +8,7 @@
 //! argument.
 
 pub mod catalog;
+mod daemon;
 mod error;
 mod fsio;
 pub mod hashes;

@@ -1,5 +1,6 @@
 //! Thin wrappers around the QEMU tools the store drives: `qemu-img` (create, info, map,
-//! rebase) and `qemu-nbd` exports reached with the vmr-nbd client.
+//! rebase) and `qemu-nbd` exports reached with the vmr-nbd client (for pruning's copy-up,
+//! block hashes and imports; cycles are written through the daemon of `daemon.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -31,7 +32,7 @@ pub(crate) async fn qemu_img(cwd: &Path, args: &[&str]) -> Result<String, StoreE
 
 async fn qemu_img_once(cwd: &Path, args: &[&str]) -> Result<String, StoreError> {
     let mut cmd = Command::new("qemu-img");
-    die_with_parent(&mut cmd);
+    let _lock = die_with_parent(&mut cmd, cwd);
     let out = cmd
         .args(args)
         .current_dir(cwd)
@@ -147,20 +148,22 @@ pub(crate) async fn commit_into_backing(dir: &Path, file: &str) -> Result<(), St
 
 /// Make the tool die (SIGKILL) when the store process dies, so that a crashed store never
 /// leaves a qemu-nbd behind that waits forever for its first client while holding the image
-/// lock. (The death signal follows the spawning thread; tokio spawns from runtime worker
-/// threads, which live as long as the runtime.)
+/// lock (the death signal follows the spawning thread; tokio spawns from runtime worker
+/// threads, which live as long as the runtime), and let it inherit the root's QEMU lock when
+/// this process holds it for the store containing `path`, so that the next store's recovery
+/// waits for its exit (`daemon.rs`). Returns that lock: keep it until the spawn is done.
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-    // is async-signal-safe and touches no memory shared with the parent.
+fn die_with_parent(cmd: &mut Command, path: &Path) -> Option<std::sync::Arc<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let lock = crate::daemon::held_lock_for(path);
+    let fd = lock.as_ref().map(|l| l.as_raw_fd());
+    let parent = std::process::id() as i32;
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (`child_setup`), touching no memory shared with the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || crate::daemon::child_setup(parent, fd));
     }
+    lock
 }
 
 static SOCK_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -189,11 +192,6 @@ impl Export {
     /// Export `image` (qcow2) writable on a fresh unix socket and connect to it.
     pub(crate) async fn start(image: &Path) -> Result<Export, StoreError> {
         Export::start_with(image, false, Vec::new()).await
-    }
-
-    /// [`Export::start`] taking the path by value (a `'static` future, to start several at once).
-    pub(crate) async fn start_owned(image: PathBuf) -> Result<Export, StoreError> {
-        Export::start(&image).await
     }
 
     /// Export `image` (qcow2) read-only without taking image locks (`--force-share`: for
@@ -242,7 +240,7 @@ impl Export {
         let _ = std::fs::remove_file(&sock);
         let what = image.display().to_string();
         let mut cmd = Command::new("qemu-nbd");
-        die_with_parent(&mut cmd);
+        let _lock = die_with_parent(&mut cmd, image);
         match mode {
             Mode::SharedLayer => {
                 // force-share: no image locks, so the store may still copy up into the layer

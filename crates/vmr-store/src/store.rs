@@ -6,7 +6,8 @@
 //! never held across `.await`) guards the in-memory catalog and staging state and serialises
 //! catalog writes; `chain` (a tokio mutex) serialises the operations that open the VM's qcow2
 //! chain with QEMU (a cycle being written, one prune step, recovery, view creation), because
-//! QEMU's image locking forbids writing a layer that another qemu-nbd holds as a backing file.
+//! QEMU's image locking forbids writing a layer that another QEMU process (the store's daemon,
+//! a qemu-nbd) holds as a backing file.
 //! Different VMs never wait for each other.
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use vmr_proto::store::{
 };
 use vmr_proto::{CycleHeader, CycleId, CycleKind, Extent, ExtentData};
 
+use crate::daemon::Daemon;
 use crate::error::StoreError;
 use crate::fsio::{self, pause_point};
 use crate::pipeline::Pipeline;
@@ -56,6 +58,8 @@ impl std::fmt::Debug for Store {
 struct Inner {
     root: PathBuf,
     fs: Arc<dyn Storage>,
+    /// The store's qemu-storage-daemon, shared by every VM's layer writers.
+    qsd: Arc<Daemon>,
     vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
 }
 
@@ -64,6 +68,8 @@ struct Vm {
     dir: PathBuf,
     /// The storage seam every durable write and fsync of the store goes through.
     fs: Arc<dyn Storage>,
+    /// The store's qemu-storage-daemon (the layer writer exports its layers there).
+    qsd: Arc<Daemon>,
     chain: Arc<tokio::sync::Mutex<()>>,
     st: Mutex<VmState>,
 }
@@ -237,7 +243,12 @@ impl Vm {
         }
     }
 
-    fn load(id: Uuid, dir: PathBuf, fs: Arc<dyn Storage>) -> Result<Vm, StoreError> {
+    fn load(
+        id: Uuid,
+        dir: PathBuf,
+        fs: Arc<dyn Storage>,
+        qsd: Arc<Daemon>,
+    ) -> Result<Vm, StoreError> {
         let cat = catalog::read(&dir.join(CATALOG))?;
         if cat.vm != id {
             return Err(StoreError::corrupt(
@@ -249,6 +260,7 @@ impl Vm {
             id,
             dir,
             fs,
+            qsd,
             chain: Arc::new(tokio::sync::Mutex::new(())),
             st: Mutex::new(VmState {
                 catalog: cat,
@@ -280,6 +292,7 @@ impl Store {
     pub(crate) fn open_with(root: &Path, fs: Arc<dyn Storage>) -> Result<Store, StoreError> {
         let vms_dir = root.join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(|e| StoreError::io("create", &vms_dir, e))?;
+        let qsd = Arc::new(Daemon::new(root));
         let mut vms = HashMap::new();
         let rd = std::fs::read_dir(&vms_dir)
             .map_err(|e| StoreError::io("read directory", &vms_dir, e))?;
@@ -290,12 +303,16 @@ impl Store {
             if !e.path().join(CATALOG).exists() {
                 continue; // registration never completed
             }
-            vms.insert(id, Arc::new(Vm::load(id, e.path(), fs.clone())?));
+            vms.insert(
+                id,
+                Arc::new(Vm::load(id, e.path(), fs.clone(), qsd.clone())?),
+            );
         }
         Ok(Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
                 fs,
+                qsd,
                 vms: Mutex::new(vms),
             }),
         })
@@ -353,6 +370,7 @@ impl Store {
                 id: vm,
                 dir,
                 fs: fs.clone(),
+                qsd: self.inner.qsd.clone(),
                 chain: Arc::new(tokio::sync::Mutex::new(())),
                 st: Mutex::new(VmState {
                     catalog: cat,
@@ -449,6 +467,8 @@ impl Store {
     /// cycles (a pending resync's are kept for resuming) and stray temporary files, then
     /// replay cycle files staged by an older version of the store.
     pub async fn recover(&self) -> Result<(), StoreError> {
+        // A qemu-storage-daemon a crashed store left would hold its layers' image locks.
+        self.inner.qsd.kill_leftover().await?;
         for vm in self.vms() {
             let v = self.vm(vm)?;
             {

@@ -1,8 +1,8 @@
 //! The one layer writer for every kind of cycle (full/initial, incremental, resync, import):
 //! admission (duplicate, wrong base, shrink, one receive at a time) in one place, the pending
 //! qcow2 layer per disk created when the cycle begins, each extent verified once against its
-//! BLAKE3 checksum on arrival and written into the pending layer through qemu-nbd as it
-//! arrives (pipelined), and at the end NBD flush, fsync and the catalog rename that commits the
+//! BLAKE3 checksum on arrival and written into the pending layer as it arrives (pipelined)
+//! through an NBD export of the store's long-lived qemu-storage-daemon (`daemon.rs`), and at the end NBD flush, fsync and the catalog rename that commits the
 //! point. [`LayerWriter::finish`] returns only after that commit, so the caller acknowledges a
 //! cycle only once it is a recovery point.
 //!
@@ -13,6 +13,7 @@
 use tokio::sync::OwnedMutexGuard;
 
 use super::*;
+use crate::daemon::DaemonExport;
 
 /// Flush the pending layers of a resync after this many bytes written, so that an interrupted
 /// resync that is resumed later loses little.
@@ -43,7 +44,7 @@ pub struct LayerWriter {
 
 struct Open {
     layers: Vec<NewLayer>,
-    exports: Vec<Export>,
+    exports: Vec<DaemonExport>,
     pipe: Pipeline,
     since_flush: u64,
     chain: OwnedMutexGuard<()>,
@@ -247,60 +248,28 @@ async fn open_layers(
     header: &CycleHeader,
     layers: &[NewLayer],
     resume: bool,
-) -> Result<Vec<Export>, StoreError> {
-    if !resume {
-        // The disks' layers are created concurrently (one qemu-img each).
-        futures::future::try_join_all(layers.iter().map(|l| async move {
-            let path = l.dir.join(&l.rec.file);
-            std::fs::create_dir_all(&l.dir).map_err(|e| StoreError::io("create", &l.dir, e))?;
-            // Not referenced by the catalog (checked): a leftover of an interrupted cycle.
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io("remove", &path, e)),
-            }
-            qemu::create_layer(
-                &l.dir,
-                &l.rec.file,
-                l.rec.size,
-                l.rec.backing.as_deref(),
-                false,
-            )
-            .await
-        }))
-        .await?;
-        if header.kind == CycleKind::Resync {
-            // A resync's layers survive an interruption for the next attempt: durable now.
-            let dirs: Vec<(PathBuf, PathBuf)> = layers
-                .iter()
-                .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
-                .collect();
-            let fs = v.fs.clone();
-            blocking(move || {
-                for (f, d) in dirs {
-                    fs.fsync_file(&f)?;
-                    fs.fsync_dir(&d)?;
-                }
-                Ok(())
-            })
-            .await?;
-            let base = header.base.ok_or(StoreError::NoSuchPoint(None))?;
-            v.write_pending(&resync::Pending {
-                base,
-                layers: layers.iter().map(|l| l.rec.clone()).collect(),
-            })?;
+) -> Result<Vec<DaemonExport>, StoreError> {
+    // Each disk's layer created (`blockdev-create`, unless resuming), opened and exported by
+    // the daemon, concurrently.
+    let started = futures::future::join_all(layers.iter().map(|l| async move {
+        let path = l.dir.join(&l.rec.file);
+        if resume {
+            return v.qsd.export(&path).await;
         }
-    }
-    pause_point("cycle-layers-created");
+        std::fs::create_dir_all(&l.dir).map_err(|e| StoreError::io("create", &l.dir, e))?;
+        // Not referenced by the catalog (checked): a leftover of an interrupted cycle.
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove", &path, e)),
+        }
+        v.qsd
+            .create_and_export(&path, l.rec.size, l.rec.backing.as_deref())
+            .await
+    }))
+    .await;
     let mut exports = Vec::new();
     let mut first_err = None;
-    // One qemu-nbd per disk, started concurrently.
-    let started = futures::future::join_all(
-        layers
-            .iter()
-            .map(|l| Export::start_owned(l.dir.join(&l.rec.file))),
-    )
-    .await;
     for r in started {
         match r {
             Ok(x) => exports.push(x),
@@ -309,13 +278,46 @@ async fn open_layers(
             }
         }
     }
+    if first_err.is_none() && !resume && header.kind == CycleKind::Resync {
+        // A resync's layers survive an interruption for the next attempt: durable now.
+        if let Err(e) = record_resync_layers(v, header, layers).await {
+            first_err = Some(e);
+        }
+    }
     if let Some(e) = first_err {
         for x in exports {
-            x.abort().await;
+            v.qsd.abort(x).await;
         }
         return Err(e);
     }
+    pause_point("cycle-layers-created");
     Ok(exports)
+}
+
+/// Make a new resync's (empty) layers durable and record them in `resync-pending`.
+async fn record_resync_layers(
+    v: &Arc<Vm>,
+    header: &CycleHeader,
+    layers: &[NewLayer],
+) -> Result<(), StoreError> {
+    let dirs: Vec<(PathBuf, PathBuf)> = layers
+        .iter()
+        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
+        .collect();
+    let fs = v.fs.clone();
+    blocking(move || {
+        for (f, d) in dirs {
+            fs.fsync_file(&f)?;
+            fs.fsync_dir(&d)?;
+        }
+        Ok(())
+    })
+    .await?;
+    let base = header.base.ok_or(StoreError::NoSuchPoint(None))?;
+    v.write_pending(&resync::Pending {
+        base,
+        layers: layers.iter().map(|l| l.rec.clone()).collect(),
+    })
 }
 
 fn remove_layers(layers: &[NewLayer]) {
@@ -456,12 +458,12 @@ async fn commit(
     let exports = std::mem::take(&mut o.exports);
     if let Err(e) = drained {
         for x in exports {
-            x.abort().await;
+            vm.qsd.abort(x).await;
         }
         return Err(e);
     }
-    // FLUSH, disconnect and exit of every disk's qemu-nbd, concurrently.
-    for r in futures::future::join_all(exports.into_iter().map(Export::finish)).await {
+    // FLUSH, disconnect and close of every disk's layer in the daemon, concurrently.
+    for r in futures::future::join_all(exports.into_iter().map(|x| vm.qsd.finish(x))).await {
         r?;
     }
     let files: Vec<(PathBuf, PathBuf)> = o
@@ -522,11 +524,11 @@ async fn abort_open(vm: &Vm, id: CycleId, mut o: Open, keep: bool) {
     let _ = o.pipe.drain().await;
     for x in std::mem::take(&mut o.exports) {
         if keep {
-            if let Err(e) = x.finish().await {
+            if let Err(e) = vm.qsd.finish(x).await {
                 tracing::warn!(vm = %vm.id, "closing the pending resync layers: {e}");
             }
         } else {
-            x.abort().await;
+            vm.qsd.abort(x).await;
         }
     }
     if !keep {
@@ -556,7 +558,9 @@ impl Drop for LayerWriter {
                 h.spawn(async move { abort_open(&vm, id, o, keep).await });
             }
             Err(_) => {
-                // No runtime: the exports' qemu-nbd are killed as they drop.
+                // No runtime to close the nodes over QMP: stop the daemon (a new one starts
+                // on next use), so that it holds no image lock.
+                vm.qsd.stop();
                 let Open { layers, chain, .. } = o;
                 if !keep {
                     remove_layers(&layers);
@@ -620,6 +624,7 @@ mod tests {
             id: Uuid::nil(),
             dir: dir.to_owned(),
             fs: Arc::new(crate::storage::RealStorage),
+            qsd: Arc::new(crate::daemon::Daemon::new(dir)),
             chain: Arc::new(tokio::sync::Mutex::new(())),
             st: Mutex::new(VmState {
                 catalog: Catalog {

@@ -16,18 +16,36 @@ pub fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_vmreplica"))
 }
 
-/// Hashes of every disk of the replica's point (`None` = latest), by disk id.
+/// Hashes of every disk of the replica's point (`None` = latest), by disk id. The replica
+/// agent may be merging points meanwhile (a prune right after a commit renames the latest
+/// point's layer to the chain's base and deletes the old file), and this reads its store from
+/// outside: the layers are read again after hashing, and the whole read is repeated when they
+/// changed or one vanished.
 pub fn replica_hashes(
     replica: &Agent,
     vm: uuid::Uuid,
     point: Option<u64>,
 ) -> TestResult<Vec<(String, [u8; 32])>> {
-    let store = vmr_store::Store::open(&replica.storage())?;
-    let mut out = Vec::new();
-    for (disk, layer) in store.point_layers(vm, point)? {
-        out.push((disk, hash_image(&layer)?));
+    let layers = || -> TestResult<Vec<(String, std::path::PathBuf)>> {
+        Ok(vmr_store::Store::open(&replica.storage())?.point_layers(vm, point)?)
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let before = layers()?;
+        if attempt < 50 && !before.iter().all(|(_, l)| l.exists()) {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let hashed: TestResult<Vec<(String, [u8; 32])>> = before
+            .iter()
+            .map(|(disk, layer)| Ok((disk.clone(), hash_image(layer)?)))
+            .collect();
+        if attempt < 50 && layers()? != before {
+            continue;
+        }
+        return hashed;
     }
-    Ok(out)
 }
 
 /// Wait for a cycle cut after the last write, pause replication (it stays paused), and compare
