@@ -322,24 +322,24 @@ pub async fn run_incremental(
     outcome
 }
 
-/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
-/// holding a number of ms keeps each incremental or full cycle's point-in-time view open that
-/// long before it is read.
+/// Test hook (cargo feature `test-hooks` only): while a file of this name exists in the agent
+/// directory, each incremental or full cycle keeps its point-in-time view open before it is
+/// read (at most [`HOLD_MAX`]); the test that created the file removes it to let the cycle go on.
 #[cfg(feature = "test-hooks")]
-const HOLD_HOOK: &str = "test-cycle-hold-ms";
+const HOLD_HOOK: &str = "test-cycle-hold";
+#[cfg(feature = "test-hooks")]
+const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[cfg(feature = "test-hooks")]
-fn hold_hook(dir: &std::path::Path) -> Option<u64> {
-    std::fs::read_to_string(dir.join(HOLD_HOOK))
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
+async fn hold_hook(dir: &std::path::Path) {
+    let until = tokio::time::Instant::now() + HOLD_MAX;
+    while dir.join(HOLD_HOOK).exists() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[cfg(not(feature = "test-hooks"))]
-fn hold_hook(_dir: &std::path::Path) -> Option<u64> {
-    None
-}
+async fn hold_hook(_dir: &std::path::Path) {}
 
 /// One cycle on an open capture and connection. Returns the outcome and whether the capture
 /// and the connection must be reopened.
@@ -367,10 +367,8 @@ async fn cycle_with(
         Err(e) => return (Outcome::Failed(classify_capture(&e)), true, false),
     };
     let view_ready = started.elapsed();
-    if let Some(ms) = hold_hook(&ctx.host.dir) {
-        // Test hook: keep the point-in-time view open (a test fills the fleecing file system).
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
+    // Test hook: keep the point-in-time view open while a test fills the fleecing file system.
+    hold_hook(&ctx.host.dir).await;
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
     if app_consistent {

@@ -155,7 +155,8 @@ fn a_full_fleecing_file_system_never_fails_a_guest_write() -> TestResult {
     };
 
     // Hold the next cycle's view open, and fill the file system while it is.
-    std::fs::write(p.a.dir.join("test-cycle-hold-ms"), "3000")?;
+    let hold = p.a.dir.join("test-cycle-hold");
+    std::fs::write(&hold, "")?;
     let before = p.a.status("fleece1")?.last_cycle.unwrap_or(0);
     p.a.wait_status(
         "fleece1",
@@ -190,9 +191,15 @@ fn a_full_fleecing_file_system_never_fails_a_guest_write() -> TestResult {
         p.a.status("fleece1")?.progress.is_some(),
         "the held cycle still has its view open"
     );
-    // The held cycle completes although nothing is free.
+    // The guest writes on for a while into the full file system under the open view; then the
+    // held cycle completes although nothing is free.
+    let attempts = || writes.load(Ordering::SeqCst) + errors.load(Ordering::SeqCst);
+    let tried = attempts();
+    while attempts() < tried + 10 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_file(&hold)?;
     p.a.wait_cycle("fleece1", before + 1, LONG)?;
-    std::fs::remove_file(p.a.dir.join("test-cycle-hold-ms"))?;
     // The next one cannot reserve its view: it does not start, and the status says why.
     let (s, _) = p.a.wait_status(
         "fleece1",
