@@ -10,6 +10,7 @@
 pub mod catalog;
 mod error;
 mod fsio;
+pub mod hash_index;
 pub mod hashes;
 mod pipeline;
 mod qemu;

@@ -30,6 +30,7 @@ use crate::{catalog, fsio::TMP_SUFFIX};
 
 mod cycle;
 mod import;
+mod indexed;
 mod resync;
 pub use cycle::LayerWriter;
 pub use import::{ImageFormat, ImportImage, find_images};
@@ -844,6 +845,7 @@ fn remove_strays(v: &Vm) -> Result<(), StoreError> {
         }
     }
     let _ = std::fs::remove_file(v.dir.join(format!("{CATALOG}{TMP_SUFFIX}")));
+    v.remove_stray_indexes(&st.catalog)?;
     v.fs.fsync_dir(&sdir)
 }
 
@@ -981,6 +983,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         v.commit(&mut st, c)?;
     }
     pause_point("prune-committed");
+    v.remove_point_index(&point);
     // 4. Delete the merged layers: the dropped point's, or the upper layer merged down.
     let mut gone: Vec<(&str, &str)> = Vec::new();
     for l in &point.layers {
