@@ -58,6 +58,8 @@ struct Inner {
     root: PathBuf,
     fs: Arc<dyn Storage>,
     vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
+    /// The block-hash indexes loaded last (`store/indexed.rs`).
+    index_cache: indexed::Cache,
 }
 
 struct Vm {
@@ -298,6 +300,7 @@ impl Store {
                 root: root.to_owned(),
                 fs,
                 vms: Mutex::new(vms),
+                index_cache: indexed::Cache::default(),
             }),
         })
     }

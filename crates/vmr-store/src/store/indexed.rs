@@ -12,6 +12,7 @@
 //! therefore stays valid.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
 
 use super::cycle::blocking;
 use super::*;
@@ -53,6 +54,80 @@ pub(super) async fn own_ranges(
         }
     }
     Ok(ranges)
+}
+
+/// How many loaded indexes the store keeps (a resync asks for one disk at a time).
+const CACHED: usize = 2;
+
+/// Which file an index was loaded from: a replaced file (the store only ever replaces index
+/// files, by atomic rename: a new inode) or one with another trailing checksum does not match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: (i64, i64),
+    ctime_ns: (i64, i64),
+    checksum: [u8; 32],
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(path).ok()?;
+        let m = f.metadata().ok()?;
+        let mut checksum = [0u8; 32];
+        f.read_exact_at(&mut checksum, m.len().checked_sub(32)?)
+            .ok()?;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: (m.mtime(), m.mtime_nsec()),
+            ctime_ns: (m.ctime(), m.ctime_nsec()),
+            checksum,
+        })
+    }
+}
+
+/// The last indexes loaded, so that the many `resync-hashes` calls of one resync read and
+/// check the file once, not once per call (which would cost the square of the disk size).
+#[derive(Default)]
+pub(super) struct Cache {
+    entries: Mutex<Vec<(PathBuf, FileId, Arc<Index>)>>,
+}
+
+impl Cache {
+    /// `hash_index::load` through the cache: a cached index is used only while its file is
+    /// the very file it was loaded from.
+    fn load(
+        &self,
+        vm_dir: &Path,
+        vm: Uuid,
+        disk: &str,
+        point: CycleId,
+        size: u64,
+    ) -> Result<Arc<Index>, IndexError> {
+        let path = hash_index::path(vm_dir, disk, point);
+        let before = FileId::of(&path);
+        {
+            let c = lock(&self.entries);
+            if let Some((_, _, x)) = c.iter().find(|(p, id, x)| {
+                *p == path && Some(id) == before.as_ref() && x.vm == vm && x.size == size
+            }) {
+                return Ok(x.clone());
+            }
+        }
+        let x = Arc::new(hash_index::load(vm_dir, vm, disk, point, size)?);
+        // Cached only when the file did not change while it was read.
+        if let Some(id) = before.filter(|b| FileId::of(&path).as_ref() == Some(b)) {
+            let mut c = lock(&self.entries);
+            c.retain(|(p, _, _)| *p != path);
+            c.insert(0, (path, id, x.clone()));
+            c.truncate(CACHED);
+        }
+        Ok(x)
+    }
 }
 
 impl Vm {
@@ -267,7 +342,11 @@ impl Store {
                 .filter(|l| dir.join(&l.file).is_file());
             (p.id, base, pending)
         };
-        let index = match hash_index::load(&v.dir, vm, disk, point, base.size) {
+        let index = match self
+            .inner
+            .index_cache
+            .load(&v.dir, vm, disk, point, base.size)
+        {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(%vm, disk, point, "hash index not used: {e}");
@@ -628,12 +707,15 @@ mod tests {
         );
         index_matches(&s, &m, 4);
         assert_eq!(check(&s, &m, &grown).await, vec![33, 18]);
-        // A damaged index is not used: every block is read, the hashes are still right.
-        let v = s.vm(vm_id()).expect("vm");
-        let f = hash_index::path(&v.dir, "disk0", 4);
+        // A damaged index is not used: every block is read, the hashes are still right. (A
+        // reopened store: the index loaded above is cached while its file is the same.)
+        let f = hash_index::path(&s.vm(vm_id()).expect("vm").dir, "disk0", 4);
         let mut b = std::fs::read(&f).expect("read");
         b[100] ^= 0x40;
         std::fs::write(&f, &b).expect("write");
+        drop(s);
+        let s = Store::open(dir.path()).expect("reopen");
+        let v = s.vm(vm_id()).expect("vm");
         let got = check(&s, &m, &grown).await;
         assert_eq!(got[0], 0, "damaged index used");
         assert!(got[1] > 0);
