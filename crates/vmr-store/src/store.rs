@@ -641,6 +641,8 @@ impl Store {
             qemu::create_layer(&dir, &file, *size, Some(&image), false).await?;
             v.fs.fsync_file(&dir.join(&file))?;
             v.fs.fsync_dir(&dir)?;
+            // Its content is an outside image's: no block-hash index (not even a stray one).
+            v.clear_index(disk, id)?;
             layers.push(LayerRecord {
                 disk: disk.clone(),
                 size: *size,

@@ -200,7 +200,7 @@ impl Vm {
     }
 
     /// Make sure `disk` at `point` has no index file, durably.
-    fn clear_index(&self, disk: &str, point: CycleId) -> Result<(), StoreError> {
+    pub(super) fn clear_index(&self, disk: &str, point: CycleId) -> Result<(), StoreError> {
         let path = self.index_file(disk, point);
         if !path.exists() {
             return Ok(());
@@ -749,6 +749,34 @@ mod tests {
         index_matches(&s, &m, 6);
         let got = check(&s, &m, &grown).await;
         assert_eq!(got, vec![40, 20]);
+    }
+
+    #[tokio::test]
+    async fn an_imported_point_has_no_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        let img = dir.path().join("old.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg((8 * BS).to_string())
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        // A stray index of the same id (say, of a point discarded earlier) must not be used.
+        let v = s.vm(vm_id()).expect("vm");
+        let mut stray = Index::zero(vm_id(), 3, "disk0", 8 * BS).expect("zero");
+        stray.set(0, Entry::Hash([1; 32]));
+        v.write_index(&stray).expect("write");
+        s.import_point(vm_id(), 3, 0, &[("disk0".to_owned(), img, 8 * BS)])
+            .await
+            .expect("import");
+        let h = s
+            .resync_hashes(vm_id(), "disk0", 8 * BS, BS, 0, 8)
+            .await
+            .expect("hashes");
+        assert_eq!(h.indexed, 0);
+        assert_eq!(h.hashes, vec![zero_hash(BS); 8]);
     }
 
     #[tokio::test]
