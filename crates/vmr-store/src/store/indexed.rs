@@ -213,6 +213,20 @@ impl Vm {
     }
 }
 
+/// Why a new point gets no block-hash index.
+#[derive(Debug, thiserror::Error)]
+enum NoIndex {
+    /// The previous point's index is not usable, or the disk is too large.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// Writing the file failed.
+    #[error("writing it: {0}")]
+    Write(#[from] StoreError),
+    /// The clusters an earlier attempt of a resumed resync wrote could not be listed.
+    #[error("the resumed layer's own clusters are unknown")]
+    ResumedMap,
+}
+
 /// The index of `layer` (of cycle `header`, disk number `i`) once the cycle commits: all zero
 /// for a layer without backing, else the previous point's index (of `prev_size` bytes) grown
 /// to the layer's size; blocks `earlier` (clusters an interrupted attempt of a resumed resync
@@ -293,14 +307,21 @@ pub(super) async fn write_cycle_index(
     let header = header.clone();
     blocking(move || {
         for (i, l) in layers.iter().enumerate() {
-            let built = match &earlier[i] {
+            let written = match &earlier[i] {
                 Some(e) => build_index(&v, &header, i, l, prev_sizes[i], e, &updates)
-                    .map_err(|e| e.to_string()),
-                None => Err("the resumed layer's map is unknown".to_owned()),
+                    .map_err(NoIndex::from)
+                    .and_then(|x| v.write_index(&x).map_err(NoIndex::from)),
+                None => Err(NoIndex::ResumedMap),
             };
-            let written = built.and_then(|x| v.write_index(&x).map_err(|e| e.to_string()));
             if let Err(why) = written {
-                tracing::info!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
+                // Points from before the index have none, nor their successors: not news.
+                let quiet = matches!(&why, NoIndex::Index(IndexError::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound);
+                if quiet {
+                    tracing::debug!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
+                } else {
+                    tracing::warn!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
+                }
                 v.clear_index(&l.disk, header.id)?;
             }
         }
