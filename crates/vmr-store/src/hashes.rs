@@ -130,6 +130,15 @@ impl Store {
             count,
         )
         .await?;
+        self.learn_hashes(
+            vm,
+            disk,
+            point,
+            layer.as_ref().map(|(p, _)| p.as_path()),
+            (disk_size, block_size, first_block),
+            &hashes,
+        )
+        .await;
         Ok(BlockHashes {
             point,
             point_disk_size,

@@ -91,10 +91,24 @@ impl FileId {
 }
 
 /// The last indexes loaded, so that the many `resync-hashes` calls of one resync read and
-/// check the file once, not once per call (which would cost the square of the disk size).
+/// check the file once, not once per call (which would cost the square of the disk size);
+/// and the hashes being learnt for a point without an index.
 #[derive(Default)]
 pub(super) struct Cache {
     entries: Mutex<Vec<(PathBuf, FileId, Arc<Index>)>>,
+    learning: Mutex<Option<Learning>>,
+}
+
+/// Block hashes that read-and-hash answers computed for one disk of a point without an index
+/// (a point from before the index, or after a point that had none), gathered until every whole
+/// block is known; then they become the point's index, and the cycles after it get one too.
+struct Learning {
+    vm: Uuid,
+    disk: String,
+    point: CycleId,
+    size: u64,
+    hashes: Vec<Option<[u8; 32]>>,
+    known: usize,
 }
 
 impl Cache {
@@ -331,6 +345,114 @@ pub(super) async fn write_cycle_index(
 }
 
 impl Store {
+    /// Learn from a read-and-hash answer: `hashes` of blocks from `first_block` (of
+    /// `block_size`, for a disk of `disk_size` bytes) read from `layer` for the latest point
+    /// `point`. Only the point's own layer counts (not a pending resync's); once every whole
+    /// block of the disk is known, the point gets its index, written under the VM's state
+    /// lock after checking that the point is still in the catalog with that disk and size and
+    /// has no index (so no commit of the same id can interleave). Best effort.
+    pub(crate) async fn learn_hashes(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        point: CycleId,
+        layer: Option<&Path>,
+        (disk_size, block_size, first_block): (u64, u64, u64),
+        hashes: &[[u8; 32]],
+    ) {
+        let (Some(layer), true, Ok(v)) = (layer, block_size == BLOCK_SIZE, self.vm(vm)) else {
+            return;
+        };
+        let size = {
+            let st = lock(&v.st);
+            let own = find_point(&st.catalog, None).ok().and_then(|p| {
+                (p.id == point)
+                    .then(|| p.layers.iter().find(|l| l.disk == disk))
+                    .flatten()
+                    .filter(|l| v.disk_dir(disk).join(&l.file) == layer)
+                    .map(|l| l.size)
+            });
+            match own {
+                Some(s) if s.div_ceil(BLOCK_SIZE) <= hash_index::MAX_BLOCKS => s,
+                _ => return,
+            }
+        };
+        let whole = (size / BLOCK_SIZE) as usize;
+        if whole == 0 {
+            return;
+        }
+        let done = {
+            let mut g = lock(&self.inner.index_cache.learning);
+            let same = g.as_ref().is_some_and(|x| {
+                x.vm == vm && x.disk == disk && x.point == point && x.size == size
+            });
+            if !same {
+                *g = Some(Learning {
+                    vm,
+                    disk: disk.to_owned(),
+                    point,
+                    size,
+                    hashes: vec![None; whole],
+                    known: 0,
+                });
+            }
+            let Some(x) = g.as_mut() else {
+                return;
+            };
+            for (k, h) in hashes.iter().enumerate() {
+                let b = first_block as usize + k;
+                if b < whole && (b as u64 + 1) * BLOCK_SIZE <= disk_size {
+                    if x.hashes[b].is_none() {
+                        x.known += 1;
+                    }
+                    x.hashes[b] = Some(*h);
+                }
+            }
+            if x.known < whole {
+                return;
+            }
+            g.take()
+        };
+        let Some(x) = done else {
+            return;
+        };
+        let zero_full = zero_hash(BLOCK_SIZE);
+        let Ok(mut index) = Index::zero(vm, point, disk, size) else {
+            return;
+        };
+        for (b, h) in x.hashes.iter().enumerate() {
+            if let Some(h) = h {
+                index.set(
+                    b as u64,
+                    if *h == zero_full {
+                        Entry::Zero
+                    } else {
+                        Entry::Hash(*h)
+                    },
+                );
+            }
+        }
+        let disk = disk.to_owned();
+        let written = blocking(move || {
+            let st = lock(&v.st);
+            let still = st.catalog.points.iter().any(|p| {
+                p.id == point && p.layers.iter().any(|l| l.disk == disk && l.size == size)
+            });
+            if !still || hash_index::load(&v.dir, vm, &disk, point, size).is_ok() {
+                return Ok(false);
+            }
+            v.write_index(&index)?;
+            drop(st);
+            Ok(true)
+        })
+        .await;
+        match written {
+            Ok(true) => tracing::info!(%vm, point, "built a block-hash index from a full read"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%vm, point, "writing a learnt block-hash index: {e}"),
+        }
+    }
+
     /// [`Store::resync_hashes`] from the latest point's hash index: `None` when there is no
     /// usable index (another block size, no index file, a damaged or mismatching one, the disk
     /// not in the point), then the caller reads and hashes the disk. Blocks the index does not
@@ -740,8 +862,12 @@ mod tests {
         let got = check(&s, &m, &grown).await;
         assert_eq!(got[0], 0, "damaged index used");
         assert!(got[1] > 0);
+        // That full read taught the store every block: the point has a good index again.
+        index_matches(&s, &m, 4);
+        assert_eq!(check(&s, &m, &grown).await, vec![40, 18]);
         // Without the previous point's index the next point has none either (and a stale
         // file of the same id, from an attempt that never committed, is removed first).
+        std::fs::remove_file(&f).expect("remove");
         let mut stale = Index::zero(vm_id(), 5, "disk0", 40 * BS).expect("zero");
         stale.set(30, Entry::Hash([9; 32]));
         v.write_index(&stale).expect("stale");
@@ -759,15 +885,30 @@ mod tests {
         let got = check(&s, &m, &grown).await;
         assert_eq!(got[0], 0);
         assert!(got[1] > 0);
+        assert_eq!(check(&s, &m, &grown).await, vec![40, 19], "learnt");
+        // Hashes of a pending resync's layer are not learnt as the point's.
+        std::fs::remove_file(hash_index::path(&v.dir, "disk0", 5)).expect("remove");
+        let h6 = header(6, CycleKind::Resync, &grown);
+        let mut w = s.begin_cycle(h6.clone()).await.expect("begin");
+        let ex6 = vec![data(0, 0, BS, 18)];
+        put_all(&mut w, &ex6).await;
+        w.abort().await;
+        let mut pend = Model(m.0.clone());
+        pend.apply(&h6, &ex6);
+        assert_eq!(check(&s, &pend, &grown).await[0], 0);
+        assert!(
+            !hash_index::path(&v.dir, "disk0", 5).exists(),
+            "learnt a pending layer"
+        );
         // A later full cycle starts a new chain from all zeros: indexed again.
         send(
             &s,
             &mut m,
-            header(6, CycleKind::Full, &grown),
+            header(7, CycleKind::Full, &grown),
             vec![data(0, 0, 8 * BS, 17)],
         )
         .await;
-        index_matches(&s, &m, 6);
+        index_matches(&s, &m, 7);
         let got = check(&s, &m, &grown).await;
         assert_eq!(got, vec![40, 20]);
     }
