@@ -3,8 +3,8 @@
 //! without reading the disk. This module owns the in-memory form ([`Index`], [`Entry`]), the
 //! versioned, checksummed file format (`docs/replica-store.md` §2.3), the entries one extent
 //! of a cycle yields ([`extent_entries`]) and what a cycle writer gathers ([`Updates`]); the
-//! store glue (building a point's index at commit, pruning, answering hashes) is
-//! `store/indexed.rs`.
+//! store glue (building a point's index at commit, pruning, answering hashes, learning the
+//! index of a point that has none from a complete read) is `store/indexed.rs`.
 //!
 //! The index is an optimisation, never a source of truth: an entry is either exact or
 //! [`Entry::Unknown`] (then the block is read), and a file that is missing, damaged, of another

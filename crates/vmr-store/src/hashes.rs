@@ -102,7 +102,10 @@ impl Store {
     /// Hashes of `count` blocks of `block_size` bytes of disk `disk` (of `disk_size` bytes)
     /// of the latest point, from block `first_block`, for a resync. When a pending resync on
     /// top of the latest point holds the disk, its layer is hashed instead, so blocks an
-    /// interrupted attempt already delivered compare equal.
+    /// interrupted attempt already delivered compare equal. Answered from the latest point's
+    /// block-hash index when it has a usable one (only unknown blocks, and the pending layer's
+    /// own blocks, are read: [`BlockHashes::indexed`]); otherwise every block is read and
+    /// hashed, and a complete read of the point's own layer becomes its index.
     pub async fn resync_hashes(
         &self,
         vm: Uuid,
