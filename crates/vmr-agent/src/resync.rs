@@ -29,7 +29,7 @@ use vmr_proto::record::VmRecord;
 
 /// Block size compared (bytes): the dirty-bitmap granularity and qcow2 cluster size, so a
 /// guest write of one cluster costs one block.
-pub const BLOCK_SIZE: u64 = 64 << 10;
+pub const BLOCK_SIZE: u64 = vmr_store::hashes::BLOCK_SIZE;
 /// Hashes asked for per `resync-hashes` call (4096 × 64 KiB = 256 MiB of disk, 128 KiB of hashes).
 pub const CHUNK_BLOCKS: u64 = 4096;
 /// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory

@@ -8,6 +8,10 @@
 //! and every byte of a disk the point does not have, read as zeros. Ranges that block status
 //! reports as zero are hashed without being read. Reads are pipelined (up to
 //! [`READS_IN_FLIGHT`] pieces of at most [`PIECE`] bytes), so memory stays bounded.
+//!
+//! [`Store::resync_hashes`] first answers from the point's block-hash index
+//! (`crate::hash_index`, `store/indexed.rs`), reading only the blocks the index does not know;
+//! without a usable index it reads and hashes the whole range as described above.
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -18,6 +22,10 @@ use crate::error::StoreError;
 use crate::qemu::Export;
 use crate::store::Store;
 
+/// The resync block size (bytes): the block the primary and the replica hash and compare, the
+/// block of the replica's hash index. The dirty-bitmap granularity and qcow2 cluster size, so a
+/// guest write of one cluster costs one block (measured choice: `docs/resync.md`).
+pub const BLOCK_SIZE: u64 = 64 << 10;
 /// Smallest block size accepted.
 pub const MIN_BLOCK: u64 = 4 << 10;
 /// Largest block size accepted.
@@ -38,6 +46,9 @@ pub struct BlockHashes {
     pub point_disk_size: u64,
     /// One BLAKE3 hash per block, from the first block asked for.
     pub hashes: Vec<[u8; 32]>,
+    /// How many of them came from the point's hash index without reading the disk (0 when
+    /// the index was not usable and every block was read).
+    pub indexed: u64,
 }
 
 /// BLAKE3 of `len` zero bytes.
@@ -91,7 +102,10 @@ impl Store {
     /// Hashes of `count` blocks of `block_size` bytes of disk `disk` (of `disk_size` bytes)
     /// of the latest point, from block `first_block`, for a resync. When a pending resync on
     /// top of the latest point holds the disk, its layer is hashed instead, so blocks an
-    /// interrupted attempt already delivered compare equal.
+    /// interrupted attempt already delivered compare equal. Answered from the latest point's
+    /// block-hash index when it has a usable one (only unknown blocks, and the pending layer's
+    /// own blocks, are read: [`BlockHashes::indexed`]); otherwise every block is read and
+    /// hashed, and a complete read of the point's own layer becomes its index.
     pub async fn resync_hashes(
         &self,
         vm: Uuid,
@@ -102,6 +116,12 @@ impl Store {
         count: u64,
     ) -> Result<BlockHashes, StoreError> {
         check_request(disk_size, block_size, first_block, count)?;
+        if let Some(h) = self
+            .hashes_from_index(vm, disk, disk_size, block_size, first_block, count)
+            .await?
+        {
+            return Ok(h);
+        }
         let (point, layer) = self.resync_layer(vm, disk)?;
         let point_disk_size = layer.as_ref().map_or(0, |(_, s)| *s);
         let hashes = hash_layer(
@@ -113,10 +133,20 @@ impl Store {
             count,
         )
         .await?;
+        self.learn_hashes(
+            vm,
+            disk,
+            point,
+            layer.as_ref().map(|(p, _)| p.as_path()),
+            (disk_size, block_size, first_block),
+            &hashes,
+        )
+        .await;
         Ok(BlockHashes {
             point,
             point_disk_size,
             hashes,
+            indexed: 0,
         })
     }
 }
@@ -150,7 +180,7 @@ async fn hash_layer(
             data_end,
             block_size,
         };
-        let r = read_hashes(&x, layer, span, &mut hashes).await;
+        let r = read_hashes(&x, layer, &[span], &mut hashes).await;
         x.abort().await;
         r?;
     }
@@ -163,34 +193,48 @@ async fn hash_layer(
     Ok(hashes)
 }
 
+/// A block-aligned range to hash.
 #[derive(Debug, Clone, Copy)]
-struct Span {
+pub(crate) struct Span {
     /// First byte (block aligned).
-    start: u64,
+    pub(crate) start: u64,
     /// End of the hashed range (block aligned, or the caller's disk end).
-    end: u64,
+    pub(crate) end: u64,
     /// End of the point's data; bytes from here to `end` are zeros.
-    data_end: u64,
-    block_size: u64,
+    pub(crate) data_end: u64,
+    pub(crate) block_size: u64,
 }
 
-/// Hash the blocks of `span` of an export, appending to `out`.
-async fn read_hashes(
+/// Hash the blocks of each of `spans` (all of one block size) of an export, in order,
+/// appending to `out`. Reads are pipelined across spans.
+pub(crate) async fn read_hashes(
     x: &Export,
     layer: &std::path::Path,
-    span: Span,
+    spans: &[Span],
     out: &mut Vec<[u8; 32]>,
 ) -> Result<(), StoreError> {
     let what = layer.display().to_string();
-    let bs = span.block_size;
+    let Some(bs) = spans.first().map(|s| s.block_size) else {
+        return Ok(());
+    };
     let piece = PIECE.max(bs);
-    let mut next = span.start;
+    // (offset, length, bytes of data before the zero tail) of every piece, in order.
+    let mut pieces = spans.iter().flat_map(|s| {
+        let mut next = s.start;
+        std::iter::from_fn(move || {
+            (next < s.end).then(|| {
+                let (off, len) = (next, (s.end - next).min(piece));
+                next += len;
+                (off, len, (off + len).min(s.data_end).saturating_sub(off))
+            })
+        })
+    });
     let mut inflight = FuturesOrdered::new();
     loop {
-        while inflight.len() < READS_IN_FLIGHT && next < span.end {
-            let (off, len) = (next, (span.end - next).min(piece));
-            next += len;
-            let read_len = (off + len).min(span.data_end).saturating_sub(off);
+        while inflight.len() < READS_IN_FLIGHT {
+            let Some((off, len, read_len)) = pieces.next() else {
+                break;
+            };
             let c = x.client.clone();
             let what = what.clone();
             inflight.push_back(async move {

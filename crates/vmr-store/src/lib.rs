@@ -11,6 +11,7 @@ pub mod catalog;
 mod daemon;
 mod error;
 mod fsio;
+pub mod hash_index;
 pub mod hashes;
 mod pipeline;
 mod qemu;

@@ -32,6 +32,7 @@ use crate::{catalog, fsio::TMP_SUFFIX};
 
 mod cycle;
 mod import;
+mod indexed;
 mod resync;
 pub use cycle::LayerWriter;
 pub use import::{ImageFormat, ImportImage, find_images};
@@ -61,6 +62,8 @@ struct Inner {
     /// The store's qemu-storage-daemon, shared by every VM's layer writers.
     qsd: Arc<Daemon>,
     vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
+    /// The block-hash indexes loaded last (`store/indexed.rs`).
+    index_cache: indexed::Cache,
 }
 
 struct Vm {
@@ -314,6 +317,7 @@ impl Store {
                 fs,
                 qsd,
                 vms: Mutex::new(vms),
+                index_cache: indexed::Cache::default(),
             }),
         })
     }
@@ -657,6 +661,8 @@ impl Store {
             qemu::create_layer(&dir, &file, *size, Some(&image), false).await?;
             v.fs.fsync_file(&dir.join(&file))?;
             v.fs.fsync_dir(&dir)?;
+            // Its content is an outside image's: no block-hash index (not even a stray one).
+            v.clear_index(disk, id)?;
             layers.push(LayerRecord {
                 disk: disk.clone(),
                 size: *size,
@@ -864,6 +870,7 @@ fn remove_strays(v: &Vm) -> Result<(), StoreError> {
         }
     }
     let _ = std::fs::remove_file(v.dir.join(format!("{CATALOG}{TMP_SUFFIX}")));
+    v.remove_stray_indexes(&st.catalog)?;
     v.fs.fsync_dir(&sdir)
 }
 
@@ -1001,6 +1008,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         v.commit(&mut st, c)?;
     }
     pause_point("prune-committed");
+    v.remove_point_index(&point);
     // 4. Delete the merged layers: the dropped point's, or the upper layer merged down.
     let mut gone: Vec<(&str, &str)> = Vec::new();
     for l in &point.layers {

@@ -16,10 +16,11 @@ use vmr_store::{RetentionPolicy, Store};
 
 const CHILD_ENV: &str = "VMR_STORE_CRASH_CHILD_ROOT";
 const TOTAL_CYCLES: u64 = 60;
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 9] = [
     "cycle-layers-created",
     "cycle-writing",
     "cycle-flushed",
+    "cycle-indexed",
     "cycle-committed",
     "prune-intent",
     "prune-copied",
@@ -226,6 +227,37 @@ async fn verify(
         "latest point {latest} is not cycle {latest}"
     );
     store.remove_view(vm, view.id)?;
+    // The latest point's block hashes (from its hash index) are those of its cycle.
+    let latest_content = model(vm, latest);
+    for (i, content) in latest_content.iter().enumerate() {
+        let size = content.len() as u64;
+        let bs = vmr_store::hashes::BLOCK_SIZE;
+        let h = store
+            .resync_hashes(vm, &format!("disk{i}"), size, bs, 0, size.div_ceil(bs))
+            .await?;
+        assert_eq!(
+            h.hashes,
+            vmr_store::hashes::hash_blocks(content, bs),
+            "hashes of disk{i} at point {latest}"
+        );
+        assert!(h.indexed > 0, "disk{i} at point {latest} has no hash index");
+    }
+    // Only committed points have index files.
+    let ids: Vec<u64> = store.points(vm)?.iter().map(|p| p.id).collect();
+    let idx = root.join("vms").join(vm.to_string()).join("hash-index");
+    for d in std::fs::read_dir(&idx)?.flatten() {
+        for f in std::fs::read_dir(d.path())?.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let id: Option<u64> = name
+                .strip_prefix('c')
+                .and_then(|n| n.strip_suffix(".hidx"))
+                .and_then(|n| n.parse().ok());
+            assert!(
+                id.is_some_and(|id| ids.contains(&id)),
+                "index file {name} of no point ({ids:?})"
+            );
+        }
+    }
     // Every other point holds exactly its own cycle.
     for p in store.points(vm)? {
         assert_eq!(

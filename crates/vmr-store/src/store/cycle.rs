@@ -12,6 +12,8 @@
 
 use tokio::sync::OwnedMutexGuard;
 
+use crate::hash_index;
+
 use super::*;
 use crate::daemon::DaemonExport;
 
@@ -47,6 +49,8 @@ struct Open {
     exports: Vec<DaemonExport>,
     pipe: Pipeline,
     since_flush: u64,
+    /// The block-hash index entries of what was written (`hash_index`).
+    index: hash_index::Updates,
     chain: OwnedMutexGuard<()>,
 }
 
@@ -77,19 +81,32 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(StoreError::Background)?
 }
 
-/// Verify an extent's checksum; large buffers are hashed on a blocking thread.
-async fn verify(e: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+/// Verify an extent's checksum and, with `index`, compute its block-hash index entries
+/// (one more BLAKE3 pass); large buffers are hashed on a blocking thread.
+async fn verify(
+    e: &Extent,
+    checksum: [u8; 32],
+    index: bool,
+) -> Result<Vec<(u64, hash_index::Entry)>, StoreError> {
+    let work = move |e: &Extent| {
+        let entries = if index {
+            hash_index::extent_entries(e)
+        } else {
+            Vec::new()
+        };
+        (e.checksum() == checksum, entries)
+    };
     let big = matches!(&e.data, ExtentData::Data(b) if b.len() >= HASH_OFF_RUNTIME);
-    let ok = if big {
+    let (ok, entries) = if big {
         let e2 = e.clone();
-        tokio::task::spawn_blocking(move || e2.checksum() == checksum)
+        tokio::task::spawn_blocking(move || work(&e2))
             .await
             .map_err(StoreError::Background)?
     } else {
-        e.checksum() == checksum
+        work(e)
     };
     if ok {
-        Ok(())
+        Ok(entries)
     } else {
         Err(StoreError::CorruptExtent {
             disk: e.disk,
@@ -213,6 +230,7 @@ impl Store {
                 rec,
             })
             .collect();
+        let disks = header.disks.len();
         match open_layers(&v, &header, &layers, resume).await {
             Ok(exports) => Ok(LayerWriter {
                 vm: v,
@@ -222,6 +240,7 @@ impl Store {
                     exports,
                     pipe: Pipeline::default(),
                     since_flush: 0,
+                    index: hash_index::Updates::new(disks, resume),
                     chain,
                 }),
                 duplicate: false,
@@ -348,7 +367,7 @@ impl LayerWriter {
     pub async fn put(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
         if self.duplicate {
             check_extent(&self.header, extent)?;
-            return verify(extent, checksum).await;
+            return verify(extent, checksum, false).await.map(|_| ());
         }
         if self.open.is_none() {
             return Err(StoreError::WriterClosed);
@@ -362,7 +381,7 @@ impl LayerWriter {
 
     async fn put_inner(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
         check_extent(&self.header, extent)?;
-        verify(extent, checksum).await?;
+        let entries = verify(extent, checksum, true).await?;
         let resync = self.header.kind == CycleKind::Resync;
         let o = self.open.as_mut().ok_or(StoreError::WriterClosed)?;
         let i = extent.disk as usize;
@@ -372,6 +391,7 @@ impl LayerWriter {
         o.pipe
             .order(extent.disk, extent.offset, extent.len())
             .await?;
+        o.index.record(extent.disk, entries);
         match &extent.data {
             ExtentData::Data(b) => {
                 o.pipe
@@ -481,6 +501,10 @@ async fn commit(
     })
     .await?;
     pause_point("cycle-flushed");
+    let records = o.layers.iter().map(|l| l.rec.clone()).collect();
+    let updates = std::mem::take(&mut o.index);
+    indexed::write_cycle_index(vm, header, records, updates).await?;
+    pause_point("cycle-indexed");
     let v = vm.clone();
     let point = PointRecord {
         id: header.id,
