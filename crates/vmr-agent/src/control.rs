@@ -48,7 +48,7 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
                 let (r, mut w) = stream.into_split();
                 let mut lines = BufReader::new(r).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let resp = match serde_json::from_str::<Request>(&line) {
+                    let resp = match Request::from_line(&line) {
                         Ok(req) => match handle(&agent, req).await {
                             Ok(value) => Response::Ok { value },
                             Err(e) => to_response(&e),

@@ -280,6 +280,18 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Parses one control-socket line (the agent's only decoder of what a local client sends).
+    pub fn from_line(line: &str) -> Result<Request, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+
+    /// The control-socket line for this request (without the newline).
+    pub fn to_line(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
+    }
+}
+
 /// One VM process (or prepared disk set) a failover created on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverVm {

@@ -563,6 +563,27 @@ pub async fn encode_cycle(
     Ok(chunks.concat())
 }
 
+/// Decodes a whole cycle body handed over as `chunks` (as they would arrive from HTTP/2) through
+/// the same decoder the server feeds a request body into: the header and every verified extent
+/// with its checksum, or the first error. Tests, tools and fuzzing; the server streams instead.
+pub async fn decode_cycle(
+    chunks: Vec<Bytes>,
+) -> Result<(CycleHeader, Vec<(Extent, [u8; 32])>), TransportError> {
+    let chunks: ChunkStream = futures::stream::iter(chunks.into_iter().map(Ok)).boxed();
+    let (header, dec) = CycleDecoder::start(chunks).await?;
+    let (mut stream, done) = ExtentStream::from_decoder(dec);
+    let mut extents = Vec::new();
+    while let Some(item) = stream.next().await {
+        extents.push(item?);
+    }
+    if !done.load(Ordering::SeqCst) {
+        return Err(TransportError::Truncated(
+            "cycle stream ended without a verified end frame".into(),
+        ));
+    }
+    Ok((header, extents))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
