@@ -656,6 +656,28 @@ mod tests {
     const DAY: u64 = 1440 * MIN;
 
     #[test]
+    fn control_lines_round_trip_and_refuse_garbage() {
+        let r = Request::Status {
+            name: Some("vm\nname".into()),
+        };
+        let line = r.to_line().expect("line");
+        assert!(!line.contains('\n'));
+        assert_eq!(Request::from_line(&line).expect("parse"), r);
+        assert_eq!(
+            Request::from_line(r#"{"op":"vm-list"}"#).expect("parse"),
+            Request::VmList
+        );
+        for bad in [
+            "",
+            "{",
+            r#"{"op":"no-such-op"}"#,
+            r#"{"op":"status","name":7}"#,
+        ] {
+            assert!(Request::from_line(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
     fn resync_window_parse_and_contains() {
         let w = ResyncWindow::parse("18:30-06:00").expect("parse");
         assert_eq!(w, ResyncWindow::HYPERV_DEFAULT);

@@ -681,6 +681,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn decode_cycle_reads_what_encode_cycle_wrote() {
+        for level in [None, Some(1)] {
+            let body = encode_cycle(&header(), extents(), level)
+                .await
+                .expect("encode");
+            let chunks = body.chunks(5000).map(Bytes::copy_from_slice).collect();
+            let (h, got) = decode_cycle(chunks).await.expect("decode");
+            assert_eq!(h, header());
+            let got: Vec<Extent> = got.into_iter().map(|(e, _)| e).collect();
+            assert_eq!(got, extents());
+            let cut = body[..body.len() - 1].to_vec();
+            assert!(matches!(
+                decode_cycle(vec![Bytes::from(cut)]).await,
+                Err(TransportError::Truncated(_))
+            ));
+        }
+    }
+
+    #[tokio::test]
     async fn flipped_byte_is_detected() {
         let body = encode(None).await;
         // A byte inside the first extent's data.
