@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use vmr_nbd::{BASE_ALLOCATION, ConnectOptions, NbdClient};
-use vmreplica_fuzz::{DIRTY_CONTEXT, Scripted, block_on};
+use vmreplica_fuzz::{DIRTY_CONTEXT, Scripted, block_on_fresh};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, script)) = data.split_first() else {
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         max_in_flight: 4,
         timeout: Duration::from_secs(5),
     };
-    block_on(async move {
+    block_on_fresh(async move {
         let Ok(c) = NbdClient::connect_stream(Scripted::new(script, step), opts).await else {
             return;
         };

@@ -9,14 +9,28 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo};
 
-/// Runs `f` to completion on a fresh current-thread runtime (time enabled; every task it
-/// spawned is dropped with the runtime, so nothing leaks from one input to the next).
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
-        .unwrap_or_else(|e| panic!("runtime: {e}"));
-    rt.block_on(f)
+        .unwrap_or_else(|e| panic!("runtime: {e}"))
+}
+
+thread_local! {
+    static RUNTIME: tokio::runtime::Runtime = runtime();
+}
+
+/// Runs `f` to completion on this thread's current-thread runtime (time enabled), kept from one
+/// input to the next so that its blocking pool (the codecs' `spawn_blocking`) is not restarted
+/// every time. For futures that leave no task behind.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    RUNTIME.with(|rt| rt.block_on(f))
+}
+
+/// Runs `f` on a fresh runtime, dropped afterwards with every task `f` spawned (the NBD
+/// client's reader and writer), so nothing carries over from one input to the next.
+pub fn block_on_fresh<F: std::future::Future>(f: F) -> F::Output {
+    runtime().block_on(f)
 }
 
 /// Chunk size for a selector byte: 1, 2, 3, 7, 64, 4096 bytes or the whole body.
