@@ -13,11 +13,66 @@ use vmr_proto::api::{EnableArgs, Request};
 use vmr_proto::peer::{BecameReplica, BlockHashes, PeerRequest, PeerResponse, PrimaryVmState};
 use vmr_proto::store::{Catalog, LayerRecord, PointKind, PointRecord, RetentionPolicy};
 use vmr_proto::{CycleKind, DiskInfo, Extent, ExtentData};
-use vmreplica_fuzz::{DIRTY_CONTEXT, block_on, fixed_header, staging_header};
+use vmreplica_fuzz::{
+    DIRTY_CONTEXT, block_on, chunk_size, fixed_header, split, staging_header, stream_header,
+};
 
 const LAUNCH: &str = include_str!("../../examples/standin-vm.toml");
 
+/// Checks that a seed gets through its target's decoder (a seed that fails early is useless).
+fn check(target: &str, name: &str, bytes: &[u8]) {
+    let ok = match (target, bytes.split_first()) {
+        ("cycle_body", Some((&sel, body))) => block_on(vmr_transport::testing::decode_cycle(
+            split(body, chunk_size(sel)),
+        ))
+        .is_ok(),
+        ("cycle_frames", Some((&sel, frames))) => {
+            let mut body = stream_header(sel & 0x80 != 0);
+            if sel & 0x80 != 0 {
+                body.extend(zstd::bulk::compress(frames, 1).unwrap_or_default());
+            } else {
+                body.extend_from_slice(frames);
+            }
+            block_on(vmr_transport::testing::decode_cycle(split(
+                &body,
+                chunk_size(sel & 0x7f),
+            )))
+            .is_ok()
+        }
+        ("staging_reader", _) => vmreplica_fuzz::read_stage(bytes).is_some(),
+        ("staging_records", _) => {
+            vmreplica_fuzz::read_stage(&[staging_header(&fixed_header()), bytes.to_vec()].concat())
+                .is_some()
+        }
+        ("catalog", _) => {
+            vmr_store::catalog::decode(bytes, Path::new("seed")).is_ok()
+                || serde_json::from_slice::<Catalog>(bytes).is_ok()
+        }
+        ("control_request", _) => {
+            Request::from_line(std::str::from_utf8(bytes).unwrap_or_default()).is_ok()
+        }
+        ("peer_request", Some((&sel, body))) => match sel % 3 {
+            0 => PeerRequest::decode(body).is_ok(),
+            1 => PeerResponse::decode(body).is_ok(),
+            _ => serde_json::from_slice(body).is_ok_and(|v| {
+                PeerRequest::from_v1(METHODS[usize::from(sel / 3) % METHODS.len()], v).is_ok()
+            }),
+        },
+        _ => true,
+    };
+    assert!(ok, "seed {target}/{name} does not decode");
+}
+
+const METHODS: [&str; 5] = [
+    "create-replica",
+    "replica-info",
+    "primary-vm-state",
+    "become-replica",
+    "resync-hashes",
+];
+
 fn put(root: &Path, target: &str, name: &str, bytes: &[u8]) {
+    check(target, name, bytes);
     let dir = root.join(target);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let p = dir.join(name);
@@ -414,16 +469,7 @@ fn control(root: &Path) {
             &[[0u8].as_slice(), &r.encode()].concat(),
         );
         let (method, v) = r.to_v1();
-        let sel = 2 + 3 * [
-            "create-replica",
-            "replica-info",
-            "primary-vm-state",
-            "become-replica",
-            "resync-hashes",
-        ]
-        .iter()
-        .position(|m| *m == method)
-        .unwrap_or(0) as u8;
+        let sel = 2 + 3 * METHODS.iter().position(|m| *m == method).unwrap_or(0) as u8;
         let body = serde_json::to_vec(&v).unwrap_or_default();
         put(
             root,
