@@ -35,10 +35,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            if let Ok(b) = <[u8; REQUEST_LEN]>::try_from(p) {
-                if let Ok(r) = Request::decode(&b) {
-                    assert_eq!(r.encode(), b);
-                }
+            if let Ok(b) = <[u8; REQUEST_LEN]>::try_from(p)
+                && let Ok(r) = Request::decode(&b)
+            {
+                assert_eq!(r.encode(), b);
             }
         }
     }
