@@ -304,6 +304,18 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Parses one control-socket line (the agent's only decoder of what a local client sends).
+    pub fn from_line(line: &str) -> Result<Request, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+
+    /// The control-socket line for this request (without the newline).
+    pub fn to_line(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
+    }
+}
+
 /// One VM process (or prepared disk set) a failover created on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverVm {
@@ -682,6 +694,28 @@ mod tests {
 
     const MIN: u64 = 60_000;
     const DAY: u64 = 1440 * MIN;
+
+    #[test]
+    fn control_lines_round_trip_and_refuse_garbage() {
+        let r = Request::Status {
+            name: Some("vm\nname".into()),
+        };
+        let line = r.to_line().expect("line");
+        assert!(!line.contains('\n'));
+        assert_eq!(Request::from_line(&line).expect("parse"), r);
+        assert_eq!(
+            Request::from_line(r#"{"op":"vm-list"}"#).expect("parse"),
+            Request::VmList
+        );
+        for bad in [
+            "",
+            "{",
+            r#"{"op":"no-such-op"}"#,
+            r#"{"op":"status","name":7}"#,
+        ] {
+            assert!(Request::from_line(bad).is_err(), "{bad:?} parsed");
+        }
+    }
 
     #[test]
     fn resync_window_parse_and_contains() {

@@ -563,6 +563,27 @@ pub async fn encode_cycle(
     Ok(chunks.concat())
 }
 
+/// Decodes a whole cycle body handed over as `chunks` (as they would arrive from HTTP/2) through
+/// the same decoder the server feeds a request body into: the header and every verified extent
+/// with its checksum, or the first error. Tests, tools and fuzzing; the server streams instead.
+pub async fn decode_cycle(
+    chunks: Vec<Bytes>,
+) -> Result<(CycleHeader, Vec<(Extent, [u8; 32])>), TransportError> {
+    let chunks: ChunkStream = futures::stream::iter(chunks.into_iter().map(Ok)).boxed();
+    let (header, dec) = CycleDecoder::start(chunks).await?;
+    let (mut stream, done) = ExtentStream::from_decoder(dec);
+    let mut extents = Vec::new();
+    while let Some(item) = stream.next().await {
+        extents.push(item?);
+    }
+    if !done.load(Ordering::SeqCst) {
+        return Err(TransportError::Truncated(
+            "cycle stream ended without a verified end frame".into(),
+        ));
+    }
+    Ok((header, extents))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,6 +677,25 @@ mod tests {
                 let got = decode(body.clone(), chunk).await.expect("decode");
                 assert_eq!(got, extents());
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn decode_cycle_reads_what_encode_cycle_wrote() {
+        for level in [None, Some(1)] {
+            let body = encode_cycle(&header(), extents(), level)
+                .await
+                .expect("encode");
+            let chunks = body.chunks(5000).map(Bytes::copy_from_slice).collect();
+            let (h, got) = decode_cycle(chunks).await.expect("decode");
+            assert_eq!(h, header());
+            let got: Vec<Extent> = got.into_iter().map(|(e, _)| e).collect();
+            assert_eq!(got, extents());
+            let cut = body[..body.len() - 1].to_vec();
+            assert!(matches!(
+                decode_cycle(vec![Bytes::from(cut)]).await,
+                Err(TransportError::Truncated(_))
+            ));
         }
     }
 

@@ -33,5 +33,5 @@ pub use vmr_proto::wire::{
 /// Helpers for tests and tools; not a stable API.
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::frame::encode_cycle;
+    pub use crate::frame::{decode_cycle, encode_cycle};
 }
