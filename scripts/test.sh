@@ -9,3 +9,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # injection) are compiled for the tests only, never into release builds.
 cargo clippy --workspace --all-targets --locked --features vmreplica/test-hooks,vmr-store/failpoints -- -D warnings
 cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks,vmr-store/failpoints -- --test-threads=2
+# The quick fuzz pass (issue 11): every fuzz target for 3 s, where the nightly toolchain and
+# cargo-fuzz are installed (`scripts/fuzz.sh 60` is the campaign; see RELIABILITY.md).
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    scripts/fuzz.sh 3
+else
+    echo "test.sh: quick fuzz pass skipped: needs nightly and cargo-fuzz (see RELIABILITY.md)"
+fi
