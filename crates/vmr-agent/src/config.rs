@@ -175,7 +175,7 @@ mod tests {
     fn init_writes_private_files_and_a_loadable_config() {
         let dir = tempfile::tempdir().expect("dir");
         let d = dir.path().join("agent");
-        create(&d, "host-a", "127.0.0.1:9443", None).expect("init");
+        create(&d, "host-a", "127.0.0.1:9443", None, None).expect("init");
         assert_eq!(mode(&d.join(CONFIG_FILE)), 0o600);
         assert_eq!(mode(&d.join(vmr_transport::KEY_FILE)), 0o600);
         let cfg = load_config(&d).expect("load");

@@ -209,18 +209,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             disks,
         } => {
             crate::config::validate_vm_name(&name)?;
-            let def = VmDefinition::from_toml(&launch_toml).map_err(AgentError::BadDefinition)?;
-            if def.name != name {
-                return Err(AgentError::DefinitionName {
-                    def_name: def.name,
-                    name,
-                });
-            }
-            for d in &disks {
-                if !def.disks.iter().any(|x| &x.node == d) {
-                    return Err(AgentError::DiskNotInDefinition { disk: d.clone() });
-                }
-            }
+            let def = checked_definition(&name, &launch_toml, &disks)?;
             if let Some(existing) = agent.vms.get(&name).or_else(|| agent.vms.by_uuid(def.uuid)) {
                 return Err(AgentError::AlreadyRegistered {
                     name: existing.name,
@@ -246,6 +235,37 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
             Ok(json!(format!("VM {name:?} ({}) registered", def.uuid)))
+        }
+        Request::VmRemove { name, check } => {
+            let r = vm(agent, &name)?.ask(|r| Command::Remove(check, r)).await?;
+            if !check {
+                agent.vms.remove(&name);
+            }
+            Ok(json!(r))
+        }
+        Request::VmSet {
+            name,
+            qmp,
+            launch_toml,
+            disks,
+            check,
+        } => {
+            let h = vm(agent, &name)?;
+            let launch = match launch_toml {
+                Some(t) => {
+                    let def = checked_definition(&name, &t, &disks)?;
+                    Some((t, def))
+                }
+                None => None,
+            };
+            let change = crate::vm::VmChange {
+                qmp,
+                launch,
+                disks: (!disks.is_empty()).then_some(disks),
+            };
+            Ok(json!(
+                h.ask(|r| Command::Set(Box::new(change), check, r)).await?
+            ))
         }
         Request::VmList | Request::Status { name: None } => to_value(all_status(agent).await?),
         Request::Status { name: Some(name) } => {
@@ -331,6 +351,28 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             .await
         }
     }
+}
+
+/// A VM definition for VM `name` (`vm add`, `vm set --launch`): valid, of that name, and
+/// holding every disk of `disks`.
+fn checked_definition(
+    name: &str,
+    launch_toml: &str,
+    disks: &[String],
+) -> Result<VmDefinition, AgentError> {
+    let def = VmDefinition::from_toml(launch_toml).map_err(AgentError::BadDefinition)?;
+    if def.name != name {
+        return Err(AgentError::DefinitionName {
+            def_name: def.name,
+            name: name.to_owned(),
+        });
+    }
+    for d in disks {
+        if !def.disks.iter().any(|x| &x.node == d) {
+            return Err(AgentError::DiskNotInDefinition { disk: d.clone() });
+        }
+    }
+    Ok(def)
 }
 
 async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> Result<Value, AgentError> {

@@ -180,6 +180,28 @@ pub enum AgentError {
         /// The VM UUID.
         uuid: Uuid,
     },
+    /// `vm remove`/`vm set` while the VM's replication is enabled.
+    #[error(
+        "replication of {name:?} is enabled ({state}): {why}; run `vmreplica disable {name}` \
+         first"
+    )]
+    VmReplicating {
+        /// The VM name.
+        name: String,
+        /// The replication state.
+        state: ReplicationState,
+        /// What the change would break.
+        why: String,
+    },
+    /// `vm remove`/`vm set` on a replica VM.
+    #[error(
+        "{name:?} is a replica VM on this host, not a registered primary VM: remove it (and its \
+         recovery points) with `vmreplica replica remove {name}`"
+    )]
+    VmIsReplica {
+        /// The VM name.
+        name: String,
+    },
     /// `init` on a directory that holds an agent.
     #[error("{} already holds an agent (config.toml exists)", .dir.display())]
     AgentExists {
@@ -286,6 +308,19 @@ pub enum AgentError {
         def_name: String,
         /// The VM name.
         name: String,
+    },
+    /// `vm set --launch` with a definition of another VM (UUID).
+    #[error(
+        "the definition is of VM {new}, but {name:?} is {old}: the UUID is the VM's identity \
+         (register that VM with `vm add`)"
+    )]
+    DefinitionUuid {
+        /// The VM name.
+        name: String,
+        /// The registered UUID.
+        old: Uuid,
+        /// The definition's UUID.
+        new: Uuid,
     },
     /// `vm add --disk` naming a disk the definition lacks.
     #[error("--disk {disk:?} is not a disk of the definition")]
@@ -673,6 +708,8 @@ impl AgentError {
             | NotEnabled { .. }
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }
+            | VmReplicating { .. }
+            | VmIsReplica { .. }
             | AgentExists { .. }
             | NoFailedOverVm { .. }
             | TestPinsPoint { .. }
@@ -685,6 +722,7 @@ impl AgentError {
             | BadFingerprint { .. }
             | BadDefinition(_)
             | DefinitionName { .. }
+            | DefinitionUuid { .. }
             | DiskNotInDefinition { .. }
             | BadAgentName { .. }
             | BadVmName { .. }

@@ -77,8 +77,25 @@ pub enum FailoverCmd {
 /// (which streams the extents into it) and back (the owner commits it).
 pub type Writer = Box<vmr_store::LayerWriter>;
 
+/// A change of a primary VM's registration (`vm set`); the control API checked the
+/// definition (its name, and that the disks are its own).
+pub struct VmChange {
+    /// New QMP socket path.
+    pub qmp: Option<String>,
+    /// New definition: its TOML text and what it says.
+    pub launch: Option<(String, vmr_proto::VmDefinition)>,
+    /// New disks to replicate.
+    pub disks: Option<Vec<String>>,
+}
+
 /// What the owner of a VM can be asked.
 pub enum Command {
+    /// `vm remove`: unregister this primary VM (refused while replication is enabled). With
+    /// `check` (true), only say what would be done. The owner stops after a removal.
+    Remove(bool, Reply<String>),
+    /// `vm set`: change the registration (refused while replication is enabled). With
+    /// `check` (true), only say what would change.
+    Set(Box<VmChange>, bool, Reply<String>),
     /// The status row.
     Status(Reply<VmStatus>),
     /// Pause replication.
@@ -180,6 +197,11 @@ impl Registry {
         self.lock().values().find(|h| h.uuid == uuid).cloned()
     }
 
+    /// Forget the handle of VM `name` (its owner stopped after `vm remove`).
+    pub fn remove(&self, name: &str) {
+        self.lock().remove(name);
+    }
+
     /// Every handle, by name.
     pub fn all(&self) -> Vec<VmHandle> {
         self.lock().values().cloned().collect()
@@ -267,6 +289,14 @@ impl Owner {
                         }
                         let _ = ack.send(());
                         break;
+                    }
+                    Some(Command::Remove(check, reply)) => {
+                        let r = self.remove(check);
+                        let removed = r.is_ok() && !check;
+                        let _ = reply.send(r);
+                        if removed {
+                            break;
+                        }
                     }
                     Some(cmd) => self.handle(cmd).await,
                 },
@@ -537,10 +567,134 @@ impl Owner {
                 });
                 let _ = reply.send(r);
             }
+            Command::Set(change, check, reply) => {
+                let _ = reply.send(self.set(*change, check));
+            }
+            Command::Remove(_, reply) => {
+                // Answered by `run`, which stops the owner after a removal.
+                let _ = reply.send(Err(AgentError::OwnerStopped {
+                    name: self.vm.rec.name.clone(),
+                }));
+            }
             Command::Shutdown(ack) => {
                 let _ = ack.send(());
             }
         }
+    }
+
+    /// Why this VM's registration cannot change now: a replica VM, or replication enabled
+    /// (`why`: what the change would break).
+    fn registration_fixed(&self, why: impl FnOnce() -> String) -> Result<(), AgentError> {
+        let name = self.vm.rec.name.clone();
+        match &self.side {
+            Side::Replica(_) => Err(AgentError::VmIsReplica { name }),
+            Side::Primary(Some(p)) => Err(AgentError::VmReplicating {
+                name,
+                state: p.state(),
+                why: why(),
+            }),
+            Side::Primary(None) if self.vm.rec.enable.is_some() => Err(AgentError::VmReplicating {
+                name,
+                state: self.vm.rec.state(),
+                why: why(),
+            }),
+            Side::Primary(None) => Ok(()),
+        }
+    }
+
+    /// `vm remove`: delete the record of a primary VM whose replication is disabled (and its
+    /// work directory when empty); the VM and its disks are not touched.
+    fn remove(&mut self, check: bool) -> Result<String, AgentError> {
+        self.registration_fixed(|| {
+            "removing it would leave its change tracking in QEMU and its replica without a \
+             primary"
+                .to_owned()
+        })?;
+        let (name, uuid) = (self.vm.rec.name.clone(), self.vm.rec.uuid);
+        if check {
+            return Ok(format!(
+                "unregister VM {name:?} ({uuid}) from this agent (the VM and its disks are not \
+                 touched)"
+            ));
+        }
+        self.vm.host.delete_vm(&name)?;
+        // Only an empty directory goes: a stand-in may keep its NBD socket there.
+        let _ = std::fs::remove_dir(crate::launch::work_dir(&self.vm.host.dir, uuid));
+        tracing::info!(vm = %name, %uuid, "VM removed (vm remove)");
+        Ok(format!(
+            "VM {name:?} ({uuid}) removed; the VM and its disks are untouched"
+        ))
+    }
+
+    /// `vm set`: change the QMP socket, the definition (same name and UUID) or the disks of a
+    /// primary VM whose replication is disabled.
+    fn set(&mut self, change: VmChange, check: bool) -> Result<String, AgentError> {
+        self.registration_fixed(|| {
+            let mut why = Vec::new();
+            if change.qmp.is_some() {
+                why.push("its change tracking lives in the QEMU behind the current QMP socket");
+            }
+            if change.launch.is_some() || change.disks.is_some() {
+                why.push("the replica holds the definition and disks it was enabled with");
+            }
+            why.join("; ")
+        })?;
+        let old = &self.vm.rec;
+        let mut rec = old.clone();
+        let mut what = Vec::new();
+        if let Some(qmp) = change.qmp
+            && qmp != old.qmp
+        {
+            what.push(format!("qmp {} -> {}", old.qmp, qmp));
+            rec.qmp = qmp;
+        }
+        if let Some((toml, def)) = &change.launch {
+            if def.uuid != old.uuid {
+                return Err(AgentError::DefinitionUuid {
+                    name: old.name.clone(),
+                    old: old.uuid,
+                    new: def.uuid,
+                });
+            }
+            if *toml != old.launch_toml {
+                what.push("definition replaced".to_owned());
+                rec.launch_toml = toml.clone();
+            }
+        }
+        let disks = match (change.disks, &change.launch) {
+            (Some(d), None) => {
+                // The disks must be the registered definition's.
+                let def = vmr_proto::VmDefinition::from_toml(&old.launch_toml)?;
+                if let Some(d) = d.iter().find(|d| !def.disks.iter().any(|x| &x.node == *d)) {
+                    return Err(AgentError::DiskNotInDefinition { disk: d.clone() });
+                }
+                Some(d)
+            }
+            (Some(d), Some(_)) => Some(d),
+            (None, Some((_, def))) => Some(def.disks.iter().map(|d| d.node.clone()).collect()),
+            (None, None) => None,
+        };
+        if let Some(d) = disks
+            && d != old.disks
+        {
+            what.push(format!("disks {} -> {}", old.disks.join(","), d.join(",")));
+            rec.disks = d;
+        }
+        let name = old.name.clone();
+        if what.is_empty() {
+            return Ok(format!("VM {name:?}: nothing to change"));
+        }
+        let what = what.join("; ");
+        if check {
+            return Ok(format!("change VM {name:?}: {what}"));
+        }
+        let before = std::mem::replace(&mut self.vm.rec, rec);
+        if let Err(e) = self.vm.save() {
+            self.vm.rec = before;
+            return Err(e);
+        }
+        tracing::info!(vm = %name, "VM changed (vm set): {what}");
+        Ok(format!("VM {name:?} changed: {what}"))
     }
 
     async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> Result<String, AgentError> {

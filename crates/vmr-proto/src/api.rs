@@ -196,6 +196,34 @@ pub enum Request {
     },
     /// List registered VMs.
     VmList,
+    /// Unregister a primary VM (`vm remove`): refused while its replication is enabled, and
+    /// for a replica VM (`replica remove`). With `check`, only says what would be done (or
+    /// why it is refused) and changes nothing: the CLI asks for confirmation in between.
+    VmRemove {
+        /// VM name.
+        name: String,
+        /// Check only; change nothing.
+        #[serde(default)]
+        check: bool,
+    },
+    /// Change a primary VM's registration (`vm set`): refused while its replication is
+    /// enabled. `check` as for [`Request::VmRemove`].
+    VmSet {
+        /// VM name.
+        name: String,
+        /// New QMP socket path.
+        #[serde(default)]
+        qmp: Option<String>,
+        /// New VM definition TOML text (same name and UUID).
+        #[serde(default)]
+        launch_toml: Option<String>,
+        /// New list of disks to replicate; empty = unchanged, or all of a new definition's.
+        #[serde(default)]
+        disks: Vec<String>,
+        /// Check only; change nothing.
+        #[serde(default)]
+        check: bool,
+    },
     /// Enable replication of a VM.
     Enable(EnableArgs),
     /// Start initial replication now.

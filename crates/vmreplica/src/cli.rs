@@ -248,6 +248,36 @@ pub enum VmCmd {
     },
     /// List registered VMs.
     List,
+    /// Unregister a primary VM (the VM and its disks are not touched). Refused while its
+    /// replication is enabled (`vmreplica disable NAME` first) and for a replica VM
+    /// (`vmreplica replica remove NAME`). Asks for confirmation on a terminal.
+    Remove {
+        /// VM name.
+        name: String,
+        /// Do not ask for confirmation (required without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Change a registered primary VM: its QMP socket, its definition (same name and UUID) or
+    /// the disks to replicate. Refused while its replication is enabled. Asks for
+    /// confirmation on a terminal.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["qmp", "launch", "disks"])))]
+    Set {
+        /// VM name.
+        name: String,
+        /// The VM's QMP socket reserved for vmreplica.
+        #[arg(long)]
+        qmp: Option<PathBuf>,
+        /// The VM definition (TOML); without --disk, all its disks are replicated.
+        #[arg(long)]
+        launch: Option<PathBuf>,
+        /// Disk node to replicate (repeat); replaces the list.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Do not ask for confirmation (required without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 /// `enable` arguments.
