@@ -236,13 +236,12 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             agent.vms.spawn(host, rec, false)?;
             Ok(json!(format!("VM {name:?} ({}) registered", def.uuid)))
         }
-        Request::VmRemove { name, check } => {
-            let r = vm(agent, &name)?.ask(|r| Command::Remove(check, r)).await?;
-            if !check {
-                agent.vms.remove(&name);
-            }
-            Ok(json!(r))
-        }
+        Request::VmRemove { name, check } => remove(agent, &name, None, check).await,
+        Request::ReplicaRemove {
+            name,
+            keep_data,
+            check,
+        } => remove(agent, &name, Some(keep_data), check).await,
         Request::VmSet {
             name,
             qmp,
@@ -351,6 +350,23 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             .await
         }
     }
+}
+
+/// `vm remove` (`replica: None`) or `replica remove` (`Some(keep_data)`): the owner checks and
+/// removes, then stops; its handle is forgotten here.
+async fn remove(
+    agent: &Control,
+    name: &str,
+    replica: Option<bool>,
+    check: bool,
+) -> Result<Value, AgentError> {
+    let r = vm(agent, name)?
+        .ask(|r| Command::Remove(replica, check, r))
+        .await?;
+    if !check {
+        agent.vms.remove(name);
+    }
+    Ok(json!(r))
 }
 
 /// A VM definition for VM `name` (`vm add`, `vm set --launch`): valid, of that name, and

@@ -202,6 +202,26 @@ pub enum AgentError {
         /// The VM name.
         name: String,
     },
+    /// `replica remove` on a primary VM.
+    #[error(
+        "{name:?} is a primary VM on this host: unregister it with `vmreplica vm remove {name}`"
+    )]
+    VmIsPrimary {
+        /// The VM name.
+        name: String,
+    },
+    /// `replica remove` while failover VMs or test copies of the VM exist.
+    #[error(
+        "{name:?} has failover copies on this host ({}): stop them first (`vmreplica failover \
+         stop-test {name}`, or cancel the failover)",
+        .copies.join(", ")
+    )]
+    FailoverCopies {
+        /// The VM name.
+        name: String,
+        /// The copies (names, or view ids).
+        copies: Vec<String>,
+    },
     /// `init` on a directory that holds an agent.
     #[error("{} already holds an agent (config.toml exists)", .dir.display())]
     AgentExists {
@@ -710,6 +730,8 @@ impl AgentError {
             | AlreadyRegistered { .. }
             | VmReplicating { .. }
             | VmIsReplica { .. }
+            | VmIsPrimary { .. }
+            | FailoverCopies { .. }
             | AgentExists { .. }
             | NoFailedOverVm { .. }
             | TestPinsPoint { .. }

@@ -128,16 +128,22 @@ impl PeerHandler {
             .host
             .store(std::path::Path::new(&entry.storage))
             .map_err(internal)?;
-        store
-            .add_vm(
-                req.uuid,
-                &req.launch_toml,
-                RetentionPolicy {
-                    hourly: req.recovery_points,
-                    app_consistent_every_hours: None,
-                },
-            )
-            .map_err(store_err)?;
+        let policy = RetentionPolicy {
+            hourly: req.recovery_points,
+            app_consistent_every_hours: None,
+        };
+        if store.vms().contains(&req.uuid) {
+            // Kept by `replica remove --keep-data`: its points are the existing copy the new
+            // replica VM starts from (the owner reads the latest one when it starts).
+            store
+                .set_definition(req.uuid, &req.launch_toml)
+                .map_err(store_err)?;
+            store.set_retention(req.uuid, policy).map_err(store_err)?;
+        } else {
+            store
+                .add_vm(req.uuid, &req.launch_toml, policy)
+                .map_err(store_err)?;
+        }
         let rec = VmRecord {
             name: req.name.clone(),
             uuid: req.uuid,

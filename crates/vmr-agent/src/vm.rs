@@ -90,9 +90,11 @@ pub struct VmChange {
 
 /// What the owner of a VM can be asked.
 pub enum Command {
-    /// `vm remove`: unregister this primary VM (refused while replication is enabled). With
-    /// `check` (true), only say what would be done. The owner stops after a removal.
-    Remove(bool, Reply<String>),
+    /// `vm remove` (`None`): unregister this primary VM (refused while replication is
+    /// enabled); `replica remove` (`Some(keep_data)`): remove this replica VM and, unless
+    /// `keep_data`, its recovery points. With `check` (true), only say what would be done.
+    /// The owner stops after a removal.
+    Remove(Option<bool>, bool, Reply<String>),
     /// `vm set`: change the registration (refused while replication is enabled). With
     /// `check` (true), only say what would change.
     Set(Box<VmChange>, bool, Reply<String>),
@@ -290,8 +292,11 @@ impl Owner {
                         let _ = ack.send(());
                         break;
                     }
-                    Some(Command::Remove(check, reply)) => {
-                        let r = self.remove(check);
+                    Some(Command::Remove(replica, check, reply)) => {
+                        let r = match replica {
+                            None => self.remove(check),
+                            Some(keep_data) => self.remove_replica(keep_data, check).await,
+                        };
                         let removed = r.is_ok() && !check;
                         let _ = reply.send(r);
                         if removed {
@@ -570,7 +575,7 @@ impl Owner {
             Command::Set(change, check, reply) => {
                 let _ = reply.send(self.set(*change, check));
             }
-            Command::Remove(_, reply) => {
+            Command::Remove(_, _, reply) => {
                 // Answered by `run`, which stops the owner after a removal.
                 let _ = reply.send(Err(AgentError::OwnerStopped {
                     name: self.vm.rec.name.clone(),
@@ -624,6 +629,81 @@ impl Owner {
         Ok(format!(
             "VM {name:?} ({uuid}) removed; the VM and its disks are untouched"
         ))
+    }
+
+    /// `replica remove`: delete the record of a replica VM whose replication is disabled or
+    /// paused here and that has no failover VM or test copy, its failover bookkeeping and,
+    /// unless `keep_data`, its recovery points.
+    async fn remove_replica(&mut self, keep_data: bool, check: bool) -> Result<String, AgentError> {
+        let (name, uuid) = (self.vm.rec.name.clone(), self.vm.rec.uuid);
+        let Side::Replica(side) = &self.side else {
+            return Err(AgentError::VmIsPrimary { name });
+        };
+        side.machine().check_remove()?;
+        let fr = self.vm.failover()?;
+        let store = self.vm.host.store_of(&self.vm.rec)?;
+        let mut copies: Vec<String> = fr
+            .live
+            .iter()
+            .chain(&fr.tests)
+            .map(|c| c.name.clone())
+            .collect();
+        if copies.is_empty() {
+            copies = store
+                .views(uuid)
+                .unwrap_or_default()
+                .iter()
+                .map(|v| format!("view {}", v.id))
+                .collect();
+        }
+        if !copies.is_empty() {
+            return Err(AgentError::FailoverCopies { name, copies });
+        }
+        let points = store.points(uuid).map(|p| p.len()).unwrap_or(0);
+        let root = store.root().display().to_string();
+        if check {
+            return Ok(if keep_data {
+                format!(
+                    "remove replica VM {name:?} ({uuid}), keeping its {points} recovery point(s) \
+                     in {root}"
+                )
+            } else {
+                format!(
+                    "remove replica VM {name:?} ({uuid}) and delete its {points} recovery \
+                     point(s) from {root}"
+                )
+            });
+        }
+        if !keep_data {
+            match store.remove_vm(uuid) {
+                Ok(()) | Err(vmr_store::StoreError::UnknownVm(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let fo = crate::launch::failover_dir(&self.vm.host.dir, uuid);
+        if fo.exists() {
+            std::fs::remove_dir_all(&fo).map_err(AgentError::io("removing", &fo))?;
+        }
+        let fr_path = self
+            .vm
+            .host
+            .dir
+            .join("failover")
+            .join(format!("{uuid}.json"));
+        match std::fs::remove_file(&fr_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io("removing", &fr_path)(e)),
+        }
+        self.vm.host.delete_vm(&name)?;
+        tracing::info!(vm = %name, %uuid, keep_data, "replica VM removed (replica remove)");
+        Ok(if keep_data {
+            format!(
+                "replica VM {name:?} ({uuid}) removed; its {points} recovery point(s) stay in {root}"
+            )
+        } else {
+            format!("replica VM {name:?} ({uuid}) and its {points} recovery point(s) removed")
+        })
     }
 
     /// `vm set`: change the QMP socket, the definition (same name and UUID) or the disks of a

@@ -206,6 +206,20 @@ pub enum Request {
         #[serde(default)]
         check: bool,
     },
+    /// Remove a replica VM and its recovery points (`replica remove`): refused while the
+    /// primary replicates into it, while it is failed over, or while a test copy runs.
+    /// `check` as for [`Request::VmRemove`].
+    ReplicaRemove {
+        /// VM name.
+        name: String,
+        /// Keep the recovery points in the store (a later `enable` from the primary starts
+        /// from them).
+        #[serde(default)]
+        keep_data: bool,
+        /// Check only; change nothing.
+        #[serde(default)]
+        check: bool,
+    },
     /// Change a primary VM's registration (`vm set`): refused while its replication is
     /// enabled. `check` as for [`Request::VmRemove`].
     VmSet {

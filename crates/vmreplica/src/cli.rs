@@ -51,6 +51,9 @@ pub enum Command {
     /// VMs registered on this (primary) host.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Replica VMs on this (replica) host.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
     /// Enable replication of a VM to a replica agent.
     Enable(EnableCmd),
     /// Start initial replication over the network now.
@@ -274,6 +277,25 @@ pub enum VmCmd {
         /// Disk node to replicate (repeat); replaces the list.
         #[arg(long = "disk")]
         disks: Vec<String>,
+        /// Do not ask for confirmation (required without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// `replica` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCmd {
+    /// Remove a replica VM and its recovery points. Refused while its primary replicates into
+    /// it (disable replication first, or pause it here), while it is failed over, and while a
+    /// test copy runs. Asks for confirmation on a terminal.
+    Remove {
+        /// Replica VM name.
+        name: String,
+        /// Keep the recovery points in the store: enabling replication of the VM again
+        /// starts from them.
+        #[arg(long)]
+        keep_data: bool,
         /// Do not ask for confirmation (required without a terminal).
         #[arg(long, short = 'y')]
         yes: bool,

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use vmr_proto::api::{EnableArgs, InitialMode, Request, Response, ResyncWindow};
 
-use crate::cli::{Command, ServerCmd, VmCmd, parse_frequency, parse_hours};
+use crate::cli::{Command, ReplicaCmd, ServerCmd, VmCmd, parse_frequency, parse_hours};
 use crate::exit;
 use crate::util::{coded, parse_time};
 
@@ -85,6 +85,13 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         }
         Command::Vm(VmCmd::List) => Request::VmList,
         Command::Vm(VmCmd::Remove { name, .. }) => Request::VmRemove { name, check: false },
+        Command::Replica(ReplicaCmd::Remove {
+            name, keep_data, ..
+        }) => Request::ReplicaRemove {
+            name,
+            keep_data,
+            check: false,
+        },
         Command::Vm(VmCmd::Set {
             name,
             qmp,
@@ -211,7 +218,8 @@ fn absolute(p: &Path) -> String {
 /// Whether `cmd` is confirmed before it runs, and then whether `--yes` was given.
 fn confirmation(cmd: &Command) -> Option<bool> {
     match cmd {
-        Command::Vm(VmCmd::Remove { yes, .. } | VmCmd::Set { yes, .. }) => Some(*yes),
+        Command::Vm(VmCmd::Remove { yes, .. } | VmCmd::Set { yes, .. })
+        | Command::Replica(ReplicaCmd::Remove { yes, .. }) => Some(*yes),
         _ => None,
     }
 }
@@ -221,7 +229,9 @@ fn confirmation(cmd: &Command) -> Option<bool> {
 fn check_only(req: &Request) -> Option<Request> {
     let mut r = req.clone();
     match &mut r {
-        Request::VmRemove { check, .. } | Request::VmSet { check, .. } => *check = true,
+        Request::VmRemove { check, .. }
+        | Request::VmSet { check, .. }
+        | Request::ReplicaRemove { check, .. } => *check = true,
         _ => return None,
     }
     Some(r)

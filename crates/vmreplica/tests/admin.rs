@@ -1,7 +1,7 @@
 //! End-to-end lifecycle commands of an administrator, with real agents and a
 //! qemu-storage-daemon stand-in VM: `vm remove` and `vm set` (refused while replication is
 //! enabled, with the reason and the command to run first; confirmed on a terminal, `--yes`
-//! without one).
+//! without one) and `replica remove [--keep-data]` on the replica.
 
 mod common;
 
@@ -151,5 +151,82 @@ fn vm_remove_and_set_are_refused_while_enabled_and_confirmed() -> TestResult {
     vm.register(&p.a)?;
     assert_eq!(p.a.status(&name)?.name, name);
     p.stop()?;
+    Ok(())
+}
+
+#[test]
+fn replica_remove_is_refused_while_it_would_break_something_and_keeps_data_on_request() -> TestResult
+{
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "rr-vm", &["disk0"], 16)?;
+    let name = vm.def.name.clone();
+    let data = p.b.storage().join("vms").join(vm.def.uuid.to_string());
+    vm.register(&p.a)?;
+    p.enable(&name, &["--frequency", "5s"])?;
+    p.wait_cycle(&name, 1, LONG)?;
+    vm.write_random("disk0", 40, 7)?;
+    let next = p.a.status(&name)?.last_cycle.unwrap_or(0) + 1;
+    p.wait_cycle(&name, next, LONG)?;
+
+    // Active replication: refused with the reason and what to run first.
+    let r = p.b.cli(&["replica", "remove", &name, "--yes"])?;
+    assert_eq!(code(&r), Some(5), "{r:?}");
+    assert!(
+        stderr(&r).contains("active (Replicating)"),
+        "{}",
+        stderr(&r)
+    );
+    assert!(stderr(&r).contains("vmreplica disable"), "{}", stderr(&r));
+    // On the primary it names `vm remove`.
+    let r = p.a.cli(&["replica", "remove", &name, "--yes"])?;
+    assert_eq!(code(&r), Some(5), "{r:?}");
+    assert!(stderr(&r).contains("vm remove"), "{}", stderr(&r));
+
+    // Paused here, but a test copy runs: refused until it is stopped.
+    p.b.ok(&["pause", &name])?;
+    p.b.ok(&["failover", "test", &name])?;
+    let r = p.b.cli(&["replica", "remove", &name, "--yes"])?;
+    assert_eq!(code(&r), Some(5), "{r:?}");
+    assert!(stderr(&r).contains("rr-vm-test"), "{}", stderr(&r));
+    assert!(stderr(&r).contains("stop-test"), "{}", stderr(&r));
+    p.b.ok(&["failover", "stop-test", &name])?;
+
+    // Without a terminal and without --yes: refused, nothing removed.
+    let r = p.b.cli(&["replica", "remove", &name, "--keep-data"])?;
+    assert_eq!(code(&r), Some(2), "{r:?}");
+    assert_eq!(p.b.status(&name)?.name, name);
+    // --keep-data: the record goes, the recovery points stay.
+    p.a.ok(&["disable", &name])?;
+    let out =
+        p.b.ok(&["replica", "remove", &name, "--keep-data", "--yes"])?;
+    assert!(out.contains("stay in"), "{out}");
+    assert_eq!(code(&p.b.cli(&["status", &name])?), Some(4));
+    assert!(data.read_dir()?.next().is_some(), "the kept data is gone");
+    // Enabling again starts from the kept points: only what changed meanwhile travels.
+    vm.write_seq("disk0", 100, 4, 8)?;
+    p.enable(&name, &["--frequency", "5s", "--initial", "existing"])?;
+    wait_until(LONG, "replication from the kept points", || {
+        let s = p.a.status(&name)?;
+        Ok(s.state == ReplicationState::Replicating && s.last_cycle.is_some())
+    })?;
+    let sent = p.a.status(&name)?.stats.total_bytes;
+    assert!(
+        sent < 16 * 65536,
+        "re-enable sent {sent} bytes for 4 changed blocks"
+    );
+    assert_equal_at_cut(&p, &vm)?;
+
+    // Disabled on the replica, removed with its data.
+    p.a.ok(&["disable", &name])?;
+    p.b.ok(&["disable", &name])?;
+    let out = p.b.ok(&["replica", "remove", &name, "--yes"])?;
+    assert!(out.contains("recovery point(s) removed"), "{out}");
+    assert!(!data.exists(), "{} still exists", data.display());
+    assert_eq!(code(&p.b.cli(&["status", &name])?), Some(4));
+    // A fresh replica VM can be created again (a full initial copy).
+    p.enable(&name, &["--frequency", "5s"])?;
+    wait_until(LONG, "a new replica VM", || {
+        Ok(p.b.status(&name).is_ok_and(|s| s.last_cycle.is_some()))
+    })?;
     Ok(())
 }
