@@ -378,8 +378,26 @@ impl PrimarySide {
             if let Err(e) = crate::cycle::stop_tracking(&vm.host, &vm.rec).await {
                 tracing::warn!(vm = %name, "could not remove tracking bitmaps: {e:#}");
             }
-            vm.rec.enable = None;
+            let told = match vm.rec.enable.take() {
+                Some(args) => {
+                    let told = crate::cycle::tell_replica_disabled(&vm.host, &vm.rec, &args).await;
+                    if let crate::cycle::Told::Unreached(why) = &told {
+                        tracing::warn!(vm = %name, replica = %args.replica, "the replica could not be told of the disable (told in the background): {why}");
+                        vm.disable_notice = Some(crate::cycle::keep_telling_replica_disabled(
+                            vm.host.clone(),
+                            vm.rec.clone(),
+                            args.clone(),
+                        ));
+                    }
+                    format!(
+                        "; {}",
+                        crate::cycle::told_message(&name, &args.replica, &told)
+                    )
+                }
+                None => String::new(),
+            };
             self.save(vm)?;
+            return Ok(format!("{name}: {before} -> {after}{told}"));
         }
         Ok(format!("{name}: {before} -> {after}"))
     }

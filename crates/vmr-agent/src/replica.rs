@@ -55,6 +55,22 @@ impl ReplicaSide {
         Ok(())
     }
 
+    /// The primary disabled replication (`disable-replica`): the machine's `Disable`. Already
+    /// disabled is no error; a failed-over VM keeps its state (the primary no longer owns it).
+    /// The state afterwards.
+    pub fn disabled_by_primary(
+        &mut self,
+        vm: &mut Vm,
+    ) -> Result<vmr_proto::api::ReplicationState, RemoteError> {
+        match self.step(vm, ReplicaEvent::Disable { now_ms: now_ms() }) {
+            Ok(()) | Err(Refusal::Disabled { .. } | Refusal::FailedOver { .. }) => {
+                tracing::info!(vm = %vm.rec.name, state = %self.machine.state(), "the primary disabled replication");
+                Ok(self.machine.state())
+            }
+            Err(r) => Err(refusal_err(r)),
+        }
+    }
+
     /// Refresh the definition and policy of an existing replica VM (`create-replica` is
     /// idempotent) and take a Disabled replica back.
     pub fn refresh(&mut self, vm: &mut Vm, req: CreateReplica) -> Result<(), RemoteError> {

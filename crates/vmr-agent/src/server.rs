@@ -217,6 +217,12 @@ impl Handler for PeerHandler {
                     .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))
                     .await?,
             ),
+            PeerRequest::DisableReplica { uuid } => PeerResponse::DisableReplica {
+                state: self
+                    .vm(uuid)?
+                    .ask_peer(|r| Command::PeerDisable(peer.clone(), r))
+                    .await?,
+            },
             PeerRequest::ResyncHashes(req) => PeerResponse::ResyncHashes(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::Hashes(peer.clone(), req, r))

@@ -130,6 +130,8 @@ pub enum Command {
     FinishCycle(Writer, u64, PeerReply<()>),
     /// Peer: block hashes of the latest point (resync).
     Hashes(Peer, BlockHashesRequest, PeerReply<BlockHashes>),
+    /// Peer: the primary disabled replication (`disable-replica`).
+    PeerDisable(Peer, PeerReply<ReplicationState>),
     /// Peer: is the VM running here (split-brain probe)?
     PrimaryState(Peer, PeerReply<PrimaryVmState>),
     /// Peer: become the replica of the VM (reverse after a failover).
@@ -286,6 +288,7 @@ impl Owner {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(Command::Shutdown(ack)) => {
+                        self.vm.stop_disable_notice().await;
                         if let Side::Primary(Some(p)) = &mut self.side {
                             p.stop().await;
                         }
@@ -293,6 +296,9 @@ impl Owner {
                         break;
                     }
                     Some(Command::Remove(replica, check, reply)) => {
+                        if !check {
+                            self.vm.stop_disable_notice().await;
+                        }
                         let r = match replica {
                             None => self.remove(check),
                             Some(keep_data) => self.remove_replica(keep_data, check).await,
@@ -542,6 +548,15 @@ impl Owner {
                         }
                     }
                 };
+                let _ = reply.send(r);
+            }
+            Command::PeerDisable(peer, reply) => {
+                let r = self.trust(&peer).and_then(|()| match &mut self.side {
+                    Side::Replica(side) => side.disabled_by_primary(&mut self.vm),
+                    Side::Primary(_) => Err(RemoteError::UnknownVm {
+                        vm: self.vm.rec.uuid,
+                    }),
+                });
                 let _ = reply.send(r);
             }
             Command::PrimaryState(peer, reply) => {
@@ -808,6 +823,8 @@ impl Owner {
             Side::Primary(_) => {}
         }
         crate::primary::schedule_of(&args)?;
+        // A disable the replica has not heard of yet must not reach it after this enable.
+        self.vm.stop_disable_notice().await;
         // Check the replica answers and accepts us before anything changes here.
         let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
         let client = crate::cycle::connect(&self.vm.host, &args)

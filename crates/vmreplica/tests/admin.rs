@@ -6,7 +6,7 @@
 mod common;
 
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use vmr_proto::api::ReplicationState;
@@ -195,8 +195,11 @@ fn replica_remove_is_refused_while_it_would_break_something_and_keeps_data_on_re
     let r = p.b.cli(&["replica", "remove", &name, "--keep-data"])?;
     assert_eq!(code(&r), Some(2), "{r:?}");
     assert_eq!(p.b.status(&name)?.name, name);
-    // --keep-data: the record goes, the recovery points stay.
-    p.a.ok(&["disable", &name])?;
+    // --keep-data: the record goes, the recovery points stay. (The primary's disable reaches
+    // the paused replica VM: it shows Disabled.)
+    let out = p.a.ok(&["disable", &name])?;
+    assert!(out.contains("shows Disabled"), "{out}");
+    assert_eq!(p.b.status(&name)?.state, ReplicationState::Disabled);
     let out =
         p.b.ok(&["replica", "remove", &name, "--keep-data", "--yes"])?;
     assert!(out.contains("stay in"), "{out}");
@@ -216,9 +219,8 @@ fn replica_remove_is_refused_while_it_would_break_something_and_keeps_data_on_re
     );
     assert_equal_at_cut(&p, &vm)?;
 
-    // Disabled on the replica, removed with its data.
+    // Disabled on the primary (the replica hears of it), removed with its data.
     p.a.ok(&["disable", &name])?;
-    p.b.ok(&["disable", &name])?;
     let out = p.b.ok(&["replica", "remove", &name, "--yes"])?;
     assert!(out.contains("recovery point(s) removed"), "{out}");
     assert!(!data.exists(), "{} still exists", data.display());
@@ -228,5 +230,44 @@ fn replica_remove_is_refused_while_it_would_break_something_and_keeps_data_on_re
     wait_until(LONG, "a new replica VM", || {
         Ok(p.b.status(&name).is_ok_and(|s| s.last_cycle.is_some()))
     })?;
+    Ok(())
+}
+
+#[test]
+fn disable_on_the_primary_tells_the_replica_also_when_it_comes_back_later() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "dis-vm", &["disk0"], 16)?;
+    let name = vm.def.name.clone();
+    vm.register(&p.a)?;
+    p.enable(&name, &["--frequency", "5s"])?;
+    p.wait_cycle(&name, 1, LONG)?;
+    assert_eq!(p.b.status(&name)?.state, ReplicationState::Replicating);
+
+    let out = p.a.ok(&["disable", &name])?;
+    assert!(out.contains("-> Disabled"), "{out}");
+    assert!(out.contains("shows Disabled"), "{out}");
+    assert_eq!(p.b.status(&name)?.state, ReplicationState::Disabled);
+    // Enabled again: the replica replicates again from what it holds.
+    p.enable(&name, &["--frequency", "5s", "--initial", "existing"])?;
+    wait_until(LONG, "replication enabled again", || {
+        let s = p.a.status(&name)?;
+        Ok(s.state == ReplicationState::Replicating && s.last_cycle.is_some())
+    })?;
+    assert_eq!(p.b.status(&name)?.state, ReplicationState::Replicating);
+
+    // An unreachable replica does not block the disable; it is told when it is back.
+    p.b.stop()?;
+    let t = Instant::now();
+    let out = p.a.ok(&["disable", &name])?;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(12), "disable took {took:?}");
+    assert!(out.contains("-> Disabled"), "{out}");
+    assert!(out.contains("could not be told"), "{out}");
+    assert!(out.contains("vmreplica disable dis-vm"), "{out}");
+    p.b.restart()?;
+    wait_until(LONG, "the replica to hear of the disable", || {
+        Ok(p.b.status(&name)?.state == ReplicationState::Disabled)
+    })?;
+    p.stop()?;
     Ok(())
 }
