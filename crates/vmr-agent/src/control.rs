@@ -266,7 +266,8 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 h.ask(|r| Command::Set(Box::new(change), check, r)).await?
             ))
         }
-        Request::VmList | Request::Status { name: None } => to_value(all_status(agent).await?),
+        Request::VmList => to_value(vm_list(agent).await?),
+        Request::Status { name: None } => to_value(all_status(agent).await?),
         Request::Status { name: Some(name) } => {
             let st = vm(agent, &name)?.ask(Command::Status).await?;
             to_value(vec![st])
@@ -422,6 +423,31 @@ pub fn normalize_fingerprint(given: &str) -> Result<String, AgentError> {
         return Err(bad());
     }
     Ok(format!("SHA256:{}", hex.to_ascii_lowercase()))
+}
+
+/// The VMs registered on this host as primaries (`vm list`), by name.
+pub async fn vm_list(agent: &Control) -> Result<Vec<vmr_proto::api::VmEntry>, AgentError> {
+    let mut out = Vec::new();
+    for h in agent.vms.all() {
+        let rec = h.ask(Command::Record).await?;
+        if rec.mode() != vmr_proto::api::ReplicationMode::Primary {
+            continue;
+        }
+        let st = h.ask(Command::Status).await?;
+        let program = VmDefinition::from_toml(&rec.launch_toml)
+            .map(|d| d.program)
+            .unwrap_or_default();
+        out.push(vmr_proto::api::VmEntry {
+            replica: rec.enable.as_ref().map(|e| e.replica.clone()),
+            name: rec.name,
+            uuid: rec.uuid,
+            qmp: rec.qmp,
+            program,
+            disks: rec.disks,
+            state: st.state,
+        });
+    }
+    Ok(out)
 }
 
 /// Status rows of every VM on this host.

@@ -81,6 +81,20 @@ pub enum AgentError {
         id: Option<Uuid>,
     },
 
+    /// `failover start/test --point N` of a point the replica does not hold.
+    #[error(
+        "VM {name:?} has no recovery point {point} (points: {}; see `vmreplica points {name}`)",
+        if .points.is_empty() { "none yet".to_owned() } else { .points.iter().map(u64::to_string).collect::<Vec<_>>().join(", ") }
+    )]
+    NoSuchPoint {
+        /// The VM name.
+        name: String,
+        /// The point asked for.
+        point: u64,
+        /// The points it holds.
+        points: Vec<u64>,
+    },
+
     /// `server deny`/`server remove` of a primary without an authorization entry.
     #[error("no authorization entry for primary {primary:?} (see `vmreplica server show`)")]
     UnknownAllowEntry {
@@ -562,6 +576,19 @@ pub enum AgentError {
         /// The cause.
         source: TransportError,
     },
+    /// `enable`: the replica does not authorize this agent's certificate.
+    #[error(
+        "the replica {replica} does not authorize this agent: run `vmreplica server allow \
+         --primary {primary} --fingerprint {fingerprint}` on the replica"
+    )]
+    NotAuthorizedOnReplica {
+        /// The replica agent's address.
+        replica: String,
+        /// This agent's name.
+        primary: String,
+        /// This agent's certificate fingerprint.
+        fingerprint: String,
+    },
     /// `enable`: the replica refused the replica VM.
     #[error("the replica refused to create the replica VM")]
     CreateReplica(#[source] TransportError),
@@ -715,7 +742,10 @@ impl AgentError {
     pub fn exit_code(&self) -> i32 {
         use AgentError::*;
         match self {
-            UnknownVm { .. } | NoTestCopy { .. } | UnknownAllowEntry { .. } => exit::NOT_FOUND,
+            UnknownVm { .. }
+            | NoTestCopy { .. }
+            | UnknownAllowEntry { .. }
+            | NoSuchPoint { .. } => exit::NOT_FOUND,
             Refused(_)
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
@@ -731,6 +761,7 @@ impl AgentError {
             | VmReplicating { .. }
             | VmIsReplica { .. }
             | VmIsPrimary { .. }
+            | NotAuthorizedOnReplica { .. }
             | FailoverCopies { .. }
             | AgentExists { .. }
             | NoFailedOverVm { .. }

@@ -100,6 +100,8 @@ pub enum Command {
     Set(Box<VmChange>, bool, Reply<String>),
     /// The status row.
     Status(Reply<VmStatus>),
+    /// The record (`vm list`).
+    Record(Reply<VmRecord>),
     /// Pause replication.
     Pause(Reply<String>),
     /// Resume replication.
@@ -407,6 +409,9 @@ impl Owner {
                     Side::Replica(r) => r.status(&self.vm, &primary_name, now),
                 };
                 let _ = reply.send(Ok(st));
+            }
+            Command::Record(reply) => {
+                let _ = reply.send(Ok(self.vm.rec.clone()));
             }
             Command::Pause(reply) => {
                 let r = self.admin(Cmd::Pause, ReplicaCmd::Pause).await;
@@ -827,17 +832,29 @@ impl Owner {
         self.vm.stop_disable_notice().await;
         // Check the replica answers and accepts us before anything changes here.
         let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
-        let client = crate::cycle::connect(&self.vm.host, &args)
-            .await
-            .map_err(|source| AgentError::ConnectReplica {
+        let host = &self.vm.host;
+        let unauthorized = |e: &vmr_transport::TransportError| {
+            matches!(
+                e,
+                vmr_transport::TransportError::Remote(RemoteError::Unauthorized)
+            )
+            .then(|| AgentError::NotAuthorizedOnReplica {
+                replica: args.replica.clone(),
+                primary: host.config.name.clone(),
+                fingerprint: host.identity.fingerprint().to_owned(),
+            })
+        };
+        let client = crate::cycle::connect(host, &args).await.map_err(|source| {
+            unauthorized(&source).unwrap_or_else(|| AgentError::ConnectReplica {
                 replica: args.replica.clone(),
                 source,
-            })?;
+            })
+        })?;
         let create = crate::cycle::create_request(&self.vm.rec, &def, &args);
         client
             .create_replica(create)
             .await
-            .map_err(AgentError::CreateReplica)?;
+            .map_err(|e| unauthorized(&e).unwrap_or(AgentError::CreateReplica(e)))?;
         let side = PrimarySide::enable(&mut self.vm, args.clone())?;
         self.side = Side::Primary(Some(Box::new(side)));
         Ok(format!(

@@ -146,6 +146,25 @@ pub struct VmStatus {
     pub failover_program: Option<FailoverProgram>,
 }
 
+/// One VM registered on its primary (`vm list`): its definition, not its replication status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEntry {
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// The QMP socket reserved for vmreplica.
+    pub qmp: String,
+    /// The program of its definition.
+    pub program: String,
+    /// The disks it replicates (node names).
+    pub disks: Vec<String>,
+    /// Its replication state (`Disabled` when not enabled).
+    pub state: ReplicationState,
+    /// The replica agent's address when replication is enabled.
+    pub replica: Option<String>,
+}
+
 /// The program a replica VM's failover would run ([`VmStatus::failover_program`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverProgram {

@@ -15,6 +15,8 @@ pub enum Kind {
     Measure,
     /// A list of [`PointInfo`].
     Points,
+    /// A list of [`vmr_proto::api::VmEntry`] (`vm list`).
+    VmList,
     /// Server identity and entries.
     Server,
     /// A [`vmr_proto::api::FailoverResult`] (`failover ...`, `reverse`).
@@ -27,7 +29,8 @@ impl Kind {
     /// The kind for a command.
     pub fn of(cmd: &Command) -> Self {
         match cmd {
-            Command::Status { .. } | Command::Vm(crate::cli::VmCmd::List) => Kind::Status,
+            Command::Status { .. } => Kind::Status,
+            Command::Vm(crate::cli::VmCmd::List) => Kind::VmList,
             Command::Measure { .. } => Kind::Measure,
             Command::Points { .. } => Kind::Points,
             Command::Server(crate::cli::ServerCmd::Show) => Kind::Server,
@@ -57,6 +60,27 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
         },
         Kind::Measure => match serde_json::from_value::<Vec<VmStatus>>(value.clone()) {
             Ok(rows) => print_measure(&rows),
+            Err(_) => print_plain(value),
+        },
+        Kind::VmList => match serde_json::from_value::<Vec<vmr_proto::api::VmEntry>>(value.clone())
+        {
+            Ok(rows) => {
+                println!(
+                    "{:<14} {:<36} {:<30} {:<22} {:<16} QMP",
+                    "NAME", "UUID", "STATE", "REPLICA", "DISKS"
+                );
+                for r in rows {
+                    println!(
+                        "{:<14} {:<36} {:<30} {:<22} {:<16} {}",
+                        r.name,
+                        r.uuid,
+                        r.state.to_string(),
+                        r.replica.as_deref().unwrap_or("-"),
+                        r.disks.join(","),
+                        r.qmp
+                    );
+                }
+            }
             Err(_) => print_plain(value),
         },
         Kind::Points => match serde_json::from_value::<Vec<PointInfo>>(value.clone()) {

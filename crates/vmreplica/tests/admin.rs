@@ -271,3 +271,87 @@ fn disable_on_the_primary_tells_the_replica_also_when_it_comes_back_later() -> T
     p.stop()?;
     Ok(())
 }
+
+#[test]
+fn errors_and_lists_are_for_people() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "err-vm", &["disk0"], 16)?;
+    let name = vm.def.name.clone();
+    vm.register(&p.a)?;
+
+    // A primary the replica does not authorize is told what to run there.
+    p.b.ok(&["server", "deny", "--primary", "host-a"])?;
+    let r = p.a.cli(&[
+        "enable",
+        &name,
+        "--replica",
+        &p.b.addr,
+        "--replica-fingerprint",
+        &p.b.fingerprint,
+    ])?;
+    assert_eq!(code(&r), Some(5), "{r:?}");
+    let want = format!(
+        "run `vmreplica server allow --primary host-a --fingerprint {}` on the replica",
+        p.a.fingerprint
+    );
+    assert!(stderr(&r).contains(&want), "{}", stderr(&r));
+    p.b.allow(&p.a)?;
+    p.enable(&name, &["--frequency", "5s"])?;
+    p.wait_cycle(&name, 1, LONG)?;
+
+    // `vm list`: the VMs registered here as primaries, not the status table.
+    let list: Vec<vmr_proto::api::VmEntry> = serde_json::from_str(&p.a.json(&["vm", "list"])?)?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].name, name);
+    assert_eq!(list[0].uuid, vm.def.uuid);
+    assert_eq!(list[0].qmp, vm.qmp.display().to_string());
+    assert_eq!(list[0].disks, vec!["disk0".to_owned()]);
+    assert_eq!(list[0].replica.as_deref(), Some(p.b.addr.as_str()));
+    let table = p.a.ok(&["vm", "list"])?;
+    assert!(
+        table.starts_with("NAME") && table.contains("err-vm"),
+        "{table}"
+    );
+    let on_replica: Vec<vmr_proto::api::VmEntry> =
+        serde_json::from_str(&p.b.json(&["vm", "list"])?)?;
+    assert!(on_replica.is_empty(), "{on_replica:?}");
+
+    // A point the replica does not hold: named with the points it has, exit 4, nothing left.
+    let points: Vec<u64> =
+        serde_json::from_str::<Vec<vmr_proto::api::PointInfo>>(&p.b.json(&["points", &name])?)?
+            .iter()
+            .map(|x| x.id)
+            .collect();
+    let fo = p.b.dir.join("fo").join(vm.def.uuid.simple().to_string());
+    for what in ["test", "start"] {
+        let r = p.b.cli(
+            &["failover", what, &name, "--point", "999", "--force"]
+                [..if what == "test" { 5 } else { 6 }],
+        )?;
+        assert_eq!(code(&r), Some(4), "{r:?}");
+        let listed = points
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(
+            stderr(&r).contains(&format!(
+                "VM \"err-vm\" has no recovery point 999 (points: {listed}"
+            )),
+            "{}",
+            stderr(&r)
+        );
+        assert!(!fo.exists(), "{} was left behind", fo.display());
+    }
+    assert_eq!(p.b.status(&name)?.state, ReplicationState::Replicating);
+
+    // `stop-test` says what it removed, not a running copy.
+    p.b.ok(&["failover", "test", &name])?;
+    let out = p.b.ok(&["failover", "stop-test", &name])?;
+    assert!(
+        out.contains("1 test copy stopped and deleted: err-vm-test"),
+        "{out}"
+    );
+    assert!(!out.contains("qmp:") && !out.contains("disk:"), "{out}");
+    Ok(())
+}
