@@ -291,16 +291,16 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             Ok(json!(h.ask(|r| Command::Enable(Box::new(args), r)).await?))
         }
         Request::StartInitial { name } => {
-            Ok(json!(vm(agent, &name)?.ask(Command::StartInitial).await?))
+            to_value(vm(agent, &name)?.ask(Command::StartInitial).await?)
         }
-        Request::Pause { name } => Ok(json!(vm(agent, &name)?.ask(Command::Pause).await?)),
-        Request::Resume { name } => Ok(json!(vm(agent, &name)?.ask(Command::Resume).await?)),
-        Request::ResumeResync { name, at_ms } => Ok(json!(
+        Request::Pause { name } => to_value(vm(agent, &name)?.ask(Command::Pause).await?),
+        Request::Resume { name } => to_value(vm(agent, &name)?.ask(Command::Resume).await?),
+        Request::ResumeResync { name, at_ms } => to_value(
             vm(agent, &name)?
                 .ask(|r| Command::ResumeResync(at_ms, r))
-                .await?
-        )),
-        Request::Disable { name } => Ok(json!(vm(agent, &name)?.ask(Command::Disable).await?)),
+                .await?,
+        ),
+        Request::Disable { name } => to_value(vm(agent, &name)?.ask(Command::Disable).await?),
         Request::Points { name } => to_value(vm(agent, &name)?.ask(Command::Points).await?),
         Request::Import { name, dir } => Ok(json!(
             vm(agent, &name)?

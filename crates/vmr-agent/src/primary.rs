@@ -357,7 +357,11 @@ impl PrimarySide {
     }
 
     /// Run an admin command; the machine refuses what does not apply in its state.
-    pub async fn command(&mut self, vm: &mut Vm, cmd: Cmd) -> Result<String, AgentError> {
+    pub async fn command(
+        &mut self,
+        vm: &mut Vm,
+        cmd: Cmd,
+    ) -> Result<vmr_proto::api::StateChange, AgentError> {
         let name = vm.rec.name.clone();
         let now = now_ms();
         let before = self.machine.state();
@@ -397,9 +401,19 @@ impl PrimarySide {
                 None => String::new(),
             };
             self.save(vm)?;
-            return Ok(format!("{name}: {before} -> {after}{told}"));
+            return Ok(vmr_proto::api::StateChange {
+                message: format!("{name}: {before} -> {after}{told}"),
+                name,
+                from: before,
+                to: after,
+            });
         }
-        Ok(format!("{name}: {before} -> {after}"))
+        Ok(vmr_proto::api::StateChange {
+            message: format!("{name}: {before} -> {after}"),
+            name,
+            from: before,
+            to: after,
+        })
     }
 
     /// Reset the statistics window.

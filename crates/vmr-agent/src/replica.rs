@@ -162,7 +162,11 @@ impl ReplicaSide {
     }
 
     /// Pause, resume or disable on the replica.
-    pub fn set(&mut self, vm: &mut Vm, cmd: ReplicaCmd) -> Result<String, AgentError> {
+    pub fn set(
+        &mut self,
+        vm: &mut Vm,
+        cmd: ReplicaCmd,
+    ) -> Result<vmr_proto::api::StateChange, AgentError> {
         let before = self.machine.state();
         let now = now_ms();
         let ev = match cmd {
@@ -171,11 +175,13 @@ impl ReplicaSide {
             ReplicaCmd::Disable => ReplicaEvent::Disable { now_ms: now },
         };
         self.step(vm, ev)?;
-        Ok(format!(
-            "{}: {before} -> {}",
-            vm.rec.name,
-            self.machine.state()
-        ))
+        let to = self.machine.state();
+        Ok(vmr_proto::api::StateChange {
+            name: vm.rec.name.clone(),
+            from: before,
+            to,
+            message: format!("{}: {before} -> {to}", vm.rec.name),
+        })
     }
 
     /// Reset the statistics window.

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{
     BecomeReplica, BlockHashesRequest, CreateReplica, EnableArgs, FailoverResult, PointInfo,
-    ReplicaVmInfo, ReplicationMode, ReplicationState, VmStatus,
+    ReplicaVmInfo, ReplicationMode, ReplicationState, StateChange, VmStatus,
 };
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
@@ -103,19 +103,19 @@ pub enum Command {
     /// The record (`vm list`).
     Record(Reply<VmRecord>),
     /// Pause replication.
-    Pause(Reply<String>),
+    Pause(Reply<StateChange>),
     /// Resume replication.
-    Resume(Reply<String>),
+    Resume(Reply<StateChange>),
     /// Disable replication.
-    Disable(Reply<String>),
+    Disable(Reply<StateChange>),
     /// Reset the statistics window.
     ResetStats(Reply<()>),
     /// Enable replication (primary); the replica accepted the VM already.
     Enable(Box<EnableArgs>, Reply<String>),
     /// Start initial replication now (primary).
-    StartInitial(Reply<String>),
+    StartInitial(Reply<StateChange>),
     /// Start or schedule a resynchronization (primary).
-    ResumeResync(Option<u64>, Reply<String>),
+    ResumeResync(Option<u64>, Reply<StateChange>),
     /// Recovery points (replica).
     Points(Reply<Vec<PointInfo>>),
     /// `vmreplica import` (replica).
@@ -797,14 +797,14 @@ impl Owner {
         Ok(format!("VM {name:?} changed: {what}"))
     }
 
-    async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> Result<String, AgentError> {
+    async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> Result<StateChange, AgentError> {
         match &mut self.side {
             Side::Primary(_) => self.primary_cmd(p).await,
             Side::Replica(side) => side.set(&mut self.vm, r),
         }
     }
 
-    async fn primary_cmd(&mut self, cmd: Cmd) -> Result<String, AgentError> {
+    async fn primary_cmd(&mut self, cmd: Cmd) -> Result<StateChange, AgentError> {
         match &mut self.side {
             Side::Primary(Some(p)) => p.command(&mut self.vm, cmd).await,
             Side::Primary(None) => Err(self.not_enabled()),

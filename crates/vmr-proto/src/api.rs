@@ -146,6 +146,20 @@ pub struct VmStatus {
     pub failover_program: Option<FailoverProgram>,
 }
 
+/// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's
+/// replication state before and after, and the message the CLI prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// VM name.
+    pub name: String,
+    /// The state before the command.
+    pub from: ReplicationState,
+    /// The state after it.
+    pub to: ReplicationState,
+    /// For people (`disable` adds what the replica shows).
+    pub message: String,
+}
+
 /// One VM registered on its primary (`vm list`): its definition, not its replication status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmEntry {

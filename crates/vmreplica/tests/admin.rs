@@ -355,3 +355,104 @@ fn errors_and_lists_are_for_people() -> TestResult {
     assert!(!out.contains("qmp:") && !out.contains("disk:"), "{out}");
     Ok(())
 }
+
+/// `--json` stderr of a failed command: the one error object.
+fn json_err(o: &Output) -> serde_json::Value {
+    serde_json::from_str(stderr(o).trim()).unwrap_or_else(|e| panic!("{e}: {}", stderr(o)))
+}
+
+#[test]
+fn json_output_has_one_shape_per_command_and_errors_are_json() -> TestResult {
+    // init --json: an object with the fingerprint.
+    let tmp = TestDir::temp("vmr-json-")?;
+    let dir = tmp.path().join("agent");
+    let out = Command::new(exe())
+        .args(["--dir", &dir.display().to_string(), "--json", "init"])
+        .args(["--name", "j1", "--listen", "127.0.0.1:0"])
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["name"], "j1");
+    assert!(
+        v["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("SHA256:")),
+        "{v}"
+    );
+    // No agent: exit 3, kind no-agent.
+    let out = Command::new(exe())
+        .args(["--dir", &dir.display().to_string(), "--json", "status"])
+        .output()?;
+    assert_eq!(code(&out), Some(3));
+    assert_eq!(json_err(&out)["kind"], "no-agent");
+    // A bad command line: exit 2, kind usage, as JSON too.
+    let out = Command::new(exe())
+        .args(["--json", "no-such-command"])
+        .output()?;
+    assert_eq!(code(&out), Some(2));
+    let e = json_err(&out);
+    assert_eq!(
+        (e["exit_code"].as_i64(), e["kind"].as_str()),
+        (Some(2), Some("usage"))
+    );
+
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "json-vm", &["disk0"], 16)?;
+    let name = vm.def.name.clone();
+    let v: serde_json::Value = serde_json::from_str(&p.a.json(&[
+        "vm",
+        "add",
+        &name,
+        "--qmp",
+        &vm.qmp.display().to_string(),
+        "--launch",
+        &vm.launch.display().to_string(),
+    ])?)?;
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("registered")),
+        "{v}"
+    );
+    p.enable(&name, &["--frequency", "5s"])?;
+    p.wait_cycle(&name, 1, LONG)?;
+    // pause/resume: an object with the states.
+    let v: serde_json::Value = serde_json::from_str(&p.a.json(&["pause", &name])?)?;
+    assert_eq!(
+        (v["name"].as_str(), v["from"].as_str(), v["to"].as_str()),
+        (Some("json-vm"), Some("Replicating"), Some("Suspended")),
+        "{v}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&p.a.json(&["resume", &name])?)?;
+    assert_eq!(v["to"], "Replicating", "{v}");
+    // The text form prints the message.
+    let out = p.a.ok(&["pause", &name])?;
+    assert_eq!(out.trim(), "json-vm: Replicating -> Suspended");
+    // Errors: the agent's code and its name.
+    let r = p.a.cli(&["--json", "pause", &name])?;
+    assert_eq!(code(&r), Some(5));
+    let e = json_err(&r);
+    assert_eq!(e["kind"], "invalid-state", "{e}");
+    assert_eq!(e["exit_code"], 5, "{e}");
+    assert!(
+        e["error"].as_str().is_some_and(|m| m.contains("pause")),
+        "{e}"
+    );
+    let r = p.a.cli(&["--json", "status", "nosuch"])?;
+    assert_eq!(code(&r), Some(4));
+    assert_eq!(json_err(&r)["kind"], "not-found");
+    let r = p.a.cli(&[
+        "--json",
+        "enable",
+        &name,
+        "--replica",
+        "x:1",
+        "--replica-fingerprint",
+        "y",
+        "--frequency",
+        "25h",
+    ])?;
+    assert_eq!(code(&r), Some(2));
+    assert_eq!(json_err(&r)["kind"], "usage");
+    Ok(())
+}
