@@ -230,6 +230,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 enable: None,
                 primary: host.config.name.clone(),
                 trust_group: None,
+                frequency_secs: None,
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
             };
             host.save_vm(&rec)?;

@@ -311,6 +311,7 @@ mod tests {
             enable: None,
             primary: "a".into(),
             trust_group: None,
+            frequency_secs: None,
             machine: MachineSnapshot::Primary(PrimarySnapshot {
                 state: ReplicationState::Replicating,
                 last_cycle: Some(4),

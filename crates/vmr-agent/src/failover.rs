@@ -987,6 +987,7 @@ pub async fn become_replica(
             enable: None,
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
+            frequency_secs: None,
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;

@@ -521,6 +521,7 @@ impl PrimarySide {
             mode: ReplicationMode::Primary,
             frequency_secs: rec.enable.as_ref().map_or(0, |e| e.frequency_secs),
             primary: primary_name.to_owned(),
+            primary_address: None,
             replica: rec
                 .enable
                 .as_ref()
@@ -579,6 +580,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         mode: ReplicationMode::Primary,
         frequency_secs: 0,
         primary: primary_name.to_owned(),
+        primary_address: None,
         replica: String::new(),
         last_replication_ms: snap.stats.last_replication_ms,
         last_cycle: snap.last_cycle,

@@ -100,6 +100,7 @@ impl ReplicaSide {
             )
             .map_err(store_err)?;
         vm.rec.launch_toml = req.launch_toml;
+        vm.rec.frequency_secs = Some(req.frequency_secs);
         vm.save().map_err(internal)
     }
 
@@ -315,8 +316,9 @@ impl ReplicaSide {
             },
             health_reason: reason,
             mode: ReplicationMode::Replica,
-            frequency_secs: 0,
+            frequency_secs: rec.frequency_secs.unwrap_or(0),
             primary: rec.primary.clone(),
+            primary_address: vm.failover().ok().and_then(|f| f.primary_listen),
             replica: replica_name.to_owned(),
             last_replication_ms: m.stats().last_replication_ms,
             last_cycle: m.last_cycle(),

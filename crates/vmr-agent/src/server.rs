@@ -153,6 +153,7 @@ impl PeerHandler {
             enable: None,
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
+            frequency_secs: Some(req.frequency_secs),
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
         };
         self.host.save_vm(&rec).map_err(internal)?;

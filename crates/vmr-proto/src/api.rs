@@ -130,6 +130,10 @@ pub struct VmStatus {
     pub frequency_secs: u64,
     /// Name of the primary agent.
     pub primary: String,
+    /// Replica VMs: the primary agent's address (HOST:PORT) as it last reported it (what the
+    /// split-brain probe calls); absent before its first call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_address: Option<String>,
     /// Address of the replica agent.
     pub replica: String,
     /// Last successful cycle, ms since the epoch.

@@ -203,7 +203,10 @@ fn print_status(rows: &[VmStatus]) {
             r.health.to_string(),
             format!("{:?}", r.mode),
             r.frequency_secs,
-            r.primary,
+            match &r.primary_address {
+                Some(a) => format!("{} ({a})", r.primary),
+                None => r.primary.clone(),
+            },
             r.replica,
             opt_time(r.last_replication_ms),
             r.health_reason

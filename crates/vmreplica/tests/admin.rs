@@ -299,6 +299,19 @@ fn errors_and_lists_are_for_people() -> TestResult {
     p.enable(&name, &["--frequency", "5s"])?;
     p.wait_cycle(&name, 1, LONG)?;
 
+    // The replica's status: the primary's frequency and address (it reports it with its
+    // calls).
+    wait_until(LONG, "the primary's address on the replica", || {
+        Ok(p.b.status(&name)?.primary_address.is_some())
+    })?;
+    let st = p.b.status(&name)?;
+    assert_eq!(st.frequency_secs, 5);
+    assert_eq!(st.primary, "host-a");
+    assert_eq!(st.primary_address.as_deref(), Some(p.a.addr.as_str()));
+    let table = p.b.ok(&["status", &name])?;
+    assert!(table.contains(&format!("host-a ({})", p.a.addr)), "{table}");
+    assert!(table.contains("    5s "), "{table}");
+
     // `vm list`: the VMs registered here as primaries, not the status table.
     let list: Vec<vmr_proto::api::VmEntry> = serde_json::from_str(&p.a.json(&["vm", "list"])?)?;
     assert_eq!(list.len(), 1);
