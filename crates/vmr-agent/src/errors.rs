@@ -578,7 +578,7 @@ pub enum AgentError {
     },
     /// `enable`: the replica does not authorize this agent's certificate.
     #[error(
-        "the replica {replica} does not authorize this agent: run `vmreplica server allow \
+        "this agent is not authorized on the replica {replica}: run `vmreplica server allow \
          --primary {primary} --fingerprint {fingerprint}` on the replica"
     )]
     NotAuthorizedOnReplica {
