@@ -209,18 +209,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             disks,
         } => {
             crate::config::validate_vm_name(&name)?;
-            let def = VmDefinition::from_toml(&launch_toml).map_err(AgentError::BadDefinition)?;
-            if def.name != name {
-                return Err(AgentError::DefinitionName {
-                    def_name: def.name,
-                    name,
-                });
-            }
-            for d in &disks {
-                if !def.disks.iter().any(|x| &x.node == d) {
-                    return Err(AgentError::DiskNotInDefinition { disk: d.clone() });
-                }
-            }
+            let def = checked_definition(&name, &launch_toml, &disks)?;
             if let Some(existing) = agent.vms.get(&name).or_else(|| agent.vms.by_uuid(def.uuid)) {
                 return Err(AgentError::AlreadyRegistered {
                     name: existing.name,
@@ -241,13 +230,45 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 enable: None,
                 primary: host.config.name.clone(),
                 trust_group: None,
+                frequency_secs: None,
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
             Ok(json!(format!("VM {name:?} ({}) registered", def.uuid)))
         }
-        Request::VmList | Request::Status { name: None } => to_value(all_status(agent).await?),
+        Request::VmRemove { name, check } => remove(agent, &name, None, check).await,
+        Request::ReplicaRemove {
+            name,
+            keep_data,
+            check,
+        } => remove(agent, &name, Some(keep_data), check).await,
+        Request::VmSet {
+            name,
+            qmp,
+            launch_toml,
+            disks,
+            check,
+        } => {
+            let h = vm(agent, &name)?;
+            let launch = match launch_toml {
+                Some(t) => {
+                    let def = checked_definition(&name, &t, &disks)?;
+                    Some((t, def))
+                }
+                None => None,
+            };
+            let change = crate::vm::VmChange {
+                qmp,
+                launch,
+                disks: (!disks.is_empty()).then_some(disks),
+            };
+            Ok(json!(
+                h.ask(|r| Command::Set(Box::new(change), check, r)).await?
+            ))
+        }
+        Request::VmList => to_value(vm_list(agent).await?),
+        Request::Status { name: None } => to_value(all_status(agent).await?),
         Request::Status { name: Some(name) } => {
             let st = vm(agent, &name)?.ask(Command::Status).await?;
             to_value(vec![st])
@@ -271,16 +292,16 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             Ok(json!(h.ask(|r| Command::Enable(Box::new(args), r)).await?))
         }
         Request::StartInitial { name } => {
-            Ok(json!(vm(agent, &name)?.ask(Command::StartInitial).await?))
+            to_value(vm(agent, &name)?.ask(Command::StartInitial).await?)
         }
-        Request::Pause { name } => Ok(json!(vm(agent, &name)?.ask(Command::Pause).await?)),
-        Request::Resume { name } => Ok(json!(vm(agent, &name)?.ask(Command::Resume).await?)),
-        Request::ResumeResync { name, at_ms } => Ok(json!(
+        Request::Pause { name } => to_value(vm(agent, &name)?.ask(Command::Pause).await?),
+        Request::Resume { name } => to_value(vm(agent, &name)?.ask(Command::Resume).await?),
+        Request::ResumeResync { name, at_ms } => to_value(
             vm(agent, &name)?
                 .ask(|r| Command::ResumeResync(at_ms, r))
-                .await?
-        )),
-        Request::Disable { name } => Ok(json!(vm(agent, &name)?.ask(Command::Disable).await?)),
+                .await?,
+        ),
+        Request::Disable { name } => to_value(vm(agent, &name)?.ask(Command::Disable).await?),
         Request::Points { name } => to_value(vm(agent, &name)?.ask(Command::Points).await?),
         Request::Import { name, dir } => Ok(json!(
             vm(agent, &name)?
@@ -333,6 +354,45 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
     }
 }
 
+/// `vm remove` (`replica: None`) or `replica remove` (`Some(keep_data)`): the owner checks and
+/// removes, then stops; its handle is forgotten here.
+async fn remove(
+    agent: &Control,
+    name: &str,
+    replica: Option<bool>,
+    check: bool,
+) -> Result<Value, AgentError> {
+    let r = vm(agent, name)?
+        .ask(|r| Command::Remove(replica, check, r))
+        .await?;
+    if !check {
+        agent.vms.remove(name);
+    }
+    Ok(json!(r))
+}
+
+/// A VM definition for VM `name` (`vm add`, `vm set --launch`): valid, of that name, and
+/// holding every disk of `disks`.
+fn checked_definition(
+    name: &str,
+    launch_toml: &str,
+    disks: &[String],
+) -> Result<VmDefinition, AgentError> {
+    let def = VmDefinition::from_toml(launch_toml).map_err(AgentError::BadDefinition)?;
+    if def.name != name {
+        return Err(AgentError::DefinitionName {
+            def_name: def.name,
+            name: name.to_owned(),
+        });
+    }
+    for d in disks {
+        if !def.disks.iter().any(|x| &x.node == d) {
+            return Err(AgentError::DiskNotInDefinition { disk: d.clone() });
+        }
+    }
+    Ok(def)
+}
+
 async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> Result<Value, AgentError> {
     let r = vm(agent, name)?.ask(|r| Command::Failover(cmd, r)).await?;
     to_value(r)
@@ -364,6 +424,31 @@ pub fn normalize_fingerprint(given: &str) -> Result<String, AgentError> {
         return Err(bad());
     }
     Ok(format!("SHA256:{}", hex.to_ascii_lowercase()))
+}
+
+/// The VMs registered on this host as primaries (`vm list`), by name.
+pub async fn vm_list(agent: &Control) -> Result<Vec<vmr_proto::api::VmEntry>, AgentError> {
+    let mut out = Vec::new();
+    for h in agent.vms.all() {
+        let rec = h.ask(Command::Record).await?;
+        if rec.mode() != vmr_proto::api::ReplicationMode::Primary {
+            continue;
+        }
+        let st = h.ask(Command::Status).await?;
+        let program = VmDefinition::from_toml(&rec.launch_toml)
+            .map(|d| d.program)
+            .unwrap_or_default();
+        out.push(vmr_proto::api::VmEntry {
+            replica: rec.enable.as_ref().map(|e| e.replica.clone()),
+            name: rec.name,
+            uuid: rec.uuid,
+            qmp: rec.qmp,
+            program,
+            disks: rec.disks,
+            state: st.state,
+        });
+    }
+    Ok(out)
 }
 
 /// Status rows of every VM on this host.

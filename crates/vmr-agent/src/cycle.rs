@@ -181,6 +181,85 @@ pub async fn stop_tracking(host: &Host, rec: &VmRecord) -> Result<(), CaptureErr
     cap.stop_tracking().await
 }
 
+/// How long `disable` waits for the replica to hear of it before it goes on without.
+pub const TELL_DISABLED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a replica that could not be told of a disable is tried again in the background.
+pub const TELL_DISABLED_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long it is tried (then `vmreplica disable NAME` on the replica is the way).
+pub const TELL_DISABLED_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// What telling the replica of a disable reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Told {
+    /// The replica VM's state afterwards.
+    Shown(vmr_proto::api::ReplicationState),
+    /// The replica's agent speaks an older protocol without `disable-replica`.
+    Older,
+    /// The replica could not be told (unreachable, refused, timed out): why.
+    Unreached(String),
+}
+
+/// Tell the replica once that replication of VM `rec` was disabled here (`disable-replica`),
+/// waiting at most [`TELL_DISABLED_TIMEOUT`].
+pub async fn tell_replica_disabled(host: &Host, rec: &VmRecord, args: &EnableArgs) -> Told {
+    let call = async {
+        let c = connect(host, args).await?;
+        c.disable_replica(rec.uuid).await
+    };
+    match tokio::time::timeout(TELL_DISABLED_TIMEOUT, call).await {
+        Ok(Ok(Some(state))) => Told::Shown(state),
+        Ok(Ok(None)) => Told::Older,
+        Ok(Err(e)) => Told::Unreached(crate::util::chain(&e)),
+        Err(_) => Told::Unreached(format!(
+            "no answer within {} s",
+            TELL_DISABLED_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// What `disable` says about the replica.
+pub fn told_message(name: &str, replica: &str, told: &Told) -> String {
+    match told {
+        Told::Shown(state) => format!("the replica {replica} shows {state}"),
+        Told::Older => format!(
+            "the replica {replica} runs an older vmreplica that cannot be told: run `vmreplica \
+             disable {name}` there"
+        ),
+        Told::Unreached(why) => format!(
+            "the replica {replica} could not be told ({why}); it is told in the background \
+             (every {} s for {} h) and shows Disabled once it hears of it, or run `vmreplica \
+             disable {name}` there",
+            TELL_DISABLED_RETRY.as_secs(),
+            TELL_DISABLED_FOR.as_secs() / 3600
+        ),
+    }
+}
+
+/// Keep telling the replica of a disable until it hears of it (or [`TELL_DISABLED_FOR`]
+/// passed). The owner aborts it when replication is enabled again or the VM is removed.
+pub fn keep_telling_replica_disabled(
+    host: std::sync::Arc<Host>,
+    rec: VmRecord,
+    args: EnableArgs,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + TELL_DISABLED_FOR;
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(TELL_DISABLED_RETRY).await;
+            match tell_replica_disabled(&host, &rec, &args).await {
+                Told::Unreached(why) => {
+                    tracing::debug!(vm = %rec.name, replica = %args.replica, "the replica still cannot be told of the disable: {why}");
+                }
+                told => {
+                    tracing::info!(vm = %rec.name, replica = %args.replica, "{}", told_message(&rec.name, &args.replica, &told));
+                    return;
+                }
+            }
+        }
+        tracing::warn!(vm = %rec.name, replica = %args.replica, "gave up telling the replica of the disable: run `vmreplica disable {}` there", rec.name);
+    })
+}
+
 /// How a transport error bears on the machine.
 pub fn classify_transport(e: TransportError) -> Failure {
     use vmr_proto::wire::RemoteError as R;

@@ -261,6 +261,15 @@ impl Db {
         Ok(())
     }
 
+    /// Delete the record of VM `name`; whether there was one.
+    pub fn delete_vm(&self, name: &str) -> Result<bool, DbError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM vms WHERE name = ?1", [name])
+            .map_err(|e| self.sql(e))?;
+        Ok(n > 0)
+    }
+
     /// All VM records.
     pub fn vms(&self) -> Result<Vec<VmRecord>, DbError> {
         let mut st = self
@@ -302,6 +311,7 @@ mod tests {
             enable: None,
             primary: "a".into(),
             trust_group: None,
+            frequency_secs: None,
             machine: MachineSnapshot::Primary(PrimarySnapshot {
                 state: ReplicationState::Replicating,
                 last_cycle: Some(4),
@@ -341,6 +351,16 @@ mod tests {
         assert!(db.remove_allow("a").expect("remove"));
         assert!(!db.remove_allow("a").expect("remove again"));
         assert!(db.allowed().expect("allowed").is_empty());
+        assert!(db.delete_vm("web1").expect("delete"));
+        assert!(!db.delete_vm("web1").expect("delete again"));
+        drop(db);
+        assert!(
+            Db::open(&path)
+                .expect("reopen")
+                .vms()
+                .expect("vms")
+                .is_empty()
+        );
     }
 
     #[test]

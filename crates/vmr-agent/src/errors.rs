@@ -81,6 +81,20 @@ pub enum AgentError {
         id: Option<Uuid>,
     },
 
+    /// `failover start/test --point N` of a point the replica does not hold.
+    #[error(
+        "VM {name:?} has no recovery point {point} (points: {}; see `vmreplica points {name}`)",
+        if .points.is_empty() { "none yet".to_owned() } else { .points.iter().map(u64::to_string).collect::<Vec<_>>().join(", ") }
+    )]
+    NoSuchPoint {
+        /// The VM name.
+        name: String,
+        /// The point asked for.
+        point: u64,
+        /// The points it holds.
+        points: Vec<u64>,
+    },
+
     /// `server deny`/`server remove` of a primary without an authorization entry.
     #[error("no authorization entry for primary {primary:?} (see `vmreplica server show`)")]
     UnknownAllowEntry {
@@ -179,6 +193,48 @@ pub enum AgentError {
         name: String,
         /// The VM UUID.
         uuid: Uuid,
+    },
+    /// `vm remove`/`vm set` while the VM's replication is enabled.
+    #[error(
+        "replication of {name:?} is enabled ({state}): {why}; run `vmreplica disable {name}` \
+         first"
+    )]
+    VmReplicating {
+        /// The VM name.
+        name: String,
+        /// The replication state.
+        state: ReplicationState,
+        /// What the change would break.
+        why: String,
+    },
+    /// `vm remove`/`vm set` on a replica VM.
+    #[error(
+        "{name:?} is a replica VM on this host, not a registered primary VM: remove it (and its \
+         recovery points) with `vmreplica replica remove {name}`"
+    )]
+    VmIsReplica {
+        /// The VM name.
+        name: String,
+    },
+    /// `replica remove` on a primary VM.
+    #[error(
+        "{name:?} is a primary VM on this host: unregister it with `vmreplica vm remove {name}`"
+    )]
+    VmIsPrimary {
+        /// The VM name.
+        name: String,
+    },
+    /// `replica remove` while failover VMs or test copies of the VM exist.
+    #[error(
+        "{name:?} has failover copies on this host ({}): stop them first (`vmreplica failover \
+         stop-test {name}`, or cancel the failover)",
+        .copies.join(", ")
+    )]
+    FailoverCopies {
+        /// The VM name.
+        name: String,
+        /// The copies (names, or view ids).
+        copies: Vec<String>,
     },
     /// `init` on a directory that holds an agent.
     #[error("{} already holds an agent (config.toml exists)", .dir.display())]
@@ -286,6 +342,19 @@ pub enum AgentError {
         def_name: String,
         /// The VM name.
         name: String,
+    },
+    /// `vm set --launch` with a definition of another VM (UUID).
+    #[error(
+        "the definition is of VM {new}, but {name:?} is {old}: the UUID is the VM's identity \
+         (register that VM with `vm add`)"
+    )]
+    DefinitionUuid {
+        /// The VM name.
+        name: String,
+        /// The registered UUID.
+        old: Uuid,
+        /// The definition's UUID.
+        new: Uuid,
     },
     /// `vm add --disk` naming a disk the definition lacks.
     #[error("--disk {disk:?} is not a disk of the definition")]
@@ -507,6 +576,19 @@ pub enum AgentError {
         /// The cause.
         source: TransportError,
     },
+    /// `enable`: the replica does not authorize this agent's certificate.
+    #[error(
+        "this agent is not authorized on the replica {replica}: run `vmreplica server allow \
+         --primary {primary} --fingerprint {fingerprint}` on the replica"
+    )]
+    NotAuthorizedOnReplica {
+        /// The replica agent's address.
+        replica: String,
+        /// This agent's name.
+        primary: String,
+        /// This agent's certificate fingerprint.
+        fingerprint: String,
+    },
     /// `enable`: the replica refused the replica VM.
     #[error("the replica refused to create the replica VM")]
     CreateReplica(#[source] TransportError),
@@ -660,7 +742,10 @@ impl AgentError {
     pub fn exit_code(&self) -> i32 {
         use AgentError::*;
         match self {
-            UnknownVm { .. } | NoTestCopy { .. } | UnknownAllowEntry { .. } => exit::NOT_FOUND,
+            UnknownVm { .. }
+            | NoTestCopy { .. }
+            | UnknownAllowEntry { .. }
+            | NoSuchPoint { .. } => exit::NOT_FOUND,
             Refused(_)
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
@@ -673,6 +758,11 @@ impl AgentError {
             | NotEnabled { .. }
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }
+            | VmReplicating { .. }
+            | VmIsReplica { .. }
+            | VmIsPrimary { .. }
+            | NotAuthorizedOnReplica { .. }
+            | FailoverCopies { .. }
             | AgentExists { .. }
             | NoFailedOverVm { .. }
             | TestPinsPoint { .. }
@@ -685,6 +775,7 @@ impl AgentError {
             | BadFingerprint { .. }
             | BadDefinition(_)
             | DefinitionName { .. }
+            | DefinitionUuid { .. }
             | DiskNotInDefinition { .. }
             | BadAgentName { .. }
             | BadVmName { .. }

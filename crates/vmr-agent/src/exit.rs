@@ -15,3 +15,41 @@ pub const NOT_FOUND: i32 = 4;
 pub const INVALID_STATE: i32 = 5;
 /// Another agent already serves this agent directory (`vmreplica agent`).
 pub const AGENT_RUNNING: i32 = 6;
+
+/// The name of an exit code, as `--json` errors carry it (`kind`): `ok`, `failure`, `usage`,
+/// `no-agent`, `not-found`, `invalid-state`, `agent-running` (`failure` for any other code).
+pub fn name(code: i32) -> &'static str {
+    match code {
+        OK => "ok",
+        USAGE => "usage",
+        NO_AGENT => "no-agent",
+        NOT_FOUND => "not-found",
+        INVALID_STATE => "invalid-state",
+        AGENT_RUNNING => "agent-running",
+        _ => "failure",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_its_own_name() {
+        let codes = [
+            OK,
+            FAILURE,
+            USAGE,
+            NO_AGENT,
+            NOT_FOUND,
+            INVALID_STATE,
+            AGENT_RUNNING,
+        ];
+        let mut names: Vec<&str> = codes.iter().map(|c| name(*c)).collect();
+        assert_eq!(name(USAGE), "usage");
+        assert_eq!(name(42), "failure");
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), codes.len());
+    }
+}

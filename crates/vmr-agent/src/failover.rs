@@ -292,6 +292,16 @@ pub async fn start(
         has_point,
     )
     .map_err(AgentError::Refused)?;
+    if let Some(p) = point {
+        let points: Vec<u64> = store.points(rec.uuid)?.iter().map(|x| x.id).collect();
+        if !points.contains(&p) {
+            return Err(AgentError::NoSuchPoint {
+                name: name.to_owned(),
+                point: p,
+                points,
+            });
+        }
+    }
     // The definition and its program are checked before anything changes: a program this
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
@@ -336,10 +346,15 @@ pub async fn start(
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(AgentError::io("removing", &dest))?;
         }
-        let view = store
-            .create_view(rec.uuid, point, &dest)
-            .await
-            .map_err(AgentError::CreateOverlays)?;
+        let view = match store.create_view(rec.uuid, point, &dest).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing of a copy that was not made is left behind.
+                let _ = std::fs::remove_dir_all(&dest);
+                let _ = std::fs::remove_dir(&fo);
+                return Err(AgentError::CreateOverlays(e));
+            }
+        };
         if test {
             def.name = format!("{}-test", def.name);
         }
@@ -526,15 +541,26 @@ pub async fn stop_test(
         end_failover_vm(vm, &store, t, false).await?;
     }
     vm.save_failover(&fr)?;
+    // What was removed: no process, socket or disk of it is left to show.
+    let removed = gone.first().map(|f| FailoverVm {
+        disks: Vec::new(),
+        qmp: None,
+        pid: None,
+        ..f.clone()
+    });
     Ok(result(
         name,
         rec.state(),
-        gone.first(),
+        removed.as_ref(),
         t0,
         format!(
-            "{} test cop{} removed",
+            "{} test cop{} stopped and deleted: {}",
             gone.len(),
-            if gone.len() == 1 { "y" } else { "ies" }
+            if gone.len() == 1 { "y" } else { "ies" },
+            gone.iter()
+                .map(|t| format!("{} (test id {})", t.name, t.view))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     ))
 }
@@ -961,6 +987,7 @@ pub async fn become_replica(
             enable: None,
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
+            frequency_secs: None,
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;

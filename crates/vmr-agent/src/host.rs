@@ -69,6 +69,13 @@ impl Host {
         Ok(self.db().put_vm(rec)?)
     }
 
+    /// Delete a VM's record (`vm remove`, `replica remove`). Called only by the VM's owner,
+    /// which stops right after.
+    pub fn delete_vm(&self, name: &str) -> Result<(), AgentError> {
+        self.db().delete_vm(name)?;
+        Ok(())
+    }
+
     /// Every VM record (agent start).
     pub fn load_vms(&self) -> Result<Vec<VmRecord>, AgentError> {
         Ok(self.db().vms()?)

@@ -22,6 +22,9 @@ pub struct Vm {
     pub rec: VmRecord,
     /// VM processes this owner started, by pid (reaped when ended).
     pub children: BTreeMap<u32, Child>,
+    /// A primary VM disabled while its replica could not be told: the task telling it in
+    /// the background (aborted by [`Vm::stop_disable_notice`]).
+    pub disable_notice: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Vm {
@@ -31,6 +34,16 @@ impl Vm {
             host,
             rec,
             children: BTreeMap::new(),
+            disable_notice: None,
+        }
+    }
+
+    /// Stop telling the replica of a disable (replication enabled again, VM removed, agent
+    /// shutdown), and wait until that task has ended.
+    pub async fn stop_disable_notice(&mut self) {
+        if let Some(h) = self.disable_notice.take() {
+            h.abort();
+            let _ = h.await;
         }
     }
 

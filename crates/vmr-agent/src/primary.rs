@@ -357,7 +357,11 @@ impl PrimarySide {
     }
 
     /// Run an admin command; the machine refuses what does not apply in its state.
-    pub async fn command(&mut self, vm: &mut Vm, cmd: Cmd) -> Result<String, AgentError> {
+    pub async fn command(
+        &mut self,
+        vm: &mut Vm,
+        cmd: Cmd,
+    ) -> Result<vmr_proto::api::StateChange, AgentError> {
         let name = vm.rec.name.clone();
         let now = now_ms();
         let before = self.machine.state();
@@ -378,10 +382,38 @@ impl PrimarySide {
             if let Err(e) = crate::cycle::stop_tracking(&vm.host, &vm.rec).await {
                 tracing::warn!(vm = %name, "could not remove tracking bitmaps: {e:#}");
             }
-            vm.rec.enable = None;
+            let told = match vm.rec.enable.take() {
+                Some(args) => {
+                    let told = crate::cycle::tell_replica_disabled(&vm.host, &vm.rec, &args).await;
+                    if let crate::cycle::Told::Unreached(why) = &told {
+                        tracing::warn!(vm = %name, replica = %args.replica, "the replica could not be told of the disable (told in the background): {why}");
+                        vm.disable_notice = Some(crate::cycle::keep_telling_replica_disabled(
+                            vm.host.clone(),
+                            vm.rec.clone(),
+                            args.clone(),
+                        ));
+                    }
+                    format!(
+                        "; {}",
+                        crate::cycle::told_message(&name, &args.replica, &told)
+                    )
+                }
+                None => String::new(),
+            };
             self.save(vm)?;
+            return Ok(vmr_proto::api::StateChange {
+                message: format!("{name}: {before} -> {after}{told}"),
+                name,
+                from: before,
+                to: after,
+            });
         }
-        Ok(format!("{name}: {before} -> {after}"))
+        Ok(vmr_proto::api::StateChange {
+            message: format!("{name}: {before} -> {after}"),
+            name,
+            from: before,
+            to: after,
+        })
     }
 
     /// Reset the statistics window.
@@ -489,6 +521,7 @@ impl PrimarySide {
             mode: ReplicationMode::Primary,
             frequency_secs: rec.enable.as_ref().map_or(0, |e| e.frequency_secs),
             primary: primary_name.to_owned(),
+            primary_address: None,
             replica: rec
                 .enable
                 .as_ref()
@@ -547,6 +580,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         mode: ReplicationMode::Primary,
         frequency_secs: 0,
         primary: primary_name.to_owned(),
+        primary_address: None,
         replica: String::new(),
         last_replication_ms: snap.stats.last_replication_ms,
         last_cycle: snap.last_cycle,

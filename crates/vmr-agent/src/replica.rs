@@ -55,6 +55,22 @@ impl ReplicaSide {
         Ok(())
     }
 
+    /// The primary disabled replication (`disable-replica`): the machine's `Disable`. Already
+    /// disabled is no error; a failed-over VM keeps its state (the primary no longer owns it).
+    /// The state afterwards.
+    pub fn disabled_by_primary(
+        &mut self,
+        vm: &mut Vm,
+    ) -> Result<vmr_proto::api::ReplicationState, RemoteError> {
+        match self.step(vm, ReplicaEvent::Disable { now_ms: now_ms() }) {
+            Ok(()) | Err(Refusal::Disabled { .. } | Refusal::FailedOver { .. }) => {
+                tracing::info!(vm = %vm.rec.name, state = %self.machine.state(), "the primary disabled replication");
+                Ok(self.machine.state())
+            }
+            Err(r) => Err(refusal_err(r)),
+        }
+    }
+
     /// Refresh the definition and policy of an existing replica VM (`create-replica` is
     /// idempotent) and take a Disabled replica back.
     pub fn refresh(&mut self, vm: &mut Vm, req: CreateReplica) -> Result<(), RemoteError> {
@@ -84,6 +100,7 @@ impl ReplicaSide {
             )
             .map_err(store_err)?;
         vm.rec.launch_toml = req.launch_toml;
+        vm.rec.frequency_secs = Some(req.frequency_secs);
         vm.save().map_err(internal)
     }
 
@@ -146,7 +163,11 @@ impl ReplicaSide {
     }
 
     /// Pause, resume or disable on the replica.
-    pub fn set(&mut self, vm: &mut Vm, cmd: ReplicaCmd) -> Result<String, AgentError> {
+    pub fn set(
+        &mut self,
+        vm: &mut Vm,
+        cmd: ReplicaCmd,
+    ) -> Result<vmr_proto::api::StateChange, AgentError> {
         let before = self.machine.state();
         let now = now_ms();
         let ev = match cmd {
@@ -155,11 +176,13 @@ impl ReplicaSide {
             ReplicaCmd::Disable => ReplicaEvent::Disable { now_ms: now },
         };
         self.step(vm, ev)?;
-        Ok(format!(
-            "{}: {before} -> {}",
-            vm.rec.name,
-            self.machine.state()
-        ))
+        let to = self.machine.state();
+        Ok(vmr_proto::api::StateChange {
+            name: vm.rec.name.clone(),
+            from: before,
+            to,
+            message: format!("{}: {before} -> {to}", vm.rec.name),
+        })
     }
 
     /// Reset the statistics window.
@@ -293,8 +316,9 @@ impl ReplicaSide {
             },
             health_reason: reason,
             mode: ReplicationMode::Replica,
-            frequency_secs: 0,
+            frequency_secs: rec.frequency_secs.unwrap_or(0),
             primary: rec.primary.clone(),
+            primary_address: vm.failover().ok().and_then(|f| f.primary_listen),
             replica: replica_name.to_owned(),
             last_replication_ms: m.stats().last_replication_ms,
             last_cycle: m.last_cycle(),

@@ -128,16 +128,22 @@ impl PeerHandler {
             .host
             .store(std::path::Path::new(&entry.storage))
             .map_err(internal)?;
-        store
-            .add_vm(
-                req.uuid,
-                &req.launch_toml,
-                RetentionPolicy {
-                    hourly: req.recovery_points,
-                    app_consistent_every_hours: None,
-                },
-            )
-            .map_err(store_err)?;
+        let policy = RetentionPolicy {
+            hourly: req.recovery_points,
+            app_consistent_every_hours: None,
+        };
+        if store.vms().contains(&req.uuid) {
+            // Kept by `replica remove --keep-data`: its points are the existing copy the new
+            // replica VM starts from (the owner reads the latest one when it starts).
+            store
+                .set_definition(req.uuid, &req.launch_toml)
+                .map_err(store_err)?;
+            store.set_retention(req.uuid, policy).map_err(store_err)?;
+        } else {
+            store
+                .add_vm(req.uuid, &req.launch_toml, policy)
+                .map_err(store_err)?;
+        }
         let rec = VmRecord {
             name: req.name.clone(),
             uuid: req.uuid,
@@ -147,6 +153,7 @@ impl PeerHandler {
             enable: None,
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
+            frequency_secs: Some(req.frequency_secs),
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
         };
         self.host.save_vm(&rec).map_err(internal)?;
@@ -211,6 +218,12 @@ impl Handler for PeerHandler {
                     .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))
                     .await?,
             ),
+            PeerRequest::DisableReplica { uuid } => PeerResponse::DisableReplica {
+                state: self
+                    .vm(uuid)?
+                    .ask_peer(|r| Command::PeerDisable(peer.clone(), r))
+                    .await?,
+            },
             PeerRequest::ResyncHashes(req) => PeerResponse::ResyncHashes(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::Hashes(peer.clone(), req, r))

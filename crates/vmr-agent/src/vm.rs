@@ -15,7 +15,7 @@ use uuid::Uuid;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{
     BecomeReplica, BlockHashesRequest, CreateReplica, EnableArgs, FailoverResult, PointInfo,
-    ReplicaVmInfo, ReplicationMode, ReplicationState, VmStatus,
+    ReplicaVmInfo, ReplicationMode, ReplicationState, StateChange, VmStatus,
 };
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
@@ -77,24 +77,45 @@ pub enum FailoverCmd {
 /// (which streams the extents into it) and back (the owner commits it).
 pub type Writer = Box<vmr_store::LayerWriter>;
 
+/// A change of a primary VM's registration (`vm set`); the control API checked the
+/// definition (its name, and that the disks are its own).
+pub struct VmChange {
+    /// New QMP socket path.
+    pub qmp: Option<String>,
+    /// New definition: its TOML text and what it says.
+    pub launch: Option<(String, vmr_proto::VmDefinition)>,
+    /// New disks to replicate.
+    pub disks: Option<Vec<String>>,
+}
+
 /// What the owner of a VM can be asked.
 pub enum Command {
+    /// `vm remove` (`None`): unregister this primary VM (refused while replication is
+    /// enabled); `replica remove` (`Some(keep_data)`): remove this replica VM and, unless
+    /// `keep_data`, its recovery points. With `check` (true), only say what would be done.
+    /// The owner stops after a removal.
+    Remove(Option<bool>, bool, Reply<String>),
+    /// `vm set`: change the registration (refused while replication is enabled). With
+    /// `check` (true), only say what would change.
+    Set(Box<VmChange>, bool, Reply<String>),
     /// The status row.
     Status(Reply<VmStatus>),
+    /// The record (`vm list`).
+    Record(Reply<VmRecord>),
     /// Pause replication.
-    Pause(Reply<String>),
+    Pause(Reply<StateChange>),
     /// Resume replication.
-    Resume(Reply<String>),
+    Resume(Reply<StateChange>),
     /// Disable replication.
-    Disable(Reply<String>),
+    Disable(Reply<StateChange>),
     /// Reset the statistics window.
     ResetStats(Reply<()>),
     /// Enable replication (primary); the replica accepted the VM already.
     Enable(Box<EnableArgs>, Reply<String>),
     /// Start initial replication now (primary).
-    StartInitial(Reply<String>),
+    StartInitial(Reply<StateChange>),
     /// Start or schedule a resynchronization (primary).
-    ResumeResync(Option<u64>, Reply<String>),
+    ResumeResync(Option<u64>, Reply<StateChange>),
     /// Recovery points (replica).
     Points(Reply<Vec<PointInfo>>),
     /// `vmreplica import` (replica).
@@ -111,6 +132,8 @@ pub enum Command {
     FinishCycle(Writer, u64, PeerReply<()>),
     /// Peer: block hashes of the latest point (resync).
     Hashes(Peer, BlockHashesRequest, PeerReply<BlockHashes>),
+    /// Peer: the primary disabled replication (`disable-replica`).
+    PeerDisable(Peer, PeerReply<ReplicationState>),
     /// Peer: is the VM running here (split-brain probe)?
     PrimaryState(Peer, PeerReply<PrimaryVmState>),
     /// Peer: become the replica of the VM (reverse after a failover).
@@ -178,6 +201,11 @@ impl Registry {
     /// The handle of VM `uuid`.
     pub fn by_uuid(&self, uuid: Uuid) -> Option<VmHandle> {
         self.lock().values().find(|h| h.uuid == uuid).cloned()
+    }
+
+    /// Forget the handle of VM `name` (its owner stopped after `vm remove`).
+    pub fn remove(&self, name: &str) {
+        self.lock().remove(name);
     }
 
     /// Every handle, by name.
@@ -262,11 +290,26 @@ impl Owner {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(Command::Shutdown(ack)) => {
+                        self.vm.stop_disable_notice().await;
                         if let Side::Primary(Some(p)) = &mut self.side {
                             p.stop().await;
                         }
                         let _ = ack.send(());
                         break;
+                    }
+                    Some(Command::Remove(replica, check, reply)) => {
+                        if !check {
+                            self.vm.stop_disable_notice().await;
+                        }
+                        let r = match replica {
+                            None => self.remove(check),
+                            Some(keep_data) => self.remove_replica(keep_data, check).await,
+                        };
+                        let removed = r.is_ok() && !check;
+                        let _ = reply.send(r);
+                        if removed {
+                            break;
+                        }
                     }
                     Some(cmd) => self.handle(cmd).await,
                 },
@@ -366,6 +409,9 @@ impl Owner {
                     Side::Replica(r) => r.status(&self.vm, &primary_name, now),
                 };
                 let _ = reply.send(Ok(st));
+            }
+            Command::Record(reply) => {
+                let _ = reply.send(Ok(self.vm.rec.clone()));
             }
             Command::Pause(reply) => {
                 let r = self.admin(Cmd::Pause, ReplicaCmd::Pause).await;
@@ -509,6 +555,15 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
+            Command::PeerDisable(peer, reply) => {
+                let r = self.trust(&peer).and_then(|()| match &mut self.side {
+                    Side::Replica(side) => side.disabled_by_primary(&mut self.vm),
+                    Side::Primary(_) => Err(RemoteError::UnknownVm {
+                        vm: self.vm.rec.uuid,
+                    }),
+                });
+                let _ = reply.send(r);
+            }
             Command::PrimaryState(peer, reply) => {
                 if let Err(e) = self.authorize(&peer, ReplicationMode::Primary) {
                     let _ = reply.send(Err(e));
@@ -537,20 +592,219 @@ impl Owner {
                 });
                 let _ = reply.send(r);
             }
+            Command::Set(change, check, reply) => {
+                let _ = reply.send(self.set(*change, check));
+            }
+            Command::Remove(_, _, reply) => {
+                // Answered by `run`, which stops the owner after a removal.
+                let _ = reply.send(Err(AgentError::OwnerStopped {
+                    name: self.vm.rec.name.clone(),
+                }));
+            }
             Command::Shutdown(ack) => {
                 let _ = ack.send(());
             }
         }
     }
 
-    async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> Result<String, AgentError> {
+    /// Why this VM's registration cannot change now: a replica VM, or replication enabled
+    /// (`why`: what the change would break).
+    fn registration_fixed(&self, why: impl FnOnce() -> String) -> Result<(), AgentError> {
+        let name = self.vm.rec.name.clone();
+        match &self.side {
+            Side::Replica(_) => Err(AgentError::VmIsReplica { name }),
+            Side::Primary(Some(p)) => Err(AgentError::VmReplicating {
+                name,
+                state: p.state(),
+                why: why(),
+            }),
+            Side::Primary(None) if self.vm.rec.enable.is_some() => Err(AgentError::VmReplicating {
+                name,
+                state: self.vm.rec.state(),
+                why: why(),
+            }),
+            Side::Primary(None) => Ok(()),
+        }
+    }
+
+    /// `vm remove`: delete the record of a primary VM whose replication is disabled (and its
+    /// work directory when empty); the VM and its disks are not touched.
+    fn remove(&mut self, check: bool) -> Result<String, AgentError> {
+        self.registration_fixed(|| {
+            "removing it would leave its change tracking in QEMU and its replica without a \
+             primary"
+                .to_owned()
+        })?;
+        let (name, uuid) = (self.vm.rec.name.clone(), self.vm.rec.uuid);
+        if check {
+            return Ok(format!(
+                "unregister VM {name:?} ({uuid}) from this agent (the VM and its disks are not \
+                 touched)"
+            ));
+        }
+        self.vm.host.delete_vm(&name)?;
+        // Only an empty directory goes: a stand-in may keep its NBD socket there.
+        let _ = std::fs::remove_dir(crate::launch::work_dir(&self.vm.host.dir, uuid));
+        tracing::info!(vm = %name, %uuid, "VM removed (vm remove)");
+        Ok(format!(
+            "VM {name:?} ({uuid}) removed; the VM and its disks are untouched"
+        ))
+    }
+
+    /// `replica remove`: delete the record of a replica VM whose replication is disabled or
+    /// paused here and that has no failover VM or test copy, its failover bookkeeping and,
+    /// unless `keep_data`, its recovery points.
+    async fn remove_replica(&mut self, keep_data: bool, check: bool) -> Result<String, AgentError> {
+        let (name, uuid) = (self.vm.rec.name.clone(), self.vm.rec.uuid);
+        let Side::Replica(side) = &self.side else {
+            return Err(AgentError::VmIsPrimary { name });
+        };
+        side.machine().check_remove()?;
+        let fr = self.vm.failover()?;
+        let store = self.vm.host.store_of(&self.vm.rec)?;
+        let mut copies: Vec<String> = fr
+            .live
+            .iter()
+            .chain(&fr.tests)
+            .map(|c| c.name.clone())
+            .collect();
+        if copies.is_empty() {
+            copies = store
+                .views(uuid)
+                .unwrap_or_default()
+                .iter()
+                .map(|v| format!("view {}", v.id))
+                .collect();
+        }
+        if !copies.is_empty() {
+            return Err(AgentError::FailoverCopies { name, copies });
+        }
+        let points = store.points(uuid).map(|p| p.len()).unwrap_or(0);
+        let root = store.root().display().to_string();
+        if check {
+            return Ok(if keep_data {
+                format!(
+                    "remove replica VM {name:?} ({uuid}), keeping its {points} recovery point(s) \
+                     in {root}"
+                )
+            } else {
+                format!(
+                    "remove replica VM {name:?} ({uuid}) and delete its {points} recovery \
+                     point(s) from {root}"
+                )
+            });
+        }
+        if !keep_data {
+            match store.remove_vm(uuid) {
+                Ok(()) | Err(vmr_store::StoreError::UnknownVm(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let fo = crate::launch::failover_dir(&self.vm.host.dir, uuid);
+        if fo.exists() {
+            std::fs::remove_dir_all(&fo).map_err(AgentError::io("removing", &fo))?;
+        }
+        let fr_path = self
+            .vm
+            .host
+            .dir
+            .join("failover")
+            .join(format!("{uuid}.json"));
+        match std::fs::remove_file(&fr_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io("removing", &fr_path)(e)),
+        }
+        self.vm.host.delete_vm(&name)?;
+        tracing::info!(vm = %name, %uuid, keep_data, "replica VM removed (replica remove)");
+        Ok(if keep_data {
+            format!(
+                "replica VM {name:?} ({uuid}) removed; its {points} recovery point(s) stay in {root}"
+            )
+        } else {
+            format!("replica VM {name:?} ({uuid}) and its {points} recovery point(s) removed")
+        })
+    }
+
+    /// `vm set`: change the QMP socket, the definition (same name and UUID) or the disks of a
+    /// primary VM whose replication is disabled.
+    fn set(&mut self, change: VmChange, check: bool) -> Result<String, AgentError> {
+        self.registration_fixed(|| {
+            let mut why = Vec::new();
+            if change.qmp.is_some() {
+                why.push("its change tracking lives in the QEMU behind the current QMP socket");
+            }
+            if change.launch.is_some() || change.disks.is_some() {
+                why.push("the replica holds the definition and disks it was enabled with");
+            }
+            why.join("; ")
+        })?;
+        let old = &self.vm.rec;
+        let mut rec = old.clone();
+        let mut what = Vec::new();
+        if let Some(qmp) = change.qmp
+            && qmp != old.qmp
+        {
+            what.push(format!("qmp {} -> {}", old.qmp, qmp));
+            rec.qmp = qmp;
+        }
+        if let Some((toml, def)) = &change.launch {
+            if def.uuid != old.uuid {
+                return Err(AgentError::DefinitionUuid {
+                    name: old.name.clone(),
+                    old: old.uuid,
+                    new: def.uuid,
+                });
+            }
+            if *toml != old.launch_toml {
+                what.push("definition replaced".to_owned());
+                rec.launch_toml = toml.clone();
+            }
+        }
+        let disks = match (change.disks, &change.launch) {
+            (Some(d), None) => {
+                // The disks must be the registered definition's.
+                let def = vmr_proto::VmDefinition::from_toml(&old.launch_toml)?;
+                if let Some(d) = d.iter().find(|d| !def.disks.iter().any(|x| &x.node == *d)) {
+                    return Err(AgentError::DiskNotInDefinition { disk: d.clone() });
+                }
+                Some(d)
+            }
+            (Some(d), Some(_)) => Some(d),
+            (None, Some((_, def))) => Some(def.disks.iter().map(|d| d.node.clone()).collect()),
+            (None, None) => None,
+        };
+        if let Some(d) = disks
+            && d != old.disks
+        {
+            what.push(format!("disks {} -> {}", old.disks.join(","), d.join(",")));
+            rec.disks = d;
+        }
+        let name = old.name.clone();
+        if what.is_empty() {
+            return Ok(format!("VM {name:?}: nothing to change"));
+        }
+        let what = what.join("; ");
+        if check {
+            return Ok(format!("change VM {name:?}: {what}"));
+        }
+        let before = std::mem::replace(&mut self.vm.rec, rec);
+        if let Err(e) = self.vm.save() {
+            self.vm.rec = before;
+            return Err(e);
+        }
+        tracing::info!(vm = %name, "VM changed (vm set): {what}");
+        Ok(format!("VM {name:?} changed: {what}"))
+    }
+
+    async fn admin(&mut self, p: Cmd, r: ReplicaCmd) -> Result<StateChange, AgentError> {
         match &mut self.side {
             Side::Primary(_) => self.primary_cmd(p).await,
             Side::Replica(side) => side.set(&mut self.vm, r),
         }
     }
 
-    async fn primary_cmd(&mut self, cmd: Cmd) -> Result<String, AgentError> {
+    async fn primary_cmd(&mut self, cmd: Cmd) -> Result<StateChange, AgentError> {
         match &mut self.side {
             Side::Primary(Some(p)) => p.command(&mut self.vm, cmd).await,
             Side::Primary(None) => Err(self.not_enabled()),
@@ -574,19 +828,33 @@ impl Owner {
             Side::Primary(_) => {}
         }
         crate::primary::schedule_of(&args)?;
+        // A disable the replica has not heard of yet must not reach it after this enable.
+        self.vm.stop_disable_notice().await;
         // Check the replica answers and accepts us before anything changes here.
         let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
-        let client = crate::cycle::connect(&self.vm.host, &args)
-            .await
-            .map_err(|source| AgentError::ConnectReplica {
+        let host = &self.vm.host;
+        let unauthorized = |e: &vmr_transport::TransportError| {
+            matches!(
+                e,
+                vmr_transport::TransportError::Remote(RemoteError::Unauthorized)
+            )
+            .then(|| AgentError::NotAuthorizedOnReplica {
+                replica: args.replica.clone(),
+                primary: host.config.name.clone(),
+                fingerprint: host.identity.fingerprint().to_owned(),
+            })
+        };
+        let client = crate::cycle::connect(host, &args).await.map_err(|source| {
+            unauthorized(&source).unwrap_or_else(|| AgentError::ConnectReplica {
                 replica: args.replica.clone(),
                 source,
-            })?;
+            })
+        })?;
         let create = crate::cycle::create_request(&self.vm.rec, &def, &args);
         client
             .create_replica(create)
             .await
-            .map_err(AgentError::CreateReplica)?;
+            .map_err(|e| unauthorized(&e).unwrap_or(AgentError::CreateReplica(e)))?;
         let side = PrimarySide::enable(&mut self.vm, args.clone())?;
         self.side = Side::Primary(Some(Box::new(side)));
         Ok(format!(

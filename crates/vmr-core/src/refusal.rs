@@ -43,6 +43,8 @@ pub enum Op {
     Import,
     /// A cycle outcome or re-numbering reported by the driver.
     CycleOutcome,
+    /// `replica remove` (replica).
+    Remove,
 }
 
 impl std::fmt::Display for Op {
@@ -65,6 +67,7 @@ impl std::fmt::Display for Op {
             Op::ReceiveCycle => "receiving a cycle",
             Op::Import => "import",
             Op::CycleOutcome => "a cycle outcome",
+            Op::Remove => "replica remove",
         })
     }
 }
@@ -126,6 +129,17 @@ pub enum Refusal {
         /// The command.
         op: Op,
         /// The paused state.
+        state: ReplicationState,
+    },
+    /// Replication into the replica VM is active (the primary still sends cycles).
+    #[error(
+        "{op}: replication into this replica VM is active ({state}); disable it first \
+         (`vmreplica disable NAME` on its primary, or here), or pause it here"
+    )]
+    Active {
+        /// The command.
+        op: Op,
+        /// The current state.
         state: ReplicationState,
     },
     /// The replica VM is failed over: the old primary's cycles are refused.

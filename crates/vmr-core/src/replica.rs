@@ -28,6 +28,7 @@
 //! | FailoverCancel         | State              | State               | State          | State                  | State      | state before the failover | State  |
 //! | FailoverComplete       | State              | State               | State          | State                  | State      | F                     | State      |
 //! | Reverse                | State              | State               | State          | State                  | State      | a primary machine     | a primary machine |
+//! | check_remove (`replica remove`) | Active   | Active              | Active         | ok                     | ok         | FailedOver            | FailedOver |
 //!
 //! `Recovered` (the store's latest point after an agent restart) and `ResetStats` are accepted
 //! in every state. Applied cycles and apply failures are facts: they update the point and the
@@ -262,6 +263,24 @@ impl ReplicaMachine {
             ReplicationState::Replicating
         } else {
             ReplicationState::WaitingForInitialReplication
+        }
+    }
+
+    /// Whether `replica remove` is allowed now: when replication into this VM is disabled
+    /// or paused here; not while the primary replicates into it (`Active`) nor while it is
+    /// failed over (its disks are the running VM's).
+    pub fn check_remove(&self) -> Result<(), Refusal> {
+        use ReplicationState as S;
+        let (op, state) = (Op::Remove, self.state);
+        match state {
+            S::Disabled | S::Suspended => Ok(()),
+            S::WaitingForInitialReplication | S::Replicating | S::Resynchronizing => {
+                Err(Refusal::Active { op, state })
+            }
+            S::FailedOverWaitingCompletion | S::FailedOver => {
+                Err(Refusal::FailedOver { op, state })
+            }
+            _ => Err(Refusal::State { op, state }),
         }
     }
 
@@ -553,6 +572,31 @@ mod tests {
             ("reset stats", Some(E::ResetStats { now_ms })),
             ("reverse", None),
         ]
+    }
+
+    #[test]
+    fn remove_only_when_disabled_or_paused_here() {
+        for (state, want) in [
+            (S::WaitingForInitialReplication, Some("active")),
+            (S::Replicating, Some("active")),
+            (S::Resynchronizing, Some("active")),
+            (S::Suspended, None),
+            (S::Disabled, None),
+            (S::FailedOverWaitingCompletion, Some("failed over")),
+            (S::FailedOver, Some("failed over")),
+        ] {
+            let m = in_state(state);
+            match (m.check_remove(), want) {
+                (Ok(()), None) => {}
+                (Err(r), Some(w)) => {
+                    assert!(r.to_string().contains(w), "{state}: {r}");
+                    assert!(r.to_string().starts_with("replica remove"), "{r}");
+                }
+                (got, want) => panic!("{state}: {got:?}, wanted {want:?}"),
+            }
+            // A check changes nothing.
+            assert_eq!(m.state(), state);
+        }
     }
 
     #[test]

@@ -186,6 +186,11 @@ mod tests {
             ),
             ("one day", |a| a.frequency_secs = 86_400, None),
             (
+                "a second more than a day",
+                |a| a.frequency_secs = 86_401,
+                Some(InvalidEnable::FrequencyTooLong { secs: 86_401 }),
+            ),
+            (
                 "more than a day",
                 |a| a.frequency_secs = u64::MAX,
                 Some(InvalidEnable::FrequencyTooLong { secs: u64::MAX }),

@@ -130,6 +130,10 @@ pub struct VmStatus {
     pub frequency_secs: u64,
     /// Name of the primary agent.
     pub primary: String,
+    /// Replica VMs: the primary agent's address (HOST:PORT) as it last reported it (what the
+    /// split-brain probe calls); absent before its first call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_address: Option<String>,
     /// Address of the replica agent.
     pub replica: String,
     /// Last successful cycle, ms since the epoch.
@@ -144,6 +148,39 @@ pub struct VmStatus {
     /// definition's), and whether this host's `allowed-programs` lets it run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_program: Option<FailoverProgram>,
+}
+
+/// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's
+/// replication state before and after, and the message the CLI prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// VM name.
+    pub name: String,
+    /// The state before the command.
+    pub from: ReplicationState,
+    /// The state after it.
+    pub to: ReplicationState,
+    /// For people (`disable` adds what the replica shows).
+    pub message: String,
+}
+
+/// One VM registered on its primary (`vm list`): its definition, not its replication status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEntry {
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// The QMP socket reserved for vmreplica.
+    pub qmp: String,
+    /// The program of its definition.
+    pub program: String,
+    /// The disks it replicates (node names).
+    pub disks: Vec<String>,
+    /// Its replication state (`Disabled` when not enabled).
+    pub state: ReplicationState,
+    /// The replica agent's address when replication is enabled.
+    pub replica: Option<String>,
 }
 
 /// The program a replica VM's failover would run ([`VmStatus::failover_program`]).
@@ -196,6 +233,48 @@ pub enum Request {
     },
     /// List registered VMs.
     VmList,
+    /// Unregister a primary VM (`vm remove`): refused while its replication is enabled, and
+    /// for a replica VM (`replica remove`). With `check`, only says what would be done (or
+    /// why it is refused) and changes nothing: the CLI asks for confirmation in between.
+    VmRemove {
+        /// VM name.
+        name: String,
+        /// Check only; change nothing.
+        #[serde(default)]
+        check: bool,
+    },
+    /// Remove a replica VM and its recovery points (`replica remove`): refused while the
+    /// primary replicates into it, while it is failed over, or while a test copy runs.
+    /// `check` as for [`Request::VmRemove`].
+    ReplicaRemove {
+        /// VM name.
+        name: String,
+        /// Keep the recovery points in the store (a later `enable` from the primary starts
+        /// from them).
+        #[serde(default)]
+        keep_data: bool,
+        /// Check only; change nothing.
+        #[serde(default)]
+        check: bool,
+    },
+    /// Change a primary VM's registration (`vm set`): refused while its replication is
+    /// enabled. `check` as for [`Request::VmRemove`].
+    VmSet {
+        /// VM name.
+        name: String,
+        /// New QMP socket path.
+        #[serde(default)]
+        qmp: Option<String>,
+        /// New VM definition TOML text (same name and UUID).
+        #[serde(default)]
+        launch_toml: Option<String>,
+        /// New list of disks to replicate; empty = unchanged, or all of a new definition's.
+        #[serde(default)]
+        disks: Vec<String>,
+        /// Check only; change nothing.
+        #[serde(default)]
+        check: bool,
+    },
     /// Enable replication of a VM.
     Enable(EnableArgs),
     /// Start initial replication now.

@@ -37,6 +37,12 @@ pub enum PeerRequest {
     BecomeReplica(BecomeReplica),
     /// Primary → replica: block hashes of one disk of the latest point (resynchronization).
     ResyncHashes(BlockHashesRequest),
+    /// Primary → replica: replication of the VM was disabled on the primary (protocol 3,
+    /// [`crate::wire::DISABLE_REPLICA_SINCE`]; never sent on an older connection).
+    DisableReplica {
+        /// VM UUID.
+        uuid: Uuid,
+    },
 }
 
 /// Arguments of [`PeerRequest::ReplicaInfo`].
@@ -65,6 +71,11 @@ pub enum PeerResponse {
     BecomeReplica(BecameReplica),
     /// Answer to [`PeerRequest::ResyncHashes`].
     ResyncHashes(BlockHashes),
+    /// Answer to [`PeerRequest::DisableReplica`]: the replica VM's state afterwards.
+    DisableReplica {
+        /// Its state (Disabled, or the failover state it keeps).
+        state: ReplicationState,
+    },
 }
 
 /// The primary's view of one of its VMs (split-brain probe).
@@ -161,6 +172,9 @@ enum ResponseHead {
         point_disk_size: u64,
         count: u64,
     },
+    DisableReplica {
+        state: ReplicationState,
+    },
 }
 
 /// Frames a protocol-2 body: `u32` LE length of `head`, `head` (JSON), then `tail` (binary).
@@ -200,6 +214,7 @@ impl PeerRequest {
             PeerRequest::PrimaryVmState { .. } => "primary-vm-state",
             PeerRequest::BecomeReplica(_) => "become-replica",
             PeerRequest::ResyncHashes(_) => "resync-hashes",
+            PeerRequest::DisableReplica { .. } => "disable-replica",
         }
     }
 
@@ -231,12 +246,13 @@ impl PeerRequest {
 
     /// Maps a protocol-1 call (`method` and its JSON body) onto the typed request.
     pub fn from_v1(method: &str, body: Value) -> Result<PeerRequest, PeerCodecError> {
-        const KNOWN: [&str; 5] = [
+        const KNOWN: [&str; 6] = [
             "create-replica",
             "replica-info",
             "primary-vm-state",
             "become-replica",
             "resync-hashes",
+            "disable-replica",
         ];
         if !KNOWN.contains(&method) {
             return Err(PeerCodecError::UnknownMethod(method.to_string()));
@@ -260,6 +276,7 @@ impl PeerResponse {
             PeerResponse::PrimaryVmState(_) => "primary-vm-state",
             PeerResponse::BecomeReplica(_) => "become-replica",
             PeerResponse::ResyncHashes(_) => "resync-hashes",
+            PeerResponse::DisableReplica { .. } => "disable-replica",
         }
     }
 
@@ -285,6 +302,9 @@ impl PeerResponse {
             PeerResponse::ReplicaInfo(i) => ResponseHead::ReplicaInfo(i.clone()),
             PeerResponse::PrimaryVmState(s) => ResponseHead::PrimaryVmState(s.clone()),
             PeerResponse::BecomeReplica(b) => ResponseHead::BecomeReplica(b.clone()),
+            PeerResponse::DisableReplica { state } => {
+                ResponseHead::DisableReplica { state: *state }
+            }
             PeerResponse::ResyncHashes(h) => {
                 let head = ResponseHead::ResyncHashes {
                     point: h.point,
@@ -318,6 +338,9 @@ impl PeerResponse {
             ResponseHead::ReplicaInfo(i) => no_tail(PeerResponse::ReplicaInfo(i)),
             ResponseHead::PrimaryVmState(s) => no_tail(PeerResponse::PrimaryVmState(s)),
             ResponseHead::BecomeReplica(b) => no_tail(PeerResponse::BecomeReplica(b)),
+            ResponseHead::DisableReplica { state } => {
+                no_tail(PeerResponse::DisableReplica { state })
+            }
             ResponseHead::ResyncHashes {
                 point,
                 point_disk_size,
@@ -350,6 +373,7 @@ impl PeerResponse {
             PeerResponse::ReplicaInfo(i) => serde_json::to_value(i).unwrap_or(Value::Null),
             PeerResponse::PrimaryVmState(s) => serde_json::to_value(s).unwrap_or(Value::Null),
             PeerResponse::BecomeReplica(b) => serde_json::to_value(b).unwrap_or(Value::Null),
+            PeerResponse::DisableReplica { state } => serde_json::json!({ "state": state }),
             PeerResponse::ResyncHashes(h) => serde_json::to_value(BlockHashesReply {
                 point: h.point,
                 point_disk_size: h.point_disk_size,
@@ -379,6 +403,14 @@ impl PeerResponse {
             }
             PeerRequest::BecomeReplica(_) => {
                 PeerResponse::BecomeReplica(serde_json::from_value(v).map_err(json)?)
+            }
+            PeerRequest::DisableReplica { .. } => {
+                #[derive(Deserialize)]
+                struct Disabled {
+                    state: ReplicationState,
+                }
+                let d: Disabled = serde_json::from_value(v).map_err(json)?;
+                PeerResponse::DisableReplica { state: d.state }
             }
             PeerRequest::ResyncHashes(_) => {
                 let r: BlockHashesReply = serde_json::from_value(v).map_err(json)?;
@@ -465,6 +497,7 @@ mod tests {
                 count: 16,
                 point: None,
             }),
+            PeerRequest::DisableReplica { uuid },
         ]
     }
 
@@ -490,7 +523,27 @@ mod tests {
                 point_disk_size: 1 << 20,
                 hashes: (0..16u8).map(|i| [i.wrapping_mul(37); 32]).collect(),
             }),
+            PeerResponse::DisableReplica {
+                state: ReplicationState::Disabled,
+            },
         ]
+    }
+
+    #[test]
+    fn disable_replica_wire_form() {
+        let uuid = Uuid::from_u128(7);
+        let (head, _) = decode_body(&PeerRequest::DisableReplica { uuid }.encode())
+            .map(|(h, t)| (h.to_vec(), t.len()))
+            .expect("frame");
+        let v: Value = serde_json::from_slice(&head).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"method": "disable-replica", "uuid": uuid.to_string()})
+        );
+        let answer = PeerResponse::DisableReplica {
+            state: ReplicationState::Disabled,
+        };
+        assert_eq!(answer.to_v1(), serde_json::json!({"state": "Disabled"}));
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub struct VmRecord {
     pub primary: String,
     /// Trust group that created the replica VM (replica side).
     pub trust_group: Option<String>,
+    /// Replica side: the primary's cycle interval in seconds, as its last `create-replica`
+    /// said (absent in records written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_secs: Option<u64>,
     /// The VM's machine; its side is the VM's mode on this host.
     pub machine: MachineSnapshot,
 }
@@ -128,6 +132,7 @@ impl From<VmRecordV1> for VmRecord {
             enable: r.enable,
             primary: r.primary,
             trust_group: r.trust_group,
+            frequency_secs: None,
             machine,
         }
     }

@@ -9,8 +9,13 @@ use uuid::Uuid;
 use crate::cycle::CycleId;
 
 /// Version of the agent-to-agent protocol (HTTP routes, call encoding and cycle framing) this
-/// build speaks: 2 = typed calls (`vmr_proto::peer`), 1 = JSON calls by method name.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// build speaks: 3 = version 2 plus the `disable-replica` call, 2 = typed calls
+/// (`vmr_proto::peer`), 1 = JSON calls by method name.
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// First protocol version with the `disable-replica` call: a caller sends it only on a
+/// connection speaking at least this version (an older peer does not know the call).
+pub const DISABLE_REPLICA_SINCE: u16 = 3;
 
 /// Oldest protocol version this build still serves and speaks (the previous one), so that a
 /// rolling upgrade of two hosts never stops replication.

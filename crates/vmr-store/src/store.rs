@@ -385,6 +385,23 @@ impl Store {
         Ok(())
     }
 
+    /// Forget a VM and delete its directory (catalog, definition, layers, staging):
+    /// `vmreplica replica remove`. Refused while a cycle is being received; the caller (the
+    /// VM's owner) makes sure no view of it exists.
+    pub fn remove_vm(&self, vm: Uuid) -> Result<(), StoreError> {
+        let v = {
+            let mut vms = lock(&self.inner.vms);
+            let v = vms.get(&vm).cloned().ok_or(StoreError::UnknownVm(vm))?;
+            if let Some(id) = lock(&v.st).receiving {
+                return Err(StoreError::ReceiveInProgress(id));
+            }
+            vms.remove(&vm);
+            v
+        };
+        std::fs::remove_dir_all(&v.dir).map_err(|e| StoreError::io("remove", &v.dir, e))?;
+        self.inner.fs.fsync_dir(&self.inner.root.join("vms"))
+    }
+
     /// Replace a VM's definition (TOML text).
     pub fn set_definition(&self, vm: Uuid, definition_toml: &str) -> Result<(), StoreError> {
         check_definition(vm, definition_toml)?;

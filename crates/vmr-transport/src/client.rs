@@ -19,7 +19,9 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use uuid::Uuid;
-use vmr_proto::api::{BecomeReplica, BlockHashesRequest, CreateReplica, ReplicaVmInfo};
+use vmr_proto::api::{
+    BecomeReplica, BlockHashesRequest, CreateReplica, ReplicaVmInfo, ReplicationState,
+};
 use vmr_proto::peer::{
     BecameReplica, BlockHashes, PEER_CONTENT_TYPE, PeerRequest, PeerResponse, PrimaryVmState,
     ReplicaInfoRequest,
@@ -495,6 +497,23 @@ impl Client {
                 "resync-hashes answered {} hashes for {count} blocks",
                 h.hashes.len()
             ))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `disable-replica`: tells the replica that replication of VM `uuid` was disabled here;
+    /// the replica VM's state afterwards. `Ok(None)` when this connection speaks a protocol
+    /// older than [`vmr_proto::wire::DISABLE_REPLICA_SINCE`]: the peer does not know the call,
+    /// and it is not sent.
+    pub async fn disable_replica(
+        &self,
+        uuid: Uuid,
+    ) -> Result<Option<ReplicationState>, TransportError> {
+        if self.hello.protocol < vmr_proto::wire::DISABLE_REPLICA_SINCE {
+            return Ok(None);
+        }
+        match self.call(PeerRequest::DisableReplica { uuid }).await? {
+            PeerResponse::DisableReplica { state } => Ok(Some(state)),
             other => Err(unexpected(&other)),
         }
     }

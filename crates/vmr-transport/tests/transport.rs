@@ -139,6 +139,9 @@ impl Handler for TestHandler {
                     .map(|b| *blake3::hash(&b.to_le_bytes()).as_bytes())
                     .collect(),
             })),
+            PeerRequest::DisableReplica { .. } => Ok(PeerResponse::DisableReplica {
+                state: ReplicationState::Disabled,
+            }),
             // A handler bug: the answer of another call.
             PeerRequest::BecomeReplica(_) => Ok(PeerResponse::CreateReplica { created: true }),
         }
@@ -766,6 +769,54 @@ async fn typed_call_round_trip() {
     s.shutdown().await;
 }
 
+/// `disable-replica` exists from protocol 3 on: sent on a connection that speaks it, never on
+/// an older one (an older agent would answer 400: it does not know the call), where the typed
+/// client answers "not supported" without a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_replica_only_on_connections_that_have_it() {
+    let s = Setup::new().await;
+    let vm = Uuid::from_u128(1);
+    let client = s.client().await;
+    let before = s.handler.calls.load(Ordering::SeqCst);
+    assert_eq!(
+        client.disable_replica(vm).await.expect("v3 call"),
+        Some(ReplicationState::Disabled)
+    );
+    assert_eq!(s.handler.calls.load(Ordering::SeqCst), before + 1);
+    for v in [1, 2] {
+        let old = s
+            .client_speaking(v)
+            .await
+            .expect("an older client connects");
+        assert_eq!(old.hello().protocol, v);
+        let before = s.handler.calls.load(Ordering::SeqCst);
+        assert_eq!(old.disable_replica(vm).await.expect("not sent"), None);
+        assert_eq!(
+            s.handler.calls.load(Ordering::SeqCst),
+            before,
+            "v{v} sent it"
+        );
+    }
+    // What a version-2 agent answers to a method it does not know: a typed bad request.
+    let r = client
+        .send_raw_call(
+            "/v2/call",
+            Some(PROTOCOL_VERSION),
+            "application/vnd.vmreplica.peer",
+            vmr_proto::peer::encode_body(b"{\"method\":\"no-such-call\",\"uuid\":\"x\"}", &[])
+                .into(),
+        )
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Remote(RemoteError::BadRequest { .. }))
+        ),
+        "{r:?}"
+    );
+    s.shutdown().await;
+}
+
 /// A version-1 agent (old primary) calling a version-2 agent (upgraded replica) during a rolling
 /// upgrade: hello, the JSON calls by method name with hex hashes, and the typed client pinned to
 /// version 1.
@@ -848,7 +899,7 @@ async fn unsupported_protocol_versions_are_refused() {
                 assert_eq!(
                     e.to_string(),
                     format!(
-                        "protocol version {v} not supported: the remote agent speaks versions 1 to 2"
+                        "protocol version {v} not supported: the remote agent speaks versions 1 to {PROTOCOL_VERSION}"
                     )
                 );
             }

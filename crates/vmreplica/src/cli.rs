@@ -51,6 +51,9 @@ pub enum Command {
     /// VMs registered on this (primary) host.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Replica VMs on this (replica) host.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
     /// Enable replication of a VM to a replica agent.
     Enable(EnableCmd),
     /// Start initial replication over the network now.
@@ -123,7 +126,8 @@ pub enum Command {
         /// The old primary's certificate fingerprint (default: its authorization entry's).
         #[arg(long)]
         replica_fingerprint: Option<String>,
-        /// Cycle interval of the reversed replication: 30s, 5m, 15m or <N>s.
+        /// Cycle interval of the reversed replication, as for `enable` (5 s to 24 h; a bare
+        /// number is seconds).
         #[arg(long, default_value = "5m")]
         frequency: String,
     },
@@ -248,6 +252,55 @@ pub enum VmCmd {
     },
     /// List registered VMs.
     List,
+    /// Unregister a primary VM (the VM and its disks are not touched). Refused while its
+    /// replication is enabled (`vmreplica disable NAME` first) and for a replica VM
+    /// (`vmreplica replica remove NAME`). Asks for confirmation on a terminal.
+    Remove {
+        /// VM name.
+        name: String,
+        /// Do not ask for confirmation (required without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Change a registered primary VM: its QMP socket, its definition (same name and UUID) or
+    /// the disks to replicate. Refused while its replication is enabled. Asks for
+    /// confirmation on a terminal.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["qmp", "launch", "disks"])))]
+    Set {
+        /// VM name.
+        name: String,
+        /// The VM's QMP socket reserved for vmreplica.
+        #[arg(long)]
+        qmp: Option<PathBuf>,
+        /// The VM definition (TOML); without --disk, all its disks are replicated.
+        #[arg(long)]
+        launch: Option<PathBuf>,
+        /// Disk node to replicate (repeat); replaces the list.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Do not ask for confirmation (required without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// `replica` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCmd {
+    /// Remove a replica VM and its recovery points. Refused while its primary replicates into
+    /// it (disable replication first, or pause it here), while it is failed over, and while a
+    /// test copy runs. Asks for confirmation on a terminal.
+    Remove {
+        /// Replica VM name.
+        name: String,
+        /// Keep the recovery points in the store: enabling replication of the VM again
+        /// starts from them.
+        #[arg(long)]
+        keep_data: bool,
+        /// Do not ask for confirmation (required without a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 /// `enable` arguments.
@@ -261,7 +314,8 @@ pub struct EnableCmd {
     /// Replica agent's certificate fingerprint.
     #[arg(long)]
     pub replica_fingerprint: String,
-    /// Cycle interval: 30s, 5m, 15m or <N>s (N >= 5).
+    /// Cycle interval: 30s, 5m, 15m or any <N>s, <N>m, <N>h from 5 s to 24 h; a bare number is
+    /// seconds.
     #[arg(long, default_value = "5m")]
     pub frequency: String,
     /// Additional hourly recovery points to keep (0-24 like Hyper-V; more allowed).
@@ -296,8 +350,9 @@ pub struct DemoOpts {
     /// Number of incremental cycles to watch before verifying.
     #[arg(long, default_value_t = 4)]
     pub cycles: u32,
-    /// Cycle interval in seconds.
-    #[arg(long, default_value_t = 5)]
+    /// Cycle interval, as for `enable`: 5s to 24h (`<N>s`, `<N>m`, `<N>h`; a bare number is
+    /// seconds).
+    #[arg(long, default_value = "5s", value_parser = parse_frequency)]
     pub frequency: u64,
     /// Size of each stand-in disk in MiB.
     #[arg(long, default_value_t = 256)]
@@ -307,8 +362,9 @@ pub struct DemoOpts {
     pub keep: bool,
 }
 
-/// Parse a frequency: `30s`, `5m`, `15m`, `<N>s`, `<N>m`, checked by `vmr-core`'s one rule
-/// (at least 5 s, at most a day).
+/// Parse a frequency: `<N>s`, `<N>m`, `<N>h` or a bare number of seconds, checked by
+/// `vmr-core`'s one rule (at least 5 s, at most a day). Every command that takes a frequency
+/// (`enable`, `reverse`, `demo`) parses it here.
 pub fn parse_frequency(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = if let Some(n) = t.strip_suffix('s') {
@@ -320,9 +376,9 @@ pub fn parse_frequency(s: &str) -> Result<u64, String> {
     } else {
         (t, 1)
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad frequency {s:?}: expected 30s, 5m, 15m or <N>s"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("bad frequency {s:?}: expected 30s, 5m, 15m or <N>s, <N>m, <N>h (5 s to 24 h)")
+    })?;
     let secs = n.saturating_mul(mult);
     vmr_core::schedule::check_frequency(secs).map_err(|e| format!("{s:?}: {e}"))?;
     Ok(secs)
@@ -347,6 +403,14 @@ mod tests {
         assert_eq!(parse_frequency("15m"), Ok(900));
         assert_eq!(parse_frequency("7"), Ok(7));
         assert!(parse_frequency("4s").is_err());
+        // At most a day, whatever the unit; a bare number is seconds.
+        assert_eq!(parse_frequency("24h"), Ok(86_400));
+        assert_eq!(parse_frequency("1440m"), Ok(86_400));
+        assert_eq!(parse_frequency("86400"), Ok(86_400));
+        for long in ["25h", "1441m", "86401", "86401s", "99999999999999h"] {
+            let e = parse_frequency(long).expect_err(long);
+            assert!(e.contains("one day"), "{long}: {e}");
+        }
         assert!(parse_frequency("fast").is_err());
         assert!(parse_frequency("").is_err());
         assert_eq!(parse_hours("4h"), Ok(4));
@@ -354,6 +418,33 @@ mod tests {
         assert_eq!(parse_point("latest"), Ok(None));
         assert_eq!(parse_point("12"), Ok(Some(12)));
         assert!(parse_point("-1").is_err());
+    }
+
+    #[test]
+    fn demo_takes_the_frequency_syntax_of_enable() {
+        use clap::Parser;
+        let freq = |f: &str| match Cli::try_parse_from(["vmreplica", "demo", "--frequency", f]) {
+            Ok(Cli {
+                command: Command::Demo(d),
+                ..
+            }) => Ok(d.frequency),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.exit_code()),
+        };
+        assert_eq!(freq("5s"), Ok(5));
+        assert_eq!(freq("7"), Ok(7));
+        assert_eq!(freq("1m"), Ok(60));
+        // Too short, too long, not a frequency: a usage error (exit 2).
+        for bad in ["3", "4s", "25h", "fast"] {
+            assert_eq!(freq(bad), Err(2), "{bad}");
+        }
+        match Cli::try_parse_from(["vmreplica", "demo"]) {
+            Ok(Cli {
+                command: Command::Demo(d),
+                ..
+            }) => assert_eq!(d.frequency, 5),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use vmr_proto::api::{EnableArgs, InitialMode, Request, Response, ResyncWindow};
 
-use crate::cli::{Command, ServerCmd, VmCmd, parse_frequency, parse_hours};
+use crate::cli::{Command, ReplicaCmd, ServerCmd, VmCmd, parse_frequency, parse_hours};
 use crate::exit;
 use crate::util::{coded, parse_time};
 
@@ -84,6 +84,35 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             }
         }
         Command::Vm(VmCmd::List) => Request::VmList,
+        Command::Vm(VmCmd::Remove { name, .. }) => Request::VmRemove { name, check: false },
+        Command::Replica(ReplicaCmd::Remove {
+            name, keep_data, ..
+        }) => Request::ReplicaRemove {
+            name,
+            keep_data,
+            check: false,
+        },
+        Command::Vm(VmCmd::Set {
+            name,
+            qmp,
+            launch,
+            disks,
+            ..
+        }) => {
+            let launch_toml = launch
+                .map(|l| {
+                    std::fs::read_to_string(&l)
+                        .with_context(|| format!("reading VM definition {}", l.display()))
+                })
+                .transpose()?;
+            Request::VmSet {
+                name,
+                qmp: qmp.map(|q| absolute(&q)),
+                launch_toml,
+                disks,
+                check: false,
+            }
+        }
         Command::Enable(e) => {
             let frequency_secs =
                 parse_frequency(&e.frequency).map_err(|m| coded(exit::USAGE, m))?;
@@ -186,10 +215,48 @@ fn absolute(p: &Path) -> String {
         .to_string()
 }
 
-/// Run a control subcommand and print its result.
+/// Whether `cmd` is confirmed before it runs, and then whether `--yes` was given.
+fn confirmation(cmd: &Command) -> Option<bool> {
+    match cmd {
+        Command::Vm(VmCmd::Remove { yes, .. } | VmCmd::Set { yes, .. })
+        | Command::Replica(ReplicaCmd::Remove { yes, .. }) => Some(*yes),
+        _ => None,
+    }
+}
+
+/// The check-only form of a request that is confirmed first: the agent says what it would
+/// do, or why it refuses, and changes nothing.
+fn check_only(req: &Request) -> Option<Request> {
+    let mut r = req.clone();
+    match &mut r {
+        Request::VmRemove { check, .. }
+        | Request::VmSet { check, .. }
+        | Request::ReplicaRemove { check, .. } => *check = true,
+        _ => return None,
+    }
+    Some(r)
+}
+
+/// Run a control subcommand and print its result. A command that changes what is hard to
+/// undo is checked by the agent first (a refusal comes before any question), then confirmed
+/// on the terminal unless `--yes`.
 pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
     let kind = crate::output::Kind::of(&cmd);
+    let yes = confirmation(&cmd);
     let req = request_of(cmd)?;
+    if let (Some(yes), Some(check)) = (yes, check_only(&req)) {
+        let what = call(dir, &check)?;
+        let what = what.as_str().unwrap_or("go on");
+        let stdin = std::io::stdin();
+        let terminal = std::io::IsTerminal::is_terminal(&stdin);
+        crate::util::confirm(
+            what,
+            yes,
+            terminal,
+            &mut stdin.lock(),
+            &mut std::io::stderr(),
+        )?;
+    }
     let value = call(dir, &req)?;
     crate::output::print(kind, &value, json);
     Ok(())

@@ -90,7 +90,6 @@ fn point_layers(
 }
 
 async fn demo(opts: DemoOpts) -> anyhow::Result<()> {
-    vmr_core::schedule::check_frequency(opts.frequency)?;
     let exe = std::env::current_exe()?;
     // Dropped last: kills whatever still runs from it (also the failover VMs the agents start).
     let tmp = TestDir::temp("vmr-demo-")?;

@@ -12,14 +12,37 @@ use clap::Parser;
 pub use vmr_agent::exit;
 
 fn main() {
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        // With --json, a bad command line is a JSON error too (help and version print as
+        // usual).
+        Err(e) if e.use_stderr() && std::env::args().any(|a| a == "--json") => {
+            let msg = e.kind().to_string();
+            let detail = e.to_string();
+            let line = detail
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .map_or(msg, |l| l.trim_start_matches("error:").trim().to_owned());
+            eprintln!(
+                "{}",
+                output::json_error(&anyhow::anyhow!(line), e.exit_code())
+            );
+            std::process::exit(e.exit_code());
+        }
+        Err(e) => e.exit(),
+    };
+    let json = args.json;
     let code = match run(args) {
         Ok(()) => exit::OK,
         Err(err) => {
             let code = util::exit_code(&err);
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+            if json {
+                eprintln!("{}", output::json_error(&err, code));
+            } else {
+                eprintln!("error: {err}");
+                for cause in err.chain().skip(1) {
+                    eprintln!("  caused by: {cause}");
+                }
             }
             code
         }
@@ -36,10 +59,21 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             advertise,
             storage,
         } => {
-            println!(
-                "{}",
-                vmr_agent::config::create(&dir, &name, &listen, advertise.as_deref(), storage)?
-            );
+            let fingerprint =
+                vmr_agent::config::create(&dir, &name, &listen, advertise.as_deref(), storage)?;
+            if args.json {
+                let dir = std::path::absolute(&dir).unwrap_or(dir);
+                let v = serde_json::json!({
+                    "name": name,
+                    "listen": listen,
+                    "advertise": advertise,
+                    "dir": dir.display().to_string(),
+                    "fingerprint": fingerprint,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{fingerprint}");
+            }
             Ok(())
         }
         cli::Command::Agent => Ok(vmr_agent::run_blocking(&dir)?),

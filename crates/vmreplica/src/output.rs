@@ -15,6 +15,8 @@ pub enum Kind {
     Measure,
     /// A list of [`PointInfo`].
     Points,
+    /// A list of [`vmr_proto::api::VmEntry`] (`vm list`).
+    VmList,
     /// Server identity and entries.
     Server,
     /// A [`vmr_proto::api::FailoverResult`] (`failover ...`, `reverse`).
@@ -27,7 +29,8 @@ impl Kind {
     /// The kind for a command.
     pub fn of(cmd: &Command) -> Self {
         match cmd {
-            Command::Status { .. } | Command::Vm(crate::cli::VmCmd::List) => Kind::Status,
+            Command::Status { .. } => Kind::Status,
+            Command::Vm(crate::cli::VmCmd::List) => Kind::VmList,
             Command::Measure { .. } => Kind::Measure,
             Command::Points { .. } => Kind::Points,
             Command::Server(crate::cli::ServerCmd::Show) => Kind::Server,
@@ -41,12 +44,33 @@ fn opt_time(t: Option<u64>) -> String {
     t.map_or_else(|| "-".into(), fmt_time)
 }
 
+/// What `--json` prints for an answer: the agent's value, except that a bare message (the
+/// answer of `vm add`, `enable`, `server allow`, ...) becomes `{"message": "..."}`, so that
+/// every command prints a JSON object or array.
+pub fn json_shape(value: &Value) -> Value {
+    match value {
+        Value::String(s) => serde_json::json!({ "message": s }),
+        Value::Null => serde_json::json!({}),
+        v => v.clone(),
+    }
+}
+
+/// The `--json` form of an error on stderr: its chain, exit code and the code's name.
+pub fn json_error(err: &anyhow::Error, code: i32) -> Value {
+    let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+    serde_json::json!({
+        "error": chain.join(": "),
+        "exit_code": code,
+        "kind": crate::exit::name(code),
+    })
+}
+
 /// Print `value` as `kind`.
 pub fn print(kind: Kind, value: &Value, json: bool) {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
+            serde_json::to_string_pretty(&json_shape(value)).unwrap_or_default()
         );
         return;
     }
@@ -57,6 +81,27 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
         },
         Kind::Measure => match serde_json::from_value::<Vec<VmStatus>>(value.clone()) {
             Ok(rows) => print_measure(&rows),
+            Err(_) => print_plain(value),
+        },
+        Kind::VmList => match serde_json::from_value::<Vec<vmr_proto::api::VmEntry>>(value.clone())
+        {
+            Ok(rows) => {
+                println!(
+                    "{:<14} {:<36} {:<30} {:<22} {:<16} QMP",
+                    "NAME", "UUID", "STATE", "REPLICA", "DISKS"
+                );
+                for r in rows {
+                    println!(
+                        "{:<14} {:<36} {:<30} {:<22} {:<16} {}",
+                        r.name,
+                        r.uuid,
+                        r.state.to_string(),
+                        r.replica.as_deref().unwrap_or("-"),
+                        r.disks.join(","),
+                        r.qmp
+                    );
+                }
+            }
             Err(_) => print_plain(value),
         },
         Kind::Points => match serde_json::from_value::<Vec<PointInfo>>(value.clone()) {
@@ -137,6 +182,9 @@ fn print_failover(r: &vmr_proto::api::FailoverResult) {
 fn print_plain(value: &Value) {
     match value {
         Value::String(s) => println!("{s}"),
+        Value::Object(o) if o.get("message").is_some_and(Value::is_string) => {
+            println!("{}", o["message"].as_str().unwrap_or_default());
+        }
         Value::Null => {}
         v => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
     }
@@ -155,7 +203,10 @@ fn print_status(rows: &[VmStatus]) {
             r.health.to_string(),
             format!("{:?}", r.mode),
             r.frequency_secs,
-            r.primary,
+            match &r.primary_address {
+                Some(a) => format!("{} ({a})", r.primary),
+                None => r.primary.clone(),
+            },
             r.replica,
             opt_time(r.last_replication_ms),
             r.health_reason
@@ -203,5 +254,30 @@ fn print_measure(rows: &[VmStatus]) {
             }
         }
         println!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_answers_are_objects_or_arrays() {
+        assert_eq!(
+            json_shape(&Value::String("VM \"a\" registered".into())),
+            serde_json::json!({"message": "VM \"a\" registered"})
+        );
+        assert_eq!(json_shape(&Value::Null), serde_json::json!({}));
+        let rows = serde_json::json!([{"name": "a"}]);
+        assert_eq!(json_shape(&rows), rows);
+    }
+
+    #[test]
+    fn json_errors_carry_the_chain_code_and_its_name() {
+        let e = crate::util::coded(crate::exit::NOT_FOUND, "unknown VM \"x\"").context("status");
+        assert_eq!(
+            json_error(&e, 4),
+            serde_json::json!({"error": "status: unknown VM \"x\"", "exit_code": 4, "kind": "not-found"})
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Helpers of the CLI: an error carrying its exit code, formatting and parsing of times and
-//! sizes.
+//! Helpers of the CLI: an error carrying its exit code, the confirmation of a command,
+//! formatting and parsing of times and sizes.
 
 use std::time::UNIX_EPOCH;
 
@@ -68,5 +68,77 @@ pub fn fmt_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", U[i])
+    }
+}
+
+/// Confirm `what` (what the command is about to do): at once with `yes`; refused without a
+/// terminal (exit 2: a script must say `--yes`); otherwise asked on `out`, and only `y` or
+/// `yes` read from `input` goes on (anything else cancels, exit 1, nothing changed).
+pub fn confirm(
+    what: &str,
+    yes: bool,
+    terminal: bool,
+    input: &mut impl std::io::BufRead,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !terminal {
+        return Err(coded(
+            exit::USAGE,
+            format!("about to {what}: no terminal to confirm on; pass --yes to go on"),
+        ));
+    }
+    write!(out, "About to {what}.\nContinue? [y/N] ")?;
+    out.flush()?;
+    let mut answer = String::new();
+    input.read_line(&mut answer)?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(coded(exit::FAILURE, "cancelled; nothing changed")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(yes: bool, terminal: bool, typed: &str) -> (anyhow::Result<()>, String) {
+        let mut out = Vec::new();
+        let r = confirm(
+            "remove VM x",
+            yes,
+            terminal,
+            &mut typed.as_bytes(),
+            &mut out,
+        );
+        (r, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[test]
+    fn confirmation() {
+        // --yes: no question, with or without a terminal.
+        for terminal in [false, true] {
+            let (r, out) = ask(true, terminal, "");
+            assert!(r.is_ok());
+            assert!(out.is_empty());
+        }
+        // No terminal, no --yes: refused with the usage code, nothing asked.
+        let (r, out) = ask(false, false, "y\n");
+        let e = r.expect_err("refused");
+        assert_eq!(exit_code(&e), exit::USAGE);
+        assert!(e.to_string().contains("--yes"), "{e}");
+        assert!(out.is_empty());
+        // On a terminal: asked; y/yes go on, anything else (or end of input) cancels.
+        for typed in ["y\n", "YES\n", " yes \n"] {
+            let (r, out) = ask(false, true, typed);
+            assert!(r.is_ok(), "{typed:?}");
+            assert!(out.contains("About to remove VM x"), "{out}");
+        }
+        for typed in ["\n", "n\n", "no\n", "", "yess\n"] {
+            let (r, _) = ask(false, true, typed);
+            assert_eq!(exit_code(&r.expect_err(typed)), exit::FAILURE, "{typed:?}");
+        }
     }
 }
