@@ -150,6 +150,9 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Name prefix of a VM directory being removed (`Store::remove_vm`).
+const REMOVED_PREFIX: &str = ".removed-";
+
 fn layer_name(id: CycleId) -> String {
     format!("c{id:06}.qcow2")
 }
@@ -300,7 +303,13 @@ impl Store {
         let rd = std::fs::read_dir(&vms_dir)
             .map_err(|e| StoreError::io("read directory", &vms_dir, e))?;
         for e in rd.flatten() {
-            let Ok(id) = Uuid::parse_str(&e.file_name().to_string_lossy()) else {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(REMOVED_PREFIX) {
+                // A removal interrupted after its rename: finish it.
+                let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
+            let Ok(id) = Uuid::parse_str(&name) else {
                 continue;
             };
             if !e.path().join(CATALOG).exists() {
@@ -398,8 +407,16 @@ impl Store {
             vms.remove(&vm);
             v
         };
-        std::fs::remove_dir_all(&v.dir).map_err(|e| StoreError::io("remove", &v.dir, e))?;
-        self.inner.fs.fsync_dir(&self.inner.root.join("vms"))
+        // One rename removes the VM (durable with the directory fsync); a crash while its files
+        // are deleted leaves a `.removed-` directory that the next open deletes.
+        let vms_dir = self.inner.root.join("vms");
+        let gone = vms_dir.join(format!("{REMOVED_PREFIX}{vm}"));
+        if gone.exists() {
+            std::fs::remove_dir_all(&gone).map_err(|e| StoreError::io("remove", &gone, e))?;
+        }
+        std::fs::rename(&v.dir, &gone).map_err(|e| StoreError::io("rename", &v.dir, e))?;
+        self.inner.fs.fsync_dir(&vms_dir)?;
+        std::fs::remove_dir_all(&gone).map_err(|e| StoreError::io("remove", &gone, e))
     }
 
     /// Replace a VM's definition (TOML text).

@@ -313,3 +313,33 @@ async fn a_view_made_while_pruning_keeps_its_content() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `remove_vm` removes a VM and all its data with one durable rename; a removal interrupted
+/// after the rename is finished by the next open; other VMs are untouched.
+#[tokio::test]
+async fn remove_vm_is_one_rename_and_finished_on_open() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = new_store(dir.path(), 2);
+    let vm = vm_uuid();
+    send(&store, vm, 1).await?;
+    send(&store, vm, 2).await?;
+    let other = uuid::Uuid::parse_str("0b7e2a51-33c4-4f0e-8a2b-6d5c4e3f2a10")?;
+    store.add_vm(other, &definition(other), RetentionPolicy::default())?;
+    send(&store, other, 1).await?;
+    store.remove_vm(vm)?;
+    assert!(store.latest_point(vm).is_err(), "the VM is gone");
+    assert!(!dir.path().join("vms").join(vm.to_string()).exists());
+    assert!(
+        store.remove_vm(vm).is_err(),
+        "removing it again is an error"
+    );
+    // An interrupted removal: the renamed directory is still there at the next open.
+    let half = dir.path().join("vms").join(format!(".removed-{vm}"));
+    std::fs::create_dir_all(half.join("disks"))?;
+    std::fs::write(half.join("disks").join("junk"), b"x")?;
+    drop(store);
+    let store = Store::open(dir.path())?;
+    assert!(!half.exists(), "the next open finished the removal");
+    assert_eq!(store.latest_point(other)?, Some(1));
+    Ok(())
+}
