@@ -44,6 +44,9 @@ pub struct CycleDone {
     pub outcome: Outcome,
     /// The session, back to the owner.
     pub session: Session,
+    /// After a failed cycle: the changes now pending (the failed cycle's merged back), when
+    /// the capture is still open to ask.
+    pub pending: Option<u64>,
 }
 
 /// The primary side of a VM whose replication is enabled.
@@ -259,7 +262,15 @@ impl PrimarySide {
                 // Dropping a capture mid-cycle leaves leftovers the next open merges back.
                 session.capture = None;
             }
-            CycleDone { outcome, session }
+            let mut pending = None;
+            if let (Outcome::Failed(_), Some(c)) = (&outcome, session.capture.as_mut()) {
+                pending = c.pending_bytes().await.ok();
+            }
+            CycleDone {
+                outcome,
+                session,
+                pending,
+            }
         });
         self.running = Some((cancel, handle));
     }
@@ -342,6 +353,9 @@ impl PrimarySide {
             }
             Outcome::Failed(failure) => {
                 tracing::warn!(vm = %vm.rec.name, "cycle failed: {failure:?}");
+                if let Some(bytes) = done.pending {
+                    self.step(vm, Event::Pending { bytes });
+                }
                 self.step(
                     vm,
                     Event::CycleFailed {

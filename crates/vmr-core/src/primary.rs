@@ -99,6 +99,12 @@ pub enum Event {
         /// Classified cause.
         failure: Failure,
     },
+    /// The changes tracked and not yet replicated were measured (after a failed cycle: they
+    /// include the failed cycle's, merged back).
+    Pending {
+        /// Bytes pending.
+        bytes: u64,
+    },
     /// Admin pause.
     Pause {
         /// Now.
@@ -481,6 +487,7 @@ impl PrimaryMachine {
                 self.account_missed(now_ms);
                 out.push(Action::Persist);
             }
+            Event::Pending { bytes } => self.stats.pending_bytes = bytes,
             Event::CycleFailed { now_ms, failure } => {
                 let Some(run) = self.running.take() else {
                     return Err(Refusal::NoCycleRunning {
@@ -1060,6 +1067,26 @@ mod tests {
         let h = m.health(now);
         assert_eq!(h.health, vmr_proto::api::Health::Critical);
         assert!(h.reason().contains("missed"), "{}", h.reason());
+    }
+
+    /// What is pending is measured at every failure, not only after a success.
+    #[test]
+    fn pending_is_measured_at_a_failure() {
+        let mut m = enabled();
+        m.run(Event::CycleSucceeded {
+            now_ms: 1_000,
+            bytes: 1,
+            app_consistent: false,
+            pending_bytes: Some(3 << 20),
+            disk_sizes: None,
+        });
+        assert!(start_of(&m.run(Event::Tick { now_ms: 30_000 })).is_some());
+        m.run(Event::Pending { bytes: 256 << 20 });
+        m.run(Event::CycleFailed {
+            now_ms: 30_100,
+            failure: Failure::Retryable("connection refused".into()),
+        });
+        assert_eq!(m.stats().pending_bytes, 256 << 20);
     }
 
     /// A cycle that hangs (a cut link not yet noticed) counts its missed intervals while it runs.

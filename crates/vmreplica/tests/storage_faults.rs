@@ -89,6 +89,12 @@ fn a_full_replica_store_shows_on_the_primary_and_resumes_when_freed() -> TestRes
     );
     assert_eq!(p.b.status("full1")?.last_cycle, applied);
     assert_eq!(p.a.status("full1")?.last_cycle, applied);
+    // What waits is measured at the failure (issue 11, item 7): about 8.6 MiB of 64 KiB blocks.
+    assert!(
+        s.stats.pending_bytes >= 4 << 20,
+        "pending after the failed cycle: {} bytes",
+        s.stats.pending_bytes
+    );
     // A failed cycle leaves no pending layer behind on the replica: the space is free again.
     assert!(
         available(&store)? >= (1 << 20),
