@@ -91,8 +91,7 @@ impl Fault {
             (Fault::KillReplica | Fault::KillPrimary, false) => 30,
             (Fault::NetCut | Fault::LossDelay | Fault::FleeceFull, true) => 1,
             (_, true) => 2,
-            (Fault::SecondAgent, false) => 10,
-            (_, false) => 5,
+            (_, false) => 10,
         }
     }
 }
@@ -108,6 +107,10 @@ pub struct Trial {
     pub write_error: Option<String>,
     /// Wall time.
     pub secs: f64,
+    /// A kill struck while the primary showed a cycle in flight.
+    pub mid_cycle: bool,
+    /// What the trial observed (e.g. packets dropped).
+    pub note: Option<String>,
 }
 
 /// The shared parts of a run.
@@ -355,7 +358,7 @@ fn trial(ctx: &Ctx, bed: &mut Bed, fault: Fault, rng: &mut StdRng) -> Trial {
     };
     // A random moment of the cycle period.
     sleep_ms(rng, 0, CYCLE.as_millis() as u64);
-    let faulted = inject(ctx, bed, fault, rng);
+    let faulted = inject(ctx, bed, fault, rng, &mut t);
     let wrote = writer.bytes();
     if let Err(e) = ctx.rt.block_on(writer.stop()) {
         t.write_error = Some(format!("{e:#}"));
@@ -388,14 +391,37 @@ fn check_at_cut(bed: &Bed, t: &mut Trial) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn inject(ctx: &Ctx, bed: &mut Bed, fault: Fault, rng: &mut StdRng) -> anyhow::Result<()> {
+/// Half the kills wait for a cycle in flight (then 0-100 ms more), the others strike at once
+/// (the random moment already passed); whether the primary showed a cycle in flight just
+/// before the kill.
+fn kill_moment(bed: &Bed, rng: &mut StdRng) -> bool {
+    let running = || bed.pair.a.status(VM).is_ok_and(|s| s.progress.is_some());
+    if rng.gen_bool(0.5) {
+        let deadline = Instant::now() + CYCLE * 2;
+        while !running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        sleep_ms(rng, 0, 100);
+    }
+    running()
+}
+
+fn inject(
+    ctx: &Ctx,
+    bed: &mut Bed,
+    fault: Fault,
+    rng: &mut StdRng,
+    t: &mut Trial,
+) -> anyhow::Result<()> {
     match fault {
         Fault::KillReplica => {
+            t.mid_cycle = kill_moment(bed, rng);
             bed.pair.b.kill9();
             sleep_ms(rng, 0, 2000);
             bed.pair.b.restart()?;
         }
         Fault::KillPrimary => {
+            t.mid_cycle = kill_moment(bed, rng);
             bed.pair.a.kill9();
             sleep_ms(rng, 0, 2000);
             bed.pair.a.restart()?;
@@ -427,11 +453,20 @@ fn inject(ctx: &Ctx, bed: &mut Bed, fault: Fault, rng: &mut StdRng) -> anyhow::R
                 .pair
                 .a
                 .wait_cycle(VM, before + 2, Duration::from_secs(90));
+            let drops = bed.net.as_ref().context("no namespaces")?.loss_drops();
             bed.net.as_mut().context("no namespaces")?.set_loss(false)?;
+            let delayed = bed.proxy.as_ref().map_or(0, DelayProxy::delayed_bytes);
             if let Some(p) = &bed.proxy {
                 p.set_delay(Duration::ZERO);
             }
             went_on.context("cycles under 5 % loss and 200 ms delay")?;
+            let drops = drops?;
+            ensure!(drops > 0, "the loss rules dropped no packet");
+            ensure!(delayed > 0, "the proxy delayed nothing");
+            t.note = Some(format!(
+                "{drops} packets dropped, {} KiB delayed",
+                delayed / 1024
+            ));
         }
         Fault::ReplicaFull => {
             let store = bed.pair.b.storage();

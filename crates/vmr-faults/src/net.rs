@@ -203,6 +203,30 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Packets dropped so far by the loss rules (both namespaces).
+    pub fn loss_drops(&self) -> anyhow::Result<u64> {
+        let mut n = 0;
+        for ns in [&self.a, &self.b] {
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "iptables", "-L", "INPUT", "-v", "-x", "-n",
+                ])
+                .output()?;
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                if l.contains("statistic") {
+                    n += l
+                        .split_whitespace()
+                        .next()
+                        .and_then(|p| p.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting a namespace deletes its end of the veth pair and with it the other end.

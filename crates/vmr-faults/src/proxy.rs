@@ -21,6 +21,7 @@ pub struct DelayProxy {
     /// Where it listens.
     pub addr: SocketAddr,
     delay_ms: Arc<AtomicU64>,
+    delayed: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -30,11 +31,13 @@ impl DelayProxy {
     /// `None`), forwarding to `target`.
     pub fn start(netns: Option<&Path>, ip: &str, target: SocketAddr) -> anyhow::Result<Self> {
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let delayed = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let netns = netns.map(Path::to_path_buf);
         let ip = ip.to_owned();
         let d = delay_ms.clone();
+        let dl = delayed.clone();
         let thread = std::thread::spawn(move || {
             let setup = || -> anyhow::Result<(tokio::runtime::Runtime, std::net::TcpListener)> {
                 if let Some(ns) = &netns {
@@ -77,11 +80,11 @@ impl DelayProxy {
                         let Ok((down, _)) = l.accept().await else {
                             continue;
                         };
-                        let d = d.clone();
+                        let (d, dl) = (d.clone(), dl.clone());
                         tokio::spawn(async move {
                             // A refused or unreachable target closes the client's connection.
                             if let Ok(up) = TcpStream::connect(target).await {
-                                forward(down, up, d).await;
+                                forward(down, up, d, dl).await;
                             }
                         });
                     }
@@ -98,9 +101,15 @@ impl DelayProxy {
         Ok(DelayProxy {
             addr,
             delay_ms,
+            delayed,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
+    }
+
+    /// Bytes forwarded with a delay so far.
+    pub fn delayed_bytes(&self) -> u64 {
+        self.delayed.load(Ordering::Relaxed)
     }
 
     /// Set the one-way delay of every chunk from now on.
@@ -120,15 +129,15 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn forward(down: TcpStream, up: TcpStream, delay: Arc<AtomicU64>) {
+async fn forward(down: TcpStream, up: TcpStream, delay: Arc<AtomicU64>, delayed: Arc<AtomicU64>) {
     let _ = down.set_nodelay(true);
     let _ = up.set_nodelay(true);
     let (dr, dw) = down.into_split();
     let (ur, uw) = up.into_split();
     // Either direction ending (EOF or error) ends the connection.
     tokio::select! {
-        _ = pump(dr, uw, delay.clone()) => {}
-        _ = pump(ur, dw, delay) => {}
+        _ = pump(dr, uw, delay.clone(), delayed.clone()) => {}
+        _ = pump(ur, dw, delay, delayed) => {}
     }
 }
 
@@ -137,6 +146,7 @@ async fn pump(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
     delay: Arc<AtomicU64>,
+    delayed: Arc<AtomicU64>,
 ) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
     let reader = async move {
@@ -145,7 +155,11 @@ async fn pump(
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let due = Instant::now() + Duration::from_millis(delay.load(Ordering::Relaxed));
+                    let ms = delay.load(Ordering::Relaxed);
+                    if ms > 0 {
+                        delayed.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    let due = Instant::now() + Duration::from_millis(ms);
                     if tx.send((due, buf[..n].to_vec())).await.is_err() {
                         break;
                     }
@@ -198,5 +212,6 @@ mod tests {
         // 150 ms each way.
         assert!(took >= Duration::from_millis(300), "{took:?}");
         assert!(took < Duration::from_secs(5), "{took:?}");
+        assert_eq!(p.delayed_bytes(), 10);
     }
 }

@@ -28,19 +28,28 @@ impl Row {
 /// The results table (markdown) with the first failure of each failing fault below it.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| Fault | Trials | Failures | Data lost | Guest write errors | Mean trial |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| Fault | Trials | Failures | Data lost | Guest write errors | Mean trial | Notes |\n\
+         |---|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         if r.trials.is_empty() {
-            s.push_str(&format!("| {} | not run | | | | |\n", r.fault.label()));
+            s.push_str(&format!("| {} | not run | | | | | |\n", r.fault.label()));
             continue;
         }
         let lost = r.trials.iter().filter(|t| t.data_lost).count();
         let werr = r.trials.iter().filter(|t| t.write_error.is_some()).count();
         let mean = r.trials.iter().map(|t| t.secs).sum::<f64>() / r.trials.len() as f64;
+        let mid = r.trials.iter().filter(|t| t.mid_cycle).count();
+        let mut notes = Vec::new();
+        if matches!(r.fault, Fault::KillReplica | Fault::KillPrimary) {
+            notes.push(format!("{mid} kills with a cycle in flight"));
+        }
+        if let Some(n) = r.trials.iter().rev().find_map(|t| t.note.clone()) {
+            notes.push(format!("last: {n}"));
+        }
+        let notes = notes.join("; ");
         s.push_str(&format!(
-            "| {} | {} | {} | {lost} | {werr} | {mean:.0} s |\n",
+            "| {} | {} | {} | {lost} | {werr} | {mean:.0} s | {notes} |\n",
             r.fault.label(),
             r.trials.len(),
             r.failures(),
@@ -144,12 +153,14 @@ mod tests {
                     data_lost: true,
                     write_error: Some("EIO".into()),
                     secs: 4.0,
+                    mid_cycle: true,
+                    note: None,
                 },
             ],
         }];
         let t = table(&rows);
         assert!(
-            t.contains("| 1. SIGKILL of the replica agent | 2 | 1 | 1 | 1 | 2 s |"),
+            t.contains("| 1. SIGKILL of the replica agent | 2 | 1 | 1 | 1 | 2 s | 1 kills with a cycle in flight |"),
             "{t}"
         );
         assert!(t.contains("trial 2: lost"), "{t}");
