@@ -9,3 +9,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # injection) are compiled for the tests only, never into release builds.
 cargo clippy --workspace --all-targets --locked --features vmreplica/test-hooks,vmr-store/failpoints -- -D warnings
 cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks,vmr-store/failpoints -- --test-threads=2
+# The quick fault campaign (RELIABILITY.md): needs root for namespaces, iptables and tmpfs.
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/faults.sh --quick
+else
+  echo "scripts/test.sh: not root: skipping the quick fault campaign (scripts/faults.sh --quick)" >&2
+fi

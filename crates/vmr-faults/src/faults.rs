@@ -1,6 +1,6 @@
 //! The faults and their trials. Each fault gets a test bed (two real agents, one stand-in VM
 //! with a 16 MiB disk replicated every 5 s, and whatever the fault needs: namespaces, a
-//! tmpfs); each trial starts a guest writer (1 MiB/s of random 64 KiB writes), starts the
+//! tmpfs); each trial starts a guest writer (4 MiB/s of random 64 KiB writes), starts the
 //! fault at a random moment of the 5 s cycle, ends it, stops the writer, waits for a cycle cut
 //! after the last write and compares the replica's latest point with the primary's disk. A
 //! failed trial gets a fresh bed, so one failure does not cascade into the next trials.
@@ -26,7 +26,7 @@ const DISK: &str = "disk0";
 const DISK_MIB: u64 = 16;
 const FREQUENCY: &str = "5s";
 const CYCLE: Duration = Duration::from_secs(5);
-const WRITE_RATE: f64 = 1024.0 * 1024.0;
+const WRITE_RATE: f64 = 4.0 * 1024.0 * 1024.0;
 const LONG: Duration = Duration::from_secs(180);
 
 /// One fault of the campaign.
@@ -391,7 +391,23 @@ fn check_at_cut(bed: &Bed, t: &mut Trial) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Half the kills wait for a cycle in flight (then 0-100 ms more), the others strike at once
+/// Wait until the primary's health is not Critical (the previous trial's failures are over),
+/// so that the Critical health a fault must cause is this trial's.
+fn settle(bed: &Bed) -> anyhow::Result<()> {
+    bed.pair
+        .a
+        .wait_status(
+            VM,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            "the primary's health to leave Critical before the fault",
+            |s| s.health != Health::Critical,
+        )
+        .map(drop)
+        .map_err(Into::into)
+}
+
+/// Half the kills wait for a cycle in flight (then 0-30 ms more), the others strike at once
 /// (the random moment already passed); whether the primary showed a cycle in flight just
 /// before the kill.
 fn kill_moment(bed: &Bed, rng: &mut StdRng) -> bool {
@@ -401,7 +417,7 @@ fn kill_moment(bed: &Bed, rng: &mut StdRng) -> bool {
         while !running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
-        sleep_ms(rng, 0, 100);
+        sleep_ms(rng, 0, 30);
     }
     running()
 }
@@ -427,6 +443,7 @@ fn inject(
             bed.pair.a.restart()?;
         }
         Fault::NetCut => {
+            settle(bed)?;
             let ns = bed.net.as_mut().context("no namespaces")?;
             ns.set_cut(true)?;
             // Long enough for cycles to fail on the cut link and the keep-alive to notice.
@@ -437,11 +454,12 @@ fn inject(
                 cut,
                 Duration::from_millis(200),
                 "the primary to show the cut link",
-                |s| s.health != Health::Normal,
+                |s| s.health == Health::Critical && s.health_reason.contains("cannot replicate"),
             );
             std::thread::sleep(cut.saturating_sub(t0.elapsed()));
             bed.net.as_mut().context("no namespaces")?.set_cut(false)?;
-            seen.with_context(|| format!("a {:.0} s cut link", cut.as_secs_f64()))?;
+            let (s, _) = seen.with_context(|| format!("a {:.0} s cut link", cut.as_secs_f64()))?;
+            t.note = Some(format!("shown as: {}", s.health_reason));
         }
         Fault::LossDelay => {
             let before = bed.last(true)?;
@@ -469,6 +487,7 @@ fn inject(
             ));
         }
         Fault::ReplicaFull => {
+            settle(bed)?;
             let store = bed.pair.b.storage();
             let ballast = store.join("ballast");
             let fill = available(&store)?.saturating_sub(2 << 20);
@@ -509,6 +528,7 @@ fn inject(
 fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
     let work = bed.pair.a.dir.join("work");
     let hold = bed.pair.a.dir.join("test-cycle-hold-ms");
+    settle(bed)?;
     std::fs::write(&hold, "3000")?;
     let before = bed.last(true)?;
     let opened = bed.pair.a.wait_status(
