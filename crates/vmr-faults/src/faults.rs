@@ -493,11 +493,22 @@ fn inject(
             settle(bed)?;
             let store = bed.pair.b.storage();
             let ballast = store.join("ballast");
-            let fill = available(&store)?.saturating_sub(2 << 20);
-            net::run(
-                "fallocate",
-                &["-l", &fill.to_string(), &ballast.display().to_string()],
-            )?;
+            // The replica may write meanwhile: a ballast that no longer fits is tried again
+            // with what is free then.
+            let mut tries = 0;
+            loop {
+                let fill = available(&store)?.saturating_sub(2 << 20);
+                let r = net::run(
+                    "fallocate",
+                    &["-l", &fill.to_string(), &ballast.display().to_string()],
+                );
+                tries += 1;
+                match r {
+                    Ok(()) => break,
+                    Err(e) if tries >= 20 => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
             let seen = bed.pair.a.wait_status(
                 VM,
                 Duration::from_secs(60),
