@@ -16,3 +16,9 @@ if cargo +nightly fuzz --version >/dev/null 2>&1; then
 else
     echo "test.sh: quick fuzz pass skipped: needs nightly and cargo-fuzz (see RELIABILITY.md)"
 fi
+# The quick fault campaign (RELIABILITY.md): needs root for namespaces, iptables and tmpfs.
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/faults.sh --quick
+else
+  echo "scripts/test.sh: not root: skipping the quick fault campaign (scripts/faults.sh --quick)" >&2
+fi
