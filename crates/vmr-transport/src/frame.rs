@@ -21,6 +21,9 @@ use crate::error::TransportError;
 pub const STREAM_MAGIC: [u8; 4] = *b"VMRC";
 /// Version of the cycle body framing.
 pub const STREAM_VERSION: u16 = 1;
+/// Extents of at least this many data bytes are hashed (and compressed) on a blocking thread;
+/// smaller ones in place on the runtime.
+const OFF_RUNTIME: usize = 1 << 20;
 /// Stream header flag: the frames after the stream header form one zstd stream.
 pub const FLAG_ZSTD: u16 = 1;
 /// Largest data extent a frame may carry.
@@ -178,7 +181,8 @@ impl FrameEncoder {
                 let data = data.clone();
                 let mut pending = std::mem::take(&mut self.pending);
                 let zstd = self.zstd.take();
-                let job = tokio::task::spawn_blocking(move || {
+                let small = data.len() < OFF_RUNTIME;
+                let job = move || {
                     let cs = e.checksum();
                     put_extent_header(&mut pending, &e, &cs);
                     match zstd {
@@ -198,10 +202,17 @@ impl FrameEncoder {
                             (cs, Ok((None, head, data)), pending)
                         }
                     }
-                });
-                let (cs, r, pending) = job
-                    .await
-                    .map_err(|e| TransportError::Local(format!("encoder task failed: {e}")))?;
+                };
+                // A small extent is hashed and compressed in place (tens of microseconds): a
+                // hand-over to a blocking thread per 64 KiB block would cost more than the work
+                // on a busy host. Large ones leave the runtime.
+                let (cs, r, pending) = if small {
+                    job()
+                } else {
+                    tokio::task::spawn_blocking(job)
+                        .await
+                        .map_err(|e| TransportError::Local(format!("encoder task failed: {e}")))?
+                };
                 self.pending = pending;
                 let (zstd, first, second) =
                     r.map_err(|e| TransportError::Local(format!("zstd: {e}")))?;
@@ -443,7 +454,7 @@ impl CycleDecoder {
         };
         let extent = Extent { disk, offset, data };
         let index = self.index;
-        let computed = if len >= 1 << 20 {
+        let computed = if len as usize >= OFF_RUNTIME {
             let e = extent.clone();
             tokio::task::spawn_blocking(move || e.checksum())
                 .await
