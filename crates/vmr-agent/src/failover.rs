@@ -497,23 +497,34 @@ async fn probe_primary(
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(v)) => (P::Answered { running: v.running }, Some(v.state)),
         Ok(Err(e)) if primary_lost(&e) => (P::Lost, None),
+        Ok(Err(e)) if agent_down(&e) => failed(format!(
+            "the primary host answers at {addr} but no vmreplica agent listens there (connection \
+             refused): its VM may still run"
+        )),
         Ok(Err(e)) => failed(crate::util::chain(&e)),
         Err(_) => (P::Lost, None),
     }
 }
 
-/// Nobody answers at the primary's address: refused (no agent listens), unreachable, or no
-/// answer in time. Anything else (TLS, identity, the primary refusing) is not "lost".
+/// Nothing answers at the primary's address: host or network unreachable, or no answer in
+/// time. Anything else (a refused connection: the host is up; TLS, identity, the primary
+/// refusing the call) is not "lost" (issue 11: the VM may still run there).
 fn primary_lost(e: &TransportError) -> bool {
     use std::io::ErrorKind as K;
     match e {
         TransportError::Connect { source, .. } => matches!(
             source.kind(),
-            K::ConnectionRefused | K::HostUnreachable | K::NetworkUnreachable | K::TimedOut
+            K::HostUnreachable | K::NetworkUnreachable | K::TimedOut
         ),
         TransportError::Timeout(_) => true,
         _ => false,
     }
+}
+
+/// The primary's host answered, but no agent listens on its port.
+fn agent_down(e: &TransportError) -> bool {
+    matches!(e, TransportError::Connect { source, .. }
+        if source.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 pub async fn stop_test(

@@ -1202,7 +1202,7 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     o.method = format!(
         "a small (64 MiB holding 32 MiB) and a large ({} holding {}) stand-in VM replicated at \
          5 s, the first point pinned by a test-failover copy (all cycles fall into one hour, so retention would keep only the latest), until two more cycles are applied; then the primary \
-         VMs and the primary agent are stopped (unplanned failover: the primary host is gone) and `vmreplica failover start NAME --point ID` is run on the replica, for \
+         VMs and the primary agent are stopped (unplanned failover: the primary host is gone) and `vmreplica failover start NAME --point ID --force` is run on the replica (`--force`: on one machine the stopped agent's port answers connection refused, which the split-brain guard treats as a live host), for \
          the latest point and for the oldest one; time from the command until the started VM's \
          QMP socket (named in the command's JSON output) answers `query-version` (a stand-in, qemu-storage-daemon, has no `query-status`). Median of {reps}.",
         size(large.0),
@@ -1268,9 +1268,14 @@ fn failover_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             let mut t = Vec::new();
             for _ in 0..reps {
                 let t0 = Instant::now();
-                let out = pair
-                    .b
-                    .json(&["failover", "start", &name, "--point", &id.to_string()])?;
+                let out = pair.b.json(&[
+                    "failover",
+                    "start",
+                    &name,
+                    "--point",
+                    &id.to_string(),
+                    "--force",
+                ])?;
                 let cmd_s = t0.elapsed().as_secs_f64();
                 let v: Value = serde_json::from_str(&out).unwrap_or(Value::String(out.clone()));
                 let qmp = find_qmp(&v).with_context(|| {

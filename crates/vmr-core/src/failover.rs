@@ -189,11 +189,12 @@ pub enum PrimaryProbe {
         /// Its VM runs (a `PreparedForFailover` VM counts as not running).
         running: bool,
     },
-    /// Nobody answers at the primary's address: connection refused (no agent listens), host
-    /// or network unreachable, or no answer in time. The primary is lost.
+    /// Nothing answers at the primary's address: host or network unreachable, or no answer in
+    /// time. The primary is lost.
     Lost,
-    /// The probe could not be made or its answer cannot be trusted: no usable address, a TLS
-    /// failure, another identity answering, or the primary refusing the call.
+    /// The probe could not be made or its answer cannot be trusted: no usable address, the
+    /// primary's host answering with no agent listening (connection refused: its VM may still
+    /// run), a TLS failure, another identity answering, or the primary refusing the call.
     Failed {
         /// Why, for the message.
         reason: String,

@@ -122,11 +122,20 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert_eq!(p.b.status("fo1")?.state, ReplicationState::Replicating);
 
-    // The primary is lost.
+    // The primary's agent is gone; its host answers (connection refused), so the VM may still
+    // run there: refused unless the admin knows it does not.
     let mut a = p.a;
     a.kill9();
+    let out =
+        p.b.cli(&["failover", "start", "fo1", "--point", "latest"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("connection refused") && err.contains("--force"),
+        "{err}"
+    );
     let t0 = Instant::now();
-    let live = failover(&p.b, &["start", "fo1", "--point", "latest"])?;
+    let live = failover(&p.b, &["start", "fo1", "--point", "latest", "--force"])?;
     let took = t0.elapsed();
     assert_eq!(live.state, ReplicationState::FailedOverWaitingCompletion);
     assert_eq!(live.point, Some(pb));
@@ -292,7 +301,7 @@ fn reverse_after_unplanned_failover_sends_only_differences() -> TestResult {
     p.a.kill9();
     vm.write_random("disk0", 20, 5)?;
     assert_ne!(vm.hash("disk0")?, hk);
-    let live = failover(&p.b, &["start", "uf1"])?;
+    let live = failover(&p.b, &["start", "uf1", "--force"])?;
     assert_eq!(live.point, Some(k));
     let vm_b = started(&vm, live_nbd(&p.b, vm.def.uuid));
     assert_eq!(vm_b.hash("disk0")?, hk);

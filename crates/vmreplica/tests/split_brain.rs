@@ -66,9 +66,12 @@ fn wildcard_primary_is_probed_where_its_calls_come_from() -> TestResult {
     // a's VM runs: refused.
     let err = refused(&b, "sb1")?;
     assert!(err.contains("still answers and its VM"), "{err}");
-    // The primary agent is gone: the failover proceeds.
+    // The primary agent is gone but its host answers (connection refused): its VM may still
+    // run, so the failover is refused unless the admin says otherwise.
     a.kill9();
-    let out = b.ok(&["failover", "start", "sb1", "--no-start"])?;
+    let err = refused(&b, "sb1")?;
+    assert!(err.contains("connection refused"), "{err}");
+    let out = b.ok(&["failover", "start", "sb1", "--no-start", "--force"])?;
     assert_eq!(
         b.status("sb1")?.state,
         ReplicationState::FailedOverWaitingCompletion,
