@@ -805,6 +805,10 @@ fn lock_holders(lock: &Path) -> Vec<(i32, u64)> {
         return Vec::new();
     };
     let me = std::process::id() as i32;
+    // A fork of this process that has not exec'd yet (any thread of it starting any child)
+    // holds copies of all its descriptors, this lock's included, for a moment: it is not a
+    // QEMU process of a previous store and must not be killed.
+    let my_exe = std::fs::read_link("/proc/self/exe").ok();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -814,6 +818,9 @@ fn lock_holders(lock: &Path) -> Vec<(i32, u64)> {
             continue;
         };
         if pid == me {
+            continue;
+        }
+        if my_exe.is_some() && std::fs::read_link(p.path().join("exe")).ok() == my_exe {
             continue;
         }
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
