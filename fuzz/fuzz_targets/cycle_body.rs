@@ -14,8 +14,19 @@ fuzz_target!(|data: &[u8]| {
     let chunks = split(body, chunk_size(sel));
     if let Ok((header, extents)) = block_on(vmr_transport::testing::decode_cycle(chunks)) {
         assert!(header.check().is_ok(), "accepted a header check() refuses");
-        for (e, cs) in &extents {
-            assert_eq!(e.checksum(), *cs, "accepted extent with a wrong checksum");
+        let scheme = if u16::from_le_bytes([body[4], body[5]]) >= 2 {
+            vmr_proto::ChecksumScheme::Blocks
+        } else {
+            vmr_proto::ChecksumScheme::Whole
+        };
+        for c in &extents {
+            let e = c.extent();
+            let again = vmr_proto::CheckedExtent::compute(e.clone(), scheme);
+            assert_eq!(
+                again.checksum(),
+                c.checksum(),
+                "accepted extent with a wrong checksum"
+            );
             let size = header.disks[e.disk as usize].size;
             assert!(e.offset.checked_add(e.len()).is_some_and(|end| end <= size));
         }

@@ -74,6 +74,9 @@ fuzz_target!(|data: &[u8]| {
     let (h, got) = block_on(vmr_transport::testing::decode_cycle(split(&body, chunk)))
         .unwrap_or_else(|e| panic!("an encoded cycle does not decode: {e}"));
     assert_eq!(h, header);
-    let got: Vec<Extent> = got.into_iter().map(|(e, _)| e).collect();
+    let got: Vec<Extent> = got
+        .into_iter()
+        .map(vmr_proto::CheckedExtent::into_extent)
+        .collect();
     assert_eq!(got, extents);
 });

@@ -13,9 +13,7 @@ use vmr_proto::api::{EnableArgs, Request};
 use vmr_proto::peer::{BecameReplica, BlockHashes, PeerRequest, PeerResponse, PrimaryVmState};
 use vmr_proto::store::{Catalog, LayerRecord, PointKind, PointRecord, RetentionPolicy};
 use vmr_proto::{CycleKind, DiskInfo, Extent, ExtentData};
-use vmreplica_fuzz::{
-    DIRTY_CONTEXT, block_on, chunk_size, fixed_header, split, staging_header, stream_header,
-};
+use vmreplica_fuzz::{DIRTY_CONTEXT, block_on, chunk_size, fixed_header, split, staging_header};
 
 const LAUNCH: &str = include_str!("../../examples/standin-vm.toml");
 
@@ -27,15 +25,10 @@ fn check(target: &str, name: &str, bytes: &[u8]) {
         ))
         .is_ok(),
         ("cycle_frames", Some((&sel, frames))) => {
-            let mut body = stream_header(sel & 0x80 != 0);
-            if sel & 0x80 != 0 {
-                body.extend(zstd::bulk::compress(frames, 1).unwrap_or_default());
-            } else {
-                body.extend_from_slice(frames);
-            }
+            let body = vmreplica_fuzz::frames_body(sel, frames).unwrap_or_default();
             block_on(vmr_transport::testing::decode_cycle(split(
                 &body,
-                chunk_size(sel & 0x7f),
+                chunk_size(sel & 0x3f),
             )))
             .is_ok()
         }
@@ -108,26 +101,37 @@ fn extents() -> Vec<Vec<Extent>> {
 }
 
 fn cycles(root: &Path) {
+    let v1 = vmr_transport::STREAM_VERSION_1;
+    let v2 = vmr_transport::STREAM_VERSION;
     for (i, ext) in extents().into_iter().enumerate() {
-        for (zi, level) in [None, Some(1)].into_iter().enumerate() {
-            let body = block_on(vmr_transport::testing::encode_cycle(
+        for (zi, (level, version)) in [(None, v2), (Some(1), v2), (Some(1), v1)]
+            .into_iter()
+            .enumerate()
+        {
+            let body = block_on(vmr_transport::testing::encode_cycle_version(
                 &fixed_header(),
                 ext.clone(),
                 level,
+                version,
             ))
             .unwrap_or_else(|e| panic!("encode: {e}"));
             let mut seed = vec![6 - 2 * zi as u8];
             seed.extend_from_slice(&body);
             put(root, "cycle_body", &format!("seed-{i}-{zi}"), &seed);
         }
-        // The frames as a plain body has them; the target compresses them itself with bit 7.
-        let body = block_on(vmr_transport::testing::encode_cycle(
-            &fixed_header(),
-            ext.clone(),
-            None,
-        ))
-        .unwrap_or_else(|e| panic!("encode: {e}"));
-        for (zi, sel) in [6u8, 0x80 | 5].into_iter().enumerate() {
+        // The frames as a plain body of each version has them; the target adds the stream
+        // header (and, for version 1 with bit 7, compresses them itself).
+        for (zi, (sel, version)) in [(6u8, v2), (0x40 | 5, v2), (0x80 | 5, v1)]
+            .into_iter()
+            .enumerate()
+        {
+            let body = block_on(vmr_transport::testing::encode_cycle_version(
+                &fixed_header(),
+                ext.clone(),
+                None,
+                version,
+            ))
+            .unwrap_or_else(|e| panic!("encode: {e}"));
             let mut seed = vec![sel];
             seed.extend_from_slice(&body[8..]);
             put(root, "cycle_frames", &format!("seed-{i}-{zi}"), &seed);

@@ -77,12 +77,37 @@ pub fn fixed_header() -> CycleHeader {
 }
 
 /// The stream header of a cycle body (magic, version, flags).
-pub fn stream_header(zstd: bool) -> Vec<u8> {
+pub fn stream_header(version: u16, zstd: bool) -> Vec<u8> {
     let mut b = vmr_transport::STREAM_MAGIC.to_vec();
-    b.extend_from_slice(&vmr_transport::STREAM_VERSION.to_le_bytes());
+    b.extend_from_slice(&version.to_le_bytes());
     let flags = if zstd { vmr_transport::FLAG_ZSTD } else { 0 };
     b.extend_from_slice(&flags.to_le_bytes());
     b
+}
+
+/// A cycle body around fuzzed `frames`, as the selector byte `sel` picks: bit 7 set: stream
+/// version 1 with the frames compressed as one zstd stream (a version-1 sender with
+/// compression on); else stream version 2, with `FLAG_ZSTD` (extents may be packed one by
+/// one) when bit 6 is set. The low six bits pick the chunk size ([`chunk_size`]).
+pub fn frames_body(sel: u8, frames: &[u8]) -> Option<Vec<u8>> {
+    if sel & 0x80 != 0 {
+        let mut body = stream_header(vmr_transport::STREAM_VERSION_1, true);
+        body.extend_from_slice(&zstd::bulk::compress(frames, 1).ok()?);
+        Some(body)
+    } else {
+        let mut body = stream_header(vmr_transport::STREAM_VERSION, sel & 0x40 != 0);
+        body.extend_from_slice(frames);
+        Some(body)
+    }
+}
+
+/// The checksum scheme of a body [`frames_body`] made with `sel`.
+pub fn frames_scheme(sel: u8) -> vmr_proto::ChecksumScheme {
+    if sel & 0x80 != 0 {
+        vmr_proto::ChecksumScheme::Whole
+    } else {
+        vmr_proto::ChecksumScheme::Blocks
+    }
 }
 
 /// The staging-file header (magic, version, JSON length, JSON, BLAKE3 of the JSON) of `h`.
@@ -155,7 +180,7 @@ pub fn read_stage(file: &[u8]) -> Option<Vec<vmr_proto::Extent>> {
     let mut out = Vec::new();
     loop {
         match r.next_extent() {
-            Ok(Some(e)) => out.push(e),
+            Ok(Some(e)) => out.push(e.into_extent()),
             Ok(None) => break,
             Err(_) => return None,
         }

@@ -84,11 +84,11 @@ async fn stream_into(
 ) -> Result<(u64, u64), RemoteError> {
     let (mut count, mut bytes) = (0u64, 0u64);
     while let Some(item) = extents.next().await {
-        let (extent, sum) = item.map_err(|e| e.to_remote())?;
-        bytes += extent.len();
+        let checked = item.map_err(|e| e.to_remote())?;
+        bytes += checked.extent().len();
         count += 1;
         writer
-            .put(&extent, sum)
+            .put_checked(&checked)
             .await
             .map_err(crate::errors::store_err)?;
     }

@@ -117,6 +117,41 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// The direct children of a process (every thread's `children` list in `/proc`).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// CPU seconds used so far by each of `procs` (label, pid) and, added to the same label, by
+/// its children (the QEMU processes an agent runs). A process that ended counts as 0.
+pub fn cpu_by_process(procs: &[(&str, u32)]) -> Vec<(String, f64)> {
+    procs
+        .iter()
+        .map(|(label, pid)| {
+            let own = cpu_seconds(*pid).unwrap_or(0.0);
+            let kids: f64 = children(*pid)
+                .into_iter()
+                .map(|c| cpu_seconds(c).unwrap_or(0.0))
+                .sum();
+            ((*label).to_owned(), own + kids)
+        })
+        .collect()
+}
+
 /// Peak resident set size (VmHWM) of a process, bytes.
 pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

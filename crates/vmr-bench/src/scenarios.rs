@@ -608,6 +608,13 @@ fn delta_run(
 
     let (mut cyc, mut ack, mut rs, mut cp, mut sent) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // CPU seconds per cycle, per process group (agent + its QEMU children), per repeat.
+    let cpu_procs = [
+        ("primary agent", pair.a.pid()),
+        ("replica agent + its qemu-storage-daemon", pair.b.pid()),
+        ("stand-in VM (qemu-storage-daemon)", vm.pid()),
+    ];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); cpu_procs.len()];
     let copy_out = pair.root.path().join("dirty-copy.bin");
     let rsync_literal = std::cell::RefCell::new(Vec::<String>::new());
     let extra = usize::from(ctx.profile);
@@ -641,6 +648,7 @@ fn delta_run(
             } else {
                 None
             };
+            let cpu0 = profile::cpu_by_process(&cpu_procs);
             let t = Instant::now();
             resume(&pair, &vm.def.name)?;
             // The headline is the time to applied: poll the replica first (the primary's
@@ -653,6 +661,7 @@ fn delta_run(
                 .a
                 .wait_cycle(&vm.def.name, last + 1, Duration::from_secs(600))?;
             let el = applied.duration_since(t).as_secs_f64();
+            let cpu1 = profile::cpu_by_process(&cpu_procs);
             if let Some(p) = perf {
                 o2.notes.push(p.finish(&format!(
                     "one extra cycle of {} dirty (agents host-a and host-b, qemu-storage-daemon; {} to applied; not counted in the median)",
@@ -660,6 +669,9 @@ fn delta_run(
                     secs(el)
                 )));
                 return Ok(());
+            }
+            for (i, ((_, a), (_, b))) in cpu0.iter().zip(&cpu1).enumerate() {
+                cpu[i].push(b - a);
             }
             cyc.push(el);
             ack.push(st.stats.total_latency_ms.saturating_sub(b.total_latency_ms) as f64 / 1e3);
@@ -708,6 +720,20 @@ fn delta_run(
         o.detail(
             "cycle throughput (dirty bytes / time to applied)",
             format!("{:.0} MB/s", dirty_bytes as f64 / mc / MB),
+        );
+        let per: Vec<String> = cpu_procs
+            .iter()
+            .zip(&cpu)
+            .map(|((l, _), v)| format!("{l} {:.2} s", median(v)))
+            .collect();
+        let total: f64 = cpu.iter().map(|v| median(v)).sum();
+        o.detail(
+            "CPU time per cycle (user + system, median; to applied plus the primary's commit)",
+            format!(
+                "{}; total {total:.2} s = {:.2} cores busy over the cycle",
+                per.join(", "),
+                total / mc
+            ),
         );
         o.detail(
             "bytes captured and shipped per cycle (agent statistics, median; before compression)",

@@ -325,13 +325,19 @@ impl VmCapture {
                 source,
             })?;
             self.reserve(&f, &path, d.size)?;
+            // discard=ignore: a TRIM of the snapshot still tells copy-before-write to stop
+            // copying those clusters, but does not punch holes into the reserved file (one
+            // file-system operation per TRIM in the VM's QEMU, and the reservation undone).
             let add = qmp::blockdev_add(qmp::BlockdevOptions::raw {
-                base: node_base(&self.names.tmp_node(i)),
+                base: qmp::BlockdevOptionsBase {
+                    discard: Some(qmp::BlockdevDiscardOptions::ignore),
+                    ..node_base(&self.names.tmp_node(i))
+                },
                 raw: qmp::BlockdevOptionsRaw {
                     base: qmp::BlockdevOptionsGenericFormat {
                         file: qmp::BlockdevRef::definition(Box::new(qmp::BlockdevOptions::file {
                             base: qmp::BlockdevOptionsBase {
-                                discard: Some(qmp::BlockdevDiscardOptions::unmap),
+                                discard: Some(qmp::BlockdevDiscardOptions::ignore),
                                 ..empty_base()
                             },
                             file: file_options(path.display().to_string()),

@@ -2,7 +2,10 @@
 //! window by window, reads the wanted ranges in pieces of at most [`PIECE_SIZE`] with up to
 //! `max_in_flight` reads outstanding, hands out extents in disk/offset order, and TRIMs what
 //! was read (and, in the background, what will never be read) so the copy-before-write filter
-//! stops copying those clusters and frees their temp space.
+//! stops copying those clusters. What was read is trimmed in batches ([`TRIM_BATCH_PIECES`]
+//! pieces or [`TRIM_BATCH_SPAN`] bytes of disk at a time, everything up to the end of the last
+//! extent handed out: every read before it has completed), not one TRIM per piece: each TRIM is
+//! a request the VM's own QEMU serves.
 //!
 //! Memory is bounded by `max_in_flight × PIECE_SIZE` plus one block-status window's extent list,
 //! however large the delta.
@@ -23,6 +26,10 @@ const STATUS_WINDOW: u64 = 1 << 30;
 const TRIM_MAX: u64 = 1 << 30;
 /// TRIMs outstanding at once in the background pass.
 const TRIM_IN_FLIGHT: usize = 8;
+/// Trim what was read after this many pieces...
+const TRIM_BATCH_PIECES: u32 = 32;
+/// ...or this much disk span, whichever comes first.
+const TRIM_BATCH_SPAN: u64 = 256 << 20;
 
 /// Which ranges of a disk a cycle reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +71,26 @@ struct DiskCursor {
     src: DiskSource,
     status_pos: u64,
     planned: VecDeque<(Class, u64, u64)>,
+    /// Everything before this was handed out (all its reads completed).
+    read_to: u64,
+    /// Everything before this was trimmed (or asked to be).
+    trimmed_to: u64,
+    /// Pieces handed out since the last trim.
+    untrimmed: u32,
+}
+
+impl DiskCursor {
+    /// TRIM `[trimmed_to, read_to)` in the background when the batch is full (or `all`).
+    fn trim_read(&mut self, all: bool) {
+        let span = self.read_to.saturating_sub(self.trimmed_to);
+        if span == 0 || (!all && self.untrimmed < TRIM_BATCH_PIECES && span < TRIM_BATCH_SPAN) {
+            return;
+        }
+        let (client, from) = (self.src.client.clone(), self.trimmed_to);
+        tokio::spawn(async move { trim_range(&client, from, span).await });
+        self.trimmed_to = self.read_to;
+        self.untrimmed = 0;
+    }
 }
 
 type Pending = BoxFuture<'static, Result<Vec<Extent>, CaptureError>>;
@@ -88,6 +115,9 @@ impl Pipeline {
                     src,
                     status_pos: 0,
                     planned: VecDeque::new(),
+                    read_to: 0,
+                    trimmed_to: 0,
+                    untrimmed: 0,
                 })
                 .collect(),
             current: 0,
@@ -119,9 +149,19 @@ impl Pipeline {
                 if let ExtentData::Data(b) = &e.data {
                     self.bytes_read += b.len() as u64;
                 }
+                if let Some(d) = self.disks.iter_mut().find(|d| d.src.index == e.disk) {
+                    d.read_to = d.read_to.max(e.offset + data_len(&e.data));
+                    if self.ready.is_empty() {
+                        d.untrimmed += 1;
+                        d.trim_read(false);
+                    }
+                }
                 return Ok(Some(e));
             }
             if self.finished {
+                for d in &mut self.disks {
+                    d.trim_read(true);
+                }
                 return Ok(None);
             }
             while self.inflight.len() < self.max_in_flight {
@@ -211,12 +251,8 @@ async fn read_piece(
     len: u32,
 ) -> Result<Vec<Extent>, CaptureError> {
     let chunks = client.read_chunks(offset, len).await?;
-    let out = chunks_to_extents(disk, offset, len, chunks)?;
-    // the data is in memory now: drop it from the snapshot so guest writes stop copying it
-    if let Err(e) = client.trim(offset, len).await {
-        tracing::debug!(disk, offset, len, error = %e, "trim after read failed");
-    }
-    Ok(out)
+    // Trimmed in batches once handed out (`DiskCursor::trim_read`).
+    chunks_to_extents(disk, offset, len, chunks)
 }
 
 async fn zero_piece(

@@ -13,8 +13,9 @@ pub mod vmdef;
 pub mod wire;
 
 pub use cycle::{
-    CycleConsistency, CycleHeader, CycleId, CycleKind, DiskInfo, Extent, ExtentData, HeaderError,
-    MAX_CYCLE_ID, MAX_DISK_ID_LEN, MAX_DISK_SIZE, MAX_DISKS, check_disk_ids, check_disks, checksum,
-    valid_disk_id,
+    CheckedExtent, ChecksumMismatch, ChecksumScheme, CycleConsistency, CycleHeader, CycleId,
+    CycleKind, DiskInfo, Extent, ExtentData, HASH_BLOCK, HeaderError, MAX_CYCLE_ID,
+    MAX_DISK_ID_LEN, MAX_DISK_SIZE, MAX_DISKS, check_disk_ids, check_disks, checksum,
+    checksum_blocks, valid_disk_id,
 };
 pub use vmdef::{VmDefinition, VmDefinitionError};

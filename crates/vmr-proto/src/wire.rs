@@ -9,9 +9,10 @@ use uuid::Uuid;
 use crate::cycle::CycleId;
 
 /// Version of the agent-to-agent protocol (HTTP routes, call encoding and cycle framing) this
-/// build speaks: 3 = version 2 plus the `disable-replica` call, 2 = typed calls
+/// build speaks: 4 = version 3 plus cycle bodies of stream version 2 (per-extent compression,
+/// block checksums), 3 = version 2 plus the `disable-replica` call, 2 = typed calls
 /// (`vmr_proto::peer`), 1 = JSON calls by method name.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// First protocol version with the `disable-replica` call: a caller sends it only on a
 /// connection speaking at least this version (an older peer does not know the call).

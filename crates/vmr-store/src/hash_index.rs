@@ -367,6 +367,28 @@ pub fn extent_entries(e: &Extent) -> Vec<(u64, Entry)> {
     out
 }
 
+/// The entries of [`extent_entries`] from the whole-block hashes a block checksum yielded
+/// ([`vmr_proto::CheckedExtent::block_hashes`]), without a pass over the data: a block the
+/// list holds is `Hash`, every other block the extent touches (only partly) is `Unknown`.
+pub fn entries_from_blocks(e: &Extent, blocks: &[(u64, [u8; 32])]) -> Vec<(u64, Entry)> {
+    let len = e.len();
+    if len == 0 {
+        return Vec::new();
+    }
+    let first = e.offset / BLOCK_SIZE;
+    let last = (e.offset + len - 1) / BLOCK_SIZE;
+    let mut known = blocks.iter().peekable();
+    (first..=last)
+        .map(|b| {
+            while known.next_if(|(k, _)| *k < b).is_some() {}
+            match known.next_if(|(k, _)| *k == b) {
+                Some((_, h)) => (b, Entry::Hash(*h)),
+                None => (b, Entry::Unknown),
+            }
+        })
+        .collect()
+}
+
 /// What a cycle writer gathered: per disk of the cycle, the latest entry of each block an
 /// extent touched (later extents win, as they do on disk).
 #[derive(Debug, Default)]
@@ -406,6 +428,27 @@ impl Updates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_from_blocks_equal_a_pass_over_the_data() {
+        let data: Vec<u8> = (0..(3 * BLOCK_SIZE as usize + 100))
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        for offset in [0, BLOCK_SIZE / 2, BLOCK_SIZE, 5 * BLOCK_SIZE - 100] {
+            let e = Extent {
+                disk: 0,
+                offset,
+                data: ExtentData::Data(bytes::Bytes::from(data.clone())),
+            };
+            let c = vmr_proto::CheckedExtent::compute(e.clone(), vmr_proto::ChecksumScheme::Blocks);
+            let blocks = c.block_hashes().expect("block hashes");
+            assert_eq!(
+                entries_from_blocks(&e, blocks),
+                extent_entries(&e),
+                "offset {offset}"
+            );
+        }
+    }
     use bytes::Bytes;
 
     fn data(offset: u64, len: usize, fill: u8) -> Extent {

@@ -25,7 +25,7 @@ use crate::store::Store;
 /// The resync block size (bytes): the block the primary and the replica hash and compare, the
 /// block of the replica's hash index. The dirty-bitmap granularity and qcow2 cluster size, so a
 /// guest write of one cluster costs one block (measured choice: `docs/resync.md`).
-pub const BLOCK_SIZE: u64 = 64 << 10;
+pub const BLOCK_SIZE: u64 = vmr_proto::HASH_BLOCK;
 /// Smallest block size accepted.
 pub const MIN_BLOCK: u64 = 4 << 10;
 /// Largest block size accepted.

@@ -194,7 +194,7 @@ impl<R: Read> StageReader<R> {
     }
 
     /// The next verified extent, or `None` after a valid trailer.
-    pub fn next_extent(&mut self) -> Result<Option<Extent>, StoreError> {
+    pub fn next_extent(&mut self) -> Result<Option<vmr_proto::CheckedExtent>, StoreError> {
         if self.done {
             return Ok(None);
         }
@@ -245,12 +245,15 @@ impl<R: Read> StageReader<R> {
             TAG_ZERO => ExtentData::Zero(len),
             t => return Err(self.bad(format!("unknown record tag {t}"))),
         };
-        if vmr_proto::checksum(disk, offset, &data) != sum {
-            return Err(StoreError::CorruptExtent { disk, offset });
-        }
+        let checked = vmr_proto::CheckedExtent::verify(
+            Extent { disk, offset, data },
+            sum,
+            vmr_proto::ChecksumScheme::Whole,
+        )
+        .map_err(|_| StoreError::CorruptExtent { disk, offset })?;
         self.chain.update(&d);
         self.count += 1;
-        Ok(Some(Extent { disk, offset, data }))
+        Ok(Some(checked))
     }
 }
 
@@ -347,7 +350,7 @@ mod tests {
         let mut r = StageReader::new(bytes, Path::new("mem"))?;
         let mut v = Vec::new();
         while let Some(e) = r.next_extent()? {
-            v.push(e);
+            v.push(e.into_extent());
         }
         Ok(v)
     }

@@ -18,7 +18,9 @@ use uuid::Uuid;
 use vmr_proto::store::{
     Catalog, LayerRecord, PointKind, PointRecord, RecoveryPoint, RetentionPolicy, ViewRecord,
 };
-use vmr_proto::{CycleHeader, CycleId, CycleKind, Extent, ExtentData};
+use vmr_proto::{
+    CheckedExtent, ChecksumScheme, CycleHeader, CycleId, CycleKind, Extent, ExtentData,
+};
 
 use crate::daemon::Daemon;
 use crate::error::StoreError;

@@ -44,7 +44,7 @@ impl Handler for Drain {
     ) -> Result<CycleAck, RemoteError> {
         let (mut count, mut bytes) = (0u64, 0u64);
         while let Some(item) = extents.next().await {
-            let (e, _sum) = item.map_err(|e| e.to_remote())?;
+            let e = item.map_err(|e| e.to_remote())?.into_extent();
             count += 1;
             bytes += e.len();
         }

@@ -32,7 +32,7 @@ use vmr_proto::wire::{
 use vmr_proto::{CycleHeader, Extent};
 
 use crate::error::TransportError;
-use crate::frame::FrameEncoder;
+use crate::frame::{FrameEncoder, STREAM_V2_SINCE, STREAM_VERSION, STREAM_VERSION_1};
 use crate::identity::Identity;
 use crate::server::{
     CONN_WINDOW, MAX_FRAME, MAX_JSON_BODY, PATH_CALL, PATH_CALL_V2, PATH_CYCLE, PATH_HELLO,
@@ -345,8 +345,13 @@ impl Client {
             .body(body)
             .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
         let level = compress.then_some(self.opts.zstd_level);
+        let version = if self.hello.protocol >= STREAM_V2_SINCE {
+            STREAM_VERSION
+        } else {
+            STREAM_VERSION_1
+        };
         let producer = async move {
-            let mut enc = FrameEncoder::start(tx, header, level).await?;
+            let mut enc = FrameEncoder::start(tx, header, level, version).await?;
             futures::pin_mut!(extents);
             while let Some(e) = extents.next().await {
                 enc.extent(e.map_err(|e| TransportError::Source(e.into()))?)

@@ -1,7 +1,11 @@
 //! The binary cycle body (see docs/protocol.md): stream header, then Header, Extent… and End
-//! frames, the frame part optionally one zstd stream. Encoding (sender side, feeding a bounded
-//! channel) and incremental decoding (receiver side, pulling the HTTP body only as fast as the
-//! handler consumes extents) with every length bounded.
+//! frames. Stream version 2 (peer protocol 4) compresses each data extent on its own, only when
+//! a cheap sample says it is worth it, and checksums extents block by block
+//! ([`ChecksumScheme::Blocks`]); stream version 1 (older peers) makes the frame part one zstd
+//! stream and checksums whole extents. Encoding (sender side, feeding a bounded channel) and
+//! incremental decoding (receiver side, pulling the HTTP body only as fast as the handler
+//! consumes extents) with every length bounded; the decoder verifies each extent exactly once
+//! and hands it on as a [`CheckedExtent`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,20 +16,30 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::channel::mpsc;
 use futures::stream::BoxStream;
 use futures::{SinkExt, Stream, StreamExt};
-use vmr_proto::{CycleHeader, Extent, ExtentData};
+use vmr_proto::{CheckedExtent, ChecksumScheme, CycleHeader, Extent, ExtentData};
 use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
 
 use crate::error::TransportError;
 
 /// First four bytes of every cycle body.
 pub const STREAM_MAGIC: [u8; 4] = *b"VMRC";
-/// Version of the cycle body framing.
-pub const STREAM_VERSION: u16 = 1;
+/// Newest version of the cycle body framing: per-extent compression and block checksums. A
+/// sender uses it on connections of peer protocol [`STREAM_V2_SINCE`] or later.
+pub const STREAM_VERSION: u16 = 2;
+/// The first framing: one zstd stream over all frames, whole-extent checksums.
+pub const STREAM_VERSION_1: u16 = 1;
+/// First peer protocol whose receivers decode stream version 2.
+pub const STREAM_V2_SINCE: u16 = 4;
 /// Extents of at least this many data bytes are hashed (and compressed) on a blocking thread;
 /// smaller ones in place on the runtime.
 const OFF_RUNTIME: usize = 1 << 20;
-/// Stream header flag: the frames after the stream header form one zstd stream.
+/// Stream header flag: version 1: the frames after the stream header form one zstd stream;
+/// version 2: data extents may be zstd-compressed one by one.
 pub const FLAG_ZSTD: u16 = 1;
+/// Version 2 extent encoding: the data follows as it is.
+const ENC_RAW: u8 = 0;
+/// Version 2 extent encoding: the data follows as one zstd frame.
+const ENC_ZSTD: u8 = 1;
 /// Largest data extent a frame may carry.
 pub const MAX_EXTENT_DATA: u64 = 64 << 20;
 /// Largest Header frame JSON.
@@ -39,6 +53,8 @@ const KIND_DATA: u8 = 0;
 const KIND_ZERO: u8 = 1;
 /// type + disk + offset + kind + length + checksum
 const EXTENT_FRAME_LEN: usize = 1 + 4 + 8 + 1 + 8 + 32;
+/// Version 2: the version 1 extent frame + encoding + stored (payload) length.
+const EXTENT_FRAME_LEN_V2: usize = EXTENT_FRAME_LEN + 1 + 8;
 /// type + count + total + digest
 const END_FRAME_LEN: usize = 1 + 8 + 8 + 32;
 /// Size of the body chunks the sender hands to HTTP/2.
@@ -66,6 +82,49 @@ fn check_extent(disks: &[u64], disk: u32, offset: u64, len: u64) -> Result<(), T
     }
 }
 
+/// The checksum scheme of a stream version.
+fn scheme(version: u16) -> ChecksumScheme {
+    if version >= 2 {
+        ChecksumScheme::Blocks
+    } else {
+        ChecksumScheme::Whole
+    }
+}
+
+/// Whether zstd is likely to shrink `data`: the Shannon entropy of a sample of its bytes (16
+/// bytes of every 256, at most 8 KiB) is under 7 bits per byte. Random or already compressed
+/// data (about 8 bits) is sent as it is, which saves the compressor's whole pass over it; data
+/// with repeats that a byte histogram cannot see (a random page written twice in one extent)
+/// is sent uncompressed too, the price of a check that costs a sixteenth of a pass.
+pub fn worth_compressing(data: &[u8]) -> bool {
+    const STEP: usize = 256;
+    const TAKE: usize = 16;
+    if data.len() < 1024 {
+        return true;
+    }
+    let step = STEP.max(data.len() / 512);
+    let mut hist = [0u32; 256];
+    let mut n = 0u32;
+    let mut pos = 0;
+    while pos + TAKE <= data.len() {
+        for &b in &data[pos..pos + TAKE] {
+            hist[b as usize] += 1;
+        }
+        n += TAKE as u32;
+        pos += step;
+    }
+    let total = f64::from(n);
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / total;
+            -p * p.log2()
+        })
+        .sum();
+    entropy < 7.0
+}
+
 fn put_extent_header(out: &mut Vec<u8>, e: &Extent, cs: &[u8; 32]) {
     out.put_u8(FRAME_EXTENT);
     out.put_u32_le(e.disk);
@@ -80,10 +139,21 @@ fn put_extent_header(out: &mut Vec<u8>, e: &Extent, cs: &[u8; 32]) {
 
 type ZstdWriter = zstd::stream::write::Encoder<'static, Vec<u8>>;
 
+/// How the frames of a body are compressed.
+enum Compression {
+    None,
+    /// Version 1: one zstd stream over every frame.
+    Stream(ZstdWriter),
+    /// Version 2: each data extent worth it on its own.
+    PerExtent(Box<zstd::bulk::Compressor<'static>>),
+}
+
 /// Encodes one cycle body into a bounded channel of chunks.
 pub(crate) struct FrameEncoder {
     tx: mpsc::Sender<Bytes>,
-    zstd: Option<ZstdWriter>,
+    version: u16,
+    /// `None` only while a job holds it.
+    zstd: Option<Compression>,
     pending: Vec<u8>,
     disks: Vec<u64>,
     digest: blake3::Hasher,
@@ -91,13 +161,23 @@ pub(crate) struct FrameEncoder {
     total: u64,
 }
 
+/// What encoding one data extent produced: frame bytes to send in order.
+type Encoded = (Compression, [u8; 32], Bytes, Bytes);
+
 impl FrameEncoder {
-    /// Starts a body: sends the stream header and queues the Header frame.
+    /// Starts a body of stream `version` ([`STREAM_VERSION`] or [`STREAM_VERSION_1`]): sends
+    /// the stream header and queues the Header frame.
     pub(crate) async fn start(
         tx: mpsc::Sender<Bytes>,
         header: &CycleHeader,
         zstd_level: Option<i32>,
+        version: u16,
     ) -> Result<FrameEncoder, TransportError> {
+        if version != STREAM_VERSION && version != STREAM_VERSION_1 {
+            return Err(TransportError::Local(format!(
+                "cannot encode stream version {version}"
+            )));
+        }
         let json = serde_json::to_vec(header)
             .map_err(|e| TransportError::Local(format!("cannot encode cycle header: {e}")))?;
         if json.len() > MAX_HEADER_JSON as usize {
@@ -106,20 +186,28 @@ impl FrameEncoder {
                 json.len()
             )));
         }
-        let zstd = match zstd_level {
-            Some(level) => Some(
-                ZstdWriter::new(Vec::with_capacity(CHUNK), level)
-                    .map_err(|e| TransportError::Local(format!("zstd encoder: {e}")))?,
+        let zerr = |e: std::io::Error| TransportError::Local(format!("zstd encoder: {e}"));
+        let zstd = match (zstd_level, version) {
+            (None, _) => Compression::None,
+            (Some(level), STREAM_VERSION_1) => Compression::Stream(
+                ZstdWriter::new(Vec::with_capacity(CHUNK), level).map_err(zerr)?,
             ),
-            None => None,
+            (Some(level), _) => {
+                Compression::PerExtent(Box::new(zstd::bulk::Compressor::new(level).map_err(zerr)?))
+            }
         };
         let mut sh = Vec::with_capacity(STREAM_HEADER_LEN);
         sh.put_slice(&STREAM_MAGIC);
-        sh.put_u16_le(STREAM_VERSION);
-        sh.put_u16_le(if zstd.is_some() { FLAG_ZSTD } else { 0 });
+        sh.put_u16_le(version);
+        sh.put_u16_le(if matches!(zstd, Compression::None) {
+            0
+        } else {
+            FLAG_ZSTD
+        });
         let mut enc = FrameEncoder {
             tx,
-            zstd,
+            version,
+            zstd: Some(zstd),
             pending: Vec::with_capacity(CHUNK),
             disks: header.disks.iter().map(|d| d.size).collect(),
             digest: blake3::Hasher::new(),
@@ -144,16 +232,16 @@ impl FrameEncoder {
         Ok(())
     }
 
-    /// Sends (compressing if on) everything queued in `pending`.
+    /// Sends (compressing if version 1 with zstd) everything queued in `pending`.
     async fn flush_pending(&mut self) -> Result<(), TransportError> {
         let plain = std::mem::take(&mut self.pending);
         let out = match &mut self.zstd {
-            Some(z) => {
+            Some(Compression::Stream(z)) => {
                 std::io::Write::write_all(z, &plain)
                     .map_err(|e| TransportError::Local(format!("zstd: {e}")))?;
                 std::mem::take(z.get_mut())
             }
-            None => plain,
+            _ => plain,
         };
         self.pending = Vec::with_capacity(CHUNK);
         self.send(Bytes::from(out)).await
@@ -168,55 +256,40 @@ impl FrameEncoder {
             )));
         }
         check_extent(&self.disks, e.disk, e.offset, len)?;
+        let version = self.version;
         let cs = match &e.data {
             ExtentData::Zero(_) => {
-                let cs = e.checksum();
+                let cs = CheckedExtent::compute(e.clone(), scheme(version)).checksum();
                 put_extent_header(&mut self.pending, &e, &cs);
+                if version >= 2 {
+                    self.pending.put_u8(ENC_RAW);
+                    self.pending.put_u64_le(0);
+                }
                 if self.pending.len() >= CHUNK {
                     self.flush_pending().await?;
                 }
                 cs
             }
             ExtentData::Data(data) => {
-                let data = data.clone();
-                let mut pending = std::mem::take(&mut self.pending);
-                let zstd = self.zstd.take();
                 let small = data.len() < OFF_RUNTIME;
-                let job = move || {
-                    let cs = e.checksum();
-                    put_extent_header(&mut pending, &e, &cs);
-                    match zstd {
-                        Some(mut z) => {
-                            let r = std::io::Write::write_all(&mut z, &pending)
-                                .and_then(|()| std::io::Write::write_all(&mut z, &data));
-                            let out = std::mem::take(z.get_mut());
-                            pending.clear();
-                            (
-                                cs,
-                                r.map(|()| (Some(z), Bytes::from(out), Bytes::new())),
-                                pending,
-                            )
-                        }
-                        None => {
-                            let head = Bytes::from(std::mem::take(&mut pending));
-                            (cs, Ok((None, head, data)), pending)
-                        }
-                    }
-                };
+                let pending = std::mem::take(&mut self.pending);
+                let zstd = self
+                    .zstd
+                    .take()
+                    .ok_or_else(|| TransportError::Local("encoder used after a failure".into()))?;
+                let job = move || encode_data(e, zstd, pending, version);
                 // A small extent is hashed and compressed in place (tens of microseconds): a
                 // hand-over to a blocking thread per 64 KiB block would cost more than the work
                 // on a busy host. Large ones leave the runtime.
-                let (cs, r, pending) = if small {
+                let r = if small {
                     job()
                 } else {
                     tokio::task::spawn_blocking(job)
                         .await
                         .map_err(|e| TransportError::Local(format!("encoder task failed: {e}")))?
                 };
-                self.pending = pending;
-                let (zstd, first, second) =
-                    r.map_err(|e| TransportError::Local(format!("zstd: {e}")))?;
-                self.zstd = zstd;
+                let (zstd, cs, first, second) = r?;
+                self.zstd = Some(zstd);
                 self.send(first).await?;
                 self.send(second).await?;
                 cs
@@ -237,13 +310,62 @@ impl FrameEncoder {
         self.pending.put_u64_le(total);
         self.pending.put_slice(&digest);
         self.flush_pending().await?;
-        if let Some(z) = self.zstd.take() {
+        if let Some(Compression::Stream(z)) = self.zstd.take() {
             let out = z
                 .finish()
                 .map_err(|e| TransportError::Local(format!("zstd: {e}")))?;
             self.send(Bytes::from(out)).await?;
         }
         Ok(())
+    }
+}
+
+/// Checksums one data extent and frames it after what `pending` holds: returns the
+/// compression state, the checksum and the bytes to send (the second is the raw data itself
+/// when it goes uncompressed, so it is never copied).
+fn encode_data(
+    e: Extent,
+    zstd: Compression,
+    mut pending: Vec<u8>,
+    version: u16,
+) -> Result<Encoded, TransportError> {
+    let ExtentData::Data(data) = &e.data else {
+        return Err(TransportError::Local("encode_data of a zero extent".into()));
+    };
+    let data = data.clone();
+    let zerr = |e: std::io::Error| TransportError::Local(format!("zstd: {e}"));
+    let cs = CheckedExtent::compute(e.clone(), scheme(version)).checksum();
+    put_extent_header(&mut pending, &e, &cs);
+    match zstd {
+        Compression::Stream(mut z) => {
+            std::io::Write::write_all(&mut z, &pending).map_err(zerr)?;
+            std::io::Write::write_all(&mut z, &data).map_err(zerr)?;
+            let out = std::mem::take(z.get_mut());
+            Ok((Compression::Stream(z), cs, Bytes::from(out), Bytes::new()))
+        }
+        Compression::PerExtent(mut c) => {
+            let packed = if worth_compressing(&data) {
+                let out = c.compress(&data).map_err(zerr)?;
+                // Keep it only when it saves at least 1/16.
+                (out.len() < data.len() - data.len() / 16).then_some(out)
+            } else {
+                None
+            };
+            let (enc, payload) = match packed {
+                Some(out) => (ENC_ZSTD, Bytes::from(out)),
+                None => (ENC_RAW, data),
+            };
+            pending.put_u8(enc);
+            pending.put_u64_le(payload.len() as u64);
+            Ok((Compression::PerExtent(c), cs, Bytes::from(pending), payload))
+        }
+        Compression::None => {
+            if version >= 2 {
+                pending.put_u8(ENC_RAW);
+                pending.put_u64_le(data.len() as u64);
+            }
+            Ok((Compression::None, cs, Bytes::from(pending), data))
+        }
     }
 }
 
@@ -327,6 +449,9 @@ impl Source {
 /// Incremental decoder of one cycle body.
 pub(crate) struct CycleDecoder {
     src: Source,
+    version: u16,
+    /// Version 2 with [`FLAG_ZSTD`]: decompresses extents packed one by one.
+    unpack: Option<Box<zstd::bulk::Decompressor<'static>>>,
     disks: Vec<u64>,
     index: u64,
     total: u64,
@@ -362,17 +487,21 @@ impl CycleDecoder {
         sh.advance(4);
         let version = sh.get_u16_le();
         let flags = sh.get_u16_le();
-        if version != STREAM_VERSION {
+        if version != STREAM_VERSION && version != STREAM_VERSION_1 {
             return Err(protocol(format!("unsupported stream version {version}")));
         }
         if flags & !FLAG_ZSTD != 0 {
             return Err(protocol(format!("unknown stream flags {flags:#x}")));
         }
+        let zerr = |e: std::io::Error| TransportError::Local(format!("zstd decoder: {e}"));
+        let mut unpack = None;
         if flags & FLAG_ZSTD != 0 {
-            let dec = RawDecoder::new()
-                .map_err(|e| TransportError::Local(format!("zstd decoder: {e}")))?;
-            src.zstd = Some(Box::new(dec));
-            src.scratch = vec![0; SCRATCH];
+            if version == STREAM_VERSION_1 {
+                src.zstd = Some(Box::new(RawDecoder::new().map_err(zerr)?));
+                src.scratch = vec![0; SCRATCH];
+            } else {
+                unpack = Some(Box::new(zstd::bulk::Decompressor::new().map_err(zerr)?));
+            }
         }
         if !src.fill(5).await? {
             return Err(interrupted("before the header frame"));
@@ -402,6 +531,8 @@ impl CycleDecoder {
         let disks = header.disks.iter().map(|d| d.size).collect();
         let dec = CycleDecoder {
             src,
+            version,
+            unpack,
             disks,
             index: 0,
             total: 0,
@@ -411,9 +542,7 @@ impl CycleDecoder {
     }
 
     /// Next verified extent, or `None` after a verified End frame and end of body.
-    pub(crate) async fn next_extent(
-        &mut self,
-    ) -> Result<Option<(Extent, [u8; 32])>, TransportError> {
+    pub(crate) async fn next_extent(&mut self) -> Result<Option<CheckedExtent>, TransportError> {
         if !self.src.fill(1).await? {
             return Err(interrupted("without an end frame"));
         }
@@ -424,11 +553,16 @@ impl CycleDecoder {
         }
     }
 
-    async fn extent(&mut self) -> Result<(Extent, [u8; 32]), TransportError> {
-        if !self.src.fill(EXTENT_FRAME_LEN).await? {
+    async fn extent(&mut self) -> Result<CheckedExtent, TransportError> {
+        let frame_len = if self.version >= 2 {
+            EXTENT_FRAME_LEN_V2
+        } else {
+            EXTENT_FRAME_LEN
+        };
+        if !self.src.fill(frame_len).await? {
             return Err(interrupted("inside an extent frame"));
         }
-        let mut h = self.src.buf.split_to(EXTENT_FRAME_LEN);
+        let mut h = self.src.buf.split_to(frame_len);
         h.advance(1);
         let disk = h.get_u32_le();
         let offset = h.get_u64_le();
@@ -436,40 +570,78 @@ impl CycleDecoder {
         let len = h.get_u64_le();
         let mut cs = [0u8; 32];
         h.copy_to_slice(&mut cs);
+        let (enc, stored) = if self.version >= 2 {
+            (h.get_u8(), h.get_u64_le())
+        } else {
+            (ENC_RAW, len)
+        };
         check_extent(&self.disks, disk, offset, len)?;
         let data = match kind {
-            KIND_ZERO => ExtentData::Zero(len),
+            KIND_ZERO if enc == ENC_RAW && (self.version < 2 || stored == 0) => {
+                ExtentData::Zero(len)
+            }
+            KIND_ZERO => {
+                return Err(protocol(format!(
+                    "zero extent with encoding {enc} and {stored} stored bytes"
+                )));
+            }
             KIND_DATA => {
                 if len > MAX_EXTENT_DATA {
                     return Err(protocol(format!(
                         "data extent of {len} bytes exceeds {MAX_EXTENT_DATA}"
                     )));
                 }
-                if !self.src.fill(len as usize).await? {
+                let packed = match enc {
+                    ENC_RAW if stored == len => false,
+                    ENC_ZSTD if self.unpack.is_some() && stored > 0 && stored <= len => true,
+                    _ => {
+                        return Err(protocol(format!(
+                            "data extent of {len} bytes with encoding {enc} and {stored} stored bytes"
+                        )));
+                    }
+                };
+                if !self.src.fill(stored as usize).await? {
                     return Err(interrupted("inside extent data"));
                 }
-                ExtentData::Data(self.src.buf.split_to(len as usize).freeze())
+                let payload = self.src.buf.split_to(stored as usize).freeze();
+                if packed {
+                    let unpack = self.unpack.as_mut().ok_or_else(|| {
+                        protocol("compressed extent in a body without compression")
+                    })?;
+                    let out = unpack
+                        .decompress(&payload, len as usize)
+                        .map_err(|e| protocol(format!("corrupt zstd extent: {e}")))?;
+                    if out.len() as u64 != len {
+                        return Err(protocol(format!(
+                            "zstd extent holds {} bytes, its frame says {len}",
+                            out.len()
+                        )));
+                    }
+                    ExtentData::Data(Bytes::from(out))
+                } else {
+                    ExtentData::Data(payload)
+                }
             }
             k => return Err(protocol(format!("unknown extent kind {k}"))),
         };
         let extent = Extent { disk, offset, data };
         let index = self.index;
-        let computed = if len as usize >= OFF_RUNTIME {
-            let e = extent.clone();
-            tokio::task::spawn_blocking(move || e.checksum())
+        let scheme = scheme(self.version);
+        let checked = if len as usize >= OFF_RUNTIME {
+            tokio::task::spawn_blocking(move || CheckedExtent::verify(extent, cs, scheme))
                 .await
                 .map_err(|e| TransportError::Local(format!("checksum task failed: {e}")))?
         } else {
-            extent.checksum()
+            CheckedExtent::verify(extent, cs, scheme)
         };
-        if computed != cs {
+        let checked = checked.map_err(|_| {
             tracing::warn!(index, disk, offset, "extent checksum mismatch");
-            return Err(TransportError::CorruptExtent { index });
-        }
+            TransportError::CorruptExtent { index }
+        })?;
         self.digest.update(&cs);
         self.index += 1;
         self.total += len;
-        Ok((extent, cs))
+        Ok(checked)
     }
 
     async fn end(&mut self) -> Result<(), TransportError> {
@@ -507,7 +679,7 @@ impl CycleDecoder {
 /// checksum. Yields `None` only after the End frame verified (count, bytes, digest); any `Err`
 /// (corrupt extent, protocol violation, peer vanished) is the last item and means: discard.
 pub struct ExtentStream {
-    inner: BoxStream<'static, Result<(Extent, [u8; 32]), TransportError>>,
+    inner: BoxStream<'static, Result<CheckedExtent, TransportError>>,
 }
 
 impl std::fmt::Debug for ExtentStream {
@@ -519,7 +691,7 @@ impl std::fmt::Debug for ExtentStream {
 impl ExtentStream {
     /// Wraps any stream (for handler tests in other crates).
     pub fn from_stream(
-        s: impl Stream<Item = Result<(Extent, [u8; 32]), TransportError>> + Send + 'static,
+        s: impl Stream<Item = Result<CheckedExtent, TransportError>> + Send + 'static,
     ) -> ExtentStream {
         ExtentStream { inner: s.boxed() }
     }
@@ -547,23 +719,34 @@ impl ExtentStream {
 }
 
 impl Stream for ExtentStream {
-    type Item = Result<(Extent, [u8; 32]), TransportError>;
+    type Item = Result<CheckedExtent, TransportError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.inner.as_mut().poll_next(cx)
     }
 }
 
-/// Encodes a whole cycle body in memory (tests and tools; the client streams instead).
+/// Encodes a whole cycle body of the newest stream version in memory (tests and tools; the
+/// client streams instead).
 pub async fn encode_cycle(
     header: &CycleHeader,
     extents: Vec<Extent>,
     zstd_level: Option<i32>,
 ) -> Result<Vec<u8>, TransportError> {
+    encode_cycle_version(header, extents, zstd_level, STREAM_VERSION).await
+}
+
+/// [`encode_cycle`] in a given stream version (what an older peer sends).
+pub async fn encode_cycle_version(
+    header: &CycleHeader,
+    extents: Vec<Extent>,
+    zstd_level: Option<i32>,
+    version: u16,
+) -> Result<Vec<u8>, TransportError> {
     let (tx, rx) = mpsc::channel(4);
     let collect = rx.collect::<Vec<Bytes>>();
     let produce = async move {
-        let mut enc = FrameEncoder::start(tx, header, zstd_level).await?;
+        let mut enc = FrameEncoder::start(tx, header, zstd_level, version).await?;
         for e in extents {
             enc.extent(e).await?;
         }
@@ -579,7 +762,7 @@ pub async fn encode_cycle(
 /// with its checksum, or the first error. Tests, tools and fuzzing; the server streams instead.
 pub async fn decode_cycle(
     chunks: Vec<Bytes>,
-) -> Result<(CycleHeader, Vec<(Extent, [u8; 32])>), TransportError> {
+) -> Result<(CycleHeader, Vec<CheckedExtent>), TransportError> {
     let chunks: ChunkStream = futures::stream::iter(chunks.into_iter().map(Ok)).boxed();
     let (header, dec) = CycleDecoder::start(chunks).await?;
     let (mut stream, done) = ExtentStream::from_decoder(dec);
@@ -644,10 +827,14 @@ mod tests {
     }
 
     async fn encode(level: Option<i32>) -> Vec<u8> {
+        encode_v(level, STREAM_VERSION).await
+    }
+
+    async fn encode_v(level: Option<i32>, version: u16) -> Vec<u8> {
         let (tx, rx) = mpsc::channel(4);
         let collect = rx.collect::<Vec<Bytes>>();
         let produce = async move {
-            let mut enc = FrameEncoder::start(tx, &header(), level).await?;
+            let mut enc = FrameEncoder::start(tx, &header(), level, version).await?;
             for e in extents() {
                 enc.extent(e).await?;
             }
@@ -658,7 +845,12 @@ mod tests {
         chunks.concat()
     }
 
+    fn body_version(head: &[u8]) -> u16 {
+        u16::from_le_bytes([head[4], head[5]])
+    }
+
     async fn decode(body: Vec<u8>, chunk: usize) -> Result<Vec<Extent>, TransportError> {
+        let body_head: Vec<u8> = body.iter().copied().take(8).chain([0; 8]).collect();
         let chunks: Vec<Result<Bytes, TransportError>> = body
             .chunks(chunk)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
@@ -669,9 +861,17 @@ mod tests {
         let items: Vec<_> = s.collect().await;
         let mut out = Vec::new();
         for i in items {
-            let (e, cs) = i?;
-            assert_eq!(e.checksum(), cs);
-            out.push(e);
+            let c = i?;
+            let scheme = if body_version(&body_head) >= 2 {
+                ChecksumScheme::Blocks
+            } else {
+                ChecksumScheme::Whole
+            };
+            assert_eq!(
+                CheckedExtent::compute(c.extent().clone(), scheme).checksum(),
+                c.checksum()
+            );
+            out.push(c.into_extent());
         }
         assert!(done.load(Ordering::SeqCst));
         Ok(out)
@@ -679,15 +879,63 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_plain_and_zstd() {
-        for level in [None, Some(1), Some(3)] {
-            let body = encode(level).await;
-            for chunk in [1, 7, 16384, body.len()] {
-                if chunk == 1 && body.len() > 100_000 {
-                    continue;
+        for version in [STREAM_VERSION_1, STREAM_VERSION] {
+            for level in [None, Some(1), Some(3)] {
+                let body = encode_v(level, version).await;
+                for chunk in [1, 7, 16384, body.len()] {
+                    if chunk == 1 && body.len() > 100_000 {
+                        continue;
+                    }
+                    let got = decode(body.clone(), chunk).await.expect("decode");
+                    assert_eq!(got, extents());
                 }
-                let got = decode(body.clone(), chunk).await.expect("decode");
-                assert_eq!(got, extents());
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn version_2_compresses_only_what_is_worth_it() {
+        let random: Vec<u8> = {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog; "
+            .iter()
+            .copied()
+            .cycle()
+            .take(65536)
+            .collect();
+        assert!(!worth_compressing(&random));
+        assert!(worth_compressing(&text));
+        assert!(worth_compressing(&[0u8; 65536]));
+        for (data, max, min) in [(&random, 66_000, 65_536), (&text, 8_000, 0)] {
+            let e = Extent {
+                disk: 0,
+                offset: 65536,
+                data: ExtentData::Data(Bytes::from(data.clone())),
+            };
+            let body = encode_cycle(&header(), vec![e.clone()], Some(1))
+                .await
+                .expect("encode");
+            assert!(
+                (min..max).contains(&body.len()),
+                "body of {} bytes",
+                body.len()
+            );
+            let (_, got) = decode_cycle(vec![Bytes::from(body)]).await.expect("decode");
+            assert_eq!(got[0].extent(), &e);
+            // Version 2 checksums block by block and hands the block hashes on.
+            assert_eq!(
+                got[0].block_hashes(),
+                Some(&[(1u64, *blake3::hash(data).as_bytes())][..])
+            );
         }
     }
 
@@ -700,7 +948,7 @@ mod tests {
             let chunks = body.chunks(5000).map(Bytes::copy_from_slice).collect();
             let (h, got) = decode_cycle(chunks).await.expect("decode");
             assert_eq!(h, header());
-            let got: Vec<Extent> = got.into_iter().map(|(e, _)| e).collect();
+            let got: Vec<Extent> = got.into_iter().map(CheckedExtent::into_extent).collect();
             assert_eq!(got, extents());
             let cut = body[..body.len() - 1].to_vec();
             assert!(matches!(
@@ -783,6 +1031,8 @@ mod tests {
         body.put_u8(KIND_DATA);
         body.put_u64_le(1 << 29);
         body.put_slice(&[0; 32]);
+        body.put_u8(ENC_RAW);
+        body.put_u64_le(1 << 29);
         assert!(matches!(
             decode(body, 100).await,
             Err(TransportError::Protocol(_))
@@ -799,7 +1049,7 @@ mod tests {
     #[tokio::test]
     async fn encoder_rejects_out_of_range_extents() {
         let (tx, _rx) = mpsc::channel(100);
-        let mut enc = FrameEncoder::start(tx, &header(), None)
+        let mut enc = FrameEncoder::start(tx, &header(), None, STREAM_VERSION)
             .await
             .expect("start");
         let e = Extent {

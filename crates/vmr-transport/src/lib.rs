@@ -21,7 +21,8 @@ mod tls;
 pub use client::{Client, ClientOptions};
 pub use error::{IdentityError, TransportError};
 pub use frame::{
-    ExtentStream, FLAG_ZSTD, MAX_EXTENT_DATA, MAX_HEADER_JSON, STREAM_MAGIC, STREAM_VERSION,
+    ExtentStream, FLAG_ZSTD, MAX_EXTENT_DATA, MAX_HEADER_JSON, STREAM_MAGIC, STREAM_V2_SINCE,
+    STREAM_VERSION, STREAM_VERSION_1, worth_compressing,
 };
 pub use identity::{CERT_FILE, Identity, KEY_FILE, fingerprint};
 pub use server::{Authorize, ConnLimits, Handler, Peer, PeerList, Server};
@@ -33,5 +34,5 @@ pub use vmr_proto::wire::{
 /// Helpers for tests and tools; not a stable API.
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::frame::{decode_cycle, encode_cycle};
+    pub use crate::frame::{decode_cycle, encode_cycle, encode_cycle_version};
 }

@@ -31,6 +31,8 @@ enum Outcome {
         header: CycleHeader,
         extents: Vec<Extent>,
         count: u64,
+        /// The checksum scheme of every extent received.
+        schemes: Vec<vmr_proto::ChecksumScheme>,
     },
     Failed(TransportError),
 }
@@ -64,11 +66,15 @@ impl Handler for TestHandler {
         }
         let keep = header.id != 64;
         let mut kept = Vec::new();
+        let mut schemes = Vec::new();
         let (mut count, mut bytes) = (0u64, 0u64);
         while let Some(item) = extents.next().await {
             match item {
-                Ok((e, cs)) => {
-                    assert_eq!(e.checksum(), cs);
+                Ok(c) => {
+                    let again = vmr_proto::CheckedExtent::compute(c.extent().clone(), c.scheme());
+                    assert_eq!(again.checksum(), c.checksum());
+                    schemes.push(c.scheme());
+                    let e = c.into_extent();
                     self.seen.fetch_add(1, Ordering::SeqCst);
                     count += 1;
                     bytes += e.len();
@@ -93,6 +99,7 @@ impl Handler for TestHandler {
             header,
             extents: kept,
             count,
+            schemes,
         });
         Ok(ack)
     }
@@ -348,7 +355,17 @@ async fn cycle_round_trip_compressed_and_plain() {
     let client = s.client().await;
     assert_eq!(client.hello().peer_name, "primary");
     assert_eq!(client.hello().trust_group.as_deref(), Some("tg1"));
-    for (id, compress) in [(1u64, true), (2, false)] {
+    // A protocol-3 client (an agent not yet upgraded) sends stream version 1: whole-extent
+    // checksums, one zstd stream; the upgraded receiver decodes both.
+    let old = s.client_speaking(3).await.expect("a v3 client connects");
+    assert_eq!(old.hello().protocol, 3);
+    let cases = [
+        (1u64, true, &client, vmr_proto::ChecksumScheme::Blocks),
+        (2, false, &client, vmr_proto::ChecksumScheme::Blocks),
+        (3, true, &old, vmr_proto::ChecksumScheme::Whole),
+        (4, false, &old, vmr_proto::ChecksumScheme::Whole),
+    ];
+    for (id, compress, client, scheme) in cases {
         let h = header(id, if id == 1 { None } else { Some(1) });
         let ack = client
             .send_cycle(&h, ok_stream(mixed_extents()), compress)
@@ -369,10 +386,12 @@ async fn cycle_round_trip_compressed_and_plain() {
                 header,
                 extents,
                 count,
+                schemes,
             } => {
                 assert_eq!(header, h);
                 assert_eq!(count, 6);
                 assert_eq!(extents, mixed_extents());
+                assert_eq!(schemes, vec![scheme; 6], "cycle {id}");
             }
             Outcome::Failed(e) => panic!("cycle {id} failed: {e}"),
         }

@@ -81,37 +81,20 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(StoreError::Background)?
 }
 
-/// Verify an extent's checksum and, with `index`, compute its block-hash index entries
-/// (one more BLAKE3 pass); large buffers are hashed on a blocking thread.
-async fn verify(
-    e: &Extent,
-    checksum: [u8; 32],
-    index: bool,
-) -> Result<Vec<(u64, hash_index::Entry)>, StoreError> {
-    let work = move |e: &Extent| {
-        let entries = if index {
-            hash_index::extent_entries(e)
-        } else {
-            Vec::new()
-        };
-        (e.checksum() == checksum, entries)
-    };
-    let big = matches!(&e.data, ExtentData::Data(b) if b.len() >= HASH_OFF_RUNTIME);
-    let (ok, entries) = if big {
-        let e2 = e.clone();
-        tokio::task::spawn_blocking(move || work(&e2))
+/// The block-hash index entries of a checked extent: from the block hashes its checksum scheme
+/// produced (no pass over the data), else one BLAKE3 pass (on a blocking thread when large).
+async fn index_entries(c: &CheckedExtent) -> Result<Vec<(u64, hash_index::Entry)>, StoreError> {
+    if let Some(blocks) = c.block_hashes() {
+        return Ok(hash_index::entries_from_blocks(c.extent(), blocks));
+    }
+    let big = matches!(&c.extent().data, ExtentData::Data(b) if b.len() >= HASH_OFF_RUNTIME);
+    if big {
+        let e = c.extent().clone();
+        tokio::task::spawn_blocking(move || hash_index::extent_entries(&e))
             .await
-            .map_err(StoreError::Background)?
+            .map_err(StoreError::Background)
     } else {
-        work(e)
-    };
-    if ok {
-        Ok(entries)
-    } else {
-        Err(StoreError::CorruptExtent {
-            disk: e.disk,
-            offset: e.offset,
-        })
+        Ok(hash_index::extent_entries(c.extent()))
     }
 }
 
@@ -361,27 +344,53 @@ impl LayerWriter {
         &self.header
     }
 
-    /// Verify `checksum` against the extent (once, here) and write it into its disk's
+    /// Verify `checksum` (a [`ChecksumScheme::Whole`] checksum) against the extent, then
+    /// [`LayerWriter::put_checked`]. For extents that were not verified on their way here.
+    pub async fn put(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+        let e = extent.clone();
+        let big = matches!(&e.data, ExtentData::Data(b) if b.len() >= HASH_OFF_RUNTIME);
+        let r = if big {
+            tokio::task::spawn_blocking(move || {
+                CheckedExtent::verify(e, checksum, ChecksumScheme::Whole)
+            })
+            .await
+            .map_err(StoreError::Background)?
+        } else {
+            CheckedExtent::verify(e, checksum, ChecksumScheme::Whole)
+        };
+        match r {
+            Ok(c) => self.put_checked(&c).await,
+            Err(m) => {
+                self.close_failed().await;
+                Err(StoreError::CorruptExtent {
+                    disk: m.disk,
+                    offset: m.offset,
+                })
+            }
+        }
+    }
+
+    /// Write a checked extent (its checksum was verified once, on arrival) into its disk's
     /// pending layer (pipelined: returns once the write is queued). Any failure ends the
     /// writer like [`LayerWriter::abort`].
-    pub async fn put(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+    pub async fn put_checked(&mut self, checked: &CheckedExtent) -> Result<(), StoreError> {
         if self.duplicate {
-            check_extent(&self.header, extent)?;
-            return verify(extent, checksum, false).await.map(|_| ());
+            return check_extent(&self.header, checked.extent());
         }
         if self.open.is_none() {
             return Err(StoreError::WriterClosed);
         }
-        let res = self.put_inner(extent, checksum).await;
+        let res = self.put_inner(checked).await;
         if res.is_err() {
             self.close_failed().await;
         }
         res
     }
 
-    async fn put_inner(&mut self, extent: &Extent, checksum: [u8; 32]) -> Result<(), StoreError> {
+    async fn put_inner(&mut self, checked: &CheckedExtent) -> Result<(), StoreError> {
+        let extent = checked.extent();
         check_extent(&self.header, extent)?;
-        let entries = verify(extent, checksum, true).await?;
+        let entries = index_entries(checked).await?;
         let resync = self.header.kind == CycleKind::Resync;
         let o = self.open.as_mut().ok_or(StoreError::WriterClosed)?;
         let i = extent.disk as usize;

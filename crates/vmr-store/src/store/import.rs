@@ -169,8 +169,8 @@ impl Store {
                         offset: s.offset,
                         data,
                     };
-                    let sum = e.checksum();
-                    w.put(&e, sum).await?;
+                    let c = vmr_proto::CheckedExtent::compute(e, vmr_proto::ChecksumScheme::Blocks);
+                    w.put_checked(&c).await?;
                 }
                 pos += len;
             }
@@ -222,7 +222,8 @@ impl Store {
             )));
         }
         // A blocking reader thread feeds the extents through a small bounded channel.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent, StoreError>>(4);
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<Result<vmr_proto::CheckedExtent, StoreError>>(4);
         let reader = tokio::task::spawn_blocking(move || {
             loop {
                 let item = r.next_extent().transpose();
@@ -235,9 +236,7 @@ impl Store {
         });
         let res = async {
             while let Some(item) = rx.recv().await {
-                let e = item?;
-                let sum = e.checksum();
-                w.put(&e, sum).await?;
+                w.put_checked(&item?).await?;
             }
             Ok(())
         }
