@@ -97,10 +97,11 @@ fn top_page_extra(subpages: &[String]) -> String {
     for (path, what) in FILES {
         s.push_str(&format!(".TP\n{}\n{}\n", roff(path), roff(what)));
     }
-    s.push_str(".SH \"SEE ALSO\"\n");
+    // Left-adjusted: a justified list of long names is mostly blanks.
+    s.push_str(".SH \"SEE ALSO\"\n.ad l\n");
     let refs: Vec<String> = subpages
         .iter()
-        .map(|p| format!("\\fB{}\\fR(1)", roff(p)))
+        .map(|p| format!("\\fB\\%{}\\fR(1)", roff(p)))
         .collect();
     s.push_str(&refs.join(",\n"));
     s.push('\n');
@@ -129,7 +130,9 @@ fn write_man_pages(dir: &Path) -> anyhow::Result<Vec<String>> {
         })
         .collect();
     for (i, cmd) in cmds.into_iter().enumerate() {
-        let man = clap_mangen::Man::new(cmd).manual("vmreplica manual");
+        let man = clap_mangen::Man::new(cmd)
+            .manual("vmreplica manual")
+            .source(format!("vmreplica {}", env!("CARGO_PKG_VERSION")));
         let path = dir.join(man.get_filename());
         let mut page = Vec::new();
         man.render(&mut page)
