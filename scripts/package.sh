@@ -13,7 +13,8 @@
 #   /usr/share/bash-completion/completions/vmreplica, /usr/share/zsh/vendor-completions/_vmreplica,
 #   /usr/share/fish/vendor_completions.d/vmreplica.fish
 #   /usr/share/doc/vmreplica/{README.md.gz,copyright,changelog.Debian.gz,examples/}
-#   /var/lib/vmreplica                                  (mode 0700, root)
+#   /usr/share/lintian/overrides/vmreplica
+# and postinst makes /var/lib/vmreplica (mode 0700, root) when it does not exist.
 # Maintainer scripts: packaging/debian/{postinst,prerm,postrm}. Environment:
 #   DEB_REVISION (default 1): the Debian revision after the upstream version;
 #   DEBFULLNAME, DEBEMAIL: the maintainer (default: the author of the last commit).
@@ -62,9 +63,8 @@ umask 022
 install -D -m 0755 "$bin" "$root/usr/bin/vmreplica"
 strip --strip-unneeded --remove-section=.comment --remove-section=.note "$root/usr/bin/vmreplica"
 
-# The unit and the agent directory.
+# The unit. The agent directory /var/lib/vmreplica (0700, root) is made by postinst.
 install -D -m 0644 packaging/vmreplica.service "$root/lib/systemd/system/vmreplica.service"
-install -d -m 0700 "$root/var/lib/vmreplica"
 
 # Man pages and completions, generated from the CLI grammar by the binary being packaged.
 gen=$(mktemp -d)
@@ -96,7 +96,11 @@ sed -e "s|@MAINTAINER@|$maintainer|" -e "s|@SOURCE@|the vmreplica git repository
   echo
   echo " -- $maintainer  $date_rfc2822"
 } | gzip -9n >"$doc/changelog.Debian.gz"
-chmod 0644 "$doc"/*
+find "$doc" -type f -exec chmod 0644 {} +
+# Not an upload to the Debian archive: no bug to close.
+install -d -m 0755 "$root/usr/share/lintian/overrides"
+echo "vmreplica: initial-upload-closes-no-bugs" >"$root/usr/share/lintian/overrides/vmreplica"
+chmod 0644 "$root/usr/share/lintian/overrides/vmreplica"
 
 # Control files. libc6's minimum version from the binary's symbols (dpkg-shlibdeps wants a
 # debian/control in its working directory); qemu-utils 10 gives qemu-img, qemu-nbd and
