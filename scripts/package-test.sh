@@ -7,8 +7,8 @@
 # 2. Makes a pristine bookworm chroot with debootstrap (installed when missing), cached as a
 #    tarball in ${XDG_CACHE_HOME:-$HOME/.cache}/vmreplica/, and unpacks a copy under /var/tmp.
 #    The mirror and the apt sources are the host's (/etc/apt/sources.list.d/debian.sources).
-# 3. Inside it: scripts/install-deps.sh (qemu-utils 10 from bookworm-backports, as on a host),
-#    `apt install ./vmreplica_*.deb`, then checks files, modes, enablement, man pages
+# 3. Inside it, as README.md "Deploy" says: qemu-utils 10 from bookworm-backports, then
+#    `apt install ./vmreplica_*.deb`; then checks files, modes, enablement, man pages
 #    (`man -w`), completions, docs and `systemd-analyze verify` of the unit.
 # 4. `vmreplica init`, then starts the agent exactly as the installed unit's ExecStart says
 #    (no systemd runs in a chroot), checks that `vmreplica status` answers over its socket,
@@ -108,10 +108,13 @@ in_ch() { chroot "$ch" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/
 
 # --- 3. install -------------------------------------------------------------------------------
 [ ! -d "$ch/run/systemd/system" ] || fail "systemd appears to run in the chroot"
-cp "$repo/scripts/install-deps.sh" "$ch/tmp/install-deps.sh"
-in_ch bash /tmp/install-deps.sh >"$work/install-deps.log" 2>&1 || { tail -20 "$work/install-deps.log" >&2; fail "install-deps.sh in the chroot"; }
+# As README.md, "Deploy", says (the chroot has the host's sources, with bookworm-backports).
+grep -q 'bookworm-backports' "$ch/etc/apt/sources.list.d/debian.sources" ||
+  sed -i 's/^Suites: bookworm bookworm-updates$/Suites: bookworm bookworm-updates bookworm-backports/' "$ch/etc/apt/sources.list.d/debian.sources"
+in_ch sh -c 'apt-get update -qq && apt-get install -y -t bookworm-backports qemu-utils' >"$work/qemu-install.log" 2>&1 ||
+  { tail -20 "$work/qemu-install.log" >&2; fail "apt install -t bookworm-backports qemu-utils in the chroot"; }
 in_ch qemu-img --version | head -1 >&2
-phase "install-deps.sh in the chroot (qemu-utils 10)"
+phase "apt install -t bookworm-backports qemu-utils"
 
 cp "$deb" "$ch/tmp/"
 debname=$(basename "$deb")
