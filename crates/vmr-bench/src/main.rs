@@ -1,4 +1,5 @@
-//! `vmr-bench`: the vmreplica benchmark runner (issue 7). Builds the release `vmreplica`,
+//! `vmr-bench`: the vmreplica benchmark runner (issue 7). Builds the release `vmreplica` (with
+//! `--profile`, the `profiling` profile's: release plus debug info for perf),
 //! runs the eight scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
 //! the same run, and rewrites the results section of BENCHMARKS.md.
 //!
@@ -50,17 +51,21 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Build (or find) the release vmreplica binary next to this executable.
-fn vmreplica_binary(repo: &Path) -> anyhow::Result<PathBuf> {
+/// Build (or find) the vmreplica binary of `profile` (`release`, or `profiling` for `--profile`:
+/// release plus debug info, so that perf names the functions) in the runner's target directory.
+fn vmreplica_binary(repo: &Path, profile: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("vmr-bench: cargo build --release -p vmreplica");
+    eprintln!("vmr-bench: cargo build --profile {profile} -p vmreplica");
     let st = Command::new(&cargo)
-        .args(["build", "--release", "-p", "vmreplica"])
+        .args(["build", "--profile", profile, "-p", "vmreplica"])
         .current_dir(repo)
         .status();
+    // The runner is target/<its profile>/vmr-bench; the binary is target/<profile>/vmreplica.
     let exe = std::env::current_exe()?
         .parent()
-        .context("no directory of the runner")?
+        .and_then(Path::parent)
+        .context("no target directory above the runner")?
+        .join(profile)
         .join("vmreplica");
     match st {
         Ok(s) if s.success() => {}
@@ -70,7 +75,7 @@ fn vmreplica_binary(repo: &Path) -> anyhow::Result<PathBuf> {
                 exe.display()
             )
         }
-        Ok(s) => bail!("cargo build --release -p vmreplica failed ({s})"),
+        Ok(s) => bail!("cargo build --profile {profile} -p vmreplica failed ({s})"),
         Err(e) if exe.exists() => {
             eprintln!(
                 "vmr-bench: cannot run cargo ({e}); using the existing {}",
@@ -129,7 +134,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let repo = std::path::absolute(repo_root())?;
     let exe = match &args.vmreplica {
         Some(p) => std::path::absolute(p)?,
-        None => vmreplica_binary(&repo)?,
+        None => vmreplica_binary(&repo, if args.profile { "profiling" } else { "release" })?,
     };
     // qemu-storage-daemon and friends (QEMU 10) are needed by every scenario.
     if Command::new("qemu-storage-daemon")

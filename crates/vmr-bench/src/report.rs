@@ -232,7 +232,9 @@ cargo run --release -p vmr-bench -- --quick   # sanity check, < 5 minutes on 2 c
 cargo run --release -p vmr-bench              # full run (8 GiB / 16 GiB disks, 100 VMs), < 45 minutes\n\
 cargo run --release -p vmr-bench -- --quick --profile   # also perf-profile the hot side of each scenario once\n\
 ```\n\n\
-The runner builds the release `vmreplica` binary (`cargo build --release -p vmreplica`), starts two\n\
+The runner builds the release `vmreplica` binary (`cargo build --release -p vmreplica`; with\n\
+`--profile`, `cargo build --profile profiling -p vmreplica`: release plus debug info, so that perf\n\
+names functions; release builds carry none), starts two\n\
 real agents on 127.0.0.1 per scenario and qemu-storage-daemon stand-in VMs, drives them through the\n\
 CLI like an admin, takes each scenario's baseline in the same run, quotes medians, and rewrites the\n\
 section between the markers below (`--no-write` prints it instead; `--only 2,3` runs some\n\

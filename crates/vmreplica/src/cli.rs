@@ -131,6 +131,14 @@ pub enum Command {
         #[arg(long, default_value = "5m")]
         frequency: String,
     },
+    /// Write the man pages and shell completions generated from this grammar into DIR
+    /// (packaging: `scripts/package.sh`).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory: `man/*.1` and `completions/<dir under /usr/share>/<file>`.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// `failover` subcommands.

@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod demo;
+mod gendocs;
 mod output;
 mod util;
 
@@ -78,6 +79,12 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
         }
         cli::Command::Agent => Ok(vmr_agent::run_blocking(&dir)?),
         cli::Command::Demo(opts) => demo::run(opts),
+        cli::Command::GenerateDocs { out } => {
+            for path in gendocs::generate(&out)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
         other => client::run(&dir, other, args.json),
     }
 }
