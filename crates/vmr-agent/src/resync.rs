@@ -140,6 +140,63 @@ enum Block {
     Data(Bytes),
 }
 
+/// Extents whose blocks are hashed at once (the view's reads go on meanwhile).
+const HASH_AHEAD: usize = 2;
+/// Blocks of at least this many data bytes in all are hashed on a blocking thread (the other
+/// core), smaller batches in place.
+const HASH_OFF_RUNTIME: u64 = 1 << 20;
+
+/// A batch of blocks with the primary's hash of each.
+type Hashed = Vec<(u64, Block, [u8; 32])>;
+
+/// The primary's hash of every block of `blocks`.
+fn hash_blocks(blocks: Vec<(u64, Block)>) -> Hashed {
+    let zero_full = zero_hash(BLOCK_SIZE);
+    blocks
+        .into_iter()
+        .map(|(index, block)| {
+            let h = match &block {
+                Block::Zero(n) if *n == BLOCK_SIZE => zero_full,
+                Block::Zero(n) => zero_hash(*n),
+                Block::Data(b) => *blake3::hash(b).as_bytes(),
+            };
+            (index, block, h)
+        })
+        .collect()
+}
+
+/// Hashing of one extent's blocks: done in place, or running on a blocking thread.
+enum Hashing {
+    Ready(Hashed),
+    Running(tokio::task::JoinHandle<Hashed>),
+}
+
+impl Hashing {
+    fn start(blocks: Vec<(u64, Block)>) -> Hashing {
+        let data: u64 = blocks
+            .iter()
+            .map(|(_, b)| match b {
+                Block::Data(d) => d.len() as u64,
+                Block::Zero(_) => 0,
+            })
+            .sum();
+        if data >= HASH_OFF_RUNTIME {
+            Hashing::Running(tokio::task::spawn_blocking(move || hash_blocks(blocks)))
+        } else {
+            Hashing::Ready(hash_blocks(blocks))
+        }
+    }
+
+    async fn get(self) -> Result<Hashed, Failure> {
+        match self {
+            Hashing::Ready(h) => Ok(h),
+            Hashing::Running(j) => j
+                .await
+                .map_err(|e| Failure::Retryable(format!("hashing task failed: {e}"))),
+        }
+    }
+}
+
 /// Turns the capture's extents of one disk (in order, tiling the disk) into whole blocks.
 struct Assembler {
     disk: u32,
@@ -326,7 +383,6 @@ async fn resync_with(
     };
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
-    let zero_full = zero_hash(BLOCK_SIZE);
     let producer = async {
         let tx = tx;
         let mut counts = Counts::default();
@@ -336,21 +392,35 @@ async fn resync_with(
             .enumerate()
             .map(|(i, d)| Assembler::new(i as u32, d.size))
             .collect();
+        // The blocks of the next few extents are hashed (on the other core) while this task
+        // compares and sends the ones before, in order.
+        let mut ahead: std::collections::VecDeque<(u32, Hashing)> = Default::default();
+        let mut ended = false;
         loop {
-            let e = match cycle.next_extent().await {
-                Ok(Some(e)) => e,
-                Ok(None) => break,
-                Err(e) => {
-                    let f = classify_capture(&e);
-                    let _ = tx.send(Err(e)).await;
-                    return Err(Some(f));
-                }
+            while !ended && ahead.len() < HASH_AHEAD {
+                let e = match cycle.next_extent().await {
+                    Ok(Some(e)) => e,
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => {
+                        let f = classify_capture(&e);
+                        let _ = tx.send(Err(e)).await;
+                        return Err(Some(f));
+                    }
+                };
+                let disk = e.disk;
+                let Some(a) = asm.get_mut(disk as usize) else {
+                    return Err(Some(Failure::Retryable("extent of an unknown disk".into())));
+                };
+                let blocks = a.push(e).map_err(Some)?;
+                ahead.push_back((disk, Hashing::start(blocks)));
+            }
+            let Some((disk, hashing)) = ahead.pop_front() else {
+                break;
             };
-            let disk = e.disk;
-            let Some(a) = asm.get_mut(disk as usize) else {
-                return Err(Some(Failure::Retryable("extent of an unknown disk".into())));
-            };
-            for (index, block) in a.push(e).map_err(Some)? {
+            for (index, block, ours) in hashing.get().await.map_err(Some)? {
                 if theirs.is_empty() {
                     match hrx.recv().await {
                         Some(Ok(h)) => theirs.extend(h),
@@ -366,10 +436,9 @@ async fn resync_with(
                     return Err(Some(Failure::Retryable("no replica hash".into())));
                 };
                 let offset = index * BLOCK_SIZE;
-                let (ours, len) = match &block {
-                    Block::Zero(n) if *n == BLOCK_SIZE => (zero_full, *n),
-                    Block::Zero(n) => (zero_hash(*n), *n),
-                    Block::Data(b) => (*blake3::hash(b).as_bytes(), b.len() as u64),
+                let len = match &block {
+                    Block::Zero(n) => *n,
+                    Block::Data(b) => b.len() as u64,
                 };
                 counts.scanned += len;
                 if ours != their {

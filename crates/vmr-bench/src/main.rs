@@ -159,6 +159,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    scenarios::KEEP_LOGS.store(args.keep, std::sync::atomic::Ordering::Relaxed);
     let ctx = Ctx {
         exe,
         root: tmp.path().to_path_buf(),

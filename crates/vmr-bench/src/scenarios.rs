@@ -135,8 +135,29 @@ fn s4_verdict(ratio: f64, half_fraction: f64) -> Verdict {
     ])
 }
 
+/// `--keep`: a scenario's cleanup keeps its log files (the agents' phase times), deleting only
+/// the rest (the images).
+pub static KEEP_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn remove_dir(p: &Path) {
-    let _ = std::fs::remove_dir_all(p);
+    if !KEEP_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = std::fs::remove_dir_all(p);
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(p) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => remove_dir(&path),
+            Ok(_) if path.extension().is_some_and(|x| x == "log") => {}
+            Ok(_) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 fn fsync(p: &Path) -> anyhow::Result<()> {
@@ -194,8 +215,10 @@ fn enable_and_wait(
 ) -> anyhow::Result<(f64, f64)> {
     let t = Instant::now();
     enable(pair, name, freq, points)?;
-    let (_, ack) = pair.a.wait_cycle(name, 1, timeout)?;
+    // The replica applies before the primary hears the acknowledgement: poll it first, so
+    // that its time is not that of the primary's poll.
     let applied = pair.b.wait_cycle(name, 1, timeout)?.1;
+    let (_, ack) = pair.a.wait_cycle(name, 1, timeout)?;
     Ok((
         ack.duration_since(t).as_secs_f64(),
         applied.duration_since(t).as_secs_f64(),
