@@ -121,17 +121,39 @@ fn kill_mid_cycle(p: &mut Pair, replica_side: bool) -> TestResult {
         Ok(p.a.status("db1")?.progress.is_some_and(|(d, _)| d > 0))
     })?;
     let before = p.a.status("db1")?.last_cycle.unwrap_or(0);
+    let killed = if replica_side { p.b.pid() } else { p.a.pid() };
     if replica_side {
+        // The replica's store daemon serves the cycle from sockets in the store's directory.
+        let socks = store_sockets(&p.b.storage());
+        assert!(
+            socks.iter().any(|s| s.starts_with("qsd-")),
+            "no daemon socket in the store: {socks:?}"
+        );
         p.b.kill9();
-        std::thread::sleep(Duration::from_millis(500));
-        p.b.restart()?;
     } else {
         p.a.kill9();
-        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The killed agent (and the QEMU processes that died with it) left no socket in the
+    // temp dir (issue 12).
+    let left = temp_sockets_of(killed);
+    assert!(left.is_empty(), "sockets left in the temp dir: {left:?}");
+    if replica_side {
+        p.b.restart()?;
+    } else {
         p.a.restart()?;
     }
     // Replication resumes by itself and moves on.
     p.wait_cycle("db1", before + 2, LONG)?;
+    if replica_side {
+        // What the killed agent's store left in its socket directory was removed at start.
+        let tag = format!("-{killed}-");
+        let socks = store_sockets(&p.b.storage());
+        assert!(
+            !socks.iter().any(|s| s.contains(&tag)),
+            "the dead store's sockets are still there: {socks:?}"
+        );
+    }
     w.stop();
     verify_at_cut(p, &vm)?;
     let st = p.a.status("db1")?;
