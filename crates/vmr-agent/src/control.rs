@@ -2,7 +2,7 @@
 //! [`Request`] line in, one [`Response`] line out.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -207,6 +207,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             qmp,
             launch_toml,
             disks,
+            nbd,
         } => {
             crate::config::validate_vm_name(&name)?;
             let def = checked_definition(&name, &launch_toml, &disks)?;
@@ -221,6 +222,10 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             } else {
                 disks
             };
+            if let Some(n) = &nbd {
+                check_nbd_socket(n)?;
+            }
+            check_vm_is_there(&qmp, &def, &disks).await?;
             let rec = VmRecord {
                 name: name.clone(),
                 uuid: def.uuid,
@@ -231,6 +236,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 primary: host.config.name.clone(),
                 trust_group: None,
                 frequency_secs: None,
+                nbd,
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
             };
             host.save_vm(&rec)?;
@@ -391,6 +397,86 @@ fn checked_definition(
         }
     }
     Ok(def)
+}
+
+/// `vm add --nbd`: an absolute path a Unix socket can have (at most 107 bytes).
+fn check_nbd_socket(path: &str) -> Result<(), AgentError> {
+    let bad = |reason| AgentError::BadNbdSocket {
+        path: path.to_owned(),
+        reason,
+    };
+    if !Path::new(path).is_absolute() {
+        return Err(bad("not an absolute path"));
+    }
+    if path.len() > vmr_proto::sockpath::MAX_SOCKET_PATH {
+        return Err(bad("longer than the 107 bytes a Unix socket path may have"));
+    }
+    Ok(())
+}
+
+/// How long `vm add` waits for the VM's QMP monitor.
+const VM_ADD_QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `vm add` checks what it can see at once, so that it never registers a VM that is not there:
+/// the QMP socket answers, every disk to replicate is a block node of that QEMU, and the node
+/// opens the image the definition names (compared as given, or both canonicalised).
+async fn check_vm_is_there(
+    qmp: &str,
+    def: &VmDefinition,
+    disks: &[String],
+) -> Result<(), AgentError> {
+    let ep = vmr_capture::Endpoint::Unix(qmp.into());
+    let mut client = vmr_capture::qmp::QmpClient::connect(&ep, VM_ADD_QMP_TIMEOUT)
+        .await
+        .map_err(|source| AgentError::VmNotAnswering {
+            qmp: qmp.to_owned(),
+            source,
+        })?;
+    let nodes = client
+        .execute_value("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await
+        .map_err(|source| AgentError::QueryNodes {
+            qmp: qmp.to_owned(),
+            source,
+        })?;
+    let nodes = nodes.as_array().map(Vec::as_slice).unwrap_or_default();
+    let name_of = |n: &Value| n["node-name"].as_str().map(str::to_owned);
+    for d in def.disks.iter().filter(|d| disks.contains(&d.node)) {
+        let Some(node) = nodes
+            .iter()
+            .find(|n| name_of(n).as_deref() == Some(&d.node))
+        else {
+            let mut names: Vec<String> = nodes
+                .iter()
+                .filter_map(name_of)
+                .filter(|n| !n.starts_with('#'))
+                .collect();
+            names.sort();
+            return Err(AgentError::DiskNodeMissing {
+                node: d.node.clone(),
+                qmp: qmp.to_owned(),
+                nodes: if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                },
+            });
+        };
+        let qemu = node["file"].as_str().unwrap_or_default();
+        let same = qemu == d.path
+            || matches!(
+                (std::fs::canonicalize(qemu), std::fs::canonicalize(&d.path)),
+                (Ok(a), Ok(b)) if a == b
+            );
+        if !same {
+            return Err(AgentError::DiskPathMismatch {
+                node: d.node.clone(),
+                definition: d.path.clone(),
+                qemu: qemu.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> Result<Value, AgentError> {

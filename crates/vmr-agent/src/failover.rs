@@ -409,6 +409,8 @@ pub async fn start(
         fr.planned = planned;
         if let Some(q) = &f.qmp {
             vm.rec.qmp = q.clone();
+            // The agent started this VM: its NBD socket is the agent's own.
+            vm.rec.nbd = None;
             vm.save()?;
         }
     }
@@ -874,6 +876,7 @@ pub async fn reverse(
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
         .map_err(AgentError::Refused)?;
     rec.qmp = qmp;
+    rec.nbd = None;
     rec.launch_toml = def.to_toml();
     rec.disks = point.disks.iter().map(|(d, _)| d.clone()).collect();
     rec.enable = Some(args);
@@ -999,6 +1002,7 @@ pub async fn become_replica(
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
             frequency_secs: None,
+            nbd: None,
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;

@@ -154,6 +154,7 @@ impl PeerHandler {
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
             frequency_secs: Some(req.frequency_secs),
+            nbd: None,
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
         };
         self.host.save_vm(&rec).map_err(internal)?;

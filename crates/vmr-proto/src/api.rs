@@ -230,6 +230,10 @@ pub enum Request {
         launch_toml: String,
         /// Disks to replicate (node names); empty = all of the definition's.
         disks: Vec<String>,
+        /// The NBD socket the VM serves its disks on (a qemu-storage-daemon stand-in), when
+        /// not the agent's own path.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nbd: Option<String>,
     },
     /// List registered VMs.
     VmList,

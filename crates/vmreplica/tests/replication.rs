@@ -333,17 +333,21 @@ fn replica_vm_accepts_only_its_trust_group() -> TestResult {
         "--trust-group",
         "other",
     ])?;
-    let launch = p.root.path().join("tg1-copy.toml");
-    std::fs::write(&launch, vm.def.to_toml()).expect("write");
-    c.ok(&[
-        "vm",
-        "add",
+    // host-c runs a VM with the same name and UUID (`vm add` registers only a VM that runs).
+    let disks: Vec<StandInDisk> = vm
+        .def
+        .disks
+        .iter()
+        .map(|d| StandInDisk::new(&d.node, 16 << 20))
+        .collect();
+    let copy = StandIn::start_with_uuid(
+        &p.root.path().join("vm-tg1-copy"),
+        &c.dir,
         "tg1",
-        "--qmp",
-        "/nonexistent/qmp.sock",
-        "--launch",
-        &launch.display().to_string(),
-    ])?;
+        &disks,
+        vm.def.uuid,
+    )?;
+    copy.register(&c)?;
     let out = c.cli(&[
         "enable",
         "tg1",

@@ -63,9 +63,10 @@ pub fn temp_sockets_of(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The sockets in a store's socket directory (`<root>/sock`).
+/// The sockets in a store's socket directory (`<root>/sock`, or its shortened form when a
+/// 37-byte socket name would not fit there: vmr-store's rule).
 pub fn store_sockets(root: &Path) -> Vec<String> {
-    std::fs::read_dir(root.join("sock"))
+    std::fs::read_dir(vmr_proto::sockpath::socket_dir(root.join("sock"), root, 37))
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
