@@ -98,10 +98,17 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
                         Ok(Line::End) | Err(_) => break,
                     };
                     let resp = match serde_json::from_slice::<Request>(&line) {
-                        Ok(req) => match handle(&agent, req).await {
-                            Ok(value) => Response::Ok { value },
-                            Err(e) => to_response(&e),
-                        },
+                        Ok(req) => {
+                            let action = admin_action(&req);
+                            let resp = match handle(&agent, req).await {
+                                Ok(value) => Response::Ok { value },
+                                Err(e) => to_response(&e),
+                            };
+                            if let Some(action) = action {
+                                log_action(&action, &resp);
+                            }
+                            resp
+                        }
                         Err(e) => Response::Err {
                             chain: vec![format!("bad request: {e}")],
                             code: exit::USAGE,
@@ -122,6 +129,45 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
         }
     });
     Ok(path)
+}
+
+/// The admin action a control request is, as the agent logs it: the request's JSON form (its
+/// command and arguments; a VM definition's text replaced by its length). `None` for what
+/// changes nothing: the queries (`status`, `measure` without `--reset`, `vm list`, `points`,
+/// `server show`) and the dry runs the CLI makes before asking for confirmation.
+fn admin_action(req: &Request) -> Option<String> {
+    match req {
+        Request::ServerShow
+        | Request::VmList
+        | Request::Status { .. }
+        | Request::Points { .. }
+        | Request::Measure { reset: false, .. }
+        | Request::VmRemove { check: true, .. }
+        | Request::ReplicaRemove { check: true, .. }
+        | Request::VmSet { check: true, .. } => return None,
+        _ => {}
+    }
+    let mut v = serde_json::to_value(req).ok()?;
+    if let Some(toml) = v.get_mut("launch_toml")
+        && let Some(len) = toml.as_str().map(str::len)
+    {
+        *toml = json!(format!("<definition, {len} bytes>"));
+    }
+    Some(v.to_string())
+}
+
+/// One info line per admin action with its outcome (the error chain and exit code when it
+/// failed).
+fn log_action(action: &str, resp: &Response) {
+    match resp {
+        Response::Ok { .. } => tracing::info!(request = %action, "admin action done"),
+        Response::Err { chain, code } => tracing::info!(
+            request = %action,
+            code,
+            error = %chain.join(": "),
+            "admin action failed"
+        ),
+    }
 }
 
 fn to_response(e: &AgentError) -> Response {
@@ -549,6 +595,52 @@ pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_actions_are_named_with_their_arguments_and_queries_are_not() {
+        let add = admin_action(&Request::VmAdd {
+            name: "web1".into(),
+            qmp: "/run/web1.qmp".into(),
+            launch_toml: "name = \"web1\"".into(),
+            disks: vec!["disk0".into()],
+            nbd: None,
+        })
+        .expect("vm add is an action");
+        assert!(
+            add.contains(r#""op":"vm-add""#)
+                && add.contains("/run/web1.qmp")
+                && add.contains("<definition, 13 bytes>")
+                && !add.contains("name = "),
+            "{add}"
+        );
+        let pause = admin_action(&Request::Pause {
+            name: "web1".into(),
+        })
+        .expect("pause is an action");
+        assert_eq!(pause, r#"{"name":"web1","op":"pause"}"#);
+        assert!(
+            admin_action(&Request::Measure {
+                name: None,
+                reset: true
+            })
+            .is_some()
+        );
+        for q in [
+            Request::VmList,
+            Request::ServerShow,
+            Request::Status { name: None },
+            Request::Measure {
+                name: None,
+                reset: false,
+            },
+            Request::VmRemove {
+                name: "web1".into(),
+                check: true,
+            },
+        ] {
+            assert_eq!(admin_action(&q), None, "{q:?}");
+        }
+    }
 
     #[tokio::test]
     async fn request_lines_are_bounded() {

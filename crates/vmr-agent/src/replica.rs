@@ -336,6 +336,7 @@ impl ReplicaSide {
                     .map(|e| e.to_string()),
                     program: def.program,
                 }),
+            initial_at_ms: None,
         }
     }
 }

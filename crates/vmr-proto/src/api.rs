@@ -148,6 +148,10 @@ pub struct VmStatus {
     /// definition's), and whether this host's `allowed-programs` lets it run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_program: Option<FailoverProgram>,
+    /// Primary, ReadyForInitialReplication: when the scheduled initial replication starts (ms
+    /// since the epoch; `enable --initial-at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_at_ms: Option<u64>,
 }
 
 /// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's

@@ -553,5 +553,33 @@ fn vm_add_registers_only_a_vm_that_is_there_and_takes_its_nbd_socket() -> TestRe
     p.enable(&name, &["--frequency", "5s"])?;
     p.wait_cycle(&name, 2, LONG)?;
     assert_equal_at_cut(&p, &vm)?;
+    // The agent logs every admin action, with its arguments and outcome, and no query.
+    let log = p.a.log();
+    let actions: Vec<&str> = log.lines().filter(|l| l.contains("admin action")).collect();
+    assert!(
+        actions.iter().any(|l| l.contains("admin action failed")
+            && l.contains(r#""op":"vm-add""#)
+            && l.contains("does not answer")
+            && l.contains("code=1")),
+        "{actions:#?}"
+    );
+    assert!(
+        actions.iter().any(|l| l.contains("admin action done")
+            && l.contains(r#""op":"vm-add""#)
+            && l.contains(&nbd)),
+        "{actions:#?}"
+    );
+    assert!(
+        actions.iter().any(|l| l.contains("admin action done")
+            && l.contains(r#""op":"pause""#)
+            && l.contains("there")),
+        "{actions:#?}"
+    );
+    assert!(
+        !actions
+            .iter()
+            .any(|l| l.contains(r#""op":"status""#) || l.contains("vm-list")),
+        "{actions:#?}"
+    );
     Ok(())
 }

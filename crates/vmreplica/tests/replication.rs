@@ -302,6 +302,13 @@ fn scheduled_initial_replication_and_start_initial() -> TestResult {
     let st = p.a.status("later1")?;
     assert_eq!(st.state, ReplicationState::ReadyForInitialReplication);
     assert_eq!(st.health, Health::Warning, "{}", st.health_reason);
+    // The status shows when it starts (issue 12), as JSON and as text.
+    assert_eq!(st.initial_at_ms, Some(4_070_908_800_000));
+    let text = p.a.ok(&["status", "later1"])?;
+    assert!(
+        text.contains("initial replication scheduled for 2099-01-01T00:00:00Z"),
+        "{text}"
+    );
     // That time passing starts no cycle here is vmr-core's table test
     // `idle_states_start_nothing_as_time_passes`; no sleep needed.
     assert_eq!(p.a.status("later1")?.last_cycle, None);
