@@ -85,7 +85,10 @@ async fn stream_into(
     let (mut count, mut bytes) = (0u64, 0u64);
     while let Some(item) = extents.next().await {
         let (extent, sum) = item.map_err(|e| e.to_remote())?;
-        bytes += extent.len();
+        // Data bytes, as the primary counts them (a zero extent carries none).
+        if let vmr_proto::ExtentData::Data(b) = &extent.data {
+            bytes += b.len() as u64;
+        }
         count += 1;
         writer
             .put(&extent, sum)

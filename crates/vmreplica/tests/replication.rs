@@ -106,6 +106,21 @@ fn replicates_two_disks_under_a_writer() -> TestResult {
     assert!(!pts.as_array().expect("array").is_empty());
     let text = p.b.ok(&["status"])?;
     assert!(text.contains("web1") && text.contains("Replica"), "{text}");
+    // `measure` on the replica agrees with the primary's figures (issue 12): the same data
+    // bytes, the same largest cycle (not the disk's virtual size), a real latency.
+    let measure = |a: &Agent| -> TestResult<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&a.ok(&["measure", "web1", "--json"])?)?;
+        Ok(v[0]["stats"].clone())
+    };
+    let (pa, pb) = (measure(&p.a)?, measure(&p.b)?);
+    for k in ["successful_cycles", "total_bytes", "max_bytes"] {
+        assert_eq!(pa[k], pb[k], "{k}: primary {pa}, replica {pb}");
+    }
+    assert!(
+        pb["max_bytes"].as_u64().unwrap_or(0) < 2 * (64 << 20),
+        "{pb}"
+    );
+    assert!(pb["max_latency_ms"].as_u64().unwrap_or(0) > 0, "{pb}");
     Ok(())
 }
 
