@@ -96,6 +96,26 @@ fn live_line(done: u64, target: u64, s: &VmStatus, in_flight: u64, guest_wrote: 
     ))
 }
 
+/// `text` broken at spaces into lines of at most [`WIDTH`] columns (after a 11-column lead on
+/// the first), the further lines starting with `indent`.
+fn wrap(text: &str, indent: &str) -> String {
+    let mut out = String::new();
+    let mut col = 11;
+    for word in text.split(' ') {
+        if col > indent.len() && col + 1 + word.chars().count() > WIDTH {
+            out.push('\n');
+            out.push_str(indent);
+            col = indent.len();
+        } else if !out.is_empty() {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += word.chars().count();
+    }
+    out
+}
+
 /// The hash check of one disk: the verdict, then each side's BLAKE3 on a line of its own.
 fn hash_rows(disk: &str, primary: &[u8; 32], replica: &[u8; 32]) -> [String; 3] {
     let verdict = if primary == replica {
@@ -155,7 +175,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let a = blocking(|| Agent::start(exe, root, "host-a"))?;
     let b = blocking(|| Agent::start(exe, root, "host-b"))?;
     println!(
-        "agents: host-a {} ({})\n        host-b {} ({})",
+        "agents: host-a {}\n  {}\n        host-b {}\n  {}",
         a.addr, a.fingerprint, b.addr, b.fingerprint
     );
     blocking(|| b.allow(&a))?;
@@ -170,7 +190,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let def = vm.def.clone();
     let nbd = vm.nbd.clone();
     println!(
-        "stand-in VM {} ({}) with 2 x {} qcow2 disks",
+        "stand-in VM {} ({})\n  with 2 x {} qcow2 disks",
         def.name,
         def.uuid,
         fmt_bytes(disk_bytes)
@@ -302,7 +322,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     println!("the replica equals the primary at the cut");
     failover_demo(opts, &a, &b, &def, &nbd).await?;
     println!(
-        "demo passed: the replica equals the primary at the cut; test and planned failover work"
+        "demo passed: the replica equals the primary at the cut;\n  test and planned failover work"
     );
     Ok(())
 }
@@ -427,7 +447,7 @@ async fn failover_demo(
             frequency_secs: Some(opts.frequency),
         },
     )?;
-    println!("  reverse: {}", rev.message);
+    println!("  reverse: {}", wrap(&rev.message, "    "));
     let k = live.point.unwrap_or(0);
     let timeout = Duration::from_secs(opts.frequency * 6 + 60);
     let (sb, _) = blocking(|| b.wait_cycle(&name, k + 1, timeout))?;
@@ -514,5 +534,12 @@ mod tests {
             hash_rows("disk1", &[1; 32], &[2; 32])[0],
             "disk1: DIFFERENT"
         );
+        let msg = "replication reversed: \"demo-vm\" now replicates from here to 127.0.0.1:38677 every 5 s, starting after point 8";
+        let wrapped = format!("  reverse: {}", wrap(msg, "    "));
+        assert!(
+            wrapped.lines().all(|l| l.chars().count() <= WIDTH) && wrapped.lines().count() == 2,
+            "{wrapped}"
+        );
+        assert_eq!(wrapped.replace("\n    ", " "), format!("  reverse: {msg}"));
     }
 }
