@@ -956,6 +956,21 @@ pub async fn become_replica(
             rec.name, rec.qmp
         )));
     }
+    // A host that was this VM's replica before it became its primary keeps the recovery
+    // points of that time in its store, and its disks are overlays on them: the store cannot
+    // take the VM in as a new replica while they back those disks. Refused before anything
+    // stops here.
+    if let Some(entry) = vm.host.allow_entry(&peer.fingerprint)
+        && let Ok(store) = vm.host.store(Path::new(&entry.storage))
+        && store.vms().contains(&req.uuid)
+    {
+        return Err(bad(format!(
+            "this host still keeps {:?}'s recovery points from when it was its replica, and \
+             the VM's disks here are built on them: replicating into this host again is not \
+             supported yet (nothing was changed)",
+            rec.name
+        )));
+    }
     // Stop the cycles and the (shut down) VM process: its images become the replica's.
     side.stop().await;
     let became = async {
