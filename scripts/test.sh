@@ -8,7 +8,18 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Test hooks and failpoints (the agent's slowed resync, the store's crash pauses and fault
 # injection) are compiled for the tests only, never into release builds.
 cargo clippy --workspace --all-targets --locked --features vmreplica/test-hooks,vmr-store/failpoints -- -D warnings
-cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks,vmr-store/failpoints -- --test-threads=2
+# The tests run with a temp dir of their own, which must hold no `vmr-*` socket afterwards: a
+# socket belongs in its agent's, store's or test's directory, also when a test SIGKILLs an
+# agent (issue 12).
+run_tmp=$(mktemp -d)
+trap 'rm -rf "$run_tmp"' EXIT
+TMPDIR="$run_tmp" cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks,vmr-store/failpoints -- --test-threads=2
+left=$(find "$run_tmp" -maxdepth 1 -name 'vmr-*' -type s)
+if [ -n "$left" ]; then
+    echo "test.sh: the tests left sockets in the temp dir:" >&2
+    echo "$left" >&2
+    exit 1
+fi
 # The quick fuzz pass (issue 11): every fuzz target for 3 s, where the nightly toolchain and
 # cargo-fuzz are installed (`scripts/fuzz.sh 60` is the campaign; see RELIABILITY.md).
 if cargo +nightly fuzz --version >/dev/null 2>&1; then

@@ -98,12 +98,7 @@ pub fn create(
             name: name.to_owned(),
         });
     }
-    listen
-        .parse::<std::net::SocketAddr>()
-        .map_err(|err| AgentError::BadListen {
-            listen: listen.to_owned(),
-            err,
-        })?;
+    let listen = resolve_listen(listen)?.to_string();
     if let Some(a) = advertise {
         vmr_core::check_probe_target(Some(a), None).map_err(|reason| AgentError::BadAdvertise {
             advertise: a.to_owned(),
@@ -123,7 +118,7 @@ pub fn create(
         })?;
     let cfg = AgentConfig {
         name: name.to_owned(),
-        listen: listen.to_owned(),
+        listen,
         advertise: advertise.map(str::to_owned),
         storage: storage.display().to_string(),
         max_concurrent_cycles: 8,
@@ -133,6 +128,39 @@ pub fn create(
     let path = dir.join(CONFIG_FILE);
     vmr_durable::write_atomic_mode(&path, text.as_bytes(), 0o600)?;
     Ok(identity.fingerprint().to_owned())
+}
+
+/// The replication listener's address from `init --listen`: an IP address with a port, or a
+/// host name with a port, resolved here (the first IPv4 address it resolves to, else the first
+/// address; `config.toml` records the address, so the agent binds what `init` printed).
+pub fn resolve_listen(listen: &str) -> Result<std::net::SocketAddr, AgentError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = listen.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = || AgentError::BadListen {
+        listen: listen.to_owned(),
+    };
+    let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == ':') {
+        return Err(bad());
+    }
+    let unresolved = |source| AgentError::ListenUnresolved {
+        listen: listen.to_owned(),
+        host: host.to_owned(),
+        source,
+    };
+    let addrs: Vec<std::net::SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| unresolved(Some(e)))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| unresolved(None))
 }
 
 /// The control socket of the agent owning `dir`.
@@ -196,6 +224,39 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn listen_takes_a_host_name_and_says_when_it_does_not_resolve() {
+        let a = resolve_listen("localhost:9443").expect("localhost");
+        assert!(a.ip().is_loopback() && a.port() == 9443, "{a}");
+        assert_eq!(
+            resolve_listen("10.0.0.2:9443").expect("ip").to_string(),
+            "10.0.0.2:9443"
+        );
+        assert_eq!(
+            resolve_listen("[::1]:9443").expect("ipv6").to_string(),
+            "[::1]:9443"
+        );
+        let e = resolve_listen("no-such-host.invalid:9443").expect_err("unresolvable");
+        assert!(matches!(e, AgentError::ListenUnresolved { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("\"no-such-host.invalid\" does not resolve"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), crate::exit::USAGE);
+        for bad in ["localhost", "localhost:x", ":9443", "localhost:70000"] {
+            let e = resolve_listen(bad).expect_err(bad);
+            assert!(matches!(e, AgentError::BadListen { .. }), "{bad}: {e:?}");
+        }
+        // init records the address the name resolved to.
+        let dir = tempfile::tempdir().expect("dir");
+        let d = dir.path().join("agent");
+        create(&d, "host-a", "localhost:9443", None, None).expect("init");
+        let cfg = load_config(&d).expect("load");
+        let l: std::net::SocketAddr = cfg.listen.parse().expect("an address");
+        assert!(l.ip().is_loopback() && l.port() == 9443, "{l}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! [`Request`] line in, one [`Response`] line out.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -98,10 +98,17 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
                         Ok(Line::End) | Err(_) => break,
                     };
                     let resp = match serde_json::from_slice::<Request>(&line) {
-                        Ok(req) => match handle(&agent, req).await {
-                            Ok(value) => Response::Ok { value },
-                            Err(e) => to_response(&e),
-                        },
+                        Ok(req) => {
+                            let action = admin_action(&req);
+                            let resp = match handle(&agent, req).await {
+                                Ok(value) => Response::Ok { value },
+                                Err(e) => to_response(&e),
+                            };
+                            if let Some(action) = action {
+                                log_action(&action, &resp);
+                            }
+                            resp
+                        }
                         Err(e) => Response::Err {
                             chain: vec![format!("bad request: {e}")],
                             code: exit::USAGE,
@@ -122,6 +129,45 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
         }
     });
     Ok(path)
+}
+
+/// The admin action a control request is, as the agent logs it: the request's JSON form (its
+/// command and arguments; a VM definition's text replaced by its length). `None` for what
+/// changes nothing: the queries (`status`, `measure` without `--reset`, `vm list`, `points`,
+/// `server show`) and the dry runs the CLI makes before asking for confirmation.
+fn admin_action(req: &Request) -> Option<String> {
+    match req {
+        Request::ServerShow
+        | Request::VmList
+        | Request::Status { .. }
+        | Request::Points { .. }
+        | Request::Measure { reset: false, .. }
+        | Request::VmRemove { check: true, .. }
+        | Request::ReplicaRemove { check: true, .. }
+        | Request::VmSet { check: true, .. } => return None,
+        _ => {}
+    }
+    let mut v = serde_json::to_value(req).ok()?;
+    if let Some(toml) = v.get_mut("launch_toml")
+        && let Some(len) = toml.as_str().map(str::len)
+    {
+        *toml = json!(format!("<definition, {len} bytes>"));
+    }
+    Some(v.to_string())
+}
+
+/// One info line per admin action with its outcome (the error chain and exit code when it
+/// failed).
+fn log_action(action: &str, resp: &Response) {
+    match resp {
+        Response::Ok { .. } => tracing::info!(request = %action, "admin action done"),
+        Response::Err { chain, code } => tracing::info!(
+            request = %action,
+            code,
+            error = %chain.join(": "),
+            "admin action failed"
+        ),
+    }
 }
 
 fn to_response(e: &AgentError) -> Response {
@@ -207,6 +253,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             qmp,
             launch_toml,
             disks,
+            nbd,
         } => {
             crate::config::validate_vm_name(&name)?;
             let def = checked_definition(&name, &launch_toml, &disks)?;
@@ -221,6 +268,10 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             } else {
                 disks
             };
+            if let Some(n) = &nbd {
+                check_nbd_socket(n)?;
+            }
+            check_vm_is_there(&qmp, &def, &disks).await?;
             let rec = VmRecord {
                 name: name.clone(),
                 uuid: def.uuid,
@@ -231,6 +282,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 primary: host.config.name.clone(),
                 trust_group: None,
                 frequency_secs: None,
+                nbd,
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
             };
             host.save_vm(&rec)?;
@@ -393,6 +445,86 @@ fn checked_definition(
     Ok(def)
 }
 
+/// `vm add --nbd`: an absolute path a Unix socket can have (at most 107 bytes).
+fn check_nbd_socket(path: &str) -> Result<(), AgentError> {
+    let bad = |reason| AgentError::BadNbdSocket {
+        path: path.to_owned(),
+        reason,
+    };
+    if !Path::new(path).is_absolute() {
+        return Err(bad("not an absolute path"));
+    }
+    if path.len() > vmr_proto::sockpath::MAX_SOCKET_PATH {
+        return Err(bad("longer than the 107 bytes a Unix socket path may have"));
+    }
+    Ok(())
+}
+
+/// How long `vm add` waits for the VM's QMP monitor.
+const VM_ADD_QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `vm add` checks what it can see at once, so that it never registers a VM that is not there:
+/// the QMP socket answers, every disk to replicate is a block node of that QEMU, and the node
+/// opens the image the definition names (compared as given, or both canonicalised).
+async fn check_vm_is_there(
+    qmp: &str,
+    def: &VmDefinition,
+    disks: &[String],
+) -> Result<(), AgentError> {
+    let ep = vmr_capture::Endpoint::Unix(qmp.into());
+    let mut client = vmr_capture::qmp::QmpClient::connect(&ep, VM_ADD_QMP_TIMEOUT)
+        .await
+        .map_err(|source| AgentError::VmNotAnswering {
+            qmp: qmp.to_owned(),
+            source,
+        })?;
+    let nodes = client
+        .execute_value("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await
+        .map_err(|source| AgentError::QueryNodes {
+            qmp: qmp.to_owned(),
+            source,
+        })?;
+    let nodes = nodes.as_array().map(Vec::as_slice).unwrap_or_default();
+    let name_of = |n: &Value| n["node-name"].as_str().map(str::to_owned);
+    for d in def.disks.iter().filter(|d| disks.contains(&d.node)) {
+        let Some(node) = nodes
+            .iter()
+            .find(|n| name_of(n).as_deref() == Some(&d.node))
+        else {
+            let mut names: Vec<String> = nodes
+                .iter()
+                .filter_map(name_of)
+                .filter(|n| !n.starts_with('#'))
+                .collect();
+            names.sort();
+            return Err(AgentError::DiskNodeMissing {
+                node: d.node.clone(),
+                qmp: qmp.to_owned(),
+                nodes: if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                },
+            });
+        };
+        let qemu = node["file"].as_str().unwrap_or_default();
+        let same = qemu == d.path
+            || matches!(
+                (std::fs::canonicalize(qemu), std::fs::canonicalize(&d.path)),
+                (Ok(a), Ok(b)) if a == b
+            );
+        if !same {
+            return Err(AgentError::DiskPathMismatch {
+                node: d.node.clone(),
+                definition: d.path.clone(),
+                qemu: qemu.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn failover(agent: &Control, name: &str, cmd: FailoverCmd) -> Result<Value, AgentError> {
     let r = vm(agent, name)?.ask(|r| Command::Failover(cmd, r)).await?;
     to_value(r)
@@ -463,6 +595,52 @@ pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_actions_are_named_with_their_arguments_and_queries_are_not() {
+        let add = admin_action(&Request::VmAdd {
+            name: "web1".into(),
+            qmp: "/run/web1.qmp".into(),
+            launch_toml: "name = \"web1\"".into(),
+            disks: vec!["disk0".into()],
+            nbd: None,
+        })
+        .expect("vm add is an action");
+        assert!(
+            add.contains(r#""op":"vm-add""#)
+                && add.contains("/run/web1.qmp")
+                && add.contains("<definition, 13 bytes>")
+                && !add.contains("name = "),
+            "{add}"
+        );
+        let pause = admin_action(&Request::Pause {
+            name: "web1".into(),
+        })
+        .expect("pause is an action");
+        assert_eq!(pause, r#"{"name":"web1","op":"pause"}"#);
+        assert!(
+            admin_action(&Request::Measure {
+                name: None,
+                reset: true
+            })
+            .is_some()
+        );
+        for q in [
+            Request::VmList,
+            Request::ServerShow,
+            Request::Status { name: None },
+            Request::Measure {
+                name: None,
+                reset: false,
+            },
+            Request::VmRemove {
+                name: "web1".into(),
+                check: true,
+            },
+        ] {
+            assert_eq!(admin_action(&q), None, "{q:?}");
+        }
+    }
 
     #[tokio::test]
     async fn request_lines_are_bounded() {

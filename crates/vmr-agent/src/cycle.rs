@@ -134,8 +134,12 @@ pub async fn connect(host: &Host, args: &EnableArgs) -> Result<Client, Transport
 /// NBD server that agent started in the VM's QEMU (`work/<tag>/vmr-<tag>-nbd.sock`) while it
 /// answers and the new one does not, unless another VM registered here shares the tag (then
 /// that server may be the other VM's).
+/// A socket named at `vm add --nbd` comes first.
 fn nbd_socket_of(host: &Host, rec: &VmRecord) -> std::path::PathBuf {
     use std::os::unix::net::UnixStream;
+    if let Some(n) = &rec.nbd {
+        return n.into();
+    }
     let new = crate::launch::nbd_socket(&host.dir, rec.uuid);
     let legacy = crate::launch::legacy_nbd_socket(&host.dir, rec.uuid);
     if UnixStream::connect(&new).is_ok() || UnixStream::connect(&legacy).is_err() {

@@ -312,6 +312,7 @@ mod tests {
             primary: "a".into(),
             trust_group: None,
             frequency_secs: None,
+            nbd: None,
             machine: MachineSnapshot::Primary(PrimarySnapshot {
                 state: ReplicationState::Replicating,
                 last_cycle: Some(4),

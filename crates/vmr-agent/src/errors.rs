@@ -377,12 +377,23 @@ pub enum AgentError {
         name: String,
     },
     /// `init --listen` that is not HOST:PORT.
-    #[error("--listen {listen:?} is not HOST:PORT ({err})")]
+    #[error(
+        "--listen {listen:?} is not HOST:PORT (e.g. 0.0.0.0:9443, 10.0.0.2:9443 or host-b:9443)"
+    )]
     BadListen {
         /// What was given.
         listen: String,
-        /// The error.
-        err: std::net::AddrParseError,
+    },
+    /// `init --listen` with a host name that does not resolve.
+    #[error("--listen {listen:?}: host name {host:?} does not resolve")]
+    ListenUnresolved {
+        /// What was given.
+        listen: String,
+        /// The host name.
+        host: String,
+        /// The resolver's error (none: it answered no address).
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// `init --advertise` with an address peers cannot reach.
     #[error("--advertise {advertise:?} cannot be advertised: {reason}")]
@@ -623,6 +634,60 @@ pub enum AgentError {
         /// The cause.
         source: QmpError,
     },
+    /// `vm add`: the VM's QMP monitor does not answer (the VM is not running, or not with
+    /// that monitor, or another client holds it).
+    #[error(
+        "the VM's QMP socket {qmp} does not answer: a VM is registered only while it runs with \
+         that monitor reserved for vmreplica (e.g. -qmp unix:{qmp},server=on,wait=off)"
+    )]
+    VmNotAnswering {
+        /// The QMP socket.
+        qmp: String,
+        /// The cause.
+        source: QmpError,
+    },
+    /// `vm add`: listing the VM's block nodes failed.
+    #[error("listing the block nodes of the VM at {qmp}")]
+    QueryNodes {
+        /// The QMP socket.
+        qmp: String,
+        /// The cause.
+        source: QmpError,
+    },
+    /// `vm add`: a disk of the definition is not a block node of the running VM.
+    #[error(
+        "disk {node:?} of the definition is not a block node of the VM at {qmp} (its nodes: \
+         {nodes}); name the disk's format node with -blockdev ...,node-name={node}"
+    )]
+    DiskNodeMissing {
+        /// The definition's node name.
+        node: String,
+        /// The QMP socket.
+        qmp: String,
+        /// The node names the VM has.
+        nodes: String,
+    },
+    /// `vm add`: a disk node of the running VM opens another image than the definition says.
+    #[error(
+        "disk {node:?}: the VM opens {qemu:?}, the definition says {definition:?} (a failover \
+         would start the VM from the wrong path)"
+    )]
+    DiskPathMismatch {
+        /// The node name.
+        node: String,
+        /// The definition's path.
+        definition: String,
+        /// The image QEMU reports for the node.
+        qemu: String,
+    },
+    /// `vm add --nbd` with a path a Unix socket cannot have.
+    #[error("--nbd {path:?}: {reason}")]
+    BadNbdSocket {
+        /// What was given.
+        path: String,
+        /// Why not.
+        reason: &'static str,
+    },
     /// `failover prepare`: `query-status` failed.
     #[error("querying the VM's status")]
     QueryStatus(#[source] QmpError),
@@ -777,9 +842,13 @@ impl AgentError {
             | DefinitionName { .. }
             | DefinitionUuid { .. }
             | DiskNotInDefinition { .. }
+            | DiskNodeMissing { .. }
+            | DiskPathMismatch { .. }
+            | BadNbdSocket { .. }
             | BadAgentName { .. }
             | BadVmName { .. }
             | BadListen { .. }
+            | ListenUnresolved { .. }
             | BadAdvertise { .. }
             | OldPrimaryAddressUnknown
             | OldPrimaryFingerprintUnknown => exit::USAGE,
@@ -812,6 +881,8 @@ impl AgentError {
             | FailoverPointGone { .. }
             | FinalCycleFailed { .. }
             | QmpUnreachable { .. }
+            | VmNotAnswering { .. }
+            | QueryNodes { .. }
             | QueryStatus(_)
             | LaunchCommand(_)
             | ProgramNotAllowed { .. }

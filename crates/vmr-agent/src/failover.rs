@@ -409,6 +409,8 @@ pub async fn start(
         fr.planned = planned;
         if let Some(q) = &f.qmp {
             vm.rec.qmp = q.clone();
+            // The agent started this VM: its NBD socket is the agent's own.
+            vm.rec.nbd = None;
             vm.save()?;
         }
     }
@@ -874,6 +876,7 @@ pub async fn reverse(
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
         .map_err(AgentError::Refused)?;
     rec.qmp = qmp;
+    rec.nbd = None;
     rec.launch_toml = def.to_toml();
     rec.disks = point.disks.iter().map(|(d, _)| d.clone()).collect();
     rec.enable = Some(args);
@@ -953,6 +956,21 @@ pub async fn become_replica(
             rec.name, rec.qmp
         )));
     }
+    // A host that was this VM's replica before it became its primary keeps the recovery
+    // points of that time in its store, and its disks are overlays on them: the store cannot
+    // take the VM in as a new replica while they back those disks. Refused before anything
+    // stops here.
+    if let Some(entry) = vm.host.allow_entry(&peer.fingerprint)
+        && let Ok(store) = vm.host.store(Path::new(&entry.storage))
+        && store.vms().contains(&req.uuid)
+    {
+        return Err(bad(format!(
+            "this host still keeps {:?}'s recovery points from when it was its replica, and \
+             the VM's disks here are built on them: replicating into this host again is not \
+             supported yet (nothing was changed)",
+            rec.name
+        )));
+    }
     // Stop the cycles and the (shut down) VM process: its images become the replica's.
     side.stop().await;
     let became = async {
@@ -999,6 +1017,7 @@ pub async fn become_replica(
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
             frequency_secs: None,
+            nbd: None,
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;

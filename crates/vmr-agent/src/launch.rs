@@ -43,34 +43,20 @@ pub fn legacy_nbd_socket(agent_dir: &Path, uuid: uuid::Uuid) -> PathBuf {
 }
 
 /// Longest Unix socket path (`sun_path` has 108 bytes with the terminating NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub use vmr_proto::sockpath::MAX_SOCKET_PATH;
 
 /// The NBD server socket the capture uses for a VM (the `{nbd}` placeholder):
 /// `work/<uuid>/vmr-<tag>-nbd.sock`. When that path exceeds [`MAX_SOCKET_PATH`] (an agent
-/// directory longer than 47 bytes), the directory part is shortened, never the identity:
-/// `<runtime>/vmreplica/<agent>/vmr-<uuid>.sock`, where `<runtime>` is `$XDG_RUNTIME_DIR`, or
-/// `/run` when the agent may write there (root), or the temp dir, and `<agent>` the first 16 hex digits of the BLAKE3 of
-/// the agent directory's path (two agents on one host never share it).
+/// directory longer than 47 bytes), the directory part is shortened by the one rule of
+/// [`vmr_proto::sockpath::socket_path`], never the identity:
+/// `<runtime>/vmreplica/<agent>/vmr-<uuid>.sock`, `<agent>` being the first 16 hex digits of
+/// the BLAKE3 of the agent directory's path (two agents on one host never share it).
 pub fn nbd_socket(agent_dir: &Path, uuid: uuid::Uuid) -> PathBuf {
-    let p = work_dir(agent_dir, uuid).join(format!("vmr-{}-nbd.sock", tag(uuid)));
-    if p.as_os_str().len() <= MAX_SOCKET_PATH {
-        return p;
-    }
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_absolute())
-        .unwrap_or_else(|| {
-            if nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK).is_ok() {
-                PathBuf::from("/run")
-            } else {
-                std::env::temp_dir()
-            }
-        });
-    let agent = blake3::hash(agent_dir.as_os_str().as_encoded_bytes()).to_hex();
-    runtime
-        .join("vmreplica")
-        .join(&agent.as_str()[..16])
-        .join(format!("vmr-{}.sock", ident(uuid)))
+    vmr_proto::sockpath::socket_path(
+        work_dir(agent_dir, uuid).join(format!("vmr-{}-nbd.sock", tag(uuid))),
+        agent_dir,
+        &format!("vmr-{}.sock", ident(uuid)),
+    )
 }
 
 /// `kvm` when /dev/kvm can be opened, `tcg` otherwise.

@@ -545,6 +545,9 @@ impl PrimarySide {
             stats,
             progress,
             failover_program: None,
+            initial_at_ms: m
+                .initial_at_ms()
+                .filter(|_| state == ReplicationState::ReadyForInitialReplication),
         }
     }
 }
@@ -601,5 +604,6 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         stats: snap.stats,
         progress: None,
         failover_program: None,
+        initial_at_ms: None,
     }
 }

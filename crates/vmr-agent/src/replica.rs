@@ -138,10 +138,12 @@ impl ReplicaSide {
     /// Record a committed point (a cycle of any kind). The machine never changes a state set
     /// meanwhile by pause, disable or failover.
     pub fn record_point(&mut self, vm: &mut Vm, p: &RecoveryPoint, bytes: u64) {
+        let now = now_ms();
         let ev = ReplicaEvent::CycleApplied {
-            now_ms: now_ms(),
+            now_ms: now,
             id: p.id,
             bytes,
+            latency_ms: now.saturating_sub(p.taken_at_ms),
             app_consistent: p.kind == vmr_store::PointKind::AppConsistent,
         };
         if let Err(r) = self.step(vm, ev) {
@@ -336,6 +338,7 @@ impl ReplicaSide {
                     .map(|e| e.to_string()),
                     program: def.program,
                 }),
+            initial_at_ms: None,
         }
     }
 }

@@ -85,7 +85,10 @@ async fn stream_into(
     let (mut count, mut bytes) = (0u64, 0u64);
     while let Some(item) = extents.next().await {
         let checked = item.map_err(|e| e.to_remote())?;
-        bytes += checked.extent().len();
+        // Data bytes, as the primary counts them (a zero extent carries none).
+        if let vmr_proto::ExtentData::Data(b) = &checked.extent().data {
+            bytes += b.len() as u64;
+        }
         count += 1;
         writer
             .put_checked(&checked)
@@ -154,6 +157,7 @@ impl PeerHandler {
             primary: peer.name.clone(),
             trust_group: peer.trust_group.clone(),
             frequency_secs: Some(req.frequency_secs),
+            nbd: None,
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
         };
         self.host.save_vm(&rec).map_err(internal)?;

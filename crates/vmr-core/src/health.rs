@@ -254,6 +254,7 @@ mod tests {
             now_ms: 1,
             id: 1,
             bytes: 1,
+            latency_ms: 0,
             app_consistent: false,
         })
         .expect("applied");

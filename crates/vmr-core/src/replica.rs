@@ -70,8 +70,11 @@ pub enum ReplicaEvent {
         now_ms: u64,
         /// The point.
         id: CycleId,
-        /// Bytes the cycle carried.
+        /// Data bytes the cycle carried (zero extents count nothing, as on the primary).
         bytes: u64,
+        /// From the cycle's cut on the primary to its commit here (the primary's clock may
+        /// differ; 0 when it is ahead).
+        latency_ms: u64,
         /// Whether the point is app-consistent.
         app_consistent: bool,
     },
@@ -336,12 +339,15 @@ impl ReplicaMachine {
                 now_ms,
                 id,
                 bytes,
+                latency_ms,
                 app_consistent,
             } => {
                 let st = &mut self.stats;
                 st.successful_cycles += 1;
                 st.total_bytes += bytes;
                 st.max_bytes = st.max_bytes.max(bytes);
+                st.total_latency_ms += latency_ms;
+                st.max_latency_ms = st.max_latency_ms.max(latency_ms);
                 st.last_replication_ms = Some(now_ms);
                 if app_consistent {
                     st.last_app_consistent_ms = Some(now_ms);
@@ -541,6 +547,7 @@ mod tests {
                     now_ms,
                     id: 4,
                     bytes: 10,
+                    latency_ms: 0,
                     app_consistent: false,
                 }),
             ),
@@ -864,6 +871,36 @@ mod tests {
         assert!(m.accepts_cycles().is_ok());
     }
 
+    /// The replica's statistics count what the primary's do: data bytes and the latency from
+    /// the cut to the commit (issue 12: it showed 0 ms and the full disk as the largest cycle).
+    #[test]
+    fn applied_cycles_count_bytes_and_latency_like_the_primary() {
+        let mut m = ReplicaMachine::new(0);
+        m.step(E::OfferCycle {
+            now_ms: 1,
+            kind: CycleKind::Full,
+            id: 1,
+            base: None,
+        })
+        .expect("offer");
+        for (id, bytes, latency_ms) in [(1, 300, 900), (2, 100, 300)] {
+            m.step(E::CycleApplied {
+                now_ms: 10 * id,
+                id,
+                bytes,
+                latency_ms,
+                app_consistent: false,
+            })
+            .expect("applied");
+        }
+        let st = m.stats();
+        assert_eq!(
+            (st.successful_cycles, st.total_bytes, st.max_bytes),
+            (2, 400, 300)
+        );
+        assert_eq!((st.max_latency_ms, st.average_latency_ms()), (900, 600));
+    }
+
     /// Bug (c): an apply finishing after a pause (or a failover start) used to overwrite the
     /// state with Replicating.
     #[test]
@@ -872,6 +909,7 @@ mod tests {
             now_ms: 10,
             id,
             bytes: 5,
+            latency_ms: 0,
             app_consistent: true,
         };
         // Initial copy staged, then paused before its apply finished.
@@ -933,6 +971,7 @@ mod tests {
             now_ms: 1,
             id: 5,
             bytes: 1,
+            latency_ms: 0,
             app_consistent: false,
         })
         .expect("applied");
@@ -1000,6 +1039,7 @@ mod tests {
                 now_ms: 200 + id,
                 id,
                 bytes,
+                latency_ms: 0,
                 app_consistent: false,
             })
             .expect("applied");
@@ -1032,6 +1072,7 @@ mod tests {
             now_ms: 500,
             id: 3,
             bytes: 1,
+            latency_ms: 0,
             app_consistent: false,
         })
         .expect("applied");

@@ -148,6 +148,10 @@ pub struct VmStatus {
     /// definition's), and whether this host's `allowed-programs` lets it run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_program: Option<FailoverProgram>,
+    /// Primary, ReadyForInitialReplication: when the scheduled initial replication starts (ms
+    /// since the epoch; `enable --initial-at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_at_ms: Option<u64>,
 }
 
 /// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's
@@ -230,6 +234,10 @@ pub enum Request {
         launch_toml: String,
         /// Disks to replicate (node names); empty = all of the definition's.
         disks: Vec<String>,
+        /// The NBD socket the VM serves its disks on (a qemu-storage-daemon stand-in), when
+        /// not the agent's own path.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nbd: Option<String>,
     },
     /// List registered VMs.
     VmList,

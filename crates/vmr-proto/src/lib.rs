@@ -8,6 +8,7 @@ pub mod cycle;
 pub mod machine;
 pub mod peer;
 pub mod record;
+pub mod sockpath;
 pub mod store;
 pub mod vmdef;
 pub mod wire;

@@ -32,6 +32,12 @@ pub struct VmRecord {
     /// said (absent in records written before it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_secs: Option<u64>,
+    /// Primary side: the NBD socket named at `vm add --nbd` (a stand-in VM serving its disks
+    /// there), which the capture reads through instead of the agent's own path
+    /// (`DIR/work/<uuid>/vmr-<tag>-nbd.sock`); absent = the agent's path. Dropped when the
+    /// agent starts the VM itself (failover, reverse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
     /// The VM's machine; its side is the VM's mode on this host.
     pub machine: MachineSnapshot,
 }
@@ -133,6 +139,7 @@ impl From<VmRecordV1> for VmRecord {
             primary: r.primary,
             trust_group: r.trust_group,
             frequency_secs: None,
+            nbd: None,
             machine,
         }
     }

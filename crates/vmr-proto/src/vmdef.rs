@@ -18,7 +18,10 @@ pub struct VmDefinition {
     /// path), `{nbd}` (the NBD server socket vmreplica reads the VM's disks through: only a
     /// qemu-storage-daemon stand-in, which serves its "guest" I/O over NBD, starts that server
     /// itself; a real VM leaves it out and vmreplica starts it), `{name}`, `{uuid}` and
-    /// `{accel}` (`kvm` or `tcg`) are substituted at start.
+    /// `{accel}` (`kvm` or `tcg`) are substituted when vmreplica starts the VM (failover,
+    /// test failover): `{nbd}` then is the agent's own socket
+    /// (`DIR/work/<uuid>/vmr-<uuid8>-nbd.sock`). A stand-in the admin starts names its NBD
+    /// socket at `vm add --nbd SOCK` instead.
     pub args: Vec<String>,
     /// Arguments added only when the VM is started for a test failover (e.g. an isolated NIC);
     /// every argument listed in `network-args` is dropped for a test failover.

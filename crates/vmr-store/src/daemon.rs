@@ -37,6 +37,13 @@ const PID_FILE: &str = "qemu-storage-daemon.pid";
 /// Name of the file in the store root the store holds an exclusive `flock` on, through one
 /// descriptor every QEMU process it starts inherits (released when the last of them exits).
 const LOCK_FILE: &str = "qemu.lock";
+/// The store's socket directory in its root (the daemon's QMP and NBD sockets, the
+/// `qemu-nbd` exports' sockets): never the temp dir, so a killed store leaves nothing outside
+/// its root, and [`Daemon::kill_leftover`] removes what a dead store left there.
+const SOCK_DIR: &str = "sock";
+/// Longest socket name the store uses: `nbd-<pid>-<seq>.sock` with a 7-digit pid and a
+/// 20-digit sequence number.
+const LONGEST_SOCK_NAME: usize = 37;
 /// Limit for one QMP command and for the daemon's start.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Limit for a previous daemon of the root to exit (SIGKILLed, it normally takes milliseconds).
@@ -60,6 +67,39 @@ pub(crate) struct Daemon {
 /// The QEMU locks this process holds, by store root (for the tools' spawns).
 static HELD: std::sync::Mutex<Vec<(PathBuf, std::sync::Weak<std::fs::File>)>> =
     std::sync::Mutex::new(Vec::new());
+
+/// The socket directory of the store rooted at `root`: `<root>/sock`, or, when a socket
+/// there could exceed the `sun_path` limit, the shortened directory of the one rule
+/// (`vmr_proto::sockpath::socket_dir`).
+pub(crate) fn sock_dir(root: &Path) -> PathBuf {
+    vmr_proto::sockpath::socket_dir(root.join(SOCK_DIR), root, LONGEST_SOCK_NAME)
+}
+
+/// [`sock_dir`], created (mode 0700) if missing.
+pub(crate) fn make_sock_dir(root: &Path) -> Result<PathBuf, StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = sock_dir(root);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| StoreError::io("create the socket directory", &dir, e))?;
+    Ok(dir)
+}
+
+/// Remove every socket a dead store of `root` left in its socket directory (call only with
+/// the root's QEMU lock held: then no process of an earlier store can still serve one).
+fn clear_sock_dir(root: &Path) {
+    let dir = sock_dir(root);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| !t.is_dir()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
 
 /// The held QEMU lock of the store whose root contains `path` (a tool's image or working
 /// directory), if this process holds it.
@@ -160,6 +200,11 @@ impl Daemon {
         }
     }
 
+    /// The root of the store this daemon serves.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Option<Arc<std::fs::File>>> {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -228,6 +273,8 @@ impl Daemon {
         }
         self.hold_lock(killed).await?;
         drop(running);
+        clear_sock_dir(&self.root);
+        // Sockets a store before the socket directory recorded in the temp dir.
         for sock in [qmp, nbd].into_iter().flatten() {
             let _ = std::fs::remove_file(sock);
         }
@@ -245,8 +292,9 @@ impl Daemon {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let qmp_sock = std::env::temp_dir().join(format!("vmr-qsd-{tag}.qmp"));
-        let nbd_sock = std::env::temp_dir().join(format!("vmr-qsd-{tag}.nbd"));
+        let socks = make_sock_dir(&self.root)?;
+        let qmp_sock = socks.join(format!("qsd-{tag}.qmp"));
+        let nbd_sock = socks.join(format!("qsd-{tag}.nbd"));
         let _ = std::fs::remove_file(&qmp_sock);
         let _ = std::fs::remove_file(&nbd_sock);
         // Wait for the previous daemon of the root to be gone; the daemon holds the lock too.
@@ -982,6 +1030,36 @@ mod tests {
             .expect("start");
         let pid = left.child().as_ref().map(|c| c.pid).expect("running");
         assert!(Path::new(&format!("/proc/{pid}")).exists());
+        // Its sockets are in the root's socket directory, none in the temp dir.
+        let socks = |d: &Path| -> Vec<String> {
+            std::fs::read_dir(d)
+                .map(|r| {
+                    r.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let sdir = dir.path().join(SOCK_DIR);
+        assert_eq!(sock_dir(dir.path()), sdir);
+        let mut names = socks(&sdir);
+        names.sort();
+        let tag = format!("{}-", std::process::id());
+        assert!(
+            names.len() == 2
+                && names
+                    .iter()
+                    .all(|n| n.starts_with("qsd-") && n.contains(&tag)),
+            "{names:?}"
+        );
+        assert!(
+            !socks(&std::env::temp_dir())
+                .iter()
+                .any(|n| n.starts_with("vmr-qsd-") && n.contains(&tag)),
+            "a daemon socket in the temp dir"
+        );
+        // An export's socket left by a dead store.
+        std::fs::write(sdir.join("nbd-1-1.sock"), b"").expect("write");
         // The daemon (and only it) holds the root's lock.
         let lock = dir.path().join(LOCK_FILE);
         let holders: Vec<i32> = lock_holders(&lock).into_iter().map(|h| h.0).collect();
@@ -998,6 +1076,7 @@ mod tests {
         );
         assert!(lock_holders(&lock).is_empty());
         assert!(!dir.path().join(PID_FILE).exists());
+        assert!(socks(&sdir).is_empty(), "left: {:?}", socks(&sdir));
         // The next daemon starts at once (the lock is free).
         next.execute("query-version", json!({}))
             .await

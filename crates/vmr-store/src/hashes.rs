@@ -125,6 +125,7 @@ impl Store {
         let (point, layer) = self.resync_layer(vm, disk)?;
         let point_disk_size = layer.as_ref().map_or(0, |(_, s)| *s);
         let hashes = hash_layer(
+            self.root(),
             layer.as_ref().map(|(p, _)| p.as_path()),
             point_disk_size,
             disk_size,
@@ -154,6 +155,7 @@ impl Store {
 /// Hash `count` blocks from `first_block` of a disk of `disk_size` bytes whose content is
 /// `layer` (of `layer_size` bytes; zeros beyond it, all zeros without a layer).
 async fn hash_layer(
+    root: &std::path::Path,
     layer: Option<&std::path::Path>,
     layer_size: u64,
     disk_size: u64,
@@ -173,7 +175,8 @@ async fn hash_layer(
         let Some(layer) = layer else {
             return Err(StoreError::InvalidCycle("no layer to hash".into()));
         };
-        let x = Export::start_read_only(layer, vec![vmr_nbd::BASE_ALLOCATION.to_owned()]).await?;
+        let x =
+            Export::start_read_only(root, layer, vec![vmr_nbd::BASE_ALLOCATION.to_owned()]).await?;
         let span = Span {
             start,
             end: read_end,

@@ -189,32 +189,36 @@ pub(crate) struct Export {
 }
 
 impl Export {
-    /// Export `image` (qcow2) writable on a fresh unix socket and connect to it.
-    pub(crate) async fn start(image: &Path) -> Result<Export, StoreError> {
-        Export::start_with(image, false, Vec::new()).await
+    /// Export `image` (qcow2) writable on a fresh unix socket in the socket directory of the
+    /// store rooted at `root` and connect to it.
+    pub(crate) async fn start(root: &Path, image: &Path) -> Result<Export, StoreError> {
+        Export::start_with(root, image, false, Vec::new()).await
     }
 
     /// Export `image` (qcow2) read-only without taking image locks (`--force-share`: for
     /// reading committed layers, whose content never changes, while the store may copy up
     /// into them), with the given meta contexts.
     pub(crate) async fn start_read_only(
+        root: &Path,
         image: &Path,
         meta_contexts: Vec<String>,
     ) -> Result<Export, StoreError> {
-        Export::start_with(image, true, meta_contexts).await
+        Export::start_with(root, image, true, meta_contexts).await
     }
 
     /// Export an image from outside the store (`format` `qcow2` or `raw`) read-only, with
     /// image locking (nobody may write it meanwhile), for importing it.
     pub(crate) async fn start_image(
+        root: &Path,
         image: &Path,
         format: &str,
         meta_contexts: Vec<String>,
     ) -> Result<Export, StoreError> {
-        Export::start_inner(image, Mode::Image(format), meta_contexts).await
+        Export::start_inner(root, image, Mode::Image(format), meta_contexts).await
     }
 
     async fn start_with(
+        root: &Path,
         image: &Path,
         read_only: bool,
         meta_contexts: Vec<String>,
@@ -224,16 +228,17 @@ impl Export {
         } else {
             Mode::Writable
         };
-        Export::start_inner(image, mode, meta_contexts).await
+        Export::start_inner(root, image, mode, meta_contexts).await
     }
 
     async fn start_inner(
+        root: &Path,
         image: &Path,
         mode: Mode<'_>,
         meta_contexts: Vec<String>,
     ) -> Result<Export, StoreError> {
-        let sock = std::env::temp_dir().join(format!(
-            "vmr-store-{}-{}.sock",
+        let sock = crate::daemon::make_sock_dir(root)?.join(format!(
+            "nbd-{}-{}.sock",
             std::process::id(),
             SOCK_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
@@ -376,6 +381,13 @@ impl Export {
     /// Kill qemu-nbd without flushing (error path).
     pub(crate) async fn abort(mut self) {
         let _ = self.child.kill().await;
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+impl Drop for Export {
+    /// A dropped export (its `qemu-nbd` is killed: `kill_on_drop`) leaves no socket.
+    fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.sock);
     }
 }

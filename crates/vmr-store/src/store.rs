@@ -997,7 +997,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             continue;
         }
         if actual.as_deref() == Some(l.file.as_str()) {
-            copy_up(&*v.fs, &dir, &u.file).await?;
+            copy_up(&*v.fs, v.qsd.root(), &dir, &u.file).await?;
             pause_point("prune-copied");
             qemu::rebase_unsafe(&dir, &u.file, l.backing.as_deref()).await?;
             v.fs.fsync_file(&dir.join(&u.file))?;
@@ -1067,12 +1067,12 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
 
 /// Copy into `file` every cluster that its direct backing layer has and it lacks, reading it
 /// through `file` itself (so the visible content never changes), then flush.
-async fn copy_up(fs: &dyn Storage, dir: &Path, file: &str) -> Result<(), StoreError> {
+async fn copy_up(fs: &dyn Storage, root: &Path, dir: &Path, file: &str) -> Result<(), StoreError> {
     let ranges = qemu::ranges_in_backing(dir, file).await?;
     if ranges.is_empty() {
         return Ok(());
     }
-    let x = Export::start(&dir.join(file)).await?;
+    let x = Export::start(root, &dir.join(file)).await?;
     let res = async {
         let mut pipe = Pipeline::default();
         let chunk = x.chunk().min(4 << 20);

@@ -244,7 +244,8 @@ pub enum ServerCmd {
 /// `vm` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
-    /// Register a running VM on its primary.
+    /// Register a running VM on its primary. Checked at once: the QMP socket answers, every
+    /// disk to replicate is a block node of that QEMU, and it opens the definition's image.
     Add {
         /// VM name (must match the definition's name).
         name: String,
@@ -257,6 +258,12 @@ pub enum VmCmd {
         /// Disk node to replicate (repeat); default all disks of the definition.
         #[arg(long = "disk")]
         disks: Vec<String>,
+        /// The NBD socket the VM already serves its disks on (a qemu-storage-daemon stand-in
+        /// started with `--nbd-server addr.type=unix,addr.path=SOCK`); vmreplica reads the
+        /// disks through it. Without it vmreplica uses its own socket
+        /// (DIR/work/<uuid>/vmr-<uuid8>-nbd.sock), which it starts in a real VM itself.
+        #[arg(long, value_name = "SOCK")]
+        nbd: Option<PathBuf>,
     },
     /// List registered VMs.
     List,

@@ -73,6 +73,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             qmp,
             launch,
             disks,
+            nbd,
         }) => {
             let launch_toml = std::fs::read_to_string(&launch)
                 .with_context(|| format!("reading VM definition {}", launch.display()))?;
@@ -81,6 +82,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 qmp: absolute(&qmp),
                 launch_toml,
                 disks,
+                nbd: nbd.map(|n| absolute(&n)),
             }
         }
         Command::Vm(VmCmd::List) => Request::VmList,

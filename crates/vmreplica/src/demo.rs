@@ -71,6 +71,65 @@ impl Guest {
     }
 }
 
+/// Columns the demo's output uses at most: an 80-column terminal shows every line whole, and the
+/// live line, rewritten in place with `\r`, never wraps.
+const WIDTH: usize = 79;
+
+/// `line` cut to [`WIDTH`] characters and padded with spaces to it (so that a shorter line
+/// rewritten in place covers a longer one).
+fn fit(line: &str) -> String {
+    let cut: String = line.chars().take(WIDTH).collect();
+    format!("{cut:<WIDTH$}")
+}
+
+/// The live status line: progress, state/health, bytes sent (in flight) and written by the
+/// guest, most important first (a long state cuts the end, never the progress).
+fn live_line(done: u64, target: u64, s: &VmStatus, in_flight: u64, guest_wrote: u64) -> String {
+    fit(&format!(
+        "{} {done}/{target} {}/{} sent {} (+{}) guest {}",
+        bar(done, target, 10),
+        s.state,
+        s.health,
+        fmt_bytes(s.stats.total_bytes),
+        fmt_bytes(in_flight),
+        fmt_bytes(guest_wrote),
+    ))
+}
+
+/// `text` broken at spaces into lines of at most [`WIDTH`] columns (after a 11-column lead on
+/// the first), the further lines starting with `indent`.
+fn wrap(text: &str, indent: &str) -> String {
+    let mut out = String::new();
+    let mut col = 11;
+    for word in text.split(' ') {
+        if col > indent.len() && col + 1 + word.chars().count() > WIDTH {
+            out.push('\n');
+            out.push_str(indent);
+            col = indent.len();
+        } else if !out.is_empty() {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += word.chars().count();
+    }
+    out
+}
+
+/// The hash check of one disk: the verdict, then each side's BLAKE3 on a line of its own.
+fn hash_rows(disk: &str, primary: &[u8; 32], replica: &[u8; 32]) -> [String; 3] {
+    let verdict = if primary == replica {
+        "MATCH"
+    } else {
+        "DIFFERENT"
+    };
+    [
+        format!("{disk}: {verdict}"),
+        format!("  primary  {}", hex(primary)),
+        format!("  replica  {}", hex(replica)),
+    ]
+}
+
 fn bar(done: u64, total: u64, width: usize) -> String {
     let filled = if total == 0 {
         0
@@ -116,7 +175,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let a = blocking(|| Agent::start(exe, root, "host-a"))?;
     let b = blocking(|| Agent::start(exe, root, "host-b"))?;
     println!(
-        "agents: host-a {} ({})\n        host-b {} ({})",
+        "agents: host-a {}\n  {}\n        host-b {}\n  {}",
         a.addr, a.fingerprint, b.addr, b.fingerprint
     );
     blocking(|| b.allow(&a))?;
@@ -131,7 +190,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let def = vm.def.clone();
     let nbd = vm.nbd.clone();
     println!(
-        "stand-in VM {} ({}) with 2 x {} qcow2 disks",
+        "stand-in VM {} ({})\n  with 2 x {} qcow2 disks",
         def.name,
         def.uuid,
         fmt_bytes(disk_bytes)
@@ -170,15 +229,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
         let s = status_of(&a, &def.name)?;
         let done = s.last_cycle.unwrap_or(0);
         let (p_done, _) = s.progress.unwrap_or((0, 0));
-        let line = format!(
-            "{} cycles {done}/{target}  {:<28} {:<8} sent {:>10}  in flight {:>10}  guest wrote {:>10} ",
-            bar(done, target, 20),
-            s.state.to_string(),
-            s.health.to_string(),
-            fmt_bytes(s.stats.total_bytes),
-            fmt_bytes(p_done),
-            fmt_bytes(guest.bytes()),
-        );
+        let line = live_line(done, target, &s, p_done, guest.bytes());
         // A live line on a terminal; one line per finished cycle in a log.
         if tty {
             print!("\r{line}");
@@ -232,10 +283,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     // Verify: primary disks (through the live exports) versus the replica's latest point.
     let layers = point_layers(&b, def.uuid)?;
     let mut all_ok = true;
-    println!(
-        "\n{:<6} {:<66} {:<66}",
-        "DISK", "PRIMARY (BLAKE3)", "REPLICA LATEST POINT (BLAKE3)"
-    );
+    println!("\nBLAKE3 of each disk: the primary's, and the replica's latest point");
     for d in DISKS {
         let p = hash_export_async(&Endpoint::Unix(nbd.clone()), d).await?;
         let (_, layer) = layers
@@ -245,12 +293,9 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
         let r = hash_image_async(layer).await?;
         let ok = p == r;
         all_ok &= ok;
-        println!(
-            "{d:<6} {:<66} {:<66} {}",
-            hex(&p),
-            hex(&r),
-            if ok { "MATCH" } else { "DIFFERENT" }
-        );
+        for row in hash_rows(d, &p, &r) {
+            println!("{row}");
+        }
     }
 
     let pts = blocking(|| {
@@ -262,7 +307,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     crate::output::print(crate::output::Kind::Points, &pts, false);
     let s = status_of(&a, &def.name)?;
     println!(
-        "\nsummary: {} cycles, {} shipped (avg {}, max latency {} ms), {} missed, {} errors; guest wrote {}",
+        "\nsummary: {} cycles, {} shipped (avg {}, max latency {} ms),\n         {} missed, {} errors; guest wrote {}",
         s.stats.successful_cycles,
         fmt_bytes(s.stats.total_bytes),
         fmt_bytes(s.stats.average_bytes()),
@@ -277,7 +322,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     println!("the replica equals the primary at the cut");
     failover_demo(opts, &a, &b, &def, &nbd).await?;
     println!(
-        "demo passed: the replica equals the primary at the cut; test and planned failover work"
+        "demo passed: the replica equals the primary at the cut;\n  test and planned failover work"
     );
     Ok(())
 }
@@ -372,7 +417,7 @@ async fn failover_demo(
         },
     )?;
     println!(
-        "  start on host-b: {} from point {}, {}; QMP answered {} ms after the command",
+        "  start on host-b: {} from point {}, {};\n  QMP answered {} ms after the command",
         live.name,
         live.point.unwrap_or(0),
         live.state,
@@ -402,13 +447,13 @@ async fn failover_demo(
             frequency_secs: Some(opts.frequency),
         },
     )?;
-    println!("  reverse: {}", rev.message);
+    println!("  reverse: {}", wrap(&rev.message, "    "));
     let k = live.point.unwrap_or(0);
     let timeout = Duration::from_secs(opts.frequency * 6 + 60);
     let (sb, _) = blocking(|| b.wait_cycle(&name, k + 1, timeout))?;
     let (sa, _) = blocking(|| a.wait_cycle(&name, k + 1, timeout))?;
     println!(
-        "  cycle {} replicated back host-b -> host-a ({} sent); host-b {:?} {}, host-a {:?} {}",
+        "  cycle {} replicated back host-b -> host-a ({} sent);\n  host-b {:?} {}, host-a {:?} {}",
         sb.last_cycle.unwrap_or(0),
         fmt_bytes(sb.stats.total_bytes),
         sb.mode,
@@ -443,4 +488,58 @@ async fn failover_demo(
 
 fn hex(b: &[u8; 32]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: ReplicationState, health: vmr_proto::api::Health, sent: u64) -> VmStatus {
+        let mut s: VmStatus = serde_json::from_value(serde_json::json!({
+            "name": "demo-vm", "uuid": uuid::Uuid::nil(), "state": state, "health": health,
+            "health_reason": "", "mode": "Primary", "frequency_secs": 5, "primary": "host-a",
+            "replica": "127.0.0.1:1", "last_replication_ms": null, "last_cycle": null,
+            "stats": vmr_proto::api::ReplicationStats::default(), "progress": null
+        }))
+        .expect("a status");
+        s.stats.total_bytes = sent;
+        s
+    }
+
+    #[test]
+    fn the_live_line_and_the_hash_table_fit_80_columns() {
+        use vmr_proto::api::Health;
+        let big = 1023 << 30;
+        let worst = status(
+            ReplicationState::InitialReplicationInProgress,
+            Health::Critical,
+            big,
+        );
+        let line = live_line(9, 12, &worst, big, big);
+        assert_eq!(line.chars().count(), WIDTH, "{line:?}");
+        // A usual line is whole (nothing cut): progress, state, bytes and the guest's writes.
+        let usual = status(ReplicationState::Replicating, Health::Normal, 123 << 20);
+        let line = live_line(3, 4, &usual, 4 << 20, 400 << 20);
+        assert!(
+            line.starts_with(
+                "[#######...] 3/4 Replicating/Normal sent 123.0 MiB (+4.0 MiB) guest 400.0 MiB"
+            ),
+            "{line:?}"
+        );
+        assert_eq!(line.chars().count(), WIDTH);
+        let rows = hash_rows("disk1", &[0xab; 32], &[0xab; 32]);
+        assert_eq!(rows[0], "disk1: MATCH");
+        assert!(rows.iter().all(|r| r.chars().count() <= WIDTH), "{rows:?}");
+        assert_eq!(
+            hash_rows("disk1", &[1; 32], &[2; 32])[0],
+            "disk1: DIFFERENT"
+        );
+        let msg = "replication reversed: \"demo-vm\" now replicates from here to 127.0.0.1:38677 every 5 s, starting after point 8";
+        let wrapped = format!("  reverse: {}", wrap(msg, "    "));
+        assert!(
+            wrapped.lines().all(|l| l.chars().count() <= WIDTH) && wrapped.lines().count() == 2,
+            "{wrapped}"
+        );
+        assert_eq!(wrapped.replace("\n    ", " "), format!("  reverse: {msg}"));
+    }
 }

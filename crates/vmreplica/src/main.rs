@@ -60,8 +60,14 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             advertise,
             storage,
         } => {
+            // A host name is resolved: config.toml records (and the agent binds) the address.
+            let resolved = vmr_agent::config::resolve_listen(&listen)?.to_string();
             let fingerprint =
-                vmr_agent::config::create(&dir, &name, &listen, advertise.as_deref(), storage)?;
+                vmr_agent::config::create(&dir, &name, &resolved, advertise.as_deref(), storage)?;
+            if resolved != listen && !args.json {
+                eprintln!("--listen {listen}: listening on {resolved}");
+            }
+            let listen = resolved;
             if args.json {
                 let dir = std::path::absolute(&dir).unwrap_or(dir);
                 let v = serde_json::json!({

@@ -209,8 +209,20 @@ fn print_status(rows: &[VmStatus]) {
             },
             r.replica,
             opt_time(r.last_replication_ms),
-            r.health_reason
+            health_reason(r)
         );
+    }
+}
+
+/// The health reason, with the time a scheduled initial replication starts.
+fn health_reason(r: &VmStatus) -> String {
+    match r.initial_at_ms {
+        Some(at) => format!(
+            "{}; initial replication scheduled for {}",
+            r.health_reason,
+            fmt_time(at)
+        ),
+        None => r.health_reason.clone(),
     }
 }
 
@@ -221,7 +233,8 @@ fn print_measure(rows: &[VmStatus]) {
         println!("State                     : {}", r.state);
         println!(
             "Health                    : {} {}",
-            r.health, r.health_reason
+            r.health,
+            health_reason(r)
         );
         println!("Mode                      : {:?}", r.mode);
         println!(

@@ -469,3 +469,117 @@ fn json_output_has_one_shape_per_command_and_errors_are_json() -> TestResult {
     assert_eq!(json_err(&r)["kind"], "usage");
     Ok(())
 }
+
+#[test]
+fn vm_add_registers_only_a_vm_that_is_there_and_takes_its_nbd_socket() -> TestResult {
+    let p = Pair::new(exe())?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "there", &["disk0"], 16)?;
+    let name = vm.def.name.clone();
+    let qmp = vm.qmp.display().to_string();
+    let add = |qmp: &str, launch: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "vm".to_owned(),
+            "add".into(),
+            name.clone(),
+            "--qmp".into(),
+            qmp.to_owned(),
+            "--launch".into(),
+            launch.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        p.a.cli(&args)
+    };
+    let registered = || -> TestResult<bool> {
+        let v: serde_json::Value = serde_json::from_str(&p.a.json(&["vm", "list"])?)?;
+        Ok(v.as_array().is_some_and(|a| !a.is_empty()))
+    };
+    // No VM answers at the QMP socket.
+    let gone = p.root.path().join("nothing.qmp");
+    let out = add(&gone.display().to_string(), &vm.launch, &[])?;
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not answer"), "{}", stderr(&out));
+    // A definition whose disk node the VM does not have: the error names the VM's nodes.
+    let mut def = vm.def.clone();
+    def.disks[0].node = "disk9".into();
+    def.args = def
+        .args
+        .iter()
+        .map(|a| a.replace("disk0", "disk9"))
+        .collect();
+    let wrong_node = p.root.path().join("wrong-node.toml");
+    std::fs::write(&wrong_node, def.to_toml())?;
+    let out = add(&qmp, &wrong_node, &[])?;
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"disk9\" of the definition is not a block node")
+            && stderr(&out).contains("disk0"),
+        "{}",
+        stderr(&out)
+    );
+    // A definition whose disk path is not what the VM opened.
+    let mut def = vm.def.clone();
+    def.disks[0].path = "/var/lib/elsewhere/disk0.qcow2".into();
+    let wrong_path = p.root.path().join("wrong-path.toml");
+    std::fs::write(&wrong_path, def.to_toml())?;
+    let out = add(&qmp, &wrong_path, &[])?;
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the VM opens") && stderr(&out).contains("/var/lib/elsewhere"),
+        "{}",
+        stderr(&out)
+    );
+    // A relative or too long --nbd.
+    let out = add(
+        &qmp,
+        &vm.launch,
+        &["--nbd", &format!("/{}", "n".repeat(120))],
+    )?;
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("107 bytes"), "{}", stderr(&out));
+    assert!(!registered()?, "a refused `vm add` registered the VM");
+
+    // The stand-in serves its disks on a socket of the admin's choice; `--nbd` names it and
+    // replication reads through it (without it the agent would try to start its own NBD
+    // server in the daemon, which already has one).
+    vm.stop()?;
+    vm.nbd = p.root.path().join("there-nbd.sock");
+    vm.start()?;
+    let nbd = vm.nbd.display().to_string();
+    let out = add(&qmp, &vm.launch, &["--nbd", &nbd])?;
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(registered()?);
+    vm.write_random("disk0", 40, 3)?;
+    p.enable(&name, &["--frequency", "5s"])?;
+    p.wait_cycle(&name, 2, LONG)?;
+    assert_equal_at_cut(&p, &vm)?;
+    // The agent logs every admin action, with its arguments and outcome, and no query.
+    let log = p.a.log();
+    let actions: Vec<&str> = log.lines().filter(|l| l.contains("admin action")).collect();
+    assert!(
+        actions.iter().any(|l| l.contains("admin action failed")
+            && l.contains(r#""op":"vm-add""#)
+            && l.contains("does not answer")
+            && l.contains("code=1")),
+        "{actions:#?}"
+    );
+    assert!(
+        actions.iter().any(|l| l.contains("admin action done")
+            && l.contains(r#""op":"vm-add""#)
+            && l.contains(&nbd)),
+        "{actions:#?}"
+    );
+    assert!(
+        actions.iter().any(|l| l.contains("admin action done")
+            && l.contains(r#""op":"pause""#)
+            && l.contains("there")),
+        "{actions:#?}"
+    );
+    assert!(
+        !actions
+            .iter()
+            .any(|l| l.contains(r#""op":"status""#) || l.contains("vm-list")),
+        "{actions:#?}"
+    );
+    Ok(())
+}

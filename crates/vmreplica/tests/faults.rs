@@ -377,8 +377,12 @@ fn private_files_bounded_requests_and_clear_start_errors() -> TestResult {
 #[test]
 fn an_agent_dir_too_long_for_the_nbd_socket_still_replicates() -> TestResult {
     let tmp = TestDir::temp("vmr-e2e-")?;
-    // work/<32 hex>/vmr-<8 hex>-nbd.sock under this directory exceeds 107 bytes.
-    let root = TestDir::given(&tmp.path().join("d".repeat(60)))?;
+    // Agent directories of 80 bytes, whatever the temp dir: work/<32 hex>/vmr-<8 hex>-nbd.sock
+    // under them exceeds 107 bytes, their control socket (agent.sock) does not.
+    let pad = 80usize
+        .saturating_sub(tmp.path().as_os_str().len() + "/host-a".len() + 1)
+        .max(1);
+    let root = TestDir::given(&tmp.path().join("d".repeat(pad)))?;
     let p = Pair::in_dir(exe(), root)?;
     let sock = nbd_socket(&p.a.dir, uuid::Uuid::nil());
     assert!(!sock.starts_with(&p.a.dir) && sock.as_os_str().len() <= 107);

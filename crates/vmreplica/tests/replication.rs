@@ -106,6 +106,21 @@ fn replicates_two_disks_under_a_writer() -> TestResult {
     assert!(!pts.as_array().expect("array").is_empty());
     let text = p.b.ok(&["status"])?;
     assert!(text.contains("web1") && text.contains("Replica"), "{text}");
+    // `measure` on the replica agrees with the primary's figures (issue 12): the same data
+    // bytes, the same largest cycle (not the disk's virtual size), a real latency.
+    let measure = |a: &Agent| -> TestResult<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&a.ok(&["measure", "web1", "--json"])?)?;
+        Ok(v[0]["stats"].clone())
+    };
+    let (pa, pb) = (measure(&p.a)?, measure(&p.b)?);
+    for k in ["successful_cycles", "total_bytes", "max_bytes"] {
+        assert_eq!(pa[k], pb[k], "{k}: primary {pa}, replica {pb}");
+    }
+    assert!(
+        pb["max_bytes"].as_u64().unwrap_or(0) < 2 * (64 << 20),
+        "{pb}"
+    );
+    assert!(pb["max_latency_ms"].as_u64().unwrap_or(0) > 0, "{pb}");
     Ok(())
 }
 
@@ -121,17 +136,39 @@ fn kill_mid_cycle(p: &mut Pair, replica_side: bool) -> TestResult {
         Ok(p.a.status("db1")?.progress.is_some_and(|(d, _)| d > 0))
     })?;
     let before = p.a.status("db1")?.last_cycle.unwrap_or(0);
+    let killed = if replica_side { p.b.pid() } else { p.a.pid() };
     if replica_side {
+        // The replica's store daemon serves the cycle from sockets in the store's directory.
+        let socks = store_sockets(&p.b.storage());
+        assert!(
+            socks.iter().any(|s| s.starts_with("qsd-")),
+            "no daemon socket in the store: {socks:?}"
+        );
         p.b.kill9();
-        std::thread::sleep(Duration::from_millis(500));
-        p.b.restart()?;
     } else {
         p.a.kill9();
-        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The killed agent (and the QEMU processes that died with it) left no socket in the
+    // temp dir (issue 12).
+    let left = temp_sockets_of(killed);
+    assert!(left.is_empty(), "sockets left in the temp dir: {left:?}");
+    if replica_side {
+        p.b.restart()?;
+    } else {
         p.a.restart()?;
     }
     // Replication resumes by itself and moves on.
     p.wait_cycle("db1", before + 2, LONG)?;
+    if replica_side {
+        // What the killed agent's store left in its socket directory was removed at start.
+        let tag = format!("-{killed}-");
+        let socks = store_sockets(&p.b.storage());
+        assert!(
+            !socks.iter().any(|s| s.contains(&tag)),
+            "the dead store's sockets are still there: {socks:?}"
+        );
+    }
     w.stop();
     verify_at_cut(p, &vm)?;
     let st = p.a.status("db1")?;
@@ -280,6 +317,13 @@ fn scheduled_initial_replication_and_start_initial() -> TestResult {
     let st = p.a.status("later1")?;
     assert_eq!(st.state, ReplicationState::ReadyForInitialReplication);
     assert_eq!(st.health, Health::Warning, "{}", st.health_reason);
+    // The status shows when it starts (issue 12), as JSON and as text.
+    assert_eq!(st.initial_at_ms, Some(4_070_908_800_000));
+    let text = p.a.ok(&["status", "later1"])?;
+    assert!(
+        text.contains("initial replication scheduled for 2099-01-01T00:00:00Z"),
+        "{text}"
+    );
     // That time passing starts no cycle here is vmr-core's table test
     // `idle_states_start_nothing_as_time_passes`; no sleep needed.
     assert_eq!(p.a.status("later1")?.last_cycle, None);
@@ -311,17 +355,21 @@ fn replica_vm_accepts_only_its_trust_group() -> TestResult {
         "--trust-group",
         "other",
     ])?;
-    let launch = p.root.path().join("tg1-copy.toml");
-    std::fs::write(&launch, vm.def.to_toml()).expect("write");
-    c.ok(&[
-        "vm",
-        "add",
+    // host-c runs a VM with the same name and UUID (`vm add` registers only a VM that runs).
+    let disks: Vec<StandInDisk> = vm
+        .def
+        .disks
+        .iter()
+        .map(|d| StandInDisk::new(&d.node, 16 << 20))
+        .collect();
+    let copy = StandIn::start_with_uuid(
+        &p.root.path().join("vm-tg1-copy"),
+        &c.dir,
         "tg1",
-        "--qmp",
-        "/nonexistent/qmp.sock",
-        "--launch",
-        &launch.display().to_string(),
-    ])?;
+        &disks,
+        vm.def.uuid,
+    )?;
+    copy.register(&c)?;
     let out = c.cli(&[
         "enable",
         "tg1",

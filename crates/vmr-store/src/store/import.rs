@@ -94,6 +94,7 @@ impl Store {
         let mut exports = Vec::new();
         for img in images {
             match Export::start_image(
+                &self.inner.root,
                 &img.path,
                 img.format.qemu_name(),
                 vec![vmr_nbd::BASE_ALLOCATION.to_owned()],

@@ -560,8 +560,12 @@ impl Store {
                     }
                 }
             }
-            let x =
-                Export::start_read_only(&layer, vec![vmr_nbd::BASE_ALLOCATION.to_owned()]).await?;
+            let x = Export::start_read_only(
+                &self.inner.root,
+                &layer,
+                vec![vmr_nbd::BASE_ALLOCATION.to_owned()],
+            )
+            .await?;
             let mut read = Vec::with_capacity(unknown.len());
             let r = read_hashes(&x, &layer, &spans, &mut read).await;
             x.abort().await;

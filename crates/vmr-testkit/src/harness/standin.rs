@@ -20,32 +20,18 @@ use crate::proc::ChildGuard;
 /// The NBD socket a primary agent in `agent_dir` expects VM `uuid`'s QEMU to serve
 /// (`work/<uuid>/vmr-<tag>-nbd.sock`, uuid = all 32 hex digits, tag = the first 8; when that
 /// exceeds 107 bytes, `<runtime>/vmreplica/<blake3(agent dir)[..16]>/vmr-<uuid>.sock`): the
-/// agent's documented layout (`vmr_agent::launch::nbd_socket`), restated here because the
-/// harness does not link the agent.
+/// agent's documented layout (`vmr_agent::launch::nbd_socket`), by the same rule
+/// (`vmr_proto::sockpath::socket_path`).
 pub fn nbd_socket(agent_dir: &Path, uuid: Uuid) -> PathBuf {
     let id = uuid.simple().to_string();
-    let p = agent_dir
-        .join("work")
-        .join(&id)
-        .join(format!("vmr-{}-nbd.sock", &id[..8]));
-    if p.as_os_str().len() <= 107 {
-        return p;
-    }
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_absolute())
-        .unwrap_or_else(|| {
-            if nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK).is_ok() {
-                PathBuf::from("/run")
-            } else {
-                std::env::temp_dir()
-            }
-        });
-    let agent = blake3::hash(agent_dir.as_os_str().as_encoded_bytes()).to_hex();
-    runtime
-        .join("vmreplica")
-        .join(&agent.as_str()[..16])
-        .join(format!("vmr-{id}.sock"))
+    vmr_proto::sockpath::socket_path(
+        agent_dir
+            .join("work")
+            .join(&id)
+            .join(format!("vmr-{}-nbd.sock", &id[..8])),
+        agent_dir,
+        &format!("vmr-{id}.sock"),
+    )
 }
 
 /// A disk of a stand-in VM.

@@ -48,6 +48,33 @@ pub fn replica_hashes(
     }
 }
 
+/// Entries of the temp dir named `vmr-*` that carry process `pid` in their name
+/// (`vmr-qsd-<pid>-<n>.qmp`, `vmr-store-<pid>-<n>.sock`: where stores before issue 12 put
+/// their sockets, which a killed process left behind).
+pub fn temp_sockets_of(pid: u32) -> Vec<String> {
+    let tag = format!("-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("vmr-") && n.contains(&tag))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The sockets in a store's socket directory (`<root>/sock`, or its shortened form when a
+/// 37-byte socket name would not fit there: vmr-store's rule).
+pub fn store_sockets(root: &Path) -> Vec<String> {
+    std::fs::read_dir(vmr_proto::sockpath::socket_dir(root.join("sock"), root, 37))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Wait for a cycle cut after the last write, pause replication (it stays paused), and compare
 /// the replica's latest point with the primary's disks.
 pub fn assert_equal_at_cut(p: &Pair, vm: &StandIn) -> TestResult {
