@@ -160,6 +160,12 @@ fn remove_dir(p: &Path) {
     }
 }
 
+/// Write back every dirty page of the host before a timed run, so that no contender pays for
+/// the writeback of what set-up (or the contender before it) left in the page cache.
+fn settle() {
+    nix::unistd::sync();
+}
+
 fn fsync(p: &Path) -> anyhow::Result<()> {
     std::fs::File::open(p)?.sync_all()?;
     Ok(())
@@ -869,6 +875,7 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
     spec.existing = Some(img);
     let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
     vm.register(&pair.a)?;
+    settle();
     let r = enable_and_wait(pair, name, "60m", 0, Duration::from_secs(1800));
     let _ = ctx;
     pause(pair, name).ok();
@@ -877,6 +884,7 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
 }
 
 fn convert_once(src: &Path, dst: &Path) -> anyhow::Result<f64> {
+    settle();
     let t = Instant::now();
     qemu_img(&[
         "convert",
@@ -908,6 +916,7 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          only → zstd → mutual-TLS HTTP/2 → streamed into a new qcow2 layer on the replica, \
          committed there as a recovery point, then acknowledged). Baseline: `qemu-img convert \
          -f qcow2 -O qcow2 -t writeback` of the same image into a new file, then fsync of it. \
+         Each timed run starts after `sync` (no dirty pages left by set-up or by the run before). \
          Median of {reps}, order alternating. Ratio = convert time / vmreplica time (their \
          speeds' ratio). Second condition, proportionality: the same virtual size holding half \
          the data ({}), replicated the same way {reps} times; its median time as a fraction of \

@@ -25,6 +25,8 @@ pub(crate) const MAX_STATUS_EXTENTS: usize = 1 << 17;
 const MAX_ERROR_CHUNK: u32 = 6 + MAX_STRING as u32 + 8;
 /// Socket buffer sizes of the reader and writer.
 const IO_BUFFER: usize = 256 << 10;
+/// Write payloads at least this large past the write buffer.
+const DIRECT_PAYLOAD: usize = 16 << 10;
 
 /// Successful result of one request.
 #[derive(Debug)]
@@ -239,8 +241,15 @@ pub(crate) async fn writer_task<W: AsyncWrite + Unpin>(
                 match msg {
                     WriterMsg::Request(h, payload) => {
                         w.write_all(&h).await?;
-                        if let Some(p) = payload {
-                            w.write_all(&p).await?;
+                        match payload {
+                            // A large payload goes straight to the socket after what is
+                            // buffered (one more system call instead of a copy).
+                            Some(p) if p.len() >= DIRECT_PAYLOAD => {
+                                w.flush().await?;
+                                w.get_mut().write_all(&p).await?;
+                            }
+                            Some(p) => w.write_all(&p).await?,
+                            None => {}
                         }
                     }
                     WriterMsg::Disconnect(h, ack) => {
@@ -280,7 +289,33 @@ pub(crate) async fn reader_task<R: AsyncRead + Unpin>(r: R, shared: Arc<Shared>)
     shared.fail(reason);
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Result<(), NbdError> {
+/// Reads exactly `n` payload bytes: what the buffer holds, then the rest straight from the
+/// socket into the payload's own memory (no pass through the buffer, no zeroing first).
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    n: usize,
+) -> std::io::Result<BytesMut> {
+    use bytes::BufMut;
+    use tokio::io::AsyncBufReadExt;
+    let mut buf = BytesMut::with_capacity(n);
+    let held = r.buffer();
+    let k = held.len().min(n);
+    buf.extend_from_slice(&held[..k]);
+    r.consume(k);
+    while buf.len() < n {
+        let want = n - buf.len();
+        let got = r.get_mut().read_buf(&mut (&mut buf).limit(want)).await?;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf)
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    shared: &Shared,
+) -> Result<(), NbdError> {
     loop {
         let mut magic = [0u8; 4];
         if r.read(&mut magic[..1]).await? == 0 {
@@ -295,9 +330,7 @@ async fn read_loop<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Result<(
                 let f = shared.facts(h.cookie)?;
                 let mut payload = None;
                 if f.cmd == CMD_READ && h.error == 0 && !shared.structured {
-                    let mut buf = BytesMut::zeroed(f.len as usize);
-                    r.read_exact(&mut buf).await?;
-                    payload = Some(buf.freeze());
+                    payload = Some(read_payload(r, f.len as usize).await?.freeze());
                 }
                 complete_simple(shared, h, f, payload)?;
             }
@@ -361,7 +394,7 @@ fn complete_simple(
 /// Validate a chunk header against its request and read the payload (never more than the
 /// request itself can justify).
 async fn read_chunk<R: AsyncRead + Unpin>(
-    r: &mut R,
+    r: &mut BufReader<R>,
     h: &ChunkHeader,
     f: ReqFacts,
 ) -> Result<Parsed, NbdError> {
@@ -391,9 +424,10 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             let off = u64::from_be_bytes(o);
             let dlen = h.length - 8;
             check_inside(f, off, u64::from(dlen))?;
-            let mut buf = BytesMut::zeroed(dlen as usize);
-            r.read_exact(&mut buf).await?;
-            Ok(Parsed::Data(off, buf.freeze()))
+            Ok(Parsed::Data(
+                off,
+                read_payload(r, dlen as usize).await?.freeze(),
+            ))
         }
         REPLY_TYPE_OFFSET_HOLE if f.cmd == CMD_READ => {
             if h.length != 12 {

@@ -435,14 +435,35 @@ impl Source {
                     }
                 }
             } else if !self.pending.is_empty() {
-                self.buf.extend_from_slice(&self.pending);
-                self.pending.clear();
+                // Only what is asked for: the rest stays in `pending`, where `take` can hand
+                // out a payload without copying it.
+                let take = (n - self.buf.len()).min(self.pending.len());
+                self.buf.extend_from_slice(&self.pending.split_to(take));
             }
             if need_input && self.buf.len() < n && !self.next_chunk().await? {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+}
+
+impl Source {
+    /// The next `n` decoded bytes; without a zstd stream, a slice of the received chunk when
+    /// it holds them all (no copy). `None` at end of body.
+    async fn take(&mut self, n: usize) -> Result<Option<Bytes>, TransportError> {
+        if self.zstd.is_none() && self.buf.is_empty() {
+            if self.pending.is_empty() && !self.next_chunk().await? {
+                return Ok(None);
+            }
+            if self.pending.len() >= n {
+                return Ok(Some(self.pending.split_to(n)));
+            }
+        }
+        if !self.fill(n).await? {
+            return Ok(None);
+        }
+        Ok(Some(self.buf.split_to(n).freeze()))
     }
 }
 
@@ -600,10 +621,9 @@ impl CycleDecoder {
                         )));
                     }
                 };
-                if !self.src.fill(stored as usize).await? {
+                let Some(payload) = self.src.take(stored as usize).await? else {
                     return Err(interrupted("inside extent data"));
-                }
-                let payload = self.src.buf.split_to(stored as usize).freeze();
+                };
                 if packed {
                     let unpack = self.unpack.as_mut().ok_or_else(|| {
                         protocol("compressed extent in a body without compression")

@@ -1,7 +1,7 @@
 //! The one layer writer for every kind of cycle (full/initial, incremental, resync, import):
 //! admission (duplicate, wrong base, shrink, one receive at a time) in one place, the pending
-//! qcow2 layer per disk created when the cycle begins, each extent verified once against its
-//! BLAKE3 checksum on arrival and written into the pending layer as it arrives (pipelined)
+//! qcow2 layer per disk created when the cycle begins, each extent taken as a
+//! [`CheckedExtent`] (verified once, on arrival, by whoever received it) and written into the pending layer as it arrives (pipelined)
 //! through an NBD export of the store's long-lived qemu-storage-daemon (`daemon.rs`), and at the end NBD flush, fsync and the catalog rename that commits the
 //! point. [`LayerWriter::finish`] returns only after that commit, so the caller acknowledges a
 //! cycle only once it is a recovery point.
