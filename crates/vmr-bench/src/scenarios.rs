@@ -876,7 +876,27 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
     let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
     vm.register(&pair.a)?;
     settle();
+    let procs = [
+        ("primary agent", pair.a.pid()),
+        ("replica agent + its qemu-storage-daemon", pair.b.pid()),
+        ("stand-in VM", vm.pid()),
+    ];
+    let cpu0 = profile::cpu_by_process(&procs);
     let r = enable_and_wait(pair, name, "60m", 0, Duration::from_secs(1800));
+    let cpu1 = profile::cpu_by_process(&procs);
+    if let Ok((_, applied)) = &r {
+        let per: Vec<String> = cpu0
+            .iter()
+            .zip(&cpu1)
+            .map(|((l, a), (_, b))| format!("{l} {:.2} s", b - a))
+            .collect();
+        let total: f64 = cpu0.iter().zip(&cpu1).map(|((_, a), (_, b))| b - a).sum();
+        log(format!(
+            "s4: {name}: CPU {} = {total:.2} s, {:.2} cores busy",
+            per.join(", "),
+            total / applied
+        ));
+    }
     let _ = ctx;
     pause(pair, name).ok();
     let _ = vm.stop();
