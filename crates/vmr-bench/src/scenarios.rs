@@ -160,10 +160,13 @@ fn remove_dir(p: &Path) {
     }
 }
 
-/// Write back every dirty page of the host before a timed run, so that no contender pays for
-/// the writeback of what set-up (or the contender before it) left in the page cache.
+/// Write back every dirty page of the host and drop the clean page cache before a timed run
+/// (dropping needs root; without it only the writeback), so that no contender pays for the
+/// writeback or the reclaim of what set-up or the contender before it left in memory: on a
+/// host whose memory is full of page cache, every new page of a writer costs a reclaim first.
 fn settle() {
     nix::unistd::sync();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1\n");
 }
 
 fn fsync(p: &Path) -> anyhow::Result<()> {
@@ -936,7 +939,9 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          only → zstd → mutual-TLS HTTP/2 → streamed into a new qcow2 layer on the replica, \
          committed there as a recovery point, then acknowledged). Baseline: `qemu-img convert \
          -f qcow2 -O qcow2 -t writeback` of the same image into a new file, then fsync of it. \
-         Each timed run starts after `sync` (no dirty pages left by set-up or by the run before). \
+         Each timed run starts after `sync` and dropping the clean page cache (no dirty pages and \
+         no full memory left by set-up or by the run before; both contenders read their source \
+         from the disk). \
          Median of {reps}, order alternating. Ratio = convert time / vmreplica time (their \
          speeds' ratio). Second condition, proportionality: the same virtual size holding half \
          the data ({}), replicated the same way {reps} times; its median time as a fraction of \
