@@ -556,26 +556,7 @@ fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
     let mut ballast = Vec::new();
     let filled = opened.map_err(anyhow::Error::from).and_then(|_| {
         sleep_ms(rng, 0, 500);
-        let mut full_for = 0;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while full_for < 5 && Instant::now() < deadline {
-            let free = available(&work)?;
-            if free < (1 << 20) {
-                full_for += 1;
-            } else {
-                full_for = 0;
-                let f = work.join(format!("ballast{}", ballast.len()));
-                let _ = Command::new("fallocate")
-                    .args(["-l", &free.to_string()])
-                    .arg(&f)
-                    .status();
-                if f.exists() {
-                    ballast.push(f);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        ensure!(full_for >= 5, "could not fill the fleecing file system");
+        fill_fs(&work, &mut ballast)?;
         ensure!(
             bed.pair.a.status(VM)?.progress.is_some(),
             "the held cycle's view closed before the file system was full"
@@ -585,6 +566,18 @@ fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
             .a
             .wait_cycle(VM, before + 1, Duration::from_secs(60))
             .context("the held cycle with a full file system")?;
+        // Its fleecing file gave its whole reservation back (TRIMs punch no holes into it):
+        // paused, take that too; resumed, the next cycle cannot reserve its view.
+        bed.pair.a.ok(&["pause", VM])?;
+        bed.pair.a.wait_status(
+            VM,
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            "no cycle running while paused",
+            |s| s.progress.is_none(),
+        )?;
+        fill_fs(&work, &mut ballast)?;
+        bed.pair.a.ok(&["resume", VM])?;
         bed.pair
             .a
             .wait_status(
@@ -602,6 +595,32 @@ fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
         std::fs::remove_file(f)?;
     }
     filled
+}
+
+/// Take every free byte of the file system of `dir` with fallocated ballast files, until it
+/// stays full for 100 ms (at most 20 s).
+fn fill_fs(dir: &Path, ballast: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+    let mut full_for = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while full_for < 5 && Instant::now() < deadline {
+        let free = available(dir)?;
+        if free < (1 << 20) {
+            full_for += 1;
+        } else {
+            full_for = 0;
+            let f = dir.join(format!("ballast{}", ballast.len()));
+            let _ = Command::new("fallocate")
+                .args(["-l", &free.to_string()])
+                .arg(&f)
+                .status();
+            if f.exists() {
+                ballast.push(f);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(full_for >= 5, "could not fill the fleecing file system");
+    Ok(())
 }
 
 /// Start `vmreplica agent` on a running agent's directory: it must exit at once with code 6
