@@ -402,6 +402,7 @@ fn control(root: &Path) {
             qmp: "/run/vmr/demo-vm.qmp".into(),
             launch_toml: LAUNCH.into(),
             disks: vec!["disk0".into()],
+            nbd: Some("/run/vmr/demo-vm-nbd.sock".into()),
         },
         Request::ServerAllow {
             primary: "host-a".into(),
