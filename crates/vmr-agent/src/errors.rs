@@ -326,6 +326,9 @@ pub enum AgentError {
     /// The enable arguments are invalid.
     #[error(transparent)]
     InvalidEnable(#[from] InvalidEnable),
+    /// `vm set --failover-*` with invalid settings.
+    #[error("invalid failover network settings")]
+    FailoverSettings(#[source] vmr_proto::FailnetError),
     /// `server allow` with something that is not a fingerprint.
     #[error("{fingerprint:?} is not a certificate fingerprint (SHA256:<64 hex>)")]
     BadFingerprint {
@@ -837,6 +840,7 @@ impl AgentError {
             | VmStillRunning { .. }
             | ImportOtherVm { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
+            | FailoverSettings(_)
             | BadFingerprint { .. }
             | BadDefinition(_)
             | DefinitionName { .. }

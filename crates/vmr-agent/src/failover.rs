@@ -1018,6 +1018,7 @@ pub async fn become_replica(
             trust_group: peer.trust_group.clone(),
             frequency_secs: None,
             nbd: None,
+            failover: rec.failover.clone(),
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;

@@ -86,6 +86,37 @@ pub struct VmChange {
     pub launch: Option<(String, vmr_proto::VmDefinition)>,
     /// New disks to replicate.
     pub disks: Option<Vec<String>>,
+    /// New failover network settings of this host (allowed on any VM at any time).
+    pub failover: FailoverChange,
+}
+
+/// A change of a VM's failover network settings on this host (`vm set --failover-*`).
+#[derive(Debug, Default)]
+pub struct FailoverChange {
+    /// New interface settings (replace the old; empty = none).
+    pub interfaces: Option<Vec<vmr_proto::FailoverInterface>>,
+    /// New network arguments (empty = the definition's).
+    pub network_args: Option<Vec<String>>,
+}
+
+impl FailoverChange {
+    /// The settings after the change.
+    pub fn apply(&self, old: &vmr_proto::FailoverSettings) -> vmr_proto::FailoverSettings {
+        let mut s = old.clone();
+        if let Some(i) = &self.interfaces {
+            s.interfaces = i.clone();
+        }
+        if let Some(a) = &self.network_args {
+            s.network_args = (!a.is_empty()).then(|| a.clone());
+        }
+        s
+    }
+
+    /// Check the new settings on their own.
+    pub fn check(&self) -> Result<(), vmr_proto::FailnetError> {
+        self.apply(&vmr_proto::FailoverSettings::default())
+            .validate()
+    }
 }
 
 /// What the owner of a VM can be asked.
@@ -729,6 +760,11 @@ impl Owner {
     /// `vm set`: change the QMP socket, the definition (same name and UUID) or the disks of a
     /// primary VM whose replication is disabled.
     fn set(&mut self, change: VmChange, check: bool) -> Result<String, AgentError> {
+        let registration =
+            change.qmp.is_some() || change.launch.is_some() || change.disks.is_some();
+        if !registration {
+            return self.set_failover(&change.failover, check);
+        }
         self.registration_fixed(|| {
             let mut why = Vec::new();
             if change.qmp.is_some() {
@@ -780,6 +816,11 @@ impl Owner {
             what.push(format!("disks {} -> {}", old.disks.join(","), d.join(",")));
             rec.disks = d;
         }
+        let failover = change.failover.apply(&old.failover);
+        if failover != old.failover {
+            what.push(describe_failover(&failover));
+            rec.failover = failover;
+        }
         let name = old.name.clone();
         if what.is_empty() {
             return Ok(format!("VM {name:?}: nothing to change"));
@@ -791,6 +832,27 @@ impl Owner {
         let before = std::mem::replace(&mut self.vm.rec, rec);
         if let Err(e) = self.vm.save() {
             self.vm.rec = before;
+            return Err(e);
+        }
+        tracing::info!(vm = %name, "VM changed (vm set): {what}");
+        Ok(format!("VM {name:?} changed: {what}"))
+    }
+
+    /// `vm set --failover-*` alone: this host's failover network settings, on any VM (primary
+    /// or replica) in any state; they take effect at the next real failover to this host.
+    fn set_failover(&mut self, change: &FailoverChange, check: bool) -> Result<String, AgentError> {
+        let name = self.vm.rec.name.clone();
+        let new = change.apply(&self.vm.rec.failover);
+        if new == self.vm.rec.failover {
+            return Ok(format!("VM {name:?}: nothing to change"));
+        }
+        let what = describe_failover(&new);
+        if check {
+            return Ok(format!("change VM {name:?}: {what}"));
+        }
+        let before = std::mem::replace(&mut self.vm.rec.failover, new);
+        if let Err(e) = self.vm.save() {
+            self.vm.rec.failover = before;
             return Err(e);
         }
         tracing::info!(vm = %name, "VM changed (vm set): {what}");
@@ -985,4 +1047,20 @@ impl Owner {
             Err(e) => tracing::warn!(vm = %self.vm.rec.name, "no store to prune: {e:#}"),
         }
     }
+}
+
+/// One line saying what a VM's failover network settings on this host are.
+fn describe_failover(s: &vmr_proto::FailoverSettings) -> String {
+    let mut parts = Vec::new();
+    if s.interfaces.is_empty() {
+        parts.push("no failover network settings".to_owned());
+    } else {
+        let i: Vec<String> = s.interfaces.iter().map(ToString::to_string).collect();
+        parts.push(format!("failover network {}", i.join("; ")));
+    }
+    match &s.network_args {
+        Some(a) => parts.push(format!("failover network-args {}", a.join(" "))),
+        None => parts.push("failover network-args from the definition".to_owned()),
+    }
+    parts.join("; ")
 }
