@@ -254,6 +254,7 @@ fn result(
         test_id: f.filter(|f| f.test).map(|f| f.view),
         elapsed_ms: t0.elapsed().as_millis() as u64,
         message,
+        network: Vec::new(),
     }
 }
 
@@ -306,6 +307,12 @@ pub async fn start(
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
         .map_err(AgentError::ReplicatedDefinition)?;
+    // A real failover attaches the VM to this host's networks when they differ.
+    if !test && let Some(args) = &rec.failover.network_args {
+        def = def
+            .with_network_args(args)
+            .map_err(AgentError::ReplicaNetworkArgs)?;
+    }
     let program = if no_start {
         None
     } else {
@@ -370,6 +377,7 @@ pub async fn start(
             qmp: None,
             pid: None,
             test,
+            network: Vec::new(),
         };
         let mut line = None;
         if let Some(program) = &program {
@@ -1036,4 +1044,18 @@ pub async fn become_replica(
         },
         handover.replica,
     ))
+}
+
+/// The guest agent socket of the live failed-over VM, when its definition has a guest agent
+/// channel (`{qga}`) and the VM was started.
+pub fn live_qga(vm: &Vm) -> Option<PathBuf> {
+    let fr = vm.failover().ok()?;
+    let live = fr.live?;
+    live.qmp.as_ref()?;
+    let def = VmDefinition::from_toml(&vm.rec.launch_toml).ok()?;
+    def.args.iter().any(|a| a.contains("{qga}")).then(|| {
+        crate::launch::failover_dir(&vm.host.dir, vm.rec.uuid)
+            .join("live")
+            .join("qga.sock")
+    })
 }

@@ -2,13 +2,134 @@
 //! real failover (it finds each interface by MAC, detects the guest's network manager —
 //! NetworkManager, systemd-networkd or ifupdown — writes a persistent configuration for it,
 //! applies it and checks the addresses; every file it writes is named `*vmreplica-failover*`),
-//! and the parsing of the script's report. Pure: the
-//! guest agent call that runs it is in `failover.rs`.
+//! and the parsing of the script's report; and [`apply`], which waits for the guest agent of
+//! a started VM and runs the script through it (`guest-exec`).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use serde_json::{Value, json};
+use vmr_capture::qga::{GuestAgent, QgaError};
 use vmr_proto::FailoverInterface;
+
+/// How long [`apply`] waits for the guest agent of a just started VM (its boot included).
+pub const AGENT_WAIT: Duration = Duration::from_secs(300);
+/// How long the script may run in the guest.
+const SCRIPT_LIMIT: Duration = Duration::from_secs(90);
+
+/// Why the settings could not be applied at all.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestNetError {
+    /// The guest agent never answered.
+    #[error(
+        "the guest agent did not answer within {waited:?} (is qemu-guest-agent installed and running in the guest?)"
+    )]
+    NoAgent {
+        /// How long it was waited for.
+        waited: Duration,
+        /// The last error.
+        #[source]
+        last: QgaError,
+    },
+    /// A guest agent call failed.
+    #[error("guest agent call failed")]
+    Agent(#[source] QgaError),
+    /// The script did not finish in time.
+    #[error("the network script did not finish within {0:?} in the guest")]
+    ScriptTimeout(Duration),
+    /// The guest's answer was not what guest-exec returns.
+    #[error("unexpected guest-exec answer: {0}")]
+    Unexpected(String),
+    /// The script ran but reported nothing.
+    #[error("the network script reported nothing (exit code {code:?}): {stderr}")]
+    NoReport {
+        /// Its exit code.
+        code: Option<i64>,
+        /// The end of its standard error.
+        stderr: String,
+    },
+}
+
+/// Wait (up to `wait`) for the guest agent at `qga` to answer, run the script for
+/// `interfaces` in the guest and return each interface's outcome.
+pub async fn apply(
+    qga: &Path,
+    interfaces: &[FailoverInterface],
+    wait: Duration,
+) -> Result<Vec<IfaceOutcome>, GuestNetError> {
+    let deadline = Instant::now() + wait;
+    let mut ga = loop {
+        match GuestAgent::connect(qga, Duration::from_secs(5)).await {
+            Ok(g) => break g,
+            Err(last) => {
+                if Instant::now() >= deadline {
+                    return Err(GuestNetError::NoAgent { waited: wait, last });
+                }
+                // The socket exists from QEMU's start; the agent answers once the guest runs it.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let started = ga
+        .execute(
+            "guest-exec",
+            Some(json!({
+                "path": "/bin/sh",
+                "arg": ["-s"],
+                "input-data": b64.encode(script(interfaces)),
+                "capture-output": true,
+            })),
+        )
+        .await
+        .map_err(GuestNetError::Agent)?;
+    let pid = started
+        .get("pid")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| GuestNetError::Unexpected(started.to_string()))?;
+    let until = Instant::now() + SCRIPT_LIMIT;
+    let status = loop {
+        let st = ga
+            .execute("guest-exec-status", Some(json!({ "pid": pid })))
+            .await
+            .map_err(GuestNetError::Agent)?;
+        if st.get("exited").and_then(Value::as_bool) == Some(true) {
+            break st;
+        }
+        if Instant::now() >= until {
+            return Err(GuestNetError::ScriptTimeout(SCRIPT_LIMIT));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let text = |k: &str| {
+        status
+            .get(k)
+            .and_then(Value::as_str)
+            .and_then(|s| b64.decode(s).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let outcomes = parse_report(&text("out-data"));
+    if outcomes.is_empty() {
+        let err = text("err-data");
+        let tail: String = err
+            .chars()
+            .rev()
+            .take(300)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(GuestNetError::NoReport {
+            code: status.get("exitcode").and_then(Value::as_i64),
+            stderr: tail,
+        });
+    }
+    Ok(outcomes)
+}
 
 /// One interface's outcome, as the script reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +456,9 @@ mod tests {
             r[1].error.as_deref(),
             Some("no interface with MAC 52:54:00:12:34:57")
         );
-        assert_eq!(r[2].to_string(), "ens3 (-): runtime did not bring up 10.2.0.5/24: x");
+        assert_eq!(
+            r[2].to_string(),
+            "ens3 (-): runtime did not bring up 10.2.0.5/24: x"
+        );
     }
 }

@@ -169,6 +169,9 @@ pub enum Command {
     PrimaryState(Peer, PeerReply<PrimaryVmState>),
     /// Peer: become the replica of the VM (reverse after a failover).
     BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<BecameReplica>),
+    /// The failover network settings were applied in the live failed-over VM (the lines of
+    /// the outcome); sent by the task that applied them.
+    NetworkApplied(Uuid, Vec<String>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -275,7 +278,12 @@ impl Registry {
             }
             ReplicationMode::Replica => Side::Replica(ReplicaSide::restore(&vm)),
         };
-        let owner = Owner { vm, side, rx };
+        let owner = Owner {
+            vm,
+            side,
+            rx,
+            me: handle.tx.downgrade(),
+        };
         tokio::spawn(owner.run());
         map.insert(handle.name.clone(), handle.clone());
         Ok(handle)
@@ -292,6 +300,9 @@ struct Owner {
     vm: Vm,
     side: Side,
     rx: mpsc::Receiver<Command>,
+    /// The owner's own channel, for tasks it starts that report back (weak: the registry's
+    /// handle keeps the channel open, not the owner itself).
+    me: mpsc::WeakSender<Command>,
 }
 
 async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError> {
@@ -505,8 +516,33 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::Failover(f, reply) => {
+                let started = matches!(
+                    f,
+                    FailoverCmd::Start {
+                        no_start: false,
+                        ..
+                    }
+                );
                 let r = self.failover(f).await;
-                let _ = reply.send(r);
+                match r {
+                    Ok(res) if started && !self.vm.rec.failover.interfaces.is_empty() => {
+                        self.apply_network(res, reply);
+                    }
+                    r => {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            Command::NetworkApplied(view, lines) => {
+                if let Ok(mut fr) = self.vm.failover()
+                    && let Some(live) = fr.live.as_mut()
+                    && live.view == view
+                {
+                    live.network = lines;
+                    if let Err(e) = self.vm.save_failover(&fr) {
+                        tracing::warn!(vm = %self.vm.rec.name, error = %crate::util::chain(&e), "cannot record the failover network outcome");
+                    }
+                }
             }
             Command::Refresh(peer, req, reply) => {
                 let r = match self.trust(&peer) {
@@ -836,6 +872,47 @@ impl Owner {
         }
         tracing::info!(vm = %name, "VM changed (vm set): {what}");
         Ok(format!("VM {name:?} changed: {what}"))
+    }
+
+    /// After `failover start` started the VM: apply this host's failover network settings in
+    /// the guest, in a task of its own (the guest boots first; the owner keeps answering), which
+    /// then answers the command with the outcome and reports it back to the owner.
+    fn apply_network(&mut self, mut res: FailoverResult, reply: Reply<FailoverResult>) {
+        let name = self.vm.rec.name.clone();
+        let interfaces = self.vm.rec.failover.interfaces.clone();
+        let live = self.vm.failover().ok().and_then(|f| f.live);
+        let (Some(qga), Some(live)) = (crate::failover::live_qga(&self.vm), live) else {
+            let line = "failover network settings not applied: the VM definition has no guest \
+                        agent channel ({qga}); set the guest's addresses by hand"
+                .to_owned();
+            tracing::warn!(vm = %name, "{line}");
+            res.message.push_str(&format!("\n{line}"));
+            res.network = vec![line];
+            let _ = reply.send(Ok(res));
+            return;
+        };
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let lines = match crate::guestnet::apply(&qga, &interfaces, crate::guestnet::AGENT_WAIT)
+                .await
+            {
+                Ok(outcomes) => outcomes.iter().map(ToString::to_string).collect(),
+                Err(e) => vec![format!(
+                    "failover network settings not applied: {}",
+                    crate::util::chain(&e)
+                )],
+            };
+            for l in &lines {
+                tracing::info!(vm = %name, "failover network: {l}");
+            }
+            res.message
+                .push_str(&format!("\nfailover network: {}", lines.join("; ")));
+            res.network = lines.clone();
+            let _ = reply.send(Ok(res));
+            if let Some(tx) = me.upgrade() {
+                let _ = tx.send(Command::NetworkApplied(live.view, lines)).await;
+            }
+        });
     }
 
     /// `vm set --failover-*` alone: this host's failover network settings, on any VM (primary

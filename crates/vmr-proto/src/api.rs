@@ -432,6 +432,10 @@ pub struct FailoverVm {
     pub pid: Option<u32>,
     /// A test failover copy.
     pub test: bool,
+    /// What applying this host's failover network settings in the guest gave, one line per
+    /// interface (empty: none set, or not applied yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<String>,
 }
 
 /// Failover bookkeeping of one VM on a replica host (`DIR/failover/<uuid>.json`).
@@ -472,6 +476,10 @@ pub struct FailoverResult {
     pub elapsed_ms: u64,
     /// Human summary.
     pub message: String,
+    /// `failover start`: the outcome of this host's failover network settings in the guest,
+    /// one line per interface (empty when none are set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<String>,
 }
 
 /// Agent-to-agent: the new primary asks the old primary to become the replica of a VM whose

@@ -278,9 +278,19 @@ pub enum VmCmd {
         yes: bool,
     },
     /// Change a registered primary VM: its QMP socket, its definition (same name and UUID) or
-    /// the disks to replicate. Refused while its replication is enabled. Asks for
-    /// confirmation on a terminal.
-    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["qmp", "launch", "disks"])))]
+    /// the disks to replicate (refused while its replication is enabled; asks for
+    /// confirmation on a terminal); or, on any VM (primary or replica) at any time, this host's
+    /// failover network settings (--failover-*, --replica-network-args).
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args([
+        "qmp",
+        "launch",
+        "disks",
+        "failover_ip",
+        "failover_gateway",
+        "failover_dns",
+        "failover_clear",
+        "replica_network_args",
+    ])))]
     Set {
         /// VM name.
         name: String,
