@@ -17,11 +17,13 @@ pub struct VmDefinition {
     /// Arguments; placeholders `{disk:NODE}` (path of that disk's image), `{qmp}` (QMP socket
     /// path), `{nbd}` (the NBD server socket vmreplica reads the VM's disks through: only a
     /// qemu-storage-daemon stand-in, which serves its "guest" I/O over NBD, starts that server
-    /// itself; a real VM leaves it out and vmreplica starts it), `{name}`, `{uuid}` and
-    /// `{accel}` (`kvm` or `tcg`) are substituted when vmreplica starts the VM (failover,
-    /// test failover): `{nbd}` then is the agent's own socket
-    /// (`DIR/work/<uuid>/vmr-<uuid8>-nbd.sock`). A stand-in the admin starts names its NBD
-    /// socket at `vm add --nbd SOCK` instead.
+    /// itself; a real VM leaves it out and vmreplica starts it), `{name}`, `{uuid}`,
+    /// `{accel}` (`kvm` or `tcg`) and `{dir}` (the directory the VM is started in: the one
+    /// holding its `{qmp}` socket; for a failover `DIR/fo/<uuid>/live` or
+    /// `DIR/fo/<uuid>/t<id>`, a fresh one per start, e.g. for `-serial file:{dir}/serial.log`)
+    /// are substituted when vmreplica starts the VM (failover, test failover): `{nbd}` then is
+    /// the agent's own socket (`DIR/work/<uuid>/vmr-<uuid8>-nbd.sock`). A stand-in the admin
+    /// starts names its NBD socket at `vm add --nbd SOCK` instead.
     pub args: Vec<String>,
     /// Arguments added only when the VM is started for a test failover (e.g. an isolated NIC);
     /// the `network-args` run is dropped from `args` for a test failover.
@@ -99,7 +101,7 @@ impl VmDefinition {
         }
         for a in self.args.iter().chain(&self.test_args) {
             for ph in placeholders(a) {
-                let ok = matches!(ph, "qmp" | "nbd" | "name" | "uuid" | "accel")
+                let ok = matches!(ph, "qmp" | "nbd" | "name" | "uuid" | "accel" | "dir")
                     || ph
                         .strip_prefix("disk:")
                         .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
@@ -144,7 +146,8 @@ impl VmDefinition {
 }
 
 impl VmDefinition {
-    /// Substitute placeholders in every argument. `disk` maps a node name to its image path.
+    /// Substitute placeholders in every argument. `disk` maps a node name to its image path;
+    /// `{dir}` becomes the directory of `qmp` (`.` when it has none).
     pub fn render_args(
         &self,
         qmp: &str,
@@ -171,6 +174,10 @@ impl VmDefinition {
                     "qmp" => qmp.to_owned(),
                     "nbd" => nbd.to_owned(),
                     "accel" => accel.to_owned(),
+                    "dir" => match std::path::Path::new(qmp).parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d.display().to_string(),
+                        _ => ".".to_owned(),
+                    },
                     "name" => self.name.clone(),
                     "uuid" => self.uuid.to_string(),
                     other => other.strip_prefix("disk:").and_then(disk).ok_or_else(|| {
@@ -292,6 +299,26 @@ path = "/var/lib/vm/web1.qcow2"
         let mut d = VmDefinition::from_toml(QSD).expect("valid");
         d.name = "n".repeat(64);
         d.validate().expect("64 characters");
+    }
+
+    #[test]
+    fn dir_is_the_directory_of_the_qmp_socket() {
+        let mut d = VmDefinition::from_toml(QSD).expect("valid");
+        d.args.push("file:{dir}/serial.log".to_owned());
+        d.validate().expect("{dir} is known");
+        let args = d
+            .render_args("/a/fo/x/live/qmp.sock", "/n", "tcg", false, &|_| {
+                Some("/d".to_owned())
+            })
+            .expect("render");
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("file:/a/fo/x/live/serial.log")
+        );
+        let args = d
+            .render_args("qmp.sock", "/n", "tcg", false, &|_| Some("/d".to_owned()))
+            .expect("render");
+        assert_eq!(args.last().map(String::as_str), Some("file:./serial.log"));
     }
 
     #[test]
