@@ -361,6 +361,7 @@ impl Owner {
                     }
                 }
                 _ = beat.tick() => {
+                    self.vm.reap_children();
                     if let Side::Primary(Some(p)) = &mut self.side {
                         p.tick(&mut self.vm);
                     }
