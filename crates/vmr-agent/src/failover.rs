@@ -291,6 +291,7 @@ fn result(
         test_id: f.filter(|f| f.test).map(|f| f.view),
         elapsed_ms: t0.elapsed().as_millis() as u64,
         message,
+        network: Vec::new(),
     }
 }
 
@@ -343,6 +344,12 @@ pub async fn start(
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
         .map_err(AgentError::ReplicatedDefinition)?;
+    // A real failover attaches the VM to this host's networks when they differ.
+    if !test && let Some(args) = &rec.failover.network_args {
+        def = def
+            .with_network_args(args)
+            .map_err(AgentError::ReplicaNetworkArgs)?;
+    }
     let program = if no_start {
         None
     } else {
@@ -407,6 +414,7 @@ pub async fn start(
             qmp: None,
             pid: None,
             test,
+            network: Vec::new(),
         };
         let mut line = None;
         if let Some(program) = &program {
@@ -1090,6 +1098,7 @@ pub async fn become_replica(
             trust_group: peer.trust_group.clone(),
             frequency_secs: None,
             nbd: None,
+            failover: rec.failover.clone(),
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;
@@ -1107,4 +1116,18 @@ pub async fn become_replica(
         },
         handover.replica,
     ))
+}
+
+/// The guest agent socket of the live failed-over VM, when its definition has a guest agent
+/// channel (`{qga}`) and the VM was started.
+pub fn live_qga(vm: &Vm) -> Option<PathBuf> {
+    let fr = vm.failover().ok()?;
+    let live = fr.live?;
+    live.qmp.as_ref()?;
+    let def = VmDefinition::from_toml(&vm.rec.launch_toml).ok()?;
+    def.args.iter().any(|a| a.contains("{qga}")).then(|| {
+        crate::launch::failover_dir(&vm.host.dir, vm.rec.uuid)
+            .join("live")
+            .join("qga.sock")
+    })
 }

@@ -13,6 +13,7 @@ use vmr_proto::DiskInfo;
 
 use crate::graph::{self, NodeInfo};
 use crate::names::Names;
+use crate::qga::GuestAgent;
 use crate::qmp::{Endpoint, QmpClient, QmpError, QmpEvent};
 use crate::reader::{DiskSource, Pipeline, Want};
 use crate::{BITMAP_GRANULARITY, CaptureError, DEFAULT_MAX_IN_FLIGHT, ResyncReason};
@@ -250,6 +251,22 @@ impl VmCapture {
     /// `Incremental` fails with [`CaptureError::ResyncRequired`] when tracking is lost (never a
     /// silent full copy) and with [`CaptureError::NotTracking`] before the first full cycle.
     pub async fn begin_cycle(&mut self, mode: CycleMode) -> Result<CaptureCycle<'_>, CaptureError> {
+        let (cycle, _) = self.begin_cycle_quiesced(mode, None).await?;
+        Ok(cycle)
+    }
+
+    /// [`Self::begin_cycle`] with the guest's file systems frozen around the cut when `quiesce`
+    /// gives a synchronised guest agent session: `guest-fsfreeze-freeze` (its fsfreeze hooks
+    /// run) right before the cycle transaction, `guest-fsfreeze-thaw` right after it, in every
+    /// path (a failed or timed-out freeze, a failed transaction), retried until
+    /// `guest-fsfreeze-status` says thawed. A failed freeze never stops the cycle: it is cut
+    /// crash-consistent and the report says why. Fleecing targets are prepared before the
+    /// freeze, the view is exposed after the thaw, so the frozen time holds the transaction only.
+    pub async fn begin_cycle_quiesced(
+        &mut self,
+        mode: CycleMode,
+        quiesce: Option<Quiesce<'_>>,
+    ) -> Result<(CaptureCycle<'_>, QuiesceReport), CaptureError> {
         if self.needs_recover {
             self.recover().await?;
         }
@@ -280,7 +297,11 @@ impl VmCapture {
         // From here on objects exist in QEMU; a failure (or a drop) leaves them for recover(),
         // which runs right away on error (and again before the next cycle if that fails too).
         self.needs_recover = true;
-        let (sources, infos) = match self.cut_and_expose(mode, &disks, frozen, generation).await {
+        let mut report = QuiesceReport::NotAsked;
+        let (sources, infos) = match self
+            .cut_and_expose(mode, &disks, frozen, generation, quiesce, &mut report)
+            .await
+        {
             Ok(x) => x,
             Err(e) => {
                 if let Err(r) = self.recover().await {
@@ -296,16 +317,19 @@ impl VmCapture {
             .collect();
         let clients = sources.iter().map(|s| s.client.clone()).collect();
         let pipeline = Pipeline::new(sources, self.cfg.max_in_flight);
-        Ok(CaptureCycle {
-            vm: self,
-            disks: infos,
-            mode,
-            generation,
-            frozen,
-            pipeline,
-            trims,
-            clients,
-        })
+        Ok((
+            CaptureCycle {
+                vm: self,
+                disks: infos,
+                mode,
+                generation,
+                frozen,
+                pipeline,
+                trims,
+                clients,
+            },
+            report,
+        ))
     }
 
     /// Steps 2-5 of `begin_cycle`: fleecing targets, the cycle transaction, snapshot nodes,
@@ -316,6 +340,8 @@ impl VmCapture {
         disks: &[NodeInfo],
         frozen: Option<u64>,
         generation: u64,
+        quiesce: Option<Quiesce<'_>>,
+        report: &mut QuiesceReport,
     ) -> Result<(Vec<DiskSource>, Vec<DiskInfo>), CaptureError> {
         for (i, d) in disks.iter().enumerate() {
             let path = self.names.fleece_file(&self.cfg.work_dir, i);
@@ -379,7 +405,16 @@ impl VmCapture {
             }
             actions.push(backup_action(&d.name, &self.names, i));
         }
-        self.transaction(actions, "cycle transaction").await?;
+        match quiesce {
+            None => self.transaction(actions, "cycle transaction").await?,
+            Some(q) => {
+                let (cut, r) = q
+                    .around(self.transaction(actions, "cycle transaction"))
+                    .await;
+                *report = r;
+                cut?;
+            }
+        }
 
         let mut sources = Vec::with_capacity(disks.len());
         let mut infos = Vec::with_capacity(disks.len());
@@ -906,6 +941,109 @@ fn backup_action(node: &str, names: &Names, i: usize) -> qmp::TransactionAction 
             },
         },
     })
+}
+
+/// A guest agent session and the limits of one app-consistent cut
+/// ([`VmCapture::begin_cycle_quiesced`]).
+#[derive(Debug)]
+pub struct Quiesce<'g> {
+    /// A synchronised session with the VM's guest agent.
+    pub agent: &'g mut GuestAgent,
+    /// How long `guest-fsfreeze-freeze` (with the guest's hooks) may take.
+    pub freeze_timeout: Duration,
+    /// Thaw attempts (each: thaw, then status) before giving up.
+    pub thaw_attempts: u32,
+}
+
+/// What happened to the guest's file systems around a cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuiesceReport {
+    /// No freeze was asked for: a crash-consistent cut.
+    NotAsked,
+    /// The cut was taken with every file system frozen: an app-consistent point.
+    Frozen {
+        /// File systems frozen.
+        filesystems: u64,
+        /// From the start of the freeze call to the thaw's answer.
+        frozen: Duration,
+        /// Thaw attempts used.
+        thaw_attempts: u32,
+        /// The guest could not be confirmed thawed (an error to report loudly).
+        thaw_error: Option<String>,
+    },
+    /// The freeze failed or timed out: the cut was crash-consistent.
+    Failed {
+        /// Why.
+        reason: String,
+        /// From the start of the freeze call to the thaw's answer (the guest may have been
+        /// partly frozen for this long).
+        frozen: Duration,
+        /// The guest could not be confirmed thawed.
+        thaw_error: Option<String>,
+    },
+}
+
+impl QuiesceReport {
+    /// Whether the cut is app-consistent.
+    pub fn app_consistent(&self) -> bool {
+        matches!(self, QuiesceReport::Frozen { .. })
+    }
+}
+
+impl Quiesce<'_> {
+    /// Freeze, run `cut`, thaw (in every path), and say what happened. A failed freeze still
+    /// runs `cut` (crash-consistent), after the thaw.
+    async fn around<T>(self, cut: impl std::future::Future<Output = T>) -> (T, QuiesceReport) {
+        let agent = self.agent;
+        let start = std::time::Instant::now();
+        let froze = agent.fsfreeze_freeze(self.freeze_timeout).await;
+        match froze {
+            Ok(filesystems) => {
+                let out = cut.await;
+                let thawed = agent.thaw_until_thawed(self.thaw_attempts).await;
+                let frozen = start.elapsed();
+                let (thaw_attempts, thaw_error) = match thawed {
+                    Ok(n) => (n, None),
+                    Err(e) => (self.thaw_attempts, Some(error_chain(&e))),
+                };
+                (
+                    out,
+                    QuiesceReport::Frozen {
+                        filesystems,
+                        frozen,
+                        thaw_attempts,
+                        thaw_error,
+                    },
+                )
+            }
+            Err(e) => {
+                // A timed-out or failed freeze may have frozen some file systems (or freeze
+                // them later): thaw before the cut, whatever the answer was.
+                let thawed = agent.thaw_until_thawed(self.thaw_attempts).await;
+                let frozen = start.elapsed();
+                let out = cut.await;
+                (
+                    out,
+                    QuiesceReport::Failed {
+                        reason: error_chain(&e),
+                        frozen,
+                        thaw_error: thawed.err().map(|t| error_chain(&t)),
+                    },
+                )
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// One point-in-time view of all disks of a VM, being read.

@@ -9,16 +9,20 @@
 //! is exported over NBD together with the frozen bitmap, and [`CaptureCycle::next_extent`]
 //! reads the dirty ranges (pipelined, bounded memory). [`CaptureCycle::commit`] drops the frozen
 //! bitmap; [`CaptureCycle::abort`] (or the next [`VmCapture::open`] after a crash) merges it
-//! back into the active one.
+//! back into the active one. [`VmCapture::begin_cycle_quiesced`] freezes the guest's file
+//! systems through its guest agent ([`qga`]) around that transaction: an app-consistent cut.
 
 mod capture;
 mod error;
 mod graph;
 mod names;
+pub mod qga;
 pub mod qmp;
 mod reader;
 
-pub use capture::{CaptureConfig, CaptureCycle, CycleMode, Tracking, VmCapture};
+pub use capture::{
+    CaptureConfig, CaptureCycle, CycleMode, Quiesce, QuiesceReport, Tracking, VmCapture,
+};
 pub use error::{CaptureError, ResyncReason};
 pub use names::Names;
 pub use qmp::Endpoint;

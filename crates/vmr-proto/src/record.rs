@@ -38,6 +38,10 @@ pub struct VmRecord {
     /// agent starts the VM itself (failover, reverse).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<String>,
+    /// This host's failover network settings for the VM (`vm set --failover-*`): applied when
+    /// a real failover starts the VM here; kept across reverse and become-replica.
+    #[serde(default, skip_serializing_if = "crate::FailoverSettings::is_empty")]
+    pub failover: crate::FailoverSettings,
     /// The VM's machine; its side is the VM's mode on this host.
     pub machine: MachineSnapshot,
 }
@@ -140,6 +144,7 @@ impl From<VmRecordV1> for VmRecord {
             trust_group: r.trust_group,
             frequency_secs: None,
             nbd: None,
+            failover: Default::default(),
             machine,
         }
     }
