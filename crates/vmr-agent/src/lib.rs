@@ -21,6 +21,7 @@ pub mod exit;
 mod export;
 mod failover;
 mod host;
+mod imaged;
 pub mod launch;
 mod lock;
 mod owned;
