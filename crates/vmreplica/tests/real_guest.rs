@@ -214,6 +214,7 @@ fn same_content(a: &Path, b: &Path) -> TestResult<(bool, String)> {
 /// the primary's disk exactly (zero loss), and the failed-over VM boots with every sequence
 /// the primary's console showed.
 #[test]
+#[ignore = "full real-guest form (scripts/real-guest.sh): with the unplanned scenario beside it the quick form would take 5 min"]
 fn prepare_after_a_clean_shutdown_loses_nothing() -> TestResult {
     let (p, mut vm) = replicating_guest("rg-planned", "10s")?;
     p.a.allow(&p.b)?; // the replica's split-brain probe of the primary
