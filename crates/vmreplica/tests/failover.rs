@@ -472,13 +472,32 @@ fn prepare_after_qemu_exited_ships_the_final_cycle_from_the_images() -> TestResu
         assert!(bms.iter().all(|(_, in_use)| !in_use), "{bms:?}");
     }
     p.b.wait_cycle("gone1", k, LONG)?;
-    let live = failover(&p.b, &["start", "gone1", "--no-start"])?;
+    let live = failover(&p.b, &["start", "gone1"])?;
     assert_eq!(live.point, Some(k));
     assert_eq!(
         replica_hashes(&p.b, vm.def.uuid, Some(k))?,
         want,
         "the final cycle from the images lost writes"
     );
+    // Reverse: the old primary takes its images (which the daemon left with their bitmaps) in
+    // as the point; only what the failed-over VM writes travels back.
+    let vm_b = started(&vm, live_nbd(&p.b, vm.def.uuid));
+    let r: FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "gone1", "--frequency", "5s", "--json"])?)?;
+    assert_eq!(r.state, ReplicationState::Replicating);
+    vm_b.write_random("disk1", 6, 4)?;
+    let new_hash = vm_b.hash("disk1")?;
+    wait_until(LONG, "a cycle back to the old primary", || {
+        Ok(p.a.status("gone1")?.last_cycle.unwrap_or(0) >= k + 2)
+    })?;
+    assert!(
+        p.b.status("gone1")?.stats.total_bytes <= 6 * 65536 * 2,
+        "reverse sent more than the new changes"
+    );
+    p.b.ok(&["pause", "gone1"])?;
+    let back = replica_hashes(&p.a, vm.def.uuid, None)?;
+    assert_eq!(back[0].1, want[0].1);
+    assert_eq!(back[1].1, new_hash);
     Ok(())
 }
 
