@@ -72,6 +72,59 @@ fn locked_image<'a>(out: &str, disks: &'a [(String, PathBuf)]) -> Option<&'a Pat
         .or_else(|| disks.first().map(|(_, p)| p.as_path()))
 }
 
+/// Processes whose command line names `qmp` (a daemon an earlier agent started there).
+fn daemons_at(qmp: &Path) -> Vec<i32> {
+    let needle = qmp.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// End a daemon an earlier agent left at `qmp` (QMP `quit`: bitmaps stored; SIGKILL after
+/// the timeout) and wait until its process is gone, so that its image locks are released.
+async fn quit_leftover(qmp: &Path, name: &str) -> Result<(), AgentError> {
+    let pids = daemons_at(qmp);
+    if pids.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(vm = %name, qmp = %qmp.display(), ?pids, "ending the qemu-storage-daemon an earlier agent left on the VM's images");
+    if let Ok(mut q) =
+        QmpClient::connect(&Endpoint::Unix(qmp.to_path_buf()), Duration::from_secs(5)).await
+    {
+        let _ = q.execute_value("quit", None).await;
+    }
+    let deadline = Instant::now() + DAEMON_TIMEOUT;
+    loop {
+        let left = daemons_at(qmp);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            for pid in left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return Err(AgentError::ImageDaemon {
+                name: name.to_owned(),
+                what: "left by an earlier agent did not quit (killed; its bitmaps are not stored)",
+                detail: qmp.display().to_string(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl ImageDaemon {
     /// Start the daemon on `rec`'s images, its monitor in `work_dir`; returns once QMP
     /// answers.
@@ -91,6 +144,9 @@ impl ImageDaemon {
         if let Some(p) = qmp.parent() {
             std::fs::create_dir_all(p).map_err(AgentError::io("creating", p))?;
         }
+        // A daemon an earlier agent left (it was killed mid-prepare) still holds the images:
+        // this socket is the agent's own, so it is ended first (cleanly: bitmaps stored).
+        quit_leftover(&qmp, &rec.name).await?;
         let _ = std::fs::remove_file(&qmp);
         let log = work_dir.join("prepare-qsd.log");
         let out = std::fs::File::create(&log).map_err(AgentError::io("creating", &log))?;

@@ -552,3 +552,54 @@ fn prepare_from_images_refuses_images_in_use_and_lost_tracking() -> TestResult {
     }
     Ok(())
 }
+
+/// The agent was killed while its daemon ran on the images (prepare interrupted): the daemon
+/// still holds them. The next `prepare` ends it (its socket is the agent's own) and goes on.
+#[test]
+fn prepare_ends_a_daemon_an_earlier_agent_left_on_the_images() -> TestResult {
+    let p = Pair::new(exe())?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "left1", &["disk0"], 16)?;
+    vm.write_random("disk0", 20, 1)?;
+    vm.register(&p.a)?;
+    p.enable("left1", &["--frequency", "5s"])?;
+    p.wait_cycle("left1", 1, LONG)?;
+    vm.write_random("disk0", 10, 2)?;
+    let want = vm.hash("disk0")?;
+    vm.stop()?;
+    // What the agent's daemon looks like: its monitor where the agent puts it.
+    let id = vm.def.uuid.simple().to_string();
+    let qmp = vmr_proto::sockpath::socket_path(
+        p.a.dir
+            .join("work")
+            .join(&id)
+            .join(format!("vmr-{}-prep.qmp", &id[..8])),
+        &p.a.dir,
+        &format!("vmr-{id}-prep.qmp"),
+    );
+    std::fs::create_dir_all(qmp.parent().expect("dir"))?;
+    let image = vm.disks()[0].1.clone();
+    let mut cmd = std::process::Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=disk0,file=f0")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qmp.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m");
+    let mut left = vmr_testkit::proc::ChildGuard::spawn(cmd, "leftover daemon")?;
+    wait_qmp_greeting(&qmp, LONG)?;
+    let prep = failover(&p.a, &["prepare", "left1"])?;
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    assert!(!left.is_running(), "the leftover daemon still runs");
+    let k = prep.point.expect("final cycle");
+    p.b.wait_cycle("left1", k, LONG)?;
+    assert_eq!(replica_hashes(&p.b, vm.def.uuid, Some(k))?[0].1, want);
+    Ok(())
+}
