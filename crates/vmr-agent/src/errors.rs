@@ -634,13 +634,59 @@ pub enum AgentError {
         /// The machine's last error.
         reason: String,
     },
-    /// `failover prepare`: the VM's QMP monitor does not answer.
-    #[error("the VM's QMP monitor {qmp} must answer to ship the final cycle")]
-    QmpUnreachable {
+    /// `failover prepare`: the final cycle could not be shipped because the VM's change
+    /// tracking is lost or unreliable (e.g. its QEMU was killed instead of shut down).
+    #[error(
+        "{name:?}: the final cycle cannot be shipped from the images: {reason}; a full \
+         resynchronisation is needed (start the VM, `vmreplica resume {name} --resync`, let it \
+         complete, shut the guest down and prepare again; or fail over unplanned to the latest \
+         point)"
+    )]
+    FinalCycleNeedsResync {
+        /// The VM name.
+        name: String,
+        /// The machine's last error.
+        reason: String,
+    },
+    /// `failover prepare`: the VM's monitor is there but does not answer; the VM may run.
+    #[error(
+        "{name:?}: its QMP monitor {qmp} does not answer ({reason}); the VM may still run: shut \
+         it down (or end its process) before `failover prepare`"
+    )]
+    VmMonitorUnresponsive {
+        /// The VM name.
+        name: String,
         /// The QMP socket.
         qmp: String,
-        /// The cause.
-        source: QmpError,
+        /// Why.
+        reason: String,
+    },
+    /// `failover prepare` from the images: a running process holds one (QEMU's image locking
+    /// refused the agent's qemu-storage-daemon).
+    #[error(
+        "{name:?}: its QMP monitor {qmp} is gone but image {image} is in use by another process \
+         (the VM may still run without that monitor): shut it down before `failover prepare`: \
+         {detail}"
+    )]
+    ImagesInUse {
+        /// The VM name.
+        name: String,
+        /// The QMP socket that did not answer.
+        qmp: String,
+        /// The locked image.
+        image: String,
+        /// qemu-storage-daemon's message.
+        detail: String,
+    },
+    /// `failover prepare` from the images: the agent's qemu-storage-daemon on them failed.
+    #[error("qemu-storage-daemon on the images of {name:?} {what}: {detail}")]
+    ImageDaemon {
+        /// The VM name.
+        name: String,
+        /// What failed (`did not start`, `did not stop cleanly`, ...).
+        what: &'static str,
+        /// Its output or the cause.
+        detail: String,
     },
     /// `vm add`: the VM's QMP monitor does not answer (the VM is not running, or not with
     /// that monitor, or another client holds it).
@@ -696,9 +742,6 @@ pub enum AgentError {
         /// Why not.
         reason: &'static str,
     },
-    /// `failover prepare`: `query-status` failed.
-    #[error("querying the VM's status")]
-    QueryStatus(#[source] QmpError),
     /// Failover: the VM command cannot be built.
     #[error("building the VM command from the replicated definition")]
     LaunchCommand(#[source] Box<AgentError>),
@@ -843,6 +886,9 @@ impl AgentError {
             | PrimaryRuns { .. }
             | PrimaryUnchecked { .. }
             | VmStillRunning { .. }
+            | VmMonitorUnresponsive { .. }
+            | ImagesInUse { .. }
+            | FinalCycleNeedsResync { .. }
             | ImportOtherVm { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
             | FailoverSettings(_)
@@ -890,10 +936,9 @@ impl AgentError {
             | BecomeReplica(_)
             | FailoverPointGone { .. }
             | FinalCycleFailed { .. }
-            | QmpUnreachable { .. }
+            | ImageDaemon { .. }
             | VmNotAnswering { .. }
             | QueryNodes { .. }
-            | QueryStatus(_)
             | LaunchCommand(_)
             | ProgramNotAllowed { .. }
             | ProgramNotFound { .. }

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use vmr_capture::qmp::{QmpClient, QmpError};
 use vmr_capture::{Endpoint, Names};
-use vmr_core::{Adoption, LocalCopy, Op, ReplicaEvent, failover_transition};
+use vmr_core::{
+    Adoption, LocalCopy, Op, PrepareRefusal, PrepareSource, ReplicaEvent, VmProbe,
+    failover_transition, prepare_source,
+};
 
 use crate::primary::PrimarySide;
 use crate::replica::ReplicaSide;
@@ -32,6 +35,7 @@ use vmr_transport::{Client, Peer, TransportError};
 
 use crate::errors::AgentError;
 use crate::host::Host;
+use crate::imaged::ImageDaemon;
 use crate::owned::Vm;
 use crate::util::now_ms;
 
@@ -756,7 +760,11 @@ pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> PrimaryVmStat
     PrimaryVmState { state, running }
 }
 
-/// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock.
+/// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock. Where
+/// the final cycle is read from is [`vmr_core::prepare_source`]'s decision on what the VM's
+/// monitor shows: the VM's QEMU (guest shut down, QEMU still running), or, when its QEMU has
+/// exited, the images themselves through a qemu-storage-daemon of the agent's
+/// ([`crate::imaged`]).
 pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let name = vm.rec.name.clone();
@@ -765,19 +773,70 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResu
         .map_err(AgentError::Refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
-    if let Err(e) = check_shut_down(&vm.rec).await {
-        side.resume_after_stop(vm);
-        return Err(e);
-    }
-    let id = side.prepare_failover(vm).await?;
+    let source = match prepare_source(probe_vm(&vm.rec).await) {
+        Ok(s) => s,
+        Err(r) => {
+            side.resume_after_stop(vm);
+            return Err(match r {
+                PrepareRefusal::Running { status } => AgentError::VmStillRunning {
+                    name: name.to_owned(),
+                    status,
+                },
+                PrepareRefusal::Unresponsive { reason } => AgentError::VmMonitorUnresponsive {
+                    name: name.to_owned(),
+                    qmp: vm.rec.qmp.clone(),
+                    reason,
+                },
+            });
+        }
+    };
+    let (id, from) = match source {
+        PrepareSource::Vm => (side.prepare_failover(vm, None).await, "the VM"),
+        PrepareSource::Images => {
+            let work = crate::launch::work_dir(&vm.host.dir, vm.rec.uuid);
+            let daemon = match ImageDaemon::start(&vm.rec, &work, &vm.host.dir).await {
+                Ok(d) => d,
+                Err(e) => {
+                    side.resume_after_stop(vm);
+                    return Err(e);
+                }
+            };
+            let id = side
+                .prepare_failover(vm, Some(daemon.qmp().to_path_buf()))
+                .await;
+            // Stopped whatever the cycle did: the bitmaps are stored, the images unlocked.
+            let stopped = daemon.stop().await;
+            if let Err(e) = &stopped {
+                tracing::error!(vm = %name, "{}", crate::util::chain(e));
+            }
+            let id = match (id, stopped) {
+                (Ok(id), Ok(())) => Ok(id),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
+            (id, "its images (QEMU had exited)")
+        }
+    };
+    let id = match id {
+        Ok(id) => id,
+        Err(AgentError::FinalCycleFailed { reason })
+            if side.state() == ReplicationState::WaitingForStartResynchronize =>
+        {
+            return Err(AgentError::FinalCycleNeedsResync {
+                name: name.to_owned(),
+                reason,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     Ok(result(
         name,
         ReplicationState::PreparedForFailover,
         None,
         t0,
         format!(
-            "final cycle {id} shipped and acknowledged; {name:?} is PreparedForFailover (do not \
-             start it here); run `vmreplica failover start {name}` on the replica"
+            "final cycle {id} shipped from {from} and acknowledged; {name:?} is \
+             PreparedForFailover (do not start it here); run `vmreplica failover start {name}` \
+             on the replica"
         ),
     ))
     .map(|mut r| {
@@ -786,32 +845,44 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResu
     })
 }
 
-/// "Shut down": a real VM reports a non-running status (shutdown with -no-shutdown, or
-/// paused); a stand-in has no guest (no query-status): its writers are the admin's to stop.
-async fn check_shut_down(rec: &VmRecord) -> Result<(), AgentError> {
-    let ep = Endpoint::Unix(rec.qmp.clone().into());
-    let mut q = QmpClient::connect(&ep, Duration::from_secs(5))
-        .await
-        .map_err(|source| AgentError::QmpUnreachable {
-            qmp: rec.qmp.clone(),
-            source,
-        })?;
-    match q.execute_value("query-status", None).await {
-        Ok(v) if v.get("running").and_then(Value::as_bool) == Some(true) => {
-            return Err(AgentError::VmStillRunning {
-                name: rec.name.clone(),
-                status: v
-                    .get("status")
-                    .and_then(Value::as_str)
-                    .unwrap_or("running")
-                    .to_owned(),
-            });
-        }
-        Ok(_) => {}
-        Err(QmpError::Command { class, .. }) if class == "CommandNotFound" => {}
-        Err(e) => return Err(AgentError::QueryStatus(e)),
+/// What the VM's monitor shows, for [`prepare_source`]: a real VM's `query-status`; a
+/// stand-in has no guest (no `query-status`: its writers are the admin's to stop); nothing
+/// listening means the process exited.
+async fn probe_vm(rec: &VmRecord) -> VmProbe {
+    if rec.qmp.is_empty() || !Path::new(&rec.qmp).exists() {
+        return VmProbe::NoListener;
     }
-    Ok(())
+    let ep = Endpoint::Unix(rec.qmp.clone().into());
+    let mut q = match QmpClient::connect(&ep, Duration::from_secs(5)).await {
+        Ok(q) => q,
+        Err(QmpError::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            return VmProbe::NoListener;
+        }
+        Err(e) => {
+            return VmProbe::Unresponsive {
+                reason: crate::util::chain(&e),
+            };
+        }
+    };
+    match q.execute_value("query-status", None).await {
+        Ok(v) => VmProbe::Status {
+            running: v.get("running").and_then(Value::as_bool) == Some(true),
+            status: v
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_owned(),
+        },
+        Err(QmpError::Command { class, .. }) if class == "CommandNotFound" => VmProbe::NoGuest,
+        Err(e) => VmProbe::Unresponsive {
+            reason: format!("query-status: {}", crate::util::chain(&e)),
+        },
+    }
 }
 
 // ------------------------------------------------------------------ reverse

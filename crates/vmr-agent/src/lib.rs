@@ -22,6 +22,7 @@ mod export;
 mod failover;
 mod guestnet;
 mod host;
+mod imaged;
 pub mod launch;
 mod lock;
 mod owned;

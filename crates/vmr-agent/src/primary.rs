@@ -4,6 +4,7 @@
 //! [`Outcome`], which the owner feeds to the machine. Admin commands (pause, resume, disable,
 //! start-initial, resume --resync) are events of the machine; a refusal is the machine's.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,10 @@ pub struct PrimarySide {
     synced: bool,
     /// Actions the machine asked for that are not carried out yet.
     pending: Vec<Action>,
+    /// The QMP monitor the planned failover's final cycle captures through instead of the
+    /// VM's (a qemu-storage-daemon on the images once QEMU exited); cleared when that cycle
+    /// ends.
+    capture_from: Option<PathBuf>,
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
@@ -89,6 +94,7 @@ impl PrimarySide {
             progress: Arc::new(Progress::default()),
             synced: false,
             pending,
+            capture_from: None,
         }
     }
 
@@ -232,9 +238,15 @@ impl PrimarySide {
         let cancel = CancellationToken::new();
         self.progress.set(0, 0);
         self.started = cycle;
+        let mut rec = vm.rec.clone();
+        if let Some(qmp) = &self.capture_from {
+            // The final cycle from the images: the daemon's monitor, the agent's NBD socket.
+            rec.qmp = qmp.display().to_string();
+            rec.nbd = None;
+        }
         let ctx = CycleCtx {
             host: vm.host.clone(),
-            rec: vm.rec.clone(),
+            rec,
             last_cycle: self.machine.last_cycle(),
             planned: cycle.is_some_and(|c| c.planned),
             reconcile,
@@ -297,6 +309,13 @@ impl PrimarySide {
             }
         };
         self.session = Some(done.session);
+        if started.is_some_and(|s| s.planned) && self.capture_from.take().is_some() {
+            // Its capture talked to the images' daemon, which goes now: the next cycle opens
+            // the VM's own monitor again.
+            if let Some(s) = self.session.as_mut() {
+                s.capture = None;
+            }
+        }
         match done.outcome {
             Outcome::Done {
                 id,
@@ -461,8 +480,24 @@ impl PrimarySide {
 
     /// Planned failover, first half (the VM is shut down): the machine asks for one final
     /// incremental cycle with consistency `Planned`; it is run here and waited for. Returns
-    /// the final cycle's id once the VM is `PreparedForFailover`.
-    pub async fn prepare_failover(&mut self, vm: &mut Vm) -> Result<u64, AgentError> {
+    /// the final cycle's id once the VM is `PreparedForFailover`. `from`: the QMP monitor to
+    /// capture the final cycle through instead of the VM's (the daemon on its images).
+    pub async fn prepare_failover(
+        &mut self,
+        vm: &mut Vm,
+        from: Option<PathBuf>,
+    ) -> Result<u64, AgentError> {
+        self.capture_from = from;
+        let r = self.prepare_failover_inner(vm).await;
+        if self.capture_from.take().is_some()
+            && let Some(s) = self.session.as_mut()
+        {
+            s.capture = None;
+        }
+        r
+    }
+
+    async fn prepare_failover_inner(&mut self, vm: &mut Vm) -> Result<u64, AgentError> {
         let acts = match self
             .machine
             .step(Event::PrepareFailover { now_ms: now_ms() })

@@ -3,8 +3,9 @@
 //! mode, following Hyper-V's rules, or why it is refused; and the split-brain guard of an
 //! unplanned failover: which address the replica probes the primary at
 //! ([`probe_address`], [`check_probe_target`]) and what the probe's result means
-//! ([`split_brain_verdict`]). The primary and replica machines apply them; the agent carries
-//! out what they decide.
+//! ([`split_brain_verdict`]); and where a planned failover's final cycle is read from
+//! ([`prepare_source`]: the running QEMU, or the images once QEMU has exited). The primary and
+//! replica machines apply them; the agent carries out what they decide.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -225,6 +226,72 @@ pub fn split_brain_verdict(probe: PrimaryProbe, force: bool) -> SplitBrain {
         PrimaryProbe::Answered { running: false } | PrimaryProbe::Lost => SplitBrain::Proceed,
         PrimaryProbe::Answered { running: true } => SplitBrain::PrimaryRuns,
         PrimaryProbe::Failed { reason } => SplitBrain::Unchecked { reason },
+    }
+}
+
+/// What `failover prepare` found at the primary VM's QMP monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmProbe {
+    /// QEMU answered `query-status`.
+    Status {
+        /// Its `running` field (a guest shut down with `-no-shutdown`, or paused: false).
+        running: bool,
+        /// Its `status` field, for the message.
+        status: String,
+    },
+    /// The monitor answered but knows no `query-status`: a qemu-storage-daemon stand-in (no
+    /// guest; its writers are the admin's to stop).
+    NoGuest,
+    /// Nothing listens at the monitor's socket (the socket is missing, or the connection is
+    /// refused): the VM's process has exited (or runs without that monitor: the images'
+    /// locks tell).
+    NoListener,
+    /// Something listens but does not answer (busy, hung), or `query-status` failed: the
+    /// process may still run.
+    Unresponsive {
+        /// Why, for the message.
+        reason: String,
+    },
+}
+
+/// Where the final cycle of a planned failover is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrepareSource {
+    /// The VM's own QEMU (still running, guest shut down), through its QMP monitor.
+    Vm,
+    /// The VM's images, opened by a qemu-storage-daemon of the agent's (QEMU exited; a clean
+    /// exit stored the persistent dirty bitmaps in them, which the daemon loads). The daemon
+    /// cannot open images a running process holds (QEMU's image locking), and lost or
+    /// inconsistent bitmaps make the cycle fail with a resynchronisation required: never a
+    /// delta from tracking that missed writes.
+    Images,
+}
+
+/// Why `failover prepare` refuses to ship the final cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrepareRefusal {
+    /// The guest runs: it must be shut down first.
+    Running {
+        /// QEMU's status.
+        status: String,
+    },
+    /// The monitor is there but does not answer: the VM may run.
+    Unresponsive {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where `failover prepare` reads the final cycle from, given what the VM's monitor showed.
+pub fn prepare_source(probe: VmProbe) -> Result<PrepareSource, PrepareRefusal> {
+    match probe {
+        VmProbe::Status {
+            running: true,
+            status,
+        } => Err(PrepareRefusal::Running { status }),
+        VmProbe::Status { running: false, .. } | VmProbe::NoGuest => Ok(PrepareSource::Vm),
+        VmProbe::NoListener => Ok(PrepareSource::Images),
+        VmProbe::Unresponsive { reason } => Err(PrepareRefusal::Unresponsive { reason }),
     }
 }
 
@@ -464,5 +531,36 @@ mod tests {
             .expect_err("refused");
         assert_eq!(e, Refusal::NoInitialCopy { op: O::Start });
         assert!(e.to_string().contains("initial replication"), "{e}");
+    }
+
+    #[test]
+    fn prepare_source_table() {
+        let st = |running: bool, status: &str| VmProbe::Status {
+            running,
+            status: status.to_owned(),
+        };
+        let rows: Vec<(VmProbe, Result<PrepareSource, PrepareRefusal>)> = vec![
+            (
+                st(true, "running"),
+                Err(PrepareRefusal::Running {
+                    status: "running".into(),
+                }),
+            ),
+            (st(false, "shutdown"), Ok(PrepareSource::Vm)),
+            (st(false, "paused"), Ok(PrepareSource::Vm)),
+            (VmProbe::NoGuest, Ok(PrepareSource::Vm)),
+            (VmProbe::NoListener, Ok(PrepareSource::Images)),
+            (
+                VmProbe::Unresponsive {
+                    reason: "timed out".into(),
+                },
+                Err(PrepareRefusal::Unresponsive {
+                    reason: "timed out".into(),
+                }),
+            ),
+        ];
+        for (probe, want) in rows {
+            assert_eq!(prepare_source(probe.clone()), want, "{probe:?}");
+        }
     }
 }

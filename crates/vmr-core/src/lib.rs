@@ -17,8 +17,8 @@ pub mod replica;
 pub mod schedule;
 
 pub use failover::{
-    PrimaryProbe, SplitBrain, UnusableProbe, check_probe_target, failover_transition,
-    probe_address, split_brain_verdict,
+    PrepareRefusal, PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe,
+    check_probe_target, failover_transition, prepare_source, probe_address, split_brain_verdict,
 };
 pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};

@@ -417,3 +417,189 @@ fn prepare_while_a_cycle_runs_ships_everything() -> TestResult {
     assert_eq!(on_b, vec![("disk0".to_owned(), final_hash)]);
     Ok(())
 }
+
+/// The persistent bitmaps of `image` and whether each is marked in use (`qemu-img info`).
+fn bitmaps(image: &Path) -> TestResult<Vec<(String, bool)>> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let none = Vec::new();
+    let list = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap_or(&none);
+    Ok(list
+        .iter()
+        .map(|b| {
+            let in_use = b["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "in-use"));
+            (b["name"].as_str().unwrap_or("").to_owned(), in_use)
+        })
+        .collect())
+}
+
+/// Defect 3: the VM's QEMU exited after a clean shutdown (the default without `-no-shutdown`,
+/// and libvirt's): `failover prepare` ships the final cycle from the images themselves (a
+/// qemu-storage-daemon on them loads the persistent bitmaps the clean exit stored), and the
+/// replica's planned point holds every write (hashes).
+#[test]
+fn prepare_after_qemu_exited_ships_the_final_cycle_from_the_images() -> TestResult {
+    let p = Pair::new(exe())?;
+    p.a.allow(&p.b)?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "gone1", &["disk0", "disk1"], 32)?;
+    vm.write_random("disk0", 100, 1)?;
+    vm.register(&p.a)?;
+    p.enable("gone1", &["--frequency", "5s"])?;
+    p.wait_cycle("gone1", 1, LONG)?;
+    // Writes no cycle carried yet, then the VM's process exits cleanly (bitmaps stored).
+    vm.write_random("disk0", 30, 2)?;
+    vm.write_random("disk1", 20, 3)?;
+    let want = vec![
+        ("disk0".to_owned(), vm.hash("disk0")?),
+        ("disk1".to_owned(), vm.hash("disk1")?),
+    ];
+    vm.stop()?;
+    let prep = failover(&p.a, &["prepare", "gone1"])?;
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    assert!(prep.message.contains("images"), "{}", prep.message);
+    let k = prep.point.expect("final cycle");
+    // The daemon is gone again and stored its bitmaps: the images are free and consistent.
+    for (_, image) in vm.disks() {
+        let bms = bitmaps(&image)?;
+        assert!(!bms.is_empty(), "no bitmap left in {}", image.display());
+        assert!(bms.iter().all(|(_, in_use)| !in_use), "{bms:?}");
+    }
+    p.b.wait_cycle("gone1", k, LONG)?;
+    let live = failover(&p.b, &["start", "gone1"])?;
+    assert_eq!(live.point, Some(k));
+    assert_eq!(
+        replica_hashes(&p.b, vm.def.uuid, Some(k))?,
+        want,
+        "the final cycle from the images lost writes"
+    );
+    // Reverse: the old primary takes its images (which the daemon left with their bitmaps) in
+    // as the point; only what the failed-over VM writes travels back.
+    let vm_b = started(&vm, live_nbd(&p.b, vm.def.uuid));
+    let r: FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "gone1", "--frequency", "5s", "--json"])?)?;
+    assert_eq!(r.state, ReplicationState::Replicating);
+    vm_b.write_random("disk1", 6, 4)?;
+    let new_hash = vm_b.hash("disk1")?;
+    wait_until(LONG, "a cycle back to the old primary", || {
+        Ok(p.a.status("gone1")?.last_cycle.unwrap_or(0) >= k + 2)
+    })?;
+    assert!(
+        p.b.status("gone1")?.stats.total_bytes <= 6 * 65536 * 2,
+        "reverse sent more than the new changes"
+    );
+    p.b.ok(&["pause", "gone1"])?;
+    let back = replica_hashes(&p.a, vm.def.uuid, None)?;
+    assert_eq!(back[0].1, want[0].1);
+    assert_eq!(back[1].1, new_hash);
+    Ok(())
+}
+
+/// Defect 3's refusals: the QMP socket is gone but the VM's process still holds its images
+/// (QEMU's image locking refuses the daemon: said clearly, nothing changes), and a VM whose
+/// process was killed (bitmaps inconsistent: a full resynchronisation is needed, said so,
+/// never a silent wrong delta).
+#[test]
+fn prepare_from_images_refuses_images_in_use_and_lost_tracking() -> TestResult {
+    let p = Pair::new(exe())?;
+    let mut busy = StandIn::create(p.root.path(), &p.a, "busy2", &["disk0"], 16)?;
+    let mut killed = StandIn::create(p.root.path(), &p.a, "killed2", &["disk0"], 16)?;
+    for vm in [&busy, &killed] {
+        vm.write_random("disk0", 20, 1)?;
+        vm.register(&p.a)?;
+        p.enable(vm.name(), &["--frequency", "5s"])?;
+    }
+    p.wait_cycle("busy2", 1, LONG)?;
+    p.wait_cycle("killed2", 1, LONG)?;
+
+    // Its monitor is unreachable (the socket removed), the process runs on.
+    std::fs::remove_file(&busy.qmp)?;
+    let out = p.a.cli(&["failover", "prepare", "busy2"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "prepared while the VM runs");
+    assert!(
+        err.contains("in use") && err.contains("busy2-disk0.qcow2"),
+        "{err}"
+    );
+    assert_eq!(p.state("busy2")?, ReplicationState::Replicating);
+    busy.stop()?;
+
+    // Killed: the bitmaps on disk are marked in use (inconsistent).
+    killed.write_random("disk0", 5, 2)?;
+    killed.kill9();
+    let out = p.a.cli(&["failover", "prepare", "killed2"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "prepared without reliable tracking");
+    assert!(err.contains("resynchronisation"), "{err}");
+    assert_ne!(p.state("killed2")?, ReplicationState::PreparedForFailover);
+    for (_, image) in killed.disks() {
+        // The daemon that found out is gone: the image is free.
+        let out = std::process::Command::new("qemu-img")
+            .arg("info")
+            .arg(&image)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The agent was killed while its daemon ran on the images (prepare interrupted): the daemon
+/// still holds them. The next `prepare` ends it (its socket is the agent's own) and goes on.
+#[test]
+fn prepare_ends_a_daemon_an_earlier_agent_left_on_the_images() -> TestResult {
+    let p = Pair::new(exe())?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "left1", &["disk0"], 16)?;
+    vm.write_random("disk0", 20, 1)?;
+    vm.register(&p.a)?;
+    p.enable("left1", &["--frequency", "5s"])?;
+    p.wait_cycle("left1", 1, LONG)?;
+    vm.write_random("disk0", 10, 2)?;
+    let want = vm.hash("disk0")?;
+    vm.stop()?;
+    // What the agent's daemon looks like: its monitor where the agent puts it.
+    let id = vm.def.uuid.simple().to_string();
+    let qmp = vmr_proto::sockpath::socket_path(
+        p.a.dir
+            .join("work")
+            .join(&id)
+            .join(format!("vmr-{}-prep.qmp", &id[..8])),
+        &p.a.dir,
+        &format!("vmr-{id}-prep.qmp"),
+    );
+    std::fs::create_dir_all(qmp.parent().expect("dir"))?;
+    let image = vm.disks()[0].1.clone();
+    let mut cmd = std::process::Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=disk0,file=f0")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qmp.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m");
+    let mut left = vmr_testkit::proc::ChildGuard::spawn(cmd, "leftover daemon")?;
+    wait_qmp_greeting(&qmp, LONG)?;
+    let prep = failover(&p.a, &["prepare", "left1"])?;
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    assert!(!left.is_running(), "the leftover daemon still runs");
+    let k = prep.point.expect("final cycle");
+    p.b.wait_cycle("left1", k, LONG)?;
+    assert_eq!(replica_hashes(&p.b, vm.def.uuid, Some(k))?[0].1, want);
+    Ok(())
+}

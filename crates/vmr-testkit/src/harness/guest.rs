@@ -550,6 +550,8 @@ struct ConsoleState {
     check: Option<Check>,
     seqs: Vec<Seq>,
     error: Option<String>,
+    /// How far the file has been read.
+    offset: u64,
 }
 
 #[derive(Debug)]
@@ -660,25 +662,9 @@ impl Console {
     /// waits until the follower has passed the file's current end.
     pub fn settle(&self, timeout: Duration) -> Result<()> {
         let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        self.wait_for(timeout, "the follower to catch up", |_| {
-            let done = FOLLOWED
-                .lock()
-                .map(|m| m.iter().any(|(p, n)| p == &self.path && *n >= len))
-                .unwrap_or(true);
-            done.then_some(())
+        self.wait_for(timeout, "the follower to catch up", |s| {
+            (s.offset >= len).then_some(())
         })
-    }
-}
-
-/// How far each follower has read, by path (for [`Console::settle`]).
-static FOLLOWED: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
-
-fn note_offset(path: &Path, off: u64) {
-    if let Ok(mut m) = FOLLOWED.lock() {
-        match m.iter_mut().find(|(p, _)| p == path) {
-            Some(e) => e.1 = off,
-            None => m.push((path.to_path_buf(), off)),
-        }
     }
 }
 
@@ -695,9 +681,6 @@ impl Drop for Console {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-        if let Ok(mut m) = FOLLOWED.lock() {
-            m.retain(|(p, _)| p != &self.path);
         }
     }
 }
@@ -734,9 +717,10 @@ fn follow_loop(path: &Path, shared: &Shared) {
         let now = Instant::now();
         match got {
             Ok(bytes) => {
+                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.offset = off;
                 if !bytes.is_empty() {
                     partial.extend_from_slice(&bytes);
-                    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
                     while let Some(i) = partial.iter().position(|b| *b == b'\n') {
                         let raw: Vec<u8> = partial.drain(..=i).collect();
                         let line = String::from_utf8_lossy(&raw)
@@ -752,9 +736,8 @@ fn follow_loop(path: &Path, shared: &Shared) {
                         }
                         st.lines.push((now, line));
                     }
-                    drop(st);
                 }
-                note_offset(path, off);
+                drop(st);
                 shared.changed.notify_all();
             }
             Err(e) => {
