@@ -59,18 +59,26 @@ pub fn nbd_socket(agent_dir: &Path, uuid: uuid::Uuid) -> PathBuf {
     )
 }
 
-/// `kvm` when /dev/kvm can be opened, `tcg` otherwise.
+/// `kvm` when /dev/kvm can be opened and the CPU shows hardware virtualization (`vmx` or
+/// `svm` in /proc/cpuinfo), `tcg` otherwise. A /dev/kvm without them (e.g. a paravirtual KVM
+/// module inside a cloud VM) cannot boot an ordinary guest kernel: the guest would hang.
 pub fn accel() -> &'static str {
-    if std::fs::OpenOptions::new()
+    let opens = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok()
-    {
-        "kvm"
-    } else {
-        "tcg"
-    }
+        .is_ok();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    accel_for(opens, &cpuinfo)
+}
+
+/// [`accel`]'s rule on its facts.
+fn accel_for(kvm_opens: bool, cpuinfo: &str) -> &'static str {
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if kvm_opens && hw { "kvm" } else { "tcg" }
 }
 
 /// Does file name `name` match `pattern` (`*` matches any run of characters, every other
@@ -187,6 +195,18 @@ pub fn command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_needs_hardware_virtualization_flags() {
+        let vmx = "processor : 0\nflags\t\t: fpu vme vmx sse\n";
+        let svm = "flags : fpu svm\n";
+        let none = "flags : fpu vme sse hypervisor\n";
+        assert_eq!(accel_for(true, vmx), "kvm");
+        assert_eq!(accel_for(true, svm), "kvm");
+        assert_eq!(accel_for(true, none), "tcg");
+        assert_eq!(accel_for(false, vmx), "tcg");
+        assert_eq!(accel_for(true, ""), "tcg");
+    }
 
     #[test]
     fn program_patterns() {
