@@ -408,7 +408,9 @@ impl VmCapture {
         match quiesce {
             None => self.transaction(actions, "cycle transaction").await?,
             Some(q) => {
-                let (cut, r) = q.around(self.transaction(actions, "cycle transaction")).await;
+                let (cut, r) = q
+                    .around(self.transaction(actions, "cycle transaction"))
+                    .await;
                 *report = r;
                 cut?;
             }
@@ -1043,7 +1045,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-
 
 /// One point-in-time view of all disks of a VM, being read.
 pub struct CaptureCycle<'a> {

@@ -149,7 +149,8 @@ impl Parser {
             .iter()
             .position(|&b| b == DELIMITER)
             .unwrap_or(self.buf.len());
-        let mut stream = serde_json::Deserializer::from_slice(&self.buf[..end]).into_iter::<Value>();
+        let mut stream =
+            serde_json::Deserializer::from_slice(&self.buf[..end]).into_iter::<Value>();
         match stream.next() {
             Some(Ok(v)) => {
                 let used = stream.byte_offset();
@@ -171,7 +172,9 @@ impl Parser {
                     .map_or(end, |p| p + 1)
                     .max(1);
                 self.buf.drain(..skip);
-                Err(QgaError::Protocol(format!("invalid json from the guest: {e}")))
+                Err(QgaError::Protocol(format!(
+                    "invalid json from the guest: {e}"
+                )))
             }
             None => Ok(None),
         }
@@ -422,7 +425,8 @@ impl GuestAgent {
     /// `guest-fsfreeze-thaw`: the number of file systems thawed.
     pub async fn fsfreeze_thaw(&mut self) -> Result<u64, QgaError> {
         let v = self.execute("guest-fsfreeze-thaw", None).await?;
-        v.as_u64().ok_or_else(|| unexpected("guest-fsfreeze-thaw", &v))
+        v.as_u64()
+            .ok_or_else(|| unexpected("guest-fsfreeze-thaw", &v))
     }
 
     /// `guest-fsfreeze-status`.
@@ -441,7 +445,10 @@ impl GuestAgent {
     pub async fn shutdown(&mut self, grace: Duration) -> Result<(), QgaError> {
         self.send("guest-shutdown", Some(json!({ "mode": "powerdown" })))
             .await?;
-        match self.execute_within_reply_only("guest-shutdown", grace).await {
+        match self
+            .execute_within_reply_only("guest-shutdown", grace)
+            .await
+        {
             Ok(Some(v)) => match v.get("error") {
                 Some(e) => {
                     let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
@@ -674,7 +681,10 @@ mod tests {
         let info = g.info().await.expect("info");
         assert_eq!(info.version, "7.2.19");
         assert_eq!(info.enabled_commands, vec!["guest-ping".to_owned()]);
-        assert_eq!(g.fsfreeze_freeze(Duration::from_secs(1)).await.expect("f"), 2);
+        assert_eq!(
+            g.fsfreeze_freeze(Duration::from_secs(1)).await.expect("f"),
+            2
+        );
         assert_eq!(g.fsfreeze_status().await.expect("s"), FreezeStatus::Frozen);
         assert_eq!(g.thaw_until_thawed(3).await.expect("thaw"), 1);
         let e = g.execute("guest-bogus", None).await.expect_err("error");
@@ -702,7 +712,9 @@ mod tests {
             parser: Parser::new(),
             timeout: Duration::from_millis(100),
         };
-        g.shutdown(Duration::from_millis(50)).await.expect("silence is success");
+        g.shutdown(Duration::from_millis(50))
+            .await
+            .expect("silence is success");
         drop(g);
         assert_eq!(task.await.expect("fake"), vec!["guest-shutdown".to_owned()]);
     }
@@ -720,7 +732,11 @@ mod tests {
                     json!(0)
                 }
                 "guest-fsfreeze-status" => {
-                    json!(if c.load(SeqCst) >= 2 { "thawed" } else { "frozen" })
+                    json!(if c.load(SeqCst) >= 2 {
+                        "thawed"
+                    } else {
+                        "frozen"
+                    })
                 }
                 _ => json!({}),
             };

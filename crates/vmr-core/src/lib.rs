@@ -22,7 +22,7 @@ pub use failover::{
 };
 pub use handover::Handover;
 pub use health::{HealthReport, primary_health, replica_health};
-pub use primary::{Action, Event, Failure, PrimaryMachine};
+pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
 pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{InitialKind, InvalidEnable, Schedule};

@@ -94,6 +94,24 @@ pub struct ReplicationStats {
     pub last_replication_ms: Option<u64>,
     /// Last app-consistent cycle, ms since the epoch.
     pub last_app_consistent_ms: Option<u64>,
+    /// Primary: cuts taken with the guest's file systems frozen (app-consistent cycles).
+    pub app_consistent_cycles: u64,
+    /// Primary: the guest's file systems were frozen this long (ms, from the freeze call to
+    /// the thaw's answer, the cycle transaction inside) at the last app-consistent cut.
+    pub last_frozen_ms: Option<u64>,
+    /// Primary: longest frozen time in the window, ms.
+    pub max_frozen_ms: u64,
+    /// Primary: sum of the frozen times in the window, ms (average = this / app-consistent
+    /// cycles).
+    pub total_frozen_ms: u64,
+    /// Primary: failed freezes in the window (those cycles went on crash-consistent).
+    pub quiesce_failures: u64,
+    /// Primary: failed freezes since the last successful one.
+    pub consecutive_quiesce_failures: u32,
+    /// Primary: when the last freeze failed, ms since the epoch (cleared by a success).
+    pub last_quiesce_failure_ms: Option<u64>,
+    /// Primary: why the last freeze failed (cleared by a success).
+    pub last_quiesce_error: Option<String>,
 }
 
 impl ReplicationStats {
