@@ -313,6 +313,7 @@ mod tests {
             trust_group: None,
             frequency_secs: None,
             nbd: None,
+            qga: None,
             machine: MachineSnapshot::Primary(PrimarySnapshot {
                 state: ReplicationState::Replicating,
                 last_cycle: Some(4),

@@ -680,9 +680,11 @@ pub enum AgentError {
         /// The image QEMU reports for the node.
         qemu: String,
     },
-    /// `vm add --nbd` with a path a Unix socket cannot have.
-    #[error("--nbd {path:?}: {reason}")]
+    /// `vm add --nbd` or `--qga` with a path a Unix socket cannot have.
+    #[error("{option} {path:?}: {reason}")]
     BadNbdSocket {
+        /// The option (`--nbd`, `--qga`).
+        option: &'static str,
         /// What was given.
         path: String,
         /// Why not.

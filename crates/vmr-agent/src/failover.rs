@@ -143,7 +143,8 @@ async fn launch_vm(
     } else {
         crate::launch::nbd_socket(&vm.host.dir, def.uuid)
     };
-    for s in [&qmp, &nbd] {
+    let qga = dest.join("qga.sock");
+    for s in [&qmp, &nbd, &qga] {
         let _ = std::fs::remove_file(s);
     }
     let mut cmd = crate::launch::command(
@@ -409,8 +410,11 @@ pub async fn start(
         fr.planned = planned;
         if let Some(q) = &f.qmp {
             vm.rec.qmp = q.clone();
-            // The agent started this VM: its NBD socket is the agent's own.
+            // The agent started this VM: its NBD socket is the agent's own, and so is its
+            // guest agent channel.
             vm.rec.nbd = None;
+            vm.rec.qga =
+                crate::launch::qga_socket(&def, Path::new(q)).map(|p| p.display().to_string());
             vm.save()?;
         }
     }
@@ -875,6 +879,7 @@ pub async fn reverse(
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
         .map_err(AgentError::Refused)?;
+    rec.qga = crate::launch::qga_socket(&def, Path::new(&qmp)).map(|p| p.display().to_string());
     rec.qmp = qmp;
     rec.nbd = None;
     rec.launch_toml = def.to_toml();
@@ -1018,6 +1023,7 @@ pub async fn become_replica(
             trust_group: peer.trust_group.clone(),
             frequency_secs: None,
             nbd: None,
+            qga: None,
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;

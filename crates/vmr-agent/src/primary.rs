@@ -296,7 +296,19 @@ impl PrimarySide {
                 return;
             }
         };
-        self.session = Some(done.session);
+        let mut session = done.session;
+        if let Some(outcome) = session.quiesce.take()
+            && self.machine.running_id().is_some()
+        {
+            self.step(
+                vm,
+                Event::Quiesced {
+                    now_ms: now,
+                    outcome,
+                },
+            );
+        }
+        self.session = Some(session);
         match done.outcome {
             Outcome::Done {
                 id,

@@ -256,6 +256,10 @@ pub enum Request {
         /// not the agent's own path.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nbd: Option<String>,
+        /// The host end of the VM's qemu-guest-agent channel (a Unix socket QEMU listens on),
+        /// for app-consistent points and `failover prepare --shutdown`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        qga: Option<String>,
     },
     /// List registered VMs.
     VmList,

@@ -264,6 +264,13 @@ pub enum VmCmd {
         /// (DIR/work/<uuid>/vmr-<uuid8>-nbd.sock), which it starts in a real VM itself.
         #[arg(long, value_name = "SOCK")]
         nbd: Option<PathBuf>,
+        /// The host end of the VM's qemu-guest-agent channel (QEMU started with
+        /// `-chardev socket,path=SOCK,server=on,wait=off,id=qga0 -device virtio-serial
+        /// -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`): used for
+        /// app-consistent points (`enable --app-consistent-every`) and `failover prepare
+        /// --shutdown`. Without it those fall back to crash-consistent points and ACPI.
+        #[arg(long, value_name = "SOCK")]
+        qga: Option<PathBuf>,
     },
     /// List registered VMs.
     List,

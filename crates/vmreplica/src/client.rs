@@ -74,6 +74,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             launch,
             disks,
             nbd,
+            qga,
         }) => {
             let launch_toml = std::fs::read_to_string(&launch)
                 .with_context(|| format!("reading VM definition {}", launch.display()))?;
@@ -83,6 +84,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 launch_toml,
                 disks,
                 nbd: nbd.map(|n| absolute(&n)),
+                qga: qga.map(|n| absolute(&n)),
             }
         }
         Command::Vm(VmCmd::List) => Request::VmList,
