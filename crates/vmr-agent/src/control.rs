@@ -365,7 +365,13 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 .ask(|r| Command::Import(dir.into(), r))
                 .await?
         )),
-        Request::FailoverPrepare { name } => failover(agent, &name, FailoverCmd::Prepare).await,
+        Request::FailoverPrepare {
+            name,
+            shutdown_timeout_secs,
+        } => {
+            let shutdown = shutdown_timeout_secs.map(std::time::Duration::from_secs);
+            failover(agent, &name, FailoverCmd::Prepare { shutdown }).await
+        }
         Request::FailoverStart {
             name,
             point,

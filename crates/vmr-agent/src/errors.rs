@@ -307,6 +307,23 @@ pub enum AgentError {
         /// The status QEMU reports.
         status: String,
     },
+    /// `failover prepare --shutdown`: the guest did not go down in time.
+    #[error(
+        "{name:?} did not shut down within {waited_s} s (asked through: {asked}); nothing was \
+         changed: replication goes on. Shut the guest down by hand and run `failover prepare` \
+         again, or give a longer --timeout"
+    )]
+    ShutdownTimedOut {
+        /// The VM name.
+        name: String,
+        /// Seconds waited.
+        waited_s: u64,
+        /// How the guest was asked.
+        asked: &'static str,
+    },
+    /// The guest shutdown machine refused an event (a bug).
+    #[error("guest shutdown")]
+    ShutdownRefused(#[source] vmr_core::shutdown::ShutdownRefusal),
     /// `import` of a copy of another VM.
     #[error("the copy in {} is of VM {vm} ({vm_name:?}), not of {name:?} ({uuid})", .dir.display())]
     ImportOtherVm {
@@ -837,6 +854,7 @@ impl AgentError {
             | PrimaryRuns { .. }
             | PrimaryUnchecked { .. }
             | VmStillRunning { .. }
+            | ShutdownTimedOut { .. }
             | ImportOtherVm { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
             | BadFingerprint { .. }
@@ -886,6 +904,7 @@ impl AgentError {
             | VmNotAnswering { .. }
             | QueryNodes { .. }
             | QueryStatus(_)
+            | ShutdownRefused(_)
             | LaunchCommand(_)
             | ProgramNotAllowed { .. }
             | ProgramNotFound { .. }

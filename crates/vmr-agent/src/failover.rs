@@ -715,8 +715,13 @@ pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> PrimaryVmStat
     PrimaryVmState { state, running }
 }
 
-/// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock.
-pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResult, AgentError> {
+/// `failover prepare`: the VM must be shut down (with `shutdown`, it is shut down first,
+/// within that time); ship the final (planned) cycle; lock.
+pub async fn prepare(
+    vm: &mut Vm,
+    side: &mut PrimarySide,
+    shutdown: Option<Duration>,
+) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let name = vm.rec.name.clone();
     let name = name.as_str();
@@ -724,6 +729,12 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResu
         .map_err(AgentError::Refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
+    if let Some(limit) = shutdown
+        && let Err(e) = crate::shutdown::shutdown_guest(&vm.rec, limit).await
+    {
+        side.resume_after_stop(vm);
+        return Err(e);
+    }
     if let Err(e) = check_shut_down(&vm.rec).await {
         side.resume_after_stop(vm);
         return Err(e);

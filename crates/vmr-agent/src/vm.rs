@@ -38,7 +38,10 @@ pub type PeerReply<T> = oneshot::Sender<Result<T, RemoteError>>;
 #[derive(Debug, Clone)]
 pub enum FailoverCmd {
     /// `failover prepare` (primary).
-    Prepare,
+    Prepare {
+        /// `--shutdown`: shut the guest down first, waiting at most this long.
+        shutdown: Option<std::time::Duration>,
+    },
     /// `failover start` (replica).
     Start {
         /// Recovery point; latest when `None`.
@@ -871,9 +874,9 @@ impl Owner {
     }
 
     async fn failover(&mut self, f: FailoverCmd) -> Result<FailoverResult, AgentError> {
-        if let FailoverCmd::Prepare = f {
+        if let FailoverCmd::Prepare { shutdown } = f {
             return match &mut self.side {
-                Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p).await,
+                Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p, shutdown).await,
                 Side::Primary(None) => Err(self.not_enabled()),
                 Side::Replica(_) => Err(self.wrong_mode("`failover prepare`")),
             };
@@ -883,7 +886,7 @@ impl Owner {
         };
         match f {
             // Answered above; on a replica it is the wrong side.
-            FailoverCmd::Prepare => Err(AgentError::OnReplica {
+            FailoverCmd::Prepare { .. } => Err(AgentError::OnReplica {
                 name: self.vm.rec.name.clone(),
                 what: "`failover prepare`".to_owned(),
             }),

@@ -15,6 +15,7 @@ pub mod primary;
 pub mod refusal;
 pub mod replica;
 pub mod schedule;
+pub mod shutdown;
 
 pub use failover::{
     PrimaryProbe, SplitBrain, UnusableProbe, check_probe_target, failover_transition,

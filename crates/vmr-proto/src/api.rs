@@ -364,6 +364,10 @@ pub enum Request {
     FailoverPrepare {
         /// VM name.
         name: String,
+        /// `--shutdown`: shut the guest down first (guest agent, else ACPI) and wait at most
+        /// this many seconds for it to be down; `None` = it must already be shut down.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shutdown_timeout_secs: Option<u64>,
     },
     /// Failover (on the replica): start the VM from a recovery point.
     FailoverStart {

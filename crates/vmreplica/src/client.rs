@@ -174,7 +174,14 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             use crate::cli::{FailoverCmd as F, parse_point};
             let point = |s: &str| parse_point(s).map_err(|m| coded(exit::USAGE, m));
             match f {
-                F::Prepare { name } => Request::FailoverPrepare { name },
+                F::Prepare {
+                    name,
+                    shutdown,
+                    timeout,
+                } => Request::FailoverPrepare {
+                    name,
+                    shutdown_timeout_secs: shutdown.then_some(timeout),
+                },
                 F::Start {
                     name,
                     point: p,
