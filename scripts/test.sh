@@ -11,6 +11,11 @@ cargo clippy --workspace --all-targets --locked --features vmreplica/test-hooks,
 # The tests run with a temp dir of their own, which must hold no `vmr-*` socket afterwards: a
 # socket belongs in its agent's, store's or test's directory, also when a test SIGKILLs an
 # agent (issue 12).
+# The real test guest of the real-guest tests (docs/real-guest.md): built once, as root with
+# network access (~3 min), then cached; without root a missing guest fails those tests.
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/build-guest.sh >/dev/null
+fi
 run_tmp=$(mktemp -d)
 trap 'rm -rf "$run_tmp"' EXIT
 TMPDIR="$run_tmp" cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks,vmr-store/failpoints -- --test-threads=2

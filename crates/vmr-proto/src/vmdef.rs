@@ -20,13 +20,14 @@ pub struct VmDefinition {
     /// itself; a real VM leaves it out and vmreplica starts it), `{qga}` (the host end of the
     /// VM's qemu-guest-agent channel, e.g. `-chardev socket,path={qga},server=on,wait=off,id=qga0`
     /// with a `virtserialport` named `org.qemu.guest_agent.0`: vmreplica then starts a
-    /// failed-over VM with its agent channel at a path of its own choosing,
-    /// `DIR/fo/<uuid>/qga.sock`, and uses it for app-consistent points and guest shutdown),
-    /// `{name}`, `{uuid}` and
-    /// `{accel}` (`kvm` or `tcg`) are substituted when vmreplica starts the VM (failover,
-    /// test failover): `{nbd}` then is the agent's own socket
-    /// (`DIR/work/<uuid>/vmr-<uuid8>-nbd.sock`). A stand-in the admin starts names its NBD
-    /// socket at `vm add --nbd SOCK` instead.
+    /// failed-over VM with its agent channel beside its QMP socket, `{dir}/qga.sock`, and uses
+    /// it for app-consistent points and guest shutdown), `{name}`, `{uuid}`,
+    /// `{accel}` (`kvm` or `tcg`) and `{dir}` (the directory the VM is started in: the one
+    /// holding its `{qmp}` socket; for a failover `DIR/fo/<uuid>/live` or
+    /// `DIR/fo/<uuid>/t<id>`, a fresh one per start, e.g. for `-serial file:{dir}/serial.log`)
+    /// are substituted when vmreplica starts the VM (failover, test failover): `{nbd}` then is
+    /// the agent's own socket (`DIR/work/<uuid>/vmr-<uuid8>-nbd.sock`). A stand-in the admin
+    /// starts names its NBD socket at `vm add --nbd SOCK` instead.
     pub args: Vec<String>,
     /// Arguments added only when the VM is started for a test failover (e.g. an isolated NIC);
     /// every argument listed in `network-args` is dropped for a test failover.
@@ -102,7 +103,7 @@ impl VmDefinition {
         }
         for a in self.args.iter().chain(&self.test_args) {
             for ph in placeholders(a) {
-                let ok = matches!(ph, "qmp" | "nbd" | "qga" | "name" | "uuid" | "accel")
+                let ok = matches!(ph, "qmp" | "nbd" | "qga" | "name" | "uuid" | "accel" | "dir")
                     || ph
                         .strip_prefix("disk:")
                         .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
@@ -124,8 +125,9 @@ impl VmDefinition {
             .any(|a| placeholders(a).contains(&"qga"))
     }
 
-    /// Substitute placeholders in every argument. `disk` maps a node name to its image path.
-    /// A `{qga}` placeholder is an error here: see [`Self::render_args_qga`].
+    /// Substitute placeholders in every argument. `disk` maps a node name to its image path;
+    /// `{dir}` becomes the directory of `qmp` (`.` when it has none). A `{qga}` placeholder is
+    /// an error here: see [`Self::render_args_qga`].
     pub fn render_args(
         &self,
         qmp: &str,
@@ -163,6 +165,10 @@ impl VmDefinition {
                         VmDefinitionError::Invalid("no guest agent socket for {qga}".into())
                     })?,
                     "accel" => accel.to_owned(),
+                    "dir" => match std::path::Path::new(qmp).parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d.display().to_string(),
+                        _ => ".".to_owned(),
+                    },
                     "name" => self.name.clone(),
                     "uuid" => self.uuid.to_string(),
                     other => other.strip_prefix("disk:").and_then(disk).ok_or_else(|| {
@@ -253,6 +259,26 @@ path = "/var/lib/vm/web1.qcow2"
                 .any(|a| a == "socket,path=/fo/qga.sock,server=on,wait=off,id=qga0")
         );
         assert!(d.render_args("/q", "/n", "tcg", false, &disk).is_err());
+    }
+
+    #[test]
+    fn dir_is_the_directory_of_the_qmp_socket() {
+        let mut d = VmDefinition::from_toml(QSD).expect("valid");
+        d.args.push("file:{dir}/serial.log".to_owned());
+        d.validate().expect("{dir} is known");
+        let args = d
+            .render_args("/a/fo/x/live/qmp.sock", "/n", "tcg", false, &|_| {
+                Some("/d".to_owned())
+            })
+            .expect("render");
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("file:/a/fo/x/live/serial.log")
+        );
+        let args = d
+            .render_args("qmp.sock", "/n", "tcg", false, &|_| Some("/d".to_owned()))
+            .expect("render");
+        assert_eq!(args.last().map(String::as_str), Some("file:./serial.log"));
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! happened: a server socket counts as ready when its server greets (NBD: the client handshake
 //! succeeds; QMP: the greeting line arrives; agent: a status request is answered). Everything
 //! started is killed on drop, also processes the agents started that outlive them (failover
-//! VMs): [`TestDir`] kills every process whose command line names its directory.
+//! VMs): [`TestDir`] kills every process whose command line names its directory. Real Linux
+//! guests (`guest`) boot the cached test guest of `scripts/build-guest.sh` under QEMU.
 
 mod agent;
+mod guest;
 mod nbd;
 mod standin;
 mod writer;
@@ -19,6 +21,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use agent::{Agent, Pair, TestDir, kill_processes_under, tail};
+pub use guest::{
+    BOOT_TIMEOUT, Check, Console, GuestImage, GuestOptions, GuestVm, Seq, failover_serial,
+    guest_definition, harness_qmp, parse_check, parse_seq,
+};
 pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
     write_random, write_seq,
