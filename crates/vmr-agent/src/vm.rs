@@ -245,7 +245,7 @@ impl Registry {
             ReplicationMode::Primary => {
                 Side::Primary(PrimarySide::restore(&vm, restarted).map(Box::new))
             }
-            ReplicationMode::Replica => Side::Replica(ReplicaSide::restore(&vm)),
+            ReplicationMode::Replica => Side::Replica(Box::new(ReplicaSide::restore(&vm))),
         };
         let owner = Owner { vm, side, rx };
         tokio::spawn(owner.run());
@@ -257,7 +257,7 @@ impl Registry {
 enum Side {
     /// Primary; `None` while replication is not enabled.
     Primary(Option<Box<PrimarySide>>),
-    Replica(ReplicaSide),
+    Replica(Box<ReplicaSide>),
 }
 
 struct Owner {
@@ -590,7 +590,7 @@ impl Owner {
                 };
                 let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
                 let r = r.map(|(v, machine)| {
-                    self.side = Side::Replica(ReplicaSide::with(machine));
+                    self.side = Side::Replica(Box::new(ReplicaSide::with(machine)));
                     v
                 });
                 let _ = reply.send(r);

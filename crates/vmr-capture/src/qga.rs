@@ -630,10 +630,10 @@ mod tests {
                 } else {
                     answer(&req)
                 };
-                if let Some(o) = out {
-                    if bw.write_all(&o).await.is_err() {
-                        return seen;
-                    }
+                if let Some(o) = out
+                    && bw.write_all(&o).await.is_err()
+                {
+                    return seen;
                 }
             }
         });
