@@ -103,10 +103,12 @@ impl VmDefinition {
         }
         for a in self.args.iter().chain(&self.test_args) {
             for ph in placeholders(a) {
-                let ok = matches!(ph, "qmp" | "nbd" | "qga" | "name" | "uuid" | "accel" | "dir")
-                    || ph
-                        .strip_prefix("disk:")
-                        .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
+                let ok = matches!(
+                    ph,
+                    "qmp" | "nbd" | "qga" | "name" | "uuid" | "accel" | "dir"
+                ) || ph
+                    .strip_prefix("disk:")
+                    .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
                 if !ok {
                     return bad(format!("unknown placeholder {{{ph}}} in argument {a:?}"));
                 }
