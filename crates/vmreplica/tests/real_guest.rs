@@ -199,7 +199,12 @@ fn replicating_guest_with_agent(
 ) -> TestResult<(Pair, GuestVm)> {
     let image = guest()?;
     let p = Pair::new(exe())?;
-    let mut vm = GuestVm::create(&p.root.path().join(format!("vm-{name}")), &image, name, opts)?;
+    let mut vm = GuestVm::create(
+        &p.root.path().join(format!("vm-{name}")),
+        &image,
+        name,
+        opts,
+    )?;
     vm.def.args.extend(
         [
             "-chardev",
@@ -341,7 +346,10 @@ fn app_consistent_point_of_a_real_guest_needs_no_recovery() -> TestResult {
         .find(|x| x.id == app_id)
         .ok_or("the app-consistent point was pruned")?;
     assert_eq!(app.kind, "app-consistent", "{pts:?}");
-    let crash = pts.iter().rfind(|x| x.id > app_id).ok_or("no later point")?;
+    let crash = pts
+        .iter()
+        .rfind(|x| x.id > app_id)
+        .ok_or("no later point")?;
     assert_eq!(crash.kind, "crash-consistent", "{pts:?}");
     let crash_id = crash.id;
 
@@ -351,13 +359,27 @@ fn app_consistent_point_of_a_real_guest_needs_no_recovery() -> TestResult {
     let tmp = p.root.path().to_path_buf();
     let fo = failover(
         &p.b,
-        &["start", name, "--point", &crash_id.to_string(), "--no-start", "--force"],
+        &[
+            "start",
+            name,
+            "--point",
+            &crash_id.to_string(),
+            "--no-start",
+            "--force",
+        ],
     )?;
     let crash_disk = inspect(&fo.disks[0].1, &tmp)?;
     failover(&p.b, &["cancel", name])?;
     let fo = failover(
         &p.b,
-        &["start", name, "--point", &app_id.to_string(), "--no-start", "--force"],
+        &[
+            "start",
+            name,
+            "--point",
+            &app_id.to_string(),
+            "--no-start",
+            "--force",
+        ],
     )?;
     assert_eq!(fo.point, Some(app_id));
     let app_disk = inspect(&fo.disks[0].1, &tmp)?;
