@@ -73,6 +73,8 @@ pub enum QuiesceOutcome {
     Frozen {
         /// From the freeze call to the thaw's answer, ms.
         frozen_ms: u64,
+        /// The freeze call alone (the guest's hooks and the freeze), ms.
+        freeze_call_ms: u64,
     },
     /// The freeze failed or timed out; the cut was crash-consistent.
     Failed {
@@ -472,9 +474,13 @@ impl PrimaryMachine {
                 }
                 let st = &mut self.stats;
                 match outcome {
-                    QuiesceOutcome::Frozen { frozen_ms } => {
+                    QuiesceOutcome::Frozen {
+                        frozen_ms,
+                        freeze_call_ms,
+                    } => {
                         st.app_consistent_cycles += 1;
                         st.last_frozen_ms = Some(frozen_ms);
+                        st.last_freeze_call_ms = Some(freeze_call_ms);
                         st.max_frozen_ms = st.max_frozen_ms.max(frozen_ms);
                         st.total_frozen_ms += frozen_ms;
                         st.consecutive_quiesce_failures = 0;
@@ -1794,7 +1800,12 @@ mod tests {
                 reason: r.to_owned(),
             })
         };
-        let ok = |ms| Some(QuiesceOutcome::Frozen { frozen_ms: ms });
+        let ok = |ms| {
+            Some(QuiesceOutcome::Frozen {
+                frozen_ms: ms,
+                freeze_call_ms: ms / 2,
+            })
+        };
         #[allow(clippy::type_complexity)]
         let table: Vec<(u64, bool, Option<QuiesceOutcome>, u32, Health)> = vec![
             // the first incremental cycle after enable is app-consistent; its freeze fails
@@ -1887,7 +1898,10 @@ mod tests {
         assert!(matches!(
             m.step(Event::Quiesced {
                 now_ms: 1,
-                outcome: QuiesceOutcome::Frozen { frozen_ms: 1 },
+                outcome: QuiesceOutcome::Frozen {
+                    frozen_ms: 1,
+                    freeze_call_ms: 1,
+                },
             }),
             Err(Refusal::NoCycleRunning { .. })
         ));

@@ -99,6 +99,10 @@ pub struct ReplicationStats {
     /// Primary: the guest's file systems were frozen this long (ms, from the freeze call to
     /// the thaw's answer, the cycle transaction inside) at the last app-consistent cut.
     pub last_frozen_ms: Option<u64>,
+    /// Primary: of that, the freeze call alone (the guest's fsfreeze hooks quiescing its
+    /// applications, then the freeze), ms; the rest is the time the file systems were frozen,
+    /// the cycle transaction inside.
+    pub last_freeze_call_ms: Option<u64>,
     /// Primary: longest frozen time in the window, ms.
     pub max_frozen_ms: u64,
     /// Primary: sum of the frozen times in the window, ms (average = this / app-consistent

@@ -273,6 +273,12 @@ fn print_measure(rows: &[VmStatus]) {
                 s.last_frozen_ms.map_or("-".to_owned(), |m| m.to_string()),
                 s.max_frozen_ms
             );
+            if let (Some(all), Some(call)) = (s.last_frozen_ms, s.last_freeze_call_ms) {
+                println!(
+                    "LastFreezeBreakdown       : {call} ms hooks and freeze, {} ms file systems frozen with the cut",
+                    all.saturating_sub(call)
+                );
+            }
             println!("FailedFreezeCount         : {}", s.quiesce_failures);
             if let Some(e) = &s.last_quiesce_error {
                 println!("LastFreezeError           : {e}");
