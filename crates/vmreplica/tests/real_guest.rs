@@ -460,6 +460,11 @@ fn planned_failover_with_shutdown_loses_nothing() -> TestResult {
     let last = *vm.console()?.seqs().last().ok_or("no VMR SEQ line")?;
     let st = vm.qmp("query-status")?;
     assert_eq!(st["status"], "shutdown", "{st}");
+    assert!(
+        p.a.log()
+            .contains("guest-shutdown sent through the guest agent"),
+        "the guest was not asked through its agent"
+    );
 
     // The replica's split-brain probe reaches the prepared primary (it is not running).
     p.a.allow(&p.b)?;
