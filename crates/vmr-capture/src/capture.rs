@@ -1006,10 +1006,9 @@ impl Quiesce<'_> {
             Ok(filesystems) => {
                 let out = cut.await;
                 let thawed = agent.thaw_until_thawed(self.thaw_attempts).await;
-                let frozen = start.elapsed();
-                let (thaw_attempts, thaw_error) = match thawed {
-                    Ok(n) => (n, None),
-                    Err(e) => (self.thaw_attempts, Some(error_chain(&e))),
+                let (thaw_attempts, thaw_error, frozen) = match thawed {
+                    Ok((n, answered)) => (n, None, answered.duration_since(start)),
+                    Err(e) => (self.thaw_attempts, Some(error_chain(&e)), start.elapsed()),
                 };
                 (
                     out,
@@ -1026,7 +1025,10 @@ impl Quiesce<'_> {
                 // A timed-out or failed freeze may have frozen some file systems (or freeze
                 // them later): thaw before the cut, whatever the answer was.
                 let thawed = agent.thaw_until_thawed(self.thaw_attempts).await;
-                let frozen = start.elapsed();
+                let frozen = match &thawed {
+                    Ok((_, answered)) => answered.duration_since(start),
+                    Err(_) => start.elapsed(),
+                };
                 let out = cut.await;
                 (
                     out,
