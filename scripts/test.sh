@@ -28,6 +28,8 @@ fi
 # The quick fuzz pass (issue 11): every fuzz target for 3 s, where the nightly toolchain and
 # cargo-fuzz are installed (`scripts/fuzz.sh 60` is the campaign; see RELIABILITY.md).
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    # The fuzz workspace (not a member of the main one) is linted too.
+    (cd fuzz && cargo +nightly clippy --all-targets --locked -- -D warnings)
     scripts/fuzz.sh 3
 else
     echo "test.sh: quick fuzz pass skipped: needs nightly and cargo-fuzz (see RELIABILITY.md)"

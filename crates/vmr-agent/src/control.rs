@@ -14,7 +14,7 @@ use vmr_proto::api::{AllowEntry, Request, Response, VmStatus};
 use crate::errors::AgentError;
 use crate::exit;
 use crate::host::Host;
-use crate::vm::{Command, FailoverCmd, Registry, VmHandle};
+use crate::vm::{Command, FailoverChange, FailoverCmd, Registry, VmHandle};
 use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::record::{MachineSnapshot, VmRecord};
 
@@ -288,6 +288,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 frequency_secs: None,
                 nbd,
                 qga,
+                failover: Default::default(),
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
             };
             host.save_vm(&rec)?;
@@ -305,9 +306,16 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             qmp,
             launch_toml,
             disks,
+            failover_interfaces,
+            failover_network_args,
             check,
         } => {
             let h = vm(agent, &name)?;
+            let failover = FailoverChange {
+                interfaces: failover_interfaces,
+                network_args: failover_network_args,
+            };
+            failover.check().map_err(AgentError::FailoverSettings)?;
             let launch = match launch_toml {
                 Some(t) => {
                     let def = checked_definition(&name, &t, &disks)?;
@@ -319,6 +327,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 qmp,
                 launch,
                 disks: (!disks.is_empty()).then_some(disks),
+                failover,
             };
             Ok(json!(
                 h.ask(|r| Command::Set(Box::new(change), check, r)).await?

@@ -314,6 +314,15 @@ mod tests {
             frequency_secs: None,
             nbd: None,
             qga: None,
+            failover: vmr_proto::FailoverSettings {
+                interfaces: vmr_proto::FailoverSettings::interfaces_from_args(
+                    &["10.2.0.5/24".into()],
+                    &["10.2.0.1".into()],
+                    &[],
+                )
+                .expect("valid"),
+                network_args: None,
+            },
             machine: MachineSnapshot::Primary(PrimarySnapshot {
                 state: ReplicationState::Replicating,
                 last_cycle: Some(4),

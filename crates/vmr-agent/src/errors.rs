@@ -343,6 +343,14 @@ pub enum AgentError {
     /// The enable arguments are invalid.
     #[error(transparent)]
     InvalidEnable(#[from] InvalidEnable),
+    /// This host's `--replica-network-args` cannot replace the replicated definition's.
+    #[error(
+        "this host's failover network-args (vm set --replica-network-args) do not fit the replicated definition"
+    )]
+    ReplicaNetworkArgs(#[source] vmr_proto::VmDefinitionError),
+    /// `vm set --failover-*` with invalid settings.
+    #[error("invalid failover network settings")]
+    FailoverSettings(#[source] vmr_proto::FailnetError),
     /// `server allow` with something that is not a fingerprint.
     #[error("{fingerprint:?} is not a certificate fingerprint (SHA256:<64 hex>)")]
     BadFingerprint {
@@ -857,6 +865,8 @@ impl AgentError {
             | ShutdownTimedOut { .. }
             | ImportOtherVm { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
+            | FailoverSettings(_)
+            | ReplicaNetworkArgs(_)
             | BadFingerprint { .. }
             | BadDefinition(_)
             | DefinitionName { .. }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use vmr_capture::qmp::{QmpClient, QmpError};
 use vmr_capture::{Endpoint, Names};
-use vmr_core::{Op, ReplicaEvent, failover_transition};
+use vmr_core::{Adoption, LocalCopy, Op, ReplicaEvent, failover_transition};
 
 use crate::primary::PrimarySide;
 use crate::replica::ReplicaSide;
@@ -45,9 +45,46 @@ enum BecomeError {
     /// The new primary has no `server allow` entry here.
     #[error("the new primary is not authorized on this host (`server allow`)")]
     NotAuthorized,
+    /// Re-adoption needs the failover view the VM runs on, and none is recorded.
+    #[error("no failed-over VM is recorded here, so there is no view to re-adopt")]
+    NoFailoverView,
+    /// The replica store.
+    #[error(transparent)]
+    Store(#[from] vmr_store::StoreError),
     /// Anything the agent reports otherwise.
     #[error(transparent)]
     Agent(#[from] AgentError),
+}
+
+/// What this host's store holds of the VM (the facts of [`vmr_core::LocalCopy`]): whether it
+/// is registered there, whether the VM's disks here are the store's view of the failed-over
+/// VM recorded in `fr`, the other views, the latest point.
+fn local_copy(
+    store: &vmr_store::Store,
+    rec: &VmRecord,
+    fr: &FailoverRecord,
+) -> Result<LocalCopy, vmr_store::StoreError> {
+    if !store.vms().contains(&rec.uuid) {
+        return Ok(LocalCopy::Absent);
+    }
+    let views = store.views(rec.uuid)?;
+    let def = VmDefinition::from_toml(&rec.launch_toml).ok();
+    let on_view = fr.live.as_ref().and_then(|live| {
+        let view = views.iter().find(|w| w.id == live.view)?;
+        let disks = &def.as_ref()?.disks;
+        let same = !disks.is_empty()
+            && disks.iter().all(|d| {
+                view.disks
+                    .iter()
+                    .any(|(n, p)| n == &d.node && Path::new(&d.path) == p.as_path())
+            });
+        same.then_some(view)
+    });
+    Ok(LocalCopy::Held {
+        disks_on_view: on_view.map(|w| w.point),
+        other_views: (views.len() - usize::from(on_view.is_some())) as u32,
+        latest: store.latest_point(rec.uuid)?,
+    })
 }
 
 /// How long a started VM's QMP socket may take to answer.
@@ -255,6 +292,7 @@ fn result(
         test_id: f.filter(|f| f.test).map(|f| f.view),
         elapsed_ms: t0.elapsed().as_millis() as u64,
         message,
+        network: Vec::new(),
     }
 }
 
@@ -307,6 +345,12 @@ pub async fn start(
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
         .map_err(AgentError::ReplicatedDefinition)?;
+    // A real failover attaches the VM to this host's networks when they differ.
+    if !test && let Some(args) = &rec.failover.network_args {
+        def = def
+            .with_network_args(args)
+            .map_err(AgentError::ReplicaNetworkArgs)?;
+    }
     let program = if no_start {
         None
     } else {
@@ -371,6 +415,7 @@ pub async fn start(
             qmp: None,
             pid: None,
             test,
+            network: Vec::new(),
         };
         let mut line = None;
         if let Some(program) = &program {
@@ -951,12 +996,26 @@ pub async fn become_replica(
     let Some(side) = side else {
         return Err(bad("replication is not enabled".into()));
     };
+    // What this host's store holds of the VM decides how the point is taken in (fresh
+    // import of the own images, or re-adopting the failover view the disks here are): the
+    // machine decides from these facts.
+    let entry = vm
+        .host
+        .allow_entry(&peer.fingerprint)
+        .ok_or(BecomeError::NotAuthorized)
+        .map_err(internal)?;
+    let store = vm
+        .host
+        .store(Path::new(&entry.storage))
+        .map_err(|e| internal(e.into()))?;
+    let fr = vm.failover().map_err(|e| internal(BecomeError::Agent(e)))?;
+    let local = local_copy(&store, &rec, &fr).map_err(|e| internal(e.into()))?;
     // Planned: both sides hold exactly the final cycle. Otherwise (unplanned failover, or a
     // failover to an older point) this host's disks differ: the new primary resynchronises
     // them (only differing blocks travel; this host's writes after the cut are overwritten).
     let handover = side
         .machine()
-        .become_replica(now_ms(), req.point)
+        .become_replica(now_ms(), req.point, local)
         .map_err(|r| bad(r.to_string()))?;
     let planned = handover.planned;
     let ep = Endpoint::Unix(rec.qmp.clone().into());
@@ -972,57 +1031,78 @@ pub async fn become_replica(
             rec.name, rec.qmp
         )));
     }
-    // A host that was this VM's replica before it became its primary keeps the recovery
-    // points of that time in its store, and its disks are overlays on them: the store cannot
-    // take the VM in as a new replica while they back those disks. Refused before anything
-    // stops here.
-    if let Some(entry) = vm.host.allow_entry(&peer.fingerprint)
-        && let Ok(store) = vm.host.store(Path::new(&entry.storage))
-        && store.vms().contains(&req.uuid)
-    {
-        return Err(bad(format!(
-            "this host still keeps {:?}'s recovery points from when it was its replica, and \
-             the VM's disks here are built on them: replicating into this host again is not \
-             supported yet (nothing was changed)",
-            rec.name
-        )));
-    }
     // Stop the cycles and the (shut down) VM process: its images become the replica's.
     side.stop().await;
     let became = async {
-        if let Ok(mut q) = QmpClient::connect(&ep, Duration::from_secs(3)).await {
-            let _ = q.execute_value("quit", None).await;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while QmpClient::connect(&ep, Duration::from_millis(300))
-                .await
-                .is_ok()
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        match fr.live.as_ref().filter(|f| f.pid.is_some()) {
+            // A VM this agent started (failed over here earlier): quit and reaped.
+            Some(live) => kill_vm(vm, live).await,
+            None => {
+                if let Ok(mut q) = QmpClient::connect(&ep, Duration::from_secs(3)).await {
+                    let _ = q.execute_value("quit", None).await;
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while QmpClient::connect(&ep, Duration::from_millis(300))
+                        .await
+                        .is_ok()
+                        && Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
             }
         }
-        let old = VmDefinition::from_toml(&rec.launch_toml).map_err(AgentError::Definition)?;
-        let mut disks = Vec::new();
-        for d in &req.disks {
-            let img = old
-                .disks
-                .iter()
-                .find(|x| x.node == d.id)
-                .ok_or_else(|| BecomeError::DiskNotInOldDefinition { disk: d.id.clone() })?;
-            disks.push((d.id.clone(), PathBuf::from(&img.path), d.size));
+        match handover.adoption {
+            Adoption::Import => {
+                let old =
+                    VmDefinition::from_toml(&rec.launch_toml).map_err(AgentError::Definition)?;
+                let mut disks = Vec::new();
+                for d in &req.disks {
+                    let img = old.disks.iter().find(|x| x.node == d.id).ok_or_else(|| {
+                        BecomeError::DiskNotInOldDefinition { disk: d.id.clone() }
+                    })?;
+                    disks.push((d.id.clone(), PathBuf::from(&img.path), d.size));
+                }
+                store
+                    .add_vm(req.uuid, &req.launch_toml, RetentionPolicy::default())
+                    .map_err(AgentError::Store)?;
+                store
+                    .import_point(req.uuid, req.point, req.taken_at_ms, &disks)
+                    .await
+                    .map_err(AgentError::Store)?;
+            }
+            Adoption::Readopt { .. } => {
+                let live = fr.live.as_ref().ok_or(BecomeError::NoFailoverView)?;
+                store
+                    .readopt_view(
+                        req.uuid,
+                        live.view,
+                        req.point,
+                        req.taken_at_ms,
+                        RetentionPolicy::default(),
+                    )
+                    .await
+                    .map_err(AgentError::Store)?;
+                store
+                    .set_definition(req.uuid, &req.launch_toml)
+                    .map_err(AgentError::Store)?;
+            }
+            Adoption::Kept => {
+                store
+                    .set_definition(req.uuid, &req.launch_toml)
+                    .map_err(AgentError::Store)?;
+            }
         }
-        let entry = vm
-            .host
-            .allow_entry(&peer.fingerprint)
-            .ok_or(BecomeError::NotAuthorized)?;
-        let store = vm.host.store(Path::new(&entry.storage))?;
-        store
-            .add_vm(req.uuid, &req.launch_toml, RetentionPolicy::default())
-            .map_err(AgentError::Store)?;
-        store
-            .import_point(req.uuid, req.point, req.taken_at_ms, &disks)
-            .await
-            .map_err(AgentError::Store)?;
+        // The failed-over VM of earlier is gone: its bookkeeping and directory too.
+        if let Some(live) = &fr.live {
+            if let Some(dir) = live.disks.first().and_then(|(_, p)| Path::new(p).parent()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            let mut fr = fr.clone();
+            fr.live = None;
+            fr.before = None;
+            fr.planned = false;
+            vm.save_failover(&fr)?;
+        }
         let new = VmRecord {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -1035,6 +1115,7 @@ pub async fn become_replica(
             frequency_secs: None,
             nbd: None,
             qga: None,
+            failover: rec.failover.clone(),
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };
         vm.rec = new;
@@ -1043,7 +1124,7 @@ pub async fn become_replica(
     }
     .await;
     became.map_err(internal)?;
-    tracing::info!(vm = %rec.name, new_primary = %peer.name, point = req.point, planned, "reverse: this host is now the replica");
+    tracing::info!(vm = %rec.name, new_primary = %peer.name, point = req.point, planned, adoption = ?handover.adoption, "reverse: this host is now the replica");
     Ok((
         BecameReplica {
             state: handover.replica.state(),
@@ -1052,4 +1133,18 @@ pub async fn become_replica(
         },
         handover.replica,
     ))
+}
+
+/// The guest agent socket of the live failed-over VM, when its definition has a guest agent
+/// channel (`{qga}`) and the VM was started.
+pub fn live_qga(vm: &Vm) -> Option<PathBuf> {
+    let fr = vm.failover().ok()?;
+    let live = fr.live?;
+    live.qmp.as_ref()?;
+    let def = VmDefinition::from_toml(&vm.rec.launch_toml).ok()?;
+    def.args.iter().any(|a| a.contains("{qga}")).then(|| {
+        crate::launch::failover_dir(&vm.host.dir, vm.rec.uuid)
+            .join("live")
+            .join("qga.sock")
+    })
 }

@@ -20,6 +20,7 @@ mod errors;
 pub mod exit;
 mod export;
 mod failover;
+mod guestnet;
 mod host;
 pub mod launch;
 mod lock;

@@ -47,6 +47,17 @@ impl Vm {
         }
     }
 
+    /// Reap the VM processes this owner started that exited on their own (a guest shut down,
+    /// a crash): no zombie is left until the agent exits. The `Child` stays in the table (it
+    /// keeps the exit status, so no later signal can reach a reused pid) until the process's
+    /// failover bookkeeping ends it.
+    pub fn reap_children(&mut self) {
+        for c in self.children.values_mut() {
+            // Reaps an exited child once; afterwards it only reads the kept status.
+            let _ = c.try_wait();
+        }
+    }
+
     /// Write the record to the state database.
     pub fn save(&self) -> Result<(), AgentError> {
         self.host.save_vm(&self.rec)

@@ -582,6 +582,7 @@ impl PrimarySide {
             initial_at_ms: m
                 .initial_at_ms()
                 .filter(|_| state == ReplicationState::ReadyForInitialReplication),
+            failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
         }
     }
 }
@@ -639,5 +640,6 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         progress: None,
         failover_program: None,
         initial_at_ms: None,
+        failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
     }
 }

@@ -339,6 +339,7 @@ impl ReplicaSide {
                     program: def.program,
                 }),
             initial_at_ms: None,
+            failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
         }
     }
 }

@@ -159,6 +159,7 @@ impl PeerHandler {
             frequency_secs: Some(req.frequency_secs),
             nbd: None,
             qga: None,
+            failover: Default::default(),
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
         };
         self.host.save_vm(&rec).map_err(internal)?;

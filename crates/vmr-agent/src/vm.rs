@@ -89,6 +89,37 @@ pub struct VmChange {
     pub launch: Option<(String, vmr_proto::VmDefinition)>,
     /// New disks to replicate.
     pub disks: Option<Vec<String>>,
+    /// New failover network settings of this host (allowed on any VM at any time).
+    pub failover: FailoverChange,
+}
+
+/// A change of a VM's failover network settings on this host (`vm set --failover-*`).
+#[derive(Debug, Default)]
+pub struct FailoverChange {
+    /// New interface settings (replace the old; empty = none).
+    pub interfaces: Option<Vec<vmr_proto::FailoverInterface>>,
+    /// New network arguments (empty = the definition's).
+    pub network_args: Option<Vec<String>>,
+}
+
+impl FailoverChange {
+    /// The settings after the change.
+    pub fn apply(&self, old: &vmr_proto::FailoverSettings) -> vmr_proto::FailoverSettings {
+        let mut s = old.clone();
+        if let Some(i) = &self.interfaces {
+            s.interfaces = i.clone();
+        }
+        if let Some(a) = &self.network_args {
+            s.network_args = (!a.is_empty()).then(|| a.clone());
+        }
+        s
+    }
+
+    /// Check the new settings on their own.
+    pub fn check(&self) -> Result<(), vmr_proto::FailnetError> {
+        self.apply(&vmr_proto::FailoverSettings::default())
+            .validate()
+    }
 }
 
 /// What the owner of a VM can be asked.
@@ -141,6 +172,9 @@ pub enum Command {
     PrimaryState(Peer, PeerReply<PrimaryVmState>),
     /// Peer: become the replica of the VM (reverse after a failover).
     BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<BecameReplica>),
+    /// The failover network settings were applied in the live failed-over VM (the lines of
+    /// the outcome); sent by the task that applied them.
+    NetworkApplied(Uuid, Vec<String>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -247,7 +281,12 @@ impl Registry {
             }
             ReplicationMode::Replica => Side::Replica(Box::new(ReplicaSide::restore(&vm))),
         };
-        let owner = Owner { vm, side, rx };
+        let owner = Owner {
+            vm,
+            side,
+            rx,
+            me: handle.tx.downgrade(),
+        };
         tokio::spawn(owner.run());
         map.insert(handle.name.clone(), handle.clone());
         Ok(handle)
@@ -264,6 +303,9 @@ struct Owner {
     vm: Vm,
     side: Side,
     rx: mpsc::Receiver<Command>,
+    /// The owner's own channel, for tasks it starts that report back (weak: the registry's
+    /// handle keeps the channel open, not the owner itself).
+    me: mpsc::WeakSender<Command>,
 }
 
 async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError> {
@@ -322,6 +364,7 @@ impl Owner {
                     }
                 }
                 _ = beat.tick() => {
+                    self.vm.reap_children();
                     if let Side::Primary(Some(p)) = &mut self.side {
                         p.tick(&mut self.vm);
                     }
@@ -477,8 +520,33 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::Failover(f, reply) => {
+                let started = matches!(
+                    f,
+                    FailoverCmd::Start {
+                        no_start: false,
+                        ..
+                    }
+                );
                 let r = self.failover(f).await;
-                let _ = reply.send(r);
+                match r {
+                    Ok(res) if started && !self.vm.rec.failover.interfaces.is_empty() => {
+                        self.apply_network(res, reply);
+                    }
+                    r => {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            Command::NetworkApplied(view, lines) => {
+                if let Ok(mut fr) = self.vm.failover()
+                    && let Some(live) = fr.live.as_mut()
+                    && live.view == view
+                {
+                    live.network = lines;
+                    if let Err(e) = self.vm.save_failover(&fr) {
+                        tracing::warn!(vm = %self.vm.rec.name, error = %crate::util::chain(&e), "cannot record the failover network outcome");
+                    }
+                }
             }
             Command::Refresh(peer, req, reply) => {
                 let r = match self.trust(&peer) {
@@ -732,6 +800,11 @@ impl Owner {
     /// `vm set`: change the QMP socket, the definition (same name and UUID) or the disks of a
     /// primary VM whose replication is disabled.
     fn set(&mut self, change: VmChange, check: bool) -> Result<String, AgentError> {
+        let registration =
+            change.qmp.is_some() || change.launch.is_some() || change.disks.is_some();
+        if !registration {
+            return self.set_failover(&change.failover, check);
+        }
         self.registration_fixed(|| {
             let mut why = Vec::new();
             if change.qmp.is_some() {
@@ -783,6 +856,11 @@ impl Owner {
             what.push(format!("disks {} -> {}", old.disks.join(","), d.join(",")));
             rec.disks = d;
         }
+        let failover = change.failover.apply(&old.failover);
+        if failover != old.failover {
+            what.push(describe_failover(&failover));
+            rec.failover = failover;
+        }
         let name = old.name.clone();
         if what.is_empty() {
             return Ok(format!("VM {name:?}: nothing to change"));
@@ -794,6 +872,68 @@ impl Owner {
         let before = std::mem::replace(&mut self.vm.rec, rec);
         if let Err(e) = self.vm.save() {
             self.vm.rec = before;
+            return Err(e);
+        }
+        tracing::info!(vm = %name, "VM changed (vm set): {what}");
+        Ok(format!("VM {name:?} changed: {what}"))
+    }
+
+    /// After `failover start` started the VM: apply this host's failover network settings in
+    /// the guest, in a task of its own (the guest boots first; the owner keeps answering), which
+    /// then answers the command with the outcome and reports it back to the owner.
+    fn apply_network(&mut self, mut res: FailoverResult, reply: Reply<FailoverResult>) {
+        let name = self.vm.rec.name.clone();
+        let interfaces = self.vm.rec.failover.interfaces.clone();
+        let live = self.vm.failover().ok().and_then(|f| f.live);
+        let (Some(qga), Some(live)) = (crate::failover::live_qga(&self.vm), live) else {
+            let line = "failover network settings not applied: the VM definition has no guest \
+                        agent channel ({qga}); set the guest's addresses by hand"
+                .to_owned();
+            tracing::warn!(vm = %name, "{line}");
+            res.message.push_str(&format!("\n{line}"));
+            res.network = vec![line];
+            let _ = reply.send(Ok(res));
+            return;
+        };
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let lines = match crate::guestnet::apply(&qga, &interfaces, crate::guestnet::AGENT_WAIT)
+                .await
+            {
+                Ok(outcomes) => outcomes.iter().map(ToString::to_string).collect(),
+                Err(e) => vec![format!(
+                    "failover network settings not applied: {}",
+                    crate::util::chain(&e)
+                )],
+            };
+            for l in &lines {
+                tracing::info!(vm = %name, "failover network: {l}");
+            }
+            res.message
+                .push_str(&format!("\nfailover network: {}", lines.join("; ")));
+            res.network = lines.clone();
+            let _ = reply.send(Ok(res));
+            if let Some(tx) = me.upgrade() {
+                let _ = tx.send(Command::NetworkApplied(live.view, lines)).await;
+            }
+        });
+    }
+
+    /// `vm set --failover-*` alone: this host's failover network settings, on any VM (primary
+    /// or replica) in any state; they take effect at the next real failover to this host.
+    fn set_failover(&mut self, change: &FailoverChange, check: bool) -> Result<String, AgentError> {
+        let name = self.vm.rec.name.clone();
+        let new = change.apply(&self.vm.rec.failover);
+        if new == self.vm.rec.failover {
+            return Ok(format!("VM {name:?}: nothing to change"));
+        }
+        let what = describe_failover(&new);
+        if check {
+            return Ok(format!("change VM {name:?}: {what}"));
+        }
+        let before = std::mem::replace(&mut self.vm.rec.failover, new);
+        if let Err(e) = self.vm.save() {
+            self.vm.rec.failover = before;
             return Err(e);
         }
         tracing::info!(vm = %name, "VM changed (vm set): {what}");
@@ -988,4 +1128,20 @@ impl Owner {
             Err(e) => tracing::warn!(vm = %self.vm.rec.name, "no store to prune: {e:#}"),
         }
     }
+}
+
+/// One line saying what a VM's failover network settings on this host are.
+fn describe_failover(s: &vmr_proto::FailoverSettings) -> String {
+    let mut parts = Vec::new();
+    if s.interfaces.is_empty() {
+        parts.push("no failover network settings".to_owned());
+    } else {
+        let i: Vec<String> = s.interfaces.iter().map(ToString::to_string).collect();
+        parts.push(format!("failover network {}", i.join("; ")));
+    }
+    match &s.network_args {
+        Some(a) => parts.push(format!("failover network-args {}", a.join(" "))),
+        None => parts.push("failover network-args from the definition".to_owned()),
+    }
+    parts.join("; ")
 }

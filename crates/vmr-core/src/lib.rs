@@ -21,7 +21,7 @@ pub use failover::{
     PrimaryProbe, SplitBrain, UnusableProbe, check_probe_target, failover_transition,
     probe_address, split_brain_verdict,
 };
-pub use handover::Handover;
+pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};
 pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};

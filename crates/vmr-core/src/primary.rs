@@ -2287,9 +2287,19 @@ mod tests {
         assert!(m.run(Event::Tick { now_ms: 10_000_000 }).is_empty());
         assert!(m.run(Event::Restarted { now_ms: 10_000_001 }).is_empty());
         // The new primary's handover is planned only for exactly this point.
-        assert!(m.become_replica(1, 2).expect("handover").planned);
-        assert!(!m.become_replica(1, 1).expect("handover").planned);
-        let h = m.become_replica(5, 2).expect("handover");
+        assert!(
+            m.become_replica(1, 2, crate::handover::LocalCopy::Absent)
+                .expect("handover")
+                .planned
+        );
+        assert!(
+            !m.become_replica(1, 1, crate::handover::LocalCopy::Absent)
+                .expect("handover")
+                .planned
+        );
+        let h = m
+            .become_replica(5, 2, crate::handover::LocalCopy::Absent)
+            .expect("handover");
         assert_eq!(h.replica.state(), S::Replicating);
         assert_eq!(h.replica.last_cycle(), Some(2));
     }
@@ -2434,7 +2444,7 @@ mod tests {
         // A disabled primary cannot hand over.
         let d = PrimaryMachine::new(Schedule::every(F));
         assert_eq!(
-            d.become_replica(1, 1),
+            d.become_replica(1, 1, crate::handover::LocalCopy::Absent),
             Err(Refusal::NotEnabled {
                 op: Op::BecomeReplica
             })

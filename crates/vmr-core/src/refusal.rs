@@ -184,6 +184,41 @@ pub enum Refusal {
     /// The running cycle cannot be renumbered (only a resynchronization can).
     #[error("only a running resynchronization cycle can be renumbered")]
     NotResync,
+    /// become-replica: this host's replica store keeps recovery points of the VM (from when
+    /// this host was its replica), but the VM's disks here are not a failover view of them.
+    #[error(
+        "{op}: this host's replica store keeps recovery points of the VM from when it was its \
+         replica, but the VM's disks here are not built on them (nothing was changed)"
+    )]
+    StoreCopyUnrelated {
+        /// The command.
+        op: Op,
+    },
+    /// become-replica: test copies run on this host's recovery points of the VM.
+    #[error(
+        "{op}: {count} test copy/copies run on this host's recovery points of the VM; stop \
+         them first (`vmreplica failover stop-test NAME`)"
+    )]
+    TestCopiesRun {
+        /// The command.
+        op: Op,
+        /// How many.
+        count: u32,
+    },
+    /// become-replica: the new primary's point is not newer than the one this host's disks
+    /// are built on.
+    #[error(
+        "{op}: the new primary's point {point} is not newer than point {view_point}, which \
+         this host's disks are built on"
+    )]
+    PointNotNewer {
+        /// The command.
+        op: Op,
+        /// The new primary's point.
+        point: CycleId,
+        /// The point of this host's failover view.
+        view_point: CycleId,
+    },
 }
 
 impl Refusal {

@@ -15,7 +15,8 @@ use rand::rngs::StdRng;
 use vmr_nbd::Endpoint;
 use vmr_proto::api::Health;
 use vmr_testkit::harness::{
-    Agent, Pair, READY_TIMEOUT, StandIn, TestDir, Writer, connect_nbd, hash_image,
+    Agent, Pair, READY_TIMEOUT, StandIn, TestDir, Writer, available, connect_nbd, fill_fs,
+    hash_image,
 };
 
 use crate::net::{self, Netns};
@@ -173,20 +174,6 @@ impl Drop for Bed {
         self.net = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn available(path: &Path) -> anyhow::Result<u64> {
-    let out = Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(path)
-        .output()?;
-    let text = String::from_utf8(out.stdout)?;
-    Ok(text
-        .lines()
-        .nth(1)
-        .context("df printed nothing")?
-        .trim()
-        .parse()?)
 }
 
 impl Bed {
@@ -556,7 +543,7 @@ fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
     let mut ballast = Vec::new();
     let filled = opened.map_err(anyhow::Error::from).and_then(|_| {
         sleep_ms(rng, 0, 500);
-        fill_fs(&work, &mut ballast)?;
+        fill_fs(&work, &mut ballast, Duration::from_secs(20))?;
         ensure!(
             bed.pair.a.status(VM)?.progress.is_some(),
             "the held cycle's view closed before the file system was full"
@@ -576,7 +563,7 @@ fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
             "no cycle running while paused",
             |s| s.progress.is_none(),
         )?;
-        fill_fs(&work, &mut ballast)?;
+        fill_fs(&work, &mut ballast, Duration::from_secs(20))?;
         bed.pair.a.ok(&["resume", VM])?;
         bed.pair
             .a
@@ -595,32 +582,6 @@ fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
         std::fs::remove_file(f)?;
     }
     filled
-}
-
-/// Take every free byte of the file system of `dir` with fallocated ballast files, until it
-/// stays full for 100 ms (at most 20 s).
-fn fill_fs(dir: &Path, ballast: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
-    let mut full_for = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while full_for < 5 && Instant::now() < deadline {
-        let free = available(dir)?;
-        if free < (1 << 20) {
-            full_for += 1;
-        } else {
-            full_for = 0;
-            let f = dir.join(format!("ballast{}", ballast.len()));
-            let _ = Command::new("fallocate")
-                .args(["-l", &free.to_string()])
-                .arg(&f)
-                .status();
-            if f.exists() {
-                ballast.push(f);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    ensure!(full_for >= 5, "could not fill the fleecing file system");
-    Ok(())
 }
 
 /// Start `vmreplica agent` on a running agent's directory: it must exit at once with code 6

@@ -174,6 +174,9 @@ pub struct VmStatus {
     /// since the epoch; `enable --initial-at`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_at_ms: Option<u64>,
+    /// This host's failover network settings of the VM (`vm set --failover-*`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_network: Option<crate::FailoverSettings>,
 }
 
 /// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's
@@ -292,7 +295,8 @@ pub enum Request {
         check: bool,
     },
     /// Change a primary VM's registration (`vm set`): refused while its replication is
-    /// enabled. `check` as for [`Request::VmRemove`].
+    /// enabled. This host's failover network settings (`failover_*`) can be changed on any VM,
+    /// primary or replica, at any time. `check` as for [`Request::VmRemove`].
     VmSet {
         /// VM name.
         name: String,
@@ -305,6 +309,14 @@ pub enum Request {
         /// New list of disks to replicate; empty = unchanged, or all of a new definition's.
         #[serde(default)]
         disks: Vec<String>,
+        /// New failover network settings of the VM's interfaces on this host (replace the
+        /// old ones; an empty list removes them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failover_interfaces: Option<Vec<crate::FailoverInterface>>,
+        /// New QEMU network arguments for a real failover on this host (replace the
+        /// definition's `network-args` here); an empty list goes back to the definition's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failover_network_args: Option<Vec<String>>,
         /// Check only; change nothing.
         #[serde(default)]
         check: bool,
@@ -450,6 +462,10 @@ pub struct FailoverVm {
     pub pid: Option<u32>,
     /// A test failover copy.
     pub test: bool,
+    /// What applying this host's failover network settings in the guest gave, one line per
+    /// interface (empty: none set, or not applied yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<String>,
 }
 
 /// Failover bookkeeping of one VM on a replica host (`DIR/failover/<uuid>.json`).
@@ -490,6 +506,10 @@ pub struct FailoverResult {
     pub elapsed_ms: u64,
     /// Human summary.
     pub message: String,
+    /// `failover start`: the outcome of this host's failover network settings in the guest,
+    /// one line per interface (empty when none are set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<String>,
 }
 
 /// Agent-to-agent: the new primary asks the old primary to become the replica of a VM whose

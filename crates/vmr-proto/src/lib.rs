@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cycle;
+pub mod failnet;
 pub mod machine;
 pub mod peer;
 pub mod record;
@@ -19,4 +20,5 @@ pub use cycle::{
     MAX_DISK_ID_LEN, MAX_DISK_SIZE, MAX_DISKS, check_disk_ids, check_disks, checksum,
     checksum_blocks, valid_disk_id,
 };
+pub use failnet::{FailnetError, FailoverInterface, FailoverSettings, IpPrefix};
 pub use vmdef::{VmDefinition, VmDefinitionError};

@@ -43,6 +43,10 @@ pub struct VmRecord {
     /// guest agent (app-consistent cycles are then crash-consistent, `--shutdown` uses ACPI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qga: Option<String>,
+    /// This host's failover network settings for the VM (`vm set --failover-*`): applied when
+    /// a real failover starts the VM here; kept across reverse and become-replica.
+    #[serde(default, skip_serializing_if = "crate::FailoverSettings::is_empty")]
+    pub failover: crate::FailoverSettings,
     /// The VM's machine; its side is the VM's mode on this host.
     pub machine: MachineSnapshot,
 }
@@ -146,6 +150,7 @@ impl From<VmRecordV1> for VmRecord {
             frequency_secs: None,
             nbd: None,
             qga: None,
+            failover: Default::default(),
             machine,
         }
     }

@@ -30,10 +30,12 @@ pub struct VmDefinition {
     /// starts names its NBD socket at `vm add --nbd SOCK` instead.
     pub args: Vec<String>,
     /// Arguments added only when the VM is started for a test failover (e.g. an isolated NIC);
-    /// every argument listed in `network-args` is dropped for a test failover.
+    /// the `network-args` run is dropped from `args` for a test failover.
     #[serde(default)]
     pub test_args: Vec<String>,
-    /// Arguments that attach the VM to production networks; removed for test failover.
+    /// Arguments that attach the VM to production networks: one contiguous run of `args`,
+    /// repeated here. Removed for a test failover; replaced by the failover host's
+    /// `vm set --replica-network-args` for a real failover there.
     #[serde(default)]
     pub network_args: Vec<String>,
     /// The disks: block node name and image path on the primary.
@@ -114,7 +116,38 @@ impl VmDefinition {
                 }
             }
         }
+        if self.network_run().is_none() {
+            return bad(format!(
+                "network-args {:?} must appear in args as one contiguous run, in the same order",
+                self.network_args
+            ));
+        }
         Ok(())
+    }
+
+    /// Where the `network-args` run is in `args` (an empty run is at the end).
+    fn network_run(&self) -> Option<std::ops::Range<usize>> {
+        let n = self.network_args.len();
+        if n == 0 {
+            return Some(self.args.len()..self.args.len());
+        }
+        self.args
+            .windows(n)
+            .position(|w| w == self.network_args.as_slice())
+            .map(|i| i..i + n)
+    }
+
+    /// This definition with its `network-args` run replaced by `new` (a real failover on a host
+    /// whose networks differ: `vm set --replica-network-args`).
+    pub fn with_network_args(&self, new: &[String]) -> Result<VmDefinition, VmDefinitionError> {
+        let run = self.network_run().ok_or_else(|| {
+            VmDefinitionError::Invalid("network-args are not one contiguous run of args".into())
+        })?;
+        let mut d = self.clone();
+        d.args.splice(run, new.iter().cloned());
+        d.network_args = new.to_vec();
+        d.validate()?;
+        Ok(d)
     }
 }
 
@@ -152,10 +185,15 @@ impl VmDefinition {
         disk: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Vec<String>, VmDefinitionError> {
         let mut out = Vec::new();
+        let run = self.network_run().ok_or_else(|| {
+            VmDefinitionError::Invalid("network-args are not one contiguous run of args".into())
+        })?;
         let args = self
             .args
             .iter()
-            .filter(|a| !(test && self.network_args.contains(a)));
+            .enumerate()
+            .filter(|(i, _)| !(test && run.contains(i)))
+            .map(|(_, a)| a);
         let extra = if test { self.test_args.as_slice() } else { &[] };
         for a in args.chain(extra) {
             let mut r = a.clone();
@@ -219,6 +257,57 @@ path = "/var/lib/vm/web1.qcow2"
         assert_eq!(d.disks[0].node, "disk0");
         let again = VmDefinition::from_toml(&d.to_toml()).expect("round trip");
         assert_eq!(again, d);
+    }
+
+    const KVM: &str = include_str!("../../../examples/kvm-vm.toml");
+
+    #[test]
+    fn test_failover_drops_only_the_network_run() {
+        let d = VmDefinition::from_toml(KVM).expect("valid");
+        let disk = |_: &str| Some("/x.qcow2".to_owned());
+        let real = d
+            .render_args("q", "n", "tcg", false, &disk)
+            .expect("render");
+        let test = d.render_args("q", "n", "tcg", true, &disk).expect("render");
+        assert_eq!(
+            real.len(),
+            test.len() + d.network_args.len() - d.test_args.len()
+        );
+        // The disk's -device stays: only the NIC's -netdev/-device pair goes.
+        assert!(test.iter().any(|a| a.starts_with("virtio-blk-pci")));
+        let dev = test
+            .iter()
+            .position(|a| a.starts_with("virtio-blk-pci"))
+            .expect("disk");
+        assert_eq!(test[dev - 1], "-device");
+        assert!(!test.iter().any(|a| a.contains("virtio-net-pci")));
+        assert!(real.iter().any(|a| a.contains("virtio-net-pci")));
+    }
+
+    #[test]
+    fn replica_network_args_replace_the_run() {
+        let d = VmDefinition::from_toml(KVM).expect("valid");
+        let new: Vec<String> = [
+            "-netdev",
+            "bridge,id=net0,br=br7",
+            "-device",
+            "e1000,netdev=net0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let r = d.with_network_args(&new).expect("replaced");
+        assert!(r.args.iter().any(|a| a.contains("br=br7")));
+        assert!(!r.args.iter().any(|a| a.contains("br=br0")));
+        assert_eq!(r.args.len(), d.args.len());
+        // A test failover of the replaced definition still drops the (new) network run.
+        let t = r
+            .render_args("q", "n", "tcg", true, &|_| Some("/x".into()))
+            .expect("render");
+        assert!(!t.iter().any(|a| a.contains("br7")));
+        let mut bad = d.clone();
+        bad.network_args.swap(0, 2);
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -72,6 +72,22 @@ pub enum StoreError {
     /// The requested view does not exist.
     #[error("no view {0}")]
     NoSuchView(Uuid),
+    /// Another view pins a point the operation would change.
+    #[error("point {point} is pinned by view {view}")]
+    ViewPinsPoint {
+        /// The view.
+        view: Uuid,
+        /// Its point.
+        point: CycleId,
+    },
+    /// A point id that is not newer than the chain it would go on.
+    #[error("point {id} is not newer than point {latest}")]
+    PointNotNewer {
+        /// The new point's id.
+        id: CycleId,
+        /// The point it would sit on.
+        latest: CycleId,
+    },
     /// The VM definition is not acceptable.
     #[error("invalid VM definition: {0}")]
     InvalidDefinition(String),

@@ -181,7 +181,8 @@ enum Mode<'a> {
 
 /// A writable `qemu-nbd` export of one image and a connected client.
 pub(crate) struct Export {
-    child: Child,
+    /// The qemu-nbd process; taken (and waited for) by `finish`, `abort` or `drop`.
+    child: Option<Child>,
     sock: PathBuf,
     /// The connected client.
     pub client: NbdClient,
@@ -331,7 +332,7 @@ impl Export {
             }
         };
         Ok(Export {
-            child,
+            child: Some(child),
             sock,
             client,
             what,
@@ -355,14 +356,17 @@ impl Export {
                 .disconnect()
                 .await
                 .map_err(|e| StoreError::nbd(self.what.clone(), e))?;
-            let st = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            let Some(child) = self.child.as_mut() else {
+                return Ok(());
+            };
+            let st = tokio::time::timeout(Duration::from_secs(60), child.wait())
                 .await
                 .map_err(|_| {
                     StoreError::tool("qemu-nbd", format!("did not exit for {}", self.what))
                 })?
                 .map_err(|e| StoreError::tool("qemu-nbd", format!("wait: {e}")))?;
             if !st.success() {
-                let msg = stderr_of(&mut self.child).await;
+                let msg = stderr_of(child).await;
                 return Err(StoreError::tool(
                     "qemu-nbd",
                     format!("{msg} ({st}, {})", self.what),
@@ -372,23 +376,37 @@ impl Export {
         }
         .await;
         let _ = std::fs::remove_file(&self.sock);
-        if res.is_err() {
-            let _ = self.child.kill().await;
+        if let Some(mut child) = self.child.take()
+            && res.is_err()
+        {
+            let _ = child.kill().await;
         }
         res
     }
 
     /// Kill qemu-nbd without flushing (error path).
     pub(crate) async fn abort(mut self) {
-        let _ = self.child.kill().await;
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
         let _ = std::fs::remove_file(&self.sock);
     }
 }
 
 impl Drop for Export {
-    /// A dropped export (its `qemu-nbd` is killed: `kill_on_drop`) leaves no socket.
+    /// A dropped export (a cancelled future) leaves no socket and no zombie: its `qemu-nbd`
+    /// is killed and waited for by a task of the runtime (tokio's own reaping of a
+    /// `kill_on_drop` child is best effort and was seen to leave a zombie of the agent);
+    /// without a runtime `kill_on_drop` kills it.
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.sock);
+        if let Some(mut child) = self.child.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = child.kill().await;
+            });
+        }
     }
 }
 

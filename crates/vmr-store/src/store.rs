@@ -721,6 +721,142 @@ impl Store {
         Ok(v.point_info(&c, p))
     }
 
+    /// Re-adopt a failover view as a new point (failover ping-pong: this host was the VM's
+    /// replica, ran it failed over on `view` and now becomes its replica again from point
+    /// `id`). The view's overlays hold the view's point plus everything the VM wrote on them,
+    /// so they become point `id`'s layers in the existing chain; nothing is copied. Steps
+    /// (the catalog rename stays the only commit point):
+    ///
+    /// 1. points above the view's point are dropped (a branch the overlays are not on);
+    /// 2. each overlay gets a second name `c<id>.qcow2` in its disk directory (a hard link;
+    ///    on another file system a copy of the overlay, written under a temporary name,
+    ///    fsynced, renamed), directory fsynced;
+    /// 3. commit: point `id` (layers `c<id>.qcow2` backed by the view point's layers) is
+    ///    added, the view record removed, the retention `policy` set;
+    /// 4. each new layer's header is rewritten to name its backing relatively (it named the
+    ///    same file by absolute path: same content either way), fsynced;
+    /// 5. the overlays' old names are removed.
+    ///
+    /// A crash before 3 leaves the links as strays (removed by `recover`; the view and its
+    /// overlays are untouched); after 3 the point exists and an absolute header is read as
+    /// the relative name it equals. The new point has no block-hash index (a resync reads it).
+    pub async fn readopt_view(
+        &self,
+        vm: Uuid,
+        view: Uuid,
+        id: CycleId,
+        taken_at_ms: u64,
+        policy: RetentionPolicy,
+    ) -> Result<RecoveryPoint, StoreError> {
+        let v = self.vm(vm)?;
+        let _chain = v.chain.lock().await;
+        let (rec, base) = {
+            let st = lock(&v.st);
+            let rec = st
+                .catalog
+                .views
+                .iter()
+                .find(|w| w.id == view)
+                .cloned()
+                .ok_or(StoreError::NoSuchView(view))?;
+            if let Some(other) = st.catalog.views.iter().find(|w| w.id != view) {
+                return Err(StoreError::ViewPinsPoint {
+                    view: other.id,
+                    point: other.point,
+                });
+            }
+            if id <= rec.point {
+                return Err(StoreError::PointNotNewer {
+                    id,
+                    latest: rec.point,
+                });
+            }
+            (
+                rec.clone(),
+                find_point(&st.catalog, Some(rec.point))?.clone(),
+            )
+        };
+        // 1. The points above the view's are not on the overlays' chain.
+        let above: Vec<CycleId> = lock(&v.st)
+            .catalog
+            .points
+            .iter()
+            .map(|p| p.id)
+            .filter(|p| *p > rec.point)
+            .collect();
+        for p in above.iter().rev() {
+            prune_one(&v, *p, true).await?;
+        }
+        // 2. Second names in the store.
+        let file = layer_name(id);
+        let mut layers = Vec::new();
+        for l in &base.layers {
+            let (_, overlay) = rec
+                .disks
+                .iter()
+                .find(|(d, _)| d == &l.disk)
+                .ok_or_else(|| {
+                    StoreError::corrupt(
+                        v.catalog_path(),
+                        format!("view {view} lacks disk {}", l.disk),
+                    )
+                })?;
+            let dir = v.disk_dir(&l.disk);
+            let target = dir.join(&file);
+            match std::fs::remove_file(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &target, e)),
+            }
+            link_or_copy(&*v.fs, Path::new(overlay), &target)?;
+            v.fs.fsync_dir(&dir)?;
+            v.clear_index(&l.disk, id)?;
+            layers.push(LayerRecord {
+                disk: l.disk.clone(),
+                size: l.size,
+                file: file.clone(),
+                backing: Some(l.file.clone()),
+            });
+        }
+        pause_point("readopt-linked");
+        // 3. Commit.
+        let point = {
+            let mut st = lock(&v.st);
+            let mut c = st.catalog.clone();
+            c.views.retain(|w| w.id != view);
+            c.retention = policy;
+            c.points.push(PointRecord {
+                id,
+                taken_at_ms,
+                kind: PointKind::Planned,
+                layers: layers.clone(),
+                pruning: false,
+            });
+            v.commit(&mut st, c)?;
+            let c = st.catalog.clone();
+            v.point_info(&c, find_point(&c, Some(id))?)
+        };
+        pause_point("readopt-committed");
+        // 4. Relative backing names; 5. the overlays' old names go.
+        for l in &layers {
+            let dir = v.disk_dir(&l.disk);
+            qemu::rebase_unsafe(&dir, &l.file, l.backing.as_deref()).await?;
+            v.fs.fsync_file(&dir.join(&l.file))?;
+        }
+        for (_, overlay) in &rec.disks {
+            let overlay = Path::new(overlay);
+            match std::fs::remove_file(overlay) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", overlay, e)),
+            }
+            if let Some(d) = overlay.parent() {
+                v.fs.fsync_dir(d)?;
+            }
+        }
+        Ok(point)
+    }
+
     // ---------------------------------------------------------------- views
 
     /// Create a failover view of `point` (None = latest) in `dest`: one qcow2 overlay per
@@ -864,6 +1000,45 @@ fn find_point(c: &Catalog, point: Option<CycleId>) -> Result<&PointRecord, Store
     .ok_or(StoreError::NoSuchPoint(point))
 }
 
+/// Give `from` the second name `to` (a hard link); across file systems, copy it under a
+/// temporary name, fsync and rename. The caller fsyncs `to`'s directory.
+fn link_or_copy(fs: &dyn Storage, from: &Path, to: &Path) -> Result<(), StoreError> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let mut tmp = to.as_os_str().to_owned();
+            tmp.push(TMP_SUFFIX);
+            let tmp = PathBuf::from(tmp);
+            std::fs::copy(from, &tmp).map_err(|e| StoreError::io("copy", from, e))?;
+            fs.fsync_file(&tmp)?;
+            std::fs::rename(&tmp, to).map_err(|e| StoreError::io("rename", &tmp, e))
+        }
+        Err(e) => Err(StoreError::io("link", from, e)),
+    }
+}
+
+/// The backing name in `file`'s header, an absolute path to a file of the same directory
+/// read as that file's name (a re-adopted layer's header before its rewrite, see
+/// [`Store::readopt_view`]: the same file either way).
+async fn header_backing(dir: &Path, file: &str) -> Result<Option<String>, StoreError> {
+    let b = qemu::backing_of(dir, file).await?;
+    Ok(b.map(|b| {
+        let p = Path::new(&b);
+        let same_dir = p.is_absolute()
+            && p.parent().is_some_and(|parent| {
+                parent == dir
+                    || parent
+                        .canonicalize()
+                        .ok()
+                        .is_some_and(|c| Some(c) == dir.canonicalize().ok())
+            });
+        match p.file_name() {
+            Some(name) if same_dir => name.to_string_lossy().into_owned(),
+            _ => b,
+        }
+    }))
+}
+
 /// Delete every file the catalog does not reference: half-written layers, merged-away layers,
 /// temporary files, staged cycles already applied. Caller holds `chain`.
 fn remove_strays(v: &Vm) -> Result<(), StoreError> {
@@ -965,7 +1140,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             continue;
         };
         let dir = v.disk_dir(&l.disk);
-        let actual = qemu::backing_of(&dir, &u.file).await?;
+        let actual = header_backing(&dir, &u.file).await?;
         if merge_down && l.backing.is_none() {
             if actual.as_deref() != Some(l.file.as_str()) {
                 return Err(StoreError::corrupt(
@@ -982,7 +1157,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 .flat_map(|p| &p.layers)
                 .find(|w| w.disk == l.disk && w.backing.as_deref() == Some(&u.file))
             {
-                let wa = qemu::backing_of(&dir, &w.file).await?;
+                let wa = header_backing(&dir, &w.file).await?;
                 if wa.as_deref() == Some(u.file.as_str()) {
                     qemu::rebase_unsafe(&dir, &w.file, Some(&l.file)).await?;
                     v.fs.fsync_file(&dir.join(&w.file))?;

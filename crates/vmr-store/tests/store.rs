@@ -343,3 +343,125 @@ async fn remove_vm_is_one_rename_and_finished_on_open() -> anyhow::Result<()> {
     assert_eq!(store.latest_point(other)?, Some(1));
     Ok(())
 }
+
+/// Failover ping-pong: a failover view whose overlays were written to becomes a new point of
+/// the chain (`readopt_view`) without copying; a crash after the overlays were linked into
+/// the store but before the commit leaves the view untouched; a header still naming its
+/// backing by absolute path (a crash after the commit) prunes like a relative one; cycles
+/// continue on the re-adopted point.
+#[tokio::test]
+async fn readopt_view_makes_the_overlays_the_new_point() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vm = vm_uuid();
+    let store = new_store(dir.path(), 0);
+    for id in 1..=3 {
+        send(&store, vm, id).await?;
+    }
+    store.prune(vm).await?;
+    let vdir = tempfile::tempdir()?;
+    let view = store.create_view(vm, None, vdir.path()).await?;
+    assert_eq!(view.point, 3);
+    // The failed-over VM writes.
+    for (i, (_, overlay)) in view.disks.iter().enumerate() {
+        let st = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!(
+                "write -P 0x{:x} {} 65536",
+                0x5a + i,
+                4096 * (i + 1)
+            ))
+            .arg(overlay)
+            .output()?;
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+    let expected: Vec<Vec<u8>> = view
+        .disks
+        .iter()
+        .map(|(_, p)| vmr_testkit::img::raw_content(p))
+        .collect::<anyhow::Result<_>>()?;
+    assert_ne!(expected, model(vm, 3));
+    let layer_dirs: Vec<std::path::PathBuf> = store
+        .point_layers(vm, None)?
+        .iter()
+        .map(|(_, p)| p.parent().expect("dir").to_owned())
+        .collect();
+
+    // A crash after the links, before the commit: recovery drops the links, the view stays.
+    for ((_, overlay), d) in view.disks.iter().zip(&layer_dirs) {
+        std::fs::hard_link(overlay, d.join("c000010.qcow2"))?;
+    }
+    drop(store);
+    let store = Store::open(dir.path())?;
+    store.recover().await?;
+    for d in &layer_dirs {
+        assert!(!d.join("c000010.qcow2").exists());
+    }
+    assert_eq!(store.views(vm)?.len(), 1);
+    for ((_, p), want) in view.disks.iter().zip(&expected) {
+        assert_eq!(&vmr_testkit::img::raw_content(p)?, want);
+    }
+
+    // Not newer than the view's point: refused, nothing changes.
+    assert!(matches!(
+        store
+            .readopt_view(vm, view.id, 3, T0, RetentionPolicy::default())
+            .await,
+        Err(StoreError::PointNotNewer { id: 3, latest: 3 })
+    ));
+    let p = store
+        .readopt_view(vm, view.id, 10, T0 + 10, RetentionPolicy::default())
+        .await?;
+    assert_eq!(p.id, 10);
+    let ids: Vec<u64> = store.points(vm)?.iter().map(|p| p.id).collect();
+    assert_eq!(ids, vec![3, 10]);
+    assert!(store.views(vm)?.is_empty());
+    for (_, overlay) in &view.disks {
+        assert!(!overlay.exists(), "{} left", overlay.display());
+    }
+    assert_eq!(point_content(&store, vm, Some(10))?, expected);
+    assert_eq!(point_content(&store, vm, Some(3))?, model(vm, 3));
+
+    // As if the store crashed before the header rewrite: the backing named absolutely.
+    for (disk, layer) in store.point_layers(vm, Some(10))? {
+        let below = store
+            .point_layers(vm, Some(3))?
+            .into_iter()
+            .find(|(d, _)| *d == disk)
+            .expect("disk")
+            .1;
+        let st = std::process::Command::new("qemu-img")
+            .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&below)
+            .arg(&layer)
+            .output()?;
+        assert!(st.status.success());
+    }
+    assert_eq!(point_content(&store, vm, Some(10))?, expected);
+    assert_eq!(store.prune(vm).await?, vec![3]);
+    assert_eq!(point_content(&store, vm, None)?, expected);
+
+    // Cycles continue on the re-adopted point.
+    let mut want = expected.clone();
+    for e in cycle(vm, 11).1 {
+        let d = &mut want[e.disk as usize];
+        let o = e.offset as usize;
+        match e.data {
+            ExtentData::Data(b) => d[o..o + b.len()].copy_from_slice(&b),
+            ExtentData::Zero(n) => d[o..o + n as usize].fill(0),
+        }
+    }
+    send(&store, vm, 11).await?;
+    store.prune(vm).await?;
+    let ids: Vec<u64> = store.points(vm)?.iter().map(|p| p.id).collect();
+    assert_eq!(ids, vec![11]);
+    assert_eq!(point_content(&store, vm, None)?, want);
+    // One layer per disk: the chain did not grow.
+    for d in &layer_dirs {
+        assert_eq!(std::fs::read_dir(d)?.count(), 1, "{}", d.display());
+    }
+    Ok(())
+}

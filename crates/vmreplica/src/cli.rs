@@ -295,9 +295,19 @@ pub enum VmCmd {
         yes: bool,
     },
     /// Change a registered primary VM: its QMP socket, its definition (same name and UUID) or
-    /// the disks to replicate. Refused while its replication is enabled. Asks for
-    /// confirmation on a terminal.
-    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["qmp", "launch", "disks"])))]
+    /// the disks to replicate (refused while its replication is enabled; asks for
+    /// confirmation on a terminal); or, on any VM (primary or replica) at any time, this host's
+    /// failover network settings (--failover-*, --replica-network-args).
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args([
+        "qmp",
+        "launch",
+        "disks",
+        "failover_ip",
+        "failover_gateway",
+        "failover_dns",
+        "failover_clear",
+        "replica_network_args",
+    ])))]
     Set {
         /// VM name.
         name: String,
@@ -310,6 +320,26 @@ pub enum VmCmd {
         /// Disk node to replicate (repeat); replaces the list.
         #[arg(long = "disk")]
         disks: Vec<String>,
+        /// Failover network setting for this host: a static address the guest gets when a
+        /// real failover starts the VM here, `[MAC=]ADDR/PREFIX` (IPv4 or IPv6; repeat;
+        /// without MAC: the guest's only interface). The --failover-* options given together
+        /// replace all earlier ones; never applied to a test failover.
+        #[arg(long = "failover-ip", value_name = "[MAC=]ADDR/PREFIX")]
+        failover_ip: Vec<String>,
+        /// Failover default gateway, `[MAC=]ADDR` (one per address family and interface).
+        #[arg(long = "failover-gateway", value_name = "[MAC=]ADDR")]
+        failover_gateway: Vec<String>,
+        /// Failover DNS server, `[MAC=]ADDR` (repeat).
+        #[arg(long = "failover-dns", value_name = "[MAC=]ADDR")]
+        failover_dns: Vec<String>,
+        /// Remove this host's failover network settings of the VM.
+        #[arg(long, conflicts_with_all = ["failover_ip", "failover_gateway", "failover_dns"])]
+        failover_clear: bool,
+        /// QEMU network arguments for a real failover on this host, replacing the definition's
+        /// `network-args` (e.g. another bridge); split at white space; "" goes back to the
+        /// definition's.
+        #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+        replica_network_args: Option<String>,
         /// Do not ask for confirmation (required without a terminal).
         #[arg(long, short = 'y')]
         yes: bool,

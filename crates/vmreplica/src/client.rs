@@ -101,8 +101,32 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             qmp,
             launch,
             disks,
+            failover_ip,
+            failover_gateway,
+            failover_dns,
+            failover_clear,
+            replica_network_args,
             ..
         }) => {
+            let failover_interfaces = if failover_clear {
+                Some(Vec::new())
+            } else if failover_ip.is_empty()
+                && failover_gateway.is_empty()
+                && failover_dns.is_empty()
+            {
+                None
+            } else {
+                Some(
+                    vmr_proto::FailoverSettings::interfaces_from_args(
+                        &failover_ip,
+                        &failover_gateway,
+                        &failover_dns,
+                    )
+                    .map_err(|e| coded(exit::USAGE, e.to_string()))?,
+                )
+            };
+            let failover_network_args = replica_network_args
+                .map(|a| a.split_whitespace().map(str::to_owned).collect::<Vec<_>>());
             let launch_toml = launch
                 .map(|l| {
                     std::fs::read_to_string(&l)
@@ -114,6 +138,8 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 qmp: qmp.map(|q| absolute(&q)),
                 launch_toml,
                 disks,
+                failover_interfaces,
+                failover_network_args,
                 check: false,
             }
         }
@@ -229,6 +255,13 @@ fn absolute(p: &Path) -> String {
 /// Whether `cmd` is confirmed before it runs, and then whether `--yes` was given.
 fn confirmation(cmd: &Command) -> Option<bool> {
     match cmd {
+        // Failover network settings alone are not a registration change: no question.
+        Command::Vm(VmCmd::Set {
+            qmp: None,
+            launch: None,
+            disks,
+            ..
+        }) if disks.is_empty() => None,
         Command::Vm(VmCmd::Remove { yes, .. } | VmCmd::Set { yes, .. })
         | Command::Replica(ReplicaCmd::Remove { yes, .. }) => Some(*yes),
         _ => None,

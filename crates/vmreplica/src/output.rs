@@ -290,6 +290,14 @@ fn print_measure(rows: &[VmStatus]) {
                 Some(why) => println!("FailoverProgram           : {} (REFUSED: {why})", f.program),
             }
         }
+        if let Some(f) = &r.failover_network {
+            for i in &f.interfaces {
+                println!("FailoverNetwork           : {i}");
+            }
+            if let Some(a) = &f.network_args {
+                println!("FailoverNetworkArgs       : {}", a.join(" "));
+            }
+        }
         println!();
     }
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -21,22 +21,6 @@ impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
-}
-
-/// Bytes available to unprivileged writers on the file system holding `path`.
-fn available(path: &Path) -> TestResult<u64> {
-    let out = Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(path)
-        .output()?;
-    let text = String::from_utf8(out.stdout)?;
-    let n = text
-        .lines()
-        .nth(1)
-        .ok_or("df printed no value")?
-        .trim()
-        .parse::<u64>()?;
-    Ok(n)
 }
 
 #[test]
@@ -109,31 +93,6 @@ fn a_full_replica_store_shows_on_the_primary_and_resumes_when_freed() -> TestRes
     Ok(())
 }
 
-/// Take every free byte of the file system of `dir` with fallocated ballast files, until it
-/// stays full for 100 ms.
-fn fill(dir: &Path, ballast: &mut Vec<std::path::PathBuf>) -> TestResult {
-    let mut full_for = 0;
-    while full_for < 5 {
-        let free = available(dir)?;
-        if free < (1 << 20) {
-            full_for += 1;
-        } else {
-            full_for = 0;
-            let f = dir.join(format!("ballast{}", ballast.len()));
-            // It may fail when the space shrank meanwhile; the loop tries again.
-            let _ = Command::new("fallocate")
-                .args(["-l", &free.to_string()])
-                .arg(&f)
-                .status()?;
-            if f.exists() {
-                ballast.push(f);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 /// Issue 11, item 3: the file system holding the fleecing files fills up while a cycle's
 /// point-in-time view is open (ballast written by another process). Every guest write still
 /// succeeds (the view's space was reserved when the cycle began), later cycles that cannot
@@ -199,7 +158,7 @@ fn a_full_fleecing_file_system_never_fails_a_guest_write() -> TestResult {
     // Take every free byte (the fleecing file keeps its whole reservation: TRIMs of the view
     // punch no holes into it).
     let mut ballast = Vec::new();
-    fill(&work, &mut ballast)?;
+    fill_fs(&work, &mut ballast, Duration::from_secs(20))?;
     assert!(
         p.a.status("fleece1")?.progress.is_some(),
         "the held cycle still has its view open"
@@ -225,7 +184,7 @@ fn a_full_fleecing_file_system_never_fails_a_guest_write() -> TestResult {
         |s| s.progress.is_none(),
     )?;
     let paused_at = p.a.status("fleece1")?.last_cycle;
-    fill(&work, &mut ballast)?;
+    fill_fs(&work, &mut ballast, Duration::from_secs(20))?;
     p.a.ok(&["resume", "fleece1"])?;
     let (s, _) = p.a.wait_status(
         "fleece1",

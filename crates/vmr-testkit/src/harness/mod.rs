@@ -14,6 +14,7 @@
 mod agent;
 mod guest;
 mod nbd;
+mod space;
 mod standin;
 mod writer;
 
@@ -29,6 +30,7 @@ pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
     write_random, write_seq,
 };
+pub use space::{available, fill_fs};
 pub use standin::{StandIn, StandInDisk, nbd_socket};
 pub use writer::{BLOCK, Writer, WriterStats, pool, slice};
 
