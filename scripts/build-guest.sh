@@ -12,7 +12,7 @@
 # The package mirror is taken from this host's APT sources at run time.
 set -euo pipefail
 
-VERSION=1
+VERSION=2
 cache=${1:-${VMR_GUEST_CACHE:-/var/cache/vmreplica-test}}
 out=$cache/guest-v$VERSION
 here=$(cd "$(dirname "$0")" && pwd)
@@ -65,6 +65,10 @@ mkdir -p "$root/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=volatile\n' >"$root/etc/systemd/journald.conf.d/volatile.conf"
 install -m 0755 "$here/guest/vmr-workload" "$root/usr/local/bin/vmr-workload"
 install -m 0644 "$here/guest/vmr-workload.service" "$root/etc/systemd/system/vmr-workload.service"
+# App-consistent points: qemu-ga runs its fsfreeze hooks, and the workload's quiesces it.
+install -m 0644 "$here/guest/qemu-ga.conf" "$root/etc/qemu/qemu-ga.conf"
+mkdir -p "$root/etc/qemu/fsfreeze-hook.d"
+install -m 0755 "$here/guest/fsfreeze-hook-vmr-workload" "$root/etc/qemu/fsfreeze-hook.d/vmr-workload"
 mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/vmr-workload.service \
   "$root/etc/systemd/system/multi-user.target.wants/vmr-workload.service"

@@ -403,6 +403,7 @@ fn control(root: &Path) {
             launch_toml: LAUNCH.into(),
             disks: vec!["disk0".into()],
             nbd: Some("/run/vmr/demo-vm-nbd.sock".into()),
+            qga: Some("/run/vmr/demo-vm-qga.sock".into()),
         },
         Request::ServerAllow {
             primary: "host-a".into(),

@@ -254,6 +254,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             launch_toml,
             disks,
             nbd,
+            qga,
         } => {
             crate::config::validate_vm_name(&name)?;
             let def = checked_definition(&name, &launch_toml, &disks)?;
@@ -269,7 +270,10 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 disks
             };
             if let Some(n) = &nbd {
-                check_nbd_socket(n)?;
+                check_nbd_socket("--nbd", n)?;
+            }
+            if let Some(n) = &qga {
+                check_nbd_socket("--qga", n)?;
             }
             check_vm_is_there(&qmp, &def, &disks).await?;
             let rec = VmRecord {
@@ -283,6 +287,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 trust_group: None,
                 frequency_secs: None,
                 nbd,
+                qga,
                 failover: Default::default(),
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
             };
@@ -369,7 +374,13 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 .ask(|r| Command::Import(dir.into(), r))
                 .await?
         )),
-        Request::FailoverPrepare { name } => failover(agent, &name, FailoverCmd::Prepare).await,
+        Request::FailoverPrepare {
+            name,
+            shutdown_timeout_secs,
+        } => {
+            let shutdown = shutdown_timeout_secs.map(std::time::Duration::from_secs);
+            failover(agent, &name, FailoverCmd::Prepare { shutdown }).await
+        }
         Request::FailoverStart {
             name,
             point,
@@ -454,9 +465,10 @@ fn checked_definition(
     Ok(def)
 }
 
-/// `vm add --nbd`: an absolute path a Unix socket can have (at most 107 bytes).
-fn check_nbd_socket(path: &str) -> Result<(), AgentError> {
+/// `vm add --nbd` and `--qga`: an absolute path a Unix socket can have (at most 107 bytes).
+fn check_nbd_socket(option: &'static str, path: &str) -> Result<(), AgentError> {
     let bad = |reason| AgentError::BadNbdSocket {
+        option,
         path: path.to_owned(),
         reason,
     };
@@ -613,6 +625,7 @@ mod tests {
             launch_toml: "name = \"web1\"".into(),
             disks: vec!["disk0".into()],
             nbd: None,
+            qga: None,
         })
         .expect("vm add is an action");
         assert!(

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
-use vmr_capture::{CaptureConfig, CaptureError, CycleMode, VmCapture};
-use vmr_core::Failure;
+use vmr_capture::qga::GuestAgent;
+use vmr_capture::{CaptureConfig, CaptureError, CycleMode, Quiesce, QuiesceReport, VmCapture};
+use vmr_core::{Failure, QuiesceOutcome};
 use vmr_proto::api::{CreateReplica, EnableArgs};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
 use vmr_transport::{Client, TransportError};
@@ -24,6 +25,30 @@ pub struct Session {
     pub capture: Option<VmCapture>,
     /// The connection to the replica, opened on first use.
     pub client: Option<Client>,
+    /// The guest freeze outcome of the last cycle that asked for one (taken by the owner).
+    pub quiesce: Option<QuiesceOutcome>,
+}
+
+/// How long a guest agent has to answer the session's sync and each thaw or status call.
+pub const QGA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long `guest-fsfreeze-freeze` (with the guest's fsfreeze hooks) may take: far below the
+/// 10 s after which Windows VSS gives up a freeze by itself.
+pub const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
+/// Thaw attempts (thaw, then status) before a still-frozen guest is reported as an error.
+pub const THAW_ATTEMPTS: u32 = 5;
+
+/// A synchronised session with the VM's guest agent (`vm add --qga`, or `{qga}` of a VM the
+/// agent started), or why there is none.
+pub async fn guest_agent(rec: &VmRecord) -> Result<GuestAgent, String> {
+    let Some(path) = &rec.qga else {
+        return Err(
+            "no guest agent channel is known for this VM (vm add --qga SOCK, or {qga} in the definition)"
+                .into(),
+        );
+    };
+    GuestAgent::connect(std::path::Path::new(path), QGA_TIMEOUT)
+        .await
+        .map_err(|e| crate::util::chain(&e))
 }
 
 /// Progress of the running cycle, written by its task and read by `status`.
@@ -372,6 +397,7 @@ pub async fn run_incremental(
     app_consistent: bool,
 ) -> Outcome {
     let rec = &ctx.rec;
+    session.quiesce = None;
     let Some(args) = rec.enable.clone() else {
         return Outcome::Failed(Failure::Fatal("not enabled".into()));
     };
@@ -394,8 +420,27 @@ pub async fn run_incremental(
     let Some(capture) = session.capture.as_mut() else {
         return Outcome::Failed(Failure::Retryable("no capture".into()));
     };
-    let (outcome, reset_capture, reset_client) =
-        cycle_with(ctx, capture, &client, &args, id, base, kind, app_consistent).await;
+    let rec = &ctx.rec;
+    let mut agent = None;
+    if app_consistent {
+        match guest_agent(rec).await {
+            Ok(a) => agent = Some(a),
+            Err(reason) => {
+                tracing::warn!(vm = %rec.name, "app-consistent point not possible, taking a crash-consistent one: {reason}");
+                session.quiesce = Some(QuiesceOutcome::Failed { reason });
+            }
+        }
+    }
+    let (outcome, reset_capture, reset_client) = cycle_with(
+        ctx,
+        capture,
+        &client,
+        &args,
+        (id, base, kind),
+        agent.as_mut(),
+        &mut session.quiesce,
+    )
+    .await;
     if reset_capture {
         session.capture = None;
     }
@@ -424,18 +469,17 @@ async fn hold_hook(dir: &std::path::Path) {
 #[cfg(not(feature = "test-hooks"))]
 async fn hold_hook(_dir: &std::path::Path) {}
 
-/// One cycle on an open capture and connection. Returns the outcome and whether the capture
-/// and the connection must be reopened.
-#[allow(clippy::too_many_arguments)]
+/// One cycle on an open capture and connection, with the guest frozen around the cut when
+/// `agent` is given (its outcome goes to `quiesce`). Returns the outcome and whether the
+/// capture and the connection must be reopened.
 async fn cycle_with(
     ctx: &CycleCtx,
     capture: &mut VmCapture,
     client: &Client,
     args: &EnableArgs,
-    id: u64,
-    base: Option<u64>,
-    kind: CycleKind,
-    app_consistent: bool,
+    (id, base, kind): (u64, Option<u64>, CycleKind),
+    agent: Option<&mut GuestAgent>,
+    quiesce: &mut Option<QuiesceOutcome>,
 ) -> (Outcome, bool, bool) {
     let rec = &ctx.rec;
     let mode = if kind == CycleKind::Full {
@@ -445,20 +489,21 @@ async fn cycle_with(
     };
     let taken_at_ms = now_ms();
     let started = std::time::Instant::now();
-    let mut cycle = match capture.begin_cycle(mode).await {
+    let freeze = agent.map(|agent| Quiesce {
+        agent,
+        freeze_timeout: FREEZE_TIMEOUT,
+        thaw_attempts: THAW_ATTEMPTS,
+    });
+    let (mut cycle, report) = match capture.begin_cycle_quiesced(mode, freeze).await {
         Ok(c) => c,
         Err(e) => return (Outcome::Failed(classify_capture(&e)), true, false),
     };
+    let app = report_quiesce(&rec.name, id, &report, quiesce);
     let view_ready = started.elapsed();
     // Test hook: keep the point-in-time view open while a test fills the fleecing file system.
     hold_hook(&ctx.host.dir).await;
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
-    if app_consistent {
-        // Quiescing through the guest agent (guest-fsfreeze) is not built yet: like Hyper-V
-        // when VSS fails, take a crash-consistent point and say so.
-        tracing::warn!(vm = %rec.name, "app-consistent point requested; guest-agent quiescing is not supported yet, taking a crash-consistent point");
-    }
     let header = CycleHeader {
         vm: rec.uuid,
         id,
@@ -466,6 +511,8 @@ async fn cycle_with(
         kind,
         consistency: if ctx.planned {
             CycleConsistency::Planned
+        } else if app {
+            CycleConsistency::AppConsistent
         } else {
             CycleConsistency::CrashConsistent
         },
@@ -524,7 +571,7 @@ async fn cycle_with(
                         id,
                         bytes,
                         sizes,
-                        app: false,
+                        app,
                         pending,
                     },
                     false,
@@ -537,6 +584,76 @@ async fn cycle_with(
         },
         (p, s) => failed(p, s, cycle, "cycle").await,
     }
+}
+
+/// Log what the guest freeze around a cut gave and keep it for the machine; returns whether
+/// the cut is app-consistent.
+fn report_quiesce(
+    vm: &str,
+    cycle: u64,
+    report: &QuiesceReport,
+    quiesce: &mut Option<QuiesceOutcome>,
+) -> bool {
+    match report {
+        QuiesceReport::NotAsked => {}
+        QuiesceReport::Frozen {
+            filesystems,
+            frozen,
+            freeze_call,
+            thaw_attempts,
+            thaw_error,
+        } => {
+            let frozen_ms = frozen.as_millis() as u64;
+            let freeze_call_ms = freeze_call.as_millis() as u64;
+            let fs_frozen_ms = frozen_ms.saturating_sub(freeze_call_ms);
+            tracing::info!(
+                vm,
+                cycle,
+                frozen_ms,
+                freeze_call_ms,
+                fs_frozen_ms,
+                filesystems,
+                thaw_attempts,
+                "app-consistent cut: guest frozen for {frozen_ms} ms from the freeze call to the \
+                 thaw's answer ({freeze_call_ms} ms hooks and freeze, {fs_frozen_ms} ms file \
+                 systems frozen with the cut)"
+            );
+            if let Some(e) = thaw_error {
+                tracing::error!(
+                    vm,
+                    cycle,
+                    "the guest's file systems may still be frozen: thaw failed {THAW_ATTEMPTS} times: {e}"
+                );
+            }
+            *quiesce = Some(QuiesceOutcome::Frozen {
+                frozen_ms,
+                freeze_call_ms,
+            });
+        }
+        QuiesceReport::Failed {
+            reason,
+            frozen,
+            thaw_error,
+        } => {
+            tracing::warn!(
+                vm,
+                cycle,
+                after_ms = frozen.as_millis() as u64,
+                "guest freeze failed, the point is crash-consistent: {reason}"
+            );
+            if let Some(e) = thaw_error {
+                tracing::error!(
+                    vm,
+                    cycle,
+                    "the guest's file systems may still be frozen: thaw failed {THAW_ATTEMPTS} times: {e}"
+                );
+            }
+            *quiesce = Some(QuiesceOutcome::Failed {
+                reason: reason.clone(),
+            });
+        }
+    }
+    report.app_consistent()
 }
 
 /// A cycle acknowledged by the replica whose frozen bitmap could not be dropped here: the next

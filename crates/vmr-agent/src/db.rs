@@ -313,6 +313,7 @@ mod tests {
             trust_group: None,
             frequency_secs: None,
             nbd: None,
+            qga: None,
             failover: vmr_proto::FailoverSettings {
                 interfaces: vmr_proto::FailoverSettings::interfaces_from_args(
                     &["10.2.0.5/24".into()],

@@ -307,6 +307,23 @@ pub enum AgentError {
         /// The status QEMU reports.
         status: String,
     },
+    /// `failover prepare --shutdown`: the guest did not go down in time.
+    #[error(
+        "{name:?} did not shut down within {waited_s} s (asked through: {asked}); nothing was \
+         changed: replication goes on. Shut the guest down by hand and run `failover prepare` \
+         again, or give a longer --timeout"
+    )]
+    ShutdownTimedOut {
+        /// The VM name.
+        name: String,
+        /// Seconds waited.
+        waited_s: u64,
+        /// How the guest was asked.
+        asked: &'static str,
+    },
+    /// The guest shutdown machine refused an event (a bug).
+    #[error("guest shutdown")]
+    ShutdownRefused(#[source] vmr_core::shutdown::ShutdownRefusal),
     /// `import` of a copy of another VM.
     #[error("the copy in {} is of VM {vm} ({vm_name:?}), not of {name:?} ({uuid})", .dir.display())]
     ImportOtherVm {
@@ -734,9 +751,11 @@ pub enum AgentError {
         /// The image QEMU reports for the node.
         qemu: String,
     },
-    /// `vm add --nbd` with a path a Unix socket cannot have.
-    #[error("--nbd {path:?}: {reason}")]
+    /// `vm add --nbd` or `--qga` with a path a Unix socket cannot have.
+    #[error("{option} {path:?}: {reason}")]
     BadNbdSocket {
+        /// The option (`--nbd`, `--qga`).
+        option: &'static str,
         /// What was given.
         path: String,
         /// Why not.
@@ -889,6 +908,7 @@ impl AgentError {
             | VmMonitorUnresponsive { .. }
             | ImagesInUse { .. }
             | FinalCycleNeedsResync { .. }
+            | ShutdownTimedOut { .. }
             | ImportOtherVm { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
             | FailoverSettings(_)
@@ -939,6 +959,7 @@ impl AgentError {
             | ImageDaemon { .. }
             | VmNotAnswering { .. }
             | QueryNodes { .. }
+            | ShutdownRefused(_)
             | LaunchCommand(_)
             | ProgramNotAllowed { .. }
             | ProgramNotFound { .. }

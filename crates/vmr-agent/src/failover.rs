@@ -184,7 +184,8 @@ async fn launch_vm(
     } else {
         crate::launch::nbd_socket(&vm.host.dir, def.uuid)
     };
-    for s in [&qmp, &nbd] {
+    let qga = dest.join("qga.sock");
+    for s in [&qmp, &nbd, &qga] {
         let _ = std::fs::remove_file(s);
     }
     let mut cmd = crate::launch::command(
@@ -458,8 +459,11 @@ pub async fn start(
         fr.planned = planned;
         if let Some(q) = &f.qmp {
             vm.rec.qmp = q.clone();
-            // The agent started this VM: its NBD socket is the agent's own.
+            // The agent started this VM: its NBD socket is the agent's own, and so is its
+            // guest agent channel.
             vm.rec.nbd = None;
+            vm.rec.qga =
+                crate::launch::qga_socket(&def, Path::new(q)).map(|p| p.display().to_string());
             vm.save()?;
         }
     }
@@ -760,12 +764,16 @@ pub async fn primary_vm_state(vm: &Vm, state: ReplicationState) -> PrimaryVmStat
     PrimaryVmState { state, running }
 }
 
-/// `failover prepare`: the VM must be shut down; ship the final (planned) cycle; lock. Where
-/// the final cycle is read from is [`vmr_core::prepare_source`]'s decision on what the VM's
-/// monitor shows: the VM's QEMU (guest shut down, QEMU still running), or, when its QEMU has
-/// exited, the images themselves through a qemu-storage-daemon of the agent's
-/// ([`crate::imaged`]).
-pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResult, AgentError> {
+/// `failover prepare`: the VM must be shut down (with `shutdown`, it is shut down first,
+/// within that time); ship the final (planned) cycle; lock. Where the final cycle is read from
+/// is [`vmr_core::prepare_source`]'s decision on what the VM's monitor shows: the VM's QEMU
+/// (guest shut down, QEMU still running), or, when its QEMU has exited, the images themselves
+/// through a qemu-storage-daemon of the agent's ([`crate::imaged`]).
+pub async fn prepare(
+    vm: &mut Vm,
+    side: &mut PrimarySide,
+    shutdown: Option<Duration>,
+) -> Result<FailoverResult, AgentError> {
     let t0 = Instant::now();
     let name = vm.rec.name.clone();
     let name = name.as_str();
@@ -773,6 +781,12 @@ pub async fn prepare(vm: &mut Vm, side: &mut PrimarySide) -> Result<FailoverResu
         .map_err(AgentError::Refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
+    if let Some(limit) = shutdown
+        && let Err(e) = crate::shutdown::shutdown_guest(&vm.rec, limit).await
+    {
+        side.resume_after_stop(vm);
+        return Err(e);
+    }
     let source = match prepare_source(probe_vm(&vm.rec).await) {
         Ok(s) => s,
         Err(r) => {
@@ -991,6 +1005,7 @@ pub async fn reverse(
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
         .map_err(AgentError::Refused)?;
+    rec.qga = crate::launch::qga_socket(&def, Path::new(&qmp)).map(|p| p.display().to_string());
     rec.qmp = qmp;
     rec.nbd = None;
     rec.launch_toml = def.to_toml();
@@ -1169,6 +1184,7 @@ pub async fn become_replica(
             trust_group: peer.trust_group.clone(),
             frequency_secs: None,
             nbd: None,
+            qga: None,
             failover: rec.failover.clone(),
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
         };

@@ -155,8 +155,14 @@ pub fn display_command(cmd: &Command) -> String {
         .join(" ")
 }
 
+/// The guest agent socket of a VM the agent starts with QMP socket `qmp`: `qga.sock` beside
+/// it (`{qga}`), when the definition has a guest agent channel.
+pub fn qga_socket(def: &VmDefinition, qmp: &Path) -> Option<PathBuf> {
+    def.uses_qga().then(|| qmp.with_file_name("qga.sock"))
+}
+
 /// The command that starts `def`'s `program` (resolved by [`allowed_program`]) with the
-/// given disk paths and sockets.
+/// given disk paths and sockets (`{qga}`: [`qga_socket`]).
 pub fn command(
     def: &VmDefinition,
     program: &Path,
@@ -166,9 +172,11 @@ pub fn command(
     test: bool,
     log: &Path,
 ) -> Result<Command, AgentError> {
-    let args = def.render_args(
+    let qga = qmp.with_file_name("qga.sock").display().to_string();
+    let args = def.render_args_qga(
         &qmp.display().to_string(),
         &nbd.display().to_string(),
+        Some(&qga),
         accel(),
         test,
         disks,

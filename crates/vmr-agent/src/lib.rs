@@ -30,6 +30,7 @@ mod primary;
 mod replica;
 mod resync;
 mod server;
+mod shutdown;
 pub mod util;
 mod vm;
 

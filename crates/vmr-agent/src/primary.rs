@@ -74,6 +74,26 @@ pub fn schedule_of(args: &EnableArgs) -> Result<Schedule, AgentError> {
     Ok(Schedule::from_enable(args)?)
 }
 
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a number of milliseconds sets the app-consistent interval of the VMs enabled while
+/// it exists (`enable` accepts whole hours only), so that a test sees many app-consistent
+/// cycles and can measure the frozen times.
+#[cfg(feature = "test-hooks")]
+const APP_CONSISTENT_HOOK: &str = "test-app-consistent-every-ms";
+
+#[cfg(feature = "test-hooks")]
+fn app_consistent_hook(dir: &std::path::Path, schedule: &mut Schedule) {
+    if let Ok(text) = std::fs::read_to_string(dir.join(APP_CONSISTENT_HOOK))
+        && let Ok(ms) = text.trim().parse::<u64>()
+    {
+        tracing::warn!(ms, "test hook: app-consistent interval set");
+        schedule.app_consistent_every_ms = ms;
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn app_consistent_hook(_dir: &std::path::Path, _schedule: &mut Schedule) {}
+
 /// A started cycle, remembered so that it can be run after a reconciliation kept it.
 #[derive(Debug, Clone, Copy)]
 struct Started {
@@ -146,7 +166,9 @@ impl PrimarySide {
 
     /// Enable replication (the replica accepted the VM already).
     pub fn enable(vm: &mut Vm, args: EnableArgs) -> Result<PrimarySide, AgentError> {
-        let mut machine = PrimaryMachine::new(schedule_of(&args)?);
+        let mut schedule = schedule_of(&args)?;
+        app_consistent_hook(&vm.host.dir, &mut schedule);
+        let mut machine = PrimaryMachine::new(schedule);
         let acts = machine.step(Event::Enable {
             now_ms: now_ms(),
             initial_at_ms: args.initial_at_ms,
@@ -308,7 +330,19 @@ impl PrimarySide {
                 return;
             }
         };
-        self.session = Some(done.session);
+        let mut session = done.session;
+        if let Some(outcome) = session.quiesce.take()
+            && self.machine.running_id().is_some()
+        {
+            self.step(
+                vm,
+                Event::Quiesced {
+                    now_ms: now,
+                    outcome,
+                },
+            );
+        }
+        self.session = Some(session);
         if started.is_some_and(|s| s.planned) && self.capture_from.take().is_some() {
             // Its capture talked to the images' daemon, which goes now: the next cycle opens
             // the VM's own monitor again.

@@ -158,6 +158,7 @@ impl PeerHandler {
             trust_group: peer.trust_group.clone(),
             frequency_secs: Some(req.frequency_secs),
             nbd: None,
+            qga: None,
             failover: Default::default(),
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
         };

@@ -38,7 +38,10 @@ pub type PeerReply<T> = oneshot::Sender<Result<T, RemoteError>>;
 #[derive(Debug, Clone)]
 pub enum FailoverCmd {
     /// `failover prepare` (primary).
-    Prepare,
+    Prepare {
+        /// `--shutdown`: shut the guest down first, waiting at most this long.
+        shutdown: Option<std::time::Duration>,
+    },
     /// `failover start` (replica).
     Start {
         /// Recovery point; latest when `None`.
@@ -276,7 +279,7 @@ impl Registry {
             ReplicationMode::Primary => {
                 Side::Primary(PrimarySide::restore(&vm, restarted).map(Box::new))
             }
-            ReplicationMode::Replica => Side::Replica(ReplicaSide::restore(&vm)),
+            ReplicationMode::Replica => Side::Replica(Box::new(ReplicaSide::restore(&vm))),
         };
         let owner = Owner {
             vm,
@@ -293,7 +296,7 @@ impl Registry {
 enum Side {
     /// Primary; `None` while replication is not enabled.
     Primary(Option<Box<PrimarySide>>),
-    Replica(ReplicaSide),
+    Replica(Box<ReplicaSide>),
 }
 
 struct Owner {
@@ -655,7 +658,7 @@ impl Owner {
                 };
                 let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
                 let r = r.map(|(v, machine)| {
-                    self.side = Side::Replica(ReplicaSide::with(machine));
+                    self.side = Side::Replica(Box::new(ReplicaSide::with(machine)));
                     v
                 });
                 let _ = reply.send(r);
@@ -1011,9 +1014,9 @@ impl Owner {
     }
 
     async fn failover(&mut self, f: FailoverCmd) -> Result<FailoverResult, AgentError> {
-        if let FailoverCmd::Prepare = f {
+        if let FailoverCmd::Prepare { shutdown } = f {
             return match &mut self.side {
-                Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p).await,
+                Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p, shutdown).await,
                 Side::Primary(None) => Err(self.not_enabled()),
                 Side::Replica(_) => Err(self.wrong_mode("`failover prepare`")),
             };
@@ -1023,7 +1026,7 @@ impl Owner {
         };
         match f {
             // Answered above; on a replica it is the wrong side.
-            FailoverCmd::Prepare => Err(AgentError::OnReplica {
+            FailoverCmd::Prepare { .. } => Err(AgentError::OnReplica {
                 name: self.vm.rec.name.clone(),
                 what: "`failover prepare`".to_owned(),
             }),

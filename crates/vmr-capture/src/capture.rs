@@ -966,6 +966,10 @@ pub enum QuiesceReport {
         filesystems: u64,
         /// From the start of the freeze call to the thaw's answer.
         frozen: Duration,
+        /// The freeze call alone: the guest's fsfreeze hooks (applications quiescing, not yet
+        /// frozen) and the freeze itself; `frozen` minus this is the time the file systems were
+        /// frozen, with the cycle transaction inside.
+        freeze_call: Duration,
         /// Thaw attempts used.
         thaw_attempts: u32,
         /// The guest could not be confirmed thawed (an error to report loudly).
@@ -997,20 +1001,21 @@ impl Quiesce<'_> {
         let agent = self.agent;
         let start = std::time::Instant::now();
         let froze = agent.fsfreeze_freeze(self.freeze_timeout).await;
+        let freeze_call = start.elapsed();
         match froze {
             Ok(filesystems) => {
                 let out = cut.await;
                 let thawed = agent.thaw_until_thawed(self.thaw_attempts).await;
-                let frozen = start.elapsed();
-                let (thaw_attempts, thaw_error) = match thawed {
-                    Ok(n) => (n, None),
-                    Err(e) => (self.thaw_attempts, Some(error_chain(&e))),
+                let (thaw_attempts, thaw_error, frozen) = match thawed {
+                    Ok((n, answered)) => (n, None, answered.duration_since(start)),
+                    Err(e) => (self.thaw_attempts, Some(error_chain(&e)), start.elapsed()),
                 };
                 (
                     out,
                     QuiesceReport::Frozen {
                         filesystems,
                         frozen,
+                        freeze_call,
                         thaw_attempts,
                         thaw_error,
                     },
@@ -1020,7 +1025,10 @@ impl Quiesce<'_> {
                 // A timed-out or failed freeze may have frozen some file systems (or freeze
                 // them later): thaw before the cut, whatever the answer was.
                 let thawed = agent.thaw_until_thawed(self.thaw_attempts).await;
-                let frozen = start.elapsed();
+                let frozen = match &thawed {
+                    Ok((_, answered)) => answered.duration_since(start),
+                    Err(_) => start.elapsed(),
+                };
                 let out = cut.await;
                 (
                     out,

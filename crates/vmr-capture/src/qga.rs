@@ -488,8 +488,12 @@ impl GuestAgent {
 
     /// Thaw, then check `guest-fsfreeze-status`, up to `attempts` times (resynchronising the
     /// session after a failed step, which may have left a late answer in the channel) until
-    /// it says thawed. Returns the attempts used.
-    pub async fn thaw_until_thawed(&mut self, attempts: u32) -> Result<u32, QgaError> {
+    /// it says thawed. Returns the attempts used and when the thaw that worked answered (when
+    /// the status said thawed, if that thaw's answer was lost).
+    pub async fn thaw_until_thawed(
+        &mut self,
+        attempts: u32,
+    ) -> Result<(u32, std::time::Instant), QgaError> {
         let mut last = None;
         for n in 1..=attempts.max(1) {
             if n > 1 {
@@ -500,11 +504,13 @@ impl GuestAgent {
                 }
             }
             let thaw = self.fsfreeze_thaw().await.err();
+            let answered = std::time::Instant::now();
             if let Some(e) = &thaw {
                 tracing::debug!(attempt = n, error = %e, "guest-fsfreeze-thaw failed");
             }
             match self.fsfreeze_status().await {
-                Ok(FreezeStatus::Thawed) => return Ok(n),
+                Ok(FreezeStatus::Thawed) if thaw.is_none() => return Ok((n, answered)),
+                Ok(FreezeStatus::Thawed) => return Ok((n, std::time::Instant::now())),
                 Ok(FreezeStatus::Frozen) => last = thaw,
                 Err(e) => last = Some(e),
             }
@@ -686,7 +692,7 @@ mod tests {
             2
         );
         assert_eq!(g.fsfreeze_status().await.expect("s"), FreezeStatus::Frozen);
-        assert_eq!(g.thaw_until_thawed(3).await.expect("thaw"), 1);
+        assert_eq!(g.thaw_until_thawed(3).await.expect("thaw").0, 1);
         let e = g.execute("guest-bogus", None).await.expect_err("error");
         assert!(
             matches!(&e, QgaError::Command { class, .. } if class == "CommandNotFound"),
@@ -745,6 +751,6 @@ mod tests {
         let mut g = GuestAgent::from_parts(r, w, Duration::from_secs(1))
             .await
             .expect("sync");
-        assert_eq!(g.thaw_until_thawed(5).await.expect("thawed"), 2);
+        assert_eq!(g.thaw_until_thawed(5).await.expect("thawed").0, 2);
     }
 }

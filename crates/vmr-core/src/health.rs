@@ -3,7 +3,8 @@
 //! Critical: replication cannot proceed (error, resync required, failing attempts), or it is
 //! paused on the replica. Warning: more than 20 % of cycles missed in the monitoring window,
 //! more than an hour since the last replication, initial replication not done, paused on the
-//! primary, failed over without reverse replication. Normal otherwise.
+//! primary, failed over without reverse replication, app-consistent points failing
+//! ([`QUIESCE_WARN_AFTER`] failed guest freezes in a row). Normal otherwise.
 
 use vmr_proto::api::{Health, ReplicationState, ReplicationStats};
 
@@ -36,6 +37,10 @@ impl HealthReport {
 }
 
 const HOUR_MS: u64 = 3_600_000;
+
+/// Failed guest freezes in a row after which a primary's health is Warning (its recent points
+/// are crash-consistent although app-consistent ones were asked for).
+pub const QUIESCE_WARN_AFTER: u32 = 3;
 
 fn common(
     state: ReplicationState,
@@ -99,6 +104,19 @@ pub fn primary_health(
         items.push((
             Health::Warning,
             "replication is paused on the primary".into(),
+        ));
+    }
+    if stats.consecutive_quiesce_failures >= QUIESCE_WARN_AFTER {
+        items.push((
+            Health::Warning,
+            format!(
+                "app-consistent points are failing ({} freezes in a row; the points are crash-consistent): {}",
+                stats.consecutive_quiesce_failures,
+                stats
+                    .last_quiesce_error
+                    .as_deref()
+                    .unwrap_or("unknown error")
+            ),
         ));
     }
     if state == ReplicationState::WaitingForStartResynchronize {

@@ -15,6 +15,7 @@ pub mod primary;
 pub mod refusal;
 pub mod replica;
 pub mod schedule;
+pub mod shutdown;
 
 pub use failover::{
     PrepareRefusal, PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe,
@@ -22,7 +23,7 @@ pub use failover::{
 };
 pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};
-pub use primary::{Action, Event, Failure, PrimaryMachine};
+pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
 pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{InitialKind, InvalidEnable, Schedule};

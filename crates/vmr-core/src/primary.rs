@@ -27,7 +27,9 @@
 //! is handled like any failed cycle (a retryable one returns to `Replicating` with the error).
 //! Driver events (`Tick`, `CycleSucceeded`, `CycleFailed`, `Reconciled`, `ReplicaHas`,
 //! `RetargetRunning`, `Restarted`) are never refused for the state; a cycle outcome without
-//! a running cycle is refused with [`Refusal::NoCycleRunning`].
+//! a running cycle is refused with [`Refusal::NoCycleRunning`], and so is `Quiesced` (the
+//! guest freeze outcome of an app-consistent cycle: never a failed cycle; see
+//! [`Event::Quiesced`]).
 
 use vmr_proto::api::{ReplicationState, ReplicationStats};
 use vmr_proto::machine::PrimarySnapshot;
@@ -56,6 +58,29 @@ impl Failure {
             Failure::Fatal(m) => m,
         }
     }
+}
+
+/// After a failed freeze, the next app-consistent cut is tried no sooner than this (or the
+/// app-consistent interval, when shorter): a guest whose agent does not answer costs a freeze
+/// timeout only now and then.
+pub const QUIESCE_RETRY_MS: u64 = 15 * 60 * 1000;
+
+/// What freezing the guest's file systems around a cut gave (reported by the driver for a
+/// cycle started with `app_consistent: true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuiesceOutcome {
+    /// The cut was taken frozen.
+    Frozen {
+        /// From the freeze call to the thaw's answer, ms.
+        frozen_ms: u64,
+        /// The freeze call alone (the guest's hooks and the freeze), ms.
+        freeze_call_ms: u64,
+    },
+    /// The freeze failed or timed out; the cut was crash-consistent.
+    Failed {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// An input to the machine. Every event carries the current time.
@@ -98,6 +123,17 @@ pub enum Event {
         now_ms: u64,
         /// Classified cause.
         failure: Failure,
+    },
+    /// The running cycle's guest freeze succeeded or failed (before its outcome). A failed
+    /// freeze never fails the cycle: it goes on crash-consistent, the failure is counted, the
+    /// next app-consistent cut waits [`QUIESCE_RETRY_MS`] (at most the app-consistent
+    /// interval), and health is Warning after [`crate::health::QUIESCE_WARN_AFTER`] failures
+    /// in a row. Refused without a running cycle.
+    Quiesced {
+        /// Now.
+        now_ms: u64,
+        /// What the freeze gave.
+        outcome: QuiesceOutcome,
     },
     /// The changes tracked and not yet replicated were measured (after a failed cycle: they
     /// include the failed cycle's, merged back).
@@ -429,6 +465,38 @@ impl PrimaryMachine {
                 _ => return refuse(Op::StartInitial),
             },
             Event::Tick { now_ms } => self.tick(now_ms, &mut out),
+            Event::Quiesced { now_ms, outcome } => {
+                if self.running.is_none() {
+                    return Err(Refusal::NoCycleRunning {
+                        op: Op::CycleOutcome,
+                        state,
+                    });
+                }
+                let st = &mut self.stats;
+                match outcome {
+                    QuiesceOutcome::Frozen {
+                        frozen_ms,
+                        freeze_call_ms,
+                    } => {
+                        st.app_consistent_cycles += 1;
+                        st.last_frozen_ms = Some(frozen_ms);
+                        st.last_freeze_call_ms = Some(freeze_call_ms);
+                        st.max_frozen_ms = st.max_frozen_ms.max(frozen_ms);
+                        st.total_frozen_ms += frozen_ms;
+                        st.consecutive_quiesce_failures = 0;
+                        st.last_quiesce_failure_ms = None;
+                        st.last_quiesce_error = None;
+                    }
+                    QuiesceOutcome::Failed { reason } => {
+                        st.quiesce_failures += 1;
+                        st.consecutive_quiesce_failures =
+                            st.consecutive_quiesce_failures.saturating_add(1);
+                        st.last_quiesce_failure_ms = Some(now_ms);
+                        st.last_quiesce_error = Some(reason);
+                        out.push(Action::Persist);
+                    }
+                }
+            }
             Event::CycleSucceeded {
                 now_ms,
                 bytes,
@@ -827,6 +895,8 @@ impl PrimaryMachine {
         } else {
             self.last_cycle
         };
+        // The first app-consistent cut is the first incremental cycle after the full copy,
+        // then one every `every`; after a failed freeze, not before the retry delay.
         let every = self.schedule.app_consistent_every_ms;
         let app_consistent = every > 0
             && !planned
@@ -834,7 +904,11 @@ impl PrimaryMachine {
             && self
                 .stats
                 .last_app_consistent_ms
-                .is_none_or(|t| now_ms.saturating_sub(t) >= every);
+                .is_none_or(|t| now_ms.saturating_sub(t) >= every)
+            && self
+                .stats
+                .last_quiesce_failure_ms
+                .is_none_or(|t| now_ms.saturating_sub(t) >= every.min(QUIESCE_RETRY_MS));
         self.running = Some(Running {
             id,
             kind,
@@ -855,7 +929,7 @@ impl PrimaryMachine {
 mod tests {
     use super::*;
     use ReplicationState as S;
-    use vmr_proto::api::ResyncWindow;
+    use vmr_proto::api::{Health, ResyncWindow};
     use vmr_proto::machine::PrimarySnapshot;
 
     const F: u64 = 30_000;
@@ -1698,6 +1772,168 @@ mod tests {
         ));
         let a = m.run(Event::Tick { now_ms: 0 });
         assert!(a.is_empty());
+    }
+
+    /// Which cycles ask for a freeze, and what freeze outcomes do, as a table: each row is
+    /// (time of the tick that starts a cycle, the freeze outcome reported or `None` when the
+    /// cycle is not asked to freeze, whether the cut is expected app-consistent).
+    #[test]
+    fn quiesce_table() {
+        const H: u64 = 3_600_000;
+        let mut s = Schedule::every(F);
+        s.app_consistent_every_ms = 4 * H;
+        let mut m = PrimaryMachine::new(s);
+        m.run(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: None,
+        });
+        // the full copy never freezes
+        m.run(Event::CycleSucceeded {
+            now_ms: 1,
+            bytes: 1,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        let fail = |r: &str| {
+            Some(QuiesceOutcome::Failed {
+                reason: r.to_owned(),
+            })
+        };
+        let ok = |ms| {
+            Some(QuiesceOutcome::Frozen {
+                frozen_ms: ms,
+                freeze_call_ms: ms / 2,
+            })
+        };
+        #[allow(clippy::type_complexity)]
+        let table: Vec<(u64, bool, Option<QuiesceOutcome>, u32, Health)> = vec![
+            // the first incremental cycle after enable is app-consistent; its freeze fails
+            (F, true, fail("agent timeout"), 1, Health::Normal),
+            // retried only after QUIESCE_RETRY_MS
+            (2 * F, false, None, 1, Health::Normal),
+            (
+                F + QUIESCE_RETRY_MS,
+                true,
+                fail("agent timeout"),
+                2,
+                Health::Normal,
+            ),
+            (
+                F + 2 * QUIESCE_RETRY_MS,
+                true,
+                fail("frozen hook"),
+                3,
+                Health::Warning,
+            ),
+            (
+                F + 2 * QUIESCE_RETRY_MS + F,
+                false,
+                None,
+                3,
+                Health::Warning,
+            ),
+            // a success resets the failures and the health
+            (F + 3 * QUIESCE_RETRY_MS, true, ok(40), 0, Health::Normal),
+            // then one every 4 h after the last app-consistent point
+            (F + 3 * QUIESCE_RETRY_MS + F, false, None, 0, Health::Normal),
+            (
+                F + 3 * QUIESCE_RETRY_MS + 4 * H + 2,
+                true,
+                ok(60),
+                0,
+                Health::Normal,
+            ),
+        ];
+        for (now, asked, outcome, fails, health) in table {
+            let a = m.run(Event::Tick { now_ms: now });
+            let got = a.iter().find_map(|x| match x {
+                Action::StartCycle { app_consistent, .. } => Some(*app_consistent),
+                _ => None,
+            });
+            assert_eq!(got, Some(asked), "at {now}: {a:?}");
+            let frozen = matches!(outcome, Some(QuiesceOutcome::Frozen { .. }));
+            if let Some(o) = outcome {
+                let failed = matches!(o, QuiesceOutcome::Failed { .. });
+                let acts = m.run(Event::Quiesced {
+                    now_ms: now,
+                    outcome: o,
+                });
+                assert_eq!(acts.contains(&Action::Persist), failed, "at {now}");
+            }
+            m.run(Event::CycleSucceeded {
+                now_ms: now + 2,
+                bytes: 1,
+                app_consistent: frozen,
+                pending_bytes: None,
+                disk_sizes: None,
+            });
+            assert_eq!(m.stats().consecutive_quiesce_failures, fails, "at {now}");
+            // (the long gaps between the ticks also count missed cycles: look at this reason)
+            let h = m.health(now + 3);
+            let warned = h
+                .reasons
+                .iter()
+                .any(|r| r.contains("app-consistent points are failing"));
+            assert_eq!(warned, health == Health::Warning, "at {now}: {h:?}");
+            if warned {
+                assert!(h.health >= Health::Warning);
+            }
+            assert_eq!(
+                m.state(),
+                S::Replicating,
+                "a failed freeze never stops replication"
+            );
+        }
+        let st = m.stats();
+        assert_eq!(st.app_consistent_cycles, 2);
+        assert_eq!(st.quiesce_failures, 3);
+        assert_eq!(
+            (st.last_frozen_ms, st.max_frozen_ms, st.total_frozen_ms),
+            (Some(60), 60, 100)
+        );
+        assert_eq!(st.last_quiesce_error, None);
+        // without a running cycle the report is refused and changes nothing
+        let before = m.clone();
+        assert!(matches!(
+            m.step(Event::Quiesced {
+                now_ms: 1,
+                outcome: QuiesceOutcome::Frozen {
+                    frozen_ms: 1,
+                    freeze_call_ms: 1,
+                },
+            }),
+            Err(Refusal::NoCycleRunning { .. })
+        ));
+        assert_eq!(m, before);
+    }
+
+    /// A planned failover's final cycle and a resync never freeze.
+    #[test]
+    fn planned_and_resync_never_freeze() {
+        let mut s = Schedule::every(F);
+        s.app_consistent_every_ms = 3_600_000;
+        let mut m = PrimaryMachine::new(s);
+        m.run(Event::Enable {
+            now_ms: 0,
+            initial_at_ms: None,
+        });
+        m.run(Event::CycleSucceeded {
+            now_ms: 1,
+            bytes: 1,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        let a = m.run(Event::PrepareFailover { now_ms: 10 });
+        assert!(a.iter().any(|x| matches!(
+            x,
+            Action::StartCycle {
+                planned: true,
+                app_consistent: false,
+                ..
+            }
+        )));
     }
 
     /// A machine restored in `state` between cycles (last cycle 3 once initial replication is

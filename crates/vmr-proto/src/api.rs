@@ -94,6 +94,28 @@ pub struct ReplicationStats {
     pub last_replication_ms: Option<u64>,
     /// Last app-consistent cycle, ms since the epoch.
     pub last_app_consistent_ms: Option<u64>,
+    /// Primary: cuts taken with the guest's file systems frozen (app-consistent cycles).
+    pub app_consistent_cycles: u64,
+    /// Primary: the guest's file systems were frozen this long (ms, from the freeze call to
+    /// the thaw's answer, the cycle transaction inside) at the last app-consistent cut.
+    pub last_frozen_ms: Option<u64>,
+    /// Primary: of that, the freeze call alone (the guest's fsfreeze hooks quiescing its
+    /// applications, then the freeze), ms; the rest is the time the file systems were frozen,
+    /// the cycle transaction inside.
+    pub last_freeze_call_ms: Option<u64>,
+    /// Primary: longest frozen time in the window, ms.
+    pub max_frozen_ms: u64,
+    /// Primary: sum of the frozen times in the window, ms (average = this / app-consistent
+    /// cycles).
+    pub total_frozen_ms: u64,
+    /// Primary: failed freezes in the window (those cycles went on crash-consistent).
+    pub quiesce_failures: u64,
+    /// Primary: failed freezes since the last successful one.
+    pub consecutive_quiesce_failures: u32,
+    /// Primary: when the last freeze failed, ms since the epoch (cleared by a success).
+    pub last_quiesce_failure_ms: Option<u64>,
+    /// Primary: why the last freeze failed (cleared by a success).
+    pub last_quiesce_error: Option<String>,
 }
 
 impl ReplicationStats {
@@ -241,6 +263,10 @@ pub enum Request {
         /// not the agent's own path.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nbd: Option<String>,
+        /// The host end of the VM's qemu-guest-agent channel (a Unix socket QEMU listens on),
+        /// for app-consistent points and `failover prepare --shutdown`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        qga: Option<String>,
     },
     /// List registered VMs.
     VmList,
@@ -354,6 +380,10 @@ pub enum Request {
     FailoverPrepare {
         /// VM name.
         name: String,
+        /// `--shutdown`: shut the guest down first (guest agent, else ACPI) and wait at most
+        /// this many seconds for it to be down; `None` = it must already be shut down.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shutdown_timeout_secs: Option<u64>,
     },
     /// Failover (on the replica): start the VM from a recovery point.
     FailoverStart {

@@ -38,6 +38,11 @@ pub struct VmRecord {
     /// agent starts the VM itself (failover, reverse).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<String>,
+    /// Primary side: the host end of the VM's guest agent channel (`vm add --qga`, or the
+    /// agent's own `{qga}` path when it started the VM: failover, reverse); absent = no
+    /// guest agent (app-consistent cycles are then crash-consistent, `--shutdown` uses ACPI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qga: Option<String>,
     /// This host's failover network settings for the VM (`vm set --failover-*`): applied when
     /// a real failover starts the VM here; kept across reverse and become-replica.
     #[serde(default, skip_serializing_if = "crate::FailoverSettings::is_empty")]
@@ -144,6 +149,7 @@ impl From<VmRecordV1> for VmRecord {
             trust_group: r.trust_group,
             frequency_secs: None,
             nbd: None,
+            qga: None,
             failover: Default::default(),
             machine,
         }

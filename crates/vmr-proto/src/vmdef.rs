@@ -17,7 +17,11 @@ pub struct VmDefinition {
     /// Arguments; placeholders `{disk:NODE}` (path of that disk's image), `{qmp}` (QMP socket
     /// path), `{nbd}` (the NBD server socket vmreplica reads the VM's disks through: only a
     /// qemu-storage-daemon stand-in, which serves its "guest" I/O over NBD, starts that server
-    /// itself; a real VM leaves it out and vmreplica starts it), `{name}`, `{uuid}`,
+    /// itself; a real VM leaves it out and vmreplica starts it), `{qga}` (the host end of the
+    /// VM's qemu-guest-agent channel, e.g. `-chardev socket,path={qga},server=on,wait=off,id=qga0`
+    /// with a `virtserialport` named `org.qemu.guest_agent.0`: vmreplica then starts a
+    /// failed-over VM with its agent channel beside its QMP socket, `{dir}/qga.sock`, and uses
+    /// it for app-consistent points and guest shutdown), `{name}`, `{uuid}`,
     /// `{accel}` (`kvm` or `tcg`) and `{dir}` (the directory the VM is started in: the one
     /// holding its `{qmp}` socket; for a failover `DIR/fo/<uuid>/live` or
     /// `DIR/fo/<uuid>/t<id>`, a fresh one per start, e.g. for `-serial file:{dir}/serial.log`)
@@ -101,10 +105,12 @@ impl VmDefinition {
         }
         for a in self.args.iter().chain(&self.test_args) {
             for ph in placeholders(a) {
-                let ok = matches!(ph, "qmp" | "nbd" | "name" | "uuid" | "accel" | "dir")
-                    || ph
-                        .strip_prefix("disk:")
-                        .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
+                let ok = matches!(
+                    ph,
+                    "qmp" | "nbd" | "qga" | "name" | "uuid" | "accel" | "dir"
+                ) || ph
+                    .strip_prefix("disk:")
+                    .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
                 if !ok {
                     return bad(format!("unknown placeholder {{{ph}}} in argument {a:?}"));
                 }
@@ -146,12 +152,34 @@ impl VmDefinition {
 }
 
 impl VmDefinition {
+    /// Whether the VM is started with a guest agent channel (`{qga}` in its arguments).
+    pub fn uses_qga(&self) -> bool {
+        self.args
+            .iter()
+            .chain(&self.test_args)
+            .any(|a| placeholders(a).contains(&"qga"))
+    }
+
     /// Substitute placeholders in every argument. `disk` maps a node name to its image path;
-    /// `{dir}` becomes the directory of `qmp` (`.` when it has none).
+    /// `{dir}` becomes the directory of `qmp` (`.` when it has none). A `{qga}` placeholder is
+    /// an error here: see [`Self::render_args_qga`].
     pub fn render_args(
         &self,
         qmp: &str,
         nbd: &str,
+        accel: &str,
+        test: bool,
+        disk: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, VmDefinitionError> {
+        self.render_args_qga(qmp, nbd, None, accel, test, disk)
+    }
+
+    /// [`Self::render_args`] with the guest agent socket for `{qga}`.
+    pub fn render_args_qga(
+        &self,
+        qmp: &str,
+        nbd: &str,
+        qga: Option<&str>,
         accel: &str,
         test: bool,
         disk: &dyn Fn(&str) -> Option<String>,
@@ -173,6 +201,9 @@ impl VmDefinition {
                 let val = match ph {
                     "qmp" => qmp.to_owned(),
                     "nbd" => nbd.to_owned(),
+                    "qga" => qga.map(str::to_owned).ok_or_else(|| {
+                        VmDefinitionError::Invalid("no guest agent socket for {qga}".into())
+                    })?,
                     "accel" => accel.to_owned(),
                     "dir" => match std::path::Path::new(qmp).parent() {
                         Some(d) if !d.as_os_str().is_empty() => d.display().to_string(),
@@ -299,6 +330,26 @@ path = "/var/lib/vm/web1.qcow2"
         let mut d = VmDefinition::from_toml(QSD).expect("valid");
         d.name = "n".repeat(64);
         d.validate().expect("64 characters");
+    }
+
+    #[test]
+    fn qga_placeholder() {
+        let with = QSD.replace(
+            "id=m\"]",
+            "id=m\", \"-chardev\", \"socket,path={qga},server=on,wait=off,id=qga0\"]",
+        );
+        let d = VmDefinition::from_toml(&with).expect("valid");
+        assert!(d.uses_qga());
+        assert!(!VmDefinition::from_toml(QSD).expect("valid").uses_qga());
+        let disk = |n: &str| Some(format!("/d/{n}"));
+        let args = d
+            .render_args_qga("/q", "/n", Some("/fo/qga.sock"), "tcg", false, &disk)
+            .expect("render");
+        assert!(
+            args.iter()
+                .any(|a| a == "socket,path=/fo/qga.sock,server=on,wait=off,id=qga0")
+        );
+        assert!(d.render_args("/q", "/n", "tcg", false, &disk).is_err());
     }
 
     #[test]

@@ -144,10 +144,20 @@ pub enum Command {
 /// `failover` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum FailoverCmd {
-    /// On the primary: the VM must be shut down; ship the final cycle; lock the primary copy.
+    /// On the primary: the VM must be shut down (or `--shutdown`); ship the final cycle; lock
+    /// the primary copy.
     Prepare {
         /// VM name.
         name: String,
+        /// Shut the guest down first: `guest-shutdown` through its guest agent when it
+        /// answers (`vm add --qga`), else ACPI `system_powerdown` (also when the guest is still
+        /// up 30 s after the agent accepted), then wait until QEMU exits or reports the guest
+        /// shut down. On timeout nothing changes (replication goes on) and the command fails.
+        #[arg(long)]
+        shutdown: bool,
+        /// With `--shutdown`: how long to wait for the guest to be down (`<N>s`, `<N>m`).
+        #[arg(long, default_value = "120s", requires = "shutdown", value_parser = parse_timeout)]
+        timeout: u64,
     },
     /// On the replica: start the VM from a recovery point (unplanned, or planned's second half).
     Start {
@@ -264,6 +274,13 @@ pub enum VmCmd {
         /// (DIR/work/<uuid>/vmr-<uuid8>-nbd.sock), which it starts in a real VM itself.
         #[arg(long, value_name = "SOCK")]
         nbd: Option<PathBuf>,
+        /// The host end of the VM's qemu-guest-agent channel (QEMU started with
+        /// `-chardev socket,path=SOCK,server=on,wait=off,id=qga0 -device virtio-serial
+        /// -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`): used for
+        /// app-consistent points (`enable --app-consistent-every`) and `failover prepare
+        /// --shutdown`. Without it those fall back to crash-consistent points and ACPI.
+        #[arg(long, value_name = "SOCK")]
+        qga: Option<PathBuf>,
     },
     /// List registered VMs.
     List,
@@ -429,6 +446,26 @@ pub fn parse_frequency(s: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
+/// Parse a timeout: `<N>s`, `<N>m` or a bare number of seconds, 1 s to 1 h.
+pub fn parse_timeout(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix('s') {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60)
+    } else {
+        (t, 1)
+    };
+    let secs = num
+        .parse::<u64>()
+        .map_err(|_| format!("bad timeout {s:?}: expected <N>s or <N>m, e.g. 120s"))?
+        .saturating_mul(mult);
+    if !(1..=3600).contains(&secs) {
+        return Err(format!("timeout {s:?} out of range (1 s to 1 h)"));
+    }
+    Ok(secs)
+}
+
 /// Parse `<H>h` (hours).
 pub fn parse_hours(s: &str) -> Result<u32, String> {
     let t = s.trim();
@@ -443,6 +480,11 @@ mod tests {
 
     #[test]
     fn frequencies() {
+        assert_eq!(parse_timeout("120s"), Ok(120));
+        assert_eq!(parse_timeout("2m"), Ok(120));
+        assert_eq!(parse_timeout("90"), Ok(90));
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("2h").is_err());
         assert_eq!(parse_frequency("30s"), Ok(30));
         assert_eq!(parse_frequency("5m"), Ok(300));
         assert_eq!(parse_frequency("15m"), Ok(900));

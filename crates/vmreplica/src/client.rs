@@ -74,6 +74,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             launch,
             disks,
             nbd,
+            qga,
         }) => {
             let launch_toml = std::fs::read_to_string(&launch)
                 .with_context(|| format!("reading VM definition {}", launch.display()))?;
@@ -83,6 +84,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 launch_toml,
                 disks,
                 nbd: nbd.map(|n| absolute(&n)),
+                qga: qga.map(|n| absolute(&n)),
             }
         }
         Command::Vm(VmCmd::List) => Request::VmList,
@@ -198,7 +200,14 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             use crate::cli::{FailoverCmd as F, parse_point};
             let point = |s: &str| parse_point(s).map_err(|m| coded(exit::USAGE, m));
             match f {
-                F::Prepare { name } => Request::FailoverPrepare { name },
+                F::Prepare {
+                    name,
+                    shutdown,
+                    timeout,
+                } => Request::FailoverPrepare {
+                    name,
+                    shutdown_timeout_secs: shutdown.then_some(timeout),
+                },
                 F::Start {
                     name,
                     point: p,

@@ -400,7 +400,13 @@ async fn failover_demo(
     println!("\nplanned failover host-a -> host-b:");
     blocking(|| a.allow(b))?;
     blocking(|| a.ctl(&Request::Resume { name: name.clone() }))?;
-    let prep = failover_call(a, &Request::FailoverPrepare { name: name.clone() })?;
+    let prep = failover_call(
+        a,
+        &Request::FailoverPrepare {
+            name: name.clone(),
+            shutdown_timeout_secs: None,
+        },
+    )?;
     println!(
         "  prepare on host-a: final cycle {} shipped, {} ({} ms)",
         prep.point.unwrap_or(0),

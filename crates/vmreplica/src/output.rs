@@ -1,7 +1,7 @@
 //! How the CLI prints answers: tables for people, the agent's JSON with `--json`.
 
 use serde_json::Value;
-use vmr_proto::api::{AllowEntry, PointInfo, VmStatus};
+use vmr_proto::api::{AllowEntry, PointInfo, ReplicationMode, VmStatus};
 
 use crate::cli::Command;
 use crate::util::{fmt_bytes, fmt_time};
@@ -260,6 +260,30 @@ fn print_measure(rows: &[VmStatus]) {
         println!("MaximumReplicationLatency : {} ms", s.max_latency_ms);
         println!("PendingReplicationSize    : {}", fmt_bytes(s.pending_bytes));
         println!("ReplicationErrors         : {}", s.errors);
+        if r.mode == ReplicationMode::Primary
+            && (s.app_consistent_cycles > 0 || s.quiesce_failures > 0)
+        {
+            println!("AppConsistentCount        : {}", s.app_consistent_cycles);
+            let avg = s
+                .total_frozen_ms
+                .checked_div(s.app_consistent_cycles)
+                .unwrap_or(0);
+            println!(
+                "GuestFrozenTime           : last {} ms, average {avg} ms, maximum {} ms",
+                s.last_frozen_ms.map_or("-".to_owned(), |m| m.to_string()),
+                s.max_frozen_ms
+            );
+            if let (Some(all), Some(call)) = (s.last_frozen_ms, s.last_freeze_call_ms) {
+                println!(
+                    "LastFreezeBreakdown       : {call} ms hooks and freeze, {} ms file systems frozen with the cut",
+                    all.saturating_sub(call)
+                );
+            }
+            println!("FailedFreezeCount         : {}", s.quiesce_failures);
+            if let Some(e) = &s.last_quiesce_error {
+                println!("LastFreezeError           : {e}");
+            }
+        }
         if let Some(f) = &r.failover_program {
             match &f.refused {
                 None => println!("FailoverProgram           : {} (allowed)", f.program),

@@ -603,3 +603,43 @@ fn prepare_ends_a_daemon_an_earlier_agent_left_on_the_images() -> TestResult {
     assert_eq!(replica_hashes(&p.b, vm.def.uuid, Some(k))?[0].1, want);
     Ok(())
 }
+
+/// `failover prepare --shutdown` on a VM that never goes down (a stand-in: no guest, no
+/// `system_powerdown`, no guest agent): after the timeout it fails with exit 5 and a message
+/// saying so, and nothing changed: replication goes on (a later cycle is shipped).
+#[test]
+fn prepare_shutdown_timeout_changes_nothing() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "stays1", &["disk0"], 64)?;
+    vm.register(&p.a)?;
+    p.enable("stays1", &["--frequency", "5s"])?;
+    p.wait_cycle("stays1", 1, LONG)?;
+    let t0 = Instant::now();
+    let out = p.a.cli(&[
+        "failover",
+        "prepare",
+        "stays1",
+        "--shutdown",
+        "--timeout",
+        "3s",
+    ])?;
+    let waited = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("did not shut down within 3 s") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(waited >= Duration::from_secs(3), "{waited:?}");
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    let st = p.a.status("stays1")?;
+    assert_eq!(st.state, ReplicationState::Replicating);
+    // the driver runs again: the next cycle ships
+    vm.write_random("disk0", 1, 3)?;
+    p.wait_cycle("stays1", st.last_cycle.unwrap_or(1) + 1, LONG)?;
+    // --timeout needs --shutdown
+    let out =
+        p.a.cli(&["failover", "prepare", "stays1", "--timeout", "3s"])?;
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}

@@ -269,3 +269,366 @@ fn prepare_after_a_clean_shutdown_loses_nothing() -> TestResult {
     );
     Ok(())
 }
+
+/// A guest `name` with a guest agent channel (`{dir}/qga.sock`, beside vmreplica's monitor,
+/// registered with `vm add --qga`) replicating every `freq` from a to b with `extra` enable
+/// arguments (initial replication done); `app_consistent_every_ms` sets the agent's test hook.
+fn replicating_guest_with_agent(
+    name: &str,
+    freq: &str,
+    opts: GuestOptions,
+    extra: &[&str],
+    app_consistent_every_ms: Option<u64>,
+) -> TestResult<(Pair, GuestVm)> {
+    let image = guest()?;
+    let p = Pair::new(exe())?;
+    let mut vm = GuestVm::create(
+        &p.root.path().join(format!("vm-{name}")),
+        &image,
+        name,
+        opts,
+    )?;
+    vm.def.args.extend(
+        [
+            "-chardev",
+            "socket,path={dir}/qga.sock,server=on,wait=off,id=qga0",
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
+        .map(str::to_owned),
+    );
+    std::fs::write(&vm.launch, vm.def.to_toml())?;
+    let qga = vm.qmp.with_file_name("qga.sock");
+    let t0 = Instant::now();
+    vm.start()?;
+    let check = vm.wait_check(BOOT_TIMEOUT)?;
+    assert!(check.ok, "fresh guest: {}", check.line);
+    eprintln!("{name}: booted to `{}` in {:?}", check.line, t0.elapsed());
+    vm.console()?.wait_seq(1, Duration::from_secs(60))?;
+    p.a.ok(&[
+        "vm",
+        "add",
+        name,
+        "--qmp",
+        &vm.qmp.display().to_string(),
+        "--qga",
+        &qga.display().to_string(),
+        "--launch",
+        &vm.launch.display().to_string(),
+    ])?;
+    if let Some(ms) = app_consistent_every_ms {
+        // the agent's test hook (feature test-hooks): app-consistent cycles this often
+        std::fs::write(p.a.dir.join("test-app-consistent-every-ms"), ms.to_string())?;
+    }
+    let mut args = vec!["--frequency", freq];
+    args.extend_from_slice(extra);
+    p.enable(name, &args)?;
+    let t1 = Instant::now();
+    p.wait_cycle(name, 1, INITIAL)?;
+    eprintln!("{name}: initial replication in {:?}", t1.elapsed());
+    Ok((p, vm))
+}
+
+fn points(agent: &Agent, vm: &str) -> TestResult<Vec<vmr_proto::api::PointInfo>> {
+    Ok(serde_json::from_str(&agent.ok(&["points", vm, "--json"])?)?)
+}
+
+/// What a point's disk looks like to tools that do not replay anything.
+struct DiskAsFound {
+    /// `e2fsck -fn` exit status and output.
+    fsck_code: i32,
+    fsck: String,
+    /// Sizes of the workload's SQLite side files (`None`: absent).
+    wal_len: Option<u64>,
+    journal_len: Option<u64>,
+}
+
+/// Convert a failover overlay to a raw temp file and look at it: `e2fsck -fn` (no journal
+/// replay, no change) and the sizes of `wal.db-wal` and `journal.db-journal` (debugfs).
+fn inspect(disk: &str, tmp: &Path) -> TestResult<DiskAsFound> {
+    let raw = tmp.join("point.raw");
+    let _ = std::fs::remove_file(&raw);
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw", disk])
+        .arg(&raw)
+        .output()?;
+    assert!(out.status.success(), "qemu-img convert: {out:?}");
+    let fsck = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()?;
+    let ls = std::process::Command::new("debugfs")
+        .args(["-R", "ls -l /var/lib/vmr"])
+        .arg(&raw)
+        .output()?;
+    let listing = String::from_utf8_lossy(&ls.stdout).into_owned();
+    // `ls -l` lines: inode, mode, (uid, gid), size, date, time, name
+    let size_of = |name: &str| {
+        listing.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.last() == Some(&name))
+                .then(|| f.get(f.len().checked_sub(4)?)?.parse::<u64>().ok())
+                .flatten()
+        })
+    };
+    assert!(size_of("wal.db").is_some(), "no wal.db in: {listing}");
+    let found = DiskAsFound {
+        fsck_code: fsck.status.code().unwrap_or(-1),
+        fsck: format!(
+            "{}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        ),
+        wal_len: size_of("wal.db-wal"),
+        journal_len: size_of("journal.db-journal"),
+    };
+    std::fs::remove_file(&raw)?;
+    Ok(found)
+}
+
+/// App-consistent recovery points on a real guest: the first incremental cycle after enable is
+/// cut with the guest frozen by qemu-ga (its fsfreeze hook quiesced the workload first), the
+/// replica labels that point app-consistent, and its disk as found needs no recovery: `e2fsck
+/// -fn` is clean (ext4's freeze cleared needs_recovery) and the WAL database has no `-wal`
+/// content to replay and the journal database no hot journal, while a crash-consistent point
+/// of the same VM needs journal recovery. The frozen time is printed.
+#[test]
+fn app_consistent_point_of_a_real_guest_needs_no_recovery() -> TestResult {
+    let name = "rg-appcons";
+    let (mut p, mut vm) = replicating_guest_with_agent(
+        name,
+        "10s",
+        GuestOptions::default(),
+        &["--app-consistent-every", "1h", "--recovery-points", "2"],
+        None,
+    )?;
+    // The first incremental cycle freezes.
+    let (st, _) = p.a.wait_status(
+        name,
+        CYCLE,
+        Duration::from_millis(100),
+        "an app-consistent cycle",
+        |s| s.stats.app_consistent_cycles >= 1 || s.stats.quiesce_failures >= 1,
+    )?;
+    assert_eq!(
+        (st.stats.app_consistent_cycles, st.stats.quiesce_failures),
+        (1, 0),
+        "the freeze failed: {:?}",
+        st.stats.last_quiesce_error
+    );
+    let frozen_ms = st.stats.last_frozen_ms.ok_or("no frozen time")?;
+    let call_ms = st.stats.last_freeze_call_ms.ok_or("no freeze call time")?;
+    assert!(call_ms <= frozen_ms);
+    let app_id = st.last_cycle.ok_or("no cycle")?;
+    p.b.wait_cycle(name, app_id, CYCLE)?;
+    // and a crash-consistent one after it
+    p.wait_cycle(name, app_id + 1, CYCLE)?;
+    let quiesced = std::fs::read_to_string(&vm.serial)?
+        .lines()
+        .filter(|l| l.starts_with("VMR QUIESCED"))
+        .count();
+    assert!(quiesced >= 1, "the workload was never quiesced by the hook");
+    let pts = points(&p.b, name)?;
+    let app = pts
+        .iter()
+        .find(|x| x.id == app_id)
+        .ok_or("the app-consistent point was pruned")?;
+    assert_eq!(app.kind, "app-consistent", "{pts:?}");
+    let crash = pts
+        .iter()
+        .rfind(|x| x.id > app_id)
+        .ok_or("no later point")?;
+    assert_eq!(crash.kind, "crash-consistent", "{pts:?}");
+    let crash_id = crash.id;
+
+    // The primary host is lost; look at both points' disks as a failover finds them.
+    vm.kill9();
+    p.a.kill9();
+    let tmp = p.root.path().to_path_buf();
+    let fo = failover(
+        &p.b,
+        &[
+            "start",
+            name,
+            "--point",
+            &crash_id.to_string(),
+            "--no-start",
+            "--force",
+        ],
+    )?;
+    let crash_disk = inspect(&fo.disks[0].1, &tmp)?;
+    failover(&p.b, &["cancel", name])?;
+    let fo = failover(
+        &p.b,
+        &[
+            "start",
+            name,
+            "--point",
+            &app_id.to_string(),
+            "--no-start",
+            "--force",
+        ],
+    )?;
+    assert_eq!(fo.point, Some(app_id));
+    let app_disk = inspect(&fo.disks[0].1, &tmp)?;
+    eprintln!(
+        "REAL-GUEST app-consistent: point {app_id} frozen {frozen_ms} ms (freeze call to thaw \
+         answer: {call_ms} ms hooks and freeze, {} ms file systems frozen with the cut); e2fsck -fn exit {} (crash-consistent point {crash_id}: exit {}, {}); wal.db-wal \
+         {:?} bytes (crash-consistent: {:?}); journal.db-journal {:?} (crash-consistent: {:?})",
+        frozen_ms - call_ms,
+        app_disk.fsck_code,
+        crash_disk.fsck_code,
+        if crash_disk.fsck.contains("journal recovery") {
+            "needs journal recovery"
+        } else {
+            "no journal recovery"
+        },
+        app_disk.wal_len,
+        crash_disk.wal_len,
+        app_disk.journal_len,
+        crash_disk.journal_len,
+    );
+    assert!(
+        crash_disk.fsck.contains("journal recovery"),
+        "a crash-consistent point of a mounted ext4 needs journal recovery:\n{}",
+        crash_disk.fsck
+    );
+    assert_eq!(app_disk.fsck_code, 0, "e2fsck -fn:\n{}", app_disk.fsck);
+    assert!(
+        !app_disk.fsck.contains("journal recovery"),
+        "app-consistent point:\n{}",
+        app_disk.fsck
+    );
+    assert!(
+        app_disk.wal_len.unwrap_or(0) == 0,
+        "WAL content to replay in the app-consistent point: {:?}",
+        app_disk.wal_len
+    );
+    assert!(
+        app_disk.journal_len.unwrap_or(0) == 0,
+        "hot journal in the app-consistent point: {:?}",
+        app_disk.journal_len
+    );
+    p.b.stop()?;
+    Ok(())
+}
+
+/// Planned failover with `failover prepare --shutdown`: vmreplica shuts the guest down through
+/// its guest agent (QEMU `-no-shutdown` keeps the stopped VM: `prepare` reads its disks
+/// through it), ships the final cycle, and the failed-over VM holds exactly what the primary's
+/// workload committed before it stopped (its last `VMR SEQ` line, printed on SIGTERM).
+#[test]
+fn planned_failover_with_shutdown_loses_nothing() -> TestResult {
+    let name = "rg-shutdown";
+    let opts = GuestOptions {
+        no_shutdown: true,
+        ..GuestOptions::default()
+    };
+    let (mut p, vm) = replicating_guest_with_agent(name, "10s", opts, &[], None)?;
+    let uuid = vm.def.uuid;
+    run_cycles(&p, name, 1)?;
+    let t0 = Instant::now();
+    let prep = failover(&p.a, &["prepare", name, "--shutdown", "--timeout", "180s"])?;
+    let took = t0.elapsed();
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    let serial = std::fs::read_to_string(&vm.serial)?;
+    assert!(
+        serial.lines().any(|l| l.starts_with("VMR STOPPED")),
+        "the workload was not stopped by a shutdown:\n{}",
+        vm.console()?.tail(20)
+    );
+    let last = *vm.console()?.seqs().last().ok_or("no VMR SEQ line")?;
+    let st = vm.qmp("query-status")?;
+    assert_eq!(st["status"], "shutdown", "{st}");
+    assert!(
+        p.a.log()
+            .contains("guest-shutdown sent through the guest agent"),
+        "the guest was not asked through its agent"
+    );
+
+    // The replica's split-brain probe reaches the prepared primary (it is not running).
+    p.a.allow(&p.b)?;
+    let live = failover(&p.b, &["start", name])?;
+    assert_eq!(live.point, prep.point, "the planned point");
+    let fo_console = Console::follow(&failover_serial(&p.b, uuid))?;
+    let check = fo_console.wait_check(BOOT_TIMEOUT)?;
+    eprintln!(
+        "REAL-GUEST planned --shutdown: prepare took {:.1} s (guest shutdown + final cycle); \
+         primary's last SEQ wal={} journal={} file={}; failed-over `{}`",
+        took.as_secs_f64(),
+        last.wal,
+        last.journal,
+        last.file,
+        check.line
+    );
+    assert!(check.ok, "failed-over guest: {}", check.line);
+    assert_eq!(
+        (check.wal, check.journal, check.files),
+        (last.wal, last.journal, last.file),
+        "planned failover lost or invented writes"
+    );
+    p.b.stop()?;
+    Ok(())
+}
+
+/// The frozen time of app-consistent cuts on a real guest under its workload, over many cuts:
+/// the agent's test hook makes every incremental cycle app-consistent (`enable` takes whole
+/// hours). Every freeze must succeed and stay below the 8 s freeze timeout; the percentiles
+/// are printed (the goal, < 100 ms at p99, is for KVM guests; TCG is slower).
+#[test]
+#[ignore = "full real-guest form"]
+fn app_consistent_frozen_time_of_a_real_guest() -> TestResult {
+    const CUTS: u64 = 20;
+    let name = "rg-frozen";
+    let (mut p, _vm) = replicating_guest_with_agent(
+        name,
+        "5s",
+        GuestOptions::default(),
+        &["--app-consistent-every", "1h"],
+        Some(1),
+    )?;
+    let mut frozen = Vec::new();
+    let mut seen = p.a.status(name)?.stats.app_consistent_cycles;
+    while (frozen.len() as u64) < CUTS {
+        let (st, _) = p.a.wait_status(
+            name,
+            CYCLE,
+            Duration::from_millis(50),
+            "the next app-consistent cycle",
+            |s| s.stats.app_consistent_cycles > seen || s.stats.quiesce_failures > 0,
+        )?;
+        assert_eq!(
+            st.stats.quiesce_failures, 0,
+            "a freeze failed: {:?}",
+            st.stats.last_quiesce_error
+        );
+        seen = st.stats.app_consistent_cycles;
+        let all = st.stats.last_frozen_ms.ok_or("no frozen time")?;
+        let call = st.stats.last_freeze_call_ms.ok_or("no freeze call time")?;
+        frozen.push((all, all.saturating_sub(call)));
+    }
+    let pcts = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+        (at(0.5), at(0.9), at(0.99), v[v.len() - 1])
+    };
+    let total = pcts(frozen.iter().map(|f| f.0).collect());
+    let fs = pcts(frozen.iter().map(|f| f.1).collect());
+    eprintln!(
+        "REAL-GUEST frozen time over {} app-consistent cuts, ms (p50/p90/p99/max): freeze call \
+         to thaw answer {total:?}; file systems frozen with the cut {fs:?}; all (total, fs): \
+         {frozen:?}",
+        frozen.len()
+    );
+    assert!(total.3 < 8_000, "a freeze outlasted the freeze timeout");
+    let pts = points(&p.b, name)?;
+    assert_eq!(
+        pts.last().map(|x| x.kind.as_str()),
+        Some("app-consistent"),
+        "{pts:?}"
+    );
+    p.b.stop()?;
+    Ok(())
+}
