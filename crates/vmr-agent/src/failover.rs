@@ -1209,12 +1209,7 @@ pub async fn become_replica(
 /// channel (`{qga}`) and the VM was started.
 pub fn live_qga(vm: &Vm) -> Option<PathBuf> {
     let fr = vm.failover().ok()?;
-    let live = fr.live?;
-    live.qmp.as_ref()?;
-    let def = VmDefinition::from_toml(&vm.rec.launch_toml).ok()?;
-    def.args.iter().any(|a| a.contains("{qga}")).then(|| {
-        crate::launch::failover_dir(&vm.host.dir, vm.rec.uuid)
-            .join("live")
-            .join("qga.sock")
-    })
+    fr.live?.qmp.as_ref()?;
+    // Set by `start` for the VM it started (`launch::qga_socket`).
+    vm.rec.qga.as_ref().map(PathBuf::from)
 }

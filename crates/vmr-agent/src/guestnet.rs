@@ -281,11 +281,11 @@ cfg_networkd() { # ifname mac v4 gw4 v6 gw6 dns
     echo "Name=$1"
     echo "[Network]"
     for a in $3 $5; do echo "Address=$a"; done
-    [ -n "$4" ] && echo "Gateway=$4"
-    [ -n "$6" ] && echo "Gateway=$6"
+    if [ -n "$4" ]; then echo "Gateway=$4"; fi
+    if [ -n "$6" ]; then echo "Gateway=$6"; fi
     for d in $7; do echo "DNS=$d"; done
-    [ -z "$5" ] && echo "IPv6AcceptRA=no"
-  } > "$f.tmp" && mv "$f.tmp" "$f" || return 1
+    if [ -z "$5" ]; then echo "IPv6AcceptRA=no"; fi
+  } > "$f.tmp" && mv "$f.tmp" "$f" || { echo "cannot write $f" >&2; return 1; }
   systemctl enable -q systemd-networkd >/dev/null 2>&1
   if systemctl is-active -q systemd-networkd; then
     networkctl reload >/dev/null 2>&1 || systemctl restart systemd-networkd
@@ -307,17 +307,17 @@ cfg_nm() { # ifname mac v4 gw4 v6 gw6 dns
     if [ -n "$3" ]; then
       echo "method=manual"; i=1
       for a in $3; do echo "address$i=$a"; i=$((i + 1)); done
-      [ -n "$4" ] && echo "gateway=$4"
-      [ -n "$d4" ] && echo "dns=$d4"
+      if [ -n "$4" ]; then echo "gateway=$4"; fi
+      if [ -n "$d4" ]; then echo "dns=$d4"; fi
     else echo "method=disabled"; fi
     echo "[ipv6]"
     if [ -n "$5" ]; then
       echo "method=manual"; i=1
       for a in $5; do echo "address$i=$a"; i=$((i + 1)); done
-      [ -n "$6" ] && echo "gateway=$6"
-      [ -n "$d6" ] && echo "dns=$d6"
+      if [ -n "$6" ]; then echo "gateway=$6"; fi
+      if [ -n "$d6" ]; then echo "dns=$d6"; fi
     else echo "method=ignore"; fi
-  } > "$f.tmp" && chmod 600 "$f.tmp" && mv "$f.tmp" "$f" || return 1
+  } > "$f.tmp" && chmod 600 "$f.tmp" && mv "$f.tmp" "$f" || { echo "cannot write $f" >&2; return 1; }
   nmcli connection reload && nmcli connection up "$TAG-$1" >/dev/null
 }
 
@@ -339,8 +339,8 @@ cfg_ifupdown() { # ifname mac v4 gw4 v6 gw6 dns
     for a in $3; do
       if [ $first = 1 ]; then
         echo "iface $1 inet static"; echo "    address $a"
-        [ -n "$4" ] && echo "    gateway $4"
-        [ -n "$7" ] && echo "    dns-nameservers $7"
+        if [ -n "$4" ]; then echo "    gateway $4"; fi
+        if [ -n "$7" ]; then echo "    dns-nameservers $7"; fi
         first=0
       else echo "    up ip addr add $a dev $1"; fi
     done
@@ -348,11 +348,11 @@ cfg_ifupdown() { # ifname mac v4 gw4 v6 gw6 dns
     for a in $5; do
       if [ $first = 1 ]; then
         echo "iface $1 inet6 static"; echo "    address $a"
-        [ -n "$6" ] && echo "    gateway $6"
+        if [ -n "$6" ]; then echo "    gateway $6"; fi
         first=0
       else echo "    up ip -6 addr add $a dev $1"; fi
     done
-  } > "$f.tmp" && mv "$f.tmp" "$f" || return 1
+  } > "$f.tmp" && mv "$f.tmp" "$f" || { echo "cannot write $f" >&2; return 1; }
   ifup "$1"
 }
 
@@ -376,6 +376,11 @@ configure() { # mac v4 gw4 v6 gw6 dns
     ifupdown) cfg_ifupdown "$ifn" "$1" "$2" "$3" "$4" "$5" "$6" ;;
     *) cfg_runtime "$ifn" "$1" "$2" "$3" "$4" "$5" "$6" ;;
   esac >/tmp/$TAG.log 2>&1
+  rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "VMR-NET fail $1 $ifn $m configuration failed (exit $rc): $(tail -n 3 /tmp/$TAG.log | tr '\n' ' ')"
+    return
+  fi
   # The addresses must show up (a manager applies them asynchronously: wait up to 20 s).
   missing=
   for try in $(seq 1 40); do

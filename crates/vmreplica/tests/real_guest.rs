@@ -37,13 +37,22 @@ fn failover(agent: &Agent, args: &[&str]) -> TestResult<FailoverResult> {
 /// A pair of agents with a booted guest `name` replicating every `freq` from a to b (initial
 /// replication done).
 fn replicating_guest(name: &str, freq: &str) -> TestResult<(Pair, GuestVm)> {
+    replicating_guest_opts(name, freq, GuestOptions::default())
+}
+
+/// [`replicating_guest`] with the guest's options.
+fn replicating_guest_opts(
+    name: &str,
+    freq: &str,
+    opts: GuestOptions,
+) -> TestResult<(Pair, GuestVm)> {
     let image = guest()?;
     let p = Pair::new(exe())?;
     let mut vm = GuestVm::create(
         &p.root.path().join(format!("vm-{name}")),
         &image,
         name,
-        GuestOptions::default(),
+        opts,
     )?;
     let t0 = Instant::now();
     vm.start()?;
@@ -111,10 +120,33 @@ fn rate(seqs: &[Seq]) -> f64 {
 /// killed; the failed-over VM boots, its file system journal is replayed (initramfs fsck), its
 /// databases pass `integrity_check`, gap-free with checksums; the loss is at most one interval
 /// plus one cycle's time (+ 3 s: the 1 s SEQ granularity, console polling, TCG jitter).
+/// The guest has a NIC and a guest agent channel (`{qga}`): the replica host's failover network
+/// settings are applied in the failed-over guest (systemd-networkd there) and its agent reports
+/// the address on the interface.
 #[test]
 fn unplanned_failover_of_a_real_guest_loses_at_most_an_interval() -> TestResult {
     let interval = Duration::from_secs(10);
-    let (mut p, mut vm) = replicating_guest("rg-unplanned", "10s")?;
+    let mac = "52:54:00:12:34:56";
+    let opts = GuestOptions {
+        qga: true,
+        nic_mac: Some(mac.to_owned()),
+        ..GuestOptions::default()
+    };
+    let (mut p, mut vm) = replicating_guest_opts("rg-unplanned", "10s", opts)?;
+    // The replica host's failover network settings (Hyper-V's Failover TCP/IP).
+    p.b.ok(&[
+        "vm",
+        "set",
+        vm.name(),
+        "--failover-ip",
+        &format!("{mac}=10.2.0.5/24"),
+        "--failover-ip",
+        &format!("{mac}=fd00:2::5/64"),
+        "--failover-gateway",
+        &format!("{mac}=10.2.0.1"),
+        "--failover-dns",
+        &format!("{mac}=10.2.0.2"),
+    ])?;
     let max_cycle_ms = run_cycles(&p, vm.name(), 3)?;
     let uuid = vm.def.uuid;
     // Lose the host mid-interval, not right after a cycle: 5 more console lines (~5 s).
@@ -154,6 +186,20 @@ fn unplanned_failover_of_a_real_guest_loses_at_most_an_interval() -> TestResult 
     );
     assert!(check.ok, "failed-over guest: {}", check.line);
     assert!(check.wal > 0, "nothing of the workload was replicated");
+    // `failover start` answered once the settings were applied in the guest.
+    eprintln!("failover network: {:?}", live.network);
+    assert_eq!(live.network.len(), 1, "{:?}", live.network);
+    assert!(
+        live.network[0].contains("configured with networkd"),
+        "{:?}",
+        live.network
+    );
+    let qga = failover_serial(&p.b, uuid).with_file_name("qga.sock");
+    let addrs = guest_addresses(&qga, mac)?;
+    assert!(
+        addrs.iter().any(|a| a == "10.2.0.5/24") && addrs.iter().any(|a| a == "fd00:2::5/64"),
+        "the failed-over guest's agent reports {addrs:?} on {mac}"
+    );
     assert!(
         check.wal <= last.wal + 40 && check.journal <= last.journal + 40,
         "the failed-over VM holds more than the primary wrote: {} vs last {last:?}",
@@ -520,6 +566,7 @@ fn app_consistent_point_of_a_real_guest_needs_no_recovery() -> TestResult {
 /// through it), ships the final cycle, and the failed-over VM holds exactly what the primary's
 /// workload committed before it stopped (its last `VMR SEQ` line, printed on SIGTERM).
 #[test]
+#[ignore = "full real-guest form (scripts/real-guest.sh): the quick form keeps the unplanned and the app-consistent scenarios (prepare --shutdown's decisions are table-tested, its timeout e2e-tested with a stand-in)"]
 fn planned_failover_with_shutdown_loses_nothing() -> TestResult {
     let name = "rg-shutdown";
     let opts = GuestOptions {

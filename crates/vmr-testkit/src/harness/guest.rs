@@ -112,6 +112,12 @@ pub struct GuestOptions {
     pub accel: String,
     /// Start the harness's QEMU with `-no-shutdown` (a guest shutdown leaves QEMU running).
     pub no_shutdown: bool,
+    /// A guest agent channel through the `{qga}` placeholder (the harness's start puts it at
+    /// `{dir}/qga.sock`, as vmreplica does for a VM it starts).
+    pub qga: bool,
+    /// A virtio NIC with this MAC on an isolated user-mode network (`restrict=on`: nothing
+    /// leaves the host), as the definition's `network-args` run (a test failover drops it).
+    pub nic_mac: Option<String>,
 }
 
 impl Default for GuestOptions {
@@ -122,13 +128,16 @@ impl Default for GuestOptions {
             workload: true,
             accel: std::env::var("VMR_GUEST_ACCEL").unwrap_or_else(|_| "tcg".to_owned()),
             no_shutdown: false,
+            qga: false,
+            nic_mac: None,
         }
     }
 }
 
 /// The definition of a guest VM `name` on `disk` (node `disk0`): `qemu-system-x86_64`, direct
-/// kernel boot, serial console `{dir}/serial.log`, no NIC, vmreplica's monitor `{qmp}` and the
-/// harness's `{dir}/h.qmp`.
+/// kernel boot, serial console `{dir}/serial.log`, vmreplica's monitor `{qmp}` and the
+/// harness's `{dir}/h.qmp`; no NIC unless [`GuestOptions::nic_mac`], a guest agent channel
+/// (`{qga}`) when [`GuestOptions::qga`].
 pub fn guest_definition(
     image: &GuestImage,
     name: &str,
@@ -169,8 +178,6 @@ pub fn guest_definition(
         "driver=qcow2,node-name=disk0,file=disk0-file".to_owned(),
         "-device".to_owned(),
         "virtio-blk-pci,drive=disk0,id=vblk0".to_owned(),
-        "-nic".to_owned(),
-        "none".to_owned(),
         "-serial".to_owned(),
         "file:{dir}/serial.log".to_owned(),
         "-qmp".to_owned(),
@@ -178,13 +185,45 @@ pub fn guest_definition(
         "-qmp".to_owned(),
         "unix:{dir}/h.qmp,server=on,wait=off".to_owned(),
     ];
+    let mut args = args.to_vec();
+    let network_args: Vec<String> = match &opts.nic_mac {
+        Some(mac) => vec![
+            "-netdev".to_owned(),
+            "user,id=net0,restrict=on".to_owned(),
+            "-device".to_owned(),
+            format!("virtio-net-pci,netdev=net0,mac={mac}"),
+        ],
+        None => vec!["-nic".to_owned(), "none".to_owned()],
+    };
+    args.extend(network_args.iter().cloned());
+    if opts.qga {
+        args.extend(
+            [
+                "-chardev",
+                "socket,path={qga},server=on,wait=off,id=qga0",
+                "-device",
+                "virtio-serial-pci",
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]
+            .map(str::to_owned),
+        );
+    }
     VmDefinition {
         name: name.to_owned(),
         uuid,
         program: "qemu-system-x86_64".to_owned(),
-        args: args.to_vec(),
-        test_args: vec![],
-        network_args: vec![],
+        args,
+        test_args: if opts.nic_mac.is_some() {
+            vec!["-nic".to_owned(), "none".to_owned()]
+        } else {
+            vec![]
+        },
+        network_args: if opts.nic_mac.is_some() {
+            network_args
+        } else {
+            vec![]
+        },
         disks: vec![DiskDef {
             node: "disk0".to_owned(),
             path: disk.display().to_string(),
@@ -295,13 +334,20 @@ impl GuestVm {
         } else {
             &self.opts.accel
         };
-        let mut args =
-            def.render_args(&self.qmp.display().to_string(), "", accel, false, &|n| {
+        let qga = self.qga().display().to_string();
+        let mut args = def.render_args_qga(
+            &self.qmp.display().to_string(),
+            "",
+            Some(&qga),
+            accel,
+            false,
+            &|n| {
                 def.disks
                     .iter()
                     .find(|d| d.node == n)
                     .map(|d| d.path.clone())
-            })?;
+            },
+        )?;
         if self.opts.no_shutdown {
             args.push("-no-shutdown".to_owned());
         }
@@ -329,6 +375,11 @@ impl GuestVm {
         self.child = Some(child);
         self.console = Some(Console::follow(&self.serial)?);
         Ok(())
+    }
+
+    /// The guest agent socket (`{qga}`, used when [`GuestOptions::qga`]).
+    pub fn qga(&self) -> PathBuf {
+        self.qmp.with_file_name("qga.sock")
     }
 
     /// The console of the running (or last) start.
@@ -420,18 +471,87 @@ impl GuestVm {
 
     /// `vm add` on `primary` (vmreplica's monitor, the definition file).
     pub fn register(&self, primary: &Agent) -> Result<()> {
-        primary
-            .ok(&[
-                "vm",
-                "add",
-                &self.def.name,
-                "--qmp",
-                &self.qmp.display().to_string(),
-                "--launch",
-                &self.launch.display().to_string(),
-            ])
-            .map(drop)
+        let qmp = self.qmp.display().to_string();
+        let launch = self.launch.display().to_string();
+        let qga = self.qga().display().to_string();
+        let mut args = vec![
+            "vm",
+            "add",
+            &self.def.name,
+            "--qmp",
+            &qmp,
+            "--launch",
+            &launch,
+        ];
+        if self.opts.qga {
+            args.extend(["--qga", &qga]);
+        }
+        primary.ok(&args).map(drop)
     }
+}
+
+/// The IPv4 and IPv6 addresses (`ADDR/PREFIX`) the guest agent at `socket` reports on the
+/// interface with MAC `mac` (`guest-network-get-interfaces`; the session is synchronised with
+/// `guest-sync-delimited` first, past whatever an earlier client left in the channel).
+pub fn guest_addresses(socket: &Path, mac: &str) -> Result<Vec<String>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(io_err(format!("connect to {}", socket.display())))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io_err("set a guest agent read timeout"))?;
+    let id: u32 = rand::random::<u32>() >> 1;
+    // A leading 0xFF byte resets an agent that was in the middle of reading a request.
+    let mut req = vec![0xffu8];
+    req.extend_from_slice(
+        format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n")
+            .as_bytes(),
+    );
+    s.write_all(&req)
+        .map_err(io_err("write to the guest agent"))?;
+    let mut r = BufReader::new(s.try_clone().map_err(io_err("clone a socket"))?);
+    // Skip to the delimiter (0xFF), then to the answer carrying our id.
+    let mut byte = [0u8; 1];
+    loop {
+        r.read_exact(&mut byte)
+            .map_err(io_err("read the guest agent's delimiter"))?;
+        if byte[0] == 0xff {
+            break;
+        }
+    }
+    let mut line = String::new();
+    let read = |r: &mut BufReader<std::os::unix::net::UnixStream>, line: &mut String| {
+        line.clear();
+        r.read_line(line)
+            .map_err(io_err("read from the guest agent"))
+    };
+    loop {
+        read(&mut r, &mut line)?;
+        if line.contains(&id.to_string()) {
+            break;
+        }
+    }
+    s.write_all(b"{\"execute\":\"guest-network-get-interfaces\"}\n")
+        .map_err(io_err("write to the guest agent"))?;
+    read(&mut r, &mut line)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).map_err(|source| HarnessError::Json {
+            what: "guest-network-get-interfaces".to_owned(),
+            source,
+        })?;
+    let none = Vec::new();
+    let ifaces = v["return"].as_array().unwrap_or(&none);
+    Ok(ifaces
+        .iter()
+        .filter(|i| i["hardware-address"].as_str() == Some(mac))
+        .flat_map(|i| i["ip-addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| {
+            Some(format!(
+                "{}/{}",
+                a["ip-address"].as_str()?,
+                a["prefix"].as_u64()?
+            ))
+        })
+        .collect())
 }
 
 /// One synchronous QMP command (capabilities negotiated first) on `socket`; its `return`.
