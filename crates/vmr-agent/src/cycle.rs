@@ -453,17 +453,27 @@ pub async fn run_incremental(
 /// Test hook (cargo feature `test-hooks` only): while a file of this name exists in the agent
 /// directory, each incremental or full cycle keeps its point-in-time view open before it is
 /// read (at most [`HOLD_MAX`]); the test that created the file removes it to let the cycle go on.
+/// While a cycle holds, [`HELD_MARK`] exists: the view is open (its space reserved).
 #[cfg(feature = "test-hooks")]
 const HOLD_HOOK: &str = "test-cycle-hold";
+/// See [`HOLD_HOOK`].
+#[cfg(feature = "test-hooks")]
+const HELD_MARK: &str = "test-cycle-held";
 #[cfg(feature = "test-hooks")]
 const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[cfg(feature = "test-hooks")]
 async fn hold_hook(dir: &std::path::Path) {
+    if !dir.join(HOLD_HOOK).exists() {
+        return;
+    }
+    let mark = dir.join(HELD_MARK);
+    let _ = std::fs::write(&mark, "");
     let until = tokio::time::Instant::now() + HOLD_MAX;
     while dir.join(HOLD_HOOK).exists() && tokio::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    let _ = std::fs::remove_file(&mark);
 }
 
 #[cfg(not(feature = "test-hooks"))]

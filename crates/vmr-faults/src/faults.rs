@@ -533,15 +533,13 @@ fn fleece_full(bed: &mut Bed, rng: &mut StdRng) -> anyhow::Result<()> {
     // The view stays open while this file exists.
     std::fs::write(&hold, "")?;
     let before = bed.last(true)?;
-    let opened = bed.pair.a.wait_status(
-        VM,
+    // The hook marks the hold once the view is open (its space reserved).
+    let opened = vmr_testkit::wait_for_path(
+        &bed.pair.a.dir.join("test-cycle-held"),
         Duration::from_secs(60),
-        Duration::from_millis(20),
-        "a cycle with its view open",
-        |s| s.progress.is_some(),
     );
     let mut ballast = Vec::new();
-    let filled = opened.map_err(anyhow::Error::from).and_then(|_| {
+    let filled = opened.and_then(|_| {
         sleep_ms(rng, 0, 500);
         fill_fs(&work, &mut ballast, Duration::from_secs(20))?;
         ensure!(
