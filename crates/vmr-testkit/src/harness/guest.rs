@@ -110,7 +110,9 @@ pub struct GuestOptions {
     /// machines, see `docs/real-guest.md`), `kvm`, or `{accel}` to let vmreplica choose when
     /// it starts the VM. `$VMR_GUEST_ACCEL` overrides the default.
     pub accel: String,
-    /// Start the harness's QEMU with `-no-shutdown` (a guest shutdown leaves QEMU running).
+    /// `-no-shutdown` in the definition (a guest shutdown leaves QEMU running, as `failover
+    /// prepare` needs): the harness's QEMU and every VM an agent starts from the replicated
+    /// definition (failover, ping-pong) carry it.
     pub no_shutdown: bool,
 }
 
@@ -128,7 +130,8 @@ impl Default for GuestOptions {
 
 /// The definition of a guest VM `name` on `disk` (node `disk0`): `qemu-system-x86_64`, direct
 /// kernel boot, serial console `{dir}/serial.log`, no NIC, vmreplica's monitor `{qmp}` and the
-/// harness's `{dir}/h.qmp`.
+/// harness's `{dir}/h.qmp` (also on a VM an agent's failover starts: see [`failover_qmp`]),
+/// `-no-shutdown` with [`GuestOptions::no_shutdown`].
 pub fn guest_definition(
     image: &GuestImage,
     name: &str,
@@ -143,7 +146,7 @@ pub fn guest_definition(
     if !opts.workload {
         append.push_str(" vmr.workload=0");
     }
-    let args = [
+    let mut args = vec![
         "-name".to_owned(),
         "{name}".to_owned(),
         "-uuid".to_owned(),
@@ -178,11 +181,14 @@ pub fn guest_definition(
         "-qmp".to_owned(),
         "unix:{dir}/h.qmp,server=on,wait=off".to_owned(),
     ];
+    if opts.no_shutdown {
+        args.push("-no-shutdown".to_owned());
+    }
     VmDefinition {
         name: name.to_owned(),
         uuid,
         program: "qemu-system-x86_64".to_owned(),
-        args: args.to_vec(),
+        args,
         test_args: vec![],
         network_args: vec![],
         disks: vec![DiskDef {
@@ -192,15 +198,24 @@ pub fn guest_definition(
     }
 }
 
-/// Where a VM started by an agent's failover writes its console (`{dir}/serial.log` of the
-/// live failover: `DIR/fo/<uuid>/live`).
-pub fn failover_serial(agent: &Agent, uuid: Uuid) -> PathBuf {
+/// The `{dir}` of the VM an agent's (live) failover started: `DIR/fo/<uuid>/live`.
+pub fn failover_dir(agent: &Agent, uuid: Uuid) -> PathBuf {
     agent
         .dir
         .join("fo")
         .join(uuid.simple().to_string())
         .join("live")
-        .join("serial.log")
+}
+
+/// Where a VM started by an agent's failover writes its console (`{dir}/serial.log`).
+pub fn failover_serial(agent: &Agent, uuid: Uuid) -> PathBuf {
+    failover_dir(agent, uuid).join("serial.log")
+}
+
+/// The harness's own QMP monitor of a VM an agent's failover started (`{dir}/h.qmp`): for
+/// [`harness_qmp`] (`system_powerdown`, `query-status`).
+pub fn failover_qmp(agent: &Agent, uuid: Uuid) -> PathBuf {
+    failover_dir(agent, uuid).join("h.qmp")
 }
 
 /// A real guest VM the harness runs (`qemu-system-x86_64`), killed on drop.
@@ -295,16 +310,12 @@ impl GuestVm {
         } else {
             &self.opts.accel
         };
-        let mut args =
-            def.render_args(&self.qmp.display().to_string(), "", accel, false, &|n| {
-                def.disks
-                    .iter()
-                    .find(|d| d.node == n)
-                    .map(|d| d.path.clone())
-            })?;
-        if self.opts.no_shutdown {
-            args.push("-no-shutdown".to_owned());
-        }
+        let args = def.render_args(&self.qmp.display().to_string(), "", accel, false, &|n| {
+            def.disks
+                .iter()
+                .find(|d| d.node == n)
+                .map(|d| d.path.clone())
+        })?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
