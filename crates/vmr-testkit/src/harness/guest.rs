@@ -110,7 +110,9 @@ pub struct GuestOptions {
     /// machines, see `docs/real-guest.md`), `kvm`, or `{accel}` to let vmreplica choose when
     /// it starts the VM. `$VMR_GUEST_ACCEL` overrides the default.
     pub accel: String,
-    /// Start the harness's QEMU with `-no-shutdown` (a guest shutdown leaves QEMU running).
+    /// `-no-shutdown` in the definition (a guest shutdown leaves QEMU running, as `failover
+    /// prepare` needs): the harness's QEMU and every VM an agent starts from the replicated
+    /// definition (failover, ping-pong) carry it.
     pub no_shutdown: bool,
     /// A guest agent channel through the `{qga}` placeholder (the harness's start puts it at
     /// `{dir}/qga.sock`, as vmreplica does for a VM it starts).
@@ -136,8 +138,9 @@ impl Default for GuestOptions {
 
 /// The definition of a guest VM `name` on `disk` (node `disk0`): `qemu-system-x86_64`, direct
 /// kernel boot, serial console `{dir}/serial.log`, vmreplica's monitor `{qmp}` and the
-/// harness's `{dir}/h.qmp`; no NIC unless [`GuestOptions::nic_mac`], a guest agent channel
-/// (`{qga}`) when [`GuestOptions::qga`].
+/// harness's `{dir}/h.qmp` (also on a VM an agent's failover starts: see [`failover_qmp`]);
+/// no NIC unless [`GuestOptions::nic_mac`], a guest agent channel (`{qga}`) when
+/// [`GuestOptions::qga`], `-no-shutdown` with [`GuestOptions::no_shutdown`].
 pub fn guest_definition(
     image: &GuestImage,
     name: &str,
@@ -152,7 +155,7 @@ pub fn guest_definition(
     if !opts.workload {
         append.push_str(" vmr.workload=0");
     }
-    let args = [
+    let args = vec![
         "-name".to_owned(),
         "{name}".to_owned(),
         "-uuid".to_owned(),
@@ -209,6 +212,9 @@ pub fn guest_definition(
             .map(str::to_owned),
         );
     }
+    if opts.no_shutdown {
+        args.push("-no-shutdown".to_owned());
+    }
     VmDefinition {
         name: name.to_owned(),
         uuid,
@@ -231,15 +237,24 @@ pub fn guest_definition(
     }
 }
 
-/// Where a VM started by an agent's failover writes its console (`{dir}/serial.log` of the
-/// live failover: `DIR/fo/<uuid>/live`).
-pub fn failover_serial(agent: &Agent, uuid: Uuid) -> PathBuf {
+/// The `{dir}` of the VM an agent's (live) failover started: `DIR/fo/<uuid>/live`.
+pub fn failover_dir(agent: &Agent, uuid: Uuid) -> PathBuf {
     agent
         .dir
         .join("fo")
         .join(uuid.simple().to_string())
         .join("live")
-        .join("serial.log")
+}
+
+/// Where a VM started by an agent's failover writes its console (`{dir}/serial.log`).
+pub fn failover_serial(agent: &Agent, uuid: Uuid) -> PathBuf {
+    failover_dir(agent, uuid).join("serial.log")
+}
+
+/// The harness's own QMP monitor of a VM an agent's failover started (`{dir}/h.qmp`): for
+/// [`harness_qmp`] (`system_powerdown`, `query-status`).
+pub fn failover_qmp(agent: &Agent, uuid: Uuid) -> PathBuf {
+    failover_dir(agent, uuid).join("h.qmp")
 }
 
 /// A real guest VM the harness runs (`qemu-system-x86_64`), killed on drop.
@@ -335,7 +350,7 @@ impl GuestVm {
             &self.opts.accel
         };
         let qga = self.qga().display().to_string();
-        let mut args = def.render_args_qga(
+        let args = def.render_args_qga(
             &self.qmp.display().to_string(),
             "",
             Some(&qga),
@@ -348,9 +363,6 @@ impl GuestVm {
                     .map(|d| d.path.clone())
             },
         )?;
-        if self.opts.no_shutdown {
-            args.push("-no-shutdown".to_owned());
-        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 pub use agent::{Agent, Pair, TestDir, kill_processes_under, tail};
 pub use guest::{
-    BOOT_TIMEOUT, Check, Console, GuestImage, GuestOptions, GuestVm, Seq, failover_serial,
-    guest_addresses, guest_definition, harness_qmp, parse_check, parse_seq,
+    BOOT_TIMEOUT, Check, Console, GuestImage, GuestOptions, GuestVm, Seq, failover_dir,
+    failover_qmp, failover_serial, guest_addresses, guest_definition, harness_qmp, parse_check,
+    parse_seq,
 };
 pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
