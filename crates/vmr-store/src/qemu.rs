@@ -181,8 +181,9 @@ enum Mode<'a> {
 
 /// A writable `qemu-nbd` export of one image and a connected client.
 pub(crate) struct Export {
-    /// The qemu-nbd process; taken (and waited for) by `finish`, `abort` or `drop`.
-    child: Option<Child>,
+    /// The qemu-nbd process; taken (and waited for) by `finish` or `abort`, else killed and
+    /// reaped when the export is dropped.
+    child: Reaped,
     sock: PathBuf,
     /// The connected client.
     pub client: NbdClient,
@@ -280,17 +281,24 @@ impl Export {
                     .arg(image);
             }
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| StoreError::tool("qemu-nbd", format!("cannot run qemu-nbd: {e}")))?;
+        // Guarded from here: a start cancelled while it waits for the socket or the
+        // connection (its future dropped) still kills and reaps this qemu-nbd.
+        let mut guard = Reaped(Some(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| StoreError::tool("qemu-nbd", format!("cannot run qemu-nbd: {e}")))?,
+        ));
+        let Some(child) = guard.0.as_mut() else {
+            return Err(StoreError::tool("qemu-nbd", "not started".to_owned()));
+        };
+        tracing::debug!(pid = child.id().unwrap_or(0), what = %what, "qemu-nbd spawned");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
             if let Ok(Some(_)) = child.try_wait() {
-                let msg = stderr_of(&mut child).await;
+                let msg = stderr_of(child).await;
                 return Err(StoreError::tool(
                     "qemu-nbd",
                     format!("{msg} (exporting {what})"),
@@ -312,12 +320,23 @@ impl Export {
         };
         let ep = Endpoint::Unix(sock.clone());
         let connected = loop {
-            // The socket file appears at bind(), just before listen(): retry a refusal.
+            // The socket file appears at bind(), just before listen(): retry a refusal, unless
+            // qemu-nbd has exited meanwhile (e.g. it could not open the image: its socket file
+            // stays, nobody listens); then its own error is the answer, and it is reaped now,
+            // not left a zombie until the deadline.
             match NbdClient::connect(&ep, opts.clone()).await {
                 Err(vmr_nbd::NbdError::Io(e))
                     if e.kind() == std::io::ErrorKind::ConnectionRefused
                         && tokio::time::Instant::now() < deadline =>
                 {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        let msg = stderr_of(child).await;
+                        let _ = std::fs::remove_file(&sock);
+                        return Err(StoreError::tool(
+                            "qemu-nbd",
+                            format!("{msg} ({st}, exporting {what})"),
+                        ));
+                    }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 other => break other,
@@ -331,8 +350,9 @@ impl Export {
                 return Err(StoreError::nbd(what, e));
             }
         };
+        tracing::debug!(pid = child.id().unwrap_or(0), what = %what, "qemu-nbd export started");
         Ok(Export {
-            child: Some(child),
+            child: guard,
             sock,
             client,
             what,
@@ -356,7 +376,7 @@ impl Export {
                 .disconnect()
                 .await
                 .map_err(|e| StoreError::nbd(self.what.clone(), e))?;
-            let Some(child) = self.child.as_mut() else {
+            let Some(child) = self.child.0.as_mut() else {
                 return Ok(());
             };
             let st = tokio::time::timeout(Duration::from_secs(60), child.wait())
@@ -376,7 +396,7 @@ impl Export {
         }
         .await;
         let _ = std::fs::remove_file(&self.sock);
-        if let Some(mut child) = self.child.take()
+        if let Some(mut child) = self.child.0.take()
             && res.is_err()
         {
             let _ = child.kill().await;
@@ -386,7 +406,7 @@ impl Export {
 
     /// Kill qemu-nbd without flushing (error path).
     pub(crate) async fn abort(mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut child) = self.child.0.take() {
             let _ = child.kill().await;
         }
         let _ = std::fs::remove_file(&self.sock);
@@ -394,13 +414,23 @@ impl Export {
 }
 
 impl Drop for Export {
-    /// A dropped export (a cancelled future) leaves no socket and no zombie: its `qemu-nbd`
-    /// is killed and waited for by a task of the runtime (tokio's own reaping of a
-    /// `kill_on_drop` child is best effort and was seen to leave a zombie of the agent);
-    /// without a runtime `kill_on_drop` kills it.
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.sock);
-        if let Some(mut child) = self.child.take()
+        if let Some(pid) = self.child.0.as_ref().and_then(Child::id) {
+            tracing::debug!(pid, what = %self.what, "qemu-nbd export dropped");
+        }
+    }
+}
+
+/// A child process that is killed and waited for when dropped, by a task of the runtime
+/// (tokio's own reaping of a `kill_on_drop` child is best effort: it runs on a later SIGCHLD,
+/// and was seen to leave a zombie of the agent for as long as no other child ended); without
+/// a runtime, `kill_on_drop` kills it.
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             rt.spawn(async move {

@@ -194,7 +194,16 @@ fn no_zombies(p: &Pair) -> TestResult {
         wait_until(Duration::from_secs(10), "no zombie children", || {
             Ok(zombies_of(pid).is_empty())
         })
-        .map_err(|e| format!("{}: {e}: zombies {:?}", a.name, zombies_of(pid)))?;
+        .map_err(|e| {
+            let z = zombies_of(pid);
+            // What the agent's log says about those processes.
+            let log = a.log();
+            let about: Vec<&str> = log
+                .lines()
+                .filter(|l| z.iter().any(|(p, _)| l.contains(&format!("pid={p}"))))
+                .collect();
+            format!("{}: {e}: zombies {z:?}; log: {about:#?}", a.name)
+        })?;
     }
     Ok(())
 }

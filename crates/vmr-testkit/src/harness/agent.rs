@@ -97,7 +97,7 @@ impl Agent {
         let log2 = log.try_clone().map_err(io_err("open the agent log"))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--dir").arg(&self.dir).arg("agent");
-        cmd.env("VMREPLICA_LOG", "info,vmreplica=debug,vmr_agent=debug")
+        cmd.env("VMREPLICA_LOG", "info,vmreplica=debug,vmr_agent=debug,vmr_store=debug")
             .stdin(Stdio::null())
             .stdout(log2)
             .stderr(log);
