@@ -97,10 +97,13 @@ impl Agent {
         let log2 = log.try_clone().map_err(io_err("open the agent log"))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--dir").arg(&self.dir).arg("agent");
-        cmd.env("VMREPLICA_LOG", "info,vmreplica=debug,vmr_agent=debug,vmr_store=debug")
-            .stdin(Stdio::null())
-            .stdout(log2)
-            .stderr(log);
+        cmd.env(
+            "VMREPLICA_LOG",
+            "info,vmreplica=debug,vmr_agent=debug,vmr_store=debug",
+        )
+        .stdin(Stdio::null())
+        .stdout(log2)
+        .stderr(log);
         let mut child = ChildGuard::spawn(cmd, "vmreplica agent")?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
