@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 TARGETS=(cycle_body cycle_frames cycle_roundtrip staging_reader staging_records nbd_client
-    nbd_parsers catalog control_request peer_request)
+    nbd_parsers catalog control_request peer_request qga_parser)
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz)" >&2
