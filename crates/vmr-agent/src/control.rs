@@ -308,9 +308,13 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             disks,
             failover_interfaces,
             failover_network_args,
+            qga,
             check,
         } => {
             let h = vm(agent, &name)?;
+            if let Some(q) = qga.as_deref().filter(|q| !q.is_empty()) {
+                check_nbd_socket("--qga", q)?;
+            }
             let failover = FailoverChange {
                 interfaces: failover_interfaces,
                 network_args: failover_network_args,
@@ -328,6 +332,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 launch,
                 disks: (!disks.is_empty()).then_some(disks),
                 failover,
+                qga: qga.map(|q| (!q.is_empty()).then_some(q)),
             };
             Ok(json!(
                 h.ask(|r| Command::Set(Box::new(change), check, r)).await?
@@ -599,6 +604,7 @@ pub async fn vm_list(agent: &Control) -> Result<Vec<vmr_proto::api::VmEntry>, Ag
             program,
             disks: rec.disks,
             state: st.state,
+            qga: rec.qga,
         });
     }
     Ok(out)

@@ -91,6 +91,8 @@ pub struct VmChange {
     pub disks: Option<Vec<String>>,
     /// New failover network settings of this host (allowed on any VM at any time).
     pub failover: FailoverChange,
+    /// New guest agent socket (`Some(None)`: none); allowed on a primary VM at any time.
+    pub qga: Option<Option<String>>,
 }
 
 /// A change of a VM's failover network settings on this host (`vm set --failover-*`).
@@ -698,6 +700,15 @@ impl Owner {
         }
     }
 
+    /// `vm set --qga`/`--no-qga` is for a primary VM: on a replica the agent sets the socket
+    /// itself, to the failed-over VM's (`{qga}`).
+    fn check_qga_change(&self) -> Result<(), AgentError> {
+        match self.vm.rec.mode() {
+            ReplicationMode::Primary => Ok(()),
+            ReplicationMode::Replica => Err(self.wrong_mode("vm set --qga")),
+        }
+    }
+
     /// `vm remove`: delete the record of a primary VM whose replication is disabled (and its
     /// work directory when empty); the VM and its disks are not touched.
     fn remove(&mut self, check: bool) -> Result<String, AgentError> {
@@ -803,7 +814,7 @@ impl Owner {
         let registration =
             change.qmp.is_some() || change.launch.is_some() || change.disks.is_some();
         if !registration {
-            return self.set_failover(&change.failover, check);
+            return self.set_settings(&change.failover, change.qga, check);
         }
         self.registration_fixed(|| {
             let mut why = Vec::new();
@@ -860,6 +871,13 @@ impl Owner {
         if failover != old.failover {
             what.push(describe_failover(&failover));
             rec.failover = failover;
+        }
+        if let Some(qga) = change.qga {
+            self.check_qga_change()?;
+            if qga != old.qga {
+                what.push(describe_qga(qga.as_deref()));
+                rec.qga = qga;
+            }
         }
         let name = old.name.clone();
         if what.is_empty() {
@@ -921,19 +939,40 @@ impl Owner {
 
     /// `vm set --failover-*` alone: this host's failover network settings, on any VM (primary
     /// or replica) in any state; they take effect at the next real failover to this host.
-    fn set_failover(&mut self, change: &FailoverChange, check: bool) -> Result<String, AgentError> {
+    /// `vm set` of the settings allowed at any time: this host's failover network settings
+    /// (any VM) and the guest agent socket (a primary VM; each app-consistent cut opens it
+    /// afresh, so a running cycle keeps the session it has).
+    fn set_settings(
+        &mut self,
+        change: &FailoverChange,
+        qga: Option<Option<String>>,
+        check: bool,
+    ) -> Result<String, AgentError> {
         let name = self.vm.rec.name.clone();
-        let new = change.apply(&self.vm.rec.failover);
-        if new == self.vm.rec.failover {
+        let mut rec = self.vm.rec.clone();
+        let mut what = Vec::new();
+        let new = change.apply(&rec.failover);
+        if new != rec.failover {
+            what.push(describe_failover(&new));
+            rec.failover = new;
+        }
+        if let Some(qga) = qga {
+            self.check_qga_change()?;
+            if qga != rec.qga {
+                what.push(describe_qga(qga.as_deref()));
+                rec.qga = qga;
+            }
+        }
+        if what.is_empty() {
             return Ok(format!("VM {name:?}: nothing to change"));
         }
-        let what = describe_failover(&new);
+        let what = what.join("; ");
         if check {
             return Ok(format!("change VM {name:?}: {what}"));
         }
-        let before = std::mem::replace(&mut self.vm.rec.failover, new);
+        let before = std::mem::replace(&mut self.vm.rec, rec);
         if let Err(e) = self.vm.save() {
-            self.vm.rec.failover = before;
+            self.vm.rec = before;
             return Err(e);
         }
         tracing::info!(vm = %name, "VM changed (vm set): {what}");
@@ -1131,6 +1170,13 @@ impl Owner {
 }
 
 /// One line saying what a VM's failover network settings on this host are.
+fn describe_qga(qga: Option<&str>) -> String {
+    match qga {
+        Some(q) => format!("guest agent socket {q}"),
+        None => "no guest agent socket".to_owned(),
+    }
+}
+
 fn describe_failover(s: &vmr_proto::FailoverSettings) -> String {
     let mut parts = Vec::new();
     if s.interfaces.is_empty() {

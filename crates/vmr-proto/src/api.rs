@@ -210,6 +210,9 @@ pub struct VmEntry {
     pub state: ReplicationState,
     /// The replica agent's address when replication is enabled.
     pub replica: Option<String>,
+    /// The host end of its qemu-guest-agent channel (`vm add --qga`, `vm set --qga`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qga: Option<String>,
 }
 
 /// The program a replica VM's failover would run ([`VmStatus::failover_program`]).
@@ -317,6 +320,10 @@ pub enum Request {
         /// definition's `network-args` here); an empty list goes back to the definition's.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failover_network_args: Option<Vec<String>>,
+        /// New guest agent socket of the VM (`--qga SOCK`; `Some("")` = none: `--no-qga`).
+        /// Allowed on a primary VM in any state: each app-consistent cut opens it afresh.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        qga: Option<String>,
         /// Check only; change nothing.
         #[serde(default)]
         check: bool,

@@ -297,7 +297,8 @@ pub enum VmCmd {
     /// Change a registered primary VM: its QMP socket, its definition (same name and UUID) or
     /// the disks to replicate (refused while its replication is enabled; asks for
     /// confirmation on a terminal); or, on any VM (primary or replica) at any time, this host's
-    /// failover network settings (--failover-*, --replica-network-args).
+    /// failover network settings (--failover-*, --replica-network-args); or, on a primary VM
+    /// at any time, its guest agent socket (--qga, --no-qga).
     #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args([
         "qmp",
         "launch",
@@ -307,6 +308,8 @@ pub enum VmCmd {
         "failover_dns",
         "failover_clear",
         "replica_network_args",
+        "qga",
+        "no_qga",
     ])))]
     Set {
         /// VM name.
@@ -340,6 +343,14 @@ pub enum VmCmd {
         /// definition's.
         #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
         replica_network_args: Option<String>,
+        /// The host end of the VM's qemu-guest-agent channel (as for `vm add --qga`); allowed
+        /// while replication runs (the next app-consistent cut uses it).
+        #[arg(long, value_name = "SOCK")]
+        qga: Option<PathBuf>,
+        /// Forget the VM's guest agent socket (app-consistent cuts then fail and fall back to
+        /// crash-consistent points; `failover prepare --shutdown` uses ACPI).
+        #[arg(long, conflicts_with = "qga")]
+        no_qga: bool,
         /// Do not ask for confirmation (required without a terminal).
         #[arg(long, short = 'y')]
         yes: bool,

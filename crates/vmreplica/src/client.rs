@@ -106,6 +106,8 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             failover_dns,
             failover_clear,
             replica_network_args,
+            qga,
+            no_qga,
             ..
         }) => {
             let failover_interfaces = if failover_clear {
@@ -140,6 +142,11 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 disks,
                 failover_interfaces,
                 failover_network_args,
+                qga: if no_qga {
+                    Some(String::new())
+                } else {
+                    qga.map(|q| absolute(&q))
+                },
                 check: false,
             }
         }
@@ -255,7 +262,8 @@ fn absolute(p: &Path) -> String {
 /// Whether `cmd` is confirmed before it runs, and then whether `--yes` was given.
 fn confirmation(cmd: &Command) -> Option<bool> {
     match cmd {
-        // Failover network settings alone are not a registration change: no question.
+        // Failover network settings and the guest agent socket alone are not a registration
+        // change: no question.
         Command::Vm(VmCmd::Set {
             qmp: None,
             launch: None,

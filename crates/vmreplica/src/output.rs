@@ -87,12 +87,17 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
         {
             Ok(rows) => {
                 println!(
-                    "{:<14} {:<36} {:<30} {:<22} {:<16} QMP",
+                    "{:<14} {:<36} {:<30} {:<22} {:<16} QMP (GUEST AGENT)",
                     "NAME", "UUID", "STATE", "REPLICA", "DISKS"
                 );
                 for r in rows {
+                    let qga = r
+                        .qga
+                        .as_deref()
+                        .map(|q| format!(" ({q})"))
+                        .unwrap_or_default();
                     println!(
-                        "{:<14} {:<36} {:<30} {:<22} {:<16} {}",
+                        "{:<14} {:<36} {:<30} {:<22} {:<16} {}{qga}",
                         r.name,
                         r.uuid,
                         r.state.to_string(),

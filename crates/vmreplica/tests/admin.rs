@@ -82,6 +82,34 @@ fn vm_remove_and_set_are_refused_while_enabled_and_confirmed() -> TestResult {
     let next = p.a.status(&name)?.last_cycle.unwrap_or(0) + 1;
     p.wait_cycle(&name, next, LONG)?;
 
+    // The guest agent socket is not part of the registration: `vm set --qga` is allowed while
+    // replication runs, without a question, shown by `vm list`, and cleared by `--no-qga`;
+    // on the replica (where the agent sets it itself for a failed-over VM) it is refused.
+    let qga_of = |a: &Agent| -> TestResult<Option<String>> {
+        let list: Vec<vmr_proto::api::VmEntry> =
+            serde_json::from_str(&a.ok(&["vm", "list", "--json"])?)?;
+        Ok(list
+            .into_iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.qga))
+    };
+    assert_eq!(qga_of(&p.a)?, None);
+    let sock = p.root.path().join("adm-qga.sock").display().to_string();
+    let out = p.a.ok(&["vm", "set", &name, "--qga", &sock])?;
+    assert!(out.contains(&format!("guest agent socket {sock}")), "{out}");
+    assert_eq!(qga_of(&p.a)?, Some(sock.clone()));
+    assert!(p.a.ok(&["vm", "list"])?.contains(&format!("({sock})")));
+    let long = format!("/{}.sock", "x".repeat(120));
+    let r = p.a.cli(&["vm", "set", &name, "--qga", &long])?;
+    assert_eq!(code(&r), Some(2), "{r:?}");
+    let r = p.b.cli(&["vm", "set", &name, "--qga", &sock])?;
+    assert_eq!(code(&r), Some(5), "{r:?}");
+    let out = p.a.ok(&["vm", "set", &name, "--no-qga"])?;
+    assert!(out.contains("no guest agent socket"), "{out}");
+    assert_eq!(qga_of(&p.a)?, None);
+    let next = p.a.status(&name)?.last_cycle.unwrap_or(0) + 1;
+    p.wait_cycle(&name, next, LONG)?;
+
     p.a.ok(&["disable", &name])?;
     // Without a terminal and without --yes: refused (2), nothing removed.
     let r = p.a.cli(&["vm", "remove", &name])?;
