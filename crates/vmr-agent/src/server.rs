@@ -161,6 +161,7 @@ impl PeerHandler {
             qga: None,
             failover: Default::default(),
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
+            rpo_alert_secs: None,
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms
