@@ -190,6 +190,10 @@ impl Handler for PeerHandler {
             Err(e) => {
                 // A resync keeps what arrived for the next attempt; other kinds are dropped.
                 writer.abort().await;
+                if matches!(e, RemoteError::DiskFull { .. }) {
+                    // The owner raises `store-full` (its event; the store is its business).
+                    h.ask_raw(Command::StreamFailed(e.clone())).await;
+                }
                 return Err(e);
             }
         };

@@ -183,6 +183,8 @@ pub enum Command {
     /// The failover network settings were applied in the live failed-over VM (the lines of
     /// the outcome); sent by the task that applied them.
     NetworkApplied(Uuid, Vec<String>),
+    /// Peer handler: streaming a cycle into the store failed (the owner notes a full store).
+    StreamFailed(RemoteError),
     /// `set --rpo-alert`: this host's RPO alert for the VM, seconds (`None` = the default).
     SetRpoAlert(Option<u64>, Reply<String>),
     /// Stop the owner (agent shutdown).
@@ -800,6 +802,7 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
+            Command::StreamFailed(e) => self.note_store(&Err(&e)),
             Command::SetRpoAlert(secs, reply) => {
                 let r = self.set_rpo_alert(secs);
                 let _ = reply.send(r);
