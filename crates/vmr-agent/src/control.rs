@@ -178,9 +178,12 @@ async fn follow(
         path: PathBuf::from("the control socket"),
         source,
     };
-    write_response(w, &Response::Ok {
-        value: to_value(&backlog)?,
-    })
+    write_response(
+        w,
+        &Response::Ok {
+            value: to_value(&backlog)?,
+        },
+    )
     .await
     .map_err(io)?;
     let mut scratch = Vec::new();
@@ -207,9 +210,12 @@ async fn follow(
                 continue;
             }
             last = e.id;
-            write_response(w, &Response::Ok {
-                value: to_value(&e)?,
-            })
+            write_response(
+                w,
+                &Response::Ok {
+                    value: to_value(&e)?,
+                },
+            )
             .await
             .map_err(io)?;
         }

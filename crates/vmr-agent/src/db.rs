@@ -387,7 +387,9 @@ impl EventDb {
         };
         let tx = self.conn.transaction().map_err(sql)?;
         for e in events {
-            let json = e.to_json().map_err(|source| DbError::EncodeEvent { id: e.id, source })?;
+            let json = e
+                .to_json()
+                .map_err(|source| DbError::EncodeEvent { id: e.id, source })?;
             tx.execute(
                 "INSERT OR REPLACE INTO events (id, time_ms, vm, event) VALUES (?1, ?2, ?3, ?4)",
                 params![

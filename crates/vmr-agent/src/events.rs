@@ -136,7 +136,10 @@ impl EventLog {
             }
         }
         if self.tx.send(Job::Write(ev.clone())).is_err() {
-            tracing::warn!(event = id, "the event log's writer has stopped: event not stored");
+            tracing::warn!(
+                event = id,
+                "the event log's writer has stopped: event not stored"
+            );
         }
         // No follower is fine.
         let _ = self.follow.send(ev.clone());
@@ -164,7 +167,11 @@ impl EventLog {
     }
 }
 
-fn writer(mut db: EventDb, rx: std::sync::mpsc::Receiver<Job>, (max_events, max_age_days): (u64, u64)) {
+fn writer(
+    mut db: EventDb,
+    rx: std::sync::mpsc::Receiver<Job>,
+    (max_events, max_age_days): (u64, u64),
+) {
     let prune = |db: &EventDb| {
         let min = crate::util::now_ms().saturating_sub(max_age_days.saturating_mul(86_400_000));
         if let Err(e) = db.prune(max_events, min) {

@@ -152,6 +152,12 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
     }
     let _ = std::fs::remove_file(control);
     // The writer thread stores what is queued (the stop event too) before the process ends.
-    let _ = host.events.query(vmr_proto::event::EventQuery { limit: Some(1), ..Default::default() }).await;
+    let _ = host
+        .events
+        .query(vmr_proto::event::EventQuery {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await;
     Ok(())
 }

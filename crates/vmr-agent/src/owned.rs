@@ -73,10 +73,10 @@ impl Vm {
             }
             vmr_proto::api::ReplicationMode::Replica => self.rec.frequency_secs,
         }?;
-        let given = self
-            .rec
-            .rpo_alert_secs
-            .or(self.rec.enable.as_ref().and_then(|e| e.rpo_alert_secs));
+        let given =
+            self.rec
+                .rpo_alert_secs
+                .or(self.rec.enable.as_ref().and_then(|e| e.rpo_alert_secs));
         Some(vmr_core::rpo_alert_ms(freq, given) / 1000)
     }
 
@@ -108,9 +108,7 @@ impl Vm {
 
     /// The `lag_ms` of the status row: now minus the last point's cut.
     pub fn lag_ms(stats: &vmr_proto::api::ReplicationStats, now_ms: u64) -> Option<u64> {
-        stats
-            .last_point_cut_ms
-            .map(|c| now_ms.saturating_sub(c))
+        stats.last_point_cut_ms.map(|c| now_ms.saturating_sub(c))
     }
 
     /// The VM as its events name it.

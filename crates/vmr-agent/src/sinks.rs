@@ -226,11 +226,8 @@ async fn run_webhook(sink: WebhookSink, mut rx: mpsc::Receiver<Arc<Event>>) {
         let mut attempt = 0;
         loop {
             let secs = sink.timeout_secs.max(1);
-            let r = match tokio::time::timeout(
-                Duration::from_secs(secs),
-                post(&sink, body.clone()),
-            )
-            .await
+            let r = match tokio::time::timeout(Duration::from_secs(secs), post(&sink, body.clone()))
+                .await
             {
                 Ok(r) => r,
                 Err(_) => Err(SinkError::Timeout {
@@ -242,12 +239,20 @@ async fn run_webhook(sink: WebhookSink, mut rx: mpsc::Receiver<Arc<Event>>) {
                 Ok(()) => break,
                 Err(err) if attempt < sink.retries => {
                     let wait = backoff(attempt);
-                    tracing::debug!(event = e.id, attempt, "webhook failed, retrying in {wait:?}: {err}");
+                    tracing::debug!(
+                        event = e.id,
+                        attempt,
+                        "webhook failed, retrying in {wait:?}: {err}"
+                    );
                     attempt += 1;
                     tokio::time::sleep(wait).await;
                 }
                 Err(err) => {
-                    tracing::warn!(event = e.id, attempts = attempt + 1, "webhook gave up: {err}");
+                    tracing::warn!(
+                        event = e.id,
+                        attempts = attempt + 1,
+                        "webhook gave up: {err}"
+                    );
                     break;
                 }
             }
@@ -367,20 +372,26 @@ async fn post(sink: &WebhookSink, body: Bytes) -> Result<(), SinkError> {
         .uri(&t.path)
         .header(http::header::HOST, host_header)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::USER_AGENT, concat!("vmreplica/", env!("CARGO_PKG_VERSION")));
+        .header(
+            http::header::USER_AGENT,
+            concat!("vmreplica/", env!("CARGO_PKG_VERSION")),
+        );
     if let Some(tok) = &sink.bearer_token {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {tok}"));
     }
-    let req = req.body(Full::new(body)).map_err(|source| SinkError::Request {
-        url: sink.url.clone(),
-        source,
-    })?;
+    let req = req
+        .body(Full::new(body))
+        .map_err(|source| SinkError::Request {
+            url: sink.url.clone(),
+            source,
+        })?;
     let status = if t.tls {
         let cfg = tls_config(sink.ca_file.as_deref())?;
-        let name = rustls::pki_types::ServerName::try_from(t.host.clone())
-            .map_err(|_| SinkError::ServerName {
+        let name = rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|_| {
+            SinkError::ServerName {
                 host: t.host.clone(),
-            })?;
+            }
+        })?;
         let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await
@@ -492,17 +503,218 @@ mod tests {
             path: path.into(),
         };
         let table = [
-            ("http://127.0.0.1:8080/hook", t(false, "127.0.0.1", 8080, "/hook")),
-            ("https://alerts.example/a?b=c", t(true, "alerts.example", 443, "/a?b=c")),
+            (
+                "http://127.0.0.1:8080/hook",
+                t(false, "127.0.0.1", 8080, "/hook"),
+            ),
+            (
+                "https://alerts.example/a?b=c",
+                t(true, "alerts.example", 443, "/a?b=c"),
+            ),
             ("http://h", t(false, "h", 80, "/")),
             ("http://[::1]:81/x", t(false, "::1", 81, "/x")),
         ];
         for (url, want) in table {
             assert_eq!(parse_url(url).expect(url), want, "{url}");
         }
-        for bad in ["ftp://h/", "http://", "http://h:port/", "http://u@h/", "http://[::1/"] {
+        for bad in [
+            "ftp://h/",
+            "http://",
+            "http://h:port/",
+            "http://u@h/",
+            "http://[::1/",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+    }
+
+    fn event() -> Event {
+        Event {
+            version: vmr_proto::event::EVENT_FORMAT,
+            id: 7,
+            time_ms: 1,
+            host: "h".into(),
+            vm: None,
+            kind: vmr_proto::event::EventKind::AgentStarted,
+            severity: Severity::Info,
+            message: "hello".into(),
+            fields: Default::default(),
+        }
+    }
+
+    /// A CA and a certificate it signed for `localhost`: (CA PEM, leaf DER, leaf key DER).
+    fn pki() -> (String, Vec<u8>, Vec<u8>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("leaf");
+        (ca.pem(), leaf.der().to_vec(), key.serialize_der())
+    }
+
+    /// An https server on 127.0.0.1 answering one POST with `status`; the request it read.
+    async fn https_server(status: u16) -> (u16, tokio::task::JoinHandle<Option<String>>, String) {
+        use tokio::io::AsyncReadExt;
+        let (ca, leaf, key) = pki();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.into()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+        )
+        .expect("server config");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let h = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.ok()?;
+            let mut s = acceptor.accept(tcp).await.ok()?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= i + 4 + len {
+                        let answer = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                        s.write_all(answer.as_bytes()).await.ok()?;
+                        s.shutdown().await.ok()?;
+                        return Some(text);
+                    }
+                }
+            }
+        });
+        (port, h, ca)
+    }
+
+    fn sink(url: String, ca_file: Option<String>) -> WebhookSink {
+        WebhookSink {
+            url,
+            bearer_token: Some("t0k".into()),
+            min_severity: Severity::Info,
+            queue: 1,
+            timeout_secs: 10,
+            retries: 0,
+            ca_file,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_https_webhook_gets_the_json_with_its_token_and_checks_the_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (port, server, ca) = https_server(200).await;
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca).expect("ca file");
+        let s = sink(
+            format!("https://localhost:{port}/hook"),
+            Some(ca_path.display().to_string()),
+        );
+        let body = Bytes::from(event().to_json().expect("json"));
+        post(&s, body.clone()).await.expect("post");
+        let req = server.await.expect("join").expect("a request");
+        assert!(req.starts_with("POST /hook HTTP/1.1\r\n"), "{req}");
+        let lower = req.to_ascii_lowercase();
+        assert!(lower.contains("authorization: bearer t0k"), "{req}");
+        assert!(lower.contains("content-type: application/json"), "{req}");
+        assert!(
+            req.ends_with(std::str::from_utf8(&body).expect("utf8")),
+            "{req}"
+        );
+
+        // A server this CA did not sign is refused (here: the system's roots do not know
+        // the test CA, or there are none).
+        let (port, _server, _) = https_server(200).await;
+        let other = sink(format!("https://localhost:{port}/hook"), None);
+        let e = post(&other, body.clone()).await.expect_err("untrusted");
+        assert!(
+            matches!(e, SinkError::Handshake { .. } | SinkError::Roots { .. }),
+            "{e}"
+        );
+        // A non-2xx answer is an error (retried by the sink).
+        let (port, server, ca) = https_server(503).await;
+        std::fs::write(&ca_path, ca).expect("ca file");
+        let s = sink(
+            format!("https://localhost:{port}/hook"),
+            Some(ca_path.display().to_string()),
+        );
+        let e = post(&s, body).await.expect_err("503");
+        assert!(matches!(e, SinkError::Status { .. }), "{e}");
+        let _ = server.await;
+    }
+
+    #[tokio::test]
+    async fn a_command_gets_the_event_and_is_killed_at_its_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        let cmd = |argv: Vec<String>, timeout_secs| CommandSink {
+            argv,
+            min_severity: Severity::Info,
+            queue: 1,
+            timeout_secs,
+        };
+        // The test's command is a shell on purpose; the sink itself runs argv directly.
+        let script = format!(
+            "cat > {0}; echo \"$VMR_EVENT_KIND $VMR_EVENT_ID $1\" >> {0}",
+            out.display()
+        );
+        let c = cmd(
+            vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                script,
+                "sh".into(),
+                "arg with spaces; not a shell".into(),
+            ],
+            10,
+        );
+        run_command(&c, &event()).await.expect("run");
+        let text = std::fs::read_to_string(&out).expect("out");
+        let mut lines = text.lines();
+        let json: Event = serde_json::from_str(lines.next().expect("stdin")).expect("json");
+        assert_eq!(json, event());
+        assert_eq!(
+            lines.next(),
+            Some("agent-started 7 arg with spaces; not a shell")
+        );
+        let t = std::time::Instant::now();
+        let e = run_command(&cmd(vec!["/bin/sleep".into(), "30".into()], 1), &event())
+            .await
+            .expect_err("timeout");
+        assert!(matches!(e, SinkError::CommandTimeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let e = run_command(&cmd(vec!["/bin/false".into()], 5), &event())
+            .await
+            .expect_err("fails");
+        assert!(matches!(e, SinkError::CommandFailed { .. }), "{e}");
+        let e = run_command(&cmd(vec![], 5), &event())
+            .await
+            .expect_err("empty");
+        assert!(matches!(e, SinkError::EmptyArgv), "{e}");
     }
 
     #[test]

@@ -27,13 +27,13 @@ use vmr_transport::Peer;
 
 use crate::errors::{AgentError, internal, store_err};
 use crate::events::NewEvent;
-use crate::owned::Observed;
-use vmr_proto::event::{EventKind, Severity};
 use crate::host::Host;
+use crate::owned::Observed;
 use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
 use crate::replica::{ReplicaCmd, ReplicaSide};
 use crate::util::now_ms;
+use vmr_proto::event::{EventKind, Severity};
 use vmr_proto::peer::{BecameReplica, BlockHashes, PrimaryVmState};
 use vmr_proto::record::VmRecord;
 
@@ -614,10 +614,15 @@ impl Owner {
     fn failover_event(&self, f: &FailoverCmd, res: &FailoverResult) {
         let name = &self.vm.rec.name;
         let (kind, what) = match f {
-            FailoverCmd::Prepare { .. } => (EventKind::FailoverPrepared, "planned failover prepared: final cycle shipped"),
+            FailoverCmd::Prepare { .. } => (
+                EventKind::FailoverPrepared,
+                "planned failover prepared: final cycle shipped",
+            ),
             FailoverCmd::Start { .. } => (EventKind::FailoverStarted, "failover started"),
             FailoverCmd::Test { .. } => (EventKind::FailoverTestStarted, "test failover started"),
-            FailoverCmd::StopTest { .. } => (EventKind::FailoverTestStopped, "test failover stopped"),
+            FailoverCmd::StopTest { .. } => {
+                (EventKind::FailoverTestStopped, "test failover stopped")
+            }
             FailoverCmd::Cancel => (EventKind::FailoverCancelled, "failover cancelled"),
             FailoverCmd::Complete => (EventKind::FailoverCompleted, "failover completed"),
             FailoverCmd::Reverse { .. } => (EventKind::Reversed, "replication reversed"),

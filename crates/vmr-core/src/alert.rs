@@ -176,7 +176,7 @@ pub fn report_failure(
     every: u32,
 ) -> bool {
     consecutive == 1
-        || (every > 0 && consecutive > 0 && consecutive % every == 0)
+        || (every > 0 && consecutive > 0 && consecutive.is_multiple_of(every))
         || last_reported.is_none_or(|l| l != error)
 }
 
@@ -202,8 +202,20 @@ mod tests {
         // (state, last cut, rpo, now) -> verdict
         let table: &[(S, Option<u64>, u64, u64, RpoVerdict)] = &[
             (S::Replicating, None, 10_000, 50_000, RpoVerdict::NotWatched),
-            (S::Suspended, Some(0), 10_000, 50_000, RpoVerdict::NotWatched),
-            (S::FailedOver, Some(0), 10_000, 50_000, RpoVerdict::NotWatched),
+            (
+                S::Suspended,
+                Some(0),
+                10_000,
+                50_000,
+                RpoVerdict::NotWatched,
+            ),
+            (
+                S::FailedOver,
+                Some(0),
+                10_000,
+                50_000,
+                RpoVerdict::NotWatched,
+            ),
             (
                 S::ReadyForInitialReplication,
                 Some(0),

@@ -211,7 +211,11 @@ mod tests {
                 Some(InvalidEnable::FrequencyTooLong { secs: u64::MAX }),
             ),
             ("rpo alert 60 s", |a| a.rpo_alert_secs = Some(60), None),
-            ("rpo alert = frequency", |a| a.rpo_alert_secs = Some(30), None),
+            (
+                "rpo alert = frequency",
+                |a| a.rpo_alert_secs = Some(30),
+                None,
+            ),
             (
                 "rpo alert below the frequency",
                 |a| a.rpo_alert_secs = Some(29),

@@ -69,7 +69,10 @@ fn follow_events(dir: &Path, req: &Request, json: bool) -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(&path).map_err(|e| {
         coded(
             exit::NO_AGENT,
-            format!("cannot reach the vmreplica agent at {} ({e})", path.display()),
+            format!(
+                "cannot reach the vmreplica agent at {} ({e})",
+                path.display()
+            ),
         )
     })?;
     let mut line = serde_json::to_string(req)?;

@@ -237,7 +237,14 @@ fn print_plain(value: &Value) {
 fn print_status(rows: &[VmStatus]) {
     println!(
         "{:<14} {:<30} {:<9} {:<8} {:>6} {:>11} {:<14} {:<22} {:<21} HEALTH REASON",
-        "NAME", "STATE", "HEALTH", "MODE", "FREQ", "LAG/RPO", "PRIMARY", "REPLICA",
+        "NAME",
+        "STATE",
+        "HEALTH",
+        "MODE",
+        "FREQ",
+        "LAG/RPO",
+        "PRIMARY",
+        "REPLICA",
         "LAST REPLICATION"
     );
     for r in rows {

@@ -24,10 +24,13 @@ const TWO_INTERVALS: Duration = Duration::from_secs(10);
 /// What delivering the alert may add (the webhook POST on a loaded 2-core machine).
 const DELIVERY: Duration = Duration::from_secs(2);
 
+/// What the webhook received: arrival time, event, request head.
+type Received = Arc<(Mutex<Vec<(Instant, Event, String)>>, Condvar)>;
+
 /// A webhook served by the test: every POST's event with its arrival time and headers.
 struct Hook {
     url: String,
-    got: Arc<(Mutex<Vec<(Instant, Event, String)>>, Condvar)>,
+    got: Received,
     stop: Arc<AtomicBool>,
 }
 
@@ -35,7 +38,7 @@ impl Hook {
     fn start() -> TestResult<Hook> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let url = format!("http://{}/hook", l.local_addr()?);
-        let got: Arc<(Mutex<Vec<(Instant, Event, String)>>, Condvar)> = Arc::default();
+        let got: Received = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (g, s) = (got.clone(), stop.clone());
         std::thread::spawn(move || {
@@ -93,7 +96,11 @@ impl Drop for Hook {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so that it sees the flag.
-        if let Some(a) = self.url.strip_prefix("http://").and_then(|u| u.split('/').next()) {
+        if let Some(a) = self
+            .url
+            .strip_prefix("http://")
+            .and_then(|u| u.split('/').next())
+        {
             let _ = TcpStream::connect(a);
         }
     }
@@ -130,7 +137,10 @@ fn read_post(mut c: TcpStream) -> Option<(String, Event)> {
 fn configure(agent: &mut Agent, section: &str) -> TestResult {
     let path = agent.dir.join("config.toml");
     let mut text = std::fs::read_to_string(&path)?;
-    assert!(text.contains("[events]"), "init writes the events table: {text}");
+    assert!(
+        text.contains("[events]"),
+        "init writes the events table: {text}"
+    );
     text.push('\n');
     text.push_str(section);
     std::fs::write(&path, text)?;
@@ -185,7 +195,11 @@ fn a_stopped_primary_raises_rpo_exceeded_on_the_replica() -> TestResult {
     configure(&mut p.b, &webhook(&hook.url))?;
     let vm = replicating(&p, "rpo1", None)?;
     let s = p.b.status("rpo1")?;
-    assert_eq!(s.rpo_alert_secs, Some(10), "the default is twice the frequency");
+    assert_eq!(
+        s.rpo_alert_secs,
+        Some(10),
+        "the default is twice the frequency"
+    );
     assert!(s.lag_ms.is_some());
 
     let fault = Instant::now();
@@ -200,7 +214,7 @@ fn a_stopped_primary_raises_rpo_exceeded_on_the_replica() -> TestResult {
     assert_eq!(s.health, Health::Warning, "{}", s.health_reason);
     assert!(
         s.health_reason
-            .contains(&format!("replica is behind its RPO alert of 10s by")),
+            .contains("replica is behind its RPO alert of 10s by"),
         "{}",
         s.health_reason
     );
@@ -212,7 +226,8 @@ fn a_stopped_primary_raises_rpo_exceeded_on_the_replica() -> TestResult {
     // The bearer token and the JSON body's version.
     let (_, head) = &hook.events()[0];
     assert!(
-        head.to_ascii_lowercase().contains("authorization: bearer s3cret"),
+        head.to_ascii_lowercase()
+            .contains("authorization: bearer s3cret"),
         "{head}"
     );
     assert_eq!(e.version, 1);
@@ -223,9 +238,13 @@ fn a_stopped_primary_raises_rpo_exceeded_on_the_replica() -> TestResult {
         is(e, EventKind::RpoRecovered, "host-b", "rpo1")
     });
     assert_eq!(rec.fields["alert"], e.id);
-    p.b.wait_status("rpo1", LONG, Duration::from_millis(200), "Normal health", |s| {
-        s.health == Health::Normal
-    })?;
+    p.b.wait_status(
+        "rpo1",
+        LONG,
+        Duration::from_millis(200),
+        "Normal health",
+        |s| s.health == Health::Normal,
+    )?;
 
     // `events --json`: one object per line, the alert among them; a table without.
     let out = p.b.json(&["events", "rpo1"])?;
@@ -233,12 +252,23 @@ fn a_stopped_primary_raises_rpo_exceeded_on_the_replica() -> TestResult {
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    assert!(events.iter().any(|x| x.id == e.id && x.kind == EventKind::RpoExceeded));
-    assert!(events.iter().all(|x| x.vm.as_ref().is_some_and(|v| v.name == "rpo1")));
+    assert!(
+        events
+            .iter()
+            .any(|x| x.id == e.id && x.kind == EventKind::RpoExceeded)
+    );
+    assert!(
+        events
+            .iter()
+            .all(|x| x.vm.as_ref().is_some_and(|v| v.name == "rpo1"))
+    );
     let table = p.b.ok(&["events", "--since", "10m"])?;
     eprintln!("{table}");
     assert!(table.starts_with("    ID TIME"), "{table}");
-    assert!(table.contains("rpo-exceeded") && table.contains("agent-started"), "{table}");
+    assert!(
+        table.contains("rpo-exceeded") && table.contains("agent-started"),
+        "{table}"
+    );
     // An unknown VM is exit code 4 (not found).
     let bad = p.b.cli(&["events", "nope"])?;
     assert_eq!(bad.status.code(), Some(4), "{bad:?}");
@@ -451,7 +481,10 @@ fn a_required_resync_raises_an_alert() -> TestResult {
             && e.fields["to"] == "WaitingForStartResynchronize"
     });
     assert!(st.id < e.id);
-    assert_eq!(p.state("resync1")?, ReplicationState::WaitingForStartResynchronize);
+    assert_eq!(
+        p.state("resync1")?,
+        ReplicationState::WaitingForStartResynchronize
+    );
     Ok(())
 }
 
@@ -517,9 +550,7 @@ fn a_dead_webhook_never_delays_cycles_and_follow_streams_events() -> TestResult 
             .lock()
             .expect("lines")
             .iter()
-            .filter(|e| {
-                e.kind == EventKind::StateChanged && e.fields["to"] == "Suspended"
-            })
+            .filter(|e| e.kind == EventKind::StateChanged && e.fields["to"] == "Suspended")
             .count()
             == 3)
     })?;
