@@ -123,6 +123,7 @@ pub fn create(
         storage: storage.display().to_string(),
         max_concurrent_cycles: 8,
         allowed_programs: vmr_proto::api::default_allowed_programs(),
+        events: Default::default(),
     };
     let text = toml::to_string_pretty(&cfg).map_err(AgentError::ConfigEncode)?;
     let path = dir.join(CONFIG_FILE);

@@ -1,5 +1,6 @@
 //! The local control API: a Unix socket (mode 0600) in the agent directory; one JSON
-//! [`Request`] line in, one [`Response`] line out.
+//! [`Request`] line in, one [`Response`] line out; `events --follow` gets a line per new
+//! event until it closes the connection.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufR
 use tokio::net::UnixListener;
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{AllowEntry, Request, Response, VmStatus};
+use vmr_proto::event::{Event, EventQuery};
 
 use crate::errors::AgentError;
 use crate::exit;
@@ -98,6 +100,16 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
                         Ok(Line::End) | Err(_) => break,
                     };
                     let resp = match serde_json::from_slice::<Request>(&line) {
+                        Ok(Request::Events {
+                            query,
+                            follow: true,
+                        }) => {
+                            // Streams until the client goes; then the connection ends.
+                            if let Err(e) = follow(&agent, query, &mut r, &mut w).await {
+                                let _ = write_response(&mut w, &to_response(&e)).await;
+                            }
+                            break;
+                        }
                         Ok(req) => {
                             let action = admin_action(&req);
                             let resp = match handle(&agent, req).await {
@@ -131,6 +143,85 @@ pub async fn start(agent: Arc<Control>) -> Result<PathBuf, AgentError> {
     Ok(path)
 }
 
+async fn write_response(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    resp: &Response,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(resp).map_err(std::io::Error::other)?;
+    out.push('\n');
+    w.write_all(out.as_bytes()).await
+}
+
+/// The events of `query` (its VM must exist).
+async fn events(agent: &Control, query: EventQuery) -> Result<Vec<Event>, AgentError> {
+    if let Some(n) = &query.vm {
+        vm(agent, n)?;
+    }
+    Ok(agent.host.events.query(query).await?)
+}
+
+/// `events --follow`: the matching events as one list, then each new matching event on its
+/// own line, until the client closes the connection (or sends anything).
+async fn follow(
+    agent: &Control,
+    query: EventQuery,
+    r: &mut (impl AsyncBufRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> Result<(), AgentError> {
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribe before reading the log: nothing falls between the two.
+    let mut rx = agent.host.events.subscribe();
+    let backlog = events(agent, query.clone()).await?;
+    let mut last = backlog.last().map_or(0, |e| e.id);
+    let io = |source| AgentError::Io {
+        doing: "writing events to",
+        path: PathBuf::from("the control socket"),
+        source,
+    };
+    write_response(
+        w,
+        &Response::Ok {
+            value: to_value(&backlog)?,
+        },
+    )
+    .await
+    .map_err(io)?;
+    let mut scratch = Vec::new();
+    loop {
+        let next: Vec<Event> = tokio::select! {
+            got = rx.recv() => match got {
+                Ok(e) => vec![(*e).clone()],
+                // A slow reader: catch up from the log.
+                Err(RecvError::Lagged(_)) => {
+                    let q = EventQuery { after_id: Some(last), limit: None, ..query.clone() };
+                    agent.host.events.query(q).await?
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            n = r.read_buf(&mut scratch) => {
+                // The client closed (or spoke): stop.
+                let _ = n;
+                return Ok(());
+            }
+            () = agent.host.shutdown.cancelled() => return Ok(()),
+        };
+        for e in next {
+            if e.id <= last || !query.matches(&e) {
+                continue;
+            }
+            last = e.id;
+            write_response(
+                w,
+                &Response::Ok {
+                    value: to_value(&e)?,
+                },
+            )
+            .await
+            .map_err(io)?;
+        }
+    }
+}
+
 /// The admin action a control request is, as the agent logs it: the request's JSON form (its
 /// command and arguments; a VM definition's text replaced by its length). `None` for what
 /// changes nothing: the queries (`status`, `measure` without `--reset`, `vm list`, `points`,
@@ -141,6 +232,7 @@ fn admin_action(req: &Request) -> Option<String> {
         | Request::VmList
         | Request::Status { .. }
         | Request::Points { .. }
+        | Request::Events { .. }
         | Request::Measure { reset: false, .. }
         | Request::VmRemove { check: true, .. }
         | Request::ReplicaRemove { check: true, .. }
@@ -290,6 +382,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 qga,
                 failover: Default::default(),
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
+                rpo_alert_secs: None,
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -374,6 +467,15 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
         ),
         Request::Disable { name } => to_value(vm(agent, &name)?.ask(Command::Disable).await?),
         Request::Points { name } => to_value(vm(agent, &name)?.ask(Command::Points).await?),
+        Request::Events { query, follow: _ } => to_value(events(agent, query).await?),
+        Request::SetRpoAlert {
+            name,
+            rpo_alert_secs,
+        } => Ok(json!(
+            vm(agent, &name)?
+                .ask(|r| Command::SetRpoAlert(rpo_alert_secs, r))
+                .await?
+        )),
         Request::Import { name, dir } => Ok(json!(
             vm(agent, &name)?
                 .ask(|r| Command::Import(dir.into(), r))

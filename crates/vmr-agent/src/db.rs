@@ -1,16 +1,20 @@
 //! The agent's state in SQLite (`DIR/state.db`): authorization entries and one record per VM
 //! (the VM's settings and its machine's snapshot, `vmr_proto::record`). Every change is one
 //! transaction; the file survives `kill -9` (WAL, synchronous=FULL). A schema-1 database
-//! (machine fields loose in the record) is migrated to schema 2 in one transaction on open.
+//! (machine fields loose in the record) is migrated to schema 2 in one transaction on open;
+//! schema 3 adds the event log (`events`: one row per event, its JSON), which a schema-2
+//! file gains on open. The event log has its own connection ([`EventDb`]), used only by the
+//! event log's writer thread (`events.rs`).
 
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use vmr_proto::api::AllowEntry;
+use vmr_proto::event::{DEFAULT_QUERY_LIMIT, Event, EventQuery};
 use vmr_proto::record::{VmRecord, VmRecordV1};
 
 /// The schema this agent writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// What went wrong with the state database.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,26 @@ pub enum DbError {
         /// The record's VM name.
         name: String,
         /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An event row does not parse.
+    #[error("corrupt event {id} in {path}: {source}")]
+    CorruptEvent {
+        /// The database file.
+        path: PathBuf,
+        /// The event's id.
+        id: i64,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An event does not encode.
+    #[error("encoding event {id}: {source}")]
+    EncodeEvent {
+        /// The event's id.
+        id: u64,
+        /// The encoder's error.
         #[source]
         source: serde_json::Error,
     },
@@ -117,7 +141,11 @@ impl Db {
                  storage TEXT NOT NULL, trust_group TEXT NOT NULL,
                  revoked INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS vms (
-                 name TEXT PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, record TEXT NOT NULL);",
+                 name TEXT PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS events (
+                 id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, vm TEXT,
+                 event TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS events_vm ON events (vm, id);",
         )
         .map_err(sql)?;
         // `revoked` came after schema 2's first release; older files gain it (default 0).
@@ -152,7 +180,12 @@ impl Db {
                     )
                     .map_err(sql)?;
             }
-            Some(1) => db.migrate_v1()?,
+            Some(1) => {
+                db.migrate_v1()?;
+                db.set_schema()?;
+            }
+            // Schema 2 to 3: the events table was created above.
+            Some(2) => db.set_schema()?,
             Some(SCHEMA_VERSION) => {}
             Some(found) => {
                 return Err(DbError::Schema {
@@ -197,12 +230,19 @@ impl Db {
             )
             .map_err(sql)?;
         }
-        tx.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'schema'",
-            [SCHEMA_VERSION],
-        )
-        .map_err(sql)?;
+        tx.execute("UPDATE meta SET value = 2 WHERE key = 'schema'", [])
+            .map_err(sql)?;
         tx.commit().map_err(sql)
+    }
+
+    fn set_schema(&self) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                [SCHEMA_VERSION],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
     }
 
     /// Add or replace an authorization entry.
@@ -294,6 +334,125 @@ impl Db {
     }
 }
 
+/// The event log's own connection to the state database (opened after [`Db::open`] made
+/// the table); used by one thread only.
+pub struct EventDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl EventDb {
+    fn sql(&self, source: rusqlite::Error) -> DbError {
+        DbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Open the state database's event log.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let sql = |source| DbError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        // Another connection (VM records) writes too: wait for it rather than fail.
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(sql)?;
+        // An event lost in a power cut costs less than an fsync per batch on a busy host:
+        // WAL with synchronous=NORMAL survives a crashed agent, not a crashed kernel.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The largest event id (0 when none).
+    pub fn max_id(&self) -> Result<u64, DbError> {
+        let id: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))
+            .map_err(|e| self.sql(e))?;
+        Ok(id.map_or(0, |i| u64::try_from(i).unwrap_or(0)))
+    }
+
+    /// Append events (one transaction).
+    pub fn insert(&mut self, events: &[std::sync::Arc<Event>]) -> Result<(), DbError> {
+        let path = self.path.clone();
+        let sql = |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        for e in events {
+            let json = e
+                .to_json()
+                .map_err(|source| DbError::EncodeEvent { id: e.id, source })?;
+            tx.execute(
+                "INSERT OR REPLACE INTO events (id, time_ms, vm, event) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    i64::try_from(e.id).unwrap_or(i64::MAX),
+                    i64::try_from(e.time_ms).unwrap_or(i64::MAX),
+                    e.vm.as_ref().map(|v| v.name.as_str()),
+                    json
+                ],
+            )
+            .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Keep the newest `max_events` events and none older than `min_time_ms`; how many were
+    /// deleted.
+    pub fn prune(&self, max_events: u64, min_time_ms: u64) -> Result<usize, DbError> {
+        let keep = i64::try_from(max_events).unwrap_or(i64::MAX);
+        let min = i64::try_from(min_time_ms).unwrap_or(i64::MAX);
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE time_ms < ?2
+                   OR id <= (SELECT MAX(id) FROM events) - ?1",
+                params![keep, min],
+            )
+            .map_err(|e| self.sql(e))
+    }
+
+    /// The newest events matching `q` (at most its limit), oldest first.
+    pub fn query(&self, q: &EventQuery) -> Result<Vec<Event>, DbError> {
+        let limit = i64::from(q.limit.unwrap_or(DEFAULT_QUERY_LIMIT));
+        let since = q.since_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        let after = q.after_id.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, event FROM events
+                 WHERE (?1 IS NULL OR vm = ?1) AND (?2 IS NULL OR time_ms >= ?2)
+                   AND (?3 IS NULL OR id > ?3)
+                 ORDER BY id DESC LIMIT ?4",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map(params![q.vm, since, after, limit], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row.map_err(|e| self.sql(e))?;
+            out.push(
+                serde_json::from_str(&json).map_err(|source| DbError::CorruptEvent {
+                    path: self.path.clone(),
+                    id,
+                    source,
+                })?,
+            );
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,7 +491,109 @@ mod tests {
                 initial_at_ms: None,
                 paused_from: None,
             }),
+            rpo_alert_secs: Some(40),
         }
+    }
+
+    fn event(id: u64, time_ms: u64, vm: Option<&str>) -> std::sync::Arc<Event> {
+        use vmr_proto::event::{EVENT_FORMAT, EventKind, EventVm, Severity};
+        std::sync::Arc::new(Event {
+            version: EVENT_FORMAT,
+            id,
+            time_ms,
+            host: "h".into(),
+            vm: vm.map(|n| EventVm {
+                name: n.into(),
+                uuid: uuid::Uuid::nil(),
+                role: ReplicationMode::Primary,
+                state: ReplicationState::Replicating,
+            }),
+            kind: EventKind::CycleMissed,
+            severity: Severity::Warning,
+            message: format!("event {id}"),
+            fields: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_schema_2_database_gains_the_event_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('schema', 2);
+                 CREATE TABLE allow (primary_name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,
+                     storage TEXT NOT NULL, trust_group TEXT NOT NULL,
+                     revoked INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE vms (
+                     name TEXT PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, record TEXT NOT NULL);",
+            )
+            .expect("schema 2");
+        }
+        let db = Db::open(&path).expect("migrate");
+        let v: i64 = db
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .expect("schema");
+        assert_eq!(v, SCHEMA_VERSION);
+        let mut ev = EventDb::open(&path).expect("events");
+        assert_eq!(ev.max_id().expect("max"), 0);
+        ev.insert(&[event(1, 10, Some("a"))]).expect("insert");
+        assert_eq!(ev.max_id().expect("max"), 1);
+    }
+
+    #[test]
+    fn the_event_log_answers_queries_and_stays_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let _db = Db::open(&path).expect("open");
+        let mut ev = EventDb::open(&path).expect("events");
+        let all: Vec<_> = (1..=20)
+            .map(|i| event(i, i * 100, if i % 2 == 0 { Some("even") } else { None }))
+            .collect();
+        ev.insert(&all).expect("insert");
+        let ids = |q: EventQuery| -> Vec<u64> {
+            ev.query(&q).expect("query").iter().map(|e| e.id).collect()
+        };
+        assert_eq!(ids(EventQuery::default()).len(), 20);
+        assert_eq!(
+            ids(EventQuery {
+                limit: Some(3),
+                ..Default::default()
+            }),
+            vec![18, 19, 20]
+        );
+        assert_eq!(
+            ids(EventQuery {
+                vm: Some("even".into()),
+                limit: Some(2),
+                ..Default::default()
+            }),
+            vec![18, 20]
+        );
+        assert_eq!(
+            ids(EventQuery {
+                since_ms: Some(1800),
+                ..Default::default()
+            }),
+            vec![18, 19, 20]
+        );
+        assert_eq!(
+            ids(EventQuery {
+                after_id: Some(19),
+                ..Default::default()
+            }),
+            vec![20]
+        );
+        assert_eq!(ev.query(&EventQuery::default()).expect("q")[4], *all[4]);
+        // Newest 10, none before 1500.
+        assert_eq!(ev.prune(10, 1500).expect("prune"), 14);
+        assert_eq!(ids(EventQuery::default()), (15..=20).collect::<Vec<_>>());
+        assert_eq!(ev.max_id().expect("max"), 20);
     }
 
     #[test]
@@ -454,7 +715,7 @@ mod tests {
             other => panic!("not a replica snapshot: {other:?}"),
         }
         drop(db);
-        // Migrated once: the schema is 2 now and opening again changes nothing.
+        // Migrated once: the schema is 3 now and opening again changes nothing.
         let again = Db::open(&path).expect("reopen");
         assert_eq!(again.vms().expect("vms"), recs);
     }

@@ -543,6 +543,9 @@ pub enum AgentError {
     /// The state database.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The event log.
+    #[error(transparent)]
+    Events(#[from] crate::events::EventsError),
     /// A replica store.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -940,6 +943,7 @@ impl AgentError {
             | Json { .. }
             | JsonEncode { .. }
             | Db(_)
+            | Events(_)
             | Store(_)
             | OpenStore { .. }
             | RecoverStore { .. }

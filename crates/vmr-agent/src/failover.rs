@@ -953,6 +953,7 @@ pub async fn reverse(
         initial_at_ms: None,
         auto_resync: None,
         initial: Default::default(),
+        rpo_alert_secs: None,
     };
     let schedule = crate::primary::schedule_of(&args)?;
     let store = vm.host.store_of(&rec)?;
@@ -1187,6 +1188,7 @@ pub async fn become_replica(
             qga: None,
             failover: rec.failover.clone(),
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
+            rpo_alert_secs: rec.rpo_alert_secs,
         };
         vm.rec = new;
         vm.save()?;

@@ -1,5 +1,5 @@
 //! What every VM's owner shares on one host: the agent directory, its config and TLS identity,
-//! the state database, the in-memory authorization entries, the opened replica stores and the
+//! the state database, the event log, the in-memory authorization entries, the opened replica stores and the
 //! limit on concurrent cycles. Nothing here holds a VM's state: that is owned by the VM's
 //! task (`vm.rs`).
 
@@ -12,6 +12,7 @@ use vmr_proto::api::{AgentConfig, AllowEntry};
 
 use crate::db::Db;
 use crate::errors::AgentError;
+use crate::events::EventLog;
 use vmr_proto::record::VmRecord;
 
 /// Host-wide resources of the agent.
@@ -34,6 +35,8 @@ pub struct Host {
     pub cycle_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
+    /// The event log (and its sinks).
+    pub events: EventLog,
 }
 
 impl Host {
@@ -45,6 +48,7 @@ impl Host {
         db: Db,
     ) -> Result<Host, AgentError> {
         let allow = db.allowed()?;
+        let events = EventLog::open(&dir.join("state.db"), &config.name, &config.events)?;
         Ok(Host {
             dir,
             // At least 1: `load_config` refuses 0.
@@ -55,6 +59,7 @@ impl Host {
             allow: RwLock::new(allow),
             stores: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
+            events,
         })
     }
 

@@ -6,7 +6,7 @@
 //! `vmr-core`'s machines; this crate carries them out.
 //!
 //! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
-//! `errors` → `config`, `launch`, `lock`, `host` → `owned`, `cycle` → `resync`, `export` → `replica`
+//! `sinks` → `events` → `errors` → `config`, `launch`, `lock`, `host` → `owned`, `cycle` → `resync`, `export` → `replica`
 //! → `primary` → `failover` → `vm` → `server`, `control` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
@@ -17,6 +17,7 @@ mod control;
 mod cycle;
 pub mod db;
 mod errors;
+pub mod events;
 pub mod exit;
 mod export;
 mod failover;
@@ -31,6 +32,7 @@ mod replica;
 mod resync;
 mod server;
 mod shutdown;
+mod sinks;
 pub mod util;
 mod vm;
 
@@ -114,6 +116,16 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
     }))
     .await?;
     tracing::info!(name = %host.config.name, listen = %server, control = %control.display(), "agent ready");
+    host.events.emit(events::NewEvent::new(
+        None,
+        vmr_proto::event::EventKind::AgentStarted,
+        vmr_proto::event::Severity::Info,
+        format!(
+            "agent {} started ({} VMs)",
+            host.config.name,
+            vms.all().len()
+        ),
+    ));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| AgentError::System {
@@ -125,6 +137,12 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+    host.events.emit(events::NewEvent::new(
+        None,
+        vmr_proto::event::EventKind::AgentStopped,
+        vmr_proto::event::Severity::Info,
+        format!("agent {} stopping", host.config.name),
+    ));
     host.shutdown.cancel();
     for h in vms.all() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -133,5 +151,13 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
         }
     }
     let _ = std::fs::remove_file(control);
+    // The writer thread stores what is queued (the stop event too) before the process ends.
+    let _ = host
+        .events
+        .query(vmr_proto::event::EventQuery {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await;
     Ok(())
 }

@@ -25,6 +25,29 @@ pub struct Vm {
     /// A primary VM disabled while its replica could not be told: the task telling it in
     /// the background (aborted by [`Vm::stop_disable_notice`]).
     pub disable_notice: Option<tokio::task::JoinHandle<()>>,
+    /// The id of the `rpo-exceeded` event while the RPO alert is raised (health reasons name
+    /// it); the owner raises and clears it.
+    pub rpo_alert: Option<u64>,
+    /// Replica: a `store-full` event was raised and no cycle was committed since.
+    pub store_full: bool,
+}
+
+/// What the owner compares before and after each event it handled (its events come from the
+/// differences).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// Replication state.
+    pub state: vmr_proto::api::ReplicationState,
+    /// Health level.
+    pub health: vmr_proto::api::Health,
+    /// Why.
+    pub reason: String,
+    /// Failed cycle attempts (primary) or applies (replica) in the statistics window.
+    pub errors: u64,
+    /// Missed cycles in the window.
+    pub missed: u64,
+    /// The last error, while failing.
+    pub last_error: Option<String>,
 }
 
 impl Vm {
@@ -35,6 +58,66 @@ impl Vm {
             rec,
             children: BTreeMap::new(),
             disable_notice: None,
+            rpo_alert: None,
+            store_full: false,
+        }
+    }
+
+    /// The RPO alert on this host in seconds: the record's (`set --rpo-alert`), else the one
+    /// given at `enable`, else twice the frequency; `None` while the frequency is unknown
+    /// (replication not enabled here).
+    pub fn rpo_alert_secs(&self) -> Option<u64> {
+        let freq = match self.rec.mode() {
+            vmr_proto::api::ReplicationMode::Primary => {
+                self.rec.enable.as_ref().map(|e| e.frequency_secs)
+            }
+            vmr_proto::api::ReplicationMode::Replica => self.rec.frequency_secs,
+        }?;
+        let given =
+            self.rec
+                .rpo_alert_secs
+                .or(self.rec.enable.as_ref().and_then(|e| e.rpo_alert_secs));
+        Some(vmr_core::rpo_alert_ms(freq, given) / 1000)
+    }
+
+    /// Where the VM stands against its RPO alert now.
+    pub fn rpo_verdict(
+        &self,
+        state: vmr_proto::api::ReplicationState,
+        stats: &vmr_proto::api::ReplicationStats,
+        now_ms: u64,
+    ) -> vmr_core::RpoVerdict {
+        let rpo_ms = self.rpo_alert_secs().unwrap_or(0) * 1000;
+        vmr_core::assess_rpo(state, stats.last_point_cut_ms, rpo_ms, now_ms)
+    }
+
+    /// The RPO alert's health item (with the raising event's id), if raised and exceeded.
+    pub fn rpo_health(
+        &self,
+        state: vmr_proto::api::ReplicationState,
+        stats: &vmr_proto::api::ReplicationStats,
+        now_ms: u64,
+    ) -> Option<(vmr_proto::api::Health, String)> {
+        vmr_core::rpo_health(
+            self.rpo_verdict(state, stats, now_ms),
+            self.rpo_alert_secs().unwrap_or(0) * 1000,
+            self.rec.mode() == vmr_proto::api::ReplicationMode::Replica,
+            self.rpo_alert,
+        )
+    }
+
+    /// The `lag_ms` of the status row: now minus the last point's cut.
+    pub fn lag_ms(stats: &vmr_proto::api::ReplicationStats, now_ms: u64) -> Option<u64> {
+        stats.last_point_cut_ms.map(|c| now_ms.saturating_sub(c))
+    }
+
+    /// The VM as its events name it.
+    pub fn event_vm(&self, state: vmr_proto::api::ReplicationState) -> vmr_proto::event::EventVm {
+        vmr_proto::event::EventVm {
+            name: self.rec.name.clone(),
+            uuid: self.rec.uuid,
+            role: self.rec.mode(),
+            state,
         }
     }
 

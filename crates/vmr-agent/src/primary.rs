@@ -18,7 +18,7 @@ use vmr_proto::record::MachineSnapshot;
 
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
 use crate::errors::AgentError;
-use crate::owned::Vm;
+use crate::owned::{Observed, Vm};
 use crate::util::now_ms;
 
 /// An admin command for a primary VM.
@@ -572,7 +572,8 @@ impl PrimarySide {
         let m = &self.machine;
         let state = m.state();
         let stats = m.stats().clone();
-        let health = primary_health(state, &stats, m.consecutive_failures(), m.last_error(), now);
+        let health = primary_health(state, &stats, m.consecutive_failures(), m.last_error(), now)
+            .with(vm.rpo_health(state, &stats, now));
         let mut health_reason = health.reason();
         if state == ReplicationState::WaitingForStartResynchronize
             && m.initial_at_ms().is_none()
@@ -611,14 +612,38 @@ impl PrimarySide {
                 .map_or_else(String::new, |e| e.replica.clone()),
             last_replication_ms: stats.last_replication_ms,
             last_cycle: m.last_cycle(),
-            stats,
             progress,
             failover_program: None,
             initial_at_ms: m
                 .initial_at_ms()
                 .filter(|_| state == ReplicationState::ReadyForInitialReplication),
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+            rpo_alert_secs: vm.rpo_alert_secs(),
+            lag_ms: Vm::lag_ms(&stats, now),
+            stats,
         }
+    }
+
+    /// What the owner compares between events.
+    pub fn observe(&self, vm: &Vm, now: u64) -> Observed {
+        let m = &self.machine;
+        let state = m.state();
+        let stats = m.stats();
+        let health = primary_health(state, stats, m.consecutive_failures(), m.last_error(), now)
+            .with(vm.rpo_health(state, stats, now));
+        Observed {
+            state,
+            health: health.health,
+            reason: health.reason(),
+            errors: stats.errors,
+            missed: stats.missed_cycles,
+            last_error: m.last_error().map(str::to_owned),
+        }
+    }
+
+    /// The machine's state and statistics (the RPO alert's inputs).
+    pub fn rpo_inputs(&self) -> (ReplicationState, &vmr_proto::api::ReplicationStats) {
+        (self.machine.state(), self.machine.stats())
     }
 }
 
@@ -658,6 +683,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         MachineSnapshot::Replica(_) => PrimarySnapshot::default(),
     };
     let health = primary_health(snap.state, &snap.stats, 0, snap.last_error.as_deref(), now);
+    let lag_ms = Vm::lag_ms(&snap.stats, now);
     VmStatus {
         name: rec.name.clone(),
         uuid: rec.uuid,
@@ -676,5 +702,24 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         failover_program: None,
         initial_at_ms: None,
         failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+        rpo_alert_secs: None,
+        lag_ms,
+    }
+}
+
+/// What the owner compares between events, for a primary VM whose replication is not enabled.
+pub fn disabled_observe(vm: &Vm, now: u64) -> Observed {
+    let snap = match &vm.rec.machine {
+        MachineSnapshot::Primary(s) => s.clone(),
+        MachineSnapshot::Replica(_) => PrimarySnapshot::default(),
+    };
+    let health = primary_health(snap.state, &snap.stats, 0, snap.last_error.as_deref(), now);
+    Observed {
+        state: snap.state,
+        health: health.health,
+        reason: health.reason(),
+        errors: snap.stats.errors,
+        missed: snap.stats.missed_cycles,
+        last_error: None,
     }
 }

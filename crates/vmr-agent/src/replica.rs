@@ -7,7 +7,7 @@ use std::path::Path;
 
 use vmr_core::{Refusal, ReplicaEvent, ReplicaMachine, replica_health};
 use vmr_proto::CycleHeader;
-use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, VmStatus};
+use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, ReplicationState, VmStatus};
 use vmr_proto::wire::RemoteError;
 use vmr_store::{RecoveryPoint, RetentionPolicy};
 
@@ -15,7 +15,7 @@ use vmr_proto::machine::ReplicaSnapshot;
 use vmr_proto::record::MachineSnapshot;
 
 use crate::errors::{AgentError, internal, refusal_err, store_err};
-use crate::owned::Vm;
+use crate::owned::{Observed, Vm};
 use crate::util::now_ms;
 
 /// The replica side of a VM.
@@ -299,24 +299,13 @@ impl ReplicaSide {
     pub fn status(&self, vm: &Vm, replica_name: &str, now: u64) -> VmStatus {
         let rec = &vm.rec;
         let m = &self.machine;
-        let h = replica_health(m.state(), m.stats(), now);
-        let mut reason = h.reason();
-        if let Some(e) = m.last_error() {
-            if !reason.is_empty() {
-                reason.push_str("; ");
-            }
-            reason.push_str(&format!("last apply failed: {e}"));
-        }
+        let obs = self.observe(vm, now);
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
             state: m.state(),
-            health: if m.last_error().is_some() {
-                vmr_proto::api::Health::Critical
-            } else {
-                h.health
-            },
-            health_reason: reason,
+            health: obs.health,
+            health_reason: obs.reason,
             mode: ReplicationMode::Replica,
             frequency_secs: rec.frequency_secs.unwrap_or(0),
             primary: rec.primary.clone(),
@@ -340,7 +329,43 @@ impl ReplicaSide {
                 }),
             initial_at_ms: None,
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+            rpo_alert_secs: vm.rpo_alert_secs(),
+            lag_ms: Vm::lag_ms(m.stats(), now),
         }
+    }
+
+    /// What the owner compares between events.
+    pub fn observe(&self, vm: &Vm, now: u64) -> Observed {
+        let m = &self.machine;
+        let h = replica_health(m.state(), m.stats(), now).with(vm.rpo_health(
+            m.state(),
+            m.stats(),
+            now,
+        ));
+        let mut reason = h.reason();
+        if let Some(e) = m.last_error() {
+            if !reason.is_empty() {
+                reason.push_str("; ");
+            }
+            reason.push_str(&format!("last apply failed: {e}"));
+        }
+        Observed {
+            state: m.state(),
+            health: if m.last_error().is_some() {
+                vmr_proto::api::Health::Critical
+            } else {
+                h.health
+            },
+            reason,
+            errors: m.stats().errors,
+            missed: m.stats().missed_cycles,
+            last_error: m.last_error().map(str::to_owned),
+        }
+    }
+
+    /// The machine's state and statistics (the RPO alert's inputs).
+    pub fn rpo_inputs(&self) -> (ReplicationState, &vmr_proto::api::ReplicationStats) {
+        (self.machine.state(), self.machine.stats())
     }
 }
 

@@ -161,6 +161,7 @@ impl PeerHandler {
             qga: None,
             failover: Default::default(),
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
+            rpo_alert_secs: None,
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms
@@ -189,6 +190,10 @@ impl Handler for PeerHandler {
             Err(e) => {
                 // A resync keeps what arrived for the next attempt; other kinds are dropped.
                 writer.abort().await;
+                if matches!(e, RemoteError::DiskFull { .. }) {
+                    // The owner raises `store-full` (its event; the store is its business).
+                    h.ask_raw(Command::StreamFailed(e.clone())).await;
+                }
                 return Err(e);
             }
         };

@@ -4,6 +4,11 @@
 //! a oneshot channel. Nothing outside the task writes the VM's state, so a command can never
 //! overwrite what another command did meanwhile.
 //!
+//! The owner also makes the VM's events (`events.rs`): after every event it handled it
+//! compares what it observes (state, health, failures, missed cycles) with what it saw
+//! before, raises and clears the RPO alert (`vmr_core::alert` decides; a timer wakes the
+//! owner at the deadline), and emits the failover and store-full events where they happen.
+//!
 //! Architecture Invariant: a VM's record is written only by its owner task.
 
 use std::collections::BTreeMap;
@@ -21,11 +26,14 @@ use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
 
 use crate::errors::{AgentError, internal, store_err};
+use crate::events::NewEvent;
 use crate::host::Host;
+use crate::owned::Observed;
 use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
 use crate::replica::{ReplicaCmd, ReplicaSide};
 use crate::util::now_ms;
+use vmr_proto::event::{EventKind, Severity};
 use vmr_proto::peer::{BecameReplica, BlockHashes, PrimaryVmState};
 use vmr_proto::record::VmRecord;
 
@@ -177,6 +185,10 @@ pub enum Command {
     /// The failover network settings were applied in the live failed-over VM (the lines of
     /// the outcome); sent by the task that applied them.
     NetworkApplied(Uuid, Vec<String>),
+    /// Peer handler: streaming a cycle into the store failed (the owner notes a full store).
+    StreamFailed(RemoteError),
+    /// `set --rpo-alert`: this host's RPO alert for the VM, seconds (`None` = the default).
+    SetRpoAlert(Option<u64>, Reply<String>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -288,6 +300,10 @@ impl Registry {
             side,
             rx,
             me: handle.tx.downgrade(),
+            seen: None,
+            failure_run: 0,
+            failure_reported: None,
+            rpo_deadline: None,
         };
         tokio::spawn(owner.run());
         map.insert(handle.name.clone(), handle.clone());
@@ -308,6 +324,21 @@ struct Owner {
     /// The owner's own channel, for tasks it starts that report back (weak: the registry's
     /// handle keeps the channel open, not the owner itself).
     me: mpsc::WeakSender<Command>,
+    /// What the owner observed after the last event it handled.
+    seen: Option<Observed>,
+    /// Failures since the last success (for the rate limit of `cycle-failed`).
+    failure_run: u32,
+    /// The error of the last `cycle-failed` event, while failing.
+    failure_reported: Option<String>,
+    /// When the RPO alert fires unless a point arrives first.
+    rpo_deadline: Option<tokio::time::Instant>,
+}
+
+async fn wait_deadline(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError> {
@@ -333,6 +364,7 @@ impl Owner {
             if let Side::Primary(Some(p)) = &mut self.side {
                 p.flush(&mut self.vm);
             }
+            self.watch();
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
@@ -365,6 +397,10 @@ impl Owner {
                         p.cycle_done(&mut self.vm, done);
                     }
                 }
+                _ = wait_deadline(self.rpo_deadline) => {
+                    // `watch` at the top of the loop raises the alert.
+                    self.rpo_deadline = None;
+                }
                 _ = beat.tick() => {
                     self.vm.reap_children();
                     if let Side::Primary(Some(p)) = &mut self.side {
@@ -373,6 +409,258 @@ impl Owner {
                 }
             }
         }
+    }
+
+    /// Emit an event about this VM.
+    fn emit(&self, kind: EventKind, severity: Severity, message: String) -> NewEvent {
+        let state = self.observe(now_ms()).state;
+        NewEvent::new(Some(self.vm.event_vm(state)), kind, severity, message)
+    }
+
+    fn observe(&self, now: u64) -> Observed {
+        match &self.side {
+            Side::Primary(Some(p)) => p.observe(&self.vm, now),
+            Side::Primary(None) => crate::primary::disabled_observe(&self.vm, now),
+            Side::Replica(r) => r.observe(&self.vm, now),
+        }
+    }
+
+    /// After each handled event: raise or clear the RPO alert, set its timer, and emit what
+    /// changed since the last look.
+    fn watch(&mut self) {
+        let now = now_ms();
+        let verdict = match &self.side {
+            Side::Primary(Some(p)) => {
+                let (state, stats) = p.rpo_inputs();
+                self.vm.rpo_verdict(state, stats, now)
+            }
+            Side::Primary(None) => vmr_core::RpoVerdict::NotWatched,
+            Side::Replica(r) => {
+                let (state, stats) = r.rpo_inputs();
+                self.vm.rpo_verdict(state, stats, now)
+            }
+        };
+        let rpo_ms = self.vm.rpo_alert_secs().unwrap_or(0) * 1000;
+        let name = self.vm.rec.name.clone();
+        let log = &self.vm.host.events;
+        match vmr_core::decide_rpo(self.vm.rpo_alert.is_some(), verdict) {
+            Some(vmr_core::RpoChange::Fire { lag_ms }) => {
+                let e = self
+                    .emit(
+                        EventKind::RpoExceeded,
+                        Severity::Warning,
+                        format!(
+                            "{name}: the last point is {} old, past the RPO alert of {}",
+                            vmr_core::alert::human_ms(lag_ms),
+                            vmr_core::alert::human_ms(rpo_ms)
+                        ),
+                    )
+                    .field("lag_ms", lag_ms)
+                    .field("rpo_ms", rpo_ms);
+                self.vm.rpo_alert = Some(log.emit(e));
+            }
+            Some(vmr_core::RpoChange::Clear { lag_ms }) => {
+                let alert = self.vm.rpo_alert.take();
+                let msg = match lag_ms {
+                    Some(l) => format!(
+                        "{name}: back within the RPO alert of {} (the last point is {} old)",
+                        vmr_core::alert::human_ms(rpo_ms),
+                        vmr_core::alert::human_ms(l)
+                    ),
+                    None => format!("{name}: no longer held to its RPO alert"),
+                };
+                let mut e = self
+                    .emit(EventKind::RpoRecovered, Severity::Info, msg)
+                    .field("rpo_ms", rpo_ms)
+                    .field("alert", alert);
+                if let Some(l) = lag_ms {
+                    e = e.field("lag_ms", l);
+                }
+                log.emit(e);
+            }
+            None => {}
+        }
+        self.rpo_deadline = match verdict {
+            vmr_core::RpoVerdict::Within { deadline_ms, .. } => Some(
+                tokio::time::Instant::now()
+                    + std::time::Duration::from_millis(deadline_ms.saturating_sub(now)),
+            ),
+            _ => None,
+        };
+        let obs = self.observe(now);
+        let Some(prev) = self.seen.replace(obs.clone()) else {
+            return;
+        };
+        let log = &self.vm.host.events;
+        if obs.state != prev.state {
+            let severity = match obs.state {
+                ReplicationState::Error => Severity::Critical,
+                _ => Severity::Info,
+            };
+            log.emit(
+                self.emit(
+                    EventKind::StateChanged,
+                    severity,
+                    format!("{name}: {} -> {}", prev.state, obs.state),
+                )
+                .field("from", prev.state.to_string())
+                .field("to", obs.state.to_string()),
+            );
+            if obs.state == ReplicationState::WaitingForStartResynchronize {
+                log.emit(
+                    self.emit(
+                        EventKind::ResyncRequired,
+                        Severity::Critical,
+                        format!(
+                            "{name}: resynchronization required (`vmreplica resume --resync {name}`){}",
+                            obs.last_error
+                                .as_deref()
+                                .map(|e| format!(": {e}"))
+                                .unwrap_or_default()
+                        ),
+                    )
+                    .field("error", obs.last_error.clone()),
+                );
+            }
+        }
+        if obs.health != prev.health {
+            let reason = if obs.reason.is_empty() {
+                "healthy".to_owned()
+            } else {
+                obs.reason.clone()
+            };
+            log.emit(
+                self.emit(
+                    EventKind::HealthChanged,
+                    Severity::of_health(obs.health),
+                    format!("{name}: health {} -> {}: {reason}", prev.health, obs.health),
+                )
+                .field("from", prev.health.to_string())
+                .field("to", obs.health.to_string())
+                .field("reason", obs.reason.clone()),
+            );
+        }
+        if obs.errors > prev.errors
+            && let Some(err) = &obs.last_error
+        {
+            let n = u32::try_from(obs.errors - prev.errors).unwrap_or(u32::MAX);
+            self.failure_run = self.failure_run.saturating_add(n);
+            let every = self.vm.host.config.events.failure_every;
+            if vmr_core::report_failure(
+                self.failure_run,
+                err,
+                self.failure_reported.as_deref(),
+                every,
+            ) {
+                log.emit(
+                    self.emit(
+                        EventKind::CycleFailed,
+                        Severity::Warning,
+                        format!(
+                            "{name}: cycle failed ({} in a row): {err}",
+                            self.failure_run
+                        ),
+                    )
+                    .field("consecutive", self.failure_run)
+                    .field("error", err.clone()),
+                );
+                self.failure_reported = Some(err.clone());
+            }
+        }
+        if obs.last_error.is_none() {
+            self.failure_run = 0;
+            self.failure_reported = None;
+        }
+        if obs.missed > prev.missed {
+            log.emit(
+                self.emit(
+                    EventKind::CycleMissed,
+                    Severity::Warning,
+                    format!(
+                        "{name}: {} cycle(s) missed their interval ({} in the window)",
+                        obs.missed - prev.missed,
+                        obs.missed
+                    ),
+                )
+                .field("missed", obs.missed),
+            );
+        }
+    }
+
+    /// A replica store without room for a cycle: one `store-full` event until a cycle is
+    /// committed again.
+    fn note_store(&mut self, r: &Result<(), &RemoteError>) {
+        match r {
+            Err(RemoteError::DiskFull { .. }) if !self.vm.store_full => {
+                self.vm.store_full = true;
+                let msg = match r {
+                    Err(e) => e.to_string(),
+                    Ok(()) => String::new(),
+                };
+                let name = self.vm.rec.name.clone();
+                let e = self
+                    .emit(
+                        EventKind::StoreFull,
+                        Severity::Critical,
+                        format!("{name}: the replica store is full: {msg}"),
+                    )
+                    .field("error", msg);
+                self.vm.host.events.emit(e);
+            }
+            Ok(()) => self.vm.store_full = false,
+            _ => {}
+        }
+    }
+
+    /// The event of a failover command that succeeded.
+    fn failover_event(&self, f: &FailoverCmd, res: &FailoverResult) {
+        let name = &self.vm.rec.name;
+        let (kind, what) = match f {
+            FailoverCmd::Prepare { .. } => (
+                EventKind::FailoverPrepared,
+                "planned failover prepared: final cycle shipped",
+            ),
+            FailoverCmd::Start { .. } => (EventKind::FailoverStarted, "failover started"),
+            FailoverCmd::Test { .. } => (EventKind::FailoverTestStarted, "test failover started"),
+            FailoverCmd::StopTest { .. } => {
+                (EventKind::FailoverTestStopped, "test failover stopped")
+            }
+            FailoverCmd::Cancel => (EventKind::FailoverCancelled, "failover cancelled"),
+            FailoverCmd::Complete => (EventKind::FailoverCompleted, "failover completed"),
+            FailoverCmd::Reverse { .. } => (EventKind::Reversed, "replication reversed"),
+        };
+        let point = res
+            .point
+            .map(|p| format!(" (recovery point {p})"))
+            .unwrap_or_default();
+        let mut e = self
+            .emit(kind, Severity::Warning, format!("{name}: {what}{point}"))
+            .field("point", res.point)
+            .field("state", res.state.to_string());
+        if let Some(t) = res.test_id {
+            e = e.field("copy", t.to_string());
+        }
+        self.vm.host.events.emit(e);
+    }
+
+    /// `set --rpo-alert`.
+    fn set_rpo_alert(&mut self, secs: Option<u64>) -> Result<String, AgentError> {
+        let freq = match self.vm.rec.mode() {
+            ReplicationMode::Primary => self.vm.rec.enable.as_ref().map(|e| e.frequency_secs),
+            ReplicationMode::Replica => self.vm.rec.frequency_secs,
+        };
+        if let Some(s) = secs {
+            vmr_core::check_rpo_alert(s, freq.unwrap_or(0))?;
+        }
+        self.vm.rec.rpo_alert_secs = secs;
+        self.vm.save()?;
+        Ok(match self.vm.rpo_alert_secs() {
+            Some(s) => format!("RPO alert of {} is {s} s", self.vm.rec.name),
+            None => format!(
+                "RPO alert of {} saved; it applies once replication is enabled",
+                self.vm.rec.name
+            ),
+        })
     }
 
     /// A replica VM's record follows what its store holds (agent start: applied staged
@@ -521,6 +809,11 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
+            Command::StreamFailed(e) => self.note_store(&Err(&e)),
+            Command::SetRpoAlert(secs, reply) => {
+                let r = self.set_rpo_alert(secs);
+                let _ = reply.send(r);
+            }
             Command::Failover(f, reply) => {
                 let started = matches!(
                     f,
@@ -529,7 +822,10 @@ impl Owner {
                         ..
                     }
                 );
-                let r = self.failover(f).await;
+                let r = self.failover(f.clone()).await;
+                if let Ok(res) = &r {
+                    self.failover_event(&f, res);
+                }
                 match r {
                     Ok(res) if started && !self.vm.rec.failover.interfaces.is_empty() => {
                         self.apply_network(res, reply);
@@ -585,12 +881,17 @@ impl Owner {
             Command::BeginCycle(peer, header, reply) => {
                 let t = std::time::Instant::now();
                 let r = self.begin_cycle(&peer, *header).await;
+                if let Err(e) = &r {
+                    self.note_store(&Err(e));
+                }
                 tracing::debug!(vm = %self.vm.rec.name, ms = t.elapsed().as_millis() as u64, "cycle admitted, layers open");
                 let _ = reply.send(r);
             }
             Command::FinishCycle(writer, bytes, reply) => {
                 let t = std::time::Instant::now();
-                match self.commit_cycle(writer).await {
+                let committed = self.commit_cycle(writer).await;
+                self.note_store(&committed.as_ref().map(|_| ()));
+                match committed {
                     Ok(point) => {
                         // Durable: acknowledge at once and record the point (status shows it
                         // from here on), then prune what retention no longer keeps.

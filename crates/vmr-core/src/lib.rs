@@ -1,13 +1,14 @@
 //! Sans-IO replication decisions: the per-VM primary machine ([`PrimaryMachine`]) and replica
 //! machine ([`ReplicaMachine`]) that take events (ticks, cycle results, admin commands, each
 //! with the current time) and return the actions for an I/O driver to carry out or a typed
-//! [`Refusal`]; the validation of `enable` arguments ([`Schedule::from_enable`]); the failover
-//! rules; and Hyper-V's health rules as pure functions. The machines' persisted snapshots are
+//! [`Refusal`]; the validation of `enable` arguments ([`Schedule::from_enable`]); the RPO alert and
+//! the rate limit of failure events (`alert`); the failover rules; and Hyper-V's health rules as pure functions. The machines' persisted snapshots are
 //! `vmr_proto::machine` types.
 //!
 //! Architecture Invariant: nothing in this crate does I/O, reads the clock or spawns tasks;
 //! time comes in with every event, so every decision is reproducible in a test.
 
+pub mod alert;
 pub mod failover;
 pub mod handover;
 pub mod health;
@@ -17,6 +18,10 @@ pub mod replica;
 pub mod schedule;
 pub mod shutdown;
 
+pub use alert::{
+    RpoChange, RpoVerdict, assess_rpo, check_rpo_alert, decide_rpo, report_failure, rpo_alert_ms,
+    rpo_health,
+};
 pub use failover::{
     PrepareRefusal, PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe,
     check_probe_target, failover_transition, prepare_source, probe_address, split_brain_verdict,

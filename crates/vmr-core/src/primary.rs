@@ -519,6 +519,7 @@ impl PrimaryMachine {
                 st.total_latency_ms += latency;
                 st.max_latency_ms = st.max_latency_ms.max(latency);
                 st.last_replication_ms = Some(now_ms);
+                st.last_point_cut_ms = Some(run.started_ms);
                 if app_consistent {
                     st.last_app_consistent_ms = Some(now_ms);
                 }
@@ -669,6 +670,7 @@ impl PrimaryMachine {
                     window_start_ms: now_ms,
                     last_replication_ms: self.stats.last_replication_ms,
                     last_app_consistent_ms: self.stats.last_app_consistent_ms,
+                    last_point_cut_ms: self.stats.last_point_cut_ms,
                     pending_bytes: self.stats.pending_bytes,
                     ..Default::default()
                 };

@@ -349,6 +349,7 @@ impl ReplicaMachine {
                 st.total_latency_ms += latency_ms;
                 st.max_latency_ms = st.max_latency_ms.max(latency_ms);
                 st.last_replication_ms = Some(now_ms);
+                st.last_point_cut_ms = Some(now_ms.saturating_sub(latency_ms));
                 if app_consistent {
                     st.last_app_consistent_ms = Some(now_ms);
                 }
@@ -378,6 +379,7 @@ impl ReplicaMachine {
                 }
                 self.last_cycle = Some(id);
                 self.stats.last_replication_ms = Some(now_ms);
+                self.stats.last_point_cut_ms = Some(now_ms);
                 self.last_error = None;
                 self.point_arrived();
                 persist
@@ -440,6 +442,7 @@ impl ReplicaMachine {
                     window_start_ms: now_ms,
                     last_replication_ms: self.stats.last_replication_ms,
                     last_app_consistent_ms: self.stats.last_app_consistent_ms,
+                    last_point_cut_ms: self.stats.last_point_cut_ms,
                     ..Default::default()
                 };
                 persist

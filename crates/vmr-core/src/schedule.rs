@@ -78,6 +78,17 @@ pub enum InvalidEnable {
         /// The window.
         window: ResyncWindow,
     },
+    /// The RPO alert is out of range.
+    #[error(
+        "RPO alert of {secs} s: it must be at least the frequency ({frequency_secs} s) and at \
+         most 30 days"
+    )]
+    RpoAlert {
+        /// The asked alert.
+        secs: u64,
+        /// The frequency.
+        frequency_secs: u64,
+    },
     /// The export directory is not an absolute path.
     #[error("--initial export:{dir}: the directory must be an absolute path")]
     ExportDir {
@@ -130,6 +141,9 @@ impl Schedule {
         {
             return Err(InvalidEnable::ResyncWindow { window: w });
         }
+        if let Some(rpo) = args.rpo_alert_secs {
+            crate::alert::check_rpo_alert(rpo, secs)?;
+        }
         let initial = match &args.initial {
             InitialMode::Network => InitialKind::Network,
             InitialMode::Existing => InitialKind::Existing,
@@ -165,6 +179,7 @@ mod tests {
             initial_at_ms: None,
             auto_resync: None,
             initial: InitialMode::Network,
+            rpo_alert_secs: None,
         }
     }
 
@@ -194,6 +209,20 @@ mod tests {
                 "more than a day",
                 |a| a.frequency_secs = u64::MAX,
                 Some(InvalidEnable::FrequencyTooLong { secs: u64::MAX }),
+            ),
+            ("rpo alert 60 s", |a| a.rpo_alert_secs = Some(60), None),
+            (
+                "rpo alert = frequency",
+                |a| a.rpo_alert_secs = Some(30),
+                None,
+            ),
+            (
+                "rpo alert below the frequency",
+                |a| a.rpo_alert_secs = Some(29),
+                Some(InvalidEnable::RpoAlert {
+                    secs: 29,
+                    frequency_secs: 30,
+                }),
             ),
             ("24 points", |a| a.recovery_points = 24, None),
             (

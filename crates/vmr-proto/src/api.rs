@@ -116,6 +116,9 @@ pub struct ReplicationStats {
     pub last_quiesce_failure_ms: Option<u64>,
     /// Primary: why the last freeze failed (cleared by a success).
     pub last_quiesce_error: Option<String>,
+    /// When the last replicated (primary: acknowledged; replica: applied) point was cut, ms
+    /// since the epoch: the lag is now minus this. Kept by `measure --reset`.
+    pub last_point_cut_ms: Option<u64>,
 }
 
 impl ReplicationStats {
@@ -177,6 +180,13 @@ pub struct VmStatus {
     /// This host's failover network settings of the VM (`vm set --failover-*`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_network: Option<crate::FailoverSettings>,
+    /// The RPO alert on this host, seconds (`enable --rpo-alert`, `set --rpo-alert`; default
+    /// twice the frequency); absent when replication is not enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_alert_secs: Option<u64>,
+    /// Now minus the last point's cut time, ms (the RPO achieved); absent before a point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_ms: Option<u64>,
 }
 
 /// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's
@@ -427,6 +437,22 @@ pub enum Request {
         /// VM name.
         name: String,
     },
+    /// The event log (`vmreplica events`). With `follow`, the agent answers with the matching
+    /// events and then one more `Ok` line per new event ([`crate::event::Event`] each; the
+    /// first answer is a list) until the client closes the connection.
+    Events {
+        /// What to return.
+        query: crate::event::EventQuery,
+        /// Keep the connection and stream new events.
+        follow: bool,
+    },
+    /// Change a VM's RPO alert on this host (`vmreplica set NAME --rpo-alert D`), either side.
+    SetRpoAlert {
+        /// VM name.
+        name: String,
+        /// Seconds; `None` = back to the default (twice the frequency).
+        rpo_alert_secs: Option<u64>,
+    },
     /// Reverse replication: the failed-over VM becomes the primary, the old primary its replica.
     Reverse {
         /// VM name.
@@ -563,6 +589,10 @@ pub struct EnableArgs {
     /// How the first copy reaches the replica.
     #[serde(default)]
     pub initial: InitialMode,
+    /// Raise an RPO alert when the last point is older than this, seconds (`--rpo-alert`);
+    /// `None` = twice the frequency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_alert_secs: Option<u64>,
 }
 
 /// How initial replication gets the first copy to the replica.
@@ -820,6 +850,9 @@ pub struct AgentConfig {
     /// any other program is refused.
     #[serde(default = "default_allowed_programs")]
     pub allowed_programs: Vec<String>,
+    /// The event log's bounds and the event sinks (`[events]`).
+    #[serde(default)]
+    pub events: crate::event::EventsConfig,
 }
 
 fn default_concurrency() -> usize {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cycle;
+pub mod event;
 pub mod failnet;
 pub mod machine;
 pub mod peer;

@@ -49,6 +49,10 @@ pub struct VmRecord {
     pub failover: crate::FailoverSettings,
     /// The VM's machine; its side is the VM's mode on this host.
     pub machine: MachineSnapshot,
+    /// This host's RPO alert for the VM, seconds (`set --rpo-alert`; on the primary also
+    /// `enable --rpo-alert`); absent = twice the frequency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_alert_secs: Option<u64>,
 }
 
 impl VmRecord {
@@ -152,6 +156,7 @@ impl From<VmRecordV1> for VmRecord {
             qga: None,
             failover: Default::default(),
             machine,
+            rpo_alert_secs: None,
         }
     }
 }

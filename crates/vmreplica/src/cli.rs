@@ -96,6 +96,30 @@ pub enum Command {
         /// VM name.
         name: String,
     },
+    /// Change a VM's settings on this host while replication is enabled (either side).
+    Set {
+        /// VM name.
+        name: String,
+        /// Raise an RPO alert when the last point is older than this (`90s`, `5m`, `1h`; at
+        /// least the frequency); `default` = twice the frequency.
+        #[arg(long, value_name = "DURATION")]
+        rpo_alert: String,
+    },
+    /// The agent's event log (Get-WinEvent): state and health changes, failed and missed
+    /// cycles, RPO alerts, failovers; oldest first.
+    Events {
+        /// Only this VM's events.
+        name: Option<String>,
+        /// Only events since DURATION ago (`10m`, `2h`, `1d`) or TIME (RFC 3339).
+        #[arg(long, value_name = "DURATION|TIME")]
+        since: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Keep printing new events until interrupted (Ctrl-C).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Recovery points of a replica VM.
     Points {
         /// VM name.
@@ -415,6 +439,11 @@ pub struct EnableCmd {
     /// `export:DIR` (written to DIR here, loaded on the replica with `vmreplica import`).
     #[arg(long, value_name = "MODE", default_value = "network")]
     pub initial: String,
+    /// Raise an RPO alert when the last acknowledged point is older than this (`90s`, `5m`,
+    /// `1h`; at least the frequency; default twice the frequency). Change it later with
+    /// `vmreplica set NAME --rpo-alert`.
+    #[arg(long, value_name = "DURATION")]
+    pub rpo_alert: Option<String>,
 }
 
 /// `demo` options.
@@ -457,6 +486,18 @@ pub fn parse_frequency(s: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
+/// Parse a duration in whole seconds: `<N>s`, `<N>m`, `<N>h`, `<N>d`, or anything
+/// `humantime` reads (`1h 30m`); a bare number is seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    humantime::parse_duration(t)
+        .map(|d| d.as_secs())
+        .map_err(|e| format!("bad duration {s:?}: {e} (e.g. 90s, 5m, 2h, 1d)"))
+}
+
 /// Parse a timeout: `<N>s`, `<N>m` or a bare number of seconds, 1 s to 1 h.
 pub fn parse_timeout(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -496,6 +537,11 @@ mod tests {
         assert_eq!(parse_timeout("90"), Ok(90));
         assert!(parse_timeout("0s").is_err());
         assert!(parse_timeout("2h").is_err());
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("5m"), Ok(300));
+        assert_eq!(parse_duration_secs("1d"), Ok(86_400));
+        assert_eq!(parse_duration_secs("12"), Ok(12));
+        assert!(parse_duration_secs("soon").is_err());
         assert_eq!(parse_frequency("30s"), Ok(30));
         assert_eq!(parse_frequency("5m"), Ok(300));
         assert_eq!(parse_frequency("15m"), Ok(900));

@@ -8,7 +8,9 @@ use std::path::Path;
 use anyhow::Context;
 use vmr_proto::api::{EnableArgs, InitialMode, Request, Response, ResyncWindow};
 
-use crate::cli::{Command, ReplicaCmd, ServerCmd, VmCmd, parse_frequency, parse_hours};
+use crate::cli::{
+    Command, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_frequency, parse_hours,
+};
 use crate::exit;
 use crate::util::{coded, parse_time};
 
@@ -50,6 +52,55 @@ pub fn call(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
             Err(err)
         }
     }
+}
+
+/// `--since`: a duration ago (`10m`) or a time (RFC 3339), as ms since the epoch.
+fn parse_since(s: &str) -> anyhow::Result<u64> {
+    match parse_duration_secs(s) {
+        Ok(secs) => Ok(vmr_agent::util::now_ms().saturating_sub(secs.saturating_mul(1000))),
+        Err(_) => parse_time(s),
+    }
+}
+
+/// `events --follow`: print the backlog, then each new event as it comes, until the agent
+/// stops or the user interrupts.
+fn follow_events(dir: &Path, req: &Request, json: bool) -> anyhow::Result<()> {
+    let path = vmr_agent::config::socket_path(dir);
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        coded(
+            exit::NO_AGENT,
+            format!(
+                "cannot reach the vmreplica agent at {} ({e})",
+                path.display()
+            ),
+        )
+    })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .context("sending request to the agent")?;
+    let reader = BufReader::new(stream);
+    let mut first = true;
+    for answer in reader.lines() {
+        let answer = answer.context("reading the agent's events")?;
+        let value = match serde_json::from_str::<Response>(&answer)
+            .context("the agent's answer is not valid")?
+        {
+            Response::Ok { value } => value,
+            Response::Err { chain, code } => {
+                return Err(coded(code, chain.join(": ")));
+            }
+        };
+        let events: Vec<vmr_proto::event::Event> = if first {
+            serde_json::from_value(value).context("the agent's events are not valid")?
+        } else {
+            vec![serde_json::from_value(value).context("the agent's event is not valid")?]
+        };
+        crate::output::print_events(&events, json, first);
+        first = false;
+    }
+    Ok(())
 }
 
 fn request_of(cmd: Command) -> anyhow::Result<Request> {
@@ -182,8 +233,36 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 initial_at_ms,
                 auto_resync,
                 initial,
+                rpo_alert_secs: e
+                    .rpo_alert
+                    .as_deref()
+                    .map(parse_duration_secs)
+                    .transpose()
+                    .map_err(|m| coded(exit::USAGE, m))?,
             })
         }
+        Command::Set { name, rpo_alert } => Request::SetRpoAlert {
+            name,
+            rpo_alert_secs: if rpo_alert == "default" {
+                None
+            } else {
+                Some(parse_duration_secs(&rpo_alert).map_err(|m| coded(exit::USAGE, m))?)
+            },
+        },
+        Command::Events {
+            name,
+            since,
+            limit,
+            follow,
+        } => Request::Events {
+            query: vmr_proto::event::EventQuery {
+                vm: name,
+                since_ms: since.as_deref().map(parse_since).transpose()?,
+                after_id: None,
+                limit: Some(limit),
+            },
+            follow,
+        },
         Command::StartInitial { name } => Request::StartInitial { name },
         Command::Status { name } => Request::Status { name },
         Command::Measure { name, reset } => Request::Measure { name, reset },
@@ -296,6 +375,9 @@ pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
     let kind = crate::output::Kind::of(&cmd);
     let yes = confirmation(&cmd);
     let req = request_of(cmd)?;
+    if let Request::Events { follow: true, .. } = &req {
+        return follow_events(dir, &req, json);
+    }
     if let (Some(yes), Some(check)) = (yes, check_only(&req)) {
         let what = call(dir, &check)?;
         let what = what.as_str().unwrap_or("go on");

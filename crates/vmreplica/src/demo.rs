@@ -212,6 +212,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             initial_at_ms: None,
             auto_resync: None,
             initial: Default::default(),
+            rpo_alert_secs: None,
         }))
     })?;
     println!(

@@ -21,6 +21,8 @@ pub enum Kind {
     Server,
     /// A [`vmr_proto::api::FailoverResult`] (`failover ...`, `reverse`).
     Failover,
+    /// A list of [`vmr_proto::event::Event`] (`events`).
+    Events,
     /// Anything else: a message or raw JSON.
     Plain,
 }
@@ -35,6 +37,7 @@ impl Kind {
             Command::Points { .. } => Kind::Points,
             Command::Server(crate::cli::ServerCmd::Show) => Kind::Server,
             Command::Failover(_) | Command::Reverse { .. } => Kind::Failover,
+            Command::Events { .. } => Kind::Events,
             _ => Kind::Plain,
         }
     }
@@ -67,6 +70,12 @@ pub fn json_error(err: &anyhow::Error, code: i32) -> Value {
 
 /// Print `value` as `kind`.
 pub fn print(kind: Kind, value: &Value, json: bool) {
+    if let Kind::Events = kind
+        && let Ok(events) = serde_json::from_value::<Vec<vmr_proto::event::Event>>(value.clone())
+    {
+        print_events(&events, json, true);
+        return;
+    }
     if json {
         println!(
             "{}",
@@ -155,6 +164,8 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
                 );
             }
         }
+        // Printed above when the answer is a list of events.
+        Kind::Events => print_plain(value),
         Kind::Failover => {
             match serde_json::from_value::<vmr_proto::api::FailoverResult>(value.clone()) {
                 Ok(r) => print_failover(&r),
@@ -184,6 +195,39 @@ fn print_failover(r: &vmr_proto::api::FailoverResult) {
     println!("took:   {} ms", r.elapsed_ms);
 }
 
+/// Events: one JSON object per line with `--json`; otherwise a table (its header before
+/// the first batch).
+pub fn print_events(events: &[vmr_proto::event::Event], json: bool, header: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for e in events {
+            let _ = writeln!(out, "{}", e.to_json().unwrap_or_default());
+        }
+    } else {
+        if header {
+            let _ = writeln!(
+                out,
+                "{:>6} {:<21} {:<8} {:<14} {:<22} MESSAGE",
+                "ID", "TIME", "SEVERITY", "VM", "KIND"
+            );
+        }
+        for e in events {
+            let _ = writeln!(
+                out,
+                "{:>6} {:<21} {:<8} {:<14} {:<22} {}",
+                e.id,
+                fmt_time(e.time_ms),
+                e.severity.to_string(),
+                e.vm.as_ref().map_or("-", |v| v.name.as_str()),
+                e.kind.as_str(),
+                e.message
+            );
+        }
+    }
+    let _ = out.flush();
+}
+
 fn print_plain(value: &Value) {
     match value {
         Value::String(s) => println!("{s}"),
@@ -197,17 +241,32 @@ fn print_plain(value: &Value) {
 
 fn print_status(rows: &[VmStatus]) {
     println!(
-        "{:<14} {:<30} {:<9} {:<8} {:>6} {:<14} {:<22} {:<21} HEALTH REASON",
-        "NAME", "STATE", "HEALTH", "MODE", "FREQ", "PRIMARY", "REPLICA", "LAST REPLICATION"
+        "{:<14} {:<30} {:<9} {:<8} {:>6} {:>11} {:<14} {:<22} {:<21} HEALTH REASON",
+        "NAME",
+        "STATE",
+        "HEALTH",
+        "MODE",
+        "FREQ",
+        "LAG/RPO",
+        "PRIMARY",
+        "REPLICA",
+        "LAST REPLICATION"
     );
     for r in rows {
+        let lag = r
+            .lag_ms
+            .map_or_else(|| "-".to_owned(), |l| format!("{}s", l / 1000));
+        let rpo = r
+            .rpo_alert_secs
+            .map_or_else(|| "-".to_owned(), |s| format!("{s}s"));
         println!(
-            "{:<14} {:<30} {:<9} {:<8} {:>5}s {:<14} {:<22} {:<21} {}",
+            "{:<14} {:<30} {:<9} {:<8} {:>5}s {:>11} {:<14} {:<22} {:<21} {}",
             r.name,
             r.state.to_string(),
             r.health.to_string(),
             format!("{:?}", r.mode),
             r.frequency_secs,
+            format!("{lag}/{rpo}"),
             match &r.primary_address {
                 Some(a) => format!("{} ({a})", r.primary),
                 None => r.primary.clone(),
