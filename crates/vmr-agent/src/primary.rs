@@ -258,7 +258,7 @@ impl PrimarySide {
         }
         let mut session = self.session.take().unwrap_or_default();
         let cancel = CancellationToken::new();
-        self.progress.set(0, 0);
+        self.progress.clear();
         self.started = cycle;
         let mut rec = vm.rec.clone();
         if let Some(qmp) = &self.capture_from {
@@ -595,6 +595,11 @@ impl PrimarySide {
             .as_ref()
             .filter(|_| m.running_since().is_some())
             .map(|_| self.progress.get());
+        let operation = self
+            .running
+            .as_ref()
+            .filter(|_| m.running_since().is_some())
+            .and_then(|_| self.progress.operation());
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -618,6 +623,7 @@ impl PrimarySide {
                 .initial_at_ms()
                 .filter(|_| state == ReplicationState::ReadyForInitialReplication),
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+            operation,
         }
     }
 }
@@ -676,5 +682,6 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         failover_program: None,
         initial_at_ms: None,
         failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+        operation: None,
     }
 }

@@ -340,6 +340,7 @@ impl ReplicaSide {
                 }),
             initial_at_ms: None,
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+            operation: None,
         }
     }
 }
