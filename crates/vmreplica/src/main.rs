@@ -4,9 +4,11 @@
 mod cli;
 mod client;
 mod demo;
+mod follow;
 mod gendocs;
 mod output;
 mod util;
+mod watch;
 
 use clap::Parser;
 
