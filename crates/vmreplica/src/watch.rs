@@ -180,7 +180,7 @@ impl Col {
         Col::Progress,
     ];
     /// Narrowed in this order (down to their minimum) before any is dropped.
-    const SHRINK: [Col; 4] = [Col::Reason, Col::Progress, Col::Name, Col::State];
+    const SHRINK: [Col; 4] = [Col::Reason, Col::Progress, Col::State, Col::Name];
 
     fn header(self) -> &'static str {
         match self {
@@ -197,8 +197,8 @@ impl Col {
 
     fn min(self) -> usize {
         match self {
-            Col::Name => 8,
-            Col::State => 14,
+            Col::Name => 6,
+            Col::State => 17,
             Col::Health => 8,
             Col::Lag => 5,
             Col::Last => 8,
@@ -318,6 +318,21 @@ pub fn row_of(s: &VmStatus, rates: VmRates, now_ms: u64) -> Row {
         } else {
             s.health_reason.clone()
         },
+    }
+}
+
+/// The state's name in at most 17 columns, for a STATE column too narrow for the longest
+/// names (Hyper-V's names, shortened by words).
+fn short_state(state: &str) -> &str {
+    match state {
+        "ReadyForInitialReplication" => "ReadyForInitial",
+        "InitialReplicationInProgress" => "InitialInProgress",
+        "WaitingForInitialReplication" => "WaitingForInitial",
+        "WaitingForStartResynchronize" => "WaitingForResync",
+        "ResynchronizeSuspended" => "ResyncSuspended",
+        "FailedOverWaitingCompletion" => "FailedOverWaiting",
+        "PreparedForFailover" => "PreparedFailover",
+        other => other,
     }
 }
 
@@ -447,6 +462,9 @@ pub fn layout(rows: &[Row], width: usize) -> Vec<String> {
             cols.iter()
                 .map(|&(c, w)| match c {
                     Col::Progress => fit(&r.progress.draw(w), w, false),
+                    Col::State if r.state.chars().count() > w => {
+                        fit(short_state(&r.state), w, false)
+                    }
                     _ => fit(&r.cell(c), w, c.right()),
                 })
                 .collect(),
