@@ -263,11 +263,11 @@ async fn follow(dir: &Path, plan: &Plan, bar: bool, json: bool) -> anyhow::Resul
         }
         if let Some(pb) = &pb {
             pb.set_message(format!("{} {}", plan.name, plan.op.noun()));
-            if let Some(o) = s.operation {
-                if o.total > 0 {
-                    pb.set_length(o.total);
-                    pb.set_position(o.done);
-                }
+            if let Some(o) = s.operation
+                && o.total > 0
+            {
+                pb.set_length(o.total);
+                pb.set_position(o.done);
             }
         } else {
             let step = s
