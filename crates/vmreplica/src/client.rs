@@ -307,16 +307,7 @@ fn check_only(req: &Request) -> Option<Request> {
 /// undo is checked by the agent first (a refusal comes before any question), then confirmed
 /// on the terminal unless `--yes`.
 pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
-    if let Command::Status {
-        name,
-        watch: true,
-        interval,
-    } = cmd
-    {
-        return crate::watch::run(dir, name, interval, json);
-    }
     let kind = crate::output::Kind::of(&cmd);
-    let follow = crate::follow::Plan::of(&cmd);
     let import = matches!(cmd, Command::Import { .. });
     let yes = confirmation(&cmd);
     let req = request_of(cmd)?;
@@ -333,15 +324,12 @@ pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
             &mut std::io::stderr(),
         )?;
     }
-    let bar = crate::follow::terminal() && !json;
-    let value = if import && bar {
-        crate::follow::with_spinner("importing", || call(dir, &req))?
+    // `import` waits for the copy to be loaded: a spinner says it is at work.
+    let value = if import && crate::util::terminal() && !json {
+        crate::util::with_spinner("importing", || call(dir, &req))?
     } else {
         call(dir, &req)?
     };
     crate::output::print(kind, &value, json);
-    match follow {
-        Some(plan) if bar || plan.wait => crate::follow::run(dir, &plan, bar, json),
-        _ => Ok(()),
-    }
+    Ok(())
 }

@@ -1,10 +1,9 @@
 //! Progress of the long operations the CLI starts (`start-initial`, `resume --resync`,
-//! `enable` when its initial copy or export starts at once) and of `import`: which commands
+//! `enable` when its initial copy or export starts at once): which commands
 //! are followed, when a followed operation has ended and how (a pure verdict on the VM's
 //! status), and how it is shown: an `indicatif` bar on a terminal, plain lines with `--wait`
 //! otherwise. Ctrl-C detaches; the operation goes on in the agent.
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -81,11 +80,6 @@ impl Plan {
             _ => None,
         }
     }
-}
-
-/// Whether progress is drawn: stdout and stderr are both a terminal.
-pub fn terminal() -> bool {
-    std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
 }
 
 /// Where a followed operation stands.
@@ -183,15 +177,18 @@ async fn follow(dir: &Path, plan: &Plan, bar: bool, json: bool) -> anyhow::Resul
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let started = Instant::now();
+    // A spinner until the operation's total is known, then the bar.
+    let bar_style = ProgressStyle::with_template(
+        "{msg} [{wide_bar}] {percent:>3}% {binary_bytes}/{binary_total_bytes} \
+         {binary_bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("#>-");
     let pb = bar.then(|| {
         let pb = ProgressBar::new(0);
         pb.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{wide_bar}] {percent:>3}% {binary_bytes}/{binary_total_bytes} \
-                 {binary_bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("#>-"),
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         pb.set_message(format!("{} {}", plan.name, plan.op.noun()));
         pb.enable_steady_tick(Duration::from_millis(200));
@@ -266,7 +263,11 @@ async fn follow(dir: &Path, plan: &Plan, bar: bool, json: bool) -> anyhow::Resul
             if let Some(o) = s.operation
                 && o.total > 0
             {
-                pb.set_length(o.total);
+                if pb.length() != Some(o.total) {
+                    pb.set_style(bar_style.clone());
+                    pb.set_length(o.total);
+                    pb.reset_eta();
+                }
                 pb.set_position(o.done);
             }
         } else {
@@ -289,11 +290,21 @@ async fn follow(dir: &Path, plan: &Plan, bar: bool, json: bool) -> anyhow::Resul
     let took = fmt_dur(started.elapsed().as_secs());
     match outcome {
         None => {
-            if let Some(pb) = &pb {
-                pb.abandon();
-            }
+            let at = match &pb {
+                Some(pb) => {
+                    let at = pb
+                        .length()
+                        .filter(|l| *l > 0)
+                        .and_then(|l| percent(pb.position(), l))
+                        .map(|p| format!(" at {p:.1}%"))
+                        .unwrap_or_default();
+                    pb.finish_and_clear();
+                    at
+                }
+                None => String::new(),
+            };
             eprintln!(
-                "detached: the {} of {} goes on in the agent; watch it with `vmreplica status {} --watch`",
+                "detached{at}: the {} of {} goes on in the agent; watch it with `vmreplica status {} --watch`",
                 plan.op.noun(),
                 plan.name,
                 plan.name
@@ -309,25 +320,11 @@ async fn follow(dir: &Path, plan: &Plan, bar: bool, json: bool) -> anyhow::Resul
         }
         Some(Err(e)) => {
             if let Some(pb) = &pb {
-                pb.abandon();
+                pb.finish_and_clear();
             }
             Err(e)
         }
     }
-}
-
-/// Run `f` (a blocking call) with a spinner on stderr saying `what` and the time it takes.
-pub fn with_spinner<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.set_message(what.to_owned());
-    pb.enable_steady_tick(Duration::from_millis(120));
-    let r = f();
-    pb.finish_and_clear();
-    r
 }
 
 #[cfg(test)]

@@ -240,25 +240,13 @@ fn frames(raw: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-#[test]
-fn watch_on_a_terminal_fits_80_columns_and_restores_it() -> TestResult {
-    let p = Pair::new(exe())?;
-    let vm = StandIn::create(
-        p.root.path(),
-        &p.a,
-        "a-rather-long-vm-name-for-the-view",
-        &["disk0"],
-        16,
-    )?;
-    vm.register(&p.a)?;
-    p.enable("a-rather-long-vm-name-for-the-view", &["--frequency", "5s"])?;
-    p.wait_cycle("a-rather-long-vm-name-for-the-view", 1, LONG)?;
-    // util-linux `script` runs the view on a pseudo-terminal of 80 × 24.
-    let cmd = format!(
-        "stty cols 80 rows 24; exec {} --dir {} status --watch --interval 200ms",
-        exe().display(),
-        p.a.dir.display()
-    );
+/// Run `cmd` on a pseudo-terminal of 80 × 24 (util-linux `script`) until what it wrote
+/// satisfies `until`, then type Ctrl-C; its exit status and everything it wrote.
+fn on_terminal(
+    cmd: &str,
+    until: impl Fn(&str) -> bool,
+) -> TestResult<(std::process::ExitStatus, String)> {
+    let cmd = format!("stty cols 80 rows 24; exec {cmd}");
     let mut child = Command::new("script")
         .args(["-q", "-e", "-c", &cmd, "/dev/null"])
         .stdin(Stdio::piped())
@@ -277,19 +265,18 @@ fn watch_on_a_terminal_fits_80_columns_and_restores_it() -> TestResult {
         }
     });
     let mut raw = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // Three frames drawn.
-    while String::from_utf8_lossy(&raw).matches("\x1b[H").count() < 4 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !until(&String::from_utf8_lossy(&raw)) {
         assert!(
             Instant::now() < deadline,
-            "no frames: {:?}",
+            "not seen on the terminal: {:?}",
             String::from_utf8_lossy(&raw)
         );
         if let Ok(b) = rx.recv_timeout(Duration::from_millis(500)) {
             raw.extend(b);
         }
     }
-    // Ctrl-C on the terminal.
+    // Ctrl-C typed on the terminal.
     stdin.write_all(b"\x03")?;
     stdin.flush()?;
     let status = wait_exit(&mut child, Duration::from_secs(10))?;
@@ -298,7 +285,70 @@ fn watch_on_a_terminal_fits_80_columns_and_restores_it() -> TestResult {
     while let Ok(b) = rx.try_recv() {
         raw.extend(b);
     }
-    let raw = String::from_utf8_lossy(&raw).into_owned();
+    Ok((status, String::from_utf8_lossy(&raw).into_owned()))
+}
+
+#[test]
+fn a_progress_bar_on_a_terminal_detaches_on_ctrl_c() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "wv3", &["disk0"], 64)?;
+    vm.write_seq("disk0", 0, 512, 5)?;
+    std::fs::write(p.a.dir.join("test-copy-slow-ms"), "500").expect("test hook");
+    vm.register(&p.a)?;
+    p.enable(
+        "wv3",
+        &["--frequency", "5s", "--initial-at", "2099-01-01T00:00:00Z"],
+    )?;
+    // The bar shows a percentage of the copy; Ctrl-C then detaches.
+    let (status, raw) = on_terminal(
+        &format!(
+            "{} --dir {} start-initial wv3",
+            exe().display(),
+            p.a.dir.display()
+        ),
+        |raw| raw.contains("wv3 initial replication") && raw.contains("MiB/64.00 MiB"),
+    )?;
+    eprintln!("{raw:?}");
+    assert_eq!(status.code(), Some(0), "{raw:?}");
+    assert!(
+        raw.contains("ReadyForInitialReplication -> InitialReplicationInProgress"),
+        "{raw:?}"
+    );
+    assert!(
+        raw.contains("detached at ")
+            && raw.contains("%: the initial replication of wv3 goes on in the agent")
+            && raw.contains("vmreplica status wv3 --watch"),
+        "{raw:?}"
+    );
+    // It went on.
+    std::fs::remove_file(p.a.dir.join("test-copy-slow-ms")).expect("hook");
+    wait_until(LONG, "the detached copy to end", || {
+        Ok(p.state("wv3")? == ReplicationState::Replicating)
+    })?;
+    Ok(())
+}
+
+#[test]
+fn watch_on_a_terminal_fits_80_columns_and_restores_it() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(
+        p.root.path(),
+        &p.a,
+        "a-rather-long-vm-name-for-the-view",
+        &["disk0"],
+        16,
+    )?;
+    vm.register(&p.a)?;
+    p.enable("a-rather-long-vm-name-for-the-view", &["--frequency", "5s"])?;
+    p.wait_cycle("a-rather-long-vm-name-for-the-view", 1, LONG)?;
+    let (status, raw) = on_terminal(
+        &format!(
+            "{} --dir {} status --watch --interval 200ms",
+            exe().display(),
+            p.a.dir.display()
+        ),
+        |raw| raw.matches("\x1b[H").count() >= 4,
+    )?;
     assert_eq!(status.code(), Some(0), "{raw:?}");
     assert!(
         raw.contains("\x1b[?1049h\x1b[?25l"),
