@@ -409,9 +409,30 @@ fn widths(rows: &[Row], width: usize) -> Vec<(Col, usize)> {
                 };
                 let min = s.min().max(s.header().len()).max(content).min(*n);
                 *n -= over.min(*n - min);
+                // A state column narrower than its longest name shows the short names: no
+                // wider than the longest of those.
+                if s == Col::State {
+                    let short = rows
+                        .iter()
+                        .map(|r| short_state(&r.state).chars().count())
+                        .chain(std::iter::once(s.header().len()))
+                        .max()
+                        .unwrap_or(0);
+                    if *n < preferred(s) {
+                        *n = (*n).min(short);
+                    }
+                }
             }
         }
         if total(&w) <= width {
+            // Room left (the state jumped to its short names): back to the reason and the
+            // name, up to what they want.
+            for c in [Col::Reason, Col::Name] {
+                let spare = width.saturating_sub(total(&w));
+                if let Some((_, n)) = w.iter_mut().find(|(x, _)| *x == c) {
+                    *n += spare.min(preferred(c).saturating_sub(*n));
+                }
+            }
             return w;
         }
         match drops.next() {
@@ -484,7 +505,8 @@ pub fn frame(
     match answer {
         Ok(rows) if rows.is_empty() => lines.push(clip("no VMs", width)),
         Ok(rows) => lines.extend(layout(rows, width)),
-        Err(e) => lines.push(clip(&format!("{e} (retrying)"), width)),
+        // "retrying" first: a long error is cut at the width.
+        Err(e) => lines.push(clip(&format!("retrying: {e}"), width)),
     }
     // On a terminal nothing may scroll: what does not fit is counted on the last line.
     if let Some(h) = height
@@ -899,7 +921,7 @@ mod tests {
             80,
             Some(24),
         );
-        assert_eq!(e[1], "cannot reach the vmreplica agent (retrying)");
+        assert_eq!(e[1], "retrying: cannot reach the vmreplica agent");
         assert_eq!(frame("t", &Ok(vec![]), 80, None)[1], "no VMs");
         assert_eq!(
             frame("t", &Ok(rows.clone()), 80, None).len(),

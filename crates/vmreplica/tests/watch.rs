@@ -382,3 +382,61 @@ fn watch_on_a_terminal_fits_80_columns_and_restores_it() -> TestResult {
     assert!(shown.iter().any(|l| l.contains("Replicating")), "{shown:?}");
     Ok(())
 }
+
+#[test]
+fn watch_rides_out_an_agent_that_goes_away() -> TestResult {
+    let root = TestDir::temp("vmr-watch-gone")?;
+    let mut a = Agent::start(exe(), root.path(), "solo")?;
+    let mut watch = Command::new(exe())
+        .arg("--dir")
+        .arg(&a.dir)
+        .args(["status", "--watch", "--interval", "200ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = watch.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut block = String::new();
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.is_empty() {
+                if tx.send(std::mem::take(&mut block)).is_err() {
+                    break;
+                }
+            } else {
+                block.push_str(&line);
+                block.push('\n');
+            }
+        }
+    });
+    let next = |what: &str| -> TestResult<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let b = rx.recv_timeout(Duration::from_secs(10))?;
+            if b.contains(what) {
+                return Ok(b);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no block with {what:?}; last {b}"
+            );
+        }
+    };
+    next("no VMs")?;
+    // The agent stops: the view says so and keeps asking; back again, the table returns.
+    a.stop()?;
+    let gone = next("retrying: ")?;
+    assert!(gone.contains("cannot reach the vmreplica agent"), "{gone}");
+    a.restart()?;
+    next("no VMs")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let status = wait_exit(&mut watch, Duration::from_secs(10))?;
+    let _ = reader.join();
+    assert_eq!(status.code(), Some(0));
+    Ok(())
+}
