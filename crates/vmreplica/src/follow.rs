@@ -121,9 +121,14 @@ pub fn verdict(op: Op, s: &VmStatus) -> Verdict {
             "{}: initial copy exported and already imported; state Replicating",
             s.name
         )),
-        (Op::Export, S::InitialReplicationInProgress) if s.last_cycle.is_some() => Verdict::Done(
-            format!("{}: {}", s.name, s.health_reason.trim_start_matches("; ")),
-        ),
+        (Op::Export, S::InitialReplicationInProgress) if s.last_cycle.is_some() => {
+            // The health reason says where the copy is and what to run on the replica.
+            let r = &s.health_reason;
+            let what = r
+                .find("initial copy exported")
+                .map_or(r.as_str(), |i| &r[i..]);
+            Verdict::Done(format!("{}: {what}", s.name))
+        }
         (
             Op::Initial | Op::Export,
             S::InitialReplicationInProgress | S::ReadyForInitialReplication,
@@ -433,10 +438,16 @@ mod tests {
         let exported = status(
             S::InitialReplicationInProgress,
             Some(1),
-            "initial copy exported to /x: load it on the replica with `vmreplica import db1 DIR`",
+            "initial replication is not complete; initial copy exported to /x: load it on the \
+             replica with `vmreplica import db1 DIR`",
         );
-        assert!(
-            matches!(verdict(Op::Export, &exported), Verdict::Done(m) if m.contains("vmreplica import"))
+        assert_eq!(
+            verdict(Op::Export, &exported),
+            Verdict::Done(
+                "db1: initial copy exported to /x: load it on the replica with `vmreplica \
+                 import db1 DIR`"
+                    .into()
+            )
         );
         for (op, st) in [
             (Op::Initial, S::Error),

@@ -191,7 +191,7 @@ fn wait_exit(
 }
 
 #[test]
-fn waiting_for_a_failing_initial_copy_exits_1() -> TestResult {
+fn waiting_for_a_failing_initial_copy_exits_1_and_for_an_export_0() -> TestResult {
     let p = Pair::new(exe())?;
     let vm = StandIn::create(p.root.path(), &p.a, "wv2", &["disk0"], 16)?;
     vm.register(&p.a)?;
@@ -217,6 +217,34 @@ fn waiting_for_a_failing_initial_copy_exits_1() -> TestResult {
         err.contains("vmreplica import"),
         "the reason says what to do: {err}"
     );
+
+    // An export to a directory, waited for: it ends with where the copy is and what to run.
+    let vm = StandIn::create(p.root.path(), &p.a, "wv4", &["disk0"], 16)?;
+    vm.write_seq("disk0", 0, 64, 6)?;
+    vm.register(&p.a)?;
+    let dir = p.root.path().join("export-wv4");
+    std::fs::create_dir_all(&dir)?;
+    let out = p.a.cli(&[
+        "enable",
+        "wv4",
+        "--replica",
+        &p.b.addr,
+        "--replica-fingerprint",
+        &p.b.fingerprint,
+        "--frequency",
+        "5s",
+        "--initial",
+        &format!("export:{}", dir.display()),
+        "--wait",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        text.contains("wv4: initial copy exported to") && text.contains("vmreplica import wv4"),
+        "{text}"
+    );
+    assert!(dir.join(vmr_proto::api::EXPORT_MANIFEST).exists());
     Ok(())
 }
 
