@@ -4,13 +4,13 @@
 //! extents, commit or abort. The task reports an [`Outcome`]; it never touches the VM's state.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use futures::StreamExt;
 use vmr_capture::qga::GuestAgent;
 use vmr_capture::{CaptureConfig, CaptureError, CycleMode, Quiesce, QuiesceReport, VmCapture};
 use vmr_core::{Failure, QuiesceOutcome};
-use vmr_proto::api::{CreateReplica, EnableArgs};
+use vmr_proto::api::{CreateReplica, EnableArgs, OperationKind, OperationProgress};
 use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent, VmDefinition};
 use vmr_transport::{Client, TransportError};
 
@@ -51,27 +51,77 @@ pub async fn guest_agent(rec: &VmRecord) -> Result<GuestAgent, String> {
         .map_err(|e| crate::util::chain(&e))
 }
 
-/// Progress of the running cycle, written by its task and read by `status`.
+/// Progress of the running cycle, written by its task and read by `status`: what runs, how
+/// far through the disks it got and how many data bytes it shipped.
 #[derive(Default)]
 pub struct Progress {
-    done: AtomicU64,
-    total: AtomicU64,
+    op: Mutex<Option<OperationProgress>>,
 }
 
 impl Progress {
-    /// Bytes done and bytes expected (0 when unknown).
-    pub fn get(&self) -> (u64, u64) {
-        (
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        )
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OperationProgress>> {
+        // A panicking writer leaves a plain value behind: still readable.
+        self.op
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Set bytes done and expected.
-    pub fn set(&self, done: u64, total: u64) {
-        self.done.store(done, Ordering::Relaxed);
-        self.total.store(total, Ordering::Relaxed);
+    /// The status's `progress` pair: a resync's bytes compared and the disks' total, else the
+    /// data bytes shipped and 0 (unknown total); (0, 0) before the operation started.
+    pub fn get(&self) -> (u64, u64) {
+        match *self.lock() {
+            Some(p) if p.kind == OperationKind::Resync => (p.done, p.total),
+            Some(p) => (p.sent, 0),
+            None => (0, 0),
+        }
     }
+
+    /// The running operation, once it started.
+    pub fn operation(&self) -> Option<OperationProgress> {
+        *self.lock()
+    }
+
+    /// An operation of `kind` over `total` bytes of disks (0: unknown) starts at `now_ms`.
+    pub fn start(&self, kind: OperationKind, total: u64, now_ms: u64) {
+        *self.lock() = Some(OperationProgress {
+            kind,
+            done: 0,
+            total,
+            sent: 0,
+            started_ms: now_ms,
+        });
+    }
+
+    /// The operation went through `done` bytes of the disks and shipped `sent` data bytes.
+    pub fn advance(&self, done: u64, sent: u64) {
+        if let Some(p) = self.lock().as_mut() {
+            p.done = done;
+            p.sent = sent;
+        }
+    }
+
+    /// Nothing runs (a new task starts).
+    pub fn clear(&self) {
+        *self.lock() = None;
+    }
+}
+
+/// Where each disk starts when the disks' bytes are counted one disk after the other.
+pub fn disk_bases(sizes: &[u64]) -> Vec<u64> {
+    sizes
+        .iter()
+        .scan(0u64, |acc, s| {
+            let base = *acc;
+            *acc = acc.saturating_add(*s);
+            Some(base)
+        })
+        .collect()
+}
+
+/// How far through the disks (counted as by [`disk_bases`]) extent `e` reaches.
+pub fn position(bases: &[u64], e: &Extent) -> u64 {
+    let base = bases.get(e.disk as usize).copied().unwrap_or(0);
+    base.saturating_add(e.offset).saturating_add(e.len())
 }
 
 /// What a cycle task needs to know: a copy of the VM's record as the owner had it when the
@@ -479,6 +529,28 @@ async fn hold_hook(dir: &std::path::Path) {
 #[cfg(not(feature = "test-hooks"))]
 async fn hold_hook(_dir: &std::path::Path) {}
 
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a number of ms makes a full cycle (an initial copy) sleep that long after each
+/// extent it reads, so that a test can watch it run.
+#[cfg(feature = "test-hooks")]
+const COPY_SLOW_HOOK: &str = "test-copy-slow-ms";
+
+#[cfg(feature = "test-hooks")]
+async fn copy_slow_hook(dir: &std::path::Path, kind: CycleKind) {
+    if kind != CycleKind::Full {
+        return;
+    }
+    if let Some(ms) = std::fs::read_to_string(dir.join(COPY_SLOW_HOOK))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+async fn copy_slow_hook(_dir: &std::path::Path, _kind: CycleKind) {}
+
 /// One cycle on an open capture and connection, with the guest frozen around the cut when
 /// `agent` is given (its outcome goes to `quiesce`). Returns the outcome and whether the
 /// capture and the connection must be reopened.
@@ -514,6 +586,13 @@ async fn cycle_with(
     hold_hook(&ctx.host.dir).await;
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    let bases = disk_bases(&sizes);
+    if kind == CycleKind::Full {
+        ctx.progress
+            .start(OperationKind::InitialCopy, sizes.iter().sum(), taken_at_ms);
+    } else {
+        ctx.progress.start(OperationKind::Cycle, 0, taken_at_ms);
+    }
     let header = CycleHeader {
         vm: rec.uuid,
         id,
@@ -541,7 +620,8 @@ async fn cycle_with(
                     if let vmr_proto::ExtentData::Data(b) = &e.data {
                         sent += b.len() as u64;
                     }
-                    ctx.progress.set(sent, 0);
+                    ctx.progress.advance(position(&bases, &e), sent);
+                    copy_slow_hook(&ctx.host.dir, kind).await;
                     if tx.send(Ok(e)).await.is_err() {
                         return Err(None);
                     }

@@ -79,6 +79,12 @@ async fn export_with(
     };
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    let bases = crate::cycle::disk_bases(&sizes);
+    ctx.progress.start(
+        vmr_proto::api::OperationKind::Export,
+        sizes.iter().sum(),
+        taken_at_ms,
+    );
     let header = CycleHeader {
         vm: rec.uuid,
         id,
@@ -102,7 +108,8 @@ async fn export_with(
                     let sum = e.checksum();
                     tokio::task::block_in_place(|| w.put(&e, &sum))
                         .map_err(|e| io_failure(&tmp, e))?;
-                    ctx.progress.set(bytes, 0);
+                    ctx.progress
+                        .advance(crate::cycle::position(&bases, &e), bytes);
                 }
                 Ok(None) => break,
                 Err(e) => return Err(classify_capture(&e)),

@@ -258,7 +258,7 @@ impl PrimarySide {
         }
         let mut session = self.session.take().unwrap_or_default();
         let cancel = CancellationToken::new();
-        self.progress.set(0, 0);
+        self.progress.clear();
         self.started = cycle;
         let mut rec = vm.rec.clone();
         if let Some(qmp) = &self.capture_from {
@@ -596,6 +596,11 @@ impl PrimarySide {
             .as_ref()
             .filter(|_| m.running_since().is_some())
             .map(|_| self.progress.get());
+        let operation = self
+            .running
+            .as_ref()
+            .filter(|_| m.running_since().is_some())
+            .and_then(|_| self.progress.operation());
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -621,6 +626,7 @@ impl PrimarySide {
             rpo_alert_secs: vm.rpo_alert_secs(),
             lag_ms: Vm::lag_ms(&stats, now),
             stats,
+            operation,
         }
     }
 
@@ -704,6 +710,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
         rpo_alert_secs: None,
         lag_ms,
+        operation: None,
     }
 }
 

@@ -331,6 +331,7 @@ impl ReplicaSide {
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
             rpo_alert_secs: vm.rpo_alert_secs(),
             lag_ms: Vm::lag_ms(m.stats(), now),
+            operation: None,
         }
     }
 

@@ -343,7 +343,8 @@ async fn resync_with(
     };
     let base = first.0;
     let id = id.max(base + 1);
-    ctx.progress.set(0, total);
+    ctx.progress
+        .start(vmr_proto::api::OperationKind::Resync, total, taken_at_ms);
     let header = CycleHeader {
         vm: rec.uuid,
         id,
@@ -457,7 +458,7 @@ async fn resync_with(
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
                 }
-                ctx.progress.set(counts.scanned, total);
+                ctx.progress.advance(counts.scanned, counts.data_bytes);
             }
         }
         if !asm.iter().all(Assembler::done) || !theirs.is_empty() {

@@ -187,6 +187,53 @@ pub struct VmStatus {
     /// Now minus the last point's cut time, ms (the RPO achieved); absent before a point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_ms: Option<u64>,
+    /// Primary: the running operation (initial copy, resync, export, cycle) with how far it
+    /// got, for progress bars and `status --watch`; absent when nothing runs (and from older
+    /// agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationProgress>,
+}
+
+/// What a running operation of a primary VM is ([`OperationProgress::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationKind {
+    /// The initial copy over the network (a full cycle).
+    InitialCopy,
+    /// A resynchronization (the VM's disks compared with the replica's latest point).
+    Resync,
+    /// The initial copy written to a file (`enable --initial export:DIR`).
+    Export,
+    /// An incremental cycle.
+    Cycle,
+}
+
+impl std::fmt::Display for OperationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OperationKind::InitialCopy => "initial copy",
+            OperationKind::Resync => "resync",
+            OperationKind::Export => "export",
+            OperationKind::Cycle => "cycle",
+        })
+    }
+}
+
+/// How far a running operation got ([`VmStatus::operation`]). `done` of `total` is the part
+/// of the VM's disks (their bytes in order, disk after disk) the operation went through, so
+/// that zero ranges count too; `sent` the data bytes it shipped (or wrote) so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationProgress {
+    /// What runs.
+    pub kind: OperationKind,
+    /// Bytes of the disks gone through.
+    pub done: u64,
+    /// Bytes of the disks to go through; 0 when unknown (an incremental cycle).
+    pub total: u64,
+    /// Data bytes shipped (or written to the export file) so far.
+    pub sent: u64,
+    /// When the operation started, ms since the epoch.
+    pub started_ms: u64,
 }
 
 /// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's

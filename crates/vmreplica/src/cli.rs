@@ -56,15 +56,28 @@ pub enum Command {
     Replica(ReplicaCmd),
     /// Enable replication of a VM to a replica agent.
     Enable(EnableCmd),
-    /// Start initial replication over the network now.
+    /// Start initial replication over the network now. On a terminal, a progress bar follows
+    /// the copy until it ends (Ctrl-C detaches; the copy goes on).
     StartInitial {
         /// VM name.
         name: String,
+        /// Without a terminal: wait for the copy to end, printing progress lines (exit code
+        /// 1 when it fails).
+        #[arg(long)]
+        wait: bool,
     },
     /// Replication state and health (Get-VMReplication).
     Status {
         /// VM name; all VMs when omitted.
         name: Option<String>,
+        /// Redraw every interval (state, health, lag, last point, throughput, progress of an
+        /// initial copy or resync with percentage and ETA) until Ctrl-C; without a terminal,
+        /// print one plain snapshot per interval.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: time between snapshots (`1s`, `500ms`, `2s`; 100 ms to 1 h).
+        #[arg(long, default_value = "1s", requires = "watch", value_parser = parse_interval)]
+        interval: std::time::Duration,
     },
     /// Replication statistics (Measure-VMReplication).
     Measure {
@@ -90,6 +103,10 @@ pub enum Command {
         /// With --resync: start at TIME (RFC 3339) instead of now.
         #[arg(long, requires = "resync")]
         at: Option<String>,
+        /// With --resync, without a terminal: wait for the resync to end, printing progress
+        /// lines (exit code 1 when it fails). On a terminal a progress bar follows it anyway.
+        #[arg(long, requires = "resync", conflicts_with = "at")]
+        wait: bool,
     },
     /// Disable replication (keeps the replica's data).
     Disable {
@@ -444,6 +461,11 @@ pub struct EnableCmd {
     /// `vmreplica set NAME --rpo-alert`.
     #[arg(long, value_name = "DURATION")]
     pub rpo_alert: Option<String>,
+    /// Without a terminal, when the initial copy starts at once: wait for it (or the export)
+    /// to end, printing progress lines (exit code 1 when it fails). On a terminal a progress
+    /// bar follows it anyway.
+    #[arg(long, conflicts_with = "initial_at")]
+    pub wait: bool,
 }
 
 /// `demo` options.
@@ -518,6 +540,21 @@ pub fn parse_timeout(s: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
+/// Parse `--interval`: a duration (`1s`, `500ms`, `2m`; a bare number is seconds), 100 ms to
+/// 1 h.
+pub fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(t)
+            .map_err(|e| format!("bad interval {s:?}: {e} (e.g. 1s, 500ms)"))?,
+    };
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("interval {s:?} out of range (100 ms to 1 h)"));
+    }
+    Ok(d)
+}
+
 /// Parse `<H>h` (hours).
 pub fn parse_hours(s: &str) -> Result<u32, String> {
     let t = s.trim();
@@ -557,6 +594,15 @@ mod tests {
         }
         assert!(parse_frequency("fast").is_err());
         assert!(parse_frequency("").is_err());
+        assert_eq!(parse_interval("1s"), Ok(std::time::Duration::from_secs(1)));
+        assert_eq!(parse_interval("2"), Ok(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            parse_interval("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        for bad in ["10ms", "2h", "soon", ""] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse_hours("4h"), Ok(4));
         assert!(parse_hours("x").is_err());
         assert_eq!(parse_point("latest"), Ok(None));

@@ -16,6 +16,16 @@ use crate::util::{coded, parse_time};
 
 /// Send one request and return the agent's value, or its error as an anyhow chain.
 pub fn call(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    call_within(dir, req, None)
+}
+
+/// [`call`], giving up after `limit` without an answer (a busy or hung agent) with the
+/// unreachable agent's exit code.
+pub fn call_within(
+    dir: &Path,
+    req: &Request,
+    limit: Option<std::time::Duration>,
+) -> anyhow::Result<serde_json::Value> {
     let path = vmr_agent::config::socket_path(dir);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
         coded(
@@ -23,6 +33,10 @@ pub fn call(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
             format!("cannot reach the vmreplica agent at {} ({e}); is `vmreplica agent --dir {}` running?", path.display(), dir.display()),
         )
     })?;
+    stream
+        .set_read_timeout(limit)
+        .and_then(|()| stream.set_write_timeout(limit))
+        .context("setting the control socket's timeout")?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     stream
@@ -30,9 +44,16 @@ pub fn call(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
         .context("sending request to the agent")?;
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader
-        .read_line(&mut answer)
-        .context("reading the agent's answer")?;
+    reader.read_line(&mut answer).map_err(|e| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            coded(exit::NO_AGENT, "the agent did not answer in time")
+        } else {
+            anyhow::Error::new(e).context("reading the agent's answer")
+        }
+    })?;
     if answer.is_empty() {
         return Err(coded(
             exit::NO_AGENT,
@@ -263,14 +284,15 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             },
             follow,
         },
-        Command::StartInitial { name } => Request::StartInitial { name },
-        Command::Status { name } => Request::Status { name },
+        Command::StartInitial { name, .. } => Request::StartInitial { name },
+        Command::Status { name, .. } => Request::Status { name },
         Command::Measure { name, reset } => Request::Measure { name, reset },
         Command::Pause { name } => Request::Pause { name },
         Command::Resume {
             name,
             resync: true,
             at,
+            ..
         } => Request::ResumeResync {
             name,
             at_ms: at.as_deref().map(parse_time).transpose()?,
@@ -373,6 +395,7 @@ fn check_only(req: &Request) -> Option<Request> {
 /// on the terminal unless `--yes`.
 pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
     let kind = crate::output::Kind::of(&cmd);
+    let import = matches!(cmd, Command::Import { .. });
     let yes = confirmation(&cmd);
     let req = request_of(cmd)?;
     if let Request::Events { follow: true, .. } = &req {
@@ -391,7 +414,12 @@ pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
             &mut std::io::stderr(),
         )?;
     }
-    let value = call(dir, &req)?;
+    // `import` waits for the copy to be loaded: a spinner says it is at work.
+    let value = if import && crate::util::terminal() && !json {
+        crate::util::with_spinner("importing", || call(dir, &req))?
+    } else {
+        call(dir, &req)?
+    };
     crate::output::print(kind, &value, json);
     Ok(())
 }

@@ -4,9 +4,11 @@
 mod cli;
 mod client;
 mod demo;
+mod follow;
 mod gendocs;
 mod output;
 mod util;
+mod watch;
 
 use clap::Parser;
 
@@ -91,6 +93,21 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        other => client::run(&dir, other, args.json),
+        cli::Command::Status {
+            name,
+            watch: true,
+            interval,
+        } => watch::run(&dir, name, interval, args.json),
+        other => {
+            // A long operation is followed once the agent accepted it: a bar on a terminal,
+            // plain lines with --wait.
+            let follow = follow::Plan::of(&other);
+            client::run(&dir, other, args.json)?;
+            let bar = util::terminal() && !args.json;
+            match follow {
+                Some(plan) if bar || plan.wait => follow::run(&dir, &plan, bar, args.json),
+                _ => Ok(()),
+            }
+        }
     }
 }
