@@ -12,6 +12,7 @@ use vmr_proto::api::{AgentConfig, AllowEntry};
 
 use crate::db::Db;
 use crate::errors::AgentError;
+use crate::telemetry::Telemetry;
 use vmr_proto::record::VmRecord;
 
 /// Host-wide resources of the agent.
@@ -34,6 +35,8 @@ pub struct Host {
     pub cycle_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
+    /// Monitoring counters and recent cycles of every VM (each written by its owner).
+    pub telemetry: Telemetry,
 }
 
 impl Host {
@@ -55,6 +58,7 @@ impl Host {
             allow: RwLock::new(allow),
             stores: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
+            telemetry: Telemetry::default(),
         })
     }
 

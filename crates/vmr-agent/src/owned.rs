@@ -12,6 +12,7 @@ use vmr_proto::api::FailoverRecord;
 
 use crate::errors::AgentError;
 use crate::host::Host;
+use crate::telemetry::VmTelemetry;
 use vmr_proto::record::VmRecord;
 
 /// One VM's owned state.
@@ -25,12 +26,15 @@ pub struct Vm {
     /// A primary VM disabled while its replica could not be told: the task telling it in
     /// the background (aborted by [`Vm::stop_disable_notice`]).
     pub disable_notice: Option<tokio::task::JoinHandle<()>>,
+    /// The only writer of this VM's monitoring telemetry.
+    pub telemetry: VmTelemetry,
 }
 
 impl Vm {
     /// Own `rec`.
     pub fn new(host: Arc<Host>, rec: VmRecord) -> Vm {
         Vm {
+            telemetry: host.telemetry.writer(rec.uuid),
             host,
             rec,
             children: BTreeMap::new(),

@@ -19,6 +19,7 @@ use vmr_proto::record::MachineSnapshot;
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
 use crate::errors::AgentError;
 use crate::owned::Vm;
+use crate::telemetry::Counts;
 use crate::util::now_ms;
 
 /// An admin command for a primary VM.
@@ -186,10 +187,13 @@ impl PrimarySide {
     }
 
     fn step(&mut self, vm: &Vm, ev: Event) {
+        let before = Counts::of(self.machine.stats());
         match self.machine.step(ev) {
             Ok(acts) => self.pending.extend(acts),
             Err(r) => tracing::debug!(vm = %vm.rec.name, "machine refused: {r}"),
         }
+        vm.telemetry
+            .observe(before, Counts::of(self.machine.stats()), now_ms());
     }
 
     /// Time passed: feed a tick and carry out what the machine asks.
@@ -439,7 +443,10 @@ impl PrimarySide {
             Cmd::Disable => Event::Disable { now_ms: now },
             Cmd::ResumeResync(at_ms) => Event::ResumeResync { now_ms: now, at_ms },
         };
+        let counts = Counts::of(self.machine.stats());
         let actions = self.machine.step(ev)?;
+        vm.telemetry
+            .observe(counts, Counts::of(self.machine.stats()), now);
         let after = self.machine.state();
         self.pending.extend(actions);
         self.carry_out(vm);
@@ -595,6 +602,10 @@ impl PrimarySide {
             .as_ref()
             .filter(|_| m.running_since().is_some())
             .map(|_| self.progress.get());
+        let last_point_ms = vm
+            .telemetry
+            .last_cut_ms()
+            .or(stats.last_replication_ms);
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -618,6 +629,8 @@ impl PrimarySide {
                 .initial_at_ms()
                 .filter(|_| state == ReplicationState::ReadyForInitialReplication),
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+            recovery_points: None,
+            last_point_ms,
         }
     }
 }
@@ -676,5 +689,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         failover_program: None,
         initial_at_ms: None,
         failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+        recovery_points: None,
+        last_point_ms: None,
     }
 }

@@ -16,6 +16,7 @@ use vmr_proto::record::MachineSnapshot;
 
 use crate::errors::{AgentError, internal, refusal_err, store_err};
 use crate::owned::Vm;
+use crate::telemetry::Counts;
 use crate::util::now_ms;
 
 /// The replica side of a VM.
@@ -45,7 +46,10 @@ impl ReplicaSide {
 
     /// Feed an event; persist the snapshot when the machine asks.
     pub fn step(&mut self, vm: &mut Vm, ev: ReplicaEvent) -> Result<(), Refusal> {
+        let before = Counts::of(self.machine.stats());
         let acts = self.machine.step(ev)?;
+        vm.telemetry
+            .observe(before, Counts::of(self.machine.stats()), now_ms());
         if !acts.is_empty() {
             vm.rec.machine = MachineSnapshot::Replica(self.machine.snapshot());
             if let Err(e) = vm.save() {
@@ -307,6 +311,11 @@ impl ReplicaSide {
             }
             reason.push_str(&format!("last apply failed: {e}"));
         }
+        let points = vm
+            .host
+            .store_of(rec)
+            .ok()
+            .and_then(|s| s.point_summary(rec.uuid).ok());
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -340,6 +349,8 @@ impl ReplicaSide {
                 }),
             initial_at_ms: None,
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
+            recovery_points: points.map(|p| p.0),
+            last_point_ms: points.and_then(|p| p.1),
         }
     }
 }

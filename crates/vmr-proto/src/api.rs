@@ -177,6 +177,15 @@ pub struct VmStatus {
     /// This host's failover network settings of the VM (`vm set --failover-*`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_network: Option<crate::FailoverSettings>,
+    /// Replica VMs: committed recovery points (absent on a primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_points: Option<u64>,
+    /// Cut time of the latest point the replica holds, ms since the epoch: on a replica its
+    /// latest committed point; on a primary the last acknowledged cycle's cut (its start) as
+    /// this agent saw it since it started, else that cycle's acknowledgement time. The
+    /// replication lag is now minus this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_point_ms: Option<u64>,
 }
 
 /// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's
@@ -813,6 +822,14 @@ pub struct AgentConfig {
     /// any other program is refused.
     #[serde(default = "default_allowed_programs")]
     pub allowed_programs: Vec<String>,
+    /// HOST:PORT of the monitoring listener (`/metrics`); none (the default) serves nothing.
+    /// A non-loopback address needs `metrics-token-file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    /// File holding the bearer token every monitoring request must carry
+    /// (`Authorization: Bearer TOKEN`); relative to the agent directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token_file: Option<String>,
 }
 
 fn default_concurrency() -> usize {
