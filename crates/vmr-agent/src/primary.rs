@@ -631,6 +631,7 @@ impl PrimarySide {
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
             recovery_points: None,
             last_point_ms,
+            last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
         }
     }
 }
@@ -691,5 +692,6 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
         recovery_points: None,
         last_point_ms: None,
+        last_cycle_bytes: None,
     }
 }

@@ -351,6 +351,7 @@ impl ReplicaSide {
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
             recovery_points: points.map(|p| p.0),
             last_point_ms: points.and_then(|p| p.1),
+            last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
         }
     }
 }

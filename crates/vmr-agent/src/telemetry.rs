@@ -156,6 +156,12 @@ impl Telemetry {
 pub struct VmTelemetry(Arc<Mutex<VmData>>);
 
 impl VmTelemetry {
+    /// Bytes of the last successful cycle seen since the agent started.
+    pub fn last_cycle_bytes(&self) -> Option<u64> {
+        let d = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        d.history.iter().rev().find(|s| s.ok).map(|s| s.bytes)
+    }
+
     /// Cut time of the last successful cycle seen since the agent started (ms since the
     /// epoch).
     pub fn last_cut_ms(&self) -> Option<u64> {

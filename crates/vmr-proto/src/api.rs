@@ -186,6 +186,9 @@ pub struct VmStatus {
     /// replication lag is now minus this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_point_ms: Option<u64>,
+    /// Bytes of the last successful cycle this agent saw since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cycle_bytes: Option<u64>,
 }
 
 /// What `pause`, `resume`, `resume --resync`, `start-initial` and `disable` answer: the VM's

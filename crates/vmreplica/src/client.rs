@@ -178,7 +178,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             })
         }
         Command::StartInitial { name } => Request::StartInitial { name },
-        Command::Status { name } => Request::Status { name },
+        Command::Status { name, .. } => Request::Status { name },
         Command::Measure { name, reset } => Request::Measure { name, reset },
         Command::Pause { name } => Request::Pause { name },
         Command::Resume {
@@ -239,7 +239,11 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             replica_fingerprint,
             frequency_secs: Some(parse_frequency(&frequency).map_err(|m| coded(exit::USAGE, m))?),
         },
-        Command::Init { .. } | Command::Agent | Command::Demo(_) | Command::GenerateDocs { .. } => {
+        Command::Init { .. }
+        | Command::Agent
+        | Command::Check { .. }
+        | Command::Demo(_)
+        | Command::GenerateDocs { .. } => {
             return Err(coded(exit::USAGE, "not a control command"));
         }
     })
