@@ -186,13 +186,8 @@ pub fn check(dir: &Path, name: Option<String>, warn: Threshold, crit: Threshold)
 }
 
 fn rows(dir: &Path, name: Option<String>) -> anyhow::Result<Vec<VmStatus>> {
-    let single = name.is_some();
     let v = crate::client::call(dir, &Request::Status { name })?;
-    Ok(if single {
-        vec![serde_json::from_value(v)?]
-    } else {
-        serde_json::from_value(v)?
-    })
+    Ok(serde_json::from_value(v)?)
 }
 
 /// `status --format`: the machine formats.
