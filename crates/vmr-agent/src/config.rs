@@ -362,7 +362,10 @@ mod tests {
         // Off by default.
         let d = root.path().join("off");
         create(&d, "a", "127.0.0.1:7000", None, None, None).expect("init");
-        assert_eq!(metrics_config(&d, &load_config(&d).expect("load")).expect("ok"), None);
+        assert_eq!(
+            metrics_config(&d, &load_config(&d).expect("load")).expect("ok"),
+            None
+        );
         // Loopback (a host name too) without a token.
         let d = root.path().join("lo");
         let m = MetricsInit {
@@ -474,8 +477,15 @@ mod tests {
             "host-without-port",
             "10.0.0.1:0",
         ] {
-            let e = create(&root.path().join("x"), "a", "0.0.0.0:7000", Some(bad), None, None)
-                .expect_err(bad);
+            let e = create(
+                &root.path().join("x"),
+                "a",
+                "0.0.0.0:7000",
+                Some(bad),
+                None,
+                None,
+            )
+            .expect_err(bad);
             assert!(matches!(e, AgentError::BadAdvertise { .. }), "{bad}: {e}");
             assert_eq!(e.exit_code(), crate::exit::USAGE);
             assert!(!root.path().join("x").exists(), "nothing created for {bad}");

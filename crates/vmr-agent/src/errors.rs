@@ -402,9 +402,7 @@ pub enum AgentError {
         name: String,
     },
     /// `init --listen` (or `--metrics`, `metrics-listen`) that is not HOST:PORT.
-    #[error(
-        "{flag} {listen:?} is not HOST:PORT (e.g. 0.0.0.0:9443, 10.0.0.2:9443 or host-b:9443)"
-    )]
+    #[error("{flag} {listen:?} is not HOST:PORT (e.g. 0.0.0.0:9443, 10.0.0.2:9443 or host-b:9443)")]
     BadListen {
         /// Which setting.
         flag: &'static str,

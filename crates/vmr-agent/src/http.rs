@@ -103,6 +103,8 @@ impl Monitor {
         .await;
         let mut free: BTreeMap<PathBuf, Option<u64>> = BTreeMap::new();
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the VMs removed since.
+        known.retain(|u, _| handles.iter().any(|h| h.uuid == *u));
         let mut out = Vec::with_capacity(handles.len());
         for (h, status) in handles.into_iter().zip(answers) {
             if let Some(st) = &status {
@@ -137,6 +139,8 @@ impl Monitor {
 }
 
 /// Free bytes (for unprivileged users) of the file system holding `path`.
+// The statvfs fields are u64 on 64-bit Linux but narrower elsewhere.
+#[allow(clippy::useless_conversion)]
 fn free_bytes(path: &std::path::Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;
     Some(u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
@@ -160,10 +164,12 @@ pub async fn start(
             addr: cfg.addr,
             err,
         })?;
-    let addr = listener.local_addr().map_err(|err| AgentError::BindMetrics {
-        addr: cfg.addr,
-        err,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| AgentError::BindMetrics {
+            addr: cfg.addr,
+            err,
+        })?;
     let shutdown = monitor.host.shutdown.clone();
     let app = routes()
         .merge(extra)
@@ -503,7 +509,11 @@ mod tests {
                 uuid: Uuid::from_u128(1),
                 role: "primary",
                 peer: "10.0.0.2:9443".into(),
-                status: Some(status(ReplicationMode::Primary, Health::Warning, Some(88_000))),
+                status: Some(status(
+                    ReplicationMode::Primary,
+                    Health::Warning,
+                    Some(88_000),
+                )),
                 counters: Some(counters),
                 store_free_bytes: None,
             },

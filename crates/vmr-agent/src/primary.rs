@@ -602,10 +602,7 @@ impl PrimarySide {
             .as_ref()
             .filter(|_| m.running_since().is_some())
             .map(|_| self.progress.get());
-        let last_point_ms = vm
-            .telemetry
-            .last_cut_ms()
-            .or(stats.last_replication_ms);
+        let last_point_ms = vm.telemetry.last_cut_ms().or(stats.last_replication_ms);
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,

@@ -258,15 +258,26 @@ mod tests {
         let vm = Uuid::from_u128(7);
         let w = t.writer(vm);
         w.observe(counts(0, 0, 0, 0, 0), counts(1, 0, 0, 4096, 3_000), 100_000);
-        w.observe(counts(1, 0, 0, 4096, 3_000), counts(1, 1, 2, 4096, 3_000), 160_000);
+        w.observe(
+            counts(1, 0, 0, 4096, 3_000),
+            counts(1, 1, 2, 4096, 3_000),
+            160_000,
+        );
         w.observe(
             counts(1, 1, 2, 4096, 3_000),
             counts(2, 1, 2, 5096, 3_400),
             170_000,
         );
         let c = t.counters(vm).expect("counters");
-        assert_eq!((c.success, c.failed, c.missed, c.shipped_bytes), (2, 1, 2, 5096));
-        assert!((c.duration_sum_secs - 3.4).abs() < 1e-9, "{}", c.duration_sum_secs);
+        assert_eq!(
+            (c.success, c.failed, c.missed, c.shipped_bytes),
+            (2, 1, 2, 5096)
+        );
+        assert!(
+            (c.duration_sum_secs - 3.4).abs() < 1e-9,
+            "{}",
+            c.duration_sum_secs
+        );
         assert_eq!(c.last_cut_ms, Some(169_600));
         // 0.4 s in the 0.5 bucket, 3 s in the 5 bucket; the last bucket is +Inf.
         let b = c.buckets();
@@ -311,7 +322,14 @@ mod tests {
         // Later reads drop what aged out even without new cycles.
         assert_eq!(t.history(vm, now + HISTORY_MS).len(), 1);
         // Failures at one instant cannot grow the ring past its bound.
-        w.observe(before, Counts { errors: 5000, ..before }, now);
+        w.observe(
+            before,
+            Counts {
+                errors: 5000,
+                ..before
+            },
+            now,
+        );
         assert_eq!(t.history(vm, now).len(), HISTORY_MAX);
         assert_eq!(t.counters(vm).expect("c").failed, 5000);
     }

@@ -45,7 +45,11 @@ impl Threshold {
 /// Parse a threshold (`2x`, `1.5x`, `90s`, `10m`, `1h`, `90`).
 pub fn parse_threshold(s: &str) -> Result<Threshold, String> {
     let t = s.trim();
-    let bad = || format!("bad threshold {s:?}: expected a multiple of the frequency (2x) or a duration (90s, 10m, 1h)");
+    let bad = || {
+        format!(
+            "bad threshold {s:?}: expected a multiple of the frequency (2x) or a duration (90s, 10m, 1h)"
+        )
+    };
     if let Some(x) = t.strip_suffix('x') {
         let x: f64 = x.parse().map_err(|_| bad())?;
         if !(x.is_finite() && x > 0.0) {
@@ -152,7 +156,10 @@ pub fn check_report(
         "no VMs on this host".to_owned()
     } else if problems.is_empty() {
         let n = rows.len();
-        format!("{n} VM{} replicating normally", if n == 1 { "" } else { "s" })
+        format!(
+            "{n} VM{} replicating normally",
+            if n == 1 { "" } else { "s" }
+        )
     } else {
         problems.join("; ")
     };
@@ -384,24 +391,39 @@ mod tests {
         );
         // Absolute thresholds, over the critical one.
         let (code, line) = check_report(
-            &[row("web1", ReplicationMode::Primary, Health::Normal, Some(700))],
+            &[row(
+                "web1",
+                ReplicationMode::Primary,
+                Health::Normal,
+                Some(700),
+            )],
             NOW,
             Threshold::Secs(90),
             Threshold::Secs(600),
         );
         assert_eq!(code, plugin::CRITICAL);
-        assert!(line.starts_with("VMREPLICA CRITICAL - web1 CRITICAL: lag 700s >= 600s | 'web1_lag'=700s;90;600;0;"), "{line}");
+        assert!(
+            line.starts_with(
+                "VMREPLICA CRITICAL - web1 CRITICAL: lag 700s >= 600s | 'web1_lag'=700s;90;600;0;"
+            ),
+            "{line}"
+        );
         // Health maps too, with its first reason.
         let mut paused = row("web1", ReplicationMode::Primary, Health::Warning, Some(1));
         paused.health_reason = "replication is paused; more".into();
         let (code, line) = check_report(&[paused], NOW, W, C);
         assert_eq!(code, plugin::WARNING);
         assert!(
-            line.starts_with("VMREPLICA WARNING - web1 WARNING: health Warning (replication is paused) |"),
+            line.starts_with(
+                "VMREPLICA WARNING - web1 WARNING: health Warning (replication is paused) |"
+            ),
             "{line}"
         );
         let (code, line) = check_report(&[], NOW, W, C);
-        assert_eq!((code, line.as_str()), (plugin::OK, "VMREPLICA OK - no VMs on this host"));
+        assert_eq!(
+            (code, line.as_str()),
+            (plugin::OK, "VMREPLICA OK - no VMs on this host")
+        );
         let e = anyhow::anyhow!("cannot reach the vmreplica agent | at x\nline 2");
         assert_eq!(
             check_unknown(&e),
@@ -411,7 +433,12 @@ mod tests {
 
     #[test]
     fn prtg_json_has_the_documented_shape() {
-        let rows = [row("web1", ReplicationMode::Primary, Health::Warning, Some(12))];
+        let rows = [row(
+            "web1",
+            ReplicationMode::Primary,
+            Health::Warning,
+            Some(12),
+        )];
         let v = prtg(&rows, NOW, W, C);
         // PRTG EXE/Script Advanced: {"prtg":{"result":[channels],"text":...}}.
         let golden = json!({"prtg": {"result": [

@@ -13,6 +13,14 @@ use common::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
+/// Print `what` when `VMR_PRINT_SCRAPE` is set (the examples in docs/monitoring.md come from
+/// this).
+fn show(what: &str) {
+    if std::env::var_os("VMR_PRINT_SCRAPE").is_some() {
+        eprintln!("{what}");
+    }
+}
+
 /// One HTTP/1.1 GET over a fresh connection: (status code, body).
 fn get(port: u16, path: &str, token: Option<&str>) -> TestResult<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
@@ -25,11 +33,7 @@ fn get(port: u16, path: &str, token: Option<&str>) -> TestResult<(u16, String)> 
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .ok_or("no status")?
-        .parse()?;
+    let code = head.split_whitespace().nth(1).ok_or("no status")?.parse()?;
     Ok((code, body.to_owned()))
 }
 
@@ -71,8 +75,12 @@ fn check(agent: &Agent, args: &[&str]) -> TestResult<(i32, String)> {
     all.extend_from_slice(args);
     let out = agent.cli(&all)?;
     let line = String::from_utf8(out.stdout)?;
+    show(&format!("$ vmreplica {}\n{line}", all.join(" ")));
     assert_eq!(line.lines().count(), 1, "one line: {line:?}");
-    Ok((out.status.code().ok_or("no exit code")?, line.trim().to_owned()))
+    Ok((
+        out.status.code().ok_or("no exit code")?,
+        line.trim().to_owned(),
+    ))
 }
 
 #[test]
@@ -90,9 +98,7 @@ fn metrics_check_and_formats_follow_replication() -> TestResult {
     // The primary's series.
     let (code, text) = get(pa, "/metrics", None)?;
     assert_eq!(code, 200, "{text}");
-    if std::env::var_os("VMR_PRINT_SCRAPE").is_some() {
-        eprintln!("{text}");
-    }
+    show(&text);
     let uuid = format!("uuid=\"{}\"", vm.def.uuid);
     let peer = format!("peer=\"{}\"", p.b.addr);
     let a = ["vm=\"web1\"", &uuid, "role=\"primary\"", &peer];
@@ -100,17 +106,30 @@ fn metrics_check_and_formats_follow_replication() -> TestResult {
     assert_eq!(sample(&text, "vmreplica_health", &a), Some(0.0), "{text}");
     let mut st = a.to_vec();
     st.push("state=\"Replicating\"");
-    assert_eq!(sample(&text, "vmreplica_state_info", &st), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "vmreplica_state_info", &st),
+        Some(1.0),
+        "{text}"
+    );
     let lag = sample(&text, "vmreplica_replication_lag_seconds", &a).ok_or("no lag")?;
     assert!((0.0..15.0).contains(&lag), "lag {lag}\n{text}");
     let cut = sample(&text, "vmreplica_last_point_timestamp_seconds", &a).ok_or("no point")?;
     assert!(cut > 1.7e9, "{cut}");
     let mut ok = a.to_vec();
     ok.push("result=\"success\"");
-    assert!(sample(&text, "vmreplica_cycles_total", &ok).unwrap_or(0.0) >= 2.0, "{text}");
-    assert!(sample(&text, "vmreplica_shipped_bytes_total", &a).unwrap_or(0.0) > 0.0, "{text}");
+    assert!(
+        sample(&text, "vmreplica_cycles_total", &ok).unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "vmreplica_shipped_bytes_total", &a).unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
     assert!(sample(&text, "vmreplica_cycle_duration_seconds_count", &a).unwrap_or(0.0) >= 2.0);
-    assert!(sample(&text, "vmreplica_pending_bytes", &a).is_some(), "{text}");
+    assert!(
+        sample(&text, "vmreplica_pending_bytes", &a).is_some(),
+        "{text}"
+    );
     assert!(text.contains("vmreplica_info{version=\""), "{text}");
     assert!(text.ends_with("# EOF\n"));
 
@@ -120,7 +139,10 @@ fn metrics_check_and_formats_follow_replication() -> TestResult {
     let (code, text) = get(pb, "/metrics", Some(token))?;
     assert_eq!(code, 200, "{text}");
     let b = ["vm=\"web1\"", "role=\"replica\"", "peer=\"host-a\""];
-    assert!(sample(&text, "vmreplica_recovery_points", &b).unwrap_or(0.0) >= 1.0, "{text}");
+    assert!(
+        sample(&text, "vmreplica_recovery_points", &b).unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
     assert!(sample(&text, "vmreplica_replica_store_free_bytes", &b).unwrap_or(0.0) > 0.0);
     assert_eq!(sample(&text, "vmreplica_health", &b), Some(0.0), "{text}");
     assert_eq!(get(pb, "/nothing", Some(token))?.0, 404);
@@ -128,20 +150,29 @@ fn metrics_check_and_formats_follow_replication() -> TestResult {
     // check: OK now.
     let (code, line) = check(&p.a, &[])?;
     assert_eq!(code, 0, "{line}");
-    assert!(line.starts_with("VMREPLICA OK - ") && line.contains("'web1_lag'="), "{line}");
+    assert!(
+        line.starts_with("VMREPLICA OK - ") && line.contains("'web1_lag'="),
+        "{line}"
+    );
 
     // PRTG and Zabbix from the live agent.
-    let prtg: serde_json::Value =
-        serde_json::from_str(&p.a.ok(&["status", "--format", "prtg"])?)?;
+    let out = p.a.ok(&["status", "--format", "prtg"])?;
+    show(&out);
+    let prtg: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(prtg["prtg"]["result"][0]["channel"], "web1 lag", "{prtg}");
     assert_eq!(prtg["prtg"]["result"][0]["limitmaxerror"], 20, "{prtg}");
-    let lld: serde_json::Value =
-        serde_json::from_str(&p.b.ok(&["status", "--format", "zabbix-discovery"])?)?;
+    let out = p.b.ok(&["status", "--format", "zabbix-discovery"])?;
+    show(&out);
+    let lld: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(lld[0]["{#VM}"], "web1");
     assert_eq!(lld[0]["{#ROLE}"], "replica");
-    let items: serde_json::Value =
-        serde_json::from_str(&p.b.ok(&["status", "--format", "zabbix"])?)?;
-    assert!(items["web1"]["recovery_points"].as_u64().unwrap_or(0) >= 1, "{items}");
+    let out = p.b.ok(&["status", "--format", "zabbix"])?;
+    show(&out);
+    let items: serde_json::Value = serde_json::from_str(&out)?;
+    assert!(
+        items["web1"]["recovery_points"].as_u64().unwrap_or(0) >= 1,
+        "{items}"
+    );
 
     // Paused: health Warning at once, the lag grows past two intervals.
     p.a.ok(&["pause", "web1"])?;
@@ -159,11 +190,17 @@ fn metrics_check_and_formats_follow_replication() -> TestResult {
     })?;
     let (code, line) = check(&p.a, &["web1"])?;
     assert_eq!(code, 1, "{line}");
-    assert!(line.starts_with("VMREPLICA WARNING - web1 WARNING: health Warning"), "{line}");
+    assert!(
+        line.starts_with("VMREPLICA WARNING - web1 WARNING: health Warning"),
+        "{line}"
+    );
     assert!(line.contains("lag "), "over 2x the frequency: {line}");
     let (code, line) = check(&p.a, &["--crit-lag", "10s"])?;
     assert_eq!(code, 2, "{line}");
-    assert!(line.starts_with("VMREPLICA CRITICAL - web1 CRITICAL"), "{line}");
+    assert!(
+        line.starts_with("VMREPLICA CRITICAL - web1 CRITICAL"),
+        "{line}"
+    );
 
     // UNKNOWN: a VM this host does not have, an agent that is not running.
     let (code, line) = check(&p.a, &["nosuch"])?;
@@ -173,8 +210,9 @@ fn metrics_check_and_formats_follow_replication() -> TestResult {
     let (code, line) = check(&p.b, &[])?;
     assert_eq!(code, 3, "{line}");
     assert!(line.contains("cannot reach the vmreplica agent"), "{line}");
-    let prtg: serde_json::Value =
-        serde_json::from_str(&p.b.ok(&["status", "--format", "prtg"])?)?;
+    let out = p.b.ok(&["status", "--format", "prtg"])?;
+    show(&out);
+    let prtg: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(prtg["prtg"]["error"], 1, "{prtg}");
     Ok(())
 }

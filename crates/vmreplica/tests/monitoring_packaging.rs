@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/monitoring").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../packaging/monitoring")
+        .join(name)
 }
 
 fn read(name: &str) -> String {
@@ -50,7 +52,12 @@ fn names_in(text: &str) -> Vec<String> {
 #[test]
 fn alert_rules_pass_promtool() {
     let rules = file("prometheus-rules.yml");
-    let out = match Command::new("promtool").arg("check").arg("rules").arg(&rules).output() {
+    let out = match Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+    {
         Ok(o) => o,
         Err(e) => panic!(
             "promtool is not installed ({e}): run `scripts/install-deps.sh full` (Debian's \
@@ -96,13 +103,26 @@ fn zabbix_template_picks_what_status_format_zabbix_prints() {
     for key in ["vmreplica.discovery", "vmreplica.status"] {
         assert!(t.contains(&format!("key: {key}")), "{key}");
     }
-    assert!(t.contains("UserParameter=vmreplica.discovery,vmreplica status --format zabbix-discovery"));
+    assert!(
+        t.contains("UserParameter=vmreplica.discovery,vmreplica status --format zabbix-discovery")
+    );
     assert!(t.contains("UserParameter=vmreplica.status,vmreplica status --format zabbix"));
     // Each JSONPath names a field of `status --format zabbix` (monitor::zabbix).
-    for field in ["lag", "frequency", "health", "state", "pending_bytes", "recovery_points"] {
+    for field in [
+        "lag",
+        "frequency",
+        "health",
+        "state",
+        "pending_bytes",
+        "recovery_points",
+    ] {
         assert!(t.contains(&format!("'$[\"{{#VM}}\"].{field}'")), "{field}");
     }
-    for section in ["discovery_rules:", "item_prototypes:", "trigger_prototypes:"] {
+    for section in [
+        "discovery_rules:",
+        "item_prototypes:",
+        "trigger_prototypes:",
+    ] {
         assert!(t.contains(section), "{section}");
     }
 }
