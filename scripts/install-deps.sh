@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what vmreplica's demo, tests and benchmarks need on a Debian machine, if missing:
 # QEMU 10 tools (qemu-utils from bookworm-backports: qemu-img, qemu-io, qemu-nbd,
-# qemu-storage-daemon), and optionally qemu-system-x86 and rsync (pass "full").
+# qemu-storage-daemon), and optionally qemu-system-x86, rsync and promtool (pass "full"; promtool
+# comes with Debian's prometheus package, installed without leaving its server running).
 # Idempotent; does nothing when everything is present.
 set -euo pipefail
 
@@ -17,6 +18,7 @@ qemu_ok || need+=(qemu-utils)
 if [ "$want_full" = full ]; then
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
   command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+  command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 
@@ -34,5 +36,18 @@ if [ "$codename" = bookworm ]; then
 fi
 echo "vmreplica: installing ${need[*]}" >&2
 $SUDO apt-get update -qq
+# Only promtool is wanted from the prometheus package: no service of it may start (a
+# policy-rc.d refusing every start while installing, the unit disabled and stopped after).
+policy=/usr/sbin/policy-rc.d
+made_policy=
+if [[ " ${need[*]} " == *" prometheus "* ]] && [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  made_policy=1
+fi
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${target[@]}" "${need[@]}" >&2
+[ -n "$made_policy" ] && $SUDO rm -f "$policy"
+if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+  $SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+fi
 qemu_ok || { echo "vmreplica: QEMU >= 10 tools still missing after install" >&2; exit 1; }

@@ -137,7 +137,9 @@ in_ch sh -c 'MANPAGER=cat MANWIDTH=100 man vmreplica 2>/dev/null' | grep -q "EXI
 pages=$(find "$ch/usr/share/man/man1" -name 'vmreplica*.1.gz' | wc -l)
 in_ch bash -c '. /usr/share/bash-completion/completions/vmreplica && complete -p vmreplica' >/dev/null || fail "bash completion does not load"
 for f in /usr/share/zsh/vendor-completions/_vmreplica /usr/share/fish/vendor_completions.d/vmreplica.fish \
-  /usr/share/doc/vmreplica/copyright /usr/share/doc/vmreplica/changelog.Debian.gz /usr/share/doc/vmreplica/README.md.gz; do
+  /usr/share/doc/vmreplica/copyright /usr/share/doc/vmreplica/changelog.Debian.gz /usr/share/doc/vmreplica/README.md.gz \
+  /usr/share/vmreplica/monitoring/prometheus-rules.yml /usr/share/vmreplica/monitoring/grafana-dashboard.json \
+  /usr/share/vmreplica/monitoring/zabbix-template.yaml; do
   [ -f "$ch$f" ] || fail "$f missing"
 done
 in_ch vmreplica --version >/dev/null || fail "vmreplica --version"

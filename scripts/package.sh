@@ -13,6 +13,7 @@
 #   /usr/share/bash-completion/completions/vmreplica, /usr/share/zsh/vendor-completions/_vmreplica,
 #   /usr/share/fish/vendor_completions.d/vmreplica.fish
 #   /usr/share/doc/vmreplica/{README.md.gz,copyright,changelog.Debian.gz,examples/}
+#   /usr/share/vmreplica/monitoring/{prometheus-rules.yml,grafana-dashboard.json,zabbix-template.yaml}
 #   /usr/share/lintian/overrides/vmreplica
 # and postinst makes /var/lib/vmreplica (mode 0700, root) when it does not exist.
 # Maintainer scripts: packaging/debian/{postinst,prerm,postrm}. Environment:
@@ -97,6 +98,9 @@ sed -e "s|@MAINTAINER@|$maintainer|" -e "s|@SOURCE@|the vmreplica git repository
   echo " -- $maintainer  $date_rfc2822"
 } | gzip -9n >"$doc/changelog.Debian.gz"
 find "$doc" -type f -exec chmod 0644 {} +
+# Monitoring integrations (docs/monitoring.md).
+install -d -m 0755 "$root/usr/share/vmreplica/monitoring"
+install -m 0644 packaging/monitoring/* "$root/usr/share/vmreplica/monitoring/"
 # Not an upload to the Debian archive: no bug to close.
 install -d -m 0755 "$root/usr/share/lintian/overrides"
 echo "vmreplica: initial-upload-closes-no-bugs" >"$root/usr/share/lintian/overrides/vmreplica"

@@ -80,6 +80,76 @@ pub fn validate_vm_name(name: &str) -> Result<(), AgentError> {
 /// Longest VM name (characters).
 pub const MAX_VM_NAME: usize = 64;
 
+/// `init --metrics ADDR [--metrics-token]`: the monitoring listener of a new agent.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsInit<'a> {
+    /// HOST:PORT (a host name is resolved).
+    pub listen: &'a str,
+    /// Create a bearer token ([`METRICS_TOKEN_FILE`]) that every monitoring request must carry.
+    pub token: bool,
+}
+
+/// The token file `init --metrics-token` creates in the agent directory.
+pub const METRICS_TOKEN_FILE: &str = "metrics.token";
+
+/// The monitoring listener as the agent runs it (`metrics-listen`, `metrics-token-file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// The address to bind.
+    pub addr: std::net::SocketAddr,
+    /// The bearer token requests must carry, when one is set.
+    pub token: Option<String>,
+}
+
+/// The monitoring listener of `cfg` (none when `metrics-listen` is not set): a non-loopback
+/// address without a token is refused, and so is a token file that is empty or that group or
+/// others can read.
+pub fn metrics_config(dir: &Path, cfg: &AgentConfig) -> Result<Option<MetricsConfig>, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(listen) = &cfg.metrics_listen else {
+        return Ok(None);
+    };
+    let addr = resolve_addr("metrics-listen", listen)?;
+    let token = match &cfg.metrics_token_file {
+        None => None,
+        Some(file) => {
+            let path = dir.join(file);
+            let meta =
+                std::fs::metadata(&path).map_err(AgentError::io("reading the mode of", &path))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(AgentError::MetricsToken {
+                    path,
+                    reason: "group or others can read it (chmod 600 it)",
+                });
+            }
+            let text = std::fs::read_to_string(&path).map_err(AgentError::io("reading", &path))?;
+            let token = text.trim();
+            if token.is_empty() || token.contains(char::is_whitespace) {
+                return Err(AgentError::MetricsToken {
+                    path,
+                    reason: "it must hold one token (no white space inside)",
+                });
+            }
+            Some(token.to_owned())
+        }
+    };
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(AgentError::MetricsNeedsToken { listen: addr });
+    }
+    Ok(Some(MetricsConfig { addr, token }))
+}
+
+/// A new random bearer token: 32 bytes from the kernel's generator, in hex.
+fn new_token() -> Result<String, AgentError> {
+    use std::io::Read;
+    let path = Path::new("/dev/urandom");
+    let mut b = [0u8; 32];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(AgentError::io("reading", path))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// Create the directory, config and identity; return the certificate fingerprint.
 pub fn create(
     dir: &Path,
@@ -87,6 +157,7 @@ pub fn create(
     listen: &str,
     advertise: Option<&str>,
     storage: Option<PathBuf>,
+    metrics: Option<MetricsInit<'_>>,
 ) -> Result<String, AgentError> {
     if dir.join(CONFIG_FILE).exists() {
         return Err(AgentError::AgentExists {
@@ -99,6 +170,16 @@ pub fn create(
         });
     }
     let listen = resolve_listen(listen)?.to_string();
+    let metrics_listen = match metrics {
+        None => None,
+        Some(m) => {
+            let addr = resolve_addr("--metrics", m.listen)?;
+            if !m.token && !addr.ip().is_loopback() {
+                return Err(AgentError::MetricsNeedsToken { listen: addr });
+            }
+            Some(addr.to_string())
+        }
+    };
     if let Some(a) = advertise {
         vmr_core::check_probe_target(Some(a), None).map_err(|reason| AgentError::BadAdvertise {
             advertise: a.to_owned(),
@@ -124,7 +205,15 @@ pub fn create(
         max_concurrent_cycles: 8,
         allowed_programs: vmr_proto::api::default_allowed_programs(),
         events: Default::default(),
+        metrics_listen,
+        metrics_token_file: None,
     };
+    let mut cfg = cfg;
+    if metrics.is_some_and(|m| m.token) {
+        let path = dir.join(METRICS_TOKEN_FILE);
+        vmr_durable::write_atomic_mode(&path, format!("{}\n", new_token()?).as_bytes(), 0o600)?;
+        cfg.metrics_token_file = Some(METRICS_TOKEN_FILE.to_owned());
+    }
     let text = toml::to_string_pretty(&cfg).map_err(AgentError::ConfigEncode)?;
     let path = dir.join(CONFIG_FILE);
     vmr_durable::write_atomic_mode(&path, text.as_bytes(), 0o600)?;
@@ -135,11 +224,18 @@ pub fn create(
 /// host name with a port, resolved here (the first IPv4 address it resolves to, else the first
 /// address; `config.toml` records the address, so the agent binds what `init` printed).
 pub fn resolve_listen(listen: &str) -> Result<std::net::SocketAddr, AgentError> {
+    resolve_addr("--listen", listen)
+}
+
+/// HOST:PORT of setting `flag` (an IP address, or a host name resolved like
+/// [`resolve_listen`]'s).
+pub fn resolve_addr(flag: &'static str, listen: &str) -> Result<std::net::SocketAddr, AgentError> {
     use std::net::ToSocketAddrs;
     if let Ok(a) = listen.parse::<std::net::SocketAddr>() {
         return Ok(a);
     }
     let bad = || AgentError::BadListen {
+        flag,
         listen: listen.to_owned(),
     };
     let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
@@ -148,6 +244,7 @@ pub fn resolve_listen(listen: &str) -> Result<std::net::SocketAddr, AgentError> 
         return Err(bad());
     }
     let unresolved = |source| AgentError::ListenUnresolved {
+        flag,
         listen: listen.to_owned(),
         host: host.to_owned(),
         source,
@@ -204,7 +301,7 @@ mod tests {
     fn init_writes_private_files_and_a_loadable_config() {
         let dir = tempfile::tempdir().expect("dir");
         let d = dir.path().join("agent");
-        create(&d, "host-a", "127.0.0.1:9443", None, None).expect("init");
+        create(&d, "host-a", "127.0.0.1:9443", None, None, None).expect("init");
         assert_eq!(mode(&d.join(CONFIG_FILE)), 0o600);
         assert_eq!(mode(&d.join(vmr_transport::KEY_FILE)), 0o600);
         let cfg = load_config(&d).expect("load");
@@ -254,10 +351,85 @@ mod tests {
         // init records the address the name resolved to.
         let dir = tempfile::tempdir().expect("dir");
         let d = dir.path().join("agent");
-        create(&d, "host-a", "localhost:9443", None, None).expect("init");
+        create(&d, "host-a", "localhost:9443", None, None, None).expect("init");
         let cfg = load_config(&d).expect("load");
         let l: std::net::SocketAddr = cfg.listen.parse().expect("an address");
         assert!(l.ip().is_loopback() && l.port() == 9443, "{l}");
+    }
+
+    #[test]
+    fn the_monitoring_listener_needs_a_token_beyond_loopback() {
+        let root = tempfile::tempdir().expect("dir");
+        // Off by default.
+        let d = root.path().join("off");
+        create(&d, "a", "127.0.0.1:7000", None, None, None).expect("init");
+        assert_eq!(
+            metrics_config(&d, &load_config(&d).expect("load")).expect("ok"),
+            None
+        );
+        // Loopback (a host name too) without a token.
+        let d = root.path().join("lo");
+        let m = MetricsInit {
+            listen: "localhost:9464",
+            token: false,
+        };
+        create(&d, "a", "127.0.0.1:7000", None, None, Some(m)).expect("init");
+        let mc = metrics_config(&d, &load_config(&d).expect("load"))
+            .expect("ok")
+            .expect("on");
+        assert!(mc.addr.ip().is_loopback() && mc.addr.port() == 9464 && mc.token.is_none());
+        // Beyond loopback without a token: refused by init, which creates nothing.
+        let d = root.path().join("wild");
+        let m = MetricsInit {
+            listen: "0.0.0.0:9464",
+            token: false,
+        };
+        let e = create(&d, "a", "127.0.0.1:7000", None, None, Some(m)).expect_err("no token");
+        assert!(matches!(e, AgentError::MetricsNeedsToken { .. }), "{e:?}");
+        assert!(e.to_string().contains("--metrics-token"), "{e}");
+        assert_eq!(e.exit_code(), crate::exit::USAGE);
+        assert!(!d.exists());
+        // With one: a private token file the config names.
+        let m = MetricsInit {
+            listen: "0.0.0.0:9464",
+            token: true,
+        };
+        create(&d, "a", "127.0.0.1:7000", None, None, Some(m)).expect("init");
+        let cfg = load_config(&d).expect("load");
+        assert_eq!(cfg.metrics_token_file.as_deref(), Some(METRICS_TOKEN_FILE));
+        assert_eq!(mode(&d.join(METRICS_TOKEN_FILE)), 0o600);
+        let mc = metrics_config(&d, &cfg).expect("ok").expect("on");
+        assert_eq!(mc.token.as_ref().map(String::len), Some(64));
+        // A config edited to drop the token is refused when the agent starts.
+        let mut bare = cfg.clone();
+        bare.metrics_token_file = None;
+        let e = metrics_config(&d, &bare).expect_err("no token");
+        assert!(matches!(e, AgentError::MetricsNeedsToken { .. }), "{e:?}");
+        // An empty or exposed token file is refused.
+        std::fs::write(d.join(METRICS_TOKEN_FILE), "\n").expect("write");
+        let e = metrics_config(&d, &cfg).expect_err("empty");
+        assert!(matches!(e, AgentError::MetricsToken { .. }), "{e:?}");
+        std::fs::set_permissions(
+            d.join(METRICS_TOKEN_FILE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        let e = metrics_config(&d, &cfg).expect_err("exposed");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        // A bad address names the setting.
+        let e = create(
+            &root.path().join("bad"),
+            "a",
+            "127.0.0.1:7000",
+            None,
+            None,
+            Some(MetricsInit {
+                listen: "nowhere",
+                token: false,
+            }),
+        )
+        .expect_err("bad");
+        assert!(e.to_string().starts_with("--metrics \"nowhere\""), "{e}");
     }
 
     #[test]
@@ -306,14 +478,21 @@ mod tests {
             "host-without-port",
             "10.0.0.1:0",
         ] {
-            let e = create(&root.path().join("x"), "a", "0.0.0.0:7000", Some(bad), None)
-                .expect_err(bad);
+            let e = create(
+                &root.path().join("x"),
+                "a",
+                "0.0.0.0:7000",
+                Some(bad),
+                None,
+                None,
+            )
+            .expect_err(bad);
             assert!(matches!(e, AgentError::BadAdvertise { .. }), "{bad}: {e}");
             assert_eq!(e.exit_code(), crate::exit::USAGE);
             assert!(!root.path().join("x").exists(), "nothing created for {bad}");
         }
         let dir = root.path().join("a");
-        create(&dir, "a", "0.0.0.0:7000", Some("10.0.0.5:7000"), None).expect("create");
+        create(&dir, "a", "0.0.0.0:7000", Some("10.0.0.5:7000"), None, None).expect("create");
         let cfg = load_config(&dir).expect("load");
         assert_eq!(reported_address(&cfg), "10.0.0.5:7000");
         assert_eq!(
@@ -322,7 +501,7 @@ mod tests {
             "a wildcard listener binds nothing"
         );
         let dir = root.path().join("b");
-        create(&dir, "b", "127.0.0.2:7000", None, None).expect("create");
+        create(&dir, "b", "127.0.0.2:7000", None, None, None).expect("create");
         let cfg = load_config(&dir).expect("load");
         assert_eq!(reported_address(&cfg), "127.0.0.2:7000");
         assert_eq!(client_options(&cfg).bind, "127.0.0.2".parse().ok());

@@ -401,17 +401,20 @@ pub enum AgentError {
         /// The VM name.
         name: String,
     },
-    /// `init --listen` that is not HOST:PORT.
-    #[error(
-        "--listen {listen:?} is not HOST:PORT (e.g. 0.0.0.0:9443, 10.0.0.2:9443 or host-b:9443)"
-    )]
+    /// `init --listen` (or `--metrics`, `metrics-listen`) that is not HOST:PORT.
+    #[error("{flag} {listen:?} is not HOST:PORT (e.g. 0.0.0.0:9443, 10.0.0.2:9443 or host-b:9443)")]
     BadListen {
+        /// Which setting.
+        flag: &'static str,
         /// What was given.
         listen: String,
     },
-    /// `init --listen` with a host name that does not resolve.
-    #[error("--listen {listen:?}: host name {host:?} does not resolve")]
+    /// `init --listen` (or `--metrics`, `metrics-listen`) with a host name that does not
+    /// resolve.
+    #[error("{flag} {listen:?}: host name {host:?} does not resolve")]
     ListenUnresolved {
+        /// Which setting.
+        flag: &'static str,
         /// What was given.
         listen: String,
         /// The host name.
@@ -590,6 +593,32 @@ pub enum AgentError {
     OwnerStopped {
         /// The VM name.
         name: String,
+    },
+    /// The monitoring listener would listen beyond this host without a bearer token.
+    #[error(
+        "the monitoring listener {listen} is not a loopback address, so it needs a bearer token: \
+         set metrics-token-file in config.toml, or create the agent with `vmreplica init \
+         --metrics {listen} --metrics-token` (or listen on 127.0.0.1)"
+    )]
+    MetricsNeedsToken {
+        /// The address.
+        listen: std::net::SocketAddr,
+    },
+    /// The monitoring listener's token file cannot be used.
+    #[error("metrics token file {path}: {reason}")]
+    MetricsToken {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Binding the monitoring listener failed.
+    #[error("cannot bind the monitoring listener {addr}: {err}")]
+    BindMetrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The reason.
+        err: std::io::Error,
     },
     /// Binding the replication listener failed.
     #[error("cannot bind {addr}: {err}")]
@@ -928,6 +957,7 @@ impl AgentError {
             | BadVmName { .. }
             | BadListen { .. }
             | ListenUnresolved { .. }
+            | MetricsNeedsToken { .. }
             | BadAdvertise { .. }
             | OldPrimaryAddressUnknown
             | OldPrimaryFingerprintUnknown => exit::USAGE,
@@ -954,6 +984,8 @@ impl AgentError {
             | Definition(_)
             | OwnerStopped { .. }
             | BindListener { .. }
+            | BindMetrics { .. }
+            | MetricsToken { .. }
             | ConnectReplica { .. }
             | CreateReplica(_)
             | ConnectOldPrimary { .. }

@@ -13,6 +13,7 @@ use vmr_proto::api::{AgentConfig, AllowEntry};
 use crate::db::Db;
 use crate::errors::AgentError;
 use crate::events::EventLog;
+use crate::telemetry::Telemetry;
 use vmr_proto::record::VmRecord;
 
 /// Host-wide resources of the agent.
@@ -37,6 +38,8 @@ pub struct Host {
     pub shutdown: CancellationToken,
     /// The event log (and its sinks).
     pub events: EventLog,
+    /// Monitoring counters and recent cycles of every VM (each written by its owner).
+    pub telemetry: Telemetry,
 }
 
 impl Host {
@@ -60,6 +63,7 @@ impl Host {
             stores: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
             events,
+            telemetry: Telemetry::default(),
         })
     }
 

@@ -6,8 +6,9 @@
 //! `vmr-core`'s machines; this crate carries them out.
 //!
 //! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
-//! `sinks` → `events` → `errors` → `config`, `launch`, `lock`, `host` → `owned`, `cycle` → `resync`, `export` → `replica`
-//! → `primary` → `failover` → `vm` → `server`, `control` → this file.
+//! `sinks` → `events` → `errors` → `telemetry` → `config`, `launch`, `lock`, `host` → `owned`,
+//! `cycle` → `resync`, `export` → `replica` → `primary` → `failover` → `vm` → `server`,
+//! `control`, `http` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
 //! `Persist` action is written to SQLite before the next cycle starts.
@@ -23,6 +24,7 @@ mod export;
 mod failover;
 mod guestnet;
 mod host;
+mod http;
 mod imaged;
 pub mod launch;
 mod lock;
@@ -33,6 +35,7 @@ mod resync;
 mod server;
 mod shutdown;
 mod sinks;
+pub mod telemetry;
 pub mod util;
 mod vm;
 
@@ -83,6 +86,7 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
     let dir = std::path::absolute(dir).map_err(AgentError::io("resolving", dir))?;
     let config = load_config(&dir)?;
     config::check_key_mode(&dir)?;
+    let metrics = config::metrics_config(&dir, &config)?;
     let identity = vmr_transport::Identity::load(&dir).map_err(|source| AgentError::Identity {
         doing: "loading",
         source,
@@ -115,6 +119,21 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
         vms: vms.clone(),
     }))
     .await?;
+    let monitor = match &metrics {
+        None => None,
+        Some(mc) => {
+            let m = Arc::new(http::Monitor::new(
+                host.clone(),
+                vms.clone(),
+                mc.token.clone(),
+            ));
+            // More routes (a dashboard) are merged here.
+            Some(http::start(m, mc, http::MonitorRouter::new()).await?)
+        }
+    };
+    if let Some(addr) = monitor {
+        tracing::info!(%addr, token = metrics.as_ref().is_some_and(|m| m.token.is_some()), "monitoring listener ready");
+    }
     tracing::info!(name = %host.config.name, listen = %server, control = %control.display(), "agent ready");
     host.events.emit(events::NewEvent::new(
         None,

@@ -12,6 +12,7 @@ use vmr_proto::api::FailoverRecord;
 
 use crate::errors::AgentError;
 use crate::host::Host;
+use crate::telemetry::VmTelemetry;
 use vmr_proto::record::VmRecord;
 
 /// One VM's owned state.
@@ -30,6 +31,8 @@ pub struct Vm {
     pub rpo_alert: Option<u64>,
     /// Replica: a `store-full` event was raised and no cycle was committed since.
     pub store_full: bool,
+    /// The only writer of this VM's monitoring telemetry.
+    pub telemetry: VmTelemetry,
 }
 
 /// What the owner compares before and after each event it handled (its events come from the
@@ -54,6 +57,7 @@ impl Vm {
     /// Own `rec`.
     pub fn new(host: Arc<Host>, rec: VmRecord) -> Vm {
         Vm {
+            telemetry: host.telemetry.writer(rec.uuid),
             host,
             rec,
             children: BTreeMap::new(),

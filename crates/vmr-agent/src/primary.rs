@@ -19,6 +19,7 @@ use vmr_proto::record::MachineSnapshot;
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
 use crate::errors::AgentError;
 use crate::owned::{Observed, Vm};
+use crate::telemetry::Counts;
 use crate::util::now_ms;
 
 /// An admin command for a primary VM.
@@ -186,10 +187,13 @@ impl PrimarySide {
     }
 
     fn step(&mut self, vm: &Vm, ev: Event) {
+        let before = Counts::of(self.machine.stats());
         match self.machine.step(ev) {
             Ok(acts) => self.pending.extend(acts),
             Err(r) => tracing::debug!(vm = %vm.rec.name, "machine refused: {r}"),
         }
+        vm.telemetry
+            .observe(before, Counts::of(self.machine.stats()), now_ms());
     }
 
     /// Time passed: feed a tick and carry out what the machine asks.
@@ -439,7 +443,10 @@ impl PrimarySide {
             Cmd::Disable => Event::Disable { now_ms: now },
             Cmd::ResumeResync(at_ms) => Event::ResumeResync { now_ms: now, at_ms },
         };
+        let counts = Counts::of(self.machine.stats());
         let actions = self.machine.step(ev)?;
+        vm.telemetry
+            .observe(counts, Counts::of(self.machine.stats()), now);
         let after = self.machine.state();
         self.pending.extend(actions);
         self.carry_out(vm);
@@ -601,6 +608,10 @@ impl PrimarySide {
             .as_ref()
             .filter(|_| m.running_since().is_some())
             .and_then(|_| self.progress.operation());
+        let last_point_ms = stats
+            .last_point_cut_ms
+            .or(vm.telemetry.last_cut_ms())
+            .or(stats.last_replication_ms);
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -627,6 +638,9 @@ impl PrimarySide {
             lag_ms: Vm::lag_ms(&stats, now),
             stats,
             operation,
+            recovery_points: None,
+            last_point_ms,
+            last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
         }
     }
 
@@ -711,6 +725,9 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         rpo_alert_secs: None,
         lag_ms,
         operation: None,
+        recovery_points: None,
+        last_point_ms: None,
+        last_cycle_bytes: None,
     }
 }
 

@@ -16,6 +16,7 @@ use vmr_proto::record::MachineSnapshot;
 
 use crate::errors::{AgentError, internal, refusal_err, store_err};
 use crate::owned::{Observed, Vm};
+use crate::telemetry::Counts;
 use crate::util::now_ms;
 
 /// The replica side of a VM.
@@ -45,7 +46,10 @@ impl ReplicaSide {
 
     /// Feed an event; persist the snapshot when the machine asks.
     pub fn step(&mut self, vm: &mut Vm, ev: ReplicaEvent) -> Result<(), Refusal> {
+        let before = Counts::of(self.machine.stats());
         let acts = self.machine.step(ev)?;
+        vm.telemetry
+            .observe(before, Counts::of(self.machine.stats()), now_ms());
         if !acts.is_empty() {
             vm.rec.machine = MachineSnapshot::Replica(self.machine.snapshot());
             if let Err(e) = vm.save() {
@@ -300,6 +304,11 @@ impl ReplicaSide {
         let rec = &vm.rec;
         let m = &self.machine;
         let obs = self.observe(vm, now);
+        let points = vm
+            .host
+            .store_of(rec)
+            .ok()
+            .and_then(|s| s.point_summary(rec.uuid).ok());
         VmStatus {
             name: rec.name.clone(),
             uuid: rec.uuid,
@@ -332,6 +341,9 @@ impl ReplicaSide {
             rpo_alert_secs: vm.rpo_alert_secs(),
             lag_ms: Vm::lag_ms(m.stats(), now),
             operation: None,
+            recovery_points: points.map(|p| p.0),
+            last_point_ms: points.and_then(|p| p.1),
+            last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
         }
     }
 

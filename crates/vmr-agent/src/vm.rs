@@ -387,6 +387,7 @@ impl Owner {
                         let removed = r.is_ok() && !check;
                         let _ = reply.send(r);
                         if removed {
+                            self.vm.host.telemetry.forget(self.vm.rec.uuid);
                             break;
                         }
                     }

@@ -1,6 +1,6 @@
 //! `vmr-bench`: the vmreplica benchmark runner (issue 7). Builds the release `vmreplica` (with
 //! `--profile`, the `profiling` profile's: release plus debug info for perf),
-//! runs the eight scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
+//! runs the nine scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
 //! the same run, and rewrites the results section of BENCHMARKS.md.
 //!
 //! `cargo run --release -p vmr-bench -- [--quick] [--profile] [--only 1,2] [--no-write]`
@@ -30,7 +30,7 @@ struct Args {
     /// Also perf-profile one extra repeat of each scenario's hot side.
     #[arg(long)]
     profile: bool,
-    /// Run only these scenarios (comma separated numbers 1-8).
+    /// Run only these scenarios (comma separated numbers 1-9).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Print the results instead of rewriting BENCHMARKS.md.
@@ -282,6 +282,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     });
     eprintln!(
         "vmr-bench: scenario 8 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    outcomes.push(if want(9) {
+        scenarios::metrics_scrape(&ctx)
+    } else {
+        skipped(9, "Metrics scrape cost", scenarios::goal(9))
+    });
+    eprintln!(
+        "vmr-bench: scenario 9 took {:.0} s",
         t.elapsed().as_secs_f64()
     );
 

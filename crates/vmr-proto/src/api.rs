@@ -192,6 +192,18 @@ pub struct VmStatus {
     /// agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<OperationProgress>,
+    /// Replica VMs: committed recovery points (absent on a primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_points: Option<u64>,
+    /// Cut time of the latest point the replica holds, ms since the epoch: on a replica its
+    /// latest committed point; on a primary the last acknowledged cycle's cut (its start) as
+    /// this agent saw it since it started, else that cycle's acknowledgement time. The
+    /// replication lag is now minus this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_point_ms: Option<u64>,
+    /// Bytes of the last successful cycle this agent saw since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cycle_bytes: Option<u64>,
 }
 
 /// What a running operation of a primary VM is ([`OperationProgress::kind`]).
@@ -900,6 +912,14 @@ pub struct AgentConfig {
     /// The event log's bounds and the event sinks (`[events]`).
     #[serde(default)]
     pub events: crate::event::EventsConfig,
+    /// HOST:PORT of the monitoring listener (`/metrics`); none (the default) serves nothing.
+    /// A non-loopback address needs `metrics-token-file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    /// File holding the bearer token every monitoring request must carry
+    /// (`Authorization: Bearer TOKEN`); relative to the agent directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token_file: Option<String>,
 }
 
 fn default_concurrency() -> usize {

@@ -466,6 +466,16 @@ impl Store {
         Ok(lock(&self.vm(vm)?.st).latest_point())
     }
 
+    /// How many committed points the VM has and the latest one's cut time (ms since the
+    /// epoch), from the catalog in memory: no file is read (monitoring asks this often).
+    pub fn point_summary(&self, vm: Uuid) -> Result<(u64, Option<u64>), StoreError> {
+        let v = self.vm(vm)?;
+        let st = lock(&v.st);
+        let live = st.catalog.points.iter().filter(|p| !p.pruning);
+        let latest = live.clone().map(|p| p.taken_at_ms).max();
+        Ok((live.count() as u64, latest))
+    }
+
     /// The latest cycle the replica has (its latest point): the base the next incremental
     /// cycle must name.
     pub fn latest_cycle(&self, vm: Uuid) -> Result<Option<CycleId>, StoreError> {

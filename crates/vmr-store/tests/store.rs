@@ -52,6 +52,11 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
     );
     assert_eq!(pts[3].kind, vmr_store::PointKind::AppConsistent);
     assert!(pts.iter().all(|p| p.size_on_disk > 0));
+    // The monitoring summary says the same from memory.
+    assert_eq!(
+        store.point_summary(vm)?,
+        (4, pts.iter().map(|p| p.taken_at_ms).max())
+    );
     // The chain reads sensibly to an admin: relative names, qcow2 backing format.
     let layers = store.point_layers(vm, None)?;
     let chain = vmr_testkit::img::backing_chain_text(&layers[0].1)?;

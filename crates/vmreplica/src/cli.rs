@@ -42,6 +42,13 @@ pub enum Command {
         /// Default storage directory for replica VMs (default DIR/replicas).
         #[arg(long)]
         storage: Option<PathBuf>,
+        /// HOST:PORT of the monitoring listener (`/metrics`; off when not given). A
+        /// non-loopback address needs --metrics-token.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
+        /// Create a bearer token (DIR/metrics.token) that every monitoring request must carry.
+        #[arg(long, requires = "metrics")]
+        metrics_token: bool,
     },
     /// Run the agent daemon in the foreground.
     Agent,
@@ -73,11 +80,28 @@ pub enum Command {
         /// Redraw every interval (state, health, lag, last point, throughput, progress of an
         /// initial copy or resync with percentage and ETA) until Ctrl-C; without a terminal,
         /// print one plain snapshot per interval.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "format")]
         watch: bool,
         /// With --watch: time between snapshots (`1s`, `500ms`, `2s`; 100 ms to 1 h).
         #[arg(long, default_value = "1s", requires = "watch", value_parser = parse_interval)]
         interval: std::time::Duration,
+        /// Output for a monitoring system: `prtg` (EXE/Script Advanced JSON),
+        /// `zabbix-discovery` (low-level discovery JSON), `zabbix` (item values).
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::monitor::Format,
+    },
+    /// Nagios/Icinga/Checkmk plugin: one status line with perfdata; exit 0 OK, 1 WARNING,
+    /// 2 CRITICAL, 3 UNKNOWN (agent unreachable, VM unknown).
+    Check {
+        /// VM name; all VMs when omitted.
+        name: Option<String>,
+        /// Lag at which a VM is WARNING: a multiple of its frequency (2x) or a duration (90s,
+        /// 10m).
+        #[arg(long, default_value = "2x", value_parser = crate::monitor::parse_threshold)]
+        warn_lag: crate::monitor::Threshold,
+        /// Lag at which a VM is CRITICAL (4x, 10m, ...).
+        #[arg(long, default_value = "4x", value_parser = crate::monitor::parse_threshold)]
+        crit_lag: crate::monitor::Threshold,
     },
     /// Replication statistics (Measure-VMReplication).
     Measure {

@@ -347,7 +347,11 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             replica_fingerprint,
             frequency_secs: Some(parse_frequency(&frequency).map_err(|m| coded(exit::USAGE, m))?),
         },
-        Command::Init { .. } | Command::Agent | Command::Demo(_) | Command::GenerateDocs { .. } => {
+        Command::Init { .. }
+        | Command::Agent
+        | Command::Check { .. }
+        | Command::Demo(_)
+        | Command::GenerateDocs { .. } => {
             return Err(coded(exit::USAGE, "not a control command"));
         }
     })

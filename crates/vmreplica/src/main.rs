@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod follow;
 mod gendocs;
+mod monitor;
 mod output;
 mod util;
 mod watch;
@@ -61,11 +62,24 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             listen,
             advertise,
             storage,
+            metrics,
+            metrics_token,
         } => {
             // A host name is resolved: config.toml records (and the agent binds) the address.
             let resolved = vmr_agent::config::resolve_listen(&listen)?.to_string();
-            let fingerprint =
-                vmr_agent::config::create(&dir, &name, &resolved, advertise.as_deref(), storage)?;
+            let fingerprint = vmr_agent::config::create(
+                &dir,
+                &name,
+                &resolved,
+                advertise.as_deref(),
+                storage,
+                metrics
+                    .as_deref()
+                    .map(|listen| vmr_agent::config::MetricsInit {
+                        listen,
+                        token: metrics_token,
+                    }),
+            )?;
             if resolved != listen && !args.json {
                 eprintln!("--listen {listen}: listening on {resolved}");
             }
@@ -86,6 +100,14 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             Ok(())
         }
         cli::Command::Agent => Ok(vmr_agent::run_blocking(&dir)?),
+        cli::Command::Check {
+            name,
+            warn_lag,
+            crit_lag,
+        } => std::process::exit(monitor::check(&dir, name, warn_lag, crit_lag)),
+        cli::Command::Status { name, format, .. } if format != monitor::Format::Table => {
+            monitor::status(&dir, name, format)
+        }
         cli::Command::Demo(opts) => demo::run(opts),
         cli::Command::GenerateDocs { out } => {
             for path in gendocs::generate(&out)? {
@@ -97,6 +119,7 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             name,
             watch: true,
             interval,
+            ..
         } => watch::run(&dir, name, interval, args.json),
         other => {
             // A long operation is followed once the agent accepted it: a bar on a terminal,

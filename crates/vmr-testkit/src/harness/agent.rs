@@ -14,7 +14,8 @@ use vmr_proto::api::{Request, Response, VmStatus};
 use super::{HarnessError, Result, io_err, wait_every};
 use crate::proc::ChildGuard;
 
-fn free_port() -> Result<u16> {
+/// A port of 127.0.0.1 free now (the kernel's pick).
+pub fn free_port() -> Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
