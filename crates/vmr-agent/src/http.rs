@@ -215,7 +215,7 @@ async fn auth(State(m): State<Arc<Monitor>>, req: Request, next: Next) -> Respon
 
 async fn metrics(State(m): State<Arc<Monitor>>) -> Response {
     let rows = m.gather().await;
-    match encode(rows, now_ms()) {
+    match encode(rows, m.host.events.dropped(), now_ms()) {
         Ok(text) => ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -225,10 +225,19 @@ async fn metrics(State(m): State<Arc<Monitor>>) -> Response {
     }
 }
 
-/// The `/metrics` text of `rows` at `now_ms`.
-pub fn encode(rows: Vec<VmView>, now_ms: u64) -> Result<String, std::fmt::Error> {
+/// The `/metrics` text of `rows` at `now_ms`, with the events each event sink dropped
+/// (`(sink, count)`: its queue was full).
+pub fn encode(
+    rows: Vec<VmView>,
+    dropped: Vec<(String, u64)>,
+    now_ms: u64,
+) -> Result<String, std::fmt::Error> {
     let mut reg = PromRegistry::default();
-    reg.register_collector(Box::new(Scrape { rows, now_ms }));
+    reg.register_collector(Box::new(Scrape {
+        rows,
+        dropped,
+        now_ms,
+    }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)
@@ -238,6 +247,7 @@ pub fn encode(rows: Vec<VmView>, now_ms: u64) -> Result<String, std::fmt::Error>
 #[derive(Debug)]
 struct Scrape {
     rows: Vec<VmView>,
+    dropped: Vec<(String, u64)>,
     now_ms: u64,
 }
 
@@ -315,6 +325,23 @@ impl Collector for Scrape {
                 MetricType::Info,
             )?;
             m.encode_info(&version)?;
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "vmreplica_events_dropped",
+                "Events an event sink (webhook or command) dropped since the agent started \
+                 because its queue was full",
+                None,
+                MetricType::Counter,
+            )?;
+            // Labelled by kind and place in the config (`webhook 1`, `command 2`), not by the
+            // URL or command line, which may carry a secret.
+            for (i, (sink, n)) in self.dropped.iter().enumerate() {
+                let kind = sink.split(' ').next().unwrap_or("sink");
+                let l: Labels = vec![("sink", esc(&format!("{kind} {}", i + 1)))];
+                m.encode_family(&l)?
+                    .encode_counter::<Labels, _, f64>(n, None)?;
+            }
         }
         self.gauge(
             &mut enc,
@@ -527,10 +554,16 @@ mod tests {
                 store_free_bytes: None,
             },
         ];
-        let text = encode(rows, 100_000).expect("encode");
+        let text = encode(
+            rows,
+            vec![("webhook https://u:secret@example.net/x".into(), 4)],
+            100_000,
+        )
+        .expect("encode");
         let l = "vm=\"web1\",uuid=\"00000000-0000-0000-0000-000000000001\",role=\"primary\",peer=\"10.0.0.2:9443\"";
         for line in [
             format!("vmreplica_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+            "vmreplica_events_dropped_total{sink=\"webhook 1\"} 4".to_owned(),
             format!("vmreplica_up{{{l}}} 1"),
             "vmreplica_up{vm=\"db \\\"1\\\"\",uuid=\"00000000-0000-0000-0000-000000000002\",role=\"replica\",peer=\"host-a\"} 0".to_owned(),
             format!("vmreplica_state_info{{{l},state=\"Replicating\"}} 1"),

@@ -196,8 +196,8 @@ pub struct VmStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_points: Option<u64>,
     /// Cut time of the latest point the replica holds, ms since the epoch: on a replica its
-    /// latest committed point; on a primary the last acknowledged cycle's cut (its start) as
-    /// this agent saw it since it started, else that cycle's acknowledgement time. The
+    /// latest committed point; on a primary the last acknowledged cycle's cut (its start, kept
+    /// in the statistics across restarts), else that cycle's acknowledgement time. The
     /// replication lag is now minus this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_point_ms: Option<u64>,

@@ -27,10 +27,7 @@ pub fn metrics_scrape(ctx: &Ctx) -> Outcome {
 fn with_metrics(agent: &mut vmr_testkit::harness::Agent) -> anyhow::Result<u16> {
     agent.stop()?;
     let port = vmr_testkit::harness::free_port()?;
-    let cfg = agent.dir.join("config.toml");
-    let mut text = std::fs::read_to_string(&cfg)?;
-    text.push_str(&format!("metrics-listen = \"127.0.0.1:{port}\"\n"));
-    std::fs::write(&cfg, text)?;
+    agent.add_config(&format!("metrics-listen = \"127.0.0.1:{port}\""))?;
     agent.restart()?;
     Ok(port)
 }

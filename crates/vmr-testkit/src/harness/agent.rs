@@ -85,6 +85,31 @@ impl Agent {
         Ok(a)
     }
 
+    /// Add top-level `lines` (`key = value`, one per line) to the agent's `config.toml`, before
+    /// its first table (`[events]`, which `init` writes): a key after a table header would
+    /// belong to that table. Takes effect at the next (re)start.
+    pub fn add_config(&self, lines: &str) -> Result<()> {
+        let cfg = self.dir.join("config.toml");
+        let text = std::fs::read_to_string(&cfg).map_err(io_err("reading config.toml"))?;
+        let at = text
+            .match_indices('\n')
+            .map(|(i, _)| i + 1)
+            .find(|&i| text[i..].starts_with('['))
+            .unwrap_or(text.len());
+        let mut out = String::with_capacity(text.len() + lines.len() + 1);
+        out.push_str(&text[..at]);
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(lines);
+        if !lines.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&text[at..]);
+        std::fs::write(&cfg, out).map_err(io_err("writing config.toml"))?;
+        Ok(())
+    }
+
     /// (Re)start the agent process and wait until its control socket answers a status request.
     pub fn restart(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
