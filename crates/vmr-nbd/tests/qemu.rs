@@ -475,8 +475,10 @@ async fn server_killed_mid_request() {
     );
     let (mut g, ep) = qemu_nbd(dir.path(), &img, Net::Unix, &[]);
     let c = NbdClient::connect(&ep, opts("", &[])).await.unwrap();
+    let batches = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reader = {
         let c = c.clone();
+        let batches = batches.clone();
         tokio::spawn(async move {
             let mut done = 0u64;
             loop {
@@ -488,10 +490,20 @@ async fn server_killed_mid_request() {
                     }
                 }
                 done += 1;
+                batches.store(done, std::sync::atomic::Ordering::SeqCst);
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill the server while requests are in flight: once a batch has finished (on a loaded
+    // machine that can take longer than any fixed pause), the next one is on the wire.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while batches.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no batch finished in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     g.kill9();
     let (done, err) = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
