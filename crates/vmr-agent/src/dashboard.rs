@@ -166,7 +166,8 @@ th,td{border-bottom:1px solid #d8dee4;padding:.35rem .5rem;text-align:left;verti
 th{background:#eef1f4;font-weight:600;white-space:nowrap}\
 td.num{text-align:right;white-space:nowrap}\
 .h{font-weight:600;white-space:nowrap}.reason{display:block;font-size:.8rem;color:#424a53;max-width:26rem}\
-.ok{color:#116329}.warn{color:#9a6700}.crit{color:#b3261e}.unknown{color:#57606a}\
+:not(tr).ok{color:#116329}:not(tr).warn{color:#9a6700}:not(tr).crit{color:#b3261e}\
+:not(tr).unknown{color:#57606a}\
 tr.vm.warn td:first-child{box-shadow:inset 4px 0 #d4a72c}tr.vm.crit td:first-child{box-shadow:inset 4px 0 #cf222e}\
 tr.vm.ok td:first-child{box-shadow:inset 4px 0 #2da44e}\
 .bar{display:inline-block;width:6rem;height:.6rem;background:#e6e9ed;border-radius:.3rem;overflow:hidden;vertical-align:middle}\
@@ -179,7 +180,7 @@ dl.fields dt{font-weight:600}dl.fields dd{margin:0;overflow-wrap:anywhere}\
 pre{background:#fff;border:1px solid #d8dee4;padding:.5rem;overflow-x:auto}\
 progress{width:12rem}\
 @media (max-width:700px){body{padding:.4rem}table{font-size:.8rem}th,td{padding:.25rem .3rem}\
-.hide-narrow{display:none}dl.fields{grid-template-columns:1fr}}";
+.hide-narrow{display:none}.bar{width:4rem}dl.fields{grid-template-columns:1fr}}";
 
 /// The page around `body`.
 fn page(title: &str, host: &str, now: u64, body: &str) -> String {
@@ -621,12 +622,8 @@ pub fn render_detail(
     field(&mut w, "Failed attempts", &s.errors.to_string());
     field(&mut w, "Bytes", &fmt_bytes(s.total_bytes));
     field(&mut w, "Largest cycle", &fmt_bytes(s.max_bytes));
-    if s.successful_cycles > 0 {
-        field(
-            &mut w,
-            "Average cycle time",
-            &fmt_dur(s.total_latency_ms / s.successful_cycles),
-        );
+    if let Some(avg) = s.total_latency_ms.checked_div(s.successful_cycles) {
+        field(&mut w, "Average cycle time", &fmt_dur(avg));
     }
     field(&mut w, "Longest cycle time", &fmt_dur(s.max_latency_ms));
     if st.mode == ReplicationMode::Primary {

@@ -215,19 +215,23 @@ async fn auth(State(m): State<Arc<Monitor>>, req: Request, next: Next) -> Respon
         let given = given_token(&req);
         if !given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
             // Basic first: a browser asks for it (user name anything, password the token).
-            return (
+            // Both challenges are sent (appended: a header array would keep only the last).
+            let mut resp = (
                 StatusCode::UNAUTHORIZED,
-                [
-                    (
-                        header::WWW_AUTHENTICATE,
-                        "Basic realm=\"vmreplica\", charset=\"UTF-8\"",
-                    ),
-                    (header::WWW_AUTHENTICATE, "Bearer realm=\"vmreplica\""),
-                ],
                 "a token is required (Authorization: Bearer TOKEN, or HTTP Basic with the token \
                  as the password; the agent's metrics-token-file)\n",
             )
                 .into_response();
+            for challenge in [
+                "Basic realm=\"vmreplica\", charset=\"UTF-8\"",
+                "Bearer realm=\"vmreplica\"",
+            ] {
+                resp.headers_mut().append(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static(challenge),
+                );
+            }
+            return resp;
         }
     }
     next.run(req).await
