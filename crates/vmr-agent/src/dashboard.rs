@@ -123,8 +123,12 @@ fn fmt_dur(ms: u64) -> String {
         format!("{ms} ms")
     } else if s < 60 {
         format!("{s} s")
+    } else if s < 3600 && s % 60 == 0 {
+        format!("{} min", s / 60)
     } else if s < 3600 {
         format!("{} min {} s", s / 60, s % 60)
+    } else if s % 3600 < 60 {
+        format!("{} h", s / 3600)
     } else {
         format!("{} h {} min", s / 3600, (s % 3600) / 60)
     }
@@ -962,6 +966,16 @@ mod tests {
             "{p}"
         );
         assert!(p.contains("1 Normal"), "{p}");
+    }
+
+    #[test]
+    fn durations_read_short() {
+        assert_eq!(fmt_dur(850), "850 ms");
+        assert_eq!(fmt_dur(12_400), "12 s");
+        assert_eq!(fmt_dur(60_000), "1 min");
+        assert_eq!(fmt_dur(184_000), "3 min 4 s");
+        assert_eq!(fmt_dur(3_600_000), "1 h");
+        assert_eq!(fmt_dur(7_500_000), "2 h 5 min");
     }
 
     #[test]

@@ -114,7 +114,9 @@ fn the_dashboard_in_a_real_browser() -> TestResult {
     for vm in [&web1, &web2] {
         vm.write_random("disk0", 64, 3)?;
         vm.register(&p.a)?;
-        p.enable(vm.name(), &["--frequency", "5s"])?;
+        // An RPO alert of 30 s: a loaded machine's late cycle does not turn web1 Warning
+        // between the wait below and the browser's load.
+        p.enable(vm.name(), &["--frequency", "5s", "--rpo-alert", "30s"])?;
     }
     p.wait_cycle("web1", 2, LONG)?;
     p.wait_cycle("web2", 1, LONG)?;
@@ -171,8 +173,8 @@ fn the_dashboard_in_a_real_browser() -> TestResult {
         "{r1}"
     );
     assert!(
-        r1.contains(" / 10 s</span>"),
-        "lag against the 10 s RPO alert: {r1}"
+        r1.contains(" / 30 s</span>"),
+        "lag against the 30 s RPO alert: {r1}"
     );
     assert!(
         attr_num(r1, "data-cycles").unwrap_or(0) >= 3,
