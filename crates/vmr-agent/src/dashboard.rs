@@ -123,7 +123,7 @@ fn fmt_dur(ms: u64) -> String {
         format!("{ms} ms")
     } else if s < 60 {
         format!("{s} s")
-    } else if s < 3600 && s % 60 == 0 {
+    } else if s < 3600 && s.is_multiple_of(60) {
         format!("{} min", s / 60)
     } else if s < 3600 {
         format!("{} min {} s", s / 60, s % 60)
