@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what vmreplica's demo, tests and benchmarks need on a Debian machine, if missing:
 # QEMU 10 tools (qemu-utils from bookworm-backports: qemu-img, qemu-io, qemu-nbd,
-# qemu-storage-daemon), and optionally qemu-system-x86, rsync and promtool (pass "full"; promtool
-# comes with Debian's prometheus package, installed without leaving its server running).
+# qemu-storage-daemon), and optionally qemu-system-x86, rsync, promtool and chromium (pass "full";
+# promtool comes with Debian's prometheus package, installed without leaving its server running;
+# Debian's headless-capable chromium loads the web dashboard in its browser test).
 # Idempotent; does nothing when everything is present.
 set -euo pipefail
 
@@ -19,6 +20,7 @@ if [ "$want_full" = full ]; then
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
   command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -1,7 +1,9 @@
 //! The monitoring listener: plain HTTP/1.1 on its own address (`metrics-listen`, off unless
 //! set), read-only, serving `/metrics` (every VM's gauges and telemetry in the OpenMetrics
 //! text format). A non-loopback listener requires a bearer token (`config::metrics_config`
-//! refuses one without); when a token is set, every route checks it.
+//! refuses one without); when a token is set, every route checks it: `Authorization: Bearer
+//! TOKEN`, or HTTP Basic with the token as the password (what a browser sends for the
+//! dashboard; the 401 answer offers Basic first so that the browser asks).
 //!
 //! More routes (a dashboard's pages and files) come from other modules: [`start`] takes their
 //! [`MonitorRouter`] and serves it beside [`routes`], behind the same token check, with the same
@@ -191,23 +193,45 @@ fn same_token(given: &[u8], token: &[u8]) -> bool {
     given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
-/// The bearer-token check in front of every route (nothing to check without a token).
+/// The token a request carries: `Authorization: Bearer TOKEN` (Prometheus, scripts) or HTTP
+/// Basic with the token as the password and any user name (a browser, which asks for it).
+fn given_token(req: &Request) -> Option<String> {
+    use base64::Engine as _;
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(t) = v.strip_prefix("Bearer ") {
+        return Some(t.trim().to_owned());
+    }
+    let b64 = v.strip_prefix("Basic ")?;
+    let pair = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let pair = String::from_utf8(pair).ok()?;
+    pair.split_once(':').map(|(_, pw)| pw.to_owned())
+}
+
+/// The token check in front of every route (nothing to check without a token).
 async fn auth(State(m): State<Arc<Monitor>>, req: Request, next: Next) -> Response {
     if let Some(token) = &m.token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+        let given = given_token(&req);
         if !given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
-            return (
+            // Basic first: a browser asks for it (user name anything, password the token).
+            // Both challenges are sent (appended: a header array would keep only the last).
+            let mut resp = (
                 StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer realm=\"vmreplica\"")],
-                "a bearer token is required (Authorization: Bearer TOKEN; the agent's \
-                 metrics-token-file)\n",
+                "a token is required (Authorization: Bearer TOKEN, or HTTP Basic with the token \
+                 as the password; the agent's metrics-token-file)\n",
             )
                 .into_response();
+            for challenge in [
+                "Basic realm=\"vmreplica\", charset=\"UTF-8\"",
+                "Bearer realm=\"vmreplica\"",
+            ] {
+                resp.headers_mut().append(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static(challenge),
+                );
+            }
+            return resp;
         }
     }
     next.run(req).await
@@ -596,6 +620,25 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(esc("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
         assert_eq!(esc("web1"), "web1");
+    }
+
+    #[test]
+    fn the_token_comes_as_bearer_or_as_the_basic_password() {
+        use base64::Engine as _;
+        let req = |v: &str| {
+            Request::builder()
+                .header(header::AUTHORIZATION, v)
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
+        assert_eq!(given_token(&req("Bearer abc ")), Some("abc".into()));
+        let b = base64::engine::general_purpose::STANDARD.encode("admin:s3c:ret");
+        assert_eq!(
+            given_token(&req(&format!("Basic {b}"))),
+            Some("s3c:ret".into())
+        );
+        assert_eq!(given_token(&req("Basic !!")), None);
+        assert_eq!(given_token(&req("Digest x")), None);
     }
 
     #[test]

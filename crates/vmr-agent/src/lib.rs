@@ -8,7 +8,7 @@
 //! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
 //! `sinks` → `events` → `errors` → `telemetry` → `config`, `launch`, `lock`, `host` → `owned`,
 //! `cycle` → `resync`, `export` → `replica` → `primary` → `failover` → `vm` → `server`,
-//! `control`, `http` → this file.
+//! `control`, `http` → `dashboard` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
 //! `Persist` action is written to SQLite before the next cycle starts.
@@ -16,6 +16,7 @@
 pub mod config;
 mod control;
 mod cycle;
+mod dashboard;
 pub mod db;
 mod errors;
 pub mod events;
@@ -127,8 +128,7 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
                 vms.clone(),
                 mc.token.clone(),
             ));
-            // More routes (a dashboard) are merged here.
-            Some(http::start(m, mc, http::MonitorRouter::new()).await?)
+            Some(http::start(m, mc, dashboard::routes()).await?)
         }
     };
     if let Some(addr) = monitor {

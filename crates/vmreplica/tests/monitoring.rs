@@ -49,24 +49,6 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     })
 }
 
-/// Stop `agent`, give it a monitoring listener on a free port (with `token` in a 0600 file
-/// when given) and start it again; returns the port.
-fn with_metrics(agent: &mut Agent, token: Option<&str>) -> TestResult<u16> {
-    use std::os::unix::fs::PermissionsExt;
-    agent.stop()?;
-    let port = free_port()?;
-    let mut text = format!("metrics-listen = \"127.0.0.1:{port}\"\n");
-    if let Some(t) = token {
-        let f = agent.dir.join("metrics.token");
-        std::fs::write(&f, format!("{t}\n"))?;
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))?;
-        text.push_str("metrics-token-file = \"metrics.token\"\n");
-    }
-    agent.add_config(&text)?;
-    agent.restart()?;
-    Ok(port)
-}
-
 /// `vmreplica check ARGS` on `agent`: (exit code, its one line).
 fn check(agent: &Agent, args: &[&str]) -> TestResult<(i32, String)> {
     let mut all = vec!["check"];

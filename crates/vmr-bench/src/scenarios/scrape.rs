@@ -1,5 +1,6 @@
 //! Scenario 9 (issue 14): what Prometheus scraping `/metrics` every 15 s costs an agent that
-//! holds 100 VMs.
+//! holds 100 VMs; beside it (reported, not judged), what one render of the web dashboard's
+//! `/` costs the same agent.
 
 use std::io::{Read, Write};
 
@@ -32,13 +33,13 @@ fn with_metrics(agent: &mut vmr_testkit::harness::Agent) -> anyhow::Result<u16> 
     Ok(port)
 }
 
-/// One scrape over a new connection (as Prometheus does without keep-alive): the body.
-fn scrape(port: u16) -> anyhow::Result<String> {
+/// One GET of `path` over a new connection (as Prometheus does without keep-alive): the body.
+fn scrape(port: u16, path: &str) -> anyhow::Result<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
@@ -46,7 +47,7 @@ fn scrape(port: u16) -> anyhow::Result<String> {
         .split_once("\r\n\r\n")
         .context("no end of the HTTP header")?;
     if !head.starts_with("HTTP/1.1 200") {
-        bail!("scrape answered {}", head.lines().next().unwrap_or(""));
+        bail!("{path} answered {}", head.lines().next().unwrap_or(""));
     }
     Ok(body.to_owned())
 }
@@ -61,11 +62,35 @@ struct Cost {
     latencies: Vec<f64>,
     /// Bytes of one answer.
     bytes: usize,
+    /// The same for the dashboard's `/`: CPU seconds per render, wall times, bytes.
+    page: (f64, Vec<f64>, usize),
+}
+
+/// CPU seconds (idle rate `idle_cores` taken out) per GET of `path` over `n` back-to-back
+/// requests, and their wall times.
+fn per_request(
+    pid: u32,
+    port: u16,
+    path: &str,
+    n: usize,
+    idle_cores: f64,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let c0 = cpu_seconds(pid)?;
+    let t = Instant::now();
+    let mut latencies = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Instant::now();
+        scrape(port, path)?;
+        latencies.push(s.elapsed().as_secs_f64());
+    }
+    let el = t.elapsed().as_secs_f64();
+    let used = cpu_seconds(pid)? - c0 - idle_cores * el;
+    Ok((used.max(0.0) / n as f64, latencies))
 }
 
 fn measure(pid: u32, port: u16, n: usize, scrapes: usize, idle: Duration) -> anyhow::Result<Cost> {
-    // The answer names every VM, each answering.
-    let body = scrape(port)?;
+    // The answers name every VM, each answering.
+    let body = scrape(port, "/metrics")?;
     let up = body
         .lines()
         .filter(|l| l.starts_with("vmreplica_up{") && l.ends_with(" 1"))
@@ -73,25 +98,24 @@ fn measure(pid: u32, port: u16, n: usize, scrapes: usize, idle: Duration) -> any
     if up != n {
         bail!("the scrape shows {up} of {n} VMs up");
     }
+    let page = scrape(port, "/")?;
+    let rows = page.matches("<tr class=\"vm ").count();
+    let unknown = page.matches("data-health=\"Unknown\"").count();
+    if rows != n || unknown != 0 {
+        bail!("the dashboard shows {rows} of {n} VMs, {unknown} not answering");
+    }
     let c0 = cpu_seconds(pid)?;
     let t = Instant::now();
     std::thread::sleep(idle);
     let idle_cores = (cpu_seconds(pid)? - c0) / t.elapsed().as_secs_f64();
-    let c0 = cpu_seconds(pid)?;
-    let t = Instant::now();
-    let mut latencies = Vec::with_capacity(scrapes);
-    for _ in 0..scrapes {
-        let s = Instant::now();
-        scrape(port)?;
-        latencies.push(s.elapsed().as_secs_f64());
-    }
-    let el = t.elapsed().as_secs_f64();
-    let used = cpu_seconds(pid)? - c0 - idle_cores * el;
+    let (cpu_per_scrape, latencies) = per_request(pid, port, "/metrics", scrapes, idle_cores)?;
+    let (cpu_per_page, page_latencies) = per_request(pid, port, "/", scrapes, idle_cores)?;
     Ok(Cost {
-        cpu_per_scrape: used.max(0.0) / scrapes as f64,
+        cpu_per_scrape,
         idle_cores,
         latencies,
         bytes: body.len(),
+        page: (cpu_per_page, page_latencies, page.len()),
     })
 }
 
@@ -106,7 +130,10 @@ fn scrape_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
          of `/metrics` back to back, each on a new connection like Prometheus's; CPU = utime + \
          stime from /proc/PID/stat; per scrape = (CPU over the scrapes − idle rate × their wall \
          time) / {scrapes}; share of a core = per scrape × 4 scrapes a minute / 60 s. Each \
-         answer is checked to show all {n} VMs up. The value judged is the costlier agent's.{}",
+         answer is checked to show all {n} VMs up. The value judged is the costlier agent's. \
+         Beside it, not judged: {scrapes} renders of the web dashboard's `/` (every VM's row \
+         with its chart, the newest 20 events; checked to show all {n} VMs answering), \
+         measured the same way.{}",
         idle.as_secs(),
         if n < 100 {
             " Quick mode: N = 10; the full run uses 100."
@@ -174,6 +201,17 @@ fn scrape_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
         o.detail(
             format!("{who} agent: idle CPU, answer size"),
             format!("{:.4} cores, {} bytes", c.idle_cores, c.bytes),
+        );
+        let (cpu, lat, bytes) = &c.page;
+        o.detail(
+            format!("{who} agent: dashboard `/` (not judged): CPU per render, wall time median (max), size"),
+            format!(
+                "{:.2} ms ({:.3} % of a core if rendered every 15 s), {:.1} ms ({:.1} ms), {bytes} bytes",
+                cpu * 1e3,
+                cpu * SCRAPES_PER_MIN / 60.0 * 100.0,
+                median(lat) * 1e3,
+                lat.iter().copied().fold(0.0, f64::max) * 1e3
+            ),
         );
     }
     o.verdict = at_most(worst, S9_LIMIT_PERCENT);

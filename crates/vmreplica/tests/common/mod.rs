@@ -93,3 +93,23 @@ pub fn assert_equal_at_cut(p: &Pair, vm: &StandIn) -> TestResult {
     }
     Ok(())
 }
+
+/// Stop `agent`, give it a monitoring listener on a free port (with `token` in a 0600 file
+/// when given) and start it again; returns the port. Shared by the monitoring and dashboard
+/// tests.
+pub fn with_metrics(agent: &mut Agent, token: Option<&str>) -> TestResult<u16> {
+    use std::os::unix::fs::PermissionsExt;
+    agent.stop()?;
+    let port = free_port()?;
+    let mut keys = format!("metrics-listen = \"127.0.0.1:{port}\"\n");
+    if let Some(t) = token {
+        let f = agent.dir.join("metrics.token");
+        std::fs::write(&f, format!("{t}\n"))?;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))?;
+        keys.push_str("metrics-token-file = \"metrics.token\"\n");
+    }
+    // Top-level keys go before the first table (`init` writes `[events]` at the end).
+    agent.add_config(&keys)?;
+    agent.restart()?;
+    Ok(port)
+}
