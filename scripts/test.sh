@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command: installs missing QEMU tools, checks formatting and lints, runs every test.
+# The test command: installs what the tests need when missing (QEMU tools, qemu-system-x86 for
+# the real guest, promtool for the alert rules' test, chromium for the dashboard's browser test),
+# checks formatting and lints, runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh full
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Test hooks and failpoints (the agent's slowed resync, the store's crash pauses and fault
