@@ -362,13 +362,13 @@ fn watch_on_a_terminal_fits_80_columns_and_restores_it() -> TestResult {
     let vm = StandIn::create(
         p.root.path(),
         &p.a,
-        "a-rather-long-vm-name-for-the-view",
+        "long-vm-name-for-the-view-28",
         &["disk0"],
         16,
     )?;
     vm.register(&p.a)?;
-    p.enable("a-rather-long-vm-name-for-the-view", &["--frequency", "5s"])?;
-    p.wait_cycle("a-rather-long-vm-name-for-the-view", 1, LONG)?;
+    p.enable("long-vm-name-for-the-view-28", &["--frequency", "5s"])?;
+    p.wait_cycle("long-vm-name-for-the-view-28", 1, LONG)?;
     let (status, raw) = on_terminal(
         &format!(
             "{} --dir {} status --watch --interval 200ms",
@@ -404,7 +404,7 @@ fn watch_on_a_terminal_fits_80_columns_and_restores_it() -> TestResult {
         .expect("a table frame");
     eprintln!("{}", shown.join("\n"));
     assert!(
-        shown.iter().any(|l| l.starts_with("a-rather-long-vm")),
+        shown.iter().any(|l| l.starts_with("long-vm-name-for")),
         "{shown:?}"
     );
     assert!(shown.iter().any(|l| l.contains("Replicating")), "{shown:?}");
