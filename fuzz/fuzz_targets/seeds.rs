@@ -423,6 +423,7 @@ fn control(root: &Path) {
             initial_at_ms: None,
             auto_resync: None,
             initial: Default::default(),
+            rpo_alert_secs: Some(120),
         }),
         Request::FailoverStart {
             name: "demo-vm".into(),
