@@ -591,6 +591,7 @@ pub fn render_detail(
                 OperationKind::Resync => "resynchronization",
                 OperationKind::Export => "export of the initial copy",
                 OperationKind::Cycle => "cycle",
+                OperationKind::Import => "import of a copy",
             };
             let progress = if op.total > 0 {
                 let pct = (op.done as f64 / op.total as f64 * 100.0).min(100.0);

@@ -1,19 +1,24 @@
 //! The replica side of one VM, as its owner runs it: admitting or refusing a cycle, recording
-//! applied cycles, pause/resume/disable, recovery points, `vmreplica import`, status. The
+//! applied cycles, pause/resume/disable, recovery points, `vmreplica import` (the job its
+//! task runs, and its progress), status. The
 //! cycle's bytes are streamed into the store by the transport handler (`server.rs`) between
 //! the owner's admission and its commit; the state is only ever written here, by the owner.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vmr_core::{Refusal, ReplicaEvent, ReplicaMachine, replica_health};
 use vmr_proto::CycleHeader;
-use vmr_proto::api::{CreateReplica, PointInfo, ReplicationMode, ReplicationState, VmStatus};
+use vmr_proto::api::{
+    CreateReplica, OperationKind, PointInfo, ReplicationMode, ReplicationState, VmStatus,
+};
 use vmr_proto::wire::RemoteError;
 use vmr_store::{RecoveryPoint, RetentionPolicy};
 
 use vmr_proto::machine::ReplicaSnapshot;
 use vmr_proto::record::MachineSnapshot;
 
+use crate::cycle::Progress;
 use crate::errors::{AgentError, internal, refusal_err, store_err};
 use crate::owned::{Observed, Vm};
 use crate::telemetry::Counts;
@@ -22,6 +27,98 @@ use crate::util::now_ms;
 /// The replica side of a VM.
 pub struct ReplicaSide {
     machine: ReplicaMachine,
+    /// A running import's progress (written by its task, read by `status`).
+    progress: Arc<Progress>,
+}
+
+/// The work of one `vmreplica import`, run in a task of its own: load an exported initial
+/// copy (its manifest names the cycle file; the VM must match and the file's BLAKE3 must
+/// verify) or disk images (`<disk>.qcow2|raw|img`) as a new recovery point.
+pub struct ImportJob {
+    store: vmr_store::Store,
+    dir: PathBuf,
+    uuid: uuid::Uuid,
+    name: String,
+    disks: Vec<String>,
+    progress: Arc<Progress>,
+}
+
+impl ImportJob {
+    /// Import; the point and what was imported.
+    pub async fn run(self) -> Result<(RecoveryPoint, String), AgentError> {
+        let dir = &self.dir;
+        let progress = &self.progress;
+        let started = now_ms();
+        let report = |p: vmr_store::ImportPos| {
+            if progress.operation().is_none() {
+                progress.start(OperationKind::Import, p.total, started);
+            }
+            progress.advance(p.done, p.written);
+        };
+        let manifest_path = dir.join(vmr_proto::api::EXPORT_MANIFEST);
+        if !manifest_path.exists() {
+            let images = vmr_store::find_images(dir, &self.disks)?;
+            let p = self
+                .store
+                .import_images(self.uuid, &images, &report)
+                .await
+                .map_err(|source| AgentError::ImportImages {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
+            return Ok((p, format!("{} disk image(s)", images.len())));
+        }
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(AgentError::io("reading", &manifest_path))?;
+        let m: vmr_proto::api::ExportManifest =
+            serde_json::from_str(&text).map_err(|source| AgentError::Json {
+                doing: "parsing",
+                path: manifest_path.clone(),
+                source,
+            })?;
+        if m.format != 1 {
+            return Err(AgentError::ManifestFormat {
+                path: manifest_path,
+                format: m.format,
+            });
+        }
+        if m.vm != self.uuid {
+            return Err(AgentError::ImportOtherVm {
+                dir: dir.to_path_buf(),
+                vm: m.vm,
+                vm_name: m.name,
+                name: self.name.clone(),
+                uuid: self.uuid,
+            });
+        }
+        if !vmr_proto::api::valid_file_name(&m.file) {
+            return Err(AgentError::ManifestFileName {
+                path: manifest_path,
+                file: m.file,
+            });
+        }
+        let file = dir.join(&m.file);
+        let f2 = file.clone();
+        let sum = tokio::task::spawn_blocking(move || crate::export::blake3_file(&f2))
+            .await
+            .map_err(AgentError::Task)??;
+        if sum != m.file_blake3 {
+            return Err(AgentError::CopyDamaged {
+                path: file,
+                got: sum,
+                expected: m.file_blake3,
+            });
+        }
+        let p = self
+            .store
+            .import_cycle_file(&file, &report)
+            .await
+            .map_err(|source| AgentError::Import {
+                path: file.clone(),
+                source,
+            })?;
+        Ok((p, format!("the initial copy exported by {:?}", m.name)))
+    }
 }
 
 impl ReplicaSide {
@@ -36,7 +133,10 @@ impl ReplicaSide {
 
     /// A replica side around `machine` (a new replica VM, or one taken over from a primary).
     pub fn with(machine: ReplicaMachine) -> ReplicaSide {
-        ReplicaSide { machine }
+        ReplicaSide {
+            machine,
+            progress: Arc::default(),
+        }
     }
 
     /// The machine.
@@ -215,78 +315,47 @@ impl ReplicaSide {
             .collect())
     }
 
-    /// `vmreplica import NAME DIR`: load an exported initial copy (its manifest names the
-    /// cycle file; the VM must match and the file's BLAKE3 must verify) or disk images
-    /// (`<disk>.qcow2|raw|img`) as a new recovery point.
-    pub async fn import(&mut self, vm: &mut Vm, dir: &Path) -> Result<String, AgentError> {
+    /// `vmreplica import NAME DIR` begins: the machine decides whether it may (then cycles,
+    /// disable, failover and removal wait for its end); the returned job does the work in a
+    /// task of its own, so the owner keeps answering (`status` shows the import's progress),
+    /// and its outcome comes back to [`ReplicaSide::import_done`].
+    pub fn begin_import(&mut self, vm: &mut Vm, dir: &Path) -> Result<ImportJob, AgentError> {
         let store = vm.host.store_of(&vm.rec)?;
-        let rec = &vm.rec;
-        let manifest_path = dir.join(vmr_proto::api::EXPORT_MANIFEST);
-        let (point, what) = if manifest_path.exists() {
-            let text = std::fs::read_to_string(&manifest_path)
-                .map_err(AgentError::io("reading", &manifest_path))?;
-            let m: vmr_proto::api::ExportManifest =
-                serde_json::from_str(&text).map_err(|source| AgentError::Json {
-                    doing: "parsing",
-                    path: manifest_path.clone(),
-                    source,
-                })?;
-            if m.format != 1 {
-                return Err(AgentError::ManifestFormat {
-                    path: manifest_path,
-                    format: m.format,
-                });
+        self.step(vm, ReplicaEvent::BeginImport { now_ms: now_ms() })?;
+        self.progress.clear();
+        Ok(ImportJob {
+            store,
+            dir: dir.to_path_buf(),
+            uuid: vm.rec.uuid,
+            name: vm.rec.name.clone(),
+            disks: vm.rec.disks.clone(),
+            progress: self.progress.clone(),
+        })
+    }
+
+    /// The import ended: the point is recorded (or the failure ends the import with nothing
+    /// added). The answer to `vmreplica import`.
+    pub fn import_done(
+        &mut self,
+        vm: &mut Vm,
+        dir: &Path,
+        outcome: Result<(RecoveryPoint, String), AgentError>,
+    ) -> Result<String, AgentError> {
+        self.progress.clear();
+        let now = now_ms();
+        let (point, what) = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                if let Err(r) = self.step(vm, ReplicaEvent::ImportFailed { now_ms: now }) {
+                    tracing::debug!(vm = %vm.rec.name, "machine refused: {r}");
+                }
+                return Err(e);
             }
-            if m.vm != rec.uuid {
-                return Err(AgentError::ImportOtherVm {
-                    dir: dir.to_path_buf(),
-                    vm: m.vm,
-                    vm_name: m.name,
-                    name: rec.name.clone(),
-                    uuid: rec.uuid,
-                });
-            }
-            if !vmr_proto::api::valid_file_name(&m.file) {
-                return Err(AgentError::ManifestFileName {
-                    path: manifest_path,
-                    file: m.file,
-                });
-            }
-            let file = dir.join(&m.file);
-            let f2 = file.clone();
-            let sum = tokio::task::spawn_blocking(move || crate::export::blake3_file(&f2))
-                .await
-                .map_err(AgentError::Task)??;
-            if sum != m.file_blake3 {
-                return Err(AgentError::CopyDamaged {
-                    path: file,
-                    got: sum,
-                    expected: m.file_blake3,
-                });
-            }
-            let p = store
-                .import_cycle_file(&file)
-                .await
-                .map_err(|source| AgentError::Import {
-                    path: file.clone(),
-                    source,
-                })?;
-            (p, format!("the initial copy exported by {:?}", m.name))
-        } else {
-            let images = vmr_store::find_images(dir, &rec.disks)?;
-            let p = store
-                .import_images(rec.uuid, &images)
-                .await
-                .map_err(|source| AgentError::ImportImages {
-                    dir: dir.to_path_buf(),
-                    source,
-                })?;
-            (p, format!("{} disk image(s)", images.len()))
         };
         self.step(
             vm,
             ReplicaEvent::Imported {
-                now_ms: now_ms(),
+                now_ms: now,
                 id: point.id,
             },
         )?;
@@ -340,7 +409,7 @@ impl ReplicaSide {
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
             rpo_alert_secs: vm.rpo_alert_secs(),
             lag_ms: Vm::lag_ms(m.stats(), now),
-            operation: None,
+            operation: self.progress.operation(),
             recovery_points: points.map(|p| p.0),
             last_point_ms: points.and_then(|p| p.1),
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),

@@ -164,6 +164,12 @@ pub enum Command {
     Points(Reply<Vec<PointInfo>>),
     /// `vmreplica import` (replica).
     Import(PathBuf, Reply<String>),
+    /// The import task ended (the owner records its point and answers the command).
+    ImportDone(
+        PathBuf,
+        Result<(vmr_store::RecoveryPoint, String), AgentError>,
+        Reply<String>,
+    ),
     /// A failover command.
     Failover(FailoverCmd, Reply<FailoverResult>),
     /// Peer: refresh an existing replica VM (`create-replica`).
@@ -802,8 +808,31 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::Import(dir, reply) => {
+                let job = match &mut self.side {
+                    Side::Replica(r) => r.begin_import(&mut self.vm, &dir),
+                    Side::Primary(_) => Err(AgentError::ImportNotReplica {
+                        name: self.vm.rec.name.clone(),
+                    }),
+                };
+                match job {
+                    Ok(job) => {
+                        // The import runs in a task of its own; the owner keeps answering.
+                        let me = self.me.clone();
+                        tokio::spawn(async move {
+                            let outcome = job.run().await;
+                            if let Some(tx) = me.upgrade() {
+                                let _ = tx.send(Command::ImportDone(dir, outcome, reply)).await;
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::ImportDone(dir, outcome, reply) => {
                 let r = match &mut self.side {
-                    Side::Replica(r) => r.import(&mut self.vm, &dir).await,
+                    Side::Replica(r) => r.import_done(&mut self.vm, &dir, outcome),
                     Side::Primary(_) => Err(AgentError::ImportNotReplica {
                         name: self.vm.rec.name.clone(),
                     }),

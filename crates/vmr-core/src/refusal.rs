@@ -167,6 +167,12 @@ pub enum Refusal {
         /// The command.
         op: Op,
     },
+    /// An import into the replica VM runs; the command must wait for it.
+    #[error("{op} is not allowed while an import into this replica VM runs; try again after it")]
+    Importing {
+        /// The command.
+        op: Op,
+    },
     /// No cycle is running (a stale outcome from the driver).
     #[error("{op}: no replication cycle is running (the state is {state})")]
     NoCycleRunning {

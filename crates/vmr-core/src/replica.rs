@@ -85,7 +85,20 @@ pub enum ReplicaEvent {
         /// What went wrong.
         message: String,
     },
-    /// An exported initial copy or disk images were imported as point `id`.
+    /// `vmreplica import` begins (the store writes the copy as a new point meanwhile):
+    /// accepted where [`ReplicaEvent::Imported`] would be; until it ends, cycles, disable,
+    /// failover, removal and a second import are refused with [`Refusal::Importing`].
+    BeginImport {
+        /// Now.
+        now_ms: u64,
+    },
+    /// The import that began failed; nothing was added.
+    ImportFailed {
+        /// Now.
+        now_ms: u64,
+    },
+    /// An exported initial copy or disk images were imported as point `id` (ends an import
+    /// that began).
     Imported {
         /// Now.
         now_ms: u64,
@@ -159,6 +172,9 @@ pub struct ReplicaMachine {
     last_error: Option<String>,
     paused_from: Option<ReplicationState>,
     before_failover: Option<ReplicationState>,
+    /// An import runs (not persisted: an agent restart ends it, and the store discards its
+    /// unfinished layers).
+    importing: bool,
 }
 
 impl ReplicaMachine {
@@ -174,6 +190,7 @@ impl ReplicaMachine {
             last_error: None,
             paused_from: None,
             before_failover: None,
+            importing: false,
         }
     }
 
@@ -195,6 +212,7 @@ impl ReplicaMachine {
             last_error: snapshot.last_error,
             paused_from: snapshot.paused_from,
             before_failover: snapshot.before_failover,
+            importing: false,
         }
     }
 
@@ -240,14 +258,29 @@ impl ReplicaMachine {
         self.before_failover
     }
 
+    /// Whether an import runs.
+    pub fn importing(&self) -> bool {
+        self.importing
+    }
+
     /// Whether cycles (and a resynchronization's block-hash requests) are accepted now.
     pub fn accepts_cycles(&self) -> Result<(), Refusal> {
         self.receiving(Op::ReceiveCycle)
     }
 
+    /// Refuse `op` while an import runs.
+    fn not_importing(&self, op: Op) -> Result<(), Refusal> {
+        if self.importing {
+            Err(Refusal::Importing { op })
+        } else {
+            Ok(())
+        }
+    }
+
     fn receiving(&self, op: Op) -> Result<(), Refusal> {
         use ReplicationState as S;
         let state = self.state;
+        self.not_importing(op)?;
         match state {
             S::WaitingForInitialReplication | S::Replicating | S::Resynchronizing => Ok(()),
             S::Suspended => Err(Refusal::Paused { op, state }),
@@ -269,12 +302,29 @@ impl ReplicaMachine {
         }
     }
 
+    /// Whether an import may begin now: waiting for initial replication, replicating or
+    /// paused, and no other import running.
+    fn import_allowed(&self) -> Result<(), Refusal> {
+        use ReplicationState as S;
+        let (op, state) = (Op::Import, self.state);
+        self.not_importing(op)?;
+        match state {
+            S::WaitingForInitialReplication | S::Replicating | S::Suspended => Ok(()),
+            S::Disabled => Err(Refusal::Disabled { op }),
+            S::FailedOverWaitingCompletion | S::FailedOver => {
+                Err(Refusal::FailedOver { op, state })
+            }
+            _ => Err(Refusal::State { op, state }),
+        }
+    }
+
     /// Whether `replica remove` is allowed now: when replication into this VM is disabled
     /// or paused here; not while the primary replicates into it (`Active`) nor while it is
     /// failed over (its disks are the running VM's).
     pub fn check_remove(&self) -> Result<(), Refusal> {
         use ReplicationState as S;
         let (op, state) = (Op::Remove, self.state);
+        self.not_importing(op)?;
         match state {
             S::Disabled | S::Suspended => Ok(()),
             S::WaitingForInitialReplication | S::Replicating | S::Resynchronizing => {
@@ -363,20 +413,20 @@ impl ReplicaMachine {
                 self.last_error = Some(message);
                 persist
             }
+            E::BeginImport { now_ms: _ } => {
+                self.import_allowed()?;
+                self.importing = true;
+                Ok(Vec::new())
+            }
+            E::ImportFailed { now_ms: _ } => {
+                self.importing = false;
+                Ok(Vec::new())
+            }
             E::Imported { now_ms, id } => {
-                match state {
-                    S::WaitingForInitialReplication | S::Replicating | S::Suspended => {}
-                    S::Disabled => return Err(Refusal::Disabled { op: Op::Import }),
-                    S::FailedOverWaitingCompletion | S::FailedOver => {
-                        return failed_over(Op::Import);
-                    }
-                    _ => {
-                        return Err(Refusal::State {
-                            op: Op::Import,
-                            state,
-                        });
-                    }
+                if !self.importing {
+                    self.import_allowed()?;
                 }
+                self.importing = false;
                 self.last_cycle = Some(id);
                 self.stats.last_replication_ms = Some(now_ms);
                 self.stats.last_point_cut_ms = Some(now_ms);
@@ -419,6 +469,9 @@ impl ReplicaMachine {
                     state,
                 }),
             },
+            E::Disable { now_ms: _ } if self.importing => {
+                Err(Refusal::Importing { op: Op::Disable })
+            }
             E::Disable { now_ms: _ } => match state {
                 S::Disabled => Err(Refusal::Disabled { op: Op::Disable }),
                 S::FailedOverWaitingCompletion => failed_over(Op::Disable),
@@ -448,6 +501,7 @@ impl ReplicaMachine {
                 persist
             }
             E::FailoverStart { now_ms: _ } => {
+                self.not_importing(Op::Start)?;
                 let next = failover_transition(
                     ReplicationMode::Replica,
                     state,
@@ -459,6 +513,7 @@ impl ReplicaMachine {
                 persist
             }
             E::FailoverTest { now_ms: _ } => {
+                self.not_importing(Op::Test)?;
                 failover_transition(
                     ReplicationMode::Replica,
                     state,
@@ -582,6 +637,83 @@ mod tests {
             ("reset stats", Some(E::ResetStats { now_ms })),
             ("reverse", None),
         ]
+    }
+
+    #[test]
+    fn an_import_begins_where_imported_is_accepted() {
+        for (state, ok) in [
+            (S::WaitingForInitialReplication, true),
+            (S::Replicating, true),
+            (S::Resynchronizing, false),
+            (S::Suspended, true),
+            (S::Disabled, false),
+            (S::FailedOverWaitingCompletion, false),
+            (S::FailedOver, false),
+        ] {
+            let mut m = in_state(state);
+            let before = m.snapshot();
+            let r = m.step(E::BeginImport { now_ms: 5 });
+            assert_eq!(r.is_ok(), ok, "{state}: {r:?}");
+            assert_eq!(m.importing(), ok, "{state}");
+            // Beginning changes no persisted field.
+            assert_eq!(m.snapshot(), before, "{state}");
+        }
+    }
+
+    #[test]
+    fn an_import_in_progress_holds_off_cycles_disable_failover_removal_and_another_import() {
+        let mut m = in_state(S::Replicating);
+        m.step(E::BeginImport { now_ms: 1 }).expect("begin");
+        let importing = |op| Err(Refusal::Importing { op });
+        let offer = E::OfferCycle {
+            now_ms: 2,
+            kind: CycleKind::Incremental,
+            id: 4,
+            base: Some(3),
+        };
+        assert_eq!(m.step(offer), importing(Op::ReceiveCycle));
+        assert_eq!(
+            m.accepts_cycles(),
+            Err(Refusal::Importing {
+                op: Op::ReceiveCycle
+            })
+        );
+        assert_eq!(m.step(E::Disable { now_ms: 2 }), importing(Op::Disable));
+        assert_eq!(m.step(E::FailoverStart { now_ms: 2 }), importing(Op::Start));
+        assert_eq!(m.step(E::FailoverTest { now_ms: 2 }), importing(Op::Test));
+        assert_eq!(m.step(E::BeginImport { now_ms: 2 }), importing(Op::Import));
+        assert_eq!(m.check_remove(), Err(Refusal::Importing { op: Op::Remove }));
+        assert_eq!(m.state(), S::Replicating, "refusals change nothing");
+        // Pause and resume go on meanwhile; the import's point lands in the paused state.
+        m.step(E::Pause { now_ms: 3 }).expect("pause");
+        m.step(E::Imported { now_ms: 4, id: 9 }).expect("imported");
+        assert!(!m.importing());
+        assert_eq!((m.state(), m.last_cycle()), (S::Suspended, Some(9)));
+        m.step(E::Resume { now_ms: 5 }).expect("resume");
+        let next = E::OfferCycle {
+            now_ms: 6,
+            kind: CycleKind::Incremental,
+            id: 10,
+            base: Some(9),
+        };
+        m.step(next).expect("cycles again after the import");
+
+        // A failed import ends it too and adds nothing.
+        let mut m = in_state(S::WaitingForInitialReplication);
+        m.step(E::BeginImport { now_ms: 1 }).expect("begin");
+        assert_eq!(m.step(E::ImportFailed { now_ms: 2 }), Ok(Vec::new()));
+        assert!(!m.importing());
+        assert_eq!(m.last_cycle(), None);
+        assert_eq!(m.state(), S::WaitingForInitialReplication);
+        m.step(E::Disable { now_ms: 3 }).expect("disable after it");
+    }
+
+    #[test]
+    fn an_import_does_not_survive_a_restore() {
+        let mut m = in_state(S::Replicating);
+        m.step(E::BeginImport { now_ms: 1 }).expect("begin");
+        let back = ReplicaMachine::restore(m.snapshot());
+        assert!(!back.importing());
     }
 
     #[test]

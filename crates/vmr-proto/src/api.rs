@@ -206,7 +206,7 @@ pub struct VmStatus {
     pub last_cycle_bytes: Option<u64>,
 }
 
-/// What a running operation of a primary VM is ([`OperationProgress::kind`]).
+/// What a running operation of a VM is ([`OperationProgress::kind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OperationKind {
@@ -218,6 +218,9 @@ pub enum OperationKind {
     Export,
     /// An incremental cycle.
     Cycle,
+    /// `vmreplica import` on the replica (disk images or an exported initial copy written as
+    /// a new point).
+    Import,
 }
 
 impl std::fmt::Display for OperationKind {
@@ -227,6 +230,7 @@ impl std::fmt::Display for OperationKind {
             OperationKind::Resync => "resync",
             OperationKind::Export => "export",
             OperationKind::Cycle => "cycle",
+            OperationKind::Import => "import",
         })
     }
 }

@@ -71,3 +71,24 @@ pub(crate) fn pause_point(step: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub(crate) fn pause_point(_step: &str) {}
+
+/// Test hook (only with the `failpoints` feature, never in release builds): when the
+/// environment variable `VMR_STORE_TEST_IMPORT_SLOW_MS` holds a number, an import sleeps that
+/// many ms after each extent it writes, so that a test can watch it run.
+#[cfg(feature = "failpoints")]
+pub(crate) async fn import_slow_point() {
+    static MS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let ms = MS.get_or_init(|| {
+        std::env::var("VMR_STORE_TEST_IMPORT_SLOW_MS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+    });
+    if let Some(ms) = *ms {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+/// Without the `failpoints` feature the import hook compiles to nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) async fn import_slow_point() {}

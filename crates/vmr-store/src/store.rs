@@ -37,7 +37,7 @@ mod import;
 mod indexed;
 mod resync;
 pub use cycle::LayerWriter;
-pub use import::{ImageFormat, ImportImage, find_images};
+pub use import::{ImageFormat, ImportImage, ImportPos, ImportProgress, find_images};
 
 /// Name of the VM definition file.
 const DEFINITION: &str = "vm.toml";
@@ -558,7 +558,7 @@ impl Store {
         };
         files.sort();
         for (id, path) in files {
-            match self.stream_stage_file(&path, Some(v.id)).await {
+            match self.stream_stage_file(&path, Some(v.id), &|_| ()).await {
                 Ok(_) => {}
                 Err(e) if e.is_disk_full() => return Err(e),
                 Err(e) => {

@@ -399,7 +399,6 @@ fn check_only(req: &Request) -> Option<Request> {
 /// on the terminal unless `--yes`.
 pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
     let kind = crate::output::Kind::of(&cmd);
-    let import = matches!(cmd, Command::Import { .. });
     let yes = confirmation(&cmd);
     let req = request_of(cmd)?;
     if let Request::Events { follow: true, .. } = &req {
@@ -418,12 +417,7 @@ pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
             &mut std::io::stderr(),
         )?;
     }
-    // `import` waits for the copy to be loaded: a spinner says it is at work.
-    let value = if import && crate::util::terminal() && !json {
-        crate::util::with_spinner("importing", || call(dir, &req))?
-    } else {
-        call(dir, &req)?
-    };
+    let value = call(dir, &req)?;
     crate::output::print(kind, &value, json);
     Ok(())
 }

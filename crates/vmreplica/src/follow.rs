@@ -2,13 +2,14 @@
 //! `enable` when its initial copy or export starts at once): which commands
 //! are followed, when a followed operation has ended and how (a pure verdict on the VM's
 //! status), and how it is shown: an `indicatif` bar on a terminal, plain lines with `--wait`
-//! otherwise. Ctrl-C detaches; the operation goes on in the agent.
+//! otherwise. Ctrl-C detaches; the operation goes on in the agent. `vmreplica import`, which
+//! waits for its answer, is shown while it waits ([`while_importing`]).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use vmr_proto::api::{InitialMode, ReplicationState, VmStatus};
+use vmr_proto::api::{InitialMode, OperationKind, ReplicationState, VmStatus};
 
 use crate::cli::Command;
 use crate::exit;
@@ -147,6 +148,105 @@ pub fn run(dir: &Path, plan: &Plan, bar: bool, json: bool) -> anyhow::Result<()>
     let r = rt.block_on(follow(dir, plan, bar, json));
     rt.shutdown_timeout(Duration::from_millis(100));
     r
+}
+
+/// Run `f` (the blocking `import` request) while a thread asks the agent for the VM's
+/// status and shows the import's progress: a bar on stderr when `bar`, else plain lines on
+/// stderr once the import has run [`PLAIN_EVERY`] (every 10 % or [`PLAIN_EVERY`]), so a short
+/// import prints nothing but its answer.
+pub fn while_importing<T>(dir: &Path, name: &str, bar: bool, f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (dir, name, stop) = (dir.to_path_buf(), name.to_owned(), stop.clone());
+        std::thread::spawn(move || show_import(&dir, &name, bar, &stop))
+    };
+    let r = f();
+    stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    r
+}
+
+/// The import's progress line for plain output.
+fn import_line(name: &str, o: &vmr_proto::api::OperationProgress, rate: Option<f64>) -> String {
+    let pct = percent(o.done, o.total).map_or_else(|| "-".into(), |p| format!("{p:.1}%"));
+    format!(
+        "{name}: import {pct} ({} of {}), {} written, {}, ETA {}",
+        fmt_bytes(o.done),
+        fmt_bytes(o.total),
+        fmt_bytes(o.sent),
+        rate.map_or_else(|| "-".into(), fmt_rate),
+        rate.and_then(|r| eta_secs(o.done, o.total, r))
+            .map_or_else(|| "-".into(), fmt_dur)
+    )
+}
+
+fn show_import(dir: &Path, name: &str, bar: bool, stop: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    let started = Instant::now();
+    let pb = bar.then(|| {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        pb.set_message(format!("{name} importing"));
+        pb.enable_steady_tick(Duration::from_millis(200));
+        pb
+    });
+    let bar_style = ProgressStyle::with_template(
+        "{msg} [{wide_bar}] {percent:>3}% {binary_bytes}/{binary_total_bytes} \
+         {binary_bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("#>-");
+    let mut rates = crate::watch::Rates::default();
+    let mut last: Option<(Instant, u64)> = None;
+    let req = vmr_proto::api::Request::Status {
+        name: Some(name.to_owned()),
+    };
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(POLL);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let Ok(v) = crate::client::call_within(dir, &req, Some(POLL * 4)) else {
+            continue;
+        };
+        let Ok(mut rows) = serde_json::from_value::<Vec<VmStatus>>(v) else {
+            continue;
+        };
+        let Some(s) = (!rows.is_empty()).then(|| rows.swap_remove(0)) else {
+            continue;
+        };
+        let Some(o) = s.operation.filter(|o| o.kind == OperationKind::Import) else {
+            continue;
+        };
+        let r = rates.update(&s, crate::watch::now_ms());
+        match &pb {
+            Some(pb) if o.total > 0 => {
+                if pb.length() != Some(o.total) {
+                    pb.set_style(bar_style.clone());
+                    pb.set_length(o.total);
+                    pb.reset_eta();
+                }
+                pb.set_position(o.done);
+            }
+            Some(_) => {}
+            None => {
+                let step = percent(o.done, o.total).map_or(u64::MAX, |p| (p / 10.0) as u64);
+                let due = started.elapsed() >= PLAIN_EVERY
+                    && last.is_none_or(|(t, s)| t.elapsed() >= PLAIN_EVERY || s != step);
+                if due {
+                    eprintln!("{}", import_line(name, &o, r.op_rate));
+                    last = Some((Instant::now(), step));
+                }
+            }
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
 }
 
 /// The plain progress line of `s` (whose operation runs) with its rate.

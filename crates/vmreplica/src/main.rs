@@ -125,8 +125,17 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             // A long operation is followed once the agent accepted it: a bar on a terminal,
             // plain lines with --wait.
             let follow = follow::Plan::of(&other);
-            client::run(&dir, other, args.json)?;
             let bar = util::terminal() && !args.json;
+            match &other {
+                // `import` answers when the copy is loaded; its progress is shown meanwhile.
+                cli::Command::Import { name, .. } => {
+                    let name = name.clone();
+                    follow::while_importing(&dir, &name, bar, || {
+                        client::run(&dir, other, args.json)
+                    })?
+                }
+                _ => client::run(&dir, other, args.json)?,
+            }
             match follow {
                 Some(plan) if bar || plan.wait => follow::run(&dir, &plan, bar, args.json),
                 _ => Ok(()),

@@ -1,5 +1,5 @@
 //! Helpers of the CLI: an error carrying its exit code, the confirmation of a command,
-//! formatting and parsing of times and sizes, whether progress is drawn and a spinner.
+//! formatting and parsing of times and sizes, and whether progress is drawn.
 
 use std::time::UNIX_EPOCH;
 
@@ -75,20 +75,6 @@ pub fn fmt_bytes(n: u64) -> String {
 pub fn terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
-}
-
-/// Run `f` (a blocking call) with a spinner on stderr saying `what` and the time it takes.
-pub fn with_spinner<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let pb = indicatif::ProgressBar::new_spinner();
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    pb.set_message(what.to_owned());
-    pb.enable_steady_tick(std::time::Duration::from_millis(120));
-    let r = f();
-    pb.finish_and_clear();
-    r
 }
 
 /// Confirm `what` (what the command is about to do): at once with `yes`; refused without a

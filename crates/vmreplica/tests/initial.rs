@@ -194,3 +194,73 @@ fn exported_initial_copy_is_imported_and_the_changes_follow() -> TestResult {
     vm.stop()?;
     Ok(())
 }
+
+/// `vmreplica import` runs in a task of the VM's owner: `status` answers meanwhile and shows
+/// the import's progress, the CLI prints progress lines (not a terminal), and what must wait
+/// for the import (disable, removal, a second import) is refused with a clear reason.
+#[test]
+fn an_import_shows_its_progress_and_holds_off_what_must_wait() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    // The store sleeps 120 ms after each extent it imports (test hook of the store).
+    p.b.set_env("VMR_STORE_TEST_IMPORT_SLOW_MS", "120");
+    p.b.restart()?;
+    let mut vm = StandIn::create(p.root.path(), &p.a, "slow-import", &["disk0"], 64)?;
+    let name = vm.def.name.clone();
+    vm.write_random("disk0", 60, 7)?;
+    vm.stop()?;
+    let backup = p.root.path().join("backup");
+    copy_images(&vm, &backup)?;
+    vm.start()?;
+    vm.register(&p.a)?;
+    p.enable(&name, &["--frequency", "5s", "--initial", "existing"])?;
+    wait_until(LONG, "the missing copy to be reported", || {
+        Ok(p.state(&name)? == ReplicationState::Error)
+    })?;
+
+    let dir = backup.display().to_string();
+    std::thread::scope(|s| -> TestResult {
+        let import = s.spawn(|| p.b.cli(&["import", &name, &dir]));
+        // While it runs: the status answers, with the import's progress.
+        let mut seen = None;
+        wait_until(LONG, "the import's progress in the status", || {
+            let st = p.b.status(&name)?;
+            seen = st.operation.filter(|o| {
+                o.kind == vmr_proto::api::OperationKind::Import && o.done > 0 && o.done < o.total
+            });
+            Ok(seen.is_some())
+        })?;
+        let o = seen.expect("seen");
+        assert_eq!(o.total, 64 << 20, "{o:?}");
+        // What must wait for the import is refused, and says why.
+        for args in [
+            vec!["disable", name.as_str()],
+            vec!["replica", "remove", name.as_str(), "--yes"],
+            vec!["import", name.as_str(), dir.as_str()],
+        ] {
+            let out = p.b.cli(&args)?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(5), "{args:?}: {err}");
+            assert!(err.contains("while an import"), "{args:?}: {err}");
+        }
+        let out = import.join().expect("import thread")?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(stdout.contains("recovery point 1"), "{stdout}");
+        // It ran for more than 5 s: plain progress lines on stderr.
+        assert!(
+            stderr.contains(&format!("{name}: import ")) && stderr.contains('%'),
+            "{stderr}"
+        );
+        Ok(())
+    })?;
+    assert_eq!(p.b.status(&name)?.operation, None);
+    p.a.ok(&["resume", &name])?;
+    wait_until(LONG, "replication after the import", || {
+        Ok(p.state(&name)? == ReplicationState::Replicating)
+    })?;
+    assert_equal_at_cut(&p, &vm)?;
+    Ok(())
+}

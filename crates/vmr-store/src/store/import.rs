@@ -80,13 +80,84 @@ pub fn find_images(dir: &Path, disks: &[String]) -> Result<Vec<ImportImage>, Sto
     Ok(out)
 }
 
+/// Where an import stands, reported after every extent written: `done` bytes of the disks
+/// gone through (disk after disk, zero ranges included) of `total`, and `written` data bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportPos {
+    /// Bytes of the disks gone through.
+    pub done: u64,
+    /// The disks' total size.
+    pub total: u64,
+    /// Data bytes written so far.
+    pub written: u64,
+}
+
+/// Receives an import's [`ImportPos`].
+pub type ImportProgress<'a> = &'a (dyn Fn(ImportPos) + Sync);
+
+/// Tracks an import's position from the extents it writes.
+struct Tracker<'a> {
+    /// Where each disk starts in the sequence of all disks' bytes.
+    starts: Vec<u64>,
+    total: u64,
+    written: u64,
+    report: ImportProgress<'a>,
+}
+
+impl<'a> Tracker<'a> {
+    fn new(sizes: impl Iterator<Item = u64>, report: ImportProgress<'a>) -> Self {
+        let mut starts = Vec::new();
+        let mut total = 0u64;
+        for size in sizes {
+            starts.push(total);
+            total = total.saturating_add(size);
+        }
+        report(ImportPos {
+            done: 0,
+            total,
+            written: 0,
+        });
+        Self {
+            starts,
+            total,
+            written: 0,
+            report,
+        }
+    }
+
+    fn wrote(&mut self, e: &Extent) {
+        let len = match &e.data {
+            ExtentData::Data(d) => {
+                self.written += d.len() as u64;
+                d.len() as u64
+            }
+            ExtentData::Zero(n) => *n,
+        };
+        let start = self
+            .starts
+            .get(e.disk as usize)
+            .copied()
+            .unwrap_or(self.total);
+        (self.report)(ImportPos {
+            done: start
+                .saturating_add(e.offset)
+                .saturating_add(len)
+                .min(self.total),
+            total: self.total,
+            written: self.written,
+        });
+    }
+}
+
 impl Store {
     /// Import disk images as a new full recovery point of `vm` (the next cycle id; earlier
-    /// points stay). Only allocated data is read; zero ranges become zero extents.
+    /// points stay). Only allocated data is read; zero ranges become zero extents. `progress`
+    /// hears where the import stands after every extent.
     pub async fn import_images(
         &self,
         vm: Uuid,
         images: &[ImportImage],
+        progress: ImportProgress<'_>,
     ) -> Result<RecoveryPoint, StoreError> {
         if images.is_empty() {
             return Err(StoreError::InvalidCycle("no images to import".into()));
@@ -110,7 +181,7 @@ impl Store {
                 }
             }
         }
-        let res = self.import_exports(vm, images, &exports).await;
+        let res = self.import_exports(vm, images, &exports, progress).await;
         for x in exports {
             x.abort().await;
         }
@@ -122,6 +193,7 @@ impl Store {
         vm: Uuid,
         images: &[ImportImage],
         exports: &[Export],
+        progress: ImportProgress<'_>,
     ) -> Result<RecoveryPoint, StoreError> {
         let v = self.vm(vm)?;
         let id = lock(&v.st).latest_point().map_or(1, |l| l + 1);
@@ -141,6 +213,7 @@ impl Store {
                 })
                 .collect(),
         };
+        let mut track = Tracker::new(header.disks.iter().map(|d| d.size), progress);
         let mut w = self.begin_cycle(header).await?;
         for (index, (img, x)) in images.iter().zip(exports).enumerate() {
             let what = img.path.display().to_string();
@@ -172,6 +245,8 @@ impl Store {
                     };
                     let c = vmr_proto::CheckedExtent::compute(e, vmr_proto::ChecksumScheme::Blocks);
                     w.put_checked(&c).await?;
+                    track.wrote(c.extent());
+                    crate::fsio::import_slow_point().await;
                 }
                 pos += len;
             }
@@ -182,9 +257,14 @@ impl Store {
     /// Import a cycle file exported by a primary (`c<id>.stage`, staging format 1): streamed
     /// through the layer writer, every extent's checksum and the whole-file chain verified on
     /// the way; the point is committed only when the file's trailer verified. The cycle keeps
-    /// the primary's id so that the primary's next cycle, built on it, is accepted.
-    pub async fn import_cycle_file(&self, path: &Path) -> Result<RecoveryPoint, StoreError> {
-        self.stream_stage_file(path, None).await
+    /// the primary's id so that the primary's next cycle, built on it, is accepted. `progress`
+    /// hears where the import stands after every extent.
+    pub async fn import_cycle_file(
+        &self,
+        path: &Path,
+        progress: ImportProgress<'_>,
+    ) -> Result<RecoveryPoint, StoreError> {
+        self.stream_stage_file(path, None, progress).await
     }
 
     /// Stream a staging-format cycle file into a new point. Without `vm` (an import) only a
@@ -194,6 +274,7 @@ impl Store {
         &self,
         path: &Path,
         vm: Option<Uuid>,
+        progress: ImportProgress<'_>,
     ) -> Result<RecoveryPoint, StoreError> {
         let p = path.to_owned();
         let (mut r, header) = cycle::blocking(move || {
@@ -216,6 +297,7 @@ impl Store {
             _ => {}
         }
         let id = header.id;
+        let mut track = Tracker::new(header.disks.iter().map(|d| d.size), progress);
         let mut w = self.begin_cycle(header).await?;
         if w.is_duplicate() {
             return Err(StoreError::InvalidCycle(format!(
@@ -237,7 +319,12 @@ impl Store {
         });
         let res = async {
             while let Some(item) = rx.recv().await {
-                w.put_checked(&item?).await?;
+                let c = item?;
+                w.put_checked(&c).await?;
+                track.wrote(c.extent());
+                if vm.is_none() {
+                    crate::fsio::import_slow_point().await;
+                }
             }
             Ok(())
         }

@@ -44,6 +44,8 @@ pub struct Agent {
     pub fingerprint: String,
     exe: PathBuf,
     child: Option<ChildGuard>,
+    /// Extra environment of the agent process (test hooks), from the next (re)start.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -78,6 +80,7 @@ impl Agent {
             fingerprint: String::new(),
             exe: exe.to_path_buf(),
             child: None,
+            env: Vec::new(),
         };
         let out = a.ok(&["init", "--name", name, "--listen", &listen])?;
         a.fingerprint = out.trim().to_owned();
@@ -110,6 +113,13 @@ impl Agent {
         Ok(())
     }
 
+    /// Set `key=value` in the agent process's environment (a test hook such as the store's
+    /// `VMR_STORE_TEST_IMPORT_SLOW_MS`); takes effect at the next (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// (Re)start the agent process and wait until its control socket answers a status request.
     pub fn restart(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
@@ -127,6 +137,7 @@ impl Agent {
             "VMREPLICA_LOG",
             "info,vmreplica=debug,vmr_agent=debug,vmr_store=debug",
         )
+        .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log2)
         .stderr(log);
