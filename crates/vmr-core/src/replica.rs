@@ -20,6 +20,7 @@
 //! | CycleApplied           | R                  | =                   | R              | = (resume leads to R)  | =          | = (cancel leads to R) | =          |
 //! | ApplyFailed            | =                  | =                   | =              | =                      | =          | =                     | =          |
 //! | Imported               | R                  | =                   | State          | = (resume leads to R)  | Disabled   | FailedOver            | FailedOver |
+//! | BeginImport            | = (importing)      | = (importing)       | State          | = (importing)          | Disabled   | FailedOver            | FailedOver |
 //! | Pause                  | P                  | P                   | P              | State                  | Disabled   | FailedOver            | FailedOver |
 //! | Resume                 | State              | State               | State          | state before the pause | Disabled   | FailedOver            | FailedOver |
 //! | Disable                | D                  | D                   | D              | D                      | Disabled   | FailedOver            | D          |
@@ -29,6 +30,10 @@
 //! | FailoverComplete       | State              | State               | State          | State                  | State      | F                     | State      |
 //! | Reverse                | State              | State               | State          | State                  | State      | a primary machine     | a primary machine |
 //! | check_remove (`replica remove`) | Active   | Active              | Active         | ok                     | ok         | FailedOver            | FailedOver |
+//!
+//! While an import runs (`BeginImport` until `Imported` or `ImportFailed`; not persisted),
+//! OfferCycle, Disable, FailoverStart, FailoverTest, check_remove and BeginImport are refused
+//! with [`Refusal::Importing`]; pause and resume go on.
 //!
 //! `Recovered` (the store's latest point after an agent restart) and `ResetStats` are accepted
 //! in every state. Applied cycles and apply failures are facts: they update the point and the
