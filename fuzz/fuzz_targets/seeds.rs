@@ -424,6 +424,7 @@ fn control(root: &Path) {
             auto_resync: None,
             initial: Default::default(),
             rpo_alert_secs: Some(120),
+            verify_every_secs: Some(7 * 86400),
         }),
         Request::FailoverStart {
             name: "demo-vm".into(),

@@ -37,6 +37,9 @@ pub enum Cmd {
     ResumeResync(Option<u64>),
 }
 
+/// What the last verify cycle's comparison gave: the report, or why it could not compare.
+pub type Verified = Result<vmr_proto::api::VerifyReport, String>;
+
 /// How often time passes for a primary machine (retries and schedules are this precise).
 pub const TICK: Duration = Duration::from_millis(200);
 
@@ -68,6 +71,8 @@ pub struct PrimarySide {
     /// VM's (a qemu-storage-daemon on the images once QEMU exited); cleared when that cycle
     /// ends.
     capture_from: Option<PathBuf>,
+    /// The last verify cycle's comparison, until the owner takes it.
+    verified: Option<Verified>,
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
@@ -103,6 +108,7 @@ struct Started {
     kind: CycleKind,
     app_consistent: bool,
     planned: bool,
+    verify: bool,
 }
 
 impl PrimarySide {
@@ -116,6 +122,7 @@ impl PrimarySide {
             synced: false,
             pending,
             capture_from: None,
+            verified: None,
         }
     }
 
@@ -238,6 +245,7 @@ impl PrimarySide {
                     kind,
                     app_consistent,
                     planned,
+                    verify,
                 } => {
                     let s = Started {
                         id,
@@ -245,6 +253,7 @@ impl PrimarySide {
                         kind,
                         app_consistent,
                         planned,
+                        verify,
                     };
                     let reconcile = !self.synced || base.is_some();
                     self.start_task(vm, Some(s), reconcile);
@@ -276,6 +285,7 @@ impl PrimarySide {
             last_cycle: self.machine.last_cycle(),
             planned: cycle.is_some_and(|c| c.planned),
             reconcile,
+            read_hashes: self.machine.verify_mismatch().is_some(),
             progress: self.progress.clone(),
         };
         let token = cancel.clone();
@@ -335,6 +345,7 @@ impl PrimarySide {
             }
         };
         let mut session = done.session;
+        let compared = session.verify.take();
         if let Some(outcome) = session.quiesce.take()
             && self.machine.running_id().is_some()
         {
@@ -377,6 +388,34 @@ impl PrimarySide {
                         disk_sizes: Some(sizes),
                     },
                 );
+                match compared {
+                    Some(Ok(report)) => {
+                        let n = report.mismatched_blocks();
+                        let mismatch = (n > 0).then(|| {
+                            format!(
+                                "point {}: {n} block(s) of 64 KiB differ ({})",
+                                report.point,
+                                report.summary(4)
+                            )
+                        });
+                        self.step(
+                            vm,
+                            Event::Verified {
+                                now_ms: now_ms(),
+                                mismatch,
+                            },
+                        );
+                        self.verified = Some(Ok(report));
+                    }
+                    Some(Err(f)) => {
+                        tracing::warn!(vm = %vm.rec.name, cycle = id, "the verify cycle replicated but its comparison failed (the next cycle verifies again): {f:?}");
+                        self.verified = Some(Err(format!(
+                            "cycle {id} replicated, but comparing it failed: {}",
+                            failure_text(&f)
+                        )));
+                    }
+                    None => {}
+                }
             }
             Outcome::Reconciled { latest } => {
                 self.synced = true;
@@ -488,6 +527,46 @@ impl PrimarySide {
             from: before,
             to: after,
         })
+    }
+
+    /// The last verify cycle's comparison, once (the owner emits its event).
+    pub fn take_verified(&mut self) -> Option<Verified> {
+        self.verified.take()
+    }
+
+    /// `vmreplica verify`: a cycle running now ends first; then the machine decides whether
+    /// a verify may run and starts the verify cycle, which is waited for (the owner answers
+    /// nothing else meanwhile, as for a planned failover's final cycle). Returns the report,
+    /// which the owner also keeps for [`Self::take_verified`].
+    pub async fn verify(
+        &mut self,
+        vm: &mut Vm,
+    ) -> Result<vmr_proto::api::VerifyReport, AgentError> {
+        if let Some((_, handle)) = self.running.as_mut() {
+            let done = handle.await;
+            self.cycle_done(vm, done);
+        }
+        self.verified = None;
+        let acts = self.machine.step(Event::Verify { now_ms: now_ms() })?;
+        self.pending.extend(acts);
+        self.carry_out(vm);
+        while let Some((_, handle)) = self.running.as_mut() {
+            let done = handle.await;
+            self.cycle_done(vm, done);
+            if self.verified.is_some() || !self.machine.running_verify() {
+                break;
+            }
+        }
+        match self.verified.clone() {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(reason)) => Err(AgentError::VerifyFailed { reason }),
+            None => Err(AgentError::VerifyFailed {
+                reason: format!(
+                    "the verify cycle did not complete ({}); the next cycle verifies again",
+                    self.machine.last_error().unwrap_or("no error recorded")
+                ),
+            }),
+        }
     }
 
     /// Reset the statistics window.
@@ -682,10 +761,22 @@ async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome
     });
     if c.kind == CycleKind::Resync {
         crate::resync::run(ctx, session, c.id).await
+    } else if c.verify
+        && let Some(base) = c.base
+    {
+        crate::verify::run(ctx, session, c.id, base).await
     } else if let Some(dir) = export {
         crate::export::run(ctx, session, c.id, std::path::Path::new(&dir)).await
     } else {
         crate::cycle::run_incremental(ctx, session, c.id, c.base, c.kind, c.app_consistent).await
+    }
+}
+
+/// A failure's message.
+fn failure_text(f: &Failure) -> &str {
+    match f {
+        Failure::Retryable(m) | Failure::ResyncRequired(m) | Failure::WrongBase(m) => m,
+        Failure::Fatal(m) => m,
     }
 }
 

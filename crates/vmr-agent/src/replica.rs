@@ -215,6 +215,35 @@ impl ReplicaSide {
             .collect())
     }
 
+    /// `vmreplica verify NAME --local`: check every layer of every point (`qemu-img check`)
+    /// and every point's block-hash index file, without the primary.
+    pub async fn verify_local(
+        &self,
+        vm: &Vm,
+    ) -> Result<vmr_proto::api::LocalVerifyReport, AgentError> {
+        let store = vm.host.store_of(&vm.rec)?;
+        let checks = store
+            .check_local(vm.rec.uuid)
+            .await
+            .map_err(AgentError::VerifyLocal)?;
+        Ok(vmr_proto::api::LocalVerifyReport {
+            name: vm.rec.name.clone(),
+            checks: checks
+                .into_iter()
+                .map(|c| vmr_proto::api::LocalCheck {
+                    disk: c.disk,
+                    file: c.file,
+                    kind: match c.kind {
+                        vmr_store::CheckKind::Qcow2 => "qcow2".into(),
+                        vmr_store::CheckKind::HashIndex => "hash-index".into(),
+                    },
+                    ok: c.problem.is_none(),
+                    detail: c.problem.unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+
     /// `vmreplica import NAME DIR`: load an exported initial copy (its manifest names the
     /// cycle file; the VM must match and the file's BLAKE3 must verify) or disk images
     /// (`<disk>.qcow2|raw|img`) as a new recovery point.
