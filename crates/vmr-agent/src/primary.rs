@@ -402,6 +402,7 @@ impl PrimarySide {
                             vm,
                             Event::Verified {
                                 now_ms: now_ms(),
+                                mismatched_blocks: n,
                                 mismatch,
                             },
                         );

@@ -229,6 +229,8 @@ pub enum Event {
     Verified {
         /// Now.
         now_ms: u64,
+        /// Blocks that differed (0: the replica matched).
+        mismatched_blocks: u64,
         /// `None`: every block matched; `Some(summary)`: what differed.
         mismatch: Option<String>,
     },
@@ -295,8 +297,6 @@ pub struct PrimaryMachine {
     /// A verification was asked for (or is due) and has not reported yet (not persisted: a
     /// restart forgets an on-demand one; a scheduled one is due again by its time).
     verify_due: bool,
-    /// When the last verification reported.
-    last_verify_ms: Option<u64>,
     /// What the last verification found differing, until a resync succeeded.
     verify_mismatch: Option<String>,
 }
@@ -324,7 +324,6 @@ impl PrimaryMachine {
             unmet_since_ms: None,
             running: None,
             verify_due: false,
-            last_verify_ms: snapshot.last_verify_ms,
             verify_mismatch: snapshot.verify_mismatch,
         }
     }
@@ -339,7 +338,6 @@ impl PrimaryMachine {
             last_error: self.last_error.clone(),
             initial_at_ms: self.initial_at_ms,
             paused_from: self.paused_from,
-            last_verify_ms: self.last_verify_ms,
             verify_mismatch: self.verify_mismatch.clone(),
         }
     }
@@ -381,7 +379,7 @@ impl PrimaryMachine {
 
     /// When the last verification reported, ms since the epoch.
     pub fn last_verify_ms(&self) -> Option<u64> {
-        self.last_verify_ms
+        self.stats.last_verify_ms
     }
 
     /// What the last verification found differing (until a resynchronization succeeded):
@@ -504,7 +502,6 @@ impl PrimaryMachine {
                 self.consecutive_failures = 0;
                 self.paused_from = None;
                 self.verify_due = false;
-                self.last_verify_ms = None;
                 self.verify_mismatch = None;
                 self.initial_at_ms = Some(initial_at_ms.unwrap_or(now_ms));
                 self.state = S::ReadyForInitialReplication;
@@ -735,6 +732,8 @@ impl PrimaryMachine {
                     last_replication_ms: self.stats.last_replication_ms,
                     last_app_consistent_ms: self.stats.last_app_consistent_ms,
                     last_point_cut_ms: self.stats.last_point_cut_ms,
+                    last_verify_ms: self.stats.last_verify_ms,
+                    last_verify_mismatched_blocks: self.stats.last_verify_mismatched_blocks,
                     pending_bytes: self.stats.pending_bytes,
                     ..Default::default()
                 };
@@ -806,9 +805,14 @@ impl PrimaryMachine {
                     self.start(now_ms, CycleKind::Incremental, false, &mut out);
                 }
             }
-            Event::Verified { now_ms, mismatch } => {
+            Event::Verified {
+                now_ms,
+                mismatched_blocks,
+                mismatch,
+            } => {
                 self.verify_due = false;
-                self.last_verify_ms = Some(now_ms);
+                self.stats.last_verify_ms = Some(now_ms);
+                self.stats.last_verify_mismatched_blocks = Some(mismatched_blocks);
                 if let Some(m) = mismatch {
                     self.last_error = Some(format!(
                         "verification found the replica differing from the primary: {m}; \
@@ -965,6 +969,7 @@ impl PrimaryMachine {
                 let every = self.schedule.verify_every_ms;
                 if every > 0
                     && self
+                        .stats
                         .last_verify_ms
                         .is_none_or(|t| now_ms.saturating_sub(t) >= every)
                 {
@@ -2741,6 +2746,7 @@ mod verify_tests {
             &mut m,
             Event::Verified {
                 now_ms: 12_000,
+                mismatched_blocks: 0,
                 mismatch: None,
             },
         );
@@ -2767,12 +2773,18 @@ mod verify_tests {
             &mut m,
             Event::Verified {
                 now_ms: 12_000,
+                mismatched_blocks: 1,
                 mismatch: Some("disk0: 1 of 512 blocks differ".into()),
             },
         );
         assert!(a.contains(&Action::Persist));
         assert_eq!(m.state(), S::WaitingForStartResynchronize);
         assert_eq!(m.verify_mismatch(), Some("disk0: 1 of 512 blocks differ"));
+        assert_eq!(m.stats().last_verify_mismatched_blocks, Some(1));
+        // `measure --reset` keeps the last verification.
+        ok(&mut m, Event::ResetStats { now_ms: 12_500 });
+        assert_eq!(m.stats().last_verify_mismatched_blocks, Some(1));
+        assert_eq!(m.last_verify_ms(), Some(12_000));
         let h = crate::primary_health(
             m.state(),
             m.stats(),
@@ -2866,6 +2878,7 @@ mod verify_tests {
             &mut m,
             Event::Verified {
                 now_ms: 3_000,
+                mismatched_blocks: 0,
                 mismatch: None,
             },
         );
@@ -2881,6 +2894,7 @@ mod verify_tests {
                         &mut m,
                         Event::Verified {
                             now_ms: t + 20,
+                            mismatched_blocks: 0,
                             mismatch: None,
                         },
                     );

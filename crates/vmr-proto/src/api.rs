@@ -119,6 +119,14 @@ pub struct ReplicationStats {
     /// When the last replicated (primary: acknowledged; replica: applied) point was cut, ms
     /// since the epoch: the lag is now minus this. Kept by `measure --reset`.
     pub last_point_cut_ms: Option<u64>,
+    /// Primary: when the last verification (`vmreplica verify`, `--verify-every`) compared the
+    /// replica with the primary, ms since the epoch. Kept by `measure --reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_ms: Option<u64>,
+    /// Primary: how many 64 KiB blocks differed at that verification (0: the replica matched).
+    /// Kept by `measure --reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_mismatched_blocks: Option<u64>,
 }
 
 impl ReplicationStats {

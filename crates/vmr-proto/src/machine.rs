@@ -36,10 +36,6 @@ pub struct PrimarySnapshot {
     pub initial_at_ms: Option<u64>,
     /// State to return to on resume.
     pub paused_from: Option<ReplicationState>,
-    /// When the last verification (`vmreplica verify`) finished, ms since the epoch
-    /// (`--verify-every` counts from here).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_verify_ms: Option<u64>,
     /// The last verification found the replica's point differing from the primary (its
     /// summary): the next resynchronization reads the replica's data instead of trusting its
     /// block-hash index. Cleared by a successful resynchronization.
@@ -57,7 +53,6 @@ impl Default for PrimarySnapshot {
             last_error: None,
             initial_at_ms: None,
             paused_from: None,
-            last_verify_ms: None,
             verify_mismatch: None,
         }
     }
@@ -130,7 +125,6 @@ mod tests {
             last_error: Some("x".into()),
             initial_at_ms: Some(5),
             paused_from: Some(ReplicationState::Replicating),
-            last_verify_ms: Some(7),
             verify_mismatch: Some("1 block".into()),
         };
         let text = serde_json::to_string(&p).expect("json");

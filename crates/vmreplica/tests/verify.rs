@@ -149,6 +149,12 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
     assert_eq!(s.state, ReplicationState::WaitingForStartResynchronize);
     assert_eq!(s.health, Health::Critical);
     assert!(s.health_reason.contains("differ"), "{}", s.health_reason);
+    assert_eq!(
+        s.stats.last_verify_mismatched_blocks,
+        Some(1),
+        "status --json shows it"
+    );
+    assert!(s.stats.last_verify_ms.is_some());
     // The event, with the range in its body.
     let events: Vec<Event> =
         p.a.json(&["events", &name])?
@@ -182,7 +188,9 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
     let (code, out, err) = verify(&p.a, &[&name])?;
     assert_eq!(code, Some(0), "{out}\n{err}\n{}", tail(&p.a.log(), 30));
     assert_eq!(report(&out).mismatched_blocks(), 0);
-    assert_eq!(p.a.status(&name)?.health, Health::Normal);
+    let s = p.a.status(&name)?;
+    assert_eq!(s.health, Health::Normal);
+    assert_eq!(s.stats.last_verify_mismatched_blocks, Some(0));
     assert_equal_at_cut(&p, &vm)?;
 
     // 5. A layer whose qcow2 header is broken fails `verify --local` (exit code 7).
