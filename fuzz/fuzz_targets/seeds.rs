@@ -467,6 +467,7 @@ fn control(root: &Path) {
             first_block: 0,
             count: 4,
             point: Some(42),
+            read: true,
         }),
     ];
     for (i, r) in peer_reqs.iter().enumerate() {

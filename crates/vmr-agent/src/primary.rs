@@ -40,6 +40,9 @@ pub enum Cmd {
 /// What the last verify cycle's comparison gave: the report, or why it could not compare.
 pub type Verified = Result<vmr_proto::api::VerifyReport, String>;
 
+/// Where a `vmreplica verify` waits for its report (as JSON).
+pub type VerifyWaiter = tokio::sync::oneshot::Sender<Result<serde_json::Value, AgentError>>;
+
 /// How often time passes for a primary machine (retries and schedules are this precise).
 pub const TICK: Duration = Duration::from_millis(200);
 
@@ -73,6 +76,8 @@ pub struct PrimarySide {
     capture_from: Option<PathBuf>,
     /// The last verify cycle's comparison, until the owner takes it.
     verified: Option<Verified>,
+    /// `vmreplica verify` commands waiting for the verify cycle's report.
+    verify_waiters: Vec<VerifyWaiter>,
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
@@ -123,6 +128,7 @@ impl PrimarySide {
             pending,
             capture_from: None,
             verified: None,
+            verify_waiters: Vec::new(),
         }
     }
 
@@ -465,6 +471,55 @@ impl PrimarySide {
             Outcome::Cancelled => {}
         }
         self.carry_out(vm);
+        self.settle_verify(started.is_some_and(|s| s.verify));
+    }
+
+    /// Answer the waiting `verify` commands once their verification reported, failed or was
+    /// dropped by the machine (the VM left Replicating). `verify_ended`: the cycle that just
+    /// ended was a verify cycle.
+    fn settle_verify(&mut self, verify_ended: bool) {
+        if self.verify_waiters.is_empty() {
+            return;
+        }
+        let answer = match &self.verified {
+            Some(Ok(r)) => serde_json::to_value(r).map_err(|source| AgentError::JsonEncode {
+                what: "the verification report",
+                source,
+            }),
+            Some(Err(reason)) => Err(AgentError::VerifyFailed {
+                reason: reason.clone(),
+            }),
+            None if !self.machine.verify_pending() => Err(AgentError::VerifyFailed {
+                reason: format!(
+                    "the verification did not run: the VM is {}{}",
+                    self.machine.state(),
+                    self.machine
+                        .last_error()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                ),
+            }),
+            None if verify_ended && self.machine.running_id().is_none() => {
+                Err(AgentError::VerifyFailed {
+                    reason: format!(
+                        "the verify cycle failed ({}); it is tried again as the next cycle",
+                        self.machine.last_error().unwrap_or("no error recorded")
+                    ),
+                })
+            }
+            None => return,
+        };
+        for w in self.verify_waiters.drain(..) {
+            let _ = w.send(match &answer {
+                Ok(v) => Ok(v.clone()),
+                Err(AgentError::VerifyFailed { reason }) => Err(AgentError::VerifyFailed {
+                    reason: reason.clone(),
+                }),
+                Err(e) => Err(AgentError::VerifyFailed {
+                    reason: e.to_string(),
+                }),
+            });
+        }
     }
 
     /// Run an admin command; the machine refuses what does not apply in its state.
@@ -490,6 +545,7 @@ impl PrimarySide {
         let after = self.machine.state();
         self.pending.extend(actions);
         self.carry_out(vm);
+        self.settle_verify(false);
         if cmd == Cmd::Disable {
             self.stop().await;
             // Remove tracking bitmaps: replication is off, nothing should be recorded any more.
@@ -535,38 +591,21 @@ impl PrimarySide {
         self.verified.take()
     }
 
-    /// `vmreplica verify`: a cycle running now ends first; then the machine decides whether
-    /// a verify may run and starts the verify cycle, which is waited for (the owner answers
-    /// nothing else meanwhile, as for a planned failover's final cycle). Returns the report,
-    /// which the owner also keeps for [`Self::take_verified`].
-    pub async fn verify(
-        &mut self,
-        vm: &mut Vm,
-    ) -> Result<vmr_proto::api::VerifyReport, AgentError> {
-        if let Some((_, handle)) = self.running.as_mut() {
-            let done = handle.await;
-            self.cycle_done(vm, done);
-        }
-        self.verified = None;
-        let acts = self.machine.step(Event::Verify { now_ms: now_ms() })?;
-        self.pending.extend(acts);
-        self.carry_out(vm);
-        while let Some((_, handle)) = self.running.as_mut() {
-            let done = handle.await;
-            self.cycle_done(vm, done);
-            if self.verified.is_some() || !self.machine.running_verify() {
-                break;
+    /// `vmreplica verify`: the machine decides whether a verify may run; the verify cycle
+    /// starts now, or right after the cycle running now. `reply` gets the report (or why
+    /// there is none) when it ends; the owner keeps answering meanwhile.
+    pub fn start_verify(&mut self, vm: &mut Vm, reply: VerifyWaiter) {
+        let now = now_ms();
+        match self.machine.step(Event::Verify { now_ms: now }) {
+            Ok(acts) => {
+                self.verified = None;
+                self.verify_waiters.push(reply);
+                self.pending.extend(acts);
+                self.carry_out(vm);
             }
-        }
-        match self.verified.clone() {
-            Some(Ok(r)) => Ok(r),
-            Some(Err(reason)) => Err(AgentError::VerifyFailed { reason }),
-            None => Err(AgentError::VerifyFailed {
-                reason: format!(
-                    "the verify cycle did not complete ({}); the next cycle verifies again",
-                    self.machine.last_error().unwrap_or("no error recorded")
-                ),
-            }),
+            Err(r) => {
+                let _ = reply.send(Err(AgentError::Refused(r)));
+            }
         }
     }
 

@@ -652,7 +652,18 @@ impl Owner {
 
     /// `verify`: on the primary, a verify cycle (`point` must be `None`); with `local`, on the
     /// replica, the store's own checks.
-    async fn verify(
+    async fn verify(&mut self, point: Option<u64>, local: bool, reply: Reply<serde_json::Value>) {
+        if let (Side::Primary(Some(p)), false, None) = (&mut self.side, local, point) {
+            // Answered when the verify cycle ends; the owner keeps serving meanwhile.
+            p.start_verify(&mut self.vm, reply);
+            return;
+        }
+        let r = self.verify_other(point, local).await;
+        let _ = reply.send(r);
+    }
+
+    /// `verify` answered at once: `--local` on the replica, and the refusals.
+    async fn verify_other(
         &mut self,
         point: Option<u64>,
         local: bool,
@@ -679,17 +690,10 @@ impl Owner {
                 what: "`verify --local` checks a replica's layers and runs on the replica",
             }),
             (Side::Primary(None), false) => Err(self.not_enabled()),
-            (Side::Primary(Some(_)), false) if point.is_some() => Err(AgentError::VerifyPoint {
+            (Side::Primary(Some(_)), false) => Err(AgentError::VerifyPoint {
                 name,
                 point: point.unwrap_or_default(),
             }),
-            (Side::Primary(Some(p)), false) => {
-                let r = p.verify(&mut self.vm).await;
-                p.take_verified();
-                let report = r?;
-                self.verify_event(&report);
-                json(&report)
-            }
         }
     }
 
@@ -894,10 +898,7 @@ impl Owner {
                 let r = self.set_rpo_alert(secs);
                 let _ = reply.send(r);
             }
-            Command::Verify(point, local, reply) => {
-                let r = self.verify(point, local).await;
-                let _ = reply.send(r);
-            }
+            Command::Verify(point, local, reply) => self.verify(point, local, reply).await,
             Command::Failover(f, reply) => {
                 let started = matches!(
                     f,

@@ -213,7 +213,8 @@ pub enum Event {
         /// Now.
         now_ms: u64,
     },
-    /// Admin `verify`: the next incremental cycle (at once when none runs) is a verify cycle
+    /// Admin `verify`: the next incremental cycle (at once when none runs, else as soon as the
+    /// running one succeeded) is a verify cycle
     /// ([`Action::StartCycle`] with `verify: true`): it ships its changes as usual, then the
     /// driver compares every block of the cut with the replica's new point and reports with
     /// [`Event::Verified`]. Accepted only while replicating (not during initial replication,
@@ -612,6 +613,10 @@ impl PrimaryMachine {
                     self.verify_mismatch = None;
                 }
                 self.next_due_ms = (run.started_ms + self.schedule.frequency_ms).max(now_ms);
+                if self.verify_due && !run.verify {
+                    // `verify` was asked while this cycle ran: the verify cycle follows now.
+                    self.next_due_ms = now_ms;
+                }
                 // This cycle met the current interval: the next one starts when it is due.
                 self.unmet_since_ms = None;
                 self.account_missed(now_ms);
@@ -2841,8 +2846,12 @@ mod verify_tests {
         assert!(ok(&mut m, Event::Verify { now_ms: 1_500 }).is_empty());
         assert!(m.verify_pending() && !m.running_verify());
         succeed(&mut m, 2_000);
-        let a = ok(&mut m, Event::Tick { now_ms: 31_000 });
-        assert_eq!(verify_start(&a).map(|x| x.3), Some(true));
+        let a = ok(&mut m, Event::Tick { now_ms: 2_100 });
+        assert_eq!(
+            verify_start(&a).map(|x| x.3),
+            Some(true),
+            "the verify cycle follows at once"
+        );
         ok(
             &mut m,
             Event::CycleFailed {
