@@ -71,6 +71,15 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--verify-every"));
     p.enable(&name, &["--frequency", "5s", "--verify-every", "7d"])?;
     p.wait_cycle(&name, 2, LONG)?;
+    // --verify-every: the first incremental cycle after the initial copy was a verify cycle.
+    wait_until(LONG, "the scheduled verification", || {
+        Ok(p.a.status(&name)?.stats.last_verify_mismatched_blocks == Some(0))
+    })?;
+    assert!(
+        p.a.log().contains("verification compared every block"),
+        "{}",
+        tail(&p.a.log(), 30)
+    );
     // Blocks written since the last cycle: the verify cycle ships them first.
     vm.write_seq("disk0", 200, 8, 3)?;
 
