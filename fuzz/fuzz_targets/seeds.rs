@@ -424,6 +424,7 @@ fn control(root: &Path) {
             auto_resync: None,
             initial: Default::default(),
             rpo_alert_secs: Some(120),
+            verify_every_secs: Some(7 * 86400),
         }),
         Request::FailoverStart {
             name: "demo-vm".into(),
@@ -466,6 +467,7 @@ fn control(root: &Path) {
             first_block: 0,
             count: 4,
             point: Some(42),
+            read: true,
         }),
     ];
     for (i, r) in peer_reqs.iter().enumerate() {

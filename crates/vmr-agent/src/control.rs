@@ -466,6 +466,9 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 .await?,
         ),
         Request::Disable { name } => to_value(vm(agent, &name)?.ask(Command::Disable).await?),
+        Request::Verify { name, point, local } => Ok(vm(agent, &name)?
+            .ask(|r| Command::Verify(point, local, r))
+            .await?),
         Request::Points { name } => to_value(vm(agent, &name)?.ask(Command::Points).await?),
         Request::Events { query, follow: _ } => to_value(events(agent, query).await?),
         Request::SetRpoAlert {

@@ -27,6 +27,9 @@ pub struct Session {
     pub client: Option<Client>,
     /// The guest freeze outcome of the last cycle that asked for one (taken by the owner).
     pub quiesce: Option<QuiesceOutcome>,
+    /// What the last verify cycle's comparison found, or why it could not compare (taken by
+    /// the owner).
+    pub verify: Option<Result<vmr_proto::api::VerifyReport, Failure>>,
 }
 
 /// How long a guest agent has to answer the session's sync and each thaw or status call.
@@ -137,6 +140,9 @@ pub struct CycleCtx {
     pub planned: bool,
     /// Reconcile with the replica before the cycle.
     pub reconcile: bool,
+    /// A resync reads the replica's data instead of trusting its block-hash index (after a
+    /// verification found a mismatch).
+    pub read_hashes: bool,
     /// Where the task reports progress.
     pub progress: Arc<Progress>,
 }

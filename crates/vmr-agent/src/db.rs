@@ -490,6 +490,7 @@ mod tests {
                 last_error: None,
                 initial_at_ms: None,
                 paused_from: None,
+                ..Default::default()
             }),
             rpo_alert_secs: Some(40),
         }

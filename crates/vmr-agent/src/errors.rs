@@ -902,6 +902,36 @@ pub enum AgentError {
     /// A blocking task panicked or was cancelled.
     #[error("a background task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// `verify`: the verify cycle or its comparison failed (nothing was compared).
+    #[error("verification failed: {reason}")]
+    VerifyFailed {
+        /// Why.
+        reason: String,
+    },
+    /// `verify --point`: only the latest point can be compared with the primary.
+    #[error(
+        "{name:?}: point {point} cannot be verified: the primary's disks hold the content of \
+         its latest cut only, so `vmreplica verify` compares a new cut with the point it \
+         becomes on the replica (run it without --point); `vmreplica verify {name} --local` on \
+         the replica checks every point's layers"
+    )]
+    VerifyPoint {
+        /// The VM.
+        name: String,
+        /// The point asked for.
+        point: u64,
+    },
+    /// `verify` without `--local` on the replica, or with `--local` on the primary.
+    #[error("{name:?}: {what}")]
+    VerifyWrongSide {
+        /// The VM.
+        name: String,
+        /// What to do instead.
+        what: &'static str,
+    },
+    /// `verify --local`: the store could not check the VM's files.
+    #[error("checking the replica's files")]
+    VerifyLocal(#[source] StoreError),
 }
 
 impl AgentError {
@@ -940,6 +970,8 @@ impl AgentError {
             | VmMonitorUnresponsive { .. }
             | ImagesInUse { .. }
             | FinalCycleNeedsResync { .. }
+            | VerifyPoint { .. }
+            | VerifyWrongSide { .. }
             | ShutdownTimedOut { .. }
             | ImportOtherVm { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
@@ -992,6 +1024,8 @@ impl AgentError {
             | BecomeReplica(_)
             | FailoverPointGone { .. }
             | FinalCycleFailed { .. }
+            | VerifyFailed { .. }
+            | VerifyLocal(_)
             | ImageDaemon { .. }
             | VmNotAnswering { .. }
             | QueryNodes { .. }

@@ -15,9 +15,13 @@ pub const NOT_FOUND: i32 = 4;
 pub const INVALID_STATE: i32 = 5;
 /// Another agent already serves this agent directory (`vmreplica agent`).
 pub const AGENT_RUNNING: i32 = 6;
+/// `vmreplica verify`: the replica differs from the primary (or, with `--local`, a layer or
+/// index failed its check).
+pub const MISMATCH: i32 = 7;
 
 /// The name of an exit code, as `--json` errors carry it (`kind`): `ok`, `failure`, `usage`,
-/// `no-agent`, `not-found`, `invalid-state`, `agent-running` (`failure` for any other code).
+/// `no-agent`, `not-found`, `invalid-state`, `agent-running`, `mismatch` (`failure` for any
+/// other code).
 pub fn name(code: i32) -> &'static str {
     match code {
         OK => "ok",
@@ -26,6 +30,7 @@ pub fn name(code: i32) -> &'static str {
         NOT_FOUND => "not-found",
         INVALID_STATE => "invalid-state",
         AGENT_RUNNING => "agent-running",
+        MISMATCH => "mismatch",
         _ => "failure",
     }
 }
@@ -44,6 +49,7 @@ mod tests {
             NOT_FOUND,
             INVALID_STATE,
             AGENT_RUNNING,
+            MISMATCH,
         ];
         let mut names: Vec<&str> = codes.iter().map(|c| name(*c)).collect();
         assert_eq!(name(USAGE), "usage");

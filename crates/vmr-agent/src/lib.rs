@@ -38,6 +38,7 @@ mod shutdown;
 mod sinks;
 pub mod telemetry;
 pub mod util;
+mod verify;
 mod vm;
 
 use std::path::Path;

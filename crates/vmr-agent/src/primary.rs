@@ -37,6 +37,12 @@ pub enum Cmd {
     ResumeResync(Option<u64>),
 }
 
+/// What the last verify cycle's comparison gave: the report, or why it could not compare.
+pub type Verified = Result<vmr_proto::api::VerifyReport, String>;
+
+/// Where a `vmreplica verify` waits for its report (as JSON).
+pub type VerifyWaiter = tokio::sync::oneshot::Sender<Result<serde_json::Value, AgentError>>;
+
 /// How often time passes for a primary machine (retries and schedules are this precise).
 pub const TICK: Duration = Duration::from_millis(200);
 
@@ -68,6 +74,10 @@ pub struct PrimarySide {
     /// VM's (a qemu-storage-daemon on the images once QEMU exited); cleared when that cycle
     /// ends.
     capture_from: Option<PathBuf>,
+    /// The last verify cycle's comparison, until the owner takes it.
+    verified: Option<Verified>,
+    /// `vmreplica verify` commands waiting for the verify cycle's report.
+    verify_waiters: Vec<VerifyWaiter>,
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
@@ -103,6 +113,7 @@ struct Started {
     kind: CycleKind,
     app_consistent: bool,
     planned: bool,
+    verify: bool,
 }
 
 impl PrimarySide {
@@ -116,6 +127,8 @@ impl PrimarySide {
             synced: false,
             pending,
             capture_from: None,
+            verified: None,
+            verify_waiters: Vec::new(),
         }
     }
 
@@ -238,6 +251,7 @@ impl PrimarySide {
                     kind,
                     app_consistent,
                     planned,
+                    verify,
                 } => {
                     let s = Started {
                         id,
@@ -245,6 +259,7 @@ impl PrimarySide {
                         kind,
                         app_consistent,
                         planned,
+                        verify,
                     };
                     let reconcile = !self.synced || base.is_some();
                     self.start_task(vm, Some(s), reconcile);
@@ -276,6 +291,7 @@ impl PrimarySide {
             last_cycle: self.machine.last_cycle(),
             planned: cycle.is_some_and(|c| c.planned),
             reconcile,
+            read_hashes: self.machine.verify_mismatch().is_some(),
             progress: self.progress.clone(),
         };
         let token = cancel.clone();
@@ -335,6 +351,7 @@ impl PrimarySide {
             }
         };
         let mut session = done.session;
+        let compared = session.verify.take();
         if let Some(outcome) = session.quiesce.take()
             && self.machine.running_id().is_some()
         {
@@ -377,6 +394,35 @@ impl PrimarySide {
                         disk_sizes: Some(sizes),
                     },
                 );
+                match compared {
+                    Some(Ok(report)) => {
+                        let n = report.mismatched_blocks();
+                        let mismatch = (n > 0).then(|| {
+                            format!(
+                                "point {}: {n} block(s) of 64 KiB differ ({})",
+                                report.point,
+                                report.summary(4)
+                            )
+                        });
+                        self.step(
+                            vm,
+                            Event::Verified {
+                                now_ms: now_ms(),
+                                mismatched_blocks: n,
+                                mismatch,
+                            },
+                        );
+                        self.verified = Some(Ok(report));
+                    }
+                    Some(Err(f)) => {
+                        tracing::warn!(vm = %vm.rec.name, cycle = id, "the verify cycle replicated but its comparison failed (the next cycle verifies again): {f:?}");
+                        self.verified = Some(Err(format!(
+                            "cycle {id} replicated, but comparing it failed: {}",
+                            failure_text(&f)
+                        )));
+                    }
+                    None => {}
+                }
             }
             Outcome::Reconciled { latest } => {
                 self.synced = true;
@@ -425,6 +471,55 @@ impl PrimarySide {
             Outcome::Cancelled => {}
         }
         self.carry_out(vm);
+        self.settle_verify(started.is_some_and(|s| s.verify));
+    }
+
+    /// Answer the waiting `verify` commands once their verification reported, failed or was
+    /// dropped by the machine (the VM left Replicating). `verify_ended`: the cycle that just
+    /// ended was a verify cycle.
+    fn settle_verify(&mut self, verify_ended: bool) {
+        if self.verify_waiters.is_empty() {
+            return;
+        }
+        let answer = match &self.verified {
+            Some(Ok(r)) => serde_json::to_value(r).map_err(|source| AgentError::JsonEncode {
+                what: "the verification report",
+                source,
+            }),
+            Some(Err(reason)) => Err(AgentError::VerifyFailed {
+                reason: reason.clone(),
+            }),
+            None if !self.machine.verify_pending() => Err(AgentError::VerifyFailed {
+                reason: format!(
+                    "the verification did not run: the VM is {}{}",
+                    self.machine.state(),
+                    self.machine
+                        .last_error()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                ),
+            }),
+            None if verify_ended && self.machine.running_id().is_none() => {
+                Err(AgentError::VerifyFailed {
+                    reason: format!(
+                        "the verify cycle failed ({}); it is tried again as the next cycle",
+                        self.machine.last_error().unwrap_or("no error recorded")
+                    ),
+                })
+            }
+            None => return,
+        };
+        for w in self.verify_waiters.drain(..) {
+            let _ = w.send(match &answer {
+                Ok(v) => Ok(v.clone()),
+                Err(AgentError::VerifyFailed { reason }) => Err(AgentError::VerifyFailed {
+                    reason: reason.clone(),
+                }),
+                Err(e) => Err(AgentError::VerifyFailed {
+                    reason: e.to_string(),
+                }),
+            });
+        }
     }
 
     /// Run an admin command; the machine refuses what does not apply in its state.
@@ -450,6 +545,7 @@ impl PrimarySide {
         let after = self.machine.state();
         self.pending.extend(actions);
         self.carry_out(vm);
+        self.settle_verify(false);
         if cmd == Cmd::Disable {
             self.stop().await;
             // Remove tracking bitmaps: replication is off, nothing should be recorded any more.
@@ -488,6 +584,29 @@ impl PrimarySide {
             from: before,
             to: after,
         })
+    }
+
+    /// The last verify cycle's comparison, once (the owner emits its event).
+    pub fn take_verified(&mut self) -> Option<Verified> {
+        self.verified.take()
+    }
+
+    /// `vmreplica verify`: the machine decides whether a verify may run; the verify cycle
+    /// starts now, or right after the cycle running now. `reply` gets the report (or why
+    /// there is none) when it ends; the owner keeps answering meanwhile.
+    pub fn start_verify(&mut self, vm: &mut Vm, reply: VerifyWaiter) {
+        let now = now_ms();
+        match self.machine.step(Event::Verify { now_ms: now }) {
+            Ok(acts) => {
+                self.verified = None;
+                self.verify_waiters.push(reply);
+                self.pending.extend(acts);
+                self.carry_out(vm);
+            }
+            Err(r) => {
+                let _ = reply.send(Err(AgentError::Refused(r)));
+            }
+        }
     }
 
     /// Reset the statistics window.
@@ -682,10 +801,22 @@ async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome
     });
     if c.kind == CycleKind::Resync {
         crate::resync::run(ctx, session, c.id).await
+    } else if c.verify
+        && let Some(base) = c.base
+    {
+        crate::verify::run(ctx, session, c.id, base).await
     } else if let Some(dir) = export {
         crate::export::run(ctx, session, c.id, std::path::Path::new(&dir)).await
     } else {
         crate::cycle::run_incremental(ctx, session, c.id, c.base, c.kind, c.app_consistent).await
+    }
+}
+
+/// A failure's message.
+fn failure_text(f: &Failure) -> &str {
+    match f {
+        Failure::Retryable(m) | Failure::ResyncRequired(m) | Failure::WrongBase(m) => m,
+        Failure::Fatal(m) => m,
     }
 }
 

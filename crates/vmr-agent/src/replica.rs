@@ -315,6 +315,35 @@ impl ReplicaSide {
             .collect())
     }
 
+    /// `vmreplica verify NAME --local`: check every layer of every point (`qemu-img check`)
+    /// and every point's block-hash index file, without the primary.
+    pub async fn verify_local(
+        &self,
+        vm: &Vm,
+    ) -> Result<vmr_proto::api::LocalVerifyReport, AgentError> {
+        let store = vm.host.store_of(&vm.rec)?;
+        let checks = store
+            .check_local(vm.rec.uuid)
+            .await
+            .map_err(AgentError::VerifyLocal)?;
+        Ok(vmr_proto::api::LocalVerifyReport {
+            name: vm.rec.name.clone(),
+            checks: checks
+                .into_iter()
+                .map(|c| vmr_proto::api::LocalCheck {
+                    disk: c.disk,
+                    file: c.file,
+                    kind: match c.kind {
+                        vmr_store::CheckKind::Qcow2 => "qcow2".into(),
+                        vmr_store::CheckKind::HashIndex => "hash-index".into(),
+                    },
+                    ok: c.problem.is_none(),
+                    detail: c.problem.unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+
     /// `vmreplica import NAME DIR` begins: the machine decides whether it may (then cycles,
     /// disable, failover and removal wait for its end); the returned job does the work in a
     /// task of its own, so the owner keeps answering (`status` shows the import's progress),

@@ -87,20 +87,33 @@ pub(crate) async fn hashes(
             got: req.point,
         });
     }
-    let h = store
-        .resync_hashes(
-            req.uuid,
-            &req.disk,
-            req.disk_size,
-            req.block_size,
-            req.first_block,
-            req.count,
-        )
-        .await
-        .map_err(|e| match e {
-            vmr_store::StoreError::InvalidCycle(m) => RemoteError::BadRequest { message: m },
-            other => crate::errors::store_err(other),
-        })?;
+    let h = if req.read {
+        store
+            .resync_hashes_read(
+                req.uuid,
+                &req.disk,
+                req.disk_size,
+                req.block_size,
+                req.first_block,
+                req.count,
+            )
+            .await
+    } else {
+        store
+            .resync_hashes(
+                req.uuid,
+                &req.disk,
+                req.disk_size,
+                req.block_size,
+                req.first_block,
+                req.count,
+            )
+            .await
+    };
+    let h = h.map_err(|e| match e {
+        vmr_store::StoreError::InvalidCycle(m) => RemoteError::BadRequest { message: m },
+        other => crate::errors::store_err(other),
+    })?;
     Ok(BlockHashes {
         point: h.point,
         point_disk_size: h.point_disk_size,
@@ -110,12 +123,16 @@ pub(crate) async fn hashes(
 
 // ------------------------------------------------------------------------- primary side
 
-async fn fetch(
+/// The replica's hashes of up to [`CHUNK_BLOCKS`] blocks of `disk` from `first_block`, of
+/// its latest point (refused unless that is `point`, when given); `read`: hashed from the
+/// point's data, not its block-hash index. Returns the point hashed and the hashes.
+pub(crate) async fn fetch(
     client: &Client,
     uuid: uuid::Uuid,
     disk: &DiskInfo,
     first_block: u64,
     point: Option<u64>,
+    read: bool,
 ) -> Result<(u64, Vec<[u8; 32]>), Failure> {
     let blocks = disk.size.div_ceil(BLOCK_SIZE);
     let req = BlockHashesRequest {
@@ -126,6 +143,7 @@ async fn fetch(
         first_block,
         count: CHUNK_BLOCKS.min(blocks - first_block),
         point,
+        read,
     };
     let r = client
         .resync_hashes(req)
@@ -135,7 +153,7 @@ async fn fetch(
 }
 
 /// One block of the primary's view.
-enum Block {
+pub(crate) enum Block {
     Zero(u64),
     Data(Bytes),
 }
@@ -147,7 +165,7 @@ const HASH_AHEAD: usize = 2;
 const HASH_OFF_RUNTIME: u64 = 1 << 20;
 
 /// A batch of blocks with the primary's hash of each.
-type Hashed = Vec<(u64, Block, [u8; 32])>;
+pub(crate) type Hashed = Vec<(u64, Block, [u8; 32])>;
 
 /// The primary's hash of every block of `blocks`.
 fn hash_blocks(blocks: Vec<(u64, Block)>) -> Hashed {
@@ -166,13 +184,13 @@ fn hash_blocks(blocks: Vec<(u64, Block)>) -> Hashed {
 }
 
 /// Hashing of one extent's blocks: done in place, or running on a blocking thread.
-enum Hashing {
+pub(crate) enum Hashing {
     Ready(Hashed),
     Running(tokio::task::JoinHandle<Hashed>),
 }
 
 impl Hashing {
-    fn start(blocks: Vec<(u64, Block)>) -> Hashing {
+    pub(crate) fn start(blocks: Vec<(u64, Block)>) -> Hashing {
         let data: u64 = blocks
             .iter()
             .map(|(_, b)| match b {
@@ -187,7 +205,7 @@ impl Hashing {
         }
     }
 
-    async fn get(self) -> Result<Hashed, Failure> {
+    pub(crate) async fn get(self) -> Result<Hashed, Failure> {
         match self {
             Hashing::Ready(h) => Ok(h),
             Hashing::Running(j) => j
@@ -198,7 +216,7 @@ impl Hashing {
 }
 
 /// Turns the capture's extents of one disk (in order, tiling the disk) into whole blocks.
-struct Assembler {
+pub(crate) struct Assembler {
     disk: u32,
     size: u64,
     pos: u64,
@@ -206,7 +224,7 @@ struct Assembler {
 }
 
 impl Assembler {
-    fn new(disk: u32, size: u64) -> Self {
+    pub(crate) fn new(disk: u32, size: u64) -> Self {
         Assembler {
             disk,
             size,
@@ -220,7 +238,7 @@ impl Assembler {
     }
 
     /// Feed one extent; returns the blocks it completed as (block index, block).
-    fn push(&mut self, e: Extent) -> Result<Vec<(u64, Block)>, Failure> {
+    pub(crate) fn push(&mut self, e: Extent) -> Result<Vec<(u64, Block)>, Failure> {
         if e.disk != self.disk || e.offset != self.pos || e.offset + e.len() > self.size {
             return Err(Failure::Retryable(format!(
                 "capture extent {}+{} of disk {} out of order (expected disk {} at {})",
@@ -266,7 +284,7 @@ impl Assembler {
         Ok(out)
     }
 
-    fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.pos == self.size
     }
 }
@@ -334,7 +352,8 @@ async fn resync_with(
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
     let total: u64 = sizes.iter().sum();
     // The base: the replica's latest point, learned with the first chunk of hashes.
-    let first = match fetch(client, rec.uuid, &disks[0], 0, None).await {
+    let read = ctx.read_hashes;
+    let first = match fetch(client, rec.uuid, &disks[0], 0, None, read).await {
         Ok(f) => f,
         Err(f) => {
             let reset = cycle.abort().await.is_err();
@@ -370,7 +389,9 @@ async fn resync_with(
                 while b < blocks {
                     let r = match first.take() {
                         Some(h) => Ok(h),
-                        None => fetch(&client, uuid, d, b, Some(base)).await.map(|x| x.1),
+                        None => fetch(&client, uuid, d, b, Some(base), read)
+                            .await
+                            .map(|x| x.1),
                     };
                     let failed = r.is_err();
                     let n = r.as_ref().map_or(0, |h| h.len() as u64);

@@ -195,6 +195,9 @@ pub enum Command {
     StreamFailed(RemoteError),
     /// `set --rpo-alert`: this host's RPO alert for the VM, seconds (`None` = the default).
     SetRpoAlert(Option<u64>, Reply<String>),
+    /// `verify` (point, `--local`): the report as JSON (a [`vmr_proto::api::VerifyReport`]
+    /// on the primary, a [`vmr_proto::api::LocalVerifyReport`] with `--local` on the replica).
+    Verify(Option<u64>, bool, Reply<serde_json::Value>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -402,6 +405,9 @@ impl Owner {
                 done = wait_cycle(&mut self.side) => {
                     if let Side::Primary(Some(p)) = &mut self.side {
                         p.cycle_done(&mut self.vm, done);
+                        if let Some(Ok(report)) = p.take_verified() {
+                            self.verify_event(&report);
+                        }
                     }
                 }
                 _ = wait_deadline(self.rpo_deadline) => {
@@ -650,6 +656,83 @@ impl Owner {
         self.vm.host.events.emit(e);
     }
 
+    /// `verify`: on the primary, a verify cycle (`point` must be `None`); with `local`, on the
+    /// replica, the store's own checks.
+    async fn verify(&mut self, point: Option<u64>, local: bool, reply: Reply<serde_json::Value>) {
+        if let (Side::Primary(Some(p)), false, None) = (&mut self.side, local, point) {
+            // Answered when the verify cycle ends; the owner keeps serving meanwhile.
+            p.start_verify(&mut self.vm, reply);
+            return;
+        }
+        let r = self.verify_other(point, local).await;
+        let _ = reply.send(r);
+    }
+
+    /// `verify` answered at once: `--local` on the replica, and the refusals.
+    async fn verify_other(
+        &mut self,
+        point: Option<u64>,
+        local: bool,
+    ) -> Result<serde_json::Value, AgentError> {
+        let name = self.vm.rec.name.clone();
+        fn json(v: impl serde::Serialize) -> Result<serde_json::Value, AgentError> {
+            serde_json::to_value(v).map_err(|source| AgentError::JsonEncode {
+                what: "the verification report",
+                source,
+            })
+        }
+        match (&mut self.side, local) {
+            (Side::Replica(r), true) => {
+                let rep = r.verify_local(&self.vm).await?;
+                json(&rep)
+            }
+            (Side::Replica(_), false) => Err(AgentError::VerifyWrongSide {
+                name,
+                what: "`verify` compares with the primary and runs there; on the replica, \
+                       `verify --local` checks the layers alone",
+            }),
+            (Side::Primary(_), true) => Err(AgentError::VerifyWrongSide {
+                name,
+                what: "`verify --local` checks a replica's layers and runs on the replica",
+            }),
+            (Side::Primary(None), false) => Err(self.not_enabled()),
+            (Side::Primary(Some(_)), false) => Err(AgentError::VerifyPoint {
+                name,
+                point: point.unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// A verification that found differing blocks: one Critical `verify-mismatch` event with
+    /// every differing range.
+    fn verify_event(&self, r: &vmr_proto::api::VerifyReport) {
+        let n = r.mismatched_blocks();
+        if n == 0 {
+            return;
+        }
+        let name = &self.vm.rec.name;
+        let ranges: serde_json::Map<String, serde_json::Value> = r
+            .disks
+            .iter()
+            .map(|d| (d.disk.clone(), serde_json::json!(d.mismatched)))
+            .collect();
+        let e = self
+            .emit(
+                EventKind::VerifyMismatch,
+                Severity::Critical,
+                format!(
+                    "{name}: verification of point {} found {n} differing block(s): {} \
+                     (`vmreplica resume --resync {name}` repairs it)",
+                    r.point,
+                    r.summary(4)
+                ),
+            )
+            .field("point", r.point)
+            .field("mismatched_blocks", n)
+            .field("ranges", serde_json::Value::Object(ranges));
+        self.vm.host.events.emit(e);
+    }
+
     /// `set --rpo-alert`.
     fn set_rpo_alert(&mut self, secs: Option<u64>) -> Result<String, AgentError> {
         let freq = match self.vm.rec.mode() {
@@ -844,6 +927,7 @@ impl Owner {
                 let r = self.set_rpo_alert(secs);
                 let _ = reply.send(r);
             }
+            Command::Verify(point, local, reply) => self.verify(point, local, reply).await,
             Command::Failover(f, reply) => {
                 let started = matches!(
                     f,

@@ -98,6 +98,12 @@ pub enum CycleMode {
     /// ships only those that differ. An interrupted resync leaves
     /// [`ResyncReason::InitialCopyIncomplete`] like an interrupted full cycle.
     Resync,
+    /// Like [`CycleMode::Incremental`] (the dirty blocks first), but nothing of the view is
+    /// trimmed, so that after the dirty extents [`CaptureCycle::read_all`] can read the whole
+    /// view as it was at the cut (every allocated and zero range, like a full cycle) to
+    /// compare it with the replica (`vmreplica verify`). The view costs more copy-before-write
+    /// space while it is open.
+    Verify,
 }
 
 /// One VM's capture side: its QMP connection, naming and recovery.
@@ -273,13 +279,13 @@ impl VmCapture {
         let disks = self.query_disks().await?;
         let state = graph::analyse(&self.names, &disks, self.sizes.as_deref());
         let (frozen, generation) = match (mode, state) {
-            (CycleMode::Incremental, Tracking::Active { generation }) => {
+            (CycleMode::Incremental | CycleMode::Verify, Tracking::Active { generation }) => {
                 (Some(generation), generation + 1)
             }
-            (CycleMode::Incremental, Tracking::NotStarted) => {
+            (CycleMode::Incremental | CycleMode::Verify, Tracking::NotStarted) => {
                 return Err(CaptureError::NotTracking);
             }
-            (CycleMode::Incremental, Tracking::Lost(reason)) => {
+            (CycleMode::Incremental | CycleMode::Verify, Tracking::Lost(reason)) => {
                 return Err(CaptureError::ResyncRequired { reason });
             }
             (CycleMode::Full | CycleMode::Resync, _) => {
@@ -298,7 +304,7 @@ impl VmCapture {
         // which runs right away on error (and again before the next cycle if that fails too).
         self.needs_recover = true;
         let mut report = QuiesceReport::NotAsked;
-        let (sources, infos) = match self
+        let (sources, infos, whole) = match self
             .cut_and_expose(mode, &disks, frozen, generation, quiesce, &mut report)
             .await
         {
@@ -312,10 +318,14 @@ impl VmCapture {
         };
         let trims = sources
             .iter()
-            .filter(|s| s.want == Want::Dirty)
+            .filter(|s| s.want == Want::Dirty && s.trim)
             .map(crate::reader::spawn_trim_unread)
             .collect();
-        let clients = sources.iter().map(|s| s.client.clone()).collect();
+        let clients = sources
+            .iter()
+            .chain(whole.iter())
+            .map(|s| s.client.clone())
+            .collect();
         let pipeline = Pipeline::new(sources, self.cfg.max_in_flight);
         Ok((
             CaptureCycle {
@@ -327,13 +337,16 @@ impl VmCapture {
                 pipeline,
                 trims,
                 clients,
+                whole,
+                shipped: false,
             },
             report,
         ))
     }
 
     /// Steps 2-5 of `begin_cycle`: fleecing targets, the cycle transaction, snapshot nodes,
-    /// exports and NBD connections.
+    /// exports and NBD connections (for a verify cycle, a second connection per disk for the
+    /// whole-view pass).
     async fn cut_and_expose(
         &mut self,
         mode: CycleMode,
@@ -342,7 +355,7 @@ impl VmCapture {
         generation: u64,
         quiesce: Option<Quiesce<'_>>,
         report: &mut QuiesceReport,
-    ) -> Result<(Vec<DiskSource>, Vec<DiskInfo>), CaptureError> {
+    ) -> Result<(Vec<DiskSource>, Vec<DiskInfo>, Vec<DiskSource>), CaptureError> {
         for (i, d) in disks.iter().enumerate() {
             let path = self.names.fleece_file(&self.cfg.work_dir, i);
             let f = std::fs::File::create(&path).map_err(|source| CaptureError::Io {
@@ -379,7 +392,7 @@ impl VmCapture {
         // THE CYCLE POINT: one transaction over all disks.
         let mut actions = Vec::new();
         for (i, d) in disks.iter().enumerate() {
-            if mode != CycleMode::Incremental {
+            if frozen.is_none() {
                 for b in d.bitmaps.iter().filter(|b| self.names.owns(&b.name)) {
                     actions.push(remove_action(&d.name, &b.name));
                 }
@@ -418,6 +431,7 @@ impl VmCapture {
 
         let mut sources = Vec::with_capacity(disks.len());
         let mut infos = Vec::with_capacity(disks.len());
+        let mut whole = Vec::new();
         for (i, d) in disks.iter().enumerate() {
             let access = self.names.access_node(i);
             let add = qmp::blockdev_add(qmp::BlockdevOptions::snapshot_access {
@@ -463,39 +477,78 @@ impl VmCapture {
                 ),
                 None => (vmr_nbd::BASE_ALLOCATION.to_owned(), Want::Allocated),
             };
-            let opts = ConnectOptions {
-                export,
-                meta_contexts: vec![context.clone()],
-                max_in_flight: self.cfg.max_in_flight.max(1) + 8,
-                timeout: self.cfg.qmp_timeout,
-            };
-            let client = NbdClient::connect(&Endpoint::Unix(self.nbd_socket.clone()), opts).await?;
-            if client.meta_context_id(&context).is_none() {
-                return Err(CaptureError::Unexpected(format!(
-                    "nbd server did not accept meta context {context}"
-                )));
+            let trim = mode != CycleMode::Verify;
+            sources.push(
+                Self::connect_view(self.view_endpoint(), &export, d, i, (context, want, trim))
+                    .await?,
+            );
+            if mode == CycleMode::Verify {
+                let all = vmr_nbd::BASE_ALLOCATION.to_owned();
+                whole.push(
+                    Self::connect_view(
+                        self.view_endpoint(),
+                        &export,
+                        d,
+                        i,
+                        (all, Want::Allocated, true),
+                    )
+                    .await?,
+                );
             }
-            if client.size() != d.size {
-                return Err(CaptureError::Unexpected(format!(
-                    "snapshot of {} is {} bytes, disk is {}",
-                    d.name,
-                    client.size(),
-                    d.size
-                )));
-            }
-            sources.push(DiskSource {
-                index: i as u32,
-                client,
-                context,
-                want,
-                size: d.size,
-            });
             infos.push(DiskInfo {
                 id: d.name.clone(),
                 size: d.size,
             });
         }
-        Ok((sources, infos))
+        Ok((sources, infos, whole))
+    }
+
+    /// How to connect to the point-in-time exports: the NBD socket and connection options
+    /// (a plain value, so that connecting does not hold a reference to `self` across awaits).
+    fn view_endpoint(&self) -> (Endpoint, usize, Duration) {
+        (
+            Endpoint::Unix(self.nbd_socket.clone()),
+            self.cfg.max_in_flight.max(1) + 8,
+            self.cfg.qmp_timeout,
+        )
+    }
+
+    /// One NBD connection to disk `d`'s point-in-time export with meta context `context`.
+    async fn connect_view(
+        (endpoint, max_in_flight, timeout): (Endpoint, usize, Duration),
+        export: &str,
+        d: &NodeInfo,
+        i: usize,
+        (context, want, trim): (String, Want, bool),
+    ) -> Result<DiskSource, CaptureError> {
+        let opts = ConnectOptions {
+            export: export.to_owned(),
+            meta_contexts: vec![context.clone()],
+            max_in_flight,
+            timeout,
+        };
+        let client = NbdClient::connect(&endpoint, opts).await?;
+        if client.meta_context_id(&context).is_none() {
+            return Err(CaptureError::Unexpected(format!(
+                "nbd server did not accept meta context {context}"
+            )));
+        }
+        if client.size() != d.size {
+            return Err(CaptureError::Unexpected(format!(
+                "snapshot of {} is {} bytes, disk is {}",
+                d.name,
+                client.size(),
+                d.size
+            )));
+        }
+        Ok(DiskSource {
+            index: i as u32,
+            client,
+            context,
+            want,
+            size: d.size,
+            trim,
+        })
     }
 
     /// Reserve the whole of a fleecing file (`fallocate`), so that copy-before-write into it can
@@ -1064,6 +1117,10 @@ pub struct CaptureCycle<'a> {
     pipeline: Pipeline,
     trims: Vec<JoinHandle<()>>,
     clients: Vec<NbdClient>,
+    /// A verify cycle's whole-view connections, until [`CaptureCycle::read_all`].
+    whole: Vec<DiskSource>,
+    /// The cycle's own extents were all handed out ([`CaptureCycle::read_all`] went on).
+    shipped: bool,
 }
 
 impl std::fmt::Debug for CaptureCycle<'_> {
@@ -1105,6 +1162,25 @@ impl CaptureCycle<'_> {
         self.pipeline.bytes_read()
     }
 
+    /// A verify cycle whose extents were all read: from now on [`Self::next_extent`] hands
+    /// out the whole view (every allocated range as data, zero ranges as zero extents, disks
+    /// in order, like a full cycle), as it was at the cut. [`Self::commit`] may follow before
+    /// that pass ends.
+    pub fn read_all(&mut self) -> Result<(), CaptureError> {
+        if self.mode != CycleMode::Verify || self.shipped {
+            return Err(CaptureError::Unexpected(
+                "read_all is only for a verify cycle, once".into(),
+            ));
+        }
+        if !self.pipeline.is_finished() {
+            return Err(CaptureError::Incomplete);
+        }
+        self.shipped = true;
+        let whole = std::mem::take(&mut self.whole);
+        self.pipeline = Pipeline::new(whole, self.vm.cfg.max_in_flight);
+        Ok(())
+    }
+
     async fn teardown(&mut self) -> Result<(), CaptureError> {
         for t in self.trims.drain(..) {
             t.abort();
@@ -1123,7 +1199,7 @@ impl CaptureCycle<'_> {
     /// and tears the view down. Committing a cycle that was not read to the end aborts it
     /// instead and returns [`CaptureError::Incomplete`].
     pub async fn commit(mut self) -> Result<(), CaptureError> {
-        if !self.pipeline.is_finished() {
+        if !self.shipped && !self.pipeline.is_finished() {
             self.abort_inner().await?;
             return Err(CaptureError::Incomplete);
         }

@@ -65,6 +65,9 @@ pub(crate) struct DiskSource {
     pub context: String,
     pub want: Want,
     pub size: u64,
+    /// TRIM what was read (and, for [`Want::Dirty`], what will never be read). Off for the
+    /// first pass of a verify cycle, whose view is read whole afterwards.
+    pub trim: bool,
 }
 
 struct DiskCursor {
@@ -83,7 +86,10 @@ impl DiskCursor {
     /// TRIM `[trimmed_to, read_to)` in the background when the batch is full (or `all`).
     fn trim_read(&mut self, all: bool) {
         let span = self.read_to.saturating_sub(self.trimmed_to);
-        if span == 0 || (!all && self.untrimmed < TRIM_BATCH_PIECES && span < TRIM_BATCH_SPAN) {
+        if !self.src.trim
+            || span == 0
+            || (!all && self.untrimmed < TRIM_BATCH_PIECES && span < TRIM_BATCH_SPAN)
+        {
             return;
         }
         let (client, from) = (self.src.client.clone(), self.trimmed_to);

@@ -213,6 +213,28 @@ pub enum Event {
         /// Now.
         now_ms: u64,
     },
+    /// Admin `verify`: the next incremental cycle (at once when none runs, else as soon as the
+    /// running one succeeded) is a verify cycle
+    /// ([`Action::StartCycle`] with `verify: true`): it ships its changes as usual, then the
+    /// driver compares every block of the cut with the replica's new point and reports with
+    /// [`Event::Verified`]. Accepted only while replicating (not during initial replication,
+    /// a resync, a pause, an error or a planned failover).
+    Verify {
+        /// Now.
+        now_ms: u64,
+    },
+    /// The driver compared a verify cycle's cut with the replica's point (after its
+    /// `CycleSucceeded`). A mismatch stops incremental cycles: the VM waits for a
+    /// resynchronization (`resume --resync`), which reads the replica's data rather than its
+    /// block-hash index, and health is Critical until it succeeded.
+    Verified {
+        /// Now.
+        now_ms: u64,
+        /// Blocks that differed (0: the replica matched).
+        mismatched_blocks: u64,
+        /// `None`: every block matched; `Some(summary)`: what differed.
+        mismatch: Option<String>,
+    },
 }
 
 /// What the driver must do.
@@ -230,6 +252,9 @@ pub enum Action {
         app_consistent: bool,
         /// A planned failover's final cycle (consistency `Planned`).
         planned: bool,
+        /// A verify cycle: after its acknowledgement, compare every block of the cut with
+        /// the replica's new point and report [`Event::Verified`].
+        verify: bool,
     },
     /// Abort the running cycle (merging its changes back).
     AbortCycle,
@@ -248,6 +273,7 @@ struct Running {
     kind: CycleKind,
     started_ms: u64,
     planned: bool,
+    verify: bool,
 }
 
 /// The primary-side machine of one VM.
@@ -269,6 +295,11 @@ pub struct PrimaryMachine {
     /// runs, fails, waits for a retry or cannot start (not persisted, like `next_due_ms`).
     unmet_since_ms: Option<u64>,
     running: Option<Running>,
+    /// A verification was asked for (or is due) and has not reported yet (not persisted: a
+    /// restart forgets an on-demand one; a scheduled one is due again by its time).
+    verify_due: bool,
+    /// What the last verification found differing, until a resync succeeded.
+    verify_mismatch: Option<String>,
 }
 
 impl PrimaryMachine {
@@ -293,6 +324,8 @@ impl PrimaryMachine {
             next_due_ms: 0,
             unmet_since_ms: None,
             running: None,
+            verify_due: false,
+            verify_mismatch: snapshot.verify_mismatch,
         }
     }
 
@@ -306,6 +339,7 @@ impl PrimaryMachine {
             last_error: self.last_error.clone(),
             initial_at_ms: self.initial_at_ms,
             paused_from: self.paused_from,
+            verify_mismatch: self.verify_mismatch.clone(),
         }
     }
 
@@ -337,6 +371,27 @@ impl PrimaryMachine {
     /// Current state.
     pub fn state(&self) -> ReplicationState {
         self.state
+    }
+
+    /// A verification was asked for (or is due) and has not reported yet.
+    pub fn verify_pending(&self) -> bool {
+        self.verify_due
+    }
+
+    /// When the last verification reported, ms since the epoch.
+    pub fn last_verify_ms(&self) -> Option<u64> {
+        self.stats.last_verify_ms
+    }
+
+    /// What the last verification found differing (until a resynchronization succeeded):
+    /// while set, a resynchronization must read the replica's data, not its hash index.
+    pub fn verify_mismatch(&self) -> Option<&str> {
+        self.verify_mismatch.as_deref()
+    }
+
+    /// Whether the running cycle is a verify cycle.
+    pub fn running_verify(&self) -> bool {
+        self.running.is_some_and(|r| r.verify)
     }
 
     /// Last cycle acknowledged by the replica and committed.
@@ -447,6 +502,8 @@ impl PrimaryMachine {
                 self.last_error = None;
                 self.consecutive_failures = 0;
                 self.paused_from = None;
+                self.verify_due = false;
+                self.verify_mismatch = None;
                 self.initial_at_ms = Some(initial_at_ms.unwrap_or(now_ms));
                 self.state = S::ReadyForInitialReplication;
                 out.push(Action::Persist);
@@ -550,7 +607,16 @@ impl PrimaryMachine {
                 if matches!(state, S::InitialReplicationInProgress | S::Resynchronizing) {
                     self.state = S::Replicating;
                 }
+                if run.kind == CycleKind::Resync {
+                    // Every block was compared with what the replica holds and the
+                    // differing ones were sent: a verification's mismatch is repaired.
+                    self.verify_mismatch = None;
+                }
                 self.next_due_ms = (run.started_ms + self.schedule.frequency_ms).max(now_ms);
+                if self.verify_due && !run.verify {
+                    // `verify` was asked while this cycle ran: the verify cycle follows now.
+                    self.next_due_ms = now_ms;
+                }
                 // This cycle met the current interval: the next one starts when it is due.
                 self.unmet_since_ms = None;
                 self.account_missed(now_ms);
@@ -671,6 +737,8 @@ impl PrimaryMachine {
                     last_replication_ms: self.stats.last_replication_ms,
                     last_app_consistent_ms: self.stats.last_app_consistent_ms,
                     last_point_cut_ms: self.stats.last_point_cut_ms,
+                    last_verify_ms: self.stats.last_verify_ms,
+                    last_verify_mismatched_blocks: self.stats.last_verify_mismatched_blocks,
                     pending_bytes: self.stats.pending_bytes,
                     ..Default::default()
                 };
@@ -730,6 +798,43 @@ impl PrimaryMachine {
                 }
                 self.tick(now_ms, &mut out);
             }
+            Event::Verify { now_ms } => {
+                match state {
+                    S::Disabled => return Err(Refusal::NotEnabled { op: Op::Verify }),
+                    S::Replicating if !self.preparing_failover() => {}
+                    _ => return refuse(Op::Verify),
+                }
+                self.verify_due = true;
+                if self.running.is_none() {
+                    self.account_missed(now_ms);
+                    self.start(now_ms, CycleKind::Incremental, false, &mut out);
+                }
+            }
+            Event::Verified {
+                now_ms,
+                mismatched_blocks,
+                mismatch,
+            } => {
+                self.verify_due = false;
+                self.stats.last_verify_ms = Some(now_ms);
+                self.stats.last_verify_mismatched_blocks = Some(mismatched_blocks);
+                if let Some(m) = mismatch {
+                    self.last_error = Some(format!(
+                        "verification found the replica differing from the primary: {m}; \
+                         `resume --resync` repairs it"
+                    ));
+                    self.verify_mismatch = Some(m);
+                    if self.state == S::Replicating {
+                        self.state = S::WaitingForStartResynchronize;
+                        self.initial_at_ms = None;
+                        self.account_missed(now_ms);
+                    }
+                }
+                out.push(Action::Persist);
+            }
+        }
+        if self.state != S::Replicating {
+            self.verify_due = false;
         }
         Ok(out)
     }
@@ -866,6 +971,15 @@ impl PrimaryMachine {
                 }
             }
             S::Replicating if self.next_due_ms <= now_ms => {
+                let every = self.schedule.verify_every_ms;
+                if every > 0
+                    && self
+                        .stats
+                        .last_verify_ms
+                        .is_none_or(|t| now_ms.saturating_sub(t) >= every)
+                {
+                    self.verify_due = true;
+                }
                 self.start(now_ms, CycleKind::Incremental, false, out);
             }
             S::WaitingForStartResynchronize
@@ -911,11 +1025,16 @@ impl PrimaryMachine {
                 .stats
                 .last_quiesce_failure_ms
                 .is_none_or(|t| now_ms.saturating_sub(t) >= every.min(QUIESCE_RETRY_MS));
+        // A verify cycle is an incremental cycle (never app-consistent: the guest is not
+        // frozen for a cycle whose comparison reads every disk afterwards).
+        let verify = self.verify_due && kind == CycleKind::Incremental && !planned;
+        let app_consistent = app_consistent && !verify;
         self.running = Some(Running {
             id,
             kind,
             started_ms: now_ms,
             planned,
+            verify,
         });
         out.push(Action::StartCycle {
             id,
@@ -923,6 +1042,7 @@ impl PrimaryMachine {
             kind,
             app_consistent,
             planned,
+            verify,
         });
     }
 }
@@ -963,6 +1083,7 @@ mod tests {
                 kind: CycleKind::Full,
                 app_consistent: false,
                 planned: false,
+                verify: false,
             })
         );
         assert_eq!(m.state(), S::InitialReplicationInProgress);
@@ -2451,5 +2572,348 @@ mod tests {
                 op: Op::BecomeReplica
             })
         );
+    }
+}
+
+#[cfg(test)]
+mod verify_tests {
+    //! `verify`: when it may run, the verify cycle, its outcome, the resync that repairs a
+    //! mismatch, and `--verify-every`.
+    use super::*;
+    use ReplicationState as S;
+    use vmr_proto::api::Health;
+    use vmr_proto::machine::PrimarySnapshot;
+
+    const F: u64 = 30_000;
+
+    fn restored(state: S, schedule: Schedule) -> PrimaryMachine {
+        let done = !matches!(
+            state,
+            S::Disabled | S::ReadyForInitialReplication | S::InitialReplicationInProgress
+        );
+        PrimaryMachine::restore(
+            schedule,
+            PrimarySnapshot {
+                state,
+                last_cycle: done.then_some(3),
+                initial_at_ms: (state == S::ReadyForInitialReplication).then_some(u64::MAX),
+                paused_from: (state == S::Suspended).then_some(S::Replicating),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn verify_start(a: &[Action]) -> Option<(CycleId, Option<CycleId>, CycleKind, bool)> {
+        a.iter().find_map(|x| match x {
+            Action::StartCycle {
+                id,
+                base,
+                kind,
+                verify,
+                ..
+            } => Some((*id, *base, *kind, *verify)),
+            _ => None,
+        })
+    }
+
+    fn ok(m: &mut PrimaryMachine, e: Event) -> Vec<Action> {
+        m.step(e.clone())
+            .unwrap_or_else(|r| panic!("{e:?} refused: {r}"))
+    }
+
+    fn succeed(m: &mut PrimaryMachine, now_ms: u64) {
+        ok(
+            m,
+            Event::CycleSucceeded {
+                now_ms,
+                bytes: 1,
+                app_consistent: false,
+                pending_bytes: None,
+                disk_sizes: None,
+            },
+        );
+    }
+
+    /// Which states accept `verify`: only Replicating between or during cycles, and not
+    /// while a planned failover's final cycle runs.
+    #[test]
+    fn verify_state_table() {
+        let table: &[(S, Result<(), Refusal>)] = &[
+            (S::Replicating, Ok(())),
+            (S::Disabled, Err(Refusal::NotEnabled { op: Op::Verify })),
+            (
+                S::ReadyForInitialReplication,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::ReadyForInitialReplication,
+                }),
+            ),
+            (
+                S::InitialReplicationInProgress,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::InitialReplicationInProgress,
+                }),
+            ),
+            (
+                S::Suspended,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::Suspended,
+                }),
+            ),
+            (
+                S::Error,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::Error,
+                }),
+            ),
+            (
+                S::WaitingForStartResynchronize,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::WaitingForStartResynchronize,
+                }),
+            ),
+            (
+                S::Resynchronizing,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::Resynchronizing,
+                }),
+            ),
+            (
+                S::ResynchronizeSuspended,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::ResynchronizeSuspended,
+                }),
+            ),
+            (
+                S::PreparedForFailover,
+                Err(Refusal::State {
+                    op: Op::Verify,
+                    state: S::PreparedForFailover,
+                }),
+            ),
+        ];
+        for (state, want) in table {
+            let mut m = restored(*state, Schedule::every(F));
+            let before = m.clone();
+            match (m.step(Event::Verify { now_ms: 5_000 }), want) {
+                (Ok(a), Ok(())) => {
+                    assert_eq!(
+                        verify_start(&a),
+                        Some((4, Some(3), CycleKind::Incremental, true)),
+                        "{state}"
+                    );
+                    assert!(m.verify_pending() && m.running_verify(), "{state}");
+                }
+                (Err(r), Err(w)) => {
+                    assert_eq!(&r, w, "{state}");
+                    assert_eq!(m, before, "a refused verify changes nothing ({state})");
+                }
+                (got, want) => panic!("{state}: got {got:?}, want {want:?}"),
+            }
+        }
+        // Not during a planned failover's final cycle.
+        let mut m = restored(S::Replicating, Schedule::every(F));
+        ok(&mut m, Event::PrepareFailover { now_ms: 1 });
+        assert_eq!(
+            m.step(Event::Verify { now_ms: 2 }),
+            Err(Refusal::State {
+                op: Op::Verify,
+                state: S::Replicating
+            })
+        );
+    }
+
+    /// A matching verify: the cycle is a normal incremental cycle marked `verify`, never
+    /// app-consistent; its report keeps the VM replicating and records the time.
+    #[test]
+    fn matching_verify_keeps_replicating() {
+        let mut s = Schedule::every(F);
+        s.app_consistent_every_ms = 1;
+        let mut m = restored(S::Replicating, s);
+        let a = ok(&mut m, Event::Verify { now_ms: 10_000 });
+        assert!(a.iter().any(|x| matches!(
+            x,
+            Action::StartCycle {
+                verify: true,
+                app_consistent: false,
+                ..
+            }
+        )));
+        succeed(&mut m, 11_000);
+        assert!(m.verify_pending(), "pending until the comparison reports");
+        ok(
+            &mut m,
+            Event::Verified {
+                now_ms: 12_000,
+                mismatched_blocks: 0,
+                mismatch: None,
+            },
+        );
+        assert_eq!(m.state(), S::Replicating);
+        assert!(!m.verify_pending());
+        assert_eq!(m.last_verify_ms(), Some(12_000));
+        assert_eq!(m.verify_mismatch(), None);
+        // The next scheduled cycle is an ordinary one.
+        let a = ok(&mut m, Event::Tick { now_ms: 50_000 });
+        assert_eq!(
+            verify_start(&a),
+            Some((5, Some(4), CycleKind::Incremental, false))
+        );
+    }
+
+    /// A mismatch: Critical, no more incremental cycles, `resume --resync` runs a resync that
+    /// must read the replica's data, and its success repairs it.
+    #[test]
+    fn mismatch_waits_for_a_resync_that_repairs_it() {
+        let mut m = restored(S::Replicating, Schedule::every(F));
+        ok(&mut m, Event::Verify { now_ms: 10_000 });
+        succeed(&mut m, 11_000);
+        let a = ok(
+            &mut m,
+            Event::Verified {
+                now_ms: 12_000,
+                mismatched_blocks: 1,
+                mismatch: Some("disk0: 1 of 512 blocks differ".into()),
+            },
+        );
+        assert!(a.contains(&Action::Persist));
+        assert_eq!(m.state(), S::WaitingForStartResynchronize);
+        assert_eq!(m.verify_mismatch(), Some("disk0: 1 of 512 blocks differ"));
+        assert_eq!(m.stats().last_verify_mismatched_blocks, Some(1));
+        // `measure --reset` keeps the last verification.
+        ok(&mut m, Event::ResetStats { now_ms: 12_500 });
+        assert_eq!(m.stats().last_verify_mismatched_blocks, Some(1));
+        assert_eq!(m.last_verify_ms(), Some(12_000));
+        let h = crate::primary_health(
+            m.state(),
+            m.stats(),
+            m.consecutive_failures(),
+            m.last_error(),
+            13_000,
+        );
+        assert_eq!(h.health, Health::Critical);
+        assert!(
+            h.reason().contains("1 of 512 blocks differ"),
+            "{}",
+            h.reason()
+        );
+        // Time passing starts nothing, and verify is refused meanwhile.
+        assert!(ok(&mut m, Event::Tick { now_ms: 500_000 }).is_empty());
+        assert!(m.step(Event::Verify { now_ms: 500_001 }).is_err());
+        // The mark survives a restart.
+        let mut m = PrimaryMachine::restore(Schedule::every(F), m.snapshot());
+        assert_eq!(m.verify_mismatch(), Some("disk0: 1 of 512 blocks differ"));
+        let a = ok(
+            &mut m,
+            Event::ResumeResync {
+                now_ms: 600_000,
+                at_ms: None,
+            },
+        );
+        assert_eq!(
+            verify_start(&a),
+            Some((5, Some(4), CycleKind::Resync, false))
+        );
+        // A failed resync keeps the mark.
+        ok(
+            &mut m,
+            Event::CycleFailed {
+                now_ms: 600_100,
+                failure: Failure::Retryable("network".into()),
+            },
+        );
+        assert!(m.verify_mismatch().is_some());
+        let a = ok(&mut m, Event::Tick { now_ms: 700_000 });
+        assert_eq!(verify_start(&a).map(|x| x.2), Some(CycleKind::Resync));
+        succeed(&mut m, 700_500);
+        assert_eq!(m.state(), S::Replicating);
+        assert_eq!(m.verify_mismatch(), None);
+    }
+
+    /// `verify` while a cycle runs marks the next cycle; a failed verify cycle is retried as a
+    /// verify cycle; a pause forgets the request.
+    #[test]
+    fn verify_during_a_cycle_failure_and_pause() {
+        let mut m = restored(S::Replicating, Schedule::every(F));
+        let a = ok(&mut m, Event::Tick { now_ms: 1_000 });
+        assert_eq!(verify_start(&a).map(|x| x.3), Some(false));
+        assert!(ok(&mut m, Event::Verify { now_ms: 1_500 }).is_empty());
+        assert!(m.verify_pending() && !m.running_verify());
+        succeed(&mut m, 2_000);
+        let a = ok(&mut m, Event::Tick { now_ms: 2_100 });
+        assert_eq!(
+            verify_start(&a).map(|x| x.3),
+            Some(true),
+            "the verify cycle follows at once"
+        );
+        ok(
+            &mut m,
+            Event::CycleFailed {
+                now_ms: 31_500,
+                failure: Failure::Retryable("network".into()),
+            },
+        );
+        assert!(m.verify_pending());
+        let a = ok(&mut m, Event::Tick { now_ms: 40_000 });
+        assert_eq!(
+            verify_start(&a).map(|x| x.3),
+            Some(true),
+            "the retry verifies"
+        );
+        ok(&mut m, Event::Pause { now_ms: 40_100 });
+        assert!(!m.verify_pending());
+        let a = ok(&mut m, Event::Resume { now_ms: 40_200 });
+        assert_eq!(verify_start(&a).map(|x| x.3), Some(false));
+    }
+
+    /// `--verify-every`: the first incremental cycle verifies (no verification yet), then one
+    /// cycle per interval counted from the last report.
+    #[test]
+    fn verify_every_schedules_verify_cycles() {
+        const H: u64 = 3_600_000;
+        let mut s = Schedule::every(F);
+        s.verify_every_ms = H;
+        let mut m = restored(S::Replicating, s);
+        let a = ok(&mut m, Event::Tick { now_ms: 1_000 });
+        assert_eq!(verify_start(&a).map(|x| x.3), Some(true));
+        succeed(&mut m, 2_000);
+        ok(
+            &mut m,
+            Event::Verified {
+                now_ms: 3_000,
+                mismatched_blocks: 0,
+                mismatch: None,
+            },
+        );
+        let mut t = 31_000;
+        let mut verified_at = Vec::new();
+        while t < 3 * H {
+            let a = ok(&mut m, Event::Tick { now_ms: t });
+            if let Some((_, _, _, v)) = verify_start(&a) {
+                succeed(&mut m, t + 10);
+                if v {
+                    verified_at.push(t);
+                    ok(
+                        &mut m,
+                        Event::Verified {
+                            now_ms: t + 20,
+                            mismatched_blocks: 0,
+                            mismatch: None,
+                        },
+                    );
+                }
+            }
+            t += F;
+        }
+        // Due an hour after the last report (3 000 ms), at the first cycle from then on.
+        assert_eq!(verified_at.len(), 2, "{verified_at:?}");
+        assert!(verified_at[0] >= 3_000 + H && verified_at[0] < 3_000 + H + F);
+        assert!(verified_at[1] >= verified_at[0] + 20 + H);
     }
 }

@@ -45,6 +45,8 @@ pub enum Op {
     CycleOutcome,
     /// `replica remove` (replica).
     Remove,
+    /// `verify` (primary).
+    Verify,
 }
 
 impl std::fmt::Display for Op {
@@ -68,6 +70,7 @@ impl std::fmt::Display for Op {
             Op::Import => "import",
             Op::CycleOutcome => "a cycle outcome",
             Op::Remove => "replica remove",
+            Op::Verify => "verify",
         })
     }
 }

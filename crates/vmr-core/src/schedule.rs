@@ -28,7 +28,14 @@ pub struct Schedule {
     pub auto_resync: Option<ResyncWindow>,
     /// How initial replication gets the first copy across.
     pub initial: InitialKind,
+    /// Verify the replica against the primary this often (ms, `--verify-every`); 0 = only
+    /// on demand.
+    pub verify_every_ms: u64,
 }
+
+/// Shortest `--verify-every`, seconds (one hour: a verification reads every disk on both
+/// sides).
+pub const MIN_VERIFY_EVERY_SECS: u64 = 3_600;
 
 /// How initial replication gets the first copy across (`enable --initial`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -89,6 +96,12 @@ pub enum InvalidEnable {
         /// The frequency.
         frequency_secs: u64,
     },
+    /// `--verify-every` below the minimum.
+    #[error("--verify-every {secs} s is below the {MIN_VERIFY_EVERY_SECS} s (one hour) minimum")]
+    VerifyEvery {
+        /// The asked interval.
+        secs: u64,
+    },
     /// The export directory is not an absolute path.
     #[error("--initial export:{dir}: the directory must be an absolute path")]
     ExportDir {
@@ -120,6 +133,7 @@ impl Schedule {
             retry_max_ms: 60_000.min(frequency_ms.max(1_000)),
             auto_resync: None,
             initial: InitialKind::Network,
+            verify_every_ms: 0,
         }
     }
 
@@ -144,6 +158,11 @@ impl Schedule {
         if let Some(rpo) = args.rpo_alert_secs {
             crate::alert::check_rpo_alert(rpo, secs)?;
         }
+        if let Some(v) = args.verify_every_secs
+            && v < MIN_VERIFY_EVERY_SECS
+        {
+            return Err(InvalidEnable::VerifyEvery { secs: v });
+        }
         let initial = match &args.initial {
             InitialMode::Network => InitialKind::Network,
             InitialMode::Existing => InitialKind::Existing,
@@ -158,6 +177,7 @@ impl Schedule {
         s.app_consistent_every_ms = u64::from(hours) * 3_600_000;
         s.auto_resync = args.auto_resync;
         s.initial = initial;
+        s.verify_every_ms = args.verify_every_secs.unwrap_or(0).saturating_mul(1000);
         Ok(s)
     }
 }
@@ -180,6 +200,7 @@ mod tests {
             auto_resync: None,
             initial: InitialMode::Network,
             rpo_alert_secs: None,
+            verify_every_secs: None,
         }
     }
 
@@ -211,6 +232,17 @@ mod tests {
                 Some(InvalidEnable::FrequencyTooLong { secs: u64::MAX }),
             ),
             ("rpo alert 60 s", |a| a.rpo_alert_secs = Some(60), None),
+            (
+                "verify weekly",
+                |a| a.verify_every_secs = Some(7 * 86_400),
+                None,
+            ),
+            ("verify hourly", |a| a.verify_every_secs = Some(3_600), None),
+            (
+                "verify more often than hourly",
+                |a| a.verify_every_secs = Some(3_599),
+                Some(InvalidEnable::VerifyEvery { secs: 3_599 }),
+            ),
             (
                 "rpo alert = frequency",
                 |a| a.rpo_alert_secs = Some(30),

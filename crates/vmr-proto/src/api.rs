@@ -119,6 +119,14 @@ pub struct ReplicationStats {
     /// When the last replicated (primary: acknowledged; replica: applied) point was cut, ms
     /// since the epoch: the lag is now minus this. Kept by `measure --reset`.
     pub last_point_cut_ms: Option<u64>,
+    /// Primary: when the last verification (`vmreplica verify`, `--verify-every`) compared the
+    /// replica with the primary, ms since the epoch. Kept by `measure --reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_ms: Option<u64>,
+    /// Primary: how many 64 KiB blocks differed at that verification (0: the replica matched).
+    /// Kept by `measure --reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_mismatched_blocks: Option<u64>,
 }
 
 impl ReplicationStats {
@@ -451,6 +459,19 @@ pub enum Request {
         /// VM name.
         name: String,
     },
+    /// `vmreplica verify`: compare the replica's point with the primary's content at its cut
+    /// by block hashes (primary), or check the replica's layers alone (`local`, replica).
+    Verify {
+        /// VM name.
+        name: String,
+        /// The point to verify; `None` = the latest (the only one that can be verified).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        point: Option<u64>,
+        /// `--local`: on the replica, check every layer's qcow2 metadata and the stored
+        /// block-hash indexes, without the primary.
+        #[serde(default)]
+        local: bool,
+    },
     /// Recovery points of a replica VM.
     Points {
         /// VM name.
@@ -656,6 +677,10 @@ pub struct EnableArgs {
     /// `None` = twice the frequency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo_alert_secs: Option<u64>,
+    /// Verify the replica against the primary by block hashes every this many seconds
+    /// (`--verify-every`, `docs/verify.md`); `None` = only on `vmreplica verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_every_secs: Option<u64>,
 }
 
 /// How initial replication gets the first copy to the replica.
@@ -801,6 +826,94 @@ pub enum Response {
     },
 }
 
+/// What `vmreplica verify` found for one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskVerify {
+    /// Disk id.
+    pub disk: String,
+    /// The disk's size at the cut, bytes.
+    pub size: u64,
+    /// Blocks compared (64 KiB each; the last may be shorter).
+    pub blocks: u64,
+    /// Blocks whose hashes differ.
+    pub mismatched_blocks: u64,
+    /// The differing byte ranges as (offset, length), merged, in order (all of them).
+    pub mismatched: Vec<(u64, u64)>,
+}
+
+/// The result of `vmreplica verify NAME` (primary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// VM name.
+    pub name: String,
+    /// The replica's recovery point compared (the verify cycle's own point).
+    pub point: u64,
+    /// When the cut was taken, ms since the epoch.
+    pub cut_ms: u64,
+    /// Block size compared, bytes.
+    pub block_size: u64,
+    /// Per disk.
+    pub disks: Vec<DiskVerify>,
+}
+
+impl VerifyReport {
+    /// Differing blocks over all disks.
+    pub fn mismatched_blocks(&self) -> u64 {
+        self.disks.iter().map(|d| d.mismatched_blocks).sum()
+    }
+
+    /// One line per disk: counts and the first `first` ranges.
+    pub fn summary(&self, first: usize) -> String {
+        let mut out = Vec::new();
+        for d in &self.disks {
+            let mut line = format!(
+                "{}: {} of {} blocks differ",
+                d.disk, d.mismatched_blocks, d.blocks
+            );
+            if !d.mismatched.is_empty() {
+                let shown: Vec<String> = d
+                    .mismatched
+                    .iter()
+                    .take(first)
+                    .map(|(o, l)| format!("{o}+{l}"))
+                    .collect();
+                line.push_str(&format!(" (bytes {}", shown.join(", ")));
+                if d.mismatched.len() > first {
+                    line.push_str(&format!(", and {} more ranges", d.mismatched.len() - first));
+                }
+                line.push(')');
+            }
+            out.push(line);
+        }
+        out.join("; ")
+    }
+}
+
+/// What `vmreplica verify NAME --local` checked of one file (replica).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalCheck {
+    /// Disk id.
+    pub disk: String,
+    /// The file checked (a qcow2 layer or a point's block-hash index), relative to the VM's
+    /// store directory.
+    pub file: String,
+    /// `qcow2` (`qemu-img check`) or `hash-index` (its version, identity and checksum).
+    pub kind: String,
+    /// Passed.
+    pub ok: bool,
+    /// What the check said when it failed (empty when it passed).
+    pub detail: String,
+}
+
+/// The result of `vmreplica verify NAME --local` (replica).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalVerifyReport {
+    /// VM name.
+    pub name: String,
+    /// Every file checked.
+    pub checks: Vec<LocalCheck>,
+}
+
 /// A recovery point as shown by `vmreplica points`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointInfo {
@@ -878,6 +991,11 @@ pub struct BlockHashesRequest {
     pub count: u64,
     /// The point the earlier calls of this resync used; refused if it is no longer the latest.
     pub point: Option<u64>,
+    /// Read and hash the point's data instead of answering from its block-hash index
+    /// (verification, and a resynchronization after a verification found a mismatch: the
+    /// index records what was written, not what the layer holds now).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read: bool,
 }
 
 /// Answer to [`BlockHashesRequest`].

@@ -82,6 +82,9 @@ pub enum EventKind {
     AgentStarted,
     /// The agent is stopping (host-wide).
     AgentStopped,
+    /// A verification found the replica's point differing from the primary (Critical; fields
+    /// `point`, `mismatched_blocks`, `ranges`: per disk, every differing byte range).
+    VerifyMismatch,
 }
 
 impl EventKind {
@@ -105,6 +108,7 @@ impl EventKind {
             EventKind::Reversed => "reversed",
             EventKind::AgentStarted => "agent-started",
             EventKind::AgentStopped => "agent-stopped",
+            EventKind::VerifyMismatch => "verify-mismatch",
         }
     }
 
@@ -115,7 +119,7 @@ impl EventKind {
 }
 
 /// Every event kind.
-pub const ALL_KINDS: [EventKind; 17] = [
+pub const ALL_KINDS: [EventKind; 18] = [
     EventKind::StateChanged,
     EventKind::HealthChanged,
     EventKind::CycleFailed,
@@ -133,6 +137,7 @@ pub const ALL_KINDS: [EventKind; 17] = [
     EventKind::Reversed,
     EventKind::AgentStarted,
     EventKind::AgentStopped,
+    EventKind::VerifyMismatch,
 ];
 
 impl std::fmt::Display for EventKind {

@@ -36,6 +36,11 @@ pub struct PrimarySnapshot {
     pub initial_at_ms: Option<u64>,
     /// State to return to on resume.
     pub paused_from: Option<ReplicationState>,
+    /// The last verification found the replica's point differing from the primary (its
+    /// summary): the next resynchronization reads the replica's data instead of trusting its
+    /// block-hash index. Cleared by a successful resynchronization.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_mismatch: Option<String>,
 }
 
 impl Default for PrimarySnapshot {
@@ -48,6 +53,7 @@ impl Default for PrimarySnapshot {
             last_error: None,
             initial_at_ms: None,
             paused_from: None,
+            verify_mismatch: None,
         }
     }
 }
@@ -119,6 +125,7 @@ mod tests {
             last_error: Some("x".into()),
             initial_at_ms: Some(5),
             paused_from: Some(ReplicationState::Replicating),
+            verify_mismatch: Some("1 block".into()),
         };
         let text = serde_json::to_string(&p).expect("json");
         assert_eq!(

@@ -496,6 +496,7 @@ mod tests {
                 first_block: 0,
                 count: 16,
                 point: None,
+                read: true,
             }),
             PeerRequest::DisableReplica { uuid },
         ]

@@ -132,6 +132,7 @@ impl From<VmRecordV1> for VmRecord {
                 last_error: r.last_error,
                 initial_at_ms: r.initial_at_ms,
                 paused_from: r.paused_from,
+                ..Default::default()
             }),
             ReplicationMode::Replica => MachineSnapshot::Replica(ReplicaSnapshot {
                 state: r.state,

@@ -115,10 +115,38 @@ impl Store {
         first_block: u64,
         count: u64,
     ) -> Result<BlockHashes, StoreError> {
+        self.block_hashes(vm, disk, (disk_size, block_size, first_block, count), true)
+            .await
+    }
+
+    /// [`Self::resync_hashes`] without the block-hash index: every block is read through
+    /// the layer and hashed (`vmreplica verify`, and a resync after a verification found a
+    /// mismatch: the index records what the cycles wrote, not what the layer holds now).
+    pub async fn resync_hashes_read(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        disk_size: u64,
+        block_size: u64,
+        first_block: u64,
+        count: u64,
+    ) -> Result<BlockHashes, StoreError> {
+        self.block_hashes(vm, disk, (disk_size, block_size, first_block, count), false)
+            .await
+    }
+
+    async fn block_hashes(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        (disk_size, block_size, first_block, count): (u64, u64, u64, u64),
+        use_index: bool,
+    ) -> Result<BlockHashes, StoreError> {
         check_request(disk_size, block_size, first_block, count)?;
-        if let Some(h) = self
-            .hashes_from_index(vm, disk, disk_size, block_size, first_block, count)
-            .await?
+        if use_index
+            && let Some(h) = self
+                .hashes_from_index(vm, disk, disk_size, block_size, first_block, count)
+                .await?
         {
             return Ok(h);
         }

@@ -25,7 +25,7 @@ pub use retention::{PointMeta, retention};
 #[cfg(feature = "failpoints")]
 pub use storage::FaultStorage;
 pub use store::{
-    ImageFormat, ImportImage, ImportPos, ImportProgress, LayerWriter, Store, View, VmUsage,
-    find_images,
+    CheckKind, FileCheck, ImageFormat, ImportImage, ImportPos, ImportProgress, LayerWriter, Store,
+    View, VmUsage, find_images,
 };
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

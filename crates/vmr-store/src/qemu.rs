@@ -50,6 +50,40 @@ async fn qemu_img_once(cwd: &Path, args: &[&str]) -> Result<String, StoreError> 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `qemu-img check -U` of the qcow2 layer `file` in `dir` (its own metadata: header, L1/L2
+/// and refcount tables; not its backing files' data). `None` when it passed (leaked clusters,
+/// which an interrupted write leaves and which cost only space, pass); otherwise what
+/// `qemu-img` said. Running `qemu-img` at all failing is an error.
+pub(crate) async fn qemu_img_check(dir: &Path, file: &str) -> Result<Option<String>, StoreError> {
+    let mut cmd = Command::new("qemu-img");
+    let _lock = die_with_parent(&mut cmd, dir);
+    let out = cmd
+        .args(["check", "-U", "-f", "qcow2", file])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| StoreError::tool("qemu-img", format!("cannot run qemu-img: {e}")))?;
+    // 0: no errors; 3: leaked clusters only; 2: corruptions; 1: not checkable (e.g. the
+    // header is damaged); 63: the format does not support checks.
+    Ok(match out.status.code() {
+        Some(0 | 3) => None,
+        code => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = text.trim();
+            Some(format!(
+                "qemu-img check exited with {}: {}",
+                code.map_or_else(|| "a signal".to_owned(), |c| c.to_string()),
+                if text.is_empty() { "no output" } else { text }
+            ))
+        }
+    })
+}
+
 /// Create a qcow2 layer `file` in `dir`, on top of `backing` (a file name in the same
 /// directory, stored relative) when given. `unsafe_backing` skips opening the backing file.
 pub(crate) async fn create_layer(

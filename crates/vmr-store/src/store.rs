@@ -36,8 +36,11 @@ mod cycle;
 mod import;
 mod indexed;
 mod resync;
+mod verify;
+
 pub use cycle::LayerWriter;
 pub use import::{ImageFormat, ImportImage, ImportPos, ImportProgress, find_images};
+pub use verify::{CheckKind, FileCheck};
 
 /// Name of the VM definition file.
 const DEFINITION: &str = "vm.toml";

@@ -681,6 +681,7 @@ fn hashes_request(first_block: u64, count: u64) -> BlockHashesRequest {
         first_block,
         count,
         point: Some(7),
+        read: false,
     }
 }
 

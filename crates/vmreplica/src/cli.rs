@@ -166,6 +166,23 @@ pub enum Command {
         /// VM name.
         name: String,
     },
+    /// On the primary: compare the replica with the primary by block hashes (a verify cycle:
+    /// a new point is cut and shipped as usual, then every 64 KiB block of the cut is compared
+    /// with the replica's new point, read from its disks). Changes nothing else; prints the
+    /// matching and differing blocks per disk (`--json`: every differing range). Exit code 7
+    /// when anything differs. On the replica, `--local` checks every layer (`qemu-img check`)
+    /// and every point's block-hash index without the primary.
+    Verify {
+        /// VM name.
+        name: String,
+        /// A recovery point other than the one the verify cycle makes (refused: only a new cut
+        /// can be compared; see docs/verify.md).
+        #[arg(long, value_name = "ID")]
+        point: Option<u64>,
+        /// On the replica: check the layers and indexes alone.
+        #[arg(long, conflicts_with = "point")]
+        local: bool,
+    },
     /// On the replica: load a copy of a replica VM's disks from DIR: an initial copy exported
     /// by the primary (`enable --initial export:DIR`), or disk images `<disk>.qcow2|raw|img`
     /// for `enable --initial existing`.
@@ -485,6 +502,10 @@ pub struct EnableCmd {
     /// `vmreplica set NAME --rpo-alert`.
     #[arg(long, value_name = "DURATION")]
     pub rpo_alert: Option<String>,
+    /// Verify the replica against the primary by block hashes every DURATION (`7d`, `24h`;
+    /// at least `1h`): the next cycle after it is due is a verify cycle (`vmreplica verify`).
+    #[arg(long, value_name = "DURATION")]
+    pub verify_every: Option<String>,
     /// Without a terminal, when the initial copy starts at once: wait for it (or the export)
     /// to end, printing progress lines (exit code 1 when it fails). On a terminal a progress
     /// bar follows it anyway.

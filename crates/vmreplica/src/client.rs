@@ -260,6 +260,12 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                     .map(parse_duration_secs)
                     .transpose()
                     .map_err(|m| coded(exit::USAGE, m))?,
+                verify_every_secs: e
+                    .verify_every
+                    .as_deref()
+                    .map(parse_duration_secs)
+                    .transpose()
+                    .map_err(|m| coded(exit::USAGE, m))?,
             })
         }
         Command::Set { name, rpo_alert } => Request::SetRpoAlert {
@@ -300,6 +306,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Resume { name, .. } => Request::Resume { name },
         Command::Disable { name } => Request::Disable { name },
         Command::Points { name } => Request::Points { name },
+        Command::Verify { name, point, local } => Request::Verify { name, point, local },
         Command::Import { name, from } => Request::Import {
             name,
             dir: absolute(&from),
@@ -419,5 +426,8 @@ pub fn run(dir: &Path, cmd: Command, json: bool) -> anyhow::Result<()> {
     }
     let value = call(dir, &req)?;
     crate::output::print(kind, &value, json);
+    if let Some(differs) = crate::output::verify_failed(&value) {
+        return Err(coded(exit::MISMATCH, differs));
+    }
     Ok(())
 }

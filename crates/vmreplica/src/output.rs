@@ -23,6 +23,8 @@ pub enum Kind {
     Failover,
     /// A list of [`vmr_proto::event::Event`] (`events`).
     Events,
+    /// A [`vmr_proto::api::VerifyReport`] or [`vmr_proto::api::LocalVerifyReport`].
+    Verify,
     /// Anything else: a message or raw JSON.
     Plain,
 }
@@ -38,6 +40,7 @@ impl Kind {
             Command::Server(crate::cli::ServerCmd::Show) => Kind::Server,
             Command::Failover(_) | Command::Reverse { .. } => Kind::Failover,
             Command::Events { .. } => Kind::Events,
+            Command::Verify { .. } => Kind::Verify,
             _ => Kind::Plain,
         }
     }
@@ -172,8 +175,107 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
                 Err(_) => print_plain(value),
             }
         }
+        Kind::Verify => print_verify(value),
         Kind::Plain => print_plain(value),
     }
+}
+
+/// How many differing ranges per disk the table shows (`--json` has all).
+const RANGES_SHOWN: usize = 8;
+
+fn print_verify(value: &Value) {
+    if let Ok(r) = serde_json::from_value::<vmr_proto::api::VerifyReport>(value.clone()) {
+        println!(
+            "{}: point {} (cut {}) compared with the primary, {} KiB blocks",
+            r.name,
+            r.point,
+            fmt_time(r.cut_ms),
+            r.block_size >> 10
+        );
+        println!(
+            "{:<16} {:>10} {:>10} {:>10}  FIRST DIFFERING RANGES (offset+length)",
+            "DISK", "BLOCKS", "MATCH", "DIFFER"
+        );
+        for d in &r.disks {
+            let mut shown: Vec<String> = d
+                .mismatched
+                .iter()
+                .take(RANGES_SHOWN)
+                .map(|(o, l)| format!("{o}+{l}"))
+                .collect();
+            if d.mismatched.len() > RANGES_SHOWN {
+                shown.push(format!("... {} more", d.mismatched.len() - RANGES_SHOWN));
+            }
+            println!(
+                "{:<16} {:>10} {:>10} {:>10}  {}",
+                d.disk,
+                d.blocks,
+                d.blocks - d.mismatched_blocks,
+                d.mismatched_blocks,
+                if shown.is_empty() {
+                    "-".to_owned()
+                } else {
+                    shown.join(", ")
+                }
+            );
+        }
+        return;
+    }
+    if let Ok(r) = serde_json::from_value::<vmr_proto::api::LocalVerifyReport>(value.clone()) {
+        println!("{}: {} files checked", r.name, r.checks.len());
+        println!("{:<16} {:<11} {:<6} FILE", "DISK", "KIND", "RESULT");
+        for c in &r.checks {
+            println!(
+                "{:<16} {:<11} {:<6} {}{}",
+                c.disk,
+                c.kind,
+                if c.ok { "ok" } else { "FAILED" },
+                c.file,
+                if c.ok {
+                    String::new()
+                } else {
+                    format!(": {}", c.detail)
+                }
+            );
+        }
+        return;
+    }
+    print_plain(value);
+}
+
+/// `verify`'s answer says something differs or failed its check: what, for the error (exit
+/// code 7); `None` when everything matched or the answer is not a verification report.
+pub fn verify_failed(value: &Value) -> Option<String> {
+    if let Ok(r) = serde_json::from_value::<vmr_proto::api::VerifyReport>(value.clone()) {
+        let n = r.mismatched_blocks();
+        return (n > 0).then(|| {
+            format!(
+                "{}: the replica's point {} differs from the primary in {n} block(s): {}; \
+                 `vmreplica resume --resync {}` repairs it",
+                r.name,
+                r.point,
+                r.summary(4),
+                r.name
+            )
+        });
+    }
+    if let Ok(r) = serde_json::from_value::<vmr_proto::api::LocalVerifyReport>(value.clone()) {
+        let bad: Vec<&str> = r
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.file.as_str())
+            .collect();
+        return (!bad.is_empty()).then(|| {
+            format!(
+                "{}: {} file(s) failed their check: {}",
+                r.name,
+                bad.len(),
+                bad.join(", ")
+            )
+        });
+    }
+    None
 }
 
 fn print_failover(r: &vmr_proto::api::FailoverResult) {
