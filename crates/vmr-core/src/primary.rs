@@ -45,7 +45,9 @@ pub enum Failure {
     Retryable(String),
     /// Change tracking was lost (capture said `ResyncRequired`).
     ResyncRequired(String),
-    /// The replica refused the cycle's base.
+    /// The replica refused the cycle's base: an incremental cycle asks the replica what it
+    /// holds and is retried (a lost acknowledgement is adopted; anything else needs a
+    /// resynchronization); a resync compares again; a full cycle needs a resynchronization.
     WrongBase(String),
     /// Not recoverable by retrying (unauthorized, trust group, VM unknown on the replica).
     Fatal(String),
@@ -630,7 +632,9 @@ impl PrimaryMachine {
                         state,
                     });
                 };
-                self.fail(run, now_ms, failure);
+                if self.fail(run, now_ms, failure) {
+                    out.push(Action::QueryReplica);
+                }
                 out.push(Action::Persist);
             }
             Event::Pause { now_ms } => {
@@ -849,7 +853,10 @@ impl PrimaryMachine {
         }
     }
 
-    fn fail(&mut self, run: Running, now_ms: u64, failure: Failure) {
+    /// Record a failed cycle; true when the replica must be asked what it holds (an
+    /// incremental cycle whose base it refused: most often its acknowledgement was lost while
+    /// the replica still committed it, and the replica's answer adopts that cycle).
+    fn fail(&mut self, run: Running, now_ms: u64, failure: Failure) -> bool {
         use ReplicationState as S;
         self.account_missed(now_ms);
         self.stats.errors += 1;
@@ -864,10 +871,17 @@ impl PrimaryMachine {
         });
         // A resync compares against whatever the replica holds: a refused base or lost
         // tracking just means comparing again.
+        // An incremental cycle's refused base is not a lost change: the replica holds another
+        // point than the primary thinks. Retried after the replica's answer (`ReplicaHas`),
+        // which adopts the cycle the replica committed without acknowledging it, or asks for a
+        // resynchronization when the replica holds anything else. (The driver also asks before
+        // every incremental cycle.)
+        let ask = run.kind == CycleKind::Incremental && matches!(failure, Failure::WrongBase(_));
         let failure = match failure {
             Failure::ResyncRequired(m) | Failure::WrongBase(m) if run.kind == CycleKind::Resync => {
                 Failure::Retryable(m)
             }
+            Failure::WrongBase(m) if ask => Failure::Retryable(m),
             f => f,
         };
         match failure {
@@ -886,6 +900,7 @@ impl PrimaryMachine {
             }
             Failure::Fatal(_) => self.state = S::Error,
         }
+        ask
     }
 
     fn replica_has(&mut self, now_ms: u64, latest: Option<CycleId>, out: &mut Vec<Action>) {
@@ -1368,14 +1383,49 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_base_asks_the_replica_which_adopts_an_unacknowledged_cycle_or_resyncs() {
+        // The acknowledgement of cycle 2 was lost while the replica committed it; the retry
+        // (cycle 2 again, on base 1) is refused: the replica's answer decides.
+        for (latest, want, adopted) in [
+            (Some(2), S::Replicating, Some(2)),
+            (Some(1), S::Replicating, Some(1)),
+            (Some(5), S::WaitingForStartResynchronize, Some(1)),
+            (None, S::WaitingForStartResynchronize, Some(1)),
+        ] {
+            let mut m = enabled();
+            m.run(Event::CycleSucceeded {
+                now_ms: 1_000,
+                bytes: 1,
+                app_consistent: false,
+                pending_bytes: None,
+                disk_sizes: None,
+            });
+            let a = m.run(Event::Tick { now_ms: 30_000 });
+            assert_eq!(start_of(&a).map(|s| (s.0, s.1)), Some((2, Some(1))));
+            let a = m.run(Event::CycleFailed {
+                now_ms: 30_001,
+                failure: Failure::WrongBase("base 1 != 2".into()),
+            });
+            assert!(a.contains(&Action::QueryReplica), "{a:?}");
+            assert_eq!(m.state(), S::Replicating, "not a resync yet");
+            m.run(Event::ReplicaHas {
+                now_ms: 30_002,
+                latest,
+            });
+            assert_eq!((m.state(), m.last_cycle()), (want, adopted), "{latest:?}");
+            if want == S::Replicating {
+                let next = adopted.map_or(1, |c| c + 1);
+                let a = m.run(Event::Tick { now_ms: 1_000_000 });
+                assert_eq!(start_of(&a).map(|s| (s.0, s.1)), Some((next, adopted)));
+            }
+        }
+    }
+
+    #[test]
     fn failures_by_class() {
         let table = [
             (
                 Failure::ResyncRequired("bitmap inconsistent".into()),
-                S::WaitingForStartResynchronize,
-            ),
-            (
-                Failure::WrongBase("base 3 != 4".into()),
                 S::WaitingForStartResynchronize,
             ),
             (Failure::Fatal("unauthorized".into()), S::Error),
