@@ -424,7 +424,15 @@ fn control(root: &Path) {
             auto_resync: None,
             initial: Default::default(),
             rpo_alert_secs: Some(120),
+            retain: None,
         }),
+        Request::SetRetention {
+            name: "demo-vm".into(),
+            policy: vmr_proto::store::RetentionPolicy {
+                grid: vmr_proto::retain::RetentionGrid::parse("10s=3,1min=2", false).ok(),
+                ..Default::default()
+            },
+        },
         Request::FailoverStart {
             name: "demo-vm".into(),
             point: Some(42),
@@ -456,7 +464,8 @@ fn control(root: &Path) {
                 size: 1 << 30,
             }],
             frequency_secs: 30,
-            recovery_points: 4,
+            recovery_points: 0,
+            retain: vmr_proto::retain::RetentionGrid::parse("1h=24,1d=7,1w=4,1mo=12", true).ok(),
         }),
         PeerRequest::ResyncHashes(vmr_proto::api::BlockHashesRequest {
             uuid,

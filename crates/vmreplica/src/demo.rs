@@ -213,6 +213,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             auto_resync: None,
             initial: Default::default(),
             rpo_alert_secs: None,
+            retain: None,
         }))
     })?;
     println!(
@@ -302,6 +303,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let pts = blocking(|| {
         b.ctl(&Request::Points {
             name: def.name.clone(),
+            estimate: None,
         })
     })?;
     println!("\nrecovery points on host-b:");
