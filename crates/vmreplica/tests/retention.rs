@@ -142,7 +142,9 @@ fn grid_keeps_the_expected_points_and_changes_at_run_time() -> TestResult {
     );
 
     // At run time, from the primary: the replica has it at once (its points show what the
-    // next prune drops) and applies it at that prune.
+    // next prune drops) and applies it at that prune. Paused meanwhile, so that no cycle
+    // lands between the change and the look at what it will drop.
+    p.a.ok(&["pause", "ret1"])?;
     let out = p.a.ok(&["set", "ret1", "--retain", "1min=1"])?;
     assert!(out.contains("1min=1"), "{out}");
     let st: serde_json::Value = serde_json::from_str(&p.b.json(&["status", "ret1"])?)?;
@@ -159,6 +161,7 @@ fn grid_keeps_the_expected_points_and_changes_at_run_time() -> TestResult {
     );
     let text = p.b.ok(&["points", "ret1"])?;
     assert!(text.contains("(pruned next)"), "{text}");
+    p.a.ok(&["resume", "ret1"])?;
     let mut after = Vec::new();
     wait_until(LONG, "the next point, pruned by the new policy", || {
         after = points(&p.b, "ret1", &[])?;
