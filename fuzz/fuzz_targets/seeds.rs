@@ -349,8 +349,9 @@ fn catalog(root: &Path) {
         vm: uuid::Uuid::from_u128(0x5eed),
         generation: 3,
         retention: RetentionPolicy {
-            hourly: 4,
+            hourly: 0,
             app_consistent_every_hours: Some(2),
+            grid: vmr_proto::retain::RetentionGrid::parse("1h=24,1d=7,1w=4,1mo=12", true).ok(),
         },
         points: vec![],
         views: vec![],
