@@ -349,8 +349,9 @@ fn catalog(root: &Path) {
         vm: uuid::Uuid::from_u128(0x5eed),
         generation: 3,
         retention: RetentionPolicy {
-            hourly: 4,
+            hourly: 0,
             app_consistent_every_hours: Some(2),
+            grid: vmr_proto::retain::RetentionGrid::parse("1h=24,1d=7,1w=4,1mo=12", true).ok(),
         },
         points: vec![],
         views: vec![],
@@ -425,7 +426,15 @@ fn control(root: &Path) {
             initial: Default::default(),
             rpo_alert_secs: Some(120),
             verify_every_secs: Some(7 * 86400),
+            retain: None,
         }),
+        Request::SetRetention {
+            name: "demo-vm".into(),
+            policy: vmr_proto::store::RetentionPolicy {
+                grid: vmr_proto::retain::RetentionGrid::parse("10s=3,1min=2", false).ok(),
+                ..Default::default()
+            },
+        },
         Request::FailoverStart {
             name: "demo-vm".into(),
             point: Some(42),
@@ -457,7 +466,8 @@ fn control(root: &Path) {
                 size: 1 << 30,
             }],
             frequency_secs: 30,
-            recovery_points: 4,
+            recovery_points: 0,
+            retain: vmr_proto::retain::RetentionGrid::parse("1h=24,1d=7,1w=4,1mo=12", true).ok(),
         }),
         PeerRequest::ResyncHashes(vmr_proto::api::BlockHashesRequest {
             uuid,

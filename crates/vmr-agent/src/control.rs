@@ -469,7 +469,16 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
         Request::Verify { name, point, local } => Ok(vm(agent, &name)?
             .ask(|r| Command::Verify(point, local, r))
             .await?),
-        Request::Points { name } => to_value(vm(agent, &name)?.ask(Command::Points).await?),
+        Request::Points { name, estimate } => to_value(
+            vm(agent, &name)?
+                .ask(|r| Command::Points(estimate, r))
+                .await?,
+        ),
+        Request::SetRetention { name, policy } => Ok(json!(
+            vm(agent, &name)?
+                .ask(|r| Command::SetRetention(Box::new(policy), r))
+                .await?
+        )),
         Request::Events { query, follow: _ } => to_value(events(agent, query).await?),
         Request::SetRpoAlert {
             name,

@@ -196,6 +196,7 @@ pub fn create_request(rec: &VmRecord, def: &VmDefinition, args: &EnableArgs) -> 
             .collect(),
         frequency_secs: args.frequency_secs,
         recovery_points: args.recovery_points,
+        retain: args.retain.clone(),
     }
 }
 

@@ -955,6 +955,7 @@ pub async fn reverse(
         initial: Default::default(),
         rpo_alert_secs: None,
         verify_every_secs: None,
+        retain: None,
     };
     let schedule = crate::primary::schedule_of(&args)?;
     let store = vm.host.store_of(&rec)?;

@@ -760,6 +760,7 @@ impl PrimarySide {
             recovery_points: None,
             last_point_ms,
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
+            retention: rec.enable.as_ref().map(EnableArgs::retention),
         }
     }
 
@@ -859,6 +860,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         recovery_points: None,
         last_point_ms: None,
         last_cycle_bytes: None,
+        retention: None,
     }
 }
 

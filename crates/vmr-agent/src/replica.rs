@@ -13,7 +13,7 @@ use vmr_proto::api::{
     CreateReplica, OperationKind, PointInfo, ReplicationMode, ReplicationState, VmStatus,
 };
 use vmr_proto::wire::RemoteError;
-use vmr_store::{RecoveryPoint, RetentionPolicy};
+use vmr_store::RecoveryPoint;
 
 use vmr_proto::machine::ReplicaSnapshot;
 use vmr_proto::record::MachineSnapshot;
@@ -195,13 +195,7 @@ impl ReplicaSide {
             .set_definition(vm.rec.uuid, &req.launch_toml)
             .map_err(store_err)?;
         store
-            .set_retention(
-                vm.rec.uuid,
-                RetentionPolicy {
-                    hourly: req.recovery_points,
-                    app_consistent_every_hours: None,
-                },
-            )
+            .set_retention(vm.rec.uuid, req.retention())
             .map_err(store_err)?;
         vm.rec.launch_toml = req.launch_toml;
         vm.rec.frequency_secs = Some(req.frequency_secs);
@@ -298,19 +292,47 @@ impl ReplicaSide {
     }
 
     /// Recovery points.
-    pub fn points(&self, vm: &Vm) -> Result<Vec<PointInfo>, AgentError> {
+    /// With `estimate`, what that policy would keep and what it would cost (nothing is
+    /// applied); else why the VM's own policy keeps each point.
+    pub fn points(
+        &self,
+        vm: &Vm,
+        estimate: Option<&vmr_store::RetentionPolicy>,
+    ) -> Result<Vec<PointInfo>, AgentError> {
+        if let Some(p) = estimate {
+            vmr_core::check_retention(p.hourly, p.grid.as_ref())?;
+        }
         let store = vm.host.store_of(&vm.rec)?;
-        Ok(store
-            .points(vm.rec.uuid)?
+        let points = store.points(vm.rec.uuid)?;
+        let mut plan = store.retention_plan(vm.rec.uuid, estimate, now_ms())?;
+        // The store never merges away a point a failover view pins, nor one below it: kept
+        // with no reason of the policy's.
+        if let Some(pinned) = points.iter().filter(|p| p.views > 0).map(|p| p.id).max() {
+            for p in points.iter().filter(|p| p.id <= pinned) {
+                plan.keep.entry(p.id).or_default();
+            }
+        }
+        let sizes: Vec<(u64, u64)> = points.iter().map(|p| (p.id, p.size_on_disk)).collect();
+        let estimated = vmr_store::estimate_sizes(&sizes, &plan);
+        Ok(points
             .into_iter()
-            .map(|p| PointInfo {
-                id: p.id,
-                time_ms: p.taken_at_ms,
-                kind: serde_json::to_value(p.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                size_bytes: p.size_on_disk,
+            .map(|p| {
+                let kept_because: Vec<String> = match plan.keep.get(&p.id) {
+                    Some(r) if r.is_empty() => vec!["view".to_owned()],
+                    Some(r) => r.iter().map(ToString::to_string).collect(),
+                    None => Vec::new(),
+                };
+                PointInfo {
+                    id: p.id,
+                    time_ms: p.taken_at_ms,
+                    kind: serde_json::to_value(p.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    size_bytes: p.size_on_disk,
+                    estimated_bytes: estimate.and_then(|_| estimated.get(&p.id).copied()),
+                    kept_because,
+                }
             })
             .collect())
     }
@@ -442,6 +464,11 @@ impl ReplicaSide {
             recovery_points: points.map(|p| p.0),
             last_point_ms: points.and_then(|p| p.1),
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
+            retention: vm
+                .host
+                .store_of(rec)
+                .ok()
+                .and_then(|s| s.retention_policy(rec.uuid).ok()),
         }
     }
 

@@ -10,7 +10,6 @@ use futures::StreamExt;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::CreateReplica;
 use vmr_proto::wire::{CycleAck, RemoteError};
-use vmr_store::RetentionPolicy;
 use vmr_transport::{Authorize, ExtentStream, Handler, Peer, PeerRequest, PeerResponse, Server};
 
 use crate::errors::{AgentError, internal, store_err};
@@ -131,10 +130,7 @@ impl PeerHandler {
             .host
             .store(std::path::Path::new(&entry.storage))
             .map_err(internal)?;
-        let policy = RetentionPolicy {
-            hourly: req.recovery_points,
-            app_consistent_every_hours: None,
-        };
+        let policy = req.retention();
         if store.vms().contains(&req.uuid) {
             // Kept by `replica remove --keep-data`: its points are the existing copy the new
             // replica VM starts from (the owner reads the latest one when it starts).

@@ -160,8 +160,9 @@ pub enum Command {
     StartInitial(Reply<StateChange>),
     /// Start or schedule a resynchronization (primary).
     ResumeResync(Option<u64>, Reply<StateChange>),
-    /// Recovery points (replica).
-    Points(Reply<Vec<PointInfo>>),
+    /// Recovery points (replica), with why the VM's policy (or the one given, for
+    /// `--estimate`) keeps each.
+    Points(Option<vmr_store::RetentionPolicy>, Reply<Vec<PointInfo>>),
     /// `vmreplica import` (replica).
     Import(PathBuf, Reply<String>),
     /// The import task ended (the owner records its point and answers the command).
@@ -198,6 +199,8 @@ pub enum Command {
     /// `verify` (point, `--local`): the report as JSON (a [`vmr_proto::api::VerifyReport`]
     /// on the primary, a [`vmr_proto::api::LocalVerifyReport`] with `--local` on the replica).
     Verify(Option<u64>, bool, Reply<serde_json::Value>),
+    /// `set --retain` / `set --recovery-points`: the VM's retention policy.
+    SetRetention(Box<vmr_store::RetentionPolicy>, Reply<String>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -753,6 +756,55 @@ impl Owner {
         })
     }
 
+    /// `set --retain` / `set --recovery-points`: on a primary, sent to the replica first (the
+    /// way `enable` sends it: a `create-replica` refresh, which changes nothing else there)
+    /// and saved only once the replica took it; on a replica, set in its store. Either way it
+    /// takes effect at the next prune.
+    async fn set_retention(
+        &mut self,
+        policy: vmr_store::RetentionPolicy,
+    ) -> Result<String, AgentError> {
+        vmr_core::check_retention(policy.hourly, policy.grid.as_ref())?;
+        let name = self.vm.rec.name.clone();
+        match self.vm.rec.mode() {
+            ReplicationMode::Primary => {
+                let mut args = self
+                    .vm
+                    .rec
+                    .enable
+                    .clone()
+                    .ok_or_else(|| AgentError::NotEnabled { name: name.clone() })?;
+                args.recovery_points = policy.hourly;
+                args.retain = policy.grid.clone();
+                let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
+                let client =
+                    crate::cycle::connect(&self.vm.host, &args)
+                        .await
+                        .map_err(|source| AgentError::ConnectReplica {
+                            replica: args.replica.clone(),
+                            source,
+                        })?;
+                client
+                    .create_replica(crate::cycle::create_request(&self.vm.rec, &def, &args))
+                    .await
+                    .map_err(AgentError::CreateReplica)?;
+                self.vm.rec.enable = Some(args);
+                self.vm.save()?;
+                Ok(format!(
+                    "retention of {name} is {policy}; the replica applies it at its next prune"
+                ))
+            }
+            ReplicationMode::Replica => {
+                let store = self.vm.host.store_of(&self.vm.rec)?;
+                store.set_retention(self.vm.rec.uuid, policy.clone())?;
+                Ok(format!(
+                    "retention of {name} is {policy} on this replica (applied at the next prune; \
+                     the primary's own policy replaces it when it sends it again)"
+                ))
+            }
+        }
+    }
+
     /// A replica VM's record follows what its store holds (agent start: applied staged
     /// cycles may have made new points).
     fn reconcile_replica(&mut self) {
@@ -881,9 +933,9 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
-            Command::Points(reply) => {
+            Command::Points(estimate, reply) => {
                 let r = match &self.side {
-                    Side::Replica(r) => r.points(&self.vm),
+                    Side::Replica(r) => r.points(&self.vm, estimate.as_ref()),
                     Side::Primary(_) => Err(AgentError::PointsNotReplica {
                         name: self.vm.rec.name.clone(),
                     }),
@@ -928,6 +980,10 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::Verify(point, local, reply) => self.verify(point, local, reply).await,
+            Command::SetRetention(policy, reply) => {
+                let r = self.set_retention(*policy).await;
+                let _ = reply.send(r);
+            }
             Command::Failover(f, reply) => {
                 let started = matches!(
                     f,

@@ -31,4 +31,4 @@ pub use health::{HealthReport, primary_health, replica_health};
 pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
 pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
-pub use schedule::{InitialKind, InvalidEnable, Schedule};
+pub use schedule::{InitialKind, InvalidEnable, Schedule, check_retention};

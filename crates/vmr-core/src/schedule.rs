@@ -1,8 +1,9 @@
 //! A primary VM's scheduling parameters and the one validation of `enable` arguments
-//! ([`Schedule::from_enable`]): frequency, recovery points, app-consistent interval, automatic
+//! ([`Schedule::from_enable`]): frequency, retention (recovery points or grid, [`check_retention`]), app-consistent interval, automatic
 //! resynchronization window and initial replication mode.
 
 use vmr_proto::api::{EnableArgs, InitialMode, ResyncWindow};
+use vmr_proto::retain::RetentionGrid;
 
 /// Shortest cycle interval, seconds.
 pub const MIN_FREQUENCY_SECS: u64 = 5;
@@ -102,12 +103,60 @@ pub enum InvalidEnable {
         /// The asked interval.
         secs: u64,
     },
+    /// Both retention forms were given.
+    #[error(
+        "--retain and --recovery-points {recovery_points} are exclusive: give the grid alone \
+         (or the Hyper-V form alone)"
+    )]
+    RetainAndRecoveryPoints {
+        /// The recovery points given besides the grid.
+        recovery_points: u32,
+    },
+    /// A retention grid without rules.
+    #[error("a --retain grid needs at least one PERIOD=COUNT rule")]
+    RetainEmpty,
+    /// A retention grid naming one period twice.
+    #[error("retention period {period} is given twice")]
+    RetainDuplicatePeriod {
+        /// The period.
+        period: String,
+    },
     /// The export directory is not an absolute path.
     #[error("--initial export:{dir}: the directory must be an absolute path")]
     ExportDir {
         /// The directory given.
         dir: String,
     },
+}
+
+/// The one rule for a retention policy (`enable`, `set`, `points --estimate`): the Hyper-V
+/// form at most [`MAX_RECOVERY_POINTS`], or a grid with rules, no period twice, and not both.
+pub fn check_retention(
+    recovery_points: u32,
+    grid: Option<&RetentionGrid>,
+) -> Result<(), InvalidEnable> {
+    if recovery_points > MAX_RECOVERY_POINTS {
+        return Err(InvalidEnable::TooManyRecoveryPoints {
+            count: recovery_points,
+        });
+    }
+    let Some(g) = grid else {
+        return Ok(());
+    };
+    if recovery_points > 0 {
+        return Err(InvalidEnable::RetainAndRecoveryPoints { recovery_points });
+    }
+    if g.rules.is_empty() {
+        return Err(InvalidEnable::RetainEmpty);
+    }
+    for (i, r) in g.rules.iter().enumerate() {
+        if g.rules[..i].iter().any(|o| o.period == r.period) {
+            return Err(InvalidEnable::RetainDuplicatePeriod {
+                period: r.period.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The one rule for a replication frequency (`enable`, `reverse`, the CLI's parser, the demo):
@@ -141,11 +190,7 @@ impl Schedule {
     pub fn from_enable(args: &EnableArgs) -> Result<Schedule, InvalidEnable> {
         let secs = args.frequency_secs;
         check_frequency(secs)?;
-        if args.recovery_points > MAX_RECOVERY_POINTS {
-            return Err(InvalidEnable::TooManyRecoveryPoints {
-                count: args.recovery_points,
-            });
-        }
+        check_retention(args.recovery_points, args.retain.as_ref())?;
         let hours = args.app_consistent_every_hours;
         if hours > MAX_APP_CONSISTENT_HOURS {
             return Err(InvalidEnable::AppConsistentInterval { hours });
@@ -201,7 +246,12 @@ mod tests {
             initial: InitialMode::Network,
             rpo_alert_secs: None,
             verify_every_secs: None,
+            retain: None,
         }
+    }
+
+    fn grid(spec: &str) -> Option<RetentionGrid> {
+        RetentionGrid::parse(spec, false).ok()
     }
 
     #[test]
@@ -261,6 +311,40 @@ mod tests {
                 "25 points",
                 |a| a.recovery_points = 25,
                 Some(InvalidEnable::TooManyRecoveryPoints { count: 25 }),
+            ),
+            (
+                "a grid",
+                |a| a.retain = grid("1h=24,1d=7,1w=4,1mo=12"),
+                None,
+            ),
+            (
+                "a grid and recovery points",
+                |a| {
+                    a.retain = grid("1h=24");
+                    a.recovery_points = 2;
+                },
+                Some(InvalidEnable::RetainAndRecoveryPoints { recovery_points: 2 }),
+            ),
+            (
+                "an empty grid",
+                |a| {
+                    a.retain = Some(RetentionGrid {
+                        rules: vec![],
+                        prefer_app_consistent: true,
+                    })
+                },
+                Some(InvalidEnable::RetainEmpty),
+            ),
+            (
+                "a period twice",
+                |a| {
+                    let mut g = grid("1h=24").expect("grid");
+                    g.rules.push(g.rules[0]);
+                    a.retain = Some(g);
+                },
+                Some(InvalidEnable::RetainDuplicatePeriod {
+                    period: "1h".into(),
+                }),
             ),
             (
                 "app every 12 h",

@@ -212,6 +212,10 @@ pub struct VmStatus {
     /// Bytes of the last successful cycle this agent saw since it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_cycle_bytes: Option<u64>,
+    /// The replica's retention policy: on a primary the one it sends, on a replica the one
+    /// its store applies; absent when replication is not enabled (and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::store::RetentionPolicy>,
 }
 
 /// What a running operation of a VM is ([`OperationProgress::kind`]).
@@ -472,10 +476,14 @@ pub enum Request {
         #[serde(default)]
         local: bool,
     },
-    /// Recovery points of a replica VM.
+    /// Recovery points of a replica VM, with why retention keeps each.
     Points {
         /// VM name.
         name: String,
+        /// `points --estimate`: what this policy would keep and what it would cost, instead
+        /// of the VM's own policy; nothing is applied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        estimate: Option<crate::store::RetentionPolicy>,
     },
     /// Planned failover, first half (on the primary): ship the final cycle and lock the VM.
     FailoverPrepare {
@@ -547,6 +555,16 @@ pub enum Request {
         replica_fingerprint: Option<String>,
         /// Cycle interval of the reversed replication, seconds (default 300).
         frequency_secs: Option<u64>,
+    },
+    /// Change a VM's retention policy at run time (`vmreplica set NAME --retain SPEC` or
+    /// `--recovery-points N`): on a primary it is saved and sent to the replica (refused,
+    /// changing nothing, when the replica cannot be reached); on a replica it is set in the
+    /// store until the primary sends its own again. Takes effect at the next prune.
+    SetRetention {
+        /// VM name.
+        name: String,
+        /// The new policy.
+        policy: crate::store::RetentionPolicy,
     },
 }
 
@@ -681,6 +699,25 @@ pub struct EnableArgs {
     /// (`--verify-every`, `docs/verify.md`); `None` = only on `vmreplica verify`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_every_secs: Option<u64>,
+    /// The replica's grid retention policy (`--retain`), instead of `recovery_points` (which
+    /// is then 0); absent = Hyper-V's hourly form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain: Option<crate::retain::RetentionGrid>,
+}
+
+impl EnableArgs {
+    /// The replica's retention policy these arguments ask for.
+    pub fn retention(&self) -> crate::store::RetentionPolicy {
+        crate::store::RetentionPolicy {
+            hourly: if self.retain.is_some() {
+                0
+            } else {
+                self.recovery_points
+            },
+            app_consistent_every_hours: None,
+            grid: self.retain.clone(),
+        }
+    }
 }
 
 /// How initial replication gets the first copy to the replica.
@@ -925,6 +962,16 @@ pub struct PointInfo {
     pub kind: String,
     /// Bytes on disk of the point's own layers.
     pub size_bytes: u64,
+    /// Why the retention policy keeps the point (`latest`, `1h #3`, `hourly #2`, `view`
+    /// when only a failover view pins it); empty: the policy drops it (at the next prune, or
+    /// with `--estimate`, if that policy were applied). Absent from older agents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_because: Vec<String>,
+    /// `points --estimate`: the point's size once the policy is applied (its own layers plus
+    /// those of the dropped points merged into it; an upper bound); absent for a point the
+    /// policy drops and without `--estimate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
 }
 
 /// One authorization entry of the replica server (`server allow`).
@@ -960,6 +1007,25 @@ pub struct CreateReplica {
     pub frequency_secs: u64,
     /// Hourly recovery points to keep.
     pub recovery_points: u32,
+    /// The grid retention policy (`--retain`), which replaces `recovery_points` when present.
+    /// Older replicas ignore it (and keep `recovery_points`, 0 with a grid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain: Option<crate::retain::RetentionGrid>,
+}
+
+impl CreateReplica {
+    /// The retention policy the primary asks for.
+    pub fn retention(&self) -> crate::store::RetentionPolicy {
+        crate::store::RetentionPolicy {
+            hourly: if self.retain.is_some() {
+                0
+            } else {
+                self.recovery_points
+            },
+            app_consistent_every_hours: None,
+            grid: self.retain.clone(),
+        }
+    }
 }
 
 /// Agent-to-agent: the replica's view of one VM.

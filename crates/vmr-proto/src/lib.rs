@@ -10,6 +10,7 @@ pub mod failnet;
 pub mod machine;
 pub mod peer;
 pub mod record;
+pub mod retain;
 pub mod sockpath;
 pub mod store;
 pub mod vmdef;

@@ -474,7 +474,8 @@ mod tests {
                 name: "vm".into(),
                 disks: disks.clone(),
                 frequency_secs: 30,
-                recovery_points: 2,
+                recovery_points: 0,
+                retain: crate::retain::RetentionGrid::parse("1h=24,1d=7,1mo=12", true).ok(),
             }),
             PeerRequest::ReplicaInfo(ReplicaInfoRequest {
                 uuid,

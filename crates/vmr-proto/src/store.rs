@@ -10,8 +10,9 @@ use crate::cycle::{CycleConsistency, CycleId};
 /// Current format version of `catalog.json`.
 pub const CATALOG_FORMAT: u32 = 1;
 
-/// How many recovery points a replica keeps (Hyper-V's "recovery history").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// How many recovery points a replica keeps: Hyper-V's "recovery history" (`hourly`), or a
+/// grid (`grid`, `--retain`; `hourly` is then 0 and ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RetentionPolicy {
     /// Additional hourly recovery points kept besides the latest (Hyper-V: 0..=24, default 0;
@@ -21,6 +22,19 @@ pub struct RetentionPolicy {
     /// store, which keeps app-consistent points within the hourly window either way.
     #[serde(default)]
     pub app_consistent_every_hours: Option<u32>,
+    /// The grid policy (`--retain`); when set, it alone decides (docs/retention.md). Absent
+    /// from catalogs written before it existed, and not written when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<crate::retain::RetentionGrid>,
+}
+
+impl std::fmt::Display for RetentionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.grid {
+            Some(g) => write!(f, "grid {g}"),
+            None => write!(f, "{} hourly recovery points", self.hourly),
+        }
+    }
 }
 
 /// The consistency type of a recovery point.

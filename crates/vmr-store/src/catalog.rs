@@ -95,6 +95,7 @@ mod tests {
             retention: RetentionPolicy {
                 hourly: 4,
                 app_consistent_every_hours: Some(2),
+                grid: None,
             },
             points: vec![PointRecord {
                 id: 42,

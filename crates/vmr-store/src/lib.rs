@@ -21,7 +21,7 @@ mod storage;
 mod store;
 
 pub use error::StoreError;
-pub use retention::{PointMeta, retention};
+pub use retention::{KeepReason, Plan, PointMeta, estimate_sizes, plan, retention};
 #[cfg(feature = "failpoints")]
 pub use storage::FaultStorage;
 pub use store::{

@@ -261,6 +261,7 @@ mod tests {
         RetentionPolicy {
             hourly,
             app_consistent_every_hours: None,
+            grid: None,
         }
     }
 

@@ -27,7 +27,7 @@ use crate::error::StoreError;
 use crate::fsio::{self, pause_point};
 use crate::pipeline::Pipeline;
 use crate::qemu::{self, Export};
-use crate::retention::{PointMeta, retention};
+use crate::retention::{Plan, PointMeta, plan, retention};
 use crate::staging::{self, StageReader};
 use crate::storage::{RealStorage, Storage};
 use crate::{catalog, fsio::TMP_SUFFIX};
@@ -450,7 +450,31 @@ impl Store {
 
     /// The VM's retention policy.
     pub fn retention_policy(&self, vm: Uuid) -> Result<RetentionPolicy, StoreError> {
-        Ok(lock(&self.vm(vm)?.st).catalog.retention)
+        Ok(lock(&self.vm(vm)?.st).catalog.retention.clone())
+    }
+
+    /// What `policy` (the VM's own policy when `None`) keeps of the committed points at
+    /// `now_ms`, and why; changes nothing (`vmreplica points`, `points --estimate`).
+    pub fn retention_plan(
+        &self,
+        vm: Uuid,
+        policy: Option<&RetentionPolicy>,
+        now_ms: u64,
+    ) -> Result<Plan, StoreError> {
+        let v = self.vm(vm)?;
+        let st = lock(&v.st);
+        let c = &st.catalog;
+        let metas: Vec<PointMeta> = c
+            .points
+            .iter()
+            .filter(|p| !p.pruning)
+            .map(|p| PointMeta {
+                id: p.id,
+                taken_at_ms: p.taken_at_ms,
+                kind: p.kind,
+            })
+            .collect();
+        Ok(plan(&metas, policy.unwrap_or(&c.retention), now_ms))
     }
 
     /// Committed recovery points, oldest first.

@@ -44,6 +44,7 @@ async fn crash_child() {
                 RetentionPolicy {
                     hourly: 1,
                     app_consistent_every_hours: None,
+                    grid: None,
                 },
             )
             .expect("add");

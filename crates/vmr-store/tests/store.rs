@@ -16,6 +16,7 @@ fn new_store(dir: &std::path::Path, hourly: u32) -> Store {
             RetentionPolicy {
                 hourly,
                 app_consistent_every_hours: None,
+                grid: None,
             },
         )
         .expect("add vm");

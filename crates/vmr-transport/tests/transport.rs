@@ -696,6 +696,7 @@ fn create_request(name: &str) -> CreateReplica {
         }],
         frequency_secs: 30,
         recovery_points: 0,
+        retain: None,
     }
 }
 

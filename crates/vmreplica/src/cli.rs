@@ -137,14 +137,31 @@ pub enum Command {
         /// VM name.
         name: String,
     },
-    /// Change a VM's settings on this host while replication is enabled (either side).
+    /// Change a VM's settings on this host while replication is enabled (either side), one
+    /// at a time.
+    #[command(group(clap::ArgGroup::new("setting").required(true).args([
+        "rpo_alert",
+        "retain",
+        "recovery_points",
+    ])))]
     Set {
         /// VM name.
         name: String,
         /// Raise an RPO alert when the last point is older than this (`90s`, `5m`, `1h`; at
         /// least the frequency); `default` = twice the frequency.
         #[arg(long, value_name = "DURATION")]
-        rpo_alert: String,
+        rpo_alert: Option<String>,
+        /// The replica's retention grid, `PERIOD=COUNT,...` (see `enable --retain`); on a
+        /// primary it is sent to the replica, on a replica it applies there until the primary
+        /// sends its own. Takes effect at the next prune.
+        #[arg(long, value_name = "SPEC")]
+        retain: Option<String>,
+        /// Back to Hyper-V's form: this many additional hourly recovery points (0-24).
+        #[arg(long, value_name = "N")]
+        recovery_points: Option<u32>,
+        /// With --retain: within a period, keep its last app-consistent point if it has one.
+        #[arg(long, requires = "retain")]
+        prefer_app_consistent: bool,
     },
     /// The agent's event log (Get-WinEvent): state and health changes, failed and missed
     /// cycles, RPO alerts, failovers; oldest first.
@@ -161,10 +178,30 @@ pub enum Command {
         #[arg(long)]
         follow: bool,
     },
-    /// Recovery points of a replica VM.
+    /// Recovery points of a replica VM: time, type, the space of its own layers and why the
+    /// retention policy keeps it.
     Points {
         /// VM name.
         name: String,
+        /// Do not show the VM's policy: say what the policy of --retain (or
+        /// --recovery-points) would keep and what the kept points would then take. Nothing is
+        /// applied.
+        #[arg(long)]
+        estimate: bool,
+        /// With --estimate: a retention grid (as `enable --retain`).
+        #[arg(
+            long,
+            value_name = "SPEC",
+            requires = "estimate",
+            conflicts_with = "recovery_points"
+        )]
+        retain: Option<String>,
+        /// With --estimate: Hyper-V's form, this many additional hourly points.
+        #[arg(long, value_name = "N", requires = "estimate")]
+        recovery_points: Option<u32>,
+        /// With --retain: prefer app-consistent points within a period.
+        #[arg(long, requires = "retain")]
+        prefer_app_consistent: bool,
     },
     /// On the primary: compare the replica with the primary by block hashes (a verify cycle:
     /// a new point is cut and shipped as usual, then every 64 KiB block of the cut is compared
@@ -473,9 +510,19 @@ pub struct EnableCmd {
     /// seconds.
     #[arg(long, default_value = "5m")]
     pub frequency: String,
-    /// Additional hourly recovery points to keep (0-24 like Hyper-V; more allowed).
+    /// Additional hourly recovery points to keep (0-24 like Hyper-V).
     #[arg(long, default_value_t = 0)]
     pub recovery_points: u32,
+    /// Keep a grid of points instead: `PERIOD=COUNT,...`, the last point of each of the COUNT
+    /// most recent PERIODs (UTC) that hold one, e.g. `1h=24,1d=7,1w=4,1mo=12`. Units: `s`,
+    /// `min`, `h`, `d`, `w` (ISO weeks), `mo` (calendar months), `y`; `m` is refused as
+    /// ambiguous. The latest point is always kept. Exclusive with --recovery-points.
+    #[arg(long, value_name = "SPEC", conflicts_with = "recovery_points")]
+    pub retain: Option<String>,
+    /// With --retain: within a period, keep its last app-consistent (or planned) point if it
+    /// has one, rather than its last point.
+    #[arg(long, requires = "retain")]
+    pub prefer_app_consistent: bool,
     /// Take an app-consistent point every <H>h.
     #[arg(long)]
     pub app_consistent_every: Option<String>,

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use vmr_proto::api::{EnableArgs, InitialMode, Request, Response, ResyncWindow};
+use vmr_proto::retain::RetentionGrid;
+use vmr_proto::store::RetentionPolicy;
 
 use crate::cli::{
     Command, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_frequency, parse_hours,
@@ -248,6 +250,12 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 replica_fingerprint: e.replica_fingerprint,
                 frequency_secs,
                 recovery_points: e.recovery_points,
+                retain: e
+                    .retain
+                    .as_deref()
+                    .map(|s| RetentionGrid::parse(s, e.prefer_app_consistent))
+                    .transpose()
+                    .map_err(|m| coded(exit::USAGE, m.to_string()))?,
                 app_consistent_every_hours,
                 exclude_disks: e.exclude_disks,
                 compression: !e.no_compression,
@@ -268,13 +276,27 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                     .map_err(|m| coded(exit::USAGE, m))?,
             })
         }
-        Command::Set { name, rpo_alert } => Request::SetRpoAlert {
+        Command::Set {
+            name,
+            rpo_alert: Some(rpo_alert),
+            ..
+        } => Request::SetRpoAlert {
             name,
             rpo_alert_secs: if rpo_alert == "default" {
                 None
             } else {
                 Some(parse_duration_secs(&rpo_alert).map_err(|m| coded(exit::USAGE, m))?)
             },
+        },
+        Command::Set {
+            name,
+            retain,
+            recovery_points,
+            prefer_app_consistent,
+            ..
+        } => Request::SetRetention {
+            name,
+            policy: retention_policy(retain.as_deref(), recovery_points, prefer_app_consistent)?,
         },
         Command::Events {
             name,
@@ -305,8 +327,25 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         },
         Command::Resume { name, .. } => Request::Resume { name },
         Command::Disable { name } => Request::Disable { name },
-        Command::Points { name } => Request::Points { name },
         Command::Verify { name, point, local } => Request::Verify { name, point, local },
+        Command::Points {
+            name,
+            estimate,
+            retain,
+            recovery_points,
+            prefer_app_consistent,
+        } => Request::Points {
+            name,
+            estimate: if estimate {
+                Some(retention_policy(
+                    retain.as_deref(),
+                    recovery_points,
+                    prefer_app_consistent,
+                )?)
+            } else {
+                None
+            },
+        },
         Command::Import { name, from } => Request::Import {
             name,
             dir: absolute(&from),
@@ -362,6 +401,35 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             return Err(coded(exit::USAGE, "not a control command"));
         }
     })
+}
+
+/// The policy of `--retain SPEC [--prefer-app-consistent]` or `--recovery-points N` (a
+/// usage error when neither or both are given, or the grid does not parse).
+fn retention_policy(
+    retain: Option<&str>,
+    recovery_points: Option<u32>,
+    prefer_app_consistent: bool,
+) -> anyhow::Result<RetentionPolicy> {
+    let usage = |m: String| coded(exit::USAGE, m);
+    match (retain, recovery_points) {
+        (Some(spec), None) => Ok(RetentionPolicy {
+            grid: Some(
+                RetentionGrid::parse(spec, prefer_app_consistent)
+                    .map_err(|e| usage(e.to_string()))?,
+            ),
+            ..RetentionPolicy::default()
+        }),
+        (None, Some(n)) => Ok(RetentionPolicy {
+            hourly: n,
+            ..RetentionPolicy::default()
+        }),
+        (Some(_), Some(_)) => Err(usage(
+            "--retain and --recovery-points are exclusive".to_owned(),
+        )),
+        (None, None) => Err(usage(
+            "give a policy: --retain SPEC or --recovery-points N".to_owned(),
+        )),
+    }
 }
 
 fn absolute(p: &Path) -> String {

@@ -214,6 +214,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             initial: Default::default(),
             rpo_alert_secs: None,
             verify_every_secs: None,
+            retain: None,
         }))
     })?;
     println!(
@@ -303,6 +304,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
     let pts = blocking(|| {
         b.ctl(&Request::Points {
             name: def.name.clone(),
+            estimate: None,
         })
     })?;
     println!("\nrecovery points on host-b:");

@@ -27,6 +27,8 @@ pub enum Kind {
     Verify,
     /// Anything else: a message or raw JSON.
     Plain,
+    /// A list of [`PointInfo`] of `points --estimate`.
+    Estimate,
 }
 
 impl Kind {
@@ -36,6 +38,7 @@ impl Kind {
             Command::Status { .. } => Kind::Status,
             Command::Vm(crate::cli::VmCmd::List) => Kind::VmList,
             Command::Measure { .. } => Kind::Measure,
+            Command::Points { estimate: true, .. } => Kind::Estimate,
             Command::Points { .. } => Kind::Points,
             Command::Server(crate::cli::ServerCmd::Show) => Kind::Server,
             Command::Failover(_) | Command::Reverse { .. } => Kind::Failover,
@@ -121,21 +124,12 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
             }
             Err(_) => print_plain(value),
         },
-        Kind::Points => match serde_json::from_value::<Vec<PointInfo>>(value.clone()) {
-            Ok(rows) => {
-                println!("{:<8} {:<22} {:<17} {:>12}", "ID", "TIME", "TYPE", "SIZE");
-                for p in rows {
-                    println!(
-                        "{:<8} {:<22} {:<17} {:>12}",
-                        p.id,
-                        fmt_time(p.time_ms),
-                        p.kind,
-                        fmt_bytes(p.size_bytes)
-                    );
-                }
+        Kind::Points | Kind::Estimate => {
+            match serde_json::from_value::<Vec<PointInfo>>(value.clone()) {
+                Ok(rows) => print!("{}", points_table(&rows, matches!(kind, Kind::Estimate))),
+                Err(_) => print_plain(value),
             }
-            Err(_) => print_plain(value),
-        },
+        }
         Kind::Server => {
             if let Some(fp) = value.get("fingerprint").and_then(Value::as_str) {
                 println!(
@@ -341,6 +335,73 @@ fn print_plain(value: &Value) {
     }
 }
 
+/// The `points` table (with `estimate`, the `points --estimate` one) and its total line.
+fn points_table(rows: &[PointInfo], estimate: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let because = |p: &PointInfo| {
+        if p.kept_because.is_empty() {
+            if estimate { "-" } else { "- (pruned next)" }.to_owned()
+        } else {
+            p.kept_because.join(", ")
+        }
+    };
+    let own: u64 = rows.iter().map(|p| p.size_bytes).sum();
+    if estimate {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<22} {:<17} {:>10} {:<5} {:>10} KEPT BECAUSE",
+            "ID", "TIME", "TYPE", "SIZE", "KEEP", "AFTER"
+        );
+        for p in rows {
+            let _ = writeln!(
+                out,
+                "{:<8} {:<22} {:<17} {:>10} {:<5} {:>10} {}",
+                p.id,
+                fmt_time(p.time_ms),
+                p.kind,
+                fmt_bytes(p.size_bytes),
+                if p.kept_because.is_empty() {
+                    "drop"
+                } else {
+                    "keep"
+                },
+                p.estimated_bytes.map_or_else(|| "-".to_owned(), fmt_bytes),
+                because(p)
+            );
+        }
+        let kept = rows.iter().filter(|p| !p.kept_because.is_empty()).count();
+        let after: u64 = rows.iter().filter_map(|p| p.estimated_bytes).sum();
+        let _ = writeln!(
+            out,
+            "keeps {kept} of {} points; {} now, at most {} after (dropped layers merge into \
+             the kept point above them)",
+            rows.len(),
+            fmt_bytes(own),
+            fmt_bytes(after)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<22} {:<17} {:>10} KEPT BECAUSE",
+            "ID", "TIME", "TYPE", "SIZE"
+        );
+        for p in rows {
+            let _ = writeln!(
+                out,
+                "{:<8} {:<22} {:<17} {:>10} {}",
+                p.id,
+                fmt_time(p.time_ms),
+                p.kind,
+                fmt_bytes(p.size_bytes),
+                because(p)
+            );
+        }
+        let _ = writeln!(out, "{} points, {}", rows.len(), fmt_bytes(own));
+    }
+    out
+}
+
 fn print_status(rows: &[VmStatus]) {
     println!(
         "{:<14} {:<30} {:<9} {:<8} {:>6} {:>11} {:<14} {:<22} {:<21} HEALTH REASON",
@@ -403,6 +464,9 @@ fn print_measure(rows: &[VmStatus]) {
             health_reason(r)
         );
         println!("Mode                      : {:?}", r.mode);
+        if let Some(p) = &r.retention {
+            println!("Retention                 : {p}");
+        }
         println!(
             "MonitoringStartTime       : {}",
             fmt_time(s.window_start_ms)
@@ -471,6 +535,53 @@ fn print_measure(rows: &[VmStatus]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn points_tables_show_reasons_and_estimates() {
+        let row = |id, because: &[&str], est| PointInfo {
+            id,
+            time_ms: 1_796_247_600_000 + id * 5_000,
+            kind: "crash-consistent".into(),
+            size_bytes: 1 << 20,
+            kept_because: because.iter().map(|s| (*s).to_owned()).collect(),
+            estimated_bytes: est,
+        };
+        let rows = vec![
+            row(1, &[], None),
+            row(2, &["10s #2"], Some(2 << 20)),
+            row(3, &["latest", "10s #1"], Some(1 << 20)),
+        ];
+        let t = points_table(&rows, false);
+        assert!(t.contains("KEPT BECAUSE"), "{t}");
+        assert!(
+            t.lines()
+                .nth(1)
+                .is_some_and(|l| l.ends_with("- (pruned next)")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .nth(3)
+                .is_some_and(|l| l.ends_with("latest, 10s #1")),
+            "{t}"
+        );
+        assert!(t.ends_with("3 points, 3.0 MiB\n"), "{t}");
+        let e = points_table(&rows, true);
+        assert!(
+            e.lines().nth(1).is_some_and(|l| l.contains(" drop ")),
+            "{e}"
+        );
+        assert!(
+            e.lines()
+                .nth(2)
+                .is_some_and(|l| l.contains(" keep ") && l.contains("2.0 MiB")),
+            "{e}"
+        );
+        assert!(
+            e.contains("keeps 2 of 3 points; 3.0 MiB now, at most 3.0 MiB after"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn json_answers_are_objects_or_arrays() {

@@ -133,6 +133,7 @@ fn unapplicable_cycles_and_invalid_calls_are_400_and_nothing_sticks() -> TestRes
                 .collect(),
             frequency_secs: 30,
             recovery_points: 0,
+            retain: None,
         };
         let mut def = vm.def.clone();
         def.uuid = other;
