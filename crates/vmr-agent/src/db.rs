@@ -492,6 +492,7 @@ mod tests {
                 paused_from: None,
             }),
             rpo_alert_secs: Some(40),
+            extended: None,
         }
     }
 

@@ -641,6 +641,7 @@ impl PrimarySide {
             recovery_points: None,
             last_point_ms,
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
+            extended: None,
         }
     }
 
@@ -728,6 +729,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         recovery_points: None,
         last_point_ms: None,
         last_cycle_bytes: None,
+        extended: None,
     }
 }
 

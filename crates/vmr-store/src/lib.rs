@@ -24,5 +24,8 @@ pub use error::StoreError;
 pub use retention::{PointMeta, retention};
 #[cfg(feature = "failpoints")]
 pub use storage::FaultStorage;
-pub use store::{ImageFormat, ImportImage, LayerWriter, Store, View, VmUsage, find_images};
+pub use store::{
+    Change, DiskChanges, ImageFormat, ImportImage, LayerWriter, PointHold, PointReader, Store, View,
+    VmUsage, find_images,
+};
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

@@ -36,7 +36,9 @@ mod cycle;
 mod import;
 mod indexed;
 mod resync;
+mod source;
 pub use cycle::LayerWriter;
+pub use source::{Change, DiskChanges, PointHold, PointReader};
 pub use import::{ImageFormat, ImportImage, find_images};
 
 /// Name of the VM definition file.
@@ -82,6 +84,9 @@ struct Vm {
 struct VmState {
     catalog: Catalog,
     receiving: Option<CycleId>,
+    /// Points held in memory by readers (`store/source.rs`: an extended cycle reading a
+    /// point): pinned like a view's point while held, never persisted.
+    holds: std::collections::BTreeMap<CycleId, u32>,
 }
 
 impl VmState {
@@ -273,6 +278,7 @@ impl Vm {
             st: Mutex::new(VmState {
                 catalog: cat,
                 receiving: None,
+                holds: Default::default(),
             }),
         })
     }
@@ -390,6 +396,7 @@ impl Store {
                 st: Mutex::new(VmState {
                     catalog: cat,
                     receiving: None,
+                    holds: Default::default(),
                 }),
             }),
         );
@@ -1109,8 +1116,9 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             return Ok(false);
         };
         let is_latest = i + 1 == c.points.len();
-        let pinned_here = c.views.iter().any(|w| w.point == id);
-        let pinned_above = c.views.iter().any(|w| w.point > id);
+        let pinned_here = c.views.iter().any(|w| w.point == id) || st.holds.contains_key(&id);
+        let pinned_above =
+            c.views.iter().any(|w| w.point > id) || st.holds.range(id + 1..).next().is_some();
         if pinned_here || (!force && (is_latest || pinned_above)) {
             return Ok(false);
         }
@@ -1124,9 +1132,9 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         // path) and no pending resync (its layers back onto the latest point's). The rule
         // reads only the catalog and the pending record, so a restarted prune picks the same
         // way; both ways keep the chain's content, so even a mix stays correct.
-        let merge_down = upper
-            .as_ref()
-            .is_some_and(|u| !c.views.iter().any(|w| w.point >= u.id))
+        let merge_down = upper.as_ref().is_some_and(|u| {
+            !c.views.iter().any(|w| w.point >= u.id) && st.holds.range(u.id..).next().is_none()
+        })
             && v.pending().is_none();
         if !point.pruning {
             let mut nc = c.clone();

@@ -275,7 +275,38 @@ fn print_status(rows: &[VmStatus]) {
             opt_time(r.last_replication_ms),
             health_reason(r)
         );
+        if let Some(x) = &r.extended {
+            print_extended_row(x);
+        }
     }
+}
+
+/// The second row of a replica VM that forwards its points (`enable --extended`): the
+/// outgoing relationship, from this host to the extended replica.
+fn print_extended_row(x: &vmr_proto::api::ExtendedStatus) {
+    let lag = x
+        .lag_ms
+        .map_or_else(|| "-".to_owned(), |l| format!("{}s", l / 1000));
+    let sent = x
+        .last_point_sent
+        .map_or_else(|| "none".to_owned(), |p| p.to_string());
+    let reason = if x.health_reason.is_empty() {
+        String::new()
+    } else {
+        format!("{}; ", x.health_reason)
+    };
+    println!(
+        "{:<14} {:<30} {:<9} {:<8} {:>5}s {:>11} {:<14} {:<22} {:<21} {reason}last point sent {sent}",
+        " \u{2514} extended",
+        x.state.to_string(),
+        x.health.to_string(),
+        "Extended",
+        x.frequency_secs,
+        format!("{lag}/-"),
+        "(this host)",
+        x.replica,
+        opt_time(x.last_replication_ms),
+    );
 }
 
 /// The health reason, with the time a scheduled initial replication starts.

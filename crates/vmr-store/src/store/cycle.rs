@@ -668,6 +668,7 @@ mod tests {
                     views: vec![],
                 },
                 receiving: None,
+                holds: Default::default(),
             }),
         }
     }
