@@ -41,6 +41,9 @@ pub enum ExtOutcome {
         bytes: u64,
         /// The point's cut time.
         cut_ms: u64,
+        /// The shipped point, kept from retention from before its read hold ended (so that
+        /// no prune can merge it before the owner records it).
+        keep: Option<vmr_store::PointKeep>,
     },
     /// The extended replica holds another point than the machine's acknowledged one.
     Reconciled {
@@ -67,6 +70,10 @@ pub struct ExtendedSide {
     running: Option<(CancellationToken, JoinHandle<ExtDone>)>,
     pending: Vec<ExtAction>,
     progress: Arc<Progress>,
+    /// The point the extended replica acknowledged, kept from retention while the
+    /// relationship runs (not while paused or disabled) so that the next cycle carries only
+    /// what changed since it.
+    keep: Option<vmr_store::PointKeep>,
 }
 
 fn schedule(args: &EnableArgs) -> Result<ExtSchedule, AgentError> {
@@ -98,6 +105,7 @@ impl ExtendedSide {
             running: None,
             pending,
             progress: Arc::new(Progress::default()),
+            keep: None,
         })
     }
 
@@ -117,6 +125,7 @@ impl ExtendedSide {
             running: None,
             pending,
             progress: Arc::new(Progress::default()),
+            keep: None,
         })
     }
 
@@ -173,8 +182,43 @@ impl ExtendedSide {
         self.carry_out(vm);
     }
 
+    /// Keep the acknowledged point while the relationship runs; release it otherwise.
+    fn sync_keep(&mut self, vm: &Vm) {
+        use ReplicationState as S;
+        let want = match self.machine.state() {
+            S::Suspended | S::Disabled => None,
+            _ => self.machine.acked(),
+        };
+        if self.keep.as_ref().map(vmr_store::PointKeep::point) == want {
+            return;
+        }
+        self.keep = want.and_then(|p| {
+            let kept = vm
+                .host
+                .store_of(&vm.rec)
+                .map_err(|e| crate::util::chain(&e))
+                .and_then(|s| {
+                    s.keep_point(vm.rec.uuid, p)
+                        .map_err(|e| crate::util::chain(&e))
+                });
+            match kept {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    // Merged already (paused meanwhile): the next cycle covers the union.
+                    tracing::debug!(vm = %vm.rec.name, point = p, "cannot keep the acknowledged point: {e}");
+                    None
+                }
+            }
+        });
+    }
+
     /// Carry out the pending actions.
     pub fn carry_out(&mut self, vm: &mut Vm) {
+        self.carry_out_actions(vm);
+        self.sync_keep(vm);
+    }
+
+    fn carry_out_actions(&mut self, vm: &mut Vm) {
         while !self.pending.is_empty() {
             match self.pending.remove(0) {
                 ExtAction::Persist => self.save(vm),
@@ -233,7 +277,9 @@ impl ExtendedSide {
                         point,
                         bytes,
                         cut_ms,
+                        keep,
                     } => {
+                        self.keep = keep;
                         tracing::info!(vm = %vm.rec.name, point, bytes, relationship = "extended", "extended cycle acknowledged");
                         Some(ExtEvent::CycleSucceeded {
                             now_ms: now,
@@ -490,12 +536,14 @@ async fn run(
     );
     let (produced, acked) = tokio::join!(producer, consumer);
     reader.close().await;
+    let keep = store.keep_point(rec.uuid, id).ok();
     drop(hold);
     match (produced, acked) {
         (Ok(bytes), Ok(_)) => ExtOutcome::Done {
             point: id,
             bytes,
             cut_ms,
+            keep,
         },
         (Err(f), _) => ExtOutcome::Failed(f),
         (_, Err(e)) => ExtOutcome::Failed(classify_transport(e)),

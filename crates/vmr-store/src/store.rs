@@ -38,7 +38,7 @@ mod indexed;
 mod resync;
 mod source;
 pub use cycle::LayerWriter;
-pub use source::{Change, DiskChanges, PointHold, PointReader};
+pub use source::{Change, DiskChanges, PointHold, PointKeep, PointReader};
 pub use import::{ImageFormat, ImportImage, find_images};
 
 /// Name of the VM definition file.
@@ -87,6 +87,9 @@ struct VmState {
     /// Points held in memory by readers (`store/source.rs`: an extended cycle reading a
     /// point): pinned like a view's point while held, never persisted.
     holds: std::collections::BTreeMap<CycleId, u32>,
+    /// Points kept in memory (`store/source.rs`: the point an extended replica acknowledged
+    /// last): never pruned themselves while kept, though older points may merge into them.
+    keeps: std::collections::BTreeMap<CycleId, u32>,
 }
 
 impl VmState {
@@ -279,6 +282,7 @@ impl Vm {
                 catalog: cat,
                 receiving: None,
                 holds: Default::default(),
+                keeps: Default::default(),
             }),
         })
     }
@@ -397,6 +401,7 @@ impl Store {
                     catalog: cat,
                     receiving: None,
                     holds: Default::default(),
+                keeps: Default::default(),
                 }),
             }),
         );
@@ -1116,7 +1121,9 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             return Ok(false);
         };
         let is_latest = i + 1 == c.points.len();
-        let pinned_here = c.views.iter().any(|w| w.point == id) || st.holds.contains_key(&id);
+        let pinned_here = c.views.iter().any(|w| w.point == id)
+            || st.holds.contains_key(&id)
+            || st.keeps.contains_key(&id);
         let pinned_above =
             c.views.iter().any(|w| w.point > id) || st.holds.range(id + 1..).next().is_some();
         if pinned_here || (!force && (is_latest || pinned_above)) {

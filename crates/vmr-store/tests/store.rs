@@ -538,5 +538,23 @@ async fn changes_since_a_point_cover_what_pruning_merged() -> anyhow::Result<()>
     assert_eq!(got, model(vm, 8), "changes since the pruned 3");
     let (got, _) = apply_changes(&store, &hold, Some(1), model(vm, 1)).await?;
     assert_eq!(got, model(vm, 8), "changes since the pruned base 1");
+    drop(hold);
+    // A kept point survives retention (the point an extended replica acknowledged); the
+    // changes since it stay the layers above it.
+    let keep = store.keep_point(vm, 8)?;
+    assert!(store.keep_point(vm, 3).is_err(), "3 is gone");
+    for id in 9..=11 {
+        send(&store, vm, id).await?;
+    }
+    let dropped = store.prune_at(vm, T0 + 12 * STEP_MS).await?;
+    assert!(!dropped.contains(&8), "{dropped:?}");
+    assert!(dropped.contains(&9) || dropped.contains(&10), "{dropped:?}");
+    let hold = store.hold_point(vm, None).await?;
+    let (got, kept_bytes) = apply_changes(&store, &hold, Some(8), model(vm, 8)).await?;
+    assert_eq!(got, model(vm, 11), "changes since the kept 8");
+    let (_, full_bytes) =
+        apply_changes(&store, &hold, None, vec![vec![0; 4 << 20], vec![0; 2 << 20]]).await?;
+    assert!(kept_bytes < full_bytes, "{kept_bytes} < {full_bytes}");
+    drop((hold, keep));
     Ok(())
 }

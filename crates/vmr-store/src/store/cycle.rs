@@ -669,6 +669,7 @@ mod tests {
                 },
                 receiving: None,
                 holds: Default::default(),
+                keeps: Default::default(),
             }),
         }
     }

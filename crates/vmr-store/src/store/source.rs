@@ -15,6 +15,13 @@
 //! (`P` pruned together with the base it sat on, or a new chain after a full copy) nothing in
 //! the chain is shared with `P`: every range counts as changed (data, or zeros where the chain
 //! holds none). Merged layers make this a superset of the exact changes, never a subset.
+//!
+//! So that the next cycle stays small, the forwarding side keeps the point the extended
+//! replica acknowledged ([`PointKeep`], in memory): retention never drops a kept point itself
+//! (newer points still merge up into the layers above it, older ones down into it), so its
+//! layer boundary survives and the changes since it are the layers above it. Without a keep
+//! (the relationship paused, or a point merged before it was kept) the rule above still gives
+//! a correct, larger cycle: at worst every range of the disk.
 
 use bytes::Bytes;
 
@@ -66,6 +73,41 @@ impl Drop for PointHold {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 st.holds.remove(&self.point);
+            }
+        }
+    }
+}
+
+/// A point retention must not drop while kept (dropping it releases it). Unlike a
+/// [`PointHold`], older points may still be merged into it.
+pub struct PointKeep {
+    vm: Arc<Vm>,
+    point: CycleId,
+}
+
+impl std::fmt::Debug for PointKeep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PointKeep")
+            .field("vm", &self.vm.id)
+            .field("point", &self.point)
+            .finish()
+    }
+}
+
+impl PointKeep {
+    /// The kept point.
+    pub fn point(&self) -> CycleId {
+        self.point
+    }
+}
+
+impl Drop for PointKeep {
+    fn drop(&mut self) {
+        let mut st = lock(&self.vm.st);
+        if let Some(n) = st.keeps.get_mut(&self.point) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.keeps.remove(&self.point);
             }
         }
     }
@@ -237,6 +279,17 @@ impl Store {
             point: p.id,
             disks,
         })
+    }
+
+    /// Keep point `point` of `vm` from being pruned until the keep is dropped. Fails when the
+    /// point does not exist (any more).
+    pub fn keep_point(&self, vm: Uuid, point: CycleId) -> Result<PointKeep, StoreError> {
+        let v = self.vm(vm)?;
+        let mut st = lock(&v.st);
+        let id = find_point(&st.catalog, Some(point))?.id;
+        *st.keeps.entry(id).or_insert(0) += 1;
+        drop(st);
+        Ok(PointKeep { vm: v, point: id })
     }
 
     /// The ranges of each disk of the held point that changed since point `since` (`None`:
