@@ -14,9 +14,7 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vmr_core::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine, Failure, primary_health};
-use vmr_proto::api::{
-    CreateReplica, EnableArgs, ExtendedStatus, OperationKind, ReplicationState,
-};
+use vmr_proto::api::{CreateReplica, EnableArgs, ExtendedStatus, OperationKind, ReplicationState};
 use vmr_proto::record::{ExtendedRecord, VmRecord};
 use vmr_proto::store::PointKind;
 use vmr_proto::{CycleConsistency, CycleHeader, CycleId, CycleKind, DiskInfo, Extent, ExtentData};
@@ -158,7 +156,11 @@ impl ExtendedSide {
     }
 
     /// An admin command (`pause|resume|disable NAME --extended`); carried out at once.
-    pub async fn admin(&mut self, vm: &mut Vm, ev: ExtEvent) -> Result<ReplicationState, AgentError> {
+    pub async fn admin(
+        &mut self,
+        vm: &mut Vm,
+        ev: ExtEvent,
+    ) -> Result<ReplicationState, AgentError> {
         self.step(vm, ev)?;
         self.carry_out(vm);
         if self.machine.state() == ReplicationState::Disabled {
@@ -329,13 +331,7 @@ impl ExtendedSide {
     pub fn status(&self, now: u64) -> ExtendedStatus {
         let m = &self.machine;
         let st = m.stats();
-        let h = primary_health(
-            m.state(),
-            st,
-            m.consecutive_failures(),
-            m.last_error(),
-            now,
-        );
+        let h = primary_health(m.state(), st, m.consecutive_failures(), m.last_error(), now);
         let mut stats = st.clone();
         if let Some((p, _)) = self.running.as_ref().map(|_| self.progress.get()) {
             stats.pending_bytes = p;
@@ -379,7 +375,10 @@ fn create_request(rec: &VmRecord, args: &EnableArgs, disks: &[(String, u64)]) ->
 }
 
 fn store_failure(e: &vmr_store::StoreError) -> Failure {
-    Failure::Retryable(format!("reading the replica store: {}", crate::util::chain(e)))
+    Failure::Retryable(format!(
+        "reading the replica store: {}",
+        crate::util::chain(e)
+    ))
 }
 
 /// One extended cycle: ask the extended replica what it holds, hold the newest point, ship

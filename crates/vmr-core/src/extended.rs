@@ -499,7 +499,11 @@ mod tests {
             tick(&mut m, 1, Some(*acked));
             ok(&mut m, 2);
             assert_eq!(start_of(&tick(&mut m, F - 1, *newest)), None, "not due yet");
-            assert_eq!(start_of(&tick(&mut m, F + 1, *newest)), *want, "{acked} {newest:?}");
+            assert_eq!(
+                start_of(&tick(&mut m, F + 1, *newest)),
+                *want,
+                "{acked} {newest:?}"
+            );
         }
     }
 
@@ -552,7 +556,10 @@ mod tests {
         .expect("failed");
         assert_eq!(m.last_error(), Some("down"));
         assert_eq!(start_of(&tick(&mut m, F + 2 + 999, Some(4))), None);
-        assert_eq!(start_of(&tick(&mut m, F + 2 + 1000, Some(4))), Some((4, Some(3))));
+        assert_eq!(
+            start_of(&tick(&mut m, F + 2 + 1000, Some(4))),
+            Some((4, Some(3)))
+        );
         m.step(ExtEvent::CycleFailed {
             now_ms: F + 1003,
             failure: Failure::Retryable("down".into()),
@@ -597,19 +604,43 @@ mod tests {
         let disable: Cmd = |now_ms| ExtEvent::Disable { now_ms };
         let enable: Cmd = |now_ms| ExtEvent::Enable { now_ms };
         let table: Vec<(&str, ExtendedMachine, Cmd, Result<S, ()>, bool)> = vec![
-            ("replicating", replicating.clone(), pause, Ok(S::Suspended), false),
+            (
+                "replicating",
+                replicating.clone(),
+                pause,
+                Ok(S::Suspended),
+                false,
+            ),
             ("running", running.clone(), pause, Ok(S::Suspended), true),
             ("running", running.clone(), disable, Ok(S::Disabled), true),
             ("replicating", replicating.clone(), resume, Err(()), false),
             ("replicating", replicating.clone(), enable, Err(()), false),
-            ("paused", paused(Some(S::Replicating)), resume, Ok(S::Replicating), false),
-            ("paused initial", paused(None), resume, Ok(S::ReadyForInitialReplication), false),
+            (
+                "paused",
+                paused(Some(S::Replicating)),
+                resume,
+                Ok(S::Replicating),
+                false,
+            ),
+            (
+                "paused initial",
+                paused(None),
+                resume,
+                Ok(S::ReadyForInitialReplication),
+                false,
+            ),
             ("paused", paused(None), pause, Err(()), false),
             ("paused", paused(None), disable, Ok(S::Disabled), false),
             ("disabled", disabled.clone(), pause, Err(()), false),
             ("disabled", disabled.clone(), resume, Err(()), false),
             ("disabled", disabled.clone(), disable, Err(()), false),
-            ("disabled", disabled, enable, Ok(S::ReadyForInitialReplication), false),
+            (
+                "disabled",
+                disabled,
+                enable,
+                Ok(S::ReadyForInitialReplication),
+                false,
+            ),
         ];
         for (what, mut m, cmd, want, aborts) in table {
             let before = m.clone();
@@ -644,7 +675,8 @@ mod tests {
         );
         // Restored from its snapshot after a restart: the same decisions.
         let mut r = ExtendedMachine::restore(ExtSchedule::every(F), m.snapshot());
-        r.step(ExtEvent::Restarted { now_ms: 5 }).expect("restarted");
+        r.step(ExtEvent::Restarted { now_ms: 5 })
+            .expect("restarted");
         assert_eq!((r.state(), r.acked()), (S::Suspended, Some(1)));
         r.step(ExtEvent::Resume { now_ms: 6 }).expect("resume");
         assert_eq!(start_of(&tick(&mut r, 6, Some(50))), Some((50, Some(1))));

@@ -25,7 +25,7 @@ pub use retention::{PointMeta, retention};
 #[cfg(feature = "failpoints")]
 pub use storage::FaultStorage;
 pub use store::{
-    Change, DiskChanges, ImageFormat, ImportImage, LayerWriter, PointHold, PointKeep, PointReader, Store, View,
-    VmUsage, find_images,
+    Change, DiskChanges, ImageFormat, ImportImage, LayerWriter, PointHold, PointKeep, PointReader,
+    Store, View, VmUsage, find_images,
 };
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

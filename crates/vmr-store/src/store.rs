@@ -38,8 +38,8 @@ mod indexed;
 mod resync;
 mod source;
 pub use cycle::LayerWriter;
-pub use source::{Change, DiskChanges, PointHold, PointKeep, PointReader};
 pub use import::{ImageFormat, ImportImage, find_images};
+pub use source::{Change, DiskChanges, PointHold, PointKeep, PointReader};
 
 /// Name of the VM definition file.
 const DEFINITION: &str = "vm.toml";
@@ -401,7 +401,7 @@ impl Store {
                     catalog: cat,
                     receiving: None,
                     holds: Default::default(),
-                keeps: Default::default(),
+                    keeps: Default::default(),
                 }),
             }),
         );
@@ -1141,8 +1141,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         // way; both ways keep the chain's content, so even a mix stays correct.
         let merge_down = upper.as_ref().is_some_and(|u| {
             !c.views.iter().any(|w| w.point >= u.id) && st.holds.range(u.id..).next().is_none()
-        })
-            && v.pending().is_none();
+        }) && v.pending().is_none();
         if !point.pruning {
             let mut nc = c.clone();
             nc.points[i].pruning = true;

@@ -515,7 +515,13 @@ async fn changes_since_a_point_cover_what_pruning_merged() -> anyhow::Result<()>
     assert_eq!(hold.point(), 6);
     let (got, small) = apply_changes(&store, &hold, Some(3), model(vm, 3)).await?;
     assert_eq!(got, model(vm, 6), "changes since 3 on top of 3");
-    let (full, all) = apply_changes(&store, &hold, None, vec![vec![0; 4 << 20], vec![0; 2 << 20]]).await?;
+    let (full, all) = apply_changes(
+        &store,
+        &hold,
+        None,
+        vec![vec![0; 4 << 20], vec![0; 2 << 20]],
+    )
+    .await?;
     assert_eq!(full, model(vm, 6), "a full copy of 6");
     assert!(small < all, "incremental {small} bytes, full {all}");
     let (none, zero) = apply_changes(&store, &hold, Some(6), model(vm, 6)).await?;
@@ -527,7 +533,11 @@ async fn changes_since_a_point_cover_what_pruning_merged() -> anyhow::Result<()>
     let dropped = store.prune_at(vm, now).await?;
     assert!(dropped.iter().all(|d| *d > 6), "{dropped:?}");
     let (got, _) = apply_changes(&store, &hold, Some(3), model(vm, 3)).await?;
-    assert_eq!(got, model(vm, 6), "still readable while newer points arrive");
+    assert_eq!(
+        got,
+        model(vm, 6),
+        "still readable while newer points arrive"
+    );
     drop(hold);
     // Released: retention merges 3 (and more) away; the changes since 3 still rebuild 8.
     let dropped = store.prune_at(vm, now).await?;
@@ -552,8 +562,13 @@ async fn changes_since_a_point_cover_what_pruning_merged() -> anyhow::Result<()>
     let hold = store.hold_point(vm, None).await?;
     let (got, kept_bytes) = apply_changes(&store, &hold, Some(8), model(vm, 8)).await?;
     assert_eq!(got, model(vm, 11), "changes since the kept 8");
-    let (_, full_bytes) =
-        apply_changes(&store, &hold, None, vec![vec![0; 4 << 20], vec![0; 2 << 20]]).await?;
+    let (_, full_bytes) = apply_changes(
+        &store,
+        &hold,
+        None,
+        vec![vec![0; 4 << 20], vec![0; 2 << 20]],
+    )
+    .await?;
     assert!(kept_bytes < full_bytes, "{kept_bytes} < {full_bytes}");
     drop((hold, keep));
     Ok(())

@@ -80,7 +80,11 @@ fn assert_same(ch: &Chain, vm: &StandIn, id: u64) -> TestResult {
     assert_eq!(c.len(), vm.def.disks.len());
     assert_eq!(b, c, "C's point {id} differs from B's");
     for (disk, h) in c {
-        assert_eq!(h, vm.hash(&disk)?, "disk {disk}: C's point {id} differs from A");
+        assert_eq!(
+            h,
+            vm.hash(&disk)?,
+            "disk {disk}: C's point {id} differs from A"
+        );
     }
     Ok(())
 }
@@ -154,7 +158,10 @@ fn a_to_b_to_c_under_a_writer() -> TestResult {
     assert_eq!(x.frequency_secs, 5);
     assert!(x.lag_ms.is_some());
     let text = ch.b.ok(&["status"])?;
-    assert!(text.contains("extended") && text.contains(&ch.c.addr), "{text}");
+    assert!(
+        text.contains("extended") && text.contains(&ch.c.addr),
+        "{text}"
+    );
     let json: serde_json::Value = serde_json::from_str(&ch.b.ok(&["status", VM, "--json"])?)?;
     assert_eq!(json[0]["extended"]["last_point_sent"], last, "{json}");
     // C is an ordinary replica whose primary is B.
@@ -173,11 +180,7 @@ fn a_to_b_to_c_under_a_writer() -> TestResult {
     assert!(st.extended.is_none(), "{st:?}");
     assert_eq!(st.state, ReplicationState::Replicating);
     // Not on a primary VM.
-    let out = ch.a.cli(&[
-        "pause",
-        VM,
-        "--extended",
-    ])?;
+    let out = ch.a.cli(&["pause", VM, "--extended"])?;
     assert!(!out.status.success());
     Ok(())
 }

@@ -62,7 +62,10 @@ impl PointHold {
 
     /// The held point's disks: id and size, in the catalog's order.
     pub fn disks(&self) -> Vec<(String, u64)> {
-        self.disks.iter().map(|d| (d.disk.clone(), d.size)).collect()
+        self.disks
+            .iter()
+            .map(|d| (d.disk.clone(), d.size))
+            .collect()
     }
 }
 
@@ -328,8 +331,7 @@ impl Store {
     pub async fn read_point(&self, hold: &PointHold) -> Result<PointReader, StoreError> {
         let mut exports = Vec::new();
         for d in &hold.disks {
-            match Export::start_read_only(&self.inner.root, &d.dir.join(&d.file), Vec::new())
-                .await
+            match Export::start_read_only(&self.inner.root, &d.dir.join(&d.file), Vec::new()).await
             {
                 Ok(e) => exports.push(e),
                 Err(e) => {
@@ -379,7 +381,10 @@ mod tests {
         };
         assert_eq!(chain_of(&c, "d", "c000006.qcow2"), vec![6, 5, 4]);
         assert_eq!(chain_of(&c, "d", "base.qcow2"), vec![3]);
-        assert_eq!(chain_of(&c, "other", "c000006.qcow2"), Vec::<CycleId>::new());
+        assert_eq!(
+            chain_of(&c, "other", "c000006.qcow2"),
+            Vec::<CycleId>::new()
+        );
     }
 
     #[test]
