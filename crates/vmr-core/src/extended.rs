@@ -486,7 +486,8 @@ mod tests {
     /// Table: (acked, newest, what the next due tick starts).
     #[test]
     fn each_cycle_ships_the_newest_point_since_the_acknowledged_one() {
-        let table: &[(CycleId, Option<CycleId>, Option<(CycleId, Option<CycleId>)>)] = &[
+        type Started = Option<(CycleId, Option<CycleId>)>;
+        let table: &[(CycleId, Option<CycleId>, Started)] = &[
             (7, Some(8), Some((8, Some(7)))),
             // Points the replica made meanwhile (and maybe pruned) are covered by one cycle.
             (7, Some(15), Some((15, Some(7)))),
@@ -603,7 +604,9 @@ mod tests {
         let resume: Cmd = |now_ms| ExtEvent::Resume { now_ms };
         let disable: Cmd = |now_ms| ExtEvent::Disable { now_ms };
         let enable: Cmd = |now_ms| ExtEvent::Enable { now_ms };
-        let table: Vec<(&str, ExtendedMachine, Cmd, Result<S, ()>, bool)> = vec![
+        /// What, the machine, the command, the state it leads to (or refused), aborts.
+        type Row = (&'static str, ExtendedMachine, Cmd, Result<S, ()>, bool);
+        let table: Vec<Row> = vec![
             (
                 "replicating",
                 replicating.clone(),
