@@ -332,10 +332,6 @@ impl ExtendedSide {
         let m = &self.machine;
         let st = m.stats();
         let h = primary_health(m.state(), st, m.consecutive_failures(), m.last_error(), now);
-        let mut stats = st.clone();
-        if let Some((p, _)) = self.running.as_ref().map(|_| self.progress.get()) {
-            stats.pending_bytes = p;
-        }
         ExtendedStatus {
             relationship: "extended".to_owned(),
             state: m.state(),
@@ -348,7 +344,12 @@ impl ExtendedSide {
             lag_ms: st.last_point_cut_ms.map(|c| now.saturating_sub(c)),
             last_replication_ms: st.last_replication_ms,
             running_point: m.running_point(),
-            stats,
+            running_bytes: self
+                .running
+                .as_ref()
+                .and_then(|_| self.progress.operation())
+                .map(|p| p.sent),
+            stats: st.clone(),
         }
     }
 }

@@ -699,6 +699,7 @@ mod tests {
             lag_ms: Some(30_000),
             last_replication_ms: Some(80_000),
             running_point: None,
+            running_bytes: None,
             stats: vmr_proto::api::ReplicationStats::default(),
         });
         let rows = vec![VmView {

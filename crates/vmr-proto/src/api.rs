@@ -238,6 +238,9 @@ pub struct ExtendedStatus {
     /// The point an extended cycle is shipping now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_point: Option<u64>,
+    /// Data bytes the running extended cycle shipped so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_bytes: Option<u64>,
     /// Statistics of the outgoing relationship.
     pub stats: ReplicationStats,
 }

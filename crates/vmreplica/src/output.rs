@@ -393,6 +393,32 @@ fn print_measure(rows: &[VmStatus]) {
                 println!("FailoverNetworkArgs       : {}", a.join(" "));
             }
         }
+        if let Some(x) = &r.extended {
+            // Measure-VMReplication -ReplicationRelationshipType Extended.
+            let s = &x.stats;
+            println!("RelationshipType          : Extended (to {})", x.replica);
+            println!("ExtendedState             : {}", x.state);
+            println!(
+                "ExtendedHealth            : {} {}",
+                x.health, x.health_reason
+            );
+            println!(
+                "ExtendedLastPointSent     : {}",
+                x.last_point_sent
+                    .map_or_else(|| "none".to_owned(), |p| p.to_string())
+            );
+            println!(
+                "ExtendedLastReplication   : {}",
+                opt_time(s.last_replication_ms)
+            );
+            println!("ExtendedSuccessfulCount   : {}", s.successful_cycles);
+            println!(
+                "ExtendedAverageSize       : {}",
+                fmt_bytes(s.average_bytes())
+            );
+            println!("ExtendedMaximumSize       : {}", fmt_bytes(s.max_bytes));
+            println!("ExtendedErrors            : {}", s.errors);
+        }
         println!();
     }
 }

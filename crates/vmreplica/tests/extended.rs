@@ -162,6 +162,12 @@ fn a_to_b_to_c_under_a_writer() -> TestResult {
         text.contains("extended") && text.contains(&ch.c.addr),
         "{text}"
     );
+    let measure = ch.b.ok(&["measure", VM])?;
+    assert!(
+        measure.contains("RelationshipType          : Extended")
+            && measure.contains(&format!("ExtendedLastPointSent     : {last}")),
+        "{measure}"
+    );
     let json: serde_json::Value = serde_json::from_str(&ch.b.ok(&["status", VM, "--json"])?)?;
     assert_eq!(json[0]["extended"]["last_point_sent"], last, "{json}");
     // C is an ordinary replica whose primary is B.
