@@ -81,8 +81,8 @@ fn schedule(args: &EnableArgs) -> Result<ExtSchedule, AgentError> {
 }
 
 impl ExtendedSide {
-    /// The extended relationship of `vm` as persisted, if enabled. `restarted`: the agent came
-    /// back up.
+    /// The extended relationship of `vm` as persisted, if enabled (the agent started: a cycle
+    /// that ran is gone).
     pub fn restore(vm: &Vm) -> Option<ExtendedSide> {
         let x = vm.rec.extended.as_ref()?;
         let sched = match schedule(&x.args) {
@@ -148,10 +148,9 @@ impl ExtendedSide {
             .and_then(|s| s.latest_point(vm.rec.uuid).ok().flatten())
     }
 
-    fn step(&mut self, vm: &Vm, ev: ExtEvent) -> Result<(), AgentError> {
+    fn step(&mut self, ev: ExtEvent) -> Result<(), AgentError> {
         let acts = self.machine.step(ev)?;
         self.pending.extend(acts);
-        let _ = vm;
         Ok(())
     }
 
@@ -161,7 +160,7 @@ impl ExtendedSide {
         vm: &mut Vm,
         ev: ExtEvent,
     ) -> Result<ReplicationState, AgentError> {
-        self.step(vm, ev)?;
+        self.step(ev)?;
         self.carry_out(vm);
         if self.machine.state() == ReplicationState::Disabled {
             self.stop().await;
@@ -177,7 +176,7 @@ impl ExtendedSide {
                 now_ms: now_ms(),
                 newest: Self::newest(vm),
             };
-            if let Err(e) = self.step(vm, ev) {
+            if let Err(e) = self.step(ev) {
                 tracing::debug!(vm = %vm.rec.name, "extended machine refused a tick: {e}");
             }
         }
@@ -312,7 +311,7 @@ impl ExtendedSide {
         };
         if let Some(ev) = ev
             && self.machine.running_point().is_some()
-            && let Err(e) = self.step(vm, ev)
+            && let Err(e) = self.step(ev)
         {
             tracing::debug!(vm = %vm.rec.name, "extended machine refused an outcome: {e}");
         }
