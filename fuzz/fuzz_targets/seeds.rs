@@ -441,6 +441,10 @@ fn control(root: &Path) {
             no_start: false,
             force: false,
         },
+        Request::Extended {
+            name: "demo-vm".into(),
+            what: vmr_proto::api::ExtendedOp::Pause,
+        },
     ];
     for (i, r) in reqs.iter().enumerate() {
         let line = r.to_line().unwrap_or_default();

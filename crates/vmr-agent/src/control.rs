@@ -383,6 +383,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 failover: Default::default(),
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
                 rpo_alert_secs: None,
+                extended: None,
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -477,6 +478,11 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
         Request::SetRetention { name, policy } => Ok(json!(
             vm(agent, &name)?
                 .ask(|r| Command::SetRetention(Box::new(policy), r))
+                .await?
+        )),
+        Request::Extended { name, what } => Ok(json!(
+            vm(agent, &name)?
+                .ask(|r| Command::Extended(what, r))
                 .await?
         )),
         Request::Events { query, follow: _ } => to_value(events(agent, query).await?),

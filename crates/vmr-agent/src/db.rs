@@ -493,6 +493,7 @@ mod tests {
                 ..Default::default()
             }),
             rpo_alert_secs: Some(40),
+            extended: None,
         }
     }
 

@@ -1191,6 +1191,7 @@ pub async fn become_replica(
             failover: rec.failover.clone(),
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
             rpo_alert_secs: rec.rpo_alert_secs,
+            extended: None,
         };
         vm.rec = new;
         vm.save()?;

@@ -333,6 +333,37 @@ impl Scrape {
         }
         Ok(())
     }
+
+    /// One gauge family of replica VMs' extended (outgoing) relationships: labelled
+    /// `relationship="extended"`, the peer being the extended replica.
+    fn extended_gauge<T: EncodeGaugeValue>(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        value: impl Fn(&vmr_proto::api::ExtendedStatus) -> Option<T>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut m = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+        for r in &self.rows {
+            if let Some(x) = r.status.as_ref().and_then(|s| s.extended.as_ref())
+                && let Some(v) = value(x)
+            {
+                m.encode_family(&extended_labels(r, x))?.encode_gauge(&v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn extended_labels(r: &VmView, x: &vmr_proto::api::ExtendedStatus) -> Labels {
+    vec![
+        ("vm", esc(&r.name)),
+        ("uuid", r.uuid.to_string()),
+        ("role", r.role.to_owned()),
+        ("peer", esc(&x.replica)),
+        ("relationship", "extended".to_owned()),
+    ]
 }
 
 impl Collector for Scrape {
@@ -455,6 +486,43 @@ impl Collector for Scrape {
                     .and_then(|s| s.recovery_points)
                     .map(|n| n as i64)
             },
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "vmreplica_extended_state",
+                "Replica VMs forwarding their points to a third host: the extended \
+                 relationship's state (one series per VM with value 1)",
+                None,
+                MetricType::Info,
+            )?;
+            for r in &self.rows {
+                if let Some(x) = r.status.as_ref().and_then(|s| s.extended.as_ref()) {
+                    let mut l = extended_labels(r, x);
+                    l.push(("state", x.state.to_string()));
+                    m.encode_info(&l)?;
+                }
+            }
+        }
+        self.extended_gauge(
+            &mut enc,
+            "vmreplica_extended_health",
+            "The extended relationship's health: 0 Normal, 1 Warning, 2 Critical",
+            None,
+            |x| Some(health_value(x.health)),
+        )?;
+        self.extended_gauge(
+            &mut enc,
+            "vmreplica_extended_replication_lag",
+            "Now minus the cut time of the latest point the extended replica acknowledged",
+            Some(&secs),
+            |x| x.last_point_ms.map(|t| ms_to_secs(now.saturating_sub(t))),
+        )?;
+        self.extended_gauge(
+            &mut enc,
+            "vmreplica_extended_last_point",
+            "The id of the latest point the extended replica acknowledged",
+            None,
+            |x| x.last_point_sent.map(|p| p as i64),
         )?;
         self.gauge(
             &mut enc,
@@ -614,6 +682,50 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
         // A VM whose owner did not answer has no gauges beyond `up`.
         assert!(!text.contains("vmreplica_health{vm=\"db"), "{text}");
+    }
+
+    #[test]
+    fn an_extended_relationship_has_its_own_series_named_extended() {
+        let mut st = status(ReplicationMode::Replica, Health::Normal, Some(90_000));
+        st.extended = Some(vmr_proto::api::ExtendedStatus {
+            relationship: "extended".into(),
+            state: vmr_proto::api::ReplicationState::Replicating,
+            health: Health::Critical,
+            health_reason: "cannot replicate".into(),
+            replica: "10.0.0.3:9443".into(),
+            frequency_secs: 300,
+            last_point_sent: Some(41),
+            last_point_ms: Some(70_000),
+            lag_ms: Some(30_000),
+            last_replication_ms: Some(80_000),
+            running_point: None,
+            running_bytes: None,
+            stats: vmr_proto::api::ReplicationStats::default(),
+        });
+        let rows = vec![VmView {
+            name: "web1".into(),
+            uuid: Uuid::from_u128(1),
+            role: "replica",
+            peer: "host-a".into(),
+            status: Some(st),
+            counters: None,
+            store_free_bytes: None,
+        }];
+        let text = encode(rows, vec![], 100_000).expect("encode");
+        let l = "vm=\"web1\",uuid=\"00000000-0000-0000-0000-000000000001\",role=\"replica\",peer=\"10.0.0.3:9443\",relationship=\"extended\"";
+        for line in [
+            format!("vmreplica_extended_state_info{{{l},state=\"Replicating\"}} 1"),
+            format!("vmreplica_extended_health{{{l}}} 2"),
+            format!("vmreplica_extended_replication_lag_seconds{{{l}}} 30.0"),
+            format!("vmreplica_extended_last_point{{{l}}} 41"),
+        ] {
+            assert!(
+                text.lines().any(|x| x == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // The incoming relationship's series stay as they were.
+        assert!(text.contains("vmreplica_health{vm=\"web1\",uuid=\"00000000-0000-0000-0000-000000000001\",role=\"replica\",peer=\"host-a\"} 0"), "{text}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod errors;
 pub mod events;
 pub mod exit;
 mod export;
+mod extended;
 mod failover;
 mod guestnet;
 mod host;

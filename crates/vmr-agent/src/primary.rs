@@ -761,6 +761,7 @@ impl PrimarySide {
             last_point_ms,
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
             retention: rec.enable.as_ref().map(EnableArgs::retention),
+            extended: None,
         }
     }
 
@@ -861,6 +862,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         last_point_ms: None,
         last_cycle_bytes: None,
         retention: None,
+        extended: None,
     }
 }
 

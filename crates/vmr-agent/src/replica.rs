@@ -469,6 +469,7 @@ impl ReplicaSide {
                 .store_of(rec)
                 .ok()
                 .and_then(|s| s.retention_policy(rec.uuid).ok()),
+            extended: None,
         }
     }
 

@@ -158,6 +158,7 @@ impl PeerHandler {
             failover: Default::default(),
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
             rpo_alert_secs: None,
+            extended: None,
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms

@@ -27,6 +27,7 @@ use vmr_transport::Peer;
 
 use crate::errors::{AgentError, internal, store_err};
 use crate::events::NewEvent;
+use crate::extended::ExtendedSide;
 use crate::host::Host;
 use crate::owned::Observed;
 use crate::owned::Vm;
@@ -203,6 +204,8 @@ pub enum Command {
     SetRetention(Box<vmr_store::RetentionPolicy>, Reply<String>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
+    /// `enable|pause|resume|disable NAME --extended` (a replica VM's outgoing relationship).
+    Extended(vmr_proto::api::ExtendedOp, Reply<String>),
 }
 
 /// The handle of a VM's owner task.
@@ -301,6 +304,10 @@ impl Registry {
             tx,
         };
         let vm = Vm::new(host.clone(), rec);
+        let extended = match vm.rec.mode() {
+            ReplicationMode::Replica => ExtendedSide::restore(&vm).map(Box::new),
+            ReplicationMode::Primary => None,
+        };
         let side = match vm.rec.mode() {
             ReplicationMode::Primary => {
                 Side::Primary(PrimarySide::restore(&vm, restarted).map(Box::new))
@@ -310,6 +317,7 @@ impl Registry {
         let owner = Owner {
             vm,
             side,
+            extended,
             rx,
             me: handle.tx.downgrade(),
             seen: None,
@@ -332,6 +340,8 @@ enum Side {
 struct Owner {
     vm: Vm,
     side: Side,
+    /// A replica VM's extended (outgoing) relationship, when enabled.
+    extended: Option<Box<ExtendedSide>>,
     rx: mpsc::Receiver<Command>,
     /// The owner's own channel, for tasks it starts that report back (weak: the registry's
     /// handle keeps the channel open, not the owner itself).
@@ -363,6 +373,15 @@ async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError
     }
 }
 
+async fn wait_extended(
+    x: &mut Option<Box<ExtendedSide>>,
+) -> Result<crate::extended::ExtDone, tokio::task::JoinError> {
+    match x.as_mut().and_then(|x| x.running()) {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Owner {
     async fn run(mut self) {
         if self.vm.rec.mode() == ReplicationMode::Replica {
@@ -376,6 +395,9 @@ impl Owner {
             if let Side::Primary(Some(p)) = &mut self.side {
                 p.flush(&mut self.vm);
             }
+            if let Some(x) = &mut self.extended {
+                x.carry_out(&mut self.vm);
+            }
             self.watch();
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
@@ -384,6 +406,9 @@ impl Owner {
                         self.vm.stop_disable_notice().await;
                         if let Side::Primary(Some(p)) = &mut self.side {
                             p.stop().await;
+                        }
+                        if let Some(x) = &mut self.extended {
+                            x.stop().await;
                         }
                         let _ = ack.send(());
                         break;
@@ -399,6 +424,9 @@ impl Owner {
                         let removed = r.is_ok() && !check;
                         let _ = reply.send(r);
                         if removed {
+                            if let Some(x) = &mut self.extended {
+                                x.stop().await;
+                            }
                             self.vm.host.telemetry.forget(self.vm.rec.uuid);
                             break;
                         }
@@ -413,6 +441,11 @@ impl Owner {
                         }
                     }
                 }
+                done = wait_extended(&mut self.extended) => {
+                    if let Some(x) = &mut self.extended {
+                        x.cycle_done(&mut self.vm, done);
+                    }
+                }
                 _ = wait_deadline(self.rpo_deadline) => {
                     // `watch` at the top of the loop raises the alert.
                     self.rpo_deadline = None;
@@ -421,6 +454,9 @@ impl Owner {
                     self.vm.reap_children();
                     if let Side::Primary(Some(p)) = &mut self.side {
                         p.tick(&mut self.vm);
+                    }
+                    if let Some(x) = &mut self.extended {
+                        x.tick(&mut self.vm);
                     }
                 }
             }
@@ -818,6 +854,55 @@ impl Owner {
         }
     }
 
+    /// `enable|pause|resume|disable NAME --extended`: the replica VM's outgoing relationship
+    /// (its own machine; the incoming relationship is not touched).
+    async fn extended_cmd(
+        &mut self,
+        what: vmr_proto::api::ExtendedOp,
+    ) -> Result<String, AgentError> {
+        use vmr_core::ExtEvent;
+        use vmr_proto::api::ExtendedOp;
+        let name = self.vm.rec.name.clone();
+        if self.vm.rec.mode() != ReplicationMode::Replica {
+            return Err(AgentError::OnPrimary {
+                name,
+                what: "extended replication (`--extended`)".into(),
+            });
+        }
+        let now = now_ms();
+        let (ev, op) = match what {
+            ExtendedOp::Enable(args) => {
+                if let Some(x) = &self.extended {
+                    return Err(AgentError::Refused(vmr_core::Refusal::AlreadyEnabled {
+                        state: x.machine().state(),
+                    }));
+                }
+                let to = args.replica.clone();
+                let x = ExtendedSide::enable(&mut self.vm, *args)?;
+                self.extended = Some(Box::new(x));
+                return Ok(format!(
+                    "extended replication of {name} to {to} enabled: the first extended cycle \
+                     copies the newest recovery point"
+                ));
+            }
+            ExtendedOp::Pause => (ExtEvent::Pause { now_ms: now }, "paused"),
+            ExtendedOp::Resume => (ExtEvent::Resume { now_ms: now }, "resumed"),
+            ExtendedOp::Disable => (ExtEvent::Disable { now_ms: now }, "disabled"),
+        };
+        let Some(x) = &mut self.extended else {
+            return Err(AgentError::NotEnabled {
+                name: format!("{name} (extended)"),
+            });
+        };
+        let state = x.admin(&mut self.vm, ev).await?;
+        if state == ReplicationState::Disabled {
+            self.extended = None;
+            self.vm.rec.extended = None;
+            self.vm.save()?;
+        }
+        Ok(format!("extended replication of {name} {op} ({state})"))
+    }
+
     fn not_enabled(&self) -> AgentError {
         AgentError::NotEnabled {
             name: self.vm.rec.name.clone(),
@@ -886,6 +971,8 @@ impl Owner {
                     }
                     Side::Replica(r) => r.status(&self.vm, &primary_name, now),
                 };
+                let mut st = st;
+                st.extended = self.extended.as_ref().map(|x| x.status(now));
                 let _ = reply.send(Ok(st));
             }
             Command::Record(reply) => {
@@ -975,6 +1062,10 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::StreamFailed(e) => self.note_store(&Err(&e)),
+            Command::Extended(what, reply) => {
+                let r = self.extended_cmd(what).await;
+                let _ = reply.send(r);
+            }
             Command::SetRpoAlert(secs, reply) => {
                 let r = self.set_rpo_alert(secs);
                 let _ = reply.send(r);

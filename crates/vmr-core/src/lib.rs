@@ -9,6 +9,7 @@
 //! time comes in with every event, so every decision is reproducible in a test.
 
 pub mod alert;
+pub mod extended;
 pub mod failover;
 pub mod handover;
 pub mod health;
@@ -22,6 +23,7 @@ pub use alert::{
     RpoChange, RpoVerdict, assess_rpo, check_rpo_alert, decide_rpo, report_failure, rpo_alert_ms,
     rpo_health,
 };
+pub use extended::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine};
 pub use failover::{
     PrepareRefusal, PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe,
     check_probe_target, failover_transition, prepare_source, probe_address, split_brain_verdict,

@@ -216,6 +216,59 @@ pub struct VmStatus {
     /// its store applies; absent when replication is not enabled (and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<crate::store::RetentionPolicy>,
+    /// Replica VMs: the extended (outgoing) relationship to a third host, when enabled
+    /// (`enable --extended`); the row's other fields are the incoming relationship's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extended: Option<ExtendedStatus>,
+}
+
+/// The outgoing (extended) relationship of a replica VM, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExtendedStatus {
+    /// Always "extended" (monitoring outputs name the relationship).
+    pub relationship: String,
+    /// Replication state of the outgoing relationship.
+    pub state: ReplicationState,
+    /// Its health.
+    pub health: Health,
+    /// Why the health is not Normal ("" when Normal).
+    pub health_reason: String,
+    /// The extended replica's address (HOST:PORT).
+    pub replica: String,
+    /// Extended cycle interval in seconds.
+    pub frequency_secs: u64,
+    /// The last point the extended replica acknowledged.
+    pub last_point_sent: Option<u64>,
+    /// Cut time of that point (on the primary), ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_point_ms: Option<u64>,
+    /// Now minus that cut time, ms (the extended replica's RPO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_ms: Option<u64>,
+    /// Last successful extended cycle, ms since the epoch.
+    pub last_replication_ms: Option<u64>,
+    /// The point an extended cycle is shipping now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_point: Option<u64>,
+    /// Data bytes the running extended cycle shipped so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_bytes: Option<u64>,
+    /// Statistics of the outgoing relationship.
+    pub stats: ReplicationStats,
+}
+
+/// What `vmreplica ... --extended` asks of a replica VM's extended relationship.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "action")]
+pub enum ExtendedOp {
+    /// `enable NAME --extended --replica C:PORT ...` (the name in the args is the VM's).
+    Enable(Box<EnableArgs>),
+    /// `pause NAME --extended`.
+    Pause,
+    /// `resume NAME --extended`.
+    Resume,
+    /// `disable NAME --extended`: remove the outgoing relationship only.
+    Disable,
 }
 
 /// What a running operation of a VM is ([`OperationProgress::kind`]).
@@ -565,6 +618,14 @@ pub enum Request {
         name: String,
         /// The new policy.
         policy: crate::store::RetentionPolicy,
+    },
+    /// The extended (outgoing) relationship of a replica VM (`enable|pause|resume|disable NAME
+    /// --extended`).
+    Extended {
+        /// Replica VM name.
+        name: String,
+        /// What to do.
+        what: ExtendedOp,
     },
 }
 

@@ -134,3 +134,33 @@ mod tests {
         );
     }
 }
+
+/// The persisted part of an extended relationship's machine (this host, a replica, forwards
+/// the VM's recovery points to a third host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExtendedSnapshot {
+    /// Replication state of the outgoing relationship.
+    #[serde(default = "disabled")]
+    pub state: ReplicationState,
+    /// The last point the extended replica acknowledged (what the next cycle builds on).
+    pub acked: Option<u64>,
+    /// Statistics.
+    pub stats: ReplicationStats,
+    /// Last error message.
+    pub last_error: Option<String>,
+    /// State to return to on resume.
+    pub paused_from: Option<ReplicationState>,
+}
+
+impl Default for ExtendedSnapshot {
+    fn default() -> Self {
+        Self {
+            state: disabled(),
+            acked: None,
+            stats: ReplicationStats::default(),
+            last_error: None,
+            paused_from: None,
+        }
+    }
+}

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::api::{EnableArgs, ReplicationMode, ReplicationState, ReplicationStats};
-use crate::machine::{PrimarySnapshot, ReplicaSnapshot};
+use crate::machine::{ExtendedSnapshot, PrimarySnapshot, ReplicaSnapshot};
 
 /// The persisted record of one VM on this host (`state.db` schema 2): what it is, its
 /// replication settings, and its decision machine as the machine's own snapshot.
@@ -53,6 +53,21 @@ pub struct VmRecord {
     /// `enable --rpo-alert`); absent = twice the frequency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo_alert_secs: Option<u64>,
+    /// Replica side: the extended (outgoing) relationship that forwards this VM's recovery
+    /// points to a third host (`enable --extended`), when enabled; absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extended: Option<ExtendedRecord>,
+}
+
+/// The extended relationship of a replica VM: its settings and its machine's snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExtendedRecord {
+    /// `enable --extended` arguments (the extended replica's address and fingerprint,
+    /// frequency, recovery points).
+    pub args: EnableArgs,
+    /// The extended relationship's machine.
+    #[serde(default)]
+    pub machine: ExtendedSnapshot,
 }
 
 impl VmRecord {
@@ -158,6 +173,7 @@ impl From<VmRecordV1> for VmRecord {
             failover: Default::default(),
             machine,
             rpo_alert_secs: None,
+            extended: None,
         }
     }
 }

@@ -25,7 +25,7 @@ pub use retention::{KeepReason, Plan, PointMeta, estimate_sizes, plan, retention
 #[cfg(feature = "failpoints")]
 pub use storage::FaultStorage;
 pub use store::{
-    CheckKind, FileCheck, ImageFormat, ImportImage, ImportPos, ImportProgress, LayerWriter, Store,
-    View, VmUsage, find_images,
+    Change, CheckKind, DiskChanges, FileCheck, ImageFormat, ImportImage, ImportPos, ImportProgress,
+    LayerWriter, PointHold, PointKeep, PointReader, Store, View, VmUsage, find_images,
 };
 pub use vmr_proto::store::{PointKind, RecoveryPoint, RetentionPolicy};

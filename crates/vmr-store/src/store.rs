@@ -36,10 +36,12 @@ mod cycle;
 mod import;
 mod indexed;
 mod resync;
+mod source;
 mod verify;
 
 pub use cycle::LayerWriter;
 pub use import::{ImageFormat, ImportImage, ImportPos, ImportProgress, find_images};
+pub use source::{Change, DiskChanges, PointHold, PointKeep, PointReader};
 pub use verify::{CheckKind, FileCheck};
 
 /// Name of the VM definition file.
@@ -85,6 +87,12 @@ struct Vm {
 struct VmState {
     catalog: Catalog,
     receiving: Option<CycleId>,
+    /// Points held in memory by readers (`store/source.rs`: an extended cycle reading a
+    /// point): pinned like a view's point while held, never persisted.
+    holds: std::collections::BTreeMap<CycleId, u32>,
+    /// Points kept in memory (`store/source.rs`: the point an extended replica acknowledged
+    /// last): never pruned themselves while kept, though older points may merge into them.
+    keeps: std::collections::BTreeMap<CycleId, u32>,
 }
 
 impl VmState {
@@ -276,6 +284,8 @@ impl Vm {
             st: Mutex::new(VmState {
                 catalog: cat,
                 receiving: None,
+                holds: Default::default(),
+                keeps: Default::default(),
             }),
         })
     }
@@ -393,6 +403,8 @@ impl Store {
                 st: Mutex::new(VmState {
                     catalog: cat,
                     receiving: None,
+                    holds: Default::default(),
+                    keeps: Default::default(),
                 }),
             }),
         );
@@ -1136,8 +1148,11 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             return Ok(false);
         };
         let is_latest = i + 1 == c.points.len();
-        let pinned_here = c.views.iter().any(|w| w.point == id);
-        let pinned_above = c.views.iter().any(|w| w.point > id);
+        let pinned_here = c.views.iter().any(|w| w.point == id)
+            || st.holds.contains_key(&id)
+            || st.keeps.contains_key(&id);
+        let pinned_above =
+            c.views.iter().any(|w| w.point > id) || st.holds.range(id + 1..).next().is_some();
         if pinned_here || (!force && (is_latest || pinned_above)) {
             return Ok(false);
         }
@@ -1151,10 +1166,9 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         // path) and no pending resync (its layers back onto the latest point's). The rule
         // reads only the catalog and the pending record, so a restarted prune picks the same
         // way; both ways keep the chain's content, so even a mix stays correct.
-        let merge_down = upper
-            .as_ref()
-            .is_some_and(|u| !c.views.iter().any(|w| w.point >= u.id))
-            && v.pending().is_none();
+        let merge_down = upper.as_ref().is_some_and(|u| {
+            !c.views.iter().any(|w| w.point >= u.id) && st.holds.range(u.id..).next().is_none()
+        }) && v.pending().is_none();
         if !point.pruning {
             let mut nc = c.clone();
             nc.points[i].pruning = true;

@@ -471,3 +471,106 @@ async fn readopt_view_makes_the_overlays_the_new_point() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `base` (a model of point `since`, or zeros for `None`) with the changes of the held point
+/// since `since` applied, read through the point reader.
+async fn apply_changes(
+    store: &Store,
+    hold: &vmr_store::PointHold,
+    since: Option<u64>,
+    mut base: Vec<Vec<u8>>,
+) -> anyhow::Result<(Vec<Vec<u8>>, u64)> {
+    let changes = store.changes_since(hold, since).await?;
+    let reader = store.read_point(hold).await?;
+    let mut data = 0;
+    for (i, d) in changes.iter().enumerate() {
+        data += d.data_bytes();
+        for c in &d.changes {
+            let (o, n) = (c.offset as usize, c.len as usize);
+            if c.zero {
+                base[i][o..o + n].fill(0);
+                continue;
+            }
+            let mut off = c.offset;
+            while off < c.offset + c.len {
+                let len = (c.offset + c.len - off).min(reader.max_read());
+                let b = reader.read(i, off, len).await?;
+                base[i][off as usize..(off + len) as usize].copy_from_slice(&b);
+                off += len;
+            }
+        }
+    }
+    reader.close().await;
+    Ok((base, data))
+}
+
+#[tokio::test]
+async fn changes_since_a_point_cover_what_pruning_merged() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vm = vm_uuid();
+    let store = new_store(dir.path(), 2);
+    for id in 1..=6 {
+        send(&store, vm, id).await?;
+    }
+    let hold = store.hold_point(vm, None).await?;
+    assert_eq!(hold.point(), 6);
+    let (got, small) = apply_changes(&store, &hold, Some(3), model(vm, 3)).await?;
+    assert_eq!(got, model(vm, 6), "changes since 3 on top of 3");
+    let (full, all) = apply_changes(
+        &store,
+        &hold,
+        None,
+        vec![vec![0; 4 << 20], vec![0; 2 << 20]],
+    )
+    .await?;
+    assert_eq!(full, model(vm, 6), "a full copy of 6");
+    assert!(small < all, "incremental {small} bytes, full {all}");
+    let (none, zero) = apply_changes(&store, &hold, Some(6), model(vm, 6)).await?;
+    assert_eq!((none, zero), (model(vm, 6), 0));
+    // Held: nothing at or below 6 is pruned, and cycles are still applied on top.
+    let now = T0 + 8 * STEP_MS + 1000;
+    send(&store, vm, 7).await?;
+    send(&store, vm, 8).await?;
+    let dropped = store.prune_at(vm, now).await?;
+    assert!(dropped.iter().all(|d| *d > 6), "{dropped:?}");
+    let (got, _) = apply_changes(&store, &hold, Some(3), model(vm, 3)).await?;
+    assert_eq!(
+        got,
+        model(vm, 6),
+        "still readable while newer points arrive"
+    );
+    drop(hold);
+    // Released: retention merges 3 (and more) away; the changes since 3 still rebuild 8.
+    let dropped = store.prune_at(vm, now).await?;
+    assert!(dropped.contains(&3), "{dropped:?}");
+    let hold = store.hold_point(vm, None).await?;
+    assert_eq!(hold.point(), 8);
+    let (got, _) = apply_changes(&store, &hold, Some(3), model(vm, 3)).await?;
+    assert_eq!(got, model(vm, 8), "changes since the pruned 3");
+    let (got, _) = apply_changes(&store, &hold, Some(1), model(vm, 1)).await?;
+    assert_eq!(got, model(vm, 8), "changes since the pruned base 1");
+    drop(hold);
+    // A kept point survives retention (the point an extended replica acknowledged); the
+    // changes since it stay the layers above it.
+    let keep = store.keep_point(vm, 8)?;
+    assert!(store.keep_point(vm, 3).is_err(), "3 is gone");
+    for id in 9..=11 {
+        send(&store, vm, id).await?;
+    }
+    let dropped = store.prune_at(vm, T0 + 12 * STEP_MS).await?;
+    assert!(!dropped.contains(&8), "{dropped:?}");
+    assert!(dropped.contains(&9) || dropped.contains(&10), "{dropped:?}");
+    let hold = store.hold_point(vm, None).await?;
+    let (got, kept_bytes) = apply_changes(&store, &hold, Some(8), model(vm, 8)).await?;
+    assert_eq!(got, model(vm, 11), "changes since the kept 8");
+    let (_, full_bytes) = apply_changes(
+        &store,
+        &hold,
+        None,
+        vec![vec![0; 4 << 20], vec![0; 2 << 20]],
+    )
+    .await?;
+    assert!(kept_bytes < full_bytes, "{kept_bytes} < {full_bytes}");
+    drop((hold, keep));
+    Ok(())
+}

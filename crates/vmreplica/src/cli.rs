@@ -115,6 +115,9 @@ pub enum Command {
     Pause {
         /// VM name.
         name: String,
+        /// On a replica VM: pause its extended (outgoing) relationship only.
+        #[arg(long)]
+        extended: bool,
     },
     /// Resume replication.
     Resume {
@@ -131,11 +134,18 @@ pub enum Command {
         /// lines (exit code 1 when it fails). On a terminal a progress bar follows it anyway.
         #[arg(long, requires = "resync", conflicts_with = "at")]
         wait: bool,
+        /// On a replica VM: resume its extended (outgoing) relationship only.
+        #[arg(long, conflicts_with = "resync")]
+        extended: bool,
     },
     /// Disable replication (keeps the replica's data).
     Disable {
         /// VM name.
         name: String,
+        /// On a replica VM: remove its extended (outgoing) relationship only (the extended
+        /// replica keeps its points).
+        #[arg(long)]
+        extended: bool,
     },
     /// Change a VM's settings on this host while replication is enabled (either side), one
     /// at a time.
@@ -558,6 +568,11 @@ pub struct EnableCmd {
     /// bar follows it anyway.
     #[arg(long, conflicts_with = "initial_at")]
     pub wait: bool,
+    /// Run on a replica VM: extended replication, forwarding its recovery points to the
+    /// third host given by --replica (which authorizes this host with `server allow`); the
+    /// first extended cycle copies the newest point, later ones only what changed.
+    #[arg(long)]
+    pub extended: bool,
 }
 
 /// `demo` options.

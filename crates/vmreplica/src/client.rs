@@ -244,8 +244,8 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 },
                 other => other,
             };
-            Request::Enable(EnableArgs {
-                name: e.name,
+            let args = EnableArgs {
+                name: e.name.clone(),
                 replica: e.replica,
                 replica_fingerprint: e.replica_fingerprint,
                 frequency_secs,
@@ -274,7 +274,15 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                     .map(parse_duration_secs)
                     .transpose()
                     .map_err(|m| coded(exit::USAGE, m))?,
-            })
+            };
+            if e.extended {
+                Request::Extended {
+                    name: e.name,
+                    what: vmr_proto::api::ExtendedOp::Enable(Box::new(args)),
+                }
+            } else {
+                Request::Enable(args)
+            }
         }
         Command::Set {
             name,
@@ -315,7 +323,22 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::StartInitial { name, .. } => Request::StartInitial { name },
         Command::Status { name, .. } => Request::Status { name },
         Command::Measure { name, reset } => Request::Measure { name, reset },
-        Command::Pause { name } => Request::Pause { name },
+        Command::Pause {
+            name,
+            extended: true,
+        } => Request::Extended {
+            name,
+            what: vmr_proto::api::ExtendedOp::Pause,
+        },
+        Command::Pause { name, .. } => Request::Pause { name },
+        Command::Resume {
+            name,
+            extended: true,
+            ..
+        } => Request::Extended {
+            name,
+            what: vmr_proto::api::ExtendedOp::Resume,
+        },
         Command::Resume {
             name,
             resync: true,
@@ -326,7 +349,14 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             at_ms: at.as_deref().map(parse_time).transpose()?,
         },
         Command::Resume { name, .. } => Request::Resume { name },
-        Command::Disable { name } => Request::Disable { name },
+        Command::Disable {
+            name,
+            extended: true,
+        } => Request::Extended {
+            name,
+            what: vmr_proto::api::ExtendedOp::Disable,
+        },
+        Command::Disable { name, .. } => Request::Disable { name },
         Command::Verify { name, point, local } => Request::Verify { name, point, local },
         Command::Points {
             name,

@@ -72,7 +72,9 @@ impl Plan {
                 resync: true,
                 at: None,
                 wait,
+                ..
             } => plan(name, Op::Resync, *wait),
+            Command::Enable(e) if e.extended => None,
             Command::Enable(e) if e.initial_at.is_none() => match InitialMode::parse(&e.initial) {
                 Ok(InitialMode::Export { .. }) => plan(&e.name, Op::Export, e.wait),
                 Ok(_) => plan(&e.name, Op::Initial, e.wait),

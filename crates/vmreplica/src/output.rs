@@ -438,7 +438,38 @@ fn print_status(rows: &[VmStatus]) {
             opt_time(r.last_replication_ms),
             health_reason(r)
         );
+        if let Some(x) = &r.extended {
+            print_extended_row(x);
+        }
     }
+}
+
+/// The second row of a replica VM that forwards its points (`enable --extended`): the
+/// outgoing relationship, from this host to the extended replica.
+fn print_extended_row(x: &vmr_proto::api::ExtendedStatus) {
+    let lag = x
+        .lag_ms
+        .map_or_else(|| "-".to_owned(), |l| format!("{}s", l / 1000));
+    let sent = x
+        .last_point_sent
+        .map_or_else(|| "none".to_owned(), |p| p.to_string());
+    let reason = if x.health_reason.is_empty() {
+        String::new()
+    } else {
+        format!("{}; ", x.health_reason)
+    };
+    println!(
+        "{:<14} {:<30} {:<9} {:<8} {:>5}s {:>11} {:<14} {:<22} {:<21} {reason}last point sent {sent}",
+        " \u{2514} extended",
+        x.state.to_string(),
+        x.health.to_string(),
+        "Extended",
+        x.frequency_secs,
+        format!("{lag}/-"),
+        "(this host)",
+        x.replica,
+        opt_time(x.last_replication_ms),
+    );
 }
 
 /// The health reason, with the time a scheduled initial replication starts.
@@ -527,6 +558,32 @@ fn print_measure(rows: &[VmStatus]) {
             if let Some(a) = &f.network_args {
                 println!("FailoverNetworkArgs       : {}", a.join(" "));
             }
+        }
+        if let Some(x) = &r.extended {
+            // Measure-VMReplication -ReplicationRelationshipType Extended.
+            let s = &x.stats;
+            println!("RelationshipType          : Extended (to {})", x.replica);
+            println!("ExtendedState             : {}", x.state);
+            println!(
+                "ExtendedHealth            : {} {}",
+                x.health, x.health_reason
+            );
+            println!(
+                "ExtendedLastPointSent     : {}",
+                x.last_point_sent
+                    .map_or_else(|| "none".to_owned(), |p| p.to_string())
+            );
+            println!(
+                "ExtendedLastReplication   : {}",
+                opt_time(s.last_replication_ms)
+            );
+            println!("ExtendedSuccessfulCount   : {}", s.successful_cycles);
+            println!(
+                "ExtendedAverageSize       : {}",
+                fmt_bytes(s.average_bytes())
+            );
+            println!("ExtendedMaximumSize       : {}", fmt_bytes(s.max_bytes));
+            println!("ExtendedErrors            : {}", s.errors);
         }
         println!();
     }

@@ -668,6 +668,8 @@ mod tests {
                     views: vec![],
                 },
                 receiving: None,
+                holds: Default::default(),
+                keeps: Default::default(),
             }),
         }
     }

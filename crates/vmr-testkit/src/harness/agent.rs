@@ -492,6 +492,70 @@ impl Pair {
     }
 }
 
+/// Three agents in one directory for extended replication: `a` (primary), `b` (its replica,
+/// allowing `a`) and `c` (the extended replica, allowing `b` only).
+#[derive(Debug)]
+pub struct Chain {
+    /// The primary, `host-a`.
+    pub a: Agent,
+    /// The replica that forwards, `host-b`.
+    pub b: Agent,
+    /// The extended replica, `host-c`.
+    pub c: Agent,
+    /// Their directory (dropped last: kills leftovers).
+    pub root: TestDir,
+}
+
+impl Chain {
+    /// Start the three agents in a new temp dir; b allows a, c allows b.
+    pub fn new(exe: &Path) -> Result<Chain> {
+        let root = TestDir::temp("vmr-e2e-")?;
+        let a = Agent::start(exe, root.path(), "host-a")?;
+        let b = Agent::start(exe, root.path(), "host-b")?;
+        let c = Agent::start(exe, root.path(), "host-c")?;
+        b.allow(&a)?;
+        c.allow(&b)?;
+        Ok(Chain { a, b, c, root })
+    }
+
+    /// `enable VM` from a to b with extra arguments.
+    pub fn enable(&self, vm: &str, extra: &[&str]) -> Result<()> {
+        let mut args = vec![
+            "enable",
+            vm,
+            "--replica",
+            &self.b.addr,
+            "--replica-fingerprint",
+            &self.b.fingerprint,
+        ];
+        args.extend_from_slice(extra);
+        self.a.ok(&args).map(drop)
+    }
+
+    /// `enable VM --extended` on b, to c, with extra arguments.
+    pub fn enable_extended(&self, vm: &str, extra: &[&str]) -> Result<()> {
+        let mut args = vec![
+            "enable",
+            vm,
+            "--extended",
+            "--replica",
+            &self.c.addr,
+            "--replica-fingerprint",
+            &self.c.fingerprint,
+        ];
+        args.extend_from_slice(extra);
+        self.b.ok(&args).map(drop)
+    }
+
+    /// Stop the three agents cleanly.
+    pub fn stop(&mut self) -> Result<()> {
+        let a = self.a.stop();
+        let b = self.b.stop();
+        let c = self.c.stop();
+        a.and(b).and(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
