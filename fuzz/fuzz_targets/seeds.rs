@@ -424,6 +424,7 @@ fn control(root: &Path) {
             auto_resync: None,
             initial: Default::default(),
             rpo_alert_secs: Some(120),
+            bandwidth: vmr_proto::bandwidth::BandwidthSchedule::parse("08:00-18:00=50M,*=0").ok(),
         }),
         Request::FailoverStart {
             name: "demo-vm".into(),

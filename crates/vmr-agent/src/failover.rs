@@ -954,6 +954,7 @@ pub async fn reverse(
         auto_resync: None,
         initial: Default::default(),
         rpo_alert_secs: None,
+        bandwidth: None,
     };
     let schedule = crate::primary::schedule_of(&args)?;
     let store = vm.host.store_of(&rec)?;

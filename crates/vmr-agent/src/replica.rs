@@ -344,6 +344,7 @@ impl ReplicaSide {
             recovery_points: points.map(|p| p.0),
             last_point_ms: points.and_then(|p| p.1),
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
+            bandwidth: None,
         }
     }
 

@@ -180,6 +180,7 @@ mod tests {
             auto_resync: None,
             initial: InitialMode::Network,
             rpo_alert_secs: None,
+            bandwidth: None,
         }
     }
 

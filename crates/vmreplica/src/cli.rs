@@ -137,14 +137,25 @@ pub enum Command {
         /// VM name.
         name: String,
     },
-    /// Change a VM's settings on this host while replication is enabled (either side).
+    /// Change a VM's settings on this host while replication is enabled (either side), one
+    /// setting per call; or, with --agent, the agent-wide sending limit.
+    #[command(group(clap::ArgGroup::new("setting").required(true).args(["rpo_alert", "bandwidth"])))]
     Set {
-        /// VM name.
-        name: String,
+        /// VM name (not with --agent).
+        #[arg(required_unless_present = "agent", conflicts_with = "agent")]
+        name: Option<String>,
         /// Raise an RPO alert when the last point is older than this (`90s`, `5m`, `1h`; at
         /// least the frequency); `default` = twice the frequency.
         #[arg(long, value_name = "DURATION")]
-        rpo_alert: String,
+        rpo_alert: Option<String>,
+        /// Sending limit in bytes/s with a daily schedule, as for `enable --bandwidth`
+        /// (`08:00-18:00=50M,*=0`; `0` = unlimited); on a primary VM, or with --agent the
+        /// agent-wide one (written to config.toml). A running cycle uses it at once.
+        #[arg(long, value_name = "SCHEDULE", value_parser = parse_bandwidth)]
+        bandwidth: Option<vmr_proto::bandwidth::BandwidthSchedule>,
+        /// Change the agent-wide sending limit (with --bandwidth), shared by all its VMs.
+        #[arg(long, requires = "bandwidth", conflicts_with = "rpo_alert")]
+        agent: bool,
     },
     /// The agent's event log (Get-WinEvent): state and health changes, failed and missed
     /// cycles, RPO alerts, failovers; oldest first.
@@ -485,6 +496,13 @@ pub struct EnableCmd {
     /// `vmreplica set NAME --rpo-alert`.
     #[arg(long, value_name = "DURATION")]
     pub rpo_alert: Option<String>,
+    /// Sending limit of this VM in bytes/s with a daily schedule in the agent's time zone
+    /// (config `time-zone`, UTC by default): `HH:MM-HH:MM=RATE,...,*=RATE` or `RATE`; RATE
+    /// with K, M, G (10^3, 10^6, 10^9) or Ki, Mi, Gi; 0 = unlimited; `*` = the rest of the day
+    /// (unlimited when not given). E.g. `08:00-18:00=50M,*=0`. Change it later with
+    /// `vmreplica set NAME --bandwidth`.
+    #[arg(long, value_name = "SCHEDULE", value_parser = parse_bandwidth)]
+    pub bandwidth: Option<vmr_proto::bandwidth::BandwidthSchedule>,
     /// Without a terminal, when the initial copy starts at once: wait for it (or the export)
     /// to end, printing progress lines (exit code 1 when it fails). On a terminal a progress
     /// bar follows it anyway.
@@ -530,6 +548,11 @@ pub fn parse_frequency(s: &str) -> Result<u64, String> {
     let secs = n.saturating_mul(mult);
     vmr_core::schedule::check_frequency(secs).map_err(|e| format!("{s:?}: {e}"))?;
     Ok(secs)
+}
+
+/// Parse a bandwidth schedule (`enable --bandwidth`, `set --bandwidth`).
+pub fn parse_bandwidth(s: &str) -> Result<vmr_proto::bandwidth::BandwidthSchedule, String> {
+    vmr_proto::bandwidth::BandwidthSchedule::parse(s).map_err(|e| e.to_string())
 }
 
 /// Parse a duration in whole seconds: `<N>s`, `<N>m`, `<N>h`, `<N>d`, or anything

@@ -260,9 +260,19 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                     .map(parse_duration_secs)
                     .transpose()
                     .map_err(|m| coded(exit::USAGE, m))?,
+                bandwidth: e.bandwidth,
             })
         }
-        Command::Set { name, rpo_alert } => Request::SetRpoAlert {
+        Command::Set {
+            name,
+            bandwidth: Some(bandwidth),
+            ..
+        } => Request::SetBandwidth { name, bandwidth },
+        Command::Set {
+            name: Some(name),
+            rpo_alert: Some(rpo_alert),
+            ..
+        } => Request::SetRpoAlert {
             name,
             rpo_alert_secs: if rpo_alert == "default" {
                 None
@@ -270,6 +280,12 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 Some(parse_duration_secs(&rpo_alert).map_err(|m| coded(exit::USAGE, m))?)
             },
         },
+        Command::Set { .. } => {
+            return Err(coded(
+                exit::USAGE,
+                "set: give NAME with --rpo-alert or --bandwidth, or --agent --bandwidth",
+            ));
+        }
         Command::Events {
             name,
             since,

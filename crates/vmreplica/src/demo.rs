@@ -213,6 +213,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             auto_resync: None,
             initial: Default::default(),
             rpo_alert_secs: None,
+            bandwidth: None,
         }))
     })?;
     println!(
