@@ -309,7 +309,7 @@ pub fn rate_text(n: u64) -> String {
         (1 << 10, "Ki"),
         (1_000, "K"),
     ] {
-        if n != 0 && n % m == 0 {
+        if n != 0 && n.is_multiple_of(m) {
             return format!("{}{s}", n / m);
         }
     }
