@@ -424,13 +424,25 @@ fn control(root: &Path) {
             auto_resync: None,
             initial: Default::default(),
             rpo_alert_secs: Some(120),
-            bandwidth: vmr_proto::bandwidth::BandwidthSchedule::parse("08:00-18:00=50M,*=0").ok(),
+            bandwidth: vmr_proto::bandwidth::BandwidthSchedule::parse("08:00-18:00=50M,*=0")
+                .ok(),
         }),
         Request::FailoverStart {
             name: "demo-vm".into(),
             point: Some(42),
             no_start: false,
             force: false,
+        },
+        Request::SetBandwidth {
+            name: Some("demo-vm".into()),
+            bandwidth: vmr_proto::bandwidth::BandwidthSchedule {
+                ranges: vec![vmr_proto::bandwidth::BandwidthRange {
+                    start_min: 22 * 60,
+                    end_min: 6 * 60,
+                    limit: 8 << 20,
+                }],
+                rest: 50_000_000,
+            },
         },
     ];
     for (i, r) in reqs.iter().enumerate() {

@@ -100,8 +100,9 @@ mod tests {
             // Idle for long: at most the burst (100 ms of the rate) is saved up.
             (10_000, 100, 1000, 0),
             (10_000, 100, 1000, 100),
-            // A changed rate applies at once: 2000 B at 10 kB/s.
-            (10_100, 2000, 10_000, 200),
+            // A changed rate applies at once: the 100 ms since refill at 10 kB/s (the 100 B
+            // debt paid, 900 B saved), so 2000 B wait for 1100 B more: 110 ms.
+            (10_100, 2000, 10_000, 110),
         ];
         for (i, (at, n, rate, want)) in table.iter().enumerate() {
             let got = b.reserve(*n, *rate, ms(*at));

@@ -2,7 +2,7 @@
 //! whose disks hold incompressible data (compression on: what goes on the wire is what the
 //! bucket counts). A per-VM limit holds within ±10 % over a cycle of at least 10 s (an
 //! initial copy and an incremental cycle), `set --bandwidth` changes the next cycle's rate
-//! without re-enabling, unlimited is not throttled; the agent-wide limit (`set --agent`)
+//! without re-enabling, unlimited is not throttled, a resync is throttled; the agent-wide limit (`set --agent`)
 //! throttles a VM with no limit of its own, a running cycle follows a changed limit at once,
 //! and a throttled VM whose cycles overrun its interval is reported (missed cycles, Warning).
 
@@ -109,6 +109,25 @@ fn limit_holds_changes_at_run_time_and_unlimited_is_not_throttled() -> TestResul
     // The replica holds what the primary has.
     p.b.wait_cycle("bw1", id, LONG)?;
     let uuid = vm.def.uuid;
+    let replica = replica_hashes(&p.b, uuid, None)?;
+    assert_eq!(replica, vec![("disk0".to_owned(), vm.hash("disk0")?)]);
+
+    // A resync sends under the limit too: 8 MiB of changed blocks at 1 MB/s.
+    p.a.ok(&["pause", "bw1"])?;
+    p.a.ok(&["set", "bw1", "--bandwidth", "1M"])?;
+    vm.write_noise("disk0", 0, 8 * BLOCKS_PER_MIB, 5)?;
+    p.a.ok(&["resume", "bw1", "--resync"])?;
+    let (st, _) = p.a.wait_cycle("bw1", id + 1, LONG)?;
+    let b = bw(&st);
+    assert!(b.wire_bytes >= 8 * MIB, "{b:?}");
+    assert!(b.wait_ms >= 5_000, "the resync hardly waited: {b:?}");
+    let r = rate(&b);
+    assert!((r / 1e6 - 1.0).abs() <= 0.10, "resync at {r:.0} B/s: {b:?}");
+    eprintln!(
+        "resync at 1M: {} bytes in {} ms = {r:.0} B/s",
+        b.wire_bytes, b.send_ms
+    );
+    p.b.wait_cycle("bw1", id + 1, LONG)?;
     let replica = replica_hashes(&p.b, uuid, None)?;
     assert_eq!(replica, vec![("disk0".to_owned(), vm.hash("disk0")?)]);
 
