@@ -1012,6 +1012,29 @@ mod tests {
     }
 
     #[test]
+    fn config_bandwidth_and_time_zone() {
+        let base = "name = \"a\"\nlisten = \"127.0.0.1:1\"\nstorage = \"/s\"\n";
+        let cfg: AgentConfig = toml::from_str(base).expect("plain");
+        assert_eq!(cfg.bandwidth, None);
+        assert_eq!(cfg.time_zone.offset_min, 0);
+        let text = format!("{base}bandwidth = \"08:00-18:00=50M,*=0\"\ntime-zone = \"+01:00\"\n");
+        let cfg: AgentConfig = toml::from_str(&text).expect("with bandwidth");
+        assert_eq!(
+            cfg.bandwidth.as_ref().map(ToString::to_string).as_deref(),
+            Some("08:00-18:00=50M,*=0")
+        );
+        assert_eq!(cfg.time_zone.offset_min, 60);
+        let back = toml::to_string(&cfg).expect("encode");
+        assert!(back.contains("time-zone = \"+01:00\""), "{back}");
+        for bad in [
+            format!("{base}time-zone = \"CET\"\n"),
+            format!("{base}bandwidth = \"08:00-18:00=5M,17:00-19:00=1M\"\n"),
+        ] {
+            assert!(toml::from_str::<AgentConfig>(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn resync_window_parse_and_contains() {
         let w = ResyncWindow::parse("18:30-06:00").expect("parse");
         assert_eq!(w, ResyncWindow::HYPERV_DEFAULT);

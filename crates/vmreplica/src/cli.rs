@@ -685,6 +685,58 @@ mod tests {
     }
 
     #[test]
+    fn set_takes_one_setting_of_a_vm_or_the_agents_bandwidth() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let mut v = vec!["vmreplica", "set"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v) {
+                Ok(Cli {
+                    command:
+                        Command::Set {
+                            name,
+                            rpo_alert,
+                            bandwidth,
+                            agent,
+                        },
+                    ..
+                }) => Ok((name, rpo_alert, bandwidth.map(|b| b.to_string()), agent)),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.exit_code()),
+            }
+        };
+        assert_eq!(
+            parse(&["web1", "--bandwidth", "08:00-18:00=50M"]),
+            Ok((
+                Some("web1".into()),
+                None,
+                Some("08:00-18:00=50M,*=0".into()),
+                false
+            ))
+        );
+        assert_eq!(
+            parse(&["web1", "--rpo-alert", "5m"]),
+            Ok((Some("web1".into()), Some("5m".into()), None, false))
+        );
+        assert_eq!(
+            parse(&["--agent", "--bandwidth", "1M"]),
+            Ok((None, None, Some("*=1M".into()), true))
+        );
+        for bad in [
+            &["web1"][..],
+            &["--agent"],
+            &["--agent", "--rpo-alert", "5m"],
+            &["web1", "--agent", "--bandwidth", "1M"],
+            &["web1", "--rpo-alert", "5m", "--bandwidth", "1M"],
+            &["web1", "--bandwidth", "08:00-18:00=5M,17:00-19:00=1M"],
+            &["web1", "--bandwidth", "fast"],
+            &["--bandwidth", "1M"],
+        ] {
+            assert_eq!(parse(bad), Err(2), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
