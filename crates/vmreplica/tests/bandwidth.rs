@@ -172,7 +172,7 @@ fn limit_holds_changes_at_run_time_and_unlimited_is_not_throttled() -> TestResul
 #[test]
 fn agent_limit_throttles_a_running_cycle_and_an_overrun_is_reported() -> TestResult {
     let _one = serial();
-    let p = Pair::new(exe())?;
+    let mut p = Pair::new(exe())?;
     let vm = StandIn::create(p.root.path(), &p.a, "slow1", &["disk0"], 64)?;
     vm.register(&p.a)?;
     p.enable("slow1", &["--frequency", "5s"])?;
@@ -226,5 +226,14 @@ fn agent_limit_throttles_a_running_cycle_and_an_overrun_is_reported() -> TestRes
     let cfg = std::fs::read_to_string(p.a.dir.join("config.toml"))?;
     assert!(!cfg.contains("bandwidth"), "{cfg}");
     assert_eq!(bw(&p.a.status("slow1")?).limit, 0);
+
+    // What `set --agent` wrote is what the agent starts with.
+    p.a.ok(&["set", "--agent", "--bandwidth", "22:00-06:00=0,*=2M"])?;
+    p.a.restart()?;
+    let b = bw(&p.a.status("slow1")?);
+    assert_eq!(
+        b.agent_schedule.map(|s| s.to_string()),
+        Some("22:00-06:00=0,*=2M".into())
+    );
     Ok(())
 }
