@@ -427,6 +427,8 @@ fn control(root: &Path) {
             rpo_alert_secs: Some(120),
             verify_every_secs: Some(7 * 86400),
             retain: None,
+            bandwidth: vmr_proto::bandwidth::BandwidthSchedule::parse("08:00-18:00=50M,*=0")
+                .ok(),
         }),
         Request::SetRetention {
             name: "demo-vm".into(),
@@ -444,6 +446,17 @@ fn control(root: &Path) {
         Request::Extended {
             name: "demo-vm".into(),
             what: vmr_proto::api::ExtendedOp::Pause,
+        },
+        Request::SetBandwidth {
+            name: Some("demo-vm".into()),
+            bandwidth: vmr_proto::bandwidth::BandwidthSchedule {
+                ranges: vec![vmr_proto::bandwidth::BandwidthRange {
+                    start_min: 22 * 60,
+                    end_min: 6 * 60,
+                    limit: 8 << 20,
+                }],
+                rest: 50_000_000,
+            },
         },
     ];
     for (i, r) in reqs.iter().enumerate() {

@@ -150,6 +150,36 @@ fn new_token() -> Result<String, AgentError> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// Write the agent-wide bandwidth schedule into `DIR/config.toml` (`set --agent --bandwidth`;
+/// `*=0` removes the key): the other keys are kept, comments are not.
+pub fn write_bandwidth(
+    dir: &Path,
+    schedule: &vmr_proto::bandwidth::BandwidthSchedule,
+) -> Result<(), AgentError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|err| AgentError::ConfigUnreadable {
+        path: path.clone(),
+        dir: dir.to_path_buf(),
+        err,
+    })?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|source| AgentError::ConfigInvalid {
+            path: path.clone(),
+            source,
+        })?;
+    if schedule.is_unlimited() {
+        table.remove("bandwidth");
+    } else {
+        table.insert(
+            "bandwidth".to_owned(),
+            toml::Value::String(schedule.to_string()),
+        );
+    }
+    let text = toml::to_string_pretty(&table).map_err(AgentError::ConfigEncode)?;
+    vmr_durable::write_atomic_mode(&path, text.as_bytes(), 0o600)?;
+    Ok(())
+}
+
 /// Create the directory, config and identity; return the certificate fingerprint.
 pub fn create(
     dir: &Path,
@@ -207,6 +237,8 @@ pub fn create(
         events: Default::default(),
         metrics_listen,
         metrics_token_file: None,
+        bandwidth: None,
+        time_zone: Default::default(),
     };
     let mut cfg = cfg;
     if metrics.is_some_and(|m| m.token) {

@@ -494,6 +494,26 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 .ask(|r| Command::SetRpoAlert(rpo_alert_secs, r))
                 .await?
         )),
+        Request::SetBandwidth {
+            name: Some(name),
+            bandwidth,
+        } => Ok(json!(
+            vm(agent, &name)?
+                .ask(|r| Command::SetBandwidth(bandwidth, r))
+                .await?
+        )),
+        Request::SetBandwidth {
+            name: None,
+            bandwidth,
+        } => {
+            crate::config::write_bandwidth(&host.dir, &bandwidth)?;
+            host.pace.set_schedule(Some(bandwidth.clone()));
+            Ok(json!(format!(
+                "agent-wide bandwidth limit is {bandwidth} (time zone {}); written to {}",
+                host.pace.zone,
+                crate::config::CONFIG_FILE
+            )))
+        }
         Request::Import { name, dir } => Ok(json!(
             vm(agent, &name)?
                 .ask(|r| Command::Import(dir.into(), r))

@@ -145,6 +145,20 @@ pub struct CycleCtx {
     pub read_hashes: bool,
     /// Where the task reports progress.
     pub progress: Arc<Progress>,
+    /// The VM's sending limit (the agent's is `host.pace`).
+    pub pace: Arc<crate::pace::VmPace>,
+}
+
+impl CycleCtx {
+    /// The pace of a cycle body under the VM's and the agent's limits; the VM's counters of
+    /// the wait start again.
+    pub fn body_pace(&self) -> Arc<dyn vmr_transport::Pace> {
+        self.pace.start_cycle();
+        Arc::new(crate::pace::CyclePace {
+            vm: self.pace.clone(),
+            agent: self.host.pace.clone(),
+        })
+    }
 }
 
 /// What one attempted cycle came to.
@@ -642,10 +656,11 @@ async fn cycle_with(
             }
         }
     };
-    let consumer = client.send_cycle(
+    let consumer = client.send_cycle_paced(
         &header,
         tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         args.compression,
+        Some(ctx.body_pace()),
     );
     let (produced, sent) = tokio::join!(producer, consumer);
     let acked = started.elapsed();

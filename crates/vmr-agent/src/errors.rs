@@ -172,6 +172,15 @@ pub enum AgentError {
         /// The VM name.
         name: String,
     },
+    /// `set --bandwidth` on a VM that is not a primary with replication enabled.
+    #[error(
+        "{name:?} is not a primary VM with replication enabled on this host: its sending limit \
+         is set on its primary, after `vmreplica enable`"
+    )]
+    BandwidthNotPrimary {
+        /// The VM name.
+        name: String,
+    },
     /// Replication of the VM is not enabled.
     #[error("replication of {name:?} is not enabled")]
     NotEnabled {
@@ -952,6 +961,7 @@ impl AgentError {
             | EnableOnReplica { .. }
             | PointsNotReplica { .. }
             | ImportNotReplica { .. }
+            | BandwidthNotPrimary { .. }
             | NotEnabled { .. }
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }

@@ -956,6 +956,7 @@ pub async fn reverse(
         rpo_alert_secs: None,
         verify_every_secs: None,
         retain: None,
+        bandwidth: None,
     };
     let schedule = crate::primary::schedule_of(&args)?;
     let store = vm.host.store_of(&rec)?;

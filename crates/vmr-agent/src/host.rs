@@ -1,6 +1,6 @@
 //! What every VM's owner shares on one host: the agent directory, its config and TLS identity,
-//! the state database, the event log, the in-memory authorization entries, the opened replica stores and the
-//! limit on concurrent cycles. Nothing here holds a VM's state: that is owned by the VM's
+//! the state database, the event log, the in-memory authorization entries, the opened replica stores, the
+//! limit on concurrent cycles and the agent-wide sending limit. Nothing here holds a VM's state: that is owned by the VM's
 //! task (`vm.rs`).
 
 use std::collections::BTreeMap;
@@ -13,6 +13,7 @@ use vmr_proto::api::{AgentConfig, AllowEntry};
 use crate::db::Db;
 use crate::errors::AgentError;
 use crate::events::EventLog;
+use crate::pace::AgentPace;
 use crate::telemetry::Telemetry;
 use vmr_proto::record::VmRecord;
 
@@ -40,6 +41,8 @@ pub struct Host {
     pub events: EventLog,
     /// Monitoring counters and recent cycles of every VM (each written by its owner).
     pub telemetry: Telemetry,
+    /// The agent-wide sending limit, shared by every primary VM's cycles.
+    pub pace: Arc<AgentPace>,
 }
 
 impl Host {
@@ -52,6 +55,7 @@ impl Host {
     ) -> Result<Host, AgentError> {
         let allow = db.allowed()?;
         let events = EventLog::open(&dir.join("state.db"), &config.name, &config.events)?;
+        let pace = Arc::new(AgentPace::new(config.bandwidth.clone(), config.time_zone));
         Ok(Host {
             dir,
             // At least 1: `load_config` refuses 0.
@@ -64,6 +68,7 @@ impl Host {
             shutdown: CancellationToken::new(),
             events,
             telemetry: Telemetry::default(),
+            pace,
         })
     }
 

@@ -31,6 +31,7 @@ mod imaged;
 pub mod launch;
 mod lock;
 mod owned;
+mod pace;
 mod primary;
 mod replica;
 mod resync;

@@ -12,13 +12,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vmr_core::{Action, Event, Failure, PrimaryMachine, Schedule, primary_health};
 use vmr_proto::CycleKind;
-use vmr_proto::api::{EnableArgs, InitialMode, ReplicationMode, ReplicationState, VmStatus};
+use vmr_proto::api::{
+    BandwidthStatus, EnableArgs, InitialMode, ReplicationMode, ReplicationState, VmStatus,
+};
 use vmr_proto::machine::PrimarySnapshot;
 use vmr_proto::record::MachineSnapshot;
 
 use crate::cycle::{CycleCtx, Outcome, Progress, Session};
 use crate::errors::AgentError;
 use crate::owned::{Observed, Vm};
+use crate::pace::VmPace;
 use crate::telemetry::Counts;
 use crate::util::now_ms;
 
@@ -66,6 +69,9 @@ pub struct PrimarySide {
     /// The cycle the running task runs.
     started: Option<Started>,
     progress: Arc<Progress>,
+    /// The VM's sending limit (kept in step with the record's `--bandwidth`) and what the
+    /// last cycle waited for it.
+    pace: Arc<VmPace>,
     /// Reconciled with the replica since the owner started.
     synced: bool,
     /// Actions the machine asked for that are not carried out yet.
@@ -124,6 +130,7 @@ impl PrimarySide {
             running: None,
             started: None,
             progress: Arc::new(Progress::default()),
+            pace: Arc::new(VmPace::default()),
             synced: false,
             pending,
             capture_from: None,
@@ -211,7 +218,12 @@ impl PrimarySide {
 
     /// Time passed: feed a tick and carry out what the machine asks.
     pub fn tick(&mut self, vm: &mut Vm) {
-        if self.pending.is_empty() && self.running.is_none() {
+        // While the machine's cycle runs, a tick only counts the intervals that cycle overran
+        // (a throttled or slow cycle shows missed cycles as they pass, not when it ends); it
+        // starts nothing.
+        if self.pending.is_empty()
+            && (self.running.is_none() || self.machine.running_since().is_some())
+        {
             self.step(vm, Event::Tick { now_ms: now_ms() });
         }
         self.carry_out(vm);
@@ -285,6 +297,8 @@ impl PrimarySide {
             rec.qmp = qmp.display().to_string();
             rec.nbd = None;
         }
+        self.pace
+            .set_schedule(rec.enable.as_ref().and_then(|e| e.bandwidth.clone()));
         let ctx = CycleCtx {
             host: vm.host.clone(),
             rec,
@@ -293,6 +307,7 @@ impl PrimarySide {
             reconcile,
             read_hashes: self.machine.verify_mismatch().is_some(),
             progress: self.progress.clone(),
+            pace: self.pace.clone(),
         };
         let token = cancel.clone();
         let handle = tokio::spawn(async move {
@@ -762,6 +777,34 @@ impl PrimarySide {
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
             retention: rec.enable.as_ref().map(EnableArgs::retention),
             extended: None,
+            bandwidth: Some(self.bandwidth_status(vm, now)),
+        }
+    }
+
+    /// A new schedule for the VM's sending limit (`set --bandwidth`): the next reservation of
+    /// the running cycle, if any, uses it.
+    pub fn set_bandwidth(&self, s: Option<vmr_proto::bandwidth::BandwidthSchedule>) {
+        self.pace.set_schedule(s);
+    }
+
+    /// The sending limit in force at `now` and what the last cycle waited for it.
+    fn bandwidth_status(&self, vm: &Vm, now: u64) -> BandwidthStatus {
+        let agent = &vm.host.pace;
+        let schedule = vm
+            .rec
+            .enable
+            .as_ref()
+            .and_then(|e| e.bandwidth.clone())
+            .filter(|s| !s.is_unlimited());
+        let own = schedule.as_ref().map_or(0, |s| s.limit_at(now, agent.zone));
+        let last = self.pace.last();
+        BandwidthStatus {
+            schedule,
+            agent_schedule: agent.schedule(),
+            limit: vmr_proto::bandwidth::effective_limit(own, agent.limit_at(now)),
+            wait_ms: last.wait_ms,
+            wire_bytes: last.wire_bytes,
+            send_ms: last.send_ms,
         }
     }
 
@@ -863,6 +906,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         last_cycle_bytes: None,
         retention: None,
         extended: None,
+        bandwidth: None,
     }
 }
 

@@ -489,10 +489,11 @@ async fn resync_with(
         }
         Ok(counts)
     };
-    let consumer = client.send_cycle(
+    let consumer = client.send_cycle_paced(
         &header,
         tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         args.compression,
+        Some(ctx.body_pace()),
     );
     let (produced, sent) = tokio::join!(producer, consumer);
     fetcher.abort();

@@ -202,6 +202,9 @@ pub enum Command {
     Verify(Option<u64>, bool, Reply<serde_json::Value>),
     /// `set --retain` / `set --recovery-points`: the VM's retention policy.
     SetRetention(Box<vmr_store::RetentionPolicy>, Reply<String>),
+    /// `set NAME --bandwidth`: the primary VM's sending limit (the running cycle's next
+    /// reservation uses it).
+    SetBandwidth(vmr_proto::bandwidth::BandwidthSchedule, Reply<String>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
     /// `enable|pause|resume|disable NAME --extended` (a replica VM's outgoing relationship).
@@ -841,6 +844,29 @@ impl Owner {
         }
     }
 
+    /// `set --bandwidth`: the primary VM's sending limit, kept in its replication settings.
+    fn set_bandwidth(
+        &mut self,
+        schedule: vmr_proto::bandwidth::BandwidthSchedule,
+    ) -> Result<String, AgentError> {
+        let name = self.vm.rec.name.clone();
+        let Side::Primary(Some(p)) = &self.side else {
+            return Err(AgentError::BandwidthNotPrimary { name });
+        };
+        let Some(args) = self.vm.rec.enable.as_mut() else {
+            return Err(AgentError::BandwidthNotPrimary { name });
+        };
+        let keep = (!schedule.is_unlimited()).then(|| schedule.clone());
+        args.bandwidth = keep.clone();
+        self.vm.save()?;
+        p.set_bandwidth(keep);
+        Ok(format!(
+            "bandwidth limit of {name} is {schedule} (time zone {}); the agent-wide limit also \
+             holds",
+            self.vm.host.pace.zone
+        ))
+    }
+
     /// A replica VM's record follows what its store holds (agent start: applied staged
     /// cycles may have made new points).
     fn reconcile_replica(&mut self) {
@@ -1073,6 +1099,10 @@ impl Owner {
             Command::Verify(point, local, reply) => self.verify(point, local, reply).await,
             Command::SetRetention(policy, reply) => {
                 let r = self.set_retention(*policy).await;
+                let _ = reply.send(r);
+            }
+            Command::SetBandwidth(schedule, reply) => {
+                let r = self.set_bandwidth(schedule);
                 let _ = reply.send(r);
             }
             Command::Failover(f, reply) => {

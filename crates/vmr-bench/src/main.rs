@@ -1,6 +1,6 @@
 //! `vmr-bench`: the vmreplica benchmark runner (issue 7). Builds the release `vmreplica` (with
 //! `--profile`, the `profiling` profile's: release plus debug info for perf),
-//! runs the nine scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
+//! runs the ten scenarios with real agents and QEMU on 127.0.0.1, each beside its baseline in
 //! the same run, and rewrites the results section of BENCHMARKS.md.
 //!
 //! `cargo run --release -p vmr-bench -- [--quick] [--profile] [--only 1,2] [--no-write]`
@@ -30,7 +30,7 @@ struct Args {
     /// Also perf-profile one extra repeat of each scenario's hot side.
     #[arg(long)]
     profile: bool,
-    /// Run only these scenarios (comma separated numbers 1-9).
+    /// Run only these scenarios (comma separated numbers 1-10).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Print the results instead of rewriting BENCHMARKS.md.
@@ -293,6 +293,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     });
     eprintln!(
         "vmr-bench: scenario 9 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    outcomes.push(if want(10) {
+        scenarios::bandwidth_limit(&ctx)
+    } else {
+        skipped(10, "Bandwidth limit accuracy", scenarios::goal(10))
+    });
+    eprintln!(
+        "vmr-bench: scenario 10 took {:.0} s",
         t.elapsed().as_secs_f64()
     );
 

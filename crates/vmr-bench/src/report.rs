@@ -40,7 +40,7 @@ impl Verdict {
 /// One scenario's outcome.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    /// Scenario number (1-9).
+    /// Scenario number (1-10).
     pub id: u8,
     /// Title.
     pub title: String,

@@ -23,8 +23,10 @@ use crate::report::{
     Outcome, Verdict, all_of, at_least, at_most, median, miss_by, samples, secs, size,
 };
 
+mod bandwidth;
 mod resync;
 mod scrape;
+pub use bandwidth::bandwidth_limit;
 pub use resync::resync_vs_rsync;
 pub use scrape::metrics_scrape;
 
@@ -98,6 +100,7 @@ pub fn goal(id: u8) -> &'static str {
         7 => "at 100 VMs: ≤ 1 core, ≤ 100 MB RSS, 0 missed",
         8 => "≥ 1.5× faster, and ≤ 0.5× rsync's bytes",
         9 => "< 1 % of a core (100 VMs, every 15 s)",
+        10 => "achieved within ±10 % of the limit",
         _ => "-",
     }
 }
@@ -1585,7 +1588,8 @@ mod tests {
         assert!(goal(4).contains("≤ 0.6 of the time"));
         assert!(goal(8).contains("1.5×") && goal(8).contains("0.5×"));
         assert!(goal(9).contains("1 % of a core"));
-        assert_eq!(goal(10), "-");
+        assert!(goal(10).contains("±10 %"));
+        assert_eq!(goal(11), "-");
     }
 
     #[test]

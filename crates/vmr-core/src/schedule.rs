@@ -247,6 +247,7 @@ mod tests {
             rpo_alert_secs: None,
             verify_every_secs: None,
             retain: None,
+            bandwidth: None,
         }
     }
 

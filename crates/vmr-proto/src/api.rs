@@ -220,6 +220,29 @@ pub struct VmStatus {
     /// (`enable --extended`); the row's other fields are the incoming relationship's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended: Option<ExtendedStatus>,
+    /// Primary with replication enabled: the sending limit in force and what the last cycle
+    /// spent waiting for it (absent elsewhere and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<BandwidthStatus>,
+}
+
+/// A primary VM's sending limit as `status` shows it ([`VmStatus::bandwidth`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BandwidthStatus {
+    /// The VM's own schedule (`--bandwidth`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::bandwidth::BandwidthSchedule>,
+    /// The agent-wide schedule, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_schedule: Option<crate::bandwidth::BandwidthSchedule>,
+    /// The limit in force now, bytes/s: the tighter of the VM's and the agent's; 0 = unlimited.
+    pub limit: u64,
+    /// How long the last (or the running) cycle waited for the limit, ms.
+    pub wait_ms: u64,
+    /// Bytes the last (or the running) cycle put on the wire (after compression and framing).
+    pub wire_bytes: u64,
+    /// From that cycle's first body byte to its last, ms.
+    pub send_ms: u64,
 }
 
 /// The outgoing (extended) relationship of a replica VM, as `status` shows it.
@@ -598,6 +621,16 @@ pub enum Request {
         /// Seconds; `None` = back to the default (twice the frequency).
         rpo_alert_secs: Option<u64>,
     },
+    /// Change a primary VM's sending limit (`vmreplica set NAME --bandwidth S`), or with no
+    /// name the agent-wide one (`vmreplica set --agent --bandwidth S`, also written into
+    /// `config.toml`); the next refill of the token bucket uses it, also in a running cycle.
+    SetBandwidth {
+        /// VM name; `None` = the agent-wide limit.
+        #[serde(default)]
+        name: Option<String>,
+        /// The new schedule (`*=0` = unlimited).
+        bandwidth: crate::bandwidth::BandwidthSchedule,
+    },
     /// Reverse replication: the failed-over VM becomes the primary, the old primary its replica.
     Reverse {
         /// VM name.
@@ -764,6 +797,10 @@ pub struct EnableArgs {
     /// is then 0); absent = Hyper-V's hourly form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain: Option<crate::retain::RetentionGrid>,
+    /// This VM's sending limit with its daily schedule (`--bandwidth`; `vmreplica set NAME
+    /// --bandwidth` changes it at run time); `None` = unlimited (the agent's limit still holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<crate::bandwidth::BandwidthSchedule>,
 }
 
 impl EnableArgs {
@@ -1169,6 +1206,19 @@ pub struct AgentConfig {
     /// (`Authorization: Bearer TOKEN`); relative to the agent directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_token_file: Option<String>,
+    /// The agent-wide sending limit with its daily schedule, shared by all of this agent's
+    /// primary VMs (`bandwidth = "08:00-18:00=50M,*=0"`; `vmreplica set --agent --bandwidth`
+    /// changes it at run time and writes it here); absent = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<crate::bandwidth::BandwidthSchedule>,
+    /// The zone bandwidth schedules are read in: `UTC` (the default) or a fixed offset like
+    /// `+01:00`.
+    #[serde(default, skip_serializing_if = "is_utc")]
+    pub time_zone: crate::bandwidth::TimeZone,
+}
+
+fn is_utc(z: &crate::bandwidth::TimeZone) -> bool {
+    z.offset_min == 0
 }
 
 fn default_concurrency() -> usize {
@@ -1207,6 +1257,29 @@ mod tests {
             r#"{"op":"status","name":7}"#,
         ] {
             assert!(Request::from_line(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn config_bandwidth_and_time_zone() {
+        let base = "name = \"a\"\nlisten = \"127.0.0.1:1\"\nstorage = \"/s\"\n";
+        let cfg: AgentConfig = toml::from_str(base).expect("plain");
+        assert_eq!(cfg.bandwidth, None);
+        assert_eq!(cfg.time_zone.offset_min, 0);
+        let text = format!("{base}bandwidth = \"08:00-18:00=50M,*=0\"\ntime-zone = \"+01:00\"\n");
+        let cfg: AgentConfig = toml::from_str(&text).expect("with bandwidth");
+        assert_eq!(
+            cfg.bandwidth.as_ref().map(ToString::to_string).as_deref(),
+            Some("08:00-18:00=50M,*=0")
+        );
+        assert_eq!(cfg.time_zone.offset_min, 60);
+        let back = toml::to_string(&cfg).expect("encode");
+        assert!(back.contains("time-zone = \"+01:00\""), "{back}");
+        for bad in [
+            format!("{base}time-zone = \"CET\"\n"),
+            format!("{base}bandwidth = \"08:00-18:00=5M,17:00-19:00=1M\"\n"),
+        ] {
+            assert!(toml::from_str::<AgentConfig>(&bad).is_err(), "{bad}");
         }
     }
 

@@ -4,6 +4,7 @@
 //! everything that crosses a process, host or disk boundary is described here.
 
 pub mod api;
+pub mod bandwidth;
 pub mod cycle;
 pub mod event;
 pub mod failnet;

@@ -34,6 +34,7 @@ use vmr_proto::{CycleHeader, Extent};
 use crate::error::TransportError;
 use crate::frame::{FrameEncoder, STREAM_V2_SINCE, STREAM_VERSION, STREAM_VERSION_1};
 use crate::identity::Identity;
+use crate::pace::Pace;
 use crate::server::{
     CONN_WINDOW, MAX_FRAME, MAX_JSON_BODY, PATH_CALL, PATH_CALL_V2, PATH_CYCLE, PATH_HELLO,
     STREAM_WINDOW,
@@ -327,6 +328,22 @@ impl Client {
         S: Stream<Item = Result<Extent, E>> + Send,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        self.send_cycle_paced(header, extents, compress, None).await
+    }
+
+    /// [`Client::send_cycle`] under a sending limit: before each encoded chunk of the body
+    /// (after compression and framing) goes to HTTP/2, `pace` says how long to wait.
+    pub async fn send_cycle_paced<S, E>(
+        &self,
+        header: &CycleHeader,
+        extents: S,
+        compress: bool,
+        pace: Option<Arc<dyn Pace>>,
+    ) -> Result<CycleAck, TransportError>
+    where
+        S: Stream<Item = Result<Extent, E>> + Send,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
         // The body ends cleanly only after the End frame was queued; when the producer fails,
         // it ends with an error instead (the stream is reset). `hold` keeps the channel open
@@ -338,7 +355,19 @@ impl Client {
             (!seen.load(Ordering::SeqCst)).then_some(Err(BodyAborted))
         })
         .filter_map(futures::future::ready);
-        let body = StreamBody::new(rx.map(|b| Ok(Frame::data(b))).chain(tail)).boxed_unsync();
+        let paced = rx.then(move |b| {
+            let pace = pace.clone();
+            async move {
+                if let Some(p) = pace {
+                    let wait = p.reserve(b.len() as u64);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                Ok(Frame::data(b))
+            }
+        });
+        let body = StreamBody::new(paced.chain(tail)).boxed_unsync();
         let req = self
             .request_builder(Method::POST, PATH_CYCLE)
             .header(http::header::CONTENT_TYPE, CYCLE_CONTENT_TYPE)

@@ -4,7 +4,8 @@
 //! by fingerprint), the TLS verifiers, the HTTP/2 server and client, and the binary cycle framing
 //! (optionally zstd-compressed, per-extent BLAKE3 checksums). The wire format is specified in
 //! `docs/protocol.md`; the types it carries live in `vmr_proto::wire` and `vmr_proto::peer`
-//! (typed control calls, served to protocol-1 callers through their JSON mapping).
+//! (typed control calls, served to protocol-1 callers through their JSON mapping), and the
+//! sending limit on a cycle body (`pace`: a byte token bucket asked before each encoded chunk).
 //!
 //! Checksum policy: the transport verifies every extent's checksum and the end-of-stream summary
 //! while decoding, and still hands each checksum to the handler (so the store can persist it).
@@ -15,6 +16,7 @@ mod client;
 mod error;
 mod frame;
 mod identity;
+mod pace;
 mod server;
 mod tls;
 
@@ -25,6 +27,7 @@ pub use frame::{
     STREAM_VERSION, STREAM_VERSION_1, worth_compressing,
 };
 pub use identity::{CERT_FILE, Identity, KEY_FILE, fingerprint};
+pub use pace::{BURST_SECS, Pace, TokenBucket};
 pub use server::{Authorize, ConnLimits, Handler, Peer, PeerList, Server};
 pub use vmr_proto::peer::{PeerRequest, PeerResponse};
 pub use vmr_proto::wire::{

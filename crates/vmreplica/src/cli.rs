@@ -148,15 +148,17 @@ pub enum Command {
         extended: bool,
     },
     /// Change a VM's settings on this host while replication is enabled (either side), one
-    /// at a time.
+    /// setting per call; or, with --agent, the agent-wide sending limit.
     #[command(group(clap::ArgGroup::new("setting").required(true).args([
         "rpo_alert",
         "retain",
         "recovery_points",
+        "bandwidth",
     ])))]
     Set {
-        /// VM name.
-        name: String,
+        /// VM name (not with --agent).
+        #[arg(required_unless_present = "agent", conflicts_with = "agent")]
+        name: Option<String>,
         /// Raise an RPO alert when the last point is older than this (`90s`, `5m`, `1h`; at
         /// least the frequency); `default` = twice the frequency.
         #[arg(long, value_name = "DURATION")]
@@ -172,6 +174,14 @@ pub enum Command {
         /// With --retain: within a period, keep its last app-consistent point if it has one.
         #[arg(long, requires = "retain")]
         prefer_app_consistent: bool,
+        /// Sending limit in bytes/s with a daily schedule, as for `enable --bandwidth`
+        /// (`08:00-18:00=50M,*=0`; `0` = unlimited); on a primary VM, or with --agent the
+        /// agent-wide one (written to config.toml). A running cycle uses it at once.
+        #[arg(long, value_name = "SCHEDULE", value_parser = parse_bandwidth)]
+        bandwidth: Option<vmr_proto::bandwidth::BandwidthSchedule>,
+        /// Change the agent-wide sending limit (with --bandwidth), shared by all its VMs.
+        #[arg(long, requires = "bandwidth", conflicts_with = "rpo_alert")]
+        agent: bool,
     },
     /// The agent's event log (Get-WinEvent): state and health changes, failed and missed
     /// cycles, RPO alerts, failovers; oldest first.
@@ -563,6 +573,13 @@ pub struct EnableCmd {
     /// at least `1h`): the next cycle after it is due is a verify cycle (`vmreplica verify`).
     #[arg(long, value_name = "DURATION")]
     pub verify_every: Option<String>,
+    /// Sending limit of this VM in bytes/s with a daily schedule in the agent's time zone
+    /// (config `time-zone`, UTC by default): `HH:MM-HH:MM=RATE,...,*=RATE` or `RATE`; RATE
+    /// with K, M, G (10^3, 10^6, 10^9) or Ki, Mi, Gi; 0 = unlimited; `*` = the rest of the day
+    /// (unlimited when not given). E.g. `08:00-18:00=50M,*=0`. Change it later with
+    /// `vmreplica set NAME --bandwidth`.
+    #[arg(long, value_name = "SCHEDULE", value_parser = parse_bandwidth)]
+    pub bandwidth: Option<vmr_proto::bandwidth::BandwidthSchedule>,
     /// Without a terminal, when the initial copy starts at once: wait for it (or the export)
     /// to end, printing progress lines (exit code 1 when it fails). On a terminal a progress
     /// bar follows it anyway.
@@ -613,6 +630,11 @@ pub fn parse_frequency(s: &str) -> Result<u64, String> {
     let secs = n.saturating_mul(mult);
     vmr_core::schedule::check_frequency(secs).map_err(|e| format!("{s:?}: {e}"))?;
     Ok(secs)
+}
+
+/// Parse a bandwidth schedule (`enable --bandwidth`, `set --bandwidth`).
+pub fn parse_bandwidth(s: &str) -> Result<vmr_proto::bandwidth::BandwidthSchedule, String> {
+    vmr_proto::bandwidth::BandwidthSchedule::parse(s).map_err(|e| e.to_string())
 }
 
 /// Parse a duration in whole seconds: `<N>s`, `<N>m`, `<N>h`, `<N>d`, or anything
@@ -741,6 +763,59 @@ mod tests {
                 ..
             }) => assert_eq!(d.frequency, 5),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn set_takes_one_setting_of_a_vm_or_the_agents_bandwidth() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let mut v = vec!["vmreplica", "set"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v) {
+                Ok(Cli {
+                    command:
+                        Command::Set {
+                            name,
+                            rpo_alert,
+                            bandwidth,
+                            agent,
+                            ..
+                        },
+                    ..
+                }) => Ok((name, rpo_alert, bandwidth.map(|b| b.to_string()), agent)),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.exit_code()),
+            }
+        };
+        assert_eq!(
+            parse(&["web1", "--bandwidth", "08:00-18:00=50M"]),
+            Ok((
+                Some("web1".into()),
+                None,
+                Some("08:00-18:00=50M,*=0".into()),
+                false
+            ))
+        );
+        assert_eq!(
+            parse(&["web1", "--rpo-alert", "5m"]),
+            Ok((Some("web1".into()), Some("5m".into()), None, false))
+        );
+        assert_eq!(
+            parse(&["--agent", "--bandwidth", "1M"]),
+            Ok((None, None, Some("*=1M".into()), true))
+        );
+        for bad in [
+            &["web1"][..],
+            &["--agent"],
+            &["--agent", "--rpo-alert", "5m"],
+            &["web1", "--agent", "--bandwidth", "1M"],
+            &["web1", "--rpo-alert", "5m", "--bandwidth", "1M"],
+            &["web1", "--bandwidth", "08:00-18:00=5M,17:00-19:00=1M"],
+            &["web1", "--bandwidth", "fast"],
+            &["--bandwidth", "1M"],
+        ] {
+            assert_eq!(parse(bad), Err(2), "{bad:?}");
         }
     }
 

@@ -274,6 +274,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                     .map(parse_duration_secs)
                     .transpose()
                     .map_err(|m| coded(exit::USAGE, m))?,
+                bandwidth: e.bandwidth,
             };
             if e.extended {
                 Request::Extended {
@@ -286,6 +287,11 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         }
         Command::Set {
             name,
+            bandwidth: Some(bandwidth),
+            ..
+        } => Request::SetBandwidth { name, bandwidth },
+        Command::Set {
+            name: Some(name),
             rpo_alert: Some(rpo_alert),
             ..
         } => Request::SetRpoAlert {
@@ -297,7 +303,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             },
         },
         Command::Set {
-            name,
+            name: Some(name),
             retain,
             recovery_points,
             prefer_app_consistent,
@@ -306,6 +312,12 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             name,
             policy: retention_policy(retain.as_deref(), recovery_points, prefer_app_consistent)?,
         },
+        Command::Set { .. } => {
+            return Err(coded(
+                exit::USAGE,
+                "set: give NAME with --rpo-alert or --bandwidth, or --agent --bandwidth",
+            ));
+        }
         Command::Events {
             name,
             since,

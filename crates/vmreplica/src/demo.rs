@@ -215,6 +215,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             rpo_alert_secs: None,
             verify_every_secs: None,
             retain: None,
+            bandwidth: None,
         }))
     })?;
     println!(

@@ -441,6 +441,9 @@ fn print_status(rows: &[VmStatus]) {
         if let Some(x) = &r.extended {
             print_extended_row(x);
         }
+        if let Some(line) = bandwidth_line(r) {
+            println!("{:<14} {line}", "");
+        }
     }
 }
 
@@ -470,6 +473,41 @@ fn print_extended_row(x: &vmr_proto::api::ExtendedStatus) {
         x.replica,
         opt_time(x.last_replication_ms),
     );
+}
+
+/// The line under a primary VM's row when a sending limit is set or its last cycle waited
+/// for one.
+fn bandwidth_line(r: &VmStatus) -> Option<String> {
+    let b = r.bandwidth.as_ref()?;
+    if b.schedule.is_none() && b.agent_schedule.is_none() && b.wait_ms == 0 {
+        return None;
+    }
+    let limit = if b.limit == 0 {
+        "unlimited".to_owned()
+    } else {
+        format!("{}/s", vmr_proto::bandwidth::rate_text(b.limit))
+    };
+    let sched = |s: &Option<vmr_proto::bandwidth::BandwidthSchedule>| {
+        s.as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string)
+    };
+    let rate = if b.send_ms > 0 {
+        format!(
+            ", {:.2} MB/s on the wire",
+            b.wire_bytes as f64 / 1e3 / b.send_ms as f64
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "bandwidth: {limit} now (VM {}, agent {}); last cycle waited {:.1} s for it, {} bytes \
+         in {:.1} s{rate}",
+        sched(&b.schedule),
+        sched(&b.agent_schedule),
+        b.wait_ms as f64 / 1000.0,
+        b.wire_bytes,
+        b.send_ms as f64 / 1000.0,
+    ))
 }
 
 /// The health reason, with the time a scheduled initial replication starts.

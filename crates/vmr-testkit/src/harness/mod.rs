@@ -29,7 +29,7 @@ pub use guest::{
 };
 pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
-    write_random, write_seq,
+    write_noise, write_random, write_seq,
 };
 pub use space::{available, fill_fs};
 pub use standin::{StandIn, StandInDisk, nbd_socket};

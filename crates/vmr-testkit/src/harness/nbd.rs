@@ -145,6 +145,29 @@ pub fn write_seq(sock: &Path, disk: &str, first: u64, count: u64, seed: u64) -> 
     })
 }
 
+/// Write `count` consecutive 64 KiB blocks of incompressible pseudo-random bytes (xorshift
+/// from `seed`) from block `first` of export `disk` at `sock`, flush.
+pub fn write_noise(sock: &Path, disk: &str, first: u64, count: u64, seed: u64) -> Result<()> {
+    rt()?.block_on(async {
+        let c = connect_nbd(&Endpoint::Unix(sock.to_path_buf()), disk, READY_TIMEOUT).await?;
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for i in first..first + count {
+            let mut data = Vec::with_capacity(65536);
+            for _ in 0..65536 / 8 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                data.extend_from_slice(&x.to_le_bytes());
+            }
+            c.write(i * 65536, data.into(), false)
+                .await
+                .map_err(nbd_err("write"))?;
+        }
+        c.flush().await.map_err(nbd_err("flush"))?;
+        c.disconnect().await.map_err(nbd_err("disconnect"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

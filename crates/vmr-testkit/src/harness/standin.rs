@@ -13,7 +13,9 @@ use vmr_proto::VmDefinition;
 use vmr_proto::vmdef::DiskDef;
 
 use super::agent::Agent;
-use super::nbd::{connect_nbd, hash_export, wait_qmp_greeting, write_random, write_seq};
+use super::nbd::{
+    connect_nbd, hash_export, wait_qmp_greeting, write_noise, write_random, write_seq,
+};
 use super::{HarnessError, READY_TIMEOUT, Result, io_err, rt};
 use crate::proc::ChildGuard;
 
@@ -358,6 +360,12 @@ impl StandIn {
     /// Write `count` consecutive 64 KiB blocks from block `first` of `disk` (live export).
     pub fn write_seq(&self, disk: &str, first: u64, count: u64, seed: u64) -> Result<()> {
         write_seq(&self.nbd, disk, first, count, seed)
+    }
+
+    /// Write `count` consecutive 64 KiB blocks of incompressible bytes from block `first` of
+    /// `disk` (live export).
+    pub fn write_noise(&self, disk: &str, first: u64, count: u64, seed: u64) -> Result<()> {
+        write_noise(&self.nbd, disk, first, count, seed)
     }
 
     /// BLAKE3 of `disk`'s content as the guest sees it.
