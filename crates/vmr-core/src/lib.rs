@@ -20,8 +20,7 @@ pub mod schedule;
 pub mod shutdown;
 
 pub use alert::{
-    RpoChange, RpoVerdict, assess_rpo, check_rpo_alert, decide_rpo, report_failure, rpo_alert_ms,
-    rpo_health,
+    RpoChange, RpoVerdict, assess_rpo, decide_rpo, report_failure, rpo_alert_ms, rpo_health,
 };
 pub use extended::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine};
 pub use failover::{
@@ -33,4 +32,6 @@ pub use health::{HealthReport, primary_health, replica_health};
 pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
 pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
-pub use schedule::{InitialKind, InvalidEnable, Schedule, check_retention};
+pub use schedule::{
+    InitialKind, InvalidEnable, MAX_RPO_ALERT_SECS, Schedule, check_retention, check_rpo_alert,
+};

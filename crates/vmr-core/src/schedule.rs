@@ -159,6 +159,23 @@ pub fn check_retention(
     Ok(())
 }
 
+/// Longest RPO alert, seconds (30 days).
+pub const MAX_RPO_ALERT_SECS: u64 = 30 * 86_400;
+
+/// The one rule for an RPO alert (`enable --rpo-alert`, `set --rpo-alert`): at least the
+/// frequency (a shorter one would fire between any two cycles), at most
+/// [`MAX_RPO_ALERT_SECS`]. `frequency_secs` 0 = unknown (a replica told no frequency yet):
+/// only the upper bound and non-zero are checked.
+pub fn check_rpo_alert(secs: u64, frequency_secs: u64) -> Result<(), InvalidEnable> {
+    if secs == 0 || secs < frequency_secs || secs > MAX_RPO_ALERT_SECS {
+        return Err(InvalidEnable::RpoAlert {
+            secs,
+            frequency_secs,
+        });
+    }
+    Ok(())
+}
+
 /// The one rule for a replication frequency (`enable`, `reverse`, the CLI's parser, the demo):
 /// at least [`MIN_FREQUENCY_SECS`], at most [`MAX_FREQUENCY_SECS`].
 pub fn check_frequency(secs: u64) -> Result<(), InvalidEnable> {
@@ -201,7 +218,7 @@ impl Schedule {
             return Err(InvalidEnable::ResyncWindow { window: w });
         }
         if let Some(rpo) = args.rpo_alert_secs {
-            crate::alert::check_rpo_alert(rpo, secs)?;
+            check_rpo_alert(rpo, secs)?;
         }
         if let Some(v) = args.verify_every_secs
             && v < MIN_VERIFY_EVERY_SECS
@@ -230,6 +247,16 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rpo_alert_is_at_least_the_frequency_and_at_most_30_days() {
+        assert!(check_rpo_alert(10, 5).is_ok());
+        assert!(check_rpo_alert(5, 5).is_ok());
+        assert!(check_rpo_alert(4, 5).is_err());
+        assert!(check_rpo_alert(0, 0).is_err());
+        assert!(check_rpo_alert(MAX_RPO_ALERT_SECS + 1, 5).is_err());
+        assert!(check_rpo_alert(7, 0).is_ok());
+    }
 
     fn args() -> EnableArgs {
         EnableArgs {
