@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::api::{Health, ReplicationMode, ReplicationState};
+use crate::state::{Health, ReplicationMode, ReplicationState};
 
 /// Version of an event's JSON form (its `version` field). Readers ignore fields they do not
 /// know; a change that removes or retypes a field bumps this.

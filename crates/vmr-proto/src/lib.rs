@@ -13,6 +13,7 @@ pub mod peer;
 pub mod record;
 pub mod retain;
 pub mod sockpath;
+pub mod state;
 pub mod store;
 pub mod vmdef;
 pub mod wire;
