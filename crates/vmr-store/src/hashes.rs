@@ -9,18 +9,17 @@
 //! reports as zero are hashed without being read. Reads are pipelined (up to
 //! [`READS_IN_FLIGHT`] pieces of at most [`PIECE`] bytes), so memory stays bounded.
 //!
-//! [`Store::resync_hashes`] first answers from the point's block-hash index
+//! `Store::resync_hashes` (`store/resync.rs`) first answers from the point's block-hash index
 //! (`crate::hash_index`, `store/indexed.rs`), reading only the blocks the index does not know;
-//! without a usable index it reads and hashes the whole range as described above.
+//! without a usable index it reads and hashes the whole range as described above. This module
+//! knows nothing of the store: it hashes what it is given.
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use uuid::Uuid;
 use vmr_proto::CycleId;
 
 use crate::error::StoreError;
 use crate::qemu::Export;
-use crate::store::Store;
 
 /// The resync block size (bytes): the block the primary and the replica hash and compare, the
 /// block of the replica's hash index. The dirty-bitmap granularity and qcow2 cluster size, so a
@@ -30,7 +29,7 @@ pub const BLOCK_SIZE: u64 = vmr_proto::HASH_BLOCK;
 pub const MIN_BLOCK: u64 = 4 << 10;
 /// Largest block size accepted.
 pub const MAX_BLOCK: u64 = 4 << 20;
-/// Most hashes returned by one [`Store::resync_hashes`] call.
+/// Most hashes returned by one `Store::resync_hashes` call.
 pub const MAX_BLOCKS_PER_CALL: u64 = 16384;
 /// Bytes read per NBD request.
 pub const PIECE: u64 = 4 << 20;
@@ -98,91 +97,9 @@ pub fn check_request(
     }
 }
 
-impl Store {
-    /// Hashes of `count` blocks of `block_size` bytes of disk `disk` (of `disk_size` bytes)
-    /// of the latest point, from block `first_block`, for a resync. When a pending resync on
-    /// top of the latest point holds the disk, its layer is hashed instead, so blocks an
-    /// interrupted attempt already delivered compare equal. Answered from the latest point's
-    /// block-hash index when it has a usable one (only unknown blocks, and the pending layer's
-    /// own blocks, are read: [`BlockHashes::indexed`]); otherwise every block is read and
-    /// hashed, and a complete read of the point's own layer becomes its index.
-    pub async fn resync_hashes(
-        &self,
-        vm: Uuid,
-        disk: &str,
-        disk_size: u64,
-        block_size: u64,
-        first_block: u64,
-        count: u64,
-    ) -> Result<BlockHashes, StoreError> {
-        self.block_hashes(vm, disk, (disk_size, block_size, first_block, count), true)
-            .await
-    }
-
-    /// [`Self::resync_hashes`] without the block-hash index: every block is read through
-    /// the layer and hashed (`vmreplica verify`, and a resync after a verification found a
-    /// mismatch: the index records what the cycles wrote, not what the layer holds now).
-    pub async fn resync_hashes_read(
-        &self,
-        vm: Uuid,
-        disk: &str,
-        disk_size: u64,
-        block_size: u64,
-        first_block: u64,
-        count: u64,
-    ) -> Result<BlockHashes, StoreError> {
-        self.block_hashes(vm, disk, (disk_size, block_size, first_block, count), false)
-            .await
-    }
-
-    async fn block_hashes(
-        &self,
-        vm: Uuid,
-        disk: &str,
-        (disk_size, block_size, first_block, count): (u64, u64, u64, u64),
-        use_index: bool,
-    ) -> Result<BlockHashes, StoreError> {
-        check_request(disk_size, block_size, first_block, count)?;
-        if use_index
-            && let Some(h) = self
-                .hashes_from_index(vm, disk, disk_size, block_size, first_block, count)
-                .await?
-        {
-            return Ok(h);
-        }
-        let (point, layer) = self.resync_layer(vm, disk)?;
-        let point_disk_size = layer.as_ref().map_or(0, |(_, s)| *s);
-        let hashes = hash_layer(
-            self.root(),
-            layer.as_ref().map(|(p, _)| p.as_path()),
-            point_disk_size,
-            disk_size,
-            block_size,
-            first_block,
-            count,
-        )
-        .await?;
-        self.learn_hashes(
-            vm,
-            disk,
-            point,
-            layer.as_ref().map(|(p, _)| p.as_path()),
-            (disk_size, block_size, first_block),
-            &hashes,
-        )
-        .await;
-        Ok(BlockHashes {
-            point,
-            point_disk_size,
-            hashes,
-            indexed: 0,
-        })
-    }
-}
-
 /// Hash `count` blocks from `first_block` of a disk of `disk_size` bytes whose content is
 /// `layer` (of `layer_size` bytes; zeros beyond it, all zeros without a layer).
-async fn hash_layer(
+pub(crate) async fn hash_layer(
     root: &std::path::Path,
     layer: Option<&std::path::Path>,
     layer_size: u64,

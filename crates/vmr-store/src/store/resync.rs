@@ -6,7 +6,8 @@
 //! leaves them as the VM's *pending resync*, recorded in `DIR/<vm>/resync-pending`, and the
 //! next attempt on the same base continues in them: the replica's block hashes for a resync
 //! are those of the pending layers, so every block that already arrived compares equal and is
-//! not sent again.
+//! not sent again. Also the replica's block hashes of a resync or a verification
+//! (`resync_hashes`, `resync_hashes_read`), computed by `crate::hashes`.
 //!
 //! Crash argument: correctness never depends on what the pending layers hold. The primary
 //! compares *every* block of its new point-in-time view with them and sends each block that
@@ -15,6 +16,7 @@
 //! equals the view. Until that commit every earlier point is untouched.
 
 use super::*;
+use crate::hashes::{BlockHashes, check_request, hash_layer};
 
 /// Record of the pending resync, next to the catalog.
 const PENDING: &str = "resync-pending";
@@ -137,6 +139,88 @@ impl Store {
             return Ok((p.id, Some(found)));
         }
         Ok((p.id, of(&p.layers)))
+    }
+}
+
+impl Store {
+    /// Hashes of `count` blocks of `block_size` bytes of disk `disk` (of `disk_size` bytes)
+    /// of the latest point, from block `first_block`, for a resync. When a pending resync on
+    /// top of the latest point holds the disk, its layer is hashed instead, so blocks an
+    /// interrupted attempt already delivered compare equal. Answered from the latest point's
+    /// block-hash index when it has a usable one (only unknown blocks, and the pending layer's
+    /// own blocks, are read: [`BlockHashes::indexed`]); otherwise every block is read and
+    /// hashed, and a complete read of the point's own layer becomes its index.
+    pub async fn resync_hashes(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        disk_size: u64,
+        block_size: u64,
+        first_block: u64,
+        count: u64,
+    ) -> Result<BlockHashes, StoreError> {
+        self.block_hashes(vm, disk, (disk_size, block_size, first_block, count), true)
+            .await
+    }
+
+    /// [`Self::resync_hashes`] without the block-hash index: every block is read through
+    /// the layer and hashed (`vmreplica verify`, and a resync after a verification found a
+    /// mismatch: the index records what the cycles wrote, not what the layer holds now).
+    pub async fn resync_hashes_read(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        disk_size: u64,
+        block_size: u64,
+        first_block: u64,
+        count: u64,
+    ) -> Result<BlockHashes, StoreError> {
+        self.block_hashes(vm, disk, (disk_size, block_size, first_block, count), false)
+            .await
+    }
+
+    async fn block_hashes(
+        &self,
+        vm: Uuid,
+        disk: &str,
+        (disk_size, block_size, first_block, count): (u64, u64, u64, u64),
+        use_index: bool,
+    ) -> Result<BlockHashes, StoreError> {
+        check_request(disk_size, block_size, first_block, count)?;
+        if use_index
+            && let Some(h) = self
+                .hashes_from_index(vm, disk, disk_size, block_size, first_block, count)
+                .await?
+        {
+            return Ok(h);
+        }
+        let (point, layer) = self.resync_layer(vm, disk)?;
+        let point_disk_size = layer.as_ref().map_or(0, |(_, s)| *s);
+        let hashes = hash_layer(
+            self.root(),
+            layer.as_ref().map(|(p, _)| p.as_path()),
+            point_disk_size,
+            disk_size,
+            block_size,
+            first_block,
+            count,
+        )
+        .await?;
+        self.learn_hashes(
+            vm,
+            disk,
+            point,
+            layer.as_ref().map(|(p, _)| p.as_path()),
+            (disk_size, block_size, first_block),
+            &hashes,
+        )
+        .await;
+        Ok(BlockHashes {
+            point,
+            point_disk_size,
+            hashes,
+            indexed: 0,
+        })
     }
 }
 
