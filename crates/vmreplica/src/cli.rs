@@ -88,7 +88,7 @@ pub enum Command {
         /// Output for a monitoring system: `prtg` (EXE/Script Advanced JSON),
         /// `zabbix-discovery` (low-level discovery JSON), `zabbix` (item values).
         #[arg(long, value_enum, default_value = "table")]
-        format: crate::monitor::Format,
+        format: Format,
     },
     /// Nagios/Icinga/Checkmk plugin: one status line with perfdata; exit 0 OK, 1 WARNING,
     /// 2 CRITICAL, 3 UNKNOWN (agent unreachable, VM unknown).
@@ -97,11 +97,11 @@ pub enum Command {
         name: Option<String>,
         /// Lag at which a VM is WARNING: a multiple of its frequency (2x) or a duration (90s,
         /// 10m).
-        #[arg(long, default_value = "2x", value_parser = crate::monitor::parse_threshold)]
-        warn_lag: crate::monitor::Threshold,
+        #[arg(long, default_value = "2x", value_parser = parse_threshold)]
+        warn_lag: Threshold,
         /// Lag at which a VM is CRITICAL (4x, 10m, ...).
-        #[arg(long, default_value = "4x", value_parser = crate::monitor::parse_threshold)]
-        crit_lag: crate::monitor::Threshold,
+        #[arg(long, default_value = "4x", value_parser = parse_threshold)]
+        crit_lag: Threshold,
     },
     /// Replication statistics (Measure-VMReplication).
     Measure {
@@ -690,6 +690,69 @@ pub fn parse_hours(s: &str) -> Result<u32, String> {
     let n = t.strip_suffix('h').unwrap_or(t);
     n.parse()
         .map_err(|_| format!("bad interval {s:?}: expected <H>h, e.g. 4h"))
+}
+
+/// A lag threshold: a multiple of the VM's frequency (`2x`) or a duration (`90s`, `10m`,
+/// `1h`, bare seconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Threshold {
+    /// This many times the frequency.
+    Times(f64),
+    /// Seconds.
+    Secs(u64),
+}
+
+impl Threshold {
+    /// The threshold in seconds for a VM replicating every `frequency_secs` (None when it is
+    /// relative and the VM has no frequency: not enabled).
+    pub fn secs(self, frequency_secs: u64) -> Option<u64> {
+        match self {
+            Threshold::Times(_) if frequency_secs == 0 => None,
+            Threshold::Times(x) => Some((x * frequency_secs as f64).ceil() as u64),
+            Threshold::Secs(s) => Some(s),
+        }
+    }
+}
+
+/// Parse a threshold (`2x`, `1.5x`, `90s`, `10m`, `1h`, `90`).
+pub fn parse_threshold(s: &str) -> Result<Threshold, String> {
+    let t = s.trim();
+    let bad = || {
+        format!(
+            "bad threshold {s:?}: expected a multiple of the frequency (2x) or a duration (90s, 10m, 1h)"
+        )
+    };
+    if let Some(x) = t.strip_suffix('x') {
+        let x: f64 = x.parse().map_err(|_| bad())?;
+        if !(x.is_finite() && x > 0.0) {
+            return Err(bad());
+        }
+        return Ok(Threshold::Times(x));
+    }
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok(Threshold::Secs(n.saturating_mul(mult)))
+}
+
+/// `status --format`: the machine formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The table (or `--json`).
+    Table,
+    /// PRTG EXE/Script Advanced sensor JSON.
+    Prtg,
+    /// Zabbix low-level discovery JSON.
+    ZabbixDiscovery,
+    /// Zabbix item values (JSON by VM name, for dependent items).
+    Zabbix,
 }
 
 #[cfg(test)]

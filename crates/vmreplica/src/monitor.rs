@@ -8,6 +8,8 @@ use std::path::Path;
 use serde_json::{Value, json};
 use vmr_proto::api::{Health, ReplicationMode, Request, VmStatus};
 
+pub use crate::cli::{Format, Threshold};
+
 /// Plugin exit codes (Nagios plugin guidelines).
 pub mod plugin {
     /// OK.
@@ -18,56 +20,6 @@ pub mod plugin {
     pub const CRITICAL: i32 = 2;
     /// UNKNOWN: the agent is unreachable, the VM is unknown, or the answer is unusable.
     pub const UNKNOWN: i32 = 3;
-}
-
-/// A lag threshold: a multiple of the VM's frequency (`2x`) or a duration (`90s`, `10m`,
-/// `1h`, bare seconds).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Threshold {
-    /// This many times the frequency.
-    Times(f64),
-    /// Seconds.
-    Secs(u64),
-}
-
-impl Threshold {
-    /// The threshold in seconds for a VM replicating every `frequency_secs` (None when it is
-    /// relative and the VM has no frequency: not enabled).
-    pub fn secs(self, frequency_secs: u64) -> Option<u64> {
-        match self {
-            Threshold::Times(_) if frequency_secs == 0 => None,
-            Threshold::Times(x) => Some((x * frequency_secs as f64).ceil() as u64),
-            Threshold::Secs(s) => Some(s),
-        }
-    }
-}
-
-/// Parse a threshold (`2x`, `1.5x`, `90s`, `10m`, `1h`, `90`).
-pub fn parse_threshold(s: &str) -> Result<Threshold, String> {
-    let t = s.trim();
-    let bad = || {
-        format!(
-            "bad threshold {s:?}: expected a multiple of the frequency (2x) or a duration (90s, 10m, 1h)"
-        )
-    };
-    if let Some(x) = t.strip_suffix('x') {
-        let x: f64 = x.parse().map_err(|_| bad())?;
-        if !(x.is_finite() && x > 0.0) {
-            return Err(bad());
-        }
-        return Ok(Threshold::Times(x));
-    }
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        _ => (t, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    if n == 0 {
-        return Err(bad());
-    }
-    Ok(Threshold::Secs(n.saturating_mul(mult)))
 }
 
 /// A VM's replication lag at `now_ms` in whole seconds (none before its first point).
@@ -197,19 +149,6 @@ fn rows(dir: &Path, name: Option<String>) -> anyhow::Result<Vec<VmStatus>> {
     Ok(serde_json::from_value(v)?)
 }
 
-/// `status --format`: the machine formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// The table (or `--json`).
-    Table,
-    /// PRTG EXE/Script Advanced sensor JSON.
-    Prtg,
-    /// Zabbix low-level discovery JSON.
-    ZabbixDiscovery,
-    /// Zabbix item values (JSON by VM name, for dependent items).
-    Zabbix,
-}
-
 /// PRTG EXE/Script Advanced JSON: per VM the channels lag, pending, health and last cycle
 /// size, with PRTG's limits (lag: warning at `warn`, error at `crit`; health: warning at 1,
 /// error at 2).
@@ -335,6 +274,7 @@ pub fn status(dir: &Path, name: Option<String>, format: Format) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::parse_threshold;
 
     const NOW: u64 = 1_000_000_000;
 
