@@ -486,6 +486,14 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 .await?
         )),
         Request::Events { query, follow: _ } => to_value(events(agent, query).await?),
+        Request::SetVerifyEvery {
+            name,
+            verify_every_secs,
+        } => Ok(json!(
+            vm(agent, &name)?
+                .ask(|r| Command::SetVerifyEvery(verify_every_secs, r))
+                .await?
+        )),
         Request::SetRpoAlert {
             name,
             rpo_alert_secs,

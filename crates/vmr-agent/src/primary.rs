@@ -206,6 +206,28 @@ impl PrimarySide {
         self.carry_out(vm);
     }
 
+    /// `set --verify-every`: the machine's schedule from now on, and the replication settings
+    /// that rebuild it after a restart. `None` = only on `vmreplica verify`.
+    pub fn set_verify_every(
+        &mut self,
+        vm: &mut Vm,
+        every_secs: Option<u64>,
+    ) -> Result<(), AgentError> {
+        if let Some(s) = every_secs {
+            vmr_core::check_verify_every(s)?;
+        }
+        let acts = self.machine.step(Event::SetVerifyEvery {
+            now_ms: now_ms(),
+            every_ms: every_secs.unwrap_or(0).saturating_mul(1000),
+        })?;
+        self.pending.extend(acts);
+        if let Some(args) = vm.rec.enable.as_mut() {
+            args.verify_every_secs = every_secs;
+        }
+        vm.save()?;
+        Ok(())
+    }
+
     fn step(&mut self, vm: &Vm, ev: Event) {
         let before = Counts::of(self.machine.stats());
         match self.machine.step(ev) {

@@ -202,6 +202,8 @@ pub enum Command {
     Verify(Option<u64>, bool, Reply<serde_json::Value>),
     /// `set --retain` / `set --recovery-points`: the VM's retention policy.
     SetRetention(Box<vmr_store::RetentionPolicy>, Reply<String>),
+    /// `set NAME --verify-every`: how often the primary VM is verified.
+    SetVerifyEvery(Option<u64>, Reply<String>),
     /// `set NAME --bandwidth`: the primary VM's sending limit (the running cycle's next
     /// reservation uses it).
     SetBandwidth(vmr_proto::bandwidth::BandwidthSchedule, Reply<String>),
@@ -1099,6 +1101,31 @@ impl Owner {
             Command::Verify(point, local, reply) => self.verify(point, local, reply).await,
             Command::SetRetention(policy, reply) => {
                 let r = self.set_retention(*policy).await;
+                let _ = reply.send(r);
+            }
+            Command::SetVerifyEvery(secs, reply) => {
+                let name = self.vm.rec.name.clone();
+                let r = match &mut self.side {
+                    Side::Primary(Some(p)) => {
+                        p.set_verify_every(&mut self.vm, secs).map(|()| match secs {
+                            Some(s) => format!(
+                                "{name} is verified every {s} s (the next verification is due \
+                                 that long after the last one, at once when there was none)"
+                            ),
+                            None => format!("{name} is verified only on `vmreplica verify`"),
+                        })
+                    }
+                    Side::Primary(None) => {
+                        Err(AgentError::Refused(vmr_core::Refusal::NotEnabled {
+                            op: vmr_core::Op::SetVerifyEvery,
+                        }))
+                    }
+                    Side::Replica(_) => Err(AgentError::Refused(vmr_core::Refusal::WrongSide {
+                        op: vmr_core::Op::SetVerifyEvery,
+                        wanted: ReplicationMode::Primary,
+                        actual: ReplicationMode::Replica,
+                    })),
+                };
                 let _ = reply.send(r);
             }
             Command::SetBandwidth(schedule, reply) => {

@@ -34,4 +34,5 @@ pub use refusal::{Op, Refusal};
 pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{
     InitialKind, InvalidEnable, MAX_RPO_ALERT_SECS, Schedule, check_retention, check_rpo_alert,
+    check_verify_every,
 };

@@ -225,6 +225,15 @@ pub enum Event {
         /// Now.
         now_ms: u64,
     },
+    /// `set --verify-every`: verify this often from now on (ms; 0 = only on demand), checked
+    /// by `check_verify_every` first. The next verification is due `every_ms` after the last
+    /// one (at once when there was none). Refused when replication is not enabled.
+    SetVerifyEvery {
+        /// Now.
+        now_ms: u64,
+        /// The new interval.
+        every_ms: u64,
+    },
     /// The driver compared a verify cycle's cut with the replica's point (after its
     /// `CycleSucceeded`). A mismatch stops incremental cycles: the VM waits for a
     /// resynchronization (`resume --resync`), which reads the replica's data rather than its
@@ -813,6 +822,17 @@ impl PrimaryMachine {
                     self.account_missed(now_ms);
                     self.start(now_ms, CycleKind::Incremental, false, &mut out);
                 }
+            }
+            Event::SetVerifyEvery {
+                now_ms: _,
+                every_ms,
+            } => {
+                if state == S::Disabled {
+                    return Err(Refusal::NotEnabled {
+                        op: Op::SetVerifyEvery,
+                    });
+                }
+                self.schedule.verify_every_ms = every_ms;
             }
             Event::Verified {
                 now_ms,
@@ -2965,5 +2985,55 @@ mod verify_tests {
         assert_eq!(verified_at.len(), 2, "{verified_at:?}");
         assert!(verified_at[0] >= 3_000 + H && verified_at[0] < 3_000 + H + F);
         assert!(verified_at[1] >= verified_at[0] + 20 + H);
+    }
+
+    /// `set --verify-every` changes the interval at run time: a VM that never verified
+    /// verifies at its next cycle; 0 stops scheduled verifications; a disabled VM refuses it.
+    #[test]
+    fn set_verify_every_changes_the_schedule_at_run_time() {
+        const H: u64 = 3_600_000;
+        let mut m = restored(S::Replicating, Schedule::every(F));
+        let a = ok(&mut m, Event::Tick { now_ms: 1_000 });
+        assert_eq!(verify_start(&a).map(|x| x.3), Some(false), "no verify yet");
+        succeed(&mut m, 2_000);
+        ok(
+            &mut m,
+            Event::SetVerifyEvery {
+                now_ms: 3_000,
+                every_ms: H,
+            },
+        );
+        assert_eq!(m.schedule().verify_every_ms, H);
+        let a = ok(&mut m, Event::Tick { now_ms: 2_000 + F });
+        assert_eq!(verify_start(&a).map(|x| x.3), Some(true), "due at once");
+        succeed(&mut m, 2_100 + F);
+        ok(
+            &mut m,
+            Event::Verified {
+                now_ms: 2_200 + F,
+                mismatched_blocks: 0,
+                mismatch: None,
+            },
+        );
+        ok(
+            &mut m,
+            Event::SetVerifyEvery {
+                now_ms: 2_300 + F,
+                every_ms: 0,
+            },
+        );
+        let a = ok(&mut m, Event::Tick { now_ms: 10 * H });
+        assert_eq!(verify_start(&a).map(|x| x.3), Some(false), "never again");
+
+        let mut d = PrimaryMachine::new(Schedule::every(F));
+        assert_eq!(
+            d.step(Event::SetVerifyEvery {
+                now_ms: 1,
+                every_ms: H,
+            }),
+            Err(Refusal::NotEnabled {
+                op: Op::SetVerifyEvery
+            })
+        );
     }
 }

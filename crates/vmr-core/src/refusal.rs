@@ -47,6 +47,8 @@ pub enum Op {
     Remove,
     /// `verify` (primary).
     Verify,
+    /// `set --verify-every` (primary).
+    SetVerifyEvery,
 }
 
 impl std::fmt::Display for Op {
@@ -71,6 +73,7 @@ impl std::fmt::Display for Op {
             Op::CycleOutcome => "a cycle outcome",
             Op::Remove => "replica remove",
             Op::Verify => "verify",
+            Op::SetVerifyEvery => "set --verify-every",
         })
     }
 }

@@ -176,6 +176,14 @@ pub fn check_rpo_alert(secs: u64, frequency_secs: u64) -> Result<(), InvalidEnab
     Ok(())
 }
 
+/// The one rule for `--verify-every` (`enable`, `set`): at least [`MIN_VERIFY_EVERY_SECS`].
+pub fn check_verify_every(secs: u64) -> Result<(), InvalidEnable> {
+    if secs < MIN_VERIFY_EVERY_SECS {
+        return Err(InvalidEnable::VerifyEvery { secs });
+    }
+    Ok(())
+}
+
 /// The one rule for a replication frequency (`enable`, `reverse`, the CLI's parser, the demo):
 /// at least [`MIN_FREQUENCY_SECS`], at most [`MAX_FREQUENCY_SECS`].
 pub fn check_frequency(secs: u64) -> Result<(), InvalidEnable> {
@@ -220,10 +228,8 @@ impl Schedule {
         if let Some(rpo) = args.rpo_alert_secs {
             check_rpo_alert(rpo, secs)?;
         }
-        if let Some(v) = args.verify_every_secs
-            && v < MIN_VERIFY_EVERY_SECS
-        {
-            return Err(InvalidEnable::VerifyEvery { secs: v });
+        if let Some(v) = args.verify_every_secs {
+            check_verify_every(v)?;
         }
         let initial = match &args.initial {
             InitialMode::Network => InitialKind::Network,

@@ -570,6 +570,14 @@ pub enum Request {
         /// The new schedule (`*=0` = unlimited).
         bandwidth: crate::bandwidth::BandwidthSchedule,
     },
+    /// Change how often a primary VM is verified against its replica (`vmreplica set NAME
+    /// --verify-every D|never`); the next verification is due that long after the last one.
+    SetVerifyEvery {
+        /// VM name.
+        name: String,
+        /// Seconds (at least an hour); `None` = only on `vmreplica verify`.
+        verify_every_secs: Option<u64>,
+    },
     /// Reverse replication: the failed-over VM becomes the primary, the old primary its replica.
     Reverse {
         /// VM name.

@@ -154,6 +154,7 @@ pub enum Command {
         "retain",
         "recovery_points",
         "bandwidth",
+        "verify_every",
     ])))]
     Set {
         /// VM name (not with --agent).
@@ -179,6 +180,11 @@ pub enum Command {
         /// agent-wide one (written to config.toml). A running cycle uses it at once.
         #[arg(long, value_name = "SCHEDULE", value_parser = parse_bandwidth)]
         bandwidth: Option<vmr_proto::bandwidth::BandwidthSchedule>,
+        /// Verify a primary VM against its replica every DURATION (`7d`, `24h`; at least
+        /// `1h`), counted from the last verification (at once when there was none); `never` =
+        /// only on `vmreplica verify`.
+        #[arg(long, value_name = "DURATION|never")]
+        verify_every: Option<String>,
         /// Change the agent-wide sending limit (with --bandwidth), shared by all its VMs.
         #[arg(long, requires = "bandwidth", conflicts_with = "rpo_alert")]
         agent: bool,

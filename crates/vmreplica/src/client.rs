@@ -304,6 +304,18 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         },
         Command::Set {
             name: Some(name),
+            verify_every: Some(every),
+            ..
+        } => Request::SetVerifyEvery {
+            name,
+            verify_every_secs: if every == "never" {
+                None
+            } else {
+                Some(parse_duration_secs(&every).map_err(|m| coded(exit::USAGE, m))?)
+            },
+        },
+        Command::Set {
+            name: Some(name),
             retain,
             recovery_points,
             prefer_app_consistent,
@@ -315,7 +327,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Set { .. } => {
             return Err(coded(
                 exit::USAGE,
-                "set: give NAME with --rpo-alert or --bandwidth, or --agent --bandwidth",
+                "set: give NAME with one setting, or --agent --bandwidth",
             ));
         }
         Command::Events {

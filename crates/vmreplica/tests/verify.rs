@@ -228,3 +228,30 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
     p.stop()?;
     Ok(())
 }
+
+/// `set --verify-every` at run time: a VM enabled without it verifies at its next cycle once
+/// it is set; the one rule (at least an hour) holds; `never` stops it; a replica refuses it.
+#[test]
+fn set_verify_every_schedules_verification_at_run_time() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "vf-set", &["disk0"], 16)?;
+    let name = vm.def.name.clone();
+    vm.write_random("disk0", 40, 3)?;
+    vm.register(&p.a)?;
+    p.enable(&name, &["--frequency", "5s"])?;
+    p.wait_cycle(&name, 2, LONG)?;
+    assert_eq!(p.a.status(&name)?.stats.last_verify_ms, None);
+    let short = p.a.cli(&["set", &name, "--verify-every", "30m"])?;
+    assert_eq!(short.status.code(), Some(2), "{short:?}");
+    assert!(String::from_utf8_lossy(&short.stderr).contains("--verify-every"));
+    let on_replica = p.b.cli(&["set", &name, "--verify-every", "1h"])?;
+    assert_eq!(on_replica.status.code(), Some(5), "{on_replica:?}");
+    let out = p.a.ok(&["set", &name, "--verify-every", "1h"])?;
+    assert!(out.contains("verified every 3600 s"), "{out}");
+    wait_until(LONG, "the verification set at run time", || {
+        Ok(p.a.status(&name)?.stats.last_verify_mismatched_blocks == Some(0))
+    })?;
+    let out = p.a.ok(&["set", &name, "--verify-every", "never"])?;
+    assert!(out.contains("only on `vmreplica verify`"), "{out}");
+    Ok(())
+}
