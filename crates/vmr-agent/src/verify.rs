@@ -106,10 +106,12 @@ async fn verify_with(
             }
         }
     };
-    let consumer = client.send_cycle(
+    // A verify cycle ships the dirty extents like any cycle: under the same sending limit.
+    let consumer = client.send_cycle_paced(
         &header,
         tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         args.compression,
+        Some(ctx.body_pace()),
     );
     let (produced, sent) = tokio::join!(producer, consumer);
     let bytes = match (produced, sent) {

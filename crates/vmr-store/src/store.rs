@@ -476,17 +476,11 @@ impl Store {
         let v = self.vm(vm)?;
         let st = lock(&v.st);
         let c = &st.catalog;
-        let metas: Vec<PointMeta> = c
-            .points
-            .iter()
-            .filter(|p| !p.pruning)
-            .map(|p| PointMeta {
-                id: p.id,
-                taken_at_ms: p.taken_at_ms,
-                kind: p.kind,
-            })
-            .collect();
-        Ok(plan(&metas, policy.unwrap_or(&c.retention), now_ms))
+        Ok(plan(
+            &point_metas(c),
+            policy.unwrap_or(&c.retention),
+            now_ms,
+        ))
     }
 
     /// Committed recovery points, oldest first.
@@ -623,17 +617,7 @@ impl Store {
         let candidates = {
             let st = lock(&v.st);
             let c = &st.catalog;
-            let metas: Vec<PointMeta> = c
-                .points
-                .iter()
-                .filter(|p| !p.pruning)
-                .map(|p| PointMeta {
-                    id: p.id,
-                    taken_at_ms: p.taken_at_ms,
-                    kind: p.kind,
-                })
-                .collect();
-            let mut d = retention(&metas, &c.retention, now_ms);
+            let mut d = retention(&point_metas(c), &c.retention, now_ms);
             d.extend(c.points.iter().filter(|p| p.pruning).map(|p| p.id));
             d.sort_unstable();
             d
@@ -1038,6 +1022,19 @@ fn check_definition(vm: Uuid, text: &str) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// What retention needs to know of each point (those being merged away already left out).
+fn point_metas(c: &Catalog) -> Vec<PointMeta> {
+    c.points
+        .iter()
+        .filter(|p| !p.pruning)
+        .map(|p| PointMeta {
+            id: p.id,
+            taken_at_ms: p.taken_at_ms,
+            kind: p.kind,
+        })
+        .collect()
 }
 
 fn find_point(c: &Catalog, point: Option<CycleId>) -> Result<&PointRecord, StoreError> {
