@@ -463,6 +463,15 @@ impl PrimarySide {
             }
             Outcome::Reconciled { latest } => {
                 self.synced = true;
+                if latest != self.machine.last_cycle() {
+                    tracing::info!(
+                        vm = %vm.rec.name,
+                        replica = ?latest,
+                        ours = ?self.machine.last_cycle(),
+                        "the replica's latest point is not our last acknowledged cycle (an \
+                         acknowledgement was lost, or the replica changed): taking the replica's"
+                    );
+                }
                 self.step(
                     vm,
                     Event::Reconciled {

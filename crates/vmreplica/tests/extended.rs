@@ -64,9 +64,16 @@ fn vm_on_a(ch: &Chain) -> TestResult<StandIn> {
 /// until B applied A's last cycle; returns its id.
 fn settle(ch: &Chain, vm: &StandIn) -> TestResult<u64> {
     let name = &vm.def.name;
-    let s = ch.a.status(name)?;
-    let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
-    ch.a.wait_cycle(name, cut, LONG)?;
+    ch.b.wait_status(
+        name,
+        LONG,
+        Duration::from_millis(10),
+        "a point cut after the writes",
+        {
+            let after = epoch_ms();
+            move |s| s.last_point_ms.is_some_and(|t| t > after)
+        },
+    )?;
     ch.a.ok(&["pause", name])?;
     let last = ch.a.status(name)?.last_cycle.unwrap_or(0);
     ch.b.wait_cycle(name, last, LONG)?;

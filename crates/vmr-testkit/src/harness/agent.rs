@@ -479,6 +479,28 @@ impl Pair {
         Ok(())
     }
 
+    /// Wait until the replica holds a point of `vm` cut strictly after `after_ms` (ms since
+    /// the epoch, this host's clock, which the primary's cut times use too): with the writes
+    /// done before `after_ms` was read, that point holds all of them. A cycle's number says
+    /// less: the primary may adopt a cycle the replica committed before its acknowledgement
+    /// was lost (cut before the writes ended) as the next one. Returns the replica's row.
+    pub fn wait_point_cut_after(
+        &self,
+        vm: &str,
+        after_ms: u64,
+        timeout: Duration,
+    ) -> Result<VmStatus> {
+        self.b
+            .wait_status(
+                vm,
+                timeout,
+                Duration::from_millis(10),
+                &format!("a point of {vm} cut after {after_ms} on {}", self.b.name),
+                |s| s.last_point_ms.is_some_and(|t| t > after_ms),
+            )
+            .map(|(s, _)| s)
+    }
+
     /// The primary's replication state of `vm`.
     pub fn state(&self, vm: &str) -> Result<vmr_proto::api::ReplicationState> {
         Ok(self.a.status(vm)?.state)

@@ -147,6 +147,13 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
     move |source| HarnessError::Io { what, source }
 }
 
+/// Now, ms since the Unix epoch (the clock the agents' cut times use).
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Poll `f` every 100 ms until it returns `Ok(true)` or `timeout` passes. An `Err` from `f`
 /// counts as "not yet" (an agent restarting, a socket not yet there) and is reported with the
 /// timeout if it was the last answer.

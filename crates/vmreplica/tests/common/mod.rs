@@ -80,11 +80,8 @@ pub fn store_sockets(root: &Path) -> Vec<String> {
 pub fn assert_equal_at_cut(p: &Pair, vm: &StandIn) -> TestResult {
     const LONG: Duration = Duration::from_secs(90);
     let name = &vm.def.name;
-    // The first cycle that starts after this status read cuts after the last write: a cycle
-    // already running may have cut before it.
-    let s = p.a.status(name)?;
-    let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
-    p.wait_cycle(name, cut, LONG)?;
+    // A point cut after now holds every write (the writes are done).
+    p.wait_point_cut_after(name, epoch_ms(), LONG)?;
     p.a.ok(&["pause", name])?;
     let last = p.a.status(name)?.last_cycle.unwrap_or(0);
     p.b.wait_cycle(name, last, LONG)?;
