@@ -3123,7 +3123,13 @@ mod verify_tests {
             (68_500, E::Pause, None, 2, S::Suspended),
             (200_000, E::Tick, None, 2, S::Suspended),
             // Resume starts a cycle at once (the aborted app-consistent cut is taken now).
-            (200_000, E::Resume, Some((6, true, false)), 2, S::Replicating),
+            (
+                200_000,
+                E::Resume,
+                Some((6, true, false)),
+                2,
+                S::Replicating,
+            ),
             (200_300, E::Ok, None, 2, S::Replicating),
             (201_000, E::Tick, Some((7, false, false)), 2, S::Replicating),
             (201_100, E::Ok, None, 2, S::Replicating),
@@ -3208,9 +3214,25 @@ mod verify_tests {
             [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
         );
         // Back: the next attempt succeeds and cycles follow at the floor again.
-        assert!(started(&ok(&mut m, Event::Tick { now_ms: now + 30_000 })).is_some());
+        assert!(
+            started(&ok(
+                &mut m,
+                Event::Tick {
+                    now_ms: now + 30_000
+                }
+            ))
+            .is_some()
+        );
         succeed(&mut m, now + 30_100);
         assert_eq!(m.consecutive_failures(), 0);
-        assert!(started(&ok(&mut m, Event::Tick { now_ms: now + 31_000 })).is_some());
+        assert!(
+            started(&ok(
+                &mut m,
+                Event::Tick {
+                    now_ms: now + 31_000
+                }
+            ))
+            .is_some()
+        );
     }
 }
