@@ -449,11 +449,11 @@ mod tests {
             json!({
                 "web1": {"role": "primary", "state": "Replicating", "health": 0,
                          "health_reason": "", "lag": 12, "frequency": 30,
-                         "pending_bytes": 3145728, "last_cycle_bytes": 4096,
+                         "continuous": false, "pending_bytes": 3145728, "last_cycle_bytes": 4096,
                          "recovery_points": null, "last_point": (NOW - 12_000) / 1000},
                 "db1": {"role": "replica", "state": "Replicating", "health": 2,
                         "health_reason": "", "lag": null, "frequency": 30,
-                        "pending_bytes": 3145728, "last_cycle_bytes": 4096,
+                        "continuous": false, "pending_bytes": 3145728, "last_cycle_bytes": 4096,
                         "recovery_points": null, "last_point": null}
             })
         );
