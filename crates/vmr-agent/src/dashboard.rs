@@ -528,7 +528,9 @@ pub fn render_detail(
     field(
         &mut f,
         "Frequency",
-        &if st.frequency_secs > 0 {
+        &if st.continuous {
+            "continuous".to_owned()
+        } else if st.frequency_secs > 0 {
             fmt_dur(st.frequency_secs * 1000)
         } else {
             "\u{2013}".to_owned()
@@ -1039,5 +1041,17 @@ mod tests {
         assert!(p.contains("None on this host"));
         let p = render_detail("host-a", &view("web1", None), &[], &[], 100_000);
         assert!(p.contains("did not answer"), "{p}");
+    }
+
+    #[test]
+    fn a_continuous_vm_shows_continuous_for_its_frequency() {
+        let st = status("web1", "Replicating", Health::Normal, "");
+        let p = render_detail("host-a", &view("web1", Some(st.clone())), &[], &[], 100_000);
+        assert!(p.contains("<dt>Frequency</dt><dd>5 s</dd>"), "{p}");
+        let mut st = st;
+        st.frequency_secs = 0;
+        st.continuous = true;
+        let p = render_detail("host-a", &view("web1", Some(st)), &[], &[], 100_000);
+        assert!(p.contains("<dt>Frequency</dt><dd>continuous</dd>"), "{p}");
     }
 }

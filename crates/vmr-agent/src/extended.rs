@@ -75,9 +75,10 @@ pub struct ExtendedSide {
 }
 
 fn schedule(args: &EnableArgs) -> Result<ExtSchedule, AgentError> {
-    // The one validation of `enable` arguments (frequency, recovery points).
-    let s = vmr_core::Schedule::from_enable(args)?;
-    Ok(ExtSchedule::every(s.frequency_ms))
+    // The one validation of `enable` arguments (frequency, recovery points); continuous mode
+    // is refused for an extended relationship.
+    let ms = vmr_core::Schedule::extended_frequency_ms(args)?;
+    Ok(ExtSchedule::every(ms))
 }
 
 impl ExtendedSide {

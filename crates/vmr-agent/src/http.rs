@@ -465,6 +465,19 @@ impl Collector for Scrape {
         )?;
         self.gauge(
             &mut enc,
+            "vmreplica_continuous",
+            "1 when the VM replicates continuously (--frequency continuous: no interval; its \
+             RPO is vmreplica_replication_lag), 0 when it has an interval",
+            None,
+            |r| {
+                r.status
+                    .as_ref()
+                    .filter(|s| s.frequency_secs > 0 || s.continuous)
+                    .map(|s| i64::from(s.continuous))
+            },
+        )?;
+        self.gauge(
+            &mut enc,
             "vmreplica_pending",
             "Primary VMs: changed bytes tracked but not yet shipped, as last measured",
             Some(&bytes),
@@ -664,6 +677,7 @@ mod tests {
             format!("vmreplica_replication_lag_seconds{{{l}}} 12.0"),
             format!("vmreplica_pending_bytes{{{l}}} 3145728"),
             format!("vmreplica_frequency_seconds{{{l}}} 30"),
+            format!("vmreplica_continuous{{{l}}} 0"),
             format!("vmreplica_cycles_total{{{l},result=\"success\"}} 2"),
             format!("vmreplica_cycles_total{{{l},result=\"failed\"}} 1"),
             format!("vmreplica_cycles_total{{{l},result=\"missed\"}} 3"),
@@ -682,6 +696,36 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
         // A VM whose owner did not answer has no gauges beyond `up`.
         assert!(!text.contains("vmreplica_health{vm=\"db"), "{text}");
+    }
+
+    /// A continuous VM has no interval: `vmreplica_continuous` 1 and no frequency series; its
+    /// RPO is the lag series.
+    #[test]
+    fn a_continuous_vm_has_no_frequency_series() {
+        let mut st = status(ReplicationMode::Primary, Health::Normal, Some(97_000));
+        st.frequency_secs = 0;
+        st.continuous = true;
+        let rows = vec![VmView {
+            name: "cdp".into(),
+            uuid: Uuid::from_u128(1),
+            role: "primary",
+            peer: "10.0.0.2:9443".into(),
+            status: Some(st),
+            counters: None,
+            store_free_bytes: None,
+        }];
+        let text = encode(rows, vec![], 100_000).expect("encode");
+        let l = "vm=\"cdp\",uuid=\"00000000-0000-0000-0000-000000000001\",role=\"primary\",peer=\"10.0.0.2:9443\"";
+        for line in [
+            format!("vmreplica_continuous{{{l}}} 1"),
+            format!("vmreplica_replication_lag_seconds{{{l}}} 3.0"),
+        ] {
+            assert!(
+                text.lines().any(|x| x == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(!text.contains("vmreplica_frequency_seconds{"), "{text}");
     }
 
     #[test]

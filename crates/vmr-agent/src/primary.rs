@@ -785,6 +785,10 @@ impl PrimarySide {
             health_reason,
             mode: ReplicationMode::Primary,
             frequency_secs: rec.enable.as_ref().map_or(0, |e| e.frequency_secs),
+            continuous: rec
+                .enable
+                .as_ref()
+                .is_some_and(|e| e.frequency_secs == vmr_core::CONTINUOUS),
             primary: primary_name.to_owned(),
             primary_address: None,
             replica: rec
@@ -919,6 +923,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         health_reason: health.reason(),
         mode: ReplicationMode::Primary,
         frequency_secs: 0,
+        continuous: false,
         primary: primary_name.to_owned(),
         primary_address: None,
         replica: String::new(),

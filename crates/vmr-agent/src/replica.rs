@@ -437,6 +437,7 @@ impl ReplicaSide {
             health_reason: obs.reason,
             mode: ReplicationMode::Replica,
             frequency_secs: rec.frequency_secs.unwrap_or(0),
+            continuous: rec.frequency_secs == Some(vmr_core::CONTINUOUS),
             primary: rec.primary.clone(),
             primary_address: vm.failover().ok().and_then(|f| f.primary_listen),
             replica: replica_name.to_owned(),

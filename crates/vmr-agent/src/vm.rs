@@ -1659,10 +1659,14 @@ impl Owner {
         let side = PrimarySide::enable(&mut self.vm, args.clone())?;
         self.side = Side::Primary(Some(Box::new(side)));
         Ok(format!(
-            "replication of {:?} enabled to {} every {} s{}",
+            "replication of {:?} enabled to {} {}{}",
             def.name,
             args.replica,
-            args.frequency_secs,
+            if args.frequency_secs == vmr_core::CONTINUOUS {
+                "continuously".to_owned()
+            } else {
+                format!("every {} s", args.frequency_secs)
+            },
             if args.initial_at_ms.is_some() {
                 "; initial replication scheduled"
             } else {

@@ -1,5 +1,6 @@
-//! The seven scenarios of issue 7, the resync comparison of issue 6 (`resync.rs`) and the
-//! metrics scrape cost of issue 14 (`scrape.rs`), judged
+//! The seven scenarios of issue 7, the resync comparison of issue 6 (`resync.rs`), the
+//! metrics scrape cost of issue 14 (`scrape.rs`), the bandwidth limit's accuracy
+//! (`bandwidth.rs`) and continuous mode's lag (`continuous.rs`) of issue 17, judged
 //! against issue 10's goals ([`goal`] and the verdict functions beside it). Each
 //! sets up its own pair of agents and stand-in VMs under the run's directory, runs vmreplica
 //! and its baseline side by side (alternating their order between repeats), and returns an
@@ -24,9 +25,11 @@ use crate::report::{
 };
 
 mod bandwidth;
+mod continuous;
 mod resync;
 mod scrape;
 pub use bandwidth::bandwidth_limit;
+pub use continuous::continuous_lag;
 pub use resync::resync_vs_rsync;
 pub use scrape::metrics_scrape;
 
@@ -101,6 +104,7 @@ pub fn goal(id: u8) -> &'static str {
         8 => "≥ 1.5× faster, and ≤ 0.5× rsync's bytes",
         9 => "< 1 % of a core (100 VMs, every 15 s)",
         10 => "achieved within ±10 % of the limit",
+        11 => "lag p99 ≤ 5 s at 50 MB/s churn",
         _ => "-",
     }
 }
@@ -1589,7 +1593,8 @@ mod tests {
         assert!(goal(8).contains("1.5×") && goal(8).contains("0.5×"));
         assert!(goal(9).contains("1 % of a core"));
         assert!(goal(10).contains("±10 %"));
-        assert_eq!(goal(11), "-");
+        assert!(goal(11).contains("5 s") && goal(11).contains("50 MB/s"));
+        assert_eq!(goal(12), "-");
     }
 
     #[test]

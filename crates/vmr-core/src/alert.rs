@@ -1,6 +1,7 @@
 //! When alerts fire and clear, as pure functions of what the owner observed and the time
 //! passed in: the RPO alert (lag = now minus the last point's cut time, on either side, against
-//! `--rpo-alert`, default twice the frequency; its deadline for the owner's timer; its health
+//! `--rpo-alert`, default twice the frequency, or in continuous mode
+//! [`crate::schedule::CONTINUOUS_TARGET_SECS`]; its deadline for the owner's timer; its health
 //! item naming the event) and the rate limit of `cycle-failed` events. (Its validation is
 //! [`crate::schedule::check_rpo_alert`], with the other `enable` arguments.)
 
@@ -8,9 +9,16 @@ use vmr_proto::api::{Health, ReplicationState};
 
 use crate::health::HealthReport;
 
-/// The RPO alert in ms: `rpo_alert_secs`, or twice the frequency.
+/// The RPO alert in ms: `rpo_alert_secs`, or twice the frequency, or for continuous mode
+/// (`frequency_secs` = [`crate::schedule::CONTINUOUS`]) its RPO target
+/// ([`crate::schedule::CONTINUOUS_TARGET_SECS`]).
 pub fn rpo_alert_ms(frequency_secs: u64, rpo_alert_secs: Option<u64>) -> u64 {
-    rpo_alert_secs.unwrap_or(frequency_secs.saturating_mul(2)) * 1000
+    let default = if frequency_secs == crate::schedule::CONTINUOUS {
+        crate::schedule::CONTINUOUS_TARGET_SECS
+    } else {
+        frequency_secs.saturating_mul(2)
+    };
+    rpo_alert_secs.unwrap_or(default).saturating_mul(1000)
 }
 
 /// Whether a VM in `state` is held to its RPO: replication is meant to be moving (not
@@ -172,6 +180,9 @@ mod tests {
     fn the_rpo_alert_defaults_to_twice_the_frequency() {
         assert_eq!(rpo_alert_ms(5, None), 10_000);
         assert_eq!(rpo_alert_ms(5, Some(30)), 30_000);
+        // Continuous mode: twice "no interval" means nothing; its target is the default.
+        assert_eq!(rpo_alert_ms(crate::schedule::CONTINUOUS, None), 30_000);
+        assert_eq!(rpo_alert_ms(crate::schedule::CONTINUOUS, Some(5)), 5_000);
     }
 
     #[test]

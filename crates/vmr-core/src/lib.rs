@@ -33,6 +33,6 @@ pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
 pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{
-    InitialKind, InvalidEnable, MAX_RPO_ALERT_SECS, Schedule, check_retention, check_rpo_alert,
-    check_verify_every,
+    CONTINUOUS, CONTINUOUS_FLOOR_MS, CONTINUOUS_TARGET_SECS, InitialKind, InvalidEnable,
+    MAX_RPO_ALERT_SECS, Schedule, check_retention, check_rpo_alert, check_verify_every,
 };

@@ -973,7 +973,7 @@ impl PrimaryMachine {
             self.unmet_since_ms = None;
             return;
         }
-        let every = self.schedule.frequency_ms.max(1);
+        let every = self.schedule.miss_interval_ms().max(1);
         let since = self
             .unmet_since_ms
             .get_or_insert(self.next_due_ms.max(now_ms));
@@ -3034,6 +3034,205 @@ mod verify_tests {
             Err(Refusal::NotEnabled {
                 op: Op::SetVerifyEvery
             })
+        );
+    }
+
+    /// Continuous mode's machine: enabled with `--frequency continuous`, its full copy done
+    /// at 2 s (the next cycle is due at once).
+    fn continuous() -> PrimaryMachine {
+        let mut sched = Schedule::continuous();
+        sched.app_consistent_every_ms = 20_000;
+        sched.verify_every_ms = 7_200_000;
+        let mut m = PrimaryMachine::new(sched);
+        ok(
+            &mut m,
+            Event::Enable {
+                now_ms: 0,
+                initial_at_ms: None,
+            },
+        );
+        succeed(&mut m, 2_000);
+        assert_eq!(m.state(), S::Replicating);
+        m
+    }
+
+    /// What a tick starts: (id, app-consistent, verify).
+    fn started(a: &[Action]) -> Option<(CycleId, bool, bool)> {
+        a.iter().find_map(|x| match x {
+            Action::StartCycle {
+                id,
+                app_consistent,
+                verify,
+                ..
+            } => Some((*id, *app_consistent, *verify)),
+            _ => None,
+        })
+    }
+
+    /// Continuous mode, step by step: a cycle starts as soon as the last one is acknowledged
+    /// but no sooner than 1 s after the last start (the floor); the first incremental cycle is
+    /// app-consistent, then one each app-consistent interval (20 s here); a verify cycle when `--verify-every` is due; a
+    /// failure backs off from 1 s; pause aborts and starts nothing; resume starts at once; a
+    /// missed cycle is each whole 30 s (the RPO target) without an acknowledged cycle.
+    #[test]
+    fn continuous_table() {
+        #[derive(Debug)]
+        enum E {
+            Tick,
+            Ok,
+            Fail,
+            Pause,
+            Resume,
+        }
+        // (time, event, the cycle it must start (None: none), missed cycles after it, state)
+        type Row = (u64, E, Option<(CycleId, bool, bool)>, u64, S);
+        let table: &[Row] = &[
+            // Acknowledged at 2 s: the next cycle is due at once, and so is the first
+            // verification: a verify cycle (never frozen).
+            (2_000, E::Tick, Some((2, false, true)), 0, S::Replicating),
+            (2_400, E::Ok, None, 0, S::Replicating),
+            // The floor: no start before 1 s after the last one (2 s).
+            (2_600, E::Tick, None, 0, S::Replicating),
+            // The first app-consistent cut.
+            (3_000, E::Tick, Some((3, true, false)), 0, S::Replicating),
+            (3_100, E::Ok, None, 0, S::Replicating),
+            (3_900, E::Tick, None, 0, S::Replicating),
+            (4_000, E::Tick, Some((4, false, false)), 0, S::Replicating),
+            // A slow cycle (3 s): the next starts on the acknowledgement's tick.
+            (7_000, E::Ok, None, 0, S::Replicating),
+            (7_000, E::Tick, Some((5, false, false)), 0, S::Replicating),
+            // Failures back off 1 s, 2 s, 4 s: no hot loop.
+            (7_100, E::Fail, None, 0, S::Replicating),
+            (8_000, E::Tick, None, 0, S::Replicating),
+            (8_100, E::Tick, Some((5, false, false)), 0, S::Replicating),
+            (8_200, E::Fail, None, 0, S::Replicating),
+            (10_000, E::Tick, None, 0, S::Replicating),
+            (10_200, E::Tick, Some((5, false, false)), 0, S::Replicating),
+            (10_300, E::Fail, None, 0, S::Replicating),
+            (14_200, E::Tick, None, 0, S::Replicating),
+            (14_300, E::Tick, Some((5, false, false)), 0, S::Replicating),
+            // This attempt hangs: 30 s (the RPO target) after the last acknowledged cycle
+            // (7 s) one missed cycle is counted, and another each 30 s.
+            (36_900, E::Tick, None, 0, S::Replicating),
+            (37_000, E::Tick, None, 1, S::Replicating),
+            (67_000, E::Tick, None, 2, S::Replicating),
+            (68_000, E::Ok, None, 2, S::Replicating),
+            // 20 s since the last app-consistent cut: this one is frozen.
+            (68_000, E::Tick, Some((6, true, false)), 2, S::Replicating),
+            // Pause aborts the running cycle; time passing starts nothing, misses nothing.
+            (68_500, E::Pause, None, 2, S::Suspended),
+            (200_000, E::Tick, None, 2, S::Suspended),
+            // Resume starts a cycle at once (the aborted app-consistent cut is taken now).
+            (
+                200_000,
+                E::Resume,
+                Some((6, true, false)),
+                2,
+                S::Replicating,
+            ),
+            (200_300, E::Ok, None, 2, S::Replicating),
+            (201_000, E::Tick, Some((7, false, false)), 2, S::Replicating),
+            (201_100, E::Ok, None, 2, S::Replicating),
+            // 20 s after the last frozen cut, the next one.
+            (220_300, E::Tick, Some((8, true, false)), 2, S::Replicating),
+        ];
+        let mut m = continuous();
+        let mut frozen = false;
+        for (now, e, want, missed, state) in table {
+            let now_ms = *now;
+            let what = format!("{e:?} at {now_ms}");
+            let acts = match e {
+                E::Tick => ok(&mut m, Event::Tick { now_ms }),
+                E::Ok => {
+                    let a = ok(
+                        &mut m,
+                        Event::CycleSucceeded {
+                            now_ms,
+                            bytes: 1,
+                            app_consistent: frozen,
+                            pending_bytes: None,
+                            disk_sizes: None,
+                        },
+                    );
+                    if m.schedule().verify_every_ms > 0 && m.verify_pending() {
+                        ok(
+                            &mut m,
+                            Event::Verified {
+                                now_ms,
+                                mismatched_blocks: 0,
+                                mismatch: None,
+                            },
+                        );
+                    }
+                    a
+                }
+                E::Fail => ok(
+                    &mut m,
+                    Event::CycleFailed {
+                        now_ms,
+                        failure: Failure::Retryable("replica agent stopped".into()),
+                    },
+                ),
+                E::Pause => ok(&mut m, Event::Pause { now_ms }),
+                E::Resume => ok(&mut m, Event::Resume { now_ms }),
+            };
+            assert_eq!(started(&acts), *want, "{what}: started");
+            if let Some((_, app, _)) = want {
+                frozen = *app;
+            }
+            assert_eq!(m.stats().missed_cycles, *missed, "{what}: missed");
+            assert_eq!(m.state(), *state, "{what}: state");
+        }
+    }
+
+    /// Continuous mode's retry delays double from 1 s and stop at 30 s: a replica that is away
+    /// for minutes costs one attempt every 30 s, not one per tick.
+    #[test]
+    fn continuous_retries_back_off_to_30_s() {
+        let mut m = continuous();
+        let mut now = 2_000;
+        let mut delays = Vec::new();
+        let mut last_fail: Option<u64> = None;
+        while delays.len() < 8 {
+            if started(&ok(&mut m, Event::Tick { now_ms: now })).is_some() {
+                if let Some(f) = last_fail {
+                    delays.push(now - f);
+                }
+                ok(
+                    &mut m,
+                    Event::CycleFailed {
+                        now_ms: now,
+                        failure: Failure::Retryable("connection refused".into()),
+                    },
+                );
+                last_fail = Some(now);
+            }
+            now += 100;
+        }
+        assert_eq!(
+            delays,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
+        );
+        // Back: the next attempt succeeds and cycles follow at the floor again.
+        assert!(
+            started(&ok(
+                &mut m,
+                Event::Tick {
+                    now_ms: now + 30_000
+                }
+            ))
+            .is_some()
+        );
+        succeed(&mut m, now + 30_100);
+        assert_eq!(m.consecutive_failures(), 0);
+        assert!(
+            started(&ok(
+                &mut m,
+                Event::Tick {
+                    now_ms: now + 31_000
+                }
+            ))
+            .is_some()
         );
     }
 }

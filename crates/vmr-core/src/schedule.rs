@@ -1,6 +1,8 @@
 //! A primary VM's scheduling parameters and the one validation of `enable` arguments
 //! ([`Schedule::from_enable`]): frequency, retention (recovery points or grid, [`check_retention`]), app-consistent interval, automatic
-//! resynchronization window and initial replication mode.
+//! resynchronization window and initial replication mode; continuous mode
+//! (`--frequency continuous`, [`CONTINUOUS`]): its floor between cycle starts, its missed-cycle
+//! target and its retry policy.
 
 use vmr_proto::api::{EnableArgs, InitialMode, ResyncWindow};
 use vmr_proto::retain::RetentionGrid;
@@ -9,6 +11,23 @@ use vmr_proto::retain::RetentionGrid;
 pub const MIN_FREQUENCY_SECS: u64 = 5;
 /// Longest cycle interval, seconds (one day).
 pub const MAX_FREQUENCY_SECS: u64 = 86_400;
+/// The frequency (`EnableArgs::frequency_secs`, `CreateReplica::frequency_secs`) that means
+/// continuous mode (`--frequency continuous`): a new cycle starts as soon as the last one is
+/// acknowledged, no sooner than [`CONTINUOUS_FLOOR_MS`] after the last one started. (0 was never
+/// a valid interval, so an older record never holds it.)
+pub const CONTINUOUS: u64 = vmr_proto::api::FREQUENCY_CONTINUOUS;
+/// Continuous mode: the shortest time between two cycle starts, ms. A cycle with nothing to
+/// ship still costs a QMP transaction, a fleecing node, a TLS request and a commit with fsyncs
+/// on the replica, and each makes a recovery point; the floor bounds that idle cost (and the
+/// points retention has to thin) at one a second.
+pub const CONTINUOUS_FLOOR_MS: u64 = 1_000;
+/// Continuous mode: the RPO target, seconds. It is the default RPO alert (twice an interval
+/// means nothing without one) and the missed-cycle interval: each whole target that passes
+/// without an acknowledged cycle counts one missed cycle.
+pub const CONTINUOUS_TARGET_SECS: u64 = 30;
+/// Continuous mode: the longest retry delay after failed cycles in a row, ms (from 1 s,
+/// doubling: never a hot loop, and a replica back after a short outage is caught up quickly).
+pub const CONTINUOUS_RETRY_MAX_MS: u64 = 30_000;
 /// Most additional hourly recovery points (Hyper-V's limit).
 pub const MAX_RECOVERY_POINTS: u32 = 24;
 /// Longest app-consistent interval, hours (Hyper-V's limit).
@@ -17,8 +36,13 @@ pub const MAX_APP_CONSISTENT_HOURS: u32 = 12;
 /// Scheduling parameters of one VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
-    /// Cycle interval in ms (>= 5000).
+    /// Cycle interval in ms (>= 5000); in continuous mode the floor between cycle starts
+    /// ([`CONTINUOUS_FLOOR_MS`]).
     pub frequency_ms: u64,
+    /// Continuous mode (`--frequency continuous`): the next cycle starts when the last one is
+    /// acknowledged (no sooner than `frequency_ms` after it started), and a missed cycle is a
+    /// whole [`CONTINUOUS_TARGET_SECS`] without an acknowledged one.
+    pub continuous: bool,
     /// Take an app-consistent cycle this often (ms); 0 = never.
     pub app_consistent_every_ms: u64,
     /// First retry delay after a recoverable failure.
@@ -97,6 +121,13 @@ pub enum InvalidEnable {
         /// The frequency.
         frequency_secs: u64,
     },
+    /// Continuous mode asked for an extended relationship (its points are forwarded on an
+    /// interval).
+    #[error(
+        "--frequency continuous is for the primary's relationship only: an extended \
+         relationship forwards points on an interval (5 s to 24 h)"
+    )]
+    ContinuousExtended,
     /// `--verify-every` below the minimum.
     #[error("--verify-every {secs} s is below the {MIN_VERIFY_EVERY_SECS} s (one hour) minimum")]
     VerifyEvery {
@@ -208,13 +239,47 @@ impl Schedule {
             auto_resync: None,
             initial: InitialKind::Network,
             verify_every_ms: 0,
+            continuous: false,
         }
+    }
+
+    /// A continuous schedule: cycles back to back, no sooner than [`CONTINUOUS_FLOOR_MS`]
+    /// apart; retries from 1 s doubling to [`CONTINUOUS_RETRY_MAX_MS`].
+    pub fn continuous() -> Self {
+        Self {
+            continuous: true,
+            retry_max_ms: CONTINUOUS_RETRY_MAX_MS,
+            ..Self::every(CONTINUOUS_FLOOR_MS)
+        }
+    }
+
+    /// The interval against which missed cycles are counted, ms: the frequency, or in
+    /// continuous mode [`CONTINUOUS_TARGET_SECS`].
+    pub fn miss_interval_ms(&self) -> u64 {
+        if self.continuous {
+            CONTINUOUS_TARGET_SECS * 1000
+        } else {
+            self.frequency_ms
+        }
+    }
+
+    /// An extended relationship's interval, ms, from its `enable` arguments (validated like
+    /// every `enable`; continuous mode is refused there).
+    pub fn extended_frequency_ms(args: &EnableArgs) -> Result<u64, InvalidEnable> {
+        let s = Self::from_enable(args)?;
+        if s.continuous {
+            return Err(InvalidEnable::ContinuousExtended);
+        }
+        Ok(s.frequency_ms)
     }
 
     /// Validate `enable` arguments (the only place they are checked) and build the schedule.
     pub fn from_enable(args: &EnableArgs) -> Result<Schedule, InvalidEnable> {
         let secs = args.frequency_secs;
-        check_frequency(secs)?;
+        let continuous = secs == CONTINUOUS;
+        if !continuous {
+            check_frequency(secs)?;
+        }
         check_retention(args.recovery_points, args.retain.as_ref())?;
         let hours = args.app_consistent_every_hours;
         if hours > MAX_APP_CONSISTENT_HOURS {
@@ -241,7 +306,11 @@ impl Schedule {
                 InitialKind::Export
             }
         };
-        let mut s = Schedule::every(secs * 1000);
+        let mut s = if continuous {
+            Schedule::continuous()
+        } else {
+            Schedule::every(secs * 1000)
+        };
         s.app_consistent_every_ms = u64::from(hours) * 3_600_000;
         s.auto_resync = args.auto_resync;
         s.initial = initial;
@@ -299,10 +368,30 @@ mod tests {
                 |a| a.frequency_secs = 4,
                 Some(InvalidEnable::FrequencyTooShort { secs: 4 }),
             ),
+            ("0 is continuous", |a| a.frequency_secs = CONTINUOUS, None),
             (
-                "0 s is too short",
-                |a| a.frequency_secs = 0,
-                Some(InvalidEnable::FrequencyTooShort { secs: 0 }),
+                "continuous with an RPO alert of 1 s",
+                |a| {
+                    a.frequency_secs = CONTINUOUS;
+                    a.rpo_alert_secs = Some(1);
+                },
+                None,
+            ),
+            (
+                "continuous with an RPO alert of 0 s",
+                |a| {
+                    a.frequency_secs = CONTINUOUS;
+                    a.rpo_alert_secs = Some(0);
+                },
+                Some(InvalidEnable::RpoAlert {
+                    secs: 0,
+                    frequency_secs: 0,
+                }),
+            ),
+            (
+                "1 s is too short",
+                |a| a.frequency_secs = 1,
+                Some(InvalidEnable::FrequencyTooShort { secs: 1 }),
             ),
             ("one day", |a| a.frequency_secs = 86_400, None),
             (
@@ -445,5 +534,30 @@ mod tests {
         assert_eq!(s.auto_resync, Some(ResyncWindow::HYPERV_DEFAULT));
         assert_eq!(s.initial, InitialKind::Existing);
         assert_eq!(s.retry_max_ms, 60_000);
+        assert!(!s.continuous);
+        assert_eq!(s.miss_interval_ms(), 300_000);
+    }
+
+    #[test]
+    fn continuous_schedule_fields() {
+        let mut a = args();
+        a.frequency_secs = CONTINUOUS;
+        a.app_consistent_every_hours = 1;
+        a.verify_every_secs = Some(3_600);
+        let s = Schedule::from_enable(&a).expect("valid");
+        assert!(s.continuous);
+        assert_eq!(s.frequency_ms, CONTINUOUS_FLOOR_MS);
+        assert_eq!(s.miss_interval_ms(), CONTINUOUS_TARGET_SECS * 1000);
+        assert_eq!(s.retry_base_ms, 1_000);
+        assert_eq!(s.retry_max_ms, CONTINUOUS_RETRY_MAX_MS);
+        assert_eq!(s.app_consistent_every_ms, 3_600_000);
+        assert_eq!(s.verify_every_ms, 3_600_000);
+        // An extended relationship forwards on an interval.
+        assert_eq!(
+            Schedule::extended_frequency_ms(&a),
+            Err(InvalidEnable::ContinuousExtended)
+        );
+        a.frequency_secs = 300;
+        assert_eq!(Schedule::extended_frequency_ms(&a), Ok(300_000));
     }
 }

@@ -98,8 +98,12 @@ pub struct VmStatus {
     pub health_reason: String,
     /// Primary or replica.
     pub mode: ReplicationMode,
-    /// Cycle interval in seconds.
+    /// Cycle interval in seconds; 0 when there is none (not enabled, or continuous mode).
     pub frequency_secs: u64,
+    /// Continuous mode (`--frequency continuous`): cycles back to back; `lag_ms` is the RPO
+    /// achieved. Absent (false) with an interval and from older agents.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continuous: bool,
     /// Name of the primary agent.
     pub primary: String,
     /// Replica VMs: the primary agent's address (HOST:PORT) as it last reported it (what the
@@ -704,6 +708,12 @@ pub struct BecomeReplica {
     pub disks: Vec<crate::DiskInfo>,
 }
 
+/// The frequency (`EnableArgs::frequency_secs`, `CreateReplica::frequency_secs`,
+/// `VmStatus::frequency_secs`) of continuous mode (`--frequency continuous`): cycles back to
+/// back. 0 was never a valid interval; a replica learns it only on a connection of protocol
+/// [`crate::wire::CONTINUOUS_SINCE`] or later.
+pub const FREQUENCY_CONTINUOUS: u64 = 0;
+
 /// Arguments of `vmreplica enable`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnableArgs {
@@ -713,7 +723,7 @@ pub struct EnableArgs {
     pub replica: String,
     /// Replica agent certificate fingerprint.
     pub replica_fingerprint: String,
-    /// Cycle interval in seconds (>= 5).
+    /// Cycle interval in seconds (5 to 86400), or [`FREQUENCY_CONTINUOUS`].
     pub frequency_secs: u64,
     /// Additional hourly recovery points to keep.
     pub recovery_points: u32,
@@ -1048,7 +1058,8 @@ pub struct CreateReplica {
     pub name: String,
     /// Disks (id and size).
     pub disks: Vec<crate::DiskInfo>,
-    /// Cycle interval.
+    /// Cycle interval, seconds, or [`FREQUENCY_CONTINUOUS`] (sent only on connections of
+    /// protocol [`crate::wire::CONTINUOUS_SINCE`] or later).
     pub frequency_secs: u64,
     /// Hourly recovery points to keep.
     pub recovery_points: u32,

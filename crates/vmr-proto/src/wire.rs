@@ -9,10 +9,16 @@ use uuid::Uuid;
 use crate::cycle::CycleId;
 
 /// Version of the agent-to-agent protocol (HTTP routes, call encoding and cycle framing) this
-/// build speaks: 4 = version 3 plus cycle bodies of stream version 2 (per-extent compression,
+/// build speaks: 5 = version 4 plus continuous mode (`create-replica` with frequency
+/// [`crate::api::FREQUENCY_CONTINUOUS`]), 4 = version 3 plus cycle bodies of stream version 2 (per-extent compression,
 /// block checksums), 3 = version 2 plus the `disable-replica` call, 2 = typed calls
 /// (`vmr_proto::peer`), 1 = JSON calls by method name.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
+
+/// First protocol version whose replicas know continuous mode: a primary sends a
+/// `create-replica` with frequency [`crate::api::FREQUENCY_CONTINUOUS`] only on a connection
+/// speaking at least this version (an older replica would take 0 s for an interval).
+pub const CONTINUOUS_SINCE: u16 = 5;
 
 /// First protocol version with the `disable-replica` call: a caller sends it only on a
 /// connection speaking at least this version (an older peer does not know the call).

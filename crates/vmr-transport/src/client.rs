@@ -479,7 +479,20 @@ impl Client {
     }
 
     /// `create-replica`: true if the replica VM was created, false if it existed (refreshed).
+    ///
+    /// Continuous mode (frequency [`vmr_proto::api::FREQUENCY_CONTINUOUS`]) is refused with
+    /// [`TransportError::PeerTooOld`], without a request, on a connection older than
+    /// [`vmr_proto::wire::CONTINUOUS_SINCE`]: such a replica would take 0 s for an interval.
     pub async fn create_replica(&self, req: CreateReplica) -> Result<bool, TransportError> {
+        if req.frequency_secs == vmr_proto::api::FREQUENCY_CONTINUOUS
+            && self.hello.protocol < vmr_proto::wire::CONTINUOUS_SINCE
+        {
+            return Err(TransportError::PeerTooOld {
+                what: "continuous mode (--frequency continuous)",
+                peer: self.hello.protocol,
+                needs: vmr_proto::wire::CONTINUOUS_SINCE,
+            });
+        }
         match self.call(PeerRequest::CreateReplica(req)).await? {
             PeerResponse::CreateReplica { created } => Ok(created),
             other => Err(unexpected(&other)),

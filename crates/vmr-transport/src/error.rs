@@ -79,6 +79,19 @@ pub enum TransportError {
     /// The caller's extent source failed while sending.
     #[error("extent source failed")]
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The peer speaks a protocol older than a request needs (the request was not sent).
+    #[error(
+        "the peer agent speaks protocol {peer}; {what} needs protocol {needs} or later \
+         (upgrade vmreplica on the peer)"
+    )]
+    PeerTooOld {
+        /// What needs the newer protocol.
+        what: &'static str,
+        /// The protocol the connection speaks.
+        peer: u16,
+        /// The protocol it needs.
+        needs: u16,
+    },
     /// A local resource failed (compression context, runtime task).
     #[error("local failure: {0}")]
     Local(String),
@@ -98,6 +111,7 @@ impl TransportError {
             | TransportError::Protocol(_)
             | TransportError::Truncated(_)
             | TransportError::Source(_)
+            | TransportError::PeerTooOld { .. }
             | TransportError::Local(_) => false,
         }
     }

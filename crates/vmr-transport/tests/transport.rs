@@ -838,6 +838,58 @@ async fn disable_replica_only_on_connections_that_have_it() {
     s.shutdown().await;
 }
 
+/// Continuous mode (`create-replica` with frequency 0) goes only to a replica whose protocol
+/// knows it; an older one (which would take 0 s for an interval) is never asked, and the
+/// client says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_create_replica_only_on_connections_that_have_it() {
+    let s = Setup::new().await;
+    let continuous = CreateReplica {
+        frequency_secs: vmr_proto::api::FREQUENCY_CONTINUOUS,
+        ..create_request("new")
+    };
+    let client = s.client().await;
+    let before = s.handler.calls.load(Ordering::SeqCst);
+    assert!(
+        client
+            .create_replica(continuous.clone())
+            .await
+            .expect("a current replica knows continuous mode")
+    );
+    assert_eq!(s.handler.calls.load(Ordering::SeqCst), before + 1);
+    for v in MIN_PROTOCOL_VERSION..vmr_proto::wire::CONTINUOUS_SINCE {
+        let old = s
+            .client_speaking(v)
+            .await
+            .expect("an older client connects");
+        let before = s.handler.calls.load(Ordering::SeqCst);
+        let e = old
+            .create_replica(continuous.clone())
+            .await
+            .expect_err("refused on an older connection");
+        assert!(
+            matches!(
+                e,
+                TransportError::PeerTooOld { peer, needs, .. }
+                    if peer == v && needs == vmr_proto::wire::CONTINUOUS_SINCE
+            ),
+            "v{v}: {e:?}"
+        );
+        assert!(e.to_string().contains("continuous"), "{e}");
+        assert!(!e.is_retryable());
+        assert_eq!(
+            s.handler.calls.load(Ordering::SeqCst),
+            before,
+            "v{v} sent it"
+        );
+        // An interval still goes to an older replica.
+        old.create_replica(create_request("old"))
+            .await
+            .expect("an interval on an older connection");
+    }
+    s.shutdown().await;
+}
+
 /// A version-1 agent (old primary) calling a version-2 agent (upgraded replica) during a rolling
 /// upgrade: hello, the JSON calls by method name with hex hashes, and the typed client pinned to
 /// version 1.

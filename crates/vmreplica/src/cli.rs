@@ -533,7 +533,8 @@ pub struct EnableCmd {
     #[arg(long)]
     pub replica_fingerprint: String,
     /// Cycle interval: 30s, 5m, 15m or any <N>s, <N>m, <N>h from 5 s to 24 h; a bare number is
-    /// seconds.
+    /// seconds. `continuous`: a new cycle as soon as the last one is acknowledged (at most one a
+    /// second; RPO alert default 30 s; docs/continuous.md).
     #[arg(long, default_value = "5m")]
     pub frequency: String,
     /// Additional hourly recovery points to keep (0-24 like Hyper-V).
@@ -614,6 +615,15 @@ pub struct DemoOpts {
     /// Keep the demo directory instead of deleting it.
     #[arg(long)]
     pub keep: bool,
+}
+
+/// Parse `enable --frequency`: `continuous` (continuous mode,
+/// [`vmr_proto::api::FREQUENCY_CONTINUOUS`]) or an interval ([`parse_frequency`]).
+pub fn parse_enable_frequency(s: &str) -> Result<u64, String> {
+    if s.trim() == "continuous" {
+        return Ok(vmr_proto::api::FREQUENCY_CONTINUOUS);
+    }
+    parse_frequency(s).map_err(|e| format!("{e} (or continuous)"))
 }
 
 /// Parse a frequency: `<N>s`, `<N>m`, `<N>h` or a bare number of seconds, checked by
@@ -791,6 +801,15 @@ mod tests {
             assert!(e.contains("one day"), "{long}: {e}");
         }
         assert!(parse_frequency("fast").is_err());
+        // Continuous mode is `enable`'s alone; 0 stays refused (it is not a spelling of it).
+        assert!(parse_frequency("continuous").is_err());
+        assert_eq!(parse_enable_frequency("continuous"), Ok(0));
+        assert_eq!(parse_enable_frequency(" continuous "), Ok(0));
+        assert_eq!(parse_enable_frequency("30s"), Ok(30));
+        for bad in ["0", "0s", "Continuous", "cont"] {
+            let e = parse_enable_frequency(bad).expect_err(bad);
+            assert!(e.contains("continuous"), "{bad}: {e}");
+        }
         assert!(parse_frequency("").is_err());
         assert_eq!(parse_interval("1s"), Ok(std::time::Duration::from_secs(1)));
         assert_eq!(parse_interval("2"), Ok(std::time::Duration::from_secs(2)));

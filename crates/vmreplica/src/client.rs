@@ -11,7 +11,8 @@ use vmr_proto::retain::RetentionGrid;
 use vmr_proto::store::RetentionPolicy;
 
 use crate::cli::{
-    Command, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_frequency, parse_hours,
+    Command, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_enable_frequency,
+    parse_frequency, parse_hours,
 };
 use crate::exit;
 use crate::util::{coded, parse_time};
@@ -226,7 +227,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         }
         Command::Enable(e) => {
             let frequency_secs =
-                parse_frequency(&e.frequency).map_err(|m| coded(exit::USAGE, m))?;
+                parse_enable_frequency(&e.frequency).map_err(|m| coded(exit::USAGE, m))?;
             let app_consistent_every_hours = match &e.app_consistent_every {
                 Some(h) => parse_hours(h).map_err(|m| coded(exit::USAGE, m))?,
                 None => 0,

@@ -23,6 +23,16 @@ pub mod plugin {
 }
 
 /// A VM's replication lag at `now_ms` in whole seconds (none before its first point).
+/// What a relative lag threshold (`2x`) multiplies: the VM's interval, or for continuous mode
+/// its RPO target (`vmr_core::CONTINUOUS_TARGET_SECS`, 30 s); 0 when not enabled.
+fn threshold_base(s: &VmStatus) -> u64 {
+    if s.continuous {
+        vmr_core::CONTINUOUS_TARGET_SECS
+    } else {
+        s.frequency_secs
+    }
+}
+
 pub fn lag_secs(s: &VmStatus, now_ms: u64) -> Option<u64> {
     s.last_point_ms.map(|t| now_ms.saturating_sub(t) / 1000)
 }
@@ -70,9 +80,10 @@ pub fn check_report(
                 format!("health {} ({reason})", s.health)
             });
         }
-        let (w, c) = (warn.secs(s.frequency_secs), crit.secs(s.frequency_secs));
+        let base = threshold_base(s);
+        let (w, c) = (warn.secs(base), crit.secs(base));
         let lag = lag_secs(s, now_ms);
-        if let Some(lag) = lag.filter(|_| s.frequency_secs > 0) {
+        if let Some(lag) = lag.filter(|_| base > 0) {
             let over = match (w, c) {
                 (_, Some(c)) if lag >= c => Some((plugin::CRITICAL, c)),
                 (Some(w), _) if lag >= w => Some((plugin::WARNING, w)),
@@ -160,7 +171,8 @@ pub fn prtg(rows: &[VmStatus], now_ms: u64, warn: Threshold, crit: Threshold) ->
             "value": lag_secs(s, now_ms).unwrap_or(0),
             "unit": "TimeSeconds",
         });
-        if let (Some(w), Some(c)) = (warn.secs(s.frequency_secs), crit.secs(s.frequency_secs)) {
+        let base = threshold_base(s);
+        if let (Some(w), Some(c)) = (warn.secs(base), crit.secs(base)) {
             lag["limitmode"] = json!(1);
             lag["limitmaxwarning"] = json!(w);
             lag["limitmaxerror"] = json!(c);
@@ -245,6 +257,7 @@ pub fn zabbix(rows: &[VmStatus], now_ms: u64) -> Value {
                 "health_reason": s.health_reason,
                 "lag": lag_secs(s, now_ms),
                 "frequency": s.frequency_secs,
+                "continuous": s.continuous,
                 "pending_bytes": s.stats.pending_bytes,
                 "last_cycle_bytes": s.last_cycle_bytes,
                 "recovery_points": s.recovery_points,
@@ -310,6 +323,24 @@ mod tests {
         assert_eq!(Threshold::Times(1.5).secs(30), Some(45));
         assert_eq!(Threshold::Times(2.0).secs(0), None);
         assert_eq!(Threshold::Secs(90).secs(0), Some(90));
+    }
+
+    /// A continuous VM has no interval: relative thresholds are multiples of its RPO target
+    /// (30 s), so `2x` warns at 60 s of lag.
+    #[test]
+    fn continuous_vms_are_judged_against_their_rpo_target() {
+        let mut s = row("cdp", ReplicationMode::Primary, Health::Normal, Some(61));
+        s.frequency_secs = 0;
+        s.continuous = true;
+        let (code, line) = check_report(std::slice::from_ref(&s), NOW, W, C);
+        assert_eq!(code, plugin::WARNING, "{line}");
+        assert!(line.contains("lag 61s >= 60s"), "{line}");
+        s.last_point_ms = Some(NOW - 3_000);
+        let (code, _) = check_report(std::slice::from_ref(&s), NOW, W, C);
+        assert_eq!(code, plugin::OK);
+        let z = zabbix(std::slice::from_ref(&s), NOW);
+        assert_eq!(z["cdp"]["continuous"], json!(true));
+        assert_eq!(z["cdp"]["frequency"], json!(0));
     }
 
     #[test]
@@ -418,11 +449,11 @@ mod tests {
             json!({
                 "web1": {"role": "primary", "state": "Replicating", "health": 0,
                          "health_reason": "", "lag": 12, "frequency": 30,
-                         "pending_bytes": 3145728, "last_cycle_bytes": 4096,
+                         "continuous": false, "pending_bytes": 3145728, "last_cycle_bytes": 4096,
                          "recovery_points": null, "last_point": (NOW - 12_000) / 1000},
                 "db1": {"role": "replica", "state": "Replicating", "health": 2,
                         "health_reason": "", "lag": null, "frequency": 30,
-                        "pending_bytes": 3145728, "last_cycle_bytes": 4096,
+                        "continuous": false, "pending_bytes": 3145728, "last_cycle_bytes": 4096,
                         "recovery_points": null, "last_point": null}
             })
         );

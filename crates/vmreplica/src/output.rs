@@ -423,12 +423,12 @@ fn print_status(rows: &[VmStatus]) {
             .rpo_alert_secs
             .map_or_else(|| "-".to_owned(), |s| format!("{s}s"));
         println!(
-            "{:<14} {:<30} {:<9} {:<8} {:>5}s {:>11} {:<14} {:<22} {:<21} {}",
+            "{:<14} {:<30} {:<9} {:<8} {:>6} {:>11} {:<14} {:<22} {:<21} {}",
             r.name,
             r.state.to_string(),
             r.health.to_string(),
             format!("{:?}", r.mode),
-            r.frequency_secs,
+            freq_cell(r),
             format!("{lag}/{rpo}"),
             match &r.primary_address {
                 Some(a) => format!("{} ({a})", r.primary),
@@ -444,6 +444,15 @@ fn print_status(rows: &[VmStatus]) {
         if let Some(line) = bandwidth_line(r) {
             println!("{:<14} {line}", "");
         }
+    }
+}
+
+/// The FREQ column: the interval, or `cont` for continuous mode (whose RPO is the lag).
+fn freq_cell(r: &VmStatus) -> String {
+    if r.continuous {
+        "cont".to_owned()
+    } else {
+        format!("{}s", r.frequency_secs)
     }
 }
 

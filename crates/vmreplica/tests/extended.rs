@@ -205,6 +205,25 @@ fn points_b_merged_before_c_got_them_still_reach_c() -> TestResult {
     // B keeps only its latest point: every cycle merges the one before.
     ch.enable(VM, &["--frequency", "5s", "--recovery-points", "0"])?;
     ch.b.wait_cycle(VM, 2, LONG)?;
+    // Continuous mode is the primary's relationship's alone: refused (exit 2), nothing
+    // enabled, so the interval one below is accepted.
+    let out = ch.b.cli(&[
+        "enable",
+        VM,
+        "--extended",
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "continuous",
+    ])?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("continuous"),
+        "{out:?}"
+    );
+    assert!(ch.b.status(VM)?.extended.is_none());
     ch.enable_extended(VM, &["--frequency", "5s"])?;
     let x = wait_extended(&ch, "the first extended cycle", |x| {
         x.last_point_sent.is_some()

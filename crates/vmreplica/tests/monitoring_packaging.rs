@@ -17,7 +17,7 @@ fn read(name: &str) -> String {
 }
 
 /// Every series `/metrics` serves (docs/monitoring.md lists them).
-const SERIES: [&str; 14] = [
+const SERIES: [&str; 15] = [
     "vmreplica_info",
     "vmreplica_up",
     "vmreplica_state_info",
@@ -25,6 +25,7 @@ const SERIES: [&str; 14] = [
     "vmreplica_last_point_timestamp_seconds",
     "vmreplica_replication_lag_seconds",
     "vmreplica_frequency_seconds",
+    "vmreplica_continuous",
     "vmreplica_pending_bytes",
     "vmreplica_recovery_points",
     "vmreplica_replica_store_free_bytes",
