@@ -132,6 +132,10 @@ pub fn position(bases: &[u64], e: &Extent) -> u64 {
 pub struct CycleCtx {
     /// Host resources.
     pub host: Arc<Host>,
+    /// The consistency group this cycle cuts with (docs/groups.md), when it does.
+    pub group: Option<String>,
+    /// Set once the cycle joined its group's cut.
+    pub joined: std::sync::atomic::AtomicBool,
     /// The VM's record at the start of the cycle.
     pub rec: VmRecord,
     /// The last cycle the machine holds as replicated.
@@ -597,10 +601,19 @@ async fn cycle_with(
         freeze_timeout: FREEZE_TIMEOUT,
         thaw_attempts: THAW_ATTEMPTS,
     });
-    let (mut cycle, report) = match capture.begin_cycle_quiesced(mode, freeze).await {
+    let mut joined = match (&ctx.group, kind) {
+        (Some(g), CycleKind::Incremental) => join_group(ctx, g),
+        _ => None,
+    };
+    let (mut cycle, report) = match capture
+        .begin_cycle_gated(mode, freeze, joined.as_mut().map(|j| &mut j.gate))
+        .await
+    {
         Ok(c) => c,
         Err(e) => return (Outcome::Failed(classify_capture(&e)), true, false),
     };
+    // The group point's tag, when every member's transaction succeeded inside the pause.
+    let group = joined.and_then(|j| j.gate.grouped.then_some(j.tag));
     let app = report_quiesce(&rec.name, id, &report, quiesce);
     let view_ready = started.elapsed();
     // Test hook: keep the point-in-time view open while a test fills the fleecing file system.
@@ -628,6 +641,7 @@ async fn cycle_with(
         },
         taken_at_ms,
         disks,
+        group,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
     let producer = async {
@@ -696,6 +710,28 @@ async fn cycle_with(
         },
         (p, s) => failed(p, s, cycle, "cycle").await,
     }
+}
+
+/// Join the cut of group `g` (its members are the VMs whose records name it, in UUID
+/// order); `None`: cut alone.
+fn join_group(ctx: &CycleCtx, g: &str) -> Option<crate::groups::Joined> {
+    let mut members: Vec<uuid::Uuid> = match ctx.host.load_vms() {
+        Ok(vms) => vms
+            .iter()
+            .filter(|r| r.group.as_deref() == Some(g))
+            .map(|r| r.uuid)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(vm = %ctx.rec.name, group = g, "reading the group's members failed, cutting alone: {}", crate::util::chain(&e));
+            return None;
+        }
+    };
+    members.sort();
+    let j = ctx.host.groups.join(g, ctx.rec.uuid, members);
+    if j.is_some() {
+        ctx.joined.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    j
 }
 
 /// Log what the guest freeze around a cut gave and keep it for the machine; returns whether

@@ -941,6 +941,21 @@ pub enum AgentError {
     /// `verify --local`: the store could not check the VM's files.
     #[error("checking the replica's files")]
     VerifyLocal(#[source] StoreError),
+    /// `group create` refused: the group cannot be formed as asked (docs/groups.md).
+    #[error("group create")]
+    Group(#[from] vmr_core::group::GroupRefusal),
+    /// A replica VM was to be made a group member.
+    #[error("{name:?} is a replica VM on this host; a group's members are primary VMs")]
+    GroupMemberReplica {
+        /// The VM.
+        name: String,
+    },
+    /// No group of this name.
+    #[error("no group named {name:?}")]
+    UnknownGroup {
+        /// The group.
+        name: String,
+    },
 }
 
 impl AgentError {
@@ -951,7 +966,8 @@ impl AgentError {
             UnknownVm { .. }
             | NoTestCopy { .. }
             | UnknownAllowEntry { .. }
-            | NoSuchPoint { .. } => exit::NOT_FOUND,
+            | NoSuchPoint { .. }
+            | UnknownGroup { .. } => exit::NOT_FOUND,
             Refused(_)
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
@@ -983,8 +999,10 @@ impl AgentError {
             | VerifyPoint { .. }
             | VerifyWrongSide { .. }
             | ShutdownTimedOut { .. }
-            | ImportOtherVm { .. } => exit::INVALID_STATE,
+            | ImportOtherVm { .. }
+            | GroupMemberReplica { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
+            | Group(_)
             | FailoverSettings(_)
             | ReplicaNetworkArgs(_)
             | BadFingerprint { .. }

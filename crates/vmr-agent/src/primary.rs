@@ -84,6 +84,8 @@ pub struct PrimarySide {
     verified: Option<Verified>,
     /// `vmreplica verify` commands waiting for the verify cycle's report.
     verify_waiters: Vec<VerifyWaiter>,
+    /// A group cut asked for a cycle while one ran: ask the machine again when it ends.
+    group_wanted: bool,
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
@@ -136,6 +138,7 @@ impl PrimarySide {
             capture_from: None,
             verified: None,
             verify_waiters: Vec::new(),
+            group_wanted: false,
         }
     }
 
@@ -302,6 +305,24 @@ impl PrimarySide {
         }
     }
 
+    /// A group cut asks for a cycle now (docs/groups.md): the machine decides; a running
+    /// cycle is waited for (the next starts when it ends). `Err`: why this member cannot
+    /// take part.
+    pub fn cycle_now(&mut self, vm: &mut Vm) -> Result<(), String> {
+        if self.running.is_some() || self.machine.running_id().is_some() {
+            self.group_wanted = true;
+            return Ok(());
+        }
+        match self.machine.step(Event::CycleNow { now_ms: now_ms() }) {
+            Ok(acts) => {
+                self.pending.extend(acts);
+                self.carry_out(vm);
+                Ok(())
+            }
+            Err(r) => Err(r.to_string()),
+        }
+    }
+
     /// Lend the session to a task running one cycle (or, with `None`, asking the replica
     /// which cycle it holds).
     fn start_task(&mut self, vm: &Vm, cycle: Option<Started>, reconcile: bool) {
@@ -321,8 +342,27 @@ impl PrimarySide {
         }
         self.pace
             .set_schedule(rec.enable.as_ref().and_then(|e| e.bandwidth.clone()));
+        // A group member's incremental cycle cuts with the group; any other cycle (full,
+        // resync, verify, export, a planned failover's final one) leaves a gathering cut.
+        let group = rec.group.clone();
+        let gated = group.is_some()
+            && self.capture_from.is_none()
+            && cycle.is_some_and(|c| c.kind == CycleKind::Incremental && !c.planned && !c.verify)
+            && !matches!(
+                rec.enable.as_ref().map(|e| &e.initial),
+                Some(InitialMode::Export { .. })
+            );
+        if let (Some(g), Some(_), false) = (&group, cycle, gated) {
+            vm.host.groups.leave(
+                g,
+                rec.uuid,
+                "its next cycle is not an incremental one (full, resync, verify or final)",
+            );
+        }
         let ctx = CycleCtx {
             host: vm.host.clone(),
+            group: if gated { group.clone() } else { None },
+            joined: std::sync::atomic::AtomicBool::new(false),
             rec,
             last_cycle: self.machine.last_cycle(),
             planned: cycle.is_some_and(|c| c.planned),
@@ -349,6 +389,14 @@ impl PrimarySide {
                     o
                 }
             };
+            if let Some(g) = &ctx.group
+                && !ctx.joined.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                // Ended before its cut: a round gathering for it goes on without it.
+                ctx.host
+                    .groups
+                    .leave(g, ctx.rec.uuid, "its cycle ended before the cut");
+            }
             if matches!(outcome, Outcome::Cancelled) {
                 // Dropping a capture mid-cycle leaves leftovers the next open merges back.
                 session.capture = None;
@@ -508,6 +556,14 @@ impl PrimarySide {
             Outcome::Cancelled => {}
         }
         self.carry_out(vm);
+        if self.group_wanted && self.running.is_none() {
+            self.group_wanted = false;
+            if let Err(why) = self.cycle_now(vm)
+                && let Some(g) = vm.rec.group.clone()
+            {
+                vm.host.groups.leave(&g, vm.rec.uuid, &why);
+            }
+        }
         self.settle_verify(started.is_some_and(|s| s.verify));
     }
 
@@ -800,6 +856,7 @@ impl PrimarySide {
             retention: rec.enable.as_ref().map(EnableArgs::retention),
             extended: None,
             bandwidth: Some(self.bandwidth_status(vm, now)),
+            group: None,
         }
     }
 
@@ -929,6 +986,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         retention: None,
         extended: None,
         bandwidth: None,
+        group: None,
     }
 }
 

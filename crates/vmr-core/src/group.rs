@@ -43,7 +43,9 @@ pub enum GroupRefusal {
     #[error("VM {0} is a member of group {1} already")]
     InGroup(String, String),
     /// The members replicate to different replica agents.
-    #[error("VM {0} replicates to {1} but VM {2} to {3}: a group's members share one replica agent")]
+    #[error(
+        "VM {0} replicates to {1} but VM {2} to {3}: a group's members share one replica agent"
+    )]
     Replicas(String, String, String, String),
 }
 
@@ -102,9 +104,9 @@ pub fn check_group_create(
             Candidate::Unknown => return Err(GroupRefusal::Unknown(vm.clone())),
             Candidate::Replica => return Err(GroupRefusal::Replica(vm.clone())),
             Candidate::NotEnabled => return Err(GroupRefusal::NotEnabled(vm.clone())),
-            Candidate::Enabled {
-                group: Some(g), ..
-            } => return Err(GroupRefusal::InGroup(vm.clone(), g.clone())),
+            Candidate::Enabled { group: Some(g), .. } => {
+                return Err(GroupRefusal::InGroup(vm.clone(), g.clone()));
+            }
             Candidate::Enabled { replica, .. } => match first {
                 None => first = Some((vm, replica)),
                 Some((fvm, frep)) if frep != replica => {
@@ -330,9 +332,7 @@ impl GroupCut {
                 now_ms,
                 result,
             } => {
-                if self.phase == Phase::Stopping
-                    && self.set(member, &[M::Stopping], M::Stopped)
-                {
+                if self.phase == Phase::Stopping && self.set(member, &[M::Stopping], M::Stopped) {
                     if let Err(e) = result {
                         self.fail(format!("member {member}: stop failed: {e}"));
                     }
@@ -356,9 +356,7 @@ impl GroupCut {
                 now_ms,
                 result,
             } => {
-                if self.phase == Phase::Continuing
-                    && self.set(member, &[M::Continuing], M::Done)
-                {
+                if self.phase == Phase::Continuing && self.set(member, &[M::Continuing], M::Done) {
                     if let Err(e) = result {
                         // The cut stands; the VM may still be paused: the driver logs it.
                         self.fail(format!("member {member}: cont failed: {e}"));
@@ -508,7 +506,10 @@ pub struct GroupPoint {
 /// The complete points of group `group`, newest first, from each VM's recovery points with
 /// their tags: a tagged point counts only when every member its tag names holds a point
 /// tagged with the same group and group point.
-pub fn complete_points(group: &str, vms: &[(Uuid, Vec<(u64, Option<GroupTag>)>)]) -> Vec<GroupPoint> {
+pub fn complete_points(
+    group: &str,
+    vms: &[(Uuid, Vec<(u64, Option<GroupTag>)>)],
+) -> Vec<GroupPoint> {
     let find = |vm: Uuid, point: u64| -> Option<u64> {
         vms.iter().find(|(u, _)| *u == vm).and_then(|(_, pts)| {
             pts.iter()
@@ -560,12 +561,37 @@ mod tests {
     fn create_rules() {
         let ok = [("a".to_owned(), en("r:1")), ("b".to_owned(), en("r:1"))];
         let long = "x".repeat(65);
-        let table: Vec<(&str, Vec<(String, Candidate)>, Vec<String>, Result<(), GroupRefusal>)> = vec![
+        let table: Vec<(
+            &str,
+            Vec<(String, Candidate)>,
+            Vec<String>,
+            Result<(), GroupRefusal>,
+        )> = vec![
             ("g", ok.to_vec(), vec![], Ok(())),
-            ("", ok.to_vec(), vec![], Err(GroupRefusal::BadName("".into()))),
-            ("a b", ok.to_vec(), vec![], Err(GroupRefusal::BadName("a b".into()))),
-            (&long, ok.to_vec(), vec![], Err(GroupRefusal::BadName(long.clone()))),
-            ("g", ok.to_vec(), vec!["g".into()], Err(GroupRefusal::Exists("g".into()))),
+            (
+                "",
+                ok.to_vec(),
+                vec![],
+                Err(GroupRefusal::BadName("".into())),
+            ),
+            (
+                "a b",
+                ok.to_vec(),
+                vec![],
+                Err(GroupRefusal::BadName("a b".into())),
+            ),
+            (
+                &long,
+                ok.to_vec(),
+                vec![],
+                Err(GroupRefusal::BadName(long.clone())),
+            ),
+            (
+                "g",
+                ok.to_vec(),
+                vec!["g".into()],
+                Err(GroupRefusal::Exists("g".into())),
+            ),
             ("g", ok[..1].to_vec(), vec![], Err(GroupRefusal::Size(1))),
             (
                 "g",
@@ -819,18 +845,27 @@ mod tests {
         }
         // A ready member that leaves while the others gather fails the round too.
         let mut h = GroupCut::new(2, 2, 0);
-        h.step(GroupEvent::Ready { member: 0, now_ms: 1 });
+        h.step(GroupEvent::Ready {
+            member: 0,
+            now_ms: 1,
+        });
         h.step(GroupEvent::Left {
             member: 0,
             now_ms: 2,
             reason: "cancelled".into(),
         });
-        let acts = h.step(GroupEvent::Ready { member: 1, now_ms: 3 });
+        let acts = h.step(GroupEvent::Ready {
+            member: 1,
+            now_ms: 3,
+        });
         assert_eq!(acts[0], GroupAction::Alone(vec![1]));
         assert!(h.finished());
         // A member that left and comes after all cuts alone too.
         assert_eq!(
-            g.step(GroupEvent::Ready { member: 1, now_ms: 4 }),
+            g.step(GroupEvent::Ready {
+                member: 1,
+                now_ms: 4
+            }),
             vec![GroupAction::Alone(vec![1])]
         );
     }
@@ -907,7 +942,15 @@ mod tests {
         let b = Uuid::from_u128(2);
         let both = [a, b];
         let vms = vec![
-            (a, vec![(10, tag(100, &both)), (11, tag(200, &both)), (12, None), (13, tag(300, &both))]),
+            (
+                a,
+                vec![
+                    (10, tag(100, &both)),
+                    (11, tag(200, &both)),
+                    (12, None),
+                    (13, tag(300, &both)),
+                ],
+            ),
             (b, vec![(4, tag(100, &both)), (5, tag(200, &both))]),
         ];
         let got = complete_points("g", &vms);

@@ -11,7 +11,8 @@ use vmr_proto::retain::RetentionGrid;
 use vmr_proto::store::RetentionPolicy;
 
 use crate::cli::{
-    Command, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_frequency, parse_hours,
+    Command, GroupCmd, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_frequency,
+    parse_hours,
 };
 use crate::exit;
 use crate::util::{coded, parse_time};
@@ -142,6 +143,10 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Server(ServerCmd::Deny { primary }) => Request::ServerDeny { primary },
         Command::Server(ServerCmd::Remove { primary }) => Request::ServerRemove { primary },
         Command::Server(ServerCmd::Show) => Request::ServerShow,
+        Command::Group(GroupCmd::Create { name, vms }) => Request::GroupCreate { name, vms },
+        Command::Group(GroupCmd::List) => Request::GroupList,
+        Command::Group(GroupCmd::Remove { name }) => Request::GroupRemove { name },
+        Command::Group(GroupCmd::Points { name }) => Request::GroupPoints { name },
         Command::Vm(VmCmd::Add {
             name,
             qmp,
