@@ -440,6 +440,9 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
         Request::GroupRemove { name } => group_remove(agent, &name).await,
         Request::GroupList => to_value(group_list(agent).await?),
         Request::GroupPoints { name } => to_value(group_points(agent, &name).await?),
+        Request::GroupFailover { name, test, point } => {
+            to_value(group_failover(agent, &name, test, point).await?)
+        }
         Request::Status { name: None } => to_value(all_status(agent).await?),
         Request::Status { name: Some(name) } => {
             let st = vm(agent, &name)?.ask(Command::Status).await?;
@@ -774,120 +777,6 @@ pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn admin_actions_are_named_with_their_arguments_and_queries_are_not() {
-        let add = admin_action(&Request::VmAdd {
-            name: "web1".into(),
-            qmp: "/run/web1.qmp".into(),
-            launch_toml: "name = \"web1\"".into(),
-            disks: vec!["disk0".into()],
-            nbd: None,
-            qga: None,
-        })
-        .expect("vm add is an action");
-        assert!(
-            add.contains(r#""op":"vm-add""#)
-                && add.contains("/run/web1.qmp")
-                && add.contains("<definition, 13 bytes>")
-                && !add.contains("name = "),
-            "{add}"
-        );
-        let pause = admin_action(&Request::Pause {
-            name: "web1".into(),
-        })
-        .expect("pause is an action");
-        assert_eq!(pause, r#"{"name":"web1","op":"pause"}"#);
-        assert!(
-            admin_action(&Request::Measure {
-                name: None,
-                reset: true
-            })
-            .is_some()
-        );
-        for q in [
-            Request::VmList,
-            Request::ServerShow,
-            Request::Status { name: None },
-            Request::Measure {
-                name: None,
-                reset: false,
-            },
-            Request::VmRemove {
-                name: "web1".into(),
-                check: true,
-            },
-        ] {
-            assert_eq!(admin_action(&q), None, "{q:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn request_lines_are_bounded() {
-        let input = b"{\"op\":\"vm-list\"}\nlast".to_vec();
-        let mut r = BufReader::new(&input[..]);
-        assert_eq!(
-            read_line(&mut r, 64).await.expect("read"),
-            Line::Text(b"{\"op\":\"vm-list\"}".to_vec())
-        );
-        assert_eq!(
-            read_line(&mut r, 64).await.expect("read"),
-            Line::Text(b"last".to_vec())
-        );
-        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::End);
-        // Exactly max bytes is a line; one more without a newline is refused.
-        let mut fits = vec![b'x'; 64];
-        fits.push(b'\n');
-        let mut r = BufReader::new(&fits[..]);
-        assert!(
-            matches!(read_line(&mut r, 64).await.expect("read"), Line::Text(l) if l.len() == 64)
-        );
-        let long = vec![b'x'; 10_000];
-        let mut r = BufReader::new(&long[..]);
-        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::TooLong);
-    }
-
-    #[test]
-    fn fingerprints_are_normalised_or_refused() {
-        let hex = "0123456789abcdef".repeat(4);
-        let want = format!("SHA256:{hex}");
-        let upper = hex.to_ascii_uppercase();
-        let colons = upper
-            .as_bytes()
-            .chunks(2)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect::<Vec<_>>()
-            .join(":");
-        for ok in [
-            want.clone(),
-            format!("sha256:{upper}"),
-            upper.clone(),
-            format!("SHA256:{colons}"),
-            colons.clone(),
-            format!("  {want}\n"),
-        ] {
-            assert_eq!(normalize_fingerprint(&ok).expect(&ok), want, "{ok}");
-        }
-        for bad in [
-            String::new(),
-            "SHA256:".to_owned(),
-            format!("SHA256:{}", &hex[..63]),
-            format!("SHA256:{hex}0"),
-            format!("SHA256:{}g", &hex[..63]),
-            format!("SHA1:{hex}"),
-            format!("{}:{}", &hex[..3], &hex[3..]),
-            "SHA256:xyz".to_owned(),
-        ] {
-            let e = normalize_fingerprint(&bad).expect_err(&bad);
-            assert!(matches!(e, AgentError::BadFingerprint { .. }), "{bad}");
-            assert_eq!(e.exit_code(), exit::USAGE);
-        }
-    }
-}
-
 /// Every registered VM's record.
 async fn records(agent: &Control) -> Result<Vec<(VmHandle, VmRecord)>, AgentError> {
     let mut out = Vec::new();
@@ -1036,4 +925,174 @@ async fn group_points(
                 .collect(),
         })
         .collect())
+}
+
+/// `group failover NAME [--test] [--point GP]` (replica): every member failed over (or a test
+/// copy of each started) at the member points of one complete group point, the latest by
+/// default. All or none: when a member fails, the members already started are undone (test
+/// copies stopped, failovers cancelled) and the error is returned.
+async fn group_failover(
+    agent: &Control,
+    name: &str,
+    test: bool,
+    point: Option<u64>,
+) -> Result<vmr_proto::api::GroupFailoverResult, AgentError> {
+    let points = group_points(agent, name).await?;
+    let gp = match point {
+        None => points.into_iter().next(),
+        Some(p) => points.into_iter().find(|g| g.point == p),
+    }
+    .ok_or_else(|| AgentError::NoGroupPoint {
+        name: name.to_owned(),
+        point,
+    })?;
+    let mut done: Vec<(String, vmr_proto::api::FailoverResult)> = Vec::new();
+    for (member, id) in &gp.members {
+        let cmd = if test {
+            FailoverCmd::Test { point: Some(*id) }
+        } else {
+            FailoverCmd::Start {
+                point: Some(*id),
+                no_start: false,
+                force: false,
+            }
+        };
+        match vm(agent, member)?.ask(|r| Command::Failover(cmd, r)).await {
+            Ok(r) => done.push((member.clone(), r)),
+            Err(e) => {
+                for (m, r) in done.iter().rev() {
+                    let undo = if test {
+                        FailoverCmd::StopTest { test_id: r.test_id }
+                    } else {
+                        FailoverCmd::Cancel
+                    };
+                    if let Ok(h) = vm(agent, m)
+                        && let Err(u) = h.ask(|r| Command::Failover(undo, r)).await
+                    {
+                        tracing::error!(vm = %m, group = name, "undoing the member's group failover failed: {}", crate::util::chain(&u));
+                    }
+                }
+                tracing::warn!(group = name, member = %member, "group failover failed; the members started before it were undone");
+                return Err(e);
+            }
+        }
+    }
+    Ok(vmr_proto::api::GroupFailoverResult {
+        point: gp.point,
+        members: done.into_iter().map(|(_, r)| r).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_actions_are_named_with_their_arguments_and_queries_are_not() {
+        let add = admin_action(&Request::VmAdd {
+            name: "web1".into(),
+            qmp: "/run/web1.qmp".into(),
+            launch_toml: "name = \"web1\"".into(),
+            disks: vec!["disk0".into()],
+            nbd: None,
+            qga: None,
+        })
+        .expect("vm add is an action");
+        assert!(
+            add.contains(r#""op":"vm-add""#)
+                && add.contains("/run/web1.qmp")
+                && add.contains("<definition, 13 bytes>")
+                && !add.contains("name = "),
+            "{add}"
+        );
+        let pause = admin_action(&Request::Pause {
+            name: "web1".into(),
+        })
+        .expect("pause is an action");
+        assert_eq!(pause, r#"{"name":"web1","op":"pause"}"#);
+        assert!(
+            admin_action(&Request::Measure {
+                name: None,
+                reset: true
+            })
+            .is_some()
+        );
+        for q in [
+            Request::VmList,
+            Request::ServerShow,
+            Request::Status { name: None },
+            Request::Measure {
+                name: None,
+                reset: false,
+            },
+            Request::VmRemove {
+                name: "web1".into(),
+                check: true,
+            },
+        ] {
+            assert_eq!(admin_action(&q), None, "{q:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn request_lines_are_bounded() {
+        let input = b"{\"op\":\"vm-list\"}\nlast".to_vec();
+        let mut r = BufReader::new(&input[..]);
+        assert_eq!(
+            read_line(&mut r, 64).await.expect("read"),
+            Line::Text(b"{\"op\":\"vm-list\"}".to_vec())
+        );
+        assert_eq!(
+            read_line(&mut r, 64).await.expect("read"),
+            Line::Text(b"last".to_vec())
+        );
+        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::End);
+        // Exactly max bytes is a line; one more without a newline is refused.
+        let mut fits = vec![b'x'; 64];
+        fits.push(b'\n');
+        let mut r = BufReader::new(&fits[..]);
+        assert!(
+            matches!(read_line(&mut r, 64).await.expect("read"), Line::Text(l) if l.len() == 64)
+        );
+        let long = vec![b'x'; 10_000];
+        let mut r = BufReader::new(&long[..]);
+        assert_eq!(read_line(&mut r, 64).await.expect("read"), Line::TooLong);
+    }
+
+    #[test]
+    fn fingerprints_are_normalised_or_refused() {
+        let hex = "0123456789abcdef".repeat(4);
+        let want = format!("SHA256:{hex}");
+        let upper = hex.to_ascii_uppercase();
+        let colons = upper
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        for ok in [
+            want.clone(),
+            format!("sha256:{upper}"),
+            upper.clone(),
+            format!("SHA256:{colons}"),
+            colons.clone(),
+            format!("  {want}\n"),
+        ] {
+            assert_eq!(normalize_fingerprint(&ok).expect(&ok), want, "{ok}");
+        }
+        for bad in [
+            String::new(),
+            "SHA256:".to_owned(),
+            format!("SHA256:{}", &hex[..63]),
+            format!("SHA256:{hex}0"),
+            format!("SHA256:{}g", &hex[..63]),
+            format!("SHA1:{hex}"),
+            format!("{}:{}", &hex[..3], &hex[3..]),
+            "SHA256:xyz".to_owned(),
+        ] {
+            let e = normalize_fingerprint(&bad).expect_err(&bad);
+            assert!(matches!(e, AgentError::BadFingerprint { .. }), "{bad}");
+            assert_eq!(e.exit_code(), exit::USAGE);
+        }
+    }
 }

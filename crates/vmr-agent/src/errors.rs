@@ -950,6 +950,14 @@ pub enum AgentError {
         /// The VM.
         name: String,
     },
+    /// `group failover --point`: no complete group point of this id (or none at all).
+    #[error("group {name:?} has no complete group point {}", point.map_or_else(|| "yet".to_owned(), |p| p.to_string()))]
+    NoGroupPoint {
+        /// The group.
+        name: String,
+        /// The group point asked for.
+        point: Option<u64>,
+    },
     /// No group of this name.
     #[error("no group named {name:?}")]
     UnknownGroup {
@@ -967,7 +975,8 @@ impl AgentError {
             | NoTestCopy { .. }
             | UnknownAllowEntry { .. }
             | NoSuchPoint { .. }
-            | UnknownGroup { .. } => exit::NOT_FOUND,
+            | UnknownGroup { .. }
+            | NoGroupPoint { .. } => exit::NOT_FOUND,
             Refused(_)
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }

@@ -503,13 +503,13 @@ pub struct GroupPoint {
     pub members: Vec<(Uuid, u64)>,
 }
 
+/// One VM's recovery points on a replica, each with the group point tag it carries.
+pub type TaggedPoints = (Uuid, Vec<(u64, Option<GroupTag>)>);
+
 /// The complete points of group `group`, newest first, from each VM's recovery points with
 /// their tags: a tagged point counts only when every member its tag names holds a point
 /// tagged with the same group and group point.
-pub fn complete_points(
-    group: &str,
-    vms: &[(Uuid, Vec<(u64, Option<GroupTag>)>)],
-) -> Vec<GroupPoint> {
+pub fn complete_points(group: &str, vms: &[TaggedPoints]) -> Vec<GroupPoint> {
     let find = |vm: Uuid, point: u64| -> Option<u64> {
         vms.iter().find(|(u, _)| *u == vm).and_then(|(_, pts)| {
             pts.iter()
@@ -542,7 +542,7 @@ pub fn complete_points(
             }
         }
     }
-    out.sort_by(|a, b| b.point.cmp(&a.point));
+    out.sort_by_key(|g| std::cmp::Reverse(g.point));
     out
 }
 
@@ -561,12 +561,13 @@ mod tests {
     fn create_rules() {
         let ok = [("a".to_owned(), en("r:1")), ("b".to_owned(), en("r:1"))];
         let long = "x".repeat(65);
-        let table: Vec<(
-            &str,
+        type Row<'a> = (
+            &'a str,
             Vec<(String, Candidate)>,
             Vec<String>,
             Result<(), GroupRefusal>,
-        )> = vec![
+        );
+        let table: Vec<Row> = vec![
             ("g", ok.to_vec(), vec![], Ok(())),
             (
                 "",

@@ -192,6 +192,15 @@ pub struct GroupStatus {
     pub last_error: Option<String>,
 }
 
+/// What `group failover` did: the group point and each member's failover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupFailoverResult {
+    /// The group point every member started at.
+    pub point: u64,
+    /// Each member's failover (or test copy), in the group point's member order.
+    pub members: Vec<FailoverResult>,
+}
+
 /// One complete group point on a replica (`group points NAME`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupPointInfo {
@@ -546,6 +555,18 @@ pub enum Request {
     GroupPoints {
         /// Group name.
         name: String,
+    },
+    /// `group failover NAME` (replica): fail every member over (or start a test copy of
+    /// each, `test`) at one complete group point: `point`, or the latest.
+    GroupFailover {
+        /// Group name.
+        name: String,
+        /// Test copies instead of a failover.
+        #[serde(default)]
+        test: bool,
+        /// The group point; `None` = the latest complete one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        point: Option<u64>,
     },
     /// Recovery points of a replica VM, with why retention keeps each.
     Points {

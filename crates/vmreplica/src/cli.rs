@@ -426,6 +426,18 @@ pub enum GroupCmd {
         /// Group name.
         name: String,
     },
+    /// Fail every member over at one complete group point (replica), or with --test start a
+    /// test copy of each; all or none (members started before a failing one are undone).
+    Failover {
+        /// Group name.
+        name: String,
+        /// Start test copies (as `failover test`) instead of failing over.
+        #[arg(long)]
+        test: bool,
+        /// The group point (from `group points`); default the latest complete one.
+        #[arg(long, value_name = "GROUP-POINT")]
+        point: Option<u64>,
+    },
 }
 
 /// `vm` subcommands.

@@ -147,6 +147,9 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Group(GroupCmd::List) => Request::GroupList,
         Command::Group(GroupCmd::Remove { name }) => Request::GroupRemove { name },
         Command::Group(GroupCmd::Points { name }) => Request::GroupPoints { name },
+        Command::Group(GroupCmd::Failover { name, test, point }) => {
+            Request::GroupFailover { name, test, point }
+        }
         Command::Vm(VmCmd::Add {
             name,
             qmp,

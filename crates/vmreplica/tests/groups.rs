@@ -4,8 +4,9 @@
 //! exists for every member (each member's point tagged with it in its catalog); `status --json`
 //! shows the group and its pause; a member that cannot cut (paused) means no group point for
 //! anyone while the others keep replicating on their own, and the next group point after it
-//! resumes is complete; the group points survive a kill -9 of the replica agent; `group remove`
-//! ends the group.
+//! resumes is complete; the group points survive a kill -9 of the replica agent; `group failover
+//! --test` starts every member's test copy at its point of one group point; `group remove` ends
+//! the group.
 
 mod common;
 
@@ -135,6 +136,24 @@ fn group_points_exist_for_all_members_or_none() -> TestResult {
     p.b.restart()?;
     let after = p.b.group_points("db")?;
     assert!(after.iter().any(|g| g == &latest), "{after:?}");
+
+    // Test failover of the group: every member's test copy starts at its point of one
+    // group point (the latest complete one).
+    let out =
+        p.b.cli(&["group", "failover", "db", "--test", "--point", "1"])?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let newest = p.b.group_points("db")?.remove(0);
+    let r: vmr_proto::api::GroupFailoverResult =
+        serde_json::from_str(&p.b.json(&["group", "failover", "db", "--test"])?)?;
+    assert_eq!(r.point, newest.point);
+    assert_eq!(r.members.len(), 3);
+    for ((name, id), fr) in newest.members.iter().zip(&r.members) {
+        assert_eq!(fr.point, Some(*id), "{name}: {fr:?}");
+        assert!(fr.test_id.is_some(), "{name}: {fr:?}");
+    }
+    for name in VMS {
+        p.b.ok(&["failover", "stop-test", name])?;
+    }
 
     // Removed: no group any more.
     p.a.ok(&["group", "remove", "db"])?;
