@@ -134,8 +134,9 @@ pub struct CycleCtx {
     pub host: Arc<Host>,
     /// The consistency group this cycle cuts with (docs/groups.md), when it does.
     pub group: Option<String>,
-    /// Set once the cycle joined its group's cut.
-    pub joined: std::sync::atomic::AtomicBool,
+    /// Set once the cycle joined its group's cut (the owner holds a clone: a cycle that
+    /// will still join needs no second one for a gathering cut).
+    pub joined: Arc<std::sync::atomic::AtomicBool>,
     /// The VM's record at the start of the cycle.
     pub rec: VmRecord,
     /// The last cycle the machine holds as replicated.

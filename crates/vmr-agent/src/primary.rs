@@ -86,6 +86,9 @@ pub struct PrimarySide {
     verify_waiters: Vec<VerifyWaiter>,
     /// A group cut asked for a cycle while one ran: ask the machine again when it ends.
     group_wanted: bool,
+    /// The running task's cycle cuts with its group and has not joined a cut yet (it joins
+    /// the one gathering now).
+    will_join: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
@@ -139,6 +142,7 @@ impl PrimarySide {
             verified: None,
             verify_waiters: Vec::new(),
             group_wanted: false,
+            will_join: None,
         }
     }
 
@@ -310,7 +314,15 @@ impl PrimarySide {
     /// take part.
     pub fn cycle_now(&mut self, vm: &mut Vm) -> Result<(), String> {
         if self.running.is_some() || self.machine.running_id().is_some() {
-            self.group_wanted = true;
+            // A running cycle that has not cut yet joins the gathering cut itself; one past
+            // its cut (or not cutting with the group) is followed by one that does.
+            let joins = self
+                .will_join
+                .as_ref()
+                .is_some_and(|j| !j.load(std::sync::atomic::Ordering::Relaxed));
+            if !joins {
+                self.group_wanted = true;
+            }
             return Ok(());
         }
         match self.machine.step(Event::CycleNow { now_ms: now_ms() }) {
@@ -359,10 +371,12 @@ impl PrimarySide {
                 "its next cycle is not an incremental one (full, resync, verify or final)",
             );
         }
+        let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.will_join = gated.then(|| joined.clone());
         let ctx = CycleCtx {
             host: vm.host.clone(),
             group: if gated { group.clone() } else { None },
-            joined: std::sync::atomic::AtomicBool::new(false),
+            joined,
             rec,
             last_cycle: self.machine.last_cycle(),
             planned: cycle.is_some_and(|c| c.planned),
@@ -417,6 +431,7 @@ impl PrimarySide {
     /// A cycle task finished.
     pub fn cycle_done(&mut self, vm: &mut Vm, done: Result<CycleDone, tokio::task::JoinError>) {
         self.running = None;
+        self.will_join = None;
         let started = self.started.take();
         let now = now_ms();
         let done = match done {
