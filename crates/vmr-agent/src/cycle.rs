@@ -556,6 +556,34 @@ async fn hold_hook(dir: &std::path::Path) {
 async fn hold_hook(_dir: &std::path::Path) {}
 
 /// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a VM name makes that VM's next cycle cut as the group point fail right after the
+/// cut (aborted, as a transfer failure would), once: the file is removed. A test sees the
+/// other members' points of that group point on the replica, never complete.
+#[cfg(feature = "test-hooks")]
+const GROUP_FAIL_HOOK: &str = "test-group-fail-after-cut";
+
+#[cfg(feature = "test-hooks")]
+fn group_fail_hook(dir: &std::path::Path, vm: &str) -> bool {
+    let path = dir.join(GROUP_FAIL_HOOK);
+    match std::fs::read_to_string(&path) {
+        Ok(name) if name.trim() == vm => {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(
+                vm,
+                "test hook: the group member's cycle fails after the cut"
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn group_fail_hook(_dir: &std::path::Path, _vm: &str) -> bool {
+    false
+}
+
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
 /// holding a number of ms makes a full cycle (an initial copy) sleep that long after each
 /// extent it reads, so that a test can watch it run.
 #[cfg(feature = "test-hooks")]
@@ -615,6 +643,16 @@ async fn cycle_with(
     };
     // The group point's tag, when every member's transaction succeeded inside the pause.
     let group = joined.and_then(|j| j.gate.grouped.then_some(j.tag));
+    if group.is_some() && group_fail_hook(&ctx.host.dir, &rec.name) {
+        let reset = cycle.abort().await.is_err();
+        return (
+            Outcome::Failed(Failure::Retryable(
+                "test hook: the group member's cycle failed after the cut".into(),
+            )),
+            reset,
+            false,
+        );
+    }
     let app = report_quiesce(&rec.name, id, &report, quiesce);
     let view_ready = started.elapsed();
     // Test hook: keep the point-in-time view open while a test fills the fleecing file system.

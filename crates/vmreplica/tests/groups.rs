@@ -4,7 +4,8 @@
 //! exists for every member (each member's point tagged with it in its catalog); `status --json`
 //! shows the group and its pause; a member that cannot cut (paused) means no group point for
 //! anyone while the others keep replicating on their own, and the next group point after it
-//! resumes is complete; the group points survive a kill -9 of the replica agent; `group failover
+//! resumes is complete; a member whose cycle fails after the cut (test hook) leaves that group
+//! point incomplete on the replica, never listed, and the next one is complete; the group points survive a kill -9 of the replica agent; `group failover
 //! --test` starts every member's test copy at its point of one group point; `group remove` ends
 //! the group.
 
@@ -110,6 +111,46 @@ fn group_points_exist_for_all_members_or_none() -> TestResult {
             assert_eq!(tag.members.len(), 3);
         }
     }
+
+    // A member whose cycle fails after the cut (test hook): the others' points of that group
+    // point reach the replica, but the group point is never complete; the next one is.
+    std::fs::write(p.a.dir.join("test-group-fail-after-cut"), VMS[1])?;
+    wait_until(LONG, "the member's cycle failing after the cut", || {
+        Ok(!p.a.dir.join("test-group-fail-after-cut").exists())
+    })?;
+    let b_tags = |p: &Pair| -> TestResult<Vec<u64>> {
+        Ok(tags(p, &vms[1])?
+            .into_iter()
+            .filter_map(|(_, t)| t.map(|t| t.point))
+            .collect())
+    };
+    // The group point the member missed: on grp-a's replica, tagged, without grp-b.
+    let deadline = std::time::Instant::now() + LONG;
+    let missed = loop {
+        let have_b = b_tags(&p)?;
+        let last_b = have_b.iter().max().copied().unwrap_or(0);
+        let found = tags(&p, &vms[0])?
+            .into_iter()
+            .filter_map(|(_, t)| t.map(|t| t.point))
+            .find(|gp| !have_b.contains(gp) && *gp < last_b);
+        if let Some(gp) = found {
+            break gp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no group point without grp-b and a later one with it"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let listed = p.b.group_points("db")?;
+    assert!(
+        listed.iter().all(|g| g.point != missed),
+        "group point {missed} is listed without grp-b: {listed:?}"
+    );
+    assert!(
+        listed.iter().any(|g| g.point > missed),
+        "a later group point is complete: {listed:?}"
+    );
 
     // A member that cannot cut: no group point for anyone while it is paused; the others
     // keep replicating (ordinary points).
