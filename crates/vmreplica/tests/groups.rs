@@ -2,12 +2,13 @@
 //! qemu-storage-daemon stand-in VMs: `group create` refuses what cannot form a group and
 //! changes nothing; a group's members are cut together and each group point the replica lists
 //! exists for every member (each member's point tagged with it in its catalog); `status --json`
-//! shows the group and its pause; a member that cannot cut (paused) means no group point for
-//! anyone while the others keep replicating on their own, and the next group point after it
-//! resumes is complete; a member whose cycle fails after the cut (test hook) leaves that group
-//! point incomplete on the replica, never listed, and the next one is complete; the group points survive a kill -9 of the replica agent; `group failover
-//! --test` starts every member's test copy at its point of one group point; `group remove` ends
-//! the group.
+//! shows the group and its pause; a member whose cycle fails after the cut (test hook) leaves
+//! that group point incomplete on the replica, never listed, and the next one is complete; a
+//! member that cannot cut (paused) means no group point for anyone while the others keep
+//! replicating on their own, and the next group point after it resumes is complete; the group
+//! points survive a kill -9 of the replica agent; `group failover --test` starts every member's
+//! test copy at its point of one group point; the membership survives a kill -9 of the primary
+//! agent; `group remove` ends the group.
 
 mod common;
 
@@ -204,6 +205,15 @@ fn group_points_exist_for_all_members_or_none() -> TestResult {
     for name in VMS {
         p.b.ok(&["failover", "stop-test", name])?;
     }
+
+    // The primary agent killed: the membership is in the records; cuts go on after restart.
+    p.a.kill9();
+    p.a.restart()?;
+    let g = p.a.groups()?.remove(0);
+    assert_eq!(g.members.len(), 3, "{g:?}");
+    wait_until(LONG, "a group cut after the primary's restart", || {
+        Ok(p.a.groups()?.first().is_some_and(|g| g.cuts >= 1))
+    })?;
 
     // Removed: no group any more.
     p.a.ok(&["group", "remove", "db"])?;
