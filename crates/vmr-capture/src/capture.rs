@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use vmr_nbd::{ConnectOptions, NbdClient};
 use vmr_proto::DiskInfo;
 
-use crate::gate::{Gate, GateOrder, GateReport};
+use crate::gate::{Gate, GateOrder, GateReport, ResumeGuard};
 use crate::graph::{self, NodeInfo};
 use crate::names::Names;
 use crate::qga::GuestAgent;
@@ -439,18 +439,29 @@ impl VmCapture {
             }
             actions.push(backup_action(&d.name, &self.names, i));
         }
-        // A group member: pause with the others first (docs/groups.md).
+        // A group member: pause with the others first (docs/groups.md). The guard resumes
+        // the VM if this future is dropped while it is paused.
         let mut paused = None;
+        let mut guard: Option<ResumeGuard> = None;
         if let Some(g) = gate.as_deref_mut() {
             g.report(GateReport::Ready).await;
             match g.order().await {
                 Some(GateOrder::Stop) => {
                     let r = self.pause().await;
                     let was = matches!(r, Ok(true));
+                    if was {
+                        guard = Some(ResumeGuard::armed(
+                            self.cfg.qmp.clone(),
+                            self.cfg.qmp_timeout,
+                        ));
+                    }
                     g.report(GateReport::Stopped(r)).await;
                     paused = Some(was);
                     if g.order().await != Some(GateOrder::Cut) {
                         let c = self.resume(was).await;
+                        if let Some(r) = guard.take() {
+                            r.disarm();
+                        }
                         g.report(GateReport::Continued(c)).await;
                         return Err(CaptureError::GroupCut {
                             reason: "another member could not be paused".into(),
@@ -485,6 +496,9 @@ impl VmCapture {
                 g.grouped = grouped && cut.is_ok();
             }
             let c = self.resume(was).await;
+            if let Some(r) = guard.take() {
+                r.disarm();
+            }
             g.report(GateReport::Continued(c)).await;
         }
         cut?;

@@ -4,7 +4,8 @@
 //! running again after `cont`; two members are cut inside one pause and tagged grouped; a
 //! member told to resume without a transaction resumes, fails with `GroupCut` and loses
 //! nothing (its next cycle carries every change); a coordinator that is gone means no cut and
-//! no pause left behind. A qemu-storage-daemon (no vCPUs, no `stop`) counts as stopped.
+//! no pause left behind; a cut dropped while its VM is paused (the cycle task cancelled)
+//! resumes the VM. A qemu-storage-daemon (no vCPUs, no `stop`) counts as stopped.
 
 mod common;
 
@@ -164,4 +165,31 @@ async fn members_are_paused_around_their_transactions_and_resumed_in_every_path(
         .expect("machine again");
     ship(c, size).await;
     assert!(running(&machine));
+
+    // 3. The member's cycle dropped while its VM is paused (its task cancelled): the VM is
+    //    resumed once the capture's monitor connection is gone.
+    let (mut gm, om, mut rm) = gate();
+    {
+        let cut = m.begin_cycle_gated(CycleMode::Incremental, None, Some(&mut gm));
+        tokio::pin!(cut);
+        tokio::select! {
+            _ = &mut cut => panic!("the cut ended without orders"),
+            r = next(&mut rm) => assert_eq!(r, GateReport::Ready),
+        }
+        om.send(GateOrder::Stop).await.expect("order");
+        tokio::select! {
+            _ = &mut cut => panic!("the cut ended without a transaction order"),
+            r = next(&mut rm) => assert_eq!(r, GateReport::Stopped(Ok(true))),
+        }
+        assert!(!running(&machine));
+    }
+    drop(m);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !running(&machine) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the paused VM was not resumed after its cut was dropped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
