@@ -814,7 +814,12 @@ async fn group_create(agent: &Control, name: &str, vms: &[String]) -> Result<Val
             (v.clone(), c)
         })
         .collect();
-    vmr_core::group::check_group_create(name, &existing, &members)?;
+    vmr_core::group::check_group_create(
+        name,
+        &existing,
+        &members,
+        agent.host.config.max_concurrent_cycles,
+    )?;
     let mut done: Vec<&VmHandle> = Vec::new();
     for v in vms {
         let Some((h, _)) = all.iter().find(|(_, r)| &r.name == v) else {

@@ -27,6 +27,17 @@ pub enum GroupRefusal {
     /// Fewer than two members, or more than [`MAX_MEMBERS`].
     #[error("a group has 2 to {MAX_MEMBERS} members, not {0}")]
     Size(usize),
+    /// More members than cycles may run at once: they could never all cut together.
+    #[error(
+        "a group of {members} VMs cannot be cut at once: the agent runs at most {slots} cycles \
+         at a time (max-concurrent-cycles in config.toml)"
+    )]
+    Slots {
+        /// Members asked for.
+        members: usize,
+        /// The agent's concurrent cycle limit.
+        slots: usize,
+    },
     /// A VM named twice.
     #[error("VM {0} is named twice")]
     Twice(String),
@@ -82,11 +93,13 @@ pub fn check_group_name(name: &str) -> Result<(), GroupRefusal> {
 }
 
 /// The one rule for `group create NAME VM...`: `existing` are the groups there are, `members`
-/// each named VM with what the agent knows of it, in the order given.
+/// each named VM with what the agent knows of it, in the order given; `slots` how many cycles
+/// the agent runs at once.
 pub fn check_group_create(
     name: &str,
     existing: &[String],
     members: &[(String, Candidate)],
+    slots: usize,
 ) -> Result<(), GroupRefusal> {
     check_group_name(name)?;
     if existing.iter().any(|g| g == name) {
@@ -94,6 +107,12 @@ pub fn check_group_create(
     }
     if members.len() < 2 || members.len() > MAX_MEMBERS {
         return Err(GroupRefusal::Size(members.len()));
+    }
+    if members.len() > slots {
+        return Err(GroupRefusal::Slots {
+            members: members.len(),
+            slots,
+        });
     }
     let mut first: Option<(&str, &str)> = None;
     for (i, (vm, c)) in members.iter().enumerate() {
@@ -647,11 +666,23 @@ mod tests {
         ];
         for (name, members, existing, want) in table {
             assert_eq!(
-                check_group_create(name, &existing, &members),
+                check_group_create(name, &existing, &members, 8),
                 want,
                 "{name:?} {members:?}"
             );
         }
+        let three: Vec<(String, Candidate)> = ["a", "b", "c"]
+            .iter()
+            .map(|v| ((*v).to_owned(), en("r:1")))
+            .collect();
+        assert_eq!(
+            check_group_create("g", &[], &three, 2),
+            Err(GroupRefusal::Slots {
+                members: 3,
+                slots: 2
+            })
+        );
+        assert_eq!(check_group_create("g", &[], &three, 3), Ok(()));
     }
 
     fn ok_round(n: usize) -> (GroupCut, Vec<GroupAction>) {
