@@ -625,15 +625,27 @@ async fn cycle_with(
     };
     let taken_at_ms = now_ms();
     let started = std::time::Instant::now();
+    let mut joined = match (&ctx.group, kind) {
+        (Some(g), CycleKind::Incremental) => join_group(ctx, g),
+        _ => None,
+    };
+    // A paused guest cannot answer its guest agent: a group member's cut is crash-consistent.
+    let agent = match agent {
+        Some(_) if joined.is_some() => {
+            *quiesce = Some(QuiesceOutcome::Failed {
+                reason: "a consistency group member's cut is crash-consistent (its guest is \
+                         paused with the group, where it cannot freeze)"
+                    .into(),
+            });
+            None
+        }
+        a => a,
+    };
     let freeze = agent.map(|agent| Quiesce {
         agent,
         freeze_timeout: FREEZE_TIMEOUT,
         thaw_attempts: THAW_ATTEMPTS,
     });
-    let mut joined = match (&ctx.group, kind) {
-        (Some(g), CycleKind::Incremental) => join_group(ctx, g),
-        _ => None,
-    };
     let (mut cycle, report) = match capture
         .begin_cycle_gated(mode, freeze, joined.as_mut().map(|j| &mut j.gate))
         .await
