@@ -35,6 +35,7 @@ fn cycle(u: &mut Unstructured<'_>) -> Result<(CycleHeader, Vec<Extent>, Option<i
         },
         taken_at_ms: u.arbitrary()?,
         disks,
+        group: None,
     };
     let mut extents = Vec::new();
     for _ in 0..u.int_in_range(0..=12u32)? {

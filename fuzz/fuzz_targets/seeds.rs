@@ -378,6 +378,7 @@ fn catalog(root: &Path) {
                 backing: Some("base.qcow2".into()),
             }],
             pruning: id == 41,
+            group: None,
         });
     }
     let bytes = vmr_store::catalog::encode(&c).unwrap_or_default();

@@ -73,6 +73,7 @@ pub fn fixed_header() -> CycleHeader {
                 size: 64 << 10,
             },
         ],
+        group: None,
     }
 }
 

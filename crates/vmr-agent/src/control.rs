@@ -230,6 +230,8 @@ fn admin_action(req: &Request) -> Option<String> {
     match req {
         Request::ServerShow
         | Request::VmList
+        | Request::GroupList
+        | Request::GroupPoints { .. }
         | Request::Status { .. }
         | Request::Points { .. }
         | Request::Events { .. }
@@ -384,6 +386,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 machine: MachineSnapshot::Primary(PrimarySnapshot::default()),
                 rpo_alert_secs: None,
                 extended: None,
+                group: None,
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -433,6 +436,13 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             ))
         }
         Request::VmList => to_value(vm_list(agent).await?),
+        Request::GroupCreate { name, vms } => group_create(agent, &name, &vms).await,
+        Request::GroupRemove { name } => group_remove(agent, &name).await,
+        Request::GroupList => to_value(group_list(agent).await?),
+        Request::GroupPoints { name } => to_value(group_points(agent, &name).await?),
+        Request::GroupFailover { name, test, point } => {
+            to_value(group_failover(agent, &name, test, point).await?)
+        }
         Request::Status { name: None } => to_value(all_status(agent).await?),
         Request::Status { name: Some(name) } => {
             let st = vm(agent, &name)?.ask(Command::Status).await?;
@@ -765,6 +775,217 @@ pub async fn all_status(agent: &Control) -> Result<Vec<VmStatus>, AgentError> {
         out.push(h.ask(Command::Status).await?);
     }
     Ok(out)
+}
+
+/// Every registered VM's record.
+async fn records(agent: &Control) -> Result<Vec<(VmHandle, VmRecord)>, AgentError> {
+    let mut out = Vec::new();
+    for h in agent.vms.all() {
+        let rec = h.ask(Command::Record).await?;
+        out.push((h, rec));
+    }
+    Ok(out)
+}
+
+/// `group create NAME VM...` (docs/groups.md): the one rule (`check_group_create`) first, then
+/// each member's owner records the group; a member that refuses undoes the others.
+async fn group_create(agent: &Control, name: &str, vms: &[String]) -> Result<Value, AgentError> {
+    use vmr_core::group::Candidate;
+    let all = records(agent).await?;
+    let mut existing: Vec<String> = all.iter().filter_map(|(_, r)| r.group.clone()).collect();
+    existing.sort();
+    existing.dedup();
+    let members: Vec<(String, Candidate)> = vms
+        .iter()
+        .map(|v| {
+            let c = match all.iter().find(|(_, r)| &r.name == v) {
+                None => Candidate::Unknown,
+                Some((_, r)) if r.mode() != vmr_proto::api::ReplicationMode::Primary => {
+                    Candidate::Replica
+                }
+                Some((_, r)) => match &r.enable {
+                    None => Candidate::NotEnabled,
+                    Some(e) => Candidate::Enabled {
+                        replica: e.replica.clone(),
+                        group: r.group.clone(),
+                    },
+                },
+            };
+            (v.clone(), c)
+        })
+        .collect();
+    vmr_core::group::check_group_create(
+        name,
+        &existing,
+        &members,
+        agent.host.config.max_concurrent_cycles,
+    )?;
+    let mut done: Vec<&VmHandle> = Vec::new();
+    for v in vms {
+        let Some((h, _)) = all.iter().find(|(_, r)| &r.name == v) else {
+            continue;
+        };
+        if let Err(e) = h.ask(|r| Command::SetGroup(Some(name.to_owned()), r)).await {
+            for d in done {
+                let _ = d.ask(|r| Command::SetGroup(None, r)).await;
+            }
+            return Err(e);
+        }
+        done.push(h);
+    }
+    agent.host.groups.set_members(name, vms.to_vec());
+    Ok(json!(format!(
+        "group {name} created: {} (their incremental cycles are cut together from now on)",
+        vms.join(", ")
+    )))
+}
+
+/// `group remove NAME`: each member replicates on its own again.
+async fn group_remove(agent: &Control, name: &str) -> Result<Value, AgentError> {
+    let all = records(agent).await?;
+    let members: Vec<&(VmHandle, VmRecord)> = all
+        .iter()
+        .filter(|(_, r)| r.group.as_deref() == Some(name))
+        .collect();
+    if members.is_empty() {
+        return Err(AgentError::UnknownGroup {
+            name: name.to_owned(),
+        });
+    }
+    for (h, _) in &members {
+        h.ask(|r| Command::SetGroup(None, r)).await?;
+    }
+    agent.host.groups.set_members(name, Vec::new());
+    Ok(json!(format!(
+        "group {name} removed; {} replicate on their own",
+        members
+            .iter()
+            .map(|(_, r)| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+/// `group list`: every group of this agent's VMs, with its cut figures.
+async fn group_list(agent: &Control) -> Result<Vec<vmr_proto::api::GroupStatus>, AgentError> {
+    let all = records(agent).await?;
+    let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (_, r) in &all {
+        if let Some(g) = &r.group {
+            groups.entry(g.clone()).or_default().push(r.name.clone());
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .map(|(name, members)| {
+            let mut st = agent.host.groups.status(&name).unwrap_or_default();
+            st.name = name;
+            st.members = members;
+            st
+        })
+        .collect())
+}
+
+/// `group points NAME` (replica): the complete group points, newest first, from every replica
+/// VM's catalog (`vmr_core::group::complete_points`).
+async fn group_points(
+    agent: &Control,
+    name: &str,
+) -> Result<Vec<vmr_proto::api::GroupPointInfo>, AgentError> {
+    vmr_core::group::check_group_name(name)?;
+    let mut vms = Vec::new();
+    let mut names = Vec::new();
+    for (h, r) in records(agent).await? {
+        if r.mode() != vmr_proto::api::ReplicationMode::Replica {
+            continue;
+        }
+        let tags = h.ask(Command::GroupTags).await?;
+        if tags
+            .iter()
+            .any(|(_, t)| t.as_ref().is_some_and(|t| t.group == name))
+        {
+            names.push((r.uuid, r.name.clone()));
+            vms.push((r.uuid, tags));
+        }
+    }
+    if vms.is_empty() {
+        return Err(AgentError::UnknownGroup {
+            name: name.to_owned(),
+        });
+    }
+    let name_of = |u: uuid::Uuid| {
+        names
+            .iter()
+            .find(|(x, _)| *x == u)
+            .map_or_else(|| u.to_string(), |(_, n)| n.clone())
+    };
+    Ok(vmr_core::group::complete_points(name, &vms)
+        .into_iter()
+        .map(|g| vmr_proto::api::GroupPointInfo {
+            point: g.point,
+            members: g
+                .members
+                .into_iter()
+                .map(|(u, id)| (name_of(u), id))
+                .collect(),
+        })
+        .collect())
+}
+
+/// `group failover NAME [--test] [--point GP]` (replica): every member failed over (or a test
+/// copy of each started) at the member points of one complete group point, the latest by
+/// default. All or none: when a member fails, the members already started are undone (test
+/// copies stopped, failovers cancelled) and the error is returned.
+async fn group_failover(
+    agent: &Control,
+    name: &str,
+    test: bool,
+    point: Option<u64>,
+) -> Result<vmr_proto::api::GroupFailoverResult, AgentError> {
+    let points = group_points(agent, name).await?;
+    let gp = match point {
+        None => points.into_iter().next(),
+        Some(p) => points.into_iter().find(|g| g.point == p),
+    }
+    .ok_or_else(|| AgentError::NoGroupPoint {
+        name: name.to_owned(),
+        point,
+    })?;
+    let mut done: Vec<(String, vmr_proto::api::FailoverResult)> = Vec::new();
+    for (member, id) in &gp.members {
+        let cmd = if test {
+            FailoverCmd::Test { point: Some(*id) }
+        } else {
+            FailoverCmd::Start {
+                point: Some(*id),
+                no_start: false,
+                force: false,
+            }
+        };
+        match vm(agent, member)?.ask(|r| Command::Failover(cmd, r)).await {
+            Ok(r) => done.push((member.clone(), r)),
+            Err(e) => {
+                for (m, r) in done.iter().rev() {
+                    let undo = if test {
+                        FailoverCmd::StopTest { test_id: r.test_id }
+                    } else {
+                        FailoverCmd::Cancel
+                    };
+                    if let Ok(h) = vm(agent, m)
+                        && let Err(u) = h.ask(|r| Command::Failover(undo, r)).await
+                    {
+                        tracing::error!(vm = %m, group = name, "undoing the member's group failover failed: {}", crate::util::chain(&u));
+                    }
+                }
+                tracing::warn!(group = name, member = %member, "group failover failed; the members started before it were undone");
+                return Err(e);
+            }
+        }
+    }
+    Ok(vmr_proto::api::GroupFailoverResult {
+        point: gp.point,
+        members: done.into_iter().map(|(_, r)| r).collect(),
+    })
 }
 
 #[cfg(test)]

@@ -132,6 +132,11 @@ pub fn position(bases: &[u64], e: &Extent) -> u64 {
 pub struct CycleCtx {
     /// Host resources.
     pub host: Arc<Host>,
+    /// The consistency group this cycle cuts with (docs/groups.md), when it does.
+    pub group: Option<String>,
+    /// Set once the cycle joined its group's cut (the owner holds a clone: a cycle that
+    /// will still join needs no second one for a gathering cut).
+    pub joined: Arc<std::sync::atomic::AtomicBool>,
     /// The VM's record at the start of the cycle.
     pub rec: VmRecord,
     /// The last cycle the machine holds as replicated.
@@ -551,6 +556,34 @@ async fn hold_hook(dir: &std::path::Path) {
 async fn hold_hook(_dir: &std::path::Path) {}
 
 /// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a VM name makes that VM's next cycle cut as the group point fail right after the
+/// cut (aborted, as a transfer failure would), once: the file is removed. A test sees the
+/// other members' points of that group point on the replica, never complete.
+#[cfg(feature = "test-hooks")]
+const GROUP_FAIL_HOOK: &str = "test-group-fail-after-cut";
+
+#[cfg(feature = "test-hooks")]
+fn group_fail_hook(dir: &std::path::Path, vm: &str) -> bool {
+    let path = dir.join(GROUP_FAIL_HOOK);
+    match std::fs::read_to_string(&path) {
+        Ok(name) if name.trim() == vm => {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(
+                vm,
+                "test hook: the group member's cycle fails after the cut"
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn group_fail_hook(_dir: &std::path::Path, _vm: &str) -> bool {
+    false
+}
+
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
 /// holding a number of ms makes a full cycle (an initial copy) sleep that long after each
 /// extent it reads, so that a test can watch it run.
 #[cfg(feature = "test-hooks")]
@@ -592,15 +625,46 @@ async fn cycle_with(
     };
     let taken_at_ms = now_ms();
     let started = std::time::Instant::now();
+    let mut joined = match (&ctx.group, kind) {
+        (Some(g), CycleKind::Incremental) => join_group(ctx, g),
+        _ => None,
+    };
+    // A paused guest cannot answer its guest agent: a group member's cut is crash-consistent.
+    let agent = match agent {
+        Some(_) if joined.is_some() => {
+            *quiesce = Some(QuiesceOutcome::Failed {
+                reason: "a consistency group member's cut is crash-consistent (its guest is \
+                         paused with the group, where it cannot freeze)"
+                    .into(),
+            });
+            None
+        }
+        a => a,
+    };
     let freeze = agent.map(|agent| Quiesce {
         agent,
         freeze_timeout: FREEZE_TIMEOUT,
         thaw_attempts: THAW_ATTEMPTS,
     });
-    let (mut cycle, report) = match capture.begin_cycle_quiesced(mode, freeze).await {
+    let (mut cycle, report) = match capture
+        .begin_cycle_gated(mode, freeze, joined.as_mut().map(|j| &mut j.gate))
+        .await
+    {
         Ok(c) => c,
         Err(e) => return (Outcome::Failed(classify_capture(&e)), true, false),
     };
+    // The group point's tag, when every member's transaction succeeded inside the pause.
+    let group = joined.and_then(|j| j.gate.grouped.then_some(j.tag));
+    if group.is_some() && group_fail_hook(&ctx.host.dir, &rec.name) {
+        let reset = cycle.abort().await.is_err();
+        return (
+            Outcome::Failed(Failure::Retryable(
+                "test hook: the group member's cycle failed after the cut".into(),
+            )),
+            reset,
+            false,
+        );
+    }
     let app = report_quiesce(&rec.name, id, &report, quiesce);
     let view_ready = started.elapsed();
     // Test hook: keep the point-in-time view open while a test fills the fleecing file system.
@@ -628,6 +692,7 @@ async fn cycle_with(
         },
         taken_at_ms,
         disks,
+        group,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
     let producer = async {
@@ -696,6 +761,28 @@ async fn cycle_with(
         },
         (p, s) => failed(p, s, cycle, "cycle").await,
     }
+}
+
+/// Join the cut of group `g` (its members are the VMs whose records name it, in UUID
+/// order); `None`: cut alone.
+fn join_group(ctx: &CycleCtx, g: &str) -> Option<crate::groups::Joined> {
+    let mut members: Vec<uuid::Uuid> = match ctx.host.load_vms() {
+        Ok(vms) => vms
+            .iter()
+            .filter(|r| r.group.as_deref() == Some(g))
+            .map(|r| r.uuid)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(vm = %ctx.rec.name, group = g, "reading the group's members failed, cutting alone: {}", crate::util::chain(&e));
+            return None;
+        }
+    };
+    members.sort();
+    let j = ctx.host.groups.join(g, ctx.rec.uuid, members);
+    if j.is_some() {
+        ctx.joined.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    j
 }
 
 /// Log what the guest freeze around a cut gave and keep it for the machine; returns whether

@@ -941,6 +941,29 @@ pub enum AgentError {
     /// `verify --local`: the store could not check the VM's files.
     #[error("checking the replica's files")]
     VerifyLocal(#[source] StoreError),
+    /// `group create` refused: the group cannot be formed as asked (docs/groups.md).
+    #[error("group create")]
+    Group(#[from] vmr_core::group::GroupRefusal),
+    /// A replica VM was to be made a group member.
+    #[error("{name:?} is a replica VM on this host; a group's members are primary VMs")]
+    GroupMemberReplica {
+        /// The VM.
+        name: String,
+    },
+    /// `group failover --point`: no complete group point of this id (or none at all).
+    #[error("group {name:?} has no complete group point {}", point.map_or_else(|| "yet".to_owned(), |p| p.to_string()))]
+    NoGroupPoint {
+        /// The group.
+        name: String,
+        /// The group point asked for.
+        point: Option<u64>,
+    },
+    /// No group of this name.
+    #[error("no group named {name:?}")]
+    UnknownGroup {
+        /// The group.
+        name: String,
+    },
 }
 
 impl AgentError {
@@ -951,7 +974,9 @@ impl AgentError {
             UnknownVm { .. }
             | NoTestCopy { .. }
             | UnknownAllowEntry { .. }
-            | NoSuchPoint { .. } => exit::NOT_FOUND,
+            | NoSuchPoint { .. }
+            | UnknownGroup { .. }
+            | NoGroupPoint { .. } => exit::NOT_FOUND,
             Refused(_)
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
@@ -983,8 +1008,10 @@ impl AgentError {
             | VerifyPoint { .. }
             | VerifyWrongSide { .. }
             | ShutdownTimedOut { .. }
-            | ImportOtherVm { .. } => exit::INVALID_STATE,
+            | ImportOtherVm { .. }
+            | GroupMemberReplica { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
+            | Group(_)
             | FailoverSettings(_)
             | ReplicaNetworkArgs(_)
             | BadFingerprint { .. }

@@ -93,6 +93,7 @@ async fn export_with(
         consistency: CycleConsistency::CrashConsistent,
         taken_at_ms,
         disks,
+        group: None,
     };
     let file = format!("c{id:06}.stage");
     let tmp = dir.join(format!("{file}.tmp"));

@@ -474,6 +474,7 @@ async fn run(
                 size: *size,
             })
             .collect(),
+        group: None,
     };
     let total: u64 = changes.iter().map(|d| d.data_bytes()).sum();
     progress.start(

@@ -1193,6 +1193,7 @@ pub async fn become_replica(
             machine: MachineSnapshot::Replica(handover.replica.snapshot()),
             rpo_alert_secs: rec.rpo_alert_secs,
             extended: None,
+            group: None,
         };
         vm.rec = new;
         vm.save()?;

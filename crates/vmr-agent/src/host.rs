@@ -43,6 +43,8 @@ pub struct Host {
     pub telemetry: Telemetry,
     /// The agent-wide sending limit, shared by every primary VM's cycles.
     pub pace: Arc<AgentPace>,
+    /// The consistency groups' cut coordinator (docs/groups.md).
+    pub groups: crate::groups::Groups,
 }
 
 impl Host {
@@ -69,6 +71,7 @@ impl Host {
             events,
             telemetry: Telemetry::default(),
             pace,
+            groups: crate::groups::Groups::default(),
         })
     }
 

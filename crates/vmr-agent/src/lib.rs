@@ -24,6 +24,7 @@ pub mod exit;
 mod export;
 mod extended;
 mod failover;
+mod groups;
 mod guestnet;
 mod host;
 mod http;
@@ -43,6 +44,7 @@ pub mod util;
 mod verify;
 mod vm;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -114,8 +116,33 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
             })?;
     }
     // One owner per VM; a primary resumes its cycles (an in-flight one was merged back).
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for rec in host.load_vms()? {
+        if let Some(g) = &rec.group {
+            groups.entry(g.clone()).or_default().push(rec.name.clone());
+        }
         vms.spawn(&host, rec, true)?;
+    }
+    for (g, members) in groups {
+        host.groups.set_members(&g, members);
+    }
+    // A group cut asks its members' owners for a cycle now.
+    if let Some(mut nudges) = host.groups.take_nudges() {
+        let vms = vms.clone();
+        tokio::spawn(async move {
+            while let Some(n) = nudges.recv().await {
+                match vms.by_uuid(n.vm) {
+                    Some(h) => {
+                        if !h.ask_raw(Command::GroupCycleNow(n.reply)).await {
+                            tracing::debug!(vm = %n.vm, "a group member's owner is gone");
+                        }
+                    }
+                    None => {
+                        let _ = n.reply.send(Err("the VM is not registered".into()));
+                    }
+                }
+            }
+        });
     }
     let server = server::start(&host, &vms).await?;
     let control = control::start(Arc::new(control::Control {

@@ -84,6 +84,11 @@ pub struct PrimarySide {
     verified: Option<Verified>,
     /// `vmreplica verify` commands waiting for the verify cycle's report.
     verify_waiters: Vec<VerifyWaiter>,
+    /// A group cut asked for a cycle while one ran: ask the machine again when it ends.
+    group_wanted: bool,
+    /// The running task's cycle cuts with its group and has not joined a cut yet (it joins
+    /// the one gathering now).
+    will_join: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The validated schedule of `args` (`enable`, `reverse`): a usage error when invalid.
@@ -136,6 +141,8 @@ impl PrimarySide {
             capture_from: None,
             verified: None,
             verify_waiters: Vec::new(),
+            group_wanted: false,
+            will_join: None,
         }
     }
 
@@ -302,6 +309,32 @@ impl PrimarySide {
         }
     }
 
+    /// A group cut asks for a cycle now (docs/groups.md): the machine decides; a running
+    /// cycle is waited for (the next starts when it ends). `Err`: why this member cannot
+    /// take part.
+    pub fn cycle_now(&mut self, vm: &mut Vm) -> Result<(), String> {
+        if self.running.is_some() || self.machine.running_id().is_some() {
+            // A running cycle that has not cut yet joins the gathering cut itself; one past
+            // its cut (or not cutting with the group) is followed by one that does.
+            let joins = self
+                .will_join
+                .as_ref()
+                .is_some_and(|j| !j.load(std::sync::atomic::Ordering::Relaxed));
+            if !joins {
+                self.group_wanted = true;
+            }
+            return Ok(());
+        }
+        match self.machine.step(Event::CycleNow { now_ms: now_ms() }) {
+            Ok(acts) => {
+                self.pending.extend(acts);
+                self.carry_out(vm);
+                Ok(())
+            }
+            Err(r) => Err(r.to_string()),
+        }
+    }
+
     /// Lend the session to a task running one cycle (or, with `None`, asking the replica
     /// which cycle it holds).
     fn start_task(&mut self, vm: &Vm, cycle: Option<Started>, reconcile: bool) {
@@ -321,8 +354,29 @@ impl PrimarySide {
         }
         self.pace
             .set_schedule(rec.enable.as_ref().and_then(|e| e.bandwidth.clone()));
+        // A group member's incremental cycle cuts with the group; any other cycle (full,
+        // resync, verify, export, a planned failover's final one) leaves a gathering cut.
+        let group = rec.group.clone();
+        let gated = group.is_some()
+            && self.capture_from.is_none()
+            && cycle.is_some_and(|c| c.kind == CycleKind::Incremental && !c.planned && !c.verify)
+            && !matches!(
+                rec.enable.as_ref().map(|e| &e.initial),
+                Some(InitialMode::Export { .. })
+            );
+        if let (Some(g), Some(_), false) = (&group, cycle, gated) {
+            vm.host.groups.leave(
+                g,
+                rec.uuid,
+                "its next cycle is not an incremental one (full, resync, verify or final)",
+            );
+        }
+        let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.will_join = gated.then(|| joined.clone());
         let ctx = CycleCtx {
             host: vm.host.clone(),
+            group: if gated { group.clone() } else { None },
+            joined,
             rec,
             last_cycle: self.machine.last_cycle(),
             planned: cycle.is_some_and(|c| c.planned),
@@ -349,6 +403,14 @@ impl PrimarySide {
                     o
                 }
             };
+            if let Some(g) = &ctx.group
+                && !ctx.joined.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                // Ended before its cut: a round gathering for it goes on without it.
+                ctx.host
+                    .groups
+                    .leave(g, ctx.rec.uuid, "its cycle ended before the cut");
+            }
             if matches!(outcome, Outcome::Cancelled) {
                 // Dropping a capture mid-cycle leaves leftovers the next open merges back.
                 session.capture = None;
@@ -369,6 +431,7 @@ impl PrimarySide {
     /// A cycle task finished.
     pub fn cycle_done(&mut self, vm: &mut Vm, done: Result<CycleDone, tokio::task::JoinError>) {
         self.running = None;
+        self.will_join = None;
         let started = self.started.take();
         let now = now_ms();
         let done = match done {
@@ -517,6 +580,14 @@ impl PrimarySide {
             Outcome::Cancelled => {}
         }
         self.carry_out(vm);
+        if self.group_wanted && self.running.is_none() {
+            self.group_wanted = false;
+            if let Err(why) = self.cycle_now(vm)
+                && let Some(g) = vm.rec.group.clone()
+            {
+                vm.host.groups.leave(&g, vm.rec.uuid, &why);
+            }
+        }
         self.settle_verify(started.is_some_and(|s| s.verify));
     }
 
@@ -813,6 +884,7 @@ impl PrimarySide {
             retention: rec.enable.as_ref().map(EnableArgs::retention),
             extended: None,
             bandwidth: Some(self.bandwidth_status(vm, now)),
+            group: None,
         }
     }
 
@@ -943,6 +1015,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         retention: None,
         extended: None,
         bandwidth: None,
+        group: None,
     }
 }
 

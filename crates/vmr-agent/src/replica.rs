@@ -472,6 +472,7 @@ impl ReplicaSide {
                 .and_then(|s| s.retention_policy(rec.uuid).ok()),
             extended: None,
             bandwidth: None,
+            group: None,
         }
     }
 

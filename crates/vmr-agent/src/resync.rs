@@ -372,6 +372,7 @@ async fn resync_with(
         consistency: CycleConsistency::CrashConsistent,
         taken_at_ms,
         disks: disks.clone(),
+        group: None,
     };
     tracing::info!(vm = %rec.name, cycle = id, base, bytes = total, "resynchronization started");
 

@@ -81,6 +81,7 @@ async fn verify_with(
         consistency: CycleConsistency::CrashConsistent,
         taken_at_ms,
         disks: disks.clone(),
+        group: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
     let producer = async {

@@ -209,6 +209,14 @@ pub enum Command {
     SetBandwidth(vmr_proto::bandwidth::BandwidthSchedule, Reply<String>),
     /// Stop the owner (agent shutdown).
     Shutdown(oneshot::Sender<()>),
+    /// `group create|remove`: the consistency group this primary VM is a member of (`None`:
+    /// none); refused when its replication is not enabled and a group is given.
+    SetGroup(Option<String>, Reply<()>),
+    /// A group cut asks this member for a cycle now (docs/groups.md): `Ok` when a cycle that
+    /// joins the cut started or starts when the running one ends, else why not.
+    GroupCycleNow(oneshot::Sender<Result<(), String>>),
+    /// `group points` (replica): each committed point's id with its group tag.
+    GroupTags(Reply<Vec<(u64, Option<vmr_proto::GroupTag>)>>),
     /// `enable|pause|resume|disable NAME --extended` (a replica VM's outgoing relationship).
     Extended(vmr_proto::api::ExtendedOp, Reply<String>),
 }
@@ -1001,6 +1009,15 @@ impl Owner {
                 };
                 let mut st = st;
                 st.extended = self.extended.as_ref().map(|x| x.status(now));
+                st.group =
+                    self.vm.rec.group.as_ref().map(|g| {
+                        self.vm.host.groups.status(g).unwrap_or_else(|| {
+                            vmr_proto::api::GroupStatus {
+                                name: g.clone(),
+                                ..Default::default()
+                            }
+                        })
+                    });
                 let _ = reply.send(Ok(st));
             }
             Command::Record(reply) => {
@@ -1045,6 +1062,40 @@ impl Owner {
                         name: self.vm.rec.name.clone(),
                     }),
                     ReplicationMode::Primary => self.primary_cmd(Cmd::ResumeResync(at)).await,
+                };
+                let _ = reply.send(r);
+            }
+            Command::SetGroup(group, reply) => {
+                let r = match (&self.side, &group) {
+                    (Side::Primary(None), Some(_)) => Err(self.not_enabled()),
+                    (Side::Replica(_), Some(_)) => Err(AgentError::GroupMemberReplica {
+                        name: self.vm.rec.name.clone(),
+                    }),
+                    _ => {
+                        self.vm.rec.group = group;
+                        self.vm.save()
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::GroupCycleNow(reply) => {
+                let r = match &mut self.side {
+                    Side::Primary(Some(p)) => p.cycle_now(&mut self.vm),
+                    Side::Primary(None) => Err("its replication is not enabled".to_owned()),
+                    Side::Replica(_) => Err("it is a replica VM here".to_owned()),
+                };
+                let _ = reply.send(r);
+            }
+            Command::GroupTags(reply) => {
+                let r = match &self.side {
+                    Side::Replica(_) => self
+                        .vm
+                        .host
+                        .store_of(&self.vm.rec)
+                        .and_then(|s| Ok(s.group_tags(self.vm.rec.uuid)?)),
+                    Side::Primary(_) => Err(AgentError::PointsNotReplica {
+                        name: self.vm.rec.name.clone(),
+                    }),
                 };
                 let _ = reply.send(r);
             }

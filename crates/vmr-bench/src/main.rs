@@ -30,7 +30,7 @@ struct Args {
     /// Also perf-profile one extra repeat of each scenario's hot side.
     #[arg(long)]
     profile: bool,
-    /// Run only these scenarios (comma separated numbers 1-11).
+    /// Run only these scenarios (comma separated numbers 1-12).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Print the results instead of rewriting BENCHMARKS.md.
@@ -315,6 +315,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     });
     eprintln!(
         "vmr-bench: scenario 11 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    outcomes.push(if want(12) {
+        scenarios::group_pause(&ctx)
+    } else {
+        skipped(12, "Consistency group pause (4 VMs)", scenarios::goal(12))
+    });
+    eprintln!(
+        "vmr-bench: scenario 12 took {:.0} s",
         t.elapsed().as_secs_f64()
     );
 

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use vmr_nbd::{ConnectOptions, NbdClient};
 use vmr_proto::DiskInfo;
 
+use crate::gate::{Gate, GateOrder, GateReport, ResumeGuard};
 use crate::graph::{self, NodeInfo};
 use crate::names::Names;
 use crate::qga::GuestAgent;
@@ -273,6 +274,19 @@ impl VmCapture {
         mode: CycleMode,
         quiesce: Option<Quiesce<'_>>,
     ) -> Result<(CaptureCycle<'_>, QuiesceReport), CaptureError> {
+        self.begin_cycle_gated(mode, quiesce, None).await
+    }
+
+    /// [`Self::begin_cycle_quiesced`] as one member of a consistency group's cut when `gate`
+    /// is given: prepared up to the transaction, the capture reports ready and follows the
+    /// coordinator's orders (pause the VM, run the transaction, resume it); see
+    /// [`crate::gate`]. A VM it paused is resumed in every path.
+    pub async fn begin_cycle_gated(
+        &mut self,
+        mode: CycleMode,
+        quiesce: Option<Quiesce<'_>>,
+        gate: Option<&mut Gate>,
+    ) -> Result<(CaptureCycle<'_>, QuiesceReport), CaptureError> {
         if self.needs_recover {
             self.recover().await?;
         }
@@ -305,7 +319,14 @@ impl VmCapture {
         self.needs_recover = true;
         let mut report = QuiesceReport::NotAsked;
         let (sources, infos, whole) = match self
-            .cut_and_expose(mode, &disks, frozen, generation, quiesce, &mut report)
+            .cut_and_expose(
+                mode,
+                &disks,
+                frozen,
+                generation,
+                (quiesce, gate),
+                &mut report,
+            )
             .await
         {
             Ok(x) => x,
@@ -353,7 +374,7 @@ impl VmCapture {
         disks: &[NodeInfo],
         frozen: Option<u64>,
         generation: u64,
-        quiesce: Option<Quiesce<'_>>,
+        (quiesce, mut gate): (Option<Quiesce<'_>>, Option<&mut Gate>),
         report: &mut QuiesceReport,
     ) -> Result<(Vec<DiskSource>, Vec<DiskInfo>, Vec<DiskSource>), CaptureError> {
         for (i, d) in disks.iter().enumerate() {
@@ -418,16 +439,69 @@ impl VmCapture {
             }
             actions.push(backup_action(&d.name, &self.names, i));
         }
-        match quiesce {
-            None => self.transaction(actions, "cycle transaction").await?,
+        // A group member: pause with the others first (docs/groups.md). The guard resumes
+        // the VM if this future is dropped while it is paused.
+        let mut paused = None;
+        let mut guard: Option<ResumeGuard> = None;
+        if let Some(g) = gate.as_deref_mut() {
+            g.report(GateReport::Ready).await;
+            match g.order().await {
+                Some(GateOrder::Stop) => {
+                    let r = self.pause().await;
+                    let was = matches!(r, Ok(true));
+                    if was {
+                        guard = Some(ResumeGuard::armed(
+                            self.cfg.qmp.clone(),
+                            self.cfg.qmp_timeout,
+                        ));
+                    }
+                    g.report(GateReport::Stopped(r)).await;
+                    paused = Some(was);
+                    if g.order().await != Some(GateOrder::Cut) {
+                        let c = self.resume(was).await;
+                        if let Some(r) = guard.take() {
+                            r.disarm();
+                        }
+                        g.report(GateReport::Continued(c)).await;
+                        return Err(CaptureError::GroupCut {
+                            reason: "another member could not be paused".into(),
+                        });
+                    }
+                }
+                Some(GateOrder::Alone) => {}
+                _ => {
+                    return Err(CaptureError::GroupCut {
+                        reason: "the group coordinator is gone".into(),
+                    });
+                }
+            }
+        }
+        let cut = match quiesce {
+            None => self.transaction(actions, "cycle transaction").await,
             Some(q) => {
                 let (cut, r) = q
                     .around(self.transaction(actions, "cycle transaction"))
                     .await;
                 *report = r;
-                cut?;
+                cut
             }
+        };
+        if let (Some(was), Some(g)) = (paused, gate) {
+            g.report(GateReport::Cut(
+                cut.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+            ))
+            .await;
+            // Resume when told (all members cut), or at once when the coordinator is gone.
+            if let Some(GateOrder::Cont { grouped }) = g.order().await {
+                g.grouped = grouped && cut.is_ok();
+            }
+            let c = self.resume(was).await;
+            if let Some(r) = guard.take() {
+                r.disarm();
+            }
+            g.report(GateReport::Continued(c)).await;
         }
+        cut?;
 
         let mut sources = Vec::with_capacity(disks.len());
         let mut infos = Vec::with_capacity(disks.len());
@@ -639,6 +713,30 @@ impl VmCapture {
             .execute_value(name, args)
             .await
             .map_err(CaptureError::qmp(name))
+    }
+
+    /// QMP `stop`: `Ok(true)` paused, `Ok(false)` when the monitor has no `stop` (a
+    /// qemu-storage-daemon: no vCPUs to pause).
+    async fn pause(&mut self) -> Result<bool, String> {
+        match self.qmp.execute_value("stop", None).await {
+            Ok(_) => Ok(true),
+            Err(crate::qmp::QmpError::Command { class, .. }) if class == "CommandNotFound" => {
+                Ok(false)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// QMP `cont` when `paused`.
+    async fn resume(&mut self, paused: bool) -> Result<(), String> {
+        if !paused {
+            return Ok(());
+        }
+        self.qmp
+            .execute_value("cont", None)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     async fn transaction(

@@ -85,6 +85,13 @@ pub enum CaptureError {
         /// Why.
         reason: ResyncReason,
     },
+    /// The consistency group's cut this cycle took part in ordered no transaction (another
+    /// member failed, or the coordinator is gone); the VM was resumed.
+    #[error("group cut abandoned: {reason}")]
+    GroupCut {
+        /// Why.
+        reason: String,
+    },
     /// An incremental cycle was asked for but tracking never started.
     #[error("change tracking has not started; run a full cycle first")]
     NotTracking,

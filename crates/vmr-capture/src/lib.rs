@@ -14,6 +14,7 @@
 
 mod capture;
 mod error;
+pub mod gate;
 mod graph;
 mod names;
 pub mod qga;

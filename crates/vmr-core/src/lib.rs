@@ -11,6 +11,7 @@
 pub mod alert;
 pub mod extended;
 pub mod failover;
+pub mod group;
 pub mod handover;
 pub mod health;
 pub mod primary;

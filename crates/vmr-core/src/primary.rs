@@ -225,6 +225,13 @@ pub enum Event {
         /// Now.
         now_ms: u64,
     },
+    /// A consistency group's cut asks for a cycle now (docs/groups.md): an incremental cycle
+    /// starts at once when none runs (nothing when one runs: the driver asks again when it
+    /// ends). Accepted only while replicating, like [`Event::Verify`].
+    CycleNow {
+        /// Now.
+        now_ms: u64,
+    },
     /// `set --verify-every`: verify this often from now on (ms; 0 = only on demand), checked
     /// by `check_verify_every` first. The next verification is due `every_ms` after the last
     /// one (at once when there was none). Refused when replication is not enabled.
@@ -823,6 +830,17 @@ impl PrimaryMachine {
                     self.start(now_ms, CycleKind::Incremental, false, &mut out);
                 }
             }
+            Event::CycleNow { now_ms } => {
+                match state {
+                    S::Disabled => return Err(Refusal::NotEnabled { op: Op::CycleNow }),
+                    S::Replicating if !self.preparing_failover() => {}
+                    _ => return refuse(Op::CycleNow),
+                }
+                if self.running.is_none() {
+                    self.account_missed(now_ms);
+                    self.start(now_ms, CycleKind::Incremental, false, &mut out);
+                }
+            }
             Event::SetVerifyEvery {
                 now_ms: _,
                 every_ms,
@@ -1213,6 +1231,41 @@ mod tests {
         assert_eq!(m.stats().successful_cycles, 2);
         assert_eq!(m.stats().max_bytes, 100);
         assert_eq!(m.next_due_ms(), Some(60_000));
+    }
+
+    #[test]
+    fn a_group_cut_starts_a_cycle_now_only_while_replicating_and_idle() {
+        // Not enabled: refused.
+        let mut m = PrimaryMachine::new(Schedule::every(F));
+        assert!(matches!(
+            m.step(Event::CycleNow { now_ms: 1 }),
+            Err(Refusal::NotEnabled { op: Op::CycleNow })
+        ));
+        // Initial replication running: refused, nothing changes.
+        let mut m = enabled();
+        assert!(matches!(
+            m.step(Event::CycleNow { now_ms: 2 }),
+            Err(Refusal::State {
+                op: Op::CycleNow,
+                ..
+            })
+        ));
+        m.run(Event::CycleSucceeded {
+            now_ms: 10_000,
+            bytes: 1,
+            app_consistent: false,
+            pending_bytes: None,
+            disk_sizes: None,
+        });
+        // Replicating and idle: at once, long before it is due.
+        let a = m.run(Event::CycleNow { now_ms: 10_001 });
+        assert_eq!(start_of(&a), Some((2, Some(1), CycleKind::Incremental)));
+        // A cycle runs: nothing more.
+        assert!(start_of(&m.run(Event::CycleNow { now_ms: 10_002 })).is_none());
+        assert_eq!(m.running_id(), Some(2));
+        // Paused: refused.
+        m.run(Event::Pause { now_ms: 10_003 });
+        assert!(m.step(Event::CycleNow { now_ms: 10_004 }).is_err());
     }
 
     #[test]

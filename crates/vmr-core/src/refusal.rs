@@ -49,6 +49,8 @@ pub enum Op {
     Verify,
     /// `set --verify-every` (primary).
     SetVerifyEvery,
+    /// A consistency group's cut asks the member for a cycle now (primary).
+    CycleNow,
 }
 
 impl std::fmt::Display for Op {
@@ -74,6 +76,7 @@ impl std::fmt::Display for Op {
             Op::Remove => "replica remove",
             Op::Verify => "verify",
             Op::SetVerifyEvery => "set --verify-every",
+            Op::CycleNow => "a group cut",
         })
     }
 }

@@ -167,6 +167,51 @@ pub struct VmStatus {
     /// spent waiting for it (absent elsewhere and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<BandwidthStatus>,
+    /// Primary: the consistency group the VM is a member of, with the group's last cuts
+    /// (absent when the VM is in no group, and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupStatus>,
+}
+
+/// A consistency group as `status` and `group list` show it (docs/groups.md). The cut
+/// figures count since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GroupStatus {
+    /// The group's name.
+    pub name: String,
+    /// Its members' VM names.
+    pub members: Vec<String>,
+    /// The last complete group point cut here.
+    pub last_point: Option<u64>,
+    /// The pause of the last cut that paused the members (first `stop` to last `cont`), ms.
+    pub last_pause_ms: Option<u64>,
+    /// The longest such pause, ms.
+    pub max_pause_ms: Option<u64>,
+    /// Complete group cuts.
+    pub cuts: u64,
+    /// Group cuts that failed (no group point for anyone).
+    pub failed_cuts: u64,
+    /// Why the last failed cut failed.
+    pub last_error: Option<String>,
+}
+
+/// What `group failover` did: the group point and each member's failover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupFailoverResult {
+    /// The group point every member started at.
+    pub point: u64,
+    /// Each member's failover (or test copy), in the group point's member order.
+    pub members: Vec<FailoverResult>,
+}
+
+/// One complete group point on a replica (`group points NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPointInfo {
+    /// The group point's id.
+    pub point: u64,
+    /// Each member's VM name and recovery point id.
+    pub members: Vec<(String, u64)>,
 }
 
 /// A primary VM's sending limit as `status` shows it ([`VmStatus::bandwidth`]).
@@ -494,6 +539,38 @@ pub enum Request {
         /// block-hash indexes, without the primary.
         #[serde(default)]
         local: bool,
+    },
+    /// `group create NAME VM...` (primary): a consistency group of enabled primary VMs that
+    /// share one replica agent.
+    GroupCreate {
+        /// Group name.
+        name: String,
+        /// Member VM names.
+        vms: Vec<String>,
+    },
+    /// `group list`: every group of this agent's primary VMs, with its last cuts.
+    GroupList,
+    /// `group remove NAME`: the members replicate on their own again.
+    GroupRemove {
+        /// Group name.
+        name: String,
+    },
+    /// `group points NAME` (replica): the group's complete points, newest first.
+    GroupPoints {
+        /// Group name.
+        name: String,
+    },
+    /// `group failover NAME` (replica): fail every member over (or start a test copy of
+    /// each, `test`) at one complete group point: `point`, or the latest.
+    GroupFailover {
+        /// Group name.
+        name: String,
+        /// Test copies instead of a failover.
+        #[serde(default)]
+        test: bool,
+        /// The group point; `None` = the latest complete one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        point: Option<u64>,
     },
     /// Recovery points of a replica VM, with why retention keeps each.
     Points {

@@ -58,6 +58,22 @@ pub struct CycleHeader {
     pub taken_at_ms: u64,
     /// The VM's disks, in the order extents refer to them by index.
     pub disks: Vec<DiskInfo>,
+    /// The consistency group point this cycle's cut belongs to (docs/groups.md); absent for
+    /// a cut of its own (and from older primaries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupTag>,
+}
+
+/// The group point a member's cycle belongs to: its members were cut inside one pause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupTag {
+    /// The group's name.
+    pub group: String,
+    /// The group point's id (the coordinator's clock at the round's start, ms).
+    pub point: u64,
+    /// Every member's VM UUID: the group point is complete when each holds its point.
+    pub members: Vec<Uuid>,
 }
 
 /// Largest cycle id a replica accepts: ids stay exact as JSON numbers in every parser and as
@@ -493,6 +509,7 @@ mod tests {
                     size: *size,
                 })
                 .collect(),
+            group: None,
         }
     }
 
@@ -564,6 +581,7 @@ mod tests {
                 id: "disk0".into(),
                 size: 1 << 30,
             }],
+            group: None,
         };
         let s = serde_json::to_string(&h).expect("serialize");
         assert!(s.contains("\"app-consistent\""));

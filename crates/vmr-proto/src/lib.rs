@@ -20,9 +20,10 @@ pub mod wire;
 
 pub use cycle::{
     CheckedExtent, ChecksumMismatch, ChecksumScheme, CycleConsistency, CycleHeader, CycleId,
-    CycleKind, DiskInfo, Extent, ExtentData, HASH_BLOCK, HeaderError, MAX_CYCLE_ID,
+    CycleKind, DiskInfo, Extent, ExtentData, GroupTag, HASH_BLOCK, HeaderError, MAX_CYCLE_ID,
     MAX_DISK_ID_LEN, MAX_DISK_SIZE, MAX_DISKS, check_disk_ids, check_disks, checksum,
     checksum_blocks, valid_disk_id,
 };
 pub use failnet::{FailnetError, FailoverInterface, FailoverSettings, IpPrefix};
+pub use uuid::Uuid;
 pub use vmdef::{VmDefinition, VmDefinitionError};

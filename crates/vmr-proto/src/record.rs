@@ -57,6 +57,10 @@ pub struct VmRecord {
     /// points to a third host (`enable --extended`), when enabled; absent in older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended: Option<ExtendedRecord>,
+    /// Primary side: the consistency group the VM is a member of (`group create`,
+    /// docs/groups.md); absent = none (and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// The extended relationship of a replica VM: its settings and its machine's snapshot.
@@ -174,6 +178,7 @@ impl From<VmRecordV1> for VmRecord {
             machine,
             rpo_alert_secs: None,
             extended: None,
+            group: None,
         }
     }
 }

@@ -103,6 +103,10 @@ pub struct PointRecord {
     /// the next recovery whatever the policy says.
     #[serde(default)]
     pub pruning: bool,
+    /// The consistency group point the cycle's cut belongs to (docs/groups.md); committed by
+    /// the same catalog rename as the point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<crate::GroupTag>,
 }
 
 /// The qcow2 layer holding one disk's state at one point.

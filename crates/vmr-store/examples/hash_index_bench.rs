@@ -56,6 +56,7 @@ fn header(vm: Uuid, id: u64, size: u64) -> CycleHeader {
             id: "disk0".into(),
             size,
         }],
+        group: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn header(vm: Uuid, id: u64, disk: u64) -> CycleHeader {
             id: "disk0".into(),
             size: disk,
         }],
+        group: None,
     }
 }
 

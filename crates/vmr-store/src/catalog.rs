@@ -108,6 +108,7 @@ mod tests {
                     backing: Some("base.qcow2".into()),
                 }],
                 pruning: false,
+                group: None,
             }],
             views: vec![],
         }

@@ -313,6 +313,7 @@ mod tests {
                 id: "d0".into(),
                 size: 1 << 20,
             }],
+            group: None,
         }
     }
 

@@ -494,6 +494,23 @@ impl Store {
             .collect())
     }
 
+    /// Each committed point's id with the consistency group point it belongs to, oldest
+    /// first, from the catalog in memory (docs/groups.md).
+    pub fn group_tags(
+        &self,
+        vm: Uuid,
+    ) -> Result<Vec<(CycleId, Option<vmr_proto::GroupTag>)>, StoreError> {
+        let v = self.vm(vm)?;
+        let st = lock(&v.st);
+        Ok(st
+            .catalog
+            .points
+            .iter()
+            .filter(|p| !p.pruning)
+            .map(|p| (p.id, p.group.clone()))
+            .collect())
+    }
+
     /// The latest committed point's id.
     pub fn latest_point(&self, vm: Uuid) -> Result<Option<CycleId>, StoreError> {
         Ok(lock(&self.vm(vm)?.st).latest_point())
@@ -747,6 +764,7 @@ impl Store {
             kind: PointKind::Planned,
             layers,
             pruning: false,
+            group: None,
         });
         v.commit(&mut st, c)?;
         let c = st.catalog.clone();
@@ -864,6 +882,7 @@ impl Store {
                 kind: PointKind::Planned,
                 layers: layers.clone(),
                 pruning: false,
+                group: None,
             });
             v.commit(&mut st, c)?;
             let c = st.catalog.clone();

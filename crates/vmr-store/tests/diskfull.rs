@@ -54,6 +54,7 @@ async fn disk_full_apply_resumes_after_space_is_freed() -> anyhow::Result<()> {
                 size: 1 << 20,
             },
         ],
+        group: None,
     };
     let extents: Vec<Extent> = (0..12u64)
         .map(|i| Extent {

@@ -51,6 +51,9 @@ pub struct QsdVm {
     disks: Vec<DiskSpec>,
     nbd_socket: Option<PathBuf>,
     child: Option<ChildGuard>,
+    /// A `qemu-system-x86_64 -machine none` instead of the daemon: a system emulator, whose
+    /// QMP has `stop`/`cont` (no NBD server of its own: the capture starts one).
+    machine: bool,
 }
 
 impl QsdVm {
@@ -83,9 +86,39 @@ impl QsdVm {
             disks,
             nbd_socket,
             child: None,
+            machine: false,
         };
         vm.restart()?;
         Ok(vm)
+    }
+
+    /// Like [`Self::start`] without an NBD server, but the process is a
+    /// `qemu-system-x86_64 -machine none` (no vCPUs, no devices): its QMP pauses and resumes
+    /// the machine (`stop`, `cont`, `query-status`) as a real VM's does.
+    pub fn start_machine(disks: Vec<DiskSpec>) -> anyhow::Result<QsdVm> {
+        let mut vm = Self::start_stopped(disks)?;
+        vm.machine = true;
+        std::fs::create_dir_all(vm.work_dir())?;
+        vm.restart()?;
+        Ok(vm)
+    }
+
+    fn start_stopped(disks: Vec<DiskSpec>) -> anyhow::Result<QsdVm> {
+        let dir = tempfile::Builder::new().prefix("vmr-qsd").tempdir()?;
+        for d in &disks {
+            let (fmt, path) = match d.format {
+                DiskFormat::Qcow2 => ("qcow2", dir.path().join(format!("{}.qcow2", d.node))),
+                DiskFormat::Raw => ("raw", dir.path().join(format!("{}.raw", d.node))),
+            };
+            crate::img::create(&path, fmt, d.size, None)?;
+        }
+        Ok(QsdVm {
+            dir,
+            disks,
+            nbd_socket: None,
+            child: None,
+            machine: false,
+        })
     }
 
     /// The temp directory holding images and sockets.
@@ -157,10 +190,17 @@ impl QsdVm {
         for s in [self.qmp_socket(), self.test_qmp_socket()] {
             let _ = std::fs::remove_file(s);
         }
-        let mut cmd = Command::new("qemu-storage-daemon");
+        let mut cmd = if self.machine {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-machine", "none", "-nodefaults", "-display", "none"]);
+            c
+        } else {
+            Command::new("qemu-storage-daemon")
+        };
+        let dash = if self.machine { "-" } else { "--" };
         for d in &self.disks {
             let path = self.image_path(&d.node)?;
-            cmd.arg("--blockdev").arg(format!(
+            cmd.arg(format!("{dash}blockdev")).arg(format!(
                 "driver=file,node-name={}-file,filename={},discard=unmap",
                 d.node,
                 path.display()
@@ -169,7 +209,7 @@ impl QsdVm {
                 DiskFormat::Qcow2 => "qcow2",
                 DiskFormat::Raw => "raw",
             };
-            cmd.arg("--blockdev").arg(format!(
+            cmd.arg(format!("{dash}blockdev")).arg(format!(
                 "driver={fmt},node-name={0},file={0}-file,discard=unmap",
                 d.node
             ));
@@ -178,11 +218,15 @@ impl QsdVm {
             ("mon0", self.qmp_socket()),
             ("mon1", self.test_qmp_socket()),
         ] {
-            cmd.arg("--chardev").arg(format!(
+            cmd.arg(format!("{dash}chardev")).arg(format!(
                 "socket,id={id},path={},server=on,wait=off",
                 sock.display()
             ));
-            cmd.arg("--monitor").arg(format!("chardev={id}"));
+            if self.machine {
+                cmd.arg("-mon").arg(format!("chardev={id},mode=control"));
+            } else {
+                cmd.arg("--monitor").arg(format!("chardev={id}"));
+            }
         }
         if let Some(s) = &self.nbd_socket {
             if let Some(p) = s.parent() {

@@ -120,6 +120,7 @@ fn header(id: u64) -> CycleHeader {
             id: "disk0".into(),
             size: (EXTENT * EXTENTS * 4) as u64,
         }],
+        group: None,
     }
 }
 

@@ -821,6 +821,7 @@ mod tests {
                     size: 1 << 20,
                 },
             ],
+            group: None,
         }
     }
 

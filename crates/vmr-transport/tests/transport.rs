@@ -293,6 +293,7 @@ fn header(id: u64, base: Option<u64>) -> CycleHeader {
                 size: 1 << 40,
             },
         ],
+        group: None,
     }
 }
 

@@ -61,6 +61,10 @@ pub enum Command {
     /// Replica VMs on this (replica) host.
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// Consistency groups: VMs cut at one instant, each group point existing for all of them
+    /// or none (docs/groups.md).
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Enable replication of a VM to a replica agent.
     Enable(EnableCmd),
     /// Start initial replication over the network now. On a terminal, a progress bar follows
@@ -394,6 +398,46 @@ pub enum ServerCmd {
     },
     /// Show this agent's identity and authorization entries.
     Show,
+}
+
+/// `group` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Create a group (primary): its members are enabled primary VMs of this agent that
+    /// replicate to the same replica agent; their incremental cycles are cut together from now
+    /// on (every member paused with QMP `stop`, each VM's transaction, `cont`).
+    Create {
+        /// Group name (1 to 64 of A-Z a-z 0-9 . _ -).
+        name: String,
+        /// Member VM names (2 to 32).
+        #[arg(required = true, num_args = 1..)]
+        vms: Vec<String>,
+    },
+    /// List this agent's groups with their members, last group point and pause.
+    List,
+    /// Remove a group (primary): its members replicate on their own again.
+    Remove {
+        /// Group name.
+        name: String,
+    },
+    /// The group's complete group points (replica), newest first: each member's recovery
+    /// point id of one group point.
+    Points {
+        /// Group name.
+        name: String,
+    },
+    /// Fail every member over at one complete group point (replica), or with --test start a
+    /// test copy of each; all or none (members started before a failing one are undone).
+    Failover {
+        /// Group name.
+        name: String,
+        /// Start test copies (as `failover test`) instead of failing over.
+        #[arg(long)]
+        test: bool,
+        /// The group point (from `group points`); default the latest complete one.
+        #[arg(long, value_name = "GROUP-POINT")]
+        point: Option<u64>,
+    },
 }
 
 /// `vm` subcommands.

@@ -11,7 +11,7 @@ use vmr_proto::retain::RetentionGrid;
 use vmr_proto::store::RetentionPolicy;
 
 use crate::cli::{
-    Command, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_enable_frequency,
+    Command, GroupCmd, ReplicaCmd, ServerCmd, VmCmd, parse_duration_secs, parse_enable_frequency,
     parse_frequency, parse_hours,
 };
 use crate::exit;
@@ -143,6 +143,13 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Server(ServerCmd::Deny { primary }) => Request::ServerDeny { primary },
         Command::Server(ServerCmd::Remove { primary }) => Request::ServerRemove { primary },
         Command::Server(ServerCmd::Show) => Request::ServerShow,
+        Command::Group(GroupCmd::Create { name, vms }) => Request::GroupCreate { name, vms },
+        Command::Group(GroupCmd::List) => Request::GroupList,
+        Command::Group(GroupCmd::Remove { name }) => Request::GroupRemove { name },
+        Command::Group(GroupCmd::Points { name }) => Request::GroupPoints { name },
+        Command::Group(GroupCmd::Failover { name, test, point }) => {
+            Request::GroupFailover { name, test, point }
+        }
         Command::Vm(VmCmd::Add {
             name,
             qmp,

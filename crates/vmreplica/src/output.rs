@@ -29,6 +29,10 @@ pub enum Kind {
     Plain,
     /// A list of [`PointInfo`] of `points --estimate`.
     Estimate,
+    /// A list of [`vmr_proto::api::GroupStatus`] (`group list`).
+    Groups,
+    /// A list of [`vmr_proto::api::GroupPointInfo`] (`group points`).
+    GroupPoints,
 }
 
 impl Kind {
@@ -44,9 +48,55 @@ impl Kind {
             Command::Failover(_) | Command::Reverse { .. } => Kind::Failover,
             Command::Events { .. } => Kind::Events,
             Command::Verify { .. } => Kind::Verify,
+            Command::Group(crate::cli::GroupCmd::List) => Kind::Groups,
+            Command::Group(crate::cli::GroupCmd::Points { .. }) => Kind::GroupPoints,
             _ => Kind::Plain,
         }
     }
+}
+
+/// `group list` as a table.
+pub fn groups_table(rows: &[vmr_proto::api::GroupStatus]) -> String {
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| format!("{v} ms"));
+    let mut out = format!(
+        "{:<16} {:<14} {:>6} {:>6} {:>10} {:>10} {:<30}\n",
+        "GROUP", "LAST POINT", "CUTS", "FAILED", "PAUSE", "MAX PAUSE", "MEMBERS"
+    );
+    for g in rows {
+        out.push_str(&format!(
+            "{:<16} {:<14} {:>6} {:>6} {:>10} {:>10} {:<30}\n",
+            g.name,
+            g.last_point.map_or_else(|| "-".into(), |p| p.to_string()),
+            g.cuts,
+            g.failed_cuts,
+            ms(g.last_pause_ms),
+            ms(g.max_pause_ms),
+            g.members.join(",")
+        ));
+        if let Some(e) = &g.last_error {
+            out.push_str(&format!("  last failed cut: {e}\n"));
+        }
+    }
+    out
+}
+
+/// `group points` as a table: one line per group point, each member's point id.
+pub fn group_points_table(rows: &[vmr_proto::api::GroupPointInfo]) -> String {
+    let mut out = format!("{:<14} {:<24} MEMBER POINTS\n", "GROUP POINT", "CUT");
+    for g in rows {
+        let members: Vec<String> = g
+            .members
+            .iter()
+            .map(|(n, id)| format!("{n}={id}"))
+            .collect();
+        out.push_str(&format!(
+            "{:<14} {:<24} {}\n",
+            g.point,
+            fmt_time(g.point),
+            members.join(" ")
+        ));
+    }
+    out
 }
 
 fn opt_time(t: Option<u64>) -> String {
@@ -124,6 +174,18 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
             }
             Err(_) => print_plain(value),
         },
+        Kind::Groups => {
+            match serde_json::from_value::<Vec<vmr_proto::api::GroupStatus>>(value.clone()) {
+                Ok(rows) => print!("{}", groups_table(&rows)),
+                Err(_) => print_plain(value),
+            }
+        }
+        Kind::GroupPoints => {
+            match serde_json::from_value::<Vec<vmr_proto::api::GroupPointInfo>>(value.clone()) {
+                Ok(rows) => print!("{}", group_points_table(&rows)),
+                Err(_) => print_plain(value),
+            }
+        }
         Kind::Points | Kind::Estimate => {
             match serde_json::from_value::<Vec<PointInfo>>(value.clone()) {
                 Ok(rows) => print!("{}", points_table(&rows, matches!(kind, Kind::Estimate))),
@@ -639,6 +701,34 @@ fn print_measure(rows: &[VmStatus]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_tables_show_each_group_and_point() {
+        let g = vmr_proto::api::GroupStatus {
+            name: "db".into(),
+            members: vec!["a".into(), "b".into()],
+            last_point: Some(42),
+            last_pause_ms: Some(3),
+            max_pause_ms: Some(9),
+            cuts: 5,
+            failed_cuts: 1,
+            last_error: Some("member 1 left".into()),
+        };
+        let t = groups_table(&[g]);
+        assert!(
+            t.contains("db") && t.contains("a,b") && t.contains("3 ms"),
+            "{t}"
+        );
+        assert!(
+            t.contains("9 ms") && t.contains("last failed cut: member 1 left"),
+            "{t}"
+        );
+        let p = group_points_table(&[vmr_proto::api::GroupPointInfo {
+            point: 1_700_000_000_000,
+            members: vec![("a".into(), 7), ("b".into(), 3)],
+        }]);
+        assert!(p.contains("1700000000000") && p.contains("a=7 b=3"), "{p}");
+    }
 
     #[test]
     fn points_tables_show_reasons_and_estimates() {

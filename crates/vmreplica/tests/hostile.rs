@@ -92,6 +92,7 @@ fn unapplicable_cycles_and_invalid_calls_are_400_and_nothing_sticks() -> TestRes
             id: "disk0".into(),
             size,
         }],
+        group: None,
     };
     runtime().block_on(async {
         let c = connect(&p.b, &id).await;

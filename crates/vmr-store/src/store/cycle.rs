@@ -521,6 +521,7 @@ async fn commit(
         kind: PointKind::from(header.consistency),
         layers: o.layers.iter().map(|l| l.rec.clone()).collect(),
         pruning: false,
+        group: header.group.clone(),
     };
     let header = header.clone();
     let resync = header.kind == CycleKind::Resync;
@@ -634,6 +635,7 @@ mod tests {
                     size: *s,
                 })
                 .collect(),
+            group: None,
         }
     }
 
@@ -651,6 +653,7 @@ mod tests {
                     backing: None,
                 }],
                 pruning: false,
+                group: None,
             })
             .collect();
         Vm {

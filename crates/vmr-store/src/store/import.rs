@@ -212,6 +212,7 @@ impl Store {
                     size: x.client.size(),
                 })
                 .collect(),
+            group: None,
         };
         let mut track = Tracker::new(header.disks.iter().map(|d| d.size), progress);
         let mut w = self.begin_cycle(header).await?;

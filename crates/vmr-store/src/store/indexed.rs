@@ -664,6 +664,7 @@ mod tests {
                     size: *s,
                 })
                 .collect(),
+            group: None,
         }
     }
 

@@ -361,6 +361,7 @@ mod tests {
                 backing: backing.map(str::to_owned),
             }],
             pruning: false,
+            group: None,
         }
     }
 

@@ -60,6 +60,7 @@ pub fn cycle(vm: Uuid, id: CycleId) -> (CycleHeader, Vec<Extent>) {
                 size: *s,
             })
             .collect(),
+        group: None,
     };
     let mut extents = Vec::new();
     let n = if id == 1 { 12 } else { 4 + rng.next() % 6 };

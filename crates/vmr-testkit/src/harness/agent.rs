@@ -279,6 +279,26 @@ impl Agent {
             .ok_or_else(|| HarnessError::NoStatusRow { vm: vm.to_owned() })
     }
 
+    /// This (primary) agent's consistency groups (`group list`).
+    pub fn groups(&self) -> Result<Vec<vmr_proto::api::GroupStatus>> {
+        let v = self.ctl(&Request::GroupList)?;
+        serde_json::from_value(v).map_err(|source| HarnessError::Json {
+            what: format!("the groups of {}", self.name),
+            source,
+        })
+    }
+
+    /// This (replica) agent's complete points of group `name`, newest first (`group points`).
+    pub fn group_points(&self, name: &str) -> Result<Vec<vmr_proto::api::GroupPointInfo>> {
+        let v = self.ctl(&Request::GroupPoints {
+            name: name.to_owned(),
+        })?;
+        serde_json::from_value(v).map_err(|source| HarnessError::Json {
+            what: format!("the points of group {name} on {}", self.name),
+            source,
+        })
+    }
+
     /// Allow `primary` to replicate to this agent (`server allow`).
     pub fn allow(&self, primary: &Agent) -> Result<()> {
         self.ok(&[

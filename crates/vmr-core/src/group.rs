@@ -1,0 +1,1006 @@
+//! Consistency groups' decisions (docs/groups.md): who may form a group
+//! ([`check_group_create`]), one group cut's rounds ([`GroupCut`]: gather the members, pause
+//! them all, run each member's transaction, resume them all in every path, measure the pause),
+//! and which group points a replica holds complete ([`complete_points`]). Sans-IO like the rest
+//! of the crate: time arrives with every event.
+
+use vmr_proto::GroupTag;
+use vmr_proto::Uuid;
+
+/// Most members of one group.
+pub const MAX_MEMBERS: usize = 32;
+/// Longest group name, bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// How long a round waits for all members to become ready, and then for each later phase,
+/// before it gives up (ms).
+pub const PHASE_TIMEOUT_MS: u64 = 30_000;
+
+/// Why a group cannot be created as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupRefusal {
+    /// The name is empty, too long or has characters outside `[A-Za-z0-9._-]`.
+    #[error("invalid group name {0:?}: use 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadName(String),
+    /// A group of this name exists.
+    #[error("a group named {0} exists already")]
+    Exists(String),
+    /// Fewer than two members, or more than [`MAX_MEMBERS`].
+    #[error("a group has 2 to {MAX_MEMBERS} members, not {0}")]
+    Size(usize),
+    /// More members than cycles may run at once: they could never all cut together.
+    #[error(
+        "a group of {members} VMs cannot be cut at once: the agent runs at most {slots} cycles \
+         at a time (max-concurrent-cycles in config.toml)"
+    )]
+    Slots {
+        /// Members asked for.
+        members: usize,
+        /// The agent's concurrent cycle limit.
+        slots: usize,
+    },
+    /// A VM named twice.
+    #[error("VM {0} is named twice")]
+    Twice(String),
+    /// No VM of this name is registered.
+    #[error("no VM named {0} is registered on this agent")]
+    Unknown(String),
+    /// The VM is a replica here.
+    #[error("VM {0} is a replica VM on this host; a group's members are primary VMs")]
+    Replica(String),
+    /// The VM's replication is not enabled.
+    #[error("replication of VM {0} is not enabled (enable it first)")]
+    NotEnabled(String),
+    /// The VM belongs to another group.
+    #[error("VM {0} is a member of group {1} already")]
+    InGroup(String, String),
+    /// The members replicate to different replica agents.
+    #[error(
+        "VM {0} replicates to {1} but VM {2} to {3}: a group's members share one replica agent"
+    )]
+    Replicas(String, String, String, String),
+}
+
+/// What the agent knows of one VM named in `group create`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Candidate {
+    /// Not registered.
+    Unknown,
+    /// A replica VM here.
+    Replica,
+    /// A primary VM whose replication is not enabled.
+    NotEnabled,
+    /// An enabled primary VM: its replica agent's address and its group, if any.
+    Enabled {
+        /// The replica agent (`host:port`).
+        replica: String,
+        /// The group it is in.
+        group: Option<String>,
+    },
+}
+
+/// Whether a group name is valid.
+pub fn check_group_name(name: &str) -> Result<(), GroupRefusal> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(GroupRefusal::BadName(name.to_owned()))
+    }
+}
+
+/// The one rule for `group create NAME VM...`: `existing` are the groups there are, `members`
+/// each named VM with what the agent knows of it, in the order given; `slots` how many cycles
+/// the agent runs at once.
+pub fn check_group_create(
+    name: &str,
+    existing: &[String],
+    members: &[(String, Candidate)],
+    slots: usize,
+) -> Result<(), GroupRefusal> {
+    check_group_name(name)?;
+    if existing.iter().any(|g| g == name) {
+        return Err(GroupRefusal::Exists(name.to_owned()));
+    }
+    if members.len() < 2 || members.len() > MAX_MEMBERS {
+        return Err(GroupRefusal::Size(members.len()));
+    }
+    if members.len() > slots {
+        return Err(GroupRefusal::Slots {
+            members: members.len(),
+            slots,
+        });
+    }
+    let mut first: Option<(&str, &str)> = None;
+    for (i, (vm, c)) in members.iter().enumerate() {
+        if members[..i].iter().any(|(o, _)| o == vm) {
+            return Err(GroupRefusal::Twice(vm.clone()));
+        }
+        match c {
+            Candidate::Unknown => return Err(GroupRefusal::Unknown(vm.clone())),
+            Candidate::Replica => return Err(GroupRefusal::Replica(vm.clone())),
+            Candidate::NotEnabled => return Err(GroupRefusal::NotEnabled(vm.clone())),
+            Candidate::Enabled { group: Some(g), .. } => {
+                return Err(GroupRefusal::InGroup(vm.clone(), g.clone()));
+            }
+            Candidate::Enabled { replica, .. } => match first {
+                None => first = Some((vm, replica)),
+                Some((fvm, frep)) if frep != replica => {
+                    return Err(GroupRefusal::Replicas(
+                        fvm.to_owned(),
+                        frep.to_owned(),
+                        vm.clone(),
+                        replica.clone(),
+                    ));
+                }
+                Some(_) => {}
+            },
+        }
+    }
+    Ok(())
+}
+
+/// An event of one group cut round. `member` is the index in the round's member list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// The member's cycle is prepared up to its transaction.
+    Ready {
+        /// Member.
+        member: usize,
+        /// Now.
+        now_ms: u64,
+    },
+    /// The member will not take part (its cycle could not start, or ended before its cut).
+    Left {
+        /// Member.
+        member: usize,
+        /// Now.
+        now_ms: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The member's `stop` answered: `Ok(true)` paused, `Ok(false)` nothing to pause (a
+    /// storage daemon without vCPUs).
+    Stopped {
+        /// Member.
+        member: usize,
+        /// Now.
+        now_ms: u64,
+        /// The outcome.
+        result: Result<bool, String>,
+    },
+    /// The member's transaction answered.
+    Cut {
+        /// Member.
+        member: usize,
+        /// Now.
+        now_ms: u64,
+        /// The outcome.
+        result: Result<(), String>,
+    },
+    /// The member's `cont` answered (or nothing needed continuing).
+    Continued {
+        /// Member.
+        member: usize,
+        /// Now.
+        now_ms: u64,
+        /// The outcome.
+        result: Result<(), String>,
+    },
+    /// Time passed.
+    Tick {
+        /// Now.
+        now_ms: u64,
+    },
+}
+
+/// What the coordinator carries out for a round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupAction {
+    /// Pause these members (QMP `stop`).
+    Stop(Vec<usize>),
+    /// Run these members' transactions.
+    Cut(Vec<usize>),
+    /// These ready members cut on their own, outside the group (the round failed before any
+    /// pause).
+    Alone(Vec<usize>),
+    /// Resume these members (QMP `cont` where they were paused); `grouped`: their points are
+    /// the group point (every member's transaction succeeded).
+    Cont {
+        /// Members.
+        members: Vec<usize>,
+        /// Tag the points with the group point.
+        grouped: bool,
+    },
+    /// The round ended.
+    Finished(GroupOutcome),
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOutcome {
+    /// The group point's id.
+    pub point: u64,
+    /// Every member was cut inside one pause: the group point exists (once all are applied).
+    pub complete: bool,
+    /// From the first `stop` to the last `cont` answer, when members were paused.
+    pub pause_ms: Option<u64>,
+    /// Why the round failed.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum M {
+    Waiting,
+    Ready,
+    Stopping,
+    Stopped,
+    Cutting,
+    Cut,
+    Continuing,
+    Done,
+    Out,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Gathering,
+    Stopping,
+    Cutting,
+    Continuing,
+    Done,
+}
+
+/// One group cut round: gather, stop all, cut each, cont all.
+#[derive(Debug, Clone)]
+pub struct GroupCut {
+    point: u64,
+    members: Vec<M>,
+    phase: Phase,
+    phase_since_ms: u64,
+    first_stop_ms: Option<u64>,
+    failure: Option<String>,
+    grouped: bool,
+}
+
+impl GroupCut {
+    /// A round of `members` members for group point `point`, started at `now_ms`.
+    pub fn new(point: u64, members: usize, now_ms: u64) -> GroupCut {
+        GroupCut {
+            point,
+            members: vec![M::Waiting; members],
+            phase: Phase::Gathering,
+            phase_since_ms: now_ms,
+            first_stop_ms: None,
+            failure: None,
+            grouped: false,
+        }
+    }
+
+    /// The group point's id.
+    pub fn point(&self) -> u64 {
+        self.point
+    }
+
+    /// The round ended.
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Whether `member` is still waited for to become ready.
+    pub fn waiting(&self, member: usize) -> bool {
+        self.phase == Phase::Gathering && self.members.get(member) == Some(&M::Waiting)
+    }
+
+    fn all(&self, pick: impl Fn(&M) -> bool) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|i| pick(&self.members[*i]))
+            .collect()
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failure.is_none() {
+            self.failure = Some(why);
+        }
+    }
+
+    fn set(&mut self, member: usize, from: &[M], to: M) -> bool {
+        match self.members.get_mut(member) {
+            Some(m) if from.contains(m) => {
+                *m = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Feed an event; the actions to carry out, in order. Events that do not fit the round's
+    /// phase (late, repeated, unknown member) change nothing, except that a member ready after
+    /// the gathering ended is told to cut alone.
+    pub fn step(&mut self, ev: GroupEvent) -> Vec<GroupAction> {
+        let mut out = Vec::new();
+        match ev {
+            GroupEvent::Ready { member, now_ms } => {
+                if self.phase == Phase::Gathering {
+                    if self.set(member, &[M::Waiting], M::Ready) {
+                        self.after_gathering(now_ms, &mut out);
+                    }
+                } else if self.set(member, &[M::Waiting, M::Out], M::Out) {
+                    out.push(GroupAction::Alone(vec![member]));
+                }
+            }
+            GroupEvent::Left {
+                member,
+                now_ms,
+                reason,
+            } => {
+                if self.phase == Phase::Gathering
+                    && self.set(member, &[M::Waiting, M::Ready], M::Out)
+                {
+                    self.fail(format!("member {member} left: {reason}"));
+                    self.after_gathering(now_ms, &mut out);
+                } else {
+                    self.set(member, &[M::Waiting], M::Out);
+                }
+            }
+            GroupEvent::Stopped {
+                member,
+                now_ms,
+                result,
+            } => {
+                if self.phase == Phase::Stopping && self.set(member, &[M::Stopping], M::Stopped) {
+                    if let Err(e) = result {
+                        self.fail(format!("member {member}: stop failed: {e}"));
+                    }
+                    self.after_stopping(now_ms, &mut out);
+                }
+            }
+            GroupEvent::Cut {
+                member,
+                now_ms,
+                result,
+            } => {
+                if self.phase == Phase::Cutting && self.set(member, &[M::Cutting], M::Cut) {
+                    if let Err(e) = result {
+                        self.fail(format!("member {member}: transaction failed: {e}"));
+                    }
+                    self.after_cutting(now_ms, &mut out);
+                }
+            }
+            GroupEvent::Continued {
+                member,
+                now_ms,
+                result,
+            } => {
+                if self.phase == Phase::Continuing && self.set(member, &[M::Continuing], M::Done) {
+                    if let Err(e) = result {
+                        // The cut stands; the VM may still be paused: the driver logs it.
+                        self.fail(format!("member {member}: cont failed: {e}"));
+                    }
+                    self.after_continuing(now_ms, &mut out);
+                }
+            }
+            GroupEvent::Tick { now_ms } => {
+                if self.phase != Phase::Done
+                    && now_ms.saturating_sub(self.phase_since_ms) >= PHASE_TIMEOUT_MS
+                {
+                    self.timeout(now_ms, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn timeout(&mut self, now_ms: u64, out: &mut Vec<GroupAction>) {
+        let phase = self.phase;
+        self.fail(format!(
+            "timed out after {} s in phase {phase:?}",
+            PHASE_TIMEOUT_MS / 1000
+        ));
+        match phase {
+            Phase::Gathering => {
+                for m in self.members.iter_mut() {
+                    if *m == M::Waiting {
+                        *m = M::Out;
+                    }
+                }
+                self.after_gathering(now_ms, out);
+            }
+            Phase::Stopping | Phase::Cutting => {
+                // Resume everyone ordered to stop, whatever they answered.
+                for m in self.members.iter_mut() {
+                    if matches!(m, M::Stopping | M::Stopped | M::Cutting | M::Cut) {
+                        *m = M::Cut;
+                    }
+                }
+                self.phase = Phase::Cutting;
+                self.after_cutting(now_ms, out);
+            }
+            Phase::Continuing => {
+                for m in self.members.iter_mut() {
+                    if *m == M::Continuing {
+                        *m = M::Done;
+                    }
+                }
+                self.after_continuing(now_ms, out);
+            }
+            Phase::Done => {}
+        }
+    }
+
+    fn after_gathering(&mut self, now_ms: u64, out: &mut Vec<GroupAction>) {
+        if self.members.contains(&M::Waiting) {
+            return;
+        }
+        if self.failure.is_some() {
+            let ready = self.all(|m| *m == M::Ready);
+            for i in &ready {
+                self.members[*i] = M::Out;
+            }
+            if !ready.is_empty() {
+                out.push(GroupAction::Alone(ready));
+            }
+            self.finish(now_ms, out);
+            return;
+        }
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        for m in self.members.iter_mut() {
+            *m = M::Stopping;
+        }
+        self.phase = Phase::Stopping;
+        self.phase_since_ms = now_ms;
+        self.first_stop_ms = Some(now_ms);
+        out.push(GroupAction::Stop(all));
+    }
+
+    fn after_stopping(&mut self, now_ms: u64, out: &mut Vec<GroupAction>) {
+        if self.members.contains(&M::Stopping) {
+            return;
+        }
+        if self.failure.is_some() {
+            // No transaction: resume everyone at once.
+            for m in self.members.iter_mut() {
+                *m = M::Cut;
+            }
+            self.phase = Phase::Cutting;
+            self.after_cutting(now_ms, out);
+            return;
+        }
+        let all = self.all(|m| *m == M::Stopped);
+        for i in &all {
+            self.members[*i] = M::Cutting;
+        }
+        self.phase = Phase::Cutting;
+        self.phase_since_ms = now_ms;
+        out.push(GroupAction::Cut(all));
+    }
+
+    fn after_cutting(&mut self, now_ms: u64, out: &mut Vec<GroupAction>) {
+        if self.members.contains(&M::Cutting) {
+            return;
+        }
+        let all = self.all(|m| *m == M::Cut);
+        for i in &all {
+            self.members[*i] = M::Continuing;
+        }
+        self.grouped = self.failure.is_none();
+        self.phase = Phase::Continuing;
+        self.phase_since_ms = now_ms;
+        out.push(GroupAction::Cont {
+            members: all,
+            grouped: self.grouped,
+        });
+    }
+
+    fn after_continuing(&mut self, now_ms: u64, out: &mut Vec<GroupAction>) {
+        if self.members.contains(&M::Continuing) {
+            return;
+        }
+        self.finish(now_ms, out);
+    }
+
+    fn finish(&mut self, now_ms: u64, out: &mut Vec<GroupAction>) {
+        self.phase = Phase::Done;
+        out.push(GroupAction::Finished(GroupOutcome {
+            point: self.point,
+            complete: self.grouped,
+            pause_ms: self.first_stop_ms.map(|s| now_ms.saturating_sub(s)),
+            reason: self.failure.clone(),
+        }));
+    }
+}
+
+/// One complete group point on a replica: every member listed in its tag holds its point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPoint {
+    /// The group point's id.
+    pub point: u64,
+    /// Each member's VM and recovery point id, in the tag's member order.
+    pub members: Vec<(Uuid, u64)>,
+}
+
+/// One VM's recovery points on a replica, each with the group point tag it carries.
+pub type TaggedPoints = (Uuid, Vec<(u64, Option<GroupTag>)>);
+
+/// The complete points of group `group`, newest first, from each VM's recovery points with
+/// their tags: a tagged point counts only when every member its tag names holds a point
+/// tagged with the same group and group point.
+pub fn complete_points(group: &str, vms: &[TaggedPoints]) -> Vec<GroupPoint> {
+    let find = |vm: Uuid, point: u64| -> Option<u64> {
+        vms.iter().find(|(u, _)| *u == vm).and_then(|(_, pts)| {
+            pts.iter()
+                .find(|(_, t)| {
+                    t.as_ref()
+                        .is_some_and(|t| t.group == group && t.point == point)
+                })
+                .map(|(id, _)| *id)
+        })
+    };
+    let mut out: Vec<GroupPoint> = Vec::new();
+    for (_, pts) in vms {
+        for (_, tag) in pts {
+            let Some(t) = tag.as_ref().filter(|t| t.group == group) else {
+                continue;
+            };
+            if out.iter().any(|g| g.point == t.point) || t.members.is_empty() {
+                continue;
+            }
+            let members: Option<Vec<(Uuid, u64)>> = t
+                .members
+                .iter()
+                .map(|m| find(*m, t.point).map(|id| (*m, id)))
+                .collect();
+            if let Some(members) = members {
+                out.push(GroupPoint {
+                    point: t.point,
+                    members,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|g| std::cmp::Reverse(g.point));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn en(replica: &str) -> Candidate {
+        Candidate::Enabled {
+            replica: replica.into(),
+            group: None,
+        }
+    }
+
+    #[test]
+    fn create_rules() {
+        let ok = [("a".to_owned(), en("r:1")), ("b".to_owned(), en("r:1"))];
+        let long = "x".repeat(65);
+        type Row<'a> = (
+            &'a str,
+            Vec<(String, Candidate)>,
+            Vec<String>,
+            Result<(), GroupRefusal>,
+        );
+        let table: Vec<Row> = vec![
+            ("g", ok.to_vec(), vec![], Ok(())),
+            (
+                "",
+                ok.to_vec(),
+                vec![],
+                Err(GroupRefusal::BadName("".into())),
+            ),
+            (
+                "a b",
+                ok.to_vec(),
+                vec![],
+                Err(GroupRefusal::BadName("a b".into())),
+            ),
+            (
+                &long,
+                ok.to_vec(),
+                vec![],
+                Err(GroupRefusal::BadName(long.clone())),
+            ),
+            (
+                "g",
+                ok.to_vec(),
+                vec!["g".into()],
+                Err(GroupRefusal::Exists("g".into())),
+            ),
+            ("g", ok[..1].to_vec(), vec![], Err(GroupRefusal::Size(1))),
+            (
+                "g",
+                vec![("a".into(), en("r:1")), ("a".into(), en("r:1"))],
+                vec![],
+                Err(GroupRefusal::Twice("a".into())),
+            ),
+            (
+                "g",
+                vec![("a".into(), en("r:1")), ("z".into(), Candidate::Unknown)],
+                vec![],
+                Err(GroupRefusal::Unknown("z".into())),
+            ),
+            (
+                "g",
+                vec![("a".into(), en("r:1")), ("z".into(), Candidate::Replica)],
+                vec![],
+                Err(GroupRefusal::Replica("z".into())),
+            ),
+            (
+                "g",
+                vec![("a".into(), en("r:1")), ("z".into(), Candidate::NotEnabled)],
+                vec![],
+                Err(GroupRefusal::NotEnabled("z".into())),
+            ),
+            (
+                "g",
+                vec![
+                    ("a".into(), en("r:1")),
+                    (
+                        "z".into(),
+                        Candidate::Enabled {
+                            replica: "r:1".into(),
+                            group: Some("h".into()),
+                        },
+                    ),
+                ],
+                vec!["h".into()],
+                Err(GroupRefusal::InGroup("z".into(), "h".into())),
+            ),
+            (
+                "g",
+                vec![("a".into(), en("r:1")), ("b".into(), en("r:2"))],
+                vec![],
+                Err(GroupRefusal::Replicas(
+                    "a".into(),
+                    "r:1".into(),
+                    "b".into(),
+                    "r:2".into(),
+                )),
+            ),
+        ];
+        for (name, members, existing, want) in table {
+            assert_eq!(
+                check_group_create(name, &existing, &members, 8),
+                want,
+                "{name:?} {members:?}"
+            );
+        }
+        let three: Vec<(String, Candidate)> = ["a", "b", "c"]
+            .iter()
+            .map(|v| ((*v).to_owned(), en("r:1")))
+            .collect();
+        assert_eq!(
+            check_group_create("g", &[], &three, 2),
+            Err(GroupRefusal::Slots {
+                members: 3,
+                slots: 2
+            })
+        );
+        assert_eq!(check_group_create("g", &[], &three, 3), Ok(()));
+    }
+
+    fn ok_round(n: usize) -> (GroupCut, Vec<GroupAction>) {
+        let mut g = GroupCut::new(7, n, 1000);
+        let mut acts = Vec::new();
+        for i in 0..n {
+            acts.extend(g.step(GroupEvent::Ready {
+                member: i,
+                now_ms: 1000 + i as u64,
+            }));
+        }
+        (g, acts)
+    }
+
+    #[test]
+    fn a_whole_round_pauses_cuts_and_resumes_everyone() {
+        let (mut g, acts) = ok_round(3);
+        assert_eq!(acts, vec![GroupAction::Stop(vec![0, 1, 2])]);
+        let mut acts = Vec::new();
+        for i in 0..3 {
+            acts.extend(g.step(GroupEvent::Stopped {
+                member: i,
+                now_ms: 1003,
+                result: Ok(i != 1),
+            }));
+        }
+        assert_eq!(acts, vec![GroupAction::Cut(vec![0, 1, 2])]);
+        let mut acts = Vec::new();
+        for i in [2, 0, 1] {
+            acts.extend(g.step(GroupEvent::Cut {
+                member: i,
+                now_ms: 1005,
+                result: Ok(()),
+            }));
+        }
+        assert_eq!(
+            acts,
+            vec![GroupAction::Cont {
+                members: vec![0, 1, 2],
+                grouped: true
+            }]
+        );
+        assert!(
+            g.step(GroupEvent::Continued {
+                member: 0,
+                now_ms: 1006,
+                result: Ok(())
+            })
+            .is_empty()
+        );
+        // Repeated and unknown members change nothing.
+        assert!(
+            g.step(GroupEvent::Continued {
+                member: 0,
+                now_ms: 1006,
+                result: Ok(())
+            })
+            .is_empty()
+        );
+        assert!(
+            g.step(GroupEvent::Continued {
+                member: 9,
+                now_ms: 1006,
+                result: Ok(())
+            })
+            .is_empty()
+        );
+        g.step(GroupEvent::Continued {
+            member: 1,
+            now_ms: 1007,
+            result: Ok(()),
+        });
+        let last = g.step(GroupEvent::Continued {
+            member: 2,
+            now_ms: 1012,
+            result: Ok(()),
+        });
+        assert_eq!(
+            last,
+            vec![GroupAction::Finished(GroupOutcome {
+                point: 7,
+                complete: true,
+                pause_ms: Some(10),
+                reason: None,
+            })]
+        );
+        assert!(g.finished());
+    }
+
+    #[test]
+    fn a_failed_transaction_resumes_everyone_and_tags_no_one() {
+        let (mut g, _) = ok_round(2);
+        for i in 0..2 {
+            g.step(GroupEvent::Stopped {
+                member: i,
+                now_ms: 1002,
+                result: Ok(true),
+            });
+        }
+        assert!(
+            g.step(GroupEvent::Cut {
+                member: 0,
+                now_ms: 1003,
+                result: Err("boom".into())
+            })
+            .is_empty()
+        );
+        let acts = g.step(GroupEvent::Cut {
+            member: 1,
+            now_ms: 1003,
+            result: Ok(()),
+        });
+        assert_eq!(
+            acts,
+            vec![GroupAction::Cont {
+                members: vec![0, 1],
+                grouped: false
+            }]
+        );
+        g.step(GroupEvent::Continued {
+            member: 0,
+            now_ms: 1004,
+            result: Ok(()),
+        });
+        let acts = g.step(GroupEvent::Continued {
+            member: 1,
+            now_ms: 1004,
+            result: Ok(()),
+        });
+        match &acts[..] {
+            [GroupAction::Finished(o)] => {
+                assert!(!o.complete);
+                assert_eq!(o.pause_ms, Some(3));
+                assert!(o.reason.as_deref().unwrap_or("").contains("boom"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_stop_skips_every_transaction_and_resumes_everyone() {
+        let (mut g, _) = ok_round(2);
+        g.step(GroupEvent::Stopped {
+            member: 0,
+            now_ms: 1002,
+            result: Err("no".into()),
+        });
+        let acts = g.step(GroupEvent::Stopped {
+            member: 1,
+            now_ms: 1002,
+            result: Ok(true),
+        });
+        assert_eq!(
+            acts,
+            vec![GroupAction::Cont {
+                members: vec![0, 1],
+                grouped: false
+            }]
+        );
+    }
+
+    #[test]
+    fn a_member_that_leaves_before_ready_sends_the_others_alone() {
+        let mut g = GroupCut::new(1, 3, 0);
+        assert!(
+            g.step(GroupEvent::Ready {
+                member: 0,
+                now_ms: 1
+            })
+            .is_empty()
+        );
+        assert!(
+            g.step(GroupEvent::Left {
+                member: 1,
+                now_ms: 2,
+                reason: "refused".into()
+            })
+            .is_empty()
+        );
+        let acts = g.step(GroupEvent::Ready {
+            member: 2,
+            now_ms: 3,
+        });
+        assert_eq!(acts.len(), 2);
+        assert_eq!(acts[0], GroupAction::Alone(vec![0, 2]));
+        match &acts[1] {
+            GroupAction::Finished(o) => {
+                assert!(!o.complete);
+                assert_eq!(o.pause_ms, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A ready member that leaves while the others gather fails the round too.
+        let mut h = GroupCut::new(2, 2, 0);
+        h.step(GroupEvent::Ready {
+            member: 0,
+            now_ms: 1,
+        });
+        h.step(GroupEvent::Left {
+            member: 0,
+            now_ms: 2,
+            reason: "cancelled".into(),
+        });
+        let acts = h.step(GroupEvent::Ready {
+            member: 1,
+            now_ms: 3,
+        });
+        assert_eq!(acts[0], GroupAction::Alone(vec![1]));
+        assert!(h.finished());
+        // A member that left and comes after all cuts alone too.
+        assert_eq!(
+            g.step(GroupEvent::Ready {
+                member: 1,
+                now_ms: 4
+            }),
+            vec![GroupAction::Alone(vec![1])]
+        );
+    }
+
+    #[test]
+    fn timeouts_in_every_phase_end_the_round_and_resume_whoever_was_stopped() {
+        // Gathering: member 1 never comes.
+        let mut g = GroupCut::new(1, 2, 0);
+        g.step(GroupEvent::Ready {
+            member: 0,
+            now_ms: 5,
+        });
+        assert!(
+            g.step(GroupEvent::Tick {
+                now_ms: PHASE_TIMEOUT_MS - 1
+            })
+            .is_empty()
+        );
+        let acts = g.step(GroupEvent::Tick {
+            now_ms: PHASE_TIMEOUT_MS,
+        });
+        assert_eq!(acts[0], GroupAction::Alone(vec![0]));
+        assert!(g.finished());
+        // A late ready after the timeout: alone.
+        assert_eq!(
+            g.step(GroupEvent::Ready {
+                member: 1,
+                now_ms: PHASE_TIMEOUT_MS + 1
+            }),
+            vec![GroupAction::Alone(vec![1])]
+        );
+
+        // Stopping: member 1's stop never answers.
+        let (mut g, _) = ok_round(2);
+        g.step(GroupEvent::Stopped {
+            member: 0,
+            now_ms: 1002,
+            result: Ok(true),
+        });
+        let acts = g.step(GroupEvent::Tick {
+            now_ms: 1001 + PHASE_TIMEOUT_MS,
+        });
+        assert_eq!(
+            acts,
+            vec![GroupAction::Cont {
+                members: vec![0, 1],
+                grouped: false
+            }]
+        );
+        // Continuing: nobody answers; the round ends anyway with the pause so far.
+        let acts = g.step(GroupEvent::Tick {
+            now_ms: 1001 + 2 * PHASE_TIMEOUT_MS,
+        });
+        match &acts[..] {
+            [GroupAction::Finished(o)] => {
+                assert!(!o.complete);
+                assert_eq!(o.pause_ms, Some(2 * PHASE_TIMEOUT_MS));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn tag(point: u64, members: &[Uuid]) -> Option<GroupTag> {
+        Some(GroupTag {
+            group: "g".into(),
+            point,
+            members: members.to_vec(),
+        })
+    }
+
+    #[test]
+    fn a_group_point_is_complete_only_with_every_member() {
+        let a = Uuid::from_u128(1);
+        let b = Uuid::from_u128(2);
+        let both = [a, b];
+        let vms = vec![
+            (
+                a,
+                vec![
+                    (10, tag(100, &both)),
+                    (11, tag(200, &both)),
+                    (12, None),
+                    (13, tag(300, &both)),
+                ],
+            ),
+            (b, vec![(4, tag(100, &both)), (5, tag(200, &both))]),
+        ];
+        let got = complete_points("g", &vms);
+        assert_eq!(
+            got,
+            vec![
+                GroupPoint {
+                    point: 200,
+                    members: vec![(a, 11), (b, 5)]
+                },
+                GroupPoint {
+                    point: 100,
+                    members: vec![(a, 10), (b, 4)]
+                },
+            ]
+        );
+        assert!(complete_points("other", &vms).is_empty());
+        // A member missing from the replica: nothing is complete.
+        assert!(complete_points("g", &vms[..1]).is_empty());
+    }
+}
