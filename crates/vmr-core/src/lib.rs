@@ -25,13 +25,13 @@ pub use alert::{
 pub use extended::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine};
 pub use failover::{
     PrepareRefusal, PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe,
-    check_probe_target, failover_transition, prepare_source, probe_address, split_brain_verdict,
+    chain_probe, check_probe_target, failover_transition, prepare_source, probe_address, split_brain_verdict,
 };
 pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};
 pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
-pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
+pub use replica::{Continued, ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{
     InitialKind, InvalidEnable, MAX_RPO_ALERT_SECS, Schedule, check_retention, check_rpo_alert,
     check_verify_every,

@@ -49,6 +49,9 @@ pub enum Op {
     Verify,
     /// `set --verify-every` (primary).
     SetVerifyEvery,
+    /// `continue-from` (the extended replica, asked by its source after the VM failed over
+    /// there).
+    ContinueFrom,
 }
 
 impl std::fmt::Display for Op {
@@ -74,6 +77,7 @@ impl std::fmt::Display for Op {
             Op::Remove => "replica remove",
             Op::Verify => "verify",
             Op::SetVerifyEvery => "set --verify-every",
+            Op::ContinueFrom => "continue-from",
         })
     }
 }
