@@ -583,7 +583,10 @@ mod tests {
         }
         // What the guard then decides, end to end of the rules.
         let verdict = |s: P, u: Option<P>| split_brain_verdict(chain_probe(s, u), false);
-        assert_eq!(verdict(off.clone(), Some(runs.clone())), SplitBrain::PrimaryRuns);
+        assert_eq!(
+            verdict(off.clone(), Some(runs.clone())),
+            SplitBrain::PrimaryRuns
+        );
         assert_eq!(verdict(off.clone(), Some(P::Lost)), SplitBrain::Proceed);
         assert_eq!(
             verdict(off.clone(), Some(failed("refused"))),
