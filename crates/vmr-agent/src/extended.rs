@@ -327,6 +327,17 @@ impl ExtendedSide {
         }
     }
 
+    /// Stop a running cycle and let the machine forget it (it plans again at its next tick):
+    /// before `reverse` to the extended replica, which takes the relationship over.
+    pub async fn halt(&mut self, vm: &mut Vm) {
+        self.stop().await;
+        self.progress.clear();
+        if let Err(e) = self.step(ExtEvent::Restarted { now_ms: now_ms() }) {
+            tracing::debug!(vm = %vm.rec.name, "extended machine refused a halt: {e}");
+        }
+        self.carry_out(vm);
+    }
+
     /// The outgoing relationship's status.
     pub fn status(&self, now: u64) -> ExtendedStatus {
         let m = &self.machine;

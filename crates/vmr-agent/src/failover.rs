@@ -10,6 +10,7 @@
 //! end them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -27,7 +28,7 @@ use vmr_proto::api::{
     BecomeReplica, EnableArgs, FailoverRecord, FailoverResult, FailoverVm, ReplicationMode,
     ReplicationState,
 };
-use vmr_proto::peer::{BecameReplica, PrimaryVmState};
+use vmr_proto::peer::{BecameReplica, PrimaryVmState, SourceVmState, UpstreamProbe};
 use vmr_proto::record::{MachineSnapshot, VmRecord};
 use vmr_proto::wire::RemoteError;
 use vmr_store::RetentionPolicy;
@@ -127,6 +128,11 @@ fn running(vm: &mut Vm, f: &FailoverVm) -> bool {
         return matches!(c.try_wait(), Ok(None));
     }
     proc_matches(pid, qmp)
+}
+
+/// Does the live failed-over VM recorded in `fr` run (this replica runs the VM)?
+pub fn live_runs(vm: &mut Vm, fr: &FailoverRecord) -> bool {
+    fr.live.as_ref().is_some_and(|f| running(vm, f))
 }
 
 /// End the VM process of `f` (QMP `quit`, then SIGKILL) and wait for it.
@@ -547,10 +553,26 @@ async fn probe_primary(
             crate::config::client_options(&host.config),
         )
         .await?;
-        c.primary_vm_state(rec.uuid).await
+        // Across an extended chain the source answers for its own primary too; an older
+        // source gets the two-host call.
+        if let Some(v) = c.source_vm_state(rec.uuid).await? {
+            let up = v.upstream.map(upstream_probe);
+            let answered = P::Answered { running: v.running };
+            // Where the VM runs, when it runs upstream and not on the source itself.
+            let upstream_runs = !v.running && matches!(up, Some(P::Answered { running: true }));
+            let probe = vmr_core::chain_probe(answered, up);
+            return Ok((probe, v.state, upstream_runs));
+        }
+        let v = c.primary_vm_state(rec.uuid).await?;
+        Ok((P::Answered { running: v.running }, v.state, false))
     };
-    match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(v)) => (P::Answered { running: v.running }, Some(v.state)),
+    match tokio::time::timeout(PROBE_TIMEOUT + UPSTREAM_PROBE_TIMEOUT, probe).await {
+        Ok(Ok((probe, state, upstream_runs))) => {
+            if upstream_runs {
+                tracing::info!(vm = %rec.name, source = %rec.primary, "split-brain probe: the VM runs on the source's own primary");
+            }
+            (probe, Some(state))
+        }
         Ok(Err(e)) if primary_lost(&e) => (P::Lost, None),
         Ok(Err(e)) if agent_down(&e) => failed(format!(
             "the primary host answers at {addr} but no vmreplica agent listens there (connection \
@@ -558,6 +580,64 @@ async fn probe_primary(
         )),
         Ok(Err(e)) => failed(crate::util::chain(&e)),
         Err(_) => (P::Lost, None),
+    }
+}
+
+/// How long a split-brain probe of the primary may take (connection and answer).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a forwarding replica's probe of its own primary may take, inside the answer to
+/// its extended replica's `source-vm-state` (which waits that much longer).
+const UPSTREAM_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A relayed upstream probe as the core's probe.
+fn upstream_probe(u: UpstreamProbe) -> vmr_core::PrimaryProbe {
+    use vmr_core::PrimaryProbe as P;
+    match u {
+        UpstreamProbe::Answered { running, .. } => P::Answered { running },
+        UpstreamProbe::Lost => P::Lost,
+        UpstreamProbe::Failed { reason } => P::Failed { reason },
+    }
+}
+
+/// Agent-to-agent `source-vm-state` on this host, the source of an extended relationship
+/// (or the VM's primary): does the VM run here, and — when this host is itself a replica —
+/// what its own probe of its primary finds (the same probe as `failover start`'s guard,
+/// within [`UPSTREAM_PROBE_TIMEOUT`]). Runs outside the owner task: the owner hands it the
+/// record, the failover record and its state.
+pub async fn source_vm_state(
+    host: Arc<Host>,
+    rec: VmRecord,
+    fr: FailoverRecord,
+    state: ReplicationState,
+    live_runs: bool,
+) -> SourceVmState {
+    if rec.mode() == ReplicationMode::Primary {
+        let running = vm_runs(&rec, state).await;
+        return SourceVmState {
+            state,
+            running,
+            upstream: None,
+        };
+    }
+    let probe = tokio::time::timeout(
+        UPSTREAM_PROBE_TIMEOUT,
+        probe_primary(&host, &rec, fr.primary_listen.as_deref()),
+    )
+    .await;
+    use vmr_core::PrimaryProbe as P;
+    let upstream = match probe {
+        Ok((P::Answered { running }, st)) => UpstreamProbe::Answered {
+            running,
+            state: st.unwrap_or(ReplicationState::Replicating),
+        },
+        Ok((P::Lost, _)) | Err(_) => UpstreamProbe::Lost,
+        Ok((P::Failed { reason }, _)) => UpstreamProbe::Failed { reason },
+    };
+    tracing::info!(vm = %rec.name, ?upstream, live_runs, "source-vm-state: probed this replica's primary for the extended replica");
+    SourceVmState {
+        state,
+        running: live_runs,
+        upstream: Some(upstream),
     }
 }
 
@@ -916,6 +996,7 @@ pub async fn reverse(
     side.machine()
         .check_reverse()
         .map_err(AgentError::Refused)?;
+    let frequency_given = frequency_secs;
     let frequency_secs = frequency_secs.unwrap_or(300);
     let mut fr = vm.failover()?;
     let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
@@ -941,12 +1022,24 @@ pub async fn reverse(
             .map(|e| e.fingerprint)
             .ok_or(AgentError::OldPrimaryFingerprintUnknown)?,
     };
+    // Extended replication A → B → C, the VM failed over here on B: reversing to the
+    // extended replica turns the outgoing relationship into this primary's (no
+    // become-replica: C is a replica already; it drops what it had from here after the point).
+    let takeover = rec
+        .extended
+        .as_ref()
+        .filter(|x| x.args.replica_fingerprint == fp)
+        .map(|x| x.args.clone());
+    let frequency_secs = match &takeover {
+        Some(x) if frequency_given.is_none() => x.frequency_secs,
+        _ => frequency_secs,
+    };
     let args = EnableArgs {
         name: rec.name.clone(),
         replica: addr.clone(),
         replica_fingerprint: fp.clone(),
         frequency_secs,
-        recovery_points: 0,
+        recovery_points: takeover.as_ref().map_or(0, |x| x.recovery_points),
         app_consistent_every_hours: 0,
         exclude_disks: vec![],
         compression: true,
@@ -955,7 +1048,7 @@ pub async fn reverse(
         initial: Default::default(),
         rpo_alert_secs: None,
         verify_every_secs: None,
-        retain: None,
+        retain: takeover.as_ref().and_then(|x| x.retain.clone()),
         bandwidth: None,
     };
     let schedule = crate::primary::schedule_of(&args)?;
@@ -998,11 +1091,20 @@ pub async fn reverse(
         addr: addr.clone(),
         source,
     })?;
-    let answer = client
-        .become_replica(req)
-        .await
-        .map_err(AgentError::BecomeReplica)?;
-    let resync = answer.resync;
+    let (resync, discarded) = if takeover.is_some() {
+        let c = client
+            .continue_from(rec.uuid, live.point)
+            .await
+            .map_err(AgentError::BecomeReplica)?;
+        tracing::info!(vm = %name, point = live.point, latest = c.latest, resync = c.resync, discarded = ?c.discarded, "the extended replica continues from this failover");
+        (c.resync, Some(c.discarded))
+    } else {
+        let answer = client
+            .become_replica(req)
+            .await
+            .map_err(AgentError::BecomeReplica)?;
+        (answer.resync, None)
+    };
     let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
     // After an unplanned failover the old primary's disks differ from the point: resync now.
     let machine = side
@@ -1017,6 +1119,8 @@ pub async fn reverse(
     rec.enable = Some(args);
     rec.primary = vm.host.config.name.clone();
     rec.trust_group = None;
+    // The outgoing relationship is this primary's relationship now.
+    rec.extended = None;
     vm.rec = rec;
     crate::primary::save_snapshot(vm, machine.snapshot())?;
     fr.before = None;
@@ -1032,10 +1136,19 @@ pub async fn reverse(
                 "replication reversed: {name:?} now replicates from here to {addr} every \
              {frequency_secs} s, starting after point {}{}",
                 live.point,
-                if resync {
-                    "; the old primary's disks are resynchronised first (only differing blocks)"
-                } else {
-                    ""
+                match (&discarded, resync) {
+                    (Some(d), false) => format!(
+                        "; the extended replica continues from that point (it dropped the later \
+                         points {d:?})"
+                    ),
+                    (Some(d), true) => format!(
+                        "; the extended replica did not hold that point: it is resynchronised \
+                         first (only differing blocks; it dropped the later points {d:?})"
+                    ),
+                    (None, true) => "; the old primary's disks are resynchronised first (only \
+                                     differing blocks)"
+                        .to_owned(),
+                    (None, false) => String::new(),
                 }
             ),
         ),

@@ -159,6 +159,72 @@ impl ReplicaSide {
         Ok(())
     }
 
+    /// `continue-from` (extended replication: this host's primary, itself a replica, failed
+    /// the VM over and replicates from its point now): the machine decides on the store's
+    /// points ([`ReplicaMachine::continue_from`]); the points it drops are discarded before the
+    /// decision is kept, so a refusal or a failed discard changes nothing.
+    pub async fn continue_from(
+        &mut self,
+        vm: &mut Vm,
+        point: u64,
+    ) -> Result<vmr_proto::peer::ContinuedFrom, RemoteError> {
+        let store = vm.host.store_of(&vm.rec).map_err(crate::errors::internal)?;
+        let held: Vec<u64> = store
+            .points(vm.rec.uuid)
+            .map_err(crate::errors::store_err)?
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        let mut m = self.machine.clone();
+        let c = m.continue_from(point, &held).map_err(refusal_err)?;
+        let mut discarded = Vec::new();
+        if let Some(keep) = c.discard_above {
+            store
+                .discard_points_above(vm.rec.uuid, keep)
+                .await
+                .map_err(crate::errors::store_err)?;
+            discarded = held.iter().copied().filter(|p| *p > keep).collect();
+        }
+        self.machine = m;
+        vm.rec.machine = MachineSnapshot::Replica(self.machine.snapshot());
+        vm.save().map_err(crate::errors::internal)?;
+        tracing::info!(vm = %vm.rec.name, point, latest = c.latest, resync = c.resync, ?discarded, "continue-from: the source failed over and replicates from its point");
+        Ok(vmr_proto::peer::ContinuedFrom {
+            latest: c.latest,
+            resync: c.resync,
+            discarded,
+        })
+    }
+
+    /// `become-replica` from the extended replica this host forwards the VM to (it failed the
+    /// VM over and reverses to this host, A → B → C with A lost): the same decision as
+    /// [`ReplicaSide::continue_from`] on this store's points (later ones dropped), then the
+    /// extended replica is this VM's primary (name, trust group, definition) and the
+    /// forwarding ends.
+    pub async fn become_replica_of_extended(
+        &mut self,
+        vm: &mut Vm,
+        peer: &vmr_transport::Peer,
+        req: &vmr_proto::api::BecomeReplica,
+    ) -> Result<vmr_proto::peer::BecameReplica, RemoteError> {
+        let c = self.continue_from(vm, req.point).await?;
+        let store = vm.host.store_of(&vm.rec).map_err(internal)?;
+        store
+            .set_definition(vm.rec.uuid, &req.launch_toml)
+            .map_err(store_err)?;
+        vm.rec.launch_toml = req.launch_toml.clone();
+        vm.rec.primary = peer.name.clone();
+        vm.rec.trust_group = peer.trust_group.clone();
+        vm.rec.extended = None;
+        vm.save().map_err(internal)?;
+        tracing::info!(vm = %vm.rec.name, primary = %peer.name, point = c.latest, resync = c.resync, "became the replica of the extended replica");
+        Ok(vmr_proto::peer::BecameReplica {
+            state: self.machine.state(),
+            point: c.latest,
+            resync: c.resync,
+        })
+    }
+
     /// The primary disabled replication (`disable-replica`): the machine's `Disable`. Already
     /// disabled is no error; a failed-over VM keeps its state (the primary no longer owns it).
     /// The state afterwards.

@@ -222,6 +222,16 @@ impl Handler for PeerHandler {
                     .ask_peer(|r| Command::PrimaryState(peer.clone(), r))
                     .await?,
             ),
+            PeerRequest::SourceVmState { uuid } => PeerResponse::SourceVmState(
+                self.vm(uuid)?
+                    .ask_peer(|r| Command::SourceState(peer.clone(), r))
+                    .await?,
+            ),
+            PeerRequest::ContinueFrom(req) => PeerResponse::ContinueFrom(
+                self.vm(req.uuid)?
+                    .ask_peer(|r| Command::ContinueFrom(peer.clone(), req.point, r))
+                    .await?,
+            ),
             PeerRequest::BecomeReplica(req) => PeerResponse::BecomeReplica(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))

@@ -35,7 +35,7 @@ use crate::primary::{Cmd, CycleDone, PrimarySide};
 use crate::replica::{ReplicaCmd, ReplicaSide};
 use crate::util::now_ms;
 use vmr_proto::event::{EventKind, Severity};
-use vmr_proto::peer::{BecameReplica, BlockHashes, PrimaryVmState};
+use vmr_proto::peer::{BecameReplica, BlockHashes, ContinuedFrom, PrimaryVmState, SourceVmState};
 use vmr_proto::record::VmRecord;
 
 /// A reply channel.
@@ -188,6 +188,12 @@ pub enum Command {
     PeerDisable(Peer, PeerReply<ReplicationState>),
     /// Peer: is the VM running here (split-brain probe)?
     PrimaryState(Peer, PeerReply<PrimaryVmState>),
+    /// Peer: does the VM run here, and (on a replica that forwards it) on this host's primary
+    /// (`source-vm-state`, the split-brain probe across an extended chain)?
+    SourceState(Peer, PeerReply<SourceVmState>),
+    /// Peer: this replica's primary failed the VM over and replicates from a point of its own
+    /// (`continue-from`, extended replication).
+    ContinueFrom(Peer, u64, PeerReply<ContinuedFrom>),
     /// Peer: become the replica of the VM (reverse after a failover).
     BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<BecameReplica>),
     /// The failover network settings were applied in the live failed-over VM (the lines of
@@ -1319,7 +1325,92 @@ impl Owner {
                 let v = crate::failover::primary_vm_state(&self.vm, state).await;
                 let _ = reply.send(Ok(v));
             }
+            Command::SourceState(peer, reply) => {
+                // A replica answers only the extended replica it forwards the VM to; a
+                // primary only its own replica.
+                let allowed = match self.vm.rec.mode() {
+                    ReplicationMode::Replica => self
+                        .vm
+                        .rec
+                        .extended
+                        .as_ref()
+                        .is_some_and(|x| x.args.replica_fingerprint == peer.fingerprint)
+                        .then_some(())
+                        .ok_or_else(|| RemoteError::TrustGroup {
+                            message: format!(
+                                "replica VM {} answers source-vm-state only to the extended \
+                                 replica it forwards to; peer {:?} is not it",
+                                self.vm.rec.uuid, peer.name
+                            ),
+                        }),
+                    ReplicationMode::Primary => self.authorize(&peer, ReplicationMode::Primary),
+                };
+                if let Err(e) = allowed {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                let state = match &self.side {
+                    Side::Primary(Some(p)) => p.state(),
+                    Side::Replica(r) => r.machine().state(),
+                    Side::Primary(None) => self.vm.rec.state(),
+                };
+                let fr = match self.vm.failover() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = reply.send(Err(internal(crate::util::chain(&e))));
+                        return;
+                    }
+                };
+                let live_runs = crate::failover::live_runs(&mut self.vm, &fr);
+                // The probe of this host's primary may take seconds: not in the owner.
+                let (host, rec) = (self.vm.host.clone(), self.vm.rec.clone());
+                tokio::spawn(async move {
+                    let v = crate::failover::source_vm_state(host, rec, fr, state, live_runs).await;
+                    let _ = reply.send(Ok(v));
+                });
+            }
+            Command::ContinueFrom(peer, point, reply) => {
+                let r = match self.trust(&peer) {
+                    Err(e) => Err(e),
+                    // Only this replica's own primary (the forwarding replica) may ask.
+                    Ok(()) if peer.name != self.vm.rec.primary => Err(RemoteError::TrustGroup {
+                        message: format!(
+                            "continue-from: replica VM {} replicates from {:?}, not from {:?}",
+                            self.vm.rec.uuid, self.vm.rec.primary, peer.name
+                        ),
+                    }),
+                    Ok(()) => match &mut self.side {
+                        Side::Replica(side) => side.continue_from(&mut self.vm, point).await,
+                        Side::Primary(_) => Err(RemoteError::UnknownVm {
+                            vm: self.vm.rec.uuid,
+                        }),
+                    },
+                };
+                let _ = reply.send(r);
+            }
             Command::BecomeReplica(peer, req, reply) => {
+                // The extended replica failed the VM over and reverses to this host, which
+                // forwarded the VM to it.
+                if let Side::Replica(side) = &mut self.side
+                    && self
+                        .vm
+                        .rec
+                        .extended
+                        .as_ref()
+                        .is_some_and(|x| x.args.replica_fingerprint == peer.fingerprint)
+                {
+                    if let Some(x) = self.extended.as_mut() {
+                        x.halt(&mut self.vm).await;
+                    }
+                    let r = side
+                        .become_replica_of_extended(&mut self.vm, &peer, &req)
+                        .await;
+                    if r.is_ok() {
+                        self.extended = None;
+                    }
+                    let _ = reply.send(r);
+                    return;
+                }
                 if let Err(e) = self.authorize(&peer, ReplicationMode::Primary) {
                     let _ = reply.send(Err(e));
                     return;
@@ -1761,6 +1852,11 @@ impl Owner {
                 replica_fingerprint,
                 frequency_secs,
             } => {
+                // Reversing to the extended replica takes its relationship over: no extended
+                // cycle may run meanwhile (a failed reverse lets the next tick start one).
+                if let Some(x) = self.extended.as_mut() {
+                    x.halt(&mut self.vm).await;
+                }
                 let (r, machine) = crate::failover::reverse(
                     &mut self.vm,
                     side,
@@ -1769,6 +1865,9 @@ impl Owner {
                     frequency_secs,
                 )
                 .await?;
+                if self.vm.rec.extended.is_none() {
+                    self.extended = None;
+                }
                 self.side = Side::Primary(Some(Box::new(PrimarySide::reversed(machine))));
                 Ok(r)
             }

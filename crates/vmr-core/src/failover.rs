@@ -229,6 +229,32 @@ pub fn split_brain_verdict(probe: PrimaryProbe, force: bool) -> SplitBrain {
     }
 }
 
+/// What a probe across an extended chain found, as one probe of the VM's primary. `source` is
+/// what the replica's probe of its source found (the source answered whether the VM runs
+/// there, or the source could not be reached); `upstream` is what the source, itself a
+/// replica forwarding the VM's points, found when it probed its own primary, relayed in its
+/// answer (`None`: the source is the VM's primary, or an older agent that does not relay).
+///
+/// The VM runs when it runs on either host; when the source answered that it does not run
+/// there, its primary's probe decides (lost → lost, unchecked → unchecked, naming the hop); a
+/// source that cannot be reached is the probe's result whatever lies behind it (the same rules
+/// as a two-host failover: unreachable = lost, refused = unchecked).
+pub fn chain_probe(source: PrimaryProbe, upstream: Option<PrimaryProbe>) -> PrimaryProbe {
+    match (source, upstream) {
+        (PrimaryProbe::Answered { running: true }, _) => PrimaryProbe::Answered { running: true },
+        (PrimaryProbe::Answered { running: false }, None) => {
+            PrimaryProbe::Answered { running: false }
+        }
+        (PrimaryProbe::Answered { running: false }, Some(PrimaryProbe::Failed { reason })) => {
+            PrimaryProbe::Failed {
+                reason: format!("the source could not check its own primary: {reason}"),
+            }
+        }
+        (PrimaryProbe::Answered { running: false }, Some(up)) => up,
+        (other, _) => other,
+    }
+}
+
 /// What `failover prepare` found at the primary VM's QMP monitor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmProbe {
@@ -520,6 +546,58 @@ mod tests {
                 "{probe:?} force={force}"
             );
         }
+    }
+
+    #[test]
+    fn chain_probe_table() {
+        use PrimaryProbe as P;
+        let failed = |r: &str| P::Failed { reason: r.into() };
+        let runs = P::Answered { running: true };
+        let off = P::Answered { running: false };
+        let via = "the source could not check its own primary: refused";
+        // (C's probe of B, B's probe of A relayed, the combined probe, the verdict)
+        let rows: &[(P, Option<P>, P)] = &[
+            // B is the primary itself (or relays nothing): B's answer alone.
+            (runs.clone(), None, runs.clone()),
+            (off.clone(), None, off.clone()),
+            // B runs the VM (failed over there): refused whatever A says.
+            (runs.clone(), Some(P::Lost), runs.clone()),
+            (runs.clone(), Some(off.clone()), runs.clone()),
+            // B does not run it: A decides.
+            (off.clone(), Some(runs.clone()), runs.clone()),
+            (off.clone(), Some(off.clone()), off.clone()),
+            (off.clone(), Some(P::Lost), P::Lost),
+            (off.clone(), Some(failed("refused")), failed(via)),
+            // B cannot be reached: the two-host rules on B's result.
+            (P::Lost, None, P::Lost),
+            (P::Lost, Some(runs.clone()), P::Lost),
+            (failed("tls"), None, failed("tls")),
+            (failed("tls"), Some(off.clone()), failed("tls")),
+        ];
+        for (source, up, want) in rows {
+            assert_eq!(
+                chain_probe(source.clone(), up.clone()),
+                *want,
+                "{source:?} / {up:?}"
+            );
+        }
+        // What the guard then decides, end to end of the rules.
+        let verdict = |s: P, u: Option<P>| split_brain_verdict(chain_probe(s, u), false);
+        assert_eq!(
+            verdict(off.clone(), Some(runs.clone())),
+            SplitBrain::PrimaryRuns
+        );
+        assert_eq!(verdict(off.clone(), Some(P::Lost)), SplitBrain::Proceed);
+        assert_eq!(
+            verdict(off.clone(), Some(failed("refused"))),
+            SplitBrain::Unchecked { reason: via.into() }
+        );
+        assert_eq!(
+            verdict(failed("connection refused"), None),
+            SplitBrain::Unchecked {
+                reason: "connection refused".into()
+            }
+        );
     }
 
     #[test]

@@ -25,14 +25,14 @@ pub use alert::{
 };
 pub use extended::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine};
 pub use failover::{
-    PrepareRefusal, PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe,
+    PrepareRefusal, PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe, chain_probe,
     check_probe_target, failover_transition, prepare_source, probe_address, split_brain_verdict,
 };
 pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};
 pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
-pub use replica::{ReplicaAction, ReplicaEvent, ReplicaMachine};
+pub use replica::{Continued, ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{
     CONTINUOUS, CONTINUOUS_FLOOR_MS, CONTINUOUS_TARGET_SECS, InitialKind, InvalidEnable,
     MAX_RPO_ALERT_SECS, Schedule, check_retention, check_rpo_alert, check_verify_every,

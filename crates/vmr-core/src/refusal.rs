@@ -51,6 +51,9 @@ pub enum Op {
     SetVerifyEvery,
     /// A consistency group's cut asks the member for a cycle now (primary).
     CycleNow,
+    /// `continue-from` (the extended replica, asked by its source after the VM failed over
+    /// there).
+    ContinueFrom,
 }
 
 impl std::fmt::Display for Op {
@@ -77,6 +80,7 @@ impl std::fmt::Display for Op {
             Op::Verify => "verify",
             Op::SetVerifyEvery => "set --verify-every",
             Op::CycleNow => "a group cut",
+            Op::ContinueFrom => "continue-from",
         })
     }
 }

@@ -28,6 +28,7 @@
 //! | FailoverTest           | = (needs a point)  | =                   | =              | =                      | Disabled   | State                 | State      |
 //! | FailoverCancel         | State              | State               | State          | State                  | State      | state before the failover | State  |
 //! | FailoverComplete       | State              | State               | State          | State                  | State      | F                     | State      |
+//! | ContinueFrom (`continue_from`) | R (needs a point) | R          | R              | Paused                 | Disabled   | FailedOver            | FailedOver |
 //! | Reverse                | State              | State               | State          | State                  | State      | a primary machine     | a primary machine |
 //! | check_remove (`replica remove`) | Active   | Active              | Active         | ok                     | ok         | FailedOver            | FailedOver |
 //!
@@ -166,6 +167,21 @@ pub enum ReplicaEvent {
 pub enum ReplicaAction {
     /// The persistent part changed: save [`ReplicaMachine::snapshot`].
     Persist,
+}
+
+/// What an extended replica does when its source, the VM's first replica, failed over and
+/// continues replicating to it from the point it chose (`continue-from`; decided by
+/// [`ReplicaMachine::continue_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Continued {
+    /// Drop every point newer than this one (the source's history after its failover point,
+    /// which its failed-over VM replaced); `None`: drop nothing.
+    pub discard_above: Option<CycleId>,
+    /// The point the replica holds afterwards: the base of the source's next cycle.
+    pub latest: CycleId,
+    /// The replica does not hold the source's point: the source resynchronises (block hashes
+    /// against `latest`) instead of sending only what its VM wrote.
+    pub resync: bool,
 }
 
 /// The replica-side machine of one VM.
@@ -340,6 +356,53 @@ impl ReplicaMachine {
             }
             _ => Err(Refusal::State { op, state }),
         }
+    }
+
+    /// `continue-from`: this replica's primary is itself a replica that forwarded the VM's
+    /// points here (extended replication A → B → C); the VM failed over on it from `point`,
+    /// and it now replicates to this host as an ordinary primary. `held`: the points the store
+    /// holds. Points above `point` are the old history that the failed-over VM replaced: they
+    /// go, the rest stay. When `point` itself is held, the source's next cycle builds on it
+    /// (only what its VM wrote travels); otherwise on the newest held point below it (or, when
+    /// every held point is newer, on the newest, which is then kept), with a resynchronisation.
+    /// Refused while failed over here, disabled, paused, importing, or holding no point (the
+    /// relationship starts anew with `enable` then). The caller discards, then feeds nothing
+    /// else: the machine's latest point is already `latest`.
+    pub fn continue_from(
+        &mut self,
+        point: CycleId,
+        held: &[CycleId],
+    ) -> Result<Continued, Refusal> {
+        let op = Op::ContinueFrom;
+        self.receiving(op)?;
+        let below = held.iter().copied().filter(|p| *p <= point).max();
+        let newest = held.iter().copied().max();
+        let c = match (below, newest) {
+            (_, None) => {
+                return Err(Refusal::NoInitialCopy { op });
+            }
+            // `b` is the newest held point not above `point`: the points above `b` are
+            // exactly those above `point`.
+            (Some(b), Some(n)) => Continued {
+                discard_above: (n > point).then_some(b),
+                latest: b,
+                resync: b != point,
+            },
+            (None, Some(n)) => Continued {
+                discard_above: None,
+                latest: n,
+                resync: true,
+            },
+        };
+        self.last_cycle = Some(c.latest);
+        if matches!(
+            self.state,
+            ReplicationState::Resynchronizing | ReplicationState::WaitingForInitialReplication
+        ) {
+            // A resync of the old history is over; the new primary's cycles build on `latest`.
+            self.state = ReplicationState::Replicating;
+        }
+        Ok(c)
     }
 
     /// Whether `reverse` is allowed now (checked before any I/O).
@@ -642,6 +705,57 @@ mod tests {
             ("reset stats", Some(E::ResetStats { now_ms })),
             ("reverse", None),
         ]
+    }
+
+    #[test]
+    fn continue_from_table() {
+        // (held points, the source's failover point, what the replica does)
+        let c = |discard_above, latest, resync| Continued {
+            discard_above,
+            latest,
+            resync,
+        };
+        let rows: &[(&[CycleId], CycleId, Result<Continued, ()>)] = &[
+            // The point is held: later points go, the next cycle is incremental from it.
+            (&[3, 5, 7, 9], 7, Ok(c(Some(7), 7, false))),
+            (&[3, 5, 7], 7, Ok(c(None, 7, false))),
+            // Not held (merged, or never shipped): later points go, resync on the one below.
+            (&[3, 5, 8, 9], 7, Ok(c(Some(5), 5, true))),
+            (&[3, 5], 7, Ok(c(None, 5, true))),
+            // Every held point is newer: nothing in common to keep; resync on the newest.
+            (&[8, 9], 7, Ok(c(None, 9, true))),
+            // Nothing held: refused.
+            (&[], 7, Err(())),
+        ];
+        for (held, point, want) in rows {
+            let mut m = in_state(S::Replicating);
+            let got = m.continue_from(*point, held).map_err(|_| ());
+            assert_eq!(got, *want, "held {held:?}, point {point}");
+            if let Ok(c) = got {
+                assert_eq!(m.last_cycle(), Some(c.latest));
+                assert_eq!(m.state(), S::Replicating);
+            }
+        }
+        // Which states accept it; a refusal changes nothing.
+        for (state, ok) in [
+            (S::WaitingForInitialReplication, true),
+            (S::Replicating, true),
+            (S::Resynchronizing, true),
+            (S::Suspended, false),
+            (S::Disabled, false),
+            (S::FailedOverWaitingCompletion, false),
+            (S::FailedOver, false),
+        ] {
+            let mut m = in_state(state);
+            let before = m.snapshot();
+            let r = m.continue_from(7, &[5, 7, 9]);
+            assert_eq!(r.is_ok(), ok, "{state}: {r:?}");
+            if ok {
+                assert_eq!(m.state(), S::Replicating, "{state}");
+            } else {
+                assert_eq!(m.snapshot(), before, "{state}");
+            }
+        }
     }
 
     #[test]

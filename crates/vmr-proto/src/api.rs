@@ -667,7 +667,8 @@ pub enum Request {
         replica: Option<String>,
         /// The old primary's certificate fingerprint (default: its authorization entry's).
         replica_fingerprint: Option<String>,
-        /// Cycle interval of the reversed replication, seconds (default 300).
+        /// Cycle interval of the reversed replication, seconds (default 300; reversing to the
+        /// extended replica: that relationship's).
         frequency_secs: Option<u64>,
     },
     /// Change a VM's retention policy at run time (`vmreplica set NAME --retain SPEC` or

@@ -43,6 +43,39 @@ pub enum PeerRequest {
         /// VM UUID.
         uuid: Uuid,
     },
+    /// Replica → its source (protocol 5, [`crate::wire::SOURCE_VM_STATE_SINCE`]): the
+    /// split-brain probe across an extended chain. The source answers whether the VM runs on
+    /// it and, when the source is itself a replica (it forwards the VM's points: A → B → C),
+    /// what its own probe of its primary found: C authorizes B, not A, and learns about A
+    /// through B.
+    SourceVmState {
+        /// VM UUID.
+        uuid: Uuid,
+    },
+    /// Source → extended replica (protocol 5): the VM failed over on the source from
+    /// `point`, which now replicates to the extended replica as the VM's primary; the replica
+    /// drops its points newer than `point` and answers the point the next cycle builds on.
+    ContinueFrom(ContinueFromRequest),
+}
+
+/// Arguments of [`PeerRequest::ContinueFrom`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContinueFromRequest {
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// The point the VM failed over from on the source.
+    pub point: u64,
+}
+
+/// The extended replica's answer to [`PeerRequest::ContinueFrom`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContinuedFrom {
+    /// The point it holds now: the base of the source's next cycle.
+    pub latest: u64,
+    /// It does not hold the source's point: the source resynchronises (block hashes).
+    pub resync: bool,
+    /// The points it dropped (newer than the source's point).
+    pub discarded: Vec<u64>,
 }
 
 /// Arguments of [`PeerRequest::ReplicaInfo`].
@@ -75,6 +108,44 @@ pub enum PeerResponse {
     DisableReplica {
         /// Its state (Disabled, or the failover state it keeps).
         state: ReplicationState,
+    },
+    /// Answer to [`PeerRequest::SourceVmState`].
+    SourceVmState(SourceVmState),
+    /// Answer to [`PeerRequest::ContinueFrom`].
+    ContinueFrom(ContinuedFrom),
+}
+
+/// The source's view of a VM across an extended chain (answer to `source-vm-state`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceVmState {
+    /// The VM's replication state on the source.
+    pub state: ReplicationState,
+    /// True when the VM runs on the source (its own VM as a primary, or a live failed-over
+    /// VM when the source is a replica).
+    pub running: bool,
+    /// What the source's own probe of its primary found; `None` when the source is the VM's
+    /// primary itself.
+    pub upstream: Option<UpstreamProbe>,
+}
+
+/// What a forwarding replica's split-brain probe of its own primary found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "probe", rename_all = "kebab-case")]
+pub enum UpstreamProbe {
+    /// The primary answered.
+    Answered {
+        /// Its VM runs.
+        running: bool,
+        /// The VM's state on the primary.
+        state: ReplicationState,
+    },
+    /// Nothing answers at the primary's address (host or network unreachable, no answer in
+    /// time).
+    Lost,
+    /// The probe could not be made or its answer cannot be trusted.
+    Failed {
+        /// Why.
+        reason: String,
     },
 }
 
@@ -175,6 +246,8 @@ enum ResponseHead {
     DisableReplica {
         state: ReplicationState,
     },
+    SourceVmState(SourceVmState),
+    ContinueFrom(ContinuedFrom),
 }
 
 /// Frames a protocol-2 body: `u32` LE length of `head`, `head` (JSON), then `tail` (binary).
@@ -215,6 +288,8 @@ impl PeerRequest {
             PeerRequest::BecomeReplica(_) => "become-replica",
             PeerRequest::ResyncHashes(_) => "resync-hashes",
             PeerRequest::DisableReplica { .. } => "disable-replica",
+            PeerRequest::SourceVmState { .. } => "source-vm-state",
+            PeerRequest::ContinueFrom(_) => "continue-from",
         }
     }
 
@@ -246,13 +321,15 @@ impl PeerRequest {
 
     /// Maps a protocol-1 call (`method` and its JSON body) onto the typed request.
     pub fn from_v1(method: &str, body: Value) -> Result<PeerRequest, PeerCodecError> {
-        const KNOWN: [&str; 6] = [
+        const KNOWN: [&str; 8] = [
             "create-replica",
             "replica-info",
             "primary-vm-state",
             "become-replica",
             "resync-hashes",
             "disable-replica",
+            "source-vm-state",
+            "continue-from",
         ];
         if !KNOWN.contains(&method) {
             return Err(PeerCodecError::UnknownMethod(method.to_string()));
@@ -277,6 +354,8 @@ impl PeerResponse {
             PeerResponse::BecomeReplica(_) => "become-replica",
             PeerResponse::ResyncHashes(_) => "resync-hashes",
             PeerResponse::DisableReplica { .. } => "disable-replica",
+            PeerResponse::SourceVmState(_) => "source-vm-state",
+            PeerResponse::ContinueFrom(_) => "continue-from",
         }
     }
 
@@ -305,6 +384,8 @@ impl PeerResponse {
             PeerResponse::DisableReplica { state } => {
                 ResponseHead::DisableReplica { state: *state }
             }
+            PeerResponse::SourceVmState(s) => ResponseHead::SourceVmState(s.clone()),
+            PeerResponse::ContinueFrom(c) => ResponseHead::ContinueFrom(c.clone()),
             PeerResponse::ResyncHashes(h) => {
                 let head = ResponseHead::ResyncHashes {
                     point: h.point,
@@ -341,6 +422,8 @@ impl PeerResponse {
             ResponseHead::DisableReplica { state } => {
                 no_tail(PeerResponse::DisableReplica { state })
             }
+            ResponseHead::SourceVmState(s) => no_tail(PeerResponse::SourceVmState(s)),
+            ResponseHead::ContinueFrom(c) => no_tail(PeerResponse::ContinueFrom(c)),
             ResponseHead::ResyncHashes {
                 point,
                 point_disk_size,
@@ -374,6 +457,8 @@ impl PeerResponse {
             PeerResponse::PrimaryVmState(s) => serde_json::to_value(s).unwrap_or(Value::Null),
             PeerResponse::BecomeReplica(b) => serde_json::to_value(b).unwrap_or(Value::Null),
             PeerResponse::DisableReplica { state } => serde_json::json!({ "state": state }),
+            PeerResponse::SourceVmState(s) => serde_json::to_value(s).unwrap_or(Value::Null),
+            PeerResponse::ContinueFrom(c) => serde_json::to_value(c).unwrap_or(Value::Null),
             PeerResponse::ResyncHashes(h) => serde_json::to_value(BlockHashesReply {
                 point: h.point,
                 point_disk_size: h.point_disk_size,
@@ -403,6 +488,12 @@ impl PeerResponse {
             }
             PeerRequest::BecomeReplica(_) => {
                 PeerResponse::BecomeReplica(serde_json::from_value(v).map_err(json)?)
+            }
+            PeerRequest::SourceVmState { .. } => {
+                PeerResponse::SourceVmState(serde_json::from_value(v).map_err(json)?)
+            }
+            PeerRequest::ContinueFrom(_) => {
+                PeerResponse::ContinueFrom(serde_json::from_value(v).map_err(json)?)
             }
             PeerRequest::DisableReplica { .. } => {
                 #[derive(Deserialize)]
@@ -500,6 +591,8 @@ mod tests {
                 read: true,
             }),
             PeerRequest::DisableReplica { uuid },
+            PeerRequest::SourceVmState { uuid },
+            PeerRequest::ContinueFrom(ContinueFromRequest { uuid, point: 7 }),
         ]
     }
 
@@ -528,6 +621,19 @@ mod tests {
             PeerResponse::DisableReplica {
                 state: ReplicationState::Disabled,
             },
+            PeerResponse::SourceVmState(SourceVmState {
+                state: ReplicationState::Replicating,
+                running: false,
+                upstream: Some(UpstreamProbe::Answered {
+                    running: true,
+                    state: ReplicationState::Replicating,
+                }),
+            }),
+            PeerResponse::ContinueFrom(ContinuedFrom {
+                latest: 5,
+                resync: true,
+                discarded: vec![8, 9],
+            }),
         ]
     }
 
@@ -556,6 +662,28 @@ mod tests {
             assert_eq!(method, r.method());
             assert!(body.get("method").is_none(), "{body}");
             assert_eq!(PeerRequest::from_v1(method, body).expect("v1"), r);
+        }
+    }
+
+    #[test]
+    fn every_upstream_probe_round_trips() {
+        let req = PeerRequest::SourceVmState {
+            uuid: Uuid::from_u128(7),
+        };
+        for upstream in [
+            None,
+            Some(UpstreamProbe::Lost),
+            Some(UpstreamProbe::Failed {
+                reason: "refused".into(),
+            }),
+        ] {
+            let resp = PeerResponse::SourceVmState(SourceVmState {
+                state: ReplicationState::Replicating,
+                running: upstream.is_none(),
+                upstream,
+            });
+            assert_eq!(PeerResponse::decode(&resp.encode()).expect("v2"), resp);
+            assert_eq!(PeerResponse::from_v1(&req, resp.to_v1()).expect("v1"), resp);
         }
     }
 

@@ -10,7 +10,8 @@ use crate::cycle::CycleId;
 
 /// Version of the agent-to-agent protocol (HTTP routes, call encoding and cycle framing) this
 /// build speaks: 5 = version 4 plus continuous mode (`create-replica` with frequency
-/// [`crate::api::FREQUENCY_CONTINUOUS`]), 4 = version 3 plus cycle bodies of stream version 2 (per-extent compression,
+/// [`crate::api::FREQUENCY_CONTINUOUS`]) and the `source-vm-state` and `continue-from` calls,
+/// 4 = version 3 plus cycle bodies of stream version 2 (per-extent compression,
 /// block checksums), 3 = version 2 plus the `disable-replica` call, 2 = typed calls
 /// (`vmr_proto::peer`), 1 = JSON calls by method name.
 pub const PROTOCOL_VERSION: u16 = 5;
@@ -23,6 +24,11 @@ pub const CONTINUOUS_SINCE: u16 = 5;
 /// First protocol version with the `disable-replica` call: a caller sends it only on a
 /// connection speaking at least this version (an older peer does not know the call).
 pub const DISABLE_REPLICA_SINCE: u16 = 3;
+
+/// First protocol version with the `source-vm-state` call (the split-brain probe across an
+/// extended chain; an older connection gets `primary-vm-state` instead) and the
+/// `continue-from` call (never sent on an older connection).
+pub const SOURCE_VM_STATE_SINCE: u16 = 5;
 
 /// Oldest protocol version this build still serves and speaks (the previous one), so that a
 /// rolling upgrade of two hosts never stops replication.

@@ -23,8 +23,8 @@ use vmr_proto::api::{
     BecomeReplica, BlockHashesRequest, CreateReplica, ReplicaVmInfo, ReplicationState,
 };
 use vmr_proto::peer::{
-    BecameReplica, BlockHashes, PEER_CONTENT_TYPE, PeerRequest, PeerResponse, PrimaryVmState,
-    ReplicaInfoRequest,
+    BecameReplica, BlockHashes, ContinueFromRequest, ContinuedFrom, PEER_CONTENT_TYPE, PeerRequest,
+    PeerResponse, PrimaryVmState, ReplicaInfoRequest, SourceVmState,
 };
 use vmr_proto::wire::{
     CycleAck, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION, RemoteError,
@@ -517,6 +517,47 @@ impl Client {
     pub async fn primary_vm_state(&self, uuid: Uuid) -> Result<PrimaryVmState, TransportError> {
         match self.call(PeerRequest::PrimaryVmState { uuid }).await? {
             PeerResponse::PrimaryVmState(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `source-vm-state`: the split-brain probe of VM `uuid` on its source across an extended
+    /// chain (the source answers for its own primary). `Ok(None)` when this connection speaks
+    /// a protocol older than [`vmr_proto::wire::SOURCE_VM_STATE_SINCE`]: the call is not sent
+    /// (use [`Client::primary_vm_state`]).
+    pub async fn source_vm_state(
+        &self,
+        uuid: Uuid,
+    ) -> Result<Option<SourceVmState>, TransportError> {
+        if self.hello.protocol < vmr_proto::wire::SOURCE_VM_STATE_SINCE {
+            return Ok(None);
+        }
+        match self.call(PeerRequest::SourceVmState { uuid }).await? {
+            PeerResponse::SourceVmState(s) => Ok(Some(s)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `continue-from`: tells the extended replica that the VM failed over here from `point`
+    /// and replicates to it from there; its answer says what the next cycle builds on. Refused
+    /// with a protocol error on a connection older than
+    /// [`vmr_proto::wire::SOURCE_VM_STATE_SINCE`] (the peer does not know the call).
+    pub async fn continue_from(
+        &self,
+        uuid: Uuid,
+        point: u64,
+    ) -> Result<ContinuedFrom, TransportError> {
+        if self.hello.protocol < vmr_proto::wire::SOURCE_VM_STATE_SINCE {
+            return Err(TransportError::Protocol(format!(
+                "the peer speaks protocol {}, which has no continue-from call (an agent of \
+                 protocol {} or later is needed)",
+                self.hello.protocol,
+                vmr_proto::wire::SOURCE_VM_STATE_SINCE
+            )));
+        }
+        let req = PeerRequest::ContinueFrom(ContinueFromRequest { uuid, point });
+        match self.call(req).await? {
+            PeerResponse::ContinueFrom(c) => Ok(c),
             other => Err(unexpected(&other)),
         }
     }

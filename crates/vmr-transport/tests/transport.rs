@@ -149,6 +149,20 @@ impl Handler for TestHandler {
             PeerRequest::DisableReplica { .. } => Ok(PeerResponse::DisableReplica {
                 state: ReplicationState::Disabled,
             }),
+            PeerRequest::SourceVmState { .. } => Ok(PeerResponse::SourceVmState(
+                vmr_proto::peer::SourceVmState {
+                    state: ReplicationState::Replicating,
+                    running: false,
+                    upstream: Some(vmr_proto::peer::UpstreamProbe::Lost),
+                },
+            )),
+            PeerRequest::ContinueFrom(r) => {
+                Ok(PeerResponse::ContinueFrom(vmr_proto::peer::ContinuedFrom {
+                    latest: r.point,
+                    resync: false,
+                    discarded: vec![r.point + 1],
+                }))
+            }
             // A handler bug: the answer of another call.
             PeerRequest::BecomeReplica(_) => Ok(PeerResponse::CreateReplica { created: true }),
         }
@@ -794,6 +808,38 @@ async fn typed_call_round_trip() {
 /// `disable-replica` exists from protocol 3 on: sent on a connection that speaks it, never on
 /// an older one (an older agent would answer 400: it does not know the call), where the typed
 /// client answers "not supported" without a request.
+/// `source-vm-state` and `continue-from` are sent only on connections of protocol 5 or later:
+/// on an older one `source_vm_state` answers `None` and `continue_from` a protocol error,
+/// neither sending anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_calls_only_on_connections_that_have_them() {
+    let s = Setup::new().await;
+    let vm = Uuid::from_u128(1);
+    let client = s.client().await;
+    let st = client.source_vm_state(vm).await.expect("v5 call");
+    assert_eq!(
+        st.and_then(|v| v.upstream),
+        Some(vmr_proto::peer::UpstreamProbe::Lost)
+    );
+    let c = client.continue_from(vm, 7).await.expect("v5 call");
+    assert_eq!((c.latest, c.discarded), (7, vec![8]));
+    let old = s
+        .client_speaking(4)
+        .await
+        .expect("an older client connects");
+    let before = s.handler.calls.load(Ordering::SeqCst);
+    assert_eq!(old.source_vm_state(vm).await.expect("not sent"), None);
+    assert!(matches!(
+        old.continue_from(vm, 7).await,
+        Err(TransportError::Protocol(_))
+    ));
+    assert_eq!(
+        s.handler.calls.load(Ordering::SeqCst),
+        before,
+        "v4 sent one"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_replica_only_on_connections_that_have_it() {
     let s = Setup::new().await;

@@ -276,9 +276,10 @@ pub enum Command {
         #[arg(long)]
         replica_fingerprint: Option<String>,
         /// Cycle interval of the reversed replication, as for `enable` (5 s to 24 h; a bare
-        /// number is seconds).
-        #[arg(long, default_value = "5m")]
-        frequency: String,
+        /// number is seconds). Default 5m; when reversing to the extended replica (extended
+        /// replication A → B → C, on B), that relationship's frequency.
+        #[arg(long)]
+        frequency: Option<String>,
     },
     /// Write the man pages and shell completions generated from this grammar into DIR
     /// (packaging: `scripts/package.sh`).

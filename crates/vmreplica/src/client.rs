@@ -453,7 +453,9 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             name,
             replica,
             replica_fingerprint,
-            frequency_secs: Some(parse_frequency(&frequency).map_err(|m| coded(exit::USAGE, m))?),
+            frequency_secs: frequency
+                .map(|f| parse_frequency(&f).map_err(|m| coded(exit::USAGE, m)))
+                .transpose()?,
         },
         Command::Init { .. }
         | Command::Agent

@@ -296,3 +296,301 @@ fn c_down_for_several_intervals_resumes_without_a_full_copy() -> TestResult {
     ch.stop()?;
     Ok(())
 }
+
+/// `failover <args> --json` on `agent`.
+fn failover(agent: &Agent, args: &[&str]) -> TestResult<vmr_proto::api::FailoverResult> {
+    let mut a = vec!["failover"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    Ok(serde_json::from_str(&agent.ok(&a)?)?)
+}
+
+/// The running A → B → C chain with a first extended cycle acknowledged: (the VM, the
+/// point C acknowledged).
+fn running_chain(ch: &Chain) -> TestResult<(StandIn, u64)> {
+    let vm = vm_on_a(ch)?;
+    ch.enable(VM, &["--frequency", "5s", "--recovery-points", "2"])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.enable_extended(VM, &["--frequency", "5s", "--recovery-points", "2"])?;
+    let x = wait_extended(ch, "the first extended cycle", |x| {
+        x.last_point_sent.is_some()
+    })?;
+    let sent = x.last_point_sent.unwrap_or(0);
+    ch.c.wait_cycle(VM, sent, LONG)?;
+    Ok((vm, sent))
+}
+
+#[test]
+fn test_failover_on_c_while_a_to_b_to_c_runs() -> TestResult {
+    let ch = Chain::new(exe())?;
+    let (vm, _) = running_chain(&ch)?;
+    let w = GuestWriter::start(&vm, 8);
+    // C's point is at least one extended cycle old now; test it.
+    let t = failover(&ch.c, &["test", VM])?;
+    let tp = t.point.ok_or("the test copy has no point")?;
+    assert_eq!(t.name, format!("{VM}-test"));
+    assert_eq!(ch.c.status(VM)?.state, ReplicationState::Replicating);
+    let dir = std::path::Path::new(&t.disks[0].1)
+        .parent()
+        .ok_or("no overlay directory")?
+        .to_path_buf();
+    let copy = StandIn::attach(vm.def.clone(), dir.join("nbd.sock"));
+    let at_point = replica_hashes(&ch.c, vm.def.uuid, Some(tp))?;
+    for (disk, h) in &at_point {
+        assert_eq!(
+            copy.hash(disk)?,
+            *h,
+            "the test copy of {disk} differs from C's point {tp}"
+        );
+    }
+    copy.write_random("disk0", 4, 777)?;
+    let tested = copy.hash("disk0")?;
+    // A → B and B → C go on under the writer while the copy runs on C.
+    let b_last = ch.b.status(VM)?.last_cycle.unwrap_or(0);
+    wait_extended(&ch, "two extended cycles past the tested point", |x| {
+        x.last_point_sent.is_some_and(|p| p > tp) && x.stats.successful_cycles >= 3
+    })?;
+    ch.b.wait_cycle(VM, b_last + 2, LONG)?;
+    let c = ch.c.status(VM)?;
+    assert!(
+        c.last_cycle > Some(tp),
+        "C applied nothing after {tp}: {c:?}"
+    );
+    assert_eq!(c.state, ReplicationState::Replicating);
+    assert_eq!(
+        copy.hash("disk0")?,
+        tested,
+        "a cycle changed what the test copy sees"
+    );
+    // Stop the test copy: its overlays go, the point is released, nothing else changes.
+    ch.c.ok(&["failover", "stop-test", VM])?;
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert_eq!(
+        ch.c.cli(&["failover", "stop-test", VM])?.status.code(),
+        Some(4)
+    );
+    w.stop();
+    let last = settle(&ch, &vm)?;
+    ch.c.wait_cycle(VM, last, LONG)?;
+    assert_same(&ch, &vm, last)?;
+    Ok(())
+}
+
+/// `failover start VM` on C, refused (exit 5, the state unchanged): its stderr.
+fn c_refuses(ch: &Chain) -> TestResult<String> {
+    let out = ch.c.cli(&["failover", "start", VM])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(ch.c.status(VM)?.state, ReplicationState::Replicating);
+    Ok(err)
+}
+
+#[test]
+fn unplanned_failover_on_c_probes_b_and_through_b_a() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let (vm, _) = running_chain(&ch)?;
+    let last = settle(&ch, &vm)?;
+    ch.c.wait_cycle(VM, last, LONG)?;
+    // B answers that the VM does not run there; through B, A's VM runs: refused.
+    let err = c_refuses(&ch)?;
+    assert!(err.contains("runs"), "{err}");
+    // A's agent is gone (its host answers: connection refused): B cannot check A, so C
+    // cannot either.
+    ch.a.stop()?;
+    let err = c_refuses(&ch)?;
+    assert!(
+        err.contains("could not check its own primary") && err.contains("connection refused"),
+        "{err}"
+    );
+    // B is gone too: C cannot reach its source; the two-host rules: refused unless forced.
+    ch.b.stop()?;
+    let err = c_refuses(&ch)?;
+    assert!(err.contains("connection refused"), "{err}");
+    let live = failover(&ch.c, &["start", VM, "--force"])?;
+    assert_eq!(live.state, ReplicationState::FailedOverWaitingCompletion);
+    assert_eq!(live.point, Some(last));
+    let started = StandIn::attach(vm.def.clone(), nbd_socket(&ch.c.dir, vm.def.uuid));
+    for disk in ["disk0", "disk1"] {
+        assert_eq!(
+            started.hash(disk)?,
+            vm.hash(disk)?,
+            "the VM failed over on C differs from A's {disk}"
+        );
+    }
+    let done = failover(&ch.c, &["complete", VM])?;
+    assert_eq!(done.state, ReplicationState::FailedOver);
+
+    // B returns (A stays lost); C's VM wrote meanwhile. `reverse` on C: B, which forwarded
+    // the VM to C, becomes C's replica from the failover point, without a full copy.
+    started.write_seq("disk0", 300, 5, 5000)?;
+    let written = 5 * 65536;
+    ch.b.restart()?;
+    let out = ch.c.ok(&["reverse", VM, "--frequency", "5s"])?;
+    assert!(out.contains("replication reversed"), "{out}");
+    let (st, _) = ch.c.wait_cycle(VM, last + 1, LONG)?;
+    let cut = st.last_cycle.unwrap_or(0) + 1;
+    ch.c.wait_cycle(VM, cut, LONG)?;
+    ch.c.ok(&["pause", VM])?;
+    let c = ch.c.status(VM)?;
+    let sent = c.last_cycle.ok_or("no cycle")?;
+    ch.b.wait_cycle(VM, sent, LONG)?;
+    for (disk, h) in replica_hashes(&ch.b, vm.def.uuid, Some(sent))? {
+        assert_eq!(
+            h,
+            started.hash(&disk)?,
+            "B's point {sent} differs from C's VM ({disk})"
+        );
+    }
+    eprintln!(
+        "C → B after the failover on C: {} bytes; the VM wrote {written}",
+        c.stats.total_bytes
+    );
+    assert!(
+        c.stats.total_bytes <= written + 4 * 65536,
+        "{} bytes shipped for {written} written",
+        c.stats.total_bytes
+    );
+    let b = ch.b.status(VM)?;
+    assert_eq!(b.primary, "host-c");
+    assert!(b.extended.is_none(), "{b:?}");
+    Ok(())
+}
+
+#[test]
+fn kill_9_of_b_mid_extended_cycle_loses_nothing() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    let vm = vm_on_a(&ch)?;
+    // Enough data that the first extended cycle (a full copy) takes a while.
+    for (i, d) in ["disk0", "disk1"].iter().enumerate() {
+        vm.write_random(d, 800, 500 + i as u64)?;
+    }
+    ch.enable(VM, &["--frequency", "5s", "--recovery-points", "1"])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.enable_extended(VM, &["--frequency", "5s"])?;
+    let x = wait_extended(&ch, "an extended cycle shipping data", |x| {
+        x.running_point.is_some() && x.running_bytes.unwrap_or(0) > 0
+    })?;
+    ch.b.kill9();
+    eprintln!(
+        "B killed while shipping point {:?} ({:?} bytes so far)",
+        x.running_point, x.running_bytes
+    );
+    // A writes while B is down and after it returns.
+    vm.write_random("disk0", 16, 4242)?;
+    ch.b.restart()?;
+    vm.write_random("disk1", 16, 4343)?;
+    let last = settle(&ch, &vm)?;
+    ch.c.wait_cycle(VM, last, LONG)?;
+    wait_extended(&ch, "C to acknowledge A's last point", |x| {
+        x.last_point_sent == Some(last)
+    })?;
+    assert_same(&ch, &vm, last)?;
+    ch.stop()?;
+    Ok(())
+}
+
+#[test]
+fn unplanned_failover_on_b_continues_to_c_from_its_point() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let vm = vm_on_a(&ch)?;
+    // B and C keep several points, so that B can fail over to one older than C's latest.
+    ch.enable(VM, &["--frequency", "5s", "--retain", "1s=20"])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.enable_extended(VM, &["--frequency", "5s", "--retain", "1s=20"])?;
+    wait_extended(&ch, "the first extended cycle", |x| {
+        x.last_point_sent.is_some()
+    })?;
+    // A few rounds of writes, each forwarded to C.
+    for round in 0..3u64 {
+        vm.write_seq("disk0", 200 + round * 8, 8, 2000 + round)?;
+        let last = settle(&ch, &vm)?;
+        wait_extended(&ch, "C to get A's last point", |x| {
+            x.last_point_sent == Some(last)
+        })?;
+        if round < 2 {
+            ch.a.ok(&["resume", VM])?;
+        }
+    }
+    let b_points = points_of(&ch.b, &vm)?;
+    let c_points = points_of(&ch.c, &vm)?;
+    let common: Vec<u64> = b_points
+        .iter()
+        .copied()
+        .filter(|p| c_points.contains(p))
+        .collect();
+    assert!(common.len() >= 2, "B {b_points:?}, C {c_points:?}");
+    // B fails over to an older point than C's latest.
+    let point = common[common.len() - 2];
+    let later: Vec<u64> = c_points.iter().copied().filter(|p| *p > point).collect();
+    let at_point = replica_hashes(&ch.c, vm.def.uuid, Some(point))?;
+    // A is lost (stopped while paused, between cycles).
+    ch.a.stop()?;
+    let live = failover(
+        &ch.b,
+        &["start", VM, "--point", &point.to_string(), "--force"],
+    )?;
+    assert_eq!(live.point, Some(point));
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 3000)?;
+    let written = 6 * 65536;
+    // Reverse to C: the extended relationship becomes B's own, from the failover point.
+    let out = ch.b.ok(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+    ])?;
+    assert!(
+        out.contains("continues from that point") && out.contains(&format!("{later:?}")),
+        "{out}"
+    );
+    let b = ch.b.status(VM)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert!(b.extended.is_none(), "{b:?}");
+    assert_eq!(b.replica, ch.c.addr);
+    assert_eq!(b.frequency_secs, 5, "the extended relationship's frequency");
+    // C kept the points up to the failover point (same content) and dropped the later ones.
+    let kept = points_of(&ch.c, &vm)?;
+    assert!(
+        c_points
+            .iter()
+            .filter(|p| **p <= point)
+            .all(|p| kept.contains(p)),
+        "C kept {kept:?} of {c_points:?} (dropped {later:?})"
+    );
+    assert_eq!(replica_hashes(&ch.c, vm.def.uuid, Some(point))?, at_point);
+    // B's cycles to C carry what the failed-over VM wrote, not a full copy.
+    let (st, _) = ch.b.wait_cycle(VM, point + 1, LONG)?;
+    ch.c.wait_cycle(VM, point + 1, LONG)?;
+    let cut = st.last_cycle.unwrap_or(0) + 1;
+    ch.b.wait_cycle(VM, cut, LONG)?;
+    ch.b.ok(&["pause", VM])?;
+    let b = ch.b.status(VM)?;
+    let last = b.last_cycle.ok_or("no cycle")?;
+    ch.c.wait_cycle(VM, last, LONG)?;
+    eprintln!(
+        "B → C after the failover: {} bytes in {} cycles; the VM wrote {written}",
+        b.stats.total_bytes, b.stats.successful_cycles
+    );
+    assert!(
+        b.stats.total_bytes <= written + 4 * 65536,
+        "{} bytes shipped for {written} written",
+        b.stats.total_bytes
+    );
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, Some(last))? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "C's point {last} differs from B's VM ({disk})"
+        );
+    }
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b");
+    assert_eq!(c.state, ReplicationState::Replicating);
+    Ok(())
+}

@@ -589,6 +589,13 @@ impl Chain {
         self.b.ok(&args).map(drop)
     }
 
+    /// Let each replica probe its source (the split-brain guard across the chain: C asks B,
+    /// B asks A): a allows b, b allows c.
+    pub fn allow_probes(&self) -> Result<()> {
+        self.a.allow(&self.b)?;
+        self.b.allow(&self.c)
+    }
+
     /// Stop the three agents cleanly.
     pub fn stop(&mut self) -> Result<()> {
         let a = self.a.stop();
