@@ -386,3 +386,43 @@ fn replica_vm_accepts_only_its_trust_group() -> TestResult {
     p.wait_cycle("tg1", last + 1, LONG)?;
     Ok(())
 }
+
+/// A primary agent stopped cleanly (SIGTERM) while a large cycle streams: the replica ends
+/// the half-received cycle and an unplanned failover there goes through within a bound (a
+/// failover once waited without end behind such a cycle, seen in an extended-replication run).
+#[test]
+fn a_primary_stopped_mid_cycle_leaves_the_replica_free_to_fail_over() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "st1", &["disk0"], 128)?;
+    vm.register(&p.a)?;
+    p.enable("st1", &["--frequency", "5s"])?;
+    p.wait_cycle("st1", 1, LONG)?;
+    vm.write_random("disk0", 1200, 11)?;
+    let w = Writer::start(&vm, &["disk0"], 16);
+    wait_until(LONG, "a cycle in flight", || {
+        Ok(p.a.status("st1")?.progress.is_some_and(|(d, _)| d > 0))
+    })?;
+    p.a.stop()?;
+    w.stop();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = p.b.dir.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            std::process::Command::new(exe())
+                .arg("--dir")
+                .arg(&dir)
+                .args(["failover", "start", "st1", "--force", "--no-start"])
+                .stdin(std::process::Stdio::null())
+                .output(),
+        );
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(120))
+        .map_err(|_| "failover start on the replica did not return within 120 s")??;
+    assert!(
+        out.status.success(),
+        "failover start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
