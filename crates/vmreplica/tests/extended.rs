@@ -594,3 +594,45 @@ fn unplanned_failover_on_b_continues_to_c_from_its_point() -> TestResult {
     assert_eq!(c.state, ReplicationState::Replicating);
     Ok(())
 }
+
+/// A stopped (SIGTERM) while its cycle streams to B, with B → C running: an unplanned failover
+/// on B returns within a bound (it once waited without end behind the half-received cycle).
+#[test]
+fn a_stopped_mid_cycle_leaves_b_free_to_fail_over() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0"], 128)?;
+    vm.register(&ch.a)?;
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.b.wait_cycle(VM, 1, LONG)?;
+    ch.enable_extended(VM, &["--frequency", "5s"])?;
+    wait_extended(&ch, "the first extended cycle", |x| {
+        x.last_point_sent.is_some()
+    })?;
+    vm.write_random("disk0", 1600, 11)?;
+    wait_until(LONG, "a cycle in flight", || {
+        Ok(ch.a.status(VM)?.progress.is_some_and(|(d, _)| d > 0))
+    })?;
+    ch.a.stop()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = ch.b.dir.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            std::process::Command::new(exe())
+                .arg("--dir")
+                .arg(&dir)
+                .args(["failover", "start", VM, "--force", "--no-start"])
+                .stdin(std::process::Stdio::null())
+                .output(),
+        );
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(120))
+        .map_err(|_| "failover start on B did not return within 120 s")??;
+    assert!(
+        out.status.success(),
+        "failover start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
