@@ -1,0 +1,268 @@
+//! Capture through libvirt's incremental-backup API against a real, private libvirt daemon
+//! (`vmr_testkit::harness::PrivateLibvirt`) running a TCG domain with two qcow2 disks. Writes
+//! reach the disks through the domain's own QEMU (`qemu-io` on the virtio devices), and the
+//! test keeps a model of every disk: after each cycle the replica (extents applied to plain
+//! files) must equal the model at the cut, including writes made while a cycle was read
+//! (they belong to the next one). Covers the full first cycle, deltas, an aborted cycle, a
+//! cycle whose capture was dropped mid-read (the job left running, as when the agent is
+//! killed), another tool's backup job holding the domain (counted, retried), a vanished
+//! checkpoint (a resync) and a non-qcow2 disk (a clear error).
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use vmr_capture::CaptureError;
+use vmr_capture::libvirt::{LibvirtCapture, LibvirtConfig};
+use vmr_libvirt::LibvirtError;
+use vmr_proto::ExtentData;
+use vmr_testkit::harness::{PrivateLibvirt, libvirt_unavailable};
+
+const DOMAIN: &str = "vmr-lv-web1";
+const SIZES: [u64; 2] = [16 << 20, 8 << 20];
+
+struct Disks {
+    model: Vec<Vec<u8>>,
+    replica: Vec<PathBuf>,
+}
+
+impl Disks {
+    fn write(
+        &mut self,
+        lv: &PrivateLibvirt,
+        disk: usize,
+        off: u64,
+        len: u64,
+        p: u8,
+    ) -> anyhow::Result<()> {
+        lv.write_disk(DOMAIN, disk, off, len, p)?;
+        self.model[disk][off as usize..(off + len) as usize].fill(p);
+        Ok(())
+    }
+
+    fn assert_replica_equals(&self, model: &[Vec<u8>], what: &str) -> anyhow::Result<()> {
+        for (i, p) in self.replica.iter().enumerate() {
+            let got = std::fs::read(p)?;
+            if got.len() != model[i].len() || got != model[i] {
+                let first = got.iter().zip(&model[i]).position(|(a, b)| a != b);
+                bail!(
+                    "{what}: replica disk {i} differs from the source at the cut (first at {first:?})"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn config(work: &Path, uri: &str) -> LibvirtConfig {
+    LibvirtConfig {
+        uri: uri.to_string(),
+        domain: DOMAIN.to_string(),
+        work_dir: work.to_path_buf(),
+        max_in_flight: 4,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+/// Read a cycle whole into the replica files; `during` runs after the cut, before reading.
+/// Returns (full, bytes read).
+async fn run_cycle(
+    cap: &mut LibvirtCapture,
+    disks: &mut Disks,
+    lv: &PrivateLibvirt,
+    during: &[(usize, u64, u64, u8)],
+) -> anyhow::Result<(bool, u64)> {
+    let mut cyc = cap.begin_cycle().await?;
+    let cut = disks.model.clone();
+    for &(d, off, len, p) in during {
+        disks.write(lv, d, off, len, p)?;
+    }
+    assert_eq!(cyc.sizes(), SIZES.to_vec());
+    let files: Vec<std::fs::File> = disks
+        .replica
+        .iter()
+        .map(|p| std::fs::OpenOptions::new().write(true).open(p))
+        .collect::<Result<_, _>>()?;
+    while let Some(e) = cyc.next_extent().await? {
+        let f = &files[e.disk as usize];
+        match &e.data {
+            ExtentData::Data(b) => f.write_all_at(b, e.offset)?,
+            ExtentData::Zero(n) => f.write_all_at(&vec![0u8; *n as usize], e.offset)?,
+        }
+    }
+    let full = cyc.is_full();
+    let read = cyc.bytes_read();
+    disks.assert_replica_equals(&cut, "cycle")?;
+    cyc.commit().await?;
+    Ok((full, read))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_backup_cycles() -> anyhow::Result<()> {
+    if let Some(why) = libvirt_unavailable() {
+        bail!("this test needs a private libvirt daemon: {why}");
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lv").tempdir()?;
+    let lv = PrivateLibvirt::start(&tmp.path().join("lv"))?;
+    let mut images = Vec::new();
+    let mut replica = Vec::new();
+    for (i, size) in SIZES.iter().enumerate() {
+        let img = tmp.path().join(format!("disk{i}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg(size.to_string())
+            .status()?;
+        assert!(st.success(), "qemu-img create");
+        images.push(img);
+        let r = tmp.path().join(format!("replica{i}.raw"));
+        std::fs::File::create(&r)?.set_len(*size)?;
+        replica.push(r);
+    }
+    lv.start_domain(DOMAIN, &images)
+        .context("start the domain")?;
+    let mut disks = Disks {
+        model: SIZES.iter().map(|s| vec![0u8; *s as usize]).collect(),
+        replica,
+    };
+    disks.write(&lv, 0, 0, 64 << 10, 0x41)?;
+    disks.write(&lv, 1, 1 << 20, 128 << 10, 0x42)?;
+
+    let work = tmp.path().join("work");
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), None).await?;
+    assert_eq!(
+        cap.disks()
+            .iter()
+            .map(|d| d.target.as_str())
+            .collect::<Vec<_>>(),
+        ["vda", "vdb"]
+    );
+    assert!(cap.domain_xml().await?.contains(DOMAIN));
+
+    // 1: the full first cycle, with a write after the cut
+    let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[(0, 4 << 20, 64 << 10, 0x43)]).await?;
+    assert!(full, "the first cycle is full");
+    assert_eq!(cap.acked(), Some("vmreplica-1"));
+    assert_eq!(lv.checkpoints(DOMAIN)?, ["vmreplica-1"]);
+
+    // 2: a delta carries the write made during cycle 1 and new ones, and nothing else
+    disks.write(&lv, 1, 0, 64 << 10, 0x44)?;
+    let (full, read) =
+        run_cycle(&mut cap, &mut disks, &lv, &[(1, 6 << 20, 64 << 10, 0x45)]).await?;
+    assert!(!full);
+    assert_eq!(read, 2 * (64 << 10), "only the changed clusters are read");
+    assert_eq!(cap.acked(), Some("vmreplica-2"));
+    assert_eq!(
+        lv.checkpoints(DOMAIN)?,
+        ["vmreplica-2"],
+        "the older checkpoint is deleted"
+    );
+
+    // 3: an aborted cycle loses nothing: the next delta is from the older checkpoint
+    disks.write(&lv, 0, 8 << 20, 64 << 10, 0x46)?;
+    let cyc = cap.begin_cycle().await?;
+    cyc.abort().await?;
+    assert_eq!(cap.acked(), Some("vmreplica-2"));
+    assert_eq!(lv.checkpoints(DOMAIN)?, ["vmreplica-2"]);
+    let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full);
+
+    // 4: the capture dropped mid-cycle (the agent killed): its job stays on the domain; a new
+    // capture from the recorded checkpoint ends it and loses nothing
+    let acked = cap.acked().map(String::from);
+    disks.write(&lv, 1, 2 << 20, 192 << 10, 0x47)?;
+    {
+        let mut cyc = cap.begin_cycle().await?;
+        let _ = cyc.next_extent().await?;
+        drop(cyc);
+    }
+    drop(cap);
+    assert!(lv.virsh(&["domjobinfo", DOMAIN])?.contains("Backup"));
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), acked).await?;
+    disks.write(&lv, 0, 12 << 20, 64 << 10, 0x48)?;
+    let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full);
+    assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
+
+    // 5: another tool's backup job holds the domain: the cycle waits (counted), then runs
+    lv.hold_backup(DOMAIN, &["vda"])?;
+    disks.write(&lv, 0, 14 << 20, 64 << 10, 0x49)?;
+    match cap.begin_cycle().await {
+        Err(CaptureError::BackupBusy { retry_after_ms, .. }) => assert!(retry_after_ms > 0),
+        other => bail!("expected BackupBusy, got {other:?}"),
+    }
+    match cap.begin_cycle().await {
+        Err(CaptureError::BackupBusy { .. }) => {}
+        other => bail!("expected BackupBusy, got {other:?}"),
+    }
+    assert_eq!(cap.stats().busy, 2);
+    assert_eq!(cap.stats().busy_streak, 2);
+    lv.abort_job(DOMAIN)?;
+    run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert_eq!(cap.stats().busy_streak, 0);
+
+    // 6: the acknowledged checkpoint vanished (libvirt's metadata lost): a full resync, never
+    // a delta from the wrong place
+    let acked = cap.acked().map(String::from).context("acked")?;
+    lv.virsh(&["checkpoint-delete", DOMAIN, &acked])?;
+    disks.write(&lv, 1, 7 << 20, 64 << 10, 0x4a)?;
+    {
+        let cyc = cap.begin_cycle().await?;
+        assert!(cyc.is_full());
+        assert!(
+            cyc.resync().is_some_and(|r| r.contains(&acked)),
+            "{:?}",
+            cyc.resync()
+        );
+        cyc.abort().await?;
+    }
+    assert_eq!(cap.acked(), None);
+    for r in &disks.replica {
+        // a resync rewrites everything: start the replica over to prove it
+        std::fs::File::create(r)?.set_len(std::fs::metadata(r)?.len())?;
+    }
+    let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(full);
+    assert_eq!(cap.stats().resyncs, 1);
+
+    // a domain with a raw disk is refused with a clear error
+    let raw = tmp.path().join("raw.img");
+    std::fs::File::create(&raw)?.set_len(1 << 20)?;
+    let rawdef = tmp.path().join("raw.xml");
+    std::fs::write(
+        &rawdef,
+        format!(
+            "<domain type='qemu'><name>vmr-lv-raw</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+            raw.display()
+        ),
+    )?;
+    lv.virsh(&["define", &rawdef.to_string_lossy()])?;
+    let mut c = config(&work, lv.uri());
+    c.domain = "vmr-lv-raw".into();
+    match LibvirtCapture::open(c, None).await {
+        Err(CaptureError::Libvirt(LibvirtError::NotQcow2 { disk, format })) => {
+            assert_eq!((disk.as_str(), format.as_str()), ("vda", "raw"));
+        }
+        other => bail!("expected NotQcow2, got {other:?}"),
+    }
+    let mut c = config(&work, lv.uri());
+    c.domain = "no-such-domain".into();
+    assert!(matches!(
+        LibvirtCapture::open(c, None).await,
+        Err(CaptureError::Libvirt(LibvirtError::NoDomain { .. }))
+    ));
+
+    drop(cap);
+    let dir = lv.dir().to_path_buf();
+    drop(lv);
+    assert_eq!(
+        vmr_testkit::harness::kill_processes_under(&dir),
+        0,
+        "every libvirt and QEMU process ended"
+    );
+    eprintln!("libvirt_backup_cycles: {:?}", t0.elapsed());
+    Ok(())
+}
