@@ -195,8 +195,19 @@ impl LibvirtCapture {
             .step(ev)
             .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
         let mut resync = None;
-        let Some((from, new)) = self.carry_out(acts, &mut resync).await? else {
-            return Err(CaptureError::Unexpected("the chain began no job".into()));
+        let (from, new) = match self.carry_out(acts, &mut resync).await {
+            Ok(Some(b)) => b,
+            // another job: the chain began no cycle
+            Err(e @ CaptureError::BackupBusy { .. }) => return Err(e),
+            Ok(None) => return Err(CaptureError::Unexpected("the chain began no job".into())),
+            Err(e) => {
+                // a cleanup before the job failed: no job began, the chain is told so
+                let _ = self.chain.step(ChainEvent::BeginFailed {
+                    failure: BeginFailure::Other,
+                    now_ms: now_ms(),
+                });
+                return Err(e);
+            }
         };
         let _ = std::fs::remove_file(&own);
         let plan = BackupPlan {

@@ -202,7 +202,7 @@ impl CheckpointChain {
                 }
                 let ours: Vec<&String> = present.iter().filter(|n| seq(n).is_some()).collect();
                 if let Some(c) = &self.acked
-                    && !ours.iter().any(|n| *n == c)
+                    && !ours.contains(&c)
                 {
                     acts.push(ChainAction::Resync(ResyncCause::CheckpointMissing(
                         c.clone(),
@@ -294,10 +294,18 @@ mod tests {
         x.to_string()
     }
 
+    /// (acked, present, own job, other job) -> actions
+    type StartCase = (
+        Option<&'static str>,
+        Vec<&'static str>,
+        bool,
+        bool,
+        Vec<ChainAction>,
+    );
+
     #[test]
     fn start_table() {
-        // (acked, present, own job, other job) -> actions
-        let cases: Vec<(Option<&str>, Vec<&str>, bool, bool, Vec<ChainAction>)> = vec![
+        let cases: Vec<StartCase> = vec![
             (
                 None,
                 vec![],
