@@ -6,7 +6,8 @@
 //! (they belong to the next one). Covers the full first cycle, deltas, an aborted cycle, a
 //! cycle whose capture was dropped mid-read (the job left running, as when the agent is
 //! killed), another tool's backup job holding the domain (counted, retried), a vanished
-//! checkpoint (a resync) and a non-qcow2 disk (a clear error).
+//! checkpoint (a resync), libvirtd restarted mid-cycle, and a non-qcow2 disk (a clear
+//! error).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -106,7 +107,7 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     }
     let t0 = std::time::Instant::now();
     let tmp = tempfile::Builder::new().prefix("vmr-lv").tempdir()?;
-    let lv = PrivateLibvirt::start(&tmp.path().join("lv"))?;
+    let mut lv = PrivateLibvirt::start(&tmp.path().join("lv"))?;
     let mut images = Vec::new();
     let mut replica = Vec::new();
     for (i, size) in SIZES.iter().enumerate() {
@@ -227,6 +228,30 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert!(full);
     assert_eq!(cap.stats().resyncs, 1);
+
+    // 7: libvirtd restarted mid-cycle: the capture's connection is gone, the domain and its
+    // job are taken over by the new daemon; a capture opened again from the recorded
+    // checkpoint ends what is left and loses nothing, and the chain goes on with deltas
+    disks.write(&lv, 0, 10 << 20, 128 << 10, 0x4b)?;
+    {
+        let mut cyc = cap.begin_cycle().await?;
+        let _ = cyc.next_extent().await?;
+        lv.restart()?;
+        // reading may go on (QEMU serves the export) or fail; the cycle is not shipped (the
+        // replica never acknowledges it) and ending its job cannot reach the old daemon
+        while let Ok(Some(_)) = cyc.next_extent().await {}
+        cyc.abort().await?;
+    }
+    let acked = cap.acked().map(String::from);
+    drop(cap);
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), acked).await?;
+    disks.write(&lv, 1, 3 << 20, 64 << 10, 0x4c)?;
+    run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    disks.write(&lv, 1, 5 << 20, 64 << 10, 0x4d)?;
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full, "deltas go on after the restart");
+    assert_eq!(read, 64 << 10);
+    assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
 
     // a domain with a raw disk is refused with a clear error
     let raw = tmp.path().join("raw.img");

@@ -50,6 +50,25 @@ pub fn libvirt_unavailable() -> Option<String> {
     None
 }
 
+/// `libvirtd` in a mount namespace of its own with `dir`'s subdirectories over libvirt's.
+fn spawn_daemon(dir: &Path) -> anyhow::Result<ChildGuard> {
+    let d = dir.display();
+    let mut script = String::from("set -e\n");
+    for (host, sub) in HOST_DIRS.iter().zip(["etc", "lib", "cache", "log"]) {
+        script.push_str(&format!("mount --bind '{d}/{sub}' {host}\n"));
+    }
+    // /run/libvirt (the running domains' state, kept across a restart): the test's `run`
+    // bound over it, on a private /run where the host has no /run/libvirt
+    script.push_str(&format!(
+        "if [ ! -d /run/libvirt ]; then mount -t tmpfs tmpfs /run; mkdir /run/libvirt; fi\nmount --bind '{d}/run' /run/libvirt\nexec /usr/sbin/libvirtd --config '{d}/libvirtd.conf' --pid '{d}/libvirtd.pid'\n"
+    ));
+    let mut cmd = Command::new("/usr/bin/unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::fs::File::create(dir.join("libvirtd.out"))?)
+        .stderr(std::fs::File::create(dir.join("libvirtd.err"))?);
+    Ok(ChildGuard::spawn(cmd, "libvirtd")?)
+}
+
 /// A libvirt daemon of the test's own.
 #[derive(Debug)]
 pub struct PrivateLibvirt {
@@ -81,35 +100,37 @@ impl PrivateLibvirt {
             dir.join("etc/qemu.conf"),
             "security_driver = \"none\"\nuser = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\ncgroup_controllers = [ ]\nstdio_handler = \"file\"\n",
         )?;
-        let mut script = String::from("set -e\n");
-        for (host, sub) in HOST_DIRS.iter().zip(["etc", "lib", "cache", "log"]) {
-            script.push_str(&format!("mount --bind '{d}/{sub}' {host}\n"));
-        }
-        // /run/libvirt: bound when it exists, else a private /run holds it
-        script.push_str(&format!(
-            "if [ -d /run/libvirt ]; then mount --bind '{d}/run' /run/libvirt; else mount -t tmpfs tmpfs /run; mkdir /run/libvirt; fi\nexec /usr/sbin/libvirtd --config '{d}/libvirtd.conf' --pid '{d}/libvirtd.pid'\n"
-        ));
-        let mut cmd = Command::new("/usr/bin/unshare");
-        cmd.args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdout(std::fs::File::create(dir.join("libvirtd.out"))?)
-            .stderr(std::fs::File::create(dir.join("libvirtd.err"))?);
-        let daemon = ChildGuard::spawn(cmd, "libvirtd")?;
-        let lv = PrivateLibvirt {
+        let daemon = spawn_daemon(&dir)?;
+        let mut lv = PrivateLibvirt {
             uri: format!("qemu+unix:///system?socket={d}/sock/libvirt-sock"),
             dir,
             daemon,
         };
+        lv.wait_ready()?;
+        Ok(lv)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if lv.virsh(&["version"]).is_ok() {
-                return Ok(lv);
+            if self.virsh(&["version"]).is_ok() {
+                return Ok(());
             }
-            if Instant::now() > deadline {
-                let err = std::fs::read_to_string(lv.dir.join("libvirtd.err")).unwrap_or_default();
+            if Instant::now() > deadline || !self.daemon.is_running() {
+                let err =
+                    std::fs::read_to_string(self.dir.join("libvirtd.err")).unwrap_or_default();
                 bail!("private libvirtd did not answer within {READY_TIMEOUT:?}: {err}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stop the daemon (SIGTERM) and start it again on the same directories; its domains keep
+    /// running and the new daemon takes them over, as after `systemctl restart libvirtd`.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.daemon.terminate(Duration::from_secs(20))?;
+        self.daemon = spawn_daemon(&self.dir)?;
+        self.wait_ready()
     }
 
     /// The connection URI of this daemon.
