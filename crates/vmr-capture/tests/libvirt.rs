@@ -75,7 +75,9 @@ async fn run_cycle(
     lv: &PrivateLibvirt,
     during: &[(usize, u64, u64, u8)],
 ) -> anyhow::Result<(bool, u64)> {
+    let t0 = std::time::Instant::now();
     let mut cyc = cap.begin_cycle().await?;
+    let view = t0.elapsed();
     let cut = disks.model.clone();
     for &(d, off, len, p) in during {
         disks.write(lv, d, off, len, p)?;
@@ -97,6 +99,12 @@ async fn run_cycle(
     let read = cyc.bytes_read();
     disks.assert_replica_equals(&cut, "cycle")?;
     cyc.commit().await?;
+    // figures for the report: the backup job's start (view ready) and the whole cycle
+    eprintln!(
+        "cycle full={full} bytes={read} view_ms={} total_ms={}",
+        view.as_millis(),
+        t0.elapsed().as_millis()
+    );
     Ok((full, read))
 }
 
