@@ -147,7 +147,7 @@ pub enum CaptureError {
     #[error("cycle committed before all extents were read; it was aborted instead")]
     Incomplete,
     /// A libvirt call failed (see `vmr_libvirt::LibvirtError`).
-    #[error("libvirt")]
+    #[error(transparent)]
     Libvirt(#[from] vmr_libvirt::LibvirtError),
     /// Another job (another tool's backup) holds the libvirt domain: nothing was captured,
     /// the cycle is tried again after `retry_after_ms`.

@@ -6,7 +6,8 @@
 //! (they belong to the next one). Covers the full first cycle, deltas, an aborted cycle, a
 //! cycle whose capture was dropped mid-read (the job left running, as when the agent is
 //! killed), another tool's backup job holding the domain (counted, retried), a vanished
-//! checkpoint (a resync), libvirtd restarted mid-cycle, and a non-qcow2 disk (a clear
+//! checkpoint (a resync), lost checkpoint metadata whose bitmap stays in the images (a
+//! resync, then a new name), libvirtd restarted mid-cycle, and a non-qcow2 disk (a clear
 //! error).
 
 use std::os::unix::fs::FileExt;
@@ -236,6 +237,29 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert!(full);
     assert_eq!(cap.stats().resyncs, 1);
+
+    // 6b: libvirt's metadata of the acked checkpoint lost while its bitmap stays in the
+    // images, and a record one checkpoint behind: the name the chain picks is the orphan
+    // bitmap's ("Bitmap already exists"): a resync, then a new name, never a delta
+    let acked = cap.acked().map(String::from).context("acked")?;
+    lv.virsh(&["checkpoint-delete", "--metadata", DOMAIN, &acked])?;
+    let k: u64 = acked.trim_start_matches("vmreplica-").parse()?;
+    drop(cap);
+    let stale = Some(format!("vmreplica-{}", k - 1));
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), stale).await?;
+    disks.write(&lv, 0, 9 << 20, 64 << 10, 0x4e)?;
+    match cap.begin_cycle().await {
+        Err(CaptureError::ResyncRequired { reason }) => eprintln!("orphan bitmap: {reason}"),
+        Ok(c) => {
+            let full = c.is_full();
+            c.abort().await?;
+            bail!("a job began on an orphan bitmap's name (full: {full})");
+        }
+        Err(e) => bail!("expected ResyncRequired, got {e:?}"),
+    }
+    let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(full);
+    assert_eq!(cap.acked(), Some(format!("vmreplica-{}", k + 1).as_str()));
 
     // 7: libvirtd restarted mid-cycle: the capture's connection is gone, the domain and its
     // job are taken over by the new daemon; a capture opened again from the recorded

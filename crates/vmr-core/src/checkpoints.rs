@@ -21,8 +21,10 @@
 //! | `Acknowledged` | cycle from c to n | `AbortJob`, `Delete(c)`, acked = n, `Record` |
 //! | `Failed` | cycle from c to n | `AbortJob`, `Delete(n)`, acked = c kept |
 //!
-//! `new` is `vmreplica-<k>`, k one more than the highest of vmreplica's checkpoints present
-//! and the acked one, so a name is never reused while its bitmap might exist.
+//! `new` is `vmreplica-<k>`, k one more than the highest of vmreplica's checkpoints present,
+//! the acked one (also when it vanished: its bitmap may still be in the images) and every
+//! name this chain tried before (a failed job's bitmap may outlive libvirt's metadata), so a
+//! name is not reused while its bitmap might exist.
 
 /// An event that does not fit the chain's state (a driver bug); it changes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -147,6 +149,9 @@ pub struct CheckpointChain {
     acked: Option<String>,
     cycle: Option<InFlight>,
     stats: ChainStats,
+    /// The highest number this chain gave a checkpoint: a name whose job failed is not tried
+    /// again (its bitmap may outlive libvirt's metadata: "Bitmap already exists").
+    floor: u64,
 }
 
 fn seq(name: &str) -> Option<u64> {
@@ -201,6 +206,8 @@ impl CheckpointChain {
                     return Ok(vec![self.wait(now_ms)]);
                 }
                 let ours: Vec<&String> = present.iter().filter(|n| seq(n).is_some()).collect();
+                // a vanished acked checkpoint's bitmap may still be in the images
+                let acked_seq = self.acked.as_deref().and_then(seq).unwrap_or(0);
                 if let Some(c) = &self.acked
                     && !ours.contains(&c)
                 {
@@ -219,10 +226,12 @@ impl CheckpointChain {
                 let top = ours
                     .iter()
                     .filter_map(|n| seq(n))
-                    .chain(self.acked.as_deref().and_then(seq))
+                    .chain([acked_seq, self.floor])
                     .max()
-                    .unwrap_or(0);
-                let new = format!("{PREFIX}{}", top + 1);
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                self.floor = top;
+                let new = format!("{PREFIX}{top}");
                 self.cycle = Some(InFlight {
                     from: self.acked.clone(),
                     new: new.clone(),
@@ -367,7 +376,7 @@ mod tests {
                     Delete(s("vmreplica-2")),
                     Begin {
                         from: None,
-                        new: s("vmreplica-3"),
+                        new: s("vmreplica-5"),
                     },
                 ],
             ),
@@ -429,7 +438,7 @@ mod tests {
         let a = c.step(ChainEvent::Failed { now_ms: 2 }).expect("failed");
         assert_eq!(a, vec![AbortJob, Delete(s("vmreplica-2"))]);
         assert_eq!(c.acked(), Some("vmreplica-1"));
-        // the next delta is from the older checkpoint again
+        // the next delta is from the older checkpoint again, under a name not tried before
         let a = c
             .step(start(&["vmreplica-1"], false, false))
             .expect("start");
@@ -437,7 +446,36 @@ mod tests {
             a,
             vec![Begin {
                 from: Some(s("vmreplica-1")),
+                new: s("vmreplica-3")
+            }]
+        );
+    }
+
+    #[test]
+    fn names_whose_bitmaps_may_remain_are_not_reused() {
+        // libvirt's metadata of the acked checkpoint was lost, its bitmap stays in the images
+        let mut c = CheckpointChain::new(Some(s("vmreplica-1")));
+        let a = c.step(start(&[], false, false)).expect("start");
+        assert_eq!(
+            a.last(),
+            Some(&Begin {
+                from: None,
                 new: s("vmreplica-2")
+            })
+        );
+        // ... and so was a failed job's: "Bitmap already exists" is a resync, and the next
+        // start takes a new name rather than failing on the same one forever
+        c.step(ChainEvent::BeginFailed {
+            failure: BeginFailure::Resync,
+            now_ms: 2,
+        })
+        .expect("failed");
+        let a = c.step(start(&[], false, false)).expect("start");
+        assert_eq!(
+            a,
+            vec![Begin {
+                from: None,
+                new: s("vmreplica-3")
             }]
         );
     }

@@ -251,12 +251,15 @@ impl Domain {
                 name: from,
                 message: m.to_string(),
             },
-            _ if m.contains("already exists") || m.contains("inconsistent") => {
-                LibvirtError::CheckpointInconsistent {
-                    name: from,
-                    message: m.to_string(),
-                }
-            }
+            // the new checkpoint's bitmap is left in the images (libvirt's metadata lost)
+            _ if m.contains("already exists") => LibvirtError::CheckpointInconsistent {
+                name: plan.checkpoint.clone(),
+                message: m.to_string(),
+            },
+            _ if m.contains("inconsistent") => LibvirtError::CheckpointInconsistent {
+                name: from,
+                message: m.to_string(),
+            },
             _ if is_busy(&e) => LibvirtError::Busy {
                 detail: m.to_string(),
             },
