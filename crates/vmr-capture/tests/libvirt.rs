@@ -20,7 +20,7 @@ use vmr_capture::CaptureError;
 use vmr_capture::libvirt::{LibvirtCapture, LibvirtConfig};
 use vmr_libvirt::LibvirtError;
 use vmr_proto::ExtentData;
-use vmr_testkit::harness::{PrivateLibvirt, libvirt_unavailable};
+use vmr_testkit::harness::{PrivateLibvirt, libvirt_unavailable, processes_in_namespaces};
 
 const DOMAIN: &str = "vmr-lv-web1";
 const SIZES: [u64; 2] = [16 << 20, 8 << 20];
@@ -313,11 +313,17 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     ));
 
     drop(cap);
-    let dir = lv.dir().to_path_buf();
+    let namespaces = lv.mount_namespaces();
+    assert_eq!(namespaces.len(), 2, "one per daemon start: {namespaces:?}");
+    let before = processes_in_namespaces(&namespaces);
+    assert!(
+        before.len() >= 2,
+        "libvirtd and the domain's QEMU: {before:?}"
+    );
     drop(lv);
     assert_eq!(
-        vmr_testkit::harness::kill_processes_under(&dir),
-        0,
+        processes_in_namespaces(&namespaces),
+        Vec::<u32>::new(),
         "every libvirt and QEMU process ended"
     );
     eprintln!("libvirt_backup_cycles: {:?}", t0.elapsed());

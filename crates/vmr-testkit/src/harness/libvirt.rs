@@ -2,8 +2,8 @@
 //! (`unshare -m`) in which the test's directories are bind-mounted over libvirt's state,
 //! configuration, cache and log directories, with its sockets in the test's directory. The
 //! host's libvirt state is never read or changed, and everything it starts (QEMU) lives in
-//! that namespace and names the test's directory on its command line, so dropping the
-//! [`PrivateLibvirt`] kills all of it. Domains are driven with `virsh` (setup only: vmreplica
+//! that namespace, so dropping the [`PrivateLibvirt`] kills all of it (every process in the
+//! namespaces its daemons ran in). Domains are driven with `virsh` (setup only: vmreplica
 //! itself talks to libvirt through its API). See `docs/libvirt.md`.
 
 use std::path::{Path, PathBuf};
@@ -69,12 +69,34 @@ fn spawn_daemon(dir: &Path) -> anyhow::Result<ChildGuard> {
     Ok(ChildGuard::spawn(cmd, "libvirtd")?)
 }
 
+/// The mount namespace of process `pid` (`mnt:[inode]`).
+fn mount_namespace(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The processes in any of the mount namespaces `ns` (a daemon's and its QEMUs').
+pub fn processes_in_namespaces(ns: &[String]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| mount_namespace(*pid).is_some_and(|m| ns.contains(&m)))
+        .collect()
+}
+
 /// A libvirt daemon of the test's own.
 #[derive(Debug)]
 pub struct PrivateLibvirt {
     dir: PathBuf,
     uri: String,
     daemon: ChildGuard,
+    /// Every mount namespace a daemon of this test ran in (its QEMUs stay in the one they
+    /// were started from, also across a restart).
+    namespaces: Vec<String>,
 }
 
 impl PrivateLibvirt {
@@ -95,25 +117,39 @@ impl PrivateLibvirt {
                 "unix_sock_dir = \"{d}/sock\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nlog_outputs = \"3:file:{d}/libvirtd.log\"\n"
             ),
         )?;
-        // no security driver, ownership changes, cgroups or virtlogd: nothing outside the dir
+        // no security driver, ownership changes, cgroups or virtlogd: nothing outside the
+        // dir; QEMU in the daemon's namespace (not a per-domain one), where the harness finds it
         std::fs::write(
             dir.join("etc/qemu.conf"),
-            "security_driver = \"none\"\nuser = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\ncgroup_controllers = [ ]\nstdio_handler = \"file\"\n",
+            "security_driver = \"none\"\nuser = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\ncgroup_controllers = [ ]\nstdio_handler = \"file\"\nnamespaces = [ ]\n",
         )?;
         let daemon = spawn_daemon(&dir)?;
         let mut lv = PrivateLibvirt {
             uri: format!("qemu+unix:///system?socket={d}/sock/libvirt-sock"),
             dir,
             daemon,
+            namespaces: Vec::new(),
         };
         lv.wait_ready()?;
         Ok(lv)
+    }
+
+    /// The mount namespaces of this test's daemons and QEMUs
+    /// ([`processes_in_namespaces`] finds what runs in them).
+    pub fn mount_namespaces(&self) -> Vec<String> {
+        self.namespaces.clone()
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if self.virsh(&["version"]).is_ok() {
+                // the daemon answers from its own namespace (unshare and sh exec'ed it)
+                if let Some(ns) = mount_namespace(self.daemon.pid())
+                    && !self.namespaces.contains(&ns)
+                {
+                    self.namespaces.push(ns);
+                }
                 return Ok(());
             }
             if Instant::now() > deadline || !self.daemon.is_running() {
@@ -250,6 +286,9 @@ impl PrivateLibvirt {
             }
         }
         let _ = self.daemon.terminate(Duration::from_secs(10));
+        for pid in processes_in_namespaces(&self.namespaces) {
+            crate::proc::sigkill(pid);
+        }
         super::kill_processes_under(&self.dir);
     }
 }

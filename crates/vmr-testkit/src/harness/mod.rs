@@ -29,7 +29,7 @@ pub use guest::{
     failover_qmp, failover_serial, guest_addresses, guest_definition, harness_qmp, parse_check,
     parse_seq,
 };
-pub use libvirt::{PrivateLibvirt, libvirt_unavailable};
+pub use libvirt::{PrivateLibvirt, libvirt_unavailable, processes_in_namespaces};
 pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
     write_noise, write_random, write_seq,
