@@ -4,8 +4,8 @@
 //! test keeps a model of every disk: after each cycle the replica (extents applied to plain
 //! files) must equal the model at the cut, including writes made while a cycle was read
 //! (they belong to the next one). Covers the full first cycle, deltas, an aborted cycle, a
-//! cycle whose capture was dropped mid-read (the job left running, as when the agent is
-//! killed), another tool's backup job holding the domain (counted, retried), a vanished
+//! cycle whose capture was dropped mid-read (the job left running) and a process SIGKILLed
+//! mid-cycle (this test re-run as a child), another tool's backup job holding the domain (counted, retried), a vanished
 //! checkpoint (a resync), lost checkpoint metadata whose bitmap stays in the images (a
 //! resync, then a new name), libvirtd restarted mid-cycle, and a non-qcow2 disk (a clear
 //! error).
@@ -109,8 +109,66 @@ async fn run_cycle(
     Ok((full, read))
 }
 
+/// Set in the environment of this test binary re-run as the process the test SIGKILLs
+/// mid-cycle: `URI|WORK|ACKED`.
+const CHILD_ENV: &str = "VMR_LIBVIRT_TEST_CHILD";
+
+/// The killed process (this test, re-run with [`CHILD_ENV`]): begins a cycle from `ACKED`,
+/// reads one extent, says `HELD` and waits to be killed.
+async fn killed_child(spec: &str) -> anyhow::Result<()> {
+    let mut parts = spec.splitn(3, '|');
+    let (Some(uri), Some(work), Some(acked)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("bad {CHILD_ENV}: {spec}");
+    };
+    let mut cap = LibvirtCapture::open(config(Path::new(work), uri), Some(acked.into())).await?;
+    let mut cyc = cap.begin_cycle().await?;
+    let _ = cyc.next_extent().await?;
+    println!("HELD");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+}
+
+/// Run this test binary as [`killed_child`] and SIGKILL it once its cycle is held.
+fn kill_mid_cycle(uri: &str, work: &Path, acked: &str) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "libvirt_backup_cycles",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ENV, format!("{uri}|{}|{acked}", work.display()))
+    .stdout(std::process::Stdio::piped());
+    let mut child = vmr_testkit::ChildGuard::spawn(cmd, "capture child")?;
+    let out = child.take_stdout().context("child stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            // libtest's "test NAME ... " precedes it on the line
+            if line.trim_end().ends_with("HELD") {
+                let _ = tx.send(());
+                break;
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let err = std::fs::read_to_string(work.join("child.err")).unwrap_or_default();
+        bail!("the child did not hold a cycle within 60 s: {err}");
+    }
+    child.kill9();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirt_backup_cycles() -> anyhow::Result<()> {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        return killed_child(&spec).await;
+    }
     if let Some(why) = libvirt_unavailable() {
         bail!("this test needs a private libvirt daemon: {why}");
     }
@@ -195,6 +253,21 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     disks.write(&lv, 0, 12 << 20, 64 << 10, 0x48)?;
     let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert!(!full);
+    assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
+
+    // 4b: the same with a process SIGKILLed mid-cycle (its libvirt and NBD connections cut)
+    let acked = cap.acked().map(String::from).context("acked")?;
+    disks.write(&lv, 1, 4 << 20, 64 << 10, 0x50)?;
+    kill_mid_cycle(lv.uri(), &work, &acked)?;
+    assert!(lv.virsh(&["domjobinfo", DOMAIN])?.contains("Backup"));
+    assert_eq!(
+        lv.checkpoints(DOMAIN)?.len(),
+        2,
+        "the killed cycle's checkpoint"
+    );
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full);
+    assert_eq!(read, 64 << 10);
     assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
 
     // 5: another tool's backup job holds the domain: the cycle waits (counted), then runs
