@@ -494,6 +494,7 @@ mod tests {
             }),
             rpo_alert_secs: Some(40),
             extended: None,
+            libvirt: None,
         }
     }
 

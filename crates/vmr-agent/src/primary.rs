@@ -799,6 +799,7 @@ impl PrimarySide {
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
             retention: rec.enable.as_ref().map(EnableArgs::retention),
             extended: None,
+            libvirt: rec.libvirt.clone(),
             bandwidth: Some(self.bandwidth_status(vm, now)),
         }
     }
@@ -928,6 +929,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         last_cycle_bytes: None,
         retention: None,
         extended: None,
+        libvirt: rec.libvirt.clone(),
         bandwidth: None,
     }
 }

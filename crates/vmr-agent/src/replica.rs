@@ -470,6 +470,7 @@ impl ReplicaSide {
                 .ok()
                 .and_then(|s| s.retention_policy(rec.uuid).ok()),
             extended: None,
+            libvirt: None,
             bandwidth: None,
         }
     }

@@ -159,6 +159,7 @@ impl PeerHandler {
             machine: MachineSnapshot::Replica(ReplicaMachine::new(now_ms()).snapshot()),
             rpo_alert_secs: None,
             extended: None,
+            libvirt: None,
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms

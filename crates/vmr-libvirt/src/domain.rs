@@ -126,6 +126,13 @@ impl Domain {
         &self.name
     }
 
+    /// The domain's UUID, as libvirt prints it.
+    pub fn uuid(&self) -> Result<String, LibvirtError> {
+        self.dom
+            .get_uuid_string()
+            .map_err(|e| call_err("virDomainGetUUIDString", &e))
+    }
+
     /// The domain's XML: the persistent definition when `inactive` (what a replica defines
     /// from), the running one otherwise.
     pub fn xml(&self, inactive: bool) -> Result<String, LibvirtError> {

@@ -159,6 +159,10 @@ pub struct VmStatus {
     /// (`enable --extended`); the row's other fields are the incoming relationship's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended: Option<ExtendedStatus>,
+    /// Primary: the VM is libvirt-managed (`vm add --libvirt`): its connection, domain and last
+    /// acknowledged checkpoint (absent for a QMP-captured VM and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::record::LibvirtSource>,
     /// Primary with replication enabled: the sending limit in force and what the last cycle
     /// spent waiting for it (absent elsewhere and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,6 +317,10 @@ pub struct VmEntry {
     /// The host end of its qemu-guest-agent channel (`vm add --qga`, `vm set --qga`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qga: Option<String>,
+    /// A libvirt-managed VM (`vm add --libvirt`): its connection and domain (`qmp` is then
+    /// empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::record::LibvirtSource>,
 }
 
 /// The program a replica VM's failover would run ([`VmStatus::failover_program`]).
@@ -370,6 +378,10 @@ pub enum Request {
         /// for app-consistent points and `failover prepare --shutdown`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         qga: Option<String>,
+        /// A libvirt-managed VM (`--libvirt DOMAIN [--connect URI]`): its disks and
+        /// definition are taken from the domain; `qmp` and `launch_toml` are then empty.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        libvirt: Option<crate::record::LibvirtSource>,
     },
     /// List registered VMs.
     VmList,

@@ -57,6 +57,23 @@ pub struct VmRecord {
     /// points to a third host (`enable --extended`), when enabled; absent in older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended: Option<ExtendedRecord>,
+    /// Primary side: the VM is libvirt-managed (`vm add --libvirt`) and captured through
+    /// libvirt's backup API instead of QMP; absent = a QMP-captured VM (and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtSource>,
+}
+
+/// Where a libvirt-managed VM lives: its connection and domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtSource {
+    /// libvirt connection URI (`vm add --connect`, default `qemu:///system`).
+    pub uri: String,
+    /// The domain's name.
+    pub domain: String,
+    /// The last checkpoint the replica acknowledged (`vmreplica-<n>`); absent before the
+    /// first acknowledged cycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_checkpoint: Option<String>,
 }
 
 /// The extended relationship of a replica VM: its settings and its machine's snapshot.
@@ -174,6 +191,7 @@ impl From<VmRecordV1> for VmRecord {
             machine,
             rpo_alert_secs: None,
             extended: None,
+            libvirt: None,
         }
     }
 }

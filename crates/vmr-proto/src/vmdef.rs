@@ -40,6 +40,12 @@ pub struct VmDefinition {
     pub network_args: Vec<String>,
     /// The disks: block node name and image path on the primary.
     pub disks: Vec<DiskDef>,
+    /// A libvirt-managed VM (`vm add --libvirt`): the domain's persistent XML, replicated with
+    /// the definition and stored by the replica. Such a VM is not started with `program` and
+    /// `args`: a failover of it is refused until failover through libvirt is built
+    /// (docs/libvirt.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_xml: Option<String>,
 }
 
 /// One disk of a VM definition.
