@@ -407,3 +407,34 @@ mod example_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod libvirt_tests {
+    use super::*;
+
+    #[test]
+    fn the_domain_xml_travels_in_the_definition_and_old_definitions_parse() {
+        let def = VmDefinition {
+            name: "web1".into(),
+            uuid: Uuid::nil(),
+            program: "libvirt".into(),
+            args: vec![],
+            test_args: vec![],
+            network_args: vec![],
+            disks: vec![DiskDef {
+                node: "vda".into(),
+                path: "/var/lib/libvirt/images/web1.qcow2".into(),
+            }],
+            libvirt_xml: Some("<domain type='kvm'><name>web1</name></domain>".into()),
+        };
+        let text = def.to_toml();
+        assert_eq!(VmDefinition::from_toml(&text).expect("parses"), def);
+        let plain = VmDefinition {
+            libvirt_xml: None,
+            ..def
+        };
+        let text = plain.to_toml();
+        assert!(!text.contains("libvirt-xml"), "{text}");
+        assert_eq!(VmDefinition::from_toml(&text).expect("parses").libvirt_xml, None);
+    }
+}
