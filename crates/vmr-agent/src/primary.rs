@@ -352,6 +352,8 @@ impl PrimarySide {
             if matches!(outcome, Outcome::Cancelled) {
                 // Dropping a capture mid-cycle leaves leftovers the next open merges back.
                 session.capture = None;
+                // A libvirt job dropped mid-cycle is ended by the next open's first cycle.
+                session.libvirt = None;
             }
             let mut pending = None;
             if let (Outcome::Failed(_), Some(c)) = (&outcome, session.capture.as_mut()) {
@@ -417,6 +419,22 @@ impl PrimarySide {
                 pending,
             } => {
                 self.synced = true;
+                // A libvirt VM: persist the checkpoint the replica acknowledged, so that an
+                // agent restart continues the chain from it.
+                let acked = self
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.libvirt.as_ref())
+                    .and_then(|c| c.acked().map(str::to_owned));
+                if let Some(lv) = vm.rec.libvirt.as_mut()
+                    && acked.is_some()
+                    && lv.acked_checkpoint != acked
+                {
+                    lv.acked_checkpoint = acked;
+                    if let Err(e) = vm.save() {
+                        tracing::error!(vm = %vm.rec.name, "could not record the acknowledged checkpoint: {e}");
+                    }
+                }
                 if self.machine.running_id().is_some_and(|r| r != id) {
                     self.step(vm, Event::RetargetRunning { now_ms: now, id });
                 }
@@ -867,6 +885,22 @@ async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome
         InitialMode::Export { dir } if c.kind == CycleKind::Full => Some(dir.clone()),
         _ => None,
     });
+    if ctx.rec.libvirt.is_some() {
+        let what = if c.kind == CycleKind::Resync {
+            Some("a resync")
+        } else if c.verify && c.base.is_some() {
+            Some("a verify cycle")
+        } else if export.is_some() {
+            Some("an initial copy exported to a directory")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Outcome::Failed(Failure::Fatal(format!(
+                "{what} is not built yet for libvirt-managed VMs (docs/libvirt.md)"
+            )));
+        }
+    }
     if c.kind == CycleKind::Resync {
         crate::resync::run(ctx, session, c.id).await
     } else if c.verify

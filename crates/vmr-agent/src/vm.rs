@@ -1628,13 +1628,6 @@ impl Owner {
             }
             Side::Primary(_) => {}
         }
-        if let Some(lv) = &self.vm.rec.libvirt {
-            return Err(AgentError::LibvirtNotBuilt {
-                name: self.vm.rec.name.clone(),
-                domain: lv.domain.clone(),
-                what: "replication through the agent (libvirt capture of its cycles)",
-            });
-        }
         crate::primary::schedule_of(&args)?;
         // A disable the replica has not heard of yet must not reach it after this enable.
         self.vm.stop_disable_notice().await;

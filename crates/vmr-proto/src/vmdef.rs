@@ -435,6 +435,9 @@ mod libvirt_tests {
         };
         let text = plain.to_toml();
         assert!(!text.contains("libvirt-xml"), "{text}");
-        assert_eq!(VmDefinition::from_toml(&text).expect("parses").libvirt_xml, None);
+        assert_eq!(
+            VmDefinition::from_toml(&text).expect("parses").libvirt_xml,
+            None
+        );
     }
 }

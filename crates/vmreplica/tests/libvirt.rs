@@ -18,19 +18,22 @@ use common::*;
 use vmr_proto::api::{VmEntry, VmStatus};
 
 const DOMAIN: &str = "vmr-lv-add1";
+const LONG: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
-fn vm_add_libvirt_registers_the_domain() -> TestResult {
+fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
     if std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .unwrap_or(1)
         != 0
     {
-        eprintln!("SKIPPED vm_add_libvirt_registers_the_domain: a private libvirtd needs root");
+        eprintln!(
+            "SKIPPED libvirt_vm_added_and_replicated_through_agents: a private libvirtd needs root"
+        );
         return Ok(());
     }
     if let Some(why) = libvirt_unavailable() {
@@ -143,27 +146,93 @@ fn vm_add_libvirt_registers_the_domain() -> TestResult {
     check(&p)?;
 
     // Not built yet: refused naming the gap, nothing changed.
-    let o = p.a.cli(&[
-        "enable",
-        "web1",
-        "--replica",
-        &p.b.addr,
-        "--replica-fingerprint",
-        &p.b.fingerprint,
-    ])?;
-    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("libvirt-managed") && stderr(&o).contains("not built yet"),
-        "{}",
-        stderr(&o)
-    );
     let o =
         p.a.cli(&["vm", "set", "web1", "--qmp", "/tmp/other.sock", "--yes"])?;
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
     assert!(stderr(&o).contains("not built yet"), "{}", stderr(&o));
     check(&p)?;
-    assert!(p.b.statuses(None)?.is_empty(), "the replica holds nothing");
 
+    // Replication through the agent: cycles are libvirt backup jobs; the replica's latest
+    // point equals the disks (a model of every write) at a cut after the last write.
+    let uuid = p.a.status("web1")?.uuid;
+    let mut model: Vec<Vec<u8>> = vec![vec![0u8; 16 << 20], vec![0u8; 8 << 20]];
+    let write =
+        |model: &mut Vec<Vec<u8>>, disk: usize, offset: u64, len: u64, pattern: u8| -> TestResult {
+            lv.write_disk(DOMAIN, disk, offset, len, pattern)?;
+            model[disk][offset as usize..(offset + len) as usize].fill(pattern);
+            Ok(())
+        };
+    write(&mut model, 0, 0, 1 << 20, 0x11)?;
+    write(&mut model, 1, 4 << 20, 64 << 10, 0x22)?;
+    p.enable("web1", &["--frequency", "5s"])?;
+    p.wait_cycle("web1", 1, LONG)?;
+    let wait_cut = |p: &Pair| -> TestResult<u64> {
+        let s = p.a.status("web1")?;
+        let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
+        p.wait_cycle("web1", cut, LONG)?;
+        Ok(cut)
+    };
+    let compare = |p: &Pair, model: &[Vec<u8>], what: &str| -> TestResult {
+        p.a.ok(&["pause", "web1"])?;
+        let last = p.a.status("web1")?.last_cycle.unwrap_or(0);
+        p.b.wait_cycle("web1", last, LONG)?;
+        let got = replica_hashes(&p.b, uuid, None)?;
+        assert_eq!(got.len(), 2, "{what}: {got:?}");
+        for ((disk, h), m) in got.iter().zip(model) {
+            assert_eq!(
+                *h,
+                *blake3::hash(m).as_bytes(),
+                "{what}: disk {disk} differs at the cut"
+            );
+        }
+        p.a.ok(&["resume", "web1"])?;
+        Ok(())
+    };
+    for round in 0..3u8 {
+        write(
+            &mut model,
+            0,
+            (u64::from(round) + 2) << 20,
+            192 << 10,
+            0x30 + round,
+        )?;
+        write(&mut model, 1, u64::from(round) << 16, 4096, 0x40 + round)?;
+        wait_cut(&p)?;
+    }
+    compare(&p, &model, "after three rounds of writes")?;
+    let st = p.a.status("web1")?;
+    let acked = st.libvirt.as_ref().and_then(|l| l.acked_checkpoint.clone());
+    assert!(
+        acked
+            .as_deref()
+            .is_some_and(|c| c.starts_with("vmreplica-")),
+        "the acknowledged checkpoint is recorded: {acked:?}"
+    );
+
+    // The primary agent SIGKILLed mid-cycle (its backup job held open): nothing is lost after
+    // a restart (the job is ended, the delta comes from the recorded checkpoint).
+    write(&mut model, 0, 8 << 20, 1 << 20, 0x55)?;
+    let hold = p.a.dir.join("test-cycle-hold");
+    std::fs::write(&hold, "")?;
+    vmr_testkit::wait_for_path(&p.a.dir.join("test-cycle-held"), LONG).map_err(|e| {
+        format!("no cycle held (this test needs --features vmreplica/test-hooks): {e}")
+    })?;
+    p.a.kill9();
+    std::fs::remove_file(&hold)?;
+    let _ = std::fs::remove_file(p.a.dir.join("test-cycle-held"));
+    write(&mut model, 1, 6 << 20, 128 << 10, 0x66)?;
+    p.a.restart()?;
+    wait_cut(&p)?;
+    write(&mut model, 0, 12 << 20, 64 << 10, 0x77)?;
+    wait_cut(&p)?;
+    compare(&p, &model, "after the SIGKILL mid-cycle and a restart")?;
+    let names = lv.checkpoints(DOMAIN)?;
+    assert!(
+        names.len() <= 2,
+        "vmreplica's checkpoints on the domain: {names:?}"
+    );
+
+    p.a.ok(&["disable", "web1"])?;
     p.a.ok(&["vm", "remove", "web1", "--yes"])?;
     p.stop()?;
     let ns = lv.mount_namespaces();
