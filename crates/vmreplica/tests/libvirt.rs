@@ -232,6 +232,22 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
         "vmreplica's checkpoints on the domain: {names:?}"
     );
 
+    // The domain XML travelled with the definition and is stored on the replica; a failover
+    // of it there is refused (failover through libvirt is not built).
+    let stored = vmr_store::Store::open(&p.b.storage())?.definition(uuid)?;
+    let def = vmr_proto::VmDefinition::from_toml(&stored)?;
+    let xml = def
+        .libvirt_xml
+        .ok_or("no domain XML in the replica's definition")?;
+    assert!(xml.contains(&format!("<name>{DOMAIN}</name>")), "{xml}");
+    let o = p.b.cli(&["failover", "test", "web1"])?;
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("failover through libvirt is not built"),
+        "{}",
+        stderr(&o)
+    );
+
     p.a.ok(&["disable", "web1"])?;
     p.a.ok(&["vm", "remove", "web1", "--yes"])?;
     p.stop()?;
