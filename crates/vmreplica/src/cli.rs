@@ -411,9 +411,9 @@ pub enum VmCmd {
         #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
         launch: Option<PathBuf>,
         /// A libvirt-managed VM: the running domain DOMAIN, whose disks (file-backed qcow2
-        /// images, all replicated) and definition (its persistent XML) are taken from libvirt.
-        /// Registering works; replicating it through the agent is not built yet (`enable` is
-        /// refused: docs/libvirt.md).
+        /// images, all replicated, named by target) and definition (its UUID and persistent
+        /// XML) are taken from libvirt; its cycles are libvirt backup jobs. Resync, verify,
+        /// export and failover of it are not built yet (docs/libvirt.md).
         #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["disks", "nbd", "qga"])]
         libvirt: Option<String>,
         /// The libvirt connection URI of --libvirt.

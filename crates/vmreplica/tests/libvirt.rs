@@ -1,12 +1,16 @@
-//! `vm add --libvirt` with real agents and a real libvirt daemon (`PrivateLibvirt`: libvirtd
-//! in a mount namespace running a TCG domain with two qcow2 disks): the VM's disks and
-//! definition come from the domain, the record says it is libvirt-managed (`vm list`,
+//! A libvirt-managed VM through real agents and a real libvirt daemon (`PrivateLibvirt`: libvirtd
+//! in a mount namespace running a TCG domain with two qcow2 disks): `vm add --libvirt` takes
+//! the disks and definition from the domain, the record says it is libvirt-managed (`vm list`,
 //! `status --json`, also after an agent restart), bad domains are refused with a clear error
-//! and register nothing, and what is not built yet for such a VM (replication through the
-//! agent, changing its QMP socket or definition) is refused naming the gap.
+//! and register nothing; `enable` replicates it with libvirt backup jobs: the replica's latest
+//! point equals a model of every write (made through the domain's QEMU) at a cut after the
+//! last write, also after the primary agent was SIGKILLed with a cycle's job held open; the
+//! domain XML is stored with the replica's definition, and what is not built yet (`vm set
+//! --qmp`, a failover of it) is refused naming the gap.
 //!
 //! Needs root (a mount namespace for the private daemon): skipped with a message otherwise;
-//! as root, a missing libvirt installation fails the test.
+//! as root, a missing libvirt installation fails the test. The held cycle needs
+//! `--features vmreplica/test-hooks` (as every test run in CI has).
 
 mod common;
 
