@@ -65,6 +65,8 @@ pub struct PrimarySide {
     machine: PrimaryMachine,
     /// `None` while a cycle task has it.
     session: Option<Session>,
+    /// A libvirt VM: its capture's backup-job counts at the end of the last cycle.
+    libvirt_jobs: Option<vmr_proto::api::LibvirtJobs>,
     running: Option<(CancellationToken, JoinHandle<CycleDone>)>,
     /// The cycle the running task runs.
     started: Option<Started>,
@@ -127,6 +129,7 @@ impl PrimarySide {
         PrimarySide {
             machine,
             session: Some(Session::default()),
+            libvirt_jobs: None,
             running: None,
             started: None,
             progress: Arc::new(Progress::default()),
@@ -401,6 +404,15 @@ impl PrimarySide {
                     outcome,
                 },
             );
+        }
+        if let Some(c) = &session.libvirt {
+            let st = c.stats();
+            self.libvirt_jobs = Some(vmr_proto::api::LibvirtJobs {
+                busy: st.busy,
+                busy_streak: st.busy_streak,
+                busy_since_ms: st.busy_since_ms,
+                resyncs: st.resyncs,
+            });
         }
         self.session = Some(session);
         if started.is_some_and(|s| s.planned) && self.capture_from.take().is_some() {
@@ -818,6 +830,7 @@ impl PrimarySide {
             retention: rec.enable.as_ref().map(EnableArgs::retention),
             extended: None,
             libvirt: rec.libvirt.clone(),
+            libvirt_jobs: self.libvirt_jobs,
             bandwidth: Some(self.bandwidth_status(vm, now)),
         }
     }
@@ -964,6 +977,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         retention: None,
         extended: None,
         libvirt: rec.libvirt.clone(),
+        libvirt_jobs: None,
         bandwidth: None,
     }
 }

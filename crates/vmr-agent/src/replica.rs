@@ -471,6 +471,7 @@ impl ReplicaSide {
                 .and_then(|s| s.retention_policy(rec.uuid).ok()),
             extended: None,
             libvirt: None,
+            libvirt_jobs: None,
             bandwidth: None,
         }
     }

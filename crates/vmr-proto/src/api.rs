@@ -163,6 +163,10 @@ pub struct VmStatus {
     /// acknowledged checkpoint (absent for a QMP-captured VM and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<crate::record::LibvirtSource>,
+    /// Primary, a libvirt VM with replication enabled: its backup jobs' counts since its
+    /// capture was opened (another tool's job met, resyncs the checkpoint chain required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_jobs: Option<LibvirtJobs>,
     /// Primary with replication enabled: the sending limit in force and what the last cycle
     /// spent waiting for it (absent elsewhere and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -321,6 +325,20 @@ pub struct VmEntry {
     /// empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<crate::record::LibvirtSource>,
+}
+
+/// The backup-job counts of a libvirt VM's capture ([`VmStatus::libvirt_jobs`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtJobs {
+    /// Cycle starts that met another job holding the domain (another tool's backup).
+    pub busy: u64,
+    /// Consecutive such starts now (0 once a job of ours began).
+    pub busy_streak: u32,
+    /// When the current busy streak began (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_since_ms: Option<u64>,
+    /// Cycles whose checkpoint chain had to start over (read every block).
+    pub resyncs: u64,
 }
 
 /// The program a replica VM's failover would run ([`VmStatus::failover_program`]).

@@ -10,7 +10,8 @@
 //!
 //! Needs root (a mount namespace for the private daemon): skipped with a message otherwise;
 //! as root, a missing libvirt installation fails the test. The held cycle needs
-//! `--features vmreplica/test-hooks` (as every test run in CI has).
+//! `--features vmreplica/test-hooks` (scripts/test.sh runs every test with it); without it the
+//! test fails saying so.
 
 mod common;
 
@@ -212,6 +213,33 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
             .is_some_and(|c| c.starts_with("vmreplica-")),
         "the acknowledged checkpoint is recorded: {acked:?}"
     );
+
+    // Another tool's backup job holds the domain: cycle starts meet it (counted in status),
+    // and once it ends the cycles go on and lose nothing.
+    lv.hold_backup(DOMAIN, &["vda"])?;
+    let (st, _) = p.a.wait_status(
+        "web1",
+        LONG,
+        std::time::Duration::from_millis(200),
+        "a busy start counted",
+        |s| s.libvirt_jobs.is_some_and(|j| j.busy >= 1),
+    )?;
+    eprintln!(
+        "busy: {:?}, health reason: {:?}",
+        st.libvirt_jobs, st.health_reason
+    );
+    let (st, _) = p.a.wait_status(
+        "web1",
+        LONG,
+        std::time::Duration::from_millis(200),
+        "the busy domain as the health reason",
+        |s| s.health_reason.contains("another job holds the domain"),
+    )?;
+    eprintln!("health: {:?} {:?}", st.health, st.health_reason);
+    write(&mut model, 1, 2 << 20, 64 << 10, 0x44)?;
+    lv.abort_job(DOMAIN)?;
+    wait_cut(&p)?;
+    compare(&p, &model, "after another tool's job")?;
 
     // The primary agent SIGKILLed mid-cycle (its backup job held open): nothing is lost after
     // a restart (the job is ended, the delta comes from the recorded checkpoint).
