@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what vmreplica's demo, tests and benchmarks need on a Debian machine, if missing:
 # QEMU 10 tools (qemu-utils from bookworm-backports: qemu-img, qemu-io, qemu-nbd,
-# qemu-storage-daemon), and optionally qemu-system-x86, rsync, promtool and chromium (pass "full";
+# qemu-storage-daemon), libvirt's C library and headers (libvirt-dev: the build links
+# libvirt for vmr-libvirt), and optionally the libvirt daemon with its QEMU driver and virsh
+# (libvirt 11 from bookworm-backports, without recommends and with no service started: the
+# libvirt test runs a private daemon of its own; docs/libvirt.md), and optionally qemu-system-x86, rsync, promtool and chromium (pass "full";
 # promtool comes with Debian's prometheus package, installed without leaving its server running;
 # Debian's headless-capable chromium loads the web dashboard in its browser test).
 # Idempotent; does nothing when everything is present.
@@ -16,13 +19,21 @@ qemu_ok() {
   [ "${v:-0}" -ge 10 ]
 }
 qemu_ok || need+=(qemu-utils)
+lv_need=()
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+pkg-config --exists libvirt 2>/dev/null || lv_need+=(libvirt-dev)
 if [ "$want_full" = full ]; then
+  # libvirt 11 or newer: bookworm's 9.0 does not know QEMU 10
+  lv_major=$( (/usr/sbin/libvirtd --version 2>/dev/null || true) | sed -n 's/.* \([0-9]*\)\.[0-9.]*$/\1/p')
+  [ "${lv_major:-0}" -ge 11 ] || lv_need+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
+  dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || lv_need+=(libvirt-daemon-driver-qemu)
+  command -v virsh >/dev/null 2>&1 || lv_need+=(libvirt-clients)
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
   command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi
-[ ${#need[@]} -eq 0 ] && exit 0
+[ ${#need[@]} -eq 0 ] && [ ${#lv_need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 src=/etc/apt/sources.list.d/debian.sources
@@ -36,7 +47,7 @@ if [ "$codename" = bookworm ]; then
   fi
   target=(-t bookworm-backports)
 fi
-echo "vmreplica: installing ${need[*]}" >&2
+echo "vmreplica: installing ${need[*]} ${lv_need[*]}" >&2
 $SUDO apt-get update -qq
 # Only promtool is wanted from the prometheus package: no service of it may start (a
 # policy-rc.d refusing every start while installing, the unit disabled and stopped after).
@@ -47,7 +58,15 @@ if [[ " ${need[*]} " == *" prometheus "* ]] && [ ! -e "$policy" ]; then
   $SUDO chmod 755 "$policy"
   made_policy=1
 fi
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${target[@]}" "${need[@]}" >&2
+if [ ${#need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${target[@]}" "${need[@]}" >&2
+fi
+# libvirt 11 (which knows QEMU 10) from the same release as QEMU, without its recommends
+# (storage, network and firewall tools the tests do not use). Its QEMU driver depends on a
+# qemu-system package: from backports too, so QEMU 10 stays.
+if [ ${#lv_need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${target[@]}" "${lv_need[@]}" >&2
+fi
 [ -n "$made_policy" ] && $SUDO rm -f "$policy"
 if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
   $SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true

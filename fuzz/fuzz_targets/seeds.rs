@@ -406,6 +406,20 @@ fn control(root: &Path) {
             disks: vec!["disk0".into()],
             nbd: Some("/run/vmr/demo-vm-nbd.sock".into()),
             qga: Some("/run/vmr/demo-vm-qga.sock".into()),
+            libvirt: None,
+        },
+        Request::VmAdd {
+            name: "lv-vm".into(),
+            qmp: String::new(),
+            launch_toml: String::new(),
+            disks: vec![],
+            nbd: None,
+            qga: None,
+            libvirt: Some(vmr_proto::record::LibvirtSource {
+                uri: "qemu:///system".into(),
+                domain: "lv-vm".into(),
+                acked_checkpoint: None,
+            }),
         },
         Request::ServerAllow {
             primary: "host-a".into(),

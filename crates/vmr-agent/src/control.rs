@@ -18,7 +18,7 @@ use crate::exit;
 use crate::host::Host;
 use crate::vm::{Command, FailoverChange, FailoverCmd, Registry, VmHandle};
 use vmr_proto::machine::PrimarySnapshot;
-use vmr_proto::record::{MachineSnapshot, VmRecord};
+use vmr_proto::record::{LibvirtSource, MachineSnapshot, VmRecord};
 
 /// Longest request line the control socket reads (1 MiB; a VM definition is a few KiB).
 pub const MAX_REQUEST_LINE: usize = 1 << 20;
@@ -349,9 +349,21 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             disks,
             nbd,
             qga,
+            libvirt,
         } => {
             crate::config::validate_vm_name(&name)?;
-            let def = checked_definition(&name, &launch_toml, &disks)?;
+            let (def, launch_toml, disks) = match &libvirt {
+                Some(lv) => {
+                    let def = libvirt_definition(&name, lv).await?;
+                    let disks = def.disks.iter().map(|d| d.node.clone()).collect();
+                    (def.clone(), def.to_toml(), disks)
+                }
+                None => (
+                    checked_definition(&name, &launch_toml, &disks)?,
+                    launch_toml,
+                    disks,
+                ),
+            };
             if let Some(existing) = agent.vms.get(&name).or_else(|| agent.vms.by_uuid(def.uuid)) {
                 return Err(AgentError::AlreadyRegistered {
                     name: existing.name,
@@ -369,7 +381,9 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             if let Some(n) = &qga {
                 check_nbd_socket("--qga", n)?;
             }
-            check_vm_is_there(&qmp, &def, &disks).await?;
+            if libvirt.is_none() {
+                check_vm_is_there(&qmp, &def, &disks).await?;
+            }
             let rec = VmRecord {
                 name: name.clone(),
                 uuid: def.uuid,
@@ -387,6 +401,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 rpo_alert_secs: None,
                 extended: None,
                 group: None,
+                libvirt,
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -409,6 +424,17 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             check,
         } => {
             let h = vm(agent, &name)?;
+            if qmp.is_some() || launch_toml.is_some() || !disks.is_empty() || qga.is_some() {
+                let rec = h.ask(Command::Record).await?;
+                if let Some(lv) = &rec.libvirt {
+                    return Err(AgentError::LibvirtNotBuilt {
+                        name,
+                        domain: lv.domain.clone(),
+                        what: "changing the QMP socket, definition, disks or guest agent \
+                               (they come from the domain)",
+                    });
+                }
+            }
             if let Some(q) = qga.as_deref().filter(|q| !q.is_empty()) {
                 check_nbd_socket("--qga", q)?;
             }
@@ -608,6 +634,52 @@ async fn remove(
 
 /// A VM definition for VM `name` (`vm add`, `vm set --launch`): valid, of that name, and
 /// holding every disk of `disks`.
+/// `vm add --libvirt`: the definition of a libvirt-managed VM, from its running domain: its
+/// UUID, its disks (every one a file-backed qcow2 image, named by target) and its persistent
+/// XML. `program` only marks it (`libvirt`): such a VM is never started from the definition.
+async fn libvirt_definition(name: &str, lv: &LibvirtSource) -> Result<VmDefinition, AgentError> {
+    let (uri, domain) = (lv.uri.clone(), lv.domain.clone());
+    let err = |source| AgentError::LibvirtDomain {
+        domain: lv.domain.clone(),
+        uri: lv.uri.clone(),
+        source,
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        let conn = vmr_libvirt::Libvirt::open(&uri)?;
+        let dom = conn.domain(&domain)?;
+        if !dom.is_running()? {
+            return Err(vmr_libvirt::LibvirtError::NotRunning { name: domain });
+        }
+        Ok((dom.uuid()?, dom.disks()?, dom.xml(true)?))
+    })
+    .await
+    .map_err(AgentError::Task)?;
+    let (uuid, disks, xml) = read.map_err(err)?;
+    let uuid = uuid::Uuid::parse_str(&uuid).map_err(|e| {
+        err(vmr_libvirt::LibvirtError::DomainXml {
+            reason: format!("domain UUID {uuid:?}: {e}"),
+        })
+    })?;
+    let def = VmDefinition {
+        name: name.to_owned(),
+        uuid,
+        program: "libvirt".into(),
+        args: vec![],
+        test_args: vec![],
+        network_args: vec![],
+        disks: disks
+            .iter()
+            .map(|d| vmr_proto::vmdef::DiskDef {
+                node: d.target.clone(),
+                path: d.path.display().to_string(),
+            })
+            .collect(),
+        libvirt_xml: Some(xml),
+    };
+    def.validate().map_err(AgentError::BadDefinition)?;
+    Ok(def)
+}
+
 fn checked_definition(
     name: &str,
     launch_toml: &str,
@@ -763,6 +835,7 @@ pub async fn vm_list(agent: &Control) -> Result<Vec<vmr_proto::api::VmEntry>, Ag
             disks: rec.disks,
             state: st.state,
             qga: rec.qga,
+            libvirt: rec.libvirt,
         });
     }
     Ok(out)
@@ -803,6 +876,7 @@ async fn group_create(agent: &Control, name: &str, vms: &[String]) -> Result<Val
                 Some((_, r)) if r.mode() != vmr_proto::api::ReplicationMode::Primary => {
                     Candidate::Replica
                 }
+                Some((_, r)) if r.libvirt.is_some() => Candidate::Libvirt,
                 Some((_, r)) => match &r.enable {
                     None => Candidate::NotEnabled,
                     Some(e) => Candidate::Enabled {
@@ -1001,6 +1075,7 @@ mod tests {
             disks: vec!["disk0".into()],
             nbd: None,
             qga: None,
+            libvirt: None,
         })
         .expect("vm add is an action");
         assert!(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use futures::StreamExt;
+use vmr_capture::libvirt::{LibvirtCapture, LibvirtConfig};
 use vmr_capture::qga::GuestAgent;
 use vmr_capture::{CaptureConfig, CaptureError, CycleMode, Quiesce, QuiesceReport, VmCapture};
 use vmr_core::{Failure, QuiesceOutcome};
@@ -23,6 +24,9 @@ use vmr_proto::record::VmRecord;
 pub struct Session {
     /// The VM's capture (QMP + NBD), opened on first use.
     pub capture: Option<VmCapture>,
+    /// A libvirt-managed VM's capture (`vm add --libvirt`): its connection and checkpoint
+    /// chain, opened on first use from the record's acknowledged checkpoint.
+    pub libvirt: Option<LibvirtCapture>,
     /// The connection to the replica, opened on first use.
     pub client: Option<Client>,
     /// The guest freeze outcome of the last cycle that asked for one (taken by the owner).
@@ -282,6 +286,10 @@ pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
 
 /// Remove the VM's tracking bitmaps (replication disabled).
 pub async fn stop_tracking(host: &Host, rec: &VmRecord) -> Result<(), CaptureError> {
+    if rec.libvirt.is_some() {
+        // its vmreplica-* checkpoint stays on the domain; the next full cycle deletes it
+        return Ok(());
+    }
     let mut cap = VmCapture::open(capture_config(host, rec)).await?;
     cap.stop_tracking().await
 }
@@ -483,6 +491,9 @@ pub async fn run_incremental(
             return Outcome::Failed(f);
         }
     }
+    if rec.libvirt.is_some() {
+        return run_libvirt(ctx, session, (id, base, kind), &args).await;
+    }
     if session.capture.is_none() {
         match VmCapture::open(capture_config(&ctx.host, rec)).await {
             Ok(c) => session.capture = Some(c),
@@ -524,6 +535,209 @@ pub async fn run_incremental(
         session.client = None;
     }
     outcome
+}
+
+/// NBD reads in flight of a libvirt cycle.
+pub const LIBVIRT_IN_FLIGHT: usize = 8;
+/// Limit of each NBD handshake and request of a libvirt cycle.
+pub const LIBVIRT_NBD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The libvirt capture configuration of a libvirt-managed VM: its backup job's socket and
+/// scratch files in `DIR/work/<uuid>/libvirt`.
+pub fn libvirt_config(
+    host: &Host,
+    rec: &VmRecord,
+    lv: &vmr_proto::record::LibvirtSource,
+) -> LibvirtConfig {
+    LibvirtConfig {
+        uri: lv.uri.clone(),
+        domain: lv.domain.clone(),
+        work_dir: crate::launch::work_dir(&host.dir, rec.uuid).join("libvirt"),
+        max_in_flight: LIBVIRT_IN_FLIGHT,
+        timeout: LIBVIRT_NBD_TIMEOUT,
+    }
+}
+
+/// A full or incremental cycle of a libvirt-managed VM: a pull-mode backup job
+/// (`LibvirtCapture`) instead of the QMP transaction. A full cycle starts the checkpoint chain
+/// over; an incremental one continues it from the record's acknowledged checkpoint (the
+/// session's chain keeps it between cycles; the owner persists it after each acknowledged
+/// cycle). When the chain itself starts over (its checkpoint vanished or was refused), the
+/// cycle reads every block of every disk (zeroes as zero extents) and is still sent as the
+/// incremental cycle the machine planned: it rewrites the whole disk on top of the base, so
+/// the point is exact. The job's checkpoint is committed strictly after the replica's
+/// acknowledgement; any failure aborts the cycle, so the next delta comes from the older
+/// checkpoint.
+async fn run_libvirt(
+    ctx: &CycleCtx,
+    session: &mut Session,
+    (id, base, kind): (u64, Option<u64>, CycleKind),
+    args: &EnableArgs,
+) -> Outcome {
+    let rec = &ctx.rec;
+    let Some(lv) = &rec.libvirt else {
+        return Outcome::Failed(Failure::Fatal("not a libvirt VM".into()));
+    };
+    if kind == CycleKind::Full {
+        // a full cycle starts the chain over: stale checkpoints of ours are deleted
+        session.libvirt = None;
+    }
+    if session.libvirt.is_none() {
+        let acked = match kind {
+            CycleKind::Full => None,
+            _ => lv.acked_checkpoint.clone(),
+        };
+        match LibvirtCapture::open(libvirt_config(&ctx.host, rec, lv), acked).await {
+            Ok(c) => session.libvirt = Some(c),
+            Err(e) => return Outcome::Failed(classify_capture(&e)),
+        }
+    }
+    let client = match client(&ctx.host, rec, session).await {
+        Ok(c) => c.clone(),
+        Err(f) => return Outcome::Failed(f),
+    };
+    let Some(capture) = session.libvirt.as_mut() else {
+        return Outcome::Failed(Failure::Retryable("no capture".into()));
+    };
+    let (outcome, reset) = libvirt_cycle(ctx, capture, &client, (id, base, kind), args).await;
+    if reset {
+        session.libvirt = None;
+    }
+    outcome
+}
+
+/// One cycle of a libvirt VM on an open capture and connection. Returns the outcome and
+/// whether the capture must be reopened.
+async fn libvirt_cycle(
+    ctx: &CycleCtx,
+    capture: &mut LibvirtCapture,
+    client: &Client,
+    (id, base, kind): (u64, Option<u64>, CycleKind),
+    args: &EnableArgs,
+) -> (Outcome, bool) {
+    let rec = &ctx.rec;
+    let taken_at_ms = now_ms();
+    let started = std::time::Instant::now();
+    let mut cycle = match capture.begin_cycle().await {
+        Ok(c) => c,
+        Err(e) => {
+            let f = classify_capture(&e);
+            return (
+                Outcome::Failed(f),
+                !matches!(e, CaptureError::BackupBusy { .. }),
+            );
+        }
+    };
+    if let Some(why) = cycle.resync() {
+        tracing::warn!(vm = %rec.name, cycle = id, "the checkpoint chain started over ({why}): this cycle reads every block");
+    }
+    hold_hook(&ctx.host.dir).await;
+    let sizes = cycle.sizes();
+    if sizes.len() != rec.disks.len() {
+        let _ = cycle.abort().await;
+        return (
+            Outcome::Failed(Failure::Fatal(format!(
+                "the domain has {} replicated disks, the VM's record {}: register it again (vm remove, vm add --libvirt)",
+                sizes.len(),
+                rec.disks.len()
+            ))),
+            false,
+        );
+    }
+    let disks: Vec<DiskInfo> = rec
+        .disks
+        .iter()
+        .zip(&sizes)
+        .map(|(d, s)| DiskInfo {
+            id: d.clone(),
+            size: *s,
+        })
+        .collect();
+    let bases = disk_bases(&sizes);
+    if kind == CycleKind::Full {
+        ctx.progress
+            .start(OperationKind::InitialCopy, sizes.iter().sum(), taken_at_ms);
+    } else {
+        ctx.progress.start(OperationKind::Cycle, 0, taken_at_ms);
+    }
+    let header = CycleHeader {
+        vm: rec.uuid,
+        id,
+        base,
+        kind,
+        consistency: if ctx.planned {
+            CycleConsistency::Planned
+        } else {
+            CycleConsistency::CrashConsistent
+        },
+        taken_at_ms,
+        disks,
+        // A libvirt-captured VM is never a group member (`group create` refuses it).
+        group: None,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
+    let producer = async {
+        let tx = tx;
+        let mut sent = 0u64;
+        loop {
+            match cycle.next_extent().await {
+                Ok(Some(e)) => {
+                    if let vmr_proto::ExtentData::Data(b) = &e.data {
+                        sent += b.len() as u64;
+                    }
+                    ctx.progress.advance(position(&bases, &e), sent);
+                    if tx.send(Ok(e)).await.is_err() {
+                        return Err(None);
+                    }
+                }
+                Ok(None) => return Ok(sent),
+                Err(e) => {
+                    let f = classify_capture(&e);
+                    let _ = tx.send(Err(e)).await;
+                    return Err(Some(f));
+                }
+            }
+        }
+    };
+    let consumer = client.send_cycle_paced(
+        &header,
+        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        args.compression,
+        Some(ctx.body_pace()),
+    );
+    let (produced, sent) = tokio::join!(producer, consumer);
+    match (produced, sent) {
+        (Ok(bytes), Ok(_ack)) => match cycle.commit().await {
+            Ok(()) => {
+                tracing::debug!(vm = %rec.name, cycle = id, bytes, ms = started.elapsed().as_millis() as u64, "libvirt cycle acknowledged and committed");
+                (
+                    Outcome::Done {
+                        id,
+                        bytes,
+                        sizes,
+                        app: false,
+                        pending: None,
+                    },
+                    false,
+                )
+            }
+            Err(e) => {
+                // the replica has the cycle; reconciliation adopts it, the chain is reopened
+                (commit_failed(&e).0, true)
+            }
+        },
+        (p, s) => {
+            if let Err(e) = cycle.abort().await {
+                tracing::warn!(vm = %rec.name, cycle = id, "ending the libvirt backup job: {e}");
+            }
+            let f = match (p, s) {
+                (Err(Some(f)), _) => f,
+                (_, Err(e)) => classify_transport(e),
+                _ => Failure::Retryable("the cycle's stream ended early".into()),
+            };
+            (Outcome::Failed(f), false)
+        }
+    }
 }
 
 /// Test hook (cargo feature `test-hooks` only): while a file of this name exists in the agent

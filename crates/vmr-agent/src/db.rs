@@ -495,6 +495,7 @@ mod tests {
             rpo_alert_secs: Some(40),
             extended: None,
             group: None,
+            libvirt: None,
         }
     }
 

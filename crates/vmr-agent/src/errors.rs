@@ -195,6 +195,43 @@ pub enum AgentError {
         /// The replication state.
         state: ReplicationState,
     },
+    /// `vm add --libvirt`: the domain could not be used (no such domain, not running, a disk
+    /// that is not a qcow2 file, libvirt unreachable).
+    #[error("libvirt domain {domain:?} (at {uri})")]
+    LibvirtDomain {
+        /// The domain name.
+        domain: String,
+        /// The connection URI.
+        uri: String,
+        /// What libvirt or the disk check said.
+        #[source]
+        source: vmr_libvirt::LibvirtError,
+    },
+    /// An operation not built yet for a libvirt-managed VM (docs/libvirt.md, "State of this
+    /// work").
+    #[error(
+        "{name:?} is a libvirt-managed VM (domain {domain:?}): {what} is not built yet for \
+         libvirt VMs (docs/libvirt.md)"
+    )]
+    LibvirtNotBuilt {
+        /// The VM name.
+        name: String,
+        /// Its domain.
+        domain: String,
+        /// What was asked for.
+        what: &'static str,
+    },
+    /// A failover of a VM whose replicated definition is a libvirt domain: starting it through
+    /// libvirt on this host is not built.
+    #[error(
+        "{name:?} was replicated from a libvirt domain; a failover through libvirt is not built \
+         yet, and its definition has no QEMU command line to start it with (its domain XML is \
+         stored with the replica: docs/libvirt.md)"
+    )]
+    LibvirtFailover {
+        /// The VM name.
+        name: String,
+    },
     /// A VM of that name or UUID is registered.
     #[error("VM {name:?} ({uuid}) is already registered")]
     AlreadyRegistered {
@@ -990,6 +1027,8 @@ impl AgentError {
             | NotEnabled { .. }
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }
+            | LibvirtNotBuilt { .. }
+            | LibvirtFailover { .. }
             | VmReplicating { .. }
             | VmIsReplica { .. }
             | VmIsPrimary { .. }
@@ -1022,6 +1061,7 @@ impl AgentError {
             | DiskNodeMissing { .. }
             | DiskPathMismatch { .. }
             | BadNbdSocket { .. }
+            | LibvirtDomain { .. }
             | BadAgentName { .. }
             | BadVmName { .. }
             | BadListen { .. }

@@ -355,6 +355,11 @@ pub async fn start(
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
         .map_err(AgentError::ReplicatedDefinition)?;
+    if def.libvirt_xml.is_some() {
+        return Err(AgentError::LibvirtFailover {
+            name: rec.name.clone(),
+        });
+    }
     // A real failover attaches the VM to this host's networks when they differ.
     if !test && let Some(args) = &rec.failover.network_args {
         def = def
@@ -1307,6 +1312,7 @@ pub async fn become_replica(
             rpo_alert_secs: rec.rpo_alert_secs,
             extended: None,
             group: None,
+            libvirt: None,
         };
         vm.rec = new;
         vm.save()?;

@@ -65,6 +65,8 @@ pub struct PrimarySide {
     machine: PrimaryMachine,
     /// `None` while a cycle task has it.
     session: Option<Session>,
+    /// A libvirt VM: its capture's backup-job counts at the end of the last cycle.
+    libvirt_jobs: Option<vmr_proto::api::LibvirtJobs>,
     running: Option<(CancellationToken, JoinHandle<CycleDone>)>,
     /// The cycle the running task runs.
     started: Option<Started>,
@@ -132,6 +134,7 @@ impl PrimarySide {
         PrimarySide {
             machine,
             session: Some(Session::default()),
+            libvirt_jobs: None,
             running: None,
             started: None,
             progress: Arc::new(Progress::default()),
@@ -414,6 +417,8 @@ impl PrimarySide {
             if matches!(outcome, Outcome::Cancelled) {
                 // Dropping a capture mid-cycle leaves leftovers the next open merges back.
                 session.capture = None;
+                // A libvirt job dropped mid-cycle is ended by the next open's first cycle.
+                session.libvirt = None;
             }
             let mut pending = None;
             if let (Outcome::Failed(_), Some(c)) = (&outcome, session.capture.as_mut()) {
@@ -463,6 +468,15 @@ impl PrimarySide {
                 },
             );
         }
+        if let Some(c) = &session.libvirt {
+            let st = c.stats();
+            self.libvirt_jobs = Some(vmr_proto::api::LibvirtJobs {
+                busy: st.busy,
+                busy_streak: st.busy_streak,
+                busy_since_ms: st.busy_since_ms,
+                resyncs: st.resyncs,
+            });
+        }
         self.session = Some(session);
         if started.is_some_and(|s| s.planned) && self.capture_from.take().is_some() {
             // Its capture talked to the images' daemon, which goes now: the next cycle opens
@@ -480,6 +494,22 @@ impl PrimarySide {
                 pending,
             } => {
                 self.synced = true;
+                // A libvirt VM: persist the checkpoint the replica acknowledged, so that an
+                // agent restart continues the chain from it.
+                let acked = self
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.libvirt.as_ref())
+                    .and_then(|c| c.acked().map(str::to_owned));
+                if let Some(lv) = vm.rec.libvirt.as_mut()
+                    && acked.is_some()
+                    && lv.acked_checkpoint != acked
+                {
+                    lv.acked_checkpoint = acked;
+                    if let Err(e) = vm.save() {
+                        tracing::error!(vm = %vm.rec.name, "could not record the acknowledged checkpoint: {e}");
+                    }
+                }
                 if self.machine.running_id().is_some_and(|r| r != id) {
                     self.step(vm, Event::RetargetRunning { now_ms: now, id });
                 }
@@ -883,6 +913,8 @@ impl PrimarySide {
             last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
             retention: rec.enable.as_ref().map(EnableArgs::retention),
             extended: None,
+            libvirt: rec.libvirt.clone(),
+            libvirt_jobs: self.libvirt_jobs,
             bandwidth: Some(self.bandwidth_status(vm, now)),
             group: None,
         }
@@ -951,6 +983,22 @@ async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome
         InitialMode::Export { dir } if c.kind == CycleKind::Full => Some(dir.clone()),
         _ => None,
     });
+    if ctx.rec.libvirt.is_some() {
+        let what = if c.kind == CycleKind::Resync {
+            Some("a resync")
+        } else if c.verify && c.base.is_some() {
+            Some("a verify cycle")
+        } else if export.is_some() {
+            Some("an initial copy exported to a directory")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Outcome::Failed(Failure::Fatal(format!(
+                "{what} is not built yet for libvirt-managed VMs (docs/libvirt.md)"
+            )));
+        }
+    }
     if c.kind == CycleKind::Resync {
         crate::resync::run(ctx, session, c.id).await
     } else if c.verify
@@ -1014,6 +1062,8 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         last_cycle_bytes: None,
         retention: None,
         extended: None,
+        libvirt: rec.libvirt.clone(),
+        libvirt_jobs: None,
         bandwidth: None,
         group: None,
     }

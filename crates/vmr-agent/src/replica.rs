@@ -537,6 +537,8 @@ impl ReplicaSide {
                 .ok()
                 .and_then(|s| s.retention_policy(rec.uuid).ok()),
             extended: None,
+            libvirt: None,
+            libvirt_jobs: None,
             bandwidth: None,
             group: None,
         }

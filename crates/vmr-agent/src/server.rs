@@ -160,6 +160,7 @@ impl PeerHandler {
             rpo_alert_secs: None,
             extended: None,
             group: None,
+            libvirt: None,
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms

@@ -35,6 +35,12 @@ pub enum ResyncReason {
         /// Disk node name.
         disk: String,
     },
+    /// A libvirt-managed VM's checkpoint chain cannot be trusted: the acknowledged checkpoint
+    /// is gone (libvirt's metadata lost, the domain migrated) or libvirt found it inconsistent.
+    CheckpointUntrusted {
+        /// The checkpoint and what happened to it.
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for ResyncReason {
@@ -57,6 +63,12 @@ impl std::fmt::Display for ResyncReason {
                 f,
                 "raw disk {disk} cannot keep change tracking across a QEMU restart (non-persistent bitmap)"
             ),
+            ResyncReason::CheckpointUntrusted { detail } => {
+                write!(
+                    f,
+                    "the libvirt checkpoint chain cannot be trusted: {detail}"
+                )
+            }
             ResyncReason::InitialCopyIncomplete { disk } => {
                 write!(f, "the full copy of disk {disk} was not completed")
             }
@@ -141,6 +153,18 @@ pub enum CaptureError {
     /// `commit` was called before every extent was read; the cycle was aborted instead.
     #[error("cycle committed before all extents were read; it was aborted instead")]
     Incomplete,
+    /// A libvirt call failed (see `vmr_libvirt::LibvirtError`).
+    #[error(transparent)]
+    Libvirt(#[from] vmr_libvirt::LibvirtError),
+    /// Another job (another tool's backup) holds the libvirt domain: nothing was captured,
+    /// the cycle is tried again after `retry_after_ms`.
+    #[error("another job holds the domain ({detail}); retrying in {retry_after_ms} ms")]
+    BackupBusy {
+        /// What was seen.
+        detail: String,
+        /// When to try again.
+        retry_after_ms: u64,
+    },
     /// A cleanup step did not finish in time.
     #[error("timeout waiting for {0}")]
     Timeout(String),

@@ -11,11 +11,16 @@
 //! bitmap; [`CaptureCycle::abort`] (or the next [`VmCapture::open`] after a crash) merges it
 //! back into the active one. [`VmCapture::begin_cycle_quiesced`] freezes the guest's file
 //! systems through its guest agent ([`qga`]) around that transaction: an app-consistent cut.
+//!
+//! A libvirt-managed VM is captured through libvirt's incremental-backup API instead
+//! ([`libvirt`]): same NBD reading, libvirt's backup job and checkpoints in place of our QMP
+//! transaction and bitmaps.
 
 mod capture;
 mod error;
 pub mod gate;
 mod graph;
+pub mod libvirt;
 mod names;
 pub mod qga;
 pub mod qmp;

@@ -50,6 +50,10 @@ pub enum GroupRefusal {
     /// The VM's replication is not enabled.
     #[error("replication of VM {0} is not enabled (enable it first)")]
     NotEnabled(String),
+    /// The VM is libvirt-managed: its cut is a libvirt backup job, which cannot join a group's
+    /// pause.
+    #[error("VM {0} is libvirt-managed: consistency groups are not built for libvirt VMs yet")]
+    Libvirt(String),
     /// The VM belongs to another group.
     #[error("VM {0} is a member of group {1} already")]
     InGroup(String, String),
@@ -69,6 +73,9 @@ pub enum Candidate {
     Replica,
     /// A primary VM whose replication is not enabled.
     NotEnabled,
+    /// A libvirt-managed VM (captured through libvirt's backup API, which cannot join a
+    /// group's cut).
+    Libvirt,
     /// An enabled primary VM: its replica agent's address and its group, if any.
     Enabled {
         /// The replica agent (`host:port`).
@@ -123,6 +130,7 @@ pub fn check_group_create(
             Candidate::Unknown => return Err(GroupRefusal::Unknown(vm.clone())),
             Candidate::Replica => return Err(GroupRefusal::Replica(vm.clone())),
             Candidate::NotEnabled => return Err(GroupRefusal::NotEnabled(vm.clone())),
+            Candidate::Libvirt => return Err(GroupRefusal::Libvirt(vm.clone())),
             Candidate::Enabled { group: Some(g), .. } => {
                 return Err(GroupRefusal::InGroup(vm.clone(), g.clone()));
             }
@@ -636,6 +644,12 @@ mod tests {
                 vec![("a".into(), en("r:1")), ("z".into(), Candidate::NotEnabled)],
                 vec![],
                 Err(GroupRefusal::NotEnabled("z".into())),
+            ),
+            (
+                "g",
+                vec![("a".into(), en("r:1")), ("z".into(), Candidate::Libvirt)],
+                vec![],
+                Err(GroupRefusal::Libvirt("z".into())),
             ),
             (
                 "g",

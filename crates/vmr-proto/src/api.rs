@@ -163,6 +163,14 @@ pub struct VmStatus {
     /// (`enable --extended`); the row's other fields are the incoming relationship's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended: Option<ExtendedStatus>,
+    /// Primary: the VM is libvirt-managed (`vm add --libvirt`): its connection, domain and last
+    /// acknowledged checkpoint (absent for a QMP-captured VM and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::record::LibvirtSource>,
+    /// Primary, a libvirt VM with replication enabled: its backup jobs' counts since its
+    /// capture was opened (another tool's job met, resyncs the checkpoint chain required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_jobs: Option<LibvirtJobs>,
     /// Primary with replication enabled: the sending limit in force and what the last cycle
     /// spent waiting for it (absent elsewhere and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -362,6 +370,24 @@ pub struct VmEntry {
     /// The host end of its qemu-guest-agent channel (`vm add --qga`, `vm set --qga`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qga: Option<String>,
+    /// A libvirt-managed VM (`vm add --libvirt`): its connection and domain (`qmp` is then
+    /// empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::record::LibvirtSource>,
+}
+
+/// The backup-job counts of a libvirt VM's capture ([`VmStatus::libvirt_jobs`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtJobs {
+    /// Cycle starts that met another job holding the domain (another tool's backup).
+    pub busy: u64,
+    /// Consecutive such starts now (0 once a job of ours began).
+    pub busy_streak: u32,
+    /// When the current busy streak began (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_since_ms: Option<u64>,
+    /// Cycles whose checkpoint chain had to start over (read every block).
+    pub resyncs: u64,
 }
 
 /// The program a replica VM's failover would run ([`VmStatus::failover_program`]).
@@ -419,6 +445,10 @@ pub enum Request {
         /// for app-consistent points and `failover prepare --shutdown`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         qga: Option<String>,
+        /// A libvirt-managed VM (`--libvirt DOMAIN [--connect URI]`): its disks and
+        /// definition are taken from the domain; `qmp` and `launch_toml` are then empty.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        libvirt: Option<crate::record::LibvirtSource>,
     },
     /// List registered VMs.
     VmList,

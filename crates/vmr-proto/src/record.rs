@@ -61,6 +61,23 @@ pub struct VmRecord {
     /// docs/groups.md); absent = none (and in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Primary side: the VM is libvirt-managed (`vm add --libvirt`) and captured through
+    /// libvirt's backup API instead of QMP; absent = a QMP-captured VM (and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtSource>,
+}
+
+/// Where a libvirt-managed VM lives: its connection and domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtSource {
+    /// libvirt connection URI (`vm add --connect`, default `qemu:///system`).
+    pub uri: String,
+    /// The domain's name.
+    pub domain: String,
+    /// The last checkpoint the replica acknowledged (`vmreplica-<n>`); absent before the
+    /// first acknowledged cycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_checkpoint: Option<String>,
 }
 
 /// The extended relationship of a replica VM: its settings and its machine's snapshot.
@@ -179,6 +196,60 @@ impl From<VmRecordV1> for VmRecord {
             rpo_alert_secs: None,
             extended: None,
             group: None,
+            libvirt: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> VmRecord {
+        VmRecord {
+            name: "web1".into(),
+            uuid: Uuid::nil(),
+            qmp: "/run/web1.qmp".into(),
+            launch_toml: String::new(),
+            disks: vec!["disk0".into()],
+            enable: None,
+            primary: "host-a".into(),
+            trust_group: None,
+            frequency_secs: None,
+            nbd: None,
+            qga: None,
+            failover: Default::default(),
+            machine: MachineSnapshot::Primary(Default::default()),
+            rpo_alert_secs: None,
+            extended: None,
+            group: None,
+            libvirt: None,
+        }
+    }
+
+    #[test]
+    fn a_record_without_libvirt_loads_and_stays_without_it() {
+        let json = serde_json::to_string(&record()).expect("encode");
+        // what an agent before `vm add --libvirt` wrote
+        assert!(!json.contains("libvirt"), "{json}");
+        let back: VmRecord = serde_json::from_str(&json).expect("an old record loads");
+        assert_eq!(back.libvirt, None);
+    }
+
+    #[test]
+    fn the_libvirt_source_and_acknowledged_checkpoint_round_trip() {
+        let mut rec = record();
+        rec.libvirt = Some(LibvirtSource {
+            uri: "qemu:///system".into(),
+            domain: "web1".into(),
+            acked_checkpoint: Some("vmreplica-3".into()),
+        });
+        let json = serde_json::to_string(&rec).expect("encode");
+        let back: VmRecord = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, rec);
+        // before its first acknowledged cycle the checkpoint is absent
+        let lv: LibvirtSource =
+            serde_json::from_str(r#"{"uri":"qemu:///system","domain":"web1"}"#).expect("decode");
+        assert_eq!(lv.acked_checkpoint, None);
     }
 }

@@ -40,6 +40,12 @@ pub struct VmDefinition {
     pub network_args: Vec<String>,
     /// The disks: block node name and image path on the primary.
     pub disks: Vec<DiskDef>,
+    /// A libvirt-managed VM (`vm add --libvirt`): the domain's persistent XML, replicated with
+    /// the definition and stored by the replica. Such a VM is not started with `program` and
+    /// `args`: a failover of it is refused until failover through libvirt is built
+    /// (docs/libvirt.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_xml: Option<String>,
 }
 
 /// One disk of a VM definition.
@@ -399,5 +405,39 @@ mod example_tests {
             assert!(args.iter().all(|a| !a.contains('{')), "{args:?}");
             assert!(!args.iter().any(|a| a.contains("br=br0")));
         }
+    }
+}
+
+#[cfg(test)]
+mod libvirt_tests {
+    use super::*;
+
+    #[test]
+    fn the_domain_xml_travels_in_the_definition_and_old_definitions_parse() {
+        let def = VmDefinition {
+            name: "web1".into(),
+            uuid: Uuid::nil(),
+            program: "libvirt".into(),
+            args: vec![],
+            test_args: vec![],
+            network_args: vec![],
+            disks: vec![DiskDef {
+                node: "vda".into(),
+                path: "/var/lib/libvirt/images/web1.qcow2".into(),
+            }],
+            libvirt_xml: Some("<domain type='kvm'><name>web1</name></domain>".into()),
+        };
+        let text = def.to_toml();
+        assert_eq!(VmDefinition::from_toml(&text).expect("parses"), def);
+        let plain = VmDefinition {
+            libvirt_xml: None,
+            ..def
+        };
+        let text = plain.to_toml();
+        assert!(!text.contains("libvirt-xml"), "{text}");
+        assert_eq!(
+            VmDefinition::from_toml(&text).expect("parses").libvirt_xml,
+            None
+        );
     }
 }

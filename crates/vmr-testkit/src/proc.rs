@@ -41,6 +41,11 @@ impl ChildGuard {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// The child's stdout pipe (spawned with `Stdio::piped()`), once.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
     /// Kill with SIGKILL (an unclean exit) and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

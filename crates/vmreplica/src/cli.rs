@@ -449,12 +449,26 @@ pub enum VmCmd {
     Add {
         /// VM name (must match the definition's name).
         name: String,
-        /// The VM's QMP socket reserved for vmreplica.
-        #[arg(long)]
-        qmp: PathBuf,
-        /// The VM definition (TOML).
-        #[arg(long)]
-        launch: PathBuf,
+        /// The VM's QMP socket reserved for vmreplica (not with --libvirt).
+        #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
+        qmp: Option<PathBuf>,
+        /// The VM definition (TOML) (not with --libvirt).
+        #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
+        launch: Option<PathBuf>,
+        /// A libvirt-managed VM: the running domain DOMAIN, whose disks (file-backed qcow2
+        /// images, all replicated, named by target) and definition (its UUID and persistent
+        /// XML) are taken from libvirt; its cycles are libvirt backup jobs. Resync, verify,
+        /// export and failover of it are not built yet (docs/libvirt.md).
+        #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["disks", "nbd", "qga"])]
+        libvirt: Option<String>,
+        /// The libvirt connection URI of --libvirt.
+        #[arg(
+            long,
+            value_name = "URI",
+            requires = "libvirt",
+            default_value = "qemu:///system"
+        )]
+        connect: String,
         /// Disk node to replicate (repeat); default all disks of the definition.
         #[arg(long = "disk")]
         disks: Vec<String>,

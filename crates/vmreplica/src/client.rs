@@ -157,18 +157,37 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             disks,
             nbd,
             qga,
-        }) => {
-            let launch_toml = std::fs::read_to_string(&launch)
-                .with_context(|| format!("reading VM definition {}", launch.display()))?;
-            Request::VmAdd {
+            libvirt,
+            connect,
+        }) => match (libvirt, qmp, launch) {
+            (Some(domain), _, _) => Request::VmAdd {
                 name,
-                qmp: absolute(&qmp),
-                launch_toml,
-                disks,
-                nbd: nbd.map(|n| absolute(&n)),
-                qga: qga.map(|n| absolute(&n)),
+                qmp: String::new(),
+                launch_toml: String::new(),
+                disks: vec![],
+                nbd: None,
+                qga: None,
+                libvirt: Some(vmr_proto::record::LibvirtSource {
+                    uri: connect,
+                    domain,
+                    acked_checkpoint: None,
+                }),
+            },
+            (None, Some(qmp), Some(launch)) => {
+                let launch_toml = std::fs::read_to_string(&launch)
+                    .with_context(|| format!("reading VM definition {}", launch.display()))?;
+                Request::VmAdd {
+                    name,
+                    qmp: absolute(&qmp),
+                    launch_toml,
+                    disks,
+                    nbd: nbd.map(|n| absolute(&n)),
+                    qga: qga.map(|n| absolute(&n)),
+                    libvirt: None,
+                }
             }
-        }
+            _ => anyhow::bail!("vm add needs --qmp and --launch, or --libvirt DOMAIN"),
+        },
         Command::Vm(VmCmd::List) => Request::VmList,
         Command::Vm(VmCmd::Remove { name, .. }) => Request::VmRemove { name, check: false },
         Command::Replica(ReplicaCmd::Remove {

@@ -168,7 +168,10 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
                         r.state.to_string(),
                         r.replica.as_deref().unwrap_or("-"),
                         r.disks.join(","),
-                        r.qmp
+                        match &r.libvirt {
+                            Some(lv) => format!("libvirt domain {} at {}", lv.domain, lv.uri),
+                            None => r.qmp.clone(),
+                        }
                     );
                 }
             }

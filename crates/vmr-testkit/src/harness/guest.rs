@@ -234,6 +234,7 @@ pub fn guest_definition(
             node: "disk0".to_owned(),
             path: disk.display().to_string(),
         }],
+        libvirt_xml: None,
     }
 }
 

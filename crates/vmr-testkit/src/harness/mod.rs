@@ -9,10 +9,12 @@
 //! succeeds; QMP: the greeting line arrives; agent: a status request is answered). Everything
 //! started is killed on drop, also processes the agents started that outlive them (failover
 //! VMs): [`TestDir`] kills every process whose command line names its directory. Real Linux
-//! guests (`guest`) boot the cached test guest of `scripts/build-guest.sh` under QEMU.
+//! guests (`guest`) boot the cached test guest of `scripts/build-guest.sh` under QEMU. A private
+//! libvirt daemon (`libvirt`) runs libvirt-managed test domains.
 
 mod agent;
 mod guest;
+mod libvirt;
 mod nbd;
 mod space;
 mod standin;
@@ -27,6 +29,7 @@ pub use guest::{
     failover_qmp, failover_serial, guest_addresses, guest_definition, harness_qmp, parse_check,
     parse_seq,
 };
+pub use libvirt::{PrivateLibvirt, libvirt_unavailable, processes_in_namespaces};
 pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
     write_noise, write_random, write_seq,

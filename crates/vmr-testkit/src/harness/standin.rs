@@ -195,6 +195,7 @@ impl StandIn {
             test_args: vec![],
             network_args: vec![],
             disks: defs,
+            libvirt_xml: None,
         };
         def.validate()?;
         let launch = vmdir.join(format!("{name}.toml"));

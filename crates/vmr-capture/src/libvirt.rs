@@ -1,0 +1,423 @@
+//! The second capture source: a libvirt-managed VM, captured through libvirt's own
+//! incremental-backup API instead of our QMP transaction. A cycle is a pull-mode backup job
+//! (`vmr_libvirt`): a point-in-time view of every disk with a scratch file each, exported by
+//! the VM's QEMU over NBD on a Unix socket in the work directory, begun atomically with a new
+//! checkpoint; the changed blocks since the last acknowledged checkpoint are the exported
+//! `qemu:dirty-bitmap:backup-<disk>` context, read with our NBD client through the same
+//! pipeline as a QMP cycle. Which checkpoint, what is deleted when and when only a resync is
+//! correct is `vmr_core::checkpoints::CheckpointChain`; this module carries its actions out.
+//!
+//! [`LibvirtCycle::commit`] (after the replica's acknowledgement) ends the job and deletes the
+//! older checkpoint; [`LibvirtCycle::abort`], or the next [`LibvirtCapture::begin_cycle`]
+//! after a crash, ends the job and deletes the cycle's new checkpoint, so the next delta is
+//! taken from the older one again: nothing is lost.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use vmr_core::checkpoints::{BeginFailure, ChainAction, ChainEvent, ChainStats, CheckpointChain};
+use vmr_libvirt::{BackupPlan, Domain, DomainDisk, Libvirt, LibvirtError};
+use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
+
+use crate::reader::{DiskSource, Pipeline, Want};
+use crate::{CaptureError, ResyncReason};
+
+/// Where and how to capture a libvirt domain.
+#[derive(Debug, Clone)]
+pub struct LibvirtConfig {
+    /// libvirt connection URI.
+    pub uri: String,
+    /// Domain name.
+    pub domain: String,
+    /// Directory for the NBD socket and the scratch files (libvirt's QEMU writes them: it must
+    /// be reachable and writable by it).
+    pub work_dir: PathBuf,
+    /// NBD reads in flight per cycle.
+    pub max_in_flight: usize,
+    /// Limit of each NBD handshake and request.
+    pub timeout: Duration,
+}
+
+struct Handle {
+    // kept open for the domain's life
+    _lv: Libvirt,
+    dom: Domain,
+}
+
+/// A libvirt domain being replicated: its connection and its checkpoint chain.
+pub struct LibvirtCapture {
+    cfg: LibvirtConfig,
+    h: Arc<Handle>,
+    chain: CheckpointChain,
+    disks: Vec<DomainDisk>,
+}
+
+impl std::fmt::Debug for LibvirtCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtCapture")
+            .field("uri", &self.cfg.uri)
+            .field("domain", &self.cfg.domain)
+            .field("acked", &self.chain.acked())
+            .finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn blocking<T, F>(h: &Arc<Handle>, f: F) -> Result<T, CaptureError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Domain) -> Result<T, LibvirtError> + Send + 'static,
+{
+    let h = h.clone();
+    tokio::task::spawn_blocking(move || f(&h.dom))
+        .await
+        .map_err(|e| CaptureError::Unexpected(format!("libvirt call task: {e}")))?
+        .map_err(CaptureError::from)
+}
+
+impl LibvirtCapture {
+    /// Connect, look the domain up and read its disks. `acked` is the last acknowledged
+    /// checkpoint from the VM's record (`None`: the first cycle is a full one).
+    pub async fn open(
+        cfg: LibvirtConfig,
+        acked: Option<String>,
+    ) -> Result<LibvirtCapture, CaptureError> {
+        std::fs::create_dir_all(&cfg.work_dir).map_err(|source| CaptureError::Io {
+            what: "create work directory",
+            path: cfg.work_dir.display().to_string(),
+            source,
+        })?;
+        let (uri, name) = (cfg.uri.clone(), cfg.domain.clone());
+        let (h, disks) = tokio::task::spawn_blocking(move || {
+            let lv = Libvirt::open(&uri)?;
+            let dom = lv.domain(&name)?;
+            let disks = dom.disks()?;
+            Ok::<_, LibvirtError>((Handle { _lv: lv, dom }, disks))
+        })
+        .await
+        .map_err(|e| CaptureError::Unexpected(format!("libvirt call task: {e}")))??;
+        Ok(LibvirtCapture {
+            cfg,
+            h: Arc::new(h),
+            chain: CheckpointChain::new(acked),
+            disks,
+        })
+    }
+
+    /// The disks captured, in extent index order.
+    pub fn disks(&self) -> &[DomainDisk] {
+        &self.disks
+    }
+
+    /// The last acknowledged checkpoint (persist it with the VM's record after each cycle).
+    pub fn acked(&self) -> Option<&str> {
+        self.chain.acked()
+    }
+
+    /// Busy waits and resyncs so far.
+    pub fn stats(&self) -> ChainStats {
+        self.chain.stats()
+    }
+
+    /// The domain's persistent XML (replicated with the disks).
+    pub async fn domain_xml(&self) -> Result<String, CaptureError> {
+        blocking(&self.h, |d| d.xml(true)).await
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.cfg.work_dir.join("backup.sock")
+    }
+
+    fn scratch(&self, target: &str) -> PathBuf {
+        self.cfg.work_dir.join(format!("scratch-{target}.qcow2"))
+    }
+
+    /// Carry out the chain's actions up to a `Begin`, which is returned.
+    async fn carry_out(
+        &mut self,
+        acts: Vec<ChainAction>,
+        resync: &mut Option<String>,
+    ) -> Result<Option<(Option<String>, String)>, CaptureError> {
+        let mut begin = None;
+        for a in acts {
+            match a {
+                ChainAction::AbortJob => blocking(&self.h, |d| d.abort_job()).await?,
+                ChainAction::Delete(name) => {
+                    match blocking(&self.h, move |d| d.delete_checkpoint(&name)).await {
+                        Ok(())
+                        | Err(CaptureError::Libvirt(LibvirtError::CheckpointMissing { .. })) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                ChainAction::Begin { from, new } => begin = Some((from, new)),
+                ChainAction::Wait { ms } => {
+                    return Err(CaptureError::BackupBusy {
+                        detail: "another job runs on the domain".into(),
+                        retry_after_ms: ms,
+                    });
+                }
+                ChainAction::Resync(cause) => *resync = Some(format!("{cause:?}")),
+                // the caller reads `acked()` after the cycle and persists it
+                ChainAction::Record(_) => {}
+            }
+        }
+        Ok(begin)
+    }
+
+    /// Begin a cycle: a full one when no checkpoint is acknowledged (or the chain cannot be
+    /// trusted: [`LibvirtCycle::resync`] says why), a delta otherwise. Another job on the
+    /// domain is [`CaptureError::BackupBusy`] (nothing changed; try again later).
+    pub async fn begin_cycle(&mut self) -> Result<LibvirtCycle<'_>, CaptureError> {
+        let own = self.socket();
+        let (present, job, active) = blocking(&self.h, |d| {
+            Ok((d.checkpoints()?, d.backup_job()?, d.job_active()?))
+        })
+        .await?;
+        let own_job = job
+            .as_ref()
+            .and_then(|j| j.socket.as_deref())
+            .is_some_and(|s| s == own);
+        let ev = ChainEvent::Start {
+            present,
+            own_job,
+            other_job: active && !own_job,
+            now_ms: now_ms(),
+        };
+        let acts = self
+            .chain
+            .step(ev)
+            .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+        let mut resync = None;
+        let (from, new) = match self.carry_out(acts, &mut resync).await {
+            Ok(Some(b)) => b,
+            // another job: the chain began no cycle
+            Err(e @ CaptureError::BackupBusy { .. }) => return Err(e),
+            Ok(None) => return Err(CaptureError::Unexpected("the chain began no job".into())),
+            Err(e) => {
+                // a cleanup before the job failed: no job began, the chain is told so
+                let _ = self.chain.step(ChainEvent::BeginFailed {
+                    failure: BeginFailure::Other,
+                    now_ms: now_ms(),
+                });
+                return Err(e);
+            }
+        };
+        let _ = std::fs::remove_file(&own);
+        let plan = BackupPlan {
+            incremental: from.clone(),
+            checkpoint: new,
+            socket: own.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| {
+                    let s = self.scratch(&d.target);
+                    let _ = std::fs::remove_file(&s);
+                    (d.target.clone(), s)
+                })
+                .collect(),
+        };
+        let began = {
+            let plan = plan.clone();
+            blocking(&self.h, move |d| d.begin_backup(&plan)).await
+        };
+        if let Err(e) = began {
+            let failure = match &e {
+                CaptureError::Libvirt(l) if l.is_retryable() => BeginFailure::Busy,
+                CaptureError::Libvirt(l) if l.needs_resync() => BeginFailure::Resync,
+                _ => BeginFailure::Other,
+            };
+            let acts = self
+                .chain
+                .step(ChainEvent::BeginFailed {
+                    failure: failure.clone(),
+                    now_ms: now_ms(),
+                })
+                .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+            let mut why = None;
+            self.carry_out(acts, &mut why).await?;
+            return Err(match failure {
+                BeginFailure::Resync => CaptureError::ResyncRequired {
+                    reason: ResyncReason::CheckpointUntrusted {
+                        detail: e.to_string(),
+                    },
+                },
+                _ => e,
+            });
+        }
+        match self.connect(&own, from.is_some()).await {
+            Ok(sources) => Ok(LibvirtCycle {
+                pipeline: Pipeline::new(sources.0, self.cfg.max_in_flight),
+                clients: sources.1,
+                full: from.is_none(),
+                resync,
+                cap: self,
+                done: false,
+            }),
+            Err(e) => {
+                self.fail().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        socket: &Path,
+        incremental: bool,
+    ) -> Result<(Vec<DiskSource>, Vec<NbdClient>), CaptureError> {
+        let ep = Endpoint::Unix(socket.to_path_buf());
+        let (mut sources, mut clients) = (Vec::new(), Vec::new());
+        for (i, d) in self.disks.iter().enumerate() {
+            let (export, bitmap) = vmr_libvirt::xml::export_of(&d.target);
+            let (context, want) = if incremental {
+                (bitmap, Want::Dirty)
+            } else {
+                ("base:allocation".to_string(), Want::Allocated)
+            };
+            let client = NbdClient::connect(
+                &ep,
+                ConnectOptions {
+                    export,
+                    meta_contexts: vec![context.clone()],
+                    max_in_flight: self.cfg.max_in_flight.max(1) + 8,
+                    timeout: self.cfg.timeout,
+                },
+            )
+            .await?;
+            if client.meta_context_id(&context).is_none() {
+                return Err(CaptureError::Unexpected(format!(
+                    "libvirt's nbd export of {} has no meta context {context}",
+                    d.target
+                )));
+            }
+            clients.push(client.clone());
+            sources.push(DiskSource {
+                index: i as u32,
+                size: client.size(),
+                client,
+                context,
+                want,
+                // libvirt exports the view read-only
+                trim: false,
+            });
+        }
+        Ok((sources, clients))
+    }
+
+    /// The cycle failed after its job began: end the job, drop its new checkpoint (best
+    /// effort: a leftover is deleted by the next start).
+    async fn fail(&mut self) {
+        let acts = match self.chain.step(ChainEvent::Failed { now_ms: now_ms() }) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "libvirt cycle failure");
+                return;
+            }
+        };
+        let mut none = None;
+        if let Err(e) = self.carry_out(acts, &mut none).await {
+            tracing::warn!(error = %e, "cleaning up a failed libvirt backup cycle");
+        }
+    }
+}
+
+/// One libvirt backup job being read.
+pub struct LibvirtCycle<'a> {
+    cap: &'a mut LibvirtCapture,
+    pipeline: Pipeline,
+    clients: Vec<NbdClient>,
+    full: bool,
+    resync: Option<String>,
+    done: bool,
+}
+
+impl std::fmt::Debug for LibvirtCycle<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtCycle")
+            .field("full", &self.full)
+            .field("resync", &self.resync)
+            .finish()
+    }
+}
+
+impl LibvirtCycle<'_> {
+    /// A full copy (the first cycle, or a resync).
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Why the chain was started over, when it was.
+    pub fn resync(&self) -> Option<&str> {
+        self.resync.as_deref()
+    }
+
+    /// The size of every disk's view, in extent index order.
+    pub fn sizes(&self) -> Vec<u64> {
+        self.clients.iter().map(|c| c.size()).collect()
+    }
+
+    /// The next extent (disks in order, offsets ascending); `None` when the cycle is read.
+    pub async fn next_extent(&mut self) -> Result<Option<vmr_proto::Extent>, CaptureError> {
+        self.pipeline.next().await
+    }
+
+    /// Bytes of data handed out so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.pipeline.bytes_read()
+    }
+
+    async fn disconnect(&mut self) {
+        self.pipeline.clear();
+        for c in self.clients.drain(..) {
+            if let Err(e) = c.disconnect().await {
+                tracing::debug!(error = %e, "nbd disconnect");
+            }
+        }
+    }
+
+    /// Call only after the replica durably acknowledged every extent: ends the job and deletes
+    /// the older checkpoint. A cycle not read to the end is aborted instead
+    /// ([`CaptureError::Incomplete`]).
+    pub async fn commit(mut self) -> Result<(), CaptureError> {
+        self.done = true;
+        if !self.pipeline.is_finished() {
+            self.disconnect().await;
+            self.cap.fail().await;
+            return Err(CaptureError::Incomplete);
+        }
+        self.disconnect().await;
+        let acts = self
+            .cap
+            .chain
+            .step(ChainEvent::Acknowledged { now_ms: now_ms() })
+            .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+        let mut none = None;
+        self.cap.carry_out(acts, &mut none).await?;
+        Ok(())
+    }
+
+    /// End the job and drop its new checkpoint: the next delta is taken from the older one.
+    pub async fn abort(mut self) -> Result<(), CaptureError> {
+        self.done = true;
+        self.disconnect().await;
+        self.cap.fail().await;
+        Ok(())
+    }
+}
+
+impl Drop for LibvirtCycle<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // the job stays until the next begin_cycle finds it as ours and ends it
+            tracing::warn!("a libvirt backup cycle was dropped without commit or abort");
+        }
+    }
+}

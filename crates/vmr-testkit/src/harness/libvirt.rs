@@ -1,0 +1,300 @@
+//! A private libvirt daemon for tests: `libvirtd` as root in a mount namespace of its own
+//! (`unshare -m`) in which the test's directories are bind-mounted over libvirt's state,
+//! configuration, cache and log directories, with its sockets in the test's directory. The
+//! host's libvirt state is never read or changed, and everything it starts (QEMU) lives in
+//! that namespace, so dropping the [`PrivateLibvirt`] kills all of it (every process in the
+//! namespaces its daemons ran in). Domains are driven with `virsh` (setup only: vmreplica
+//! itself talks to libvirt through its API). See `docs/libvirt.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::READY_TIMEOUT;
+use crate::proc::ChildGuard;
+
+/// libvirt's host directories replaced inside the daemon's namespace.
+const HOST_DIRS: [&str; 4] = [
+    "/etc/libvirt",
+    "/var/lib/libvirt",
+    "/var/cache/libvirt",
+    "/var/log/libvirt",
+];
+
+/// Why a private daemon cannot run here (`None`: it can): not root, or libvirtd, virsh,
+/// unshare or libvirt's directories missing (`scripts/install-deps.sh full` installs them).
+pub fn libvirt_unavailable() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        return Some("a private libvirtd needs root (mount namespace)".into());
+    }
+    for bin in ["/usr/sbin/libvirtd", "/usr/bin/virsh", "/usr/bin/unshare"] {
+        if !Path::new(bin).exists() {
+            return Some(format!("{bin} is missing (scripts/install-deps.sh full)"));
+        }
+    }
+    for d in HOST_DIRS {
+        if !Path::new(d).is_dir() {
+            return Some(format!(
+                "{d} is missing (libvirt-daemon-driver-qemu not installed)"
+            ));
+        }
+    }
+    None
+}
+
+/// `libvirtd` in a mount namespace of its own with `dir`'s subdirectories over libvirt's.
+fn spawn_daemon(dir: &Path) -> anyhow::Result<ChildGuard> {
+    let d = dir.display();
+    let mut script = String::from("set -e\n");
+    for (host, sub) in HOST_DIRS.iter().zip(["etc", "lib", "cache", "log"]) {
+        script.push_str(&format!("mount --bind '{d}/{sub}' {host}\n"));
+    }
+    // /run/libvirt (the running domains' state, kept across a restart): the test's `run`
+    // bound over it, on a private /run where the host has no /run/libvirt
+    script.push_str(&format!(
+        "if [ ! -d /run/libvirt ]; then mount -t tmpfs tmpfs /run; mkdir /run/libvirt; fi\nmount --bind '{d}/run' /run/libvirt\nexec /usr/sbin/libvirtd --config '{d}/libvirtd.conf' --pid '{d}/libvirtd.pid'\n"
+    ));
+    let mut cmd = Command::new("/usr/bin/unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::fs::File::create(dir.join("libvirtd.out"))?)
+        .stderr(std::fs::File::create(dir.join("libvirtd.err"))?);
+    Ok(ChildGuard::spawn(cmd, "libvirtd")?)
+}
+
+/// The mount namespace of process `pid` (`mnt:[inode]`).
+fn mount_namespace(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The processes in any of the mount namespaces `ns` (a daemon's and its QEMUs').
+pub fn processes_in_namespaces(ns: &[String]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| mount_namespace(*pid).is_some_and(|m| ns.contains(&m)))
+        .collect()
+}
+
+/// A libvirt daemon of the test's own.
+#[derive(Debug)]
+pub struct PrivateLibvirt {
+    dir: PathBuf,
+    uri: String,
+    daemon: ChildGuard,
+    /// Every mount namespace a daemon of this test ran in (its QEMUs stay in the one they
+    /// were started from, also across a restart).
+    namespaces: Vec<String>,
+}
+
+impl PrivateLibvirt {
+    /// Start the daemon with everything under `dir` (which must be short: socket paths) and
+    /// wait until it answers.
+    pub fn start(dir: &Path) -> anyhow::Result<PrivateLibvirt> {
+        if let Some(why) = libvirt_unavailable() {
+            bail!("{why}");
+        }
+        let dir = dir.to_path_buf();
+        for sub in ["etc", "lib", "cache", "log", "run", "sock"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let d = dir.display();
+        std::fs::write(
+            dir.join("libvirtd.conf"),
+            format!(
+                "unix_sock_dir = \"{d}/sock\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nlog_outputs = \"3:file:{d}/libvirtd.log\"\n"
+            ),
+        )?;
+        // no security driver, ownership changes, cgroups or virtlogd: nothing outside the
+        // dir; QEMU in the daemon's namespace (not a per-domain one), where the harness finds it
+        std::fs::write(
+            dir.join("etc/qemu.conf"),
+            "security_driver = \"none\"\nuser = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\ncgroup_controllers = [ ]\nstdio_handler = \"file\"\nnamespaces = [ ]\n",
+        )?;
+        let daemon = spawn_daemon(&dir)?;
+        let mut lv = PrivateLibvirt {
+            uri: format!("qemu+unix:///system?socket={d}/sock/libvirt-sock"),
+            dir,
+            daemon,
+            namespaces: Vec::new(),
+        };
+        lv.wait_ready()?;
+        Ok(lv)
+    }
+
+    /// The mount namespaces of this test's daemons and QEMUs
+    /// ([`processes_in_namespaces`] finds what runs in them).
+    pub fn mount_namespaces(&self) -> Vec<String> {
+        self.namespaces.clone()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.virsh(&["version"]).is_ok() {
+                // the daemon answers from its own namespace (unshare and sh exec'ed it)
+                if let Some(ns) = mount_namespace(self.daemon.pid())
+                    && !self.namespaces.contains(&ns)
+                {
+                    self.namespaces.push(ns);
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline || !self.daemon.is_running() {
+                let err =
+                    std::fs::read_to_string(self.dir.join("libvirtd.err")).unwrap_or_default();
+                bail!("private libvirtd did not answer within {READY_TIMEOUT:?}: {err}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop the daemon (SIGTERM) and start it again on the same directories; its domains keep
+    /// running and the new daemon takes them over, as after `systemctl restart libvirtd`.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.daemon.terminate(Duration::from_secs(20))?;
+        self.daemon = spawn_daemon(&self.dir)?;
+        self.wait_ready()
+    }
+
+    /// The connection URI of this daemon.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The daemon's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Run `virsh -c URI ARGS`: its stdout, or an error with its stderr.
+    pub fn virsh(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("/usr/bin/virsh")
+            .arg("-c")
+            .arg(&self.uri)
+            .args(args)
+            .output()
+            .context("run virsh")?;
+        if !out.status.success() {
+            bail!(
+                "virsh {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Define and start domain `name` (TCG, no guest OS: its firmware idles) with the
+    /// given qcow2 disks as virtio `vda`, `vdb`, ...
+    pub fn start_domain(&self, name: &str, disks: &[PathBuf]) -> anyhow::Result<()> {
+        let mut x = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='q35'>hvm</type></os><devices>\
+             <emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        );
+        for (i, p) in disks.iter().enumerate() {
+            let target = format!("vd{}", (b'a' + i as u8) as char);
+            x.push_str(&format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='{target}' bus='virtio'/></disk>",
+                p.display()
+            ));
+        }
+        x.push_str("<memballoon model='none'/></devices></domain>");
+        let file = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, x)?;
+        let f = file.to_string_lossy().into_owned();
+        self.virsh(&["define", &f])?;
+        self.virsh(&["start", name])?;
+        Ok(())
+    }
+
+    /// Write `len` bytes of `pattern` at `offset` of the domain's disk number `disk` while it
+    /// runs, as a guest would: through the disk's own block backend in the domain's QEMU
+    /// (HMP `qemu-io` on the virtio device, via libvirt's monitor passthrough).
+    pub fn write_disk(
+        &self,
+        domain: &str,
+        disk: usize,
+        offset: u64,
+        len: u64,
+        pattern: u8,
+    ) -> anyhow::Result<()> {
+        let cmd = format!(
+            "qemu-io -d /machine/peripheral/virtio-disk{disk}/virtio-backend \"write -P {pattern} {offset} {len}\""
+        );
+        let out = self.virsh(&["qemu-monitor-command", domain, "--hmp", &cmd])?;
+        if out.contains("rror") {
+            bail!("qemu-io on {domain} disk {disk}: {}", out.trim());
+        }
+        Ok(())
+    }
+
+    /// Start a pull-mode backup job of another tool (no checkpoint) on the domain's `targets`,
+    /// holding the domain until [`Self::abort_job`].
+    pub fn hold_backup(&self, domain: &str, targets: &[&str]) -> anyhow::Result<()> {
+        let d = self.dir.display();
+        let mut x = format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{d}/other-tool.sock'/><disks>"
+        );
+        for t in targets {
+            x.push_str(&format!(
+                "<disk name='{t}' backup='yes' type='file'><scratch file='{d}/other-{t}.qcow2'/></disk>"
+            ));
+        }
+        x.push_str("</disks></domainbackup>");
+        let file = self.dir.join("other-backup.xml");
+        std::fs::write(&file, x)?;
+        self.virsh(&["backup-begin", domain, &file.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// End the domain's job (`virsh domjobabort`).
+    pub fn abort_job(&self, domain: &str) -> anyhow::Result<()> {
+        self.virsh(&["domjobabort", domain])?;
+        Ok(())
+    }
+
+    /// The domain's checkpoint names.
+    pub fn checkpoints(&self, domain: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .virsh(&["checkpoint-list", domain, "--name"])?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// Stop every domain and the daemon; kill whatever still names the directory.
+    pub fn stop(&mut self) {
+        if let Ok(list) = self.virsh(&["list", "--name"]) {
+            for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let _ = self.virsh(&["destroy", name]);
+            }
+        }
+        let _ = self.daemon.terminate(Duration::from_secs(10));
+        for pid in processes_in_namespaces(&self.namespaces) {
+            crate::proc::sigkill(pid);
+        }
+        super::kill_processes_under(&self.dir);
+    }
+}
+
+impl Drop for PrivateLibvirt {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
