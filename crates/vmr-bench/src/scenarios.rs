@@ -1597,7 +1597,8 @@ mod tests {
         assert!(goal(9).contains("1 % of a core"));
         assert!(goal(10).contains("±10 %"));
         assert!(goal(11).contains("5 s") && goal(11).contains("50 MB/s"));
-        assert_eq!(goal(12), "-");
+        assert!(goal(12).contains("20 ms") && goal(12).contains("4 VMs"));
+        assert_eq!(goal(13), "-");
     }
 
     #[test]
