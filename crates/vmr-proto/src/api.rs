@@ -166,7 +166,7 @@ pub struct VmStatus {
     /// Primary: the VM is libvirt-managed (`vm add --libvirt`): its connection, domain and last
     /// acknowledged checkpoint (absent for a QMP-captured VM and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub libvirt: Option<crate::record::LibvirtSource>,
+    pub libvirt: Option<crate::vmdef::LibvirtSource>,
     /// Primary, a libvirt VM with replication enabled: its backup jobs' counts since its
     /// capture was opened (another tool's job met, resyncs the checkpoint chain required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -373,7 +373,7 @@ pub struct VmEntry {
     /// A libvirt-managed VM (`vm add --libvirt`): its connection and domain (`qmp` is then
     /// empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub libvirt: Option<crate::record::LibvirtSource>,
+    pub libvirt: Option<crate::vmdef::LibvirtSource>,
 }
 
 /// The backup-job counts of a libvirt VM's capture ([`VmStatus::libvirt_jobs`]).
@@ -448,7 +448,7 @@ pub enum Request {
         /// A libvirt-managed VM (`--libvirt DOMAIN [--connect URI]`): its disks and
         /// definition are taken from the domain; `qmp` and `launch_toml` are then empty.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        libvirt: Option<crate::record::LibvirtSource>,
+        libvirt: Option<crate::vmdef::LibvirtSource>,
     },
     /// List registered VMs.
     VmList,

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::api::{EnableArgs, ReplicationMode, ReplicationState, ReplicationStats};
 use crate::machine::{ExtendedSnapshot, PrimarySnapshot, ReplicaSnapshot};
+pub use crate::vmdef::LibvirtSource;
 
 /// The persisted record of one VM on this host (`state.db` schema 2): what it is, its
 /// replication settings, and its decision machine as the machine's own snapshot.
@@ -65,19 +66,6 @@ pub struct VmRecord {
     /// libvirt's backup API instead of QMP; absent = a QMP-captured VM (and in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<LibvirtSource>,
-}
-
-/// Where a libvirt-managed VM lives: its connection and domain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LibvirtSource {
-    /// libvirt connection URI (`vm add --connect`, default `qemu:///system`).
-    pub uri: String,
-    /// The domain's name.
-    pub domain: String,
-    /// The last checkpoint the replica acknowledged (`vmreplica-<n>`); absent before the
-    /// first acknowledged cycle.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acked_checkpoint: Option<String>,
 }
 
 /// The extended relationship of a replica VM: its settings and its machine's snapshot.

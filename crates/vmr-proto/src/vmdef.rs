@@ -243,6 +243,19 @@ pub fn placeholders(arg: &str) -> Vec<&str> {
     out
 }
 
+/// Where a libvirt-managed VM lives: its connection and domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtSource {
+    /// libvirt connection URI (`vm add --connect`, default `qemu:///system`).
+    pub uri: String,
+    /// The domain's name.
+    pub domain: String,
+    /// The last checkpoint the replica acknowledged (`vmreplica-<n>`); absent before the
+    /// first acknowledged cycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_checkpoint: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
