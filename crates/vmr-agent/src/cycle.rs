@@ -606,6 +606,84 @@ async fn run_libvirt(
     outcome
 }
 
+/// Where a cycle's extents come from: a QMP capture cycle (incremental, full or verify) or a
+/// libvirt backup job. [`ship`] streams either to the replica.
+pub(crate) trait ExtentSource {
+    /// The next extent to ship, `None` at the end of the cut.
+    fn next_extent(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Extent>, CaptureError>> + Send;
+}
+
+impl ExtentSource for vmr_capture::CaptureCycle<'_> {
+    fn next_extent(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Extent>, CaptureError>> + Send {
+        vmr_capture::CaptureCycle::next_extent(self)
+    }
+}
+
+impl ExtentSource for vmr_capture::libvirt::LibvirtCycle<'_> {
+    fn next_extent(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Extent>, CaptureError>> + Send {
+        vmr_capture::libvirt::LibvirtCycle::next_extent(self)
+    }
+}
+
+/// The producer's side of [`ship`]: the data bytes read and when reading ended (since
+/// `started`), or its failure (`None`: the transfer stopped taking extents).
+pub(crate) type Produced = Result<(u64, std::time::Duration), Option<Failure>>;
+
+/// Stream the extents of `source` to the replica as the cycle `header` describes, read and
+/// sent concurrently (a queue of a few extents between them), under the VM's sending limit;
+/// the progress counters follow the reading. Returns the producer's and the transfer's results.
+pub(crate) async fn ship<S: ExtentSource>(
+    ctx: &CycleCtx,
+    client: &Client,
+    header: &CycleHeader,
+    source: &mut S,
+    compression: bool,
+    started: std::time::Instant,
+) -> (Produced, Result<vmr_transport::CycleAck, TransportError>) {
+    let sizes: Vec<u64> = header.disks.iter().map(|d| d.size).collect();
+    let bases = disk_bases(&sizes);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
+    let producer = async {
+        // Owning the sender here ends the stream when the producer finishes.
+        let tx = tx;
+        let mut sent = 0u64;
+        loop {
+            match source.next_extent().await {
+                Ok(Some(e)) => {
+                    // Bytes of data shipped; zero extents cost a few bytes on the wire.
+                    if let vmr_proto::ExtentData::Data(b) = &e.data {
+                        sent += b.len() as u64;
+                    }
+                    ctx.progress.advance(position(&bases, &e), sent);
+                    copy_slow_hook(&ctx.host.dir, header.kind).await;
+                    if tx.send(Ok(e)).await.is_err() {
+                        return Err(None);
+                    }
+                }
+                Ok(None) => return Ok((sent, started.elapsed())),
+                Err(e) => {
+                    let f = classify_capture(&e);
+                    let _ = tx.send(Err(e)).await;
+                    return Err(Some(f));
+                }
+            }
+        }
+    };
+    let consumer = client.send_cycle_paced(
+        header,
+        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        compression,
+        Some(ctx.body_pace()),
+    );
+    tokio::join!(producer, consumer)
+}
+
 /// One cycle of a libvirt VM on an open capture and connection. Returns the outcome and
 /// whether the capture must be reopened.
 async fn libvirt_cycle(
@@ -653,7 +731,6 @@ async fn libvirt_cycle(
             size: *s,
         })
         .collect();
-    let bases = disk_bases(&sizes);
     if kind == CycleKind::Full {
         ctx.progress
             .start(OperationKind::InitialCopy, sizes.iter().sum(), taken_at_ms);
@@ -675,39 +752,9 @@ async fn libvirt_cycle(
         // A libvirt-captured VM is never a group member (`group create` refuses it).
         group: None,
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
-    let producer = async {
-        let tx = tx;
-        let mut sent = 0u64;
-        loop {
-            match cycle.next_extent().await {
-                Ok(Some(e)) => {
-                    if let vmr_proto::ExtentData::Data(b) = &e.data {
-                        sent += b.len() as u64;
-                    }
-                    ctx.progress.advance(position(&bases, &e), sent);
-                    if tx.send(Ok(e)).await.is_err() {
-                        return Err(None);
-                    }
-                }
-                Ok(None) => return Ok(sent),
-                Err(e) => {
-                    let f = classify_capture(&e);
-                    let _ = tx.send(Err(e)).await;
-                    return Err(Some(f));
-                }
-            }
-        }
-    };
-    let consumer = client.send_cycle_paced(
-        &header,
-        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
-        args.compression,
-        Some(ctx.body_pace()),
-    );
-    let (produced, sent) = tokio::join!(producer, consumer);
+    let (produced, sent) = ship(ctx, client, &header, &mut cycle, args.compression, started).await;
     match (produced, sent) {
-        (Ok(bytes), Ok(_ack)) => match cycle.commit().await {
+        (Ok((bytes, _)), Ok(_ack)) => match cycle.commit().await {
             Ok(()) => {
                 tracing::debug!(vm = %rec.name, cycle = id, bytes, ms = started.elapsed().as_millis() as u64, "libvirt cycle acknowledged and committed");
                 (
@@ -885,7 +932,6 @@ async fn cycle_with(
     hold_hook(&ctx.host.dir).await;
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
-    let bases = disk_bases(&sizes);
     if kind == CycleKind::Full {
         ctx.progress
             .start(OperationKind::InitialCopy, sizes.iter().sum(), taken_at_ms);
@@ -908,40 +954,7 @@ async fn cycle_with(
         disks,
         group,
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
-    let producer = async {
-        // Owning the sender here ends the stream when the producer finishes.
-        let tx = tx;
-        let mut sent = 0u64;
-        loop {
-            match cycle.next_extent().await {
-                Ok(Some(e)) => {
-                    // Bytes of data shipped; zero extents cost a few bytes on the wire.
-                    if let vmr_proto::ExtentData::Data(b) = &e.data {
-                        sent += b.len() as u64;
-                    }
-                    ctx.progress.advance(position(&bases, &e), sent);
-                    copy_slow_hook(&ctx.host.dir, kind).await;
-                    if tx.send(Ok(e)).await.is_err() {
-                        return Err(None);
-                    }
-                }
-                Ok(None) => return Ok((sent, started.elapsed())),
-                Err(e) => {
-                    let f = classify_capture(&e);
-                    let _ = tx.send(Err(e)).await;
-                    return Err(Some(f));
-                }
-            }
-        }
-    };
-    let consumer = client.send_cycle_paced(
-        &header,
-        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
-        args.compression,
-        Some(ctx.body_pace()),
-    );
-    let (produced, sent) = tokio::join!(producer, consumer);
+    let (produced, sent) = ship(ctx, client, &header, &mut cycle, args.compression, started).await;
     let acked = started.elapsed();
     match (produced, sent) {
         (Ok((bytes, read_done)), Ok(_ack)) => match cycle.commit().await {

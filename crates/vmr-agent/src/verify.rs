@@ -7,14 +7,12 @@
 //! was written, not what the layers hold now). Nothing is changed by the comparison: the cycle
 //! is committed as usual whatever it finds, and the result goes to the owner.
 
-use vmr_capture::{CaptureError, CycleMode, VmCapture};
+use vmr_capture::{CycleMode, VmCapture};
 use vmr_core::Failure;
 use vmr_proto::api::{DiskVerify, EnableArgs, OperationKind, VerifyReport};
 use vmr_proto::record::VmRecord;
-use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo, Extent};
+use vmr_proto::{CycleConsistency, CycleHeader, CycleKind, DiskInfo};
 use vmr_transport::Client;
-
-use futures::StreamExt;
 
 use crate::cycle::{CycleCtx, Outcome, Session, classify_capture, disk_bases, position};
 use crate::resync::{Assembler, BLOCK_SIZE, CHUNK_BLOCKS, Hashing, fetch};
@@ -71,7 +69,6 @@ async fn verify_with(
     };
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
-    let bases = disk_bases(&sizes);
     ctx.progress.start(OperationKind::Cycle, 0, taken_at_ms);
     let header = CycleHeader {
         vm: rec.uuid,
@@ -83,40 +80,18 @@ async fn verify_with(
         disks: disks.clone(),
         group: None,
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, CaptureError>>(4);
-    let producer = async {
-        let tx = tx;
-        let mut sent = 0u64;
-        loop {
-            match cycle.next_extent().await {
-                Ok(Some(e)) => {
-                    if let vmr_proto::ExtentData::Data(b) = &e.data {
-                        sent += b.len() as u64;
-                    }
-                    ctx.progress.advance(position(&bases, &e), sent);
-                    if tx.send(Ok(e)).await.is_err() {
-                        return Err(None);
-                    }
-                }
-                Ok(None) => return Ok(sent),
-                Err(e) => {
-                    let f = classify_capture(&e);
-                    let _ = tx.send(Err(e)).await;
-                    return Err(Some(f));
-                }
-            }
-        }
-    };
     // A verify cycle ships the dirty extents like any cycle: under the same sending limit.
-    let consumer = client.send_cycle_paced(
+    let (produced, sent) = crate::cycle::ship(
+        ctx,
+        client,
         &header,
-        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        &mut cycle,
         args.compression,
-        Some(ctx.body_pace()),
-    );
-    let (produced, sent) = tokio::join!(producer, consumer);
+        std::time::Instant::now(),
+    )
+    .await;
     let bytes = match (produced, sent) {
-        (Ok(bytes), Ok(_ack)) => bytes,
+        (Ok((bytes, _)), Ok(_ack)) => bytes,
         (p, s) => {
             let (o, rc, rl) = crate::cycle::failed(p, s, cycle, "verify cycle").await;
             return (o, None, rc, rl);
