@@ -849,13 +849,19 @@ fn group_fail_hook(_dir: &std::path::Path, _vm: &str) -> bool {
 /// extent it reads, so that a test can watch it run.
 #[cfg(feature = "test-hooks")]
 const COPY_SLOW_HOOK: &str = "test-copy-slow-ms";
+/// Test hook (cargo feature `test-hooks` only): like [`COPY_SLOW_HOOK`] for every other
+/// cycle (incremental, verify), so that a test can act while the replica receives one.
+#[cfg(feature = "test-hooks")]
+const CYCLE_SLOW_HOOK: &str = "test-cycle-slow-ms";
 
 #[cfg(feature = "test-hooks")]
 async fn copy_slow_hook(dir: &std::path::Path, kind: CycleKind) {
-    if kind != CycleKind::Full {
-        return;
-    }
-    if let Some(ms) = std::fs::read_to_string(dir.join(COPY_SLOW_HOOK))
+    let hook = if kind == CycleKind::Full {
+        COPY_SLOW_HOOK
+    } else {
+        CYCLE_SLOW_HOOK
+    };
+    if let Some(ms) = std::fs::read_to_string(dir.join(hook))
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
     {

@@ -181,18 +181,24 @@ impl Handler for PeerHandler {
         let (vm, id) = (header.vm, header.id);
         let t = std::time::Instant::now();
         let h = self.vm(vm)?;
-        let mut writer = h
+        let (mut writer, cancel) = h
             .ask_peer(|r| Command::BeginCycle(peer.clone(), Box::new(header), r))
             .await?;
-        let (count, bytes) = match stream_into(&mut writer, &mut extents).await {
+        let streamed = tokio::select! {
+            r = stream_into(&mut writer, &mut extents) => r,
+            () = cancel.cancelled() => Err(RemoteError::Unavailable {
+                message: format!("a failover on this replica ended cycle {id} of VM {vm}"),
+            }),
+        };
+        let (count, bytes) = match streamed {
             Ok(c) => c,
             Err(e) => {
                 // A resync keeps what arrived for the next attempt; other kinds are dropped.
                 writer.abort().await;
-                if matches!(e, RemoteError::DiskFull { .. }) {
-                    // The owner raises `store-full` (its event; the store is its business).
-                    h.ask_raw(Command::StreamFailed(e.clone())).await;
-                }
+                // The writer released the chain: the owner runs a failover that waited for
+                // it, and raises `store-full` for a full store (its event; the store is its
+                // business).
+                h.ask_raw(Command::StreamFailed(e.clone())).await;
                 return Err(e);
             }
         };

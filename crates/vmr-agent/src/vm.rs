@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{
@@ -178,8 +179,13 @@ pub enum Command {
     Refresh(Peer, Box<CreateReplica>, PeerReply<()>),
     /// Peer: the latest cycle held (`replica-info`), remembering the primary's address.
     ReplicaInfo(Peer, Option<String>, PeerReply<ReplicaVmInfo>),
-    /// Peer: admit a cycle; the reply is the writer to stream it into.
-    BeginCycle(Peer, Box<CycleHeader>, PeerReply<Writer>),
+    /// Peer: admit a cycle; the reply is the writer to stream it into and the token that ends
+    /// the stream early (a failover on this replica cancels it).
+    BeginCycle(
+        Peer,
+        Box<CycleHeader>,
+        PeerReply<(Writer, CancellationToken)>,
+    ),
     /// Peer: the cycle was streamed into the writer; make it durable and record it.
     FinishCycle(Writer, u64, PeerReply<()>),
     /// Peer: block hashes of the latest point (resync).
@@ -199,7 +205,8 @@ pub enum Command {
     /// The failover network settings were applied in the live failed-over VM (the lines of
     /// the outcome); sent by the task that applied them.
     NetworkApplied(Uuid, Vec<String>),
-    /// Peer handler: streaming a cycle into the store failed (the owner notes a full store).
+    /// Peer handler: streaming a cycle into the store failed and its writer was aborted (the
+    /// owner notes a full store and runs a failover that waited for the cycle).
     StreamFailed(RemoteError),
     /// `set --rpo-alert`: this host's RPO alert for the VM, seconds (`None` = the default).
     SetRpoAlert(Option<u64>, Reply<String>),
@@ -343,6 +350,8 @@ impl Registry {
             failure_run: 0,
             failure_reported: None,
             rpo_deadline: None,
+            receiving: None,
+            deferred: None,
         };
         tokio::spawn(owner.run());
         map.insert(handle.name.clone(), handle.clone());
@@ -373,6 +382,14 @@ struct Owner {
     failure_reported: Option<String>,
     /// When the RPO alert fires unless a point arrives first.
     rpo_deadline: Option<tokio::time::Instant>,
+    /// A replica cycle being streamed into the store: its token ends the stream early. Its
+    /// writer holds the VM's chain lock until the handler hands it back (`FinishCycle`) or
+    /// aborts it (`StreamFailed`).
+    receiving: Option<CancellationToken>,
+    /// A failover command that waits for the cycle in flight: a view cannot be made while the
+    /// cycle's writer holds the chain, and the writer comes back only through this owner's
+    /// queue, so the owner must not wait for the lock inside the command.
+    deferred: Option<(FailoverCmd, Reply<FailoverResult>)>,
 }
 
 async fn wait_deadline(at: Option<tokio::time::Instant>) {
@@ -1146,7 +1163,10 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
-            Command::StreamFailed(e) => self.note_store(&Err(&e)),
+            Command::StreamFailed(e) => {
+                self.note_store(&Err(&e));
+                self.received().await;
+            }
             Command::Extended(what, reply) => {
                 let r = self.extended_cmd(what).await;
                 let _ = reply.send(r);
@@ -1190,25 +1210,23 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::Failover(f, reply) => {
-                let started = matches!(
-                    f,
-                    FailoverCmd::Start {
-                        no_start: false,
-                        ..
+                // A failover's view waits for the chain lock that the writer of a cycle in
+                // flight holds; the writer comes back through this queue, so the command waits
+                // outside the owner until the cycle ends. A real failover ends it at once (the
+                // old primary's cycles are refused from now on anyway); a test copy lets it
+                // finish, so the copy may start from it.
+                if let Some(token) = &self.receiving
+                    && matches!(f, FailoverCmd::Start { .. } | FailoverCmd::Test { .. })
+                    && self.deferred.is_none()
+                {
+                    if matches!(f, FailoverCmd::Start { .. }) {
+                        token.cancel();
                     }
-                );
-                let r = self.failover(f.clone()).await;
-                if let Ok(res) = &r {
-                    self.failover_event(&f, res);
+                    tracing::info!(vm = %self.vm.rec.name, "the failover waits for the cycle being received to end");
+                    self.deferred = Some((f, reply));
+                    return;
                 }
-                match r {
-                    Ok(res) if started && !self.vm.rec.failover.interfaces.is_empty() => {
-                        self.apply_network(res, reply);
-                    }
-                    r => {
-                        let _ = reply.send(r);
-                    }
-                }
+                self.failover_cmd(f, reply).await;
             }
             Command::NetworkApplied(view, lines) => {
                 if let Ok(mut fr) = self.vm.failover()
@@ -1255,11 +1273,27 @@ impl Owner {
             }
             Command::BeginCycle(peer, header, reply) => {
                 let t = std::time::Instant::now();
-                let r = self.begin_cycle(&peer, *header).await;
+                let id = header.id;
+                let r = if self.deferred.is_some() {
+                    // A failover waits for the chain: no new cycle takes it first.
+                    Err(RemoteError::Unavailable {
+                        message: format!(
+                            "a failover of VM {} is starting on this replica",
+                            self.vm.rec.name
+                        ),
+                    })
+                } else {
+                    self.begin_cycle(&peer, *header).await
+                };
                 if let Err(e) = &r {
                     self.note_store(&Err(e));
                 }
-                tracing::debug!(vm = %self.vm.rec.name, ms = t.elapsed().as_millis() as u64, "cycle admitted, layers open");
+                tracing::debug!(vm = %self.vm.rec.name, cycle = id, ms = t.elapsed().as_millis() as u64, "cycle admitted, layers open");
+                let r = r.map(|w| {
+                    let token = CancellationToken::new();
+                    self.receiving = Some(token.clone());
+                    (w, token)
+                });
                 let _ = reply.send(r);
             }
             Command::FinishCycle(writer, bytes, reply) => {
@@ -1285,6 +1319,7 @@ impl Owner {
                         let _ = reply.send(Err(e));
                     }
                 }
+                self.received().await;
             }
             Command::Hashes(peer, req, reply) => {
                 let r = match self.trust(&peer) {
@@ -1437,6 +1472,39 @@ impl Owner {
             }
             Command::Shutdown(ack) => {
                 let _ = ack.send(());
+            }
+        }
+    }
+
+    /// The cycle in flight ended (committed or aborted): its writer released the chain, so a
+    /// failover that waited for it runs now.
+    async fn received(&mut self) {
+        self.receiving = None;
+        if let Some((f, reply)) = self.deferred.take() {
+            self.failover_cmd(f, reply).await;
+        }
+    }
+
+    /// Carry out a failover command and reply (a started VM's network settings are applied
+    /// in a task of their own, which replies).
+    async fn failover_cmd(&mut self, f: FailoverCmd, reply: Reply<FailoverResult>) {
+        let started = matches!(
+            f,
+            FailoverCmd::Start {
+                no_start: false,
+                ..
+            }
+        );
+        let r = self.failover(f.clone()).await;
+        if let Ok(res) = &r {
+            self.failover_event(&f, res);
+        }
+        match r {
+            Ok(res) if started && !self.vm.rec.failover.interfaces.is_empty() => {
+                self.apply_network(res, reply);
+            }
+            r => {
+                let _ = reply.send(r);
             }
         }
     }

@@ -643,3 +643,96 @@ fn prepare_shutdown_timeout_changes_nothing() -> TestResult {
     assert_eq!(out.status.code(), Some(2));
     Ok(())
 }
+
+/// Whether the replica's log says that it admitted cycle `id` (debug level).
+fn admitted(agent: &Agent, id: u64) -> bool {
+    agent
+        .log()
+        .lines()
+        .any(|l| l.contains("cycle admitted") && l.contains(&format!("cycle={id} ")))
+}
+
+/// Slow down the primary's next data cycle, write, and wait until the replica receives it;
+/// returns the cycle's id and the content it carries.
+fn slow_cycle_in_flight(p: &Pair, vm: &StandIn, seed: u64) -> TestResult<(u64, [u8; 32])> {
+    let name = &vm.def.name;
+    std::fs::write(p.a.dir.join("test-cycle-slow-ms"), "1000")?;
+    vm.write_random("disk0", 20, seed)?;
+    let h = vm.hash("disk0")?;
+    // The primary ships data (only the write above is pending, so it is this write's cycle),
+    // whose base is the replica's latest cycle: its id is the next one.
+    wait_until(LONG, "a data cycle in flight", || {
+        Ok(p.a.status(name)?.progress.is_some_and(|(done, _)| done > 0))
+    })?;
+    let id = p.b.status(name)?.last_cycle.expect("applied") + 1;
+    wait_until(LONG, "the replica receiving the cycle", || {
+        Ok(admitted(&p.b, id))
+    })?;
+    Ok((id, h))
+}
+
+/// A failover while the replica receives a cycle. The cycle's writer holds the VM's chain
+/// until the handler hands it back through the VM owner's queue, so a failover command that
+/// waited for the chain inside the owner deadlocked (found by reading after a hang in the
+/// extended tests). Now a test failover waits outside the owner for the cycle to end and its
+/// copy starts from it; a real failover ends the cycle at once and starts from the point
+/// before it.
+#[test]
+fn failover_while_the_replica_receives_a_cycle() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    p.b.set_env("VMREPLICA_LOG", "info,vmr_agent=debug");
+    p.b.restart()?;
+    let vm = StandIn::create(p.root.path(), &p.a, "rx1", &["disk0"], 64)?;
+    vm.register(&p.a)?;
+    p.enable("rx1", &["--frequency", "5s"])?;
+    write_and_cut(&p, &vm, 5)?;
+    const WAITS: &str = "the failover waits for the cycle being received to end";
+
+    // Test failover: waits for the cycle (the owner answers status meanwhile).
+    let (k, hk) = slow_cycle_in_flight(&p, &vm, 6)?;
+    assert_eq!(p.b.status("rx1")?.state, ReplicationState::Replicating);
+    let mut test = p.b.spawn_cli(&["failover", "test", "rx1", "--json"])?;
+    let deferred = wait_until(LONG, "the test failover deferred", || {
+        Ok(p.b.log().contains(WAITS))
+    });
+    std::fs::remove_file(p.a.dir.join("test-cycle-slow-ms"))?;
+    // The command ends once the cycle does (the owner used to hang here for good).
+    let ended = wait_until(LONG, "the test failover's end", || {
+        Ok(!matches!(test.try_wait(), Ok(None)))
+    });
+    if ended.is_err() {
+        let _ = test.kill();
+    }
+    let out = test.wait_with_output()?;
+    deferred?;
+    ended?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: FailoverResult = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        t.point,
+        Some(k),
+        "the test copy starts from the cycle it waited for"
+    );
+    assert_eq!(started(&vm, test_nbd(&t)).hash("disk0")?, hk);
+    p.b.ok(&["failover", "stop-test", "rx1"])?;
+
+    // Real failover: ends the cycle in flight and starts from the point before it.
+    let (base, hb) = {
+        let l = p.b.status("rx1")?.last_cycle.expect("applied");
+        (l, vm.hash("disk0")?)
+    };
+    let (k2, _) = slow_cycle_in_flight(&p, &vm, 7)?;
+    assert_eq!(k2, base + 1);
+    let live = failover(&p.b, &["start", "rx1", "--force"])?;
+    assert_eq!(live.point, Some(base));
+    assert_eq!(live.state, ReplicationState::FailedOverWaitingCompletion);
+    assert_eq!(p.b.log().matches(WAITS).count(), 2);
+    assert_eq!(started(&vm, live_nbd(&p.b, vm.def.uuid)).hash("disk0")?, hb);
+    let ids: Vec<u64> = points(&p.b, "rx1")?.iter().map(|x| x.id).collect();
+    assert!(!ids.contains(&k2), "{ids:?}");
+    Ok(())
+}

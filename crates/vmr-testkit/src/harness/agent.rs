@@ -215,6 +215,20 @@ impl Agent {
             .map_err(io_err(format!("run {}", self.exe.display())))
     }
 
+    /// Start `vmreplica --dir DIR ARGS...` without waiting for it (stdout and stderr piped),
+    /// for a command a test acts around while it runs.
+    pub fn spawn_cli(&self, args: &[&str]) -> Result<std::process::Child> {
+        Command::new(&self.exe)
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err(format!("run {}", self.exe.display())))
+    }
+
     /// Run a CLI command that must succeed; its stdout.
     pub fn ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args)?;
