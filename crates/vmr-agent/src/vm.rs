@@ -351,7 +351,7 @@ impl Registry {
             failure_reported: None,
             rpo_deadline: None,
             receiving: None,
-            deferred: None,
+            deferred: std::collections::VecDeque::new(),
         };
         tokio::spawn(owner.run());
         map.insert(handle.name.clone(), handle.clone());
@@ -386,10 +386,10 @@ struct Owner {
     /// writer holds the VM's chain lock until the handler hands it back (`FinishCycle`) or
     /// aborts it (`StreamFailed`).
     receiving: Option<CancellationToken>,
-    /// A failover command that waits for the cycle in flight: a view cannot be made while the
-    /// cycle's writer holds the chain, and the writer comes back only through this owner's
-    /// queue, so the owner must not wait for the lock inside the command.
-    deferred: Option<(FailoverCmd, Reply<FailoverResult>)>,
+    /// Commands that wait for the cycle in flight ([`waits_for_chain`]): they need the chain
+    /// the cycle's writer holds, and the writer comes back only through this owner's queue,
+    /// so the owner must not wait for the lock inside a command.
+    deferred: std::collections::VecDeque<Command>,
 }
 
 async fn wait_deadline(at: Option<tokio::time::Instant>) {
@@ -1019,6 +1019,20 @@ impl Owner {
     }
 
     async fn handle(&mut self, cmd: Command) {
+        // A command that needs the VM's chain waits outside the owner while a cycle is being
+        // received (see `deferred`). A real failover ends that cycle at once (the old
+        // primary's cycles are refused from then on anyway); the others let it finish (a test
+        // copy may then start from it).
+        if let Some(token) = &self.receiving
+            && waits_for_chain(&cmd)
+        {
+            if matches!(cmd, Command::Failover(FailoverCmd::Start { .. }, _)) {
+                token.cancel();
+            }
+            tracing::info!(vm = %self.vm.rec.name, "the command waits for the cycle being received to end");
+            self.deferred.push_back(cmd);
+            return;
+        }
         let primary_name = self.vm.host.config.name.clone();
         match cmd {
             Command::Status(reply) => {
@@ -1209,25 +1223,7 @@ impl Owner {
                 let r = self.set_bandwidth(schedule);
                 let _ = reply.send(r);
             }
-            Command::Failover(f, reply) => {
-                // A failover's view waits for the chain lock that the writer of a cycle in
-                // flight holds; the writer comes back through this queue, so the command waits
-                // outside the owner until the cycle ends. A real failover ends it at once (the
-                // old primary's cycles are refused from now on anyway); a test copy lets it
-                // finish, so the copy may start from it.
-                if let Some(token) = &self.receiving
-                    && matches!(f, FailoverCmd::Start { .. } | FailoverCmd::Test { .. })
-                    && self.deferred.is_none()
-                {
-                    if matches!(f, FailoverCmd::Start { .. }) {
-                        token.cancel();
-                    }
-                    tracing::info!(vm = %self.vm.rec.name, "the failover waits for the cycle being received to end");
-                    self.deferred = Some((f, reply));
-                    return;
-                }
-                self.failover_cmd(f, reply).await;
-            }
+            Command::Failover(f, reply) => self.failover_cmd(f, reply).await,
             Command::NetworkApplied(view, lines) => {
                 if let Ok(mut fr) = self.vm.failover()
                     && let Some(live) = fr.live.as_mut()
@@ -1274,11 +1270,11 @@ impl Owner {
             Command::BeginCycle(peer, header, reply) => {
                 let t = std::time::Instant::now();
                 let id = header.id;
-                let r = if self.deferred.is_some() {
-                    // A failover waits for the chain: no new cycle takes it first.
+                let r = if !self.deferred.is_empty() {
+                    // A command waits for the chain: no new cycle takes it first.
                     Err(RemoteError::Unavailable {
                         message: format!(
-                            "a failover of VM {} is starting on this replica",
+                            "a command for VM {} waits on this replica (failover, verify)",
                             self.vm.rec.name
                         ),
                     })
@@ -1476,12 +1472,12 @@ impl Owner {
         }
     }
 
-    /// The cycle in flight ended (committed or aborted): its writer released the chain, so a
-    /// failover that waited for it runs now.
+    /// The cycle in flight ended (committed or aborted): its writer released the chain, so
+    /// the commands that waited for it run now, in the order they came.
     async fn received(&mut self) {
         self.receiving = None;
-        if let Some((f, reply)) = self.deferred.take() {
-            self.failover_cmd(f, reply).await;
+        while let Some(cmd) = self.deferred.pop_front() {
+            Box::pin(self.handle(cmd)).await;
         }
     }
 
@@ -2008,6 +2004,17 @@ impl Owner {
             Err(e) => tracing::warn!(vm = %self.vm.rec.name, "no store to prune: {e:#}"),
         }
     }
+}
+
+/// Whether `cmd` needs the VM's qcow2 chain on a replica (a failover's view, `verify --local`,
+/// `continue-from`'s discard), which a cycle being received holds until it ends.
+fn waits_for_chain(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Failover(FailoverCmd::Start { .. } | FailoverCmd::Test { .. }, _)
+            | Command::Verify(_, true, _)
+            | Command::ContinueFrom(..)
+    )
 }
 
 /// One line saying what a VM's failover network settings on this host are.

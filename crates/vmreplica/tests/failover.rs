@@ -671,12 +671,12 @@ fn slow_cycle_in_flight(p: &Pair, vm: &StandIn, seed: u64) -> TestResult<(u64, [
     Ok((id, h))
 }
 
-/// A failover while the replica receives a cycle. The cycle's writer holds the VM's chain
-/// until the handler hands it back through the VM owner's queue, so a failover command that
-/// waited for the chain inside the owner deadlocked (found by reading after a hang in the
-/// extended tests). Now a test failover waits outside the owner for the cycle to end and its
-/// copy starts from it; a real failover ends the cycle at once and starts from the point
-/// before it.
+/// A failover (and `verify --local`) while the replica receives a cycle. The cycle's writer
+/// holds the VM's chain until the handler hands it back through the VM owner's queue, so a
+/// command that waited for the chain inside the owner deadlocked (found by reading after a
+/// hang in the extended tests). Now a test failover and `verify --local` wait outside the owner
+/// for the cycle to end, and the copy starts from it; a real failover ends the cycle at once
+/// and starts from the point before it.
 #[test]
 fn failover_while_the_replica_receives_a_cycle() -> TestResult {
     let mut p = Pair::new(exe())?;
@@ -686,31 +686,36 @@ fn failover_while_the_replica_receives_a_cycle() -> TestResult {
     vm.register(&p.a)?;
     p.enable("rx1", &["--frequency", "5s"])?;
     write_and_cut(&p, &vm, 5)?;
-    const WAITS: &str = "the failover waits for the cycle being received to end";
+    const WAITS: &str = "the command waits for the cycle being received to end";
 
     // Test failover: waits for the cycle (the owner answers status meanwhile).
     let (k, hk) = slow_cycle_in_flight(&p, &vm, 6)?;
     assert_eq!(p.b.status("rx1")?.state, ReplicationState::Replicating);
     let mut test = p.b.spawn_cli(&["failover", "test", "rx1", "--json"])?;
     let deferred = wait_until(LONG, "the test failover deferred", || {
-        Ok(p.b.log().contains(WAITS))
+        Ok(p.b.log().matches(WAITS).count() == 1)
+    });
+    let mut check = p.b.spawn_cli(&["verify", "rx1", "--local", "--json"])?;
+    let deferred = deferred.and_then(|()| {
+        wait_until(LONG, "verify --local deferred", || {
+            Ok(p.b.log().matches(WAITS).count() == 2)
+        })
     });
     std::fs::remove_file(p.a.dir.join("test-cycle-slow-ms"))?;
-    // The command ends once the cycle does (the owner used to hang here for good).
-    let ended = wait_until(LONG, "the test failover's end", || {
-        Ok(!matches!(test.try_wait(), Ok(None)))
+    // Both end once the cycle does (the owner used to hang here for good).
+    let ended = wait_until(LONG, "the test failover's and verify's end", || {
+        Ok(!matches!(test.try_wait(), Ok(None)) && !matches!(check.try_wait(), Ok(None)))
     });
     if ended.is_err() {
         let _ = test.kill();
+        let _ = check.kill();
     }
-    let out = test.wait_with_output()?;
+    let (out, checked) = (test.wait_with_output()?, check.wait_with_output()?);
     deferred?;
     ended?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for o in [&out, &checked] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     let t: FailoverResult = serde_json::from_slice(&out.stdout)?;
     assert_eq!(
         t.point,
@@ -730,7 +735,7 @@ fn failover_while_the_replica_receives_a_cycle() -> TestResult {
     let live = failover(&p.b, &["start", "rx1", "--force"])?;
     assert_eq!(live.point, Some(base));
     assert_eq!(live.state, ReplicationState::FailedOverWaitingCompletion);
-    assert_eq!(p.b.log().matches(WAITS).count(), 2);
+    assert_eq!(p.b.log().matches(WAITS).count(), 3);
     assert_eq!(started(&vm, live_nbd(&p.b, vm.def.uuid)).hash("disk0")?, hb);
     let ids: Vec<u64> = points(&p.b, "rx1")?.iter().map(|x| x.id).collect();
     assert!(!ids.contains(&k2), "{ids:?}");
