@@ -639,3 +639,78 @@ fn a_stopped_mid_cycle_leaves_b_free_to_fail_over() -> TestResult {
     );
     Ok(())
 }
+
+/// Planned failover A → B with B → C running: between `failover start` and `reverse`, B's
+/// status row for the extended relationship says the VM failed over on B (it was Normal and
+/// said nothing), A's final point (the failover point) is still forwarded to C, nothing newer;
+/// `reverse` to A then says the extended relationship ended and what C keeps. (B → C
+/// continuing from the running VM after the reverse is not built.)
+#[test]
+fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() -> TestResult {
+    let ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let (vm, _) = running_chain(&ch)?;
+    assert_eq!(
+        extended(&ch)?.health,
+        vmr_proto::api::Health::Normal,
+        "{:?}",
+        extended(&ch)?
+    );
+    // The extended relationship waits while A's last writes and final cycle arrive on B.
+    ch.b.ok(&["pause", VM, "--extended"])?;
+    vm.write_seq("disk1", 10, 6, 4000)?;
+    let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
+    let prep = failover(&ch.a, &["prepare", VM])?;
+    let k = prep.point.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    let live = failover(&ch.b, &["start", VM])?;
+    assert_eq!(live.point, Some(k));
+    let x = extended(&ch)?;
+    assert!(
+        x.health_reason
+            .contains(&format!("failed over on this host from point {k}")),
+        "{x:?}"
+    );
+    // Resumed: the final point, the one the VM on B started from, still goes to C.
+    ch.b.ok(&["resume", VM, "--extended"])?;
+    let x = wait_extended(&ch, "C to get the final point", |x| {
+        x.last_point_sent == Some(k)
+    })?;
+    assert_eq!(x.health, vmr_proto::api::Health::Warning, "{x:?}");
+    assert!(
+        x.health_reason
+            .contains(&format!("the extended replica holds point {k}"))
+            && x.health_reason.contains("until `reverse`"),
+        "{x:?}"
+    );
+    let text = ch.b.ok(&["status"])?;
+    assert!(text.contains("failed over on this host"), "{text}");
+    for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            h, final_hashes[i],
+            "C's point {k} differs from A's disks ({disk})"
+        );
+    }
+    // The VM on B writes: its writes are not B's points, nothing more goes to C.
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk0", 300, 4, 4100)?;
+    assert_eq!(extended(&ch)?.running_point, None);
+    assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
+    // Reverse to A: B replicates to A; the extended relationship ends, C keeps its points.
+    let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
+    assert!(
+        out.contains(&format!(
+            "the extended replication to {} ended (it keeps its points, the newest {k}",
+            ch.c.addr
+        )),
+        "{out}"
+    );
+    let b = ch.b.status(VM)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert!(b.extended.is_none(), "{b:?}");
+    assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
+    Ok(())
+}
