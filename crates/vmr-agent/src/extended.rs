@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use vmr_core::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine, Failure, primary_health};
+use vmr_core::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine, Failure};
 use vmr_proto::api::{CreateReplica, EnableArgs, ExtendedStatus, OperationKind, ReplicationState};
 use vmr_proto::record::{ExtendedRecord, VmRecord};
 use vmr_proto::store::PointKind;
@@ -184,6 +184,29 @@ impl ExtendedSide {
         self.carry_out(vm);
     }
 
+    /// Tell the machine whether the VM runs on this host from a failover, and from which
+    /// point (the VM's failover record): after a failover command, at the owner's start and
+    /// after `enable --extended`.
+    pub fn sync_source_failover(&mut self, vm: &mut Vm) {
+        let point = match vm.failover() {
+            Ok(fr) => fr.live.map(|l| l.point),
+            Err(e) => {
+                tracing::warn!(vm = %vm.rec.name, "reading the failover record: {}", crate::util::chain(&e));
+                return;
+            }
+        };
+        if point != self.machine.source_failover() {
+            tracing::info!(vm = %vm.rec.name, ?point, relationship = "extended", "the VM's failover on this host changed");
+            if let Err(e) = self.step(ExtEvent::SourceFailover {
+                now_ms: now_ms(),
+                point,
+            }) {
+                tracing::debug!(vm = %vm.rec.name, "extended machine refused the failover: {e}");
+            }
+            self.carry_out(vm);
+        }
+    }
+
     /// Keep the acknowledged point while the relationship runs; release it otherwise.
     fn sync_keep(&mut self, vm: &Vm) {
         use ReplicationState as S;
@@ -342,7 +365,7 @@ impl ExtendedSide {
     pub fn status(&self, now: u64) -> ExtendedStatus {
         let m = &self.machine;
         let st = m.stats();
-        let h = primary_health(m.state(), st, m.consecutive_failures(), m.last_error(), now);
+        let h = m.health(now);
         ExtendedStatus {
             relationship: "extended".to_owned(),
             state: m.state(),

@@ -1110,6 +1110,23 @@ pub async fn reverse(
             .map_err(AgentError::BecomeReplica)?;
         (answer.resync, None)
     };
+    // Reversing to another host than the extended replica ends the outgoing relationship:
+    // its source was this store's points, and the VM runs here now. Say so, with what the
+    // extended replica keeps (continuing it from the running VM is not built).
+    let ended = match (&takeover, &rec.extended) {
+        (None, Some(x)) => Some(format!(
+            "; the extended replication to {} ended (it keeps its points, the newest {}; \
+             enable replication to it anew from here, or reverse to it instead)",
+            x.args.replica,
+            x.machine
+                .acked
+                .map_or_else(|| "none".to_owned(), |p| p.to_string())
+        )),
+        _ => None,
+    };
+    if let Some(e) = &ended {
+        tracing::warn!(vm = %name, "reverse{e}");
+    }
     let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
     // After an unplanned failover the old primary's disks differ from the point: resync now.
     let machine = side
@@ -1154,7 +1171,7 @@ pub async fn reverse(
                                      differing blocks)"
                         .to_owned(),
                     (None, false) => String::new(),
-                }
+                } + ended.as_deref().unwrap_or_default()
             ),
         ),
         machine,

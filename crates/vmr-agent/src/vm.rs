@@ -423,6 +423,9 @@ impl Owner {
         if self.vm.rec.mode() == ReplicationMode::Replica {
             self.reconcile_replica();
         }
+        if let Some(x) = &mut self.extended {
+            x.sync_source_failover(&mut self.vm);
+        }
         // Time passes for the machine on a steady beat that commands cannot postpone.
         let mut beat = tokio::time::interval(crate::primary::TICK);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -937,7 +940,8 @@ impl Owner {
                     }));
                 }
                 let to = args.replica.clone();
-                let x = ExtendedSide::enable(&mut self.vm, *args)?;
+                let mut x = ExtendedSide::enable(&mut self.vm, *args)?;
+                x.sync_source_failover(&mut self.vm);
                 self.extended = Some(Box::new(x));
                 return Ok(format!(
                     "extended replication of {name} to {to} enabled: the first extended cycle \
@@ -1492,6 +1496,9 @@ impl Owner {
             }
         );
         let r = self.failover(f.clone()).await;
+        if let Some(x) = &mut self.extended {
+            x.sync_source_failover(&mut self.vm);
+        }
         if let Ok(res) = &r {
             self.failover_event(&f, res);
         }

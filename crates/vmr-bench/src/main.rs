@@ -30,7 +30,7 @@ struct Args {
     /// Also perf-profile one extra repeat of each scenario's hot side.
     #[arg(long)]
     profile: bool,
-    /// Run only these scenarios (comma separated numbers 1-12).
+    /// Run only these scenarios (comma separated numbers 1-13).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Print the results instead of rewriting BENCHMARKS.md.
@@ -147,7 +147,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .status();
     }
     let want = |n: u8| args.only.is_empty() || args.only.contains(&n);
-    let rsync_missing = if want(2) || want(8) {
+    let rsync_missing = if want(2) || want(8) || want(13) {
         ensure_rsync(&repo)
     } else {
         None
@@ -326,6 +326,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     });
     eprintln!(
         "vmr-bench: scenario 12 took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    outcomes.push(if want(13) {
+        scenarios::extended_cycle(&ctx, rsync_missing.as_deref())
+    } else {
+        skipped(
+            13,
+            "Extended replication: B → C cycle versus rsync; A's cycle with B forwarding",
+            scenarios::goal(13),
+        )
+    });
+    eprintln!(
+        "vmr-bench: scenario 13 took {:.0} s",
         t.elapsed().as_secs_f64()
     );
 

@@ -1,6 +1,7 @@
 //! The seven scenarios of issue 7, the resync comparison of issue 6 (`resync.rs`), the
 //! metrics scrape cost of issue 14 (`scrape.rs`), the bandwidth limit's accuracy
-//! (`bandwidth.rs`) and continuous mode's lag (`continuous.rs`) of issue 17, judged
+//! (`bandwidth.rs`) and continuous mode's lag (`continuous.rs`) of issue 17, the group
+//! pause (`groups.rs`) and extended replication of issue 15 (`extended.rs`), judged
 //! against issue 10's goals ([`goal`] and the verdict functions beside it). Each
 //! sets up its own pair of agents and stand-in VMs under the run's directory, runs vmreplica
 //! and its baseline side by side (alternating their order between repeats), and returns an
@@ -26,11 +27,13 @@ use crate::report::{
 
 mod bandwidth;
 mod continuous;
+mod extended;
 mod groups;
 mod resync;
 mod scrape;
 pub use bandwidth::bandwidth_limit;
 pub use continuous::continuous_lag;
+pub use extended::extended_cycle;
 pub use groups::group_pause;
 pub use resync::resync_vs_rsync;
 pub use scrape::metrics_scrape;
@@ -108,6 +111,7 @@ pub fn goal(id: u8) -> &'static str {
         10 => "achieved within ±10 % of the limit",
         11 => "lag p99 ≤ 5 s at 50 MB/s churn",
         12 => "< 20 ms pause for 4 VMs (median)",
+        13 => "A's cycle time with B forwarding to C ≥ 0.95 × without",
         _ => "-",
     }
 }
@@ -1598,7 +1602,8 @@ mod tests {
         assert!(goal(10).contains("±10 %"));
         assert!(goal(11).contains("5 s") && goal(11).contains("50 MB/s"));
         assert!(goal(12).contains("20 ms") && goal(12).contains("4 VMs"));
-        assert_eq!(goal(13), "-");
+        assert!(goal(13).contains("0.95") && goal(13).contains("forwarding"));
+        assert_eq!(goal(14), "-");
     }
 
     #[test]

@@ -22,13 +22,15 @@
 //! | Error                        | AlreadyEnabled | Suspended             | Replicating / ReadyFor.. | Disabled |
 //!
 //! `-` = refused with [`Refusal::State`]. Driver events (`Tick`, `CycleSucceeded`,
-//! `CycleFailed`, `Reconciled`, `Restarted`, `ResetStats`) are never refused for the state; a
+//! `CycleFailed`, `Reconciled`, `Restarted`, `ResetStats`, `SourceFailover`) are never refused
+//! for the state; a
 //! cycle outcome without a running cycle is refused with [`Refusal::NoCycleRunning`].
 
 use vmr_proto::CycleId;
-use vmr_proto::api::{ReplicationState, ReplicationStats};
+use vmr_proto::api::{Health, ReplicationState, ReplicationStats};
 use vmr_proto::machine::ExtendedSnapshot;
 
+use crate::health::{HealthReport, primary_health};
 use crate::primary::Failure;
 use crate::refusal::{Op, Refusal};
 
@@ -104,6 +106,19 @@ pub enum ExtEvent {
         /// Now.
         now_ms: u64,
     },
+    /// The VM failed over on this host from point `point` (`Some`), or runs here no more
+    /// (`None`: failover cancelled). Fed by the driver whenever it changes (it is not
+    /// persisted: the driver feeds it again after a restart). While the VM runs here from a
+    /// failover, the points of this host's store newer than `point` are no longer the VM's
+    /// history: no extended cycle ships one (the failover point itself and older ones still
+    /// go, so that the extended replica holds the point a later `reverse` continues from),
+    /// and the health says the relationship waits for `reverse`.
+    SourceFailover {
+        /// Now.
+        now_ms: u64,
+        /// The failover point, or `None`.
+        point: Option<CycleId>,
+    },
 }
 
 /// What the driver must do.
@@ -164,6 +179,8 @@ pub struct ExtendedMachine {
     schedule: ExtSchedule,
     next_due_ms: u64,
     running: Option<Running>,
+    /// The VM runs on this host from a failover at this point ([`ExtEvent::SourceFailover`]).
+    source_failover: Option<CycleId>,
 }
 
 impl ExtendedMachine {
@@ -184,6 +201,7 @@ impl ExtendedMachine {
             schedule,
             next_due_ms: 0,
             running: None,
+            source_failover: None,
         }
     }
 
@@ -233,6 +251,38 @@ impl ExtendedMachine {
         &self.schedule
     }
 
+    /// The point the VM failed over from on this host, while it runs here.
+    pub fn source_failover(&self) -> Option<CycleId> {
+        self.source_failover
+    }
+
+    /// Health of the outgoing relationship now: a primary's rules, and while the VM runs here
+    /// from a failover, a warning that the relationship ships nothing newer than the failover
+    /// point until `reverse`.
+    pub fn health(&self, now_ms: u64) -> HealthReport {
+        let mut h = primary_health(
+            self.state,
+            &self.stats,
+            self.consecutive_failures,
+            self.last_error.as_deref(),
+            now_ms,
+        );
+        if let Some(p) = self.source_failover {
+            let held = match self.acked {
+                Some(a) if a >= p => format!("the extended replica holds point {p}"),
+                _ => format!("point {p} is still to be forwarded"),
+            };
+            h.push(
+                Health::Warning,
+                format!(
+                    "the VM failed over on this host from point {p} ({held}); nothing newer is \
+                     forwarded until `reverse`"
+                ),
+            );
+        }
+        h
+    }
+
     /// Feed one event; the actions to carry out, or why the command is refused (a refused
     /// command changes nothing).
     pub fn step(&mut self, event: ExtEvent) -> Result<Vec<ExtAction>, Refusal> {
@@ -252,6 +302,13 @@ impl ExtendedMachine {
                 out.push(ExtAction::Persist);
             }
             ExtEvent::Tick { now_ms, newest } => self.tick(now_ms, newest, &mut out),
+            ExtEvent::SourceFailover { now_ms, point } => {
+                if point != self.source_failover {
+                    self.source_failover = point;
+                    // Look again at once: the failover point may still be to forward.
+                    self.next_due_ms = self.next_due_ms.min(now_ms);
+                }
+            }
             ExtEvent::Reconciled {
                 now_ms,
                 latest,
@@ -400,6 +457,10 @@ impl ExtendedMachine {
         let Some(point) = newest else {
             return;
         };
+        if self.source_failover.is_some_and(|p| point > p) {
+            // The VM runs here from an older point: the newer ones are not its history.
+            return;
+        }
         match self.state {
             S::ReadyForInitialReplication | S::InitialReplicationInProgress => {
                 if self.state == S::ReadyForInitialReplication {
@@ -481,6 +542,88 @@ mod tests {
         ok(&mut m, 3);
         assert_eq!((m.state(), m.acked()), (S::Replicating, Some(7)));
         assert_eq!(m.stats().successful_cycles, 1);
+    }
+
+    /// Table: the VM failed over on this host at point `fo` (acked, newest, fo, what the next
+    /// tick starts, the health then): the failover point and older ones are still forwarded
+    /// (a planned failover's final point), newer ones are not (no longer the VM's history);
+    /// the health is Warning and says so until the failover ends.
+    #[test]
+    fn a_failover_on_this_host_forwards_up_to_its_point_and_warns() {
+        type Started = Option<(CycleId, Option<CycleId>)>;
+        let table: &[(CycleId, CycleId, CycleId, Started, &str)] = &[
+            // Planned failover: A's final point 9 arrived, C has 8: 9 is forwarded.
+            (
+                8,
+                9,
+                9,
+                Some((9, Some(8))),
+                "point 9 is still to be forwarded",
+            ),
+            // C has the failover point already: nothing to do.
+            (9, 9, 9, None, "the extended replica holds point 9"),
+            // Unplanned failover to an older point: the newer points stay here.
+            (7, 9, 8, None, "point 8 is still to be forwarded"),
+            (8, 9, 8, None, "the extended replica holds point 8"),
+        ];
+        for (acked, newest, fo, want, says) in table {
+            let mut m = enabled();
+            tick(&mut m, 1, Some(*acked));
+            ok(&mut m, 2);
+            assert_eq!(m.health(3).health, Health::Normal, "{m:?}");
+            m.step(ExtEvent::SourceFailover {
+                now_ms: 3,
+                point: Some(*fo),
+            })
+            .expect("failover is never refused");
+            assert_eq!(m.source_failover(), Some(*fo));
+            // At once, before the interval is due: the failover point may be to forward.
+            assert_eq!(start_of(&tick(&mut m, 4, Some(*newest))), *want, "{m:?}");
+            let h = m.health(5);
+            assert_eq!(h.health, Health::Warning, "{h:?}");
+            assert!(
+                h.reason().contains(says) && h.reason().contains("until `reverse`"),
+                "{h:?}"
+            );
+            if want.is_some() {
+                ok(&mut m, 6);
+                assert_eq!(m.acked(), Some(*fo));
+                assert!(m.health(7).reason().contains("holds point"));
+            }
+            // Failover cancelled: the newest point goes again at the next due tick.
+            m.step(ExtEvent::SourceFailover {
+                now_ms: 8,
+                point: None,
+            })
+            .expect("never refused");
+            assert_eq!(m.health(9).health, Health::Normal);
+            let next = start_of(&tick(&mut m, 9 + F, Some(*newest)));
+            assert_eq!(
+                next,
+                (m.acked() < Some(*newest)).then_some((*newest, m.acked()))
+            );
+        }
+    }
+
+    /// A failing relationship keeps its Critical level when the failover warning is added.
+    #[test]
+    fn the_failover_warning_does_not_hide_a_failure() {
+        let mut m = enabled();
+        tick(&mut m, 1, Some(7));
+        m.step(ExtEvent::CycleFailed {
+            now_ms: 2,
+            failure: Failure::Retryable("refused".into()),
+        })
+        .expect("failure");
+        m.step(ExtEvent::SourceFailover {
+            now_ms: 3,
+            point: Some(7),
+        })
+        .expect("never refused");
+        let h = m.health(4);
+        assert_eq!(h.health, Health::Critical);
+        assert_eq!(h.reasons.len(), 3, "{h:?}");
+        assert!(h.reasons[2].contains("failed over on this host"), "{h:?}");
     }
 
     /// Table: (acked, newest, what the next due tick starts).

@@ -30,6 +30,17 @@ impl HealthReport {
         }
     }
 
+    /// Add a reason of level `health`: first when it is more severe than the report's level
+    /// (which it becomes), last otherwise.
+    pub fn push(&mut self, health: Health, reason: String) {
+        if health > self.health {
+            self.health = health;
+            self.reasons.insert(0, reason);
+        } else {
+            self.reasons.push(reason);
+        }
+    }
+
     /// The reasons joined for one line.
     pub fn reason(&self) -> String {
         self.reasons.join("; ")

@@ -639,3 +639,153 @@ fn a_stopped_mid_cycle_leaves_b_free_to_fail_over() -> TestResult {
     );
     Ok(())
 }
+
+/// Planned failover A → B with B → C running: between `failover start` and `reverse`, B's
+/// status row for the extended relationship says the VM failed over on B (it was Normal and
+/// said nothing), A's final point (the failover point) is still forwarded to C, nothing newer;
+/// `reverse` to A then says the extended relationship ended and what C keeps. (B → C
+/// continuing from the running VM after the reverse is not built.)
+#[test]
+fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() -> TestResult {
+    let ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let (vm, _) = running_chain(&ch)?;
+    assert_eq!(
+        extended(&ch)?.health,
+        vmr_proto::api::Health::Normal,
+        "{:?}",
+        extended(&ch)?
+    );
+    // The extended relationship waits while A's last writes and final cycle arrive on B.
+    ch.b.ok(&["pause", VM, "--extended"])?;
+    vm.write_seq("disk1", 10, 6, 4000)?;
+    let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
+    let prep = failover(&ch.a, &["prepare", VM])?;
+    let k = prep.point.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    let live = failover(&ch.b, &["start", VM])?;
+    assert_eq!(live.point, Some(k));
+    let x = extended(&ch)?;
+    assert!(
+        x.health_reason
+            .contains(&format!("failed over on this host from point {k}")),
+        "{x:?}"
+    );
+    // Resumed: the final point, the one the VM on B started from, still goes to C.
+    ch.b.ok(&["resume", VM, "--extended"])?;
+    let x = wait_extended(&ch, "C to get the final point", |x| {
+        x.last_point_sent == Some(k)
+    })?;
+    assert_eq!(x.health, vmr_proto::api::Health::Warning, "{x:?}");
+    assert!(
+        x.health_reason
+            .contains(&format!("the extended replica holds point {k}"))
+            && x.health_reason.contains("until `reverse`"),
+        "{x:?}"
+    );
+    let text = ch.b.ok(&["status"])?;
+    assert!(text.contains("failed over on this host"), "{text}");
+    for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            h, final_hashes[i],
+            "C's point {k} differs from A's disks ({disk})"
+        );
+    }
+    // The VM on B writes: its writes are not B's points, nothing more goes to C.
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk0", 300, 4, 4100)?;
+    assert_eq!(extended(&ch)?.running_point, None);
+    assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
+    // Reverse to A: B replicates to A; the extended relationship ends, C keeps its points.
+    let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
+    assert!(
+        out.contains(&format!(
+            "the extended replication to {} ended (it keeps its points, the newest {k}",
+            ch.c.addr
+        )),
+        "{out}"
+    );
+    let b = ch.b.status(VM)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert!(b.extended.is_none(), "{b:?}");
+    assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
+    Ok(())
+}
+
+/// Planned failover A → B, then `reverse` on B to the extended replica C (instead of A): C's
+/// chain continues from A's final point, the one B failed over from (same id, same content),
+/// and B's cycles to C carry what the VM on B wrote, not a full copy. (B replicating to A and
+/// to C at once needs fan-out: not built.)
+#[test]
+fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> TestResult {
+    let ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let (vm, _) = running_chain(&ch)?;
+    vm.write_seq("disk0", 20, 5, 5000)?;
+    let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
+    let prep = failover(&ch.a, &["prepare", VM])?;
+    let k = prep.point.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    let live = failover(&ch.b, &["start", VM])?;
+    assert_eq!(live.point, Some(k));
+    // The final point reaches C (forwarded although the VM now runs on B).
+    wait_extended(&ch, "C to get the final point", |x| {
+        x.last_point_sent == Some(k)
+    })?;
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 50, 6, 5100)?;
+    let written = 6 * 65536;
+    let out = ch.b.ok(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+    ])?;
+    assert!(
+        out.contains("continues from that point") && out.contains("[]"),
+        "{out}"
+    );
+    let b = ch.b.status(VM)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert_eq!(b.replica, ch.c.addr);
+    assert!(b.extended.is_none(), "{b:?}");
+    // C still holds A's final point as it was.
+    for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            h, final_hashes[i],
+            "C's point {k} differs from A's disks ({disk})"
+        );
+    }
+    let (st, _) = ch.b.wait_cycle(VM, k + 1, LONG)?;
+    let last = st.last_cycle.ok_or("no cycle")?;
+    ch.b.ok(&["pause", VM])?;
+    let b = ch.b.status(VM)?;
+    let last = b.last_cycle.unwrap_or(last);
+    ch.c.wait_cycle(VM, last, LONG)?;
+    eprintln!(
+        "B → C after the planned failover: {} bytes in {} cycles; the VM wrote {written}",
+        b.stats.total_bytes, b.stats.successful_cycles
+    );
+    assert!(
+        b.stats.total_bytes <= written + 4 * 65536,
+        "{} bytes shipped for {written} written",
+        b.stats.total_bytes
+    );
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, Some(last))? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "C's point {last} differs from B's VM ({disk})"
+        );
+    }
+    assert_eq!(ch.c.status(VM)?.primary, "host-b");
+    Ok(())
+}

@@ -565,7 +565,12 @@ pub struct Chain {
 impl Chain {
     /// Start the three agents in a new temp dir; b allows a, c allows b.
     pub fn new(exe: &Path) -> Result<Chain> {
-        let root = TestDir::temp("vmr-e2e-")?;
+        Chain::in_dir(exe, TestDir::temp("vmr-e2e-")?)
+    }
+
+    /// Start the three agents in `root` (e.g. a benchmark run's directory); b allows a, c
+    /// allows b.
+    pub fn in_dir(exe: &Path, root: TestDir) -> Result<Chain> {
         let a = Agent::start(exe, root.path(), "host-a")?;
         let b = Agent::start(exe, root.path(), "host-b")?;
         let c = Agent::start(exe, root.path(), "host-c")?;
