@@ -10,6 +10,7 @@
 //! time comes in with every event, so every decision is reproducible in a test.
 
 pub mod alert;
+pub mod autofailover;
 pub mod checkpoints;
 pub mod extended;
 pub mod failover;
