@@ -1077,6 +1077,12 @@ impl TakeoverWatch {
                     }
                     other => {
                         self.back_to_watching(now_ms);
+                        // Held: ask again when the witness says the lease runs out (its clock,
+                        // so only a hint), at the latest after a renew period.
+                        if let WitnessResponse::Held { remaining_ms, .. } = other {
+                            self.next_ask_ms =
+                                now_ms.saturating_add(remaining_ms.clamp(1, self.params.renew_ms));
+                        }
                         if manual {
                             Ok(vec![WatchAction::ManualRefused(other)])
                         } else {
@@ -1131,7 +1137,7 @@ mod tests {
     }
 
     fn params() -> LeaseParams {
-        LeaseParams::from_auto_failover(60_000, false).unwrap()
+        LeaseParams::from_auto_failover(60_000, false).expect("accepted")
     }
 
     fn register(t: &mut WitnessTable, now: u64) -> (WitnessResponse, Vec<WitnessAction>) {
@@ -1167,7 +1173,7 @@ mod tests {
             Err(InvalidAutoFailover::TooLong { ms: 3_600_001 })
         );
         // The shortest still leaves two renewals inside the run window.
-        let p = LeaseParams::from_auto_failover(MIN_AUTO_FAILOVER_MS, true).unwrap();
+        let p = LeaseParams::from_auto_failover(MIN_AUTO_FAILOVER_MS, true).expect("accepted");
         assert!(run_ms(p.lease_ms) >= 2 * p.renew_ms);
         assert!(p.power_off);
     }
@@ -1402,7 +1408,10 @@ mod tests {
     #[test]
     fn holder_renews_and_fences_at_run_until() {
         let mut h = holder();
-        let (w, _) = calls(&h.step(HolderEvent::Start { now_ms: 1_000 }).unwrap());
+        let (w, _) = calls(
+            &h.step(HolderEvent::Start { now_ms: 1_000 })
+                .expect("accepted"),
+        );
         // Register answered: epoch 1, persisted.
         let acts = h
             .step(HolderEvent::WitnessAnswer {
@@ -1410,16 +1419,18 @@ mod tests {
                 seq: w,
                 answer: granted(1),
             })
-            .unwrap();
+            .expect("accepted");
         assert_eq!(acts, vec![HolderAction::Persist]);
         assert_eq!(h.snapshot().epoch, 1);
         assert_eq!(h.next_wake_ms(), Some(1_000 + 7_500));
         assert!(
             h.step(HolderEvent::Tick { now_ms: 8_499 })
-                .unwrap()
+                .expect("accepted")
                 .is_empty()
         );
-        let acts = h.step(HolderEvent::Tick { now_ms: 8_500 }).unwrap();
+        let acts = h
+            .step(HolderEvent::Tick { now_ms: 8_500 })
+            .expect("accepted");
         let (w, p) = calls(&acts);
         assert!(matches!(
             acts[0],
@@ -1436,22 +1447,25 @@ mod tests {
                 seq,
                 error: "unreachable".into(),
             })
-            .unwrap();
+            .expect("accepted");
         }
-        calls(&h.step(HolderEvent::Tick { now_ms: 16_000 }).unwrap());
+        calls(
+            &h.step(HolderEvent::Tick { now_ms: 16_000 })
+                .expect("accepted"),
+        );
         // Unanswered calls are lost after a renew period: renewed again, still running.
         calls(
             &h.step(HolderEvent::Tick {
                 now_ms: 1_000 + 27_939,
             })
-            .unwrap(),
+            .expect("accepted"),
         );
         assert_eq!(h.phase(), HolderPhase::Holding);
         let acts = h
             .step(HolderEvent::Tick {
                 now_ms: 1_000 + 27_940,
             })
-            .unwrap();
+            .expect("accepted");
         assert_eq!(
             acts,
             vec![HolderAction::Fence {
@@ -1471,22 +1485,25 @@ mod tests {
         // Witness isolated: the replica's promises keep the VM running.
         let mut h = holder();
         let mut now = 0;
-        let (_, mut p) = calls(&h.step(HolderEvent::Start { now_ms: now }).unwrap());
+        let (_, mut p) = calls(
+            &h.step(HolderEvent::Start { now_ms: now })
+                .expect("accepted"),
+        );
         for _ in 0..40 {
             h.step(HolderEvent::PromiseAnswer {
                 now_ms: now + 10,
                 seq: p,
                 answer: PromiseResponse::Granted { promise_ms: 30_000 },
             })
-            .unwrap();
+            .expect("accepted");
             now += 7_500;
-            let acts = h.step(HolderEvent::Tick { now_ms: now }).unwrap();
+            let acts = h.step(HolderEvent::Tick { now_ms: now }).expect("accepted");
             p = calls(&acts).1;
         }
         assert_eq!(h.phase(), HolderPhase::Holding);
         // A promise longer than this host's lease does not stretch the run window.
         let mut h = holder();
-        let (_, p) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).unwrap());
+        let (_, p) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).expect("accepted"));
         h.step(HolderEvent::PromiseAnswer {
             now_ms: 1,
             seq: p,
@@ -1494,7 +1511,7 @@ mod tests {
                 promise_ms: 3_600_000,
             },
         })
-        .unwrap();
+        .expect("accepted");
         assert_eq!(h.status(0).run_left_ms, run_ms(30_000));
     }
 
@@ -1504,7 +1521,10 @@ mod tests {
         // the run window (27.94 s), so the VM never fences.
         let mut h = holder();
         let mut now = 0;
-        let (mut w, mut p) = calls(&h.step(HolderEvent::Start { now_ms: now }).unwrap());
+        let (mut w, mut p) = calls(
+            &h.step(HolderEvent::Start { now_ms: now })
+                .expect("accepted"),
+        );
         for i in 0..100 {
             if i % 2 == 0 {
                 h.step(HolderEvent::WitnessAnswer {
@@ -1512,7 +1532,7 @@ mod tests {
                     seq: w,
                     answer: granted(0),
                 })
-                .unwrap();
+                .expect("accepted");
             } else {
                 for seq in [w, p] {
                     h.step(HolderEvent::Failed {
@@ -1520,11 +1540,11 @@ mod tests {
                         seq,
                         error: "reset".into(),
                     })
-                    .unwrap();
+                    .expect("accepted");
                 }
             }
             now += 7_500;
-            (w, p) = calls(&h.step(HolderEvent::Tick { now_ms: now }).unwrap());
+            (w, p) = calls(&h.step(HolderEvent::Tick { now_ms: now }).expect("accepted"));
         }
         assert_eq!(h.phase(), HolderPhase::Holding);
         // Three lost in a row (22.5 s after the last grant's send, plus one more period) is
@@ -1536,10 +1556,10 @@ mod tests {
                     seq,
                     error: "reset".into(),
                 })
-                .unwrap();
+                .expect("accepted");
             }
             now += 7_500;
-            let acts = h.step(HolderEvent::Tick { now_ms: now }).unwrap();
+            let acts = h.step(HolderEvent::Tick { now_ms: now }).expect("accepted");
             if acts.len() == 2 {
                 (w, p) = calls(&acts);
             }
@@ -1548,7 +1568,7 @@ mod tests {
             .step(HolderEvent::Tick {
                 now_ms: now + 7_500,
             })
-            .unwrap();
+            .expect("accepted");
         assert!(
             h.phase() == HolderPhase::Fenced || matches!(acts[..], [HolderAction::Fence { .. }])
         );
@@ -1558,7 +1578,7 @@ mod tests {
                 seq: w,
                 answer: granted(1)
             })
-            .unwrap()
+            .expect("accepted")
             .is_empty()
         );
         assert_eq!(h.phase(), HolderPhase::Fenced);
@@ -1567,23 +1587,26 @@ mod tests {
     #[test]
     fn holder_late_answer_of_a_lost_call_is_ignored() {
         let mut h = holder();
-        let (w1, _) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).unwrap());
+        let (w1, _) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).expect("accepted"));
         // No answer for a renew period: lost, a new renewal goes out.
-        let (w2, _) = calls(&h.step(HolderEvent::Tick { now_ms: 7_500 }).unwrap());
+        let (w2, _) = calls(
+            &h.step(HolderEvent::Tick { now_ms: 7_500 })
+                .expect("accepted"),
+        );
         assert_ne!(w1, w2);
         h.step(HolderEvent::WitnessAnswer {
             now_ms: 7_600,
             seq: w1,
             answer: granted(1),
         })
-        .unwrap();
+        .expect("accepted");
         assert_eq!(h.status(7_600).run_left_ms, run_ms(30_000) - 7_600);
         h.step(HolderEvent::WitnessAnswer {
             now_ms: 7_700,
             seq: w2,
             answer: granted(1),
         })
-        .unwrap();
+        .expect("accepted");
         assert_eq!(h.status(7_700).run_left_ms, run_ms(30_000) - 200);
     }
 
@@ -1613,14 +1636,14 @@ mod tests {
         ];
         for (answer, reason) in cases {
             let mut h = holder();
-            let (w, _) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).unwrap());
+            let (w, _) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).expect("accepted"));
             let acts = h
                 .step(HolderEvent::WitnessAnswer {
                     now_ms: 5,
                     seq: w,
                     answer,
                 })
-                .unwrap();
+                .expect("accepted");
             assert_eq!(
                 acts,
                 vec![HolderAction::Fence {
@@ -1632,20 +1655,20 @@ mod tests {
         }
         // The replica says it took over: fenced at once, also with power-off policy.
         let mut h = LeaseHolder::restore(
-            LeaseParams::from_auto_failover(60_000, true).unwrap(),
+            LeaseParams::from_auto_failover(60_000, true).expect("accepted"),
             HolderSnapshot {
                 epoch: 1,
                 fenced: None,
             },
         );
-        let (_, p) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).unwrap());
+        let (_, p) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).expect("accepted"));
         let acts = h
             .step(HolderEvent::PromiseAnswer {
                 now_ms: 5,
                 seq: p,
                 answer: PromiseResponse::Refused { taken_over: true },
             })
-            .unwrap();
+            .expect("accepted");
         assert!(matches!(
             acts[..],
             [HolderAction::Fence {
@@ -1655,14 +1678,14 @@ mod tests {
         ));
         // A promise refused while the replica asks the witness changes nothing by itself.
         let mut h = holder();
-        let (_, p) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).unwrap());
+        let (_, p) = calls(&h.step(HolderEvent::Start { now_ms: 0 }).expect("accepted"));
         assert!(
             h.step(HolderEvent::PromiseAnswer {
                 now_ms: 5,
                 seq: p,
                 answer: PromiseResponse::Refused { taken_over: false },
             })
-            .unwrap()
+            .expect("accepted")
             .is_empty()
         );
         assert_eq!(h.phase(), HolderPhase::Holding);
@@ -1684,13 +1707,14 @@ mod tests {
                 HolderPhase::Stopped => holder(),
                 HolderPhase::Holding => {
                     let mut h = holder();
-                    h.step(HolderEvent::Start { now_ms: 0 }).unwrap();
+                    h.step(HolderEvent::Start { now_ms: 0 }).expect("accepted");
                     h
                 }
                 HolderPhase::Fenced => LeaseHolder::restore(params(), fenced_expired.clone()),
                 HolderPhase::Unfencing => {
                     let mut h = LeaseHolder::restore(params(), fenced_expired.clone());
-                    h.step(HolderEvent::Unfence { now_ms: 0 }).unwrap();
+                    h.step(HolderEvent::Unfence { now_ms: 0 })
+                        .expect("accepted");
                     h
                 }
             }
@@ -1725,12 +1749,18 @@ mod tests {
         }
         // A fenced holder restored from its record stays fenced at start.
         let mut h = LeaseHolder::restore(params(), fenced_expired.clone());
-        assert!(h.step(HolderEvent::Start { now_ms: 0 }).unwrap().is_empty());
+        assert!(
+            h.step(HolderEvent::Start { now_ms: 0 })
+                .expect("accepted")
+                .is_empty()
+        );
         assert_eq!(h.phase(), Fenced);
         // Unfence granted: resumed; refused by the peer's hold: superseded; failed: fenced.
         let unfence = |answer: Option<WitnessResponse>| {
             let mut h = LeaseHolder::restore(params(), fenced_expired.clone());
-            let acts = h.step(HolderEvent::Unfence { now_ms: 100 }).unwrap();
+            let acts = h
+                .step(HolderEvent::Unfence { now_ms: 100 })
+                .expect("accepted");
             let [HolderAction::CallWitness { seq, epoch: 1, .. }] = acts[..] else {
                 panic!("{acts:?}")
             };
@@ -1741,14 +1771,14 @@ mod tests {
                         seq,
                         answer,
                     })
-                    .unwrap(),
+                    .expect("accepted"),
                 None => h
                     .step(HolderEvent::Failed {
                         now_ms: 150,
                         seq,
                         error: "down".into(),
                     })
-                    .unwrap(),
+                    .expect("accepted"),
             };
             (h, acts)
         };
@@ -1782,7 +1812,7 @@ mod tests {
 
     fn watch_at(now: u64) -> TakeoverWatch {
         let mut w = TakeoverWatch::new(params());
-        w.step(WatchEvent::Start { now_ms: now }).unwrap();
+        w.step(WatchEvent::Start { now_ms: now }).expect("accepted");
         w
     }
 
@@ -1798,7 +1828,8 @@ mod tests {
         let mut w = watch_at(0);
         // A promise at 20 s lives to 50 s; the silence since 20 s reaches 60 s at 80 s.
         assert_eq!(
-            w.step(WatchEvent::PromiseAsked { now_ms: 20_000 }).unwrap(),
+            w.step(WatchEvent::PromiseAsked { now_ms: 20_000 })
+                .expect("accepted"),
             vec![WatchAction::AnswerPromise(PromiseResponse::Granted {
                 promise_ms: 30_000
             })]
@@ -1806,7 +1837,7 @@ mod tests {
         assert_eq!(w.status(20_000).takeover_in_ms, Some(60_000));
         assert!(
             w.step(WatchEvent::Tick { now_ms: 79_999 })
-                .unwrap()
+                .expect("accepted")
                 .is_empty()
         );
         // A fenced primary heard does not count.
@@ -1814,12 +1845,16 @@ mod tests {
             now_ms: 79_000,
             fenced: true,
         })
-        .unwrap();
-        let seq = ask_seq(&w.step(WatchEvent::Tick { now_ms: 80_000 }).unwrap());
+        .expect("accepted");
+        let seq = ask_seq(
+            &w.step(WatchEvent::Tick { now_ms: 80_000 })
+                .expect("accepted"),
+        );
         assert_eq!(w.phase(), WatchPhase::Asking);
         // While asking: no promise.
         assert_eq!(
-            w.step(WatchEvent::PromiseAsked { now_ms: 80_001 }).unwrap(),
+            w.step(WatchEvent::PromiseAsked { now_ms: 80_001 })
+                .expect("accepted"),
             vec![WatchAction::AnswerPromise(PromiseResponse::Refused {
                 taken_over: false
             })]
@@ -1830,7 +1865,7 @@ mod tests {
                 seq,
                 answer: granted(2),
             })
-            .unwrap();
+            .expect("accepted");
         assert_eq!(
             acts,
             vec![WatchAction::Failover {
@@ -1840,7 +1875,8 @@ mod tests {
         );
         assert_eq!(w.phase(), WatchPhase::TookOver);
         assert_eq!(
-            w.step(WatchEvent::PromiseAsked { now_ms: 80_020 }).unwrap(),
+            w.step(WatchEvent::PromiseAsked { now_ms: 80_020 })
+                .expect("accepted"),
             vec![WatchAction::AnswerPromise(PromiseResponse::Refused {
                 taken_over: true
             })]
@@ -1856,10 +1892,13 @@ mod tests {
         assert_eq!(w.status(1_000).takeover_in_ms, Some(60_000));
         assert!(
             w.step(WatchEvent::Tick { now_ms: 60_999 })
-                .unwrap()
+                .expect("accepted")
                 .is_empty()
         );
-        ask_seq(&w.step(WatchEvent::Tick { now_ms: 61_000 }).unwrap());
+        ask_seq(
+            &w.step(WatchEvent::Tick { now_ms: 61_000 })
+                .expect("accepted"),
+        );
     }
 
     #[test]
@@ -1875,7 +1914,10 @@ mod tests {
         ];
         for case in cases {
             let mut w = watch_at(0);
-            let seq = ask_seq(&w.step(WatchEvent::Tick { now_ms: 60_000 }).unwrap());
+            let seq = ask_seq(
+                &w.step(WatchEvent::Tick { now_ms: 60_000 })
+                    .expect("accepted"),
+            );
             let acts = match case {
                 Some(answer) => w
                     .step(WatchEvent::WitnessAnswer {
@@ -1883,29 +1925,34 @@ mod tests {
                         seq,
                         answer,
                     })
-                    .unwrap(),
+                    .expect("accepted"),
                 None => w
                     .step(WatchEvent::Failed {
                         now_ms: 60_100,
                         seq,
                         error: "witness unreachable".into(),
                     })
-                    .unwrap(),
+                    .expect("accepted"),
             };
             assert!(acts.is_empty());
             assert_eq!(w.phase(), WatchPhase::Watching);
             // Promises are given again; the next ask waits a renew period and the promise.
-            w.step(WatchEvent::PromiseAsked { now_ms: 60_200 }).unwrap();
+            w.step(WatchEvent::PromiseAsked { now_ms: 60_200 })
+                .expect("accepted");
             assert!(
                 w.step(WatchEvent::Tick { now_ms: 67_600 })
-                    .unwrap()
+                    .expect("accepted")
                     .is_empty()
             );
         }
         // Unanswered for a renew period: given up, and its late grant is ignored.
         let mut w = watch_at(0);
-        let seq = ask_seq(&w.step(WatchEvent::Tick { now_ms: 60_000 }).unwrap());
-        w.step(WatchEvent::Tick { now_ms: 67_500 }).unwrap();
+        let seq = ask_seq(
+            &w.step(WatchEvent::Tick { now_ms: 60_000 })
+                .expect("accepted"),
+        );
+        w.step(WatchEvent::Tick { now_ms: 67_500 })
+            .expect("accepted");
         assert_eq!(w.phase(), WatchPhase::Watching);
         assert!(
             w.step(WatchEvent::WitnessAnswer {
@@ -1913,19 +1960,22 @@ mod tests {
                 seq,
                 answer: granted(2)
             })
-            .unwrap()
+            .expect("accepted")
             .is_empty()
         );
         assert_eq!(w.phase(), WatchPhase::Watching);
         // The next ask (the witness answers the holder's retry with a grant again).
-        let seq = ask_seq(&w.step(WatchEvent::Tick { now_ms: 75_000 }).unwrap());
+        let seq = ask_seq(
+            &w.step(WatchEvent::Tick { now_ms: 75_000 })
+                .expect("accepted"),
+        );
         assert!(matches!(
             w.step(WatchEvent::WitnessAnswer {
                 now_ms: 75_001,
                 seq,
                 answer: granted(2)
             })
-            .unwrap()[..],
+            .expect("accepted")[..],
             [WatchAction::Failover { .. }]
         ));
     }
@@ -1934,7 +1984,8 @@ mod tests {
     fn watch_manual_start() {
         // A live promise: refused with the time left.
         let mut w = watch_at(0);
-        w.step(WatchEvent::PromiseAsked { now_ms: 10_000 }).unwrap();
+        w.step(WatchEvent::PromiseAsked { now_ms: 10_000 })
+            .expect("accepted");
         assert_eq!(
             w.step(WatchEvent::ManualStart {
                 now_ms: 20_000,
@@ -1951,7 +2002,7 @@ mod tests {
                 now_ms: 40_000,
                 force: false,
             })
-            .unwrap(),
+            .expect("accepted"),
         );
         assert_eq!(
             w.step(WatchEvent::ManualStart {
@@ -1974,7 +2025,7 @@ mod tests {
                 seq,
                 answer: held.clone()
             })
-            .unwrap(),
+            .expect("accepted"),
             vec![WatchAction::ManualRefused(held)]
         );
         let seq = ask_seq(
@@ -1982,7 +2033,7 @@ mod tests {
                 now_ms: 50_000,
                 force: false,
             })
-            .unwrap(),
+            .expect("accepted"),
         );
         assert_eq!(
             w.step(WatchEvent::WitnessAnswer {
@@ -1990,7 +2041,7 @@ mod tests {
                 seq,
                 answer: granted(2)
             })
-            .unwrap(),
+            .expect("accepted"),
             vec![WatchAction::Failover {
                 epoch: Some(2),
                 manual: true
@@ -1998,13 +2049,14 @@ mod tests {
         );
         // --force: at once, promise or not; not twice.
         let mut w = watch_at(0);
-        w.step(WatchEvent::PromiseAsked { now_ms: 10 }).unwrap();
+        w.step(WatchEvent::PromiseAsked { now_ms: 10 })
+            .expect("accepted");
         assert_eq!(
             w.step(WatchEvent::ManualStart {
                 now_ms: 20,
                 force: true
             })
-            .unwrap(),
+            .expect("accepted"),
             vec![WatchAction::Failover {
                 epoch: None,
                 manual: true
@@ -2027,19 +2079,20 @@ mod tests {
             match phase {
                 Stopped => {}
                 Watching => {
-                    w.step(WatchEvent::Start { now_ms: 0 }).unwrap();
+                    w.step(WatchEvent::Start { now_ms: 0 }).expect("accepted");
                 }
                 Asking => {
-                    w.step(WatchEvent::Start { now_ms: 0 }).unwrap();
-                    w.step(WatchEvent::Tick { now_ms: 60_000 }).unwrap();
+                    w.step(WatchEvent::Start { now_ms: 0 }).expect("accepted");
+                    w.step(WatchEvent::Tick { now_ms: 60_000 })
+                        .expect("accepted");
                 }
                 TookOver => {
-                    w.step(WatchEvent::Start { now_ms: 0 }).unwrap();
+                    w.step(WatchEvent::Start { now_ms: 0 }).expect("accepted");
                     w.step(WatchEvent::ManualStart {
                         now_ms: 1,
                         force: true,
                     })
-                    .unwrap();
+                    .expect("accepted");
                 }
             }
             w
@@ -2137,5 +2190,442 @@ mod tests {
                 (got, want) => panic!("row {i}: {got:?}, wanted {want:?}"),
             }
         }
+    }
+
+    // ----- the three together, with drifting and skewed clocks ------------------------------
+
+    /// A simulated run: real time in 1 ms steps; each host's clock has its own offset (skew)
+    /// and rate (drift); calls cross links the scenario cuts and heals; every machine gets the
+    /// time of its own clock only.
+    mod sim {
+        use super::*;
+
+        #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+        pub enum Node {
+            P,
+            W,
+            R,
+        }
+
+        #[derive(Clone, Copy, Debug)]
+        pub struct Clock {
+            pub offset_ms: u64,
+            pub ppm: i64,
+        }
+
+        impl Clock {
+            fn at(&self, real: u64) -> u64 {
+                let drift = (real as i128 * self.ppm as i128) / 1_000_000;
+                (self.offset_ms as i128 + real as i128 + drift) as u64
+            }
+        }
+
+        enum Msg {
+            ToWitness {
+                from: Node,
+                seq: u64,
+                req: WitnessRequest,
+            },
+            HolderAnswer(u64, WitnessResponse),
+            HolderPromise(u64, PromiseResponse),
+            HolderFailed(u64),
+            PromiseAsk(u64),
+            WatchAnswer(u64, WitnessResponse),
+            WatchFailed(u64),
+        }
+
+        pub struct Outcome {
+            pub fenced_at: Option<u64>,
+            pub failover_at: Option<u64>,
+        }
+
+        /// One-way latency: 1 ms, so that the latency hides none of the drift margin (with the
+        /// margin's drift term removed, the partition and flapping runs fail).
+        const LAT: u64 = 1;
+
+        /// `link(real, a, b)`: the link is up; `alive(real)`: the primary host is up.
+        pub fn run(
+            auto_failover_ms: u64,
+            clocks: [Clock; 3],
+            end: u64,
+            link: &dyn Fn(u64, Node, Node) -> bool,
+            alive: &dyn Fn(u64) -> bool,
+        ) -> Outcome {
+            let params =
+                LeaseParams::from_auto_failover(auto_failover_ms, false).expect("accepted");
+            let [cp, cw, cr] = clocks;
+            let mut holder = LeaseHolder::restore(params, HolderSnapshot::default());
+            let mut watch = TakeoverWatch::new(params);
+            let mut table = WitnessTable::new();
+            let mut queue: Vec<(u64, Node, Msg)> = vec![];
+            let mut out = Outcome {
+                fenced_at: None,
+                failover_at: None,
+            };
+            let mut hacts = holder
+                .step(HolderEvent::Start { now_ms: cp.at(0) })
+                .expect("accepted");
+            let mut wacts = watch
+                .step(WatchEvent::Start { now_ms: cr.at(0) })
+                .expect("accepted");
+            for real in 0..end {
+                // Carry out the actions of the last step.
+                for a in hacts.drain(..) {
+                    match a {
+                        HolderAction::CallWitness {
+                            seq,
+                            epoch,
+                            timeout_ms,
+                        } => {
+                            let req = if epoch == 0 {
+                                WitnessRequest::Register {
+                                    vm: vm(),
+                                    replica: R.into(),
+                                    lease_ms: params.lease_ms,
+                                }
+                            } else {
+                                WitnessRequest::Renew { vm: vm(), epoch }
+                            };
+                            queue.push((
+                                real + LAT,
+                                Node::W,
+                                Msg::ToWitness {
+                                    from: Node::P,
+                                    seq,
+                                    req,
+                                },
+                            ));
+                            queue.push((real + timeout_ms, Node::P, Msg::HolderFailed(seq)));
+                        }
+                        HolderAction::AskPromise { seq, timeout_ms } => {
+                            queue.push((real + LAT, Node::R, Msg::PromiseAsk(seq)));
+                            queue.push((real + timeout_ms, Node::P, Msg::HolderFailed(seq)));
+                        }
+                        HolderAction::Fence { .. } => {
+                            out.fenced_at.get_or_insert(real);
+                        }
+                        HolderAction::Resume | HolderAction::Persist => {}
+                    }
+                }
+                for a in wacts.drain(..) {
+                    match a {
+                        WatchAction::AskWitness { seq, timeout_ms } => {
+                            queue.push((
+                                real + LAT,
+                                Node::W,
+                                Msg::ToWitness {
+                                    from: Node::R,
+                                    seq,
+                                    req: WitnessRequest::Takeover { vm: vm() },
+                                },
+                            ));
+                            queue.push((real + timeout_ms, Node::R, Msg::WatchFailed(seq)));
+                        }
+                        WatchAction::Failover { .. } => {
+                            out.failover_at.get_or_insert(real);
+                        }
+                        WatchAction::AnswerPromise(_) | WatchAction::ManualRefused(_) => {
+                            unreachable!("answered where asked")
+                        }
+                    }
+                }
+                let up = alive(real);
+                // Deliver what is due; a message crossing a cut link (or to a dead host) is lost.
+                let (due, rest): (Vec<_>, Vec<_>) =
+                    queue.drain(..).partition(|(at, _, _)| *at <= real);
+                queue = rest;
+                for (_, to, msg) in due {
+                    match msg {
+                        Msg::ToWitness { from, seq, req } => {
+                            if !link(real, from, Node::W) || (from == Node::P && !up) {
+                                continue;
+                            }
+                            let caller = if from == Node::P { P } else { R };
+                            let (answer, _) = table.step(cw.at(real), caller, &req);
+                            let back = if from == Node::P {
+                                Msg::HolderAnswer(seq, answer)
+                            } else {
+                                Msg::WatchAnswer(seq, answer)
+                            };
+                            queue.push((real + LAT, from, back));
+                        }
+                        Msg::PromiseAsk(seq) => {
+                            if !link(real, Node::P, Node::R) || !up {
+                                continue;
+                            }
+                            let acts = watch
+                                .step(WatchEvent::PromiseAsked {
+                                    now_ms: cr.at(real),
+                                })
+                                .expect("accepted");
+                            let [WatchAction::AnswerPromise(answer)] = &acts[..] else {
+                                panic!("{acts:?}")
+                            };
+                            queue.push((
+                                real + LAT,
+                                Node::P,
+                                Msg::HolderPromise(seq, answer.clone()),
+                            ));
+                        }
+                        Msg::HolderAnswer(seq, answer) => {
+                            if up && link(real, Node::W, Node::P) {
+                                hacts.extend(
+                                    holder
+                                        .step(HolderEvent::WitnessAnswer {
+                                            now_ms: cp.at(real),
+                                            seq,
+                                            answer,
+                                        })
+                                        .expect("accepted"),
+                                );
+                            }
+                        }
+                        Msg::HolderPromise(seq, answer) => {
+                            if up && link(real, Node::R, Node::P) {
+                                hacts.extend(
+                                    holder
+                                        .step(HolderEvent::PromiseAnswer {
+                                            now_ms: cp.at(real),
+                                            seq,
+                                            answer,
+                                        })
+                                        .expect("accepted"),
+                                );
+                            }
+                        }
+                        Msg::HolderFailed(seq) => {
+                            if up {
+                                hacts.extend(
+                                    holder
+                                        .step(HolderEvent::Failed {
+                                            now_ms: cp.at(real),
+                                            seq,
+                                            error: "timed out".into(),
+                                        })
+                                        .expect("accepted"),
+                                );
+                            }
+                        }
+                        Msg::WatchAnswer(seq, answer) => {
+                            if link(real, Node::W, Node::R) {
+                                wacts.extend(
+                                    watch
+                                        .step(WatchEvent::WitnessAnswer {
+                                            now_ms: cr.at(real),
+                                            seq,
+                                            answer,
+                                        })
+                                        .expect("accepted"),
+                                );
+                            }
+                        }
+                        Msg::WatchFailed(seq) => {
+                            wacts.extend(
+                                watch
+                                    .step(WatchEvent::Failed {
+                                        now_ms: cr.at(real),
+                                        seq,
+                                        error: "timed out".into(),
+                                    })
+                                    .expect("accepted"),
+                            );
+                        }
+                    }
+                    let _ = to;
+                }
+                if up {
+                    hacts.extend(
+                        holder
+                            .step(HolderEvent::Tick {
+                                now_ms: cp.at(real),
+                            })
+                            .expect("accepted"),
+                    );
+                }
+                wacts.extend(
+                    watch
+                        .step(WatchEvent::Tick {
+                            now_ms: cr.at(real),
+                        })
+                        .expect("accepted"),
+                );
+            }
+            out
+        }
+    }
+
+    use sim::{Clock, Node};
+
+    /// Skews of hours and rates at the assumed limit, both ways.
+    fn clock_sets() -> Vec<[Clock; 3]> {
+        let c = |offset_ms, ppm| Clock { offset_ms, ppm };
+        let d = MAX_DRIFT_PPM as i64;
+        vec![
+            [c(0, 0), c(0, 0), c(0, 0)],
+            [c(7_200_000, d), c(0, -d), c(3_600_000, -d)],
+            [c(5, -d), c(86_400_000, d), c(1, d)],
+            [c(123_456, d), c(0, -d), c(9_999_999, d)],
+        ]
+    }
+
+    /// At no moment do both VMs run: the primary's fence (which takes up to [`FENCE_MS`]; the
+    /// 1 ms of the simulation's step is the driver's timer slack) ends before the replica
+    /// starts, or the primary host was dead by then.
+    fn assert_never_both(o: &sim::Outcome, died_at: Option<u64>, what: &str) {
+        if let Some(f) = o.failover_at {
+            let stopped = match (o.fenced_at, died_at) {
+                (Some(x), Some(d)) => (x + FENCE_MS).min(d),
+                (Some(x), None) => x + FENCE_MS,
+                (None, Some(d)) => d,
+                (None, None) => panic!("{what}: failover at {f} with the primary running"),
+            };
+            assert!(
+                stopped <= f + 1,
+                "{what}: the primary stopped at {stopped}, the replica started at {f}"
+            );
+        }
+    }
+
+    #[test]
+    fn partitions_with_skewed_and_drifting_clocks() {
+        const CUT: u64 = 40_000;
+        type Link = Box<dyn Fn(u64, Node, Node) -> bool>;
+        let involves = |n: Node| move |a: Node, b: Node| a == n || b == n;
+        // (name, link, fence expected, failover expected)
+        let cases: Vec<(&str, Link, bool, bool)> = vec![
+            ("healthy", Box::new(|_, _, _| true), false, false),
+            (
+                "primary isolated",
+                Box::new(move |t, a, b| t < CUT || !involves(Node::P)(a, b)),
+                true,
+                true,
+            ),
+            (
+                "replica isolated",
+                Box::new(move |t, a, b| t < CUT || !involves(Node::R)(a, b)),
+                false,
+                false,
+            ),
+            (
+                "witness isolated",
+                Box::new(move |t, a, b| t < CUT || !involves(Node::W)(a, b)),
+                false,
+                false,
+            ),
+            (
+                "primary-replica cut",
+                Box::new(move |t, a, b| {
+                    t < CUT || !(involves(Node::P)(a, b) && involves(Node::R)(a, b))
+                }),
+                false,
+                false,
+            ),
+            ("all cut", Box::new(move |t, _, _| t < CUT), true, false),
+            // The replica stops hearing the primary long before the primary loses the
+            // witness: the replica keeps asking, and the lease's expiry at the witness (not
+            // the silence) decides when it gets it.
+            (
+                "primary-replica cut, then primary-witness",
+                Box::new(move |t, a, b| {
+                    let pr = involves(Node::P)(a, b) && involves(Node::R)(a, b);
+                    let pw = involves(Node::P)(a, b) && involves(Node::W)(a, b);
+                    !((t >= CUT && pr) || (t >= 2 * CUT && pw))
+                }),
+                true,
+                true,
+            ),
+        ];
+        for af in [MIN_AUTO_FAILOVER_MS, 60_000] {
+            for clocks in clock_sets() {
+                for (name, link, fence, failover) in &cases {
+                    let what = format!("{name}, --auto-failover {af}, clocks {clocks:?}");
+                    let o = sim::run(af, clocks, 2 * CUT + 3 * af, link.as_ref(), &|_| true);
+                    assert_eq!(o.fenced_at.is_some(), *fence, "{what}: fenced");
+                    assert_eq!(o.failover_at.is_some(), *failover, "{what}: failover");
+                    assert_never_both(&o, None, &what);
+                    if let Some(f) = o.failover_at {
+                        // Within --auto-failover + one lease of the (last) cut.
+                        let cut = if o.fenced_at.is_some_and(|x| x > 2 * CUT) {
+                            2 * CUT
+                        } else {
+                            CUT
+                        };
+                        assert!(
+                            f - cut <= af + af / 2,
+                            "{what}: failover {} ms after",
+                            f - cut
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn primary_host_dies() {
+        const DIES: u64 = 40_000;
+        for af in [MIN_AUTO_FAILOVER_MS, 60_000] {
+            for clocks in clock_sets() {
+                let what = format!("--auto-failover {af}, clocks {clocks:?}");
+                let o = sim::run(af, clocks, DIES + 3 * af, &|_, _, _| true, &|t| t < DIES);
+                let f = o
+                    .failover_at
+                    .unwrap_or_else(|| panic!("{what}: no failover"));
+                assert_never_both(&o, Some(DIES), &what);
+                // The bound the docs give: --auto-failover + one lease period.
+                assert!(f - DIES <= af + af / 2, "{what}: {} ms", f - DIES);
+                // And never before the silence: the replica waits --auto-failover.
+                assert!(
+                    f - DIES + af / 4 >= af * 999 / 1000,
+                    "{what}: {} ms",
+                    f - DIES
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flapping_links_never_run_both() {
+        // Each link flips up or down at pseudo-random times 0.1 s to 20 s apart.
+        let (mut fences, mut failovers) = (0, 0);
+        for seed in 1..=6u64 {
+            let flips = |salt: u64| {
+                let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(salt);
+                let mut t = 0;
+                let mut v = vec![];
+                while t < 400_000 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    t += 100 + (x >> 33) % 20_000;
+                    v.push(t);
+                }
+                v
+            };
+            let pr = flips(1);
+            let pw = flips(2);
+            let rw = flips(3);
+            let up = |v: &Vec<u64>, t: u64| v.partition_point(|&f| f <= t) % 2 == 0;
+            let link = move |t: u64, a: Node, b: Node| {
+                let v = match (a, b) {
+                    (Node::P, Node::R) | (Node::R, Node::P) => &pr,
+                    (Node::P, Node::W) | (Node::W, Node::P) => &pw,
+                    _ => &rw,
+                };
+                up(v, t)
+            };
+            for clocks in clock_sets() {
+                let o = sim::run(MIN_AUTO_FAILOVER_MS, clocks, 400_000, &link, &|_| true);
+                assert_never_both(&o, None, &format!("seed {seed}, clocks {clocks:?}"));
+                fences += usize::from(o.fenced_at.is_some());
+                failovers += usize::from(o.failover_at.is_some());
+            }
+        }
+        // The pattern must exercise both sides' decisions, or the test proves nothing.
+        assert!(
+            fences > 0 && failovers > 0,
+            "{fences} fences, {failovers} failovers"
+        );
+        eprintln!("flapping: {fences} fences, {failovers} failovers in 24 runs");
     }
 }
