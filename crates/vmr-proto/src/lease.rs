@@ -172,3 +172,15 @@ pub enum PromiseResponse {
         taken_over: bool,
     },
 }
+
+/// One lease an agent keeps as a witness, as `server show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WitnessLease {
+    /// The lease.
+    #[serde(flatten)]
+    pub entry: LeaseEntry,
+    /// Milliseconds until it expires without a renewal (0: expired; the other party may take
+    /// it).
+    pub remaining_ms: u64,
+}
