@@ -2574,6 +2574,7 @@ mod tests {
                 assert_never_both(&o, Some(DIES), &what);
                 // The bound the docs give: --auto-failover + one lease period.
                 assert!(f - DIES <= af + af / 2, "{what}: {} ms", f - DIES);
+                eprintln!("takeover {} ms after the primary died: {what}", f - DIES);
                 // And never before the silence: the replica waits --auto-failover.
                 assert!(
                     f - DIES + af / 4 >= af * 999 / 1000,
