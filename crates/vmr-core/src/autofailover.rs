@@ -95,7 +95,10 @@ pub struct LeaseParams {
 
 /// The drift margin `D = ceil(2ρL) + F` for a lease or promise of `lease_ms`.
 pub fn margin_ms(lease_ms: u64) -> u64 {
-    (2 * MAX_DRIFT_PPM * lease_ms).div_ceil(1_000_000) + FENCE_MS
+    (2 * MAX_DRIFT_PPM)
+        .saturating_mul(lease_ms)
+        .div_ceil(1_000_000)
+        .saturating_add(FENCE_MS)
 }
 
 /// How long after sending a renewal the holder may run the VM on a grant of `lease_ms`: `L - D`
@@ -222,7 +225,7 @@ impl WitnessTable {
                     return (held(lease, now_ms, caller), vec![]);
                 }
                 lease.entry.holder = caller.to_string();
-                lease.entry.epoch += 1;
+                lease.entry.epoch = lease.entry.epoch.saturating_add(1);
                 lease.expires_ms = now_ms.saturating_add(lease.entry.lease_ms);
                 (
                     granted(&lease.entry),
@@ -280,6 +283,16 @@ impl WitnessTable {
             return (
                 WitnessResponse::Conflict {
                     reason: format!("a lease of {lease_ms} ms does not outlast its drift margin"),
+                },
+                vec![],
+            );
+        }
+        if lease_ms > MAX_AUTO_FAILOVER_MS {
+            return (
+                WitnessResponse::Conflict {
+                    reason: format!(
+                        "a lease of {lease_ms} ms is longer than the longest, {MAX_AUTO_FAILOVER_MS} ms"
+                    ),
                 },
                 vec![],
             );
@@ -1265,6 +1278,23 @@ mod tests {
             },
         );
         assert!(matches!(a, WitnessResponse::Conflict { .. }));
+        // Lengths from a peer are bounded (no overflow in the margin's arithmetic either).
+        for lease_ms in [MAX_AUTO_FAILOVER_MS + 1, u64::MAX] {
+            let (a, _) = t.step(
+                0,
+                P,
+                &WitnessRequest::Register {
+                    vm: vm(),
+                    replica: R.into(),
+                    lease_ms,
+                },
+            );
+            assert!(matches!(a, WitnessResponse::Conflict { .. }), "{lease_ms}");
+        }
+        assert_eq!(
+            run_ms(u64::MAX),
+            u64::MAX - FENCE_MS - (u64::MAX / 1_000_000 + 1)
+        );
         assert_eq!(t.entries().count(), 0);
     }
 
