@@ -511,6 +511,16 @@ fn control(root: &Path) {
             point: Some(42),
             read: true,
         }),
+        PeerRequest::Witness {
+            call: vmr_proto::lease::WitnessRequest::Register {
+                vm: uuid,
+                replica: "SHA256:00".into(),
+                lease_ms: 30_000,
+            },
+        },
+        PeerRequest::Witness {
+            call: vmr_proto::lease::WitnessRequest::Renew { vm: uuid, epoch: 2 },
+        },
     ];
     for (i, r) in peer_reqs.iter().enumerate() {
         put(
@@ -545,6 +555,13 @@ fn control(root: &Path) {
             point_disk_size: 1 << 30,
             hashes: vec![[7u8; 32], [9u8; 32]],
         }),
+        PeerResponse::Witness {
+            lease: vmr_proto::lease::WitnessResponse::Held {
+                epoch: 2,
+                by_peer: true,
+                remaining_ms: 1_500,
+            },
+        },
     ];
     for (i, r) in answers.iter().enumerate() {
         put(

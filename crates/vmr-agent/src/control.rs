@@ -12,6 +12,7 @@ use tokio::net::UnixListener;
 use vmr_proto::VmDefinition;
 use vmr_proto::api::{AllowEntry, Request, Response, VmStatus};
 use vmr_proto::event::{Event, EventQuery};
+use vmr_proto::lease::WitnessLease;
 
 use crate::errors::AgentError;
 use crate::exit;
@@ -341,6 +342,11 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             "listen": host.config.listen,
             "fingerprint": host.identity.fingerprint(),
             "allowed": host.allowed(),
+            "witness": host
+                .witness_leases()
+                .into_iter()
+                .map(|(entry, remaining_ms)| WitnessLease { entry, remaining_ms })
+                .collect::<Vec<_>>(),
         })),
         Request::VmAdd {
             name,

@@ -3,7 +3,9 @@
 //! transaction; the file survives `kill -9` (WAL, synchronous=FULL). A schema-1 database
 //! (machine fields loose in the record) is migrated to schema 2 in one transaction on open;
 //! schema 3 adds the event log (`events`: one row per event, its JSON), which a schema-2
-//! file gains on open. The event log has its own connection ([`EventDb`]), used only by the
+//! file gains on open; schema 4 adds the witness's leases (`witness_leases`: one row per VM
+//! relationship this agent is the witness of, its `vmr_proto::lease::LeaseEntry` as JSON;
+//! `witness.rs`), which older files gain on open. The event log has its own connection ([`EventDb`]), used only by the
 //! event log's writer thread (`events.rs`).
 
 use std::path::{Path, PathBuf};
@@ -11,10 +13,11 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 use vmr_proto::api::AllowEntry;
 use vmr_proto::event::{DEFAULT_QUERY_LIMIT, Event, EventQuery};
+use vmr_proto::lease::LeaseEntry;
 use vmr_proto::record::{VmRecord, VmRecordV1};
 
 /// The schema this agent writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// What went wrong with the state database.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +75,26 @@ pub enum DbError {
     EncodeEvent {
         /// The event's id.
         id: u64,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A witness's lease row does not parse.
+    #[error("corrupt witness lease of VM {vm} in {path}: {source}")]
+    CorruptLease {
+        /// The database file.
+        path: PathBuf,
+        /// The VM (as stored).
+        vm: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A witness's lease does not encode.
+    #[error("encoding the witness lease of VM {vm}: {source}")]
+    EncodeLease {
+        /// The VM.
+        vm: uuid::Uuid,
         /// The encoder's error.
         #[source]
         source: serde_json::Error,
@@ -145,7 +168,8 @@ impl Db {
              CREATE TABLE IF NOT EXISTS events (
                  id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, vm TEXT,
                  event TEXT NOT NULL);
-             CREATE INDEX IF NOT EXISTS events_vm ON events (vm, id);",
+             CREATE INDEX IF NOT EXISTS events_vm ON events (vm, id);
+             CREATE TABLE IF NOT EXISTS witness_leases (vm TEXT PRIMARY KEY, entry TEXT NOT NULL);",
         )
         .map_err(sql)?;
         // `revoked` came after schema 2's first release; older files gain it (default 0).
@@ -184,8 +208,9 @@ impl Db {
                 db.migrate_v1()?;
                 db.set_schema()?;
             }
-            // Schema 2 to 3: the events table was created above.
-            Some(2) => db.set_schema()?,
+            // Schema 2 to 3 and 3 to 4: the events and witness_leases tables were created
+            // above.
+            Some(2) | Some(3) => db.set_schema()?,
             Some(SCHEMA_VERSION) => {}
             Some(found) => {
                 return Err(DbError::Schema {
@@ -283,6 +308,51 @@ impl Db {
             })
             .map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// Insert or replace a lease this agent keeps as a witness.
+    pub fn put_lease(&self, e: &LeaseEntry) -> Result<(), DbError> {
+        let json =
+            serde_json::to_string(e).map_err(|source| DbError::EncodeLease { vm: e.vm, source })?;
+        self.conn
+            .execute(
+                "INSERT INTO witness_leases (vm, entry) VALUES (?1, ?2)
+                 ON CONFLICT(vm) DO UPDATE SET entry = ?2",
+                params![e.vm.to_string(), json],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Delete the witness's lease of VM `vm`.
+    pub fn delete_lease(&self, vm: uuid::Uuid) -> Result<(), DbError> {
+        self.conn
+            .execute("DELETE FROM witness_leases WHERE vm = ?1", [vm.to_string()])
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Every lease this agent keeps as a witness.
+    pub fn leases(&self) -> Result<Vec<LeaseEntry>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT vm, entry FROM witness_leases ORDER BY vm")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (vm, json) = row.map_err(|e| self.sql(e))?;
+            out.push(
+                serde_json::from_str(&json).map_err(|source| DbError::CorruptLease {
+                    path: self.path.clone(),
+                    vm,
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     /// Insert or update a VM record.
@@ -548,6 +618,56 @@ mod tests {
         assert_eq!(ev.max_id().expect("max"), 0);
         ev.insert(&[event(1, 10, Some("a"))]).expect("insert");
         assert_eq!(ev.max_id().expect("max"), 1);
+    }
+
+    #[test]
+    fn witness_leases_survive_a_reopen_and_a_schema_3_file_gains_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let db = Db::open(&path).expect("open");
+            // An agent of schema 3 wrote this file.
+            db.conn
+                .execute_batch(
+                    "DROP TABLE witness_leases; UPDATE meta SET value = 3 WHERE key = 'schema';",
+                )
+                .expect("schema 3");
+        }
+        let entry = |epoch| LeaseEntry {
+            vm: uuid::Uuid::from_u128(18),
+            parties: ["SHA256:aa".into(), "SHA256:bb".into()],
+            holder: "SHA256:bb".into(),
+            epoch,
+            lease_ms: 30_000,
+        };
+        {
+            let db = Db::open(&path).expect("migrate");
+            assert!(db.leases().expect("leases").is_empty());
+            db.put_lease(&entry(1)).expect("put");
+            db.put_lease(&entry(2)).expect("replace");
+        }
+        let db = Db::open(&path).expect("reopen");
+        let v: i64 = db
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .expect("schema");
+        assert_eq!(v, 4);
+        assert_eq!(db.leases().expect("leases"), vec![entry(2)]);
+        db.delete_lease(uuid::Uuid::from_u128(18)).expect("delete");
+        assert!(db.leases().expect("leases").is_empty());
+        // A row that does not parse is a clear error naming it.
+        db.conn
+            .execute(
+                "INSERT INTO witness_leases (vm, entry) VALUES ('x', '{')",
+                [],
+            )
+            .expect("bad row");
+        assert!(matches!(
+            db.leases(),
+            Err(DbError::CorruptLease { vm, .. }) if vm == "x"
+        ));
     }
 
     #[test]

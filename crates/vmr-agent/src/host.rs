@@ -15,6 +15,8 @@ use crate::errors::AgentError;
 use crate::events::EventLog;
 use crate::pace::AgentPace;
 use crate::telemetry::Telemetry;
+use crate::witness::Witness;
+use vmr_proto::lease::{LeaseEntry, WitnessRequest, WitnessResponse};
 use vmr_proto::record::VmRecord;
 
 /// Host-wide resources of the agent.
@@ -45,6 +47,9 @@ pub struct Host {
     pub pace: Arc<AgentPace>,
     /// The consistency groups' cut coordinator (docs/groups.md).
     pub groups: crate::groups::Groups,
+    /// The witness role: the leases of the VM relationships this agent is the witness of
+    /// (docs/auto-failover.md).
+    witness: Witness,
 }
 
 impl Host {
@@ -56,6 +61,7 @@ impl Host {
         db: Db,
     ) -> Result<Host, AgentError> {
         let allow = db.allowed()?;
+        let witness = Witness::restore(db.leases()?);
         let events = EventLog::open(&dir.join("state.db"), &config.name, &config.events)?;
         let pace = Arc::new(AgentPace::new(config.bandwidth.clone(), config.time_zone));
         Ok(Host {
@@ -72,12 +78,28 @@ impl Host {
             telemetry: Telemetry::default(),
             pace,
             groups: crate::groups::Groups::default(),
+            witness,
         })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Db> {
         // A poisoned lock holds no half-written state: every write is one SQLite transaction.
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One `witness` call from the agent of fingerprint `caller` (the lease change stored
+    /// before the answer).
+    pub fn witness_call(
+        &self,
+        caller: &str,
+        req: &WitnessRequest,
+    ) -> Result<WitnessResponse, AgentError> {
+        Ok(self.witness.call(&self.db(), caller, req)?)
+    }
+
+    /// The leases this agent keeps as a witness, each with the milliseconds it has left.
+    pub fn witness_leases(&self) -> Vec<(LeaseEntry, u64)> {
+        self.witness.leases()
     }
 
     /// Save a VM record. Called only by the VM's owner (and by the registry when it creates

@@ -43,6 +43,7 @@ pub mod telemetry;
 pub mod util;
 mod verify;
 mod vm;
+mod witness;
 
 use std::collections::BTreeMap;
 use std::path::Path;

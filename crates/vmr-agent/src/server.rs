@@ -250,6 +250,12 @@ impl Handler for PeerHandler {
                     .ask_peer(|r| Command::PeerDisable(peer.clone(), r))
                     .await?,
             },
+            PeerRequest::Witness { call } => PeerResponse::Witness {
+                lease: self
+                    .host
+                    .witness_call(&peer.fingerprint, &call)
+                    .map_err(internal)?,
+            },
             PeerRequest::ResyncHashes(req) => PeerResponse::ResyncHashes(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::Hashes(peer.clone(), req, r))

@@ -2,7 +2,8 @@
 //! machine ([`ReplicaMachine`]) that take events (ticks, cycle results, admin commands, each
 //! with the current time) and return the actions for an I/O driver to carry out or a typed
 //! [`Refusal`]; the validation of `enable` arguments ([`Schedule::from_enable`]); the RPO alert and
-//! the rate limit of failure events (`alert`); the failover rules; the checkpoint chain of a VM captured through libvirt
+//! the rate limit of failure events (`alert`); automatic failover's leases, fencing and takeover
+//! (`autofailover`); the failover rules; the checkpoint chain of a VM captured through libvirt
 //! (`checkpoints`); and Hyper-V's health rules as pure functions. The machines' persisted snapshots are
 //! `vmr_proto::machine` types.
 //!
@@ -10,6 +11,7 @@
 //! time comes in with every event, so every decision is reproducible in a test.
 
 pub mod alert;
+pub mod autofailover;
 pub mod checkpoints;
 pub mod extended;
 pub mod failover;

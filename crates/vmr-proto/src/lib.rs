@@ -8,6 +8,7 @@ pub mod bandwidth;
 pub mod cycle;
 pub mod event;
 pub mod failnet;
+pub mod lease;
 pub mod machine;
 pub mod peer;
 pub mod record;

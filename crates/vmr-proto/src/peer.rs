@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::api::{BecomeReplica, BlockHashesReply, BlockHashesRequest, CreateReplica};
 use crate::api::{ReplicaVmInfo, ReplicationState};
+use crate::lease::{WitnessRequest, WitnessResponse};
 pub use crate::wire::{MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION};
 
 /// Content type of protocol-2 call bodies (requests and successful answers).
@@ -56,6 +57,14 @@ pub enum PeerRequest {
     /// `point`, which now replicates to the extended replica as the VM's primary; the replica
     /// drops its points newer than `point` and answers the point the next cycle builds on.
     ContinueFrom(ContinueFromRequest),
+    /// An agent → the witness of one of its VM relationships (protocol 6,
+    /// [`crate::wire::WITNESS_SINCE`]; never sent on an older connection): the automatic
+    /// failover's lease calls (`docs/auto-failover.md`). The caller is the agent the
+    /// connection authenticated.
+    Witness {
+        /// The call.
+        call: WitnessRequest,
+    },
 }
 
 /// Arguments of [`PeerRequest::ContinueFrom`].
@@ -113,6 +122,11 @@ pub enum PeerResponse {
     SourceVmState(SourceVmState),
     /// Answer to [`PeerRequest::ContinueFrom`].
     ContinueFrom(ContinuedFrom),
+    /// Answer to [`PeerRequest::Witness`].
+    Witness {
+        /// The witness's answer.
+        lease: WitnessResponse,
+    },
 }
 
 /// The source's view of a VM across an extended chain (answer to `source-vm-state`).
@@ -248,6 +262,9 @@ enum ResponseHead {
     },
     SourceVmState(SourceVmState),
     ContinueFrom(ContinuedFrom),
+    Witness {
+        lease: WitnessResponse,
+    },
 }
 
 /// Frames a protocol-2 body: `u32` LE length of `head`, `head` (JSON), then `tail` (binary).
@@ -290,6 +307,7 @@ impl PeerRequest {
             PeerRequest::DisableReplica { .. } => "disable-replica",
             PeerRequest::SourceVmState { .. } => "source-vm-state",
             PeerRequest::ContinueFrom(_) => "continue-from",
+            PeerRequest::Witness { .. } => "witness",
         }
     }
 
@@ -356,6 +374,7 @@ impl PeerResponse {
             PeerResponse::DisableReplica { .. } => "disable-replica",
             PeerResponse::SourceVmState(_) => "source-vm-state",
             PeerResponse::ContinueFrom(_) => "continue-from",
+            PeerResponse::Witness { .. } => "witness",
         }
     }
 
@@ -386,6 +405,9 @@ impl PeerResponse {
             }
             PeerResponse::SourceVmState(s) => ResponseHead::SourceVmState(s.clone()),
             PeerResponse::ContinueFrom(c) => ResponseHead::ContinueFrom(c.clone()),
+            PeerResponse::Witness { lease } => ResponseHead::Witness {
+                lease: lease.clone(),
+            },
             PeerResponse::ResyncHashes(h) => {
                 let head = ResponseHead::ResyncHashes {
                     point: h.point,
@@ -424,6 +446,7 @@ impl PeerResponse {
             }
             ResponseHead::SourceVmState(s) => no_tail(PeerResponse::SourceVmState(s)),
             ResponseHead::ContinueFrom(c) => no_tail(PeerResponse::ContinueFrom(c)),
+            ResponseHead::Witness { lease } => no_tail(PeerResponse::Witness { lease }),
             ResponseHead::ResyncHashes {
                 point,
                 point_disk_size,
@@ -459,6 +482,7 @@ impl PeerResponse {
             PeerResponse::DisableReplica { state } => serde_json::json!({ "state": state }),
             PeerResponse::SourceVmState(s) => serde_json::to_value(s).unwrap_or(Value::Null),
             PeerResponse::ContinueFrom(c) => serde_json::to_value(c).unwrap_or(Value::Null),
+            PeerResponse::Witness { lease } => serde_json::to_value(lease).unwrap_or(Value::Null),
             PeerResponse::ResyncHashes(h) => serde_json::to_value(BlockHashesReply {
                 point: h.point,
                 point_disk_size: h.point_disk_size,
@@ -495,6 +519,9 @@ impl PeerResponse {
             PeerRequest::ContinueFrom(_) => {
                 PeerResponse::ContinueFrom(serde_json::from_value(v).map_err(json)?)
             }
+            PeerRequest::Witness { .. } => PeerResponse::Witness {
+                lease: serde_json::from_value(v).map_err(json)?,
+            },
             PeerRequest::DisableReplica { .. } => {
                 #[derive(Deserialize)]
                 struct Disabled {
@@ -593,6 +620,19 @@ mod tests {
             PeerRequest::DisableReplica { uuid },
             PeerRequest::SourceVmState { uuid },
             PeerRequest::ContinueFrom(ContinueFromRequest { uuid, point: 7 }),
+            PeerRequest::Witness {
+                call: WitnessRequest::Register {
+                    vm: uuid,
+                    replica: "SHA256:bb".into(),
+                    lease_ms: 30_000,
+                },
+            },
+            PeerRequest::Witness {
+                call: WitnessRequest::Renew { vm: uuid, epoch: 3 },
+            },
+            PeerRequest::Witness {
+                call: WitnessRequest::Takeover { vm: uuid },
+            },
         ]
     }
 
@@ -634,6 +674,16 @@ mod tests {
                 resync: true,
                 discarded: vec![8, 9],
             }),
+            PeerResponse::Witness {
+                lease: WitnessResponse::Held {
+                    epoch: 2,
+                    by_peer: true,
+                    remaining_ms: 1_500,
+                },
+            },
+            PeerResponse::Witness {
+                lease: WitnessResponse::Conflict { reason: "x".into() },
+            },
         ]
     }
 
@@ -661,6 +711,14 @@ mod tests {
             let (method, body) = r.to_v1();
             assert_eq!(method, r.method());
             assert!(body.get("method").is_none(), "{body}");
+            if matches!(r, PeerRequest::Witness { .. }) {
+                // Protocol 6 only: no protocol-1 route.
+                assert!(matches!(
+                    PeerRequest::from_v1(method, body),
+                    Err(PeerCodecError::UnknownMethod(_))
+                ));
+                continue;
+            }
             assert_eq!(PeerRequest::from_v1(method, body).expect("v1"), r);
         }
     }

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use vmr_proto::api::{
     BecomeReplica, BlockHashesRequest, CreateReplica, ReplicaVmInfo, ReplicationState,
 };
+use vmr_proto::lease::{WitnessRequest, WitnessResponse};
 use vmr_proto::peer::{
     BecameReplica, BlockHashes, ContinueFromRequest, ContinuedFrom, PEER_CONTENT_TYPE, PeerRequest,
     PeerResponse, PrimaryVmState, ReplicaInfoRequest, SourceVmState,
@@ -558,6 +559,24 @@ impl Client {
         let req = PeerRequest::ContinueFrom(ContinueFromRequest { uuid, point });
         match self.call(req).await? {
             PeerResponse::ContinueFrom(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `witness`: one lease call to the witness agent of a VM relationship
+    /// (`docs/auto-failover.md`). Refused with a protocol error on a connection older than
+    /// [`vmr_proto::wire::WITNESS_SINCE`] (the peer does not know the call).
+    pub async fn witness(&self, call: WitnessRequest) -> Result<WitnessResponse, TransportError> {
+        if self.hello.protocol < vmr_proto::wire::WITNESS_SINCE {
+            return Err(TransportError::Protocol(format!(
+                "the peer speaks protocol {}, which has no witness call (an agent of protocol \
+                 {} or later is needed)",
+                self.hello.protocol,
+                vmr_proto::wire::WITNESS_SINCE
+            )));
+        }
+        match self.call(PeerRequest::Witness { call }).await? {
+            PeerResponse::Witness { lease } => Ok(lease),
             other => Err(unexpected(&other)),
         }
     }

@@ -163,6 +163,9 @@ impl Handler for TestHandler {
                     discarded: vec![r.point + 1],
                 }))
             }
+            PeerRequest::Witness { .. } => Ok(PeerResponse::Witness {
+                lease: vmr_proto::lease::WitnessResponse::Unknown,
+            }),
             // A handler bug: the answer of another call.
             PeerRequest::BecomeReplica(_) => Ok(PeerResponse::CreateReplica { created: true }),
         }

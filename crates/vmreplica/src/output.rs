@@ -225,6 +225,35 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
                     if e.revoked { " (revoked)" } else { "" }
                 );
             }
+            let leases: Vec<vmr_proto::lease::WitnessLease> = value
+                .get("witness")
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default();
+            if !leases.is_empty() {
+                println!();
+                println!("witness of (docs/auto-failover.md):");
+                println!(
+                    "{:<36} {:>6} {:>12} {:<73} OTHER PARTY",
+                    "VM", "EPOCH", "EXPIRES IN", "HOLDER"
+                );
+                for l in leases {
+                    let other = l
+                        .entry
+                        .parties
+                        .iter()
+                        .find(|p| **p != l.entry.holder)
+                        .cloned()
+                        .unwrap_or_default();
+                    println!(
+                        "{:<36} {:>6} {:>11}s {:<73} {}",
+                        l.entry.vm,
+                        l.entry.epoch,
+                        l.remaining_ms / 1000,
+                        l.entry.holder,
+                        other
+                    );
+                }
+            }
         }
         // Printed above when the answer is a list of events.
         Kind::Events => print_plain(value),

@@ -662,3 +662,39 @@ mod tests {
         outside.wait().expect("reap");
     }
 }
+
+/// Automatic failover's three agents (docs/auto-failover.md): a primary `host-a` on
+/// 127.0.0.1, a replica `host-b` on 127.0.0.2 and a witness `host-w` on 127.0.0.3, distinct
+/// ports and directories; b allows a (replication), w allows a and b (the lease calls).
+#[derive(Debug)]
+pub struct Witnessed {
+    /// The primary.
+    pub a: Agent,
+    /// The replica.
+    pub b: Agent,
+    /// The witness.
+    pub w: Agent,
+    /// Their directory (dropped last: kills leftovers).
+    pub root: TestDir,
+}
+
+impl Witnessed {
+    /// Start the three agents in a new temp dir with their authorizations.
+    pub fn new(exe: &Path) -> Result<Witnessed> {
+        let root = TestDir::temp("vmr-e2e-")?;
+        let a = Agent::start_on(exe, root.path(), "host-a", "127.0.0.1", None)?;
+        let b = Agent::start_on(exe, root.path(), "host-b", "127.0.0.2", None)?;
+        let w = Agent::start_on(exe, root.path(), "host-w", "127.0.0.3", None)?;
+        b.allow(&a)?;
+        w.allow(&a)?;
+        w.allow(&b)?;
+        Ok(Witnessed { a, b, w, root })
+    }
+
+    /// Stop the three agents cleanly.
+    pub fn stop(&mut self) -> Result<()> {
+        self.a.stop()?;
+        self.b.stop()?;
+        self.w.stop()
+    }
+}

@@ -23,7 +23,7 @@ mod writer;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use agent::{Agent, Chain, Pair, TestDir, free_port, kill_processes_under, tail};
+pub use agent::{Agent, Chain, Pair, TestDir, Witnessed, free_port, kill_processes_under, tail};
 pub use guest::{
     BOOT_TIMEOUT, Check, Console, GuestImage, GuestOptions, GuestVm, Seq, failover_dir,
     failover_qmp, failover_serial, guest_addresses, guest_definition, harness_qmp, parse_check,
