@@ -225,3 +225,80 @@ fn group_points_exist_for_all_members_or_none() -> TestResult {
     p.stop()?;
     Ok(())
 }
+
+/// Retention of a group (docs/groups.md, "Retention"): the members' policies differ (grp-a
+/// keeps the points of 2 seconds, grp-b of 4); each group point is kept or pruned for both
+/// together, so both hold the same group points, as many as the more generous policy keeps
+/// (pruning each member on its own would leave grp-a with 2 of grp-b's 4, which the replica
+/// then could not list as complete).
+#[test]
+fn group_retention_keeps_each_group_point_for_every_member() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let names = ["ret-a", "ret-b"];
+    let mut vms = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let vm = StandIn::create(p.root.path(), &p.a, name, &["disk0"], 8)?;
+        vm.write_random("disk0", 20, i as u64 + 1)?;
+        vm.register(&p.a)?;
+        vms.push(vm);
+    }
+    p.enable(names[0], &["--frequency", "5s", "--retain", "1s=2"])?;
+    p.enable(names[1], &["--frequency", "5s", "--retain", "1s=4"])?;
+    for name in names {
+        p.wait_cycle(name, 1, LONG)?;
+    }
+    p.a.ok(&["group", "create", "rg", names[0], names[1]])?;
+    // Six group cuts: more group points than either policy keeps.
+    wait_until(Duration::from_secs(300), "six group cuts", || {
+        Ok(p.a.groups()?.first().is_some_and(|g| g.cuts >= 6))
+    })?;
+    let group_points = |vm: &StandIn| -> TestResult<Vec<u64>> {
+        let mut v: Vec<u64> = tags(&p, vm)?
+            .into_iter()
+            .filter_map(|(_, t)| t.filter(|t| t.group == "rg").map(|t| t.point))
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    };
+    // Between one member's commit (and prune) and the other's, they differ for a moment.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let a = group_points(&vms[0])?;
+        let b = group_points(&vms[1])?;
+        if a == b && a.len() == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both members holding the same 4 group points: {a:?} and {b:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held = group_points(&vms[0])?;
+    // Every group point held is complete, and listed.
+    let mut listed: Vec<u64> = p.b.group_points("rg")?.iter().map(|g| g.point).collect();
+    listed.sort_unstable();
+    assert!(
+        held.iter().all(|g| listed.contains(g)),
+        "held {held:?}, listed {listed:?}"
+    );
+    assert!(listed.len() >= 3, "{listed:?}");
+    // ret-a's own untagged points from before the group are gone: its policy keeps 2
+    // seconds of points and its group points are newer (a point it cut alone after a failed
+    // round may be newer and kept).
+    let a_tags = tags(&p, &vms[0])?;
+    let first_tagged = a_tags
+        .iter()
+        .filter(|(_, t)| t.is_some())
+        .map(|(id, _)| *id)
+        .min()
+        .expect("a tagged point");
+    assert!(
+        a_tags
+            .iter()
+            .all(|(id, t)| t.is_some() || *id > first_tagged),
+        "{a_tags:?}"
+    );
+    p.stop()?;
+    Ok(())
+}
