@@ -995,6 +995,26 @@ pub enum AgentError {
         /// The group point asked for.
         point: Option<u64>,
     },
+    /// `group reverse`: a member's reverse is refused by its machine's rule; nothing was
+    /// reversed.
+    #[error("group {group:?}: member {member:?} cannot be reversed; nothing was reversed")]
+    GroupMemberRefused {
+        /// The group.
+        group: String,
+        /// The member.
+        member: String,
+        /// Its machine's refusal.
+        #[source]
+        refusal: vmr_core::Refusal,
+    },
+    /// `group reverse`: a member named by the group points' tags is not registered here.
+    #[error("group {group:?}: member {uuid} is not a VM of this agent")]
+    GroupMemberMissing {
+        /// The group.
+        group: String,
+        /// The member's UUID.
+        uuid: Uuid,
+    },
     /// No group of this name.
     #[error("no group named {name:?}")]
     UnknownGroup {
@@ -1013,8 +1033,10 @@ impl AgentError {
             | UnknownAllowEntry { .. }
             | NoSuchPoint { .. }
             | UnknownGroup { .. }
+            | GroupMemberMissing { .. }
             | NoGroupPoint { .. } => exit::NOT_FOUND,
             Refused(_)
+            | GroupMemberRefused { .. }
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
             | OnReplica { .. }

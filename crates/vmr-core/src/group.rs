@@ -3,13 +3,19 @@
 //! them all, run each member's transaction, resume them all in every path, measure the pause),
 //! which group points a replica holds complete ([`complete_points`]), and which of a member's
 //! points retention keeps so that a group point is kept or pruned for all members together
-//! ([`group_retention`]). Sans-IO like the rest of the crate: time arrives with every event.
+//! ([`group_retention`]), and which members `group reverse` reverses ([`plan_group_reverse`]).
+//! Sans-IO like the rest of the crate: time arrives with every event.
 
 use std::collections::BTreeSet;
 
 use vmr_proto::GroupTag;
 use vmr_proto::Uuid;
+use vmr_proto::api::ReplicationMode;
+use vmr_proto::state::ReplicationState;
 use vmr_proto::store::PointKind;
+
+use crate::failover::failover_transition;
+use crate::refusal::{Op, Refusal};
 
 /// Most members of one group.
 pub const MAX_MEMBERS: usize = 32;
@@ -575,6 +581,37 @@ pub fn complete_points(group: &str, vms: &[TaggedPoints]) -> Vec<GroupPoint> {
     }
     out.sort_by_key(|g| std::cmp::Reverse(g.point));
     out
+}
+
+/// Where one member of a group stands on the failed-over host, for `group reverse`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReverseMember {
+    /// Still this host's replica VM, in this state.
+    Replica(ReplicationState),
+    /// A primary VM here already: reversed by an earlier `group reverse` that stopped part way.
+    Primary,
+}
+
+/// `group reverse NAME` (docs/groups.md): the members to reverse, in the order given, or the
+/// first member whose reverse the replica machine's rule refuses (`failover_transition`, the
+/// same rule each member's machine applies), with its refusal, before anything is reversed.
+/// Members already primary here are skipped, so a `group reverse` that stopped part way can be
+/// run again.
+pub fn plan_group_reverse(
+    members: &[(String, ReverseMember)],
+) -> Result<Vec<String>, (String, Refusal)> {
+    let mut out = Vec::new();
+    for (name, m) in members {
+        match m {
+            ReverseMember::Primary => {}
+            ReverseMember::Replica(state) => {
+                failover_transition(ReplicationMode::Replica, *state, Op::Reverse, true)
+                    .map_err(|r| (name.clone(), r))?;
+                out.push(name.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// One recovery point as group retention sees it.
@@ -1316,6 +1353,64 @@ mod tests {
         for (_, pts) in &state {
             let ids: Vec<u64> = pts.iter().map(|p| p.id).collect();
             assert_eq!(ids, vec![8, 9, 10]);
+        }
+    }
+
+    #[test]
+    fn group_reverse_reverses_failed_over_members_and_refuses_before_anything() {
+        use ReplicationState as S;
+        use ReverseMember as R;
+        let m = |n: &str, r: R| (n.to_owned(), r);
+        type Row = (Vec<(String, R)>, Result<Vec<&'static str>, &'static str>);
+        let rows: Vec<Row> = vec![
+            (
+                vec![
+                    m("a", R::Replica(S::FailedOver)),
+                    m("b", R::Replica(S::FailedOverWaitingCompletion)),
+                ],
+                Ok(vec!["a", "b"]),
+            ),
+            // b was reversed by a run that stopped part way: skipped.
+            (
+                vec![m("a", R::Replica(S::FailedOver)), m("b", R::Primary)],
+                Ok(vec!["a"]),
+            ),
+            (vec![m("a", R::Primary), m("b", R::Primary)], Ok(vec![])),
+            // A member not failed over: refused, naming it, nothing reversed.
+            (
+                vec![
+                    m("a", R::Replica(S::FailedOver)),
+                    m("b", R::Replica(S::Replicating)),
+                ],
+                Err("b"),
+            ),
+            (
+                vec![
+                    m("a", R::Replica(S::Suspended)),
+                    m("b", R::Replica(S::FailedOver)),
+                ],
+                Err("a"),
+            ),
+        ];
+        for (members, want) in rows {
+            let got = plan_group_reverse(&members);
+            match (got, want) {
+                (Ok(names), Ok(w)) => assert_eq!(names, w, "{members:?}"),
+                (Err((name, r)), Err(w)) => {
+                    assert_eq!(name, w, "{members:?}");
+                    assert!(
+                        matches!(
+                            r,
+                            Refusal::State {
+                                op: Op::Reverse,
+                                ..
+                            }
+                        ),
+                        "{r:?}"
+                    );
+                }
+                (got, want) => panic!("{members:?}: {got:?} vs {want:?}"),
+            }
         }
     }
 }

@@ -439,6 +439,23 @@ pub enum GroupCmd {
         #[arg(long, value_name = "GROUP-POINT")]
         point: Option<u64>,
     },
+    /// Reverse every member (on the failed-over host, after `group failover`), as `reverse`
+    /// does for one VM, then form the group here: the reversed replication cuts its members
+    /// together. Every member is checked first (nothing is reversed when one cannot be);
+    /// members already reversed by an earlier run are skipped.
+    Reverse {
+        /// Group name.
+        name: String,
+        /// The old primary's agent HOST:PORT (default: the address it last reported).
+        #[arg(long)]
+        replica: Option<String>,
+        /// The old primary's certificate fingerprint (default: its authorization entry's).
+        #[arg(long)]
+        replica_fingerprint: Option<String>,
+        /// Cycle interval of the reversed replication, as for `reverse`.
+        #[arg(long)]
+        frequency: Option<String>,
+    },
 }
 
 /// `vm` subcommands.

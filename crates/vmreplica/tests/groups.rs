@@ -302,3 +302,89 @@ fn group_retention_keeps_each_group_point_for_every_member() -> TestResult {
     p.stop()?;
     Ok(())
 }
+
+/// `group reverse` (docs/groups.md): refused while the members are not failed over (nothing
+/// reversed); after a planned `group failover` it reverses every member and forms the group on
+/// the new primary, whose cuts make complete group points on the old primary, now the replica.
+#[test]
+fn group_reverse_reverses_every_member_and_forms_the_group_there() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    p.a.allow(&p.b)?;
+    let names = ["rv-a", "rv-b"];
+    let mut vms = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let vm = StandIn::create(p.root.path(), &p.a, name, &["disk0"], 8)?;
+        vm.write_random("disk0", 20, i as u64 + 1)?;
+        vm.register(&p.a)?;
+        vms.push(vm);
+    }
+    for name in names {
+        p.enable(name, &["--frequency", "5s"])?;
+    }
+    for name in names {
+        p.wait_cycle(name, 1, LONG)?;
+    }
+    p.a.ok(&["group", "create", "rg", names[0], names[1]])?;
+    wait_until(LONG, "a complete group point on the replica", || {
+        Ok(!p.b.group_points("rg")?.is_empty())
+    })?;
+    // Not failed over: refused, naming a member; nothing reversed.
+    let out = p.b.cli(&["group", "reverse", "rg"])?;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be reversed"),
+        "{out:?}"
+    );
+    for name in names {
+        assert_eq!(
+            p.b.status(name)?.mode,
+            vmr_proto::api::ReplicationMode::Replica
+        );
+    }
+    let out = p.b.cli(&["group", "reverse", "nope"])?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+
+    // Planned: each member prepared on the primary, the group failed over at one group point.
+    for name in names {
+        p.a.ok(&["failover", "prepare", name])?;
+    }
+    let f: vmr_proto::api::GroupFailoverResult =
+        serde_json::from_str(&p.b.json(&["group", "failover", "rg"])?)?;
+    assert_eq!(f.members.len(), 2);
+    // The group point is older than each member's planned final point: the old primary's VMs
+    // must be off for the reverse resync (as for one VM's reverse).
+    for vm in &mut vms {
+        vm.stop()?;
+    }
+    let r: vmr_proto::api::GroupReverseResult =
+        serde_json::from_str(&p.b.json(&["group", "reverse", "rg", "--frequency", "5s"])?)?;
+    assert_eq!(r.members.len(), 2, "{r:?}");
+    let groups = p.b.groups()?;
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0].name, "rg");
+    assert_eq!(groups[0].members.len(), 2);
+    for name in names {
+        let st = p.b.status(name)?;
+        assert_eq!(st.mode, vmr_proto::api::ReplicationMode::Primary);
+        assert_eq!(st.group.map(|g| g.name), Some("rg".to_owned()));
+        // The old primary is the replica now and no longer in a group.
+        let sa = p.a.status(name)?;
+        assert_eq!(sa.mode, vmr_proto::api::ReplicationMode::Replica);
+        assert!(sa.group.is_none());
+    }
+    assert!(p.a.groups()?.is_empty());
+    // The reversed group cuts together: complete group points on the old primary.
+    wait_until(
+        Duration::from_secs(300),
+        "a complete group point on the old primary",
+        || Ok(!p.a.group_points("rg")?.is_empty()),
+    )?;
+    for gp in p.a.group_points("rg")? {
+        assert_eq!(gp.members.len(), 2, "{gp:?}");
+    }
+    // Nothing left to reverse here.
+    let out = p.b.cli(&["group", "reverse", "rg"])?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    p.stop()?;
+    Ok(())
+}
