@@ -318,9 +318,9 @@ fn group_reverse_reverses_every_member_and_forms_the_group_there() -> TestResult
         vm.register(&p.a)?;
         vms.push(vm);
     }
-    for name in names {
-        p.enable(name, &["--frequency", "5s"])?;
-    }
+    // rv-a with a grid, rv-b with Hyper-V's form: the reversed relationships keep them.
+    p.enable(names[0], &["--frequency", "5s", "--retain", "1h=24,1d=7"])?;
+    p.enable(names[1], &["--frequency", "5s", "--recovery-points", "3"])?;
     for name in names {
         p.wait_cycle(name, 1, LONG)?;
     }
@@ -367,6 +367,15 @@ fn group_reverse_reverses_every_member_and_forms_the_group_there() -> TestResult
         let st = p.b.status(name)?;
         assert_eq!(st.mode, vmr_proto::api::ReplicationMode::Primary);
         assert_eq!(st.group.map(|g| g.name), Some("rg".to_owned()));
+        let policy = st.retention.expect("the reversed primary's retention");
+        if name == names[0] {
+            assert_eq!(
+                policy.grid.map(|g| g.to_string()).as_deref(),
+                Some("1h=24,1d=7")
+            );
+        } else {
+            assert_eq!((policy.hourly, policy.grid), (3, None));
+        }
         // The old primary is the replica now and no longer in a group.
         let sa = p.a.status(name)?;
         assert_eq!(sa.mode, vmr_proto::api::ReplicationMode::Replica);
