@@ -957,9 +957,9 @@ pub enum AgentError {
     /// `verify --point`: only the latest point can be compared with the primary.
     #[error(
         "{name:?}: point {point} cannot be verified: the primary's disks hold the content of \
-         its latest cut only, so `vmreplica verify` compares a new cut with the point it \
-         becomes on the replica (run it without --point); `vmreplica verify {name} --local` on \
-         the replica checks every point's layers"
+         now only, so `vmreplica verify` compares a new cut on top of the replica's latest \
+         point (run it without --point, or with the latest point's id); `vmreplica verify \
+         {name} --local --point {point}` on the replica checks that point's layers"
     )]
     VerifyPoint {
         /// The VM.

@@ -403,17 +403,29 @@ impl ReplicaSide {
             .collect())
     }
 
-    /// `vmreplica verify NAME --local`: check every layer of every point (`qemu-img check`)
-    /// and every point's block-hash index file, without the primary.
+    /// `vmreplica verify NAME --local [--point ID]`: check every layer of every point
+    /// (`qemu-img check`) and every point's block-hash index file, without the primary; with
+    /// `point`, only the layers that point reads through and its own index.
     pub async fn verify_local(
         &self,
         vm: &Vm,
+        point: Option<u64>,
     ) -> Result<vmr_proto::api::LocalVerifyReport, AgentError> {
         let store = vm.host.store_of(&vm.rec)?;
-        let checks = store
-            .check_local(vm.rec.uuid)
-            .await
-            .map_err(AgentError::VerifyLocal)?;
+        let checks = match store.check_local_at(vm.rec.uuid, point).await {
+            Ok(c) => c,
+            Err(vmr_store::StoreError::NoSuchPoint(_)) => {
+                return Err(AgentError::NoSuchPoint {
+                    name: vm.rec.name.clone(),
+                    point: point.unwrap_or_default(),
+                    points: store
+                        .points(vm.rec.uuid)
+                        .map(|ps| ps.iter().map(|p| p.id).collect())
+                        .unwrap_or_default(),
+                });
+            }
+            Err(e) => return Err(AgentError::VerifyLocal(e)),
+        };
         Ok(vmr_proto::api::LocalVerifyReport {
             name: vm.rec.name.clone(),
             checks: checks

@@ -242,12 +242,14 @@ pub enum Command {
     Verify {
         /// VM name.
         name: String,
-        /// A recovery point other than the one the verify cycle makes (refused: only a new cut
-        /// can be compared; see docs/verify.md).
+        /// With --local: check just this point (the layers it reads through and its index).
+        /// Without: accepted only when ID is the replica's latest point, which the verify
+        /// cycle brings to a new cut and compares; an older point is refused (the primary no
+        /// longer has its content; see docs/verify.md).
         #[arg(long, value_name = "ID")]
         point: Option<u64>,
         /// On the replica: check the layers and indexes alone.
-        #[arg(long, conflicts_with = "point")]
+        #[arg(long)]
         local: bool,
     },
     /// On the replica: load a copy of a replica VM's disks from DIR: an initial copy exported
