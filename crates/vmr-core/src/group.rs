@@ -1219,7 +1219,8 @@ mod tests {
             Box::new(move |m, pts: &[RetainPoint]| newest(if m == a { na } else { nb }, pts))
         };
         // (name, vms, policies, VM pruned, its expected drop)
-        let rows: Vec<(&str, Vec<RetainPoints>, Keeps, Uuid, Vec<u64>)> = vec![
+        type Row<'a> = (&'a str, Vec<RetainPoints>, Keeps, Uuid, Vec<u64>);
+        let rows: Vec<Row> = vec![
             // Both keep 2: group points 200 and 300 stay everywhere, 100 goes everywhere.
             // A's untagged 12 goes through A's policy with its kept tagged 11 and 13: kept.
             ("keep 2, A", full.clone(), per(2, 2), a, vec![10]),

@@ -653,16 +653,7 @@ impl Store {
     /// What retention decides from for one VM: its live points (oldest first) with the group
     /// point each belongs to, and its policy. The agent feeds these, for every member of a
     /// VM's consistency groups, to `vmr_core::group::group_retention` (docs/groups.md).
-    pub fn retention_inputs(
-        &self,
-        vm: Uuid,
-    ) -> Result<
-        (
-            Vec<(PointMeta, Option<vmr_proto::GroupTag>)>,
-            RetentionPolicy,
-        ),
-        StoreError,
-    > {
+    pub fn retention_inputs(&self, vm: Uuid) -> Result<RetentionInputs, StoreError> {
         let v = self.vm(vm)?;
         let st = lock(&v.st);
         let c = &st.catalog;
@@ -1111,6 +1102,13 @@ fn check_definition(vm: Uuid, text: &str) -> Result<(), StoreError> {
 }
 
 /// What retention needs to know of each point (those being merged away already left out).
+/// A VM's live points with the group point each belongs to, oldest first, and its retention
+/// policy ([`Store::retention_inputs`]).
+pub type RetentionInputs = (
+    Vec<(PointMeta, Option<vmr_proto::GroupTag>)>,
+    RetentionPolicy,
+);
+
 fn point_metas(c: &Catalog) -> Vec<PointMeta> {
     c.points
         .iter()

@@ -11,10 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Every read from a client: when, and how many bytes.
+type Samples = Arc<Mutex<Vec<(Instant, u64)>>>;
+
 /// A running relay; see the module doc.
 pub struct Meter {
     addr: SocketAddr,
-    samples: Arc<Mutex<Vec<(Instant, u64)>>>,
+    samples: Samples,
     stop: Arc<AtomicBool>,
 }
 
@@ -24,7 +27,7 @@ impl Meter {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let samples = Arc::new(Mutex::new(Vec::new()));
+        let samples: Samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (samples.clone(), stop.clone());
         thread::spawn(move || {
@@ -72,12 +75,7 @@ impl Drop for Meter {
 }
 
 /// Copy both directions of one connection; client → server reads are recorded.
-fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    samples: Arc<Mutex<Vec<(Instant, u64)>>>,
-    stop: Arc<AtomicBool>,
-) {
+fn relay(client: TcpStream, server: TcpStream, samples: Samples, stop: Arc<AtomicBool>) {
     let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
@@ -88,12 +86,7 @@ fn relay(
     thread::spawn(move || copy(s2, c2, None, stop));
 }
 
-fn copy(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    samples: Option<Arc<Mutex<Vec<(Instant, u64)>>>>,
-    stop: Arc<AtomicBool>,
-) {
+fn copy(mut from: TcpStream, mut to: TcpStream, samples: Option<Samples>, stop: Arc<AtomicBool>) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
     let mut buf = vec![0u8; 256 * 1024];
     loop {
