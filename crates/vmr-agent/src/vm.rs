@@ -1937,7 +1937,7 @@ impl Owner {
         match self.vm.host.store_of(&self.vm.rec) {
             Ok(store) => {
                 let uuid = self.vm.rec.uuid;
-                let res = match group_prune_plan(&store, uuid, now_ms()) {
+                let res = match crate::replica::group_prune_plan(&store, uuid, now_ms()) {
                     Some(drop) => store.prune_points(uuid, &drop).await,
                     None => store.prune(uuid).await,
                 };
@@ -1948,71 +1948,6 @@ impl Owner {
             Err(e) => tracing::warn!(vm = %self.vm.rec.name, "no store to prune: {e:#}"),
         }
     }
-}
-
-/// The points of replica VM `uuid` that retention drops when some of its points belong to
-/// consistency group points: `vmr_core::group::group_retention` over every member's catalog in
-/// the same store (a group's members share their primary, hence their store), each member's
-/// own policy through `vmr_store::plan` (docs/groups.md, "Retention"). None when the VM holds
-/// no group point (its own policy alone decides) or its catalog cannot be read.
-fn group_prune_plan(store: &vmr_store::Store, uuid: Uuid, now: u64) -> Option<Vec<u64>> {
-    let (own, _) = store.retention_inputs(uuid).ok()?;
-    let mut members: Vec<Uuid> = vec![uuid];
-    for (_, t) in &own {
-        if let Some(t) = t {
-            members.extend(t.members.iter().copied());
-        }
-    }
-    if members.len() == 1 {
-        return None;
-    }
-    members.sort_unstable();
-    members.dedup();
-    // A member this store does not hold has no points: the group points naming it are never
-    // complete.
-    let inputs: Vec<(Uuid, Vec<_>, vmr_store::RetentionPolicy)> = members
-        .into_iter()
-        .filter_map(|m| {
-            store
-                .retention_inputs(m)
-                .ok()
-                .map(|(pts, policy)| (m, pts, policy))
-        })
-        .collect();
-    let vms: Vec<vmr_core::group::RetainPoints> = inputs
-        .iter()
-        .map(|(m, pts, _)| {
-            let pts = pts
-                .iter()
-                .map(|(p, t)| vmr_core::group::RetainPoint {
-                    id: p.id,
-                    taken_at_ms: p.taken_at_ms,
-                    kind: p.kind,
-                    group: t.clone(),
-                })
-                .collect();
-            (*m, pts)
-        })
-        .collect();
-    let keeps = |m: Uuid, pts: &[vmr_core::group::RetainPoint]| {
-        let metas: Vec<vmr_store::PointMeta> = pts
-            .iter()
-            .map(|p| vmr_store::PointMeta {
-                id: p.id,
-                taken_at_ms: p.taken_at_ms,
-                kind: p.kind,
-            })
-            .collect();
-        match inputs.iter().find(|(u, _, _)| *u == m) {
-            Some((_, _, policy)) => vmr_store::plan(&metas, policy, now)
-                .keep
-                .into_keys()
-                .collect(),
-            // A member this store does not hold has no policy here: it keeps nothing more.
-            None => std::collections::BTreeSet::new(),
-        }
-    };
-    Some(vmr_core::group::group_retention(uuid, &vms, &keeps))
 }
 
 /// One line saying what a VM's failover network settings on this host are.
