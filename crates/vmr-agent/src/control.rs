@@ -475,6 +475,23 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
         Request::GroupFailover { name, test, point } => {
             to_value(group_failover(agent, &name, test, point).await?)
         }
+        Request::GroupReverse {
+            name,
+            replica,
+            replica_fingerprint,
+            frequency_secs,
+        } => to_value(
+            group_reverse(
+                agent,
+                &name,
+                FailoverCmd::Reverse {
+                    replica,
+                    replica_fingerprint,
+                    frequency_secs,
+                },
+            )
+            .await?,
+        ),
         Request::Status { name: None } => to_value(all_status(agent).await?),
         Request::Status { name: Some(name) } => {
             let st = vm(agent, &name)?.ask(Command::Status).await?;
@@ -1065,6 +1082,89 @@ async fn group_failover(
     Ok(vmr_proto::api::GroupFailoverResult {
         point: gp.point,
         members: done.into_iter().map(|(_, r)| r).collect(),
+    })
+}
+
+/// `group reverse NAME` (the failed-over host, after `group failover`; docs/groups.md): the
+/// members are the VMs the group points' tags name (read from this host's replica VMs'
+/// catalogs); `vmr_core::group::plan_group_reverse` checks every member before any is
+/// reversed (members already primary here, reversed by an earlier run, are skipped); each is
+/// reversed as `reverse` does, in the tags' member order; then the group is formed here
+/// (`group create`'s rule and recording), so the reversed replication cuts its members
+/// together. A member whose reverse fails stops the command: the members reversed before it
+/// stay reversed (a reverse cannot be undone) and running it again continues.
+async fn group_reverse(
+    agent: &Control,
+    name: &str,
+    how: FailoverCmd,
+) -> Result<vmr_proto::api::GroupReverseResult, AgentError> {
+    vmr_core::group::check_group_name(name)?;
+    let all = records(agent).await?;
+    let mut uuids: Vec<uuid::Uuid> = Vec::new();
+    for (h, r) in &all {
+        if r.mode() != vmr_proto::api::ReplicationMode::Replica {
+            continue;
+        }
+        for (_, t) in h.ask(Command::GroupTags).await? {
+            if let Some(t) = t.filter(|t| t.group == name) {
+                for m in t.members {
+                    if !uuids.contains(&m) {
+                        uuids.push(m);
+                    }
+                }
+            }
+        }
+    }
+    if uuids.is_empty() {
+        return Err(AgentError::UnknownGroup {
+            name: name.to_owned(),
+        });
+    }
+    let mut members: Vec<(String, vmr_core::group::ReverseMember)> = Vec::new();
+    for u in &uuids {
+        let Some((h, r)) = all.iter().find(|(_, r)| r.uuid == *u) else {
+            return Err(AgentError::GroupMemberMissing {
+                group: name.to_owned(),
+                uuid: *u,
+            });
+        };
+        let m = match r.mode() {
+            vmr_proto::api::ReplicationMode::Primary => vmr_core::group::ReverseMember::Primary,
+            vmr_proto::api::ReplicationMode::Replica => {
+                vmr_core::group::ReverseMember::Replica(h.ask(Command::Status).await?.state)
+            }
+        };
+        members.push((r.name.clone(), m));
+    }
+    let todo = vmr_core::group::plan_group_reverse(&members).map_err(|(member, refusal)| {
+        AgentError::GroupMemberRefused {
+            group: name.to_owned(),
+            member,
+            refusal,
+        }
+    })?;
+    let mut done = Vec::new();
+    for member in &todo {
+        let r = vm(agent, member)?
+            .ask(|r| Command::Failover(how.clone(), r))
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(group = name, member = %member, "group reverse stopped at this member (the ones before it are reversed; run it again to go on): {}", crate::util::chain(e));
+            })?;
+        done.push(r);
+    }
+    let names: Vec<String> = members.into_iter().map(|(n, _)| n).collect();
+    let grouped = records(agent)
+        .await?
+        .iter()
+        .any(|(_, r)| r.group.as_deref() == Some(name));
+    if !grouped {
+        group_create(agent, name, &names).await?;
+    }
+    Ok(vmr_proto::api::GroupReverseResult {
+        group: name.to_owned(),
+        members: done,
+        grouped: true,
     })
 }
 

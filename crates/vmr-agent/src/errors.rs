@@ -957,9 +957,9 @@ pub enum AgentError {
     /// `verify --point`: only the latest point can be compared with the primary.
     #[error(
         "{name:?}: point {point} cannot be verified: the primary's disks hold the content of \
-         its latest cut only, so `vmreplica verify` compares a new cut with the point it \
-         becomes on the replica (run it without --point); `vmreplica verify {name} --local` on \
-         the replica checks every point's layers"
+         now only, so `vmreplica verify` compares a new cut on top of the replica's latest \
+         point (run it without --point, or with the latest point's id); `vmreplica verify \
+         {name} --local --point {point}` on the replica checks that point's layers"
     )]
     VerifyPoint {
         /// The VM.
@@ -995,6 +995,26 @@ pub enum AgentError {
         /// The group point asked for.
         point: Option<u64>,
     },
+    /// `group reverse`: a member's reverse is refused by its machine's rule; nothing was
+    /// reversed.
+    #[error("group {group:?}: member {member:?} cannot be reversed; nothing was reversed")]
+    GroupMemberRefused {
+        /// The group.
+        group: String,
+        /// The member.
+        member: String,
+        /// Its machine's refusal.
+        #[source]
+        refusal: vmr_core::Refusal,
+    },
+    /// `group reverse`: a member named by the group points' tags is not registered here.
+    #[error("group {group:?}: member {uuid} is not a VM of this agent")]
+    GroupMemberMissing {
+        /// The group.
+        group: String,
+        /// The member's UUID.
+        uuid: Uuid,
+    },
     /// No group of this name.
     #[error("no group named {name:?}")]
     UnknownGroup {
@@ -1013,8 +1033,10 @@ impl AgentError {
             | UnknownAllowEntry { .. }
             | NoSuchPoint { .. }
             | UnknownGroup { .. }
+            | GroupMemberMissing { .. }
             | NoGroupPoint { .. } => exit::NOT_FOUND,
             Refused(_)
+            | GroupMemberRefused { .. }
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
             | OnReplica { .. }

@@ -1039,12 +1039,25 @@ pub async fn reverse(
         Some(x) if frequency_given.is_none() => x.frequency_secs,
         _ => frequency_secs,
     };
+    // The retention policy the admin gave this relationship, as this replica's store holds it
+    // (the primary sent it at enable or `set`): the reversed relationship keeps it. The
+    // bandwidth schedule is not kept: this host never learned the old primary's, and it
+    // limited the other direction (docs/bandwidth.md).
+    let policy = vm
+        .host
+        .store_of(&rec)
+        .ok()
+        .and_then(|s| s.retention_inputs(rec.uuid).ok())
+        .map(|(_, p)| p)
+        .unwrap_or_default();
     let args = EnableArgs {
         name: rec.name.clone(),
         replica: addr.clone(),
         replica_fingerprint: fp.clone(),
         frequency_secs,
-        recovery_points: takeover.as_ref().map_or(0, |x| x.recovery_points),
+        recovery_points: takeover
+            .as_ref()
+            .map_or(policy.hourly, |x| x.recovery_points),
         app_consistent_every_hours: 0,
         exclude_disks: vec![],
         compression: true,
@@ -1053,7 +1066,10 @@ pub async fn reverse(
         initial: Default::default(),
         rpo_alert_secs: None,
         verify_every_secs: None,
-        retain: takeover.as_ref().and_then(|x| x.retain.clone()),
+        retain: match &takeover {
+            Some(x) => x.retain.clone(),
+            None => policy.grid.clone(),
+        },
         bandwidth: None,
     };
     let schedule = crate::primary::schedule_of(&args)?;

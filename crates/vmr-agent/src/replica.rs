@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use uuid::Uuid;
+
 use vmr_core::{Refusal, ReplicaEvent, ReplicaMachine, replica_health};
 use vmr_proto::CycleHeader;
 use vmr_proto::api::{
@@ -378,16 +380,39 @@ impl ReplicaSide {
                 plan.keep.entry(p.id).or_default();
             }
         }
+        // A consistency group's member: its group points follow the group's decision
+        // (`group_prune_plan`, what the next prune does), shown as their reason; a point that
+        // decision drops is pruned next whatever its own policy says.
+        let mut group_point: std::collections::BTreeMap<u64, String> = Default::default();
+        if estimate.is_none()
+            && let Some(drop) = group_prune_plan(&store, vm.rec.uuid, now_ms())
+        {
+            for (id, tag) in store.group_tags(vm.rec.uuid)? {
+                if drop.contains(&id) {
+                    if plan.keep.get(&id).is_some_and(|r| !r.is_empty()) {
+                        plan.keep.remove(&id);
+                    }
+                } else if let Some(t) = tag {
+                    plan.keep.entry(id).or_default();
+                    group_point.insert(id, format!("group {} point {}", t.group, t.point));
+                }
+            }
+        }
         let sizes: Vec<(u64, u64)> = points.iter().map(|p| (p.id, p.size_on_disk)).collect();
         let estimated = vmr_store::estimate_sizes(&sizes, &plan);
         Ok(points
             .into_iter()
             .map(|p| {
-                let kept_because: Vec<String> = match plan.keep.get(&p.id) {
-                    Some(r) if r.is_empty() => vec!["view".to_owned()],
+                let mut kept_because: Vec<String> = match plan.keep.get(&p.id) {
+                    Some(r) if r.is_empty() && !group_point.contains_key(&p.id) => {
+                        vec!["view".to_owned()]
+                    }
                     Some(r) => r.iter().map(ToString::to_string).collect(),
                     None => Vec::new(),
                 };
+                if let Some(g) = group_point.get(&p.id) {
+                    kept_because.push(g.clone());
+                }
                 PointInfo {
                     id: p.id,
                     time_ms: p.taken_at_ms,
@@ -403,17 +428,29 @@ impl ReplicaSide {
             .collect())
     }
 
-    /// `vmreplica verify NAME --local`: check every layer of every point (`qemu-img check`)
-    /// and every point's block-hash index file, without the primary.
+    /// `vmreplica verify NAME --local [--point ID]`: check every layer of every point
+    /// (`qemu-img check`) and every point's block-hash index file, without the primary; with
+    /// `point`, only the layers that point reads through and its own index.
     pub async fn verify_local(
         &self,
         vm: &Vm,
+        point: Option<u64>,
     ) -> Result<vmr_proto::api::LocalVerifyReport, AgentError> {
         let store = vm.host.store_of(&vm.rec)?;
-        let checks = store
-            .check_local(vm.rec.uuid)
-            .await
-            .map_err(AgentError::VerifyLocal)?;
+        let checks = match store.check_local_at(vm.rec.uuid, point).await {
+            Ok(c) => c,
+            Err(vmr_store::StoreError::NoSuchPoint(_)) => {
+                return Err(AgentError::NoSuchPoint {
+                    name: vm.rec.name.clone(),
+                    point: point.unwrap_or_default(),
+                    points: store
+                        .points(vm.rec.uuid)
+                        .map(|ps| ps.iter().map(|p| p.id).collect())
+                        .unwrap_or_default(),
+                });
+            }
+            Err(e) => return Err(AgentError::VerifyLocal(e)),
+        };
         Ok(vmr_proto::api::LocalVerifyReport {
             name: vm.rec.name.clone(),
             checks: checks
@@ -588,4 +625,69 @@ pub enum ReplicaCmd {
     Resume,
     /// Stop replicating: cycles are refused; the copy stays.
     Disable,
+}
+
+/// The points of replica VM `uuid` that retention drops when some of its points belong to
+/// consistency group points: `vmr_core::group::group_retention` over every member's catalog in
+/// the same store (a group's members share their primary, hence their store), each member's
+/// own policy through `vmr_store::plan` (docs/groups.md, "Retention"). None when the VM holds
+/// no group point (its own policy alone decides) or its catalog cannot be read.
+pub fn group_prune_plan(store: &vmr_store::Store, uuid: Uuid, now: u64) -> Option<Vec<u64>> {
+    let (own, _) = store.retention_inputs(uuid).ok()?;
+    let mut members: Vec<Uuid> = vec![uuid];
+    for (_, t) in &own {
+        if let Some(t) = t {
+            members.extend(t.members.iter().copied());
+        }
+    }
+    if members.len() == 1 {
+        return None;
+    }
+    members.sort_unstable();
+    members.dedup();
+    // A member this store does not hold has no points: the group points naming it are never
+    // complete.
+    let inputs: Vec<(Uuid, Vec<_>, vmr_store::RetentionPolicy)> = members
+        .into_iter()
+        .filter_map(|m| {
+            store
+                .retention_inputs(m)
+                .ok()
+                .map(|(pts, policy)| (m, pts, policy))
+        })
+        .collect();
+    let vms: Vec<vmr_core::group::RetainPoints> = inputs
+        .iter()
+        .map(|(m, pts, _)| {
+            let pts = pts
+                .iter()
+                .map(|(p, t)| vmr_core::group::RetainPoint {
+                    id: p.id,
+                    taken_at_ms: p.taken_at_ms,
+                    kind: p.kind,
+                    group: t.clone(),
+                })
+                .collect();
+            (*m, pts)
+        })
+        .collect();
+    let keeps = |m: Uuid, pts: &[vmr_core::group::RetainPoint]| {
+        let metas: Vec<vmr_store::PointMeta> = pts
+            .iter()
+            .map(|p| vmr_store::PointMeta {
+                id: p.id,
+                taken_at_ms: p.taken_at_ms,
+                kind: p.kind,
+            })
+            .collect();
+        match inputs.iter().find(|(u, _, _)| *u == m) {
+            Some((_, _, policy)) => vmr_store::plan(&metas, policy, now)
+                .keep
+                .into_keys()
+                .collect(),
+            // A member this store does not hold has no policy here: it keeps nothing more.
+            None => std::collections::BTreeSet::new(),
+        }
+    };
+    Some(vmr_core::group::group_retention(uuid, &vms, &keeps))
 }

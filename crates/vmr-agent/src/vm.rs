@@ -734,10 +734,13 @@ impl Owner {
         self.vm.host.events.emit(e);
     }
 
-    /// `verify`: on the primary, a verify cycle (`point` must be `None`); with `local`, on the
-    /// replica, the store's own checks.
+    /// `verify`: on the primary, a verify cycle (`point` must be `None` or name the latest
+    /// acknowledged point: `vmr_core::verify_point_accepted`); with `local`, on the replica,
+    /// the store's own checks (of one point with `point`).
     async fn verify(&mut self, point: Option<u64>, local: bool, reply: Reply<serde_json::Value>) {
-        if let (Side::Primary(Some(p)), false, None) = (&mut self.side, local, point) {
+        if let (Side::Primary(Some(p)), false) = (&mut self.side, local)
+            && vmr_core::verify_point_accepted(point, p.machine().last_cycle())
+        {
             // Answered when the verify cycle ends; the owner keeps serving meanwhile.
             p.start_verify(&mut self.vm, reply);
             return;
@@ -761,7 +764,7 @@ impl Owner {
         }
         match (&mut self.side, local) {
             (Side::Replica(r), true) => {
-                let rep = r.verify_local(&self.vm).await?;
+                let rep = r.verify_local(&self.vm, point).await?;
                 json(&rep)
             }
             (Side::Replica(_), false) => Err(AgentError::VerifyWrongSide {
@@ -2004,7 +2007,12 @@ impl Owner {
     async fn prune(&mut self) {
         match self.vm.host.store_of(&self.vm.rec) {
             Ok(store) => {
-                if let Err(e) = store.prune(self.vm.rec.uuid).await {
+                let uuid = self.vm.rec.uuid;
+                let res = match crate::replica::group_prune_plan(&store, uuid, now_ms()) {
+                    Some(drop) => store.prune_points(uuid, &drop).await,
+                    None => store.prune(uuid).await,
+                };
+                if let Err(e) = res {
                     tracing::warn!(vm = %self.vm.rec.name, "pruning failed (retried after the next cycle): {e}");
                 }
             }

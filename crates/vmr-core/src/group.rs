@@ -1,11 +1,21 @@
 //! Consistency groups' decisions (docs/groups.md): who may form a group
 //! ([`check_group_create`]), one group cut's rounds ([`GroupCut`]: gather the members, pause
 //! them all, run each member's transaction, resume them all in every path, measure the pause),
-//! and which group points a replica holds complete ([`complete_points`]). Sans-IO like the rest
-//! of the crate: time arrives with every event.
+//! which group points a replica holds complete ([`complete_points`]), and which of a member's
+//! points retention keeps so that a group point is kept or pruned for all members together
+//! ([`group_retention`]), and which members `group reverse` reverses ([`plan_group_reverse`]).
+//! Sans-IO like the rest of the crate: time arrives with every event.
+
+use std::collections::BTreeSet;
 
 use vmr_proto::GroupTag;
 use vmr_proto::Uuid;
+use vmr_proto::api::ReplicationMode;
+use vmr_proto::state::ReplicationState;
+use vmr_proto::store::PointKind;
+
+use crate::failover::failover_transition;
+use crate::refusal::{Op, Refusal};
 
 /// Most members of one group.
 pub const MAX_MEMBERS: usize = 32;
@@ -573,6 +583,149 @@ pub fn complete_points(group: &str, vms: &[TaggedPoints]) -> Vec<GroupPoint> {
     out
 }
 
+/// Where one member of a group stands on the failed-over host, for `group reverse`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReverseMember {
+    /// Still this host's replica VM, in this state.
+    Replica(ReplicationState),
+    /// A primary VM here already: reversed by an earlier `group reverse` that stopped part way.
+    Primary,
+}
+
+/// `group reverse NAME` (docs/groups.md): the members to reverse, in the order given, or the
+/// first member whose reverse the replica machine's rule refuses (`failover_transition`, the
+/// same rule each member's machine applies), with its refusal, before anything is reversed.
+/// Members already primary here are skipped, so a `group reverse` that stopped part way can be
+/// run again.
+pub fn plan_group_reverse(
+    members: &[(String, ReverseMember)],
+) -> Result<Vec<String>, (String, Refusal)> {
+    let mut out = Vec::new();
+    for (name, m) in members {
+        match m {
+            ReverseMember::Primary => {}
+            ReverseMember::Replica(state) => {
+                failover_transition(ReplicationMode::Replica, *state, Op::Reverse, true)
+                    .map_err(|r| (name.clone(), r))?;
+                out.push(name.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One recovery point as group retention sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainPoint {
+    /// The point's id.
+    pub id: u64,
+    /// Its cut time, ms since the Unix epoch.
+    pub taken_at_ms: u64,
+    /// Its consistency type.
+    pub kind: PointKind,
+    /// The group point it belongs to, if any.
+    pub group: Option<GroupTag>,
+}
+
+/// One VM's points on a replica, for [`group_retention`].
+pub type RetainPoints = (Uuid, Vec<RetainPoint>);
+
+/// The ids of VM `vm`'s points that retention drops, ascending, when some of its points belong
+/// to consistency group points (docs/groups.md, "Retention"): each group point is kept or
+/// dropped for all its members together.
+///
+/// `vms` holds every VM of the replica store that may be a member (at least `vm`), each with
+/// its points. `keeps(member, points)` is that member's own retention policy applied to
+/// `points` (their `group` is None): the ids it keeps. The rules, per group name `g` of
+/// `vm`'s points:
+///
+/// * the **group points** are every group point of `g` any VM holds a point of; each is seen
+///   as one point whose id and time are the group point's id (the coordinator's clock at the
+///   cut, the same for every member) and whose kind is crash-consistent (a group cut is);
+/// * a group point is kept when it is the newest, or when any member's policy (every VM its
+///   tags name) applied to that list keeps it: the union of the members' policies;
+/// * `vm`'s point of a group point is kept exactly when the group point is.
+///
+/// Then `vm`'s untagged points go through its own policy together with its kept tagged points
+/// (so that a kept group point counts in its period), and `vm`'s latest point is always kept.
+/// The decision for a group point depends only on the list of group points and the members'
+/// policies, which every member sees alike: a member that prunes later finds the group point
+/// still in its own catalog and drops it too (a policy never keeps again what it dropped once
+/// newer points arrive), so the order in which members prune does not matter.
+pub fn group_retention(
+    vm: Uuid,
+    vms: &[RetainPoints],
+    keeps: &dyn Fn(Uuid, &[RetainPoint]) -> BTreeSet<u64>,
+) -> Vec<u64> {
+    let Some((_, own)) = vms.iter().find(|(u, _)| *u == vm) else {
+        return Vec::new();
+    };
+    let Some(latest) = own.iter().map(|p| p.id).max() else {
+        return Vec::new();
+    };
+    let mut groups: Vec<&str> = own
+        .iter()
+        .filter_map(|p| p.group.as_ref().map(|t| t.group.as_str()))
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    // `vm`'s tagged points the group decision keeps.
+    let mut tagged_keep: BTreeSet<u64> = BTreeSet::new();
+    for g in groups {
+        let tags = || {
+            vms.iter()
+                .flat_map(|(_, pts)| pts.iter())
+                .filter_map(|p| p.group.as_ref().filter(|t| t.group == g))
+        };
+        let points: BTreeSet<u64> = tags().map(|t| t.point).collect();
+        let mut members: Vec<Uuid> = tags().flat_map(|t| t.members.iter().copied()).collect();
+        members.sort_unstable();
+        members.dedup();
+        let list: Vec<RetainPoint> = points
+            .iter()
+            .map(|&gp| RetainPoint {
+                id: gp,
+                taken_at_ms: gp,
+                kind: PointKind::CrashConsistent,
+                group: None,
+            })
+            .collect();
+        let mut kept: BTreeSet<u64> = points.last().copied().into_iter().collect();
+        for m in members {
+            kept.extend(keeps(m, &list));
+        }
+        for p in own {
+            if p.group
+                .as_ref()
+                .is_some_and(|t| t.group == g && kept.contains(&t.point))
+            {
+                tagged_keep.insert(p.id);
+            }
+        }
+    }
+    let candidates: Vec<RetainPoint> = own
+        .iter()
+        .filter(|p| p.group.is_none() || tagged_keep.contains(&p.id))
+        .map(|p| RetainPoint {
+            group: None,
+            ..p.clone()
+        })
+        .collect();
+    let own_kept = keeps(vm, &candidates);
+    let mut drop: Vec<u64> = own
+        .iter()
+        .map(|p| p.id)
+        .filter(|id| {
+            *id != latest
+                && !tagged_keep.contains(id)
+                && !(own_kept.contains(id) && own.iter().any(|p| p.id == *id && p.group.is_none()))
+        })
+        .collect();
+    drop.sort_unstable();
+    drop.dedup();
+    drop
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1016,5 +1169,249 @@ mod tests {
         assert!(complete_points("other", &vms).is_empty());
         // A member missing from the replica: nothing is complete.
         assert!(complete_points("g", &vms[..1]).is_empty());
+    }
+
+    /// A fake policy: keep the `n` newest points given (what a count-based retention does).
+    fn newest(n: usize, pts: &[RetainPoint]) -> BTreeSet<u64> {
+        let mut v: Vec<(u64, u64)> = pts.iter().map(|p| (p.taken_at_ms, p.id)).collect();
+        v.sort_unstable();
+        v.iter().rev().take(n).map(|(_, id)| *id).collect()
+    }
+
+    /// A point `id` at time `id * 1000` ms (group point `gp` at `gp` ms: the same order).
+    fn rp(id: u64, group: Option<GroupTag>) -> RetainPoint {
+        RetainPoint {
+            id,
+            taken_at_ms: id * 1000,
+            kind: PointKind::CrashConsistent,
+            group,
+        }
+    }
+
+    type Keeps = Box<dyn Fn(Uuid, &[RetainPoint]) -> BTreeSet<u64>>;
+
+    #[test]
+    fn group_retention_keeps_or_drops_a_group_point_for_all_members() {
+        let a = Uuid::from_u128(1);
+        let b = Uuid::from_u128(2);
+        let both = [a, b];
+        // Group points 100, 200, 300 on both; A also has untagged 12 (cut alone after 200).
+        let full: Vec<RetainPoints> = vec![
+            (
+                a,
+                vec![
+                    rp(10, tag(100, &both)),
+                    rp(11, tag(200, &both)),
+                    rp(12, None),
+                    rp(13, tag(300, &both)),
+                ],
+            ),
+            (
+                b,
+                vec![
+                    rp(4, tag(100, &both)),
+                    rp(5, tag(200, &both)),
+                    rp(6, tag(300, &both)),
+                ],
+            ),
+        ];
+        let per = |na: usize, nb: usize| -> Keeps {
+            Box::new(move |m, pts: &[RetainPoint]| newest(if m == a { na } else { nb }, pts))
+        };
+        // (name, vms, policies, VM pruned, its expected drop)
+        type Row<'a> = (&'a str, Vec<RetainPoints>, Keeps, Uuid, Vec<u64>);
+        let rows: Vec<Row> = vec![
+            // Both keep 2: group points 200 and 300 stay everywhere, 100 goes everywhere.
+            // A's untagged 12 goes through A's policy with its kept tagged 11 and 13: kept.
+            ("keep 2, A", full.clone(), per(2, 2), a, vec![10]),
+            ("keep 2, B", full.clone(), per(2, 2), b, vec![4]),
+            // B's policy keeps more: the union keeps 100 on A too.
+            ("union, A", full.clone(), per(1, 3), a, vec![12]),
+            ("union, B", full.clone(), per(1, 3), b, vec![]),
+            // Keep 1: only the newest group point (and each VM's latest).
+            ("keep 1, A", full.clone(), per(1, 1), a, vec![10, 11, 12]),
+            ("keep 1, B", full.clone(), per(1, 1), b, vec![4, 5]),
+            // A pruned 100 already; B's 100 is still one of the group points and the same
+            // policies drop it again.
+            (
+                "finishing another member's prune",
+                vec![
+                    (a, vec![rp(11, tag(200, &both)), rp(13, tag(300, &both))]),
+                    full[1].clone(),
+                ],
+                per(2, 2),
+                b,
+                vec![4],
+            ),
+            // A holds 400, B not yet: 400 is the newest group point, kept; the group decision
+            // is the one B makes once it holds 400 too.
+            (
+                "a member ahead",
+                vec![
+                    (
+                        a,
+                        vec![
+                            rp(10, tag(100, &both)),
+                            rp(11, tag(200, &both)),
+                            rp(14, tag(400, &both)),
+                        ],
+                    ),
+                    (b, vec![rp(4, tag(100, &both)), rp(5, tag(200, &both))]),
+                ],
+                per(2, 2),
+                b,
+                vec![4],
+            ),
+            // A group point only one member holds (the other's cycle failed after the cut)
+            // is one more group point: kept or dropped like the others.
+            (
+                "incomplete",
+                vec![
+                    (a, vec![rp(10, tag(100, &both)), rp(11, tag(200, &both))]),
+                    (b, vec![rp(5, tag(200, &both))]),
+                ],
+                per(2, 2),
+                a,
+                vec![],
+            ),
+            // Only untagged points: the VM's own policy.
+            (
+                "ungrouped",
+                vec![(a, vec![rp(1, None), rp(2, None), rp(3, None)])],
+                per(2, 2),
+                a,
+                vec![1],
+            ),
+            // An unknown VM: nothing to drop.
+            (
+                "unknown vm",
+                full.clone(),
+                per(1, 1),
+                Uuid::from_u128(9),
+                vec![],
+            ),
+        ];
+        for (name, vms, keeps, vm, want) in rows {
+            assert_eq!(group_retention(vm, &vms, &*keeps), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn group_retention_is_the_same_whatever_the_order_of_the_members_prunes() {
+        let a = Uuid::from_u128(1);
+        let b = Uuid::from_u128(2);
+        let c = Uuid::from_u128(3);
+        let all = [a, b, c];
+        // Ten group points; C missed 500 (its cycle failed after the cut).
+        let vms: Vec<RetainPoints> = all
+            .iter()
+            .map(|u| {
+                let pts = (1..=10u64)
+                    .filter(|i| !(*u == c && *i == 5))
+                    .map(|i| rp(i, tag(i * 1000, &all)))
+                    .collect();
+                (*u, pts)
+            })
+            .collect();
+        let keeps: Keeps = Box::new(|_, pts: &[RetainPoint]| newest(3, pts));
+        for order in [[a, b, c], [c, a, b], [b, c, a]] {
+            let mut state = vms.clone();
+            for vm in order {
+                let drop = group_retention(vm, &state, &*keeps);
+                let entry = state.iter_mut().find(|(u, _)| *u == vm).expect("vm");
+                entry.1.retain(|p| !drop.contains(&p.id));
+            }
+            for (_, pts) in &state {
+                let ids: Vec<u64> = pts.iter().map(|p| p.id).collect();
+                assert_eq!(ids, vec![8, 9, 10], "{order:?}");
+            }
+            // Pruning again drops nothing.
+            for vm in all {
+                assert!(group_retention(vm, &state, &*keeps).is_empty());
+            }
+        }
+        // A member that prunes before the others received the newest group point, then
+        // again after: the same group points survive everywhere.
+        let mut state: Vec<RetainPoints> = vms
+            .iter()
+            .map(|(u, pts)| {
+                let n = if *u == a { 10 } else { 9 };
+                (*u, pts.iter().filter(|p| p.id <= n).cloned().collect())
+            })
+            .collect();
+        for vm in all {
+            let drop = group_retention(vm, &state, &*keeps);
+            let entry = state.iter_mut().find(|(u, _)| *u == vm).expect("vm");
+            entry.1.retain(|p| !drop.contains(&p.id));
+        }
+        for u in [b, c] {
+            let entry = state.iter_mut().find(|(x, _)| *x == u).expect("vm");
+            entry.1.push(rp(10, tag(10_000, &all)));
+            let drop = group_retention(u, &state, &*keeps);
+            let entry = state.iter_mut().find(|(x, _)| *x == u).expect("vm");
+            entry.1.retain(|p| !drop.contains(&p.id));
+        }
+        for (_, pts) in &state {
+            let ids: Vec<u64> = pts.iter().map(|p| p.id).collect();
+            assert_eq!(ids, vec![8, 9, 10]);
+        }
+    }
+
+    #[test]
+    fn group_reverse_reverses_failed_over_members_and_refuses_before_anything() {
+        use ReplicationState as S;
+        use ReverseMember as R;
+        let m = |n: &str, r: R| (n.to_owned(), r);
+        type Row = (Vec<(String, R)>, Result<Vec<&'static str>, &'static str>);
+        let rows: Vec<Row> = vec![
+            (
+                vec![
+                    m("a", R::Replica(S::FailedOver)),
+                    m("b", R::Replica(S::FailedOverWaitingCompletion)),
+                ],
+                Ok(vec!["a", "b"]),
+            ),
+            // b was reversed by a run that stopped part way: skipped.
+            (
+                vec![m("a", R::Replica(S::FailedOver)), m("b", R::Primary)],
+                Ok(vec!["a"]),
+            ),
+            (vec![m("a", R::Primary), m("b", R::Primary)], Ok(vec![])),
+            // A member not failed over: refused, naming it, nothing reversed.
+            (
+                vec![
+                    m("a", R::Replica(S::FailedOver)),
+                    m("b", R::Replica(S::Replicating)),
+                ],
+                Err("b"),
+            ),
+            (
+                vec![
+                    m("a", R::Replica(S::Suspended)),
+                    m("b", R::Replica(S::FailedOver)),
+                ],
+                Err("a"),
+            ),
+        ];
+        for (members, want) in rows {
+            let got = plan_group_reverse(&members);
+            match (got, want) {
+                (Ok(names), Ok(w)) => assert_eq!(names, w, "{members:?}"),
+                (Err((name, r)), Err(w)) => {
+                    assert_eq!(name, w, "{members:?}");
+                    assert!(
+                        matches!(
+                            r,
+                            Refusal::State {
+                                op: Op::Reverse,
+                                ..
+                            }
+                        ),
+                        "{r:?}"
+                    );
+                }
+                (got, want) => panic!("{members:?}: {got:?} vs {want:?}"),
+            }
+        }
     }
 }

@@ -40,4 +40,5 @@ pub use replica::{Continued, ReplicaAction, ReplicaEvent, ReplicaMachine};
 pub use schedule::{
     CONTINUOUS, CONTINUOUS_FLOOR_MS, CONTINUOUS_TARGET_SECS, InitialKind, InvalidEnable,
     MAX_RPO_ALERT_SECS, Schedule, check_retention, check_rpo_alert, check_verify_every,
+    verify_point_accepted,
 };

@@ -215,6 +215,18 @@ pub fn check_verify_every(secs: u64) -> Result<(), InvalidEnable> {
     Ok(())
 }
 
+/// The one rule for `verify NAME --point ID` on the primary (docs/verify.md): the primary's
+/// disks hold the content of now, so only a new cut can be compared; the verify cycle cuts one
+/// on top of the replica's latest acknowledged point and compares every block of the new
+/// point, which is that point plus the changes since. So `--point` is accepted when it names
+/// that latest point (`latest`, the primary's last acknowledged cycle), and for no older one.
+pub fn verify_point_accepted(asked: Option<u64>, latest: Option<u64>) -> bool {
+    match asked {
+        None => true,
+        Some(id) => latest == Some(id),
+    }
+}
+
 /// The one rule for a replication frequency (`enable`, `reverse`, the CLI's parser, the demo):
 /// at least [`MIN_FREQUENCY_SECS`], at most [`MAX_FREQUENCY_SECS`].
 pub fn check_frequency(secs: u64) -> Result<(), InvalidEnable> {
@@ -322,6 +334,24 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verify_point_is_accepted_only_for_the_latest_point() {
+        for (asked, latest, ok) in [
+            (None, None, true),
+            (None, Some(7), true),
+            (Some(7), Some(7), true),
+            (Some(6), Some(7), false),
+            (Some(8), Some(7), false),
+            (Some(1), None, false),
+        ] {
+            assert_eq!(
+                verify_point_accepted(asked, latest),
+                ok,
+                "{asked:?} {latest:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_rpo_alert_is_at_least_the_frequency_and_at_most_30_days() {

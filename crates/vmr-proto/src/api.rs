@@ -213,6 +213,18 @@ pub struct GroupFailoverResult {
     pub members: Vec<FailoverResult>,
 }
 
+/// What `group reverse` did: each member reversed now (a member reversed by an earlier run
+/// that stopped part way is not listed) and whether the group was formed on this host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupReverseResult {
+    /// The group.
+    pub group: String,
+    /// Each member reversed now, in the group's member order.
+    pub members: Vec<FailoverResult>,
+    /// The group formed on this host (the new primary), as `group create` would.
+    pub grouped: bool,
+}
+
 /// One complete group point on a replica (`group points NAME`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupPointInfo {
@@ -601,6 +613,22 @@ pub enum Request {
         /// The group point; `None` = the latest complete one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         point: Option<u64>,
+    },
+    /// `group reverse NAME` (the failed-over host, after `group failover`): reverse every
+    /// member (as `reverse`), then form the group here, so the reversed replication cuts its
+    /// members together.
+    GroupReverse {
+        /// Group name.
+        name: String,
+        /// The old primary's agent HOST:PORT (default: the address it reported).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica: Option<String>,
+        /// The old primary's certificate fingerprint (default: its authorization entry's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica_fingerprint: Option<String>,
+        /// Cycle interval of the reversed replication, seconds (default as `reverse`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        frequency_secs: Option<u64>,
     },
     /// Recovery points of a replica VM, with why retention keeps each.
     Points {

@@ -650,6 +650,64 @@ impl Store {
         Ok(dropped)
     }
 
+    /// What retention decides from for one VM: its live points (oldest first) with the group
+    /// point each belongs to, and its policy. The agent feeds these, for every member of a
+    /// VM's consistency groups, to `vmr_core::group::group_retention` (docs/groups.md).
+    pub fn retention_inputs(&self, vm: Uuid) -> Result<RetentionInputs, StoreError> {
+        let v = self.vm(vm)?;
+        let st = lock(&v.st);
+        let c = &st.catalog;
+        let pts = c
+            .points
+            .iter()
+            .filter(|p| !p.pruning)
+            .map(|p| {
+                (
+                    PointMeta {
+                        id: p.id,
+                        taken_at_ms: p.taken_at_ms,
+                        kind: p.kind,
+                    },
+                    p.group.clone(),
+                )
+            })
+            .collect();
+        Ok((pts, c.retention.clone()))
+    }
+
+    /// Merge away the points `drop` names (a decision made outside the store, e.g. a
+    /// consistency group's retention) and every point already marked as being pruned. The
+    /// latest point, points pinned by a view and ids the VM does not hold are left alone.
+    /// Returns the ids merged away.
+    pub async fn prune_points(
+        &self,
+        vm: Uuid,
+        drop: &[CycleId],
+    ) -> Result<Vec<CycleId>, StoreError> {
+        let v = self.vm(vm)?;
+        let candidates = {
+            let st = lock(&v.st);
+            let c = &st.catalog;
+            let latest = c.points.iter().filter(|p| !p.pruning).map(|p| p.id).max();
+            let mut d: Vec<CycleId> = c
+                .points
+                .iter()
+                .filter(|p| p.pruning || (drop.contains(&p.id) && Some(p.id) != latest))
+                .map(|p| p.id)
+                .collect();
+            d.sort_unstable();
+            d
+        };
+        let mut dropped = Vec::new();
+        for id in candidates {
+            let _chain = v.chain.lock().await;
+            if prune_one(&v, id, false).await? {
+                dropped.push(id);
+            }
+        }
+        Ok(dropped)
+    }
+
     /// Failover "complete": keep only point `keep` (None = latest), drop every other point. Points pinned by views other than `keep` make this fail.
     pub async fn discard_points_except(
         &self,
@@ -1044,6 +1102,13 @@ fn check_definition(vm: Uuid, text: &str) -> Result<(), StoreError> {
 }
 
 /// What retention needs to know of each point (those being merged away already left out).
+/// A VM's live points with the group point each belongs to, oldest first, and its retention
+/// policy ([`Store::retention_inputs`]).
+pub type RetentionInputs = (
+    Vec<(PointMeta, Option<vmr_proto::GroupTag>)>,
+    RetentionPolicy,
+);
+
 fn point_metas(c: &Catalog) -> Vec<PointMeta> {
     c.points
         .iter()

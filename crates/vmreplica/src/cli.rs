@@ -242,12 +242,14 @@ pub enum Command {
     Verify {
         /// VM name.
         name: String,
-        /// A recovery point other than the one the verify cycle makes (refused: only a new cut
-        /// can be compared; see docs/verify.md).
+        /// With --local: check just this point (the layers it reads through and its index).
+        /// Without: accepted only when ID is the replica's latest point, which the verify
+        /// cycle brings to a new cut and compares; an older point is refused (the primary no
+        /// longer has its content; see docs/verify.md).
         #[arg(long, value_name = "ID")]
         point: Option<u64>,
         /// On the replica: check the layers and indexes alone.
-        #[arg(long, conflicts_with = "point")]
+        #[arg(long)]
         local: bool,
     },
     /// On the replica: load a copy of a replica VM's disks from DIR: an initial copy exported
@@ -438,6 +440,23 @@ pub enum GroupCmd {
         /// The group point (from `group points`); default the latest complete one.
         #[arg(long, value_name = "GROUP-POINT")]
         point: Option<u64>,
+    },
+    /// Reverse every member (on the failed-over host, after `group failover`), as `reverse`
+    /// does for one VM, then form the group here: the reversed replication cuts its members
+    /// together. Every member is checked first (nothing is reversed when one cannot be);
+    /// members already reversed by an earlier run are skipped.
+    Reverse {
+        /// Group name.
+        name: String,
+        /// The old primary's agent HOST:PORT (default: the address it last reported).
+        #[arg(long)]
+        replica: Option<String>,
+        /// The old primary's certificate fingerprint (default: its authorization entry's).
+        #[arg(long)]
+        replica_fingerprint: Option<String>,
+        /// Cycle interval of the reversed replication, as for `reverse`.
+        #[arg(long)]
+        frequency: Option<String>,
     },
 }
 

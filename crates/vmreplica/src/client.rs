@@ -150,6 +150,19 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Group(GroupCmd::Failover { name, test, point }) => {
             Request::GroupFailover { name, test, point }
         }
+        Command::Group(GroupCmd::Reverse {
+            name,
+            replica,
+            replica_fingerprint,
+            frequency,
+        }) => Request::GroupReverse {
+            name,
+            replica,
+            replica_fingerprint,
+            frequency_secs: frequency
+                .map(|f| parse_frequency(&f).map_err(|m| coded(exit::USAGE, m)))
+                .transpose()?,
+        },
         Command::Vm(VmCmd::Add {
             name,
             qmp,

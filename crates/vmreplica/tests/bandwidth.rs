@@ -237,3 +237,98 @@ fn agent_limit_throttles_a_running_cycle_and_an_overrun_is_reported() -> TestRes
     );
     Ok(())
 }
+
+/// The issue's measure: the limit holds within ±10 % over 10 s windows of a transfer measured
+/// on the wire, not as the agent counts it. The primary replicates through a counting relay
+/// (`vmr_testkit::harness::Meter`) that timestamps every read of the bytes the primary sent;
+/// a 96 MiB initial copy at 4 MB/s (about 25 s) is cut into 10 s windows starting every
+/// second, and each window that lies wholly inside the transfer must carry 4 MB/s within
+/// ±10 % (the lower bound only when the cycle spent at least 80 % of its time waiting for the
+/// bucket, as in `assert_rate`: a loaded machine may send slower than any limit).
+#[test]
+fn limit_holds_within_10_percent_over_every_10_s_window_on_the_wire() -> TestResult {
+    let _one = serial();
+    let p = Pair::new(exe())?;
+    let meter = Meter::start(p.b.addr.parse()?)?;
+    let vm = StandIn::create(p.root.path(), &p.a, "bw-win", &["disk0"], 128)?;
+    vm.register(&p.a)?;
+    vm.write_noise("disk0", 0, 96 * BLOCKS_PER_MIB, 7)?;
+    let relay = meter.addr().to_string();
+    p.a.ok(&[
+        "enable",
+        "bw-win",
+        "--replica",
+        &relay,
+        "--replica-fingerprint",
+        &p.b.fingerprint,
+        "--frequency",
+        "1h",
+        "--bandwidth",
+        "4M",
+    ])?;
+    let (st, _) = p.a.wait_cycle("bw-win", 1, LONG)?;
+    let b = bw(&st);
+    let samples = meter.samples();
+    let total: u64 = samples.iter().map(|(_, n)| n).sum();
+    assert!(total >= 96 * MIB, "the relay saw only {total} bytes: {b:?}");
+    // The transfer: from the first byte the relay saw to the last one of at least 1 KiB
+    // (calls after the cycle are small); the windows start every second.
+    let t0 = samples[0].0;
+    let t1 = samples
+        .iter()
+        .rev()
+        .find(|(_, n)| *n >= 1024)
+        .map(|(t, _)| *t)
+        .unwrap_or(t0);
+    let limit = 4e6;
+    let window = Duration::from_secs(10);
+    let enforce_floor = b.wait_ms * 10 >= b.send_ms * 8;
+    let mut rates = Vec::new();
+    let mut start = t0;
+    while start + window <= t1 {
+        let bytes: u64 = samples
+            .iter()
+            .filter(|(t, _)| *t >= start && *t < start + window)
+            .map(|(_, n)| n)
+            .sum();
+        rates.push(bytes as f64 / window.as_secs_f64());
+        start += Duration::from_secs(1);
+    }
+    eprintln!(
+        "{} full 10 s windows over {:.1} s, MB/s: {:?} (waited {} of {} ms)",
+        rates.len(),
+        (t1 - t0).as_secs_f64(),
+        rates
+            .iter()
+            .map(|r| (r / 1e4).round() / 100.0)
+            .collect::<Vec<_>>(),
+        b.wait_ms,
+        b.send_ms
+    );
+    assert!(
+        rates.len() >= 10,
+        "only {} full windows: the transfer took {:.1} s",
+        rates.len(),
+        (t1 - t0).as_secs_f64()
+    );
+    for (i, r) in rates.iter().enumerate() {
+        assert!(
+            *r <= limit * 1.10,
+            "window {i} (from +{i} s): {r:.0} B/s exceeds 4 MB/s by more than 10 % ({:+.1} %)",
+            (r / limit - 1.0) * 100.0
+        );
+        if enforce_floor {
+            assert!(
+                *r >= limit * 0.90,
+                "window {i} (from +{i} s): {r:.0} B/s is more than 10 % below 4 MB/s ({:+.1} %) \
+                 although the sender kept up",
+                (r / limit - 1.0) * 100.0
+            );
+        }
+    }
+    // The copy arrived whole.
+    p.b.wait_cycle("bw-win", 1, LONG)?;
+    let replica = replica_hashes(&p.b, vm.def.uuid, None)?;
+    assert_eq!(replica, vec![("disk0".to_owned(), vm.hash("disk0")?)]);
+    Ok(())
+}

@@ -225,3 +225,190 @@ fn group_points_exist_for_all_members_or_none() -> TestResult {
     p.stop()?;
     Ok(())
 }
+
+/// Retention of a group (docs/groups.md, "Retention"): the members' policies differ (grp-a
+/// keeps the points of 2 seconds, grp-b of 4); each group point is kept or pruned for both
+/// together, so both hold the same group points, as many as the more generous policy keeps
+/// (pruning each member on its own would leave grp-a with 2 of grp-b's 4, which the replica
+/// then could not list as complete).
+#[test]
+fn group_retention_keeps_each_group_point_for_every_member() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let names = ["ret-a", "ret-b"];
+    let mut vms = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let vm = StandIn::create(p.root.path(), &p.a, name, &["disk0"], 8)?;
+        vm.write_random("disk0", 20, i as u64 + 1)?;
+        vm.register(&p.a)?;
+        vms.push(vm);
+    }
+    p.enable(names[0], &["--frequency", "5s", "--retain", "1s=2"])?;
+    p.enable(names[1], &["--frequency", "5s", "--retain", "1s=4"])?;
+    for name in names {
+        p.wait_cycle(name, 1, LONG)?;
+    }
+    p.a.ok(&["group", "create", "rg", names[0], names[1]])?;
+    // Six group cuts: more group points than either policy keeps.
+    wait_until(Duration::from_secs(300), "six group cuts", || {
+        Ok(p.a.groups()?.first().is_some_and(|g| g.cuts >= 6))
+    })?;
+    let group_points = |vm: &StandIn| -> TestResult<Vec<u64>> {
+        let mut v: Vec<u64> = tags(&p, vm)?
+            .into_iter()
+            .filter_map(|(_, t)| t.filter(|t| t.group == "rg").map(|t| t.point))
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    };
+    // Between one member's commit (and prune) and the other's, they differ for a moment.
+    // Every group point held is complete, and listed (read together: a new cut may come
+    // between two reads).
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let a = group_points(&vms[0])?;
+        let b = group_points(&vms[1])?;
+        let listed: Vec<u64> = p.b.group_points("rg")?.iter().map(|g| g.point).collect();
+        if a == b && a.len() == 4 && a.iter().all(|g| listed.contains(g)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both members holding the same 4 group points, all listed: {a:?} and {b:?}, \
+             listed {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // `points` names the group point as the reason each member point is kept (a point the
+    // group drops shows no reason: the other member may have committed a newer group point
+    // between the two reads).
+    for vm in &vms {
+        let listed: Vec<vmr_proto::api::PointInfo> =
+            serde_json::from_str(&p.b.json(&["points", &vm.def.name])?)?;
+        let mut by_group = 0;
+        for (id, t) in tags(&p, vm)? {
+            let (Some(t), Some(row)) = (t, listed.iter().find(|r| r.id == id)) else {
+                continue;
+            };
+            let want = format!("group rg point {}", t.point);
+            if row.kept_because.contains(&want) {
+                by_group += 1;
+            } else {
+                assert!(row.kept_because.is_empty(), "{row:?}");
+            }
+        }
+        assert!(by_group >= 3, "{listed:?}");
+    }
+    // ret-a's own untagged points from before the group are gone: its policy keeps 2
+    // seconds of points and its group points are newer (a point it cut alone after a failed
+    // round may be newer and kept).
+    let a_tags = tags(&p, &vms[0])?;
+    let first_tagged = a_tags
+        .iter()
+        .filter(|(_, t)| t.is_some())
+        .map(|(id, _)| *id)
+        .min()
+        .expect("a tagged point");
+    assert!(
+        a_tags
+            .iter()
+            .all(|(id, t)| t.is_some() || *id > first_tagged),
+        "{a_tags:?}"
+    );
+    p.stop()?;
+    Ok(())
+}
+
+/// `group reverse` (docs/groups.md): refused while the members are not failed over (nothing
+/// reversed); after a planned `group failover` it reverses every member and forms the group on
+/// the new primary, whose cuts make complete group points on the old primary, now the replica.
+#[test]
+fn group_reverse_reverses_every_member_and_forms_the_group_there() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    p.a.allow(&p.b)?;
+    let names = ["rv-a", "rv-b"];
+    let mut vms = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let vm = StandIn::create(p.root.path(), &p.a, name, &["disk0"], 8)?;
+        vm.write_random("disk0", 20, i as u64 + 1)?;
+        vm.register(&p.a)?;
+        vms.push(vm);
+    }
+    // rv-a with a grid, rv-b with Hyper-V's form: the reversed relationships keep them.
+    p.enable(names[0], &["--frequency", "5s", "--retain", "1h=24,1d=7"])?;
+    p.enable(names[1], &["--frequency", "5s", "--recovery-points", "3"])?;
+    for name in names {
+        p.wait_cycle(name, 1, LONG)?;
+    }
+    p.a.ok(&["group", "create", "rg", names[0], names[1]])?;
+    wait_until(LONG, "a complete group point on the replica", || {
+        Ok(!p.b.group_points("rg")?.is_empty())
+    })?;
+    // Not failed over: refused, naming a member; nothing reversed.
+    let out = p.b.cli(&["group", "reverse", "rg"])?;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be reversed"),
+        "{out:?}"
+    );
+    for name in names {
+        assert_eq!(
+            p.b.status(name)?.mode,
+            vmr_proto::api::ReplicationMode::Replica
+        );
+    }
+    let out = p.b.cli(&["group", "reverse", "nope"])?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+
+    // Planned: each member prepared on the primary, the group failed over at one group point.
+    for name in names {
+        p.a.ok(&["failover", "prepare", name])?;
+    }
+    let f: vmr_proto::api::GroupFailoverResult =
+        serde_json::from_str(&p.b.json(&["group", "failover", "rg"])?)?;
+    assert_eq!(f.members.len(), 2);
+    // The group point is older than each member's planned final point: the old primary's VMs
+    // must be off for the reverse resync (as for one VM's reverse).
+    for vm in &mut vms {
+        vm.stop()?;
+    }
+    let r: vmr_proto::api::GroupReverseResult =
+        serde_json::from_str(&p.b.json(&["group", "reverse", "rg", "--frequency", "5s"])?)?;
+    assert_eq!(r.members.len(), 2, "{r:?}");
+    let groups = p.b.groups()?;
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0].name, "rg");
+    assert_eq!(groups[0].members.len(), 2);
+    for name in names {
+        let st = p.b.status(name)?;
+        assert_eq!(st.mode, vmr_proto::api::ReplicationMode::Primary);
+        assert_eq!(st.group.map(|g| g.name), Some("rg".to_owned()));
+        let policy = st.retention.expect("the reversed primary's retention");
+        if name == names[0] {
+            assert_eq!(
+                policy.grid.map(|g| g.to_string()).as_deref(),
+                Some("1h=24,1d=7")
+            );
+        } else {
+            assert_eq!((policy.hourly, policy.grid), (3, None));
+        }
+        // The old primary is the replica now and no longer in a group.
+        let sa = p.a.status(name)?;
+        assert_eq!(sa.mode, vmr_proto::api::ReplicationMode::Replica);
+        assert!(sa.group.is_none());
+    }
+    assert!(p.a.groups()?.is_empty());
+    // The reversed group cuts together: complete group points on the old primary.
+    wait_until(
+        Duration::from_secs(300),
+        "a complete group point on the old primary",
+        || Ok(!p.a.group_points("rg")?.is_empty()),
+    )?;
+    for gp in p.a.group_points("rg")? {
+        assert_eq!(gp.members.len(), 2, "{gp:?}");
+    }
+    // Nothing left to reverse here.
+    let out = p.b.cli(&["group", "reverse", "rg"])?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    p.stop()?;
+    Ok(())
+}

@@ -37,6 +37,17 @@ fn report(stdout: &str) -> VerifyReport {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not a report ({e}): {stdout}"))
 }
 
+/// The replica's point ids, ascending (its store's catalog).
+fn point_ids(p: &Pair, vm: &StandIn) -> TestResult<Vec<u64>> {
+    let mut ids: Vec<u64> = vmr_store::Store::open(&p.b.storage())?
+        .points(vm.def.uuid)?
+        .iter()
+        .map(|x| x.id)
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
 /// The layer file of `disk` of the replica's latest point (read with the agent stopped).
 fn latest_layer(p: &Pair, vm: &StandIn, disk: &str) -> TestResult<std::path::PathBuf> {
     let layers = vmr_store::Store::open(&p.b.storage())?.point_layers(vm.def.uuid, None)?;
@@ -69,7 +80,18 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
     ])?;
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--verify-every"));
-    p.enable(&name, &["--frequency", "5s", "--verify-every", "7d"])?;
+    // Every point kept: `verify --local --point` checks one of several.
+    p.enable(
+        &name,
+        &[
+            "--frequency",
+            "5s",
+            "--verify-every",
+            "7d",
+            "--retain",
+            "1s=1000",
+        ],
+    )?;
     p.wait_cycle(&name, 2, LONG)?;
     // --verify-every: the first incremental cycle after the initial copy was a verify cycle.
     wait_until(LONG, "the scheduled verification", || {
@@ -105,6 +127,22 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
         "{table}"
     );
 
+    // `--point` naming the latest point: accepted, the verify cycle brings it to a new cut
+    // and compares that (a scheduled cycle between reading the latest point and asking makes
+    // it an older one: asked again then).
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let latest = p.a.status(&name)?.last_cycle.expect("a point");
+        let (code, out, err) = verify(&p.a, &[&name, "--point", &latest.to_string()])?;
+        if code == Some(0) {
+            assert!(report(&out).point > latest, "{out}");
+            break;
+        }
+        assert_eq!(code, Some(5), "{out}\n{err}");
+        assert_ne!(p.a.status(&name)?.last_cycle, Some(latest), "{err}");
+        assert!(std::time::Instant::now() < deadline, "{err}");
+    }
+
     // Refusals: an older point, the replica without --local, --local on the primary.
     let (code, _, err) = verify(&p.a, &[&name, "--point", "1"])?;
     assert_eq!(code, Some(5), "{err}");
@@ -128,6 +166,23 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
             "{local:?}"
         );
     }
+
+    // `--local --point`: that point's chain and its own index only; an unknown point exits 4.
+    let ids = point_ids(&p, &vm)?;
+    assert!(ids.len() >= 3, "{ids:?}");
+    let one = ids[ids.len() - 2];
+    let (code, out, err) = verify(&p.b, &[&name, "--local", "--point", &one.to_string()])?;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let just: LocalVerifyReport = serde_json::from_str(&out)?;
+    let count =
+        |r: &LocalVerifyReport, kind: &str| r.checks.iter().filter(|c| c.kind == kind).count();
+    assert!(
+        count(&just, "qcow2") < count(&local, "qcow2"),
+        "{just:?}\n{local:?}"
+    );
+    assert!(count(&just, "hash-index") <= disks.len(), "{just:?}");
+    let (code, _, err) = verify(&p.b, &[&name, "--local", "--point", "999999"])?;
+    assert_eq!(code, Some(4), "{err}");
 
     // 3. Corrupt one block of disk1 in the replica's newest layer, behind the store's back.
     p.a.ok(&["pause", &name])?;
@@ -225,6 +280,11 @@ fn verify_matches_reports_a_corrupt_block_and_resync_repairs_it() -> TestResult 
         "{local:?}"
     );
     assert!(err.contains(&broken), "{err}");
+    // A point below the broken layer does not read through it: its check passes.
+    let ids = point_ids(&p, &vm)?;
+    let below = ids[ids.len() - 2];
+    let (code, out, err) = verify(&p.b, &[&name, "--local", "--point", &below.to_string()])?;
+    assert_eq!(code, Some(0), "{out}\n{err}");
     p.stop()?;
     Ok(())
 }

@@ -40,12 +40,31 @@ impl Store {
     /// does not merge layers meanwhile). Each layer is checked once, with the first point
     /// that uses it.
     pub async fn check_local(&self, vm: Uuid) -> Result<Vec<FileCheck>, StoreError> {
+        self.check_local_at(vm, None).await
+    }
+
+    /// [`Store::check_local`] of one point (`verify --local --point ID`): the layers that
+    /// point reads through (its own and those of the points below it, its backing chain) and
+    /// its own block-hash index; `None` = every point. A point the VM does not hold is
+    /// [`StoreError::NoSuchPoint`].
+    pub async fn check_local_at(
+        &self,
+        vm: Uuid,
+        point: Option<CycleId>,
+    ) -> Result<Vec<FileCheck>, StoreError> {
         let v = self.vm(vm)?;
         let _chain = v.chain.lock().await;
         let catalog = lock(&v.st).catalog.clone();
+        if let Some(id) = point {
+            find_point(&catalog, Some(id))?;
+        }
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
-        for p in catalog.points.iter().filter(|p| !p.pruning) {
+        for p in catalog
+            .points
+            .iter()
+            .filter(|p| !p.pruning && point.is_none_or(|id| p.id <= id))
+        {
             for l in &p.layers {
                 if seen.insert((l.disk.clone(), l.file.clone())) {
                     let dir = v.disk_dir(&l.disk);
@@ -58,7 +77,7 @@ impl Store {
                     });
                 }
                 let idx = hash_index::path(&v.dir, &l.disk, p.id);
-                if idx.exists() {
+                if point.is_none_or(|id| id == p.id) && idx.exists() {
                     let problem = hash_index::load(&v.dir, vm, &l.disk, p.id, l.size)
                         .err()
                         .map(|e| e.to_string());

@@ -15,6 +15,7 @@
 mod agent;
 mod guest;
 mod libvirt;
+mod meter;
 mod nbd;
 mod space;
 mod standin;
@@ -30,6 +31,7 @@ pub use guest::{
     parse_seq,
 };
 pub use libvirt::{PrivateLibvirt, libvirt_unavailable, processes_in_namespaces};
+pub use meter::Meter;
 pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
     write_noise, write_random, write_seq,
