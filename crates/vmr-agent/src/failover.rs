@@ -121,6 +121,9 @@ fn proc_matches(pid: u32, qmp: &str) -> bool {
 
 /// Is the VM process started for `f` alive?
 fn running(vm: &mut Vm, f: &FailoverVm) -> bool {
+    if let Some(d) = &f.libvirt {
+        return crate::lvfailover::runs(d);
+    }
     let (Some(pid), Some(qmp)) = (f.pid, f.qmp.as_deref()) else {
         return false;
     };
@@ -135,10 +138,15 @@ pub fn live_runs(vm: &mut Vm, fr: &FailoverRecord) -> bool {
     fr.live.as_ref().is_some_and(|f| running(vm, f))
 }
 
-/// End the VM process of `f` (QMP `quit`, then SIGKILL) and wait for it.
-async fn kill_vm(vm: &mut Vm, f: &FailoverVm) {
+/// End the VM process of `f` (QMP `quit`, then SIGKILL) and wait for it; a domain a failover
+/// through libvirt defined is destroyed and undefined (the one error returned: libvirt
+/// refused).
+async fn kill_vm(vm: &mut Vm, f: &FailoverVm) -> Result<(), AgentError> {
+    if let Some(d) = &f.libvirt {
+        return crate::lvfailover::remove(d.clone()).await;
+    }
     let (Some(pid), Some(qmp)) = (f.pid, f.qmp.clone()) else {
-        return;
+        return Ok(());
     };
     if let Ok(mut q) =
         QmpClient::connect(&Endpoint::Unix(qmp.clone().into()), Duration::from_secs(3)).await
@@ -171,6 +179,7 @@ async fn kill_vm(vm: &mut Vm, f: &FailoverVm) {
         }
     }
     let _ = std::fs::remove_file(&qmp);
+    Ok(())
 }
 
 /// Start the definition's QEMU program on `disks`; returns (pid, qmp path) once QMP answers,
@@ -355,18 +364,27 @@ pub async fn start(
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
         .map_err(AgentError::ReplicatedDefinition)?;
-    if def.libvirt_xml.is_some() {
-        return Err(AgentError::LibvirtFailover {
-            name: rec.name.clone(),
-        });
-    }
-    // A real failover attaches the VM to this host's networks when they differ.
-    if !test && let Some(args) = &rec.failover.network_args {
+    // A domain replicated from libvirt is defined and started through this host's libvirt
+    // (lvfailover.rs): its connection and XML are checked before anything changes.
+    let libvirt = match &def.libvirt_xml {
+        Some(xml) => {
+            let uri = crate::lvfailover::uri(&vm.host);
+            let domain = crate::lvfailover::check(uri.clone(), xml.clone()).await?;
+            Some((uri, xml.clone(), domain))
+        }
+        None => None,
+    };
+    // A real failover attaches the VM to this host's networks when they differ (QEMU
+    // arguments: a libvirt domain keeps its own interfaces).
+    if !test
+        && libvirt.is_none()
+        && let Some(args) = &rec.failover.network_args
+    {
         def = def
             .with_network_args(args)
             .map_err(AgentError::ReplicaNetworkArgs)?;
     }
-    let program = if no_start {
+    let program = if no_start || libvirt.is_some() {
         None
     } else {
         Some(crate::launch::allowed_program(
@@ -431,9 +449,30 @@ pub async fn start(
             pid: None,
             test,
             network: Vec::new(),
+            libvirt: None,
         };
         let mut line = None;
-        if let Some(program) = &program {
+        if let Some((uri, xml, domain)) = &libvirt {
+            let plan = crate::lvfailover::plan(domain, &view.disks, test);
+            match crate::lvfailover::define(uri.clone(), xml.clone(), plan, !no_start).await {
+                Ok(d) => {
+                    f.name = d.domain.clone();
+                    line = Some(format!(
+                        "libvirt domain {} (uuid {}) at {}{}",
+                        d.domain,
+                        d.uuid,
+                        d.uri,
+                        if no_start { ", defined, not started" } else { "" }
+                    ));
+                    f.libvirt = Some(d);
+                }
+                Err(e) => {
+                    let _ = store.remove_view(rec.uuid, view.id);
+                    let _ = std::fs::remove_dir_all(&dest);
+                    return Err(e);
+                }
+            }
+        } else if let Some(program) = &program {
             match launch_vm(vm, &def, program, &view.disks, &dest, test).await {
                 Ok((pid, qmp, l)) => {
                     f.pid = Some(pid);
@@ -480,6 +519,7 @@ pub async fn start(
     }
     vm.save_failover(&fr)?;
     let what = match (test, no_start) {
+        (true, true) if f.libvirt.is_some() => format!("test copy {:?} defined", f.name),
         (true, _) => format!("test copy {:?} started", f.name),
         (false, true) => "disks prepared (not started)".to_owned(),
         (false, false) => format!("VM {:?} started", f.name),
@@ -724,7 +764,7 @@ async fn end_failover_vm(
     f: &FailoverVm,
     missing_ok: bool,
 ) -> Result<(), AgentError> {
-    kill_vm(vm, f).await;
+    kill_vm(vm, f).await?;
     match store.remove_view(vm.rec.uuid, f.view) {
         Ok(()) => {}
         Err(vmr_store::StoreError::NoSuchView(_)) if missing_ok => {}
@@ -821,11 +861,34 @@ pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> Result<FailoverRes
 
 // ------------------------------------------------------------------ primary side
 
-/// Is the primary VM running? `PreparedForFailover` counts as not running (locked); a QMP
+/// Is the primary VM running? `PreparedForFailover` counts as not running (locked); a
+/// libvirt-managed VM runs when libvirt says its domain is active; a QMP
 /// monitor that does not answer as not running; QEMU's `query-status` decides otherwise; a
 /// qemu-storage-daemon stand-in (no `query-status`) counts as running.
 async fn vm_runs(rec: &VmRecord, state: ReplicationState) -> bool {
-    if state == ReplicationState::PreparedForFailover || rec.qmp.is_empty() {
+    if state == ReplicationState::PreparedForFailover {
+        return false;
+    }
+    // A libvirt-managed VM has no QMP socket of ours: libvirt says whether its domain runs
+    // (a daemon that cannot be asked counts as running: the guard must not be fooled).
+    if let Some(src) = rec.libvirt.clone() {
+        let asked = tokio::task::spawn_blocking(move || {
+            vmr_libvirt::Libvirt::open(&src.uri)?
+                .domain(&src.domain)?
+                .is_running()
+        })
+        .await;
+        return match asked {
+            Ok(Ok(runs)) => runs,
+            Ok(Err(vmr_libvirt::LibvirtError::NoDomain { .. })) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %rec.name, "cannot ask libvirt whether the domain runs (counted as running): {e}");
+                true
+            }
+            Err(_) => true,
+        };
+    }
+    if rec.qmp.is_empty() {
         return false;
     }
     let ep = Endpoint::Unix(rec.qmp.clone().into());
@@ -1007,6 +1070,13 @@ pub async fn reverse(
     let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
         name: name.to_owned(),
     })?;
+    if let Some(d) = &live.libvirt {
+        return Err(AgentError::LibvirtFailover {
+            name: name.to_owned(),
+            domain: d.domain.clone(),
+            what: "reverse replication",
+        });
+    }
     let qmp = live
         .qmp
         .clone()
@@ -1228,7 +1298,7 @@ pub async fn become_replica(
     let became = async {
         match fr.live.as_ref().filter(|f| f.pid.is_some()) {
             // A VM this agent started (failed over here earlier): quit and reaped.
-            Some(live) => kill_vm(vm, live).await,
+            Some(live) => kill_vm(vm, live).await?,
             None => {
                 if let Ok(mut q) = QmpClient::connect(&ep, Duration::from_secs(3)).await {
                     let _ = q.execute_value("quit", None).await;

@@ -31,6 +31,7 @@ mod http;
 mod imaged;
 pub mod launch;
 mod lock;
+mod lvfailover;
 mod owned;
 mod pace;
 mod primary;

@@ -174,6 +174,18 @@ pub fn export_of(target: &str) -> (String, String) {
     )
 }
 
+/// The `<name>` of a domain definition.
+pub fn domain_name(domain_xml: &str) -> Result<String, LibvirtError> {
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    doc.root_element()
+        .children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| xml_err("the domain definition has no <name>"))
+}
+
 /// How a failover turns the replicated domain definition into the domain it defines on the
 /// replica host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +418,9 @@ mod tests {
             },
         )
         .expect("test");
+        assert_eq!(domain_name(&test).expect("name"), "web1-test");
+        assert_eq!(domain_name(xml).expect("name"), "web1");
+        assert!(domain_name("<domain/>").is_err());
         let doc = roxmltree::Document::parse(&test).expect("xml");
         let root = doc.root_element();
         assert_eq!(
