@@ -462,7 +462,11 @@ pub async fn start(
                         d.domain,
                         d.uuid,
                         d.uri,
-                        if no_start { ", defined, not started" } else { "" }
+                        if no_start {
+                            ", defined, not started"
+                        } else {
+                            ""
+                        }
                     ));
                     f.libvirt = Some(d);
                 }

@@ -115,7 +115,9 @@ pub async fn remove(r: FailoverDomainRef) -> Result<(), AgentError> {
             Err(LibvirtError::NoDomain { .. }) => return Ok(()),
             Err(e) => return Err(err(&r.uri, "looking up", &r.domain, e)),
         };
-        let uuid = dom.uuid().map_err(|e| err(&r.uri, "reading", &r.domain, e))?;
+        let uuid = dom
+            .uuid()
+            .map_err(|e| err(&r.uri, "reading", &r.domain, e))?;
         if !uuid.eq_ignore_ascii_case(&r.uuid) {
             tracing::warn!(domain = %r.domain, %uuid, recorded = %r.uuid,
                 "a domain of this name with another UUID is not this failover's: left alone");

@@ -520,15 +520,15 @@ impl ReplicaSide {
                         refused: None,
                     },
                     None => vmr_proto::api::FailoverProgram {
-                    refused: crate::launch::allowed_program(
-                        &def.program,
-                        &vm.host.config.allowed_programs,
-                        &vm.host.dir.join(crate::config::CONFIG_FILE),
-                    )
-                    .err()
-                    .map(|e| e.to_string()),
-                    program: def.program,
-                },
+                        refused: crate::launch::allowed_program(
+                            &def.program,
+                            &vm.host.config.allowed_programs,
+                            &vm.host.dir.join(crate::config::CONFIG_FILE),
+                        )
+                        .err()
+                        .map(|e| e.to_string()),
+                        program: def.program,
+                    },
                 }),
             initial_at_ms: None,
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),

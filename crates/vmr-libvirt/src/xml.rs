@@ -382,7 +382,10 @@ mod tests {
         let xml = "<domain type='kvm'>\n  <name>web1</name>\n  <uuid>0f8a2c1e-1111-2222-3333-444455556666</uuid>\n  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/p/a.qcow2'/><backingStore type='file'><format type='qcow2'/><source file='/p/base.qcow2'/></backingStore><target dev='vda' bus='virtio'/></disk>\n    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='/iso/x.iso'/><target dev='sda'/></disk>\n    <disk type=\"file\" device=\"disk\"><driver name='qemu' type='qcow2'/><source file=\"/p/b.qcow2\"/><target dev='vdb'/></disk>\n    <interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='default'/></interface>\n  </devices>\n</domain>";
         let overlays = vec![
             ("vda".to_string(), PathBuf::from("/r/fo/live/vda.qcow2")),
-            ("vdb".to_string(), PathBuf::from("/r/fo/live/it's vdb.qcow2")),
+            (
+                "vdb".to_string(),
+                PathBuf::from("/r/fo/live/it's vdb.qcow2"),
+            ),
         ];
         let live = failover_xml(
             xml,
@@ -402,7 +405,10 @@ mod tests {
                 PathBuf::from("/r/fo/live/it's vdb.qcow2")
             ]
         );
-        assert!(live.contains("<uuid>0f8a2c1e-1111-2222-3333-444455556666</uuid>"), "{live}");
+        assert!(
+            live.contains("<uuid>0f8a2c1e-1111-2222-3333-444455556666</uuid>"),
+            "{live}"
+        );
         assert!(live.contains("<interface type='network'>"), "{live}");
         assert!(live.contains("/iso/x.iso"), "the CD-ROM is kept: {live}");
         assert!(!live.contains("backingStore"), "{live}");
@@ -424,7 +430,9 @@ mod tests {
         let doc = roxmltree::Document::parse(&test).expect("xml");
         let root = doc.root_element();
         assert_eq!(
-            root.children().find(|n| n.has_tag_name("name")).and_then(|n| n.text()),
+            root.children()
+                .find(|n| n.has_tag_name("name"))
+                .and_then(|n| n.text()),
             Some("web1-test")
         );
         assert!(!root.children().any(|n| n.has_tag_name("uuid")), "{test}");
