@@ -933,6 +933,9 @@ pub async fn prepare(
         .map_err(AgentError::Refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
+    if let Some(src) = vm.rec.libvirt.clone() {
+        return prepare_libvirt(vm, side, shutdown, &src, t0).await;
+    }
     if let Some(limit) = shutdown
         && let Err(e) = crate::shutdown::shutdown_guest(&vm.rec, limit).await
     {
@@ -1009,6 +1012,85 @@ pub async fn prepare(
         r.point = Some(id);
         r
     })
+}
+
+/// `failover prepare` of a libvirt-managed VM (lvprepare.rs): the domain shut down through
+/// libvirt (with `shutdown`) or found shut off, started paused for the final cycle's backup
+/// job (libvirt takes backup jobs of active domains only; the guest never runs), and
+/// destroyed again after it. The final cycle is the machine's, as for any VM.
+async fn prepare_libvirt(
+    vm: &mut Vm,
+    side: &mut PrimarySide,
+    shutdown: Option<Duration>,
+    src: &vmr_proto::vmdef::LibvirtSource,
+    t0: Instant,
+) -> Result<FailoverResult, AgentError> {
+    let name = vm.rec.name.clone();
+    let how = match shutdown {
+        Some(limit) => match crate::lvprepare::shut_down(src, limit).await {
+            Ok(how) => Some(how),
+            Err(e) => {
+                side.resume_after_stop(vm);
+                return Err(e);
+            }
+        },
+        None => match crate::lvprepare::runs(src).await {
+            Ok(false) => None,
+            Ok(true) => {
+                side.resume_after_stop(vm);
+                return Err(AgentError::VmStillRunning {
+                    name,
+                    status: format!("libvirt domain {} is running", src.domain),
+                });
+            }
+            Err(e) => {
+                side.resume_after_stop(vm);
+                return Err(e);
+            }
+        },
+    };
+    if let Err(e) = crate::lvprepare::start_paused(src).await {
+        side.resume_after_stop(vm);
+        return Err(e);
+    }
+    let id = side.prepare_failover(vm, None).await;
+    // the paused domain goes again whatever the cycle did (the guest never ran)
+    let off = crate::lvprepare::power_off(src).await;
+    let id = match id {
+        Ok(id) => id,
+        Err(AgentError::FinalCycleFailed { reason })
+            if side.state() == ReplicationState::WaitingForStartResynchronize =>
+        {
+            return Err(AgentError::FinalCycleNeedsResync { name, reason });
+        }
+        Err(e) => return Err(e),
+    };
+    off?;
+    let how = match how {
+        None => "it was shut off".to_owned(),
+        Some(crate::lvprepare::ShutOff::Clean { waited_ms }) => {
+            format!("the guest shut down (ACPI) in {} s", waited_ms / 1000)
+        }
+        Some(crate::lvprepare::ShutOff::Destroyed { waited_ms }) => format!(
+            "the guest ignored the ACPI shutdown for {} s, so the domain was destroyed (powered off)",
+            waited_ms / 1000
+        ),
+    };
+    let mut r = result(
+        &name,
+        ReplicationState::PreparedForFailover,
+        None,
+        t0,
+        format!(
+            "final cycle {id} shipped from the shut-off domain {}'s disks ({how}; taken with \
+             the domain started paused, the guest never ran) and acknowledged; {name:?} is \
+             PreparedForFailover (do not start the domain here); run `vmreplica failover start \
+             {name}` on the replica",
+            src.domain
+        ),
+    );
+    r.point = Some(id);
+    Ok(r)
 }
 
 /// What the VM's monitor shows, for [`prepare_source`]: a real VM's `query-status`; a

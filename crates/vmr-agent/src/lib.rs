@@ -32,6 +32,7 @@ mod imaged;
 pub mod launch;
 mod lock;
 mod lvfailover;
+mod lvprepare;
 mod owned;
 mod pace;
 mod primary;

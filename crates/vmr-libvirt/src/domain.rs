@@ -179,6 +179,23 @@ impl Domain {
             .map_err(|e| call_err("virDomainCreate", &e))
     }
 
+    /// Start the defined domain paused: QEMU runs (so a backup job can be taken of its
+    /// disks) but the guest's CPUs never do, so nothing writes to the disks.
+    pub fn start_paused(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+            .map(|_| ())
+            .map_err(|e| call_err("virDomainCreateWithFlags", &e))
+    }
+
+    /// Ask the guest to power down with the ACPI power button (the guest may ignore it).
+    pub fn shutdown_acpi(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            .map(|_| ())
+            .map_err(|e| call_err("virDomainShutdownFlags", &e))
+    }
+
     /// Stop the domain at once (power off); a domain that does not run is not an error.
     pub fn destroy(&self) -> Result<(), LibvirtError> {
         if !self.is_running()? {

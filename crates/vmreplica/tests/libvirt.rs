@@ -368,6 +368,7 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvf-")?)?;
     p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
     p.b.restart()?;
+    p.a.allow(&p.b)?; // lets the replica probe the primary (split-brain guard)
     p.a.ok(&[
         "vm",
         "add",
@@ -480,15 +481,19 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     // The split-brain guard asks the primary's agent, which asks libvirt: the domain runs.
     let o = p.b.cli(&["failover", "start", "web1"])?;
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("still answers and its VM \"web1\" runs"),
+        "{}",
+        stderr(&o)
+    );
     assert!(domains(&lvb, true)?.is_empty());
 
-    // The primary host is lost after a last cycle: a real failover keeps name and UUID.
+    // The primary domain dies after a last cycle (its agent still answers): libvirt says it
+    // does not run, so the guard lets a real failover through; it keeps name and UUID.
     write(&mut writes, 0, 6 << 20, 64 << 10, 0x55)?;
     wait_cut(&p)?;
-    p.a.kill9();
     lv.virsh(&["destroy", FO_DOMAIN])?;
-    let r = failover(&p.b, &["start", "web1", "--force"])?;
+    let r = failover(&p.b, &["start", "web1"])?;
     assert_eq!(r.name, FO_DOMAIN);
     assert!(domains(&lvb, false)?.contains(&FO_DOMAIN.to_owned()));
     assert_eq!(
@@ -509,7 +514,7 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert!(st.failover_domains.is_empty());
 
     // Again, then complete: the domain goes on running.
-    failover(&p.b, &["start", "web1", "--force"])?;
+    failover(&p.b, &["start", "web1"])?;
     p.b.ok(&["failover", "complete", "web1"])?;
     assert_eq!(p.b.status("web1")?.state, ReplicationState::FailedOver);
     assert!(domains(&lvb, false)?.contains(&FO_DOMAIN.to_owned()));
@@ -528,6 +533,136 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert!(left.is_empty(), "processes left: {left:?}");
     eprintln!(
         "failover through libvirt test: {} ms",
+        t0.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+const PF_DOMAIN: &str = "vmr-lv-pf1";
+
+/// A planned failover of a libvirt primary: `failover prepare --shutdown` shuts the domain
+/// down through libvirt (the stand-in has no guest OS, so it ignores ACPI: destroyed at the
+/// timeout), ships the final cycle from the shut-off domain's disks (started paused for the
+/// backup job), and the replica's failed-over domain holds every write, also those made after
+/// the last scheduled cycle.
+#[test]
+fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
+    use vmr_proto::api::{PointInfo, ReplicationState};
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED libvirt_planned_failover_with_shutdown_loses_nothing: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lvp").tempdir()?;
+    let lv = PrivateLibvirt::start(&tmp.path().join("la"))?;
+    let lvb = PrivateLibvirt::start(&tmp.path().join("lb"))?;
+    let mut images: Vec<PathBuf> = Vec::new();
+    for (i, size) in ["16M", "8M"].iter().enumerate() {
+        let p = tmp.path().join(format!("d{i}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg(size)
+            .status()?;
+        assert!(st.success(), "qemu-img create");
+        images.push(p);
+    }
+    lv.start_domain(PF_DOMAIN, &images)?;
+    let primary_uuid = lv.virsh(&["domuuid", PF_DOMAIN])?.trim().to_owned();
+    let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvp-")?)?;
+    p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
+    p.b.restart()?;
+    p.a.allow(&p.b)?; // lets the replica probe the primary (split-brain guard)
+    p.a.ok(&[
+        "vm",
+        "add",
+        "web1",
+        "--libvirt",
+        PF_DOMAIN,
+        "--connect",
+        lv.uri(),
+    ])?;
+    let mut writes: Vec<(usize, u64, u64, u8)> = Vec::new();
+    let write = |writes: &mut Vec<(usize, u64, u64, u8)>,
+                 disk: usize,
+                 offset: u64,
+                 len: u64,
+                 pattern: u8|
+     -> TestResult {
+        lv.write_disk(PF_DOMAIN, disk, offset, len, pattern)?;
+        writes.push((disk, offset, len, pattern));
+        Ok(())
+    };
+    write(&mut writes, 0, 0, 1 << 20, 0x11)?;
+    // a long interval: only the initial copy is scheduled before the prepare
+    p.enable("web1", &["--frequency", "1h"])?;
+    p.wait_cycle("web1", 1, LONG)?;
+    p.b.wait_cycle("web1", 1, LONG)?;
+    // written after the last cycle: only the final cycle carries them
+    write(&mut writes, 0, 3 << 20, 256 << 10, 0x21)?;
+    write(&mut writes, 1, 1 << 20, 64 << 10, 0x31)?;
+
+    // Without --shutdown a running domain is refused, and replication goes on.
+    let o = p.a.cli(&["failover", "prepare", "web1"])?;
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is running"), "{}", stderr(&o));
+    assert_eq!(p.a.status("web1")?.state, ReplicationState::Replicating);
+    assert_eq!(lv.virsh(&["domstate", PF_DOMAIN])?.trim(), "running");
+
+    let prep = failover(&p.a, &["prepare", "web1", "--shutdown", "--timeout", "3s"])?;
+    eprintln!("prepare: {}", prep.message);
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    assert!(prep.message.contains("destroyed"), "{}", prep.message);
+    let k = prep.point.ok_or("no final cycle")?;
+    assert_eq!(lv.virsh(&["domstate", PF_DOMAIN])?.trim(), "shut off");
+    assert_eq!(
+        p.a.status("web1")?.state,
+        ReplicationState::PreparedForFailover
+    );
+
+    // The replica: the final point is planned; the failover needs no --force (the primary
+    // is prepared) and its domain holds every write.
+    let pts: Vec<PointInfo> = serde_json::from_str(&p.b.ok(&["points", "web1", "--json"])?)?;
+    assert_eq!(
+        pts.last().map(|x| (x.id, x.kind.as_str())),
+        Some((k, "planned")),
+        "{pts:?}"
+    );
+    let live = failover(&p.b, &["start", "web1"])?;
+    assert_eq!(live.point, Some(k));
+    assert!(live.message.contains("(planned)"), "{}", live.message);
+    assert_eq!(lvb.virsh(&["domstate", PF_DOMAIN])?.trim(), "running");
+    assert_eq!(lvb.virsh(&["domuuid", PF_DOMAIN])?.trim(), primary_uuid);
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(
+                std::path::Path::new(&live.disks[disk].1),
+                pat,
+                off,
+                len
+            )?,
+            "disk {disk} at {off} does not hold {pat:#x} after the planned failover"
+        );
+    }
+
+    p.stop()?;
+    let mut ns = lv.mount_namespaces();
+    ns.extend(lvb.mount_namespaces());
+    drop(lv);
+    drop(lvb);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    eprintln!(
+        "planned failover through libvirt test: {} ms",
         t0.elapsed().as_millis()
     );
     Ok(())
