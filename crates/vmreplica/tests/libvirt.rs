@@ -362,7 +362,8 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
         assert!(st.success(), "qemu-img create");
         images.push(p);
     }
-    lv.start_domain(FO_DOMAIN, &images)?;
+    lv.start_domain_with_nic(FO_DOMAIN, &images)?;
+    assert!(lv.virsh(&["domiflist", FO_DOMAIN])?.contains("user"));
     let primary_uuid = lv.virsh(&["domuuid", FO_DOMAIN])?.trim().to_owned();
 
     let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvf-")?)?;
@@ -430,6 +431,11 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
             "the primary's image: {blk}"
         );
     }
+    let nics = lvb.virsh(&["domiflist", &test_name])?;
+    assert!(
+        !nics.contains("user"),
+        "a test copy has no interface: {nics}"
+    );
     // what the domain's disks hold (its overlays, read beside the running guest)
     let check = |lvb: &PrivateLibvirt, dom: &str, writes: &[(usize, u64, u64, u8)]| -> TestResult {
         let blk = lvb.virsh(&["domblklist", dom])?;
@@ -502,6 +508,11 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
         "a failover keeps the UUID"
     );
     check(&lvb, FO_DOMAIN, &writes)?;
+    let nics = lvb.virsh(&["domiflist", FO_DOMAIN])?;
+    assert!(
+        nics.contains("user"),
+        "a failover keeps the interfaces: {nics}"
+    );
     let st = p.b.status("web1")?;
     assert_eq!(st.state, ReplicationState::FailedOverWaitingCompletion);
     assert_eq!(st.failover_domains.len(), 1, "{:?}", st.failover_domains);
