@@ -1017,7 +1017,8 @@ pub async fn prepare(
 /// `failover prepare` of a libvirt-managed VM (lvprepare.rs): the domain shut down through
 /// libvirt (with `shutdown`) or found shut off, started paused for the final cycle's backup
 /// job (libvirt takes backup jobs of active domains only; the guest never runs), and
-/// destroyed again after it. The final cycle is the machine's, as for any VM.
+/// destroyed again after it ([`vmr_core::libvirt_prepare`] decides the steps). The final
+/// cycle is the machine's, as for any VM.
 async fn prepare_libvirt(
     vm: &mut Vm,
     side: &mut PrimarySide,
@@ -1026,28 +1027,39 @@ async fn prepare_libvirt(
     t0: Instant,
 ) -> Result<FailoverResult, AgentError> {
     let name = vm.rec.name.clone();
-    let how = match shutdown {
-        Some(limit) => match crate::lvprepare::shut_down(src, limit).await {
-            Ok(how) => Some(how),
-            Err(e) => {
-                side.resume_after_stop(vm);
-                return Err(e);
-            }
-        },
-        None => match crate::lvprepare::runs(src).await {
-            Ok(false) => None,
-            Ok(true) => {
-                side.resume_after_stop(vm);
-                return Err(AgentError::VmStillRunning {
+    let runs = match crate::lvprepare::runs(src).await {
+        Ok(r) => r,
+        Err(e) => {
+            side.resume_after_stop(vm);
+            return Err(e);
+        }
+    };
+    let how = match vmr_core::libvirt_prepare(runs, shutdown.is_some()) {
+        Err(r) => {
+            side.resume_after_stop(vm);
+            return Err(match r {
+                PrepareRefusal::Running { .. } => AgentError::VmStillRunning {
                     name,
                     status: format!("libvirt domain {} is running", src.domain),
-                });
+                },
+                PrepareRefusal::Unresponsive { reason } => AgentError::VmMonitorUnresponsive {
+                    name,
+                    qmp: src.uri.clone(),
+                    reason,
+                },
+            });
+        }
+        Ok(vmr_core::LibvirtPrepare::StartPaused) => None,
+        Ok(vmr_core::LibvirtPrepare::ShutDownThenStartPaused) => {
+            let limit = shutdown.unwrap_or(Duration::from_secs(120));
+            match crate::lvprepare::shut_down(src, limit).await {
+                Ok(how) => Some(how),
+                Err(e) => {
+                    side.resume_after_stop(vm);
+                    return Err(e);
+                }
             }
-            Err(e) => {
-                side.resume_after_stop(vm);
-                return Err(e);
-            }
-        },
+        }
     };
     if let Err(e) = crate::lvprepare::start_paused(src).await {
         side.resume_after_stop(vm);

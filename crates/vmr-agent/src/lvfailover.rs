@@ -3,8 +3,8 @@
 //! libvirt domain (its replicated definition holds the domain XML). It owns defining the
 //! failed-over domain from the replicated XML on this host's libvirt (`libvirt-connect` in
 //! config.toml, `qemu:///system` when absent), starting it, and destroying and undefining it
-//! again. What the domain looks like (name, UUID, disks, interfaces) is
-//! [`vmr_libvirt::xml::failover_xml`]; when a failover may happen, and what cancel and
+//! again. Which name, UUID and interfaces the domain has is [`vmr_core::failover_domain`]'s
+//! decision, its XML [`vmr_libvirt::xml::failover_xml`]; when a failover may happen, and what cancel and
 //! complete mean, stay the failover machine's decisions (`vmr_core`), driven by
 //! `failover.rs`. Every libvirt call blocks, so each runs in `spawn_blocking`. See
 //! docs/libvirt.md.
@@ -142,18 +142,14 @@ pub fn runs(r: &FailoverDomainRef) -> bool {
         .unwrap_or(false)
 }
 
-/// The failed-over domain's plan: the replicated disks on the view's overlays; a real
-/// failover keeps the domain's name and UUID, a test copy is `NAME-test` with a new UUID and
-/// no network interfaces.
+/// The failed-over domain's plan: [`vmr_core::failover_domain`]'s identity, with the
+/// replicated disks on the view's overlays.
 pub fn plan(domain: &str, disks: &[(String, PathBuf)], test: bool) -> FailoverDomain {
+    let id = vmr_core::failover_domain(domain, test);
     FailoverDomain {
-        name: if test {
-            format!("{domain}-test")
-        } else {
-            domain.to_owned()
-        },
-        keep_uuid: !test,
+        name: id.name,
+        keep_uuid: id.keep_uuid,
         disks: disks.to_vec(),
-        remove_interfaces: test,
+        remove_interfaces: !id.keep_interfaces,
     }
 }

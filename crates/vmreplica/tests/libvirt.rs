@@ -517,6 +517,13 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert_eq!(st.state, ReplicationState::FailedOverWaitingCompletion);
     assert_eq!(st.failover_domains.len(), 1, "{:?}", st.failover_domains);
 
+    // The replica agent restarted: the failover record keeps the domain.
+    p.b.restart()?;
+    let st = p.b.status("web1")?;
+    assert_eq!(st.state, ReplicationState::FailedOverWaitingCompletion);
+    assert_eq!(st.failover_domains.len(), 1, "{:?}", st.failover_domains);
+    assert_eq!(lvb.virsh(&["domstate", FO_DOMAIN])?.trim(), "running");
+
     // Cancel: destroyed and undefined, replication state back.
     p.b.ok(&["failover", "cancel", "web1"])?;
     assert!(domains(&lvb, true)?.is_empty(), "the domain is undefined");
