@@ -221,20 +221,6 @@ pub enum AgentError {
         /// What was asked for.
         what: &'static str,
     },
-    /// What is not built yet for a VM failed over through libvirt (reverse replication
-    /// capturing from the failed-over domain: docs/libvirt.md).
-    #[error(
-        "{name:?} was failed over through libvirt (domain {domain:?}): {what} is not built yet \
-         for a domain failed over through libvirt (docs/libvirt.md)"
-    )]
-    LibvirtFailover {
-        /// The VM name.
-        name: String,
-        /// The failed-over domain.
-        domain: String,
-        /// The operation refused.
-        what: &'static str,
-    },
     /// Failover through libvirt: a libvirt call on this host failed (connecting, defining,
     /// starting, destroying or undefining the failed-over domain).
     #[error("failover through libvirt at {uri}: {doing} domain {domain:?}")]
@@ -1044,7 +1030,6 @@ impl AgentError {
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }
             | LibvirtNotBuilt { .. }
-            | LibvirtFailover { .. }
             | VmReplicating { .. }
             | VmIsReplica { .. }
             | VmIsPrimary { .. }

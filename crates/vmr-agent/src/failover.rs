@@ -1168,20 +1168,30 @@ pub async fn reverse(
     let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
         name: name.to_owned(),
     })?;
-    if let Some(d) = &live.libvirt {
-        return Err(AgentError::LibvirtFailover {
+    if !running(vm, &live) {
+        return Err(AgentError::FailedOverNotRunning {
             name: name.to_owned(),
-            domain: d.domain.clone(),
-            what: "reverse replication",
         });
     }
-    let qmp = live
-        .qmp
-        .clone()
-        .filter(|_| running(vm, &live))
-        .ok_or_else(|| AgentError::FailedOverNotRunning {
-            name: name.to_owned(),
-        })?;
+    // A domain failed over through libvirt is captured through libvirt (backup jobs of the
+    // failed-over domain, like any libvirt VM); otherwise through the QEMU this agent started.
+    let lv_source = live
+        .libvirt
+        .as_ref()
+        .map(|d| vmr_proto::vmdef::LibvirtSource {
+            uri: d.uri.clone(),
+            domain: d.domain.clone(),
+            acked_checkpoint: None,
+        });
+    let qmp = match &lv_source {
+        Some(_) => String::new(),
+        None => live
+            .qmp
+            .clone()
+            .ok_or_else(|| AgentError::FailedOverNotRunning {
+                name: name.to_owned(),
+            })?,
+    };
     let addr = replica
         .or(fr.primary_listen.clone())
         .ok_or(AgentError::OldPrimaryAddressUnknown)?;
@@ -1284,8 +1294,14 @@ pub async fn reverse(
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
         .map_err(AgentError::Refused)?;
-    rec.qga = crate::launch::qga_socket(&def, Path::new(&qmp)).map(|p| p.display().to_string());
+    rec.qga = match &lv_source {
+        Some(_) => None,
+        None => crate::launch::qga_socket(&def, Path::new(&qmp)).map(|p| p.display().to_string()),
+    };
     rec.qmp = qmp;
+    // no checkpoint yet: the first reverse cycle reads every block of the domain's disks
+    // (sent on top of the failover point: exact), then the chain continues
+    rec.libvirt = lv_source;
     rec.nbd = None;
     rec.launch_toml = def.to_toml();
     rec.disks = point.disks.iter().map(|(d, _)| d.clone()).collect();
@@ -1378,6 +1394,14 @@ pub async fn become_replica(
         .become_replica(now_ms(), req.point, local)
         .map_err(|r| bad(r.to_string()))?;
     let planned = handover.planned;
+    // A libvirt domain here: libvirt says whether it still runs.
+    if !planned && rec.libvirt.is_some() && vm_runs(&rec, ReplicationState::Replicating).await {
+        return Err(bad(format!(
+            "the old primary's libvirt domain of {:?} still runs here; shut it down first: its \
+             writes after the failover are discarded by the reverse resync",
+            rec.name
+        )));
+    }
     let ep = Endpoint::Unix(rec.qmp.clone().into());
     if !planned
         && !matches!(

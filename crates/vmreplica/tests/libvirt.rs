@@ -537,10 +537,6 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert_eq!(p.b.status("web1")?.state, ReplicationState::FailedOver);
     assert!(domains(&lvb, false)?.contains(&FO_DOMAIN.to_owned()));
     check(&lvb, FO_DOMAIN, &writes)?;
-    // what is not built yet is refused naming the gap
-    let o = p.b.cli(&["reverse", "web1"])?;
-    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(stderr(&o).contains("not built yet"), "{}", stderr(&o));
 
     p.stop()?;
     let mut ns = lv.mount_namespaces();
@@ -671,6 +667,43 @@ fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
             "disk {disk} at {off} does not hold {pat:#x} after the planned failover"
         );
     }
+
+    // Reverse: the failed-over domain is captured through the replica host's libvirt, and
+    // the old primary's store follows its writes.
+    let uuid = p.a.status("web1")?.uuid;
+    let r: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "web1", "--frequency", "5s", "--json"])?)?;
+    assert_eq!(r.state, ReplicationState::Replicating, "{}", r.message);
+    let st = p.b.status("web1")?;
+    let src = st
+        .libvirt
+        .clone()
+        .ok_or("the new primary has no libvirt source")?;
+    assert_eq!(
+        (src.domain.as_str(), src.uri.as_str()),
+        (PF_DOMAIN, lvb.uri())
+    );
+    lvb.write_disk(PF_DOMAIN, 0, 9 << 20, 64 << 10, 0x61)?;
+    lvb.write_disk(PF_DOMAIN, 1, 2 << 20, 4096, 0x62)?;
+    writes.push((0, 9 << 20, 64 << 10, 0x61));
+    writes.push((1, 2 << 20, 4096, 0x62));
+    let s = p.b.status("web1")?;
+    let cut = s.last_cycle.unwrap_or(k) + 1 + u64::from(s.progress.is_some());
+    p.b.wait_cycle("web1", cut, LONG)?;
+    p.a.wait_cycle("web1", cut, LONG)?;
+    let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)?,
+            "the old primary's store: disk {disk} at {off} does not hold {pat:#x} after reverse"
+        );
+    }
+    let cps = lvb.checkpoints(PF_DOMAIN)?;
+    assert!(
+        cps.iter().any(|c| c.starts_with("vmreplica-")),
+        "the reverse cycles are backup jobs of the failed-over domain: {cps:?}"
+    );
 
     p.stop()?;
     let mut ns = lv.mount_namespaces();
