@@ -1168,6 +1168,16 @@ pub async fn reverse(
     let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
         name: name.to_owned(),
     })?;
+    // After an unplanned failover the old primary's disks are resynchronised, which is not
+    // built for libvirt VMs: refused here, before the old primary changes anything.
+    if let Some(d) = live.libvirt.as_ref().filter(|_| !fr.planned) {
+        return Err(AgentError::LibvirtNotBuilt {
+            name: name.to_owned(),
+            domain: d.domain.clone(),
+            what: "reverse replication after an unplanned failover (it resynchronises the old \
+                   primary's disks)",
+        });
+    }
     if !running(vm, &live) {
         return Err(AgentError::FailedOverNotRunning {
             name: name.to_owned(),
