@@ -477,6 +477,17 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
         ReplicationState::Replicating,
         "a test changes nothing"
     );
+    // A second test copy would have the same name: refused, nothing of it left.
+    let uuid = st.uuid;
+    let views = vmr_store::Store::open(&p.b.storage())?.views(uuid)?.len();
+    let o = p.b.cli(&["failover", "test", "web1"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("already defined"), "{}", stderr(&o));
+    assert_eq!(p.b.status("web1")?.failover_domains.len(), 1);
+    assert_eq!(
+        vmr_store::Store::open(&p.b.storage())?.views(uuid)?.len(),
+        views
+    );
     p.b.ok(&["failover", "stop-test", "web1"])?;
     assert!(
         !domains(&lvb, true)?.contains(&test_name),
