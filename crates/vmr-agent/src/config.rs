@@ -239,6 +239,7 @@ pub fn create(
         metrics_token_file: None,
         bandwidth: None,
         time_zone: Default::default(),
+        libvirt_connect: None,
     };
     let mut cfg = cfg;
     if metrics.is_some_and(|m| m.token) {

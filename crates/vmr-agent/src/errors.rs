@@ -221,16 +221,18 @@ pub enum AgentError {
         /// What was asked for.
         what: &'static str,
     },
-    /// A failover of a VM whose replicated definition is a libvirt domain: starting it through
-    /// libvirt on this host is not built.
-    #[error(
-        "{name:?} was replicated from a libvirt domain; a failover through libvirt is not built \
-         yet, and its definition has no QEMU command line to start it with (its domain XML is \
-         stored with the replica: docs/libvirt.md)"
-    )]
-    LibvirtFailover {
-        /// The VM name.
-        name: String,
+    /// Failover through libvirt: a libvirt call on this host failed (connecting, defining,
+    /// starting, destroying or undefining the failed-over domain).
+    #[error("failover through libvirt at {uri}: {doing} domain {domain:?}")]
+    FailoverDomain {
+        /// The connection URI (`libvirt-connect` in config.toml).
+        uri: String,
+        /// What was being done.
+        doing: &'static str,
+        /// The domain.
+        domain: String,
+        /// What libvirt said.
+        source: vmr_libvirt::LibvirtError,
     },
     /// A VM of that name or UUID is registered.
     #[error("VM {name:?} ({uuid}) is already registered")]
@@ -1050,7 +1052,6 @@ impl AgentError {
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }
             | LibvirtNotBuilt { .. }
-            | LibvirtFailover { .. }
             | VmReplicating { .. }
             | VmIsReplica { .. }
             | VmIsPrimary { .. }
@@ -1133,6 +1134,7 @@ impl AgentError {
             | ProgramNotAllowed { .. }
             | ProgramNotFound { .. }
             | SpawnVm { .. }
+            | FailoverDomain { .. }
             | VmExited { .. }
             | QmpTimeout { .. }
             | StartTracking { .. }

@@ -121,6 +121,9 @@ fn proc_matches(pid: u32, qmp: &str) -> bool {
 
 /// Is the VM process started for `f` alive?
 fn running(vm: &mut Vm, f: &FailoverVm) -> bool {
+    if let Some(d) = &f.libvirt {
+        return crate::lvfailover::runs(d);
+    }
     let (Some(pid), Some(qmp)) = (f.pid, f.qmp.as_deref()) else {
         return false;
     };
@@ -135,10 +138,15 @@ pub fn live_runs(vm: &mut Vm, fr: &FailoverRecord) -> bool {
     fr.live.as_ref().is_some_and(|f| running(vm, f))
 }
 
-/// End the VM process of `f` (QMP `quit`, then SIGKILL) and wait for it.
-async fn kill_vm(vm: &mut Vm, f: &FailoverVm) {
+/// End the VM process of `f` (QMP `quit`, then SIGKILL) and wait for it; a domain a failover
+/// through libvirt defined is destroyed and undefined (the one error returned: libvirt
+/// refused).
+async fn kill_vm(vm: &mut Vm, f: &FailoverVm) -> Result<(), AgentError> {
+    if let Some(d) = &f.libvirt {
+        return crate::lvfailover::remove(d.clone()).await;
+    }
     let (Some(pid), Some(qmp)) = (f.pid, f.qmp.clone()) else {
-        return;
+        return Ok(());
     };
     if let Ok(mut q) =
         QmpClient::connect(&Endpoint::Unix(qmp.clone().into()), Duration::from_secs(3)).await
@@ -171,6 +179,7 @@ async fn kill_vm(vm: &mut Vm, f: &FailoverVm) {
         }
     }
     let _ = std::fs::remove_file(&qmp);
+    Ok(())
 }
 
 /// Start the definition's QEMU program on `disks`; returns (pid, qmp path) once QMP answers,
@@ -355,18 +364,27 @@ pub async fn start(
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
         .map_err(AgentError::ReplicatedDefinition)?;
-    if def.libvirt_xml.is_some() {
-        return Err(AgentError::LibvirtFailover {
-            name: rec.name.clone(),
-        });
-    }
-    // A real failover attaches the VM to this host's networks when they differ.
-    if !test && let Some(args) = &rec.failover.network_args {
+    // A domain replicated from libvirt is defined and started through this host's libvirt
+    // (lvfailover.rs): its connection and XML are checked before anything changes.
+    let libvirt = match &def.libvirt_xml {
+        Some(xml) => {
+            let uri = crate::lvfailover::uri(&vm.host);
+            let domain = crate::lvfailover::check(uri.clone(), xml.clone()).await?;
+            Some((uri, xml.clone(), domain))
+        }
+        None => None,
+    };
+    // A real failover attaches the VM to this host's networks when they differ (QEMU
+    // arguments: a libvirt domain keeps its own interfaces).
+    if !test
+        && libvirt.is_none()
+        && let Some(args) = &rec.failover.network_args
+    {
         def = def
             .with_network_args(args)
             .map_err(AgentError::ReplicaNetworkArgs)?;
     }
-    let program = if no_start {
+    let program = if no_start || libvirt.is_some() {
         None
     } else {
         Some(crate::launch::allowed_program(
@@ -431,9 +449,34 @@ pub async fn start(
             pid: None,
             test,
             network: Vec::new(),
+            libvirt: None,
         };
         let mut line = None;
-        if let Some(program) = &program {
+        if let Some((uri, xml, domain)) = &libvirt {
+            let plan = crate::lvfailover::plan(domain, &view.disks, test);
+            match crate::lvfailover::define(uri.clone(), xml.clone(), plan, !no_start).await {
+                Ok(d) => {
+                    f.name = d.domain.clone();
+                    line = Some(format!(
+                        "libvirt domain {} (uuid {}) at {}{}",
+                        d.domain,
+                        d.uuid,
+                        d.uri,
+                        if no_start {
+                            ", defined, not started"
+                        } else {
+                            ""
+                        }
+                    ));
+                    f.libvirt = Some(d);
+                }
+                Err(e) => {
+                    let _ = store.remove_view(rec.uuid, view.id);
+                    let _ = std::fs::remove_dir_all(&dest);
+                    return Err(e);
+                }
+            }
+        } else if let Some(program) = &program {
             match launch_vm(vm, &def, program, &view.disks, &dest, test).await {
                 Ok((pid, qmp, l)) => {
                     f.pid = Some(pid);
@@ -480,6 +523,7 @@ pub async fn start(
     }
     vm.save_failover(&fr)?;
     let what = match (test, no_start) {
+        (true, true) if f.libvirt.is_some() => format!("test copy {:?} defined", f.name),
         (true, _) => format!("test copy {:?} started", f.name),
         (false, true) => "disks prepared (not started)".to_owned(),
         (false, false) => format!("VM {:?} started", f.name),
@@ -724,7 +768,7 @@ async fn end_failover_vm(
     f: &FailoverVm,
     missing_ok: bool,
 ) -> Result<(), AgentError> {
-    kill_vm(vm, f).await;
+    kill_vm(vm, f).await?;
     match store.remove_view(vm.rec.uuid, f.view) {
         Ok(()) => {}
         Err(vmr_store::StoreError::NoSuchView(_)) if missing_ok => {}
@@ -821,11 +865,34 @@ pub async fn complete(vm: &mut Vm, side: &mut ReplicaSide) -> Result<FailoverRes
 
 // ------------------------------------------------------------------ primary side
 
-/// Is the primary VM running? `PreparedForFailover` counts as not running (locked); a QMP
+/// Is the primary VM running? `PreparedForFailover` counts as not running (locked); a
+/// libvirt-managed VM runs when libvirt says its domain is active; a QMP
 /// monitor that does not answer as not running; QEMU's `query-status` decides otherwise; a
 /// qemu-storage-daemon stand-in (no `query-status`) counts as running.
 async fn vm_runs(rec: &VmRecord, state: ReplicationState) -> bool {
-    if state == ReplicationState::PreparedForFailover || rec.qmp.is_empty() {
+    if state == ReplicationState::PreparedForFailover {
+        return false;
+    }
+    // A libvirt-managed VM has no QMP socket of ours: libvirt says whether its domain runs
+    // (a daemon that cannot be asked counts as running: the guard must not be fooled).
+    if let Some(src) = rec.libvirt.clone() {
+        let asked = tokio::task::spawn_blocking(move || {
+            vmr_libvirt::Libvirt::open(&src.uri)?
+                .domain(&src.domain)?
+                .is_running()
+        })
+        .await;
+        return match asked {
+            Ok(Ok(runs)) => runs,
+            Ok(Err(vmr_libvirt::LibvirtError::NoDomain { .. })) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %rec.name, "cannot ask libvirt whether the domain runs (counted as running): {e}");
+                true
+            }
+            Err(_) => true,
+        };
+    }
+    if rec.qmp.is_empty() {
         return false;
     }
     let ep = Endpoint::Unix(rec.qmp.clone().into());
@@ -866,6 +933,9 @@ pub async fn prepare(
         .map_err(AgentError::Refused)?;
     // The cycle task holds the VM's (single-client) QMP monitor: stop it first.
     side.stop().await;
+    if let Some(src) = vm.rec.libvirt.clone() {
+        return prepare_libvirt(vm, side, shutdown, &src, t0).await;
+    }
     if let Some(limit) = shutdown
         && let Err(e) = crate::shutdown::shutdown_guest(&vm.rec, limit).await
     {
@@ -944,6 +1014,97 @@ pub async fn prepare(
     })
 }
 
+/// `failover prepare` of a libvirt-managed VM (lvprepare.rs): the domain shut down through
+/// libvirt (with `shutdown`) or found shut off, started paused for the final cycle's backup
+/// job (libvirt takes backup jobs of active domains only; the guest never runs), and
+/// destroyed again after it ([`vmr_core::libvirt_prepare`] decides the steps). The final
+/// cycle is the machine's, as for any VM.
+async fn prepare_libvirt(
+    vm: &mut Vm,
+    side: &mut PrimarySide,
+    shutdown: Option<Duration>,
+    src: &vmr_proto::vmdef::LibvirtSource,
+    t0: Instant,
+) -> Result<FailoverResult, AgentError> {
+    let name = vm.rec.name.clone();
+    let runs = match crate::lvprepare::runs(src).await {
+        Ok(r) => r,
+        Err(e) => {
+            side.resume_after_stop(vm);
+            return Err(e);
+        }
+    };
+    let how = match vmr_core::libvirt_prepare(runs, shutdown.is_some()) {
+        Err(r) => {
+            side.resume_after_stop(vm);
+            return Err(match r {
+                PrepareRefusal::Running { .. } => AgentError::VmStillRunning {
+                    name,
+                    status: format!("libvirt domain {} is running", src.domain),
+                },
+                PrepareRefusal::Unresponsive { reason } => AgentError::VmMonitorUnresponsive {
+                    name,
+                    qmp: src.uri.clone(),
+                    reason,
+                },
+            });
+        }
+        Ok(vmr_core::LibvirtPrepare::StartPaused) => None,
+        Ok(vmr_core::LibvirtPrepare::ShutDownThenStartPaused) => {
+            let limit = shutdown.unwrap_or(Duration::from_secs(120));
+            match crate::lvprepare::shut_down(src, limit).await {
+                Ok(how) => Some(how),
+                Err(e) => {
+                    side.resume_after_stop(vm);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if let Err(e) = crate::lvprepare::start_paused(src).await {
+        side.resume_after_stop(vm);
+        return Err(e);
+    }
+    let id = side.prepare_failover(vm, None).await;
+    // the paused domain goes again whatever the cycle did (the guest never ran)
+    let off = crate::lvprepare::power_off(src).await;
+    let id = match id {
+        Ok(id) => id,
+        Err(AgentError::FinalCycleFailed { reason })
+            if side.state() == ReplicationState::WaitingForStartResynchronize =>
+        {
+            return Err(AgentError::FinalCycleNeedsResync { name, reason });
+        }
+        Err(e) => return Err(e),
+    };
+    off?;
+    let how = match how {
+        None => "it was shut off".to_owned(),
+        Some(crate::lvprepare::ShutOff::Clean { waited_ms }) => {
+            format!("the guest shut down (ACPI) in {} s", waited_ms / 1000)
+        }
+        Some(crate::lvprepare::ShutOff::Destroyed { waited_ms }) => format!(
+            "the guest ignored the ACPI shutdown for {} s, so the domain was destroyed (powered off)",
+            waited_ms / 1000
+        ),
+    };
+    let mut r = result(
+        &name,
+        ReplicationState::PreparedForFailover,
+        None,
+        t0,
+        format!(
+            "final cycle {id} shipped from the shut-off domain {}'s disks ({how}; taken with \
+             the domain started paused, the guest never ran) and acknowledged; {name:?} is \
+             PreparedForFailover (do not start the domain here); run `vmreplica failover start \
+             {name}` on the replica",
+            src.domain
+        ),
+    );
+    r.point = Some(id);
+    Ok(r)
+}
+
 /// What the VM's monitor shows, for [`prepare_source`]: a real VM's `query-status`; a
 /// stand-in has no guest (no `query-status`: its writers are the admin's to stop); nothing
 /// listening means the process exited.
@@ -1007,13 +1168,40 @@ pub async fn reverse(
     let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
         name: name.to_owned(),
     })?;
-    let qmp = live
-        .qmp
-        .clone()
-        .filter(|_| running(vm, &live))
-        .ok_or_else(|| AgentError::FailedOverNotRunning {
+    // After an unplanned failover the old primary's disks are resynchronised, which is not
+    // built for libvirt VMs: refused here, before the old primary changes anything.
+    if let Some(d) = live.libvirt.as_ref().filter(|_| !fr.planned) {
+        return Err(AgentError::LibvirtNotBuilt {
             name: name.to_owned(),
-        })?;
+            domain: d.domain.clone(),
+            what: "reverse replication after an unplanned failover (it resynchronises the old \
+                   primary's disks)",
+        });
+    }
+    if !running(vm, &live) {
+        return Err(AgentError::FailedOverNotRunning {
+            name: name.to_owned(),
+        });
+    }
+    // A domain failed over through libvirt is captured through libvirt (backup jobs of the
+    // failed-over domain, like any libvirt VM); otherwise through the QEMU this agent started.
+    let lv_source = live
+        .libvirt
+        .as_ref()
+        .map(|d| vmr_proto::vmdef::LibvirtSource {
+            uri: d.uri.clone(),
+            domain: d.domain.clone(),
+            acked_checkpoint: None,
+        });
+    let qmp = match &lv_source {
+        Some(_) => String::new(),
+        None => live
+            .qmp
+            .clone()
+            .ok_or_else(|| AgentError::FailedOverNotRunning {
+                name: name.to_owned(),
+            })?,
+    };
     let addr = replica
         .or(fr.primary_listen.clone())
         .ok_or(AgentError::OldPrimaryAddressUnknown)?;
@@ -1149,8 +1337,14 @@ pub async fn reverse(
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
         .map_err(AgentError::Refused)?;
-    rec.qga = crate::launch::qga_socket(&def, Path::new(&qmp)).map(|p| p.display().to_string());
+    rec.qga = match &lv_source {
+        Some(_) => None,
+        None => crate::launch::qga_socket(&def, Path::new(&qmp)).map(|p| p.display().to_string()),
+    };
     rec.qmp = qmp;
+    // no checkpoint yet: the first reverse cycle reads every block of the domain's disks
+    // (sent on top of the failover point: exact), then the chain continues
+    rec.libvirt = lv_source;
     rec.nbd = None;
     rec.launch_toml = def.to_toml();
     rec.disks = point.disks.iter().map(|(d, _)| d.clone()).collect();
@@ -1243,6 +1437,14 @@ pub async fn become_replica(
         .become_replica(now_ms(), req.point, local)
         .map_err(|r| bad(r.to_string()))?;
     let planned = handover.planned;
+    // A libvirt domain here: libvirt says whether it still runs.
+    if !planned && rec.libvirt.is_some() && vm_runs(&rec, ReplicationState::Replicating).await {
+        return Err(bad(format!(
+            "the old primary's libvirt domain of {:?} still runs here; shut it down first: its \
+             writes after the failover are discarded by the reverse resync",
+            rec.name
+        )));
+    }
     let ep = Endpoint::Unix(rec.qmp.clone().into());
     if !planned
         && !matches!(
@@ -1261,7 +1463,7 @@ pub async fn become_replica(
     let became = async {
         match fr.live.as_ref().filter(|f| f.pid.is_some()) {
             // A VM this agent started (failed over here earlier): quit and reaped.
-            Some(live) => kill_vm(vm, live).await,
+            Some(live) => kill_vm(vm, live).await?,
             None => {
                 if let Ok(mut q) = QmpClient::connect(&ep, Duration::from_secs(3)).await {
                     let _ = q.execute_value("quit", None).await;

@@ -31,6 +31,8 @@ mod http;
 mod imaged;
 pub mod launch;
 mod lock;
+mod lvfailover;
+mod lvprepare;
 mod owned;
 mod pace;
 mod primary;

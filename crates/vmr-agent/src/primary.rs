@@ -915,6 +915,7 @@ impl PrimarySide {
             extended: None,
             libvirt: rec.libvirt.clone(),
             libvirt_jobs: self.libvirt_jobs,
+            failover_domains: Vec::new(),
             bandwidth: Some(self.bandwidth_status(vm, now)),
             group: None,
         }
@@ -1064,6 +1065,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         extended: None,
         libvirt: rec.libvirt.clone(),
         libvirt_jobs: None,
+        failover_domains: Vec::new(),
         bandwidth: None,
         group: None,
     }

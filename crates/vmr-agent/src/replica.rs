@@ -550,15 +550,22 @@ impl ReplicaSide {
             progress: None,
             failover_program: vmr_proto::VmDefinition::from_toml(&rec.launch_toml)
                 .ok()
-                .map(|def| vmr_proto::api::FailoverProgram {
-                    refused: crate::launch::allowed_program(
-                        &def.program,
-                        &vm.host.config.allowed_programs,
-                        &vm.host.dir.join(crate::config::CONFIG_FILE),
-                    )
-                    .err()
-                    .map(|e| e.to_string()),
-                    program: def.program,
+                .map(|def| match def.libvirt_xml {
+                    // defined and started through this host's libvirt (lvfailover.rs)
+                    Some(_) => vmr_proto::api::FailoverProgram {
+                        program: format!("libvirt at {}", crate::lvfailover::uri(&vm.host)),
+                        refused: None,
+                    },
+                    None => vmr_proto::api::FailoverProgram {
+                        refused: crate::launch::allowed_program(
+                            &def.program,
+                            &vm.host.config.allowed_programs,
+                            &vm.host.dir.join(crate::config::CONFIG_FILE),
+                        )
+                        .err()
+                        .map(|e| e.to_string()),
+                        program: def.program,
+                    },
                 }),
             initial_at_ms: None,
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),
@@ -576,6 +583,16 @@ impl ReplicaSide {
             extended: None,
             libvirt: None,
             libvirt_jobs: None,
+            failover_domains: vm
+                .failover()
+                .map(|fr| {
+                    fr.live
+                        .iter()
+                        .chain(fr.tests.iter())
+                        .filter_map(|f| f.libvirt.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
             bandwidth: None,
             group: None,
         }

@@ -4,7 +4,9 @@
 //! unplanned failover: which address the replica probes the primary at
 //! ([`probe_address`], [`check_probe_target`]) and what the probe's result means
 //! ([`split_brain_verdict`]); and where a planned failover's final cycle is read from
-//! ([`prepare_source`]: the running QEMU, or the images once QEMU has exited). The primary and
+//! ([`prepare_source`]: the running QEMU, or the images once QEMU has exited; for a
+//! libvirt-managed VM [`libvirt_prepare`]), and how a failover through libvirt presents the
+//! domain ([`failover_domain`]). The primary and
 //! replica machines apply them; the agent carries out what they decide.
 
 use std::net::{IpAddr, SocketAddr};
@@ -318,6 +320,57 @@ pub fn prepare_source(probe: VmProbe) -> Result<PrepareSource, PrepareRefusal> {
         VmProbe::Status { running: false, .. } | VmProbe::NoGuest => Ok(PrepareSource::Vm),
         VmProbe::NoListener => Ok(PrepareSource::Images),
         VmProbe::Unresponsive { reason } => Err(PrepareRefusal::Unresponsive { reason }),
+    }
+}
+
+/// How a failover presents a VM replicated from a libvirt domain on the replica host's
+/// libvirt ([`failover_domain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverDomainIdentity {
+    /// The domain's name there.
+    pub name: String,
+    /// The primary's UUID is kept (otherwise libvirt gives the domain a new one).
+    pub keep_uuid: bool,
+    /// The domain's network interfaces are kept (otherwise every one is removed).
+    pub keep_interfaces: bool,
+}
+
+/// A failover is the same machine (the domain's name and UUID, its interfaces on the replica
+/// host's networks); a test copy must coexist with it and never meet the production network:
+/// `DOMAIN-test`, a new UUID, no interfaces.
+pub fn failover_domain(domain: &str, test: bool) -> FailoverDomainIdentity {
+    FailoverDomainIdentity {
+        name: if test {
+            format!("{domain}-test")
+        } else {
+            domain.to_owned()
+        },
+        keep_uuid: !test,
+        keep_interfaces: !test,
+    }
+}
+
+/// How `failover prepare` of a libvirt-managed VM gets to its final cycle
+/// ([`libvirt_prepare`]). libvirt takes backup jobs of active domains only, so the final
+/// cycle is always taken from the domain started paused (the guest never runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LibvirtPrepare {
+    /// Shut the guest down through libvirt (ACPI; at the admin's timeout the domain is
+    /// destroyed: the admin asked for the shutdown), then start it paused.
+    ShutDownThenStartPaused,
+    /// The domain is shut off: start it paused.
+    StartPaused,
+}
+
+/// The libvirt counterpart of [`prepare_source`]: `runs` = libvirt reports the domain active,
+/// `shutdown` = `--shutdown` was given. A running domain without `--shutdown` is refused.
+pub fn libvirt_prepare(runs: bool, shutdown: bool) -> Result<LibvirtPrepare, PrepareRefusal> {
+    match (runs, shutdown) {
+        (true, false) => Err(PrepareRefusal::Running {
+            status: "running (libvirt)".to_owned(),
+        }),
+        (true, true) => Ok(LibvirtPrepare::ShutDownThenStartPaused),
+        (false, _) => Ok(LibvirtPrepare::StartPaused),
     }
 }
 
@@ -639,6 +692,44 @@ mod tests {
         ];
         for (probe, want) in rows {
             assert_eq!(prepare_source(probe.clone()), want, "{probe:?}");
+        }
+    }
+
+    #[test]
+    fn libvirt_failover_domain_and_prepare() {
+        let live = failover_domain("web1", false);
+        assert_eq!(
+            live,
+            FailoverDomainIdentity {
+                name: "web1".into(),
+                keep_uuid: true,
+                keep_interfaces: true
+            }
+        );
+        let test = failover_domain("web1", true);
+        assert_eq!(
+            test,
+            FailoverDomainIdentity {
+                name: "web1-test".into(),
+                keep_uuid: false,
+                keep_interfaces: false
+            }
+        );
+        // (domain runs, --shutdown) -> step
+        let table = [
+            (true, true, Ok(LibvirtPrepare::ShutDownThenStartPaused)),
+            (false, true, Ok(LibvirtPrepare::StartPaused)),
+            (false, false, Ok(LibvirtPrepare::StartPaused)),
+            (
+                true,
+                false,
+                Err(PrepareRefusal::Running {
+                    status: "running (libvirt)".into(),
+                }),
+            ),
+        ];
+        for (runs, shutdown, want) in table {
+            assert_eq!(libvirt_prepare(runs, shutdown), want, "{runs} {shutdown}");
         }
     }
 }

@@ -89,6 +89,18 @@ impl Libvirt {
             name: name.to_string(),
         })
     }
+
+    /// Define (persistently) a domain from `xml`; a domain of the same name or UUID is
+    /// replaced, as `virsh define` does.
+    pub fn define(&self, xml: &str) -> Result<Domain, LibvirtError> {
+        cstring("domain XML", xml)?;
+        let dom = virt::domain::Domain::define_xml(&self.conn, xml)
+            .map_err(|e| call_err("virDomainDefineXML", &e))?;
+        let name = dom
+            .get_name()
+            .map_err(|e| call_err("virDomainGetName", &e))?;
+        Ok(Domain { dom, name })
+    }
 }
 
 impl Drop for Libvirt {
@@ -157,6 +169,54 @@ impl Domain {
         self.dom
             .is_active()
             .map_err(|e| call_err("virDomainIsActive", &e))
+    }
+
+    /// Start the defined domain.
+    pub fn start(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .create()
+            .map(|_| ())
+            .map_err(|e| call_err("virDomainCreate", &e))
+    }
+
+    /// Start the defined domain paused: QEMU runs (so a backup job can be taken of its
+    /// disks) but the guest's CPUs never do, so nothing writes to the disks.
+    pub fn start_paused(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+            .map(|_| ())
+            .map_err(|e| call_err("virDomainCreateWithFlags", &e))
+    }
+
+    /// Ask the guest to power down with the ACPI power button (the guest may ignore it).
+    pub fn shutdown_acpi(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            .map(|_| ())
+            .map_err(|e| call_err("virDomainShutdownFlags", &e))
+    }
+
+    /// Stop the domain at once (power off); a domain that does not run is not an error.
+    pub fn destroy(&self) -> Result<(), LibvirtError> {
+        if !self.is_running()? {
+            return Ok(());
+        }
+        match self.dom.destroy() {
+            Ok(()) => Ok(()),
+            Err(_) if !self.is_running()? => Ok(()),
+            Err(e) => Err(call_err("virDomainDestroy", &e)),
+        }
+    }
+
+    /// Remove the domain's persistent definition (with its checkpoints' and snapshots'
+    /// metadata, never its images).
+    pub fn undefine(&self) -> Result<(), LibvirtError> {
+        let flags = sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE;
+        self.dom
+            .undefine_flags(flags)
+            .map_err(|e| call_err("virDomainUndefineFlags", &e))
     }
 
     /// Whether any job (a backup, a migration, ...) runs on the domain.

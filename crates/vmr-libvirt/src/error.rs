@@ -84,6 +84,14 @@ pub enum LibvirtError {
         /// Its name.
         name: String,
     },
+    /// A failover's disks do not match the replicated domain definition.
+    #[error("failover domain: disk {disk}: {reason}")]
+    FailoverDisk {
+        /// Target name.
+        disk: String,
+        /// What does not match.
+        reason: String,
+    },
     /// Any other failed call, with the call's name and libvirt's message.
     #[error("libvirt {call} failed: {message}")]
     Call {

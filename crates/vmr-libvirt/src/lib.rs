@@ -5,7 +5,9 @@
 //! never touches others), a pull-mode backup job (`virDomainBackupBegin`: the point-in-time
 //! view of every disk, exported over NBD on a Unix socket with a scratch file per disk, with
 //! `<incremental>` = a checkpoint and a new checkpoint created atomically with it), ending
-//! that job (`virDomainAbortJob`) and deleting a checkpoint.
+//! that job (`virDomainAbortJob`) and deleting a checkpoint; on a replica host, defining,
+//! starting, destroying and undefining a failed-over domain from the replicated XML
+//! (`xml::failover_xml`).
 //!
 //! Which checkpoint a cycle starts from, what is deleted after an acknowledgement and when a
 //! chain cannot be trusted are decisions: they live in `vmr_core::libvirt` (sans-IO). The
@@ -19,7 +21,7 @@ pub mod xml;
 
 pub use domain::{BackupJob, Domain, Libvirt};
 pub use error::LibvirtError;
-pub use xml::{BackupPlan, DomainDisk};
+pub use xml::{BackupPlan, DomainDisk, FailoverDomain};
 
 /// Prefix of every checkpoint vmreplica creates; others are never touched.
 pub const CHECKPOINT_PREFIX: &str = "vmreplica-";

@@ -174,6 +174,107 @@ pub fn export_of(target: &str) -> (String, String) {
     )
 }
 
+/// The `<name>` of a domain definition.
+pub fn domain_name(domain_xml: &str) -> Result<String, LibvirtError> {
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    doc.root_element()
+        .children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| xml_err("the domain definition has no <name>"))
+}
+
+/// How a failover turns the replicated domain definition into the domain it defines on the
+/// replica host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverDomain {
+    /// The new domain's name (the primary's for a failover, `NAME-test` for a test copy).
+    pub name: String,
+    /// Keep the definition's `<uuid>` (a failover: the VM stays the same machine); `false`
+    /// drops it and libvirt gives the test copy a new one.
+    pub keep_uuid: bool,
+    /// Every replicated disk (target) with the image it now runs on (a store overlay).
+    pub disks: Vec<(String, PathBuf)>,
+    /// Drop every `<interface>` (a test copy must not meet the production network).
+    pub remove_interfaces: bool,
+}
+
+/// The domain XML of a failover: `domain_xml` (the replicated persistent definition) with its
+/// name replaced, its UUID kept or dropped, every replicated disk's `<source file>` pointed at
+/// its overlay (a `<backingStore>` dropped: the overlay's chain is probed by libvirt) and, for a
+/// test copy, its interfaces removed. Everything else is kept as the primary defined it. A
+/// disk with no overlay, or an overlay for no disk of the definition, is
+/// [`LibvirtError::FailoverDisk`].
+pub fn failover_xml(domain_xml: &str, plan: &FailoverDomain) -> Result<String, LibvirtError> {
+    let disks = parse_disks(domain_xml)?;
+    for (target, _) in &plan.disks {
+        if !disks.iter().any(|d| &d.target == target) {
+            return Err(LibvirtError::FailoverDisk {
+                disk: target.clone(),
+                reason: "the replicated domain definition has no such disk".into(),
+            });
+        }
+    }
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    let root = doc.root_element();
+    // (byte range of the source, replacement), applied from the end
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    match root.children().find(|n| n.has_tag_name("name")) {
+        Some(n) => edits.push((n.range(), format!("<name>{}</name>", escape(&plan.name)))),
+        None => return Err(xml_err("the domain definition has no <name>")),
+    }
+    if !plan.keep_uuid
+        && let Some(u) = root.children().find(|n| n.has_tag_name("uuid"))
+    {
+        edits.push((u.range(), String::new()));
+    }
+    if let Some(devices) = root.children().find(|n| n.has_tag_name("devices")) {
+        for disk in devices.children().filter(|n| n.has_tag_name("disk")) {
+            if disk.attribute("device").unwrap_or("disk") != "disk" {
+                continue;
+            }
+            let Some(target) = disk
+                .children()
+                .find(|n| n.has_tag_name("target"))
+                .and_then(|t| t.attribute("dev"))
+            else {
+                continue;
+            };
+            let Some((_, overlay)) = plan.disks.iter().find(|(t, _)| t == target) else {
+                return Err(LibvirtError::FailoverDisk {
+                    disk: target.to_string(),
+                    reason: "no replicated image of it on this host".into(),
+                });
+            };
+            let source = disk
+                .children()
+                .find(|n| n.has_tag_name("source"))
+                .and_then(|s| s.attribute_node("file"))
+                .ok_or_else(|| xml_err(format!("disk {target} has no <source file=...>")))?;
+            edits.push((source.range_value(), path_str(overlay)));
+            for b in disk.children().filter(|n| n.has_tag_name("backingStore")) {
+                edits.push((b.range(), String::new()));
+            }
+        }
+        if plan.remove_interfaces {
+            for i in devices.children().filter(|n| n.has_tag_name("interface")) {
+                edits.push((i.range(), String::new()));
+            }
+        }
+    }
+    edits.sort_by_key(|(r, _)| r.start);
+    let mut out = domain_xml.to_string();
+    for (range, text) in edits.into_iter().rev() {
+        out.replace_range(range, &text);
+    }
+    // what libvirt will be given must still be a domain with those disks
+    let check = parse_disks(&out)?;
+    debug_assert_eq!(check.len(), disks.len());
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +376,95 @@ mod tests {
             )
         );
         assert_eq!(backup_socket("<domainbackup mode='push'/>"), None);
+    }
+    #[test]
+    fn failover_domain_documents() {
+        let xml = "<domain type='kvm'>\n  <name>web1</name>\n  <uuid>0f8a2c1e-1111-2222-3333-444455556666</uuid>\n  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/p/a.qcow2'/><backingStore type='file'><format type='qcow2'/><source file='/p/base.qcow2'/></backingStore><target dev='vda' bus='virtio'/></disk>\n    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='/iso/x.iso'/><target dev='sda'/></disk>\n    <disk type=\"file\" device=\"disk\"><driver name='qemu' type='qcow2'/><source file=\"/p/b.qcow2\"/><target dev='vdb'/></disk>\n    <interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='default'/></interface>\n  </devices>\n</domain>";
+        let overlays = vec![
+            ("vda".to_string(), PathBuf::from("/r/fo/live/vda.qcow2")),
+            (
+                "vdb".to_string(),
+                PathBuf::from("/r/fo/live/it's vdb.qcow2"),
+            ),
+        ];
+        let live = failover_xml(
+            xml,
+            &FailoverDomain {
+                name: "web1".into(),
+                keep_uuid: true,
+                disks: overlays.clone(),
+                remove_interfaces: false,
+            },
+        )
+        .expect("live");
+        let disks = parse_disks(&live).expect("parses");
+        assert_eq!(
+            disks.iter().map(|d| d.path.clone()).collect::<Vec<_>>(),
+            vec![
+                PathBuf::from("/r/fo/live/vda.qcow2"),
+                PathBuf::from("/r/fo/live/it's vdb.qcow2")
+            ]
+        );
+        assert!(
+            live.contains("<uuid>0f8a2c1e-1111-2222-3333-444455556666</uuid>"),
+            "{live}"
+        );
+        assert!(live.contains("<interface type='network'>"), "{live}");
+        assert!(live.contains("/iso/x.iso"), "the CD-ROM is kept: {live}");
+        assert!(!live.contains("backingStore"), "{live}");
+        assert!(!live.contains("/p/"), "no primary image is left: {live}");
+
+        let test = failover_xml(
+            xml,
+            &FailoverDomain {
+                name: "web1-test".into(),
+                keep_uuid: false,
+                disks: overlays.clone(),
+                remove_interfaces: true,
+            },
+        )
+        .expect("test");
+        assert_eq!(domain_name(&test).expect("name"), "web1-test");
+        assert_eq!(domain_name(xml).expect("name"), "web1");
+        assert!(domain_name("<domain/>").is_err());
+        let doc = roxmltree::Document::parse(&test).expect("xml");
+        let root = doc.root_element();
+        assert_eq!(
+            root.children()
+                .find(|n| n.has_tag_name("name"))
+                .and_then(|n| n.text()),
+            Some("web1-test")
+        );
+        assert!(!root.children().any(|n| n.has_tag_name("uuid")), "{test}");
+        assert!(!test.contains("interface"), "{test}");
+        assert_eq!(parse_disks(&test).expect("disks").len(), 2);
+
+        // a disk without an overlay, an overlay for no disk: refused naming the disk
+        for (disks, want) in [
+            (vec![overlays[0].clone()], "vdb"),
+            (
+                vec![
+                    overlays[0].clone(),
+                    overlays[1].clone(),
+                    ("vdz".to_string(), PathBuf::from("/z")),
+                ],
+                "vdz",
+            ),
+        ] {
+            let e = failover_xml(
+                xml,
+                &FailoverDomain {
+                    name: "x".into(),
+                    keep_uuid: true,
+                    disks,
+                    remove_interfaces: false,
+                },
+            )
+            .expect_err(want);
+            assert!(
+                matches!(&e, LibvirtError::FailoverDisk { disk, .. } if disk == want),
+                "{e}"
+            );
+        }
     }
 }

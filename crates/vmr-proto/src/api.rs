@@ -171,6 +171,10 @@ pub struct VmStatus {
     /// capture was opened (another tool's job met, resyncs the checkpoint chain required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_jobs: Option<LibvirtJobs>,
+    /// Replica: the libvirt domains failovers of this VM defined on this host (the
+    /// failed-over domain and test copies of a VM replicated from libvirt; empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover_domains: Vec<FailoverDomainRef>,
     /// Primary with replication enabled: the sending limit in force and what the last cycle
     /// spent waiting for it (absent elsewhere and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -782,6 +786,22 @@ pub struct FailoverVm {
     /// interface (empty: none set, or not applied yet).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<String>,
+    /// The libvirt domain this failover defined and started (a libvirt-managed VM), instead
+    /// of a QEMU process of the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<FailoverDomainRef>,
+}
+
+/// A domain a failover defined on this host's libvirt (`failover start`/`test` of a
+/// libvirt-managed VM); cancel and stop-test destroy and undefine it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverDomainRef {
+    /// The connection URI it was defined at.
+    pub uri: String,
+    /// The domain's name (`NAME`, or `NAME-test`).
+    pub domain: String,
+    /// Its UUID (the primary's for a failover, a new one for a test copy).
+    pub uuid: String,
 }
 
 /// Failover bookkeeping of one VM on a replica host (`DIR/failover/<uuid>.json`).
@@ -1309,6 +1329,11 @@ pub struct AgentConfig {
     /// `+01:00`.
     #[serde(default, skip_serializing_if = "is_utc")]
     pub time_zone: crate::bandwidth::TimeZone,
+    /// The libvirt connection URI a failover of a libvirt-managed VM defines and starts its
+    /// domain on, on this (replica) host (`libvirt-connect = "qemu:///system"`, the default
+    /// when absent). See docs/libvirt.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_connect: Option<String>,
 }
 
 fn is_utc(z: &crate::bandwidth::TimeZone) -> bool {

@@ -133,3 +133,33 @@ pub fn qemu_io_write_pattern(
     )
     .map(|_| ())
 }
+
+/// Whether `len` bytes at `offset` of qcow2 image `path` (through its backing chain) all hold
+/// `pattern`: `qemu-io -r -U` (read-only, sharing the image with the VM that runs on it).
+pub fn qemu_io_holds_pattern(
+    path: &Path,
+    pattern: u8,
+    offset: u64,
+    len: u64,
+) -> anyhow::Result<bool> {
+    let out = Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c"])
+        .arg(format!("read -P {pattern} {offset} {len}"))
+        .arg(path)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run qemu-io: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // a mismatch exits 1 and says so; anything else that fails is an error
+    if text.contains("Pattern verification failed") {
+        return Ok(false);
+    }
+    if !out.status.success() || !text.contains("read ") {
+        anyhow::bail!(
+            "qemu-io read of {}: {} {}",
+            path.display(),
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(true)
+}

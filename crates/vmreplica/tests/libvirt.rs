@@ -6,7 +6,12 @@
 //! point equals a model of every write (made through the domain's QEMU) at a cut after the
 //! last write, also after the primary agent was SIGKILLed with a cycle's job held open; the
 //! domain XML is stored with the replica's definition, and what is not built yet (`vm set
-//! --qmp`, a failover of it) is refused naming the gap.
+//! --qmp`) is refused naming the gap; a failover with no libvirt reachable on the replica is
+//! refused with libvirt's reason. The second test fails over through a second private daemon
+//! (the replica host's libvirt): a test copy `NAME-test` running with a new UUID on the
+//! replica's overlays, the guest seeing the replicated writes, stopped and undefined; the
+//! split-brain guard asking libvirt whether the primary domain runs; a real failover keeping
+//! the UUID, cancelled (destroyed, undefined, replication state back) and completed.
 //!
 //! Needs root (a mount namespace for the private daemon): skipped with a message otherwise;
 //! as root, a missing libvirt installation fails the test. The held cycle needs
@@ -264,21 +269,31 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
         "vmreplica's checkpoints on the domain: {names:?}"
     );
 
-    // The domain XML travelled with the definition and is stored on the replica; a failover
-    // of it there is refused (failover through libvirt is not built).
+    // The domain XML travelled with the definition and is stored on the replica. A failover
+    // there needs the replica host's libvirt (`libvirt-connect`): one that cannot be reached
+    // is refused with libvirt's reason, and nothing changes.
     let stored = vmr_store::Store::open(&p.b.storage())?.definition(uuid)?;
     let def = vmr_proto::VmDefinition::from_toml(&stored)?;
     let xml = def
         .libvirt_xml
         .ok_or("no domain XML in the replica's definition")?;
     assert!(xml.contains(&format!("<name>{DOMAIN}</name>")), "{xml}");
+    let nowhere = tmp.path().join("no-daemon.sock");
+    p.b.add_config(&format!(
+        "libvirt-connect = \"qemu+unix:///system?socket={}\"",
+        nowhere.display()
+    ))?;
+    p.b.restart()?;
     let o = p.b.cli(&["failover", "test", "web1"])?;
-    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("failover through libvirt is not built"),
+        stderr(&o).contains("failover through libvirt at qemu+unix"),
         "{}",
         stderr(&o)
     );
+    let st = p.b.status("web1")?;
+    assert!(st.failover_domains.is_empty(), "{st:?}");
+    assert_eq!(st.state, vmr_proto::api::ReplicationState::Replicating);
 
     p.a.ok(&["disable", "web1"])?;
     p.a.ok(&["vm", "remove", "web1", "--yes"])?;
@@ -288,5 +303,438 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
     let left = processes_in_namespaces(&ns);
     assert!(left.is_empty(), "processes left: {left:?}");
     eprintln!("vm add --libvirt test: {} ms", t0.elapsed().as_millis());
+    Ok(())
+}
+
+const FO_DOMAIN: &str = "vmr-lv-fo1";
+
+/// The failed-over domain names on `lv` (all of them with `all`, running ones otherwise).
+fn domains(lv: &PrivateLibvirt, all: bool) -> TestResult<Vec<String>> {
+    let mut args = vec!["list", "--name"];
+    if all {
+        args.push("--all");
+    }
+    Ok(lv
+        .virsh(&args)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+fn failover(agent: &Agent, args: &[&str]) -> TestResult<vmr_proto::api::FailoverResult> {
+    let mut a = vec!["failover"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    Ok(serde_json::from_str(&agent.ok(&a)?)?)
+}
+
+#[test]
+fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
+    use vmr_proto::api::ReplicationState;
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED libvirt_failover_through_the_replica_hosts_libvirt: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lvf").tempdir()?;
+    // the primary host's libvirt and the replica host's
+    let lv = PrivateLibvirt::start(&tmp.path().join("la"))?;
+    let lvb = PrivateLibvirt::start(&tmp.path().join("lb"))?;
+    let mut images: Vec<PathBuf> = Vec::new();
+    for (i, size) in ["16M", "8M"].iter().enumerate() {
+        let p = tmp.path().join(format!("d{i}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg(size)
+            .status()?;
+        assert!(st.success(), "qemu-img create");
+        images.push(p);
+    }
+    lv.start_domain_with_nic(FO_DOMAIN, &images)?;
+    assert!(lv.virsh(&["domiflist", FO_DOMAIN])?.contains("user"));
+    let primary_uuid = lv.virsh(&["domuuid", FO_DOMAIN])?.trim().to_owned();
+
+    let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvf-")?)?;
+    p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
+    p.b.restart()?;
+    p.a.allow(&p.b)?; // lets the replica probe the primary (split-brain guard)
+    p.a.ok(&[
+        "vm",
+        "add",
+        "web1",
+        "--libvirt",
+        FO_DOMAIN,
+        "--connect",
+        lv.uri(),
+    ])?;
+    // (disk, offset, len, pattern): every write, checked in the failed-over guests
+    let mut writes: Vec<(usize, u64, u64, u8)> = Vec::new();
+    let write = |writes: &mut Vec<(usize, u64, u64, u8)>,
+                 disk: usize,
+                 offset: u64,
+                 len: u64,
+                 pattern: u8|
+     -> TestResult {
+        lv.write_disk(FO_DOMAIN, disk, offset, len, pattern)?;
+        writes.push((disk, offset, len, pattern));
+        Ok(())
+    };
+    write(&mut writes, 0, 0, 1 << 20, 0x11)?;
+    write(&mut writes, 1, 4 << 20, 64 << 10, 0x22)?;
+    p.enable("web1", &["--frequency", "5s"])?;
+    p.wait_cycle("web1", 1, LONG)?;
+    let wait_cut = |p: &Pair| -> TestResult<u64> {
+        let s = p.a.status("web1")?;
+        let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
+        p.wait_cycle("web1", cut, LONG)?;
+        p.b.wait_cycle("web1", cut, LONG)?;
+        Ok(cut)
+    };
+    write(&mut writes, 0, 2 << 20, 192 << 10, 0x33)?;
+    write(&mut writes, 1, 0, 4096, 0x44)?;
+    wait_cut(&p)?;
+    let st = p.b.status("web1")?;
+    let prog = st.failover_program.clone().ok_or("no failover program")?;
+    assert!(
+        prog.program.starts_with("libvirt at qemu+unix") && prog.refused.is_none(),
+        "{prog:?}"
+    );
+
+    // A test failover: NAME-test, defined and started on the replica host's libvirt with a
+    // new UUID, on the replica's overlays; the guest sees every replicated write.
+    let r = failover(&p.b, &["test", "web1"])?;
+    let test_name = format!("{FO_DOMAIN}-test");
+    assert_eq!(r.name, test_name);
+    assert!(domains(&lvb, false)?.contains(&test_name), "virsh list");
+    assert_eq!(lvb.virsh(&["domstate", &test_name])?.trim(), "running");
+    let test_uuid = lvb.virsh(&["domuuid", &test_name])?.trim().to_owned();
+    assert_ne!(test_uuid, primary_uuid, "a test copy has a new UUID");
+    let blk = lvb.virsh(&["domblklist", &test_name])?;
+    for (_, overlay) in &r.disks {
+        assert!(blk.contains(overlay.as_str()), "{blk}");
+    }
+    for img in &images {
+        assert!(
+            !blk.contains(&*img.to_string_lossy()),
+            "the primary's image: {blk}"
+        );
+    }
+    let nics = lvb.virsh(&["domiflist", &test_name])?;
+    assert!(
+        !nics.contains("user"),
+        "a test copy has no interface: {nics}"
+    );
+    // what the domain's disks hold (its overlays, read beside the running guest)
+    let check = |lvb: &PrivateLibvirt, dom: &str, writes: &[(usize, u64, u64, u8)]| -> TestResult {
+        let blk = lvb.virsh(&["domblklist", dom])?;
+        let paths: Vec<PathBuf> = blk
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let t = f.next()?;
+                t.starts_with("vd").then(|| f.next().map(PathBuf::from))?
+            })
+            .collect();
+        assert_eq!(paths.len(), 2, "{blk}");
+        for &(disk, off, len, pat) in writes {
+            assert!(
+                vmr_testkit::img::qemu_io_holds_pattern(&paths[disk], pat, off, len)?,
+                "{dom}: disk {disk} at {off} does not hold {pat:#x}"
+            );
+        }
+        Ok(())
+    };
+    check(&lvb, &test_name, &writes)?;
+    // (the check can fail: a pattern that was never written is seen as such)
+    assert!(!vmr_testkit::img::qemu_io_holds_pattern(
+        std::path::Path::new(&r.disks[0].1),
+        0x99,
+        2 << 20,
+        4096
+    )?);
+    let st = p.b.status("web1")?;
+    assert!(
+        st.failover_domains
+            .iter()
+            .any(|d| d.domain == test_name && d.uuid == test_uuid),
+        "status --json: {:?}",
+        st.failover_domains
+    );
+    assert_eq!(
+        st.state,
+        ReplicationState::Replicating,
+        "a test changes nothing"
+    );
+    // A second test copy would have the same name: refused, nothing of it left.
+    let uuid = st.uuid;
+    let views = vmr_store::Store::open(&p.b.storage())?.views(uuid)?.len();
+    let o = p.b.cli(&["failover", "test", "web1"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("already defined"), "{}", stderr(&o));
+    assert_eq!(p.b.status("web1")?.failover_domains.len(), 1);
+    assert_eq!(
+        vmr_store::Store::open(&p.b.storage())?.views(uuid)?.len(),
+        views
+    );
+    p.b.ok(&["failover", "stop-test", "web1"])?;
+    assert!(
+        !domains(&lvb, true)?.contains(&test_name),
+        "the test copy is undefined"
+    );
+    assert!(p.b.status("web1")?.failover_domains.is_empty());
+
+    // The split-brain guard asks the primary's agent, which asks libvirt: the domain runs.
+    let o = p.b.cli(&["failover", "start", "web1"])?;
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("still answers and its VM \"web1\" runs"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(domains(&lvb, true)?.is_empty());
+
+    // The primary domain dies after a last cycle (its agent still answers): libvirt says it
+    // does not run, so the guard lets a real failover through; it keeps name and UUID.
+    write(&mut writes, 0, 6 << 20, 64 << 10, 0x55)?;
+    wait_cut(&p)?;
+    lv.virsh(&["destroy", FO_DOMAIN])?;
+    let r = failover(&p.b, &["start", "web1"])?;
+    assert_eq!(r.name, FO_DOMAIN);
+    assert!(domains(&lvb, false)?.contains(&FO_DOMAIN.to_owned()));
+    assert_eq!(
+        lvb.virsh(&["domuuid", FO_DOMAIN])?.trim(),
+        primary_uuid,
+        "a failover keeps the UUID"
+    );
+    check(&lvb, FO_DOMAIN, &writes)?;
+    let nics = lvb.virsh(&["domiflist", FO_DOMAIN])?;
+    assert!(
+        nics.contains("user"),
+        "a failover keeps the interfaces: {nics}"
+    );
+    let st = p.b.status("web1")?;
+    assert_eq!(st.state, ReplicationState::FailedOverWaitingCompletion);
+    assert_eq!(st.failover_domains.len(), 1, "{:?}", st.failover_domains);
+
+    // The replica agent restarted: the failover record keeps the domain.
+    p.b.restart()?;
+    let st = p.b.status("web1")?;
+    assert_eq!(st.state, ReplicationState::FailedOverWaitingCompletion);
+    assert_eq!(st.failover_domains.len(), 1, "{:?}", st.failover_domains);
+    assert_eq!(lvb.virsh(&["domstate", FO_DOMAIN])?.trim(), "running");
+
+    // Cancel: destroyed and undefined, replication state back.
+    p.b.ok(&["failover", "cancel", "web1"])?;
+    assert!(domains(&lvb, true)?.is_empty(), "the domain is undefined");
+    let st = p.b.status("web1")?;
+    assert_eq!(st.state, ReplicationState::Replicating);
+    assert!(st.failover_domains.is_empty());
+
+    // Again, then complete: the domain goes on running.
+    failover(&p.b, &["start", "web1"])?;
+    p.b.ok(&["failover", "complete", "web1"])?;
+    assert_eq!(p.b.status("web1")?.state, ReplicationState::FailedOver);
+    assert!(domains(&lvb, false)?.contains(&FO_DOMAIN.to_owned()));
+    check(&lvb, FO_DOMAIN, &writes)?;
+    // reverse after an unplanned failover needs a resync, not built for libvirt VMs: refused
+    // before the old primary changes anything
+    let o = p.b.cli(&["reverse", "web1"])?;
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("unplanned failover"), "{}", stderr(&o));
+    assert_eq!(
+        p.a.status("web1")?.mode,
+        vmr_proto::api::ReplicationMode::Primary
+    );
+
+    p.stop()?;
+    let mut ns = lv.mount_namespaces();
+    ns.extend(lvb.mount_namespaces());
+    drop(lv);
+    drop(lvb);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    eprintln!(
+        "failover through libvirt test: {} ms",
+        t0.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+const PF_DOMAIN: &str = "vmr-lv-pf1";
+
+/// A planned failover of a libvirt primary: `failover prepare --shutdown` shuts the domain
+/// down through libvirt (the stand-in has no guest OS, so it ignores ACPI: destroyed at the
+/// timeout), ships the final cycle from the shut-off domain's disks (started paused for the
+/// backup job), and the replica's failed-over domain holds every write, also those made after
+/// the last scheduled cycle.
+#[test]
+fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
+    use vmr_proto::api::{PointInfo, ReplicationState};
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED libvirt_planned_failover_with_shutdown_loses_nothing: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lvp").tempdir()?;
+    let lv = PrivateLibvirt::start(&tmp.path().join("la"))?;
+    let lvb = PrivateLibvirt::start(&tmp.path().join("lb"))?;
+    let mut images: Vec<PathBuf> = Vec::new();
+    for (i, size) in ["16M", "8M"].iter().enumerate() {
+        let p = tmp.path().join(format!("d{i}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg(size)
+            .status()?;
+        assert!(st.success(), "qemu-img create");
+        images.push(p);
+    }
+    lv.start_domain(PF_DOMAIN, &images)?;
+    let primary_uuid = lv.virsh(&["domuuid", PF_DOMAIN])?.trim().to_owned();
+    let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvp-")?)?;
+    p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
+    p.b.restart()?;
+    p.a.allow(&p.b)?; // lets the replica probe the primary (split-brain guard)
+    p.a.ok(&[
+        "vm",
+        "add",
+        "web1",
+        "--libvirt",
+        PF_DOMAIN,
+        "--connect",
+        lv.uri(),
+    ])?;
+    let mut writes: Vec<(usize, u64, u64, u8)> = Vec::new();
+    let write = |writes: &mut Vec<(usize, u64, u64, u8)>,
+                 disk: usize,
+                 offset: u64,
+                 len: u64,
+                 pattern: u8|
+     -> TestResult {
+        lv.write_disk(PF_DOMAIN, disk, offset, len, pattern)?;
+        writes.push((disk, offset, len, pattern));
+        Ok(())
+    };
+    write(&mut writes, 0, 0, 1 << 20, 0x11)?;
+    // a long interval: only the initial copy is scheduled before the prepare
+    p.enable("web1", &["--frequency", "1h"])?;
+    p.wait_cycle("web1", 1, LONG)?;
+    p.b.wait_cycle("web1", 1, LONG)?;
+    // written after the last cycle: only the final cycle carries them
+    write(&mut writes, 0, 3 << 20, 256 << 10, 0x21)?;
+    write(&mut writes, 1, 1 << 20, 64 << 10, 0x31)?;
+
+    // Without --shutdown a running domain is refused, and replication goes on.
+    let o = p.a.cli(&["failover", "prepare", "web1"])?;
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is running"), "{}", stderr(&o));
+    assert_eq!(p.a.status("web1")?.state, ReplicationState::Replicating);
+    assert_eq!(lv.virsh(&["domstate", PF_DOMAIN])?.trim(), "running");
+
+    let prep = failover(&p.a, &["prepare", "web1", "--shutdown", "--timeout", "3s"])?;
+    eprintln!("prepare: {}", prep.message);
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    assert!(prep.message.contains("destroyed"), "{}", prep.message);
+    let k = prep.point.ok_or("no final cycle")?;
+    assert_eq!(lv.virsh(&["domstate", PF_DOMAIN])?.trim(), "shut off");
+    assert_eq!(
+        p.a.status("web1")?.state,
+        ReplicationState::PreparedForFailover
+    );
+
+    // The replica: the final point is planned; the failover needs no --force (the primary
+    // is prepared) and its domain holds every write.
+    let pts: Vec<PointInfo> = serde_json::from_str(&p.b.ok(&["points", "web1", "--json"])?)?;
+    assert_eq!(
+        pts.last().map(|x| (x.id, x.kind.as_str())),
+        Some((k, "planned")),
+        "{pts:?}"
+    );
+    let live = failover(&p.b, &["start", "web1"])?;
+    assert_eq!(live.point, Some(k));
+    assert!(live.message.contains("(planned)"), "{}", live.message);
+    assert_eq!(lvb.virsh(&["domstate", PF_DOMAIN])?.trim(), "running");
+    assert_eq!(lvb.virsh(&["domuuid", PF_DOMAIN])?.trim(), primary_uuid);
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(
+                std::path::Path::new(&live.disks[disk].1),
+                pat,
+                off,
+                len
+            )?,
+            "disk {disk} at {off} does not hold {pat:#x} after the planned failover"
+        );
+    }
+
+    // Reverse: the failed-over domain is captured through the replica host's libvirt, and
+    // the old primary's store follows its writes.
+    let uuid = p.a.status("web1")?.uuid;
+    let r: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "web1", "--frequency", "5s", "--json"])?)?;
+    assert_eq!(r.state, ReplicationState::Replicating, "{}", r.message);
+    let st = p.b.status("web1")?;
+    let src = st
+        .libvirt
+        .clone()
+        .ok_or("the new primary has no libvirt source")?;
+    assert_eq!(
+        (src.domain.as_str(), src.uri.as_str()),
+        (PF_DOMAIN, lvb.uri())
+    );
+    lvb.write_disk(PF_DOMAIN, 0, 9 << 20, 64 << 10, 0x61)?;
+    lvb.write_disk(PF_DOMAIN, 1, 2 << 20, 4096, 0x62)?;
+    writes.push((0, 9 << 20, 64 << 10, 0x61));
+    writes.push((1, 2 << 20, 4096, 0x62));
+    let s = p.b.status("web1")?;
+    let cut = s.last_cycle.unwrap_or(k) + 1 + u64::from(s.progress.is_some());
+    p.b.wait_cycle("web1", cut, LONG)?;
+    p.a.wait_cycle("web1", cut, LONG)?;
+    let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)?,
+            "the old primary's store: disk {disk} at {off} does not hold {pat:#x} after reverse"
+        );
+    }
+    let cps = lvb.checkpoints(PF_DOMAIN)?;
+    assert!(
+        cps.iter().any(|c| c.starts_with("vmreplica-")),
+        "the reverse cycles are backup jobs of the failed-over domain: {cps:?}"
+    );
+
+    p.stop()?;
+    let mut ns = lv.mount_namespaces();
+    ns.extend(lvb.mount_namespaces());
+    drop(lv);
+    drop(lvb);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    eprintln!(
+        "planned failover through libvirt test: {} ms",
+        t0.elapsed().as_millis()
+    );
     Ok(())
 }

@@ -200,6 +200,16 @@ impl PrivateLibvirt {
     /// Define and start domain `name` (TCG, no guest OS: its firmware idles) with the
     /// given qcow2 disks as virtio `vda`, `vdb`, ...
     pub fn start_domain(&self, name: &str, disks: &[PathBuf]) -> anyhow::Result<()> {
+        self.define_and_start(name, disks, false)
+    }
+
+    /// [`Self::start_domain`] with a network interface (user-mode networking: no bridge or
+    /// libvirt network is needed), for what a failover does to interfaces.
+    pub fn start_domain_with_nic(&self, name: &str, disks: &[PathBuf]) -> anyhow::Result<()> {
+        self.define_and_start(name, disks, true)
+    }
+
+    fn define_and_start(&self, name: &str, disks: &[PathBuf], nic: bool) -> anyhow::Result<()> {
         let mut x = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='q35'>hvm</type></os><devices>\
@@ -211,6 +221,9 @@ impl PrivateLibvirt {
                 "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='{target}' bus='virtio'/></disk>",
                 p.display()
             ));
+        }
+        if nic {
+            x.push_str("<interface type='user'><model type='virtio'/></interface>");
         }
         x.push_str("<memballoon model='none'/></devices></domain>");
         let file = self.dir.join(format!("{name}.xml"));

@@ -1,0 +1,155 @@
+//! Failover through libvirt on a replica host: the driver that carries out `failover start`,
+//! `failover test`, `failover cancel` and `failover stop-test` for a VM replicated from a
+//! libvirt domain (its replicated definition holds the domain XML). It owns defining the
+//! failed-over domain from the replicated XML on this host's libvirt (`libvirt-connect` in
+//! config.toml, `qemu:///system` when absent), starting it, and destroying and undefining it
+//! again. Which name, UUID and interfaces the domain has is [`vmr_core::failover_domain`]'s
+//! decision, its XML [`vmr_libvirt::xml::failover_xml`]; when a failover may happen, and what cancel and
+//! complete mean, stay the failover machine's decisions (`vmr_core`), driven by
+//! `failover.rs`. Every libvirt call blocks, so each runs in `spawn_blocking`. See
+//! docs/libvirt.md.
+
+use std::path::PathBuf;
+
+use vmr_libvirt::{FailoverDomain, Libvirt, LibvirtError};
+use vmr_proto::api::FailoverDomainRef;
+
+use crate::errors::AgentError;
+use crate::host::Host;
+
+/// The URI used when config.toml has no `libvirt-connect`.
+pub const DEFAULT_URI: &str = "qemu:///system";
+
+/// The libvirt connection URI failovers use on this host.
+pub fn uri(host: &Host) -> String {
+    host.config
+        .libvirt_connect
+        .clone()
+        .unwrap_or_else(|| DEFAULT_URI.to_owned())
+}
+
+fn err(uri: &str, doing: &'static str, domain: &str, source: LibvirtError) -> AgentError {
+    AgentError::FailoverDomain {
+        uri: uri.to_owned(),
+        doing,
+        domain: domain.to_owned(),
+        source,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(AgentError::Task)?
+}
+
+/// Check, before anything changes, that this host's libvirt answers and that the replicated
+/// XML can be made into the failed-over domain (`plan`'s disks match it): a bad setup is
+/// refused with nothing changed. Returns the domain's name in the replicated XML.
+pub async fn check(uri: String, xml: String) -> Result<String, AgentError> {
+    blocking(move || {
+        let name = vmr_libvirt::xml::domain_name(&xml).map_err(|e| err(&uri, "reading", "-", e))?;
+        Libvirt::open(&uri).map_err(|e| err(&uri, "connecting for", &name, e))?;
+        Ok(name)
+    })
+    .await
+}
+
+/// Define the failed-over domain from the replicated `xml` as `plan` says and, when `start`,
+/// start it. A domain that cannot be started is undefined again (nothing is left).
+pub async fn define(
+    uri: String,
+    xml: String,
+    plan: FailoverDomain,
+    start: bool,
+) -> Result<FailoverDomainRef, AgentError> {
+    blocking(move || {
+        let name = plan.name.clone();
+        let doc = vmr_libvirt::xml::failover_xml(&xml, &plan)
+            .map_err(|e| err(&uri, "making the XML of", &name, e))?;
+        let lv = Libvirt::open(&uri).map_err(|e| err(&uri, "connecting for", &name, e))?;
+        if let Ok(d) = lv.domain(&name) {
+            // never replace a domain of someone else's (or an earlier copy still defined)
+            return Err(err(
+                &uri,
+                "defining",
+                &name,
+                LibvirtError::Call {
+                    call: "virDomainDefineXML",
+                    message: format!(
+                        "a domain named {:?} is already defined on this host (uuid {})",
+                        d.name(),
+                        d.uuid().unwrap_or_default()
+                    ),
+                },
+            ));
+        }
+        let dom = lv
+            .define(&doc)
+            .map_err(|e| err(&uri, "defining", &name, e))?;
+        let uuid = dom.uuid().map_err(|e| err(&uri, "reading", &name, e))?;
+        if start && let Err(e) = dom.start() {
+            if let Err(u) = dom.undefine() {
+                tracing::warn!(domain = %name, "undefining the domain that did not start: {u}");
+            }
+            return Err(err(&uri, "starting", &name, e));
+        }
+        Ok(FailoverDomainRef {
+            uri: uri.clone(),
+            domain: name,
+            uuid,
+        })
+    })
+    .await
+}
+
+/// Destroy (power off) and undefine the failed-over domain `r`. A domain already gone is
+/// fine; a domain of that name with another UUID is not this failover's and is left alone.
+pub async fn remove(r: FailoverDomainRef) -> Result<(), AgentError> {
+    blocking(move || {
+        let lv = Libvirt::open(&r.uri).map_err(|e| err(&r.uri, "connecting for", &r.domain, e))?;
+        let dom = match lv.domain(&r.domain) {
+            Ok(d) => d,
+            Err(LibvirtError::NoDomain { .. }) => return Ok(()),
+            Err(e) => return Err(err(&r.uri, "looking up", &r.domain, e)),
+        };
+        let uuid = dom
+            .uuid()
+            .map_err(|e| err(&r.uri, "reading", &r.domain, e))?;
+        if !uuid.eq_ignore_ascii_case(&r.uuid) {
+            tracing::warn!(domain = %r.domain, %uuid, recorded = %r.uuid,
+                "a domain of this name with another UUID is not this failover's: left alone");
+            return Ok(());
+        }
+        dom.destroy()
+            .map_err(|e| err(&r.uri, "destroying", &r.domain, e))?;
+        dom.undefine()
+            .map_err(|e| err(&r.uri, "undefining", &r.domain, e))
+    })
+    .await
+}
+
+/// Does the failed-over domain `r` run? (A short blocking call to the local daemon; a
+/// daemon that does not answer counts as not running.)
+pub fn runs(r: &FailoverDomainRef) -> bool {
+    let Ok(lv) = Libvirt::open(&r.uri) else {
+        return false;
+    };
+    lv.domain(&r.domain)
+        .and_then(|d| Ok(d.uuid()?.eq_ignore_ascii_case(&r.uuid) && d.is_running()?))
+        .unwrap_or(false)
+}
+
+/// The failed-over domain's plan: [`vmr_core::failover_domain`]'s identity, with the
+/// replicated disks on the view's overlays.
+pub fn plan(domain: &str, disks: &[(String, PathBuf)], test: bool) -> FailoverDomain {
+    let id = vmr_core::failover_domain(domain, test);
+    FailoverDomain {
+        name: id.name,
+        keep_uuid: id.keep_uuid,
+        disks: disks.to_vec(),
+        remove_interfaces: !id.keep_interfaces,
+    }
+}
