@@ -1007,6 +1007,9 @@ pub enum AgentError {
         #[source]
         refusal: vmr_core::Refusal,
     },
+    /// `group failover`: some members were prepared for a planned failover, some not.
+    #[error(transparent)]
+    GroupPartlyPrepared(#[from] vmr_core::group::GroupFailoverRefusal),
     /// `group reverse`: a member named by the group points' tags is not registered here.
     #[error("group {group:?}: member {uuid} is not a VM of this agent")]
     GroupMemberMissing {
@@ -1037,6 +1040,7 @@ impl AgentError {
             | NoGroupPoint { .. } => exit::NOT_FOUND,
             Refused(_)
             | GroupMemberRefused { .. }
+            | GroupPartlyPrepared(_)
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
             | OnReplica { .. }

@@ -207,10 +207,15 @@ pub struct GroupStatus {
 /// What `group failover` did: the group point and each member's failover.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupFailoverResult {
-    /// The group point every member started at.
+    /// The group point every member started at; with `planned`, the latest complete group
+    /// point, which every member's planned final point is newer than or equal to.
     pub point: u64,
     /// Each member's failover (or test copy), in the group point's member order.
     pub members: Vec<FailoverResult>,
+    /// Every member was prepared for a planned failover (`failover prepare`) and started at
+    /// its planned final point, not at its point of the group point (docs/groups.md).
+    #[serde(default)]
+    pub planned: bool,
 }
 
 /// What `group reverse` did: each member reversed now (a member reversed by an earlier run
@@ -603,7 +608,8 @@ pub enum Request {
         name: String,
     },
     /// `group failover NAME` (replica): fail every member over (or start a test copy of
-    /// each, `test`) at one complete group point: `point`, or the latest.
+    /// each, `test`) at one complete group point: `point`, or the latest; or, when every
+    /// member was prepared for a planned failover, at each member's planned final point.
     GroupFailover {
         /// Group name.
         name: String,
@@ -613,6 +619,10 @@ pub enum Request {
         /// The group point; `None` = the latest complete one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         point: Option<u64>,
+        /// Start at the latest complete group point even when members were prepared for a
+        /// planned failover (their final points are then not used).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        latest_group_point: bool,
     },
     /// `group reverse NAME` (the failed-over host, after `group failover`): reverse every
     /// member (as `reverse`), then form the group here, so the reversed replication cuts its

@@ -437,9 +437,18 @@ pub enum GroupCmd {
         /// Start test copies (as `failover test`) instead of failing over.
         #[arg(long)]
         test: bool,
-        /// The group point (from `group points`); default the latest complete one.
-        #[arg(long, value_name = "GROUP-POINT")]
+        /// The group point (from `group points`); default the latest complete one, or each
+        /// member's planned final point when every member was prepared (`failover prepare`).
+        #[arg(
+            long,
+            value_name = "GROUP-POINT",
+            conflicts_with = "latest_group_point"
+        )]
         point: Option<u64>,
+        /// Start at the latest complete group point even when members were prepared for a
+        /// planned failover (needed when only some were: their final cycles are not used).
+        #[arg(long)]
+        latest_group_point: bool,
     },
     /// Reverse every member (on the failed-over host, after `group failover`), as `reverse`
     /// does for one VM, then form the group here: the reversed replication cuts its members
