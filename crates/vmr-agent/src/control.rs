@@ -485,6 +485,17 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             };
             to_value(group_failover(agent, &name, test, point, pick).await?)
         }
+        Request::GroupPrepare {
+            name,
+            shutdown_timeout_secs,
+        } => to_value(
+            group_prepare(
+                agent,
+                &name,
+                shutdown_timeout_secs.map(std::time::Duration::from_secs),
+            )
+            .await?,
+        ),
         Request::GroupReverse {
             name,
             replica,
@@ -1116,6 +1127,54 @@ async fn group_failover(
         point: gp.point,
         members: done.into_iter().map(|(_, r)| r).collect(),
         planned: plan.planned,
+    })
+}
+
+/// `group prepare NAME` (primary; docs/groups.md): the members are this agent's VMs whose
+/// record names the group; `vmr_core::group::plan_group_prepare` checks every member before
+/// any is prepared (members already PreparedForFailover are skipped); each is prepared as
+/// `failover prepare` does, in the members' order. A member whose prepare fails stops the
+/// command: the members prepared before it stay prepared (PreparedForFailover; `group
+/// failover` on the replica refuses until every member is) and running it again goes on.
+async fn group_prepare(
+    agent: &Control,
+    name: &str,
+    shutdown: Option<std::time::Duration>,
+) -> Result<vmr_proto::api::GroupPrepareResult, AgentError> {
+    vmr_core::group::check_group_name(name)?;
+    let mut members = Vec::new();
+    for (h, r) in records(agent).await? {
+        if r.group.as_deref() != Some(name) {
+            continue;
+        }
+        let st = h.ask(Command::Status).await?;
+        members.push((r.name.clone(), st.state, st.last_cycle.is_some()));
+    }
+    if members.is_empty() {
+        return Err(AgentError::UnknownGroup {
+            name: name.to_owned(),
+        });
+    }
+    let todo = vmr_core::group::plan_group_prepare(&members).map_err(|(member, refusal)| {
+        AgentError::GroupPrepareRefused {
+            group: name.to_owned(),
+            member,
+            refusal,
+        }
+    })?;
+    let mut done = Vec::new();
+    for member in &todo {
+        let r = vm(agent, member)?
+            .ask(|r| Command::Failover(FailoverCmd::Prepare { shutdown }, r))
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(group = name, member = %member, "group prepare stopped at this member (the ones before it are prepared; run it again to go on): {}", crate::util::chain(e));
+            })?;
+        done.push(r);
+    }
+    Ok(vmr_proto::api::GroupPrepareResult {
+        group: name.to_owned(),
+        members: done,
     })
 }
 

@@ -4,7 +4,8 @@
 //! which group points a replica holds complete ([`complete_points`]), and which of a member's
 //! points retention keeps so that a group point is kept or pruned for all members together
 //! ([`group_retention`]), which members `group reverse` reverses ([`plan_group_reverse`]),
-//! and at which point each member `group failover` starts ([`plan_group_failover`]).
+//! which members `group prepare` prepares ([`plan_group_prepare`]) and at which point each
+//! member `group failover` starts ([`plan_group_failover`]).
 //! Sans-IO like the rest of the crate: time arrives with every event.
 
 use std::collections::BTreeSet;
@@ -714,6 +715,27 @@ pub fn plan_group_failover(
             .collect(),
         planned: true,
     })
+}
+
+/// `group prepare NAME` (the primary; docs/groups.md): the members to prepare for a planned
+/// failover, in the order given, or the first member whose prepare the primary machine's
+/// rule refuses (`failover_transition`, the rule each member's machine applies), with its
+/// refusal, before any is prepared. A member is given with its state and whether it has a
+/// replicated point; members already PreparedForFailover (by `failover prepare` or an earlier
+/// `group prepare` that stopped part way) are skipped.
+pub fn plan_group_prepare(
+    members: &[(String, ReplicationState, bool)],
+) -> Result<Vec<String>, (String, Refusal)> {
+    let mut out = Vec::new();
+    for (name, state, has_point) in members {
+        if *state == ReplicationState::PreparedForFailover {
+            continue;
+        }
+        failover_transition(ReplicationMode::Primary, *state, Op::Prepare, *has_point)
+            .map_err(|r| (name.clone(), r))?;
+        out.push(name.clone());
+    }
+    Ok(out)
 }
 
 /// One recovery point as group retention sees it.
@@ -1593,5 +1615,55 @@ mod tests {
                 && e.contains("--latest-group-point"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn group_prepare_checks_every_member_first_and_skips_the_prepared() {
+        use ReplicationState as S;
+        let m = |n: &str, s: S, p: bool| (n.to_owned(), s, p);
+        type Row = (
+            Vec<(String, S, bool)>,
+            Result<Vec<String>, (String, Refusal)>,
+        );
+        let table: Vec<Row> = vec![
+            (
+                vec![m("a", S::Replicating, true), m("b", S::Replicating, true)],
+                Ok(vec!["a".into(), "b".into()]),
+            ),
+            // An earlier run stopped part way: the prepared member is skipped.
+            (
+                vec![
+                    m("a", S::PreparedForFailover, true),
+                    m("b", S::Replicating, true),
+                ],
+                Ok(vec!["b".into()]),
+            ),
+            (
+                vec![
+                    m("a", S::PreparedForFailover, true),
+                    m("b", S::PreparedForFailover, true),
+                ],
+                Ok(vec![]),
+            ),
+            // A paused member: refused before anything is prepared, naming it.
+            (
+                vec![m("a", S::Replicating, true), m("b", S::Suspended, true)],
+                Err((
+                    "b".into(),
+                    Refusal::State {
+                        op: Op::Prepare,
+                        state: S::Suspended,
+                    },
+                )),
+            ),
+            // No initial copy yet.
+            (
+                vec![m("a", S::Replicating, false), m("b", S::Replicating, true)],
+                Err(("a".into(), Refusal::NoInitialCopy { op: Op::Prepare })),
+            ),
+        ];
+        for (i, (members, want)) in table.into_iter().enumerate() {
+            assert_eq!(plan_group_prepare(&members), want, "row {i}");
+        }
     }
 }

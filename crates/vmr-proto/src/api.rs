@@ -218,6 +218,16 @@ pub struct GroupFailoverResult {
     pub planned: bool,
 }
 
+/// What `group prepare` did: each member prepared now (a member prepared before is not
+/// listed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupPrepareResult {
+    /// The group.
+    pub group: String,
+    /// Each member's `failover prepare` result, in the group's member order.
+    pub members: Vec<FailoverResult>,
+}
+
 /// What `group reverse` did: each member reversed now (a member reversed by an earlier run
 /// that stopped part way is not listed) and whether the group was formed on this host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -623,6 +633,16 @@ pub enum Request {
         /// planned failover (their final points are then not used).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         latest_group_point: bool,
+    },
+    /// `group prepare NAME` (primary): `failover prepare` of every member, each checked
+    /// first; members already prepared are skipped.
+    GroupPrepare {
+        /// Group name.
+        name: String,
+        /// `--shutdown`: shut each member's guest down first, waiting at most this many
+        /// seconds per member; `None` = they must already be shut down.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shutdown_timeout_secs: Option<u64>,
     },
     /// `group reverse NAME` (the failed-over host, after `group failover`): reverse every
     /// member (as `reverse`), then form the group here, so the reversed replication cuts its

@@ -429,6 +429,20 @@ pub enum GroupCmd {
         /// Group name.
         name: String,
     },
+    /// Prepare every member for a planned failover (primary), as `failover prepare` does for
+    /// one VM: every member is checked first (nothing is prepared when one cannot be); members
+    /// already prepared are skipped; a member whose prepare fails stops the command (the ones
+    /// before it stay prepared; run it again to go on).
+    Prepare {
+        /// Group name.
+        name: String,
+        /// Shut each member's guest down first, as `failover prepare --shutdown`.
+        #[arg(long)]
+        shutdown: bool,
+        /// With `--shutdown`: how long to wait for each guest to be down (`<N>s`, `<N>m`).
+        #[arg(long, default_value = "120s", requires = "shutdown", value_parser = parse_timeout)]
+        timeout: u64,
+    },
     /// Fail every member over at one complete group point (replica), or with --test start a
     /// test copy of each; all or none (members started before a failing one are undone).
     Failover {

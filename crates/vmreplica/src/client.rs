@@ -147,6 +147,14 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Group(GroupCmd::List) => Request::GroupList,
         Command::Group(GroupCmd::Remove { name }) => Request::GroupRemove { name },
         Command::Group(GroupCmd::Points { name }) => Request::GroupPoints { name },
+        Command::Group(GroupCmd::Prepare {
+            name,
+            shutdown,
+            timeout,
+        }) => Request::GroupPrepare {
+            name,
+            shutdown_timeout_secs: shutdown.then_some(timeout),
+        },
         Command::Group(GroupCmd::Failover {
             name,
             test,

@@ -411,9 +411,11 @@ fn group_reverse_reverses_every_member_and_forms_the_group_there() -> TestResult
     Ok(())
 }
 
-/// Planned failover of a group (docs/groups.md, "Planned failover of a group"): writes no
-/// group point holds; with one member prepared `group failover` is refused (exit 5, naming the
-/// member not prepared) and nothing starts; with every member prepared each member starts at
+/// Planned failover of a group (docs/groups.md, "Planned failover of a group"): `group
+/// prepare` refuses a group with a paused member (nothing prepared); writes no group point
+/// holds; with one member prepared `group failover` is refused (exit 5, naming the member not
+/// prepared) and nothing starts; `group prepare` prepares the rest (skipping the prepared
+/// one); with every member prepared each member starts at
 /// its planned final point and its started VM holds every write (hashes), while its point of
 /// the latest group point does not; `group reverse` then replicates back without a resync (only
 /// new writes travel), and the old primary's replica matches.
@@ -438,6 +440,22 @@ fn planned_group_failover_starts_every_member_at_its_final_point() -> TestResult
         p.wait_cycle(name, 1, LONG)?;
     }
     p.a.ok(&["group", "create", "pg", names[0], names[1]])?;
+    // `group prepare` checks every member first: one paused → refused (exit 5) naming it,
+    // nothing prepared; an unknown group exits 4.
+    p.a.ok(&["pause", names[1]])?;
+    let out = p.a.cli(&["group", "prepare", "pg"])?;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"pl-b\" cannot be prepared"),
+        "{out:?}"
+    );
+    assert_eq!(
+        p.a.status(names[0])?.state,
+        vmr_proto::api::ReplicationState::Replicating
+    );
+    p.a.ok(&["resume", names[1]])?;
+    let out = p.a.cli(&["group", "prepare", "nope"])?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     wait_until(LONG, "a complete group point on the replica", || {
         Ok(!p.b.group_points("pg")?.is_empty())
     })?;
@@ -470,8 +488,19 @@ fn planned_group_failover_starts_every_member_at_its_final_point() -> TestResult
             vmr_proto::api::ReplicationState::FailedOverWaitingCompletion
         );
     }
-    planned.push(prepare(names[1])?);
+    // `group prepare` prepares the rest (pl-a, prepared already, is skipped).
+    let gpr: vmr_proto::api::GroupPrepareResult =
+        serde_json::from_str(&p.a.json(&["group", "prepare", "pg"])?)?;
+    assert_eq!(gpr.members.len(), 1, "{gpr:?}");
+    assert_eq!(gpr.members[0].name, names[1]);
+    planned.push(gpr.members[0].point.expect("a final cycle"));
     p.b.wait_cycle(names[1], planned[1], LONG)?;
+    for name in names {
+        assert_eq!(
+            p.a.status(name)?.state,
+            vmr_proto::api::ReplicationState::PreparedForFailover
+        );
+    }
 
     let gp = p.b.group_points("pg")?.remove(0);
     let f: vmr_proto::api::GroupFailoverResult =
