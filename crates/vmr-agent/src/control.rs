@@ -472,9 +472,30 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
         Request::GroupRemove { name } => group_remove(agent, &name).await,
         Request::GroupList => to_value(group_list(agent).await?),
         Request::GroupPoints { name } => to_value(group_points(agent, &name).await?),
-        Request::GroupFailover { name, test, point } => {
-            to_value(group_failover(agent, &name, test, point).await?)
+        Request::GroupFailover {
+            name,
+            test,
+            point,
+            latest_group_point,
+        } => {
+            let pick = if test || point.is_some() || latest_group_point {
+                vmr_core::group::FailoverPick::GroupPoint
+            } else {
+                vmr_core::group::FailoverPick::Default
+            };
+            to_value(group_failover(agent, &name, test, point, pick).await?)
         }
+        Request::GroupPrepare {
+            name,
+            shutdown_timeout_secs,
+        } => to_value(
+            group_prepare(
+                agent,
+                &name,
+                shutdown_timeout_secs.map(std::time::Duration::from_secs),
+            )
+            .await?,
+        ),
         Request::GroupReverse {
             name,
             replica,
@@ -1029,15 +1050,18 @@ async fn group_points(
         .collect())
 }
 
-/// `group failover NAME [--test] [--point GP]` (replica): every member failed over (or a test
-/// copy of each started) at the member points of one complete group point, the latest by
-/// default. All or none: when a member fails, the members already started are undone (test
+/// `group failover NAME [--test] [--point GP] [--latest-group-point]` (replica): every member
+/// failed over (or a test copy of each started) at the member points of one complete group
+/// point, the latest by default, or at each member's planned final point when every member
+/// was prepared (`vmr_core::group::plan_group_failover` decides; only some prepared is
+/// refused unless `pick` asks for the group point). All or none: when a member fails, the members already started are undone (test
 /// copies stopped, failovers cancelled) and the error is returned.
 async fn group_failover(
     agent: &Control,
     name: &str,
     test: bool,
     point: Option<u64>,
+    pick: vmr_core::group::FailoverPick,
 ) -> Result<vmr_proto::api::GroupFailoverResult, AgentError> {
     let points = group_points(agent, name).await?;
     let gp = match point {
@@ -1048,8 +1072,28 @@ async fn group_failover(
         name: name.to_owned(),
         point,
     })?;
-    let mut done: Vec<(String, vmr_proto::api::FailoverResult)> = Vec::new();
+    let mut members = Vec::new();
     for (member, id) in &gp.members {
+        let planned = if pick == vmr_core::group::FailoverPick::Default {
+            vm(agent, member)?.ask(Command::PlannedFinal).await?
+        } else {
+            None
+        };
+        members.push(vmr_core::group::FailoverMember {
+            name: member.clone(),
+            group_point: *id,
+            planned,
+        });
+    }
+    let plan = vmr_core::group::plan_group_failover(name, &members, pick)?;
+    if plan.planned {
+        tracing::info!(
+            group = name,
+            "every member was prepared for a planned failover: each starts at its planned final point"
+        );
+    }
+    let mut done: Vec<(String, vmr_proto::api::FailoverResult)> = Vec::new();
+    for (member, id) in &plan.members {
         let cmd = if test {
             FailoverCmd::Test { point: Some(*id) }
         } else {
@@ -1082,6 +1126,55 @@ async fn group_failover(
     Ok(vmr_proto::api::GroupFailoverResult {
         point: gp.point,
         members: done.into_iter().map(|(_, r)| r).collect(),
+        planned: plan.planned,
+    })
+}
+
+/// `group prepare NAME` (primary; docs/groups.md): the members are this agent's VMs whose
+/// record names the group; `vmr_core::group::plan_group_prepare` checks every member before
+/// any is prepared (members already PreparedForFailover are skipped); each is prepared as
+/// `failover prepare` does, in the members' order. A member whose prepare fails stops the
+/// command: the members prepared before it stay prepared (PreparedForFailover; `group
+/// failover` on the replica refuses until every member is) and running it again goes on.
+async fn group_prepare(
+    agent: &Control,
+    name: &str,
+    shutdown: Option<std::time::Duration>,
+) -> Result<vmr_proto::api::GroupPrepareResult, AgentError> {
+    vmr_core::group::check_group_name(name)?;
+    let mut members = Vec::new();
+    for (h, r) in records(agent).await? {
+        if r.group.as_deref() != Some(name) {
+            continue;
+        }
+        let st = h.ask(Command::Status).await?;
+        members.push((r.name.clone(), st.state, st.last_cycle.is_some()));
+    }
+    if members.is_empty() {
+        return Err(AgentError::UnknownGroup {
+            name: name.to_owned(),
+        });
+    }
+    let todo = vmr_core::group::plan_group_prepare(&members).map_err(|(member, refusal)| {
+        AgentError::GroupPrepareRefused {
+            group: name.to_owned(),
+            member,
+            refusal,
+        }
+    })?;
+    let mut done = Vec::new();
+    for member in &todo {
+        let r = vm(agent, member)?
+            .ask(|r| Command::Failover(FailoverCmd::Prepare { shutdown }, r))
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(group = name, member = %member, "group prepare stopped at this member (the ones before it are prepared; run it again to go on): {}", crate::util::chain(e));
+            })?;
+        done.push(r);
+    }
+    Ok(vmr_proto::api::GroupPrepareResult {
+        group: name.to_owned(),
+        members: done,
     })
 }
 

@@ -1009,6 +1009,23 @@ pub enum AgentError {
         #[source]
         refusal: vmr_core::Refusal,
     },
+    /// `group failover`: some members were prepared for a planned failover, some not.
+    #[error(transparent)]
+    GroupPartlyPrepared(#[from] vmr_core::group::GroupFailoverRefusal),
+    /// `group prepare`: a member's prepare is refused by its machine's rule; nothing was
+    /// prepared.
+    #[error(
+        "group {group:?}: member {member:?} cannot be prepared for a planned failover; nothing was prepared"
+    )]
+    GroupPrepareRefused {
+        /// The group.
+        group: String,
+        /// The member.
+        member: String,
+        /// Its machine's refusal.
+        #[source]
+        refusal: vmr_core::Refusal,
+    },
     /// `group reverse`: a member named by the group points' tags is not registered here.
     #[error("group {group:?}: member {uuid} is not a VM of this agent")]
     GroupMemberMissing {
@@ -1039,6 +1056,8 @@ impl AgentError {
             | NoGroupPoint { .. } => exit::NOT_FOUND,
             Refused(_)
             | GroupMemberRefused { .. }
+            | GroupPartlyPrepared(_)
+            | GroupPrepareRefused { .. }
             | DuplicateFingerprint { .. }
             | AllowEntryInUse { .. }
             | OnReplica { .. }

@@ -230,6 +230,9 @@ pub enum Command {
     GroupCycleNow(oneshot::Sender<Result<(), String>>),
     /// `group points` (replica): each committed point's id with its group tag.
     GroupTags(Reply<Vec<(u64, Option<vmr_proto::GroupTag>)>>),
+    /// `group failover` (replica): the planned failover's final point (`failover prepare`'s
+    /// final cycle) when it is this VM's latest committed point, else `None`.
+    PlannedFinal(Reply<Option<u64>>),
     /// `enable|pause|resume|disable NAME --extended` (a replica VM's outgoing relationship).
     Extended(vmr_proto::api::ExtendedOp, Reply<String>),
 }
@@ -1137,6 +1140,24 @@ impl Owner {
                         .host
                         .store_of(&self.vm.rec)
                         .and_then(|s| Ok(s.group_tags(self.vm.rec.uuid)?)),
+                    Side::Primary(_) => Err(AgentError::PointsNotReplica {
+                        name: self.vm.rec.name.clone(),
+                    }),
+                };
+                let _ = reply.send(r);
+            }
+            Command::PlannedFinal(reply) => {
+                let r = match &self.side {
+                    Side::Replica(_) => self
+                        .vm
+                        .host
+                        .store_of(&self.vm.rec)
+                        .and_then(|s| Ok(s.points(self.vm.rec.uuid)?))
+                        .map(|p| {
+                            p.last()
+                                .filter(|p| p.kind == vmr_store::PointKind::Planned)
+                                .map(|p| p.id)
+                        }),
                     Side::Primary(_) => Err(AgentError::PointsNotReplica {
                         name: self.vm.rec.name.clone(),
                     }),

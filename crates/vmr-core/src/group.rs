@@ -3,7 +3,9 @@
 //! them all, run each member's transaction, resume them all in every path, measure the pause),
 //! which group points a replica holds complete ([`complete_points`]), and which of a member's
 //! points retention keeps so that a group point is kept or pruned for all members together
-//! ([`group_retention`]), and which members `group reverse` reverses ([`plan_group_reverse`]).
+//! ([`group_retention`]), which members `group reverse` reverses ([`plan_group_reverse`]),
+//! which members `group prepare` prepares ([`plan_group_prepare`]) and at which point each
+//! member `group failover` starts ([`plan_group_failover`]).
 //! Sans-IO like the rest of the crate: time arrives with every event.
 
 use std::collections::BTreeSet;
@@ -610,6 +612,128 @@ pub fn plan_group_reverse(
                 out.push(name.clone());
             }
         }
+    }
+    Ok(out)
+}
+
+/// How `group failover` was asked to choose its members' points (docs/groups.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverPick {
+    /// No option: every member's planned final point when every member has one, the group
+    /// point when none has, refused when only some have.
+    Default,
+    /// `--latest-group-point`, `--point` or `--test`: the group point, whatever planned
+    /// final points exist.
+    GroupPoint,
+}
+
+/// One member of a group as `group failover` sees it on the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverMember {
+    /// The member VM's name.
+    pub name: String,
+    /// Its recovery point of the chosen group point.
+    pub group_point: u64,
+    /// Its planned final point (`failover prepare`'s final cycle), when its latest point is
+    /// one.
+    pub planned: Option<u64>,
+}
+
+/// Where `group failover` starts its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverPlan {
+    /// Each member's name and the recovery point it starts at, in the group's member order.
+    pub members: Vec<(String, u64)>,
+    /// The points are the members' planned final points (every member was prepared), not
+    /// the group point's.
+    pub planned: bool,
+}
+
+/// Why `group failover` refuses to choose.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupFailoverRefusal {
+    /// Some members were prepared for a planned failover and some were not: the planned
+    /// points are not one consistent set, and the group point would drop the prepared
+    /// members' final cycles.
+    #[error(
+        "group {group}: {} prepared for a planned failover (failover prepare) but {} not; \
+         prepare {} too, or fail over at the latest group point with --latest-group-point \
+         (the prepared members' final cycles are then not used)",
+        prepared.join(", "),
+        not_prepared.join(", "),
+        if not_prepared.len() == 1 { "it" } else { "them" }
+    )]
+    PartlyPrepared {
+        /// The group.
+        group: String,
+        /// Members with a planned final point.
+        prepared: Vec<String>,
+        /// Members without one.
+        not_prepared: Vec<String>,
+    },
+}
+
+/// `group failover NAME` (docs/groups.md): each member's starting point. Every member's VM
+/// was stopped before its planned final cycle, so when **every** member has a planned final
+/// point the set of final points is consistent (nothing runs after any of them) and newer
+/// than any group point: they are used, and nothing written before the shutdown is lost.
+/// When none has one, the group point's member points are used (an unplanned failover).
+/// When only some have one, the command is refused naming the members not prepared, unless
+/// `pick` asks for the group point explicitly.
+pub fn plan_group_failover(
+    group: &str,
+    members: &[FailoverMember],
+    pick: FailoverPick,
+) -> Result<FailoverPlan, GroupFailoverRefusal> {
+    let at_group_point = || FailoverPlan {
+        members: members
+            .iter()
+            .map(|m| (m.name.clone(), m.group_point))
+            .collect(),
+        planned: false,
+    };
+    if pick == FailoverPick::GroupPoint {
+        return Ok(at_group_point());
+    }
+    let (prepared, not_prepared): (Vec<&FailoverMember>, Vec<&FailoverMember>) =
+        members.iter().partition(|m| m.planned.is_some());
+    if prepared.is_empty() {
+        return Ok(at_group_point());
+    }
+    if !not_prepared.is_empty() {
+        let names = |v: &[&FailoverMember]| v.iter().map(|m| m.name.clone()).collect();
+        return Err(GroupFailoverRefusal::PartlyPrepared {
+            group: group.to_owned(),
+            prepared: names(&prepared),
+            not_prepared: names(&not_prepared),
+        });
+    }
+    Ok(FailoverPlan {
+        members: members
+            .iter()
+            .map(|m| (m.name.clone(), m.planned.unwrap_or(m.group_point)))
+            .collect(),
+        planned: true,
+    })
+}
+
+/// `group prepare NAME` (the primary; docs/groups.md): the members to prepare for a planned
+/// failover, in the order given, or the first member whose prepare the primary machine's
+/// rule refuses (`failover_transition`, the rule each member's machine applies), with its
+/// refusal, before any is prepared. A member is given with its state and whether it has a
+/// replicated point; members already PreparedForFailover (by `failover prepare` or an earlier
+/// `group prepare` that stopped part way) are skipped.
+pub fn plan_group_prepare(
+    members: &[(String, ReplicationState, bool)],
+) -> Result<Vec<String>, (String, Refusal)> {
+    let mut out = Vec::new();
+    for (name, state, has_point) in members {
+        if *state == ReplicationState::PreparedForFailover {
+            continue;
+        }
+        failover_transition(ReplicationMode::Primary, *state, Op::Prepare, *has_point)
+            .map_err(|r| (name.clone(), r))?;
+        out.push(name.clone());
     }
     Ok(out)
 }
@@ -1412,6 +1536,134 @@ mod tests {
                 }
                 (got, want) => panic!("{members:?}: {got:?} vs {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn group_failover_uses_planned_points_only_when_every_member_has_one() {
+        let m = |name: &str, gp: u64, planned: Option<u64>| FailoverMember {
+            name: name.into(),
+            group_point: gp,
+            planned,
+        };
+        let at = |v: &[(&str, u64)], planned: bool| {
+            Ok(FailoverPlan {
+                members: v.iter().map(|(n, p)| ((*n).to_owned(), *p)).collect(),
+                planned,
+            })
+        };
+        type Row = (
+            Vec<FailoverMember>,
+            FailoverPick,
+            Result<FailoverPlan, GroupFailoverRefusal>,
+        );
+        let table: Vec<Row> = vec![
+            // Nobody prepared: an unplanned failover at the group point.
+            (
+                vec![m("a", 5, None), m("b", 7, None)],
+                FailoverPick::Default,
+                at(&[("a", 5), ("b", 7)], false),
+            ),
+            // Everybody prepared: each member's planned final point.
+            (
+                vec![m("a", 5, Some(9)), m("b", 7, Some(8))],
+                FailoverPick::Default,
+                at(&[("a", 9), ("b", 8)], true),
+            ),
+            // A final cycle that was itself the group point's cut: the same point.
+            (
+                vec![m("a", 5, Some(5)), m("b", 7, Some(10))],
+                FailoverPick::Default,
+                at(&[("a", 5), ("b", 10)], true),
+            ),
+            // Some prepared: refused, naming who is not prepared.
+            (
+                vec![m("a", 5, Some(9)), m("b", 7, None), m("c", 2, None)],
+                FailoverPick::Default,
+                Err(GroupFailoverRefusal::PartlyPrepared {
+                    group: "g".into(),
+                    prepared: vec!["a".into()],
+                    not_prepared: vec!["b".into(), "c".into()],
+                }),
+            ),
+            // ... unless the group point is asked for explicitly.
+            (
+                vec![m("a", 5, Some(9)), m("b", 7, None)],
+                FailoverPick::GroupPoint,
+                at(&[("a", 5), ("b", 7)], false),
+            ),
+            // The explicit group point also wins over a fully prepared group.
+            (
+                vec![m("a", 5, Some(9)), m("b", 7, Some(8))],
+                FailoverPick::GroupPoint,
+                at(&[("a", 5), ("b", 7)], false),
+            ),
+        ];
+        for (i, (members, pick, want)) in table.into_iter().enumerate() {
+            assert_eq!(plan_group_failover("g", &members, pick), want, "row {i}");
+        }
+        let e = plan_group_failover(
+            "g",
+            &[m("a", 5, Some(9)), m("b", 7, None)],
+            FailoverPick::Default,
+        )
+        .expect_err("partly prepared")
+        .to_string();
+        assert!(
+            e.contains("a prepared")
+                && e.contains("but b not")
+                && e.contains("--latest-group-point"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn group_prepare_checks_every_member_first_and_skips_the_prepared() {
+        use ReplicationState as S;
+        let m = |n: &str, s: S, p: bool| (n.to_owned(), s, p);
+        type Row = (
+            Vec<(String, S, bool)>,
+            Result<Vec<String>, (String, Refusal)>,
+        );
+        let table: Vec<Row> = vec![
+            (
+                vec![m("a", S::Replicating, true), m("b", S::Replicating, true)],
+                Ok(vec!["a".into(), "b".into()]),
+            ),
+            // An earlier run stopped part way: the prepared member is skipped.
+            (
+                vec![
+                    m("a", S::PreparedForFailover, true),
+                    m("b", S::Replicating, true),
+                ],
+                Ok(vec!["b".into()]),
+            ),
+            (
+                vec![
+                    m("a", S::PreparedForFailover, true),
+                    m("b", S::PreparedForFailover, true),
+                ],
+                Ok(vec![]),
+            ),
+            // A paused member: refused before anything is prepared, naming it.
+            (
+                vec![m("a", S::Replicating, true), m("b", S::Suspended, true)],
+                Err((
+                    "b".into(),
+                    Refusal::State {
+                        op: Op::Prepare,
+                        state: S::Suspended,
+                    },
+                )),
+            ),
+            // No initial copy yet.
+            (
+                vec![m("a", S::Replicating, false), m("b", S::Replicating, true)],
+                Err(("a".into(), Refusal::NoInitialCopy { op: Op::Prepare })),
+            ),
+        ];
+        for (i, (members, want)) in table.into_iter().enumerate() {
+            assert_eq!(plan_group_prepare(&members), want, "row {i}");
         }
     }
 }

@@ -211,9 +211,24 @@ pub struct GroupStatus {
 /// What `group failover` did: the group point and each member's failover.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupFailoverResult {
-    /// The group point every member started at.
+    /// The group point every member started at; with `planned`, the latest complete group
+    /// point, which every member's planned final point is newer than or equal to.
     pub point: u64,
     /// Each member's failover (or test copy), in the group point's member order.
+    pub members: Vec<FailoverResult>,
+    /// Every member was prepared for a planned failover (`failover prepare`) and started at
+    /// its planned final point, not at its point of the group point (docs/groups.md).
+    #[serde(default)]
+    pub planned: bool,
+}
+
+/// What `group prepare` did: each member prepared now (a member prepared before is not
+/// listed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupPrepareResult {
+    /// The group.
+    pub group: String,
+    /// Each member's `failover prepare` result, in the group's member order.
     pub members: Vec<FailoverResult>,
 }
 
@@ -607,7 +622,8 @@ pub enum Request {
         name: String,
     },
     /// `group failover NAME` (replica): fail every member over (or start a test copy of
-    /// each, `test`) at one complete group point: `point`, or the latest.
+    /// each, `test`) at one complete group point: `point`, or the latest; or, when every
+    /// member was prepared for a planned failover, at each member's planned final point.
     GroupFailover {
         /// Group name.
         name: String,
@@ -617,6 +633,20 @@ pub enum Request {
         /// The group point; `None` = the latest complete one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         point: Option<u64>,
+        /// Start at the latest complete group point even when members were prepared for a
+        /// planned failover (their final points are then not used).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        latest_group_point: bool,
+    },
+    /// `group prepare NAME` (primary): `failover prepare` of every member, each checked
+    /// first; members already prepared are skipped.
+    GroupPrepare {
+        /// Group name.
+        name: String,
+        /// `--shutdown`: shut each member's guest down first, waiting at most this many
+        /// seconds per member; `None` = they must already be shut down.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shutdown_timeout_secs: Option<u64>,
     },
     /// `group reverse NAME` (the failed-over host, after `group failover`): reverse every
     /// member (as `reverse`), then form the group here, so the reversed replication cuts its

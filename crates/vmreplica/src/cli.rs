@@ -429,6 +429,20 @@ pub enum GroupCmd {
         /// Group name.
         name: String,
     },
+    /// Prepare every member for a planned failover (primary), as `failover prepare` does for
+    /// one VM: every member is checked first (nothing is prepared when one cannot be); members
+    /// already prepared are skipped; a member whose prepare fails stops the command (the ones
+    /// before it stay prepared; run it again to go on).
+    Prepare {
+        /// Group name.
+        name: String,
+        /// Shut each member's guest down first, as `failover prepare --shutdown`.
+        #[arg(long)]
+        shutdown: bool,
+        /// With `--shutdown`: how long to wait for each guest to be down (`<N>s`, `<N>m`).
+        #[arg(long, default_value = "120s", requires = "shutdown", value_parser = parse_timeout)]
+        timeout: u64,
+    },
     /// Fail every member over at one complete group point (replica), or with --test start a
     /// test copy of each; all or none (members started before a failing one are undone).
     Failover {
@@ -437,9 +451,18 @@ pub enum GroupCmd {
         /// Start test copies (as `failover test`) instead of failing over.
         #[arg(long)]
         test: bool,
-        /// The group point (from `group points`); default the latest complete one.
-        #[arg(long, value_name = "GROUP-POINT")]
+        /// The group point (from `group points`); default the latest complete one, or each
+        /// member's planned final point when every member was prepared (`failover prepare`).
+        #[arg(
+            long,
+            value_name = "GROUP-POINT",
+            conflicts_with = "latest_group_point"
+        )]
         point: Option<u64>,
+        /// Start at the latest complete group point even when members were prepared for a
+        /// planned failover (needed when only some were: their final cycles are not used).
+        #[arg(long)]
+        latest_group_point: bool,
     },
     /// Reverse every member (on the failed-over host, after `group failover`), as `reverse`
     /// does for one VM, then form the group here: the reversed replication cuts its members

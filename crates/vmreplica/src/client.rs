@@ -147,9 +147,25 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Group(GroupCmd::List) => Request::GroupList,
         Command::Group(GroupCmd::Remove { name }) => Request::GroupRemove { name },
         Command::Group(GroupCmd::Points { name }) => Request::GroupPoints { name },
-        Command::Group(GroupCmd::Failover { name, test, point }) => {
-            Request::GroupFailover { name, test, point }
-        }
+        Command::Group(GroupCmd::Prepare {
+            name,
+            shutdown,
+            timeout,
+        }) => Request::GroupPrepare {
+            name,
+            shutdown_timeout_secs: shutdown.then_some(timeout),
+        },
+        Command::Group(GroupCmd::Failover {
+            name,
+            test,
+            point,
+            latest_group_point,
+        }) => Request::GroupFailover {
+            name,
+            test,
+            point,
+            latest_group_point,
+        },
         Command::Group(GroupCmd::Reverse {
             name,
             replica,

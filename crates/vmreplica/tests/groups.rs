@@ -8,7 +8,8 @@
 //! replicating on their own, and the next group point after it resumes is complete; the group
 //! points survive a kill -9 of the replica agent; `group failover --test` starts every member's
 //! test copy at its point of one group point; the membership survives a kill -9 of the primary
-//! agent; `group remove` ends the group.
+//! agent; `group remove` ends the group; a planned `group failover` starts every member at its
+//! planned final point (refused while only some members are prepared), losing no write.
 
 mod common;
 
@@ -359,18 +360,15 @@ fn group_reverse_reverses_every_member_and_forms_the_group_there() -> TestResult
     let out = p.b.cli(&["group", "reverse", "nope"])?;
     assert_eq!(out.status.code(), Some(4), "{out:?}");
 
-    // Planned: each member prepared on the primary, the group failed over at one group point.
+    // Planned: each member prepared on the primary, the group failed over at the members'
+    // planned final points (no resync needed: the old primary's VMs stay as they are).
     for name in names {
         p.a.ok(&["failover", "prepare", name])?;
     }
     let f: vmr_proto::api::GroupFailoverResult =
         serde_json::from_str(&p.b.json(&["group", "failover", "rg"])?)?;
     assert_eq!(f.members.len(), 2);
-    // The group point is older than each member's planned final point: the old primary's VMs
-    // must be off for the reverse resync (as for one VM's reverse).
-    for vm in &mut vms {
-        vm.stop()?;
-    }
+    assert!(f.planned, "{f:?}");
     let r: vmr_proto::api::GroupReverseResult =
         serde_json::from_str(&p.b.json(&["group", "reverse", "rg", "--frequency", "5s"])?)?;
     assert_eq!(r.members.len(), 2, "{r:?}");
@@ -409,6 +407,182 @@ fn group_reverse_reverses_every_member_and_forms_the_group_there() -> TestResult
     // Nothing left to reverse here.
     let out = p.b.cli(&["group", "reverse", "rg"])?;
     assert_eq!(out.status.code(), Some(4), "{out:?}");
+    p.stop()?;
+    Ok(())
+}
+
+/// Planned failover of a group (docs/groups.md, "Planned failover of a group"): `group
+/// prepare` refuses a group with a paused member (nothing prepared); writes no group point
+/// holds; with one member prepared `group failover` is refused (exit 5, naming the member not
+/// prepared) and nothing starts; `group prepare` prepares the rest (skipping the prepared
+/// one); with every member prepared each member starts at
+/// its planned final point and its started VM holds every write (hashes), while its point of
+/// the latest group point does not; `group reverse` then replicates back without a resync (only
+/// new writes travel), and the old primary's replica matches.
+#[test]
+fn planned_group_failover_starts_every_member_at_its_final_point() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    p.a.allow(&p.b)?;
+    let names = ["pl-a", "pl-b"];
+    let mut vms = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let vm = StandIn::create(p.root.path(), &p.a, name, &["disk0"], 8)?;
+        vm.write_random("disk0", 20, i as u64 + 1)?;
+        vm.register(&p.a)?;
+        vms.push(vm);
+    }
+    // 30 s cycles: the writes below and the first prepare come well before the next cut
+    // (after a member is prepared no group cut can happen any more).
+    for name in names {
+        p.enable(name, &["--frequency", "30s"])?;
+    }
+    for name in names {
+        p.wait_cycle(name, 1, LONG)?;
+    }
+    p.a.ok(&["group", "create", "pg", names[0], names[1]])?;
+    // `group prepare` checks every member first: one paused → refused (exit 5) naming it,
+    // nothing prepared; an unknown group exits 4.
+    p.a.ok(&["pause", names[1]])?;
+    let out = p.a.cli(&["group", "prepare", "pg"])?;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"pl-b\" cannot be prepared"),
+        "{out:?}"
+    );
+    assert_eq!(
+        p.a.status(names[0])?.state,
+        vmr_proto::api::ReplicationState::Replicating
+    );
+    p.a.ok(&["resume", names[1]])?;
+    let out = p.a.cli(&["group", "prepare", "nope"])?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    wait_until(LONG, "a complete group point on the replica", || {
+        Ok(!p.b.group_points("pg")?.is_empty())
+    })?;
+    // The guests write after the group point, then are prepared for a planned failover.
+    let mut finals = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        vm.write_random("disk0", 30, 50 + i as u64)?;
+        finals.push(vm.hash("disk0")?);
+    }
+    let prepare = |name: &str| -> TestResult<u64> {
+        let r: vmr_proto::api::FailoverResult =
+            serde_json::from_str(&p.a.json(&["failover", "prepare", name])?)?;
+        Ok(r.point.expect("a final cycle"))
+    };
+    let mut planned = vec![prepare(names[0])?];
+    p.b.wait_cycle(names[0], planned[0], LONG)?;
+    // One member prepared, the other not: refused, naming it; nothing starts.
+    let out = p.b.cli(&["group", "failover", "pg"])?;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("but pl-b not") && err.contains("--latest-group-point"),
+        "{out:?}"
+    );
+    for name in names {
+        let st = p.b.status(name)?;
+        assert_eq!(st.mode, vmr_proto::api::ReplicationMode::Replica);
+        assert_ne!(
+            st.state,
+            vmr_proto::api::ReplicationState::FailedOverWaitingCompletion
+        );
+    }
+    // `group prepare` prepares the rest (pl-a, prepared already, is skipped).
+    let gpr: vmr_proto::api::GroupPrepareResult =
+        serde_json::from_str(&p.a.json(&["group", "prepare", "pg"])?)?;
+    assert_eq!(gpr.members.len(), 1, "{gpr:?}");
+    assert_eq!(gpr.members[0].name, names[1]);
+    planned.push(gpr.members[0].point.expect("a final cycle"));
+    p.b.wait_cycle(names[1], planned[1], LONG)?;
+    for name in names {
+        assert_eq!(
+            p.a.status(name)?.state,
+            vmr_proto::api::ReplicationState::PreparedForFailover
+        );
+    }
+
+    let gp = p.b.group_points("pg")?.remove(0);
+    let f: vmr_proto::api::GroupFailoverResult =
+        serde_json::from_str(&p.b.json(&["group", "failover", "pg"])?)?;
+    assert!(f.planned, "{f:?}");
+    assert_eq!(f.point, gp.point);
+    assert_eq!(f.members.len(), 2);
+    let mut started = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        // Members come in the group point's order.
+        let fr = f
+            .members
+            .iter()
+            .find(|r| r.name == names[i])
+            .expect("the member's failover");
+        assert_eq!(fr.point, Some(planned[i]), "{fr:?}");
+        let (_, at_gp) = gp
+            .members
+            .iter()
+            .find(|(m, _)| m == names[i])
+            .expect("the member's point of the group point");
+        assert!(planned[i] > *at_gp, "{planned:?} {gp:?}");
+        // The group point lacks the last writes; the started VM has them all.
+        let old = replica_hashes(&p.b, vm.def.uuid, Some(*at_gp))?;
+        assert_ne!(
+            old[0].1, finals[i],
+            "{}: the group point holds the writes",
+            names[i]
+        );
+        let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&p.b.dir, vm.def.uuid));
+        assert_eq!(
+            on_b.hash("disk0")?,
+            finals[i],
+            "{}: the planned group failover lost writes",
+            names[i]
+        );
+        started.push(on_b);
+    }
+
+    // Reverse: the old primary's VMs are at the planned points, so only new writes travel.
+    let r: vmr_proto::api::GroupReverseResult =
+        serde_json::from_str(&p.b.json(&["group", "reverse", "pg", "--frequency", "5s"])?)?;
+    assert_eq!(r.members.len(), 2, "{r:?}");
+    let mut new_hashes = Vec::new();
+    for (i, vm) in started.iter().enumerate() {
+        vm.write_random("disk0", 8, 70 + i as u64)?;
+        new_hashes.push(vm.hash("disk0")?);
+    }
+    // The newest complete group point on the old primary comes to hold the new writes of
+    // both members (a cut in flight during the writes may hold only part of them).
+    wait_every(
+        Duration::from_secs(300),
+        Duration::from_secs(1),
+        "a complete group point on the old primary with the new writes",
+        || {
+            let Some(newest) = p.a.group_points("pg")?.into_iter().next() else {
+                return Ok(false);
+            };
+            for (i, vm) in vms.iter().enumerate() {
+                let Some((_, id)) = newest.members.iter().find(|(m, _)| m == names[i]) else {
+                    return Ok(false);
+                };
+                // A read racing a prune is retried at the next poll.
+                let Ok(h) = replica_hashes(&p.a, vm.def.uuid, Some(*id)) else {
+                    return Ok(false);
+                };
+                if h[0].1 != new_hashes[i] {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    for name in names {
+        let st = p.b.status(name)?;
+        assert_eq!(st.mode, vmr_proto::api::ReplicationMode::Primary);
+        assert!(
+            st.stats.total_bytes <= 8 * 65536 * 2,
+            "{name}: the reverse sent more than the new writes: {}",
+            st.stats.total_bytes
+        );
+    }
     p.stop()?;
     Ok(())
 }
