@@ -334,22 +334,29 @@ impl Db {
 
     /// Every lease this agent keeps as a witness.
     pub fn leases(&self) -> Result<Vec<LeaseEntry>, DbError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT vm, entry FROM witness_leases ORDER BY vm")
-            .map_err(|e| self.sql(e))?;
+        self.json_rows(
+            "SELECT vm, entry FROM witness_leases ORDER BY vm",
+            |path, vm, source| DbError::CorruptLease { path, vm, source },
+        )
+    }
+
+    /// The rows of `query` (a key, then a JSON text), each decoded; a row that does not
+    /// decode is the error `corrupt` makes of the database's path, its key and the cause.
+    fn json_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        query: &str,
+        corrupt: impl Fn(PathBuf, String, serde_json::Error) -> DbError,
+    ) -> Result<Vec<T>, DbError> {
+        let mut st = self.conn.prepare(query).map_err(|e| self.sql(e))?;
         let rows = st
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (vm, json) = row.map_err(|e| self.sql(e))?;
+            let (key, json) = row.map_err(|e| self.sql(e))?;
             out.push(
-                serde_json::from_str(&json).map_err(|source| DbError::CorruptLease {
-                    path: self.path.clone(),
-                    vm,
-                    source,
-                })?,
+                serde_json::from_str(&json)
+                    .map_err(|source| corrupt(self.path.clone(), key, source))?,
             );
         }
         Ok(out)
@@ -382,25 +389,10 @@ impl Db {
 
     /// All VM records.
     pub fn vms(&self) -> Result<Vec<VmRecord>, DbError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT name, record FROM vms ORDER BY name")
-            .map_err(|e| self.sql(e))?;
-        let rows = st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(|e| self.sql(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (name, json) = row.map_err(|e| self.sql(e))?;
-            out.push(
-                serde_json::from_str(&json).map_err(|source| DbError::CorruptRecord {
-                    path: self.path.clone(),
-                    name,
-                    source,
-                })?,
-            );
-        }
-        Ok(out)
+        self.json_rows(
+            "SELECT name, record FROM vms ORDER BY name",
+            |path, name, source| DbError::CorruptRecord { path, name, source },
+        )
     }
 }
 
