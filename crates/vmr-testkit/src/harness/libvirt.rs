@@ -88,6 +88,9 @@ pub fn processes_in_namespaces(ns: &[String]) -> Vec<u32> {
         .collect()
 }
 
+/// How long [`PrivateLibvirt::stop`] waits for the killed processes to be gone.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A libvirt daemon of the test's own.
 #[derive(Debug)]
 pub struct PrivateLibvirt {
@@ -303,6 +306,12 @@ impl PrivateLibvirt {
             crate::proc::sigkill(pid);
         }
         super::kill_processes_under(&self.dir);
+        // A killed process is listed until it has exited (a QEMU may still be closing its
+        // files): wait for that, so that whoever checks after `stop` sees the end state.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !processes_in_namespaces(&self.namespaces).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
