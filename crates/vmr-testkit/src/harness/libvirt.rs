@@ -6,8 +6,10 @@
 //! namespaces its daemons ran in). Domains are driven with `virsh` (setup only: vmreplica
 //! itself talks to libvirt through its API). See `docs/libvirt.md`.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -76,15 +78,63 @@ fn mount_namespace(pid: u32) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// Mount namespaces named by their `mnt:[inode]`, each kept alive by an open file of it.
+///
+/// The kernel reuses a freed namespace's inode number: once a daemon's namespace is gone, the
+/// next `unshare -m` (another test's daemon, running in parallel) may get the same name. An
+/// open `/proc/PID/ns/mnt` holds the namespace, so while this value lives its names mean the
+/// namespaces they were taken from (a check after a drop never sees another test's daemon).
+#[derive(Debug, Clone, Default)]
+pub struct MountNamespaces {
+    ids: Vec<String>,
+    pins: Vec<Arc<File>>,
+}
+
+impl MountNamespaces {
+    /// Add `pid`'s mount namespace (pinned) unless it is already here.
+    fn add_of(&mut self, pid: u32) {
+        let Ok(file) = File::open(format!("/proc/{pid}/ns/mnt")) else {
+            return;
+        };
+        // named after opening: the open file holds the namespace the name is read from
+        if let Some(id) = mount_namespace(pid)
+            && !self.ids.contains(&id)
+        {
+            self.ids.push(id);
+            self.pins.push(Arc::new(file));
+        }
+    }
+
+    /// How many namespaces.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// No namespace.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Add every namespace of `other`.
+    pub fn extend(&mut self, other: MountNamespaces) {
+        for (id, pin) in other.ids.into_iter().zip(other.pins) {
+            if !self.ids.contains(&id) {
+                self.ids.push(id);
+                self.pins.push(pin);
+            }
+        }
+    }
+}
+
 /// The processes in any of the mount namespaces `ns` (a daemon's and its QEMUs').
-pub fn processes_in_namespaces(ns: &[String]) -> Vec<u32> {
+pub fn processes_in_namespaces(ns: &MountNamespaces) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-        .filter(|pid| mount_namespace(*pid).is_some_and(|m| ns.contains(&m)))
+        .filter(|pid| mount_namespace(*pid).is_some_and(|m| ns.ids.contains(&m)))
         .collect()
 }
 
@@ -98,8 +148,8 @@ pub struct PrivateLibvirt {
     uri: String,
     daemon: ChildGuard,
     /// Every mount namespace a daemon of this test ran in (its QEMUs stay in the one they
-    /// were started from, also across a restart).
-    namespaces: Vec<String>,
+    /// were started from, also across a restart), pinned.
+    namespaces: MountNamespaces,
 }
 
 impl PrivateLibvirt {
@@ -131,7 +181,7 @@ impl PrivateLibvirt {
             uri: format!("qemu+unix:///system?socket={d}/sock/libvirt-sock"),
             dir,
             daemon,
-            namespaces: Vec::new(),
+            namespaces: MountNamespaces::default(),
         };
         lv.wait_ready()?;
         Ok(lv)
@@ -139,7 +189,7 @@ impl PrivateLibvirt {
 
     /// The mount namespaces of this test's daemons and QEMUs
     /// ([`processes_in_namespaces`] finds what runs in them).
-    pub fn mount_namespaces(&self) -> Vec<String> {
+    pub fn mount_namespaces(&self) -> MountNamespaces {
         self.namespaces.clone()
     }
 
@@ -148,11 +198,7 @@ impl PrivateLibvirt {
         loop {
             if self.virsh(&["version"]).is_ok() {
                 // the daemon answers from its own namespace (unshare and sh exec'ed it)
-                if let Some(ns) = mount_namespace(self.daemon.pid())
-                    && !self.namespaces.contains(&ns)
-                {
-                    self.namespaces.push(ns);
-                }
+                self.namespaces.add_of(self.daemon.pid());
                 return Ok(());
             }
             if Instant::now() > deadline || !self.daemon.is_running() {

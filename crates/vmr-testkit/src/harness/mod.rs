@@ -30,7 +30,7 @@ pub use guest::{
     failover_qmp, failover_serial, guest_addresses, guest_definition, harness_qmp, parse_check,
     parse_seq,
 };
-pub use libvirt::{PrivateLibvirt, libvirt_unavailable, processes_in_namespaces};
+pub use libvirt::{MountNamespaces, PrivateLibvirt, libvirt_unavailable, processes_in_namespaces};
 pub use meter::Meter;
 pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
