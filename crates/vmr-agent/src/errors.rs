@@ -221,6 +221,16 @@ pub enum AgentError {
         /// What was asked for.
         what: &'static str,
     },
+    /// A failover cannot start the replicated definition on this host
+    /// ([`vmr_core::failover_launcher`]'s refusal).
+    #[error("cannot fail {name:?} over on this host")]
+    FailoverLauncher {
+        /// The VM name.
+        name: String,
+        /// Why.
+        #[source]
+        source: vmr_core::LauncherRefusal,
+    },
     /// Failover through libvirt: a libvirt call on this host failed (connecting, defining,
     /// starting, destroying or undefining the failed-over domain).
     #[error("failover through libvirt at {uri}: {doing} domain {domain:?}")]
@@ -1071,6 +1081,7 @@ impl AgentError {
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }
             | LibvirtNotBuilt { .. }
+            | FailoverLauncher { .. }
             | VmReplicating { .. }
             | VmIsReplica { .. }
             | VmIsPrimary { .. }

@@ -11,7 +11,10 @@
 //! (the replica host's libvirt): a test copy `NAME-test` running with a new UUID on the
 //! replica's overlays, the guest seeing the replicated writes, stopped and undefined; the
 //! split-brain guard asking libvirt whether the primary domain runs; a real failover keeping
-//! the UUID, cancelled (destroyed, undefined, replication state back) and completed.
+//! the UUID, cancelled (destroyed, undefined, replication state back) and completed. The
+//! third runs a planned failover of a reverse through libvirt, and the fourth a mixed setup: a
+//! plain-QEMU stand-in primary failing over into a libvirt host (a domain generated from its
+//! QEMU definition), reversed through libvirt and failed back to QEMU.
 //!
 //! Needs root (a mount namespace for the private daemon): skipped with a message otherwise;
 //! as root, a missing libvirt installation fails the test. The held cycle needs
@@ -734,6 +737,230 @@ fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
     assert!(left.is_empty(), "processes left: {left:?}");
     eprintln!(
         "planned failover through libvirt test: {} ms",
+        t0.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+const MX_VM: &str = "vmr-mx1";
+
+/// Write `len` bytes of `pattern` at `offset` of a stand-in's disk `disk` through its live NBD
+/// export (as its guest would).
+fn standin_write(
+    sock: &std::path::Path,
+    disk: &str,
+    offset: u64,
+    len: u64,
+    pattern: u8,
+) -> TestResult {
+    let url = format!("nbd+unix:///{disk}?socket={}", sock.display());
+    vmr_testkit::img::qemu_io_write_pattern(
+        std::path::Path::new(&url),
+        "raw",
+        pattern,
+        offset,
+        len,
+    )?;
+    Ok(())
+}
+
+/// Mixed setups (issue 16 part 4): a plain-QEMU primary (a qemu-storage-daemon stand-in on
+/// host A, no libvirt there) fails over (planned) into host B, whose agent manages VMs through
+/// libvirt (`libvirt-connect`): B defines a domain generated from the replicated QEMU
+/// definition on its overlays and starts it (`virsh list`), with every write; `reverse` on B
+/// captures that domain through libvirt back to A (writes made in the domain reach A's
+/// store); failing back (a planned failover on B: the domain shut down through libvirt, the
+/// final cycle from it; `failover start` on A) starts the stand-in with QEMU on A, holding
+/// every write.
+#[test]
+fn plain_qemu_primary_fails_over_into_libvirt_and_back() -> TestResult {
+    use vmr_proto::api::{PointInfo, ReplicationState};
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED plain_qemu_primary_fails_over_into_libvirt_and_back: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lvm").tempdir()?;
+    // only the replica host B has libvirt
+    let lvb = PrivateLibvirt::start(&tmp.path().join("lb"))?;
+    let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvm-")?)?;
+    p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
+    p.b.restart()?;
+    p.a.allow(&p.b)?;
+    let vm = StandIn::create(p.root.path(), &p.a, MX_VM, &["disk0", "disk1"], 16)?;
+    vm.register(&p.a)?;
+    let uuid = vm.def.uuid;
+    let sock_a = nbd_socket(&p.a.dir, uuid);
+    // (disk index, offset, len, pattern): every write, checked after each step
+    let mut writes: Vec<(usize, u64, u64, u8)> = Vec::new();
+    let disk_names = ["disk0", "disk1"];
+    for &(d, off, len, pat) in &[
+        (0usize, 0u64, 1u64 << 20, 0x11u8),
+        (1, 4 << 20, 64 << 10, 0x12),
+    ] {
+        standin_write(&sock_a, disk_names[d], off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+    p.enable(MX_VM, &["--frequency", "1h"])?;
+    p.wait_cycle(MX_VM, 1, LONG)?;
+    p.b.wait_cycle(MX_VM, 1, LONG)?;
+    let st = p.b.status(MX_VM)?;
+    let prog = st.failover_program.clone().ok_or("no failover program")?;
+    assert!(
+        prog.program.contains("generated from the QEMU definition") && prog.refused.is_none(),
+        "{prog:?}"
+    );
+    // written after the initial copy: only the planned failover's final cycle carries them
+    for &(d, off, len, pat) in &[
+        (0usize, 3u64 << 20, 256u64 << 10, 0x21u8),
+        (1, 1 << 20, 4096, 0x22),
+    ] {
+        standin_write(&sock_a, disk_names[d], off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+
+    // 1. Planned failover A → B: the domain is generated, defined and started by B's libvirt.
+    let prep = failover(&p.a, &["prepare", MX_VM])?;
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    let k = prep.point.ok_or("no final cycle")?;
+    let t_fo = std::time::Instant::now();
+    let live = failover(&p.b, &["start", MX_VM])?;
+    let fo_ms = t_fo.elapsed().as_millis();
+    assert_eq!(live.point, Some(k));
+    assert!(live.message.contains("libvirt domain"), "{}", live.message);
+    assert!(
+        domains(&lvb, false)?.contains(&MX_VM.to_owned()),
+        "virsh list"
+    );
+    assert_eq!(lvb.virsh(&["domstate", MX_VM])?.trim(), "running");
+    assert_eq!(lvb.virsh(&["domuuid", MX_VM])?.trim(), uuid.to_string());
+    let blk = lvb.virsh(&["domblklist", MX_VM])?;
+    for (i, (_, overlay)) in live.disks.iter().enumerate() {
+        let target = ["vda", "vdb"][i];
+        assert!(
+            blk.lines()
+                .any(|l| l.contains(target) && l.contains(overlay.as_str())),
+            "{target} on {overlay}: {blk}"
+        );
+    }
+    let dumped = lvb.virsh(&["dumpxml", MX_VM])?;
+    assert!(dumped.contains("generated by vmreplica"), "{dumped}");
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(
+                std::path::Path::new(&live.disks[disk].1),
+                pat,
+                off,
+                len
+            )?,
+            "disk {disk} at {off} does not hold {pat:#x} in the failed-over domain"
+        );
+    }
+    // negative check: a pattern never written is not there
+    assert!(!vmr_testkit::img::qemu_io_holds_pattern(
+        std::path::Path::new(&live.disks[0].1),
+        0x21,
+        0,
+        4096
+    )?);
+
+    // 2. Reverse on B: the generated domain is captured through B's libvirt to A.
+    let r: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", MX_VM, "--frequency", "5s", "--json"])?)?;
+    assert_eq!(r.state, ReplicationState::Replicating, "{}", r.message);
+    let src =
+        p.b.status(MX_VM)?
+            .libvirt
+            .ok_or("the new primary has no libvirt source")?;
+    assert_eq!((src.domain.as_str(), src.uri.as_str()), (MX_VM, lvb.uri()));
+    for &(d, off, len, pat) in &[
+        (0usize, 9u64 << 20, 64u64 << 10, 0x31u8),
+        (1, 2 << 20, 4096, 0x32),
+    ] {
+        lvb.write_disk(MX_VM, d, off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+    let s = p.b.status(MX_VM)?;
+    let cut = s.last_cycle.unwrap_or(k) + 1 + u64::from(s.progress.is_some());
+    p.b.wait_cycle(MX_VM, cut, LONG)?;
+    p.a.wait_cycle(MX_VM, cut, LONG)?;
+    let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)?,
+            "A's store: disk {disk} at {off} does not hold {pat:#x} after reverse"
+        );
+    }
+    let cps = lvb.checkpoints(MX_VM)?;
+    assert!(
+        cps.iter().any(|c| c.starts_with("vmreplica-")),
+        "the reverse cycles are backup jobs of the generated domain: {cps:?}"
+    );
+
+    // 3. Fail back: a planned failover on B (through libvirt), started with QEMU on A.
+    lvb.write_disk(MX_VM, 0, 12 << 20, 64 << 10, 0x41)?;
+    writes.push((0, 12 << 20, 64 << 10, 0x41));
+    let prep = failover(&p.b, &["prepare", MX_VM, "--shutdown", "--timeout", "3s"])?;
+    assert_eq!(
+        prep.state,
+        ReplicationState::PreparedForFailover,
+        "{}",
+        prep.message
+    );
+    let k2 = prep.point.ok_or("no final cycle")?;
+    assert_eq!(lvb.virsh(&["domstate", MX_VM])?.trim(), "shut off");
+    let pts: Vec<PointInfo> = serde_json::from_str(&p.a.ok(&["points", MX_VM, "--json"])?)?;
+    assert_eq!(
+        pts.last().map(|x| (x.id, x.kind.as_str())),
+        Some((k2, "planned")),
+        "{pts:?}"
+    );
+    let back = failover(&p.a, &["start", MX_VM])?;
+    assert_eq!(back.point, Some(k2));
+    assert!(!back.message.contains("libvirt"), "{}", back.message);
+    let a_status = p.a.status(MX_VM)?;
+    assert_eq!(
+        a_status.state,
+        ReplicationState::FailedOverWaitingCompletion
+    );
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(
+                std::path::Path::new(&back.disks[disk].1),
+                pat,
+                off,
+                len
+            )?,
+            "disk {disk} at {off} does not hold {pat:#x} after failing back to QEMU on A"
+        );
+    }
+    // the VM runs on A with QEMU and its guest sees exactly what the domain on B had when it
+    // was shut down (B's overlays, the domain shut off)
+    for (i, d) in disk_names.iter().enumerate() {
+        assert_eq!(
+            hash_export(&nbd_socket(&p.a.dir, uuid), d)?,
+            hash_image(std::path::Path::new(&live.disks[i].1))?,
+            "{d} on A differs from the domain's disk on B"
+        );
+    }
+
+    p.stop()?;
+    let ns = lvb.mount_namespaces();
+    drop(lvb);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    eprintln!(
+        "mixed plain-QEMU/libvirt test: {} ms (failover start into libvirt {fo_ms} ms)",
         t0.elapsed().as_millis()
     );
     Ok(())
