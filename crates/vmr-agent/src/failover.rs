@@ -1212,16 +1212,6 @@ pub async fn reverse(
     let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
         name: name.to_owned(),
     })?;
-    // After an unplanned failover the old primary's disks are resynchronised, which is not
-    // built for libvirt VMs: refused here, before the old primary changes anything.
-    if let Some(d) = live.libvirt.as_ref().filter(|_| !fr.planned) {
-        return Err(AgentError::LibvirtNotBuilt {
-            name: name.to_owned(),
-            domain: d.domain.clone(),
-            what: "reverse replication after an unplanned failover (it resynchronises the old \
-                   primary's disks)",
-        });
-    }
     if !running(vm, &live) {
         return Err(AgentError::FailedOverNotRunning {
             name: name.to_owned(),
@@ -1387,7 +1377,8 @@ pub async fn reverse(
     };
     rec.qmp = qmp;
     // no checkpoint yet: the first reverse cycle reads every block of the domain's disks
-    // (sent on top of the failover point: exact), then the chain continues
+    // (sent on top of the failover point: exact; after an unplanned failover it is the
+    // resync, a full backup job compared block by block: resync.rs), then the chain continues
     rec.libvirt = lv_source;
     rec.nbd = None;
     rec.launch_toml = def.to_toml();

@@ -11,7 +11,8 @@
 //! (the replica host's libvirt): a test copy `NAME-test` running with a new UUID on the
 //! replica's overlays, the guest seeing the replicated writes, stopped and undefined; the
 //! split-brain guard asking libvirt whether the primary domain runs; a real failover keeping
-//! the UUID, cancelled (destroyed, undefined, replication state back) and completed. The
+//! the UUID, cancelled (destroyed, undefined, replication state back), completed, and reversed
+//! (the old primary resynchronised from a full backup job: only differing blocks). The
 //! third runs a planned failover of a reverse through libvirt, and the fourth a mixed setup: a
 //! plain-QEMU stand-in primary failing over into a libvirt host (a domain generated from its
 //! QEMU definition), reversed through libvirt and failed back to QEMU.
@@ -512,6 +513,10 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     // does not run, so the guard lets a real failover through; it keeps name and UUID.
     write(&mut writes, 0, 6 << 20, 64 << 10, 0x55)?;
     wait_cut(&p)?;
+    // ... and a write on the old primary that never leaves it (replication paused): the
+    // reverse's resync overwrites it with the new primary's content
+    p.a.ok(&["pause", "web1"])?;
+    lv.write_disk(FO_DOMAIN, 0, 0, 64 << 10, 0x56)?;
     lv.virsh(&["destroy", FO_DOMAIN])?;
     let r = failover(&p.b, &["start", "web1"])?;
     assert_eq!(r.name, FO_DOMAIN);
@@ -551,14 +556,83 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert_eq!(p.b.status("web1")?.state, ReplicationState::FailedOver);
     assert!(domains(&lvb, false)?.contains(&FO_DOMAIN.to_owned()));
     check(&lvb, FO_DOMAIN, &writes)?;
-    // reverse after an unplanned failover needs a resync, not built for libvirt VMs: refused
-    // before the old primary changes anything
-    let o = p.b.cli(&["reverse", "web1"])?;
-    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(stderr(&o).contains("unplanned failover"), "{}", stderr(&o));
-    assert_eq!(
-        p.a.status("web1")?.mode,
-        vmr_proto::api::ReplicationMode::Primary
+    // Reverse after this unplanned failover: the old primary imports its own images (with the
+    // write that never left), and the new primary resynchronises them from a full backup job
+    // of its domain, shipping only the blocks that differ.
+    let lvw = |writes: &mut Vec<(usize, u64, u64, u8)>,
+               disk: usize,
+               offset: u64,
+               len: u64,
+               pattern: u8|
+     -> TestResult {
+        lvb.write_disk(FO_DOMAIN, disk, offset, len, pattern)?;
+        writes.push((disk, offset, len, pattern));
+        Ok(())
+    };
+    lvw(&mut writes, 0, 10 << 20, 128 << 10, 0x61)?;
+    lvw(&mut writes, 1, 5 << 20, 4096, 0x62)?;
+    let t_rev = std::time::Instant::now();
+    let r: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "web1", "--frequency", "5s", "--json"])?)?;
+    assert!(r.message.contains("resynchronised"), "{}", r.message);
+    // the old primary's unshipped block is the new primary's again (the first write, 0x11)
+    let mut expect = writes.clone();
+    expect.push((0, 0, 64 << 10, 0x11));
+    let holds = |expect: &[(usize, u64, u64, u8)]| -> TestResult<bool> {
+        let st = p.a.status("web1")?;
+        if st.mode != vmr_proto::api::ReplicationMode::Replica || st.last_cycle.is_none() {
+            return Ok(false);
+        }
+        let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+        for &(disk, off, len, pat) in expect {
+            if !vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    wait_until(
+        LONG,
+        "the old primary's store holds the new primary's disks",
+        || {
+            // (a store being merged meanwhile is read again at the next poll)
+            Ok(holds(&expect).unwrap_or(false))
+        },
+    )
+    .map_err(|e| format!("{e}\n--- B ---\n{}", tail(&p.b.log(), 30)))?;
+    let st = p.b.status("web1")?;
+    assert_eq!(st.mode, vmr_proto::api::ReplicationMode::Primary);
+    let shipped = st.stats.total_bytes;
+    let disk_bytes = (16u64 + 8) << 20;
+    eprintln!(
+        "reverse after an unplanned libvirt failover: resynchronised in {:?}, {shipped} bytes \
+         shipped ({:.2} % of the disks)",
+        t_rev.elapsed(),
+        shipped as f64 * 100.0 / disk_bytes as f64
+    );
+    // the differing blocks: 64 KiB reverted, 128 KiB and one 64 KiB block written on B (the
+    // disks hold ~1.3 MiB of data, a full copy would ship it all)
+    assert!(
+        (192 << 10..=512 << 10).contains(&shipped),
+        "the resync shipped {shipped} bytes: not only the differences?"
+    );
+    let cps = lvb.checkpoints(FO_DOMAIN)?;
+    assert!(
+        cps.iter().any(|c| c.starts_with("vmreplica-")),
+        "the resync started a checkpoint chain on the domain: {cps:?}"
+    );
+    // then deltas from that chain
+    lvw(&mut writes, 1, 6 << 20, 64 << 10, 0x71)?;
+    let s = p.b.status("web1")?;
+    let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
+    p.b.wait_cycle("web1", cut, LONG)?;
+    p.a.wait_cycle("web1", cut, LONG)?;
+    let mut expect = writes.clone();
+    expect.push((0, 0, 64 << 10, 0x11));
+    assert!(holds(&expect)?, "a delta after the resync is missing");
+    assert!(
+        p.b.status("web1")?.stats.total_bytes - shipped < 256 << 10,
+        "the cycle after the resync is a delta"
     );
 
     p.stop()?;
