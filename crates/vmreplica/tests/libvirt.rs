@@ -893,6 +893,22 @@ fn plain_qemu_primary_fails_over_into_libvirt_and_back() -> TestResult {
         prog.program.contains("generated from the QEMU definition") && prog.refused.is_none(),
         "{prog:?}"
     );
+    // A test failover: the generated domain as NAME-test with a new UUID, stopped again.
+    let t = failover(&p.b, &["test", MX_VM])?;
+    let test_name = format!("{MX_VM}-test");
+    assert_eq!(t.name, test_name);
+    assert_eq!(lvb.virsh(&["domstate", &test_name])?.trim(), "running");
+    assert_ne!(
+        lvb.virsh(&["domuuid", &test_name])?.trim(),
+        uuid.to_string(),
+        "a test copy has a new UUID"
+    );
+    p.b.ok(&["failover", "stop-test", MX_VM])?;
+    assert!(
+        domains(&lvb, true)?.is_empty(),
+        "the test copy is undefined"
+    );
+    assert_eq!(p.b.status(MX_VM)?.state, ReplicationState::Replicating);
     // written after the initial copy: only the planned failover's final cycle carries them
     for &(d, off, len, pat) in &[
         (0usize, 3u64 << 20, 256u64 << 10, 0x21u8),
