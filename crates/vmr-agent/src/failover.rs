@@ -385,6 +385,25 @@ pub async fn start(
         name: name.to_owned(),
         source,
     })?;
+    // A VM replicated from a libvirt domain on a host without libvirt: QEMU with a command
+    // line made from the domain XML (its NICs the network-args run).
+    if launcher == vmr_core::FailoverLauncher::QemuFromDomainXml {
+        let xml = def.libvirt_xml.take().unwrap_or_default();
+        let q = vmr_libvirt::generate::qemu_from_domain(&xml).map_err(|source| {
+            AgentError::DomainToQemu {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        def.program = q.program;
+        def.args = q.args;
+        def.network_args = q.network_args;
+        // a test copy drops the NICs' run; without any NIC argument QEMU would add a default one
+        def.test_args = vec!["-nic".into(), "none".into()];
+        def.validate().map_err(AgentError::ReplicatedDefinition)?;
+        tracing::info!(vm = %name, program = %def.program, args = %def.args.join(" "),
+            "no libvirt on this host: QEMU is started from the domain XML");
+    }
     // A real failover attaches the VM to this host's networks when they differ (QEMU
     // arguments, also read by a generated domain: a replicated domain keeps its own
     // interfaces).
@@ -398,7 +417,7 @@ pub async fn start(
     }
     // (uri, domain XML, domain name, the replicated disks' targets by disk id)
     let libvirt = match launcher {
-        vmr_core::FailoverLauncher::Qemu => None,
+        vmr_core::FailoverLauncher::Qemu | vmr_core::FailoverLauncher::QemuFromDomainXml => None,
         vmr_core::FailoverLauncher::LibvirtReplicatedXml => {
             let xml = def.libvirt_xml.clone().unwrap_or_default();
             let domain = crate::lvfailover::check(uri.clone(), xml.clone()).await?;

@@ -576,6 +576,12 @@ impl ReplicaSide {
                                 refused: None,
                             }
                         }
+                        Ok(vmr_core::FailoverLauncher::QemuFromDomainXml) => {
+                            vmr_proto::api::FailoverProgram {
+                                program: "QEMU from the domain XML".to_owned(),
+                                refused: None,
+                            }
+                        }
                         Ok(vmr_core::FailoverLauncher::Qemu) => vmr_proto::api::FailoverProgram {
                             refused: crate::launch::allowed_program(
                                 &def.program,

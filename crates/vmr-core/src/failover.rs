@@ -8,7 +8,8 @@
 //! libvirt-managed VM [`libvirt_prepare`]), how a failover through libvirt presents the
 //! domain ([`failover_domain`]), and which launcher starts the VM on the failover host
 //! ([`failover_launcher`]: the replicated domain XML or one generated from a plain-QEMU
-//! definition through libvirt, or QEMU). The primary and
+//! definition through libvirt, or QEMU, with a command line made from a domain XML on a host
+//! without libvirt). The primary and
 //! replica machines apply them; the agent carries out what they decide.
 
 use std::net::{IpAddr, SocketAddr};
@@ -388,19 +389,14 @@ pub enum FailoverLauncher {
     LibvirtGeneratedXml,
     /// Plain QEMU: the definition's program and arguments, started by the agent.
     Qemu,
+    /// Plain QEMU with a command line made from the replicated domain XML (a VM replicated
+    /// from a libvirt domain failing over on a host without libvirt).
+    QemuFromDomainXml,
 }
 
 /// Why a failover cannot start the replicated definition on this host.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LauncherRefusal {
-    /// The definition is a libvirt domain only (no QEMU command line) and this host has no
-    /// libvirt configured: starting a domain XML with plain QEMU is not built.
-    #[error(
-        "the VM was replicated from a libvirt domain and has no QEMU command line; this host's \
-         agent has no libvirt-connect in its config.toml, and starting a domain's XML with plain \
-         QEMU is not built: set libvirt-connect (this host's libvirt) and restart the agent"
-    )]
-    DomainNeedsLibvirt,
     /// Neither a QEMU command line nor a domain XML.
     #[error("the replicated definition has neither a QEMU command line nor a libvirt domain XML")]
     NothingToStart,
@@ -416,7 +412,7 @@ pub enum LauncherRefusal {
 /// | QEMU command | domain XML | host libvirt | launcher |
 /// |---|---|---|---|
 /// | any | yes | yes | libvirt, the replicated XML |
-/// | no | yes | no | libvirt at the default URI when it answers, else refused |
+/// | no | yes | no | libvirt at the default URI when it answers, else QEMU from the domain XML |
 /// | yes | yes | no | QEMU |
 /// | yes | no | yes | libvirt, an XML generated from the QEMU definition |
 /// | yes | no | no | QEMU |
@@ -430,7 +426,7 @@ pub fn failover_launcher(
     match (qemu_command, domain_xml, host_libvirt) {
         (_, true, true) => Ok(L::LibvirtReplicatedXml),
         (false, true, false) if libvirt_default_reachable => Ok(L::LibvirtReplicatedXml),
-        (false, true, false) => Err(LauncherRefusal::DomainNeedsLibvirt),
+        (false, true, false) => Ok(L::QemuFromDomainXml),
         (true, true, false) => Ok(L::Qemu),
         (true, false, true) => Ok(L::LibvirtGeneratedXml),
         (true, false, false) => Ok(L::Qemu),
@@ -455,7 +451,7 @@ mod tests {
             (true, true, true, false, Ok(L::LibvirtReplicatedXml)),
             (false, true, true, false, Ok(L::LibvirtReplicatedXml)),
             (false, true, false, true, Ok(L::LibvirtReplicatedXml)),
-            (false, true, false, false, Err(R::DomainNeedsLibvirt)),
+            (false, true, false, false, Ok(L::QemuFromDomainXml)),
             (true, true, false, false, Ok(L::Qemu)),
             (true, true, false, true, Ok(L::Qemu)),
             (true, false, true, false, Ok(L::LibvirtGeneratedXml)),
@@ -472,11 +468,6 @@ mod tests {
                 "qemu {q} xml {x} host libvirt {h} default answers {d}"
             );
         }
-        assert!(
-            R::DomainNeedsLibvirt
-                .to_string()
-                .contains("set libvirt-connect")
-        );
     }
 
     #[test]

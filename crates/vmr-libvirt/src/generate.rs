@@ -4,7 +4,9 @@
 //! QEMU arguments say about memory, vCPUs, machine type, CPU, firmware and NICs becomes the
 //! domain's; the replicated disks become virtio qcow2 disks `vda`, `vdb`, ... in the order
 //! given. Everything else on the command line (displays, USB, CD-ROMs, passthrough devices,
-//! `-drive`/`-blockdev` wiring) is not carried over: docs/libvirt.md lists it.
+//! `-drive`/`-blockdev` wiring) is not carried over: docs/libvirt.md lists it. The other way
+//! ([`qemu_from_domain`]): a QEMU command line made from a domain XML, for a VM replicated from
+//! a libvirt domain failing over on a host without libvirt.
 
 use std::path::PathBuf;
 
@@ -322,6 +324,174 @@ pub fn domain_from_qemu(vm: &QemuVm<'_>) -> Result<String, LibvirtError> {
     Ok(x)
 }
 
+/// A plain-QEMU command line made from a domain definition ([`qemu_from_domain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuCommand {
+    /// The program: the domain's `<emulator>`, else `qemu-system-ARCH`.
+    pub program: String,
+    /// The arguments, with vmreplica's placeholders (`{disk:vda}`, `{qmp}`, `{accel}`,
+    /// `{name}`, `{uuid}`); the NICs are the contiguous run `network_args`.
+    pub args: Vec<String>,
+    /// The NICs' arguments (a run of `args`): dropped for a test failover.
+    pub network_args: Vec<String>,
+}
+
+/// The first child of `n` named `tag`.
+fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(tag))
+}
+
+/// A domain size element (`<memory unit='GiB'>4</memory>`) in MiB.
+fn domain_memory_mib(n: roxmltree::Node<'_, '_>) -> Result<u64, LibvirtError> {
+    let text = n.text().unwrap_or_default().trim();
+    let v: u64 = text
+        .parse()
+        .map_err(|_| bad(format!("<memory> {text:?} is not a number")))?;
+    let kib = match n.attribute("unit").unwrap_or("KiB") {
+        "b" | "bytes" => v / 1024,
+        "KB" => v * 1000 / 1024,
+        "k" | "KiB" => v,
+        "MB" => v * 1_000_000 / 1024,
+        "M" | "MiB" => v * 1024,
+        "GB" => v * 1_000_000_000 / 1024,
+        "G" | "GiB" => v * 1024 * 1024,
+        "T" | "TiB" => v * 1024 * 1024 * 1024,
+        u => return Err(bad(format!("<memory unit={u:?}>: unknown unit"))),
+    };
+    Ok((kib / 1024).max(1))
+}
+
+/// The QEMU command line of a domain definition, for a failover of a VM replicated from a
+/// libvirt domain on a host without libvirt: memory, vCPUs, machine type and architecture,
+/// the qcow2 disks as virtio-blk devices whose block nodes are named by target (`vda`, the
+/// replicated disks' ids), interfaces of type `user` (`-nic user`) and `bridge` (`-nic
+/// bridge,br=...`, which needs qemu-bridge-helper) with their MAC and model, a QMP monitor
+/// (`{qmp}`) and no display. Refused, naming the element: a disk not on the virtio bus, an
+/// interface of another type (a libvirt network has no plain-QEMU equivalent), UEFI firmware.
+/// Everything else of the domain (graphics, USB, consoles, CD-ROMs, passthrough) is left out.
+pub fn qemu_from_domain(domain_xml: &str) -> Result<QemuCommand, LibvirtError> {
+    let disks = crate::xml::parse_disks(domain_xml)?;
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| bad(e.to_string()))?;
+    let root = doc.root_element();
+    let mib = match child(root, "memory") {
+        Some(m) => domain_memory_mib(m)?,
+        None => DEFAULT_MEMORY_KIB / 1024,
+    };
+    let vcpus = match child(root, "vcpu").and_then(|v| v.text()) {
+        Some(t) => number("cpus", t.trim())?,
+        None => 1,
+    };
+    let os = child(root, "os");
+    if os.is_some_and(|o| o.attribute("firmware") == Some("efi") || child(o, "loader").is_some()) {
+        return Err(bad(
+            "UEFI firmware (<os firmware='efi'> or <loader>): starting it with plain QEMU is not built"
+                .into(),
+        ));
+    }
+    let ty = os.and_then(|o| child(o, "type"));
+    let arch = ty.and_then(|t| t.attribute("arch")).unwrap_or("x86_64");
+    let machine = ty.and_then(|t| t.attribute("machine"));
+    let devices = child(root, "devices");
+    let program = devices
+        .and_then(|d| child(d, "emulator"))
+        .and_then(|e| e.text())
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| format!("qemu-system-{arch}"));
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        "{name}".into(),
+        "-uuid".into(),
+        "{uuid}".into(),
+        "-machine".into(),
+        match machine {
+            Some(m) => format!("{m},accel={{accel}}"),
+            None => "accel={accel}".into(),
+        },
+        "-m".into(),
+        format!("{mib}M"),
+        "-smp".into(),
+        vcpus.to_string(),
+        "-display".into(),
+        "none".into(),
+        "-chardev".into(),
+        "socket,id=vmr,path={qmp},server=on,wait=off".into(),
+        "-mon".into(),
+        "chardev=vmr,mode=control".into(),
+    ];
+    for disk in devices
+        .into_iter()
+        .flat_map(|d| d.children().filter(|n| n.has_tag_name("disk")))
+        .filter(|d| d.attribute("device").unwrap_or("disk") == "disk")
+    {
+        let target = child(disk, "target");
+        let dev = target.and_then(|t| t.attribute("dev")).unwrap_or_default();
+        let bus = target
+            .and_then(|t| t.attribute("bus"))
+            .unwrap_or(if dev.starts_with("vd") { "virtio" } else { "" });
+        if bus != "virtio" {
+            return Err(bad(format!(
+                "disk {dev} is on the {bus:?} bus: only virtio disks are started with plain QEMU"
+            )));
+        }
+    }
+    for d in &disks {
+        let t = &d.target;
+        args.extend([
+            "-blockdev".into(),
+            format!("driver=file,node-name={t}-file,filename={{disk:{t}}}"),
+            "-blockdev".into(),
+            format!("driver=qcow2,node-name={t},file={t}-file"),
+            "-device".into(),
+            format!("virtio-blk-pci,drive={t},id={t}-dev"),
+        ]);
+    }
+    let mut nics: Vec<String> = Vec::new();
+    for (i, n) in devices
+        .into_iter()
+        .flat_map(|d| d.children().filter(|n| n.has_tag_name("interface")))
+        .enumerate()
+    {
+        let kind = n.attribute("type").unwrap_or_default();
+        let mut v = match kind {
+            "user" => "user".to_owned(),
+            "bridge" => {
+                let br = child(n, "source")
+                    .and_then(|s| s.attribute("bridge"))
+                    .ok_or_else(|| bad(format!("interface {i} (bridge) has no <source bridge>")))?;
+                format!("bridge,br={br}")
+            }
+            other => {
+                return Err(bad(format!(
+                    "interface {i} is of type {other:?}: a libvirt {other} has no plain-QEMU \
+                     equivalent on a host without libvirt (only user and bridge interfaces)"
+                )));
+            }
+        };
+        let model = child(n, "model").and_then(|m| m.attribute("type"));
+        v.push_str(&format!(
+            ",model={}",
+            match model {
+                Some("virtio") | None => "virtio-net-pci",
+                Some(m) => m,
+            }
+        ));
+        if let Some(mac) = child(n, "mac").and_then(|m| m.attribute("address")) {
+            v.push_str(&format!(",mac={mac}"));
+        }
+        nics.extend(["-nic".into(), v]);
+    }
+    if nics.is_empty() {
+        nics.extend(["-nic".into(), "none".into()]);
+    }
+    args.extend(nics.iter().cloned());
+    Ok(QemuCommand {
+        program,
+        args,
+        network_args: nics,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,5 +693,74 @@ mod tests {
             domain_from_qemu(&QemuVm { disks: &[], ..vm }),
             Err(LibvirtError::NoDisks)
         ));
+    }
+
+    #[test]
+    fn a_qemu_command_line_from_a_domain() {
+        let x = "<domain type='kvm'><name>web1</name><uuid>u</uuid><memory unit='GiB'>2</memory><vcpu placement='static'>4</vcpu>\
+            <os><type arch='x86_64' machine='pc-q35-8.2'>hvm</type></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>\
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+            <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='/i.iso'/><target dev='sda' bus='sata'/></disk>\
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/b.qcow2'/><target dev='vdb' bus='virtio'/></disk>\
+            <interface type='user'><mac address='52:54:00:00:00:01'/><model type='virtio'/></interface>\
+            <interface type='bridge'><source bridge='br0'/><model type='e1000'/></interface></devices></domain>";
+        let q = qemu_from_domain(x).expect("converted");
+        assert_eq!(q.program, "/usr/bin/qemu-system-x86_64");
+        let line = q.args.join(" ");
+        for want in [
+            "-machine pc-q35-8.2,accel={accel}",
+            "-m 2048M",
+            "-smp 4",
+            "-chardev socket,id=vmr,path={qmp},server=on,wait=off -mon chardev=vmr,mode=control",
+            "-blockdev driver=file,node-name=vda-file,filename={disk:vda}",
+            "-blockdev driver=qcow2,node-name=vdb,file=vdb-file",
+            "-device virtio-blk-pci,drive=vdb,id=vdb-dev",
+            "-nic user,model=virtio-net-pci,mac=52:54:00:00:00:01 -nic bridge,br=br0,model=e1000",
+        ] {
+            assert!(line.contains(want), "{want} missing in {line}");
+        }
+        assert!(!line.contains("i.iso"), "{line}");
+        assert_eq!(q.network_args.len(), 4);
+        // a minimal domain: defaults, no NIC
+        let q = qemu_from_domain(
+            "<domain type='qemu'><name>m</name><memory>65536</memory><os><type arch='aarch64'>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        )
+        .expect("converted");
+        assert_eq!(q.program, "qemu-system-aarch64");
+        let line = q.args.join(" ");
+        assert!(
+            line.contains("-machine accel={accel} -m 64M -smp 1"),
+            "{line}"
+        );
+        assert_eq!(q.network_args, vec!["-nic", "none"]);
+    }
+
+    #[test]
+    fn domains_plain_qemu_cannot_start_are_refused_naming_the_element() {
+        let disk = |bus: &str| {
+            format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/><target dev='sda' bus='{bus}'/></disk>"
+            )
+        };
+        let vda = "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk>";
+        for (inner, os, says) in [
+            (disk("sata"), "", "disk sda is on the \"sata\" bus"),
+            (
+                format!("{vda}<interface type='network'><source network='default'/></interface>"),
+                "",
+                "type \"network\"",
+            ),
+            (
+                vda.to_owned(),
+                "<os firmware='efi'><type arch='x86_64'>hvm</type></os>",
+                "UEFI",
+            ),
+        ] {
+            let x =
+                format!("<domain type='kvm'><name>w</name>{os}<devices>{inner}</devices></domain>");
+            let e = qemu_from_domain(&x).expect_err(says).to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 }

@@ -1055,3 +1055,162 @@ fn plain_qemu_primary_fails_over_into_libvirt_and_back() -> TestResult {
     );
     Ok(())
 }
+
+const LQ_DOMAIN: &str = "vmr-lv-lq1";
+
+/// Command lines (NUL-separated arguments joined with spaces) of the running processes whose
+/// command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if line.contains(needle) {
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// The other direction of a mixed setup: a VM replicated from a libvirt domain fails over on a
+/// host without libvirt (no `libvirt-connect`, `qemu:///system` not answering): QEMU is
+/// started from a command line made from the domain XML (its virtio disks on the overlays
+/// with the block nodes named by target, its user-mode NIC; none for a test copy), holding
+/// every replicated write; `stop-test` and `cancel` end it.
+#[test]
+fn libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt() -> TestResult {
+    use vmr_proto::api::ReplicationState;
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let system = Command::new("virsh")
+        .args(["-c", "qemu:///system", "-q", "uri"])
+        .output()?;
+    if system.status.success() {
+        eprintln!(
+            "SKIPPED libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt: this \
+             host's qemu:///system answers, so a failover here goes through it"
+        );
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lvq").tempdir()?;
+    let lv = PrivateLibvirt::start(&tmp.path().join("la"))?;
+    let mut images: Vec<PathBuf> = Vec::new();
+    for (i, size) in ["16M", "8M"].iter().enumerate() {
+        let p = tmp.path().join(format!("d{i}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg(size)
+            .status()?;
+        assert!(st.success(), "qemu-img create");
+        images.push(p);
+    }
+    lv.start_domain_with_nic(LQ_DOMAIN, &images)?;
+    let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvq-")?)?;
+    p.a.allow(&p.b)?;
+    p.a.ok(&[
+        "vm",
+        "add",
+        "web1",
+        "--libvirt",
+        LQ_DOMAIN,
+        "--connect",
+        lv.uri(),
+    ])?;
+    let mut writes: Vec<(usize, u64, u64, u8)> = Vec::new();
+    for &(d, off, len, pat) in &[
+        (0usize, 0u64, 1u64 << 20, 0x11u8),
+        (1, 4 << 20, 64 << 10, 0x12),
+    ] {
+        lv.write_disk(LQ_DOMAIN, d, off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+    p.enable("web1", &["--frequency", "5s"])?;
+    p.wait_cycle("web1", 1, LONG)?;
+    p.b.wait_cycle("web1", 1, LONG)?;
+    lv.write_disk(LQ_DOMAIN, 0, 3 << 20, 128 << 10, 0x21)?;
+    writes.push((0, 3 << 20, 128 << 10, 0x21));
+    let s = p.a.status("web1")?;
+    let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
+    p.wait_cycle("web1", cut, LONG)?;
+    p.b.wait_cycle("web1", cut, LONG)?;
+    let holds = |disks: &[(String, String)]| -> TestResult {
+        for &(disk, off, len, pat) in &writes {
+            assert!(
+                vmr_testkit::img::qemu_io_holds_pattern(
+                    std::path::Path::new(&disks[disk].1),
+                    pat,
+                    off,
+                    len
+                )?,
+                "disk {disk} at {off} does not hold {pat:#x}"
+            );
+        }
+        Ok(())
+    };
+
+    // A test copy: QEMU from the domain XML, no NIC.
+    let t = failover(&p.b, &["test", "web1"])?;
+    assert!(!t.message.contains("libvirt domain"), "{}", t.message);
+    let procs = processes_with(&t.disks[0].1);
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    let cmd = &procs[0];
+    assert!(
+        cmd.contains("qemu-system-x86_64") && cmd.contains("virtio-blk-pci,drive=vda"),
+        "{cmd}"
+    );
+    assert!(
+        cmd.contains("-nic none") && !cmd.contains("-nic user"),
+        "{cmd}"
+    );
+    holds(&t.disks)?;
+    p.b.ok(&["failover", "stop-test", "web1"])?;
+    assert!(
+        processes_with(&t.disks[0].1).is_empty(),
+        "the test copy ended"
+    );
+
+    // A real failover (the primary domain gone): its NIC kept, then cancelled.
+    lv.virsh(&["destroy", LQ_DOMAIN])?;
+    let r = failover(&p.b, &["start", "web1"])?;
+    assert_eq!(
+        p.b.status("web1")?.state,
+        ReplicationState::FailedOverWaitingCompletion
+    );
+    let procs = processes_with(&r.disks[1].1);
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    assert!(
+        procs[0].contains("-nic user,model=virtio-net-pci"),
+        "{}",
+        procs[0]
+    );
+    holds(&r.disks)?;
+    p.b.ok(&["failover", "cancel", "web1"])?;
+    assert!(processes_with(&r.disks[1].1).is_empty(), "cancel ended it");
+    assert_eq!(p.b.status("web1")?.state, ReplicationState::Replicating);
+
+    p.stop()?;
+    let ns = lv.mount_namespaces();
+    drop(lv);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    eprintln!(
+        "libvirt domain to plain QEMU test: {} ms",
+        t0.elapsed().as_millis()
+    );
+    Ok(())
+}
