@@ -1184,7 +1184,10 @@ fn libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt() -> Test
         "the test copy ended"
     );
 
-    // A real failover (the primary domain gone): its NIC kept, then cancelled.
+    // A real failover (the primary domain gone, after a write that never left it): its NIC
+    // kept, then cancelled.
+    p.a.ok(&["pause", "web1"])?;
+    lv.write_disk(LQ_DOMAIN, 0, 0, 64 << 10, 0x56)?;
     lv.virsh(&["destroy", LQ_DOMAIN])?;
     let r = failover(&p.b, &["start", "web1"])?;
     assert_eq!(
@@ -1202,6 +1205,48 @@ fn libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt() -> Test
     p.b.ok(&["failover", "cancel", "web1"])?;
     assert!(processes_with(&r.disks[1].1).is_empty(), "cancel ended it");
     assert_eq!(p.b.status("web1")?.state, ReplicationState::Replicating);
+
+    // Again, then reverse: the QEMU VM is captured through its QMP monitor (block nodes named
+    // by target) and the old libvirt primary's images are resynchronised: its unshipped
+    // block goes back to the new primary's content, and little travels.
+    let r = failover(&p.b, &["start", "web1"])?;
+    holds(&r.disks)?;
+    let rev: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "web1", "--frequency", "5s", "--json"])?)?;
+    assert!(rev.message.contains("resynchronised"), "{}", rev.message);
+    let uuid = p.b.status("web1")?.uuid;
+    let mut expect = writes.clone();
+    expect.push((0, 0, 64 << 10, 0x11));
+    wait_until(
+        LONG,
+        "the old libvirt primary's store holds the QEMU VM's disks",
+        || {
+            let st = p.a.status("web1")?;
+            if st.mode != vmr_proto::api::ReplicationMode::Replica || st.last_cycle.is_none() {
+                return Ok(false);
+            }
+            let Ok(layers) =
+                vmr_store::Store::open(&p.a.storage()).and_then(|s| s.point_layers(uuid, None))
+            else {
+                return Ok(false);
+            };
+            for &(disk, off, len, pat) in &expect {
+                if !vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)
+                    .unwrap_or(false)
+                {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .map_err(|e| format!("{e}\n--- B ---\n{}", tail(&p.b.log(), 30)))?;
+    let shipped = p.b.status("web1")?.stats.total_bytes;
+    eprintln!("reverse from the QEMU VM to the libvirt host: {shipped} bytes shipped");
+    assert!(
+        shipped <= 256 << 10,
+        "the resync shipped {shipped} bytes: not only the differences?"
+    );
 
     p.stop()?;
     let ns = lv.mount_namespaces();
