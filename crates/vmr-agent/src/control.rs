@@ -707,7 +707,7 @@ async fn libvirt_definition(name: &str, lv: &LibvirtSource) -> Result<VmDefiniti
     let def = VmDefinition {
         name: name.to_owned(),
         uuid,
-        program: "libvirt".into(),
+        program: crate::lvfailover::LIBVIRT_PROGRAM.into(),
         args: vec![],
         test_args: vec![],
         network_args: vec![],

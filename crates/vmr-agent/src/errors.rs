@@ -221,6 +221,30 @@ pub enum AgentError {
         /// What was asked for.
         what: &'static str,
     },
+    /// A failover cannot start the replicated definition on this host
+    /// ([`vmr_core::failover_launcher`]'s refusal).
+    #[error("cannot fail {name:?} over on this host")]
+    FailoverLauncher {
+        /// The VM name.
+        name: String,
+        /// Why.
+        #[source]
+        source: vmr_core::LauncherRefusal,
+    },
+    /// A VM replicated from a libvirt domain cannot be started with plain QEMU on this host
+    /// (no libvirt here): its domain XML has something plain QEMU is not started with.
+    #[error(
+        "{name:?} was replicated from a libvirt domain and this host has no libvirt (no \
+         libvirt-connect in config.toml and qemu:///system does not answer): it cannot be started \
+         with plain QEMU from its domain XML"
+    )]
+    DomainToQemu {
+        /// The VM name.
+        name: String,
+        /// What in the domain XML.
+        #[source]
+        source: vmr_libvirt::LibvirtError,
+    },
     /// Failover through libvirt: a libvirt call on this host failed (connecting, defining,
     /// starting, destroying or undefining the failed-over domain).
     #[error("failover through libvirt at {uri}: {doing} domain {domain:?}")]
@@ -1071,6 +1095,8 @@ impl AgentError {
             | AlreadyEnabled { .. }
             | AlreadyRegistered { .. }
             | LibvirtNotBuilt { .. }
+            | FailoverLauncher { .. }
+            | DomainToQemu { .. }
             | VmReplicating { .. }
             | VmIsReplica { .. }
             | VmIsPrimary { .. }

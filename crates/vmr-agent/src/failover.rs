@@ -364,26 +364,77 @@ pub async fn start(
     // host does not allow is refused here, whoever registered the VM.
     let mut def = VmDefinition::from_toml(&store.definition(rec.uuid)?)
         .map_err(AgentError::ReplicatedDefinition)?;
-    // A domain replicated from libvirt is defined and started through this host's libvirt
-    // (lvfailover.rs): its connection and XML are checked before anything changes.
-    let libvirt = match &def.libvirt_xml {
-        Some(xml) => {
-            let uri = crate::lvfailover::uri(&vm.host);
-            let domain = crate::lvfailover::check(uri.clone(), xml.clone()).await?;
-            Some((uri, xml.clone(), domain))
-        }
-        None => None,
-    };
+    // Which launcher starts the VM here is vmr_core::failover_launcher's decision: a domain
+    // XML (replicated, or generated from a plain-QEMU definition when this host's agent
+    // manages VMs through libvirt) through this host's libvirt (lvfailover.rs), else QEMU.
+    // The connection and the XML are checked before anything changes.
+    let uri = crate::lvfailover::uri(&vm.host);
+    let host_libvirt = vm.host.config.libvirt_connect.is_some();
+    let qemu_command = def.program != crate::lvfailover::LIBVIRT_PROGRAM;
+    let default_answers = !qemu_command
+        && !host_libvirt
+        && def.libvirt_xml.is_some()
+        && crate::lvfailover::answers(uri.clone()).await;
+    let launcher = vmr_core::failover_launcher(
+        qemu_command,
+        def.libvirt_xml.is_some(),
+        host_libvirt,
+        default_answers,
+    )
+    .map_err(|source| AgentError::FailoverLauncher {
+        name: name.to_owned(),
+        source,
+    })?;
+    // A VM replicated from a libvirt domain on a host without libvirt: QEMU with a command
+    // line made from the domain XML (its NICs the network-args run).
+    if launcher == vmr_core::FailoverLauncher::QemuFromDomainXml {
+        let xml = def.libvirt_xml.take().unwrap_or_default();
+        let q = vmr_libvirt::generate::qemu_from_domain(&xml).map_err(|source| {
+            AgentError::DomainToQemu {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        def.program = q.program;
+        def.args = q.args;
+        def.network_args = q.network_args;
+        // a test copy drops the NICs' run; without any NIC argument QEMU would add a default one
+        def.test_args = vec!["-nic".into(), "none".into()];
+        def.validate().map_err(AgentError::ReplicatedDefinition)?;
+        tracing::info!(vm = %name, program = %def.program, args = %def.args.join(" "),
+            "no libvirt on this host: QEMU is started from the domain XML");
+    }
     // A real failover attaches the VM to this host's networks when they differ (QEMU
-    // arguments: a libvirt domain keeps its own interfaces).
+    // arguments, also read by a generated domain: a replicated domain keeps its own
+    // interfaces).
     if !test
-        && libvirt.is_none()
+        && launcher != vmr_core::FailoverLauncher::LibvirtReplicatedXml
         && let Some(args) = &rec.failover.network_args
     {
         def = def
             .with_network_args(args)
             .map_err(AgentError::ReplicaNetworkArgs)?;
     }
+    // (uri, domain XML, domain name, the replicated disks' targets by disk id)
+    let libvirt = match launcher {
+        vmr_core::FailoverLauncher::Qemu | vmr_core::FailoverLauncher::QemuFromDomainXml => None,
+        vmr_core::FailoverLauncher::LibvirtReplicatedXml => {
+            let xml = def.libvirt_xml.clone().unwrap_or_default();
+            let domain = crate::lvfailover::check(uri.clone(), xml.clone()).await?;
+            Some((uri, xml, domain, None))
+        }
+        vmr_core::FailoverLauncher::LibvirtGeneratedXml => {
+            let points = store.points(rec.uuid)?;
+            let ids: Vec<String> = points
+                .iter()
+                .rfind(|p| point.is_none_or(|k| p.id == k))
+                .map(|p| p.disks.iter().map(|(d, _)| d.clone()).collect())
+                .unwrap_or_default();
+            let (xml, targets) = crate::lvfailover::generate(&def, &ids, &uri)?;
+            let domain = crate::lvfailover::check(uri.clone(), xml.clone()).await?;
+            Some((uri, xml, domain, Some(targets)))
+        }
+    };
     let program = if no_start || libvirt.is_some() {
         None
     } else {
@@ -452,8 +503,20 @@ pub async fn start(
             libvirt: None,
         };
         let mut line = None;
-        if let Some((uri, xml, domain)) = &libvirt {
-            let plan = crate::lvfailover::plan(domain, &view.disks, test);
+        if let Some((uri, xml, domain, targets)) = &libvirt {
+            // a generated domain names its disks vda, vdb, ...: the overlays by target
+            let disks: Vec<(String, PathBuf)> = view
+                .disks
+                .iter()
+                .map(|(d, p)| {
+                    let t = targets
+                        .as_ref()
+                        .and_then(|t| t.iter().find(|(id, _)| id == d))
+                        .map_or_else(|| d.clone(), |(_, t)| t.clone());
+                    (t, p.clone())
+                })
+                .collect();
+            let plan = crate::lvfailover::plan(domain, &disks, test);
             match crate::lvfailover::define(uri.clone(), xml.clone(), plan, !no_start).await {
                 Ok(d) => {
                     f.name = d.domain.clone();
@@ -1168,16 +1231,6 @@ pub async fn reverse(
     let live = fr.live.clone().ok_or_else(|| AgentError::NoFailedOverVm {
         name: name.to_owned(),
     })?;
-    // After an unplanned failover the old primary's disks are resynchronised, which is not
-    // built for libvirt VMs: refused here, before the old primary changes anything.
-    if let Some(d) = live.libvirt.as_ref().filter(|_| !fr.planned) {
-        return Err(AgentError::LibvirtNotBuilt {
-            name: name.to_owned(),
-            domain: d.domain.clone(),
-            what: "reverse replication after an unplanned failover (it resynchronises the old \
-                   primary's disks)",
-        });
-    }
     if !running(vm, &live) {
         return Err(AgentError::FailedOverNotRunning {
             name: name.to_owned(),
@@ -1343,7 +1396,8 @@ pub async fn reverse(
     };
     rec.qmp = qmp;
     // no checkpoint yet: the first reverse cycle reads every block of the domain's disks
-    // (sent on top of the failover point: exact), then the chain continues
+    // (sent on top of the failover point: exact; after an unplanned failover it is the
+    // resync, a full backup job compared block by block: resync.rs), then the chain continues
     rec.libvirt = lv_source;
     rec.nbd = None;
     rec.launch_toml = def.to_toml();

@@ -3,7 +3,9 @@
 //! libvirt domain (its replicated definition holds the domain XML). It owns defining the
 //! failed-over domain from the replicated XML on this host's libvirt (`libvirt-connect` in
 //! config.toml, `qemu:///system` when absent), starting it, and destroying and undefining it
-//! again. Which name, UUID and interfaces the domain has is [`vmr_core::failover_domain`]'s
+//! again. A VM replicated from a plain-QEMU primary gets a domain XML generated from its QEMU
+//! definition ([`generate`]) when this host's agent manages VMs through libvirt (which
+//! launcher is [`vmr_core::failover_launcher`]'s decision). Which name, UUID and interfaces the domain has is [`vmr_core::failover_domain`]'s
 //! decision, its XML [`vmr_libvirt::xml::failover_xml`]; when a failover may happen, and what cancel and
 //! complete mean, stay the failover machine's decisions (`vmr_core`), driven by
 //! `failover.rs`. Every libvirt call blocks, so each runs in `spawn_blocking`. See
@@ -19,6 +21,14 @@ use crate::host::Host;
 
 /// The URI used when config.toml has no `libvirt-connect`.
 pub const DEFAULT_URI: &str = "qemu:///system";
+
+/// The `program` marker of a definition made from a libvirt domain (`vm add --libvirt`): it
+/// has no QEMU command line.
+pub const LIBVIRT_PROGRAM: &str = "libvirt";
+
+/// The libvirt network the NICs of a domain generated from a plain-QEMU definition are
+/// attached to (libvirt's own default NAT network).
+pub const GENERATED_NETWORK: &str = "default";
 
 /// The libvirt connection URI failovers use on this host.
 pub fn uri(host: &Host) -> String {
@@ -55,6 +65,61 @@ pub async fn check(uri: String, xml: String) -> Result<String, AgentError> {
         Ok(name)
     })
     .await
+}
+
+/// Does this host's libvirt at `uri` answer? (A short blocking call in `spawn_blocking`.)
+pub async fn answers(uri: String) -> bool {
+    tokio::task::spawn_blocking(move || Libvirt::open(&uri).is_ok())
+        .await
+        .unwrap_or(false)
+}
+
+/// The domain XML of a failover of a plain-QEMU definition into this host's libvirt
+/// ([`vmr_libvirt::generate::domain_from_qemu`]): the replicated disks `ids` (the point's
+/// order; the definition's when empty) become `vda`, `vdb`, ... (returned by id), the
+/// domain type follows this host's KVM, the NICs go on [`GENERATED_NETWORK`]. The disks'
+/// sources are the primary's paths until the failover points them at its overlays.
+pub fn generate(
+    def: &vmr_proto::VmDefinition,
+    ids: &[String],
+    uri: &str,
+) -> Result<(String, Vec<(String, String)>), AgentError> {
+    let ids: Vec<String> = if ids.is_empty() {
+        def.disks.iter().map(|d| d.node.clone()).collect()
+    } else {
+        ids.to_vec()
+    };
+    let paths: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| {
+            def.disks
+                .iter()
+                .find(|d| &d.node == id)
+                .map_or_else(|| PathBuf::from(id), |d| PathBuf::from(&d.path))
+        })
+        .collect();
+    let uuid = def.uuid.to_string();
+    let vm = vmr_libvirt::generate::QemuVm {
+        name: &def.name,
+        uuid: &uuid,
+        program: &def.program,
+        args: &def.args,
+        disks: &paths,
+        domain_type: if crate::launch::accel() == "kvm" {
+            "kvm"
+        } else {
+            "qemu"
+        },
+        network: GENERATED_NETWORK,
+    };
+    let xml = vmr_libvirt::generate::domain_from_qemu(&vm)
+        .map_err(|e| err(uri, "generating the XML of", &def.name, e))?;
+    let targets = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| (id, vmr_libvirt::generate::disk_target(i)))
+        .collect();
+    Ok((xml, targets))
 }
 
 /// Define the failed-over domain from the replicated `xml` as `plan` says and, when `start`,

@@ -985,9 +985,8 @@ async fn run_cycle(ctx: &CycleCtx, session: &mut Session, c: Started) -> Outcome
         _ => None,
     });
     if ctx.rec.libvirt.is_some() {
-        let what = if c.kind == CycleKind::Resync {
-            Some("a resync")
-        } else if c.verify && c.base.is_some() {
+        // (a resync is a full backup job compared block by block: resync.rs)
+        let what = if c.verify && c.base.is_some() {
             Some("a verify cycle")
         } else if export.is_some() {
             Some("an initial copy exported to a directory")

@@ -550,22 +550,53 @@ impl ReplicaSide {
             progress: None,
             failover_program: vmr_proto::VmDefinition::from_toml(&rec.launch_toml)
                 .ok()
-                .map(|def| match def.libvirt_xml {
-                    // defined and started through this host's libvirt (lvfailover.rs)
-                    Some(_) => vmr_proto::api::FailoverProgram {
-                        program: format!("libvirt at {}", crate::lvfailover::uri(&vm.host)),
-                        refused: None,
-                    },
-                    None => vmr_proto::api::FailoverProgram {
-                        refused: crate::launch::allowed_program(
-                            &def.program,
-                            &vm.host.config.allowed_programs,
-                            &vm.host.dir.join(crate::config::CONFIG_FILE),
-                        )
-                        .err()
-                        .map(|e| e.to_string()),
-                        program: def.program,
-                    },
+                .map(|def| {
+                    // the launcher a failover would use (the default libvirt URI is assumed
+                    // to answer: status makes no libvirt call)
+                    let launcher = vmr_core::failover_launcher(
+                        def.program != crate::lvfailover::LIBVIRT_PROGRAM,
+                        def.libvirt_xml.is_some(),
+                        vm.host.config.libvirt_connect.is_some(),
+                        true,
+                    );
+                    let lv = format!("libvirt at {}", crate::lvfailover::uri(&vm.host));
+                    match launcher {
+                        // defined and started through this host's libvirt (lvfailover.rs)
+                        Ok(vmr_core::FailoverLauncher::LibvirtReplicatedXml) => {
+                            vmr_proto::api::FailoverProgram {
+                                program: lv,
+                                refused: None,
+                            }
+                        }
+                        Ok(vmr_core::FailoverLauncher::LibvirtGeneratedXml) => {
+                            vmr_proto::api::FailoverProgram {
+                                program: format!(
+                                    "{lv} (a domain generated from the QEMU definition)"
+                                ),
+                                refused: None,
+                            }
+                        }
+                        Ok(vmr_core::FailoverLauncher::QemuFromDomainXml) => {
+                            vmr_proto::api::FailoverProgram {
+                                program: "QEMU from the domain XML".to_owned(),
+                                refused: None,
+                            }
+                        }
+                        Ok(vmr_core::FailoverLauncher::Qemu) => vmr_proto::api::FailoverProgram {
+                            refused: crate::launch::allowed_program(
+                                &def.program,
+                                &vm.host.config.allowed_programs,
+                                &vm.host.dir.join(crate::config::CONFIG_FILE),
+                            )
+                            .err()
+                            .map(|e| e.to_string()),
+                            program: def.program,
+                        },
+                        Err(e) => vmr_proto::api::FailoverProgram {
+                            program: def.program,
+                            refused: Some(e.to_string()),
+                        },
+                    }
                 }),
             initial_at_ms: None,
             failover_network: (!rec.failover.is_empty()).then(|| rec.failover.clone()),

@@ -6,6 +6,10 @@
 //! into a new layer like any cycle, so every earlier point stays, and a resync that does not
 //! finish changes nothing on the replica.
 //!
+//! A libvirt-managed VM's view is a full pull-mode backup job of its domain (no
+//! `<incremental>`; the checkpoint chain starts over with the job's new checkpoint, committed
+//! after the replica's acknowledgement), compared the same way.
+//!
 //! Both sides work at once and in bounded memory: a fetcher task asks the replica for the
 //! hashes of [`CHUNK_BLOCKS`] blocks at a time (`resync-hashes` call) while the primary reads
 //! and hashes its own blocks, up to two chunks ahead.
@@ -302,6 +306,14 @@ pub(crate) async fn run(ctx: &CycleCtx, session: &mut Session, id: u64) -> Outco
             return Outcome::Failed(f);
         }
     }
+    let slow = slow_hook(&ctx.host.dir);
+    if rec.libvirt.is_some() {
+        let client = match crate::cycle::client(&ctx.host, rec, session).await {
+            Ok(c) => c.clone(),
+            Err(f) => return Outcome::Failed(f),
+        };
+        return run_libvirt(ctx, session, &client, (&args, id, slow)).await;
+    }
     if session.capture.is_none() {
         // Tracking is being restarted: do not insist on the old sizes.
         let mut cfg = crate::cycle::capture_config(&ctx.host, rec);
@@ -318,7 +330,6 @@ pub(crate) async fn run(ctx: &CycleCtx, session: &mut Session, id: u64) -> Outco
     let Some(capture) = session.capture.as_mut() else {
         return Outcome::Failed(Failure::Retryable("no capture".into()));
     };
-    let slow = slow_hook(&ctx.host.dir);
     let (outcome, reset_capture, reset_client) =
         resync_with(ctx, capture, &client, rec, &args, id, slow).await;
     if reset_capture {
@@ -350,16 +361,185 @@ async fn resync_with(
     };
     let disks = cycle.disks().to_vec();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
-    let total: u64 = sizes.iter().sum();
-    // The base: the replica's latest point, learned with the first chunk of hashes.
-    let read = ctx.read_hashes;
-    let first = match fetch(client, rec.uuid, &disks[0], 0, None, read).await {
-        Ok(f) => f,
+    let (id, produced, sent) = match compare_and_ship(
+        ctx,
+        client,
+        rec,
+        args,
+        (id, taken_at_ms),
+        slow,
+        disks,
+        &mut cycle,
+    )
+    .await
+    {
+        Ok(r) => r,
         Err(f) => {
             let reset = cycle.abort().await.is_err();
             return (Outcome::Failed(f), reset, true);
         }
     };
+    match (produced, sent) {
+        (Ok(c), Ok(_ack)) => match cycle.commit().await {
+            Ok(()) => (done(rec, id, c, sizes), false, false),
+            Err(e) => crate::cycle::commit_failed(&e),
+        },
+        (p, s) => crate::cycle::failed(p, s, cycle, "resync").await,
+    }
+}
+
+/// A finished resync's outcome (logged).
+fn done(rec: &VmRecord, id: u64, c: Counts, sizes: Vec<u64>) -> Outcome {
+    tracing::info!(
+        vm = %rec.name, cycle = id, scanned = c.scanned, blocks_sent = c.blocks_sent,
+        data_bytes = c.data_bytes, "resynchronization done"
+    );
+    Outcome::Done {
+        id,
+        bytes: c.data_bytes,
+        sizes,
+        app: false,
+        pending: None,
+    }
+}
+
+/// A libvirt-managed VM's resync (`rec.libvirt`): the checkpoint chain starts over with a
+/// full pull-mode backup job (no `<incremental>`, a new checkpoint created atomically with
+/// it), whose export is the point-in-time view hashed and compared block by block like the
+/// QMP view; the job's checkpoint is committed strictly after the replica's
+/// acknowledgement, so the next cycles are deltas from it. Any failure ends the job and
+/// deletes its checkpoint: the next attempt is a resync again.
+async fn run_libvirt(
+    ctx: &CycleCtx,
+    session: &mut Session,
+    client: &Client,
+    (args, id, slow): (&vmr_proto::api::EnableArgs, u64, Option<u64>),
+) -> Outcome {
+    let rec = &ctx.rec;
+    let Some(lv) = &rec.libvirt else {
+        return Outcome::Failed(Failure::Fatal("not a libvirt VM".into()));
+    };
+    // a resync starts the chain over: no acknowledged checkpoint, stale ones are deleted
+    session.libvirt = None;
+    let cfg = crate::cycle::libvirt_config(&ctx.host, rec, lv);
+    let capture = match vmr_capture::libvirt::LibvirtCapture::open(cfg, None).await {
+        Ok(c) => session.libvirt.insert(c),
+        Err(e) => return Outcome::Failed(classify_capture(&e)),
+    };
+    let (outcome, reset_capture, reset_client) =
+        libvirt_with(ctx, capture, client, (args, id, slow)).await;
+    if reset_capture {
+        session.libvirt = None;
+    }
+    if reset_client {
+        session.client = None;
+    }
+    outcome
+}
+
+/// [`run_libvirt`] on an open capture; also says whether the capture and the connection must
+/// be reopened.
+async fn libvirt_with(
+    ctx: &CycleCtx,
+    capture: &mut vmr_capture::libvirt::LibvirtCapture,
+    client: &Client,
+    (args, id, slow): (&vmr_proto::api::EnableArgs, u64, Option<u64>),
+) -> (Outcome, bool, bool) {
+    let rec = &ctx.rec;
+    let taken_at_ms = now_ms();
+    let mut cycle = match capture.begin_cycle().await {
+        Ok(c) => c,
+        Err(e) => {
+            let busy = matches!(e, CaptureError::BackupBusy { .. });
+            return (Outcome::Failed(classify_capture(&e)), !busy, false);
+        }
+    };
+    let sizes = cycle.sizes();
+    if sizes.len() != rec.disks.len() {
+        let _ = cycle.abort().await;
+        return (
+            Outcome::Failed(Failure::Fatal(format!(
+                "the domain has {} replicated disks, the VM's record {}",
+                sizes.len(),
+                rec.disks.len()
+            ))),
+            true,
+            false,
+        );
+    }
+    let disks: Vec<DiskInfo> = rec
+        .disks
+        .iter()
+        .zip(&sizes)
+        .map(|(d, s)| DiskInfo {
+            id: d.clone(),
+            size: *s,
+        })
+        .collect();
+    let shipped = compare_and_ship(
+        ctx,
+        client,
+        rec,
+        args,
+        (id, taken_at_ms),
+        slow,
+        disks,
+        &mut cycle,
+    )
+    .await;
+    let (id, produced, sent) = match shipped {
+        Ok(r) => r,
+        Err(f) => {
+            let _ = cycle.abort().await;
+            return (Outcome::Failed(f), true, true);
+        }
+    };
+    match (produced, sent) {
+        (Ok(c), Ok(_ack)) => match cycle.commit().await {
+            Ok(()) => (done(rec, id, c, sizes), false, false),
+            Err(e) => crate::cycle::commit_failed(&e),
+        },
+        (p, s) => {
+            if let Err(e) = cycle.abort().await {
+                tracing::warn!(vm = %rec.name, cycle = id, "ending the libvirt backup job: {e}");
+            }
+            let reset_client = s.is_err();
+            let f = match (p, s) {
+                (Err(Some(f)), _) => f,
+                (_, Err(e)) => classify_transport(e),
+                _ => Failure::Retryable("resync ended early".into()),
+            };
+            (Outcome::Failed(f), true, reset_client)
+        }
+    }
+}
+
+/// What a resync's producer and transfer gave, with the cycle's id.
+type Shipped = (
+    u64,
+    Result<Counts, Option<Failure>>,
+    Result<vmr_transport::CycleAck, vmr_transport::TransportError>,
+);
+
+/// Compare the view `cycle` (extents in order, tiling each disk of `disks`) with the
+/// replica's latest point block by block and ship the differing blocks as one resync cycle.
+/// `Err`: the replica's hashes could not be had (nothing was sent).
+#[allow(clippy::too_many_arguments)]
+async fn compare_and_ship<S: crate::cycle::ExtentSource + Send>(
+    ctx: &CycleCtx,
+    client: &Client,
+    rec: &VmRecord,
+    args: &vmr_proto::api::EnableArgs,
+    (id, taken_at_ms): (u64, u64),
+    slow: Option<u64>,
+    disks: Vec<DiskInfo>,
+    cycle: &mut S,
+) -> Result<Shipped, Failure> {
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    let total: u64 = sizes.iter().sum();
+    // The base: the replica's latest point, learned with the first chunk of hashes.
+    let read = ctx.read_hashes;
+    let first = fetch(client, rec.uuid, &disks[0], 0, None, read).await?;
     let base = first.0;
     let id = id.max(base + 1);
     ctx.progress
@@ -498,26 +678,7 @@ async fn resync_with(
     );
     let (produced, sent) = tokio::join!(producer, consumer);
     fetcher.abort();
-    match (produced, sent) {
-        (Ok(c), Ok(_ack)) => match cycle.commit().await {
-            Ok(()) => {
-                tracing::info!(
-                    vm = %rec.name, cycle = id, scanned = c.scanned, blocks_sent = c.blocks_sent,
-                    data_bytes = c.data_bytes, "resynchronization done"
-                );
-                let done = Outcome::Done {
-                    id,
-                    bytes: c.data_bytes,
-                    sizes,
-                    app: false,
-                    pending: None,
-                };
-                (done, false, false)
-            }
-            Err(e) => crate::cycle::commit_failed(&e),
-        },
-        (p, s) => crate::cycle::failed(p, s, cycle, "resync").await,
-    }
+    Ok((id, produced, sent))
 }
 
 #[cfg(test)]

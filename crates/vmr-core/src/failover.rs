@@ -5,8 +5,11 @@
 //! ([`probe_address`], [`check_probe_target`]) and what the probe's result means
 //! ([`split_brain_verdict`]); and where a planned failover's final cycle is read from
 //! ([`prepare_source`]: the running QEMU, or the images once QEMU has exited; for a
-//! libvirt-managed VM [`libvirt_prepare`]), and how a failover through libvirt presents the
-//! domain ([`failover_domain`]). The primary and
+//! libvirt-managed VM [`libvirt_prepare`]), how a failover through libvirt presents the
+//! domain ([`failover_domain`]), and which launcher starts the VM on the failover host
+//! ([`failover_launcher`]: the replicated domain XML or one generated from a plain-QEMU
+//! definition through libvirt, or QEMU, with a command line made from a domain XML on a host
+//! without libvirt). The primary and
 //! replica machines apply them; the agent carries out what they decide.
 
 use std::net::{IpAddr, SocketAddr};
@@ -374,12 +377,98 @@ pub fn libvirt_prepare(runs: bool, shutdown: bool) -> Result<LibvirtPrepare, Pre
     }
 }
 
+/// What a failover starts the VM with ([`failover_launcher`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverLauncher {
+    /// This host's libvirt, from the replicated domain XML (a VM replicated from a libvirt
+    /// domain).
+    LibvirtReplicatedXml,
+    /// This host's libvirt, from a domain XML generated from the replicated QEMU definition
+    /// (a plain-QEMU primary failing over into a host whose agent manages VMs through
+    /// libvirt: `virsh list` shows it, reverse captures it through libvirt).
+    LibvirtGeneratedXml,
+    /// Plain QEMU: the definition's program and arguments, started by the agent.
+    Qemu,
+    /// Plain QEMU with a command line made from the replicated domain XML (a VM replicated
+    /// from a libvirt domain failing over on a host without libvirt).
+    QemuFromDomainXml,
+}
+
+/// Why a failover cannot start the replicated definition on this host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LauncherRefusal {
+    /// Neither a QEMU command line nor a domain XML.
+    #[error("the replicated definition has neither a QEMU command line nor a libvirt domain XML")]
+    NothingToStart,
+}
+
+/// Which launcher a failover uses. `qemu_command`: the replicated definition has a QEMU
+/// program and arguments (not the `libvirt` marker); `domain_xml`: it carries a libvirt
+/// domain's XML; `host_libvirt`: this host's agent manages VMs through libvirt
+/// (`libvirt-connect` in its config.toml); `libvirt_default_reachable`: without that setting,
+/// the default `qemu:///system` answers (the behaviour before mixed setups: a domain XML was
+/// always started through it).
+///
+/// | QEMU command | domain XML | host libvirt | launcher |
+/// |---|---|---|---|
+/// | any | yes | yes | libvirt, the replicated XML |
+/// | no | yes | no | libvirt at the default URI when it answers, else QEMU from the domain XML |
+/// | yes | yes | no | QEMU |
+/// | yes | no | yes | libvirt, an XML generated from the QEMU definition |
+/// | yes | no | no | QEMU |
+pub fn failover_launcher(
+    qemu_command: bool,
+    domain_xml: bool,
+    host_libvirt: bool,
+    libvirt_default_reachable: bool,
+) -> Result<FailoverLauncher, LauncherRefusal> {
+    use FailoverLauncher as L;
+    match (qemu_command, domain_xml, host_libvirt) {
+        (_, true, true) => Ok(L::LibvirtReplicatedXml),
+        (false, true, false) if libvirt_default_reachable => Ok(L::LibvirtReplicatedXml),
+        (false, true, false) => Ok(L::QemuFromDomainXml),
+        (true, true, false) => Ok(L::Qemu),
+        (true, false, true) => Ok(L::LibvirtGeneratedXml),
+        (true, false, false) => Ok(L::Qemu),
+        (false, false, _) => Err(LauncherRefusal::NothingToStart),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use Op as O;
     use ReplicationMode as M;
     use ReplicationState as S;
+
+    #[test]
+    fn launcher_table() {
+        use FailoverLauncher as L;
+        use LauncherRefusal as R;
+        // (qemu command, domain xml, host libvirt, default libvirt answers, expected)
+        type Row = (bool, bool, bool, bool, Result<L, R>);
+        let rows: &[Row] = &[
+            (true, true, true, false, Ok(L::LibvirtReplicatedXml)),
+            (false, true, true, false, Ok(L::LibvirtReplicatedXml)),
+            (false, true, false, true, Ok(L::LibvirtReplicatedXml)),
+            (false, true, false, false, Ok(L::QemuFromDomainXml)),
+            (true, true, false, false, Ok(L::Qemu)),
+            (true, true, false, true, Ok(L::Qemu)),
+            (true, false, true, false, Ok(L::LibvirtGeneratedXml)),
+            (true, false, true, true, Ok(L::LibvirtGeneratedXml)),
+            (true, false, false, true, Ok(L::Qemu)),
+            (true, false, false, false, Ok(L::Qemu)),
+            (false, false, true, true, Err(R::NothingToStart)),
+            (false, false, false, false, Err(R::NothingToStart)),
+        ];
+        for (q, x, h, d, want) in rows {
+            assert_eq!(
+                &failover_launcher(*q, *x, *h, *d),
+                want,
+                "qemu {q} xml {x} host libvirt {h} default answers {d}"
+            );
+        }
+    }
 
     #[test]
     fn table() {

@@ -31,6 +31,12 @@ pub enum LibvirtError {
         /// Why.
         reason: String,
     },
+    /// A plain-QEMU definition that cannot be made into a domain (a bad `-m` or `-smp`).
+    #[error("the QEMU definition cannot be made into a libvirt domain: {reason}")]
+    QemuDefinition {
+        /// Why.
+        reason: String,
+    },
     /// A disk whose image is not qcow2: libvirt checkpoints (persistent dirty bitmaps) need
     /// qcow2.
     #[error(

@@ -7,7 +7,8 @@
 //! `<incremental>` = a checkpoint and a new checkpoint created atomically with it), ending
 //! that job (`virDomainAbortJob`) and deleting a checkpoint; on a replica host, defining,
 //! starting, destroying and undefining a failed-over domain from the replicated XML
-//! (`xml::failover_xml`).
+//! (`xml::failover_xml`), also from a domain XML generated from a plain-QEMU definition
+//! (`generate::domain_from_qemu`, mixed setups).
 //!
 //! Which checkpoint a cycle starts from, what is deleted after an acknowledgement and when a
 //! chain cannot be trusted are decisions: they live in `vmr_core::libvirt` (sans-IO). The
@@ -17,6 +18,7 @@
 
 mod domain;
 mod error;
+pub mod generate;
 pub mod xml;
 
 pub use domain::{BackupJob, Domain, Libvirt};

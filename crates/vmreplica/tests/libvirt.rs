@@ -11,7 +11,11 @@
 //! (the replica host's libvirt): a test copy `NAME-test` running with a new UUID on the
 //! replica's overlays, the guest seeing the replicated writes, stopped and undefined; the
 //! split-brain guard asking libvirt whether the primary domain runs; a real failover keeping
-//! the UUID, cancelled (destroyed, undefined, replication state back) and completed.
+//! the UUID, cancelled (destroyed, undefined, replication state back), completed, and reversed
+//! (the old primary resynchronised from a full backup job: only differing blocks). The
+//! third runs a planned failover of a reverse through libvirt, and the fourth a mixed setup: a
+//! plain-QEMU stand-in primary failing over into a libvirt host (a domain generated from its
+//! QEMU definition), reversed through libvirt and failed back to QEMU.
 //!
 //! Needs root (a mount namespace for the private daemon): skipped with a message otherwise;
 //! as root, a missing libvirt installation fails the test. The held cycle needs
@@ -509,6 +513,10 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     // does not run, so the guard lets a real failover through; it keeps name and UUID.
     write(&mut writes, 0, 6 << 20, 64 << 10, 0x55)?;
     wait_cut(&p)?;
+    // ... and a write on the old primary that never leaves it (replication paused): the
+    // reverse's resync overwrites it with the new primary's content
+    p.a.ok(&["pause", "web1"])?;
+    lv.write_disk(FO_DOMAIN, 0, 0, 64 << 10, 0x56)?;
     lv.virsh(&["destroy", FO_DOMAIN])?;
     let r = failover(&p.b, &["start", "web1"])?;
     assert_eq!(r.name, FO_DOMAIN);
@@ -548,14 +556,83 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert_eq!(p.b.status("web1")?.state, ReplicationState::FailedOver);
     assert!(domains(&lvb, false)?.contains(&FO_DOMAIN.to_owned()));
     check(&lvb, FO_DOMAIN, &writes)?;
-    // reverse after an unplanned failover needs a resync, not built for libvirt VMs: refused
-    // before the old primary changes anything
-    let o = p.b.cli(&["reverse", "web1"])?;
-    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(stderr(&o).contains("unplanned failover"), "{}", stderr(&o));
-    assert_eq!(
-        p.a.status("web1")?.mode,
-        vmr_proto::api::ReplicationMode::Primary
+    // Reverse after this unplanned failover: the old primary imports its own images (with the
+    // write that never left), and the new primary resynchronises them from a full backup job
+    // of its domain, shipping only the blocks that differ.
+    let lvw = |writes: &mut Vec<(usize, u64, u64, u8)>,
+               disk: usize,
+               offset: u64,
+               len: u64,
+               pattern: u8|
+     -> TestResult {
+        lvb.write_disk(FO_DOMAIN, disk, offset, len, pattern)?;
+        writes.push((disk, offset, len, pattern));
+        Ok(())
+    };
+    lvw(&mut writes, 0, 10 << 20, 128 << 10, 0x61)?;
+    lvw(&mut writes, 1, 5 << 20, 4096, 0x62)?;
+    let t_rev = std::time::Instant::now();
+    let r: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "web1", "--frequency", "5s", "--json"])?)?;
+    assert!(r.message.contains("resynchronised"), "{}", r.message);
+    // the old primary's unshipped block is the new primary's again (the first write, 0x11)
+    let mut expect = writes.clone();
+    expect.push((0, 0, 64 << 10, 0x11));
+    let holds = |expect: &[(usize, u64, u64, u8)]| -> TestResult<bool> {
+        let st = p.a.status("web1")?;
+        if st.mode != vmr_proto::api::ReplicationMode::Replica || st.last_cycle.is_none() {
+            return Ok(false);
+        }
+        let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+        for &(disk, off, len, pat) in expect {
+            if !vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    wait_until(
+        LONG,
+        "the old primary's store holds the new primary's disks",
+        || {
+            // (a store being merged meanwhile is read again at the next poll)
+            Ok(holds(&expect).unwrap_or(false))
+        },
+    )
+    .map_err(|e| format!("{e}\n--- B ---\n{}", tail(&p.b.log(), 30)))?;
+    let st = p.b.status("web1")?;
+    assert_eq!(st.mode, vmr_proto::api::ReplicationMode::Primary);
+    let shipped = st.stats.total_bytes;
+    let disk_bytes = (16u64 + 8) << 20;
+    eprintln!(
+        "reverse after an unplanned libvirt failover: resynchronised in {:?}, {shipped} bytes \
+         shipped ({:.2} % of the disks)",
+        t_rev.elapsed(),
+        shipped as f64 * 100.0 / disk_bytes as f64
+    );
+    // the differing blocks: 64 KiB reverted, 128 KiB and one 64 KiB block written on B (the
+    // disks hold ~1.3 MiB of data, a full copy would ship it all)
+    assert!(
+        (192 << 10..=512 << 10).contains(&shipped),
+        "the resync shipped {shipped} bytes: not only the differences?"
+    );
+    let cps = lvb.checkpoints(FO_DOMAIN)?;
+    assert!(
+        cps.iter().any(|c| c.starts_with("vmreplica-")),
+        "the resync started a checkpoint chain on the domain: {cps:?}"
+    );
+    // then deltas from that chain
+    lvw(&mut writes, 1, 6 << 20, 64 << 10, 0x71)?;
+    let s = p.b.status("web1")?;
+    let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
+    p.b.wait_cycle("web1", cut, LONG)?;
+    p.a.wait_cycle("web1", cut, LONG)?;
+    let mut expect = writes.clone();
+    expect.push((0, 0, 64 << 10, 0x11));
+    assert!(holds(&expect)?, "a delta after the resync is missing");
+    assert!(
+        p.b.status("web1")?.stats.total_bytes - shipped < 256 << 10,
+        "the cycle after the resync is a delta"
     );
 
     p.stop()?;
@@ -734,6 +811,450 @@ fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
     assert!(left.is_empty(), "processes left: {left:?}");
     eprintln!(
         "planned failover through libvirt test: {} ms",
+        t0.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+const MX_VM: &str = "vmr-mx1";
+
+/// Write `len` bytes of `pattern` at `offset` of a stand-in's disk `disk` through its live NBD
+/// export (as its guest would).
+fn standin_write(
+    sock: &std::path::Path,
+    disk: &str,
+    offset: u64,
+    len: u64,
+    pattern: u8,
+) -> TestResult {
+    let url = format!("nbd+unix:///{disk}?socket={}", sock.display());
+    vmr_testkit::img::qemu_io_write_pattern(
+        std::path::Path::new(&url),
+        "raw",
+        pattern,
+        offset,
+        len,
+    )?;
+    Ok(())
+}
+
+/// Mixed setups (issue 16 part 4): a plain-QEMU primary (a qemu-storage-daemon stand-in on
+/// host A, no libvirt there) fails over (planned) into host B, whose agent manages VMs through
+/// libvirt (`libvirt-connect`): B defines a domain generated from the replicated QEMU
+/// definition on its overlays and starts it (`virsh list`), with every write; `reverse` on B
+/// captures that domain through libvirt back to A (writes made in the domain reach A's
+/// store); failing back (a planned failover on B: the domain shut down through libvirt, the
+/// final cycle from it; `failover start` on A) starts the stand-in with QEMU on A, holding
+/// every write.
+#[test]
+fn plain_qemu_primary_fails_over_into_libvirt_and_back() -> TestResult {
+    use vmr_proto::api::{PointInfo, ReplicationState};
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED plain_qemu_primary_fails_over_into_libvirt_and_back: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lvm").tempdir()?;
+    // only the replica host B has libvirt
+    let lvb = PrivateLibvirt::start(&tmp.path().join("lb"))?;
+    let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvm-")?)?;
+    p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
+    p.b.restart()?;
+    p.a.allow(&p.b)?;
+    let vm = StandIn::create(p.root.path(), &p.a, MX_VM, &["disk0", "disk1"], 16)?;
+    vm.register(&p.a)?;
+    let uuid = vm.def.uuid;
+    let sock_a = nbd_socket(&p.a.dir, uuid);
+    // (disk index, offset, len, pattern): every write, checked after each step
+    let mut writes: Vec<(usize, u64, u64, u8)> = Vec::new();
+    let disk_names = ["disk0", "disk1"];
+    for &(d, off, len, pat) in &[
+        (0usize, 0u64, 1u64 << 20, 0x11u8),
+        (1, 4 << 20, 64 << 10, 0x12),
+    ] {
+        standin_write(&sock_a, disk_names[d], off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+    p.enable(MX_VM, &["--frequency", "1h"])?;
+    p.wait_cycle(MX_VM, 1, LONG)?;
+    p.b.wait_cycle(MX_VM, 1, LONG)?;
+    let st = p.b.status(MX_VM)?;
+    let prog = st.failover_program.clone().ok_or("no failover program")?;
+    assert!(
+        prog.program.contains("generated from the QEMU definition") && prog.refused.is_none(),
+        "{prog:?}"
+    );
+    // A test failover: the generated domain as NAME-test with a new UUID, stopped again.
+    let t = failover(&p.b, &["test", MX_VM])?;
+    let test_name = format!("{MX_VM}-test");
+    assert_eq!(t.name, test_name);
+    assert_eq!(lvb.virsh(&["domstate", &test_name])?.trim(), "running");
+    assert_ne!(
+        lvb.virsh(&["domuuid", &test_name])?.trim(),
+        uuid.to_string(),
+        "a test copy has a new UUID"
+    );
+    p.b.ok(&["failover", "stop-test", MX_VM])?;
+    assert!(
+        domains(&lvb, true)?.is_empty(),
+        "the test copy is undefined"
+    );
+    assert_eq!(p.b.status(MX_VM)?.state, ReplicationState::Replicating);
+    // written after the initial copy: only the planned failover's final cycle carries them
+    for &(d, off, len, pat) in &[
+        (0usize, 3u64 << 20, 256u64 << 10, 0x21u8),
+        (1, 1 << 20, 4096, 0x22),
+    ] {
+        standin_write(&sock_a, disk_names[d], off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+
+    // 1. Planned failover A → B: the domain is generated, defined and started by B's libvirt.
+    let prep = failover(&p.a, &["prepare", MX_VM])?;
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    let k = prep.point.ok_or("no final cycle")?;
+    let t_fo = std::time::Instant::now();
+    let live = failover(&p.b, &["start", MX_VM])?;
+    let fo_ms = t_fo.elapsed().as_millis();
+    assert_eq!(live.point, Some(k));
+    assert!(live.message.contains("libvirt domain"), "{}", live.message);
+    assert!(
+        domains(&lvb, false)?.contains(&MX_VM.to_owned()),
+        "virsh list"
+    );
+    assert_eq!(lvb.virsh(&["domstate", MX_VM])?.trim(), "running");
+    assert_eq!(lvb.virsh(&["domuuid", MX_VM])?.trim(), uuid.to_string());
+    let blk = lvb.virsh(&["domblklist", MX_VM])?;
+    for (i, (_, overlay)) in live.disks.iter().enumerate() {
+        let target = ["vda", "vdb"][i];
+        assert!(
+            blk.lines()
+                .any(|l| l.contains(target) && l.contains(overlay.as_str())),
+            "{target} on {overlay}: {blk}"
+        );
+    }
+    let dumped = lvb.virsh(&["dumpxml", MX_VM])?;
+    assert!(dumped.contains("generated by vmreplica"), "{dumped}");
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(
+                std::path::Path::new(&live.disks[disk].1),
+                pat,
+                off,
+                len
+            )?,
+            "disk {disk} at {off} does not hold {pat:#x} in the failed-over domain"
+        );
+    }
+    // negative check: a pattern never written is not there
+    assert!(!vmr_testkit::img::qemu_io_holds_pattern(
+        std::path::Path::new(&live.disks[0].1),
+        0x21,
+        0,
+        4096
+    )?);
+
+    // 2. Reverse on B: the generated domain is captured through B's libvirt to A.
+    let r: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", MX_VM, "--frequency", "5s", "--json"])?)?;
+    assert_eq!(r.state, ReplicationState::Replicating, "{}", r.message);
+    let src =
+        p.b.status(MX_VM)?
+            .libvirt
+            .ok_or("the new primary has no libvirt source")?;
+    assert_eq!((src.domain.as_str(), src.uri.as_str()), (MX_VM, lvb.uri()));
+    for &(d, off, len, pat) in &[
+        (0usize, 9u64 << 20, 64u64 << 10, 0x31u8),
+        (1, 2 << 20, 4096, 0x32),
+    ] {
+        lvb.write_disk(MX_VM, d, off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+    let s = p.b.status(MX_VM)?;
+    let cut = s.last_cycle.unwrap_or(k) + 1 + u64::from(s.progress.is_some());
+    p.b.wait_cycle(MX_VM, cut, LONG)?;
+    p.a.wait_cycle(MX_VM, cut, LONG)?;
+    let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)?,
+            "A's store: disk {disk} at {off} does not hold {pat:#x} after reverse"
+        );
+    }
+    let cps = lvb.checkpoints(MX_VM)?;
+    assert!(
+        cps.iter().any(|c| c.starts_with("vmreplica-")),
+        "the reverse cycles are backup jobs of the generated domain: {cps:?}"
+    );
+
+    // 3. Fail back: a planned failover on B (through libvirt), started with QEMU on A.
+    lvb.write_disk(MX_VM, 0, 12 << 20, 64 << 10, 0x41)?;
+    writes.push((0, 12 << 20, 64 << 10, 0x41));
+    let prep = failover(&p.b, &["prepare", MX_VM, "--shutdown", "--timeout", "3s"])?;
+    assert_eq!(
+        prep.state,
+        ReplicationState::PreparedForFailover,
+        "{}",
+        prep.message
+    );
+    let k2 = prep.point.ok_or("no final cycle")?;
+    assert_eq!(lvb.virsh(&["domstate", MX_VM])?.trim(), "shut off");
+    let pts: Vec<PointInfo> = serde_json::from_str(&p.a.ok(&["points", MX_VM, "--json"])?)?;
+    assert_eq!(
+        pts.last().map(|x| (x.id, x.kind.as_str())),
+        Some((k2, "planned")),
+        "{pts:?}"
+    );
+    let back = failover(&p.a, &["start", MX_VM])?;
+    assert_eq!(back.point, Some(k2));
+    assert!(!back.message.contains("libvirt"), "{}", back.message);
+    let a_status = p.a.status(MX_VM)?;
+    assert_eq!(
+        a_status.state,
+        ReplicationState::FailedOverWaitingCompletion
+    );
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(
+                std::path::Path::new(&back.disks[disk].1),
+                pat,
+                off,
+                len
+            )?,
+            "disk {disk} at {off} does not hold {pat:#x} after failing back to QEMU on A"
+        );
+    }
+    // the VM runs on A with QEMU and its guest sees exactly what the domain on B had when it
+    // was shut down (B's overlays, the domain shut off)
+    for (i, d) in disk_names.iter().enumerate() {
+        assert_eq!(
+            hash_export(&nbd_socket(&p.a.dir, uuid), d)?,
+            hash_image(std::path::Path::new(&live.disks[i].1))?,
+            "{d} on A differs from the domain's disk on B"
+        );
+    }
+
+    p.stop()?;
+    let ns = lvb.mount_namespaces();
+    drop(lvb);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    eprintln!(
+        "mixed plain-QEMU/libvirt test: {} ms (failover start into libvirt {fo_ms} ms)",
+        t0.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+const LQ_DOMAIN: &str = "vmr-lv-lq1";
+
+/// Command lines (NUL-separated arguments joined with spaces) of the running processes whose
+/// command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if line.contains(needle) {
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// The other direction of a mixed setup: a VM replicated from a libvirt domain fails over on a
+/// host without libvirt (no `libvirt-connect`, `qemu:///system` not answering): QEMU is
+/// started from a command line made from the domain XML (its virtio disks on the overlays
+/// with the block nodes named by target, its user-mode NIC; none for a test copy), holding
+/// every replicated write; `stop-test` and `cancel` end it.
+#[test]
+fn libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt() -> TestResult {
+    use vmr_proto::api::ReplicationState;
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let system = Command::new("virsh")
+        .args(["-c", "qemu:///system", "-q", "uri"])
+        .output()?;
+    if system.status.success() {
+        eprintln!(
+            "SKIPPED libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt: this \
+             host's qemu:///system answers, so a failover here goes through it"
+        );
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("vmr-lvq").tempdir()?;
+    let lv = PrivateLibvirt::start(&tmp.path().join("la"))?;
+    let mut images: Vec<PathBuf> = Vec::new();
+    for (i, size) in ["16M", "8M"].iter().enumerate() {
+        let p = tmp.path().join(format!("d{i}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg(size)
+            .status()?;
+        assert!(st.success(), "qemu-img create");
+        images.push(p);
+    }
+    lv.start_domain_with_nic(LQ_DOMAIN, &images)?;
+    let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvq-")?)?;
+    p.a.allow(&p.b)?;
+    p.a.ok(&[
+        "vm",
+        "add",
+        "web1",
+        "--libvirt",
+        LQ_DOMAIN,
+        "--connect",
+        lv.uri(),
+    ])?;
+    let mut writes: Vec<(usize, u64, u64, u8)> = Vec::new();
+    for &(d, off, len, pat) in &[
+        (0usize, 0u64, 1u64 << 20, 0x11u8),
+        (1, 4 << 20, 64 << 10, 0x12),
+    ] {
+        lv.write_disk(LQ_DOMAIN, d, off, len, pat)?;
+        writes.push((d, off, len, pat));
+    }
+    p.enable("web1", &["--frequency", "5s"])?;
+    p.wait_cycle("web1", 1, LONG)?;
+    p.b.wait_cycle("web1", 1, LONG)?;
+    lv.write_disk(LQ_DOMAIN, 0, 3 << 20, 128 << 10, 0x21)?;
+    writes.push((0, 3 << 20, 128 << 10, 0x21));
+    let s = p.a.status("web1")?;
+    let cut = s.last_cycle.unwrap_or(0) + 1 + u64::from(s.progress.is_some());
+    p.wait_cycle("web1", cut, LONG)?;
+    p.b.wait_cycle("web1", cut, LONG)?;
+    let holds = |disks: &[(String, String)]| -> TestResult {
+        for &(disk, off, len, pat) in &writes {
+            assert!(
+                vmr_testkit::img::qemu_io_holds_pattern(
+                    std::path::Path::new(&disks[disk].1),
+                    pat,
+                    off,
+                    len
+                )?,
+                "disk {disk} at {off} does not hold {pat:#x}"
+            );
+        }
+        Ok(())
+    };
+
+    // A test copy: QEMU from the domain XML, no NIC.
+    let t = failover(&p.b, &["test", "web1"])?;
+    assert!(!t.message.contains("libvirt domain"), "{}", t.message);
+    let procs = processes_with(&t.disks[0].1);
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    let cmd = &procs[0];
+    assert!(
+        cmd.contains("qemu-system-x86_64") && cmd.contains("virtio-blk-pci,drive=vda"),
+        "{cmd}"
+    );
+    assert!(
+        cmd.contains("-nic none") && !cmd.contains("-nic user"),
+        "{cmd}"
+    );
+    holds(&t.disks)?;
+    p.b.ok(&["failover", "stop-test", "web1"])?;
+    assert!(
+        processes_with(&t.disks[0].1).is_empty(),
+        "the test copy ended"
+    );
+
+    // A real failover (the primary domain gone, after a write that never left it): its NIC
+    // kept, then cancelled.
+    p.a.ok(&["pause", "web1"])?;
+    lv.write_disk(LQ_DOMAIN, 0, 0, 64 << 10, 0x56)?;
+    lv.virsh(&["destroy", LQ_DOMAIN])?;
+    let r = failover(&p.b, &["start", "web1"])?;
+    assert_eq!(
+        p.b.status("web1")?.state,
+        ReplicationState::FailedOverWaitingCompletion
+    );
+    let procs = processes_with(&r.disks[1].1);
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    assert!(
+        procs[0].contains("-nic user,model=virtio-net-pci"),
+        "{}",
+        procs[0]
+    );
+    holds(&r.disks)?;
+    p.b.ok(&["failover", "cancel", "web1"])?;
+    assert!(processes_with(&r.disks[1].1).is_empty(), "cancel ended it");
+    assert_eq!(p.b.status("web1")?.state, ReplicationState::Replicating);
+
+    // Again, then reverse: the QEMU VM is captured through its QMP monitor (block nodes named
+    // by target) and the old libvirt primary's images are resynchronised: its unshipped
+    // block goes back to the new primary's content, and little travels.
+    let r = failover(&p.b, &["start", "web1"])?;
+    holds(&r.disks)?;
+    let rev: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&p.b.ok(&["reverse", "web1", "--frequency", "5s", "--json"])?)?;
+    assert!(rev.message.contains("resynchronised"), "{}", rev.message);
+    let uuid = p.b.status("web1")?.uuid;
+    let mut expect = writes.clone();
+    expect.push((0, 0, 64 << 10, 0x11));
+    wait_until(
+        LONG,
+        "the old libvirt primary's store holds the QEMU VM's disks",
+        || {
+            let st = p.a.status("web1")?;
+            if st.mode != vmr_proto::api::ReplicationMode::Replica || st.last_cycle.is_none() {
+                return Ok(false);
+            }
+            let Ok(layers) =
+                vmr_store::Store::open(&p.a.storage()).and_then(|s| s.point_layers(uuid, None))
+            else {
+                return Ok(false);
+            };
+            for &(disk, off, len, pat) in &expect {
+                if !vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)
+                    .unwrap_or(false)
+                {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .map_err(|e| format!("{e}\n--- B ---\n{}", tail(&p.b.log(), 30)))?;
+    let shipped = p.b.status("web1")?.stats.total_bytes;
+    eprintln!("reverse from the QEMU VM to the libvirt host: {shipped} bytes shipped");
+    assert!(
+        shipped <= 256 << 10,
+        "the resync shipped {shipped} bytes: not only the differences?"
+    );
+
+    p.stop()?;
+    let ns = lv.mount_namespaces();
+    drop(lv);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
+    eprintln!(
+        "libvirt domain to plain QEMU test: {} ms",
         t0.elapsed().as_millis()
     );
     Ok(())
