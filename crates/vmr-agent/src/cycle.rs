@@ -34,6 +34,9 @@ pub struct Session {
     /// What the last verify cycle's comparison found, or why it could not compare (taken by
     /// the owner).
     pub verify: Option<Result<vmr_proto::api::VerifyReport, Failure>>,
+    /// A libvirt VM's refreshed definition TOML (its domain XML changed), stored by the
+    /// replica during the last cycle (taken by the owner, which records it).
+    pub definition: Option<String>,
 }
 
 /// How long a guest agent has to answer the session's sync and each thaw or status call.
@@ -587,8 +590,14 @@ async fn run_libvirt(
             CycleKind::Full => None,
             _ => lv.acked_checkpoint.clone(),
         };
+        let known = acked.is_some();
         match LibvirtCapture::open(libvirt_config(&ctx.host, rec, lv), acked).await {
-            Ok(c) => session.libvirt = Some(c),
+            Ok(mut c) => {
+                if known {
+                    c.set_acked_xml(lv.acked_checkpoint_xml.clone());
+                }
+                session.libvirt = Some(c);
+            }
             Err(e) => return Outcome::Failed(classify_capture(&e)),
         }
     }
@@ -596,6 +605,16 @@ async fn run_libvirt(
         Ok(c) => c.clone(),
         Err(f) => return Outcome::Failed(f),
     };
+    if let Some(capture) = session.libvirt.as_ref() {
+        match refresh_definition(rec, capture, &client, args).await {
+            Ok(Some(toml)) => session.definition = Some(toml),
+            Ok(None) => {}
+            Err(f) => {
+                session.libvirt = None;
+                return Outcome::Failed(f);
+            }
+        }
+    }
     let Some(capture) = session.libvirt.as_mut() else {
         return Outcome::Failed(Failure::Retryable("no capture".into()));
     };
@@ -604,6 +623,62 @@ async fn run_libvirt(
         session.libvirt = None;
     }
     outcome
+}
+
+/// Before a libvirt VM's cycle: compare the domain's persistent XML and disks with the
+/// recorded definition (`vmr_core::checkpoints::definition_change`). A changed XML with the
+/// same disks is sent to the replica (`create-replica` refreshes its stored definition, which
+/// a failover defines the domain from) and returned as the definition TOML for the owner to
+/// record; a changed disk list fails the cycle, naming the disks (replicating a disk added to
+/// the domain is not built yet).
+async fn refresh_definition(
+    rec: &VmRecord,
+    capture: &LibvirtCapture,
+    client: &Client,
+    args: &EnableArgs,
+) -> Result<Option<String>, Failure> {
+    use vmr_core::checkpoints::{DefinitionChange, definition_change};
+    let xml = capture
+        .domain_xml()
+        .await
+        .map_err(|e| classify_capture(&e))?;
+    let mut def =
+        VmDefinition::from_toml(&rec.launch_toml).map_err(|e| Failure::Fatal(e.to_string()))?;
+    // the domain XML's disks (a disk that is not a qcow2 file is the capture's error)
+    let disks = vmr_libvirt::xml::parse_disks(&xml).map_err(|e| {
+        Failure::Fatal(format!(
+            "the domain's definition changed and cannot be replicated: {e}"
+        ))
+    })?;
+    let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+    match definition_change(def.libvirt_xml.as_deref(), &rec.disks, &xml, &targets) {
+        DefinitionChange::Unchanged => Ok(None),
+        DefinitionChange::DisksChanged { added, removed } => Err(Failure::Fatal(format!(
+            "the domain's disks changed (added: [{}], removed: [{}]; replicated: [{}]): replicating a changed disk list is not built yet; register the domain again (disable, vm remove, vm add --libvirt, enable)",
+            added.join(", "),
+            removed.join(", "),
+            rec.disks.join(", ")
+        ))),
+        DefinitionChange::Refresh => {
+            def.libvirt_xml = Some(xml);
+            for d in &mut def.disks {
+                if let Some(now) = disks.iter().find(|x| x.target == d.node) {
+                    d.path = now.path.display().to_string();
+                }
+            }
+            def.validate()
+                .map_err(|e| Failure::Fatal(format!("the refreshed definition: {e}")))?;
+            let toml = def.to_toml();
+            let mut refreshed = rec.clone();
+            refreshed.launch_toml = toml.clone();
+            client
+                .create_replica(create_request(&refreshed, &def, args))
+                .await
+                .map_err(classify_transport)?;
+            tracing::info!(vm = %rec.name, "the domain's definition changed: the replica holds the new one");
+            Ok(Some(toml))
+        }
+    }
 }
 
 /// Where a cycle's extents come from: a QMP capture cycle (incremental, full or verify) or a

@@ -6,9 +6,10 @@
 //! (they belong to the next one). Covers the full first cycle, deltas, an aborted cycle, a
 //! cycle whose capture was dropped mid-read (the job left running) and a process SIGKILLed
 //! mid-cycle (this test re-run as a child), another tool's backup job holding the domain (counted, retried), a vanished
-//! checkpoint (a resync), lost checkpoint metadata whose bitmap stays in the images (a
-//! resync, then a new name), libvirtd restarted mid-cycle, and a non-qcow2 disk (a clear
-//! error).
+//! checkpoint with its bitmaps (its recorded description cannot be redefined: a resync), lost
+//! checkpoint metadata whose bitmap stays in the images with a stale record (a resync, then a
+//! new name) and with the record's description (redefined: the cycle stays a delta), libvirtd
+//! restarted mid-cycle, and a non-qcow2 disk (a clear error).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -287,16 +288,23 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert_eq!(cap.stats().busy_streak, 0);
 
-    // 6: the acknowledged checkpoint vanished (libvirt's metadata lost): a full resync, never
-    // a delta from the wrong place
+    // 6: the acknowledged checkpoint vanished with its bitmaps (deleted by someone): its
+    // recorded description cannot be redefined (libvirt finds no bitmap): a full resync,
+    // never a delta from the wrong place
     let acked = cap.acked().map(String::from).context("acked")?;
+    assert!(
+        cap.acked_xml()
+            .is_some_and(|x| x.contains(&format!("<name>{acked}</name>"))),
+        "the acked checkpoint's description is kept"
+    );
     lv.virsh(&["checkpoint-delete", DOMAIN, &acked])?;
     disks.write(&lv, 1, 7 << 20, 64 << 10, 0x4a)?;
     {
         let cyc = cap.begin_cycle().await?;
         assert!(cyc.is_full());
         assert!(
-            cyc.resync().is_some_and(|r| r.contains(&acked)),
+            cyc.resync()
+                .is_some_and(|r| r.contains(&acked) && r.contains("RedefineRefused")),
             "{:?}",
             cyc.resync()
         );
@@ -310,6 +318,7 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert!(full);
     assert_eq!(cap.stats().resyncs, 1);
+    assert_eq!(cap.stats().redefines, 1);
 
     // 6b: libvirt's metadata of the acked checkpoint lost while its bitmap stays in the
     // images, and a record one checkpoint behind: the name the chain picks is the orphan
@@ -333,6 +342,28 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert!(full);
     assert_eq!(cap.acked(), Some(format!("vmreplica-{}", k + 1).as_str()));
+
+    // 6c: libvirt's metadata of the acked checkpoint lost (a migration, a libvirtd state
+    // loss) while its bitmaps stay in the images, after an agent restart with the record's
+    // checkpoint and description: the metadata is redefined from the record (libvirt checks
+    // the bitmaps) and the cycle stays a delta that reads only what changed
+    let acked = cap.acked().map(String::from).context("acked")?;
+    let xml = cap
+        .acked_xml()
+        .map(String::from)
+        .context("the acked checkpoint's description")?;
+    lv.virsh(&["checkpoint-delete", "--metadata", DOMAIN, &acked])?;
+    assert!(lv.checkpoints(DOMAIN)?.is_empty());
+    drop(cap);
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), Some(acked.clone())).await?;
+    cap.set_acked_xml(Some(xml));
+    disks.write(&lv, 1, 6 << 20, 64 << 10, 0x4f)?;
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full, "the redefined checkpoint gives a delta");
+    assert_eq!(read, 64 << 10, "only the changed clusters are read");
+    assert_eq!((cap.stats().redefines, cap.stats().resyncs), (1, 0));
+    assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
+    assert!(lv.checkpoints(DOMAIN)?[0] != acked);
 
     // 7: libvirtd restarted mid-cycle: the capture's connection is gone, the domain and its
     // job are taken over by the new daemon; a capture opened again from the recorded

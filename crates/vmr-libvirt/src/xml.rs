@@ -155,6 +155,40 @@ pub fn checkpoint_xml(plan: &BackupPlan) -> String {
     x
 }
 
+/// A checkpoint's description (`virDomainCheckpointGetXMLDesc`, with its `<domain>`) as
+/// vmreplica records it to redefine the checkpoint's lost metadata later: without its
+/// `<parent>` element (the parent is deleted once the checkpoint is acknowledged, and a
+/// redefined checkpoint names none). Errors when the document is not a checkpoint's.
+pub fn redefinable_checkpoint(checkpoint_xml: &str) -> Result<String, LibvirtError> {
+    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(e.to_string()))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domaincheckpoint" {
+        return Err(xml_err(format!(
+            "root element is <{}>, not <domaincheckpoint>",
+            root.tag_name().name()
+        )));
+    }
+    let mut out = checkpoint_xml.to_string();
+    if let Some(parent) = root.children().find(|n| n.has_tag_name("parent")) {
+        let r = parent.range();
+        out.replace_range(r, "");
+    }
+    Ok(out)
+}
+
+/// The name of a checkpoint description (`<domaincheckpoint><name>`).
+pub fn checkpoint_name(checkpoint_xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(checkpoint_xml).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domaincheckpoint" {
+        return None;
+    }
+    root.children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text())
+        .map(str::to_owned)
+}
+
 /// The Unix socket of a running pull-mode backup job's description, if it has one.
 pub fn backup_socket(backup_xml: &str) -> Option<PathBuf> {
     let doc = roxmltree::Document::parse(backup_xml).ok()?;
@@ -466,5 +500,24 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn redefinable_checkpoints_drop_their_parent() {
+        let x = "<domaincheckpoint>\n  <name>vmreplica-3</name>\n  <parent>\n    <name>vmreplica-2</name>\n  </parent>\n  <creationTime>1700000000</creationTime>\n  <disks><disk name='vda' checkpoint='bitmap' bitmap='vmreplica-3'/></disks>\n  <domain type='qemu'><name>web1</name></domain>\n</domaincheckpoint>\n";
+        let r = redefinable_checkpoint(x).expect("a checkpoint");
+        assert!(!r.contains("<parent>") && !r.contains("vmreplica-2"), "{r}");
+        assert!(r.contains("<creationTime>1700000000</creationTime>"), "{r}");
+        assert!(
+            r.contains("<domain type='qemu'><name>web1</name></domain>"),
+            "{r}"
+        );
+        assert_eq!(checkpoint_name(&r).as_deref(), Some("vmreplica-3"));
+        // no parent: unchanged
+        let plain = "<domaincheckpoint><name>vmreplica-1</name></domaincheckpoint>";
+        assert_eq!(redefinable_checkpoint(plain).expect("ok"), plain);
+        assert!(redefinable_checkpoint("<domain/>").is_err());
+        assert!(redefinable_checkpoint("<domaincheckpoint>").is_err());
+        assert_eq!(checkpoint_name("<domain><name>x</name></domain>"), None);
     }
 }

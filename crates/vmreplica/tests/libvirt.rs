@@ -404,6 +404,10 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     };
     write(&mut writes, 0, 2 << 20, 192 << 10, 0x33)?;
     write(&mut writes, 1, 0, 4096, 0x44)?;
+    // The domain's persistent definition changes (its description): the next cycle sends
+    // the new XML to the replica, and a failover defines the domain as it is now.
+    const DESC: &str = "refreshed-definition-mark";
+    lv.virsh(&["desc", FO_DOMAIN, "--config", "--new-desc", DESC])?;
     wait_cut(&p)?;
     let st = p.b.status("web1")?;
     let prog = st.failover_program.clone().ok_or("no failover program")?;
@@ -420,6 +424,11 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert!(domains(&lvb, false)?.contains(&test_name), "virsh list");
     assert_eq!(lvb.virsh(&["domstate", &test_name])?.trim(), "running");
     let test_uuid = lvb.virsh(&["domuuid", &test_name])?.trim().to_owned();
+    assert!(
+        lvb.virsh(&["dumpxml", "--inactive", &test_name])?
+            .contains(DESC),
+        "the test copy is defined from the refreshed domain XML"
+    );
     assert_ne!(test_uuid, primary_uuid, "a test copy has a new UUID");
     let blk = lvb.virsh(&["domblklist", &test_name])?;
     for (_, overlay) in &r.disks {
