@@ -468,9 +468,11 @@ impl PrimarySide {
                 },
             );
         }
-        if let Some(toml) = session.definition.take() {
-            // the replica stores this definition now (a libvirt domain's XML changed)
+        if let Some((toml, disks)) = session.definition.take() {
+            // the replica stores this definition now (a libvirt domain's XML changed, perhaps
+            // with disks added, replicated from now on)
             vm.rec.launch_toml = toml;
+            vm.rec.disks = disks;
             if let Err(e) = vm.save() {
                 tracing::error!(vm = %vm.rec.name, "could not record the refreshed definition: {e}");
             }

@@ -193,7 +193,7 @@ impl LibvirtCapture {
                 }
                 ChainAction::Resync(cause) => *resync = Some(format!("{cause:?}")),
                 // carried out by begin_cycle before anything else
-                ChainAction::Redefine(_) => {}
+                ChainAction::Redefine(_) | ChainAction::FullDisks(_) => {}
                 // the caller reads `acked()` after the cycle and persists it
                 ChainAction::Record(_) => {}
             }
@@ -219,11 +219,13 @@ impl LibvirtCapture {
                 .as_ref()
                 .and_then(|j| j.socket.as_deref())
                 .is_some_and(|s| s == own);
+            let uncovered = self.uncovered(&present).await;
             let ev = ChainEvent::Start {
                 present,
                 own_job,
                 other_job: active && !own_job,
                 redefinable: self.acked_xml().is_some(),
+                uncovered,
                 now_ms: now_ms(),
             };
             let mut acts = self
@@ -275,6 +277,13 @@ impl LibvirtCapture {
                 }
             }
         };
+        let full_disks: Vec<String> = acts
+            .iter()
+            .find_map(|a| match a {
+                ChainAction::FullDisks(d) => Some(d.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
         let (from, new) = match self.carry_out(acts, &mut resync).await {
             Ok(Some(b)) => b,
             // another job: the chain began no cycle
@@ -303,6 +312,7 @@ impl LibvirtCapture {
                     (d.target.clone(), s)
                 })
                 .collect(),
+            full_disks: full_disks.clone(),
         };
         let began = {
             let plan = plan.clone();
@@ -332,11 +342,15 @@ impl LibvirtCapture {
                 _ => e,
             });
         }
-        match self.connect(&own, from.is_some()).await {
+        if !full_disks.is_empty() {
+            tracing::info!(domain = %self.cfg.domain, disks = ?full_disks, "disks added to the domain since the acknowledged checkpoint: read whole in this delta");
+        }
+        match self.connect(&own, from.is_some(), &full_disks).await {
             Ok(sources) => Ok(LibvirtCycle {
                 pipeline: Pipeline::new(sources.0, self.cfg.max_in_flight),
                 clients: sources.1,
                 full: from.is_none(),
+                full_disks,
                 resync,
                 cap: self,
                 done: false,
@@ -348,16 +362,51 @@ impl LibvirtCapture {
         }
     }
 
+    /// The captured disks the acked checkpoint (when present) has no bitmap for: from its
+    /// recorded description, else libvirt's. Unknown is none (libvirt then refuses a job whose
+    /// checkpoint lacks a disk's bitmap, which is a resync).
+    async fn uncovered(&self, present: &[String]) -> Vec<String> {
+        let Some(acked) = self.chain.acked().map(str::to_owned) else {
+            return Vec::new();
+        };
+        if !present.contains(&acked) {
+            return Vec::new();
+        }
+        let xml = match self.acked_xml() {
+            Some(x) => x.to_owned(),
+            None => {
+                let n = acked.clone();
+                match blocking(&self.h, move |d| d.checkpoint_xml(&n)).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(checkpoint = %acked, "reading the checkpoint's description: {e}");
+                        return Vec::new();
+                    }
+                }
+            }
+        };
+        match vmr_libvirt::xml::checkpoint_disks(&xml) {
+            Ok(covered) => self
+                .disks
+                .iter()
+                .filter(|d| !covered.contains(&d.target))
+                .map(|d| d.target.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     async fn connect(
         &self,
         socket: &Path,
         incremental: bool,
+        full_disks: &[String],
     ) -> Result<(Vec<DiskSource>, Vec<NbdClient>), CaptureError> {
         let ep = Endpoint::Unix(socket.to_path_buf());
         let (mut sources, mut clients) = (Vec::new(), Vec::new());
         for (i, d) in self.disks.iter().enumerate() {
             let (export, bitmap) = vmr_libvirt::xml::export_of(&d.target);
-            let (context, want) = if incremental {
+            let (context, want) = if incremental && !full_disks.contains(&d.target) {
                 (bitmap, Want::Dirty)
             } else {
                 ("base:allocation".to_string(), Want::Allocated)
@@ -415,6 +464,7 @@ pub struct LibvirtCycle<'a> {
     pipeline: Pipeline,
     clients: Vec<NbdClient>,
     full: bool,
+    full_disks: Vec<String>,
     resync: Option<String>,
     done: bool,
 }
@@ -432,6 +482,11 @@ impl LibvirtCycle<'_> {
     /// A full copy (the first cycle, or a resync).
     pub fn is_full(&self) -> bool {
         self.full
+    }
+
+    /// Disks read whole in this delta (added to the domain since the acked checkpoint).
+    pub fn full_disks(&self) -> &[String] {
+        &self.full_disks
     }
 
     /// Why the chain was started over, when it was.

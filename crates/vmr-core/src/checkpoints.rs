@@ -37,7 +37,8 @@
 //! |---|---|---|
 //! | as recorded | any | `Unchanged` |
 //! | changed | as recorded | `Refresh` (sent to the replica, then recorded) |
-//! | changed | a disk added or removed | `DisksChanged { added, removed }` (refused) |
+//! | changed | disks added after the recorded ones | `DisksAdded(added)` (replicated from this cycle: a full first layer each) |
+//! | changed | a disk removed, or the order changed | `DisksChanged { added, removed }` (refused) |
 
 /// An event that does not fit the chain's state (a driver bug); it changes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +97,9 @@ pub enum ChainEvent {
         /// The acked checkpoint's description is recorded (its lost metadata can be
         /// redefined).
         redefinable: bool,
+        /// The captured disks (targets) the acked checkpoint has no bitmap for: disks added to
+        /// the domain since it was created.
+        uncovered: Vec<String>,
         /// Milliseconds since the epoch.
         now_ms: u64,
     },
@@ -132,6 +136,10 @@ pub enum ChainAction {
     AbortJob,
     /// Delete one of vmreplica's checkpoints (a missing one is fine).
     Delete(String),
+    /// In the incremental job that follows, back these disks up whole (`backupmode='full'`):
+    /// the `<incremental>` checkpoint has no bitmap for them (added to the domain since). The
+    /// new checkpoint covers them, so the next delta includes them.
+    FullDisks(Vec<String>),
     /// Redefine the acked checkpoint's lost metadata from its recorded description, with
     /// libvirt validating its bitmaps; on failure report `RedefineFailed` and carry out nothing
     /// else of this step.
@@ -232,6 +240,7 @@ impl CheckpointChain {
                 own_job,
                 other_job,
                 redefinable,
+                uncovered,
                 now_ms,
             } => {
                 if self.cycle.is_some() {
@@ -286,6 +295,9 @@ impl CheckpointChain {
                     new: new.clone(),
                     redefining,
                 });
+                if self.acked.is_some() && !uncovered.is_empty() {
+                    acts.push(ChainAction::FullDisks(uncovered));
+                }
                 acts.push(ChainAction::Begin {
                     from: self.acked.clone(),
                     new,
@@ -361,7 +373,11 @@ pub enum DefinitionChange {
     Unchanged,
     /// The XML changed, the replicated disks did not: send it to the replica, then record it.
     Refresh,
-    /// The domain's replicated disks differ from the recorded ones.
+    /// Disks were added to the domain, after the recorded ones (which it still has, in order):
+    /// they are replicated from this cycle on (refresh the definition with them).
+    DisksAdded(Vec<String>),
+    /// The domain's replicated disks differ from the recorded ones otherwise (a disk removed,
+    /// the order changed).
     DisksChanged {
         /// Targets of the domain not in the record.
         added: Vec<String>,
@@ -393,6 +409,9 @@ pub fn definition_change(
         .filter(|d| !current_disks.contains(d))
         .cloned()
         .collect();
+    if current_disks.starts_with(recorded_disks) && !added.is_empty() {
+        return DefinitionChange::DisksAdded(added);
+    }
     DefinitionChange::DisksChanged { added, removed }
 }
 
@@ -438,9 +457,28 @@ mod tests {
                 v(&["vda", "vdb"]),
                 "<b/>",
                 v(&["vda", "vdb", "vdc"]),
+                DefinitionChange::DisksAdded(v(&["vdc"])),
+            ),
+            // a disk added before a recorded one changes the extent order: refused
+            (
+                Some("<a/>"),
+                v(&["vdb", "vdc"]),
+                "<b/>",
+                v(&["vda", "vdb", "vdc"]),
+                DefinitionChange::DisksChanged {
+                    added: v(&["vda"]),
+                    removed: vec![],
+                },
+            ),
+            // one added, one removed
+            (
+                Some("<a/>"),
+                v(&["vda", "vdb"]),
+                "<b/>",
+                v(&["vda", "vdc"]),
                 DefinitionChange::DisksChanged {
                     added: v(&["vdc"]),
-                    removed: vec![],
+                    removed: v(&["vdb"]),
                 },
             ),
             (
@@ -480,8 +518,58 @@ mod tests {
             own_job,
             other_job,
             redefinable: false,
+            uncovered: vec![],
             now_ms: 1_000,
         }
+    }
+
+    #[test]
+    fn added_disks_are_backed_up_whole_in_a_delta() {
+        let start = |present: &[&str], uncovered: &[&str]| ChainEvent::Start {
+            present: present.iter().map(|s| s.to_string()).collect(),
+            own_job: false,
+            other_job: false,
+            redefinable: false,
+            uncovered: uncovered.iter().map(|s| s.to_string()).collect(),
+            now_ms: 1,
+        };
+        // vdc was attached after vmreplica-4: a delta for the others, vdc whole
+        let mut c = CheckpointChain::new(Some(s("vmreplica-4")));
+        let a = c.step(start(&["vmreplica-4"], &["vdc"])).expect("start");
+        assert_eq!(
+            a,
+            vec![
+                FullDisks(vec![s("vdc")]),
+                Begin {
+                    from: Some(s("vmreplica-4")),
+                    new: s("vmreplica-5")
+                }
+            ]
+        );
+        // acknowledged: the new checkpoint covers vdc, the next start reports none uncovered
+        c.step(ChainEvent::Acknowledged { now_ms: 2 }).expect("ack");
+        let a = c.step(start(&["vmreplica-5"], &[])).expect("start");
+        assert_eq!(
+            a,
+            vec![Begin {
+                from: Some(s("vmreplica-5")),
+                new: s("vmreplica-6")
+            }]
+        );
+        // a failed cycle: vdc is still uncovered by the older checkpoint, whole again
+        c.step(ChainEvent::Failed { now_ms: 3 }).expect("failed");
+        let a = c.step(start(&["vmreplica-5"], &["vdc"])).expect("start");
+        assert_eq!(a[0], FullDisks(vec![s("vdc")]));
+        // a full cycle reads every disk anyway
+        let mut c = CheckpointChain::new(None);
+        let a = c.step(start(&[], &["vdc"])).expect("start");
+        assert_eq!(
+            a,
+            vec![Begin {
+                from: None,
+                new: s("vmreplica-1")
+            }]
+        );
     }
 
     fn start_redefinable(present: &[&str]) -> ChainEvent {
@@ -490,6 +578,7 @@ mod tests {
             own_job: false,
             other_job: false,
             redefinable: true,
+            uncovered: vec![],
             now_ms: 1_000,
         }
     }

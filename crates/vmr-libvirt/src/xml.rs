@@ -28,6 +28,9 @@ pub struct BackupPlan {
     pub socket: PathBuf,
     /// The disks (targets) backed up, each with its scratch file.
     pub disks: Vec<(String, PathBuf)>,
+    /// Disks backed up whole in an incremental job (`backupmode='full'`): the
+    /// `<incremental>` checkpoint has no bitmap for them (added to the domain since).
+    pub full_disks: Vec<String>,
 }
 
 fn xml_err(reason: impl Into<String>) -> LibvirtError {
@@ -129,8 +132,13 @@ pub fn backup_xml(plan: &BackupPlan) -> String {
         path_str(&plan.socket)
     ));
     for (target, scratch) in &plan.disks {
+        let mode = if plan.incremental.is_some() && plan.full_disks.contains(target) {
+            " backupmode='full'"
+        } else {
+            ""
+        };
         x.push_str(&format!(
-            "    <disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>\n",
+            "    <disk name='{}' backup='yes' type='file'{mode}><scratch file='{}'/></disk>\n",
             escape(target),
             path_str(scratch)
         ));
@@ -174,6 +182,21 @@ pub fn redefinable_checkpoint(checkpoint_xml: &str) -> Result<String, LibvirtErr
         out.replace_range(r, "");
     }
     Ok(out)
+}
+
+/// The disks (names) a checkpoint description has a bitmap for.
+pub fn checkpoint_disks(checkpoint_xml: &str) -> Result<Vec<String>, LibvirtError> {
+    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(e.to_string()))?;
+    let root = doc.root_element();
+    let Some(disks) = root.children().find(|n| n.has_tag_name("disks")) else {
+        return Ok(Vec::new());
+    };
+    Ok(disks
+        .children()
+        .filter(|n| n.has_tag_name("disk"))
+        .filter(|n| n.attribute("checkpoint").unwrap_or("bitmap") == "bitmap")
+        .filter_map(|n| n.attribute("name").map(str::to_owned))
+        .collect())
 }
 
 /// The name of a checkpoint description (`<domaincheckpoint><name>`).
@@ -376,9 +399,18 @@ mod tests {
             incremental: Some("vmreplica-3".into()),
             checkpoint: "vmreplica-4".into(),
             socket: "/run/x/'nbd'.sock".into(),
-            disks: vec![("vda".into(), "/w/s-vda".into())],
+            disks: vec![
+                ("vda".into(), "/w/s-vda".into()),
+                ("vdc".into(), "/w/s-vdc".into()),
+            ],
+            full_disks: vec!["vdc".into()],
         };
         let b = backup_xml(&plan);
+        // an added disk is backed up whole in the incremental job
+        assert!(
+            b.contains("<disk name='vdc' backup='yes' type='file' backupmode='full'>"),
+            "{b}"
+        );
         assert!(b.contains("<incremental>vmreplica-3</incremental>"), "{b}");
         assert!(b.contains("socket='/run/x/&apos;nbd&apos;.sock'"), "{b}");
         assert!(
@@ -402,6 +434,7 @@ mod tests {
             ..plan
         });
         assert!(!full.contains("incremental"), "{full}");
+        assert!(!full.contains("backupmode"), "{full}");
         assert_eq!(
             export_of("vdb"),
             (
@@ -519,5 +552,10 @@ mod tests {
         assert!(redefinable_checkpoint("<domain/>").is_err());
         assert!(redefinable_checkpoint("<domaincheckpoint>").is_err());
         assert_eq!(checkpoint_name("<domain><name>x</name></domain>"), None);
+        assert_eq!(checkpoint_disks(x).expect("disks"), vec!["vda".to_string()]);
+        assert_eq!(
+            checkpoint_disks("<domaincheckpoint><disks><disk name='vda' checkpoint='no'/><disk name='vdb' checkpoint='bitmap'/></disks></domaincheckpoint>").expect("disks"),
+            vec!["vdb".to_string()]
+        );
     }
 }
