@@ -423,13 +423,15 @@ mod tests {
     #[test]
     fn definition_change_table() {
         let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let cases: Vec<(
-            Option<&str>,
+        /// (recorded XML, recorded disks, current XML, current disks) -> decision
+        type Case<'a> = (
+            Option<&'a str>,
             Vec<String>,
-            &str,
+            &'a str,
             Vec<String>,
             DefinitionChange,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 Some("<a/>"),
                 v(&["vda", "vdb"]),
