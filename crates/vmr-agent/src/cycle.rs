@@ -693,6 +693,16 @@ async fn refresh_definition(
             }
             let mut replicated = rec.disks.clone();
             if let DefinitionChange::DisksAdded(added) = &change {
+                // attached to the definition only (`--config`): not in the running domain's
+                // backup jobs yet; the definition is refreshed once the domain runs with them
+                let live = capture
+                    .live_disks()
+                    .await
+                    .map_err(|e| classify_capture(&e))?;
+                if let Some(t) = added.iter().find(|t| !live.iter().any(|d| &d.target == *t)) {
+                    tracing::info!(vm = %rec.name, disk = %t, "a disk added to the domain's definition is not in the running domain yet: replicated once it is");
+                    return Ok(None);
+                }
                 for t in added {
                     if let Some(d) = disks.iter().find(|x| &x.target == t) {
                         def.disks.push(vmr_proto::vmdef::DiskDef {

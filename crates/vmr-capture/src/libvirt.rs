@@ -154,6 +154,12 @@ impl LibvirtCapture {
         self.chain.stats()
     }
 
+    /// The disks of the running domain now (its live definition), which may differ from
+    /// [`LibvirtCapture::disks`] (read at open) after a disk was attached.
+    pub async fn live_disks(&self) -> Result<Vec<DomainDisk>, CaptureError> {
+        blocking(&self.h, |d| d.disks()).await
+    }
+
     /// The domain's persistent XML (replicated with the disks).
     pub async fn domain_xml(&self) -> Result<String, CaptureError> {
         blocking(&self.h, |d| d.xml(true)).await

@@ -84,7 +84,14 @@ async fn run_cycle(
     for &(d, off, len, p) in during {
         disks.write(lv, d, off, len, p)?;
     }
-    assert_eq!(cyc.sizes(), SIZES.to_vec());
+    assert_eq!(
+        cyc.sizes(),
+        disks
+            .model
+            .iter()
+            .map(|m| m.len() as u64)
+            .collect::<Vec<_>>()
+    );
     let files: Vec<std::fs::File> = disks
         .replica
         .iter()
@@ -388,6 +395,60 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     assert!(!full, "deltas go on after the restart");
     assert_eq!(read, 64 << 10);
     assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
+
+    // 8: a disk attached to the running domain (qcow2, persistent): a capture opened again
+    // on every disk continues the chain from the recorded checkpoint, which has no bitmap for
+    // the new disk: the job backs it up whole (backupmode='full': only what was written is
+    // read) while the others stay deltas, and the new checkpoint covers it, so the next cycle
+    // is a delta on all three
+    let added = tmp.path().join("disk2.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&added)
+        .arg((4u64 << 20).to_string())
+        .status()?;
+    assert!(st.success(), "qemu-img create");
+    lv.virsh(&[
+        "attach-disk",
+        DOMAIN,
+        &added.to_string_lossy(),
+        "vdc",
+        "--persistent",
+        "--subdriver",
+        "qcow2",
+        "--targetbus",
+        "virtio",
+    ])?;
+    disks.model.push(vec![0u8; 4 << 20]);
+    let r = tmp.path().join("replica2.raw");
+    std::fs::File::create(&r)?.set_len(4 << 20)?;
+    disks.replica.push(r);
+    let acked = cap.acked().map(String::from).context("acked")?;
+    let xml = cap.acked_xml().map(String::from);
+    drop(cap);
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), Some(acked)).await?;
+    cap.set_acked_xml(xml);
+    assert_eq!(cap.disks().len(), 3);
+    disks.write(&lv, 2, 1 << 20, 128 << 10, 0x51)?;
+    disks.write(&lv, 0, 1 << 20, 64 << 10, 0x52)?;
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[(2, 0, 4096, 0x53)]).await?;
+    assert!(!full, "a delta, with the added disk whole");
+    assert_eq!(
+        read,
+        (128 << 10) + (64 << 10),
+        "the added disk's data and the delta"
+    );
+    assert_eq!(cap.stats().resyncs, 0);
+    disks.write(&lv, 2, 3 << 20, 64 << 10, 0x54)?;
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full);
+    // the write made during the previous cycle (a 4 KiB write dirties one 64 KiB cluster of
+    // the bitmap's granularity) and the new one
+    assert_eq!(
+        read,
+        (64 << 10) + (64 << 10),
+        "a delta on the added disk too"
+    );
 
     // a domain with a raw disk is refused with a clear error
     let raw = tmp.path().join("raw.img");
