@@ -34,6 +34,10 @@ pub struct Session {
     /// What the last verify cycle's comparison found, or why it could not compare (taken by
     /// the owner).
     pub verify: Option<Result<vmr_proto::api::VerifyReport, Failure>>,
+    /// A libvirt VM's refreshed definition TOML and replicated disks (its domain XML
+    /// changed, perhaps with disks added), stored by the replica during the last cycle (taken
+    /// by the owner, which records them).
+    pub definition: Option<(String, Vec<String>)>,
 }
 
 /// How long a guest agent has to answer the session's sync and each thaw or status call.
@@ -587,8 +591,14 @@ async fn run_libvirt(
             CycleKind::Full => None,
             _ => lv.acked_checkpoint.clone(),
         };
+        let known = acked.is_some();
         match LibvirtCapture::open(libvirt_config(&ctx.host, rec, lv), acked).await {
-            Ok(c) => session.libvirt = Some(c),
+            Ok(mut c) => {
+                if known {
+                    c.set_acked_xml(lv.acked_checkpoint_xml.clone());
+                }
+                session.libvirt = Some(c);
+            }
             Err(e) => return Outcome::Failed(classify_capture(&e)),
         }
     }
@@ -596,14 +606,128 @@ async fn run_libvirt(
         Ok(c) => c.clone(),
         Err(f) => return Outcome::Failed(f),
     };
+    let mut disks = rec.disks.clone();
+    if let Some(capture) = session.libvirt.as_ref() {
+        match refresh_definition(rec, capture, &client, args).await {
+            Ok(Some((toml, now))) => {
+                if now != disks {
+                    // disks added: the capture is opened again on every disk, its chain
+                    // continuing from the same acknowledged checkpoint
+                    let acked = capture.acked().map(str::to_owned);
+                    let acked_xml = capture.acked_xml().map(str::to_owned);
+                    session.libvirt = None;
+                    match LibvirtCapture::open(libvirt_config(&ctx.host, rec, lv), acked).await {
+                        Ok(mut c) => {
+                            c.set_acked_xml(acked_xml);
+                            session.libvirt = Some(c);
+                        }
+                        Err(e) => {
+                            session.definition = Some((toml, now));
+                            return Outcome::Failed(classify_capture(&e));
+                        }
+                    }
+                    disks = now.clone();
+                }
+                session.definition = Some((toml, now));
+            }
+            Ok(None) => {}
+            Err(f) => {
+                session.libvirt = None;
+                return Outcome::Failed(f);
+            }
+        }
+    }
     let Some(capture) = session.libvirt.as_mut() else {
         return Outcome::Failed(Failure::Retryable("no capture".into()));
     };
-    let (outcome, reset) = libvirt_cycle(ctx, capture, &client, (id, base, kind), args).await;
+    let (outcome, reset) =
+        libvirt_cycle(ctx, capture, &client, (id, base, kind), args, &disks).await;
     if reset {
         session.libvirt = None;
     }
     outcome
+}
+
+/// Before a libvirt VM's cycle: compare the domain's persistent XML and disks with the
+/// recorded definition (`vmr_core::checkpoints::definition_change`). A changed XML with the
+/// same disks is sent to the replica (`create-replica` refreshes its stored definition, which
+/// a failover defines the domain from) and returned as the definition TOML for the owner to
+/// record, with the replicated disks. Disks added after the recorded ones are added to the
+/// definition and the replicated disks (replicated from this cycle on: the store gives each a
+/// full first layer, the capture reads it whole); a disk removed (or reordered) fails the
+/// cycle, naming the disks, until the admin registers the domain again.
+async fn refresh_definition(
+    rec: &VmRecord,
+    capture: &LibvirtCapture,
+    client: &Client,
+    args: &EnableArgs,
+) -> Result<Option<(String, Vec<String>)>, Failure> {
+    use vmr_core::checkpoints::{DefinitionChange, definition_change};
+    let xml = capture
+        .domain_xml()
+        .await
+        .map_err(|e| classify_capture(&e))?;
+    let mut def =
+        VmDefinition::from_toml(&rec.launch_toml).map_err(|e| Failure::Fatal(e.to_string()))?;
+    // the domain XML's disks (a disk that is not a qcow2 file is the capture's error)
+    let disks = vmr_libvirt::xml::parse_disks(&xml).map_err(|e| {
+        Failure::Fatal(format!(
+            "the domain's definition changed and cannot be replicated: {e}"
+        ))
+    })?;
+    let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+    match definition_change(def.libvirt_xml.as_deref(), &rec.disks, &xml, &targets) {
+        DefinitionChange::Unchanged => Ok(None),
+        DefinitionChange::DisksChanged { added, removed } => Err(Failure::Fatal(format!(
+            "the domain's disks changed (added: [{}], removed: [{}]; replicated: [{}]): only disks added after the replicated ones are replicated without re-enabling; register the domain again (disable, vm remove, vm add --libvirt, enable)",
+            added.join(", "),
+            removed.join(", "),
+            rec.disks.join(", ")
+        ))),
+        change @ (DefinitionChange::Refresh | DefinitionChange::DisksAdded(_)) => {
+            def.libvirt_xml = Some(xml);
+            for d in &mut def.disks {
+                if let Some(now) = disks.iter().find(|x| x.target == d.node) {
+                    d.path = now.path.display().to_string();
+                }
+            }
+            let mut replicated = rec.disks.clone();
+            if let DefinitionChange::DisksAdded(added) = &change {
+                // attached to the definition only (`--config`): not in the running domain's
+                // backup jobs yet; the definition is refreshed once the domain runs with them
+                let live = capture
+                    .live_disks()
+                    .await
+                    .map_err(|e| classify_capture(&e))?;
+                if let Some(t) = added.iter().find(|t| !live.iter().any(|d| &d.target == *t)) {
+                    tracing::info!(vm = %rec.name, disk = %t, "a disk added to the domain's definition is not in the running domain yet: replicated once it is");
+                    return Ok(None);
+                }
+                for t in added {
+                    if let Some(d) = disks.iter().find(|x| &x.target == t) {
+                        def.disks.push(vmr_proto::vmdef::DiskDef {
+                            node: t.clone(),
+                            path: d.path.display().to_string(),
+                        });
+                    }
+                    replicated.push(t.clone());
+                }
+                tracing::info!(vm = %rec.name, added = ?added, "disks added to the domain: replicated from this cycle on");
+            }
+            def.validate()
+                .map_err(|e| Failure::Fatal(format!("the refreshed definition: {e}")))?;
+            let toml = def.to_toml();
+            let mut refreshed = rec.clone();
+            refreshed.launch_toml = toml.clone();
+            refreshed.disks = replicated.clone();
+            client
+                .create_replica(create_request(&refreshed, &def, args))
+                .await
+                .map_err(classify_transport)?;
+            tracing::info!(vm = %rec.name, "the domain's definition changed: the replica holds the new one");
+            Ok(Some((toml, replicated)))
+        }
+    }
 }
 
 /// Where a cycle's extents come from: a QMP capture cycle (incremental, full or verify) or a
@@ -692,6 +816,7 @@ async fn libvirt_cycle(
     client: &Client,
     (id, base, kind): (u64, Option<u64>, CycleKind),
     args: &EnableArgs,
+    replicated: &[String],
 ) -> (Outcome, bool) {
     let rec = &ctx.rec;
     let taken_at_ms = now_ms();
@@ -711,19 +836,21 @@ async fn libvirt_cycle(
     }
     hold_hook(&ctx.host.dir).await;
     let sizes = cycle.sizes();
-    if sizes.len() != rec.disks.len() {
+    if sizes.len() != replicated.len() {
         let _ = cycle.abort().await;
         return (
             Outcome::Failed(Failure::Fatal(format!(
                 "the domain has {} replicated disks, the VM's record {}: register it again (vm remove, vm add --libvirt)",
                 sizes.len(),
-                rec.disks.len()
+                replicated.len()
             ))),
             false,
         );
     }
-    let disks: Vec<DiskInfo> = rec
-        .disks
+    if !cycle.full_disks().is_empty() {
+        tracing::info!(vm = %rec.name, cycle = id, disks = ?cycle.full_disks(), "disks added to the domain: read whole in this cycle");
+    }
+    let disks: Vec<DiskInfo> = replicated
         .iter()
         .zip(&sizes)
         .map(|(d, s)| DiskInfo {

@@ -1245,6 +1245,7 @@ pub async fn reverse(
             uri: d.uri.clone(),
             domain: d.domain.clone(),
             acked_checkpoint: None,
+            acked_checkpoint_xml: None,
         });
     let qmp = match &lv_source {
         Some(_) => String::new(),

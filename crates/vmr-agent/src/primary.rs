@@ -468,6 +468,15 @@ impl PrimarySide {
                 },
             );
         }
+        if let Some((toml, disks)) = session.definition.take() {
+            // the replica stores this definition now (a libvirt domain's XML changed, perhaps
+            // with disks added, replicated from now on)
+            vm.rec.launch_toml = toml;
+            vm.rec.disks = disks;
+            if let Err(e) = vm.save() {
+                tracing::error!(vm = %vm.rec.name, "could not record the refreshed definition: {e}");
+            }
+        }
         if let Some(c) = &session.libvirt {
             let st = c.stats();
             self.libvirt_jobs = Some(vmr_proto::api::LibvirtJobs {
@@ -496,16 +505,16 @@ impl PrimarySide {
                 self.synced = true;
                 // A libvirt VM: persist the checkpoint the replica acknowledged, so that an
                 // agent restart continues the chain from it.
-                let acked = self
-                    .session
-                    .as_ref()
-                    .and_then(|s| s.libvirt.as_ref())
-                    .and_then(|c| c.acked().map(str::to_owned));
+                // With it its description, from which lost libvirt metadata is redefined.
+                let capture = self.session.as_ref().and_then(|s| s.libvirt.as_ref());
+                let acked = capture.and_then(|c| c.acked().map(str::to_owned));
+                let acked_xml = capture.and_then(|c| c.acked_xml().map(str::to_owned));
                 if let Some(lv) = vm.rec.libvirt.as_mut()
                     && acked.is_some()
-                    && lv.acked_checkpoint != acked
+                    && (lv.acked_checkpoint != acked || lv.acked_checkpoint_xml != acked_xml)
                 {
                     lv.acked_checkpoint = acked;
+                    lv.acked_checkpoint_xml = acked_xml;
                     if let Err(e) = vm.save() {
                         tracing::error!(vm = %vm.rec.name, "could not record the acknowledged checkpoint: {e}");
                     }

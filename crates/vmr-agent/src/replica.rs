@@ -266,6 +266,10 @@ impl ReplicaSide {
             .set_retention(vm.rec.uuid, req.retention())
             .map_err(store_err)?;
         vm.rec.launch_toml = req.launch_toml;
+        if !req.disks.is_empty() {
+            // a libvirt domain's disks added on the primary: replicated from its next cycle
+            vm.rec.disks = req.disks.iter().map(|d| d.id.clone()).collect();
+        }
         vm.rec.frequency_secs = Some(req.frequency_secs);
         vm.save().map_err(internal)
     }

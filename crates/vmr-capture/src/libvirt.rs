@@ -11,6 +11,12 @@
 //! older checkpoint; [`LibvirtCycle::abort`], or the next [`LibvirtCapture::begin_cycle`]
 //! after a crash, ends the job and deletes the cycle's new checkpoint, so the next delta is
 //! taken from the older one again: nothing is lost.
+//!
+//! After each acknowledged cycle the capture reads the new checkpoint's description
+//! ([`LibvirtCapture::acked_xml`], recorded by the agent with the VM): when libvirt's metadata
+//! of the acknowledged checkpoint is lost (a migration, a libvirtd state loss) while its bitmaps
+//! remain in the images, the next cycle redefines it from that description (libvirt validates
+//! the bitmaps) and stays a delta; a bitmap missing or inconsistent makes it a full resync.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,6 +57,8 @@ pub struct LibvirtCapture {
     h: Arc<Handle>,
     chain: CheckpointChain,
     disks: Vec<DomainDisk>,
+    /// The acked checkpoint's description (name, XML), to redefine its lost metadata.
+    acked_xml: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for LibvirtCapture {
@@ -108,7 +116,27 @@ impl LibvirtCapture {
             h: Arc::new(h),
             chain: CheckpointChain::new(acked),
             disks,
+            acked_xml: None,
         })
+    }
+
+    /// The recorded description of the acked checkpoint (from the VM's record, as
+    /// [`LibvirtCapture::acked_xml`] gave it): lost metadata of that checkpoint is redefined
+    /// from it. A description of another checkpoint is ignored.
+    pub fn set_acked_xml(&mut self, xml: Option<String>) {
+        self.acked_xml = xml.and_then(|x| {
+            let name = vmr_libvirt::xml::checkpoint_name(&x)?;
+            Some((name, x))
+        });
+    }
+
+    /// The acked checkpoint's description, read after its cycle was acknowledged (record it
+    /// with the VM); `None` when it could not be read.
+    pub fn acked_xml(&self) -> Option<&str> {
+        match (&self.acked_xml, self.chain.acked()) {
+            (Some((n, x)), Some(a)) if n == a => Some(x),
+            _ => None,
+        }
     }
 
     /// The disks captured, in extent index order.
@@ -124,6 +152,12 @@ impl LibvirtCapture {
     /// Busy waits and resyncs so far.
     pub fn stats(&self) -> ChainStats {
         self.chain.stats()
+    }
+
+    /// The disks of the running domain now (its live definition), which may differ from
+    /// [`LibvirtCapture::disks`] (read at open) after a disk was attached.
+    pub async fn live_disks(&self) -> Result<Vec<DomainDisk>, CaptureError> {
+        blocking(&self.h, |d| d.disks()).await
     }
 
     /// The domain's persistent XML (replicated with the disks).
@@ -164,6 +198,8 @@ impl LibvirtCapture {
                     });
                 }
                 ChainAction::Resync(cause) => *resync = Some(format!("{cause:?}")),
+                // carried out by begin_cycle before anything else
+                ChainAction::Redefine(_) | ChainAction::FullDisks(_) => {}
                 // the caller reads `acked()` after the cycle and persists it
                 ChainAction::Record(_) => {}
             }
@@ -176,25 +212,84 @@ impl LibvirtCapture {
     /// domain is [`CaptureError::BackupBusy`] (nothing changed; try again later).
     pub async fn begin_cycle(&mut self) -> Result<LibvirtCycle<'_>, CaptureError> {
         let own = self.socket();
-        let (present, job, active) = blocking(&self.h, |d| {
-            Ok((d.checkpoints()?, d.backup_job()?, d.job_active()?))
-        })
-        .await?;
-        let own_job = job
-            .as_ref()
-            .and_then(|j| j.socket.as_deref())
-            .is_some_and(|s| s == own);
-        let ev = ChainEvent::Start {
-            present,
-            own_job,
-            other_job: active && !own_job,
-            now_ms: now_ms(),
-        };
-        let acts = self
-            .chain
-            .step(ev)
-            .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
         let mut resync = None;
+        // at most twice: a failed redefinition makes the chain start over (a full cycle)
+        let mut tries = 0;
+        let acts = loop {
+            tries += 1;
+            let (present, job, active) = blocking(&self.h, |d| {
+                Ok((d.checkpoints()?, d.backup_job()?, d.job_active()?))
+            })
+            .await?;
+            let own_job = job
+                .as_ref()
+                .and_then(|j| j.socket.as_deref())
+                .is_some_and(|s| s == own);
+            let uncovered = self.uncovered(&present).await;
+            let ev = ChainEvent::Start {
+                present,
+                own_job,
+                other_job: active && !own_job,
+                redefinable: self.acked_xml().is_some(),
+                uncovered,
+                now_ms: now_ms(),
+            };
+            let mut acts = self
+                .chain
+                .step(ev)
+                .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+            let Some(ChainAction::Redefine(name)) = acts.first().cloned() else {
+                break acts;
+            };
+            acts.remove(0);
+            let xml = self.acked_xml().unwrap_or_default().to_owned();
+            let redefined = {
+                let name = name.clone();
+                blocking(&self.h, move |d| d.redefine_checkpoint(&name, &xml)).await
+            };
+            match redefined {
+                Ok(()) => {
+                    tracing::info!(domain = %self.cfg.domain, checkpoint = %name, "lost checkpoint metadata redefined from the record: the cycle stays a delta");
+                    break acts;
+                }
+                Err(CaptureError::Libvirt(l)) if l.is_retryable() => {
+                    let acts = self
+                        .chain
+                        .step(ChainEvent::BeginFailed {
+                            failure: BeginFailure::Busy,
+                            now_ms: now_ms(),
+                        })
+                        .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+                    self.carry_out(acts, &mut resync).await?;
+                    return Err(CaptureError::Libvirt(l));
+                }
+                Err(e) if tries < 2 => {
+                    tracing::warn!(domain = %self.cfg.domain, checkpoint = %name, "the checkpoint's lost metadata cannot be redefined, the chain starts over: {e}");
+                    let acts = self
+                        .chain
+                        .step(ChainEvent::RedefineFailed {
+                            message: e.to_string(),
+                            now_ms: now_ms(),
+                        })
+                        .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+                    self.carry_out(acts, &mut resync).await?;
+                }
+                Err(e) => {
+                    let _ = self.chain.step(ChainEvent::RedefineFailed {
+                        message: e.to_string(),
+                        now_ms: now_ms(),
+                    });
+                    return Err(e);
+                }
+            }
+        };
+        let full_disks: Vec<String> = acts
+            .iter()
+            .find_map(|a| match a {
+                ChainAction::FullDisks(d) => Some(d.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
         let (from, new) = match self.carry_out(acts, &mut resync).await {
             Ok(Some(b)) => b,
             // another job: the chain began no cycle
@@ -223,6 +318,7 @@ impl LibvirtCapture {
                     (d.target.clone(), s)
                 })
                 .collect(),
+            full_disks: full_disks.clone(),
         };
         let began = {
             let plan = plan.clone();
@@ -252,11 +348,15 @@ impl LibvirtCapture {
                 _ => e,
             });
         }
-        match self.connect(&own, from.is_some()).await {
+        if !full_disks.is_empty() {
+            tracing::info!(domain = %self.cfg.domain, disks = ?full_disks, "disks added to the domain since the acknowledged checkpoint: read whole in this delta");
+        }
+        match self.connect(&own, from.is_some(), &full_disks).await {
             Ok(sources) => Ok(LibvirtCycle {
                 pipeline: Pipeline::new(sources.0, self.cfg.max_in_flight),
                 clients: sources.1,
                 full: from.is_none(),
+                full_disks,
                 resync,
                 cap: self,
                 done: false,
@@ -268,16 +368,51 @@ impl LibvirtCapture {
         }
     }
 
+    /// The captured disks the acked checkpoint (when present) has no bitmap for: from its
+    /// recorded description, else libvirt's. Unknown is none (libvirt then refuses a job whose
+    /// checkpoint lacks a disk's bitmap, which is a resync).
+    async fn uncovered(&self, present: &[String]) -> Vec<String> {
+        let Some(acked) = self.chain.acked().map(str::to_owned) else {
+            return Vec::new();
+        };
+        if !present.contains(&acked) {
+            return Vec::new();
+        }
+        let xml = match self.acked_xml() {
+            Some(x) => x.to_owned(),
+            None => {
+                let n = acked.clone();
+                match blocking(&self.h, move |d| d.checkpoint_xml(&n)).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(checkpoint = %acked, "reading the checkpoint's description: {e}");
+                        return Vec::new();
+                    }
+                }
+            }
+        };
+        match vmr_libvirt::xml::checkpoint_disks(&xml) {
+            Ok(covered) => self
+                .disks
+                .iter()
+                .filter(|d| !covered.contains(&d.target))
+                .map(|d| d.target.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     async fn connect(
         &self,
         socket: &Path,
         incremental: bool,
+        full_disks: &[String],
     ) -> Result<(Vec<DiskSource>, Vec<NbdClient>), CaptureError> {
         let ep = Endpoint::Unix(socket.to_path_buf());
         let (mut sources, mut clients) = (Vec::new(), Vec::new());
         for (i, d) in self.disks.iter().enumerate() {
             let (export, bitmap) = vmr_libvirt::xml::export_of(&d.target);
-            let (context, want) = if incremental {
+            let (context, want) = if incremental && !full_disks.contains(&d.target) {
                 (bitmap, Want::Dirty)
             } else {
                 ("base:allocation".to_string(), Want::Allocated)
@@ -335,6 +470,7 @@ pub struct LibvirtCycle<'a> {
     pipeline: Pipeline,
     clients: Vec<NbdClient>,
     full: bool,
+    full_disks: Vec<String>,
     resync: Option<String>,
     done: bool,
 }
@@ -352,6 +488,11 @@ impl LibvirtCycle<'_> {
     /// A full copy (the first cycle, or a resync).
     pub fn is_full(&self) -> bool {
         self.full
+    }
+
+    /// Disks read whole in this delta (added to the domain since the acked checkpoint).
+    pub fn full_disks(&self) -> &[String] {
+        &self.full_disks
     }
 
     /// Why the chain was started over, when it was.
@@ -401,6 +542,20 @@ impl LibvirtCycle<'_> {
             .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
         let mut none = None;
         self.cap.carry_out(acts, &mut none).await?;
+        // the new acked checkpoint's description, to redefine its metadata if it is lost
+        self.cap.acked_xml = None;
+        if let Some(name) = self.cap.chain.acked().map(str::to_owned) {
+            let n = name.clone();
+            match blocking(&self.cap.h, move |d| d.checkpoint_xml(&n)).await {
+                Ok(x) => match vmr_libvirt::xml::redefinable_checkpoint(&x) {
+                    Ok(x) => self.cap.acked_xml = Some((name, x)),
+                    Err(e) => tracing::warn!(checkpoint = %name, "checkpoint description: {e}"),
+                },
+                Err(e) => {
+                    tracing::warn!(checkpoint = %name, "reading the checkpoint's description: {e}")
+                }
+            }
+        }
         Ok(())
     }
 

@@ -6,9 +6,10 @@
 //! (they belong to the next one). Covers the full first cycle, deltas, an aborted cycle, a
 //! cycle whose capture was dropped mid-read (the job left running) and a process SIGKILLed
 //! mid-cycle (this test re-run as a child), another tool's backup job holding the domain (counted, retried), a vanished
-//! checkpoint (a resync), lost checkpoint metadata whose bitmap stays in the images (a
-//! resync, then a new name), libvirtd restarted mid-cycle, and a non-qcow2 disk (a clear
-//! error).
+//! checkpoint with its bitmaps (its recorded description cannot be redefined: a resync), lost
+//! checkpoint metadata whose bitmap stays in the images with a stale record (a resync, then a
+//! new name) and with the record's description (redefined: the cycle stays a delta), libvirtd
+//! restarted mid-cycle, and a non-qcow2 disk (a clear error).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -83,7 +84,14 @@ async fn run_cycle(
     for &(d, off, len, p) in during {
         disks.write(lv, d, off, len, p)?;
     }
-    assert_eq!(cyc.sizes(), SIZES.to_vec());
+    assert_eq!(
+        cyc.sizes(),
+        disks
+            .model
+            .iter()
+            .map(|m| m.len() as u64)
+            .collect::<Vec<_>>()
+    );
     let files: Vec<std::fs::File> = disks
         .replica
         .iter()
@@ -287,16 +295,23 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert_eq!(cap.stats().busy_streak, 0);
 
-    // 6: the acknowledged checkpoint vanished (libvirt's metadata lost): a full resync, never
-    // a delta from the wrong place
+    // 6: the acknowledged checkpoint vanished with its bitmaps (deleted by someone): its
+    // recorded description cannot be redefined (libvirt finds no bitmap): a full resync,
+    // never a delta from the wrong place
     let acked = cap.acked().map(String::from).context("acked")?;
+    assert!(
+        cap.acked_xml()
+            .is_some_and(|x| x.contains(&format!("<name>{acked}</name>"))),
+        "the acked checkpoint's description is kept"
+    );
     lv.virsh(&["checkpoint-delete", DOMAIN, &acked])?;
     disks.write(&lv, 1, 7 << 20, 64 << 10, 0x4a)?;
     {
         let cyc = cap.begin_cycle().await?;
         assert!(cyc.is_full());
         assert!(
-            cyc.resync().is_some_and(|r| r.contains(&acked)),
+            cyc.resync()
+                .is_some_and(|r| r.contains(&acked) && r.contains("RedefineRefused")),
             "{:?}",
             cyc.resync()
         );
@@ -310,6 +325,7 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
     assert!(full);
     assert_eq!(cap.stats().resyncs, 1);
+    assert_eq!(cap.stats().redefines, 1);
 
     // 6b: libvirt's metadata of the acked checkpoint lost while its bitmap stays in the
     // images, and a record one checkpoint behind: the name the chain picks is the orphan
@@ -334,6 +350,28 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     assert!(full);
     assert_eq!(cap.acked(), Some(format!("vmreplica-{}", k + 1).as_str()));
 
+    // 6c: libvirt's metadata of the acked checkpoint lost (a migration, a libvirtd state
+    // loss) while its bitmaps stay in the images, after an agent restart with the record's
+    // checkpoint and description: the metadata is redefined from the record (libvirt checks
+    // the bitmaps) and the cycle stays a delta that reads only what changed
+    let acked = cap.acked().map(String::from).context("acked")?;
+    let xml = cap
+        .acked_xml()
+        .map(String::from)
+        .context("the acked checkpoint's description")?;
+    lv.virsh(&["checkpoint-delete", "--metadata", DOMAIN, &acked])?;
+    assert!(lv.checkpoints(DOMAIN)?.is_empty());
+    drop(cap);
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), Some(acked.clone())).await?;
+    cap.set_acked_xml(Some(xml));
+    disks.write(&lv, 1, 6 << 20, 64 << 10, 0x4f)?;
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full, "the redefined checkpoint gives a delta");
+    assert_eq!(read, 64 << 10, "only the changed clusters are read");
+    assert_eq!((cap.stats().redefines, cap.stats().resyncs), (1, 0));
+    assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
+    assert!(lv.checkpoints(DOMAIN)?[0] != acked);
+
     // 7: libvirtd restarted mid-cycle: the capture's connection is gone, the domain and its
     // job are taken over by the new daemon; a capture opened again from the recorded
     // checkpoint ends what is left and loses nothing, and the chain goes on with deltas
@@ -357,6 +395,60 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     assert!(!full, "deltas go on after the restart");
     assert_eq!(read, 64 << 10);
     assert_eq!(lv.checkpoints(DOMAIN)?.len(), 1);
+
+    // 8: a disk attached to the running domain (qcow2, persistent): a capture opened again
+    // on every disk continues the chain from the recorded checkpoint, which has no bitmap for
+    // the new disk: the job backs it up whole (backupmode='full': only what was written is
+    // read) while the others stay deltas, and the new checkpoint covers it, so the next cycle
+    // is a delta on all three
+    let added = tmp.path().join("disk2.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&added)
+        .arg((4u64 << 20).to_string())
+        .status()?;
+    assert!(st.success(), "qemu-img create");
+    lv.virsh(&[
+        "attach-disk",
+        DOMAIN,
+        &added.to_string_lossy(),
+        "vdc",
+        "--persistent",
+        "--subdriver",
+        "qcow2",
+        "--targetbus",
+        "virtio",
+    ])?;
+    disks.model.push(vec![0u8; 4 << 20]);
+    let r = tmp.path().join("replica2.raw");
+    std::fs::File::create(&r)?.set_len(4 << 20)?;
+    disks.replica.push(r);
+    let acked = cap.acked().map(String::from).context("acked")?;
+    let xml = cap.acked_xml().map(String::from);
+    drop(cap);
+    let mut cap = LibvirtCapture::open(config(&work, lv.uri()), Some(acked)).await?;
+    cap.set_acked_xml(xml);
+    assert_eq!(cap.disks().len(), 3);
+    disks.write(&lv, 2, 1 << 20, 128 << 10, 0x51)?;
+    disks.write(&lv, 0, 1 << 20, 64 << 10, 0x52)?;
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[(2, 0, 4096, 0x53)]).await?;
+    assert!(!full, "a delta, with the added disk whole");
+    assert_eq!(
+        read,
+        (128 << 10) + (64 << 10),
+        "the added disk's data and the delta"
+    );
+    assert_eq!(cap.stats().resyncs, 0);
+    disks.write(&lv, 2, 3 << 20, 64 << 10, 0x54)?;
+    let (full, read) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;
+    assert!(!full);
+    // the write made during the previous cycle (a 4 KiB write dirties one 64 KiB cluster of
+    // the bitmap's granularity) and the new one
+    assert_eq!(
+        read,
+        (64 << 10) + (64 << 10),
+        "a delta on the added disk too"
+    );
 
     // a domain with a raw disk is refused with a clear error
     let raw = tmp.path().join("raw.img");

@@ -349,6 +349,78 @@ impl Domain {
         Err(call_err("virDomainAbortJob", &e))
     }
 
+    /// The description of checkpoint `name`, with the domain definition it was taken of
+    /// (what redefining it needs). A checkpoint that does not exist is
+    /// [`LibvirtError::CheckpointMissing`].
+    pub fn checkpoint_xml(&self, name: &str) -> Result<String, LibvirtError> {
+        let c = cstring("checkpoint name", name)?;
+        // SAFETY: valid domain pointer and name; a non-null result is a reference we free.
+        let cp = unsafe { sys::virDomainCheckpointLookupByName(self.dom.as_ptr(), c.as_ptr(), 0) };
+        if cp.is_null() {
+            let e = virt::error::Error::last_error();
+            if e.code() == ErrorNumber::NoDomainCheckpoint {
+                return Err(LibvirtError::CheckpointMissing {
+                    name: name.to_string(),
+                });
+            }
+            return Err(call_err("virDomainCheckpointLookupByName", &e));
+        }
+        // SAFETY: `cp` is valid until freed below; a non-null result is a malloc'ed string we
+        // own, copied and freed; the error is read before the reference is freed.
+        let (xml, e) = unsafe {
+            let p = sys::virDomainCheckpointGetXMLDesc(cp, 0);
+            let out = if p.is_null() {
+                (None, Some(virt::error::Error::last_error()))
+            } else {
+                let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+                libc::free(p.cast());
+                (Some(s), None)
+            };
+            sys::virDomainCheckpointFree(cp);
+            out
+        };
+        match (xml, e) {
+            (Some(x), _) => Ok(x),
+            (None, Some(e)) => Err(call_err("virDomainCheckpointGetXMLDesc", &e)),
+            (None, None) => Err(LibvirtError::Call {
+                call: "virDomainCheckpointGetXMLDesc",
+                message: "failed without an error".into(),
+            }),
+        }
+    }
+
+    /// Redefine a checkpoint whose libvirt metadata was lost (after a migration or a state
+    /// loss) from its recorded description (`VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE`), with
+    /// libvirt checking that its bitmap is in every disk's image, persistent, recording and
+    /// consistent (`..._REDEFINE_VALIDATE`). A bitmap missing or broken is
+    /// [`LibvirtError::CheckpointInconsistent`]: only a resync is correct then.
+    pub fn redefine_checkpoint(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
+        let c = cstring("checkpoint XML", xml)?;
+        let flags = sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+            | sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE;
+        // SAFETY: valid domain pointer and NUL-terminated XML; a non-null result is a
+        // reference we free at once.
+        let cp = unsafe { sys::virDomainCheckpointCreateXML(self.dom.as_ptr(), c.as_ptr(), flags) };
+        if !cp.is_null() {
+            // SAFETY: a valid reference, freed once.
+            unsafe { sys::virDomainCheckpointFree(cp) };
+            return Ok(());
+        }
+        let e = virt::error::Error::last_error();
+        Err(match e.code() {
+            _ if is_busy(&e) => LibvirtError::Busy {
+                detail: e.message().to_string(),
+            },
+            ErrorNumber::CheckpointInconsistent | ErrorNumber::InvalidArg => {
+                LibvirtError::CheckpointInconsistent {
+                    name: name.to_string(),
+                    message: e.message().to_string(),
+                }
+            }
+            _ => call_err("virDomainCheckpointCreateXML", &e),
+        })
+    }
+
     /// Delete checkpoint `name` (its bitmap on every disk, and its metadata). A checkpoint
     /// that does not exist is [`LibvirtError::CheckpointMissing`].
     pub fn delete_checkpoint(&self, name: &str) -> Result<(), LibvirtError> {

@@ -28,6 +28,9 @@ pub struct BackupPlan {
     pub socket: PathBuf,
     /// The disks (targets) backed up, each with its scratch file.
     pub disks: Vec<(String, PathBuf)>,
+    /// Disks backed up whole in an incremental job (`backupmode='full'`): the
+    /// `<incremental>` checkpoint has no bitmap for them (added to the domain since).
+    pub full_disks: Vec<String>,
 }
 
 fn xml_err(reason: impl Into<String>) -> LibvirtError {
@@ -129,8 +132,13 @@ pub fn backup_xml(plan: &BackupPlan) -> String {
         path_str(&plan.socket)
     ));
     for (target, scratch) in &plan.disks {
+        let mode = if plan.incremental.is_some() && plan.full_disks.contains(target) {
+            " backupmode='full'"
+        } else {
+            ""
+        };
         x.push_str(&format!(
-            "    <disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>\n",
+            "    <disk name='{}' backup='yes' type='file'{mode}><scratch file='{}'/></disk>\n",
             escape(target),
             path_str(scratch)
         ));
@@ -153,6 +161,55 @@ pub fn checkpoint_xml(plan: &BackupPlan) -> String {
     }
     x.push_str("  </disks>\n</domaincheckpoint>\n");
     x
+}
+
+/// A checkpoint's description (`virDomainCheckpointGetXMLDesc`, with its `<domain>`) as
+/// vmreplica records it to redefine the checkpoint's lost metadata later: without its
+/// `<parent>` element (the parent is deleted once the checkpoint is acknowledged, and a
+/// redefined checkpoint names none). Errors when the document is not a checkpoint's.
+pub fn redefinable_checkpoint(checkpoint_xml: &str) -> Result<String, LibvirtError> {
+    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(e.to_string()))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domaincheckpoint" {
+        return Err(xml_err(format!(
+            "root element is <{}>, not <domaincheckpoint>",
+            root.tag_name().name()
+        )));
+    }
+    let mut out = checkpoint_xml.to_string();
+    if let Some(parent) = root.children().find(|n| n.has_tag_name("parent")) {
+        let r = parent.range();
+        out.replace_range(r, "");
+    }
+    Ok(out)
+}
+
+/// The disks (names) a checkpoint description has a bitmap for.
+pub fn checkpoint_disks(checkpoint_xml: &str) -> Result<Vec<String>, LibvirtError> {
+    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(e.to_string()))?;
+    let root = doc.root_element();
+    let Some(disks) = root.children().find(|n| n.has_tag_name("disks")) else {
+        return Ok(Vec::new());
+    };
+    Ok(disks
+        .children()
+        .filter(|n| n.has_tag_name("disk"))
+        .filter(|n| n.attribute("checkpoint").unwrap_or("bitmap") == "bitmap")
+        .filter_map(|n| n.attribute("name").map(str::to_owned))
+        .collect())
+}
+
+/// The name of a checkpoint description (`<domaincheckpoint><name>`).
+pub fn checkpoint_name(checkpoint_xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(checkpoint_xml).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domaincheckpoint" {
+        return None;
+    }
+    root.children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text())
+        .map(str::to_owned)
 }
 
 /// The Unix socket of a running pull-mode backup job's description, if it has one.
@@ -342,9 +399,18 @@ mod tests {
             incremental: Some("vmreplica-3".into()),
             checkpoint: "vmreplica-4".into(),
             socket: "/run/x/'nbd'.sock".into(),
-            disks: vec![("vda".into(), "/w/s-vda".into())],
+            disks: vec![
+                ("vda".into(), "/w/s-vda".into()),
+                ("vdc".into(), "/w/s-vdc".into()),
+            ],
+            full_disks: vec!["vdc".into()],
         };
         let b = backup_xml(&plan);
+        // an added disk is backed up whole in the incremental job
+        assert!(
+            b.contains("<disk name='vdc' backup='yes' type='file' backupmode='full'>"),
+            "{b}"
+        );
         assert!(b.contains("<incremental>vmreplica-3</incremental>"), "{b}");
         assert!(b.contains("socket='/run/x/&apos;nbd&apos;.sock'"), "{b}");
         assert!(
@@ -368,6 +434,7 @@ mod tests {
             ..plan
         });
         assert!(!full.contains("incremental"), "{full}");
+        assert!(!full.contains("backupmode"), "{full}");
         assert_eq!(
             export_of("vdb"),
             (
@@ -466,5 +533,29 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn redefinable_checkpoints_drop_their_parent() {
+        let x = "<domaincheckpoint>\n  <name>vmreplica-3</name>\n  <parent>\n    <name>vmreplica-2</name>\n  </parent>\n  <creationTime>1700000000</creationTime>\n  <disks><disk name='vda' checkpoint='bitmap' bitmap='vmreplica-3'/></disks>\n  <domain type='qemu'><name>web1</name></domain>\n</domaincheckpoint>\n";
+        let r = redefinable_checkpoint(x).expect("a checkpoint");
+        assert!(!r.contains("<parent>") && !r.contains("vmreplica-2"), "{r}");
+        assert!(r.contains("<creationTime>1700000000</creationTime>"), "{r}");
+        assert!(
+            r.contains("<domain type='qemu'><name>web1</name></domain>"),
+            "{r}"
+        );
+        assert_eq!(checkpoint_name(&r).as_deref(), Some("vmreplica-3"));
+        // no parent: unchanged
+        let plain = "<domaincheckpoint><name>vmreplica-1</name></domaincheckpoint>";
+        assert_eq!(redefinable_checkpoint(plain).expect("ok"), plain);
+        assert!(redefinable_checkpoint("<domain/>").is_err());
+        assert!(redefinable_checkpoint("<domaincheckpoint>").is_err());
+        assert_eq!(checkpoint_name("<domain><name>x</name></domain>"), None);
+        assert_eq!(checkpoint_disks(x).expect("disks"), vec!["vda".to_string()]);
+        assert_eq!(
+            checkpoint_disks("<domaincheckpoint><disks><disk name='vda' checkpoint='no'/><disk name='vdb' checkpoint='bitmap'/></disks></domaincheckpoint>").expect("disks"),
+            vec!["vdb".to_string()]
+        );
     }
 }

@@ -231,6 +231,9 @@ mod tests {
             uri: "qemu:///system".into(),
             domain: "web1".into(),
             acked_checkpoint: Some("vmreplica-3".into()),
+            acked_checkpoint_xml: Some(
+                "<domaincheckpoint><name>vmreplica-3</name></domaincheckpoint>".into(),
+            ),
         });
         let json = serde_json::to_string(&rec).expect("encode");
         let back: VmRecord = serde_json::from_str(&json).expect("decode");

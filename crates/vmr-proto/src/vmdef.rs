@@ -254,6 +254,11 @@ pub struct LibvirtSource {
     /// first acknowledged cycle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acked_checkpoint: Option<String>,
+    /// That checkpoint's description (`virDomainCheckpointGetXMLDesc`, without its parent):
+    /// its libvirt metadata, when lost, is redefined from it. Absent when it could not be read
+    /// (or in records written before it was kept): a lost checkpoint is then a resync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_checkpoint_xml: Option<String>,
 }
 
 #[cfg(test)]

@@ -200,6 +200,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                     uri: connect,
                     domain,
                     acked_checkpoint: None,
+                    acked_checkpoint_xml: None,
                 }),
             },
             (None, Some(qmp), Some(launch)) => {

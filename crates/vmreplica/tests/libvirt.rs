@@ -7,8 +7,10 @@
 //! last write, also after the primary agent was SIGKILLed with a cycle's job held open; the
 //! domain XML is stored with the replica's definition, and what is not built yet (`vm set
 //! --qmp`) is refused naming the gap; a failover with no libvirt reachable on the replica is
-//! refused with libvirt's reason. The second test fails over through a second private daemon
-//! (the replica host's libvirt): a test copy `NAME-test` running with a new UUID on the
+//! refused with libvirt's reason. The second test changes the domain while it replicates (its
+//! description, then a third disk attached and written: the replica's definition follows, the
+//! disk is replicated from the next cycle without re-enabling or a resync) and fails over
+//! through a second private daemon (the replica host's libvirt): a test copy `NAME-test` running with a new UUID on the
 //! replica's overlays, the guest seeing the replicated writes, stopped and undefined; the
 //! split-brain guard asking libvirt whether the primary domain runs; a real failover keeping
 //! the UUID, cancelled (destroyed, undefined, replication state back), completed, and reversed
@@ -299,6 +301,26 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
     assert!(st.failover_domains.is_empty(), "{st:?}");
     assert_eq!(st.state, vmr_proto::api::ReplicationState::Replicating);
 
+    // A disk removed from the domain's definition: the next cycle refuses, naming it, and the
+    // VM stops replicating until the admin registers the domain again; the replica keeps its
+    // latest point.
+    let before = p.b.status("web1")?.last_cycle;
+    lv.virsh(&["detach-disk", DOMAIN, "vdb", "--config"])?;
+    let (st, _) = p.a.wait_status(
+        "web1",
+        LONG,
+        std::time::Duration::from_millis(200),
+        "the removed disk refused",
+        |s| s.state == vmr_proto::api::ReplicationState::Error,
+    )?;
+    assert!(
+        st.health_reason.contains("removed: [vdb]")
+            && st.health_reason.contains("register the domain again"),
+        "{}",
+        st.health_reason
+    );
+    assert_eq!(p.b.status("web1")?.last_cycle, before);
+
     p.a.ok(&["disable", "web1"])?;
     p.a.ok(&["vm", "remove", "web1", "--yes"])?;
     p.stop()?;
@@ -408,7 +430,50 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     };
     write(&mut writes, 0, 2 << 20, 192 << 10, 0x33)?;
     write(&mut writes, 1, 0, 4096, 0x44)?;
+    // The domain's persistent definition changes (its description): the next cycle sends
+    // the new XML to the replica, and a failover defines the domain as it is now.
+    const DESC: &str = "refreshed-definition-mark";
+    lv.virsh(&["desc", FO_DOMAIN, "--config", "--new-desc", DESC])?;
     wait_cut(&p)?;
+    // A disk attached to the running domain (qcow2, persistent) is replicated from the next
+    // cycle without re-enabling: the replica's next point has it, written data included.
+    let added = tmp.path().join("d2.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&added)
+        .arg("4M")
+        .status()?;
+    assert!(st.success(), "qemu-img create");
+    lv.virsh(&[
+        "attach-disk",
+        FO_DOMAIN,
+        &added.to_string_lossy(),
+        "vdc",
+        "--persistent",
+        "--subdriver",
+        "qcow2",
+        "--targetbus",
+        "virtio",
+    ])?;
+    write(&mut writes, 2, 1 << 20, 128 << 10, 0x55)?;
+    write(&mut writes, 0, 3 << 20, 64 << 10, 0x56)?;
+    wait_cut(&p)?;
+    let sa = p.a.status("web1")?;
+    assert_eq!(
+        sa.state,
+        ReplicationState::Replicating,
+        "{}",
+        sa.health_reason
+    );
+    // the chain goes on with deltas that include the new disk
+    write(&mut writes, 2, 2 << 20, 64 << 10, 0x57)?;
+    wait_cut(&p)?;
+    let sa = p.a.status("web1")?;
+    assert!(
+        sa.libvirt_jobs.is_some_and(|j| j.resyncs == 0),
+        "the disk was added without a resync: {:?}",
+        sa.libvirt_jobs
+    );
     let st = p.b.status("web1")?;
     let prog = st.failover_program.clone().ok_or("no failover program")?;
     assert!(
@@ -424,6 +489,11 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
     assert!(domains(&lvb, false)?.contains(&test_name), "virsh list");
     assert_eq!(lvb.virsh(&["domstate", &test_name])?.trim(), "running");
     let test_uuid = lvb.virsh(&["domuuid", &test_name])?.trim().to_owned();
+    assert!(
+        lvb.virsh(&["dumpxml", "--inactive", &test_name])?
+            .contains(DESC),
+        "the test copy is defined from the refreshed domain XML"
+    );
     assert_ne!(test_uuid, primary_uuid, "a test copy has a new UUID");
     let blk = lvb.virsh(&["domblklist", &test_name])?;
     for (_, overlay) in &r.disks {
@@ -451,7 +521,11 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
                 t.starts_with("vd").then(|| f.next().map(PathBuf::from))?
             })
             .collect();
-        assert_eq!(paths.len(), 2, "{blk}");
+        assert_eq!(
+            paths.len(),
+            3,
+            "the domain's disks with the one added: {blk}"
+        );
         for &(disk, off, len, pat) in writes {
             assert!(
                 vmr_testkit::img::qemu_io_holds_pattern(&paths[disk], pat, off, len)?,

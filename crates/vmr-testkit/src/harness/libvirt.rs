@@ -274,6 +274,8 @@ impl PrivateLibvirt {
         if nic {
             x.push_str("<interface type='user'><model type='virtio'/></interface>");
         }
+        // free PCIe ports for disks hot-plugged by a test (`virsh attach-disk`)
+        x.push_str("<controller type='pci' index='0' model='pcie-root'/><controller type='pci' index='8' model='pcie-root-port'/><controller type='pci' index='9' model='pcie-root-port'/>");
         x.push_str("<memballoon model='none'/></devices></domain>");
         let file = self.dir.join(format!("{name}.xml"));
         std::fs::write(&file, x)?;
