@@ -676,7 +676,20 @@ async fn refresh_definition(
         ))
     })?;
     let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
-    match definition_change(def.libvirt_xml.as_deref(), &rec.disks, &xml, &targets) {
+    // The replicated disks by target: the recorded XML's. A domain generated from a plain-QEMU
+    // definition (a failover into a libvirt host, then reverse) names its disks vda, vdb, ...
+    // while the replicated disks keep their ids (disk0, ...), and its record may hold no XML
+    // yet: the capture maps the domain's disks to the ids by position, and so does this.
+    let recorded: Vec<String> = match def
+        .libvirt_xml
+        .as_deref()
+        .and_then(|x| vmr_libvirt::xml::parse_disks(x).ok())
+    {
+        Some(d) => d.into_iter().map(|d| d.target).collect(),
+        None if targets.len() >= rec.disks.len() => targets[..rec.disks.len()].to_vec(),
+        None => rec.disks.clone(),
+    };
+    match definition_change(def.libvirt_xml.as_deref(), &recorded, &xml, &targets) {
         DefinitionChange::Unchanged => Ok(None),
         DefinitionChange::DisksChanged { added, removed } => Err(Failure::Fatal(format!(
             "the domain's disks changed (added: [{}], removed: [{}]; replicated: [{}]): only disks added after the replicated ones are replicated without re-enabling; register the domain again (disable, vm remove, vm add --libvirt, enable)",

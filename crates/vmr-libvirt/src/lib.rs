@@ -11,7 +11,7 @@
 //! (`generate::domain_from_qemu`, mixed setups).
 //!
 //! Which checkpoint a cycle starts from, what is deleted after an acknowledgement and when a
-//! chain cannot be trusted are decisions: they live in `vmr_core::libvirt` (sans-IO). The
+//! chain cannot be trusted are decisions: they live in `vmr_core::checkpoints` (sans-IO). The
 //! capture cycle that reads the exports is `vmr_capture::libvirt`. See `docs/libvirt.md`.
 //!
 //! Every call blocks on the libvirt daemon: async callers run them in `spawn_blocking`.
