@@ -408,6 +408,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 extended: None,
                 group: None,
                 libvirt,
+                fanout: Vec::new(),
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -560,6 +561,22 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 .ask(|r| Command::SetRetention(Box::new(policy), r))
                 .await?
         )),
+        Request::Relationship {
+            name,
+            replica,
+            what,
+        } => {
+            let cmd = match what {
+                vmr_proto::api::RelationshipOp::Pause => crate::primary::Cmd::Pause,
+                vmr_proto::api::RelationshipOp::Resume => crate::primary::Cmd::Resume,
+                vmr_proto::api::RelationshipOp::Disable => crate::primary::Cmd::Disable,
+            };
+            to_value(
+                vm(agent, &name)?
+                    .ask(|r| Command::Relationship(replica, cmd, r))
+                    .await?,
+            )
+        }
         Request::Extended { name, what } => Ok(json!(
             vm(agent, &name)?
                 .ask(|r| Command::Extended(what, r))

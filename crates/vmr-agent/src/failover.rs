@@ -1548,6 +1548,7 @@ pub async fn become_replica(
             extended: None,
             group: None,
             libvirt: None,
+            fanout: Vec::new(),
         };
         vm.rec = new;
         vm.save()?;

@@ -122,6 +122,10 @@ pub enum Command {
         /// On a replica VM: pause its extended (outgoing) relationship only.
         #[arg(long)]
         extended: bool,
+        /// A primary VM that replicates to several replicas (fan-out): the relationship to
+        /// this replica (its `enable --replica` address); required when there are several.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "extended")]
+        replica: Option<String>,
     },
     /// Resume replication.
     Resume {
@@ -141,6 +145,10 @@ pub enum Command {
         /// On a replica VM: resume its extended (outgoing) relationship only.
         #[arg(long, conflicts_with = "resync")]
         extended: bool,
+        /// A primary VM that replicates to several replicas (fan-out): the relationship to
+        /// this replica (its `enable --replica` address); required when there are several.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["extended", "resync"])]
+        replica: Option<String>,
     },
     /// Disable replication (keeps the replica's data).
     Disable {
@@ -150,6 +158,10 @@ pub enum Command {
         /// replica keeps its points).
         #[arg(long)]
         extended: bool,
+        /// A primary VM that replicates to several replicas (fan-out): the relationship to
+        /// this replica (its `enable --replica` address); required when there are several.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "extended")]
+        replica: Option<String>,
     },
     /// Change a VM's settings on this host while replication is enabled (either side), one
     /// setting per call; or, with --agent, the agent-wide sending limit.

@@ -405,12 +405,31 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Measure { name, reset } => Request::Measure { name, reset },
         Command::Pause {
             name,
+            replica: Some(replica),
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: vmr_proto::api::RelationshipOp::Pause,
+        },
+        Command::Pause {
+            name,
             extended: true,
+            ..
         } => Request::Extended {
             name,
             what: vmr_proto::api::ExtendedOp::Pause,
         },
         Command::Pause { name, .. } => Request::Pause { name },
+        Command::Resume {
+            name,
+            replica: Some(replica),
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: vmr_proto::api::RelationshipOp::Resume,
+        },
         Command::Resume {
             name,
             extended: true,
@@ -431,7 +450,17 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Resume { name, .. } => Request::Resume { name },
         Command::Disable {
             name,
+            replica: Some(replica),
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: vmr_proto::api::RelationshipOp::Disable,
+        },
+        Command::Disable {
+            name,
             extended: true,
+            ..
         } => Request::Extended {
             name,
             what: vmr_proto::api::ExtendedOp::Disable,

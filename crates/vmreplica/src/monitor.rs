@@ -59,6 +59,25 @@ fn perf_label(name: &str, what: &str) -> String {
     format!("'{}_{what}'", name.replace('\'', "''").replace('=', "_"))
 }
 
+/// One row per relationship: a primary VM that replicates to several replicas (fan-out)
+/// gives a row per replica, each named `NAME to HOST:PORT`; other rows are as they are.
+fn relationships(rows: &[VmStatus]) -> Vec<VmStatus> {
+    let mut out = Vec::new();
+    for s in rows {
+        if s.fanout.is_empty() {
+            out.push(s.clone());
+            continue;
+        }
+        for r in std::iter::once(s).chain(s.fanout.iter()) {
+            let mut r = r.clone();
+            r.name = format!("{} to {}", s.name, r.replica);
+            r.fanout.clear();
+            out.push(r);
+        }
+    }
+    out
+}
+
 /// The plugin's answer for `rows` at `now_ms`: its exit code and its one line.
 pub fn check_report(
     rows: &[VmStatus],
@@ -69,6 +88,7 @@ pub fn check_report(
     let mut code = plugin::OK;
     let mut problems = Vec::new();
     let mut perf = Vec::new();
+    let rows = &relationships(rows);
     for s in rows {
         let mut vm_code = health_code(s.health);
         let mut why = Vec::new();
