@@ -771,6 +771,41 @@ mod tests {
         assert!(!text.contains("vmreplica_health{vm=\"db"), "{text}");
     }
 
+    /// A primary VM replicating to two replicas: the further relationship has its own series,
+    /// labelled `relationship="fanout-2"` with its replica as the peer.
+    #[test]
+    fn a_fanned_out_vm_has_series_per_relationship() {
+        let mut st = status(ReplicationMode::Primary, Health::Normal, Some(97_000));
+        let mut c = status(ReplicationMode::Primary, Health::Warning, Some(40_000));
+        c.replica = "10.0.0.3:9443".into();
+        c.state = vmr_proto::api::ReplicationState::Suspended;
+        c.last_cycle = Some(7);
+        c.lag_ms = Some(60_000);
+        st.fanout = vec![c];
+        let rows = vec![VmView {
+            name: "web1".into(),
+            uuid: Uuid::from_u128(1),
+            role: "primary",
+            peer: "10.0.0.2:9443".into(),
+            status: Some(st),
+            counters: None,
+            store_free_bytes: None,
+        }];
+        let text = encode(rows, vec![], 100_000).expect("encode");
+        let l = "vm=\"web1\",uuid=\"00000000-0000-0000-0000-000000000001\",role=\"primary\",peer=\"10.0.0.3:9443\",relationship=\"fanout-2\"";
+        for line in [
+            format!("vmreplica_fanout_state_info{{{l},state=\"Suspended\"}} 1"),
+            format!("vmreplica_fanout_health{{{l}}} 1"),
+            format!("vmreplica_fanout_replication_lag_seconds{{{l}}} 60.0"),
+            format!("vmreplica_fanout_last_cycle{{{l}}} 7"),
+        ] {
+            assert!(
+                text.lines().any(|x| x == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
     /// A continuous VM has no interval: `vmreplica_continuous` 1 and no frequency series; its
     /// RPO is the lag series.
     #[test]

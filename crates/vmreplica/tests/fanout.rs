@@ -257,3 +257,92 @@ fn fan_out_to_b_at_5s_and_c_at_30s_with_b_paused_c_never_stalls() -> TestResult 
     ch.b.wait_cycle(VM, n + 1, LONG)?;
     Ok(())
 }
+
+#[test]
+fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    let w = GuestWriter::start(&vm, Duration::from_millis(500));
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "5s",
+    ])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.c.wait_cycle(VM, 2, LONG)?;
+
+    // C's agent down: A → C fails and retries; A → B keeps its 5 s cycles.
+    ch.c.stop()?;
+    wait_every(LONG, Duration::from_millis(100), "A → C failing", || {
+        Ok(ch
+            .a
+            .status(VM)?
+            .fanout
+            .first()
+            .is_some_and(|c| c.stats.errors > 0))
+    })?;
+    let start = Instant::now();
+    let b_then = ch.b.status(VM)?.last_cycle.unwrap_or(0);
+    ch.b.wait_cycle(VM, b_then + 3, LONG)?;
+    let took = start.elapsed();
+    let (st, c) = rows(&ch)?;
+    eprintln!(
+        "3 cycles A → B in {took:?} while A → C failed ({} errors, {}: {})",
+        c.stats.errors, c.health, c.health_reason
+    );
+    assert!(took < Duration::from_secs(30), "A → B slowed: {took:?}");
+    assert_eq!(st.state, ReplicationState::Replicating);
+    assert_ne!(c.health, vmr_proto::api::Health::Normal, "{c:?}");
+
+    // A's agent killed and restarted: both relationships come back from its record.
+    ch.a.restart()?;
+    let (st, c) = rows(&ch)?;
+    assert_eq!(
+        (st.replica.as_str(), st.frequency_secs),
+        (ch.b.addr.as_str(), 5)
+    );
+    assert_eq!(
+        (c.replica.as_str(), c.frequency_secs),
+        (ch.c.addr.as_str(), 5)
+    );
+    let b_then = ch.b.status(VM)?.last_cycle.unwrap_or(0);
+    ch.b.wait_cycle(VM, b_then + 1, LONG)?;
+
+    // C back: its relationship catches up from the point C holds, not with a full copy.
+    let c_had = c.last_cycle.unwrap_or(0);
+    let c_bytes = c.stats.total_bytes;
+    ch.c.restart()?;
+    ch.c.wait_cycle(VM, c_had + 1, LONG)?;
+    w.stop();
+    let after = epoch_ms();
+    for r in [&ch.b, &ch.c] {
+        r.wait_status(
+            VM,
+            LONG,
+            Duration::from_millis(50),
+            "a point cut after the writes",
+            move |s| s.last_point_ms.is_some_and(|t| t > after),
+        )?;
+    }
+    let (_, c) = rows(&ch)?;
+    let caught_up = c.stats.total_bytes.saturating_sub(c_bytes);
+    eprintln!("A → C caught up with {caught_up} bytes after C's agent was down");
+    assert!(
+        caught_up < 400 * BLOCK,
+        "A → C caught up with {caught_up} bytes: a full copy?"
+    );
+    assert_equals_a(&ch.b, &vm)?;
+    assert_equals_a(&ch.c, &vm)?;
+    ch.stop()?;
+    Ok(())
+}
