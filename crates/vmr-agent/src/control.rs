@@ -566,10 +566,21 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             replica,
             what,
         } => {
+            use crate::primary::Cmd;
+            use vmr_proto::api::RelationshipOp as Op;
             let cmd = match what {
-                vmr_proto::api::RelationshipOp::Pause => crate::primary::Cmd::Pause,
-                vmr_proto::api::RelationshipOp::Resume => crate::primary::Cmd::Resume,
-                vmr_proto::api::RelationshipOp::Disable => crate::primary::Cmd::Disable,
+                Op::Pause => Cmd::Pause,
+                Op::Resume => Cmd::Resume,
+                Op::Disable => Cmd::Disable,
+                Op::StartInitial => Cmd::StartInitial,
+                Op::ResumeResync { at_ms } => Cmd::ResumeResync(at_ms),
+                Op::SetRetention { policy } => {
+                    return Ok(json!(
+                        vm(agent, &name)?
+                            .ask(|r| Command::RelationshipRetention(replica, Box::new(policy), r))
+                            .await?
+                    ));
+                }
             };
             to_value(
                 vm(agent, &name)?

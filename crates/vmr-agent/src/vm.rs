@@ -238,6 +238,9 @@ pub enum Command {
     /// `pause|resume|disable NAME --replica HOST:PORT`: one relationship of a primary VM
     /// (fan-out).
     Relationship(String, Cmd, Reply<StateChange>),
+    /// `set NAME --retain|--recovery-points --replica HOST:PORT`: one relationship's
+    /// retention (fan-out).
+    RelationshipRetention(String, Box<vmr_store::RetentionPolicy>, Reply<String>),
 }
 
 /// The handle of a VM's owner task.
@@ -610,20 +613,28 @@ impl Owner {
         if self.fanout.is_empty() {
             return Some(cmd);
         }
+        let not_built = |what: &str| AgentError::FanoutRefused {
+            name: self.vm.rec.name.clone(),
+            reason: format!("{what} is not built for a VM that replicates to several replicas"),
+        };
         match cmd {
             Command::StartInitial(r) | Command::ResumeResync(_, r) => {
                 let _ = r.send(Err(self.ambiguous()));
             }
-            Command::SetRetention(_, r)
-            | Command::SetVerifyEvery(_, r)
-            | Command::SetBandwidth(_, r) => {
+            Command::SetRetention(_, r) => {
                 let _ = r.send(Err(self.ambiguous()));
+            }
+            Command::SetVerifyEvery(_, r) => {
+                let _ = r.send(Err(not_built("`set --verify-every`")));
+            }
+            Command::SetBandwidth(_, r) => {
+                let _ = r.send(Err(not_built("`set --bandwidth`")));
             }
             Command::Verify(_, _, r) => {
-                let _ = r.send(Err(self.ambiguous()));
+                let _ = r.send(Err(not_built("`verify`")));
             }
             Command::SetGroup(Some(_), r) => {
-                let _ = r.send(Err(self.ambiguous()));
+                let _ = r.send(Err(not_built("a consistency group")));
             }
             Command::Failover(FailoverCmd::Prepare { .. }, r) => {
                 let _ = r.send(Err(AgentError::FanoutRefused {
@@ -1040,6 +1051,47 @@ impl Owner {
     /// way `enable` sends it: a `create-replica` refresh, which changes nothing else there)
     /// and saved only once the replica took it; on a replica, set in its store. Either way it
     /// takes effect at the next prune.
+    /// `set --retain|--recovery-points --replica` on fan-out relationship `i`: saved in its
+    /// settings and sent to its replica (refused, changing nothing, when it cannot be reached).
+    async fn set_fanout_retention(
+        &mut self,
+        i: usize,
+        policy: vmr_store::RetentionPolicy,
+    ) -> Result<String, AgentError> {
+        vmr_core::check_retention(policy.hourly, policy.grid.as_ref())?;
+        let name = self.vm.rec.name.clone();
+        let Some(mut args) = self.fanout.get(i).and_then(|p| p.args(&self.vm)).cloned() else {
+            return Err(AgentError::NotEnabled { name });
+        };
+        args.recovery_points = policy.hourly;
+        args.retain = policy.grid.clone();
+        let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
+        let client = crate::cycle::connect(&self.vm.host, &args)
+            .await
+            .map_err(|source| AgentError::ConnectReplica {
+                replica: args.replica.clone(),
+                source,
+            })?;
+        client
+            .create_replica(crate::cycle::create_request(&self.vm.rec, &def, &args))
+            .await
+            .map_err(AgentError::CreateReplica)?;
+        let replica = args.replica.clone();
+        if let Some(f) = self
+            .vm
+            .rec
+            .fanout
+            .iter_mut()
+            .find(|f| f.args.replica == replica)
+        {
+            f.args = args;
+        }
+        self.vm.save()?;
+        Ok(format!(
+            "retention of {name} on {replica} is {policy}; the replica applies it at its next prune"
+        ))
+    }
+
     async fn set_retention(
         &mut self,
         policy: vmr_store::RetentionPolicy,
@@ -1280,6 +1332,14 @@ impl Owner {
             Command::Relationship(replica, cmd, reply) => {
                 let r = match self.relationship(Some(&replica)) {
                     Ok(rel) => self.relationship_cmd(rel, cmd).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::RelationshipRetention(replica, policy, reply) => {
+                let r = match self.relationship(Some(&replica)) {
+                    Ok(0) => self.set_retention(*policy).await,
+                    Ok(rel) => self.set_fanout_retention(rel - 1, *policy).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);

@@ -328,9 +328,22 @@ pub enum ExtendedOp {
 }
 
 /// What to do to one relationship of a primary VM ([`Request::Relationship`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RelationshipOp {
+    /// `start-initial NAME --replica HOST:PORT`.
+    StartInitial,
+    /// `resume NAME --resync [--at TIME] --replica HOST:PORT`.
+    ResumeResync {
+        /// Start at this time (ms since the epoch) instead of now.
+        at_ms: Option<u64>,
+    },
+    /// `set NAME --retain SPEC | --recovery-points N --replica HOST:PORT`: this relationship's
+    /// retention, sent to its replica.
+    SetRetention {
+        /// The new policy.
+        policy: crate::store::RetentionPolicy,
+    },
     /// `pause NAME --replica HOST:PORT`.
     Pause,
     /// `resume NAME --replica HOST:PORT`.
@@ -792,7 +805,8 @@ pub enum Request {
         policy: crate::store::RetentionPolicy,
     },
     /// One relationship of a primary VM that replicates to several replicas (fan-out):
-    /// `pause|resume|disable NAME --replica HOST:PORT`.
+    /// `pause|resume|disable|start-initial NAME --replica HOST:PORT`, `resume --resync` and
+    /// `set --retain|--recovery-points` with `--replica`.
     Relationship {
         /// VM name.
         name: String,

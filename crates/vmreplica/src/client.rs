@@ -375,11 +375,21 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             retain,
             recovery_points,
             prefer_app_consistent,
+            replica,
             ..
-        } => Request::SetRetention {
-            name,
-            policy: retention_policy(retain.as_deref(), recovery_points, prefer_app_consistent)?,
-        },
+        } => {
+            let policy =
+                retention_policy(retain.as_deref(), recovery_points, prefer_app_consistent)?;
+            match replica {
+                // one relationship of a VM that replicates to several replicas (fan-out)
+                Some(replica) => Request::Relationship {
+                    name,
+                    replica,
+                    what: vmr_proto::api::RelationshipOp::SetRetention { policy },
+                },
+                None => Request::SetRetention { name, policy },
+            }
+        }
         Command::Set { .. } => {
             return Err(coded(
                 exit::USAGE,
@@ -399,6 +409,15 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                 limit: Some(limit),
             },
             follow,
+        },
+        Command::StartInitial {
+            name,
+            replica: Some(replica),
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: vmr_proto::api::RelationshipOp::StartInitial,
         },
         Command::StartInitial { name, .. } => Request::StartInitial { name },
         Command::Status { name, .. } => Request::Status { name },
@@ -424,11 +443,19 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Resume {
             name,
             replica: Some(replica),
+            resync,
+            at,
             ..
         } => Request::Relationship {
             name,
             replica,
-            what: vmr_proto::api::RelationshipOp::Resume,
+            what: if resync {
+                vmr_proto::api::RelationshipOp::ResumeResync {
+                    at_ms: at.as_deref().map(parse_time).transpose()?,
+                }
+            } else {
+                vmr_proto::api::RelationshipOp::Resume
+            },
         },
         Command::Resume {
             name,

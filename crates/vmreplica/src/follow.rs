@@ -66,12 +66,17 @@ impl Plan {
             })
         };
         match cmd {
-            Command::StartInitial { name, wait } => plan(name, Op::Initial, *wait),
+            Command::StartInitial {
+                name,
+                wait,
+                replica: None,
+            } => plan(name, Op::Initial, *wait),
             Command::Resume {
                 name,
                 resync: true,
                 at: None,
                 wait,
+                replica: None,
                 ..
             } => plan(name, Op::Resync, *wait),
             Command::Enable(e) if e.extended => None,

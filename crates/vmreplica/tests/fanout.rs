@@ -159,6 +159,13 @@ fn fan_out_to_b_at_5s_and_c_at_30s_with_b_paused_c_never_stalls() -> TestResult 
     );
     let none = ch.a.cli(&["pause", VM, "--replica", "127.0.0.1:1"])?;
     assert_eq!(none.status.code(), Some(4), "{none:?}");
+    // Retention per relationship: C's changes, B's stays.
+    let amb = ch.a.cli(&["set", VM, "--recovery-points", "3"])?;
+    assert_eq!(amb.status.code(), Some(5), "{amb:?}");
+    ch.a.ok(&["set", VM, "--recovery-points", "3", "--replica", &ch.c.addr])?;
+    let (st, c) = rows(&ch)?;
+    assert_eq!(c.retention.as_ref().map(|r| r.hourly), Some(3), "{c:?}");
+    assert_eq!(st.retention.as_ref().map(|r| r.hourly), Some(2), "{st:?}");
     let text = ch.a.ok(&["status"])?;
     assert!(
         text.contains("fan-out 2") && text.contains(&ch.c.addr),
@@ -342,6 +349,40 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
         "A → C caught up with {caught_up} bytes: a full copy?"
     );
     assert_equals_a(&ch.b, &vm)?;
+    assert_equals_a(&ch.c, &vm)?;
+
+    // A resync of C's relationship alone (its own capture names): C's next point still
+    // equals A; B's relationship is untouched.
+    let c_before = ch.c.status(VM)?.last_cycle.unwrap_or(0);
+    let b_state = ch.a.status(VM)?.state;
+    wait_every(
+        LONG,
+        Duration::from_millis(300),
+        "resume --resync accepted",
+        || {
+            // refused (exit 5) while C's cycle runs: asked again
+            Ok(ch
+                .a
+                .cli(&["resume", VM, "--resync", "--replica", &ch.c.addr])?
+                .status
+                .success())
+        },
+    )?;
+    ch.c.wait_cycle(VM, c_before + 1, LONG)?;
+    wait_every(
+        LONG,
+        Duration::from_millis(100),
+        "A → C replicating again",
+        || {
+            Ok(ch
+                .a
+                .status(VM)?
+                .fanout
+                .first()
+                .is_some_and(|c| c.state == ReplicationState::Replicating))
+        },
+    )?;
+    assert_eq!(ch.a.status(VM)?.state, b_state);
     assert_equals_a(&ch.c, &vm)?;
     ch.stop()?;
     Ok(())
