@@ -750,6 +750,40 @@ fn print_measure(rows: &[VmStatus]) {
             println!("ExtendedMaximumSize       : {}", fmt_bytes(s.max_bytes));
             println!("ExtendedErrors            : {}", s.errors);
         }
+        if !r.fanout.is_empty() {
+            // The rows above are relationship 1's; each further one (fan-out) follows.
+            println!("Replica                   : {} (relationship 1)", r.replica);
+        }
+        for (i, f) in r.fanout.iter().enumerate() {
+            let s = &f.stats;
+            println!(
+                "RelationshipType          : FanOut {} (to {})",
+                i + 2,
+                f.replica
+            );
+            println!("FanOutState               : {}", f.state);
+            println!(
+                "FanOutHealth              : {} {}",
+                f.health,
+                health_reason(f)
+            );
+            if let Some(p) = &f.retention {
+                println!("FanOutRetention           : {p}");
+            }
+            println!(
+                "FanOutLastReplication     : {}",
+                opt_time(s.last_replication_ms)
+            );
+            println!("FanOutSuccessfulCount     : {}", s.successful_cycles);
+            println!("FanOutMissedCount         : {}", s.missed_cycles);
+            println!(
+                "FanOutAverageSize         : {}",
+                fmt_bytes(s.average_bytes())
+            );
+            println!("FanOutMaximumSize         : {}", fmt_bytes(s.max_bytes));
+            println!("FanOutPendingSize         : {}", fmt_bytes(s.pending_bytes));
+            println!("FanOutErrors              : {}", s.errors);
+        }
         println!();
     }
 }

@@ -177,6 +177,14 @@ fn fan_out_to_b_at_5s_and_c_at_30s_with_b_paused_c_never_stalls() -> TestResult 
         ch.c.addr.as_str(),
         "{json}"
     );
+    let measure = ch.a.ok(&["measure", VM])?;
+    assert!(
+        measure.contains(&format!(
+            "RelationshipType          : FanOut 2 (to {})",
+            ch.c.addr
+        )) && measure.contains("FanOutSuccessfulCount     : 1"),
+        "{measure}"
+    );
     let check = ch.a.cli(&["check"])?;
     let line = String::from_utf8_lossy(&check.stdout);
     assert!(
