@@ -363,6 +363,7 @@ impl Registry {
             side,
             fanout,
             next_turn: 0,
+            fanout_seen: Vec::new(),
             extended,
             rx,
             me: handle.tx.downgrade(),
@@ -395,6 +396,9 @@ struct Owner {
     /// `fanout[i]`): the one after the relationship whose cycle ended last, so that a frequent
     /// relationship never starves a rare one.
     next_turn: usize,
+    /// What the owner observed of each fan-out relationship after the last event, by its
+    /// replica address (their state and health changes are events too).
+    fanout_seen: Vec<(String, Observed)>,
     /// A replica VM's extended (outgoing) relationship, when enabled.
     extended: Option<Box<ExtendedSide>>,
     rx: mpsc::Receiver<Command>,
@@ -791,6 +795,7 @@ impl Owner {
             ),
             _ => None,
         };
+        self.watch_fanout(now);
         let obs = self.observe(now);
         let Some(prev) = self.seen.replace(obs.clone()) else {
             return;
@@ -888,6 +893,64 @@ impl Owner {
                 )
                 .field("missed", obs.missed),
             );
+        }
+    }
+
+    /// The fan-out relationships' state and health changes since the last event, as events
+    /// naming the relationship (`NAME (to HOST:PORT)`, field `relationship`). Their failures
+    /// and missed cycles show in their health; the RPO alert is the first relationship's.
+    fn watch_fanout(&mut self, now: u64) {
+        let current: Vec<(String, Observed)> = self
+            .fanout
+            .iter()
+            .map(|p| (p.replica(&self.vm).to_owned(), p.observe(&self.vm, now)))
+            .collect();
+        let prev = std::mem::replace(&mut self.fanout_seen, current.clone());
+        let name = &self.vm.rec.name;
+        let log = &self.vm.host.events;
+        for (replica, obs) in &current {
+            let Some((_, was)) = prev.iter().find(|(r, _)| r == replica) else {
+                continue;
+            };
+            if obs.state != was.state {
+                let severity = match obs.state {
+                    ReplicationState::Error | ReplicationState::WaitingForStartResynchronize => {
+                        Severity::Critical
+                    }
+                    _ => Severity::Info,
+                };
+                log.emit(
+                    self.emit(
+                        EventKind::StateChanged,
+                        severity,
+                        format!("{name} (to {replica}): {} -> {}", was.state, obs.state),
+                    )
+                    .field("from", was.state.to_string())
+                    .field("to", obs.state.to_string())
+                    .field("relationship", replica.clone()),
+                );
+            }
+            if obs.health != was.health {
+                let reason = if obs.reason.is_empty() {
+                    "healthy".to_owned()
+                } else {
+                    obs.reason.clone()
+                };
+                log.emit(
+                    self.emit(
+                        EventKind::HealthChanged,
+                        Severity::of_health(obs.health),
+                        format!(
+                            "{name} (to {replica}): health {} -> {}: {reason}",
+                            was.health, obs.health
+                        ),
+                    )
+                    .field("from", was.health.to_string())
+                    .field("to", obs.health.to_string())
+                    .field("reason", obs.reason.clone())
+                    .field("relationship", replica.clone()),
+                );
+            }
         }
     }
 

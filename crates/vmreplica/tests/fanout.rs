@@ -306,6 +306,14 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
             .first()
             .is_some_and(|c| c.stats.errors > 0))
     })?;
+    // The failing relationship's health change is an event naming it.
+    let named = format!("{VM} (to {}): health", ch.c.addr);
+    wait_every(
+        LONG,
+        Duration::from_millis(200),
+        "a health event of A → C",
+        || Ok(ch.a.ok(&["events", VM])?.contains(&named)),
+    )?;
     let start = Instant::now();
     let b_then = ch.b.status(VM)?.last_cycle.unwrap_or(0);
     ch.b.wait_cycle(VM, b_then + 3, LONG)?;
