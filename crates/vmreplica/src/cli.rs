@@ -78,7 +78,7 @@ pub enum Command {
         wait: bool,
         /// A VM that replicates to several replicas (fan-out): the relationship to this
         /// replica (required when there are several).
-        #[arg(long, value_name = "HOST:PORT", conflicts_with = "wait")]
+        #[arg(long, value_name = "HOST:PORT")]
         replica: Option<String>,
     },
     /// Replication state and health (Get-VMReplication).
@@ -151,7 +151,7 @@ pub enum Command {
         extended: bool,
         /// A primary VM that replicates to several replicas (fan-out): the relationship to
         /// this replica (its `enable --replica` address); required when there are several.
-        #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["extended", "wait"])]
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "extended")]
         replica: Option<String>,
     },
     /// Disable replication (keeps the replica's data).

@@ -110,8 +110,17 @@ fn fan_out_to_b_at_5s_and_c_at_30s_with_b_paused_c_never_stalls() -> TestResult 
         "30s",
         "--recovery-points",
         "1",
+        "--wait",
     ])?;
     assert!(out.contains("further relationship"), "{out}");
+    // `--wait` followed the new relationship's row (not B's, replicating already) until its
+    // initial copy was done.
+    let c_row = ch.a.status(VM)?.fanout.first().cloned();
+    assert_eq!(
+        c_row.as_ref().map(|c| (c.state, c.last_cycle.is_some())),
+        Some((ReplicationState::Replicating, true)),
+        "{out}\n{c_row:?}"
+    );
     // The same replica twice is refused (exit 5), changing nothing.
     let again = ch.a.cli(&[
         "enable",
