@@ -845,6 +845,17 @@ impl PrimarySide {
                 let args = vm.rec.fanout.remove(i).args;
                 vm.save()?;
                 let told = crate::cycle::tell_replica_disabled(&vm.host, &vm.rec, &args).await;
+                if let crate::cycle::Told::Unreached(why) = &told {
+                    tracing::warn!(vm = %name, replica = %args.replica, "the replica could not be told of the disable (told in the background): {why}");
+                    vm.fanout_notices
+                        .retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
+                    vm.fanout_notices
+                        .push(crate::cycle::keep_telling_replica_disabled(
+                            vm.host.clone(),
+                            vm.rec.clone(),
+                            args.clone(),
+                        ));
+                }
                 return Ok(vmr_proto::api::StateChange {
                     message: format!(
                         "{name} (to {}): {before} -> {after}; {}",

@@ -415,6 +415,23 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
     )?;
     assert_eq!(ch.a.status(VM)?.state, b_state);
     assert_equals_a(&ch.c, &vm)?;
+
+    // C's relationship disabled while C's agent is down: C is told in the background once
+    // it is back; A → B goes on.
+    ch.c.stop()?;
+    let out = ch.a.ok(&["disable", VM, "--replica", &ch.c.addr])?;
+    assert!(out.contains("told in the background"), "{out}");
+    assert!(ch.a.status(VM)?.fanout.is_empty());
+    ch.c.restart()?;
+    ch.c.wait_status(
+        VM,
+        LONG,
+        Duration::from_millis(200),
+        "C told of the disable",
+        |s| s.state == ReplicationState::Disabled,
+    )?;
+    let b_then = ch.b.status(VM)?.last_cycle.unwrap_or(0);
+    ch.b.wait_cycle(VM, b_then + 1, LONG)?;
     ch.stop()?;
     Ok(())
 }
