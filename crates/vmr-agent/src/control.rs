@@ -408,6 +408,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 extended: None,
                 group: None,
                 libvirt,
+                fanout: Vec::new(),
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -560,6 +561,33 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 .ask(|r| Command::SetRetention(Box::new(policy), r))
                 .await?
         )),
+        Request::Relationship {
+            name,
+            replica,
+            what,
+        } => {
+            use crate::primary::Cmd;
+            use vmr_proto::api::RelationshipOp as Op;
+            let cmd = match what {
+                Op::Pause => Cmd::Pause,
+                Op::Resume => Cmd::Resume,
+                Op::Disable => Cmd::Disable,
+                Op::StartInitial => Cmd::StartInitial,
+                Op::ResumeResync { at_ms } => Cmd::ResumeResync(at_ms),
+                Op::SetRetention { policy } => {
+                    return Ok(json!(
+                        vm(agent, &name)?
+                            .ask(|r| Command::RelationshipRetention(replica, Box::new(policy), r))
+                            .await?
+                    ));
+                }
+            };
+            to_value(
+                vm(agent, &name)?
+                    .ask(|r| Command::Relationship(replica, cmd, r))
+                    .await?,
+            )
+        }
         Request::Extended { name, what } => Ok(json!(
             vm(agent, &name)?
                 .ask(|r| Command::Extended(what, r))

@@ -160,6 +160,9 @@ pub struct CycleCtx {
     pub progress: Arc<Progress>,
     /// The VM's sending limit (the agent's is `host.pace`).
     pub pace: Arc<crate::pace::VmPace>,
+    /// The relationship the cycle is of (0: the first; else a fan-out slot): names its
+    /// tracking bitmaps and capture nodes ([`capture_tag`]).
+    pub slot: u32,
 }
 
 impl CycleCtx {
@@ -268,7 +271,7 @@ fn nbd_socket_of(host: &Host, rec: &VmRecord) -> std::path::PathBuf {
 }
 
 /// The capture configuration of a primary VM.
-pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
+pub fn capture_config(host: &Host, rec: &VmRecord, slot: u32) -> CaptureConfig {
     let excluded: &[String] = rec
         .enable
         .as_ref()
@@ -281,20 +284,34 @@ pub fn capture_config(host: &Host, rec: &VmRecord) -> CaptureConfig {
             .cloned()
             .collect(),
         crate::launch::work_dir(&host.dir, rec.uuid),
-        crate::launch::tag(rec.uuid),
+        capture_tag(rec.uuid, slot),
     );
     cfg.nbd_socket = Some(nbd_socket_of(host, rec));
     cfg.expected_sizes = rec.disk_sizes().map(<[u64]>::to_vec);
     cfg
 }
 
-/// Remove the VM's tracking bitmaps (replication disabled).
-pub async fn stop_tracking(host: &Host, rec: &VmRecord) -> Result<(), CaptureError> {
+/// The capture tag of relationship `slot` of VM `uuid`: the VM's tag for the first
+/// relationship (the names it always had), `<tag>r<slot>` for a fan-out relationship, so that
+/// each relationship has its own tracking bitmaps, fleecing nodes, jobs and NBD exports
+/// (`vmr-<tag>r<slot>-*`, within QEMU's 31-character node names) and one relationship's
+/// cleanup never touches another's (the names' prefixes differ).
+pub fn capture_tag(uuid: uuid::Uuid, slot: u32) -> String {
+    let tag = crate::launch::tag(uuid);
+    if slot == 0 {
+        tag
+    } else {
+        format!("{tag}r{slot}")
+    }
+}
+
+/// Remove the tracking bitmaps of relationship `slot` of the VM (its replication disabled).
+pub async fn stop_tracking(host: &Host, rec: &VmRecord, slot: u32) -> Result<(), CaptureError> {
     if rec.libvirt.is_some() {
         // its vmreplica-* checkpoint stays on the domain; the next full cycle deletes it
         return Ok(());
     }
-    let mut cap = VmCapture::open(capture_config(host, rec)).await?;
+    let mut cap = VmCapture::open(capture_config(host, rec, slot)).await?;
     cap.stop_tracking().await
 }
 
@@ -499,7 +516,7 @@ pub async fn run_incremental(
         return run_libvirt(ctx, session, (id, base, kind), &args).await;
     }
     if session.capture.is_none() {
-        match VmCapture::open(capture_config(&ctx.host, rec)).await {
+        match VmCapture::open(capture_config(&ctx.host, rec, ctx.slot)).await {
             Ok(c) => session.capture = Some(c),
             Err(e) => return Outcome::Failed(classify_capture(&e)),
         }

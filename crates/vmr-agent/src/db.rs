@@ -558,6 +558,7 @@ mod tests {
             extended: None,
             group: None,
             libvirt: None,
+            fanout: Vec::new(),
         }
     }
 

@@ -187,6 +187,34 @@ pub enum AgentError {
         /// The VM name.
         name: String,
     },
+    /// A command that acts on one relationship of a VM that replicates to several replicas
+    /// (fan-out) did not say which (`--replica HOST:PORT`).
+    #[error("{name:?} replicates to {replicas}: say which relationship with --replica HOST:PORT")]
+    AmbiguousRelationship {
+        /// The VM name.
+        name: String,
+        /// Its replicas' addresses, comma-separated.
+        replicas: String,
+    },
+    /// `--replica HOST:PORT` names no relationship of the VM.
+    #[error("{name:?} does not replicate to {replica} (its replicas: {replicas})")]
+    NoSuchRelationship {
+        /// The VM name.
+        name: String,
+        /// The address given.
+        replica: String,
+        /// Its replicas' addresses, comma-separated.
+        replicas: String,
+    },
+    /// A second relationship (fan-out) cannot be added, or a command is refused while the VM
+    /// has several.
+    #[error("{name:?}: {reason}")]
+    FanoutRefused {
+        /// The VM name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// `enable` on a VM that replicates already.
     #[error("replication of {name:?} is already enabled ({state})")]
     AlreadyEnabled {
@@ -1077,7 +1105,8 @@ impl AgentError {
             | NoSuchPoint { .. }
             | UnknownGroup { .. }
             | GroupMemberMissing { .. }
-            | NoGroupPoint { .. } => exit::NOT_FOUND,
+            | NoGroupPoint { .. }
+            | NoSuchRelationship { .. } => exit::NOT_FOUND,
             Refused(_)
             | GroupMemberRefused { .. }
             | GroupPartlyPrepared(_)
@@ -1116,7 +1145,9 @@ impl AgentError {
             | VerifyWrongSide { .. }
             | ShutdownTimedOut { .. }
             | ImportOtherVm { .. }
-            | GroupMemberReplica { .. } => exit::INVALID_STATE,
+            | GroupMemberReplica { .. }
+            | AmbiguousRelationship { .. }
+            | FanoutRefused { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
             | Group(_)
             | FailoverSettings(_)

@@ -1603,6 +1603,7 @@ pub async fn become_replica(
             extended: None,
             group: None,
             libvirt: None,
+            fanout: Vec::new(),
         };
         vm.rec = new;
         vm.save()?;

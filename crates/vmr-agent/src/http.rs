@@ -356,6 +356,41 @@ impl Scrape {
     }
 }
 
+impl Scrape {
+    /// One gauge family of primary VMs' further relationships (fan-out): labelled
+    /// `relationship="fanout-N"` (N from 2: the VM's own series are relationship 1), the peer
+    /// being that relationship's replica.
+    fn fanout_gauge<T: EncodeGaugeValue>(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        value: impl Fn(&VmStatus) -> Option<T>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut m = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+        for r in &self.rows {
+            for (i, f) in r.status.iter().flat_map(|s| s.fanout.iter()).enumerate() {
+                if let Some(v) = value(f) {
+                    m.encode_family(&fanout_labels(r, i, f))?.encode_gauge(&v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The labels of fan-out relationship `i + 2` of a primary VM.
+fn fanout_labels(r: &VmView, i: usize, f: &VmStatus) -> Labels {
+    vec![
+        ("vm", esc(&r.name)),
+        ("uuid", r.uuid.to_string()),
+        ("role", r.role.to_owned()),
+        ("peer", esc(&f.replica)),
+        ("relationship", format!("fanout-{}", i + 2)),
+    ]
+}
+
 fn extended_labels(r: &VmView, x: &vmr_proto::api::ExtendedStatus) -> Labels {
     vec![
         ("vm", esc(&r.name)),
@@ -537,6 +572,44 @@ impl Collector for Scrape {
             None,
             |x| x.last_point_sent.map(|p| p as i64),
         )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "vmreplica_fanout_state",
+                "Primary VMs replicating to several replicas: each further relationship's \
+                 state (one series per relationship with value 1)",
+                None,
+                MetricType::Info,
+            )?;
+            for r in &self.rows {
+                for (i, f) in r.status.iter().flat_map(|s| s.fanout.iter()).enumerate() {
+                    let mut l = fanout_labels(r, i, f);
+                    l.push(("state", f.state.to_string()));
+                    m.encode_info(&l)?;
+                }
+            }
+        }
+        self.fanout_gauge(
+            &mut enc,
+            "vmreplica_fanout_health",
+            "A further relationship's health: 0 Normal, 1 Warning, 2 Critical",
+            None,
+            |f| Some(health_value(f.health)),
+        )?;
+        self.fanout_gauge(
+            &mut enc,
+            "vmreplica_fanout_replication_lag",
+            "A further relationship's lag: now minus the cut time of its latest acknowledged \
+             cycle",
+            Some(&secs),
+            |f| f.lag_ms.map(ms_to_secs),
+        )?;
+        self.fanout_gauge(
+            &mut enc,
+            "vmreplica_fanout_last_cycle",
+            "The id of a further relationship's latest acknowledged cycle",
+            None,
+            |f| f.last_cycle.map(|p| p as i64),
+        )?;
         self.gauge(
             &mut enc,
             "vmreplica_replica_store_free",
@@ -696,6 +769,41 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
         // A VM whose owner did not answer has no gauges beyond `up`.
         assert!(!text.contains("vmreplica_health{vm=\"db"), "{text}");
+    }
+
+    /// A primary VM replicating to two replicas: the further relationship has its own series,
+    /// labelled `relationship="fanout-2"` with its replica as the peer.
+    #[test]
+    fn a_fanned_out_vm_has_series_per_relationship() {
+        let mut st = status(ReplicationMode::Primary, Health::Normal, Some(97_000));
+        let mut c = status(ReplicationMode::Primary, Health::Warning, Some(40_000));
+        c.replica = "10.0.0.3:9443".into();
+        c.state = vmr_proto::api::ReplicationState::Suspended;
+        c.last_cycle = Some(7);
+        c.lag_ms = Some(60_000);
+        st.fanout = vec![c];
+        let rows = vec![VmView {
+            name: "web1".into(),
+            uuid: Uuid::from_u128(1),
+            role: "primary",
+            peer: "10.0.0.2:9443".into(),
+            status: Some(st),
+            counters: None,
+            store_free_bytes: None,
+        }];
+        let text = encode(rows, vec![], 100_000).expect("encode");
+        let l = "vm=\"web1\",uuid=\"00000000-0000-0000-0000-000000000001\",role=\"primary\",peer=\"10.0.0.3:9443\",relationship=\"fanout-2\"";
+        for line in [
+            format!("vmreplica_fanout_state_info{{{l},state=\"Suspended\"}} 1"),
+            format!("vmreplica_fanout_health{{{l}}} 1"),
+            format!("vmreplica_fanout_replication_lag_seconds{{{l}}} 60.0"),
+            format!("vmreplica_fanout_last_cycle{{{l}}} 7"),
+        ] {
+            assert!(
+                text.lines().any(|x| x == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 
     /// A continuous VM has no interval: `vmreplica_continuous` 1 and no frequency series; its

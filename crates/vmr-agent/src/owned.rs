@@ -26,6 +26,8 @@ pub struct Vm {
     /// A primary VM disabled while its replica could not be told: the task telling it in
     /// the background (aborted by [`Vm::stop_disable_notice`]).
     pub disable_notice: Option<tokio::task::JoinHandle<()>>,
+    /// The same for fan-out relationships disabled while their replica could not be told.
+    pub fanout_notices: Vec<tokio::task::JoinHandle<()>>,
     /// The id of the `rpo-exceeded` event while the RPO alert is raised (health reasons name
     /// it); the owner raises and clears it.
     pub rpo_alert: Option<u64>,
@@ -62,6 +64,7 @@ impl Vm {
             rec,
             children: BTreeMap::new(),
             disable_notice: None,
+            fanout_notices: Vec::new(),
             rpo_alert: None,
             store_full: false,
         }
@@ -129,6 +132,10 @@ impl Vm {
     /// shutdown), and wait until that task has ended.
     pub async fn stop_disable_notice(&mut self) {
         if let Some(h) = self.disable_notice.take() {
+            h.abort();
+            let _ = h.await;
+        }
+        for h in self.fanout_notices.drain(..) {
             h.abort();
             let _ = h.await;
         }

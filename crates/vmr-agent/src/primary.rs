@@ -62,6 +62,15 @@ pub struct CycleDone {
 
 /// The primary side of a VM whose replication is enabled.
 pub struct PrimarySide {
+    /// Which relationship of the VM this side runs: 0 the first (`rec.enable` and
+    /// `rec.machine`), else the fan-out relationship of this slot (`rec.fanout`).
+    slot: u32,
+    /// The VM has more than one relationship: cycles wait while another relationship's
+    /// cycle runs (`gate_closed`, set by the owner) and close their capture when they end,
+    /// since QEMU's QMP monitor takes one connection at a time (docs/extended.md, fan-out).
+    shared: bool,
+    /// Another relationship's cycle task runs: start no cycle now.
+    gate_closed: bool,
     machine: PrimaryMachine,
     /// `None` while a cycle task has it.
     session: Option<Session>,
@@ -132,6 +141,9 @@ struct Started {
 impl PrimarySide {
     fn with(machine: PrimaryMachine, pending: Vec<Action>) -> PrimarySide {
         PrimarySide {
+            slot: 0,
+            shared: false,
+            gate_closed: false,
             machine,
             session: Some(Session::default()),
             libvirt_jobs: None,
@@ -175,6 +187,98 @@ impl PrimarySide {
         Some(Self::with(machine, pending))
     }
 
+    /// The fan-out relationship `f` of `vm` as persisted.
+    pub fn restore_fanout(
+        vm: &Vm,
+        f: &vmr_proto::record::FanoutRecord,
+        restarted: bool,
+    ) -> Option<PrimarySide> {
+        let schedule = match schedule_of(&f.args) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(vm = %vm.rec.name, replica = %f.args.replica, "the stored settings of a fan-out relationship are invalid: {}", crate::util::chain(&e));
+                return None;
+            }
+        };
+        let mut machine = PrimaryMachine::restore(schedule, f.machine.clone());
+        let pending = if restarted {
+            machine
+                .step(Event::Restarted { now_ms: now_ms() })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut side = Self::with(machine, pending);
+        side.slot = f.slot;
+        Some(side)
+    }
+
+    /// Add a fan-out relationship (a second, third... replica of a VM that replicates
+    /// already; the replica accepted the VM already).
+    pub fn enable_fanout(vm: &mut Vm, args: EnableArgs) -> Result<PrimarySide, AgentError> {
+        let schedule = schedule_of(&args)?;
+        let mut machine = PrimaryMachine::new(schedule);
+        let acts = machine.step(Event::Enable {
+            now_ms: now_ms(),
+            initial_at_ms: args.initial_at_ms,
+        })?;
+        let slot = vm.rec.fanout.iter().map(|f| f.slot).max().unwrap_or(0) + 1;
+        vm.rec.fanout.push(vmr_proto::record::FanoutRecord {
+            args,
+            machine: machine.snapshot(),
+            slot,
+        });
+        let mut side = Self::with(machine, acts);
+        side.slot = slot;
+        side.save(vm)?;
+        Ok(side)
+    }
+
+    /// The owner says whether the VM has more than one relationship, and whether another
+    /// relationship's cycle task runs now.
+    pub fn set_gate(&mut self, shared: bool, closed: bool) {
+        self.shared = shared;
+        self.gate_closed = closed;
+        if shared
+            && self.running.is_none()
+            && let Some(s) = self.session.as_mut()
+        {
+            // A capture kept open from before the VM had several relationships holds the
+            // QMP monitor another relationship's cycle needs.
+            s.capture = None;
+        }
+    }
+
+    /// This relationship's replication settings.
+    pub fn args<'a>(&self, vm: &'a Vm) -> Option<&'a EnableArgs> {
+        if self.slot == 0 {
+            vm.rec.enable.as_ref()
+        } else {
+            vm.rec
+                .fanout
+                .iter()
+                .find(|f| f.slot == self.slot)
+                .map(|f| &f.args)
+        }
+    }
+
+    fn args_mut<'a>(&self, vm: &'a mut Vm) -> Option<&'a mut EnableArgs> {
+        if self.slot == 0 {
+            vm.rec.enable.as_mut()
+        } else {
+            vm.rec
+                .fanout
+                .iter_mut()
+                .find(|f| f.slot == self.slot)
+                .map(|f| &mut f.args)
+        }
+    }
+
+    /// This relationship's replica address (`HOST:PORT`).
+    pub fn replica<'a>(&self, vm: &'a Vm) -> &'a str {
+        self.args(vm).map_or("", |a| a.replica.as_str())
+    }
+
     /// The primary side of a VM whose replication was just reversed onto this host.
     pub fn reversed(machine: PrimaryMachine) -> PrimarySide {
         Self::with(machine, vec![Action::Persist])
@@ -192,7 +296,14 @@ impl PrimarySide {
 
     /// Save the machine's snapshot in the record.
     fn save(&self, vm: &mut Vm) -> Result<(), AgentError> {
-        save_snapshot(vm, self.machine.snapshot())
+        if self.slot == 0 {
+            return save_snapshot(vm, self.machine.snapshot());
+        }
+        let snap = self.machine.snapshot();
+        if let Some(f) = vm.rec.fanout.iter_mut().find(|f| f.slot == self.slot) {
+            f.machine = snap;
+        }
+        vm.save()
     }
 
     /// Enable replication (the replica accepted the VM already).
@@ -231,7 +342,7 @@ impl PrimarySide {
             every_ms: every_secs.unwrap_or(0).saturating_mul(1000),
         })?;
         self.pending.extend(acts);
-        if let Some(args) = vm.rec.enable.as_mut() {
+        if let Some(args) = self.args_mut(vm) {
             args.verify_every_secs = every_secs;
         }
         vm.save()?;
@@ -244,8 +355,12 @@ impl PrimarySide {
             Ok(acts) => self.pending.extend(acts),
             Err(r) => tracing::debug!(vm = %vm.rec.name, "machine refused: {r}"),
         }
-        vm.telemetry
-            .observe(before, Counts::of(self.machine.stats()), now_ms());
+        // The agent's per-VM counters (`/metrics` cycle totals) are the first relationship's;
+        // a fan-out relationship's own statistics are its machine's.
+        if self.slot == 0 {
+            vm.telemetry
+                .observe(before, Counts::of(self.machine.stats()), now_ms());
+        }
     }
 
     /// Time passed: feed a tick and carry out what the machine asks.
@@ -259,6 +374,11 @@ impl PrimarySide {
             self.step(vm, Event::Tick { now_ms: now_ms() });
         }
         self.carry_out(vm);
+    }
+
+    /// True while a task of this side runs.
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
     }
 
     /// Whether a cycle task runs.
@@ -283,7 +403,7 @@ impl PrimarySide {
                 }
                 Action::StopTracking => {}
                 Action::QueryReplica => self.start_task(vm, None, true),
-                Action::StartCycle { .. } if self.running.is_some() => {
+                Action::StartCycle { .. } if self.running.is_some() || self.gate_closed => {
                     // The machine aborted the running cycle: start this one when that task
                     // has ended (`cycle_done` carries on).
                     self.pending.insert(0, action);
@@ -350,6 +470,13 @@ impl PrimarySide {
         self.progress.clear();
         self.started = cycle;
         let mut rec = vm.rec.clone();
+        if self.slot != 0 {
+            // The cycle code reads the relationship's settings from the record it is lent.
+            rec.enable = self.args(vm).cloned();
+            rec.machine = MachineSnapshot::Primary(self.machine.snapshot());
+            rec.group = None;
+        }
+        rec.fanout.clear();
         if let Some(qmp) = &self.capture_from {
             // The final cycle from the images: the daemon's monitor, the agent's NBD socket.
             rec.qmp = qmp.display().to_string();
@@ -387,7 +514,9 @@ impl PrimarySide {
             read_hashes: self.machine.verify_mismatch().is_some(),
             progress: self.progress.clone(),
             pace: self.pace.clone(),
+            slot: self.slot,
         };
+        let shared = self.shared;
         let token = cancel.clone();
         let handle = tokio::spawn(async move {
             let outcome = match cycle {
@@ -423,6 +552,10 @@ impl PrimarySide {
             let mut pending = None;
             if let (Outcome::Failed(_), Some(c)) = (&outcome, session.capture.as_mut()) {
                 pending = c.pending_bytes().await.ok();
+            }
+            if shared {
+                // Another relationship's capture connects next: free the QMP monitor.
+                session.capture = None;
             }
             CycleDone {
                 outcome,
@@ -696,8 +829,10 @@ impl PrimarySide {
         };
         let counts = Counts::of(self.machine.stats());
         let actions = self.machine.step(ev)?;
-        vm.telemetry
-            .observe(counts, Counts::of(self.machine.stats()), now);
+        if self.slot == 0 {
+            vm.telemetry
+                .observe(counts, Counts::of(self.machine.stats()), now);
+        }
         let after = self.machine.state();
         self.pending.extend(actions);
         self.carry_out(vm);
@@ -705,8 +840,41 @@ impl PrimarySide {
         if cmd == Cmd::Disable {
             self.stop().await;
             // Remove tracking bitmaps: replication is off, nothing should be recorded any more.
-            if let Err(e) = crate::cycle::stop_tracking(&vm.host, &vm.rec).await {
+            if let Err(e) = crate::cycle::stop_tracking(&vm.host, &vm.rec, self.slot).await {
                 tracing::warn!(vm = %name, "could not remove tracking bitmaps: {e:#}");
+            }
+            if self.slot != 0 {
+                // A fan-out relationship ends with its record; the VM's others go on.
+                let Some(i) = vm.rec.fanout.iter().position(|f| f.slot == self.slot) else {
+                    return Err(AgentError::FanoutRefused {
+                        name,
+                        reason: format!("fan-out relationship {} has no record", self.slot),
+                    });
+                };
+                let args = vm.rec.fanout.remove(i).args;
+                vm.save()?;
+                let told = crate::cycle::tell_replica_disabled(&vm.host, &vm.rec, &args).await;
+                if let crate::cycle::Told::Unreached(why) = &told {
+                    tracing::warn!(vm = %name, replica = %args.replica, "the replica could not be told of the disable (told in the background): {why}");
+                    vm.fanout_notices
+                        .retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
+                    vm.fanout_notices
+                        .push(crate::cycle::keep_telling_replica_disabled(
+                            vm.host.clone(),
+                            vm.rec.clone(),
+                            args.clone(),
+                        ));
+                }
+                return Ok(vmr_proto::api::StateChange {
+                    message: format!(
+                        "{name} (to {}): {before} -> {after}; {}",
+                        args.replica,
+                        crate::cycle::told_message(&name, &args.replica, &told)
+                    ),
+                    name,
+                    from: before,
+                    to: after,
+                });
             }
             let told = match vm.rec.enable.take() {
                 Some(args) => {
@@ -859,13 +1027,13 @@ impl PrimarySide {
         let mut health_reason = health.reason();
         if state == ReplicationState::WaitingForStartResynchronize
             && m.initial_at_ms().is_none()
-            && let Some(w) = rec.enable.as_ref().and_then(|e| e.auto_resync)
+            && let Some(w) = self.args(vm).and_then(|e| e.auto_resync)
         {
             health_reason.push_str(&format!("; starts by itself in the window {w}"));
         }
         if state == ReplicationState::InitialReplicationInProgress
             && m.last_cycle().is_some()
-            && let Some(InitialMode::Export { dir }) = rec.enable.as_ref().map(|e| &e.initial)
+            && let Some(InitialMode::Export { dir }) = self.args(vm).map(|e| &e.initial)
         {
             health_reason.push_str(&format!(
                 "; initial copy exported to {dir}: load it on the replica with `vmreplica \
@@ -885,7 +1053,11 @@ impl PrimarySide {
             .and_then(|_| self.progress.operation());
         let last_point_ms = stats
             .last_point_cut_ms
-            .or(vm.telemetry.last_cut_ms())
+            .or(if self.slot == 0 {
+                vm.telemetry.last_cut_ms()
+            } else {
+                None
+            })
             .or(stats.last_replication_ms);
         VmStatus {
             name: rec.name.clone(),
@@ -894,16 +1066,14 @@ impl PrimarySide {
             health: health.health,
             health_reason,
             mode: ReplicationMode::Primary,
-            frequency_secs: rec.enable.as_ref().map_or(0, |e| e.frequency_secs),
-            continuous: rec
-                .enable
-                .as_ref()
+            frequency_secs: self.args(vm).map_or(0, |e| e.frequency_secs),
+            continuous: self
+                .args(vm)
                 .is_some_and(|e| e.frequency_secs == vmr_core::CONTINUOUS),
             primary: primary_name.to_owned(),
             primary_address: None,
-            replica: rec
-                .enable
-                .as_ref()
+            replica: self
+                .args(vm)
                 .map_or_else(String::new, |e| e.replica.clone()),
             last_replication_ms: stats.last_replication_ms,
             last_cycle: m.last_cycle(),
@@ -919,14 +1089,19 @@ impl PrimarySide {
             operation,
             recovery_points: None,
             last_point_ms,
-            last_cycle_bytes: vm.telemetry.last_cycle_bytes(),
-            retention: rec.enable.as_ref().map(EnableArgs::retention),
+            last_cycle_bytes: if self.slot == 0 {
+                vm.telemetry.last_cycle_bytes()
+            } else {
+                None
+            },
+            retention: self.args(vm).map(EnableArgs::retention),
             extended: None,
             libvirt: rec.libvirt.clone(),
             libvirt_jobs: self.libvirt_jobs,
             failover_domains: Vec::new(),
             bandwidth: Some(self.bandwidth_status(vm, now)),
             group: None,
+            fanout: Vec::new(),
         }
     }
 
@@ -939,10 +1114,8 @@ impl PrimarySide {
     /// The sending limit in force at `now` and what the last cycle waited for it.
     fn bandwidth_status(&self, vm: &Vm, now: u64) -> BandwidthStatus {
         let agent = &vm.host.pace;
-        let schedule = vm
-            .rec
-            .enable
-            .as_ref()
+        let schedule = self
+            .args(vm)
             .and_then(|e| e.bandwidth.clone())
             .filter(|s| !s.is_unlimited());
         let own = schedule.as_ref().map_or(0, |s| s.limit_at(now, agent.zone));
@@ -1076,6 +1249,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         failover_domains: Vec::new(),
         bandwidth: None,
         group: None,
+        fanout: Vec::new(),
     }
 }
 

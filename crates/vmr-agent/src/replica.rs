@@ -630,6 +630,7 @@ impl ReplicaSide {
                 .unwrap_or_default(),
             bandwidth: None,
             group: None,
+            fanout: Vec::new(),
         }
     }
 

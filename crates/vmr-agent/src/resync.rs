@@ -316,7 +316,7 @@ pub(crate) async fn run(ctx: &CycleCtx, session: &mut Session, id: u64) -> Outco
     }
     if session.capture.is_none() {
         // Tracking is being restarted: do not insist on the old sizes.
-        let mut cfg = crate::cycle::capture_config(&ctx.host, rec);
+        let mut cfg = crate::cycle::capture_config(&ctx.host, rec, ctx.slot);
         cfg.expected_sizes = None;
         match vmr_capture::VmCapture::open(cfg).await {
             Ok(c) => session.capture = Some(c),

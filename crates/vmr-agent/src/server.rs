@@ -161,6 +161,7 @@ impl PeerHandler {
             extended: None,
             group: None,
             libvirt: None,
+            fanout: Vec::new(),
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms

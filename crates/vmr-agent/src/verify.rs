@@ -26,7 +26,7 @@ pub(crate) async fn run(ctx: &CycleCtx, session: &mut Session, id: u64, base: u6
         return Outcome::Failed(Failure::Fatal("not enabled".into()));
     };
     if session.capture.is_none() {
-        match VmCapture::open(crate::cycle::capture_config(&ctx.host, rec)).await {
+        match VmCapture::open(crate::cycle::capture_config(&ctx.host, rec, ctx.slot)).await {
             Ok(c) => session.capture = Some(c),
             Err(e) => return Outcome::Failed(classify_capture(&e)),
         }

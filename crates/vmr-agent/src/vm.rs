@@ -235,6 +235,12 @@ pub enum Command {
     PlannedFinal(Reply<Option<u64>>),
     /// `enable|pause|resume|disable NAME --extended` (a replica VM's outgoing relationship).
     Extended(vmr_proto::api::ExtendedOp, Reply<String>),
+    /// `pause|resume|disable NAME --replica HOST:PORT`: one relationship of a primary VM
+    /// (fan-out).
+    Relationship(String, Cmd, Reply<StateChange>),
+    /// `set NAME --retain|--recovery-points --replica HOST:PORT`: one relationship's
+    /// retention (fan-out).
+    RelationshipRetention(String, Box<vmr_store::RetentionPolicy>, Reply<String>),
 }
 
 /// The handle of a VM's owner task.
@@ -343,9 +349,21 @@ impl Registry {
             }
             ReplicationMode::Replica => Side::Replica(Box::new(ReplicaSide::restore(&vm))),
         };
+        let fanout = match &side {
+            Side::Primary(Some(_)) => vm
+                .rec
+                .fanout
+                .iter()
+                .filter_map(|f| PrimarySide::restore_fanout(&vm, f, restarted))
+                .collect(),
+            _ => Vec::new(),
+        };
         let owner = Owner {
             vm,
             side,
+            fanout,
+            next_turn: 0,
+            fanout_seen: Vec::new(),
             extended,
             rx,
             me: handle.tx.downgrade(),
@@ -371,6 +389,16 @@ enum Side {
 struct Owner {
     vm: Vm,
     side: Side,
+    /// A primary VM's further relationships (fan-out, `rec.fanout`), each its own machine,
+    /// schedule and cycle task; the first relationship is `side`.
+    fanout: Vec<PrimarySide>,
+    /// Which relationship gets the first turn to start a cycle (0: the first, `i + 1`:
+    /// `fanout[i]`): the one after the relationship whose cycle ended last, so that a frequent
+    /// relationship never starves a rare one.
+    next_turn: usize,
+    /// What the owner observed of each fan-out relationship after the last event, by its
+    /// replica address (their state and health changes are events too).
+    fanout_seen: Vec<(String, Observed)>,
     /// A replica VM's extended (outgoing) relationship, when enabled.
     extended: Option<Box<ExtendedSide>>,
     rx: mpsc::Receiver<Command>,
@@ -412,6 +440,24 @@ async fn wait_cycle(side: &mut Side) -> Result<CycleDone, tokio::task::JoinError
     }
 }
 
+/// The next fan-out relationship's cycle task to end: its index and what it came to.
+async fn wait_fanout(
+    sides: &mut [PrimarySide],
+) -> (usize, Result<CycleDone, tokio::task::JoinError>) {
+    use std::future::Future;
+    std::future::poll_fn(|cx| {
+        for (i, p) in sides.iter_mut().enumerate() {
+            if let Some(h) = p.running()
+                && let std::task::Poll::Ready(r) = std::pin::Pin::new(h).poll(cx)
+            {
+                return std::task::Poll::Ready((i, r));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 async fn wait_extended(
     x: &mut Option<Box<ExtendedSide>>,
 ) -> Result<crate::extended::ExtDone, tokio::task::JoinError> {
@@ -434,9 +480,7 @@ impl Owner {
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Whatever the last event asked for is carried out before the next one.
-            if let Side::Primary(Some(p)) = &mut self.side {
-                p.flush(&mut self.vm);
-            }
+            self.drive_primaries(false);
             if let Some(x) = &mut self.extended {
                 x.carry_out(&mut self.vm);
             }
@@ -447,6 +491,9 @@ impl Owner {
                     Some(Command::Shutdown(ack)) => {
                         self.vm.stop_disable_notice().await;
                         if let Side::Primary(Some(p)) = &mut self.side {
+                            p.stop().await;
+                        }
+                        for p in &mut self.fanout {
                             p.stop().await;
                         }
                         if let Some(x) = &mut self.extended {
@@ -482,6 +529,14 @@ impl Owner {
                             self.verify_event(&report);
                         }
                     }
+                    self.next_turn = 1;
+                }
+                (i, done) = wait_fanout(&mut self.fanout) => {
+                    if let Some(p) = self.fanout.get_mut(i) {
+                        p.cycle_done(&mut self.vm, done);
+                        let _ = p.take_verified();
+                    }
+                    self.next_turn = i + 2;
                 }
                 done = wait_extended(&mut self.extended) => {
                     if let Some(x) = &mut self.extended {
@@ -494,15 +549,174 @@ impl Owner {
                 }
                 _ = beat.tick() => {
                     self.vm.reap_children();
-                    if let Side::Primary(Some(p)) = &mut self.side {
-                        p.tick(&mut self.vm);
-                    }
+                    self.drive_primaries(true);
                     if let Some(x) = &mut self.extended {
                         x.tick(&mut self.vm);
                     }
                 }
             }
         }
+    }
+
+    /// Carry out what the primary relationships' machines asked for (and, with `tick`, feed
+    /// them the time). With several relationships, a relationship starts a cycle only while no
+    /// other relationship's cycle task runs (QEMU's QMP monitor takes one connection at a
+    /// time, and each cycle's capture holds one); the relationships take turns, starting
+    /// after the one whose cycle ended last. A paused, disabled or failing relationship runs
+    /// no task, so it never holds another back.
+    fn drive_primaries(&mut self, tick: bool) {
+        let Side::Primary(Some(first)) = &mut self.side else {
+            return;
+        };
+        let n = 1 + self.fanout.len();
+        for turn in vmr_core::fanout::turns(n, self.next_turn) {
+            let running: Vec<bool> = std::iter::once(first.is_running())
+                .chain(self.fanout.iter().map(PrimarySide::is_running))
+                .collect();
+            let open = vmr_core::fanout::may_start(&running, turn);
+            let side = if turn == 0 {
+                &mut **first
+            } else {
+                &mut self.fanout[turn - 1]
+            };
+            side.set_gate(n > 1, !open);
+            if tick {
+                side.tick(&mut self.vm);
+            } else {
+                side.flush(&mut self.vm);
+            }
+        }
+    }
+
+    /// The relationship `replica` names (0: the first, `i + 1`: `fanout[i]`); with no
+    /// `replica`, the only relationship, or an error naming the VM's replicas when it has
+    /// several.
+    fn relationship(&self, replica: Option<&str>) -> Result<usize, AgentError> {
+        let Side::Primary(Some(first)) = &self.side else {
+            return match replica {
+                None => Ok(0),
+                Some(_) => Err(self.not_enabled()),
+            };
+        };
+        let mut all = vec![first.replica(&self.vm)];
+        all.extend(self.fanout.iter().map(|p| p.replica(&self.vm)));
+        vmr_core::fanout::resolve(&all, replica).map_err(|u| match u {
+            vmr_core::fanout::Unresolved::Ambiguous => self.ambiguous(),
+            vmr_core::fanout::Unresolved::NoSuch => AgentError::NoSuchRelationship {
+                name: self.vm.rec.name.clone(),
+                replica: replica.unwrap_or_default().to_owned(),
+                replicas: all.join(", "),
+            },
+        })
+    }
+
+    /// With several relationships (fan-out), the commands that would act on one of them and
+    /// cannot name it are refused here, naming the VM's replicas (`None`: answered); `pause`,
+    /// `resume` and `disable` name one with `--replica` ([`Command::Relationship`]).
+    fn refuse_ambiguous(&self, cmd: Command) -> Option<Command> {
+        if self.fanout.is_empty() {
+            return Some(cmd);
+        }
+        let not_built = |what: &str| AgentError::FanoutRefused {
+            name: self.vm.rec.name.clone(),
+            reason: format!("{what} is not built for a VM that replicates to several replicas"),
+        };
+        match cmd {
+            Command::StartInitial(r) | Command::ResumeResync(_, r) => {
+                let _ = r.send(Err(self.ambiguous()));
+            }
+            Command::SetRetention(_, r) => {
+                let _ = r.send(Err(self.ambiguous()));
+            }
+            Command::SetVerifyEvery(_, r) => {
+                let _ = r.send(Err(not_built("`set --verify-every`")));
+            }
+            Command::SetBandwidth(_, r) => {
+                let _ = r.send(Err(not_built("`set --bandwidth`")));
+            }
+            Command::Verify(_, _, r) => {
+                let _ = r.send(Err(not_built("`verify`")));
+            }
+            Command::SetGroup(Some(_), r) => {
+                let _ = r.send(Err(not_built("a consistency group")));
+            }
+            Command::Failover(FailoverCmd::Prepare { .. }, r) => {
+                let _ = r.send(Err(AgentError::FanoutRefused {
+                    name: self.vm.rec.name.clone(),
+                    reason: "a planned failover of a VM that replicates to several replicas is \
+                             not built: disable the further relationships first"
+                        .into(),
+                }));
+            }
+            cmd => return Some(cmd),
+        }
+        None
+    }
+
+    /// The error of a command that must name one of the VM's relationships.
+    fn ambiguous(&self) -> AgentError {
+        let mut all: Vec<&str> = self
+            .vm
+            .rec
+            .enable
+            .iter()
+            .map(|a| a.replica.as_str())
+            .collect();
+        all.extend(self.vm.rec.fanout.iter().map(|f| f.args.replica.as_str()));
+        AgentError::AmbiguousRelationship {
+            name: self.vm.rec.name.clone(),
+            replicas: all.join(", "),
+        }
+    }
+
+    /// An admin command on relationship `rel` (see [`Owner::relationship`]).
+    async fn relationship_cmd(&mut self, rel: usize, cmd: Cmd) -> Result<StateChange, AgentError> {
+        if rel == 0 {
+            if cmd == Cmd::Disable && !self.fanout.is_empty() {
+                return Err(AgentError::FanoutRefused {
+                    name: self.vm.rec.name.clone(),
+                    reason: "the first relationship cannot be disabled while the VM replicates \
+                             to further replicas: disable those first (disable NAME --replica \
+                             HOST:PORT)"
+                        .into(),
+                });
+            }
+            let r = self.primary_cmd(cmd).await;
+            if cmd == Cmd::Disable
+                && r.is_ok()
+                && let Side::Primary(p) = &mut self.side
+            {
+                *p = None;
+            }
+            return r;
+        }
+        let i = rel - 1;
+        if cmd == Cmd::Disable {
+            // Removing its bitmaps opens the VM's monitor: no other relationship's cycle may
+            // hold it meanwhile (their cycles are cancelled, their changes merged back, and
+            // they plan again).
+            if let Side::Primary(Some(p)) = &mut self.side {
+                p.stop().await;
+            }
+            for (j, p) in self.fanout.iter_mut().enumerate() {
+                if j != i {
+                    p.stop().await;
+                }
+            }
+        }
+        let r = self.fanout[i].command(&mut self.vm, cmd).await;
+        if cmd == Cmd::Disable {
+            if r.is_ok() {
+                self.fanout.remove(i);
+            }
+            if let Side::Primary(Some(p)) = &mut self.side {
+                p.resume_after_stop(&mut self.vm);
+            }
+            for p in &mut self.fanout {
+                p.resume_after_stop(&mut self.vm);
+            }
+        }
+        r
     }
 
     /// Emit an event about this VM.
@@ -581,6 +795,7 @@ impl Owner {
             ),
             _ => None,
         };
+        self.watch_fanout(now);
         let obs = self.observe(now);
         let Some(prev) = self.seen.replace(obs.clone()) else {
             return;
@@ -678,6 +893,64 @@ impl Owner {
                 )
                 .field("missed", obs.missed),
             );
+        }
+    }
+
+    /// The fan-out relationships' state and health changes since the last event, as events
+    /// naming the relationship (`NAME (to HOST:PORT)`, field `relationship`). Their failures
+    /// and missed cycles show in their health; the RPO alert is the first relationship's.
+    fn watch_fanout(&mut self, now: u64) {
+        let current: Vec<(String, Observed)> = self
+            .fanout
+            .iter()
+            .map(|p| (p.replica(&self.vm).to_owned(), p.observe(&self.vm, now)))
+            .collect();
+        let prev = std::mem::replace(&mut self.fanout_seen, current.clone());
+        let name = &self.vm.rec.name;
+        let log = &self.vm.host.events;
+        for (replica, obs) in &current {
+            let Some((_, was)) = prev.iter().find(|(r, _)| r == replica) else {
+                continue;
+            };
+            if obs.state != was.state {
+                let severity = match obs.state {
+                    ReplicationState::Error | ReplicationState::WaitingForStartResynchronize => {
+                        Severity::Critical
+                    }
+                    _ => Severity::Info,
+                };
+                log.emit(
+                    self.emit(
+                        EventKind::StateChanged,
+                        severity,
+                        format!("{name} (to {replica}): {} -> {}", was.state, obs.state),
+                    )
+                    .field("from", was.state.to_string())
+                    .field("to", obs.state.to_string())
+                    .field("relationship", replica.clone()),
+                );
+            }
+            if obs.health != was.health {
+                let reason = if obs.reason.is_empty() {
+                    "healthy".to_owned()
+                } else {
+                    obs.reason.clone()
+                };
+                log.emit(
+                    self.emit(
+                        EventKind::HealthChanged,
+                        Severity::of_health(obs.health),
+                        format!(
+                            "{name} (to {replica}): health {} -> {}: {reason}",
+                            was.health, obs.health
+                        ),
+                    )
+                    .field("from", was.health.to_string())
+                    .field("to", obs.health.to_string())
+                    .field("reason", obs.reason.clone())
+                    .field("relationship", replica.clone()),
+                );
+            }
         }
     }
 
@@ -841,6 +1114,47 @@ impl Owner {
     /// way `enable` sends it: a `create-replica` refresh, which changes nothing else there)
     /// and saved only once the replica took it; on a replica, set in its store. Either way it
     /// takes effect at the next prune.
+    /// `set --retain|--recovery-points --replica` on fan-out relationship `i`: saved in its
+    /// settings and sent to its replica (refused, changing nothing, when it cannot be reached).
+    async fn set_fanout_retention(
+        &mut self,
+        i: usize,
+        policy: vmr_store::RetentionPolicy,
+    ) -> Result<String, AgentError> {
+        vmr_core::check_retention(policy.hourly, policy.grid.as_ref())?;
+        let name = self.vm.rec.name.clone();
+        let Some(mut args) = self.fanout.get(i).and_then(|p| p.args(&self.vm)).cloned() else {
+            return Err(AgentError::NotEnabled { name });
+        };
+        args.recovery_points = policy.hourly;
+        args.retain = policy.grid.clone();
+        let def = vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml)?;
+        let client = crate::cycle::connect(&self.vm.host, &args)
+            .await
+            .map_err(|source| AgentError::ConnectReplica {
+                replica: args.replica.clone(),
+                source,
+            })?;
+        client
+            .create_replica(crate::cycle::create_request(&self.vm.rec, &def, &args))
+            .await
+            .map_err(AgentError::CreateReplica)?;
+        let replica = args.replica.clone();
+        if let Some(f) = self
+            .vm
+            .rec
+            .fanout
+            .iter_mut()
+            .find(|f| f.args.replica == replica)
+        {
+            f.args = args;
+        }
+        self.vm.save()?;
+        Ok(format!(
+            "retention of {name} on {replica} is {policy}; the replica applies it at its next prune"
+        ))
+    }
+
     async fn set_retention(
         &mut self,
         policy: vmr_store::RetentionPolicy,
@@ -1043,6 +1357,9 @@ impl Owner {
             self.deferred.push_back(cmd);
             return;
         }
+        let Some(cmd) = self.refuse_ambiguous(cmd) else {
+            return;
+        };
         let primary_name = self.vm.host.config.name.clone();
         match cmd {
             Command::Status(reply) => {
@@ -1056,6 +1373,11 @@ impl Owner {
                 };
                 let mut st = st;
                 st.extended = self.extended.as_ref().map(|x| x.status(now));
+                st.fanout = self
+                    .fanout
+                    .iter()
+                    .map(|p| p.status(&self.vm, &primary_name, now))
+                    .collect();
                 st.group =
                     self.vm.rec.group.as_ref().map(|g| {
                         self.vm.host.groups.status(g).unwrap_or_else(|| {
@@ -1069,6 +1391,26 @@ impl Owner {
             }
             Command::Record(reply) => {
                 let _ = reply.send(Ok(self.vm.rec.clone()));
+            }
+            Command::Relationship(replica, cmd, reply) => {
+                let r = match self.relationship(Some(&replica)) {
+                    Ok(rel) => self.relationship_cmd(rel, cmd).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::RelationshipRetention(replica, policy, reply) => {
+                let r = match self.relationship(Some(&replica)) {
+                    Ok(0) => self.set_retention(*policy).await,
+                    Ok(rel) => self.set_fanout_retention(rel - 1, *policy).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Pause(reply) | Command::Resume(reply) | Command::Disable(reply)
+                if !self.fanout.is_empty() =>
+            {
+                let _ = reply.send(Err(self.ambiguous()));
             }
             Command::Pause(reply) => {
                 let r = self.admin(Cmd::Pause, ReplicaCmd::Pause).await;
@@ -1851,6 +2193,7 @@ impl Owner {
     }
 
     async fn enable(&mut self, args: EnableArgs) -> Result<String, AgentError> {
+        let mut fanout = false;
         match &self.side {
             Side::Replica(_) => {
                 return Err(AgentError::EnableOnReplica {
@@ -1858,10 +2201,38 @@ impl Owner {
                 });
             }
             Side::Primary(Some(p)) if p.state() != ReplicationState::Disabled => {
-                return Err(AgentError::AlreadyEnabled {
+                // A VM that replicates already gets a further relationship to another
+                // replica (fan-out); to the same replica it is enabled already.
+                let same = p.replica(&self.vm) == args.replica
+                    || self
+                        .fanout
+                        .iter()
+                        .any(|f| f.replica(&self.vm) == args.replica);
+                if same {
+                    return Err(AgentError::AlreadyEnabled {
+                        name: self.vm.rec.name.clone(),
+                        state: p.state(),
+                    });
+                }
+                let refused = |reason: &str| AgentError::FanoutRefused {
                     name: self.vm.rec.name.clone(),
-                    state: p.state(),
-                });
+                    reason: format!(
+                        "replicates to {} already, and {reason}",
+                        p.replica(&self.vm)
+                    ),
+                };
+                if self.vm.rec.libvirt.is_some() {
+                    return Err(refused(
+                        "replicating a libvirt-managed VM to a second replica is not built",
+                    ));
+                }
+                if self.vm.rec.group.is_some() {
+                    return Err(refused(
+                        "a consistency group member replicates to one replica (fan-out of a \
+                         group member is not built)",
+                    ));
+                }
+                fanout = true;
             }
             Side::Primary(_) => {}
         }
@@ -1893,10 +2264,15 @@ impl Owner {
             .create_replica(create)
             .await
             .map_err(|e| unauthorized(&e).unwrap_or(AgentError::CreateReplica(e)))?;
-        let side = PrimarySide::enable(&mut self.vm, args.clone())?;
-        self.side = Side::Primary(Some(Box::new(side)));
+        if fanout {
+            let side = PrimarySide::enable_fanout(&mut self.vm, args.clone())?;
+            self.fanout.push(side);
+        } else {
+            let side = PrimarySide::enable(&mut self.vm, args.clone())?;
+            self.side = Side::Primary(Some(Box::new(side)));
+        }
         Ok(format!(
-            "replication of {:?} enabled to {} {}{}",
+            "replication of {:?} enabled to {} {}{}{}",
             def.name,
             args.replica,
             if args.frequency_secs == vmr_core::CONTINUOUS {
@@ -1908,6 +2284,14 @@ impl Owner {
                 "; initial replication scheduled"
             } else {
                 "; initial replication started"
+            },
+            if fanout {
+                format!(
+                    " (a further relationship: the VM replicates to {} replicas)",
+                    1 + self.fanout.len()
+                )
+            } else {
+                String::new()
             }
         ))
     }

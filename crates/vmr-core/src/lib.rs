@@ -15,6 +15,7 @@ pub mod autofailover;
 pub mod checkpoints;
 pub mod extended;
 pub mod failover;
+pub mod fanout;
 pub mod group;
 pub mod handover;
 pub mod health;

@@ -183,6 +183,12 @@ pub struct VmStatus {
     /// (absent when the VM is in no group, and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupStatus>,
+    /// Primary with fan-out (issue 15 part 4): the VM's further relationships to other
+    /// replicas, one row each (its `replica`, state, health, statistics); the row's own
+    /// fields are the first relationship's. Empty with one relationship (and from older
+    /// agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fanout: Vec<VmStatus>,
 }
 
 /// A consistency group as `status` and `group list` show it (docs/groups.md). The cut
@@ -318,6 +324,31 @@ pub enum ExtendedOp {
     /// `resume NAME --extended`.
     Resume,
     /// `disable NAME --extended`: remove the outgoing relationship only.
+    Disable,
+}
+
+/// What to do to one relationship of a primary VM ([`Request::Relationship`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelationshipOp {
+    /// `start-initial NAME --replica HOST:PORT`.
+    StartInitial,
+    /// `resume NAME --resync [--at TIME] --replica HOST:PORT`.
+    ResumeResync {
+        /// Start at this time (ms since the epoch) instead of now.
+        at_ms: Option<u64>,
+    },
+    /// `set NAME --retain SPEC | --recovery-points N --replica HOST:PORT`: this relationship's
+    /// retention, sent to its replica.
+    SetRetention {
+        /// The new policy.
+        policy: crate::store::RetentionPolicy,
+    },
+    /// `pause NAME --replica HOST:PORT`.
+    Pause,
+    /// `resume NAME --replica HOST:PORT`.
+    Resume,
+    /// `disable NAME --replica HOST:PORT`: end this relationship; the others go on.
     Disable,
 }
 
@@ -772,6 +803,17 @@ pub enum Request {
         name: String,
         /// The new policy.
         policy: crate::store::RetentionPolicy,
+    },
+    /// One relationship of a primary VM that replicates to several replicas (fan-out):
+    /// `pause|resume|disable|start-initial NAME --replica HOST:PORT`, `resume --resync` and
+    /// `set --retain|--recovery-points` with `--replica`.
+    Relationship {
+        /// VM name.
+        name: String,
+        /// The relationship's replica address, as given to `enable --replica`.
+        replica: String,
+        /// What to do.
+        what: RelationshipOp,
     },
     /// The extended (outgoing) relationship of a replica VM (`enable|pause|resume|disable NAME
     /// --extended`).

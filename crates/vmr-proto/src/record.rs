@@ -66,6 +66,25 @@ pub struct VmRecord {
     /// libvirt's backup API instead of QMP; absent = a QMP-captured VM (and in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<LibvirtSource>,
+    /// Primary side, fan-out (issue 15 part 4): the VM's further relationships to other
+    /// replicas, after the first (`enable`/`machine` above, relationship 1); relationship `i + 2`
+    /// is `fanout[i]`. Empty = one relationship (and in older records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fanout: Vec<FanoutRecord>,
+}
+
+/// A further relationship of a primary VM to another replica (fan-out): its settings, its
+/// machine's snapshot and the index of its tracking bitmaps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FanoutRecord {
+    /// `enable` arguments of this relationship (its replica, frequency, retention, ...).
+    pub args: EnableArgs,
+    /// Its primary machine.
+    #[serde(default)]
+    pub machine: PrimarySnapshot,
+    /// Index in its tracking bitmaps' and capture nodes' names (`vmr-<tag>r<slot>-...`), kept
+    /// for the relationship's life so that a removal of another never renames its bitmaps.
+    pub slot: u32,
 }
 
 /// The extended relationship of a replica VM: its settings and its machine's snapshot.
@@ -185,6 +204,7 @@ impl From<VmRecordV1> for VmRecord {
             extended: None,
             group: None,
             libvirt: None,
+            fanout: Vec::new(),
         }
     }
 }
@@ -212,6 +232,7 @@ mod tests {
             extended: None,
             group: None,
             libvirt: None,
+            fanout: Vec::new(),
         }
     }
 
@@ -222,6 +243,30 @@ mod tests {
         assert!(!json.contains("libvirt"), "{json}");
         let back: VmRecord = serde_json::from_str(&json).expect("an old record loads");
         assert_eq!(back.libvirt, None);
+    }
+
+    #[test]
+    fn a_record_without_fanout_loads_and_fanout_relationships_round_trip() {
+        let json = serde_json::to_string(&record()).expect("encode");
+        // what an agent before fan-out wrote
+        assert!(!json.contains("fanout"), "{json}");
+        let back: VmRecord = serde_json::from_str(&json).expect("an old record loads");
+        assert!(back.fanout.is_empty());
+        let mut rec = record();
+        let args: EnableArgs = serde_json::from_value(serde_json::json!({
+            "name": "web1", "replica": "host-c:9443", "replica_fingerprint": "SHA256:c",
+            "frequency_secs": 30, "recovery_points": 4, "app_consistent_every_hours": 0,
+            "exclude_disks": [], "compression": true, "initial_at_ms": null
+        }))
+        .expect("args");
+        rec.fanout.push(FanoutRecord {
+            args,
+            machine: PrimarySnapshot::default(),
+            slot: 1,
+        });
+        let json = serde_json::to_string(&rec).expect("encode");
+        let back: VmRecord = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, rec);
     }
 
     #[test]

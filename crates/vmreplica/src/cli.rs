@@ -76,6 +76,10 @@ pub enum Command {
         /// 1 when it fails).
         #[arg(long)]
         wait: bool,
+        /// A VM that replicates to several replicas (fan-out): the relationship to this
+        /// replica (required when there are several).
+        #[arg(long, value_name = "HOST:PORT")]
+        replica: Option<String>,
     },
     /// Replication state and health (Get-VMReplication).
     Status {
@@ -122,6 +126,10 @@ pub enum Command {
         /// On a replica VM: pause its extended (outgoing) relationship only.
         #[arg(long)]
         extended: bool,
+        /// A primary VM that replicates to several replicas (fan-out): the relationship to
+        /// this replica (its `enable --replica` address); required when there are several.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "extended")]
+        replica: Option<String>,
     },
     /// Resume replication.
     Resume {
@@ -141,6 +149,10 @@ pub enum Command {
         /// On a replica VM: resume its extended (outgoing) relationship only.
         #[arg(long, conflicts_with = "resync")]
         extended: bool,
+        /// A primary VM that replicates to several replicas (fan-out): the relationship to
+        /// this replica (its `enable --replica` address); required when there are several.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "extended")]
+        replica: Option<String>,
     },
     /// Disable replication (keeps the replica's data).
     Disable {
@@ -150,6 +162,10 @@ pub enum Command {
         /// replica keeps its points).
         #[arg(long)]
         extended: bool,
+        /// A primary VM that replicates to several replicas (fan-out): the relationship to
+        /// this replica (its `enable --replica` address); required when there are several.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "extended")]
+        replica: Option<String>,
     },
     /// Change a VM's settings on this host while replication is enabled (either side), one
     /// setting per call; or, with --agent, the agent-wide sending limit.
@@ -192,6 +208,10 @@ pub enum Command {
         /// Change the agent-wide sending limit (with --bandwidth), shared by all its VMs.
         #[arg(long, requires = "bandwidth", conflicts_with = "rpo_alert")]
         agent: bool,
+        /// With --retain or --recovery-points on a VM that replicates to several replicas
+        /// (fan-out): the relationship to this replica.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["agent", "rpo_alert", "bandwidth", "verify_every"])]
+        replica: Option<String>,
     },
     /// The agent's event log (Get-WinEvent): state and health changes, failed and missed
     /// cycles, RPO alerts, failovers; oldest first.

@@ -376,11 +376,21 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             retain,
             recovery_points,
             prefer_app_consistent,
+            replica,
             ..
-        } => Request::SetRetention {
-            name,
-            policy: retention_policy(retain.as_deref(), recovery_points, prefer_app_consistent)?,
-        },
+        } => {
+            let policy =
+                retention_policy(retain.as_deref(), recovery_points, prefer_app_consistent)?;
+            match replica {
+                // one relationship of a VM that replicates to several replicas (fan-out)
+                Some(replica) => Request::Relationship {
+                    name,
+                    replica,
+                    what: vmr_proto::api::RelationshipOp::SetRetention { policy },
+                },
+                None => Request::SetRetention { name, policy },
+            }
+        }
         Command::Set { .. } => {
             return Err(coded(
                 exit::USAGE,
@@ -401,17 +411,53 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             },
             follow,
         },
+        Command::StartInitial {
+            name,
+            replica: Some(replica),
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: vmr_proto::api::RelationshipOp::StartInitial,
+        },
         Command::StartInitial { name, .. } => Request::StartInitial { name },
         Command::Status { name, .. } => Request::Status { name },
         Command::Measure { name, reset } => Request::Measure { name, reset },
         Command::Pause {
             name,
+            replica: Some(replica),
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: vmr_proto::api::RelationshipOp::Pause,
+        },
+        Command::Pause {
+            name,
             extended: true,
+            ..
         } => Request::Extended {
             name,
             what: vmr_proto::api::ExtendedOp::Pause,
         },
         Command::Pause { name, .. } => Request::Pause { name },
+        Command::Resume {
+            name,
+            replica: Some(replica),
+            resync,
+            at,
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: if resync {
+                vmr_proto::api::RelationshipOp::ResumeResync {
+                    at_ms: at.as_deref().map(parse_time).transpose()?,
+                }
+            } else {
+                vmr_proto::api::RelationshipOp::Resume
+            },
+        },
         Command::Resume {
             name,
             extended: true,
@@ -432,7 +478,17 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Resume { name, .. } => Request::Resume { name },
         Command::Disable {
             name,
+            replica: Some(replica),
+            ..
+        } => Request::Relationship {
+            name,
+            replica,
+            what: vmr_proto::api::RelationshipOp::Disable,
+        },
+        Command::Disable {
+            name,
             extended: true,
+            ..
         } => Request::Extended {
             name,
             what: vmr_proto::api::ExtendedOp::Disable,

@@ -53,33 +53,62 @@ pub struct Plan {
     pub op: Op,
     /// `--wait`: follow also without a terminal.
     pub wait: bool,
+    /// The relationship's replica (`--replica`): a VM that replicates to several replicas
+    /// (fan-out) shows each relationship in its own row; `None` = the VM's own row.
+    pub replica: Option<String>,
+}
+
+/// The row of the relationship to `replica` in a VM's status: the VM's own row when it names
+/// that replica (or none is asked for), else its fan-out row of that replica; the VM's own row
+/// when none matches (an agent without fan-out).
+pub fn relationship_row(row: VmStatus, replica: Option<&str>) -> VmStatus {
+    match replica {
+        Some(r) if row.replica != r => match row.fanout.iter().position(|f| f.replica == r) {
+            Some(i) => {
+                let mut row = row;
+                row.fanout.swap_remove(i)
+            }
+            None => row,
+        },
+        _ => row,
+    }
 }
 
 impl Plan {
     /// The plan of `cmd`, if it starts a long operation at once.
     pub fn of(cmd: &Command) -> Option<Plan> {
-        let plan = |name: &String, op, wait| {
+        let plan = |name: &String, op, wait, replica: &Option<String>| {
             Some(Plan {
                 name: name.clone(),
                 op,
                 wait,
+                replica: replica.clone(),
             })
         };
         match cmd {
-            Command::StartInitial { name, wait } => plan(name, Op::Initial, *wait),
+            Command::StartInitial {
+                name,
+                wait,
+                replica,
+            } => plan(name, Op::Initial, *wait, replica),
             Command::Resume {
                 name,
                 resync: true,
                 at: None,
                 wait,
+                replica,
                 ..
-            } => plan(name, Op::Resync, *wait),
+            } => plan(name, Op::Resync, *wait, replica),
             Command::Enable(e) if e.extended => None,
-            Command::Enable(e) if e.initial_at.is_none() => match InitialMode::parse(&e.initial) {
-                Ok(InitialMode::Export { .. }) => plan(&e.name, Op::Export, e.wait),
-                Ok(_) => plan(&e.name, Op::Initial, e.wait),
-                Err(_) => None,
-            },
+            Command::Enable(e) if e.initial_at.is_none() => {
+                // A further relationship of a VM that replicates already has its own row.
+                let replica = Some(e.replica.clone());
+                match InitialMode::parse(&e.initial) {
+                    Ok(InitialMode::Export { .. }) => plan(&e.name, Op::Export, e.wait, &replica),
+                    Ok(_) => plan(&e.name, Op::Initial, e.wait, &replica),
+                    Err(_) => None,
+                }
+            }
             _ => None,
         }
     }
@@ -327,7 +356,7 @@ async fn follow(dir: &Path, plan: &Plan, bar: bool, json: bool) -> anyhow::Resul
         let s = match got.and_then(|v| Ok(serde_json::from_value::<Vec<VmStatus>>(v)?)) {
             Ok(mut rows) if !rows.is_empty() => {
                 unreachable_since = None;
-                rows.swap_remove(0)
+                relationship_row(rows.swap_remove(0), plan.replica.as_deref())
             }
             Ok(_) => {
                 break Some(Err(coded(
@@ -476,6 +505,13 @@ mod tests {
                 name: name.into(),
                 op,
                 wait,
+                replica: None,
+            })
+        };
+        let at = |plan: Option<Plan>, replica: &str| {
+            plan.map(|mut p| {
+                p.replica = Some(replica.into());
+                p
             })
         };
         assert_eq!(
@@ -496,15 +532,42 @@ mod tests {
             None
         );
         assert!(crate::cli::Cli::try_parse_from(["vmreplica", "resume", "db1", "--wait"]).is_err());
-        assert_eq!(plan(&en), p("db1", Op::Initial, false));
+        assert_eq!(plan(&en), at(p("db1", Op::Initial, false), "h:1"));
         let mut ex = en.to_vec();
         ex.extend(["--initial", "export:/tmp/x", "--wait"]);
-        assert_eq!(plan(&ex), p("db1", Op::Export, true));
+        assert_eq!(plan(&ex), at(p("db1", Op::Export, true), "h:1"));
+        assert_eq!(
+            plan(&["start-initial", "db1", "--replica", "c:1", "--wait"]),
+            at(p("db1", Op::Initial, true), "c:1")
+        );
+        assert_eq!(
+            plan(&["resume", "db1", "--resync", "--replica", "c:1"]),
+            at(p("db1", Op::Resync, false), "c:1")
+        );
         let mut later = en.to_vec();
         later.extend(["--initial-at", "2030-01-01T00:00:00Z"]);
         assert_eq!(plan(&later), None);
         assert_eq!(plan(&["status", "db1"]), None);
         assert_eq!(plan(&["import", "db1", "/tmp/x"]), None);
+    }
+
+    #[test]
+    fn the_followed_row_is_the_relationships() {
+        let mut row = status(ReplicationState::Replicating, Some(9), "");
+        row.replica = "b:1".into();
+        let mut c = status(ReplicationState::InitialReplicationInProgress, None, "");
+        c.replica = "c:1".into();
+        row.fanout = vec![c];
+        let pick = |r: Option<&str>| relationship_row(row.clone(), r);
+        assert_eq!(pick(None).replica, "b:1");
+        assert_eq!(pick(Some("b:1")).replica, "b:1");
+        let c = pick(Some("c:1"));
+        assert_eq!(
+            (c.replica.as_str(), c.state),
+            ("c:1", ReplicationState::InitialReplicationInProgress)
+        );
+        // no such relationship (an older agent): the VM's row
+        assert_eq!(pick(Some("d:1")).replica, "b:1");
     }
 
     #[test]
@@ -575,6 +638,7 @@ mod tests {
             name: "db1".into(),
             op: Op::Initial,
             wait: true,
+            replica: None,
         };
         let mut s = status(ReplicationState::InitialReplicationInProgress, None, "");
         assert_eq!(

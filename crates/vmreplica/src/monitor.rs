@@ -59,6 +59,25 @@ fn perf_label(name: &str, what: &str) -> String {
     format!("'{}_{what}'", name.replace('\'', "''").replace('=', "_"))
 }
 
+/// One row per relationship: a primary VM that replicates to several replicas (fan-out)
+/// gives a row per replica, each named `NAME to HOST:PORT`; other rows are as they are.
+fn relationships(rows: &[VmStatus]) -> Vec<VmStatus> {
+    let mut out = Vec::new();
+    for s in rows {
+        if s.fanout.is_empty() {
+            out.push(s.clone());
+            continue;
+        }
+        for r in std::iter::once(s).chain(s.fanout.iter()) {
+            let mut r = r.clone();
+            r.name = format!("{} to {}", s.name, r.replica);
+            r.fanout.clear();
+            out.push(r);
+        }
+    }
+    out
+}
+
 /// The plugin's answer for `rows` at `now_ms`: its exit code and its one line.
 pub fn check_report(
     rows: &[VmStatus],
@@ -69,6 +88,8 @@ pub fn check_report(
     let mut code = plugin::OK;
     let mut problems = Vec::new();
     let mut perf = Vec::new();
+    let vms = rows.len();
+    let rows = &relationships(rows);
     for s in rows {
         let mut vm_code = health_code(s.health);
         let mut why = Vec::new();
@@ -118,10 +139,16 @@ pub fn check_report(
     let summary = if rows.is_empty() {
         "no VMs on this host".to_owned()
     } else if problems.is_empty() {
-        let n = rows.len();
+        let n = vms;
+        let extra = rows.len() - vms;
         format!(
-            "{n} VM{} replicating normally",
-            if n == 1 { "" } else { "s" }
+            "{n} VM{} replicating normally{}",
+            if n == 1 { "" } else { "s" },
+            if extra > 0 {
+                format!(" ({} relationships)", rows.len())
+            } else {
+                String::new()
+            }
         )
     } else {
         problems.join("; ")
@@ -307,6 +334,35 @@ mod tests {
     }
 
     const W: Threshold = Threshold::Times(2.0);
+
+    /// A VM replicating to two replicas (fan-out): a verdict and perfdata per relationship,
+    /// each named `NAME to HOST:PORT`; the worst one decides.
+    #[test]
+    fn check_names_each_relationship_of_a_fanned_out_vm() {
+        let mut vm = row("web1", ReplicationMode::Primary, Health::Normal, Some(12));
+        let mut c = row("web1", ReplicationMode::Primary, Health::Normal, Some(20));
+        c.replica = "10.0.0.3:9443".into();
+        vm.fanout = vec![c.clone()];
+        let (code, line) = check_report(std::slice::from_ref(&vm), NOW, W, C);
+        assert_eq!(code, plugin::OK);
+        assert!(
+            line.starts_with("VMREPLICA OK - 1 VM replicating normally (2 relationships) | ")
+                && line.contains("'web1 to 10.0.0.2:9443_lag'=12s")
+                && line.contains("'web1 to 10.0.0.3:9443_lag'=20s"),
+            "{line}"
+        );
+        c.health = Health::Critical;
+        c.health_reason = "cannot replicate".into();
+        vm.fanout = vec![c];
+        let (code, line) = check_report(&[vm], NOW, W, C);
+        assert_eq!(code, plugin::CRITICAL);
+        assert!(
+            line.starts_with(
+                "VMREPLICA CRITICAL - web1 to 10.0.0.3:9443 CRITICAL: health Critical (cannot replicate)"
+            ),
+            "{line}"
+        );
+    }
     const C: Threshold = Threshold::Times(4.0);
 
     #[test]

@@ -535,6 +535,9 @@ fn print_status(rows: &[VmStatus]) {
         if let Some(x) = &r.extended {
             print_extended_row(x);
         }
+        for (i, f) in r.fanout.iter().enumerate() {
+            print_fanout_row(i + 2, f);
+        }
         if let Some(line) = bandwidth_line(r) {
             println!("{:<14} {line}", "");
         }
@@ -575,6 +578,27 @@ fn print_extended_row(x: &vmr_proto::api::ExtendedStatus) {
         "(this host)",
         x.replica,
         opt_time(x.last_replication_ms),
+    );
+}
+
+/// A further row of a primary VM that replicates to several replicas (fan-out): relationship
+/// `n` (the VM's row is relationship 1), to the replica it names.
+fn print_fanout_row(n: usize, f: &VmStatus) {
+    let lag = f
+        .lag_ms
+        .map_or_else(|| "-".to_owned(), |l| format!("{}s", l / 1000));
+    println!(
+        "{:<14} {:<30} {:<9} {:<8} {:>6} {:>11} {:<14} {:<22} {:<21} {}",
+        format!(" \u{2514} fan-out {n}"),
+        f.state.to_string(),
+        f.health.to_string(),
+        "Primary",
+        freq_cell(f),
+        format!("{lag}/-"),
+        f.primary,
+        f.replica,
+        opt_time(f.last_replication_ms),
+        health_reason(f)
     );
 }
 
@@ -725,6 +749,40 @@ fn print_measure(rows: &[VmStatus]) {
             );
             println!("ExtendedMaximumSize       : {}", fmt_bytes(s.max_bytes));
             println!("ExtendedErrors            : {}", s.errors);
+        }
+        if !r.fanout.is_empty() {
+            // The rows above are relationship 1's; each further one (fan-out) follows.
+            println!("Replica                   : {} (relationship 1)", r.replica);
+        }
+        for (i, f) in r.fanout.iter().enumerate() {
+            let s = &f.stats;
+            println!(
+                "RelationshipType          : FanOut {} (to {})",
+                i + 2,
+                f.replica
+            );
+            println!("FanOutState               : {}", f.state);
+            println!(
+                "FanOutHealth              : {} {}",
+                f.health,
+                health_reason(f)
+            );
+            if let Some(p) = &f.retention {
+                println!("FanOutRetention           : {p}");
+            }
+            println!(
+                "FanOutLastReplication     : {}",
+                opt_time(s.last_replication_ms)
+            );
+            println!("FanOutSuccessfulCount     : {}", s.successful_cycles);
+            println!("FanOutMissedCount         : {}", s.missed_cycles);
+            println!(
+                "FanOutAverageSize         : {}",
+                fmt_bytes(s.average_bytes())
+            );
+            println!("FanOutMaximumSize         : {}", fmt_bytes(s.max_bytes));
+            println!("FanOutPendingSize         : {}", fmt_bytes(s.pending_bytes));
+            println!("FanOutErrors              : {}", s.errors);
         }
         println!();
     }

@@ -1,0 +1,437 @@
+//! Fan-out (issue 15 part 4): one primary A replicating a VM to two replicas B and C at once,
+//! each relationship with its own frequency, machine and state, between three real agents on
+//! 127.0.0.1 with a qemu-storage-daemon stand-in VM on A and a guest writer: B paused for a
+//! while, C keeps receiving; B resumed catches up without a full copy; both replicas' latest
+//! points equal A's disks.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vmr_proto::api::{ReplicationState, VmStatus};
+
+const LONG: Duration = Duration::from_secs(120);
+const VM: &str = "web1";
+const BLOCK: u64 = 64 * 1024;
+
+/// A guest writer on A: one random block on each disk every `every`, counting the blocks.
+struct GuestWriter {
+    stop: Arc<AtomicBool>,
+    blocks: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GuestWriter {
+    fn start(vm: &StandIn, every: Duration) -> GuestWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let blocks = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), blocks.clone());
+        let (def, nbd) = (vm.def.clone(), vm.nbd.clone());
+        let thread = std::thread::spawn(move || {
+            let vm = StandIn::attach(def, nbd);
+            let mut seed = 1000;
+            while !s.load(Ordering::SeqCst) {
+                for d in ["disk0", "disk1"] {
+                    vm.write_random(d, 1, seed).expect("guest write");
+                    n.fetch_add(1, Ordering::SeqCst);
+                    seed += 1;
+                }
+                std::thread::sleep(every);
+            }
+        });
+        GuestWriter {
+            stop,
+            blocks,
+            thread: Some(thread),
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.blocks.load(Ordering::SeqCst)
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer thread");
+        }
+    }
+}
+
+/// A's row of the VM and its fan-out row (the relationship to C).
+fn rows(ch: &Chain) -> TestResult<(VmStatus, VmStatus)> {
+    let st = ch.a.status(VM)?;
+    let c = st
+        .fanout
+        .first()
+        .cloned()
+        .ok_or("A's status shows no fan-out relationship")?;
+    Ok((st, c))
+}
+
+/// The replica's latest point equals A's disks.
+fn assert_equals_a(replica: &Agent, vm: &StandIn) -> TestResult {
+    let got = replica_hashes(replica, vm.def.uuid, None)?;
+    assert_eq!(got.len(), vm.def.disks.len());
+    for (disk, h) in got {
+        assert_eq!(
+            h,
+            vm.hash(&disk)?,
+            "disk {disk}: {}'s latest point differs from A",
+            replica.name
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn fan_out_to_b_at_5s_and_c_at_30s_with_b_paused_c_never_stalls() -> TestResult {
+    let ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    let w = GuestWriter::start(&vm, Duration::from_millis(500));
+    ch.enable(VM, &["--frequency", "5s", "--recovery-points", "2"])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    // A second relationship of the same VM, to C, with its own frequency and retention.
+    let out = ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "30s",
+        "--recovery-points",
+        "1",
+        "--wait",
+    ])?;
+    assert!(out.contains("further relationship"), "{out}");
+    // `--wait` followed the new relationship's row (not B's, replicating already) until its
+    // initial copy was done.
+    let c_row = ch.a.status(VM)?.fanout.first().cloned();
+    assert_eq!(
+        c_row.as_ref().map(|c| (c.state, c.last_cycle.is_some())),
+        Some((ReplicationState::Replicating, true)),
+        "{out}\n{c_row:?}"
+    );
+    // The same replica twice is refused (exit 5), changing nothing.
+    let again = ch.a.cli(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+    ])?;
+    assert_eq!(again.status.code(), Some(5), "{again:?}");
+    let (c_first, _) = ch.c.wait_cycle(VM, 1, LONG)?;
+    assert_eq!(c_first.primary, "host-a");
+    // A's relationship to C has its acknowledgement of the initial copy.
+    wait_every(
+        LONG,
+        Duration::from_millis(50),
+        "A → C replicating",
+        || {
+            Ok(ch
+                .a
+                .status(VM)?
+                .fanout
+                .first()
+                .is_some_and(|c| c.state == ReplicationState::Replicating))
+        },
+    )?;
+    let (st, c) = rows(&ch)?;
+    assert_eq!(st.fanout.len(), 1);
+    assert_eq!(st.replica, ch.b.addr);
+    assert_eq!(st.frequency_secs, 5);
+    assert_eq!(c.replica, ch.c.addr);
+    assert_eq!(c.frequency_secs, 30);
+    assert_eq!(c.state, ReplicationState::Replicating);
+    let full = c.stats.total_bytes;
+    // 300 random blocks on each disk (some overlap) and what the writer added.
+    assert!(full >= 400 * BLOCK, "C's initial copy: {full} bytes");
+
+    // Commands on one relationship must name it.
+    let amb = ch.a.cli(&["pause", VM])?;
+    assert_eq!(amb.status.code(), Some(5), "{amb:?}");
+    let msg = String::from_utf8_lossy(&amb.stderr);
+    assert!(
+        msg.contains("--replica") && msg.contains(&ch.b.addr) && msg.contains(&ch.c.addr),
+        "{msg}"
+    );
+    let none = ch.a.cli(&["pause", VM, "--replica", "127.0.0.1:1"])?;
+    assert_eq!(none.status.code(), Some(4), "{none:?}");
+    // Retention per relationship: C's changes, B's stays.
+    let amb = ch.a.cli(&["set", VM, "--recovery-points", "3"])?;
+    assert_eq!(amb.status.code(), Some(5), "{amb:?}");
+    ch.a.ok(&["set", VM, "--recovery-points", "3", "--replica", &ch.c.addr])?;
+    let (st, c) = rows(&ch)?;
+    assert_eq!(c.retention.as_ref().map(|r| r.hourly), Some(3), "{c:?}");
+    assert_eq!(st.retention.as_ref().map(|r| r.hourly), Some(2), "{st:?}");
+    let text = ch.a.ok(&["status"])?;
+    assert!(
+        text.contains("fan-out 2") && text.contains(&ch.c.addr),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ch.a.ok(&["status", VM, "--json"])?)?;
+    assert_eq!(
+        json[0]["fanout"][0]["replica"],
+        ch.c.addr.as_str(),
+        "{json}"
+    );
+    let measure = ch.a.ok(&["measure", VM])?;
+    assert!(
+        measure.contains(&format!(
+            "RelationshipType          : FanOut 2 (to {})",
+            ch.c.addr
+        )) && measure.contains("FanOutSuccessfulCount     : 1"),
+        "{measure}"
+    );
+    let check = ch.a.cli(&["check"])?;
+    let line = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        line.contains(&format!("{VM} to {}", ch.c.addr)),
+        "check names each relationship: {line}"
+    );
+
+    // B paused: A → C goes on at its own frequency; B gets nothing.
+    let w0 = w.written();
+    ch.a.ok(&["pause", VM, "--replica", &ch.b.addr])?;
+    let (st, c) = rows(&ch)?;
+    assert_eq!(st.state, ReplicationState::Suspended);
+    assert_eq!(c.state, ReplicationState::Replicating);
+    let b_bytes = st.stats.total_bytes;
+    let mut last = (ch.c.status(VM)?.last_cycle.unwrap_or(0), Instant::now());
+    let mut gaps = Vec::new();
+    let mut b_paused = None;
+    for _ in 0..2 {
+        let (s, at) = ch.c.wait_cycle(VM, last.0 + 1, LONG)?;
+        gaps.push(at - last.1);
+        last = (s.last_cycle.unwrap_or(0), at);
+        // (read after C's first cycle of the pause: a cycle to B that was committing when the
+        // pause came may still have landed before)
+        if b_paused.is_none() {
+            b_paused = Some(ch.b.status(VM)?.last_cycle);
+        }
+    }
+    let b_paused = b_paused.flatten();
+    assert_eq!(
+        ch.b.status(VM)?.last_cycle,
+        b_paused,
+        "B got a cycle while paused (over C's 30 s interval)"
+    );
+    eprintln!("C's cycles while B was paused came after {gaps:?}");
+    for g in &gaps {
+        assert!(
+            *g < Duration::from_secs(50),
+            "C stalled while B was paused: {gaps:?}"
+        );
+    }
+
+    // B resumed: its next cycle carries what A wrote meanwhile, not a full copy.
+    ch.a.ok(&["resume", VM, "--replica", &ch.b.addr])?;
+    let want = b_paused.unwrap_or(0) + 1;
+    ch.b.wait_cycle(VM, want, LONG)?;
+    let w1 = w.written();
+    let st = ch.a.status(VM)?;
+    let caught_up = st.stats.total_bytes - b_bytes;
+    // Written while paused, plus what was written in the 10 s before the pause (after B's
+    // last completed cut: one interval and a cycle the pause may have aborted, at 4 blocks a
+    // second), plus slack for the blocks in flight.
+    let bound = (w1 - w0 + 40 + 4) * BLOCK;
+    eprintln!(
+        "B's catch-up after the pause: {caught_up} bytes in {} cycle(s) for {} blocks written \
+         (bound {bound}); the initial copy was {full} bytes",
+        st.stats.successful_cycles,
+        w1 - w0
+    );
+    assert!(
+        caught_up <= bound,
+        "B caught up with {caught_up} bytes > {bound}"
+    );
+    assert!(
+        caught_up < full,
+        "B's catch-up was a full copy: {caught_up} bytes"
+    );
+
+    // Both replicas' latest points equal A's content once the writer stopped.
+    w.stop();
+    let after = epoch_ms();
+    for r in [&ch.b, &ch.c] {
+        r.wait_status(
+            VM,
+            LONG,
+            Duration::from_millis(50),
+            "a point cut after the writes",
+            move |s| s.last_point_ms.is_some_and(|t| t > after),
+        )?;
+    }
+    assert_equals_a(&ch.b, &vm)?;
+    assert_equals_a(&ch.c, &vm)?;
+
+    // Disabling: the first relationship only once the others are gone; C's goes alone.
+    let first = ch.a.cli(&["disable", VM, "--replica", &ch.b.addr])?;
+    assert_eq!(first.status.code(), Some(5), "{first:?}");
+    ch.a.ok(&["disable", VM, "--replica", &ch.c.addr])?;
+    let st = ch.a.status(VM)?;
+    assert!(st.fanout.is_empty(), "{st:?}");
+    assert_eq!(st.state, ReplicationState::Replicating);
+    let n = st.last_cycle.unwrap_or(0);
+    ch.b.wait_cycle(VM, n + 1, LONG)?;
+    Ok(())
+}
+
+#[test]
+fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    let w = GuestWriter::start(&vm, Duration::from_millis(500));
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "5s",
+    ])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.c.wait_cycle(VM, 2, LONG)?;
+
+    // C's agent down: A → C fails and retries; A → B keeps its 5 s cycles.
+    ch.c.stop()?;
+    wait_every(LONG, Duration::from_millis(100), "A → C failing", || {
+        Ok(ch
+            .a
+            .status(VM)?
+            .fanout
+            .first()
+            .is_some_and(|c| c.stats.errors > 0))
+    })?;
+    // The failing relationship's health change is an event naming it.
+    let named = format!("{VM} (to {}): health", ch.c.addr);
+    wait_every(
+        LONG,
+        Duration::from_millis(200),
+        "a health event of A → C",
+        || Ok(ch.a.ok(&["events", VM])?.contains(&named)),
+    )?;
+    let start = Instant::now();
+    let b_then = ch.b.status(VM)?.last_cycle.unwrap_or(0);
+    ch.b.wait_cycle(VM, b_then + 3, LONG)?;
+    let took = start.elapsed();
+    let (st, c) = rows(&ch)?;
+    eprintln!(
+        "3 cycles A → B in {took:?} while A → C failed ({} errors, {}: {})",
+        c.stats.errors, c.health, c.health_reason
+    );
+    assert!(took < Duration::from_secs(30), "A → B slowed: {took:?}");
+    assert_eq!(st.state, ReplicationState::Replicating);
+    assert_ne!(c.health, vmr_proto::api::Health::Normal, "{c:?}");
+
+    // A's agent killed and restarted: both relationships come back from its record.
+    ch.a.restart()?;
+    let (st, c) = rows(&ch)?;
+    assert_eq!(
+        (st.replica.as_str(), st.frequency_secs),
+        (ch.b.addr.as_str(), 5)
+    );
+    assert_eq!(
+        (c.replica.as_str(), c.frequency_secs),
+        (ch.c.addr.as_str(), 5)
+    );
+    let b_then = ch.b.status(VM)?.last_cycle.unwrap_or(0);
+    ch.b.wait_cycle(VM, b_then + 1, LONG)?;
+
+    // C back: its relationship catches up from the point C holds, not with a full copy.
+    let c_had = c.last_cycle.unwrap_or(0);
+    let c_bytes = c.stats.total_bytes;
+    ch.c.restart()?;
+    ch.c.wait_cycle(VM, c_had + 1, LONG)?;
+    w.stop();
+    let after = epoch_ms();
+    for r in [&ch.b, &ch.c] {
+        r.wait_status(
+            VM,
+            LONG,
+            Duration::from_millis(50),
+            "a point cut after the writes",
+            move |s| s.last_point_ms.is_some_and(|t| t > after),
+        )?;
+    }
+    let (_, c) = rows(&ch)?;
+    let caught_up = c.stats.total_bytes.saturating_sub(c_bytes);
+    eprintln!("A → C caught up with {caught_up} bytes after C's agent was down");
+    assert!(
+        caught_up < 400 * BLOCK,
+        "A → C caught up with {caught_up} bytes: a full copy?"
+    );
+    assert_equals_a(&ch.b, &vm)?;
+    assert_equals_a(&ch.c, &vm)?;
+
+    // A resync of C's relationship alone (its own capture names): C's next point still
+    // equals A; B's relationship is untouched.
+    let c_before = ch.c.status(VM)?.last_cycle.unwrap_or(0);
+    let b_state = ch.a.status(VM)?.state;
+    wait_every(
+        LONG,
+        Duration::from_millis(300),
+        "resume --resync accepted",
+        || {
+            // refused (exit 5) while C's cycle runs: asked again
+            Ok(ch
+                .a
+                .cli(&["resume", VM, "--resync", "--replica", &ch.c.addr])?
+                .status
+                .success())
+        },
+    )?;
+    ch.c.wait_cycle(VM, c_before + 1, LONG)?;
+    wait_every(
+        LONG,
+        Duration::from_millis(100),
+        "A → C replicating again",
+        || {
+            Ok(ch
+                .a
+                .status(VM)?
+                .fanout
+                .first()
+                .is_some_and(|c| c.state == ReplicationState::Replicating))
+        },
+    )?;
+    assert_eq!(ch.a.status(VM)?.state, b_state);
+    assert_equals_a(&ch.c, &vm)?;
+
+    // C's relationship disabled while C's agent is down: C is told in the background once
+    // it is back; A → B goes on.
+    ch.c.stop()?;
+    let out = ch.a.ok(&["disable", VM, "--replica", &ch.c.addr])?;
+    assert!(out.contains("told in the background"), "{out}");
+    assert!(ch.a.status(VM)?.fanout.is_empty());
+    ch.c.restart()?;
+    ch.c.wait_status(
+        VM,
+        LONG,
+        Duration::from_millis(200),
+        "C told of the disable",
+        |s| s.state == ReplicationState::Disabled,
+    )?;
+    let b_then = ch.b.status(VM)?.last_cycle.unwrap_or(0);
+    ch.b.wait_cycle(VM, b_then + 1, LONG)?;
+    ch.stop()?;
+    Ok(())
+}
