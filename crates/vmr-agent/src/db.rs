@@ -558,6 +558,8 @@ mod tests {
             extended: None,
             group: None,
             libvirt: None,
+            auto_failover: None,
+            lease: Default::default(),
         }
     }
 

@@ -7,12 +7,13 @@
 //!
 //! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
 //! `sinks` → `events` → `errors` → `telemetry` → `config`, `launch`, `lock`, `host` → `owned`,
-//! `cycle` → `resync`, `export` → `replica` → `primary` → `failover` → `vm` → `server`,
+//! `cycle` → `resync`, `export` → `replica` → `primary` → `failover` → `autofail` → `vm` → `server`,
 //! `control`, `http` → `dashboard` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
 //! `Persist` action is written to SQLite before the next cycle starts.
 
+mod autofail;
 pub mod config;
 mod control;
 mod cycle;

@@ -918,6 +918,7 @@ impl PrimarySide {
             failover_domains: Vec::new(),
             bandwidth: Some(self.bandwidth_status(vm, now)),
             group: None,
+            auto_failover: None,
         }
     }
 
@@ -1068,6 +1069,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         failover_domains: Vec::new(),
         bandwidth: None,
         group: None,
+        auto_failover: None,
     }
 }
 

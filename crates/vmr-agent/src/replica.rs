@@ -267,6 +267,7 @@ impl ReplicaSide {
             .map_err(store_err)?;
         vm.rec.launch_toml = req.launch_toml;
         vm.rec.frequency_secs = Some(req.frequency_secs);
+        vm.rec.auto_failover = req.auto_failover;
         vm.save().map_err(internal)
     }
 
@@ -595,6 +596,7 @@ impl ReplicaSide {
                 .unwrap_or_default(),
             bandwidth: None,
             group: None,
+            auto_failover: None,
         }
     }
 

@@ -66,6 +66,18 @@ pub struct VmRecord {
     /// libvirt's backup API instead of QMP; absent = a QMP-captured VM (and in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<LibvirtSource>,
+    /// Automatic failover with a witness (`docs/auto-failover.md`): its settings on either
+    /// side (the primary's from `enable --auto-failover`, the replica's from the primary's
+    /// `create-replica`); absent = off (and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_failover: Option<crate::lease::AutoFailover>,
+    /// Primary side with automatic failover: the lease holder's persisted part (its epoch, and
+    /// why it fenced the VM: a fenced primary stays fenced across restarts).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::lease::HolderSnapshot::is_default"
+    )]
+    pub lease: crate::lease::HolderSnapshot,
 }
 
 /// The extended relationship of a replica VM: its settings and its machine's snapshot.
@@ -185,6 +197,8 @@ impl From<VmRecordV1> for VmRecord {
             extended: None,
             group: None,
             libvirt: None,
+            auto_failover: None,
+            lease: Default::default(),
         }
     }
 }
@@ -212,6 +226,8 @@ mod tests {
             extended: None,
             group: None,
             libvirt: None,
+            auto_failover: None,
+            lease: Default::default(),
         }
     }
 

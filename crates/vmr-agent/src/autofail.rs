@@ -1,0 +1,540 @@
+//! Automatic failover's drivers (issue 18, `docs/auto-failover.md`): carries out the
+//! decisions of `vmr_core::autofailover`'s [`LeaseHolder`] (the primary's right to run the
+//! VM) and gives the replica's owner what it needs to carry out its [`TakeoverWatch`].
+//!
+//! Owns, on the primary, the per-VM **guard task** ([`spawn_guard`]): it holds the VM's
+//! `LeaseHolder`, renews at the witness and asks the replica for its promise every renew
+//! period, and fences the VM itself when its right to run runs out (QMP `stop`, or the VM's
+//! process killed: by the power-off policy, or when `stop` is not answered within a second).
+//! It is a task of its own so that no command the VM's owner runs can postpone a fence; it
+//! writes nothing: what must be kept (the epoch, the fence and its reason) goes to the owner
+//! as a [`LeaseNote`] on the guard's channel, and the owner writes the record. Also the lease
+//! calls (to the witness, to the replica) and the process clock every lease time is measured
+//! on ([`mono_ms`]).
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+use vmr_capture::qmp::{Endpoint, QmpClient};
+use vmr_core::autofailover::{
+    FENCE_MS, HolderAction, HolderEvent, HolderPhase, HolderRefusal, LeaseHolder, LeaseParams,
+    TakeoverWatch, WatchPhase,
+};
+use vmr_proto::lease::{
+    AutoFailover, FenceReason, HolderSnapshot, LeaseStatus, PromiseResponse, WitnessRequest,
+    WitnessResponse,
+};
+use vmr_transport::Client;
+
+use crate::errors::AgentError;
+use crate::host::Host;
+
+/// Milliseconds on this process's monotonic clock (every lease duration is measured on it;
+/// no time crosses a host).
+pub fn mono_ms() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+fn at(ms: u64) -> tokio::time::Instant {
+    // At least 5 ms ahead: a wake-up that changed nothing is never repeated at once.
+    let now = mono_ms();
+    tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now).max(5))
+}
+
+/// The lease parameters of `cfg` (its one validation).
+pub fn params(cfg: &AutoFailover) -> Result<LeaseParams, AgentError> {
+    Ok(LeaseParams::from_auto_failover(
+        cfg.auto_failover_ms,
+        cfg.power_off,
+    )?)
+}
+
+/// One call to the witness of `cfg` with this agent's identity, given up after `timeout_ms`.
+pub async fn witness_call(
+    host: &Host,
+    cfg: &AutoFailover,
+    call: WitnessRequest,
+    timeout_ms: u64,
+) -> Result<WitnessResponse, String> {
+    let go = async {
+        let c = Client::connect(
+            &cfg.witness,
+            &host.identity,
+            &cfg.witness_fingerprint,
+            crate::config::client_options(&host.config),
+        )
+        .await?;
+        c.witness(call).await
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), go).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err(format!(
+            "witness {}: {}",
+            cfg.witness,
+            crate::util::chain(&e)
+        )),
+        Err(_) => Err(format!(
+            "witness {}: no answer within {timeout_ms} ms",
+            cfg.witness
+        )),
+    }
+}
+
+async fn promise_call(
+    host: &Host,
+    replica: &str,
+    fingerprint: &str,
+    vm: Uuid,
+    timeout_ms: u64,
+) -> Result<PromiseResponse, String> {
+    let go = async {
+        let c = Client::connect(
+            replica,
+            &host.identity,
+            fingerprint,
+            crate::config::client_options(&host.config),
+        )
+        .await?;
+        c.promise(vm).await
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), go).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err(format!("replica {replica}: {}", crate::util::chain(&e))),
+        Err(_) => Err(format!(
+            "replica {replica}: no answer within {timeout_ms} ms"
+        )),
+    }
+}
+
+/// A witness answer in words (for messages and events).
+pub fn describe(a: &WitnessResponse) -> String {
+    match a {
+        WitnessResponse::Granted { epoch, lease_ms } => {
+            format!("granted (epoch {epoch}, {lease_ms} ms)")
+        }
+        WitnessResponse::Held {
+            epoch,
+            by_peer,
+            remaining_ms,
+        } => format!(
+            "held by {} (epoch {epoch}) for {remaining_ms} ms more",
+            if *by_peer {
+                "the other party"
+            } else {
+                "this agent"
+            }
+        ),
+        WitnessResponse::Removed => "removed".into(),
+        WitnessResponse::Unknown => "the witness knows no lease of this VM".into(),
+        WitnessResponse::NotAParty => "this agent is not a party of the VM's lease".into(),
+        WitnessResponse::Conflict { reason } => format!("conflict: {reason}"),
+    }
+}
+
+/// The pid of the process listening on the Unix socket `path` (the VM's QEMU on its QMP
+/// socket), from the connection's peer credentials; `None` when nobody listens.
+fn listener_pid(path: &str) -> Option<i32> {
+    let s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    (cred.pid() > 0).then(|| cred.pid())
+}
+
+/// Fence the VM whose QMP monitor is `qmp`: QMP `stop` (within a second), else, and with
+/// `power_off` at once, SIGKILL of the process serving the monitor. Returns how.
+pub async fn fence_vm(qmp: &str, power_off: bool) -> String {
+    let pid = listener_pid(qmp);
+    if !power_off {
+        let stop = async {
+            let mut q = QmpClient::connect(&Endpoint::Unix(qmp.into()), Duration::from_secs(1))
+                .await
+                .map_err(|e| e.to_string())?;
+            q.execute_value("stop", None)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_millis(FENCE_MS / 2), stop).await {
+            Ok(Ok(_)) => return "paused (QMP stop)".into(),
+            Ok(Err(e)) => tracing::warn!(qmp, "fence: QMP stop failed ({e}); killing the VM"),
+            Err(_) => tracing::warn!(qmp, "fence: QMP stop not answered; killing the VM"),
+        }
+    }
+    match pid {
+        Some(pid) => {
+            match nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            ) {
+                Ok(()) => format!("killed (SIGKILL of pid {pid})"),
+                Err(e) => format!("not fenced: SIGKILL of pid {pid} failed: {e}"),
+            }
+        }
+        None => "not running (nothing listens on its QMP socket)".into(),
+    }
+}
+
+/// What the guard tells the VM's owner (which writes the record).
+#[derive(Debug)]
+pub enum LeaseNote {
+    /// Keep this snapshot (the epoch changed).
+    Snapshot(HolderSnapshot),
+    /// The VM was fenced: keep the snapshot, stop replicating, emit the event.
+    Fenced {
+        /// The snapshot to keep.
+        snapshot: HolderSnapshot,
+        /// Why.
+        reason: FenceReason,
+        /// How (paused, killed).
+        how: String,
+    },
+    /// The admin's unfence was granted and the VM resumed: keep the snapshot, replicate again.
+    Resumed {
+        /// The snapshot to keep.
+        snapshot: HolderSnapshot,
+        /// How the VM was resumed (or why it could not be).
+        how: String,
+    },
+}
+
+enum GuardMsg {
+    Witness {
+        seq: u64,
+        answer: Result<WitnessResponse, String>,
+    },
+    Promise {
+        seq: u64,
+        answer: Result<PromiseResponse, String>,
+    },
+    Unfence(oneshot::Sender<Result<String, AgentError>>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// What a guard needs of its VM.
+pub struct GuardSetup {
+    /// The host (identity, client options).
+    pub host: Arc<Host>,
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: Uuid,
+    /// The VM's QMP socket (what is fenced).
+    pub qmp: String,
+    /// The settings.
+    pub cfg: AutoFailover,
+    /// The replica agent's address.
+    pub replica: String,
+    /// The replica agent's fingerprint.
+    pub replica_fingerprint: String,
+    /// The persisted holder.
+    pub snapshot: HolderSnapshot,
+}
+
+/// The owner's handle of a primary VM's guard task.
+pub struct GuardHandle {
+    tx: mpsc::UnboundedSender<GuardMsg>,
+    /// The guard's notes to the owner.
+    pub notes: mpsc::UnboundedReceiver<LeaseNote>,
+    status: Arc<Mutex<LeaseStatus>>,
+}
+
+impl GuardHandle {
+    /// For `status`.
+    pub fn status(&self) -> LeaseStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The admin's unfence: answered once the witness answered.
+    pub async fn unfence(&self, name: &str) -> Result<String, AgentError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || AgentError::NoAutoFailover {
+            name: name.to_owned(),
+        };
+        self.tx.send(GuardMsg::Unfence(tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Stop the guard (auto-failover off, disable, agent stop): no more renewals, no fence.
+    pub async fn stop(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(GuardMsg::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Start the guard of a primary VM: restored from `setup.snapshot` (a fenced VM stays fenced;
+/// otherwise one run window counts from now and the first renewals go out).
+pub fn spawn_guard(setup: GuardSetup) -> Result<GuardHandle, AgentError> {
+    let params = params(&setup.cfg)?;
+    let holder = LeaseHolder::restore(params, setup.snapshot.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (note_tx, notes) = mpsc::unbounded_channel();
+    let status = Arc::new(Mutex::new(LeaseStatus::default()));
+    let g = Guard {
+        setup,
+        params,
+        holder,
+        tx: tx.clone(),
+        rx,
+        notes: note_tx,
+        status: status.clone(),
+        unfence: None,
+    };
+    tokio::spawn(g.run());
+    Ok(GuardHandle { tx, notes, status })
+}
+
+struct Guard {
+    setup: GuardSetup,
+    params: LeaseParams,
+    holder: LeaseHolder,
+    tx: mpsc::UnboundedSender<GuardMsg>,
+    rx: mpsc::UnboundedReceiver<GuardMsg>,
+    notes: mpsc::UnboundedSender<LeaseNote>,
+    status: Arc<Mutex<LeaseStatus>>,
+    unfence: Option<oneshot::Sender<Result<String, AgentError>>>,
+}
+
+fn phase_name(p: HolderPhase) -> &'static str {
+    match p {
+        HolderPhase::Stopped => "stopped",
+        HolderPhase::Holding => "holding",
+        HolderPhase::Fenced => "fenced",
+        HolderPhase::Unfencing => "unfencing",
+    }
+}
+
+impl Guard {
+    async fn run(mut self) {
+        if self.holder.phase() == HolderPhase::Stopped {
+            self.step(HolderEvent::Start { now_ms: mono_ms() }).await;
+        }
+        loop {
+            self.publish();
+            let wake = self.holder.next_wake_ms().map(at);
+            let msg = tokio::select! {
+                () = async {
+                    match wake {
+                        Some(w) => tokio::time::sleep_until(w).await,
+                        None => std::future::pending().await,
+                    }
+                } => None,
+                m = self.rx.recv() => match m {
+                    Some(m) => Some(m),
+                    None => break,
+                },
+            };
+            let now_ms = mono_ms();
+            let event = match msg {
+                None => HolderEvent::Tick { now_ms },
+                Some(GuardMsg::Stop(ack)) => {
+                    let _ = ack.send(());
+                    break;
+                }
+                Some(GuardMsg::Witness { seq, answer }) => match answer {
+                    Ok(answer) => HolderEvent::WitnessAnswer {
+                        now_ms,
+                        seq,
+                        answer,
+                    },
+                    Err(error) => HolderEvent::Failed { now_ms, seq, error },
+                },
+                Some(GuardMsg::Promise { seq, answer }) => match answer {
+                    Ok(answer) => HolderEvent::PromiseAnswer {
+                        now_ms,
+                        seq,
+                        answer,
+                    },
+                    Err(error) => HolderEvent::Failed { now_ms, seq, error },
+                },
+                Some(GuardMsg::Unfence(reply)) => {
+                    if self.unfence.is_some() {
+                        let _ = reply.send(Err(self.refused(HolderRefusal::Phase {
+                            event: "unfence",
+                            phase: HolderPhase::Unfencing,
+                        })));
+                        continue;
+                    }
+                    self.unfence = Some(reply);
+                    HolderEvent::Unfence { now_ms }
+                }
+            };
+            self.step(event).await;
+        }
+    }
+
+    fn refused(&self, refusal: HolderRefusal) -> AgentError {
+        AgentError::Lease {
+            name: self.setup.name.clone(),
+            refusal,
+        }
+    }
+
+    async fn step(&mut self, event: HolderEvent) {
+        let before = self.holder.phase();
+        match self.holder.step(event) {
+            Ok(actions) => self.carry_out(actions).await,
+            Err(refusal) => {
+                if let Some(r) = self.unfence.take() {
+                    let _ = r.send(Err(self.refused(refusal)));
+                }
+                return;
+            }
+        }
+        if before == HolderPhase::Unfencing
+            && let Some(r) = self.unfence.take()
+        {
+            match self.holder.phase() {
+                HolderPhase::Holding => {
+                    let _ = r.send(Ok(format!(
+                        "{}: unfenced: the witness renewed the lease (epoch {}); the VM runs and replication resumes",
+                        self.setup.name,
+                        self.holder.snapshot().epoch
+                    )));
+                }
+                HolderPhase::Unfencing => self.unfence = Some(r),
+                _ => {
+                    let reason = self
+                        .holder
+                        .status(mono_ms())
+                        .fenced
+                        .map(|f| f.to_string())
+                        .unwrap_or_else(|| "no answer".into());
+                    let _ = r.send(Err(AgentError::UnfenceRefused {
+                        name: self.setup.name.clone(),
+                        reason,
+                    }));
+                }
+            }
+        }
+    }
+
+    async fn carry_out(&mut self, actions: Vec<HolderAction>) {
+        for a in actions {
+            match a {
+                HolderAction::CallWitness {
+                    seq,
+                    epoch,
+                    timeout_ms,
+                } => {
+                    let call = if epoch == 0 {
+                        WitnessRequest::Register {
+                            vm: self.setup.uuid,
+                            replica: self.setup.replica_fingerprint.clone(),
+                            lease_ms: self.params.lease_ms,
+                        }
+                    } else {
+                        WitnessRequest::Renew {
+                            vm: self.setup.uuid,
+                            epoch,
+                        }
+                    };
+                    let (host, cfg, tx) = (
+                        self.setup.host.clone(),
+                        self.setup.cfg.clone(),
+                        self.tx.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let answer = witness_call(&host, &cfg, call, timeout_ms).await;
+                        let _ = tx.send(GuardMsg::Witness { seq, answer });
+                    });
+                }
+                HolderAction::AskPromise { seq, timeout_ms } => {
+                    let (host, tx) = (self.setup.host.clone(), self.tx.clone());
+                    let (replica, fp, vm) = (
+                        self.setup.replica.clone(),
+                        self.setup.replica_fingerprint.clone(),
+                        self.setup.uuid,
+                    );
+                    tokio::spawn(async move {
+                        let answer = promise_call(&host, &replica, &fp, vm, timeout_ms).await;
+                        let _ = tx.send(GuardMsg::Promise { seq, answer });
+                    });
+                }
+                HolderAction::Fence { reason, power_off } => {
+                    let how = fence_vm(&self.setup.qmp, power_off).await;
+                    tracing::error!(vm = %self.setup.name, %reason, %how, "auto-failover: fenced");
+                    let _ = self.notes.send(LeaseNote::Fenced {
+                        snapshot: self.holder.snapshot(),
+                        reason,
+                        how,
+                    });
+                }
+                HolderAction::Resume => {
+                    let how = resume_vm(&self.setup.qmp).await;
+                    let _ = self.notes.send(LeaseNote::Resumed {
+                        snapshot: self.holder.snapshot(),
+                        how,
+                    });
+                }
+                HolderAction::Persist => {
+                    let _ = self.notes.send(LeaseNote::Snapshot(self.holder.snapshot()));
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let s = self.holder.status(mono_ms());
+        let st = LeaseStatus {
+            side: "primary".into(),
+            phase: phase_name(s.phase).into(),
+            witness: self.setup.cfg.witness.clone(),
+            auto_failover_ms: self.params.auto_failover_ms,
+            epoch: Some(s.epoch),
+            run_left_ms: Some(s.run_left_ms),
+            fenced: s.fenced,
+            silence_ms: None,
+            takeover_in_ms: None,
+            last_error: s.last_error,
+        };
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = st;
+    }
+}
+
+/// QMP `cont` of a fenced (paused) VM; how it went.
+async fn resume_vm(qmp: &str) -> String {
+    let go = async {
+        let mut q = QmpClient::connect(&Endpoint::Unix(qmp.into()), Duration::from_secs(2))
+            .await
+            .map_err(|e| e.to_string())?;
+        q.execute_value("cont", None)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), go).await {
+        Ok(Ok(_)) => "resumed (QMP cont)".into(),
+        Ok(Err(e)) => format!("not resumed: {e} (a killed VM must be started again by the admin)"),
+        Err(_) => "not resumed: QMP cont not answered".into(),
+    }
+}
+
+/// What `status` shows of a replica's takeover watch.
+pub fn watch_status(w: &TakeoverWatch, cfg: &AutoFailover) -> LeaseStatus {
+    let s = w.status(mono_ms());
+    LeaseStatus {
+        side: "replica".into(),
+        phase: match s.phase {
+            WatchPhase::Stopped => "stopped",
+            WatchPhase::Watching => "watching",
+            WatchPhase::Asking => "asking",
+            WatchPhase::TookOver => "took-over",
+        }
+        .into(),
+        witness: cfg.witness.clone(),
+        auto_failover_ms: cfg.auto_failover_ms,
+        epoch: None,
+        run_left_ms: None,
+        fenced: None,
+        silence_ms: Some(s.silence_ms),
+        takeover_in_ms: s.takeover_in_ms,
+        last_error: s
+            .last_error
+            .or_else(|| s.last_answer.as_ref().map(describe)),
+    }
+}
