@@ -538,6 +538,9 @@ fn print_status(rows: &[VmStatus]) {
         if let Some(line) = bandwidth_line(r) {
             println!("{:<14} {line}", "");
         }
+        if let Some(a) = &r.auto_failover {
+            println!("{:<14} AutoFailover: {}", "", auto_failover_line(a));
+        }
     }
 }
 
