@@ -615,6 +615,12 @@ mod tests {
                 frequency_secs: 30,
                 recovery_points: 0,
                 retain: crate::retain::RetentionGrid::parse("1h=24,1d=7,1mo=12", true).ok(),
+                auto_failover: Some(crate::lease::AutoFailover {
+                    auto_failover_ms: 60_000,
+                    witness: "10.0.0.3:9443".into(),
+                    witness_fingerprint: "SHA256:ww".into(),
+                    power_off: true,
+                }),
             }),
             PeerRequest::ReplicaInfo(ReplicaInfoRequest {
                 uuid,
@@ -654,6 +660,7 @@ mod tests {
             PeerRequest::Witness {
                 call: WitnessRequest::Takeover { vm: uuid },
             },
+            PeerRequest::Promise { uuid },
             PeerRequest::Promise { uuid },
         ]
     }
@@ -705,6 +712,12 @@ mod tests {
             },
             PeerResponse::Witness {
                 lease: WitnessResponse::Conflict { reason: "x".into() },
+            },
+            PeerResponse::Witness {
+                lease: WitnessResponse::Granted {
+                    epoch: 2,
+                    lease_ms: 30_000,
+                },
             },
             PeerResponse::Promise(PromiseResponse::Granted { promise_ms: 10_000 }),
             PeerResponse::Promise(PromiseResponse::Refused { taken_over: true }),
