@@ -2460,6 +2460,13 @@ impl Owner {
                 if self.vm.rec.extended.is_none() {
                     self.extended = None;
                 }
+                // Reverse starts a new relationship: automatic failover is enabled for it
+                // anew (`enable --auto-failover` after a disable), never inherited.
+                self.watch = None;
+                if self.vm.rec.auto_failover.take().is_some() {
+                    self.vm.rec.lease = Default::default();
+                    self.vm.save()?;
+                }
                 self.side = Side::Primary(Some(Box::new(PrimarySide::reversed(machine))));
                 Ok(r)
             }

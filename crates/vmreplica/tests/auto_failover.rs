@@ -354,6 +354,7 @@ fn primary_host_dies_replica_takes_over_then_reverse() -> TestResult {
     let latest = t.b.status("af1")?.last_cycle.unwrap_or(0);
     t.a.wait_cycle("af1", latest + 1, LONG)?;
     assert!(t.a.status("af1")?.auto_failover.is_none());
+    assert!(t.b.status("af1")?.auto_failover.is_none());
     t.stop()?;
     Ok(())
 }
