@@ -11,7 +11,16 @@
 //! as a [`LeaseNote`] on the guard's channel, and the owner writes the record. Also the lease
 //! calls (to the witness, to the replica) and the process clock every lease time is measured
 //! on ([`mono_ms`]).
+//!
+//! Also the **fence watchdog** ([`run_fence_watchdog`], `vmreplica fence-watchdog`): a process
+//! of its own (its own process group) the guard starts while it holds the right to run and
+//! feeds with how long the VM may still run. When the agent dies (killed, crashed, stopped) its
+//! end of the pipe closes, and the watchdog fences the VM when the last right it was told of
+//! runs out — unless a restarted agent's guard retires it first (pid file `fence-watchdog-<vm
+//! uuid>.pid` in the agent's directory). So a dead agent does not leave its VM running while the
+//! replica takes over.
 
+use std::io::BufRead;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -284,7 +293,9 @@ pub fn spawn_guard(setup: GuardSetup) -> Result<GuardHandle, AgentError> {
         notes: note_tx,
         status: status.clone(),
         unfence: None,
+        watchdog: None,
     };
+    retire_old_watchdog(&g.setup.host, g.setup.uuid, &g.setup.qmp);
     tokio::spawn(g.run());
     Ok(GuardHandle { tx, notes, status })
 }
@@ -298,6 +309,124 @@ struct Guard {
     notes: mpsc::UnboundedSender<LeaseNote>,
     status: Arc<Mutex<LeaseStatus>>,
     unfence: Option<oneshot::Sender<Result<String, AgentError>>>,
+    /// The fence watchdog's pipe while holding, and the last end of the right it was told.
+    watchdog: Option<(tokio::process::ChildStdin, u64)>,
+}
+
+/// How much later than the guard the watchdog fences (the guard stops it first; both within
+/// [`FENCE_MS`] of the end of the right to run).
+const WATCHDOG_GRACE_MS: u64 = 300;
+
+fn watchdog_pidfile(host: &Host, vm: Uuid) -> std::path::PathBuf {
+    host.dir.join(format!("fence-watchdog-{vm}.pid"))
+}
+
+/// SIGKILL the fence watchdog an earlier agent process left for `vm` (its pid file names it,
+/// and its command line says it is one, of this VM's monitor).
+fn retire_old_watchdog(host: &Host, vm: Uuid, qmp: &str) {
+    let file = watchdog_pidfile(host, vm);
+    let Some(pid) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    if cmdline.contains("fence-watchdog") && cmdline.contains(qmp) {
+        tracing::info!(%vm, pid, "auto-failover: retiring the fence watchdog of an earlier agent process");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
+/// Start a fence watchdog for the VM of `qmp`; its pipe.
+fn spawn_watchdog(
+    host: &Host,
+    vm: Uuid,
+    qmp: &str,
+    power_off: bool,
+) -> Option<tokio::process::ChildStdin> {
+    let exe = std::env::current_exe().ok()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["fence-watchdog", "--qmp", qmp]);
+    if power_off {
+        cmd.arg("--power-off");
+    }
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .process_group(0)
+        .kill_on_drop(false);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(%vm, "auto-failover: the fence watchdog did not start: {e}");
+            return None;
+        }
+    };
+    if let Some(pid) = child.id() {
+        let _ = std::fs::write(watchdog_pidfile(host, vm), pid.to_string());
+    }
+    let stdin = child.stdin.take();
+    // Reaped when it ends (told to stop, or after a fence).
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    stdin
+}
+
+/// `vmreplica fence-watchdog --qmp PATH [--power-off]`: reads `RUN <ms>` (the VM may run this
+/// much longer) and `STOP` (exit, fencing nothing) lines on stdin from the agent's guard; when
+/// the last right runs out — the agent alive or not (its end of the pipe closed) — fences the VM
+/// of the QMP socket `qmp` as the guard does, and exits. Blocking.
+pub fn run_fence_watchdog(qmp: &str, power_off: bool) -> Result<(), AgentError> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(l) = line else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let got = match deadline {
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok(l) if l.trim() == "STOP" => return Ok(()),
+            Ok(l) => {
+                if let Some(ms) = l.trim().strip_prefix("RUN ").and_then(|m| m.parse().ok()) {
+                    deadline = Some(Instant::now() + Duration::from_millis(ms));
+                }
+            }
+            // The agent is gone: the last right it had stands, no longer.
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Some(d) = deadline {
+                    std::thread::sleep(d.saturating_duration_since(Instant::now()));
+                }
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => break,
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::System {
+            doing: "starting a runtime for the fence",
+            source,
+        })?;
+    let how = rt.block_on(fence_vm(qmp, power_off));
+    eprintln!("vmreplica fence-watchdog: the right to run the VM of {qmp} ran out: {how}");
+    Ok(())
 }
 
 fn phase_name(p: HolderPhase) -> &'static str {
@@ -315,6 +444,7 @@ impl Guard {
             self.step(HolderEvent::Start { now_ms: mono_ms() }).await;
         }
         loop {
+            self.feed_watchdog().await;
             self.publish();
             let wake = self.holder.next_wake_ms().map(at);
             let msg = tokio::select! {
@@ -333,6 +463,7 @@ impl Guard {
             let event = match msg {
                 None => HolderEvent::Tick { now_ms },
                 Some(GuardMsg::Stop(ack)) => {
+                    self.stop_watchdog().await;
                     let _ = ack.send(());
                     break;
                 }
@@ -457,6 +588,7 @@ impl Guard {
                     });
                 }
                 HolderAction::Fence { reason, power_off } => {
+                    self.stop_watchdog().await;
                     let how = fence_vm(&self.setup.qmp, power_off).await;
                     tracing::error!(vm = %self.setup.name, %reason, %how, "auto-failover: fenced");
                     let _ = self.notes.send(LeaseNote::Fenced {
@@ -475,6 +607,41 @@ impl Guard {
                 HolderAction::Persist => {
                     let _ = self.notes.send(LeaseNote::Snapshot(self.holder.snapshot()));
                 }
+            }
+        }
+    }
+
+    async fn stop_watchdog(&mut self) {
+        if let Some((mut w, _)) = self.watchdog.take() {
+            use tokio::io::AsyncWriteExt;
+            let _ = w.write_all(b"STOP\n").await;
+            let _ = w.flush().await;
+            let _ = std::fs::remove_file(watchdog_pidfile(&self.setup.host, self.setup.uuid));
+        }
+    }
+
+    /// While holding, the watchdog runs and knows when the right to run ends.
+    async fn feed_watchdog(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        if self.holder.phase() != HolderPhase::Holding {
+            return;
+        }
+        let now = mono_ms();
+        let until = now + self.holder.status(now).run_left_ms;
+        if self.watchdog.is_none() {
+            let s = &self.setup;
+            self.watchdog =
+                spawn_watchdog(&s.host, s.uuid, &s.qmp, s.cfg.power_off).map(|w| (w, 0));
+        }
+        if let Some((w, told)) = &mut self.watchdog
+            && *told != until
+        {
+            let line = format!("RUN {}\n", until - now + WATCHDOG_GRACE_MS);
+            if let Err(e) = w.write_all(line.as_bytes()).await {
+                tracing::error!(vm = %self.setup.name, "auto-failover: the fence watchdog is gone: {e}");
+                self.watchdog = None;
+            } else {
+                *told = until;
             }
         }
     }

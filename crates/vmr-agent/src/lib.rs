@@ -58,6 +58,13 @@ use crate::config::load_config;
 use crate::host::Host;
 use crate::vm::{Command, Registry};
 
+/// `vmreplica fence-watchdog` (started by the agent's auto-failover guard, never by hand):
+/// fences the VM of the QMP socket `qmp` when the right to run the agent last told it of runs
+/// out (`docs/auto-failover.md`).
+pub fn run_fence_watchdog(qmp: &str, power_off: bool) -> Result<(), AgentError> {
+    autofail::run_fence_watchdog(qmp, power_off)
+}
+
 /// Run the agent until SIGINT/SIGTERM.
 pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {
     // Before anything else (recovery, state.db, binding): one agent per directory. A missing

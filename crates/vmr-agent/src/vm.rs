@@ -469,9 +469,8 @@ impl Owner {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(Command::Shutdown(ack)) => {
-                        if let Some(g) = self.guard.take() {
-                            g.stop().await;
-                        }
+                        // The guard is not stopped: its fence watchdog outlives the agent and
+                        // fences the VM when its right to run ends, unless the agent is back.
                         self.vm.stop_disable_notice().await;
                         if let Side::Primary(Some(p)) = &mut self.side {
                             p.stop().await;

@@ -295,6 +295,18 @@ pub enum Command {
         #[arg(long)]
         frequency: Option<String>,
     },
+    /// The fence watchdog of automatic failover (started by the agent, never by hand): fences
+    /// the VM of the QMP socket when the right to run the agent last told it of (`RUN <ms>`
+    /// lines on stdin) runs out, also after the agent died; `STOP` ends it.
+    #[command(hide = true)]
+    FenceWatchdog {
+        /// The VM's QMP socket.
+        #[arg(long)]
+        qmp: String,
+        /// Kill the VM instead of pausing it.
+        #[arg(long)]
+        power_off: bool,
+    },
     /// Write the man pages and shell completions generated from this grammar into DIR
     /// (packaging: `scripts/package.sh`).
     #[command(hide = true)]

@@ -543,6 +543,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         },
         Command::Init { .. }
         | Command::Agent
+        | Command::FenceWatchdog { .. }
         | Command::Check { .. }
         | Command::Demo(_)
         | Command::GenerateDocs { .. } => {

@@ -455,3 +455,39 @@ fn manual_failover_start_is_refused_while_the_primary_holds_a_right() -> TestRes
     t.stop()?;
     Ok(())
 }
+
+/// The primary *agent* killed alone, its VM still running: the fence watchdog the guard started
+/// (a process of its own) fences the VM when the last right to run ends, before the replica,
+/// after `--auto-failover` of silence, takes the VM over: the VM never runs twice.
+#[test]
+fn primary_agent_killed_alone_its_watchdog_fences_before_the_takeover() -> TestResult {
+    let mut t = Witnessed::new(exe())?;
+    let vm = enabled(&t, "af4", &[])?;
+    let pid = vm.pid();
+    t.a.kill9();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(60);
+    let mut fenced_at = None;
+    let took_at = loop {
+        if fenced_at.is_none() && !alive(pid) {
+            fenced_at = Some(killed.elapsed());
+        }
+        if failed_over(&t.b.status("af4")?) {
+            break killed.elapsed();
+        }
+        assert!(Instant::now() < deadline, "no takeover within 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let fenced_at = fenced_at.ok_or_else(|| {
+        format!("the replica took over after {took_at:?} while the primary's VM still ran")
+    })?;
+    eprintln!(
+        "auto-failover {AUTO}: primary agent killed → its VM fenced by the watchdog after {:.1} s, the replica took over after {:.1} s",
+        fenced_at.as_secs_f64(),
+        took_at.as_secs_f64()
+    );
+    assert!(fenced_at < took_at);
+    assert!(fenced_at <= Duration::from_secs(10), "{fenced_at:?}");
+    t.stop()?;
+    Ok(())
+}
