@@ -422,7 +422,31 @@ fn primary_runs_on_either_right_and_fences_without_both() -> TestResult {
     // A restart keeps it fenced.
     t.a.restart()?;
     assert_eq!(lease(&t.a, "af2")?.phase, "fenced");
-    t.a.stop()?;
+    // The witness and the replica back (the replica never took over): the admin starts the VM
+    // again and unfences; the witness renews the epoch it held, replication resumes.
+    t.w.restart()?;
+    t.b.restart()?;
+    let mut vm = vm;
+    vm.start()?;
+    let out = t.a.ok(&["unfence", "af2"])?;
+    assert!(out.contains("unfenced"), "{out}");
+    let st = lease(&t.a, "af2")?;
+    assert_eq!(
+        (st.phase.as_str(), st.epoch),
+        ("holding", Some(1)),
+        "{st:?}"
+    );
+    // Replication is resumed (the killed stand-in lost its change tracking: the primary then
+    // waits for `resume --resync`, as after any kill of the VM).
+    let (sa, _) = t.a.wait_status(
+        "af2",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "replication resumed after the unfence",
+        |s| s.state != ReplicationState::Suspended,
+    )?;
+    eprintln!("after the unfence: {}", sa.state);
+    t.stop()?;
     Ok(())
 }
 
@@ -488,6 +512,41 @@ fn primary_agent_killed_alone_its_watchdog_fences_before_the_takeover() -> TestR
     );
     assert!(fenced_at < took_at);
     assert!(fenced_at <= Duration::from_secs(10), "{fenced_at:?}");
+    t.stop()?;
+    Ok(())
+}
+
+/// The primary–replica link cut while both still reach the witness (here the replica denies
+/// the primary, `server deny`: every call of the primary refused): the primary keeps running on
+/// the witness's lease; the replica, after `--auto-failover` of silence, asks the witness, is
+/// told the primary holds the lease, and does not start the VM.
+#[test]
+fn primary_replica_link_cut_the_witness_refuses_the_takeover() -> TestResult {
+    let mut t = Witnessed::new(exe())?;
+    let vm = enabled(&t, "af5", &[])?;
+    t.b.ok(&["server", "deny", "--primary", &t.a.name])?;
+    let cut = Instant::now();
+    let (s, _) = t.b.wait_status(
+        "af5",
+        Duration::from_secs(45),
+        Duration::from_millis(100),
+        "the replica asks the witness and is refused",
+        |s| {
+            s.auto_failover
+                .as_ref()
+                .and_then(|a| a.last_error.as_deref())
+                .is_some_and(|e| e.contains("held by the other party"))
+        },
+    )?;
+    eprintln!(
+        "auto-failover {AUTO}: primary–replica cut → the replica asked and was refused after {:.1} s",
+        cut.elapsed().as_secs_f64()
+    );
+    assert!(cut.elapsed() >= Duration::from_secs(17), "asked too early");
+    assert!(!failed_over(&s), "{s:?}");
+    let st = lease(&t.a, "af5")?;
+    assert_eq!(st.phase, "holding", "{st:?}");
+    assert!(alive(vm.pid()));
     t.stop()?;
     Ok(())
 }
