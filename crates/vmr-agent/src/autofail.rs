@@ -143,16 +143,47 @@ pub fn describe(a: &WitnessResponse) -> String {
     }
 }
 
-/// The pid of the process listening on the Unix socket `path` (the VM's QEMU on its QMP
-/// socket), from the connection's peer credentials; `None` when nobody listens.
+/// The pid of the process listening on the Unix socket `path` (the VM's QMP socket), found
+/// without connecting (a frozen VM's full accept queue would make a connect wait for ever): the
+/// listening socket's inode in `/proc/net/unix`, then the process holding it in `/proc/*/fd`.
+/// `None` when nobody listens there.
 fn listener_pid(path: &str) -> Option<i32> {
-    let s = std::os::unix::net::UnixStream::connect(path).ok()?;
-    let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
-    (cred.pid() > 0).then(|| cred.pid())
+    let canon = std::fs::canonicalize(path).ok();
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let inode = table.lines().skip(1).find_map(|l| {
+        // Num RefCount Protocol Flags Type St Inode Path; a listener has St 01 (unconnected)
+        // and the accept flag 00010000.
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let p = *f.get(7)?;
+        let named = p == path || canon.as_deref().is_some_and(|c| c.as_os_str() == p);
+        (named && f.get(3).is_some_and(|fl| fl.ends_with("10000"))).then(|| f.get(6).copied())?
+    })?;
+    let want = format!("socket:[{inode}]");
+    let me = std::process::id();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
-/// Fence the VM whose QMP monitor is `qmp`: QMP `stop` (within a second), else, and with
-/// `power_off` at once, SIGKILL of the process serving the monitor. Returns how.
+/// Fence the VM whose QMP monitor is `qmp`: QMP `stop` (within a second); when `stop` is not
+/// answered (the monitor takes one client, and the capture session holds it while replication
+/// runs) or not known (a qemu-storage-daemon), SIGSTOP of the process serving the monitor: the
+/// whole VM frozen, no vCPU and no I/O thread runs; with `power_off`, SIGKILL at once. Returns
+/// how.
 pub async fn fence_vm(qmp: &str, power_off: bool) -> String {
     let pid = listener_pid(qmp);
     if !power_off {
@@ -166,9 +197,25 @@ pub async fn fence_vm(qmp: &str, power_off: bool) -> String {
         };
         match tokio::time::timeout(Duration::from_millis(FENCE_MS / 2), stop).await {
             Ok(Ok(_)) => return "paused (QMP stop)".into(),
-            Ok(Err(e)) => tracing::warn!(qmp, "fence: QMP stop failed ({e}); killing the VM"),
-            Err(_) => tracing::warn!(qmp, "fence: QMP stop not answered; killing the VM"),
+            Ok(Err(e)) => tracing::warn!(
+                qmp,
+                "fence: QMP stop failed ({e}); freezing the VM's process"
+            ),
+            Err(_) => tracing::warn!(
+                qmp,
+                "fence: QMP stop not answered; freezing the VM's process"
+            ),
         }
+        return match pid {
+            Some(pid) => match nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            ) {
+                Ok(()) => format!("paused (SIGSTOP of pid {pid}: QMP stop not available)"),
+                Err(e) => format!("not fenced: SIGSTOP of pid {pid} failed: {e}"),
+            },
+            None => "not running (nothing listens on its QMP socket)".into(),
+        };
     }
     match pid {
         Some(pid) => {
@@ -664,8 +711,31 @@ impl Guard {
     }
 }
 
-/// QMP `cont` of a fenced (paused) VM; how it went.
+/// SIGKILL of a fenced VM's process (become-replica: its images become the replica's), and a
+/// wait (at most 5 s) until nothing listens on its QMP socket.
+pub async fn end_fenced_vm(qmp: &str) {
+    if let Some(pid) = listener_pid(qmp) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while listener_pid(qmp).is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A fenced VM runs again: SIGCONT of its process (a VM frozen by SIGSTOP), then QMP `cont` (a
+/// VM paused by QMP `stop`); how it went.
 async fn resume_vm(qmp: &str) -> String {
+    let Some(pid) = listener_pid(qmp) else {
+        return "not resumed: nothing listens on its QMP socket (a killed VM must be started again by the admin)".into();
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    );
     let go = async {
         let mut q = QmpClient::connect(&Endpoint::Unix(qmp.into()), Duration::from_secs(2))
             .await
@@ -675,9 +745,9 @@ async fn resume_vm(qmp: &str) -> String {
             .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(Duration::from_secs(5), go).await {
-        Ok(Ok(_)) => "resumed (QMP cont)".into(),
-        Ok(Err(e)) => format!("not resumed: {e} (a killed VM must be started again by the admin)"),
-        Err(_) => "not resumed: QMP cont not answered".into(),
+        Ok(Ok(_)) => format!("resumed (SIGCONT of pid {pid}, QMP cont)"),
+        Ok(Err(e)) => format!("resumed (SIGCONT of pid {pid}; QMP cont: {e})"),
+        Err(_) => format!("resumed (SIGCONT of pid {pid}; QMP cont not answered)"),
     }
 }
 

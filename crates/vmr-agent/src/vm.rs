@@ -1587,6 +1587,11 @@ impl Owner {
                     Side::Primary(p) => p.as_deref_mut(),
                     Side::Replica(_) => None,
                 };
+                // A VM automatic failover fenced here (paused or frozen) is ended first: its
+                // images become the replica's, its writes after the cut are resynced away.
+                if self.vm.rec.lease.fenced.is_some() {
+                    crate::autofail::end_fenced_vm(&self.vm.rec.qmp).await;
+                }
                 let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
                 let r = r.map(|(v, machine)| {
                     self.side = Side::Replica(Box::new(ReplicaSide::with(machine)));
