@@ -731,8 +731,9 @@ pub struct EnableCmd {
     /// The witness agent's certificate fingerprint.
     #[arg(long, value_name = "FP", requires = "auto_failover")]
     pub witness_fingerprint: Option<String>,
-    /// How automatic failover fences this primary's VM: `pause` (QMP `stop`, the default;
-    /// the VM is killed when `stop` is not answered) or `power-off` (the VM's QEMU killed).
+    /// How automatic failover fences this primary's VM: `pause` (QMP `stop`, the default; the
+    /// VM's process is frozen with SIGSTOP when `stop` is not answered) or `power-off` (the
+    /// VM's QEMU killed).
     #[arg(long, value_name = "pause|power-off", requires = "auto_failover")]
     pub fence: Option<String>,
     /// Run on a replica VM: extended replication, forwarding its recovery points to the
