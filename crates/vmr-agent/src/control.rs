@@ -409,6 +409,8 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                 group: None,
                 libvirt,
                 fanout: Vec::new(),
+                auto_failover: None,
+                lease: Default::default(),
             };
             host.save_vm(&rec)?;
             agent.vms.spawn(host, rec, false)?;
@@ -542,6 +544,10 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
         }
         Request::Pause { name } => to_value(vm(agent, &name)?.ask(Command::Pause).await?),
         Request::Resume { name } => to_value(vm(agent, &name)?.ask(Command::Resume).await?),
+        Request::Unfence { name } => Ok(json!(vm(agent, &name)?.ask(Command::Unfence).await?)),
+        Request::AutoFailoverOff { name } => Ok(json!(
+            vm(agent, &name)?.ask(Command::AutoFailoverOff).await?
+        )),
         Request::ResumeResync { name, at_ms } => to_value(
             vm(agent, &name)?
                 .ask(|r| Command::ResumeResync(at_ms, r))

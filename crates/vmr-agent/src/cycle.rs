@@ -227,6 +227,7 @@ pub fn create_request(rec: &VmRecord, def: &VmDefinition, args: &EnableArgs) -> 
         frequency_secs: args.frequency_secs,
         recovery_points: args.recovery_points,
         retain: args.retain.clone(),
+        auto_failover: rec.auto_failover.clone(),
     }
 }
 

@@ -559,6 +559,8 @@ mod tests {
             group: None,
             libvirt: None,
             fanout: Vec::new(),
+            auto_failover: None,
+            lease: Default::default(),
         }
     }
 

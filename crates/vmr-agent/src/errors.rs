@@ -443,6 +443,58 @@ pub enum AgentError {
     /// The enable arguments are invalid.
     #[error(transparent)]
     InvalidEnable(#[from] InvalidEnable),
+    /// A bad `--auto-failover` value.
+    #[error(transparent)]
+    InvalidAutoFailover(#[from] vmr_core::autofailover::InvalidAutoFailover),
+    /// `--auto-failover` on a libvirt-managed VM (its fence is not built).
+    #[error(
+        "{name:?} is libvirt-managed: automatic failover fences QEMU through its QMP monitor, which is not built for libvirt VMs"
+    )]
+    AutoFailoverLibvirt {
+        /// The VM name.
+        name: String,
+    },
+    /// `unfence` or `set --auto-failover off` on a VM without automatic failover.
+    #[error("{name:?} has no automatic failover here (see `vmreplica enable --auto-failover`)")]
+    NoAutoFailover {
+        /// The VM name.
+        name: String,
+    },
+    /// The lease holder refused the command (not fenced, or the replica took the VM over).
+    #[error("{name}: {refusal}")]
+    Lease {
+        /// The VM name.
+        name: String,
+        /// The holder's refusal.
+        refusal: vmr_core::autofailover::HolderRefusal,
+    },
+    /// The unfence's renewal was not granted.
+    #[error("{name}: unfence refused, the VM stays fenced: {reason}")]
+    UnfenceRefused {
+        /// The VM name.
+        name: String,
+        /// The witness's answer or the call's error.
+        reason: String,
+    },
+    /// `failover start` on a replica with automatic failover: the witness did not grant the
+    /// lease (the primary holds it) or could not be asked.
+    #[error(
+        "{name}: the witness did not grant the VM's lease ({reason}); the primary may be running the VM. Wait, or pass --force (the admin's call: nothing checks then that the VM does not run twice)"
+    )]
+    LeaseNotGranted {
+        /// The VM name.
+        name: String,
+        /// The witness's answer, or why it could not be asked.
+        reason: String,
+    },
+    /// `failover start` while a promise this replica gave the primary is live.
+    #[error("{name}: {refusal}")]
+    Watch {
+        /// The VM name.
+        name: String,
+        /// The watch's refusal.
+        refusal: vmr_core::autofailover::WatchRefusal,
+    },
     /// This host's `--replica-network-args` cannot replace the replicated definition's.
     #[error(
         "this host's failover network-args (vm set --replica-network-args) do not fit the replicated definition"
@@ -1147,8 +1199,15 @@ impl AgentError {
             | ImportOtherVm { .. }
             | GroupMemberReplica { .. }
             | AmbiguousRelationship { .. }
-            | FanoutRefused { .. } => exit::INVALID_STATE,
+            | FanoutRefused { .. }
+            | NoAutoFailover { .. }
+            | Lease { .. }
+            | UnfenceRefused { .. }
+            | LeaseNotGranted { .. }
+            | Watch { .. } => exit::INVALID_STATE,
             InvalidEnable(_)
+            | InvalidAutoFailover(_)
+            | AutoFailoverLibvirt { .. }
             | Group(_)
             | FailoverSettings(_)
             | ReplicaNetworkArgs(_)

@@ -407,6 +407,7 @@ fn create_request(rec: &VmRecord, args: &EnableArgs, disks: &[(String, u64)]) ->
         frequency_secs: args.frequency_secs,
         recovery_points: args.recovery_points,
         retain: args.retain.clone(),
+        auto_failover: None,
     }
 }
 

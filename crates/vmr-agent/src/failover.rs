@@ -1313,6 +1313,7 @@ pub async fn reverse(
             None => policy.grid.clone(),
         },
         bandwidth: None,
+        auto_failover: None,
     };
     let schedule = crate::primary::schedule_of(&args)?;
     let store = vm.host.store_of(&rec)?;
@@ -1501,7 +1502,11 @@ pub async fn become_replica(
         )));
     }
     let ep = Endpoint::Unix(rec.qmp.clone().into());
+    // A VM automatic failover fenced here is paused (or gone): it is ended below, its writes
+    // after the cut discarded by the resync like any old primary's.
+    let fenced = rec.lease.fenced.is_some();
     if !planned
+        && !fenced
         && !matches!(
             QmpClient::connect(&ep, Duration::from_secs(3)).await,
             Err(QmpError::Connect { .. })
@@ -1604,6 +1609,8 @@ pub async fn become_replica(
             group: None,
             libvirt: None,
             fanout: Vec::new(),
+            auto_failover: None,
+            lease: Default::default(),
         };
         vm.rec = new;
         vm.save()?;

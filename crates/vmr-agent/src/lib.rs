@@ -7,12 +7,13 @@
 //!
 //! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
 //! `sinks` → `events` → `errors` → `telemetry` → `config`, `launch`, `lock`, `host` → `owned`,
-//! `cycle` → `resync`, `export` → `replica` → `primary` → `failover` → `vm` → `server`,
+//! `cycle` → `resync`, `export` → `replica` → `primary` → `failover` → `autofail` → `vm` → `server`,
 //! `control`, `http` → `dashboard` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
 //! `Persist` action is written to SQLite before the next cycle starts.
 
+mod autofail;
 pub mod config;
 mod control;
 mod cycle;
@@ -56,6 +57,13 @@ pub use crate::errors::AgentError;
 use crate::config::load_config;
 use crate::host::Host;
 use crate::vm::{Command, Registry};
+
+/// `vmreplica fence-watchdog` (started by the agent's auto-failover guard, never by hand):
+/// fences the VM of the QMP socket `qmp` when the right to run the agent last told it of runs
+/// out (`docs/auto-failover.md`).
+pub fn run_fence_watchdog(qmp: &str, power_off: bool) -> Result<(), AgentError> {
+    autofail::run_fence_watchdog(qmp, power_off)
+}
 
 /// Run the agent until SIGINT/SIGTERM.
 pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {

@@ -1102,6 +1102,7 @@ impl PrimarySide {
             bandwidth: Some(self.bandwidth_status(vm, now)),
             group: None,
             fanout: Vec::new(),
+            auto_failover: None,
         }
     }
 
@@ -1250,6 +1251,7 @@ pub fn disabled_status(vm: &Vm, primary_name: &str, now: u64) -> VmStatus {
         bandwidth: None,
         group: None,
         fanout: Vec::new(),
+        auto_failover: None,
     }
 }
 

@@ -271,6 +271,7 @@ impl ReplicaSide {
             vm.rec.disks = req.disks.iter().map(|d| d.id.clone()).collect();
         }
         vm.rec.frequency_secs = Some(req.frequency_secs);
+        vm.rec.auto_failover = req.auto_failover;
         vm.save().map_err(internal)
     }
 
@@ -631,6 +632,7 @@ impl ReplicaSide {
             bandwidth: None,
             group: None,
             fanout: Vec::new(),
+            auto_failover: None,
         }
     }
 

@@ -162,6 +162,8 @@ impl PeerHandler {
             group: None,
             libvirt: None,
             fanout: Vec::new(),
+            auto_failover: req.auto_failover.clone(),
+            lease: Default::default(),
         };
         self.host.save_vm(&rec).map_err(internal)?;
         self.vms
@@ -257,6 +259,11 @@ impl Handler for PeerHandler {
                     .witness_call(&peer.fingerprint, &call)
                     .map_err(internal)?,
             },
+            PeerRequest::Promise { uuid } => PeerResponse::Promise(
+                self.vm(uuid)?
+                    .ask_peer(|r| Command::Promise(peer.clone(), r))
+                    .await?,
+            ),
             PeerRequest::ResyncHashes(req) => PeerResponse::ResyncHashes(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::Hashes(peer.clone(), req, r))

@@ -26,6 +26,7 @@ use vmr_proto::api::{
 use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
 
+use crate::autofail::LeaseNote;
 use crate::errors::{AgentError, internal, store_err};
 use crate::events::NewEvent;
 use crate::extended::ExtendedSide;
@@ -35,6 +36,7 @@ use crate::owned::Vm;
 use crate::primary::{Cmd, CycleDone, PrimarySide};
 use crate::replica::{ReplicaCmd, ReplicaSide};
 use crate::util::now_ms;
+use vmr_core::autofailover::{TakeoverWatch, WatchAction, WatchEvent, WatchPhase};
 use vmr_proto::event::{EventKind, Severity};
 use vmr_proto::peer::{BecameReplica, BlockHashes, ContinuedFrom, PrimaryVmState, SourceVmState};
 use vmr_proto::record::VmRecord;
@@ -136,6 +138,14 @@ impl FailoverChange {
 
 /// What the owner of a VM can be asked.
 pub enum Command {
+    /// Replica: the primary asks for automatic failover's promise (`promise` peer call).
+    Promise(Peer, PeerReply<vmr_proto::lease::PromiseResponse>),
+    /// Replica: the witness answered the takeover watch's ask `seq` (or the call failed).
+    WatchAnswer(u64, Result<vmr_proto::lease::WitnessResponse, String>),
+    /// `unfence NAME` (primary).
+    Unfence(Reply<String>),
+    /// `set NAME --auto-failover off` (primary).
+    AutoFailoverOff(Reply<String>),
     /// `vm remove` (`None`): unregister this primary VM (refused while replication is
     /// enabled); `replica remove` (`Some(keep_data)`): remove this replica VM and, unless
     /// `keep_data`, its recovery points. With `check` (true), only say what would be done.
@@ -373,6 +383,8 @@ impl Registry {
             rpo_deadline: None,
             receiving: None,
             deferred: std::collections::VecDeque::new(),
+            guard: None,
+            watch: None,
         };
         tokio::spawn(owner.run());
         map.insert(handle.name.clone(), handle.clone());
@@ -421,6 +433,17 @@ struct Owner {
     /// the cycle's writer holds, and the writer comes back only through this owner's queue,
     /// so the owner must not wait for the lock inside a command.
     deferred: std::collections::VecDeque<Command>,
+    /// Primary with automatic failover: the guard task that renews the lease and fences.
+    guard: Option<crate::autofail::GuardHandle>,
+    /// Replica with automatic failover: the takeover watch and its settings.
+    watch: Option<Box<(TakeoverWatch, vmr_proto::lease::AutoFailover)>>,
+}
+
+async fn wait_note(g: &mut Option<crate::autofail::GuardHandle>) -> Option<LeaseNote> {
+    match g {
+        Some(g) => g.notes.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_deadline(at: Option<tokio::time::Instant>) {
@@ -475,6 +498,7 @@ impl Owner {
         if let Some(x) = &mut self.extended {
             x.sync_source_failover(&mut self.vm);
         }
+        self.start_auto();
         // Time passes for the machine on a steady beat that commands cannot postpone.
         let mut beat = tokio::time::interval(crate::primary::TICK);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -489,6 +513,8 @@ impl Owner {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(Command::Shutdown(ack)) => {
+                        // The guard is not stopped: its fence watchdog outlives the agent and
+                        // fences the VM when its right to run ends, unless the agent is back.
                         self.vm.stop_disable_notice().await;
                         if let Side::Primary(Some(p)) = &mut self.side {
                             p.stop().await;
@@ -543,6 +569,13 @@ impl Owner {
                         x.cycle_done(&mut self.vm, done);
                     }
                 }
+                note = wait_note(&mut self.guard) => match note {
+                    Some(n) => self.lease_note(n).await,
+                    None => {
+                        tracing::error!(vm = %self.vm.rec.name, "auto-failover: the guard task ended");
+                        self.guard = None;
+                    }
+                },
                 _ = wait_deadline(self.rpo_deadline) => {
                     // `watch` at the top of the loop raises the alert.
                     self.rpo_deadline = None;
@@ -553,6 +586,7 @@ impl Owner {
                     if let Some(x) = &mut self.extended {
                         x.tick(&mut self.vm);
                     }
+                    self.watch_step(WatchEvent::Tick { now_ms: crate::autofail::mono_ms() }).await;
                 }
             }
         }
@@ -1357,11 +1391,55 @@ impl Owner {
             self.deferred.push_back(cmd);
             return;
         }
+        if let Some(w) = self.watch.as_mut()
+            && matches!(
+                cmd,
+                Command::BeginCycle(..)
+                    | Command::FinishCycle(..)
+                    | Command::ReplicaInfo(..)
+                    | Command::Refresh(..)
+                    | Command::Hashes(..)
+            )
+        {
+            let _ = w.0.step(WatchEvent::Heard {
+                now_ms: crate::autofail::mono_ms(),
+                fenced: false,
+            });
+        }
         let Some(cmd) = self.refuse_ambiguous(cmd) else {
             return;
         };
         let primary_name = self.vm.host.config.name.clone();
         match cmd {
+            Command::Promise(peer, reply) => {
+                let r = self.trust(&peer).map(|()| self.promise());
+                let _ = reply.send(r);
+            }
+            Command::WatchAnswer(seq, answer) => {
+                let now_ms = crate::autofail::mono_ms();
+                let ev = match answer {
+                    Ok(answer) => WatchEvent::WitnessAnswer {
+                        now_ms,
+                        seq,
+                        answer,
+                    },
+                    Err(error) => WatchEvent::Failed { now_ms, seq, error },
+                };
+                self.watch_step(ev).await;
+            }
+            Command::Unfence(reply) => {
+                let r = match &self.guard {
+                    Some(g) => g.unfence(&self.vm.rec.name).await,
+                    None => Err(AgentError::NoAutoFailover {
+                        name: self.vm.rec.name.clone(),
+                    }),
+                };
+                let _ = reply.send(r);
+            }
+            Command::AutoFailoverOff(reply) => {
+                let r = self.auto_failover_off().await;
+                let _ = reply.send(r);
+            }
             Command::Status(reply) => {
                 let now = now_ms();
                 let st = match &self.side {
@@ -1372,6 +1450,11 @@ impl Owner {
                     Side::Replica(r) => r.status(&self.vm, &primary_name, now),
                 };
                 let mut st = st;
+                st.auto_failover = match (&self.guard, &self.watch) {
+                    (Some(g), _) => Some(g.status()),
+                    (None, Some(w)) => Some(crate::autofail::watch_status(&w.0, &w.1)),
+                    (None, None) => None,
+                };
                 st.extended = self.extended.as_ref().map(|x| x.status(now));
                 st.fanout = self
                     .fanout
@@ -1417,7 +1500,19 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::Resume(reply) => {
-                let r = self.admin(Cmd::Resume, ReplicaCmd::Resume).await;
+                let r = if matches!(self.side, Side::Primary(_))
+                    && self.vm.rec.lease.fenced.is_some()
+                {
+                    Err(AgentError::Lease {
+                        name: self.vm.rec.name.clone(),
+                        refusal: vmr_core::autofailover::HolderRefusal::Phase {
+                            event: "resume (use `vmreplica unfence`)",
+                            phase: vmr_core::autofailover::HolderPhase::Fenced,
+                        },
+                    })
+                } else {
+                    self.admin(Cmd::Resume, ReplicaCmd::Resume).await
+                };
                 let _ = reply.send(r);
             }
             Command::Disable(reply) => {
@@ -1426,6 +1521,9 @@ impl Owner {
                     && let Side::Primary(p) = &mut self.side
                 {
                     *p = None;
+                    if let Some(g) = self.guard.take() {
+                        g.stop().await;
+                    }
                 }
                 let _ = reply.send(r);
             }
@@ -1439,6 +1537,9 @@ impl Owner {
             }
             Command::Enable(args, reply) => {
                 let r = self.enable(*args).await;
+                if r.is_ok() {
+                    self.start_auto();
+                }
                 let _ = reply.send(r);
             }
             Command::StartInitial(reply) => {
@@ -1615,6 +1716,11 @@ impl Owner {
                         }),
                     },
                 };
+                // Automatic failover's settings may have changed with the primary's.
+                if self.watch.as_ref().map(|w| &w.1) != self.vm.rec.auto_failover.as_ref() {
+                    self.watch = None;
+                    self.start_auto();
+                }
                 let _ = reply.send(r);
             }
             Command::ReplicaInfo(peer, listen, reply) => {
@@ -1712,6 +1818,9 @@ impl Owner {
                         vm: self.vm.rec.uuid,
                     }),
                 });
+                if r.is_ok() {
+                    self.watch = None;
+                }
                 let _ = reply.send(r);
             }
             Command::PrimaryState(peer, reply) => {
@@ -1820,11 +1929,22 @@ impl Owner {
                     Side::Primary(p) => p.as_deref_mut(),
                     Side::Replica(_) => None,
                 };
+                // A VM automatic failover fenced here (paused or frozen) is ended first: its
+                // images become the replica's, its writes after the cut are resynced away.
+                if self.vm.rec.lease.fenced.is_some() {
+                    crate::autofail::end_fenced_vm(&self.vm.rec.qmp).await;
+                }
                 let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
                 let r = r.map(|(v, machine)| {
                     self.side = Side::Replica(Box::new(ReplicaSide::with(machine)));
                     v
                 });
+                // The old primary's guard (fenced) ends with its primary side.
+                if r.is_ok()
+                    && let Some(g) = self.guard.take()
+                {
+                    g.stop().await;
+                }
                 let _ = reply.send(r);
             }
             Command::Set(change, check, reply) => {
@@ -2192,6 +2312,354 @@ impl Owner {
         }
     }
 
+    /// Start automatic failover's driver when the record has it on: the primary's guard
+    /// (while replication is enabled) or the replica's takeover watch (until the VM is failed
+    /// over here).
+    fn start_auto(&mut self) {
+        let Some(cfg) = self.vm.rec.auto_failover.clone() else {
+            return;
+        };
+        let name = self.vm.rec.name.clone();
+        match &self.side {
+            Side::Primary(Some(p)) if p.state() != ReplicationState::Disabled => {
+                if self.guard.is_some() {
+                    return;
+                }
+                let Some(args) = self.vm.rec.enable.clone() else {
+                    return;
+                };
+                let setup = crate::autofail::GuardSetup {
+                    host: self.vm.host.clone(),
+                    name: name.clone(),
+                    uuid: self.vm.rec.uuid,
+                    qmp: self.vm.rec.qmp.clone(),
+                    cfg,
+                    replica: args.replica,
+                    replica_fingerprint: args.replica_fingerprint,
+                    snapshot: self.vm.rec.lease.clone(),
+                };
+                match crate::autofail::spawn_guard(setup) {
+                    Ok(g) => self.guard = Some(g),
+                    Err(e) => tracing::error!(vm = %name, "auto-failover not started: {e}"),
+                }
+            }
+            Side::Replica(r) => {
+                let failed_over = matches!(
+                    r.machine().state(),
+                    ReplicationState::FailedOver
+                        | ReplicationState::FailedOverWaitingCompletion
+                        | ReplicationState::Disabled
+                );
+                if self.watch.is_some() || failed_over {
+                    return;
+                }
+                match crate::autofail::params(&cfg) {
+                    Ok(params) => {
+                        let mut w = TakeoverWatch::new(params);
+                        let _ = w.step(WatchEvent::Start {
+                            now_ms: crate::autofail::mono_ms(),
+                        });
+                        self.watch = Some(Box::new((w, cfg)));
+                    }
+                    Err(e) => tracing::error!(vm = %name, "auto-failover not started: {e}"),
+                }
+            }
+            Side::Primary(_) => {}
+        }
+    }
+
+    /// The replica's answer to the primary's promise request.
+    fn promise(&mut self) -> vmr_proto::lease::PromiseResponse {
+        use vmr_proto::lease::PromiseResponse;
+        let failed_over = matches!(
+            self.vm.rec.state(),
+            ReplicationState::FailedOver | ReplicationState::FailedOverWaitingCompletion
+        );
+        let Some(w) = self.watch.as_mut() else {
+            return PromiseResponse::Refused {
+                taken_over: failed_over,
+            };
+        };
+        let acts =
+            w.0.step(WatchEvent::PromiseAsked {
+                now_ms: crate::autofail::mono_ms(),
+            })
+            .unwrap_or_default();
+        acts.into_iter()
+            .find_map(|a| match a {
+                WatchAction::AnswerPromise(p) => Some(p),
+                _ => None,
+            })
+            .unwrap_or(PromiseResponse::Refused {
+                taken_over: failed_over,
+            })
+    }
+
+    /// One event of the replica's takeover watch, its actions carried out: an ask goes to the
+    /// witness in a task that reports back ([`Command::WatchAnswer`]); a granted lease fails
+    /// the VM over through `failover start`'s own path (latest point, this host's failover
+    /// network settings), with an event.
+    async fn watch_step(&mut self, ev: WatchEvent) {
+        let Some(w) = self.watch.as_mut() else {
+            return;
+        };
+        let acts = match w.0.step(ev) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(vm = %self.vm.rec.name, "takeover watch: {e}");
+                return;
+            }
+        };
+        let cfg = w.1.clone();
+        for a in acts {
+            match a {
+                WatchAction::AskWitness { seq, timeout_ms } => {
+                    tracing::warn!(vm = %self.vm.rec.name, "auto-failover: the primary was silent for {} ms; asking the witness for the lease", cfg.auto_failover_ms);
+                    let (host, me, vm) = (self.vm.host.clone(), self.me.clone(), self.vm.rec.uuid);
+                    tokio::spawn(async move {
+                        let answer = crate::autofail::witness_call(
+                            &host,
+                            &cfg,
+                            vmr_proto::lease::WitnessRequest::Takeover { vm },
+                            timeout_ms,
+                        )
+                        .await;
+                        if let Some(me) = me.upgrade() {
+                            let _ = me.send(Command::WatchAnswer(seq, answer)).await;
+                        }
+                    });
+                    return;
+                }
+                WatchAction::Failover {
+                    epoch,
+                    manual: false,
+                } => {
+                    self.auto_takeover(epoch).await;
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The witness granted the replica the lease: fail over as `failover start` does.
+    async fn auto_takeover(&mut self, epoch: Option<u64>) {
+        let name = self.vm.rec.name.clone();
+        let epoch_s = epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+        let e = self
+            .emit(
+                EventKind::AutoFailover,
+                Severity::Critical,
+                format!(
+                    "{name}: automatic failover: the primary was silent and the witness granted this replica the lease (epoch {epoch_s}); starting the VM from the latest point"
+                ),
+            )
+            .field("epoch", epoch);
+        self.vm.host.events.emit(e);
+        let (tx, rx) = oneshot::channel();
+        let start = FailoverCmd::Start {
+            point: None,
+            no_start: false,
+            force: false,
+        };
+        Box::pin(self.handle(Command::Failover(start, tx))).await;
+        let host = self.vm.host.clone();
+        let evm = self.vm.event_vm(self.observe(now_ms()).state);
+        tokio::spawn(async move {
+            let (sev, msg) = match rx.await {
+                Ok(Ok(r)) => (
+                    Severity::Critical,
+                    format!(
+                        "{name}: automatic failover started the VM from recovery point {}",
+                        r.point.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+                    ),
+                ),
+                Ok(Err(e)) => (
+                    Severity::Critical,
+                    format!("{name}: automatic failover could not start the VM: {e}"),
+                ),
+                Err(_) => return,
+            };
+            host.events
+                .emit(NewEvent::new(Some(evm), EventKind::AutoFailover, sev, msg));
+        });
+    }
+
+    /// `failover start` on a replica with automatic failover: the lease first (the watch
+    /// decides; the witness is asked here, while the admin waits). Returns the `force` the
+    /// failover runs with: true once the lease is this replica's (or `--force`).
+    async fn manual_lease(&mut self, force: bool) -> Result<bool, AgentError> {
+        let name = self.vm.rec.name.clone();
+        let Some(w) = self.watch.as_mut() else {
+            return Ok(force);
+        };
+        if w.0.phase() == WatchPhase::TookOver {
+            return Ok(true);
+        }
+        let now_ms = crate::autofail::mono_ms();
+        let acts =
+            w.0.step(WatchEvent::ManualStart { now_ms, force })
+                .map_err(|refusal| AgentError::Watch {
+                    name: name.clone(),
+                    refusal,
+                })?;
+        for a in acts {
+            match a {
+                WatchAction::Failover { .. } => return Ok(true),
+                WatchAction::AskWitness { seq, timeout_ms } => {
+                    let call = vmr_proto::lease::WitnessRequest::Takeover {
+                        vm: self.vm.rec.uuid,
+                    };
+                    let r =
+                        crate::autofail::witness_call(&self.vm.host, &w.1, call, timeout_ms).await;
+                    let now_ms = crate::autofail::mono_ms();
+                    let ev = match &r {
+                        Ok(answer) => WatchEvent::WitnessAnswer {
+                            now_ms,
+                            seq,
+                            answer: answer.clone(),
+                        },
+                        Err(error) => WatchEvent::Failed {
+                            now_ms,
+                            seq,
+                            error: error.clone(),
+                        },
+                    };
+                    let acts = w.0.step(ev).unwrap_or_default();
+                    for b in acts {
+                        match b {
+                            WatchAction::Failover { .. } => return Ok(true),
+                            WatchAction::ManualRefused(answer) => {
+                                return Err(AgentError::LeaseNotGranted {
+                                    name,
+                                    reason: crate::autofail::describe(&answer),
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                    return Err(AgentError::LeaseNotGranted {
+                        name,
+                        reason: r.err().unwrap_or_else(|| "no answer".into()),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Err(AgentError::LeaseNotGranted {
+            name,
+            reason: "the witness was not asked".into(),
+        })
+    }
+
+    /// What the guard says: the owner keeps it in the record and acts on a fence (replication
+    /// paused, the event) and on an unfence (replication resumed).
+    async fn lease_note(&mut self, n: LeaseNote) {
+        let name = self.vm.rec.name.clone();
+        match n {
+            LeaseNote::Snapshot(s) => {
+                self.vm.rec.lease = s;
+                if let Err(e) = self.vm.save() {
+                    tracing::error!(vm = %name, "auto-failover: the lease epoch was not saved: {e}");
+                }
+            }
+            LeaseNote::Fenced {
+                snapshot,
+                reason,
+                how,
+            } => {
+                self.vm.rec.lease = snapshot;
+                if let Err(e) = self.vm.save() {
+                    tracing::error!(vm = %name, "auto-failover: the fence was not saved: {e}");
+                }
+                if let Err(e) = self.primary_cmd(Cmd::Pause).await {
+                    tracing::warn!(vm = %name, "auto-failover: pausing replication after the fence: {e}");
+                }
+                let e = self
+                    .emit(
+                        EventKind::Fenced,
+                        Severity::Critical,
+                        format!(
+                            "{name}: fenced by automatic failover: {reason}; the VM was {how}; replication paused (`vmreplica unfence {name}` when the witness is back)"
+                        ),
+                    )
+                    .field("reason", reason.to_string())
+                    .field("how", how);
+                self.vm.host.events.emit(e);
+            }
+            LeaseNote::Resumed { snapshot, how } => {
+                self.vm.rec.lease = snapshot;
+                if let Err(e) = self.vm.save() {
+                    tracing::error!(vm = %name, "auto-failover: the unfence was not saved: {e}");
+                }
+                if let Err(e) = self.primary_cmd(Cmd::Resume).await {
+                    tracing::warn!(vm = %name, "auto-failover: resuming replication after the unfence: {e}");
+                }
+                let e = self.emit(
+                    EventKind::AutoFailover,
+                    Severity::Warning,
+                    format!(
+                        "{name}: unfenced by the admin with the witness's lease; the VM was {how}"
+                    ),
+                );
+                self.vm.host.events.emit(e);
+            }
+        }
+    }
+
+    /// `set NAME --auto-failover off` (primary): the guard stops, the lease is removed at the
+    /// witness, the replica is told (its watch stops).
+    async fn auto_failover_off(&mut self) -> Result<String, AgentError> {
+        let name = self.vm.rec.name.clone();
+        let Some(cfg) = self.vm.rec.auto_failover.clone() else {
+            return Err(AgentError::NoAutoFailover { name });
+        };
+        if !matches!(self.side, Side::Primary(_)) {
+            return Err(self.wrong_mode("`set --auto-failover off`"));
+        }
+        if let Some(g) = self.guard.take() {
+            g.stop().await;
+        }
+        let epoch = self.vm.rec.lease.epoch;
+        let fenced = self.vm.rec.lease.fenced.is_some();
+        let removed = crate::autofail::witness_call(
+            &self.vm.host,
+            &cfg,
+            vmr_proto::lease::WitnessRequest::Remove {
+                vm: self.vm.rec.uuid,
+                epoch,
+            },
+            5_000,
+        )
+        .await;
+        self.vm.rec.auto_failover = None;
+        self.vm.rec.lease = Default::default();
+        self.vm.save()?;
+        let mut told = "the replica is told with its next create-replica".to_owned();
+        if let (Some(args), Ok(def)) = (
+            self.vm.rec.enable.clone(),
+            vmr_proto::VmDefinition::from_toml(&self.vm.rec.launch_toml),
+        ) && let Ok(c) = crate::cycle::connect(&self.vm.host, &args).await
+            && c.create_replica(crate::cycle::create_request(&self.vm.rec, &def, &args))
+                .await
+                .is_ok()
+        {
+            told = "the replica stopped its watch".to_owned();
+        }
+        Ok(format!(
+            "{name}: automatic failover off ({}; {told}){}",
+            match removed {
+                Ok(a) => format!("the witness: {}", crate::autofail::describe(&a)),
+                Err(e) => format!("the lease was not removed at the witness: {e}"),
+            },
+            if fenced {
+                "; the VM stays paused as fenced: resume it yourself (QMP `cont`) and `vmreplica resume` replication"
+            } else {
+                ""
+            }
+        ))
+    }
+
     async fn enable(&mut self, args: EnableArgs) -> Result<String, AgentError> {
         let mut fanout = false;
         match &self.side {
@@ -2237,6 +2705,25 @@ impl Owner {
             Side::Primary(_) => {}
         }
         crate::primary::schedule_of(&args)?;
+        if let Some(cfg) = &args.auto_failover {
+            crate::autofail::params(cfg)?;
+            if self.vm.rec.libvirt.is_some() {
+                return Err(AgentError::AutoFailoverLibvirt {
+                    name: self.vm.rec.name.clone(),
+                });
+            }
+        }
+        if fanout && (args.auto_failover.is_some() || self.vm.rec.auto_failover.is_some()) {
+            // The guard fences the VM for its one lease; further relationships would go on
+            // replicating a fenced VM's (or a taken-over VM's) disks in the old direction.
+            return Err(AgentError::FanoutRefused {
+                name: self.vm.rec.name.clone(),
+                reason: "automatic failover of a VM that replicates to several replicas is not \
+                         built: enable the further relationship without --auto-failover on a \
+                         VM without it (`set NAME --auto-failover off` first)"
+                    .into(),
+            });
+        }
         // A disable the replica has not heard of yet must not reach it after this enable.
         self.vm.stop_disable_notice().await;
         // Check the replica answers and accepts us before anything changes here.
@@ -2259,7 +2746,9 @@ impl Owner {
                 source,
             })
         })?;
-        let create = crate::cycle::create_request(&self.vm.rec, &def, &args);
+        let mut rec = self.vm.rec.clone();
+        rec.auto_failover = args.auto_failover.clone();
+        let create = crate::cycle::create_request(&rec, &def, &args);
         client
             .create_replica(create)
             .await
@@ -2268,6 +2757,11 @@ impl Owner {
             let side = PrimarySide::enable_fanout(&mut self.vm, args.clone())?;
             self.fanout.push(side);
         } else {
+            if self.vm.rec.auto_failover != args.auto_failover {
+                // A new relationship's lease starts from nothing.
+                self.vm.rec.lease = Default::default();
+            }
+            self.vm.rec.auto_failover = args.auto_failover.clone();
             let side = PrimarySide::enable(&mut self.vm, args.clone())?;
             self.side = Side::Primary(Some(Box::new(side)));
         }
@@ -2304,6 +2798,23 @@ impl Owner {
                 Side::Replica(_) => Err(self.wrong_mode("`failover prepare`")),
             };
         }
+        if !matches!(self.side, Side::Replica(_)) {
+            return Err(self.wrong_mode("this"));
+        }
+        // With automatic failover a real failover takes the lease first (the witness's grant
+        // stands for the split-brain probe); `--force` overrides both.
+        let f = match f {
+            FailoverCmd::Start {
+                point,
+                no_start,
+                force,
+            } => FailoverCmd::Start {
+                point,
+                no_start,
+                force: self.manual_lease(force).await?,
+            },
+            other => other,
+        };
         let Side::Replica(side) = &mut self.side else {
             return Err(self.wrong_mode("this"));
         };
@@ -2318,6 +2829,7 @@ impl Owner {
                 no_start,
                 force,
             } => crate::failover::start(&mut self.vm, side, point, no_start, force, false).await,
+
             FailoverCmd::Test { point } => {
                 crate::failover::start(&mut self.vm, side, point, false, true, true).await
             }
@@ -2346,6 +2858,13 @@ impl Owner {
                 .await?;
                 if self.vm.rec.extended.is_none() {
                     self.extended = None;
+                }
+                // Reverse starts a new relationship: automatic failover is enabled for it
+                // anew (`enable --auto-failover` after a disable), never inherited.
+                self.watch = None;
+                if self.vm.rec.auto_failover.take().is_some() {
+                    self.vm.rec.lease = Default::default();
+                    self.vm.save()?;
                 }
                 self.side = Side::Primary(Some(Box::new(PrimarySide::reversed(machine))));
                 Ok(r)

@@ -380,6 +380,7 @@ mod tests {
             verify_every_secs: None,
             retain: None,
             bandwidth: None,
+            auto_failover: None,
         }
     }
 

@@ -189,6 +189,10 @@ pub struct VmStatus {
     /// agents).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fanout: Vec<VmStatus>,
+    /// Automatic failover with a witness, when on: the lease holder's side (primary) or the
+    /// takeover watch (replica), with the time to a possible takeover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_failover: Option<crate::lease::LeaseStatus>,
 }
 
 /// A consistency group as `status` and `group list` show it (docs/groups.md). The cut
@@ -607,6 +611,18 @@ pub enum Request {
         /// VM name.
         name: String,
     },
+    /// `unfence NAME`: a primary VM its automatic failover fenced runs again, only when the
+    /// witness renews the lease it held (refused for good once the replica took over).
+    Unfence {
+        /// VM name.
+        name: String,
+    },
+    /// `set NAME --auto-failover off`: a primary stops its automatic failover (the lease is
+    /// removed at the witness; the replica is told with the next `create-replica`).
+    AutoFailoverOff {
+        /// VM name.
+        name: String,
+    },
     /// Start (or schedule) resynchronization of a VM waiting for it (`resume --resync`).
     ResumeResync {
         /// VM name.
@@ -986,6 +1002,10 @@ pub struct EnableArgs {
     /// --bandwidth` changes it at run time); `None` = unlimited (the agent's limit still holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<crate::bandwidth::BandwidthSchedule>,
+    /// Automatic failover with a witness (`--auto-failover`, `docs/auto-failover.md`); `None`
+    /// = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_failover: Option<crate::lease::AutoFailover>,
 }
 
 impl EnableArgs {
@@ -1295,6 +1315,10 @@ pub struct CreateReplica {
     /// Older replicas ignore it (and keep `recovery_points`, 0 with a grid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain: Option<crate::retain::RetentionGrid>,
+    /// Automatic failover's settings: the replica runs its takeover watch with them (absent:
+    /// off, and from older primaries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_failover: Option<crate::lease::AutoFailover>,
 }
 
 impl CreateReplica {

@@ -85,6 +85,13 @@ pub enum EventKind {
     /// A verification found the replica's point differing from the primary (Critical; fields
     /// `point`, `mismatched_blocks`, `ranges`: per disk, every differing byte range).
     VerifyMismatch,
+    /// Automatic failover fenced the primary's VM (paused it, or killed it by the power-off
+    /// policy) because its right to run ran out or the replica took over (Critical; fields
+    /// `reason`, `how`).
+    Fenced,
+    /// Automatic failover on the replica: the witness granted the lease and the VM was
+    /// started here (Critical; fields `epoch`, `point`); also a refused or failed takeover.
+    AutoFailover,
 }
 
 impl EventKind {
@@ -109,6 +116,8 @@ impl EventKind {
             EventKind::AgentStarted => "agent-started",
             EventKind::AgentStopped => "agent-stopped",
             EventKind::VerifyMismatch => "verify-mismatch",
+            EventKind::Fenced => "fenced",
+            EventKind::AutoFailover => "auto-failover",
         }
     }
 
@@ -119,7 +128,7 @@ impl EventKind {
 }
 
 /// Every event kind.
-pub const ALL_KINDS: [EventKind; 18] = [
+pub const ALL_KINDS: [EventKind; 20] = [
     EventKind::StateChanged,
     EventKind::HealthChanged,
     EventKind::CycleFailed,
@@ -138,6 +147,8 @@ pub const ALL_KINDS: [EventKind; 18] = [
     EventKind::AgentStarted,
     EventKind::AgentStopped,
     EventKind::VerifyMismatch,
+    EventKind::Fenced,
+    EventKind::AutoFailover,
 ];
 
 impl std::fmt::Display for EventKind {

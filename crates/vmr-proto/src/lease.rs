@@ -155,6 +155,13 @@ pub struct HolderSnapshot {
     pub fenced: Option<FenceReason>,
 }
 
+impl HolderSnapshot {
+    /// Never granted and not fenced (what a record without auto-failover keeps).
+    pub fn is_default(&self) -> bool {
+        *self == HolderSnapshot::default()
+    }
+}
+
 /// The replica's answer to a primary asking it for a promise not to take the VM over (the
 /// primary's second source of the right to run, besides the witness's lease).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,4 +190,56 @@ pub struct WitnessLease {
     /// Milliseconds until it expires without a renewal (0: expired; the other party may take
     /// it).
     pub remaining_ms: u64,
+}
+
+/// A VM relationship's automatic failover settings (`enable --auto-failover DURATION --witness
+/// HOST:PORT --witness-fingerprint FP [--fence power-off]`): kept in both parties' records (the
+/// primary sends them to the replica with `create-replica`). `vmr_core::autofailover::
+/// LeaseParams::from_auto_failover` is their one validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AutoFailover {
+    /// `--auto-failover`: how long the replica must not hear the primary before it asks the
+    /// witness for the lease, milliseconds.
+    pub auto_failover_ms: u64,
+    /// The witness agent's peer address, HOST:PORT.
+    pub witness: String,
+    /// The witness agent's certificate fingerprint.
+    pub witness_fingerprint: String,
+    /// `--fence power-off`: fence by killing QEMU instead of pausing it.
+    #[serde(default)]
+    pub power_off: bool,
+}
+
+/// What `status` shows of a VM's automatic failover, on either side.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct LeaseStatus {
+    /// `primary` (the lease holder's side) or `replica` (the takeover watch).
+    pub side: String,
+    /// The side's phase: primary `holding`, `fenced`, `unfencing`, `stopped`; replica
+    /// `watching`, `asking`, `took-over`, `stopped`.
+    pub phase: String,
+    /// The witness, HOST:PORT.
+    pub witness: String,
+    /// `--auto-failover`, milliseconds.
+    pub auto_failover_ms: u64,
+    /// Primary: the lease epoch held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Primary: milliseconds the VM may still run without a renewal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_left_ms: Option<u64>,
+    /// Primary: why the VM was fenced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<FenceReason>,
+    /// Replica: milliseconds since the primary was last heard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub silence_ms: Option<u64>,
+    /// Replica: milliseconds until it may ask the witness for the lease (0: it may now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub takeover_in_ms: Option<u64>,
+    /// The last failed lease call's error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }

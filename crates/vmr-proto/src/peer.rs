@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::api::{BecomeReplica, BlockHashesReply, BlockHashesRequest, CreateReplica};
 use crate::api::{ReplicaVmInfo, ReplicationState};
-use crate::lease::{WitnessRequest, WitnessResponse};
+use crate::lease::{PromiseResponse, WitnessRequest, WitnessResponse};
 pub use crate::wire::{MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION};
 
 /// Content type of protocol-2 call bodies (requests and successful answers).
@@ -64,6 +64,14 @@ pub enum PeerRequest {
     Witness {
         /// The call.
         call: WitnessRequest,
+    },
+    /// Primary → replica (protocol 6, [`crate::wire::WITNESS_SINCE`]; never sent on an older
+    /// connection): automatic failover's promise: the replica answers whether it will not ask
+    /// the witness for the VM's lease for a lease's length (`docs/auto-failover.md`). Also
+    /// tells the replica it hears its primary.
+    Promise {
+        /// VM UUID.
+        uuid: Uuid,
     },
 }
 
@@ -127,6 +135,8 @@ pub enum PeerResponse {
         /// The witness's answer.
         lease: WitnessResponse,
     },
+    /// Answer to [`PeerRequest::Promise`].
+    Promise(PromiseResponse),
 }
 
 /// The source's view of a VM across an extended chain (answer to `source-vm-state`).
@@ -265,6 +275,9 @@ enum ResponseHead {
     Witness {
         lease: WitnessResponse,
     },
+    Promise {
+        promise: PromiseResponse,
+    },
 }
 
 /// Frames a protocol-2 body: `u32` LE length of `head`, `head` (JSON), then `tail` (binary).
@@ -308,6 +321,7 @@ impl PeerRequest {
             PeerRequest::SourceVmState { .. } => "source-vm-state",
             PeerRequest::ContinueFrom(_) => "continue-from",
             PeerRequest::Witness { .. } => "witness",
+            PeerRequest::Promise { .. } => "promise",
         }
     }
 
@@ -375,6 +389,7 @@ impl PeerResponse {
             PeerResponse::SourceVmState(_) => "source-vm-state",
             PeerResponse::ContinueFrom(_) => "continue-from",
             PeerResponse::Witness { .. } => "witness",
+            PeerResponse::Promise(_) => "promise",
         }
     }
 
@@ -408,6 +423,7 @@ impl PeerResponse {
             PeerResponse::Witness { lease } => ResponseHead::Witness {
                 lease: lease.clone(),
             },
+            PeerResponse::Promise(p) => ResponseHead::Promise { promise: p.clone() },
             PeerResponse::ResyncHashes(h) => {
                 let head = ResponseHead::ResyncHashes {
                     point: h.point,
@@ -447,6 +463,7 @@ impl PeerResponse {
             ResponseHead::SourceVmState(s) => no_tail(PeerResponse::SourceVmState(s)),
             ResponseHead::ContinueFrom(c) => no_tail(PeerResponse::ContinueFrom(c)),
             ResponseHead::Witness { lease } => no_tail(PeerResponse::Witness { lease }),
+            ResponseHead::Promise { promise } => no_tail(PeerResponse::Promise(promise)),
             ResponseHead::ResyncHashes {
                 point,
                 point_disk_size,
@@ -483,6 +500,7 @@ impl PeerResponse {
             PeerResponse::SourceVmState(s) => serde_json::to_value(s).unwrap_or(Value::Null),
             PeerResponse::ContinueFrom(c) => serde_json::to_value(c).unwrap_or(Value::Null),
             PeerResponse::Witness { lease } => serde_json::to_value(lease).unwrap_or(Value::Null),
+            PeerResponse::Promise(p) => serde_json::to_value(p).unwrap_or(Value::Null),
             PeerResponse::ResyncHashes(h) => serde_json::to_value(BlockHashesReply {
                 point: h.point,
                 point_disk_size: h.point_disk_size,
@@ -522,6 +540,9 @@ impl PeerResponse {
             PeerRequest::Witness { .. } => PeerResponse::Witness {
                 lease: serde_json::from_value(v).map_err(json)?,
             },
+            PeerRequest::Promise { .. } => {
+                PeerResponse::Promise(serde_json::from_value(v).map_err(json)?)
+            }
             PeerRequest::DisableReplica { .. } => {
                 #[derive(Deserialize)]
                 struct Disabled {
@@ -594,6 +615,12 @@ mod tests {
                 frequency_secs: 30,
                 recovery_points: 0,
                 retain: crate::retain::RetentionGrid::parse("1h=24,1d=7,1mo=12", true).ok(),
+                auto_failover: Some(crate::lease::AutoFailover {
+                    auto_failover_ms: 60_000,
+                    witness: "10.0.0.3:9443".into(),
+                    witness_fingerprint: "SHA256:ww".into(),
+                    power_off: true,
+                }),
             }),
             PeerRequest::ReplicaInfo(ReplicaInfoRequest {
                 uuid,
@@ -633,6 +660,8 @@ mod tests {
             PeerRequest::Witness {
                 call: WitnessRequest::Takeover { vm: uuid },
             },
+            PeerRequest::Promise { uuid },
+            PeerRequest::Promise { uuid },
         ]
     }
 
@@ -684,6 +713,14 @@ mod tests {
             PeerResponse::Witness {
                 lease: WitnessResponse::Conflict { reason: "x".into() },
             },
+            PeerResponse::Witness {
+                lease: WitnessResponse::Granted {
+                    epoch: 2,
+                    lease_ms: 30_000,
+                },
+            },
+            PeerResponse::Promise(PromiseResponse::Granted { promise_ms: 10_000 }),
+            PeerResponse::Promise(PromiseResponse::Refused { taken_over: true }),
         ]
     }
 
@@ -711,7 +748,7 @@ mod tests {
             let (method, body) = r.to_v1();
             assert_eq!(method, r.method());
             assert!(body.get("method").is_none(), "{body}");
-            if matches!(r, PeerRequest::Witness { .. }) {
+            if matches!(r, PeerRequest::Witness { .. } | PeerRequest::Promise { .. }) {
                 // Protocol 6 only: no protocol-1 route.
                 assert!(matches!(
                     PeerRequest::from_v1(method, body),

@@ -71,6 +71,18 @@ pub struct VmRecord {
     /// is `fanout[i]`. Empty = one relationship (and in older records).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fanout: Vec<FanoutRecord>,
+    /// Automatic failover with a witness (`docs/auto-failover.md`): its settings on either
+    /// side (the primary's from `enable --auto-failover`, the replica's from the primary's
+    /// `create-replica`); absent = off (and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_failover: Option<crate::lease::AutoFailover>,
+    /// Primary side with automatic failover: the lease holder's persisted part (its epoch, and
+    /// why it fenced the VM: a fenced primary stays fenced across restarts).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::lease::HolderSnapshot::is_default"
+    )]
+    pub lease: crate::lease::HolderSnapshot,
 }
 
 /// A further relationship of a primary VM to another replica (fan-out): its settings, its
@@ -205,6 +217,8 @@ impl From<VmRecordV1> for VmRecord {
             group: None,
             libvirt: None,
             fanout: Vec::new(),
+            auto_failover: None,
+            lease: Default::default(),
         }
     }
 }
@@ -233,6 +247,8 @@ mod tests {
             group: None,
             libvirt: None,
             fanout: Vec::new(),
+            auto_failover: None,
+            lease: Default::default(),
         }
     }
 

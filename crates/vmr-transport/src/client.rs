@@ -22,7 +22,7 @@ use uuid::Uuid;
 use vmr_proto::api::{
     BecomeReplica, BlockHashesRequest, CreateReplica, ReplicaVmInfo, ReplicationState,
 };
-use vmr_proto::lease::{WitnessRequest, WitnessResponse};
+use vmr_proto::lease::{PromiseResponse, WitnessRequest, WitnessResponse};
 use vmr_proto::peer::{
     BecameReplica, BlockHashes, ContinueFromRequest, ContinuedFrom, PEER_CONTENT_TYPE, PeerRequest,
     PeerResponse, PrimaryVmState, ReplicaInfoRequest, SourceVmState,
@@ -577,6 +577,24 @@ impl Client {
         }
         match self.call(PeerRequest::Witness { call }).await? {
             PeerResponse::Witness { lease } => Ok(lease),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `promise`: asks the replica of VM `uuid` not to ask the witness for its lease for a
+    /// lease's length (automatic failover, `docs/auto-failover.md`). Refused with a protocol
+    /// error on a connection older than [`vmr_proto::wire::WITNESS_SINCE`].
+    pub async fn promise(&self, uuid: Uuid) -> Result<PromiseResponse, TransportError> {
+        if self.hello.protocol < vmr_proto::wire::WITNESS_SINCE {
+            return Err(TransportError::Protocol(format!(
+                "the peer speaks protocol {}, which has no promise call (an agent of protocol \
+                 {} or later is needed)",
+                self.hello.protocol,
+                vmr_proto::wire::WITNESS_SINCE
+            )));
+        }
+        match self.call(PeerRequest::Promise { uuid }).await? {
+            PeerResponse::Promise(p) => Ok(p),
             other => Err(unexpected(&other)),
         }
     }

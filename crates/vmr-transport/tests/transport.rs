@@ -166,6 +166,9 @@ impl Handler for TestHandler {
             PeerRequest::Witness { .. } => Ok(PeerResponse::Witness {
                 lease: vmr_proto::lease::WitnessResponse::Unknown,
             }),
+            PeerRequest::Promise { .. } => Ok(PeerResponse::Promise(
+                vmr_proto::lease::PromiseResponse::Refused { taken_over: false },
+            )),
             // A handler bug: the answer of another call.
             PeerRequest::BecomeReplica(_) => Ok(PeerResponse::CreateReplica { created: true }),
         }
@@ -715,6 +718,7 @@ fn create_request(name: &str) -> CreateReplica {
         frequency_secs: 30,
         recovery_points: 0,
         retain: None,
+        auto_failover: None,
     }
 }
 

@@ -154,6 +154,13 @@ pub enum Command {
         #[arg(long, value_name = "HOST:PORT", conflicts_with = "extended")]
         replica: Option<String>,
     },
+    /// Run a primary VM that automatic failover fenced again: only when the witness renews the
+    /// lease this host held (refused for good once the replica took the VM over: then
+    /// `reverse` on the new primary makes this host its replica).
+    Unfence {
+        /// VM name.
+        name: String,
+    },
     /// Disable replication (keeps the replica's data).
     Disable {
         /// VM name.
@@ -175,6 +182,7 @@ pub enum Command {
         "recovery_points",
         "bandwidth",
         "verify_every",
+        "auto_failover",
     ])))]
     Set {
         /// VM name (not with --agent).
@@ -205,6 +213,10 @@ pub enum Command {
         /// only on `vmreplica verify`.
         #[arg(long, value_name = "DURATION|never")]
         verify_every: Option<String>,
+        /// `off`: stop automatic failover of a primary VM (its lease is removed at the
+        /// witness, the replica stops its watch). Turning it on is `enable --auto-failover`.
+        #[arg(long, value_name = "off")]
+        auto_failover: Option<String>,
         /// Change the agent-wide sending limit (with --bandwidth), shared by all its VMs.
         #[arg(long, requires = "bandwidth", conflicts_with = "rpo_alert")]
         agent: bool,
@@ -302,6 +314,18 @@ pub enum Command {
         /// replication A → B → C, on B), that relationship's frequency.
         #[arg(long)]
         frequency: Option<String>,
+    },
+    /// The fence watchdog of automatic failover (started by the agent, never by hand): fences
+    /// the VM of the QMP socket when the right to run the agent last told it of (`RUN <ms>`
+    /// lines on stdin) runs out, also after the agent died; `STOP` ends it.
+    #[command(hide = true)]
+    FenceWatchdog {
+        /// The VM's QMP socket.
+        #[arg(long)]
+        qmp: String,
+        /// Kill the VM instead of pausing it.
+        #[arg(long)]
+        power_off: bool,
     },
     /// Write the man pages and shell completions generated from this grammar into DIR
     /// (packaging: `scripts/package.sh`).
@@ -713,6 +737,25 @@ pub struct EnableCmd {
     /// bar follows it anyway.
     #[arg(long, conflicts_with = "initial_at")]
     pub wait: bool,
+    /// Automatic failover with a witness (docs/auto-failover.md): when the replica has not
+    /// heard this primary for DURATION (20s to 1h) and the witness grants it the VM's lease,
+    /// the replica starts the VM; this primary pauses (fences) its VM when it can renew its
+    /// right to run neither at the witness nor at the replica. Needs --witness and
+    /// --witness-fingerprint.
+    #[arg(long, value_name = "DURATION", requires_all = ["witness", "witness_fingerprint"])]
+    pub auto_failover: Option<String>,
+    /// The witness agent, HOST:PORT (a third agent that allows this host and the replica with
+    /// `server allow`).
+    #[arg(long, value_name = "HOST:PORT", requires = "auto_failover")]
+    pub witness: Option<String>,
+    /// The witness agent's certificate fingerprint.
+    #[arg(long, value_name = "FP", requires = "auto_failover")]
+    pub witness_fingerprint: Option<String>,
+    /// How automatic failover fences this primary's VM: `pause` (QMP `stop`, the default; the
+    /// VM's process is frozen with SIGSTOP when `stop` is not answered) or `power-off` (the
+    /// VM's QEMU killed).
+    #[arg(long, value_name = "pause|power-off", requires = "auto_failover")]
+    pub fence: Option<String>,
     /// Run on a replica VM: extended replication, forwarding its recovery points to the
     /// third host given by --replica (which authorizes this host with `server allow`); the
     /// first extended cycle copies the newest point, later ones only what changed.

@@ -332,6 +332,26 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                     .transpose()
                     .map_err(|m| coded(exit::USAGE, m))?,
                 bandwidth: e.bandwidth,
+                auto_failover: match e.auto_failover.as_deref() {
+                    None => None,
+                    Some(d) => Some(vmr_proto::lease::AutoFailover {
+                        auto_failover_ms: parse_duration_secs(d)
+                            .map_err(|m| coded(exit::USAGE, m))?
+                            .saturating_mul(1000),
+                        witness: e.witness.unwrap_or_default(),
+                        witness_fingerprint: e.witness_fingerprint.unwrap_or_default(),
+                        power_off: match e.fence.as_deref() {
+                            None | Some("pause") => false,
+                            Some("power-off") => true,
+                            Some(other) => {
+                                return Err(coded(
+                                    exit::USAGE,
+                                    format!("--fence {other:?}: give pause or power-off"),
+                                ));
+                            }
+                        },
+                    }),
+                },
             };
             if e.extended {
                 Request::Extended {
@@ -347,6 +367,22 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             bandwidth: Some(bandwidth),
             ..
         } => Request::SetBandwidth { name, bandwidth },
+        Command::Set {
+            name: Some(name),
+            auto_failover: Some(v),
+            ..
+        } => {
+            if v != "off" {
+                return Err(coded(
+                    exit::USAGE,
+                    format!(
+                        "set --auto-failover {v:?}: only `off` (turn it on with `enable --auto-failover`)"
+                    ),
+                ));
+            }
+            Request::AutoFailoverOff { name }
+        }
+        Command::Unfence { name } => Request::Unfence { name },
         Command::Set {
             name: Some(name),
             rpo_alert: Some(rpo_alert),
@@ -564,6 +600,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         },
         Command::Init { .. }
         | Command::Agent
+        | Command::FenceWatchdog { .. }
         | Command::Check { .. }
         | Command::Demo(_)
         | Command::GenerateDocs { .. } => {

@@ -216,6 +216,7 @@ async fn demo_in(opts: &DemoOpts, exe: &Path, root: &Path) -> anyhow::Result<()>
             verify_every_secs: None,
             retain: None,
             bandwidth: None,
+            auto_failover: None,
         }))
     })?;
     println!(

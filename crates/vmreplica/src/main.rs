@@ -100,6 +100,9 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
             Ok(())
         }
         cli::Command::Agent => Ok(vmr_agent::run_blocking(&dir)?),
+        cli::Command::FenceWatchdog { qmp, power_off } => {
+            Ok(vmr_agent::run_fence_watchdog(&qmp, power_off)?)
+        }
         cli::Command::Check {
             name,
             warn_lag,

@@ -541,6 +541,9 @@ fn print_status(rows: &[VmStatus]) {
         if let Some(line) = bandwidth_line(r) {
             println!("{:<14} {line}", "");
         }
+        if let Some(a) = &r.auto_failover {
+            println!("{:<14} AutoFailover: {}", "", auto_failover_line(a));
+        }
     }
 }
 
@@ -724,6 +727,9 @@ fn print_measure(rows: &[VmStatus]) {
                 println!("FailoverNetworkArgs       : {}", a.join(" "));
             }
         }
+        if let Some(a) = &r.auto_failover {
+            println!("AutoFailover              : {}", auto_failover_line(a));
+        }
         if let Some(x) = &r.extended {
             // Measure-VMReplication -ReplicationRelationshipType Extended.
             let s = &x.stats;
@@ -786,6 +792,40 @@ fn print_measure(rows: &[VmStatus]) {
         }
         println!();
     }
+}
+
+/// One line of `status` about automatic failover: the lease holder's side or the takeover
+/// watch, with the time to a possible takeover.
+pub fn auto_failover_line(a: &vmr_proto::lease::LeaseStatus) -> String {
+    let secs = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
+    let mut l = format!(
+        "{} {} (witness {}, after {} of silence)",
+        a.side,
+        a.phase,
+        a.witness,
+        secs(a.auto_failover_ms)
+    );
+    if let Some(e) = a.epoch {
+        l.push_str(&format!("; lease epoch {e}"));
+    }
+    if let Some(r) = a.run_left_ms
+        && a.phase == "holding"
+    {
+        l.push_str(&format!("; runs {} more without a renewal", secs(r)));
+    }
+    if let Some(f) = &a.fenced {
+        l.push_str(&format!("; FENCED: {f}"));
+    }
+    if let Some(s) = a.silence_ms {
+        l.push_str(&format!("; primary last heard {} ago", secs(s)));
+    }
+    if let Some(t) = a.takeover_in_ms {
+        l.push_str(&format!("; takeover possible in {}", secs(t)));
+    }
+    if let Some(e) = &a.last_error {
+        l.push_str(&format!("; last: {e}"));
+    }
+    l
 }
 
 #[cfg(test)]

@@ -135,6 +135,7 @@ fn unapplicable_cycles_and_invalid_calls_are_400_and_nothing_sticks() -> TestRes
             frequency_secs: 30,
             recovery_points: 0,
             retain: None,
+            auto_failover: None,
         };
         let mut def = vm.def.clone();
         def.uuid = other;
