@@ -458,6 +458,23 @@ fn primary_runs_on_either_right_and_fences_without_both() -> TestResult {
 fn manual_failover_start_is_refused_while_the_primary_holds_a_right() -> TestResult {
     let mut t = Witnessed::new(exe())?;
     let vm = enabled(&t, "af3", &[])?;
+    // A second relationship (fan-out) is refused while automatic failover is on: it would go on
+    // replicating a fenced or taken-over VM in the old direction.
+    let (code, err) = refused(
+        &t.a,
+        &[
+            "enable",
+            "af3",
+            "--replica",
+            &t.w.addr,
+            "--replica-fingerprint",
+            &t.w.fingerprint,
+            "--frequency",
+            "5s",
+        ],
+    )?;
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("automatic failover"), "{err}");
     let (code, err) = refused(&t.b, &["failover", "start", "af3"])?;
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("--force"), "{err}");
