@@ -911,7 +911,8 @@ fn lv_domains(lv: &PrivateLibvirt, all: bool) -> TestResult<Vec<String>> {
 /// it; `failover prepare --shutdown` powers the guest down through libvirt (ACPI: the guest
 /// shuts down, its workload prints its last commit and `VMR STOPPED`; not destroyed at the
 /// timeout), ships the final cycle; `failover start` on B runs the domain there (same UUID),
-/// it boots and its check holds exactly the primary's last sequences (zero loss).
+/// it boots and its check holds exactly the primary's last sequences (zero loss); `reverse` on
+/// B captures it through B's libvirt without a full copy while the workload runs on.
 #[test]
 #[ignore = "full real-guest form"]
 fn libvirt_real_guest_test_and_planned_failover_lose_nothing() -> TestResult {
@@ -1057,11 +1058,39 @@ fn libvirt_real_guest_test_and_planned_failover_lose_nothing() -> TestResult {
         (last.wal, last.journal, last.file),
         "planned failover through libvirt lost or invented writes"
     );
+
+    // Reverse: the failed-over domain is captured through B's libvirt; the old primary takes
+    // the planned point in without a copy, and the workload goes on under replication.
+    p.b.ok(&["reverse", NAME, "--frequency", "5s"])?;
+    let (st, _) = p.b.wait_cycle(NAME, k + 1, CYCLE)?;
+    p.a.wait_cycle(NAME, k + 1, CYCLE)?;
+    assert_eq!(st.mode, ReplicationMode::Primary);
+    assert_eq!(p.a.status(NAME)?.mode, ReplicationMode::Replica);
+    let src = st
+        .libvirt
+        .clone()
+        .ok_or("the new primary has no libvirt source")?;
+    assert_eq!((src.domain.as_str(), src.uri.as_str()), (NAME, lvb.uri()));
+    let reverse_bytes = st.stats.total_bytes;
+    assert!(
+        reverse_bytes < 100 << 20,
+        "the reverse shipped {reverse_bytes} bytes (the disk holds ~750 MiB): a full copy?"
+    );
+    let wal = fo_console.seqs().last().map_or(fo_check.wal, |s| s.wal);
+    p.a.wait_cycle(NAME, k + 3, 3 * CYCLE)?;
+    fo_console.wait_seq(wal + 1, Duration::from_secs(30))?;
+    assert!(
+        lvb.checkpoints(NAME)?
+            .iter()
+            .any(|c| c.starts_with("vmreplica-")),
+        "the reverse cycles are backup jobs of the failed-over domain"
+    );
     eprintln!(
         "REAL-GUEST libvirt: first boot {:.1} s, initial replication {:.1} s, longest 5 s cycle \
          {max_cycle_ms} ms; test copy `{}` {:.1} s after failover test; prepare --shutdown \
          {:.1} s ({}); primary's last SEQ wal={} journal={} file={}; failed-over `{}` {:.1} s \
-         after failover start (loss 0); total {:.1} s",
+         after failover start (loss 0); reverse shipped {reverse_bytes} bytes in cycle {}; \
+         total {:.1} s",
         first_boot.as_secs_f64(),
         initial.as_secs_f64(),
         test_check.line,
@@ -1073,6 +1102,7 @@ fn libvirt_real_guest_test_and_planned_failover_lose_nothing() -> TestResult {
         last.file,
         fo_check.line,
         fo_boot.as_secs_f64(),
+        k + 1,
         t0.elapsed().as_secs_f64()
     );
     p.stop()?;
