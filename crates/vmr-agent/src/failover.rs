@@ -1388,6 +1388,11 @@ pub async fn reverse(
     }
     let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
     // After an unplanned failover the old primary's disks differ from the point: resync now.
+    // A domain failed over through libvirt has no checkpoint yet, so its first cycle reads
+    // every block either way: as a resync (hashes compared with the old primary's point) it
+    // ships only what changed since the failover, not the whole disks (~820 MiB for the
+    // real test guest after a planned failover).
+    let resync = resync || lv_source.is_some();
     let machine = side
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
@@ -1397,9 +1402,9 @@ pub async fn reverse(
         None => crate::launch::qga_socket(&def, Path::new(&qmp)).map(|p| p.display().to_string()),
     };
     rec.qmp = qmp;
-    // no checkpoint yet: the first reverse cycle reads every block of the domain's disks
-    // (sent on top of the failover point: exact; after an unplanned failover it is the
-    // resync, a full backup job compared block by block: resync.rs), then the chain continues
+    // no checkpoint yet: the first reverse cycle is a resync (a full backup job of the
+    // domain compared block by block with the old primary's point: resync.rs, only the
+    // differing blocks shipped), then the chain continues
     rec.libvirt = lv_source;
     rec.nbd = None;
     rec.launch_toml = def.to_toml();

@@ -844,7 +844,15 @@ fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
     let uuid = p.a.status("web1")?.uuid;
     let r: vmr_proto::api::FailoverResult =
         serde_json::from_str(&p.b.ok(&["reverse", "web1", "--frequency", "5s", "--json"])?)?;
-    assert_eq!(r.state, ReplicationState::Replicating, "{}", r.message);
+    // the failed-over domain has no checkpoint: its first cycle is a resync (a full backup
+    // job compared with the old primary's point, only differing blocks shipped)
+    assert_eq!(
+        r.state,
+        ReplicationState::WaitingForStartResynchronize,
+        "{}",
+        r.message
+    );
+    assert!(r.message.contains("resynchronised"), "{}", r.message);
     let st = p.b.status("web1")?;
     let src = st
         .libvirt
@@ -1040,7 +1048,15 @@ fn plain_qemu_primary_fails_over_into_libvirt_and_back() -> TestResult {
     // 2. Reverse on B: the generated domain is captured through B's libvirt to A.
     let r: vmr_proto::api::FailoverResult =
         serde_json::from_str(&p.b.ok(&["reverse", MX_VM, "--frequency", "5s", "--json"])?)?;
-    assert_eq!(r.state, ReplicationState::Replicating, "{}", r.message);
+    // the failed-over domain has no checkpoint: its first cycle is a resync (a full backup
+    // job compared with the old primary's point, only differing blocks shipped)
+    assert_eq!(
+        r.state,
+        ReplicationState::WaitingForStartResynchronize,
+        "{}",
+        r.message
+    );
+    assert!(r.message.contains("resynchronised"), "{}", r.message);
     let src =
         p.b.status(MX_VM)?
             .libvirt

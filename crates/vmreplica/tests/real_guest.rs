@@ -3,7 +3,9 @@
 //! real agents, its workload (SQLite WAL and rollback-journal databases and file churn with
 //! checksummed, gap-free sequences) running while vmreplica replicates it; every failed-over
 //! VM boots and its workload checks the disk (`VMR CHECK ok`). The sequences the primary's
-//! console printed, timestamped on arrival, are the ground truth for data loss.
+//! console printed, timestamped on arrival, are the ground truth for data loss. One scenario
+//! runs the guest as a libvirt domain instead (private libvirt daemons of the harness as the
+//! two hosts' libvirt: `vm add --libvirt`, test and planned failover through libvirt).
 //!
 //! Quick form (the test command runs it): the tests not marked `#[ignore]`. Full form:
 //! `scripts/real-guest.sh` (`-- --include-ignored`). A scenario is a short function on the
@@ -882,5 +884,233 @@ fn failover_ping_pong_of_a_real_guest_loses_nothing() -> TestResult {
         t0.elapsed().as_secs_f64()
     );
     p.stop()?;
+    Ok(())
+}
+
+/// The running domains on a private libvirt daemon (`virsh list --name`; `--all` with `all`).
+fn lv_domains(lv: &PrivateLibvirt, all: bool) -> TestResult<Vec<String>> {
+    let mut args = vec!["list", "--name"];
+    if all {
+        args.push("--all");
+    }
+    Ok(lv
+        .virsh(&args)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// Issue 16 with the real guest under libvirt: the guest boots as a domain of a private
+/// libvirt daemon (host A: qcow2 overlay on the guest's root image, TCG unless
+/// `$VMR_GUEST_ACCEL=kvm`) with its workload running; `vm add --libvirt`, `enable` at 5 s
+/// (initial replication through a full backup job), 3 cycles under the workload; `failover
+/// test` on B (a second private daemon, `libvirt-connect`): `NAME-test` in `virsh list` there,
+/// it boots on the replica's overlays and its workload's check passes, `stop-test` undefines
+/// it; `failover prepare --shutdown` powers the guest down through libvirt (ACPI: the guest
+/// shuts down, its workload prints its last commit and `VMR STOPPED`; not destroyed at the
+/// timeout), ships the final cycle; `failover start` on B runs the domain there (same UUID),
+/// it boots and its check holds exactly the primary's last sequences (zero loss); `reverse` on
+/// B captures it through B's libvirt without a full copy while the workload runs on.
+#[test]
+#[ignore = "full real-guest form"]
+fn libvirt_real_guest_test_and_planned_failover_lose_nothing() -> TestResult {
+    use std::os::unix::fs::MetadataExt;
+    const NAME: &str = "rg-lv";
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!(
+            "SKIPPED libvirt_real_guest_test_and_planned_failover_lose_nothing: a private libvirtd needs root"
+        );
+        return Ok(());
+    }
+    if let Some(why) = libvirt_unavailable() {
+        return Err(format!("this test needs a private libvirt daemon: {why}").into());
+    }
+    let t0 = Instant::now();
+    let image = guest()?;
+    // short: the daemons' socket paths are under it
+    let tmp = tempfile::Builder::new().prefix("vmr-lvg").tempdir()?;
+    let lv = PrivateLibvirt::start(&tmp.path().join("la"))?;
+    let lvb = PrivateLibvirt::start(&tmp.path().join("lb"))?;
+    let opts = GuestOptions::default();
+    let primary_disk = lv.start_guest_domain(NAME, &image, &opts)?;
+    let primary_uuid = lv.virsh(&["domuuid", NAME])?.trim().to_owned();
+    let console = Console::follow(&lv.console_log(NAME))?;
+    let check = console.wait_check(BOOT_TIMEOUT)?;
+    assert!(check.ok, "fresh guest: {}", check.line);
+    let first_boot = t0.elapsed();
+    eprintln!(
+        "{NAME}: booted under libvirt to `{}` in {first_boot:?}",
+        check.line
+    );
+    console.wait_seq(1, Duration::from_secs(60))?;
+
+    let mut p = Pair::new(exe())?;
+    p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
+    p.b.restart()?;
+    p.a.allow(&p.b)?; // the replica's split-brain probe of the primary
+    p.a.ok(&["vm", "add", NAME, "--libvirt", NAME, "--connect", lv.uri()])?;
+    p.enable(NAME, &["--frequency", "5s"])?;
+    let t1 = Instant::now();
+    p.wait_cycle(NAME, 1, INITIAL)?;
+    let initial = t1.elapsed();
+    eprintln!("{NAME}: initial replication in {initial:?}");
+    let max_cycle_ms = run_cycles(&p, NAME, 3)?;
+
+    // Test failover on the replica host's libvirt: NAME-test boots on the replica's overlays.
+    let t2 = Instant::now();
+    let r = failover(&p.b, &["test", NAME])?;
+    let test_name = format!("{NAME}-test");
+    assert_eq!(r.name, test_name);
+    assert!(
+        lv_domains(&lvb, false)?.contains(&test_name),
+        "virsh list on the replica host: {:?}",
+        lv_domains(&lvb, true)?
+    );
+    assert_ne!(
+        lvb.virsh(&["domuuid", &test_name])?.trim(),
+        primary_uuid,
+        "a test copy has a new UUID"
+    );
+    // on the replica's overlays, not the primary's disk
+    let blk = lvb.virsh(&["domblklist", &test_name])?;
+    assert!(
+        r.disks
+            .iter()
+            .all(|(_, overlay)| blk.contains(overlay.as_str()))
+            && !blk.contains(&*primary_disk.to_string_lossy()),
+        "{blk}"
+    );
+    // the copy's console: the domain XML's path, in the replica daemon's log directory
+    let test_console = Console::follow(&lvb.console_log(NAME))?;
+    let test_check = test_console.wait_check(BOOT_TIMEOUT).map_err(|e| {
+        format!(
+            "{e}\n--- replica libvirtd's QEMU log ---\n{}",
+            std::fs::read_to_string(lvb.dir().join(format!("log/qemu/{test_name}.log")))
+                .unwrap_or_default()
+        )
+    })?;
+    let test_boot = test_check.at - t2;
+    assert!(test_check.ok, "test copy: {}", test_check.line);
+    assert!(test_check.wal > 0, "nothing of the workload was replicated");
+    p.b.ok(&["failover", "stop-test", NAME])?;
+    assert!(
+        !lv_domains(&lvb, true)?.contains(&test_name),
+        "stop-test leaves no test domain: {:?}",
+        lv_domains(&lvb, true)?
+    );
+    drop(test_console);
+    // the failed-over domain will write to the same file: start it empty
+    std::fs::remove_file(lvb.console_log(NAME))?;
+    let wal = console.seqs().last().map_or(0, |s| s.wal);
+    console.wait_seq(wal + 1, Duration::from_secs(30))?;
+
+    // Planned failover: the real guest shuts down on ACPI through libvirt.
+    let t3 = Instant::now();
+    let prep = failover(&p.a, &["prepare", NAME, "--shutdown", "--timeout", "180s"])?;
+    let prep_took = t3.elapsed();
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    assert!(
+        prep.message.contains("the guest shut down (ACPI)") && !prep.message.contains("destroyed"),
+        "the guest did not shut down on ACPI: {}",
+        prep.message
+    );
+    assert_eq!(lv.virsh(&["domstate", NAME])?.trim(), "shut off");
+    console.settle(Duration::from_secs(10))?;
+    assert!(
+        console.tail(usize::MAX).contains("VMR STOPPED"),
+        "the workload was not stopped by a shutdown:\n{}",
+        console.tail(20)
+    );
+    let last = *console
+        .seqs()
+        .last()
+        .ok_or("no VMR SEQ line on the primary's console")?;
+    let k = prep.point.ok_or("no final cycle")?;
+    p.b.wait_cycle(NAME, k, CYCLE)?;
+
+    let t4 = Instant::now();
+    let live = failover(&p.b, &["start", NAME])?;
+    assert_eq!(live.point, Some(k), "the planned point");
+    assert!(
+        lv_domains(&lvb, false)?.contains(&NAME.to_owned()),
+        "virsh list on the replica host: {:?}",
+        lv_domains(&lvb, true)?
+    );
+    assert_eq!(lvb.virsh(&["domuuid", NAME])?.trim(), primary_uuid);
+    let fo_console = Console::follow(&lvb.console_log(NAME))?;
+    let fo_check = fo_console.wait_check(BOOT_TIMEOUT).map_err(|e| {
+        format!(
+            "{e}\n--- replica libvirtd's QEMU log ---\n{}",
+            std::fs::read_to_string(lvb.dir().join(format!("log/qemu/{NAME}.log")))
+                .unwrap_or_default()
+        )
+    })?;
+    let fo_boot = fo_check.at - t4;
+    assert!(fo_check.ok, "failed-over guest: {}", fo_check.line);
+    assert_eq!(
+        (fo_check.wal, fo_check.journal, fo_check.files),
+        (last.wal, last.journal, last.file),
+        "planned failover through libvirt lost or invented writes"
+    );
+
+    // Reverse: the failed-over domain is captured through B's libvirt; the old primary takes
+    // the planned point in without a copy, and the workload goes on under replication.
+    p.b.ok(&["reverse", NAME, "--frequency", "5s"])?;
+    let (st, _) = p.b.wait_cycle(NAME, k + 1, CYCLE)?;
+    p.a.wait_cycle(NAME, k + 1, CYCLE)?;
+    assert_eq!(st.mode, ReplicationMode::Primary);
+    assert_eq!(p.a.status(NAME)?.mode, ReplicationMode::Replica);
+    let src = st
+        .libvirt
+        .clone()
+        .ok_or("the new primary has no libvirt source")?;
+    assert_eq!((src.domain.as_str(), src.uri.as_str()), (NAME, lvb.uri()));
+    let reverse_bytes = st.stats.total_bytes;
+    assert!(
+        reverse_bytes < 100 << 20,
+        "the reverse shipped {reverse_bytes} bytes (the disk holds ~750 MiB): a full copy?"
+    );
+    let wal = fo_console.seqs().last().map_or(fo_check.wal, |s| s.wal);
+    p.a.wait_cycle(NAME, k + 3, 3 * CYCLE)?;
+    fo_console.wait_seq(wal + 1, Duration::from_secs(30))?;
+    assert!(
+        lvb.checkpoints(NAME)?
+            .iter()
+            .any(|c| c.starts_with("vmreplica-")),
+        "the reverse cycles are backup jobs of the failed-over domain"
+    );
+    eprintln!(
+        "REAL-GUEST libvirt: first boot {:.1} s, initial replication {:.1} s, longest 5 s cycle \
+         {max_cycle_ms} ms; test copy `{}` {:.1} s after failover test; prepare --shutdown \
+         {:.1} s ({}); primary's last SEQ wal={} journal={} file={}; failed-over `{}` {:.1} s \
+         after failover start (loss 0); reverse shipped {reverse_bytes} bytes in cycle {}; \
+         total {:.1} s",
+        first_boot.as_secs_f64(),
+        initial.as_secs_f64(),
+        test_check.line,
+        test_boot.as_secs_f64(),
+        prep_took.as_secs_f64(),
+        prep.message,
+        last.wal,
+        last.journal,
+        last.file,
+        fo_check.line,
+        fo_boot.as_secs_f64(),
+        k + 1,
+        t0.elapsed().as_secs_f64()
+    );
+    p.stop()?;
+    let mut ns = lv.mount_namespaces();
+    ns.extend(lvb.mount_namespaces());
+    drop(lv);
+    drop(lvb);
+    let left = processes_in_namespaces(&ns);
+    assert!(left.is_empty(), "processes left: {left:?}");
     Ok(())
 }

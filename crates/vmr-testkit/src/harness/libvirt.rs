@@ -4,7 +4,10 @@
 //! host's libvirt state is never read or changed, and everything it starts (QEMU) lives in
 //! that namespace, so dropping the [`PrivateLibvirt`] kills all of it (every process in the
 //! namespaces its daemons ran in). Domains are driven with `virsh` (setup only: vmreplica
-//! itself talks to libvirt through its API). See `docs/libvirt.md`.
+//! itself talks to libvirt through its API). Domains are stand-ins with no guest OS
+//! ([`PrivateLibvirt::start_domain`]) or the real test guest
+//! ([`PrivateLibvirt::start_guest_domain`], its console in the daemon's own log directory).
+//! See `docs/libvirt.md`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::READY_TIMEOUT;
+use super::guest::{GuestImage, GuestOptions};
 use crate::proc::ChildGuard;
 
 /// libvirt's host directories replaced inside the daemon's namespace.
@@ -137,6 +141,10 @@ pub fn processes_in_namespaces(ns: &MountNamespaces) -> Vec<u32> {
         .filter(|pid| mount_namespace(*pid).is_some_and(|m| ns.ids.contains(&m)))
         .collect()
 }
+
+/// Where a domain of [`PrivateLibvirt::start_guest_domain`] writes its console, in the
+/// daemon's namespace (`/var/log/libvirt` is the daemon's own `DIR/log`).
+const GUEST_CONSOLE_DIR: &str = "/var/log/libvirt";
 
 /// How long [`PrivateLibvirt::stop`] waits for the killed processes to be gone.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -283,6 +291,77 @@ impl PrivateLibvirt {
         self.virsh(&["define", &f])?;
         self.virsh(&["start", name])?;
         Ok(())
+    }
+
+    /// Define and start domain `name` booting the real test guest (`docs/real-guest.md`): a
+    /// qcow2 overlay `DIR/NAME-disk0.qcow2` on the guest's root image as its one disk `vda`
+    /// (virtio, the root file system; the cached image is only read), direct kernel boot of
+    /// the guest's kernel and initramfs with the harness's command line (`vmr.rate`,
+    /// `vmr.workload` from `opts`), ACPI (the guest powers down on the power button), `opts`'s
+    /// memory, one vCPU, no NIC, and its serial console (ttyS0) appended to a file under
+    /// `/var/log/libvirt` (see [`Self::console_log`]). The domain type is `kvm` when
+    /// `opts.accel` is `kvm` (`$VMR_GUEST_ACCEL`), `qemu` (TCG) otherwise. Returns the overlay.
+    ///
+    /// The console path is in the domain XML, so every copy of the domain a failover defines
+    /// on another private daemon writes to the same path in *that* daemon's namespace:
+    /// `/var/log/libvirt` is each daemon's own `DIR/log`, as if on another host.
+    pub fn start_guest_domain(
+        &self,
+        name: &str,
+        image: &GuestImage,
+        opts: &GuestOptions,
+    ) -> anyhow::Result<PathBuf> {
+        let disk = self.dir.join(format!("{name}-disk0.qcow2"));
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image.root())
+            .arg(&disk)
+            .output()
+            .context("run qemu-img")?;
+        if !out.status.success() {
+            bail!(
+                "qemu-img create (overlay {}): {}",
+                disk.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let kind = if opts.accel == "kvm" { "kvm" } else { "qemu" };
+        let mut cmdline = format!(
+            "root=/dev/vda ro console=ttyS0 quiet vmr.rate={}",
+            opts.rate
+        );
+        if !opts.workload {
+            cmdline.push_str(" vmr.workload=0");
+        }
+        let x = format!(
+            "<domain type='{kind}'><name>{name}</name><memory unit='MiB'>{mem}</memory>\
+             <vcpu>1</vcpu><os><type arch='x86_64' machine='q35'>hvm</type>\
+             <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>\
+             <features><acpi/><apic/></features><devices>\
+             <emulator>/usr/bin/qemu-system-x86_64</emulator>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+             <serial type='file'><source path='{GUEST_CONSOLE_DIR}/{name}-console.log' append='on'/>\
+             <target port='0'/></serial><memballoon model='none'/></devices></domain>",
+            mem = opts.mem_mib,
+            kernel = image.kernel().display(),
+            initrd = image.initrd().display(),
+            disk = disk.display(),
+        );
+        let file = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, x)?;
+        let f = file.to_string_lossy().into_owned();
+        self.virsh(&["define", &f])?;
+        self.virsh(&["start", name])?;
+        Ok(disk)
+    }
+
+    /// Where this daemon's copy of a domain defined by [`Self::start_guest_domain`] as `name`
+    /// writes its serial console, seen from the test (for `Console::follow`): `DIR/log/NAME-console.log`.
+    /// A failed-over copy (also a test copy `NAME-test`) keeps the path of the domain it was
+    /// made from.
+    pub fn console_log(&self, name: &str) -> PathBuf {
+        self.dir.join("log").join(format!("{name}-console.log"))
     }
 
     /// Write `len` bytes of `pattern` at `offset` of the domain's disk number `disk` while it
