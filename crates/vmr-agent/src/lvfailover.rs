@@ -123,7 +123,10 @@ pub fn generate(
 }
 
 /// Define the failed-over domain from the replicated `xml` as `plan` says and, when `start`,
-/// start it. A domain that cannot be started is undefined again (nothing is left).
+/// start it. A domain that cannot be started is undefined again (nothing is left). A domain
+/// of that name already defined is refused unless it is the VM's own, shut off (failing back:
+/// [`vmr_core::existing_domain`]): then it is replaced, its old definition kept in the result
+/// for `cancel`.
 pub async fn define(
     uri: String,
     xml: String,
@@ -135,29 +138,65 @@ pub async fn define(
         let doc = vmr_libvirt::xml::failover_xml(&xml, &plan)
             .map_err(|e| err(&uri, "making the XML of", &name, e))?;
         let lv = Libvirt::open(&uri).map_err(|e| err(&uri, "connecting for", &name, e))?;
+        let mut replaced_xml = None;
         if let Ok(d) = lv.domain(&name) {
-            // never replace a domain of someone else's (or an earlier copy still defined)
-            return Err(err(
-                &uri,
-                "defining",
-                &name,
-                LibvirtError::Call {
-                    call: "virDomainDefineXML",
-                    message: format!(
-                        "a domain named {:?} is already defined on this host (uuid {})",
-                        d.name(),
-                        d.uuid().unwrap_or_default()
-                    ),
-                },
-            ));
+            // never replace a domain of someone else's (or an earlier copy still defined); the
+            // VM's own definition, shut off, is replaced (failing back: this host ran the VM)
+            let own = vmr_libvirt::xml::domain_uuid(&doc)
+                .map_err(|e| err(&uri, "making the XML of", &name, e))?;
+            let uuid = d.uuid().unwrap_or_default();
+            let existing = vmr_core::ExistingDomain {
+                same_uuid: own.is_some_and(|o| o.eq_ignore_ascii_case(&uuid)),
+                running: d.is_running().unwrap_or(true),
+            };
+            match vmr_core::existing_domain(Some(existing), plan.keep_uuid) {
+                Ok(_) => {
+                    let old = d
+                        .xml(true)
+                        .map_err(|e| err(&uri, "reading the definition of", &name, e))?;
+                    // vmreplica's checkpoints of it describe the images it used before (this
+                    // host's replica overlays now): their metadata goes, the bitmaps stay
+                    let ours = d
+                        .checkpoints()
+                        .map_err(|e| err(&uri, "listing the checkpoints of", &name, e))?;
+                    for c in ours.iter().filter(|c| c.starts_with("vmreplica-")) {
+                        d.forget_checkpoint(c)
+                            .map_err(|e| err(&uri, "forgetting a checkpoint of", &name, e))?;
+                    }
+                    tracing::info!(domain = %name, %uuid, "the VM's own definition on this host (shut off) is replaced by the failover's; cancel restores it");
+                    replaced_xml = Some(old);
+                }
+                Err(why) => {
+                    return Err(err(
+                        &uri,
+                        "defining",
+                        &name,
+                        LibvirtError::Call {
+                            call: "virDomainDefineXML",
+                            message: match why {
+                                vmr_core::ExistingDomainRefusal::Running => format!(
+                                    "the VM's domain {name:?} runs on this host (uuid {uuid}): shut it down first"
+                                ),
+                                vmr_core::ExistingDomainRefusal::Other => format!(
+                                    "a domain named {name:?} is already defined on this host (uuid {uuid})"
+                                ),
+                            },
+                        },
+                    ));
+                }
+            }
         }
         let dom = lv
             .define(&doc)
             .map_err(|e| err(&uri, "defining", &name, e))?;
         let uuid = dom.uuid().map_err(|e| err(&uri, "reading", &name, e))?;
         if start && let Err(e) = dom.start() {
-            if let Err(u) = dom.undefine() {
-                tracing::warn!(domain = %name, "undefining the domain that did not start: {u}");
+            let back = match &replaced_xml {
+                Some(old) => lv.define(old).map(|_| ()),
+                None => dom.undefine(),
+            };
+            if let Err(u) = back {
+                tracing::warn!(domain = %name, "undoing the definition of the domain that did not start: {u}");
             }
             return Err(err(&uri, "starting", &name, e));
         }
@@ -165,13 +204,14 @@ pub async fn define(
             uri: uri.clone(),
             domain: name,
             uuid,
+            replaced_xml,
         })
     })
     .await
 }
 
-/// Destroy (power off) and undefine the failed-over domain `r`. A domain already gone is
-/// fine; a domain of that name with another UUID is not this failover's and is left alone.
+/// Destroy (power off) and undefine the failed-over domain `r` (or, when it replaced the VM's
+/// own definition on this host, restore that one). A domain already gone is fine; a domain of that name with another UUID is not this failover's and is left alone.
 pub async fn remove(r: FailoverDomainRef) -> Result<(), AgentError> {
     blocking(move || {
         let lv = Libvirt::open(&r.uri).map_err(|e| err(&r.uri, "connecting for", &r.domain, e))?;
@@ -190,8 +230,16 @@ pub async fn remove(r: FailoverDomainRef) -> Result<(), AgentError> {
         }
         dom.destroy()
             .map_err(|e| err(&r.uri, "destroying", &r.domain, e))?;
-        dom.undefine()
-            .map_err(|e| err(&r.uri, "undefining", &r.domain, e))
+        match &r.replaced_xml {
+            // the definition the failover replaced comes back (on its own images)
+            Some(old) => lv
+                .define(old)
+                .map(|_| ())
+                .map_err(|e| err(&r.uri, "restoring the definition of", &r.domain, e)),
+            None => dom
+                .undefine()
+                .map_err(|e| err(&r.uri, "undefining", &r.domain, e)),
+        }
     })
     .await
 }

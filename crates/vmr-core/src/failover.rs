@@ -353,6 +353,52 @@ pub fn failover_domain(domain: &str, test: bool) -> FailoverDomainIdentity {
     }
 }
 
+/// A domain of the failed-over domain's name already defined on the replica host's libvirt
+/// ([`existing_domain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExistingDomain {
+    /// Its UUID is the VM's own (the primary's).
+    pub same_uuid: bool,
+    /// It is active.
+    pub running: bool,
+}
+
+/// What a failover does on the replica host's libvirt ([`existing_domain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefineFailoverDomain {
+    /// No domain of that name: define it.
+    Define,
+    /// The VM's own definition, shut off (this host ran the VM before: failing back after a
+    /// planned failover and reverse): replace it with the failover's (on this host's overlays),
+    /// keeping the old one to restore at `cancel`; vmreplica's checkpoints of it describe the
+    /// old images and go.
+    Replace,
+}
+
+/// Why a failover does not define its domain ([`existing_domain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingDomainRefusal {
+    /// A domain of that name with another UUID (someone else's, or an earlier test copy).
+    Other,
+    /// The VM's own domain runs on this host: the VM would run twice.
+    Running,
+}
+
+/// A failover meets a domain of its name on the replica host (`existing`, `None`: none):
+/// only the VM's own definition, shut off, is replaced, and only by a real failover (a test
+/// copy has a new UUID, so a domain of its name is another copy's or someone else's).
+pub fn existing_domain(
+    existing: Option<ExistingDomain>,
+    keep_uuid: bool,
+) -> Result<DefineFailoverDomain, ExistingDomainRefusal> {
+    match existing {
+        None => Ok(DefineFailoverDomain::Define),
+        Some(e) if !keep_uuid || !e.same_uuid => Err(ExistingDomainRefusal::Other),
+        Some(ExistingDomain { running: true, .. }) => Err(ExistingDomainRefusal::Running),
+        Some(_) => Ok(DefineFailoverDomain::Replace),
+    }
+}
+
 /// How `failover prepare` of a libvirt-managed VM gets to its final cycle
 /// ([`libvirt_prepare`]). libvirt takes backup jobs of active domains only, so the final
 /// cycle is always taken from the domain started paused (the guest never runs).
@@ -819,6 +865,34 @@ mod tests {
         ];
         for (runs, shutdown, want) in table {
             assert_eq!(libvirt_prepare(runs, shutdown), want, "{runs} {shutdown}");
+        }
+    }
+
+    #[test]
+    fn existing_domain_table() {
+        use DefineFailoverDomain::*;
+        use ExistingDomainRefusal::*;
+        let e = |same_uuid, running| Some(ExistingDomain { same_uuid, running });
+        // (existing, keep_uuid = a real failover) -> decision
+        let cases = [
+            (None, true, Ok(Define)),
+            (None, false, Ok(Define)),
+            // failing back: the VM's own definition, shut off
+            (e(true, false), true, Ok(Replace)),
+            (e(true, true), true, Err(Running)),
+            // someone else's domain of that name: never replaced, running or not
+            (e(false, false), true, Err(Other)),
+            (e(false, true), true, Err(Other)),
+            // a test copy's name taken (an earlier copy): refused whatever its UUID
+            (e(true, false), false, Err(Other)),
+            (e(false, false), false, Err(Other)),
+        ];
+        for (existing, keep_uuid, want) in cases {
+            assert_eq!(
+                existing_domain(existing, keep_uuid),
+                want,
+                "{existing:?} keep_uuid={keep_uuid}"
+            );
         }
     }
 }

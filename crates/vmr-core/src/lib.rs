@@ -30,10 +30,11 @@ pub use alert::{
 };
 pub use extended::{ExtAction, ExtEvent, ExtSchedule, ExtendedMachine};
 pub use failover::{
-    FailoverDomainIdentity, FailoverLauncher, LauncherRefusal, LibvirtPrepare, PrepareRefusal,
-    PrepareSource, PrimaryProbe, SplitBrain, UnusableProbe, VmProbe, chain_probe,
-    check_probe_target, failover_domain, failover_launcher, failover_transition, libvirt_prepare,
-    prepare_source, probe_address, split_brain_verdict,
+    DefineFailoverDomain, ExistingDomain, ExistingDomainRefusal, FailoverDomainIdentity,
+    FailoverLauncher, LauncherRefusal, LibvirtPrepare, PrepareRefusal, PrepareSource, PrimaryProbe,
+    SplitBrain, UnusableProbe, VmProbe, chain_probe, check_probe_target, existing_domain,
+    failover_domain, failover_launcher, failover_transition, libvirt_prepare, prepare_source,
+    probe_address, split_brain_verdict,
 };
 pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};

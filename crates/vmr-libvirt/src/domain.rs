@@ -424,6 +424,16 @@ impl Domain {
     /// Delete checkpoint `name` (its bitmap on every disk, and its metadata). A checkpoint
     /// that does not exist is [`LibvirtError::CheckpointMissing`].
     pub fn delete_checkpoint(&self, name: &str) -> Result<(), LibvirtError> {
+        self.delete_checkpoint_flags(name, 0)
+    }
+
+    /// Forget checkpoint `name`'s libvirt metadata only, leaving the disks' bitmaps as they are
+    /// (for checkpoints of images the domain no longer uses).
+    pub fn forget_checkpoint(&self, name: &str) -> Result<(), LibvirtError> {
+        self.delete_checkpoint_flags(name, sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    }
+
+    fn delete_checkpoint_flags(&self, name: &str, flags: u32) -> Result<(), LibvirtError> {
         let c = cstring("checkpoint name", name)?;
         // SAFETY: valid domain pointer and name; a non-null result is a reference we free.
         let cp = unsafe { sys::virDomainCheckpointLookupByName(self.dom.as_ptr(), c.as_ptr(), 0) };
@@ -438,7 +448,7 @@ impl Domain {
         }
         // SAFETY: `cp` is a valid reference, freed once after the call.
         let (r, e) = unsafe {
-            let r = sys::virDomainCheckpointDelete(cp, 0);
+            let r = sys::virDomainCheckpointDelete(cp, flags);
             let e = (r != 0).then(virt::error::Error::last_error);
             sys::virDomainCheckpointFree(cp);
             (r, e)

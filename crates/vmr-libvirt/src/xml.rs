@@ -243,6 +243,18 @@ pub fn domain_name(domain_xml: &str) -> Result<String, LibvirtError> {
         .ok_or_else(|| xml_err("the domain definition has no <name>"))
 }
 
+/// The `<uuid>` of a domain definition, when it has one.
+pub fn domain_uuid(domain_xml: &str) -> Result<Option<String>, LibvirtError> {
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    Ok(doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("uuid"))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
 /// How a failover turns the replicated domain definition into the domain it defines on the
 /// replica host.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -890,6 +890,10 @@ pub struct FailoverDomainRef {
     pub domain: String,
     /// Its UUID (the primary's for a failover, a new one for a test copy).
     pub uuid: String,
+    /// The definition this failover replaced (the VM's own, shut off, on a host that ran it
+    /// before: failing back), restored by `cancel`; absent when the domain was new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_xml: Option<String>,
 }
 
 /// Failover bookkeeping of one VM on a replica host (`DIR/failover/<uuid>.json`).

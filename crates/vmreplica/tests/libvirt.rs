@@ -766,6 +766,9 @@ fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
     let mut p = Pair::in_dir(exe(), TestDir::temp("vmr-lvp-")?)?;
     p.b.add_config(&format!("libvirt-connect = \"{}\"", lvb.uri()))?;
     p.b.restart()?;
+    // A's own libvirt is where it fails back to, at the end
+    p.a.add_config(&format!("libvirt-connect = \"{}\"", lv.uri()))?;
+    p.a.restart()?;
     p.a.allow(&p.b)?; // lets the replica probe the primary (split-brain guard)
     p.a.ok(&[
         "vm",
@@ -883,6 +886,55 @@ fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
         cps.iter().any(|c| c.starts_with("vmreplica-")),
         "the reverse cycles are backup jobs of the failed-over domain: {cps:?}"
     );
+
+    // Failing back: a planned failover B -> A. A's libvirt still has the VM's own domain,
+    // shut off, on its old images: the failover replaces that definition with one on A's
+    // overlays (cancel restores it), vmreplica's stale checkpoints of it are forgotten.
+    p.b.allow(&p.a)?; // lets A probe B
+    lvb.write_disk(PF_DOMAIN, 1, 5 << 20, 64 << 10, 0x71)?;
+    writes.push((1, 5 << 20, 64 << 10, 0x71));
+    let prep = failover(&p.b, &["prepare", "web1", "--shutdown", "--timeout", "3s"])?;
+    assert_eq!(prep.state, ReplicationState::PreparedForFailover);
+    let k2 = prep.point.ok_or("no final cycle on B")?;
+    let domblk =
+        |lv: &PrivateLibvirt| -> TestResult<String> { Ok(lv.virsh(&["domblklist", PF_DOMAIN])?) };
+    assert!(domblk(&lv)?.contains(&*images[0].to_string_lossy()));
+    let back = failover(&p.a, &["start", "web1"])?;
+    assert_eq!(back.point, Some(k2));
+    assert_eq!(lv.virsh(&["domstate", PF_DOMAIN])?.trim(), "running");
+    assert_eq!(lv.virsh(&["domuuid", PF_DOMAIN])?.trim(), primary_uuid);
+    let blk = domblk(&lv)?;
+    assert!(blk.contains(&back.disks[0].1), "{blk}");
+    assert!(!blk.contains(&*images[0].to_string_lossy()), "{blk}");
+    assert!(
+        !lv.checkpoints(PF_DOMAIN)?
+            .iter()
+            .any(|c| c.starts_with("vmreplica-")),
+        "the old images' checkpoints are forgotten"
+    );
+    for &(disk, off, len, pat) in &writes {
+        assert!(
+            vmr_testkit::img::qemu_io_holds_pattern(
+                std::path::Path::new(&back.disks[disk].1),
+                pat,
+                off,
+                len
+            )?,
+            "disk {disk} at {off} does not hold {pat:#x} after failing back"
+        );
+    }
+    // cancel: the old definition (on the old images) is back, shut off
+    failover(&p.a, &["cancel", "web1"])?;
+    assert_eq!(lv.virsh(&["domstate", PF_DOMAIN])?.trim(), "shut off");
+    assert_eq!(lv.virsh(&["domuuid", PF_DOMAIN])?.trim(), primary_uuid);
+    assert!(domblk(&lv)?.contains(&*images[0].to_string_lossy()));
+    // again, and complete: the VM runs on A, from its overlays
+    let back = failover(&p.a, &["start", "web1"])?;
+    assert_eq!(back.point, Some(k2));
+    p.a.ok(&["failover", "complete", "web1"])?;
+    assert_eq!(p.a.status("web1")?.state, ReplicationState::FailedOver);
+    assert_eq!(lv.virsh(&["domstate", PF_DOMAIN])?.trim(), "running");
+    assert!(domblk(&lv)?.contains(&back.disks[0].1));
 
     p.stop()?;
     let mut ns = lv.mount_namespaces();
