@@ -1387,12 +1387,10 @@ pub async fn reverse(
         tracing::warn!(vm = %name, "reverse{e}");
     }
     let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
-    // After an unplanned failover the old primary's disks differ from the point: resync now.
-    // A domain failed over through libvirt has no checkpoint yet, so its first cycle reads
-    // every block either way: as a resync (hashes compared with the old primary's point) it
-    // ships only what changed since the failover, not the whole disks (~820 MiB for the
-    // real test guest after a planned failover).
-    let resync = resync || lv_source.is_some();
+    // After an unplanned failover the old primary's disks differ from the point; a domain
+    // failed over through libvirt has no checkpoint yet (~820 MiB shipped for the real test
+    // guest after a planned failover, before this was a resync).
+    let resync = vmr_core::reverse_resyncs(resync, lv_source.is_none());
     let machine = side
         .machine()
         .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)

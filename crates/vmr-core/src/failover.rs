@@ -353,6 +353,17 @@ pub fn failover_domain(domain: &str, test: bool) -> FailoverDomainIdentity {
     }
 }
 
+/// Whether reverse replication starts with a resync (block hashes compared with the old
+/// primary's point, only differing blocks shipped) rather than a cycle on top of the failover
+/// point: when the old primary's disks differ from that point (`old_differs`: it says so,
+/// after an unplanned failover), or when nothing tracked the failed-over VM's writes since
+/// the failover (`tracked`: false for a domain failed over through libvirt, which has no
+/// checkpoint yet: its first cycle reads every block either way, and as a resync it ships only
+/// what changed instead of the whole disks).
+pub fn reverse_resyncs(old_differs: bool, tracked: bool) -> bool {
+    old_differs || !tracked
+}
+
 /// A domain of the failed-over domain's name already defined on the replica host's libvirt
 /// ([`existing_domain`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -892,6 +903,24 @@ mod tests {
                 existing_domain(existing, keep_uuid),
                 want,
                 "{existing:?} keep_uuid={keep_uuid}"
+            );
+        }
+    }
+
+    #[test]
+    fn reverse_resyncs_table() {
+        // (old primary's disks differ, writes tracked since the failover) -> resync
+        let cases = [
+            (false, true, false), // planned failover, QMP tracking: a cycle on top
+            (true, true, true),   // unplanned: the old primary differs
+            (false, false, true), // planned, through libvirt: no checkpoint yet
+            (true, false, true),
+        ];
+        for (differs, tracked, want) in cases {
+            assert_eq!(
+                reverse_resyncs(differs, tracked),
+                want,
+                "{differs} {tracked}"
             );
         }
     }

@@ -34,7 +34,7 @@ pub use failover::{
     FailoverLauncher, LauncherRefusal, LibvirtPrepare, PrepareRefusal, PrepareSource, PrimaryProbe,
     SplitBrain, UnusableProbe, VmProbe, chain_probe, check_probe_target, existing_domain,
     failover_domain, failover_launcher, failover_transition, libvirt_prepare, prepare_source,
-    probe_address, split_brain_verdict,
+    probe_address, reverse_resyncs, split_brain_verdict,
 };
 pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};
