@@ -419,6 +419,7 @@ fn control(root: &Path) {
                 uri: "qemu:///system".into(),
                 domain: "lv-vm".into(),
                 acked_checkpoint: None,
+                acked_checkpoint_xml: None,
             }),
         },
         Request::ServerAllow {
@@ -438,12 +439,12 @@ fn control(root: &Path) {
             compression: true,
             initial_at_ms: None,
             auto_resync: None,
+            auto_failover: None,
             initial: Default::default(),
             rpo_alert_secs: Some(120),
             verify_every_secs: Some(7 * 86400),
             retain: None,
-            bandwidth: vmr_proto::bandwidth::BandwidthSchedule::parse("08:00-18:00=50M,*=0")
-                .ok(),
+            bandwidth: vmr_proto::bandwidth::BandwidthSchedule::parse("08:00-18:00=50M,*=0").ok(),
         }),
         Request::SetRetention {
             name: "demo-vm".into(),
@@ -500,6 +501,12 @@ fn control(root: &Path) {
             frequency_secs: 30,
             recovery_points: 0,
             retain: vmr_proto::retain::RetentionGrid::parse("1h=24,1d=7,1w=4,1mo=12", true).ok(),
+            auto_failover: Some(vmr_proto::lease::AutoFailover {
+                auto_failover_ms: 60_000,
+                witness: "10.0.0.3:7443".into(),
+                witness_fingerprint: format!("SHA256:{}", "ef".repeat(32)),
+                power_off: false,
+            }),
         }),
         PeerRequest::ResyncHashes(vmr_proto::api::BlockHashesRequest {
             uuid,
