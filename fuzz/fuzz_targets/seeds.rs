@@ -506,6 +506,7 @@ fn control(root: &Path) {
                 witness: "10.0.0.3:7443".into(),
                 witness_fingerprint: format!("SHA256:{}", "ef".repeat(32)),
                 power_off: false,
+                point: vmr_proto::lease::TakeoverPoint::AppConsistent,
             }),
         }),
         PeerRequest::ResyncHashes(vmr_proto::api::BlockHashesRequest {

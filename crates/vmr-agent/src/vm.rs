@@ -38,6 +38,7 @@ use crate::replica::{ReplicaCmd, ReplicaSide};
 use crate::util::now_ms;
 use vmr_core::autofailover::{TakeoverWatch, WatchAction, WatchEvent, WatchPhase};
 use vmr_proto::event::{EventKind, Severity};
+use vmr_proto::lease::TakeoverPoint;
 use vmr_proto::peer::{BecameReplica, BlockHashes, ContinuedFrom, PrimaryVmState, SourceVmState};
 use vmr_proto::record::VmRecord;
 
@@ -2442,23 +2443,43 @@ impl Owner {
         }
     }
 
-    /// The witness granted the replica the lease: fail over as `failover start` does.
+    /// The witness granted the replica the lease: fail over as `failover start` does, from
+    /// the point the relationship's policy names (`vmr_core::autofailover::takeover_point`).
     async fn auto_takeover(&mut self, epoch: Option<u64>) {
         let name = self.vm.rec.name.clone();
         let epoch_s = epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+        let policy = self.watch.as_ref().map(|w| w.1.point).unwrap_or_default();
+        // The store's points; an error leaves the choice to `failover start` (the latest
+        // point), which reports the store's error itself.
+        let points: Vec<(u64, vmr_store::PointKind)> = self
+            .vm
+            .host
+            .store_of(&self.vm.rec)
+            .and_then(|s| Ok(s.points(self.vm.rec.uuid)?))
+            .map(|ps| ps.iter().map(|p| (p.id, p.kind)).collect())
+            .unwrap_or_default();
+        let choice = vmr_core::autofailover::takeover_point(policy, &points);
+        let which = match (policy, choice.fell_back) {
+            (TakeoverPoint::Latest, _) => "the latest point".to_owned(),
+            (TakeoverPoint::AppConsistent, false) => "the latest app-consistent point".to_owned(),
+            (TakeoverPoint::AppConsistent, true) => {
+                "the latest point (the policy asks for an app-consistent point and this replica holds none)".to_owned()
+            }
+        };
         let e = self
             .emit(
                 EventKind::AutoFailover,
                 Severity::Critical,
                 format!(
-                    "{name}: automatic failover: the primary was silent and the witness granted this replica the lease (epoch {epoch_s}); starting the VM from the latest point"
+                    "{name}: automatic failover: the primary was silent and the witness granted this replica the lease (epoch {epoch_s}); starting the VM from {which}"
                 ),
             )
-            .field("epoch", epoch);
+            .field("epoch", epoch)
+            .field("point-policy", policy.as_str());
         self.vm.host.events.emit(e);
         let (tx, rx) = oneshot::channel();
         let start = FailoverCmd::Start {
-            point: None,
+            point: choice.point,
             no_start: false,
             force: false,
         };

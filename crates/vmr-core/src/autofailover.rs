@@ -47,8 +47,10 @@ use std::collections::BTreeMap;
 
 use vmr_proto::Uuid;
 use vmr_proto::lease::{
-    FenceReason, HolderSnapshot, LeaseEntry, PromiseResponse, WitnessRequest, WitnessResponse,
+    FenceReason, HolderSnapshot, LeaseEntry, PromiseResponse, TakeoverPoint, WitnessRequest,
+    WitnessResponse,
 };
+use vmr_proto::store::PointKind;
 
 /// The largest clock-rate error assumed of any host, parts per million (1000 ppm = 0.1 %: an
 /// NTP-disciplined clock is within 500 ppm, an undisciplined crystal within about 100 ppm).
@@ -123,6 +125,48 @@ impl LeaseParams {
             renew_ms: lease_ms / 4,
             power_off,
         })
+    }
+}
+
+/// The point an automatic failover starts the VM from, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakeoverChoice {
+    /// The point (None: the replica holds no point; `failover start` refuses as it always does).
+    pub point: Option<u64>,
+    /// The policy asked for an app-consistent point and the replica holds none: the latest
+    /// point is taken instead (a VM started from a crash-consistent point beats no VM; the
+    /// event says so).
+    pub fell_back: bool,
+}
+
+/// Which of the replica's points (`(id, kind)`, any order) an automatic failover starts the VM
+/// from under `policy` (`enable --auto-failover-point`): the latest; or the latest
+/// app-consistent one, a planned failover's final point counting as one (the guest was shut
+/// down cleanly), the latest when there is none.
+pub fn takeover_point(policy: TakeoverPoint, points: &[(u64, PointKind)]) -> TakeoverChoice {
+    let latest = points.iter().map(|(id, _)| *id).max();
+    match policy {
+        TakeoverPoint::Latest => TakeoverChoice {
+            point: latest,
+            fell_back: false,
+        },
+        TakeoverPoint::AppConsistent => {
+            let consistent = points
+                .iter()
+                .filter(|(_, k)| matches!(k, PointKind::AppConsistent | PointKind::Planned))
+                .map(|(id, _)| *id)
+                .max();
+            match consistent {
+                Some(p) => TakeoverChoice {
+                    point: Some(p),
+                    fell_back: false,
+                },
+                None => TakeoverChoice {
+                    point: latest,
+                    fell_back: latest.is_some(),
+                },
+            }
+        }
     }
 }
 
@@ -1140,6 +1184,45 @@ impl TakeoverWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn takeover_point_follows_the_policy() {
+        use PointKind::{AppConsistent as A, CrashConsistent as C, Planned as Pl};
+        use TakeoverPoint::{AppConsistent, Latest};
+        let choice = |point: Option<u64>, fell_back: bool| TakeoverChoice { point, fell_back };
+        type Row<'a> = (TakeoverPoint, &'a [(u64, PointKind)], TakeoverChoice);
+        let table: &[Row] = &[
+            // policy, the replica's points, the choice
+            (Latest, &[], choice(None, false)),
+            (Latest, &[(3, C), (5, A), (9, C)], choice(Some(9), false)),
+            (Latest, &[(9, C), (3, C)], choice(Some(9), false)),
+            (AppConsistent, &[], choice(None, false)),
+            (
+                AppConsistent,
+                &[(3, C), (5, A), (9, C)],
+                choice(Some(5), false),
+            ),
+            (
+                AppConsistent,
+                &[(5, A), (7, A), (9, C)],
+                choice(Some(7), false),
+            ),
+            (AppConsistent, &[(7, A), (5, A)], choice(Some(7), false)),
+            (
+                AppConsistent,
+                &[(3, A), (8, Pl), (9, C)],
+                choice(Some(8), false),
+            ),
+            (AppConsistent, &[(3, C), (9, C)], choice(Some(9), true)),
+        ];
+        for (policy, points, want) in table {
+            assert_eq!(
+                takeover_point(*policy, points),
+                *want,
+                "{policy:?} {points:?}"
+            );
+        }
+    }
 
     const P: &str = "fp-primary";
     const R: &str = "fp-replica";

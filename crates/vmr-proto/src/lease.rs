@@ -209,6 +209,34 @@ pub struct AutoFailover {
     /// `--fence power-off`: fence by killing QEMU instead of pausing it.
     #[serde(default)]
     pub power_off: bool,
+    /// `--auto-failover-point`: which point an automatic failover starts the VM from (absent
+    /// in records written before it: the latest).
+    #[serde(default)]
+    pub point: TakeoverPoint,
+}
+
+/// Which recovery point an automatic failover starts the VM from (`enable
+/// --auto-failover-point`); the choice among the replica's points is
+/// `vmr_core::autofailover::takeover_point`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TakeoverPoint {
+    /// The latest applied point (crash-consistent or better): the least data lost.
+    #[default]
+    Latest,
+    /// The latest app-consistent point (guest file systems frozen, or a planned failover's
+    /// final point); the latest point when the replica holds none.
+    AppConsistent,
+}
+
+impl TakeoverPoint {
+    /// The option's spelling (`latest`, `app-consistent`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TakeoverPoint::Latest => "latest",
+            TakeoverPoint::AppConsistent => "app-consistent",
+        }
+    }
 }
 
 /// What `status` shows of a VM's automatic failover, on either side.
@@ -224,6 +252,8 @@ pub struct LeaseStatus {
     pub witness: String,
     /// `--auto-failover`, milliseconds.
     pub auto_failover_ms: u64,
+    /// `--auto-failover-point`: the point a takeover starts the VM from.
+    pub point: TakeoverPoint,
     /// Primary: the lease epoch held.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,

@@ -620,6 +620,7 @@ mod tests {
                     witness: "10.0.0.3:9443".into(),
                     witness_fingerprint: "SHA256:ww".into(),
                     power_off: true,
+                    point: crate::lease::TakeoverPoint::AppConsistent,
                 }),
             }),
             PeerRequest::ReplicaInfo(ReplicaInfoRequest {

@@ -66,7 +66,7 @@ pub enum Command {
     #[command(subcommand)]
     Group(GroupCmd),
     /// Enable replication of a VM to a replica agent.
-    Enable(EnableCmd),
+    Enable(Box<EnableCmd>),
     /// Start initial replication over the network now. On a terminal, a progress bar follows
     /// the copy until it ends (Ctrl-C detaches; the copy goes on).
     StartInitial {
@@ -756,6 +756,12 @@ pub struct EnableCmd {
     /// VM's QEMU killed).
     #[arg(long, value_name = "pause|power-off", requires = "auto_failover")]
     pub fence: Option<String>,
+    /// Which point an automatic failover starts the VM from: `latest` (the default: the least
+    /// data lost) or `app-consistent` (the latest point taken with the guest's file systems
+    /// frozen, or a planned failover's final point; the latest point when the replica holds
+    /// none, and the event says so).
+    #[arg(long, value_name = "latest|app-consistent", requires = "auto_failover")]
+    pub auto_failover_point: Option<String>,
     /// Run on a replica VM: extended replication, forwarding its recovery points to the
     /// third host given by --replica (which authorizes this host with `server allow`); the
     /// first extended cycle copies the newest point, later ones only what changed.

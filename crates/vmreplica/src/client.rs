@@ -350,6 +350,20 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
                                 ));
                             }
                         },
+                        point: match e.auto_failover_point.as_deref() {
+                            None | Some("latest") => vmr_proto::lease::TakeoverPoint::Latest,
+                            Some("app-consistent") => {
+                                vmr_proto::lease::TakeoverPoint::AppConsistent
+                            }
+                            Some(other) => {
+                                return Err(coded(
+                                    exit::USAGE,
+                                    format!(
+                                        "--auto-failover-point {other:?}: give latest or app-consistent"
+                                    ),
+                                ));
+                            }
+                        },
                     }),
                 },
             };

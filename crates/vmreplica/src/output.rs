@@ -799,11 +799,12 @@ fn print_measure(rows: &[VmStatus]) {
 pub fn auto_failover_line(a: &vmr_proto::lease::LeaseStatus) -> String {
     let secs = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
     let mut l = format!(
-        "{} {} (witness {}, after {} of silence)",
+        "{} {} (witness {}, after {} of silence, from the {} point)",
         a.side,
         a.phase,
         a.witness,
-        secs(a.auto_failover_ms)
+        secs(a.auto_failover_ms),
+        a.point.as_str()
     );
     if let Some(e) = a.epoch {
         l.push_str(&format!("; lease epoch {e}"));

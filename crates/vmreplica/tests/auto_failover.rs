@@ -287,16 +287,43 @@ fn failed_over(s: &vmr_proto::api::VmStatus) -> bool {
 fn primary_host_dies_replica_takes_over_then_reverse() -> TestResult {
     let mut t = Witnessed::new(exe())?;
     t.a.allow(&t.b)?;
-    let mut vm = enabled(&t, "af1", &[])?;
+    // The app-consistent point policy: the stand-in has no guest agent, so the replica holds
+    // crash-consistent points only and the takeover falls back to the latest, saying so (the
+    // choice among points is `vmr_core::autofailover::takeover_point`'s table test).
+    let mut vm = enabled(&t, "af1", &["--auto-failover-point", "app-consistent"])?;
     let st = lease(&t.b, "af1")?;
     assert_eq!(st.side, "replica");
     assert_eq!(st.phase, "watching");
+    assert_eq!(st.point, vmr_proto::lease::TakeoverPoint::AppConsistent);
     assert!(st.takeover_in_ms.is_some(), "{st:?}");
     let text = t.b.ok(&["status", "af1"])?;
     assert!(
-        text.contains("AutoFailover") && text.contains("takeover possible in"),
+        text.contains("AutoFailover")
+            && text.contains("takeover possible in")
+            && text.contains("from the app-consistent point"),
         "{text}"
     );
+    let (code, err) = refused(
+        &t.a,
+        &[
+            "enable",
+            "x",
+            "--replica",
+            "h:1",
+            "--replica-fingerprint",
+            "SHA256:00",
+            "--auto-failover",
+            "20s",
+            "--witness",
+            "h:2",
+            "--witness-fingerprint",
+            "SHA256:00",
+            "--auto-failover-point",
+            "oldest",
+        ],
+    )?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("give latest or app-consistent"), "{err}");
 
     vm.kill9();
     t.a.kill9();
@@ -324,6 +351,10 @@ fn primary_host_dies_replica_takes_over_then_reverse() -> TestResult {
     assert_eq!(s.auto_failover.map(|a| a.phase), Some("took-over".into()));
     let ev = t.b.ok(&["events", "af1"])?;
     assert!(ev.contains("auto-failover"), "{ev}");
+    assert!(
+        ev.contains("the policy asks for an app-consistent point and this replica holds none"),
+        "{ev}"
+    );
     // The VM runs on the replica, from the latest point: its NBD export answers.
     let live = StandIn::attach(vm.def.clone(), nbd_socket(&t.b.dir, vm.def.uuid));
     live.hash("disk0")?;
