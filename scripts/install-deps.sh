@@ -4,7 +4,7 @@
 # qemu-storage-daemon), libvirt's C library and headers (libvirt-dev: the build links
 # libvirt for vmr-libvirt), and optionally the libvirt daemon with its QEMU driver and virsh
 # (libvirt 11 from bookworm-backports, without recommends and with no service started: the
-# libvirt test runs a private daemon of its own; docs/libvirt.md), and optionally qemu-system-x86, rsync, promtool and chromium (pass "full";
+# libvirt test runs a private daemon of its own; docs/libvirt.md), and optionally qemu-system-x86, rsync, jq (the test runner reads cargo's JSON), promtool and chromium (pass "full";
 # promtool comes with Debian's prometheus package, installed without leaving its server running;
 # Debian's headless-capable chromium loads the web dashboard in its browser test).
 # Idempotent; does nothing when everything is present.
@@ -29,6 +29,7 @@ if [ "$want_full" = full ]; then
   dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || lv_need+=(libvirt-daemon-driver-qemu)
   command -v virsh >/dev/null 2>&1 || lv_need+=(libvirt-clients)
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
+  command -v jq >/dev/null 2>&1 || need+=(jq)
   command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v chromium >/dev/null 2>&1 || need+=(chromium)

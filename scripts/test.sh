@@ -20,7 +20,9 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 run_tmp=$(mktemp -d)
 trap 'rm -rf "$run_tmp"' EXIT
-TMPDIR="$run_tmp" cargo test --workspace --locked --no-fail-fast --features vmreplica/test-hooks,vmr-store/failpoints -- --test-threads=2
+# Two test binaries at a time, each with two test threads (scripts/run-tests.sh): the
+# end-to-end tests mostly wait on intervals and leases, so two lanes halve the wall time.
+TMPDIR="$run_tmp" scripts/run-tests.sh --features vmreplica/test-hooks,vmr-store/failpoints
 left=$(find "$run_tmp" -maxdepth 1 -name 'vmr-*' -type s)
 if [ -n "$left" ]; then
     echo "test.sh: the tests left sockets in the temp dir:" >&2
