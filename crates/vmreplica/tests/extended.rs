@@ -699,11 +699,12 @@ fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() 
     on_b.write_seq("disk0", 300, 4, 4100)?;
     assert_eq!(extended(&ch)?.running_point, None);
     assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
-    // Reverse to A: B replicates to A; the extended relationship ends, C keeps its points.
+    // Reverse to A: B replicates to A, and to C as a further relationship from point k
+    // (`planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy`).
     let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
     assert!(
         out.contains(&format!(
-            "the extended replication to {} ended (it keeps its points, the newest {k}",
+            "the extended replication to {} continues from point {k}",
             ch.c.addr
         )),
         "{out}"
@@ -711,7 +712,145 @@ fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() 
     let b = ch.b.status(VM)?;
     assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
     assert!(b.extended.is_none(), "{b:?}");
-    assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
+    assert_eq!(b.fanout.len(), 1, "{b:?}");
+    Ok(())
+}
+
+/// Both of B's relationships after the reverse: (its own row, to A; its fan-out row, to C).
+fn b_rows(ch: &Chain) -> TestResult<(vmr_proto::api::VmStatus, vmr_proto::api::VmStatus)> {
+    let st = ch.b.status(VM)?;
+    let c = st
+        .fanout
+        .first()
+        .cloned()
+        .ok_or("B's status shows no fan-out relationship")?;
+    Ok((st, c))
+}
+
+/// Planned failover A → B with A → B → C running under a writer on A (issue 15 part 3):
+/// `failover prepare` on A, `failover start` on B (a tracking bitmap for C started with the
+/// VM), `reverse` on B to A. Afterwards B replicates to A and, as a second relationship, to C
+/// from the failover point: C's chain goes on with B's cycle ids after the point, without a
+/// full copy (bytes shipped to C bounded by what the VM on B wrote), and both A's and C's
+/// latest points equal B's running VM.
+#[test]
+fn planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy() -> TestResult {
+    let ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let (vm, first) = running_chain(&ch)?;
+    let w = GuestWriter::start(&vm, 8);
+    wait_extended(&ch, "two more extended cycles under the writer", |x| {
+        x.last_point_sent.is_some_and(|p| p >= first + 2)
+    })?;
+    w.stop();
+    let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
+    let prep = failover(&ch.a, &["prepare", VM])?;
+    let k = prep.point.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    let live = failover(&ch.b, &["start", VM])?;
+    assert_eq!(live.point, Some(k));
+    wait_extended(&ch, "C to get the final point", |x| {
+        x.last_point_sent == Some(k)
+    })?;
+    for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            h, final_hashes[i],
+            "C's point {k} differs from A's disks ({disk})"
+        );
+    }
+    // The VM on B writes before and after the reverse.
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 50, 6, 6100)?;
+    let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
+    assert!(
+        out.contains(&format!(
+            "the extended replication to {} continues from point {k} as a further \
+             relationship",
+            ch.c.addr
+        )) && !out.contains("resynchronised"),
+        "{out}"
+    );
+    // C's chain goes on with B's ids: its next point after A's final one is k + 1.
+    let (c_first, _) = ch.c.wait_cycle(VM, k + 1, LONG)?;
+    assert_eq!(c_first.last_cycle, Some(k + 1));
+    on_b.write_seq("disk0", 400, 4, 6200)?;
+    let written = 10 * 65536;
+    let (b, c_row) = b_rows(&ch)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert!(b.extended.is_none(), "{b:?}");
+    assert_eq!(b.replica, ch.a.addr);
+    assert_eq!(c_row.replica, ch.c.addr);
+    assert_eq!(
+        c_row.frequency_secs, 5,
+        "the extended relationship's frequency"
+    );
+    // Both relationships cut after the last write (a cycle started after it), then pause.
+    let (a_now, c_now) = (b.last_cycle.unwrap_or(k), c_row.last_cycle.unwrap_or(k));
+    wait_every(
+        LONG,
+        Duration::from_millis(50),
+        "cycles to A and C after the writes",
+        || {
+            let st = ch.b.status(VM)?;
+            let c = st.fanout.first().and_then(|c| c.last_cycle).unwrap_or(0);
+            Ok(st.last_cycle.unwrap_or(0) >= a_now + 2 && c >= c_now + 2)
+        },
+    )?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.a.addr])?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let (b, c_row) = b_rows(&ch)?;
+    let (a_last, c_last) = (
+        b.last_cycle.ok_or("no cycle")?,
+        c_row.last_cycle.ok_or("no cycle")?,
+    );
+    ch.a.wait_cycle(VM, a_last, LONG)?;
+    ch.c.wait_cycle(VM, c_last, LONG)?;
+    eprintln!(
+        "B → C after the planned failover: {} bytes in {} cycles; B → A: {} bytes in {} cycles; \
+         the VM wrote {written}",
+        c_row.stats.total_bytes,
+        c_row.stats.successful_cycles,
+        b.stats.total_bytes,
+        b.stats.successful_cycles
+    );
+    assert!(
+        c_row.stats.total_bytes <= written + 4 * 65536,
+        "{} bytes shipped to C for {written} written",
+        c_row.stats.total_bytes
+    );
+    // The latest points (a cycle the pause aborted may still have reached its replica: it was
+    // cut after the writes too, and is adopted by the next reconciliation).
+    let c_points = points_of(&ch.c, &vm)?;
+    let a_points = points_of(&ch.a, &vm)?;
+    assert!(
+        c_points.last().is_some_and(|p| *p >= c_last),
+        "C's points {c_points:?}, B's last cycle to C {c_last}"
+    );
+    assert!(
+        a_points.last().is_some_and(|p| *p >= a_last),
+        "A's points {a_points:?}, B's last cycle to A {a_last}"
+    );
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, None)? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "C's latest point {c_points:?} differs from B's VM ({disk})"
+        );
+    }
+    for (disk, h) in replica_hashes(&ch.a, vm.def.uuid, None)? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "A's latest point {a_points:?} differs from B's VM ({disk})"
+        );
+    }
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b");
+    assert_eq!(c.state, ReplicationState::Replicating);
+    assert_eq!(ch.a.status(VM)?.primary, "host-b");
     Ok(())
 }
 
@@ -789,3 +928,4 @@ fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> 
     assert_eq!(ch.c.status(VM)?.primary, "host-b");
     Ok(())
 }
+
