@@ -929,3 +929,100 @@ fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> 
     Ok(())
 }
 
+/// Unplanned failover on B (A lost) to a point older than C's latest, then `reverse` to A when
+/// A is back (its VM off): B replicates to A (a resync: A's disks went on after the point) and
+/// continues to C as a second relationship through `continue-from` (C drops its points after
+/// the failover point and keeps that one), shipping C only what the VM on B wrote.
+#[test]
+fn unplanned_failover_on_b_then_reverse_to_a_continues_to_c_from_its_point() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let mut vm = vm_on_a(&ch)?;
+    ch.enable(VM, &["--frequency", "5s", "--retain", "1s=20"])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.enable_extended(VM, &["--frequency", "5s", "--retain", "1s=20"])?;
+    wait_extended(&ch, "the first extended cycle", |x| {
+        x.last_point_sent.is_some()
+    })?;
+    for round in 0..2u64 {
+        vm.write_seq("disk0", 200 + round * 8, 8, 7000 + round)?;
+        let last = settle(&ch, &vm)?;
+        wait_extended(&ch, "C to get A's last point", |x| {
+            x.last_point_sent == Some(last)
+        })?;
+        if round < 1 {
+            ch.a.ok(&["resume", VM])?;
+        }
+    }
+    let b_points = points_of(&ch.b, &vm)?;
+    let c_points = points_of(&ch.c, &vm)?;
+    let common: Vec<u64> = b_points
+        .iter()
+        .copied()
+        .filter(|p| c_points.contains(p))
+        .collect();
+    assert!(common.len() >= 2, "B {b_points:?}, C {c_points:?}");
+    let point = common[common.len() - 2];
+    let later: Vec<u64> = c_points.iter().copied().filter(|p| *p > point).collect();
+    let at_point = replica_hashes(&ch.c, vm.def.uuid, Some(point))?;
+    // A is lost; B fails over to the older point, and its VM writes.
+    ch.a.kill9();
+    let live = failover(
+        &ch.b,
+        &["start", VM, "--point", &point.to_string(), "--force"],
+    )?;
+    assert_eq!(live.point, Some(point));
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 7100)?;
+    let written = 6 * 65536;
+    // A comes back with its VM off; reverse to A.
+    vm.stop()?;
+    ch.a.restart()?;
+    let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
+    assert!(
+        out.contains(&format!(
+            "the extended replication to {} continues from point {point}",
+            ch.c.addr
+        )) && out.contains(&format!("it dropped the later points {later:?}")),
+        "{out}"
+    );
+    let (b, c_row) = b_rows(&ch)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert_eq!(c_row.replica, ch.c.addr);
+    // C kept the failover point as it was (and dropped the later ones: the message).
+    assert_eq!(replica_hashes(&ch.c, vm.def.uuid, Some(point))?, at_point);
+    // Both relationships cut after the VM's writes, then pause.
+    wait_every(LONG, Duration::from_millis(50), "cycles to A and C", || {
+        let st = ch.b.status(VM)?;
+        let c = st.fanout.first().and_then(|c| c.last_cycle).unwrap_or(0);
+        Ok(st.state == ReplicationState::Replicating
+            && st.last_cycle.unwrap_or(0) >= point + 2
+            && c >= point + 2)
+    })?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.a.addr])?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let (b, c_row) = b_rows(&ch)?;
+    ch.a.wait_cycle(VM, b.last_cycle.ok_or("no cycle")?, LONG)?;
+    ch.c.wait_cycle(VM, c_row.last_cycle.ok_or("no cycle")?, LONG)?;
+    eprintln!(
+        "B → C after the unplanned failover: {} bytes in {} cycles; B → A: {} bytes; the VM \
+         wrote {written}",
+        c_row.stats.total_bytes, c_row.stats.successful_cycles, b.stats.total_bytes
+    );
+    assert!(
+        c_row.stats.total_bytes <= written + 4 * 65536,
+        "{} bytes shipped to C for {written} written",
+        c_row.stats.total_bytes
+    );
+    for (who, agent) in [("A", &ch.a), ("C", &ch.c)] {
+        for (disk, h) in replica_hashes(agent, vm.def.uuid, None)? {
+            assert_eq!(
+                h,
+                on_b.hash(&disk)?,
+                "{who}'s latest point differs from B's VM ({disk})"
+            );
+        }
+    }
+    assert_eq!(ch.c.status(VM)?.primary, "host-b");
+    Ok(())
+}
