@@ -1447,8 +1447,11 @@ pub async fn reverse(
     vm.save_failover(&fr)?;
     if live.extended_tracking && !vm.rec.fanout.iter().any(|f| f.slot == ONWARD_SLOT) {
         // The bitmap started for the extended replica tracks for no relationship.
-        if let Err(e) = crate::cycle::stop_tracking(&vm.host, &vm.rec, ONWARD_SLOT).await {
-            tracing::warn!(vm = %name, "removing the extended replica's tracking bitmap: {}", crate::util::chain(&e));
+        match crate::cycle::stop_tracking(&vm.host, &vm.rec, ONWARD_SLOT).await {
+            Ok(()) => tracing::info!(vm = %name, "removed the extended replica's tracking bitmap"),
+            Err(e) => {
+                tracing::warn!(vm = %name, "removing the extended replica's tracking bitmap: {}", crate::util::chain(&e));
+            }
         }
     }
     let state = machine.state();

@@ -893,6 +893,14 @@ fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> 
     assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
     assert_eq!(b.replica, ch.c.addr);
     assert!(b.extended.is_none(), "{b:?}");
+    assert!(b.fanout.is_empty(), "{b:?}");
+    // The bitmap started for C at `failover start` tracks for no relationship: removed.
+    assert!(
+        ch.b.log()
+            .contains("removed the extended replica's tracking bitmap"),
+        "{}",
+        tail(&ch.b.log(), 30)
+    );
     // C still holds A's final point as it was.
     for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
         .into_iter()
