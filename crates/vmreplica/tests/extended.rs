@@ -643,8 +643,8 @@ fn a_stopped_mid_cycle_leaves_b_free_to_fail_over() -> TestResult {
 /// Planned failover A → B with B → C running: between `failover start` and `reverse`, B's
 /// status row for the extended relationship says the VM failed over on B (it was Normal and
 /// said nothing), A's final point (the failover point) is still forwarded to C, nothing newer;
-/// `reverse` to A then says the extended relationship ended and what C keeps. (B → C
-/// continuing from the running VM after the reverse is not built.)
+/// `reverse` to A then says the extended relationship continues from the final point, as B's
+/// second relationship.
 #[test]
 fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() -> TestResult {
     let ch = Chain::new(exe())?;
@@ -856,8 +856,9 @@ fn planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy(
 
 /// Planned failover A → B, then `reverse` on B to the extended replica C (instead of A): C's
 /// chain continues from A's final point, the one B failed over from (same id, same content),
-/// and B's cycles to C carry what the VM on B wrote, not a full copy. (B replicating to A and
-/// to C at once needs fan-out: not built.)
+/// and B's cycles to C carry what the VM on B wrote, not a full copy; the bitmap started for
+/// C as a further relationship is removed. (`reverse` to A instead gives both relationships:
+/// `planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy`.)
 #[test]
 fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> TestResult {
     let ch = Chain::new(exe())?;
