@@ -183,8 +183,9 @@ async fn kill_vm(vm: &mut Vm, f: &FailoverVm) -> Result<(), AgentError> {
 }
 
 /// Start the definition's QEMU program on `disks`; returns (pid, qmp path) once QMP answers,
-/// with change tracking (`vmr-<tag>-1` on every disk) added before the guest runs unless
-/// `test`.
+/// with change tracking added before the guest runs: a first-generation bitmap
+/// (`vmr-<tag>-1`) on every disk for each capture tag of `tracking` (none for a test copy; the
+/// VM's own tag, and the extended replica's relationship's when this host forwards the VM).
 async fn launch_vm(
     vm: &mut Vm,
     def: &VmDefinition,
@@ -192,6 +193,7 @@ async fn launch_vm(
     disks: &[(String, PathBuf)],
     dest: &Path,
     test: bool,
+    tracking: &[String],
 ) -> Result<(u32, PathBuf, String), AgentError> {
     let qmp = dest.join("qmp.sock");
     let nbd = if test {
@@ -254,8 +256,8 @@ async fn launch_vm(
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        if !test {
-            let names = Names::new(&crate::launch::tag(def.uuid))?;
+        for tag in tracking {
+            let names = Names::new(tag)?;
             for (node, _) in disks {
                 let mut args = json!({
                     "node": node, "name": names.bitmap(1),
@@ -501,6 +503,7 @@ pub async fn start(
             test,
             network: Vec::new(),
             libvirt: None,
+            extended_tracking: false,
         };
         let mut line = None;
         if let Some((uri, xml, domain, targets)) = &libvirt {
@@ -540,10 +543,26 @@ pub async fn start(
                 }
             }
         } else if let Some(program) = &program {
-            match launch_vm(vm, &def, program, &view.disks, &dest, test).await {
+            // A VM this host forwards to an extended replica also gets that relationship's
+            // bitmap, started with the reverse relationship's before the VM runs, so that
+            // `reverse` can continue the extended relationship from the failover point
+            // without missing a write (docs/extended.md).
+            let tracking: Vec<String> = if test {
+                Vec::new()
+            } else {
+                std::iter::once(crate::launch::tag(def.uuid))
+                    .chain(
+                        rec.extended
+                            .is_some()
+                            .then(|| crate::cycle::capture_tag(rec.uuid, ONWARD_SLOT)),
+                    )
+                    .collect()
+            };
+            match launch_vm(vm, &def, program, &view.disks, &dest, test, &tracking).await {
                 Ok((pid, qmp, l)) => {
                     f.pid = Some(pid);
                     f.qmp = Some(qmp.display().to_string());
+                    f.extended_tracking = tracking.len() > 1;
                     line = Some(l);
                 }
                 Err(e) => {
@@ -1369,24 +1388,29 @@ pub async fn reverse(
             .map_err(AgentError::BecomeReplica)?;
         (answer.resync, None)
     };
-    // Reversing to another host than the extended replica ends the outgoing relationship:
-    // its source was this store's points, and the VM runs here now. Say so, with what the
-    // extended replica keeps (continuing it from the running VM is not built).
-    let ended = match (&takeover, &rec.extended) {
-        (None, Some(x)) => Some(format!(
-            "; the extended replication to {} ended (it keeps its points, the newest {}; \
-             enable replication to it anew from here, or reverse to it instead)",
-            x.args.replica,
-            x.machine
-                .acked
-                .map_or_else(|| "none".to_owned(), |p| p.to_string())
-        )),
-        _ => None,
-    };
-    if let Some(e) = &ended {
-        tracing::warn!(vm = %name, "reverse{e}");
-    }
     let sizes: Vec<u64> = point.disks.iter().map(|(_, s)| *s).collect();
+    // Reversing to another host than the extended replica (to A): the outgoing relationship's
+    // source was this store's points, and the VM runs here now. It continues from the failover
+    // point as the VM's second relationship (fan-out) when it can, else it ends; the message
+    // says which (vmr_core::onward).
+    let (onward, ended) = match (&takeover, &rec.extended) {
+        (None, Some(x)) => {
+            let newest = store.points(rec.uuid)?.last().map_or(live.point, |p| p.id);
+            let (f, m) = extended_onward(
+                &vm.host,
+                rec.uuid,
+                x,
+                &live,
+                newest,
+                &sizes,
+                lv_source.is_some(),
+            )
+            .await;
+            tracing::info!(vm = %name, continues = f.is_some(), "reverse{m}");
+            (f, Some(m))
+        }
+        _ => (None, None),
+    };
     // After an unplanned failover the old primary's disks differ from the point; a domain
     // failed over through libvirt has no checkpoint yet (~820 MiB shipped for the real test
     // guest after a planned failover, before this was a resync).
@@ -1410,12 +1434,26 @@ pub async fn reverse(
     rec.enable = Some(args);
     rec.primary = vm.host.config.name.clone();
     rec.trust_group = None;
-    // The outgoing relationship is this primary's relationship now.
+    // The outgoing relationship is this primary's relationship now (the first one when the
+    // reverse went to the extended replica, else a further one or none).
     rec.extended = None;
+    if let Some(f) = onward {
+        rec.fanout.retain(|g| g.slot != f.slot);
+        rec.fanout.push(f);
+    }
     vm.rec = rec;
     crate::primary::save_snapshot(vm, machine.snapshot())?;
     fr.before = None;
     vm.save_failover(&fr)?;
+    if live.extended_tracking && !vm.rec.fanout.iter().any(|f| f.slot == ONWARD_SLOT) {
+        // The bitmap started for the extended replica tracks for no relationship.
+        match crate::cycle::stop_tracking(&vm.host, &vm.rec, ONWARD_SLOT).await {
+            Ok(()) => tracing::info!(vm = %name, "removed the extended replica's tracking bitmap"),
+            Err(e) => {
+                tracing::warn!(vm = %name, "removing the extended replica's tracking bitmap: {}", crate::util::chain(&e));
+            }
+        }
+    }
     let state = machine.state();
     Ok((
         result(
@@ -1445,6 +1483,122 @@ pub async fn reverse(
         ),
         machine,
     ))
+}
+
+/// The fan-out slot of the relationship that continues the extended relationship after
+/// `reverse` to the old primary (the VM's first further relationship: a replica has none). Its
+/// tracking bitmap (`vmr-<tag>r1-1`) is started with the VM at `failover start`.
+pub const ONWARD_SLOT: u32 = 1;
+
+/// `reverse` to another host than the extended replica C: what becomes of the extended
+/// relationship `x` (vmr_core::onward's decision, carried out): the fan-out relationship that
+/// continues it from the failover point (C's point ids going on from there; C told to
+/// `continue-from` that point first when it may not hold exactly it), or none; and the
+/// sentence `reverse` adds to its message.
+async fn extended_onward(
+    host: &Host,
+    uuid: uuid::Uuid,
+    x: &vmr_proto::record::ExtendedRecord,
+    live: &FailoverVm,
+    newest: u64,
+    sizes: &[u64],
+    libvirt: bool,
+) -> (Option<vmr_proto::record::FanoutRecord>, String) {
+    let c = &x.args.replica;
+    let ended = |why: String| {
+        (
+            None,
+            format!(
+                "; the extended replication to {c} ended ({why}; it keeps its points, the \
+                 newest {}; enable replication to it anew from here)",
+                x.machine
+                    .acked
+                    .map_or_else(|| "none".to_owned(), |p| p.to_string())
+            ),
+        )
+    };
+    let facts = vmr_core::OnwardFacts {
+        to_extended_replica: false,
+        state: x.machine.state,
+        acked: x.machine.acked,
+        point: live.point,
+        newest: newest.max(live.point),
+        tracked: live.extended_tracking,
+        libvirt,
+    };
+    let (paused, resync, told) = match vmr_core::onward(facts) {
+        vmr_core::Onward::TakenOver => return (None, String::new()),
+        vmr_core::Onward::End(why) => return ended(why.to_string()),
+        vmr_core::Onward::Continue { resync, paused, .. } => (paused, resync, None),
+        vmr_core::Onward::ContinueFrom { point, paused } => {
+            let answer = async {
+                let client = Client::connect(
+                    c,
+                    &host.identity,
+                    &x.args.replica_fingerprint,
+                    crate::config::client_options(&host.config),
+                )
+                .await?;
+                client.continue_from(uuid, point).await
+            }
+            .await;
+            match answer {
+                Ok(a) => {
+                    tracing::info!(%uuid, point, latest = a.latest, resync = a.resync, discarded = ?a.discarded, "the extended replica continues from the failover point as a further relationship");
+                    let resync = vmr_core::reverse_resyncs(a.resync, live.extended_tracking);
+                    (paused, resync, Some(a))
+                }
+                Err(e) => {
+                    return ended(format!(
+                        "it could not be told to continue from point {point}: {}",
+                        crate::util::chain(&e)
+                    ));
+                }
+            }
+        }
+    };
+    let mut args = x.args.clone();
+    args.initial_at_ms = None;
+    args.auto_failover = None;
+    let schedule = match crate::primary::schedule_of(&args) {
+        Ok(s) => s,
+        Err(e) => return ended(format!("its settings: {}", crate::util::chain(&e))),
+    };
+    let now = now_ms();
+    let mut machine =
+        vmr_core::PrimaryMachine::reversed(schedule, now, live.point, sizes.to_vec(), resync);
+    if paused {
+        // paused it was, paused it stays (`resume NAME --replica C` goes on)
+        let _ = machine.step(vmr_core::Event::Pause { now_ms: now });
+    }
+    let how = match (&told, resync) {
+        (Some(a), false) if !a.discarded.is_empty() => {
+            format!(" (it dropped the later points {:?})", a.discarded)
+        }
+        (Some(a), true) if a.resync => format!(
+            " (it did not hold that point: resynchronised first from its point {}, only \
+             differing blocks; it dropped the later points {:?})",
+            a.latest, a.discarded
+        ),
+        (_, true) => " (resynchronised first: nothing tracked the VM's writes for it; only \
+                      differing blocks)"
+            .to_owned(),
+        _ => String::new(),
+    };
+    (
+        Some(vmr_proto::record::FanoutRecord {
+            args,
+            machine: machine.snapshot(),
+            slot: ONWARD_SLOT,
+        }),
+        format!(
+            "; the extended replication to {c} continues from point {} as a further \
+             relationship (fan-out 2, every {} s, its point ids going on){how}{}",
+            live.point,
+            x.args.frequency_secs,
+            if paused { "; paused, as it was" } else { "" }
+        ),
+    )
 }
 
 /// Agent-to-agent `become-replica` on the old primary (reverse after a planned failover): the

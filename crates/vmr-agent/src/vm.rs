@@ -2888,6 +2888,14 @@ impl Owner {
                     self.vm.save()?;
                 }
                 self.side = Side::Primary(Some(Box::new(PrimarySide::reversed(machine))));
+                // The extended relationship continued as a further relationship (to C).
+                self.fanout = self
+                    .vm
+                    .rec
+                    .fanout
+                    .iter()
+                    .filter_map(|f| PrimarySide::restore_fanout(&self.vm, f, false))
+                    .collect();
                 Ok(r)
             }
         }

@@ -4,7 +4,8 @@
 //! [`Refusal`]; the validation of `enable` arguments ([`Schedule::from_enable`]); the RPO alert and
 //! the rate limit of failure events (`alert`); automatic failover's leases, fencing and takeover
 //! (`autofailover`); the failover rules; the checkpoint chain of a VM captured through libvirt
-//! (`checkpoints`); and Hyper-V's health rules as pure functions. The machines' persisted snapshots are
+//! (`checkpoints`); what `reverse` does with a failed-over replica's extended relationship
+//! (`onward`); and Hyper-V's health rules as pure functions. The machines' persisted snapshots are
 //! `vmr_proto::machine` types.
 //!
 //! Architecture Invariant: nothing in this crate does I/O, reads the clock or spawns tasks;
@@ -19,6 +20,7 @@ pub mod fanout;
 pub mod group;
 pub mod handover;
 pub mod health;
+pub mod onward;
 pub mod primary;
 pub mod refusal;
 pub mod replica;
@@ -38,6 +40,7 @@ pub use failover::{
 };
 pub use handover::{Adoption, Handover, LocalCopy};
 pub use health::{HealthReport, primary_health, replica_health};
+pub use onward::{Onward, OnwardEnd, OnwardFacts, onward};
 pub use primary::{Action, Event, Failure, PrimaryMachine, QuiesceOutcome};
 pub use refusal::{Op, Refusal};
 pub use replica::{Continued, ReplicaAction, ReplicaEvent, ReplicaMachine};

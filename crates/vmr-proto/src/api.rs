@@ -878,6 +878,11 @@ pub struct FailoverVm {
     /// of a QEMU process of the agent's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<FailoverDomainRef>,
+    /// A second tracking bitmap, for the extended replica this host forwards the VM to, was
+    /// started with the VM (before it ran): the fan-out relationship a `reverse` continues the
+    /// extended relationship as reads the VM's writes from it (docs/extended.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extended_tracking: bool,
 }
 
 /// A domain a failover defined on this host's libvirt (`failover start`/`test` of a

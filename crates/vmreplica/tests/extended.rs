@@ -643,8 +643,8 @@ fn a_stopped_mid_cycle_leaves_b_free_to_fail_over() -> TestResult {
 /// Planned failover A → B with B → C running: between `failover start` and `reverse`, B's
 /// status row for the extended relationship says the VM failed over on B (it was Normal and
 /// said nothing), A's final point (the failover point) is still forwarded to C, nothing newer;
-/// `reverse` to A then says the extended relationship ended and what C keeps. (B → C
-/// continuing from the running VM after the reverse is not built.)
+/// `reverse` to A then says the extended relationship continues from the final point, as B's
+/// second relationship.
 #[test]
 fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() -> TestResult {
     let ch = Chain::new(exe())?;
@@ -699,11 +699,12 @@ fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() 
     on_b.write_seq("disk0", 300, 4, 4100)?;
     assert_eq!(extended(&ch)?.running_point, None);
     assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
-    // Reverse to A: B replicates to A; the extended relationship ends, C keeps its points.
+    // Reverse to A: B replicates to A, and to C as a further relationship from point k
+    // (`planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy`).
     let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
     assert!(
         out.contains(&format!(
-            "the extended replication to {} ended (it keeps its points, the newest {k}",
+            "the extended replication to {} continues from point {k}",
             ch.c.addr
         )),
         "{out}"
@@ -711,14 +712,153 @@ fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() 
     let b = ch.b.status(VM)?;
     assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
     assert!(b.extended.is_none(), "{b:?}");
-    assert_eq!(points_of(&ch.c, &vm)?.last(), Some(&k));
+    assert_eq!(b.fanout.len(), 1, "{b:?}");
+    Ok(())
+}
+
+/// Both of B's relationships after the reverse: (its own row, to A; its fan-out row, to C).
+fn b_rows(ch: &Chain) -> TestResult<(vmr_proto::api::VmStatus, vmr_proto::api::VmStatus)> {
+    let st = ch.b.status(VM)?;
+    let c = st
+        .fanout
+        .first()
+        .cloned()
+        .ok_or("B's status shows no fan-out relationship")?;
+    Ok((st, c))
+}
+
+/// Planned failover A → B with A → B → C running under a writer on A (issue 15 part 3):
+/// `failover prepare` on A, `failover start` on B (a tracking bitmap for C started with the
+/// VM), `reverse` on B to A. Afterwards B replicates to A and, as a second relationship, to C
+/// from the failover point: C's chain goes on with B's cycle ids after the point, without a
+/// full copy (bytes shipped to C bounded by what the VM on B wrote), and both A's and C's
+/// latest points equal B's running VM.
+#[test]
+fn planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy() -> TestResult {
+    let ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let (vm, first) = running_chain(&ch)?;
+    let w = GuestWriter::start(&vm, 8);
+    wait_extended(&ch, "two more extended cycles under the writer", |x| {
+        x.last_point_sent.is_some_and(|p| p >= first + 2)
+    })?;
+    w.stop();
+    let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
+    let prep = failover(&ch.a, &["prepare", VM])?;
+    let k = prep.point.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    let live = failover(&ch.b, &["start", VM])?;
+    assert_eq!(live.point, Some(k));
+    wait_extended(&ch, "C to get the final point", |x| {
+        x.last_point_sent == Some(k)
+    })?;
+    for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            h, final_hashes[i],
+            "C's point {k} differs from A's disks ({disk})"
+        );
+    }
+    // The VM on B writes before and after the reverse.
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 50, 6, 6100)?;
+    let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
+    assert!(
+        out.contains(&format!(
+            "the extended replication to {} continues from point {k} as a further \
+             relationship",
+            ch.c.addr
+        )) && !out.contains("resynchronised"),
+        "{out}"
+    );
+    // C's chain goes on with B's ids: its next point after A's final one is k + 1.
+    let (c_first, _) = ch.c.wait_cycle(VM, k + 1, LONG)?;
+    assert_eq!(c_first.last_cycle, Some(k + 1));
+    on_b.write_seq("disk0", 400, 4, 6200)?;
+    let written = 10 * 65536;
+    let (b, c_row) = b_rows(&ch)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert!(b.extended.is_none(), "{b:?}");
+    assert_eq!(b.replica, ch.a.addr);
+    assert_eq!(c_row.replica, ch.c.addr);
+    assert_eq!(
+        c_row.frequency_secs, 5,
+        "the extended relationship's frequency"
+    );
+    // Both relationships cut after the last write (a cycle started after it), then pause.
+    let (a_now, c_now) = (b.last_cycle.unwrap_or(k), c_row.last_cycle.unwrap_or(k));
+    wait_every(
+        LONG,
+        Duration::from_millis(50),
+        "cycles to A and C after the writes",
+        || {
+            let st = ch.b.status(VM)?;
+            let c = st.fanout.first().and_then(|c| c.last_cycle).unwrap_or(0);
+            Ok(st.last_cycle.unwrap_or(0) >= a_now + 2 && c >= c_now + 2)
+        },
+    )?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.a.addr])?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let (b, c_row) = b_rows(&ch)?;
+    let (a_last, c_last) = (
+        b.last_cycle.ok_or("no cycle")?,
+        c_row.last_cycle.ok_or("no cycle")?,
+    );
+    ch.a.wait_cycle(VM, a_last, LONG)?;
+    ch.c.wait_cycle(VM, c_last, LONG)?;
+    eprintln!(
+        "B → C after the planned failover: {} bytes in {} cycles; B → A: {} bytes in {} cycles; \
+         the VM wrote {written}",
+        c_row.stats.total_bytes,
+        c_row.stats.successful_cycles,
+        b.stats.total_bytes,
+        b.stats.successful_cycles
+    );
+    assert!(
+        c_row.stats.total_bytes <= written + 4 * 65536,
+        "{} bytes shipped to C for {written} written",
+        c_row.stats.total_bytes
+    );
+    // The latest points (a cycle the pause aborted may still have reached its replica: it was
+    // cut after the writes too, and is adopted by the next reconciliation).
+    let c_points = points_of(&ch.c, &vm)?;
+    let a_points = points_of(&ch.a, &vm)?;
+    assert!(
+        c_points.last().is_some_and(|p| *p >= c_last),
+        "C's points {c_points:?}, B's last cycle to C {c_last}"
+    );
+    assert!(
+        a_points.last().is_some_and(|p| *p >= a_last),
+        "A's points {a_points:?}, B's last cycle to A {a_last}"
+    );
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, None)? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "C's latest point {c_points:?} differs from B's VM ({disk})"
+        );
+    }
+    for (disk, h) in replica_hashes(&ch.a, vm.def.uuid, None)? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "A's latest point {a_points:?} differs from B's VM ({disk})"
+        );
+    }
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b");
+    assert_eq!(c.state, ReplicationState::Replicating);
+    assert_eq!(ch.a.status(VM)?.primary, "host-b");
     Ok(())
 }
 
 /// Planned failover A → B, then `reverse` on B to the extended replica C (instead of A): C's
 /// chain continues from A's final point, the one B failed over from (same id, same content),
-/// and B's cycles to C carry what the VM on B wrote, not a full copy. (B replicating to A and
-/// to C at once needs fan-out: not built.)
+/// and B's cycles to C carry what the VM on B wrote, not a full copy; the bitmap started for
+/// C as a further relationship is removed. (`reverse` to A instead gives both relationships:
+/// `planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy`.)
 #[test]
 fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> TestResult {
     let ch = Chain::new(exe())?;
@@ -754,6 +894,14 @@ fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> 
     assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
     assert_eq!(b.replica, ch.c.addr);
     assert!(b.extended.is_none(), "{b:?}");
+    assert!(b.fanout.is_empty(), "{b:?}");
+    // The bitmap started for C at `failover start` tracks for no relationship: removed.
+    assert!(
+        ch.b.log()
+            .contains("removed the extended replica's tracking bitmap"),
+        "{}",
+        tail(&ch.b.log(), 30)
+    );
     // C still holds A's final point as it was.
     for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
         .into_iter()
@@ -785,6 +933,104 @@ fn planned_failover_a_to_b_then_reverse_to_c_continues_without_a_full_copy() -> 
             on_b.hash(&disk)?,
             "C's point {last} differs from B's VM ({disk})"
         );
+    }
+    assert_eq!(ch.c.status(VM)?.primary, "host-b");
+    Ok(())
+}
+
+/// Unplanned failover on B (A lost) to a point older than C's latest, then `reverse` to A when
+/// A is back (its VM off): B replicates to A (a resync: A's disks went on after the point) and
+/// continues to C as a second relationship through `continue-from` (C drops its points after
+/// the failover point and keeps that one), shipping C only what the VM on B wrote.
+#[test]
+fn unplanned_failover_on_b_then_reverse_to_a_continues_to_c_from_its_point() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.allow_probes()?;
+    let mut vm = vm_on_a(&ch)?;
+    ch.enable(VM, &["--frequency", "5s", "--retain", "1s=20"])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.enable_extended(VM, &["--frequency", "5s", "--retain", "1s=20"])?;
+    wait_extended(&ch, "the first extended cycle", |x| {
+        x.last_point_sent.is_some()
+    })?;
+    for round in 0..2u64 {
+        vm.write_seq("disk0", 200 + round * 8, 8, 7000 + round)?;
+        let last = settle(&ch, &vm)?;
+        wait_extended(&ch, "C to get A's last point", |x| {
+            x.last_point_sent == Some(last)
+        })?;
+        if round < 1 {
+            ch.a.ok(&["resume", VM])?;
+        }
+    }
+    let b_points = points_of(&ch.b, &vm)?;
+    let c_points = points_of(&ch.c, &vm)?;
+    let common: Vec<u64> = b_points
+        .iter()
+        .copied()
+        .filter(|p| c_points.contains(p))
+        .collect();
+    assert!(common.len() >= 2, "B {b_points:?}, C {c_points:?}");
+    let point = common[common.len() - 2];
+    let later: Vec<u64> = c_points.iter().copied().filter(|p| *p > point).collect();
+    let at_point = replica_hashes(&ch.c, vm.def.uuid, Some(point))?;
+    // A is lost; B fails over to the older point, and its VM writes.
+    ch.a.kill9();
+    let live = failover(
+        &ch.b,
+        &["start", VM, "--point", &point.to_string(), "--force"],
+    )?;
+    assert_eq!(live.point, Some(point));
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 7100)?;
+    let written = 6 * 65536;
+    // A comes back with its VM off; reverse to A.
+    vm.stop()?;
+    ch.a.restart()?;
+    let out = ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
+    assert!(
+        out.contains(&format!(
+            "the extended replication to {} continues from point {point}",
+            ch.c.addr
+        )) && out.contains(&format!("it dropped the later points {later:?}")),
+        "{out}"
+    );
+    let (b, c_row) = b_rows(&ch)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert_eq!(c_row.replica, ch.c.addr);
+    // C kept the failover point as it was (and dropped the later ones: the message).
+    assert_eq!(replica_hashes(&ch.c, vm.def.uuid, Some(point))?, at_point);
+    // Both relationships cut after the VM's writes, then pause.
+    wait_every(LONG, Duration::from_millis(50), "cycles to A and C", || {
+        let st = ch.b.status(VM)?;
+        let c = st.fanout.first().and_then(|c| c.last_cycle).unwrap_or(0);
+        Ok(st.state == ReplicationState::Replicating
+            && st.last_cycle.unwrap_or(0) >= point + 2
+            && c >= point + 2)
+    })?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.a.addr])?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let (b, c_row) = b_rows(&ch)?;
+    ch.a.wait_cycle(VM, b.last_cycle.ok_or("no cycle")?, LONG)?;
+    ch.c.wait_cycle(VM, c_row.last_cycle.ok_or("no cycle")?, LONG)?;
+    eprintln!(
+        "B → C after the unplanned failover: {} bytes in {} cycles; B → A: {} bytes; the VM \
+         wrote {written}",
+        c_row.stats.total_bytes, c_row.stats.successful_cycles, b.stats.total_bytes
+    );
+    assert!(
+        c_row.stats.total_bytes <= written + 4 * 65536,
+        "{} bytes shipped to C for {written} written",
+        c_row.stats.total_bytes
+    );
+    for (who, agent) in [("A", &ch.a), ("C", &ch.c)] {
+        for (disk, h) in replica_hashes(agent, vm.def.uuid, None)? {
+            assert_eq!(
+                h,
+                on_b.hash(&disk)?,
+                "{who}'s latest point differs from B's VM ({disk})"
+            );
+        }
     }
     assert_eq!(ch.c.status(VM)?.primary, "host-b");
     Ok(())
