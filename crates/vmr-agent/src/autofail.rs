@@ -40,17 +40,41 @@ use vmr_transport::Client;
 use crate::errors::AgentError;
 use crate::host::Host;
 
-/// Milliseconds on this process's monotonic clock (every lease duration is measured on it;
-/// no time crosses a host).
+/// Milliseconds of the host's boot clock (`CLOCK_BOOTTIME`) since this process first asked:
+/// every lease duration is measured on it, no time crosses a host. Unlike `CLOCK_MONOTONIC`
+/// (Rust's `Instant`) it counts the time the host was suspended, so a primary host that is
+/// suspended and resumed finds its right to run over (and fences) instead of running on for
+/// the time it slept, while the replica may have taken over meanwhile.
 pub fn mono_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+    static BASE: OnceLock<u64> = OnceLock::new();
+    let now = boot_ms();
+    now.saturating_sub(*BASE.get_or_init(|| now))
 }
 
+/// `CLOCK_BOOTTIME` in milliseconds (the monotonic clock should the kernel refuse it: it
+/// never does on Linux 2.6.39 or newer).
+fn boot_ms() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    let ts = clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .or_else(|_| clock_gettime(ClockId::CLOCK_MONOTONIC))
+        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    (ts.tv_sec().max(0) as u64)
+        .saturating_mul(1000)
+        .saturating_add(ts.tv_nsec().max(0) as u64 / 1_000_000)
+}
+
+/// The longest the guard and the fence watchdog sleep at once: timers run on the monotonic
+/// clock, which stops while the host is suspended, so a sleep that spans a suspension ends
+/// late by the time slept; waking at least this often bounds how long a resumed host runs the
+/// VM past the end of its right.
+const MAX_SLEEP_MS: u64 = 200;
+
 fn at(ms: u64) -> tokio::time::Instant {
-    // At least 5 ms ahead: a wake-up that changed nothing is never repeated at once.
+    // At least 5 ms ahead: a wake-up that changed nothing is never repeated at once; at most
+    // MAX_SLEEP_MS (the boot clock may run ahead of the timers' clock).
     let now = mono_ms();
-    tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now).max(5))
+    tokio::time::Instant::now()
+        + Duration::from_millis(ms.saturating_sub(now).clamp(5, MAX_SLEEP_MS))
 }
 
 /// The lease parameters of `cfg` (its one validation).
@@ -441,27 +465,38 @@ pub fn run_fence_watchdog(qmp: &str, power_off: bool) -> Result<(), AgentError> 
             }
         }
     });
-    let mut deadline: Option<Instant> = None;
+    // The deadline on the boot clock (mono_ms), waited for in slices of at most MAX_SLEEP_MS:
+    // a suspension of the host counts as time the right ran out in.
+    let mut deadline: Option<u64> = None;
+    let slice = |d: u64| Duration::from_millis(d.saturating_sub(mono_ms()).min(MAX_SLEEP_MS));
     loop {
         let got = match deadline {
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            Some(d) if mono_ms() >= d => break,
+            Some(d) => rx.recv_timeout(slice(d)),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match got {
             Ok(l) if l.trim() == "STOP" => return Ok(()),
             Ok(l) => {
-                if let Some(ms) = l.trim().strip_prefix("RUN ").and_then(|m| m.parse().ok()) {
-                    deadline = Some(Instant::now() + Duration::from_millis(ms));
+                if let Some(ms) = l
+                    .trim()
+                    .strip_prefix("RUN ")
+                    .and_then(|m| m.parse::<u64>().ok())
+                {
+                    deadline = Some(mono_ms().saturating_add(ms));
                 }
             }
             // The agent is gone: the last right it had stands, no longer.
             Err(RecvTimeoutError::Disconnected) => {
                 if let Some(d) = deadline {
-                    std::thread::sleep(d.saturating_duration_since(Instant::now()));
+                    while mono_ms() < d {
+                        std::thread::sleep(slice(d));
+                    }
                 }
                 break;
             }
-            Err(RecvTimeoutError::Timeout) => break,
+            // A slice ended: the loop checks the deadline.
+            Err(RecvTimeoutError::Timeout) => {}
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
