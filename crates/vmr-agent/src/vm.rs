@@ -85,6 +85,8 @@ pub enum FailoverCmd {
         replica_fingerprint: Option<String>,
         /// Cycle frequency of the reversed replication.
         frequency_secs: Option<u64>,
+        /// `replica` is a sibling replica that follows (fan-out's failover).
+        follow: bool,
     },
 }
 
@@ -210,6 +212,9 @@ pub enum Command {
     /// Peer: this replica's primary failed the VM over and replicates from a point of its own
     /// (`continue-from`, extended replication).
     ContinueFrom(Peer, u64, PeerReply<ContinuedFrom>),
+    /// Peer: a sibling replica of this fanned-out VM failed it over and replicates to this
+    /// replica from now on (`follow`, fan-out's failover).
+    Follow(Peer, PeerReply<ContinuedFrom>),
     /// Peer: become the replica of the VM (reverse after a failover).
     BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<BecameReplica>),
     /// The failover network settings were applied in the live failed-over VM (the lines of
@@ -1898,6 +1903,19 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
+            Command::Follow(peer, reply) => {
+                // The caller is authorized by the VM's trust group, as any primary of it.
+                let r = match self.trust(&peer) {
+                    Err(e) => Err(e),
+                    Ok(()) => match &mut self.side {
+                        Side::Replica(side) => side.follow(&mut self.vm, &peer).await,
+                        Side::Primary(_) => Err(RemoteError::UnknownVm {
+                            vm: self.vm.rec.uuid,
+                        }),
+                    },
+                };
+                let _ = reply.send(r);
+            }
             Command::BecomeReplica(peer, req, reply) => {
                 // The extended replica failed the VM over and reverses to this host, which
                 // forwarded the VM to it.
@@ -2842,6 +2860,7 @@ impl Owner {
                 replica,
                 replica_fingerprint,
                 frequency_secs,
+                follow,
             } => {
                 // Reversing to the extended replica takes its relationship over: no extended
                 // cycle may run meanwhile (a failed reverse lets the next tick start one).
@@ -2854,6 +2873,7 @@ impl Owner {
                     replica,
                     replica_fingerprint,
                     frequency_secs,
+                    follow,
                 )
                 .await?;
                 if self.vm.rec.extended.is_none() {
@@ -2953,6 +2973,7 @@ fn waits_for_chain(cmd: &Command) -> bool {
         Command::Failover(FailoverCmd::Start { .. } | FailoverCmd::Test { .. }, _)
             | Command::Verify(_, true, _)
             | Command::ContinueFrom(..)
+            | Command::Follow(..)
     )
 }
 

@@ -178,6 +178,13 @@ pub enum Refusal {
          reverse to it without --follow (continue-from keeps the common points)"
     )]
     FollowOwnPrimary,
+    /// `follow` from a caller whose authorization entry stores replica VMs elsewhere than
+    /// the directory holding this VM's points (a replica VM's store is its primary's entry's).
+    #[error(
+        "follow: the caller's authorization entry stores replica VMs in another directory \
+         than this VM's points: `server allow` it with the --storage of the VM's primary"
+    )]
+    FollowOtherStorage,
     /// `reverse --follow` named the extended replica this host forwards the VM to.
     #[error(
         "reverse --follow names the extended replica this host forwards the VM to: reverse to \

@@ -412,17 +412,23 @@ impl ReplicaMachine {
     /// cycle is a resynchronisation against it (block hashes: only differing blocks travel;
     /// the resync cycle's id comes after the base). `held`: the points the store holds;
     /// `from_own_primary`: the caller is this replica's primary already (extended
-    /// replication: `continue-from` is the call). Refused while failed over here (its disks
+    /// replication: `continue-from` is the call); `same_storage`: the caller's authorization
+    /// entry names the directory that holds this VM's points (a replica VM's store is found
+    /// through its primary's entry, and the caller becomes the primary). Refused while failed over here (its disks
     /// are a running VM's), disabled, importing, or holding no point; a replica paused by its
     /// old primary is taken over (the new primary decides from here on).
     pub fn follow(
         &mut self,
         held: &[CycleId],
         from_own_primary: bool,
+        same_storage: bool,
     ) -> Result<Continued, Refusal> {
         let op = Op::Follow;
         if from_own_primary {
             return Err(Refusal::FollowOwnPrimary);
+        }
+        if !same_storage {
+            return Err(Refusal::FollowOtherStorage);
         }
         if self.state != ReplicationState::Suspended {
             self.receiving(op)?;
@@ -754,8 +760,15 @@ mod tests {
                 resync: true,
             })
         };
-        // (state, held points, the caller is the own primary, what the replica does)
-        let rows: &[(ReplicationState, &[CycleId], bool, Result<Continued, Refusal>)] = &[
+        // (state, held points, the caller is the own primary, what the replica does); the
+        // caller's entry names the VM's storage
+        type Row<'a> = (
+            ReplicationState,
+            &'a [CycleId],
+            bool,
+            Result<Continued, Refusal>,
+        );
+        let rows: &[Row] = &[
             // The newest point is the base whatever the ids: nothing dropped, always a resync.
             (S::Replicating, &[3, 5, 7], false, kept(7)),
             (S::Replicating, &[40], false, kept(40)),
@@ -771,7 +784,12 @@ mod tests {
                 Err(Refusal::NoInitialCopy { op: Op::Follow }),
             ),
             // The extended replica's own source: continue-from is the call.
-            (S::Replicating, &[3, 5], true, Err(Refusal::FollowOwnPrimary)),
+            (
+                S::Replicating,
+                &[3, 5],
+                true,
+                Err(Refusal::FollowOwnPrimary),
+            ),
             // Its disks are a running VM's here, or replication was disabled.
             (
                 S::FailedOver,
@@ -801,7 +819,7 @@ mod tests {
         for (state, held, own, want) in rows {
             let mut m = in_state(*state);
             let before = m.snapshot();
-            let got = m.follow(held, *own);
+            let got = m.follow(held, *own, true);
             assert_eq!(&got, want, "{state}, held {held:?}, own primary {own}");
             match got {
                 Ok(c) => {
@@ -812,6 +830,15 @@ mod tests {
                 Err(_) => assert_eq!(m.snapshot(), before, "{state}"),
             }
         }
+        // A caller whose entry stores replica VMs elsewhere: refused, nothing changes (its
+        // points would not be found through the new primary's entry).
+        let mut m = in_state(S::Replicating);
+        let before = m.snapshot();
+        assert_eq!(
+            m.follow(&[3, 5], false, false),
+            Err(Refusal::FollowOtherStorage)
+        );
+        assert_eq!(m.snapshot(), before);
     }
 
     #[test]

@@ -809,6 +809,11 @@ pub enum Request {
         /// Cycle interval of the reversed replication, seconds (default 300; reversing to the
         /// extended replica: that relationship's).
         frequency_secs: Option<u64>,
+        /// `replica` is a sibling replica of a fanned-out VM (fan-out's failover): it is asked
+        /// to `follow` (keep its newest point, resynchronised against) instead of
+        /// `become-replica`.
+        #[serde(default)]
+        follow: bool,
     },
     /// Change a VM's retention policy at run time (`vmreplica set NAME --retain SPEC` or
     /// `--recovery-points N`): on a primary it is saved and sent to the replica (refused,

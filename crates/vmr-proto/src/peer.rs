@@ -778,7 +778,9 @@ mod tests {
             assert!(body.get("method").is_none(), "{body}");
             if matches!(
                 r,
-                PeerRequest::Witness { .. } | PeerRequest::Promise { .. } | PeerRequest::Follow { .. }
+                PeerRequest::Witness { .. }
+                    | PeerRequest::Promise { .. }
+                    | PeerRequest::Follow { .. }
             ) {
                 // Protocol 6 and later only: no protocol-1 route.
                 assert!(matches!(

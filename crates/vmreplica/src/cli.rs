@@ -314,6 +314,11 @@ pub enum Command {
         /// replication A → B → C, on B), that relationship's frequency.
         #[arg(long)]
         frequency: Option<String>,
+        /// The host named by --replica is another replica of this fanned-out VM (fan-out's
+        /// failover, the old primary lost): it follows this host, keeping its newest point,
+        /// and is resynchronised against it (only differing blocks) instead of a full copy.
+        #[arg(long, requires_all = ["replica", "replica_fingerprint"])]
+        follow: bool,
     },
     /// The fence watchdog of automatic failover (started by the agent, never by hand): fences
     /// the VM of the QMP socket when the right to run the agent last told it of (`RUN <ms>`

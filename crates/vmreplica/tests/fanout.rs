@@ -435,3 +435,134 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
     ch.stop()?;
     Ok(())
 }
+
+/// Fan-out's failover (issue 15 part 4): A → B and A → C, A lost, unplanned failover on B,
+/// the VM on B writes; `reverse --follow` on B makes C follow B: C keeps its newest point (of
+/// A → C's numbering) and B resynchronises against it, shipping only the blocks C lacks (the
+/// ones A wrote while A → C was paused, and what the VM on B wrote), not a full copy; C's
+/// latest point then equals B's running VM and C names host-b as its primary.
+#[test]
+fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    // C authorizes B in the VM's trust group (A's), so that B may become its primary.
+    ch.c.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-b",
+        "--fingerprint",
+        &ch.b.fingerprint,
+        "--trust-group",
+        "host-a",
+    ])?;
+    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "5s",
+        "--wait",
+    ])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.c.wait_cycle(VM, 1, LONG)?;
+    let full = ch.c.status(VM)?.stats.total_bytes;
+    // A → C paused (C lags behind B by `missed` blocks), A writes, B gets it.
+    ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let c_latest = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
+    let before = epoch_ms();
+    vm.write_seq("disk0", 500, 10, 4000)?;
+    let missed = 10;
+    ch.b.wait_status(
+        VM,
+        LONG,
+        Duration::from_millis(50),
+        "B's point cut after A's writes",
+        move |s| s.last_point_ms.is_some_and(|t| t > before),
+    )?;
+    assert_eq!(ch.c.status(VM)?.last_cycle, Some(c_latest), "C was paused");
+    // A lost; unplanned failover on B; the VM on B writes.
+    ch.a.stop()?;
+    let live: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&ch.b.ok(&["failover", "start", VM, "--force", "--json"])?)?;
+    let point = live.point.ok_or("no failover point")?;
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 3000)?;
+    let written = 6;
+    // `--follow` needs the sibling named (usage, exit 2), and a sibling named without it is
+    // asked to become-replica, which it refuses: nothing changes on either side.
+    let bare = ch.b.cli(&["reverse", VM, "--follow"])?;
+    assert_eq!(bare.status.code(), Some(2), "{bare:?}");
+    let wrong = ch.b.cli(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+    ])?;
+    assert!(!wrong.status.success(), "{wrong:?}");
+    assert_eq!(ch.c.status(VM)?.primary, "host-a");
+    let out = ch.b.ok(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--follow",
+        "--frequency",
+        "5s",
+    ])?;
+    assert!(
+        out.contains(&format!(
+            "the sibling replica follows: it keeps its newest point {c_latest}"
+        )),
+        "{out}"
+    );
+    let b = ch.b.status(VM)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert_eq!(b.replica, ch.c.addr);
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b", "{c:?}");
+    // B's first cycle to C is a resync against C's point (renumbered after it), then one more.
+    ch.c.wait_cycle(VM, c_latest + 2, LONG)?;
+    ch.b.ok(&["pause", VM])?;
+    let b = ch.b.status(VM)?;
+    let last = b.last_cycle.ok_or("no cycle")?;
+    ch.c.wait_cycle(VM, last, LONG)?;
+    let shipped = b.stats.total_bytes;
+    eprintln!(
+        "B → C after the failover at B's point {point}: {shipped} bytes in {} cycles; C missed \
+         {missed} blocks, the VM on B wrote {written}; A → C's initial copy was {full} bytes",
+        b.stats.successful_cycles
+    );
+    assert!(
+        shipped >= (missed + written) * BLOCK,
+        "{shipped} bytes: C's missing blocks were not shipped?"
+    );
+    assert!(
+        shipped <= (missed + written + 4) * BLOCK,
+        "{shipped} bytes shipped for {missed} + {written} blocks (a full copy is {full})"
+    );
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, Some(last))? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "C's point {last} differs from B's VM ({disk})"
+        );
+    }
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b");
+    assert_eq!(c.state, ReplicationState::Replicating);
+    ch.stop()?;
+    Ok(())
+}
