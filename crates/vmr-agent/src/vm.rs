@@ -1952,11 +1952,25 @@ impl Owner {
                 if self.vm.rec.lease.fenced.is_some() {
                     crate::autofail::end_fenced_vm(&self.vm.rec.qmp).await;
                 }
+                // A fanned-out VM's further relationships end with its primary side (the
+                // record drops them): their cycles stop first (a capture holds the VM's QMP
+                // monitor); the new primary replicates to those replicas, if at all
+                // (`enable --initial follow` there). A refused hand-over lets them go on.
+                for p in &mut self.fanout {
+                    p.stop().await;
+                }
                 let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
                 let r = r.map(|(v, machine)| {
                     self.side = Side::Replica(Box::new(ReplicaSide::with(machine)));
                     v
                 });
+                if r.is_ok() {
+                    self.fanout.clear();
+                } else {
+                    for p in &mut self.fanout {
+                        p.resume_after_stop(&mut self.vm);
+                    }
+                }
                 // The old primary's guard (fenced) ends with its primary side.
                 if r.is_ok()
                     && let Some(g) = self.guard.take()
@@ -2766,11 +2780,21 @@ impl Owner {
         })?;
         let mut rec = self.vm.rec.clone();
         rec.auto_failover = args.auto_failover.clone();
-        let create = crate::cycle::create_request(&rec, &def, &args);
-        client
-            .create_replica(create)
-            .await
-            .map_err(|e| unauthorized(&e).unwrap_or(AgentError::CreateReplica(e)))?;
+        if args.initial == vmr_proto::api::InitialMode::Follow {
+            // Fan-out's failover: the replica holds the VM already (of the old primary); it
+            // keeps its newest point and takes this host as the VM's primary.
+            let c = client
+                .follow(rec.uuid)
+                .await
+                .map_err(|e| unauthorized(&e).unwrap_or(AgentError::Follow(e)))?;
+            tracing::info!(vm = %rec.name, replica = %args.replica, kept = c.latest, "the sibling replica follows; its first cycle is a resync against its newest point");
+        } else {
+            let create = crate::cycle::create_request(&rec, &def, &args);
+            client
+                .create_replica(create)
+                .await
+                .map_err(|e| unauthorized(&e).unwrap_or(AgentError::CreateReplica(e)))?;
+        }
         if fanout {
             let side = PrimarySide::enable_fanout(&mut self.vm, args.clone())?;
             self.fanout.push(side);

@@ -566,3 +566,152 @@ fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
     ch.stop()?;
     Ok(())
 }
+
+/// Fan-out's failover with A back (issue 15 part 4): A → B and A → C, A lost, unplanned
+/// failover on B, the VM on B writes; A returns; `reverse` on B makes A B's replica (as
+/// after any failover: a resync of A's disks) and `enable --initial follow` adds C as B's
+/// second relationship: C keeps its newest point and is resynchronised against it. Both get
+/// only the blocks they lack; both end equal to B's running VM; A's fan-out relationship to C
+/// ended with its primary side.
+#[test]
+fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    ch.a.allow(&ch.b)?;
+    ch.c.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-b",
+        "--fingerprint",
+        &ch.b.fingerprint,
+        "--trust-group",
+        "host-a",
+    ])?;
+    let mut vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "5s",
+        "--wait",
+    ])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.c.wait_cycle(VM, 1, LONG)?;
+    ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let before = epoch_ms();
+    vm.write_seq("disk0", 500, 10, 4000)?;
+    let missed = 10;
+    ch.b.wait_status(
+        VM,
+        LONG,
+        Duration::from_millis(50),
+        "B's point cut after A's writes",
+        move |s| s.last_point_ms.is_some_and(|t| t > before),
+    )?;
+    // Host A lost: its agent and its VM.
+    ch.a.stop()?;
+    vm.stop()?;
+    ch.b.ok(&["failover", "start", VM, "--force"])?;
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 3000)?;
+    let written = 6;
+    // A's agent back (its VM stays down; its relationships come back from its record).
+    ch.a.restart()?;
+    let out = ch.b.ok(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.a.addr,
+        "--replica-fingerprint",
+        &ch.a.fingerprint,
+        "--frequency",
+        "5s",
+    ])?;
+    assert!(out.contains("resynchronised first"), "{out}");
+    let a = ch.a.status(VM)?;
+    assert_eq!(a.mode, vmr_proto::api::ReplicationMode::Replica);
+    assert!(a.fanout.is_empty(), "A's fan-out relationship ended: {a:?}");
+    let c_latest = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
+    let out = ch.b.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--initial",
+        "follow",
+        "--frequency",
+        "5s",
+    ])?;
+    assert!(out.contains("further relationship"), "{out}");
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b", "{c:?}");
+    // The same replica again is refused (exit 5), as for any enable, changing nothing.
+    let again = ch.b.cli(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--initial",
+        "follow",
+    ])?;
+    assert_eq!(again.status.code(), Some(5), "{again:?}");
+    ch.c.wait_cycle(VM, c_latest + 2, LONG)?;
+    let a_then = ch.a.status(VM)?.last_cycle.unwrap_or(0);
+    ch.a.wait_cycle(VM, a_then + 1, LONG)?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.a.addr])?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let b = ch.b.status(VM)?;
+    let to_c = b
+        .fanout
+        .first()
+        .cloned()
+        .ok_or("B has no second relationship")?;
+    assert_eq!(to_c.replica, ch.c.addr);
+    let (a_last, c_last) = (
+        b.last_cycle.ok_or("no cycle to A")?,
+        to_c.last_cycle.ok_or("no cycle to C")?,
+    );
+    ch.a.wait_cycle(VM, a_last, LONG)?;
+    ch.c.wait_cycle(VM, c_last, LONG)?;
+    eprintln!(
+        "after the failover: B → A shipped {} bytes, B → C {} bytes; C missed {missed} blocks, \
+         the VM on B wrote {written}",
+        b.stats.total_bytes, to_c.stats.total_bytes
+    );
+    assert!(
+        b.stats.total_bytes <= (written + 4) * BLOCK,
+        "B → A shipped {} bytes for {written} blocks written",
+        b.stats.total_bytes
+    );
+    assert!(
+        (missed + written) * BLOCK <= to_c.stats.total_bytes
+            && to_c.stats.total_bytes <= (missed + written + 4) * BLOCK,
+        "B → C shipped {} bytes for {missed} + {written} blocks",
+        to_c.stats.total_bytes
+    );
+    for (replica, last) in [(&ch.a, a_last), (&ch.c, c_last)] {
+        for (disk, h) in replica_hashes(replica, vm.def.uuid, Some(last))? {
+            assert_eq!(
+                h,
+                on_b.hash(&disk)?,
+                "{}'s point {last} differs from B's VM ({disk})",
+                replica.name
+            );
+        }
+    }
+    ch.stop()?;
+    Ok(())
+}
