@@ -477,7 +477,6 @@ fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
     let full = ch.c.status(VM)?.stats.total_bytes;
     // A → C paused (C lags behind B by `missed` blocks), A writes, B gets it.
     ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
-    let c_latest = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
     let before = epoch_ms();
     vm.write_seq("disk0", 500, 10, 4000)?;
     let missed = 10;
@@ -488,9 +487,11 @@ fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
         "B's point cut after A's writes",
         move |s| s.last_point_ms.is_some_and(|t| t > before),
     )?;
-    assert_eq!(ch.c.status(VM)?.last_cycle, Some(c_latest), "C was paused");
-    // A lost; unplanned failover on B; the VM on B writes.
+    // A lost; unplanned failover on B; the VM on B writes. C's points were all cut before
+    // A's writes (a cycle running at the pause may still have been committed on C: it was
+    // cut before them).
     ch.a.stop()?;
+    let c_latest = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
     let live: vmr_proto::api::FailoverResult =
         serde_json::from_str(&ch.b.ok(&["failover", "start", VM, "--force", "--json"])?)?;
     let point = live.point.ok_or("no failover point")?;
@@ -553,11 +554,13 @@ fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
         shipped <= (missed + written + 4) * BLOCK,
         "{shipped} bytes shipped for {missed} + {written} blocks (a full copy is {full})"
     );
-    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, Some(last))? {
+    // C's latest point (`last`, or a later one the pause cancelled after C committed it:
+    // the VM on B wrote nothing after the resync's cut, so they are equal).
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, None)? {
         assert_eq!(
             h,
             on_b.hash(&disk)?,
-            "C's point {last} differs from B's VM ({disk})"
+            "C's latest point (at least {last}) differs from B's VM ({disk})"
         );
     }
     let c = ch.c.status(VM)?;
@@ -702,12 +705,15 @@ fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResu
         "B → C shipped {} bytes for {missed} + {written} blocks",
         to_c.stats.total_bytes
     );
+    // The replica's latest point (at least `last`: a cycle the pause cancelled after the
+    // replica committed it may have followed, and retention may have merged `last` into
+    // it); the VM on B wrote nothing after the resync's cut, so every later point is equal.
     for (replica, last) in [(&ch.a, a_last), (&ch.c, c_last)] {
-        for (disk, h) in replica_hashes(replica, vm.def.uuid, Some(last))? {
+        for (disk, h) in replica_hashes(replica, vm.def.uuid, None)? {
             assert_eq!(
                 h,
                 on_b.hash(&disk)?,
-                "{}'s point {last} differs from B's VM ({disk})",
+                "{}'s latest point (at least {last}) differs from B's VM ({disk})",
                 replica.name
             );
         }
