@@ -512,6 +512,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                     replica,
                     replica_fingerprint,
                     frequency_secs,
+                    follow: false,
                 },
             )
             .await?,
@@ -678,6 +679,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             replica,
             replica_fingerprint,
             frequency_secs,
+            follow,
         } => {
             failover(
                 agent,
@@ -686,6 +688,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
                     replica,
                     replica_fingerprint,
                     frequency_secs,
+                    follow,
                 },
             )
             .await

@@ -589,6 +589,12 @@ pub enum AgentError {
     /// `reverse` without a known fingerprint of the old primary.
     #[error("pass --replica-fingerprint")]
     OldPrimaryFingerprintUnknown,
+    /// `reverse --follow` without the sibling replica's address and fingerprint.
+    #[error(
+        "reverse --follow names the sibling replica that follows: pass --replica HOST:PORT and \
+         --replica-fingerprint FP"
+    )]
+    FollowNeedsReplica,
 
     // ------------------------------------------------------------ failure (1)
     /// The config file cannot be read.
@@ -823,6 +829,9 @@ pub enum AgentError {
     /// `reverse`: the old primary refused.
     #[error("the old primary refused to become the replica")]
     BecomeReplica(#[source] TransportError),
+    /// `reverse --follow`: the sibling replica refused to follow (nothing changed).
+    #[error("the sibling replica refused to follow this host (nothing changed)")]
+    Follow(#[source] TransportError),
     /// `reverse`: the failover point is gone.
     #[error("the failover point is gone from the store")]
     FailoverPointGone {
@@ -1227,7 +1236,8 @@ impl AgentError {
             | MetricsNeedsToken { .. }
             | BadAdvertise { .. }
             | OldPrimaryAddressUnknown
-            | OldPrimaryFingerprintUnknown => exit::USAGE,
+            | OldPrimaryFingerprintUnknown
+            | FollowNeedsReplica => exit::USAGE,
             ConfigUnreadable { .. }
             | ConfigInvalid { .. }
             | ConfigEncode(_)
@@ -1257,6 +1267,7 @@ impl AgentError {
             | CreateReplica(_)
             | ConnectOldPrimary { .. }
             | BecomeReplica(_)
+            | Follow(_)
             | FailoverPointGone { .. }
             | FinalCycleFailed { .. }
             | VerifyFailed { .. }

@@ -1236,8 +1236,12 @@ pub async fn reverse(
     replica: Option<String>,
     replica_fingerprint: Option<String>,
     frequency_secs: Option<u64>,
+    follow: bool,
 ) -> Result<(FailoverResult, vmr_core::PrimaryMachine), AgentError> {
     let t0 = Instant::now();
+    if follow && (replica.is_none() || replica_fingerprint.is_none()) {
+        return Err(AgentError::FollowNeedsReplica);
+    }
     let mut rec = replica_record(vm)?;
     let name = rec.name.clone();
     let name = name.as_str();
@@ -1296,6 +1300,8 @@ pub async fn reverse(
         .as_ref()
         .filter(|x| x.args.replica_fingerprint == fp)
         .map(|x| x.args.clone());
+    let way =
+        vmr_core::follow::reverse_way(takeover.is_some(), follow).map_err(AgentError::Refused)?;
     let frequency_secs = match &takeover {
         Some(x) if frequency_given.is_none() => x.frequency_secs,
         _ => frequency_secs,
@@ -1374,7 +1380,18 @@ pub async fn reverse(
         addr: addr.clone(),
         source,
     })?;
-    let (resync, discarded) = if takeover.is_some() {
+    let mut start_at = live.point;
+    let mut followed = None;
+    let (resync, discarded) = if way == vmr_core::follow::ReverseWay::Follow {
+        // A sibling replica (fan-out): its ids are another relationship's, so it keeps its
+        // newest point and this VM is resynchronised against it.
+        let c = client.follow(rec.uuid).await.map_err(AgentError::Follow)?;
+        tracing::info!(vm = %name, failover_point = live.point, kept = c.latest, "the sibling replica follows this failover; resync against its newest point");
+        let (at, resync) = vmr_core::follow::follow_start(c.latest);
+        start_at = at;
+        followed = Some(c.latest);
+        (resync, None)
+    } else if takeover.is_some() {
         let c = client
             .continue_from(rec.uuid, live.point)
             .await
@@ -1417,7 +1434,7 @@ pub async fn reverse(
     let resync = vmr_core::reverse_resyncs(resync, lv_source.is_none());
     let machine = side
         .machine()
-        .reverse(now_ms(), schedule, live.point, sizes.clone(), resync)
+        .reverse(now_ms(), schedule, start_at, sizes.clone(), resync)
         .map_err(AgentError::Refused)?;
     rec.qga = match &lv_source {
         Some(_) => None,
@@ -1466,6 +1483,11 @@ pub async fn reverse(
              {frequency_secs} s, starting after point {}{}",
                 live.point,
                 match (&discarded, resync) {
+                    _ if followed.is_some() => format!(
+                        "; the sibling replica follows: it keeps its newest point {} and is \
+                         resynchronised against it first (only differing blocks)",
+                        followed.unwrap_or_default()
+                    ),
                     (Some(d), false) => format!(
                         "; the extended replica continues from that point (it dropped the later \
                          points {d:?})"

@@ -198,6 +198,41 @@ impl ReplicaSide {
         })
     }
 
+    /// `follow` (fan-out's failover): a sibling replica of this VM failed it over and
+    /// replicates to this host now. The machine decides on the store's points
+    /// ([`ReplicaMachine::follow`]: all kept, the newest is the base of the sibling's
+    /// resynchronisation); then the caller is the VM's primary (name, trust group), so that
+    /// the split-brain guard and `status` name it. Nothing is dropped.
+    pub async fn follow(
+        &mut self,
+        vm: &mut Vm,
+        peer: &vmr_transport::Peer,
+    ) -> Result<vmr_proto::peer::ContinuedFrom, RemoteError> {
+        let store = vm.host.store_of(&vm.rec).map_err(internal)?;
+        let held: Vec<u64> = store
+            .points(vm.rec.uuid)
+            .map_err(store_err)?
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        let mut m = self.machine.clone();
+        let same_storage = vm.host.storage_of(&peer.name) == vm.host.storage_of(&vm.rec.primary);
+        let c = m
+            .follow(&held, peer.name == vm.rec.primary, same_storage)
+            .map_err(refusal_err)?;
+        let old = std::mem::replace(&mut vm.rec.primary, peer.name.clone());
+        vm.rec.trust_group = peer.trust_group.clone();
+        self.machine = m;
+        vm.rec.machine = MachineSnapshot::Replica(self.machine.snapshot());
+        vm.save().map_err(internal)?;
+        tracing::info!(vm = %vm.rec.name, primary = %peer.name, old_primary = %old, base = c.latest, "follow: a sibling replica failed the VM over; it is this replica's primary now (resync against the newest point)");
+        Ok(vmr_proto::peer::ContinuedFrom {
+            latest: c.latest,
+            resync: c.resync,
+            discarded: Vec::new(),
+        })
+    }
+
     /// `become-replica` from the extended replica this host forwards the VM to (it failed the
     /// VM over and reverses to this host, A → B → C with A lost): the same decision as
     /// [`ReplicaSide::continue_from`] on this store's points (later ones dropped), then the

@@ -242,6 +242,11 @@ impl Handler for PeerHandler {
                     .ask_peer(|r| Command::ContinueFrom(peer.clone(), req.point, r))
                     .await?,
             ),
+            PeerRequest::Follow { uuid } => PeerResponse::Follow(
+                self.vm(uuid)?
+                    .ask_peer(|r| Command::Follow(peer.clone(), r))
+                    .await?,
+            ),
             PeerRequest::BecomeReplica(req) => PeerResponse::BecomeReplica(
                 self.vm(req.uuid)?
                     .ask_peer(|r| Command::BecomeReplica(peer.clone(), Box::new(req), r))

@@ -86,6 +86,8 @@ pub enum FailoverCmd {
         replica_fingerprint: Option<String>,
         /// Cycle frequency of the reversed replication.
         frequency_secs: Option<u64>,
+        /// `replica` is a sibling replica that follows (fan-out's failover).
+        follow: bool,
     },
 }
 
@@ -211,6 +213,9 @@ pub enum Command {
     /// Peer: this replica's primary failed the VM over and replicates from a point of its own
     /// (`continue-from`, extended replication).
     ContinueFrom(Peer, u64, PeerReply<ContinuedFrom>),
+    /// Peer: a sibling replica of this fanned-out VM failed it over and replicates to this
+    /// replica from now on (`follow`, fan-out's failover).
+    Follow(Peer, PeerReply<ContinuedFrom>),
     /// Peer: become the replica of the VM (reverse after a failover).
     BecomeReplica(Peer, Box<BecomeReplica>, PeerReply<BecameReplica>),
     /// The failover network settings were applied in the live failed-over VM (the lines of
@@ -1899,6 +1904,19 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
+            Command::Follow(peer, reply) => {
+                // The caller is authorized by the VM's trust group, as any primary of it.
+                let r = match self.trust(&peer) {
+                    Err(e) => Err(e),
+                    Ok(()) => match &mut self.side {
+                        Side::Replica(side) => side.follow(&mut self.vm, &peer).await,
+                        Side::Primary(_) => Err(RemoteError::UnknownVm {
+                            vm: self.vm.rec.uuid,
+                        }),
+                    },
+                };
+                let _ = reply.send(r);
+            }
             Command::BecomeReplica(peer, req, reply) => {
                 // The extended replica failed the VM over and reverses to this host, which
                 // forwarded the VM to it.
@@ -1935,11 +1953,25 @@ impl Owner {
                 if self.vm.rec.lease.fenced.is_some() {
                     crate::autofail::end_fenced_vm(&self.vm.rec.qmp).await;
                 }
+                // A fanned-out VM's further relationships end with its primary side (the
+                // record drops them): their cycles stop first (a capture holds the VM's QMP
+                // monitor); the new primary replicates to those replicas, if at all
+                // (`enable --initial follow` there). A refused hand-over lets them go on.
+                for p in &mut self.fanout {
+                    p.stop().await;
+                }
                 let r = crate::failover::become_replica(&mut self.vm, side, &peer, *req).await;
                 let r = r.map(|(v, machine)| {
                     self.side = Side::Replica(Box::new(ReplicaSide::with(machine)));
                     v
                 });
+                if r.is_ok() {
+                    self.fanout.clear();
+                } else {
+                    for p in &mut self.fanout {
+                        p.resume_after_stop(&mut self.vm);
+                    }
+                }
                 // The old primary's guard (fenced) ends with its primary side.
                 if r.is_ok()
                     && let Some(g) = self.guard.take()
@@ -2769,11 +2801,21 @@ impl Owner {
         })?;
         let mut rec = self.vm.rec.clone();
         rec.auto_failover = args.auto_failover.clone();
-        let create = crate::cycle::create_request(&rec, &def, &args);
-        client
-            .create_replica(create)
-            .await
-            .map_err(|e| unauthorized(&e).unwrap_or(AgentError::CreateReplica(e)))?;
+        if args.initial == vmr_proto::api::InitialMode::Follow {
+            // Fan-out's failover: the replica holds the VM already (of the old primary); it
+            // keeps its newest point and takes this host as the VM's primary.
+            let c = client
+                .follow(rec.uuid)
+                .await
+                .map_err(|e| unauthorized(&e).unwrap_or(AgentError::Follow(e)))?;
+            tracing::info!(vm = %rec.name, replica = %args.replica, kept = c.latest, "the sibling replica follows; its first cycle is a resync against its newest point");
+        } else {
+            let create = crate::cycle::create_request(&rec, &def, &args);
+            client
+                .create_replica(create)
+                .await
+                .map_err(|e| unauthorized(&e).unwrap_or(AgentError::CreateReplica(e)))?;
+        }
         if fanout {
             let side = PrimarySide::enable_fanout(&mut self.vm, args.clone())?;
             self.fanout.push(side);
@@ -2863,6 +2905,7 @@ impl Owner {
                 replica,
                 replica_fingerprint,
                 frequency_secs,
+                follow,
             } => {
                 // Reversing to the extended replica takes its relationship over: no extended
                 // cycle may run meanwhile (a failed reverse lets the next tick start one).
@@ -2875,6 +2918,7 @@ impl Owner {
                     replica,
                     replica_fingerprint,
                     frequency_secs,
+                    follow,
                 )
                 .await?;
                 if self.vm.rec.extended.is_none() {
@@ -2982,6 +3026,7 @@ fn waits_for_chain(cmd: &Command) -> bool {
         Command::Failover(FailoverCmd::Start { .. } | FailoverCmd::Test { .. }, _)
             | Command::Verify(_, true, _)
             | Command::ContinueFrom(..)
+            | Command::Follow(..)
     )
 }
 

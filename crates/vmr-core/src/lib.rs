@@ -17,6 +17,7 @@ pub mod checkpoints;
 pub mod extended;
 pub mod failover;
 pub mod fanout;
+pub mod follow;
 pub mod group;
 pub mod handover;
 pub mod health;

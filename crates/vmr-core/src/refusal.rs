@@ -54,6 +54,9 @@ pub enum Op {
     /// `continue-from` (the extended replica, asked by its source after the VM failed over
     /// there).
     ContinueFrom,
+    /// `follow` (a sibling replica of a fanned-out VM, asked by the replica the VM failed
+    /// over to).
+    Follow,
 }
 
 impl std::fmt::Display for Op {
@@ -81,6 +84,7 @@ impl std::fmt::Display for Op {
             Op::SetVerifyEvery => "set --verify-every",
             Op::CycleNow => "a group cut",
             Op::ContinueFrom => "continue-from",
+            Op::Follow => "follow",
         })
     }
 }
@@ -166,6 +170,27 @@ pub enum Refusal {
         /// The failover state.
         state: ReplicationState,
     },
+    /// `follow` from this replica's own primary: it forwarded the VM here (extended
+    /// replication), so its point ids are this replica's and `continue-from` keeps the
+    /// common points instead of a resynchronisation.
+    #[error(
+        "follow: this replica replicates from the caller already (extended replication): \
+         reverse to it without --follow (continue-from keeps the common points)"
+    )]
+    FollowOwnPrimary,
+    /// `follow` from a caller whose authorization entry stores replica VMs elsewhere than
+    /// the directory holding this VM's points (a replica VM's store is its primary's entry's).
+    #[error(
+        "follow: the caller's authorization entry stores replica VMs in another directory \
+         than this VM's points: `server allow` it with the --storage of the VM's primary"
+    )]
+    FollowOtherStorage,
+    /// `reverse --follow` named the extended replica this host forwards the VM to.
+    #[error(
+        "reverse --follow names the extended replica this host forwards the VM to: reverse to \
+         it without --follow (it continues from the failover point)"
+    )]
+    FollowExtended,
     /// A cycle's base is not what the replica holds.
     #[error("the cycle builds on {got:?} but the replica's latest applied point is {expected:?}")]
     WrongBase {

@@ -405,6 +405,50 @@ impl ReplicaMachine {
         Ok(c)
     }
 
+    /// `follow` (fan-out's failover): the VM replicated from one primary to several replicas,
+    /// failed over on another of them, and that sibling replicates to this host now. Its point
+    /// ids number another relationship's cycles (each relationship counts its own), so no id
+    /// is compared: every held point stays, the newest is the base, and the sibling's first
+    /// cycle is a resynchronisation against it (block hashes: only differing blocks travel;
+    /// the resync cycle's id comes after the base). `held`: the points the store holds;
+    /// `from_own_primary`: the caller is this replica's primary already (extended
+    /// replication: `continue-from` is the call); `same_storage`: the caller's authorization
+    /// entry names the directory that holds this VM's points (a replica VM's store is found
+    /// through its primary's entry, and the caller becomes the primary). Refused while failed over here (its disks
+    /// are a running VM's), disabled, importing, or holding no point; a replica paused by its
+    /// old primary is taken over (the new primary decides from here on).
+    pub fn follow(
+        &mut self,
+        held: &[CycleId],
+        from_own_primary: bool,
+        same_storage: bool,
+    ) -> Result<Continued, Refusal> {
+        let op = Op::Follow;
+        if from_own_primary {
+            return Err(Refusal::FollowOwnPrimary);
+        }
+        if !same_storage {
+            return Err(Refusal::FollowOtherStorage);
+        }
+        if self.state != ReplicationState::Suspended {
+            self.receiving(op)?;
+        }
+        self.not_importing(op)?;
+        let latest = held
+            .iter()
+            .copied()
+            .max()
+            .ok_or(Refusal::NoInitialCopy { op })?;
+        self.last_cycle = Some(latest);
+        self.state = ReplicationState::Replicating;
+        self.paused_from = None;
+        Ok(Continued {
+            discard_above: None,
+            latest,
+            resync: true,
+        })
+    }
+
     /// Whether `reverse` is allowed now (checked before any I/O).
     pub fn check_reverse(&self) -> Result<(), Refusal> {
         failover_transition(ReplicationMode::Replica, self.state, Op::Reverse, true).map(|_| ())
@@ -705,6 +749,96 @@ mod tests {
             ("reset stats", Some(E::ResetStats { now_ms })),
             ("reverse", None),
         ]
+    }
+
+    #[test]
+    fn follow_table() {
+        let kept = |latest| {
+            Ok(Continued {
+                discard_above: None,
+                latest,
+                resync: true,
+            })
+        };
+        // (state, held points, the caller is the own primary, what the replica does); the
+        // caller's entry names the VM's storage
+        type Row<'a> = (
+            ReplicationState,
+            &'a [CycleId],
+            bool,
+            Result<Continued, Refusal>,
+        );
+        let rows: &[Row] = &[
+            // The newest point is the base whatever the ids: nothing dropped, always a resync.
+            (S::Replicating, &[3, 5, 7], false, kept(7)),
+            (S::Replicating, &[40], false, kept(40)),
+            (S::Resynchronizing, &[3, 5], false, kept(5)),
+            (S::WaitingForInitialReplication, &[2], false, kept(2)),
+            // Paused by the old primary: the new one takes it over.
+            (S::Suspended, &[3, 5], false, kept(5)),
+            // Nothing to keep.
+            (
+                S::Replicating,
+                &[],
+                false,
+                Err(Refusal::NoInitialCopy { op: Op::Follow }),
+            ),
+            // The extended replica's own source: continue-from is the call.
+            (
+                S::Replicating,
+                &[3, 5],
+                true,
+                Err(Refusal::FollowOwnPrimary),
+            ),
+            // Its disks are a running VM's here, or replication was disabled.
+            (
+                S::FailedOver,
+                &[3, 5],
+                false,
+                Err(Refusal::FailedOver {
+                    op: Op::Follow,
+                    state: S::FailedOver,
+                }),
+            ),
+            (
+                S::FailedOverWaitingCompletion,
+                &[3, 5],
+                false,
+                Err(Refusal::FailedOver {
+                    op: Op::Follow,
+                    state: S::FailedOverWaitingCompletion,
+                }),
+            ),
+            (
+                S::Disabled,
+                &[3, 5],
+                false,
+                Err(Refusal::Disabled { op: Op::Follow }),
+            ),
+        ];
+        for (state, held, own, want) in rows {
+            let mut m = in_state(*state);
+            let before = m.snapshot();
+            let got = m.follow(held, *own, true);
+            assert_eq!(&got, want, "{state}, held {held:?}, own primary {own}");
+            match got {
+                Ok(c) => {
+                    assert_eq!(m.last_cycle(), Some(c.latest), "{state}");
+                    assert_eq!(m.state(), S::Replicating, "{state}");
+                }
+                // A refusal changes nothing.
+                Err(_) => assert_eq!(m.snapshot(), before, "{state}"),
+            }
+        }
+        // A caller whose entry stores replica VMs elsewhere: refused, nothing changes (its
+        // points would not be found through the new primary's entry).
+        let mut m = in_state(S::Replicating);
+        let before = m.snapshot();
+        assert_eq!(
+            m.follow(&[3, 5], false, false),
+            Err(Refusal::FollowOtherStorage)
+        );
+        assert_eq!(m.snapshot(), before);
     }
 
     #[test]

@@ -310,7 +310,8 @@ impl Schedule {
         }
         let initial = match &args.initial {
             InitialMode::Network => InitialKind::Network,
-            InitialMode::Existing => InitialKind::Existing,
+            // A sibling replica that follows holds a copy: resynchronised against.
+            InitialMode::Existing | InitialMode::Follow => InitialKind::Existing,
             InitialMode::Export { dir } => {
                 if !std::path::Path::new(dir).is_absolute() {
                     return Err(InvalidEnable::ExportDir { dir: dir.clone() });
@@ -567,6 +568,12 @@ mod tests {
         assert_eq!(s.retry_max_ms, 60_000);
         assert!(!s.continuous);
         assert_eq!(s.miss_interval_ms(), 300_000);
+        // A sibling replica that follows (fan-out's failover) is resynchronised, as an
+        // existing copy.
+        a.initial = InitialMode::parse("follow").expect("parses");
+        assert_eq!(a.initial, InitialMode::Follow);
+        let s = Schedule::from_enable(&a).expect("valid");
+        assert_eq!(s.initial, InitialKind::Existing);
     }
 
     #[test]

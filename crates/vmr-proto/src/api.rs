@@ -809,6 +809,11 @@ pub enum Request {
         /// Cycle interval of the reversed replication, seconds (default 300; reversing to the
         /// extended replica: that relationship's).
         frequency_secs: Option<u64>,
+        /// `replica` is a sibling replica of a fanned-out VM (fan-out's failover): it is asked
+        /// to `follow` (keep its newest point, resynchronised against) instead of
+        /// `become-replica`.
+        #[serde(default)]
+        follow: bool,
     },
     /// Change a VM's retention policy at run time (`vmreplica set NAME --retain SPEC` or
     /// `--recovery-points N`): on a primary it is saved and sent to the replica (refused,
@@ -1042,6 +1047,11 @@ pub enum InitialMode {
     /// The replica already holds a copy (kept from earlier replication, or imported from disk
     /// images with `vmreplica import`): compare block hashes and send only what differs.
     Existing,
+    /// The replica is another replica of this VM (fan-out's failover: the VM failed over
+    /// here from a primary that replicated it to both): it is asked to `follow` this host
+    /// (it keeps its newest point and takes this host as the VM's primary) instead of
+    /// `create-replica`, then compared block by block as `Existing`.
+    Follow,
     /// Write the initial copy to this directory on the primary (external media); the replica
     /// loads it with `vmreplica import`, then the changes tracked meanwhile follow.
     Export {
@@ -1051,17 +1061,18 @@ pub enum InitialMode {
 }
 
 impl InitialMode {
-    /// Parse the `--initial` argument: `network`, `existing` or `export:DIR`.
+    /// Parse the `--initial` argument: `network`, `existing`, `follow` or `export:DIR`.
     pub fn parse(s: &str) -> Result<InitialMode, String> {
         match s {
             "network" => Ok(InitialMode::Network),
             "existing" => Ok(InitialMode::Existing),
+            "follow" => Ok(InitialMode::Follow),
             _ => match s.strip_prefix("export:") {
                 Some(dir) if !dir.is_empty() => Ok(InitialMode::Export {
                     dir: dir.to_owned(),
                 }),
                 _ => Err(format!(
-                    "bad --initial {s:?}: expected network, existing or export:DIR"
+                    "bad --initial {s:?}: expected network, existing, follow or export:DIR"
                 )),
             },
         }

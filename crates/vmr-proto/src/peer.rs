@@ -73,6 +73,16 @@ pub enum PeerRequest {
         /// VM UUID.
         uuid: Uuid,
     },
+    /// New primary → a sibling replica (protocol 7, [`crate::wire::FOLLOW_SINCE`]; never sent
+    /// on an older connection): fan-out's failover. The VM replicated from one primary to
+    /// several replicas; it failed over on the caller, which now replicates to this replica
+    /// too. The replica keeps its newest point as the base (no point is dropped: its ids are
+    /// another relationship's numbering) and takes the caller as the VM's primary; the
+    /// caller's first cycle is a resynchronisation against that point (block hashes).
+    Follow {
+        /// VM UUID.
+        uuid: Uuid,
+    },
 }
 
 /// Arguments of [`PeerRequest::ContinueFrom`].
@@ -137,6 +147,9 @@ pub enum PeerResponse {
     },
     /// Answer to [`PeerRequest::Promise`].
     Promise(PromiseResponse),
+    /// Answer to [`PeerRequest::Follow`]: the point kept as the base (`latest`), `resync`
+    /// always true, `discarded` always empty.
+    Follow(ContinuedFrom),
 }
 
 /// The source's view of a VM across an extended chain (answer to `source-vm-state`).
@@ -278,6 +291,7 @@ enum ResponseHead {
     Promise {
         promise: PromiseResponse,
     },
+    Follow(ContinuedFrom),
 }
 
 /// Frames a protocol-2 body: `u32` LE length of `head`, `head` (JSON), then `tail` (binary).
@@ -322,6 +336,7 @@ impl PeerRequest {
             PeerRequest::ContinueFrom(_) => "continue-from",
             PeerRequest::Witness { .. } => "witness",
             PeerRequest::Promise { .. } => "promise",
+            PeerRequest::Follow { .. } => "follow",
         }
     }
 
@@ -390,6 +405,7 @@ impl PeerResponse {
             PeerResponse::ContinueFrom(_) => "continue-from",
             PeerResponse::Witness { .. } => "witness",
             PeerResponse::Promise(_) => "promise",
+            PeerResponse::Follow(_) => "follow",
         }
     }
 
@@ -424,6 +440,7 @@ impl PeerResponse {
                 lease: lease.clone(),
             },
             PeerResponse::Promise(p) => ResponseHead::Promise { promise: p.clone() },
+            PeerResponse::Follow(c) => ResponseHead::Follow(c.clone()),
             PeerResponse::ResyncHashes(h) => {
                 let head = ResponseHead::ResyncHashes {
                     point: h.point,
@@ -464,6 +481,7 @@ impl PeerResponse {
             ResponseHead::ContinueFrom(c) => no_tail(PeerResponse::ContinueFrom(c)),
             ResponseHead::Witness { lease } => no_tail(PeerResponse::Witness { lease }),
             ResponseHead::Promise { promise } => no_tail(PeerResponse::Promise(promise)),
+            ResponseHead::Follow(c) => no_tail(PeerResponse::Follow(c)),
             ResponseHead::ResyncHashes {
                 point,
                 point_disk_size,
@@ -501,6 +519,7 @@ impl PeerResponse {
             PeerResponse::ContinueFrom(c) => serde_json::to_value(c).unwrap_or(Value::Null),
             PeerResponse::Witness { lease } => serde_json::to_value(lease).unwrap_or(Value::Null),
             PeerResponse::Promise(p) => serde_json::to_value(p).unwrap_or(Value::Null),
+            PeerResponse::Follow(c) => serde_json::to_value(c).unwrap_or(Value::Null),
             PeerResponse::ResyncHashes(h) => serde_json::to_value(BlockHashesReply {
                 point: h.point,
                 point_disk_size: h.point_disk_size,
@@ -542,6 +561,9 @@ impl PeerResponse {
             },
             PeerRequest::Promise { .. } => {
                 PeerResponse::Promise(serde_json::from_value(v).map_err(json)?)
+            }
+            PeerRequest::Follow { .. } => {
+                PeerResponse::Follow(serde_json::from_value(v).map_err(json)?)
             }
             PeerRequest::DisableReplica { .. } => {
                 #[derive(Deserialize)]
@@ -663,6 +685,7 @@ mod tests {
             },
             PeerRequest::Promise { uuid },
             PeerRequest::Promise { uuid },
+            PeerRequest::Follow { uuid },
         ]
     }
 
@@ -722,6 +745,11 @@ mod tests {
             },
             PeerResponse::Promise(PromiseResponse::Granted { promise_ms: 10_000 }),
             PeerResponse::Promise(PromiseResponse::Refused { taken_over: true }),
+            PeerResponse::Follow(ContinuedFrom {
+                latest: 7,
+                resync: true,
+                discarded: vec![],
+            }),
         ]
     }
 
@@ -749,8 +777,13 @@ mod tests {
             let (method, body) = r.to_v1();
             assert_eq!(method, r.method());
             assert!(body.get("method").is_none(), "{body}");
-            if matches!(r, PeerRequest::Witness { .. } | PeerRequest::Promise { .. }) {
-                // Protocol 6 only: no protocol-1 route.
+            if matches!(
+                r,
+                PeerRequest::Witness { .. }
+                    | PeerRequest::Promise { .. }
+                    | PeerRequest::Follow { .. }
+            ) {
+                // Protocol 6 and later only: no protocol-1 route.
                 assert!(matches!(
                     PeerRequest::from_v1(method, body),
                     Err(PeerCodecError::UnknownMethod(_))

@@ -9,12 +9,12 @@ use uuid::Uuid;
 use crate::cycle::CycleId;
 
 /// Version of the agent-to-agent protocol (HTTP routes, call encoding and cycle framing) this
-/// build speaks: 6 = version 5 plus the `witness` call (automatic failover's leases), 5 = version 4 plus continuous mode (`create-replica` with frequency
+/// build speaks: 7 = version 6 plus the `follow` call (fan-out's failover), 6 = version 5 plus the `witness` call (automatic failover's leases), 5 = version 4 plus continuous mode (`create-replica` with frequency
 /// [`crate::api::FREQUENCY_CONTINUOUS`]) and the `source-vm-state` and `continue-from` calls,
 /// 4 = version 3 plus cycle bodies of stream version 2 (per-extent compression,
 /// block checksums), 3 = version 2 plus the `disable-replica` call, 2 = typed calls
 /// (`vmr_proto::peer`), 1 = JSON calls by method name.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// First protocol version whose replicas know continuous mode: a primary sends a
 /// `create-replica` with frequency [`crate::api::FREQUENCY_CONTINUOUS`] only on a connection
@@ -33,6 +33,10 @@ pub const SOURCE_VM_STATE_SINCE: u16 = 5;
 /// First protocol version with the `witness` call (automatic failover's leases at a witness
 /// agent, `docs/auto-failover.md`): never sent on an older connection.
 pub const WITNESS_SINCE: u16 = 6;
+
+/// First protocol version with the `follow` call (fan-out's failover: a sibling replica
+/// follows the new primary, `docs/extended.md`): never sent on an older connection.
+pub const FOLLOW_SINCE: u16 = 7;
 
 /// Oldest protocol version this build still serves and speaks (the previous one), so that a
 /// rolling upgrade of two hosts never stops replication.

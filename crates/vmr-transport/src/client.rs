@@ -563,6 +563,25 @@ impl Client {
         }
     }
 
+    /// `follow`: tells a sibling replica of a fanned-out VM (fan-out's failover) that the VM
+    /// failed over here and replicates to it from now on; its answer is the point it keeps as
+    /// the base of a resynchronisation. Refused with a protocol error on a connection older
+    /// than [`vmr_proto::wire::FOLLOW_SINCE`] (the peer does not know the call).
+    pub async fn follow(&self, uuid: Uuid) -> Result<ContinuedFrom, TransportError> {
+        if self.hello.protocol < vmr_proto::wire::FOLLOW_SINCE {
+            return Err(TransportError::Protocol(format!(
+                "the peer speaks protocol {}, which has no follow call (an agent of protocol {} \
+                 or later is needed)",
+                self.hello.protocol,
+                vmr_proto::wire::FOLLOW_SINCE
+            )));
+        }
+        match self.call(PeerRequest::Follow { uuid }).await? {
+            PeerResponse::Follow(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// `witness`: one lease call to the witness agent of a VM relationship
     /// (`docs/auto-failover.md`). Refused with a protocol error on a connection older than
     /// [`vmr_proto::wire::WITNESS_SINCE`] (the peer does not know the call).

@@ -169,6 +169,13 @@ impl Handler for TestHandler {
             PeerRequest::Promise { .. } => Ok(PeerResponse::Promise(
                 vmr_proto::lease::PromiseResponse::Refused { taken_over: false },
             )),
+            PeerRequest::Follow { .. } => {
+                Ok(PeerResponse::Follow(vmr_proto::peer::ContinuedFrom {
+                    latest: 9,
+                    resync: true,
+                    discarded: vec![],
+                }))
+            }
             // A handler bug: the answer of another call.
             PeerRequest::BecomeReplica(_) => Ok(PeerResponse::CreateReplica { created: true }),
         }
@@ -1391,5 +1398,27 @@ async fn unauthenticated_connections_are_capped_and_closed() {
         matches!(r, Err(TransportError::Remote(RemoteError::Unauthorized))),
         "{r:?}"
     );
+    s.shutdown().await;
+}
+
+/// `follow` (fan-out's failover) exists from protocol 7 on: answered on a connection that
+/// speaks it, refused by the client without a request on an older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_only_on_connections_that_have_it() {
+    let s = Setup::new().await;
+    let vm = Uuid::from_u128(1);
+    let client = s.client().await;
+    let c = client.follow(vm).await.expect("v7 call");
+    assert_eq!((c.latest, c.resync, c.discarded), (9, true, vec![]));
+    let old = s
+        .client_speaking(6)
+        .await
+        .expect("an older client connects");
+    let before = s.handler.calls.load(Ordering::SeqCst);
+    assert!(matches!(
+        old.follow(vm).await,
+        Err(TransportError::Protocol(_))
+    ));
+    assert_eq!(s.handler.calls.load(Ordering::SeqCst), before);
     s.shutdown().await;
 }

@@ -314,6 +314,11 @@ pub enum Command {
         /// replication A → B → C, on B), that relationship's frequency.
         #[arg(long)]
         frequency: Option<String>,
+        /// The host named by --replica is another replica of this fanned-out VM (fan-out's
+        /// failover, the old primary lost): it follows this host, keeping its newest point,
+        /// and is resynchronised against it (only differing blocks) instead of a full copy.
+        #[arg(long, requires_all = ["replica", "replica_fingerprint"])]
+        follow: bool,
     },
     /// The fence watchdog of automatic failover (started by the agent, never by hand): fences
     /// the VM of the QMP socket when the right to run the agent last told it of (`RUN <ms>`
@@ -712,7 +717,9 @@ pub struct EnableCmd {
     #[arg(long, value_name = "WINDOW", num_args = 0..=1, default_missing_value = "18:30-06:00")]
     pub auto_resync: Option<String>,
     /// How the first copy reaches the replica: `network` (a full copy, the default),
-    /// `existing` (the replica already holds a copy: only differing blocks are sent) or
+    /// `existing` (the replica already holds a copy: only differing blocks are sent),
+    /// `follow` (the replica is another replica of this VM, which failed over here: it
+    /// follows this host, keeping its newest point, and only differing blocks are sent) or
     /// `export:DIR` (written to DIR here, loaded on the replica with `vmreplica import`).
     #[arg(long, value_name = "MODE", default_value = "network")]
     pub initial: String,

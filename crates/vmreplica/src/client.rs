@@ -604,10 +604,12 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             replica,
             replica_fingerprint,
             frequency,
+            follow,
         } => Request::Reverse {
             name,
             replica,
             replica_fingerprint,
+            follow,
             frequency_secs: frequency
                 .map(|f| parse_frequency(&f).map_err(|m| coded(exit::USAGE, m)))
                 .transpose()?,

@@ -457,6 +457,7 @@ async fn failover_demo(
             replica: Some(a.addr.clone()),
             replica_fingerprint: None,
             frequency_secs: Some(opts.frequency),
+            follow: false,
         },
     )?;
     println!("  reverse: {}", wrap(&rev.message, "    "));

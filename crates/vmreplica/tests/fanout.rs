@@ -435,3 +435,289 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
     ch.stop()?;
     Ok(())
 }
+
+/// Fan-out's failover (issue 15 part 4): A → B and A → C, A lost, unplanned failover on B,
+/// the VM on B writes; `reverse --follow` on B makes C follow B: C keeps its newest point (of
+/// A → C's numbering) and B resynchronises against it, shipping only the blocks C lacks (the
+/// ones A wrote while A → C was paused, and what the VM on B wrote), not a full copy; C's
+/// latest point then equals B's running VM and C names host-b as its primary.
+#[test]
+fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    // C authorizes B in the VM's trust group (A's), so that B may become its primary.
+    ch.c.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-b",
+        "--fingerprint",
+        &ch.b.fingerprint,
+        "--trust-group",
+        "host-a",
+    ])?;
+    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "5s",
+        "--wait",
+    ])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.c.wait_cycle(VM, 1, LONG)?;
+    let full = ch.c.status(VM)?.stats.total_bytes;
+    // A → C paused (C lags behind B by `missed` blocks), A writes, B gets it.
+    ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let before = epoch_ms();
+    vm.write_seq("disk0", 500, 10, 4000)?;
+    let missed = 10;
+    ch.b.wait_status(
+        VM,
+        LONG,
+        Duration::from_millis(50),
+        "B's point cut after A's writes",
+        move |s| s.last_point_ms.is_some_and(|t| t > before),
+    )?;
+    // A lost; unplanned failover on B; the VM on B writes. C's points were all cut before
+    // A's writes (a cycle running at the pause may still have been committed on C: it was
+    // cut before them).
+    ch.a.stop()?;
+    let c_latest = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
+    let live: vmr_proto::api::FailoverResult =
+        serde_json::from_str(&ch.b.ok(&["failover", "start", VM, "--force", "--json"])?)?;
+    let point = live.point.ok_or("no failover point")?;
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 3000)?;
+    let written = 6;
+    // `--follow` needs the sibling named (usage, exit 2), and a sibling named without it is
+    // asked to become-replica, which it refuses: nothing changes on either side.
+    let bare = ch.b.cli(&["reverse", VM, "--follow"])?;
+    assert_eq!(bare.status.code(), Some(2), "{bare:?}");
+    let wrong = ch.b.cli(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+    ])?;
+    assert!(!wrong.status.success(), "{wrong:?}");
+    assert_eq!(ch.c.status(VM)?.primary, "host-a");
+    let out = ch.b.ok(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--follow",
+        "--frequency",
+        "5s",
+    ])?;
+    assert!(
+        out.contains(&format!(
+            "the sibling replica follows: it keeps its newest point {c_latest}"
+        )),
+        "{out}"
+    );
+    let b = ch.b.status(VM)?;
+    assert_eq!(b.mode, vmr_proto::api::ReplicationMode::Primary);
+    assert_eq!(b.replica, ch.c.addr);
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b", "{c:?}");
+    // B's first cycle to C is a resync against C's point (renumbered after it), then one more.
+    ch.c.wait_cycle(VM, c_latest + 2, LONG)?;
+    ch.b.ok(&["pause", VM])?;
+    let b = ch.b.status(VM)?;
+    let last = b.last_cycle.ok_or("no cycle")?;
+    ch.c.wait_cycle(VM, last, LONG)?;
+    let shipped = b.stats.total_bytes;
+    eprintln!(
+        "B → C after the failover at B's point {point}: {shipped} bytes in {} cycles; C missed \
+         {missed} blocks, the VM on B wrote {written}; A → C's initial copy was {full} bytes",
+        b.stats.successful_cycles
+    );
+    assert!(
+        shipped >= (missed + written) * BLOCK,
+        "{shipped} bytes: C's missing blocks were not shipped?"
+    );
+    assert!(
+        shipped <= (missed + written + 4) * BLOCK,
+        "{shipped} bytes shipped for {missed} + {written} blocks (a full copy is {full})"
+    );
+    // C's latest point (`last`, or a later one the pause cancelled after C committed it:
+    // the VM on B wrote nothing after the resync's cut, so they are equal).
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, None)? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "C's latest point (at least {last}) differs from B's VM ({disk})"
+        );
+    }
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b");
+    assert_eq!(c.state, ReplicationState::Replicating);
+    ch.stop()?;
+    Ok(())
+}
+
+/// Fan-out's failover with A back (issue 15 part 4): A → B and A → C, A lost, unplanned
+/// failover on B, the VM on B writes; A returns; `reverse` on B makes A B's replica (as
+/// after any failover: a resync of A's disks) and `enable --initial follow` adds C as B's
+/// second relationship: C keeps its newest point and is resynchronised against it. Both get
+/// only the blocks they lack; both end equal to B's running VM; A's fan-out relationship to C
+/// ended with its primary side.
+#[test]
+fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResult {
+    let mut ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    ch.a.allow(&ch.b)?;
+    ch.c.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-b",
+        "--fingerprint",
+        &ch.b.fingerprint,
+        "--trust-group",
+        "host-a",
+    ])?;
+    let mut vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "5s",
+        "--wait",
+    ])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.c.wait_cycle(VM, 1, LONG)?;
+    ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let before = epoch_ms();
+    vm.write_seq("disk0", 500, 10, 4000)?;
+    let missed = 10;
+    ch.b.wait_status(
+        VM,
+        LONG,
+        Duration::from_millis(50),
+        "B's point cut after A's writes",
+        move |s| s.last_point_ms.is_some_and(|t| t > before),
+    )?;
+    // Host A lost: its agent and its VM.
+    ch.a.stop()?;
+    vm.stop()?;
+    ch.b.ok(&["failover", "start", VM, "--force"])?;
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 3000)?;
+    let written = 6;
+    // A's agent back (its VM stays down; its relationships come back from its record).
+    ch.a.restart()?;
+    let out = ch.b.ok(&[
+        "reverse",
+        VM,
+        "--replica",
+        &ch.a.addr,
+        "--replica-fingerprint",
+        &ch.a.fingerprint,
+        "--frequency",
+        "5s",
+    ])?;
+    assert!(out.contains("resynchronised first"), "{out}");
+    let a = ch.a.status(VM)?;
+    assert_eq!(a.mode, vmr_proto::api::ReplicationMode::Replica);
+    assert!(a.fanout.is_empty(), "A's fan-out relationship ended: {a:?}");
+    let c_latest = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
+    let out = ch.b.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--initial",
+        "follow",
+        "--frequency",
+        "5s",
+    ])?;
+    assert!(out.contains("further relationship"), "{out}");
+    let c = ch.c.status(VM)?;
+    assert_eq!(c.primary, "host-b", "{c:?}");
+    // The same replica again is refused (exit 5), as for any enable, changing nothing.
+    let again = ch.b.cli(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--initial",
+        "follow",
+    ])?;
+    assert_eq!(again.status.code(), Some(5), "{again:?}");
+    ch.c.wait_cycle(VM, c_latest + 2, LONG)?;
+    let a_then = ch.a.status(VM)?.last_cycle.unwrap_or(0);
+    ch.a.wait_cycle(VM, a_then + 1, LONG)?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.a.addr])?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let b = ch.b.status(VM)?;
+    let to_c = b
+        .fanout
+        .first()
+        .cloned()
+        .ok_or("B has no second relationship")?;
+    assert_eq!(to_c.replica, ch.c.addr);
+    let (a_last, c_last) = (
+        b.last_cycle.ok_or("no cycle to A")?,
+        to_c.last_cycle.ok_or("no cycle to C")?,
+    );
+    ch.a.wait_cycle(VM, a_last, LONG)?;
+    ch.c.wait_cycle(VM, c_last, LONG)?;
+    eprintln!(
+        "after the failover: B → A shipped {} bytes, B → C {} bytes; C missed {missed} blocks, \
+         the VM on B wrote {written}",
+        b.stats.total_bytes, to_c.stats.total_bytes
+    );
+    assert!(
+        b.stats.total_bytes <= (written + 4) * BLOCK,
+        "B → A shipped {} bytes for {written} blocks written",
+        b.stats.total_bytes
+    );
+    assert!(
+        (missed + written) * BLOCK <= to_c.stats.total_bytes
+            && to_c.stats.total_bytes <= (missed + written + 4) * BLOCK,
+        "B → C shipped {} bytes for {missed} + {written} blocks",
+        to_c.stats.total_bytes
+    );
+    // The replica's latest point (at least `last`: a cycle the pause cancelled after the
+    // replica committed it may have followed, and retention may have merged `last` into
+    // it); the VM on B wrote nothing after the resync's cut, so every later point is equal.
+    for (replica, last) in [(&ch.a, a_last), (&ch.c, c_last)] {
+        for (disk, h) in replica_hashes(replica, vm.def.uuid, None)? {
+            assert_eq!(
+                h,
+                on_b.hash(&disk)?,
+                "{}'s latest point (at least {last}) differs from B's VM ({disk})",
+                replica.name
+            );
+        }
+    }
+    ch.stop()?;
+    Ok(())
+}
