@@ -86,19 +86,22 @@ struct Run {
 }
 
 impl Run {
-    fn new(name: &str, mono_offsets_s: [Option<i64>; 3]) -> TestResult<Run> {
+    /// `vm_in_ns`: the stand-in runs in the primary's namespace (as on a real host), else in
+    /// the test's (the host's) namespace while the agent runs in its own.
+    fn new(name: &str, mono_offsets_s: [Option<i64>; 3], vm_in_ns: bool) -> TestResult<Run> {
         let t = Partitioned::new(exe(), mono_offsets_s)?;
         let mut vm = StandIn::create(t.root.path(), &t.a, name, &[DISK], DISK_MIB)?;
-        // The VM runs on the primary's host: in its namespace (the agent finds the process
-        // serving the QMP socket in its own namespace's `/proc/net/unix` to freeze it).
-        let qsd = t.net.wrapper(
-            t.root.path(),
-            Host::Primary,
-            std::path::Path::new("qemu-storage-daemon"),
-            None,
-        )?;
-        vm.set_launcher(&qsd);
-        vm.start()?;
+        // The VM runs on the primary's host: in its namespace.
+        if vm_in_ns {
+            let qsd = t.net.wrapper(
+                t.root.path(),
+                Host::Primary,
+                std::path::Path::new("qemu-storage-daemon"),
+                None,
+            )?;
+            vm.set_launcher(&qsd);
+            vm.start()?;
+        }
         // Allocate the stamp regions before the first cycle: stamps overwrite in place.
         vm.write_seq(DISK, 128, 384, 7)?;
         vm.register(&t.a)?;
@@ -140,13 +143,20 @@ impl Run {
         })?;
         let n0 = pw.acked();
         let after = epoch_ms();
-        t.b.wait_status(
+        if let Err(e) = t.b.wait_status(
             name,
             LONG,
             Duration::from_millis(50),
             "a point cut after the first stamps",
             |s| s.last_point_ms.is_some_and(|p| p > after),
-        )?;
+        ) {
+            eprintln!(
+                "--- primary log ---\n{}\n--- replica log ---\n{}",
+                tail(&t.a.log(), 80),
+                tail(&t.b.log(), 80)
+            );
+            return Err(e.into());
+        }
         Ok(Run {
             t,
             vm,
@@ -332,8 +342,8 @@ impl Run {
 /// The primary isolated from both: it fences within its run window (+ a renew period), the
 /// replica takes the VM over within `--auto-failover` + one lease, after the fence. Healed, the
 /// old primary stays fenced. `offsets`: monotonic clock shifts of the three hosts.
-fn primary_isolated(name: &str, offsets: [Option<i64>; 3]) -> TestResult {
-    let mut r = Run::new(name, offsets)?;
+fn primary_isolated(name: &str, offsets: [Option<i64>; 3], vm_in_ns: bool) -> TestResult {
+    let mut r = Run::new(name, offsets, vm_in_ns)?;
     r.t.net.isolate(Host::Primary)?;
     let cut = Instant::now();
     let fenced = r.wait_fenced(Duration::from_secs(20))?;
@@ -384,7 +394,7 @@ fn primary_isolated(name: &str, offsets: [Option<i64>; 3]) -> TestResult {
 /// the admin's `unfence` (the witness renews the primary's epoch) runs the VM again and
 /// replication resumes; the primary's disk holds every acknowledged stamp.
 fn all_cut(name: &str) -> TestResult {
-    let mut r = Run::new(name, [None; 3])?;
+    let mut r = Run::new(name, [None; 3], true)?;
     r.t.net.cut_all()?;
     let cut = Instant::now();
     let fenced = r.wait_fenced(Duration::from_secs(20))? - cut;
@@ -419,7 +429,7 @@ fn all_cut(name: &str) -> TestResult {
 /// Host `h` isolated, or the primary–replica link cut (`None`): nothing happens for
 /// `--auto-failover` + one lease + 5 s; healed, replication resumes.
 fn nothing_happens(name: &str, h: Option<Host>) -> TestResult {
-    let mut r = Run::new(name, [None; 3])?;
+    let mut r = Run::new(name, [None; 3], true)?;
     match h {
         Some(h) => r.t.net.isolate(h)?,
         None => r.t.net.set_cut(Host::Primary, Host::Replica, true)?,
@@ -450,7 +460,7 @@ fn quick_primary_isolated_fences_then_the_replica_takes_over() -> TestResult {
     if unavailable() {
         return Ok(());
     }
-    primary_isolated("pi", [None; 3])
+    primary_isolated("pi", [None; 3], true)
 }
 
 #[test]
@@ -488,6 +498,20 @@ fn primary_replica_link_cut_nothing_happens() -> TestResult {
     nothing_happens("pr", None)
 }
 
+/// The stand-in VM in the host's network namespace while the primary agent runs in its own:
+/// the fence still finds the process serving the VM's QMP socket (`/proc/net/unix` lists
+/// only the reader's namespace; the fence reads the other namespaces' tables too) and
+/// freezes it before the replica takes over. Without that, the fence reported the VM "not
+/// running" and the replica started it while it ran (seen when this test was written).
+#[test]
+#[ignore = "full partition matrix"]
+fn vm_outside_the_agents_namespace_is_still_fenced() -> TestResult {
+    if unavailable() {
+        return Ok(());
+    }
+    primary_isolated("vo", [None; 3], false)
+}
+
 /// The primary's monotonic clock as the host's, the replica's 1 day ahead, the witness's 5 h
 /// ahead (Linux time namespaces; the wall clocks are the one host's and not skewed): the
 /// primary isolated fences before the replica takes over, within the same bounds.
@@ -497,7 +521,7 @@ fn clock_skew_primary_isolated() -> TestResult {
     if unavailable() {
         return Ok(());
     }
-    primary_isolated("sk", [None, Some(86_400), Some(18_000)])
+    primary_isolated("sk", [None, Some(86_400), Some(18_000)], true)
 }
 
 /// The primary–witness and primary–replica links flap (each cut 2.5 s, healed 2.5 s, the two
@@ -511,7 +535,7 @@ fn flapping_links_never_run_both() -> TestResult {
         return Ok(());
     }
     let name = "fl";
-    let mut r = Run::new(name, [None; 3])?;
+    let mut r = Run::new(name, [None; 3], true)?;
     let start = Instant::now();
     let period = Duration::from_millis(5_000);
     while start.elapsed() < Duration::from_secs(40) {
