@@ -83,12 +83,15 @@ struct Run {
     mon: Option<RunMonitor>,
     /// The primary's stamps `0..n0` are in a point the replica applied.
     n0: u64,
+    /// When the run began (the network made).
+    began: Instant,
 }
 
 impl Run {
     /// `vm_in_ns`: the stand-in runs in the primary's namespace (as on a real host), else in
     /// the test's (the host's) namespace while the agent runs in its own.
     fn new(name: &str, mono_offsets_s: [Option<i64>; 3], vm_in_ns: bool) -> TestResult<Run> {
+        let began = Instant::now();
         let t = Partitioned::new(exe(), mono_offsets_s)?;
         let mut vm = StandIn::create(t.root.path(), &t.a, name, &[DISK], DISK_MIB)?;
         // The VM runs on the primary's host: in its namespace.
@@ -165,6 +168,7 @@ impl Run {
             rw: Some(rw),
             mon: Some(mon),
             n0,
+            began,
         })
     }
 
@@ -335,6 +339,11 @@ impl Run {
             assert!(tl.second_first_running_ns.is_none(), "{tl:?}");
         }
         self.t.stop()?;
+        eprintln!(
+            "{}: the run took {:.1} s",
+            self.name,
+            self.began.elapsed().as_secs_f64()
+        );
         Ok(tl)
     }
 }
