@@ -799,3 +799,40 @@ pub fn watch_status(w: &TakeoverWatch, cfg: &AutoFailover) -> LeaseStatus {
             .or_else(|| s.last_answer.as_ref().map(describe)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/vm.qmp
+0000000000000000: 00000003 00000000 00000000 0001 03 4243 /run/vm.qmp
+0000000000000000: 00000002 00000000 00010000 0001 01 4244 /run/other.qmp
+";
+
+    #[test]
+    fn listener_inode_finds_only_the_listening_socket_of_the_path() {
+        assert_eq!(
+            listener_inode(TABLE, "/run/vm.qmp", None).as_deref(),
+            Some("4242")
+        );
+        assert_eq!(listener_inode(TABLE, "/run/none.qmp", None), None);
+        // A connected socket of the path is not its listener.
+        let connected: String = TABLE
+            .lines()
+            .filter(|l| !l.contains(" 4242 "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(listener_inode(&connected, "/run/vm.qmp", None), None);
+        // Named through a symlinked directory: its canonical path is in the table.
+        assert_eq!(
+            listener_inode(
+                TABLE,
+                "/var/run/vm.qmp",
+                Some(std::path::Path::new("/run/vm.qmp"))
+            )
+            .as_deref(),
+            Some("4242")
+        );
+    }
+}
