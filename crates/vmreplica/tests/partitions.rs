@@ -125,6 +125,12 @@ impl Run {
             &t.w.fingerprint,
         ])?;
         t.b.wait_cycle(name, 1, LONG)?;
+        // The primary's commit of the first (full) cycle done before the stamp writer first
+        // connects: twice in about 40 runs a writer connecting and writing during that commit
+        // saw the stand-in's QMP monitor stop answering (the commit's command, then
+        // `qmp_capabilities`, 30 s timeouts) while its NBD export went on answering; no cycle
+        // followed. Not understood yet (docs/auto-failover.md, "Tests").
+        t.a.wait_cycle(name, 1, LONG)?;
         t.a.wait_status(
             name,
             LONG,
