@@ -167,20 +167,44 @@ pub fn describe(a: &WitnessResponse) -> String {
     }
 }
 
-/// The pid of the process listening on the Unix socket `path` (the VM's QMP socket), found
-/// without connecting (a frozen VM's full accept queue would make a connect wait for ever): the
-/// listening socket's inode in `/proc/net/unix`, then the process holding it in `/proc/*/fd`.
-/// `None` when nobody listens there.
-fn listener_pid(path: &str) -> Option<i32> {
-    let canon = std::fs::canonicalize(path).ok();
-    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
-    let inode = table.lines().skip(1).find_map(|l| {
+/// The inode of the socket listening on `path` in one `/proc/.../net/unix` table.
+fn listener_inode(table: &str, path: &str, canon: Option<&std::path::Path>) -> Option<String> {
+    table.lines().skip(1).find_map(|l| {
         // Num RefCount Protocol Flags Type St Inode Path; a listener has St 01 (unconnected)
         // and the accept flag 00010000.
         let f: Vec<&str> = l.split_whitespace().collect();
         let p = *f.get(7)?;
-        let named = p == path || canon.as_deref().is_some_and(|c| c.as_os_str() == p);
-        (named && f.get(3).is_some_and(|fl| fl.ends_with("10000"))).then(|| f.get(6).copied())?
+        let named = p == path || canon.is_some_and(|c| c.as_os_str() == p);
+        (named && f.get(3).is_some_and(|fl| fl.ends_with("10000")))
+            .then(|| f.get(6).map(|i| (*i).to_owned()))?
+    })
+}
+
+/// The pid of the process listening on the Unix socket `path` (the VM's QMP socket), found
+/// without connecting (a frozen VM's full accept queue would make a connect wait for ever): the
+/// listening socket's inode in `/proc/net/unix`, then the process holding it in `/proc/*/fd`.
+/// `/proc/net/unix` lists the sockets of the reader's network namespace only: when the VM
+/// runs in another one (the agent started in a namespace, the VM outside it, or the reverse),
+/// the tables of the other namespaces processes are in (`/proc/PID/net/unix`, one per
+/// `/proc/PID/ns/net`) are read too. `None` when nobody listens there.
+fn listener_pid(path: &str) -> Option<i32> {
+    let canon = std::fs::canonicalize(path).ok();
+    let canon = canon.as_deref();
+    let own = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let inode = listener_inode(&own, path, canon).or_else(|| {
+        let mut seen = std::collections::HashSet::new();
+        if let Ok(me) = std::fs::read_link("/proc/self/ns/net") {
+            seen.insert(me);
+        }
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            e.file_name().to_str()?.parse::<u32>().ok()?;
+            let ns = std::fs::read_link(e.path().join("ns/net")).ok()?;
+            if !seen.insert(ns) {
+                return None;
+            }
+            let table = std::fs::read_to_string(e.path().join("net/unix")).ok()?;
+            listener_inode(&table, path, canon)
+        })
     })?;
     let want = format!("socket:[{inode}]");
     let me = std::process::id();
@@ -810,5 +834,42 @@ pub fn watch_status(w: &TakeoverWatch, cfg: &AutoFailover) -> LeaseStatus {
         last_error: s
             .last_error
             .or_else(|| s.last_answer.as_ref().map(describe)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/vm.qmp
+0000000000000000: 00000003 00000000 00000000 0001 03 4243 /run/vm.qmp
+0000000000000000: 00000002 00000000 00010000 0001 01 4244 /run/other.qmp
+";
+
+    #[test]
+    fn listener_inode_finds_only_the_listening_socket_of_the_path() {
+        assert_eq!(
+            listener_inode(TABLE, "/run/vm.qmp", None).as_deref(),
+            Some("4242")
+        );
+        assert_eq!(listener_inode(TABLE, "/run/none.qmp", None), None);
+        // A connected socket of the path is not its listener.
+        let connected: String = TABLE
+            .lines()
+            .filter(|l| !l.contains(" 4242 "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(listener_inode(&connected, "/run/vm.qmp", None), None);
+        // Named through a symlinked directory: its canonical path is in the table.
+        assert_eq!(
+            listener_inode(
+                TABLE,
+                "/var/run/vm.qmp",
+                Some(std::path::Path::new("/run/vm.qmp"))
+            )
+            .as_deref(),
+            Some("4242")
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! on the witness's lease with the replica down, and fences it with both down; a fenced
 //! primary stays fenced across a restart; a manual `failover start` is refused while the
 //! primary has a right to run, `--force` takes over and the primary fences; `reverse` makes
-//! the fenced old primary the replica.
+//! the fenced old primary the replica; `--fence power-off` kills the VM. The partitions in
+//! network namespaces are `partitions.rs`.
 
 mod common;
 
@@ -597,6 +598,55 @@ fn primary_replica_link_cut_the_witness_refuses_the_takeover() -> TestResult {
     let st = lease(&t.a, "af5")?;
     assert_eq!(st.phase, "holding", "{st:?}");
     assert!(alive(vm.pid()));
+    t.stop()?;
+    Ok(())
+}
+
+/// The state letter of process `pid` in `/proc/PID/stat` (`None`: gone).
+fn proc_state(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next().map(str::to_owned)
+}
+
+/// `--fence power-off`: with the witness and the replica stopped, the fence kills the stand-in
+/// (SIGKILL, not the SIGSTOP of the default), within the run window; it never runs again: a
+/// restart of the agent keeps the VM fenced and the process stays dead.
+#[test]
+fn fence_power_off_kills_the_vm() -> TestResult {
+    let mut t = Witnessed::new(exe())?;
+    let vm = enabled(&t, "af6", &["--fence", "power-off"])?;
+    let pid = vm.pid();
+    t.w.stop()?;
+    t.b.stop()?;
+    let cut = Instant::now();
+    t.a.wait_status(
+        "af6",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        "the primary fences",
+        |s| {
+            s.auto_failover
+                .as_ref()
+                .is_some_and(|a| a.phase == "fenced")
+        },
+    )?;
+    assert!(
+        cut.elapsed() <= Duration::from_secs(11),
+        "{:?}",
+        cut.elapsed()
+    );
+    // Killed: gone or a zombie its parent (this test) has not reaped, never stopped (`T`).
+    let st = proc_state(pid);
+    assert!(
+        matches!(st.as_deref(), None | Some("Z" | "X")),
+        "the stand-in is {st:?}, not killed"
+    );
+    let ev = t.a.ok(&["events", "af6"])?;
+    assert!(ev.contains("SIGKILL"), "{ev}");
+    t.a.restart()?;
+    assert_eq!(lease(&t.a, "af6")?.phase, "fenced");
+    assert!(!alive(pid));
     t.stop()?;
     Ok(())
 }

@@ -43,6 +43,9 @@ pub struct Agent {
     /// Its certificate fingerprint.
     pub fingerprint: String,
     exe: PathBuf,
+    /// What starts the agent process instead of `exe` (a wrapper that runs `exe` in a network
+    /// namespace); the CLI always runs `exe` directly.
+    launcher: Option<PathBuf>,
     child: Option<ChildGuard>,
     /// Extra environment of the agent process (test hooks), from the next (re)start.
     env: Vec<(String, String)>,
@@ -79,6 +82,37 @@ impl Agent {
             port,
             fingerprint: String::new(),
             exe: exe.to_path_buf(),
+            launcher: None,
+            child: None,
+            env: Vec::new(),
+        };
+        let out = a.ok(&["init", "--name", name, "--listen", &listen])?;
+        a.fingerprint = out.trim().to_owned();
+        a.restart()?;
+        Ok(a)
+    }
+
+    /// Like [`Agent::start_on`] on `ip:port`, the agent process started by `launcher` (e.g. a
+    /// [`super::Net3::wrapper`] that runs `exe` inside a network namespace owning `ip`), now
+    /// and at every restart; the CLI runs `exe` on the host, over the control socket.
+    pub fn start_launched(
+        exe: &Path,
+        launcher: &Path,
+        root: &Path,
+        name: &str,
+        ip: &str,
+        port: u16,
+    ) -> Result<Agent> {
+        let dir = root.join(name);
+        let listen = format!("{ip}:{port}");
+        let mut a = Agent {
+            dir,
+            name: name.to_owned(),
+            addr: listen.clone(),
+            port,
+            fingerprint: String::new(),
+            exe: exe.to_path_buf(),
+            launcher: Some(launcher.to_path_buf()),
             child: None,
             env: Vec::new(),
         };
@@ -131,7 +165,7 @@ impl Agent {
             .open(self.log_path())
             .map_err(io_err("open the agent log"))?;
         let log2 = log.try_clone().map_err(io_err("open the agent log"))?;
-        let mut cmd = Command::new(&self.exe);
+        let mut cmd = Command::new(self.launcher.as_ref().unwrap_or(&self.exe));
         cmd.arg("--dir").arg(&self.dir).arg("agent");
         cmd.env(
             "VMREPLICA_LOG",

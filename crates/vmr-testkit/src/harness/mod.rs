@@ -10,14 +10,18 @@
 //! started is killed on drop, also processes the agents started that outlive them (failover
 //! VMs): [`TestDir`] kills every process whose command line names its directory. Real Linux
 //! guests (`guest`) boot the cached test guest of `scripts/build-guest.sh` under QEMU. A private
-//! libvirt daemon (`libvirt`) runs libvirt-managed test domains.
+//! libvirt daemon (`libvirt`) runs libvirt-managed test domains. A three-host network in
+//! namespaces (`partition`) runs automatic failover's agents behind links a test cuts; stamp
+//! writers and a process monitor (`stamps`) give the evidence that two VMs never ran at once.
 
 mod agent;
 mod guest;
 mod libvirt;
 mod meter;
 mod nbd;
+mod partition;
 mod space;
+mod stamps;
 mod standin;
 mod writer;
 
@@ -36,7 +40,12 @@ pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
     write_noise, write_random, write_seq,
 };
+pub use partition::{Host, Net3, PARTITION_PORT, Partitioned, netns_unavailable};
 pub use space::{available, fill_fs};
+pub use stamps::{
+    Found, RunMonitor, STAMP_SLOT, Stamp, StampRegion, StampWriter, Timeline, pid_with_arg,
+    read_stamps_image, read_stamps_nbd, running,
+};
 pub use standin::{StandIn, StandInDisk, nbd_socket};
 pub use writer::{BLOCK, Writer, WriterStats, pool, slice};
 

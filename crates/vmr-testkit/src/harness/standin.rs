@@ -74,6 +74,9 @@ pub struct StandIn {
     /// The NBD socket (live exports, one per disk, named by node).
     pub nbd: PathBuf,
     dir: PathBuf,
+    /// What starts the daemon instead of its program (a wrapper running it in a network
+    /// namespace), from the next (re)start.
+    launcher: Option<PathBuf>,
     child: Option<ChildGuard>,
 }
 
@@ -207,6 +210,7 @@ impl StandIn {
             def,
             launch,
             dir: vmdir.to_path_buf(),
+            launcher: None,
             child: None,
         };
         s.start()?;
@@ -222,6 +226,7 @@ impl StandIn {
             qmp: PathBuf::new(),
             nbd,
             dir: PathBuf::new(),
+            launcher: None,
             child: None,
         }
     }
@@ -254,6 +259,13 @@ impl StandIn {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Start the daemon through `launcher` (e.g. a [`super::Net3::wrapper`] of
+    /// `qemu-storage-daemon`: the VM on a host of a namespace network) from the next
+    /// [`Self::start`].
+    pub fn set_launcher(&mut self, launcher: &Path) {
+        self.launcher = Some(launcher.to_path_buf());
+    }
+
     /// Start (or restart) the daemon with the same images; returns once its QMP server and
     /// its NBD server greet.
     pub fn start(&mut self) -> Result<()> {
@@ -284,7 +296,10 @@ impl StandIn {
             .open(self.log_path())
             .map_err(io_err("open the stand-in's log"))?;
         let log2 = log.try_clone().map_err(io_err("open the stand-in's log"))?;
-        let mut cmd = Command::new(&def.program);
+        let mut cmd = match &self.launcher {
+            Some(l) => Command::new(l),
+            None => Command::new(&def.program),
+        };
         cmd.args(args).stdin(Stdio::null()).stdout(log2).stderr(log);
         let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon stand-in VM")?;
         if let Err(e) = self.wait_ready() {
