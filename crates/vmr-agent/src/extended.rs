@@ -361,6 +361,24 @@ impl ExtendedSide {
         self.carry_out(vm);
     }
 
+    /// The extended replica, HOST:PORT.
+    pub fn replica(&self) -> &str {
+        &self.args.replica
+    }
+
+    /// What the owner compares for the outgoing relationship's events (its state and health).
+    pub fn observe(&self, now: u64) -> crate::owned::Observed {
+        let h = self.machine.health(now);
+        crate::owned::Observed {
+            state: self.machine.state(),
+            health: h.health,
+            reason: h.reason(),
+            errors: 0,
+            missed: 0,
+            last_error: None,
+        }
+    }
+
     /// The outgoing relationship's status.
     pub fn status(&self, now: u64) -> ExtendedStatus {
         let m = &self.machine;

@@ -404,6 +404,10 @@ enum Side {
     Replica(Box<ReplicaSide>),
 }
 
+/// The key of a replica's extended relationship among the further relationships an owner
+/// watches for events (a replica address never has this form).
+const EXTENDED_KEY: &str = "extended";
+
 struct Owner {
     vm: Vm,
     side: Side,
@@ -414,8 +418,9 @@ struct Owner {
     /// `fanout[i]`): the one after the relationship whose cycle ended last, so that a frequent
     /// relationship never starves a rare one.
     next_turn: usize,
-    /// What the owner observed of each fan-out relationship after the last event, by its
-    /// replica address (their state and health changes are events too).
+    /// What the owner observed of each further relationship after the last event: each
+    /// fan-out relationship by its replica address, the extended one as [`EXTENDED_KEY`]
+    /// (their state and health changes are events too).
     fanout_seen: Vec<(String, Observed)>,
     /// A replica VM's extended (outgoing) relationship, when enabled.
     extended: Option<Box<ExtendedSide>>,
@@ -936,21 +941,33 @@ impl Owner {
         }
     }
 
-    /// The fan-out relationships' state and health changes since the last event, as events
-    /// naming the relationship (`NAME (to HOST:PORT)`, field `relationship`). Their failures
-    /// and missed cycles show in their health; the RPO alert is the first relationship's.
+    /// The further relationships' state and health changes since the last event, as events
+    /// naming the relationship: each fan-out relationship (`NAME (to HOST:PORT)`, field
+    /// `relationship` = its replica's address) and a replica's extended relationship (`NAME
+    /// (extended to HOST:PORT)`, field `relationship` = `extended`). Their failures and missed
+    /// cycles show in their health; the RPO alert is the VM's own relationship's.
     fn watch_fanout(&mut self, now: u64) {
-        let current: Vec<(String, Observed)> = self
+        let mut current: Vec<(String, Observed)> = self
             .fanout
             .iter()
             .map(|p| (p.replica(&self.vm).to_owned(), p.observe(&self.vm, now)))
             .collect();
+        if let Some(x) = &self.extended {
+            current.push((EXTENDED_KEY.to_owned(), x.observe(now)));
+        }
         let prev = std::mem::replace(&mut self.fanout_seen, current.clone());
         let name = &self.vm.rec.name;
         let log = &self.vm.host.events;
-        for (replica, obs) in &current {
-            let Some((_, was)) = prev.iter().find(|(r, _)| r == replica) else {
+        for (key, obs) in &current {
+            let Some((_, was)) = prev.iter().find(|(r, _)| r == key) else {
                 continue;
+            };
+            let (label, relationship) = match &self.extended {
+                Some(x) if key == EXTENDED_KEY => (
+                    format!("extended to {}", x.replica()),
+                    "extended".to_owned(),
+                ),
+                _ => (format!("to {key}"), key.clone()),
             };
             if obs.state != was.state {
                 let severity = match obs.state {
@@ -963,11 +980,11 @@ impl Owner {
                     self.emit(
                         EventKind::StateChanged,
                         severity,
-                        format!("{name} (to {replica}): {} -> {}", was.state, obs.state),
+                        format!("{name} ({label}): {} -> {}", was.state, obs.state),
                     )
                     .field("from", was.state.to_string())
                     .field("to", obs.state.to_string())
-                    .field("relationship", replica.clone()),
+                    .field("relationship", relationship.clone()),
                 );
             }
             if obs.health != was.health {
@@ -981,14 +998,14 @@ impl Owner {
                         EventKind::HealthChanged,
                         Severity::of_health(obs.health),
                         format!(
-                            "{name} (to {replica}): health {} -> {}: {reason}",
+                            "{name} ({label}): health {} -> {}: {reason}",
                             was.health, obs.health
                         ),
                     )
                     .field("from", was.health.to_string())
                     .field("to", obs.health.to_string())
                     .field("reason", obs.reason.clone())
-                    .field("relationship", replica.clone()),
+                    .field("relationship", relationship),
                 );
             }
         }

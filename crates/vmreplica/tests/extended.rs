@@ -685,6 +685,19 @@ fn planned_failover_a_to_b_forwards_the_final_point_and_says_the_vm_runs_on_b() 
     );
     let text = ch.b.ok(&["status"])?;
     assert!(text.contains("failed over on this host"), "{text}");
+    // The extended relationship's own changes are events naming it.
+    let ev = ch.b.ok(&["events", VM])?;
+    let named = format!("(extended to {}): ", ch.c.addr);
+    assert!(
+        ev.lines()
+            .any(|l| l.contains(&named) && l.contains("Replicating -> Suspended")),
+        "{ev}"
+    );
+    assert!(
+        ev.lines()
+            .any(|l| l.contains(&named) && l.contains("health Normal -> Warning")),
+        "{ev}"
+    );
     for (i, (disk, h)) in replica_hashes(&ch.c, vm.def.uuid, Some(k))?
         .into_iter()
         .enumerate()
