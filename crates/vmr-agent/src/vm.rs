@@ -685,14 +685,6 @@ impl Owner {
             Command::SetGroup(Some(_), r) => {
                 let _ = r.send(Err(not_built("a consistency group")));
             }
-            Command::Failover(FailoverCmd::Prepare { .. }, r) => {
-                let _ = r.send(Err(AgentError::FanoutRefused {
-                    name: self.vm.rec.name.clone(),
-                    reason: "a planned failover of a VM that replicates to several replicas is \
-                             not built: disable the further relationships first"
-                        .into(),
-                }));
-            }
             cmd => return Some(cmd),
         }
         None
@@ -762,6 +754,28 @@ impl Owner {
             }
         }
         r
+    }
+
+    /// Pause every further relationship that replicates (fan-out), for `why`: their running
+    /// cycles are stopped first (their changes merged back). Returns the replicas paused.
+    async fn pause_further(&mut self, why: &str) -> Vec<String> {
+        let mut paused = Vec::new();
+        for i in 0..self.fanout.len() {
+            self.fanout[i].stop().await;
+            let replica = self.fanout[i].replica(&self.vm).to_owned();
+            match self.fanout[i].command(&mut self.vm, Cmd::Pause).await {
+                Ok(_) => {
+                    tracing::info!(vm = %self.vm.rec.name, relationship = %replica, "paused for {why}");
+                    paused.push(replica);
+                }
+                // Already paused (or not replicating): nothing to undo later.
+                Err(e) => {
+                    tracing::info!(vm = %self.vm.rec.name, relationship = %replica, "not paused for {why}: {e}");
+                }
+            }
+            self.fanout[i].resume_after_stop(&mut self.vm);
+        }
+        paused
     }
 
     /// Emit an event about this VM.
@@ -2872,11 +2886,42 @@ impl Owner {
 
     async fn failover(&mut self, f: FailoverCmd) -> Result<FailoverResult, AgentError> {
         if let FailoverCmd::Prepare { shutdown } = f {
-            return match &mut self.side {
+            match &self.side {
+                Side::Primary(Some(_)) => {}
+                Side::Primary(None) => return Err(self.not_enabled()),
+                Side::Replica(_) => return Err(self.wrong_mode("`failover prepare`")),
+            }
+            // A fanned-out VM's planned failover goes to its first relationship's replica; the
+            // further relationships are paused first (their replicas keep their points; after
+            // the failover the new primary makes them follow it: `enable --initial follow`),
+            // and resumed if the preparation fails.
+            let paused = self.pause_further("the planned failover").await;
+            let r = match &mut self.side {
                 Side::Primary(Some(p)) => crate::failover::prepare(&mut self.vm, p, shutdown).await,
-                Side::Primary(None) => Err(self.not_enabled()),
-                Side::Replica(_) => Err(self.wrong_mode("`failover prepare`")),
+                _ => Err(self.not_enabled()),
             };
+            match r {
+                Ok(mut res) => {
+                    if !paused.is_empty() {
+                        res.message.push_str(&format!(
+                            "; paused the further relationships to {} (after the failover, \
+                             `enable NAME --replica HOST:PORT --initial follow` on the new \
+                             primary makes each follow it without a full copy)",
+                            paused.join(", ")
+                        ));
+                    }
+                    return Ok(res);
+                }
+                Err(e) => {
+                    for i in 0..self.fanout.len() {
+                        let replica = self.fanout[i].replica(&self.vm).to_owned();
+                        if paused.contains(&replica) {
+                            let _ = self.fanout[i].command(&mut self.vm, Cmd::Resume).await;
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         if !matches!(self.side, Side::Replica(_)) {
             return Err(self.wrong_mode("this"));

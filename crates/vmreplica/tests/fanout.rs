@@ -721,3 +721,118 @@ fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResu
     ch.stop()?;
     Ok(())
 }
+
+/// A planned failover of a fanned-out VM (A → B and A → C): `failover prepare` on A pauses the
+/// relationship to C (C keeps its points) and takes the final cycle to B; the VM runs on B,
+/// `reverse` makes A B's replica (A's relationship to C ends with its primary side), and
+/// `enable --initial follow` makes C follow B: only the blocks C lacks and what the VM on B
+/// wrote travel to C, and C's latest point equals B's running VM.
+#[test]
+fn planned_failover_of_a_fanned_out_vm_pauses_c_then_c_follows_b() -> TestResult {
+    let ch = Chain::new(exe())?;
+    ch.c.allow(&ch.a)?;
+    ch.a.allow(&ch.b)?;
+    ch.c.ok(&[
+        "server",
+        "allow",
+        "--primary",
+        "host-b",
+        "--fingerprint",
+        &ch.b.fingerprint,
+        "--trust-group",
+        "host-a",
+    ])?;
+    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
+    vm.write_random("disk0", 300, 7)?;
+    vm.write_random("disk1", 300, 8)?;
+    vm.register(&ch.a)?;
+    ch.enable(VM, &["--frequency", "5s"])?;
+    ch.a.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--frequency",
+        "5s",
+        "--wait",
+    ])?;
+    ch.b.wait_cycle(VM, 2, LONG)?;
+    ch.c.wait_cycle(VM, 1, LONG)?;
+    // The guest's last writes before the planned failover (C may or may not get them).
+    vm.write_seq("disk0", 500, 10, 4000)?;
+    let missed = 10;
+    let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
+    let out = ch.a.ok(&["failover", "prepare", VM])?;
+    assert!(
+        out.contains(&format!(
+            "paused the further relationships to {}",
+            ch.c.addr
+        )),
+        "{out}"
+    );
+    let (a, to_c) = rows(&ch)?;
+    assert_eq!(a.state, ReplicationState::PreparedForFailover, "{a:?}");
+    assert_eq!(to_c.state, ReplicationState::Suspended, "{to_c:?}");
+    let k = a.last_cycle.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    // The final point on B is A's disks at the preparation.
+    for (i, (disk, h)) in replica_hashes(&ch.b, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(h, final_hashes[i], "B's final point differs ({disk})");
+    }
+    let c_before = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
+    ch.b.ok(&["failover", "start", VM])?;
+    let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
+    on_b.write_seq("disk1", 40, 6, 3000)?;
+    let written = 6;
+    ch.b.ok(&["reverse", VM, "--frequency", "5s"])?;
+    let a = ch.a.status(VM)?;
+    assert_eq!(a.mode, vmr_proto::api::ReplicationMode::Replica);
+    assert!(a.fanout.is_empty(), "A's fan-out relationship ended: {a:?}");
+    let out = ch.b.ok(&[
+        "enable",
+        VM,
+        "--replica",
+        &ch.c.addr,
+        "--replica-fingerprint",
+        &ch.c.fingerprint,
+        "--initial",
+        "follow",
+        "--frequency",
+        "5s",
+    ])?;
+    assert!(out.contains("further relationship"), "{out}");
+    assert_eq!(ch.c.status(VM)?.primary, "host-b");
+    ch.c.wait_cycle(VM, c_before + 2, LONG)?;
+    ch.b.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    let b = ch.b.status(VM)?;
+    let to_c = b
+        .fanout
+        .first()
+        .cloned()
+        .ok_or("B has no second relationship")?;
+    let c_last = to_c.last_cycle.ok_or("no cycle to C")?;
+    ch.c.wait_cycle(VM, c_last, LONG)?;
+    eprintln!(
+        "planned failover of a fanned-out VM: B → C shipped {} bytes (C missed at most \
+         {missed} blocks, the VM on B wrote {written})",
+        to_c.stats.total_bytes
+    );
+    assert!(
+        to_c.stats.total_bytes <= (missed + written + 4) * BLOCK,
+        "B → C shipped {} bytes for at most {missed} + {written} blocks",
+        to_c.stats.total_bytes
+    );
+    for (disk, h) in replica_hashes(&ch.c, vm.def.uuid, None)? {
+        assert_eq!(
+            h,
+            on_b.hash(&disk)?,
+            "C's latest point differs from B's VM ({disk})"
+        );
+    }
+    Ok(())
+}
