@@ -269,11 +269,12 @@ impl ExtendedSide {
         let args = self.args.clone();
         let client = self.client.take();
         let progress = self.progress.clone();
+        let incoming = vm.incoming.clone();
         progress.clear();
         let handle = tokio::spawn(async move {
             let mut client = client;
             let outcome = tokio::select! {
-                o = run(&host, &rec, &args, &mut client, point, base, &progress) => o,
+                o = run(&host, &rec, &args, &mut client, (point, base), &progress, &incoming) => o,
                 _ = token.cancelled() => ExtOutcome::Cancelled,
             };
             if matches!(outcome, ExtOutcome::Failed(_)) {
@@ -443,9 +444,9 @@ async fn run(
     rec: &VmRecord,
     args: &EnableArgs,
     client: &mut Option<Client>,
-    point: CycleId,
-    base: Option<CycleId>,
+    (point, base): (CycleId, Option<CycleId>),
     progress: &Progress,
+    incoming: &crate::owned::Incoming,
 ) -> ExtOutcome {
     if client.is_none() {
         match crate::cycle::connect(host, args).await {
@@ -551,6 +552,9 @@ async fn run(
                 let end = ch.offset + ch.len;
                 while off < end {
                     let len = (end - off).min(if ch.zero { 64 << 20 } else { piece });
+                    // The upstream relationship first: no piece is read while an incoming
+                    // cycle streams into this host.
+                    incoming.idle().await;
                     let data = if ch.zero {
                         ExtentData::Zero(len)
                     } else {

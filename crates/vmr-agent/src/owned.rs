@@ -35,6 +35,68 @@ pub struct Vm {
     pub store_full: bool,
     /// The only writer of this VM's monitoring telemetry.
     pub telemetry: VmTelemetry,
+    /// Replica: incoming cycles being received (the extended relationship yields to them).
+    pub incoming: Incoming,
+}
+
+/// The incoming cycles a replica VM is receiving right now, for the extended relationship to
+/// yield to: the upstream relationship (the primary's RPO) goes first on this host, so an
+/// extended cycle reads no further piece of its point while an incoming cycle streams, and
+/// goes on when none does. Shared by the VM's handle (the peer API's receiving task holds an
+/// [`IncomingBusy`] for the whole cycle, whatever its outcome) and its owner.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming(Arc<IncomingInner>);
+
+#[derive(Debug, Default)]
+struct IncomingInner {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One incoming cycle being received; dropped when its receiving ends.
+#[derive(Debug)]
+pub struct IncomingBusy(Arc<IncomingInner>);
+
+impl Incoming {
+    /// Mark an incoming cycle as being received until the returned value is dropped.
+    pub fn busy(&self) -> IncomingBusy {
+        self.0
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        IncomingBusy(self.0.clone())
+    }
+
+    /// Whether no incoming cycle is being received.
+    pub fn is_idle(&self) -> bool {
+        self.0.count.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+
+    /// Wait until no incoming cycle is being received (at once when none is).
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a drop between the check and the wait wakes it.
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for IncomingBusy {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// What the owner compares before and after each event it handled (its events come from the
@@ -67,6 +129,7 @@ impl Vm {
             fanout_notices: Vec::new(),
             rpo_alert: None,
             store_full: false,
+            incoming: Incoming::default(),
         }
     }
 
@@ -193,5 +256,34 @@ impl Vm {
         })?;
         vmr_durable::write_atomic(&p, &bytes)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_waits_for_every_incoming_cycle() {
+        let inc = Incoming::default();
+        // Idle at once when nothing is received.
+        inc.idle().await;
+        let a = inc.busy();
+        let b = inc.busy();
+        let waiter = tokio::spawn({
+            let inc = inc.clone();
+            async move { inc.idle().await }
+        });
+        tokio::task::yield_now().await;
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one cycle still streams");
+        assert!(!inc.is_idle());
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the last cycle ended")
+            .expect("no panic");
+        assert!(inc.is_idle());
     }
 }

@@ -184,6 +184,8 @@ impl Handler for PeerHandler {
         let (vm, id) = (header.vm, header.id);
         let t = std::time::Instant::now();
         let h = self.vm(vm)?;
+        // The extended relationship yields to this cycle until it ends (owned.rs `Incoming`).
+        let _busy = h.incoming.busy();
         let (mut writer, cancel) = h
             .ask_peer(|r| Command::BeginCycle(peer.clone(), Box::new(header), r))
             .await?;

@@ -267,6 +267,8 @@ pub struct VmHandle {
     /// VM UUID.
     pub uuid: Uuid,
     tx: mpsc::Sender<Command>,
+    /// Replica: the incoming cycles being received (shared with the owner's `Vm`).
+    pub incoming: crate::owned::Incoming,
 }
 
 impl VmHandle {
@@ -349,12 +351,14 @@ impl Registry {
             });
         }
         let (tx, rx) = mpsc::channel(64);
+        let mut vm = Vm::new(host.clone(), rec);
         let handle = VmHandle {
-            name: rec.name.clone(),
-            uuid: rec.uuid,
+            name: vm.rec.name.clone(),
+            uuid: vm.rec.uuid,
             tx,
+            incoming: crate::owned::Incoming::default(),
         };
-        let vm = Vm::new(host.clone(), rec);
+        vm.incoming = handle.incoming.clone();
         let extended = match vm.rec.mode() {
             ReplicationMode::Replica => ExtendedSide::restore(&vm).map(Box::new),
             ReplicationMode::Primary => None,
