@@ -198,8 +198,72 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// User + system CPU seconds of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`: the store's
+/// qemu-storage-daemon once it has been reaped, i.e. once its store was dropped).
+#[allow(unsafe_code)]
+fn cpu(who: i32) -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given and keeps no pointer.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(who, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// `--cpu`: only the store's cycles of the 1 % case and of the initial case, 5 times each,
+/// with the CPU seconds per GiB of this process (the store: receiving side's agent part) and
+/// of its qemu-storage-daemon (the set-up's empty base cycle included, which is small).
+async fn cpu_mode() -> anyhow::Result<()> {
+    println!(
+        "| case | wall (median of 5) | store process CPU s/GiB | qemu-storage-daemon CPU s/GiB |"
+    );
+    println!("|---|---|---|---|");
+    let cases: [(&str, u64, u64, u64, bool); 2] = [
+        (
+            "1 % of 8 GiB, 64 KiB random, incremental",
+            8 << 30,
+            82 << 20,
+            64 << 10,
+            false,
+        ),
+        (
+            "initial: 1 GiB in 4 MiB pieces on 16 GiB, full",
+            16 << 30,
+            1 << 30,
+            4 << 20,
+            true,
+        ),
+    ];
+    for (name, disk, total, piece, full) in cases {
+        let ex = extents(disk, total, piece, true, 1);
+        let (mut w, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let _ = Command::new("sync").status();
+            let (s0, d0) = (cpu(libc::RUSAGE_SELF), cpu(libc::RUSAGE_CHILDREN));
+            w.push(cycle_once(disk, &ex, full).await?);
+            s.push(cpu(libc::RUSAGE_SELF) - s0);
+            d.push(cpu(libc::RUSAGE_CHILDREN) - d0);
+        }
+        let gib = total as f64 / f64::from(1 << 30);
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "| {name} | {:.0} ms | {:.2} | {:.2} |",
+            ms(median(w)),
+            med(s) / gib,
+            med(d) / gib
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--cpu") {
+        return cpu_mode().await;
+    }
     println!(
         "| case | vmr-store cycle to committed | plain copy + fsync | qemu-img convert + fsync | MiB/s store | store speed / plain copy | store speed / convert |"
     );
