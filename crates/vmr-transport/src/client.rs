@@ -45,7 +45,7 @@ use crate::tls;
 /// Content type of cycle bodies.
 const CYCLE_CONTENT_TYPE: &str = "application/vnd.vmreplica.cycle";
 /// Chunks queued between the encoder and HTTP/2 (each at most 256 KiB).
-const BODY_QUEUE: usize = 4;
+const BODY_QUEUE: usize = 64;
 
 /// Client tuning.
 #[derive(Debug, Clone)]

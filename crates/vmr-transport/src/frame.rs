@@ -562,8 +562,10 @@ impl CycleDecoder {
         Ok((header, dec))
     }
 
-    /// Next verified extent, or `None` after a verified End frame and end of body.
-    pub(crate) async fn next_extent(&mut self) -> Result<Option<CheckedExtent>, TransportError> {
+    /// The next extent with its checksum check started but not awaited (a large one runs on a
+    /// blocking thread, so that the next one can be received meanwhile); `None` after the End
+    /// frame verified.
+    async fn next_unverified(&mut self) -> Result<Option<Verifying>, TransportError> {
         if !self.src.fill(1).await? {
             return Err(interrupted("without an end frame"));
         }
@@ -574,7 +576,7 @@ impl CycleDecoder {
         }
     }
 
-    async fn extent(&mut self) -> Result<CheckedExtent, TransportError> {
+    async fn extent(&mut self) -> Result<Verifying, TransportError> {
         let frame_len = if self.version >= 2 {
             EXTENT_FRAME_LEN_V2
         } else {
@@ -647,21 +649,24 @@ impl CycleDecoder {
         let extent = Extent { disk, offset, data };
         let index = self.index;
         let scheme = scheme(self.version);
-        let checked = if len as usize >= OFF_RUNTIME {
-            tokio::task::spawn_blocking(move || CheckedExtent::verify(extent, cs, scheme))
-                .await
-                .map_err(|e| TransportError::Local(format!("checksum task failed: {e}")))?
+        let check = if len as usize >= OFF_RUNTIME {
+            Check::Running(tokio::task::spawn_blocking(move || {
+                CheckedExtent::verify(extent, cs, scheme)
+            }))
         } else {
-            CheckedExtent::verify(extent, cs, scheme)
+            Check::Done(CheckedExtent::verify(extent, cs, scheme))
         };
-        let checked = checked.map_err(|_| {
-            tracing::warn!(index, disk, offset, "extent checksum mismatch");
-            TransportError::CorruptExtent { index }
-        })?;
+        // The End frame's digest covers the checksums as sent; a mismatch of the data itself
+        // surfaces when this extent's check is awaited, before any later extent is handed out.
         self.digest.update(&cs);
         self.index += 1;
         self.total += len;
-        Ok(checked)
+        Ok(Verifying {
+            check,
+            index,
+            disk,
+            offset,
+        })
     }
 
     async fn end(&mut self) -> Result<(), TransportError> {
@@ -695,6 +700,39 @@ impl CycleDecoder {
     }
 }
 
+/// Extents whose checksum check runs while the next one is received.
+const VERIFY_AHEAD: usize = 2;
+
+/// A large extent's check on a blocking thread, or a small one's result.
+enum Check {
+    Running(tokio::task::JoinHandle<Result<CheckedExtent, vmr_proto::ChecksumMismatch>>),
+    Done(Result<CheckedExtent, vmr_proto::ChecksumMismatch>),
+}
+
+/// A received extent whose checksum check was started.
+struct Verifying {
+    check: Check,
+    index: u64,
+    disk: u32,
+    offset: u64,
+}
+
+impl Verifying {
+    async fn verified(self) -> Result<CheckedExtent, TransportError> {
+        let r = match self.check {
+            Check::Running(h) => h
+                .await
+                .map_err(|e| TransportError::Local(format!("checksum task failed: {e}")))?,
+            Check::Done(r) => r,
+        };
+        let (index, disk, offset) = (self.index, self.disk, self.offset);
+        r.map_err(|_| {
+            tracing::warn!(index, disk, offset, "extent checksum mismatch");
+            TransportError::CorruptExtent { index }
+        })
+    }
+}
+
 /// The extents of one incoming cycle, decoded lazily as the body arrives, each with its verified
 /// checksum. Yields `None` only after the End frame verified (count, bytes, digest); any `Err`
 /// (corrupt extent, protocol violation, peer vanished) is the last item and means: discard.
@@ -720,17 +758,30 @@ impl ExtentStream {
     pub(crate) fn from_decoder(dec: CycleDecoder) -> (ExtentStream, Arc<AtomicBool>) {
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
-        let s = futures::stream::unfold(Some(dec), move |state| {
+        // Up to VERIFY_AHEAD extents are checked while the next is received; they are handed
+        // out in order, and any error is the last item.
+        let start = (Some(dec), std::collections::VecDeque::<Verifying>::new());
+        let s = futures::stream::unfold(start, move |(mut dec, mut queue)| {
             let flag = flag.clone();
             async move {
-                let mut dec = state?;
-                match dec.next_extent().await {
-                    Ok(Some(item)) => Some((Ok(item), Some(dec))),
-                    Ok(None) => {
+                while queue.len() < VERIFY_AHEAD {
+                    let Some(d) = dec.as_mut() else { break };
+                    match d.next_unverified().await {
+                        Ok(Some(v)) => queue.push_back(v),
+                        Ok(None) => dec = None,
+                        Err(e) => return Some((Err(e), (None, Default::default()))),
+                    }
+                }
+                match queue.pop_front() {
+                    Some(v) => match v.verified().await {
+                        Ok(c) => Some((Ok(c), (dec, queue))),
+                        Err(e) => Some((Err(e), (None, Default::default()))),
+                    },
+                    None if dec.is_none() => {
                         flag.store(true, Ordering::SeqCst);
                         None
                     }
-                    Err(e) => Some((Err(e), None)),
+                    None => None,
                 }
             }
         });
