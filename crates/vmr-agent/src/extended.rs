@@ -541,7 +541,7 @@ async fn run(
         now_ms(),
     );
     let piece = reader.max_read().min(EXTENT_MAX);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, vmr_store::StoreError>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent, vmr_store::StoreError>>(1);
     let producer = async {
         let tx = tx;
         let mut sent = 0u64;
@@ -588,11 +588,13 @@ async fn run(
         }
         Ok(sent)
     };
-    let consumer = c.send_cycle(
-        &header,
-        tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
-        args.compression,
-    );
+    // Pieces already read wait too: none goes to the encoder (and on to C, whose work shares
+    // the host's CPU when C is local) while an incoming cycle streams.
+    let gated = tokio_stream::wrappers::ReceiverStream::new(rx).then(|e| async move {
+        incoming.idle().await;
+        e
+    });
+    let consumer = c.send_cycle_yielding(&header, gated.boxed(), args.compression);
     let (produced, acked) = tokio::join!(producer, consumer);
     reader.close().await;
     let keep = store.keep_point(rec.uuid, id).ok();

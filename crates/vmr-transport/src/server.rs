@@ -46,8 +46,8 @@ pub(crate) const PATH_HELLO: &str = "/v1/hello";
 /// Largest JSON request or response body.
 pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
 /// HTTP/2 flow-control windows: how much of a stream may be in flight unconsumed.
-pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
-pub(crate) const CONN_WINDOW: u32 = 64 << 20;
+pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
+pub(crate) const CONN_WINDOW: u32 = 16 << 20;
 pub(crate) const MAX_FRAME: u32 = 256 << 10;
 const KEEPALIVE: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
