@@ -835,6 +835,7 @@ pub(crate) async fn ship<S: ExtentSource>(
         tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         compression,
         Some(ctx.body_pace()),
+        vmr_transport::BodyQueue::Ahead,
     );
     tokio::join!(producer, consumer)
 }

@@ -594,7 +594,13 @@ async fn run(
         incoming.idle().await;
         e
     });
-    let consumer = c.send_cycle_yielding(&header, gated.boxed(), args.compression);
+    let consumer = c.send_cycle_paced(
+        &header,
+        gated.boxed(),
+        args.compression,
+        None,
+        vmr_transport::BodyQueue::Yielding,
+    );
     let (produced, acked) = tokio::join!(producer, consumer);
     reader.close().await;
     let keep = store.keep_point(rec.uuid, id).ok();

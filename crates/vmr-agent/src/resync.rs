@@ -675,6 +675,7 @@ async fn compare_and_ship<S: crate::cycle::ExtentSource + Send>(
         tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         args.compression,
         Some(ctx.body_pace()),
+        vmr_transport::BodyQueue::Ahead,
     );
     let (produced, sent) = tokio::join!(producer, consumer);
     fetcher.abort();

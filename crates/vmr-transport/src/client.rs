@@ -44,12 +44,27 @@ use crate::tls;
 
 /// Content type of cycle bodies.
 const CYCLE_CONTENT_TYPE: &str = "application/vnd.vmreplica.cycle";
-/// Chunks queued between the encoder and HTTP/2 (each at most 256 KiB): 16 MiB, so that the
-/// encoder hashes the next extents while HTTP/2 encrypts and sends the ones before.
-const BODY_QUEUE: usize = 64;
-/// The queue of [`Client::send_cycle_yielding`]: 1 MiB, so that when its producer holds back,
-/// the wire goes quiet within about 1 MiB.
-const YIELDING_QUEUE: usize = 4;
+/// How much of a cycle body may be queued between the encoder and HTTP/2 (chunks of at most
+/// 256 KiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyQueue {
+    /// 16 MiB: the encoder hashes the next extents while HTTP/2 encrypts and sends the ones
+    /// before (a primary's cycles and resyncs).
+    Ahead,
+    /// 1 MiB: for a sender that yields to other work on its host (an extended relationship's
+    /// forwarder, which waits while a cycle streams in from upstream), so that a pause of its
+    /// producer takes effect on the wire at once.
+    Yielding,
+}
+
+impl BodyQueue {
+    fn chunks(self) -> usize {
+        match self {
+            BodyQueue::Ahead => 64,
+            BodyQueue::Yielding => 4,
+        }
+    }
+}
 
 /// Client tuning.
 #[derive(Debug, Clone)]
@@ -333,58 +348,26 @@ impl Client {
         S: Stream<Item = Result<Extent, E>> + Send,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        self.send_cycle_with(header, extents, compress, None, BODY_QUEUE)
-            .await
-    }
-
-    /// [`Client::send_cycle`] for a sender that yields to other work on its host (an extended
-    /// relationship's forwarder, which waits while a cycle streams in from upstream): at most
-    /// 1 MiB of the body is queued ahead of HTTP/2 instead of 16 MiB, so that a pause of the
-    /// producer takes effect on the wire at once.
-    pub async fn send_cycle_yielding<S, E>(
-        &self,
-        header: &CycleHeader,
-        extents: S,
-        compress: bool,
-    ) -> Result<CycleAck, TransportError>
-    where
-        S: Stream<Item = Result<Extent, E>> + Send,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        self.send_cycle_with(header, extents, compress, None, YIELDING_QUEUE)
+        self.send_cycle_paced(header, extents, compress, None, BodyQueue::Ahead)
             .await
     }
 
     /// [`Client::send_cycle`] under a sending limit: before each encoded chunk of the body
-    /// (after compression and framing) goes to HTTP/2, `pace` says how long to wait.
+    /// (after compression and framing) goes to HTTP/2, `pace` says how long to wait; `queue` bounds
+    /// what waits between the encoder and HTTP/2.
     pub async fn send_cycle_paced<S, E>(
         &self,
         header: &CycleHeader,
         extents: S,
         compress: bool,
         pace: Option<Arc<dyn Pace>>,
+        queue: BodyQueue,
     ) -> Result<CycleAck, TransportError>
     where
         S: Stream<Item = Result<Extent, E>> + Send,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        self.send_cycle_with(header, extents, compress, pace, BODY_QUEUE)
-            .await
-    }
-
-    async fn send_cycle_with<S, E>(
-        &self,
-        header: &CycleHeader,
-        extents: S,
-        compress: bool,
-        pace: Option<Arc<dyn Pace>>,
-        queue: usize,
-    ) -> Result<CycleAck, TransportError>
-    where
-        S: Stream<Item = Result<Extent, E>> + Send,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let (tx, rx) = mpsc::channel::<Bytes>(queue);
+        let (tx, rx) = mpsc::channel::<Bytes>(queue.chunks());
         // The body ends cleanly only after the End frame was queued; when the producer fails,
         // it ends with an error instead (the stream is reset). `hold` keeps the channel open
         // until the producer decided which.

@@ -20,7 +20,7 @@ mod pace;
 mod server;
 mod tls;
 
-pub use client::{Client, ClientOptions};
+pub use client::{BodyQueue, Client, ClientOptions};
 pub use error::{IdentityError, TransportError};
 pub use frame::{
     ExtentStream, FLAG_ZSTD, MAX_EXTENT_DATA, MAX_HEADER_JSON, STREAM_MAGIC, STREAM_V2_SINCE,
