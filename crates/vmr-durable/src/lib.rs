@@ -5,6 +5,9 @@
 //! to a temporary name. [`fsync_dir`] makes a rename, creation or unlink inside a directory
 //! durable.
 //!
+//! [`write_visible`] is the same replace without the fsyncs, for a checked cache file that is
+//! made durable later, off the hot path.
+//!
 //! Architecture Invariant: every durable file of every crate (catalogs, configs, identities,
 //! manifests, definitions) is written through [`write_atomic`].
 
@@ -107,6 +110,23 @@ pub fn persist(tmp: &Path, dest: &Path) -> Result<(), DurableError> {
         _ => Path::new("."),
     };
     fsync_dir(dir)
+}
+
+/// Replace `path` with `bytes` atomically but **not durably** (temp file, write, rename; no
+/// fsync): readers see the old or the new content, never a mix, but a power loss may leave the
+/// target missing, empty or old. Only for a cache whose content is checked when read (a
+/// checksum and its own identity inside), whose loss costs time, never data; make it durable
+/// later, off the hot path, with an fsync of the file and of its directory.
+pub fn write_visible(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
+    let tmp = tmp_path(path);
+    let res = (|| {
+        std::fs::write(&tmp, bytes).map_err(|e| DurableError::new("write", &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| DurableError::new("rename", &tmp, e))
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }
 
 /// Replace `path` with `bytes` atomically and durably (mode 0644).

@@ -17,6 +17,10 @@ pub(crate) trait Storage: Send + Sync + std::fmt::Debug {
     /// Replace `path` with `bytes` atomically and durably (temp, fsync, rename, directory
     /// fsync): after a crash it holds the old or the new content.
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Replace `path` with `bytes` atomically but not durably (temp, rename; no fsync): for
+    /// a checked cache file (a block-hash index) made durable later with [`Storage::fsync_file`]
+    /// and [`Storage::fsync_dir`]; a power loss before that may lose it.
+    fn write_visible(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError>;
     /// fsync a file's data.
     fn fsync_file(&self, path: &Path) -> Result<(), StoreError>;
     /// fsync a directory (entries created, renamed or unlinked in it become durable).
@@ -32,6 +36,9 @@ pub(crate) struct RealStorage;
 impl Storage for RealStorage {
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         fsio::atomic_write(path, bytes)
+    }
+    fn write_visible(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        vmr_durable::write_visible(path, bytes).map_err(StoreError::durable)
     }
     fn fsync_file(&self, path: &Path) -> Result<(), StoreError> {
         fsio::fsync_file(path)
@@ -190,6 +197,17 @@ mod fault {
                 self.rename(&tmp, path)?;
                 self.fsync_dir(dir)
             })();
+            if res.is_err() && !self.lock().dead {
+                let _ = self.remove_file(&tmp);
+            }
+            res
+        }
+
+        fn write_visible(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+            let tmp = vmr_durable::tmp_path(path);
+            let res = self
+                .write_new(&tmp, bytes)
+                .and_then(|()| self.rename(&tmp, path));
             if res.is_err() && !self.lock().dead {
                 let _ = self.remove_file(&tmp);
             }

@@ -490,37 +490,33 @@ async fn commit(
     header: &CycleHeader,
     o: &mut Open,
 ) -> Result<RecoveryPoint, StoreError> {
-    let drained = o.pipe.drain().await;
-    let exports = std::mem::take(&mut o.exports);
-    if let Err(e) = drained {
-        for x in exports {
-            vm.qsd.abort(x).await;
-        }
-        return Err(e);
-    }
-    // FLUSH, disconnect and close of every disk's layer in the daemon, concurrently.
-    for r in futures::future::join_all(exports.into_iter().map(|x| vm.qsd.finish(x))).await {
-        r?;
-    }
-    let files: Vec<(PathBuf, PathBuf)> = o
-        .layers
-        .iter()
-        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
-        .collect();
-    let fs = vm.fs.clone();
-    blocking(move || {
-        for (f, d) in files {
-            fs.fsync_file(&f)?;
-            fs.fsync_dir(&d)?;
-        }
-        Ok(())
-    })
-    .await?;
-    pause_point("cycle-flushed");
-    let records = o.layers.iter().map(|l| l.rec.clone()).collect();
+    let t = std::time::Instant::now();
+    let records: Vec<LayerRecord> = o.layers.iter().map(|l| l.rec.clone()).collect();
     let updates = std::mem::take(&mut o.index);
-    indexed::write_cycle_index(vm, header, records, updates).await?;
+    let resumed = updates.resumed;
+    // The point's block-hash index is built and written while the layers are flushed: it
+    // needs only the previous point's index and this cycle's entries, and an index file
+    // of a point the catalog does not hold is a stray (removed by recovery, rewritten or
+    // durably removed by the next commit of that id). A resumed resync's index needs the
+    // flushed layers' own map, so it is written after them.
+    let index = async {
+        let t = std::time::Instant::now();
+        indexed::write_cycle_index(vm, header, records, updates)
+            .await
+            .map(|files| (files, t.elapsed()))
+    };
+    let (flushed, indexed) = if resumed {
+        match flush_layers(vm, o).await {
+            Ok(f) => (Ok(f), index.await),
+            Err(e) => return Err(e),
+        }
+    } else {
+        tokio::join!(flush_layers(vm, o), index)
+    };
+    let (t_drained, t_closed, t_synced) = flushed?;
+    let (index_files, t_index) = indexed?;
     pause_point("cycle-indexed");
+    let t_indexed = t.elapsed();
     let v = vm.clone();
     let point = PointRecord {
         id: header.id,
@@ -556,7 +552,67 @@ async fn commit(
     })
     .await?;
     pause_point("cycle-committed");
+    indexed::sync_indexes(vm, index_files);
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        vm = %vm.id,
+        cycle = info.id,
+        drained_ms = ms(t_drained),
+        closed_ms = ms(t_closed),
+        synced_ms = ms(t_synced),
+        index_ms = ms(t_index),
+        indexed_ms = ms(t_indexed),
+        committed_ms = ms(t.elapsed()),
+        "cycle commit phases (ms since the commit started)"
+    );
     Ok(info)
+}
+
+/// Wait for every write of `o`, then NBD FLUSH and close each layer in the daemon
+/// (concurrently) and fsync the layer files and their directories. Returns when the drain,
+/// the close and the fsync ended, in time since the call.
+async fn flush_layers(
+    vm: &Arc<Vm>,
+    o: &mut Open,
+) -> Result<
+    (
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    ),
+    StoreError,
+> {
+    let t = std::time::Instant::now();
+    let drained = o.pipe.drain().await;
+    let t_drained = t.elapsed();
+    let exports = std::mem::take(&mut o.exports);
+    if let Err(e) = drained {
+        for x in exports {
+            vm.qsd.abort(x).await;
+        }
+        return Err(e);
+    }
+    // FLUSH, disconnect and close of every disk's layer in the daemon, concurrently.
+    for r in futures::future::join_all(exports.into_iter().map(|x| vm.qsd.finish(x))).await {
+        r?;
+    }
+    let t_closed = t.elapsed();
+    let files: Vec<(PathBuf, PathBuf)> = o
+        .layers
+        .iter()
+        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
+        .collect();
+    let fs = vm.fs.clone();
+    blocking(move || {
+        for (f, d) in files {
+            fs.fsync_file(&f)?;
+            fs.fsync_dir(&d)?;
+        }
+        Ok(())
+    })
+    .await?;
+    pause_point("cycle-flushed");
+    Ok((t_drained, t_closed, t.elapsed()))
 }
 
 /// Close an unfinished cycle: a resync's layers are flushed and kept, others' exports killed

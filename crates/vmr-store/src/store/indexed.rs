@@ -202,6 +202,29 @@ impl Vm {
 
     /// Write `index` as its point's index file (creating the directories durably).
     fn write_index(&self, index: &Index) -> Result<(), StoreError> {
+        let path = self.index_dir(index)?;
+        self.fs.write_atomic(&path, &index.encode())
+    }
+
+    /// Write `index` as its point's index file, visible at once but not yet durable (see
+    /// [`write_cycle_index`]); returns its path.
+    fn write_index_visible(&self, index: &Index) -> Result<PathBuf, StoreError> {
+        let path = self.index_dir(index)?;
+        // A file of that name (an attempt of this id that did not commit, which writeback may
+        // have made durable) goes durably first: a power loss must not bring it back under
+        // the point this write's rename does not make durable.
+        if path.exists() {
+            self.fs.remove_file(&path)?;
+            if let Some(d) = path.parent() {
+                self.fs.fsync_dir(d)?;
+            }
+        }
+        self.fs.write_visible(&path, &index.encode())?;
+        Ok(path)
+    }
+
+    /// The path of `index`'s file, its directories created durably when missing.
+    fn index_dir(&self, index: &Index) -> Result<PathBuf, StoreError> {
         let path = self.index_file(&index.disk, index.point);
         let root = self.dir.join(hash_index::DIR);
         let dir = root.join(&index.disk);
@@ -210,7 +233,7 @@ impl Vm {
             self.fs.fsync_dir(&root)?;
             self.fs.fsync_dir(&self.dir)?;
         }
-        self.fs.write_atomic(&path, &index.encode())
+        Ok(path)
     }
 
     /// Make sure `disk` at `point` has no index file, durably.
@@ -278,17 +301,22 @@ fn build_index(
 }
 
 /// Build and write the index of every disk of cycle `header` (layers `layers`), which is about
-/// to be committed as a point: called by the layer writer after the layers are fsynced and
-/// before the catalog rename. A disk whose index cannot be built or written (no usable index
-/// of the previous point, too large, an I/O error) gets none: a file of that name (from an
-/// attempt that never committed) is removed durably, so the point never commits with an index
-/// that is not its own. Fails only when that removal fails.
+/// to be committed as a point: called by the layer writer before the catalog rename (beside
+/// the layers' flush). A disk whose index cannot be built or written (no usable index of the
+/// previous point, too large, an I/O error) gets none: a file of that name (from an attempt
+/// that never committed) is removed durably, so the point never commits with an index that
+/// is not its own. Fails only when that removal fails.
+///
+/// The files are written visible but not durable (no fsync on the cycle's path: the index is
+/// a checked cache, and its fsync competed with the layers' for the journal); returns them,
+/// for [`sync_indexes`] after the commit. A power loss before that may lose an index, never a
+/// point: a missing or damaged index is not used.
 pub(super) async fn write_cycle_index(
     vm: &Arc<Vm>,
     header: &CycleHeader,
     layers: Vec<LayerRecord>,
     updates: Updates,
-) -> Result<(), StoreError> {
+) -> Result<Vec<PathBuf>, StoreError> {
     let prev_sizes: Vec<Option<u64>> = {
         let st = lock(&vm.st);
         let prev = header
@@ -320,14 +348,17 @@ pub(super) async fn write_cycle_index(
     let v = vm.clone();
     let header = header.clone();
     blocking(move || {
+        let mut files = Vec::new();
         for (i, l) in layers.iter().enumerate() {
             let written = match &earlier[i] {
                 Some(e) => build_index(&v, &header, i, l, prev_sizes[i], e, &updates)
                     .map_err(NoIndex::from)
-                    .and_then(|x| v.write_index(&x).map_err(NoIndex::from)),
+                    .and_then(|x| v.write_index_visible(&x).map_err(NoIndex::from)),
                 None => Err(NoIndex::ResumedMap),
             };
-            if let Err(why) = written {
+            match written {
+                Ok(path) => files.push(path),
+                Err(why) => {
                 // Points from before the index have none, nor their successors: not news.
                 let quiet = matches!(&why, NoIndex::Index(IndexError::Read { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound);
@@ -336,12 +367,41 @@ pub(super) async fn write_cycle_index(
                 } else {
                     tracing::warn!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
                 }
-                v.clear_index(&l.disk, header.id)?;
+                    v.clear_index(&l.disk, header.id)?;
+                }
             }
         }
-        Ok(())
+        Ok(files)
     })
     .await
+}
+
+/// Make the index files a commit wrote with [`write_cycle_index`] durable (file, then
+/// directory), in the background once the point is committed. A file pruned meanwhile is
+/// gone, not an error; another failure is logged (a power loss may then cost that index).
+pub(super) fn sync_indexes(vm: &Arc<Vm>, files: Vec<PathBuf>) {
+    if files.is_empty() {
+        return;
+    }
+    let fs = vm.fs.clone();
+    let id = vm.id;
+    let sync = move || {
+        for f in &files {
+            if !f.exists() {
+                continue;
+            }
+            let synced = fs
+                .fsync_file(f)
+                .and_then(|()| f.parent().map_or(Ok(()), |d| fs.fsync_dir(d)));
+            if let Err(e) = synced {
+                tracing::warn!(vm = %id, "making the block-hash index {} durable: {e}", f.display());
+            }
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => drop(h.spawn_blocking(sync)),
+        Err(_) => sync(),
+    }
 }
 
 impl Store {
@@ -946,6 +1006,47 @@ mod tests {
         assert_eq!(h.hashes, vec![zero_hash(BS); 8]);
     }
 
+    /// A cycle's index is written visible, not durable; a file of the same id that an
+    /// earlier attempt left (and writeback may have made durable) is removed durably first,
+    /// so a power loss before the background fsync leaves no index rather than that one.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_visible_index_write_never_lets_a_power_loss_bring_back_another_attempts_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = Arc::new(crate::storage::FaultStorage::default());
+        let s = Store::open_with_faults(dir.path(), fs.clone()).expect("open");
+        let vm = vm_id();
+        let def = format!(
+            "name = \"web1\"\nuuid = \"{vm}\"\nprogram = \"qemu-storage-daemon\"\nargs = []\n\
+             [[disks]]\nnode = \"disk0\"\npath = \"/x/d0.qcow2\"\n"
+        );
+        s.add_vm(vm, &def, RetentionPolicy::default()).expect("add");
+        let v = s.vm(vm).expect("vm");
+        // The earlier attempt's index of point 3, durable.
+        let stray = Index::zero(vm, 3, "disk0", 8 * BS).expect("zero");
+        v.write_index(&stray).expect("stray");
+        // This attempt's index of point 3: other content.
+        let mut own = stray.clone();
+        own.entries[1] = Entry::Hash([7; 32]);
+        let path = v.write_index_visible(&own).expect("visible");
+        let read = |p: &Path| {
+            std::fs::read(p)
+                .ok()
+                .map(|b| Index::decode(p, &b).expect("decode"))
+        };
+        assert_eq!(read(&path), Some(own.clone()), "visible at once");
+        fs.power_loss();
+        assert_eq!(
+            read(&path),
+            None,
+            "lost, not replaced by the other attempt's index"
+        );
+        // Written again and made durable, it survives.
+        let path = v.write_index_visible(&own).expect("visible");
+        sync_indexes(&v, vec![path.clone()]);
+        fs.power_loss();
+        assert_eq!(read(&path), Some(own));
+    }
     #[tokio::test]
     async fn recovery_removes_the_index_of_an_uncommitted_point() {
         let dir = tempfile::tempdir().expect("tempdir");
