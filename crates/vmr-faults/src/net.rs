@@ -35,35 +35,15 @@ pub fn run(prog: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether network namespaces can be made here (tries one and removes it); the reason if not.
+/// Whether network namespaces (and iptables in them) can be used here: the harness's probe
+/// (tries one and removes it); the reason if not.
 pub fn probe() -> Result<(), String> {
-    let name = format!("{PREFIX}{}-probe", std::process::id());
-    run("ip", &["netns", "add", &name]).map_err(|e| format!("{e:#}"))?;
-    let iptables = run("ip", &["netns", "exec", &name, "iptables", "-S"]);
-    let _ = run("ip", &["netns", "del", &name]);
-    iptables.map_err(|e| format!("iptables in a namespace: {e:#}"))
+    vmr_testkit::harness::netns_unavailable().map_or(Ok(()), Err)
 }
 
 /// Remove namespaces named `vmrf-PID-*` whose runner (PID) no longer lives.
 pub fn remove_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            eprintln!("vmr-faults: removing stale namespace {name}");
-            let _ = run("ip", &["netns", "del", name]);
-        }
-    }
+    vmr_testkit::harness::remove_stale_namespaces(PREFIX, "vmr-faults");
 }
 
 /// Two namespaces `a` (primary, 10.231.0.1) and `b` (replica, 10.231.0.2) joined by a veth

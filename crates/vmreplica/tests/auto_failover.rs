@@ -222,24 +222,9 @@ fn enabled(t: &Witnessed, name: &str, extra: &[&str]) -> TestResult<StandIn> {
     let vm = StandIn::create(t.root.path(), &t.a, name, &["disk0"], 16)?;
     vm.write_random("disk0", 40, 1)?;
     vm.register(&t.a)?;
-    let mut args = vec![
-        "enable",
-        name,
-        "--replica",
-        &t.b.addr,
-        "--replica-fingerprint",
-        &t.b.fingerprint,
-        "--frequency",
-        "5s",
-        "--auto-failover",
-        AUTO,
-        "--witness",
-        &t.w.addr,
-        "--witness-fingerprint",
-        &t.w.fingerprint,
-    ];
+    let mut args = vec!["--frequency", "5s"];
     args.extend_from_slice(extra);
-    t.a.ok(&args)?;
+    t.enable(name, AUTO, &args)?;
     t.b.wait_cycle(name, 1, LONG)?;
     t.a.wait_status(
         name,

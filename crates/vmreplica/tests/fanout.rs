@@ -441,11 +441,16 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
 /// A → C's numbering) and B resynchronises against it, shipping only the blocks C lacks (the
 /// ones A wrote while A → C was paused, and what the VM on B wrote), not a full copy; C's
 /// latest point then equals B's running VM and C names host-b as its primary.
-#[test]
-fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
-    let mut ch = Chain::new(exe())?;
+/// The fan-out every failover test starts from: A replicates the stand-in VM (two disks,
+/// written) to B and to C, each every 5 s, and both hold its initial copy (B two points, C
+/// one). C authorizes B in the VM's trust group (A's), so that B may become its primary;
+/// `a_allows_b`: A authorizes B too (for a reverse to A).
+fn fanned_out(a_allows_b: bool) -> TestResult<(Chain, StandIn)> {
+    let ch = Chain::new(exe())?;
     ch.c.allow(&ch.a)?;
-    // C authorizes B in the VM's trust group (A's), so that B may become its primary.
+    if a_allows_b {
+        ch.a.allow(&ch.b)?;
+    }
     ch.c.ok(&[
         "server",
         "allow",
@@ -474,6 +479,12 @@ fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
     ])?;
     ch.b.wait_cycle(VM, 2, LONG)?;
     ch.c.wait_cycle(VM, 1, LONG)?;
+    Ok((ch, vm))
+}
+
+#[test]
+fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
+    let (mut ch, vm) = fanned_out(false)?;
     let full = ch.c.status(VM)?.stats.total_bytes;
     // A → C paused (C lags behind B by `missed` blocks), A writes, B gets it.
     ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
@@ -578,37 +589,7 @@ fn failover_to_b_makes_c_follow_without_a_full_copy() -> TestResult {
 /// ended with its primary side.
 #[test]
 fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResult {
-    let mut ch = Chain::new(exe())?;
-    ch.c.allow(&ch.a)?;
-    ch.a.allow(&ch.b)?;
-    ch.c.ok(&[
-        "server",
-        "allow",
-        "--primary",
-        "host-b",
-        "--fingerprint",
-        &ch.b.fingerprint,
-        "--trust-group",
-        "host-a",
-    ])?;
-    let mut vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
-    vm.write_random("disk0", 300, 7)?;
-    vm.write_random("disk1", 300, 8)?;
-    vm.register(&ch.a)?;
-    ch.enable(VM, &["--frequency", "5s"])?;
-    ch.a.ok(&[
-        "enable",
-        VM,
-        "--replica",
-        &ch.c.addr,
-        "--replica-fingerprint",
-        &ch.c.fingerprint,
-        "--frequency",
-        "5s",
-        "--wait",
-    ])?;
-    ch.b.wait_cycle(VM, 2, LONG)?;
-    ch.c.wait_cycle(VM, 1, LONG)?;
+    let (mut ch, mut vm) = fanned_out(true)?;
     ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
     let before = epoch_ms();
     vm.write_seq("disk0", 500, 10, 4000)?;
@@ -729,37 +710,7 @@ fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResu
 /// wrote travel to C, and C's latest point equals B's running VM.
 #[test]
 fn planned_failover_of_a_fanned_out_vm_pauses_c_then_c_follows_b() -> TestResult {
-    let ch = Chain::new(exe())?;
-    ch.c.allow(&ch.a)?;
-    ch.a.allow(&ch.b)?;
-    ch.c.ok(&[
-        "server",
-        "allow",
-        "--primary",
-        "host-b",
-        "--fingerprint",
-        &ch.b.fingerprint,
-        "--trust-group",
-        "host-a",
-    ])?;
-    let vm = StandIn::create(ch.root.path(), &ch.a, VM, &["disk0", "disk1"], 64)?;
-    vm.write_random("disk0", 300, 7)?;
-    vm.write_random("disk1", 300, 8)?;
-    vm.register(&ch.a)?;
-    ch.enable(VM, &["--frequency", "5s"])?;
-    ch.a.ok(&[
-        "enable",
-        VM,
-        "--replica",
-        &ch.c.addr,
-        "--replica-fingerprint",
-        &ch.c.fingerprint,
-        "--frequency",
-        "5s",
-        "--wait",
-    ])?;
-    ch.b.wait_cycle(VM, 2, LONG)?;
-    ch.c.wait_cycle(VM, 1, LONG)?;
+    let (ch, vm) = fanned_out(true)?;
     // The guest's last writes before the planned failover (C may or may not get them).
     vm.write_seq("disk0", 500, 10, 4000)?;
     let missed = 10;

@@ -108,22 +108,7 @@ impl Run {
         // Allocate the stamp regions before the first cycle: stamps overwrite in place.
         vm.write_seq(DISK, 128, 384, 7)?;
         vm.register(&t.a)?;
-        t.a.ok(&[
-            "enable",
-            name,
-            "--replica",
-            &t.b.addr,
-            "--replica-fingerprint",
-            &t.b.fingerprint,
-            "--frequency",
-            "5s",
-            "--auto-failover",
-            AUTO,
-            "--witness",
-            &t.w.addr,
-            "--witness-fingerprint",
-            &t.w.fingerprint,
-        ])?;
+        t.enable(name, AUTO, &["--frequency", "5s"])?;
         t.b.wait_cycle(name, 1, LONG)?;
         // The primary's commit of the first (full) cycle done before the stamp writer first
         // connects: twice in about 40 runs a writer connecting and writing during that commit

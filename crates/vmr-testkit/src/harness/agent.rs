@@ -725,10 +725,43 @@ impl Witnessed {
         Ok(Witnessed { a, b, w, root })
     }
 
+    /// `enable VM` on the primary to the replica with automatic failover after `auto`,
+    /// witnessed by the witness ([`enable_witnessed`]).
+    pub fn enable(&self, vm: &str, auto: &str, extra: &[&str]) -> Result<()> {
+        enable_witnessed([&self.a, &self.b, &self.w], vm, auto, extra)
+    }
+
     /// Stop the three agents cleanly.
     pub fn stop(&mut self) -> Result<()> {
         self.a.stop()?;
         self.b.stop()?;
         self.w.stop()
     }
+}
+
+/// `enable VM` on the primary `a` to the replica `b` with `--auto-failover auto`, witnessed
+/// by `w` (its address and fingerprint), then `extra` (the three agents of [`Witnessed`] or of
+/// `Partitioned`).
+pub fn enable_witnessed(
+    [a, b, w]: [&Agent; 3],
+    vm: &str,
+    auto: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let mut args = vec![
+        "enable",
+        vm,
+        "--replica",
+        &b.addr,
+        "--replica-fingerprint",
+        &b.fingerprint,
+        "--auto-failover",
+        auto,
+        "--witness",
+        &w.addr,
+        "--witness-fingerprint",
+        &w.fingerprint,
+    ];
+    args.extend_from_slice(extra);
+    a.ok(&args).map(drop)
 }

@@ -28,7 +28,9 @@ mod writer;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use agent::{Agent, Chain, Pair, TestDir, Witnessed, free_port, kill_processes_under, tail};
+pub use agent::{
+    Agent, Chain, Pair, TestDir, Witnessed, enable_witnessed, free_port, kill_processes_under, tail,
+};
 pub use guest::{
     BOOT_TIMEOUT, Check, Console, GuestImage, GuestOptions, GuestVm, Seq, failover_dir,
     failover_qmp, failover_serial, guest_addresses, guest_definition, harness_qmp, parse_check,
@@ -40,7 +42,9 @@ pub use nbd::{
     connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
     write_noise, write_random, write_seq,
 };
-pub use partition::{Host, Net3, PARTITION_PORT, Partitioned, netns_unavailable};
+pub use partition::{
+    Host, Net3, PARTITION_PORT, Partitioned, netns_unavailable, remove_stale_namespaces,
+};
 pub use space::{available, fill_fs};
 pub use stamps::{
     Found, RunMonitor, STAMP_SLOT, Stamp, StampRegion, StampWriter, Timeline, pid_with_arg,

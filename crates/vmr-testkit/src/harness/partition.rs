@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::{Agent, HarnessError, Result, TestDir, io_err};
+use super::{Agent, HarnessError, Result, TestDir, enable_witnessed, io_err};
 
 const PREFIX: &str = "vmrp-";
 
@@ -81,6 +81,12 @@ pub fn netns_unavailable() -> Option<String> {
 
 /// Remove namespaces named `vmrp-PID-*` whose test process (PID) no longer lives.
 fn remove_stale() {
+    remove_stale_namespaces(PREFIX, "harness");
+}
+
+/// Remove the network namespaces named `<prefix>PID-*` whose process PID no longer lives (left
+/// by a test or a fault campaign that was killed); `who` names the caller in the message.
+pub fn remove_stale_namespaces(prefix: &str, who: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
@@ -88,14 +94,14 @@ fn remove_stale() {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
-        let Some(rest) = name.strip_prefix(PREFIX) else {
+        let Some(rest) = name.strip_prefix(prefix) else {
             continue;
         };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid
             && !Path::new(&format!("/proc/{pid}")).exists()
         {
-            eprintln!("harness: removing stale namespace {name}");
+            eprintln!("{who}: removing stale namespace {name}");
             let _ = run("ip", &["netns", "del", name]);
         }
     }
@@ -315,6 +321,12 @@ pub struct Partitioned {
 pub const PARTITION_PORT: u16 = 7700;
 
 impl Partitioned {
+    /// `enable VM` on the primary to the replica with automatic failover after `auto`,
+    /// witnessed by the witness ([`enable_witnessed`]).
+    pub fn enable(&self, vm: &str, auto: &str, extra: &[&str]) -> Result<()> {
+        enable_witnessed([&self.a, &self.b, &self.w], vm, auto, extra)
+    }
+
     /// Make the network and start the three agents in it, with their authorizations;
     /// `mono_offsets_s` shifts the monotonic clock of the primary, replica and witness (in
     /// that order; `None`: the host's).
