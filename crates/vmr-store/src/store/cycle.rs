@@ -303,25 +303,30 @@ async fn open_layers(
     Ok(exports)
 }
 
+/// fsync each layer file and its directory (on a blocking thread).
+async fn fsync_layers(v: &Arc<Vm>, layers: &[NewLayer]) -> Result<(), StoreError> {
+    let files: Vec<(PathBuf, PathBuf)> = layers
+        .iter()
+        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
+        .collect();
+    let fs = v.fs.clone();
+    blocking(move || {
+        for (f, d) in files {
+            fs.fsync_file(&f)?;
+            fs.fsync_dir(&d)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// Make a new resync's (empty) layers durable and record them in `resync-pending`.
 async fn record_resync_layers(
     v: &Arc<Vm>,
     header: &CycleHeader,
     layers: &[NewLayer],
 ) -> Result<(), StoreError> {
-    let dirs: Vec<(PathBuf, PathBuf)> = layers
-        .iter()
-        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
-        .collect();
-    let fs = v.fs.clone();
-    blocking(move || {
-        for (f, d) in dirs {
-            fs.fsync_file(&f)?;
-            fs.fsync_dir(&d)?;
-        }
-        Ok(())
-    })
-    .await?;
+    fsync_layers(v, layers).await?;
     let base = header.base.ok_or(StoreError::NoSuchPoint(None))?;
     v.write_pending(&resync::Pending {
         base,
@@ -597,20 +602,7 @@ async fn flush_layers(
         r?;
     }
     let t_closed = t.elapsed();
-    let files: Vec<(PathBuf, PathBuf)> = o
-        .layers
-        .iter()
-        .map(|l| (l.dir.join(&l.rec.file), l.dir.clone()))
-        .collect();
-    let fs = vm.fs.clone();
-    blocking(move || {
-        for (f, d) in files {
-            fs.fsync_file(&f)?;
-            fs.fsync_dir(&d)?;
-        }
-        Ok(())
-    })
-    .await?;
+    fsync_layers(vm, &o.layers).await?;
     pause_point("cycle-flushed");
     Ok((t_drained, t_closed, t.elapsed()))
 }

@@ -202,14 +202,14 @@ impl Vm {
 
     /// Write `index` as its point's index file (creating the directories durably).
     fn write_index(&self, index: &Index) -> Result<(), StoreError> {
-        let path = self.index_dir(index)?;
+        let path = self.prepared_index_path(index)?;
         self.fs.write_atomic(&path, &index.encode())
     }
 
     /// Write `index` as its point's index file, visible at once but not yet durable (see
     /// [`write_cycle_index`]); returns its path.
     fn write_index_visible(&self, index: &Index) -> Result<PathBuf, StoreError> {
-        let path = self.index_dir(index)?;
+        let path = self.prepared_index_path(index)?;
         // A file of that name (an attempt of this id that did not commit, which writeback may
         // have made durable) goes durably first: a power loss must not bring it back under
         // the point this write's rename does not make durable.
@@ -224,7 +224,7 @@ impl Vm {
     }
 
     /// The path of `index`'s file, its directories created durably when missing.
-    fn index_dir(&self, index: &Index) -> Result<PathBuf, StoreError> {
+    fn prepared_index_path(&self, index: &Index) -> Result<PathBuf, StoreError> {
         let path = self.index_file(&index.disk, index.point);
         let root = self.dir.join(hash_index::DIR);
         let dir = root.join(&index.disk);
@@ -359,14 +359,14 @@ pub(super) async fn write_cycle_index(
             match written {
                 Ok(path) => files.push(path),
                 Err(why) => {
-                // Points from before the index have none, nor their successors: not news.
-                let quiet = matches!(&why, NoIndex::Index(IndexError::Read { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound);
-                if quiet {
-                    tracing::debug!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
-                } else {
-                    tracing::warn!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
-                }
+                    // Points from before the index have none, nor their successors: not news.
+                    let quiet = matches!(&why, NoIndex::Index(IndexError::Read { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound);
+                    if quiet {
+                        tracing::debug!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
+                    } else {
+                        tracing::warn!(vm = %v.id, point = header.id, disk = %l.disk, "no hash index: {why}");
+                    }
                     v.clear_index(&l.disk, header.id)?;
                 }
             }
