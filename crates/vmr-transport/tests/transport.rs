@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use tempfile::TempDir;
-use tokio::sync::{Barrier, mpsc, oneshot};
+use tokio::sync::{Barrier, mpsc, oneshot, watch};
 use uuid::Uuid;
 use vmr_proto::api::{BlockHashesRequest, CreateReplica, ReplicaVmInfo, ReplicationState};
 use vmr_proto::peer::{BlockHashes, PrimaryVmState};
@@ -41,7 +41,7 @@ struct TestHandler {
     cycles: AtomicU64,
     calls: AtomicU64,
     /// Number of extents the handler has pulled so far, over all cycles.
-    seen: Arc<AtomicU64>,
+    seen: watch::Sender<u64>,
     outcomes: mpsc::UnboundedSender<Outcome>,
     barrier: Barrier,
 }
@@ -75,7 +75,7 @@ impl Handler for TestHandler {
                     assert_eq!(again.checksum(), c.checksum());
                     schemes.push(c.scheme());
                     let e = c.into_extent();
-                    self.seen.fetch_add(1, Ordering::SeqCst);
+                    self.seen.send_modify(|n| *n += 1);
                     count += 1;
                     bytes += e.len();
                     if keep {
@@ -225,7 +225,7 @@ impl Setup {
         let handler = Arc::new(TestHandler {
             cycles: AtomicU64::new(0),
             calls: AtomicU64::new(0),
-            seen: Arc::new(AtomicU64::new(0)),
+            seen: watch::Sender::new(0),
             outcomes: tx,
             barrier: Barrier::new(3),
         });
@@ -292,6 +292,14 @@ impl Setup {
             .expect("server task")
             .expect("server run");
     }
+}
+
+/// Waits until the handler has pulled `n` extents over all cycles.
+async fn pulled(seen: &mut watch::Receiver<u64>, n: u64) {
+    tokio::time::timeout(Duration::from_secs(30), seen.wait_for(|s| *s >= n))
+        .await
+        .expect("the receiver pulls extents in time")
+        .expect("handler alive");
 }
 
 fn header(id: u64, base: Option<u64>) -> CycleHeader {
@@ -434,22 +442,19 @@ async fn large_cycle_streams() {
     let mut s = Setup::new().await;
     let client = s.client().await;
     for compress in [false, true] {
-        let seen = s.handler.seen.clone();
-        let start = seen.load(Ordering::SeqCst);
-        let seen_when_producing_last = Arc::new(AtomicU64::new(0));
-        let at_last = seen_when_producing_last.clone();
+        let start = *s.handler.seen.borrow();
+        let seen = s.handler.seen.subscribe();
         let produced_all = Arc::new(AtomicBool::new(false));
         let produced = produced_all.clone();
         let source = futures::stream::iter(0..16u64).then(move |i| {
-            let seen = seen.clone();
-            let at_last = at_last.clone();
+            let mut seen = seen.clone();
             let produced = produced.clone();
             async move {
                 if i == 15 {
-                    // Give the receiver a moment; flow control must already have made it
-                    // consume most of the body.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    at_last.store(seen.load(Ordering::SeqCst) - start, Ordering::SeqCst);
+                    // A streamed body reaches the receiver while the sender still produces: it
+                    // has pulled ten extents before the last one exists. A buffered body would
+                    // not arrive at all before then.
+                    pulled(&mut seen, start + 10).await;
                     produced.store(true, Ordering::SeqCst);
                 }
                 let d = tokio::task::spawn_blocking(move || data(4 << 20, i + 10))
@@ -468,11 +473,6 @@ async fn large_cycle_streams() {
         assert_eq!(ack.extents, 16);
         assert_eq!(ack.bytes, 64 << 20);
         assert!(produced_all.load(Ordering::SeqCst));
-        let seen_at_last = seen_when_producing_last.load(Ordering::SeqCst);
-        assert!(
-            seen_at_last >= 10,
-            "receiver had only seen {seen_at_last} extents when the sender produced the last"
-        );
         assert!(matches!(s.outcome().await, Outcome::Done { count: 16, .. }));
     }
     s.shutdown().await;
@@ -615,13 +615,19 @@ async fn corrupt_frames_are_rejected() {
 async fn peer_vanishing_mid_transfer_interrupts_the_handler() {
     let mut s = Setup::new().await;
     // (1) The sending side disappears entirely (task aborted, connection dropped).
+    // The sender stops half way only once the receiver has pulled an extent: the transfer has
+    // begun at the receiver's end.
     let client = s.client().await;
     let (half_tx, half_rx) = oneshot::channel::<()>();
     let mut half_tx = Some(half_tx);
+    let start = *s.handler.seen.borrow();
+    let seen = s.handler.seen.subscribe();
     let source = futures::stream::iter(0..32u64).then(move |i| {
         let signal = if i == 8 { half_tx.take() } else { None };
+        let mut seen = seen.clone();
         async move {
             if let Some(tx) = signal {
+                pulled(&mut seen, start + 1).await;
                 let _ = tx.send(());
                 futures::future::pending::<()>().await;
             }
@@ -637,24 +643,31 @@ async fn peer_vanishing_mid_transfer_interrupts_the_handler() {
         client.send_cycle(&h, source, true).await
     });
     half_rx.await.expect("half way");
-    tokio::time::sleep(Duration::from_millis(100)).await;
     task.abort();
     match s.outcome().await {
         Outcome::Failed(TransportError::Interrupted(_)) => {}
         other => panic!("expected Interrupted, got {other:?}"),
     }
 
-    // (2) The extent source fails: the client reports it, the receiver discards.
+    // (2) The extent source fails: the client reports it, the receiver discards. The source
+    // fails only once the receiver has pulled an extent; a source failing before the request
+    // left would leave the receiver nothing to discard.
     let client = s.client().await;
-    let source = futures::stream::iter(0..4u64).map(|i| {
-        if i == 2 {
-            Err(std::io::Error::other("disk read failed"))
-        } else {
-            Ok(Extent {
-                disk: 0,
-                offset: i << 20,
-                data: ExtentData::Data(data(1 << 20, i)),
-            })
+    let start = *s.handler.seen.borrow();
+    let seen = s.handler.seen.subscribe();
+    let source = futures::stream::iter(0..4u64).then(move |i| {
+        let mut seen = seen.clone();
+        async move {
+            if i == 2 {
+                pulled(&mut seen, start + 1).await;
+                Err(std::io::Error::other("disk read failed"))
+            } else {
+                Ok(Extent {
+                    disk: 0,
+                    offset: i << 20,
+                    data: ExtentData::Data(data(1 << 20, i)),
+                })
+            }
         }
     });
     let r = client.send_cycle(&header(8, Some(7)), source, false).await;
