@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -14,43 +12,6 @@ use vmr_proto::api::{ExtendedStatus, ReplicationState};
 
 const LONG: Duration = Duration::from_secs(120);
 const VM: &str = "web1";
-
-/// A guest writer on A running in a thread until stopped.
-struct GuestWriter {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl GuestWriter {
-    fn start(vm: &StandIn, blocks_per_round: u64) -> GuestWriter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let (def, nbd) = (vm.def.clone(), vm.nbd.clone());
-        let thread = std::thread::spawn(move || {
-            let vm = StandIn::attach(def, nbd);
-            let mut seed = 1;
-            while !s.load(Ordering::SeqCst) {
-                for d in ["disk0", "disk1"] {
-                    vm.write_random(d, blocks_per_round, seed)
-                        .expect("guest write");
-                    seed += 1;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        GuestWriter {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().expect("writer thread");
-        }
-    }
-}
 
 /// A stand-in VM on A with two 64 MiB disks, some data, registered.
 fn vm_on_a(ch: &Chain) -> TestResult<StandIn> {
@@ -139,7 +100,7 @@ fn points_of(agent: &Agent, vm: &StandIn) -> TestResult<Vec<u64>> {
 fn a_to_b_to_c_under_a_writer() -> TestResult {
     let ch = Chain::new(exe())?;
     let vm = vm_on_a(&ch)?;
-    let w = GuestWriter::start(&vm, 16);
+    let w = RoundWriter::start(&vm, &["disk0", "disk1"], 16, Duration::from_millis(100), 1);
     ch.enable(VM, &["--frequency", "5s", "--recovery-points", "2"])?;
     ch.b.wait_cycle(VM, 2, LONG)?;
     ch.enable_extended(VM, &["--frequency", "5s", "--recovery-points", "1"])?;
@@ -151,7 +112,7 @@ fn a_to_b_to_c_under_a_writer() -> TestResult {
     wait_extended(&ch, "two more extended cycles", |x| {
         x.stats.successful_cycles >= 3 && x.last_point_sent > Some(sent)
     })?;
-    w.stop();
+    w.stop()?;
     let last = settle(&ch, &vm)?;
     ch.c.wait_cycle(VM, last, LONG)?;
     assert_same(&ch, &vm, last)?;
@@ -234,10 +195,10 @@ fn points_b_merged_before_c_got_them_still_reach_c() -> TestResult {
     let acked = x.last_point_sent.unwrap_or(0);
     // Paused: the acknowledged point is not kept; B merges it and the points after it.
     ch.b.ok(&["pause", VM, "--extended"])?;
-    let w = GuestWriter::start(&vm, 8);
+    let w = RoundWriter::start(&vm, &["disk0", "disk1"], 8, Duration::from_millis(100), 1);
     let b_last = ch.b.status(VM)?.last_cycle.unwrap_or(0);
     ch.b.wait_cycle(VM, b_last + 4, LONG)?;
-    w.stop();
+    w.stop()?;
     let last = settle(&ch, &vm)?;
     let points = points_of(&ch.b, &vm)?;
     assert!(
@@ -327,7 +288,7 @@ fn running_chain(ch: &Chain) -> TestResult<(StandIn, u64)> {
 fn test_failover_on_c_while_a_to_b_to_c_runs() -> TestResult {
     let ch = Chain::new(exe())?;
     let (vm, _) = running_chain(&ch)?;
-    let w = GuestWriter::start(&vm, 8);
+    let w = RoundWriter::start(&vm, &["disk0", "disk1"], 8, Duration::from_millis(100), 1);
     // C's point is at least one extended cycle old now; test it.
     let t = failover(&ch.c, &["test", VM])?;
     let tp = t.point.ok_or("the test copy has no point")?;
@@ -372,7 +333,7 @@ fn test_failover_on_c_while_a_to_b_to_c_runs() -> TestResult {
         ch.c.cli(&["failover", "stop-test", VM])?.status.code(),
         Some(4)
     );
-    w.stop();
+    w.stop()?;
     let last = settle(&ch, &vm)?;
     ch.c.wait_cycle(VM, last, LONG)?;
     assert_same(&ch, &vm, last)?;
@@ -751,11 +712,11 @@ fn planned_failover_a_to_b_then_reverse_to_a_continues_to_c_without_a_full_copy(
     let ch = Chain::new(exe())?;
     ch.allow_probes()?;
     let (vm, first) = running_chain(&ch)?;
-    let w = GuestWriter::start(&vm, 8);
+    let w = RoundWriter::start(&vm, &["disk0", "disk1"], 8, Duration::from_millis(100), 1);
     wait_extended(&ch, "two more extended cycles under the writer", |x| {
         x.last_point_sent.is_some_and(|p| p >= first + 2)
     })?;
-    w.stop();
+    w.stop()?;
     let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
     let prep = failover(&ch.a, &["prepare", VM])?;
     let k = prep.point.ok_or("no final cycle")?;

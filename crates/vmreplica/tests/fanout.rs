@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -16,50 +14,6 @@ use vmr_proto::api::{ReplicationState, VmStatus};
 const LONG: Duration = Duration::from_secs(120);
 const VM: &str = "web1";
 const BLOCK: u64 = 64 * 1024;
-
-/// A guest writer on A: one random block on each disk every `every`, counting the blocks.
-struct GuestWriter {
-    stop: Arc<AtomicBool>,
-    blocks: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl GuestWriter {
-    fn start(vm: &StandIn, every: Duration) -> GuestWriter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let blocks = Arc::new(AtomicU64::new(0));
-        let (s, n) = (stop.clone(), blocks.clone());
-        let (def, nbd) = (vm.def.clone(), vm.nbd.clone());
-        let thread = std::thread::spawn(move || {
-            let vm = StandIn::attach(def, nbd);
-            let mut seed = 1000;
-            while !s.load(Ordering::SeqCst) {
-                for d in ["disk0", "disk1"] {
-                    vm.write_random(d, 1, seed).expect("guest write");
-                    n.fetch_add(1, Ordering::SeqCst);
-                    seed += 1;
-                }
-                std::thread::sleep(every);
-            }
-        });
-        GuestWriter {
-            stop,
-            blocks,
-            thread: Some(thread),
-        }
-    }
-
-    fn written(&self) -> u64 {
-        self.blocks.load(Ordering::SeqCst)
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().expect("writer thread");
-        }
-    }
-}
 
 /// A's row of the VM and its fan-out row (the relationship to C).
 fn rows(ch: &Chain) -> TestResult<(VmStatus, VmStatus)> {
@@ -95,7 +49,13 @@ fn fan_out_to_b_at_5s_and_c_at_30s_with_b_paused_c_never_stalls() -> TestResult 
     vm.write_random("disk0", 300, 7)?;
     vm.write_random("disk1", 300, 8)?;
     vm.register(&ch.a)?;
-    let w = GuestWriter::start(&vm, Duration::from_millis(500));
+    let w = RoundWriter::start(
+        &vm,
+        &["disk0", "disk1"],
+        1,
+        Duration::from_millis(500),
+        1000,
+    );
     ch.enable(VM, &["--frequency", "5s", "--recovery-points", "2"])?;
     ch.b.wait_cycle(VM, 2, LONG)?;
     // A second relationship of the same VM, to C, with its own frequency and retention.
@@ -262,7 +222,7 @@ fn fan_out_to_b_at_5s_and_c_at_30s_with_b_paused_c_never_stalls() -> TestResult 
     );
 
     // Both replicas' latest points equal A's content once the writer stopped.
-    w.stop();
+    w.stop()?;
     let after = epoch_ms();
     for r in [&ch.b, &ch.c] {
         r.wait_status(
@@ -296,7 +256,13 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
     vm.write_random("disk0", 300, 7)?;
     vm.write_random("disk1", 300, 8)?;
     vm.register(&ch.a)?;
-    let w = GuestWriter::start(&vm, Duration::from_millis(500));
+    let w = RoundWriter::start(
+        &vm,
+        &["disk0", "disk1"],
+        1,
+        Duration::from_millis(500),
+        1000,
+    );
     ch.enable(VM, &["--frequency", "5s"])?;
     ch.a.ok(&[
         "enable",
@@ -361,7 +327,7 @@ fn a_failed_relationship_never_holds_the_other_back_and_both_survive_a_restart()
     let c_bytes = c.stats.total_bytes;
     ch.c.restart()?;
     ch.c.wait_cycle(VM, c_had + 1, LONG)?;
-    w.stop();
+    w.stop()?;
     let after = epoch_ms();
     for r in [&ch.b, &ch.c] {
         r.wait_status(

@@ -5,53 +5,12 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
 use vmr_proto::api::{Health, ReplicationState};
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// A guest writer running in a thread until dropped.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(vm: &StandIn, disks: &[&str], blocks_per_round: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let nbd = vm.nbd.clone();
-        let def = vm.def.clone();
-        let disks: Vec<String> = disks.iter().map(|d| (*d).to_owned()).collect();
-        let thread = std::thread::spawn(move || {
-            let vm = StandIn::attach(def, nbd);
-            let mut seed = 1;
-            while !s.load(Ordering::SeqCst) {
-                for d in &disks {
-                    vm.write_random(d, blocks_per_round, seed)
-                        .expect("guest write");
-                    seed += 1;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        Writer {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().expect("writer thread");
-        }
-    }
-}
 
 /// With the writer stopped: wait for a cycle cut after the last write, pause, and compare every
 /// disk of the replica's latest point with the primary.
@@ -78,7 +37,7 @@ fn replicates_two_disks_under_a_writer() -> TestResult {
     let vm = StandIn::create(p.root.path(), &p.a, "web1", &["disk0", "disk1"], 64)?;
     vm.write_random("disk0", 200, 99)?;
     vm.register(&p.a)?;
-    let w = Writer::start(&vm, &["disk0", "disk1"], 32);
+    let w = RoundWriter::start(&vm, &["disk0", "disk1"], 32, Duration::from_millis(100), 1);
     p.enable("web1", &["--frequency", "5s", "--recovery-points", "2"])?;
     let st = p.a.status("web1")?;
     assert!(matches!(
@@ -87,7 +46,7 @@ fn replicates_two_disks_under_a_writer() -> TestResult {
     ));
     p.wait_cycle("web1", 3, LONG)?;
     assert_eq!(p.a.status("web1")?.state, ReplicationState::Replicating);
-    w.stop();
+    w.stop()?;
     verify_at_cut(&p, &vm)?;
 
     // Statistics and points are visible to the admin.
@@ -131,7 +90,7 @@ fn kill_mid_cycle(p: &mut Pair, replica_side: bool) -> TestResult {
     p.wait_cycle("db1", 1, LONG)?;
     // A large change set, so that the next cycle takes a while to ship.
     vm.write_random("disk0", 1200, 7)?;
-    let w = Writer::start(&vm, &["disk0"], 16);
+    let w = RoundWriter::start(&vm, &["disk0"], 16, Duration::from_millis(100), 1);
     wait_until(LONG, "a cycle in flight", || {
         Ok(p.a.status("db1")?.progress.is_some_and(|(d, _)| d > 0))
     })?;
@@ -169,7 +128,7 @@ fn kill_mid_cycle(p: &mut Pair, replica_side: bool) -> TestResult {
             "the dead store's sockets are still there: {socks:?}"
         );
     }
-    w.stop();
+    w.stop()?;
     verify_at_cut(p, &vm)?;
     let st = p.a.status("db1")?;
     assert!(st.stats.successful_cycles >= 1);
@@ -398,12 +357,12 @@ fn a_primary_stopped_mid_cycle_leaves_the_replica_free_to_fail_over() -> TestRes
     p.enable("st1", &["--frequency", "5s"])?;
     p.wait_cycle("st1", 1, LONG)?;
     vm.write_random("disk0", 1200, 11)?;
-    let w = Writer::start(&vm, &["disk0"], 16);
+    let w = RoundWriter::start(&vm, &["disk0"], 16, Duration::from_millis(100), 1);
     wait_until(LONG, "a cycle in flight", || {
         Ok(p.a.status("st1")?.progress.is_some_and(|(d, _)| d > 0))
     })?;
     p.a.stop()?;
-    w.stop();
+    w.stop()?;
     let (tx, rx) = std::sync::mpsc::channel();
     let dir = p.b.dir.clone();
     std::thread::spawn(move || {

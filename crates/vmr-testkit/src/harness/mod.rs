@@ -51,7 +51,7 @@ pub use stamps::{
     read_stamps_image, read_stamps_nbd, running,
 };
 pub use standin::{StandIn, StandInDisk, nbd_socket};
-pub use writer::{BLOCK, Writer, WriterStats, pool, slice};
+pub use writer::{BLOCK, RoundWriter, Writer, WriterStats, pool, slice};
 
 /// How long a started server may take to greet (generous: parallel tests share few cores).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,6 +155,9 @@ pub enum HarnessError {
     /// A guest writer task failed or panicked.
     #[error("guest writer task")]
     Writer(#[from] tokio::task::JoinError),
+    /// A guest writer thread ([`RoundWriter`]) panicked.
+    #[error("guest writer thread panicked")]
+    WriterThread,
 }
 
 /// A `Result` of the harness.

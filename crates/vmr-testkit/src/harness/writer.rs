@@ -1,6 +1,7 @@
-//! A guest writer: random 64 KiB writes of incompressible data through a stand-in's live NBD
-//! export (`depth` in flight, optionally rate-limited), counting bytes and recording each
-//! write's latency, on the caller's Tokio runtime.
+//! Guest writers on a stand-in's live NBD exports: [`Writer`], random 64 KiB writes of
+//! incompressible data (`depth` in flight, optionally rate-limited), counting bytes and recording
+//! each write's latency, on the caller's Tokio runtime; and [`RoundWriter`], a few random blocks
+//! per disk in rounds on a thread of its own, for tests that need changes to replicate.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use vmr_nbd::NbdClient;
 
+use super::standin::StandIn;
 use super::{HarnessError, Result};
 
 /// Block size of the guest writes.
@@ -137,6 +139,76 @@ impl Writer {
     pub async fn stop(self) -> Result<()> {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await?
+    }
+}
+
+/// A guest writer in rounds on a thread of its own: each round writes `blocks` random 64 KiB
+/// blocks (contents from a seed that grows by one per disk per round) on each of its disks, then
+/// sleeps. Stops at [`RoundWriter::stop`] or when dropped.
+#[derive(Debug)]
+pub struct RoundWriter {
+    stop: Arc<AtomicBool>,
+    blocks: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl RoundWriter {
+    /// Starts writing to `disks` of `vm`: `blocks` blocks per disk per round, a round every
+    /// `every`, the first round's contents from `seed`.
+    pub fn start(
+        vm: &StandIn,
+        disks: &[&str],
+        blocks: u64,
+        every: Duration,
+        seed: u64,
+    ) -> RoundWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), written.clone());
+        let vm = StandIn::attach(vm.def.clone(), vm.nbd.clone());
+        let disks: Vec<String> = disks.iter().map(|d| (*d).to_owned()).collect();
+        let thread = std::thread::spawn(move || {
+            let mut seed = seed;
+            while !s.load(Ordering::SeqCst) {
+                for d in &disks {
+                    vm.write_random(d, blocks, seed)?;
+                    n.fetch_add(blocks, Ordering::SeqCst);
+                    seed += 1;
+                }
+                std::thread::sleep(every);
+            }
+            Ok(())
+        });
+        RoundWriter {
+            stop,
+            blocks: written,
+            thread: Some(thread),
+        }
+    }
+
+    /// Blocks written so far, over all disks.
+    pub fn written(&self) -> u64 {
+        self.blocks.load(Ordering::SeqCst)
+    }
+
+    /// Stops after the round in progress; the writer's error, if a write failed.
+    pub fn stop(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| HarnessError::WriterThread)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RoundWriter {
+    fn drop(&mut self) {
+        // A test that fails before it stops the writer: the thread ends with it.
+        let _ = self.finish();
     }
 }
 
