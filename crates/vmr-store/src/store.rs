@@ -1281,7 +1281,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 ));
             }
             qemu::commit_into_backing(&dir, &u.file).await?;
-            v.fs.fsync_file(&dir.join(&l.file))?;
+            fsync_file_off(&v.fs, dir.join(&l.file)).await?;
             pause_point("prune-copied");
             // The layer that sat on the upper one now sits on the base file (same content).
             if let Some(w) = above
@@ -1292,7 +1292,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 let wa = header_backing(&dir, &w.file).await?;
                 if wa.as_deref() == Some(u.file.as_str()) {
                     qemu::rebase_unsafe(&dir, &w.file, Some(&l.file)).await?;
-                    v.fs.fsync_file(&dir.join(&w.file))?;
+                    fsync_file_off(&v.fs, dir.join(&w.file)).await?;
                 } else if wa.as_deref() != Some(l.file.as_str()) {
                     return Err(StoreError::corrupt(
                         dir.join(&w.file),
@@ -1304,10 +1304,10 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             continue;
         }
         if actual.as_deref() == Some(l.file.as_str()) {
-            copy_up(&*v.fs, v.qsd.root(), &dir, &u.file).await?;
+            copy_up(&v.fs, v.qsd.root(), &dir, &u.file).await?;
             pause_point("prune-copied");
             qemu::rebase_unsafe(&dir, &u.file, l.backing.as_deref()).await?;
-            v.fs.fsync_file(&dir.join(&u.file))?;
+            fsync_file_off(&v.fs, dir.join(&u.file)).await?;
         } else if actual != l.backing {
             return Err(StoreError::corrupt(
                 dir.join(&u.file),
@@ -1362,11 +1362,15 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
     }
     for (disk, file) in gone {
         let dir = v.disk_dir(disk);
-        match std::fs::remove_file(dir.join(file)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("remove", dir.join(file), e)),
-        }
+        // Unlinking a layer of gigabytes frees its extents, which can take a while: off the
+        // runtime too.
+        let path = dir.join(file);
+        cycle::blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("remove", path, e)),
+        })
+        .await?;
         v.fs.fsync_dir(&dir)?;
     }
     Ok(true)
@@ -1374,7 +1378,12 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
 
 /// Copy into `file` every cluster that its direct backing layer has and it lacks, reading it
 /// through `file` itself (so the visible content never changes), then flush.
-async fn copy_up(fs: &dyn Storage, root: &Path, dir: &Path, file: &str) -> Result<(), StoreError> {
+async fn copy_up(
+    fs: &Arc<dyn Storage>,
+    root: &Path,
+    dir: &Path,
+    file: &str,
+) -> Result<(), StoreError> {
     let ranges = qemu::ranges_in_backing(dir, file).await?;
     if ranges.is_empty() {
         return Ok(());
@@ -1421,5 +1430,14 @@ async fn copy_up(fs: &dyn Storage, root: &Path, dir: &Path, file: &str) -> Resul
             Err(e)
         }
     }?;
-    fs.fsync_file(&dir.join(file))
+    fsync_file_off(fs, dir.join(file)).await
+}
+
+/// fsync a file off the async runtime. After a merge it may write gigabytes back, and a
+/// runtime thread blocked that long stalls every other task of the agent: other VMs' cycles
+/// and the peer connections' keep-alives (a primary whose pings went unanswered dropped its
+/// connection and counted its next cycle as failed).
+async fn fsync_file_off(fs: &Arc<dyn Storage>, path: PathBuf) -> Result<(), StoreError> {
+    let fs = fs.clone();
+    cycle::blocking(move || fs.fsync_file(&path)).await
 }
