@@ -426,6 +426,14 @@ pub async fn client<'a>(
     rec: &VmRecord,
     session: &'a mut Session,
 ) -> Result<&'a Client, Failure> {
+    // A connection that closed while idle (the peer restarted, a keep-alive went
+    // unanswered) is replaced here, before the cycle uses it, rather than failing the cycle.
+    if let Some(c) = &session.client
+        && c.is_closed()
+    {
+        tracing::info!(vm = %rec.name, "the connection to the replica closed while idle: reconnecting");
+        session.client = None;
+    }
     if session.client.is_none() {
         let args = rec
             .enable

@@ -269,8 +269,9 @@ impl Client {
                 .await
                 .map_err(map_hyper)?;
             let task = tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "peer connection ended");
+                match conn.await {
+                    Ok(()) => tracing::debug!("peer connection closed"),
+                    Err(e) => tracing::debug!(error = %e, "peer connection ended"),
                 }
             });
             Ok::<_, TransportError>((sender, AbortOnDrop(task)))

@@ -481,11 +481,10 @@ async fn serve_conn<H: Handler>(
         }
     };
     tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%remote, error = %e, "connection ended");
-            }
-        }
+        r = conn.as_mut() => match r {
+            Ok(()) => tracing::debug!(%remote, "connection closed"),
+            Err(e) => tracing::debug!(%remote, error = %e, "connection ended"),
+        },
         _ = stop.changed() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;

@@ -149,6 +149,36 @@ fn primary_agent_killed_mid_cycle_resumes() -> TestResult {
     Ok(())
 }
 
+/// The primary keeps its connection to the replica between cycles. When that connection
+/// closed while idle (here: the replica agent restarted; in the benchmark of row 1: keep-alives
+/// unanswered while the replica merged gigabytes), the next cycle reconnects instead of failing:
+/// no failed cycle and no Critical health for an idle reconnect.
+#[test]
+fn a_connection_closed_between_cycles_fails_no_cycle() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "idle1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
+    p.enable("idle1", &["--frequency", "5s"])?;
+    p.wait_cycle("idle1", 2, LONG)?;
+    // Between cycles (paused, so that no cycle runs while the replica is away).
+    p.a.ok(&["pause", "idle1"])?;
+    let before = p.a.status("idle1")?;
+    assert_eq!(before.stats.errors, 0, "{}", before.health_reason);
+    p.b.kill9();
+    p.b.restart()?;
+    vm.write_random("disk0", 10, 3)?;
+    p.a.ok(&["resume", "idle1"])?;
+    let next = before.last_cycle.unwrap_or(0) + 1;
+    p.wait_cycle("idle1", next, LONG)?;
+    let st = p.a.status("idle1")?;
+    assert_eq!(
+        st.stats.errors, 0,
+        "a cycle failed on the closed connection: {}",
+        st.health_reason
+    );
+    Ok(())
+}
+
 #[test]
 fn refuses_wrong_fingerprint_and_unauthorized_primary() -> TestResult {
     let p = Pair::new(exe())?;

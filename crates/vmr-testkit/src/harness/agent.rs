@@ -167,14 +167,15 @@ impl Agent {
         let log2 = log.try_clone().map_err(io_err("open the agent log"))?;
         let mut cmd = Command::new(self.launcher.as_ref().unwrap_or(&self.exe));
         cmd.arg("--dir").arg(&self.dir).arg("agent");
-        cmd.env(
-            "VMREPLICA_LOG",
-            "info,vmreplica=debug,vmr_agent=debug,vmr_store=debug",
-        )
-        .envs(self.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(log2)
-        .stderr(log);
+        // VMREPLICA_LOG in the test's (or the benchmark runner's) environment overrides the
+        // agents' log filter, e.g. to see the transport's or the capture's debug lines.
+        let filter = std::env::var("VMREPLICA_LOG")
+            .unwrap_or_else(|_| "info,vmreplica=debug,vmr_agent=debug,vmr_store=debug".into());
+        cmd.env("VMREPLICA_LOG", filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log2)
+            .stderr(log);
         let mut child = ChildGuard::spawn(cmd, "vmreplica agent")?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
