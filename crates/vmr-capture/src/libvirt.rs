@@ -182,7 +182,10 @@ impl LibvirtCapture {
         let mut begin = None;
         for a in acts {
             match a {
-                ChainAction::AbortJob => blocking(&self.h, |d| d.abort_job()).await?,
+                ChainAction::AbortJob => {
+                    let wait = self.cfg.timeout;
+                    blocking(&self.h, move |d| d.abort_job(wait)).await?
+                }
                 ChainAction::Delete(name) => {
                     match blocking(&self.h, move |d| d.delete_checkpoint(&name)).await {
                         Ok(())

@@ -108,6 +108,9 @@ async fn run_cycle(
     let read = cyc.bytes_read();
     disks.assert_replica_equals(&cut, "cycle")?;
     cyc.commit().await?;
+    // The acknowledged cycle's job has ended when commit returns: the next cycle can begin at
+    // once (libvirt ends a backup job after QEMU reports its block jobs cancelled).
+    assert!(!lv.has_job(DOMAIN)?, "a job is left after commit");
     // figures for the report: the backup job's start (view ready) and the whole cycle
     eprintln!(
         "cycle full={full} bytes={read} view_ms={} total_ms={}",
@@ -241,6 +244,7 @@ async fn libvirt_backup_cycles() -> anyhow::Result<()> {
     disks.write(&lv, 0, 8 << 20, 64 << 10, 0x46)?;
     let cyc = cap.begin_cycle().await?;
     cyc.abort().await?;
+    assert!(!lv.has_job(DOMAIN)?, "a job is left after abort");
     assert_eq!(cap.acked(), Some("vmreplica-2"));
     assert_eq!(lv.checkpoints(DOMAIN)?, ["vmreplica-2"]);
     let (full, _) = run_cycle(&mut cap, &mut disks, &lv, &[]).await?;

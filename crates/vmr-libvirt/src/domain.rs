@@ -6,6 +6,7 @@
 
 use std::ffi::{CStr, CString};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 use virt::error::ErrorNumber;
@@ -13,6 +14,9 @@ use virt_sys as sys;
 
 use crate::LibvirtError;
 use crate::xml::{self, BackupPlan, DomainDisk};
+
+/// How often [`Domain::abort_job`] asks whether the aborted job has ended.
+const JOB_END_POLL: Duration = Duration::from_millis(10);
 
 /// An open connection to a libvirt daemon (closed on drop).
 pub struct Libvirt {
@@ -335,18 +339,32 @@ impl Domain {
     }
 
     /// End the domain's running job (the cycle's backup job after the acknowledgement, or a
-    /// failed one). No job is not an error.
-    pub fn abort_job(&self) -> Result<(), LibvirtError> {
+    /// failed one) and wait, up to `wait`, until libvirt no longer reports a job. No job is
+    /// not an error.
+    ///
+    /// `virDomainAbortJob` returns once the job's block jobs are told to cancel; a backup job
+    /// ends later, when QEMU reports them cancelled, and until then the domain still has a job,
+    /// so a backup begun at once would be refused as busy. A job still reported after `wait`
+    /// is left to end by itself (the next begin finds the domain busy and retries).
+    pub fn abort_job(&self, wait: Duration) -> Result<(), LibvirtError> {
         // SAFETY: valid domain pointer.
         let r = unsafe { sys::virDomainAbortJob(self.dom.as_ptr()) };
-        if r == 0 {
-            return Ok(());
+        if r != 0 {
+            let e = virt::error::Error::last_error();
+            if e.code() == ErrorNumber::OperationInvalid && !self.job_active()? {
+                return Ok(());
+            }
+            return Err(call_err("virDomainAbortJob", &e));
         }
-        let e = virt::error::Error::last_error();
-        if e.code() == ErrorNumber::OperationInvalid && !self.job_active()? {
-            return Ok(());
+        let deadline = Instant::now() + wait;
+        while self.job_active()? {
+            if Instant::now() >= deadline {
+                tracing::warn!(domain = %self.name, "the aborted job still runs after {wait:?}");
+                return Ok(());
+            }
+            std::thread::sleep(JOB_END_POLL);
         }
-        Err(call_err("virDomainAbortJob", &e))
+        Ok(())
     }
 
     /// The description of checkpoint `name`, with the domain definition it was taken of

@@ -404,10 +404,30 @@ impl PrivateLibvirt {
         Ok(())
     }
 
-    /// End the domain's job (`virsh domjobabort`).
+    /// End the domain's job (`virsh domjobabort`) and wait until libvirt reports none: a
+    /// backup job ends only after QEMU reports its block jobs cancelled, after the abort has
+    /// returned.
     pub fn abort_job(&self, domain: &str) -> anyhow::Result<()> {
         self.virsh(&["domjobabort", domain])?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.has_job(domain)? {
+            if Instant::now() >= deadline {
+                bail!("the aborted job of {domain} still runs after {READY_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Ok(())
+    }
+
+    /// Whether a job runs on the domain (`virsh domjobinfo` names a job type other than None).
+    pub fn has_job(&self, domain: &str) -> anyhow::Result<bool> {
+        let info = self.virsh(&["domjobinfo", domain])?;
+        let kind = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Job type:"))
+            .map(str::trim)
+            .context("domjobinfo names no job type")?;
+        Ok(kind != "None")
     }
 
     /// The domain's checkpoint names.
