@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::error::{DeadReason, NbdError};
+use crate::error::{DeadReason, NbdError, ProtocolFault};
 use crate::proto::*;
 use crate::{ReadChunk, StatusExtent};
 
@@ -37,6 +37,17 @@ pub(crate) enum Reply {
     Read(Vec<ReadChunk>),
     /// Block status: extents of the wanted context.
     Status(Vec<StatusExtent>),
+}
+
+impl Reply {
+    /// The kind of reply, for an error that names it.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Reply::Done => "completion",
+            Reply::Read(_) => "read",
+            Reply::Status(_) => "block_status",
+        }
+    }
 }
 
 /// Everything the engine knows about one request in flight.
@@ -84,8 +95,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn proto(msg: impl Into<String>) -> NbdError {
-    NbdError::Protocol(msg.into())
+fn proto(fault: ProtocolFault) -> NbdError {
+    NbdError::Protocol(fault)
 }
 
 /// Facts about a pending request needed to validate a chunk before reading its payload.
@@ -223,7 +234,7 @@ impl Shared {
                 offset: p.offset,
                 len: p.len,
             }),
-            None => Err(proto(format!("reply for unknown cookie {cookie}"))),
+            None => Err(proto(ProtocolFault::UnknownCookie(cookie))),
         }
     }
 }
@@ -342,7 +353,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let parsed = read_chunk(r, &h, f).await?;
                 apply_chunk(shared, &h, parsed)?;
             }
-            m => return Err(proto(format!("bad reply magic {m:#x}"))),
+            m => return Err(proto(ProtocolFault::BadReplyMagic(m))),
         }
     }
 }
@@ -359,10 +370,7 @@ fn complete_simple(
     };
     drop(st);
     if p.got_chunk {
-        return Err(proto(format!(
-            "simple reply after structured chunks for cookie {}",
-            h.cookie
-        )));
+        return Err(proto(ProtocolFault::SimpleAfterChunks(h.cookie)));
     }
     let result = if h.error != 0 {
         Err(NbdError::Server {
@@ -378,12 +386,16 @@ fn complete_simple(
                     data,
                 }])),
                 None => {
-                    return Err(proto(
-                        "successful simple reply to a read with structured replies",
-                    ));
+                    return Err(proto(ProtocolFault::SimpleReplyNotAllowed(command_name(
+                        f.cmd,
+                    ))));
                 }
             },
-            CMD_BLOCK_STATUS => return Err(proto("successful simple reply to block status")),
+            CMD_BLOCK_STATUS => {
+                return Err(proto(ProtocolFault::SimpleReplyNotAllowed(command_name(
+                    f.cmd,
+                ))));
+            }
             _ => Ok(Reply::Done),
         }
     };
@@ -400,10 +412,11 @@ async fn read_chunk<R: AsyncRead + Unpin>(
 ) -> Result<Parsed, NbdError> {
     let name = command_name(f.cmd);
     let bad_len = || {
-        proto(format!(
-            "{name} reply chunk type {} has invalid length {}",
-            h.kind, h.length
-        ))
+        proto(ProtocolFault::ChunkLength {
+            command: name,
+            kind: h.kind,
+            length: h.length,
+        })
     };
     match h.kind {
         REPLY_TYPE_NONE => {
@@ -411,7 +424,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                 return Err(bad_len());
             }
             if !h.done() {
-                return Err(proto("none chunk without the done flag"));
+                return Err(proto(ProtocolFault::NoneChunkNotDone));
             }
             Ok(Parsed::None)
         }
@@ -438,7 +451,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             let off = be64(&b[0..8]);
             let hlen = be32(&b[8..12]);
             if hlen == 0 {
-                return Err(proto("zero-length hole chunk"));
+                return Err(proto(ProtocolFault::EmptyHole));
             }
             check_inside(f, off, u64::from(hlen))?;
             Ok(Parsed::Hole(off, hlen))
@@ -451,7 +464,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             }
             let mut buf = vec![0u8; h.length as usize];
             r.read_exact(&mut buf).await?;
-            let (id, descs) = parse_block_status(&buf).map_err(NbdError::Protocol)?;
+            let (id, descs) = parse_block_status(&buf).map_err(proto)?;
             Ok(Parsed::Status(id, descs))
         }
         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
@@ -460,8 +473,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             }
             let mut buf = vec![0u8; h.length as usize];
             r.read_exact(&mut buf).await?;
-            let e = parse_error_chunk(&buf, h.kind == REPLY_TYPE_ERROR_OFFSET)
-                .map_err(NbdError::Protocol)?;
+            let e = parse_error_chunk(&buf, h.kind == REPLY_TYPE_ERROR_OFFSET).map_err(proto)?;
             if let (Some(off), true) = (e.offset, f.len > 0) {
                 check_inside(f, off, 1)?;
             }
@@ -481,7 +493,10 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                 offset: None,
             }))
         }
-        k => Err(proto(format!("unexpected chunk type {k} for {name}"))),
+        k => Err(proto(ProtocolFault::UnexpectedChunk {
+            command: name,
+            kind: k,
+        })),
     }
 }
 
@@ -490,10 +505,12 @@ fn check_inside(f: ReqFacts, off: u64, len: u64) -> Result<(), NbdError> {
     let req_end = f.offset + u64::from(f.len);
     match off.checked_add(len) {
         Some(end) if off >= f.offset && end <= req_end => Ok(()),
-        _ => Err(proto(format!(
-            "chunk range {off}+{len} outside the requested {}+{}",
-            f.offset, f.len
-        ))),
+        _ => Err(proto(ProtocolFault::ChunkOutsideRequest {
+            offset: off,
+            len,
+            req_offset: f.offset,
+            req_len: f.len,
+        })),
     }
 }
 
@@ -521,12 +538,10 @@ fn apply_chunk(shared: &Shared, h: &ChunkHeader, parsed: Parsed) -> Result<(), N
         }
         Parsed::Status(id, descs) => {
             if !shared.context_ids.contains(&id) {
-                return Err(proto(format!("block status for unknown context id {id}")));
+                return Err(proto(ProtocolFault::UnknownContext(id)));
             }
             if p.seen_ctx.contains(&id) {
-                return Err(proto(format!(
-                    "duplicate block status chunk for context id {id}"
-                )));
+                return Err(proto(ProtocolFault::DuplicateContext(id)));
             }
             p.seen_ctx.push(id);
             if id == p.want_ctx {
@@ -560,7 +575,7 @@ fn apply_chunk(shared: &Shared, h: &ChunkHeader, parsed: Parsed) -> Result<(), N
             )?)),
             CMD_BLOCK_STATUS => match p.extents.take() {
                 Some(x) => Ok(Reply::Status(x)),
-                None => return Err(proto("block status reply lacks the requested context")),
+                None => return Err(proto(ProtocolFault::MissingContext)),
             },
             _ => Ok(Reply::Done),
         },
@@ -572,12 +587,10 @@ fn apply_chunk(shared: &Shared, h: &ChunkHeader, parsed: Parsed) -> Result<(), N
 fn account_read(p: &mut Pending, n: u64) -> Result<(), NbdError> {
     p.covered += n;
     if p.covered > u64::from(p.len) {
-        return Err(proto(
-            "read reply chunks cover more than the requested length",
-        ));
+        return Err(proto(ProtocolFault::ReadOvercovered));
     }
     if p.chunks.len() >= max_read_chunks(p.len) {
-        return Err(proto("too many read reply chunks"));
+        return Err(proto(ProtocolFault::TooManyChunks));
     }
     Ok(())
 }
@@ -592,17 +605,15 @@ fn finish_read(
     let mut pos = offset;
     for c in &chunks {
         if c.offset() != pos {
-            return Err(proto(format!(
-                "read reply chunks leave a gap or overlap at {pos}"
-            )));
+            return Err(proto(ProtocolFault::ReadGap(pos)));
         }
         pos += c.len();
     }
     if pos != offset + u64::from(len) {
-        return Err(proto(format!(
-            "read reply chunks end at {pos}, not at {}",
-            offset + u64::from(len)
-        )));
+        return Err(proto(ProtocolFault::ReadEnd {
+            end: pos,
+            expected: offset + u64::from(len),
+        }));
     }
     Ok(chunks)
 }
@@ -621,12 +632,10 @@ fn status_extents(
     let mut pos = offset;
     for &(dlen, flags) in descs {
         if dlen == 0 {
-            return Err(proto("zero-length block status descriptor"));
+            return Err(proto(ProtocolFault::EmptyDescriptor));
         }
         if pos >= req_end || pos >= size {
-            return Err(proto(format!(
-                "block status descriptor at {pos} beyond the requested range"
-            )));
+            return Err(proto(ProtocolFault::DescriptorBeyondRange(pos)));
         }
         let end = (pos + u64::from(dlen)).min(size);
         out.push(StatusExtent {
@@ -637,7 +646,7 @@ fn status_extents(
         pos = end;
     }
     if out.is_empty() {
-        return Err(proto("block status chunk without descriptors"));
+        return Err(proto(ProtocolFault::NoDescriptors));
     }
     Ok(out)
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::NbdError;
+use crate::error::{HandshakeFault, NbdError};
 use crate::proto::*;
 
 /// Largest option reply payload accepted (info replies with names/descriptions are the largest
@@ -54,8 +54,8 @@ struct OptReply {
     data: Vec<u8>,
 }
 
-fn hs(msg: impl Into<String>) -> NbdError {
-    NbdError::Handshake(msg.into())
+fn hs(fault: HandshakeFault) -> NbdError {
+    NbdError::Handshake(fault)
 }
 
 async fn send_option<S: AsyncWrite + Unpin>(
@@ -63,7 +63,7 @@ async fn send_option<S: AsyncWrite + Unpin>(
     option: u32,
     data: &[u8],
 ) -> Result<(), NbdError> {
-    let len = u32::try_from(data.len()).map_err(|_| hs("option data too long"))?;
+    let len = u32::try_from(data.len()).map_err(|_| hs(HandshakeFault::OptionDataTooLong(data.len())))?;
     let mut b = Vec::with_capacity(16 + data.len());
     b.extend_from_slice(&IHAVEOPT.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());
@@ -79,26 +79,31 @@ async fn read_reply<S: AsyncRead + Unpin>(s: &mut S, option: u32) -> Result<OptR
     s.read_exact(&mut h).await?;
     let magic = be64(&h[0..8]);
     if magic != OPT_REPLY_MAGIC {
-        return Err(hs(format!("bad option reply magic {magic:#x}")));
+        return Err(hs(HandshakeFault::BadReplyMagic(magic)));
     }
     let got = be32(&h[8..12]);
     if got != option {
-        return Err(hs(format!(
-            "option reply for option {got}, expected {option}"
-        )));
+        return Err(hs(HandshakeFault::ReplyForOtherOption {
+            got,
+            expected: option,
+        }));
     }
     let kind = be32(&h[12..16]);
     let len = be32(&h[16..20]);
     if len > MAX_OPTION_REPLY {
-        return Err(hs(format!(
-            "option reply length {len} exceeds {MAX_OPTION_REPLY}"
-        )));
+        return Err(hs(HandshakeFault::BadLength {
+            what: "option reply",
+            len: len as usize,
+        }));
     }
     let mut data = vec![0u8; len as usize];
     s.read_exact(&mut data).await?;
     if kind & REP_FLAG_ERROR != 0 {
         if data.len() > MAX_STRING {
-            return Err(hs(format!("option error message of {} bytes", data.len())));
+            return Err(hs(HandshakeFault::BadLength {
+                what: "option error message",
+                len: data.len(),
+            }));
         }
         return Err(NbdError::OptionRefused {
             option,
@@ -111,10 +116,10 @@ async fn read_reply<S: AsyncRead + Unpin>(s: &mut S, option: u32) -> Result<OptR
 
 fn name_field(name: &str) -> Result<Vec<u8>, NbdError> {
     if name.len() > MAX_STRING {
-        return Err(hs(format!(
-            "name of {} bytes exceeds {MAX_STRING}",
-            name.len()
-        )));
+        return Err(hs(HandshakeFault::NameTooLong {
+            len: name.len(),
+            max: MAX_STRING,
+        }));
     }
     let mut b = Vec::with_capacity(4 + name.len());
     b.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -146,19 +151,19 @@ async fn negotiate_inner<S: AsyncRead + AsyncWrite + Unpin>(
     s.read_exact(&mut g[..16]).await?;
     let magic = be64(&g[0..8]);
     if magic != NBD_MAGIC {
-        return Err(hs(format!("bad server magic {magic:#x}")));
+        return Err(hs(HandshakeFault::BadServerMagic(magic)));
     }
     let second = be64(&g[8..16]);
     if second == OLDSTYLE_MAGIC {
-        return Err(hs("old-style negotiation is not supported"));
+        return Err(hs(HandshakeFault::OldStyle));
     }
     if second != IHAVEOPT {
-        return Err(hs(format!("bad newstyle magic {second:#x}")));
+        return Err(hs(HandshakeFault::BadNewstyleMagic(second)));
     }
     s.read_exact(&mut g[16..18]).await?;
     let hflags = be16(&g[16..18]);
     if hflags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(hs("server does not support fixed newstyle negotiation"));
+        return Err(hs(HandshakeFault::NotFixedNewstyle));
     }
     let mut cflags = FLAG_C_FIXED_NEWSTYLE;
     if hflags & FLAG_NO_ZEROES != 0 {
@@ -171,11 +176,10 @@ async fn negotiate_inner<S: AsyncRead + AsyncWrite + Unpin>(
     let structured = match read_reply(s, OPT_STRUCTURED_REPLY).await {
         Ok(r) if r.kind == REP_ACK && r.data.is_empty() => true,
         Ok(r) => {
-            return Err(hs(format!(
-                "unexpected reply {:#x} ({} bytes) to structured reply option",
-                r.kind,
-                r.data.len()
-            )));
+            return Err(hs(HandshakeFault::UnexpectedReply {
+                option: "structured reply",
+                reply: r.kind,
+            }));
         }
         Err(NbdError::OptionRefused { reply, .. })
             if reply == REP_ERR_UNSUP && meta_contexts.is_empty() =>
@@ -202,21 +206,29 @@ async fn negotiate_inner<S: AsyncRead + AsyncWrite + Unpin>(
                 REP_META_CONTEXT => {
                     n += 1;
                     if n > MAX_META_REPLIES {
-                        return Err(hs("too many meta context replies"));
+                        return Err(hs(HandshakeFault::TooManyReplies("meta context")));
                     }
                     if r.data.len() < 5 || r.data.len() > 4 + MAX_STRING {
-                        return Err(hs(format!("meta context reply of {} bytes", r.data.len())));
+                        return Err(hs(HandshakeFault::BadLength {
+                            what: "meta context reply",
+                            len: r.data.len(),
+                        }));
                     }
                     let id = be32(&r.data[0..4]);
                     let name = String::from_utf8(r.data[4..].to_vec())
-                        .map_err(|_| hs("meta context name is not utf-8"))?;
+                        .map_err(|_| hs(HandshakeFault::ContextNameNotUtf8))?;
                     if meta_contexts.contains(&name) {
                         contexts.insert(name, id);
                     } else {
                         tracing::debug!(%name, id, "ignoring meta context we did not ask for");
                     }
                 }
-                k => return Err(hs(format!("unexpected reply {k:#x} to set meta context"))),
+                k => {
+                    return Err(hs(HandshakeFault::UnexpectedReply {
+                        option: "set meta context",
+                        reply: k,
+                    }));
+                }
             }
         }
     }
@@ -232,25 +244,31 @@ async fn negotiate_inner<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         n += 1;
         if n > MAX_INFO_REPLIES {
-            return Err(hs("too many info replies"));
+            return Err(hs(HandshakeFault::TooManyReplies("info")));
         }
         let r = read_reply(s, OPT_GO).await?;
         match r.kind {
             REP_ACK => break,
             REP_INFO => {
                 if r.data.len() < 2 {
-                    return Err(hs("info reply without type"));
+                    return Err(hs(HandshakeFault::InfoWithoutType));
                 }
                 match be16(&r.data[0..2]) {
                     INFO_EXPORT => {
                         if r.data.len() != 12 {
-                            return Err(hs(format!("export info of {} bytes", r.data.len())));
+                            return Err(hs(HandshakeFault::BadLength {
+                                what: "export info",
+                                len: r.data.len(),
+                            }));
                         }
                         export_info = Some((be64(&r.data[2..10]), be16(&r.data[10..12])));
                     }
                     INFO_BLOCK_SIZE => {
                         if r.data.len() != 14 {
-                            return Err(hs(format!("block size info of {} bytes", r.data.len())));
+                            return Err(hs(HandshakeFault::BadLength {
+                                what: "block size info",
+                                len: r.data.len(),
+                            }));
                         }
                         block_size = BlockSize {
                             minimum: be32(&r.data[2..6]),
@@ -262,14 +280,17 @@ async fn negotiate_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     _ => {} // names, descriptions, future info types: ignored
                 }
             }
-            k => return Err(hs(format!("unexpected reply {k:#x} to go"))),
+            k => {
+                return Err(hs(HandshakeFault::UnexpectedReply {
+                    option: "go",
+                    reply: k,
+                }));
+            }
         }
     }
-    let (size, flags) = export_info.ok_or_else(|| hs("server sent no export info before ack"))?;
+    let (size, flags) = export_info.ok_or_else(|| hs(HandshakeFault::NoExportInfo))?;
     if size > i64::MAX as u64 {
-        return Err(hs(format!(
-            "export size {size} exceeds the protocol maximum"
-        )));
+        return Err(hs(HandshakeFault::ExportTooLarge(size)));
     }
     Ok(ExportInfo {
         size,
@@ -289,6 +310,10 @@ fn validate_block_size(b: &BlockSize) -> Result<(), NbdError> {
     if ok {
         Ok(())
     } else {
-        Err(hs(format!("invalid block size constraints {b:?}")))
+        Err(hs(HandshakeFault::BadBlockSize {
+            minimum: b.minimum,
+            preferred: b.preferred,
+            maximum: b.maximum,
+        }))
     }
 }

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use conn::{Reply, Shared, WriterMsg};
-pub use error::NbdError;
+pub use error::{HandshakeFault, NbdError, ProtocolFault};
 pub use handshake::BlockSize;
 use proto::*;
 
@@ -307,9 +307,7 @@ impl NbdClient {
                 let dst = at
                     .checked_add(data.len())
                     .and_then(|end| buf.get_mut(at..end))
-                    .ok_or_else(|| {
-                        NbdError::Protocol("read chunk outside the requested range".to_owned())
-                    })?;
+                    .ok_or(NbdError::Protocol(ProtocolFault::ReadChunkOutside))?;
                 dst.copy_from_slice(data);
             }
         }
@@ -326,9 +324,10 @@ impl NbdClient {
         }
         match self.submit(CMD_READ, 0, offset, len, None, 0).await? {
             Reply::Read(chunks) => Ok(chunks),
-            other => Err(NbdError::Protocol(format!(
-                "unexpected reply {other:?} to read"
-            ))),
+            other => Err(NbdError::Protocol(ProtocolFault::WrongReply {
+                command: command_name(CMD_READ),
+                got: other.kind(),
+            })),
         }
     }
 
@@ -422,9 +421,10 @@ impl NbdClient {
             .await?
         {
             Reply::Status(x) => Ok(x),
-            other => Err(NbdError::Protocol(format!(
-                "unexpected reply {other:?} to block status"
-            ))),
+            other => Err(NbdError::Protocol(ProtocolFault::WrongReply {
+                command: command_name(CMD_BLOCK_STATUS),
+                got: other.kind(),
+            })),
         }
     }
 

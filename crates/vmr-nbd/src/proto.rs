@@ -3,7 +3,9 @@
 //! Owns the byte layouts of the handshake option request/reply headers, the transmission request
 //! header, the simple reply and the structured reply chunk header, plus the payload parsers for the
 //! structured reply chunk types this client understands. Every parser checks lengths before it
-//! reads, so malformed server data yields an error string, never a panic.
+//! reads, so malformed server data yields a [`ProtocolFault`], never a panic.
+
+use crate::error::ProtocolFault;
 
 /// `NBDMAGIC`: first 8 bytes the server sends.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -251,26 +253,27 @@ pub struct ErrorChunk {
 }
 
 /// Parse an error chunk payload; `with_offset` for `ERROR_OFFSET`.
-pub fn parse_error_chunk(p: &[u8], with_offset: bool) -> Result<ErrorChunk, String> {
+pub fn parse_error_chunk(p: &[u8], with_offset: bool) -> Result<ErrorChunk, ProtocolFault> {
     if p.len() < 6 {
-        return Err(format!("error chunk too short ({} bytes)", p.len()));
+        return Err(ProtocolFault::ErrorChunkShort(p.len()));
     }
     let errno = be32(&p[0..4]);
     let msg_len = usize::from(be16(&p[4..6]));
     if msg_len > MAX_STRING {
-        return Err(format!(
-            "error message length {msg_len} exceeds {MAX_STRING}"
-        ));
+        return Err(ProtocolFault::ErrorMessageTooLong {
+            len: msg_len,
+            max: MAX_STRING,
+        });
     }
     let tail = if with_offset { 8 } else { 0 };
     if p.len() != 6 + msg_len + tail {
-        return Err(format!(
-            "error chunk length {} does not match message length {msg_len}",
-            p.len()
-        ));
+        return Err(ProtocolFault::ErrorChunkLength {
+            len: p.len(),
+            message_len: msg_len,
+        });
     }
     if errno == 0 {
-        return Err("error chunk with error number 0".to_owned());
+        return Err(ProtocolFault::ErrorNumberZero);
     }
     let message = String::from_utf8_lossy(&p[6..6 + msg_len]).into_owned();
     let offset = with_offset.then(|| be64(&p[6 + msg_len..6 + msg_len + 8]));
@@ -282,9 +285,9 @@ pub fn parse_error_chunk(p: &[u8], with_offset: bool) -> Result<ErrorChunk, Stri
 }
 
 /// Parse a block status chunk payload into `(context id, [(length, flags)])`.
-pub fn parse_block_status(p: &[u8]) -> Result<(u32, Vec<(u32, u32)>), String> {
+pub fn parse_block_status(p: &[u8]) -> Result<(u32, Vec<(u32, u32)>), ProtocolFault> {
     if p.len() < 12 || !(p.len() - 4).is_multiple_of(8) {
-        return Err(format!("block status chunk has invalid length {}", p.len()));
+        return Err(ProtocolFault::StatusChunkLength(p.len()));
     }
     let id = be32(&p[0..4]);
     let descs = p[4..]
