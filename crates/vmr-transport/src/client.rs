@@ -32,7 +32,7 @@ use vmr_proto::wire::{
 };
 use vmr_proto::{CycleHeader, Extent};
 
-use crate::error::TransportError;
+use crate::error::{ProtocolFault, TransportError};
 use crate::frame::{FrameEncoder, STREAM_V2_SINCE, STREAM_VERSION, STREAM_VERSION_1};
 use crate::identity::Identity;
 use crate::pace::Pace;
@@ -143,18 +143,17 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn map_hyper(e: hyper::Error) -> TransportError {
-    if e.is_timeout() {
-        return TransportError::Timeout("http/2 keepalive");
+/// hyper's error while `during`: a keepalive timeout, or an interruption with its cause.
+fn map_hyper(during: &'static str) -> impl Fn(hyper::Error) -> TransportError {
+    move |e| {
+        if e.is_timeout() {
+            return TransportError::Timeout("http/2 keepalive");
+        }
+        TransportError::Interrupted {
+            during,
+            cause: Box::new(e),
+        }
     }
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    TransportError::Interrupted(msg)
 }
 
 fn map_tls(
@@ -172,13 +171,23 @@ fn map_tls(
             got,
         };
     }
-    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-        if let Some(inner) = e.into_inner()
-            && let Ok(r) = inner.downcast::<rustls::Error>()
-        {
-            return TransportError::Tls(*r);
+    let is_tls = e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
+    if is_tls {
+        let kind = e.kind();
+        if let Some(inner) = e.into_inner() {
+            return match inner.downcast::<rustls::Error>() {
+                Ok(r) => TransportError::Tls(*r),
+                Err(other) => TransportError::Connect {
+                    addr: addr.into(),
+                    source: std::io::Error::new(kind, other),
+                },
+            };
         }
-        return TransportError::Protocol("tls handshake failed".into());
+        // `get_ref` saw an inner error, so `into_inner` returned it: not reached.
+        return TransportError::Connect {
+            addr: addr.into(),
+            source: std::io::Error::from(kind),
+        };
     }
     TransportError::Connect {
         addr: addr.into(),
@@ -235,7 +244,10 @@ impl Client {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let server_name = ServerName::try_from(host.to_string())
             .or_else(|_| ServerName::try_from("vmreplica".to_string()))
-            .map_err(|e| TransportError::Protocol(format!("bad host {host:?}: {e}")))?;
+            .map_err(|source| TransportError::BadHost {
+                host: host.to_string(),
+                source,
+            })?;
         let keepalive = opts.keepalive;
         let bind = opts.bind;
         let setup = async {
@@ -251,9 +263,7 @@ impl Client {
                 .await
                 .map_err(|e| map_tls(e, addr, &verifier, expected_fingerprint))?;
             if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
-                return Err(TransportError::Protocol(
-                    "server did not negotiate h2".into(),
-                ));
+                return Err(TransportError::Protocol(ProtocolFault::NoH2));
             }
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
@@ -267,7 +277,7 @@ impl Client {
             let (sender, conn) = builder
                 .handshake(TokioIo::new(tls))
                 .await
-                .map_err(map_hyper)?;
+                .map_err(map_hyper("http/2 handshake"))?;
             let task = tokio::spawn(async move {
                 match conn.await {
                     Ok(()) => tracing::debug!("peer connection closed"),
@@ -295,7 +305,7 @@ impl Client {
         let req = client
             .request_builder(Method::GET, PATH_HELLO)
             .body(empty_body());
-        let req = req.map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+        let req = req.map_err(TransportError::BuildRequest)?;
         let hello = tokio::time::timeout(client.opts.connect_timeout, async {
             let resp = client.send(req).await?;
             read_json::<Hello>(resp).await
@@ -303,10 +313,11 @@ impl Client {
         .await
         .map_err(|_| TransportError::Timeout("hello"))??;
         if !(MIN_PROTOCOL_VERSION..=offered).contains(&hello.protocol) {
-            return Err(TransportError::Protocol(format!(
-                "peer answered protocol {}; we speak {MIN_PROTOCOL_VERSION} to {offered}",
-                hello.protocol
-            )));
+            return Err(TransportError::Protocol(ProtocolFault::HelloVersion {
+                answered: hello.protocol,
+                min: MIN_PROTOCOL_VERSION,
+                max: offered,
+            }));
         }
         client.hello = hello;
         Ok(client)
@@ -332,8 +343,8 @@ impl Client {
 
     async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, TransportError> {
         let mut sender = self.sender.clone();
-        sender.ready().await.map_err(map_hyper)?;
-        sender.send_request(req).await.map_err(map_hyper)
+        sender.ready().await.map_err(map_hyper("connection"))?;
+        sender.send_request(req).await.map_err(map_hyper("request"))
     }
 
     /// Streams one cycle to the peer: the body is produced from `extents` as HTTP/2 flow control
@@ -396,7 +407,7 @@ impl Client {
             .request_builder(Method::POST, PATH_CYCLE)
             .header(http::header::CONTENT_TYPE, CYCLE_CONTENT_TYPE)
             .body(body)
-            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+            .map_err(TransportError::BuildRequest)?;
         let level = compress.then_some(self.opts.zstd_level);
         let version = if self.hello.protocol >= STREAM_V2_SINCE {
             STREAM_VERSION
@@ -421,7 +432,7 @@ impl Client {
             r = &mut producer => match r {
                 // Body closed under us: the peer answered early or the connection died; the
                 // response says which.
-                Ok(()) | Err(TransportError::Interrupted(_)) => response.await,
+                Ok(()) | Err(TransportError::BodyClosed) => response.await,
                 // Our side failed: the body ends with an error (the stream is reset), which
                 // the peer sees as an interrupted transfer.
                 Err(e) => return Err(e),
@@ -438,7 +449,7 @@ impl Client {
             .request_builder(Method::POST, PATH_CYCLE)
             .header(http::header::CONTENT_TYPE, CYCLE_CONTENT_TYPE)
             .body(full_body(body))
-            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+            .map_err(TransportError::BuildRequest)?;
         let resp = self.send(req).await?;
         read_json(resp).await
     }
@@ -462,7 +473,7 @@ impl Client {
         }
         let req = b
             .body(full_body(body))
-            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
+            .map_err(TransportError::BuildRequest)?;
         read_body(self.send(req).await?).await
     }
 
@@ -474,17 +485,22 @@ impl Client {
             (PATH_CALL_V2.to_string(), PEER_CONTENT_TYPE, req.encode())
         } else {
             let (method, value) = req.to_v1();
-            let json = serde_json::to_vec(&value)
-                .map_err(|e| TransportError::Local(format!("cannot encode call body: {e}")))?;
+            let json = serde_json::to_vec(&value).map_err(|source| TransportError::Encode {
+                what: "call body",
+                source,
+            })?;
             (format!("{PATH_CALL}{method}"), "application/json", json)
         };
         let http_req = self
             .request_builder(Method::POST, &path)
             .header(http::header::CONTENT_TYPE, content_type)
             .body(full_body(Bytes::from(body)))
-            .map_err(|e| TransportError::Local(format!("bad request: {e}")))?;
-        let bad = |e: vmr_proto::peer::PeerCodecError| {
-            TransportError::Protocol(format!("bad {} answer: {e}", req.method()))
+            .map_err(TransportError::BuildRequest)?;
+        let bad = |source: vmr_proto::peer::PeerCodecError| {
+            TransportError::Protocol(ProtocolFault::BadAnswer {
+                method: req.method(),
+                source,
+            })
         };
         tokio::time::timeout(self.opts.call_timeout, async {
             let resp = self.send(http_req).await?;
@@ -493,7 +509,7 @@ impl Client {
                 PeerResponse::decode(&body).map_err(bad)?
             } else {
                 let v = serde_json::from_slice(&body)
-                    .map_err(|e| TransportError::Protocol(format!("bad response json: {e}")))?;
+                    .map_err(|e| TransportError::Protocol(ProtocolFault::ResponseJson(e)))?;
                 PeerResponse::from_v1(&req, v).map_err(bad)?
             };
             answer.answering(&req).map_err(bad)
@@ -572,12 +588,11 @@ impl Client {
         point: u64,
     ) -> Result<ContinuedFrom, TransportError> {
         if self.hello.protocol < vmr_proto::wire::SOURCE_VM_STATE_SINCE {
-            return Err(TransportError::Protocol(format!(
-                "the peer speaks protocol {}, which has no continue-from call (an agent of \
-                 protocol {} or later is needed)",
-                self.hello.protocol,
-                vmr_proto::wire::SOURCE_VM_STATE_SINCE
-            )));
+            return Err(TransportError::PeerTooOld {
+                what: "the continue-from call",
+                peer: self.hello.protocol,
+                needs: vmr_proto::wire::SOURCE_VM_STATE_SINCE,
+            });
         }
         let req = PeerRequest::ContinueFrom(ContinueFromRequest { uuid, point });
         match self.call(req).await? {
@@ -592,12 +607,11 @@ impl Client {
     /// than [`vmr_proto::wire::FOLLOW_SINCE`] (the peer does not know the call).
     pub async fn follow(&self, uuid: Uuid) -> Result<ContinuedFrom, TransportError> {
         if self.hello.protocol < vmr_proto::wire::FOLLOW_SINCE {
-            return Err(TransportError::Protocol(format!(
-                "the peer speaks protocol {}, which has no follow call (an agent of protocol {} \
-                 or later is needed)",
-                self.hello.protocol,
-                vmr_proto::wire::FOLLOW_SINCE
-            )));
+            return Err(TransportError::PeerTooOld {
+                what: "the follow call",
+                peer: self.hello.protocol,
+                needs: vmr_proto::wire::FOLLOW_SINCE,
+            });
         }
         match self.call(PeerRequest::Follow { uuid }).await? {
             PeerResponse::Follow(c) => Ok(c),
@@ -610,12 +624,11 @@ impl Client {
     /// [`vmr_proto::wire::WITNESS_SINCE`] (the peer does not know the call).
     pub async fn witness(&self, call: WitnessRequest) -> Result<WitnessResponse, TransportError> {
         if self.hello.protocol < vmr_proto::wire::WITNESS_SINCE {
-            return Err(TransportError::Protocol(format!(
-                "the peer speaks protocol {}, which has no witness call (an agent of protocol \
-                 {} or later is needed)",
-                self.hello.protocol,
-                vmr_proto::wire::WITNESS_SINCE
-            )));
+            return Err(TransportError::PeerTooOld {
+                what: "the witness call",
+                peer: self.hello.protocol,
+                needs: vmr_proto::wire::WITNESS_SINCE,
+            });
         }
         match self.call(PeerRequest::Witness { call }).await? {
             PeerResponse::Witness { lease } => Ok(lease),
@@ -628,12 +641,11 @@ impl Client {
     /// error on a connection older than [`vmr_proto::wire::WITNESS_SINCE`].
     pub async fn promise(&self, uuid: Uuid) -> Result<PromiseResponse, TransportError> {
         if self.hello.protocol < vmr_proto::wire::WITNESS_SINCE {
-            return Err(TransportError::Protocol(format!(
-                "the peer speaks protocol {}, which has no promise call (an agent of protocol \
-                 {} or later is needed)",
-                self.hello.protocol,
-                vmr_proto::wire::WITNESS_SINCE
-            )));
+            return Err(TransportError::PeerTooOld {
+                what: "the promise call",
+                peer: self.hello.protocol,
+                needs: vmr_proto::wire::WITNESS_SINCE,
+            });
         }
         match self.call(PeerRequest::Promise { uuid }).await? {
             PeerResponse::Promise(p) => Ok(p),
@@ -660,10 +672,10 @@ impl Client {
         let count = req.count;
         match self.call(PeerRequest::ResyncHashes(req)).await? {
             PeerResponse::ResyncHashes(h) if h.hashes.len() as u64 == count => Ok(h),
-            PeerResponse::ResyncHashes(h) => Err(TransportError::Protocol(format!(
-                "resync-hashes answered {} hashes for {count} blocks",
-                h.hashes.len()
-            ))),
+            PeerResponse::ResyncHashes(h) => Err(TransportError::Protocol(ProtocolFault::HashCount {
+                got: h.hashes.len(),
+                want: count,
+            })),
             other => Err(unexpected(&other)),
         }
     }
@@ -688,7 +700,7 @@ impl Client {
 
 /// [`Client::call`] already checks the answer's variant; this is the typed helpers' fallback.
 fn unexpected(answer: &PeerResponse) -> TransportError {
-    TransportError::Protocol(format!("unexpected {} answer", answer.method()))
+    TransportError::Protocol(ProtocolFault::UnexpectedAnswer(answer.method()))
 }
 
 fn empty_body() -> ReqBody {
@@ -700,8 +712,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     resp: Response<Incoming>,
 ) -> Result<T, TransportError> {
     let body = read_body(resp).await?;
-    serde_json::from_slice(&body)
-        .map_err(|e| TransportError::Protocol(format!("bad response json: {e}")))
+    serde_json::from_slice(&body).map_err(|e| TransportError::Protocol(ProtocolFault::ResponseJson(e)))
 }
 
 /// Reads a response body: the bytes on success, the typed [`RemoteError`] otherwise.
@@ -710,17 +721,26 @@ async fn read_body(resp: Response<Incoming>) -> Result<Bytes, TransportError> {
     let body = Limited::new(resp.into_body(), MAX_JSON_BODY)
         .collect()
         .await
-        .map_err(|e| TransportError::Interrupted(format!("response body: {e}")))?
+        .map_err(|cause| {
+            if cause.is::<http_body_util::LengthLimitError>() {
+                TransportError::Protocol(ProtocolFault::ResponseTooLarge(MAX_JSON_BODY))
+            } else {
+                TransportError::Interrupted {
+                    during: "response body",
+                    cause,
+                }
+            }
+        })?
         .to_bytes();
     if status.is_success() {
         Ok(body)
     } else {
         match serde_json::from_slice::<RemoteError>(&body) {
             Ok(e) => Err(TransportError::Remote(e)),
-            Err(_) => Err(TransportError::Protocol(format!(
-                "http {status} without a typed error: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            ))),
+            Err(_) => Err(TransportError::Protocol(ProtocolFault::UntypedHttpError {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            })),
         }
     }
 }

@@ -19,7 +19,7 @@ use futures::{SinkExt, Stream, StreamExt};
 use vmr_proto::{CheckedExtent, ChecksumScheme, CycleHeader, Extent, ExtentData};
 use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
 
-use crate::error::TransportError;
+use crate::error::{ProtocolFault, TransportError};
 
 /// First four bytes of every cycle body.
 pub const STREAM_MAGIC: [u8; 4] = *b"VMRC";
@@ -62,23 +62,26 @@ pub(crate) const CHUNK: usize = 256 << 10;
 /// Decompression step: at most this many bytes are produced per decoder call.
 const SCRATCH: usize = 128 << 10;
 
-fn protocol(msg: impl Into<String>) -> TransportError {
-    TransportError::Protocol(msg.into())
+fn protocol(fault: ProtocolFault) -> TransportError {
+    TransportError::Protocol(fault)
 }
 
 /// Checks an extent against the header's disk table; returns its length.
 fn check_extent(disks: &[u64], disk: u32, offset: u64, len: u64) -> Result<(), TransportError> {
     let size = disks.get(disk as usize).ok_or_else(|| {
-        protocol(format!(
-            "extent names disk {disk}, cycle has {}",
-            disks.len()
-        ))
+        protocol(ProtocolFault::NoSuchDisk {
+            disk,
+            disks: disks.len(),
+        })
     })?;
     match offset.checked_add(len) {
         Some(end) if end <= *size => Ok(()),
-        _ => Err(protocol(format!(
-            "extent {offset}+{len} of disk {disk} exceeds its size {size}"
-        ))),
+        _ => Err(protocol(ProtocolFault::ExtentOutOfRange {
+            disk,
+            offset,
+            len,
+            size: *size,
+        })),
     }
 }
 
@@ -174,19 +177,19 @@ impl FrameEncoder {
         version: u16,
     ) -> Result<FrameEncoder, TransportError> {
         if version != STREAM_VERSION && version != STREAM_VERSION_1 {
-            return Err(TransportError::Local(format!(
-                "cannot encode stream version {version}"
-            )));
+            return Err(TransportError::StreamVersion(version));
         }
-        let json = serde_json::to_vec(header)
-            .map_err(|e| TransportError::Local(format!("cannot encode cycle header: {e}")))?;
+        let json = serde_json::to_vec(header).map_err(|source| TransportError::Encode {
+            what: "cycle header",
+            source,
+        })?;
         if json.len() > MAX_HEADER_JSON as usize {
-            return Err(protocol(format!(
-                "cycle header is {} bytes of json",
-                json.len()
-            )));
+            return Err(protocol(ProtocolFault::HeaderTooLarge {
+                len: json.len() as u64,
+                max: MAX_HEADER_JSON,
+            }));
         }
-        let zerr = |e: std::io::Error| TransportError::Local(format!("zstd encoder: {e}"));
+        let zerr = TransportError::Zstd;
         let zstd = match (zstd_level, version) {
             (None, _) => Compression::None,
             (Some(level), STREAM_VERSION_1) => Compression::Stream(
@@ -227,7 +230,7 @@ impl FrameEncoder {
             self.tx
                 .send(piece)
                 .await
-                .map_err(|_| TransportError::Interrupted("request body closed".into()))?;
+                .map_err(|_| TransportError::BodyClosed)?;
         }
         Ok(())
     }
@@ -237,8 +240,7 @@ impl FrameEncoder {
         let plain = std::mem::take(&mut self.pending);
         let out = match &mut self.zstd {
             Some(Compression::Stream(z)) => {
-                std::io::Write::write_all(z, &plain)
-                    .map_err(|e| TransportError::Local(format!("zstd: {e}")))?;
+                std::io::Write::write_all(z, &plain).map_err(TransportError::Zstd)?;
                 std::mem::take(z.get_mut())
             }
             _ => plain,
@@ -251,9 +253,10 @@ impl FrameEncoder {
     pub(crate) async fn extent(&mut self, e: Extent) -> Result<(), TransportError> {
         let len = e.len();
         if matches!(e.data, ExtentData::Data(_)) && len > MAX_EXTENT_DATA {
-            return Err(protocol(format!(
-                "data extent of {len} bytes exceeds {MAX_EXTENT_DATA}"
-            )));
+            return Err(protocol(ProtocolFault::ExtentTooLarge {
+                len,
+                max: MAX_EXTENT_DATA,
+            }));
         }
         check_extent(&self.disks, e.disk, e.offset, len)?;
         let version = self.version;
@@ -272,21 +275,22 @@ impl FrameEncoder {
             }
             ExtentData::Data(data) => {
                 let small = data.len() < OFF_RUNTIME;
+                let data = data.clone();
                 let pending = std::mem::take(&mut self.pending);
-                let zstd = self
-                    .zstd
-                    .take()
-                    .ok_or_else(|| TransportError::Local("encoder used after a failure".into()))?;
-                let job = move || encode_data(e, zstd, pending, version);
+                let zstd = self.zstd.take().ok_or(TransportError::EncoderFailed)?;
+                let job = move || encode_data(e, data, zstd, pending, version);
                 // A small extent is hashed and compressed in place (tens of microseconds): a
                 // hand-over to a blocking thread per 64 KiB block would cost more than the work
                 // on a busy host. Large ones leave the runtime.
                 let r = if small {
                     job()
                 } else {
-                    tokio::task::spawn_blocking(job)
-                        .await
-                        .map_err(|e| TransportError::Local(format!("encoder task failed: {e}")))?
+                    tokio::task::spawn_blocking(job).await.map_err(|source| {
+                        TransportError::TaskFailed {
+                            what: "extent encoder",
+                            source,
+                        }
+                    })?
                 };
                 let (zstd, cs, first, second) = r?;
                 self.zstd = Some(zstd);
@@ -311,29 +315,24 @@ impl FrameEncoder {
         self.pending.put_slice(&digest);
         self.flush_pending().await?;
         if let Some(Compression::Stream(z)) = self.zstd.take() {
-            let out = z
-                .finish()
-                .map_err(|e| TransportError::Local(format!("zstd: {e}")))?;
+            let out = z.finish().map_err(TransportError::Zstd)?;
             self.send(Bytes::from(out)).await?;
         }
         Ok(())
     }
 }
 
-/// Checksums one data extent and frames it after what `pending` holds: returns the
-/// compression state, the checksum and the bytes to send (the second is the raw data itself
-/// when it goes uncompressed, so it is never copied).
+/// Checksums one data extent (`data` is its payload) and frames it after what `pending`
+/// holds: returns the compression state, the checksum and the bytes to send (the second is
+/// the raw data itself when it goes uncompressed, so it is never copied).
 fn encode_data(
     e: Extent,
+    data: Bytes,
     zstd: Compression,
     mut pending: Vec<u8>,
     version: u16,
 ) -> Result<Encoded, TransportError> {
-    let ExtentData::Data(data) = &e.data else {
-        return Err(TransportError::Local("encode_data of a zero extent".into()));
-    };
-    let data = data.clone();
-    let zerr = |e: std::io::Error| TransportError::Local(format!("zstd: {e}"));
+    let zerr = TransportError::Zstd;
     let cs = CheckedExtent::compute(e.clone(), scheme(version)).checksum();
     put_extent_header(&mut pending, &e, &cs);
     match zstd {
@@ -425,13 +424,13 @@ impl Source {
                     let mut outb = OutBuffer::around(&mut self.scratch[..want]);
                     self.hint = dec
                         .run(&mut inb, &mut outb)
-                        .map_err(|e| protocol(format!("corrupt zstd stream: {e}")))?;
+                        .map_err(|e| protocol(ProtocolFault::ZstdStream(e)))?;
                     let (consumed, produced) = (inb.pos(), outb.pos());
                     self.pending.advance(consumed);
                     self.buf.extend_from_slice(&self.scratch[..produced]);
                     need_input = produced == 0 && self.pending.is_empty();
                     if produced == 0 && consumed == 0 && !self.pending.is_empty() {
-                        return Err(protocol("zstd decoder made no progress"));
+                        return Err(protocol(ProtocolFault::ZstdStalled));
                     }
                 }
             } else if !self.pending.is_empty() {
@@ -481,8 +480,8 @@ pub(crate) struct CycleDecoder {
 
 /// The body ended cleanly (the sender closed it) before the stream was complete: the sender's
 /// error, not a network failure (a cut connection fails the body with `Interrupted` instead).
-fn interrupted(what: &str) -> TransportError {
-    TransportError::Truncated(format!("cycle stream ended {what}"))
+fn interrupted(what: &'static str) -> TransportError {
+    TransportError::Truncated(what)
 }
 
 impl CycleDecoder {
@@ -503,18 +502,18 @@ impl CycleDecoder {
         }
         let mut sh = src.buf.split_to(STREAM_HEADER_LEN);
         if sh[..4] != STREAM_MAGIC {
-            return Err(protocol("bad stream magic"));
+            return Err(protocol(ProtocolFault::StreamMagic));
         }
         sh.advance(4);
         let version = sh.get_u16_le();
         let flags = sh.get_u16_le();
         if version != STREAM_VERSION && version != STREAM_VERSION_1 {
-            return Err(protocol(format!("unsupported stream version {version}")));
+            return Err(protocol(ProtocolFault::StreamVersion(version)));
         }
         if flags & !FLAG_ZSTD != 0 {
-            return Err(protocol(format!("unknown stream flags {flags:#x}")));
+            return Err(protocol(ProtocolFault::StreamFlags(flags)));
         }
-        let zerr = |e: std::io::Error| TransportError::Local(format!("zstd decoder: {e}"));
+        let zerr = TransportError::Zstd;
         let mut unpack = None;
         if flags & FLAG_ZSTD != 0 {
             if version == STREAM_VERSION_1 {
@@ -528,16 +527,14 @@ impl CycleDecoder {
             return Err(interrupted("before the header frame"));
         }
         if src.buf[0] != FRAME_HEADER {
-            return Err(protocol(format!(
-                "expected header frame, got type {}",
-                src.buf[0]
-            )));
+            return Err(protocol(ProtocolFault::NotHeaderFrame(src.buf[0])));
         }
         let len = u32::from_le_bytes([src.buf[1], src.buf[2], src.buf[3], src.buf[4]]);
         if len > MAX_HEADER_JSON {
-            return Err(protocol(format!(
-                "header frame of {len} bytes exceeds {MAX_HEADER_JSON}"
-            )));
+            return Err(protocol(ProtocolFault::HeaderTooLarge {
+                len: u64::from(len),
+                max: MAX_HEADER_JSON,
+            }));
         }
         if !src.fill(5 + len as usize).await? {
             return Err(interrupted("inside the header frame"));
@@ -545,10 +542,10 @@ impl CycleDecoder {
         src.buf.advance(5);
         let json = src.buf.split_to(len as usize);
         let header: CycleHeader = serde_json::from_slice(&json)
-            .map_err(|e| protocol(format!("bad cycle header json: {e}")))?;
+            .map_err(|e| protocol(ProtocolFault::HeaderJson(e)))?;
         header
             .check()
-            .map_err(|e| protocol(format!("cycle header refused: {e}")))?;
+            .map_err(|e| protocol(ProtocolFault::HeaderRefused(e)))?;
         let disks = header.disks.iter().map(|d| d.size).collect();
         let dec = CycleDecoder {
             src,
@@ -572,7 +569,7 @@ impl CycleDecoder {
         match self.src.buf[0] {
             FRAME_EXTENT => self.extent().await.map(Some),
             FRAME_END => self.end().await.map(|()| None),
-            t => Err(protocol(format!("unknown frame type {t}"))),
+            t => Err(protocol(ProtocolFault::FrameType(t))),
         }
     }
 
@@ -604,47 +601,50 @@ impl CycleDecoder {
                 ExtentData::Zero(len)
             }
             KIND_ZERO => {
-                return Err(protocol(format!(
-                    "zero extent with encoding {enc} and {stored} stored bytes"
-                )));
+                return Err(protocol(ProtocolFault::ZeroExtentEncoding {
+                    encoding: enc,
+                    stored,
+                }));
             }
             KIND_DATA => {
                 if len > MAX_EXTENT_DATA {
-                    return Err(protocol(format!(
-                        "data extent of {len} bytes exceeds {MAX_EXTENT_DATA}"
-                    )));
+                    return Err(protocol(ProtocolFault::ExtentTooLarge {
+                        len,
+                        max: MAX_EXTENT_DATA,
+                    }));
                 }
                 let packed = match enc {
                     ENC_RAW if stored == len => false,
                     ENC_ZSTD if self.unpack.is_some() && stored > 0 && stored <= len => true,
                     _ => {
-                        return Err(protocol(format!(
-                            "data extent of {len} bytes with encoding {enc} and {stored} stored bytes"
-                        )));
+                        return Err(protocol(ProtocolFault::DataExtentEncoding {
+                            len,
+                            encoding: enc,
+                            stored,
+                        }));
                     }
                 };
                 let Some(payload) = self.src.take(stored as usize).await? else {
                     return Err(interrupted("inside extent data"));
                 };
-                if packed {
-                    let unpack = self.unpack.as_mut().ok_or_else(|| {
-                        protocol("compressed extent in a body without compression")
-                    })?;
-                    let out = unpack
-                        .decompress(&payload, len as usize)
-                        .map_err(|e| protocol(format!("corrupt zstd extent: {e}")))?;
-                    if out.len() as u64 != len {
-                        return Err(protocol(format!(
-                            "zstd extent holds {} bytes, its frame says {len}",
-                            out.len()
-                        )));
+                match (packed, self.unpack.as_mut()) {
+                    (true, Some(unpack)) => {
+                        let out = unpack
+                            .decompress(&payload, len as usize)
+                            .map_err(|e| protocol(ProtocolFault::ZstdExtent(e)))?;
+                        if out.len() as u64 != len {
+                            return Err(protocol(ProtocolFault::ZstdExtentLength {
+                                got: out.len() as u64,
+                                len,
+                            }));
+                        }
+                        ExtentData::Data(Bytes::from(out))
                     }
-                    ExtentData::Data(Bytes::from(out))
-                } else {
-                    ExtentData::Data(payload)
+                    // `packed` is only true when `unpack` is there (checked above).
+                    _ => ExtentData::Data(payload),
                 }
             }
-            k => return Err(protocol(format!("unknown extent kind {k}"))),
+            k => return Err(protocol(ProtocolFault::ExtentKind(k))),
         };
         let extent = Extent { disk, offset, data };
         let index = self.index;
@@ -680,18 +680,18 @@ impl CycleDecoder {
         let mut digest = [0u8; 32];
         h.copy_to_slice(&mut digest);
         if count != self.index || total != self.total {
-            return Err(protocol(format!(
-                "end frame says {count} extents / {total} bytes, received {} / {}",
-                self.index, self.total
-            )));
+            return Err(protocol(ProtocolFault::EndCounts {
+                count,
+                total,
+                got_count: self.index,
+                got_total: self.total,
+            }));
         }
         if digest != *self.digest.finalize().as_bytes() {
-            return Err(protocol(
-                "end frame digest does not match the extent checksums",
-            ));
+            return Err(protocol(ProtocolFault::EndDigest));
         }
         if self.src.fill(1).await? {
-            return Err(protocol("data after the end frame"));
+            return Err(protocol(ProtocolFault::DataAfterEnd));
         }
         if self.src.zstd.is_some() && self.src.hint != 0 {
             return Err(interrupted("inside the zstd stream"));
@@ -720,9 +720,10 @@ struct Verifying {
 impl Verifying {
     async fn verified(self) -> Result<CheckedExtent, TransportError> {
         let r = match self.check {
-            Check::Running(h) => h
-                .await
-                .map_err(|e| TransportError::Local(format!("checksum task failed: {e}")))?,
+            Check::Running(h) => h.await.map_err(|source| TransportError::TaskFailed {
+                what: "checksum",
+                source,
+            })?,
             Check::Done(r) => r,
         };
         let (index, disk, offset) = (self.index, self.disk, self.offset);
@@ -842,9 +843,7 @@ pub async fn decode_cycle(
         extents.push(item?);
     }
     if !done.load(Ordering::SeqCst) {
-        return Err(TransportError::Truncated(
-            "cycle stream ended without a verified end frame".into(),
-        ));
+        return Err(TransportError::Truncated("without a verified end frame"));
     }
     Ok((header, extents))
 }
@@ -1086,7 +1085,10 @@ mod tests {
         body.put_u32_le(u32::MAX);
         assert!(matches!(
             decode(body, 100).await,
-            Err(TransportError::Protocol(_))
+            Err(TransportError::Protocol(ProtocolFault::HeaderTooLarge {
+                len: 0xffff_ffff,
+                max: MAX_HEADER_JSON
+            }))
         ));
 
         let json = serde_json::to_vec(&header()).expect("json");
@@ -1107,14 +1109,17 @@ mod tests {
         body.put_u64_le(1 << 29);
         assert!(matches!(
             decode(body, 100).await,
-            Err(TransportError::Protocol(_))
+            Err(TransportError::Protocol(ProtocolFault::ExtentTooLarge {
+                len: 0x2000_0000,
+                max: MAX_EXTENT_DATA
+            }))
         ));
 
         let mut bad_magic = encode(None).await;
         bad_magic[0] = b'X';
         assert!(matches!(
             decode(bad_magic, 100).await,
-            Err(TransportError::Protocol(_))
+            Err(TransportError::Protocol(ProtocolFault::StreamMagic))
         ));
     }
 
@@ -1131,7 +1136,11 @@ mod tests {
         };
         assert!(matches!(
             enc.extent(e).await,
-            Err(TransportError::Protocol(_))
+            Err(TransportError::Protocol(ProtocolFault::ExtentOutOfRange {
+                disk: 1,
+                size: 0x10_0000,
+                ..
+            }))
         ));
         let e = Extent {
             disk: 2,
@@ -1140,7 +1149,7 @@ mod tests {
         };
         assert!(matches!(
             enc.extent(e).await,
-            Err(TransportError::Protocol(_))
+            Err(TransportError::Protocol(ProtocolFault::NoSuchDisk { disk: 2, disks: 2 }))
         ));
     }
 }

@@ -8,7 +8,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::error::IdentityError;
+use crate::error::{IdentityError, IdentityFault};
 
 /// File name of the PEM certificate inside an identity directory.
 pub const CERT_FILE: &str = "agent.crt";
@@ -63,7 +63,7 @@ impl Identity {
         let key_der =
             PrivateKeyDer::try_from(key.serialize_der()).map_err(|m| IdentityError::Invalid {
                 path: dir.join(KEY_FILE),
-                message: m.to_string(),
+                what: IdentityFault::KeyDer(m),
             })?;
         Ok(Identity::from_der(cert_der, key_der))
     }
@@ -75,10 +75,8 @@ impl Identity {
         let cert_pem = read_file(&cert_path)?;
         let key_pem = read_file(&key_path)?;
         // The first certificate and the first private key (PKCS#8, PKCS#1 or SEC1) of the files.
-        let cert = CertificateDer::from_pem_slice(&cert_pem)
-            .map_err(|e| invalid(&cert_path, &e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| invalid(&key_path, &e.to_string()))?;
+        let cert = CertificateDer::from_pem_slice(&cert_pem).map_err(|e| invalid(&cert_path, e))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(&key_path, e))?;
         Ok(Identity::from_der(cert, key))
     }
 
@@ -107,10 +105,10 @@ impl Identity {
     }
 }
 
-fn invalid(path: &Path, message: &str) -> IdentityError {
+fn invalid(path: &Path, e: rustls::pki_types::pem::Error) -> IdentityError {
     IdentityError::Invalid {
         path: path.into(),
-        message: message.to_string(),
+        what: IdentityFault::Pem(e),
     }
 }
 
@@ -177,7 +175,10 @@ mod tests {
         fs::write(dir.path().join(KEY_FILE), b"nonsense").expect("write");
         assert!(matches!(
             Identity::load(dir.path()),
-            Err(IdentityError::Invalid { .. })
+            Err(IdentityError::Invalid {
+                what: IdentityFault::Pem(_),
+                ..
+            })
         ));
     }
 }

@@ -670,7 +670,12 @@ async fn receive_cycle<H: Handler>(
     let chunks = req
         .into_body()
         .into_data_stream()
-        .map(|r| r.map_err(|e| TransportError::Interrupted(format!("request body: {e}"))))
+        .map(|r| {
+            r.map_err(|e| TransportError::Interrupted {
+                during: "request body",
+                cause: Box::new(e),
+            })
+        })
         .boxed();
     let (header, dec) = match CycleDecoder::start(chunks).await {
         Ok(x) => x,

@@ -645,7 +645,10 @@ async fn peer_vanishing_mid_transfer_interrupts_the_handler() {
     half_rx.await.expect("half way");
     task.abort();
     match s.outcome().await {
-        Outcome::Failed(TransportError::Interrupted(_)) => {}
+        Outcome::Failed(TransportError::Interrupted {
+            during: "request body",
+            ..
+        }) => {}
         other => panic!("expected Interrupted, got {other:?}"),
     }
 
@@ -673,7 +676,10 @@ async fn peer_vanishing_mid_transfer_interrupts_the_handler() {
     let r = client.send_cycle(&header(8, Some(7)), source, false).await;
     assert!(matches!(r, Err(TransportError::Source(_))), "{r:?}");
     match s.outcome().await {
-        Outcome::Failed(TransportError::Interrupted(_)) => {}
+        Outcome::Failed(TransportError::Interrupted {
+            during: "request body",
+            ..
+        }) => {}
         other => panic!("expected Interrupted, got {other:?}"),
     }
     // The connection is still usable.
@@ -858,7 +864,7 @@ async fn chain_calls_only_on_connections_that_have_them() {
     assert_eq!(old.source_vm_state(vm).await.expect("not sent"), None);
     assert!(matches!(
         old.continue_from(vm, 7).await,
-        Err(TransportError::Protocol(_))
+        Err(TransportError::PeerTooOld { needs: 5, .. })
     ));
     assert_eq!(
         s.handler.calls.load(Ordering::SeqCst),
@@ -1430,7 +1436,7 @@ async fn follow_only_on_connections_that_have_it() {
     let before = s.handler.calls.load(Ordering::SeqCst);
     assert!(matches!(
         old.follow(vm).await,
-        Err(TransportError::Protocol(_))
+        Err(TransportError::PeerTooOld { needs: 7, .. })
     ));
     assert_eq!(s.handler.calls.load(Ordering::SeqCst), before);
     s.shutdown().await;

@@ -30,14 +30,18 @@ fn runtime() -> TestResult<tokio::runtime::Runtime> {
 }
 
 /// A connection to the witness as the agent `who` (its own identity, from its own address).
-async fn as_agent(who: &Agent, w: &Agent, protocol: u16) -> Result<Client, TransportError> {
-    let id = Identity::load(&who.dir).map_err(|e| TransportError::Protocol(e.to_string()))?;
+async fn as_agent(
+    who: &Agent,
+    w: &Agent,
+    protocol: u16,
+) -> Result<Client, Box<dyn std::error::Error>> {
+    let id = Identity::load(&who.dir)?;
     let ip = who
         .addr
         .rsplit_once(':')
         .map(|(h, _)| h)
         .unwrap_or("127.0.0.1");
-    Client::connect(
+    Ok(Client::connect(
         &w.addr,
         &id,
         &w.fingerprint,
@@ -47,7 +51,7 @@ async fn as_agent(who: &Agent, w: &Agent, protocol: u16) -> Result<Client, Trans
             ..Default::default()
         },
     )
-    .await
+    .await?)
 }
 
 fn leases(w: &Agent) -> TestResult<Vec<WitnessLease>> {
@@ -131,7 +135,7 @@ fn witness_grants_hands_over_and_keeps_leases_across_a_crash() -> TestResult {
         let old = as_agent(&t.a, &t.w, 5).await?;
         assert!(matches!(
             old.witness(renew(1)).await,
-            Err(TransportError::Protocol(_))
+            Err(TransportError::PeerTooOld { needs: 6, .. })
         ));
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;
