@@ -17,7 +17,10 @@ use crate::names::Names;
 use crate::qga::GuestAgent;
 use crate::qmp::{Endpoint, QmpClient, QmpError, QmpEvent};
 use crate::reader::{DiskSource, Pipeline, Want};
-use crate::{BITMAP_GRANULARITY, CaptureError, DEFAULT_MAX_IN_FLIGHT, ResyncReason};
+use crate::{
+    BITMAP_GRANULARITY, CaptureError, ConfigFault, DEFAULT_MAX_IN_FLIGHT, GroupCutReason,
+    ResyncReason,
+};
 
 /// How long cleanup waits for QEMU to drop an export or a job.
 const GONE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,21 +146,20 @@ impl VmCapture {
     pub async fn open(cfg: CaptureConfig) -> Result<VmCapture, CaptureError> {
         let names = Names::new(&cfg.tag)?;
         if cfg.disks.is_empty() {
-            return Err(CaptureError::Config("no disks".into()));
+            return Err(CaptureError::Config(ConfigFault::NoDisks));
         }
         for (i, d) in cfg.disks.iter().enumerate() {
             if cfg.disks[..i].contains(d) {
-                return Err(CaptureError::Config(format!("disk {d} listed twice")));
+                return Err(CaptureError::Config(ConfigFault::DuplicateDisk(d.clone())));
             }
         }
         if let Some(s) = &cfg.expected_sizes
             && s.len() != cfg.disks.len()
         {
-            return Err(CaptureError::Config(format!(
-                "{} expected sizes for {} disks",
-                s.len(),
-                cfg.disks.len()
-            )));
+            return Err(CaptureError::Config(ConfigFault::SizeCount {
+                sizes: s.len(),
+                disks: cfg.disks.len(),
+            }));
         }
         std::fs::create_dir_all(&cfg.work_dir).map_err(|source| CaptureError::Io {
             what: "cannot create work dir",
@@ -178,10 +180,7 @@ impl VmCapture {
             None => names.nbd_socket(&cfg.work_dir),
         };
         if nbd_socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(CaptureError::Config(format!(
-                "work dir path too long for a unix socket: {}",
-                nbd_socket.display()
-            )));
+            return Err(CaptureError::Config(ConfigFault::SocketPathTooLong(nbd_socket)));
         }
         let qmp = QmpClient::connect(&cfg.qmp, cfg.qmp_timeout)
             .await
@@ -477,14 +476,14 @@ impl VmCapture {
                         }
                         g.report(GateReport::Continued(c)).await;
                         return Err(CaptureError::GroupCut {
-                            reason: "another member could not be paused".into(),
+                            reason: GroupCutReason::MemberNotPaused,
                         });
                     }
                 }
                 Some(GateOrder::Alone) => {}
                 _ => {
                     return Err(CaptureError::GroupCut {
-                        reason: "the group coordinator is gone".into(),
+                        reason: GroupCutReason::CoordinatorGone,
                     });
                 }
             }
@@ -616,17 +615,17 @@ impl VmCapture {
         };
         let client = NbdClient::connect(&endpoint, opts).await?;
         if client.meta_context_id(&context).is_none() {
-            return Err(CaptureError::Unexpected(format!(
-                "nbd server did not accept meta context {context}"
-            )));
+            return Err(CaptureError::NoMetaContext {
+                server: "qemu's nbd server".into(),
+                context,
+            });
         }
         if client.size() != d.size {
-            return Err(CaptureError::Unexpected(format!(
-                "snapshot of {} is {} bytes, disk is {}",
-                d.name,
-                client.size(),
-                d.size
-            )));
+            return Err(CaptureError::ViewSize {
+                disk: d.name.clone(),
+                view: client.size(),
+                size: d.size,
+            });
         }
         Ok(DiskSource {
             index: i as u32,
@@ -647,9 +646,7 @@ impl VmCapture {
     fn reserve(&mut self, f: &std::fs::File, path: &Path, size: u64) -> Result<(), CaptureError> {
         use nix::errno::Errno;
         use nix::fcntl::{FallocateFlags, fallocate};
-        let len = i64::try_from(size).map_err(|_| {
-            CaptureError::Unexpected(format!("disk size {size} does not fit a file length"))
-        })?;
+        let len = i64::try_from(size).map_err(|_| CaptureError::DiskTooLarge(size))?;
         match fallocate(
             std::os::fd::AsRawFd::as_raw_fd(f),
             FallocateFlags::empty(),
@@ -1067,7 +1064,7 @@ impl VmCapture {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(CaptureError::Timeout(format!("{id} to go away")));
+                return Err(CaptureError::Timeout(id.to_string()));
             }
         }
     }
@@ -1334,9 +1331,7 @@ impl CaptureCycle<'_> {
     /// that pass ends.
     pub fn read_all(&mut self) -> Result<(), CaptureError> {
         if self.mode != CycleMode::Verify || self.shipped {
-            return Err(CaptureError::Unexpected(
-                "read_all is only for a verify cycle, once".into(),
-            ));
+            return Err(CaptureError::NotVerifyCycle);
         }
         if !self.pipeline.is_finished() {
             return Err(CaptureError::Incomplete);

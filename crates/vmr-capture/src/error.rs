@@ -102,14 +102,14 @@ pub enum CaptureError {
     #[error("group cut abandoned: {reason}")]
     GroupCut {
         /// Why.
-        reason: String,
+        reason: GroupCutReason,
     },
     /// An incremental cycle was asked for but tracking never started.
     #[error("change tracking has not started; run a full cycle first")]
     NotTracking,
     /// The configuration is unusable.
     #[error("invalid capture configuration: {0}")]
-    Config(String),
+    Config(ConfigFault),
     /// A configured disk node does not exist in QEMU.
     #[error("disk node {0} not found in qemu")]
     DiskNotFound(String),
@@ -144,12 +144,50 @@ pub enum CaptureError {
         #[source]
         source: std::io::Error,
     },
-    /// QEMU reported something this code does not understand.
-    #[error("unexpected qemu state: {0}")]
-    Unexpected(String),
+    /// A QMP query answered with a shape this code does not understand.
+    #[error("unexpected qemu answer: {what}: {reply}")]
+    BadQmpReply {
+        /// What was expected.
+        what: &'static str,
+        /// The answer.
+        reply: serde_json::Value,
+    },
+    /// The view's NBD export lacks the block status context the cycle reads.
+    #[error("{server} did not accept meta context {context}")]
+    NoMetaContext {
+        /// Whose export (QEMU's, or libvirt's of a target).
+        server: String,
+        /// The context.
+        context: String,
+    },
+    /// The point-in-time view of a disk has another size than the disk.
+    #[error("snapshot of {disk} is {view} bytes, disk is {size}")]
+    ViewSize {
+        /// The disk node.
+        disk: String,
+        /// The view's size.
+        view: u64,
+        /// The disk's size.
+        size: u64,
+    },
+    /// A disk larger than a file can be (its fleecing file cannot be reserved).
+    #[error("disk size {0} does not fit a file length")]
+    DiskTooLarge(u64),
+    /// `read_all` outside a verify cycle, or twice.
+    #[error("read_all is only for a verify cycle, once")]
+    NotVerifyCycle,
+    /// A blocking libvirt call's task panicked or was cancelled.
+    #[error("libvirt call task failed")]
+    LibvirtTask(#[source] tokio::task::JoinError),
+    /// The checkpoint chain refused an event (a driver bug; nothing changed).
+    #[error("checkpoint chain refused an event")]
+    Chain(#[source] vmr_core::checkpoints::ChainRefusal),
+    /// The checkpoint chain began no backup job where it had to.
+    #[error("the chain began no job")]
+    NoJobBegun,
     /// The NBD server returned data that does not cover the requested range.
     #[error("malformed nbd read reply: {0}")]
-    Protocol(String),
+    Protocol(ReadFault),
     /// `commit` was called before every extent was read; the cycle was aborted instead.
     #[error("cycle committed before all extents were read; it was aborted instead")]
     Incomplete,
@@ -165,9 +203,84 @@ pub enum CaptureError {
         /// When to try again.
         retry_after_ms: u64,
     },
-    /// A cleanup step did not finish in time.
-    #[error("timeout waiting for {0}")]
+    /// A cleanup step did not finish in time: a QEMU object (node, job, export) stayed.
+    #[error("timeout waiting for {0} to go away")]
     Timeout(String),
+}
+
+/// Why a consistency group's cut was abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GroupCutReason {
+    /// Another member of the group could not be paused.
+    #[error("another member could not be paused")]
+    MemberNotPaused,
+    /// The group's coordinator is gone.
+    #[error("the group coordinator is gone")]
+    CoordinatorGone,
+}
+
+/// What is wrong with a capture configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigFault {
+    /// No disk is configured.
+    #[error("no disks")]
+    NoDisks,
+    /// A disk node is listed twice.
+    #[error("disk {0} listed twice")]
+    DuplicateDisk(String),
+    /// The expected sizes do not match the disks one for one.
+    #[error("{sizes} expected sizes for {disks} disks")]
+    SizeCount {
+        /// Sizes given.
+        sizes: usize,
+        /// Disks configured.
+        disks: usize,
+    },
+    /// The NBD socket's path is longer than a Unix socket's may be.
+    #[error("work dir path too long for a unix socket: {0}")]
+    SocketPathTooLong(std::path::PathBuf),
+    /// The tag is not 1 to 16 ASCII letters, digits or underscores.
+    #[error("tag {tag:?} must be 1 to {max} ascii letters, digits or underscores")]
+    BadTag {
+        /// The tag.
+        tag: String,
+        /// Its longest length.
+        max: usize,
+    },
+}
+
+/// How an NBD answer did not describe the view as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadFault {
+    /// A block status extent starts past where the previous one ended.
+    #[error("block status extent at {at} leaves a gap after {after}")]
+    StatusGap {
+        /// Where the extent starts.
+        at: u64,
+        /// Where the previous one ended.
+        after: u64,
+    },
+    /// A block status reply that moved nothing forward.
+    #[error("empty block status reply at {0}")]
+    EmptyStatus(u64),
+    /// A read chunk in another place than the one that follows.
+    #[error("read chunk at {at} where {expected} was expected")]
+    ChunkMisplaced {
+        /// Where it is.
+        at: u64,
+        /// Where it should be.
+        expected: u64,
+    },
+    /// A read that returned another length than asked.
+    #[error("read of {len} bytes at {offset} returned {got} bytes")]
+    ShortRead {
+        /// Bytes asked for.
+        len: u32,
+        /// Where.
+        offset: u64,
+        /// Bytes returned.
+        got: u64,
+    },
 }
 
 impl CaptureError {

@@ -36,8 +36,11 @@ impl NodeInfo {
     }
 }
 
-fn unexpected(what: &str, v: &Value) -> CaptureError {
-    CaptureError::Unexpected(format!("{what}: {v}"))
+fn unexpected(what: &'static str, v: &Value) -> CaptureError {
+    CaptureError::BadQmpReply {
+        what,
+        reply: v.clone(),
+    }
 }
 
 /// Parse `query-named-block-nodes` (flat).

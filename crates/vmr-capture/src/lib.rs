@@ -29,7 +29,7 @@ mod reader;
 pub use capture::{
     CaptureConfig, CaptureCycle, CycleMode, Quiesce, QuiesceReport, Tracking, VmCapture,
 };
-pub use error::{CaptureError, ResyncReason};
+pub use error::{CaptureError, ConfigFault, GroupCutReason, ReadFault, ResyncReason};
 pub use names::Names;
 pub use qmp::Endpoint;
 

@@ -86,7 +86,7 @@ where
     let h = h.clone();
     tokio::task::spawn_blocking(move || f(&h.dom))
         .await
-        .map_err(|e| CaptureError::Unexpected(format!("libvirt call task: {e}")))?
+        .map_err(CaptureError::LibvirtTask)?
         .map_err(CaptureError::from)
 }
 
@@ -110,7 +110,7 @@ impl LibvirtCapture {
             Ok::<_, LibvirtError>((Handle { _lv: lv, dom }, disks))
         })
         .await
-        .map_err(|e| CaptureError::Unexpected(format!("libvirt call task: {e}")))??;
+        .map_err(CaptureError::LibvirtTask)??;
         Ok(LibvirtCapture {
             cfg,
             h: Arc::new(h),
@@ -240,7 +240,7 @@ impl LibvirtCapture {
             let mut acts = self
                 .chain
                 .step(ev)
-                .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+                .map_err(CaptureError::Chain)?;
             let Some(ChainAction::Redefine(name)) = acts.first().cloned() else {
                 break acts;
             };
@@ -262,7 +262,7 @@ impl LibvirtCapture {
                             failure: BeginFailure::Busy,
                             now_ms: now_ms(),
                         })
-                        .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+                        .map_err(CaptureError::Chain)?;
                     self.carry_out(acts, &mut resync).await?;
                     return Err(CaptureError::Libvirt(l));
                 }
@@ -274,7 +274,7 @@ impl LibvirtCapture {
                             message: e.to_string(),
                             now_ms: now_ms(),
                         })
-                        .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+                        .map_err(CaptureError::Chain)?;
                     self.carry_out(acts, &mut resync).await?;
                 }
                 Err(e) => {
@@ -297,7 +297,7 @@ impl LibvirtCapture {
             Ok(Some(b)) => b,
             // another job: the chain began no cycle
             Err(e @ CaptureError::BackupBusy { .. }) => return Err(e),
-            Ok(None) => return Err(CaptureError::Unexpected("the chain began no job".into())),
+            Ok(None) => return Err(CaptureError::NoJobBegun),
             Err(e) => {
                 // a cleanup before the job failed: no job began, the chain is told so
                 let _ = self.chain.step(ChainEvent::BeginFailed {
@@ -339,7 +339,7 @@ impl LibvirtCapture {
                     failure: failure.clone(),
                     now_ms: now_ms(),
                 })
-                .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+                .map_err(CaptureError::Chain)?;
             let mut why = None;
             self.carry_out(acts, &mut why).await?;
             return Err(match failure {
@@ -431,10 +431,10 @@ impl LibvirtCapture {
             )
             .await?;
             if client.meta_context_id(&context).is_none() {
-                return Err(CaptureError::Unexpected(format!(
-                    "libvirt's nbd export of {} has no meta context {context}",
-                    d.target
-                )));
+                return Err(CaptureError::NoMetaContext {
+                    server: format!("libvirt's nbd export of {}", d.target),
+                    context,
+                });
             }
             clients.push(client.clone());
             sources.push(DiskSource {
@@ -542,7 +542,7 @@ impl LibvirtCycle<'_> {
             .cap
             .chain
             .step(ChainEvent::Acknowledged { now_ms: now_ms() })
-            .map_err(|e| CaptureError::Unexpected(e.to_string()))?;
+            .map_err(CaptureError::Chain)?;
         let mut none = None;
         self.cap.carry_out(acts, &mut none).await?;
         // the new acked checkpoint's description, to redefine its metadata if it is lost

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::CaptureError;
+use crate::{CaptureError, ConfigFault};
 
 /// Longest tag accepted (QEMU node names must stay below 32 characters).
 pub const MAX_TAG_LEN: usize = 16;
@@ -21,9 +21,10 @@ impl Names {
             || tag.len() > MAX_TAG_LEN
             || !tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
-            return Err(CaptureError::Config(format!(
-                "tag {tag:?} must be 1 to {MAX_TAG_LEN} ascii letters, digits or underscores"
-            )));
+            return Err(CaptureError::Config(ConfigFault::BadTag {
+                tag: tag.to_owned(),
+                max: MAX_TAG_LEN,
+            }));
         }
         Ok(Names {
             prefix: format!("vmr-{tag}-"),

@@ -29,6 +29,17 @@ const DELIMITER: u8 = 0xFF;
 /// by what earlier clients left unread; more means the channel is not a guest agent).
 const MAX_SKIP: usize = 16 << 20;
 
+/// How the guest's output is not a QGA answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QgaFault {
+    /// A message that is not JSON.
+    #[error("invalid json from the guest: {0}")]
+    Json(serde_json::Error),
+    /// No answer to `guest-sync-delimited` in 16 MiB of the guest's output.
+    #[error("no guest-sync-delimited answer in 16 MiB of output")]
+    NoSyncAnswer,
+}
+
 /// Errors of the guest agent client.
 #[derive(Debug, thiserror::Error)]
 pub enum QgaError {
@@ -67,7 +78,16 @@ pub enum QgaError {
     },
     /// The guest sent something that is not a QGA answer.
     #[error("guest agent protocol error: {0}")]
-    Protocol(String),
+    Protocol(QgaFault),
+    /// A command could not be encoded (a bug: the commands are this crate's own).
+    #[error("cannot encode {command}")]
+    Encode {
+        /// The command.
+        command: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// An answer exceeded [`MAX_MESSAGE`] bytes.
     #[error("guest agent answer exceeds {MAX_MESSAGE} bytes")]
     TooLong,
@@ -172,9 +192,7 @@ impl Parser {
                     .map_or(end, |p| p + 1)
                     .max(1);
                 self.buf.drain(..skip);
-                Err(QgaError::Protocol(format!(
-                    "invalid json from the guest: {e}"
-                )))
+                Err(QgaError::Protocol(QgaFault::Json(e)))
             }
             None => Ok(None),
         }
@@ -276,9 +294,7 @@ impl GuestAgent {
                     self.fill(deadline, "guest-sync-delimited", limit).await?;
                     skipped += self.parser.buffered().saturating_sub(before);
                     if skipped > MAX_SKIP {
-                        return Err(QgaError::Protocol(
-                            "no guest-sync-delimited answer in 16 MiB of output".into(),
-                        ));
+                        return Err(QgaError::Protocol(QgaFault::NoSyncAnswer));
                     }
                     continue;
                 }
@@ -311,7 +327,10 @@ impl GuestAgent {
             msg.insert("arguments".into(), a);
         }
         let mut bytes = serde_json::to_vec(&Value::Object(msg))
-            .map_err(|e| QgaError::Protocol(format!("cannot encode {command}: {e}")))?;
+            .map_err(|source| QgaError::Encode {
+                command: command.to_owned(),
+                source,
+            })?;
         bytes.push(b'\n');
         self.writer.write_all(&bytes).await.map_err(QgaError::Io)?;
         self.writer.flush().await.map_err(QgaError::Io)

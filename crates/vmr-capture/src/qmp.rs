@@ -32,6 +32,23 @@ pub fn endpoint_str(ep: &Endpoint) -> String {
     }
 }
 
+/// How a message from QEMU is not valid QMP.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpFault {
+    /// The first message is not the greeting.
+    #[error("expected greeting, got {0}")]
+    NoGreeting(Value),
+    /// A reply with neither `return` nor `error`.
+    #[error("reply without return or error: {0}")]
+    ReplyShape(Value),
+    /// A message longer than any QMP message this client accepts.
+    #[error("qmp message exceeds 64 MiB")]
+    TooLong,
+    /// A line that is not JSON.
+    #[error("invalid json from qemu: {0}")]
+    Json(serde_json::Error),
+}
+
 /// Errors of the QMP client.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -70,7 +87,7 @@ pub enum QmpError {
     },
     /// A message that is not valid QMP.
     #[error("qmp protocol error: {0}")]
-    Protocol(String),
+    Protocol(QmpFault),
     /// A command's arguments or reply did not (de)serialise.
     #[error("qmp json error for {command}")]
     Json {
@@ -193,7 +210,7 @@ impl QmpClient {
                 })??;
         let qemu = greeting
             .get("QMP")
-            .ok_or_else(|| QmpError::Protocol(format!("expected greeting, got {greeting}")))?
+            .ok_or_else(|| QmpError::Protocol(QmpFault::NoGreeting(greeting.clone())))?
             .pointer("/version/qemu")
             .cloned()
             .unwrap_or(Value::Null);
@@ -273,9 +290,7 @@ impl QmpClient {
                         desc: s("desc"),
                     });
                 }
-                return Err(QmpError::Protocol(format!(
-                    "reply without return or error: {v}"
-                )));
+                return Err(QmpError::Protocol(QmpFault::ReplyShape(v)));
             }
         };
         timeout(limit, exchange)
@@ -352,7 +367,7 @@ impl QmpClient {
                     return Err(QmpError::Closed);
                 }
                 if self.line.len() > MAX_LINE {
-                    return Err(QmpError::Protocol("qmp message exceeds 64 MiB".into()));
+                    return Err(QmpError::Protocol(QmpFault::TooLong));
                 }
                 continue;
             }
@@ -361,7 +376,7 @@ impl QmpClient {
                 continue;
             }
             let v: Value = serde_json::from_slice(&line)
-                .map_err(|e| QmpError::Protocol(format!("invalid json from qemu: {e}")))?;
+                .map_err(|e| QmpError::Protocol(QmpFault::Json(e)))?;
             if let Some(name) = v.get("event").and_then(Value::as_str) {
                 let ev = QmpEvent {
                     name: name.to_owned(),
@@ -505,6 +520,9 @@ mod tests {
             b
         };
         let (r, _b) = tokio::join!(c.execute_value("query-block-jobs", None), server);
-        assert!(matches!(r, Err(QmpError::Protocol(_))), "{r:?}");
+        assert!(
+            matches!(r, Err(QmpError::Protocol(QmpFault::Json(_)))),
+            "{r:?}"
+        );
     }
 }

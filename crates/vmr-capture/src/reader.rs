@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use vmr_nbd::{NbdClient, ReadChunk, StatusExtent};
 use vmr_proto::{Extent, ExtentData};
 
-use crate::{CaptureError, PIECE_SIZE};
+use crate::{CaptureError, PIECE_SIZE, ReadFault};
 
 /// Length asked for in one block-status request.
 const STATUS_WINDOW: u64 = 1 << 30;
@@ -226,10 +226,10 @@ impl Pipeline {
                     continue;
                 }
                 if offset > d.status_pos {
-                    return Err(CaptureError::Protocol(format!(
-                        "block status extent at {offset} leaves a gap after {}",
-                        d.status_pos
-                    )));
+                    return Err(CaptureError::Protocol(ReadFault::StatusGap {
+                        at: offset,
+                        after: d.status_pos,
+                    }));
                 }
                 let start = d.status_pos;
                 let class = d.src.want.classify(flags);
@@ -242,9 +242,7 @@ impl Pipeline {
                 d.status_pos = end;
             }
             if d.status_pos == before {
-                return Err(CaptureError::Protocol(format!(
-                    "empty block status reply at {before}"
-                )));
+                return Err(CaptureError::Protocol(ReadFault::EmptyStatus(before)));
             }
         }
     }
@@ -299,10 +297,10 @@ fn chunks_to_extents(
     let mut out: Vec<Extent> = Vec::with_capacity(chunks.len());
     for c in chunks {
         if c.offset() != pos {
-            return Err(CaptureError::Protocol(format!(
-                "read chunk at {} where {pos} was expected",
-                c.offset()
-            )));
+            return Err(CaptureError::Protocol(ReadFault::ChunkMisplaced {
+                at: c.offset(),
+                expected: pos,
+            }));
         }
         pos += c.len();
         let data = match c {
@@ -331,10 +329,11 @@ fn chunks_to_extents(
         });
     }
     if pos != offset + u64::from(len) {
-        return Err(CaptureError::Protocol(format!(
-            "read of {len} bytes at {offset} returned {} bytes",
-            pos - offset
-        )));
+        return Err(CaptureError::Protocol(ReadFault::ShortRead {
+            len,
+            offset,
+            got: pos - offset,
+        }));
     }
     Ok(out)
 }

@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use tokio::sync::mpsc;
 use vmr_capture::gate::{Gate, GateOrder, GateReport};
-use vmr_capture::{CaptureError, CycleMode, VmCapture};
+use vmr_capture::{CaptureError, CycleMode, GroupCutReason, VmCapture};
 use vmr_testkit::harness::harness_qmp;
 use vmr_testkit::qsd::{DiskFormat, DiskSpec, QsdVm};
 
@@ -138,7 +138,15 @@ async fn members_are_paused_around_their_transactions_and_resumed_in_every_path(
         },
         coordinator
     );
-    assert!(matches!(r, Some(CaptureError::GroupCut { .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Some(CaptureError::GroupCut {
+                reason: GroupCutReason::MemberNotPaused
+            })
+        ),
+        "{r:?}"
+    );
     assert!(running(&machine), "resumed although no transaction ran");
     assert!(!gm.grouped);
     // The daemon's member: a coordinator that is gone before any order: no cut, no pause.
@@ -148,7 +156,15 @@ async fn members_are_paused_around_their_transactions_and_resumed_in_every_path(
         .begin_cycle_gated(CycleMode::Incremental, None, Some(&mut gd))
         .await
         .err();
-    assert!(matches!(r, Some(CaptureError::GroupCut { .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Some(CaptureError::GroupCut {
+                reason: GroupCutReason::CoordinatorGone
+            })
+        ),
+        "{r:?}"
+    );
     // The next plain cycle carries the write made before the abandoned cut.
     let mut c = d
         .begin_cycle(CycleMode::Incremental)
