@@ -27,4 +27,4 @@ pub use cycle::{
 };
 pub use failnet::{FailnetError, FailoverInterface, FailoverSettings, IpPrefix};
 pub use uuid::Uuid;
-pub use vmdef::{VmDefinition, VmDefinitionError};
+pub use vmdef::{DefinitionFault, VmDefinition, VmDefinitionError};

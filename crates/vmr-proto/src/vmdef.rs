@@ -66,7 +66,42 @@ pub enum VmDefinitionError {
     Parse(#[from] toml::de::Error),
     /// Semantically wrong.
     #[error("VM definition is invalid: {0}")]
-    Invalid(String),
+    Invalid(DefinitionFault),
+}
+
+/// What is wrong in a VM definition that parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionFault {
+    /// The name is empty, longer than 64 characters, or holds a control character or `/`
+    /// (the name as shown: at most its first 64 characters).
+    #[error("bad VM name {0:?} (1 to 64 characters, no control characters or '/')")]
+    BadName(String),
+    /// `program` is empty.
+    #[error("program is empty")]
+    EmptyProgram,
+    /// No disk is listed.
+    #[error("a VM needs at least one disk")]
+    NoDisks,
+    /// A disk's node name is empty or listed twice.
+    #[error("disk node {0:?} empty or repeated")]
+    BadDiskNode(String),
+    /// An argument names a placeholder that does not exist.
+    #[error("unknown placeholder {{{placeholder}}} in argument {arg:?}")]
+    UnknownPlaceholder {
+        /// The placeholder, without braces.
+        placeholder: String,
+        /// The argument.
+        arg: String,
+    },
+    /// `network-args` is not one contiguous run of `args`, in the same order.
+    #[error("network-args {0:?} must appear in args as one contiguous run, in the same order")]
+    NetworkArgsNotInArgs(Vec<String>),
+    /// `{qga}` is used but no guest agent socket was given.
+    #[error("no guest agent socket for {{qga}}")]
+    NoQgaSocket,
+    /// `{disk:NODE}` names a node without a path.
+    #[error("no path for {{{0}}}")]
+    NoDiskPath(String),
 }
 
 impl VmDefinition {
@@ -84,7 +119,7 @@ impl VmDefinition {
 
     /// Check names, disks and placeholders.
     pub fn validate(&self) -> Result<(), VmDefinitionError> {
-        let bad = |m: String| Err(VmDefinitionError::Invalid(m));
+        let bad = |f: DefinitionFault| Err(VmDefinitionError::Invalid(f));
         // Also what a replica accepts from a primary: 1 to 64 characters, no control
         // character (a newline would break the status table and the logs), no '/'.
         if self.name.is_empty()
@@ -93,20 +128,18 @@ impl VmDefinition {
             || self.name.chars().any(char::is_control)
         {
             let shown: String = self.name.chars().take(64).collect();
-            return bad(format!(
-                "bad VM name {shown:?} (1 to 64 characters, no control characters or '/')"
-            ));
+            return bad(DefinitionFault::BadName(shown));
         }
         if self.program.is_empty() {
-            return bad("program is empty".into());
+            return bad(DefinitionFault::EmptyProgram);
         }
         if self.disks.is_empty() {
-            return bad("a VM needs at least one disk".into());
+            return bad(DefinitionFault::NoDisks);
         }
         let mut seen = std::collections::BTreeSet::new();
         for d in &self.disks {
             if d.node.is_empty() || !seen.insert(d.node.as_str()) {
-                return bad(format!("disk node {:?} empty or repeated", d.node));
+                return bad(DefinitionFault::BadDiskNode(d.node.clone()));
             }
         }
         for a in self.args.iter().chain(&self.test_args) {
@@ -118,14 +151,16 @@ impl VmDefinition {
                     .strip_prefix("disk:")
                     .is_some_and(|n| self.disks.iter().any(|d| d.node == n));
                 if !ok {
-                    return bad(format!("unknown placeholder {{{ph}}} in argument {a:?}"));
+                    return bad(DefinitionFault::UnknownPlaceholder {
+                        placeholder: ph.to_owned(),
+                        arg: a.clone(),
+                    });
                 }
             }
         }
         if self.network_run().is_none() {
-            return bad(format!(
-                "network-args {:?} must appear in args as one contiguous run, in the same order",
-                self.network_args
+            return bad(DefinitionFault::NetworkArgsNotInArgs(
+                self.network_args.clone(),
             ));
         }
         Ok(())
@@ -147,7 +182,9 @@ impl VmDefinition {
     /// whose networks differ: `vm set --replica-network-args`).
     pub fn with_network_args(&self, new: &[String]) -> Result<VmDefinition, VmDefinitionError> {
         let run = self.network_run().ok_or_else(|| {
-            VmDefinitionError::Invalid("network-args are not one contiguous run of args".into())
+            VmDefinitionError::Invalid(DefinitionFault::NetworkArgsNotInArgs(
+                self.network_args.clone(),
+            ))
         })?;
         let mut d = self.clone();
         d.args.splice(run, new.iter().cloned());
@@ -192,7 +229,9 @@ impl VmDefinition {
     ) -> Result<Vec<String>, VmDefinitionError> {
         let mut out = Vec::new();
         let run = self.network_run().ok_or_else(|| {
-            VmDefinitionError::Invalid("network-args are not one contiguous run of args".into())
+            VmDefinitionError::Invalid(DefinitionFault::NetworkArgsNotInArgs(
+                self.network_args.clone(),
+            ))
         })?;
         let args = self
             .args
@@ -207,9 +246,9 @@ impl VmDefinition {
                 let val = match ph {
                     "qmp" => qmp.to_owned(),
                     "nbd" => nbd.to_owned(),
-                    "qga" => qga.map(str::to_owned).ok_or_else(|| {
-                        VmDefinitionError::Invalid("no guest agent socket for {qga}".into())
-                    })?,
+                    "qga" => qga
+                        .map(str::to_owned)
+                        .ok_or(VmDefinitionError::Invalid(DefinitionFault::NoQgaSocket))?,
                     "accel" => accel.to_owned(),
                     "dir" => match std::path::Path::new(qmp).parent() {
                         Some(d) if !d.as_os_str().is_empty() => d.display().to_string(),
@@ -218,7 +257,7 @@ impl VmDefinition {
                     "name" => self.name.clone(),
                     "uuid" => self.uuid.to_string(),
                     other => other.strip_prefix("disk:").and_then(disk).ok_or_else(|| {
-                        VmDefinitionError::Invalid(format!("no path for {{{other}}}"))
+                        VmDefinitionError::Invalid(DefinitionFault::NoDiskPath(other.to_owned()))
                     })?,
                 };
                 r = r.replace(&format!("{{{ph}}}"), &val);
