@@ -376,10 +376,20 @@ path = "/var/lib/vm/web1.qcow2"
     #[test]
     fn rejects_unknown_placeholder() {
         let bad = QSD.replace("{disk:disk0}", "{disk:disk9}");
-        assert!(matches!(
-            VmDefinition::from_toml(&bad),
-            Err(VmDefinitionError::Invalid(_))
-        ));
+        let e = VmDefinition::from_toml(&bad).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VmDefinitionError::Invalid(DefinitionFault::UnknownPlaceholder { placeholder, .. })
+                    if placeholder == "disk:disk9"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains("unknown placeholder {disk:disk9} in argument"),
+            "{e}"
+        );
     }
 
     #[test]
