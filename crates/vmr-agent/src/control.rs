@@ -736,10 +736,10 @@ async fn libvirt_definition(name: &str, lv: &LibvirtSource) -> Result<VmDefiniti
     .await
     .map_err(AgentError::Task)?;
     let (uuid, disks, xml) = read.map_err(err)?;
-    let uuid = uuid::Uuid::parse_str(&uuid).map_err(|e| {
-        err(vmr_libvirt::LibvirtError::DomainXml {
-            reason: format!("domain UUID {uuid:?}: {e}"),
-        })
+    let uuid = uuid::Uuid::parse_str(&uuid).map_err(|_| {
+        err(vmr_libvirt::LibvirtError::DomainXml(
+            vmr_libvirt::XmlFault::BadUuid(uuid.clone()),
+        ))
     })?;
     let def = VmDefinition {
         name: name.to_owned(),

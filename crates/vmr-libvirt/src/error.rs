@@ -26,17 +26,12 @@ pub enum LibvirtError {
         value: String,
     },
     /// The domain's XML could not be understood.
-    #[error("domain XML: {reason}")]
-    DomainXml {
-        /// Why.
-        reason: String,
-    },
-    /// A plain-QEMU definition that cannot be made into a domain (a bad `-m` or `-smp`).
-    #[error("the QEMU definition cannot be made into a libvirt domain: {reason}")]
-    QemuDefinition {
-        /// Why.
-        reason: String,
-    },
+    #[error("domain XML: {0}")]
+    DomainXml(XmlFault),
+    /// A plain-QEMU definition that cannot be made into a domain (a bad `-m` or `-smp`), or a
+    /// domain that cannot be started with plain QEMU.
+    #[error("the QEMU definition cannot be made into a libvirt domain: {0}")]
+    QemuDefinition(QemuFault),
     /// A disk whose image is not qcow2: libvirt checkpoints (persistent dirty bitmaps) need
     /// qcow2.
     #[error(
@@ -96,7 +91,7 @@ pub enum LibvirtError {
         /// Target name.
         disk: String,
         /// What does not match.
-        reason: String,
+        reason: FailoverDiskFault,
     },
     /// Any other failed call, with the call's name and libvirt's message.
     #[error("libvirt {call} failed: {message}")]
@@ -106,6 +101,102 @@ pub enum LibvirtError {
         /// libvirt's message.
         message: String,
     },
+}
+
+/// What could not be understood in a domain's or a checkpoint's XML.
+#[derive(Debug, thiserror::Error)]
+pub enum XmlFault {
+    /// Not XML.
+    #[error("{0}")]
+    Parse(roxmltree::Error),
+    /// Another root element than expected.
+    #[error("root element is <{found}>, not <{expected}>")]
+    WrongRoot {
+        /// The element expected.
+        expected: &'static str,
+        /// The element found.
+        found: String,
+    },
+    /// A disk without a target device name.
+    #[error("a <disk> without <target dev=...>")]
+    DiskWithoutTarget,
+    /// A file disk without its file.
+    #[error("disk {0} has no <source file=...>")]
+    DiskWithoutSource(String),
+    /// The domain definition has no name.
+    #[error("the domain definition has no <name>")]
+    NoName,
+    /// The domain's UUID is not a UUID.
+    #[error("domain UUID {0:?} is not a UUID")]
+    BadUuid(String),
+}
+
+/// Why a definition cannot be carried between plain QEMU and libvirt.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuFault {
+    /// `-m` with a size unit QEMU does not know.
+    #[error("-m {0:?}: unknown size unit")]
+    MemoryUnit(String),
+    /// `-m` that is not a memory size.
+    #[error("-m {0:?}: not a memory size")]
+    MemorySize(String),
+    /// A CPU count that is not a positive number.
+    #[error("-smp {what}={value:?}: not a positive number")]
+    CpuCount {
+        /// Which count (`cpus`, `sockets`, ...).
+        what: String,
+        /// The value given.
+        value: String,
+    },
+    /// An option that needs a value is the last argument.
+    #[error("{0} has no value (the last argument)")]
+    NoValue(String),
+    /// A domain's `<memory>` that is not a number.
+    #[error("<memory> {0:?} is not a number")]
+    DomainMemory(String),
+    /// A domain's `<memory>` unit libvirt does not know.
+    #[error("<memory unit={0:?}>: unknown unit")]
+    DomainMemoryUnit(String),
+    /// The domain's XML is not XML.
+    #[error("{0}")]
+    Xml(roxmltree::Error),
+    /// A UEFI domain (firmware or loader).
+    #[error(
+        "UEFI firmware (<os firmware='efi'> or <loader>): starting it with plain QEMU is not built"
+    )]
+    Uefi,
+    /// A disk on another bus than virtio.
+    #[error("disk {disk} is on the {bus:?} bus: only virtio disks are started with plain QEMU")]
+    DiskBus {
+        /// The disk's target name.
+        disk: String,
+        /// Its bus.
+        bus: String,
+    },
+    /// A bridge interface without its bridge.
+    #[error("interface {0} (bridge) has no <source bridge>")]
+    BridgeWithoutSource(usize),
+    /// An interface of a type plain QEMU cannot stand in for.
+    #[error(
+        "interface {index} is of type {kind:?}: a libvirt {kind} has no plain-QEMU equivalent on a host without libvirt (only user and bridge interfaces)"
+    )]
+    InterfaceType {
+        /// The interface's position.
+        index: usize,
+        /// Its type.
+        kind: String,
+    },
+}
+
+/// How a failover's disk does not match the replicated domain definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FailoverDiskFault {
+    /// The plan names a disk the definition lacks.
+    #[error("the replicated domain definition has no such disk")]
+    NotInDefinition,
+    /// The definition has a disk whose replicated image is not on this host.
+    #[error("no replicated image of it on this host")]
+    NoImage,
 }
 
 impl LibvirtError {

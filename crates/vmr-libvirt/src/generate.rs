@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use crate::LibvirtError;
+use crate::error::QemuFault;
 use crate::xml::escape;
 
 /// QEMU's default guest memory when the arguments have no `-m` (128 MiB), in KiB.
@@ -62,8 +63,8 @@ pub struct QemuFacts {
     pub nics: Vec<Nic>,
 }
 
-fn bad(reason: String) -> LibvirtError {
-    LibvirtError::QemuDefinition { reason }
+fn bad(fault: QemuFault) -> LibvirtError {
+    LibvirtError::QemuDefinition(fault)
 }
 
 /// `-m` / `--m`: the option's name without its dashes, when `a` is an option.
@@ -100,20 +101,25 @@ fn memory_kib(v: &str) -> Result<u64, LibvirtError> {
         "" | "m" | "M" => 1024,
         "g" | "G" => 1024 * 1024,
         "t" | "T" => 1024 * 1024 * 1024,
-        _ => return Err(bad(format!("-m {v:?}: unknown size unit"))),
+        _ => return Err(bad(QemuFault::MemoryUnit(v.to_owned()))),
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .filter(|&k| k > 0)
-        .ok_or_else(|| bad(format!("-m {v:?}: not a memory size")))
+        .ok_or_else(|| bad(QemuFault::MemorySize(v.to_owned())))
 }
 
 fn number(what: &str, v: &str) -> Result<u32, LibvirtError> {
     v.parse::<u32>()
         .ok()
         .filter(|&n| n > 0)
-        .ok_or_else(|| bad(format!("-smp {what}={v:?}: not a positive number")))
+        .ok_or_else(|| {
+            bad(QemuFault::CpuCount {
+                what: what.to_owned(),
+                value: v.to_owned(),
+            })
+        })
 }
 
 /// `-smp`: `N`, `cpus=N`, or the product of `sockets`, `dies`, `clusters`, `cores` and
@@ -173,7 +179,7 @@ pub fn qemu_facts(args: &[String]) -> Result<QemuFacts, LibvirtError> {
                 opt,
                 "m" | "smp" | "M" | "machine" | "cpu" | "nic" | "net" | "device"
             ) {
-                return Err(bad(format!("{a} has no value (the last argument)")));
+                return Err(bad(QemuFault::NoValue(a.clone())));
             }
             i += 1;
             continue;
@@ -346,7 +352,7 @@ fn domain_memory_mib(n: roxmltree::Node<'_, '_>) -> Result<u64, LibvirtError> {
     let text = n.text().unwrap_or_default().trim();
     let v: u64 = text
         .parse()
-        .map_err(|_| bad(format!("<memory> {text:?} is not a number")))?;
+        .map_err(|_| bad(QemuFault::DomainMemory(text.to_owned())))?;
     let kib = match n.attribute("unit").unwrap_or("KiB") {
         "b" | "bytes" => v / 1024,
         "KB" => v * 1000 / 1024,
@@ -356,7 +362,7 @@ fn domain_memory_mib(n: roxmltree::Node<'_, '_>) -> Result<u64, LibvirtError> {
         "GB" => v * 1_000_000_000 / 1024,
         "G" | "GiB" => v * 1024 * 1024,
         "T" | "TiB" => v * 1024 * 1024 * 1024,
-        u => return Err(bad(format!("<memory unit={u:?}>: unknown unit"))),
+        u => return Err(bad(QemuFault::DomainMemoryUnit(u.to_owned()))),
     };
     Ok((kib / 1024).max(1))
 }
@@ -371,7 +377,7 @@ fn domain_memory_mib(n: roxmltree::Node<'_, '_>) -> Result<u64, LibvirtError> {
 /// Everything else of the domain (graphics, USB, consoles, CD-ROMs, passthrough) is left out.
 pub fn qemu_from_domain(domain_xml: &str) -> Result<QemuCommand, LibvirtError> {
     let disks = crate::xml::parse_disks(domain_xml)?;
-    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| bad(e.to_string()))?;
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| bad(QemuFault::Xml(e)))?;
     let root = doc.root_element();
     let mib = match child(root, "memory") {
         Some(m) => domain_memory_mib(m)?,
@@ -383,10 +389,7 @@ pub fn qemu_from_domain(domain_xml: &str) -> Result<QemuCommand, LibvirtError> {
     };
     let os = child(root, "os");
     if os.is_some_and(|o| o.attribute("firmware") == Some("efi") || child(o, "loader").is_some()) {
-        return Err(bad(
-            "UEFI firmware (<os firmware='efi'> or <loader>): starting it with plain QEMU is not built"
-                .into(),
-        ));
+        return Err(bad(QemuFault::Uefi));
     }
     let ty = os.and_then(|o| child(o, "type"));
     let arch = ty.and_then(|t| t.attribute("arch")).unwrap_or("x86_64");
@@ -430,9 +433,10 @@ pub fn qemu_from_domain(domain_xml: &str) -> Result<QemuCommand, LibvirtError> {
             .and_then(|t| t.attribute("bus"))
             .unwrap_or(if dev.starts_with("vd") { "virtio" } else { "" });
         if bus != "virtio" {
-            return Err(bad(format!(
-                "disk {dev} is on the {bus:?} bus: only virtio disks are started with plain QEMU"
-            )));
+            return Err(bad(QemuFault::DiskBus {
+                disk: dev.to_owned(),
+                bus: bus.to_owned(),
+            }));
         }
     }
     for d in &disks {
@@ -458,14 +462,14 @@ pub fn qemu_from_domain(domain_xml: &str) -> Result<QemuCommand, LibvirtError> {
             "bridge" => {
                 let br = child(n, "source")
                     .and_then(|s| s.attribute("bridge"))
-                    .ok_or_else(|| bad(format!("interface {i} (bridge) has no <source bridge>")))?;
+                    .ok_or_else(|| bad(QemuFault::BridgeWithoutSource(i)))?;
                 format!("bridge,br={br}")
             }
             other => {
-                return Err(bad(format!(
-                    "interface {i} is of type {other:?}: a libvirt {other} has no plain-QEMU \
-                     equivalent on a host without libvirt (only user and bridge interfaces)"
-                )));
+                return Err(bad(QemuFault::InterfaceType {
+                    index: i,
+                    kind: other.to_owned(),
+                }));
             }
         };
         let model = child(n, "model").and_then(|m| m.attribute("type"));

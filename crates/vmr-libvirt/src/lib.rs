@@ -22,7 +22,7 @@ pub mod generate;
 pub mod xml;
 
 pub use domain::{BackupJob, Domain, Libvirt};
-pub use error::LibvirtError;
+pub use error::{FailoverDiskFault, LibvirtError, QemuFault, XmlFault};
 pub use xml::{BackupPlan, DomainDisk, FailoverDomain};
 
 /// Prefix of every checkpoint vmreplica creates; others are never touched.

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::LibvirtError;
+use crate::error::{FailoverDiskFault, XmlFault};
 
 /// One disk of a domain that vmreplica replicates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,23 +34,21 @@ pub struct BackupPlan {
     pub full_disks: Vec<String>,
 }
 
-fn xml_err(reason: impl Into<String>) -> LibvirtError {
-    LibvirtError::DomainXml {
-        reason: reason.into(),
-    }
+fn xml_err(fault: XmlFault) -> LibvirtError {
+    LibvirtError::DomainXml(fault)
 }
 
 /// The disks of a domain definition that vmreplica replicates: every `<disk device='disk'>`
 /// (CD-ROMs and floppies are skipped), which must be a file-backed qcow2 image. Errors name
 /// the first disk that is not.
 pub fn parse_disks(domain_xml: &str) -> Result<Vec<DomainDisk>, LibvirtError> {
-    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     let root = doc.root_element();
     if root.tag_name().name() != "domain" {
-        return Err(xml_err(format!(
-            "root element is <{}>, not <domain>",
-            root.tag_name().name()
-        )));
+        return Err(xml_err(XmlFault::WrongRoot {
+            expected: "domain",
+            found: root.tag_name().name().to_owned(),
+        }));
     }
     let Some(devices) = root.children().find(|n| n.has_tag_name("devices")) else {
         return Err(LibvirtError::NoDisks);
@@ -63,7 +62,7 @@ pub fn parse_disks(domain_xml: &str) -> Result<Vec<DomainDisk>, LibvirtError> {
             .children()
             .find(|n| n.has_tag_name("target"))
             .and_then(|t| t.attribute("dev"))
-            .ok_or_else(|| xml_err("a <disk> without <target dev=...>"))?
+            .ok_or_else(|| xml_err(XmlFault::DiskWithoutTarget))?
             .to_string();
         let kind = disk.attribute("type").unwrap_or("file");
         if kind != "file" {
@@ -88,7 +87,7 @@ pub fn parse_disks(domain_xml: &str) -> Result<Vec<DomainDisk>, LibvirtError> {
             .children()
             .find(|n| n.has_tag_name("source"))
             .and_then(|s| s.attribute("file"))
-            .ok_or_else(|| xml_err(format!("disk {target} has no <source file=...>")))?;
+            .ok_or_else(|| xml_err(XmlFault::DiskWithoutSource(target.to_string())))?;
         out.push(DomainDisk {
             target,
             path: PathBuf::from(path),
@@ -168,13 +167,13 @@ pub fn checkpoint_xml(plan: &BackupPlan) -> String {
 /// `<parent>` element (the parent is deleted once the checkpoint is acknowledged, and a
 /// redefined checkpoint names none). Errors when the document is not a checkpoint's.
 pub fn redefinable_checkpoint(checkpoint_xml: &str) -> Result<String, LibvirtError> {
-    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(e.to_string()))?;
+    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     let root = doc.root_element();
     if root.tag_name().name() != "domaincheckpoint" {
-        return Err(xml_err(format!(
-            "root element is <{}>, not <domaincheckpoint>",
-            root.tag_name().name()
-        )));
+        return Err(xml_err(XmlFault::WrongRoot {
+            expected: "domaincheckpoint",
+            found: root.tag_name().name().to_owned(),
+        }));
     }
     let mut out = checkpoint_xml.to_string();
     if let Some(parent) = root.children().find(|n| n.has_tag_name("parent")) {
@@ -186,7 +185,7 @@ pub fn redefinable_checkpoint(checkpoint_xml: &str) -> Result<String, LibvirtErr
 
 /// The disks (names) a checkpoint description has a bitmap for.
 pub fn checkpoint_disks(checkpoint_xml: &str) -> Result<Vec<String>, LibvirtError> {
-    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(e.to_string()))?;
+    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     let root = doc.root_element();
     let Some(disks) = root.children().find(|n| n.has_tag_name("disks")) else {
         return Ok(Vec::new());
@@ -233,19 +232,19 @@ pub fn export_of(target: &str) -> (String, String) {
 
 /// The `<name>` of a domain definition.
 pub fn domain_name(domain_xml: &str) -> Result<String, LibvirtError> {
-    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     doc.root_element()
         .children()
         .find(|n| n.has_tag_name("name"))
         .and_then(|n| n.text())
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| xml_err("the domain definition has no <name>"))
+        .ok_or_else(|| xml_err(XmlFault::NoName))
 }
 
 /// The `<uuid>` of a domain definition, when it has one.
 pub fn domain_uuid(domain_xml: &str) -> Result<Option<String>, LibvirtError> {
-    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     Ok(doc
         .root_element()
         .children()
@@ -282,17 +281,17 @@ pub fn failover_xml(domain_xml: &str, plan: &FailoverDomain) -> Result<String, L
         if !disks.iter().any(|d| &d.target == target) {
             return Err(LibvirtError::FailoverDisk {
                 disk: target.clone(),
-                reason: "the replicated domain definition has no such disk".into(),
+                reason: FailoverDiskFault::NotInDefinition,
             });
         }
     }
-    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(e.to_string()))?;
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     let root = doc.root_element();
     // (byte range of the source, replacement), applied from the end
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     match root.children().find(|n| n.has_tag_name("name")) {
         Some(n) => edits.push((n.range(), format!("<name>{}</name>", escape(&plan.name)))),
-        None => return Err(xml_err("the domain definition has no <name>")),
+        None => return Err(xml_err(XmlFault::NoName)),
     }
     if !plan.keep_uuid
         && let Some(u) = root.children().find(|n| n.has_tag_name("uuid"))
@@ -314,14 +313,14 @@ pub fn failover_xml(domain_xml: &str, plan: &FailoverDomain) -> Result<String, L
             let Some((_, overlay)) = plan.disks.iter().find(|(t, _)| t == target) else {
                 return Err(LibvirtError::FailoverDisk {
                     disk: target.to_string(),
-                    reason: "no replicated image of it on this host".into(),
+                    reason: FailoverDiskFault::NoImage,
                 });
             };
             let source = disk
                 .children()
                 .find(|n| n.has_tag_name("source"))
                 .and_then(|s| s.attribute_node("file"))
-                .ok_or_else(|| xml_err(format!("disk {target} has no <source file=...>")))?;
+                .ok_or_else(|| xml_err(XmlFault::DiskWithoutSource(target.to_string())))?;
             edits.push((source.range_value(), path_str(overlay)));
             for b in disk.children().filter(|n| n.has_tag_name("backingStore")) {
                 edits.push((b.range(), String::new()));
