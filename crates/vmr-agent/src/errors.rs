@@ -31,7 +31,10 @@ pub fn store_err(e: StoreError) -> RemoteError {
         // definition is the sender's error (400), never worth a retry.
         ref err @ (StoreError::DiskShrunk { .. }
         | StoreError::InvalidCycle(_)
-        | StoreError::InvalidDefinition(_)) => RemoteError::BadRequest {
+        | StoreError::BadHashRequest(_)
+        | StoreError::InvalidImport(_)
+        | StoreError::InvalidDefinition(_)
+        | StoreError::DefinitionForOtherVm { .. }) => RemoteError::BadRequest {
             message: err.to_string(),
         },
         other => RemoteError::Internal {
@@ -1387,8 +1390,13 @@ mod tests {
     #[test]
     fn invalid_cycles_and_definitions_are_client_errors() {
         for e in [
-            StoreError::InvalidCycle("cycle has no disks".into()),
-            StoreError::InvalidDefinition("definition is for VM x".into()),
+            StoreError::InvalidCycle(vmr_store::CycleFault::NoDisks),
+            StoreError::DefinitionForOtherVm {
+                found: uuid::Uuid::from_u128(1),
+                expected: uuid::Uuid::from_u128(2),
+            },
+            StoreError::BadHashRequest(vmr_store::HashRequestFault::Count { count: 0, max: 1 }),
+            StoreError::InvalidImport(vmr_store::ImportFault::NoImages),
         ] {
             let r = store_err(e);
             assert_eq!(r.status_code(), 400, "{r:?}");

@@ -115,7 +115,9 @@ pub(crate) async fn hashes(
             .await
     };
     let h = h.map_err(|e| match e {
-        vmr_store::StoreError::InvalidCycle(m) => RemoteError::BadRequest { message: m },
+        vmr_store::StoreError::BadHashRequest(f) => RemoteError::BadRequest {
+            message: f.to_string(),
+        },
         other => crate::errors::store_err(other),
     })?;
     Ok(BlockHashes {

@@ -48,7 +48,24 @@ pub enum StoreError {
     },
     /// The cycle header or an extent is malformed (bad disk index, out of range, ...).
     #[error("invalid cycle: {0}")]
-    InvalidCycle(String),
+    InvalidCycle(CycleFault),
+    /// A block-hash request (resync) outside what the store answers.
+    #[error("invalid hash request: {0}")]
+    BadHashRequest(HashRequestFault),
+    /// An import that cannot be done as asked (images, a staged cycle, reverse replication's
+    /// adoption of existing disks).
+    #[error("invalid import: {0}")]
+    InvalidImport(ImportFault),
+    /// A point's disk has data to hash but no layer holds it (the catalog and the files
+    /// disagree).
+    #[error("no layer to hash")]
+    NoLayerToHash,
+    /// A point reader was asked for a disk index the point does not have.
+    #[error("no disk index {0} in the point")]
+    NoSuchDiskIndex(usize),
+    /// A point reader was asked for more bytes at once than one NBD read carries.
+    #[error("read of {0} bytes is larger than one read")]
+    ReadTooLarge(u64),
     /// Another receive of this VM is in progress.
     #[error("a receive of cycle {0} is already in progress for this VM")]
     ReceiveInProgress(CycleId),
@@ -90,7 +107,15 @@ pub enum StoreError {
     },
     /// The VM definition is not acceptable.
     #[error("invalid VM definition: {0}")]
-    InvalidDefinition(String),
+    InvalidDefinition(vmr_proto::VmDefinitionError),
+    /// The VM definition names another VM.
+    #[error("invalid VM definition: definition is for VM {found}, not {expected}")]
+    DefinitionForOtherVm {
+        /// The UUID the definition names.
+        found: Uuid,
+        /// The VM it was given for.
+        expected: Uuid,
+    },
     /// A file system operation failed.
     #[error("{op} {path}")]
     Io {
@@ -134,6 +159,132 @@ pub enum StoreError {
         #[source]
         source: vmr_nbd::NbdError,
     },
+}
+
+/// What is wrong with a cycle's header or one of its extents.
+#[derive(Debug, thiserror::Error)]
+pub enum CycleFault {
+    /// The header lists no disk.
+    #[error("cycle has no disks")]
+    NoDisks,
+    /// A disk id that is not a valid name, or listed twice.
+    #[error("disk id {0:?} invalid or repeated")]
+    BadDiskId(String),
+    /// A disk of size 0.
+    #[error("disk {0:?} has size 0")]
+    EmptyDisk(String),
+    /// A full cycle that names a base.
+    #[error("a full cycle has no base")]
+    FullWithBase,
+    /// An incremental or resync cycle without a base.
+    #[error("an incremental cycle needs a base")]
+    NoBase,
+    /// A base that is not older than the cycle.
+    #[error("base {base} is not older than cycle {id}")]
+    BaseNotOlder {
+        /// The base.
+        base: CycleId,
+        /// The cycle.
+        id: CycleId,
+    },
+    /// An extent names a disk index the header does not have.
+    #[error("extent names disk index {0}")]
+    NoSuchDisk(u32),
+    /// A data extent larger than a staging record holds.
+    #[error("data extent of {0} bytes is too large")]
+    ExtentTooLarge(u64),
+    /// An extent that runs past its disk's end.
+    #[error("extent {offset}+{len} beyond disk {disk:?} of {size} bytes")]
+    ExtentOutOfRange {
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The disk id.
+        disk: String,
+        /// The disk's size.
+        size: u64,
+    },
+    /// The header does not encode as JSON (for a staging file).
+    #[error("header does not encode: {0}")]
+    HeaderEncode(serde_json::Error),
+    /// The header's JSON is larger than a staging file holds.
+    #[error("cycle header too large")]
+    HeaderTooLarge,
+}
+
+/// What is wrong with a block-hash request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HashRequestFault {
+    /// A block size that is not a power of two within the limits.
+    #[error("block size {size} is not a power of two between {min} and {max}")]
+    BlockSize {
+        /// The size asked for.
+        size: u64,
+        /// The smallest allowed.
+        min: u64,
+        /// The largest allowed.
+        max: u64,
+    },
+    /// No block, or more than one call answers.
+    #[error("{count} blocks asked for; 1 to {max} per call")]
+    Count {
+        /// Blocks asked for.
+        count: u64,
+        /// The most per call.
+        max: u64,
+    },
+    /// Blocks past the disk's end.
+    #[error("blocks {first}+{count} beyond a disk of {blocks} blocks")]
+    Beyond {
+        /// The first block asked for.
+        first: u64,
+        /// How many.
+        count: u64,
+        /// The disk's blocks.
+        blocks: u64,
+    },
+}
+
+/// Why an import cannot be done as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportFault {
+    /// No image of a disk in the directory.
+    #[error("no image for disk {disk:?} in {}: expected {disk}.qcow2, {disk}.raw or {disk}.img", .dir.display())]
+    NoImage {
+        /// The disk id.
+        disk: String,
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// More than one image of a disk in the directory.
+    #[error("more than one image for disk {disk:?} in {}", .dir.display())]
+    ManyImages {
+        /// The disk id.
+        disk: String,
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Nothing to import.
+    #[error("no images to import")]
+    NoImages,
+    /// A staged cycle that is not a full initial copy, for a VM without points.
+    #[error("{} holds a {kind:?} cycle; only a full initial copy can be imported", .path.display())]
+    NotFull {
+        /// The staging file.
+        path: PathBuf,
+        /// Its cycle's kind.
+        kind: vmr_proto::CycleKind,
+    },
+    /// The replica already holds the staged cycle or a newer one.
+    #[error("the replica already holds cycle {0} or a newer one; nothing to import")]
+    AlreadyHeld(CycleId),
+    /// Existing images are adopted only by a VM without points.
+    #[error("import needs a VM without recovery points")]
+    HasPoints,
+    /// A disk id that is not a valid name, or a disk of size 0.
+    #[error("disk id {0:?} invalid or size 0")]
+    BadDisk(String),
 }
 
 impl StoreError {

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use vmr_proto::CycleId;
 
-use crate::error::StoreError;
+use crate::error::{HashRequestFault, StoreError};
 use crate::qemu::Export;
 
 /// The resync block size (bytes): the block the primary and the replica hash and compare, the
@@ -79,21 +79,26 @@ pub fn check_request(
     count: u64,
 ) -> Result<u64, StoreError> {
     if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
-        return Err(StoreError::InvalidCycle(format!(
-            "block size {block_size} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
-        )));
+        return Err(StoreError::BadHashRequest(HashRequestFault::BlockSize {
+            size: block_size,
+            min: MIN_BLOCK,
+            max: MAX_BLOCK,
+        }));
     }
     if count == 0 || count > MAX_BLOCKS_PER_CALL {
-        return Err(StoreError::InvalidCycle(format!(
-            "{count} blocks asked for; 1 to {MAX_BLOCKS_PER_CALL} per call"
-        )));
+        return Err(StoreError::BadHashRequest(HashRequestFault::Count {
+            count,
+            max: MAX_BLOCKS_PER_CALL,
+        }));
     }
     let blocks = disk_size.div_ceil(block_size);
     match first_block.checked_add(count) {
         Some(end) if end <= blocks => Ok(count),
-        _ => Err(StoreError::InvalidCycle(format!(
-            "blocks {first_block}+{count} beyond a disk of {blocks} blocks"
-        ))),
+        _ => Err(StoreError::BadHashRequest(HashRequestFault::Beyond {
+            first: first_block,
+            count,
+            blocks,
+        })),
     }
 }
 
@@ -118,7 +123,7 @@ pub(crate) async fn hash_layer(
     let mut hashes = Vec::with_capacity(count as usize);
     if start < read_end {
         let Some(layer) = layer else {
-            return Err(StoreError::InvalidCycle("no layer to hash".into()));
+            return Err(StoreError::NoLayerToHash);
         };
         let x =
             Export::start_read_only(root, layer, vec![vmr_nbd::BASE_ALLOCATION.to_owned()]).await?;

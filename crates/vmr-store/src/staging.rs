@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use vmr_proto::{CycleHeader, Extent, ExtentData};
 
-use crate::error::StoreError;
+use crate::error::{CycleFault, StoreError};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"VMRSTAGE";
@@ -59,11 +59,11 @@ impl StageFileWriter {
             data_bytes: 0,
         };
         let json = serde_json::to_vec(header)
-            .map_err(|e| StoreError::InvalidCycle(format!("header does not encode: {e}")))?;
+            .map_err(|e| StoreError::InvalidCycle(CycleFault::HeaderEncode(e)))?;
         let len = u32::try_from(json.len())
             .ok()
             .filter(|l| *l <= MAX_HEADER_BYTES)
-            .ok_or_else(|| StoreError::InvalidCycle("cycle header too large".into()))?;
+            .ok_or(StoreError::InvalidCycle(CycleFault::HeaderTooLarge))?;
         let sum = blake3::hash(&json);
         w.chain.update(sum.as_bytes());
         w.write(MAGIC)?;

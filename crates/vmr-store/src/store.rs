@@ -23,7 +23,7 @@ use vmr_proto::{
 };
 
 use crate::daemon::Daemon;
-use crate::error::StoreError;
+use crate::error::{CycleFault, ImportFault, StoreError};
 use crate::fsio::{self, pause_point};
 use crate::pipeline::Pipeline;
 use crate::qemu::{self, Export};
@@ -175,24 +175,24 @@ fn stage_id(name: &str) -> Option<CycleId> {
 }
 
 fn validate_header(h: &CycleHeader) -> Result<(), StoreError> {
-    let bad = |m: String| Err(StoreError::InvalidCycle(m));
+    let bad = |f: CycleFault| Err(StoreError::InvalidCycle(f));
     if h.disks.is_empty() {
-        return bad("cycle has no disks".into());
+        return bad(CycleFault::NoDisks);
     }
     let mut seen = std::collections::BTreeSet::new();
     for d in &h.disks {
         if !valid_name(&d.id) || !seen.insert(d.id.as_str()) {
-            return bad(format!("disk id {:?} invalid or repeated", d.id));
+            return bad(CycleFault::BadDiskId(d.id.clone()));
         }
         if d.size == 0 {
-            return bad(format!("disk {:?} has size 0", d.id));
+            return bad(CycleFault::EmptyDisk(d.id.clone()));
         }
     }
     match (h.kind, h.base) {
         (CycleKind::Full, None) => Ok(()),
-        (CycleKind::Full, Some(_)) => bad("a full cycle has no base".into()),
-        (_, None) => bad("an incremental cycle needs a base".into()),
-        (_, Some(b)) if b >= h.id => bad(format!("base {b} is not older than cycle {}", h.id)),
+        (CycleKind::Full, Some(_)) => bad(CycleFault::FullWithBase),
+        (_, None) => bad(CycleFault::NoBase),
+        (_, Some(b)) if b >= h.id => bad(CycleFault::BaseNotOlder { base: b, id: h.id }),
         _ => Ok(()),
     }
 }
@@ -201,22 +201,18 @@ fn check_extent(h: &CycleHeader, e: &Extent) -> Result<(), StoreError> {
     let d = h
         .disks
         .get(e.disk as usize)
-        .ok_or_else(|| StoreError::InvalidCycle(format!("extent names disk index {}", e.disk)))?;
+        .ok_or(StoreError::InvalidCycle(CycleFault::NoSuchDisk(e.disk)))?;
     if matches!(e.data, ExtentData::Data(ref b) if b.len() as u64 > staging::MAX_EXTENT_BYTES) {
-        return Err(StoreError::InvalidCycle(format!(
-            "data extent of {} bytes is too large",
-            e.len()
-        )));
+        return Err(StoreError::InvalidCycle(CycleFault::ExtentTooLarge(e.len())));
     }
     match e.offset.checked_add(e.len()) {
         Some(end) if end <= d.size => Ok(()),
-        _ => Err(StoreError::InvalidCycle(format!(
-            "extent {}+{} beyond disk {:?} of {} bytes",
-            e.offset,
-            e.len(),
-            d.id,
-            d.size
-        ))),
+        _ => Err(StoreError::InvalidCycle(CycleFault::ExtentOutOfRange {
+            offset: e.offset,
+            len: e.len(),
+            disk: d.id.clone(),
+            size: d.size,
+        })),
     }
 }
 
@@ -720,10 +716,10 @@ impl Store {
             let st = lock(&v.st);
             let keep = find_point(&st.catalog, keep)?.id;
             if let Some(view) = st.catalog.views.iter().find(|w| w.point != keep) {
-                return Err(StoreError::InvalidCycle(format!(
-                    "point {} is pinned by view {}",
-                    view.point, view.id
-                )));
+                return Err(StoreError::ViewPinsPoint {
+                    view: view.id,
+                    point: view.point,
+                });
             }
             (
                 keep,
@@ -750,10 +746,10 @@ impl Store {
             let st = lock(&v.st);
             let keep = find_point(&st.catalog, Some(keep))?.id;
             if let Some(view) = st.catalog.views.iter().find(|w| w.point > keep) {
-                return Err(StoreError::InvalidCycle(format!(
-                    "point {} is pinned by view {}",
-                    view.point, view.id
-                )));
+                return Err(StoreError::ViewPinsPoint {
+                    view: view.id,
+                    point: view.point,
+                });
             }
             st.catalog
                 .points
@@ -782,15 +778,13 @@ impl Store {
         let v = self.vm(vm)?;
         let _chain = v.chain.lock().await;
         if !lock(&v.st).catalog.points.is_empty() {
-            return Err(StoreError::InvalidCycle(
-                "import needs a VM without recovery points".into(),
-            ));
+            return Err(StoreError::InvalidImport(ImportFault::HasPoints));
         }
         let mut layers = Vec::new();
         for (disk, image, size) in disks {
             if !valid_name(disk) || *size == 0 {
-                return Err(StoreError::InvalidCycle(format!(
-                    "disk id {disk:?} invalid or size 0"
+                return Err(StoreError::InvalidImport(ImportFault::BadDisk(
+                    disk.clone(),
                 )));
             }
             let dir = v.disk_dir(disk);
@@ -1090,13 +1084,12 @@ impl Store {
 }
 
 fn check_definition(vm: Uuid, text: &str) -> Result<(), StoreError> {
-    let def = vmr_proto::VmDefinition::from_toml(text)
-        .map_err(|e| StoreError::InvalidDefinition(e.to_string()))?;
+    let def = vmr_proto::VmDefinition::from_toml(text).map_err(StoreError::InvalidDefinition)?;
     if def.uuid != vm {
-        return Err(StoreError::InvalidDefinition(format!(
-            "definition is for VM {}, not {vm}",
-            def.uuid
-        )));
+        return Err(StoreError::DefinitionForOtherVm {
+            found: def.uuid,
+            expected: vm,
+        });
     }
     Ok(())
 }

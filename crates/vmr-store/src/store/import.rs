@@ -64,16 +64,16 @@ pub fn find_images(dir: &Path, disks: &[String]) -> Result<Vec<ImportImage>, Sto
         match found.as_slice() {
             [one] => out.push(one.clone()),
             [] => {
-                return Err(StoreError::InvalidCycle(format!(
-                    "no image for disk {d:?} in {}: expected {d}.qcow2, {d}.raw or {d}.img",
-                    dir.display()
-                )));
+                return Err(StoreError::InvalidImport(ImportFault::NoImage {
+                    disk: d.to_string(),
+                    dir: dir.to_path_buf(),
+                }));
             }
             _ => {
-                return Err(StoreError::InvalidCycle(format!(
-                    "more than one image for disk {d:?} in {}",
-                    dir.display()
-                )));
+                return Err(StoreError::InvalidImport(ImportFault::ManyImages {
+                    disk: d.to_string(),
+                    dir: dir.to_path_buf(),
+                }));
             }
         }
     }
@@ -160,7 +160,7 @@ impl Store {
         progress: ImportProgress<'_>,
     ) -> Result<RecoveryPoint, StoreError> {
         if images.is_empty() {
-            return Err(StoreError::InvalidCycle("no images to import".into()));
+            return Err(StoreError::InvalidImport(ImportFault::NoImages));
         }
         let mut exports = Vec::new();
         for img in images {
@@ -286,11 +286,10 @@ impl Store {
         .await?;
         match vm {
             None if header.kind != CycleKind::Full => {
-                return Err(StoreError::InvalidCycle(format!(
-                    "{} holds a {:?} cycle; only a full initial copy can be imported",
-                    path.display(),
-                    header.kind
-                )));
+                return Err(StoreError::InvalidImport(ImportFault::NotFull {
+                    path: path.to_path_buf(),
+                    kind: header.kind,
+                }));
             }
             Some(vm) if vm != header.vm => {
                 return Err(StoreError::corrupt(path, "staged cycle of another VM"));
@@ -301,9 +300,7 @@ impl Store {
         let mut track = Tracker::new(header.disks.iter().map(|d| d.size), progress);
         let mut w = self.begin_cycle(header).await?;
         if w.is_duplicate() {
-            return Err(StoreError::InvalidCycle(format!(
-                "the replica already holds cycle {id} or a newer one; nothing to import"
-            )));
+            return Err(StoreError::InvalidImport(ImportFault::AlreadyHeld(id)));
         }
         // A blocking reader thread feeds the extents through a small bounded channel.
         let (tx, mut rx) =

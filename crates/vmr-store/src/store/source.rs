@@ -158,9 +158,8 @@ impl PointReader {
         let e = self
             .exports
             .get(disk)
-            .ok_or_else(|| StoreError::InvalidCycle(format!("no disk index {disk}")))?;
-        let len = u32::try_from(len)
-            .map_err(|_| StoreError::InvalidCycle(format!("read of {len} bytes")))?;
+            .ok_or(StoreError::NoSuchDiskIndex(disk))?;
+        let len = u32::try_from(len).map_err(|_| StoreError::ReadTooLarge(len))?;
         e.client
             .read(offset, len)
             .await
