@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use vmr_capture::qmp::QmpClient;
 use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
 
-use crate::error::StoreError;
+use crate::error::{StoreError, ToolFault};
 use crate::fsio::pause_point;
 
 /// How the daemon writes a new layer's file.
@@ -220,8 +220,14 @@ impl Drop for DaemonExport {
     }
 }
 
-fn qmp_err(what: &str, e: vmr_capture::qmp::QmpError) -> StoreError {
-    StoreError::tool("qemu-storage-daemon", format!("{what}: {e}"))
+fn qmp_err(command: &str, error: vmr_capture::qmp::QmpError) -> StoreError {
+    StoreError::tool(
+        "qemu-storage-daemon",
+        ToolFault::Qmp {
+            command: command.to_owned(),
+            error,
+        },
+    )
 }
 
 impl Daemon {
@@ -373,7 +379,7 @@ impl Daemon {
             if child.exited() {
                 return Err(StoreError::tool(
                     "qemu-storage-daemon",
-                    "exited at start".into(),
+                    ToolFault::ExitedAtStart,
                 ));
             }
             if qmp_sock.exists() && nbd_sock.exists() {
@@ -389,7 +395,7 @@ impl Daemon {
                 child.kill_and_wait();
                 return Err(StoreError::tool(
                     "qemu-storage-daemon",
-                    "sockets did not appear".into(),
+                    ToolFault::NoSockets,
                 ));
             }
             tokio::time::sleep(Duration::from_millis(3)).await;
@@ -430,7 +436,7 @@ impl Daemon {
         let Some(r) = g.as_mut() else {
             return Err(StoreError::tool(
                 "qemu-storage-daemon",
-                "not running".into(),
+                ToolFault::NotRunning,
             ));
         };
         r.qmp.discard_events(|_| true);
@@ -505,7 +511,7 @@ impl Daemon {
         let mut direct = false;
         let mut added = Err(StoreError::tool(
             "qemu-storage-daemon",
-            "no file options to try".into(),
+            ToolFault::NoFileOptions,
         ));
         for &(d, aio) in tries {
             added = self
@@ -578,7 +584,7 @@ impl Daemon {
             let Some(job) = job else {
                 return Err(StoreError::tool(
                     "qemu-storage-daemon",
-                    format!("job {id} vanished"),
+                    ToolFault::JobVanished(id.to_string()),
                 ));
             };
             if job.get("status") == Some(&json!("concluded")) {
@@ -587,7 +593,7 @@ impl Daemon {
                     None => Ok(()),
                     Some(e) => Err(StoreError::tool(
                         "qemu-storage-daemon",
-                        format!("creating a layer: {e}"),
+                        ToolFault::CreateFailed(e.to_owned()),
                     )),
                 };
             }
@@ -597,7 +603,7 @@ impl Daemon {
                     .await;
                 return Err(StoreError::tool(
                     "qemu-storage-daemon",
-                    format!("job {id} did not end"),
+                    ToolFault::JobTimeout(id.to_string()),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -639,7 +645,7 @@ impl Daemon {
             )
             .await?;
             let sock = self.nbd_sock().await.ok_or_else(|| {
-                StoreError::tool("qemu-storage-daemon", "stopped while exporting".into())
+                StoreError::tool("qemu-storage-daemon", ToolFault::StoppedWhileExporting)
             })?;
             let opts = ConnectOptions {
                 export: node.clone(),
@@ -690,12 +696,15 @@ impl Daemon {
                 .await
             {
                 Ok(_) => return,
-                Err(StoreError::Tool { message, .. })
-                    if message.contains("in use") && tokio::time::Instant::now() < deadline =>
+                Err(StoreError::Tool { fault, .. })
+                    if fault.qmp_desc().is_some_and(|d| d.contains("in use"))
+                        && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err(StoreError::Tool { message, .. }) if message.contains("Failed to find") => {
+                Err(StoreError::Tool { fault, .. })
+                    if fault.qmp_desc().is_some_and(|d| d.contains("Failed to find")) =>
+                {
                     return;
                 }
                 Err(e) => {
@@ -785,18 +794,11 @@ impl Proc {
                     let _ = tx.send(Err(e));
                 }
             })
-            .map_err(|e| {
-                StoreError::tool("qemu-storage-daemon", format!("cannot start a thread: {e}"))
-            })?;
+            .map_err(|e| StoreError::tool("qemu-storage-daemon", ToolFault::Thread(e)))?;
         let (pid, pidfd) = rx
             .recv()
-            .map_err(|_| StoreError::tool("qemu-storage-daemon", "spawn thread ended".into()))?
-            .map_err(|e| {
-                StoreError::tool(
-                    "qemu-storage-daemon",
-                    format!("cannot run qemu-storage-daemon: {e}"),
-                )
-            })?;
+            .map_err(|_| StoreError::tool("qemu-storage-daemon", ToolFault::ThreadEnded))?
+            .map_err(|e| StoreError::tool("qemu-storage-daemon", ToolFault::Spawn(e)))?;
         Ok(Proc { pid, exited, pidfd })
     }
 

@@ -127,13 +127,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    /// `qemu-img` or `qemu-nbd` failed.
-    #[error("{tool} failed: {message}")]
+    /// `qemu-img`, `qemu-nbd` or `qemu-storage-daemon` failed.
+    #[error("{tool} failed: {fault}")]
     Tool {
         /// The program.
         tool: &'static str,
-        /// Its stderr or exit status.
-        message: String,
+        /// How.
+        fault: ToolFault,
     },
     /// A catalog could not be serialized (nothing was written).
     #[error("cannot encode the catalog")]
@@ -287,6 +287,110 @@ pub enum ImportFault {
     BadDisk(String),
 }
 
+/// How `qemu-img`, `qemu-nbd` or `qemu-storage-daemon` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolFault {
+    /// The program could not be started.
+    #[error("cannot run it: {0}")]
+    Spawn(std::io::Error),
+    /// It exited unsuccessfully: what it wrote to stderr, and what it was doing.
+    #[error("{stderr} ({context})")]
+    Exited {
+        /// Its stderr, trimmed.
+        stderr: String,
+        /// Its arguments or the export, and its exit status where known.
+        context: String,
+    },
+    /// Its JSON output does not parse.
+    #[error("bad {what} json: {error}")]
+    Json {
+        /// Which output (`info`, `map`).
+        what: &'static str,
+        /// serde's error.
+        error: serde_json::Error,
+    },
+    /// A `qemu-img map` entry without its start or length.
+    #[error("map entry without start/length")]
+    MapEntry,
+    /// A QMP command of the daemon, or the QMP connection, failed.
+    #[error("{command}: {error}")]
+    Qmp {
+        /// The command (`connect` for the connection).
+        command: String,
+        /// What QMP said.
+        error: vmr_capture::qmp::QmpError,
+    },
+    /// The daemon exited while it started.
+    #[error("exited at start")]
+    ExitedAtStart,
+    /// The daemon's sockets did not appear in time.
+    #[error("sockets did not appear")]
+    NoSockets,
+    /// A `qemu-nbd` export's socket did not appear in time.
+    #[error("socket did not appear for {0}")]
+    NoSocket(String),
+    /// The daemon is not running.
+    #[error("not running")]
+    NotRunning,
+    /// The daemon stopped while a layer was being exported.
+    #[error("stopped while exporting")]
+    StoppedWhileExporting,
+    /// No file node options were left to try (none was given).
+    #[error("no file options to try")]
+    NoFileOptions,
+    /// A block job vanished before it concluded.
+    #[error("job {0} vanished")]
+    JobVanished(String),
+    /// A block job did not conclude in time.
+    #[error("job {0} did not end")]
+    JobTimeout(String),
+    /// Creating a layer failed in the daemon (QEMU's message).
+    #[error("creating a layer: {0}")]
+    CreateFailed(String),
+    /// The thread that starts the daemon could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    /// The thread that starts the daemon ended without an answer.
+    #[error("spawn thread ended")]
+    ThreadEnded,
+    /// `qemu-nbd` was not started.
+    #[error("not started")]
+    NotStarted,
+    /// `qemu-nbd` did not exit after its export was finished.
+    #[error("did not exit for {0}")]
+    NoExit(String),
+    /// Waiting for `qemu-nbd` failed.
+    #[error("wait: {0}")]
+    Wait(std::io::Error),
+}
+
+impl ToolFault {
+    /// Whether the tool said the file system is full (or the quota exhausted).
+    fn says_no_space(&self) -> bool {
+        let says = |t: &str| t.contains("No space left on device") || t.contains("Disk quota exceeded");
+        match self {
+            ToolFault::Exited { stderr, .. } => says(stderr),
+            ToolFault::CreateFailed(m) => says(m),
+            ToolFault::Qmp {
+                error: vmr_capture::qmp::QmpError::Command { desc, .. },
+                ..
+            } => says(desc),
+            _ => false,
+        }
+    }
+
+    /// QEMU's description of a failed QMP command, if this is one.
+    pub(crate) fn qmp_desc(&self) -> Option<&str> {
+        match self {
+            ToolFault::Qmp {
+                error: vmr_capture::qmp::QmpError::Command { desc, .. },
+                ..
+            } => Some(desc),
+            _ => None,
+        }
+    }
+}
+
 impl StoreError {
     /// Wrap an I/O error with context, turning ENOSPC/EDQUOT into [`StoreError::DiskFull`].
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -300,12 +404,12 @@ impl StoreError {
         }
     }
 
-    /// A tool failure, turned into [`StoreError::DiskFull`] when its message says ENOSPC.
-    pub(crate) fn tool(tool: &'static str, message: String) -> Self {
-        if message.contains("No space left on device") || message.contains("Disk quota exceeded") {
+    /// A tool failure, turned into [`StoreError::DiskFull`] when the tool says ENOSPC.
+    pub(crate) fn tool(tool: &'static str, fault: ToolFault) -> Self {
+        if fault.says_no_space() {
             return StoreError::DiskFull(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        StoreError::Tool { tool, message }
+        StoreError::Tool { tool, fault }
     }
 
     /// An NBD failure; a server-side ENOSPC becomes [`StoreError::DiskFull`].

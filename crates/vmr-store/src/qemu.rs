@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
 
-use crate::error::StoreError;
+use crate::error::{StoreError, ToolFault};
 
 /// Run `qemu-img` with `args` in `cwd`; returns stdout. An image lock held by another process
 /// is waited for (up to 10 s): after a crash, the tools the previous store process started die
@@ -19,8 +19,10 @@ pub(crate) async fn qemu_img(cwd: &Path, args: &[&str]) -> Result<String, StoreE
     let mut tries = 0;
     loop {
         match qemu_img_once(cwd, args).await {
-            Err(StoreError::Tool { ref message, .. })
-                if tries < 100 && message.contains("Failed to get") && message.contains("lock") =>
+            Err(StoreError::Tool {
+                fault: ToolFault::Exited { ref stderr, .. },
+                ..
+            }) if tries < 100 && stderr.contains("Failed to get") && stderr.contains("lock") =>
             {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -39,12 +41,15 @@ async fn qemu_img_once(cwd: &Path, args: &[&str]) -> Result<String, StoreError> 
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| StoreError::tool("qemu-img", format!("cannot run qemu-img: {e}")))?;
+        .map_err(|e| StoreError::tool("qemu-img", ToolFault::Spawn(e)))?;
     if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         return Err(StoreError::tool(
             "qemu-img",
-            format!("{} ({})", msg, args.join(" ")),
+            ToolFault::Exited {
+                stderr,
+                context: args.join(" "),
+            },
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -63,7 +68,7 @@ pub(crate) async fn qemu_img_check(dir: &Path, file: &str) -> Result<Option<Stri
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| StoreError::tool("qemu-img", format!("cannot run qemu-img: {e}")))?;
+        .map_err(|e| StoreError::tool("qemu-img", ToolFault::Spawn(e)))?;
     // 0: no errors; 3: leaked clusters only; 2: corruptions; 1: not checkable (e.g. the
     // header is damaged); 63: the format does not support checks.
     Ok(match out.status.code() {
@@ -109,7 +114,7 @@ pub(crate) async fn create_layer(
 pub(crate) async fn backing_of(dir: &Path, file: &str) -> Result<Option<String>, StoreError> {
     let out = qemu_img(dir, &["info", "--output=json", "-f", "qcow2", file]).await?;
     let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| StoreError::tool("qemu-img", format!("bad info json: {e}")))?;
+        .map_err(|error| StoreError::tool("qemu-img", ToolFault::Json { what: "info", error }))?;
     Ok(v.get("backing-filename")
         .and_then(|b| b.as_str())
         .map(str::to_owned))
@@ -123,7 +128,7 @@ pub(crate) async fn ranges_in_backing(
 ) -> Result<Vec<(u64, u64)>, StoreError> {
     let out = qemu_img(dir, &["map", "--output=json", "-f", "qcow2", file]).await?;
     let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| StoreError::tool("qemu-img", format!("bad map json: {e}")))?;
+        .map_err(|error| StoreError::tool("qemu-img", ToolFault::Json { what: "map", error }))?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
         let depth = e.get("depth").and_then(|d| d.as_u64());
@@ -132,10 +137,7 @@ pub(crate) async fn ranges_in_backing(
             e.get("start").and_then(|d| d.as_u64()),
             e.get("length").and_then(|d| d.as_u64()),
         ) else {
-            return Err(StoreError::tool(
-                "qemu-img",
-                "map entry without start/length".into(),
-            ));
+            return Err(StoreError::tool("qemu-img", ToolFault::MapEntry));
         };
         if depth == Some(1) && present {
             match ranges.last_mut() {
@@ -323,26 +325,29 @@ impl Export {
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(|e| StoreError::tool("qemu-nbd", format!("cannot run qemu-nbd: {e}")))?,
+                .map_err(|e| StoreError::tool("qemu-nbd", ToolFault::Spawn(e)))?,
         ));
         let Some(child) = guard.0.as_mut() else {
-            return Err(StoreError::tool("qemu-nbd", "not started".to_owned()));
+            return Err(StoreError::tool("qemu-nbd", ToolFault::NotStarted));
         };
         tracing::debug!(pid = child.id().unwrap_or(0), what = %what, "qemu-nbd spawned");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
             if let Ok(Some(_)) = child.try_wait() {
-                let msg = stderr_of(child).await;
+                let stderr = stderr_of(child).await;
                 return Err(StoreError::tool(
                     "qemu-nbd",
-                    format!("{msg} (exporting {what})"),
+                    ToolFault::Exited {
+                        stderr,
+                        context: format!("exporting {what}"),
+                    },
                 ));
             }
             if tokio::time::Instant::now() > deadline {
                 let _ = child.kill().await;
                 return Err(StoreError::tool(
                     "qemu-nbd",
-                    format!("socket did not appear for {what}"),
+                    ToolFault::NoSocket(what.clone()),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(3)).await;
@@ -364,11 +369,14 @@ impl Export {
                         && tokio::time::Instant::now() < deadline =>
                 {
                     if let Ok(Some(st)) = child.try_wait() {
-                        let msg = stderr_of(child).await;
+                        let stderr = stderr_of(child).await;
                         let _ = std::fs::remove_file(&sock);
                         return Err(StoreError::tool(
                             "qemu-nbd",
-                            format!("{msg} ({st}, exporting {what})"),
+                            ToolFault::Exited {
+                                stderr,
+                                context: format!("{st}, exporting {what}"),
+                            },
                         ));
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -415,15 +423,16 @@ impl Export {
             };
             let st = tokio::time::timeout(Duration::from_secs(60), child.wait())
                 .await
-                .map_err(|_| {
-                    StoreError::tool("qemu-nbd", format!("did not exit for {}", self.what))
-                })?
-                .map_err(|e| StoreError::tool("qemu-nbd", format!("wait: {e}")))?;
+                .map_err(|_| StoreError::tool("qemu-nbd", ToolFault::NoExit(self.what.clone())))?
+                .map_err(|e| StoreError::tool("qemu-nbd", ToolFault::Wait(e)))?;
             if !st.success() {
-                let msg = stderr_of(child).await;
+                let stderr = stderr_of(child).await;
                 return Err(StoreError::tool(
                     "qemu-nbd",
-                    format!("{msg} ({st}, {})", self.what),
+                    ToolFault::Exited {
+                        stderr,
+                        context: format!("{st}, {}", self.what),
+                    },
                 ));
             }
             Ok(())

@@ -16,6 +16,7 @@ use std::os::unix::fs::MetadataExt;
 
 use super::cycle::blocking;
 use super::*;
+use crate::error::ToolFault;
 use crate::hash_index::{self, Entry, Index, IndexError, Updates};
 use crate::hashes::{BLOCK_SIZE, BlockHashes, Span, read_hashes, zero_hash};
 
@@ -42,7 +43,7 @@ pub(super) async fn own_ranges(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = qemu::qemu_img(dir, &args).await?;
     let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| StoreError::tool("qemu-img", format!("bad map json: {e}")))?;
+        .map_err(|error| StoreError::tool("qemu-img", ToolFault::Json { what: "map", error }))?;
     let mut ranges = Vec::new();
     for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
         let num = |k: &str| e.get(k).and_then(serde_json::Value::as_u64);

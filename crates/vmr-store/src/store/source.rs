@@ -26,6 +26,7 @@
 use bytes::Bytes;
 
 use super::*;
+use crate::error::ToolFault;
 
 /// A point pinned against pruning and merging while it is read (dropping it releases it).
 /// Cycles keep being applied on top of it.
@@ -221,10 +222,7 @@ fn changed_ranges(
             e.get("start").and_then(|d| d.as_u64()),
             e.get("length").and_then(|d| d.as_u64()),
         ) else {
-            return Err(StoreError::tool(
-                "qemu-img",
-                "map entry without start/length".into(),
-            ));
+            return Err(StoreError::tool("qemu-img", ToolFault::MapEntry));
         };
         let depth = e.get("depth").and_then(|d| d.as_u64()).unwrap_or(u64::MAX);
         let present = e.get("present").and_then(|d| d.as_bool()).unwrap_or(true);
@@ -314,7 +312,9 @@ impl Store {
                 )
                 .await?;
                 let map: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| StoreError::tool("qemu-img", format!("bad map json: {e}")))?;
+                    .map_err(|error| {
+                        StoreError::tool("qemu-img", ToolFault::Json { what: "map", error })
+                    })?;
                 changed_ranges(&map, newer, d.chain.len())?
             };
             out.push(DiskChanges {
