@@ -9,7 +9,7 @@ use std::path::Path;
 
 use vmr_proto::store::{CATALOG_FORMAT, Catalog, CatalogFile};
 
-use crate::error::StoreError;
+use crate::error::{Corruption, StoreError};
 use crate::fsio;
 
 /// Largest catalog file accepted (a bad file must not make us allocate without bound).
@@ -37,27 +37,24 @@ pub fn encode(c: &Catalog) -> Result<Vec<u8>, StoreError> {
 /// Decode and verify `catalog.json` bytes; `path` only names the file in errors.
 pub fn decode(bytes: &[u8], path: &Path) -> Result<Catalog, StoreError> {
     let file: CatalogFile = serde_json::from_slice(bytes)
-        .map_err(|e| StoreError::corrupt(path, format!("not a catalog: {e}")))?;
+        .map_err(|e| StoreError::corrupt(path, Corruption::NotCatalog(e)))?;
     if file.format != CATALOG_FORMAT {
         return Err(StoreError::corrupt(
             path,
-            format!(
-                "unsupported catalog format {} (this build reads {CATALOG_FORMAT})",
-                file.format
-            ),
+            Corruption::CatalogFormat {
+                found: file.format,
+                reads: CATALOG_FORMAT,
+            },
         ));
     }
     let sum = body_checksum(&file.catalog)
-        .map_err(|e| StoreError::corrupt(path, format!("cannot re-encode: {e}")))?;
+        .map_err(|e| StoreError::corrupt(path, Corruption::ReEncode(e)))?;
     if sum != file.checksum {
-        return Err(StoreError::corrupt(path, "catalog checksum mismatch"));
+        return Err(StoreError::corrupt(path, Corruption::CatalogChecksum));
     }
     let c = file.catalog;
     if c.points.windows(2).any(|w| w[0].id >= w[1].id) {
-        return Err(StoreError::corrupt(
-            path,
-            "points not in ascending id order",
-        ));
+        return Err(StoreError::corrupt(path, Corruption::PointOrder));
     }
     Ok(c)
 }
@@ -68,10 +65,7 @@ pub fn read(path: &Path) -> Result<Catalog, StoreError> {
         .map_err(|e| StoreError::io("stat", path, e))?
         .len();
     if len > MAX_CATALOG_BYTES {
-        return Err(StoreError::corrupt(
-            path,
-            format!("catalog of {len} bytes is too large"),
-        ));
+        return Err(StoreError::corrupt(path, Corruption::CatalogTooLarge(len)));
     }
     let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
     decode(&bytes, path)
@@ -129,7 +123,13 @@ mod tests {
             .replace("1000", "1001");
         let err = decode(text.as_bytes(), Path::new("x")).expect_err("must fail");
         assert!(
-            matches!(err, StoreError::CorruptFile { ref reason, .. } if reason.contains("checksum"))
+            matches!(
+                err,
+                StoreError::CorruptFile {
+                    reason: Corruption::CatalogChecksum,
+                    ..
+                }
+            )
         );
     }
 
@@ -140,7 +140,10 @@ mod tests {
             .replace("\"format\": 1", "\"format\": 9");
         assert!(matches!(
             decode(text.as_bytes(), Path::new("x")),
-            Err(StoreError::CorruptFile { .. })
+            Err(StoreError::CorruptFile {
+                reason: Corruption::CatalogFormat { found: 9, reads: 1 },
+                ..
+            })
         ));
         assert!(matches!(
             decode(b"{\"format\":", Path::new("x")),

@@ -81,7 +81,7 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        reason: Corruption,
     },
     /// The requested recovery point does not exist.
     #[error("no recovery point {0:?}")]
@@ -391,6 +391,129 @@ impl ToolFault {
     }
 }
 
+/// What is wrong with a damaged store file.
+#[derive(Debug, thiserror::Error)]
+pub enum Corruption {
+    /// The catalog is not a catalog's JSON.
+    #[error("not a catalog: {0}")]
+    NotCatalog(serde_json::Error),
+    /// A catalog format this build does not read.
+    #[error("unsupported catalog format {found} (this build reads {reads})")]
+    CatalogFormat {
+        /// The file's format.
+        found: u32,
+        /// The format this build reads.
+        reads: u32,
+    },
+    /// The catalog's body does not encode again (for its checksum).
+    #[error("cannot re-encode: {0}")]
+    ReEncode(serde_json::Error),
+    /// The catalog's checksum does not match its body.
+    #[error("catalog checksum mismatch")]
+    CatalogChecksum,
+    /// The catalog's points are not in ascending id order.
+    #[error("points not in ascending id order")]
+    PointOrder,
+    /// A catalog larger than any catalog.
+    #[error("catalog of {0} bytes is too large")]
+    CatalogTooLarge(u64),
+    /// The catalog is another VM's.
+    #[error("catalog names another VM")]
+    CatalogOfOtherVm,
+    /// A staging file without its magic.
+    #[error("bad staging magic")]
+    StagingMagic,
+    /// A staging version this build does not read.
+    #[error("unsupported staging version {0}")]
+    StagingVersion(u32),
+    /// A staging header larger than allowed.
+    #[error("staging header too large")]
+    StagingHeaderTooLarge,
+    /// The staging header's checksum does not match.
+    #[error("staging header checksum mismatch")]
+    StagingHeaderChecksum,
+    /// The staging header is not a cycle header.
+    #[error("bad header json: {0}")]
+    StagingHeaderJson(serde_json::Error),
+    /// The trailer's counts differ from the records read.
+    #[error("trailer count mismatch")]
+    TrailerCount,
+    /// The trailer's chain checksum differs from the records read.
+    #[error("trailer checksum mismatch")]
+    TrailerChecksum,
+    /// The trailer does not end with the end magic.
+    #[error("bad end magic")]
+    EndMagic,
+    /// Bytes after the trailer.
+    #[error("bytes after trailer")]
+    AfterTrailer,
+    /// A record's data longer than allowed.
+    #[error("extent of {0} bytes too large")]
+    ExtentTooLarge(u64),
+    /// A record tag this build does not know.
+    #[error("unknown record tag {0}")]
+    RecordTag(u8),
+    /// The staging file ends early.
+    #[error("truncated staging file")]
+    Truncated,
+    /// The staging file does not end with a trailer.
+    #[error("staging file has no trailer")]
+    NoTrailer,
+    /// A staged cycle of another VM.
+    #[error("staged cycle of another VM")]
+    StagedForOtherVm,
+    /// A view's record lacks a disk its point has.
+    #[error("view {view} lacks disk {disk}")]
+    ViewLacksDisk {
+        /// The view.
+        view: Uuid,
+        /// The disk id.
+        disk: String,
+    },
+    /// A layer's recorded backing file is not the one the catalog says.
+    #[error("backing {found:?} is not {expected:?}")]
+    Backing {
+        /// What the qcow2 header records.
+        found: Option<String>,
+        /// What the catalog says.
+        expected: String,
+    },
+    /// A layer's recorded backing is neither of the two files it can be during a prune.
+    #[error("backing {found:?} is neither {either:?} nor {or:?}")]
+    BackingNeither {
+        /// What the qcow2 header records.
+        found: Option<String>,
+        /// One file it can be.
+        either: String,
+        /// The other.
+        or: String,
+    },
+    /// A layer's recorded backing is neither the layer below nor that layer's own backing.
+    #[error("backing {found:?} is neither {layer:?} nor {base:?}")]
+    BackingNeitherBase {
+        /// What the qcow2 header records.
+        found: Option<String>,
+        /// The layer below.
+        layer: String,
+        /// Its backing (`None`: the bottom of the chain).
+        base: Option<String>,
+    },
+    /// The layer a cycle would create is already a committed point's.
+    #[error("layer to create is already committed")]
+    LayerCommitted,
+    /// A layer yielded another number of block hashes than asked.
+    #[error("read {got} block hashes for {want}")]
+    HashCount {
+        /// Hashes read.
+        got: usize,
+        /// Hashes asked for.
+        want: usize,
+    },
+    /// A path without a parent directory.
+    #[error("path has no parent directory")]
+    NoParent,
+}
+
 impl StoreError {
     /// Wrap an I/O error with context, turning ENOSPC/EDQUOT into [`StoreError::DiskFull`].
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -428,10 +551,10 @@ impl StoreError {
         StoreError::io(e.op, e.path, e.source)
     }
 
-    pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+    pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: Corruption) -> Self {
         StoreError::CorruptFile {
             path: path.into(),
-            reason: reason.into(),
+            reason,
         }
     }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use vmr_proto::{CycleHeader, Extent, ExtentData};
 
-use crate::error::{CycleFault, StoreError};
+use crate::error::{Corruption, CycleFault, StoreError};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"VMRSTAGE";
@@ -148,29 +148,29 @@ impl StageReader {
 impl<R: Read> StageReader<R> {
     /// Parse the header from `inp`; `path` names the source in errors.
     pub fn new(mut inp: R, path: &Path) -> Result<Self, StoreError> {
-        let bad = |r: &str| StoreError::corrupt(path, r.to_owned());
+        let bad = |r: Corruption| StoreError::corrupt(path, r);
         let mut fixed = [0u8; 16];
         read_exact(&mut inp, &mut fixed, path)?;
         if &fixed[0..8] != MAGIC {
-            return Err(bad("bad staging magic"));
+            return Err(bad(Corruption::StagingMagic));
         }
         let version = u32::from_le_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
         if version != VERSION {
-            return Err(bad(&format!("unsupported staging version {version}")));
+            return Err(bad(Corruption::StagingVersion(version)));
         }
         let len = u32::from_le_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]);
         if len > MAX_HEADER_BYTES {
-            return Err(bad("staging header too large"));
+            return Err(bad(Corruption::StagingHeaderTooLarge));
         }
         let mut json = vec![0u8; len as usize];
         read_exact(&mut inp, &mut json, path)?;
         let mut sum = [0u8; 32];
         read_exact(&mut inp, &mut sum, path)?;
         if blake3::hash(&json).as_bytes() != &sum {
-            return Err(bad("staging header checksum mismatch"));
+            return Err(bad(Corruption::StagingHeaderChecksum));
         }
         let header: CycleHeader =
-            serde_json::from_slice(&json).map_err(|e| bad(&format!("bad header json: {e}")))?;
+            serde_json::from_slice(&json).map_err(|e| bad(Corruption::StagingHeaderJson(e)))?;
         let mut chain = blake3::Hasher::new();
         chain.update(&sum);
         Ok(StageReader {
@@ -189,7 +189,7 @@ impl<R: Read> StageReader<R> {
         &self.header
     }
 
-    fn bad(&self, r: impl Into<String>) -> StoreError {
+    fn bad(&self, r: Corruption) -> StoreError {
         StoreError::corrupt(&self.path, r)
     }
 
@@ -207,18 +207,18 @@ impl<R: Read> StageReader<R> {
             let data_bytes = u64::from_le_bytes(arr8(&t[8..16]));
             let chain = self.chain.finalize();
             if count != self.count || data_bytes != self.data_bytes {
-                return Err(self.bad("trailer count mismatch"));
+                return Err(self.bad(Corruption::TrailerCount));
             }
             if &t[16..48] != chain.as_bytes() {
-                return Err(self.bad("trailer checksum mismatch"));
+                return Err(self.bad(Corruption::TrailerChecksum));
             }
             if &t[48..56] != END_MAGIC {
-                return Err(self.bad("bad end magic"));
+                return Err(self.bad(Corruption::EndMagic));
             }
             let mut extra = [0u8; 1];
             match self.inp.read(&mut extra) {
                 Ok(0) => {}
-                Ok(_) => return Err(self.bad("bytes after trailer")),
+                Ok(_) => return Err(self.bad(Corruption::AfterTrailer)),
                 Err(e) => return Err(StoreError::io("read", &self.path, e)),
             }
             self.done = true;
@@ -235,7 +235,7 @@ impl<R: Read> StageReader<R> {
         let data = match d[0] {
             TAG_DATA => {
                 if len > MAX_EXTENT_BYTES {
-                    return Err(self.bad(format!("extent of {len} bytes too large")));
+                    return Err(self.bad(Corruption::ExtentTooLarge(len)));
                 }
                 let mut buf = vec![0u8; len as usize];
                 read_exact(&mut self.inp, &mut buf, &self.path)?;
@@ -243,7 +243,7 @@ impl<R: Read> StageReader<R> {
                 ExtentData::Data(Bytes::from(buf))
             }
             TAG_ZERO => ExtentData::Zero(len),
-            t => return Err(self.bad(format!("unknown record tag {t}"))),
+            t => return Err(self.bad(Corruption::RecordTag(t))),
         };
         let checked = vmr_proto::CheckedExtent::verify(
             Extent { disk, offset, data },
@@ -266,7 +266,7 @@ fn arr8(s: &[u8]) -> [u8; 8] {
 fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], path: &Path) -> Result<(), StoreError> {
     r.read_exact(buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            StoreError::corrupt(path, "truncated staging file")
+            StoreError::corrupt(path, Corruption::Truncated)
         } else {
             StoreError::io("read", path, e)
         }
@@ -283,7 +283,7 @@ pub fn looks_complete(path: &Path) -> Result<CycleHeader, StoreError> {
         .map_err(|e| StoreError::io("stat", path, e))?
         .len();
     if len < TRAILER_LEN {
-        return Err(StoreError::corrupt(path, "truncated staging file"));
+        return Err(StoreError::corrupt(path, Corruption::Truncated));
     }
     use std::io::Seek;
     f.seek(std::io::SeekFrom::Start(len - 8))
@@ -291,7 +291,7 @@ pub fn looks_complete(path: &Path) -> Result<CycleHeader, StoreError> {
     let mut m = [0u8; 8];
     read_exact(&mut f, &mut m, path)?;
     if &m != END_MAGIC {
-        return Err(StoreError::corrupt(path, "staging file has no trailer"));
+        return Err(StoreError::corrupt(path, Corruption::NoTrailer));
     }
     Ok(header)
 }

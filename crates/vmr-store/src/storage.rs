@@ -67,7 +67,7 @@ mod fault {
     use std::sync::Mutex;
 
     use super::Storage;
-    use crate::error::StoreError;
+    use crate::error::{Corruption, StoreError};
 
     /// A change not yet durable, undone by a power loss.
     #[derive(Debug)]
@@ -189,7 +189,7 @@ mod fault {
         fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
             let dir = path
                 .parent()
-                .ok_or_else(|| StoreError::corrupt(path, "path has no parent directory"))?;
+                .ok_or_else(|| StoreError::corrupt(path, Corruption::NoParent))?;
             let tmp = vmr_durable::tmp_path(path);
             let res = (|| {
                 self.write_new(&tmp, bytes)?;

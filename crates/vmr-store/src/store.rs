@@ -23,7 +23,7 @@ use vmr_proto::{
 };
 
 use crate::daemon::Daemon;
-use crate::error::{CycleFault, ImportFault, StoreError};
+use crate::error::{Corruption, CycleFault, ImportFault, StoreError};
 use crate::fsio::{self, pause_point};
 use crate::pipeline::Pipeline;
 use crate::qemu::{self, Export};
@@ -268,7 +268,7 @@ impl Vm {
         if cat.vm != id {
             return Err(StoreError::corrupt(
                 dir.join(CATALOG),
-                "catalog names another VM",
+                Corruption::CatalogOfOtherVm,
             ));
         }
         Ok(Vm {
@@ -901,7 +901,10 @@ impl Store {
                 .ok_or_else(|| {
                     StoreError::corrupt(
                         v.catalog_path(),
-                        format!("view {view} lacks disk {}", l.disk),
+                        Corruption::ViewLacksDisk {
+                            view,
+                            disk: l.disk.clone(),
+                        },
                     )
                 })?;
             let dir = v.disk_dir(&l.disk);
@@ -1270,7 +1273,10 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
             if actual.as_deref() != Some(l.file.as_str()) {
                 return Err(StoreError::corrupt(
                     dir.join(&u.file),
-                    format!("backing {actual:?} is not {:?}", l.file),
+                    Corruption::Backing {
+                        found: actual,
+                        expected: l.file.clone(),
+                    },
                 ));
             }
             qemu::commit_into_backing(&dir, &u.file).await?;
@@ -1289,7 +1295,11 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
                 } else if wa.as_deref() != Some(l.file.as_str()) {
                     return Err(StoreError::corrupt(
                         dir.join(&w.file),
-                        format!("backing {wa:?} is neither {:?} nor {:?}", u.file, l.file),
+                        Corruption::BackingNeither {
+                            found: wa,
+                            either: u.file.clone(),
+                            or: l.file.clone(),
+                        },
                     ));
                 }
             }
@@ -1304,10 +1314,11 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         } else if actual != l.backing {
             return Err(StoreError::corrupt(
                 dir.join(&u.file),
-                format!(
-                    "backing {actual:?} is neither {:?} nor {:?}",
-                    l.file, l.backing
-                ),
+                Corruption::BackingNeitherBase {
+                    found: actual,
+                    layer: l.file.clone(),
+                    base: l.backing.clone(),
+                },
             ));
         }
         rebased.push((u.disk.clone(), l.backing.clone()));

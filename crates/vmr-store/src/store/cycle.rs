@@ -147,7 +147,7 @@ impl VmState {
             if referenced.contains(&(d.id.as_str(), file.as_str())) {
                 return Err(StoreError::corrupt(
                     v.disk_dir(&d.id).join(&file),
-                    "layer to create is already committed",
+                    Corruption::LayerCommitted,
                 ));
             }
             layers.push(LayerRecord {

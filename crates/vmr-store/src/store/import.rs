@@ -292,7 +292,7 @@ impl Store {
                 }));
             }
             Some(vm) if vm != header.vm => {
-                return Err(StoreError::corrupt(path, "staged cycle of another VM"));
+                return Err(StoreError::corrupt(path, Corruption::StagedForOtherVm));
             }
             _ => {}
         }

@@ -634,7 +634,10 @@ impl Store {
             if read.len() != unknown.len() {
                 return Err(StoreError::corrupt(
                     &layer,
-                    format!("read {} block hashes for {}", read.len(), unknown.len()),
+                    Corruption::HashCount {
+                        got: read.len(),
+                        want: unknown.len(),
+                    },
                 ));
             }
             for (b, h) in unknown.iter().zip(read) {
