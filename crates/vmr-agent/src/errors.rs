@@ -63,6 +63,43 @@ pub fn refusal_err(r: Refusal) -> RemoteError {
     }
 }
 
+/// Why a second relationship (fan-out) cannot be added, or a command is refused while the
+/// VM has several.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FanoutRefusal {
+    /// A command that is not built for a VM with several relationships.
+    #[error("{0} is not built for a VM that replicates to several replicas")]
+    NotBuilt(&'static str),
+    /// A fan-out relationship whose record is gone.
+    #[error("fan-out relationship {0} has no record")]
+    NoRecord(u32),
+    /// The first relationship, while further ones exist.
+    #[error(
+        "the first relationship cannot be disabled while the VM replicates to further \
+         replicas: disable those first (disable NAME --replica HOST:PORT)"
+    )]
+    FirstRelationship,
+    /// A libvirt-managed VM.
+    #[error(
+        "replicates to {0} already, and replicating a libvirt-managed VM to a second replica \
+         is not built"
+    )]
+    Libvirt(String),
+    /// A consistency group member.
+    #[error(
+        "replicates to {0} already, and a consistency group member replicates to one replica \
+         (fan-out of a group member is not built)"
+    )]
+    GroupMember(String),
+    /// Automatic failover.
+    #[error(
+        "automatic failover of a VM that replicates to several replicas is not built: enable \
+         the further relationship without --auto-failover on a VM without it (`set NAME \
+         --auto-failover off` first)"
+    )]
+    AutoFailover,
+}
+
 /// Every error the agent reports to the CLI (through the control API) or to its binary. Each
 /// variant is one situation; [`AgentError::exit_code`] gives the documented exit code (README.md,
 /// "Exit codes").
@@ -216,7 +253,7 @@ pub enum AgentError {
         /// The VM name.
         name: String,
         /// Why.
-        reason: String,
+        reason: FanoutRefusal,
     },
     /// `enable` on a VM that replicates already.
     #[error("replication of {name:?} is already enabled ({state})")]

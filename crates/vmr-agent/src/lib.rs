@@ -52,7 +52,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use crate::errors::AgentError;
+pub use crate::errors::{AgentError, FanoutRefusal};
 
 use crate::config::load_config;
 use crate::host::Host;

@@ -848,7 +848,7 @@ impl PrimarySide {
                 let Some(i) = vm.rec.fanout.iter().position(|f| f.slot == self.slot) else {
                     return Err(AgentError::FanoutRefused {
                         name,
-                        reason: format!("fan-out relationship {} has no record", self.slot),
+                        reason: crate::errors::FanoutRefusal::NoRecord(self.slot),
                     });
                 };
                 let args = vm.rec.fanout.remove(i).args;

@@ -27,7 +27,7 @@ use vmr_proto::wire::RemoteError;
 use vmr_transport::Peer;
 
 use crate::autofail::LeaseNote;
-use crate::errors::{AgentError, internal, store_err};
+use crate::errors::{AgentError, FanoutRefusal, internal, store_err};
 use crate::events::NewEvent;
 use crate::extended::ExtendedSide;
 use crate::host::Host;
@@ -666,9 +666,9 @@ impl Owner {
         if self.fanout.is_empty() {
             return Some(cmd);
         }
-        let not_built = |what: &str| AgentError::FanoutRefused {
+        let not_built = |what: &'static str| AgentError::FanoutRefused {
             name: self.vm.rec.name.clone(),
-            reason: format!("{what} is not built for a VM that replicates to several replicas"),
+            reason: FanoutRefusal::NotBuilt(what),
         };
         match cmd {
             Command::StartInitial(r) | Command::ResumeResync(_, r) => {
@@ -716,10 +716,7 @@ impl Owner {
             if cmd == Cmd::Disable && !self.fanout.is_empty() {
                 return Err(AgentError::FanoutRefused {
                     name: self.vm.rec.name.clone(),
-                    reason: "the first relationship cannot be disabled while the VM replicates \
-                             to further replicas: disable those first (disable NAME --replica \
-                             HOST:PORT)"
-                        .into(),
+                    reason: FanoutRefusal::FirstRelationship,
                 });
             }
             let r = self.primary_cmd(cmd).await;
@@ -2770,23 +2767,15 @@ impl Owner {
                         state: p.state(),
                     });
                 }
-                let refused = |reason: &str| AgentError::FanoutRefused {
+                let refused = |reason: fn(String) -> FanoutRefusal| AgentError::FanoutRefused {
                     name: self.vm.rec.name.clone(),
-                    reason: format!(
-                        "replicates to {} already, and {reason}",
-                        p.replica(&self.vm)
-                    ),
+                    reason: reason(p.replica(&self.vm).to_string()),
                 };
                 if self.vm.rec.libvirt.is_some() {
-                    return Err(refused(
-                        "replicating a libvirt-managed VM to a second replica is not built",
-                    ));
+                    return Err(refused(FanoutRefusal::Libvirt));
                 }
                 if self.vm.rec.group.is_some() {
-                    return Err(refused(
-                        "a consistency group member replicates to one replica (fan-out of a \
-                         group member is not built)",
-                    ));
+                    return Err(refused(FanoutRefusal::GroupMember));
                 }
                 fanout = true;
             }
@@ -2806,10 +2795,7 @@ impl Owner {
             // replicating a fenced VM's (or a taken-over VM's) disks in the old direction.
             return Err(AgentError::FanoutRefused {
                 name: self.vm.rec.name.clone(),
-                reason: "automatic failover of a VM that replicates to several replicas is not \
-                         built: enable the further relationship without --auto-failover on a \
-                         VM without it (`set NAME --auto-failover off` first)"
-                    .into(),
+                reason: FanoutRefusal::AutoFailover,
             });
         }
         // A disable the replica has not heard of yet must not reach it after this enable.
