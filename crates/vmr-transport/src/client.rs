@@ -496,10 +496,10 @@ impl Client {
             .header(http::header::CONTENT_TYPE, content_type)
             .body(full_body(Bytes::from(body)))
             .map_err(TransportError::BuildRequest)?;
-        let bad = |source: vmr_proto::peer::PeerCodecError| {
+        let bad = |error: vmr_proto::peer::PeerCodecError| {
             TransportError::Protocol(ProtocolFault::BadAnswer {
                 method: req.method(),
-                source,
+                error,
             })
         };
         tokio::time::timeout(self.opts.call_timeout, async {

@@ -304,12 +304,12 @@ pub enum ProtocolFault {
     #[error("bad response json: {0}")]
     ResponseJson(serde_json::Error),
     /// A control call's answer that does not decode as its call's answer.
-    #[error("bad {method} answer: {source}")]
+    #[error("bad {method} answer: {error}")]
     BadAnswer {
         /// The call.
         method: &'static str,
         /// What was wrong with it.
-        source: vmr_proto::peer::PeerCodecError,
+        error: vmr_proto::peer::PeerCodecError,
     },
     /// A control call answered with another call's answer.
     #[error("unexpected {0} answer")]
