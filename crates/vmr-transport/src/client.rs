@@ -712,7 +712,8 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     resp: Response<Incoming>,
 ) -> Result<T, TransportError> {
     let body = read_body(resp).await?;
-    serde_json::from_slice(&body).map_err(|e| TransportError::Protocol(ProtocolFault::ResponseJson(e)))
+    serde_json::from_slice(&body)
+        .map_err(|e| TransportError::Protocol(ProtocolFault::ResponseJson(e)))
 }
 
 /// Reads a response body: the bytes on success, the typed [`RemoteError`] otherwise.

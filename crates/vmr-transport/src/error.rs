@@ -69,7 +69,7 @@ pub enum TransportError {
         index: u64,
     },
     /// The peer vanished or the connection broke before the exchange was complete.
-    #[error("transfer interrupted ({during}): {}", chain(.cause.as_ref()))]
+    #[error("transfer interrupted ({during}): {}", chain(.cause))]
     Interrupted {
         /// What was being sent or received.
         during: &'static str,
@@ -147,7 +147,7 @@ pub enum TransportError {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error and its sources on one line, outermost first.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(e: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {
@@ -445,16 +445,11 @@ mod tests {
             TransportError::Protocol(ProtocolFault::EndDigest).to_remote(),
             RemoteError::BadRequest { .. }
         ));
-        assert!(matches!(
-            interrupted().to_remote(),
-            RemoteError::Internal { .. }
-        ));
+        assert!(matches!(interrupted().to_remote(), RemoteError::Internal { .. }));
         // A body the sender ended early is its error; a cut transfer is retryable.
         let cut = TransportError::Truncated("without an end frame");
         assert!(!cut.is_retryable());
         assert_eq!(cut.to_remote().status_code(), 400);
-        assert!(
-            interrupted().to_remote().is_retryable()
-        );
+        assert!(interrupted().to_remote().is_retryable());
     }
 }
