@@ -376,7 +376,7 @@ path = "/var/lib/vm/web1.qcow2"
     #[test]
     fn rejects_unknown_placeholder() {
         let bad = QSD.replace("{disk:disk0}", "{disk:disk9}");
-        let e = VmDefinition::from_toml(&bad).unwrap_err();
+        let e = VmDefinition::from_toml(&bad).expect_err("unknown placeholder");
         assert!(
             matches!(
                 &e,
