@@ -737,9 +737,9 @@ async fn libvirt_definition(name: &str, lv: &LibvirtSource) -> Result<VmDefiniti
     .map_err(AgentError::Task)?;
     let (uuid, disks, xml) = read.map_err(err)?;
     let uuid = uuid::Uuid::parse_str(&uuid).map_err(|_| {
-        err(vmr_libvirt::LibvirtError::DomainXml(
+        err(vmr_libvirt::LibvirtError::DomainXml(Box::new(
             vmr_libvirt::XmlFault::BadUuid(uuid.clone()),
-        ))
+        )))
     })?;
     let def = VmDefinition {
         name: name.to_owned(),

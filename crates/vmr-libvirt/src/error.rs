@@ -25,13 +25,15 @@ pub enum LibvirtError {
         /// The value.
         value: String,
     },
-    /// The domain's XML could not be understood.
+    /// The domain's XML could not be understood (boxed, as is [`LibvirtError::QemuDefinition`]'s
+    /// fault: this error is carried inside larger ones, which `clippy::result_large_err` keeps
+    /// under 128 bytes).
     #[error("domain XML: {0}")]
-    DomainXml(XmlFault),
+    DomainXml(Box<XmlFault>),
     /// A plain-QEMU definition that cannot be made into a domain (a bad `-m` or `-smp`), or a
     /// domain that cannot be started with plain QEMU.
     #[error("the QEMU definition cannot be made into a libvirt domain: {0}")]
-    QemuDefinition(QemuFault),
+    QemuDefinition(Box<QemuFault>),
     /// A disk whose image is not qcow2: libvirt checkpoints (persistent dirty bitmaps) need
     /// qcow2.
     #[error(

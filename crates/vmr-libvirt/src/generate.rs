@@ -64,7 +64,7 @@ pub struct QemuFacts {
 }
 
 fn bad(fault: QemuFault) -> LibvirtError {
-    LibvirtError::QemuDefinition(fault)
+    LibvirtError::QemuDefinition(Box::new(fault))
 }
 
 /// `-m` / `--m`: the option's name without its dashes, when `a` is an option.

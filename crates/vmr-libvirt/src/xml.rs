@@ -35,7 +35,7 @@ pub struct BackupPlan {
 }
 
 fn xml_err(fault: XmlFault) -> LibvirtError {
-    LibvirtError::DomainXml(fault)
+    LibvirtError::DomainXml(Box::new(fault))
 }
 
 /// The disks of a domain definition that vmreplica replicates: every `<disk device='disk'>`

@@ -225,7 +225,7 @@ fn qmp_err(command: &str, error: vmr_capture::qmp::QmpError) -> StoreError {
         "qemu-storage-daemon",
         ToolFault::Qmp {
             command: command.to_owned(),
-            error,
+            error: Box::new(error),
         },
     )
 }

@@ -80,8 +80,9 @@ pub enum StoreError {
     CorruptFile {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        reason: Corruption,
+        /// What is wrong (boxed: errors that carry a `StoreError` and a path stay under
+        /// `clippy::result_large_err`'s 128 bytes).
+        reason: Box<Corruption>,
     },
     /// The requested recovery point does not exist.
     #[error("no recovery point {0:?}")]
@@ -107,7 +108,7 @@ pub enum StoreError {
     },
     /// The VM definition is not acceptable.
     #[error("invalid VM definition: {0}")]
-    InvalidDefinition(vmr_proto::VmDefinitionError),
+    InvalidDefinition(Box<vmr_proto::VmDefinitionError>),
     /// The VM definition names another VM.
     #[error("invalid VM definition: definition is for VM {found}, not {expected}")]
     DefinitionForOtherVm {
@@ -317,8 +318,9 @@ pub enum ToolFault {
     Qmp {
         /// The command (`connect` for the connection).
         command: String,
-        /// What QMP said.
-        error: vmr_capture::qmp::QmpError,
+        /// What QMP said (boxed: a `QmpError` is large, and a [`StoreError`] travels
+        /// inside larger errors).
+        error: Box<vmr_capture::qmp::QmpError>,
     },
     /// The daemon exited while it started.
     #[error("exited at start")]
@@ -367,25 +369,19 @@ pub enum ToolFault {
 impl ToolFault {
     /// Whether the tool said the file system is full (or the quota exhausted).
     fn says_no_space(&self) -> bool {
-        let says = |t: &str| t.contains("No space left on device") || t.contains("Disk quota exceeded");
+        let says =
+            |t: &str| t.contains("No space left on device") || t.contains("Disk quota exceeded");
         match self {
             ToolFault::Exited { stderr, .. } => says(stderr),
             ToolFault::CreateFailed(m) => says(m),
-            ToolFault::Qmp {
-                error: vmr_capture::qmp::QmpError::Command { desc, .. },
-                ..
-            } => says(desc),
-            _ => false,
+            _ => self.qmp_desc().is_some_and(says),
         }
     }
 
     /// QEMU's description of a failed QMP command, if this is one.
     pub(crate) fn qmp_desc(&self) -> Option<&str> {
         match self {
-            ToolFault::Qmp {
-                error: vmr_capture::qmp::QmpError::Command { desc, .. },
-                ..
-            } => Some(desc),
+            ToolFault::Qmp { error, .. } => error.desc(),
             _ => None,
         }
     }
@@ -554,7 +550,7 @@ impl StoreError {
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: Corruption) -> Self {
         StoreError::CorruptFile {
             path: path.into(),
-            reason,
+            reason: Box::new(reason),
         }
     }
 

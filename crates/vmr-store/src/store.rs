@@ -1087,7 +1087,8 @@ impl Store {
 }
 
 fn check_definition(vm: Uuid, text: &str) -> Result<(), StoreError> {
-    let def = vmr_proto::VmDefinition::from_toml(text).map_err(StoreError::InvalidDefinition)?;
+    let def = vmr_proto::VmDefinition::from_toml(text)
+        .map_err(|e| StoreError::InvalidDefinition(Box::new(e)))?;
     if def.uuid != vm {
         return Err(StoreError::DefinitionForOtherVm {
             found: def.uuid,
