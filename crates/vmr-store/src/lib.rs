@@ -20,9 +20,7 @@ pub mod staging;
 mod storage;
 mod store;
 
-pub use error::{
-    Corruption, CycleFault, HashRequestFault, ImportFault, StoreError, ToolFault,
-};
+pub use error::{Corruption, CycleFault, HashRequestFault, ImportFault, StoreError, ToolFault};
 pub use retention::{KeepReason, Plan, PointMeta, estimate_sizes, plan, retention};
 #[cfg(feature = "failpoints")]
 pub use storage::FaultStorage;
