@@ -34,7 +34,10 @@ pub fn store_err(e: StoreError) -> RemoteError {
         | StoreError::BadHashRequest(_)
         | StoreError::InvalidImport(_)
         | StoreError::InvalidDefinition(_)
-        | StoreError::DefinitionForOtherVm { .. }) => RemoteError::BadRequest {
+        | StoreError::DefinitionForOtherVm { .. }
+        | StoreError::ViewPinsPoint { .. }
+        | StoreError::NoSuchDiskIndex(_)
+        | StoreError::ReadTooLarge(_)) => RemoteError::BadRequest {
             message: err.to_string(),
         },
         other => RemoteError::Internal {
