@@ -180,7 +180,9 @@ impl VmCapture {
             None => names.nbd_socket(&cfg.work_dir),
         };
         if nbd_socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(CaptureError::Config(ConfigFault::SocketPathTooLong(nbd_socket)));
+            return Err(CaptureError::Config(ConfigFault::SocketPathTooLong(
+                nbd_socket,
+            )));
         }
         let qmp = QmpClient::connect(&cfg.qmp, cfg.qmp_timeout)
             .await

@@ -237,10 +237,7 @@ impl LibvirtCapture {
                 uncovered,
                 now_ms: now_ms(),
             };
-            let mut acts = self
-                .chain
-                .step(ev)
-                .map_err(CaptureError::Chain)?;
+            let mut acts = self.chain.step(ev).map_err(CaptureError::Chain)?;
             let Some(ChainAction::Redefine(name)) = acts.first().cloned() else {
                 break acts;
             };

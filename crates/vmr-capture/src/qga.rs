@@ -326,8 +326,8 @@ impl GuestAgent {
         if let Some(a) = args {
             msg.insert("arguments".into(), a);
         }
-        let mut bytes = serde_json::to_vec(&Value::Object(msg))
-            .map_err(|source| QgaError::Encode {
+        let mut bytes =
+            serde_json::to_vec(&Value::Object(msg)).map_err(|source| QgaError::Encode {
                 command: command.to_owned(),
                 source,
             })?;

@@ -375,8 +375,8 @@ impl QmpClient {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let v: Value = serde_json::from_slice(&line)
-                .map_err(|e| QmpError::Protocol(QmpFault::Json(e)))?;
+            let v: Value =
+                serde_json::from_slice(&line).map_err(|e| QmpError::Protocol(QmpFault::Json(e)))?;
             if let Some(name) = v.get("event").and_then(Value::as_str) {
                 let ev = QmpEvent {
                     name: name.to_owned(),

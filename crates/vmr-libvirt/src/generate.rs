@@ -111,15 +111,12 @@ fn memory_kib(v: &str) -> Result<u64, LibvirtError> {
 }
 
 fn number(what: &str, v: &str) -> Result<u32, LibvirtError> {
-    v.parse::<u32>()
-        .ok()
-        .filter(|&n| n > 0)
-        .ok_or_else(|| {
-            bad(QemuFault::CpuCount {
-                what: what.to_owned(),
-                value: v.to_owned(),
-            })
+    v.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
+        bad(QemuFault::CpuCount {
+            what: what.to_owned(),
+            value: v.to_owned(),
         })
+    })
 }
 
 /// `-smp`: `N`, `cpus=N`, or the product of `sockets`, `dies`, `clusters`, `cores` and

@@ -167,7 +167,8 @@ pub fn checkpoint_xml(plan: &BackupPlan) -> String {
 /// `<parent>` element (the parent is deleted once the checkpoint is acknowledged, and a
 /// redefined checkpoint names none). Errors when the document is not a checkpoint's.
 pub fn redefinable_checkpoint(checkpoint_xml: &str) -> Result<String, LibvirtError> {
-    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
+    let doc =
+        roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     let root = doc.root_element();
     if root.tag_name().name() != "domaincheckpoint" {
         return Err(xml_err(XmlFault::WrongRoot {
@@ -185,7 +186,8 @@ pub fn redefinable_checkpoint(checkpoint_xml: &str) -> Result<String, LibvirtErr
 
 /// The disks (names) a checkpoint description has a bitmap for.
 pub fn checkpoint_disks(checkpoint_xml: &str) -> Result<Vec<String>, LibvirtError> {
-    let doc = roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
+    let doc =
+        roxmltree::Document::parse(checkpoint_xml).map_err(|e| xml_err(XmlFault::Parse(e)))?;
     let root = doc.root_element();
     let Some(disks) = root.children().find(|n| n.has_tag_name("disks")) else {
         return Ok(Vec::new());

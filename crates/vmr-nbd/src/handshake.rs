@@ -63,8 +63,8 @@ async fn send_option<S: AsyncWrite + Unpin>(
     option: u32,
     data: &[u8],
 ) -> Result<(), NbdError> {
-    let len = u32::try_from(data.len())
-        .map_err(|_| hs(HandshakeFault::OptionDataTooLong(data.len())))?;
+    let len =
+        u32::try_from(data.len()).map_err(|_| hs(HandshakeFault::OptionDataTooLong(data.len())))?;
     let mut b = Vec::with_capacity(16 + data.len());
     b.extend_from_slice(&IHAVEOPT.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());

@@ -301,7 +301,10 @@ async fn block_status_parsed_and_validated() {
     assert!(matches!(&e, NbdError::Protocol(f) if *f == fault), "{e:?}");
     // The connection is now dead for everyone, and says why.
     let later = c.flush().await.unwrap_err();
-    assert!(matches!(&later, NbdError::Protocol(f) if *f == fault), "{later:?}");
+    assert!(
+        matches!(&later, NbdError::Protocol(f) if *f == fault),
+        "{later:?}"
+    );
     assert!(!c.is_connected());
 }
 
@@ -339,7 +342,10 @@ fn hdr(kind: u16, flags: u16, cookie: u64, length: u32) -> Vec<u8> {
 async fn hostile_bad_magic() {
     let e = hostile_read(|_| vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]).await;
     assert!(
-        matches!(e, NbdError::Protocol(ProtocolFault::BadReplyMagic(0xdead_beef))),
+        matches!(
+            e,
+            NbdError::Protocol(ProtocolFault::BadReplyMagic(0xdead_beef))
+        ),
         "{e:?}"
     );
 }

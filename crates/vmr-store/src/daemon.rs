@@ -703,7 +703,9 @@ impl Daemon {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 Err(StoreError::Tool { fault, .. })
-                    if fault.qmp_desc().is_some_and(|d| d.contains("Failed to find")) =>
+                    if fault
+                        .qmp_desc()
+                        .is_some_and(|d| d.contains("Failed to find")) =>
                 {
                     return;
                 }

@@ -22,8 +22,7 @@ pub(crate) async fn qemu_img(cwd: &Path, args: &[&str]) -> Result<String, StoreE
             Err(StoreError::Tool {
                 fault: ToolFault::Exited { ref stderr, .. },
                 ..
-            }) if tries < 100 && stderr.contains("Failed to get") && stderr.contains("lock") =>
-            {
+            }) if tries < 100 && stderr.contains("Failed to get") && stderr.contains("lock") => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -113,8 +112,15 @@ pub(crate) async fn create_layer(
 /// The backing file name recorded in a qcow2 header (`None` for no backing).
 pub(crate) async fn backing_of(dir: &Path, file: &str) -> Result<Option<String>, StoreError> {
     let out = qemu_img(dir, &["info", "--output=json", "-f", "qcow2", file]).await?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|error| StoreError::tool("qemu-img", ToolFault::Json { what: "info", error }))?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|error| {
+        StoreError::tool(
+            "qemu-img",
+            ToolFault::Json {
+                what: "info",
+                error,
+            },
+        )
+    })?;
     Ok(v.get("backing-filename")
         .and_then(|b| b.as_str())
         .map(str::to_owned))

@@ -203,7 +203,9 @@ fn check_extent(h: &CycleHeader, e: &Extent) -> Result<(), StoreError> {
         .get(e.disk as usize)
         .ok_or(StoreError::InvalidCycle(CycleFault::NoSuchDisk(e.disk)))?;
     if matches!(e.data, ExtentData::Data(ref b) if b.len() as u64 > staging::MAX_EXTENT_BYTES) {
-        return Err(StoreError::InvalidCycle(CycleFault::ExtentTooLarge(e.len())));
+        return Err(StoreError::InvalidCycle(CycleFault::ExtentTooLarge(
+            e.len(),
+        )));
     }
     match e.offset.checked_add(e.len()) {
         Some(end) if end <= d.size => Ok(()),

@@ -131,7 +131,9 @@ async fn apply_chain_views_and_errors() -> anyhow::Result<()> {
     let mut w = store.begin_cycle(h.clone()).await?;
     assert!(matches!(
         w.put(&e, e.checksum()).await,
-        Err(StoreError::InvalidCycle(vmr_store::CycleFault::NoSuchDisk(7)))
+        Err(StoreError::InvalidCycle(vmr_store::CycleFault::NoSuchDisk(
+            7
+        )))
     ));
     drop(w);
     // A cycle interrupted after some writes (the writer dropped) leaves nothing behind.

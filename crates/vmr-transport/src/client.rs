@@ -672,10 +672,12 @@ impl Client {
         let count = req.count;
         match self.call(PeerRequest::ResyncHashes(req)).await? {
             PeerResponse::ResyncHashes(h) if h.hashes.len() as u64 == count => Ok(h),
-            PeerResponse::ResyncHashes(h) => Err(TransportError::Protocol(ProtocolFault::HashCount {
-                got: h.hashes.len(),
-                want: count,
-            })),
+            PeerResponse::ResyncHashes(h) => {
+                Err(TransportError::Protocol(ProtocolFault::HashCount {
+                    got: h.hashes.len(),
+                    want: count,
+                }))
+            }
             other => Err(unexpected(&other)),
         }
     }

@@ -69,7 +69,7 @@ pub enum TransportError {
         index: u64,
     },
     /// The peer vanished or the connection broke before the exchange was complete.
-    #[error("transfer interrupted ({during}): {}", chain(.cause))]
+    #[error("transfer interrupted ({during}): {}", chain(.cause.as_ref()))]
     Interrupted {
         /// What was being sent or received.
         during: &'static str,
@@ -445,7 +445,10 @@ mod tests {
             TransportError::Protocol(ProtocolFault::EndDigest).to_remote(),
             RemoteError::BadRequest { .. }
         ));
-        assert!(matches!(interrupted().to_remote(), RemoteError::Internal { .. }));
+        assert!(matches!(
+            interrupted().to_remote(),
+            RemoteError::Internal { .. }
+        ));
         // A body the sender ended early is its error; a cut transfer is retryable.
         let cut = TransportError::Truncated("without an end frame");
         assert!(!cut.is_retryable());

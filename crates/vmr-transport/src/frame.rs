@@ -541,8 +541,8 @@ impl CycleDecoder {
         }
         src.buf.advance(5);
         let json = src.buf.split_to(len as usize);
-        let header: CycleHeader = serde_json::from_slice(&json)
-            .map_err(|e| protocol(ProtocolFault::HeaderJson(e)))?;
+        let header: CycleHeader =
+            serde_json::from_slice(&json).map_err(|e| protocol(ProtocolFault::HeaderJson(e)))?;
         header
             .check()
             .map_err(|e| protocol(ProtocolFault::HeaderRefused(e)))?;
@@ -1149,7 +1149,10 @@ mod tests {
         };
         assert!(matches!(
             enc.extent(e).await,
-            Err(TransportError::Protocol(ProtocolFault::NoSuchDisk { disk: 2, disks: 2 }))
+            Err(TransportError::Protocol(ProtocolFault::NoSuchDisk {
+                disk: 2,
+                disks: 2
+            }))
         ));
     }
 }

@@ -407,7 +407,9 @@ impl LayerWriter {
         let o = self.open.as_mut().ok_or(StoreError::WriterClosed)?;
         let i = extent.disk as usize;
         let (Some(l), Some(x)) = (o.layers.get(i), o.exports.get(i)) else {
-            return Err(StoreError::InvalidCycle(CycleFault::NoSuchDisk(extent.disk)));
+            return Err(StoreError::InvalidCycle(CycleFault::NoSuchDisk(
+                extent.disk,
+            )));
         };
         o.pipe
             .order(extent.disk, extent.offset, extent.len())

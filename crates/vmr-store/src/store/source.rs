@@ -311,10 +311,9 @@ impl Store {
                     &["map", "--output=json", "-U", "-f", "qcow2", &d.file],
                 )
                 .await?;
-                let map: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|error| {
-                        StoreError::tool("qemu-img", ToolFault::Json { what: "map", error })
-                    })?;
+                let map: serde_json::Value = serde_json::from_str(&text).map_err(|error| {
+                    StoreError::tool("qemu-img", ToolFault::Json { what: "map", error })
+                })?;
                 changed_ranges(&map, newer, d.chain.len())?
             };
             out.push(DiskChanges {
