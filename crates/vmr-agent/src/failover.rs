@@ -205,6 +205,75 @@ async fn launch_vm(
     for s in [&qmp, &nbd, &qga] {
         let _ = std::fs::remove_file(s);
     }
+    let mut crashes: Vec<String> = Vec::new();
+    loop {
+        match launch_once(vm, def, program, disks, dest, test, tracking, &qmp, &nbd).await {
+            Ok((pid, child, mut line)) => {
+                vm.children.insert(pid, child);
+                if !crashes.is_empty() {
+                    line.push_str(&format!(
+                        "\n(started again: it crashed at start before its QMP answered: {})",
+                        crashes.join(", ")
+                    ));
+                }
+                return Ok((pid, qmp, line));
+            }
+            Err(e) => {
+                let Some(signal) = crash_at_start(&e) else {
+                    return Err(e);
+                };
+                crashes.push(signal);
+                if crashes.len() >= LAUNCH_ATTEMPTS {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    vm = %def.name,
+                    attempt = crashes.len() + 1,
+                    of = LAUNCH_ATTEMPTS,
+                    "the VM's program crashed at start before its QMP answered ({}); starting it again",
+                    crashes.join(", ")
+                );
+                for s in [&qmp, &nbd, &dest.join("qga.sock")] {
+                    let _ = std::fs::remove_file(s);
+                }
+            }
+        }
+    }
+}
+
+/// How often [`launch_vm`] starts a program that crashes at start (a signal before its QMP
+/// answered) before it gives up. QEMU 10.0's QIONetListener has a race between the monitor's
+/// I/O thread moving the QMP socket's listener into its own context and the main thread
+/// accepting a client that connected at once (fixed upstream by "qio: Protect NetListener
+/// callback with mutex"); it kills qemu-storage-daemon with SIGSEGV in glib, rarely and only
+/// at start, before the guest or any tracking exists, so starting it again is safe.
+const LAUNCH_ATTEMPTS: usize = 3;
+
+/// The signal's name when `e` says the program died by a crash signal before QMP answered.
+fn crash_at_start(e: &AgentError) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let AgentError::VmExited { status, .. } = e else {
+        return None;
+    };
+    let sig = nix::sys::signal::Signal::try_from(status.signal()?).ok()?;
+    use nix::sys::signal::Signal::*;
+    matches!(sig, SIGSEGV | SIGBUS | SIGABRT | SIGILL | SIGFPE).then(|| sig.as_str().to_owned())
+}
+
+/// One start of [`launch_vm`]: the child, its pid and its command line once QMP answered and
+/// tracking exists.
+#[allow(clippy::too_many_arguments)]
+async fn launch_once(
+    vm: &Vm,
+    def: &VmDefinition,
+    program: &Path,
+    disks: &[(String, PathBuf)],
+    dest: &Path,
+    test: bool,
+    tracking: &[String],
+    qmp: &Path,
+    nbd: &Path,
+) -> Result<(u32, std::process::Child, String), AgentError> {
     let mut cmd = crate::launch::command(
         def,
         program,
@@ -214,8 +283,8 @@ async fn launch_vm(
                 .find(|(d, _)| d == n)
                 .map(|(_, p)| p.display().to_string())
         },
-        &qmp,
-        &nbd,
+        qmp,
+        nbd,
         test,
         &dest.join("vm.log"),
     )
@@ -234,6 +303,7 @@ async fn launch_vm(
         source,
     })?;
     let pid = child.id();
+    launch_crash_hook(&vm.host.dir, &mut child);
     let started = async {
         let deadline = Instant::now() + QMP_START_TIMEOUT;
         let mut q = loop {
@@ -247,12 +317,15 @@ async fn launch_vm(
             }
             if qmp.exists()
                 && let Ok(q) =
-                    QmpClient::connect(&Endpoint::Unix(qmp.clone()), Duration::from_secs(5)).await
+                    QmpClient::connect(&Endpoint::Unix(qmp.to_path_buf()), Duration::from_secs(5))
+                        .await
             {
                 break q;
             }
             if Instant::now() > deadline {
-                return Err(AgentError::QmpTimeout { path: qmp.clone() });
+                return Err(AgentError::QmpTimeout {
+                    path: qmp.to_path_buf(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
@@ -290,9 +363,41 @@ async fn launch_vm(
         let _ = child.wait();
         return Err(e);
     }
-    vm.children.insert(pid, child);
-    Ok((pid, qmp, line))
+    Ok((pid, child, line))
 }
+
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a number N makes the next N starts of a VM program crash at once (the agent sends
+/// it SIGSEGV right after the spawn and waits for it to die), as QEMU's start-up race does.
+#[cfg(feature = "test-hooks")]
+const LAUNCH_CRASH_HOOK: &str = "test-launch-crash";
+
+#[cfg(feature = "test-hooks")]
+fn launch_crash_hook(dir: &Path, child: &mut std::process::Child) {
+    let path = dir.join(LAUNCH_CRASH_HOOK);
+    let Some(n) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|n| *n > 0)
+    else {
+        return;
+    };
+    let _ = std::fs::write(&path, (n - 1).to_string());
+    tracing::warn!(
+        pid = child.id(),
+        "test hook: the VM program crashes at start"
+    );
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGSEGV,
+        );
+    }
+    let _ = child.wait();
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn launch_crash_hook(_dir: &Path, _child: &mut std::process::Child) {}
 
 // ------------------------------------------------------------------ replica side
 
@@ -566,7 +671,10 @@ pub async fn start(
                     line = Some(l);
                 }
                 Err(e) => {
+                    // Nothing of a copy that did not start is left behind (its log is in
+                    // the error).
                     let _ = store.remove_view(rec.uuid, view.id);
+                    let _ = std::fs::remove_dir_all(&dest);
                     return Err(e);
                 }
             }

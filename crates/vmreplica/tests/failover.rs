@@ -200,6 +200,79 @@ fn test_failover_then_unplanned_with_guard_cancel_and_complete() -> TestResult {
     Ok(())
 }
 
+/// QEMU 10.0's qemu-storage-daemon can crash with SIGSEGV at start when a client connects to
+/// its QMP socket at once (a race in its socket listener, fixed upstream): the agent starts the
+/// program again, at most three times; a copy that never starts leaves nothing behind. The
+/// test hook `test-launch-crash` makes the next N starts crash (SIGSEGV right after the spawn).
+#[test]
+fn a_vm_program_that_crashes_at_start_is_started_again() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "cr1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
+    p.enable("cr1", &["--frequency", "5s"])?;
+    let (pa, ha) = write_and_cut(&p, &vm, 7)?;
+    let hook = p.b.dir.join("test-launch-crash");
+    let copies = p.b.dir.join("fo").join(vm.def.uuid.simple().to_string());
+    let test_dirs = || -> TestResult<Vec<String>> {
+        let Ok(rd) = std::fs::read_dir(&copies) else {
+            return Ok(Vec::new());
+        };
+        let mut v = Vec::new();
+        for e in rd {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if name.starts_with("test") {
+                v.push(name);
+            }
+        }
+        Ok(v)
+    };
+
+    // Two crashes, then the third start runs: the copy is there and says so.
+    std::fs::write(&hook, "2")?;
+    let t = failover(&p.b, &["test", "cr1", "--point", &pa.to_string()])?;
+    assert_eq!(
+        std::fs::read_to_string(&hook)?.trim(),
+        "0",
+        "two starts crashed"
+    );
+    assert!(
+        t.message.contains("started again") && t.message.contains("SIGSEGV, SIGSEGV"),
+        "{}",
+        t.message
+    );
+    assert_eq!(t.point, Some(pa));
+    assert_eq!(started(&vm, test_nbd(&t)).hash("disk0")?, ha);
+    p.b.ok(&[
+        "failover",
+        "stop-test",
+        "cr1",
+        "--test-id",
+        &t.test_id.ok_or("no test id")?.to_string(),
+    ])?;
+    assert_eq!(test_dirs()?, Vec::<String>::new());
+
+    // Three crashes: the agent gives up, says why, and leaves no copy and no view behind.
+    std::fs::write(&hook, "3")?;
+    let out = p.b.cli(&["failover", "test", "cr1", "--json"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("SIGSEGV") && err.contains("at start"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&hook)?.trim(),
+        "0",
+        "three starts crashed"
+    );
+    assert_eq!(test_dirs()?, Vec::<String>::new());
+    assert_eq!(p.b.status("cr1")?.state, ReplicationState::Replicating);
+
+    // Without the hook the next copy starts at once.
+    std::fs::remove_file(&hook)?;
+    let t = failover(&p.b, &["test", "cr1", "--point", &pa.to_string()])?;
+    assert!(!t.message.contains("started again"), "{}", t.message);
+    assert_eq!(started(&vm, test_nbd(&t)).hash("disk0")?, ha);
+    Ok(())
+}
+
 #[test]
 fn planned_failover_loses_nothing_and_reverses() -> TestResult {
     let p = Pair::new(exe())?;
