@@ -242,11 +242,12 @@ async fn launch_vm(
 }
 
 /// How often [`launch_vm`] starts a program that crashes at start (a signal before its QMP
-/// answered) before it gives up. QEMU 10.0's QIONetListener has a race between the monitor's
-/// I/O thread moving the QMP socket's listener into its own context and the main thread
-/// accepting a client that connected at once (fixed upstream by "qio: Protect NetListener
-/// callback with mutex"); it kills qemu-storage-daemon with SIGSEGV in glib, rarely and only
-/// at start, before the guest or any tracking exists, so starting it again is safe.
+/// answered) before it gives up. A stressed run saw qemu-storage-daemon 10.0.2 die by SIGSEGV
+/// in glib at start (a freed GSource attached), most likely QEMU's QIONetListener race between
+/// the monitor's I/O thread taking over the QMP socket and the main thread accepting a client
+/// that connected at once (fixed upstream by "qio: Protect NetListener callback with mutex").
+/// It happens before the guest or any tracking exists, so starting it again is safe
+/// (docs/failover.md, step 4).
 const LAUNCH_ATTEMPTS: usize = 3;
 
 /// The signal's name when `e` says the program died by a crash signal before QMP answered.
