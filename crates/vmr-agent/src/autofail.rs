@@ -623,6 +623,9 @@ impl Guard {
                 return;
             }
         }
+        // The status shows the new phase before the unfence is answered: an admin's `status`
+        // right after "unfenced" must not still say "unfencing" (a stressed round saw it).
+        self.publish();
         if before == HolderPhase::Unfencing
             && let Some(r) = self.unfence.take()
         {
