@@ -457,6 +457,7 @@ async fn run(
     let Some(c) = client.clone() else {
         return ExtOutcome::Failed(Failure::Retryable("no connection".into()));
     };
+    let started = std::time::Instant::now();
     let store = match host.store_of(rec) {
         Ok(s) => s,
         Err(e) => return ExtOutcome::Failed(Failure::Fatal(crate::util::chain(&e))),
@@ -466,6 +467,7 @@ async fn run(
         Ok(h) => h,
         Err(e) => return ExtOutcome::Failed(store_failure(&e)),
     };
+    let held = started.elapsed();
     let id = hold.point();
     if id < point {
         return ExtOutcome::Failed(Failure::Retryable(format!(
@@ -493,19 +495,33 @@ async fn run(
         Ok(_) => {}
         Err(e) => return ExtOutcome::Failed(classify_transport(e)),
     }
+    let asked = started.elapsed();
     let meta = match store.points(rec.uuid) {
         Ok(p) => p.into_iter().find(|p| p.id == id),
         Err(e) => return ExtOutcome::Failed(store_failure(&e)),
     };
     let (cut_ms, kind) = meta.map_or((0, PointKind::CrashConsistent), |p| (p.taken_at_ms, p.kind));
+    // The upstream relationship first: the map of the changes and the exports (qemu-img and
+    // qemu-nbd runs) wait while an incoming cycle streams into this host.
+    incoming.idle().await;
     let changes = match store.changes_since(&hold, base).await {
         Ok(c) => c,
         Err(e) => return ExtOutcome::Failed(store_failure(&e)),
     };
+    let mapped = started.elapsed();
     let reader = match store.read_point(&hold).await {
         Ok(r) => r,
         Err(e) => return ExtOutcome::Failed(store_failure(&e)),
     };
+    tracing::debug!(
+        vm = %rec.name,
+        point = id,
+        held_ms = held.as_millis() as u64,
+        asked_ms = asked.as_millis() as u64,
+        mapped_ms = mapped.as_millis() as u64,
+        exported_ms = started.elapsed().as_millis() as u64,
+        "extended cycle set up (ms since it started)"
+    );
     let header = CycleHeader {
         vm: rec.uuid,
         id,

@@ -9,9 +9,10 @@
 //! the next newer point's layer (or makes the whole base the newer point's layer), so a change
 //! made after `P` always stays in a layer of a point newer than `P`, whatever retention merged
 //! meanwhile. The changes since `P` are therefore the clusters allocated in the layers, on the
-//! held point's backing chain, of the points newer than `P`: `qemu-img map` gives each
-//! range's depth in that chain (depth 0 = the held point's layer), and a range whose depth is
-//! below the number of those layers changed. When every layer of the chain is newer than `P`
+//! held point's backing chain, of the points newer than `P`: `qemu-img map` of those layers
+//! alone (the chain cut below them, so the older layers and the base are not even opened)
+//! gives each range's depth in them (depth 0 = the held point's layer), and a range present
+//! there changed. When every layer of the chain is newer than `P`
 //! (`P` pruned together with the base it sat on, or a new chain after a full copy) nothing in
 //! the chain is shared with `P`: every range counts as changed (data, or zeros where the chain
 //! holds none). Merged layers make this a superset of the exact changes, never a subset.
@@ -33,8 +34,8 @@ use crate::error::ToolFault;
 pub struct PointHold {
     vm: Arc<Vm>,
     point: CycleId,
-    /// Per disk: id, size, the held layer's file and the point ids of its backing chain
-    /// inside the store, newest (the held point) first.
+    /// Per disk: id, size, the held layer's file and the layers of its backing chain inside
+    /// the store (point id, file), newest (the held point) first.
     disks: Vec<HeldDisk>,
 }
 
@@ -43,7 +44,7 @@ struct HeldDisk {
     size: u64,
     dir: PathBuf,
     file: String,
-    chain: Vec<CycleId>,
+    chain: Vec<(CycleId, String)>,
 }
 
 impl std::fmt::Debug for PointHold {
@@ -184,10 +185,10 @@ impl PointReader {
     }
 }
 
-/// The point ids of the chain under `file` of `disk` (newest first), as the catalog records
-/// the layers' backings; the walk stops at a layer without backing or with a backing outside
-/// the store.
-fn chain_of(c: &Catalog, disk: &str, file: &str) -> Vec<CycleId> {
+/// The layers (point id, file) of the chain under `file` of `disk` (newest first), as the
+/// catalog records the layers' backings; the walk stops at a layer without backing or with a
+/// backing outside the store.
+fn chain_of(c: &Catalog, disk: &str, file: &str) -> Vec<(CycleId, String)> {
     let mut out = Vec::new();
     let mut cur = Some(file.to_owned());
     while let Some(f) = cur.take() {
@@ -199,13 +200,27 @@ fn chain_of(c: &Catalog, disk: &str, file: &str) -> Vec<CycleId> {
         }) else {
             break;
         };
-        if out.contains(&id) {
+        if out.iter().any(|(seen, _)| *seen == id) {
             break;
         }
-        out.push(id);
+        out.push((id, f));
         cur = layer.backing.clone();
     }
     out
+}
+
+/// A `json:` image name that opens `layers` (files in the disk's directory, newest first) as a
+/// qcow2 chain with no backing below the last: a range none of them allocates is not present.
+fn cut_chain(layers: &[(CycleId, String)]) -> String {
+    let mut node = serde_json::Value::Null;
+    for (_, file) in layers.iter().rev() {
+        node = serde_json::json!({
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": file },
+            "backing": node,
+        });
+    }
+    format!("json:{node}")
 }
 
 /// Which ranges of a `qemu-img map` of a chain of `chain_len` layers changed, given that its
@@ -302,15 +317,24 @@ impl Store {
     ) -> Result<Vec<DiskChanges>, StoreError> {
         let mut out = Vec::new();
         for d in &hold.disks {
-            let newer = since.map(|s| d.chain.iter().filter(|id| **id > s).count());
+            let newer = since.map(|s| d.chain.iter().filter(|(id, _)| *id > s).count());
             let changes = if newer == Some(0) {
                 Vec::new()
             } else {
-                let text = qemu::qemu_img(
-                    &d.dir,
-                    &["map", "--output=json", "-U", "-f", "qcow2", &d.file],
-                )
-                .await?;
+                // Only the layers newer than `since` can hold a change: map those alone (the
+                // chain cut below them), not the whole chain down to its base. The deep map
+                // costs CPU in proportion to the disk and the chain's depth (hundreds of ms
+                // for 8 GiB under a dozen points), the cut one in proportion to the changes.
+                let image = match newer {
+                    Some(k) if k < d.chain.len() => cut_chain(&d.chain[..k]),
+                    _ => d.file.clone(),
+                };
+                let mut args = vec!["map", "--output=json", "-U"];
+                if !image.starts_with("json:") {
+                    args.extend(["-f", "qcow2"]);
+                }
+                args.push(&image);
+                let text = qemu::qemu_img(&d.dir, &args).await?;
                 let map: serde_json::Value = serde_json::from_str(&text).map_err(|error| {
                     StoreError::tool("qemu-img", ToolFault::Json { what: "map", error })
                 })?;
@@ -378,11 +402,18 @@ mod tests {
             ],
             views: vec![],
         };
-        assert_eq!(chain_of(&c, "d", "c000006.qcow2"), vec![6, 5, 4]);
-        assert_eq!(chain_of(&c, "d", "base.qcow2"), vec![3]);
+        let ids = |f: &str, disk: &str| -> Vec<CycleId> {
+            chain_of(&c, disk, f)
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect()
+        };
+        assert_eq!(ids("c000006.qcow2", "d"), vec![6, 5, 4]);
+        assert_eq!(ids("base.qcow2", "d"), vec![3]);
+        assert_eq!(ids("c000006.qcow2", "other"), Vec::<CycleId>::new());
         assert_eq!(
-            chain_of(&c, "other", "c000006.qcow2"),
-            Vec::<CycleId>::new()
+            chain_of(&c, "d", "c000005.qcow2"),
+            vec![(5, "c000005.qcow2".into()), (4, "c000004.qcow2".into())]
         );
     }
 
