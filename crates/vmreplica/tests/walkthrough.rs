@@ -57,12 +57,14 @@ fn declared(block: &str) -> Vec<String> {
         .collect()
 }
 
-/// A port free on both 127.0.0.2 and 127.0.0.3.
+/// A port free on both 127.0.0.2 and 127.0.0.3, kept from other users (the harness's
+/// [`vmr_testkit::harness::free_port`]: outside the ephemeral range, reserved by a lock).
 fn free_port() -> TestResult<u16> {
     for _ in 0..20 {
-        let l = std::net::TcpListener::bind("127.0.0.2:0")?;
-        let port = l.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.3", port)).is_ok() {
+        let port = vmr_testkit::harness::free_port()?;
+        if std::net::TcpListener::bind(("127.0.0.2", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.3", port)).is_ok()
+        {
             return Ok(port);
         }
     }

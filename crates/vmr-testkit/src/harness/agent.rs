@@ -14,8 +14,54 @@ use vmr_proto::api::{Request, Response, VmStatus};
 use super::{HarnessError, Result, io_err, wait_every};
 use crate::proc::ChildGuard;
 
-/// A port of 127.0.0.1 free now (the kernel's pick).
+/// A port of 127.0.0.1 for a listener a test starts later (an agent, a server), free now and
+/// kept free for it until this process ends.
+///
+/// The kernel's own pick (`bind` to port 0) comes from the ephemeral range, from which it also
+/// gives every outgoing connection its local port: between this call and the listener's
+/// `bind`, a connection of any process on the host could take it ("Address already in use",
+/// seen in a stressed round). So the port comes from below the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), where no connection gets a port by itself, and
+/// is reserved against the other test processes by an exclusive `flock` on
+/// `$TMPDIR/vmr-test-ports/PORT.lock`, held until this process exits. Falls back to the kernel's
+/// pick when that range is too small.
 pub fn free_port() -> Result<u16> {
+    static HELD: std::sync::Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> =
+        std::sync::Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (first, last) = (10_000u16, low.saturating_sub(1));
+    if last > first + 1000 {
+        let dir = std::env::temp_dir().join("vmr-test-ports");
+        std::fs::create_dir_all(&dir).map_err(io_err("create the test port lock directory"))?;
+        let span = u32::from(last - first) + 1;
+        let start = rand::random::<u32>() % span;
+        for i in 0..span {
+            let port = (u32::from(first) + (start + i) % span) as u16;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(format!("{port}.lock")))
+                .map_err(io_err("open a test port lock file"))?;
+            let Ok(lock) =
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            else {
+                continue;
+            };
+            // Reserved against the other test processes; free on the host right now?
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            HELD.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(lock);
+            return Ok(port);
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -662,6 +708,37 @@ impl Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_and_reserved() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("port range")
+            .split_whitespace()
+            .next()
+            .expect("low end")
+            .parse()
+            .expect("number");
+        let ports: Vec<u16> = (0..8).map(|_| free_port().expect("port")).collect();
+        for p in &ports {
+            assert!(*p < low, "port {p} is in the ephemeral range from {low}");
+            // Another test process cannot reserve it: its lock is held (flock conflicts
+            // between separate opens, in this process too).
+            let f = std::fs::File::open(
+                std::env::temp_dir()
+                    .join("vmr-test-ports")
+                    .join(format!("{p}.lock")),
+            )
+            .expect("lock file");
+            assert!(
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err(),
+                "port {p} is not reserved"
+            );
+        }
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "{ports:?}");
+    }
 
     #[test]
     fn dropping_the_dir_kills_processes_that_name_it_and_only_those() {
