@@ -325,15 +325,16 @@ impl Store {
                 // chain cut below them), not the whole chain down to its base. The deep map
                 // costs CPU in proportion to the disk and the chain's depth (hundreds of ms
                 // for 8 GiB under a dozen points), the cut one in proportion to the changes.
-                let image = match newer {
-                    Some(k) if k < d.chain.len() => cut_chain(&d.chain[..k]),
-                    _ => d.file.clone(),
+                let cut = match newer {
+                    Some(k) if k < d.chain.len() => Some(cut_chain(&d.chain[..k])),
+                    _ => None,
                 };
-                let mut args = vec!["map", "--output=json", "-U"];
-                if !image.starts_with("json:") {
-                    args.extend(["-f", "qcow2"]);
-                }
-                args.push(&image);
+                // A `json:` image names its format itself; a file needs `-f`.
+                let image: &[&str] = match &cut {
+                    Some(json) => &[json],
+                    None => &["-f", "qcow2", &d.file],
+                };
+                let args = [&["map", "--output=json", "-U"][..], image].concat();
                 let text = qemu::qemu_img(&d.dir, &args).await?;
                 let map: serde_json::Value = serde_json::from_str(&text).map_err(|error| {
                     StoreError::tool("qemu-img", ToolFault::Json { what: "map", error })
