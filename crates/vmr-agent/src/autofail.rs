@@ -21,7 +21,7 @@
 //! replica takes over.
 
 use std::io::BufRead;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -279,9 +279,14 @@ pub async fn fence_vm(qmp: &str, power_off: bool) -> String {
     }
 }
 
-/// What the guard tells the VM's owner (which writes the record).
+/// What the guard tells the VM's owner (which writes the record and answers `status`). The
+/// notes of one step go out in order and the lease's status last, so the owner shows a phase
+/// only once it has acted on what led to it (a "fenced" beside a replicating state was seen
+/// when the guard published its status itself).
 #[derive(Debug)]
 pub enum LeaseNote {
+    /// What `status` shows of the lease now.
+    Status(LeaseStatus),
     /// Keep this snapshot (the epoch changed).
     Snapshot(HolderSnapshot),
     /// The VM was fenced: keep the snapshot, stop replicating, emit the event.
@@ -340,16 +345,19 @@ pub struct GuardHandle {
     tx: mpsc::UnboundedSender<GuardMsg>,
     /// The guard's notes to the owner.
     pub notes: mpsc::UnboundedReceiver<LeaseNote>,
-    status: Arc<Mutex<LeaseStatus>>,
+    /// The lease's status as of the last [`LeaseNote::Status`] the owner took.
+    status: LeaseStatus,
 }
 
 impl GuardHandle {
-    /// For `status`.
+    /// For `status`: what the owner has been told so far.
     pub fn status(&self) -> LeaseStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.clone()
+    }
+
+    /// The owner took a [`LeaseNote::Status`].
+    pub fn set_status(&mut self, status: LeaseStatus) {
+        self.status = status;
     }
 
     /// The admin's unfence: answered once the witness answered.
@@ -378,7 +386,7 @@ pub fn spawn_guard(setup: GuardSetup) -> Result<GuardHandle, AgentError> {
     let holder = LeaseHolder::restore(params, setup.snapshot.clone());
     let (tx, rx) = mpsc::unbounded_channel();
     let (note_tx, notes) = mpsc::unbounded_channel();
-    let status = Arc::new(Mutex::new(LeaseStatus::default()));
+    let note_tx = late_notes_hook(&setup.host.dir, note_tx);
     let g = Guard {
         setup,
         params,
@@ -386,13 +394,52 @@ pub fn spawn_guard(setup: GuardSetup) -> Result<GuardHandle, AgentError> {
         tx: tx.clone(),
         rx,
         notes: note_tx,
-        status: status.clone(),
         unfence: None,
         watchdog: None,
     };
+    let status = g.lease_status();
     retire_old_watchdog(&g.setup.host, g.setup.uuid, &g.setup.qmp);
     tokio::spawn(g.run());
     Ok(GuardHandle { tx, notes, status })
+}
+
+/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
+/// holding a number of ms, present when the guard starts, makes its notes reach the owner
+/// that much later (in order), as if the owner were slow to take them: a test can look at
+/// the status in between.
+#[cfg(feature = "test-hooks")]
+const LATE_NOTES_HOOK: &str = "test-lease-notes-late-ms";
+
+#[cfg(feature = "test-hooks")]
+fn late_notes_hook(
+    dir: &std::path::Path,
+    to_owner: mpsc::UnboundedSender<LeaseNote>,
+) -> mpsc::UnboundedSender<LeaseNote> {
+    let Some(ms) = std::fs::read_to_string(dir.join(LATE_NOTES_HOOK))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return to_owner;
+    };
+    tracing::warn!(ms, "test hook: the guard's notes reach the owner late");
+    let (tx, mut rx) = mpsc::unbounded_channel::<LeaseNote>();
+    tokio::spawn(async move {
+        while let Some(n) = rx.recv().await {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            if to_owner.send(n).is_err() {
+                break;
+            }
+        }
+    });
+    tx
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn late_notes_hook(
+    _dir: &std::path::Path,
+    to_owner: mpsc::UnboundedSender<LeaseNote>,
+) -> mpsc::UnboundedSender<LeaseNote> {
+    to_owner
 }
 
 struct Guard {
@@ -402,7 +449,6 @@ struct Guard {
     tx: mpsc::UnboundedSender<GuardMsg>,
     rx: mpsc::UnboundedReceiver<GuardMsg>,
     notes: mpsc::UnboundedSender<LeaseNote>,
-    status: Arc<Mutex<LeaseStatus>>,
     unfence: Option<oneshot::Sender<Result<String, AgentError>>>,
     /// The fence watchdog's pipe while holding, and the last end of the right it was told.
     watchdog: Option<(tokio::process::ChildStdin, u64)>,
@@ -623,8 +669,9 @@ impl Guard {
                 return;
             }
         }
-        // The status shows the new phase before the unfence is answered: an admin's `status`
-        // right after "unfenced" must not still say "unfencing" (a stressed round saw it).
+        // The status goes out before the unfence is answered, and the owner takes the notes
+        // before it answers the admin: a `status` right after "unfenced" must not still say
+        // "unfencing" (a stressed round saw it).
         self.publish();
         if before == HolderPhase::Unfencing
             && let Some(r) = self.unfence.take()
@@ -755,9 +802,14 @@ impl Guard {
         }
     }
 
+    /// The lease's status goes to the owner, after the notes of the step that led to it.
     fn publish(&self) {
+        let _ = self.notes.send(LeaseNote::Status(self.lease_status()));
+    }
+
+    fn lease_status(&self) -> LeaseStatus {
         let s = self.holder.status(mono_ms());
-        let st = LeaseStatus {
+        LeaseStatus {
             side: "primary".into(),
             phase: phase_name(s.phase).into(),
             witness: self.setup.cfg.witness.clone(),
@@ -769,8 +821,7 @@ impl Guard {
             silence_ms: None,
             takeover_in_ms: None,
             last_error: s.last_error,
-        };
-        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = st;
+        }
     }
 }
 

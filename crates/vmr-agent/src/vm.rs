@@ -1472,6 +1472,12 @@ impl Owner {
                         name: self.vm.rec.name.clone(),
                     }),
                 };
+                // The guard sent its notes (the VM resumed, the new phase) before its answer:
+                // they are acted on before the admin hears it, so a `status` right after shows
+                // them.
+                while let Some(n) = self.guard.as_mut().and_then(|g| g.notes.try_recv().ok()) {
+                    self.lease_note(n).await;
+                }
                 let _ = reply.send(r);
             }
             Command::AutoFailoverOff(reply) => {
@@ -2642,6 +2648,11 @@ impl Owner {
     async fn lease_note(&mut self, n: LeaseNote) {
         let name = self.vm.rec.name.clone();
         match n {
+            LeaseNote::Status(s) => {
+                if let Some(g) = &mut self.guard {
+                    g.set_status(s);
+                }
+            }
             LeaseNote::Snapshot(s) => {
                 self.vm.rec.lease = s;
                 if let Err(e) = self.vm.save() {

@@ -350,7 +350,10 @@ fn primary_host_dies_replica_takes_over_then_reverse() -> TestResult {
     live.hash("disk0")?;
 
     // The old primary comes back (its VM off): it is told the replica holds the lease and
-    // fences; unfence is refused for good; it does not replicate.
+    // fences; unfence is refused for good; it does not replicate. The guard's notes reach the
+    // owner 2 s late (test hook): the status must not show the phase "fenced" before
+    // replication is paused (a stressed round once saw "fenced" beside Replicating).
+    std::fs::write(t.a.dir.join("test-lease-notes-late-ms"), "2000")?;
     t.a.restart()?;
     let (sa, _) = t.a.wait_status(
         "af1",
