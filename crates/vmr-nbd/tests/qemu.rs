@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -62,12 +61,11 @@ fn image_with_dirty_bitmap(dir: &Path, writes: &[(u64, u64)]) -> PathBuf {
     img
 }
 
+/// A TCP port for a server to bind: the harness's (below the ephemeral range, reserved by a
+/// lock for this process), not the kernel's pick, which an outgoing connection of another
+/// process could take as its local port before the server binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    vmr_testkit::harness::free_port().unwrap()
 }
 
 enum Net {

@@ -22,7 +22,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -54,6 +54,8 @@ const LOCK_FILE: &str = "qemu.lock";
 /// How far ahead of a layer's data the `preallocate` filter reserves its file (QEMU's
 /// default; an O_DIRECT layer only).
 const PREALLOC_STEP: u64 = 128 << 20;
+/// How many times [`Daemon::start_again_on_crash`] starts a daemon that crashes at start.
+const START_ATTEMPTS: usize = 3;
 
 /// The store's socket directory in its root (the daemon's QMP and NBD sockets, the
 /// `qemu-nbd` exports' sockets): never the temp dir, so a killed store leaves nothing outside
@@ -94,6 +96,10 @@ pub(crate) struct Daemon {
     last: std::sync::Mutex<Option<Arc<OwnedFd>>>,
     /// The root's QEMU lock, once taken (kept until the store is dropped).
     lock: std::sync::Mutex<Option<Arc<std::fs::File>>>,
+    /// Unit tests: this many of the next starts die by SIGSEGV right after the spawn, as
+    /// qemu-storage-daemon 10.0.2 was seen to at start.
+    #[cfg(test)]
+    crash_next_starts: std::sync::atomic::AtomicUsize,
 }
 
 /// The QEMU locks this process holds, by store root (for the tools' spawns).
@@ -239,6 +245,8 @@ impl Daemon {
             pid: std::sync::Mutex::new(None),
             last: std::sync::Mutex::new(None),
             lock: std::sync::Mutex::new(None),
+            #[cfg(test)]
+            crash_next_starts: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -328,6 +336,41 @@ impl Daemon {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// [`Self::start`], again (at most [`START_ATTEMPTS`] starts) when the daemon died by a
+    /// crash signal while it started. qemu-storage-daemon 10.0.2 was seen to die by SIGSEGV at
+    /// start when a client connected to its QMP socket at once, as this one does (`vmr-agent`
+    /// `failover.rs` `LAUNCH_ATTEMPTS`, RELIABILITY.md); nothing is open in it yet, so starting
+    /// it again is safe.
+    async fn start_again_on_crash(&self) -> Result<Running, StoreError> {
+        let mut starts = 1;
+        loop {
+            match self.start().await {
+                Err(StoreError::Tool {
+                    fault: ToolFault::CrashedAtStart { signal, .. },
+                    ..
+                }) if starts < START_ATTEMPTS => {
+                    tracing::warn!(
+                        root = %self.root.display(),
+                        signal,
+                        starts,
+                        "qemu-storage-daemon crashed at start; starting it again"
+                    );
+                    starts += 1;
+                }
+                Err(StoreError::Tool {
+                    fault: ToolFault::CrashedAtStart { signal, .. },
+                    ..
+                }) => {
+                    return Err(StoreError::tool(
+                        "qemu-storage-daemon",
+                        ToolFault::CrashedAtStart { signal, starts },
+                    ));
+                }
+                r => return r,
+            }
+        }
+    }
+
     async fn start(&self) -> Result<Running, StoreError> {
         let tag = format!(
             "{}-{}",
@@ -359,6 +402,17 @@ impl Daemon {
         let pid = child.pid;
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = child.pidfd.clone();
         pause_point("daemon-spawned");
+        #[cfg(test)]
+        if self
+            .crash_next_starts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            tests::segv(pid);
+            while !child.exited() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let started = start_time(pid as i32).unwrap_or_default();
         // Recorded before any QMP command: a daemon that opens an image is always recorded.
         let record = self.root.join(PID_FILE);
@@ -377,10 +431,13 @@ impl Daemon {
         let ep = Endpoint::Unix(qmp_sock.clone());
         let qmp = loop {
             if child.exited() {
-                return Err(StoreError::tool(
-                    "qemu-storage-daemon",
-                    ToolFault::ExitedAtStart,
-                ));
+                let _ = std::fs::remove_file(&qmp_sock);
+                let _ = std::fs::remove_file(&nbd_sock);
+                let fault = match child.crash_signal() {
+                    Some(signal) => ToolFault::CrashedAtStart { signal, starts: 1 },
+                    None => ToolFault::ExitedAtStart,
+                };
+                return Err(StoreError::tool("qemu-storage-daemon", fault));
             }
             if qmp_sock.exists() && nbd_sock.exists() {
                 match QmpClient::connect(&ep, QMP_TIMEOUT).await {
@@ -431,7 +488,7 @@ impl Daemon {
     async fn execute(&self, name: &str, args: Value) -> Result<Value, StoreError> {
         let mut g = self.running.lock().await;
         if g.is_none() {
-            *g = Some(self.start().await?);
+            *g = Some(self.start_again_on_crash().await?);
         }
         let Some(r) = g.as_mut() else {
             return Err(StoreError::tool(
@@ -768,6 +825,8 @@ fn kill(pid: i32) {
 struct Proc {
     pid: u32,
     exited: Arc<AtomicBool>,
+    /// The signal that ended it (0: none, or still running); set before `exited`.
+    signal: Arc<AtomicI32>,
     /// A pidfd of the process (readable once it has exited).
     pidfd: Option<Arc<OwnedFd>>,
 }
@@ -778,6 +837,8 @@ impl Proc {
         die_with_parent(&mut cmd, lock.as_raw_fd());
         let exited = Arc::new(AtomicBool::new(false));
         let done = exited.clone();
+        let signal = Arc::new(AtomicI32::new(0));
+        let ended_by = signal.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("vmr-qsd".into())
@@ -787,7 +848,10 @@ impl Proc {
                     // Not reaped before the wait below, so the pid is still this child's.
                     let pidfd = pidfd_open(child.id() as i32).map(Arc::new);
                     let _ = tx.send(Ok((child.id(), pidfd)));
-                    let _ = child.wait();
+                    if let Ok(status) = child.wait() {
+                        use std::os::unix::process::ExitStatusExt;
+                        ended_by.store(status.signal().unwrap_or(0), Ordering::SeqCst);
+                    }
                     done.store(true, Ordering::SeqCst);
                 }
                 Err(e) => {
@@ -801,11 +865,31 @@ impl Proc {
             .recv()
             .map_err(|_| StoreError::tool("qemu-storage-daemon", ToolFault::ThreadEnded))?
             .map_err(|e| StoreError::tool("qemu-storage-daemon", ToolFault::Spawn(e)))?;
-        Ok(Proc { pid, exited, pidfd })
+        Ok(Proc {
+            pid,
+            exited,
+            signal,
+            pidfd,
+        })
     }
 
     fn exited(&self) -> bool {
         self.exited.load(Ordering::SeqCst)
+    }
+
+    /// The crash signal (SIGSEGV, SIGBUS, SIGABRT, SIGILL, SIGFPE) it died by, once exited.
+    fn crash_signal(&self) -> Option<&'static str> {
+        if !self.exited() {
+            return None;
+        }
+        match self.signal.load(Ordering::SeqCst) {
+            libc::SIGSEGV => Some("SIGSEGV"),
+            libc::SIGBUS => Some("SIGBUS"),
+            libc::SIGABRT => Some("SIGABRT"),
+            libc::SIGILL => Some("SIGILL"),
+            libc::SIGFPE => Some("SIGFPE"),
+            _ => None,
+        }
     }
 
     /// SIGKILL and wait (up to 10 s) until it has been reaped.
@@ -983,6 +1067,84 @@ fn lock_holders(lock: &Path) -> Vec<(i32, u64)> {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    /// SIGSEGV to `pid` (a daemon this test's store just spawned and has not reaped).
+    #[allow(unsafe_code)]
+    pub(super) fn segv(pid: u32) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGSEGV);
+        }
+    }
+
+    fn two_layers(d: &Path) {
+        for args in [
+            &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"][..],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                "1M",
+            ][..],
+        ] {
+            assert!(qemu_img(d, args).status.success());
+        }
+    }
+
+    /// A daemon that dies by a crash signal at start is started again, at most three times;
+    /// after three crashes the error says so.
+    #[tokio::test]
+    async fn a_daemon_that_crashes_at_start_is_started_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        two_layers(d);
+        let qsd = Arc::new(Daemon::new(d));
+        qsd.crash_next_starts.store(2, Ordering::SeqCst);
+        let x = qsd
+            .export(&d.join("top.qcow2"))
+            .await
+            .expect("the third start serves");
+        assert_eq!(qsd.crash_next_starts.load(Ordering::SeqCst), 0);
+        x.client
+            .write(0, Bytes::from(vec![7u8; 65536]), false)
+            .await
+            .expect("write");
+        qsd.finish(x).await.expect("finish");
+        qsd.stop();
+        qsd.crash_next_starts.store(3, Ordering::SeqCst);
+        let e = qsd
+            .export(&d.join("top.qcow2"))
+            .await
+            .err()
+            .expect("three crashes fail the start");
+        assert!(
+            matches!(
+                e,
+                StoreError::Tool {
+                    fault: ToolFault::CrashedAtStart {
+                        signal: "SIGSEGV",
+                        starts: 3
+                    },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // The next start (no crash) serves again, and no crashed daemon left its sockets.
+        let x = qsd.export(&d.join("top.qcow2")).await.expect("export");
+        qsd.finish(x).await.expect("finish");
+        qsd.stop();
+        let left: Vec<_> = std::fs::read_dir(sock_dir(d))
+            .map(|r| r.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     fn qemu_img(dir: &Path, args: &[&str]) -> std::process::Output {
         std::process::Command::new("qemu-img")

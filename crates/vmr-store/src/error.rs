@@ -325,6 +325,14 @@ pub enum ToolFault {
     /// The daemon exited while it started.
     #[error("exited at start")]
     ExitedAtStart,
+    /// The daemon died by a crash signal while it started, every time it was started.
+    #[error("crashed at start ({signal}), {starts} start(s)")]
+    CrashedAtStart {
+        /// The signal of the last start (`SIGSEGV`...).
+        signal: &'static str,
+        /// How many times it was started.
+        starts: usize,
+    },
     /// The daemon's sockets did not appear in time.
     #[error("sockets did not appear")]
     NoSockets,

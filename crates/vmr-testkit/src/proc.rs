@@ -100,7 +100,28 @@ impl ChildGuard {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
+
+    /// The crash signal (SIGSEGV, SIGBUS, SIGABRT, SIGILL, SIGFPE) the child died by, once it
+    /// has exited by one; `None` while it runs and after any other exit.
+    pub fn crashed(&mut self) -> Option<&'static str> {
+        use nix::sys::signal::Signal;
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        let sig = Signal::try_from(status.signal()?).ok()?;
+        matches!(
+            sig,
+            Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGABRT | Signal::SIGILL | Signal::SIGFPE
+        )
+        .then(|| sig.as_str())
+    }
 }
+
+/// How many times the harness starts a QEMU program that crashes at start (dead by a crash
+/// signal before it was ready). qemu-storage-daemon 10.0.2 was seen to die by SIGSEGV at start
+/// when a client connected to its QMP socket at once, as every readiness check here does
+/// (`vmr-agent` `failover.rs` `LAUNCH_ATTEMPTS` starts a VM's program again for the same
+/// reason; RELIABILITY.md). Nothing but the process exists yet, so starting it again is safe.
+pub const START_ATTEMPTS: usize = 3;
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::harness::{HarnessError, READY_TIMEOUT, connect_nbd, wait_qmp_greeting};
-use crate::proc::ChildGuard;
+use crate::harness::{HarnessError, READY_TIMEOUT, connect_nbd, wait_child_qmp_greeting};
+use crate::proc::{ChildGuard, START_ATTEMPTS};
 
 /// Image format of a stand-in disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,11 +181,37 @@ impl QsdVm {
         Ok(format!("nbd+unix:///{node}?socket={}", s.display()))
     }
 
-    /// Start (again) with the same images; the previous process must be stopped.
+    /// Start (again) with the same images; the previous process must be stopped. A daemon
+    /// that crashes at start is started again ([`START_ATTEMPTS`]).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         if self.child.as_mut().is_some_and(|c| c.is_running()) {
             bail!("qemu-storage-daemon is still running");
         }
+        let mut crashes = Vec::new();
+        loop {
+            let cmd = self.command()?;
+            let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon")?;
+            let Err(e) = self.wait_ready(&mut child) else {
+                self.child = Some(child);
+                return Ok(());
+            };
+            if let Some(sig) = child.crashed()
+                && crashes.len() + 1 < START_ATTEMPTS
+            {
+                crashes.push(sig);
+                eprintln!(
+                    "qemu-storage-daemon crashed at start ({}); starting it again",
+                    crashes.join(", ")
+                );
+                continue;
+            }
+            child.kill9();
+            bail!("{e}; log: {}", self.log());
+        }
+    }
+
+    /// The daemon's command line (its old sockets removed).
+    fn command(&self) -> anyhow::Result<Command> {
         let dir = self.dir.path().to_owned();
         for s in [self.qmp_socket(), self.test_qmp_socket()] {
             let _ = std::fs::remove_file(s);
@@ -250,20 +276,14 @@ impl QsdVm {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon")?;
-        if let Err(e) = self.wait_ready() {
-            child.kill9();
-            bail!("{e}; log: {}", self.log());
-        }
-        self.child = Some(child);
-        Ok(())
+        Ok(cmd)
     }
 
     /// Wait until both QMP servers and the NBD server greet (their socket files exist from
     /// bind(), before listen(): a connect in between is refused).
-    fn wait_ready(&self) -> Result<(), HarnessError> {
+    fn wait_ready(&self, child: &mut ChildGuard) -> Result<(), HarnessError> {
         for p in [self.qmp_socket(), self.test_qmp_socket()] {
-            wait_qmp_greeting(&p, READY_TIMEOUT)?;
+            wait_child_qmp_greeting(child, &p, READY_TIMEOUT)?;
         }
         if let (Some(s), Some(d)) = (&self.nbd_socket, self.disks.first()) {
             let ep = vmr_nbd::Endpoint::Unix(s.clone());

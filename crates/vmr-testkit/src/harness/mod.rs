@@ -39,8 +39,8 @@ pub use guest::{
 pub use libvirt::{MountNamespaces, PrivateLibvirt, libvirt_unavailable, processes_in_namespaces};
 pub use meter::Meter;
 pub use nbd::{
-    connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async, wait_qmp_greeting,
-    write_noise, write_random, write_seq,
+    connect_nbd, hash_export, hash_export_async, hash_image, hash_image_async,
+    wait_child_qmp_greeting, wait_qmp_greeting, write_noise, write_random, write_seq,
 };
 pub use partition::{
     Host, Net3, PARTITION_PORT, Partitioned, netns_unavailable, remove_stale_namespaces,

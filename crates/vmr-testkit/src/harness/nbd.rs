@@ -42,17 +42,48 @@ pub fn wait_qmp_greeting(sock: &Path, timeout: Duration) -> Result<()> {
         timeout,
         Duration::from_millis(10),
         &format!("the QMP greeting at {}", sock.display()),
-        || {
-            let s = UnixStream::connect(sock).map_err(io_err("connect to QMP"))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(io_err("set a read timeout"))?;
-            let mut line = String::new();
-            BufReader::new(s)
-                .read_line(&mut line)
-                .map_err(io_err("read the QMP greeting"))?;
-            Ok(line.contains("\"QMP\""))
-        },
+        || qmp_greets(sock),
     )
+}
+
+/// [`wait_qmp_greeting`] of `child`'s own QMP server: fails at once when `child` has exited
+/// (it will never greet), not at the timeout.
+pub fn wait_child_qmp_greeting(
+    child: &mut ChildGuard,
+    sock: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    let mut exited = false;
+    super::wait_every(
+        timeout,
+        Duration::from_millis(10),
+        &format!("the QMP greeting at {}", sock.display()),
+        || {
+            if !child.is_running() {
+                exited = true;
+                return Ok(true);
+            }
+            qmp_greets(sock)
+        },
+    )?;
+    if exited {
+        return Err(HarnessError::Exited {
+            what: format!("the process of the QMP server at {}", sock.display()),
+            log: String::new(),
+        });
+    }
+    Ok(())
+}
+
+fn qmp_greets(sock: &Path) -> Result<bool> {
+    let s = UnixStream::connect(sock).map_err(io_err("connect to QMP"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_err("set a read timeout"))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(io_err("read the QMP greeting"))?;
+    Ok(line.contains("\"QMP\""))
 }
 
 fn nbd_err(what: impl Into<String>) -> impl FnOnce(vmr_nbd::NbdError) -> HarnessError {

@@ -14,10 +14,10 @@ use vmr_proto::vmdef::DiskDef;
 
 use super::agent::Agent;
 use super::nbd::{
-    connect_nbd, hash_export, wait_qmp_greeting, write_noise, write_random, write_seq,
+    connect_nbd, hash_export, wait_child_qmp_greeting, write_noise, write_random, write_seq,
 };
 use super::{HarnessError, READY_TIMEOUT, Result, io_err, rt};
-use crate::proc::ChildGuard;
+use crate::proc::{ChildGuard, START_ATTEMPTS};
 
 /// The NBD socket a primary agent in `agent_dir` expects VM `uuid`'s QEMU to serve
 /// (`work/<uuid>/vmr-<tag>-nbd.sock`, uuid = all 32 hex digits, tag = the first 8; when that
@@ -290,19 +290,40 @@ impl StandIn {
                     .map(|d| d.path.clone())
             },
         )?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(io_err("open the stand-in's log"))?;
-        let log2 = log.try_clone().map_err(io_err("open the stand-in's log"))?;
-        let mut cmd = match &self.launcher {
-            Some(l) => Command::new(l),
-            None => Command::new(&def.program),
-        };
-        cmd.args(args).stdin(Stdio::null()).stdout(log2).stderr(log);
-        let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon stand-in VM")?;
-        if let Err(e) = self.wait_ready() {
+        let mut crashes = Vec::new();
+        loop {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path())
+                .map_err(io_err("open the stand-in's log"))?;
+            let log2 = log.try_clone().map_err(io_err("open the stand-in's log"))?;
+            let mut cmd = match &self.launcher {
+                Some(l) => Command::new(l),
+                None => Command::new(&def.program),
+            };
+            cmd.args(&args)
+                .stdin(Stdio::null())
+                .stdout(log2)
+                .stderr(log);
+            let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon stand-in VM")?;
+            let Err(e) = self.wait_ready(&mut child) else {
+                self.child = Some(child);
+                return Ok(());
+            };
+            if let Some(sig) = child.crashed()
+                && crashes.len() + 1 < START_ATTEMPTS
+            {
+                crashes.push(sig);
+                eprintln!(
+                    "stand-in VM {}: crashed at start ({}); starting it again",
+                    def.name,
+                    crashes.join(", ")
+                );
+                let _ = std::fs::remove_file(&self.qmp);
+                let _ = std::fs::remove_file(&self.nbd);
+                continue;
+            }
             let what = if child.is_running() {
                 format!("qemu-storage-daemon {} did not greet ({e})", def.name)
             } else {
@@ -314,12 +335,10 @@ impl StandIn {
                 log: self.log(),
             });
         }
-        self.child = Some(child);
-        Ok(())
     }
 
-    fn wait_ready(&self) -> Result<()> {
-        wait_qmp_greeting(&self.qmp, READY_TIMEOUT)?;
+    fn wait_ready(&self, child: &mut ChildGuard) -> Result<()> {
+        wait_child_qmp_greeting(child, &self.qmp, READY_TIMEOUT)?;
         if let Some(d) = self.def.disks.first() {
             let ep = Endpoint::Unix(self.nbd.clone());
             rt()?.block_on(async {
@@ -414,5 +433,44 @@ mod tests {
             vm.start().expect("restart");
             assert_eq!(vm.hash("disk0").expect("hash"), h);
         }
+    }
+
+    /// A daemon that dies by a crash signal at start is started again (at most
+    /// [`START_ATTEMPTS`] starts), as qemu-storage-daemon 10.0.2 can when its QMP socket is
+    /// connected to at once; one that crashes every time fails the start.
+    #[test]
+    fn a_stand_in_that_crashes_at_start_is_started_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("root");
+        let mut vm = StandIn::start_in(
+            &root.path().join("vms"),
+            &root.path().join("host-a"),
+            "t2",
+            &[StandInDisk::new("disk0", 4 << 20)],
+        )
+        .expect("start");
+        vm.stop().expect("clean stop");
+        // The launcher crashes (SIGSEGV) while its count of crashes left is above zero.
+        let left = root.path().join("crashes-left");
+        let launcher = root.path().join("launcher");
+        std::fs::write(
+            &launcher,
+            format!(
+                "#!/bin/sh\nn=$(cat {0})\nif [ \"$n\" -gt 0 ]; then echo $((n - 1)) > {0}; kill -SEGV $$; fi\nexec qemu-storage-daemon \"$@\"\n",
+                left.display()
+            ),
+        )
+        .expect("write the launcher");
+        std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        vm.set_launcher(&launcher);
+        std::fs::write(&left, format!("{}", START_ATTEMPTS - 1)).expect("write");
+        vm.start().expect("the last start serves");
+        assert_eq!(std::fs::read_to_string(&left).expect("read").trim(), "0");
+        vm.hash("disk0").expect("hash");
+        vm.stop().expect("clean stop");
+        std::fs::write(&left, format!("{START_ATTEMPTS}")).expect("write");
+        let e = vm.start().expect_err("crashes every time");
+        assert!(matches!(e, HarnessError::Exited { .. }), "{e:?}");
+        assert_eq!(std::fs::read_to_string(&left).expect("read").trim(), "0");
     }
 }
