@@ -67,7 +67,7 @@ fn extended_run(ctx: &Ctx, rsync_missing: Option<&str>, o: &mut Outcome) -> anyh
     let (disk, reps, pairs) = if ctx.quick {
         (GIB, 3usize, 2usize)
     } else {
-        (8 * GIB, 5, 4)
+        (8 * GIB, 5, 7)
     };
     let count = disk / BLOCK / 100;
     let dirty_bytes = count * BLOCK;
