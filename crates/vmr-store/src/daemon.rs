@@ -1158,23 +1158,7 @@ mod tests {
     async fn a_finished_export_holds_its_data_and_no_lock() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        for args in [
-            &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"][..],
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-                "1M",
-            ][..],
-        ] {
-            assert!(qemu_img(d, args).status.success());
-        }
+        two_layers(d);
         let qsd = Arc::new(Daemon::new(d));
         for round in 0..2u8 {
             let x = qsd.export(&d.join("top.qcow2")).await.expect("export");
