@@ -123,6 +123,36 @@ impl ChildGuard {
 /// reason; RELIABILITY.md). Nothing but the process exists yet, so starting it again is safe.
 pub const START_ATTEMPTS: usize = 3;
 
+/// Start a QEMU program: `spawn` starts it, `ready` waits until it serves. One that died by a
+/// crash signal before it was ready is started again, at most [`START_ATTEMPTS`] starts in all
+/// (`what` names it in the note on stderr). `Ok(Ok(child))` once ready; `Ok(Err((child, e)))`
+/// with the last child (exited, or running but not ready) and `ready`'s error; `Err` when
+/// `spawn` failed.
+#[allow(clippy::type_complexity)]
+pub fn start_again_on_crash<E>(
+    what: &str,
+    mut spawn: impl FnMut() -> Result<ChildGuard, E>,
+    mut ready: impl FnMut(&mut ChildGuard) -> Result<(), E>,
+) -> Result<Result<ChildGuard, (ChildGuard, E)>, E> {
+    let mut crashes = Vec::new();
+    loop {
+        let mut child = spawn()?;
+        let Err(e) = ready(&mut child) else {
+            return Ok(Ok(child));
+        };
+        match child.crashed() {
+            Some(sig) if crashes.len() + 1 < START_ATTEMPTS => {
+                crashes.push(sig);
+                eprintln!(
+                    "{what}: crashed at start ({}); starting it again",
+                    crashes.join(", ")
+                );
+            }
+            _ => return Ok(Err((child, e))),
+        }
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill9();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::harness::{HarnessError, READY_TIMEOUT, connect_nbd, wait_child_qmp_greeting};
-use crate::proc::{ChildGuard, START_ATTEMPTS};
+use crate::proc::{ChildGuard, start_again_on_crash};
 
 /// Image format of a stand-in disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,31 +182,27 @@ impl QsdVm {
     }
 
     /// Start (again) with the same images; the previous process must be stopped. A daemon
-    /// that crashes at start is started again ([`START_ATTEMPTS`]).
+    /// that crashes at start is started again ([`crate::proc::START_ATTEMPTS`]).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         if self.child.as_mut().is_some_and(|c| c.is_running()) {
             bail!("qemu-storage-daemon is still running");
         }
-        let mut crashes = Vec::new();
-        loop {
-            let cmd = self.command()?;
-            let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon")?;
-            let Err(e) = self.wait_ready(&mut child) else {
+        let started = start_again_on_crash(
+            "qemu-storage-daemon",
+            || -> anyhow::Result<ChildGuard> {
+                Ok(ChildGuard::spawn(self.command()?, "qemu-storage-daemon")?)
+            },
+            |c| Ok(self.wait_ready(c)?),
+        )?;
+        match started {
+            Ok(child) => {
                 self.child = Some(child);
-                return Ok(());
-            };
-            if let Some(sig) = child.crashed()
-                && crashes.len() + 1 < START_ATTEMPTS
-            {
-                crashes.push(sig);
-                eprintln!(
-                    "qemu-storage-daemon crashed at start ({}); starting it again",
-                    crashes.join(", ")
-                );
-                continue;
+                Ok(())
             }
-            child.kill9();
-            bail!("{e}; log: {}", self.log());
+            Err((mut child, e)) => {
+                child.kill9();
+                bail!("{e}; log: {}", self.log());
+            }
         }
     }
 

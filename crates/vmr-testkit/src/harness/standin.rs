@@ -17,7 +17,9 @@ use super::nbd::{
     connect_nbd, hash_export, wait_child_qmp_greeting, write_noise, write_random, write_seq,
 };
 use super::{HarnessError, READY_TIMEOUT, Result, io_err, rt};
-use crate::proc::{ChildGuard, START_ATTEMPTS};
+#[cfg(test)]
+use crate::proc::START_ATTEMPTS;
+use crate::proc::{ChildGuard, start_again_on_crash};
 
 /// The NBD socket a primary agent in `agent_dir` expects VM `uuid`'s QEMU to serve
 /// (`work/<uuid>/vmr-<tag>-nbd.sock`, uuid = all 32 hex digits, tag = the first 8; when that
@@ -290,8 +292,9 @@ impl StandIn {
                     .map(|d| d.path.clone())
             },
         )?;
-        let mut crashes = Vec::new();
-        loop {
+        let spawn = || {
+            let _ = std::fs::remove_file(&self.qmp);
+            let _ = std::fs::remove_file(&self.nbd);
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -306,34 +309,26 @@ impl StandIn {
                 .stdin(Stdio::null())
                 .stdout(log2)
                 .stderr(log);
-            let mut child = ChildGuard::spawn(cmd, "qemu-storage-daemon stand-in VM")?;
-            let Err(e) = self.wait_ready(&mut child) else {
+            Ok(ChildGuard::spawn(cmd, "qemu-storage-daemon stand-in VM")?)
+        };
+        let what = format!("stand-in VM {}", def.name);
+        match start_again_on_crash(&what, spawn, |c| self.wait_ready(c))? {
+            Ok(child) => {
                 self.child = Some(child);
-                return Ok(());
-            };
-            if let Some(sig) = child.crashed()
-                && crashes.len() + 1 < START_ATTEMPTS
-            {
-                crashes.push(sig);
-                eprintln!(
-                    "stand-in VM {}: crashed at start ({}); starting it again",
-                    def.name,
-                    crashes.join(", ")
-                );
-                let _ = std::fs::remove_file(&self.qmp);
-                let _ = std::fs::remove_file(&self.nbd);
-                continue;
+                Ok(())
             }
-            let what = if child.is_running() {
-                format!("qemu-storage-daemon {} did not greet ({e})", def.name)
-            } else {
-                format!("qemu-storage-daemon {}", def.name)
-            };
-            child.kill9();
-            return Err(HarnessError::Exited {
-                what,
-                log: self.log(),
-            });
+            Err((mut child, e)) => {
+                let what = if child.is_running() {
+                    format!("qemu-storage-daemon {} did not greet ({e})", self.def.name)
+                } else {
+                    format!("qemu-storage-daemon {}", self.def.name)
+                };
+                child.kill9();
+                Err(HarnessError::Exited {
+                    what,
+                    log: self.log(),
+                })
+            }
         }
     }
 
