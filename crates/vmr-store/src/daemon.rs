@@ -46,6 +46,24 @@ pub(crate) enum WriteCache {
     Direct,
 }
 
+/// Whether QEMU's own flushes of a new layer's file reach the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LayerFlush {
+    /// They do (`cache.no-flush=false`): qcow2 orders its metadata writes with `fdatasync`s
+    /// and an NBD FLUSH makes what was written durable. For a layer that outlives an
+    /// interrupted cycle (a resync's, kept for the next attempt and flushed as it goes).
+    Ordered,
+    /// They are skipped (`cache.no-flush=true`): the layer becomes durable only by the store's
+    /// fsync of its file in the commit, before the catalog names it. For a layer that is
+    /// deleted unread when its cycle does not commit (a full or incremental cycle's), so no
+    /// crash before that fsync can expose it. Measured: each new L2 table of a fresh layer
+    /// made qcow2 `fdatasync` its file two or three times, each a device flush, while it
+    /// held the image's lock, so every write in flight waited; in an initial copy the
+    /// daemon's thread sat in `fdatasync` for about 40 % of the transfer with no other
+    /// thread of the replication running (BENCHMARKS.md, "Reading the misses", stop 34).
+    AtCommit,
+}
+
 /// Name of the file in the store root recording the running daemon.
 const PID_FILE: &str = "qemu-storage-daemon.pid";
 /// Name of the file in the store root the store holds an exclusive `flock` on, through one
@@ -539,13 +557,15 @@ impl Daemon {
 
     /// Create the qcow2 layer `image` of `size` bytes on top of `backing` (a file name in the
     /// same directory, recorded relative) with `blockdev-create` jobs (no process start), open
-    /// it (its file with `cache`) and export it writable.
+    /// it (its file with `cache`, QEMU's flushes of it as `flush` says) and export it
+    /// writable.
     pub(crate) async fn create_and_export(
         self: &Arc<Self>,
         image: &Path,
         size: u64,
         backing: Option<&str>,
         cache: WriteCache,
+        flush: LayerFlush,
     ) -> Result<DaemonExport, StoreError> {
         let what = image.display().to_string();
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -565,6 +585,7 @@ impl Daemon {
             WriteCache::Direct => &[(true, "threads"), (false, "io_uring"), (false, "threads")],
             WriteCache::Buffered => &[(false, "io_uring"), (false, "threads")],
         };
+        let no_flush = flush == LayerFlush::AtCommit;
         let mut direct = false;
         let mut added = Err(StoreError::tool(
             "qemu-storage-daemon",
@@ -575,7 +596,7 @@ impl Daemon {
                 .execute(
                     "blockdev-add",
                     json!({ "driver": "file", "node-name": file_node, "filename": what,
-                            "aio": aio, "cache": { "direct": d, "no-flush": false } }),
+                            "aio": aio, "cache": { "direct": d, "no-flush": no_flush } }),
                 )
                 .await;
             if added.is_ok() {
@@ -1221,6 +1242,29 @@ mod tests {
         assert!(free.status.success(), "{free:?}");
     }
 
+    /// The `cache.no-flush` of the file node of the daemon's (only) new layer.
+    async fn file_no_flush(qsd: &Arc<Daemon>) -> Value {
+        let nodes = qsd
+            .execute("query-named-block-nodes", json!({}))
+            .await
+            .expect("query");
+        let files: Vec<Value> = nodes
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|n| {
+                        n["node-name"]
+                            .as_str()
+                            .is_some_and(|s| s.starts_with("vmrf"))
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files[0]["cache"]["no-flush"].clone()
+    }
+
     #[tokio::test]
     async fn a_created_layer_has_the_header_qemu_img_would_write() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1237,10 +1281,16 @@ mod tests {
                 4 << 20,
                 Some("base.qcow2"),
                 WriteCache::Buffered,
+                LayerFlush::Ordered,
             )
             .await
             .expect("create");
         assert_eq!(x.client.size(), 4 << 20);
+        assert_eq!(
+            file_no_flush(&qsd).await,
+            json!(false),
+            "QEMU's flushes kept"
+        );
         x.client
             .write(3 << 20, Bytes::from(vec![7u8; 4096]), false)
             .await
@@ -1264,10 +1314,16 @@ mod tests {
                 4 << 20,
                 None,
                 WriteCache::Buffered,
+                LayerFlush::AtCommit,
             )
             .await
             .expect("create again");
         assert!(!y.direct);
+        assert_eq!(
+            file_no_flush(&qsd).await,
+            json!(true),
+            "QEMU's flushes skipped"
+        );
         qsd.abort(y).await;
         assert!(qsd.running.lock().await.is_some(), "daemon still serves");
     }
@@ -1278,7 +1334,13 @@ mod tests {
         let d = dir.path();
         let qsd = Arc::new(Daemon::new(d));
         let x = qsd
-            .create_and_export(&d.join("c000001.qcow2"), 8 << 20, None, WriteCache::Direct)
+            .create_and_export(
+                &d.join("c000001.qcow2"),
+                8 << 20,
+                None,
+                WriteCache::Direct,
+                LayerFlush::AtCommit,
+            )
             .await
             .expect("create");
         // The daemon reports the cache mode it opened the layer's file with.

@@ -15,7 +15,7 @@ use tokio::sync::OwnedMutexGuard;
 use crate::hash_index;
 
 use super::*;
-use crate::daemon::{DaemonExport, WriteCache};
+use crate::daemon::{DaemonExport, LayerFlush, WriteCache};
 
 /// Flush the pending layers of a resync after this many bytes written, so that an interrupted
 /// resync that is resumed later loses little.
@@ -256,10 +256,7 @@ async fn open_layers(
     // order: its layers are written with O_DIRECT (no copy of each byte into the page cache);
     // the others' small scattered extents go through the page cache (measured in
     // BENCHMARKS.md: O_DIRECT made a 1 % cycle of 64 KiB extents slower).
-    let cache = match header.kind {
-        CycleKind::Full => WriteCache::Direct,
-        CycleKind::Incremental | CycleKind::Resync => WriteCache::Buffered,
-    };
+    let (cache, flush) = layer_options(header.kind);
     let started = futures::future::join_all(layers.iter().map(|l| async move {
         let path = l.dir.join(&l.rec.file);
         if resume {
@@ -273,7 +270,7 @@ async fn open_layers(
             Err(e) => return Err(StoreError::io("remove", &path, e)),
         }
         v.qsd
-            .create_and_export(&path, l.rec.size, l.rec.backing.as_deref(), cache)
+            .create_and_export(&path, l.rec.size, l.rec.backing.as_deref(), cache, flush)
             .await
     }))
     .await;
@@ -301,6 +298,19 @@ async fn open_layers(
     }
     pause_point("cycle-layers-created");
     Ok(exports)
+}
+
+/// How a cycle of `kind` writes its new layers. QEMU's own flushes of the file are skipped
+/// where the layer is deleted unread unless its cycle commits (full, incremental): the commit
+/// fsyncs it before the catalog names it. A resync's layers outlive an interruption, so they
+/// keep qcow2's ordering and the periodic NBD FLUSHes that make what arrived durable for the
+/// next attempt.
+fn layer_options(kind: CycleKind) -> (WriteCache, LayerFlush) {
+    match kind {
+        CycleKind::Full => (WriteCache::Direct, LayerFlush::AtCommit),
+        CycleKind::Incremental => (WriteCache::Buffered, LayerFlush::AtCommit),
+        CycleKind::Resync => (WriteCache::Buffered, LayerFlush::Ordered),
+    }
 }
 
 /// fsync each layer file and its directory (on a blocking thread).
@@ -747,6 +757,25 @@ mod tests {
 
     fn s(x: &str) -> String {
         x.to_owned()
+    }
+
+    #[test]
+    fn only_a_resync_keeps_qemus_flushes_of_its_layers() {
+        // A resync's layers are kept after an interruption and resumed: QEMU must order and
+        // flush them. The others' are deleted unread unless the commit's fsync ran.
+        use CycleKind::*;
+        assert_eq!(
+            layer_options(Full),
+            (WriteCache::Direct, LayerFlush::AtCommit)
+        );
+        assert_eq!(
+            layer_options(Incremental),
+            (WriteCache::Buffered, LayerFlush::AtCommit)
+        );
+        assert_eq!(
+            layer_options(Resync),
+            (WriteCache::Buffered, LayerFlush::Ordered)
+        );
     }
 
     #[test]
