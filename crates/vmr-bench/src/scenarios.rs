@@ -240,16 +240,13 @@ fn enable_and_wait(
     points: u32,
     timeout: Duration,
 ) -> anyhow::Result<(f64, f64)> {
-    let t = Instant::now();
+    let t = vmr_testkit::harness::epoch_ms();
     enable(pair, name, freq, points)?;
-    // The replica applies before the primary hears the acknowledgement: poll it first, so
-    // that its time is not that of the primary's poll.
-    let applied = pair.b.wait_cycle(name, 1, timeout)?.1;
-    let (_, ack) = pair.a.wait_cycle(name, 1, timeout)?;
-    Ok((
-        ack.duration_since(t).as_secs_f64(),
-        applied.duration_since(t).as_secs_f64(),
-    ))
+    // When each agent recorded the cycle (the replica's commit, the primary's
+    // acknowledgement), by their own clocks (this host's), not when a poll saw it.
+    let (_, applied) = pair.b.wait_cycle_recorded(name, 1, timeout, t)?;
+    let (_, ack) = pair.a.wait_cycle_recorded(name, 1, timeout, t)?;
+    Ok((ack.as_secs_f64(), applied.as_secs_f64()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,18 +696,18 @@ fn delta_run(
                 None
             };
             let cpu0 = profile::cpu_by_process(&cpu_procs);
-            let t = Instant::now();
+            let t = vmr_testkit::harness::epoch_ms();
             resume(&pair, &vm.def.name)?;
-            // The headline is the time to applied: poll the replica first (the primary's
-            // commit follows the acknowledgement; its figures come from its statistics).
-            let applied = pair
-                .b
-                .wait_cycle(&vm.def.name, last + 1, Duration::from_secs(600))?
-                .1;
+            // The headline is the time to applied: when the replica recorded the commit (its
+            // own clock, this host's), not when a poll saw it (the primary's commit follows
+            // the acknowledgement; its figures come from its statistics).
+            let (_, applied) =
+                pair.b
+                    .wait_cycle_recorded(&vm.def.name, last + 1, Duration::from_secs(600), t)?;
             let (st, _) = pair
                 .a
                 .wait_cycle(&vm.def.name, last + 1, Duration::from_secs(600))?;
-            let el = applied.duration_since(t).as_secs_f64();
+            let el = applied.as_secs_f64();
             let cpu1 = profile::cpu_by_process(&cpu_procs);
             if let Some(p) = perf {
                 o2.notes.push(p.finish(&format!(

@@ -407,8 +407,9 @@ impl Agent {
         .map(drop)
     }
 
-    /// Poll this agent's status of `vm` every `every` until `pred` holds; the row and when it
-    /// was read.
+    /// Poll this agent's status of `vm` every `every` until `pred` holds; the row and when its
+    /// answer arrived (a VM's owner answers only between its commands, so that can be well
+    /// after the change: timings use [`Agent::wait_cycle_recorded`]).
     pub fn wait_status(
         &self,
         vm: &str,
@@ -419,10 +420,10 @@ impl Agent {
     ) -> Result<(VmStatus, Instant)> {
         let mut seen = None;
         let r = wait_every(timeout, every, what, || {
-            let now = Instant::now();
             let s = self.status(vm)?;
+            let answered = Instant::now();
             let ok = pred(&s);
-            seen = Some((s, now));
+            seen = Some((s, answered));
             Ok(ok)
         });
         match (r, seen) {
@@ -452,6 +453,26 @@ impl Agent {
             &format!("cycle {id} of {vm} on {}", self.name),
             |s| s.last_cycle.unwrap_or(0) >= id,
         )
+    }
+
+    /// Wait for cycle `id` of `vm` as [`Agent::wait_cycle`] does and return how long after
+    /// `since_ms` (ms since the epoch, this host's clock) this agent recorded it: its own
+    /// `last_replication_ms`, set as the cycle was committed (replica) or acknowledged
+    /// (primary). A poll's instant is no measure of that: the VM's owner answers a status only
+    /// between its commands, so a poll sent during the commit is answered after it, and one
+    /// sent after it may wait for the prune that follows.
+    pub fn wait_cycle_recorded(
+        &self,
+        vm: &str,
+        id: u64,
+        timeout: Duration,
+        since_ms: u64,
+    ) -> Result<(VmStatus, Duration)> {
+        let (s, _) = self.wait_cycle(vm, id, timeout)?;
+        let at = s
+            .last_replication_ms
+            .ok_or_else(|| HarnessError::NoCycleTime { vm: vm.to_owned() })?;
+        Ok((s, Duration::from_millis(at.saturating_sub(since_ms))))
     }
 }
 

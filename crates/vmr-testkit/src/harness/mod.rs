@@ -114,6 +114,12 @@ pub enum HarnessError {
         /// The VM.
         vm: String,
     },
+    /// The VM's status shows a cycle but not when the agent recorded it.
+    #[error("the status of {vm} has a cycle but no time of it")]
+    NoCycleTime {
+        /// The VM.
+        vm: String,
+    },
     /// A condition did not hold before its deadline.
     #[error("timed out after {after:?} waiting for {what}{}", last.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
     Timeout {
