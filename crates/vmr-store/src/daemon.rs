@@ -1242,8 +1242,8 @@ mod tests {
         assert!(free.status.success(), "{free:?}");
     }
 
-    /// The `cache.no-flush` of the file node of the daemon's (only) new layer.
-    async fn file_no_flush(qsd: &Arc<Daemon>) -> Value {
+    /// The file node of the daemon's (only) new layer, as QEMU reports it.
+    async fn layer_file_node(qsd: &Arc<Daemon>) -> Value {
         let nodes = qsd
             .execute("query-named-block-nodes", json!({}))
             .await
@@ -1262,7 +1262,12 @@ mod tests {
             })
             .unwrap_or_default();
         assert_eq!(files.len(), 1, "{files:?}");
-        files[0]["cache"]["no-flush"].clone()
+        files[0].clone()
+    }
+
+    /// The `cache.no-flush` of the file node of the daemon's (only) new layer.
+    async fn file_no_flush(qsd: &Arc<Daemon>) -> Value {
+        layer_file_node(qsd).await["cache"]["no-flush"].clone()
     }
 
     #[tokio::test]
@@ -1348,11 +1353,7 @@ mod tests {
             .execute("query-named-block-nodes", json!({}))
             .await
             .expect("query");
-        let file = nodes
-            .as_array()
-            .and_then(|a| a.iter().find(|n| n["drv"] == "file"))
-            .cloned()
-            .expect("the layer's file node");
+        let file = layer_file_node(&qsd).await;
         assert_eq!(file["cache"]["direct"], json!(x.direct), "{file}");
         // /var/tmp is a disk file system (ext4 on the machines this runs on): O_DIRECT holds.
         assert!(x.direct, "O_DIRECT refused on /var/tmp");
