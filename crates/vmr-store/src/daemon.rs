@@ -206,9 +206,8 @@ pub(crate) struct DaemonExport {
     /// The connected client.
     pub client: NbdClient,
     what: String,
-    /// Whether the layer's file is open with `O_DIRECT` ([`WriteCache::Direct`] granted; read
-    /// by the tests).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Whether the layer's file is open with `O_DIRECT` ([`WriteCache::Direct`] granted); if
+    /// not, the writer starts its writeback during the stream.
     pub direct: bool,
     /// The daemon, to release the nodes if the export is dropped without `finish`/`abort`
     /// (a cancelled future): the daemon must not keep the layer and its chain open.

@@ -1,7 +1,9 @@
 //! Durable file-system primitives: atomic replace (temp + fsync + rename + directory fsync),
-//! directory fsync (both through `vmr-durable`), allocated-size accounting, and the test pause
-//! hook (`failpoints` feature only).
+//! directory fsync (both through `vmr-durable`), the early-writeback hint for a layer written
+//! through the page cache, allocated-size accounting, and the test pause hook (`failpoints`
+//! feature only).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -22,6 +24,30 @@ pub(crate) fn fsync_file(path: &Path) -> Result<(), StoreError> {
         .open(path)
         .map_err(|e| StoreError::io("open", path, e))?;
     f.sync_all().map_err(|e| StoreError::io("fsync", path, e))
+}
+
+/// Start writing back the dirty pages of a file without waiting for them
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on the whole file). A hint, not a durability
+/// step: nothing relies on it, and the commit's [`fsync_file`] still makes the file durable;
+/// it only leaves that fsync less to write. It may block while the device's queue is full,
+/// so it runs on a blocking thread.
+#[allow(unsafe_code)]
+pub(crate) fn start_writeback(path: &Path) -> Result<(), StoreError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .open(path)
+        .map_err(|e| StoreError::io("open", path, e))?;
+    // SAFETY: `f` is an open file for the whole call; the call reads no memory of ours.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(StoreError::io(
+            "sync_file_range",
+            path,
+            std::io::Error::last_os_error(),
+        ))
+    }
 }
 
 /// Replace `path` with `bytes` atomically and durably (`vmr_durable::write_atomic`: temp, fsync,

@@ -613,3 +613,35 @@ async fn changes_since_a_point_cover_what_pruning_merged() -> anyhow::Result<()>
     drop((hold, keep));
     Ok(())
 }
+
+/// An incremental cycle's layer goes through the page cache; the writer starts its writeback
+/// every 8 MiB during the stream, so that the commit's fsync is left little to write. The
+/// point's content is the last data written.
+#[tokio::test]
+async fn an_incremental_layer_is_written_back_during_the_stream() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vm = vm_uuid();
+    let store = new_store(dir.path(), 24);
+    send(&store, vm, 1).await?;
+    let (h, _) = cycle(vm, 2);
+    let mut w = store.begin_cycle(h).await?;
+    let disk0 = DISK_SIZES[0];
+    let mut last = Vec::new();
+    for pass in 0..5u8 {
+        last = (0..disk0).map(|i| (i / 4096) as u8 ^ pass).collect();
+        let e = Extent {
+            disk: 0,
+            offset: 0,
+            data: ExtentData::Data(last.clone().into()),
+        };
+        w.put(&e, e.checksum()).await?;
+    }
+    // 20 MiB written: at least one writeback, at most one per 8 MiB.
+    let started = w.writebacks_started();
+    assert!((1..=2).contains(&started), "writebacks started: {started}");
+    assert_eq!(w.finish().await?.id, 2);
+    let content = point_content(&store, vm, None)?;
+    assert_eq!(content[0], last);
+    assert_eq!(content[1], model(vm, 1)[1]);
+    Ok(())
+}

@@ -20,6 +20,10 @@ use crate::daemon::{DaemonExport, LayerFlush, WriteCache};
 /// Flush the pending layers of a resync after this many bytes written, so that an interrupted
 /// resync that is resumed later loses little.
 const RESYNC_FLUSH_EVERY: u64 = 32 << 20;
+/// For a layer written through the page cache: start the writeback of its dirty pages after
+/// this many bytes (summed over the cycle's disks), so that the device writes during the
+/// stream and the commit's fsync finds little left to write.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 /// Extents at least this large are hashed on a blocking thread, off the async runtime.
 const HASH_OFF_RUNTIME: usize = 256 << 10;
 
@@ -42,6 +46,7 @@ pub struct LayerWriter {
     duplicate: bool,
     resumed: bool,
     puts: u64,
+    writebacks: u64,
 }
 
 struct Open {
@@ -49,6 +54,11 @@ struct Open {
     exports: Vec<DaemonExport>,
     pipe: Pipeline,
     since_flush: u64,
+    /// Bytes written through the page cache since the last writeback was started.
+    since_writeback: u64,
+    /// The writeback started last (`fsio::start_writeback` of the buffered layers), if any:
+    /// a new one starts only once it returned.
+    writeback: Option<tokio::task::JoinHandle<()>>,
     /// The block-hash index entries of what was written (`hash_index`).
     index: hash_index::Updates,
     chain: OwnedMutexGuard<()>,
@@ -201,6 +211,7 @@ impl Store {
                     duplicate: true,
                     resumed: false,
                     puts: 0,
+                    writebacks: 0,
                 });
             }
             Admit::Write { layers, resume } => (layers, resume),
@@ -223,12 +234,15 @@ impl Store {
                     exports,
                     pipe: Pipeline::default(),
                     since_flush: 0,
+                    since_writeback: 0,
+                    writeback: None,
                     index: hash_index::Updates::new(disks, resume),
                     chain,
                 }),
                 duplicate: false,
                 resumed: resume,
                 puts: 0,
+                writebacks: 0,
             }),
             Err(e) => {
                 let mut st = lock(&v.st);
@@ -313,6 +327,24 @@ fn layer_options(kind: CycleKind) -> (WriteCache, LayerFlush) {
     }
 }
 
+/// Start the writeback of the layers written through the page cache, on a blocking thread
+/// (a hint: a failure is only logged; the commit's fsync reports what matters).
+fn start_writeback(layers: &[NewLayer], exports: &[DaemonExport]) -> tokio::task::JoinHandle<()> {
+    let files: Vec<PathBuf> = layers
+        .iter()
+        .zip(exports)
+        .filter(|(_, x)| !x.direct)
+        .map(|(l, _)| l.dir.join(&l.rec.file))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        for f in files {
+            if let Err(e) = fsio::start_writeback(&f) {
+                tracing::debug!(error = %e, "starting a layer's writeback failed");
+            }
+        }
+    })
+}
+
 /// fsync each layer file and its directory (on a blocking thread).
 async fn fsync_layers(v: &Arc<Vm>, layers: &[NewLayer]) -> Result<(), StoreError> {
     let files: Vec<(PathBuf, PathBuf)> = layers
@@ -364,6 +396,12 @@ impl LayerWriter {
     /// The cycle being received.
     pub fn header(&self) -> &CycleHeader {
         &self.header
+    }
+
+    /// How many times the writer started the writeback of its layers written through the
+    /// page cache during the stream (every 8 MiB; none for `O_DIRECT` layers).
+    pub fn writebacks_started(&self) -> u64 {
+        self.writebacks
     }
 
     /// Verify `checksum` (a [`ChecksumScheme::Whole`] checksum) against the extent, then
@@ -436,6 +474,16 @@ impl LayerWriter {
                 o.pipe
                     .zero(&x.client, &l.rec.file, extent.offset, *n, x.chunk())
                     .await?
+            }
+        }
+        if !x.direct {
+            o.since_writeback += extent.len();
+            if o.since_writeback >= WRITEBACK_EVERY
+                && o.writeback.as_ref().is_none_or(|h| h.is_finished())
+            {
+                o.since_writeback = 0;
+                o.writeback = Some(start_writeback(&o.layers, &o.exports));
+                self.writebacks += 1;
             }
         }
         if resync {
