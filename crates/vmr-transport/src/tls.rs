@@ -186,28 +186,27 @@ mod tests {
         let (ccfg, _) = client_config(&a, b.fingerprint()).expect("client config");
         let scfg = server_config(&b).expect("server config");
         let name = ServerName::try_from("b").expect("name");
-        let mut client =
-            rustls::ClientConnection::new(Arc::new(ccfg), name).expect("client connection");
-        let mut server = rustls::ServerConnection::new(Arc::new(scfg)).expect("server connection");
+        let mut client = rustls::Connection::Client(
+            rustls::ClientConnection::new(Arc::new(ccfg), name).expect("client connection"),
+        );
+        let mut server = rustls::Connection::Server(
+            rustls::ServerConnection::new(Arc::new(scfg)).expect("server connection"),
+        );
+        // Carry what one side has to send to the other, which then processes it.
+        fn pass(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+            let mut buf = Vec::new();
+            while from.wants_write() {
+                from.write_tls(&mut buf).expect("write_tls");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                to.read_tls(&mut rd).expect("read_tls");
+            }
+            to.process_new_packets().expect("process_new_packets");
+        }
         for _ in 0..10 {
-            let mut buf = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut buf).expect("client write");
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                server.read_tls(&mut rd).expect("server read");
-            }
-            server.process_new_packets().expect("server process");
-            let mut buf = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut buf).expect("server write");
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                client.read_tls(&mut rd).expect("client read");
-            }
-            client.process_new_packets().expect("client process");
+            pass(&mut client, &mut server);
+            pass(&mut server, &mut client);
             if !client.is_handshaking() && !server.is_handshaking() {
                 break;
             }
