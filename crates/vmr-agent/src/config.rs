@@ -156,6 +156,23 @@ pub fn write_bandwidth(
     dir: &Path,
     schedule: &vmr_proto::bandwidth::BandwidthSchedule,
 ) -> Result<(), AgentError> {
+    let value = (!schedule.is_unlimited()).then(|| schedule.to_string());
+    write_key(dir, "bandwidth", value)
+}
+
+/// Write the data path's CPU priority into `DIR/config.toml` (`set --agent --cpu-priority`;
+/// `normal` removes the key).
+pub fn write_cpu_priority(
+    dir: &Path,
+    priority: vmr_proto::api::CpuPriority,
+) -> Result<(), AgentError> {
+    let value = (!priority.is_normal()).then(|| priority.to_string());
+    write_key(dir, "cpu-priority", value)
+}
+
+/// Set (or with `None` remove) one top-level string key of `DIR/config.toml`: the other keys
+/// are kept, comments are not.
+fn write_key(dir: &Path, key: &str, value: Option<String>) -> Result<(), AgentError> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|err| AgentError::ConfigUnreadable {
         path: path.clone(),
@@ -167,13 +184,13 @@ pub fn write_bandwidth(
             path: path.clone(),
             source,
         })?;
-    if schedule.is_unlimited() {
-        table.remove("bandwidth");
-    } else {
-        table.insert(
-            "bandwidth".to_owned(),
-            toml::Value::String(schedule.to_string()),
-        );
+    match value {
+        None => {
+            table.remove(key);
+        }
+        Some(v) => {
+            table.insert(key.to_owned(), toml::Value::String(v));
+        }
     }
     let text = toml::to_string_pretty(&table).map_err(AgentError::ConfigEncode)?;
     vmr_durable::write_atomic_mode(&path, text.as_bytes(), 0o600)?;
@@ -240,6 +257,7 @@ pub fn create(
         bandwidth: None,
         time_zone: Default::default(),
         libvirt_connect: None,
+        cpu_priority: Default::default(),
     };
     let mut cfg = cfg;
     if metrics.is_some_and(|m| m.token) {

@@ -341,6 +341,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             "name": host.config.name,
             "listen": host.config.listen,
             "fingerprint": host.identity.fingerprint(),
+            "cpu_priority": host.data.priority(),
             "allowed": host.allowed(),
             "witness": host
                 .witness_leases()
@@ -634,6 +635,15 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             Ok(json!(format!(
                 "agent-wide bandwidth limit is {bandwidth} (time zone {}); written to {}",
                 host.pace.zone,
+                crate::config::CONFIG_FILE
+            )))
+        }
+        Request::SetCpuPriority { priority } => {
+            host.data.set_priority(priority)?;
+            crate::config::write_cpu_priority(&host.dir, priority)?;
+            Ok(json!(format!(
+                "the data path runs at CPU priority {priority} (nice {}); written to {}",
+                priority.nice(),
                 crate::config::CONFIG_FILE
             )))
         }

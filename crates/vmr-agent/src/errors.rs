@@ -718,6 +718,24 @@ pub enum AgentError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The data path's threads could not be given a CPU priority (raising it back needs
+    /// `CAP_SYS_NICE`).
+    #[error(
+        "cannot run the data path at CPU priority {priority} (nice {nice}){}",
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ": raising it back needs CAP_SYS_NICE; set `cpu-priority` in config.toml and restart the agent"
+        } else {
+            ""
+        }
+    )]
+    CpuPriority {
+        /// The priority asked for.
+        priority: vmr_proto::api::CpuPriority,
+        /// Its nice value.
+        nice: i32,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A system facility (runtime, signal handler) could not be set up.
     #[error("{doing}")]
     System {
@@ -1290,6 +1308,7 @@ impl AgentError {
             | ListenAddress { .. }
             | Io { .. }
             | System { .. }
+            | CpuPriority { .. }
             | Json { .. }
             | JsonEncode { .. }
             | Db(_)

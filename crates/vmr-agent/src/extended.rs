@@ -271,7 +271,8 @@ impl ExtendedSide {
         let progress = self.progress.clone();
         let incoming = vm.incoming.clone();
         progress.clear();
-        let handle = tokio::spawn(async move {
+        // On the data path runtime, like a primary's cycle (`cpu-priority`).
+        let handle = host.data.clone().spawn(async move {
             let mut client = client;
             let outcome = tokio::select! {
                 o = run(&host, &rec, &args, &mut client, (point, base), &progress, &incoming) => o,

@@ -1,6 +1,6 @@
 //! What every VM's owner shares on one host: the agent directory, its config and TLS identity,
 //! the state database, the event log, the in-memory authorization entries, the opened replica stores, the
-//! limit on concurrent cycles and the agent-wide sending limit. Nothing here holds a VM's state: that is owned by the VM's
+//! limit on concurrent cycles, the agent-wide sending limit and the data path runtime. Nothing here holds a VM's state: that is owned by the VM's
 //! task (`vm.rs`).
 
 use std::collections::BTreeMap;
@@ -47,6 +47,8 @@ pub struct Host {
     pub pace: Arc<AgentPace>,
     /// The consistency groups' cut coordinator (docs/groups.md).
     pub groups: crate::groups::Groups,
+    /// The runtime primary cycles run on, and its threads' CPU priority.
+    pub data: crate::datapath::DataPathHandle,
     /// The witness role: the leases of the VM relationships this agent is the witness of
     /// (docs/auto-failover.md).
     witness: Witness,
@@ -59,6 +61,7 @@ impl Host {
         config: AgentConfig,
         identity: vmr_transport::Identity,
         db: Db,
+        data: crate::datapath::DataPathHandle,
     ) -> Result<Host, AgentError> {
         let allow = db.allowed()?;
         let witness = Witness::restore(db.leases()?);
@@ -78,6 +81,7 @@ impl Host {
             telemetry: Telemetry::default(),
             pace,
             groups: crate::groups::Groups::default(),
+            data,
             witness,
         })
     }

@@ -18,6 +18,7 @@ pub mod config;
 mod control;
 mod cycle;
 mod dashboard;
+mod datapath;
 pub mod db;
 mod errors;
 pub mod events;
@@ -117,10 +118,16 @@ pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {
             doing: "starting the async runtime",
             source,
         })?;
-    rt.block_on(run(dir))
+    // Cycles run on a runtime of their own whose threads' CPU priority follows
+    // `cpu-priority`; it outlives the control plane's, whose shutdown ends the cycles first.
+    let data = datapath::DataPath::start()?;
+    let r = rt.block_on(run(dir, data.handle()));
+    drop(rt);
+    drop(data);
+    r
 }
 
-async fn run(dir: &Path) -> Result<(), AgentError> {
+async fn run(dir: &Path, data: datapath::DataPathHandle) -> Result<(), AgentError> {
     let dir = std::path::absolute(dir).map_err(AgentError::io("resolving", dir))?;
     let config = load_config(&dir)?;
     config::check_key_mode(&dir)?;
@@ -130,7 +137,8 @@ async fn run(dir: &Path) -> Result<(), AgentError> {
         source,
     })?;
     let db = db::Db::open(&dir.join("state.db"))?;
-    let host = Arc::new(Host::open(dir.clone(), config, identity, db)?);
+    data.set_priority(config.cpu_priority)?;
+    let host = Arc::new(Host::open(dir.clone(), config, identity, db, data)?);
     let vms = Arc::new(Registry::default());
 
     // Replica side first: replay staged cycles so that what was acknowledged is applied.

@@ -518,7 +518,9 @@ impl PrimarySide {
         };
         let shared = self.shared;
         let token = cancel.clone();
-        let handle = tokio::spawn(async move {
+        // On the data path runtime: the cycle's per-byte work, and everything it spawns, runs
+        // at the data path's CPU priority (`cpu-priority`).
+        let handle = vm.host.data.clone().spawn(async move {
             let outcome = match cycle {
                 None => match crate::cycle::replica_latest(&ctx.host, &ctx.rec, &mut session).await
                 {

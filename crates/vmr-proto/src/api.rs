@@ -790,6 +790,13 @@ pub enum Request {
         /// The new schedule (`*=0` = unlimited).
         bandwidth: crate::bandwidth::BandwidthSchedule,
     },
+    /// Change the CPU priority of the primary's data path (`vmreplica set --agent
+    /// --cpu-priority low|normal`, also written into `config.toml`); running cycles get it at
+    /// once.
+    SetCpuPriority {
+        /// The new priority.
+        priority: CpuPriority,
+    },
     /// Change how often a primary VM is verified against its replica (`vmreplica set NAME
     /// --verify-every D|never`); the next verification is due that long after the last one.
     SetVerifyEvery {
@@ -1450,6 +1457,57 @@ pub struct AgentConfig {
     /// when absent). See docs/libvirt.md.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_connect: Option<String>,
+    /// The CPU priority of the primary's data path (`cpu-priority = "low"`; `vmreplica set
+    /// --agent --cpu-priority` changes it at run time and writes it here); absent = normal.
+    #[serde(default, skip_serializing_if = "CpuPriority::is_normal")]
+    pub cpu_priority: CpuPriority,
+}
+
+/// The CPU priority of the threads that carry the primary's cycles (capture reads, hashing,
+/// compression, encryption, sending). The agent's control plane always runs at normal
+/// priority.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuPriority {
+    /// Like every other process (nice 0): cycles take the CPU they need, also from VMs.
+    #[default]
+    Normal,
+    /// Nice 19: cycles use the CPU the host's VMs leave idle. On a host whose VMs keep the
+    /// CPUs busy, cycles take longer and the RPO grows (the RPO alert says so).
+    Low,
+}
+
+impl CpuPriority {
+    /// The nice value the data path's threads run at.
+    pub fn nice(self) -> i32 {
+        match self {
+            CpuPriority::Normal => 0,
+            CpuPriority::Low => 19,
+        }
+    }
+
+    /// True for the default.
+    pub fn is_normal(&self) -> bool {
+        *self == CpuPriority::Normal
+    }
+
+    /// Parse `normal` or `low` (the CLI's and config's spelling).
+    pub fn parse(s: &str) -> Option<CpuPriority> {
+        match s {
+            "normal" => Some(CpuPriority::Normal),
+            "low" => Some(CpuPriority::Low),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuPriority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CpuPriority::Normal => "normal",
+            CpuPriority::Low => "low",
+        })
+    }
 }
 
 fn is_utc(z: &crate::bandwidth::TimeZone) -> bool {
@@ -1516,6 +1574,31 @@ mod tests {
         ] {
             assert!(toml::from_str::<AgentConfig>(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn config_cpu_priority() {
+        let base = "name = \"a\"\nlisten = \"127.0.0.1:1\"\nstorage = \"/s\"\n";
+        let cfg: AgentConfig = toml::from_str(base).expect("plain");
+        assert_eq!(cfg.cpu_priority, CpuPriority::Normal);
+        assert!(
+            !toml::to_string(&cfg)
+                .expect("encode")
+                .contains("cpu-priority")
+        );
+        let cfg: AgentConfig =
+            toml::from_str(&format!("{base}cpu-priority = \"low\"\n")).expect("low");
+        assert_eq!(cfg.cpu_priority, CpuPriority::Low);
+        assert_eq!(cfg.cpu_priority.nice(), 19);
+        let back = toml::to_string(&cfg).expect("encode");
+        assert!(back.contains("cpu-priority = \"low\""), "{back}");
+        assert!(
+            toml::from_str::<AgentConfig>(&format!("{base}cpu-priority = \"idle\"\n")).is_err()
+        );
+        for p in [CpuPriority::Normal, CpuPriority::Low] {
+            assert_eq!(CpuPriority::parse(&p.to_string()), Some(p));
+        }
+        assert_eq!(CpuPriority::parse("high"), None);
     }
 
     #[test]

@@ -175,7 +175,8 @@ pub enum Command {
         replica: Option<String>,
     },
     /// Change a VM's settings on this host while replication is enabled (either side), one
-    /// setting per call; or, with --agent, the agent-wide sending limit.
+    /// setting per call; or, with --agent, the agent-wide sending limit or the data path's CPU
+    /// priority.
     #[command(group(clap::ArgGroup::new("setting").required(true).args([
         "rpo_alert",
         "retain",
@@ -183,6 +184,7 @@ pub enum Command {
         "bandwidth",
         "verify_every",
         "auto_failover",
+        "cpu_priority",
     ])))]
     Set {
         /// VM name (not with --agent).
@@ -217,8 +219,15 @@ pub enum Command {
         /// witness, the replica stops its watch). Turning it on is `enable --auto-failover`.
         #[arg(long, value_name = "off")]
         auto_failover: Option<String>,
-        /// Change the agent-wide sending limit (with --bandwidth), shared by all its VMs.
-        #[arg(long, requires = "bandwidth", conflicts_with = "rpo_alert")]
+        /// With --agent: the CPU priority of the primary's cycles (reading, hashing,
+        /// compressing, encrypting, sending): `low` (nice 19) leaves the CPU to the host's VMs
+        /// and lets the RPO grow while they keep it busy; `normal` (the default) competes like
+        /// any process. Running cycles get it at once; written to config.toml.
+        #[arg(long, value_name = "low|normal", value_parser = parse_cpu_priority, requires = "agent", conflicts_with = "name")]
+        cpu_priority: Option<vmr_proto::api::CpuPriority>,
+        /// Change an agent-wide setting (--bandwidth, shared by all its VMs, or
+        /// --cpu-priority).
+        #[arg(long, conflicts_with_all = ["rpo_alert", "retain", "recovery_points", "verify_every", "auto_failover"])]
         agent: bool,
         /// With --retain or --recovery-points on a VM that replicates to several replicas
         /// (fan-out): the relationship to this replica.
@@ -825,6 +834,11 @@ pub fn parse_frequency(s: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
+/// Parse a CPU priority (`set --agent --cpu-priority`).
+pub fn parse_cpu_priority(s: &str) -> Result<vmr_proto::api::CpuPriority, String> {
+    vmr_proto::api::CpuPriority::parse(s).ok_or_else(|| format!("{s:?}: `low` or `normal`"))
+}
+
 /// Parse a bandwidth schedule (`enable --bandwidth`, `set --bandwidth`).
 pub fn parse_bandwidth(s: &str) -> Result<vmr_proto::bandwidth::BandwidthSchedule, String> {
     vmr_proto::bandwidth::BandwidthSchedule::parse(s).map_err(|e| e.to_string())
@@ -1032,7 +1046,7 @@ mod tests {
     }
 
     #[test]
-    fn set_takes_one_setting_of_a_vm_or_the_agents_bandwidth() {
+    fn set_takes_one_setting_of_a_vm_or_of_the_agent() {
         use clap::Parser;
         let parse = |args: &[&str]| {
             let mut v = vec!["vmreplica", "set"];
@@ -1070,9 +1084,28 @@ mod tests {
             parse(&["--agent", "--bandwidth", "1M"]),
             Ok((None, None, Some("*=1M".into()), true))
         );
+        match Cli::try_parse_from(["vmreplica", "set", "--agent", "--cpu-priority", "low"]) {
+            Ok(Cli {
+                command:
+                    Command::Set {
+                        name: None,
+                        cpu_priority: Some(p),
+                        agent: true,
+                        ..
+                    },
+                ..
+            }) => assert_eq!(p, vmr_proto::api::CpuPriority::Low),
+            other => panic!("{other:?}"),
+        }
         for bad in [
             &["web1"][..],
             &["--agent"],
+            &["--cpu-priority", "low"],
+            &["web1", "--cpu-priority", "low"],
+            &["--agent", "--cpu-priority", "idle"],
+            &["--agent", "--cpu-priority", "low", "--bandwidth", "1M"],
+            &["--agent", "--retain", "1h=2"],
+            &["--agent", "--verify-every", "1d"],
             &["--agent", "--rpo-alert", "5m"],
             &["web1", "--agent", "--bandwidth", "1M"],
             &["web1", "--rpo-alert", "5m", "--bandwidth", "1M"],

@@ -382,6 +382,11 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
             ..
         } => Request::SetBandwidth { name, bandwidth },
         Command::Set {
+            name: None,
+            cpu_priority: Some(priority),
+            ..
+        } => Request::SetCpuPriority { priority },
+        Command::Set {
             name: Some(name),
             auto_failover: Some(v),
             ..
@@ -444,7 +449,7 @@ fn request_of(cmd: Command) -> anyhow::Result<Request> {
         Command::Set { .. } => {
             return Err(coded(
                 exit::USAGE,
-                "set: give NAME with one setting, or --agent --bandwidth",
+                "set: give NAME with one setting, or --agent with --bandwidth or --cpu-priority",
             ));
         }
         Command::Events {

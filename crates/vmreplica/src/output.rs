@@ -206,6 +206,9 @@ pub fn print(kind: Kind, value: &Value, json: bool) {
                     value.get("listen").and_then(Value::as_str).unwrap_or("")
                 );
                 println!("fingerprint: {fp}");
+                if let Some(p) = value.get("cpu_priority").and_then(Value::as_str) {
+                    println!("data path:   CPU priority {p}");
+                }
             }
             let entries: Vec<AllowEntry> = value
                 .get("allowed")

@@ -5,6 +5,8 @@
 //! without re-enabling, unlimited is not throttled, a resync is throttled; the agent-wide limit (`set --agent`)
 //! throttles a VM with no limit of its own, a running cycle follows a changed limit at once,
 //! and a throttled VM whose cycles overrun its interval is reported (missed cycles, Warning).
+//! The other agent-wide data path setting, the CPU priority of the primary's cycles
+//! (`set --agent --cpu-priority`), lowers the data path's threads and nothing else.
 
 mod common;
 
@@ -330,5 +332,113 @@ fn limit_holds_within_10_percent_over_every_10_s_window_on_the_wire() -> TestRes
     p.b.wait_cycle("bw-win", 1, LONG)?;
     let replica = replica_hashes(&p.b, vm.def.uuid, None)?;
     assert_eq!(replica, vec![("disk0".to_owned(), vm.hash("disk0")?)]);
+    Ok(())
+}
+
+/// Each thread of process `pid`: its name and its nice value.
+fn threads_of(pid: u32) -> TestResult<Vec<(String, i32)>> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let t = t?.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("stat")),
+        ) else {
+            continue; // ended meanwhile
+        };
+        // Field 19 (nice), counted after the ")" that ends the command name.
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+            .ok_or("no nice value in stat")?;
+        out.push((comm.trim().to_owned(), nice));
+    }
+    Ok(out)
+}
+
+/// CPU time the data path threads (`vmr-data`) of process `pid` have used, ns (schedstat).
+fn data_path_cpu_ns(pid: u32) -> TestResult<u64> {
+    let mut ns = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let t = t?.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("schedstat")),
+        ) else {
+            continue;
+        };
+        if comm.trim() == "vmr-data" {
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or("no run time in schedstat")?;
+        }
+    }
+    Ok(ns)
+}
+
+/// The primary agent's data path threads (`vmr-data`) run at `data`, every other thread at 0.
+fn assert_nice(pid: u32, data: i32) -> TestResult {
+    let threads = threads_of(pid)?;
+    assert!(
+        threads.iter().any(|(n, _)| n == "vmr-data"),
+        "no data path thread: {threads:?}"
+    );
+    assert!(
+        threads.iter().any(|(n, _)| n != "vmr-data"),
+        "no control plane thread: {threads:?}"
+    );
+    for (name, nice) in &threads {
+        let want = if name == "vmr-data" { data } else { 0 };
+        assert_eq!(*nice, want, "{name}: {threads:?}");
+    }
+    Ok(())
+}
+
+/// `set --agent --cpu-priority low`: the primary's cycles run on threads of their own that
+/// take nice 19 at once while the control plane's threads stay at 0; cycles still replicate;
+/// the setting is written to config.toml, shown by `server show`, kept over a restart, and
+/// `normal` undoes it. Bad values are refused before the agent is asked.
+#[test]
+fn low_cpu_priority_lowers_the_data_path_threads_and_nothing_else() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "prio1", &["disk0"], 64)?;
+    vm.register(&p.a)?;
+    p.enable("prio1", &["--frequency", "5s"])?;
+    p.a.wait_cycle("prio1", 1, LONG)?;
+    assert_nice(p.a.pid(), 0)?;
+
+    let said = p.a.ok(&["set", "--agent", "--cpu-priority", "low"])?;
+    assert!(said.contains("CPU priority low (nice 19)"), "{said}");
+    assert_nice(p.a.pid(), 19)?;
+    let cfg = std::fs::read_to_string(p.a.dir.join("config.toml"))?;
+    assert!(cfg.contains("cpu-priority = \"low\""), "{cfg}");
+    let show = p.a.ok(&["server", "show"])?;
+    assert!(show.contains("data path:   CPU priority low"), "{show}");
+    // Cycles still run, and on the lowered threads: a 32 MiB cycle's reading, hashing,
+    // compression and encryption take CPU there (new blocking threads get the priority too).
+    let cpu0 = data_path_cpu_ns(p.a.pid())?;
+    one_cycle_of(&p, &vm, "prio1", 32, 7)?;
+    let used = data_path_cpu_ns(p.a.pid())? - cpu0;
+    assert!(
+        used > 5_000_000,
+        "the data path threads used {used} ns for a 32 MiB cycle"
+    );
+    assert_nice(p.a.pid(), 19)?;
+
+    // What was written is what the agent starts with.
+    p.a.restart()?;
+    one_cycle_of(&p, &vm, "prio1", 4, 8)?;
+    assert_nice(p.a.pid(), 19)?;
+
+    // Back to normal (the agent runs as root here: CAP_SYS_NICE).
+    p.a.ok(&["set", "--agent", "--cpu-priority", "normal"])?;
+    assert_nice(p.a.pid(), 0)?;
+    let cfg = std::fs::read_to_string(p.a.dir.join("config.toml"))?;
+    assert!(!cfg.contains("cpu-priority"), "{cfg}");
+    one_cycle_of(&p, &vm, "prio1", 4, 9)?;
+    assert_nice(p.a.pid(), 0)?;
     Ok(())
 }
