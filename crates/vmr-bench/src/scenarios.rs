@@ -987,18 +987,25 @@ fn make_source(
     Ok(vm.disks()[0].1.clone())
 }
 
-fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Result<(f64, f64)> {
-    let vmdir = pair.root.path().join(name);
-    std::fs::create_dir_all(&vmdir)?;
-    let img = vmdir.join("disk0.qcow2");
+/// `cp --sparse=always SRC DST`: how each contender of scenario 4 gets its own fresh copy of
+/// the source image, so that both start from the same preparation.
+fn copy_sparse(src: &Path, dst: &Path) -> anyhow::Result<()> {
     let st = Command::new("cp")
         .arg("--sparse=always")
         .arg(src)
-        .arg(&img)
+        .arg(dst)
         .status()?;
     if !st.success() {
         bail!("copying the source image failed");
     }
+    Ok(())
+}
+
+fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Result<(f64, f64)> {
+    let vmdir = pair.root.path().join(name);
+    std::fs::create_dir_all(&vmdir)?;
+    let img = vmdir.join("disk0.qcow2");
+    copy_sparse(src, &img)?;
     let mut spec = StandInDisk::new("disk0", 0);
     spec.existing = Some(img);
     let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
@@ -1031,7 +1038,12 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
     r
 }
 
+/// One `qemu-img convert` of a fresh copy of `src` (made the way the stand-in VM's image is),
+/// then fsync; seconds.
 fn convert_once(src: &Path, dst: &Path) -> anyhow::Result<f64> {
+    let copy = dst.with_extension("src.qcow2");
+    copy_sparse(src, &copy)?;
+    let src = copy.as_path();
     settle();
     let t = Instant::now();
     qemu_img(&[
@@ -1048,6 +1060,7 @@ fn convert_once(src: &Path, dst: &Path) -> anyhow::Result<f64> {
     fsync(dst)?;
     let el = t.elapsed().as_secs_f64();
     std::fs::remove_file(dst)?;
+    std::fs::remove_file(src)?;
     Ok(el)
 }
 
@@ -1063,7 +1076,9 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          the replica shows the initial (full) cycle applied (capture of the allocated extents \
          only → zstd → mutual-TLS HTTP/2 → streamed into a new qcow2 layer on the replica, \
          committed there as a recovery point, then acknowledged). Baseline: `qemu-img convert \
-         -f qcow2 -O qcow2 -t writeback` of the same image into a new file, then fsync of it. \
+         -f qcow2 -O qcow2 -t writeback` of a fresh copy of the same image into a new file, then \
+         fsync of it. Both contenders get their copy the same way (`cp --sparse=always`, untimed) \
+         right before their timed run, so both start after the same writes. \
          Each timed run starts after `sync` and dropping the clean page cache (no dirty pages and \
          no full memory left by set-up or by the run before; both contenders read their source \
          from the disk). \
@@ -1107,11 +1122,7 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         let vmdir = pair.root.path().join(name);
         std::fs::create_dir_all(&vmdir)?;
         let img = vmdir.join("disk0.qcow2");
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&src)
-            .arg(&img)
-            .status()?;
+        copy_sparse(&src, &img)?;
         let mut spec = StandInDisk::new("disk0", 0);
         spec.existing = Some(img);
         let mut vm = StandIn::start_in(&vmdir, &pair.a.dir, name, &[spec])?;
