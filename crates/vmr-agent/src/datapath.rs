@@ -64,6 +64,18 @@ fn set_nice(tid: i32, nice: i32) -> std::io::Result<()> {
     }
 }
 
+/// The nice value in a `/proc/.../stat` line: field 19, counted after the ")" that ends the
+/// command name.
+#[cfg(test)]
+fn stat_nice(stat: &str) -> Option<i32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(16)?
+        .parse()
+        .ok()
+}
+
 /// The data path runtime, owned by `run_blocking`: dropped after the control plane's runtime.
 pub struct DataPath {
     rt: tokio::runtime::Runtime,
@@ -158,10 +170,7 @@ impl DataPathHandle {
             .iter()
             .filter_map(|&tid| {
                 let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-                // Field 19 (nice), counted after the ")" that ends the command name.
-                let rest = stat.rsplit_once(')')?.1;
-                let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
-                Some((tid, nice))
+                Some((tid, stat_nice(&stat)?))
             })
             .collect()
     }
@@ -171,39 +180,10 @@ impl DataPathHandle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_data_path_thread_runs_at_the_priority_in_force() {
-        let dp = DataPath::start().expect("start");
-        let h = dp.handle();
-        // Some work on the workers and on blocking threads, so threads exist.
-        let run = |h: &DataPathHandle| {
-            h.rt.block_on(async {
-                let jobs: Vec<_> = (0..4)
-                    .map(|_| {
-                        tokio::task::spawn_blocking(|| {
-                            std::thread::sleep(std::time::Duration::from_millis(20))
-                        })
-                    })
-                    .collect();
-                for j in jobs {
-                    j.await.expect("join");
-                }
-            })
-        };
-        run(&h);
-        let before = h.nice_values();
-        assert!(before.len() >= 2, "{before:?}");
-        assert!(before.iter().all(|&(_, n)| n == 0), "{before:?}");
-
-        h.set_priority(CpuPriority::Low).expect("lower");
-        assert_eq!(h.priority(), CpuPriority::Low);
-        let low = h.nice_values();
-        assert!(low.iter().all(|&(_, n)| n == 19), "{low:?}");
-        // Threads started after the change get it too: more blocking jobs at once than there
-        // are blocking threads yet.
-        run(&h);
+    /// Run `n` blocking jobs of 20 ms at once on the data path (so that blocking threads exist).
+    fn blocking_jobs(h: &DataPathHandle, n: usize) {
         h.rt.block_on(async {
-            let jobs: Vec<_> = (0..12)
+            let jobs: Vec<_> = (0..n)
                 .map(|_| {
                     tokio::task::spawn_blocking(|| {
                         std::thread::sleep(std::time::Duration::from_millis(20))
@@ -214,15 +194,31 @@ mod tests {
                 j.await.expect("join");
             }
         });
+    }
+
+    #[test]
+    fn every_data_path_thread_runs_at_the_priority_in_force() {
+        let dp = DataPath::start().expect("start");
+        let h = dp.handle();
+        // Some work on the workers and on blocking threads, so threads exist.
+        blocking_jobs(&h, 4);
+        let before = h.nice_values();
+        assert!(before.len() >= 2, "{before:?}");
+        assert!(before.iter().all(|&(_, n)| n == 0), "{before:?}");
+
+        h.set_priority(CpuPriority::Low).expect("lower");
+        assert_eq!(h.priority(), CpuPriority::Low);
+        let low = h.nice_values();
+        assert!(low.iter().all(|&(_, n)| n == 19), "{low:?}");
+        // Threads started after the change get it too: more blocking jobs at once than there
+        // are blocking threads yet.
+        blocking_jobs(&h, 4);
+        blocking_jobs(&h, 12);
         assert!(h.nice_values().len() > low.len());
         assert!(h.nice_values().iter().all(|&(_, n)| n == 19));
         // This test's thread (not a data path thread) is untouched.
         let own = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-        let own_nice: i32 = own
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(16))
-            .and_then(|n| n.parse().ok())
-            .expect("nice");
+        let own_nice = stat_nice(&own).expect("nice");
         assert_eq!(own_nice, 0);
 
         // Back to normal: needs CAP_SYS_NICE; either it works, or it fails and changes nothing.

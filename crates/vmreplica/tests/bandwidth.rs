@@ -335,24 +335,34 @@ fn limit_holds_within_10_percent_over_every_10_s_window_on_the_wire() -> TestRes
     Ok(())
 }
 
-/// Each thread of process `pid`: its name and its nice value.
-fn threads_of(pid: u32) -> TestResult<Vec<(String, i32)>> {
+/// Each thread of process `pid` that is still there: its name and the content of its `file`
+/// (under `/proc/PID/task/TID/`).
+fn per_thread(pid: u32, file: &str) -> TestResult<Vec<(String, String)>> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let t = t?.path();
-        let (Ok(comm), Ok(stat)) = (
+        let (Ok(comm), Ok(content)) = (
             std::fs::read_to_string(t.join("comm")),
-            std::fs::read_to_string(t.join("stat")),
+            std::fs::read_to_string(t.join(file)),
         ) else {
             continue; // ended meanwhile
         };
+        out.push((comm.trim().to_owned(), content));
+    }
+    Ok(out)
+}
+
+/// Each thread of process `pid`: its name and its nice value.
+fn threads_of(pid: u32) -> TestResult<Vec<(String, i32)>> {
+    let mut out = Vec::new();
+    for (name, stat) in per_thread(pid, "stat")? {
         // Field 19 (nice), counted after the ")" that ends the command name.
         let nice = stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(16))
             .and_then(|n| n.parse().ok())
             .ok_or("no nice value in stat")?;
-        out.push((comm.trim().to_owned(), nice));
+        out.push((name, nice));
     }
     Ok(out)
 }
@@ -360,15 +370,8 @@ fn threads_of(pid: u32) -> TestResult<Vec<(String, i32)>> {
 /// CPU time the data path threads (`vmr-data`) of process `pid` have used, ns (schedstat).
 fn data_path_cpu_ns(pid: u32) -> TestResult<u64> {
     let mut ns = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let t = t?.path();
-        let (Ok(comm), Ok(stat)) = (
-            std::fs::read_to_string(t.join("comm")),
-            std::fs::read_to_string(t.join("schedstat")),
-        ) else {
-            continue;
-        };
-        if comm.trim() == "vmr-data" {
+    for (name, stat) in per_thread(pid, "schedstat")? {
+        if name == "vmr-data" {
             ns += stat
                 .split_whitespace()
                 .next()
