@@ -28,6 +28,7 @@ use crate::report::{
 mod bandwidth;
 mod continuous;
 mod extended;
+mod floor;
 mod groups;
 mod resync;
 mod scrape;
@@ -350,6 +351,73 @@ struct Phase {
     on: Vec<f64>,
     off: Vec<f64>,
     cycles: PhaseCycles,
+    cpu: CpuSplit,
+}
+
+/// Scenario 1's floor windows (the capture alone, see `floor.rs`).
+struct FloorPhase {
+    on: Vec<f64>,
+    off: Vec<f64>,
+    cycles: floor::FloorCycles,
+    /// The first, full cycle: bytes read and its duration.
+    first: (u64, Duration),
+    cpu: CpuSplit,
+}
+
+/// CPU seconds of scenario 1's processes on CPU 0 (the stand-in VM, the primary agent, this
+/// runner: the guest writer and, in the floor, the capture), summed over a phase's on and off
+/// windows.
+#[derive(Default)]
+struct CpuSplit {
+    pids: [u32; 3],
+    on: [f64; 3],
+    off: [f64; 3],
+    n_on: u32,
+    n_off: u32,
+}
+
+impl CpuSplit {
+    fn new(vm: &StandIn, agent: u32) -> CpuSplit {
+        CpuSplit {
+            pids: [vm.pid(), agent, std::process::id()],
+            ..CpuSplit::default()
+        }
+    }
+
+    fn now(&self) -> [f64; 3] {
+        self.pids.map(|p| cpu_seconds(p).unwrap_or(f64::NAN))
+    }
+
+    /// Adds one window that began at `before` (a [`CpuSplit::now`]).
+    fn add(&mut self, on: bool, before: [f64; 3]) {
+        let after = self.now();
+        let (sum, n) = if on {
+            (&mut self.on, &mut self.n_on)
+        } else {
+            (&mut self.off, &mut self.n_off)
+        };
+        for (s, (a, b)) in sum.iter_mut().zip(after.iter().zip(before)) {
+            *s += a - b;
+        }
+        *n += 1;
+    }
+
+    fn describe(&self) -> String {
+        let per = |sum: &[f64; 3], n: u32| {
+            let n = f64::from(n.max(1));
+            format!(
+                "VM {:.1} s, agent {:.1} s, runner {:.1} s",
+                sum[0] / n,
+                sum[1] / n,
+                sum[2] / n
+            )
+        };
+        format!(
+            "on: {}; off: {}",
+            per(&self.on, self.n_on),
+            per(&self.off, self.n_off)
+        )
+    }
 }
 
 /// One phase of scenario 1's latency windows.
@@ -420,10 +488,10 @@ pub fn primary_overhead(ctx: &Ctx) -> Outcome {
 }
 
 fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
-    let (disk, freq, window, pairs) = if ctx.quick {
-        (GIB, "5s", 8u64, 3usize)
+    let (disk, freq, interval, window, pairs) = if ctx.quick {
+        (GIB, "5s", 5u64, 8u64, 3usize)
     } else {
-        (4 * GIB, "30s", 30, 5)
+        (4 * GIB, "30s", 30, 30, 5)
     };
     o.method = format!(
         "one stand-in VM (qemu-storage-daemon, one {} qcow2 disk with metadata preallocation so \
@@ -441,7 +509,12 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
          data path at its default CPU priority (judged), then with `vmreplica set --agent \
          --cpu-priority low` (nice 19 for the primary's cycle threads), each phase against its \
          own off windows; the cycles that ended within each phase (the primary's statistics \
-         before and after it) show what the lower priority costs in RPO.",
+         before and after it) show what the lower priority costs in RPO. Before replication is \
+         enabled, the same ABBA windows measure the floor: the capture alone, cycling at the \
+         same interval from the runner on CPU 0 with the agent's own capture code (`vmr-capture`: \
+         bitmap rotation, copy-before-write view, NBD reads of the dirty extents) and dropping \
+         the data (no checksum, compression, TLS, network or replica), the part of the \
+         primary's cost that no work in the agent can remove.",
         size(disk),
         if ctx.quick {
             "; quick mode uses 5 s cycles, six times as many as 30 s, so each window holds about two cycles"
@@ -463,7 +536,6 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     // agent (and the qemu-nbd it starts, which inherit its affinity) on CPU 1.
     let pinned = Pinning::split(&pair, &vm)?;
     o.detail("CPU pinning (taskset)", pinned.describe());
-    vm.register(&pair.a)?;
     let w = ctx.writer(&vm, None, 4, 11)?;
     let rate = |w: &Writer, secs: u64| {
         let b0 = w.bytes();
@@ -474,6 +546,43 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let never = rate(&w, window);
     log(format!("s1: before enable {never:.0} MB/s"));
+    // The floor: the capture alone, cycling from this process (on CPU 0) with the agent's
+    // capture code and dropping what it reads, in ABBA windows of its own; before the VM is
+    // registered, so that the QMP monitor is free and the agent's bitmaps start afresh.
+    let fl = floor::Floor::start(
+        &ctx.rt,
+        &vm,
+        &["disk0"],
+        &pair.root.path().join("floor"),
+        Duration::from_secs(interval),
+    )?;
+    let floor_before = fl.cycles();
+    let floor = {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        let mut cpu = CpuSplit::new(&vm, pair.a.pid());
+        for i in 0..pairs {
+            for want in abba(i) {
+                fl.set(want);
+                let c = cpu.now();
+                let r = rate(&w, window);
+                cpu.add(want, c);
+                log(format!(
+                    "s1: floor (capture alone) {} {r:.0} MB/s",
+                    if want { "on" } else { "off" }
+                ));
+                if want { on.push(r) } else { off.push(r) }
+            }
+        }
+        FloorPhase {
+            on,
+            off,
+            cycles: fl.cycles() - floor_before,
+            first: fl.first,
+            cpu,
+        }
+    };
+    fl.stop(&ctx.rt)?;
+    vm.register(&pair.a)?;
     let (_, init) = enable_and_wait(&pair, &vm.def.name, freq, 0, Duration::from_secs(600))?;
     let name = vm.def.name.as_str();
     let mut running = true;
@@ -501,10 +610,13 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         priority(prio)?;
         let before = pair.a.status(name)?.stats;
         let (mut on, mut off) = (Vec::new(), Vec::new());
+        let mut cpu = CpuSplit::new(&vm, pair.a.pid());
         for i in 0..pairs {
             for want in abba(i) {
                 set(want, &mut running)?;
+                let c = cpu.now();
                 let r = rate(&w, window);
+                cpu.add(want, c);
                 log(format!(
                     "s1: replication {} ({prio} priority) {r:.0} MB/s",
                     if want { "on" } else { "off" }
@@ -517,6 +629,7 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
             on,
             off,
             cycles: cycles_between(&before, &after),
+            cpu,
         });
     }
     priority("normal")?;
@@ -626,6 +739,10 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         normal.cycles.to_string(),
     );
     o.detail(
+        format!("CPU per {window} s window on CPU 0 (normal priority)"),
+        normal.cpu.describe(),
+    );
+    o.detail(
         "with `cpu-priority = low`: writer on / off, ratio",
         format!(
             "{lon:.0} / {loff:.0} MB/s = **{:.3}** (on {}; off {})",
@@ -637,6 +754,34 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     o.detail(
         "cycles during those windows (low priority)",
         low.cycles.to_string(),
+    );
+    o.detail(
+        format!("CPU per {window} s window on CPU 0 (low priority)"),
+        low.cpu.describe(),
+    );
+    let (fon, foff) = (median(&floor.on), median(&floor.off));
+    o.detail(
+        "the floor, the capture alone (this process cuts and reads the view with the agent's \
+         capture code, on CPU 0, and drops the data): writer on / off, ratio",
+        format!(
+            "{fon:.0} / {foff:.0} MB/s = **{:.3}** (on {}; off {})",
+            fon / foff,
+            samples(&floor.on, |x| format!("{x:.0}")),
+            samples(&floor.off, |x| format!("{x:.0}"))
+        ),
+    );
+    o.detail(
+        "capture-only cycles during those windows",
+        format!(
+            "{}; its first, full cycle: {} in {}",
+            floor.cycles,
+            size(floor.first.0),
+            secs(floor.first.1.as_secs_f64())
+        ),
+    );
+    o.detail(
+        format!("CPU per {window} s window on CPU 0 (the floor; the runner also captures)"),
+        floor.cpu.describe(),
     );
     o.detail(
         "writer MB/s before replication was enabled",
