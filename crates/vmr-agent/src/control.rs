@@ -643,7 +643,7 @@ async fn handle(agent: &Control, req: Request) -> Result<Value, AgentError> {
             crate::config::write_cpu_priority(&host.dir, priority)?;
             Ok(json!(format!(
                 "the data path runs at CPU priority {priority} (nice {}); written to {}",
-                priority.nice(),
+                host.data.nice_of(priority),
                 crate::config::CONFIG_FILE
             )))
         }

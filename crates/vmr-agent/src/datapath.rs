@@ -16,8 +16,9 @@ use vmr_proto::api::CpuPriority;
 use crate::errors::AgentError;
 
 /// The data path's threads and the priority they run at.
-#[derive(Default)]
 struct Threads {
+    /// The nice value the agent started with: what `normal` keeps.
+    base: i32,
     inner: Mutex<ThreadsInner>,
 }
 
@@ -38,7 +39,7 @@ impl Threads {
         let tid = nix::unistd::gettid().as_raw();
         let mut inner = self.lock();
         inner.tids.insert(tid);
-        if let Err(e) = set_nice(tid, inner.priority.nice()) {
+        if let Err(e) = set_nice(tid, inner.priority.nice(self.base)) {
             tracing::warn!(error = %e, tid, "cannot set a data path thread's CPU priority");
         }
     }
@@ -47,6 +48,23 @@ impl Threads {
     fn stopped(&self) {
         let tid = nix::unistd::gettid().as_raw();
         self.lock().tids.remove(&tid);
+    }
+}
+
+/// The calling thread's nice value (`getpriority(PRIO_PROCESS, 0)`).
+#[allow(unsafe_code)]
+fn own_nice() -> std::io::Result<i32> {
+    // SAFETY: errno is this thread's; getpriority reads no memory of ours. -1 is a valid nice
+    // value, so errno tells an error apart.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, 0);
+        let e = std::io::Error::last_os_error();
+        if n == -1 && e.raw_os_error() != Some(0) {
+            Err(e)
+        } else {
+            Ok(n)
+        }
     }
 }
 
@@ -83,9 +101,17 @@ pub struct DataPath {
 }
 
 impl DataPath {
-    /// Start the runtime (two workers, like the control plane's), at normal priority.
+    /// Start the runtime (two workers, like the control plane's), at normal priority: the nice
+    /// value of the calling thread (the agent's own).
     pub fn start() -> Result<DataPath, AgentError> {
-        let threads = Arc::new(Threads::default());
+        let base = own_nice().map_err(|source| AgentError::System {
+            doing: "reading the agent's CPU priority",
+            source,
+        })?;
+        let threads = Arc::new(Threads {
+            base,
+            inner: Mutex::new(ThreadsInner::default()),
+        });
         let (on_start, on_stop) = (threads.clone(), threads.clone());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -133,6 +159,11 @@ impl DataPathHandle {
         self.threads.lock().priority
     }
 
+    /// The nice value `priority` means for this agent.
+    pub fn nice_of(&self, priority: CpuPriority) -> i32 {
+        priority.nice(self.threads.base)
+    }
+
     /// Give every data path thread, present and future, `priority`. Raising it back (low →
     /// normal) needs `CAP_SYS_NICE` (or a fitting `RLIMIT_NICE`); without it nothing changes
     /// and the error says so.
@@ -141,17 +172,17 @@ impl DataPathHandle {
         let before = inner.priority;
         let mut done = Vec::new();
         for &tid in &inner.tids {
-            match set_nice(tid, priority.nice()) {
+            match set_nice(tid, priority.nice(self.threads.base)) {
                 Ok(()) => done.push(tid),
                 // A thread that ended before it could deregister.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                 Err(source) => {
                     for &t in &done {
-                        let _ = set_nice(t, before.nice());
+                        let _ = set_nice(t, before.nice(self.threads.base));
                     }
                     return Err(AgentError::CpuPriority {
                         priority,
-                        nice: priority.nice(),
+                        nice: priority.nice(self.threads.base),
                         source,
                     });
                 }
@@ -202,9 +233,11 @@ mod tests {
         let h = dp.handle();
         // Some work on the workers and on blocking threads, so threads exist.
         blocking_jobs(&h, 4);
+        let base = own_nice().expect("own nice");
+        assert_eq!(h.nice_of(CpuPriority::Normal), base);
         let before = h.nice_values();
         assert!(before.len() >= 2, "{before:?}");
-        assert!(before.iter().all(|&(_, n)| n == 0), "{before:?}");
+        assert!(before.iter().all(|&(_, n)| n == base), "{before:?}");
 
         h.set_priority(CpuPriority::Low).expect("lower");
         assert_eq!(h.priority(), CpuPriority::Low);
@@ -219,13 +252,13 @@ mod tests {
         // This test's thread (not a data path thread) is untouched.
         let own = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
         let own_nice = stat_nice(&own).expect("nice");
-        assert_eq!(own_nice, 0);
+        assert_eq!(own_nice, base);
 
         // Back to normal: needs CAP_SYS_NICE; either it works, or it fails and changes nothing.
         match h.set_priority(CpuPriority::Normal) {
             Ok(()) => {
                 assert_eq!(h.priority(), CpuPriority::Normal);
-                assert!(h.nice_values().iter().all(|&(_, n)| n == 0));
+                assert!(h.nice_values().iter().all(|&(_, n)| n == base));
             }
             Err(AgentError::CpuPriority { .. }) => {
                 assert_eq!(h.priority(), CpuPriority::Low);
@@ -233,5 +266,30 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         }
+    }
+
+    /// An agent started at a nice value of its own (a service's `Nice=5`): `normal` keeps it,
+    /// never raises the data path above the agent.
+    #[test]
+    fn normal_keeps_the_agents_own_nice_value() {
+        let seen = std::thread::spawn(|| {
+            set_nice(nix::unistd::gettid().as_raw(), 5).expect("lower this thread");
+            let dp = DataPath::start().expect("start");
+            let h = dp.handle();
+            blocking_jobs(&h, 1);
+            let started = h.nice_values();
+            h.set_priority(CpuPriority::Normal).expect("normal");
+            let normal = h.nice_values();
+            let low = h.set_priority(CpuPriority::Low).map(|()| h.nice_values());
+            (h.nice_of(CpuPriority::Normal), started, normal, low)
+        })
+        .join()
+        .expect("thread");
+        let (base, started, normal, low) = seen;
+        assert_eq!(base, 5);
+        assert!(started.iter().all(|&(_, n)| n == 5), "{started:?}");
+        assert!(normal.iter().all(|&(_, n)| n == 5), "{normal:?}");
+        let low = low.expect("low");
+        assert!(low.iter().all(|&(_, n)| n == 19), "{low:?}");
     }
 }

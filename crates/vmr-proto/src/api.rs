@@ -1469,7 +1469,8 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CpuPriority {
-    /// Like every other process (nice 0): cycles take the CPU they need, also from VMs.
+    /// Like every other process (the agent's own nice value, 0 unless its service sets
+    /// `Nice=`): cycles take the CPU they need, also from VMs.
     #[default]
     Normal,
     /// Nice 19: cycles use the CPU the host's VMs leave idle. On a host whose VMs keep the
@@ -1478,10 +1479,11 @@ pub enum CpuPriority {
 }
 
 impl CpuPriority {
-    /// The nice value the data path's threads run at.
-    pub fn nice(self) -> i32 {
+    /// The nice value the data path's threads run at, for an agent started at nice `base`:
+    /// `normal` keeps the agent's own (0 unless its service sets `Nice=`), `low` is 19.
+    pub fn nice(self, base: i32) -> i32 {
         match self {
-            CpuPriority::Normal => 0,
+            CpuPriority::Normal => base,
             CpuPriority::Low => 19,
         }
     }
@@ -1589,7 +1591,10 @@ mod tests {
         let cfg: AgentConfig =
             toml::from_str(&format!("{base}cpu-priority = \"low\"\n")).expect("low");
         assert_eq!(cfg.cpu_priority, CpuPriority::Low);
-        assert_eq!(cfg.cpu_priority.nice(), 19);
+        assert_eq!(cfg.cpu_priority.nice(0), 19);
+        assert_eq!(cfg.cpu_priority.nice(5), 19);
+        assert_eq!(CpuPriority::Normal.nice(0), 0);
+        assert_eq!(CpuPriority::Normal.nice(5), 5);
         let back = toml::to_string(&cfg).expect("encode");
         assert!(back.contains("cpu-priority = \"low\""), "{back}");
         assert!(

@@ -352,17 +352,21 @@ fn per_thread(pid: u32, file: &str) -> TestResult<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// The nice value in a `/proc/.../stat` line: field 19, counted after the ")" that ends the
+/// command name.
+fn stat_nice(stat: &str) -> TestResult<i32> {
+    Ok(stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+        .and_then(|n| n.parse().ok())
+        .ok_or("no nice value in stat")?)
+}
+
 /// Each thread of process `pid`: its name and its nice value.
 fn threads_of(pid: u32) -> TestResult<Vec<(String, i32)>> {
     let mut out = Vec::new();
     for (name, stat) in per_thread(pid, "stat")? {
-        // Field 19 (nice), counted after the ")" that ends the command name.
-        let nice = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
-            .and_then(|n| n.parse().ok())
-            .ok_or("no nice value in stat")?;
-        out.push((name, nice));
+        out.push((name, stat_nice(&stat)?));
     }
     Ok(out)
 }
@@ -382,8 +386,16 @@ fn data_path_cpu_ns(pid: u32) -> TestResult<u64> {
     Ok(ns)
 }
 
-/// The primary agent's data path threads (`vmr-data`) run at `data`, every other thread at 0.
-fn assert_nice(pid: u32, data: i32) -> TestResult {
+/// The nice value of process `pid`'s main thread (what the agent started with).
+fn main_nice(pid: u32) -> TestResult<i32> {
+    stat_nice(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+}
+
+/// The primary agent's data path threads (`vmr-data`) run at `data` (`None`: the agent's own
+/// nice value, what `normal` means), every other thread at the agent's own.
+fn assert_nice(pid: u32, data: Option<i32>) -> TestResult {
+    let base = main_nice(pid)?;
+    let data = data.unwrap_or(base);
     let threads = threads_of(pid)?;
     assert!(
         threads.iter().any(|(n, _)| n == "vmr-data"),
@@ -394,14 +406,14 @@ fn assert_nice(pid: u32, data: i32) -> TestResult {
         "no control plane thread: {threads:?}"
     );
     for (name, nice) in &threads {
-        let want = if name == "vmr-data" { data } else { 0 };
+        let want = if name == "vmr-data" { data } else { base };
         assert_eq!(*nice, want, "{name}: {threads:?}");
     }
     Ok(())
 }
 
 /// `set --agent --cpu-priority low`: the primary's cycles run on threads of their own that
-/// take nice 19 at once while the control plane's threads stay at 0; cycles still replicate;
+/// take nice 19 at once while the control plane's threads keep the agent's own; cycles still replicate;
 /// the setting is written to config.toml, shown by `server show`, kept over a restart, and
 /// `normal` undoes it. Bad values are refused before the agent is asked.
 #[test]
@@ -411,11 +423,11 @@ fn low_cpu_priority_lowers_the_data_path_threads_and_nothing_else() -> TestResul
     vm.register(&p.a)?;
     p.enable("prio1", &["--frequency", "5s"])?;
     p.a.wait_cycle("prio1", 1, LONG)?;
-    assert_nice(p.a.pid(), 0)?;
+    assert_nice(p.a.pid(), None)?;
 
     let said = p.a.ok(&["set", "--agent", "--cpu-priority", "low"])?;
     assert!(said.contains("CPU priority low (nice 19)"), "{said}");
-    assert_nice(p.a.pid(), 19)?;
+    assert_nice(p.a.pid(), Some(19))?;
     let cfg = std::fs::read_to_string(p.a.dir.join("config.toml"))?;
     assert!(cfg.contains("cpu-priority = \"low\""), "{cfg}");
     let show = p.a.ok(&["server", "show"])?;
@@ -429,19 +441,19 @@ fn low_cpu_priority_lowers_the_data_path_threads_and_nothing_else() -> TestResul
         used > 5_000_000,
         "the data path threads used {used} ns for a 32 MiB cycle"
     );
-    assert_nice(p.a.pid(), 19)?;
+    assert_nice(p.a.pid(), Some(19))?;
 
     // What was written is what the agent starts with.
     p.a.restart()?;
     one_cycle_of(&p, &vm, "prio1", 4, 8)?;
-    assert_nice(p.a.pid(), 19)?;
+    assert_nice(p.a.pid(), Some(19))?;
 
     // Back to normal (the agent runs as root here: CAP_SYS_NICE).
     p.a.ok(&["set", "--agent", "--cpu-priority", "normal"])?;
-    assert_nice(p.a.pid(), 0)?;
+    assert_nice(p.a.pid(), None)?;
     let cfg = std::fs::read_to_string(p.a.dir.join("config.toml"))?;
     assert!(!cfg.contains("cpu-priority"), "{cfg}");
     one_cycle_of(&p, &vm, "prio1", 4, 9)?;
-    assert_nice(p.a.pid(), 0)?;
+    assert_nice(p.a.pid(), None)?;
     Ok(())
 }
