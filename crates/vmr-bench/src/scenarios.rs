@@ -722,7 +722,6 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let (normal, low) = (&tput[0], &tput[1]);
     let (mon, moff) = (median(&normal.on), median(&normal.off));
     let ratio = mon / moff;
-    let (lon, loff) = (median(&low.on), median(&low.off));
     o.ours = format!("{mon:.0} MB/s with replication on");
     o.baseline = format!("{moff:.0} MB/s with replication off");
     o.ratio = format!("{ratio:.3}");
@@ -744,12 +743,7 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     );
     o.detail(
         "with `cpu-priority = low`: writer on / off, ratio",
-        format!(
-            "{lon:.0} / {loff:.0} MB/s = **{:.3}** (on {}; off {})",
-            lon / loff,
-            samples(&low.on, |x| format!("{x:.0}")),
-            samples(&low.off, |x| format!("{x:.0}"))
-        ),
+        on_off(&low.on, &low.off),
     );
     o.detail(
         "cycles during those windows (low priority)",
@@ -759,16 +753,10 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         format!("CPU per {window} s window on CPU 0 (low priority)"),
         low.cpu.describe(),
     );
-    let (fon, foff) = (median(&floor.on), median(&floor.off));
     o.detail(
         "the floor, the capture alone (this process cuts and reads the view with the agent's \
          capture code, on CPU 0, and drops the data): writer on / off, ratio",
-        format!(
-            "{fon:.0} / {foff:.0} MB/s = **{:.3}** (on {}; off {})",
-            fon / foff,
-            samples(&floor.on, |x| format!("{x:.0}")),
-            samples(&floor.off, |x| format!("{x:.0}"))
-        ),
+        on_off(&floor.on, &floor.off),
     );
     o.detail(
         "capture-only cycles during those windows",
@@ -801,6 +789,17 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let _ = pair.stop();
     remove_dir(pair.root.path());
     Ok(())
+}
+
+/// One set of scenario 1's windows: "ON / OFF MB/s = **RATIO** (on …; off …)" (medians).
+fn on_off(on: &[f64], off: &[f64]) -> String {
+    let (mon, moff) = (median(on), median(off));
+    format!(
+        "{mon:.0} / {moff:.0} MB/s = **{:.3}** (on {}; off {})",
+        mon / moff,
+        samples(on, |x| format!("{x:.0}")),
+        samples(off, |x| format!("{x:.0}"))
+    )
 }
 
 /// Stop a guest writer (flush, disconnect); its error, if it failed.
