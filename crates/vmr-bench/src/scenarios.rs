@@ -558,21 +558,17 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     )?;
     let floor_before = fl.cycles();
     let floor = {
-        let (mut on, mut off) = (Vec::new(), Vec::new());
         let mut cpu = CpuSplit::new(&vm, pair.a.pid());
-        for i in 0..pairs {
-            for want in abba(i) {
+        let (on, off) = abba_windows(
+            pairs,
+            &mut cpu,
+            "floor (capture alone)",
+            |want| {
                 fl.set(want);
-                let c = cpu.now();
-                let r = rate(&w, window);
-                cpu.add(want, c);
-                log(format!(
-                    "s1: floor (capture alone) {} {r:.0} MB/s",
-                    if want { "on" } else { "off" }
-                ));
-                if want { on.push(r) } else { off.push(r) }
-            }
-        }
+                Ok(())
+            },
+            || rate(&w, window),
+        )?;
         FloorPhase {
             on,
             off,
@@ -609,21 +605,14 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     for prio in ["normal", "low"] {
         priority(prio)?;
         let before = pair.a.status(name)?.stats;
-        let (mut on, mut off) = (Vec::new(), Vec::new());
         let mut cpu = CpuSplit::new(&vm, pair.a.pid());
-        for i in 0..pairs {
-            for want in abba(i) {
-                set(want, &mut running)?;
-                let c = cpu.now();
-                let r = rate(&w, window);
-                cpu.add(want, c);
-                log(format!(
-                    "s1: replication {} ({prio} priority) {r:.0} MB/s",
-                    if want { "on" } else { "off" }
-                ));
-                if want { on.push(r) } else { off.push(r) }
-            }
-        }
+        let (on, off) = abba_windows(
+            pairs,
+            &mut cpu,
+            &format!("replication ({prio} priority)"),
+            |want| set(want, &mut running),
+            || rate(&w, window),
+        )?;
         let after = pair.a.status(name)?.stats;
         tput.push(Phase {
             on,
@@ -789,6 +778,32 @@ fn overhead_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let _ = pair.stop();
     remove_dir(pair.root.path());
     Ok(())
+}
+
+/// Scenario 1's throughput windows: `pairs` ABBA pairs, each window after `switch(on)`, its
+/// writer rate from `rate` and its CPU added to `cpu`; the on and the off rates.
+fn abba_windows(
+    pairs: usize,
+    cpu: &mut CpuSplit,
+    label: &str,
+    mut switch: impl FnMut(bool) -> anyhow::Result<()>,
+    mut rate: impl FnMut() -> f64,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for i in 0..pairs {
+        for want in abba(i) {
+            switch(want)?;
+            let c = cpu.now();
+            let r = rate();
+            cpu.add(want, c);
+            log(format!(
+                "s1: {label} {} {r:.0} MB/s",
+                if want { "on" } else { "off" }
+            ));
+            if want { on.push(r) } else { off.push(r) }
+        }
+    }
+    Ok((on, off))
 }
 
 /// One set of scenario 1's windows: "ON / OFF MB/s = **RATIO** (on …; off …)" (medians).
