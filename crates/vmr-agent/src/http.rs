@@ -10,8 +10,9 @@
 //! [`Monitor`] state, whose [`Monitor::gather`] answers what every VM's owner says now.
 //!
 //! A scrape asks every owner for its status through the registry, all at once, each with a
-//! deadline ([`STATUS_DEADLINE`]): a busy owner still answers (a cycle streams in its own
-//! task), and a stuck one is reported `vmreplica_up 0` instead of holding the scrape.
+//! deadline ([`STATUS_DEADLINE`]): a busy owner still answers (a cycle streams, and a
+//! replica's prune merges, in a task of its own), and a stuck one is reported
+//! `vmreplica_up 0` instead of holding the scrape.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

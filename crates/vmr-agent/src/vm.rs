@@ -393,6 +393,7 @@ impl Registry {
             rpo_deadline: None,
             receiving: None,
             deferred: std::collections::VecDeque::new(),
+            pruning: None,
             guard: None,
             watch: None,
         };
@@ -448,6 +449,11 @@ struct Owner {
     /// the cycle's writer holds, and the writer comes back only through this owner's queue,
     /// so the owner must not wait for the lock inside a command.
     deferred: std::collections::VecDeque<Command>,
+    /// Replica: the prune that follows a committed cycle, running in a task of its own so that
+    /// a merge of a large layer never holds up `status` (see [`answers_while_pruning`]). Every
+    /// other command, the extended relationship and the owner's stop wait for it first, so
+    /// they see the store as they did when the owner pruned inline.
+    pruning: Option<tokio::task::JoinHandle<()>>,
     /// Primary with automatic failover: the guard task that renews the lease and fences.
     guard: Option<crate::autofail::GuardHandle>,
     /// Replica with automatic failover: the takeover watch and its settings.
@@ -496,6 +502,15 @@ async fn wait_fanout(
     .await
 }
 
+async fn wait_prune(p: &mut Option<tokio::task::JoinHandle<()>>) {
+    match p {
+        Some(h) => {
+            let _ = h.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_extended(
     x: &mut Option<Box<ExtendedSide>>,
 ) -> Result<crate::extended::ExtDone, tokio::task::JoinError> {
@@ -520,7 +535,9 @@ impl Owner {
         loop {
             // Whatever the last event asked for is carried out before the next one.
             self.drive_primaries(false);
-            if let Some(x) = &mut self.extended {
+            if let Some(x) = &mut self.extended
+                && self.pruning.is_none()
+            {
                 x.carry_out(&mut self.vm);
             }
             self.watch();
@@ -528,6 +545,7 @@ impl Owner {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(Command::Shutdown(ack)) => {
+                        self.finish_prune().await;
                         // The guard is not stopped: its fence watchdog outlives the agent and
                         // fences the VM when its right to run ends, unless the agent is back.
                         self.vm.stop_disable_notice().await;
@@ -544,6 +562,7 @@ impl Owner {
                         break;
                     }
                     Some(Command::Remove(replica, check, reply)) => {
+                        self.finish_prune().await;
                         if !check {
                             self.vm.stop_disable_notice().await;
                         }
@@ -563,6 +582,9 @@ impl Owner {
                     }
                     Some(cmd) => self.handle(cmd).await,
                 },
+                () = wait_prune(&mut self.pruning) => {
+                    self.pruning = None;
+                }
                 done = wait_cycle(&mut self.side) => {
                     if let Side::Primary(Some(p)) = &mut self.side {
                         p.cycle_done(&mut self.vm, done);
@@ -598,7 +620,9 @@ impl Owner {
                 _ = beat.tick() => {
                     self.vm.reap_children();
                     self.drive_primaries(true);
-                    if let Some(x) = &mut self.extended {
+                    if let Some(x) = &mut self.extended
+                        && self.pruning.is_none()
+                    {
                         x.tick(&mut self.vm);
                     }
                     self.watch_step(WatchEvent::Tick { now_ms: crate::autofail::mono_ms() }).await;
@@ -1415,6 +1439,9 @@ impl Owner {
     }
 
     async fn handle(&mut self, cmd: Command) {
+        if !answers_while_pruning(&cmd) {
+            self.finish_prune().await;
+        }
         // A command that needs the VM's chain waits outside the owner while a cycle is being
         // received (see `deferred`). A real failover ends that cycle at once (the old
         // primary's cycles are refused from then on anyway); the others let it finish (a test
@@ -1825,8 +1852,8 @@ impl Owner {
                         if let Side::Replica(r) = &mut self.side {
                             r.record_point(&mut self.vm, &point, bytes);
                         }
-                        self.prune().await;
-                        tracing::debug!(vm = %self.vm.rec.name, cycle = point.id, commit_ms = committed.as_millis() as u64, prune_ms = (t.elapsed() - committed).as_millis() as u64, "cycle committed and pruned");
+                        tracing::debug!(vm = %self.vm.rec.name, cycle = point.id, commit_ms = committed.as_millis() as u64, "cycle committed");
+                        self.start_prune();
                         if point.kind == vmr_store::PointKind::Planned {
                             tracing::info!(vm = %self.vm.rec.name, point = point.id, "the planned failover's final cycle is committed");
                         }
@@ -3062,23 +3089,51 @@ impl Owner {
         }
     }
 
-    /// Drop the points the retention policy no longer keeps (a failure is retried after the
-    /// next cycle).
-    async fn prune(&mut self) {
-        match self.vm.host.store_of(&self.vm.rec) {
-            Ok(store) => {
-                let uuid = self.vm.rec.uuid;
-                let res = match crate::replica::group_prune_plan(&store, uuid, now_ms()) {
-                    Some(drop) => store.prune_points(uuid, &drop).await,
-                    None => store.prune(uuid).await,
-                };
-                if let Err(e) = res {
-                    tracing::warn!(vm = %self.vm.rec.name, "pruning failed (retried after the next cycle): {e}");
+    /// Drop the points the retention policy no longer keeps, in a task of its own
+    /// ([`Owner::pruning`]; a failure is retried after the next cycle).
+    fn start_prune(&mut self) {
+        let name = self.vm.rec.name.clone();
+        let store = match self.vm.host.store_of(&self.vm.rec) {
+            Ok(store) => store,
+            Err(e) => {
+                tracing::warn!(vm = %name, "no store to prune: {e:#}");
+                return;
+            }
+        };
+        let uuid = self.vm.rec.uuid;
+        self.pruning = Some(tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let res = match crate::replica::group_prune_plan(&store, uuid, now_ms()) {
+                Some(drop) => store.prune_points(uuid, &drop).await,
+                None => store.prune(uuid).await,
+            };
+            match res {
+                Ok(dropped) => {
+                    tracing::debug!(vm = %name, ?dropped, ms = t.elapsed().as_millis() as u64, "pruned");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, "pruning failed (retried after the next cycle): {e}");
                 }
             }
-            Err(e) => tracing::warn!(vm = %self.vm.rec.name, "no store to prune: {e:#}"),
+        }));
+    }
+
+    /// Wait for the prune in flight, if any.
+    async fn finish_prune(&mut self) {
+        if let Some(h) = self.pruning.take()
+            && let Err(e) = h.await
+        {
+            tracing::error!(vm = %self.vm.rec.name, "the prune task ended abnormally: {e}");
         }
     }
+}
+
+/// Whether the owner answers `cmd` while a prune runs: the status row and the record, which
+/// a prune does not change (it never merges the latest point, and the status counts a point
+/// being merged as gone). `points` and the group reads wait, so that they list what retention
+/// kept.
+fn answers_while_pruning(cmd: &Command) -> bool {
+    matches!(cmd, Command::Status(_) | Command::Record(_))
 }
 
 /// Whether `cmd` needs the VM's qcow2 chain on a replica (a failover's view, `verify --local`,

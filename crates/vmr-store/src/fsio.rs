@@ -118,3 +118,24 @@ pub(crate) async fn import_slow_point() {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub(crate) async fn import_slow_point() {}
+
+/// Test hook (only with the `failpoints` feature, never in release builds): when the
+/// environment variable `VMR_STORE_TEST_PRUNE_GATE` names a file, a prune that has marked a
+/// point for merging prints `PRUNE WAITS <point>` on stderr and waits until that file exists,
+/// so that a test can watch what the agent does while a merge runs.
+#[cfg(feature = "failpoints")]
+pub(crate) async fn prune_gate_point(point: u64) {
+    static GATE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let gate = GATE.get_or_init(|| std::env::var_os("VMR_STORE_TEST_PRUNE_GATE").map(Into::into));
+    if let Some(gate) = gate {
+        eprintln!("PRUNE WAITS {point}");
+        while !gate.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Without the `failpoints` feature the prune gate compiles to nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) async fn prune_gate_point(_point: u64) {}

@@ -190,3 +190,56 @@ fn grid_keeps_the_expected_points_and_changes_at_run_time() -> TestResult {
     assert!(st[0]["retention"].get("grid").is_none(), "{st}");
     Ok(())
 }
+
+/// The prune that follows a cycle runs beside the VM's owner on the replica: while a merge
+/// runs (held at the store's test gate), `status` answers at once and shows the new point,
+/// without the point being merged; the cycles that must wait for the merge go on once it
+/// ends, and `points` lists what retention kept.
+#[test]
+fn status_answers_while_the_replica_merges_a_point() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let gate = p.root.path().join("prune-gate");
+    p.b.set_env("VMR_STORE_TEST_PRUNE_GATE", &gate.display().to_string());
+    p.b.restart()?;
+    let vm = StandIn::create(p.root.path(), &p.a, "merge1", &["disk0"], 16)?;
+    vm.write_random("disk0", 20, 7)?;
+    vm.register(&p.a)?;
+    // The default retention keeps the latest point only: the second point drops the first.
+    p.enable("merge1", &["--frequency", "5s"])?;
+    let mut merging = None;
+    wait_until(LONG, "a merge held at the gate", || {
+        merging =
+            p.b.log()
+                .lines()
+                .find_map(|l| l.strip_prefix("PRUNE WAITS ")?.trim().parse::<u64>().ok());
+        Ok(merging.is_some())
+    })?;
+    let merging = merging.expect("seen");
+
+    // Asked from a thread: an owner that waited for the merge would never answer, and the
+    // gate opens either way so that the agent can stop.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let answered = std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = tx.send(p.b.status("merge1"));
+        });
+        let r = rx.recv_timeout(LONG);
+        std::fs::write(&gate, b"").expect("open the gate");
+        r
+    });
+    let st = answered.map_err(|_| HarnessError::Io {
+        what: "the replica's status while a merge runs".into(),
+        source: std::io::Error::other("no answer while the prune was held"),
+    })??;
+    let latest = st.last_cycle.unwrap_or(0);
+    assert!(latest > merging, "latest {latest}, merging {merging}");
+    assert_eq!(st.recovery_points, Some(1), "{st:?}");
+
+    // The merge ends; the next cycles come in and each drops the one before.
+    p.wait_cycle("merge1", latest + 2, LONG)?;
+    wait_until(LONG, "the points before the latest merged away", || {
+        let pts = points(&p.b, "merge1", &[])?;
+        Ok(pts.len() == 1 && pts[0].id >= latest + 2)
+    })?;
+    Ok(())
+}

@@ -459,8 +459,7 @@ impl Agent {
     /// `since_ms` (ms since the epoch, this host's clock) this agent recorded it: its own
     /// `last_replication_ms`, set as the cycle was committed (replica) or acknowledged
     /// (primary). A poll's instant is no measure of that: the VM's owner answers a status only
-    /// between its commands, so a poll sent during the commit is answered after it, and one
-    /// sent after it may wait for the prune that follows.
+    /// between its commands, so a poll sent during the commit is answered after it.
     pub fn wait_cycle_recorded(
         &self,
         vm: &str,
