@@ -22,6 +22,9 @@ use crate::report::size;
 pub(super) struct FloorCycles {
     pub(super) ok: u64,
     pub(super) errors: u64,
+    /// Cycles still reading when their window ended: dropped there, as the agent's pause
+    /// drops its running cycle, so that no cycle runs into an off window.
+    pub(super) cancelled: u64,
     bytes: u64,
     busy: Duration,
 }
@@ -33,6 +36,7 @@ impl std::ops::Sub for FloorCycles {
         FloorCycles {
             ok: self.ok.saturating_sub(before.ok),
             errors: self.errors.saturating_sub(before.errors),
+            cancelled: self.cancelled.saturating_sub(before.cancelled),
             bytes: self.bytes.saturating_sub(before.bytes),
             busy: self.busy.saturating_sub(before.busy),
         }
@@ -41,7 +45,11 @@ impl std::ops::Sub for FloorCycles {
 
 impl std::fmt::Display for FloorCycles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ok / {} errors", self.ok, self.errors)?;
+        write!(
+            f,
+            "{} ok / {} errors / {} cancelled at a window's end",
+            self.ok, self.errors, self.cancelled
+        )?;
         if let Some(avg) = self.bytes.checked_div(self.ok) {
             write!(
                 f,
@@ -81,14 +89,14 @@ impl Floor {
         );
         cfg.nbd_socket = Some(vm.nbd.clone());
         let (cap, first) = rt.block_on(async {
-            let mut cap = VmCapture::open(cfg).await?;
+            let mut cap = VmCapture::open(cfg.clone()).await?;
             let t = Instant::now();
             let bytes = one_cycle(&mut cap, CycleMode::Full).await?;
             Ok::<_, CaptureError>((cap, (bytes, t.elapsed())))
         })?;
         let (on, rx) = watch::channel(false);
         let stats = Arc::default();
-        let task = rt.spawn(cycles(cap, interval, rx, Arc::clone(&stats)));
+        let task = rt.spawn(cycles(cfg, cap, interval, rx, Arc::clone(&stats)));
         Ok(Floor {
             on,
             stats,
@@ -97,7 +105,7 @@ impl Floor {
         })
     }
 
-    /// Switches cycling on or off (a running cycle ends first).
+    /// Switches cycling on or off (off drops a running cycle).
     pub(super) fn set(&self, on: bool) {
         self.on.send_replace(on);
     }
@@ -110,7 +118,7 @@ impl Floor {
             .clone()
     }
 
-    /// Stops cycling (after a running cycle) and removes the capture's bitmaps, so that the
+    /// Stops cycling (dropping a running cycle) and removes the capture's bitmaps, so that the
     /// VM is left as it was before [`Floor::start`].
     pub(super) fn stop(self, rt: &Runtime) -> anyhow::Result<()> {
         self.on.send_replace(false);
@@ -140,13 +148,17 @@ async fn one_cycle(cap: &mut VmCapture, mode: CycleMode) -> Result<u64, CaptureE
 
 /// Runs an incremental cycle whenever the floor is on and `interval` has passed since the last
 /// one began (at once when switched on after a longer pause, like the agent's schedule), until
-/// the switch is dropped; then removes the bitmaps.
+/// the switch is dropped; then removes the bitmaps. Switched off mid-cycle, it drops the cycle
+/// and its capture as the agent's `pause` does; the next cycle opens the capture again, which
+/// merges the dropped cycle's changes back.
 async fn cycles(
-    mut cap: VmCapture,
+    cfg: CaptureConfig,
+    cap: VmCapture,
     interval: Duration,
     mut on: watch::Receiver<bool>,
     stats: Arc<Mutex<FloorCycles>>,
 ) -> Result<(), CaptureError> {
+    let mut cap = Some(cap);
     let mut last: Option<Instant> = None;
     loop {
         if on.wait_for(|v| *v).await.is_err() {
@@ -163,19 +175,33 @@ async fn cycles(
         }
         let t = Instant::now();
         last = Some(t);
-        let r = one_cycle(&mut cap, CycleMode::Incremental).await;
+        let mut c = match cap.take() {
+            Some(c) => c,
+            None => VmCapture::open(cfg.clone()).await?,
+        };
+        let r = tokio::select! {
+            r = one_cycle(&mut c, CycleMode::Incremental) => Some(r),
+            _ = on.wait_for(|v| !*v) => None,
+        };
         let mut s = stats.lock().unwrap_or_else(PoisonError::into_inner);
         match r {
-            Ok(bytes) => {
+            Some(Ok(bytes)) => {
                 s.ok += 1;
                 s.bytes += bytes;
                 s.busy += t.elapsed();
+                cap = Some(c);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 s.errors += 1;
                 eprintln!("vmr-bench: s1 floor: cycle failed: {e}");
+                cap = Some(c);
             }
+            // Dropped with its capture (the next open merges its changes back).
+            None => s.cancelled += 1,
         }
     }
-    cap.stop_tracking().await
+    match cap {
+        Some(mut c) => c.stop_tracking().await,
+        None => VmCapture::open(cfg).await?.stop_tracking().await,
+    }
 }
