@@ -144,6 +144,7 @@ fn point_layers(
     agent: &Agent,
     vm: uuid::Uuid,
 ) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    agent.settle(vm)?;
     let store = vmr_store::Store::open(&agent.storage())?;
     Ok(store.point_layers(vm, None)?)
 }

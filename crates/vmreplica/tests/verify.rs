@@ -39,6 +39,7 @@ fn report(stdout: &str) -> VerifyReport {
 
 /// The replica's point ids, ascending (its store's catalog).
 fn point_ids(p: &Pair, vm: &StandIn) -> TestResult<Vec<u64>> {
+    p.b.settle(vm.def.uuid)?;
     let mut ids: Vec<u64> = vmr_store::Store::open(&p.b.storage())?
         .points(vm.def.uuid)?
         .iter()
@@ -50,6 +51,7 @@ fn point_ids(p: &Pair, vm: &StandIn) -> TestResult<Vec<u64>> {
 
 /// The layer file of `disk` of the replica's latest point (read with the agent stopped).
 fn latest_layer(p: &Pair, vm: &StandIn, disk: &str) -> TestResult<std::path::PathBuf> {
+    p.b.settle(vm.def.uuid)?;
     let layers = vmr_store::Store::open(&p.b.storage())?.point_layers(vm.def.uuid, None)?;
     Ok(layers
         .into_iter()

@@ -367,6 +367,32 @@ impl Agent {
         })
     }
 
+    /// Wait until the replica VM `vm` (UUID) has no prune running, before its store is read
+    /// from outside this agent: a prune right after a commit may still copy into, merge down
+    /// or delete the layers of the point `status` already shows, and the VM's owner answers
+    /// `points` only after it (docs/agent.md, "One owner per VM"). Nothing to wait for when the
+    /// agent is stopped or the VM is not a replica here (the agent refuses `points`).
+    pub fn settle(&self, vm: uuid::Uuid) -> Result<()> {
+        if self.child.is_none() {
+            return Ok(());
+        }
+        let Some(name) = self
+            .statuses(None)?
+            .into_iter()
+            .find(|s| s.uuid == vm)
+            .map(|s| s.name)
+        else {
+            return Ok(());
+        };
+        match self.ctl(&Request::Points {
+            name,
+            estimate: None,
+        }) {
+            Ok(_) | Err(HarnessError::Agent { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The status row of `vm`.
     pub fn status(&self, vm: &str) -> Result<VmStatus> {
         self.statuses(Some(vm))?

@@ -16,17 +16,19 @@ pub fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_vmreplica"))
 }
 
-/// Hashes of every disk of the replica's point (`None` = latest), by disk id. The replica
-/// agent may be merging points meanwhile (a prune right after a commit renames the latest
-/// point's layer to the chain's base and deletes the old file), and this reads its store from
-/// outside: the layers are read again after hashing, and the whole read is repeated when they
-/// changed or one vanished.
+/// Hashes of every disk of the replica's point (`None` = latest), by disk id. This reads the
+/// replica's store from outside, so it first waits for the prune that follows the last
+/// commit ([`Agent::settle`]). A cycle that arrives meanwhile brings a prune of its own (one
+/// right after a commit renames the latest point's layer to the chain's base and deletes the
+/// old file): the layers are read again after hashing, and the whole read is repeated when
+/// they changed or one vanished.
 pub fn replica_hashes(
     replica: &Agent,
     vm: uuid::Uuid,
     point: Option<u64>,
 ) -> TestResult<Vec<(String, [u8; 32])>> {
     let layers = || -> TestResult<Vec<(String, std::path::PathBuf)>> {
+        replica.settle(vm)?;
         Ok(vmr_store::Store::open(&replica.storage())?.point_layers(vm, point)?)
     };
     let mut attempt = 0;
