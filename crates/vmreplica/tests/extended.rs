@@ -89,8 +89,7 @@ fn wait_extended(
 
 /// The ids of B's points, read from its store.
 fn points_of(agent: &Agent, vm: &StandIn) -> TestResult<Vec<u64>> {
-    agent.settle(vm.def.uuid)?;
-    Ok(vmr_store::Store::open(&agent.storage())?
+    Ok(settled_store(agent, vm.def.uuid)?
         .points(vm.def.uuid)?
         .iter()
         .map(|p| p.id)

@@ -22,8 +22,7 @@ const VMS: [&str; 3] = ["grp-a", "grp-b", "grp-c"];
 
 /// The replica's group tags of `vm`'s points, read from its store's catalog.
 fn tags(p: &Pair, vm: &StandIn) -> TestResult<Vec<(u64, Option<vmr_proto::GroupTag>)>> {
-    p.b.settle(vm.def.uuid)?;
-    Ok(vmr_store::Store::open(&p.b.storage())?.group_tags(vm.def.uuid)?)
+    Ok(settled_store(&p.b, vm.def.uuid)?.group_tags(vm.def.uuid)?)
 }
 
 #[test]

@@ -657,8 +657,7 @@ fn libvirt_failover_through_the_replica_hosts_libvirt() -> TestResult {
         if st.mode != vmr_proto::api::ReplicationMode::Replica || st.last_cycle.is_none() {
             return Ok(false);
         }
-        p.a.settle(uuid)?;
-        let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+        let layers = settled_store(&p.a, uuid)?.point_layers(uuid, None)?;
         for &(disk, off, len, pat) in expect {
             if !vmr_testkit::img::qemu_io_holds_pattern(&layers[disk].1, pat, off, len)? {
                 return Ok(false);
@@ -874,8 +873,7 @@ fn libvirt_planned_failover_with_shutdown_loses_nothing() -> TestResult {
     let cut = s.last_cycle.unwrap_or(k) + 1 + u64::from(s.progress.is_some());
     p.b.wait_cycle("web1", cut, LONG)?;
     p.a.wait_cycle("web1", cut, LONG)?;
-    p.a.settle(uuid)?;
-    let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+    let layers = settled_store(&p.a, uuid)?.point_layers(uuid, None)?;
     assert_eq!(layers.len(), 2, "{layers:?}");
     for &(disk, off, len, pat) in &writes {
         assert!(
@@ -1127,8 +1125,7 @@ fn plain_qemu_primary_fails_over_into_libvirt_and_back() -> TestResult {
     let cut = s.last_cycle.unwrap_or(k) + 1 + u64::from(s.progress.is_some());
     p.b.wait_cycle(MX_VM, cut, LONG)?;
     p.a.wait_cycle(MX_VM, cut, LONG)?;
-    p.a.settle(uuid)?;
-    let layers = vmr_store::Store::open(&p.a.storage())?.point_layers(uuid, None)?;
+    let layers = settled_store(&p.a, uuid)?.point_layers(uuid, None)?;
     assert_eq!(layers.len(), 2, "{layers:?}");
     for &(disk, off, len, pat) in &writes {
         assert!(
@@ -1370,9 +1367,8 @@ fn libvirt_domain_fails_over_with_plain_qemu_on_a_host_without_libvirt() -> Test
             if st.mode != vmr_proto::api::ReplicationMode::Replica || st.last_cycle.is_none() {
                 return Ok(false);
             }
-            p.a.settle(uuid)?;
             let Ok(layers) =
-                vmr_store::Store::open(&p.a.storage()).and_then(|s| s.point_layers(uuid, None))
+                settled_store(&p.a, uuid).and_then(|s| Ok(s.point_layers(uuid, None)?))
             else {
                 return Ok(false);
             };

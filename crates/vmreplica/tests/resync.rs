@@ -238,9 +238,7 @@ fn grown_disk_replicates_without_resync_and_shrink_is_refused() -> TestResult {
         "a grown disk must not need a resync:\n{}",
         tail(&p.a.log(), 30)
     );
-    p.b.settle(vm.def.uuid)?;
-    let layers = vmr_store::Store::open(&p.b.dir.join("replicas"))
-        .expect("store")
+    let layers = settled_store(&p.b, vm.def.uuid)?
         .point_layers(vm.def.uuid, None)
         .expect("layers");
     let info = std::process::Command::new("qemu-img")

@@ -39,8 +39,7 @@ fn report(stdout: &str) -> VerifyReport {
 
 /// The replica's point ids, ascending (its store's catalog).
 fn point_ids(p: &Pair, vm: &StandIn) -> TestResult<Vec<u64>> {
-    p.b.settle(vm.def.uuid)?;
-    let mut ids: Vec<u64> = vmr_store::Store::open(&p.b.storage())?
+    let mut ids: Vec<u64> = settled_store(&p.b, vm.def.uuid)?
         .points(vm.def.uuid)?
         .iter()
         .map(|x| x.id)
@@ -51,8 +50,7 @@ fn point_ids(p: &Pair, vm: &StandIn) -> TestResult<Vec<u64>> {
 
 /// The layer file of `disk` of the replica's latest point (read with the agent stopped).
 fn latest_layer(p: &Pair, vm: &StandIn, disk: &str) -> TestResult<std::path::PathBuf> {
-    p.b.settle(vm.def.uuid)?;
-    let layers = vmr_store::Store::open(&p.b.storage())?.point_layers(vm.def.uuid, None)?;
+    let layers = settled_store(&p.b, vm.def.uuid)?.point_layers(vm.def.uuid, None)?;
     Ok(layers
         .into_iter()
         .find(|(d, _)| d == disk)

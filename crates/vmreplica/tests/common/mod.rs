@@ -16,6 +16,14 @@ pub fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_vmreplica"))
 }
 
+/// The store of `agent`'s replica VMs, opened from outside the agent once the prune that
+/// follows VM `vm`'s last commit has ended ([`Agent::settle`]): every test that reads a
+/// replica's catalog or layers directly goes through here.
+pub fn settled_store(agent: &Agent, vm: uuid::Uuid) -> TestResult<vmr_store::Store> {
+    agent.settle(vm)?;
+    Ok(vmr_store::Store::open(&agent.storage())?)
+}
+
 /// Hashes of every disk of the replica's point (`None` = latest), by disk id. This reads the
 /// replica's store from outside, so it first waits for the prune that follows the last
 /// commit ([`Agent::settle`]). A cycle that arrives meanwhile brings a prune of its own (one
@@ -28,8 +36,7 @@ pub fn replica_hashes(
     point: Option<u64>,
 ) -> TestResult<Vec<(String, [u8; 32])>> {
     let layers = || -> TestResult<Vec<(String, std::path::PathBuf)>> {
-        replica.settle(vm)?;
-        Ok(vmr_store::Store::open(&replica.storage())?.point_layers(vm, point)?)
+        Ok(settled_store(replica, vm)?.point_layers(vm, point)?)
     };
     let mut attempt = 0;
     loop {
