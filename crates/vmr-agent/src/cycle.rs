@@ -316,6 +316,52 @@ pub async fn stop_tracking(host: &Host, rec: &VmRecord, slot: u32) -> Result<(),
     cap.stop_tracking().await
 }
 
+/// How long ending a cancelled cycle's point-in-time view may take (below the 20 s an owner
+/// stopping waits for its cycle task).
+pub const END_VIEW_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// After a cycle was cancelled mid-way (pause, disable, the agent stopping): end its
+/// point-in-time view now instead of at the next cycle. Left in place, QEMU's
+/// copy-before-write filter would copy the guest's first write to each cluster into the
+/// fleecing file (a libvirt job: its scratch files) for as long as replication stays paused,
+/// up to the size of the disks. The dropped cycle's QMP connection may have been mid-command,
+/// so a fresh one is opened: its recovery removes the view and merges the cycle's frozen
+/// bitmaps back (no change is lost), and it is closed again (the next cycle opens its own).
+/// Best effort: what cannot be ended now is ended by the next cycle's open, as after a crash.
+pub async fn end_cancelled(host: &Host, rec: &VmRecord, slot: u32, session: &mut Session) {
+    session.capture = None;
+    let ended = if rec.libvirt.is_some() {
+        // A libvirt job dropped mid-cycle: the capture (its chain) is opened afresh next time.
+        let Some(capture) = session.libvirt.take() else {
+            return;
+        };
+        match tokio::time::timeout(END_VIEW_LIMIT, capture.end_own_job()).await {
+            Ok(Ok(ended)) => Ok(ended),
+            Ok(Err(e)) => Err(crate::util::chain(&e)),
+            Err(_) => Err(format!("no answer within {END_VIEW_LIMIT:?}")),
+        }
+    } else {
+        // The sizes are not checked: a resync may have been restarting tracking.
+        let mut cfg = capture_config(host, rec, slot);
+        cfg.expected_sizes = None;
+        match tokio::time::timeout(END_VIEW_LIMIT, VmCapture::open(cfg)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(crate::util::chain(&e)),
+            Err(_) => Err(format!("no answer within {END_VIEW_LIMIT:?}")),
+        }
+    };
+    match ended {
+        Ok(true) => {
+            tracing::info!(vm = %rec.name, "the cancelled cycle's point-in-time view is ended")
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            vm = %rec.name,
+            "could not end the cancelled cycle's point-in-time view now (the next cycle's open ends what is left): {e}"
+        ),
+    }
+}
+
 /// How long `disable` waits for the replica to hear of it before it goes on without.
 pub const TELL_DISABLED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often a replica that could not be told of a disable is tried again in the background.

@@ -546,10 +546,8 @@ impl PrimarySide {
                     .leave(g, ctx.rec.uuid, "its cycle ended before the cut");
             }
             if matches!(outcome, Outcome::Cancelled) {
-                // Dropping a capture mid-cycle leaves leftovers the next open merges back.
-                session.capture = None;
-                // A libvirt job dropped mid-cycle is ended by the next open's first cycle.
-                session.libvirt = None;
+                // The dropped cycle's view is ended now, not at the next cycle.
+                crate::cycle::end_cancelled(&ctx.host, &ctx.rec, ctx.slot, &mut session).await;
             }
             let mut pending = None;
             if let (Outcome::Failed(_), Some(c)) = (&outcome, session.capture.as_mut()) {

@@ -165,6 +165,31 @@ impl LibvirtCapture {
         blocking(&self.h, |d| d.xml(true)).await
     }
 
+    /// End this capture's backup job if it still runs: a cycle dropped mid-way (the VM's
+    /// replication paused, disabled, or the agent stopping) would otherwise leave its
+    /// point-in-time view copying the guest's first write to each cluster into the scratch
+    /// files until the next cycle. Another tool's job is left alone. The dropped cycle's new
+    /// checkpoint stays until the next start deletes it (nothing is lost: the next delta is
+    /// taken from the acknowledged one). Returns whether a job was ended.
+    pub async fn end_own_job(&self) -> Result<bool, CaptureError> {
+        let own = self.socket();
+        let wait = self.cfg.timeout;
+        blocking(&self.h, move |d| {
+            let job = d.backup_job()?;
+            if job
+                .as_ref()
+                .and_then(|j| j.socket.as_deref())
+                .is_some_and(|s| s == own)
+            {
+                d.abort_job(wait)?;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
+        })
+        .await
+    }
+
     fn socket(&self) -> PathBuf {
         self.cfg.work_dir.join("backup.sock")
     }

@@ -275,6 +275,28 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
         "vmreplica's checkpoints on the domain: {names:?}"
     );
 
+    // Paused mid-cycle (its backup job held open): the job ends at once, not at the next
+    // cycle (its scratch files would take the guest's writes for as long as the pause lasts);
+    // after resume nothing is lost.
+    write(&mut model, 0, 14 << 20, 256 << 10, 0x88)?;
+    std::fs::write(&hold, "")?;
+    vmr_testkit::wait_for_path(&p.a.dir.join("test-cycle-held"), LONG)?;
+    assert!(lv.has_job(DOMAIN)?, "the held cycle's backup job runs");
+    p.a.ok(&["pause", "web1"])?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while lv.has_job(DOMAIN)? {
+        if std::time::Instant::now() >= deadline {
+            return Err("the cancelled cycle's backup job still runs while paused".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::fs::remove_file(&hold)?;
+    let _ = std::fs::remove_file(p.a.dir.join("test-cycle-held"));
+    write(&mut model, 1, 7 << 20, 64 << 10, 0x99)?;
+    p.a.ok(&["resume", "web1"])?;
+    wait_cut(&p)?;
+    compare(&p, &model, "after a pause mid-cycle and a resume")?;
+
     // The domain XML travelled with the definition and is stored on the replica. A failover
     // there needs the replica host's libvirt (`libvirt-connect`): one that cannot be reached
     // is refused with libvirt's reason, and nothing changes.

@@ -294,6 +294,94 @@ fn pause_resume_disable_and_bad_input() -> TestResult {
     Ok(())
 }
 
+/// vmreplica's names in the stand-in's block graph: nodes, jobs and exports named `vmr-*`,
+/// as seen through the harness's own monitor.
+fn ours_in_graph(vm: &StandIn) -> TestResult<Vec<String>> {
+    let mut ours = Vec::new();
+    for (command, field) in [
+        ("query-named-block-nodes", "node-name"),
+        ("query-block-jobs", "device"),
+        ("query-block-exports", "id"),
+    ] {
+        let answer = vm.qmp(command)?;
+        for item in answer.as_array().ok_or("QMP answered no array")? {
+            if let Some(name) = item[field].as_str()
+                && name.starts_with("vmr-")
+            {
+                ours.push(format!("{command}: {name}"));
+            }
+        }
+    }
+    Ok(ours)
+}
+
+/// A cycle that `pause` cancels mid-way ends its point-in-time view at once, not at the next
+/// cycle: while replication is paused nothing of vmreplica's stays in the VM's block graph
+/// (its copy-before-write filter would copy every first guest write per cluster into the
+/// fleecing file for as long as the pause lasts), and no fleecing file stays on disk. The
+/// changes of the dropped cycle are not lost: after `resume` the replica equals the primary.
+#[test]
+fn pause_mid_cycle_ends_the_point_in_time_view() -> TestResult {
+    let p = Pair::new(exe())?;
+    let vm = StandIn::create(p.root.path(), &p.a, "cut1", &["disk0"], 16)?;
+    vm.register(&p.a)?;
+    p.enable("cut1", &["--frequency", "5s"])?;
+    p.wait_cycle("cut1", 2, LONG)?;
+    assert_eq!(ours_in_graph(&vm)?, Vec::<String>::new(), "between cycles");
+
+    // The next cycle holds its view open (test hook) with changes under it.
+    vm.write_random("disk0", 20, 7)?;
+    let hold = p.a.dir.join("test-cycle-hold");
+    let held = p.a.dir.join("test-cycle-held");
+    std::fs::write(&hold, "")?;
+    vmr_testkit::wait_for_path(&held, LONG).map_err(|e| {
+        format!("no cycle held (this test needs --features vmreplica/test-hooks): {e}")
+    })?;
+    let open = ours_in_graph(&vm)?;
+    assert!(
+        open.iter().any(|n| n.starts_with("query-block-exports")),
+        "the held cycle's view is exported: {open:?}"
+    );
+    vm.write_random("disk0", 20, 8)?;
+
+    // Paused: the cancelled cycle's view goes (the hold is still in place, so no cycle can
+    // come back to it).
+    p.a.ok(&["pause", "cut1"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = ours_in_graph(&vm)?;
+        if left.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("left in the graph while paused: {left:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut fleece = Vec::new();
+    for dir in std::fs::read_dir(p.a.dir.join("work"))? {
+        let dir = dir?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(dir)? {
+            let name = f?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".fleece") {
+                fleece.push(name);
+            }
+        }
+    }
+    assert_eq!(fleece, Vec::<String>::new(), "fleecing files while paused");
+    std::fs::remove_file(&hold)?;
+    let _ = std::fs::remove_file(&held);
+
+    // Nothing lost: the first cycles after resume carry the dropped cycle's changes.
+    vm.write_random("disk0", 20, 9)?;
+    p.a.ok(&["resume", "cut1"])?;
+    verify_at_cut(&p, &vm)?;
+    Ok(())
+}
+
 #[test]
 fn scheduled_initial_replication_and_start_initial() -> TestResult {
     let p = Pair::new(exe())?;

@@ -149,8 +149,8 @@ async fn one_cycle(cap: &mut VmCapture, mode: CycleMode) -> Result<u64, CaptureE
 /// Runs an incremental cycle whenever the floor is on and `interval` has passed since the last
 /// one began (at once when switched on after a longer pause, like the agent's schedule), until
 /// the switch is dropped; then removes the bitmaps. Switched off mid-cycle, it drops the cycle
-/// and its capture as the agent's `pause` does; the next cycle opens the capture again, which
-/// merges the dropped cycle's changes back.
+/// and its capture and opens a fresh capture at once, which ends the dropped cycle's view and
+/// merges its changes back, as the agent's `pause` does (`vmr_agent::cycle::end_cancelled`).
 async fn cycles(
     cfg: CaptureConfig,
     cap: VmCapture,
@@ -183,21 +183,30 @@ async fn cycles(
             r = one_cycle(&mut c, CycleMode::Incremental) => Some(r),
             _ = on.wait_for(|v| !*v) => None,
         };
+        let Some(r) = r else {
+            // Dropped with its capture mid-command: a fresh one ends the cycle's view at once
+            // and merges its changes back, as the agent does after a pause.
+            drop(c);
+            cap = Some(VmCapture::open(cfg.clone()).await?);
+            stats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .cancelled += 1;
+            continue;
+        };
         let mut s = stats.lock().unwrap_or_else(PoisonError::into_inner);
         match r {
-            Some(Ok(bytes)) => {
+            Ok(bytes) => {
                 s.ok += 1;
                 s.bytes += bytes;
                 s.busy += t.elapsed();
                 cap = Some(c);
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 s.errors += 1;
                 eprintln!("vmr-bench: s1 floor: cycle failed: {e}");
                 cap = Some(c);
             }
-            // Dropped with its capture (the next open merges its changes back).
-            None => s.cancelled += 1,
         }
     }
     match cap {

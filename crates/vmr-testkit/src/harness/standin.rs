@@ -1,7 +1,8 @@
 //! qemu-storage-daemon stand-in VMs registered on a primary agent: qcow2 disks, a VM
 //! definition (`--launch` TOML, like `examples/standin-vm.toml`) whose QMP socket is the one
 //! vmreplica uses and whose NBD server sits where the primary's capture looks for it, with a
-//! live writable export per disk for the guest writer.
+//! live writable export per disk for the guest writer, and a QMP monitor of the harness's own
+//! (outside the definition) for looking at the block graph.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -280,7 +281,7 @@ impl StandIn {
             std::fs::create_dir_all(p).map_err(io_err(format!("create {}", p.display())))?;
         }
         let def = &self.def;
-        let args = def.render_args(
+        let mut args = def.render_args(
             &self.qmp.display().to_string(),
             &self.nbd.display().to_string(),
             "tcg",
@@ -292,7 +293,18 @@ impl StandIn {
                     .map(|d| d.path.clone())
             },
         )?;
+        // The harness's own monitor (not in the definition: a failover never starts it).
+        args.extend([
+            "--chardev".into(),
+            format!(
+                "socket,id=harness,path={},server=on,wait=off",
+                self.harness_qmp().display()
+            ),
+            "--monitor".into(),
+            "chardev=harness".into(),
+        ]);
         let spawn = || {
+            let _ = std::fs::remove_file(self.harness_qmp());
             let _ = std::fs::remove_file(&self.qmp);
             let _ = std::fs::remove_file(&self.nbd);
             let log = std::fs::OpenOptions::new()
@@ -367,6 +379,16 @@ impl StandIn {
         }
     }
 
+    fn harness_qmp(&self) -> PathBuf {
+        self.dir.join(format!("{}.hqmp", self.def.name))
+    }
+
+    /// One QMP command on the harness's own monitor (beside the one vmreplica holds); its
+    /// `return` value. E.g. `query-named-block-nodes` to see what a capture left in the graph.
+    pub fn qmp(&self, command: &str) -> Result<serde_json::Value> {
+        super::guest::harness_qmp(&self.harness_qmp(), command)
+    }
+
     /// `vm add` on `primary`.
     pub fn register(&self, primary: &Agent) -> Result<()> {
         primary
@@ -423,6 +445,16 @@ mod tests {
         vm.write_seq("disk0", 2, 3, 5).expect("write");
         let h = vm.hash("disk0").expect("hash");
         assert_ne!(h, *blake3::hash(&vec![0u8; 4 << 20]).as_bytes());
+        // The harness's own monitor answers beside vmreplica's.
+        let nodes = vm.qmp("query-named-block-nodes").expect("harness monitor");
+        assert!(
+            nodes
+                .as_array()
+                .expect("array")
+                .iter()
+                .any(|n| n["node-name"] == "disk0"),
+            "{nodes}"
+        );
         for _ in 0..3 {
             vm.stop().expect("clean stop");
             vm.start().expect("restart");
