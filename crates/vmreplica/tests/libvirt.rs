@@ -283,13 +283,17 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
     vmr_testkit::wait_for_path(&p.a.dir.join("test-cycle-held"), LONG)?;
     assert!(lv.has_job(DOMAIN)?, "the held cycle's backup job runs");
     p.a.ok(&["pause", "web1"])?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while lv.has_job(DOMAIN)? {
-        if std::time::Instant::now() >= deadline {
-            return Err("the cancelled cycle's backup job still runs while paused".into());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut virsh = None;
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the cancelled cycle's backup job ended while paused",
+        || {
+            let job = lv.has_job(DOMAIN);
+            virsh = job.as_ref().err().map(ToString::to_string);
+            Ok(matches!(job, Ok(false)))
+        },
+    )
+    .map_err(|e| format!("{e} (virsh: {virsh:?})"))?;
     std::fs::remove_file(&hold)?;
     let _ = std::fs::remove_file(p.a.dir.join("test-cycle-held"));
     write(&mut model, 1, 7 << 20, 64 << 10, 0x99)?;

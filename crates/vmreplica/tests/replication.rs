@@ -347,17 +347,16 @@ fn pause_mid_cycle_ends_the_point_in_time_view() -> TestResult {
     // Paused: the cancelled cycle's view goes (the hold is still in place, so no cycle can
     // come back to it).
     p.a.ok(&["pause", "cut1"])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = ours_in_graph(&vm)?;
-        if left.is_empty() {
-            break;
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(format!("left in the graph while paused: {left:?}").into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut left = Vec::new();
+    wait_until(
+        Duration::from_secs(30),
+        "the cancelled cycle's view gone",
+        || {
+            left = ours_in_graph(&vm).unwrap_or_else(|e| vec![e.to_string()]);
+            Ok(left.is_empty())
+        },
+    )
+    .map_err(|e| format!("{e}; left in the graph while paused: {left:?}"))?;
     let mut fleece = Vec::new();
     for dir in std::fs::read_dir(p.a.dir.join("work"))? {
         let dir = dir?.path();
