@@ -49,6 +49,11 @@ struct Handle {
     // kept open for the domain's life
     _lv: Libvirt,
     dom: Domain,
+    /// Held by each libvirt call for as long as it runs. A caller's future dropped mid-call
+    /// (a cancelled cycle) does not stop the call on its blocking thread: a `backupBegin` may
+    /// still land after the cancel. Whatever is asked next waits for it, so
+    /// [`LibvirtCapture::end_own_job`] sees (and ends) a job begun that late.
+    calls: std::sync::Mutex<()>,
 }
 
 /// A libvirt domain being replicated: its connection and its checkpoint chain.
@@ -84,10 +89,14 @@ where
     F: FnOnce(&Domain) -> Result<T, LibvirtError> + Send + 'static,
 {
     let h = h.clone();
-    tokio::task::spawn_blocking(move || f(&h.dom))
-        .await
-        .map_err(CaptureError::LibvirtTask)?
-        .map_err(CaptureError::from)
+    tokio::task::spawn_blocking(move || {
+        // a poisoned lock only means an earlier call panicked: the domain is still usable
+        let _call = h.calls.lock().unwrap_or_else(|p| p.into_inner());
+        f(&h.dom)
+    })
+    .await
+    .map_err(CaptureError::LibvirtTask)?
+    .map_err(CaptureError::from)
 }
 
 impl LibvirtCapture {
@@ -107,7 +116,14 @@ impl LibvirtCapture {
             let lv = Libvirt::open(&uri)?;
             let dom = lv.domain(&name)?;
             let disks = dom.disks()?;
-            Ok::<_, LibvirtError>((Handle { _lv: lv, dom }, disks))
+            Ok::<_, LibvirtError>((
+                Handle {
+                    _lv: lv,
+                    dom,
+                    calls: std::sync::Mutex::new(()),
+                },
+                disks,
+            ))
         })
         .await
         .map_err(CaptureError::LibvirtTask)??;
@@ -170,7 +186,9 @@ impl LibvirtCapture {
     /// point-in-time view copying the guest's first write to each cluster into the scratch
     /// files until the next cycle. Another tool's job is left alone. The dropped cycle's new
     /// checkpoint stays until the next start deletes it (nothing is lost: the next delta is
-    /// taken from the acknowledged one). Returns whether a job was ended.
+    /// taken from the acknowledged one). A libvirt call of the dropped cycle still running
+    /// (a `backupBegin`) is waited for first, so a job it begins is ended too. Returns whether
+    /// a job was ended.
     pub async fn end_own_job(&self) -> Result<bool, CaptureError> {
         let own = self.socket();
         let wait = self.cfg.timeout;
@@ -347,7 +365,14 @@ impl LibvirtCapture {
         };
         let began = {
             let plan = plan.clone();
-            blocking(&self.h, move |d| d.begin_backup(&plan)).await
+            let work = self.cfg.work_dir.clone();
+            blocking(&self.h, move |d| {
+                let slowed = begin_slow_hook(&work);
+                let r = d.begin_backup(&plan);
+                begun_mark(&work, slowed, &r);
+                r
+            })
+            .await
         };
         if let Err(e) = began {
             let failure = match &e {
@@ -488,6 +513,51 @@ impl LibvirtCapture {
         }
     }
 }
+
+/// Test hook (cargo feature `test-hooks` only): while a file of this name in the capture's
+/// work directory holds a number of ms, each `backupBegin` waits that long first (on its
+/// blocking thread, as a slow libvirtd would), having written [`BEGIN_SLOW_MARK`]; when the
+/// slowed call returns, [`BEGUN_MARK`] is written, holding `begun` or why the call failed. A test cancels a cycle inside the call.
+#[cfg(feature = "test-hooks")]
+pub const BEGIN_SLOW_HOOK: &str = "test-backup-begin-slow-ms";
+/// See [`BEGIN_SLOW_HOOK`].
+#[cfg(feature = "test-hooks")]
+pub const BEGIN_SLOW_MARK: &str = "test-backup-begin-waiting";
+/// See [`BEGIN_SLOW_HOOK`].
+#[cfg(feature = "test-hooks")]
+pub const BEGUN_MARK: &str = "test-backup-begun";
+
+#[cfg(feature = "test-hooks")]
+fn begin_slow_hook(work: &Path) -> bool {
+    let Some(ms) = std::fs::read_to_string(work.join(BEGIN_SLOW_HOOK))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let _ = std::fs::write(work.join(BEGIN_SLOW_MARK), "");
+    std::thread::sleep(Duration::from_millis(ms));
+    true
+}
+
+#[cfg(feature = "test-hooks")]
+fn begun_mark(work: &Path, slowed: bool, r: &Result<(), LibvirtError>) {
+    if slowed {
+        let what = match r {
+            Ok(()) => "begun".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        let _ = std::fs::write(work.join(BEGUN_MARK), what);
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn begin_slow_hook(_work: &Path) -> bool {
+    false
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn begun_mark(_work: &Path, _slowed: bool, _r: &Result<(), LibvirtError>) {}
 
 /// One libvirt backup job being read.
 pub struct LibvirtCycle<'a> {

@@ -301,6 +301,44 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
     wait_cut(&p)?;
     compare(&p, &model, "after a pause mid-cycle and a resume")?;
 
+    // Paused while libvirt is still inside the cycle's `backupBegin` (a slow libvirtd; the
+    // hook `vmr_capture::libvirt::BEGIN_SLOW_HOOK`): the cancelled call goes on in its thread
+    // and begins a job after the cancel. That job is ended too, not left running while paused.
+    let work = vmr_agent::launch::work_dir(&p.a.dir, uuid).join("libvirt");
+    let (slow, waiting, begun) = (
+        work.join("test-backup-begin-slow-ms"),
+        work.join("test-backup-begin-waiting"),
+        work.join("test-backup-begun"),
+    );
+    write(&mut model, 0, 10 << 20, 128 << 10, 0xaa)?;
+    // in place at once: a cycle beginning meanwhile reads all of it or nothing
+    std::fs::write(work.join("slow.tmp"), "3000")?;
+    std::fs::rename(work.join("slow.tmp"), &slow)?;
+    vmr_testkit::wait_for_path(&waiting, LONG)
+        .map_err(|e| format!("no backupBegin slowed (needs the test-hooks feature): {e}"))?;
+    p.a.ok(&["pause", "web1"])?;
+    vmr_testkit::wait_for_path(&begun, LONG)?;
+    let late = std::fs::read_to_string(&begun)?;
+    assert_eq!(late, "begun", "the cancelled cycle's late backupBegin");
+    for f in [&slow, &waiting, &begun] {
+        std::fs::remove_file(f)?;
+    }
+    let mut virsh = None;
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the job begun by the cancelled cycle's late backupBegin ended while paused",
+        || {
+            let job = lv.has_job(DOMAIN);
+            virsh = job.as_ref().err().map(ToString::to_string);
+            Ok(matches!(job, Ok(false)))
+        },
+    )
+    .map_err(|e| format!("{e} (virsh: {virsh:?})"))?;
+    write(&mut model, 1, 5 << 20, 64 << 10, 0xbb)?;
+    p.a.ok(&["resume", "web1"])?;
+    wait_cut(&p)?;
+    compare(&p, &model, "after a pause inside backupBegin and a resume")?;
+
     // The domain XML travelled with the definition and is stored on the replica. A failover
     // there needs the replica host's libvirt (`libvirt-connect`): one that cannot be reached
     // is refused with libvirt's reason, and nothing changes.

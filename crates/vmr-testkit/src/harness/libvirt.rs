@@ -419,7 +419,9 @@ impl PrivateLibvirt {
         Ok(())
     }
 
-    /// Whether a job runs on the domain (`virsh domjobinfo` names a job type other than None).
+    /// Whether a job runs on the domain: `virsh domjobinfo` names a job type other than None,
+    /// or a backup job is present (`virsh backup-dumpxml`; domjobinfo may still say None for a
+    /// moment after `backupBegin` returned).
     pub fn has_job(&self, domain: &str) -> anyhow::Result<bool> {
         let info = self.virsh(&["domjobinfo", domain])?;
         let kind = info
@@ -427,7 +429,23 @@ impl PrivateLibvirt {
             .find_map(|l| l.strip_prefix("Job type:"))
             .map(str::trim)
             .context("domjobinfo names no job type")?;
-        Ok(kind != "None")
+        if kind != "None" {
+            return Ok(true);
+        }
+        let out = Command::new("/usr/bin/virsh")
+            .arg("-c")
+            .arg(&self.uri)
+            .args(["backup-dumpxml", domain])
+            .output()
+            .context("run virsh")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            Ok(true)
+        } else if err.contains("no domain backup job") || err.contains("backup job id not found") {
+            Ok(false)
+        } else {
+            bail!("virsh backup-dumpxml {domain}: {}", err.trim())
+        }
     }
 
     /// The domain's checkpoint names.
