@@ -244,14 +244,17 @@ impl Bed {
         Ok(ag.status(VM)?.last_cycle.unwrap_or(0))
     }
 
-    /// Hashes of the replica's latest point, read from outside while the agent runs: read
-    /// again when the layers changed meanwhile (a prune renames the latest layer).
+    /// Hashes of the replica's latest point, read from outside while the agent runs: after
+    /// the prune that follows the last commit ([`vmr_testkit::harness::Agent::settle`]), and
+    /// read again when the layers changed meanwhile (a new cycle's commit and prune).
     fn replica_hash(&self) -> anyhow::Result<[u8; 32]> {
         let uuid = self.vm.def.uuid;
         let layers = || -> anyhow::Result<Vec<(String, PathBuf)>> {
             Ok(vmr_store::Store::open(&self.pair.b.storage())?.point_layers(uuid, None)?)
         };
         for _ in 0..50 {
+            // the prune after the last commit may still change the layers `status` showed
+            self.pair.b.settle(uuid)?;
             let before = layers()?;
             let Some((_, layer)) = before.iter().find(|(d, _)| d == DISK) else {
                 bail!("the replica's latest point has no {DISK}");
