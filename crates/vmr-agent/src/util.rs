@@ -10,14 +10,5 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// An error and its sources on one line, outermost first.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
+/// An error and its sources on one line, outermost first (the one formatter of every crate).
+pub use vmr_transport::error_chain as chain;

@@ -69,7 +69,7 @@ pub enum TransportError {
         index: u64,
     },
     /// The peer vanished or the connection broke before the exchange was complete.
-    #[error("transfer interrupted ({during}): {}", chain(.cause.as_ref()))]
+    #[error("transfer interrupted ({during}): {}", error_chain(.cause.as_ref()))]
     Interrupted {
         /// What was being sent or received.
         during: &'static str,
@@ -146,8 +146,9 @@ pub enum TransportError {
 /// A boxed error of another crate (hyper's, http-body's).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// An error and its sources on one line, outermost first.
-pub(crate) fn chain(e: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+/// An error and its sources on one line, outermost first (`a: b: c`): how every crate of
+/// vmreplica shows an error to a log, a peer or an admin.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {

@@ -21,7 +21,9 @@ mod server;
 mod tls;
 
 pub use client::{BodyQueue, Client, ClientOptions};
-pub use error::{BoxError, IdentityError, IdentityFault, ProtocolFault, TransportError};
+pub use error::{
+    BoxError, IdentityError, IdentityFault, ProtocolFault, TransportError, error_chain,
+};
 pub use frame::{
     ExtentStream, FLAG_ZSTD, MAX_EXTENT_DATA, MAX_HEADER_JSON, STREAM_MAGIC, STREAM_V2_SINCE,
     STREAM_VERSION, STREAM_VERSION_1, worth_compressing,

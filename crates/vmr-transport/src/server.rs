@@ -30,7 +30,7 @@ use vmr_proto::wire::{
     CycleAck, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION, RemoteError,
 };
 
-use crate::error::TransportError;
+use crate::error::{TransportError, error_chain};
 use crate::frame::{CycleDecoder, ExtentStream};
 use crate::identity::{Identity, fingerprint};
 use crate::tls;
@@ -572,7 +572,9 @@ async fn route<H: Handler>(
             };
             let call = match PeerRequest::decode(&body) {
                 Ok(c) => c,
-                Err(e) => return bad_request(format!("bad call body: {}", chain(&e))),
+                Err(e) => {
+                    return bad_request(format!("bad call body: {}", error_chain(&e)));
+                }
             };
             match answer(handler, peer, call).await {
                 Ok(resp) => {
@@ -603,7 +605,9 @@ async fn route<H: Handler>(
             };
             let call = match PeerRequest::from_v1(&method, value) {
                 Ok(c) => c,
-                Err(e) => return bad_request(format!("{method}: {}", chain(&e))),
+                Err(e) => {
+                    return bad_request(format!("{method}: {}", error_chain(&e)));
+                }
             };
             match answer(handler, peer, call).await {
                 Ok(resp) => json_response(StatusCode::OK, &resp.to_v1()),
@@ -640,18 +644,6 @@ async fn answer<H: Handler>(
         });
     }
     Ok(resp)
-}
-
-/// `e` and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Method names: 1..=64 chars of `[A-Za-z0-9._-]`.
