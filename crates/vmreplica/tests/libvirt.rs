@@ -275,6 +275,18 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
         "vmreplica's checkpoints on the domain: {names:?}"
     );
 
+    // No job on the domain within 30 s (what virsh last said when it failed to answer).
+    let no_job_within_30s = |what: &str| -> TestResult {
+        let mut virsh = None;
+        wait_until(std::time::Duration::from_secs(30), what, || {
+            let job = lv.has_job(DOMAIN);
+            virsh = job.as_ref().err().map(ToString::to_string);
+            Ok(matches!(job, Ok(false)))
+        })
+        .map_err(|e| format!("{e} (virsh: {virsh:?})"))?;
+        Ok(())
+    };
+
     // Paused mid-cycle (its backup job held open): the job ends at once, not at the next
     // cycle (its scratch files would take the guest's writes for as long as the pause lasts);
     // after resume nothing is lost.
@@ -283,17 +295,7 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
     vmr_testkit::wait_for_path(&p.a.dir.join("test-cycle-held"), LONG)?;
     assert!(lv.has_job(DOMAIN)?, "the held cycle's backup job runs");
     p.a.ok(&["pause", "web1"])?;
-    let mut virsh = None;
-    wait_until(
-        std::time::Duration::from_secs(30),
-        "the cancelled cycle's backup job ended while paused",
-        || {
-            let job = lv.has_job(DOMAIN);
-            virsh = job.as_ref().err().map(ToString::to_string);
-            Ok(matches!(job, Ok(false)))
-        },
-    )
-    .map_err(|e| format!("{e} (virsh: {virsh:?})"))?;
+    no_job_within_30s("the cancelled cycle's backup job ended while paused")?;
     std::fs::remove_file(&hold)?;
     let _ = std::fs::remove_file(p.a.dir.join("test-cycle-held"));
     write(&mut model, 1, 7 << 20, 64 << 10, 0x99)?;
@@ -323,17 +325,9 @@ fn libvirt_vm_added_and_replicated_through_agents() -> TestResult {
     for f in [&slow, &waiting, &begun] {
         std::fs::remove_file(f)?;
     }
-    let mut virsh = None;
-    wait_until(
-        std::time::Duration::from_secs(30),
+    no_job_within_30s(
         "the job begun by the cancelled cycle's late backupBegin ended while paused",
-        || {
-            let job = lv.has_job(DOMAIN);
-            virsh = job.as_ref().err().map(ToString::to_string);
-            Ok(matches!(job, Ok(false)))
-        },
-    )
-    .map_err(|e| format!("{e} (virsh: {virsh:?})"))?;
+    )?;
     write(&mut model, 1, 5 << 20, 64 << 10, 0xbb)?;
     p.a.ok(&["resume", "web1"])?;
     wait_cut(&p)?;
