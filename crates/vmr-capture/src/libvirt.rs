@@ -517,7 +517,8 @@ impl LibvirtCapture {
 /// Test hook (cargo feature `test-hooks` only): while a file of this name in the capture's
 /// work directory holds a number of ms, each `backupBegin` waits that long first (on its
 /// blocking thread, as a slow libvirtd would), having written [`BEGIN_SLOW_MARK`]; when the
-/// slowed call returns, [`BEGUN_MARK`] is written, holding `begun` or why the call failed. A test cancels a cycle inside the call.
+/// slowed call returns, [`BEGUN_MARK`] is written, holding `begun` or why the call failed. A
+/// test cancels a cycle inside the call.
 #[cfg(feature = "test-hooks")]
 pub const BEGIN_SLOW_HOOK: &str = "test-backup-begin-slow-ms";
 /// See [`BEGIN_SLOW_HOOK`].
