@@ -969,6 +969,8 @@ impl VmCapture {
             self.del_node(&n).await?;
         }
         let nodes_ms = t.elapsed().as_millis() as u64;
+        // Everything this VM's cycles named is gone: no buffered event can be waited for again.
+        self.qmp.clear_events();
         self.unlink_fleece_files().await;
         tracing::debug!(
             exports_ms,

@@ -19,8 +19,10 @@ use tokio::time::{Instant, timeout};
 
 /// Largest QMP message accepted (a `query-named-block-nodes` of a big graph is well below).
 const MAX_LINE: usize = 64 << 20;
-/// Events kept while nobody waits for them; the oldest are dropped beyond this.
-const MAX_BUFFERED_EVENTS: usize = 4096;
+/// Events kept while nobody waits for them; the oldest are dropped beyond this. The capture
+/// clears the buffer after each teardown ([`QmpClient::clear_events`]), so this only bounds a
+/// flood within one cycle.
+const MAX_BUFFERED_EVENTS: usize = 1024;
 
 pub use vmr_nbd::Endpoint;
 
@@ -299,6 +301,19 @@ impl QmpClient {
                 what: format!("command {name}"),
                 after: limit,
             })?
+    }
+
+    /// Drop every buffered event. The caller knows that nothing buffered so far can still be
+    /// waited for (the capture, after a teardown: every job and export it named is gone). Without
+    /// this, events nobody waits for (a cycle's `JOB_STATUS_CHANGE`s and `BLOCK_JOB_CANCELLED`,
+    /// about 15 per cycle) piled up in every VM's connection up to [`MAX_BUFFERED_EVENTS`].
+    pub fn clear_events(&mut self) {
+        self.events = VecDeque::new();
+    }
+
+    /// Events read and not yet taken by a wait or dropped.
+    pub fn buffered_events(&self) -> usize {
+        self.events.len()
     }
 
     /// Drop buffered events for which `pred` holds (stale events before a new wait).

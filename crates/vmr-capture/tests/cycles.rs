@@ -142,6 +142,41 @@ async fn abort_and_early_commit_keep_every_change() {
     );
 }
 
+/// A cycle makes QEMU send events nobody waits for (its fleecing job's `JOB_STATUS_CHANGE`s,
+/// `BLOCK_JOB_CANCELLED`). They must not pile up in the VM's QMP connection from cycle to cycle:
+/// with 100 VMs at 30 s they grew the agent by about 1.6 MB per VM within two hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_nobody_waits_for_do_not_pile_up() {
+    let size = 8 * MIB;
+    let vm = start_vm(vec![DiskSpec::new("disk0", DiskFormat::Qcow2, size)], "ev");
+    let live = live_client(&vm, "disk0").await;
+    let mut cap = VmCapture::open(config(&vm, "ev")).await.expect("open");
+    let mut replica = Replica::new(&[size]);
+    let mut counts = Vec::new();
+    for i in 0..6u64 {
+        write_region(&live, i * MIB, 4, i as u8 + 1).await;
+        let mode = if i == 0 {
+            CycleMode::Full
+        } else {
+            CycleMode::Incremental
+        };
+        let mut c = cap.begin_cycle(mode).await.expect("begin");
+        replica.apply_cycle(&mut c).await;
+        c.commit().await.expect("commit");
+        counts.push(cap.qmp().buffered_events());
+    }
+    // every cycle's teardown deletes the job and the export it waited for, so at most the
+    // events QEMU sent after that (the commit's last command) are still buffered
+    assert!(
+        counts.iter().all(|&n| n <= 2),
+        "QMP events buffered after each of 6 cycles: {counts:?}"
+    );
+    assert!(
+        replica.disks[0] == read_all(&live).await,
+        "the replica differs from the disk"
+    );
+}
+
 fn counter_max(disk: &[u8]) -> u64 {
     (0..16)
         .map(|b| {
