@@ -13,7 +13,9 @@ use vmr_proto::api::{AgentConfig, AllowEntry};
 use crate::db::Db;
 use crate::errors::AgentError;
 use crate::events::EventLog;
+use crate::heap::DataActivity;
 use crate::pace::AgentPace;
+use crate::slots::CycleSlots;
 use crate::telemetry::Telemetry;
 use crate::witness::Witness;
 use vmr_proto::lease::{LeaseEntry, WitnessRequest, WitnessResponse};
@@ -36,7 +38,10 @@ pub struct Host {
     /// Replica stores by storage directory.
     stores: Mutex<BTreeMap<PathBuf, vmr_store::Store>>,
     /// Limits how many cycles run at once.
-    pub cycle_slots: Arc<tokio::sync::Semaphore>,
+    pub cycle_slots: CycleSlots,
+    /// The data path's running work (cycle slots held, incoming cycles); the heap's free
+    /// memory is given back when it ends.
+    pub activity: DataActivity,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// The event log (and its sinks).
@@ -67,10 +72,12 @@ impl Host {
         let witness = Witness::restore(db.leases()?);
         let events = EventLog::open(&dir.join("state.db"), &config.name, &config.events)?;
         let pace = Arc::new(AgentPace::new(config.bandwidth.clone(), config.time_zone));
+        let activity = DataActivity::default();
         Ok(Host {
             dir,
             // At least 1: `load_config` refuses 0.
-            cycle_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_cycles)),
+            cycle_slots: CycleSlots::new(config.max_concurrent_cycles, activity.clone()),
+            activity,
             config,
             identity,
             db: Mutex::new(db),

@@ -5,10 +5,10 @@
 //! record, its decision machine and its capture session or store. Decisions are made by
 //! `vmr-core`'s machines; this crate carries them out.
 //!
-//! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `db` →
-//! `sinks` → `events` → `errors` → `telemetry` → `config`, `launch`, `lock`, `host` → `owned`,
-//! `cycle` → `resync`, `export` → `replica` → `primary` → `failover` → `autofail` → `vm` → `server`,
-//! `control`, `http` → `dashboard` → this file.
+//! Layers, lowest first (a module imports only modules below it): `exit`, `util`, `heap` →
+//! `slots`, `db` → `sinks` → `events` → `errors` → `telemetry` → `config`, `launch`, `lock`,
+//! `host` → `owned`, `cycle` → `resync`, `export` → `replica` → `primary` → `failover` →
+//! `autofail` → `vm` → `server`, `control`, `http` → `dashboard` → this file.
 //!
 //! Architecture Invariant: a VM's record is written only by its owner task, and every
 //! `Persist` action is written to SQLite before the next cycle starts.
@@ -28,6 +28,7 @@ mod extended;
 mod failover;
 mod groups;
 mod guestnet;
+mod heap;
 mod host;
 mod http;
 mod imaged;
@@ -43,6 +44,7 @@ mod resync;
 mod server;
 mod shutdown;
 mod sinks;
+mod slots;
 pub mod telemetry;
 pub mod util;
 mod verify;
@@ -64,26 +66,6 @@ use crate::vm::{Command, Registry};
 /// out (`docs/auto-failover.md`).
 pub fn run_fence_watchdog(qmp: &str, power_off: bool) -> Result<(), AgentError> {
     autofail::run_fence_watchdog(qmp, power_off)
-}
-
-/// The agent's data path allocates a buffer per extent (up to 4 MiB: NBD reads, the received
-/// extents, TLS records) and frees it once the extent is sent or written. With glibc's default
-/// (dynamic) thresholds such buffers were mapped, or the heap's top trimmed, after each one, so
-/// every byte of the next one was faulted in and zeroed again: 4-5 % of the agents' CPU in
-/// an initial copy. Serve buffers up to 16 MiB from the heap and give freed memory back only
-/// beyond 64 MiB at the top of an arena; at most 4 arenas (2 per core), so that memory one
-/// thread freed is found by the next thread's buffer instead of each thread keeping its own
-/// (the agent's peak RSS with 100 VMs, BENCHMARKS.md row 7: 89 MB before, 98 MB with the
-/// thresholds alone, 94 MB with the arena limit too).
-#[allow(unsafe_code)]
-fn keep_buffers_mapped() {
-    // SAFETY: `mallopt` only sets allocator parameters; called before the runtime's threads
-    // exist.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 4);
-    }
 }
 
 /// Run the agent until SIGINT/SIGTERM.
@@ -109,7 +91,7 @@ pub fn run_blocking(dir: &Path) -> Result<(), AgentError> {
     } else {
         fmt.init();
     }
-    keep_buffers_mapped();
+    heap::keep_buffers_mapped();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -528,7 +528,7 @@ impl PrimarySide {
                     Err(f) => Outcome::Failed(f),
                 },
                 Some(c) => {
-                    let permit = ctx.host.cycle_slots.clone().acquire_owned().await;
+                    let permit = ctx.host.cycle_slots.acquire().await;
                     let o = tokio::select! {
                         o = run_cycle(&ctx, &mut session, c) => o,
                         _ = token.cancelled() => Outcome::Cancelled,

@@ -186,6 +186,8 @@ impl Handler for PeerHandler {
         let h = self.vm(vm)?;
         // The extended relationship yields to this cycle until it ends (owned.rs `Incoming`).
         let _busy = h.incoming.busy();
+        // Running data-path work until it ends (heap.rs: then the heap's free memory goes back).
+        let _data = self.host.activity.busy();
         let (mut writer, cancel) = h
             .ask_peer(|r| Command::BeginCycle(peer.clone(), Box::new(header), r))
             .await?;
