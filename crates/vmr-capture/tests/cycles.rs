@@ -155,12 +155,7 @@ async fn events_nobody_waits_for_do_not_pile_up() {
     let mut counts = Vec::new();
     for i in 0..6u64 {
         write_region(&live, i * MIB, 4, i as u8 + 1).await;
-        let mode = if i == 0 {
-            CycleMode::Full
-        } else {
-            CycleMode::Incremental
-        };
-        let mut c = cap.begin_cycle(mode).await.expect("begin");
+        let mut c = cap.begin_cycle(nth_mode(i)).await.expect("begin");
         replica.apply_cycle(&mut c).await;
         c.commit().await.expect("commit");
         counts.push(cap.qmp().buffered_events());
@@ -175,6 +170,15 @@ async fn events_nobody_waits_for_do_not_pile_up() {
         replica.disks[0] == read_all(&live).await,
         "the replica differs from the disk"
     );
+}
+
+/// The first cycle of a run is the full one, the others incremental.
+fn nth_mode(i: u64) -> CycleMode {
+    if i == 0 {
+        CycleMode::Full
+    } else {
+        CycleMode::Incremental
+    }
 }
 
 fn counter_max(disk: &[u8]) -> u64 {
@@ -217,12 +221,7 @@ async fn two_disks_are_cut_at_one_instant() {
     let mut replica = Replica::new(&[size, size]);
     let mut last = 0;
     for i in 0..6 {
-        let mode = if i == 0 {
-            CycleMode::Full
-        } else {
-            CycleMode::Incremental
-        };
-        let mut c = cap.begin_cycle(mode).await.expect("begin");
+        let mut c = cap.begin_cycle(nth_mode(i)).await.expect("begin");
         replica.apply_cycle(&mut c).await;
         c.commit().await.expect("commit");
         let (c0, c1) = (
