@@ -1,12 +1,21 @@
-//! Bounded pipelining of NBD writes: at most [`MAX_IN_FLIGHT`] requests and
-//! [`MAX_BYTES_IN_FLIGHT`] payload bytes outstanding, whatever the size of the delta.
+//! Bounded pipelining of NBD writes: per pipeline (one cycle's layer writer) at most
+//! [`MAX_IN_FLIGHT`] requests and [`MAX_BYTES_IN_FLIGHT`] payload bytes outstanding, whatever
+//! the size of the delta; and over every pipeline of the process (the agent: the host) at most
+//! [`HOST_BYTES_IN_FLIGHT`] payload bytes, whatever the number of cycles being received.
+//!
+//! Each write runs as a task of its own that holds its share of the host's budget until the
+//! server answered: it goes out at once and gives its share back without its pipeline being
+//! polled, so a cycle waiting for data from its primary never holds another cycle up.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vmr_nbd::NbdClient;
 
 use crate::error::StoreError;
@@ -15,20 +24,120 @@ use crate::error::StoreError;
 pub(crate) const MAX_IN_FLIGHT: usize = 32;
 /// Payload bytes outstanding at once.
 pub(crate) const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// Payload bytes outstanding at once over every pipeline of the process: one cycle alone
+/// gets as much as [`MAX_BYTES_IN_FLIGHT`]; eight at once (`max-concurrent-cycles`) share it
+/// instead of holding eight times as much.
+pub(crate) const HOST_BYTES_IN_FLIGHT: u64 = 64 << 20;
+
+/// Payload bytes that pipelines may have outstanding together.
+pub(crate) struct Budget {
+    sem: Arc<Semaphore>,
+    total: u64,
+    /// Bytes of writes sent and not yet answered, and the most there ever were: what the
+    /// budget bounds, counted apart from the semaphore.
+    in_flight: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Budget {
+    pub(crate) fn new(total: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            sem: Arc::new(Semaphore::new(total as usize)),
+            total,
+            in_flight: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        })
+    }
+
+    /// Take `n` bytes of the budget (all of it for a write larger than the budget), waiting
+    /// until outstanding writes gave enough back.
+    async fn take(self: &Arc<Budget>, n: u64) -> Result<Held, StoreError> {
+        let want = u32::try_from(n.min(self.total)).unwrap_or(u32::MAX);
+        // The semaphore is never closed.
+        let permit = self
+            .sem
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .map_err(|_| StoreError::WriterClosed)?;
+        let now = self.in_flight.fetch_add(n, Ordering::SeqCst) + n;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        Ok(Held {
+            budget: self.clone(),
+            n,
+            _permit: permit,
+        })
+    }
+
+    /// The most payload bytes ever outstanding together under this budget.
+    #[cfg(test)]
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// Payload bytes outstanding now.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// The process's budget, shared by every store and cycle.
+static HOST: LazyLock<Arc<Budget>> = LazyLock::new(|| Budget::new(HOST_BYTES_IN_FLIGHT));
+
+/// A write's share of the budget, given back when the write ends (answered, failed or
+/// aborted).
+struct Held {
+    budget: Arc<Budget>,
+    n: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.in_flight.fetch_sub(self.n, Ordering::SeqCst);
+    }
+}
+
+/// A spawned write, aborted when its pipeline is dropped before it ended.
+struct Spawned(tokio::task::JoinHandle<Result<(), StoreError>>);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 type Pending = Pin<Box<dyn Future<Output = (u64, Result<(), StoreError>)> + Send>>;
 
 /// A window of outstanding writes.
-#[derive(Default)]
 pub(crate) struct Pipeline {
     pending: FuturesUnordered<Pending>,
     bytes: u64,
+    budget: Arc<Budget>,
     /// Ranges written since the last full drain, per disk: `(disk, start) -> end`. Kept
     /// disjoint, so that overlapping extents of one cycle land in arrival order.
     ranges: std::collections::BTreeMap<(u32, u64), u64>,
 }
 
+impl Default for Pipeline {
+    /// A pipeline under the process's budget.
+    fn default() -> Pipeline {
+        Pipeline::with_budget(HOST.clone())
+    }
+}
+
 impl Pipeline {
+    /// A pipeline under `budget` (tests: a budget of their own).
+    pub(crate) fn with_budget(budget: Arc<Budget>) -> Pipeline {
+        Pipeline {
+            pending: FuturesUnordered::new(),
+            bytes: 0,
+            budget,
+            ranges: Default::default(),
+        }
+    }
+
     /// Declare the next extent's range; waits for every outstanding write first when it
     /// overlaps one issued since the last drain (later extents must win).
     pub(crate) async fn order(
@@ -85,17 +194,26 @@ impl Pipeline {
             let n = (data.len() - pos).min(chunk as usize);
             let piece = data.slice(pos..pos + n);
             self.make_room(n as u64).await?;
+            let held = self.budget.take(n as u64).await?;
             let c = client.clone();
             let what = what.to_owned();
             let off = offset + pos as u64;
             self.bytes += n as u64;
+            let task = Spawned(tokio::spawn(async move {
+                let r = c
+                    .write(off, piece, false)
+                    .await
+                    .map_err(|e| StoreError::nbd(what, e));
+                drop(held);
+                r
+            }));
             self.pending.push(Box::pin(async move {
-                (
-                    n as u64,
-                    c.write(off, piece, false)
-                        .await
-                        .map_err(|e| StoreError::nbd(what, e)),
-                )
+                let mut task = task;
+                let r = match (&mut task.0).await {
+                    Ok(r) => r,
+                    Err(e) => Err(StoreError::Background(e)),
+                };
+                (n as u64, r)
             }));
             pos += n;
         }
@@ -150,5 +268,124 @@ impl Pipeline {
             }
         }
         first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::daemon::Daemon;
+
+    const MIB: u64 = 1 << 20;
+
+    fn image(dir: &Path, name: &str, size: u64) {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", name, &size.to_string()])
+            .current_dir(dir)
+            .output()
+            .expect("run qemu-img");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn piece(seed: u8) -> Bytes {
+        Bytes::from(
+            (0..4 * MIB as usize)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect::<Vec<u8>>(),
+        )
+    }
+
+    /// Two cycles' pipelines writing at once stay within the budget they share (each alone
+    /// may hold up to MAX_BYTES_IN_FLIGHT), every write lands, and the budget is whole again
+    /// once they drained.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelines_share_one_budget_for_the_bytes_in_flight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        image(d, "a.qcow2", 64 * MIB);
+        image(d, "b.qcow2", 64 * MIB);
+        let qsd = Arc::new(Daemon::new(d));
+        let xa = qsd.export(&d.join("a.qcow2")).await.expect("export a");
+        let xb = qsd.export(&d.join("b.qcow2")).await.expect("export b");
+        let budget = Budget::new(16 * MIB);
+        let run = |x: &crate::daemon::DaemonExport, seed: u8| {
+            let client = x.client.clone();
+            let budget = budget.clone();
+            // Made before the first write, so that the writes are queued faster than the
+            // daemon answers them.
+            let data = piece(seed);
+            async move {
+                let mut pipe = Pipeline::with_budget(budget);
+                for i in 0..12u64 {
+                    pipe.order(0, i * 4 * MIB, 4 * MIB).await?;
+                    pipe.write(&client, "layer", i * 4 * MIB, data.clone(), 4 * MIB)
+                        .await?;
+                }
+                pipe.drain().await
+            }
+        };
+        let (ra, rb) = tokio::join!(run(&xa, 1), run(&xb, 2));
+        ra.expect("pipeline a");
+        rb.expect("pipeline b");
+        assert!(
+            budget.peak() <= 16 * MIB,
+            "{} MiB were in flight at once under a 16 MiB budget",
+            budget.peak() / MIB
+        );
+        assert!(budget.peak() >= 4 * MIB, "nothing was ever in flight");
+        assert_eq!(budget.in_flight(), 0);
+        for (x, seed) in [(&xa, 1u8), (&xb, 2u8)] {
+            for i in [0u64, 5, 11] {
+                let got = x
+                    .client
+                    .read(i * 4 * MIB, 4 * MIB as u32)
+                    .await
+                    .expect("read back");
+                assert!(got == piece(seed), "piece {i} of image {seed} differs");
+            }
+        }
+        qsd.finish(xa).await.expect("finish a");
+        qsd.finish(xb).await.expect("finish b");
+        qsd.stop();
+    }
+
+    /// A pipeline dropped with writes outstanding (a cycle aborted mid-stream) gives its share
+    /// of the budget back: the next cycle is not held up by it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_pipeline_gives_its_share_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        image(d, "a.qcow2", 64 * MIB);
+        let qsd = Arc::new(Daemon::new(d));
+        let x = qsd.export(&d.join("a.qcow2")).await.expect("export");
+        let budget = Budget::new(16 * MIB);
+        let mut pipe = Pipeline::with_budget(budget.clone());
+        let data = piece(3);
+        for i in 0..4u64 {
+            pipe.write(&x.client, "layer", i * 4 * MIB, data.clone(), 4 * MIB)
+                .await
+                .expect("queue");
+        }
+        assert!(budget.in_flight() > 0, "nothing outstanding to give back");
+        drop(pipe);
+        let t = Instant::now();
+        while budget.in_flight() > 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{} bytes of a dropped pipeline still held",
+                budget.in_flight()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut next = Pipeline::with_budget(budget.clone());
+        next.write(&x.client, "layer", 0, piece(4), 4 * MIB)
+            .await
+            .expect("write");
+        next.drain().await.expect("drain");
+        qsd.finish(x).await.expect("finish");
+        qsd.stop();
     }
 }
