@@ -8,12 +8,20 @@
 //! a request the VM's own QEMU serves.
 //!
 //! Memory is bounded by `max_in_flight × PIECE_SIZE` plus one block-status window's extent list,
-//! however large the delta.
+//! however large the delta; and over every cycle of the process (the agent: the host) by
+//! [`HOST_READ_BUDGET`]: each read takes its share of that budget before it goes out, and the
+//! share travels with the data it read (the extent's `Bytes` own it) until the last copy of
+//! that data is dropped, once it was sent. So the data read and not yet sent by eight cycles at
+//! once is bounded as one cycle's is, not eight times as much.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use vmr_nbd::{NbdClient, ReadChunk, StatusExtent};
 use vmr_proto::{Extent, ExtentData};
@@ -30,6 +38,126 @@ const TRIM_IN_FLIGHT: usize = 8;
 const TRIM_BATCH_PIECES: u32 = 32;
 /// ...or this much disk span, whichever comes first.
 const TRIM_BATCH_SPAN: u64 = 256 << 20;
+
+/// Bytes of data read that the cycles of the process may hold at once, from the NBD read until
+/// the data was sent. One cycle alone holds at most about 68 MiB (its reads in flight, the
+/// extents queued for the sender, the body queued ahead of HTTP/2), so it never waits for the
+/// budget; cycles running at once share it.
+pub const HOST_READ_BUDGET: u64 = 96 << 20;
+
+/// Bytes of read data that cycles may hold together.
+pub(crate) struct ReadBudget {
+    sem: Arc<Semaphore>,
+    total: u64,
+    /// Bytes held now and the most ever held together, counted apart from the semaphore.
+    held: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl ReadBudget {
+    pub(crate) fn new(total: u64) -> Arc<ReadBudget> {
+        Arc::new(ReadBudget {
+            sem: Arc::new(Semaphore::new(total as usize)),
+            total,
+            held: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        })
+    }
+
+    fn permits(&self, n: u64) -> u32 {
+        u32::try_from(n.min(self.total)).unwrap_or(u32::MAX)
+    }
+
+    fn share(self: &Arc<ReadBudget>, n: u64, permit: OwnedSemaphorePermit) -> Share {
+        let now = self.held.fetch_add(n, Ordering::SeqCst) + n;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        Share {
+            budget: self.clone(),
+            n,
+            permit: Some(permit),
+        }
+    }
+
+    /// `n` bytes of the budget, waiting for them; `None` only if the semaphore were closed
+    /// (it never is), and the read then goes out unbudgeted.
+    async fn take(self: &Arc<ReadBudget>, n: u64) -> Option<Share> {
+        let permit = self
+            .sem
+            .clone()
+            .acquire_many_owned(self.permits(n))
+            .await
+            .ok()?;
+        Some(self.share(n, permit))
+    }
+
+    /// `n` bytes of the budget if they are free now.
+    fn try_take(self: &Arc<ReadBudget>, n: u64) -> Option<Share> {
+        let permit = self
+            .sem
+            .clone()
+            .try_acquire_many_owned(self.permits(n))
+            .ok()?;
+        Some(self.share(n, permit))
+    }
+
+    /// The most bytes ever held together under this budget.
+    #[cfg(test)]
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+/// The process's budget, shared by every capture (QMP and libvirt VMs alike).
+static HOST: LazyLock<Arc<ReadBudget>> = LazyLock::new(|| ReadBudget::new(HOST_READ_BUDGET));
+
+/// A read's share of the budget; given back when dropped.
+struct Share {
+    budget: Arc<ReadBudget>,
+    n: u64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Share {
+    /// `k` bytes of this share as a share of their own.
+    fn split(&mut self, k: u64) -> Option<Share> {
+        let k = k.min(self.n);
+        let part = self
+            .permit
+            .as_mut()?
+            .split(self.budget.permits(k) as usize)?;
+        self.n -= k;
+        Some(Share {
+            budget: self.budget.clone(),
+            n: k,
+            permit: Some(part),
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.n, Ordering::SeqCst);
+    }
+}
+
+/// Read data that owns its share of the budget: the share is given back when the last slice
+/// of the data is dropped.
+struct Leased {
+    data: Bytes,
+    _share: Share,
+}
+
+impl AsRef<[u8]> for Leased {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
 
 /// Which ranges of a disk a cycle reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +229,31 @@ impl DiskCursor {
 
 type Pending = BoxFuture<'static, Result<Vec<Extent>, CaptureError>>;
 
+/// The next piece of a disk to read or to hand out as zeros.
+struct Planned {
+    client: NbdClient,
+    disk: u32,
+    class: Class,
+    offset: u64,
+    len: u64,
+}
+
+impl Planned {
+    fn start(self, share: Option<Share>) -> Pending {
+        let Planned {
+            client,
+            disk,
+            class,
+            offset,
+            len,
+        } = self;
+        match class {
+            Class::Read => Box::pin(read_piece(client, disk, offset, len as u32, share)),
+            _ => Box::pin(zero_piece(client, disk, offset, len)),
+        }
+    }
+}
+
 /// Ordered, bounded, pipelined extent reader over all disks of a cycle.
 pub(crate) struct Pipeline {
     disks: Vec<DiskCursor>,
@@ -110,10 +263,20 @@ pub(crate) struct Pipeline {
     max_in_flight: usize,
     bytes_read: u64,
     finished: bool,
+    budget: Arc<ReadBudget>,
 }
 
 impl Pipeline {
+    /// A pipeline under the process's budget.
     pub fn new(disks: Vec<DiskSource>, max_in_flight: usize) -> Pipeline {
+        Pipeline::with_budget(disks, max_in_flight, HOST.clone())
+    }
+
+    pub(crate) fn with_budget(
+        disks: Vec<DiskSource>,
+        max_in_flight: usize,
+        budget: Arc<ReadBudget>,
+    ) -> Pipeline {
         Pipeline {
             disks: disks
                 .into_iter()
@@ -132,6 +295,7 @@ impl Pipeline {
             max_in_flight: max_in_flight.max(1),
             bytes_read: 0,
             finished: false,
+            budget,
         }
     }
 
@@ -171,10 +335,30 @@ impl Pipeline {
                 return Ok(None);
             }
             while self.inflight.len() < self.max_in_flight {
-                match self.plan_next().await? {
-                    Some(f) => self.inflight.push_back(f),
-                    None => break,
-                }
+                let Some(p) = self.plan_next().await? else {
+                    break;
+                };
+                // Shares are taken in order. With reads in flight, a share that is not free
+                // now waits until they were handed out (waiting for it instead could wait on
+                // data of this cycle that only its own completed reads would give back);
+                // with none, what holds the budget is data on its way out, which drains by
+                // itself.
+                let share = if p.class != Class::Read {
+                    None
+                } else if self.inflight.is_empty() {
+                    self.budget.take(p.len).await
+                } else {
+                    match self.budget.try_take(p.len) {
+                        Some(share) => Some(share),
+                        None => {
+                            if let Some(d) = self.disks.get_mut(self.current) {
+                                d.planned.push_front((p.class, p.offset, p.len));
+                            }
+                            break;
+                        }
+                    }
+                };
+                self.inflight.push_back(p.start(share));
             }
             match self.inflight.next().await {
                 Some(r) => self.ready.extend(r?),
@@ -184,7 +368,7 @@ impl Pipeline {
     }
 
     /// The next piece of work, in order; `None` when all disks are planned.
-    async fn plan_next(&mut self) -> Result<Option<Pending>, CaptureError> {
+    async fn plan_next(&mut self) -> Result<Option<Planned>, CaptureError> {
         loop {
             let Some(d) = self.disks.get_mut(self.current) else {
                 return Ok(None);
@@ -197,11 +381,12 @@ impl Pipeline {
                 if piece < len {
                     d.planned.push_front((class, off + piece, len - piece));
                 }
-                let client = d.src.client.clone();
-                let disk = d.src.index;
-                return Ok(Some(match class {
-                    Class::Read => Box::pin(read_piece(client, disk, off, piece as u32)),
-                    _ => Box::pin(zero_piece(client, disk, off, piece)),
+                return Ok(Some(Planned {
+                    client: d.src.client.clone(),
+                    disk: d.src.index,
+                    class,
+                    offset: off,
+                    len: piece,
                 }));
             }
             if d.status_pos >= d.src.size {
@@ -253,10 +438,23 @@ async fn read_piece(
     disk: u32,
     offset: u64,
     len: u32,
+    mut share: Option<Share>,
 ) -> Result<Vec<Extent>, CaptureError> {
     let chunks = client.read_chunks(offset, len).await?;
     // Trimmed in batches once handed out (`DiskCursor::trim_read`).
-    chunks_to_extents(disk, offset, len, chunks)
+    let mut extents = chunks_to_extents(disk, offset, len, chunks)?;
+    // Each piece of data carries its part of the share; holes give theirs back now.
+    if let Some(share) = share.as_mut() {
+        for e in &mut extents {
+            if let ExtentData::Data(b) = &mut e.data
+                && let Some(part) = share.split(b.len() as u64)
+            {
+                let data = std::mem::take(b);
+                *b = Bytes::from_owner(Leased { data, _share: part });
+            }
+        }
+    }
+    Ok(extents)
 }
 
 async fn zero_piece(
@@ -390,7 +588,106 @@ pub(crate) fn spawn_trim_unread(src: &DiskSource) -> JoinHandle<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use std::time::Duration;
+    use vmr_nbd::ConnectOptions;
+    use vmr_testkit::qsd::{DiskFormat, DiskSpec, QsdVm};
+
+    const MIB: u64 = 1 << 20;
+
+    /// Two cycles read at once while what they handed out is still on its way (dropped a
+    /// little later, as a sender does once the data went out): together they hold no more
+    /// than the budget they share (each alone may hold its reads in flight and its queue),
+    /// every byte arrives intact, and the budget is whole again once the data is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cycles_share_one_budget_for_the_data_they_read() {
+        let size = 32 * MIB;
+        let vm = QsdVm::start(
+            vec![
+                DiskSpec::new("d0", DiskFormat::Qcow2, size),
+                DiskSpec::new("d1", DiskFormat::Qcow2, size),
+            ],
+            Some("nbd.sock"),
+        )
+        .expect("start qsd");
+        let sock = vm.nbd_socket().expect("nbd socket").to_owned();
+        let connect = |node: &str| {
+            let opts = ConnectOptions {
+                export: node.to_owned(),
+                meta_contexts: vec!["base:allocation".to_owned()],
+                ..ConnectOptions::default()
+            };
+            let sock = sock.clone();
+            async move {
+                NbdClient::connect(&crate::Endpoint::Unix(sock), opts)
+                    .await
+                    .expect("connect")
+            }
+        };
+        let images: Vec<Vec<u8>> = (0..2u8)
+            .map(|seed| {
+                (0..size as usize)
+                    .map(|i| (i as u8).wrapping_mul(7) ^ seed ^ ((i >> 16) as u8))
+                    .collect()
+            })
+            .collect();
+        for (i, img) in images.iter().enumerate() {
+            let c = connect(&format!("d{i}")).await;
+            for (n, piece) in img.chunks(4 * MIB as usize).enumerate() {
+                c.write((n as u64) * 4 * MIB, Bytes::copy_from_slice(piece), false)
+                    .await
+                    .expect("write");
+            }
+            c.flush().await.expect("flush");
+        }
+        let budget = ReadBudget::new(16 * MIB);
+        let mut runs = Vec::new();
+        for i in 0..2u32 {
+            let client = connect(&format!("d{i}")).await;
+            let budget = budget.clone();
+            runs.push(tokio::spawn(async move {
+                let src = DiskSource {
+                    index: i,
+                    client,
+                    context: "base:allocation".to_owned(),
+                    want: Want::Allocated,
+                    size,
+                    trim: false,
+                };
+                let mut pipe = Pipeline::with_budget(vec![src], 8, budget);
+                let mut image = vec![0u8; size as usize];
+                let mut sending = Vec::new();
+                while let Some(e) = pipe.next().await.expect("next") {
+                    if let ExtentData::Data(b) = &e.data {
+                        let at = e.offset as usize;
+                        image[at..at + b.len()].copy_from_slice(b);
+                    }
+                    sending.push(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        drop(e);
+                    }));
+                }
+                for s in sending {
+                    s.await.expect("sent");
+                }
+                image
+            }));
+        }
+        for (i, r) in runs.into_iter().enumerate() {
+            let image = r.await.expect("run");
+            assert!(image == images[i], "disk {i} read differs");
+        }
+        assert!(
+            budget.peak() <= 16 * MIB,
+            "{} MiB of read data held at once under a 16 MiB budget",
+            budget.peak() / MIB
+        );
+        assert!(budget.peak() >= 4 * MIB, "no read was ever budgeted");
+        assert_eq!(
+            budget.held(),
+            0,
+            "shares still held after the data was dropped"
+        );
+    }
 
     #[test]
     fn chunks_cover_exactly() {
