@@ -1711,7 +1711,7 @@ pub fn scale(ctx: &Ctx) -> Outcome {
         &format!("Scale: {n} stand-in VMs at 30 s from one agent"),
         goal(7),
     );
-    let r = scale_run(ctx, &mut o, n);
+    let r = scale_run(ctx, &mut o, n).and_then(|()| burst_run(ctx, &mut o));
     finish(o, r)
 }
 
@@ -1857,6 +1857,73 @@ fn scale_run(ctx: &Ctx, o: &mut Outcome, n: usize) -> anyhow::Result<()> {
     } else {
         Verdict::Miss(misses.join("; "))
     };
+    drop(vms);
+    let mut pair = pair;
+    let _ = pair.stop();
+    remove_dir(pair.root.path());
+    Ok(())
+}
+
+/// Scenario 7's second part, not judged: a burst of initial copies (large cycles, every one
+/// at once up to `max-concurrent-cycles`) on fresh agents, for the agents' peak memory, which
+/// the budgets for data in flight bound per host (`vmr-capture` `HOST_READ_BUDGET`,
+/// `vmr-store` `HOST_BYTES_IN_FLIGHT`).
+fn burst_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
+    let (n, vsize, data) = if ctx.quick {
+        (4usize, GIB, 256 * MIB)
+    } else {
+        (8, 2 * GIB, GIB)
+    };
+    o.method.push_str(&format!(
+        " Then, not judged, a burst: {n} fresh stand-in VMs, each a copy of one {} qcow2 holding \
+         {} of incompressible data, enabled at once on fresh agents (every initial copy runs \
+         at the same time); peak RSS (VmHWM) of both agents over that burst.",
+        size(vsize),
+        size(data)
+    ));
+    let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s7-burst"))?)?;
+    let src = make_source(ctx, &pair, "bench-s7-burst-src", vsize, data, 77)?;
+    let mut vms = Vec::new();
+    for i in 0..n {
+        let name = format!("bench-s7-burst-{i}");
+        let vmdir = pair.root.path().join(&name);
+        std::fs::create_dir_all(&vmdir)?;
+        let img = vmdir.join("disk0.qcow2");
+        copy_sparse(&src, &img)?;
+        let mut spec = StandInDisk::new("disk0", 0);
+        spec.existing = Some(img);
+        let vm = StandIn::start_in(&vmdir, &pair.a.dir, &name, &[spec])?;
+        vm.register(&pair.a)?;
+        vms.push(vm);
+    }
+    std::fs::remove_file(&src)?;
+    settle();
+    let t = vmr_testkit::harness::epoch_ms();
+    let t0 = Instant::now();
+    for vm in &vms {
+        enable(&pair, &vm.def.name, "60m", 0)?;
+    }
+    for vm in &vms {
+        pair.b
+            .wait_cycle_recorded(&vm.def.name, 1, Duration::from_secs(1800), t)?;
+    }
+    let took = t0.elapsed().as_secs_f64();
+    let (rss_a, rss_b) = (peak_rss(pair.a.pid())?, peak_rss(pair.b.pid())?);
+    let mut errors = 0;
+    for vm in &vms {
+        errors += pair.a.status(&vm.def.name)?.stats.errors;
+    }
+    o.detail(
+        format!(
+            "burst, not judged: {n} initial copies of {} at once (enable → all applied; failed attempts)",
+            size(data)
+        ),
+        format!("{}; {errors}", secs(took)),
+    );
+    o.detail(
+        "burst: peak RSS, primary agent / replica agent",
+        format!("{:.0} MB / {:.0} MB", rss_a as f64 / MB, rss_b as f64 / MB),
+    );
     drop(vms);
     let mut pair = pair;
     let _ = pair.stop();
