@@ -15,15 +15,12 @@
 //! once is bounded as one cycle's is, not eight times as much.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use vmr_nbd::{NbdClient, ReadChunk, StatusExtent};
+use vmr_nbd::{ByteBudget, NbdClient, ReadChunk, Share, StatusExtent};
 use vmr_proto::{Extent, ExtentData};
 
 use crate::{CaptureError, PIECE_SIZE, ReadFault};
@@ -45,119 +42,8 @@ const TRIM_BATCH_SPAN: u64 = 256 << 20;
 /// budget; cycles running at once share it.
 pub const HOST_READ_BUDGET: u64 = 96 << 20;
 
-/// Bytes of read data that cycles may hold together.
-pub(crate) struct ReadBudget {
-    sem: Arc<Semaphore>,
-    total: u64,
-    /// Bytes held now and the most ever held together, counted apart from the semaphore.
-    held: AtomicU64,
-    peak: AtomicU64,
-}
-
-impl ReadBudget {
-    pub(crate) fn new(total: u64) -> Arc<ReadBudget> {
-        Arc::new(ReadBudget {
-            sem: Arc::new(Semaphore::new(total as usize)),
-            total,
-            held: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
-        })
-    }
-
-    fn permits(&self, n: u64) -> u32 {
-        u32::try_from(n.min(self.total)).unwrap_or(u32::MAX)
-    }
-
-    fn share(self: &Arc<ReadBudget>, n: u64, permit: OwnedSemaphorePermit) -> Share {
-        let now = self.held.fetch_add(n, Ordering::SeqCst) + n;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        Share {
-            budget: self.clone(),
-            n,
-            permit: Some(permit),
-        }
-    }
-
-    /// `n` bytes of the budget, waiting for them; `None` only if the semaphore were closed
-    /// (it never is), and the read then goes out unbudgeted.
-    async fn take(self: &Arc<ReadBudget>, n: u64) -> Option<Share> {
-        let permit = self
-            .sem
-            .clone()
-            .acquire_many_owned(self.permits(n))
-            .await
-            .ok()?;
-        Some(self.share(n, permit))
-    }
-
-    /// `n` bytes of the budget if they are free now.
-    fn try_take(self: &Arc<ReadBudget>, n: u64) -> Option<Share> {
-        let permit = self
-            .sem
-            .clone()
-            .try_acquire_many_owned(self.permits(n))
-            .ok()?;
-        Some(self.share(n, permit))
-    }
-
-    /// The most bytes ever held together under this budget.
-    #[cfg(test)]
-    pub(crate) fn peak(&self) -> u64 {
-        self.peak.load(Ordering::SeqCst)
-    }
-
-    /// Bytes held now.
-    #[cfg(test)]
-    pub(crate) fn held(&self) -> u64 {
-        self.held.load(Ordering::SeqCst)
-    }
-}
-
 /// The process's budget, shared by every capture (QMP and libvirt VMs alike).
-static HOST: LazyLock<Arc<ReadBudget>> = LazyLock::new(|| ReadBudget::new(HOST_READ_BUDGET));
-
-/// A read's share of the budget; given back when dropped.
-struct Share {
-    budget: Arc<ReadBudget>,
-    n: u64,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Share {
-    /// `k` bytes of this share as a share of their own.
-    fn split(&mut self, k: u64) -> Option<Share> {
-        let k = k.min(self.n);
-        let part = self
-            .permit
-            .as_mut()?
-            .split(self.budget.permits(k) as usize)?;
-        self.n -= k;
-        Some(Share {
-            budget: self.budget.clone(),
-            n: k,
-            permit: Some(part),
-        })
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.n, Ordering::SeqCst);
-    }
-}
-
-/// Read data that owns its share of the budget: the share is given back when the last slice
-/// of the data is dropped.
-struct Leased {
-    data: Bytes,
-    _share: Share,
-}
-
-impl AsRef<[u8]> for Leased {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
+static HOST: LazyLock<Arc<ByteBudget>> = LazyLock::new(|| ByteBudget::new(HOST_READ_BUDGET));
 
 /// Which ranges of a disk a cycle reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +149,7 @@ pub(crate) struct Pipeline {
     max_in_flight: usize,
     bytes_read: u64,
     finished: bool,
-    budget: Arc<ReadBudget>,
+    budget: Arc<ByteBudget>,
 }
 
 impl Pipeline {
@@ -275,7 +161,7 @@ impl Pipeline {
     pub(crate) fn with_budget(
         disks: Vec<DiskSource>,
         max_in_flight: usize,
-        budget: Arc<ReadBudget>,
+        budget: Arc<ByteBudget>,
     ) -> Pipeline {
         Pipeline {
             disks: disks
@@ -449,8 +335,7 @@ async fn read_piece(
             if let ExtentData::Data(b) = &mut e.data
                 && let Some(part) = share.split(b.len() as u64)
             {
-                let data = std::mem::take(b);
-                *b = Bytes::from_owner(Leased { data, _share: part });
+                *b = part.lease(std::mem::take(b));
             }
         }
     }
@@ -588,6 +473,7 @@ pub(crate) fn spawn_trim_unread(src: &DiskSource) -> JoinHandle<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::time::Duration;
     use vmr_nbd::ConnectOptions;
     use vmr_testkit::qsd::{DiskFormat, DiskSpec, QsdVm};
@@ -639,7 +525,7 @@ mod tests {
             }
             c.flush().await.expect("flush");
         }
-        let budget = ReadBudget::new(16 * MIB);
+        let budget = ByteBudget::new(16 * MIB);
         let mut runs = Vec::new();
         for i in 0..2u32 {
             let client = connect(&format!("d{i}")).await;

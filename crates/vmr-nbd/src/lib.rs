@@ -9,6 +9,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod budget;
 mod conn;
 mod error;
 mod handshake;
@@ -23,6 +24,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+pub use budget::{ByteBudget, Share};
 use conn::{Reply, Shared, WriterMsg};
 pub use error::{HandshakeFault, NbdError, ProtocolFault};
 pub use handshake::BlockSize;

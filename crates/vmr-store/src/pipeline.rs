@@ -9,14 +9,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use vmr_nbd::NbdClient;
+use vmr_nbd::{ByteBudget, NbdClient};
 
 use crate::error::StoreError;
 
@@ -29,75 +27,8 @@ pub(crate) const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
 /// instead of holding eight times as much.
 pub(crate) const HOST_BYTES_IN_FLIGHT: u64 = 64 << 20;
 
-/// Payload bytes that pipelines may have outstanding together.
-pub(crate) struct Budget {
-    sem: Arc<Semaphore>,
-    total: u64,
-    /// Bytes of writes sent and not yet answered, and the most there ever were: what the
-    /// budget bounds, counted apart from the semaphore.
-    in_flight: AtomicU64,
-    peak: AtomicU64,
-}
-
-impl Budget {
-    pub(crate) fn new(total: u64) -> Arc<Budget> {
-        Arc::new(Budget {
-            sem: Arc::new(Semaphore::new(total as usize)),
-            total,
-            in_flight: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
-        })
-    }
-
-    /// Take `n` bytes of the budget (all of it for a write larger than the budget), waiting
-    /// until outstanding writes gave enough back.
-    async fn take(self: &Arc<Budget>, n: u64) -> Result<Held, StoreError> {
-        let want = u32::try_from(n.min(self.total)).unwrap_or(u32::MAX);
-        // The semaphore is never closed.
-        let permit = self
-            .sem
-            .clone()
-            .acquire_many_owned(want)
-            .await
-            .map_err(|_| StoreError::WriterClosed)?;
-        let now = self.in_flight.fetch_add(n, Ordering::SeqCst) + n;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        Ok(Held {
-            budget: self.clone(),
-            n,
-            _permit: permit,
-        })
-    }
-
-    /// The most payload bytes ever outstanding together under this budget.
-    #[cfg(test)]
-    pub(crate) fn peak(&self) -> u64 {
-        self.peak.load(Ordering::SeqCst)
-    }
-
-    /// Payload bytes outstanding now.
-    #[cfg(test)]
-    pub(crate) fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-}
-
 /// The process's budget, shared by every store and cycle.
-static HOST: LazyLock<Arc<Budget>> = LazyLock::new(|| Budget::new(HOST_BYTES_IN_FLIGHT));
-
-/// A write's share of the budget, given back when the write ends (answered, failed or
-/// aborted).
-struct Held {
-    budget: Arc<Budget>,
-    n: u64,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.budget.in_flight.fetch_sub(self.n, Ordering::SeqCst);
-    }
-}
+static HOST: LazyLock<Arc<ByteBudget>> = LazyLock::new(|| ByteBudget::new(HOST_BYTES_IN_FLIGHT));
 
 /// A spawned write, aborted when its pipeline is dropped before it ended.
 struct Spawned(tokio::task::JoinHandle<Result<(), StoreError>>);
@@ -114,7 +45,7 @@ type Pending = Pin<Box<dyn Future<Output = (u64, Result<(), StoreError>)> + Send
 pub(crate) struct Pipeline {
     pending: FuturesUnordered<Pending>,
     bytes: u64,
-    budget: Arc<Budget>,
+    budget: Arc<ByteBudget>,
     /// Ranges written since the last full drain, per disk: `(disk, start) -> end`. Kept
     /// disjoint, so that overlapping extents of one cycle land in arrival order.
     ranges: std::collections::BTreeMap<(u32, u64), u64>,
@@ -129,7 +60,7 @@ impl Default for Pipeline {
 
 impl Pipeline {
     /// A pipeline under `budget` (tests: a budget of their own).
-    pub(crate) fn with_budget(budget: Arc<Budget>) -> Pipeline {
+    pub(crate) fn with_budget(budget: Arc<ByteBudget>) -> Pipeline {
         Pipeline {
             pending: FuturesUnordered::new(),
             bytes: 0,
@@ -194,7 +125,12 @@ impl Pipeline {
             let n = (data.len() - pos).min(chunk as usize);
             let piece = data.slice(pos..pos + n);
             self.make_room(n as u64).await?;
-            let held = self.budget.take(n as u64).await?;
+            // The budget's semaphore is never closed.
+            let held = self
+                .budget
+                .take(n as u64)
+                .await
+                .ok_or(StoreError::WriterClosed)?;
             let c = client.clone();
             let what = what.to_owned();
             let off = offset + pos as u64;
@@ -310,7 +246,7 @@ mod tests {
         let qsd = Arc::new(Daemon::new(d));
         let xa = qsd.export(&d.join("a.qcow2")).await.expect("export a");
         let xb = qsd.export(&d.join("b.qcow2")).await.expect("export b");
-        let budget = Budget::new(16 * MIB);
+        let budget = ByteBudget::new(16 * MIB);
         let run = |x: &crate::daemon::DaemonExport, seed: u8| {
             let client = x.client.clone();
             let budget = budget.clone();
@@ -336,7 +272,7 @@ mod tests {
             budget.peak() / MIB
         );
         assert!(budget.peak() >= 4 * MIB, "nothing was ever in flight");
-        assert_eq!(budget.in_flight(), 0);
+        assert_eq!(budget.held(), 0);
         for (x, seed) in [(&xa, 1u8), (&xb, 2u8)] {
             for i in [0u64, 5, 11] {
                 let got = x
@@ -361,7 +297,7 @@ mod tests {
         image(d, "a.qcow2", 64 * MIB);
         let qsd = Arc::new(Daemon::new(d));
         let x = qsd.export(&d.join("a.qcow2")).await.expect("export");
-        let budget = Budget::new(16 * MIB);
+        let budget = ByteBudget::new(16 * MIB);
         let mut pipe = Pipeline::with_budget(budget.clone());
         let data = piece(3);
         for i in 0..4u64 {
@@ -369,14 +305,14 @@ mod tests {
                 .await
                 .expect("queue");
         }
-        assert!(budget.in_flight() > 0, "nothing outstanding to give back");
+        assert!(budget.held() > 0, "nothing outstanding to give back");
         drop(pipe);
         let t = Instant::now();
-        while budget.in_flight() > 0 {
+        while budget.held() > 0 {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
                 "{} bytes of a dropped pipeline still held",
-                budget.in_flight()
+                budget.held()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
