@@ -456,6 +456,8 @@ async fn libvirt_with(
             return (Outcome::Failed(classify_capture(&e)), !busy, false);
         }
     };
+    // The comparison hashes extents ahead and keeps them meanwhile.
+    cycle.keeps_extents();
     let sizes = cycle.sizes();
     if sizes.len() != rec.disks.len() {
         let _ = cycle.abort().await;

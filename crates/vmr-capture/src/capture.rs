@@ -355,7 +355,8 @@ impl VmCapture {
             .chain(whole.iter())
             .map(|s| s.client.clone())
             .collect();
-        let pipeline = Pipeline::new(sources, self.cfg.max_in_flight);
+        let budgeted = matches!(mode, CycleMode::Incremental | CycleMode::Full);
+        let pipeline = Pipeline::new(sources, self.cfg.max_in_flight, budgeted);
         Ok((
             CaptureCycle {
                 vm: self,
@@ -1342,7 +1343,7 @@ impl CaptureCycle<'_> {
         }
         self.shipped = true;
         let whole = std::mem::take(&mut self.whole);
-        self.pipeline = Pipeline::new(whole, self.vm.cfg.max_in_flight);
+        self.pipeline = Pipeline::new(whole, self.vm.cfg.max_in_flight, false);
         Ok(())
     }
 

@@ -403,7 +403,7 @@ impl LibvirtCapture {
         }
         match self.connect(&own, from.is_some(), &full_disks).await {
             Ok(sources) => Ok(LibvirtCycle {
-                pipeline: Pipeline::new(sources.0, self.cfg.max_in_flight),
+                pipeline: Pipeline::new(sources.0, self.cfg.max_in_flight, true),
                 clients: sources.1,
                 full: from.is_none(),
                 full_disks,
@@ -581,6 +581,13 @@ impl std::fmt::Debug for LibvirtCycle<'_> {
 }
 
 impl LibvirtCycle<'_> {
+    /// For a consumer that keeps extents while it asks for the next (a block-hash resync
+    /// hashing ahead): reads from here on are not under the process's budget for read data
+    /// (`reader::Pipeline::new` says why). Call it before the first extent.
+    pub fn keeps_extents(&mut self) {
+        self.pipeline.unbudgeted();
+    }
+
     /// A full copy (the first cycle, or a resync).
     pub fn is_full(&self) -> bool {
         self.full

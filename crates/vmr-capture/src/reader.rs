@@ -149,19 +149,25 @@ pub(crate) struct Pipeline {
     max_in_flight: usize,
     bytes_read: u64,
     finished: bool,
-    budget: Arc<ByteBudget>,
+    budget: Option<Arc<ByteBudget>>,
 }
 
 impl Pipeline {
-    /// A pipeline under the process's budget.
-    pub fn new(disks: Vec<DiskSource>, max_in_flight: usize) -> Pipeline {
-        Pipeline::with_budget(disks, max_in_flight, HOST.clone())
+    /// A pipeline under the process's budget when `budgeted`: for cycles whose consumer sends
+    /// each extent on and keeps nothing of it (incremental and full cycles, exports). A resync
+    /// or a verify keeps extents while it asks for the next (blocks hashed ahead, a block's
+    /// first part until its rest arrives, and a slice keeps its whole read's share): under
+    /// the budget, enough of them at once could each wait for a share that only their own
+    /// kept data would give back, so they are not budgeted (their own bound is
+    /// `max_in_flight` reads and what they keep: a few extents each).
+    pub fn new(disks: Vec<DiskSource>, max_in_flight: usize, budgeted: bool) -> Pipeline {
+        Pipeline::with_budget(disks, max_in_flight, budgeted.then(|| HOST.clone()))
     }
 
     pub(crate) fn with_budget(
         disks: Vec<DiskSource>,
         max_in_flight: usize,
-        budget: Arc<ByteBudget>,
+        budget: Option<Arc<ByteBudget>>,
     ) -> Pipeline {
         Pipeline {
             disks: disks
@@ -183,6 +189,11 @@ impl Pipeline {
             finished: false,
             budget,
         }
+    }
+
+    /// Reads from here on are not under a budget (see [`Pipeline::new`]).
+    pub fn unbudgeted(&mut self) {
+        self.budget = None;
     }
 
     pub fn bytes_read(&self) -> u64 {
@@ -229,20 +240,26 @@ impl Pipeline {
                 // data of this cycle that only its own completed reads would give back);
                 // with none, what holds the budget is data on its way out, which drains by
                 // itself.
-                let share = if p.class != Class::Read {
-                    None
-                } else if self.inflight.is_empty() {
-                    self.budget.take(p.len).await
-                } else {
-                    match self.budget.try_take(p.len) {
-                        Some(share) => Some(share),
-                        None => {
-                            if let Some(d) = self.disks.get_mut(self.current) {
-                                d.planned.push_front((p.class, p.offset, p.len));
+                let share = match &self.budget {
+                    Some(budget) if p.class == Class::Read => Some(budget),
+                    _ => None,
+                };
+                let share = if let Some(budget) = share {
+                    if self.inflight.is_empty() {
+                        budget.take(p.len).await
+                    } else {
+                        match budget.try_take(p.len) {
+                            Some(share) => Some(share),
+                            None => {
+                                if let Some(d) = self.disks.get_mut(self.current) {
+                                    d.planned.push_front((p.class, p.offset, p.len));
+                                }
+                                break;
                             }
-                            break;
                         }
                     }
+                } else {
+                    None
                 };
                 self.inflight.push_back(p.start(share));
             }
@@ -539,7 +556,7 @@ mod tests {
                     size,
                     trim: false,
                 };
-                let mut pipe = Pipeline::with_budget(vec![src], 8, budget);
+                let mut pipe = Pipeline::with_budget(vec![src], 8, Some(budget));
                 let mut image = vec![0u8; size as usize];
                 let mut sending = Vec::new();
                 while let Some(e) = pipe.next().await.expect("next") {
