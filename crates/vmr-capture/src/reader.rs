@@ -240,26 +240,19 @@ impl Pipeline {
                 // data of this cycle that only its own completed reads would give back);
                 // with none, what holds the budget is data on its way out, which drains by
                 // itself.
-                let share = match &self.budget {
-                    Some(budget) if p.class == Class::Read => Some(budget),
-                    _ => None,
-                };
-                let share = if let Some(budget) = share {
-                    if self.inflight.is_empty() {
-                        budget.take(p.len).await
-                    } else {
-                        match budget.try_take(p.len) {
-                            Some(share) => Some(share),
-                            None => {
-                                if let Some(d) = self.disks.get_mut(self.current) {
-                                    d.planned.push_front((p.class, p.offset, p.len));
-                                }
-                                break;
+                let budget = self.budget.clone().filter(|_| p.class == Class::Read);
+                let share = match budget {
+                    None => None,
+                    Some(b) if self.inflight.is_empty() => b.take(p.len).await,
+                    Some(b) => match b.try_take(p.len) {
+                        Some(share) => Some(share),
+                        None => {
+                            if let Some(d) = self.disks.get_mut(self.current) {
+                                d.planned.push_front((p.class, p.offset, p.len));
                             }
+                            break;
                         }
-                    }
-                } else {
-                    None
+                    },
                 };
                 self.inflight.push_back(p.start(share));
             }
