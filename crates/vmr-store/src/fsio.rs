@@ -119,23 +119,38 @@ pub(crate) async fn import_slow_point() {
 #[inline(always)]
 pub(crate) async fn import_slow_point() {}
 
+/// A step a test can hold at a gate ([`gate_point`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Gate {
+    /// A prune that has marked a point for merging: `VMR_STORE_TEST_PRUNE_GATE`,
+    /// `PRUNE WAITS <point>`.
+    Prune,
+    /// A cycle's commit whose layers are flushed and synced, before the catalog rename:
+    /// `VMR_STORE_TEST_COMMIT_GATE`, `COMMIT WAITS <cycle>`.
+    Commit,
+}
+
 /// Test hook (only with the `failpoints` feature, never in release builds): when the
-/// environment variable `VMR_STORE_TEST_PRUNE_GATE` names a file, a prune that has marked a
-/// point for merging prints `PRUNE WAITS <point>` on stderr and waits until that file exists,
-/// so that a test can watch what the agent does while a merge runs.
+/// environment variable of `gate` names a file, print `<STEP> WAITS <id>` on stderr and wait
+/// until that file exists, so that a test can watch what the agent does meanwhile.
 #[cfg(feature = "failpoints")]
-pub(crate) async fn prune_gate_point(point: u64) {
-    static GATE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    let gate = GATE.get_or_init(|| std::env::var_os("VMR_STORE_TEST_PRUNE_GATE").map(Into::into));
-    if let Some(gate) = gate {
-        eprintln!("PRUNE WAITS {point}");
-        while !gate.exists() {
+pub(crate) async fn gate_point(gate: Gate, id: u64) {
+    type Path = Option<std::path::PathBuf>;
+    static PRUNE: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    static COMMIT: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    let (cell, var, step) = match gate {
+        Gate::Prune => (&PRUNE, "VMR_STORE_TEST_PRUNE_GATE", "PRUNE"),
+        Gate::Commit => (&COMMIT, "VMR_STORE_TEST_COMMIT_GATE", "COMMIT"),
+    };
+    if let Some(file) = cell.get_or_init(|| std::env::var_os(var).map(Into::into)) {
+        eprintln!("{step} WAITS {id}");
+        while !file.exists() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }
 
-/// Without the `failpoints` feature the prune gate compiles to nothing.
+/// Without the `failpoints` feature the gates compile to nothing.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
-pub(crate) async fn prune_gate_point(_point: u64) {}
+pub(crate) async fn gate_point(_gate: Gate, _id: u64) {}

@@ -24,7 +24,7 @@ use vmr_proto::{
 
 use crate::daemon::Daemon;
 use crate::error::{Corruption, CycleFault, ImportFault, StoreError};
-use crate::fsio::{self, pause_point, prune_gate_point};
+use crate::fsio::{self, Gate, gate_point, pause_point};
 use crate::pipeline::Pipeline;
 use crate::qemu::{self, Export};
 use crate::retention::{Plan, PointMeta, plan, retention};
@@ -1257,7 +1257,7 @@ async fn prune_one(v: &Arc<Vm>, id: CycleId, force: bool) -> Result<bool, StoreE
         (point, upper, above, merge_down)
     };
     pause_point("prune-intent");
-    prune_gate_point(id).await;
+    gate_point(Gate::Prune, id).await;
     // 2. Per disk: copy the dropped layer's clusters up into the layer above, then rebase the
     //    upper layer onto the dropped layer's backing.
     let mut rebased = Vec::new();

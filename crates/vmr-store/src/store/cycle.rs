@@ -581,6 +581,7 @@ async fn commit(
     let (t_drained, t_closed, t_synced) = flushed?;
     let (index_files, t_index) = indexed?;
     pause_point("cycle-indexed");
+    gate_point(Gate::Commit, header.id).await;
     let t_indexed = t.elapsed();
     let v = vm.clone();
     let point = PointRecord {
