@@ -393,6 +393,7 @@ impl Registry {
             rpo_deadline: None,
             receiving: None,
             deferred: std::collections::VecDeque::new(),
+            committing: None,
             pruning: None,
             guard: None,
             watch: None,
@@ -449,6 +450,11 @@ struct Owner {
     /// the cycle's writer holds, and the writer comes back only through this owner's queue,
     /// so the owner must not wait for the lock inside a command.
     deferred: std::collections::VecDeque<Command>,
+    /// Replica: the commit of a received cycle (drain, flush, fsync, catalog rename; seconds
+    /// for a layer of several GiB written through the page cache), in a task of its own so
+    /// that it never holds up `status` (see [`answers_while_pruning`]). Every other command,
+    /// the extended relationship and the owner's stop wait for it first, as for `pruning`.
+    committing: Option<Committing>,
     /// Replica: the prune that follows a committed cycle, running in a task of its own so that
     /// a merge of a large layer never holds up `status` (see [`answers_while_pruning`]). Every
     /// other command, the extended relationship and the owner's stop wait for it first, so
@@ -502,6 +508,28 @@ async fn wait_fanout(
     .await
 }
 
+/// A received cycle being committed by a task of its own ([`Owner::committing`]), with what
+/// its acknowledgement needs.
+struct Committing {
+    task: tokio::task::JoinHandle<Result<vmr_store::RecoveryPoint, vmr_store::StoreError>>,
+    id: u64,
+    kind: vmr_proto::CycleKind,
+    bytes: u64,
+    reply: PeerReply<()>,
+    started: std::time::Instant,
+}
+
+/// The commit's outcome; a task that ended abnormally is reported as its join error.
+type CommitOutcome =
+    Result<Result<vmr_store::RecoveryPoint, vmr_store::StoreError>, tokio::task::JoinError>;
+
+async fn wait_commit(c: &mut Option<Committing>) -> CommitOutcome {
+    match c {
+        Some(c) => (&mut c.task).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_prune(p: &mut Option<tokio::task::JoinHandle<()>>) {
     match p {
         Some(h) => {
@@ -537,6 +565,7 @@ impl Owner {
             self.drive_primaries(false);
             if let Some(x) = &mut self.extended
                 && self.pruning.is_none()
+                && self.committing.is_none()
             {
                 x.carry_out(&mut self.vm);
             }
@@ -545,6 +574,7 @@ impl Owner {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(Command::Shutdown(ack)) => {
+                        self.finish_commit().await;
                         self.finish_prune().await;
                         // The guard is not stopped: its fence watchdog outlives the agent and
                         // fences the VM when its right to run ends, unless the agent is back.
@@ -562,6 +592,7 @@ impl Owner {
                         break;
                     }
                     Some(Command::Remove(replica, check, reply)) => {
+                        self.finish_commit().await;
                         self.finish_prune().await;
                         if !check {
                             self.vm.stop_disable_notice().await;
@@ -582,6 +613,11 @@ impl Owner {
                     }
                     Some(cmd) => self.handle(cmd).await,
                 },
+                done = wait_commit(&mut self.committing) => {
+                    if let Some(c) = self.committing.take() {
+                        self.committed(c, done).await;
+                    }
+                }
                 () = wait_prune(&mut self.pruning) => {
                     self.pruning = None;
                 }
@@ -622,6 +658,7 @@ impl Owner {
                     self.drive_primaries(true);
                     if let Some(x) = &mut self.extended
                         && self.pruning.is_none()
+                        && self.committing.is_none()
                     {
                         x.tick(&mut self.vm);
                     }
@@ -1440,6 +1477,7 @@ impl Owner {
 
     async fn handle(&mut self, cmd: Command) {
         if !answers_while_pruning(&cmd) {
+            self.finish_commit().await;
             self.finish_prune().await;
         }
         // A command that needs the VM's chain waits outside the owner while a cycle is being
@@ -1840,29 +1878,17 @@ impl Owner {
                 let _ = reply.send(r);
             }
             Command::FinishCycle(writer, bytes, reply) => {
-                let t = std::time::Instant::now();
-                let committed = self.commit_cycle(writer).await;
-                self.note_store(&committed.as_ref().map(|_| ()));
-                match committed {
-                    Ok(point) => {
-                        // Durable: acknowledge at once and record the point (status shows it
-                        // from here on), then prune what retention no longer keeps.
-                        let _ = reply.send(Ok(()));
-                        let committed = t.elapsed();
-                        if let Side::Replica(r) = &mut self.side {
-                            r.record_point(&mut self.vm, &point, bytes);
-                        }
-                        tracing::debug!(vm = %self.vm.rec.name, cycle = point.id, commit_ms = committed.as_millis() as u64, "cycle committed");
-                        self.start_prune();
-                        if point.kind == vmr_store::PointKind::Planned {
-                            tracing::info!(vm = %self.vm.rec.name, point = point.id, "the planned failover's final cycle is committed");
-                        }
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-                self.received().await;
+                // The cycle stays `receiving` (commands that need the chain keep waiting)
+                // until the commit task ends ([`Owner::committed`]).
+                let (id, kind) = (writer.header().id, writer.header().kind);
+                self.committing = Some(Committing {
+                    task: tokio::spawn(writer.finish()),
+                    id,
+                    kind,
+                    bytes,
+                    reply,
+                    started: std::time::Instant::now(),
+                });
             }
             Command::Hashes(peer, req, reply) => {
                 let r = match self.trust(&peer) {
@@ -3064,28 +3090,61 @@ impl Owner {
         Ok(Box::new(writer))
     }
 
-    /// Commit a streamed cycle: flush, fsync, catalog rename; the point exists from here on and
-    /// the caller acknowledges it.
-    async fn commit_cycle(
-        &mut self,
-        writer: Writer,
-    ) -> Result<vmr_store::RecoveryPoint, RemoteError> {
-        let (id, kind) = (writer.header().id, writer.header().kind);
-        match writer.finish().await {
-            Ok(p) => {
-                if kind == vmr_proto::CycleKind::Resync {
-                    tracing::info!(vm = %self.vm.rec.name, cycle = id, "resync committed");
+    /// The commit task of a streamed cycle ended (flush, fsync, catalog rename): on success
+    /// the point exists, is acknowledged at once and recorded (status shows it from here on),
+    /// and retention prunes what it no longer keeps; then the commands that waited for the
+    /// cycle run.
+    async fn committed(&mut self, c: Committing, done: CommitOutcome) {
+        let r = match done {
+            Ok(Ok(point)) => {
+                if c.kind == vmr_proto::CycleKind::Resync {
+                    tracing::info!(vm = %self.vm.rec.name, cycle = c.id, "resync committed");
                 }
-                Ok(p)
+                Ok(point)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 let msg = crate::util::chain(&e);
-                tracing::error!(vm = %self.vm.rec.name, cycle = id, "committing the cycle failed: {msg}");
+                tracing::error!(vm = %self.vm.rec.name, cycle = c.id, "committing the cycle failed: {msg}");
                 if let Side::Replica(r) = &mut self.side {
                     r.commit_failed(&mut self.vm, msg);
                 }
                 Err(store_err(e))
             }
+            Err(e) => {
+                let msg = format!("the commit task ended abnormally: {e}");
+                tracing::error!(vm = %self.vm.rec.name, cycle = c.id, "{msg}");
+                if let Side::Replica(r) = &mut self.side {
+                    r.commit_failed(&mut self.vm, msg);
+                }
+                Err(internal(e))
+            }
+        };
+        self.note_store(&r.as_ref().map(|_| ()));
+        match r {
+            Ok(point) => {
+                let _ = c.reply.send(Ok(()));
+                let ms = c.started.elapsed().as_millis() as u64;
+                if let Side::Replica(r) = &mut self.side {
+                    r.record_point(&mut self.vm, &point, c.bytes);
+                }
+                tracing::debug!(vm = %self.vm.rec.name, cycle = point.id, commit_ms = ms, "cycle committed");
+                self.start_prune();
+                if point.kind == vmr_store::PointKind::Planned {
+                    tracing::info!(vm = %self.vm.rec.name, point = point.id, "the planned failover's final cycle is committed");
+                }
+            }
+            Err(e) => {
+                let _ = c.reply.send(Err(e));
+            }
+        }
+        self.received().await;
+    }
+
+    /// Wait for the commit in flight, if any, and carry out its end.
+    async fn finish_commit(&mut self) {
+        if let Some(mut c) = self.committing.take() {
+            let done = (&mut c.task).await;
+            Box::pin(self.committed(c, done)).await;
         }
     }
 
@@ -3128,9 +3187,9 @@ impl Owner {
     }
 }
 
-/// Whether the owner answers `cmd` while a prune runs: the status row and the record, which
-/// a prune does not change (it never merges the latest point, and the status counts a point
-/// being merged as gone). `points` and the group reads wait, so that they list what retention
+/// Whether the owner answers `cmd` while a prune or a commit runs: the status row and the
+/// record, which neither changes (a prune never merges the latest point, and the status counts
+/// a point being merged as gone; a point being committed shows once it is committed). `points` and the group reads wait, so that they list what retention
 /// kept.
 fn answers_while_pruning(cmd: &Command) -> bool {
     matches!(cmd, Command::Status(_) | Command::Record(_))

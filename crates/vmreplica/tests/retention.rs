@@ -243,3 +243,54 @@ fn status_answers_while_the_replica_merges_a_point() -> TestResult {
     })?;
     Ok(())
 }
+
+/// The commit of a received cycle (flush, fsync, catalog rename) runs beside the VM's owner
+/// on the replica: while it is held at the store's test gate, `status` answers at once (the
+/// metrics' deadline is 2 s, and the fsync of a large layer can take longer) and does not show
+/// the point yet; once the gate opens the cycle is acknowledged and the next ones follow.
+#[test]
+fn status_answers_while_the_replica_commits_a_cycle() -> TestResult {
+    let mut p = Pair::new(exe())?;
+    let gate = p.root.path().join("commit-gate");
+    p.b.set_env("VMR_STORE_TEST_COMMIT_GATE", &gate.display().to_string());
+    p.b.restart()?;
+    let vm = StandIn::create(p.root.path(), &p.a, "commit1", &["disk0"], 16)?;
+    vm.write_random("disk0", 20, 9)?;
+    vm.register(&p.a)?;
+    p.enable("commit1", &["--frequency", "5s"])?;
+    let mut held = None;
+    wait_until(LONG, "a commit held at the gate", || {
+        held =
+            p.b.log()
+                .lines()
+                .find_map(|l| l.strip_prefix("COMMIT WAITS ")?.trim().parse::<u64>().ok());
+        Ok(held.is_some())
+    })?;
+    let held = held.expect("seen");
+
+    // Asked from a thread: an owner that waited for the commit would never answer, and the
+    // gate opens either way so that the agent can stop.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let answered = std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = tx.send(p.b.status("commit1"));
+        });
+        let r = rx.recv_timeout(LONG);
+        std::fs::write(&gate, b"").expect("open the gate");
+        r
+    });
+    let st = answered.map_err(|_| HarnessError::Io {
+        what: "the replica's status while a commit runs".into(),
+        source: std::io::Error::other("no answer while the commit was held"),
+    })??;
+    assert!(
+        st.last_cycle.is_none_or(|c| c < held),
+        "the held cycle {held} shows before its commit: {st:?}"
+    );
+
+    p.wait_cycle("commit1", held + 1, LONG)?;
+    let st = p.b.status("commit1")?;
+    assert!(st.last_cycle.unwrap_or(0) > held, "{st:?}");
+    assert_equal_at_cut(&p, &vm)?;
+    Ok(())
+}
