@@ -994,6 +994,7 @@ impl PrimarySide {
         };
         self.pending.extend(acts);
         self.carry_out(vm);
+        let started = self.running.is_some();
         while let Some((_, handle)) = self.running.as_mut() {
             let done = handle.await;
             self.cycle_done(vm, done);
@@ -1007,13 +1008,15 @@ impl PrimarySide {
             tracing::info!(vm = %vm.rec.name, cycle = id, "final planned cycle replicated; prepared for failover");
             return Ok(id);
         }
-        Err(AgentError::FinalCycleFailed {
-            reason: self
-                .machine
-                .last_error()
-                .unwrap_or("unknown error")
+        let reason = match self.machine.last_error() {
+            Some(e) => e.to_owned(),
+            // The owner holds a relationship's cycle back while another one's runs.
+            None if !started => "the final cycle did not start: another relationship's cycle \
+                                 held the VM's monitor"
                 .to_owned(),
-        })
+            None => "unknown error".to_owned(),
+        };
+        Err(AgentError::FinalCycleFailed { reason })
     }
 
     /// The status row.

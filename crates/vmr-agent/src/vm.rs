@@ -837,6 +837,13 @@ impl Owner {
             }
             self.fanout[i].resume_after_stop(&mut self.vm);
         }
+        // Their cycles are stopped: the first relationship's gate, which the owner closed
+        // while one of them ran, opens now (a planned failover's final cycle starts at once
+        // instead of waiting for the owner's next turn).
+        let others_run = self.fanout.iter().any(PrimarySide::is_running);
+        if let Side::Primary(Some(first)) = &mut self.side {
+            first.set_gate(!self.fanout.is_empty(), others_run);
+        }
         paused
     }
 

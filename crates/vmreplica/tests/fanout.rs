@@ -674,6 +674,40 @@ fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResu
 /// `reverse` makes A B's replica (A's relationship to C ends with its primary side), and
 /// `enable --initial follow` makes C follow B: only the blocks C lacks and what the VM on B
 /// wrote travel to C, and C's latest point equals B's running VM.
+/// `failover prepare` while the relationship to C is in the middle of a cycle (held there by
+/// the agent's bandwidth limit): C's cycle is stopped and C paused, and the final cycle to B
+/// starts at once. The owner had held B's relationship back while C's cycle ran (one QMP
+/// connection at a time); before the fix that hold outlived C's cycle and the preparation
+/// failed with "the final cycle failed: unknown error".
+#[test]
+fn planned_failover_while_c_is_cycling_takes_the_final_cycle_to_b() -> TestResult {
+    let (ch, vm) = fanned_out(true)?;
+    ch.a.ok(&["set", "--agent", "--bandwidth", "2M"])?;
+    // C's next cycle carries all the new blocks (6.4 MiB, about 3 s at 2 MB/s).
+    ch.a.ok(&["pause", VM, "--replica", &ch.c.addr])?;
+    vm.write_random("disk0", 100, 11)?;
+    let final_hashes = [vm.hash("disk0")?, vm.hash("disk1")?];
+    ch.a.ok(&["resume", VM, "--replica", &ch.c.addr])?;
+    wait_until(LONG, "a cycle to C under way", || {
+        let st = ch.a.status(VM)?;
+        Ok(st.fanout.first().is_some_and(|c| c.progress.is_some()))
+    })?;
+    let out = ch.a.ok(&["failover", "prepare", VM])?;
+    assert!(out.contains("paused the further relationships"), "{out}");
+    let (a, to_c) = rows(&ch)?;
+    assert_eq!(a.state, ReplicationState::PreparedForFailover, "{a:?}");
+    assert_eq!(to_c.state, ReplicationState::Suspended, "{to_c:?}");
+    let k = a.last_cycle.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    for (i, (disk, h)) in replica_hashes(&ch.b, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(h, final_hashes[i], "B's final point differs ({disk})");
+    }
+    Ok(())
+}
+
 #[test]
 fn planned_failover_of_a_fanned_out_vm_pauses_c_then_c_follows_b() -> TestResult {
     let (ch, vm) = fanned_out(true)?;
