@@ -20,11 +20,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use vmr_core::checkpoints::{BeginFailure, ChainAction, ChainEvent, ChainStats, CheckpointChain};
 use vmr_libvirt::{BackupPlan, Domain, DomainDisk, Libvirt, LibvirtError};
 use vmr_nbd::{ConnectOptions, Endpoint, NbdClient};
+use vmr_proto::clock::now_ms;
 
 use crate::reader::{DiskSource, Pipeline, Want};
 use crate::{CaptureError, ResyncReason};
@@ -74,13 +75,6 @@ impl std::fmt::Debug for LibvirtCapture {
             .field("acked", &self.chain.acked())
             .finish()
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 async fn blocking<T, F>(h: &Arc<Handle>, f: F) -> Result<T, CaptureError>

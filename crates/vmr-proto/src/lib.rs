@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bandwidth;
+pub mod clock;
 pub mod cycle;
 pub mod event;
 pub mod failnet;

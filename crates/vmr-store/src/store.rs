@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use uuid::Uuid;
+use vmr_proto::clock::now_ms;
 use vmr_proto::store::{
     Catalog, LayerRecord, PointKind, PointRecord, RecoveryPoint, RetentionPolicy, ViewRecord,
 };
@@ -216,13 +217,6 @@ fn check_extent(h: &CycleHeader, e: &Extent) -> Result<(), StoreError> {
             size: d.size,
         })),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Vm {

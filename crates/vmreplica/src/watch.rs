@@ -557,11 +557,7 @@ impl Drop for Screen {
 }
 
 /// Now, ms since the epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use vmr_proto::clock::now_ms;
 
 /// Ask the agent for the status of `name` (all VMs when `None`), from a blocking thread.
 pub async fn sample(dir: PathBuf, name: Option<String>) -> anyhow::Result<serde_json::Value> {
