@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use vmr_proto::api::PointInfo;
+use vmr_proto::api::{PointInfo, VmStatus};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -191,46 +191,71 @@ fn grid_keeps_the_expected_points_and_changes_at_run_time() -> TestResult {
     Ok(())
 }
 
+/// A replica step held at one of the store's test gates, and the replica's `status` asked
+/// while it was held.
+struct Held {
+    p: Pair,
+    vm: StandIn,
+    /// The point (prune) or cycle (commit) the store held.
+    id: u64,
+    status: VmStatus,
+}
+
+/// A pair whose replica holds the step `step` (`PRUNE`, `COMMIT`) at the store's test gate
+/// named by `var`; VM `name` (one 16 MiB disk) enabled at 5 s; `status` of the replica asked
+/// while the first such step is held, then the gate opened.
+fn status_while_held(var: &str, step: &str, name: &str) -> TestResult<Held> {
+    let mut p = Pair::new(exe())?;
+    let gate = p.root.path().join("gate");
+    p.b.set_env(var, &gate.display().to_string());
+    p.b.restart()?;
+    let vm = StandIn::create(p.root.path(), &p.a, name, &["disk0"], 16)?;
+    vm.write_random("disk0", 20, 7)?;
+    vm.register(&p.a)?;
+    p.enable(name, &["--frequency", "5s"])?;
+    let waits = format!("{step} WAITS ");
+    let mut held = None;
+    wait_until(LONG, &format!("{step} held at the gate"), || {
+        held =
+            p.b.log()
+                .lines()
+                .find_map(|l| l.strip_prefix(waits.as_str())?.trim().parse::<u64>().ok());
+        Ok(held.is_some())
+    })?;
+    let id = held.expect("seen");
+
+    // Asked from a thread: an owner that waited for the held step would never answer, and
+    // the gate opens either way so that the agent can stop.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let answered = std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = tx.send(p.b.status(name));
+        });
+        let r = rx.recv_timeout(LONG);
+        std::fs::write(&gate, b"").expect("open the gate");
+        r
+    });
+    let status = answered.map_err(|_| HarnessError::Io {
+        what: format!("the replica's status while {step} was held"),
+        source: std::io::Error::other("no answer while the step was held"),
+    })??;
+    Ok(Held { p, vm, id, status })
+}
+
 /// The prune that follows a cycle runs beside the VM's owner on the replica: while a merge
 /// runs (held at the store's test gate), `status` answers at once and shows the new point,
 /// without the point being merged; the cycles that must wait for the merge go on once it
 /// ends, and `points` lists what retention kept.
 #[test]
 fn status_answers_while_the_replica_merges_a_point() -> TestResult {
-    let mut p = Pair::new(exe())?;
-    let gate = p.root.path().join("prune-gate");
-    p.b.set_env("VMR_STORE_TEST_PRUNE_GATE", &gate.display().to_string());
-    p.b.restart()?;
-    let vm = StandIn::create(p.root.path(), &p.a, "merge1", &["disk0"], 16)?;
-    vm.write_random("disk0", 20, 7)?;
-    vm.register(&p.a)?;
     // The default retention keeps the latest point only: the second point drops the first.
-    p.enable("merge1", &["--frequency", "5s"])?;
-    let mut merging = None;
-    wait_until(LONG, "a merge held at the gate", || {
-        merging =
-            p.b.log()
-                .lines()
-                .find_map(|l| l.strip_prefix("PRUNE WAITS ")?.trim().parse::<u64>().ok());
-        Ok(merging.is_some())
-    })?;
-    let merging = merging.expect("seen");
-
-    // Asked from a thread: an owner that waited for the merge would never answer, and the
-    // gate opens either way so that the agent can stop.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let answered = std::thread::scope(|s| {
-        s.spawn(|| {
-            let _ = tx.send(p.b.status("merge1"));
-        });
-        let r = rx.recv_timeout(LONG);
-        std::fs::write(&gate, b"").expect("open the gate");
-        r
-    });
-    let st = answered.map_err(|_| HarnessError::Io {
-        what: "the replica's status while a merge runs".into(),
-        source: std::io::Error::other("no answer while the prune was held"),
-    })??;
+    // `_vm` keeps the stand-in VM running to the end.
+    let Held {
+        p,
+        vm: _vm,
+        id: merging,
+        status: st,
+    } = status_while_held("VMR_STORE_TEST_PRUNE_GATE", "PRUNE", "merge1")?;
     let latest = st.last_cycle.unwrap_or(0);
     assert!(latest > merging, "latest {latest}, merging {merging}");
     assert_eq!(st.recovery_points, Some(1), "{st:?}");
@@ -250,39 +275,12 @@ fn status_answers_while_the_replica_merges_a_point() -> TestResult {
 /// the point yet; once the gate opens the cycle is acknowledged and the next ones follow.
 #[test]
 fn status_answers_while_the_replica_commits_a_cycle() -> TestResult {
-    let mut p = Pair::new(exe())?;
-    let gate = p.root.path().join("commit-gate");
-    p.b.set_env("VMR_STORE_TEST_COMMIT_GATE", &gate.display().to_string());
-    p.b.restart()?;
-    let vm = StandIn::create(p.root.path(), &p.a, "commit1", &["disk0"], 16)?;
-    vm.write_random("disk0", 20, 9)?;
-    vm.register(&p.a)?;
-    p.enable("commit1", &["--frequency", "5s"])?;
-    let mut held = None;
-    wait_until(LONG, "a commit held at the gate", || {
-        held =
-            p.b.log()
-                .lines()
-                .find_map(|l| l.strip_prefix("COMMIT WAITS ")?.trim().parse::<u64>().ok());
-        Ok(held.is_some())
-    })?;
-    let held = held.expect("seen");
-
-    // Asked from a thread: an owner that waited for the commit would never answer, and the
-    // gate opens either way so that the agent can stop.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let answered = std::thread::scope(|s| {
-        s.spawn(|| {
-            let _ = tx.send(p.b.status("commit1"));
-        });
-        let r = rx.recv_timeout(LONG);
-        std::fs::write(&gate, b"").expect("open the gate");
-        r
-    });
-    let st = answered.map_err(|_| HarnessError::Io {
-        what: "the replica's status while a commit runs".into(),
-        source: std::io::Error::other("no answer while the commit was held"),
-    })??;
+    let Held {
+        p,
+        vm,
+        id: held,
+        status: st,
+    } = status_while_held("VMR_STORE_TEST_COMMIT_GATE", "COMMIT", "commit1")?;
     assert!(
         st.last_cycle.is_none_or(|c| c < held),
         "the held cycle {held} shows before its commit: {st:?}"
