@@ -674,6 +674,23 @@ fn a_back_b_replicates_to_a_and_c_follows_as_a_second_relationship() -> TestResu
 /// `reverse` makes A B's replica (A's relationship to C ends with its primary side), and
 /// `enable --initial follow` makes C follow B: only the blocks C lacks and what the VM on B
 /// wrote travel to C, and C's latest point equals B's running VM.
+/// After `failover prepare` on A: A is prepared, its relationship to C suspended, and B's
+/// final point is A's disks at the preparation (`final_hashes`, per disk).
+fn prepared_to_b(ch: &Chain, vm: &StandIn, final_hashes: &[[u8; 32]]) -> TestResult {
+    let (a, to_c) = rows(ch)?;
+    assert_eq!(a.state, ReplicationState::PreparedForFailover, "{a:?}");
+    assert_eq!(to_c.state, ReplicationState::Suspended, "{to_c:?}");
+    let k = a.last_cycle.ok_or("no final cycle")?;
+    ch.b.wait_cycle(VM, k, LONG)?;
+    for (i, (disk, h)) in replica_hashes(&ch.b, vm.def.uuid, Some(k))?
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(h, final_hashes[i], "B's final point differs ({disk})");
+    }
+    Ok(())
+}
+
 /// `failover prepare` while the relationship to C is in the middle of a cycle (held there by
 /// the agent's bandwidth limit): C's cycle is stopped and C paused, and the final cycle to B
 /// starts at once. The owner had held B's relationship back while C's cycle ran (one QMP
@@ -694,17 +711,7 @@ fn planned_failover_while_c_is_cycling_takes_the_final_cycle_to_b() -> TestResul
     })?;
     let out = ch.a.ok(&["failover", "prepare", VM])?;
     assert!(out.contains("paused the further relationships"), "{out}");
-    let (a, to_c) = rows(&ch)?;
-    assert_eq!(a.state, ReplicationState::PreparedForFailover, "{a:?}");
-    assert_eq!(to_c.state, ReplicationState::Suspended, "{to_c:?}");
-    let k = a.last_cycle.ok_or("no final cycle")?;
-    ch.b.wait_cycle(VM, k, LONG)?;
-    for (i, (disk, h)) in replica_hashes(&ch.b, vm.def.uuid, Some(k))?
-        .into_iter()
-        .enumerate()
-    {
-        assert_eq!(h, final_hashes[i], "B's final point differs ({disk})");
-    }
+    prepared_to_b(&ch, &vm, &final_hashes)?;
     Ok(())
 }
 
@@ -723,18 +730,7 @@ fn planned_failover_of_a_fanned_out_vm_pauses_c_then_c_follows_b() -> TestResult
         )),
         "{out}"
     );
-    let (a, to_c) = rows(&ch)?;
-    assert_eq!(a.state, ReplicationState::PreparedForFailover, "{a:?}");
-    assert_eq!(to_c.state, ReplicationState::Suspended, "{to_c:?}");
-    let k = a.last_cycle.ok_or("no final cycle")?;
-    ch.b.wait_cycle(VM, k, LONG)?;
-    // The final point on B is A's disks at the preparation.
-    for (i, (disk, h)) in replica_hashes(&ch.b, vm.def.uuid, Some(k))?
-        .into_iter()
-        .enumerate()
-    {
-        assert_eq!(h, final_hashes[i], "B's final point differs ({disk})");
-    }
+    prepared_to_b(&ch, &vm, &final_hashes)?;
     let c_before = ch.c.status(VM)?.last_cycle.ok_or("C holds no point")?;
     ch.b.ok(&["failover", "start", VM])?;
     let on_b = StandIn::attach(vm.def.clone(), nbd_socket(&ch.b.dir, vm.def.uuid));
