@@ -840,9 +840,11 @@ impl Owner {
         // Their cycles are stopped: the first relationship's gate, which the owner closed
         // while one of them ran, opens now (a planned failover's final cycle starts at once
         // instead of waiting for the owner's next turn).
-        let others_run = self.fanout.iter().any(PrimarySide::is_running);
         if let Side::Primary(Some(first)) = &mut self.side {
-            first.set_gate(!self.fanout.is_empty(), others_run);
+            let running: Vec<bool> = std::iter::once(first.is_running())
+                .chain(self.fanout.iter().map(PrimarySide::is_running))
+                .collect();
+            first.set_gate(running.len() > 1, !vmr_core::fanout::may_start(&running, 0));
         }
         paused
     }
