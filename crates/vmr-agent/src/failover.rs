@@ -223,13 +223,13 @@ async fn launch_vm(
                     return Err(e);
                 };
                 crashes.push(signal);
-                if crashes.len() >= LAUNCH_ATTEMPTS {
+                if crashes.len() >= crate::util::START_ATTEMPTS {
                     return Err(e);
                 }
                 tracing::warn!(
                     vm = %def.name,
                     attempt = crashes.len() + 1,
-                    of = LAUNCH_ATTEMPTS,
+                    of = crate::util::START_ATTEMPTS,
                     "the VM's program crashed at start before its QMP answered ({}); starting it again",
                     crashes.join(", ")
                 );
@@ -241,24 +241,12 @@ async fn launch_vm(
     }
 }
 
-/// How often [`launch_vm`] starts a program that crashes at start (a signal before its QMP
-/// answered) before it gives up. A stressed run saw qemu-storage-daemon 10.0.2 die by SIGSEGV
-/// in glib at start (a freed GSource attached), most likely QEMU's QIONetListener race between
-/// the monitor's I/O thread taking over the QMP socket and the main thread accepting a client
-/// that connected at once (fixed upstream by "qio: Protect NetListener callback with mutex").
-/// It happens before the guest or any tracking exists, so starting it again is safe
-/// (docs/failover.md, step 4).
-const LAUNCH_ATTEMPTS: usize = 3;
-
 /// The signal's name when `e` says the program died by a crash signal before QMP answered.
 fn crash_at_start(e: &AgentError) -> Option<String> {
-    use std::os::unix::process::ExitStatusExt;
     let AgentError::VmExited { status, .. } = e else {
         return None;
     };
-    let sig = nix::sys::signal::Signal::try_from(status.signal()?).ok()?;
-    use nix::sys::signal::Signal::*;
-    matches!(sig, SIGSEGV | SIGBUS | SIGABRT | SIGILL | SIGFPE).then(|| sig.as_str().to_owned())
+    crate::util::crash_signal(status).map(str::to_owned)
 }
 
 /// One start of [`launch_vm`]: the child, its pid and its command line once QMP answered and
@@ -367,38 +355,22 @@ async fn launch_once(
     Ok((pid, child, line))
 }
 
-/// Test hook (cargo feature `test-hooks` only): a file of this name in the agent directory
-/// holding a number N makes the next N starts of a VM program crash at once (the agent sends
-/// it SIGSEGV right after the spawn and waits for it to die), as QEMU's start-up race does.
-#[cfg(feature = "test-hooks")]
+/// Test hook (cargo feature `test-hooks` only, [`crate::util::crash_at_start_hook`]): a file of
+/// this name in the agent directory holding a number N makes the next N starts of a VM
+/// program crash at once (SIGSEGV right after the spawn; the agent waits for it to die).
 const LAUNCH_CRASH_HOOK: &str = "test-launch-crash";
 
-#[cfg(feature = "test-hooks")]
 fn launch_crash_hook(dir: &Path, child: &mut std::process::Child) {
-    let path = dir.join(LAUNCH_CRASH_HOOK);
-    let Some(n) = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .filter(|n| *n > 0)
-    else {
-        return;
-    };
-    let _ = std::fs::write(&path, (n - 1).to_string());
-    tracing::warn!(
-        pid = child.id(),
-        "test hook: the VM program crashes at start"
-    );
-    if let Ok(pid) = i32::try_from(child.id()) {
+    if crate::util::crash_at_start_hook(dir, LAUNCH_CRASH_HOOK)
+        && let Ok(pid) = i32::try_from(child.id())
+    {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGSEGV,
         );
+        let _ = child.wait();
     }
-    let _ = child.wait();
 }
-
-#[cfg(not(feature = "test-hooks"))]
-fn launch_crash_hook(_dir: &Path, _child: &mut std::process::Child) {}
 
 // ------------------------------------------------------------------ replica side
 
@@ -1151,7 +1123,7 @@ pub async fn prepare(
         }
     };
     let (id, from) = match source {
-        PrepareSource::Vm => (side.prepare_failover(vm, None).await, "the VM"),
+        PrepareSource::Vm => (side.prepare_failover(vm, None).await, "the VM".to_owned()),
         PrepareSource::Images => {
             let work = crate::launch::work_dir(&vm.host.dir, vm.rec.uuid);
             let daemon = match ImageDaemon::start(&vm.rec, &work, &vm.host.dir).await {
@@ -1160,6 +1132,14 @@ pub async fn prepare(
                     side.resume_after_stop(vm);
                     return Err(e);
                 }
+            };
+            let from = match daemon.crashes() {
+                [] => "its images (QEMU had exited)".to_owned(),
+                c => format!(
+                    "its images (QEMU had exited; the qemu-storage-daemon on them was started \
+                     again: it crashed at start before its QMP answered: {})",
+                    c.join(", ")
+                ),
             };
             let id = side
                 .prepare_failover(vm, Some(daemon.qmp().to_path_buf()))
@@ -1173,7 +1153,7 @@ pub async fn prepare(
                 (Ok(id), Ok(())) => Ok(id),
                 (Err(e), _) | (Ok(_), Err(e)) => Err(e),
             };
-            (id, "its images (QEMU had exited)")
+            (id, from)
         }
     };
     let id = match id {

@@ -27,7 +27,15 @@ pub struct ImageDaemon {
     qmp: PathBuf,
     log: PathBuf,
     child: tokio::process::Child,
+    /// The crash signals of the starts before the one that runs (none, normally).
+    crashes: Vec<&'static str>,
 }
+
+/// Test hook (cargo feature `test-hooks` only, [`crate::util::crash_at_start_hook`]): a file
+/// of this name in the agent directory holding a number N makes the next N starts of the
+/// image daemon crash at once: `sh -c 'kill -SEGV $$'` runs in its place, so the crash comes
+/// before any image is opened, whatever the machine's load.
+const CRASH_HOOK: &str = "test-image-daemon-crash";
 
 /// `PATH`'s format: `qcow2` when it starts with the qcow2 magic, `raw` otherwise (a raw disk
 /// has no persistent bitmaps: the capture then reports that a resync is required).
@@ -125,6 +133,14 @@ async fn quit_leftover(qmp: &Path, name: &str) -> Result<(), AgentError> {
     }
 }
 
+/// Why one start of the daemon did not give a daemon that answers.
+enum Start {
+    /// It died by a crash signal before its QMP answered: started again.
+    Crashed { signal: &'static str, log: String },
+    /// Anything else: the error is final.
+    Failed(AgentError),
+}
+
 impl ImageDaemon {
     /// Start the daemon on `rec`'s images, its monitor in `work_dir`; returns once QMP
     /// answers.
@@ -149,11 +165,65 @@ impl ImageDaemon {
         quit_leftover(&qmp, &rec.name).await?;
         let _ = std::fs::remove_file(&qmp);
         let log = work_dir.join("prepare-qsd.log");
-        let out = std::fs::File::create(&log).map_err(AgentError::io("creating", &log))?;
+        let mut crashes = Vec::new();
+        loop {
+            match Self::start_once(rec, &disks, &qmp, &log, agent_dir).await {
+                Ok(mut d) => {
+                    if !crashes.is_empty() {
+                        tracing::warn!(vm = %rec.name, crashes = ?crashes, "qemu-storage-daemon runs on the VM's images after crashing at start");
+                    }
+                    d.crashes = crashes;
+                    return Ok(d);
+                }
+                Err(Start::Failed(e)) => return Err(e),
+                Err(Start::Crashed { signal, log }) => {
+                    crashes.push(signal);
+                    if crashes.len() >= crate::util::START_ATTEMPTS {
+                        return Err(AgentError::ImageDaemon {
+                            name: rec.name.clone(),
+                            what: "crashed at start, before its QMP answered",
+                            detail: format!(
+                                "{} ({} starts): {log}",
+                                crashes.join(", "),
+                                crashes.len()
+                            )
+                            .replace("(1 starts)", "(1 start)"),
+                        });
+                    }
+                    tracing::warn!(
+                        vm = %rec.name,
+                        attempt = crashes.len() + 1,
+                        of = crate::util::START_ATTEMPTS,
+                        "qemu-storage-daemon on the VM's images crashed at start before its QMP answered ({}); starting it again",
+                        crashes.join(", ")
+                    );
+                    let _ = std::fs::remove_file(&qmp);
+                }
+            }
+        }
+    }
+
+    /// One start of [`ImageDaemon::start`].
+    async fn start_once(
+        rec: &VmRecord,
+        disks: &[(String, PathBuf)],
+        qmp: &Path,
+        log: &Path,
+        agent_dir: &Path,
+    ) -> Result<Self, Start> {
+        let out = std::fs::File::create(log)
+            .map_err(|e| Start::Failed(AgentError::io("creating", log)(e)))?;
         let err = out
             .try_clone()
-            .map_err(AgentError::io("duplicating", &log))?;
-        let mut cmd = tokio::process::Command::new("qemu-storage-daemon");
+            .map_err(|e| Start::Failed(AgentError::io("duplicating", log)(e)))?;
+        let tag = crate::launch::tag(rec.uuid);
+        let mut cmd = if crate::util::crash_at_start_hook(agent_dir, CRASH_HOOK) {
+            let mut c = tokio::process::Command::new("sh");
+            c.arg("-c").arg("kill -SEGV $$");
+            c
+        } else {
+            tokio::process::Command::new("qemu-storage-daemon")
+        };
         for (i, (node, path)) in disks.iter().enumerate() {
             // Not `vmr-<tag>-*`: the capture removes nodes of that prefix as its leftovers.
             let file = format!("vmrprep{tag}f{i}");
@@ -163,7 +233,7 @@ impl ImageDaemon {
             ));
             cmd.arg("--blockdev").arg(format!(
                 "driver={},node-name={node},file={file}",
-                format_of(path)?
+                format_of(path).map_err(Start::Failed)?
             ));
         }
         cmd.arg("--chardev")
@@ -179,22 +249,28 @@ impl ImageDaemon {
             .kill_on_drop(true);
         // Its own process group: a signal to the agent does not reach it.
         cmd.process_group(0);
-        let child = cmd.spawn().map_err(|e| AgentError::ImageDaemon {
-            name: rec.name.clone(),
-            what: "did not start",
-            detail: e.to_string(),
+        let child = cmd.spawn().map_err(|e| {
+            Start::Failed(AgentError::ImageDaemon {
+                name: rec.name.clone(),
+                what: "did not start",
+                detail: e.to_string(),
+            })
         })?;
         let mut d = ImageDaemon {
             name: rec.name.clone(),
-            qmp,
-            log,
+            qmp: qmp.to_path_buf(),
+            log: log.to_path_buf(),
             child,
+            crashes: Vec::new(),
         };
         let deadline = Instant::now() + DAEMON_TIMEOUT;
         loop {
-            if let Ok(Some(_)) = d.child.try_wait() {
+            if let Ok(Some(status)) = d.child.try_wait() {
                 let text = d.output();
-                return Err(match locked_image(&text, &disks) {
+                if let Some(signal) = crate::util::crash_signal(&status) {
+                    return Err(Start::Crashed { signal, log: text });
+                }
+                return Err(Start::Failed(match locked_image(&text, disks) {
                     Some(image) => AgentError::ImagesInUse {
                         name: rec.name.clone(),
                         qmp: rec.qmp.clone(),
@@ -206,7 +282,7 @@ impl ImageDaemon {
                         what: "did not start",
                         detail: text,
                     },
-                });
+                }));
             }
             if d.qmp.exists()
                 && QmpClient::connect(&Endpoint::Unix(d.qmp.clone()), Duration::from_secs(5))
@@ -218,14 +294,20 @@ impl ImageDaemon {
             }
             if Instant::now() > deadline {
                 let _ = d.child.kill().await;
-                return Err(AgentError::ImageDaemon {
+                return Err(Start::Failed(AgentError::ImageDaemon {
                     name: rec.name.clone(),
                     what: "did not answer QMP in time",
                     detail: d.output(),
-                });
+                }));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The crash signals of the starts that crashed before the one that runs (QEMU's start-up
+    /// race; empty normally).
+    pub fn crashes(&self) -> &[&'static str] {
+        &self.crashes
     }
 
     /// Its QMP socket.
