@@ -151,11 +151,64 @@ impl std::fmt::Debug for QmpClient {
     }
 }
 
+/// Connections [`QmpClient::connect`] makes when QEMU closes them before its greeting.
+/// QEMU 10.0's socket listener can accept a connection and drop it at once when a client
+/// connects while the monitor (re)arms its listener (at start, as its I/O thread takes the
+/// socket over, or as the previous client leaves): the accept callback is then briefly unset
+/// (fixed upstream by "qio: Protect NetListener callback with mutex", not in 10.0.2). A
+/// stressed test run saw `vm add` fail so on a monitor that had just started.
+pub const GREETING_ATTEMPTS: u32 = 3;
+
+/// Pause before connecting again after a connection closed before its greeting.
+const GREETING_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// How the handshake of one connection ended, when it did not give a client.
+enum Handshake {
+    /// QEMU closed the connection before its greeting (connecting again may succeed).
+    ClosedBeforeGreeting,
+    /// Anything else.
+    Failed(QmpError),
+}
+
+impl From<Handshake> for QmpError {
+    fn from(h: Handshake) -> QmpError {
+        match h {
+            Handshake::ClosedBeforeGreeting => QmpError::Closed,
+            Handshake::Failed(e) => e,
+        }
+    }
+}
+
 impl QmpClient {
     /// Connect, read the greeting and enter command mode with `qmp_capabilities`. `timeout`
     /// bounds every later command too. A monitor already serving another client never sends a
-    /// greeting: that shows as [`QmpError::Timeout`] on `greeting`.
+    /// greeting: that shows as [`QmpError::Timeout`] on `greeting`. A connection QEMU closes
+    /// before its greeting is made again, at most [`GREETING_ATTEMPTS`] connections in all
+    /// (QEMU 10.0's listener race, see there); then the error is [`QmpError::Closed`].
     pub async fn connect(ep: &Endpoint, timeout_: Duration) -> Result<QmpClient, QmpError> {
+        let mut attempt = 1;
+        loop {
+            let (r, w) = Self::open(ep, timeout_).await?;
+            match Self::handshake(r, w, timeout_).await {
+                Err(Handshake::ClosedBeforeGreeting) if attempt < GREETING_ATTEMPTS => {
+                    tracing::debug!(
+                        endpoint = %endpoint_str(ep),
+                        attempt,
+                        "qmp monitor closed the connection before its greeting; connecting again"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(GREETING_RETRY_PAUSE).await;
+                }
+                r => return r.map_err(QmpError::from),
+            }
+        }
+    }
+
+    /// One connection to `ep`, split into its halves.
+    async fn open(
+        ep: &Endpoint,
+        timeout_: Duration,
+    ) -> Result<(Box<dyn AsyncRead + Send + Unpin>, Writer), QmpError> {
         let conn = async {
             match ep {
                 Endpoint::Unix(p) => tokio::net::UnixStream::connect(p).await.map(|s| {
@@ -175,7 +228,7 @@ impl QmpClient {
                 }),
             }
         };
-        let (r, w) = timeout(timeout_, conn)
+        timeout(timeout_, conn)
             .await
             .map_err(|_| QmpError::Timeout {
                 what: format!("connect to {}", endpoint_str(ep)),
@@ -184,8 +237,7 @@ impl QmpClient {
             .map_err(|source| QmpError::Connect {
                 endpoint: endpoint_str(ep),
                 source,
-            })?;
-        Self::from_parts(r, w, timeout_).await
+            })
     }
 
     /// Run the handshake over an already connected byte stream (used by [`Self::connect`]).
@@ -194,6 +246,17 @@ impl QmpClient {
         w: Writer,
         timeout_: Duration,
     ) -> Result<QmpClient, QmpError> {
+        Self::handshake(r, w, timeout_)
+            .await
+            .map_err(QmpError::from)
+    }
+
+    /// The greeting and `qmp_capabilities`; says apart a connection closed before the greeting.
+    async fn handshake(
+        r: Box<dyn AsyncRead + Send + Unpin>,
+        w: Writer,
+        timeout_: Duration,
+    ) -> Result<QmpClient, Handshake> {
         let mut c = QmpClient {
             reader: BufReader::new(r),
             writer: w,
@@ -203,22 +266,29 @@ impl QmpClient {
             timeout: timeout_,
             version: (0, 0, 0),
         };
-        let greeting =
-            timeout(timeout_, c.read_message())
-                .await
-                .map_err(|_| QmpError::Timeout {
+        let greeting = match timeout(timeout_, c.read_message()).await {
+            Err(_) => {
+                return Err(Handshake::Failed(QmpError::Timeout {
                     what: "qmp greeting (is another client connected to this monitor?)".into(),
                     after: timeout_,
-                })??;
+                }));
+            }
+            Ok(Err(QmpError::Closed)) => return Err(Handshake::ClosedBeforeGreeting),
+            Ok(Err(e)) => return Err(Handshake::Failed(e)),
+            Ok(Ok(g)) => g,
+        };
         let qemu = greeting
             .get("QMP")
-            .ok_or_else(|| QmpError::Protocol(QmpFault::NoGreeting(greeting.clone())))?
+            .ok_or_else(|| QmpError::Protocol(QmpFault::NoGreeting(greeting.clone())))
+            .map_err(Handshake::Failed)?
             .pointer("/version/qemu")
             .cloned()
             .unwrap_or(Value::Null);
         let num = |k: &str| qemu.get(k).and_then(Value::as_u64).unwrap_or(0);
         c.version = (num("major"), num("minor"), num("micro"));
-        c.execute_value("qmp_capabilities", None).await?;
+        c.execute_value("qmp_capabilities", None)
+            .await
+            .map_err(Handshake::Failed)?;
         Ok(c)
     }
 
@@ -433,6 +503,65 @@ mod tests {
         let client = QmpClient::from_parts(Box::new(r), Box::new(w), Duration::from_secs(2));
         let (c, b) = tokio::join!(client, server);
         (c.expect("client"), b)
+    }
+
+    /// A fake monitor on a Unix socket: drops the first `drops` connections at once (QEMU
+    /// 10.0's listener race), then, if `greet`, greets the next one and answers
+    /// `qmp_capabilities`. Returns the listener and how many connections it accepted.
+    async fn monitor(
+        listener: tokio::net::UnixListener,
+        drops: u32,
+        greet: bool,
+    ) -> (tokio::net::UnixListener, u32) {
+        let mut accepted = 0;
+        while accepted < drops {
+            let (s, _) = listener.accept().await.expect("accept");
+            accepted += 1;
+            drop(s);
+        }
+        if greet {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            accepted += 1;
+            s.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\r\n")
+                .await
+                .expect("greet");
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.expect("read caps");
+            let req: Value = serde_json::from_slice(&buf[..n]).expect("json");
+            let id = req["id"].clone();
+            s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
+                .await
+                .expect("w");
+        }
+        (listener, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_the_greeting_is_made_again() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("qmp.sock");
+        let ep = Endpoint::Unix(path.clone());
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+
+        // Dropped twice, greeted on the third connection: connected.
+        let server = tokio::spawn(monitor(listener, GREETING_ATTEMPTS - 1, true));
+        let c = QmpClient::connect(&ep, Duration::from_secs(5))
+            .await
+            .expect("connected on the last attempt");
+        assert_eq!(c.version(), (10, 0, 2));
+        let (listener, accepted) = server.await.expect("server");
+        assert_eq!(accepted, GREETING_ATTEMPTS);
+
+        // Dropped every time: `Closed` after GREETING_ATTEMPTS connections, and no more.
+        let server = tokio::spawn(monitor(listener, GREETING_ATTEMPTS, false));
+        let e = QmpClient::connect(&ep, Duration::from_secs(5))
+            .await
+            .expect_err("never greeted");
+        assert!(matches!(e, QmpError::Closed), "{e:?}");
+        let (listener, accepted) = server.await.expect("server");
+        assert_eq!(accepted, GREETING_ATTEMPTS);
+        let more = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(more.is_err(), "a connection after the client gave up");
     }
 
     async fn read_req(b: &mut tokio::io::DuplexStream) -> Value {
