@@ -4,7 +4,9 @@
 //! persistent dirty bitmaps QEMU's clean exit stored, and serves a QMP monitor the normal
 //! capture runs a cycle through. Stopped cleanly afterwards (SIGTERM: the bitmaps are stored
 //! again and the images unlocked). A process that still holds an image makes QEMU's image
-//! locking refuse the open: reported as [`AgentError::ImagesInUse`].
+//! locking refuse the open: reported as [`AgentError::ImagesInUse`]. A daemon that dies by a
+//! crash signal before its QMP answered (QEMU 10.0's start-up race) is started again, at most
+//! [`crate::util::START_ATTEMPTS`] starts.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
