@@ -482,22 +482,28 @@ impl QmpClient {
 mod tests {
     use super::*;
 
+    /// A fake monitor's side of the handshake: QEMU 10.0.2's greeting, then the answer to
+    /// `qmp_capabilities`.
+    async fn handshake_as_qemu<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+        s.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\r\n")
+            .await
+            .expect("greet");
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.expect("read caps");
+        let req: Value = serde_json::from_slice(&buf[..n]).expect("json");
+        assert_eq!(req["execute"], "qmp_capabilities");
+        let id = req["id"].clone();
+        s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
+            .await
+            .expect("w");
+    }
+
     /// A fake monitor on an in-memory pipe: sends `script` lines after reading each request.
     async fn pair() -> (QmpClient, tokio::io::DuplexStream) {
         let (a, mut b) = tokio::io::duplex(1 << 16);
         let (r, w) = tokio::io::split(a);
         let server = async move {
-            b.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\r\n")
-                .await
-                .expect("greet");
-            let mut buf = vec![0u8; 4096];
-            let n = b.read(&mut buf).await.expect("read caps");
-            let req: Value = serde_json::from_slice(&buf[..n]).expect("json");
-            assert_eq!(req["execute"], "qmp_capabilities");
-            let id = req["id"].clone();
-            b.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
-                .await
-                .expect("w");
+            handshake_as_qemu(&mut b).await;
             b
         };
         let client = QmpClient::from_parts(Box::new(r), Box::new(w), Duration::from_secs(2));
@@ -522,16 +528,7 @@ mod tests {
         if greet {
             let (mut s, _) = listener.accept().await.expect("accept");
             accepted += 1;
-            s.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\r\n")
-                .await
-                .expect("greet");
-            let mut buf = vec![0u8; 4096];
-            let n = s.read(&mut buf).await.expect("read caps");
-            let req: Value = serde_json::from_slice(&buf[..n]).expect("json");
-            let id = req["id"].clone();
-            s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
-                .await
-                .expect("w");
+            handshake_as_qemu(&mut s).await;
         }
         (listener, accepted)
     }
