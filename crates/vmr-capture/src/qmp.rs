@@ -240,7 +240,7 @@ impl QmpClient {
             })
     }
 
-    /// Run the handshake over an already connected byte stream (used by [`Self::connect`]).
+    /// Run the handshake over an already connected byte stream (a test pipe, for example).
     pub async fn from_parts(
         r: Box<dyn AsyncRead + Send + Unpin>,
         w: Writer,
