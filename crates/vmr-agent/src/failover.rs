@@ -205,48 +205,40 @@ async fn launch_vm(
     for s in [&qmp, &nbd, &qga] {
         let _ = std::fs::remove_file(s);
     }
-    let mut crashes: Vec<String> = Vec::new();
-    loop {
-        match launch_once(vm, def, program, disks, dest, test, tracking, &qmp, &nbd).await {
-            Ok((pid, child, mut line)) => {
-                vm.children.insert(pid, child);
-                if !crashes.is_empty() {
-                    line.push_str(&format!(
-                        "\n(started again: it crashed at start before its QMP answered: {})",
-                        crashes.join(", ")
-                    ));
-                }
-                return Ok((pid, qmp, line));
+    let shared: &Vm = vm;
+    let started = crate::util::start_again_on_crash(
+        "the VM's program",
+        &def.name,
+        || {
+            launch_once(
+                shared, def, program, disks, dest, test, tracking, &qmp, &nbd,
+            )
+        },
+        crash_at_start,
+        || {
+            for s in [&qmp, &nbd, &qga] {
+                let _ = std::fs::remove_file(s);
             }
-            Err(e) => {
-                let Some(signal) = crash_at_start(&e) else {
-                    return Err(e);
-                };
-                crashes.push(signal);
-                if crashes.len() >= crate::util::START_ATTEMPTS {
-                    return Err(e);
-                }
-                tracing::warn!(
-                    vm = %def.name,
-                    attempt = crashes.len() + 1,
-                    of = crate::util::START_ATTEMPTS,
-                    "the VM's program crashed at start before its QMP answered ({}); starting it again",
-                    crashes.join(", ")
-                );
-                for s in [&qmp, &nbd, &dest.join("qga.sock")] {
-                    let _ = std::fs::remove_file(s);
-                }
-            }
-        }
+        },
+    )
+    .await;
+    let ((pid, child, mut line), crashes) = started.map_err(|(e, _)| e)?;
+    vm.children.insert(pid, child);
+    if !crashes.is_empty() {
+        line.push_str(&format!(
+            "\n(started again: it crashed at start before its QMP answered: {})",
+            crashes.join(", ")
+        ));
     }
+    Ok((pid, qmp, line))
 }
 
 /// The signal's name when `e` says the program died by a crash signal before QMP answered.
-fn crash_at_start(e: &AgentError) -> Option<String> {
+fn crash_at_start(e: &AgentError) -> Option<&'static str> {
     let AgentError::VmExited { status, .. } = e else {
         return None;
     };
-    crate::util::crash_signal(status).map(str::to_owned)
+    crate::util::crash_signal(status)
 }
 
 /// One start of [`launch_vm`]: the child, its pid and its command line once QMP answered and

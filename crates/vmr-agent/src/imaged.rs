@@ -167,41 +167,35 @@ impl ImageDaemon {
         quit_leftover(&qmp, &rec.name).await?;
         let _ = std::fs::remove_file(&qmp);
         let log = work_dir.join("prepare-qsd.log");
-        let mut crashes = Vec::new();
-        loop {
-            match Self::start_once(rec, &disks, &qmp, &log, agent_dir).await {
-                Ok(mut d) => {
-                    if !crashes.is_empty() {
-                        tracing::warn!(vm = %rec.name, crashes = ?crashes, "qemu-storage-daemon runs on the VM's images after crashing at start");
-                    }
-                    d.crashes = crashes;
-                    return Ok(d);
-                }
-                Err(Start::Failed(e)) => return Err(e),
-                Err(Start::Crashed { signal, log }) => {
-                    crashes.push(signal);
-                    if crashes.len() >= crate::util::START_ATTEMPTS {
-                        return Err(AgentError::ImageDaemon {
-                            name: rec.name.clone(),
-                            what: "crashed at start, before its QMP answered",
-                            detail: format!(
-                                "{} ({} starts): {log}",
-                                crashes.join(", "),
-                                crashes.len()
-                            )
-                            .replace("(1 starts)", "(1 start)"),
-                        });
-                    }
-                    tracing::warn!(
-                        vm = %rec.name,
-                        attempt = crashes.len() + 1,
-                        of = crate::util::START_ATTEMPTS,
-                        "qemu-storage-daemon on the VM's images crashed at start before its QMP answered ({}); starting it again",
-                        crashes.join(", ")
-                    );
-                    let _ = std::fs::remove_file(&qmp);
-                }
+        let started = crate::util::start_again_on_crash(
+            "qemu-storage-daemon on the VM's images",
+            &rec.name,
+            || Self::start_once(rec, &disks, &qmp, &log, agent_dir),
+            |e| match e {
+                Start::Crashed { signal, .. } => Some(*signal),
+                Start::Failed(_) => None,
+            },
+            || {
+                let _ = std::fs::remove_file(&qmp);
+            },
+        )
+        .await;
+        match started {
+            Ok((mut d, crashes)) => {
+                d.crashes = crashes;
+                Ok(d)
             }
+            Err((Start::Failed(e), _)) => Err(e),
+            Err((Start::Crashed { log, .. }, crashes)) => Err(AgentError::ImageDaemon {
+                name: rec.name.clone(),
+                what: "crashed at start, before its QMP answered",
+                detail: format!(
+                    "{} ({} start{}): {log}",
+                    crashes.join(", "),
+                    crashes.len(),
+                    if crashes.len() == 1 { "" } else { "s" }
+                ),
+            }),
         }
     }
 
