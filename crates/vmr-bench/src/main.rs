@@ -118,6 +118,62 @@ fn ensure_rsync(repo: &Path) -> Option<String> {
     }
 }
 
+/// The most disk space each scenario's run directory took in a measured run (full run, quick
+/// run), in GiB, rounded up with a margin of about a tenth (stop 45: the file system's used
+/// space sampled every 1-5 s through a full `--profile` run, an `--only 4` run and a quick run;
+/// a full run needs 47 GiB, scenario 5's). Scenarios run one after another
+/// and each removes its images when it ends, so a run needs the largest of its scenarios'.
+const DISK_GIB: [(u8, u64, u64); 13] = [
+    (1, 18, 5),
+    (2, 36, 5),
+    (3, 36, 5),
+    (4, 29, 7),
+    (5, 47, 7),
+    (6, 3, 1),
+    (7, 36, 7),
+    (8, 36, 4),
+    (9, 1, 1),
+    (10, 1, 1),
+    (11, 18, 5),
+    (12, 1, 1),
+    (13, 46, 6),
+];
+
+/// The selected scenario that needs the most disk space, and that space in GiB.
+fn disk_need(quick: bool, want: &dyn Fn(u8) -> bool) -> Option<(u8, u64)> {
+    DISK_GIB
+        .iter()
+        .filter(|(n, ..)| want(*n))
+        .map(|&(n, full, q)| (n, if quick { q } else { full }))
+        .max_by_key(|&(_, need)| need)
+}
+
+/// Fail before the first scenario when `dir`'s file system has less free space than the
+/// selected scenarios need ([`DISK_GIB`]): a run that runs out of it fails its scenario
+/// (ENOSPC) after up to an hour.
+fn check_disk_space(dir: &Path, quick: bool, want: &dyn Fn(u8) -> bool) -> anyhow::Result<()> {
+    let Some((n, need)) = disk_need(quick, want) else {
+        return Ok(());
+    };
+    let st = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
+    let free_gib = st.blocks_available() as f64 * st.fragment_size() as f64 / (1u64 << 30) as f64;
+    if free_gib < need as f64 {
+        bail!(
+            "{} has {free_gib:.1} GiB free, and this {} run needs about {need} GiB there \
+             (scenario {n}'s images, the largest of the selected scenarios'); free some space, \
+             or leave that scenario out with --only",
+            dir.display(),
+            if quick { "quick" } else { "full" },
+        );
+    }
+    eprintln!(
+        "vmr-bench: {} has {free_gib:.1} GiB free; this run needs about {need} GiB (scenario {n})",
+        dir.display()
+    );
+    Ok(())
+}
+
 fn main() {
     let args = Args::parse();
     match run(args) {
@@ -152,9 +208,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let base = Path::new("/var/tmp");
+    check_disk_space(base, args.quick, &want)?;
     let tmp = tempfile::Builder::new()
         .prefix("vmr-bench-")
-        .tempdir_in("/var/tmp")?;
+        .tempdir_in(base)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -363,4 +421,34 @@ fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("vmr-bench: run directory kept in {}", kept.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_needs_the_disk_space_of_its_largest_selected_scenario() {
+        let all = |_: u8| true;
+        let largest = |quick: bool| {
+            DISK_GIB
+                .iter()
+                .map(|&(_, f, q)| if quick { q } else { f })
+                .max()
+        };
+        for quick in [false, true] {
+            assert_eq!(disk_need(quick, &all).map(|(_, g)| g), largest(quick));
+        }
+        // Every scenario has its figure, in order; a full run needs more than a quick one.
+        for (i, &(n, full, quick)) in DISK_GIB.iter().enumerate() {
+            assert_eq!(usize::from(n), i + 1);
+            assert!(
+                full >= quick && quick > 0,
+                "scenario {n}: {full} / {quick} GiB"
+            );
+        }
+        let only = |n: u8| n == 9;
+        assert_eq!(disk_need(false, &only), Some((9, DISK_GIB[8].1)));
+        assert_eq!(disk_need(false, &|_| false), None);
+    }
 }
