@@ -35,7 +35,11 @@ pub use qmp::Endpoint;
 
 /// Dirty bitmap granularity (= the default qcow2 cluster size).
 pub const BITMAP_GRANULARITY: u32 = 64 * 1024;
-/// Largest data extent handed out by [`CaptureCycle::next_extent`].
-pub const PIECE_SIZE: u32 = 4 << 20;
+/// Largest data extent handed out by [`CaptureCycle::next_extent`], and so the largest NBD read.
+/// The VM's own QEMU allocates a buffer of the read's size for every read it serves; with 4 MiB
+/// reads, 8 at a time, its heap grew and shrank with every read and each one paid for fresh
+/// pages (page faults and zeroing: about a third of that QEMU's CPU in an initial copy, see
+/// BENCHMARKS.md stop 46). At 1 MiB it reuses the same memory.
+pub const PIECE_SIZE: u32 = 1 << 20;
 /// Default number of NBD reads in flight per cycle (memory bound = this × [`PIECE_SIZE`]).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;

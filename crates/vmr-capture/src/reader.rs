@@ -37,7 +37,7 @@ const TRIM_BATCH_PIECES: u32 = 32;
 const TRIM_BATCH_SPAN: u64 = 256 << 20;
 
 /// Bytes of data read that the cycles of the process may hold at once, from the NBD read until
-/// the data was sent. One cycle alone holds at most about 68 MiB (its reads in flight, the
+/// the data was sent. One cycle alone holds at most about 44 MiB (its reads in flight, the
 /// extents queued for the sender, the body queued ahead of HTTP/2), so it never waits for the
 /// budget; cycles running at once share it.
 pub const HOST_READ_BUDGET: u64 = 96 << 20;
