@@ -33,7 +33,9 @@ use vmr_proto::wire::{
 use vmr_proto::{CycleHeader, Extent};
 
 use crate::error::{ProtocolFault, TransportError};
-use crate::frame::{FrameEncoder, STREAM_V2_SINCE, STREAM_VERSION, STREAM_VERSION_1};
+use crate::frame::{
+    CHUNK, DATA_CHUNK, FrameEncoder, STREAM_V2_SINCE, STREAM_VERSION, STREAM_VERSION_1,
+};
 use crate::identity::Identity;
 use crate::pace::Pace;
 use crate::server::{
@@ -44,24 +46,33 @@ use crate::tls;
 
 /// Content type of cycle bodies.
 const CYCLE_CONTENT_TYPE: &str = "application/vnd.vmreplica.cycle";
-/// How much of a cycle body may be queued between the encoder and HTTP/2 (chunks of at most
-/// 256 KiB).
+/// How much of a cycle body may be queued between the encoder and HTTP/2, and in what chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyQueue {
-    /// 16 MiB: the encoder hashes the next extents while HTTP/2 encrypts and sends the ones
-    /// before (a primary's cycles and resyncs).
+    /// 32 chunks, extent payloads in chunks of up to 1 MiB (one HTTP/2 DATA frame each, which
+    /// the receiver hands on without copying): about 16 MiB with 1 MiB extents (a chunk of
+    /// frame headers and one of data each), at most 32 MiB. The encoder hashes the next extents
+    /// while HTTP/2 encrypts and sends the ones before (a primary's cycles and resyncs).
     Ahead,
-    /// 1 MiB: for a sender that yields to other work on its host (an extended relationship's
-    /// forwarder, which waits while a cycle streams in from upstream), so that a pause of its
-    /// producer takes effect on the wire at once.
+    /// 4 chunks of at most 256 KiB, 1 MiB: for a sender that yields to other work on its host
+    /// (an extended relationship's forwarder, which waits while a cycle streams in from
+    /// upstream), so that a pause of its producer takes effect on the wire at once.
     Yielding,
 }
 
 impl BodyQueue {
     fn chunks(self) -> usize {
         match self {
-            BodyQueue::Ahead => 64,
+            BodyQueue::Ahead => 32,
             BodyQueue::Yielding => 4,
+        }
+    }
+
+    /// Largest chunk of an extent's payload.
+    fn data_chunk(self) -> usize {
+        match self {
+            BodyQueue::Ahead => DATA_CHUNK,
+            BodyQueue::Yielding => CHUNK,
         }
     }
 }
@@ -415,7 +426,8 @@ impl Client {
             STREAM_VERSION_1
         };
         let producer = async move {
-            let mut enc = FrameEncoder::start(tx, header, level, version).await?;
+            let mut enc =
+                FrameEncoder::start(tx, header, level, version, queue.data_chunk()).await?;
             futures::pin_mut!(extents);
             while let Some(e) = extents.next().await {
                 enc.extent(e.map_err(|e| TransportError::Source(e.into()))?)

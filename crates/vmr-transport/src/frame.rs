@@ -57,8 +57,13 @@ const EXTENT_FRAME_LEN: usize = 1 + 4 + 8 + 1 + 8 + 32;
 const EXTENT_FRAME_LEN_V2: usize = EXTENT_FRAME_LEN + 1 + 8;
 /// type + count + total + digest
 const END_FRAME_LEN: usize = 1 + 8 + 8 + 32;
-/// Size of the body chunks the sender hands to HTTP/2.
+/// Size of the body chunks of frame headers (and small extents) the sender hands to HTTP/2.
 pub(crate) const CHUNK: usize = 256 << 10;
+/// Largest piece of an extent's payload a primary's cycle hands to HTTP/2 as one chunk: a whole
+/// capture piece (`vmr_capture::PIECE_SIZE`), so that it travels as one HTTP/2 DATA frame (the
+/// receiver allows frames of this size, `server::MAX_FRAME`) and the receiver takes it out of
+/// the frame without copying it into an extent of its own.
+pub(crate) const DATA_CHUNK: usize = 1 << 20;
 /// Decompression step: at most this many bytes are produced per decoder call.
 const SCRATCH: usize = 128 << 10;
 
@@ -158,6 +163,8 @@ pub(crate) struct FrameEncoder {
     /// `None` only while a job holds it.
     zstd: Option<Compression>,
     pending: Vec<u8>,
+    /// Largest chunk of an extent's payload handed to the channel.
+    data_chunk: usize,
     disks: Vec<u64>,
     digest: blake3::Hasher,
     count: u64,
@@ -169,12 +176,14 @@ type Encoded = (Compression, [u8; 32], Bytes, Bytes);
 
 impl FrameEncoder {
     /// Starts a body of stream `version` ([`STREAM_VERSION`] or [`STREAM_VERSION_1`]): sends
-    /// the stream header and queues the Header frame.
+    /// the stream header and queues the Header frame. Extent payloads go to `tx` in chunks of
+    /// at most `data_chunk` bytes.
     pub(crate) async fn start(
         tx: mpsc::Sender<Bytes>,
         header: &CycleHeader,
         zstd_level: Option<i32>,
         version: u16,
+        data_chunk: usize,
     ) -> Result<FrameEncoder, TransportError> {
         if version != STREAM_VERSION && version != STREAM_VERSION_1 {
             return Err(TransportError::StreamVersion(version));
@@ -212,6 +221,7 @@ impl FrameEncoder {
             version,
             zstd: Some(zstd),
             pending: Vec::with_capacity(CHUNK),
+            data_chunk: data_chunk.max(1),
             disks: header.disks.iter().map(|d| d.size).collect(),
             digest: blake3::Hasher::new(),
             count: 0,
@@ -226,7 +236,7 @@ impl FrameEncoder {
 
     async fn send(&mut self, mut b: Bytes) -> Result<(), TransportError> {
         while !b.is_empty() {
-            let piece = b.split_to(b.len().min(CHUNK));
+            let piece = b.split_to(b.len().min(self.data_chunk));
             self.tx
                 .send(piece)
                 .await
@@ -818,7 +828,7 @@ pub async fn encode_cycle_version(
     let (tx, rx) = mpsc::channel(4);
     let collect = rx.collect::<Vec<Bytes>>();
     let produce = async move {
-        let mut enc = FrameEncoder::start(tx, header, zstd_level, version).await?;
+        let mut enc = FrameEncoder::start(tx, header, zstd_level, version, DATA_CHUNK).await?;
         for e in extents {
             enc.extent(e).await?;
         }
@@ -905,7 +915,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let collect = rx.collect::<Vec<Bytes>>();
         let produce = async move {
-            let mut enc = FrameEncoder::start(tx, &header(), level, version).await?;
+            let mut enc = FrameEncoder::start(tx, &header(), level, version, CHUNK).await?;
             for e in extents() {
                 enc.extent(e).await?;
             }
@@ -946,6 +956,53 @@ mod tests {
         }
         assert!(done.load(Ordering::SeqCst));
         Ok(out)
+    }
+
+    /// A payload of up to `DATA_CHUNK` bytes is sent as one chunk; when it arrives as one (one
+    /// HTTP/2 DATA frame), the extent handed out is a slice of that chunk, not a copy.
+    #[tokio::test]
+    async fn a_payload_that_arrives_in_one_chunk_is_handed_out_without_a_copy() {
+        let data: Vec<u8> = (0..DATA_CHUNK as u32)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        let extent = Extent {
+            disk: 0,
+            offset: 0,
+            data: ExtentData::Data(Bytes::from(data.clone())),
+        };
+        let (tx, rx) = mpsc::channel(100);
+        let collect = rx.collect::<Vec<Bytes>>();
+        let produce = async move {
+            let mut enc =
+                FrameEncoder::start(tx, &header(), None, STREAM_VERSION, DATA_CHUNK).await?;
+            enc.extent(extent).await?;
+            enc.finish().await
+        };
+        let (chunks, r) = futures::join!(collect, produce);
+        r.expect("encode");
+        let whole = chunks
+            .iter()
+            .find(|c| c.len() == DATA_CHUNK)
+            .expect("the payload is one chunk")
+            .clone();
+        let (_, dec) =
+            CycleDecoder::start(futures::stream::iter(chunks.into_iter().map(Ok)).boxed())
+                .await
+                .expect("start");
+        let (s, _) = ExtentStream::from_decoder(dec);
+        let got: Vec<_> = s.collect().await;
+        assert_eq!(got.len(), 1);
+        let got = got
+            .into_iter()
+            .next()
+            .expect("one")
+            .expect("valid")
+            .into_extent();
+        let ExtentData::Data(payload) = got.data else {
+            panic!("a data extent")
+        };
+        assert_eq!(&payload[..], &data[..]);
+        assert_eq!(payload.as_ptr(), whole.as_ptr(), "the payload was copied");
     }
 
     #[tokio::test]
@@ -1126,7 +1183,7 @@ mod tests {
     #[tokio::test]
     async fn encoder_rejects_out_of_range_extents() {
         let (tx, _rx) = mpsc::channel(100);
-        let mut enc = FrameEncoder::start(tx, &header(), None, STREAM_VERSION)
+        let mut enc = FrameEncoder::start(tx, &header(), None, STREAM_VERSION, DATA_CHUNK)
             .await
             .expect("start");
         let e = Extent {

@@ -48,7 +48,9 @@ pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
 /// HTTP/2 flow-control windows: how much of a stream may be in flight unconsumed.
 pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
 pub(crate) const CONN_WINDOW: u32 = 16 << 20;
-pub(crate) const MAX_FRAME: u32 = 256 << 10;
+/// Largest HTTP/2 frame this side accepts: a whole 1 MiB extent payload fits in one DATA frame
+/// (`frame::DATA_CHUNK`), which the cycle decoder hands on without copying it.
+pub(crate) const MAX_FRAME: u32 = 1 << 20;
 const KEEPALIVE: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
