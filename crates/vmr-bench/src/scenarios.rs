@@ -320,21 +320,57 @@ impl Drop for Pinning {
 
 /// `taskset -a -p -c CPUS` on `pid` and every descendant of it.
 fn taskset_tree(pid: u32, cpus: &str) -> Result<(), String> {
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
+    for_tree(pid, |p, _| {
         let out = Command::new("taskset")
             .args(["-a", "-p", "-c", cpus, &p.to_string()])
             .output()
-            .map_err(|e| format!("not pinned: taskset: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "not pinned: taskset {p}: {}",
+            .map_err(|e| format!("taskset: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "taskset {p}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            ))
         }
-        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
-            .map_err(|e| format!("not pinned: /proc/{p}/task: {e}"))?;
-        for t in tasks.flatten() {
+    })
+    .map_err(|e| format!("not pinned: {e}"))
+}
+
+/// `renice -n NICE` on every thread of `pid` and of every descendant of it (a nice value
+/// belongs to a thread; the threads and processes they start later inherit it).
+fn renice_tree(pid: u32, nice: i32) -> Result<(), String> {
+    for_tree(pid, |p, tids| {
+        let out = Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p"])
+            .args(tids.iter().map(u32::to_string))
+            .output()
+            .map_err(|e| format!("renice: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "renice {p}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    })
+}
+
+/// Calls `f(process, its threads)` for `pid` and every descendant of it, parents first.
+fn for_tree(pid: u32, mut f: impl FnMut(u32, &[u32]) -> Result<(), String>) -> Result<(), String> {
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{p}/task"))
+            .map_err(|e| format!("/proc/{p}/task: {e}"))?
+            .flatten()
+            .collect();
+        let tids: Vec<u32> = tasks
+            .iter()
+            .filter_map(|t| t.file_name().to_str()?.parse().ok())
+            .collect();
+        f(p, &tids)?;
+        for t in &tasks {
             let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
             todo.extend(
                 children
