@@ -321,18 +321,10 @@ impl Drop for Pinning {
 /// `taskset -a -p -c CPUS` on `pid` and every descendant of it.
 fn taskset_tree(pid: u32, cpus: &str) -> Result<(), String> {
     for_tree(pid, |p, _| {
-        let out = Command::new("taskset")
-            .args(["-a", "-p", "-c", cpus, &p.to_string()])
-            .output()
-            .map_err(|e| format!("taskset: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "taskset {p}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        tool_ok(
+            Command::new("taskset").args(["-a", "-p", "-c", cpus, &p.to_string()]),
+            p,
+        )
     })
     .map_err(|e| format!("not pinned: {e}"))
 }
@@ -341,20 +333,27 @@ fn taskset_tree(pid: u32, cpus: &str) -> Result<(), String> {
 /// belongs to a thread; the threads and processes they start later inherit it).
 fn renice_tree(pid: u32, nice: i32) -> Result<(), String> {
     for_tree(pid, |p, tids| {
-        let out = Command::new("renice")
-            .args(["-n", &nice.to_string(), "-p"])
-            .args(tids.iter().map(u32::to_string))
-            .output()
-            .map_err(|e| format!("renice: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "renice {p}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        tool_ok(
+            Command::new("renice")
+                .args(["-n", &nice.to_string(), "-p"])
+                .args(tids.iter().map(u32::to_string)),
+            p,
+        )
     })
+}
+
+/// Runs a process tool on process `p`; its error says which tool, which process and why.
+fn tool_ok(cmd: &mut Command, p: u32) -> Result<(), String> {
+    let tool = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd.output().map_err(|e| format!("{tool}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tool} {p}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// Calls `f(process, its threads)` for `pid` and every descendant of it, parents first.
