@@ -6,6 +6,7 @@
 //! `cargo run --release -p vmr-bench -- [--quick] [--profile] [--only 1,2] [--no-write]`
 
 mod load;
+mod probe;
 mod profile;
 mod report;
 mod scenarios;
@@ -185,6 +186,24 @@ fn main() {
     }
 }
 
+/// Detail row of every scenario: the machine probe taken right before it.
+const PROBE_DETAIL: &str = "machine probe before the scenario (one thread)";
+
+/// Runs the machine probe and logs it.
+fn probe_now() -> probe::Probe {
+    let p = probe::measure();
+    eprintln!("vmr-bench: machine probe: {p}");
+    p
+}
+
+/// Runs a scenario after the machine probe and records the probe in its details.
+fn probed(scenario: impl FnOnce() -> Outcome) -> Outcome {
+    let p = probe_now();
+    let mut o = scenario();
+    o.detail(PROBE_DETAIL, p.to_string());
+    o
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let repo = std::path::absolute(repo_root())?;
@@ -254,7 +273,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let t = Instant::now();
     outcomes.push(if want(1) {
-        scenarios::primary_overhead(&ctx)
+        probed(|| scenarios::primary_overhead(&ctx))
     } else {
         skipped(1, "Primary overhead", scenarios::goal(1))
     });
@@ -264,7 +283,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     let t = Instant::now();
     if want(2) || want(3) {
-        let (o2, o3) = scenarios::delta_cycle(&ctx, rsync_missing.as_deref());
+        let p = probe_now();
+        let (mut o2, mut o3) = scenarios::delta_cycle(&ctx, rsync_missing.as_deref());
+        for o in [&mut o2, &mut o3] {
+            o.detail(PROBE_DETAIL, p.to_string());
+        }
         outcomes.push(if want(2) {
             o2
         } else {
@@ -293,7 +316,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     let t = Instant::now();
     outcomes.push(if want(4) {
-        scenarios::initial(&ctx)
+        probed(|| scenarios::initial(&ctx))
     } else {
         skipped(4, "Initial replication", scenarios::goal(4))
     });
@@ -303,7 +326,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     let t = Instant::now();
     outcomes.push(if want(5) {
-        scenarios::churn(&ctx)
+        probed(|| scenarios::churn(&ctx))
     } else {
         skipped(5, "Sustained churn", scenarios::goal(5))
     });
@@ -313,7 +336,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     let t = Instant::now();
     outcomes.push(if want(6) {
-        scenarios::failover(&ctx)
+        probed(|| scenarios::failover(&ctx))
     } else {
         skipped(6, "Failover time", scenarios::goal(6))
     });
@@ -323,7 +346,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     let t = Instant::now();
     outcomes.push(if want(7) {
-        scenarios::scale(&ctx)
+        probed(|| scenarios::scale(&ctx))
     } else {
         skipped(7, "Scale", scenarios::goal(7))
     });
@@ -334,7 +357,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let t = Instant::now();
     outcomes.push(if want(8) {
-        scenarios::resync_vs_rsync(&ctx, rsync_missing.as_deref())
+        probed(|| scenarios::resync_vs_rsync(&ctx, rsync_missing.as_deref()))
     } else {
         skipped(8, "Resync versus rsync", scenarios::goal(8))
     });
@@ -345,7 +368,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let t = Instant::now();
     outcomes.push(if want(9) {
-        scenarios::metrics_scrape(&ctx)
+        probed(|| scenarios::metrics_scrape(&ctx))
     } else {
         skipped(9, "Metrics scrape cost", scenarios::goal(9))
     });
@@ -356,7 +379,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let t = Instant::now();
     outcomes.push(if want(10) {
-        scenarios::bandwidth_limit(&ctx)
+        probed(|| scenarios::bandwidth_limit(&ctx))
     } else {
         skipped(10, "Bandwidth limit accuracy", scenarios::goal(10))
     });
@@ -367,7 +390,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let t = Instant::now();
     outcomes.push(if want(11) {
-        scenarios::continuous_lag(&ctx)
+        probed(|| scenarios::continuous_lag(&ctx))
     } else {
         skipped(11, "Continuous mode: lag under churn", scenarios::goal(11))
     });
@@ -378,7 +401,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let t = Instant::now();
     outcomes.push(if want(12) {
-        scenarios::group_pause(&ctx)
+        probed(|| scenarios::group_pause(&ctx))
     } else {
         skipped(12, "Consistency group pause (4 VMs)", scenarios::goal(12))
     });
@@ -389,7 +412,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let t = Instant::now();
     outcomes.push(if want(13) {
-        scenarios::extended_cycle(&ctx, rsync_missing.as_deref())
+        probed(|| scenarios::extended_cycle(&ctx, rsync_missing.as_deref()))
     } else {
         skipped(
             13,

@@ -19,6 +19,7 @@ use vmr_proto::api::{PointInfo, ReplicationState, Request, VmStatus};
 use vmr_testkit::harness::{BLOCK, Pair, StandIn, StandInDisk, TestDir, Writer, WriterStats};
 
 use crate::load;
+use crate::probe;
 use crate::profile;
 use crate::profile::{cpu_seconds, peak_rss};
 use crate::report::{
@@ -1195,7 +1196,9 @@ fn copy_sparse(src: &Path, dst: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Result<(f64, f64)> {
+/// One initial replication of a fresh copy of `src`: (enable → acknowledged, enable → applied,
+/// CPU seconds of the three processes doing the work).
+fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Result<(f64, f64, f64)> {
     let vmdir = pair.root.path().join(name);
     std::fs::create_dir_all(&vmdir)?;
     let img = vmdir.join("disk0.qcow2");
@@ -1213,13 +1216,13 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
     let cpu0 = profile::cpu_by_process(&procs);
     let r = enable_and_wait(pair, name, "60m", 0, Duration::from_secs(1800));
     let cpu1 = profile::cpu_by_process(&procs);
+    let total: f64 = cpu0.iter().zip(&cpu1).map(|((_, a), (_, b))| b - a).sum();
     if let Ok((_, applied)) = &r {
         let per: Vec<String> = cpu0
             .iter()
             .zip(&cpu1)
             .map(|((l, a), (_, b))| format!("{l} {:.2} s", b - a))
             .collect();
-        let total: f64 = cpu0.iter().zip(&cpu1).map(|((_, a), (_, b))| b - a).sum();
         log(format!(
             "s4: {name}: CPU {} = {total:.2} s, {:.2} cores busy",
             per.join(", "),
@@ -1229,7 +1232,7 @@ fn initial_once(ctx: &Ctx, pair: &Pair, src: &Path, name: &str) -> anyhow::Resul
     let _ = ctx;
     pause(pair, name).ok();
     let _ = vm.stop();
-    r
+    r.map(|(ack, applied)| (ack, applied, total))
 }
 
 /// One `qemu-img convert` of a fresh copy of `src` (made the way the stand-in VM's image is),
@@ -1292,18 +1295,25 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let pair = Pair::in_dir(&ctx.exe, TestDir::given(&ctx.dir("s4"))?)?;
     let src = make_source(ctx, &pair, "bench-s4-src", vsize, data, 41)?;
     let (mut ours, mut ack, mut conv) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu, mut probes) = (Vec::new(), Vec::new());
     for r in 0..reps {
         let dst = pair.root.path().join("converted.qcow2");
         let name = format!("bench-s4-{r}");
+        let p = probe::measure();
+        log(format!("s4: repeat {r}: machine probe: {p}"));
+        probes.push(p);
+        let mut ours_once = || -> anyhow::Result<()> {
+            let (a, t, c) = initial_once(ctx, &pair, &src, &name)?;
+            ours.push(t);
+            ack.push(a);
+            cpu.push(c);
+            Ok(())
+        };
         if r % 2 == 0 {
             conv.push(convert_once(&src, &dst)?);
-            let (a, t) = initial_once(ctx, &pair, &src, &name)?;
-            ours.push(t);
-            ack.push(a);
+            ours_once()?;
         } else {
-            let (a, t) = initial_once(ctx, &pair, &src, &name)?;
-            ours.push(t);
-            ack.push(a);
+            ours_once()?;
             conv.push(convert_once(&src, &dst)?);
         }
         log(format!(
@@ -1338,7 +1348,7 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
     let half = make_source(ctx, &pair, "bench-s4-half", vsize, data / 2, 43)?;
     let mut halves = Vec::new();
     for r in 0..reps {
-        let (_, t) = initial_once(ctx, &pair, &half, &format!("bench-s4-h{r}"))?;
+        let (_, t, _) = initial_once(ctx, &pair, &half, &format!("bench-s4-h{r}"))?;
         log(format!("s4: half the data, repeat {r}: vmreplica {t:.2} s"));
         halves.push(t);
     }
@@ -1355,6 +1365,18 @@ fn initial_run(ctx: &Ctx, o: &mut Outcome) -> anyhow::Result<()> {
         samples(&ack, secs),
     );
     o.detail("qemu-img convert + fsync (repeats)", samples(&conv, secs));
+    o.detail(
+        "vmreplica: CPU of the primary agent, the replica agent with its QEMU and the stand-in VM (repeats)",
+        samples(&cpu, |c| format!("{c:.2} core-s")),
+    );
+    o.detail(
+        "machine probe before each repeat (one thread)",
+        probes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
     o.detail(
         format!(
             "vmreplica with half the data ({} on {})",
