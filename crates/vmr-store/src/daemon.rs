@@ -35,13 +35,12 @@ use crate::fsio::pause_point;
 /// How the daemon writes a new layer's file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum WriteCache {
-    /// Through the host's page cache (`cache.direct=off`): a resync's layers (resumed after an
-    /// interruption, opened with QEMU's ordering flushes).
+    /// Through the host's page cache (`cache.direct=off`): best for many small writes (a
+    /// 64 KiB extent is a memory copy, the disk sees them merged at the flush).
     Buffered,
-    /// `O_DIRECT` (`cache.direct=on`): full and incremental cycles. The daemon skips the copy
-    /// of every byte into the page cache (measured: about half its CPU per GiB of an initial
-    /// copy, and a half to two thirds of it for a 1 % cycle once the page cache had been
-    /// dropped) and the layer does not fill the host's memory with page cache. Falls back to
+    /// `O_DIRECT` (`cache.direct=on`): for large sequential writes (an initial copy), the
+    /// daemon skips the copy of every byte into the page cache (measured: about half its CPU
+    /// per GiB) and the layer does not fill the host's memory with page cache. Falls back to
     /// [`WriteCache::Buffered`] where the file system refuses `O_DIRECT` (tmpfs). Durability is
     /// the same either way: the commit's NBD FLUSH and fsync still run.
     Direct,

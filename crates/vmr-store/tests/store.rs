@@ -614,17 +614,16 @@ async fn changes_since_a_point_cover_what_pruning_merged() -> anyhow::Result<()>
     Ok(())
 }
 
-/// A resync's layer goes through the page cache (full and incremental cycles write with
-/// `O_DIRECT`); the writer starts its writeback every 8 MiB during the stream, so that the
-/// commit's fsync is left little to write. The point's content is the last data written.
+/// An incremental cycle's layer goes through the page cache; the writer starts its writeback
+/// every 8 MiB during the stream, so that the commit's fsync is left little to write. The
+/// point's content is the last data written.
 #[tokio::test]
-async fn a_resync_layer_is_written_back_during_the_stream() -> anyhow::Result<()> {
+async fn an_incremental_layer_is_written_back_during_the_stream() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let vm = vm_uuid();
     let store = new_store(dir.path(), 24);
     send(&store, vm, 1).await?;
-    let (mut h, _) = cycle(vm, 2);
-    h.kind = CycleKind::Resync;
+    let (h, _) = cycle(vm, 2);
     let mut w = store.begin_cycle(h).await?;
     let disk0 = DISK_SIZES[0];
     let mut last = Vec::new();

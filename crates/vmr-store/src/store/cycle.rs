@@ -314,18 +314,15 @@ async fn open_layers(
     Ok(exports)
 }
 
-/// How a cycle of `kind` writes its new layers. Full and incremental cycles write with
-/// `O_DIRECT`: through the page cache, every byte of a 1 % cycle was a copy into pages the
-/// kernel had to hand out first, which cost the daemon 2-3 times the CPU of the direct write
-/// once the host's memory had been through its page cache (docs/replica-store.md §3).
-/// QEMU's own flushes of the file are skipped where the layer is deleted unread unless its
-/// cycle commits (full, incremental): the commit fsyncs it before the catalog names it. A
-/// resync's layers outlive an interruption, so they keep qcow2's ordering and the periodic
-/// NBD FLUSHes that make what arrived durable for the next attempt.
+/// How a cycle of `kind` writes its new layers. QEMU's own flushes of the file are skipped
+/// where the layer is deleted unread unless its cycle commits (full, incremental): the commit
+/// fsyncs it before the catalog names it. A resync's layers outlive an interruption, so they
+/// keep qcow2's ordering and the periodic NBD FLUSHes that make what arrived durable for the
+/// next attempt.
 fn layer_options(kind: CycleKind) -> (WriteCache, LayerFlush) {
     match kind {
         CycleKind::Full => (WriteCache::Direct, LayerFlush::AtCommit),
-        CycleKind::Incremental => (WriteCache::Direct, LayerFlush::AtCommit),
+        CycleKind::Incremental => (WriteCache::Buffered, LayerFlush::AtCommit),
         CycleKind::Resync => (WriteCache::Buffered, LayerFlush::Ordered),
     }
 }
@@ -822,7 +819,7 @@ mod tests {
         );
         assert_eq!(
             layer_options(Incremental),
-            (WriteCache::Direct, LayerFlush::AtCommit)
+            (WriteCache::Buffered, LayerFlush::AtCommit)
         );
         assert_eq!(
             layer_options(Resync),
